@@ -1,0 +1,1 @@
+"""Command-line entry points (hivemind-dht, hivemind-server) and the bundled p2pd binary."""
