@@ -1,0 +1,167 @@
+import asyncio
+import threading
+import time
+
+import pytest
+
+from hivemind.utils.asyncio import (
+    achain,
+    aenumerate,
+    afirst,
+    aiter_with_timeout,
+    amap_in_executor,
+    anext,
+    as_aiter,
+    asingle,
+    attach_event_on_finished,
+    azip,
+    cancel_and_wait,
+    enter_asynchronously,
+    iter_as_aiter,
+    switch_to_uvloop,
+)
+
+
+async def _collect(aiter):
+    return [item async for item in aiter]
+
+
+async def _slow_aiter(values, delay):
+    for value in values:
+        await asyncio.sleep(delay)
+        yield value
+
+
+async def test_as_aiter_and_iter_as_aiter_yield_values():
+    assert await _collect(as_aiter(1, 2, 3)) == [1, 2, 3]
+    assert await _collect(iter_as_aiter(range(3))) == [0, 1, 2]
+    assert await _collect(as_aiter()) == []
+
+
+async def test_anext_returns_items_then_default():
+    iterator = as_aiter("a")
+    assert await anext(iterator) == "a"
+    assert await anext(iterator, "default") == "default"
+    with pytest.raises(StopAsyncIteration):
+        await anext(iterator)
+
+
+async def test_azip_stops_at_shortest():
+    assert await _collect(azip(as_aiter(1, 2, 3), as_aiter("a", "b"))) == [(1, "a"), (2, "b")]
+
+
+async def test_achain_and_aenumerate():
+    assert await _collect(achain(as_aiter(1), as_aiter(), as_aiter(2, 3))) == [1, 2, 3]
+    assert await _collect(aenumerate(as_aiter("x", "y"), start=5)) == [(5, "x"), (6, "y")]
+
+
+async def test_asingle_requires_exactly_one_item():
+    assert await asingle(as_aiter(42)) == 42
+    with pytest.raises(ValueError, match="no items"):
+        await asingle(as_aiter())
+    with pytest.raises(ValueError, match="more than one"):
+        await asingle(as_aiter(1, 2))
+
+
+async def test_afirst_returns_first_or_default():
+    assert await afirst(as_aiter(7, 8)) == 7
+    assert await afirst(as_aiter(), default="empty") == "empty"
+
+
+async def test_aiter_with_timeout_raises_on_slow_item():
+    assert await _collect(aiter_with_timeout(_slow_aiter([1, 2], 0.01), timeout=1.0)) == [1, 2]
+    with pytest.raises(asyncio.TimeoutError):
+        await _collect(aiter_with_timeout(_slow_aiter([1, 2], 0.5), timeout=0.05))
+
+
+async def test_attach_event_on_finished_sets_event_at_the_end():
+    event = asyncio.Event()
+    iterator = attach_event_on_finished(as_aiter(1, 2), event)
+    assert await anext(iterator) == 1
+    assert not event.is_set()
+    assert await _collect(iterator) == [2]
+    assert event.is_set()
+
+
+async def test_cancel_and_wait_reports_cancellation():
+    task = asyncio.create_task(asyncio.sleep(10))
+    await asyncio.sleep(0)
+    assert await cancel_and_wait(task) is True
+    done_task = asyncio.create_task(asyncio.sleep(0, result=1))
+    await asyncio.sleep(0.01)
+    assert await cancel_and_wait(done_task) is False
+
+
+async def test_amap_in_executor_runs_in_threads_and_keeps_order():
+    main_thread = threading.get_ident()
+
+    def work(x, y):
+        assert threading.get_ident() != main_thread
+        time.sleep(0.01 * (3 - x))
+        return x * y
+
+    results = await _collect(amap_in_executor(work, as_aiter(0, 1, 2), as_aiter(10, 10, 10), max_prefetch=3))
+    assert results == [0, 10, 20]
+
+
+async def test_amap_in_executor_prefetches_ahead_of_consumer():
+    started = []
+
+    def work(x):
+        started.append(x)
+        return x
+
+    iterator = amap_in_executor(work, as_aiter(*range(10)), max_prefetch=2)
+    assert await anext(iterator) == 0
+    await asyncio.sleep(0.05)
+    assert 1 <= len(started) <= 4  # bounded prefetch, not the whole input
+    await iterator.aclose()
+
+
+async def test_amap_in_executor_propagates_errors():
+    def work(x):
+        if x == 1:
+            raise ZeroDivisionError("bad item")
+        return x
+
+    iterator = amap_in_executor(work, as_aiter(0, 1, 2))
+    assert await anext(iterator) == 0
+    with pytest.raises(ZeroDivisionError, match="bad item"):
+        await anext(iterator)
+
+
+async def test_enter_asynchronously_acquires_and_releases_lock():
+    lock = threading.Lock()
+    async with enter_asynchronously(lock):
+        assert lock.locked()
+    assert not lock.locked()
+
+
+async def test_enter_asynchronously_does_not_block_the_loop():
+    lock = threading.Lock()
+    lock.acquire()
+    threading.Timer(0.1, lock.release).start()
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker_task = asyncio.create_task(ticker())
+    async with enter_asynchronously(lock):
+        pass
+    await cancel_and_wait(ticker_task)
+    assert ticks >= 3
+    assert not lock.locked()
+
+
+def test_switch_to_uvloop_returns_a_working_loop():
+    loop = switch_to_uvloop()
+    try:
+        assert loop.run_until_complete(asyncio.sleep(0, result="ok")) == "ok"
+        assert "uvloop" in type(loop).__module__
+    finally:
+        loop.close()
+        asyncio.set_event_loop_policy(None)
