@@ -1,0 +1,169 @@
+"""A dictionary whose entries expire at given DHT times (API.md §1.4, WIRE.md §7.5)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
+
+__all__ = [
+    "DHTExpiration",
+    "MAX_DHT_TIME_DISCREPANCY_SECONDS",
+    "get_dht_time",
+    "ValueWithExpiration",
+    "TimedStorage",
+]
+
+KeyType = TypeVar("KeyType")
+ValueType = TypeVar("ValueType")
+DHTExpiration = float
+MAX_DHT_TIME_DISCREPANCY_SECONDS = 3  # peers whose clocks differ by more than this are refused at bootstrap
+
+get_dht_time = time.time  # a DHT time is an absolute Unix time in seconds
+
+
+@dataclass(init=True, repr=True, frozen=True)
+class ValueWithExpiration(Generic[ValueType]):
+    """A value with its expiration time; behaves like the tuple ``(value, expiration_time)``."""
+
+    value: ValueType
+    expiration_time: DHTExpiration
+
+    def __iter__(self):
+        return iter((self.value, self.expiration_time))
+
+    def __getitem__(self, item):
+        return (self.value, self.expiration_time)[item]
+
+    def __len__(self):
+        return 2
+
+    def __eq__(self, other):
+        if isinstance(other, ValueWithExpiration):
+            return self.value == other.value and self.expiration_time == other.expiration_time
+        if isinstance(other, tuple):
+            return (self.value, self.expiration_time) == other
+        return NotImplemented
+
+    def __hash__(self):
+        return hash((self.value, self.expiration_time))
+
+
+_HeapEntry = Tuple[DHTExpiration, int, KeyType]  # (expiration, insertion counter, key): keys are never compared
+
+
+class TimedStorage(Generic[KeyType, ValueType]):
+    """A dictionary that keeps each value until its expiration time, at most ``maxsize`` entries.
+
+    Expired entries are dropped lazily on every access; when the storage is full, the entry that expires first is
+    evicted. :meth:`freeze` suspends the removal of expired entries, e.g. while iterating or serializing.
+    """
+
+    def __init__(self, maxsize: Optional[int] = None):
+        if maxsize is not None and maxsize < 0:
+            raise ValueError(f"maxsize must be non-negative or None, got {maxsize}")
+        self.maxsize = maxsize if maxsize is not None else float("inf")
+        self.data: Dict[KeyType, ValueWithExpiration[ValueType]] = {}
+        self.expiration_heap: List[_HeapEntry] = []
+        self.key_to_heap: Dict[KeyType, _HeapEntry] = {}
+        self._counter = itertools.count()
+        self._frozen_depth = 0
+
+    @property
+    def is_frozen(self) -> bool:
+        return self._frozen_depth > 0
+
+    def _remove_outdated(self) -> None:
+        if self.is_frozen:
+            return
+        now = get_dht_time()
+        while self.expiration_heap:
+            top = self.expiration_heap[0]
+            expiration_time, _, key = top
+            if self.key_to_heap.get(key) is not top:  # stale heap entry of a replaced or deleted key
+                heapq.heappop(self.expiration_heap)
+                continue
+            if expiration_time >= now and len(self.data) <= self.maxsize:
+                break
+            heapq.heappop(self.expiration_heap)
+            del self.data[key], self.key_to_heap[key]
+        if len(self.expiration_heap) > 2 * len(self.data) + 64:  # too many stale entries: rebuild
+            self.expiration_heap = list(self.key_to_heap.values())
+            heapq.heapify(self.expiration_heap)
+
+    def store(self, key: KeyType, value: ValueType, expiration_time: DHTExpiration) -> bool:
+        """Store ``value`` under ``key`` until ``expiration_time``.
+
+        Returns False (and stores nothing) if ``expiration_time`` is already in the past, or if ``key`` holds an
+        entry that expires at the same time or later; returns True otherwise.
+        """
+        if expiration_time < get_dht_time():
+            return False
+        self._remove_outdated()
+        existing = self.data.get(key)
+        if existing is not None and existing.expiration_time >= expiration_time:
+            return False
+        heap_entry = (expiration_time, next(self._counter), key)
+        self.data[key] = ValueWithExpiration(value, expiration_time)
+        self.key_to_heap[key] = heap_entry
+        heapq.heappush(self.expiration_heap, heap_entry)
+        self._remove_outdated()  # evicts the earliest-expiring entry if over capacity (maybe this one)
+        return key in self.data and self.key_to_heap[key] is heap_entry
+
+    def get(self, key: KeyType) -> Optional[ValueWithExpiration[ValueType]]:
+        """The ``(value, expiration_time)`` stored under key, or None if absent or expired."""
+        self._remove_outdated()
+        return self.data.get(key)
+
+    def items(self) -> Iterator[Tuple[KeyType, ValueWithExpiration[ValueType]]]:
+        """Iterate over ``(key, ValueWithExpiration)`` of all live entries."""
+        self._remove_outdated()
+        return ((key, value) for key, value in list(self.data.items()))
+
+    def top(self) -> Tuple[Optional[KeyType], Optional[ValueWithExpiration[ValueType]]]:
+        """The entry that expires first as ``(key, ValueWithExpiration)``, or ``(None, None)`` if empty."""
+        self._remove_outdated()
+        while self.expiration_heap:
+            top = self.expiration_heap[0]
+            key = top[2]
+            if self.key_to_heap.get(key) is top:
+                return key, self.data[key]
+            heapq.heappop(self.expiration_heap)
+        return None, None
+
+    def clear(self) -> None:
+        self.data.clear()
+        self.key_to_heap.clear()
+        self.expiration_heap.clear()
+
+    def __contains__(self, key: KeyType) -> bool:
+        self._remove_outdated()
+        return key in self.data
+
+    def __len__(self) -> int:
+        self._remove_outdated()
+        return len(self.data)
+
+    def __delitem__(self, key: KeyType) -> None:
+        if key not in self.data:
+            raise KeyError(key)
+        del self.data[key], self.key_to_heap[key]  # the heap entry becomes stale and is skipped later
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.data})"
+
+    @contextmanager
+    def freeze(self):
+        """Within this context, expired entries are neither removed nor hidden and capacity is not enforced;
+        storing an entry whose expiration time is already past is still refused."""
+        self._frozen_depth += 1
+        try:
+            yield self
+        finally:
+            self._frozen_depth -= 1
