@@ -1,1 +1,35 @@
-"""hivemind.utils"""
+"""hivemind.utils: building blocks shared by every layer (logging, serialization, futures, storage, keys, ...).
+
+Importing this package does not import torch: names that need it (TensorDescriptor, streaming helpers) are loaded
+lazily on first access.
+"""
+
+from hivemind.utils.asyncio import *
+from hivemind.utils.logging import get_logger, use_hivemind_log_handler
+from hivemind.utils.serializer import MSGPackSerializer, SerializerBase
+from hivemind.utils.timed_storage import (
+    MAX_DHT_TIME_DISCREPANCY_SECONDS,
+    DHTExpiration,
+    TimedStorage,
+    ValueWithExpiration,
+    get_dht_time,
+)
+
+# names provided by modules that import torch, resolved on first access (PEP 562)
+_LAZY_NAMES = {
+    "TensorDescriptor": "hivemind.utils.tensor_descr",
+    "BatchTensorDescriptor": "hivemind.utils.tensor_descr",
+    "split_for_streaming": "hivemind.utils.streaming",
+    "combine_from_streaming": "hivemind.utils.streaming",
+}
+
+
+def __getattr__(name: str):
+    module_name = _LAZY_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
