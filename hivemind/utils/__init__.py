@@ -4,7 +4,25 @@ Importing this package does not import torch: names that need it (TensorDescript
 lazily on first access.
 """
 
-from hivemind.utils.asyncio import *
+import importlib
+import importlib.util
+
+from hivemind.utils.asyncio import (
+    achain,
+    aenumerate,
+    afirst,
+    aiter_with_timeout,
+    amap_in_executor,
+    anext,
+    as_aiter,
+    asingle,
+    attach_event_on_finished,
+    azip,
+    cancel_and_wait,
+    enter_asynchronously,
+    iter_as_aiter,
+    switch_to_uvloop,
+)
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.serializer import MSGPackSerializer, SerializerBase
 from hivemind.utils.timed_storage import (
@@ -15,6 +33,32 @@ from hivemind.utils.timed_storage import (
     get_dht_time,
 )
 
+__all__ = [
+    "achain",
+    "aenumerate",
+    "afirst",
+    "aiter_with_timeout",
+    "amap_in_executor",
+    "anext",
+    "as_aiter",
+    "asingle",
+    "attach_event_on_finished",
+    "azip",
+    "cancel_and_wait",
+    "enter_asynchronously",
+    "iter_as_aiter",
+    "switch_to_uvloop",
+    "get_logger",
+    "use_hivemind_log_handler",
+    "MSGPackSerializer",
+    "SerializerBase",
+    "MAX_DHT_TIME_DISCREPANCY_SECONDS",
+    "DHTExpiration",
+    "TimedStorage",
+    "ValueWithExpiration",
+    "get_dht_time",
+]
+
 # names provided by modules that import torch, resolved on first access (PEP 562)
 _LAZY_NAMES = {
     "TensorDescriptor": "hivemind.utils.tensor_descr",
@@ -23,13 +67,14 @@ _LAZY_NAMES = {
     "combine_from_streaming": "hivemind.utils.streaming",
 }
 
+# star-imports include them only once the providing module exists (they come from the compression work)
+__all__ += [name for name, module in _LAZY_NAMES.items() if importlib.util.find_spec(module) is not None]
+
 
 def __getattr__(name: str):
     module_name = _LAZY_NAMES.get(name)
     if module_name is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
