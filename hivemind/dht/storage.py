@@ -1,0 +1,164 @@
+"""Local DHT storage: regular values, dictionary values (msgpack ext 0x50) and the acceptance rules of WIRE.md §7.5."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Dict, List, Optional, Tuple, Union
+
+from hivemind.dht.routing import DHTID, BinaryDHTValue, Subkey
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import DHTExpiration, TimedStorage, get_dht_time
+
+__all__ = ["DictionaryDHTValue", "DHTLocalStorage", "CacheRefreshQueue"]
+
+
+@MSGPackSerializer.ext_serializable(0x50)
+class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
+    """A dictionary value: subkey -> (serialized value, expiration), each entry expiring on its own."""
+
+    latest_expiration_time = -math.inf  # the greatest expiration time ever stored here
+
+    def store(self, key: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
+        accepted = super().store(key, value, expiration_time)
+        if accepted:
+            self.latest_expiration_time = max(self.latest_expiration_time, expiration_time)
+        return accepted
+
+    def packb(self) -> bytes:
+        """The ext 0x50 payload: [maxsize, latest_expiration_time, [[subkey, value, expiration], ...]]."""
+        entries = [[subkey, item.value, float(item.expiration_time)] for subkey, item in self.items()]
+        maxsize = self.maxsize if math.isinf(self.maxsize) else int(self.maxsize)  # +inf (float64) when unbounded
+        return MSGPackSerializer.dumps([maxsize, float(self.latest_expiration_time), entries])
+
+    @classmethod
+    def unpackb(cls, raw: bytes) -> DictionaryDHTValue:
+        """Parse an ext 0x50 payload (possibly from a remote peer: every field is checked, expired entries dropped)."""
+        payload = MSGPackSerializer.loads(raw)
+        if not isinstance(payload, list) or len(payload) != 3:
+            raise ValueError(f"a DictionaryDHTValue is a 3-item array, got {type(payload).__name__} {payload!r:.100}")
+        maxsize, latest_expiration_time, entries = payload
+        if isinstance(maxsize, bool) or not isinstance(maxsize, (int, float)) or not maxsize >= 0:
+            raise ValueError(f"DictionaryDHTValue maxsize must be a non-negative number or inf, got {maxsize!r}")
+        if isinstance(latest_expiration_time, bool) or not isinstance(latest_expiration_time, (int, float)):
+            raise ValueError(f"DictionaryDHTValue expiration must be a number, got {latest_expiration_time!r:.100}")
+        if not isinstance(entries, list):
+            raise ValueError(f"DictionaryDHTValue entries must be an array, got {type(entries).__name__}")
+        result = cls(maxsize=None if math.isinf(maxsize) else int(maxsize))
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], bytes)):
+                raise ValueError(f"a DictionaryDHTValue entry is [subkey, bytes, expiration], got {entry!r:.100}")
+            subkey, value, expiration_time = entry
+            if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)):
+                raise ValueError(f"DictionaryDHTValue entry expiration must be a number, got {expiration_time!r:.100}")
+            try:
+                hash(subkey)
+            except TypeError:
+                raise ValueError(f"DictionaryDHTValue subkey must be hashable, got {subkey!r:.100}") from None
+            result.store(subkey, value, expiration_time)
+        result.latest_expiration_time = max(result.latest_expiration_time, float(latest_expiration_time))
+        return result
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self.items())}, latest_expiration_time={self.latest_expiration_time})"
+
+
+class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTValue]]):
+    """
+    A node's storage (or cache) of key id -> serialized value or DictionaryDHTValue. A dictionary is kept until its
+    latest entry expires. ``store`` and ``store_subkey`` apply the acceptance rules of WIRE.md §7.5.
+    """
+
+    def store(
+        self,
+        key: DHTID,
+        value: Union[BinaryDHTValue, DictionaryDHTValue],
+        expiration_time: DHTExpiration,
+        subkey: Optional[Subkey] = None,
+    ) -> bool:
+        """
+        Store a regular value (``subkey=None``), one dictionary entry (``subkey`` given), or merge a whole
+        DictionaryDHTValue entry by entry (then ``expiration_time`` is ignored; True only if every entry was accepted).
+
+        :returns: whether the entry was accepted; rejected entries leave the storage unchanged
+        """
+        if subkey is not None:
+            return self.store_subkey(key, subkey, value, expiration_time)
+        if isinstance(value, DictionaryDHTValue):
+            with value.freeze():  # a consistent view while iterating
+                entries = list(value.items())
+            outcomes = [self.store_subkey(key, sub, item.value, item.expiration_time) for sub, item in entries]
+            return all(outcomes)
+        if not expiration_time >= get_dht_time():  # also refuses NaN
+            return False
+        return super().store(key, value, expiration_time)  # replaces a regular value or a dictionary iff newer
+
+    def store_subkey(self, key: DHTID, subkey: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
+        """
+        Store one dictionary entry: into the existing dictionary (if the subkey is absent or older there), or into a
+        new dictionary replacing a regular value that expires strictly earlier (or no value at all).
+        """
+        if not expiration_time >= get_dht_time():  # also refuses NaN
+            return False
+        current = self.get(key)
+        if current is not None and isinstance(current.value, DictionaryDHTValue):
+            dictionary = current.value
+            if not dictionary.store(subkey, value, expiration_time):
+                return False
+            if expiration_time > current.expiration_time:
+                super().store(key, dictionary, expiration_time)  # the dictionary now lives until its latest entry
+            return True
+        if current is not None and expiration_time <= current.expiration_time:
+            return False  # a regular value that lives at least as long wins
+        dictionary = DictionaryDHTValue()
+        dictionary.store(subkey, value, expiration_time)
+        return super().store(key, dictionary, expiration_time)
+
+
+class CacheRefreshQueue:
+    """
+    Keys to re-fetch shortly before their cached copies expire (no I/O: the node pops due keys and fetches them).
+
+    ``push(key, expiration_time)`` schedules a refresh at ``expiration_time - refresh_before_expiry`` (a key holds
+    one slot: pushing it again reschedules it); ``pop_due(now)`` returns keys whose time has come, earliest first.
+    """
+
+    def __init__(self, refresh_before_expiry: float):
+        self.refresh_before_expiry = refresh_before_expiry
+        self._heap: List[Tuple[float, int, DHTID]] = []  # (refresh time, push number, key), with stale entries
+        self._scheduled: Dict[DHTID, Tuple[float, int]] = {}  # key -> its live (refresh time, push number)
+        self._pushes = 0
+
+    def push(self, key: DHTID, expiration_time: DHTExpiration) -> None:
+        self._pushes += 1
+        entry = (expiration_time - self.refresh_before_expiry, self._pushes)
+        self._scheduled[key] = entry
+        heapq.heappush(self._heap, (*entry, key))
+
+    def discard(self, key: DHTID) -> None:
+        self._scheduled.pop(key, None)
+
+    def next_refresh_time(self) -> Optional[float]:
+        """When the earliest scheduled refresh is due, or None if nothing is scheduled."""
+        while self._heap and self._scheduled.get(self._heap[0][2]) != self._heap[0][:2]:
+            heapq.heappop(self._heap)  # a discarded or rescheduled key
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: Optional[float] = None, limit: Optional[int] = None) -> List[DHTID]:
+        """Remove and return up to ``limit`` keys whose refresh time is <= ``now`` (default: get_dht_time())."""
+        now = get_dht_time() if now is None else now
+        due: List[DHTID] = []
+        while limit is None or len(due) < limit:
+            refresh_time = self.next_refresh_time()
+            if refresh_time is None or refresh_time > now:
+                break
+            key = heapq.heappop(self._heap)[2]
+            del self._scheduled[key]
+            due.append(key)
+        return due
+
+    def __contains__(self, key: DHTID) -> bool:
+        return key in self._scheduled
+
+    def __len__(self) -> int:
+        return len(self._scheduled)
