@@ -20,10 +20,11 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
     latest_expiration_time = -math.inf  # the greatest expiration time ever stored here
 
     def store(self, key: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
-        accepted = super().store(key, value, expiration_time)
-        if accepted:
-            self.latest_expiration_time = max(self.latest_expiration_time, expiration_time)
-        return accepted
+        if not super().store(key, value, expiration_time):
+            return False
+        if expiration_time > self.latest_expiration_time:
+            self.latest_expiration_time = expiration_time
+        return True
 
     def packb(self) -> bytes:
         """The ext 0x50 payload: [maxsize, latest_expiration_time, [[subkey, value, expiration], ...]]."""
@@ -82,8 +83,8 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
 
         :returns: whether the entry was accepted; rejected entries leave the storage unchanged
         """
-        if subkey is not None:
-            return self.store_subkey(key, subkey, value, expiration_time)
+        if subkey is not None:  # one dictionary entry
+            return self.store_subkey(key, subkey=subkey, value=value, expiration_time=expiration_time)
         if isinstance(value, DictionaryDHTValue):
             with value.freeze():  # a consistent view while iterating
                 entries = list(value.items())
