@@ -1,0 +1,278 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+// controlReadBufferSize is the buffered reader's size on control connections; a STREAM_OPEN connection keeps
+// using this reader for the raw stream bytes, so it is also a copy buffer.
+const controlReadBufferSize = 64 * 1024
+
+// handleConn serves one control connection: requests until EOF, or until it becomes a stream pipe or a
+// persistent connection. A malformed request is answered with ERROR and ends the connection.
+func (d *daemon) handleConn(conn net.Conn) {
+	defer func() {
+		if r := recover(); r != nil {
+			log.Errorw("internal error while serving a control connection", "panic", r)
+			_ = conn.Close()
+		}
+	}()
+	r := bufio.NewReaderSize(conn, controlReadBufferSize)
+	for {
+		msg, err := readDelimited(r, d.maxMsg)
+		if err != nil {
+			var tooLarge *tooLargeError
+			if errors.As(err, &tooLarge) {
+				_ = writeDelimited(conn, encodeErrorResponse(err.Error()))
+			} else if err != io.EOF {
+				log.Debugw("cannot read a control request", "error", err)
+			}
+			_ = conn.Close()
+			return
+		}
+		req, err := decodeRequest(msg)
+		if err != nil {
+			_ = writeDelimited(conn, encodeErrorResponse(err.Error()))
+			_ = conn.Close()
+			return
+		}
+		var resp []byte
+		switch req.typ {
+		case reqIdentify:
+			resp = d.doIdentify()
+		case reqConnect:
+			resp = d.doConnect(req)
+		case reqStreamOpen:
+			resp, stream := d.doStreamOpen(req)
+			if err := writeDelimited(conn, resp); err != nil {
+				if stream != nil {
+					_ = stream.Reset()
+				}
+				_ = conn.Close()
+				return
+			}
+			if stream != nil {
+				pipeStream(&bufferedConn{Conn: conn, r: r}, stream)
+				return
+			}
+			continue
+		case reqStreamHandler:
+			resp = d.doStreamHandler(req)
+		case reqRemoveStreamHandler:
+			resp = d.doRemoveStreamHandler(req)
+		case reqListPeers:
+			resp = d.doListPeers()
+		case reqDisconnect:
+			resp = d.doDisconnect(req)
+		case reqPersistentConnUpgrade:
+			d.servePersistentConn(conn, r)
+			return
+		case reqDHT, reqConnManager, reqPubsub:
+			resp = encodeErrorResponse(fmt.Sprintf("request type %d is not supported by this daemon", req.typ))
+		default:
+			resp = encodeErrorResponse(fmt.Sprintf("unknown request type %d", req.typ))
+		}
+		if err := writeDelimited(conn, resp); err != nil {
+			log.Debugw("cannot write a control response", "error", err)
+			_ = conn.Close()
+			return
+		}
+	}
+}
+
+func (d *daemon) requestContext(timeoutSeconds int64) (context.Context, context.CancelFunc) {
+	timeout := defaultRequestTimeout
+	if timeoutSeconds > 0 {
+		timeout = time.Duration(timeoutSeconds) * time.Second
+	}
+	return context.WithTimeout(d.ctx, timeout)
+}
+
+func missingParameters(name string) []byte {
+	return encodeErrorResponse(fmt.Sprintf("Malformed request; missing parameters (%s)", name))
+}
+
+func (d *daemon) doIdentify() []byte {
+	addrs := d.host.Addrs()
+	encoded := make([][]byte, len(addrs))
+	for i, a := range addrs {
+		encoded[i] = a.Bytes()
+	}
+	return encodeIdentifyResponse([]byte(d.host.ID()), encoded)
+}
+
+func (d *daemon) doConnect(req *request) []byte {
+	if req.connect == nil {
+		return missingParameters("connect")
+	}
+	r, err := decodePeerRequest("ConnectRequest", req.connect, false)
+	if err != nil {
+		return encodeErrorResponse(err.Error())
+	}
+	pid, err := peer.IDFromBytes(r.peer)
+	if err != nil {
+		return encodeErrorResponse(fmt.Sprintf("invalid peer id: %v", err))
+	}
+	info := peer.AddrInfo{ID: pid}
+	for _, raw := range r.addrs {
+		addr, err := ma.NewMultiaddrBytes(raw)
+		if err != nil {
+			return encodeErrorResponse(fmt.Sprintf("invalid multiaddr: %v", err))
+		}
+		info.Addrs = append(info.Addrs, addr)
+	}
+	ctx, cancel := d.requestContext(r.timeout)
+	defer cancel()
+	if err := d.host.Connect(ctx, info); err != nil {
+		return encodeErrorResponse(err.Error())
+	}
+	return encodeOKResponse()
+}
+
+func (d *daemon) doDisconnect(req *request) []byte {
+	if req.disconnect == nil {
+		return missingParameters("disconnect")
+	}
+	r, err := decodePeerRequest("DisconnectRequest", req.disconnect, false)
+	if err != nil {
+		return encodeErrorResponse(err.Error())
+	}
+	pid, err := peer.IDFromBytes(r.peer)
+	if err != nil {
+		return encodeErrorResponse(fmt.Sprintf("invalid peer id: %v", err))
+	}
+	if err := d.host.Network().ClosePeer(pid); err != nil {
+		return encodeErrorResponse(err.Error())
+	}
+	return encodeOKResponse()
+}
+
+// doListPeers returns one entry per connected peer with the remote addresses of all its connections.
+func (d *daemon) doListPeers() []byte {
+	var peers []peerInfo
+	index := map[peer.ID]int{}
+	for _, c := range d.host.Network().Conns() {
+		id := c.RemotePeer()
+		i, ok := index[id]
+		if !ok {
+			i = len(peers)
+			index[id] = i
+			peers = append(peers, peerInfo{id: []byte(id)})
+		}
+		peers[i].addrs = append(peers[i].addrs, c.RemoteMultiaddr().Bytes())
+	}
+	return encodeListPeersResponse(peers)
+}
+
+func streamInfoOf(s network.Stream) []byte {
+	return encodeStreamInfo([]byte(s.Conn().RemotePeer()), s.Conn().RemoteMultiaddr().Bytes(), string(s.Protocol()))
+}
+
+func (d *daemon) doStreamOpen(req *request) ([]byte, network.Stream) {
+	if req.streamOpen == nil {
+		return missingParameters("streamOpen"), nil
+	}
+	r, err := decodePeerRequest("StreamOpenRequest", req.streamOpen, true)
+	if err != nil {
+		return encodeErrorResponse(err.Error()), nil
+	}
+	pid, err := peer.IDFromBytes(r.peer)
+	if err != nil {
+		return encodeErrorResponse(fmt.Sprintf("invalid peer id: %v", err)), nil
+	}
+	if len(r.protos) == 0 {
+		return encodeErrorResponse("Malformed request; no protocol given"), nil
+	}
+	protos := make([]protocol.ID, len(r.protos))
+	for i, p := range r.protos {
+		protos[i] = protocol.ID(p)
+	}
+	ctx, cancel := d.requestContext(r.timeout)
+	defer cancel()
+	s, err := d.host.NewStream(d.streamCtx(ctx), pid, protos...)
+	if err != nil {
+		return encodeErrorResponse(err.Error()), nil
+	}
+	return encodeStreamInfoResponse(streamInfoOf(s)), s
+}
+
+func (d *daemon) doStreamHandler(req *request) []byte {
+	if req.streamHandler == nil {
+		return missingParameters("streamHandler")
+	}
+	r, err := decodeHandlerRequest("StreamHandlerRequest", req.streamHandler)
+	if err != nil {
+		return encodeErrorResponse(err.Error())
+	}
+	addr, err := ma.NewMultiaddrBytes(r.addr)
+	if err != nil {
+		return encodeErrorResponse(fmt.Sprintf("invalid handler multiaddr: %v", err))
+	}
+	key := string(addr.Bytes())
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	// validate every protocol first, so that a failing request registers nothing
+	for _, p := range r.protos {
+		pid := protocol.ID(p)
+		if _, unary := d.unaryHandlers[pid]; unary {
+			return encodeErrorResponse(fmt.Sprintf("handler for protocol %s already set", p))
+		}
+		if _, ok := d.streamHandlers[pid]; ok && !r.balanced {
+			return encodeErrorResponse(fmt.Sprintf("handler for protocol %s already set", p))
+		}
+	}
+	for _, p := range r.protos {
+		pid := protocol.ID(p)
+		handlers, ok := d.streamHandlers[pid]
+		if !ok {
+			handlers = &roundRobin[string]{}
+			d.streamHandlers[pid] = handlers
+			d.host.SetStreamHandler(pid, d.handleIncomingStream)
+		}
+		handlers.add(key)
+	}
+	return encodeOKResponse()
+}
+
+func (d *daemon) doRemoveStreamHandler(req *request) []byte {
+	if req.removeStreamHandler == nil {
+		return missingParameters("removeStreamHandler")
+	}
+	r, err := decodeHandlerRequest("RemoveStreamHandlerRequest", req.removeStreamHandler)
+	if err != nil {
+		return encodeErrorResponse(err.Error())
+	}
+	addr, err := ma.NewMultiaddrBytes(r.addr)
+	if err != nil {
+		return encodeErrorResponse(fmt.Sprintf("invalid handler multiaddr: %v", err))
+	}
+	key := string(addr.Bytes())
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, p := range r.protos {
+		pid := protocol.ID(p)
+		handlers, ok := d.streamHandlers[pid]
+		if !ok {
+			return encodeErrorResponse(fmt.Sprintf("handler for protocol %s does not exist", p))
+		}
+		if !handlers.remove(key) {
+			return encodeErrorResponse(fmt.Sprintf("handler for protocol %s with maddr %s does not exist", p, addr))
+		}
+		if handlers.len() == 0 {
+			delete(d.streamHandlers, pid)
+			d.host.RemoveStreamHandler(pid)
+		}
+	}
+	return encodeOKResponse()
+}

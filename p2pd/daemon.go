@@ -1,0 +1,462 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p"
+	dht "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/core/routing"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	yamuxtransport "github.com/libp2p/go-libp2p/p2p/muxer/yamux"
+	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
+	noise "github.com/libp2p/go-libp2p/p2p/security/noise"
+	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
+)
+
+// Logging goes through go-log, which reads GOLOG_LOG_FMT (json) and GOLOG_LOG_LEVEL from the environment.
+var log = logging.Logger("p2pd")
+
+const (
+	// defaultRequestTimeout bounds CONNECT and STREAM_OPEN when the request carries no timeout.
+	defaultRequestTimeout = 60 * time.Second
+	// bootstrapTimeout bounds the initial connection to the -bootstrapPeers.
+	bootstrapTimeout = 60 * time.Second
+	// bootstrapConnections is how many bootstrap peers the daemon tries to stay connected to.
+	bootstrapConnections = 4
+	// shutdownTimeout bounds how long closing the libp2p host may take on exit.
+	shutdownTimeout = 5 * time.Second
+	// userAgent is what the original daemon announces through identify.
+	userAgent = "p2pd/0.1"
+)
+
+type daemon struct {
+	cfg      *config
+	ctx      context.Context // cancelled on shutdown
+	cancel   context.CancelFunc
+	host     host.Host
+	dht      *dht.IpfsDHT
+	listener manet.Listener
+	maxMsg   int
+
+	mu              sync.Mutex
+	streamHandlers  map[protocol.ID]*roundRobin[string]
+	unaryHandlers   map[protocol.ID]*roundRobin[*persistentConn]
+	persistentConns int
+	idleTimer       *time.Timer
+	closing         bool
+
+	exitOnce sync.Once
+	exitCode chan int
+}
+
+// streamCtx is the context for streams the daemon opens: they may use limited (relayed) connections.
+func (d *daemon) streamCtx(ctx context.Context) context.Context {
+	if d.cfg.relay {
+		return network.WithUseTransient(ctx, "hivemind streams may use relayed connections")
+	}
+	return ctx
+}
+
+func newYamuxTransport() *yamuxtransport.Transport {
+	config := *yamuxtransport.DefaultTransport
+	// Larger windows let one stream use the bandwidth of a fast link (the default starts at 256 KiB and grows
+	// to 16 MiB with auto-tuning); the receive buffers are only committed when the reader falls behind.
+	config.MaxStreamWindowSize = 32 * 1024 * 1024
+	return &config
+}
+
+func (d *daemon) hostOptions() ([]libp2p.Option, error) {
+	c := d.cfg
+	opts := []libp2p.Option{
+		libp2p.UserAgent(userAgent),
+		libp2p.DefaultTransports,
+		libp2p.Muxer(yamuxtransport.ID, newYamuxTransport()),
+		libp2p.DisableMetrics(),
+	}
+	// The dialer proposes security protocols in this order: TLS first (AES-GCM is hardware-accelerated on common
+	// CPUs and faster than Noise's ChaCha20-Poly1305); peers that only speak Noise still negotiate Noise.
+	if c.tls {
+		opts = append(opts, libp2p.Security(libp2ptls.ID, libp2ptls.New))
+	}
+	if c.noise {
+		opts = append(opts, libp2p.Security(noise.ID, noise.New))
+	}
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(rcmgr.InfiniteLimits))
+	if err != nil {
+		return nil, fmt.Errorf("cannot create the resource manager: %v", err)
+	}
+	opts = append(opts, libp2p.ResourceManager(rm))
+	if c.identity != nil {
+		opts = append(opts, libp2p.Identity(c.identity))
+	}
+	if len(c.hostAddrs) > 0 {
+		opts = append(opts, libp2p.ListenAddrs(c.hostAddrs...))
+	}
+	if len(c.announceAddrs) > 0 {
+		announce := c.announceAddrs
+		opts = append(opts, libp2p.AddrsFactory(func([]ma.Multiaddr) []ma.Multiaddr { return announce }))
+	}
+	if c.connManager {
+		cm, err := connmgr.NewConnManager(c.connLo, c.connHi, connmgr.WithGracePeriod(c.connGrace))
+		if err != nil {
+			return nil, fmt.Errorf("invalid connection manager settings: %v", err)
+		}
+		opts = append(opts, libp2p.ConnectionManager(cm))
+	}
+	if c.natPortMap {
+		opts = append(opts, libp2p.NATPortMap())
+	}
+	if c.autonat {
+		opts = append(opts, libp2p.EnableNATService(), libp2p.EnableHolePunching())
+	}
+	if c.relay {
+		opts = append(opts, libp2p.EnableRelay())
+	} else {
+		opts = append(opts, libp2p.DisableRelay())
+	}
+	if c.autoRelay {
+		opts = append(opts, d.autoRelayOption())
+	}
+	if c.noListenAddrs {
+		opts = append(opts, libp2p.NoListenAddrs)
+	}
+	if c.forceReachabilityPublic {
+		opts = append(opts, libp2p.ForceReachabilityPublic())
+	} else if c.forceReachabilityPrivate {
+		opts = append(opts, libp2p.ForceReachabilityPrivate())
+	}
+	if c.dhtMode != "" {
+		opts = append(opts, libp2p.Routing(d.makeDHT))
+	}
+	return opts, nil
+}
+
+func (d *daemon) makeDHT(h host.Host) (routing.PeerRouting, error) {
+	var dhtOpts []dht.Option
+	switch d.cfg.dhtMode {
+	case "client":
+		dhtOpts = append(dhtOpts, dht.Mode(dht.ModeClient))
+	case "server":
+		dhtOpts = append(dhtOpts, dht.Mode(dht.ModeServer))
+	default:
+		dhtOpts = append(dhtOpts, dht.Mode(dht.ModeAuto))
+	}
+	if len(d.cfg.bootstrapPeers) > 0 {
+		// lets the DHT reconnect to them if its routing table ever becomes empty
+		dhtOpts = append(dhtOpts, dht.BootstrapPeers(d.cfg.bootstrapPeers...))
+	}
+	instance, err := dht.New(d.ctx, h, dhtOpts...)
+	if err != nil {
+		return nil, err
+	}
+	d.dht = instance
+	return instance, nil
+}
+
+func newDaemon(cfg *config) (*daemon, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &daemon{
+		cfg:            cfg,
+		ctx:            ctx,
+		cancel:         cancel,
+		maxMsg:         cfg.persistentConnMaxMsgSize,
+		streamHandlers: map[protocol.ID]*roundRobin[string]{},
+		unaryHandlers:  map[protocol.ID]*roundRobin[*persistentConn]{},
+		exitCode:       make(chan int, 1),
+	}
+	opts, err := d.hostOptions()
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	h, err := libp2p.New(opts...)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("cannot start the libp2p host: %v", err)
+	}
+	d.host = h
+
+	if cfg.relay && cfg.relayService {
+		if err := d.startRelayService(); err != nil {
+			d.closeHost()
+			cancel()
+			return nil, err
+		}
+	}
+
+	listener, err := manet.Listen(cfg.listenAddr)
+	if err != nil {
+		d.closeHost()
+		cancel()
+		return nil, fmt.Errorf("cannot listen on the control address -listen=%s: %v", cfg.listenAddr, err)
+	}
+	d.listener = listener
+
+	if cfg.bootstrap {
+		if err := d.bootstrap(); err != nil {
+			d.closeListener()
+			d.closeHost()
+			cancel()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// startRelayService serves circuit relay v2 (hop) with the limits of the -relay* flags, whatever the
+// reachability, like the original daemon.
+func (d *daemon) startRelayService() error {
+	c := d.cfg
+	resources := relay.DefaultResources()
+	resources.Limit = &relay.RelayLimit{Duration: c.relayTimeLimit, Data: c.relayDataLimit}
+	resources.MaxCircuits = c.relayMaxCircuits
+	resources.MaxReservations = c.relayMaxReservations
+	resources.MaxReservationsPerPeer = c.relayMaxReservations
+	resources.MaxReservationsPerIP = c.relayMaxReservations
+	resources.MaxReservationsPerASN = c.relayMaxReservations
+	resources.BufferSize = c.relayBufferSize
+	if _, err := relay.New(d.host, relay.WithResources(resources)); err != nil {
+		return fmt.Errorf("cannot start the relay service: %v", err)
+	}
+	return nil
+}
+
+func shufflePeers(peers []peer.AddrInfo) []peer.AddrInfo {
+	shuffled := append([]peer.AddrInfo(nil), peers...)
+	rand.Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
+	return shuffled
+}
+
+// bootstrap connects to the bootstrap peers and starts the DHT. With explicit -bootstrapPeers, start-up fails
+// if none of them can be reached (like the original daemon); the public IPFS peers are contacted in the
+// background instead, so that a machine without internet access still starts quickly.
+func (d *daemon) bootstrap() error {
+	if len(d.cfg.bootstrapPeers) == 0 {
+		go func() {
+			peers := dht.GetDefaultBootstrapPeerAddrInfos()
+			if d.connectToSome(peers) == 0 {
+				log.Warnw("could not connect to any of the public IPFS bootstrap peers")
+			}
+			d.startDHT()
+			d.keepBootstrapConnections(peers)
+		}()
+		return nil
+	}
+	for _, p := range d.cfg.bootstrapPeers {
+		d.host.Peerstore().AddAddrs(p.ID, p.Addrs, peerstore.PermanentAddrTTL)
+	}
+	if d.connectToSome(d.cfg.bootstrapPeers) == 0 {
+		return errors.New("failed to connect to bootstrap peers")
+	}
+	d.startDHT()
+	go d.keepBootstrapConnections(d.cfg.bootstrapPeers)
+	return nil
+}
+
+func (d *daemon) startDHT() {
+	if d.dht != nil {
+		if err := d.dht.Bootstrap(d.ctx); err != nil {
+			log.Warnw("DHT bootstrap failed", "error", err)
+		}
+	}
+}
+
+// connectToSome dials the peers concurrently and returns as soon as one connection succeeds (the other dials
+// continue in the background, up to bootstrapConnections in total), or 0 when all of them failed.
+func (d *daemon) connectToSome(peers []peer.AddrInfo) int {
+	if len(peers) == 0 {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, bootstrapTimeout)
+	results := make(chan bool, len(peers))
+	var wg sync.WaitGroup
+	for _, p := range shufflePeers(peers) {
+		if p.ID == d.host.ID() {
+			results <- false
+			continue
+		}
+		wg.Add(1)
+		go func(p peer.AddrInfo) {
+			defer wg.Done()
+			err := d.host.Connect(ctx, p)
+			if err != nil {
+				log.Debugw("cannot connect to bootstrap peer", "peer", p.ID, "error", err)
+			} else {
+				d.host.ConnManager().TagPeer(p.ID, "bootstrap", 1)
+			}
+			results <- err == nil
+		}(p)
+	}
+	go func() {
+		wg.Wait()
+		cancel()
+	}()
+	for range peers {
+		if <-results {
+			return 1
+		}
+	}
+	return 0
+}
+
+func (d *daemon) keepBootstrapConnections(peers []peer.AddrInfo) {
+	ticker := time.NewTicker(15 * time.Minute)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-ticker.C:
+			if len(d.host.Network().Peers()) < bootstrapConnections {
+				d.connectToSome(peers)
+			}
+		}
+	}
+}
+
+// run prints the readiness lines, serves the control socket and returns the exit status.
+func (d *daemon) run() int {
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)
+	// a reader of our stdout/stderr going away must not kill the daemon: writes then just fail
+	signal.Ignore(syscall.SIGPIPE)
+
+	if !d.cfg.quiet {
+		fmt.Printf("Control socket: %s\nPeer ID: %s\nPeer Addrs:\n", d.cfg.listenAddr, d.host.ID())
+		for _, addr := range d.host.Addrs() {
+			fmt.Println(addr)
+		}
+		if d.cfg.bootstrap && len(d.cfg.bootstrapPeers) > 0 {
+			fmt.Println("Bootstrap peers:")
+			for _, p := range d.cfg.bootstrapPeers {
+				for _, a := range p.Addrs {
+					fmt.Printf("%s/p2p/%s\n", a, p.ID)
+				}
+			}
+		}
+	}
+
+	if d.cfg.idleTimeout > 0 {
+		d.mu.Lock()
+		if d.persistentConns == 0 {
+			d.idleTimer = time.AfterFunc(d.cfg.idleTimeout, func() {
+				log.Infow("no persistent connection was opened in time, exiting", "idleTimeout", d.cfg.idleTimeout)
+				d.shutdown(0)
+			})
+		}
+		d.mu.Unlock()
+	}
+
+	go d.serve()
+	select {
+	case sig := <-signals:
+		log.Infow("received a signal, exiting", "signal", sig.String())
+		d.shutdown(0)
+	case <-d.ctx.Done():
+	}
+	return <-d.exitCode
+}
+
+func (d *daemon) serve() {
+	for {
+		conn, err := d.listener.Accept()
+		if err != nil {
+			if d.ctx.Err() != nil {
+				return
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			log.Errorw("cannot accept a control connection", "error", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		go d.handleConn(conn)
+	}
+}
+
+func (d *daemon) closeListener() {
+	if d.listener == nil {
+		return
+	}
+	_ = d.listener.Close()
+	// manet's unix listener unlinks the socket file on Close; make sure it is gone in any case
+	if path, err := d.listener.Multiaddr().ValueForProtocol(ma.P_UNIX); err == nil {
+		if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+			log.Debugw("cannot remove the control socket", "path", path, "error", err)
+		}
+	}
+}
+
+func (d *daemon) closeHost() {
+	done := make(chan struct{})
+	go func() {
+		if d.dht != nil {
+			_ = d.dht.Close()
+		}
+		_ = d.host.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(shutdownTimeout):
+		log.Warnw("closing the libp2p host timed out")
+	}
+}
+
+// shutdown stops the daemon once: the control socket first (so that clients see it go), then the host.
+func (d *daemon) shutdown(code int) {
+	d.exitOnce.Do(func() {
+		d.mu.Lock()
+		d.closing = true
+		if d.idleTimer != nil {
+			d.idleTimer.Stop()
+		}
+		d.mu.Unlock()
+		d.cancel()
+		d.closeListener()
+		d.closeHost()
+		d.exitCode <- code
+	})
+}
+
+// persistentConnOpened cancels the idle timer; persistentConnClosed shuts down after the last one.
+func (d *daemon) persistentConnOpened() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.persistentConns++
+	if d.idleTimer != nil {
+		d.idleTimer.Stop()
+		d.idleTimer = nil
+	}
+}
+
+func (d *daemon) persistentConnClosed() {
+	d.mu.Lock()
+	d.persistentConns--
+	last := d.persistentConns == 0 && !d.closing
+	d.mu.Unlock()
+	if last {
+		log.Infow("the last persistent connection closed, exiting")
+		go d.shutdown(0)
+	}
+}

@@ -1,0 +1,400 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+// callIDSize is the size of a call id: the 16 raw bytes of a UUID.
+const callIDSize = 16
+
+// persistentConn is a control connection after PERSISTENT_CONN_UPGRADE: a multiplexed channel for unary calls
+// made by the client and for unary requests handled by it.
+type persistentConn struct {
+	d      *daemon
+	conn   net.Conn
+	ctx    context.Context // cancelled when the connection ends
+	cancel context.CancelFunc
+
+	writeMu sync.Mutex
+
+	mu        sync.Mutex
+	incoming  map[string]chan []byte        // call id -> the client's unaryResponse, for requests we forwarded
+	outgoing  map[string]context.CancelFunc // call id -> cancels a callUnary the client made
+	protocols []protocol.ID                 // unary handlers registered through this connection
+}
+
+// send writes one PersistentConnectionResponse; a failed write ends the connection.
+func (pc *persistentConn) send(msg []byte) {
+	pc.writeMu.Lock()
+	err := writeDelimited(pc.conn, msg)
+	pc.writeMu.Unlock()
+	if err != nil {
+		log.Debugw("cannot write to a persistent connection", "error", err)
+		pc.cancel()
+		_ = pc.conn.Close()
+	}
+}
+
+func (d *daemon) servePersistentConn(conn net.Conn, r *bufio.Reader) {
+	ctx, cancel := context.WithCancel(d.ctx)
+	pc := &persistentConn{
+		d:        d,
+		conn:     conn,
+		ctx:      ctx,
+		cancel:   cancel,
+		incoming: map[string]chan []byte{},
+		outgoing: map[string]context.CancelFunc{},
+	}
+	d.persistentConnOpened()
+	defer func() {
+		cancel()
+		_ = conn.Close()
+		d.removeUnaryHandlersOf(pc)
+		d.persistentConnClosed()
+	}()
+	go func() {
+		<-ctx.Done() // daemon shutdown or a failed write: unblock the read loop
+		_ = conn.Close()
+	}()
+
+	pc.send(encodeOKResponse())
+	for {
+		msg, err := readDelimited(r, d.maxMsg)
+		if err != nil {
+			var tooLarge *tooLargeError
+			if errors.As(err, &tooLarge) {
+				if pc.rejectOversized(r, tooLarge) == nil {
+					continue
+				}
+			} else if err != io.EOF && ctx.Err() == nil {
+				log.Debugw("cannot read from a persistent connection", "error", err)
+			}
+			return
+		}
+		pc.handleRequest(msg)
+	}
+}
+
+// rejectOversized skips a message above the size limit and answers it with daemonError when its call id can be
+// read, instead of dropping the whole connection.
+func (pc *persistentConn) rejectOversized(r *bufio.Reader, e *tooLargeError) error {
+	prefixSize := uint64(64)
+	if e.size < prefixSize {
+		prefixSize = e.size
+	}
+	prefix := make([]byte, prefixSize)
+	if _, err := io.ReadFull(r, prefix); err != nil {
+		return err
+	}
+	if _, err := io.CopyN(io.Discard, r, int64(e.size-prefixSize)); err != nil {
+		return err
+	}
+	log.Warnw("rejected an oversized message on a persistent connection", "size", e.size, "limit", e.limit)
+	if callID := peekCallID(prefix); callID != nil {
+		pc.send(encodeDaemonError(callID, e.Error()))
+	}
+	return nil
+}
+
+func (pc *persistentConn) handleRequest(msg []byte) {
+	req, err := decodePersistentRequest(msg)
+	if err != nil {
+		if callID := peekCallID(msg); callID != nil {
+			pc.send(encodeDaemonError(callID, err.Error()))
+		}
+		log.Debugw("malformed persistent connection request", "error", err)
+		return
+	}
+	if len(req.callID) != callIDSize {
+		pc.send(encodeDaemonError(req.callID, fmt.Sprintf("callId must be %d bytes, got %d", callIDSize, len(req.callID))))
+		return
+	}
+	switch req.kind {
+	case pcReqAddUnaryHandler:
+		pc.send(pc.addUnaryHandler(req))
+	case pcReqRemoveUnaryHandler:
+		pc.send(pc.removeUnaryHandler(req))
+	case pcReqCallUnary:
+		go pc.callUnary(req, msg)
+	case pcReqUnaryResponse:
+		pc.deliverResponse(req.callID, msg)
+	case pcReqCancel:
+		pc.mu.Lock()
+		cancel := pc.outgoing[string(req.callID)]
+		pc.mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+	default:
+		pc.send(encodeDaemonError(req.callID, "PersistentConnectionRequest carries no known message"))
+	}
+}
+
+func (pc *persistentConn) addUnaryHandler(req *persistentRequest) []byte {
+	r, err := decodeUnaryHandlerRequest(req.payload)
+	if err != nil {
+		return encodeDaemonError(req.callID, err.Error())
+	}
+	d := pc.d
+	pid := protocol.ID(r.proto)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, isStream := d.streamHandlers[pid]; isStream {
+		return encodeDaemonError(req.callID, fmt.Sprintf("handler for protocol %s already set", r.proto))
+	}
+	handlers, ok := d.unaryHandlers[pid]
+	if ok && !r.balanced {
+		return encodeDaemonError(req.callID, fmt.Sprintf("handler for protocol %s already set", r.proto))
+	}
+	if !ok {
+		handlers = &roundRobin[*persistentConn]{}
+		d.unaryHandlers[pid] = handlers
+		d.host.SetStreamHandler(pid, d.handleUnaryStream)
+	}
+	handlers.add(pc)
+	pc.mu.Lock()
+	pc.protocols = append(pc.protocols, pid)
+	pc.mu.Unlock()
+	return encodePersistentResponse(req.callID, 0, nil)
+}
+
+func (pc *persistentConn) removeUnaryHandler(req *persistentRequest) []byte {
+	r, err := decodeUnaryHandlerRequest(req.payload)
+	if err != nil {
+		return encodeDaemonError(req.callID, err.Error())
+	}
+	d := pc.d
+	pid := protocol.ID(r.proto)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	handlers, ok := d.unaryHandlers[pid]
+	if !ok {
+		return encodeDaemonError(req.callID, fmt.Sprintf("handler for protocol %s does not exist", r.proto))
+	}
+	if !handlers.remove(pc) {
+		return encodeDaemonError(req.callID,
+			fmt.Sprintf("handler for protocol %s was not created in this persistent connection", r.proto))
+	}
+	if handlers.len() == 0 {
+		delete(d.unaryHandlers, pid)
+		d.host.RemoveStreamHandler(pid)
+	}
+	pc.mu.Lock()
+	for i, p := range pc.protocols {
+		if p == pid {
+			pc.protocols = append(pc.protocols[:i], pc.protocols[i+1:]...)
+			break
+		}
+	}
+	pc.mu.Unlock()
+	return encodePersistentResponse(req.callID, 0, nil)
+}
+
+// removeUnaryHandlersOf unregisters everything a closed connection served.
+func (d *daemon) removeUnaryHandlersOf(pc *persistentConn) {
+	pc.mu.Lock()
+	protocols := pc.protocols
+	pc.protocols = nil
+	pc.mu.Unlock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, pid := range protocols {
+		handlers, ok := d.unaryHandlers[pid]
+		if !ok {
+			continue
+		}
+		handlers.remove(pc)
+		if handlers.len() == 0 {
+			delete(d.unaryHandlers, pid)
+			if !d.closing {
+				d.host.RemoveStreamHandler(pid)
+			}
+		}
+	}
+}
+
+// callUnary performs a unary call for the client (WIRE.md §3.3): one request message out, one response back.
+func (pc *persistentConn) callUnary(req *persistentRequest, raw []byte) {
+	callID := req.callID
+	call, err := decodeCallUnary(req.payload)
+	if err != nil {
+		pc.send(encodeDaemonError(callID, err.Error()))
+		return
+	}
+	pid, err := peer.IDFromBytes(call.peer)
+	if err != nil {
+		pc.send(encodeDaemonError(callID, fmt.Sprintf("invalid peer id: %v", err)))
+		return
+	}
+	key := string(callID)
+	ctx, cancel := context.WithCancel(pc.ctx)
+	defer cancel()
+	pc.mu.Lock()
+	if _, busy := pc.outgoing[key]; busy {
+		pc.mu.Unlock()
+		pc.send(encodeDaemonError(callID, "a call with this callId is already in progress"))
+		return
+	}
+	pc.outgoing[key] = cancel
+	pc.mu.Unlock()
+	defer func() {
+		pc.mu.Lock()
+		delete(pc.outgoing, key)
+		pc.mu.Unlock()
+	}()
+
+	resp := pc.d.exchangeUnary(ctx, pid, protocol.ID(call.proto), callID, raw)
+	if ctx.Err() != nil {
+		if pc.ctx.Err() == nil {
+			pc.send(encodeCancelResponse(callID)) // cancelled by the client
+		}
+		return
+	}
+	pc.send(resp)
+}
+
+// exchangeUnary opens a stream to the callee, writes the request and returns the PersistentConnectionResponse
+// for the client: callUnaryResponse with the callee's answer, or daemonError.
+func (d *daemon) exchangeUnary(ctx context.Context, pid peer.ID, proto protocol.ID, callID, raw []byte) []byte {
+	s, err := d.host.NewStream(d.streamCtx(ctx), pid, proto)
+	if err != nil {
+		return encodeDaemonError(callID, err.Error())
+	}
+	finished := make(chan struct{})
+	defer close(finished)
+	go func() {
+		select {
+		case <-ctx.Done():
+			_ = s.Reset()
+		case <-finished:
+		}
+	}()
+
+	if err := writeDelimited(s, raw); err != nil {
+		_ = s.Reset()
+		return encodeDaemonError(callID, err.Error())
+	}
+	answer, err := readDelimited(bufio.NewReader(s), d.maxMsg)
+	if err != nil {
+		_ = s.Reset()
+		return encodeDaemonError(callID, err.Error())
+	}
+	_ = s.Close()
+	fields, err := decodeFields(answer)
+	if err != nil {
+		return encodeDaemonError(callID, "invalid answer from the remote peer: "+err.Error())
+	}
+	var result []byte
+	for _, f := range fields {
+		if f.num == pcReqUnaryResponse && f.typ == protowire.BytesType {
+			result = nonNil(f.bytes)
+		}
+	}
+	if result == nil {
+		return encodeDaemonError(callID, "invalid answer from the remote peer: it carries no unaryResponse")
+	}
+	return encodePersistentResponse(callID, pcRespCallUnaryResponse, result)
+}
+
+// deliverResponse passes the client's unaryResponse (the whole message) to the stream waiting for it.
+func (pc *persistentConn) deliverResponse(callID, raw []byte) {
+	key := string(callID)
+	pc.mu.Lock()
+	waiter := pc.incoming[key]
+	delete(pc.incoming, key)
+	pc.mu.Unlock()
+	if waiter == nil {
+		log.Debugw("unaryResponse for an unknown or finished call")
+		return
+	}
+	waiter <- raw // buffered, and removed from the map above: never blocks
+}
+
+// handleUnaryStream serves a unary call from a remote peer: it forwards the request to one of the clients that
+// registered the protocol and writes back that client's answer.
+func (d *daemon) handleUnaryStream(s network.Stream) {
+	pid := s.Protocol()
+	d.mu.Lock()
+	var pc *persistentConn
+	if handlers, ok := d.unaryHandlers[pid]; ok && handlers.len() > 0 {
+		pc = handlers.pick()
+	}
+	d.mu.Unlock()
+	if pc == nil {
+		_ = s.Reset()
+		return
+	}
+
+	r := bufio.NewReader(s)
+	msg, err := readDelimited(r, d.maxMsg)
+	if err != nil {
+		log.Debugw("cannot read a unary request from a peer", "protocol", pid, "error", err)
+		_ = s.Reset()
+		return
+	}
+	req, err := decodePersistentRequest(msg)
+	if err != nil || req.kind != pcReqCallUnary || len(req.callID) != callIDSize {
+		log.Debugw("malformed unary request from a peer", "protocol", pid, "error", err)
+		_ = s.Reset()
+		return
+	}
+	call, err := decodeCallUnary(req.payload)
+	if err != nil {
+		_ = s.Reset()
+		return
+	}
+	call.peer = []byte(s.Conn().RemotePeer()) // the authenticated caller, whatever it claimed
+
+	key := string(req.callID)
+	waiter := make(chan []byte, 1)
+	pc.mu.Lock()
+	if _, busy := pc.incoming[key]; busy || pc.ctx.Err() != nil {
+		pc.mu.Unlock()
+		_ = s.Reset()
+		return
+	}
+	pc.incoming[key] = waiter
+	pc.mu.Unlock()
+	defer func() {
+		pc.mu.Lock()
+		if pc.incoming[key] == waiter {
+			delete(pc.incoming, key)
+		}
+		pc.mu.Unlock()
+	}()
+
+	pc.send(encodePersistentResponse(req.callID, pcRespRequestHandling, encodeCallUnary(call)))
+
+	// the caller writes nothing more: any read result means it closed or reset the stream
+	callerGone := make(chan struct{})
+	go func() {
+		var b [1]byte
+		_, _ = r.Read(b[:])
+		close(callerGone)
+	}()
+
+	select {
+	case answer := <-waiter:
+		if err := writeDelimited(s, answer); err != nil {
+			_ = s.Reset()
+			return
+		}
+		_ = s.Close()
+	case <-callerGone:
+		pc.send(encodeCancelResponse(req.callID))
+		_ = s.Reset()
+	case <-pc.ctx.Done():
+		_ = s.Reset()
+	}
+}
