@@ -1,0 +1,108 @@
+"""The p2pd command line built by ``P2P.create`` (WIRE.md §2.5); pure functions, no I/O."""
+
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from multiaddr import Multiaddr
+
+DHT_MODE_MAPPING: Dict[str, Dict[str, int]] = {
+    "auto": {"dht": 1},
+    "server": {"dhtServer": 1},
+    "client": {"dhtClient": 1},
+}
+FORCE_REACHABILITY_MAPPING: Dict[str, Dict[str, int]] = {
+    "public": {"forceReachabilityPublic": 1},
+    "private": {"forceReachabilityPrivate": 1},
+}
+
+MaddrLike = Union[str, Multiaddr]
+
+
+def format_flag(name: str, value: Any) -> str:
+    """``-name=value`` with booleans written as 1/0."""
+    if isinstance(value, bool):
+        value = int(value)
+    return f"-{name}={value}"
+
+
+def check_announce_maddrs(announce_maddrs: Optional[Sequence[MaddrLike]]) -> None:
+    """Reject announce addresses with port 0: peers could never dial them."""
+    for maddr in announce_maddrs or ():
+        maddr = Multiaddr(str(maddr))
+        for protocol in ("tcp", "udp"):
+            try:
+                port = maddr.value_for_protocol(protocol)
+            except Exception:
+                continue
+            if port is not None and int(port) == 0:
+                raise ValueError(f"Announce address {maddr} has port 0: announce_maddrs need the actual port")
+
+
+def warn_deprecated(**deprecated: Any) -> None:
+    """``DeprecationWarning`` for each deprecated ``P2P.create`` option that was set (they have no effect)."""
+    for name, value in deprecated.items():
+        if value is not None:
+            warnings.warn(
+                f"P2P.create(..., {name}=...) is deprecated and has no effect", DeprecationWarning, stacklevel=3
+            )
+
+
+def build_daemon_args(
+    *,
+    control_maddr: MaddrLike,
+    initial_peers: Optional[Sequence[MaddrLike]] = None,
+    announce_maddrs: Optional[Sequence[MaddrLike]] = None,
+    auto_nat: bool = True,
+    conn_manager: bool = True,
+    dht_mode: str = "server",
+    force_reachability: Optional[str] = None,
+    host_maddrs: Optional[Sequence[MaddrLike]] = ("/ip4/127.0.0.1/tcp/0",),
+    identity_path: Optional[str] = None,
+    idle_timeout: float = 30,
+    nat_port_map: bool = True,
+    relay_hop_limit: int = 0,
+    tls: bool = True,
+    use_auto_relay: bool = False,
+    use_ipfs: bool = False,
+    use_relay: bool = True,
+    persistent_conn_max_msg_size: int = 4 * 1024**2,
+    no_listen: bool = False,
+    trusted_relays: Optional[Sequence[MaddrLike]] = None,
+) -> List[str]:
+    """Arguments for p2pd, in the order WIRE.md §2.5 lists them (without the binary path)."""
+    if dht_mode not in DHT_MODE_MAPPING:
+        raise ValueError(f"dht_mode must be one of {sorted(DHT_MODE_MAPPING)}, got {dht_mode!r}")
+    if force_reachability is not None and force_reachability not in FORCE_REACHABILITY_MAPPING:
+        raise ValueError(
+            f"force_reachability must be None or one of {sorted(FORCE_REACHABILITY_MAPPING)}, "
+            f"got {force_reachability!r}"
+        )
+    args = [
+        format_flag("autoRelay", use_auto_relay),
+        format_flag("autonat", auto_nat),
+        format_flag("b", bool(initial_peers) or use_ipfs),
+        format_flag("connManager", conn_manager),
+        format_flag("idleTimeout", f"{idle_timeout}s"),
+        format_flag("listen", control_maddr),
+        format_flag("natPortMap", nat_port_map),
+        format_flag("relay", use_relay),
+        format_flag("relayHopLimit", relay_hop_limit),
+        format_flag("tls", tls),
+        format_flag("persistentConnMaxMsgSize", persistent_conn_max_msg_size),
+    ]
+    args.extend(format_flag(name, value) for name, value in DHT_MODE_MAPPING[dht_mode].items())
+    if force_reachability is not None:
+        args.extend(format_flag(name, value) for name, value in FORCE_REACHABILITY_MAPPING[force_reachability].items())
+    if initial_peers:
+        args.append(format_flag("bootstrapPeers", ",".join(str(maddr) for maddr in initial_peers)))
+    if host_maddrs:
+        args.append(format_flag("hostAddrs", ",".join(str(maddr) for maddr in host_maddrs)))
+    if announce_maddrs:
+        args.append(format_flag("announceAddrs", ",".join(str(maddr) for maddr in announce_maddrs)))
+    if trusted_relays:
+        args.append(format_flag("trustedRelays", ",".join(str(maddr) for maddr in trusted_relays)))
+    if no_listen:
+        args.append(format_flag("noListenAddrs", 1))
+    if identity_path is not None:
+        args.append(format_flag("id", identity_path))
+    return args

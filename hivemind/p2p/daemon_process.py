@@ -1,0 +1,234 @@
+"""The child p2pd process: start-up with readiness detection, log forwarding, exit detection and cleanup."""
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import subprocess
+import time
+import weakref
+from typing import Callable, Deque, List, Optional, Sequence
+
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.logging import get_logger, python_level_to_golog
+
+logger = get_logger(__name__)
+
+READY_PREFIX = "Peer ID:"
+OUTPUT_TAIL_LINES = 20
+OUTPUT_LINE_LIMIT = 2**20
+TERMINATE_GRACE_SECONDS = 2.0
+GOLOG_ERROR_LEVELS = ("error", "dpanic", "panic", "fatal")
+
+_STANDARD_LEVELS = (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG)
+
+
+def golog_level_for(python_level: int) -> str:
+    """The GOLOG_LOG_LEVEL matching a Python logging level (rounded down to a standard level; WARNING→WARN)."""
+    standard_level = next((level for level in _STANDARD_LEVELS if python_level >= level), logging.DEBUG)
+    return python_level_to_golog(standard_level)
+
+
+def describe_output_line(line: str) -> str:
+    """A short human-readable form of one output line (golog JSON lines become ``msg: error``)."""
+    record = _parse_json_line(line)
+    if record is None:
+        return line
+    text = str(record.get("msg", line))
+    details = [f"{key}={record[key]}" for key in ("error", "err", "addr") if key in record]
+    return f"{text} ({', '.join(details)})" if details else text
+
+
+def _parse_json_line(line: str) -> Optional[dict]:
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _terminate_sync(popen: subprocess.Popen, paths: Sequence[str], owner_pid: int) -> None:
+    """Kill the daemon and remove its socket files; safe to call at interpreter exit (no event loop needed)."""
+    if os.getpid() != owner_pid:
+        return  # a forked child inherited this object; the daemon belongs to the parent
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(TERMINATE_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+    for stream in (popen.stdout,):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class DaemonProcess:
+    """Runs p2pd as a child process; forwards its output to ``logger`` and reports how and why it exited."""
+
+    def __init__(self, binary_path: str, args: List[str], *, env: dict, cleanup_paths: Sequence[str] = ()) -> None:
+        self.binary_path, self.args, self.env = binary_path, args, env
+        self.cleanup_paths = list(cleanup_paths)
+        self._popen: Optional[subprocess.Popen] = None
+        self._output_tail: Deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
+        self._reader_task: Optional[asyncio.Task] = None
+        self._transport: Optional[asyncio.BaseTransport] = None
+        self._ready: Optional[asyncio.Future] = None
+        self._exited: Optional[asyncio.Event] = None
+        self._finalizer: Optional[weakref.finalize] = None
+        self.peer_id_text: Optional[str] = None
+        self.on_unexpected_exit: Optional[Callable[[P2PDaemonError], None]] = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._popen is None else self._popen.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self._popen is None else self._popen.poll()
+
+    @property
+    def is_running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def output_tail(self) -> str:
+        """The last lines p2pd printed, in a short form (for error messages)."""
+        return "; ".join(describe_output_line(line) for line in self._output_tail)
+
+    def exit_description(self) -> str:
+        code = self.returncode
+        status = "is still running" if code is None else f"exited with code {code}"
+        tail = self.output_tail()
+        return f"p2pd {status}" + (f": {tail}" if tail else "")
+
+    async def start(self, startup_timeout: float) -> None:
+        """Start p2pd and wait until it prints its peer id; on failure the error quotes p2pd's own output."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._exited = asyncio.Event()
+        try:
+            self._popen = subprocess.Popen(
+                [self.binary_path, *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        except OSError as e:
+            raise P2PDaemonError(f"Cannot start p2pd from {self.binary_path}: {e}") from e
+        # if the owner forgets shutdown(), the daemon and its sockets still go away at garbage collection / exit
+        self._finalizer = weakref.finalize(self, _terminate_sync, self._popen, self.cleanup_paths, os.getpid())
+
+        reader = asyncio.StreamReader(limit=OUTPUT_LINE_LIMIT)
+        self._transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self._popen.stdout
+        )
+        self._reader_task = asyncio.create_task(self._read_output(reader))
+        exited_waiter = asyncio.create_task(self._exited.wait())
+        try:
+            await asyncio.wait({self._ready, exited_waiter}, timeout=startup_timeout, return_when="FIRST_COMPLETED")
+        finally:
+            exited_waiter.cancel()
+        if self._ready.done():
+            return
+        if self._exited.is_set():
+            await self.stop()
+            raise P2PDaemonError(f"p2pd failed to start: {self.exit_description()}")
+        tail = self.output_tail()
+        await self.stop()
+        raise P2PDaemonError(
+            f"p2pd did not report its peer id within startup_timeout={startup_timeout} s"
+            + (f"; its output: {tail}" if tail else "; it printed nothing")
+        )
+
+    async def _read_output(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                try:
+                    raw_line = await reader.readline()
+                except ValueError:  # a line longer than OUTPUT_LINE_LIMIT
+                    raw_line = (await reader.read(OUTPUT_LINE_LIMIT)) + b"\n"
+                if not raw_line:
+                    break
+                self._on_line(raw_line.decode(errors="replace").rstrip("\r\n"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # pragma: no cover - reading a pipe should not fail
+            logger.debug(f"Stopped reading p2pd output: {e!r}")
+        await self._wait_reaped()
+        self._exited.set()
+        if not self._stopping:
+            error = P2PDaemonError(self.exit_description())
+            if self._ready.done():
+                logger.error(f"p2pd stopped unexpectedly: {error}")
+            if self.on_unexpected_exit is not None:
+                self.on_unexpected_exit(error)
+
+    def _on_line(self, line: str) -> None:
+        if not line:
+            return
+        if self._ready is not None and not self._ready.done() and line.startswith(READY_PREFIX):
+            self.peer_id_text = line[len(READY_PREFIX) :].strip()
+            self._ready.set_result(None)
+        record = _parse_json_line(line)
+        level = None if record is None else str(record.get("level", "")).lower()
+        if level in GOLOG_ERROR_LEVELS:
+            self._output_tail.append(line)
+            logger.error(f"p2pd: {describe_output_line(line)}")
+        else:
+            if record is None or level == "warn" and not self._ready.done():
+                self._output_tail.append(line)  # plain lines carry fatal errors (flag parsing, log.Fatal)
+            logger.debug(f"p2pd: {line}")
+
+    async def _wait_reaped(self, timeout: float = 1.0) -> None:
+        """Output EOF means the process is exiting; give the kernel a moment to make its exit code available."""
+        deadline = time.monotonic() + timeout
+        while self._popen.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def wait_exited(self, timeout: Optional[float] = None) -> bool:
+        """Wait until p2pd's output closes and its exit code is known; returns False on timeout."""
+        if self._exited is None:
+            return True
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        """Terminate p2pd (SIGTERM, then SIGKILL after a grace period), reap it and remove its socket files."""
+        self._stopping = True
+        if self._popen is None:
+            return
+        if self._popen.poll() is None:
+            self._popen.terminate()
+            deadline = time.monotonic() + TERMINATE_GRACE_SECONDS
+            while self._popen.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if self._popen.poll() is None:
+                self._popen.kill()
+                while self._popen.poll() is None:
+                    await asyncio.sleep(0.01)
+        if self._reader_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader_task), timeout=1)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._reader_task.cancel()
+                await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._transport is not None:
+            self._transport.close()
+        if self._finalizer is not None:
+            self._finalizer()  # reaps nothing new, closes the pipe and removes socket files

@@ -1,0 +1,128 @@
+"""hivemind stream framing (WIRE.md §3.4): 1-byte marker, 8-byte big-endian length, payload.
+
+The codec functions are pure; the async helpers move frames over asyncio streams without concatenating
+large payloads (header and payload are written separately, each payload is read with a single readexactly).
+"""
+
+import asyncio
+from typing import Optional, Tuple, Type, TypeVar, Union
+
+from google.protobuf.message import Message
+
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.proto.p2pd_pb2 import RPCError
+
+MARKER_LEN = 1
+HEADER_LEN = 8  # length field, bytes
+BYTEORDER = "big"
+MESSAGE_MARKER = b"\x00"
+ERROR_MARKER = b"\x01"
+FRAME_HEADER_LEN = MARKER_LEN + HEADER_LEN
+# a protobuf message cannot exceed 2 GiB, so a longer frame is a protocol violation
+MAX_FRAME_PAYLOAD = 2**31 - 1
+# below this size, header and payload are joined into one write (one syscall beats one small copy)
+JOIN_WRITE_THRESHOLD = 64 * 1024
+
+END_OF_STREAM_FRAME = ERROR_MARKER + bytes(HEADER_LEN)  # an error frame with an empty RPCError
+
+MessageType = TypeVar("MessageType", bound=Message)
+
+
+class FramingError(P2PDaemonError):
+    """A peer sent bytes that violate the stream framing (unknown marker, oversized frame, truncated frame)."""
+
+
+def encode_header(marker: bytes, length: int) -> bytes:
+    """The 9-byte frame header for a payload of ``length`` bytes."""
+    if marker not in (MESSAGE_MARKER, ERROR_MARKER):
+        raise ValueError(f"Frame marker must be {MESSAGE_MARKER!r} or {ERROR_MARKER!r}, got {marker!r}")
+    if not 0 <= length <= MAX_FRAME_PAYLOAD:
+        raise ValueError(f"Frame payload must be between 0 and {MAX_FRAME_PAYLOAD} bytes, got {length}")
+    return marker + length.to_bytes(HEADER_LEN, BYTEORDER)
+
+
+def decode_length(length_bytes: bytes) -> int:
+    """Payload length from the 8-byte length field; rejects lengths no protobuf message can have."""
+    length = int.from_bytes(length_bytes, BYTEORDER)
+    if length > MAX_FRAME_PAYLOAD:
+        raise FramingError(
+            f"Frame announces {length} bytes, more than the {MAX_FRAME_PAYLOAD} bytes a message can have"
+        )
+    return length
+
+
+def decode_header(header: bytes) -> Tuple[bytes, int]:
+    """``(marker, payload_length)`` of a 9-byte frame header; raises ``FramingError`` on an unknown marker."""
+    if len(header) != FRAME_HEADER_LEN:
+        raise ValueError(f"A frame header has {FRAME_HEADER_LEN} bytes, got {len(header)}")
+    marker = header[:MARKER_LEN]
+    if marker not in (MESSAGE_MARKER, ERROR_MARKER):
+        raise FramingError(f"Invalid frame marker {marker!r}: expected {MESSAGE_MARKER!r} or {ERROR_MARKER!r}")
+    return marker, decode_length(header[MARKER_LEN:])
+
+
+def encode_frame(message: Union[Message, RPCError]) -> bytes:
+    """A complete frame for a message (``RPCError`` gets the error marker)."""
+    marker = ERROR_MARKER if isinstance(message, RPCError) else MESSAGE_MARKER
+    payload = message.SerializeToString()
+    return encode_header(marker, len(payload)) + payload
+
+
+async def send_raw_data(data: bytes, writer: asyncio.StreamWriter, *, drain: bool = True) -> None:
+    """Write ``data`` prefixed with its 8-byte big-endian length."""
+    length = len(data).to_bytes(HEADER_LEN, BYTEORDER)
+    if len(data) < JOIN_WRITE_THRESHOLD:
+        writer.write(length + data)
+    else:
+        writer.write(length)
+        writer.write(data)
+    if drain:
+        await writer.drain()
+
+
+async def receive_raw_data(reader: asyncio.StreamReader) -> bytes:
+    """Read one 8-byte-length-prefixed payload."""
+    length = decode_length(await reader.readexactly(HEADER_LEN))
+    return await reader.readexactly(length)
+
+
+async def send_protobuf(message: Union[Message, RPCError], writer: asyncio.StreamWriter) -> None:
+    """Write one frame: ``0x00`` + message, or ``0x01`` + ``RPCError``."""
+    marker = ERROR_MARKER if isinstance(message, RPCError) else MESSAGE_MARKER
+    payload = message.SerializeToString()
+    header = encode_header(marker, len(payload))
+    if len(payload) < JOIN_WRITE_THRESHOLD:
+        writer.write(header + payload)
+    else:
+        writer.write(header)
+        writer.write(payload)
+    await writer.drain()
+
+
+async def receive_protobuf(
+    input_protobuf_type: Type[MessageType], reader: asyncio.StreamReader
+) -> Tuple[Optional[MessageType], Optional[RPCError]]:
+    """Read one frame: ``(message, None)`` for a message frame, ``(None, RPCError)`` for an error frame.
+
+    :raises asyncio.IncompleteReadError: the stream ended cleanly between frames
+    :raises FramingError: unknown marker, impossible length, or the stream ended inside a frame
+    """
+    try:
+        header = await reader.readexactly(FRAME_HEADER_LEN)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            got = len(e.partial)
+            raise FramingError(f"Stream closed inside a frame header ({got} of {FRAME_HEADER_LEN} bytes)") from None
+        raise
+    marker, length = decode_header(header)
+    try:
+        payload = await reader.readexactly(length) if length else b""
+    except asyncio.IncompleteReadError as e:
+        raise FramingError(f"Stream closed inside a frame ({len(e.partial)} of {length} payload bytes)") from None
+    if marker == MESSAGE_MARKER:
+        message = input_protobuf_type()
+        message.ParseFromString(payload)
+        return message, None
+    error = RPCError()
+    error.ParseFromString(payload)
+    return None, error

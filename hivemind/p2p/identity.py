@@ -1,0 +1,45 @@
+"""libp2p identity files: a serialized ``crypto.pb.PrivateKey`` holding a PKCS#1 DER RSA key (WIRE.md §1.1)."""
+
+import os
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+from hivemind.proto import crypto_pb2
+
+RSA_KEY_SIZE = 2048
+RSA_PUBLIC_EXPONENT = 65537
+IDENTITY_FILE_MODE = 0o400
+
+
+def generate_identity_bytes() -> bytes:
+    """A new 2048-bit RSA key as the contents of a libp2p identity file."""
+    private_key = rsa.generate_private_key(public_exponent=RSA_PUBLIC_EXPONENT, key_size=RSA_KEY_SIZE)
+    der = private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    return crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+
+
+def generate_identity(identity_path: str) -> None:
+    """Create a new identity file (mode 0400); refuses to overwrite an existing file."""
+    data = generate_identity_bytes()
+    try:
+        fd = os.open(identity_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, IDENTITY_FILE_MODE)
+    except FileExistsError:
+        raise FileExistsError(
+            f"Identity file {identity_path} already exists; delete it to generate a new one"
+        ) from None
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def load_identity_peer_id(identity_path: str) -> PeerID:
+    """Peer id of an existing identity file; ``ValueError`` names the file if it is not a valid RSA identity."""
+    with open(identity_path, "rb") as file:
+        data = file.read()
+    try:
+        return PeerID.from_identity(data)
+    except Exception as e:
+        raise ValueError(f"{identity_path} is not a valid libp2p RSA identity file: {e}") from e

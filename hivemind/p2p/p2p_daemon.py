@@ -1,0 +1,619 @@
+"""``P2P``: a libp2p peer backed by a child p2pd daemon, with protobuf RPC handlers (API.md §2.1)."""
+
+import asyncio
+import base64
+import dataclasses
+import os
+import secrets
+from typing import (
+    Any,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Type,
+    Union,
+)
+
+from google.protobuf.message import Message
+from multiaddr import Multiaddr
+
+from hivemind.p2p import daemon_args, framing
+from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for
+from hivemind.p2p.identity import generate_identity, load_identity_peer_id
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, ControlClient, DaemonConnector
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
+from hivemind.proto.p2pd_pb2 import RPCError
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+__all__ = ["P2P", "P2PContext", "P2PDaemonError", "P2PHandlerError"]
+
+MaddrLike = Union[str, Multiaddr]
+TInputProtobuf = Any
+TOutputProtobuf = Any
+TInputStream = AsyncIterator[TInputProtobuf]
+TOutputStream = AsyncIterator[TOutputProtobuf]
+
+# how many incoming requests a stream handler buffers ahead of the handler (WIRE.md §3.4)
+HANDLER_INPUT_PREFETCH = 5
+_EXHAUSTED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class P2PContext:
+    """Passed to every handler: the handle name that was called and who called it."""
+
+    handle_name: str
+    local_id: PeerID
+    remote_id: PeerID = None
+
+
+class P2P:
+    """A libp2p peer: owns (or attaches to) a p2pd daemon and serves/calls named protobuf handlers.
+
+    Create with ``await P2P.create(...)`` (starts a daemon) or ``await P2P.replicate(maddr)`` (attaches to the
+    daemon of another ``P2P``, e.g. from a child process). Always ``await p2p.shutdown()`` when done.
+    """
+
+    HEADER_LEN = framing.HEADER_LEN
+    BYTEORDER = framing.BYTEORDER
+    MESSAGE_MARKER = framing.MESSAGE_MARKER
+    ERROR_MARKER = framing.ERROR_MARKER
+    END_OF_STREAM = RPCError()
+    DHT_MODE_MAPPING = daemon_args.DHT_MODE_MAPPING
+    FORCE_REACHABILITY_MAPPING = daemon_args.FORCE_REACHABILITY_MAPPING
+
+    _UNIX_SOCKET_PREFIX = "/unix/tmp/hivemind-"
+
+    def __init__(self) -> None:
+        self.peer_id: Optional[PeerID] = None
+        self._client: Optional[ControlClient] = None
+        self._daemon: Optional[DaemonProcess] = None
+        self._daemon_listen_maddr: Optional[Multiaddr] = None
+        self._client_listen_maddr: Optional[Multiaddr] = None
+        self._visible_maddrs: List[Multiaddr] = []
+        self._stream_writers: Set[asyncio.StreamWriter] = set()
+        self._daemon_failure: Optional[P2PDaemonError] = None
+        self._is_shut_down = False
+
+    # ------------------------------------------------------------------------------------------ start-up
+
+    @classmethod
+    async def create(
+        cls,
+        initial_peers: Optional[Sequence[MaddrLike]] = None,
+        *,
+        announce_maddrs: Optional[Sequence[MaddrLike]] = None,
+        auto_nat: bool = True,
+        conn_manager: bool = True,
+        dht_mode: str = "server",
+        force_reachability: Optional[str] = None,
+        host_maddrs: Optional[Sequence[MaddrLike]] = ("/ip4/127.0.0.1/tcp/0",),
+        identity_path: Optional[str] = None,
+        idle_timeout: float = 30,
+        nat_port_map: bool = True,
+        relay_hop_limit: int = 0,
+        startup_timeout: float = 15,
+        tls: bool = True,
+        use_auto_relay: bool = False,
+        use_ipfs: bool = False,
+        use_relay: bool = True,
+        persistent_conn_max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+        quic: Optional[bool] = None,
+        use_relay_hop: Optional[bool] = None,
+        use_relay_discovery: Optional[bool] = None,
+        check_if_identity_free: bool = True,
+        no_listen: bool = False,
+        trusted_relays: Optional[Sequence[MaddrLike]] = None,
+    ) -> "P2P":
+        """Start a p2pd daemon and connect to it (see API.md §2.1 for every option).
+
+        :param startup_timeout: seconds to wait for the daemon to report its peer id
+        :param idle_timeout: the daemon exits if no persistent connection is opened within this many seconds
+        :param persistent_conn_max_msg_size: max size of one unary request or response, bytes
+        :raises P2PDaemonError: the daemon could not start (the message quotes p2pd's own error output)
+        """
+        assert not (initial_peers and use_ipfs), (
+            "User-defined initial_peers and use_ipfs=True are incompatible, please choose one option"
+        )
+        daemon_args.warn_deprecated(quic=quic, use_relay_hop=use_relay_hop, use_relay_discovery=use_relay_discovery)
+        daemon_args.check_announce_maddrs(announce_maddrs)
+
+        binary_path = _p2pd_path()
+        if not os.path.isfile(binary_path) or not os.access(binary_path, os.X_OK):
+            raise P2PDaemonError(f"p2pd binary not found or not executable at {binary_path}; build it first")
+
+        if identity_path is not None:
+            if os.path.exists(identity_path):
+                if check_if_identity_free and initial_peers:
+                    taken = await cls.is_identity_taken(
+                        identity_path,
+                        initial_peers=initial_peers,
+                        tls=tls,
+                        use_auto_relay=use_auto_relay,
+                        use_ipfs=use_ipfs,
+                        use_relay=use_relay,
+                    )
+                    if taken:
+                        raise P2PDaemonError(
+                            f"A peer with the identity from {identity_path} is already online; "
+                            "use another identity_path or stop the other peer"
+                        )
+            else:
+                logger.info(f"Generating a new identity (libp2p RSA key) in {identity_path}")
+                generate_identity(identity_path)
+
+        self = cls()
+        token = base64.urlsafe_b64encode(secrets.token_bytes(8)).decode().rstrip("=")
+        self._daemon_listen_maddr = Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}p2pd-{token}.sock")
+        self._client_listen_maddr = Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}p2pclient-{token}.sock")
+        args = daemon_args.build_daemon_args(
+            control_maddr=self._daemon_listen_maddr,
+            initial_peers=initial_peers,
+            announce_maddrs=announce_maddrs,
+            auto_nat=auto_nat,
+            conn_manager=conn_manager,
+            dht_mode=dht_mode,
+            force_reachability=force_reachability,
+            host_maddrs=host_maddrs,
+            identity_path=identity_path,
+            idle_timeout=idle_timeout,
+            nat_port_map=nat_port_map,
+            relay_hop_limit=relay_hop_limit,
+            tls=tls,
+            use_auto_relay=use_auto_relay,
+            use_ipfs=use_ipfs,
+            use_relay=use_relay,
+            persistent_conn_max_msg_size=persistent_conn_max_msg_size,
+            no_listen=no_listen,
+            trusted_relays=trusted_relays,
+        )
+        env = dict(os.environ, GOLOG_LOG_FMT="json")
+        env.setdefault("GOLOG_LOG_LEVEL", golog_level_for(logger.getEffectiveLevel()))
+        socket_paths = [str(self._daemon_listen_maddr)[len("/unix") :], str(self._client_listen_maddr)[len("/unix") :]]
+        self._daemon = DaemonProcess(binary_path, args, env=env, cleanup_paths=socket_paths)
+        self._daemon.on_unexpected_exit = self._on_daemon_exit
+        try:
+            await self._daemon.start(startup_timeout)
+            await self._connect(persistent_conn_max_msg_size)
+        except BaseException:
+            await self.shutdown()
+            raise
+        return self
+
+    @classmethod
+    async def replicate(cls, daemon_listen_maddr: MaddrLike) -> "P2P":
+        """Attach to a running daemon (e.g. started by ``P2P.create`` in a parent process); owns no process."""
+        self = cls()
+        token = base64.urlsafe_b64encode(secrets.token_bytes(8)).decode().rstrip("=")
+        self._daemon_listen_maddr = Multiaddr(str(daemon_listen_maddr))
+        self._client_listen_maddr = Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}p2pclient-{token}.sock")
+        try:
+            await self._connect(DEFAULT_MAX_MSG_SIZE)
+        except BaseException:
+            await self.shutdown()
+            raise
+        return self
+
+    async def _connect(self, persistent_conn_max_msg_size: int) -> None:
+        connector = DaemonConnector(self._daemon_listen_maddr, max_msg_size=persistent_conn_max_msg_size)
+        self._client = ControlClient(
+            connector,
+            self._client_listen_maddr,
+            persistent_conn_max_msg_size=persistent_conn_max_msg_size,
+            describe_connection_loss=self._describe_daemon_state,
+        )
+        await self._client.listen()
+        await self._client.open_persistent_connection()
+        self.peer_id, self._visible_maddrs = await self._client.identify()
+
+    @classmethod
+    async def is_identity_taken(
+        cls,
+        identity_path: str,
+        *,
+        initial_peers: Sequence[MaddrLike],
+        tls: bool,
+        use_auto_relay: bool,
+        use_ipfs: bool,
+        use_relay: bool,
+    ) -> bool:
+        """Whether a live peer reachable through ``initial_peers`` already uses this identity's peer id.
+
+        Starts a temporary daemon with a fresh identity, connects to the bootstrap peers and tries to dial the
+        identity's peer id.
+        """
+        peer_id = load_identity_peer_id(identity_path)
+        probe = await cls.create(
+            initial_peers=initial_peers,
+            dht_mode="client",
+            tls=tls,
+            use_auto_relay=use_auto_relay,
+            use_ipfs=use_ipfs,
+            use_relay=use_relay,
+            check_if_identity_free=False,
+        )
+        try:
+            await probe._client.connect(peer_id, [], timeout=5)
+            return True
+        except ControlFailure:
+            return False
+        finally:
+            await probe.shutdown()
+
+    @staticmethod
+    def generate_identity(identity_path: str) -> None:
+        """Write a new 2048-bit RSA libp2p identity file (mode 0400)."""
+        generate_identity(identity_path)
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def daemon_listen_maddr(self) -> Multiaddr:
+        """The daemon's control socket; pass it to ``P2P.replicate`` in another process."""
+        return self._daemon_listen_maddr
+
+    @property
+    def is_alive(self) -> bool:
+        if self._is_shut_down or self._daemon_failure is not None:
+            return False
+        if self._daemon is not None:
+            return self._daemon.is_running
+        return self._client is not None and self._client.persistent_connection_failure is None
+
+    async def get_visible_maddrs(self, latest: bool = False) -> List[Multiaddr]:
+        """Addresses other peers can use to reach this one, each ending with ``/p2p/<peer id>``.
+
+        :param latest: ask the daemon again instead of using the addresses reported at start-up
+        :raises ValueError: the daemon reports no addresses
+        """
+        if latest:
+            _, self._visible_maddrs = await self._client.identify()
+        if not self._visible_maddrs:
+            raise ValueError(f"No multiaddrs found for peer {self.peer_id}")
+        p2p_maddr = Multiaddr(f"/p2p/{self.peer_id.to_base58()}")
+        return [addr.encapsulate(p2p_maddr) for addr in self._visible_maddrs]
+
+    async def list_peers(self) -> List[PeerInfo]:
+        """Peers the daemon is currently connected to."""
+        return list(await self._client.list_peers())
+
+    async def wait_for_at_least_n_peers(self, n_peers: int, attempts: int = 3, delay: float = 1) -> None:
+        """Poll ``list_peers`` up to ``attempts`` times, ``delay`` seconds apart; ``RuntimeError`` if too few."""
+        for attempt in range(attempts):
+            peers = await self._client.list_peers()
+            if len(peers) >= n_peers:
+                return
+            if attempt + 1 < attempts:
+                await asyncio.sleep(delay)
+        raise RuntimeError("Not enough peers")
+
+    # ------------------------------------------------------------------------------------------ framing
+
+    send_raw_data = staticmethod(framing.send_raw_data)
+    receive_raw_data = staticmethod(framing.receive_raw_data)
+    send_protobuf = staticmethod(framing.send_protobuf)
+    receive_protobuf = staticmethod(framing.receive_protobuf)
+
+    # ------------------------------------------------------------------------------------------ handlers
+
+    async def add_protobuf_handler(
+        self,
+        name: str,
+        handler: Callable[[Any, P2PContext], Union[Awaitable[Any], AsyncIterator[Any]]],
+        input_protobuf_type: Type[Message],
+        *,
+        stream_input: bool = False,
+        stream_output: bool = False,
+        balanced: bool = False,
+    ) -> None:
+        """Serve ``handler`` under ``name``: unary handlers through the daemon, others as stream handlers.
+
+        :param handler: ``handler(request_or_async_iterator, P2PContext)`` returning a message (awaitable) or,
+            with ``stream_output``, an async iterator of messages
+        :param balanced: let other processes register the same name; the daemon distributes calls round-robin
+        :raises P2PDaemonError: the name is already served by this daemon (and not both ``balanced``)
+        """
+        if not stream_input and not stream_output:
+            await self._add_unary_handler(name, handler, input_protobuf_type, balanced=balanced)
+            return
+
+        async def _serve_stream(stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            context = P2PContext(handle_name=name, local_id=self.peer_id, remote_id=stream_info.peer_id)
+            await self._serve_protobuf_stream(
+                handler,
+                context,
+                input_protobuf_type,
+                reader,
+                writer,
+                stream_input=stream_input,
+                stream_output=stream_output,
+            )
+
+        await self._client.stream_handler(name, _serve_stream, balanced=balanced)
+
+    async def _add_unary_handler(
+        self, name: str, handler: Callable, input_protobuf_type: Type[Message], *, balanced: bool
+    ) -> None:
+        async def _serve_unary(data: bytes, remote_id: PeerID) -> bytes:
+            request = input_protobuf_type()
+            request.ParseFromString(data)
+            context = P2PContext(handle_name=name, local_id=self.peer_id, remote_id=remote_id)
+            response = await handler(request, context)
+            return response.SerializeToString()
+
+        await self._client.add_unary_handler(name, _serve_unary, balanced=balanced)
+
+    async def _serve_protobuf_stream(
+        self,
+        handler: Callable,
+        context: P2PContext,
+        input_protobuf_type: Type[Message],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        stream_input: bool,
+        stream_output: bool,
+    ) -> None:
+        requests: asyncio.Queue[Any] = asyncio.Queue(maxsize=HANDLER_INPUT_PREFETCH)
+        read_task = asyncio.create_task(_read_requests(input_protobuf_type, reader, requests))
+        try:
+            if stream_input:
+                request = _iterate_queue(requests)
+            else:
+                request = await _single_request(requests)
+            if stream_output:
+                responses = handler(request, context)
+                try:
+                    async for response in responses:
+                        await framing.send_protobuf(response, writer)
+                finally:
+                    if hasattr(responses, "aclose"):
+                        await responses.aclose()
+            else:
+                await framing.send_protobuf(await handler(request, context), writer)
+        except Exception as e:
+            logger.debug(f"Handler {context.handle_name} failed for {context.remote_id}: {e!r}")
+            try:
+                await framing.send_protobuf(RPCError(message=str(e)), writer)
+            except (ConnectionError, RuntimeError):
+                pass
+        finally:
+            read_task.cancel()
+            await asyncio.gather(read_task, return_exceptions=True)
+
+    async def remove_protobuf_handler(
+        self, name: str, *, stream_input: bool = False, stream_output: bool = False
+    ) -> None:
+        """Stop serving ``name`` (pass the same ``stream_*`` flags as when it was added)."""
+        if not stream_input and not stream_output:
+            await self._client.remove_unary_handler(name)
+        else:
+            await self._client.remove_stream_handler(name)
+
+    async def add_binary_stream_handler(
+        self,
+        name: str,
+        handler: Callable[[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        balanced: bool = False,
+    ) -> None:
+        """Serve raw libp2p streams of protocol ``name`` with ``handler(stream_info, reader, writer)``."""
+        await self._client.stream_handler(name, handler, balanced=balanced)
+
+    async def remove_binary_stream_handler(self, name: str) -> None:
+        await self._client.remove_stream_handler(name)
+
+    async def call_binary_stream_handler(
+        self, peer_id: PeerID, handler_name: str
+    ) -> Tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a raw stream to ``handler_name`` of ``peer_id``; the caller must close the writer."""
+        self._raise_if_daemon_failed()
+        return await self._client.stream_open(peer_id, (handler_name,))
+
+    # ------------------------------------------------------------------------------------------ calls
+
+    async def call_protobuf_handler(
+        self,
+        peer_id: PeerID,
+        name: str,
+        input: Union[TInputProtobuf, AsyncIterable[TInputProtobuf]],
+        output_protobuf_type: Type[Message],
+    ) -> Any:
+        """Call ``name`` at ``peer_id`` and return its single response.
+
+        A message ``input`` makes a unary call (through the daemon); an async iterator makes a stream call.
+
+        :raises P2PHandlerError: the remote handler failed (the message carries its text)
+        :raises P2PDaemonError: the peer is unreachable, does not serve ``name``, or the request is too large
+        """
+        if isinstance(input, Message):
+            self._raise_if_daemon_failed()
+            data = await self._client.call_unary_handler(peer_id, name, input.SerializeToString())
+            response = output_protobuf_type()
+            response.ParseFromString(data)
+            return response
+
+        responses = self.iterate_protobuf_handler(peer_id, name, input, output_protobuf_type)
+        try:
+            result = _EXHAUSTED
+            async for response in responses:
+                if result is not _EXHAUSTED:
+                    raise P2PHandlerError(f"Handler `{name}` at {peer_id} returned more than one response")
+                result = response
+        finally:
+            await responses.aclose()
+        if result is _EXHAUSTED:
+            raise P2PHandlerError(f"Handler `{name}` at {peer_id} closed the stream without a response")
+        return result
+
+    async def iterate_protobuf_handler(
+        self,
+        peer_id: PeerID,
+        name: str,
+        input: Union[TInputProtobuf, AsyncIterable[TInputProtobuf]],
+        output_protobuf_type: Type[Message],
+    ) -> TOutputStream:
+        """Call stream handler ``name`` at ``peer_id``, sending ``input`` (a message or an async iterator of
+        messages) and yielding each response as it arrives."""
+        self._raise_if_daemon_failed()
+        _, reader, writer = await self._client.stream_open(peer_id, (name,))
+        self._stream_writers.add(writer)
+        writing_task = asyncio.create_task(_write_requests(input, writer))
+        writing_task.add_done_callback(lambda task: _abort_if_input_failed(task, writer))
+        try:
+            while True:
+                try:
+                    response, error = await framing.receive_protobuf(output_protobuf_type, reader)
+                except asyncio.IncompleteReadError:
+                    break  # the handler closed the stream: no more responses
+                except (ConnectionError, P2PDaemonError) as e:
+                    await self._raise_daemon_failure_if_any()
+                    _raise_if_input_failed(writing_task)
+                    raise P2PDaemonError(f"Stream to `{name}` at {peer_id} failed: {e}") from e
+                if error is not None:
+                    raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+                yield response
+            await self._raise_daemon_failure_if_any()
+            _raise_if_input_failed(writing_task)
+        finally:
+            writing_task.cancel()
+            await asyncio.gather(writing_task, return_exceptions=True)
+            writer.close()
+            self._stream_writers.discard(writer)
+
+    # ------------------------------------------------------------------------------------------ failures
+
+    def _on_daemon_exit(self, error: P2PDaemonError) -> None:
+        """p2pd exited on its own: fail everything in flight instead of letting it hang."""
+        self._daemon_failure = error
+        for writer in list(self._stream_writers):
+            writer.transport.abort()
+
+    def _raise_if_daemon_failed(self) -> None:
+        if self._is_shut_down:
+            raise P2PDaemonError("This P2P instance was shut down")
+        if self._daemon_failure is not None:
+            raise P2PDaemonError(str(self._daemon_failure))
+        failure = None if self._client is None else self._client.persistent_connection_failure
+        if failure is not None:
+            raise P2PDaemonError(str(failure))
+
+    async def _raise_daemon_failure_if_any(self) -> None:
+        """After a stream ended, tell a normal end from a dead daemon (which also closes all its sockets)."""
+        if self._daemon is not None:
+            for _ in range(3):
+                if not self._daemon.is_running:
+                    raise P2PDaemonError(f"Stream interrupted: {self._daemon.exit_description()}")
+                await asyncio.sleep(0)
+        self._raise_if_daemon_failed()
+
+    async def _describe_daemon_state(self) -> str:
+        if self._daemon is None:
+            return "p2pd is owned by another process"
+        await self._daemon.wait_exited(timeout=0.5)
+        return self._daemon.exit_description()
+
+    # ------------------------------------------------------------------------------------------ shutdown
+
+    async def shutdown(self) -> None:
+        """Close connections, cancel handlers, stop the daemon (if this instance started it), remove sockets."""
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
+        for writer in list(self._stream_writers):
+            writer.transport.abort()
+        if self._client is not None:
+            await self._client.close()
+        if self._daemon is not None:
+            await self._daemon.stop()
+
+    def __repr__(self) -> str:
+        return f"<P2P peer_id={self.peer_id} daemon={self._daemon_listen_maddr} alive={self.is_alive}>"
+
+
+def _p2pd_path() -> str:
+    try:
+        from hivemind.p2p.daemon_binary import get_p2pd_path
+    except ImportError:  # pragma: no cover - daemon_binary.py is provided by the build helper
+        return os.path.join(os.path.dirname(os.path.dirname(__file__)), "hivemind_cli", "p2pd")
+    return get_p2pd_path()
+
+
+async def _read_requests(input_protobuf_type: Type[Message], reader: asyncio.StreamReader, queue: asyncio.Queue):
+    """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF."""
+    try:
+        while True:
+            try:
+                request, error = await framing.receive_protobuf(input_protobuf_type, reader)
+            except asyncio.IncompleteReadError:
+                break
+            if error is not None:
+                break  # end-of-stream marker (whatever its text)
+            await queue.put(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        await queue.put(e)
+        return
+    await queue.put(_EXHAUSTED)
+
+
+async def _iterate_queue(queue: asyncio.Queue) -> AsyncIterator[Any]:
+    while True:
+        item = await queue.get()
+        if item is _EXHAUSTED:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+async def _single_request(queue: asyncio.Queue) -> Any:
+    first = await queue.get()
+    if first is _EXHAUSTED:
+        raise ValueError("Expected exactly one request, but the stream ended before any")
+    if isinstance(first, Exception):
+        raise first
+    second = await queue.get()
+    if isinstance(second, Exception):
+        raise second
+    if second is not _EXHAUSTED:
+        raise ValueError("Expected exactly one request, got more")
+    return first
+
+
+async def _write_requests(input: Union[Any, AsyncIterable[Any]], writer: asyncio.StreamWriter) -> None:
+    if isinstance(input, Message):
+        await framing.send_protobuf(input, writer)
+    else:
+        async for request in input:
+            await framing.send_protobuf(request, writer)
+    await framing.send_protobuf(P2P.END_OF_STREAM, writer)
+
+
+def _input_error(task: asyncio.Task) -> Optional[BaseException]:
+    """The exception of a finished request-writing task, unless it only failed because the stream closed."""
+    if not task.done() or task.cancelled():
+        return None
+    error = task.exception()
+    return None if isinstance(error, ConnectionError) else error
+
+
+def _abort_if_input_failed(task: asyncio.Task, writer: asyncio.StreamWriter) -> None:
+    # the caller's input iterator raised: stop the call (the reader then sees EOF and re-raises that error)
+    if _input_error(task) is not None:
+        writer.transport.abort()
+
+
+def _raise_if_input_failed(task: asyncio.Task) -> None:
+    error = _input_error(task)
+    if error is not None:
+        raise error

@@ -1,0 +1,299 @@
+"""Asyncio client of the p2pd control protocol (WIRE.md §2): plain requests, stream handlers and unary RPCs."""
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from multiaddr import Multiaddr
+
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
+from hivemind.p2p.p2p_daemon_bindings.persistent import PersistentConnection, UnaryHandler
+from hivemind.p2p.p2p_daemon_bindings.utils import (
+    DispatchFailure,
+    P2PDaemonError,
+    encode_varint,
+    raise_if_failed,
+    read_pbmsg_safe,
+    write_pbmsg,
+)
+from hivemind.proto import p2pd_pb2
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+DEFAULT_MAX_MSG_SIZE = 4 * 1024**2
+MAX_UNARY_PAYLOAD_SIZE = DEFAULT_MAX_MSG_SIZE // 2
+
+# asyncio.StreamReader limit for stream data: large enough that a 1 MiB frame arrives without pause/resume cycles
+STREAM_READER_LIMIT = 2**22
+# the transport's write buffer may grow this large before drain() blocks (lets big frames pipeline)
+STREAM_WRITE_HIGH_WATER = 2**22
+# kernel socket buffers for stream data sockets: fewer wake-ups for large transfers
+SOCKET_BUFFER_SIZE = 2**22
+
+StreamHandler = Callable[[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+UNIX_PROTOCOL_CODE = 400
+
+
+def unix_socket_path(maddr: Multiaddr) -> str:
+    """Filesystem path of a ``/unix/...`` multiaddr."""
+    try:
+        path = maddr.value_for_protocol("unix")
+    except Exception as e:
+        raise ValueError(f"Expected a /unix/... multiaddr for a p2pd socket, got {maddr}") from e
+    return path if path.startswith("/") else "/" + path
+
+
+def unix_maddr_bytes(path: str) -> bytes:
+    """Binary multiaddr of a unix socket path as go-multiaddr encodes it (absolute path, leading slash kept)."""
+    encoded = path.encode()
+    return encode_varint(UNIX_PROTOCOL_CODE) + encode_varint(len(encoded)) + encoded
+
+
+def tune_stream_transport(writer: asyncio.StreamWriter) -> None:
+    """Raise socket buffers and the write high-water mark of a stream data connection (best effort)."""
+    transport = writer.transport
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        for option in ("SO_SNDBUF", "SO_RCVBUF"):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, getattr(socket, option), SOCKET_BUFFER_SIZE)
+            except OSError:  # pragma: no cover - platform-dependent
+                pass
+    try:
+        transport.set_write_buffer_limits(high=STREAM_WRITE_HIGH_WATER)
+    except (AttributeError, NotImplementedError):  # pragma: no cover
+        pass
+
+
+class DaemonConnector:
+    """Opens connections to the daemon's control socket."""
+
+    def __init__(self, control_maddr: Multiaddr, max_msg_size: int = DEFAULT_MAX_MSG_SIZE) -> None:
+        self.control_maddr = control_maddr
+        self.socket_path = unix_socket_path(control_maddr)
+        self.max_msg_size = max_msg_size
+
+    async def open_connection(self) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.open_unix_connection(self.socket_path, limit=STREAM_READER_LIMIT)
+        except OSError as e:
+            raise P2PDaemonError(f"Cannot connect to p2pd at {self.control_maddr}: {e}") from e
+
+    async def request(self, request: p2pd_pb2.Request) -> p2pd_pb2.Response:
+        """Send one request on a fresh control connection and return the (successful) response."""
+        reader, writer = await self.open_connection()
+        try:
+            await write_pbmsg(writer, request)
+            response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.max_msg_size)
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise P2PDaemonError(f"p2pd closed the control connection before answering: {e!r}") from e
+        finally:
+            writer.close()
+        raise_if_failed(response)
+        return response
+
+
+class ControlClient:
+    """A client of one p2pd daemon: control requests, a callback socket for stream handlers, unary RPCs."""
+
+    def __init__(
+        self,
+        daemon_connector: DaemonConnector,
+        listen_maddr: Multiaddr,
+        *,
+        persistent_conn_max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+        describe_connection_loss: Optional[Callable[[], Awaitable[str]]] = None,
+    ) -> None:
+        self.daemon_connector = daemon_connector
+        self.listen_maddr = listen_maddr
+        self.listen_path = unix_socket_path(listen_maddr)
+        self.persistent_conn_max_msg_size = persistent_conn_max_msg_size
+        self._describe_connection_loss = describe_connection_loss
+        self._stream_handlers: Dict[str, StreamHandler] = {}
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._handler_tasks: Set[asyncio.Task] = set()
+        self._handler_writers: Set[asyncio.StreamWriter] = set()
+        self._persistent: Optional[PersistentConnection] = None
+        self._persistent_lock = asyncio.Lock()
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def listen(self) -> None:
+        """Start serving the callback socket the daemon dials for incoming streams."""
+        if self._server is not None:
+            return
+        if os.path.exists(self.listen_path):
+            raise P2PDaemonError(f"Client callback socket {self.listen_path} already exists")
+        self._server = await asyncio.start_unix_server(
+            self._on_incoming_stream, self.listen_path, limit=STREAM_READER_LIMIT
+        )
+
+    async def open_persistent_connection(self) -> PersistentConnection:
+        """Open (once) the persistent connection that carries unary RPCs; cancels the daemon's idle timer."""
+        async with self._persistent_lock:
+            if self._persistent is None:
+                if self._closed:
+                    raise P2PDaemonError("The p2pd client is closed")
+                reader, writer = await self.daemon_connector.open_connection()
+                try:
+                    await write_pbmsg(writer, p2pd_pb2.Request(type=p2pd_pb2.Request.PERSISTENT_CONN_UPGRADE))
+                    response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.daemon_connector.max_msg_size)
+                    raise_if_failed(response)
+                except BaseException as e:
+                    writer.close()
+                    if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
+                        raise P2PDaemonError(f"p2pd closed the connection during upgrade: {e!r}") from e
+                    raise
+                self._persistent = PersistentConnection(
+                    reader,
+                    writer,
+                    max_msg_size=self.persistent_conn_max_msg_size,
+                    describe_connection_loss=self._describe_connection_loss,
+                )
+                self._persistent.start()
+            return self._persistent
+
+    @property
+    def persistent_connection_failure(self) -> Optional[P2PDaemonError]:
+        """The error that ended the persistent connection, if it was lost."""
+        return None if self._persistent is None else self._persistent.failure
+
+    async def close(self) -> None:
+        """Close the persistent connection, stop serving streams and cancel running handlers."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._persistent is not None:
+            await self._persistent.close()
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._handler_writers):
+            writer.transport.abort()
+        tasks = list(self._handler_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+            except asyncio.TimeoutError:
+                logger.debug("Callback server did not close within 1 s")
+            self._server = None
+        try:
+            os.unlink(self.listen_path)
+        except FileNotFoundError:
+            pass
+
+    # ---------------------------------------------------------------- plain control requests
+
+    async def identify(self) -> Tuple[PeerID, List[Multiaddr]]:
+        response = await self.daemon_connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.IDENTIFY))
+        return PeerID(response.identify.id), [Multiaddr(addr) for addr in response.identify.addrs]
+
+    async def connect(self, peer_id: PeerID, maddrs: Sequence[Multiaddr], timeout: Optional[int] = None) -> None:
+        connect_request = p2pd_pb2.ConnectRequest(peer=peer_id.to_bytes(), addrs=[m.to_bytes() for m in maddrs])
+        if timeout is not None:
+            connect_request.timeout = int(timeout)
+        await self.daemon_connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.CONNECT, connect=connect_request))
+
+    async def disconnect(self, peer_id: PeerID) -> None:
+        request = p2pd_pb2.Request(
+            type=p2pd_pb2.Request.DISCONNECT, disconnect=p2pd_pb2.DisconnectRequest(peer=peer_id.to_bytes())
+        )
+        await self.daemon_connector.request(request)
+
+    async def list_peers(self) -> List[PeerInfo]:
+        response = await self.daemon_connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.LIST_PEERS))
+        return [PeerInfo.from_protobuf(peer_info) for peer_info in response.peers]
+
+    # ---------------------------------------------------------------- streams
+
+    async def stream_open(
+        self, peer_id: PeerID, protocols: Sequence[str], timeout: Optional[int] = None
+    ) -> Tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a libp2p stream to ``peer_id``; the returned reader/writer carry the raw stream bytes."""
+        stream_open_request = p2pd_pb2.StreamOpenRequest(peer=peer_id.to_bytes(), proto=list(protocols))
+        if timeout is not None:
+            stream_open_request.timeout = int(timeout)
+        request = p2pd_pb2.Request(type=p2pd_pb2.Request.STREAM_OPEN, streamOpen=stream_open_request)
+        reader, writer = await self.daemon_connector.open_connection()
+        try:
+            await write_pbmsg(writer, request)
+            response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.daemon_connector.max_msg_size)
+            raise_if_failed(response)
+        except BaseException as e:
+            writer.close()
+            if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
+                raise P2PDaemonError(f"p2pd closed the connection while opening a stream: {e!r}") from e
+            raise
+        tune_stream_transport(writer)
+        return StreamInfo.from_protobuf(response.streamInfo), reader, writer
+
+    async def stream_handler(self, proto: str, handler: StreamHandler, balanced: bool = False) -> None:
+        """Ask the daemon to forward incoming streams of protocol ``proto`` to this client's callback socket."""
+        request = p2pd_pb2.Request(
+            type=p2pd_pb2.Request.STREAM_HANDLER,
+            streamHandler=p2pd_pb2.StreamHandlerRequest(
+                addr=unix_maddr_bytes(self.listen_path), proto=[proto], balanced=balanced
+            ),
+        )
+        await self.daemon_connector.request(request)
+        self._stream_handlers[proto] = handler
+
+    async def remove_stream_handler(self, proto: str) -> None:
+        request = p2pd_pb2.Request(
+            type=p2pd_pb2.Request.REMOVE_STREAM_HANDLER,
+            removeStreamHandler=p2pd_pb2.RemoveStreamHandlerRequest(
+                addr=unix_maddr_bytes(self.listen_path), proto=[proto]
+            ),
+        )
+        await self.daemon_connector.request(request)
+        self._stream_handlers.pop(proto, None)
+
+    async def _on_incoming_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handler_tasks.add(task)
+        self._handler_writers.add(writer)
+        try:
+            try:
+                pb_stream_info = await read_pbmsg_safe(
+                    reader, p2pd_pb2.StreamInfo(), self.daemon_connector.max_msg_size
+                )
+                stream_info = StreamInfo.from_protobuf(pb_stream_info)
+            except Exception as e:
+                logger.debug(f"Dropping an incoming stream with an unreadable StreamInfo: {e!r}")
+                return
+            handler = self._stream_handlers.get(stream_info.proto)
+            if handler is None:
+                logger.debug(repr(DispatchFailure(f"No stream handler for protocol {stream_info.proto!r}")))
+                return
+            tune_stream_transport(writer)
+            await handler(stream_info, reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:
+            logger.warning(f"Stream handler failed: {e!r}", exc_info=logger.isEnabledFor(logging.DEBUG))
+        finally:
+            writer.close()
+            self._handler_writers.discard(writer)
+            self._handler_tasks.discard(task)
+
+    # ---------------------------------------------------------------- unary RPCs (persistent connection)
+
+    async def add_unary_handler(self, proto: str, handler: UnaryHandler, balanced: bool = False) -> None:
+        conn = await self.open_persistent_connection()
+        await conn.add_unary_handler(proto, handler, balanced=balanced)
+
+    async def remove_unary_handler(self, proto: str) -> None:
+        conn = await self.open_persistent_connection()
+        await conn.remove_unary_handler(proto)
+
+    async def call_unary_handler(self, peer_id: PeerID, proto: str, data: bytes) -> bytes:
+        conn = await self.open_persistent_connection()
+        return await conn.call_unary_handler(peer_id, proto, data)

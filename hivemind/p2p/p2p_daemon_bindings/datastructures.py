@@ -1,0 +1,144 @@
+"""Peer identifiers and small records exchanged with p2pd (WIRE.md §1, §5.6)."""
+
+import hashlib
+from typing import Any, Iterable, List, Union
+
+import base58
+from cryptography.hazmat.primitives import serialization
+from multiaddr import Multiaddr
+
+from hivemind.proto import crypto_pb2, p2pd_pb2
+
+SHA2_256_CODE = 0x12
+IDENTITY_CODE = 0x00
+MAX_INLINE_KEY_LENGTH = 42  # libp2p inlines serialized public keys of at most this many bytes (identity multihash)
+
+
+class PeerID:
+    """A libp2p peer id: the multihash of the peer's serialized public key. ``str()`` gives base58."""
+
+    __slots__ = ("_bytes", "_b58", "_hash")
+
+    def __init__(self, peer_id_bytes: bytes) -> None:
+        if not isinstance(peer_id_bytes, (bytes, bytearray, memoryview)):
+            raise TypeError(f"PeerID expects bytes, got {type(peer_id_bytes).__name__} (use PeerID.from_base58)")
+        self._bytes = bytes(peer_id_bytes)
+        self._b58 = base58.b58encode(self._bytes).decode()
+        self._hash = hash(self._bytes)
+
+    def to_bytes(self) -> bytes:
+        return self._bytes
+
+    def to_base58(self) -> str:
+        return self._b58
+
+    def pretty(self) -> str:
+        return self._b58
+
+    def to_string(self) -> str:
+        return self._b58
+
+    def __str__(self) -> str:
+        return self._b58
+
+    def __repr__(self) -> str:
+        return f"<libp2p.peer.id.ID ({self._b58})>"
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, PeerID):
+            return self._bytes == other._bytes
+        if isinstance(other, str):
+            return self._b58 == other
+        if isinstance(other, (bytes, bytearray)):
+            return self._bytes == other
+        return NotImplemented
+
+    def __lt__(self, other: "PeerID") -> bool:
+        if not isinstance(other, PeerID):
+            return NotImplemented
+        return self._b58 < other._b58
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):
+        return PeerID, (self._bytes,)
+
+    @classmethod
+    def from_base58(cls, base58_id: str) -> "PeerID":
+        try:
+            return cls(base58.b58decode(base58_id))
+        except ValueError as e:
+            raise ValueError(f"Invalid base58 peer id {base58_id!r}: {e}") from e
+
+    @classmethod
+    def from_public_key(cls, public_key: Union[bytes, crypto_pb2.PublicKey]) -> "PeerID":
+        """Peer id of a public key given as a ``crypto.pb.PublicKey`` message or its serialized bytes."""
+        serialized = public_key.SerializeToString() if isinstance(public_key, crypto_pb2.PublicKey) else public_key
+        if len(serialized) <= MAX_INLINE_KEY_LENGTH:
+            return cls(bytes([IDENTITY_CODE, len(serialized)]) + serialized)
+        return cls(bytes([SHA2_256_CODE, 32]) + hashlib.sha256(serialized).digest())
+
+    @classmethod
+    def from_identity(cls, data: bytes) -> "PeerID":
+        """Peer id of an identity file's contents (a serialized RSA ``crypto.pb.PrivateKey``, WIRE.md §1.1)."""
+        private_key_msg = crypto_pb2.PrivateKey()
+        try:
+            private_key_msg.ParseFromString(data)
+        except Exception as e:
+            raise ValueError(f"Identity data is not a serialized crypto.pb.PrivateKey: {e}") from e
+        if private_key_msg.key_type == crypto_pb2.Ed25519:
+            # libp2p stores Ed25519 private keys as seed || public key (64 bytes)
+            if len(private_key_msg.data) != 64:
+                raise ValueError(f"An Ed25519 identity holds 64 bytes, got {len(private_key_msg.data)}")
+            public_key = crypto_pb2.PublicKey(key_type=crypto_pb2.Ed25519, data=private_key_msg.data[32:])
+            return cls.from_public_key(public_key)
+        if private_key_msg.key_type != crypto_pb2.RSA:
+            key_type = crypto_pb2.KeyType.Name(private_key_msg.key_type)
+            raise ValueError(f"Only RSA and Ed25519 identities are supported, got key type {key_type}")
+        private_key = serialization.load_der_private_key(private_key_msg.data, password=None)
+        public_der = private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return cls.from_public_key(crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der))
+
+
+class PeerInfo:
+    """A peer id with the multiaddrs it is known at."""
+
+    __slots__ = ("peer_id", "addrs")
+
+    def __init__(self, peer_id: PeerID, addrs: Iterable[Multiaddr]) -> None:
+        self.peer_id = peer_id
+        self.addrs: List[Multiaddr] = list(addrs)
+
+    @classmethod
+    def from_protobuf(cls, peer_info_pb: p2pd_pb2.PeerInfo) -> "PeerInfo":
+        return cls(PeerID(peer_info_pb.id), [Multiaddr(addr) for addr in peer_info_pb.addrs])
+
+    def __str__(self) -> str:
+        return f"{self.peer_id.to_base58()} {','.join(str(addr) for addr in self.addrs)}"
+
+    def __repr__(self) -> str:
+        return f"PeerInfo(peer_id={self.peer_id!r}, addrs={self.addrs!r})"
+
+
+class StreamInfo:
+    """Description of a libp2p stream: remote peer, remote multiaddr and protocol (handle name)."""
+
+    __slots__ = ("peer_id", "addr", "proto")
+
+    def __init__(self, peer_id: PeerID, addr: Multiaddr, proto: str) -> None:
+        self.peer_id = peer_id
+        self.addr = addr
+        self.proto = proto
+
+    def __repr__(self) -> str:
+        return f"<StreamInfo peer_id={self.peer_id} addr={self.addr} proto={self.proto}>"
+
+    def to_protobuf(self) -> p2pd_pb2.StreamInfo:
+        return p2pd_pb2.StreamInfo(peer=self.peer_id.to_bytes(), addr=self.addr.to_bytes(), proto=self.proto)
+
+    @classmethod
+    def from_protobuf(cls, pb_msg: p2pd_pb2.StreamInfo) -> "StreamInfo":
+        return cls(peer_id=PeerID(pb_msg.peer), addr=Multiaddr(pb_msg.addr), proto=pb_msg.proto)

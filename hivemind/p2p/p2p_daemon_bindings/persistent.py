@@ -1,0 +1,232 @@
+"""The multiplexed persistent connection to p2pd that carries unary RPCs both ways (WIRE.md §2.4)."""
+
+import asyncio
+import uuid
+from typing import Awaitable, Callable, Dict, Optional
+
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import (
+    P2PDaemonError,
+    P2PHandlerError,
+    encode_varint,
+    read_delimited_bytes,
+)
+from hivemind.proto import p2pd_pb2
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+UnaryHandler = Callable[[bytes, PeerID], Awaitable[bytes]]
+
+# slack for the envelope (call id, peer id, protocol name) around a payload of the maximal size
+ENVELOPE_SLACK = 64 * 1024
+
+
+class PersistentConnection:
+    """Owns one upgraded control connection: routes replies by call id and serves incoming unary requests.
+
+    Every public coroutine raises ``P2PDaemonError`` promptly once the connection is lost (e.g. p2pd died).
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        max_msg_size: int,
+        describe_connection_loss: Optional[Callable[[], Awaitable[str]]] = None,
+    ) -> None:
+        self._reader, self._writer = reader, writer
+        self.max_msg_size = max_msg_size
+        self._describe_connection_loss = describe_connection_loss
+        self._pending: Dict[bytes, asyncio.Future] = {}
+        self._handlers: Dict[str, UnaryHandler] = {}
+        self._handler_tasks: Dict[bytes, asyncio.Task] = {}
+        self._drain_lock = asyncio.Lock()
+        self._read_task: Optional[asyncio.Task] = None
+        self.failure: Optional[P2PDaemonError] = None
+
+    def start(self) -> None:
+        self._read_task = asyncio.create_task(self._read_loop())
+
+    @property
+    def is_alive(self) -> bool:
+        return self.failure is None
+
+    async def close(self) -> None:
+        """Close the connection; pending calls fail with ``P2PDaemonError`` and running handlers are cancelled."""
+        self._fail(P2PDaemonError("The persistent connection to p2pd was closed by this client"))
+        self._writer.close()
+        if self._read_task is not None:
+            self._read_task.cancel()
+            await asyncio.gather(self._read_task, return_exceptions=True)
+        tasks = list(self._handler_tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- requests from this client
+
+    async def add_unary_handler(self, proto: str, handler: UnaryHandler, balanced: bool = False) -> None:
+        request = p2pd_pb2.PersistentConnectionRequest(
+            callId=uuid.uuid4().bytes, addUnaryHandler=p2pd_pb2.AddUnaryHandlerRequest(proto=proto, balanced=balanced)
+        )
+        await self._request(request)
+        self._handlers[proto] = handler
+
+    async def remove_unary_handler(self, proto: str) -> None:
+        request = p2pd_pb2.PersistentConnectionRequest(
+            callId=uuid.uuid4().bytes, removeUnaryHandler=p2pd_pb2.RemoveUnaryHandlerRequest(proto=proto)
+        )
+        await self._request(request)
+        self._handlers.pop(proto, None)
+
+    async def call_unary_handler(self, peer_id: PeerID, proto: str, data: bytes) -> bytes:
+        """Call unary handler ``proto`` of ``peer_id``; returns the serialized response.
+
+        :raises P2PHandlerError: the remote handler raised or returned an error
+        :raises P2PDaemonError: the message is too large, the peer is unreachable or does not serve ``proto``
+        """
+        call_id = uuid.uuid4().bytes
+        request = p2pd_pb2.PersistentConnectionRequest(
+            callId=call_id, callUnary=p2pd_pb2.CallUnaryRequest(peer=peer_id.to_bytes(), proto=proto, data=data)
+        )
+        size = request.ByteSize()
+        if size > self.max_msg_size:
+            raise P2PDaemonError(
+                f"Message size exceeds set limit: the request to {proto} takes {size} bytes, "
+                f"persistent_conn_max_msg_size is {self.max_msg_size} bytes; send large data through a stream handler"
+            )
+        response = await self._request(request, cancel_on_abort=True)
+        result = response.callUnaryResponse
+        if result.HasField("error"):
+            raise P2PHandlerError(result.error.decode(errors="replace"))
+        return result.response
+
+    async def _request(
+        self, request: p2pd_pb2.PersistentConnectionRequest, cancel_on_abort: bool = False
+    ) -> p2pd_pb2.PersistentConnectionResponse:
+        if self.failure is not None:
+            raise self._copy_failure()
+        call_id = request.callId
+        future = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            await self._send(request)
+            response: p2pd_pb2.PersistentConnectionResponse = await future
+        except asyncio.CancelledError:
+            if cancel_on_abort and self.failure is None and not future.done():
+                self._send_nowait(p2pd_pb2.PersistentConnectionRequest(callId=call_id, cancel=p2pd_pb2.Cancel()))
+            raise
+        finally:
+            self._pending.pop(call_id, None)
+        kind = response.WhichOneof("message")
+        if kind == "daemonError":
+            raise P2PDaemonError(f"p2pd error: {response.daemonError.message}")
+        if kind == "cancel":
+            raise P2PDaemonError("p2pd cancelled the call")
+        return response
+
+    # ---------------------------------------------------------------- I/O
+
+    def _send_nowait(self, message: p2pd_pb2.PersistentConnectionRequest) -> None:
+        payload = message.SerializeToString()
+        self._writer.write(encode_varint(len(payload)) + payload)
+
+    async def _send(self, message: p2pd_pb2.PersistentConnectionRequest) -> None:
+        # one write() per message keeps messages of concurrent senders intact; the lock only serializes drain()
+        self._send_nowait(message)
+        try:
+            async with self._drain_lock:
+                await self._writer.drain()
+        except ConnectionError as e:
+            self._fail(await self._lost_error(e))
+            raise self._copy_failure() from e
+
+    async def _read_loop(self) -> None:
+        max_size = self.max_msg_size + ENVELOPE_SLACK
+        try:
+            while True:
+                data = await read_delimited_bytes(self._reader, max_size)
+                message = p2pd_pb2.PersistentConnectionResponse()
+                message.ParseFromString(data)
+                self._dispatch(message)
+        except asyncio.CancelledError:
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            self._fail(await self._lost_error(e))
+        except Exception as e:
+            logger.error(f"Malformed message on the persistent connection to p2pd: {e!r}")
+            self._fail(P2PDaemonError(f"Malformed message from p2pd on the persistent connection: {e!r}"))
+            self._writer.close()
+
+    def _dispatch(self, message: p2pd_pb2.PersistentConnectionResponse) -> None:
+        call_id = message.callId
+        kind = message.WhichOneof("message")
+        if kind == "requestHandling":
+            task = asyncio.create_task(self._handle_request(call_id, message.requestHandling))
+            self._handler_tasks[call_id] = task
+            task.add_done_callback(lambda _, call_id=call_id: self._handler_tasks.pop(call_id, None))
+        elif kind == "cancel" and call_id in self._handler_tasks:
+            self._handler_tasks[call_id].cancel()
+        else:
+            future = self._pending.get(call_id)
+            if future is None:
+                logger.debug(f"Ignoring a {kind} message from p2pd for an unknown call id {call_id.hex()}")
+            elif not future.done():
+                future.set_result(message)
+
+    async def _handle_request(self, call_id: bytes, request: p2pd_pb2.CallUnaryRequest) -> None:
+        response = p2pd_pb2.CallUnaryResponse()
+        handler = self._handlers.get(request.proto)
+        try:
+            if handler is None:
+                raise P2PDaemonError(f"No unary handler for protocol {request.proto!r} on this peer")
+            response.response = await handler(request.data, PeerID(request.peer))
+        except asyncio.CancelledError:
+            return  # the caller went away (daemon sent cancel) or this connection is closing: nothing to answer
+        except Exception as e:
+            response.error = repr(e).encode()
+        message = p2pd_pb2.PersistentConnectionRequest(callId=call_id, unaryResponse=response)
+        if message.ByteSize() > self.max_msg_size:
+            error = P2PDaemonError(
+                f"Response of {request.proto} takes {message.ByteSize()} bytes, exceeding persistent_conn_max_msg_size"
+                f" = {self.max_msg_size} bytes"
+            )
+            logger.warning(str(error))
+            message = p2pd_pb2.PersistentConnectionRequest(
+                callId=call_id, unaryResponse=p2pd_pb2.CallUnaryResponse(error=repr(error).encode())
+            )
+        if self.failure is None:
+            try:
+                await self._send(message)
+            except P2PDaemonError:
+                pass
+
+    # ---------------------------------------------------------------- failure handling
+
+    async def _lost_error(self, cause: BaseException) -> P2PDaemonError:
+        details = ""
+        if self._describe_connection_loss is not None:
+            try:
+                details = f" ({await self._describe_connection_loss()})"
+            except Exception as e:  # pragma: no cover - diagnostics must not mask the failure
+                logger.debug(f"Could not describe the loss of the p2pd connection: {e!r}")
+        if isinstance(cause, asyncio.IncompleteReadError):
+            cause_text = "connection closed by p2pd"
+        else:
+            cause_text = repr(cause)
+        return P2PDaemonError(f"Lost the persistent connection to p2pd: {cause_text}{details}")
+
+    def _copy_failure(self) -> P2PDaemonError:
+        return P2PDaemonError(str(self.failure))
+
+    def _fail(self, error: P2PDaemonError) -> None:
+        """Mark the connection dead: every pending call fails with ``error``, running handlers are cancelled."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(P2PDaemonError(str(error)))
+        for task in self._handler_tasks.values():
+            task.cancel()
