@@ -60,9 +60,15 @@ def generate_protobuf_modules() -> None:
                 f.write(fixed)
 
 
+# Our daemon (./p2pd) needs Go 1.21+: its go.mod declares `go 1.21` (generics, and go-libp2p v0.32's QUIC stack uses
+# the crypto/tls QUIC API that appeared in Go 1.21). It is known to build with Go 1.21 up to 1.26.
+GO_BUILD_FLAGS = ["-trimpath", "-buildvcs=false", "-ldflags=-s -w"]
+
+
 def go_sources_digest(go_version: str) -> str:
     """A fingerprint of everything the daemon binary is built from: our Go sources, go.mod/go.sum, the toolchain."""
     digest = hashlib.sha256(go_version.encode())
+    digest.update(" ".join(GO_BUILD_FLAGS).encode())
     for path in sorted(glob.glob(os.path.join(GO_SOURCE_DIR, "**", "*"), recursive=True)):
         if os.path.isfile(path) and (path.endswith(".go") or os.path.basename(path) in ("go.mod", "go.sum")):
             digest.update(os.path.relpath(path, GO_SOURCE_DIR).encode())
@@ -72,6 +78,7 @@ def go_sources_digest(go_version: str) -> str:
 
 
 def find_go_toolchain() -> str:
+    """The `go` command to build p2pd with; stops the installation with a clear message if it is missing or old."""
     go = shutil.which("go")
     if go is None:
         fail(
@@ -86,14 +93,20 @@ def find_go_toolchain() -> str:
     match = re.search(r"go(\d+)\.(\d+)", version_output)
     if match is None or (int(match.group(1)), int(match.group(2))) < MIN_GO_VERSION:
         fail(
-            f"Go {MIN_GO_VERSION[0]}.{MIN_GO_VERSION[1]}+ is required to compile p2pd, found: {version_output.strip()}.\n"
+            f"Go {MIN_GO_VERSION[0]}.{MIN_GO_VERSION[1]}+ is required to compile p2pd, "
+            f"found: {version_output.strip()}.\n"
             f"Upgrade Go (https://go.dev/dl/) or set {P2PD_ENV_VAR}=/path/to/p2pd."
         )
     return go
 
 
 def install_p2pd_binary() -> None:
-    """Place a p2pd binary at hivemind/hivemind_cli/p2pd: a user-provided one, a fresh build, or a reused build."""
+    """Place a p2pd binary at hivemind/hivemind_cli/p2pd: a user-provided one, a fresh build, or a reused build.
+
+    The first build downloads the Go modules listed in p2pd/go.sum through the Go module proxy (about a minute on
+    a fresh machine, then cached in the Go module cache); later builds from the same sources and toolchain reuse
+    the binary (see the stamp file next to it).
+    """
     user_binary = os.environ.get(P2PD_ENV_VAR)
     if user_binary:
         if not (os.path.isfile(user_binary) and os.access(user_binary, os.X_OK)):
@@ -104,6 +117,8 @@ def install_p2pd_binary() -> None:
             f.write(f"user-provided:{user_binary}\n")
         return
 
+    if not os.path.isfile(os.path.join(GO_SOURCE_DIR, "go.mod")):
+        fail(f"the daemon's Go sources are missing ({GO_SOURCE_DIR}/go.mod); use a complete source tree or sdist")
     go = find_go_toolchain()
     go_version = subprocess.run([go, "version"], capture_output=True, text=True).stdout.strip()
     digest = go_sources_digest(go_version)
@@ -112,17 +127,22 @@ def install_p2pd_binary() -> None:
             if f.read().strip() == digest:
                 return  # the binary was built from exactly these sources with this toolchain
 
-    sys.stderr.write(f"hivemind: compiling p2pd with {go_version} (first build downloads Go modules)...\n")
+    sys.stderr.write(f"hivemind: compiling p2pd with {go_version} (the first build downloads Go modules)...\n")
     env = dict(os.environ, CGO_ENABLED=os.environ.get("CGO_ENABLED", "0"))
-    command = [go, "build", "-trimpath", "-ldflags=-s -w", "-o", P2PD_TARGET, "."]
-    result = subprocess.run(command, cwd=GO_SOURCE_DIR, env=env, capture_output=True, text=True)
+    temporary_target = P2PD_TARGET + ".tmp"
+    command = [go, "build", *GO_BUILD_FLAGS, "-o", temporary_target, "."]
+    try:
+        result = subprocess.run(command, cwd=GO_SOURCE_DIR, env=env, capture_output=True, text=True)
+    except OSError as e:
+        fail(f"cannot run `{' '.join(command)}`: {e}")
     if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()
         fail(
-            f"`{' '.join(command)}` in {GO_SOURCE_DIR} exited with code {result.returncode}:\n"
-            f"{result.stdout}{result.stderr}\n"
+            f"`{' '.join(command)}` in {GO_SOURCE_DIR} exited with code {result.returncode}:\n{output[-4000:]}\n"
             "Check that the Go module proxy is reachable (GOPROXY) or set "
             f"{P2PD_ENV_VAR}=/path/to/p2pd to skip the build."
         )
+    os.replace(temporary_target, P2PD_TARGET)  # atomic: a running daemon keeps its old file
     with open(P2PD_STAMP, "w") as f:
         f.write(digest + "\n")
 

@@ -32,7 +32,7 @@ def get_p2pd_path() -> str:
     return _check_executable(_PACKAGED_P2PD, "packaged with hivemind")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version_of(path: str) -> str:
     try:
         result = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=10)
