@@ -1,0 +1,476 @@
+"""The DHT's three RPCs (ping, store, find): the servicer that answers them and the client calls (WIRE §7.3)."""
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+from hivemind.dht.replication import keys_to_replicate
+from hivemind.dht.request_checks import (
+    IS_DICTIONARY,
+    IS_REGULAR_VALUE,
+    RequestRejected,
+    check_dictionary_entry,
+    check_find_request_shape,
+    check_find_result_shape,
+    check_node_id_bytes,
+    check_store_item,
+    check_store_request_shape,
+)
+from hivemind.dht.routing import DHTID, BinaryDHTValue, RoutingTable, Subkey
+from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import dht_pb2
+from hivemind.utils.logging import get_logger
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import (
+    MAX_DHT_TIME_DISCREPANCY_SECONDS,
+    DHTExpiration,
+    ValueWithExpiration,
+    get_dht_time,
+)
+
+if TYPE_CHECKING:
+    from hivemind.utils.auth import AuthorizerBase
+
+logger = get_logger(__name__)
+
+StoredValue = Union[BinaryDHTValue, DictionaryDHTValue]
+FindResult = Tuple[Optional[ValueWithExpiration[StoredValue]], Dict[DHTID, PeerID]]
+
+
+class ValidationError(Exception):
+    """A peer we bootstrap from says it cannot reach us back, or its clock differs from ours by too much."""
+
+
+class DHTProtocol(ServicerBase):
+    """
+    Serves ``DHTProtocol.rpc_ping/rpc_store/rpc_find`` from this node's storage, cache and routing table, and calls
+    them on other peers. Every remote request is checked (:mod:`hivemind.dht.request_checks`) before it touches
+    storage; rejected input is counted per reason in :attr:`rejected`. Create with ``await DHTProtocol.create(...)``.
+    A client-mode protocol registers no handlers and introduces itself with an empty node id.
+    """
+
+    serializer = MSGPackSerializer
+    IS_REGULAR_VALUE = IS_REGULAR_VALUE
+    IS_DICTIONARY = IS_DICTIONARY
+
+    p2p: P2P
+    node_id: DHTID
+    routing_table: RoutingTable
+    storage: DHTLocalStorage
+    cache: DHTLocalStorage
+
+    @classmethod
+    async def create(
+        cls,
+        p2p: P2P,
+        node_id: DHTID,
+        bucket_size: int,
+        depth_modulo: int,
+        num_replicas: int,
+        wait_timeout: float,
+        parallel_rpc: Optional[int] = None,
+        cache_size: Optional[int] = None,
+        client_mode: bool = False,
+        record_validator: Optional[RecordValidatorBase] = None,
+        authorizer: Optional["AuthorizerBase"] = None,
+    ) -> "DHTProtocol":
+        self = cls()
+        self.p2p, self.node_id, self.client_mode = p2p, node_id, client_mode
+        self.bucket_size, self.num_replicas, self.wait_timeout = bucket_size, num_replicas, wait_timeout
+        self.routing_table = RoutingTable(node_id, bucket_size, depth_modulo)
+        self.storage, self.cache = DHTLocalStorage(), DHTLocalStorage(maxsize=cache_size)
+        self.record_validator, self.authorizer = record_validator, authorizer
+        self.rpc_semaphore = asyncio.Semaphore(parallel_rpc) if parallel_rpc is not None else None
+        self.rejected: collections.Counter = collections.Counter()  # reason -> how many remote inputs were rejected
+        self._background_tasks: Set[asyncio.Task] = set()
+        self.node_info = dht_pb2.NodeInfo() if client_mode else dht_pb2.NodeInfo(node_id=node_id.to_bytes())
+        if not client_mode:
+            wrapper = None
+            if authorizer is not None:
+                from hivemind.utils.auth import AuthRole, AuthRPCWrapper
+
+                wrapper = AuthRPCWrapper(self, AuthRole.SERVICER, authorizer)
+            await self.add_p2p_handlers(self.p2p, wrapper)
+        return self
+
+    def __init__(self):
+        pass  # use DHTProtocol.create: the servicer needs a running event loop and a P2P to register with
+
+    async def shutdown(self) -> None:
+        """Stop answering RPCs (if serving) and cancel background work (replication, pings)."""
+        tasks = list(self._background_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not self.client_mode and self.p2p.is_alive:
+            try:
+                await self.remove_p2p_handlers(self.p2p)
+            except Exception as e:
+                logger.debug(f"Could not remove DHT handlers: {e!r}")
+
+    def _spawn(self, coro) -> None:
+        """Run coro in the background; the protocol owns the task and cancels it on shutdown."""
+        task = asyncio.create_task(coro)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def _stub(self, peer: PeerID):
+        stub = self.get_stub(self.p2p, peer)
+        if self.authorizer is None:
+            return stub
+        from hivemind.utils.auth import AuthRole, AuthRPCWrapper
+
+        return AuthRPCWrapper(stub, AuthRole.CLIENT, self.authorizer)
+
+    # ------------------------------------------------------------------ server side: answering remote peers
+
+    def _check_sender(self, node_info: dht_pb2.NodeInfo) -> Optional[DHTID]:
+        """The sender's node id, or None for a client-mode sender; a malformed id rejects the request."""
+        try:
+            check_node_id_bytes(node_info.node_id)
+        except RequestRejected as e:
+            self._reject(e.reason)
+            raise
+        return DHTID.from_bytes(node_info.node_id) if node_info.node_id else None
+
+    async def rpc_ping(self, request: dht_pb2.PingRequest, context: P2PContext) -> dht_pb2.PingResponse:
+        """Answer with our node id and time; with ``validate``, first check that we can reach the caller back."""
+        sender_id = self._check_sender(request.peer)
+        response = dht_pb2.PingResponse(peer=self.node_info, dht_time=get_dht_time(), available=False)
+        if sender_id is not None:
+            if request.validate:
+                response.available = await self.call_ping(context.remote_id, validate=False) == sender_id
+            if response.available or not request.validate:
+                await self.update_routing_table(sender_id, context.remote_id, responded=True)
+        return response
+
+    async def rpc_store(self, request: dht_pb2.StoreRequest, context: P2PContext) -> dht_pb2.StoreResponse:
+        """Store (or cache) each item that is well-formed, valid and newer than what we hold (WIRE §7.5)."""
+        sender_id = self._check_sender(request.peer)
+        try:
+            check_store_request_shape(
+                request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache
+            )
+        except RequestRejected as e:
+            self._reject(e.reason)
+            raise
+        if sender_id is not None:
+            await self.update_routing_table(sender_id, context.remote_id, responded=True)
+        now = get_dht_time()
+        in_cache = request.in_cache or [False] * len(request.keys)
+        store_ok = [
+            self._store_item(key, subkey, value, expiration_time, cache, now)
+            for key, subkey, value, expiration_time, cache in zip(
+                request.keys, request.subkeys, request.values, request.expiration_time, in_cache
+            )
+        ]
+        return dht_pb2.StoreResponse(store_ok=store_ok, peer=self.node_info)
+
+    def _is_valid(self, record: DHTRecord) -> bool:
+        if self.record_validator is None:
+            return True
+        try:
+            if self.record_validator.validate(record):
+                return True
+            self._reject("invalid_record")
+        except Exception as e:
+            logger.debug(f"Record validator raised {e!r} on {record}")
+            self._reject("validator_error")
+        return False
+
+    def _store_item(
+        self, key: bytes, subkey: bytes, value: bytes, expiration_time: float, in_cache: bool, now: float
+    ) -> bool:
+        reason = check_store_item(key, subkey, value, expiration_time, now)
+        if reason is not None:
+            self._reject(reason)
+            return False
+        key_id, storage = DHTID.from_bytes(key), self.cache if in_cache else self.storage
+        if subkey == IS_DICTIONARY:
+            return self._store_dictionary(key, key_id, value, storage, now)
+        if not self._is_valid(DHTRecord(key, subkey, value, expiration_time)):
+            return False
+        if subkey == IS_REGULAR_VALUE:
+            return storage.store(key_id, value, expiration_time)
+        return storage.store(key_id, value, expiration_time, subkey=self.serializer.loads(subkey))
+
+    def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage: DHTLocalStorage, now: float) -> bool:
+        try:
+            dictionary = self.serializer.loads(value)
+            if not isinstance(dictionary, DictionaryDHTValue):
+                raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
+            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
+        except Exception as e:
+            logger.debug(f"Malformed dictionary value from a remote peer: {e!r}")
+            self._reject("malformed_dictionary")
+            return False
+        all_accepted = True
+        for subkey, entry_value, entry_expiration in entries:
+            reason = check_dictionary_entry(entry_value, entry_expiration, now)
+            if reason is not None:
+                self._reject(reason)
+                all_accepted = False
+                continue
+            record = DHTRecord(key, self.serializer.dumps(subkey), entry_value, entry_expiration)
+            if not self._is_valid(record):
+                all_accepted = False
+                continue
+            all_accepted &= storage.store(key_id, entry_value, entry_expiration, subkey=subkey)
+        return all_accepted
+
+    async def rpc_find(self, request: dht_pb2.FindRequest, context: P2PContext) -> dht_pb2.FindResponse:
+        """For each key: our newest entry (storage or cache) and our nearest known nodes, excluding the caller."""
+        sender_id = self._check_sender(request.peer)
+        try:
+            check_find_request_shape(request.keys)
+        except RequestRejected as e:
+            self._reject(e.reason)
+            raise
+        if sender_id is not None:
+            await self.update_routing_table(sender_id, context.remote_id, responded=True)
+        response = dht_pb2.FindResponse(peer=self.node_info)
+        for key in request.keys:
+            key_id = DHTID.from_bytes(key)
+            result = response.results.add()
+            item = self._get_local(key_id)
+            if item is not None:
+                if isinstance(item.value, DictionaryDHTValue):
+                    result.type = dht_pb2.FOUND_DICTIONARY
+                    result.value = self.serializer.dumps(item.value)
+                else:
+                    result.type = dht_pb2.FOUND_REGULAR
+                    result.value = item.value
+                result.expiration_time = item.expiration_time
+            for node_id, peer_id in self.routing_table.get_nearest_neighbors(key_id, self.bucket_size, sender_id):
+                result.nearest_node_ids.append(node_id.to_bytes())
+                result.nearest_peer_ids.append(peer_id.to_bytes())
+        return response
+
+    def _get_local(self, key_id: DHTID) -> Optional[ValueWithExpiration[StoredValue]]:
+        """Whichever of the stored and the cached entries expires later."""
+        stored, cached = self.storage.get(key_id), self.cache.get(key_id)
+        if cached is not None and (stored is None or cached.expiration_time > stored.expiration_time):
+            return cached
+        return stored
+
+    # ------------------------------------------------------------------ client side: calling remote peers
+
+    async def _call(self, peer: PeerID, method: str, request):
+        stub = self._stub(peer)
+        if self.rpc_semaphore is None:
+            return await getattr(stub, method)(request, timeout=self.wait_timeout)
+        async with self.rpc_semaphore:
+            return await getattr(stub, method)(request, timeout=self.wait_timeout)
+
+    async def _on_failure(self, peer: PeerID, method: str, error: BaseException) -> None:
+        logger.debug(f"{method} to {peer} failed: {error!r}")
+        await self.update_routing_table(self.routing_table.get(peer_id=peer), peer, responded=False)
+
+    def _node_id_of_response(self, node_info: dht_pb2.NodeInfo) -> Optional[DHTID]:
+        check_node_id_bytes(node_info.node_id)  # a malformed id fails the call
+        return DHTID.from_bytes(node_info.node_id) if node_info.node_id else None
+
+    async def call_ping(self, peer: PeerID, validate: bool = False, strict: bool = True) -> Optional[DHTID]:
+        """
+        Ping ``peer``; returns its node id, or None if it did not answer (or is a client).
+
+        :param validate: ask the peer to check that it can reach us back, and check its clock against ours
+        :param strict: if validation fails, raise :class:`ValidationError` instead of logging a warning
+        """
+        validate = validate and not self.client_mode  # a client has no node id, so it cannot be called back
+        try:
+            time_requested = get_dht_time()
+            response = await self._call(peer, "rpc_ping", dht_pb2.PingRequest(peer=self.node_info, validate=validate))
+            time_responded = get_dht_time()
+            peer_node_id = self._node_id_of_response(response.peer)
+        except Exception as e:
+            await self._on_failure(peer, "ping", e)
+            return None
+
+        if validate:
+            problems = []
+            if not response.available:
+                problems.append(f"peer {peer} cannot connect back to this peer (check announce_maddrs/firewall)")
+            lower, upper = (
+                time_requested - MAX_DHT_TIME_DISCREPANCY_SECONDS,
+                time_responded + MAX_DHT_TIME_DISCREPANCY_SECONDS,
+            )
+            if response.dht_time != 0 and not lower <= response.dht_time <= upper:
+                problems.append(
+                    f"clock of peer {peer} differs from ours by more than {MAX_DHT_TIME_DISCREPANCY_SECONDS} s "
+                    f"(its time {response.dht_time:.3f}, ours {time_requested:.3f}..{time_responded:.3f})"
+                )
+            for problem in problems:
+                if strict:
+                    raise ValidationError(problem)
+                logger.warning(problem)
+
+        if peer_node_id is not None:
+            await self.update_routing_table(peer_node_id, peer, responded=True)
+        return peer_node_id
+
+    async def call_store(
+        self,
+        peer: PeerID,
+        keys: Sequence[DHTID],
+        values: Sequence[Union[BinaryDHTValue, DictionaryDHTValue]],
+        expiration_time: Union[DHTExpiration, Sequence[DHTExpiration]],
+        subkeys: Optional[Union[Subkey, Sequence[Optional[Subkey]]]] = None,
+        in_cache: Optional[Union[bool, Sequence[bool]]] = None,
+    ) -> Optional[List[bool]]:
+        """
+        Ask ``peer`` to store (key, value, expiration) items; returns whether each was accepted, None if no answer.
+
+        :param values: serialized (and signed) values, or whole DictionaryDHTValue objects (replication, caching)
+        :param subkeys: None for regular values, else one subkey (or None for a regular value) per item
+        :param in_cache: store into the peer's cache instead of its storage (one bool or one per item)
+        """
+        num_items = len(keys)
+        expirations = [expiration_time] * num_items if isinstance(expiration_time, (int, float)) else expiration_time
+        subkeys = [None] * num_items if subkeys is None else subkeys
+        in_cache = [bool(in_cache)] * num_items if in_cache is None or isinstance(in_cache, bool) else in_cache
+        if not (num_items == len(values) == len(expirations) == len(subkeys) == len(in_cache)):
+            raise ValueError(f"keys, values, expirations, subkeys, in_cache must be aligned, got {num_items} keys")
+
+        encoded_subkeys, encoded_values = [], []
+        for subkey, value in zip(subkeys, values):
+            if isinstance(value, DictionaryDHTValue):
+                if subkey is not None:
+                    raise ValueError(f"a whole dictionary is stored without a subkey, got subkey={subkey!r}")
+                encoded_subkeys.append(IS_DICTIONARY)
+                encoded_values.append(self.serializer.dumps(value))
+            else:
+                encoded_subkeys.append(IS_REGULAR_VALUE if subkey is None else self.serializer.dumps(subkey))
+                encoded_values.append(value)
+        request = dht_pb2.StoreRequest(
+            keys=[key.to_bytes() for key in keys],
+            subkeys=encoded_subkeys,
+            values=encoded_values,
+            expiration_time=expirations,
+            in_cache=in_cache,
+            peer=self.node_info,
+        )
+        try:
+            response = await self._call(peer, "rpc_store", request)
+            peer_node_id = self._node_id_of_response(response.peer)
+            if len(response.store_ok) != num_items:
+                raise RequestRejected("misaligned_fields", f"{len(response.store_ok)} results for {num_items} items")
+        except Exception as e:
+            if isinstance(e, RequestRejected):
+                self._reject(e.reason)
+            await self._on_failure(peer, "store", e)
+            return None
+        if peer_node_id is not None:
+            await self.update_routing_table(peer_node_id, peer, responded=True)
+        return list(response.store_ok)
+
+    async def call_find(self, peer: PeerID, keys: Collection[DHTID]) -> Optional[Dict[DHTID, FindResult]]:
+        """
+        Ask ``peer`` for its entries of ``keys`` and its nearest known nodes to each; None if it did not answer or
+        answered with a malformed response. Entries that fail validation are returned as not found (a dictionary
+        keeps its valid entries only).
+        """
+        keys = list(keys)
+        request = dht_pb2.FindRequest(keys=[key.to_bytes() for key in keys], peer=self.node_info)
+        try:
+            response = await self._call(peer, "rpc_find", request)
+            peer_node_id = self._node_id_of_response(response.peer)
+            if len(response.results) != len(keys):
+                raise RequestRejected("misaligned_fields", f"{len(response.results)} results for {len(keys)} keys")
+            now = get_dht_time()
+            output = {key: self._parse_find_result(key, result, now) for key, result in zip(keys, response.results)}
+        except Exception as e:
+            if isinstance(e, RequestRejected):
+                self._reject(e.reason)
+            await self._on_failure(peer, "find", e)
+            return None
+        if peer_node_id is not None:
+            await self.update_routing_table(peer_node_id, peer, responded=True)
+        return output
+
+    def _parse_find_result(self, key: DHTID, result: dht_pb2.FindResult, now: float) -> FindResult:
+        check_find_result_shape(
+            result.type, result.expiration_time, result.nearest_node_ids, result.nearest_peer_ids, now
+        )
+        nearest = {
+            DHTID.from_bytes(node_id): PeerID(peer_id)
+            for node_id, peer_id in zip(result.nearest_node_ids, result.nearest_peer_ids)
+        }
+        key_bytes = key.to_bytes()
+        if result.type == dht_pb2.FOUND_REGULAR:
+            if not self._is_valid(DHTRecord(key_bytes, IS_REGULAR_VALUE, result.value, result.expiration_time)):
+                return None, nearest
+            return ValueWithExpiration(result.value, result.expiration_time), nearest
+        if result.type == dht_pb2.FOUND_DICTIONARY:
+            dictionary = self._parse_dictionary(key_bytes, result.value, now)
+            if dictionary is None or len(dictionary) == 0:
+                return None, nearest
+            return ValueWithExpiration(dictionary, dictionary.latest_expiration_time), nearest
+        return None, nearest
+
+    def _parse_dictionary(self, key_bytes: bytes, value: bytes, now: float) -> Optional[DictionaryDHTValue]:
+        """Decode a dictionary from a find response, keeping only its well-formed and valid entries."""
+        try:
+            dictionary = self.serializer.loads(value)
+            if not isinstance(dictionary, DictionaryDHTValue):
+                raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
+            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
+        except Exception as e:
+            logger.debug(f"Malformed dictionary in a find response: {e!r}")
+            self._reject("malformed_dictionary")
+            return None
+        clean = DictionaryDHTValue()
+        for subkey, entry_value, entry_expiration in entries:
+            reason = check_dictionary_entry(entry_value, entry_expiration, now)
+            if reason is not None:
+                self._reject(reason)
+                continue
+            if self._is_valid(DHTRecord(key_bytes, self.serializer.dumps(subkey), entry_value, entry_expiration)):
+                clean.store(subkey, entry_value, entry_expiration)
+        return clean
+
+    # ------------------------------------------------------------------ routing table upkeep
+
+    async def update_routing_table(self, node_id: Optional[DHTID], peer_id: PeerID, responded: bool = True) -> None:
+        """
+        Record the outcome of an exchange with a peer. A peer that answered is added (or refreshed); when it is new,
+        the keys it should hold are pushed to it in the background; when its bucket is full, the stalest node of that
+        bucket is pinged and evicted if silent. A peer that did not answer is removed (a replacement takes its slot).
+        """
+        if node_id is None:
+            return
+        if not responded:
+            if node_id in self.routing_table:
+                del self.routing_table[node_id]
+            return
+        is_new = node_id not in self.routing_table
+        if is_new and not self.client_mode and len(self.storage) > 0:
+            self._spawn(self._replicate_to(node_id, peer_id))
+        stale = self.routing_table.add_or_update_node(node_id, peer_id)
+        if stale is not None:
+            self._spawn(self._evict_if_silent(*stale))
+
+    async def _evict_if_silent(self, node_id: DHTID, peer_id: PeerID) -> None:
+        if await self.call_ping(peer_id) != node_id and node_id in self.routing_table:
+            del self.routing_table[node_id]
+
+    async def _replicate_to(self, new_node_id: DHTID, peer_id: PeerID) -> None:
+        stored = {key_id: item for key_id, item in self.storage.items()}
+        selected = keys_to_replicate(
+            stored.keys(),
+            new_node_id,
+            self.node_id,
+            lambda key_id: [
+                node_id
+                for node_id, _ in self.routing_table.get_nearest_neighbors(key_id, self.num_replicas, new_node_id)
+            ],
+        )
+        if selected:
+            values = [stored[key_id].value for key_id in selected]
+            expirations = [stored[key_id].expiration_time for key_id in selected]
+            await self.call_store(peer_id, selected, values, expirations)

@@ -1,0 +1,141 @@
+"""
+Sanity rules for DHT requests and responses from remote peers (sans-IO: plain values in, a reason out).
+
+Every rule returns or raises a short *reason* string, used both in the error a peer gets back and as the name of the
+counter that :class:`~hivemind.dht.protocol.DHTProtocol` keeps of rejected input.
+"""
+
+import math
+from typing import Optional, Sequence
+
+import msgpack
+
+DHTID_NBYTES = 20
+MAX_KEYS_PER_FIND = 4096  # a node batches at most chunk_size (16) keys per find; leave ample room for custom settings
+MAX_ITEMS_PER_STORE = 65536  # replication to a new peer sends all its keys at once; 4 MiB / ~30 bytes per item
+MAX_SUBKEY_BYTES = 64 * 1024
+MAX_NEAREST_NODES = 1024  # neighbours per key in a find response (bucket_size is 20)
+MAX_EXPIRATION_HORIZON = 365 * 24 * 3600.0  # a record may not claim to live longer than this from now, in seconds
+
+IS_REGULAR_VALUE = b"\xc0"  # msgpack(None): the subkey of a regular (non-dictionary) value
+IS_DICTIONARY = b""  # the subkey of a whole DictionaryDHTValue (replication and caching only)
+
+
+class RequestRejected(ValueError):
+    """A remote request or response breaks a rule; ``reason`` names the rule."""
+
+    def __init__(self, reason: str, details: str = ""):
+        super().__init__(f"{reason}: {details}" if details else reason)
+        self.reason = reason
+
+
+def check_node_id_bytes(node_id: bytes, *, allow_empty: bool = True) -> None:
+    """A NodeInfo.node_id is either empty (a client-mode sender) or a 20-byte DHTID."""
+    if len(node_id) == 0 and allow_empty:
+        return
+    if len(node_id) != DHTID_NBYTES:
+        raise RequestRejected("bad_node_id", f"node ids are {DHTID_NBYTES} bytes, got {len(node_id)}")
+
+
+def check_store_request_shape(
+    keys: Sequence[bytes],
+    subkeys: Sequence[bytes],
+    values: Sequence[bytes],
+    expirations: Sequence[float],
+    in_cache: Sequence[bool],
+) -> None:
+    """All repeated fields of a StoreRequest are aligned by index (in_cache may be empty = all False)."""
+    if len(keys) > MAX_ITEMS_PER_STORE:
+        raise RequestRejected("too_many_items", f"{len(keys)} items in one store request, max {MAX_ITEMS_PER_STORE}")
+    if not (len(keys) == len(subkeys) == len(values) == len(expirations)) or len(in_cache) not in (0, len(keys)):
+        raise RequestRejected(
+            "misaligned_fields",
+            f"keys/subkeys/values/expiration_time/in_cache have lengths "
+            f"{len(keys)}/{len(subkeys)}/{len(values)}/{len(expirations)}/{len(in_cache)}",
+        )
+
+
+def check_find_request_shape(keys: Sequence[bytes]) -> None:
+    if len(keys) > MAX_KEYS_PER_FIND:
+        raise RequestRejected("too_many_keys", f"{len(keys)} keys in one find request, max {MAX_KEYS_PER_FIND}")
+    for key in keys:
+        if len(key) != DHTID_NBYTES:
+            raise RequestRejected("bad_key_length", f"keys are {DHTID_NBYTES}-byte ids, got {len(key)} bytes")
+
+
+def check_expiration_time(expiration_time: float, now: float) -> Optional[str]:
+    """Returns a reason if the expiration time is not a finite time within MAX_EXPIRATION_HORIZON from now."""
+    if not isinstance(expiration_time, (float, int)) or isinstance(expiration_time, bool):
+        return "bad_expiration_type"
+    if not math.isfinite(expiration_time):
+        return "non_finite_expiration"
+    if expiration_time > now + MAX_EXPIRATION_HORIZON:
+        return "absurd_expiration"
+    return None
+
+
+def _msgpack_prefix_length(data: bytes) -> Optional[int]:
+    """The length of the complete msgpack object that data starts with, or None if it does not start with one."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    try:
+        unpacker.feed(data)
+        unpacker.skip()
+    except Exception:
+        return None
+    return unpacker.tell()
+
+
+def check_store_item(key: bytes, subkey: bytes, value: bytes, expiration_time: float, now: float) -> Optional[str]:
+    """
+    Returns the reason to reject one StoreRequest item, or None if it is well-formed. A regular or subkey value must
+    *start* with a complete msgpack object: validators append suffixes such as ``[signature:...]`` after it.
+    A whole dictionary (empty subkey) is decoded and checked by the caller with :func:`check_dictionary_entry`.
+    """
+    if len(key) != DHTID_NBYTES:
+        return "bad_key_length"
+    reason = check_expiration_time(expiration_time, now)
+    if reason is not None:
+        return reason
+    if len(subkey) > MAX_SUBKEY_BYTES:
+        return "oversize_subkey"
+    if subkey == IS_DICTIONARY:
+        return None
+    if subkey != IS_REGULAR_VALUE and _msgpack_prefix_length(subkey) != len(subkey):
+        return "malformed_subkey"
+    if _msgpack_prefix_length(value) is None:
+        return "malformed_value"
+    return None
+
+
+def check_dictionary_entry(value: object, expiration_time: object, now: float) -> Optional[str]:
+    """One (subkey -> value, expiration) entry of a DictionaryDHTValue received from a remote peer."""
+    if not isinstance(value, bytes):
+        return "malformed_dictionary"
+    reason = check_expiration_time(expiration_time, now)  # type: ignore[arg-type]
+    if reason is not None:
+        return reason
+    if _msgpack_prefix_length(value) is None:
+        return "malformed_value"
+    return None
+
+
+def check_find_result_shape(
+    result_type: int,
+    expiration_time: float,
+    nearest_node_ids: Sequence[bytes],
+    nearest_peer_ids: Sequence[bytes],
+    now: float,
+) -> None:
+    """A FindResult from a remote peer: a known type, aligned neighbour lists of sane size, a finite expiration."""
+    if result_type not in (0, 1, 2):
+        raise RequestRejected("bad_result_type", f"unknown FindResult type {result_type}")
+    if len(nearest_node_ids) != len(nearest_peer_ids) or len(nearest_node_ids) > MAX_NEAREST_NODES:
+        raise RequestRejected(
+            "misaligned_fields", f"{len(nearest_node_ids)} node ids vs {len(nearest_peer_ids)} peer ids"
+        )
+    for node_id in nearest_node_ids:
+        check_node_id_bytes(node_id, allow_empty=False)
+    if result_type != 0:
+        reason = check_expiration_time(expiration_time, now)
+        if reason is not None:
+            raise RequestRejected(reason, f"expiration_time={expiration_time}")
