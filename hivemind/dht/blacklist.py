@@ -48,4 +48,5 @@ class Blacklist(Generic[PeerKey]):
         self._banned.clear()
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(base_time={self.base_time}, backoff_rate={self.backoff_rate}, banned={len(self)})"
+        name, banned = self.__class__.__name__, len(self)
+        return f"{name}(base_time={self.base_time}, backoff_rate={self.backoff_rate}, {banned=})"

@@ -1,11 +1,99 @@
-"""hivemind-dht: run a standalone DHT peer (not implemented yet; lands with the DHT)."""
+"""hivemind-dht: run a standalone DHT peer (e.g. the bootstrap peer of a swarm) until SIGINT/SIGTERM (CLI.md §1)."""
 
+import argparse
+import secrets
+import signal
 import sys
+import threading
+from typing import List, Optional, Tuple
+
+from hivemind.dht import DHT, DHTNode
+from hivemind.utils.logging import get_logger, use_hivemind_log_handler
+from hivemind.utils.networking import log_visible_maddrs
+
+use_hivemind_log_handler("in_root_logger")
+logger = get_logger(__name__)
 
 
-def main() -> int:
-    print("hivemind-dht is not implemented yet in this release", file=sys.stderr)
-    return 2
+async def report_status(dht: DHT, node: DHTNode) -> Tuple[int, int, str, str]:
+    """
+    Runs inside the DHT process: look up a random heartbeat key (exercising and refreshing the routing table), then
+    return (nodes known including this one, live stored keys, routing table dump, storage dump) for the log.
+    """
+    await node.get(f"heartbeat_{secrets.token_hex(16)}", latest=True)
+    routing_table = node.protocol.routing_table
+    num_nodes = 1 + sum(
+        len(bucket.nodes_to_peer_id) + len(bucket.replacement_nodes) for bucket in routing_table.buckets
+    )
+    stored = list(node.protocol.storage.items())
+    storage_dump = "\n".join(f"{key!r}: {item!r}" for key, item in stored)
+    return num_nodes, len(stored), repr(routing_table), storage_dump
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run a standalone hivemind DHT peer until interrupted.")
+    parser.add_argument(
+        "--initial_peers", nargs="*", help="Multiaddrs (ending in /p2p/<peer id>) of existing peers to join"
+    )
+    parser.add_argument(
+        "--host_maddrs",
+        nargs="*",
+        default=["/ip4/0.0.0.0/tcp/0"],
+        help="Multiaddrs to listen on (default: all IPv4 interfaces, random TCP port)",
+    )
+    parser.add_argument(
+        "--announce_maddrs", nargs="*", help="Multiaddrs to advertise instead of the detected ones (explicit ports)"
+    )
+    parser.add_argument(
+        "--use_ipfs",
+        action="store_true",
+        help="Bootstrap through the public IPFS DHT; initial peers may then be given as bare /p2p/<peer id>",
+    )
+    parser.add_argument(
+        "--identity_path", help="Private key file (created if missing) that keeps the peer id stable across restarts"
+    )
+    parser.add_argument("--no_relay", action="store_false", dest="use_relay", help="Disable libp2p circuit relay")
+    parser.add_argument(
+        "--use_auto_relay", action="store_true", help="Look for relays to become reachable from behind NAT"
+    )
+    parser.add_argument(
+        "--refresh_period", type=int, default=30, help="Seconds between status reports / routing table refreshes"
+    )
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    dht = DHT(
+        start=True,
+        initial_peers=args.initial_peers,
+        host_maddrs=args.host_maddrs,
+        announce_maddrs=args.announce_maddrs,
+        use_ipfs=args.use_ipfs,
+        identity_path=args.identity_path,
+        use_relay=args.use_relay,
+        use_auto_relay=args.use_auto_relay,
+    )
+    log_visible_maddrs(dht.get_visible_maddrs(), only_p2p=args.use_ipfs)
+
+    exit_event = threading.Event()
+
+    def on_signal(signal_number: int, _frame) -> None:
+        logger.info(f"Caught signal {signal_number} ({signal.Signals(signal_number).name}), shutting down")
+        exit_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not exit_event.wait(args.refresh_period):
+            num_nodes, num_keys, routing_dump, storage_dump = dht.run_coroutine(report_status)
+            logger.info(f"{num_nodes} DHT nodes (including this one) are in the local routing table ")
+            logger.debug(f"Routing table contents: {routing_dump}")
+            logger.info(f"Local storage contains {num_keys} keys")
+            logger.debug(f"Local storage contents: {storage_dump}")
+    finally:
+        dht.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,306 @@
+"""DHT: a DHTNode running in a background process with its own event loop, driven through futures (API.md §1.1)."""
+
+import asyncio
+import concurrent.futures
+import multiprocessing as mp
+import os
+import signal
+from functools import partial
+from typing import Any, Awaitable, Callable, Iterable, List, Optional, Sequence, TypeVar, Union
+
+from multiaddr import Multiaddr
+
+from hivemind.dht.node import DEFAULT_NUM_WORKERS, DHTNode
+from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ServingEnd
+from hivemind.dht.routing import DHTKey, DHTValue, Subkey
+from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.asyncio import switch_to_uvloop
+from hivemind.utils.logging import get_logger
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
+
+logger = get_logger(__name__)
+
+ReturnType = TypeVar("ReturnType")
+
+
+class DHT(mp.Process):
+    """
+    A DHT peer: runs a :class:`DHTNode` (and, unless ``p2p`` is given, its own p2pd daemon) in a child process.
+    Calls from the creating process travel over a pipe; each returns its result, or an MPFuture with
+    ``return_future=True``. Usable as a context manager: ``with DHT(start=True) as dht: ...`` shuts down on exit.
+
+    :param initial_peers: multiaddrs (str or Multiaddr, each ending in /p2p/<peer id>) of peers to join
+    :param start: start the process right away (in the constructor)
+    :param p2p: attach to this P2P's daemon instead of starting a new one
+    :param daemon: make the child a daemon process (killed when the creating process exits)
+    :param num_workers: concurrent RPCs per DHT search
+    :param record_validators: validators of DHT records, combined into one CompositeValidator
+    :param shutdown_timeout: seconds to wait for a graceful shutdown before terminating the process
+    :param await_ready: with start=True, wait until the node is running and re-raise its start-up error, if any
+    :param start_method: multiprocessing start method ("fork", "spawn", "forkserver"); None = the default context's
+    :param kwargs: forwarded to DHTNode.create and from there to P2P.create (e.g. host_maddrs, client_mode)
+    """
+
+    def __init__(
+        self,
+        initial_peers: Optional[Sequence[Union[Multiaddr, str]]] = None,
+        *,
+        start: bool,
+        p2p: Optional[P2P] = None,
+        daemon: bool = True,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+        record_validators: Iterable[RecordValidatorBase] = (),
+        shutdown_timeout: float = 3,
+        await_ready: bool = True,
+        start_method: Optional[str] = None,
+        **kwargs,
+    ):
+        self._start_method = start_method
+        self._context = mp.get_context(start_method)
+        super().__init__()
+
+        if not (
+            initial_peers is None
+            or (
+                isinstance(initial_peers, Sequence)
+                and all(isinstance(item, (Multiaddr, str)) for item in initial_peers)
+            )
+        ):
+            raise TypeError(f"initial_peers should be a sequence of str or Multiaddr, got {initial_peers!r}")
+        self.initial_peers = [str(maddr) for maddr in initial_peers] if initial_peers is not None else None
+        self.num_workers, self.shutdown_timeout, self.kwargs = num_workers, shutdown_timeout, kwargs
+        self._record_validator = CompositeValidator(record_validators)
+        self._daemon_listen_maddr = str(p2p.daemon_listen_maddr) if p2p is not None else None
+        self.daemon = daemon
+        self._origin_pid = os.getpid()
+
+        self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
+        self._caller = CallerEnd(self._caller_connection)
+        self._peer_id: Optional[PeerID] = None
+        self._client_mode: Optional[bool] = None
+        self._p2p_replicas = {}  # pid -> P2P bound to this DHT's daemon in that process
+
+        if start:
+            self.run_in_background(await_ready=await_ready)
+
+    # ------------------------------------------------------------------ process plumbing
+
+    def _Popen(self, process_obj):  # called by Process.start(): start the child with the chosen start method
+        return self._context.Process._Popen(process_obj)
+
+    def __getstate__(self):
+        """What a spawned child receives: everything but the user-side end of the channel."""
+        state = self.__dict__.copy()
+        for name in ("_caller_connection", "_caller", "_context", "_p2p_replicas"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._context = mp.get_context(self._start_method)
+        self._p2p_replicas = {}
+
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        """Start the DHT process; with ``await_ready``, wait for the node to run (re-raising its start-up error)."""
+        self.start()
+        self._serving_connection.close()  # the child holds its own copy; ours must go so that EOF is noticed
+        self._caller.start_reader()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def wait_until_ready(self, timeout: Optional[float] = None) -> None:
+        """Block until the node runs; re-raises the exception that made the start fail, if any."""
+        self._caller.ready.result(timeout=timeout)
+
+    def run(self) -> None:
+        """The DHT process: create the node, then serve calls until shutdown or until the creator goes away."""
+        if hasattr(self, "_caller_connection"):
+            self._caller_connection.close()  # forked copy of the user-side end
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the creator decides
+        loop = switch_to_uvloop()
+        stopped = asyncio.Event()
+        serving = ServingEnd(self._serving_connection, self._make_handlers(stopped), on_closed=stopped.set)
+        try:
+            loop.run_until_complete(self._serve(loop, serving, stopped))
+        finally:
+            serving.stop()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._serving_connection.close()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, stopped: asyncio.Event) -> None:
+        try:
+            if self._daemon_listen_maddr is not None:
+                self.kwargs["p2p"] = await P2P.replicate(Multiaddr(self._daemon_listen_maddr))
+            self._node = await DHTNode.create(
+                initial_peers=self.initial_peers,
+                num_workers=self.num_workers,
+                record_validator=self._record_validator,
+                **self.kwargs,
+            )
+        except BaseException as e:
+            logger.debug(f"DHT failed to start: {e!r}")
+            serving.send(READY_CALL_ID, False, e)
+            return
+        serving.start(loop)
+        serving.send(READY_CALL_ID, True, None)
+        try:
+            await stopped.wait()
+        finally:
+            await self._node.shutdown()
+
+    def _make_handlers(self, stopped: asyncio.Event):
+        async def shutdown():
+            stopped.set()
+
+        return {
+            "get": self._get,
+            "store": self._store,
+            "run_coroutine": self._run_coroutine,
+            "add_validators": self._add_validators,
+            "peer_id": self._get_peer_id,
+            "client_mode": self._get_client_mode,
+            "visible_maddrs": self._get_visible_maddrs,
+            "daemon_listen_maddr": self._get_daemon_listen_maddr,
+            "shutdown": shutdown,
+        }
+
+    def _call(self, method: str, *args, return_future: bool = False, **kwargs):
+        assert os.getpid() != self.pid, "calling DHT methods from inside the DHT process would deadlock"
+        assert os.getpid() == self._origin_pid, "DHT methods can only be called from the process that created it"
+        if self._popen is None:
+            raise RuntimeError("the DHT process is not started: call run_in_background() or pass start=True")
+        future = MPFuture() if return_future else concurrent.futures.Future()
+        self._caller.call(future, method, *args, **kwargs)
+        return future if return_future else future.result()
+
+    def shutdown(self) -> None:
+        """Stop the node and its daemon gracefully; terminate the process if it takes over ``shutdown_timeout``."""
+        if self._popen is None or os.getpid() != self._origin_pid:
+            return
+        if self.is_alive():
+            try:
+                self._caller.call(concurrent.futures.Future(), "shutdown")
+            except Exception:
+                pass
+            self.join(self.shutdown_timeout)
+            if self.is_alive():
+                logger.warning(f"DHT did not shut down within {self.shutdown_timeout} s, terminating it")
+                self.terminate()
+                self.join()
+        self._caller.close()
+        self._caller.fail_pending(RuntimeError("DHT was shut down"))
+
+    def __enter__(self) -> "DHT":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        if getattr(self, "_origin_pid", None) == os.getpid() and getattr(self, "_popen", None) is not None:
+            try:
+                if self.is_alive():
+                    self.shutdown()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ public API (user process)
+
+    def get(
+        self, key: DHTKey, latest: bool = False, return_future: bool = False, **kwargs
+    ) -> Union[Optional[ValueWithExpiration[DHTValue]], MPFuture]:
+        """
+        Find the value of ``key``: None if absent, else ValueWithExpiration (a dict of subkey -> ValueWithExpiration
+        for dictionary values). ``latest=True`` searches the whole beam for the newest entry.
+
+        :param kwargs: forwarded to DHTNode.get_many_by_id (num_workers, beam_size, sufficient_expiration_time)
+        """
+        return self._call("get", key, latest, return_future=return_future, **kwargs)
+
+    def store(
+        self,
+        key: DHTKey,
+        value: DHTValue,
+        expiration_time: DHTExpiration,
+        subkey: Optional[Subkey] = None,
+        return_future: bool = False,
+        **kwargs,
+    ) -> Union[bool, MPFuture]:
+        """
+        Store ``value`` under ``key`` (or ``key``'s ``subkey``) until ``expiration_time`` (absolute DHT time, s).
+        Returns True if at least the replicas that answered accepted it.
+
+        :param kwargs: forwarded to DHTNode.store_many (exclude_self, await_all_replicas, ...)
+        """
+        return self._call("store", key, value, expiration_time, subkey, return_future=return_future, **kwargs)
+
+    def run_coroutine(
+        self, coro: Callable[["DHT", DHTNode], Awaitable[ReturnType]], return_future: bool = False
+    ) -> Union[ReturnType, MPFuture]:
+        """
+        Run ``await coro(dht, node)`` inside the DHT process and return its (picklable) result. Changes it makes
+        are only visible inside the DHT process. Cancelling the returned future cancels the coroutine.
+        """
+        return self._call("run_coroutine", coro, return_future=return_future)
+
+    def add_validators(self, record_validators: Iterable[RecordValidatorBase]) -> None:
+        """Add record validators to the running node (RuntimeError if the process has not started)."""
+        if not self.is_alive():
+            raise RuntimeError("Can't add validators before the DHT process has started")
+        self._call("add_validators", list(record_validators))
+
+    @property
+    def peer_id(self) -> PeerID:
+        if self._peer_id is None:
+            self._peer_id = self._call("peer_id")
+        return self._peer_id
+
+    @property
+    def client_mode(self) -> bool:
+        if self._client_mode is None:
+            self._client_mode = self._call("client_mode")
+        return self._client_mode
+
+    def get_visible_maddrs(self, latest: bool = False) -> List[Multiaddr]:
+        """This peer's externally visible multiaddrs, each ending in /p2p/<peer id>."""
+        return [Multiaddr(maddr) for maddr in self._call("visible_maddrs", latest)]
+
+    async def replicate_p2p(self) -> P2P:
+        """A P2P in the calling process bound to this DHT's daemon (one per process, created on first use)."""
+        pid = os.getpid()
+        if pid not in self._p2p_replicas:
+            loop = asyncio.get_running_loop()
+            daemon_maddr = await loop.run_in_executor(None, partial(self._call, "daemon_listen_maddr"))
+            self._p2p_replicas[pid] = await P2P.replicate(Multiaddr(daemon_maddr))
+        return self._p2p_replicas[pid]
+
+    # ------------------------------------------------------------------ handlers (DHT process)
+
+    async def _get(self, key: DHTKey, latest: bool, **kwargs) -> Optional[ValueWithExpiration[DHTValue]]:
+        return await self._node.get(key, latest=latest, **kwargs)
+
+    async def _store(
+        self, key: DHTKey, value: DHTValue, expiration_time: DHTExpiration, subkey: Optional[Subkey], **kwargs
+    ) -> bool:
+        return await self._node.store(key, value, expiration_time, subkey=subkey, **kwargs)
+
+    async def _run_coroutine(self, coro: Callable[["DHT", DHTNode], Awaitable[Any]]) -> Any:
+        return await coro(self, self._node)
+
+    async def _add_validators(self, record_validators: List[RecordValidatorBase]) -> None:
+        self._node.protocol.record_validator.extend(record_validators)
+
+    async def _get_peer_id(self) -> PeerID:
+        return self._node.peer_id
+
+    async def _get_client_mode(self) -> bool:
+        return self._node.protocol.client_mode
+
+    async def _get_visible_maddrs(self, latest: bool) -> List[str]:
+        return [str(maddr) for maddr in await self._node.get_visible_maddrs(latest=latest)]
+
+    async def _get_daemon_listen_maddr(self) -> str:
+        return str(self._node.p2p.daemon_listen_maddr)

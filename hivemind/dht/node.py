@@ -1,0 +1,694 @@
+"""DHTNode: a Kademlia peer on asyncio — bootstrap, get/store with replication, caching and dead-peer back-off."""
+
+import asyncio
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Awaitable,
+    Callable,
+    Collection,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
+
+from multiaddr import Multiaddr
+
+from hivemind.dht.blacklist import Blacklist
+from hivemind.dht.protocol import DHTProtocol, StoredValue
+from hivemind.dht.routing import DHTID, DHTKey, DHTValue, Subkey
+from hivemind.dht.search_state import KeySearch
+from hivemind.dht.storage import CacheRefreshQueue, DictionaryDHTValue
+from hivemind.dht.traverse import traverse_dht
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.logging import get_logger
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration, get_dht_time
+
+if TYPE_CHECKING:
+    from hivemind.utils.auth import AuthorizerBase
+
+logger = get_logger(__name__)
+
+DEFAULT_NUM_WORKERS = int(os.getenv("HIVEMIND_DHT_NUM_WORKERS", 4))
+BOOTSTRAP_FAILED_MESSAGE = (
+    "DHTNode bootstrap failed: none of the initial_peers responded to a ping. "
+    "(set ensure_bootstrap_success=False to ignore)"
+)
+
+StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
+
+
+@dataclass
+class _PendingGet:
+    """A running search for one key and the futures of every get() waiting for it."""
+
+    search: KeySearch
+    futures: List[asyncio.Future] = field(default_factory=list)
+
+    @property
+    def abandoned(self) -> bool:
+        return all(future.done() for future in self.futures)
+
+
+def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
+    """The peer id at the end of a multiaddr (ValueError if it has no /p2p/ part: peers are pinged by id)."""
+    try:
+        return PeerID.from_base58(Multiaddr(str(maddr)).value_for_protocol("p2p"))
+    except Exception as e:
+        raise ValueError(f"initial peer {maddr} must end with /p2p/<peer id> (got error: {e!r})") from e
+
+
+class DHTNode:
+    """
+    A DHT peer on an asyncio event loop: routing table, storage and cache live in its :class:`DHTProtocol`; this
+    class finds nodes (beam search), stores to the ``num_replicas`` nearest nodes and gets values from them.
+    Create with ``await DHTNode.create(...)``; see API.md §1.2 for every parameter.
+    """
+
+    node_id: DHTID
+    peer_id: PeerID
+    p2p: P2P
+    protocol: DHTProtocol
+    is_alive: bool = False
+
+    @classmethod
+    async def create(
+        cls,
+        p2p: Optional[P2P] = None,
+        node_id: Optional[DHTID] = None,
+        initial_peers: Optional[Sequence[Union[Multiaddr, str]]] = None,
+        bucket_size: int = 20,
+        num_replicas: int = 5,
+        depth_modulo: int = 5,
+        parallel_rpc: Optional[int] = None,
+        wait_timeout: float = 3,
+        refresh_timeout: Optional[float] = None,
+        bootstrap_timeout: Optional[float] = None,
+        cache_locally: bool = True,
+        cache_nearest: int = 1,
+        cache_size: Optional[int] = None,
+        cache_refresh_before_expiry: float = 5,
+        cache_on_store: bool = True,
+        reuse_get_requests: bool = True,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+        chunk_size: int = 16,
+        blacklist_time: float = 5.0,
+        backoff_rate: float = 2.0,
+        client_mode: bool = False,
+        record_validator: Optional[RecordValidatorBase] = None,
+        authorizer: Optional["AuthorizerBase"] = None,
+        ensure_bootstrap_success: bool = True,
+        strict: bool = True,
+        **kwargs,
+    ) -> "DHTNode":
+        """
+        Start a node and join the DHT through ``initial_peers`` (see API.md §1.2 for all parameters).
+
+        :param kwargs: options for P2P.create when ``p2p`` is None (ValueError if ``p2p`` is given)
+        :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set
+        :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
+        """
+        self = cls(_created_by_create=True)
+        initial_peers = [str(maddr) for maddr in initial_peers] if initial_peers is not None else []
+        initial_peer_ids = [peer_id_from_maddr(maddr) for maddr in initial_peers]
+
+        self._owns_p2p = p2p is None
+        if p2p is None:
+            kwargs.setdefault("dht_mode", "client" if client_mode else "server")
+            p2p = await P2P.create(initial_peers=initial_peers or None, **kwargs)
+        elif kwargs:
+            raise ValueError(f"DHTNode.create got P2P options {sorted(kwargs)} together with an existing p2p")
+        self.p2p, self.peer_id = p2p, p2p.peer_id
+        self.node_id = node_id if node_id is not None else DHTID.generate()
+
+        self.num_replicas, self.num_workers, self.chunk_size = num_replicas, num_workers, chunk_size
+        self.cache_locally, self.cache_nearest, self.cache_on_store = cache_locally, cache_nearest, cache_on_store
+        self.cache_refresh_before_expiry, self.reuse_get_requests = cache_refresh_before_expiry, reuse_get_requests
+        self.refresh_timeout = refresh_timeout
+        self.blacklist: Blacklist[PeerID] = Blacklist(blacklist_time, backoff_rate)
+        self.cache_refresh_queue = CacheRefreshQueue(cache_refresh_before_expiry)
+        self._cache_refresh_wakeup = asyncio.Event()
+        self._pending_gets: Dict[DHTID, List[_PendingGet]] = defaultdict(list)
+        self._tasks: Set[asyncio.Task] = set()
+
+        try:
+            self.protocol = await DHTProtocol.create(
+                self.p2p,
+                self.node_id,
+                bucket_size,
+                depth_modulo,
+                num_replicas,
+                wait_timeout,
+                parallel_rpc,
+                cache_size,
+                client_mode,
+                record_validator,
+                authorizer,
+            )
+            self.is_alive = True
+            if initial_peer_ids:
+                bootstrap_timeout = bootstrap_timeout if bootstrap_timeout is not None else wait_timeout
+                await self._bootstrap(initial_peer_ids, bootstrap_timeout, ensure_bootstrap_success, strict)
+        except BaseException:
+            await self.shutdown()
+            raise
+        if cache_refresh_before_expiry > 0 and cache_locally:
+            self._spawn(self._refresh_cache_forever())
+        if refresh_timeout is not None:
+            self._spawn(self._refresh_stale_buckets_forever(refresh_timeout))
+        return self
+
+    def __init__(self, *, _created_by_create: bool = False):
+        assert _created_by_create, "create DHTNode with `await DHTNode.create(...)`"
+
+    def _spawn(self, coro: Awaitable) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _bootstrap(
+        self, peer_ids: List[PeerID], bootstrap_timeout: float, ensure_success: bool, strict: bool
+    ) -> None:
+        """Ping the initial peers (asking them to validate us), then look ourselves up to fill the routing table."""
+        validate = ensure_success and not self.protocol.client_mode
+        pings = [asyncio.create_task(self.protocol.call_ping(peer, validate, strict)) for peer in peer_ids]
+        try:
+            pending = set(pings)
+            while pending:  # wait for the first peer that answers
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(task.result() is not None for task in done):  # .result() re-raises ValidationError
+                    break
+            if pending:  # give slower peers a little more time to answer
+                done, pending = await asyncio.wait(pending, timeout=bootstrap_timeout)
+                for task in done:
+                    task.result()
+        finally:
+            for task in pings:
+                task.cancel()
+            await asyncio.gather(*pings, return_exceptions=True)
+
+        if len(self.protocol.routing_table) == 0:
+            if ensure_success:
+                raise RuntimeError(BOOTSTRAP_FAILED_MESSAGE)
+            logger.warning(BOOTSTRAP_FAILED_MESSAGE)
+            return
+        await self.find_nearest_nodes([self.node_id])
+
+    async def shutdown(self) -> None:
+        """Stop background work, stop serving RPCs, and stop the P2P daemon if this node started it."""
+        self.is_alive = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for pending_list in self._pending_gets.values():
+            for pending in pending_list:
+                for future in pending.futures:
+                    if not future.done():
+                        future.cancel()
+        if hasattr(self, "protocol"):
+            await self.protocol.shutdown()
+        if getattr(self, "_owns_p2p", False) and self.p2p.is_alive:
+            await self.p2p.shutdown()
+
+    async def get_visible_maddrs(self, latest: bool = False) -> List[Multiaddr]:
+        return await self.p2p.get_visible_maddrs(latest=latest)
+
+    @property
+    def blacklist_time(self) -> float:
+        return self.blacklist.base_time
+
+    # ------------------------------------------------------------------ finding nodes
+
+    async def _find_with_backoff(self, peer: PeerID, keys: Collection[DHTID]):
+        """call_find that skips blacklisted peers and blacklists peers that do not answer."""
+        if peer in self.blacklist:
+            return None
+        response = await self.protocol.call_find(peer, keys)
+        if response is None:
+            self.blacklist.register_failure(peer)
+        else:
+            self.blacklist.register_success(peer)
+        return response
+
+    async def _beam_search(
+        self,
+        queries: Collection[DHTID],
+        beam_size: int,
+        num_workers: int,
+        node_to_peer_id: Dict[DHTID, PeerID],
+        on_find: Optional[Callable[[DHTID, DHTID, Any], bool]] = None,
+        on_done: Optional[Callable[[DHTID, List[DHTID], Set[DHTID]], Awaitable[None]]] = None,
+    ) -> Tuple[Dict[DHTID, List[DHTID]], Dict[DHTID, Set[DHTID]]]:
+        """
+        Visit the nodes nearest to each query with batched find calls; ``on_find(query, node_id, found_value)``
+        returns True to stop that query's search, ``on_done(query, nearest, visited)`` runs when a query finishes.
+        Returns (nearest node ids, visited node ids) per query.
+        """
+        queries = list(queries)
+        initial_nodes: Dict[DHTID, None] = {}
+        for query in queries:
+            for node_id, peer_id in self.protocol.routing_table.get_nearest_neighbors(query, beam_size):
+                initial_nodes[node_id] = None
+                node_to_peer_id.setdefault(node_id, peer_id)
+
+        async def get_neighbors(node_id: DHTID, node_queries: Collection[DHTID]):
+            peer = node_to_peer_id.get(node_id)
+            response = await self._find_with_backoff(peer, node_queries) if peer is not None else None
+            if response is None:
+                return {}
+            output = {}
+            for query, (maybe_value, nearest) in response.items():
+                for neighbor_id, neighbor_peer in nearest.items():
+                    node_to_peer_id.setdefault(neighbor_id, neighbor_peer)
+                should_stop = on_find(query, node_id, maybe_value) if on_find is not None else False
+                neighbors = [neighbor for neighbor in nearest if neighbor != self.node_id]
+                output[query] = (neighbors, should_stop)
+            return output
+
+        queries_per_call = max(1, min(int(len(queries) ** 0.5), self.chunk_size))
+        return await traverse_dht(
+            queries,
+            list(initial_nodes),
+            beam_size,
+            num_workers,
+            queries_per_call,
+            get_neighbors,
+            visited_nodes={query: {self.node_id} for query in queries},
+            found_callback=on_done,
+            await_all_tasks=False,
+        )
+
+    async def find_nearest_nodes(
+        self,
+        queries: Collection[DHTID],
+        k_nearest: Optional[int] = None,
+        beam_size: Optional[int] = None,
+        num_workers: Optional[int] = None,
+        node_to_peer_id: Optional[Dict[DHTID, PeerID]] = None,
+        exclude_self: bool = False,
+        **kwargs,
+    ) -> Dict[DHTID, Dict[DHTID, PeerID]]:
+        """
+        For each query id, the ``k_nearest`` (default bucket_size) nodes nearest to it that answered, nearest first,
+        as {node_id: peer_id}. This node counts among them unless ``exclude_self`` (or it is a client).
+        """
+        queries = list(queries)
+        k_nearest = k_nearest if k_nearest is not None else self.protocol.bucket_size
+        beam_size = max(beam_size if beam_size is not None else self.protocol.bucket_size, k_nearest)
+        num_workers = num_workers if num_workers is not None else self.num_workers
+        node_to_peer_id = node_to_peer_id if node_to_peer_id is not None else {}
+        include_self = not exclude_self and not self.protocol.client_mode
+
+        nearest_nodes, _ = await self._beam_search(queries, beam_size, num_workers, node_to_peer_id)
+        output = {}
+        for query in queries:
+            candidates = [node for node in nearest_nodes.get(query, []) if node != self.node_id]
+            if include_self:
+                candidates.append(self.node_id)
+            candidates.sort(key=query.xor_distance)
+            output[query] = {
+                node: self.peer_id if node == self.node_id else node_to_peer_id[node]
+                for node in candidates[:k_nearest]
+            }
+        return output
+
+    # ------------------------------------------------------------------ store
+
+    async def store(
+        self, key: DHTKey, value: DHTValue, expiration_time: DHTExpiration, subkey: Optional[Subkey] = None, **kwargs
+    ) -> bool:
+        """Store one value (or one dictionary entry); returns whether the replicas accepted it."""
+        result = await self.store_many([key], [value], [expiration_time], subkeys=[subkey], **kwargs)
+        return result[(key, subkey) if subkey is not None else key]
+
+    async def store_many(
+        self,
+        keys: List[DHTKey],
+        values: List[DHTValue],
+        expiration_time: Union[DHTExpiration, List[DHTExpiration]],
+        subkeys: Optional[Union[Subkey, List[Optional[Subkey]]]] = None,
+        exclude_self: bool = False,
+        await_all_replicas: bool = True,
+        **kwargs,
+    ) -> Dict[StoreKey, bool]:
+        """
+        Store values on the ``num_replicas`` nearest nodes to each key (this node included unless ``exclude_self``).
+
+        :param expiration_time: absolute DHT time (s) for all values, or one per value
+        :param subkeys: None (regular values) or one subkey per value (None for a regular value)
+        :param await_all_replicas: if False, a key's result is reported as soon as one replica accepts it; the
+          remaining replicas are still written in the background
+        :param kwargs: forwarded to find_nearest_nodes (beam_size, num_workers)
+        :returns: {key: accepted} for regular values and {(key, subkey): accepted} for dictionary entries
+        """
+        if isinstance(expiration_time, (int, float)):
+            expiration_time = [expiration_time] * len(keys)
+        if subkeys is None:
+            subkeys = [None] * len(keys)
+        if not len(keys) == len(values) == len(expiration_time) == len(subkeys):
+            raise ValueError(
+                f"keys, values, expiration_time and subkeys must have equal lengths, got "
+                f"{len(keys)}, {len(values)}, {len(expiration_time)}, {len(subkeys)}"
+            )
+
+        entries_by_key: Dict[DHTID, List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]]] = defaultdict(list)
+        for key, value, expiration, subkey in zip(keys, values, expiration_time, subkeys):
+            key_id = DHTID.generate(source=key)
+            value_bytes = self._sign(key_id, subkey, MSGPackSerializer.dumps(value), expiration)
+            result_key = (key, subkey) if subkey is not None else key
+            entries_by_key[key_id].append((result_key, subkey, value_bytes, expiration))
+
+        nearest = await self.find_nearest_nodes(
+            list(entries_by_key), k_nearest=self.num_replicas, exclude_self=exclude_self, **kwargs
+        )
+        loop = asyncio.get_running_loop()
+        results = {key_id: loop.create_future() for key_id in entries_by_key}
+        for key_id, entries in entries_by_key.items():
+            self._spawn(self._store_to_replicas(key_id, entries, nearest[key_id], results[key_id], await_all_replicas))
+        store_ok: Dict[StoreKey, bool] = {}
+        for key_id, entries in entries_by_key.items():
+            for (result_key, *_), accepted in zip(entries, await results[key_id]):
+                store_ok[result_key] = accepted
+        return store_ok
+
+    def _sign(self, key_id: DHTID, subkey: Optional[Subkey], value: bytes, expiration: DHTExpiration) -> bytes:
+        validator = self.protocol.record_validator
+        if validator is None:
+            return value
+        subkey_bytes = DHTProtocol.IS_REGULAR_VALUE if subkey is None else MSGPackSerializer.dumps(subkey)
+        return validator.sign_value(DHTRecord(key_id.to_bytes(), subkey_bytes, value, expiration))
+
+    def _store_locally(
+        self, key_id: DHTID, entries: Sequence[Tuple[Any, Optional[Subkey], bytes, float]]
+    ) -> List[bool]:
+        validator, outcomes = self.protocol.record_validator, []
+        for _, subkey, value, expiration in entries:
+            subkey_bytes = DHTProtocol.IS_REGULAR_VALUE if subkey is None else MSGPackSerializer.dumps(subkey)
+            if validator is not None and not validator.validate(
+                DHTRecord(key_id.to_bytes(), subkey_bytes, value, expiration)
+            ):
+                outcomes.append(False)
+                continue
+            outcomes.append(self.protocol.storage.store(key_id, value, expiration, subkey=subkey))
+        return outcomes
+
+    async def _store_to_replicas(
+        self,
+        key_id: DHTID,
+        entries: List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]],
+        candidates: Dict[DHTID, PeerID],
+        result: asyncio.Future,
+        await_all_replicas: bool,
+    ) -> None:
+        """
+        Send the entries of one key to the nearest candidates until ``num_replicas`` of them answered (accepted or
+        rejected) or candidates run out; a silent candidate is replaced by the next one. Each entry's status is the
+        one from the last answer processed.
+        """
+        statuses = [False] * len(entries)
+        untried = list(candidates.items())
+        in_flight: Set[asyncio.Task] = set()
+        num_responded = 0
+        _, subkeys, values, expirations = zip(*entries)
+        try:
+            while True:
+                while untried and num_responded + len(in_flight) < self.num_replicas:
+                    node_id, peer_id = untried.pop(0)
+                    if node_id == self.node_id:
+                        statuses = self._store_locally(key_id, entries)
+                        num_responded += 1
+                        if not await_all_replicas and any(statuses) and not result.done():
+                            result.set_result(statuses)
+                        continue
+                    in_flight.add(
+                        asyncio.create_task(
+                            self.protocol.call_store(peer_id, [key_id] * len(entries), values, expirations, subkeys)
+                        )
+                    )
+                if not in_flight:
+                    break
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    response = task.result()
+                    if response is not None:
+                        statuses = response
+                        num_responded += 1
+                        if not await_all_replicas and any(statuses) and not result.done():
+                            result.set_result(statuses)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if not result.done():
+                result.set_result(statuses)
+        if self.cache_on_store:
+            for (_, subkey, value, expiration), accepted in zip(entries, statuses):
+                if accepted:
+                    self.protocol.cache.store(key_id, value, expiration, subkey=subkey)
+
+    # ------------------------------------------------------------------ get
+
+    async def get(self, key: DHTKey, latest: bool = False, **kwargs) -> Optional[ValueWithExpiration[DHTValue]]:
+        """
+        The value stored under ``key`` (None if not found). ``latest=True`` searches the whole beam for the entry
+        with the greatest expiration instead of stopping at the first non-expired one.
+        """
+        if latest:
+            kwargs["sufficient_expiration_time"] = float("inf")
+        result = await self.get_many([key], **kwargs)
+        return result[key]
+
+    async def get_many(
+        self, keys: Collection[DHTKey], sufficient_expiration_time: Optional[DHTExpiration] = None, **kwargs
+    ) -> Dict[DHTKey, Union[Optional[ValueWithExpiration[DHTValue]], Awaitable]]:
+        """Get several keys at once; see get_many_by_id for the options."""
+        keys = list(keys)
+        key_ids = [DHTID.generate(key) for key in keys]
+        results = await self.get_many_by_id(key_ids, sufficient_expiration_time, **kwargs)
+        return {key: results[key_id] for key, key_id in zip(keys, key_ids)}
+
+    async def get_many_by_id(
+        self,
+        key_ids: Collection[DHTID],
+        sufficient_expiration_time: Optional[DHTExpiration] = None,
+        num_workers: Optional[int] = None,
+        beam_size: Optional[int] = None,
+        return_futures: bool = False,
+        _is_refresh: bool = False,
+    ) -> Dict[DHTID, Union[Optional[ValueWithExpiration[DHTValue]], Awaitable]]:
+        """
+        Search for the values of key ids: a key's search ends once it finds an entry expiring at or after
+        ``sufficient_expiration_time`` (default: now) or after visiting its nearest nodes.
+
+        :param return_futures: return an asyncio future per key at once; cancelling one stops that key's search
+        :returns: {key_id: ValueWithExpiration or None}, or {key_id: future} with return_futures
+        """
+        sufficient_expiration_time = (
+            sufficient_expiration_time if sufficient_expiration_time is not None else get_dht_time()
+        )
+        loop = asyncio.get_running_loop()
+        key_ids = list(dict.fromkeys(key_ids))
+        futures = {key_id: loop.create_future() for key_id in key_ids}
+        new_searches: Dict[DHTID, _PendingGet] = {}
+        for key_id in key_ids:
+            if self.reuse_get_requests and not _is_refresh:
+                joined = next(
+                    (
+                        pending
+                        for pending in self._pending_gets.get(key_id, ())
+                        if pending.search.sufficient_expiration_time >= sufficient_expiration_time
+                        and not pending.search.finished
+                    ),
+                    None,
+                )
+                if joined is not None:
+                    joined.futures.append(futures[key_id])
+                    continue
+            pending = _PendingGet(KeySearch(key_id, sufficient_expiration_time), [futures[key_id]])
+            self._pending_gets[key_id].append(pending)
+            new_searches[key_id] = pending
+
+        if new_searches:
+            search_task = self._spawn(
+                self._search(new_searches, num_workers or self.num_workers, beam_size, _is_refresh)
+            )
+        if return_futures:
+            return futures
+        try:
+            return {key_id: await future for key_id, future in futures.items()}
+        except asyncio.CancelledError:
+            for future in futures.values():
+                future.cancel()
+            if new_searches:
+                search_task.cancel()
+            raise
+
+    def _finish(self, pending: _PendingGet) -> None:
+        """Report a key's best entry to its waiters, cache it locally, and retire the search."""
+        search = pending.search
+        if search.finished:
+            return
+        search.finished = True
+        pending_list = self._pending_gets.get(search.key_id, [])
+        if pending in pending_list:
+            pending_list.remove(pending)
+            if not pending_list:
+                del self._pending_gets[search.key_id]
+        result = self._deserialize(search.key_id, search.best) if search.best is not None else None
+        for future in pending.futures:
+            if not future.done():
+                future.set_result(result)
+        if search.best is not None and self.cache_locally and self.node_id not in search.sources:
+            self.protocol.cache.store(search.key_id, search.best.value, search.best.expiration_time)
+
+    def _deserialize(
+        self, key_id: DHTID, item: ValueWithExpiration[StoredValue]
+    ) -> Optional[ValueWithExpiration[DHTValue]]:
+        """Strip validator suffixes and decode msgpack; a dictionary becomes {subkey: ValueWithExpiration}."""
+        validator, key_bytes = self.protocol.record_validator, key_id.to_bytes()
+
+        def decode(subkey_bytes: bytes, value: bytes, expiration: DHTExpiration) -> DHTValue:
+            if validator is not None:
+                value = validator.strip_value(DHTRecord(key_bytes, subkey_bytes, value, expiration))
+            return MSGPackSerializer.loads(value)
+
+        try:
+            if isinstance(item.value, DictionaryDHTValue):
+                decoded = {
+                    subkey: ValueWithExpiration(
+                        decode(MSGPackSerializer.dumps(subkey), entry.value, entry.expiration_time),
+                        entry.expiration_time,
+                    )
+                    for subkey, entry in item.value.items()
+                }
+                return ValueWithExpiration(decoded, item.expiration_time)
+            return ValueWithExpiration(
+                decode(DHTProtocol.IS_REGULAR_VALUE, item.value, item.expiration_time), item.expiration_time
+            )
+        except Exception as e:
+            logger.warning(f"Could not decode the value of key {key_id!r}: {e!r}")
+            return None
+
+    async def _search(
+        self, searches: Dict[DHTID, _PendingGet], num_workers: int, beam_size: Optional[int], is_refresh: bool
+    ) -> None:
+        try:
+            remaining: Dict[DHTID, _PendingGet] = {}
+            for key_id, pending in searches.items():
+                pending.search.add_candidate(self.protocol.storage.get(key_id), self.node_id)
+                if not is_refresh:
+                    cached = self.protocol.cache.get(key_id)
+                    if pending.search.add_candidate(cached, self.node_id) and pending.search.satisfied:
+                        self._schedule_cache_refresh(key_id, cached.expiration_time)
+                if pending.search.satisfied:
+                    self._finish(pending)
+                else:
+                    remaining[key_id] = pending
+            if not remaining:
+                return
+
+            def on_find(key_id: DHTID, node_id: DHTID, found: Optional[ValueWithExpiration[StoredValue]]) -> bool:
+                pending = remaining[key_id]
+                pending.search.add_candidate(found, node_id)
+                if pending.search.satisfied:
+                    self._finish(pending)
+                return pending.search.finished or pending.abandoned
+
+            async def on_done(key_id: DHTID, nearest: List[DHTID], visited: Set[DHTID]) -> None:
+                pending = remaining[key_id]
+                self._finish(pending)
+                self._cache_nearest(pending.search, nearest, visited, node_to_peer_id)
+
+            node_to_peer_id: Dict[DHTID, PeerID] = {}
+            beam_size = beam_size if beam_size is not None else self.protocol.bucket_size
+            await self._beam_search(list(remaining), beam_size, num_workers, node_to_peer_id, on_find, on_done)
+            for pending in remaining.values():
+                self._finish(pending)
+        except BaseException:
+            for pending in searches.values():
+                for future in pending.futures:
+                    if not future.done():
+                        future.cancel()
+                pending.search.finished = True
+                pending_list = self._pending_gets.get(pending.search.key_id, [])
+                if pending in pending_list:
+                    pending_list.remove(pending)
+            raise
+
+    def _cache_nearest(
+        self, search: KeySearch, nearest: List[DHTID], visited: Set[DHTID], node_to_peer_id: Dict[DHTID, PeerID]
+    ) -> None:
+        """Push the found entry into the caches of the ``cache_nearest`` nearest visited nodes that lack it."""
+        if search.best is None or self.cache_nearest <= 0:
+            return
+        targets = [
+            node_id
+            for node_id in sorted(visited, key=search.key_id.xor_distance)
+            if node_id != self.node_id and node_id not in search.sources and node_id in node_to_peer_id
+        ][: self.cache_nearest]
+        for node_id in targets:
+            self._spawn(
+                self.protocol.call_store(
+                    node_to_peer_id[node_id],
+                    [search.key_id],
+                    [search.best.value],
+                    [search.best.expiration_time],
+                    in_cache=True,
+                )
+            )
+
+    # ------------------------------------------------------------------ background upkeep
+
+    def _schedule_cache_refresh(self, key_id: DHTID, expiration_time: DHTExpiration) -> None:
+        if self.cache_refresh_before_expiry > 0 and key_id not in self.cache_refresh_queue:
+            self.cache_refresh_queue.push(key_id, expiration_time)
+            self._cache_refresh_wakeup.set()
+
+    async def _refresh_cache_forever(self) -> None:
+        """Re-fetch keys that were served from the cache shortly before their cached copies expire."""
+        while True:
+            next_time = self.cache_refresh_queue.next_refresh_time()
+            self._cache_refresh_wakeup.clear()
+            delay = None if next_time is None else max(0.0, next_time - get_dht_time())
+            try:
+                await asyncio.wait_for(self._cache_refresh_wakeup.wait(), timeout=delay)
+                continue  # something new was scheduled: recompute the earliest time
+            except asyncio.TimeoutError:
+                pass
+            due = self.cache_refresh_queue.pop_due(get_dht_time(), self.chunk_size)
+            if not due:
+                continue
+            fresher_than = {}
+            for key_id in due:
+                cached = self.protocol.cache.get(key_id)
+                if cached is not None:
+                    fresher_than[key_id] = cached.expiration_time
+            if fresher_than:
+                await self.get_many_by_id(
+                    list(fresher_than), sufficient_expiration_time=max(fresher_than.values()) + 1e-6, _is_refresh=True
+                )
+
+    async def _refresh_stale_buckets_forever(self, refresh_timeout: float) -> None:
+        """Look up a random id in every bucket not updated for ``refresh_timeout`` seconds."""
+        while True:
+            await asyncio.sleep(refresh_timeout)
+            now = get_dht_time()
+            stale = [
+                bucket for bucket in self.protocol.routing_table.buckets if now - bucket.last_updated > refresh_timeout
+            ]
+            if stale:
+                queries = [DHTID(random.randrange(bucket.lower, bucket.upper)) for bucket in stale]
+                await self.find_nearest_nodes(queries)
+                for bucket in stale:
+                    bucket.last_updated = get_dht_time()
