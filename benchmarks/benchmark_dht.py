@@ -152,15 +152,15 @@ def benchmark_pair(args: argparse.Namespace) -> None:
         keys = [f"pair_{i}_{uuid.uuid4().hex}" for i in range(args.pair_ops)]
         store_latencies, local_get_latencies, remote_get_latencies = [], [], []
         for i, key in enumerate(keys):
-            ok, latency = timed(lambda: first.store(key, i, expiration_time=expiration))
+            ok, latency = timed(lambda key=key, i=i: first.store(key, i, expiration_time=expiration))
             assert ok, f"store of {key} failed"
             store_latencies.append(latency)
         for i, key in enumerate(keys):
-            ok, latency = timed(lambda: first.get(key).value == i)
+            ok, latency = timed(lambda key=key, i=i: first.get(key).value == i)
             assert ok, f"get of {key} failed"
             local_get_latencies.append(latency)
         for i, key in enumerate(keys):
-            ok, latency = timed(lambda: second.get(key).value == i)
+            ok, latency = timed(lambda key=key, i=i: second.get(key).value == i)
             assert ok, f"get of {key} through the second peer failed"
             remote_get_latencies.append(latency)
         rss, uss = process_tree_rss_mib(first.pid)
