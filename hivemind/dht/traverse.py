@@ -1,0 +1,280 @@
+"""
+Beam search over the DHT graph (WIRE.md §7.7), independent of the network: the caller supplies an async
+``get_neighbors`` function, so the search logic is tested against in-memory graphs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import (
+    Awaitable,
+    Callable,
+    Collection,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Set,
+    Tuple,
+)
+
+from sortedcontainers import SortedList
+
+from hivemind.dht.routing import DHTID
+from hivemind.utils.logging import get_logger
+
+__all__ = ["simple_traverse_dht", "traverse_dht", "GetNeighborsFn", "FoundCallback"]
+
+logger = get_logger(__name__)
+
+# get_neighbors(node, queries) -> {query: (neighbours of `node` near `query`, should_stop)}; a query missing from the
+# answer (e.g. {} when the node did not respond) marks `node` as failed for that query
+GetNeighborsFn = Callable[[DHTID, Collection[DHTID]], Awaitable[Dict[DHTID, Tuple[Collection[DHTID], bool]]]]
+# found_callback(query, nearest nodes (nearest first), visited nodes) runs once per query when its search ends
+FoundCallback = Callable[[DHTID, List[DHTID], Set[DHTID]], Awaitable[None]]
+
+_background_callbacks: Set[asyncio.Task] = (
+    set()
+)  # found_callback tasks that outlive traverse_dht(await_all_tasks=False)
+
+
+async def simple_traverse_dht(
+    query_id: DHTID,
+    initial_nodes: Collection[DHTID],
+    beam_size: int,
+    get_neighbors: Callable[[DHTID], Awaitable[Optional[Tuple[Collection[DHTID], bool]]]],
+    visited_nodes: Collection[DHTID] = (),
+) -> Tuple[List[DHTID], Set[DHTID]]:
+    """
+    Sequential beam search for one query: repeatedly ask the nearest not yet visited node among the ``beam_size``
+    nearest known ones for its neighbours, until all of those were visited or a node says ``should_stop``.
+
+    :param get_neighbors: ``async (node) -> (neighbours, should_stop)``, or None if the node did not respond
+    :param visited_nodes: nodes never to request nor return (e.g. the searching node itself)
+    :returns: (up to ``beam_size`` nearest responsive-or-unvisited nodes, nearest first; every node visited,
+      including ``visited_nodes``)
+    """
+    search = _QuerySearch(query_id, beam_size, initial_nodes, visited_nodes)
+    while True:
+        node = search.next_candidate()
+        if node is None:
+            break
+        search.start_request(node)
+        answer = await get_neighbors(node)
+        if answer is None:
+            search.on_failure(node)
+            continue
+        neighbors, should_stop = answer
+        search.on_response(node, neighbors)
+        if should_stop:
+            break
+    return search.nearest(), set(search.visited)
+
+
+async def traverse_dht(
+    queries: Collection[DHTID],
+    initial_nodes: Collection[DHTID],
+    beam_size: int,
+    num_workers: int,
+    queries_per_call: int,
+    get_neighbors: GetNeighborsFn,
+    visited_nodes: Optional[Dict[DHTID, Collection[DHTID]]] = None,
+    found_callback: Optional[FoundCallback] = None,
+    await_all_tasks: bool = True,
+) -> Tuple[Dict[DHTID, List[DHTID]], Dict[DHTID, Set[DHTID]]]:
+    """
+    Parallel beam search for several queries at once, sharing requests between queries.
+
+    Each query keeps the ``beam_size`` nearest nodes it knows of (nodes that failed to respond are dropped) and
+    asks the nearest unvisited one of them for neighbours; its search ends when all of them were visited or a
+    response says ``should_stop``. ``num_workers`` requests run concurrently; each worker serves the query with
+    the fewest requests in flight, and the same request also carries up to ``queries_per_call - 1`` other queries
+    for which that node is an unvisited beam member.
+
+    :param queries: the ids to search for (duplicates are searched once)
+    :param initial_nodes: where every query starts, e.g. the nearest nodes of the local routing table
+    :param get_neighbors: ``async (node, queries) -> {query: (neighbours, should_stop)}``; a query absent from the
+      answer (e.g. ``{}``: the node did not respond) marks the node as failed for that query. Exceptions propagate:
+      the search is cancelled and the exception re-raised, so network errors should be turned into ``{}``.
+    :param visited_nodes: per query, nodes never to request nor return (e.g. the searching node itself)
+    :param found_callback: ``async (query, nearest, visited)``, started as soon as that query's search ends
+    :param await_all_tasks: if True, return only after every found_callback finished; if False, return once all
+      searches ended, leaving unfinished callbacks to run in the background (their errors are logged)
+    :returns: (per query: up to ``beam_size`` nearest nodes, nearest first; per query: all nodes visited,
+      including its ``visited_nodes``)
+    """
+    if beam_size < 1 or num_workers < 1 or queries_per_call < 1:
+        raise ValueError(
+            f"beam_size, num_workers, queries_per_call must be >= 1: {beam_size, num_workers, queries_per_call}"
+        )
+    visited_nodes = visited_nodes or {}
+    searches = {
+        query: _QuerySearch(query, beam_size, initial_nodes, visited_nodes.get(query, ())) for query in queries
+    }
+    scheduler = _Scheduler(searches, queries_per_call, get_neighbors, found_callback)
+    workers = [asyncio.create_task(scheduler.run_worker()) for _ in range(num_workers)] if scheduler.active else []
+    try:
+        await asyncio.gather(*workers)
+        if await_all_tasks:
+            await asyncio.gather(*scheduler.callbacks)
+    except BaseException:
+        for task in workers + scheduler.callbacks:
+            task.cancel()
+        await asyncio.gather(*workers, *scheduler.callbacks, return_exceptions=True)
+        raise
+    for task in scheduler.callbacks:
+        if not task.done():
+            _background_callbacks.add(task)
+            task.add_done_callback(_background_callbacks.discard)
+    nearest = {query: search.result_nearest for query, search in searches.items()}
+    visited = {query: search.result_visited for query, search in searches.items()}
+    return nearest, visited
+
+
+class _QuerySearch:
+    """The beam of one query: known nodes ranked by distance, each unvisited, in flight, visited or failed."""
+
+    UNVISITED, IN_FLIGHT, VISITED, FAILED, EXCLUDED = range(5)
+
+    def __init__(self, query: DHTID, beam_size: int, initial_nodes: Iterable[DHTID], excluded: Iterable[DHTID]):
+        self.query, self.beam_size = query, beam_size
+        self.status: Dict[DHTID, int] = {node: self.EXCLUDED for node in excluded}
+        self.visited: Set[DHTID] = set(self.status)
+        self.ranked = SortedList()  # (distance, node) of every known node that has not failed
+        self.in_flight = 0
+        self.finished = False
+        self.result_nearest: List[DHTID] = []
+        self.result_visited: Set[DHTID] = set()
+        self.add_candidates(initial_nodes)
+
+    def add_candidates(self, nodes: Iterable[DHTID]) -> None:
+        for node in nodes:
+            if node not in self.status:
+                self.status[node] = self.UNVISITED
+                self.ranked.add((self.query ^ node, node))
+
+    def next_candidate(self) -> Optional[DHTID]:
+        """The nearest unvisited node among the beam_size nearest known ones, if any."""
+        for _, node in self.ranked.islice(0, self.beam_size):
+            if self.status[node] == self.UNVISITED:
+                return node
+        return None
+
+    def is_candidate(self, node: DHTID) -> bool:
+        if self.status.get(node) != self.UNVISITED:
+            return False
+        return self.ranked.bisect_left((self.query ^ node, node)) < self.beam_size
+
+    def start_request(self, node: DHTID) -> None:
+        self.status[node] = self.IN_FLIGHT
+        self.in_flight += 1
+
+    def on_response(self, node: DHTID, neighbors: Iterable[DHTID]) -> None:
+        self.status[node] = self.VISITED
+        self.visited.add(node)
+        self.in_flight -= 1
+        self.add_candidates(neighbors)
+
+    def on_failure(self, node: DHTID) -> None:
+        self.status[node] = self.FAILED
+        self.visited.add(node)
+        self.in_flight -= 1
+        self.ranked.remove((self.query ^ node, node))
+
+    def is_exhausted(self) -> bool:
+        return self.in_flight == 0 and self.next_candidate() is None
+
+    def nearest(self) -> List[DHTID]:
+        return [node for _, node in self.ranked.islice(0, self.beam_size)]
+
+    def finish(self) -> None:
+        """Freeze the results: later responses for this query are ignored."""
+        self.finished = True
+        self.result_nearest, self.result_visited = self.nearest(), set(self.visited)
+
+
+class _Scheduler:
+    """Hands (node, queries) requests to workers and applies the answers; owns the found_callback tasks."""
+
+    def __init__(
+        self,
+        searches: Dict[DHTID, _QuerySearch],
+        queries_per_call: int,
+        get_neighbors: GetNeighborsFn,
+        found_callback: Optional[FoundCallback],
+    ):
+        self.active: Dict[DHTID, _QuerySearch] = dict(searches)
+        self.queries_per_call, self.get_neighbors, self.found_callback = (
+            queries_per_call,
+            get_neighbors,
+            found_callback,
+        )
+        self.callbacks: List[asyncio.Task] = []
+        self._changed = asyncio.Event()
+        for search in list(self.active.values()):
+            if search.is_exhausted():
+                self._finish(search)
+
+    def _finish(self, search: _QuerySearch) -> None:
+        search.finish()
+        del self.active[search.query]
+        if self.found_callback is not None:
+            callback = self.found_callback(search.query, list(search.result_nearest), set(search.result_visited))
+            self.callbacks.append(asyncio.create_task(_log_errors(callback, search.query)))
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _next_request(self) -> Optional[Tuple[DHTID, List[_QuerySearch]]]:
+        chosen, chosen_node = None, None
+        for search in self.active.values():
+            if chosen is not None and search.in_flight >= chosen.in_flight:
+                continue
+            node = search.next_candidate()
+            if node is not None:
+                chosen, chosen_node = search, node
+        if chosen is None:
+            return None
+        batch = [chosen]
+        for search in self.active.values():
+            if len(batch) >= self.queries_per_call:
+                break
+            if search is not chosen and search.is_candidate(chosen_node):
+                batch.append(search)
+        for search in batch:
+            search.start_request(chosen_node)
+        return chosen_node, batch
+
+    async def run_worker(self) -> None:
+        while self.active:
+            request = self._next_request()
+            if request is None:
+                await self._changed.wait()  # every search is waiting for requests in flight
+                continue
+            node, batch = request
+            answer = await self.get_neighbors(node, [search.query for search in batch])
+            for search in batch:
+                if search.finished:
+                    continue
+                result = answer.get(search.query)
+                if result is None:
+                    search.on_failure(node)
+                else:
+                    neighbors, should_stop = result
+                    search.on_response(node, neighbors)
+                    if should_stop:
+                        self._finish(search)
+                        continue
+                if search.is_exhausted():
+                    self._finish(search)
+            self._notify()
+
+
+async def _log_errors(callback: Awaitable[None], query: DHTID) -> None:
+    try:
+        await callback
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        logger.warning(f"found_callback for query {query!r} failed: {e!r}", exc_info=True)
