@@ -114,7 +114,8 @@ class PersistentConnection:
             await self._send(request)
             response: p2pd_pb2.PersistentConnectionResponse = await future
         except asyncio.CancelledError:
-            if cancel_on_abort and self.failure is None and not future.done():
+            # (awaiting a future that gets cancelled cancels it too, so only a received reply means "too late")
+            if cancel_on_abort and self.failure is None and (future.cancelled() or not future.done()):
                 self._send_nowait(p2pd_pb2.PersistentConnectionRequest(callId=call_id, cancel=p2pd_pb2.Cancel()))
             raise
         finally:

@@ -1,0 +1,70 @@
+"""Shared fixtures: real p2pd peers on 127.0.0.1, and a session-end check that no p2pd started here survives."""
+
+import asyncio
+import os
+import uuid
+from typing import AsyncIterator, Callable, List, Tuple
+
+import psutil
+import pytest
+
+from hivemind.p2p import P2P
+
+# every p2pd started by this test process (directly or through child processes) inherits this marker
+TEST_MARKER_ENV = "HIVEMIND_TEST_RUN_MARKER"
+TEST_MARKER = f"{os.getpid()}-{uuid.uuid4().hex}"
+os.environ[TEST_MARKER_ENV] = TEST_MARKER
+
+
+def find_marked_p2pd_processes() -> List[psutil.Process]:
+    """p2pd processes (any parent) that carry this test session's environment marker."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.info["name"] != "p2pd":
+                continue
+            if process.environ().get(TEST_MARKER_ENV) == TEST_MARKER and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers = find_marked_p2pd_processes()
+    if not leftovers:
+        return
+    for process in leftovers:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    details = ", ".join(f"pid {p.pid} ({' '.join(p.cmdline()[:1])})" for p in leftovers if p.is_running())
+    print(
+        f"\nERROR: {len(leftovers)} p2pd process(es) started by the tests were still running: {details or leftovers}"
+    )
+    session.exitstatus = 1
+
+
+@pytest.fixture
+async def p2p_factory() -> AsyncIterator[Callable[..., "asyncio.Future[P2P]"]]:
+    """``await p2p_factory(**create_kwargs)`` starts a peer that is shut down after the test."""
+    instances: List[P2P] = []
+
+    async def create(**kwargs) -> P2P:
+        p2p = await P2P.create(**kwargs)
+        instances.append(p2p)
+        return p2p
+
+    yield create
+    await asyncio.gather(*(p2p.shutdown() for p2p in instances), return_exceptions=True)
+
+
+@pytest.fixture
+async def p2p_pair(p2p_factory) -> Tuple[P2P, P2P]:
+    """Two peers on 127.0.0.1; the second bootstraps from the first, so they are connected."""
+    first = await p2p_factory()
+    second = await p2p_factory(initial_peers=await first.get_visible_maddrs())
+    for peer in (first, second):
+        await peer.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
+    return first, second
