@@ -1,0 +1,92 @@
+"""Strategies that pick a concrete codec per tensor (by size, role or key); messages carry the concrete type."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompression, TensorRole
+from hivemind.proto import runtime_pb2
+
+__all__ = ["AdaptiveCompressionBase", "SizeAdaptiveCompression", "RoleAdaptiveCompression", "PerTensorCompression"]
+
+
+class AdaptiveCompressionBase(CompressionBase, ABC):
+    """Delegates to the codec returned by :meth:`choose_compression`."""
+
+    @abstractmethod
+    def choose_compression(self, info: CompressionInfo) -> CompressionBase: ...
+
+    @property
+    def compression_type(self):  # there is no single type: each message says which codec made it
+        raise AttributeError(f"{self.__class__.__name__} has no single compression_type; see choose_compression")
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return self.choose_compression(info).estimate_compression_ratio(info)
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        return self.choose_compression(info).compress(tensor, info=info, allow_inplace=allow_inplace)
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            f"{self.__class__.__name__} does not decode; use hivemind.compression.deserialize_torch_tensor"
+        )
+
+
+class SizeAdaptiveCompression(AdaptiveCompressionBase):
+    """Use ``greater_equal`` for tensors with at least ``threshold`` elements and ``less`` for smaller ones."""
+
+    def __init__(self, threshold: int, less: CompressionBase, greater_equal: CompressionBase):
+        self.threshold, self.less, self.greater_equal = threshold, less, greater_equal
+
+    def choose_compression(self, info: CompressionInfo) -> CompressionBase:
+        return self.greater_equal if info.descriptor.numel() >= self.threshold else self.less
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.threshold}, less={self.less}, greater_equal={self.greater_equal})"
+
+
+class RoleAdaptiveCompression(AdaptiveCompressionBase):
+    """Choose a codec by the tensor's role (``info.role``); roles without a codec use ``default``."""
+
+    def __init__(
+        self,
+        *,
+        activation: Optional[CompressionBase] = None,
+        parameter: Optional[CompressionBase] = None,
+        gradient: Optional[CompressionBase] = None,
+        optimizer: Optional[CompressionBase] = None,
+        default: CompressionBase = NoCompression(),
+    ):
+        self.role_compressions = {
+            TensorRole.ACTIVATION: activation or default,
+            TensorRole.PARAMETER: parameter or default,
+            TensorRole.GRADIENT: gradient or default,
+            TensorRole.OPTIMIZER: optimizer or default,
+            TensorRole.UNSPECIFIED: default,
+        }
+
+    def choose_compression(self, info: CompressionInfo) -> CompressionBase:
+        return self.role_compressions[info.role]
+
+    def __repr__(self) -> str:
+        roles = ", ".join(f"{role.name.lower()}={codec}" for role, codec in self.role_compressions.items())
+        return f"{self.__class__.__name__}({roles})"
+
+
+class PerTensorCompression(AdaptiveCompressionBase):
+    """Choose a codec by ``info.key``: an index into a sequence, or a key of a mapping."""
+
+    def __init__(self, tensor_compressions: Union[Sequence[CompressionBase], Mapping[object, CompressionBase]]):
+        self.tensor_compressions = tensor_compressions
+
+    def choose_compression(self, info: CompressionInfo) -> CompressionBase:
+        try:
+            return self.tensor_compressions[info.key]
+        except (KeyError, IndexError, TypeError) as e:
+            raise KeyError(f"{self.__class__.__name__} has no compression for tensor key {info.key!r}") from e
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.tensor_compressions!r})"

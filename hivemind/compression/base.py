@@ -1,0 +1,121 @@
+"""The compression interface (CompressionBase, CompressionInfo, TensorRole) and the identity codec NoCompression."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import Any, Optional
+
+import torch
+
+from hivemind.compression.buffers import (
+    TensorDecodeError,
+    buffer_may_be_aliased,
+    dtype_to_name,
+    expect_length,
+    name_to_dtype,
+    read_array,
+    tensor_to_bytes,
+    use_legacy_bfloat16,
+    validated_shape,
+)
+from hivemind.proto import runtime_pb2
+from hivemind.utils.tensor_descr import TensorDescriptor
+
+__all__ = ["TensorRole", "CompressionInfo", "CompressionBase", "NoCompression", "TensorDecodeError"]
+
+
+class TensorRole(Enum):
+    """What a tensor is used for; adaptive strategies may pick a codec by role."""
+
+    ACTIVATION = 1
+    PARAMETER = 2
+    GRADIENT = 3
+    OPTIMIZER = 4
+    UNSPECIFIED = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionInfo:
+    """Auxiliary information about a tensor that helps choose and tune its compression."""
+
+    key: Any  # a name or index that identifies the tensor (e.g. its position in a list of parameters)
+    descriptor: TensorDescriptor  # the full tensor's shape, dtype, ...
+    role: TensorRole = TensorRole.UNSPECIFIED
+    part_index: int = 0  # index of this part when the tensor is sent in parts (e.g. all-reduce)
+    part_size: Optional[int] = None  # number of elements in one part, None if the tensor is sent whole
+
+    @classmethod
+    def from_tensor(
+        cls, tensor: torch.Tensor, key: Any = None, descriptor: Optional[TensorDescriptor] = None, **kwargs
+    ) -> CompressionInfo:
+        return cls(key, descriptor or TensorDescriptor.from_tensor(tensor), **kwargs)
+
+    def get_part(self, part_index: int, part_size: Optional[int]) -> CompressionInfo:
+        """The same information for one part of the tensor."""
+        return dataclasses.replace(self, part_index=part_index, part_size=part_size)
+
+
+class CompressionBase(ABC):
+    """A codec: turns a tensor into a ``runtime_pb2.Tensor`` message and back."""
+
+    compression_type: int  # runtime_pb2.CompressionType written into (and expected in) the messages
+
+    @abstractmethod
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        """Serialize ``tensor``; with ``allow_inplace=True`` the codec may overwrite the tensor's data."""
+
+    @abstractmethod
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        """Restore a tensor (without requires_grad); raises TensorDecodeError (a ValueError) for malformed input."""
+
+    @abstractmethod
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        """Approximate compressed size / original size for a tensor described by ``info``."""
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}()"
+
+
+class NoCompression(CompressionBase):
+    """Exact copy of the tensor's bytes; bfloat16 is sent as float32 unless USE_LEGACY_BFLOAT16=0."""
+
+    compression_type = runtime_pb2.CompressionType.NONE
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        tensor = tensor.detach()
+        dtype_name = dtype_to_name(tensor.dtype)
+        if tensor.dtype == torch.bfloat16:
+            payload = tensor.float() if use_legacy_bfloat16() else tensor.view(torch.int16)
+        else:
+            payload = tensor
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=tensor_to_bytes(payload),
+            size=tensor.shape,
+            dtype=dtype_name,
+            requires_grad=tensor.requires_grad,
+        )
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        shape, numel = validated_shape(serialized_tensor)
+        dtype = name_to_dtype(serialized_tensor.dtype)
+        buffer = serialized_tensor.buffer
+        if dtype == torch.bfloat16:
+            if len(buffer) == 4 * numel:  # legacy format: float32 values
+                return read_array(buffer, 0, numel, torch.float32).to(torch.bfloat16).reshape(shape)
+            expect_length(buffer, 2 * numel, f"bfloat16 tensor of shape {list(shape)} (2 or 4 bytes per element)")
+            raw = read_array(buffer, 0, numel, torch.int16)
+        else:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            expect_length(buffer, numel * itemsize, f"{dtype_to_name(dtype)} tensor of shape {list(shape)}")
+            raw = read_array(buffer, 0, numel, dtype)
+        if dtype != torch.bool and not buffer_may_be_aliased(buffer):
+            raw = raw.clone()
+        if dtype == torch.bfloat16:
+            raw = raw.view(torch.bfloat16)
+        return raw.reshape(shape)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return 1.0

@@ -1,0 +1,121 @@
+"""16-bit codecs: plain float16 (FLOAT16) and per-row mean/std normalized float16 (MEANSTD_16BIT)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hivemind.compression.base import CompressionBase, CompressionInfo
+from hivemind.compression.buffers import (
+    TensorDecodeError,
+    buffer_may_be_aliased,
+    dtype_to_name,
+    expect_length,
+    name_to_dtype,
+    read_array,
+    tensor_to_bytes,
+    validated_shape,
+)
+from hivemind.proto import runtime_pb2
+
+__all__ = ["Float16Compression", "ScaledFloat16Compression"]
+
+FP16_MAX = 65504.0
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def _check_float_input(codec: CompressionBase, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point() or tensor.dtype == torch.bfloat16:
+        raise ValueError(
+            f"{codec.__class__.__name__} compresses float16/float32/float64 tensors only, got {tensor.dtype}; "
+            f"use NoCompression (or an 8-bit codec for bfloat16)"
+        )
+
+
+def _float_output_dtype(serialized_tensor: runtime_pb2.Tensor) -> torch.dtype:
+    dtype = name_to_dtype(serialized_tensor.dtype)
+    if not dtype.is_floating_point:
+        raise TensorDecodeError(
+            f"a 16-bit compressed tensor must have a floating dtype, got {serialized_tensor.dtype}"
+        )
+    return dtype
+
+
+class Float16Compression(CompressionBase):
+    """Cast to float16 after clamping to ±65504; restores the original floating dtype."""
+
+    compression_type = runtime_pb2.CompressionType.FLOAT16
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        _check_float_input(self, tensor)
+        tensor = tensor.detach()
+        if tensor.dtype == torch.float16:
+            half = tensor.clamp_(-FP16_MAX, FP16_MAX) if allow_inplace else tensor.clamp(-FP16_MAX, FP16_MAX)
+        else:
+            # converting first and clamping the (smaller) float16 copy gives the same values as clamping first:
+            # everything beyond ±65520 becomes ±inf and is clamped back to ±65504, NaN stays NaN
+            half = tensor.to(torch.float16).clamp_(-FP16_MAX, FP16_MAX)
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=tensor_to_bytes(half),
+            size=tensor.shape,
+            dtype=dtype_to_name(tensor.dtype),
+            requires_grad=tensor.requires_grad,
+        )
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        shape, numel = validated_shape(serialized_tensor)
+        dtype = _float_output_dtype(serialized_tensor)
+        buffer = serialized_tensor.buffer
+        expect_length(buffer, 2 * numel, f"FLOAT16 tensor of shape {list(shape)}")
+        half = read_array(buffer, 0, numel, torch.float16)
+        if dtype != torch.float16:
+            result = half.to(dtype)
+        else:
+            result = half if buffer_may_be_aliased(buffer) else half.clone()
+        return result.reshape(shape)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return 16.0 / torch.finfo(info.descriptor.dtype or torch.float32).bits
+
+
+class ScaledFloat16Compression(Float16Compression):
+    """Normalize each row (last dimension) to zero mean and unit std, send float16 values and float32 stats."""
+
+    compression_type = runtime_pb2.CompressionType.MEANSTD_16BIT
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        _check_float_input(self, tensor)
+        tensor = tensor.detach()
+        row_length = tensor.shape[-1] if tensor.ndim > 0 else 1
+        work = tensor if tensor.dtype != torch.float16 else tensor.float()
+        means = work.mean(dim=-1, keepdim=True).float()
+        centered = torch.sub(work, means) if not (allow_inplace and work is tensor) else work.sub_(means)
+        stds = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).float()
+        stds.div_(math.sqrt(max(row_length, 1))).clamp_min_(FP32_EPS)
+        half = centered.div_(stds).to(torch.float16)
+        buffer = b"".join((tensor_to_bytes(half), tensor_to_bytes(means), tensor_to_bytes(stds)))
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=buffer,
+            size=tensor.shape,
+            dtype=dtype_to_name(tensor.dtype),
+            requires_grad=tensor.requires_grad,
+        )
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        shape, numel = validated_shape(serialized_tensor)
+        dtype = _float_output_dtype(serialized_tensor)
+        num_rows = math.prod(shape[:-1])
+        buffer = serialized_tensor.buffer
+        expect_length(buffer, 2 * numel + 8 * num_rows, f"MEANSTD_16BIT tensor of shape {list(shape)}")
+        stats_shape = (*shape[:-1], 1) if shape else ()
+        half = read_array(buffer, 0, numel, torch.float16).reshape(shape)
+        means = read_array(buffer, 2 * numel, num_rows, torch.float32).reshape(stats_shape)
+        stds = read_array(buffer, 2 * numel + 4 * num_rows, num_rows, torch.float32).reshape(stats_shape)
+        result = torch.addcmul(means, half, stds)
+        return result if result.dtype == dtype else result.to(dtype)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return 16.0 / torch.finfo(info.descriptor.dtype or torch.float32).bits

@@ -1,0 +1,90 @@
+"""serialize_torch_tensor / deserialize_torch_tensor: the CompressionType -> codec registry (WIRE.md §8)."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Dict, Iterable, List, Optional
+
+import torch
+
+from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompression, TensorDecodeError
+from hivemind.compression.floating import Float16Compression, ScaledFloat16Compression
+from hivemind.compression.quantization import (
+    BlockwiseQuantization,
+    Quantile8BitQuantization,
+    Uniform8BitQuantization,
+)
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming
+
+__all__ = ["BASE_COMPRESSION_TYPES", "serialize_torch_tensor", "deserialize_torch_tensor", "deserialize_tensor_stream"]
+
+CompressionType = runtime_pb2.CompressionType
+
+BASE_COMPRESSION_TYPES: Dict[str, CompressionBase] = dict(
+    NONE=NoCompression(),
+    FLOAT16=Float16Compression(),
+    MEANSTD_16BIT=ScaledFloat16Compression(),
+    QUANTILE_8BIT=Quantile8BitQuantization(),
+    UNIFORM_8BIT=Uniform8BitQuantization(),
+    BLOCKWISE_8BIT=BlockwiseQuantization(),
+)
+_CODECS_BY_TYPE: Dict[int, CompressionBase] = {
+    CompressionType.Value(name): codec for name, codec in BASE_COMPRESSION_TYPES.items()
+}
+for _name, _codec in BASE_COMPRESSION_TYPES.items():
+    assert CompressionType.Value(_name) == _codec.compression_type, f"codec registry mismatch for {_name}"
+assert set(BASE_COMPRESSION_TYPES) == set(CompressionType.keys()), "every CompressionType needs a codec"
+
+
+def serialize_torch_tensor(
+    tensor: torch.Tensor,
+    compression_type: int = CompressionType.NONE,
+    info: Optional[CompressionInfo] = None,
+    allow_inplace: bool = False,
+    **kwargs,
+) -> runtime_pb2.Tensor:
+    """Serialize a CPU tensor with the codec of ``compression_type``; extra kwargs go to CompressionInfo."""
+    assert tensor.device == torch.device("cpu"), f"serialize_torch_tensor expects a CPU tensor, got {tensor.device}"
+    codec = _CODECS_BY_TYPE.get(compression_type)
+    if codec is None:
+        raise ValueError(
+            f"unknown compression type {compression_type!r}, expected one of {dict(CompressionType.items())}"
+        )
+    if info is None:
+        info = CompressionInfo.from_tensor(tensor, **kwargs)
+    return codec.compress(tensor, info, allow_inplace)
+
+
+def deserialize_torch_tensor(serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+    """Restore a tensor (with its requires_grad flag); raises TensorDecodeError (a ValueError) for bad input."""
+    codec = _CODECS_BY_TYPE.get(serialized_tensor.compression)
+    if codec is None:
+        raise TensorDecodeError(f"serialized tensor has an unknown compression type {serialized_tensor.compression}")
+    tensor = codec.extract(serialized_tensor)
+    if serialized_tensor.requires_grad:
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            raise TensorDecodeError(f"a {tensor.dtype} tensor cannot have requires_grad=True")
+        tensor.requires_grad_(True)
+    return tensor
+
+
+async def deserialize_tensor_stream(
+    stream: AsyncIterator[Iterable[runtime_pb2.Tensor]],
+) -> List[torch.Tensor]:
+    """Reassemble and decode tensors from a stream of chunk lists (WIRE.md §8.3).
+
+    A chunk with a non-empty dtype starts a new tensor; chunks without one continue the current tensor.
+    """
+    tensors: List[torch.Tensor] = []
+    current_parts: List[runtime_pb2.Tensor] = []
+    async for parts in stream:
+        for part in parts:
+            if part.dtype and current_parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(current_parts)))
+                current_parts = []
+            if not part.dtype and not current_parts:
+                raise TensorDecodeError("tensor stream: a continuation chunk arrived before any chunk with metadata")
+            current_parts.append(part)
+    if current_parts:
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(current_parts)))
+    return tensors
