@@ -147,11 +147,15 @@ class _QuerySearch:
         self.result_visited: Set[DHTID] = set()
         self.add_candidates(initial_nodes)
 
-    def add_candidates(self, nodes: Iterable[DHTID]) -> None:
+    def add_candidates(self, nodes: Iterable[DHTID]) -> List[DHTID]:
+        """Learn about nodes; returns those that were not known before."""
+        added = []
         for node in nodes:
             if node not in self.status:
                 self.status[node] = self.UNVISITED
                 self.ranked.add((self.query ^ node, node))
+                added.append(node)
+        return added
 
     def next_candidate(self) -> Optional[DHTID]:
         """The nearest unvisited node among the beam_size nearest known ones, if any."""
@@ -161,19 +165,24 @@ class _QuerySearch:
         return None
 
     def is_candidate(self, node: DHTID) -> bool:
+        """Whether ``node`` is unvisited and among the beam_size nearest known nodes."""
         if self.status.get(node) != self.UNVISITED:
             return False
         return self.ranked.bisect_left((self.query ^ node, node)) < self.beam_size
+
+    def unvisited(self) -> List[DHTID]:
+        return [node for node, status in self.status.items() if status == self.UNVISITED]
 
     def start_request(self, node: DHTID) -> None:
         self.status[node] = self.IN_FLIGHT
         self.in_flight += 1
 
-    def on_response(self, node: DHTID, neighbors: Iterable[DHTID]) -> None:
+    def on_response(self, node: DHTID, neighbors: Iterable[DHTID]) -> List[DHTID]:
+        """Record an answer; returns the neighbours that were new to this query."""
         self.status[node] = self.VISITED
         self.visited.add(node)
         self.in_flight -= 1
-        self.add_candidates(neighbors)
+        return self.add_candidates(neighbors)
 
     def on_failure(self, node: DHTID) -> None:
         self.status[node] = self.FAILED
@@ -194,7 +203,13 @@ class _QuerySearch:
 
 
 class _Scheduler:
-    """Hands (node, queries) requests to workers and applies the answers; owns the found_callback tasks."""
+    """
+    Hands (node, queries) requests to workers and applies the answers; owns the found_callback tasks.
+
+    Two indices keep each choice cheap with thousands of queries: ``_ready[n]`` holds the searches that have a
+    node to request and ``n`` requests in flight; ``_unvisited_by[node]`` holds the searches that know ``node``
+    but have not requested it yet (the candidates for sharing a request to that node).
+    """
 
     def __init__(
         self,
@@ -211,13 +226,43 @@ class _Scheduler:
         )
         self.callbacks: List[asyncio.Task] = []
         self._changed = asyncio.Event()
+        self._ready: Dict[int, Dict[DHTID, _QuerySearch]] = {}
+        self._ready_level: Dict[DHTID, int] = {}
+        self._unvisited_by: Dict[DHTID, Dict[DHTID, _QuerySearch]] = {}
         for search in list(self.active.values()):
             if search.is_exhausted():
                 self._finish(search)
+            else:
+                self._index_unvisited(search, search.unvisited())
+                self._update_readiness(search)
+
+    def _index_unvisited(self, search: _QuerySearch, nodes: Iterable[DHTID]) -> None:
+        for node in nodes:
+            self._unvisited_by.setdefault(node, {})[search.query] = search
+
+    def _unindex_unvisited(self, search: _QuerySearch, node: DHTID) -> None:
+        searches = self._unvisited_by.get(node)
+        if searches is not None:
+            searches.pop(search.query, None)
+            if not searches:
+                del self._unvisited_by[node]
+
+    def _update_readiness(self, search: _QuerySearch) -> None:
+        old_level = self._ready_level.pop(search.query, None)
+        if old_level is not None:
+            del self._ready[old_level][search.query]
+            if not self._ready[old_level]:
+                del self._ready[old_level]
+        if not search.finished and search.next_candidate() is not None:
+            self._ready.setdefault(search.in_flight, {})[search.query] = search
+            self._ready_level[search.query] = search.in_flight
 
     def _finish(self, search: _QuerySearch) -> None:
         search.finish()
         del self.active[search.query]
+        self._update_readiness(search)
+        for node in search.unvisited():
+            self._unindex_unvisited(search, node)
         if self.found_callback is not None:
             callback = self.found_callback(search.query, list(search.result_nearest), set(search.result_visited))
             self.callbacks.append(asyncio.create_task(_log_errors(callback, search.query)))
@@ -227,24 +272,28 @@ class _Scheduler:
         changed.set()
 
     def _next_request(self) -> Optional[Tuple[DHTID, List[_QuerySearch]]]:
-        chosen, chosen_node = None, None
-        for search in self.active.values():
-            if chosen is not None and search.in_flight >= chosen.in_flight:
-                continue
-            node = search.next_candidate()
-            if node is not None:
-                chosen, chosen_node = search, node
-        if chosen is None:
+        """The search with the fewest requests in flight asks its nearest unvisited node, for other searches too."""
+        if not self._ready:
             return None
+        least_busy = self._ready[min(self._ready)]
+        chosen = next(iter(least_busy.values()))
+        node = chosen.next_candidate()
         batch = [chosen]
-        for search in self.active.values():
+        searches_knowing_node = self._unvisited_by.get(node, {})
+        for query, search in list(searches_knowing_node.items()):
             if len(batch) >= self.queries_per_call:
                 break
-            if search is not chosen and search.is_candidate(chosen_node):
+            if search is chosen:
+                continue
+            if search.is_candidate(node):
                 batch.append(search)
+            else:  # out of that beam (it may only come back after failures): stop offering it for sharing
+                del searches_knowing_node[query]
         for search in batch:
-            search.start_request(chosen_node)
-        return chosen_node, batch
+            search.start_request(node)
+            self._unindex_unvisited(search, node)
+            self._update_readiness(search)
+        return node, batch
 
     async def run_worker(self) -> None:
         while self.active:
@@ -253,22 +302,25 @@ class _Scheduler:
                 await self._changed.wait()  # every search is waiting for requests in flight
                 continue
             node, batch = request
-            answer = await self.get_neighbors(node, [search.query for search in batch])
+            answer = await self.get_neighbors(node, [search.query for search in batch]) or {}
             for search in batch:
-                if search.finished:
-                    continue
-                result = answer.get(search.query)
-                if result is None:
-                    search.on_failure(node)
-                else:
-                    neighbors, should_stop = result
-                    search.on_response(node, neighbors)
-                    if should_stop:
-                        self._finish(search)
-                        continue
-                if search.is_exhausted():
-                    self._finish(search)
+                if not search.finished:
+                    self._apply_answer(search, node, answer.get(search.query))
             self._notify()
+
+    def _apply_answer(self, search: _QuerySearch, node: DHTID, result: Optional[Tuple[Collection[DHTID], bool]]):
+        if result is None:
+            search.on_failure(node)
+        else:
+            neighbors, should_stop = result
+            self._index_unvisited(search, search.on_response(node, neighbors))
+            if should_stop:
+                self._finish(search)
+                return
+        if search.is_exhausted():
+            self._finish(search)
+        else:
+            self._update_readiness(search)
 
 
 async def _log_errors(callback: Awaitable[None], query: DHTID) -> None:
