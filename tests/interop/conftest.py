@@ -9,16 +9,18 @@ proves the harness and the tests themselves.
 
 import os
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, List
 
 import pytest
 
 from .harness import IMPLEMENTATIONS, CliProcess, PeerProcess, ensure_original_env
 
+ORIGINAL, OURS = "original", "ours"  # the two sides of every test
+
 _pair = tuple(os.environ.get("HIVEMIND_INTEROP_PAIR", "original,ours").split(","))
 if len(_pair) != 2 or not set(_pair) <= set(IMPLEMENTATIONS):
     raise ValueError(f"HIVEMIND_INTEROP_PAIR must be two of {IMPLEMENTATIONS} separated by a comma, got {_pair}")
-ORIGINAL, OURS = _pair  # normally "original", "ours"
+SIDE_IMPLEMENTATION = {ORIGINAL: _pair[0], OURS: _pair[1]}  # which library each side really runs
 DIRECTIONS = [(ORIGINAL, OURS), (OURS, ORIGINAL)]  # (first side, second side): each test runs both ways
 DIRECTION_IDS = ["original-to-ours", "ours-to-original"]
 
@@ -38,11 +40,11 @@ def interop_log_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def module_peers(original_env, interop_log_dir) -> Callable[..., PeerProcess]:
-    """`module_peers(implementation, name)` starts a driven peer process that lives until the module ends."""
+    """`module_peers(side, name)` starts a driven peer process that lives until the module ends."""
     peers: List[PeerProcess] = []
 
-    def start(implementation: str, name: str) -> PeerProcess:
-        peer = PeerProcess(implementation, interop_log_dir, name=name)
+    def start(side: str, name: str) -> PeerProcess:
+        peer = PeerProcess(SIDE_IMPLEMENTATION[side], interop_log_dir, name=name)
         peers.append(peer)
         return peer
 
@@ -53,19 +55,14 @@ def module_peers(original_env, interop_log_dir) -> Callable[..., PeerProcess]:
 
 @pytest.fixture
 def cli_tools(original_env, interop_log_dir) -> Callable[..., CliProcess]:
-    """`cli_tools(implementation, args)` runs hivemind-dht; stopped (SIGINT, then killed) after the test."""
+    """`cli_tools(side, args)` runs that side's hivemind-dht; stopped (SIGINT, then killed) after the test."""
     tools: List[CliProcess] = []
 
-    def start(implementation: str, args) -> CliProcess:
-        tool = CliProcess(implementation, args, interop_log_dir)
+    def start(side: str, args) -> CliProcess:
+        tool = CliProcess(SIDE_IMPLEMENTATION[side], args, interop_log_dir, name=f"{side}-hivemind-dht")
         tools.append(tool)
         return tool
 
     yield start
     for tool in tools:
         tool.stop()
-
-
-def other(implementation_pair: Tuple[str, str], side: str) -> str:
-    first, second = implementation_pair
-    return second if side == first else first
