@@ -5,10 +5,11 @@ import random
 import pytest
 
 from hivemind.dht.routing import DHTID, KBucket, RoutingTable
+from hivemind.p2p import PeerID
 
 
-def make_peer_id(index: int) -> bytes:
-    return f"peer{index}".encode()  # any hashable works for the routing logic
+def make_peer_id(name) -> PeerID:
+    return PeerID(f"peer-{name}".encode())
 
 
 def random_ids(count: int, rng: random.Random):
@@ -130,48 +131,48 @@ def test_kbucket_split_distributes_nodes_by_range():
 
 def test_routing_table_ignores_own_id():
     table = RoutingTable(DHTID(7), bucket_size=4, depth_modulo=5)
-    assert table.add_or_update_node(DHTID(7), "self") is None
+    assert table.add_or_update_node(DHTID(7), make_peer_id("self")) is None
     assert len(table) == 0 and DHTID(7) not in table
 
 
 def test_routing_table_lookup_both_ways():
     table = RoutingTable(DHTID.generate(), bucket_size=20, depth_modulo=5)
-    node_id = DHTID.generate()
-    table[node_id] = "peer"
-    assert table[node_id] == "peer" and table["peer"] == node_id
-    assert table.get(node_id=node_id) == "peer" and table.get(peer_id="peer") == node_id
-    assert node_id in table and "peer" in table
+    node_id, peer = DHTID.generate(), make_peer_id("peer")
+    table[node_id] = peer
+    assert table[node_id] == peer and table[peer] == node_id
+    assert table.get(node_id=node_id) == peer and table.get(peer_id=peer) == node_id
+    assert node_id in table and peer in table
     assert table.get(node_id=DHTID(0), default="none") == "none"
     with pytest.raises(KeyError):
-        table["unknown"]
+        table[make_peer_id("unknown")]
     with pytest.raises(ValueError):
-        table.get(node_id=node_id, peer_id="peer")
+        table.get(node_id=node_id, peer_id=peer)
 
 
 def test_routing_table_delete_forgets_both_directions():
     table = RoutingTable(DHTID.generate(), bucket_size=20, depth_modulo=5)
-    node_id = DHTID.generate()
-    table.add_or_update_node(node_id, "peer")
+    node_id, peer = DHTID.generate(), make_peer_id("peer")
+    table.add_or_update_node(node_id, peer)
     del table[node_id]
-    assert node_id not in table and "peer" not in table and len(table) == 0
+    assert node_id not in table and peer not in table and len(table) == 0
     with pytest.raises(KeyError):
         del table[node_id]
 
 
 def test_peer_with_a_new_node_id_replaces_its_old_entry():
     table = RoutingTable(DHTID.generate(), bucket_size=20, depth_modulo=5)
-    old_id, new_id = DHTID.generate(), DHTID.generate()
-    table.add_or_update_node(old_id, "peer")
-    table.add_or_update_node(new_id, "peer")
-    assert old_id not in table and table["peer"] == new_id and len(table) == 1
+    old_id, new_id, peer = DHTID.generate(), DHTID.generate(), make_peer_id("peer")
+    table.add_or_update_node(old_id, peer)
+    table.add_or_update_node(new_id, peer)
+    assert old_id not in table and table[peer] == new_id and len(table) == 1
 
 
 def test_node_with_a_new_peer_id_is_updated():
     table = RoutingTable(DHTID.generate(), bucket_size=20, depth_modulo=5)
     node_id = DHTID.generate()
-    table.add_or_update_node(node_id, "old")
-    table.add_or_update_node(node_id, "new")
-    assert table[node_id] == "new" and "old" not in table and len(table) == 1
+    table.add_or_update_node(node_id, make_peer_id("old"))
+    table.add_or_update_node(node_id, make_peer_id("new"))
+    assert table[node_id] == make_peer_id("new") and make_peer_id("old") not in table and len(table) == 1
 
 
 def test_bucket_containing_own_id_splits_when_full():
@@ -187,12 +188,12 @@ def test_full_far_bucket_at_depth_multiple_of_depth_modulo_asks_to_ping_stalest_
     # own id in the lower half: the upper half [2**159, 2**160) has depth 1; depth_modulo=1 forbids splitting it
     table = RoutingTable(DHTID(0), bucket_size=2, depth_modulo=1)
     far = [DHTID((1 << 159) + i) for i in range(3)]
-    assert table.add_or_update_node(far[0], "a") is None
-    assert table.add_or_update_node(far[1], "b") is None
-    assert table.add_or_update_node(far[2], "c") == (far[0], "a")
+    assert table.add_or_update_node(far[0], make_peer_id("a")) is None
+    assert table.add_or_update_node(far[1], make_peer_id("b")) is None
+    assert table.add_or_update_node(far[2], make_peer_id("c")) == (far[0], make_peer_id("a"))
     assert far[2] not in table and len(table) == 2
     del table[far[0]]  # far[0] did not answer the ping
-    assert table[far[2]] == "c" and table["c"] == far[2] and far[0] not in table
+    assert table[far[2]] == make_peer_id("c") and table[make_peer_id("c")] == far[2] and far[0] not in table
 
 
 def test_full_far_bucket_at_depth_not_multiple_of_depth_modulo_splits():

@@ -6,15 +6,15 @@ import hashlib
 import heapq
 import os
 from bisect import bisect_right
-from collections.abc import Hashable
 from itertools import chain
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from hivemind.utils.timed_storage import get_dht_time
 
 DHTKey = Subkey = DHTValue = Any  # any msgpack-serializable object
 BinaryDHTValue = bytes
-PeerID = Hashable  # hivemind.p2p.PeerID at run time; the routing logic only needs hashing and equality
+if TYPE_CHECKING:  # the routing logic only needs peer ids to be hashable; it never imports the p2p layer
+    from hivemind.p2p import PeerID
 
 
 class DHTID(int):
