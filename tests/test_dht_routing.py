@@ -1,6 +1,8 @@
 """DHTID hashing and distance, k-buckets and the routing table (pure logic, WIRE.md §7.1)."""
 
+import pickle
 import random
+import time
 
 import pytest
 
@@ -253,3 +255,22 @@ def test_removed_nodes_are_not_returned_as_neighbors():
     del table[ids[3]]
     returned = {node_id for node_id, _ in table.get_nearest_neighbors(ids[3], 100)}
     assert returned == set(ids) - {ids[3]}
+
+
+def test_dhtid_survives_pickling():
+    node_id = DHTID.generate("key")
+    restored = pickle.loads(pickle.dumps(node_id))
+    assert restored == node_id and isinstance(restored, DHTID)
+
+
+def test_nearest_neighbors_of_a_large_table_are_fast():
+    rng = random.Random(5)
+    table = RoutingTable(DHTID(rng.getrandbits(160)), bucket_size=20, depth_modulo=5)
+    for i, node_id in enumerate(random_ids(5000, rng)):
+        table.add_or_update_node(node_id, make_peer_id(i))
+    queries = random_ids(200, rng)
+    started = time.perf_counter()
+    for query in queries:
+        table.get_nearest_neighbors(query, 20)
+    per_query = (time.perf_counter() - started) / len(queries)
+    assert len(table) > 500 and per_query < 1e-3  # sorting the whole table by distance would take ~1 ms

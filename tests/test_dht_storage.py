@@ -1,6 +1,7 @@
 """Local DHT storage: DictionaryDHTValue (ext 0x50) and every acceptance rule of WIRE.md §7.5."""
 
 import math
+import pickle
 
 import pytest
 
@@ -245,3 +246,10 @@ def test_cache_refresh_queue_respects_limit():
         queue.push(key, i)
     assert queue.pop_due(now=10, limit=2) == keys[:2]
     assert queue.pop_due(now=10) == keys[2:]
+
+
+def test_dictionary_value_survives_pickling():
+    value = DictionaryDHTValue()
+    value.store("a", b"1", 4e9)
+    restored = pickle.loads(pickle.dumps(value))
+    assert restored.get("a") == (b"1", 4e9) and restored.latest_expiration_time == 4e9
