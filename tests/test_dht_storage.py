@@ -253,3 +253,13 @@ def test_dictionary_value_survives_pickling():
     value.store("a", b"1", 4e9)
     restored = pickle.loads(pickle.dumps(value))
     assert restored.get("a") == (b"1", 4e9) and restored.latest_expiration_time == 4e9
+
+
+def test_whole_dictionary_with_an_expired_entry_stores_the_live_ones(storage):
+    now = get_dht_time()
+    incoming = DictionaryDHTValue()
+    with incoming.freeze():  # a frozen storage accepts an already expired entry
+        incoming.store("expired", b"0", now - 1)
+    incoming.store("live", b"1", now + 10)
+    assert storage.store(KEY, incoming, incoming.latest_expiration_time)
+    assert dictionary_of(storage) == {"live": (b"1", now + 10)}

@@ -86,8 +86,7 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
         if subkey is not None:  # one dictionary entry
             return self.store_subkey(key, subkey=subkey, value=value, expiration_time=expiration_time)
         if isinstance(value, DictionaryDHTValue):
-            with value.freeze():  # a consistent view while iterating
-                entries = list(value.items())
+            entries = list(value.items())  # live entries only: expired ones are not offered
             outcomes = [self.store_subkey(key, sub, item.value, item.expiration_time) for sub, item in entries]
             return all(outcomes)
         if not expiration_time >= get_dht_time():  # also refuses NaN
