@@ -136,16 +136,48 @@ def test_key_declared_by_two_merged_schemas_must_satisfy_both():
     assert merged.validate(record("value", 1)) and not merged.validate(record("value", 1.5))
 
 
-def test_non_pydantic_v2_schema_is_rejected_with_type_error():
+def test_non_model_schema_is_rejected_with_type_error():
+    with pytest.raises(TypeError, match="pydantic"):
+        SchemaValidator(dict)
+
+
+def test_pydantic_v1_schemas_of_hivemind_1_1_still_work():
     pydantic_v1 = pytest.importorskip("pydantic.v1")
 
-    class LegacyModel(pydantic_v1.BaseModel):
-        x: int
+    class LegacySchema(pydantic_v1.BaseModel):
+        epoch: pydantic_v1.StrictInt
+        peers: Dict[BytesWithPublicKey, pydantic_v1.StrictFloat]
 
-    with pytest.raises(TypeError, match="pydantic"):
-        SchemaValidator(LegacyModel)
-    with pytest.raises(TypeError):
-        SchemaValidator(dict)
+    validator = SchemaValidator(LegacySchema, allow_extra_keys=False)
+    assert validator.validate(record("epoch", 3)) and not validator.validate(record("epoch", 3.0))
+    assert validator.validate(record("peers", 0.5, subkey=b"peer" + OWNER))
+    assert not validator.validate(record("peers", 0.5, subkey=b"no owner tag"))
+    assert not validator.validate(record("peers", {b"peer" + OWNER: 0.5}))
+    assert not validator.validate(record("unknown", 1))
+
+
+def test_field_alias_is_the_input_name_and_field_name_the_dht_key():
+    class Aliased(BaseModel):
+        step_count: StrictInt = Field(alias="stepCount")
+
+    validator = SchemaValidator(Aliased, allow_extra_keys=False)
+    assert validator.validate(record("step_count", 5)) and not validator.validate(record("step_count", "5"))
+    assert not validator.validate(record("stepCount", 5))
+
+
+def test_model_validator_that_needs_all_fields_refuses_instead_of_crashing():
+    class NeedsAll(BaseModel):
+        low: StrictInt
+        high: StrictInt
+
+        @pydantic.model_validator(mode="before")
+        @classmethod
+        def ordered(cls, data):
+            if data["low"] > data["high"]:  # KeyError when validated field by field
+                raise ValueError("low > high")
+            return data
+
+    assert not SchemaValidator(NeedsAll).validate(record("low", 1))
 
 
 def test_conbytes_regex_and_length():
@@ -163,8 +195,9 @@ def test_bytes_with_public_key_requires_owner_tag_anywhere():
         data: BytesWithPublicKey
 
     assert Model(data=b"prefix" + OWNER + b"suffix").data.endswith(b"suffix")
-    with pytest.raises(pydantic.ValidationError):
-        Model(data=b"[owner:]no tag")
+    for bad in (b"[owner:]no tag", "a str" + OWNER.decode()):
+        with pytest.raises(pydantic.ValidationError):
+            Model(data=bad)
 
 
 def test_schema_validates_signed_records_after_signature_is_stripped():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Dict, List, Optional, Pattern, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Pattern, Tuple, Type, Union
 
 import pydantic
-from pydantic import AfterValidator
+from pydantic_core import core_schema
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
@@ -21,24 +21,52 @@ logger = get_logger(__name__)
 _REGULAR_VALUE_SUBKEY = MSGPackSerializer.dumps(None)  # b"\xc0": the record is a regular value, not a dict entry
 
 
-def conbytes(*, regex: Optional[Union[bytes, str, Pattern[bytes]]] = None, **kwargs) -> Any:
+class _ConstrainedBytes:
     """
-    A constrained bytes type: ``pydantic.conbytes(**kwargs)`` (``min_length``, ``max_length``, ``strict``) that
-    must also match ``regex`` at its start (``re.match``, as pydantic v1's regex constraint did).
+    Base of the types made by :func:`conbytes`: usable as a field type in pydantic v2 models and, for schemas
+    written for hivemind 1.1.x, in ``pydantic.v1`` models. Only ``bytes`` pass (no coercion from str).
     """
-    constrained = pydantic.conbytes(**kwargs)
-    if regex is None:
-        return constrained
-    if isinstance(regex, str):
-        regex = regex.encode()
-    pattern = regex if isinstance(regex, re.Pattern) else re.compile(regex)
 
-    def check_pattern(value: bytes) -> bytes:
-        if pattern.match(value) is None:
-            raise ValueError(f"{value[:64]!r} does not match the pattern {pattern.pattern!r}")
+    min_length: Optional[int] = None
+    max_length: Optional[int] = None
+    pattern: Optional[Pattern[bytes]] = None
+
+    @classmethod
+    def _check(cls, value: Any) -> bytes:
+        if not isinstance(value, bytes):
+            raise ValueError(f"expected bytes, got {type(value).__name__}")
+        if cls.min_length is not None and len(value) < cls.min_length:
+            raise ValueError(f"expected at least {cls.min_length} bytes, got {len(value)}")
+        if cls.max_length is not None and len(value) > cls.max_length:
+            raise ValueError(f"expected at most {cls.max_length} bytes, got {len(value)}")
+        if cls.pattern is not None and cls.pattern.match(value) is None:
+            raise ValueError(f"{value[:64]!r} does not match the pattern {cls.pattern.pattern!r}")
         return value
 
-    return Annotated[constrained, AfterValidator(check_pattern)]
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:  # pydantic v2
+        return core_schema.no_info_after_validator_function(cls._check, core_schema.bytes_schema(strict=True))
+
+    @classmethod
+    def __get_validators__(cls):  # pydantic v1
+        yield cls._check
+
+
+def conbytes(
+    *,
+    regex: Optional[Union[bytes, str, Pattern[bytes]]] = None,
+    min_length: Optional[int] = None,
+    max_length: Optional[int] = None,
+) -> Type[bytes]:
+    """
+    A bytes type for schema fields, with optional length bounds and a ``regex`` that must match at the start of the
+    value (``re.match``, as pydantic v1's constraint did). Works in pydantic v2 and ``pydantic.v1`` models alike.
+    """
+    if isinstance(regex, str):
+        regex = regex.encode()
+    pattern = regex if regex is None or isinstance(regex, re.Pattern) else re.compile(regex)
+    namespace = dict(min_length=min_length, max_length=max_length, pattern=pattern)
+    return type("ConstrainedBytesValue", (_ConstrainedBytes,), namespace)
 
 
 # bytes that contain an ``[owner:<public key>]`` tag, e.g. subkeys that only their owner may write (with signatures)
@@ -56,23 +84,20 @@ class SchemaValidator(RecordValidatorBase):
     Each field is validated on its own (other fields count as absent), so field validators run but model-level
     validators do not. Records are seen after signature stripping (priority 0 < RSASignatureValidator's 10).
 
-    :param schema: a ``pydantic.BaseModel`` subclass (pydantic v2; ``pydantic.v1`` models are not supported)
+    :param schema: a ``pydantic.BaseModel`` subclass. Schemas written for hivemind 1.1.x as ``pydantic.v1`` models
+      are accepted too; pydantic v1 has no strict mode, so there use Strict* field types to refuse coercion.
     :param allow_extra_keys: if False, keys that no schema declares are refused
     :param prefix: namespace prepended to field names, e.g. the experiment name
     """
 
-    def __init__(self, schema: Type[pydantic.BaseModel], allow_extra_keys: bool = True, prefix: Optional[str] = None):
-        if not (isinstance(schema, type) and issubclass(schema, pydantic.BaseModel)):
-            raise TypeError(
-                f"schema must be a pydantic v2 BaseModel subclass, got {schema!r}; "
-                f"pydantic.v1 models are not supported, declare the schema with `from pydantic import BaseModel`"
-            )
+    def __init__(self, schema: Type[Any], allow_extra_keys: bool = True, prefix: Optional[str] = None):
         self.allow_extra_keys = allow_extra_keys
-        self._fields_by_key: Dict[bytes, List[Tuple[Type[pydantic.BaseModel], str]]] = {}
-        for name in schema.model_fields:
+        self._fields_by_key: Dict[bytes, List[Tuple[_FieldChecker, str]]] = {}
+        checker = _FieldChecker.for_schema(schema)
+        for name in checker.input_names:
             dht_key = name if prefix is None else f"{prefix}_{name}"
             key_id = DHTID.generate(source=dht_key).to_bytes()
-            self._fields_by_key.setdefault(key_id, []).append((schema, name))
+            self._fields_by_key.setdefault(key_id, []).append((checker, name))
 
     def validate(self, record: DHTRecord) -> bool:
         guards = self._fields_by_key.get(record.key)
@@ -90,28 +115,7 @@ class SchemaValidator(RecordValidatorBase):
         except (ValueError, TypeError) as e:  # undecodable bytes, unhashable subkeys
             logger.debug(f"Cannot decode the record {record} for schema validation: {e!r}")
             return False
-        return all(self._field_accepts(model, name, field_value) for model, name in guards)
-
-    @staticmethod
-    def _field_accepts(model: Type[pydantic.BaseModel], name: str, field_value: Any) -> bool:
-        field = model.model_fields[name]
-        input_name = field.alias or name
-        try:
-            model.model_validate({input_name: field_value}, strict=True)
-            return True
-        except pydantic.ValidationError as e:
-            # the other fields are legitimately absent; any other error concerns this field
-            errors = [
-                error
-                for error in e.errors()
-                if not (error["type"] == "missing" and len(error["loc"]) == 1 and error["loc"][0] != input_name)
-            ]
-            if errors:
-                logger.debug(f"Field {name!r} of {model.__name__} refuses {field_value!r:.100}: {errors}")
-            return not errors
-        except Exception as e:  # e.g. a model validator that assumes all fields are present: refuse, do not crash
-            logger.debug(f"Validating field {name!r} of {model.__name__} raised {e!r}")
-            return False
+        return all(checker.accepts(name, field_value) for checker, name in guards)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         """Schema validators merge into one: a key declared by several schemas must satisfy all of them."""
@@ -125,3 +129,51 @@ class SchemaValidator(RecordValidatorBase):
     def __repr__(self) -> str:
         fields = sorted({name for guards in self._fields_by_key.values() for _, name in guards})
         return f"{type(self).__name__}(fields={fields}, allow_extra_keys={self.allow_extra_keys})"
+
+
+class _FieldChecker:
+    """Validates one field of a pydantic v2 (strict mode) or pydantic.v1 model, other fields counting as absent."""
+
+    def __init__(self, schema: Type[Any], input_names: Dict[str, str], is_v1: bool):
+        self.schema, self.is_v1 = schema, is_v1
+        self.input_names = input_names  # field name -> key in the input dict (its alias, if any)
+
+    @classmethod
+    def for_schema(cls, schema: Any) -> _FieldChecker:
+        if isinstance(schema, type) and issubclass(schema, pydantic.BaseModel):
+            names = {name: field.alias or name for name, field in schema.model_fields.items()}
+            return cls(schema, names, is_v1=False)
+        pydantic_v1 = _import_pydantic_v1()
+        if pydantic_v1 is not None and isinstance(schema, type) and issubclass(schema, pydantic_v1.BaseModel):
+            return cls(schema, {name: field.alias for name, field in schema.__fields__.items()}, is_v1=True)
+        raise TypeError(f"schema must be a pydantic BaseModel subclass (v2, or pydantic.v1), got {schema!r}")
+
+    def accepts(self, name: str, field_value: Any) -> bool:
+        input_name = self.input_names[name]
+        try:
+            if self.is_v1:
+                self.schema.parse_obj({input_name: field_value})
+            else:
+                self.schema.model_validate({input_name: field_value}, strict=True)
+            return True
+        except Exception as e:
+            if not callable(getattr(e, "errors", None)):  # not a ValidationError, e.g. a model validator that
+                logger.debug(f"Validating {name!r} of {self.schema.__name__} raised {e!r}")  # assumes all fields
+                return False
+            # the other fields are legitimately absent; any other error concerns this field
+            errors = [error for error in e.errors() if not self._is_other_field_missing(error, input_name)]
+            if errors:
+                logger.debug(f"Field {name!r} of {self.schema.__name__} refuses {field_value!r:.100}: {errors}")
+            return not errors
+
+    def _is_other_field_missing(self, error: Dict[str, Any], input_name: str) -> bool:
+        missing_type = "value_error.missing" if self.is_v1 else "missing"
+        return error.get("type") == missing_type and len(error["loc"]) == 1 and error["loc"][0] != input_name
+
+
+def _import_pydantic_v1():
+    try:
+        import pydantic.v1 as pydantic_v1
+    except ImportError:  # pragma: no cover - pydantic builds without the v1 compatibility layer
+        return None
+    return pydantic_v1
