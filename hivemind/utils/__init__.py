@@ -24,6 +24,7 @@ from hivemind.utils.asyncio import (
     switch_to_uvloop,
 )
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
+from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.serializer import MSGPackSerializer, SerializerBase
 from hivemind.utils.timed_storage import (
     MAX_DHT_TIME_DISCREPANCY_SECONDS,
@@ -50,6 +51,7 @@ __all__ = [
     "switch_to_uvloop",
     "get_logger",
     "use_hivemind_log_handler",
+    "MPFuture",
     "MSGPackSerializer",
     "SerializerBase",
     "MAX_DHT_TIME_DISCREPANCY_SECONDS",
