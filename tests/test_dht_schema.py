@@ -208,3 +208,9 @@ def test_schema_validates_signed_records_after_signature_is_stripped():
     assert signed.value != entry.value and composite.validate(signed)
     wrong_type = record("n_batches", 5.0, subkey=b"peer" + signer.local_public_key)
     assert not composite.validate(dataclasses.replace(wrong_type, value=composite.sign_value(wrong_type)))
+
+
+def test_conbytes_rejects_unsupported_constraints():
+    conbytes(strict=True)
+    with pytest.raises(TypeError, match="to_lower"):
+        conbytes(to_lower=True)

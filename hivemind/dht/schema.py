@@ -57,11 +57,16 @@ def conbytes(
     regex: Optional[Union[bytes, str, Pattern[bytes]]] = None,
     min_length: Optional[int] = None,
     max_length: Optional[int] = None,
+    **kwargs: Any,
 ) -> Type[bytes]:
     """
     A bytes type for schema fields, with optional length bounds and a ``regex`` that must match at the start of the
     value (``re.match``, as pydantic v1's constraint did). Works in pydantic v2 and ``pydantic.v1`` models alike.
+    Values are always strict (only ``bytes`` pass), so ``strict=`` is accepted and has no further effect.
     """
+    unsupported = set(kwargs) - {"strict"}
+    if unsupported:
+        raise TypeError(f"conbytes supports regex, min_length, max_length and strict; got {sorted(unsupported)}")
     if isinstance(regex, str):
         regex = regex.encode()
     pattern = regex if regex is None or isinstance(regex, re.Pattern) else re.compile(regex)
