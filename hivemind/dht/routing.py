@@ -9,6 +9,7 @@ from bisect import bisect_right
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
+from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 DHTKey = Subkey = DHTValue = Any  # any msgpack-serializable object
@@ -42,8 +43,6 @@ class DHTID(int):
         if source is None:
             source = os.urandom((nbits + 7) // 8)
         if not isinstance(source, bytes):
-            from hivemind.utils.serializer import MSGPackSerializer  # imported lazily: routing stays dependency-light
-
             source = MSGPackSerializer.dumps(source)
         return cls(int.from_bytes(cls.HASH_FUNC(source).digest(), "big"))
 
