@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -63,6 +64,7 @@ func (d *daemon) handleConn(conn net.Conn) {
 				return
 			}
 			if stream != nil {
+				tuneLocalSocket(conn)
 				pipeStream(&bufferedConn{Conn: conn, r: r}, stream)
 				return
 			}
@@ -215,7 +217,7 @@ func (d *daemon) doStreamHandler(req *request) []byte {
 	if err != nil {
 		return encodeErrorResponse(err.Error())
 	}
-	addr, err := ma.NewMultiaddrBytes(r.addr)
+	addr, err := parseHandlerAddr(r.addr)
 	if err != nil {
 		return encodeErrorResponse(fmt.Sprintf("invalid handler multiaddr: %v", err))
 	}
@@ -253,7 +255,7 @@ func (d *daemon) doRemoveStreamHandler(req *request) []byte {
 	if err != nil {
 		return encodeErrorResponse(err.Error())
 	}
-	addr, err := ma.NewMultiaddrBytes(r.addr)
+	addr, err := parseHandlerAddr(r.addr)
 	if err != nil {
 		return encodeErrorResponse(fmt.Sprintf("invalid handler multiaddr: %v", err))
 	}
@@ -275,4 +277,22 @@ func (d *daemon) doRemoveStreamHandler(req *request) []byte {
 		}
 	}
 	return encodeOKResponse()
+}
+
+// parseHandlerAddr decodes a client's callback address. A unix socket path written without its leading slash
+// (some multiaddr libraries drop it in the binary form) is taken as absolute, like its text form /unix/<path>.
+func parseHandlerAddr(raw []byte) (ma.Multiaddr, error) {
+	addr, err := ma.NewMultiaddrBytes(raw)
+	if err != nil {
+		return nil, err
+	}
+	path, err := addr.ValueForProtocol(ma.P_UNIX)
+	if err != nil || strings.HasPrefix(path, "/") {
+		return addr, nil
+	}
+	fixed, err := ma.NewComponent("unix", "/"+path)
+	if err != nil {
+		return addr, nil
+	}
+	return fixed, nil
 }

@@ -28,7 +28,6 @@ import (
 	noise "github.com/libp2p/go-libp2p/p2p/security/noise"
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	ma "github.com/multiformats/go-multiaddr"
-	manet "github.com/multiformats/go-multiaddr/net"
 )
 
 // Logging goes through go-log, which reads GOLOG_LOG_FMT (json) and GOLOG_LOG_LEVEL from the environment.
@@ -53,7 +52,7 @@ type daemon struct {
 	cancel   context.CancelFunc
 	host     host.Host
 	dht      *dht.IpfsDHT
-	listener manet.Listener
+	listener net.Listener
 	maxMsg   int
 
 	mu              sync.Mutex
@@ -94,10 +93,10 @@ func (d *daemon) hostOptions() ([]libp2p.Option, error) {
 	// The dialer proposes security protocols in this order: TLS first (AES-GCM is hardware-accelerated on common
 	// CPUs and faster than Noise's ChaCha20-Poly1305); peers that only speak Noise still negotiate Noise.
 	if c.tls {
-		opts = append(opts, libp2p.Security(libp2ptls.ID, libp2ptls.New))
+		opts = append(opts, libp2p.Security(libp2ptls.ID, newBatchingTLS))
 	}
 	if c.noise {
-		opts = append(opts, libp2p.Security(noise.ID, noise.New))
+		opts = append(opts, libp2p.Security(noise.ID, newBatchingNoise))
 	}
 	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(rcmgr.InfiniteLimits))
 	if err != nil {
@@ -202,7 +201,7 @@ func newDaemon(cfg *config) (*daemon, error) {
 		}
 	}
 
-	listener, err := manet.Listen(cfg.listenAddr)
+	listener, err := listenControl(cfg.listenAddr)
 	if err != nil {
 		d.closeHost()
 		cancel()
@@ -400,7 +399,7 @@ func (d *daemon) closeListener() {
 	}
 	_ = d.listener.Close()
 	// manet's unix listener unlinks the socket file on Close; make sure it is gone in any case
-	if path, err := d.listener.Multiaddr().ValueForProtocol(ma.P_UNIX); err == nil {
+	if path, err := d.cfg.listenAddr.ValueForProtocol(ma.P_UNIX); err == nil {
 		if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
 			log.Debugw("cannot remove the control socket", "path", path, "error", err)
 		}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/pprof"
 	"strings"
 	"time"
 )
@@ -174,5 +175,30 @@ func main() {
 	if err != nil {
 		fatalf("%v", err)
 	}
-	os.Exit(d.run())
+	stopProfile := startCPUProfile()
+	code := d.run()
+	stopProfile()
+	os.Exit(code)
+}
+
+// startCPUProfile writes a CPU profile to $P2PD_CPUPROFILE.<pid> while the daemon runs (a debugging aid).
+func startCPUProfile() func() {
+	path := os.Getenv("P2PD_CPUPROFILE")
+	if path == "" {
+		return func() {}
+	}
+	f, err := os.Create(fmt.Sprintf("%s.%d", path, os.Getpid()))
+	if err != nil {
+		log.Warnw("cannot create the CPU profile", "error", err)
+		return func() {}
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		log.Warnw("cannot start the CPU profile", "error", err)
+		_ = f.Close()
+		return func() {}
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		_ = f.Close()
+	}
 }

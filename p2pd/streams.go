@@ -9,7 +9,6 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/network"
 	ma "github.com/multiformats/go-multiaddr"
-	manet "github.com/multiformats/go-multiaddr/net"
 )
 
 // copyBufferSize is the size of the buffers that move stream bytes between a client socket and a libp2p
@@ -113,8 +112,7 @@ func (d *daemon) handleIncomingStream(s network.Stream) {
 		_ = s.Reset()
 		return
 	}
-	dialer := manet.Dialer{Dialer: net.Dialer{Timeout: 10 * time.Second}}
-	conn, err := dialer.Dial(addr)
+	conn, err := dialClient(addr, 10*time.Second)
 	if err != nil {
 		log.Warnw("cannot reach the stream handler of a client", "protocol", pid, "handler", addr, "error", err)
 		_ = s.Reset()
@@ -125,5 +123,6 @@ func (d *daemon) handleIncomingStream(s network.Stream) {
 		_ = conn.Close()
 		return
 	}
+	tuneLocalSocket(conn)
 	pipeStream(&bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, 4096)}, s)
 }

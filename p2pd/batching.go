@@ -1,0 +1,168 @@
+package main
+
+// Fewer system calls under the security layer.
+//
+// TLS writes one system call per record (at most 16 KiB) and Noise one per message (at most 64 KiB), and both read
+// the TCP socket in similarly small pieces. At GB/s rates these system calls cost more CPU than the encryption.
+// batchingSecurity wraps a security transport so that the raw connection underneath (1) reads through a buffer
+// and (2) collects all records produced by one Write of the secured connection into one system call. Bytes on
+// the wire are unchanged: only how they are handed to the kernel differs.
+
+import (
+	"bufio"
+	"context"
+	"net"
+	"sync"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/core/sec"
+	tptu "github.com/libp2p/go-libp2p/p2p/net/upgrader"
+	noise "github.com/libp2p/go-libp2p/p2p/security/noise"
+	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
+)
+
+const (
+	rawReadBufferSize = 256 << 10 // read buffer under the security layer
+	maxWriteBatch     = 256 << 10 // flush a write batch when it reaches this size
+)
+
+var writeBatchBuffers = sync.Pool{New: func() interface{} { b := make([]byte, 0, maxWriteBatch+64<<10); return &b }}
+
+// newBatchingTLS and newBatchingNoise are libp2p.Security constructors.
+func newBatchingTLS(id protocol.ID, key crypto.PrivKey, muxers []tptu.StreamMuxer) (sec.SecureTransport, error) {
+	inner, err := libp2ptls.New(id, key, muxers)
+	if err != nil {
+		return nil, err
+	}
+	return &batchingSecurity{inner: inner}, nil
+}
+
+func newBatchingNoise(id protocol.ID, key crypto.PrivKey, muxers []tptu.StreamMuxer) (sec.SecureTransport, error) {
+	inner, err := noise.New(id, key, muxers)
+	if err != nil {
+		return nil, err
+	}
+	return &batchingSecurity{inner: inner}, nil
+}
+
+type batchingSecurity struct {
+	inner sec.SecureTransport
+}
+
+func (b *batchingSecurity) ID() protocol.ID { return b.inner.ID() }
+
+func (b *batchingSecurity) SecureInbound(ctx context.Context, c net.Conn, p peer.ID) (sec.SecureConn, error) {
+	raw := newBatchConn(c)
+	secured, err := b.inner.SecureInbound(ctx, raw, p)
+	if err != nil {
+		return nil, err
+	}
+	return &batchedSecureConn{SecureConn: secured, raw: raw}, nil
+}
+
+func (b *batchingSecurity) SecureOutbound(ctx context.Context, c net.Conn, p peer.ID) (sec.SecureConn, error) {
+	raw := newBatchConn(c)
+	secured, err := b.inner.SecureOutbound(ctx, raw, p)
+	if err != nil {
+		return nil, err
+	}
+	return &batchedSecureConn{SecureConn: secured, raw: raw}, nil
+}
+
+// batchedSecureConn makes each of its Writes one batch on the raw connection.
+type batchedSecureConn struct {
+	sec.SecureConn
+	raw *batchConn
+}
+
+func (c *batchedSecureConn) Write(p []byte) (int, error) {
+	c.raw.beginBatch()
+	n, err := c.SecureConn.Write(p)
+	if ferr := c.raw.endBatch(); err == nil {
+		err = ferr
+	}
+	return n, err
+}
+
+// batchConn is the raw connection under the security layer: buffered reads, and writes that are collected
+// while a batch is open. Writes outside a batch (handshake, alerts) go straight to the socket, after any
+// pending batched bytes, so the order of bytes is always preserved. Every batch is flushed before the Write
+// of the secured connection returns, so Close has nothing to flush.
+type batchConn struct {
+	net.Conn
+	reader *bufio.Reader
+
+	mu      sync.Mutex
+	batches int     // open batches
+	pending *[]byte // collected bytes; nil when there are none
+	err     error   // first write error: later writes fail with it
+}
+
+func newBatchConn(c net.Conn) *batchConn {
+	return &batchConn{Conn: c, reader: bufio.NewReaderSize(c, rawReadBufferSize)}
+}
+
+func (c *batchConn) Read(p []byte) (int, error) { return c.reader.Read(p) }
+
+func (c *batchConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return 0, c.err
+	}
+	if c.batches == 0 {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+		n, err := c.Conn.Write(p)
+		if err != nil {
+			c.err = err
+		}
+		return n, err
+	}
+	if c.pending == nil {
+		c.pending = writeBatchBuffers.Get().(*[]byte)
+	}
+	*c.pending = append(*c.pending, p...)
+	if len(*c.pending) >= maxWriteBatch {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+func (c *batchConn) flushLocked() error {
+	if c.pending == nil {
+		return nil
+	}
+	buf := c.pending
+	c.pending = nil
+	_, err := c.Conn.Write(*buf)
+	*buf = (*buf)[:0]
+	if cap(*buf) <= maxWriteBatch+64<<10 {
+		writeBatchBuffers.Put(buf)
+	}
+	if err != nil {
+		c.err = err
+	}
+	return err
+}
+
+func (c *batchConn) beginBatch() {
+	c.mu.Lock()
+	c.batches++
+	c.mu.Unlock()
+}
+
+func (c *batchConn) endBatch() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.batches--
+	if c.batches > 0 {
+		return nil
+	}
+	return c.flushLocked()
+}
