@@ -336,7 +336,8 @@ class CliProcess:
         )
         self.proc.stdout.close()  # the tool writes nothing to stdout
         self._stderr = open(self.log_path, "rb")
-        threading.Thread(target=self._follow_log, name=f"{self.name}-log", daemon=True).start()
+        self._follower = threading.Thread(target=self._follow_log, name=f"{self.name}-log", daemon=True)
+        self._follower.start()
 
     def _follow_log(self):
         buffer = b""
@@ -394,6 +395,7 @@ class CliProcess:
                 pass
         status = self.proc.poll()
         kill_tree(self.proc)
+        self._follower.join(timeout=5)  # collects the last lines the tool wrote
         self._stderr.close()
         return status
 
