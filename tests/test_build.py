@@ -1,0 +1,270 @@
+"""The build works: generated protobuf modules, the p2pd binary, its command line, start-up and shutdown."""
+
+import hashlib
+import importlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import base58
+import pytest
+
+from hivemind.p2p.daemon_binary import P2PD_PATH_ENV_VAR, get_p2pd_path, get_p2pd_version
+
+PROTO_MODULES = ["auth_pb2", "averaging_pb2", "crypto_pb2", "dht_pb2", "p2pd_pb2", "runtime_pb2", "test_pb2"]
+STARTUP_TIMEOUT = 15
+
+
+@pytest.mark.parametrize("name", PROTO_MODULES)
+def test_generated_protobuf_module_imports(name):
+    module = importlib.import_module(f"hivemind.proto.{name}")
+    assert module.DESCRIPTOR.name == name.replace("_pb2", ".proto")
+
+
+def test_daemon_binary_is_found_and_executable():
+    path = get_p2pd_path()
+    assert os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def test_daemon_path_env_var_must_point_to_an_executable(tmp_path, monkeypatch):
+    missing = tmp_path / "no-such-p2pd"
+    monkeypatch.setenv(P2PD_PATH_ENV_VAR, str(missing))
+    with pytest.raises(FileNotFoundError, match=P2PD_PATH_ENV_VAR):
+        get_p2pd_path()
+    not_executable = tmp_path / "p2pd"
+    not_executable.write_text("not a program")
+    monkeypatch.setenv(P2PD_PATH_ENV_VAR, str(not_executable))
+    with pytest.raises(RuntimeError, match="not an executable"):
+        get_p2pd_path()
+
+
+def test_daemon_version_is_one_line():
+    version = get_p2pd_version()
+    assert version.startswith("p2pd ") and "\n" not in version
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "-persistentConnMaxMsgSize",
+        "-idleTimeout",
+        "-hostAddrs",
+        "-announceAddrs",
+        "-bootstrapPeers",
+        "-dhtServer",
+        "-dhtClient",
+        "-forceReachabilityPublic",
+        "-trustedRelays",
+        "-noListenAddrs",
+        "-autoRelay",
+        "-relayHopLimit",
+        "-natPortMap",
+        "-connManager",
+        "-autonat",
+        "-listen",
+        "-tls",
+        "-noise",
+        "-id",
+        "-b",
+    ],
+)
+def test_daemon_help_lists_fork_flags(flag):
+    result = subprocess.run([get_p2pd_path(), "-help"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0
+    listed = {line.split()[0] for line in (result.stdout + result.stderr).splitlines() if line.startswith("  -")}
+    assert flag in listed
+
+
+# ------------------------------------------------------------------------------------------------ running daemons
+
+
+def daemon_args(control_socket, *extra):
+    return [
+        get_p2pd_path(),
+        f"-listen=/unix{control_socket}",
+        "-hostAddrs=/ip4/127.0.0.1/tcp/0",
+        "-tls=1",
+        "-dhtServer=1",
+        "-connManager=1",
+        "-relay=1",
+        "-autonat=1",
+        "-natPortMap=0",
+        *extra,
+    ]
+
+
+def start_daemon(control_socket, *extra):
+    """Start p2pd; return the process, its peer id and addresses once it printed its readiness lines."""
+    process = subprocess.Popen(
+        daemon_args(control_socket, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith("Peer Addrs:"):
+            address = process.stdout.readline().rstrip("\n")
+            peer_id = next(x for x in lines if x.startswith("Peer ID:")).split(":", 1)[1].strip()
+            return process, peer_id, [address]
+    process.kill()
+    _, stderr = process.communicate(timeout=5)
+    raise AssertionError(f"p2pd did not become ready; stdout={lines!r}, stderr={stderr!r}")
+
+
+def run_failing_daemon(control_socket, *extra):
+    result = subprocess.run(daemon_args(control_socket, *extra), capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "Peer ID:" not in result.stdout
+    return result.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_prints_peer_id_and_exits_cleanly_on_signal(tmp_path, sig):
+    control_socket = tmp_path / "p2pd.sock"
+    process, peer_id, addrs = start_daemon(control_socket)
+    try:
+        assert len(base58.b58decode(peer_id)) >= 34
+        assert addrs[0].startswith("/ip4/127.0.0.1/tcp/")
+        assert control_socket.exists()
+        process.send_signal(sig)
+        assert process.wait(timeout=10) == 0
+        assert not control_socket.exists()
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_daemon_exits_after_idle_timeout_without_persistent_connection(tmp_path):
+    control_socket = tmp_path / "p2pd.sock"
+    process, _, _ = start_daemon(control_socket, "-idleTimeout=1s")
+    try:
+        assert process.wait(timeout=10) == 0
+        assert not control_socket.exists()
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_daemon_fails_on_occupied_tcp_port(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as occupied:
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen(1)
+        port = occupied.getsockname()[1]
+        stderr = run_failing_daemon(tmp_path / "p2pd.sock", f"-hostAddrs=/ip4/127.0.0.1/tcp/{port}")
+    assert "address already in use" in stderr
+    assert str(port) in stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "flag, value",
+    [("hostAddrs", "/ip4/127.0.0.1/tcp/not-a-port"), ("bootstrapPeers", "/ip4/300.1.2.3/tcp/1"), ("listen", "/nope")],
+)
+def test_daemon_fails_on_malformed_multiaddr(tmp_path, flag, value):
+    stderr = run_failing_daemon(tmp_path / "p2pd.sock", f"-{flag}={value}")
+    assert value in stderr and f"-{flag}" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(30)
+def test_daemon_fails_on_invalid_identity_file(tmp_path):
+    identity = tmp_path / "identity.key"
+    identity.write_bytes(b"definitely not a private key")
+    stderr = run_failing_daemon(tmp_path / "p2pd.sock", f"-id={identity}")
+    assert "identity" in stderr and str(identity) in stderr
+
+
+@pytest.mark.timeout(30)
+def test_daemon_fails_on_bad_flag_value(tmp_path):
+    stderr = run_failing_daemon(tmp_path / "p2pd.sock", "-idleTimeout=soon")
+    assert "idleTimeout" in stderr
+
+
+@pytest.mark.timeout(30)
+def test_rsa_identity_file_gives_the_peer_id_derived_from_its_public_key(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from hivemind.proto import crypto_pb2
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    identity = tmp_path / "identity.key"
+    identity.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=private_der).SerializeToString())
+    public_der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    public_key = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der).SerializeToString()
+    expected_peer_id = base58.b58encode(b"\x12\x20" + hashlib.sha256(public_key).digest()).decode()
+
+    process, peer_id, _ = start_daemon(tmp_path / "p2pd.sock", f"-id={identity}")
+    try:
+        assert peer_id == expected_peer_id
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def write_delimited(sock, message):
+    data = message.SerializeToString()
+    header = bytearray()
+    size = len(data)
+    while True:
+        byte = size & 0x7F
+        size >>= 7
+        header.append(byte | (0x80 if size else 0))
+        if not size:
+            break
+    sock.sendall(bytes(header) + data)
+
+
+def read_delimited(sock, message_type):
+    size = shift = 0
+    while True:
+        byte = sock.recv(1)
+        assert byte, "connection closed before a response"
+        size |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            break
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed in the middle of a response"
+        data += chunk
+    message = message_type()
+    message.ParseFromString(data)
+    return message
+
+
+@pytest.mark.timeout(30)
+def test_raw_identify_over_control_socket_returns_the_printed_peer_id(tmp_path):
+    from hivemind.proto import p2pd_pb2
+
+    control_socket = tmp_path / "p2pd.sock"
+    process, peer_id, addrs = start_daemon(control_socket)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(control_socket))
+            write_delimited(sock, p2pd_pb2.Request(type=p2pd_pb2.Request.IDENTIFY))
+            response = read_delimited(sock, p2pd_pb2.Response)
+        assert response.type == p2pd_pb2.Response.OK
+        assert base58.b58encode(response.identify.id).decode() == peer_id
+        tcp_port = int(addrs[0].rsplit("/", 1)[1])
+        # binary multiaddr /ip4/127.0.0.1/tcp/<port>: 0x04 + 4 address bytes, 0x06 + 2 port bytes
+        assert bytes([4, 127, 0, 0, 1, 6]) + struct.pack(">H", tcp_port) in response.identify.addrs
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
