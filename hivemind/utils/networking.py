@@ -1,0 +1,68 @@
+"""Helpers for choosing and announcing this peer's addresses (CLI.md §1.1)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Sequence, Union
+
+from hivemind.utils.logging import TextStyle, get_logger
+from hivemind.utils.multiaddr import Multiaddr
+
+__all__ = ["choose_ip_address", "log_visible_maddrs"]
+
+logger = get_logger(__name__)
+
+
+def _is_global(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0]).is_global  # strip an IPv6 zone like fe80::1%eth0
+    except ValueError:
+        return False
+
+
+def choose_ip_address(
+    maddrs: Sequence[Union[Multiaddr, str]],
+    prefer_global: bool = True,
+    protocol_priority: Sequence[str] = ("ip4", "ip6"),
+) -> str:
+    """Pick one IP to advertise: the first globally routable address of the first protocol in ``protocol_priority``,
+    then the next protocol, then non-global addresses in the same protocol order (list order within each class).
+
+    :param prefer_global: if False, global and non-global addresses are treated alike
+    :raises ValueError: if none of the multiaddrs contains an address of the given protocols
+    """
+    parsed = [Multiaddr(str(maddr)) for maddr in maddrs]
+    globality_passes = (True, False) if prefer_global else (None,)
+    for need_global in globality_passes:
+        for protocol in protocol_priority:
+            for maddr in parsed:
+                if protocol not in maddr:
+                    continue
+                ip = maddr.value_for_protocol(protocol)
+                if need_global is None or _is_global(ip) == need_global:
+                    return ip
+    raise ValueError(f"None of the multiaddrs {[str(m) for m in parsed]} has an address of {list(protocol_priority)}")
+
+
+def _select_initial_peers(visible_maddrs: Sequence[Multiaddr], only_p2p: bool) -> Iterable[str]:
+    if only_p2p:
+        parsed = [Multiaddr(str(maddr)) for maddr in visible_maddrs]
+        return dict.fromkeys(f"/p2p/{maddr['p2p']}" for maddr in parsed if "p2p" in maddr)
+    with_ip = [maddr for maddr in visible_maddrs if "ip4" in Multiaddr(str(maddr)) or "ip6" in Multiaddr(str(maddr))]
+    if not with_ip:
+        return [str(maddr) for maddr in visible_maddrs]
+    preferred_ip = choose_ip_address(with_ip)
+    return [str(maddr) for maddr in visible_maddrs if preferred_ip in str(maddr)]
+
+
+def log_visible_maddrs(visible_maddrs: Sequence[Multiaddr], only_p2p: bool) -> None:
+    """Log the two start-up lines of hivemind-dht: the ``--initial_peers ...`` hint and all visible multiaddrs.
+
+    :param only_p2p: print only the unique ``/p2p/<peer id>`` parts (for peers bootstrapping through IPFS)
+    """
+    initial_peers = " ".join(_select_initial_peers(visible_maddrs, only_p2p))
+    logger.info(
+        f"Running a DHT instance. To connect other peers to this one, use "
+        f"{TextStyle.BOLD}{TextStyle.BLUE}--initial_peers {initial_peers}{TextStyle.RESET}"
+    )
+    logger.info(f"Full list of visible multiaddresses: {' '.join(str(maddr) for maddr in visible_maddrs)}")
