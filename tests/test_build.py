@@ -268,3 +268,167 @@ def test_raw_identify_over_control_socket_returns_the_printed_peer_id(tmp_path):
     finally:
         process.terminate()
         process.communicate(timeout=10)
+
+
+# ------------------------------------------------------------------- control protocol of the daemon, raw messages
+
+
+class PersistentConnection:
+    """A PERSISTENT_CONN_UPGRADE connection driven with raw p2pd_pb2 messages."""
+
+    def __init__(self, control_socket):
+        from hivemind.proto import p2pd_pb2
+
+        self.pb = p2pd_pb2
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(control_socket))
+        write_delimited(self.sock, p2pd_pb2.Request(type=p2pd_pb2.Request.PERSISTENT_CONN_UPGRADE))
+        assert read_delimited(self.sock, p2pd_pb2.Response).type == p2pd_pb2.Response.OK
+
+    def send(self, call_id, **message):
+        write_delimited(self.sock, self.pb.PersistentConnectionRequest(callId=call_id, **message))
+
+    def receive(self):
+        return read_delimited(self.sock, self.pb.PersistentConnectionResponse)
+
+    def close(self):
+        self.sock.close()
+
+
+def new_call_id():
+    return os.urandom(16)
+
+
+@pytest.fixture
+def two_daemons(tmp_path):
+    """Daemons A and B on 127.0.0.1, B bootstrapped from A; yields (control socket, peer id bytes) pairs."""
+    socket_a, socket_b = tmp_path / "a.sock", tmp_path / "b.sock"
+    process_a, id_a, addrs_a = start_daemon(socket_a)
+    process_b, id_b, _ = start_daemon(socket_b, "-b=1", f"-bootstrapPeers={addrs_a[0]}/p2p/{id_a}")
+    try:
+        yield (socket_a, base58.b58decode(id_a)), (socket_b, base58.b58decode(id_b))
+    finally:
+        for process in (process_a, process_b):
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_unary_call_reaches_the_handler_with_the_authenticated_caller_id(two_daemons):
+    (socket_a, id_a), (socket_b, id_b) = two_daemons
+    caller, handler = PersistentConnection(socket_a), PersistentConnection(socket_b)
+    pb = caller.pb
+    call_id = new_call_id()
+    handler.send(call_id, addUnaryHandler=pb.AddUnaryHandlerRequest(proto="Echo.rpc_echo", balanced=False))
+    assert handler.receive() == pb.PersistentConnectionResponse(callId=call_id)
+
+    call_id = new_call_id()
+    caller.send(call_id, callUnary=pb.CallUnaryRequest(peer=id_b, proto="Echo.rpc_echo", data=b"ping"))
+    request = handler.receive()
+    assert request.callId == call_id and request.WhichOneof("message") == "requestHandling"
+    assert request.requestHandling.peer == id_a and request.requestHandling.data == b"ping"
+    handler.send(call_id, unaryResponse=pb.CallUnaryResponse(response=b"pong"))
+    answer = caller.receive()
+    assert answer.callId == call_id and answer.callUnaryResponse.response == b"pong"
+
+
+@pytest.mark.timeout(30)
+def test_second_unary_handler_registration_needs_balanced(two_daemons):
+    (socket_a, _), _ = two_daemons
+    first, second = PersistentConnection(socket_a), PersistentConnection(socket_a)
+    pb = first.pb
+    first.send(b"1" * 16, addUnaryHandler=pb.AddUnaryHandlerRequest(proto="X.rpc_x", balanced=False))
+    assert not first.receive().HasField("daemonError")
+    second.send(b"2" * 16, addUnaryHandler=pb.AddUnaryHandlerRequest(proto="X.rpc_x", balanced=False))
+    assert second.receive().daemonError.message == "handler for protocol X.rpc_x already set"
+    second.send(b"3" * 16, addUnaryHandler=pb.AddUnaryHandlerRequest(proto="X.rpc_x", balanced=True))
+    assert not second.receive().HasField("daemonError")
+
+
+@pytest.mark.timeout(30)
+def test_unary_call_of_an_unserved_protocol_fails_quickly(two_daemons):
+    (socket_a, _), (_, id_b) = two_daemons
+    caller = PersistentConnection(socket_a)
+    started = time.monotonic()
+    caller.send(new_call_id(), callUnary=caller.pb.CallUnaryRequest(peer=id_b, proto="Nobody.rpc_here", data=b""))
+    answer = caller.receive()
+    assert "Nobody.rpc_here" in answer.daemonError.message
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(30)
+def test_cancelled_unary_call_cancels_the_handler(two_daemons):
+    (socket_a, _), (socket_b, id_b) = two_daemons
+    caller, handler = PersistentConnection(socket_a), PersistentConnection(socket_b)
+    pb = caller.pb
+    handler.send(new_call_id(), addUnaryHandler=pb.AddUnaryHandlerRequest(proto="Slow.rpc_slow", balanced=False))
+    handler.receive()
+    call_id = new_call_id()
+    caller.send(call_id, callUnary=pb.CallUnaryRequest(peer=id_b, proto="Slow.rpc_slow", data=b"work"))
+    assert handler.receive().WhichOneof("message") == "requestHandling"
+    caller.send(call_id, cancel=pb.Cancel())
+    assert caller.receive() == pb.PersistentConnectionResponse(callId=call_id, cancel=pb.Cancel())
+    assert handler.receive() == pb.PersistentConnectionResponse(callId=call_id, cancel=pb.Cancel())
+
+
+@pytest.mark.timeout(30)
+def test_oversized_persistent_message_gets_daemon_error_and_connection_survives(tmp_path):
+    control_socket = tmp_path / "p2pd.sock"
+    process, peer_id, _ = start_daemon(control_socket, "-persistentConnMaxMsgSize=1024")
+    try:
+        client = PersistentConnection(control_socket)
+        pb = client.pb
+        call_id = new_call_id()
+        too_big = pb.CallUnaryRequest(peer=base58.b58decode(peer_id), proto="Big.rpc_big", data=b"x" * 4096)
+        client.send(call_id, callUnary=too_big)
+        answer = client.receive()
+        assert answer.callId == call_id and "1024" in answer.daemonError.message
+        client.send(b"n" * 16, addUnaryHandler=pb.AddUnaryHandlerRequest(proto="Big.rpc_big", balanced=False))
+        assert client.receive() == pb.PersistentConnectionResponse(callId=b"n" * 16)
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_malformed_control_message_does_not_crash_the_daemon(tmp_path):
+    from hivemind.proto import p2pd_pb2
+
+    control_socket = tmp_path / "p2pd.sock"
+    process, peer_id, _ = start_daemon(control_socket)
+    try:
+        for garbage in [b"\x05\xff\xff\xff\xff\xff", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x02\x08"]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(control_socket))
+                sock.sendall(garbage)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):
+                    pass
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(control_socket))
+            write_delimited(sock, p2pd_pb2.Request(type=p2pd_pb2.Request.IDENTIFY))
+            assert base58.b58encode(read_delimited(sock, p2pd_pb2.Response).identify.id).decode() == peer_id
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_daemon_exits_when_the_last_persistent_connection_closes(tmp_path):
+    control_socket = tmp_path / "p2pd.sock"
+    process, _, _ = start_daemon(control_socket, "-idleTimeout=30s")
+    try:
+        first, second = PersistentConnection(control_socket), PersistentConnection(control_socket)
+        first.close()
+        time.sleep(0.5)
+        assert process.poll() is None
+        second.close()
+        assert process.wait(timeout=10) == 0
+        assert not control_socket.exists()
+    finally:
+        process.kill()
+        process.communicate()
