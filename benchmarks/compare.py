@@ -1,0 +1,244 @@
+"""
+Runs one benchmark script under OUR hivemind and under the ORIGINAL hivemind 1.1.12, one after the other in the
+same run, and prints both results side by side with the ratio ours / original for every number.
+
+    python benchmarks/compare.py benchmarks/benchmark_p2p.py [benchmark args...]
+    python benchmarks/compare.py --order original,ours benchmarks/benchmark_dht.py --mode pair
+
+The original runs from the separate environment made by `bash tests/interop/setup_original_env.sh` (created here if
+missing); ours runs with this interpreter (or HIVEMIND_OURS_PYTHON) and the repository on PYTHONPATH. Each run first
+checks which `hivemind` that interpreter imports. Benchmarks need no changes: their printed tables are aligned line
+by line (the same script prints the same lines) and every number is compared. A script that accepts `--json` and
+prints one JSON object of figures as its last stdout line can be compared by key instead, with `--json`.
+"""
+
+import argparse
+import difflib
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "interop"))
+from harness import (  # noqa: E402  (the harness imports neither hivemind)
+    IMPLEMENTATIONS,
+    check_implementation,
+    ensure_original_env,
+    kill_tree,
+    process_env,
+    python_command,
+)
+
+NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b")
+
+
+class BenchmarkRun:
+    def __init__(self, implementation: str, stdout: str, seconds: float, version: str):
+        self.implementation, self.stdout, self.seconds, self.version = implementation, stdout, seconds, version
+
+
+def loaded_version(implementation: str) -> str:
+    """The `hivemind.__version__` that `implementation`'s interpreter imports; fails if it is the wrong library."""
+    probe = "import os, hivemind; print(hivemind.__version__); print(os.path.realpath(hivemind.__file__))"
+    result = subprocess.run(
+        python_command(implementation) + ["-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tempfile.gettempdir(),
+        env=process_env(implementation),
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot import hivemind for {implementation}:\n{result.stderr[-2000:]}")
+    version, file = result.stdout.split()[-2:]
+    check_implementation(implementation, version, file)
+    return version
+
+
+def run_benchmark(implementation: str, script: Path, args: Sequence[str], timeout: float) -> BenchmarkRun:
+    version = loaded_version(implementation)
+    print(f"=== running {script.name} under {implementation} hivemind {version} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as stdout:
+        proc = subprocess.Popen(
+            python_command(implementation) + [str(script), *args],
+            stdout=stdout,
+            stderr=None,  # progress and library logs go straight to the terminal
+            stdin=subprocess.DEVNULL,
+            cwd=tempfile.gettempdir(),  # never a directory holding a `hivemind` package
+            env=process_env(implementation),
+            start_new_session=True,
+        )
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            kill_tree(proc)  # also any DHT process or p2pd the benchmark left behind
+        stdout.seek(0)
+        output = stdout.read().decode(errors="replace")
+    seconds = time.perf_counter() - started
+    if returncode != 0:
+        reason = f"timed out after {timeout} s" if returncode is None else f"exited with status {returncode}"
+        raise RuntimeError(f"{script.name} under {implementation} {reason}; its output:\n{output[-4000:]}")
+    return BenchmarkRun(implementation, output, seconds, version)
+
+
+# --- comparing printed tables ---
+
+
+def skeleton(line: str) -> str:
+    """The line with numbers replaced and spacing collapsed: equal for the same row printed by both runs."""
+    return " ".join(NUMBER.sub("#", line).split())
+
+
+def numbers_in(text: str) -> List[float]:
+    return [float(token) for token in NUMBER.findall(text)]
+
+
+def ratio_text(ours: float, original: float) -> str:
+    if ours == original:
+        return "="
+    if original == 0 or math.isnan(ours) or math.isnan(original):
+        return "n/a"
+    return f"{ours / original:.2f}"
+
+
+def split_label(line: str) -> Tuple[str, str]:
+    """('label', 'figures') where the figures start at the first number that follows two spaces or a '|'."""
+    match = re.search(r"(?:\s{2,}|\|\s*)(?=[-+]?[\d.])", line)
+    if match is None:
+        match = NUMBER.search(line)
+        return (line, "") if match is None else (line[: match.start()].rstrip(), line[match.start() :])
+    return line[: match.start()].rstrip(), line[match.end() :]
+
+
+def compare_text(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
+    """Aligns the two outputs by line skeletons; returns one row per output line (numbers compared pairwise)."""
+    lines_a, lines_b = first.stdout.splitlines(), second.stdout.splitlines()
+    matcher = difflib.SequenceMatcher(
+        a=[skeleton(x) for x in lines_a], b=[skeleton(x) for x in lines_b], autojunk=False
+    )
+    rows = []
+    for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+        if tag == "equal":
+            for line_a, line_b in zip(lines_a[a0:a1], lines_b[b0:b1]):
+                label, figures_a = split_label(line_a)
+                _, figures_b = split_label(line_b)
+                rows.append(
+                    dict(
+                        label=label,
+                        figures={first.implementation: figures_a, second.implementation: figures_b},
+                        numbers={
+                            first.implementation: numbers_in(figures_a),
+                            second.implementation: numbers_in(figures_b),
+                        },
+                    )
+                )
+        else:  # lines that differ in shape (e.g. a title with the version): shown as they are
+            for line in lines_a[a0:a1]:
+                rows.append(dict(label=f"[{first.implementation}] {line}", figures={}, numbers={}))
+            for line in lines_b[b0:b1]:
+                rows.append(dict(label=f"[{second.implementation}] {line}", figures={}, numbers={}))
+    return rows
+
+
+def compare_json(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
+    """Compares the last-line JSON objects of both runs key by key (nested keys joined with '.')."""
+
+    def flatten(obj, prefix="") -> Dict[str, object]:
+        if isinstance(obj, dict):
+            flat = {}
+            for key, value in obj.items():
+                flat.update(flatten(value, f"{prefix}{key}."))
+            return flat
+        return {prefix[:-1]: obj}
+
+    figures = {}
+    for run in (first, second):
+        last = [line for line in run.stdout.splitlines() if line.strip()][-1:]
+        try:
+            figures[run.implementation] = flatten(json.loads(last[0]))
+        except (IndexError, ValueError):
+            raise RuntimeError(f"{run.implementation}: the last output line is not a JSON object: {last}") from None
+    rows = []
+    for key in list(dict.fromkeys([*figures[first.implementation], *figures[second.implementation]])):
+        values = {impl: figures[impl].get(key) for impl in figures}
+        rows.append(
+            dict(
+                label=key,
+                figures={impl: str(v) for impl, v in values.items()},
+                numbers={
+                    impl: [float(v)] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
+                    for impl, v in values.items()
+                },
+            )
+        )
+    return rows
+
+
+def print_side_by_side(rows: List[Dict], runs: Dict[str, BenchmarkRun]) -> None:
+    columns = ["ours", "original"]
+    header = ["", f"ours ({runs['ours'].version})", f"original ({runs['original'].version})", "ours / original"]
+    table = []
+    for row in rows:
+        if not row["figures"]:
+            table.append([row["label"], "", "", ""])
+            continue
+        ours, original = row["numbers"].get("ours", []), row["numbers"].get("original", [])
+        ratios = " / ".join(ratio_text(a, b) for a, b in zip(ours, original)) if len(ours) == len(original) else ""
+        table.append([row["label"], *(row["figures"].get(c, "") for c in columns), ratios])
+    widths = [max(len(r[i]) for r in table + [header] if any(r[1:])) for i in range(3)]
+    for line in [header, ["-" * w for w in widths] + ["-" * 15]] + table:
+        if not any(line[1:]):
+            print(line[0].rstrip())
+        else:
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[3])
+    print(
+        f"\nwall time of the whole script: ours {runs['ours'].seconds:.1f} s, "
+        f"original {runs['original'].seconds:.1f} s"
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", type=Path, help="benchmark script, e.g. benchmarks/benchmark_p2p.py")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script unchanged")
+    parser.add_argument("--order", default="ours,original", help="which implementation runs first (default: ours)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed for each run")
+    parser.add_argument("--json", action="store_true", help="pass --json to the script and compare its JSON object")
+    parser.add_argument("--save", type=Path, help="also write both raw outputs and the comparison to this JSON file")
+    args = parser.parse_args(argv)
+
+    order = args.order.split(",")
+    if sorted(order) != sorted(IMPLEMENTATIONS):
+        parser.error(f"--order must name both of {IMPLEMENTATIONS}, e.g. ours,original")
+    script = args.script.resolve()
+    if not script.is_file():
+        parser.error(f"no such benchmark script: {args.script}")
+    problem = ensure_original_env()
+    if problem is not None:
+        print(f"cannot run the original hivemind: {problem}", file=sys.stderr)
+        return 2
+    script_args = [*args.script_args, *(["--json"] if args.json else [])]
+
+    runs = {impl: run_benchmark(impl, script, script_args, args.timeout) for impl in order}
+    first, second = (runs[impl] for impl in order)
+    rows = compare_json(first, second) if args.json else compare_text(first, second)
+    print(f"\n{script.name} {' '.join(args.script_args)}: ours vs original hivemind, same machine, one run\n")
+    print_side_by_side(rows, runs)
+    if args.save:
+        raw = {impl: dict(version=run.version, seconds=run.seconds, stdout=run.stdout) for impl, run in runs.items()}
+        args.save.write_text(
+            json.dumps(dict(script=script.name, args=args.script_args, runs=raw, rows=rows), indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
