@@ -84,7 +84,7 @@ class NoCompression(CompressionBase):
     compression_type = runtime_pb2.CompressionType.NONE
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
-        tensor = tensor.detach()
+        requires_grad, tensor = tensor.requires_grad, tensor.detach()
         dtype_name = dtype_to_name(tensor.dtype)
         if tensor.dtype == torch.bfloat16:
             payload = tensor.float() if use_legacy_bfloat16() else tensor.view(torch.int16)
@@ -95,7 +95,7 @@ class NoCompression(CompressionBase):
             buffer=tensor_to_bytes(payload),
             size=tensor.shape,
             dtype=dtype_name,
-            requires_grad=tensor.requires_grad,
+            requires_grad=requires_grad,
         )
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class Float16Compression(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         _check_float_input(self, tensor)
-        tensor = tensor.detach()
+        requires_grad, tensor = tensor.requires_grad, tensor.detach()
         if tensor.dtype == torch.float16:
             half = tensor.clamp_(-FP16_MAX, FP16_MAX) if allow_inplace else tensor.clamp(-FP16_MAX, FP16_MAX)
         else:
@@ -61,7 +61,7 @@ class Float16Compression(CompressionBase):
             buffer=tensor_to_bytes(half),
             size=tensor.shape,
             dtype=dtype_to_name(tensor.dtype),
-            requires_grad=tensor.requires_grad,
+            requires_grad=requires_grad,
         )
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ class ScaledFloat16Compression(Float16Compression):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         _check_float_input(self, tensor)
-        tensor = tensor.detach()
+        requires_grad, tensor = tensor.requires_grad, tensor.detach()
         row_length = tensor.shape[-1] if tensor.ndim > 0 else 1
         work = tensor if tensor.dtype != torch.float16 else tensor.float()
         means = work.mean(dim=-1, keepdim=True).float()
@@ -101,7 +101,7 @@ class ScaledFloat16Compression(Float16Compression):
             buffer=buffer,
             size=tensor.shape,
             dtype=dtype_to_name(tensor.dtype),
-            requires_grad=tensor.requires_grad,
+            requires_grad=requires_grad,
         )
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:

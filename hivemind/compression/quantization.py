@@ -74,7 +74,7 @@ class Quantization(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         _check_quantizable(self, tensor)
-        tensor = tensor.detach()
+        requires_grad, tensor = tensor.requires_grad, tensor.detach()
         flat = tensor.reshape(-1)
         numel = flat.numel()
         codebook_bytes = NUM_BINS * 4
@@ -91,7 +91,7 @@ class Quantization(CompressionBase):
             buffer=tensor_to_bytes(packed),
             size=tensor.shape,
             dtype=dtype_to_name(tensor.dtype),
-            requires_grad=tensor.requires_grad,
+            requires_grad=requires_grad,
         )
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
@@ -220,7 +220,7 @@ class BlockwiseQuantization(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         _check_quantizable(self, tensor)
-        tensor = tensor.detach()
+        requires_grad, tensor = tensor.requires_grad, tensor.detach()
         flat = tensor.reshape(-1).to(torch.float32).contiguous()
         numel = flat.numel()
         num_blocks = -(-numel // blockwise_kernel.BLOCK_SIZE)
@@ -247,7 +247,7 @@ class BlockwiseQuantization(CompressionBase):
             buffer=tensor_to_bytes(packed),
             size=tensor.shape,
             dtype=dtype_to_name(tensor.dtype),
-            requires_grad=tensor.requires_grad,
+            requires_grad=requires_grad,
         )
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
