@@ -209,5 +209,10 @@ def test_daemon_does_not_outlive_its_python_process(how):
     assert result.returncode == 0, result.stderr
     pid_text, listen_maddr = result.stdout.split()
     assert wait_until_gone(int(pid_text), timeout=10)
+    daemon_socket = listen_maddr[len("/unix") :]
+    client_socket = daemon_socket.replace("hivemind-p2pd-", "hivemind-p2pclient-")
+    assert not os.path.exists(daemon_socket)  # removed by the finalizer, or by p2pd itself after a crash
     if how == "exit":
-        assert not os.path.exists(listen_maddr[len("/unix") :])
+        assert not os.path.exists(client_socket)
+    elif os.path.exists(client_socket):
+        os.unlink(client_socket)  # nothing survives os._exit to remove the client's own callback socket

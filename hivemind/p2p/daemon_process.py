@@ -16,6 +16,8 @@ from hivemind.utils.logging import get_logger, python_level_to_golog
 logger = get_logger(__name__)
 
 READY_PREFIX = "Peer ID:"
+# the start-up banner (control socket, peer id, one address per line) says nothing about failures
+BANNER_PREFIXES = ("Control socket:", READY_PREFIX, "Peer Addrs:", "Bootstrap peers:", "/")
 OUTPUT_TAIL_LINES = 20
 OUTPUT_LINE_LIMIT = 2**20
 TERMINATE_GRACE_SECONDS = 2.0
@@ -188,8 +190,8 @@ class DaemonProcess:
             self._output_tail.append(line)
             logger.error(f"p2pd: {describe_output_line(line)}")
         else:
-            if record is None or level == "warn" and not self._ready.done():
-                self._output_tail.append(line)  # plain lines carry fatal errors (flag parsing, log.Fatal)
+            if record is None and not line.startswith(BANNER_PREFIXES):
+                self._output_tail.append(line)  # plain lines carry fatal errors (flag parsing, log.Fatal, panics)
             logger.debug(f"p2pd: {line}")
 
     async def _wait_reaped(self, timeout: float = 1.0) -> None:
@@ -207,6 +209,10 @@ class DaemonProcess:
             return True
         except asyncio.TimeoutError:
             return False
+
+    def expect_exit(self) -> None:
+        """From now on, p2pd exiting is part of a shutdown, not a failure to report."""
+        self._stopping = True
 
     async def stop(self) -> None:
         """Terminate p2pd (SIGTERM, then SIGKILL after a grace period), reap it and remove its socket files."""

@@ -159,6 +159,10 @@ class ControlClient:
             return self._persistent
 
     @property
+    def persistent_connection_alive(self) -> bool:
+        return self._persistent is not None and self._persistent.is_alive
+
+    @property
     def persistent_connection_failure(self) -> Optional[P2PDaemonError]:
         """The error that ended the persistent connection, if it was lost."""
         return None if self._persistent is None else self._persistent.failure
@@ -168,17 +172,17 @@ class ControlClient:
         if self._closed:
             return
         self._closed = True
-        if self._persistent is not None:
-            await self._persistent.close()
         if self._server is not None:
             self._server.close()
-        for writer in list(self._handler_writers):
-            writer.transport.abort()
         tasks = list(self._handler_tasks)
         for task in tasks:
-            task.cancel()
+            task.cancel()  # handlers get a chance to tell their callers (an error frame) before the streams close
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in list(self._handler_writers):
+            writer.transport.abort()
+        if self._persistent is not None:
+            await self._persistent.close()  # the last persistent connection closing makes p2pd exit
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), timeout=1)
@@ -293,6 +297,11 @@ class ControlClient:
     async def remove_unary_handler(self, proto: str) -> None:
         conn = await self.open_persistent_connection()
         await conn.remove_unary_handler(proto)
+
+    async def ping(self) -> None:
+        """A round trip through the persistent connection: ``P2PDaemonError`` if p2pd is gone."""
+        conn = await self.open_persistent_connection()
+        await conn.ping()
 
     async def call_unary_handler(self, peer_id: PeerID, proto: str, data: bytes) -> bytes:
         conn = await self.open_persistent_connection()

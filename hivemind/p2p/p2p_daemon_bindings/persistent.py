@@ -51,7 +51,8 @@ class PersistentConnection:
 
     @property
     def is_alive(self) -> bool:
-        return self.failure is None
+        """False once the connection failed or p2pd closed it (even before the reading task noticed)."""
+        return self.failure is None and not self._reader.at_eof()
 
     async def close(self) -> None:
         """Close the connection; pending calls fail with ``P2PDaemonError`` and running handlers are cancelled."""
@@ -79,6 +80,22 @@ class PersistentConnection:
         )
         await self._request(request)
         self._handlers.pop(proto, None)
+
+    async def ping(self) -> None:
+        """One round trip through p2pd; raises ``P2PDaemonError`` only if the connection is lost meanwhile.
+
+        Removing a handler that was never registered (a random name) is a harmless request p2pd always answers.
+        """
+        request = p2pd_pb2.PersistentConnectionRequest(
+            callId=uuid.uuid4().bytes,
+            removeUnaryHandler=p2pd_pb2.RemoveUnaryHandlerRequest(proto=f"/hivemind/ping/{uuid.uuid4().hex}"),
+        )
+        try:
+            await self._request(request)
+        except P2PDaemonError:
+            if self.failure is not None:
+                raise
+            # the expected answer: "handler ... does not exist"
 
     async def call_unary_handler(self, peer_id: PeerID, proto: str, data: bytes) -> bytes:
         """Call unary handler ``proto`` of ``peer_id``; returns the serialized response.
