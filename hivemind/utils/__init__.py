@@ -25,6 +25,8 @@ from hivemind.utils.asyncio import (
 )
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.nested import nested_compare, nested_flatten, nested_map, nested_pack
+from hivemind.utils.performance_ema import PerformanceEMA
 from hivemind.utils.serializer import MSGPackSerializer, SerializerBase
 from hivemind.utils.timed_storage import (
     MAX_DHT_TIME_DISCREPANCY_SECONDS,
@@ -52,6 +54,11 @@ __all__ = [
     "get_logger",
     "use_hivemind_log_handler",
     "MPFuture",
+    "nested_compare",
+    "nested_flatten",
+    "nested_map",
+    "nested_pack",
+    "PerformanceEMA",
     "MSGPackSerializer",
     "SerializerBase",
     "MAX_DHT_TIME_DISCREPANCY_SECONDS",
