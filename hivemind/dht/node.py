@@ -45,6 +45,7 @@ BOOTSTRAP_FAILED_MESSAGE = (
     "(set ensure_bootstrap_success=False to ignore)"
 )
 
+CONFIRM_REPLICAS_DELAY = 0.05  # s: stores sent from the routing table alone are confirmed by a search in batches
 StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
 
 
@@ -140,6 +141,8 @@ class DHTNode:
         self._cache_refresh_wakeup = asyncio.Event()
         self._pending_gets: Dict[DHTID, List[_PendingGet]] = defaultdict(list)
         self._tasks: Set[asyncio.Task] = set()
+        self._unconfirmed_stores: List[Tuple[Dict[DHTID, List[Any]], Dict[DHTID, Dict[DHTID, PeerID]], bool]] = []
+        self._store_confirmer: Optional[asyncio.Task] = None
 
         try:
             self.protocol = await DHTProtocol.create(
@@ -306,7 +309,7 @@ class DHTNode:
         """
         queries = list(queries)
         k_nearest = k_nearest if k_nearest is not None else self.protocol.bucket_size
-        beam_size = max(beam_size if beam_size is not None else self.protocol.bucket_size, k_nearest)
+        beam_size = max(beam_size if beam_size is not None else k_nearest, k_nearest)
         num_workers = num_workers if num_workers is not None else self.num_workers
         node_to_peer_id = node_to_peer_id if node_to_peer_id is not None else {}
         include_self = not exclude_self and not self.protocol.client_mode
@@ -370,18 +373,72 @@ class DHTNode:
             result_key = (key, subkey) if subkey is not None else key
             entries_by_key[key_id].append((result_key, subkey, value_bytes, expiration))
 
-        nearest = await self.find_nearest_nodes(
-            list(entries_by_key), k_nearest=self.num_replicas, exclude_self=exclude_self, **kwargs
-        )
         loop = asyncio.get_running_loop()
         results = {key_id: loop.create_future() for key_id in entries_by_key}
+        if len(self.protocol.routing_table) < self.protocol.bucket_size:
+            # the routing table most likely knows the whole swarm: store to the nearest known nodes right away and
+            # confirm them with a search in the background, storing to any nearer node it finds
+            candidates = {key_id: self._nearest_known(key_id, exclude_self) for key_id in entries_by_key}
+            self._unconfirmed_stores.append((entries_by_key, candidates, exclude_self))
+            if self._store_confirmer is None or self._store_confirmer.done():
+                self._store_confirmer = self._spawn(self._confirm_replicas())
+        else:
+            candidates = await self.find_nearest_nodes(
+                list(entries_by_key), k_nearest=self.num_replicas, exclude_self=exclude_self, **kwargs
+            )
         for key_id, entries in entries_by_key.items():
-            self._spawn(self._store_to_replicas(key_id, entries, nearest[key_id], results[key_id], await_all_replicas))
+            self._spawn(
+                self._store_to_replicas(key_id, entries, candidates[key_id], results[key_id], await_all_replicas)
+            )
         store_ok: Dict[StoreKey, bool] = {}
         for key_id, entries in entries_by_key.items():
             for (result_key, *_), accepted in zip(entries, await results[key_id]):
                 store_ok[result_key] = accepted
         return store_ok
+
+    async def _confirm_replicas(self) -> None:
+        """
+        Batch by batch, search for the nearest nodes of recently stored keys and store each key to those of them that
+        the local routing table did not offer. Waiting CONFIRM_REPLICAS_DELAY first lets one search serve many stores.
+        """
+        while self._unconfirmed_stores:
+            await asyncio.sleep(CONFIRM_REPLICAS_DELAY)
+            batch, self._unconfirmed_stores = self._unconfirmed_stores, []
+            for exclude_self in (False, True):
+                stores = [(entries, offered) for entries, offered, exclude in batch if exclude == exclude_self]
+                if not stores:
+                    continue
+                key_ids = list({key_id: None for entries, _ in stores for key_id in entries})
+                nearest = await self.find_nearest_nodes(
+                    key_ids, k_nearest=self.num_replicas, exclude_self=exclude_self
+                )
+                for entries_by_key, offered in stores:
+                    for key_id, entries in entries_by_key.items():
+                        already_offered = list(offered[key_id])[: self.num_replicas]
+                        for node_id, peer_id in nearest[key_id].items():
+                            if node_id not in already_offered:
+                                self._spawn(self._send_entries(key_id, entries, node_id, peer_id))
+
+    def _nearest_known(self, key_id: DHTID, exclude_self: bool) -> Dict[DHTID, PeerID]:
+        """Nodes of the local routing table (and this node, unless excluded) ordered by distance to key_id."""
+        candidates = self.protocol.routing_table.get_nearest_neighbors(key_id, self.protocol.bucket_size)
+        if not exclude_self and not self.protocol.client_mode:
+            candidates.append((self.node_id, self.peer_id))
+        candidates.sort(key=lambda item: key_id.xor_distance(item[0]))
+        return dict(candidates)
+
+    async def _send_entries(
+        self,
+        key_id: DHTID,
+        entries: List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]],
+        node_id: DHTID,
+        peer_id: PeerID,
+    ) -> Optional[List[bool]]:
+        """Store one key's entries on one node (locally if it is this node); None if the node did not answer."""
+        if node_id == self.node_id:
+            return self._store_locally(key_id, entries)
+        _, subkeys, values, expirations = zip(*entries)
+        return await self.protocol.call_store(peer_id, [key_id] * len(entries), values, expirations, subkeys)
 
     def _sign(self, key_id: DHTID, subkey: Optional[Subkey], value: bytes, expiration: DHTExpiration) -> bytes:
         validator = self.protocol.record_validator
@@ -419,28 +476,18 @@ class DHTNode:
         """
         statuses = [False] * len(entries)
         untried = list(candidates.items())
-        in_flight: Set[asyncio.Task] = set()
+        in_flight: Dict[asyncio.Task, DHTID] = {}
         num_responded = 0
-        _, subkeys, values, expirations = zip(*entries)
         try:
             while True:
                 while untried and num_responded + len(in_flight) < self.num_replicas:
                     node_id, peer_id = untried.pop(0)
-                    if node_id == self.node_id:
-                        statuses = self._store_locally(key_id, entries)
-                        num_responded += 1
-                        if not await_all_replicas and any(statuses) and not result.done():
-                            result.set_result(statuses)
-                        continue
-                    in_flight.add(
-                        asyncio.create_task(
-                            self.protocol.call_store(peer_id, [key_id] * len(entries), values, expirations, subkeys)
-                        )
-                    )
+                    in_flight[self._spawn(self._send_entries(key_id, entries, node_id, peer_id))] = node_id
                 if not in_flight:
                     break
-                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
+                    del in_flight[task]
                     response = task.result()
                     if response is not None:
                         statuses = response
@@ -448,8 +495,6 @@ class DHTNode:
                         if not await_all_replicas and any(statuses) and not result.done():
                             result.set_result(statuses)
         finally:
-            for task in in_flight:
-                task.cancel()
             if not result.done():
                 result.set_result(statuses)
         if self.cache_on_store:

@@ -22,9 +22,7 @@ async def report_status(dht: DHT, node: DHTNode) -> Tuple[int, int, str, str]:
     """
     await node.get(f"heartbeat_{secrets.token_hex(16)}", latest=True)
     routing_table = node.protocol.routing_table
-    num_nodes = 1 + sum(
-        len(bucket.nodes_to_peer_id) + len(bucket.replacement_nodes) for bucket in routing_table.buckets
-    )
+    num_nodes = 1 + sum(len(bucket.nodes) + len(bucket.replacements) for bucket in routing_table.buckets)
     stored = list(node.protocol.storage.items())
     storage_dump = "\n".join(f"{key!r}: {item!r}" for key, item in stored)
     return num_nodes, len(stored), repr(routing_table), storage_dump
