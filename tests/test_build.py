@@ -432,3 +432,19 @@ def test_daemon_exits_when_the_last_persistent_connection_closes(tmp_path):
     finally:
         process.kill()
         process.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_sigint_waits_for_connected_clients_to_disconnect(tmp_path):
+    control_socket = tmp_path / "p2pd.sock"
+    process, _, _ = start_daemon(control_socket)
+    try:
+        client = PersistentConnection(control_socket)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert process.poll() is None  # Ctrl-C reaches the owner too; it still needs its daemon to shut down
+        client.close()
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.communicate()
