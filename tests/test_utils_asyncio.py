@@ -4,22 +4,7 @@ import time
 
 import pytest
 
-from hivemind.utils.asyncio import (
-    achain,
-    aenumerate,
-    afirst,
-    aiter_with_timeout,
-    amap_in_executor,
-    anext,
-    as_aiter,
-    asingle,
-    attach_event_on_finished,
-    azip,
-    cancel_and_wait,
-    enter_asynchronously,
-    iter_as_aiter,
-    switch_to_uvloop,
-)
+import hivemind.utils.asyncio as hm_asyncio
 
 
 async def _collect(aiter):
@@ -33,51 +18,56 @@ async def _slow_aiter(values, delay):
 
 
 async def test_as_aiter_and_iter_as_aiter_yield_values():
-    assert await _collect(as_aiter(1, 2, 3)) == [1, 2, 3]
-    assert await _collect(iter_as_aiter(range(3))) == [0, 1, 2]
-    assert await _collect(as_aiter()) == []
+    assert await _collect(hm_asyncio.as_aiter(1, 2, 3)) == [1, 2, 3]
+    assert await _collect(hm_asyncio.iter_as_aiter(range(3))) == [0, 1, 2]
+    assert await _collect(hm_asyncio.as_aiter()) == []
 
 
 async def test_anext_returns_items_then_default():
-    iterator = as_aiter("a")
-    assert await anext(iterator) == "a"
-    assert await anext(iterator, "default") == "default"
+    iterator = hm_asyncio.as_aiter("a")
+    assert await hm_asyncio.anext(iterator) == "a"
+    assert await hm_asyncio.anext(iterator, "default") == "default"
     with pytest.raises(StopAsyncIteration):
-        await anext(iterator)
+        await hm_asyncio.anext(iterator)
 
 
 async def test_azip_stops_at_shortest():
-    assert await _collect(azip(as_aiter(1, 2, 3), as_aiter("a", "b"))) == [(1, "a"), (2, "b")]
+    assert await _collect(hm_asyncio.azip(hm_asyncio.as_aiter(1, 2, 3), hm_asyncio.as_aiter("a", "b"))) == [
+        (1, "a"),
+        (2, "b"),
+    ]
 
 
 async def test_achain_and_aenumerate():
-    assert await _collect(achain(as_aiter(1), as_aiter(), as_aiter(2, 3))) == [1, 2, 3]
-    assert await _collect(aenumerate(as_aiter("x", "y"), start=5)) == [(5, "x"), (6, "y")]
+    assert await _collect(
+        hm_asyncio.achain(hm_asyncio.as_aiter(1), hm_asyncio.as_aiter(), hm_asyncio.as_aiter(2, 3))
+    ) == [1, 2, 3]
+    assert await _collect(hm_asyncio.aenumerate(hm_asyncio.as_aiter("x", "y"), start=5)) == [(5, "x"), (6, "y")]
 
 
 async def test_asingle_requires_exactly_one_item():
-    assert await asingle(as_aiter(42)) == 42
+    assert await hm_asyncio.asingle(hm_asyncio.as_aiter(42)) == 42
     with pytest.raises(ValueError, match="no items"):
-        await asingle(as_aiter())
+        await hm_asyncio.asingle(hm_asyncio.as_aiter())
     with pytest.raises(ValueError, match="more than one"):
-        await asingle(as_aiter(1, 2))
+        await hm_asyncio.asingle(hm_asyncio.as_aiter(1, 2))
 
 
 async def test_afirst_returns_first_or_default():
-    assert await afirst(as_aiter(7, 8)) == 7
-    assert await afirst(as_aiter(), default="empty") == "empty"
+    assert await hm_asyncio.afirst(hm_asyncio.as_aiter(7, 8)) == 7
+    assert await hm_asyncio.afirst(hm_asyncio.as_aiter(), default="empty") == "empty"
 
 
 async def test_aiter_with_timeout_raises_on_slow_item():
-    assert await _collect(aiter_with_timeout(_slow_aiter([1, 2], 0.01), timeout=1.0)) == [1, 2]
+    assert await _collect(hm_asyncio.aiter_with_timeout(_slow_aiter([1, 2], 0.01), timeout=1.0)) == [1, 2]
     with pytest.raises(asyncio.TimeoutError):
-        await _collect(aiter_with_timeout(_slow_aiter([1, 2], 0.5), timeout=0.05))
+        await _collect(hm_asyncio.aiter_with_timeout(_slow_aiter([1, 2], 0.5), timeout=0.05))
 
 
 async def test_attach_event_on_finished_sets_event_at_the_end():
     event = asyncio.Event()
-    iterator = attach_event_on_finished(as_aiter(1, 2), event)
-    assert await anext(iterator) == 1
+    iterator = hm_asyncio.attach_event_on_finished(hm_asyncio.as_aiter(1, 2), event)
+    assert await hm_asyncio.anext(iterator) == 1
     assert not event.is_set()
     assert await _collect(iterator) == [2]
     assert event.is_set()
@@ -86,10 +76,10 @@ async def test_attach_event_on_finished_sets_event_at_the_end():
 async def test_cancel_and_wait_reports_cancellation():
     task = asyncio.create_task(asyncio.sleep(10))
     await asyncio.sleep(0)
-    assert await cancel_and_wait(task) is True
+    assert await hm_asyncio.cancel_and_wait(task) is True
     done_task = asyncio.create_task(asyncio.sleep(0, result=1))
     await asyncio.sleep(0.01)
-    assert await cancel_and_wait(done_task) is False
+    assert await hm_asyncio.cancel_and_wait(done_task) is False
 
 
 async def test_amap_in_executor_runs_in_threads_and_keeps_order():
@@ -100,7 +90,11 @@ async def test_amap_in_executor_runs_in_threads_and_keeps_order():
         time.sleep(0.01 * (3 - x))
         return x * y
 
-    results = await _collect(amap_in_executor(work, as_aiter(0, 1, 2), as_aiter(10, 10, 10), max_prefetch=3))
+    results = await _collect(
+        hm_asyncio.amap_in_executor(
+            work, hm_asyncio.as_aiter(0, 1, 2), hm_asyncio.as_aiter(10, 10, 10), max_prefetch=3
+        )
+    )
     assert results == [0, 10, 20]
 
 
@@ -111,8 +105,8 @@ async def test_amap_in_executor_prefetches_ahead_of_consumer():
         started.append(x)
         return x
 
-    iterator = amap_in_executor(work, as_aiter(*range(10)), max_prefetch=2)
-    assert await anext(iterator) == 0
+    iterator = hm_asyncio.amap_in_executor(work, hm_asyncio.as_aiter(*range(10)), max_prefetch=2)
+    assert await hm_asyncio.anext(iterator) == 0
     await asyncio.sleep(0.05)
     assert 1 <= len(started) <= 4  # bounded prefetch, not the whole input
     await iterator.aclose()
@@ -124,15 +118,15 @@ async def test_amap_in_executor_propagates_errors():
             raise ZeroDivisionError("bad item")
         return x
 
-    iterator = amap_in_executor(work, as_aiter(0, 1, 2))
-    assert await anext(iterator) == 0
+    iterator = hm_asyncio.amap_in_executor(work, hm_asyncio.as_aiter(0, 1, 2))
+    assert await hm_asyncio.anext(iterator) == 0
     with pytest.raises(ZeroDivisionError, match="bad item"):
-        await anext(iterator)
+        await hm_asyncio.anext(iterator)
 
 
 async def test_enter_asynchronously_acquires_and_releases_lock():
     lock = threading.Lock()
-    async with enter_asynchronously(lock):
+    async with hm_asyncio.enter_asynchronously(lock):
         assert lock.locked()
     assert not lock.locked()
 
@@ -150,15 +144,15 @@ async def test_enter_asynchronously_does_not_block_the_loop():
             await asyncio.sleep(0.01)
 
     ticker_task = asyncio.create_task(ticker())
-    async with enter_asynchronously(lock):
+    async with hm_asyncio.enter_asynchronously(lock):
         pass
-    await cancel_and_wait(ticker_task)
+    await hm_asyncio.cancel_and_wait(ticker_task)
     assert ticks >= 3
     assert not lock.locked()
 
 
 def test_switch_to_uvloop_returns_a_working_loop():
-    loop = switch_to_uvloop()
+    loop = hm_asyncio.switch_to_uvloop()
     try:
         assert loop.run_until_complete(asyncio.sleep(0, result="ok")) == "ok"
         assert "uvloop" in type(loop).__module__

@@ -120,7 +120,7 @@ async def test_token_from_another_authority_is_refused(servicer):
 
 async def test_stolen_token_with_another_key_is_refused(client, servicer):
     thief = MockAuthorizer(client.authority, "thief")
-    await client.refresh_token_if_needed()
+    await client.ensure_token()
     thief._local_access_token = client._local_access_token  # token of the client, signature of the thief
     request = dht_pb2.PingRequest()
     await thief.sign_request(request, None)

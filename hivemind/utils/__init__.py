@@ -7,22 +7,8 @@ lazily on first access.
 import importlib
 import importlib.util
 
-from hivemind.utils.asyncio import (
-    achain,
-    aenumerate,
-    afirst,
-    aiter_with_timeout,
-    amap_in_executor,
-    anext,
-    as_aiter,
-    asingle,
-    attach_event_on_finished,
-    azip,
-    cancel_and_wait,
-    enter_asynchronously,
-    iter_as_aiter,
-    switch_to_uvloop,
-)
+from hivemind.utils import asyncio as _async_helpers
+from hivemind.utils.asyncio import *  # noqa: F403 - every name in its __all__
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.nested import nested_compare, nested_flatten, nested_map, nested_pack
@@ -37,20 +23,7 @@ from hivemind.utils.timed_storage import (
 )
 
 __all__ = [
-    "achain",
-    "aenumerate",
-    "afirst",
-    "aiter_with_timeout",
-    "amap_in_executor",
-    "anext",
-    "as_aiter",
-    "asingle",
-    "attach_event_on_finished",
-    "azip",
-    "cancel_and_wait",
-    "enter_asynchronously",
-    "iter_as_aiter",
-    "switch_to_uvloop",
+    *_async_helpers.__all__,
     "get_logger",
     "use_hivemind_log_handler",
     "MPFuture",

@@ -7,6 +7,7 @@ import concurrent.futures
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import (
     Any,
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Callable,
@@ -71,7 +72,7 @@ async def as_aiter(*values: T) -> AsyncIterator[T]:
         yield value
 
 
-async def iter_as_aiter(iterable: Iterable[T]) -> AsyncIterator[T]:
+async def iter_as_aiter(iterable: Iterable[T]) -> AsyncGenerator[T, None]:
     """Wrap a regular iterable into an async iterator."""
     for value in iterable:
         yield value
@@ -123,7 +124,7 @@ async def afirst(iterable: AsyncIterable[T], default: Optional[T] = None) -> Opt
     return default
 
 
-async def aiter_with_timeout(iterable: AsyncIterable[T], timeout: Optional[float]) -> AsyncIterator[T]:
+async def aiter_with_timeout(iterable: AsyncIterable[T], timeout: Optional[float]) -> AsyncGenerator[T, None]:
     """Iterate, raising asyncio.TimeoutError if the next item takes more than ``timeout`` seconds to arrive."""
     iterator = iterable.__aiter__()
     while True:
@@ -174,7 +175,8 @@ async def amap_in_executor(
     async def _producer():
         try:
             async for args in azip(*iterables):
-                await queue.put(loop.run_in_executor(executor, func, *args))
+                pending_call = loop.run_in_executor(executor, func, *args)
+                await queue.put(pending_call)
             await queue.put(None)
         except Exception as e:
             future = loop.create_future()

@@ -94,88 +94,85 @@ class TokenAuthorizerBase(AuthorizerBase):
     def local_public_key(self) -> RSAPublicKey:
         return self._local_public_key
 
-    async def refresh_token_if_needed(self) -> None:
-        if self._local_access_token is None or self.does_token_need_refreshing(self._local_access_token):
-            self._local_access_token = await self.get_token()
-            if not self.is_token_valid(self._local_access_token):
+    async def ensure_token(self) -> AccessToken:
+        """This peer's current token, fetched with :meth:`get_token` when missing or due for renewal."""
+        token = self._local_access_token
+        if token is None or self.does_token_need_refreshing(token):
+            token = await self.get_token()
+            if not self.is_token_valid(token):
                 raise AuthorizationError(
                     "The token obtained by get_token() is not valid according to is_token_valid()"
                 )
+            self._local_access_token = token
             logger.debug("Access token refreshed")
+        return token
+
+    def _sign(self, message: Any) -> None:
+        message.auth.signature = self._local_private_key.sign(_signed_bytes(message))
+
+    def _check_signed_by_token_owner(self, token: AccessToken, message: Any) -> Optional[str]:
+        """None if ``token`` is valid and ``message`` is signed by the key inside it, otherwise the reason."""
+        if not self.is_token_valid(token):
+            return "the access token is invalid"
+        try:
+            owner_key = RSAPublicKey.from_bytes(token.public_key)
+        except ValueError:
+            return "the access token holds a malformed public key"
+        if not owner_key.verify(_signed_bytes(message), message.auth.signature):
+            return "the signature does not match the public key of the access token"
+        return None
+
+    def _check_request_context(self, info: Any) -> Optional[str]:
+        """None if the request is addressed to us, fresh and not replayed, otherwise the reason."""
+        own_key = self._local_public_key.to_bytes()
+        if info.service_public_key not in (b"", own_key):
+            return "it was meant for a service with another public key"
+        now = get_dht_time()
+        if not abs(info.time - now) <= MAX_CLIENT_SERVICER_TIME_DIFF:  # also refuses NaN
+            return f"its time {info.time} differs from ours ({now}) by more than {MAX_CLIENT_SERVICER_TIME_DIFF} s"
+        if len(info.nonce) != NONCE_SIZE_BYTES:
+            return f"its nonce must be {NONCE_SIZE_BYTES} bytes, got {len(info.nonce)}"
+        if info.nonce in self._recent_nonces:
+            return "its nonce was already used (replayed request)"
+        return None
 
     async def sign_request(self, request: Any, service_public_key: Optional[RSAPublicKey]) -> None:
-        await self.refresh_token_if_needed()
-        auth = request.auth
-        auth.client_access_token.CopyFrom(self._local_access_token)
+        token = await self.ensure_token()
+        info = request.auth
+        info.client_access_token.CopyFrom(token)
         if service_public_key is not None:
-            auth.service_public_key = service_public_key.to_bytes()
-        auth.time = get_dht_time()
-        auth.nonce = secrets.token_bytes(NONCE_SIZE_BYTES)
-        auth.signature = b""
-        auth.signature = self._local_private_key.sign(request.SerializeToString())
+            info.service_public_key = service_public_key.to_bytes()
+        info.time = get_dht_time()
+        info.nonce = secrets.token_bytes(NONCE_SIZE_BYTES)
+        self._sign(request)
 
     async def validate_request(self, request: Any) -> bool:
-        await self.refresh_token_if_needed()
-        auth = request.auth
-
-        if not self.is_token_valid(auth.client_access_token):
-            logger.debug("Request refused: the client's access token is invalid")
-            return False
-        try:
-            client_public_key = RSAPublicKey.from_bytes(auth.client_access_token.public_key)
-        except ValueError:
-            logger.debug("Request refused: the client's token holds a malformed public key")
-            return False
-        if not client_public_key.verify(_signed_bytes(request), auth.signature):
-            logger.debug("Request refused: the signature does not match the client's public key")
-            return False
-        if auth.service_public_key and auth.service_public_key != self._local_public_key.to_bytes():
-            logger.debug("Request refused: it was meant for a service with another public key")
-            return False
-
-        now = get_dht_time()
-        if not abs(auth.time - now) <= MAX_CLIENT_SERVICER_TIME_DIFF:  # also refuses NaN
-            logger.debug(f"Request refused: its time {auth.time} differs from ours ({now}) by more than allowed")
-            return False
-        if len(auth.nonce) != NONCE_SIZE_BYTES:
-            logger.debug(f"Request refused: nonce must be {NONCE_SIZE_BYTES} bytes, got {len(auth.nonce)}")
-            return False
-        if auth.nonce in self._recent_nonces:
-            logger.debug("Request refused: its nonce was already used (replayed request)")
-            return False
-        self._recent_nonces.store(auth.nonce, None, now + NONCE_EXPIRATION)
-        return True
+        info = request.auth
+        problem = self._check_signed_by_token_owner(info.client_access_token, request)
+        problem = problem or self._check_request_context(info)
+        if problem is not None:
+            logger.debug(f"Request refused: {problem}")
+        else:
+            self._recent_nonces.store(info.nonce, None, get_dht_time() + NONCE_EXPIRATION)
+        return problem is None
 
     async def sign_response(self, response: Any, request: Any) -> None:
-        await self.refresh_token_if_needed()
-        auth = response.auth
-        auth.service_access_token.CopyFrom(self._local_access_token)
-        auth.nonce = request.auth.nonce
-        auth.signature = b""
-        auth.signature = self._local_private_key.sign(response.SerializeToString())
+        token = await self.ensure_token()
+        info = response.auth
+        info.service_access_token.CopyFrom(token)
+        info.nonce = request.auth.nonce
+        self._sign(response)
 
     async def validate_response(self, response: Any, request: Any) -> bool:
-        auth = response.auth
-
-        if not self.is_token_valid(auth.service_access_token):
-            logger.debug("Response refused: the service's access token is invalid")
-            return False
-        try:
-            service_public_key = RSAPublicKey.from_bytes(auth.service_access_token.public_key)
-        except ValueError:
-            logger.debug("Response refused: the service's token holds a malformed public key")
-            return False
-        if not service_public_key.verify(_signed_bytes(response), auth.signature):
-            logger.debug("Response refused: the signature does not match the service's public key")
-            return False
-        expected_service_key = request.auth.service_public_key
-        if expected_service_key and auth.service_access_token.public_key != expected_service_key:
-            logger.debug("Response refused: it was signed by another service than the one requested")
-            return False
-        if auth.nonce != request.auth.nonce:
-            logger.debug("Response refused: its nonce does not match the request's")
-            return False
-        return True
+        info, requested = response.auth, request.auth
+        problem = self._check_signed_by_token_owner(info.service_access_token, response)
+        if problem is None and requested.service_public_key not in (b"", info.service_access_token.public_key):
+            problem = "it was signed by another service than the one requested"
+        if problem is None and info.nonce != requested.nonce:
+            problem = "its nonce does not match the request's"
+        if problem is not None:
+            logger.debug(f"Response refused: {problem}")
+        return problem is None
 
 
 class AuthRole(Enum):

@@ -6,14 +6,13 @@ import base64
 import binascii
 import os
 import threading
-from abc import ABC, abstractmethod
 from typing import Optional
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-__all__ = ["PrivateKey", "PublicKey", "RSAPrivateKey", "RSAPublicKey"]
+__all__ = ["RSAPrivateKey", "RSAPublicKey"]
 
 RSA_KEY_SIZE = 2048
 RSA_PUBLIC_EXPONENT = 65537
@@ -21,27 +20,7 @@ _PSS_PADDING = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=paddin
 _MAX_SIGNATURE_LENGTH = 4096  # base64 of a 16384-bit signature; anything longer is garbage
 
 
-class PrivateKey(ABC):
-    @abstractmethod
-    def sign(self, data: bytes) -> bytes: ...
-
-    @abstractmethod
-    def get_public_key(self) -> PublicKey: ...
-
-
-class PublicKey(ABC):
-    @abstractmethod
-    def verify(self, data: bytes, signature: bytes) -> bool: ...
-
-    @abstractmethod
-    def to_bytes(self) -> bytes: ...
-
-    @classmethod
-    @abstractmethod
-    def from_bytes(cls, key: bytes) -> PublicKey: ...
-
-
-class RSAPrivateKey(PrivateKey):
+class RSAPrivateKey:
     """A 2048-bit RSA private key (e = 65537); a new random key unless wrapping an existing one."""
 
     _process_wide_key: Optional[RSAPrivateKey] = None
@@ -58,11 +37,11 @@ class RSAPrivateKey(PrivateKey):
     @classmethod
     def process_wide(cls) -> RSAPrivateKey:
         """The key shared by everything in this process (created on first use)."""
-        if cls._process_wide_key is None:
+        key = cls._process_wide_key
+        if key is None:
             with cls._process_wide_key_lock:
-                if cls._process_wide_key is None:
-                    cls._process_wide_key = cls()
-        return cls._process_wide_key
+                key = cls._process_wide_key = cls._process_wide_key or cls()
+        return key
 
     def sign(self, data: bytes) -> bytes:
         """RSA-PSS (MGF1-SHA256, SHA-256, maximum salt) signature of ``data``, base64-encoded."""
@@ -104,7 +83,7 @@ class RSAPrivateKey(PrivateKey):
         return f"{self.__class__.__name__}(public_key={self.get_public_key().to_bytes()[:32].decode()}...)"
 
 
-class RSAPublicKey(PublicKey):
+class RSAPublicKey:
     """An RSA public key; serialized in OpenSSH format (``ssh-rsa AAAA...``)."""
 
     def __init__(self, public_key: rsa.RSAPublicKey):
@@ -114,19 +93,17 @@ class RSAPublicKey(PublicKey):
 
     def verify(self, data: bytes, signature: bytes) -> bool:
         """True iff ``signature`` (base64) is a valid RSA-PSS signature of ``data``; never raises on garbage."""
+        if not isinstance(signature, (bytes, bytearray, memoryview)) or len(signature) > _MAX_SIGNATURE_LENGTH:
+            return False
         try:
-            if not isinstance(signature, (bytes, bytearray, memoryview)) or len(signature) > _MAX_SIGNATURE_LENGTH:
-                return False
             raw_signature = base64.b64decode(bytes(signature), validate=True)
             self._public_key.verify(raw_signature, bytes(data), _PSS_PADDING, hashes.SHA256())
-            return True
         except (InvalidSignature, binascii.Error, ValueError, TypeError):
             return False
+        return True
 
     def to_bytes(self) -> bytes:
-        return self._public_key.public_bytes(
-            encoding=serialization.Encoding.OpenSSH, format=serialization.PublicFormat.OpenSSH
-        )
+        return self._public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
     @classmethod
     def from_bytes(cls, key: bytes) -> RSAPublicKey:

@@ -91,8 +91,8 @@ class HivemindFormatter(logging.Formatter):
         color = getattr(TextStyle, self._LEVEL_COLORS.get(record.levelno, "PURPLE"), "")
         parts = [f"{asctime}.{created_ms:03d}", f"[{TextStyle.BOLD}{color}{level_name}{TextStyle.RESET}]"]
 
-        always_log_caller = bool(_env_flag("HIVEMIND_ALWAYS_LOG_CALLER"))
-        if record.levelno != logging.INFO or always_log_caller:
+        show_caller = bool(_env_flag("HIVEMIND_ALWAYS_LOG_CALLER")) or record.levelno != logging.INFO
+        if show_caller:
             caller = getattr(record, "caller", None)
             if caller is None:
                 caller = f"{record.name}.{record.funcName}:{record.lineno}"

@@ -60,9 +60,11 @@ def log_visible_maddrs(visible_maddrs: Sequence[Multiaddr], only_p2p: bool) -> N
 
     :param only_p2p: print only the unique ``/p2p/<peer id>`` parts (for peers bootstrapping through IPFS)
     """
-    initial_peers = " ".join(_select_initial_peers(visible_maddrs, only_p2p))
-    logger.info(
-        f"Running a DHT instance. To connect other peers to this one, use "
-        f"{TextStyle.BOLD}{TextStyle.BLUE}--initial_peers {initial_peers}{TextStyle.RESET}"
-    )
+    hint = _highlight("--initial_peers " + " ".join(_select_initial_peers(visible_maddrs, only_p2p)))
+    logger.info(f"Running a DHT instance. To connect other peers to this one, use {hint}")
     logger.info(f"Full list of visible multiaddresses: {' '.join(str(maddr) for maddr in visible_maddrs)}")
+
+
+def _highlight(text: str) -> str:
+    """Bold blue on terminals (or with HIVEMIND_COLORS=1), plain text otherwise."""
+    return TextStyle.BOLD + TextStyle.BLUE + text + TextStyle.RESET

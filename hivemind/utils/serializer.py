@@ -22,15 +22,15 @@ class MSGPackDecodeError(ValueError):
 class SerializerBase(ABC):
     """Turns python objects into bytes and back."""
 
-    @staticmethod
+    @classmethod
     @abstractmethod
-    def dumps(obj: object) -> bytes:
-        pass
+    def dumps(cls, obj: object) -> bytes:
+        """Encode ``obj`` into bytes."""
 
-    @staticmethod
+    @classmethod
     @abstractmethod
-    def loads(buf: bytes) -> object:
-        pass
+    def loads(cls, buf: bytes) -> object:
+        """Decode bytes produced by :meth:`dumps`."""
 
 
 class MSGPackSerializer(SerializerBase):

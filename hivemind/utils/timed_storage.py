@@ -25,18 +25,21 @@ MAX_DHT_TIME_DISCREPANCY_SECONDS = 3  # peers whose clocks differ by more than t
 get_dht_time = time.time  # a DHT time is an absolute Unix time in seconds
 
 
-@dataclass(init=True, repr=True, frozen=True)
+@dataclass(frozen=True)
 class ValueWithExpiration(Generic[ValueType]):
     """A value with its expiration time; behaves like the tuple ``(value, expiration_time)``."""
 
     value: ValueType
     expiration_time: DHTExpiration
 
-    def __iter__(self):
-        return iter((self.value, self.expiration_time))
+    def _as_tuple(self) -> Tuple[ValueType, DHTExpiration]:
+        return self.value, self.expiration_time
 
-    def __getitem__(self, item):
-        return (self.value, self.expiration_time)[item]
+    def __iter__(self) -> Iterator:
+        return iter(self._as_tuple())
+
+    def __getitem__(self, index):
+        return self._as_tuple()[index]
 
     def __len__(self):
         return 2
@@ -45,11 +48,11 @@ class ValueWithExpiration(Generic[ValueType]):
         if isinstance(other, ValueWithExpiration):
             return self.value == other.value and self.expiration_time == other.expiration_time
         if isinstance(other, tuple):
-            return (self.value, self.expiration_time) == other
+            return self._as_tuple() == other
         return NotImplemented
 
     def __hash__(self):
-        return hash((self.value, self.expiration_time))
+        return hash(self._as_tuple())
 
 
 _HeapEntry = Tuple[DHTExpiration, int, KeyType]  # (expiration, insertion counter, key): keys are never compared
