@@ -301,7 +301,7 @@ def test_daemon_command_line_with_every_option():
         tls=False,
         use_auto_relay=True,
         use_relay=False,
-        persistent_conn_max_msg_size=1024,
+        max_msg_size=1024,
         no_listen=True,
         trusted_relays=["/ip4/9.9.9.9/tcp/1/p2p/" + PEER_B58],
     )
@@ -385,7 +385,7 @@ class ExampleServicer(ServicerBase):
 
 
 def test_servicer_handlers_are_found_by_prefix_with_their_stream_kinds():
-    handlers = {h.method_name: h for h in ExampleServicer._get_rpc_handlers()}
+    handlers = {h.name: h for h in ExampleServicer._get_rpc_handlers()}
     assert set(handlers) == {"rpc_unary", "rpc_stream_out", "rpc_stream_in"}
     assert (handlers["rpc_unary"].stream_input, handlers["rpc_unary"].stream_output) == (False, False)
     assert (handlers["rpc_stream_out"].stream_input, handlers["rpc_stream_out"].stream_output) == (False, True)

@@ -65,7 +65,7 @@ def build_daemon_args(
     use_auto_relay: bool = False,
     use_ipfs: bool = False,
     use_relay: bool = True,
-    persistent_conn_max_msg_size: int = 4 * 1024**2,
+    max_msg_size: int = 4 * 1024**2,
     no_listen: bool = False,
     trusted_relays: Optional[Sequence[MaddrLike]] = None,
 ) -> List[str]:
@@ -88,7 +88,7 @@ def build_daemon_args(
         format_flag("relay", use_relay),
         format_flag("relayHopLimit", relay_hop_limit),
         format_flag("tls", tls),
-        format_flag("persistentConnMaxMsgSize", persistent_conn_max_msg_size),
+        format_flag("persistentConnMaxMsgSize", max_msg_size),
     ]
     args.extend(format_flag(name, value) for name, value in DHT_MODE_MAPPING[dht_mode].items())
     if force_reachability is not None:

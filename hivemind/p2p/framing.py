@@ -26,6 +26,7 @@ JOIN_WRITE_THRESHOLD = 64 * 1024
 END_OF_STREAM_FRAME = ERROR_MARKER + bytes(HEADER_LEN)  # an error frame with an empty RPCError
 
 MessageType = TypeVar("MessageType", bound=Message)
+Payload = bytes
 
 
 class FramingError(P2PDaemonError):
@@ -80,7 +81,7 @@ async def send_raw_data(data: bytes, writer: asyncio.StreamWriter, *, drain: boo
         await writer.drain()
 
 
-async def receive_raw_data(reader: asyncio.StreamReader) -> bytes:
+async def receive_raw_data(reader: asyncio.StreamReader) -> Payload:
     """Read one 8-byte-length-prefixed payload."""
     length = decode_length(await reader.readexactly(HEADER_LEN))
     return await reader.readexactly(length)

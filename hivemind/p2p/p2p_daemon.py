@@ -5,20 +5,8 @@ import base64
 import dataclasses
 import os
 import secrets
-from typing import (
-    Any,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    List,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-    Type,
-    Union,
-)
+import typing
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
 from multiaddr import Multiaddr
@@ -37,6 +25,11 @@ logger = get_logger(__name__)
 __all__ = ["P2P", "P2PContext", "P2PDaemonError", "P2PHandlerError"]
 
 MaddrLike = Union[str, Multiaddr]
+Seconds = float
+Bytes = int
+ProtobufType = typing.Type[Message]
+HandleName = str
+DeprecatedOption = Optional[bool]  # accepted for compatibility, warns, has no effect
 TInputProtobuf = Any
 TOutputProtobuf = Any
 TInputStream = AsyncIterator[TInputProtobuf]
@@ -79,8 +72,8 @@ class P2P:
         self._daemon: Optional[DaemonProcess] = None
         self._daemon_listen_maddr: Optional[Multiaddr] = None
         self._client_listen_maddr: Optional[Multiaddr] = None
-        self._visible_maddrs: List[Multiaddr] = []
-        self._stream_writers: Set[asyncio.StreamWriter] = set()
+        self._announced_addrs: List[Multiaddr] = []
+        self._stream_writers: typing.Set[asyncio.StreamWriter] = set()
         self._daemon_failure: Optional[P2PDaemonError] = None
         self._is_shut_down = False
 
@@ -98,18 +91,18 @@ class P2P:
         force_reachability: Optional[str] = None,
         host_maddrs: Optional[Sequence[MaddrLike]] = ("/ip4/127.0.0.1/tcp/0",),
         identity_path: Optional[str] = None,
-        idle_timeout: float = 30,
+        idle_timeout: Seconds = 30,
         nat_port_map: bool = True,
         relay_hop_limit: int = 0,
-        startup_timeout: float = 15,
+        startup_timeout: Seconds = 15,
         tls: bool = True,
         use_auto_relay: bool = False,
         use_ipfs: bool = False,
         use_relay: bool = True,
-        persistent_conn_max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
-        quic: Optional[bool] = None,
-        use_relay_hop: Optional[bool] = None,
-        use_relay_discovery: Optional[bool] = None,
+        persistent_conn_max_msg_size: Bytes = DEFAULT_MAX_MSG_SIZE,
+        quic: DeprecatedOption = None,
+        use_relay_hop: DeprecatedOption = None,
+        use_relay_discovery: DeprecatedOption = None,
         check_if_identity_free: bool = True,
         no_listen: bool = False,
         trusted_relays: Optional[Sequence[MaddrLike]] = None,
@@ -121,9 +114,7 @@ class P2P:
         :param persistent_conn_max_msg_size: max size of one unary request or response, bytes
         :raises P2PDaemonError: the daemon could not start (the message quotes p2pd's own error output)
         """
-        assert not (initial_peers and use_ipfs), (
-            "User-defined initial_peers and use_ipfs=True are incompatible, please choose one option"
-        )
+        assert not (initial_peers and use_ipfs), "Pass either initial_peers or use_ipfs=True, not both"
         daemon_args.warn_deprecated(quic=quic, use_relay_hop=use_relay_hop, use_relay_discovery=use_relay_discovery)
         daemon_args.check_announce_maddrs(announce_maddrs)
 
@@ -134,15 +125,8 @@ class P2P:
         if identity_path is not None:
             if os.path.exists(identity_path):
                 if check_if_identity_free and initial_peers:
-                    taken = await cls.is_identity_taken(
-                        identity_path,
-                        initial_peers=initial_peers,
-                        tls=tls,
-                        use_auto_relay=use_auto_relay,
-                        use_ipfs=use_ipfs,
-                        use_relay=use_relay,
-                    )
-                    if taken:
+                    same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)
+                    if await cls.is_identity_taken(identity_path, initial_peers=initial_peers, **same_swarm):
                         raise P2PDaemonError(
                             f"A peer with the identity from {identity_path} is already online; "
                             "use another identity_path or stop the other peer"
@@ -172,7 +156,7 @@ class P2P:
             use_auto_relay=use_auto_relay,
             use_ipfs=use_ipfs,
             use_relay=use_relay,
-            persistent_conn_max_msg_size=persistent_conn_max_msg_size,
+            max_msg_size=persistent_conn_max_msg_size,
             no_listen=no_listen,
             trusted_relays=trusted_relays,
         )
@@ -203,17 +187,17 @@ class P2P:
             raise
         return self
 
-    async def _connect(self, persistent_conn_max_msg_size: int) -> None:
-        connector = DaemonConnector(self._daemon_listen_maddr, max_msg_size=persistent_conn_max_msg_size)
+    async def _connect(self, max_msg_size: int) -> None:
+        connector = DaemonConnector(self._daemon_listen_maddr, max_msg_size=max_msg_size)
         self._client = ControlClient(
             connector,
             self._client_listen_maddr,
-            persistent_conn_max_msg_size=persistent_conn_max_msg_size,
+            unary_max_msg_size=max_msg_size,
             describe_connection_loss=self._describe_daemon_state,
         )
         await self._client.listen()
         await self._client.open_persistent_connection()
-        self.peer_id, self._visible_maddrs = await self._client.identify()
+        self.peer_id, self._announced_addrs = await self._client.identify()
 
     @classmethod
     async def is_identity_taken(
@@ -221,10 +205,10 @@ class P2P:
         identity_path: str,
         *,
         initial_peers: Sequence[MaddrLike],
-        tls: bool,
-        use_auto_relay: bool,
         use_ipfs: bool,
         use_relay: bool,
+        use_auto_relay: bool,
+        tls: bool,
     ) -> bool:
         """Whether a live peer reachable through ``initial_peers`` already uses this identity's peer id.
 
@@ -233,13 +217,13 @@ class P2P:
         """
         peer_id = load_identity_peer_id(identity_path)
         probe = await cls.create(
-            initial_peers=initial_peers,
+            initial_peers,
+            check_if_identity_free=False,
             dht_mode="client",
-            tls=tls,
+            use_relay=use_relay,
             use_auto_relay=use_auto_relay,
             use_ipfs=use_ipfs,
-            use_relay=use_relay,
-            check_if_identity_free=False,
+            tls=tls,
         )
         try:
             await probe._client.connect(peer_id, [], timeout=5)
@@ -269,18 +253,18 @@ class P2P:
             return False
         return self._client is not None and self._client.persistent_connection_alive
 
-    async def get_visible_maddrs(self, latest: bool = False) -> List[Multiaddr]:
+    async def get_visible_maddrs(self, latest: bool = False) -> typing.List[Multiaddr]:
         """Addresses other peers can use to reach this one, each ending with ``/p2p/<peer id>``.
 
         :param latest: ask the daemon again instead of using the addresses reported at start-up
         :raises ValueError: the daemon reports no addresses
         """
         if latest:
-            _, self._visible_maddrs = await self._client.identify()
-        if not self._visible_maddrs:
-            raise ValueError(f"No multiaddrs found for peer {self.peer_id}")
-        p2p_maddr = Multiaddr(f"/p2p/{self.peer_id.to_base58()}")
-        return [addr.encapsulate(p2p_maddr) for addr in self._visible_maddrs]
+            self._announced_addrs = (await self._client.identify())[1]
+        if len(self._announced_addrs) == 0:
+            raise ValueError(f"p2pd of peer {self.peer_id} reports no addresses: it listens on none (no_listen?)")
+        own_suffix = Multiaddr(f"/p2p/{self.peer_id.to_base58()}")
+        return [maddr.encapsulate(own_suffix) for maddr in self._announced_addrs]
 
     async def list_peers(self) -> List[PeerInfo]:
         """Peers the daemon is currently connected to."""
@@ -307,13 +291,13 @@ class P2P:
 
     async def add_protobuf_handler(
         self,
-        name: str,
+        name: HandleName,
         handler: Callable[[Any, P2PContext], Union[Awaitable[Any], AsyncIterator[Any]]],
-        input_protobuf_type: Type[Message],
+        input_protobuf_type: ProtobufType,
         *,
+        balanced: bool = False,
         stream_input: bool = False,
         stream_output: bool = False,
-        balanced: bool = False,
     ) -> None:
         """Serve ``handler`` under ``name``: unary handlers through the daemon, others as stream handlers.
 
@@ -322,7 +306,8 @@ class P2P:
         :param balanced: let other processes register the same name; the daemon distributes calls round-robin
         :raises P2PDaemonError: the name is already served by this daemon (and not both ``balanced``)
         """
-        if not stream_input and not stream_output:
+        is_unary = not (stream_input or stream_output)
+        if is_unary:
             await self._add_unary_handler(name, handler, input_protobuf_type, balanced=balanced)
             return
 
@@ -341,7 +326,7 @@ class P2P:
         await self._client.stream_handler(name, _serve_stream, balanced=balanced)
 
     async def _add_unary_handler(
-        self, name: str, handler: Callable, input_protobuf_type: Type[Message], *, balanced: bool
+        self, name: str, handler: Callable, input_protobuf_type: ProtobufType, *, balanced: bool
     ) -> None:
         async def _serve_unary(data: bytes, remote_id: PeerID) -> bytes:
             request = input_protobuf_type()
@@ -356,7 +341,7 @@ class P2P:
         self,
         handler: Callable,
         context: P2PContext,
-        input_protobuf_type: Type[Message],
+        input_protobuf_type: ProtobufType,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         *,
@@ -398,10 +383,10 @@ class P2P:
         self, name: str, *, stream_input: bool = False, stream_output: bool = False
     ) -> None:
         """Stop serving ``name`` (pass the same ``stream_*`` flags as when it was added)."""
-        if not stream_input and not stream_output:
-            await self._client.remove_unary_handler(name)
-        else:
+        if stream_input or stream_output:
             await self._client.remove_stream_handler(name)
+        else:
+            await self._client.remove_unary_handler(name)
 
     async def add_binary_stream_handler(
         self,
@@ -412,7 +397,7 @@ class P2P:
         """Serve raw libp2p streams of protocol ``name`` with ``handler(stream_info, reader, writer)``."""
         await self._client.stream_handler(name, handler, balanced=balanced)
 
-    async def remove_binary_stream_handler(self, name: str) -> None:
+    async def remove_binary_stream_handler(self, name: HandleName) -> None:
         await self._client.remove_stream_handler(name)
 
     async def call_binary_stream_handler(
@@ -420,7 +405,7 @@ class P2P:
     ) -> Tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a raw stream to ``handler_name`` of ``peer_id``; the caller must close the writer."""
         self._raise_if_daemon_failed()
-        return await self._client.stream_open(peer_id, (handler_name,))
+        return await self._client.stream_open(peer_id, [handler_name])
 
     # ------------------------------------------------------------------------------------------ calls
 
@@ -429,7 +414,7 @@ class P2P:
         peer_id: PeerID,
         name: str,
         input: Union[TInputProtobuf, AsyncIterable[TInputProtobuf]],
-        output_protobuf_type: Type[Message],
+        output_protobuf_type: ProtobufType,
     ) -> Any:
         """Call ``name`` at ``peer_id`` and return its single response.
 
@@ -463,12 +448,12 @@ class P2P:
         peer_id: PeerID,
         name: str,
         input: Union[TInputProtobuf, AsyncIterable[TInputProtobuf]],
-        output_protobuf_type: Type[Message],
+        output_protobuf_type: ProtobufType,
     ) -> TOutputStream:
         """Call stream handler ``name`` at ``peer_id``, sending ``input`` (a message or an async iterator of
         messages) and yielding each response as it arrives."""
         self._raise_if_daemon_failed()
-        _, reader, writer = await self._client.stream_open(peer_id, (name,))
+        _, reader, writer = await self._client.stream_open(peer_id, [name])
         self._stream_writers.add(writer)
         writing_task = asyncio.create_task(_write_requests(input, writer))
         writing_task.add_done_callback(lambda task: _abort_if_input_failed(task, writer))
@@ -558,7 +543,7 @@ def _p2pd_path() -> str:
     return get_p2pd_path()
 
 
-async def _read_requests(input_protobuf_type: Type[Message], reader: asyncio.StreamReader, queue: asyncio.Queue):
+async def _read_requests(input_protobuf_type: ProtobufType, reader: asyncio.StreamReader, queue: asyncio.Queue):
     """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF."""
     try:
         while True:

@@ -21,7 +21,7 @@ _STREAM_ORIGINS = (collections.abc.AsyncIterator, collections.abc.AsyncIterable)
 class RPCHandler:
     """What the stub and the registration need to know about one ``rpc_*`` method."""
 
-    method_name: str
+    name: str  # the method name, rpc_...
     request_type: type
     response_type: type
     stream_input: bool
@@ -86,9 +86,9 @@ class ServicerBase:
     def _get_rpc_handlers(cls) -> List[RPCHandler]:
         if "_rpc_handlers_cache" not in cls.__dict__:
             handlers = []
-            for method_name, method in inspect.getmembers(cls, predicate=inspect.isfunction):
-                if method_name.startswith(RPC_PREFIX):
-                    handlers.append(inspect_rpc_method(cls, method_name, method))
+            for attribute, function in inspect.getmembers(cls, inspect.isfunction):
+                if attribute.startswith(RPC_PREFIX):
+                    handlers.append(inspect_rpc_method(cls, attribute, function))
             cls._rpc_handlers_cache = handlers
         return cls.__dict__["_rpc_handlers_cache"]
 
@@ -98,7 +98,7 @@ class ServicerBase:
         if "_stub_type_cache" not in cls.__dict__:
             methods: Dict[str, Callable] = {}
             for handler in cls._get_rpc_handlers():
-                methods[handler.method_name] = _make_stub_method(cls.__name__, handler)
+                methods[handler.name] = _make_stub_method(cls.__name__, handler)
             cls._stub_type_cache = type(f"{cls.__name__}Stub", (StubBase,), methods)
         return cls.__dict__["_stub_type_cache"]
 
@@ -108,16 +108,16 @@ class ServicerBase:
         return cls._get_stub_type()(p2p, peer, namespace)
 
     async def add_p2p_handlers(
-        self, p2p: P2P, wrapper: Any = None, *, namespace: Optional[str] = None, balanced: bool = False
+        self, p2p: P2P, wrapper: Optional[object] = None, *, namespace: Optional[str] = None, balanced: bool = False
     ) -> None:
         """Serve every ``rpc_*`` method through ``p2p``; ``wrapper`` (if given) supplies the implementations."""
-        servicer = self if wrapper is None else wrapper
+        implementation = wrapper if wrapper is not None else self
         class_name = type(self).__name__
         await asyncio.gather(
             *(
                 p2p.add_protobuf_handler(
-                    get_handle_name(namespace, class_name, handler.method_name),
-                    getattr(servicer, handler.method_name),
+                    get_handle_name(namespace, class_name, handler.name),
+                    getattr(implementation, handler.name),
                     handler.request_type,
                     stream_input=handler.stream_input,
                     stream_output=handler.stream_output,
@@ -133,7 +133,7 @@ class ServicerBase:
         await asyncio.gather(
             *(
                 p2p.remove_protobuf_handler(
-                    get_handle_name(namespace, class_name, handler.method_name),
+                    get_handle_name(namespace, class_name, handler.name),
                     stream_input=handler.stream_input,
                     stream_output=handler.stream_output,
                 )
@@ -147,21 +147,19 @@ def _make_stub_method(class_name: str, handler: RPCHandler) -> Callable:
 
         def call_streaming(self: StubBase, input: Any, timeout: Optional[float] = None) -> AsyncIterator[Any]:
             if timeout is not None:
-                raise ValueError(
-                    f"{handler.method_name} returns a stream; timeout= is supported for unary outputs only"
-                )
-            handle_name = get_handle_name(self._namespace, class_name, handler.method_name)
+                raise ValueError(f"{handler.name} returns a stream; timeout= is supported for unary outputs only")
+            handle_name = get_handle_name(self._namespace, class_name, handler.name)
             return self._p2p.iterate_protobuf_handler(self._peer, handle_name, input, handler.response_type)
 
-        call_streaming.__name__ = handler.method_name
+        call_streaming.__name__ = handler.name
         return call_streaming
 
     async def call_unary(self: StubBase, input: Any, timeout: Optional[float] = None) -> Any:
-        handle_name = get_handle_name(self._namespace, class_name, handler.method_name)
+        handle_name = get_handle_name(self._namespace, class_name, handler.name)
         if handler.stream_input and isinstance(input, Message):
             input = as_aiter(input)  # a stream-input handler is served as a stream even for a single message
         call = self._p2p.call_protobuf_handler(self._peer, handle_name, input, handler.response_type)
         return await asyncio.wait_for(call, timeout=timeout)
 
-    call_unary.__name__ = handler.method_name
+    call_unary.__name__ = handler.name
     return call_unary

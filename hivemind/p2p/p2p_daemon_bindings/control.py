@@ -24,7 +24,7 @@ from hivemind.utils.logging import get_logger
 logger = get_logger(__name__)
 
 DEFAULT_MAX_MSG_SIZE = 4 * 1024**2
-MAX_UNARY_PAYLOAD_SIZE = DEFAULT_MAX_MSG_SIZE // 2
+MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # MoE clients switch to streaming above this many bytes
 
 # asyncio.StreamReader limit for stream data: large enough that a 1 MiB frame arrives without pause/resume cycles
 STREAM_READER_LIMIT = 2**22
@@ -33,7 +33,8 @@ STREAM_WRITE_HIGH_WATER = 2**22
 # kernel socket buffers for stream data sockets: fewer wake-ups for large transfers
 SOCKET_BUFFER_SIZE = 2**22
 
-StreamHandler = Callable[[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+# handler(stream_info, reader, writer), awaited until the stream is done
+StreamCallback = Callable[[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 UNIX_PROTOCOL_CODE = 400
 
@@ -102,18 +103,18 @@ class ControlClient:
 
     def __init__(
         self,
-        daemon_connector: DaemonConnector,
+        connector: DaemonConnector,
         listen_maddr: Multiaddr,
         *,
-        persistent_conn_max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+        unary_max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
         describe_connection_loss: Optional[Callable[[], Awaitable[str]]] = None,
     ) -> None:
-        self.daemon_connector = daemon_connector
+        self.connector = connector
         self.listen_maddr = listen_maddr
         self.listen_path = unix_socket_path(listen_maddr)
-        self.persistent_conn_max_msg_size = persistent_conn_max_msg_size
+        self.unary_max_msg_size = unary_max_msg_size
         self._describe_connection_loss = describe_connection_loss
-        self._stream_handlers: Dict[str, StreamHandler] = {}
+        self._stream_handlers: Dict[str, StreamCallback] = {}
         self._server: Optional[asyncio.AbstractServer] = None
         self._handler_tasks: Set[asyncio.Task] = set()
         self._handler_writers: Set[asyncio.StreamWriter] = set()
@@ -139,10 +140,10 @@ class ControlClient:
             if self._persistent is None:
                 if self._closed:
                     raise P2PDaemonError("The p2pd client is closed")
-                reader, writer = await self.daemon_connector.open_connection()
+                reader, writer = await self.connector.open_connection()
                 try:
                     await write_pbmsg(writer, p2pd_pb2.Request(type=p2pd_pb2.Request.PERSISTENT_CONN_UPGRADE))
-                    response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.daemon_connector.max_msg_size)
+                    response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.connector.max_msg_size)
                     raise_if_failed(response)
                 except BaseException as e:
                     writer.close()
@@ -152,7 +153,7 @@ class ControlClient:
                 self._persistent = PersistentConnection(
                     reader,
                     writer,
-                    max_msg_size=self.persistent_conn_max_msg_size,
+                    max_msg_size=self.unary_max_msg_size,
                     describe_connection_loss=self._describe_connection_loss,
                 )
                 self._persistent.start()
@@ -197,23 +198,23 @@ class ControlClient:
     # ---------------------------------------------------------------- plain control requests
 
     async def identify(self) -> Tuple[PeerID, List[Multiaddr]]:
-        response = await self.daemon_connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.IDENTIFY))
+        response = await self.connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.IDENTIFY))
         return PeerID(response.identify.id), [Multiaddr(addr) for addr in response.identify.addrs]
 
     async def connect(self, peer_id: PeerID, maddrs: Sequence[Multiaddr], timeout: Optional[int] = None) -> None:
         connect_request = p2pd_pb2.ConnectRequest(peer=peer_id.to_bytes(), addrs=[m.to_bytes() for m in maddrs])
         if timeout is not None:
             connect_request.timeout = int(timeout)
-        await self.daemon_connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.CONNECT, connect=connect_request))
+        await self.connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.CONNECT, connect=connect_request))
 
-    async def disconnect(self, peer_id: PeerID) -> None:
+    async def disconnect(self, peer: PeerID) -> None:
         request = p2pd_pb2.Request(
-            type=p2pd_pb2.Request.DISCONNECT, disconnect=p2pd_pb2.DisconnectRequest(peer=peer_id.to_bytes())
+            type=p2pd_pb2.Request.DISCONNECT, disconnect=p2pd_pb2.DisconnectRequest(peer=peer.to_bytes())
         )
-        await self.daemon_connector.request(request)
+        await self.connector.request(request)
 
     async def list_peers(self) -> List[PeerInfo]:
-        response = await self.daemon_connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.LIST_PEERS))
+        response = await self.connector.request(p2pd_pb2.Request(type=p2pd_pb2.Request.LIST_PEERS))
         return [PeerInfo.from_protobuf(peer_info) for peer_info in response.peers]
 
     # ---------------------------------------------------------------- streams
@@ -226,10 +227,10 @@ class ControlClient:
         if timeout is not None:
             stream_open_request.timeout = int(timeout)
         request = p2pd_pb2.Request(type=p2pd_pb2.Request.STREAM_OPEN, streamOpen=stream_open_request)
-        reader, writer = await self.daemon_connector.open_connection()
+        reader, writer = await self.connector.open_connection()
         try:
             await write_pbmsg(writer, request)
-            response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.daemon_connector.max_msg_size)
+            response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.connector.max_msg_size)
             raise_if_failed(response)
         except BaseException as e:
             writer.close()
@@ -239,7 +240,7 @@ class ControlClient:
         tune_stream_transport(writer)
         return StreamInfo.from_protobuf(response.streamInfo), reader, writer
 
-    async def stream_handler(self, proto: str, handler: StreamHandler, balanced: bool = False) -> None:
+    async def stream_handler(self, proto: str, handler: StreamCallback, balanced: bool = False) -> None:
         """Ask the daemon to forward incoming streams of protocol ``proto`` to this client's callback socket."""
         request = p2pd_pb2.Request(
             type=p2pd_pb2.Request.STREAM_HANDLER,
@@ -247,18 +248,18 @@ class ControlClient:
                 addr=unix_maddr_bytes(self.listen_path), proto=[proto], balanced=balanced
             ),
         )
-        await self.daemon_connector.request(request)
+        await self.connector.request(request)
         self._stream_handlers[proto] = handler
 
-    async def remove_stream_handler(self, proto: str) -> None:
+    async def remove_stream_handler(self, protocol: str) -> None:
         request = p2pd_pb2.Request(
             type=p2pd_pb2.Request.REMOVE_STREAM_HANDLER,
             removeStreamHandler=p2pd_pb2.RemoveStreamHandlerRequest(
-                addr=unix_maddr_bytes(self.listen_path), proto=[proto]
+                addr=unix_maddr_bytes(self.listen_path), proto=[protocol]
             ),
         )
-        await self.daemon_connector.request(request)
-        self._stream_handlers.pop(proto, None)
+        await self.connector.request(request)
+        self._stream_handlers.pop(protocol, None)
 
     async def _on_incoming_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -266,10 +267,8 @@ class ControlClient:
         self._handler_writers.add(writer)
         try:
             try:
-                pb_stream_info = await read_pbmsg_safe(
-                    reader, p2pd_pb2.StreamInfo(), self.daemon_connector.max_msg_size
-                )
-                stream_info = StreamInfo.from_protobuf(pb_stream_info)
+                info_message = await read_pbmsg_safe(reader, p2pd_pb2.StreamInfo(), self.connector.max_msg_size)
+                stream_info = StreamInfo.from_protobuf(info_message)
             except Exception as e:
                 logger.debug(f"Dropping an incoming stream with an unreadable StreamInfo: {e!r}")
                 return
@@ -294,15 +293,15 @@ class ControlClient:
         conn = await self.open_persistent_connection()
         await conn.add_unary_handler(proto, handler, balanced=balanced)
 
-    async def remove_unary_handler(self, proto: str) -> None:
+    async def remove_unary_handler(self, protocol: str) -> None:
         conn = await self.open_persistent_connection()
-        await conn.remove_unary_handler(proto)
+        await conn.remove_unary_handler(protocol)
 
     async def ping(self) -> None:
         """A round trip through the persistent connection: ``P2PDaemonError`` if p2pd is gone."""
         conn = await self.open_persistent_connection()
         await conn.ping()
 
-    async def call_unary_handler(self, peer_id: PeerID, proto: str, data: bytes) -> bytes:
+    async def call_unary_handler(self, peer: PeerID, protocol: str, payload: bytes) -> bytes:
         conn = await self.open_persistent_connection()
-        return await conn.call_unary_handler(peer_id, proto, data)
+        return await conn.call_unary_handler(peer, protocol, payload)

@@ -1,5 +1,6 @@
 """Peer identifiers and small records exchanged with p2pd (WIRE.md §1, §5.6)."""
 
+import dataclasses
 import hashlib
 from typing import Any, Iterable, List, Union
 
@@ -123,22 +124,17 @@ class PeerInfo:
         return f"PeerInfo(peer_id={self.peer_id!r}, addrs={self.addrs!r})"
 
 
+@dataclasses.dataclass
 class StreamInfo:
     """Description of a libp2p stream: remote peer, remote multiaddr and protocol (handle name)."""
 
-    __slots__ = ("peer_id", "addr", "proto")
-
-    def __init__(self, peer_id: PeerID, addr: Multiaddr, proto: str) -> None:
-        self.peer_id = peer_id
-        self.addr = addr
-        self.proto = proto
-
-    def __repr__(self) -> str:
-        return f"<StreamInfo peer_id={self.peer_id} addr={self.addr} proto={self.proto}>"
+    peer_id: PeerID
+    addr: Multiaddr
+    proto: str
 
     def to_protobuf(self) -> p2pd_pb2.StreamInfo:
         return p2pd_pb2.StreamInfo(peer=self.peer_id.to_bytes(), addr=self.addr.to_bytes(), proto=self.proto)
 
     @classmethod
-    def from_protobuf(cls, pb_msg: p2pd_pb2.StreamInfo) -> "StreamInfo":
-        return cls(peer_id=PeerID(pb_msg.peer), addr=Multiaddr(pb_msg.addr), proto=pb_msg.proto)
+    def from_protobuf(cls, message: p2pd_pb2.StreamInfo) -> "StreamInfo":
+        return cls(PeerID(message.peer), Multiaddr(message.addr), message.proto)

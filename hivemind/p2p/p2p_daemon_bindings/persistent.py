@@ -74,12 +74,12 @@ class PersistentConnection:
         await self._request(request)
         self._handlers[proto] = handler
 
-    async def remove_unary_handler(self, proto: str) -> None:
+    async def remove_unary_handler(self, protocol: str) -> None:
         request = p2pd_pb2.PersistentConnectionRequest(
-            callId=uuid.uuid4().bytes, removeUnaryHandler=p2pd_pb2.RemoveUnaryHandlerRequest(proto=proto)
+            callId=uuid.uuid4().bytes, removeUnaryHandler=p2pd_pb2.RemoveUnaryHandlerRequest(proto=protocol)
         )
         await self._request(request)
-        self._handlers.pop(proto, None)
+        self._handlers.pop(protocol, None)
 
     async def ping(self) -> None:
         """One round trip through p2pd; raises ``P2PDaemonError`` only if the connection is lost meanwhile.
@@ -97,20 +97,20 @@ class PersistentConnection:
                 raise
             # the expected answer: "handler ... does not exist"
 
-    async def call_unary_handler(self, peer_id: PeerID, proto: str, data: bytes) -> bytes:
-        """Call unary handler ``proto`` of ``peer_id``; returns the serialized response.
+    async def call_unary_handler(self, peer: PeerID, protocol: str, payload: bytes) -> bytes:
+        """Call unary handler ``protocol`` of ``peer``; returns the serialized response.
 
         :raises P2PHandlerError: the remote handler raised or returned an error
-        :raises P2PDaemonError: the message is too large, the peer is unreachable or does not serve ``proto``
+        :raises P2PDaemonError: the message is too large, the peer is unreachable or does not serve ``protocol``
         """
         call_id = uuid.uuid4().bytes
         request = p2pd_pb2.PersistentConnectionRequest(
-            callId=call_id, callUnary=p2pd_pb2.CallUnaryRequest(peer=peer_id.to_bytes(), proto=proto, data=data)
+            callId=call_id, callUnary=p2pd_pb2.CallUnaryRequest(peer=peer.to_bytes(), proto=protocol, data=payload)
         )
         size = request.ByteSize()
         if size > self.max_msg_size:
             raise P2PDaemonError(
-                f"Message size exceeds set limit: the request to {proto} takes {size} bytes, "
+                f"Message size exceeds set limit: the request to {protocol} takes {size} bytes, "
                 f"persistent_conn_max_msg_size is {self.max_msg_size} bytes; send large data through a stream handler"
             )
         response = await self._request(request, cancel_on_abort=True)
