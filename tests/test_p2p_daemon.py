@@ -45,7 +45,7 @@ async def test_create_reports_peer_id_and_visible_maddrs(p2p_factory):
 
 async def test_no_visible_maddrs_is_a_value_error(p2p_factory):
     p2p = await p2p_factory(host_maddrs=[], no_listen=True)
-    with pytest.raises(ValueError, match="No multiaddrs"):
+    with pytest.raises(ValueError, match="no addresses"):
         await p2p.get_visible_maddrs()
 
 
