@@ -12,6 +12,7 @@ CPython, and the harness is the only writer, so this is trusted local data.
 
 import asyncio
 import inspect
+import io
 import json
 import os
 import pickle
@@ -173,6 +174,30 @@ class Driver:
             async for _ in await _awaited(returned):
                 pass
         return shapes
+
+    # --- tensors ---
+    async def cmd_tensor_serialize(self, tensor_hex, compression):
+        """runtime_pb2.Tensor bytes (hex) of a torch.save-d tensor serialized with CompressionType `compression`."""
+        import torch
+
+        from hivemind.compression import serialize_torch_tensor
+        from hivemind.proto import runtime_pb2
+
+        tensor = torch.load(io.BytesIO(bytes.fromhex(tensor_hex)))
+        message = serialize_torch_tensor(tensor, runtime_pb2.CompressionType.Value(compression))
+        return message.SerializeToString().hex()
+
+    async def cmd_tensor_deserialize(self, message_hex):
+        """The tensor (torch.save bytes, hex) decoded from runtime_pb2.Tensor bytes."""
+        import torch
+
+        from hivemind.compression import deserialize_torch_tensor
+        from hivemind.proto import runtime_pb2
+
+        tensor = deserialize_torch_tensor(runtime_pb2.Tensor.FromString(bytes.fromhex(message_hex)))
+        buffer = io.BytesIO()
+        torch.save(tensor.detach().clone().requires_grad_(tensor.requires_grad), buffer)
+        return buffer.getvalue().hex()
 
     # --- dht ---
     def _owner_validator(self):
