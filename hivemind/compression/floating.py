@@ -89,13 +89,21 @@ class ScaledFloat16Compression(Float16Compression):
         _check_float_input(self, tensor)
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
         row_length = tensor.shape[-1] if tensor.ndim > 0 else 1
+        numel, num_rows = tensor.numel(), math.prod(tensor.shape[:-1])
+        stats_shape = (*tensor.shape[:-1], 1) if tensor.ndim > 0 else ()
+        # the message buffer is assembled in place: float16 values, then float32 means, then float32 stds
+        packed = torch.empty(2 * numel + 8 * num_rows, dtype=torch.uint8, device=tensor.device)
+        half = packed[: 2 * numel].view(torch.float16).view(tensor.shape)
+
         work = tensor if tensor.dtype != torch.float16 else tensor.float()
-        means = work.mean(dim=-1, keepdim=True).float()
-        centered = torch.sub(work, means) if not (allow_inplace and work is tensor) else work.sub_(means)
-        stds = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).float()
+        means = work.mean(dim=-1, keepdim=True).float().reshape(stats_shape)
+        centered = work.sub_(means) if (allow_inplace and work is tensor) else torch.sub(work, means)
+        stds = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).float().reshape(stats_shape)
         stds.div_(math.sqrt(max(row_length, 1))).clamp_min_(FP32_EPS)
-        half = centered.div_(stds).to(torch.float16)
-        buffer = b"".join((tensor_to_bytes(half), tensor_to_bytes(means), tensor_to_bytes(stds)))
+        torch.div(centered, stds, out=half)
+        packed[2 * numel : 2 * numel + 4 * num_rows].copy_(means.reshape(-1).view(torch.uint8))
+        packed[2 * numel + 4 * num_rows :].copy_(stds.reshape(-1).view(torch.uint8))
+        buffer = tensor_to_bytes(packed)
         return runtime_pb2.Tensor(
             compression=self.compression_type,
             buffer=buffer,
