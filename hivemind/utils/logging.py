@@ -96,7 +96,7 @@ class HivemindFormatter(logging.Formatter):
             caller = getattr(record, "caller", None)
             if caller is None:
                 caller = f"{record.name}.{record.funcName}:{record.lineno}"
-            parts.append(f"[{TextStyle.BOLD}{caller}{TextStyle.RESET}]")
+            parts.append(f"[{caller}]")
 
         parts.append(record.getMessage())
         line = " ".join(parts)
