@@ -66,6 +66,12 @@ def _resolve_many(futures):
         future.set_result(i)
 
 
+def _ask_parent(report, answer):
+    question = MPFuture()  # this child is the origin of `question`
+    report.set_result(question)
+    answer.set_result(question.result(timeout=10) * 2)
+
+
 def _resolve_in_grandchild(future, report):
     report.set_result(future.running())  # opens this process's connection before forking
     grandchild = mp.get_context("fork").Process(target=_set_result, args=(future, "from grandchild"))
@@ -201,6 +207,27 @@ def test_grandchild_forked_after_child_connected_can_resolve():
     process = _run_in_child("fork", _resolve_in_grandchild, future, report, daemon=False)
     assert report.result(timeout=20) is False
     assert future.result(timeout=20) == "from grandchild"
+    process.join(10)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_child_can_be_the_origin_of_its_own_futures(start_method):
+    report, answer = MPFuture(), MPFuture()
+    process = _run_in_child(start_method, _ask_parent, report, answer)
+    question = report.result(timeout=20)
+    with pytest.raises(RuntimeError):
+        question.result()  # owned by the child
+    question.set_result(21)
+    assert answer.result(timeout=20) == 42
+    process.join(10)
+
+
+def test_future_sent_back_to_its_origin_is_the_same_object():
+    future = MPFuture()
+    holder = MPFuture()
+    process = _run_in_child("fork", _set_result, holder, [future])
+    assert holder.result(timeout=20)[0] is future
     process.join(10)
 
 
