@@ -159,3 +159,20 @@ def test_switch_to_uvloop_returns_a_working_loop():
     finally:
         loop.close()
         asyncio.set_event_loop_policy(None)
+
+
+async def test_enter_asynchronously_cancelled_while_waiting_leaves_lock_free():
+    lock = threading.Lock()
+    lock.acquire()
+
+    async def enter():
+        async with hm_asyncio.enter_asynchronously(lock):
+            raise AssertionError("must not enter after cancellation")
+
+    task = asyncio.create_task(enter())
+    await asyncio.sleep(0.05)
+    assert await hm_asyncio.cancel_and_wait(task)
+    lock.release()  # the worker thread now acquires it and must give it back
+    await asyncio.sleep(0.1)
+    assert lock.acquire(timeout=2)
+    lock.release()
