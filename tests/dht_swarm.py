@@ -7,13 +7,16 @@ from hivemind.dht.node import DHTNode
 
 
 async def launch_swarm(num_nodes: int, **kwargs) -> List[DHTNode]:
-    """Start one node, then the others bootstrapping from it concurrently; returns them in start order."""
-    first = await DHTNode.create(**kwargs)
-    initial_peers = await first.get_visible_maddrs()
-    others = await asyncio.gather(
-        *(DHTNode.create(initial_peers=initial_peers, **kwargs) for _ in range(num_nodes - 1))
-    )
-    return [first, *others]
+    """
+    Start one node, then the others one by one bootstrapping from it; returns them in start order. Sequential start
+    makes every routing table complete (each newcomer's self-lookup visits all earlier nodes), so tests can reason
+    about which nodes are the nearest to a key.
+    """
+    nodes = [await DHTNode.create(**kwargs)]
+    initial_peers = await nodes[0].get_visible_maddrs()
+    for _ in range(num_nodes - 1):
+        nodes.append(await DHTNode.create(initial_peers=initial_peers, **kwargs))
+    return nodes
 
 
 async def shutdown_all(nodes: List[DHTNode]) -> None:
