@@ -251,7 +251,7 @@ async def test_remote_get_caches_the_value_locally(swarm):
 async def test_get_many_by_id_with_futures_and_reuse_of_requests(swarm):
     keys, expiration = [unique_key("future") for _ in range(3)], get_dht_time() + 60
     assert all((await swarm[0].store_many(keys, [1, 2, 3], expiration)).values())
-    key_ids = [DHTID.generate(key) for key in keys]
+    key_ids = list(map(DHTID.generate, keys))
     futures = await swarm[8].get_many_by_id(key_ids, return_futures=True)
     assert all(isinstance(future, asyncio.Future) for future in futures.values())
     assert [(await futures[key_id]).value for key_id in key_ids] == [1, 2, 3]

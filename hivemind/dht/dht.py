@@ -25,6 +25,19 @@ logger = get_logger(__name__)
 ReturnType = TypeVar("ReturnType")
 
 
+MaddrLike = Union[Multiaddr, str]
+
+
+def _as_maddr_strings(initial_peers: Optional[Sequence[MaddrLike]]) -> Optional[List[str]]:
+    """Check the type of initial_peers (a sequence of str or Multiaddr) and return them as strings."""
+    if initial_peers is None:
+        return None
+    is_sequence = isinstance(initial_peers, Sequence)
+    if not is_sequence or any(not isinstance(item, (Multiaddr, str)) for item in initial_peers):
+        raise TypeError(f"initial_peers should be a sequence of str or Multiaddr, got {initial_peers!r}")
+    return [str(maddr) for maddr in initial_peers]
+
+
 class DHT(mp.Process):
     """
     A DHT peer: runs a :class:`DHTNode` (and, unless ``p2p`` is given, its own p2pd daemon) in a child process.
@@ -45,12 +58,12 @@ class DHT(mp.Process):
 
     def __init__(
         self,
-        initial_peers: Optional[Sequence[Union[Multiaddr, str]]] = None,
+        initial_peers: Optional[Sequence[MaddrLike]] = None,
         *,
-        start: bool,
+        start: bool,  # start the child process right away
         p2p: Optional[P2P] = None,
         daemon: bool = True,
-        num_workers: int = DEFAULT_NUM_WORKERS,
+        num_workers: int = DEFAULT_NUM_WORKERS,  # concurrent RPCs of one search
         record_validators: Iterable[RecordValidatorBase] = (),
         shutdown_timeout: float = 3,
         await_ready: bool = True,
@@ -61,18 +74,10 @@ class DHT(mp.Process):
         self._context = mp.get_context(start_method)
         super().__init__()
 
-        if not (
-            initial_peers is None
-            or (
-                isinstance(initial_peers, Sequence)
-                and all(isinstance(item, (Multiaddr, str)) for item in initial_peers)
-            )
-        ):
-            raise TypeError(f"initial_peers should be a sequence of str or Multiaddr, got {initial_peers!r}")
-        self.initial_peers = [str(maddr) for maddr in initial_peers] if initial_peers is not None else None
+        self.initial_peers = _as_maddr_strings(initial_peers)
         self.num_workers, self.shutdown_timeout, self.kwargs = num_workers, shutdown_timeout, kwargs
         self._record_validator = CompositeValidator(record_validators)
-        self._daemon_listen_maddr = str(p2p.daemon_listen_maddr) if p2p is not None else None
+        self._existing_daemon = None if p2p is None else str(p2p.daemon_listen_maddr)
         self.daemon = daemon
         self._origin_pid = os.getpid()
 
@@ -83,7 +88,7 @@ class DHT(mp.Process):
         self._p2p_replicas = {}  # pid -> P2P bound to this DHT's daemon in that process
 
         if start:
-            self.run_in_background(await_ready=await_ready)
+            self.run_in_background(await_ready)
 
     # ------------------------------------------------------------------ process plumbing
 
@@ -132,8 +137,8 @@ class DHT(mp.Process):
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, stopped: asyncio.Event) -> None:
         try:
-            if self._daemon_listen_maddr is not None:
-                self.kwargs["p2p"] = await P2P.replicate(Multiaddr(self._daemon_listen_maddr))
+            if self._existing_daemon:  # attach to the daemon of the P2P given by the user
+                self.kwargs["p2p"] = await P2P.replicate(Multiaddr(self._existing_daemon))
             self._node = await DHTNode.create(
                 initial_peers=self.initial_peers,
                 num_workers=self.num_workers,
@@ -174,7 +179,9 @@ class DHT(mp.Process):
             raise RuntimeError("the DHT process is not started: call run_in_background() or pass start=True")
         future = MPFuture() if return_future else concurrent.futures.Future()
         self._caller.call(future, method, *args, **kwargs)
-        return future if return_future else future.result()
+        if return_future:
+            return future
+        return future.result()
 
     def shutdown(self) -> None:
         """Stop the node and its daemon gracefully; terminate the process if it takes over ``shutdown_timeout``."""
@@ -210,7 +217,11 @@ class DHT(mp.Process):
     # ------------------------------------------------------------------ public API (user process)
 
     def get(
-        self, key: DHTKey, latest: bool = False, return_future: bool = False, **kwargs
+        self,
+        key: DHTKey,
+        latest: bool = False,  # search the whole beam for the newest entry
+        return_future: bool = False,
+        **kwargs,
     ) -> Union[Optional[ValueWithExpiration[DHTValue]], MPFuture]:
         """
         Find the value of ``key``: None if absent, else ValueWithExpiration (a dict of subkey -> ValueWithExpiration
@@ -224,7 +235,7 @@ class DHT(mp.Process):
         self,
         key: DHTKey,
         value: DHTValue,
-        expiration_time: DHTExpiration,
+        expiration_time: DHTExpiration,  # absolute DHT time (s)
         subkey: Optional[Subkey] = None,
         return_future: bool = False,
         **kwargs,

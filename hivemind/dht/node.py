@@ -1,24 +1,13 @@
 """DHTNode: a Kademlia peer on asyncio — bootstrap, get/store with replication, caching and dead-peer back-off."""
 
 import asyncio
+import math
 import os
 import random
 from collections import defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Awaitable,
-    Callable,
-    Collection,
-    Dict,
-    List,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-    Union,
-)
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from multiaddr import Multiaddr
 
@@ -46,6 +35,7 @@ BOOTSTRAP_FAILED_MESSAGE = (
 )
 
 CONFIRM_REPLICAS_DELAY = 0.05  # s: stores sent from the routing table alone are confirmed by a search in batches
+MaddrLike = Union[Multiaddr, str]
 StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
 
 
@@ -85,25 +75,25 @@ class DHTNode:
     @classmethod
     async def create(
         cls,
-        p2p: Optional[P2P] = None,
+        p2p: Optional[P2P] = None,  # None: start a daemon of our own with P2P.create(**kwargs)
         node_id: Optional[DHTID] = None,
-        initial_peers: Optional[Sequence[Union[Multiaddr, str]]] = None,
-        bucket_size: int = 20,
+        initial_peers: Optional[Sequence[MaddrLike]] = None,
+        bucket_size: int = 20,  # Kademlia k
         num_replicas: int = 5,
-        depth_modulo: int = 5,
+        depth_modulo: int = 5,  # Kademlia b
         parallel_rpc: Optional[int] = None,
-        wait_timeout: float = 3,
+        wait_timeout: float = 3,  # s, per RPC
         refresh_timeout: Optional[float] = None,
         bootstrap_timeout: Optional[float] = None,
-        cache_locally: bool = True,
+        cache_locally: bool = True,  # keep values found by get
         cache_nearest: int = 1,
         cache_size: Optional[int] = None,
-        cache_refresh_before_expiry: float = 5,
+        cache_refresh_before_expiry: float = 5,  # s
         cache_on_store: bool = True,
         reuse_get_requests: bool = True,
-        num_workers: int = DEFAULT_NUM_WORKERS,
+        num_workers: int = DEFAULT_NUM_WORKERS,  # concurrent RPCs of one search
         chunk_size: int = 16,
-        blacklist_time: float = 5.0,
+        blacklist_time: float = 5.0,  # s
         backoff_rate: float = 2.0,
         client_mode: bool = False,
         record_validator: Optional[RecordValidatorBase] = None,
@@ -120,7 +110,7 @@ class DHTNode:
         :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
         """
         self = cls(_created_by_create=True)
-        initial_peers = [str(maddr) for maddr in initial_peers] if initial_peers is not None else []
+        initial_peers = [] if initial_peers is None else [str(maddr) for maddr in initial_peers]
         initial_peer_ids = [peer_id_from_maddr(maddr) for maddr in initial_peers]
 
         self._owns_p2p = p2p is None
@@ -130,11 +120,12 @@ class DHTNode:
         elif kwargs:
             raise ValueError(f"DHTNode.create got P2P options {sorted(kwargs)} together with an existing p2p")
         self.p2p, self.peer_id = p2p, p2p.peer_id
-        self.node_id = node_id if node_id is not None else DHTID.generate()
+        self.node_id = DHTID.generate() if node_id is None else node_id
 
-        self.num_replicas, self.num_workers, self.chunk_size = num_replicas, num_workers, chunk_size
-        self.cache_locally, self.cache_nearest, self.cache_on_store = cache_locally, cache_nearest, cache_on_store
-        self.cache_refresh_before_expiry, self.reuse_get_requests = cache_refresh_before_expiry, reuse_get_requests
+        self.num_replicas, self.num_workers = num_replicas, num_workers
+        self.chunk_size, self.reuse_get_requests = chunk_size, reuse_get_requests
+        self.cache_locally, self.cache_on_store = cache_locally, cache_on_store
+        self.cache_nearest, self.cache_refresh_before_expiry = cache_nearest, cache_refresh_before_expiry
         self.refresh_timeout = refresh_timeout
         self.blacklist: Blacklist[PeerID] = Blacklist(blacklist_time, backoff_rate)
         self.cache_refresh_queue = CacheRefreshQueue(cache_refresh_before_expiry)
@@ -148,20 +139,20 @@ class DHTNode:
             self.protocol = await DHTProtocol.create(
                 self.p2p,
                 self.node_id,
-                bucket_size,
-                depth_modulo,
-                num_replicas,
-                wait_timeout,
-                parallel_rpc,
-                cache_size,
-                client_mode,
-                record_validator,
-                authorizer,
+                bucket_size=bucket_size,
+                depth_modulo=depth_modulo,
+                num_replicas=num_replicas,
+                wait_timeout=wait_timeout,
+                parallel_rpc=parallel_rpc,
+                cache_size=cache_size,
+                client_mode=client_mode,
+                record_validator=record_validator,
+                authorizer=authorizer,
             )
             self.is_alive = True
             if initial_peer_ids:
-                bootstrap_timeout = bootstrap_timeout if bootstrap_timeout is not None else wait_timeout
-                await self._bootstrap(initial_peer_ids, bootstrap_timeout, ensure_bootstrap_success, strict)
+                extra_wait = wait_timeout if bootstrap_timeout is None else bootstrap_timeout
+                await self._bootstrap(initial_peer_ids, extra_wait, ensure_bootstrap_success, strict)
         except BaseException:
             await self.shutdown()
             raise
@@ -225,7 +216,10 @@ class DHTNode:
         if getattr(self, "_owns_p2p", False) and self.p2p.is_alive:
             await self.p2p.shutdown()
 
-    async def get_visible_maddrs(self, latest: bool = False) -> List[Multiaddr]:
+    async def get_visible_maddrs(
+        self,
+        latest: bool = False,  # ask the daemon again instead of using the addresses it reported before
+    ) -> List[Multiaddr]:
         return await self.p2p.get_visible_maddrs(latest=latest)
 
     @property
@@ -288,7 +282,7 @@ class DHTNode:
             num_workers,
             queries_per_call,
             get_neighbors,
-            visited_nodes={query: {self.node_id} for query in queries},
+            visited_nodes=dict.fromkeys(queries, (self.node_id,)),  # never ask ourselves
             found_callback=on_done,
             await_all_tasks=False,
         )
@@ -296,10 +290,10 @@ class DHTNode:
     async def find_nearest_nodes(
         self,
         queries: Collection[DHTID],
-        k_nearest: Optional[int] = None,
+        k_nearest: Optional[int] = None,  # default: bucket_size
         beam_size: Optional[int] = None,
         num_workers: Optional[int] = None,
-        node_to_peer_id: Optional[Dict[DHTID, PeerID]] = None,
+        node_to_peer_id: Optional[Dict[DHTID, PeerID]] = None,  # filled with every node id -> peer id learned
         exclude_self: bool = False,
         **kwargs,
     ) -> Dict[DHTID, Dict[DHTID, PeerID]]:
@@ -308,10 +302,12 @@ class DHTNode:
         as {node_id: peer_id}. This node counts among them unless ``exclude_self`` (or it is a client).
         """
         queries = list(queries)
-        k_nearest = k_nearest if k_nearest is not None else self.protocol.bucket_size
-        beam_size = max(beam_size if beam_size is not None else k_nearest, k_nearest)
-        num_workers = num_workers if num_workers is not None else self.num_workers
-        node_to_peer_id = node_to_peer_id if node_to_peer_id is not None else {}
+        if k_nearest is None:
+            k_nearest = self.protocol.bucket_size
+        beam_size = k_nearest if beam_size is None else max(beam_size, k_nearest)
+        num_workers = num_workers or self.num_workers
+        if node_to_peer_id is None:
+            node_to_peer_id = {}
         include_self = not exclude_self and not self.protocol.client_mode
 
         nearest_nodes, _ = await self._beam_search(queries, beam_size, num_workers, node_to_peer_id)
@@ -330,7 +326,12 @@ class DHTNode:
     # ------------------------------------------------------------------ store
 
     async def store(
-        self, key: DHTKey, value: DHTValue, expiration_time: DHTExpiration, subkey: Optional[Subkey] = None, **kwargs
+        self,
+        key: DHTKey,
+        value: DHTValue,
+        expiration_time: DHTExpiration,  # absolute DHT time, s
+        subkey: Optional[Subkey] = None,
+        **kwargs,
     ) -> bool:
         """Store one value (or one dictionary entry); returns whether the replicas accepted it."""
         result = await self.store_many([key], [value], [expiration_time], subkeys=[subkey], **kwargs)
@@ -340,8 +341,8 @@ class DHTNode:
         self,
         keys: List[DHTKey],
         values: List[DHTValue],
-        expiration_time: Union[DHTExpiration, List[DHTExpiration]],
-        subkeys: Optional[Union[Subkey, List[Optional[Subkey]]]] = None,
+        expiration_time: Union[DHTExpiration, List[DHTExpiration]],  # one for all values, or one per value
+        subkeys: Optional[Union[Subkey, List[Optional[Subkey]]]] = None,  # None: regular values
         exclude_self: bool = False,
         await_all_replicas: bool = True,
         **kwargs,
@@ -509,24 +510,26 @@ class DHTNode:
         The value stored under ``key`` (None if not found). ``latest=True`` searches the whole beam for the entry
         with the greatest expiration instead of stopping at the first non-expired one.
         """
-        if latest:
-            kwargs["sufficient_expiration_time"] = float("inf")
-        result = await self.get_many([key], **kwargs)
-        return result[key]
+        if latest:  # no entry is good enough: visit the whole beam, keep the newest
+            kwargs.update(sufficient_expiration_time=math.inf)
+        return (await self.get_many([key], **kwargs))[key]
 
     async def get_many(
-        self, keys: Collection[DHTKey], sufficient_expiration_time: Optional[DHTExpiration] = None, **kwargs
+        self,
+        keys: Collection[DHTKey],
+        sufficient_expiration_time: Optional[DHTExpiration] = None,  # default: now
+        **kwargs,
     ) -> Dict[DHTKey, Union[Optional[ValueWithExpiration[DHTValue]], Awaitable]]:
         """Get several keys at once; see get_many_by_id for the options."""
         keys = list(keys)
-        key_ids = [DHTID.generate(key) for key in keys]
+        key_ids = list(map(DHTID.generate, keys))
         results = await self.get_many_by_id(key_ids, sufficient_expiration_time, **kwargs)
         return {key: results[key_id] for key, key_id in zip(keys, key_ids)}
 
     async def get_many_by_id(
         self,
         key_ids: Collection[DHTID],
-        sufficient_expiration_time: Optional[DHTExpiration] = None,
+        sufficient_expiration_time: Optional[DHTExpiration] = None,  # default: now
         num_workers: Optional[int] = None,
         beam_size: Optional[int] = None,
         return_futures: bool = False,
@@ -656,7 +659,7 @@ class DHTNode:
                 self._cache_nearest(pending.search, nearest, visited, node_to_peer_id)
 
             node_to_peer_id: Dict[DHTID, PeerID] = {}
-            beam_size = beam_size if beam_size is not None else self.protocol.bucket_size
+            beam_size = beam_size or self.protocol.bucket_size
             await self._beam_search(list(remaining), beam_size, num_workers, node_to_peer_id, on_find, on_done)
             for pending in remaining.values():
                 self._finish(pending)

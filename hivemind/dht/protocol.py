@@ -67,10 +67,10 @@ class DHTProtocol(ServicerBase):
         cls,
         p2p: P2P,
         node_id: DHTID,
-        bucket_size: int,
+        bucket_size: int,  # Kademlia k: nodes per bucket, neighbours per find answer
         depth_modulo: int,
         num_replicas: int,
-        wait_timeout: float,
+        wait_timeout: float,  # s, per RPC
         parallel_rpc: Optional[int] = None,
         cache_size: Optional[int] = None,
         client_mode: bool = False,
@@ -80,8 +80,9 @@ class DHTProtocol(ServicerBase):
         self = cls()
         self.p2p, self.node_id, self.client_mode = p2p, node_id, client_mode
         self.bucket_size, self.num_replicas, self.wait_timeout = bucket_size, num_replicas, wait_timeout
-        self.routing_table = RoutingTable(node_id, bucket_size, depth_modulo)
-        self.storage, self.cache = DHTLocalStorage(), DHTLocalStorage(maxsize=cache_size)
+        self.routing_table = RoutingTable(node_id, bucket_size=bucket_size, depth_modulo=depth_modulo)
+        self.storage = DHTLocalStorage()
+        self.cache = DHTLocalStorage(maxsize=cache_size)  # values cached by get and by other peers (in_cache)
         self.record_validator, self.authorizer = record_validator, authorizer
         self.rpc_semaphore = asyncio.Semaphore(parallel_rpc) if parallel_rpc is not None else None
         self.rejected: collections.Counter = collections.Counter()  # reason -> how many remote inputs were rejected
@@ -140,10 +141,14 @@ class DHTProtocol(ServicerBase):
             raise
         return DHTID.from_bytes(node_info.node_id) if node_info.node_id else None
 
-    async def rpc_ping(self, request: dht_pb2.PingRequest, context: P2PContext) -> dht_pb2.PingResponse:
+    async def rpc_ping(
+        self,
+        request: dht_pb2.PingRequest,
+        context: P2PContext,
+    ) -> dht_pb2.PingResponse:
         """Answer with our node id and time; with ``validate``, first check that we can reach the caller back."""
         sender_id = self._check_sender(request.peer)
-        response = dht_pb2.PingResponse(peer=self.node_info, dht_time=get_dht_time(), available=False)
+        response = dht_pb2.PingResponse(peer=self.node_info, dht_time=get_dht_time())
         if sender_id is not None:
             if request.validate:
                 response.available = await self.call_ping(context.remote_id, validate=False) == sender_id
@@ -151,12 +156,20 @@ class DHTProtocol(ServicerBase):
                 await self.update_routing_table(sender_id, context.remote_id, responded=True)
         return response
 
-    async def rpc_store(self, request: dht_pb2.StoreRequest, context: P2PContext) -> dht_pb2.StoreResponse:
+    async def rpc_store(
+        self,
+        request: dht_pb2.StoreRequest,
+        context: P2PContext,
+    ) -> dht_pb2.StoreResponse:
         """Store (or cache) each item that is well-formed, valid and newer than what we hold (WIRE §7.5)."""
         sender_id = self._check_sender(request.peer)
         try:
             check_store_request_shape(
-                request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache
+                keys=request.keys,
+                subkeys=request.subkeys,
+                values=request.values,
+                expirations=request.expiration_time,
+                in_cache=request.in_cache,
             )
         except RequestRejected as e:
             self._reject(e.reason)
@@ -225,7 +238,11 @@ class DHTProtocol(ServicerBase):
             all_accepted &= storage.store(key_id, entry_value, entry_expiration, subkey=subkey)
         return all_accepted
 
-    async def rpc_find(self, request: dht_pb2.FindRequest, context: P2PContext) -> dht_pb2.FindResponse:
+    async def rpc_find(
+        self,
+        request: dht_pb2.FindRequest,
+        context: P2PContext,
+    ) -> dht_pb2.FindResponse:
         """For each key: our newest entry (storage or cache) and our nearest known nodes, excluding the caller."""
         sender_id = self._check_sender(request.peer)
         try:
@@ -277,7 +294,12 @@ class DHTProtocol(ServicerBase):
         check_node_id_bytes(node_info.node_id)  # a malformed id fails the call
         return DHTID.from_bytes(node_info.node_id) if node_info.node_id else None
 
-    async def call_ping(self, peer: PeerID, validate: bool = False, strict: bool = True) -> Optional[DHTID]:
+    async def call_ping(
+        self,
+        peer: PeerID,
+        validate: bool = False,  # ask the peer to call us back and compare clocks
+        strict: bool = True,
+    ) -> Optional[DHTID]:
         """
         Ping ``peer``; returns its node id, or None if it did not answer (or is a client).
 
@@ -320,10 +342,10 @@ class DHTProtocol(ServicerBase):
         self,
         peer: PeerID,
         keys: Sequence[DHTID],
-        values: Sequence[Union[BinaryDHTValue, DictionaryDHTValue]],
+        values: Sequence[StoredValue],  # serialized values or whole dictionaries
         expiration_time: Union[DHTExpiration, Sequence[DHTExpiration]],
-        subkeys: Optional[Union[Subkey, Sequence[Optional[Subkey]]]] = None,
-        in_cache: Optional[Union[bool, Sequence[bool]]] = None,
+        subkeys: Optional[Sequence[Optional[Subkey]]] = None,
+        in_cache: Optional[Union[bool, Sequence[bool]]] = None,  # one flag for all items, or one per item
     ) -> Optional[List[bool]]:
         """
         Ask ``peer`` to store (key, value, expiration) items; returns whether each was accepted, None if no answer.

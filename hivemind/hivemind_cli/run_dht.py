@@ -61,18 +61,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = make_parser().parse_args(argv)
-    dht = DHT(
-        start=True,
-        initial_peers=args.initial_peers,
-        host_maddrs=args.host_maddrs,
-        announce_maddrs=args.announce_maddrs,
-        use_ipfs=args.use_ipfs,
-        identity_path=args.identity_path,
-        use_relay=args.use_relay,
-        use_auto_relay=args.use_auto_relay,
-    )
-    log_visible_maddrs(dht.get_visible_maddrs(), only_p2p=args.use_ipfs)
+    dht_options = vars(make_parser().parse_args(argv))  # flag names are DHT / P2P option names
+    refresh_period = dht_options.pop("refresh_period")
+    dht = DHT(start=True, **dht_options)
+    log_visible_maddrs(dht.get_visible_maddrs(), only_p2p=dht_options["use_ipfs"])
 
     exit_event = threading.Event()
 
@@ -83,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        while not exit_event.wait(args.refresh_period):
+        while not exit_event.wait(refresh_period):
             num_nodes, num_keys, routing_dump, storage_dump = dht.run_coroutine(report_status)
             logger.info(f"{num_nodes} DHT nodes (including this one) are in the local routing table ")
             logger.debug(f"Routing table contents: {routing_dump}")
