@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_asyncio
@@ -17,6 +18,8 @@ from hivemind.dht.search_state import KeySearch
 from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
+from hivemind.proto.auth_pb2 import AccessToken
+from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
@@ -424,3 +427,48 @@ async def test_signed_records_are_accepted_and_forgeries_rejected():
         assert sum(node.protocol.rejected["invalid_record"] for node in nodes + [writer]) > 0
     finally:
         await shutdown_all(nodes + [writer, forger])
+
+
+class MembersOnlyAuthorizer(TokenAuthorizerBase):
+    """Grants a token to everyone who holds this authorizer; the token is valid only for the "member" user."""
+
+    async def get_token(self) -> AccessToken:
+        expiration = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        return AccessToken(username="member", public_key=self.local_public_key.to_bytes(), expiration_time=expiration)
+
+    def is_token_valid(self, access_token: AccessToken) -> bool:
+        return access_token.username == "member"
+
+    def does_token_need_refreshing(self, access_token: AccessToken) -> bool:
+        return False
+
+
+@pytest.mark.timeout(60)
+async def test_authorized_nodes_talk_and_outsiders_are_refused():
+    nodes = await launch_swarm(2, authorizer=MembersOnlyAuthorizer(RSAPrivateKey()))
+    try:
+        key, expiration = unique_key("authorized"), get_dht_time() + 60
+        assert await nodes[0].store(key, "members only", expiration, exclude_self=True)
+        assert (await nodes[1].get(key)).value == "members only"
+        with pytest.raises(RuntimeError, match="bootstrap failed"):
+            await DHTNode.create(initial_peers=await nodes[0].get_visible_maddrs(), wait_timeout=1)
+    finally:
+        await shutdown_all(nodes)
+
+
+@pytest.mark.timeout(30)
+async def test_cached_value_served_locally_is_refreshed_before_it_expires():
+    nodes = await launch_swarm(3, num_replicas=1, cache_refresh_before_expiry=1.0)
+    try:
+        key, now = unique_key("refresh"), get_dht_time()
+        key_id = DHTID.generate(key)
+        writer = nodes[0]
+        assert await writer.store(key, "old", now + 2, exclude_self=True)
+        reader = next(node for node in nodes[1:] if node.protocol.storage.get(key_id) is None)
+        assert (await reader.get(key)).value == "old"  # found remotely, now cached
+        assert (await reader.get(key)).value == "old"  # served from the cache: schedules a refresh at expiry - 1 s
+        assert await writer.store(key, "new", now + 30, exclude_self=True)
+        await asyncio.sleep(max(0.0, now + 1.5 - get_dht_time()))
+        assert reader.protocol.cache.get(key_id) == (MSGPackSerializer.dumps("new"), now + 30)
+    finally:
+        await shutdown_all(nodes)

@@ -5,15 +5,21 @@ import concurrent.futures
 import time
 
 import psutil
+import pydantic
 import pytest
 
 from hivemind.dht import DHT, DHTNode
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.process_channel import ChannelClosedError
+from hivemind.dht.schema import SchemaValidator
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
-_cancelled_in_dht_process = []  # module state: changed by run_coroutine only inside the DHT process
+_cancelled_in_dht_process = []
+
+
+class CounterSchema(pydantic.BaseModel):
+    counter: pydantic.StrictInt  # module state: changed by run_coroutine only inside the DHT process
 
 
 async def count_routing_table(dht: DHT, node: DHTNode) -> int:
@@ -181,3 +187,15 @@ def test_shutdown_fails_pending_calls_and_is_idempotent():
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(ChannelClosedError):
         dht.get("anything")
+
+
+@pytest.mark.timeout(30)
+def test_validators_added_after_start_reject_wrong_types(dht_pair):
+    first, second = dht_pair
+    for dht in (first, second):
+        dht.add_validators([SchemaValidator(CounterSchema, prefix="process")])
+    expiration = get_dht_time() + 60
+    assert not first.store("process_counter", 3.0, expiration)  # a float is not coerced to a strict int
+    assert first.store("process_counter", 3, expiration)
+    assert second.get("process_counter") == (3, expiration)
+    assert first.store("process_unrelated", 3.0, expiration)  # keys outside the schema are allowed
