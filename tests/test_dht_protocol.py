@@ -5,6 +5,7 @@ import math
 import pytest
 
 from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.rate_limit import PeerRateLimiter
 from hivemind.dht.request_checks import (
     MAX_EXPIRATION_HORIZON,
     RequestRejected,
@@ -201,3 +202,25 @@ async def test_malformed_requests_get_an_error_and_are_counted(two_protocols, re
         await method(request_message)
     assert server.rejected[reason] == 1
     assert await caller.call_ping(server.p2p.peer_id) == server.node_id  # the node still serves
+
+
+def test_rate_limiter_refuses_bursts_and_refills():
+    now = [0.0]
+    limiter = PeerRateLimiter(burst=100, rate=10, clock=lambda: now[0])
+    assert limiter.allow("peer", 60) and not limiter.allow("peer", 60)  # a refused request spends nothing
+    assert limiter.allow("other", 100)  # buckets are per peer
+    now[0] = 2.0
+    assert limiter.allow("peer", 60) and not limiter.allow("peer", 1)
+
+
+@pytest.mark.timeout(30)
+async def test_store_flood_is_refused_and_counted_while_stored_data_survives(two_protocols):
+    server, caller = two_protocols
+    server.store_rate_limiter = PeerRateLimiter(burst=50, rate=1)
+    key, now = DHTID.generate("flood-victim"), get_dht_time()
+    assert await caller.call_store(server.p2p.peer_id, [key], [VALUE], now + 30) == [True]
+    flood_keys = [DHTID.generate(f"flood {i}") for i in range(40)]
+    results = [await caller.call_store(server.p2p.peer_id, flood_keys, [VALUE] * 40, now + 30) for _ in range(3)]
+    assert results[0] == [True] * 40 and results[1] == results[2] == [False] * 40
+    assert server.rejected["rate_limited"] == 80
+    assert server.storage.get(key) == (VALUE, now + 30)

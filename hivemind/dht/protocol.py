@@ -4,6 +4,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Sequence, Set, Tuple, Union
 
+from hivemind.dht.rate_limit import PeerRateLimiter
 from hivemind.dht.replication import keys_to_replicate
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
@@ -88,6 +89,7 @@ class DHTProtocol(ServicerBase):
         self.rejected: collections.Counter = collections.Counter()  # reason -> how many remote inputs were rejected
         self._background_tasks: Set[asyncio.Task] = set()
         self._known_peer_ids: Dict[bytes, PeerID] = {}
+        self.store_rate_limiter = PeerRateLimiter()  # caps store items per remote peer (flood protection)
         self.node_info = dht_pb2.NodeInfo() if client_mode else dht_pb2.NodeInfo(node_id=node_id.to_bytes())
         if not client_mode:
             wrapper = None
@@ -174,6 +176,9 @@ class DHTProtocol(ServicerBase):
         except RequestRejected as e:
             self._reject(e.reason)
             raise
+        if not self.store_rate_limiter.allow(context.remote_id, len(request.keys)):
+            self.rejected["rate_limited"] += len(request.keys)
+            return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
         if sender_id is not None:
             await self.update_routing_table(sender_id, context.remote_id, responded=True)
         now = get_dht_time()
