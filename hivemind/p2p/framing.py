@@ -116,8 +116,9 @@ async def receive_protobuf(
             raise FramingError(f"Stream closed inside a frame header ({got} of {FRAME_HEADER_LEN} bytes)") from None
         raise
     marker, length = decode_header(header)
+    read_payload = getattr(reader, "read_payload", reader.readexactly)  # no intermediate copies when available
     try:
-        payload = await reader.readexactly(length) if length else b""
+        payload = await read_payload(length) if length else b""
     except asyncio.IncompleteReadError as e:
         raise FramingError(f"Stream closed inside a frame ({len(e.partial)} of {length} payload bytes)") from None
     if marker == MESSAGE_MARKER:

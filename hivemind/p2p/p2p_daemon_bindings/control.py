@@ -8,6 +8,7 @@ from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tup
 
 from multiaddr import Multiaddr
 
+from hivemind.p2p.p2p_daemon_bindings import streams
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.persistent import PersistentConnection, UnaryHandler
 from hivemind.p2p.p2p_daemon_bindings.utils import (
@@ -80,7 +81,7 @@ class DaemonConnector:
 
     async def open_connection(self) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            return await asyncio.open_unix_connection(self.socket_path, limit=STREAM_READER_LIMIT)
+            return await streams.open_unix_connection(self.socket_path, limit=STREAM_READER_LIMIT)
         except OSError as e:
             raise P2PDaemonError(f"Cannot connect to p2pd at {self.control_maddr}: {e}") from e
 
@@ -130,7 +131,7 @@ class ControlClient:
             return
         if os.path.exists(self.listen_path):
             raise P2PDaemonError(f"Client callback socket {self.listen_path} already exists")
-        self._server = await asyncio.start_unix_server(
+        self._server = await streams.start_unix_server(
             self._on_incoming_stream, self.listen_path, limit=STREAM_READER_LIMIT
         )
 

@@ -1,0 +1,188 @@
+"""asyncio streams over unix sockets that can receive a large payload straight into its final buffer.
+
+``asyncio.StreamReader`` copies every received chunk into its internal buffer and copies again when a read
+returns. ``DirectStreamReader.read_payload(n)`` instead lets the transport write the next ``n`` bytes directly
+into one preallocated ``bytearray`` (the protocol is an ``asyncio.BufferedProtocol``), which is what moving
+megabyte-sized messages needs. Everything else behaves exactly like the standard reader and writer.
+"""
+
+import asyncio
+from typing import Awaitable, Callable, List, Optional, Tuple, Union
+
+# below this size a payload is read the ordinary way (one small copy is cheaper than the bookkeeping)
+DIRECT_READ_MIN_BYTES = 64 * 1024
+# receive buffer for ordinary reads (headers, control messages)
+SCRATCH_BUFFER_BYTES = 64 * 1024
+
+ConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class DirectStreamReader(asyncio.StreamReader):
+    """A ``StreamReader`` with ``read_payload(n)``: like ``readexactly(n)`` but without intermediate copies."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._direct_view: Optional[memoryview] = None
+        self._direct_filled = 0
+        self._direct_waiter: Optional[asyncio.Future] = None
+
+    async def read_payload(self, n: int) -> Union[bytes, bytearray]:
+        """Read exactly ``n`` bytes (as ``bytearray`` for large payloads); ``IncompleteReadError`` on EOF."""
+        if n < DIRECT_READ_MIN_BYTES or len(self._buffer) >= n or self._exception is not None or self._eof:
+            return await self.readexactly(n)
+        if self._direct_waiter is not None:
+            raise RuntimeError("read_payload() called while another coroutine is already reading")
+        payload = bytearray(n)
+        view = memoryview(payload)
+        already = len(self._buffer)
+        view[:already] = self._buffer
+        self._buffer.clear()
+        self._direct_view, self._direct_filled = view, already
+        self._direct_waiter = self._loop.create_future()
+        self._maybe_resume_transport()
+        try:
+            await self._direct_waiter
+        except BaseException:
+            # cancelled or failed: keep the bytes that did arrive so that the stream stays consistent
+            self._buffer[0:0] = view[: self._direct_filled]
+            raise
+        finally:
+            self._direct_view, self._direct_waiter = None, None
+        return payload
+
+    def _direct_read_pending(self) -> bool:
+        """Whether received bytes belong to an unfinished ``read_payload`` (then they go to its buffer)."""
+        return self._direct_view is not None and self._direct_filled < len(self._direct_view)
+
+    def _direct_buffer(self) -> memoryview:
+        return self._direct_view[self._direct_filled :]
+
+    def _direct_data_received(self, nbytes: int) -> None:
+        self._direct_filled += nbytes
+        if self._direct_filled == len(self._direct_view) and not self._direct_waiter.done():
+            self._direct_waiter.set_result(None)
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        if self._direct_waiter is not None and not self._direct_waiter.done():
+            partial = bytes(self._direct_view[: self._direct_filled])
+            self._direct_waiter.set_exception(asyncio.IncompleteReadError(partial, len(self._direct_view)))
+
+    def set_exception(self, exc: BaseException) -> None:
+        super().set_exception(exc)
+        if self._direct_waiter is not None and not self._direct_waiter.done():
+            self._direct_waiter.set_exception(exc)
+
+
+class DirectReadProtocol(asyncio.BufferedProtocol):
+    """The protocol behind a ``DirectStreamReader`` and its ``asyncio.StreamWriter``.
+
+    It is a plain ``BufferedProtocol`` (uvloop only uses ``get_buffer`` for protocols that are not also an
+    ``asyncio.Protocol``) and provides what ``StreamWriter`` expects: write flow control (``_drain_helper``) and
+    a close waiter. With ``client_connected_cb`` it runs ``client_connected_cb(reader, writer)`` as a task.
+    """
+
+    def __init__(
+        self,
+        reader: DirectStreamReader,
+        client_connected_cb: Optional[ConnectedCallback] = None,
+        loop: Optional[asyncio.AbstractEventLoop] = None,
+    ) -> None:
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._reader = reader
+        self._client_connected_cb = client_connected_cb
+        self._scratch = memoryview(bytearray(SCRATCH_BUFFER_BYTES))
+        self._writing_paused = False
+        self._connection_lost = False
+        self._drain_waiters: List[asyncio.Future] = []
+        self._closed = self._loop.create_future()
+        self._task: Optional[asyncio.Task] = None
+
+    # ---------------------------------------------------------------- connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._reader.set_transport(transport)
+        if self._client_connected_cb is not None:
+            writer = asyncio.StreamWriter(transport, self, self._reader, self._loop)
+            self._task = self._loop.create_task(self._client_connected_cb(self._reader, writer))
+            self._task.add_done_callback(lambda task: task.cancelled() or task.exception() and transport.close())
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if exc is None:
+            self._reader.feed_eof()
+        else:
+            self._reader.set_exception(exc)
+        if not self._closed.done():
+            if exc is None:
+                self._closed.set_result(None)
+            else:
+                self._closed.set_exception(exc)
+                self._closed.exception()  # mark retrieved: nobody may wait for it
+        self._connection_lost = True
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+    def eof_received(self) -> bool:
+        self._reader.feed_eof()
+        return True  # keep the transport open: this side may still be writing
+
+    # ---------------------------------------------------------------- receiving
+
+    # the transport calls buffer_updated right after get_buffer, so both see the same _direct_read_pending()
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader._direct_buffer() if self._reader._direct_read_pending() else self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._reader._direct_read_pending():
+            self._reader._direct_data_received(nbytes)
+        else:
+            self._reader.feed_data(self._scratch[:nbytes])
+
+    # ---------------------------------------------------------------- sending (what StreamWriter relies on)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _drain_helper(self) -> None:
+        if self._connection_lost:
+            raise ConnectionResetError("Connection lost")
+        if not self._writing_paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._drain_waiters.remove(waiter)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future:
+        return self._closed
+
+
+async def open_unix_connection(path: str, *, limit: int) -> Tuple[DirectStreamReader, asyncio.StreamWriter]:
+    """Like ``asyncio.open_unix_connection``, with a ``DirectStreamReader``."""
+    loop = asyncio.get_running_loop()
+    reader = DirectStreamReader(limit=limit, loop=loop)
+    protocol = DirectReadProtocol(reader, loop=loop)
+    transport, _ = await loop.create_unix_connection(lambda: protocol, path)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+async def start_unix_server(callback: ConnectedCallback, path: str, *, limit: int) -> asyncio.AbstractServer:
+    """Like ``asyncio.start_unix_server``, with a ``DirectStreamReader`` for every connection."""
+    loop = asyncio.get_running_loop()
+
+    def make_protocol() -> DirectReadProtocol:
+        return DirectReadProtocol(DirectStreamReader(limit=limit, loop=loop), callback, loop=loop)
+
+    return await loop.create_unix_server(make_protocol, path)

@@ -1,0 +1,110 @@
+"""DirectStreamReader / DirectReadProtocol over real unix sockets, with asyncio's and uvloop's event loops."""
+
+import asyncio
+import os
+
+import pytest
+
+from hivemind.p2p.p2p_daemon_bindings import streams
+
+pytestmark = pytest.mark.timeout(30)
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(loop_kind: str, coroutine_function, *args):
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coroutine_function(*args), 20))
+    finally:
+        loop.close()
+
+
+async def connected_pair(path: str):
+    """(reader, writer) of the client side and a future with (reader, writer) of the server side."""
+    accepted = asyncio.get_running_loop().create_future()
+
+    async def on_connect(reader, writer):
+        accepted.set_result((reader, writer))  # the test owns the server side of the stream from now on
+
+    server = await streams.start_unix_server(on_connect, path, limit=2**20)
+    client = await streams.open_unix_connection(path, limit=2**20)
+    return server, client, await accepted
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_mixed_small_and_large_payloads_arrive_in_order(loop_kind, tmp_path):
+    async def scenario():
+        server, (_, client_writer), (reader, _) = await connected_pair(str(tmp_path / "s.sock"))
+        payloads = [os.urandom(n) for n in (5, 3 * 2**20, 100, 2**16, 2**16 + 1, 7 * 2**20 + 3)]
+        for payload in payloads:
+            client_writer.write(len(payload).to_bytes(8, "big") + payload)
+        drain = asyncio.ensure_future(client_writer.drain())
+        for payload in payloads:
+            length = int.from_bytes(await reader.readexactly(8), "big")
+            assert bytes(await reader.read_payload(length)) == payload
+        await drain
+        client_writer.close()
+        assert await reader.read() == b""
+        server.close()
+
+    run(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_eof_inside_a_payload_is_an_incomplete_read(loop_kind, tmp_path):
+    async def scenario():
+        server, (_, client_writer), (reader, _) = await connected_pair(str(tmp_path / "s.sock"))
+        client_writer.write(b"x" * 1000)
+        await client_writer.drain()
+        client_writer.close()
+        with pytest.raises(asyncio.IncompleteReadError) as info:
+            await reader.read_payload(2**20)
+        assert info.value.partial == b"x" * 1000 and info.value.expected == 2**20
+        server.close()
+
+    run(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_cancelled_payload_read_keeps_received_bytes(loop_kind, tmp_path):
+    async def scenario():
+        server, (_, client_writer), (reader, _) = await connected_pair(str(tmp_path / "s.sock"))
+        first_part = os.urandom(300_000)
+        client_writer.write(first_part)
+        await client_writer.drain()
+        read = asyncio.ensure_future(reader.read_payload(2**20))
+        await asyncio.sleep(0.2)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        rest = os.urandom(2**20 - len(first_part))
+        client_writer.write(rest)
+        await client_writer.drain()
+        assert bytes(await reader.read_payload(2**20)) == first_part + rest
+        client_writer.close()
+        server.close()
+
+    run(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_writer_flow_control_and_close(loop_kind, tmp_path):
+    async def scenario():
+        server, (client_reader, client_writer), (reader, writer) = await connected_pair(str(tmp_path / "s.sock"))
+        big = os.urandom(16 * 2**20)
+        writer.write(big)  # far more than the socket buffers: drain() must wait for the reader
+        drain = asyncio.ensure_future(writer.drain())
+        assert bytes(await client_reader.read_payload(len(big))) == big
+        await drain
+        writer.close()
+        await writer.wait_closed()
+        assert await client_reader.read() == b""
+        client_writer.close()
+        server.close()
+
+    run(loop_kind, scenario)
