@@ -4,6 +4,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Sequence, Set, Tuple, Union
 
+from hivemind.dht.id_codec import IdCodec
 from hivemind.dht.rate_limit import PeerRateLimiter
 from hivemind.dht.replication import keys_to_replicate
 from hivemind.dht.request_checks import (
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-MAX_KNOWN_PEER_IDS = 16384  # PeerID objects kept for reuse when parsing find responses
 StoredValue = Union[BinaryDHTValue, DictionaryDHTValue]
 FindResult = Tuple[Optional[ValueWithExpiration[StoredValue]], Dict[DHTID, PeerID]]
 
@@ -88,7 +88,7 @@ class DHTProtocol(ServicerBase):
         self.rpc_semaphore = asyncio.Semaphore(parallel_rpc) if parallel_rpc is not None else None
         self.rejected: collections.Counter = collections.Counter()  # reason -> how many remote inputs were rejected
         self._background_tasks: Set[asyncio.Task] = set()
-        self._known_peer_ids: Dict[bytes, PeerID] = {}
+        self._codec = IdCodec()
         self.store_rate_limiter = PeerRateLimiter()  # caps store items per remote peer (flood protection)
         self.node_info = dht_pb2.NodeInfo() if client_mode else dht_pb2.NodeInfo(node_id=node_id.to_bytes())
         if not client_mode:
@@ -270,9 +270,9 @@ class DHTProtocol(ServicerBase):
                     result.type = dht_pb2.FOUND_REGULAR
                     result.value = item.value
                 result.expiration_time = item.expiration_time
-            for node_id, peer_id in self.routing_table.get_nearest_neighbors(key_id, self.bucket_size, sender_id):
-                result.nearest_node_ids.append(node_id.to_bytes())
-                result.nearest_peer_ids.append(peer_id.to_bytes())
+            neighbors = self.routing_table.get_nearest_neighbors(key_id, self.bucket_size, sender_id)
+            result.nearest_node_ids.extend([self._codec.node_id_to_bytes(node_id) for node_id, _ in neighbors])
+            result.nearest_peer_ids.extend([peer_id.to_bytes() for _, peer_id in neighbors])
         return response
 
     def _get_local(self, key_id: DHTID) -> Optional[ValueWithExpiration[StoredValue]]:
@@ -422,21 +422,12 @@ class DHTProtocol(ServicerBase):
             await self.update_routing_table(peer_node_id, peer, responded=True)
         return output
 
-    def _peer_id_from_bytes(self, raw: bytes) -> PeerID:
-        """PeerID objects are costly to build (base58) and every find response names up to 20: reuse them."""
-        peer_id = self._known_peer_ids.get(raw)
-        if peer_id is None:
-            if len(self._known_peer_ids) >= MAX_KNOWN_PEER_IDS:
-                self._known_peer_ids.clear()
-            peer_id = self._known_peer_ids[raw] = PeerID(raw)
-        return peer_id
-
     def _parse_find_result(self, key: DHTID, result: dht_pb2.FindResult, now: float) -> FindResult:
         check_find_result_shape(
             result.type, result.expiration_time, result.nearest_node_ids, result.nearest_peer_ids, now
         )
         nearest = {
-            DHTID.from_bytes(node_id): self._peer_id_from_bytes(peer_id)
+            self._codec.node_id_from_bytes(node_id): self._codec.peer_id_from_bytes(peer_id)
             for node_id, peer_id in zip(result.nearest_node_ids, result.nearest_peer_ids)
         }
         key_bytes = key.to_bytes()

@@ -133,8 +133,8 @@ def check_find_result_shape(
         raise RequestRejected(
             "misaligned_fields", f"{len(nearest_node_ids)} node ids vs {len(nearest_peer_ids)} peer ids"
         )
-    for node_id in nearest_node_ids:
-        check_node_id_bytes(node_id, allow_empty=False)
+    if any(len(node_id) != DHTID_NBYTES for node_id in nearest_node_ids):
+        raise RequestRejected("bad_node_id", f"neighbour node ids must be {DHTID_NBYTES} bytes")
     if result_type != 0:
         reason = check_expiration_time(expiration_time, now)
         if reason is not None:
