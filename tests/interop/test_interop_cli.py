@@ -8,7 +8,7 @@ import pytest
 
 from .conftest import DIRECTIONS, ORIGINAL, OURS
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(90), pytest.mark.xdist_group("interop_cli")]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
 CLI_ARGS = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--refresh_period", "1"]
 

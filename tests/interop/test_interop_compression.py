@@ -8,7 +8,7 @@ import torch
 from .conftest import ORIGINAL, OURS
 from .harness import RemoteError
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(60), pytest.mark.xdist_group("interop_compression")]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
 FLOATING_CODECS = ["NONE", "FLOAT16", "MEANSTD_16BIT", "UNIFORM_8BIT", "QUANTILE_8BIT", "BLOCKWISE_8BIT"]
 DETERMINISTIC_CODECS = {"NONE", "FLOAT16", "MEANSTD_16BIT", "BLOCKWISE_8BIT"}  # same input -> same bytes

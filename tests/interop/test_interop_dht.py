@@ -15,7 +15,7 @@ import pytest
 
 from .conftest import DIRECTION_IDS, DIRECTIONS, ORIGINAL, OURS
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(90), pytest.mark.xdist_group("interop_dht")]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
 NODES_PER_SIDE = 4
 GET_TIMEOUT = 20

@@ -5,7 +5,7 @@ import pytest
 from .conftest import DIRECTION_IDS, DIRECTIONS, ORIGINAL, OURS
 from .harness import RemoteError
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(60), pytest.mark.xdist_group("interop_p2p")]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")
