@@ -13,6 +13,7 @@ from hivemind.compression.buffers import (
     TensorDecodeError,
     buffer_may_be_aliased,
     dtype_to_name,
+    empty_output,
     expect_length,
     name_to_dtype,
     read_array,
@@ -104,7 +105,11 @@ class NoCompression(CompressionBase):
         buffer = serialized_tensor.buffer
         if dtype == torch.bfloat16:
             if len(buffer) == 4 * numel:  # legacy format: float32 values
-                return read_array(buffer, 0, numel, torch.float32).to(torch.bfloat16).reshape(shape)
+                return (
+                    empty_output(numel, torch.bfloat16)
+                    .copy_(read_array(buffer, 0, numel, torch.float32))
+                    .reshape(shape)
+                )
             expect_length(buffer, 2 * numel, f"bfloat16 tensor of shape {list(shape)} (2 or 4 bytes per element)")
             raw = read_array(buffer, 0, numel, torch.int16)
         else:
@@ -112,7 +117,7 @@ class NoCompression(CompressionBase):
             expect_length(buffer, numel * itemsize, f"{dtype_to_name(dtype)} tensor of shape {list(shape)}")
             raw = read_array(buffer, 0, numel, dtype)
         if dtype != torch.bool and not buffer_may_be_aliased(buffer):
-            raw = raw.clone()
+            raw = empty_output(raw.numel(), raw.dtype).copy_(raw)
         if dtype == torch.bfloat16:
             raw = raw.view(torch.bfloat16)
         return raw.reshape(shape)

@@ -11,6 +11,7 @@ from hivemind.compression.buffers import (
     TensorDecodeError,
     buffer_may_be_aliased,
     dtype_to_name,
+    empty_output,
     expect_length,
     name_to_dtype,
     read_array,
@@ -71,9 +72,9 @@ class Float16Compression(CompressionBase):
         expect_length(buffer, 2 * numel, f"FLOAT16 tensor of shape {list(shape)}")
         half = read_array(buffer, 0, numel, torch.float16)
         if dtype != torch.float16:
-            result = half.to(dtype)
+            result = empty_output(numel, dtype).copy_(half)
         else:
-            result = half if buffer_may_be_aliased(buffer) else half.clone()
+            result = half if buffer_may_be_aliased(buffer) else empty_output(numel, dtype).copy_(half)
         return result.reshape(shape)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
@@ -92,7 +93,7 @@ class ScaledFloat16Compression(Float16Compression):
         numel, num_rows = tensor.numel(), math.prod(tensor.shape[:-1])
         stats_shape = (*tensor.shape[:-1], 1) if tensor.ndim > 0 else ()
         # the message buffer is assembled in place: float16 values, then float32 means, then float32 stds
-        packed = torch.empty(2 * numel + 8 * num_rows, dtype=torch.uint8, device=tensor.device)
+        packed = empty_output(2 * numel + 8 * num_rows, torch.uint8, tensor.device)
         half = packed[: 2 * numel].view(torch.float16).view(tensor.shape)
 
         work = tensor if tensor.dtype != torch.float16 else tensor.float()
@@ -122,8 +123,9 @@ class ScaledFloat16Compression(Float16Compression):
         half = read_array(buffer, 0, numel, torch.float16).reshape(shape)
         means = read_array(buffer, 2 * numel, num_rows, torch.float32).reshape(stats_shape)
         stds = read_array(buffer, 2 * numel + 4 * num_rows, num_rows, torch.float32).reshape(stats_shape)
-        result = torch.addcmul(means, half, stds)
-        return result if result.dtype == dtype else result.to(dtype)
+        if dtype == torch.float32:
+            return torch.addcmul(means, half, stds, out=empty_output(numel, dtype).view(shape))
+        return torch.addcmul(means, half, stds).to(dtype)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return 16.0 / torch.finfo(info.descriptor.dtype or torch.float32).bits

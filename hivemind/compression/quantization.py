@@ -19,6 +19,7 @@ from hivemind.compression.buffers import (
     CHUNK_ELEMENTS,
     TensorDecodeError,
     dtype_to_name,
+    empty_output,
     expect_length,
     name_to_dtype,
     read_array,
@@ -33,7 +34,9 @@ __all__ = ["Quantization", "Uniform8BitQuantization", "Quantile8BitQuantization"
 logger = get_logger(__name__)
 
 NUM_BINS = 256
-_SAMPLE_SIZE = 2**16  # elements used to estimate the spread (uniform) or the quantiles (quantile) of a tensor
+_SAMPLE_SIZE = 2**20  # larger tensors get their statistics (spread, quantiles, bin averages) from a sample
+_SAMPLE_BLOCK = 2**12  # the sample is made of contiguous blocks of this many elements (cache friendly)
+_QUANTILE_SAMPLE_SIZE = 2**16  # elements sorted to find the quantile boundaries
 _QUANTILE_GRID_SIZE = 2**16  # resolution of the lookup table that assigns values to quantile bins
 _HEADER = struct.Struct("<q")
 
@@ -51,16 +54,23 @@ def _floating_output_dtype(serialized_tensor: runtime_pb2.Tensor) -> torch.dtype
 
 
 def _sample(flat: torch.Tensor) -> torch.Tensor:
-    """Up to _SAMPLE_SIZE elements drawn uniformly at random (deterministically: fixed seed), as float32."""
-    if flat.numel() <= _SAMPLE_SIZE:
+    """The whole tensor as float32 if it has at most _SAMPLE_SIZE elements, else _SAMPLE_SIZE elements taken as
+    contiguous blocks at random positions (deterministic: the generator is seeded with the tensor size)."""
+    numel = flat.numel()
+    if numel <= _SAMPLE_SIZE:
         return flat.float()
-    generator = torch.Generator(device=flat.device).manual_seed(flat.numel())
-    positions = torch.randint(0, flat.numel(), (_SAMPLE_SIZE,), generator=generator, device=flat.device)
+    generator = torch.Generator().manual_seed(numel)
+    starts = torch.randint(0, numel - _SAMPLE_BLOCK + 1, (_SAMPLE_SIZE // _SAMPLE_BLOCK, 1), generator=generator)
+    positions = (starts + torch.arange(_SAMPLE_BLOCK)).view(-1).to(flat.device)
     return flat[positions].float()
 
 
-def _as_weights(chunk: torch.Tensor) -> torch.Tensor:
-    return chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
+def _affine_to_float32(chunk: torch.Tensor, shift: float, scale: float, offset: float, out: torch.Tensor) -> None:
+    """out = (chunk - shift) * scale + offset, in float32, with as few passes over memory as is accurate."""
+    if abs(shift * scale) < 2**12:  # folding the shift into the offset loses < 1e-3 of a bin
+        torch.add(torch.tensor(offset - shift * scale, dtype=torch.float32), chunk, alpha=scale, out=out)
+    else:
+        torch.sub(chunk, shift, out=out).mul_(scale).add_(offset)
 
 
 class Quantization(CompressionBase):
@@ -78,7 +88,7 @@ class Quantization(CompressionBase):
         flat = tensor.reshape(-1)
         numel = flat.numel()
         codebook_bytes = NUM_BINS * 4
-        packed = torch.empty(_HEADER.size + codebook_bytes + numel, dtype=torch.uint8, device=flat.device)
+        packed = empty_output(_HEADER.size + codebook_bytes + numel, torch.uint8, flat.device)
         indices = packed[_HEADER.size + codebook_bytes :]
         if numel > 0:
             codebook = self.quantize(flat, indices)
@@ -118,92 +128,107 @@ class Quantization(CompressionBase):
 
 def _lookup(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """codebook[indices] for uint8 indices, chunk by chunk (avoids materializing int64 indices)."""
-    result = torch.empty(indices.numel(), dtype=codebook.dtype, device=codebook.device)
+    result = empty_output(indices.numel(), codebook.dtype, codebook.device)
     for start in range(0, indices.numel(), CHUNK_ELEMENTS):
         piece = indices[start : start + CHUNK_ELEMENTS]
         torch.index_select(codebook, 0, piece.to(torch.int32), out=result[start : start + piece.numel()])
     return result
 
 
-def _bin_averages(
-    flat: torch.Tensor, indices: torch.Tensor, sums: torch.Tensor, fallback: torch.Tensor
-) -> torch.Tensor:
-    """Mean of the elements in each bin (``sums`` holds per-bin sums); ``fallback`` values for empty bins."""
-    counts = torch.bincount(indices, minlength=NUM_BINS)
+def _bin_averages(sample: torch.Tensor, sample_indices: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Code book: the mean of the sample elements in each bin; ``fallback`` values for bins the sample misses."""
+    counts = torch.bincount(sample_indices, minlength=NUM_BINS)
+    sums = torch.bincount(sample_indices, weights=sample.double(), minlength=NUM_BINS)
     averages = sums / counts.clamp_min(1)
-    return torch.where(counts > 0, averages, fallback.to(averages.dtype)).float()
+    return torch.where(counts > 0, averages, fallback.to(averages)).float()
 
 
 class Uniform8BitQuantization(Quantization):
-    """256 equal-width bins covering mean ± 3 std (outliers go to the edge bins); code book = bin averages."""
+    """256 equal-width bins covering mean ± 3 std (outliers go to the edge bins); code book = bin averages.
+
+    For tensors of more than 2**20 elements, the std and the bin averages are estimated from a 2**20-element sample.
+    """
 
     compression_type = runtime_pb2.CompressionType.UNIFORM_8BIT
     RANGE_IN_SIGMAS = 6.0
 
     def quantize(self, flat: torch.Tensor, indices_out: torch.Tensor) -> torch.Tensor:
         numel = flat.numel()
-        mean = float(flat.sum(dtype=torch.float64)) / numel
-        sample = _sample(flat).double()
-        std = float((sample - mean).square_().mean().sqrt_())
+        mean = float(flat.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)) / numel
+        sample = _sample(flat)
+        std = float((sample.double() - mean).square_().mean().sqrt_())
         bins_per_unit = NUM_BINS / (self.RANGE_IN_SIGMAS * std) if std > 0 and math.isfinite(std) else 1.0
         if not math.isfinite(mean) or not math.isfinite(bins_per_unit):
             mean, bins_per_unit = 0.0, 1.0
 
-        sums = torch.zeros(NUM_BINS, dtype=torch.float64, device=flat.device)
-        work = torch.empty(min(numel, CHUNK_ELEMENTS), dtype=torch.float32, device=flat.device)
-        for start in range(0, numel, CHUNK_ELEMENTS):
-            chunk = flat[start : start + CHUNK_ELEMENTS]
-            values = work[: chunk.numel()]
-            # index = round((x - mean) / bin_width) + 128, clipped to [0, 255]; float -> uint8 copy truncates
-            torch.sub(chunk, mean, out=values).mul_(bins_per_unit).add_(NUM_BINS // 2 + 0.5).clamp_(0, NUM_BINS - 1)
-            indices = indices_out[start : start + chunk.numel()]
-            indices.copy_(values)
-            sums += torch.bincount(indices, weights=_as_weights(chunk), minlength=NUM_BINS)
+        def assign_bins(values: torch.Tensor, indices: torch.Tensor, work: torch.Tensor) -> None:
+            # bin = round((x - mean) / bin_width) + 128, clipped to [0, 255]; the float -> uint8 copy truncates
+            for start in range(0, values.numel(), CHUNK_ELEMENTS):
+                chunk = values[start : start + CHUNK_ELEMENTS]
+                chunk_work = work[: chunk.numel()]
+                _affine_to_float32(chunk, mean, bins_per_unit, NUM_BINS // 2 + 0.5, out=chunk_work)
+                indices[start : start + chunk.numel()].copy_(chunk_work.clamp_(0, NUM_BINS - 1))
 
+        work = torch.empty(min(numel, CHUNK_ELEMENTS), dtype=torch.float32, device=flat.device)
+        assign_bins(flat, indices_out, work)
+        if sample.numel() == numel:
+            sample_indices = indices_out
+        else:
+            sample_indices = torch.empty(sample.numel(), dtype=torch.uint8, device=flat.device)
+            assign_bins(sample, sample_indices, work)
         bin_centers = mean + (torch.arange(NUM_BINS, dtype=torch.float64) - NUM_BINS // 2) / bins_per_unit
-        return _bin_averages(flat, indices_out, sums, bin_centers.to(flat.device))
+        return _bin_averages(sample, sample_indices, bin_centers.to(flat.device))
 
 
 class Quantile8BitQuantization(Quantization):
-    """256 bins holding about the same number of elements (boundaries = approximate quantiles from a random
-    sample); code book = bin averages."""
+    """256 bins holding about the same number of elements (boundaries = approximate quantiles, from a random
+    sample of at most 2**16 elements); code book = bin averages (estimated from a 2**20-element sample for
+    larger tensors)."""
 
     compression_type = runtime_pb2.CompressionType.QUANTILE_8BIT
 
     def quantize(self, flat: torch.Tensor, indices_out: torch.Tensor) -> torch.Tensor:
         numel = flat.numel()
-        sorted_sample = torch.sort(_sample(flat)).values
+        sample = _sample(flat)
+        quantile_sample = sample[:: max(1, sample.numel() // _QUANTILE_SAMPLE_SIZE)]
+        sorted_sample = torch.sort(quantile_sample).values
         positions = (torch.arange(1, NUM_BINS, device=flat.device) * sorted_sample.numel()) // NUM_BINS
-        boundaries = sorted_sample[positions]  # 255 non-decreasing bin edges; bin k holds boundaries[k-1] <= x < ...
+        boundaries = sorted_sample[positions]  # 255 non-decreasing edges; bin k holds boundaries[k-1] <= x < ...
         low, high = float(boundaries[0]), float(boundaries[-1])
 
-        sums = torch.zeros(NUM_BINS, dtype=torch.float64, device=flat.device)
-        work = torch.empty(min(numel, CHUNK_ELEMENTS), dtype=torch.float32, device=flat.device)
         if math.isfinite(low) and math.isfinite(high) and high > low:
-            # a fine uniform grid over [low, high] with a precomputed bin for each cell replaces a binary search
+            # a fine uniform grid over [low, high] with a precomputed bin per cell replaces a binary search
             cells_per_unit = _QUANTILE_GRID_SIZE / (high - low)
             cell_centers = low + (torch.arange(_QUANTILE_GRID_SIZE, dtype=torch.float64) + 0.5) / cells_per_unit
             cell_to_bin = torch.empty(_QUANTILE_GRID_SIZE + 2, dtype=torch.uint8, device=flat.device)
             cell_to_bin[0], cell_to_bin[-1] = 0, NUM_BINS - 1  # below low / at or above high
             cell_to_bin[1:-1] = torch.searchsorted(boundaries.double(), cell_centers.to(flat.device), right=True)
+            work = torch.empty(min(numel, CHUNK_ELEMENTS), dtype=torch.float32, device=flat.device)
             cells = torch.empty(min(numel, CHUNK_ELEMENTS), dtype=torch.int32, device=flat.device)
-            for start in range(0, numel, CHUNK_ELEMENTS):
-                chunk = flat[start : start + CHUNK_ELEMENTS]
-                values, chunk_cells = work[: chunk.numel()], cells[: chunk.numel()]
-                torch.sub(chunk, low, out=values).mul_(cells_per_unit).add_(1.0).clamp_(0, _QUANTILE_GRID_SIZE + 1)
-                chunk_cells.copy_(values).clamp_(0, _QUANTILE_GRID_SIZE + 1)  # the int clamp catches NaN
-                indices = indices_out[start : start + chunk.numel()]
-                torch.index_select(cell_to_bin, 0, chunk_cells, out=indices)
-                sums += torch.bincount(indices, weights=_as_weights(chunk), minlength=NUM_BINS)
-        else:  # (nearly) constant sample: two bins, below the common value and at or above it
-            for start in range(0, numel, CHUNK_ELEMENTS):
-                chunk = flat[start : start + CHUNK_ELEMENTS]
-                indices = indices_out[start : start + chunk.numel()]
-                indices.copy_(chunk >= low).mul_(NUM_BINS - 1)
-                sums += torch.bincount(indices, weights=_as_weights(chunk), minlength=NUM_BINS)
 
-        fallback = torch.cat([boundaries[:1], boundaries]).double()
-        return _bin_averages(flat, indices_out, sums, fallback)
+            def assign_bins(values: torch.Tensor, indices: torch.Tensor) -> None:
+                for start in range(0, values.numel(), CHUNK_ELEMENTS):
+                    chunk = values[start : start + CHUNK_ELEMENTS]
+                    chunk_work, chunk_cells = work[: chunk.numel()], cells[: chunk.numel()]
+                    _affine_to_float32(chunk, low, cells_per_unit, 1.0, out=chunk_work)
+                    chunk_cells.copy_(chunk_work.clamp_(0, _QUANTILE_GRID_SIZE + 1))
+                    chunk_cells.clamp_(0, _QUANTILE_GRID_SIZE + 1)  # NaN became an arbitrary int: keep it in range
+                    torch.index_select(cell_to_bin, 0, chunk_cells, out=indices[start : start + chunk.numel()])
+
+        else:  # (nearly) constant sample: two bins, below the common value and at or above it
+
+            def assign_bins(values: torch.Tensor, indices: torch.Tensor) -> None:
+                for start in range(0, values.numel(), CHUNK_ELEMENTS):
+                    chunk = values[start : start + CHUNK_ELEMENTS]
+                    indices[start : start + chunk.numel()].copy_(chunk >= low).mul_(NUM_BINS - 1)
+
+        assign_bins(flat, indices_out)
+        if sample.numel() == numel:
+            sample_indices = indices_out
+        else:
+            sample_indices = torch.empty(sample.numel(), dtype=torch.uint8, device=flat.device)
+            assign_bins(sample, sample_indices)
+        return _bin_averages(sample, sample_indices, torch.cat([boundaries[:1], boundaries]))
 
 
 class BlockwiseQuantization(CompressionBase):
@@ -226,7 +251,7 @@ class BlockwiseQuantization(CompressionBase):
         num_blocks = -(-numel // blockwise_kernel.BLOCK_SIZE)
         header = struct.pack("<qq", num_blocks, NUM_BINS)
         offset_indices = len(header) + 4 * num_blocks + 4 * NUM_BINS
-        packed = torch.empty(offset_indices + numel, dtype=torch.uint8, device=flat.device)
+        packed = empty_output(offset_indices + numel, torch.uint8, flat.device)
         indices = packed[offset_indices:]
 
         quantized = _bitsandbytes_quantize(flat) if numel > 0 else None
@@ -271,7 +296,7 @@ class BlockwiseQuantization(CompressionBase):
         indices = read_array(buffer, offset_indices, numel, torch.uint8)
         if num_codes < NUM_BINS and numel > 0 and int(indices.max()) >= num_codes:
             raise TensorDecodeError(f"BLOCKWISE_8BIT tensor: index {int(indices.max())} >= code book size {num_codes}")
-        result = blockwise_kernel.dequantize_blockwise(indices, absmax, code)
+        result = blockwise_kernel.dequantize_blockwise(indices, absmax, code, out=empty_output(numel, torch.float32))
         return (result if dtype == torch.float32 else result.to(dtype)).reshape(shape)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
