@@ -34,7 +34,7 @@ BOOTSTRAP_FAILED_MESSAGE = (
     "(set ensure_bootstrap_success=False to ignore)"
 )
 
-CONFIRM_REPLICAS_DELAY = 0.05  # s: stores sent from the routing table alone are confirmed by a search in batches
+CONFIRM_REPLICAS_DELAY = 1.0  # s: stores sent to nodes from the routing table are confirmed by batched searches
 MaddrLike = Union[Multiaddr, str]
 StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
 
@@ -683,7 +683,10 @@ class DHTNode:
         targets = [
             node_id
             for node_id in sorted(visited, key=search.key_id.xor_distance)
-            if node_id != self.node_id and node_id not in search.sources and node_id in node_to_peer_id
+            if node_id != self.node_id
+            and node_id not in search.sources
+            and node_id in node_to_peer_id
+            and node_to_peer_id[node_id] not in self.blacklist  # visited also lists nodes that failed to answer
         ][: self.cache_nearest]
         for node_id in targets:
             self._spawn(
