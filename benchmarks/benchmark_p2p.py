@@ -68,7 +68,7 @@ async def measure_stream(caller: P2P, callee: P2P, total_bytes: int, message_byt
         started = time.perf_counter()
         responses = [
             r
-            async for r in caller.iterate_protobuf_handler(
+            async for r in await caller.iterate_protobuf_handler(
                 callee.peer_id, "bench.count_bytes", requests(), runtime_pb2.Tensor
             )
         ]
@@ -144,10 +144,10 @@ async def main(args: argparse.Namespace) -> None:
         message_bytes = int(args.message_mib * MiB)
         for size_mib in args.stream_sizes_mib:
             throughput = await measure_stream(caller, callee, int(size_mib * MiB), message_bytes, args.repeats)
-            rows.append((f"stream {size_mib:g} MiB in {args.message_mib:g} MiB messages", f"{throughput:,.0f} MB/s"))
+            rows.append((f"stream {size_mib:g} MiB in {args.message_mib:g} MiB messages", f"{throughput:.0f} MB/s"))
         for size_mib in args.stream_sizes_mib[-1:]:
             raw = await measure_raw_tcp(int(size_mib * MiB), message_bytes, args.repeats)
-            rows.append((f"raw loopback TCP {size_mib:g} MiB (reference)", f"{raw:,.0f} MB/s"))
+            rows.append((f"raw loopback TCP {size_mib:g} MiB (reference)", f"{raw:.0f} MB/s"))
 
         daemons = [p for p in psutil.Process().children(recursive=True) if p.name() == "p2pd"]
         rows.append(("peak RSS, this process", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"))

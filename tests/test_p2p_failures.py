@@ -61,7 +61,7 @@ async def test_calls_after_daemon_death_fail_immediately(p2p_pair):
     with pytest.raises(P2PDaemonError, match="p2pd"):
         await second.call_protobuf_handler(first.peer_id, "anything", Request(), Response)
     with pytest.raises(P2PDaemonError):
-        async for _ in second.iterate_protobuf_handler(first.peer_id, "anything", Request(), Response):
+        async for _ in await second.iterate_protobuf_handler(first.peer_id, "anything", Request(), Response):
             pass
     assert time.monotonic() - started < 1
 
@@ -78,7 +78,7 @@ async def test_local_daemon_killed_mid_stream(p2p_pair):
     received = 0
     started = None
     with pytest.raises(P2PDaemonError, match="p2pd"):
-        async for _ in second.iterate_protobuf_handler(first.peer_id, "endless", Request(), Response):
+        async for _ in await second.iterate_protobuf_handler(first.peer_id, "endless", Request(), Response):
             received += 1
             if received == 3:
                 os.kill(second._daemon.pid, signal.SIGKILL)
@@ -104,7 +104,7 @@ async def test_shutdown_fails_pending_stream_calls(p2p_pair):
     await first.add_protobuf_handler("silent", silent, Request, stream_output=True)
 
     async def consume():
-        async for _ in second.iterate_protobuf_handler(first.peer_id, "silent", Request(), Response):
+        async for _ in await second.iterate_protobuf_handler(first.peer_id, "silent", Request(), Response):
             pass
 
     task = asyncio.create_task(consume())

@@ -84,7 +84,7 @@ async def test_replica_in_child_process_serves_handlers(p2p_pair):
         assert line == f"ready {owner.peer_id}"
         response = await caller.call_protobuf_handler(owner.peer_id, "whoami", Request(), Response)
         assert response.number == child.pid
-        responses = caller.iterate_protobuf_handler(owner.peer_id, "whoami_stream", Request(), Response)
+        responses = await caller.iterate_protobuf_handler(owner.peer_id, "whoami_stream", Request(), Response)
         assert [r.number async for r in responses] == [child.pid]
     finally:
         await stop_child(child)
@@ -116,7 +116,7 @@ async def test_balanced_handlers_across_processes_share_calls(p2p_pair):
         ]
         stream_pids = []
         for _ in range(6):
-            responses = caller.iterate_protobuf_handler(owner.peer_id, "whoami_stream", Request(), Response)
+            responses = await caller.iterate_protobuf_handler(owner.peer_id, "whoami_stream", Request(), Response)
             stream_pids.extend([r.number async for r in responses])
         assert set(unary_pids) == set(stream_pids) == {os.getpid(), child.pid}
         assert unary_pids.count(child.pid) == 3  # round-robin

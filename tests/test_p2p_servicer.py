@@ -47,10 +47,10 @@ async def test_stub_calls_every_kind_of_rpc(p2p_pair):
     stub = CalculatorServicer.get_stub(second, first.peer_id)
     assert isinstance(stub, StubBase)
     assert (await stub.rpc_square(Request(number=9))).number == 81
-    assert [r.number async for r in stub.rpc_count(Request(number=3))] == [0, 1, 2]
+    assert [r.number async for r in await stub.rpc_count(Request(number=3))] == [0, 1, 2]
     assert (await stub.rpc_sum(as_aiter(Request(number=1), Request(number=2)))).number == 3
     assert (await stub.rpc_sum(Request(number=5))).number == 5  # a single message is sent as a one-item stream
-    assert [r.number async for r in stub.rpc_echo_stream(as_aiter(Request(number=4)))] == [4]
+    assert [r.number async for r in await stub.rpc_echo_stream(as_aiter(Request(number=4)))] == [4]
     assert (await stub.rpc_caller(Request())).number == len(second.peer_id.to_bytes())
 
 
@@ -61,7 +61,7 @@ async def test_handlers_are_registered_under_wire_handle_names(p2p_pair):
         first.peer_id, "run1::CalculatorServicer.rpc_square", Request(number=3), Response
     )
     assert response.number == 9
-    responses = second.iterate_protobuf_handler(
+    responses = await second.iterate_protobuf_handler(
         first.peer_id, "run1::CalculatorServicer.rpc_count", Request(number=2), Response
     )
     assert [r.number async for r in responses] == [0, 1]
@@ -121,7 +121,7 @@ async def test_timeout_on_streaming_output_is_a_value_error(p2p_pair):
     first, second = p2p_pair
     stub = CalculatorServicer.get_stub(second, first.peer_id)
     with pytest.raises(ValueError, match="timeout"):
-        stub.rpc_count(Request(number=1), timeout=1)
+        await stub.rpc_count(Request(number=1), timeout=1)
 
 
 async def test_subclass_serves_and_calls_under_its_own_name(p2p_pair):
@@ -156,5 +156,5 @@ async def test_remote_exception_reaches_stub_caller(p2p_pair):
     with pytest.raises(P2PHandlerError, match=r"ZeroDivisionError\('no dividing by zero'\)"):
         await stub.rpc_fail(Request())
     with pytest.raises(P2PHandlerError, match="no streaming by zero"):
-        async for _ in stub.rpc_fail_stream(Request()):
+        async for _ in await stub.rpc_fail_stream(Request()):
             pass

@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import inspect
 import os
 import time
 from typing import AsyncIterator
@@ -35,11 +36,15 @@ async def collect(iterator) -> list:
     return [item async for item in iterator]
 
 
+def test_iterate_protobuf_handler_is_a_coroutine_returning_an_async_iterator():
+    assert inspect.iscoroutinefunction(P2P.iterate_protobuf_handler)
+
+
 async def test_unary_input_stream_output(p2p_pair):
     first, second = p2p_pair
     await first.add_protobuf_handler("count_up_to", count_up_to, Request, stream_output=True)
     responses = await collect(
-        second.iterate_protobuf_handler(first.peer_id, "count_up_to", Request(number=5), Response)
+        await second.iterate_protobuf_handler(first.peer_id, "count_up_to", Request(number=5), Response)
     )
     assert [r.number for r in responses] == [0, 1, 2, 3, 4]
 
@@ -50,7 +55,9 @@ async def test_stream_input_stream_output_both_ways(p2p_pair):
         await peer.add_protobuf_handler("double_each", double_each, Request, stream_input=True, stream_output=True)
     for caller, callee in [(second, first), (first, second)]:
         requests = as_aiter(*(Request(number=i) for i in range(20)))
-        responses = await collect(caller.iterate_protobuf_handler(callee.peer_id, "double_each", requests, Response))
+        responses = await collect(
+            await caller.iterate_protobuf_handler(callee.peer_id, "double_each", requests, Response)
+        )
         assert [r.number for r in responses] == [2 * i for i in range(20)]
 
 
@@ -78,7 +85,9 @@ async def test_handler_error_arrives_with_handler_name_and_text(p2p_pair):
     await first.add_protobuf_handler("fail_after_two", fail_after_two, Request, stream_output=True)
     received = []
     with pytest.raises(P2PHandlerError, match="Failed to call handler `fail_after_two` at .*: ran out of numbers"):
-        async for response in second.iterate_protobuf_handler(first.peer_id, "fail_after_two", Request(), Response):
+        async for response in await second.iterate_protobuf_handler(
+            first.peer_id, "fail_after_two", Request(), Response
+        ):
             received.append(response.number)
     assert received == [1, 2]
 
@@ -88,7 +97,7 @@ async def test_unary_input_handler_rejects_two_requests(p2p_pair):
     await first.add_protobuf_handler("count_up_to", count_up_to, Request, stream_output=True)
     with pytest.raises(P2PHandlerError, match="exactly one request"):
         await collect(
-            second.iterate_protobuf_handler(
+            await second.iterate_protobuf_handler(
                 first.peer_id, "count_up_to", as_aiter(Request(number=1), Request(number=2)), Response
             )
         )
@@ -98,7 +107,7 @@ async def test_missing_stream_handler_fails_fast(p2p_pair):
     first, second = p2p_pair
     started = time.monotonic()
     with pytest.raises(P2PDaemonError):
-        await collect(second.iterate_protobuf_handler(first.peer_id, "nobody.home", Request(), Response))
+        await collect(await second.iterate_protobuf_handler(first.peer_id, "nobody.home", Request(), Response))
     assert time.monotonic() - started < 3
 
 
@@ -112,7 +121,7 @@ async def test_caller_input_error_propagates_and_ends_the_call(p2p_pair):
 
     with pytest.raises(KeyError, match="input went wrong"):
         await asyncio.wait_for(
-            collect(second.iterate_protobuf_handler(first.peer_id, "double_each", broken_input(), Response)), 10
+            collect(await second.iterate_protobuf_handler(first.peer_id, "double_each", broken_input(), Response)), 10
         )
 
 
@@ -131,7 +140,7 @@ async def test_caller_cancellation_stops_the_remote_handler(p2p_pair):
     await first.add_protobuf_handler("endless", endless, Request, stream_output=True)
 
     async def consume():
-        async for _ in second.iterate_protobuf_handler(first.peer_id, "endless", Request(), Response):
+        async for _ in await second.iterate_protobuf_handler(first.peer_id, "endless", Request(), Response):
             pass
 
     task = asyncio.create_task(consume())
@@ -151,7 +160,7 @@ async def test_handler_side_cancellation_ends_the_caller_stream(p2p_pair):
             await asyncio.sleep(0.01)
 
     await first.add_protobuf_handler("endless", endless, Request, stream_output=True)
-    responses = second.iterate_protobuf_handler(first.peer_id, "endless", Request(), Response)
+    responses = await second.iterate_protobuf_handler(first.peer_id, "endless", Request(), Response)
     assert (await responses.__anext__()).number == 1
     await first.shutdown()  # cancels the running handler, which sends an error frame (best effort) and closes
     started = time.monotonic()

@@ -430,7 +430,7 @@ class P2P:
             response.ParseFromString(data)
             return response
 
-        responses = self.iterate_protobuf_handler(peer_id, name, input, output_protobuf_type)
+        responses = self._iterate_protobuf_stream(peer_id, name, input, output_protobuf_type)
         try:
             result = _EXHAUSTED
             async for response in responses:
@@ -450,8 +450,17 @@ class P2P:
         input: Union[TInputProtobuf, AsyncIterable[TInputProtobuf]],
         output_protobuf_type: ProtobufType,
     ) -> TOutputStream:
-        """Call stream handler ``name`` at ``peer_id``, sending ``input`` (a message or an async iterator of
-        messages) and yielding each response as it arrives."""
+        """Call stream handler ``name`` at ``peer_id``: ``async for msg in await p2p.iterate_protobuf_handler(...)``.
+
+        ``input`` is a message or an async iterator of messages. The stream opens when iteration starts, so an
+        unreachable peer or a missing handler raises ``P2PDaemonError`` from the first ``__anext__``.
+        """
+        self._raise_if_daemon_failed()
+        return self._iterate_protobuf_stream(peer_id, name, input, output_protobuf_type)
+
+    async def _iterate_protobuf_stream(
+        self, peer_id: PeerID, name: str, input: Any, output_protobuf_type: ProtobufType
+    ) -> TOutputStream:
         self._raise_if_daemon_failed()
         _, reader, writer = await self._client.stream_open(peer_id, [name])
         self._stream_writers.add(writer)

@@ -145,11 +145,11 @@ class ServicerBase:
 def _make_stub_method(class_name: str, handler: RPCHandler) -> Callable:
     if handler.stream_output:
 
-        def call_streaming(self: StubBase, input: Any, timeout: Optional[float] = None) -> AsyncIterator[Any]:
+        async def call_streaming(self: StubBase, input: Any, timeout: Optional[float] = None) -> AsyncIterator[Any]:
             if timeout is not None:
                 raise ValueError(f"{handler.name} returns a stream; timeout= is supported for unary outputs only")
             handle_name = get_handle_name(self._namespace, class_name, handler.name)
-            return self._p2p.iterate_protobuf_handler(self._peer, handle_name, input, handler.response_type)
+            return await self._p2p.iterate_protobuf_handler(self._peer, handle_name, input, handler.response_type)
 
         call_streaming.__name__ = handler.name
         return call_streaming
