@@ -34,7 +34,8 @@ from harness import (  # noqa: E402  (the harness imports neither hivemind)
     python_command,
 )
 
-NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b")
+# a number that is not part of a word ("p2p", "p50", "fp16" are labels, not figures)
+NUMBER = re.compile(r"(?<![A-Za-z_\d.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b")
 
 
 class BenchmarkRun:
@@ -109,13 +110,17 @@ def ratio_text(ours: float, original: float) -> str:
     return f"{ours / original:.2f}"
 
 
-def split_label(line: str) -> Tuple[str, str]:
-    """('label', 'figures') where the figures start at the first number that follows two spaces or a '|'."""
-    match = re.search(r"(?:\s{2,}|\|\s*)(?=[-+]?[\d.])", line)
-    if match is None:
-        match = NUMBER.search(line)
-        return (line, "") if match is None else (line[: match.start()].rstrip(), line[match.start() :])
-    return line[: match.start()].rstrip(), line[match.end() :]
+def split_row(line: str) -> Tuple[str, str]:
+    """('label', 'figures'): a markdown row's first cell and the others, or a 'label  value' row split at its first
+    run of two spaces; otherwise the whole line is figures."""
+    stripped = line.strip()
+    if stripped.startswith("|") and stripped.endswith("|") and stripped.count("|") >= 3:
+        cells = [cell.strip() for cell in stripped.strip("|").split("|")]
+        return cells[0], " | ".join(cells[1:])
+    gap = re.search(r"\s{2,}(?=\S)", stripped)
+    if gap is not None:
+        return stripped[: gap.start()], stripped[gap.end() :]
+    return "", stripped
 
 
 def compare_text(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
@@ -128,8 +133,10 @@ def compare_text(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
     for tag, a0, a1, b0, b1 in matcher.get_opcodes():
         if tag == "equal":
             for line_a, line_b in zip(lines_a[a0:a1], lines_b[b0:b1]):
-                label, figures_a = split_label(line_a)
-                _, figures_b = split_label(line_b)
+                if numbers_in(line_a) == numbers_in(line_b):  # titles, headers, equal parameters: shown once
+                    rows.append(dict(label=line_a, figures={}, numbers={}))
+                    continue
+                (label, figures_a), (_, figures_b) = split_row(line_a), split_row(line_b)
                 rows.append(
                     dict(
                         label=label,
