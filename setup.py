@@ -23,7 +23,7 @@ GO_SOURCE_DIR = os.path.join(HERE, "p2pd")
 P2PD_TARGET = os.path.join(HERE, "hivemind", "hivemind_cli", "p2pd")
 P2PD_STAMP = P2PD_TARGET + ".stamp"
 P2PD_ENV_VAR = "HIVEMIND_P2PD_PATH"
-MIN_GO_VERSION = (1, 21)
+MIN_GO_VERSION = (1, 20)
 
 
 class BuildError(Exception):
@@ -60,8 +60,8 @@ def generate_protobuf_modules() -> None:
                 f.write(fixed)
 
 
-# Our daemon (./p2pd) needs Go 1.21+: its go.mod declares `go 1.21` (generics, and go-libp2p v0.32's QUIC stack uses
-# the crypto/tls QUIC API that appeared in Go 1.21). It is known to build with Go 1.21 up to 1.26.
+# Our daemon (./p2pd) needs Go 1.20+: that is what go.mod declares and what its dependencies (go-libp2p v0.32.1,
+# kad-dht v0.25.1, quic-go v0.39) require. It is tested with Go 1.20.14, 1.21.13 and 1.26.
 GO_BUILD_FLAGS = ["-trimpath", "-buildvcs=false", "-ldflags=-s -w"]
 
 

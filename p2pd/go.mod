@@ -1,6 +1,9 @@
+// hivemind's p2pd daemon. go-libp2p v0.32.1 and go-libp2p-kad-dht v0.25.1 are the versions inside the daemon the
+// original hivemind ships (learning-at-home/go-libp2p-daemon v0.5.0), pinned for identical peer-to-peer behaviour;
+// they build unchanged with Go 1.20 through 1.26 (quic-go v0.39 uses qtls-go1-20 on Go 1.20, crypto/tls after).
 module hivemind/p2pd
 
-go 1.21
+go 1.20
 
 require (
 	github.com/ipfs/go-log/v2 v2.5.1

@@ -19,7 +19,7 @@ def _check_executable(path: str, origin: str) -> str:
 
 
 _HOW_TO_FIX = (
-    "Reinstall hivemind with Go 1.21+ on PATH so that the daemon is compiled (`pip install -e .` in the source "
+    "Reinstall hivemind with Go 1.20+ on PATH so that the daemon is compiled (`pip install -e .` in the source "
     f"tree), or set {P2PD_PATH_ENV_VAR}=/path/to/p2pd to use a daemon binary you already have."
 )
 
