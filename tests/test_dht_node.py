@@ -264,6 +264,17 @@ async def test_get_many_by_id_with_futures_and_reuse_of_requests(swarm):
 
 @pytestmark_swarm
 @pytest.mark.timeout(30)
+async def test_concurrent_gets_of_one_key_share_a_search(swarm):
+    key_id = DHTID.generate(unique_key("shared-search"))
+    first = await swarm[2].get_many_by_id([key_id], return_futures=True)
+    second = await swarm[2].get_many_by_id([key_id], return_futures=True)  # default "now", a moment later
+    (pending,) = swarm[2]._pending_gets[key_id]
+    assert pending.futures == [first[key_id], second[key_id]]
+    assert await first[key_id] is None and await second[key_id] is None
+
+
+@pytestmark_swarm
+@pytest.mark.timeout(30)
 async def test_store_many_reports_per_key_and_subkey(swarm):
     key, now = unique_key("many"), get_dht_time()
     result = await swarm[1].store_many(

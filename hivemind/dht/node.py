@@ -36,6 +36,9 @@ BOOTSTRAP_FAILED_MESSAGE = (
 
 CONFIRM_REPLICAS_DELAY = 1.0  # s: stores sent to nodes from the routing table are confirmed by batched searches
 MaddrLike = Union[Multiaddr, str]
+# a get may join a running search for the same key that was started with a sufficient_expiration_time up to this many
+# seconds lower (e.g. two gets with the default "now", a moment apart)
+REUSE_GET_TOLERANCE = 1.0
 StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
 
 
@@ -555,7 +558,8 @@ class DHTNode:
                     (
                         pending
                         for pending in self._pending_gets.get(key_id, ())
-                        if pending.search.sufficient_expiration_time >= sufficient_expiration_time
+                        if pending.search.sufficient_expiration_time
+                        >= sufficient_expiration_time - REUSE_GET_TOLERANCE
                         and not pending.search.finished
                     ),
                     None,
@@ -568,18 +572,14 @@ class DHTNode:
             new_searches[key_id] = pending
 
         if new_searches:
-            search_task = self._spawn(
-                self._search(new_searches, num_workers or self.num_workers, beam_size, _is_refresh)
-            )
+            self._spawn(self._search(new_searches, num_workers or self.num_workers, beam_size, _is_refresh))
         if return_futures:
             return futures
         try:
             return {key_id: await future for key_id, future in futures.items()}
         except asyncio.CancelledError:
-            for future in futures.values():
+            for future in futures.values():  # a search whose every waiter is gone stops at its next answer
                 future.cancel()
-            if new_searches:
-                search_task.cancel()
             raise
 
     def _finish(self, pending: _PendingGet) -> None:
