@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 import psutil
@@ -12,6 +13,7 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.process_channel import ChannelClosedError
 from hivemind.dht.schema import SchemaValidator
+from hivemind.p2p import P2P
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
@@ -199,3 +201,20 @@ def test_validators_added_after_start_reject_wrong_types(dht_pair):
     assert first.store("process_counter", 3, expiration)
     assert second.get("process_counter") == (3, expiration)
     assert first.store("process_unrelated", 3.0, expiration)  # keys outside the schema are allowed
+
+
+@pytest.mark.timeout(30)
+def test_dht_attaches_to_an_existing_p2p_and_leaves_it_running():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    p2p = asyncio.run_coroutine_threadsafe(P2P.create(), loop).result(timeout=20)
+    try:
+        with DHT(start=True, p2p=p2p) as dht:
+            assert dht.peer_id == p2p.peer_id
+            assert dht.store("attached", 1, get_dht_time() + 60) and dht.get("attached").value == 1
+        assert p2p.is_alive  # the DHT did not own the daemon
+    finally:
+        asyncio.run_coroutine_threadsafe(p2p.shutdown(), loop).result(timeout=20)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
