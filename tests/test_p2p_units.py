@@ -10,7 +10,6 @@ import base58
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from multiaddr import Multiaddr
 
 from hivemind.p2p import P2P, P2PContext, PeerID, PeerInfo, ServicerBase, framing
 from hivemind.p2p.daemon_args import build_daemon_args, check_announce_maddrs
@@ -33,6 +32,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import (
 )
 from hivemind.p2p.servicer import get_handle_name, inspect_rpc_method
 from hivemind.proto import crypto_pb2, p2pd_pb2, test_pb2
+from hivemind.utils.multiaddr import Multiaddr
 
 
 def make_reader(data: bytes, eof: bool = True) -> asyncio.StreamReader:

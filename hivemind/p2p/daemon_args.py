@@ -3,7 +3,7 @@
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from multiaddr import Multiaddr
+from hivemind.utils.multiaddr import Multiaddr
 
 DHT_MODE_MAPPING: Dict[str, Dict[str, int]] = {
     "auto": {"dht": 1},

@@ -9,7 +9,6 @@ import typing
 from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
-from multiaddr import Multiaddr
 
 from hivemind.p2p import daemon_args, framing
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for
@@ -19,6 +18,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, St
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils.logging import get_logger
+from hivemind.utils.multiaddr import Multiaddr
 
 logger = get_logger(__name__)
 

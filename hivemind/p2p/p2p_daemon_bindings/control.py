@@ -6,8 +6,6 @@ import os
 import socket
 from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from multiaddr import Multiaddr
-
 from hivemind.p2p.p2p_daemon_bindings import streams
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.persistent import PersistentConnection, UnaryHandler
@@ -21,6 +19,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import (
 )
 from hivemind.proto import p2pd_pb2
 from hivemind.utils.logging import get_logger
+from hivemind.utils.multiaddr import Multiaddr
 
 logger = get_logger(__name__)
 

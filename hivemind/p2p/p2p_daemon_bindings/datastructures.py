@@ -6,9 +6,9 @@ from typing import Any, Iterable, List, Union
 
 import base58
 from cryptography.hazmat.primitives import serialization
-from multiaddr import Multiaddr
 
 from hivemind.proto import crypto_pb2, p2pd_pb2
+from hivemind.utils.multiaddr import Multiaddr
 
 SHA2_256_CODE = 0x12
 IDENTITY_CODE = 0x00
