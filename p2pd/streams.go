@@ -94,6 +94,7 @@ func pipeStream(c *bufferedConn, s network.Stream) {
 // handleIncomingStream hands a stream opened by a remote peer to the next registered client: it dials the
 // client's callback address, sends StreamInfo and pipes the bytes.
 func (d *daemon) handleIncomingStream(s network.Stream) {
+	defer recoverStream(s)
 	pid := s.Protocol()
 	d.mu.Lock()
 	handlers, ok := d.streamHandlers[pid]
@@ -125,4 +126,12 @@ func (d *daemon) handleIncomingStream(s network.Stream) {
 	}
 	tuneLocalSocket(conn)
 	pipeStream(&bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, 4096)}, s)
+}
+
+// recoverStream keeps an unexpected panic in a stream handler from taking the daemon down.
+func recoverStream(s network.Stream) {
+	if r := recover(); r != nil {
+		log.Errorw("internal error while handling a stream", "protocol", s.Protocol(), "panic", r)
+		_ = s.Reset()
+	}
 }

@@ -101,9 +101,15 @@ func (pc *persistentConn) rejectOversized(r *bufio.Reader, e *tooLargeError) err
 		return err
 	}
 	log.Warnw("rejected an oversized message on a persistent connection", "size", e.size, "limit", e.limit)
-	if callID := peekCallID(prefix); callID != nil {
-		pc.send(encodeDaemonError(callID, e.Error()))
+	callID := peekCallID(prefix)
+	if callID == nil {
+		return nil
 	}
+	// an oversized answer to a request from a peer: that peer gets an error instead of waiting forever
+	remoteError := appendBytesField(nil, 2, []byte("the handler's response was rejected: "+e.Error()))
+	answer := appendBytesField(appendBytesField(nil, 1, callID), pcReqUnaryResponse, remoteError)
+	pc.deliverResponse(callID, answer)
+	pc.send(encodeDaemonError(callID, e.Error()))
 	return nil
 }
 
@@ -226,6 +232,12 @@ func (d *daemon) removeUnaryHandlersOf(pc *persistentConn) {
 
 // callUnary performs a unary call for the client (WIRE.md §3.3): one request message out, one response back.
 func (pc *persistentConn) callUnary(req *persistentRequest, raw []byte) {
+	defer func() {
+		if r := recover(); r != nil {
+			log.Errorw("internal error in a unary call", "panic", r)
+			pc.send(encodeDaemonError(req.callID, fmt.Sprintf("internal daemon error: %v", r)))
+		}
+	}()
 	callID := req.callID
 	call, err := decodeCallUnary(req.payload)
 	if err != nil {
@@ -324,6 +336,7 @@ func (pc *persistentConn) deliverResponse(callID, raw []byte) {
 // handleUnaryStream serves a unary call from a remote peer: it forwards the request to one of the clients that
 // registered the protocol and writes back that client's answer.
 func (d *daemon) handleUnaryStream(s network.Stream) {
+	defer recoverStream(s)
 	pid := s.Protocol()
 	d.mu.Lock()
 	var pc *persistentConn

@@ -448,3 +448,28 @@ def test_sigint_waits_for_connected_clients_to_disconnect(tmp_path):
     finally:
         process.kill()
         process.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_oversized_handler_response_reaches_the_caller_as_an_error(tmp_path):
+    socket_a, socket_b = tmp_path / "a.sock", tmp_path / "b.sock"
+    process_a, id_a, addrs_a = start_daemon(socket_a)
+    process_b, id_b, _ = start_daemon(
+        socket_b, "-persistentConnMaxMsgSize=1024", "-b=1", f"-bootstrapPeers={addrs_a[0]}/p2p/{id_a}"
+    )
+    try:
+        caller, handler = PersistentConnection(socket_a), PersistentConnection(socket_b)
+        pb = caller.pb
+        handler.send(new_call_id(), addUnaryHandler=pb.AddUnaryHandlerRequest(proto="Big.rpc_big", balanced=False))
+        handler.receive()
+        call_id = new_call_id()
+        caller.send(call_id, callUnary=pb.CallUnaryRequest(peer=base58.b58decode(id_b), proto="Big.rpc_big", data=b""))
+        assert handler.receive().callId == call_id
+        handler.send(call_id, unaryResponse=pb.CallUnaryResponse(response=b"x" * 4096))
+        assert "1024" in handler.receive().daemonError.message
+        answer = caller.receive()
+        assert answer.callId == call_id and b"rejected" in answer.callUnaryResponse.error
+    finally:
+        for process in (process_a, process_b):
+            process.kill()
+            process.communicate()
