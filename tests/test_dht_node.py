@@ -483,3 +483,26 @@ async def test_cached_value_served_locally_is_refreshed_before_it_expires():
         assert reader.protocol.cache.get(key_id) == (MSGPackSerializer.dumps("new"), now + 30)
     finally:
         await shutdown_all(nodes)
+
+
+@pytest.mark.timeout(30)
+async def test_stale_buckets_are_refreshed_with_lookups():
+    nodes = await launch_swarm(2)  # these do not refresh, so they leave the refreshing node's buckets untouched
+    refreshing = await DHTNode.create(initial_peers=await nodes[0].get_visible_maddrs(), refresh_timeout=0.2)
+    try:
+        routing_table = refreshing.protocol.routing_table
+        started = get_dht_time()
+        calls = []
+        original_find = refreshing.protocol.call_find
+
+        async def counting_find(peer, keys):
+            calls.append(peer)
+            return await original_find(peer, keys)
+
+        refreshing.protocol.call_find = counting_find
+        await asyncio.sleep(0.7)
+        assert calls, "no refresh lookup was made"
+        assert all(bucket.last_updated > started for bucket in routing_table.buckets)
+        assert len(routing_table) == 2
+    finally:
+        await shutdown_all(nodes + [refreshing])
