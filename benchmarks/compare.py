@@ -141,6 +141,7 @@ def compare_text(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
                     dict(
                         label=label,
                         figures={first.implementation: figures_a, second.implementation: figures_b},
+                        lines={first.implementation: line_a, second.implementation: line_b},
                         numbers={
                             first.implementation: numbers_in(figures_a),
                             second.implementation: numbers_in(figures_b),
@@ -189,23 +190,59 @@ def compare_json(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
     return rows
 
 
+WIDE_ROW_NUMBERS = 4  # rows with more figures (multi-column tables) are stacked instead of put side by side
+
+
+def ratios_under(line: str, ratios: List[str]) -> str:
+    """A line with each ratio right-aligned under the corresponding number of `line`."""
+    out = [" "] * (len(line) + 8)
+    cursor = 0
+    for match, ratio in zip(NUMBER.finditer(line), ratios):
+        begin = max(cursor, match.end() - len(ratio))
+        out[begin : begin + len(ratio)] = ratio
+        cursor = begin + len(ratio) + 1
+    return "".join(out).rstrip()
+
+
 def print_side_by_side(rows: List[Dict], runs: Dict[str, BenchmarkRun]) -> None:
-    columns = ["ours", "original"]
-    header = ["", f"ours ({runs['ours'].version})", f"original ({runs['original'].version})", "ours / original"]
-    table = []
+    versions = {impl: f"{impl} ({run.version})" for impl, run in runs.items()}
+    header = ["", versions["ours"], versions["original"], "ours / original"]
+    rendered = []  # ("plain", text) | ("pair", [label, ours, original, ratios]) | ("stack", [lines])
     for row in rows:
         if not row["figures"]:
-            table.append([row["label"], "", "", ""])
+            rendered.append(("plain", row["label"]))
             continue
         ours, original = row["numbers"].get("ours", []), row["numbers"].get("original", [])
-        ratios = " / ".join(ratio_text(a, b) for a, b in zip(ours, original)) if len(ours) == len(original) else ""
-        table.append([row["label"], *(row["figures"].get(c, "") for c in columns), ratios])
-    widths = [max(len(r[i]) for r in table + [header] if any(r[1:])) for i in range(3)]
-    for line in [header, ["-" * w for w in widths] + ["-" * 15]] + table:
-        if not any(line[1:]):
-            print(line[0].rstrip())
+        ratios = [ratio_text(a, b) for a, b in zip(ours, original)] if len(ours) == len(original) else []
+        if max(len(ours), len(original)) > WIDE_ROW_NUMBERS:
+            lines = row["lines"]
+            width = max(len(lines["ours"]), len(lines["original"]))
+            rendered.append(
+                (
+                    "stack",
+                    [
+                        f"{lines['ours'].ljust(width)}   <- {versions['ours']}",
+                        f"{lines['original'].ljust(width)}   <- {versions['original']}",
+                        f"{ratios_under(lines['ours'], ratios).ljust(width)}   <- ours / original",
+                    ],
+                )
+            )
         else:
-            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[3])
+            rendered.append(
+                ("pair", [row["label"], row["figures"]["ours"], row["figures"]["original"], " / ".join(ratios)])
+            )
+    pairs = [cells for kind, cells in rendered if kind == "pair"] + [header]
+    widths = [max(len(cells[i]) for cells in pairs) for i in range(3)]
+    if len(pairs) > 1:
+        print("  ".join(cell.ljust(width) for cell, width in zip(header, widths)) + "  " + header[3])
+        print("  ".join("-" * width for width in widths) + "  " + "-" * len(header[3]))
+    for kind, content in rendered:
+        if kind == "plain":
+            print(content.rstrip())
+        elif kind == "stack":
+            print("\n".join(content))
+        else:
+            print("  ".join(cell.ljust(width) for cell, width in zip(content, widths)) + "  " + content[3])
     print(
         f"\nwall time of the whole script: ours {runs['ours'].seconds:.1f} s, "
         f"original {runs['original'].seconds:.1f} s"
@@ -220,6 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed for each run")
     parser.add_argument("--json", action="store_true", help="pass --json to the script and compare its JSON object")
     parser.add_argument("--save", type=Path, help="also write both raw outputs and the comparison to this JSON file")
+    parser.add_argument("--load", type=Path, help="print the comparison saved by --save instead of running anything")
     args = parser.parse_args(argv)
 
     order = args.order.split(",")
@@ -228,18 +266,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     script = args.script.resolve()
     if not script.is_file():
         parser.error(f"no such benchmark script: {args.script}")
-    problem = ensure_original_env()
-    if problem is not None:
-        print(f"cannot run the original hivemind: {problem}", file=sys.stderr)
-        return 2
     script_args = [*args.script_args, *(["--json"] if args.json else [])]
-
-    runs = {impl: run_benchmark(impl, script, script_args, args.timeout) for impl in order}
+    if args.load:
+        saved = json.loads(args.load.read_text())
+        runs = {impl: BenchmarkRun(impl, r["stdout"], r["seconds"], r["version"]) for impl, r in saved["runs"].items()}
+    else:
+        problem = ensure_original_env()
+        if problem is not None:
+            print(f"cannot run the original hivemind: {problem}", file=sys.stderr)
+            return 2
+        runs = {impl: run_benchmark(impl, script, script_args, args.timeout) for impl in order}
     first, second = (runs[impl] for impl in order)
     rows = compare_json(first, second) if args.json else compare_text(first, second)
     print(f"\n{script.name} {' '.join(args.script_args)}: ours vs original hivemind, same machine, one run\n")
     print_side_by_side(rows, runs)
-    if args.save:
+    if args.save and not args.load:
         raw = {impl: dict(version=run.version, seconds=run.seconds, stdout=run.stdout) for impl, run in runs.items()}
         args.save.write_text(
             json.dumps(dict(script=script.name, args=args.script_args, runs=raw, rows=rows), indent=1)
