@@ -26,8 +26,10 @@ logger = get_logger(__name__)
 DEFAULT_MAX_MSG_SIZE = 4 * 1024**2
 MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # MoE clients switch to streaming above this many bytes
 
-# asyncio.StreamReader limit for stream data: large enough that a 1 MiB frame arrives without pause/resume cycles
-STREAM_READER_LIMIT = 2**22
+# asyncio.StreamReader limit: the transport pauses once twice this much is buffered. Kept small on purpose:
+# large payloads are received by read_payload() straight into their own buffer, and everything buffered ahead
+# of such a read (the event loop reads ahead as long as data is available) would have to be copied once more
+STREAM_READER_LIMIT = 2**15
 # the transport's write buffer may grow this large before drain() blocks (lets big frames pipeline)
 STREAM_WRITE_HIGH_WATER = 2**22
 # kernel socket buffers for stream data sockets: fewer wake-ups for large transfers

@@ -85,7 +85,8 @@ async def read_delimited_bytes(reader: asyncio.StreamReader, max_size: int) -> b
     size = await read_unsigned_varint(reader)
     if size > max_size:
         raise P2PDaemonError(f"Incoming message of {size} bytes exceeds the limit of {max_size} bytes")
-    return await reader.readexactly(size)
+    read_payload = getattr(reader, "read_payload", reader.readexactly)  # fewer copies for large messages
+    return await read_payload(size)
 
 
 async def read_pbmsg_safe(reader: asyncio.StreamReader, message: MessageType, max_size: int) -> MessageType:
