@@ -123,6 +123,20 @@ class Driver:
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         return {"handle": handle, "peer_id": p2p.peer_id.to_base58(), "maddrs": maddrs}
 
+    async def cmd_p2p_identity(self, path, generate=False, start=False):
+        """Peer id of an identity file (generated first if `generate`); with `start`, also of a P2P started with it."""
+        if generate:
+            P2P.generate_identity(path)
+        with open(path, "rb") as f:
+            result = {"file_peer_id": PeerID.from_identity(f.read()).to_base58()}
+        if start:
+            p2p = await P2P.create(identity_path=path)
+            try:
+                result["p2p_peer_id"] = p2p.peer_id.to_base58()
+            finally:
+                await p2p.shutdown()
+        return result
+
     async def cmd_p2p_serve(self, handle=0):
         p2p = self.p2ps[handle]
         await p2p.add_protobuf_handler(UNARY_NAME, square, test_pb2.TestRequest)

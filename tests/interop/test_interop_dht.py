@@ -22,15 +22,20 @@ GET_TIMEOUT = 20
 
 
 class Swarm:
-    def __init__(self, drivers: Dict[str, Any], handles: Dict[str, List[int]]):
-        self.drivers, self.handles = drivers, handles
+    def __init__(self, drivers: Dict[str, Any], nodes: Dict[str, List[dict]]):
+        self.drivers, self.nodes = drivers, nodes
+        self.handles = {side: [node["handle"] for node in side_nodes] for side, side_nodes in nodes.items()}
 
-    def store(self, side: str, node: int, key, value, expiration: float, subkey=None) -> bool:
+    def store(self, side: str, node: int, key, value, expiration: float, subkey=None, handle=None) -> bool:
         args = dict(key_pkl=_dump(key), value_pkl=_dump(value), expiration=expiration)
         if subkey is not None:
             args["subkey_pkl"] = _dump(subkey)
-        handle = self.handles[side][node % NODES_PER_SIDE]
+        handle = self.handles[side][node % NODES_PER_SIDE] if handle is None else handle
         return self.drivers[side].call("dht_store", handle=handle, timeout=GET_TIMEOUT, **args)
+
+    def get(self, side: str, handle: int, key, latest: bool = False) -> Optional[tuple]:
+        args = dict(handle=handle, key_pkl=_dump(key), latest=latest)
+        return _decode(self.drivers[side].call("dht_get", timeout=GET_TIMEOUT, **args))
 
     def get_everywhere(self, side: str, key, latest: bool = False) -> List[Optional[tuple]]:
         """`get` through every node of `side` (concurrently); each result as (kind, value, expiration) or None."""
@@ -68,10 +73,10 @@ def swarm(module_peers) -> Swarm:
         OURS: [ours.submit("dht_create", initial_peers=first_original["maddrs"], signed=True) for _ in range(3)],
     }
     drivers = {ORIGINAL: original, OURS: ours}
-    handles = {ORIGINAL: [first_original["handle"]], OURS: [first_ours["handle"]]}
+    nodes = {ORIGINAL: [first_original], OURS: [first_ours]}
     for side, request_ids in pending.items():
-        handles[side] += [drivers[side].wait(i, 60, "dht_create")["handle"] for i in request_ids]
-    return Swarm(drivers, handles)
+        nodes[side] += [drivers[side].wait(i, 60, "dht_create") for i in request_ids]
+    return Swarm(drivers, nodes)
 
 
 def unique_key(label: str) -> str:
@@ -175,3 +180,19 @@ def test_records_under_the_other_implementations_owner_tag_are_rejected(swarm, w
     assert not swarm.store(writer, 0, key, "forged", expiration, subkey=foreign_tag)
     for side in (owner, writer):
         assert swarm.get_everywhere(side, key, latest=True) == [None] * NODES_PER_SIDE
+
+
+@pytest.mark.parametrize("client, servers", DIRECTIONS, ids=["original-client", "ours-client"])
+def test_client_mode_node_stores_and_gets_through_the_other_implementation(swarm, client, servers):
+    initial_peers = swarm.nodes[servers][1]["maddrs"]
+    node = swarm.drivers[client].call("dht_create", initial_peers=initial_peers, client_mode=True, signed=True)
+    try:
+        key, expiration = unique_key("client"), time.time() + 60
+        assert swarm.store(client, 0, key, ["from", "client"], expiration, handle=node["handle"])
+        assert _same(swarm.get_everywhere(servers, key), ("regular", ["from", "client"], expiration))
+
+        key, expiration = unique_key("for-client"), time.time() + 61
+        assert swarm.store(servers, 2, key, b"for the client", expiration)
+        assert repr(swarm.get(client, node["handle"], key)) == repr(("regular", b"for the client", expiration))
+    finally:
+        swarm.drivers[client].call("dht_shutdown", handle=node["handle"])

@@ -76,3 +76,15 @@ def test_streaming_calls_are_awaited_like_in_original(serving_peers):
         shapes[side] = peer.call("p2p_streaming_call_shapes", peer_id=serving_peers[target][1]["peer_id"])
     assert shapes[ORIGINAL] == {"P2P.iterate_protobuf_handler": "coroutine", "stub.rpc_count": "coroutine"}
     assert shapes[OURS] == shapes[ORIGINAL]
+
+
+@pytest.mark.parametrize(
+    "generator, user", DIRECTIONS, ids=["original-file-used-by-ours", "ours-file-used-by-original"]
+)
+def test_identity_file_of_one_implementation_gives_the_same_peer_id_in_the_other(
+    serving_peers, tmp_path, generator, user
+):
+    path = str(tmp_path / "identity.key")
+    generated = serving_peers[generator][0].call("p2p_identity", path=path, generate=True)
+    used = serving_peers[user][0].call("p2p_identity", path=path, start=True)
+    assert used == {"file_peer_id": generated["file_peer_id"], "p2p_peer_id": generated["file_peer_id"]}
