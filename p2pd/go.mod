@@ -116,3 +116,5 @@ require (
 	gonum.org/v1/gonum v0.13.0 // indirect
 	lukechampine.com/blake3 v1.2.1 // indirect
 )
+
+replace github.com/libp2p/go-libp2p-asn-util => ./asnstub
