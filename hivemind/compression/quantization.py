@@ -65,9 +65,12 @@ def _sample(flat: torch.Tensor) -> torch.Tensor:
     return flat[positions].float()
 
 
-def _affine_to_float32(chunk: torch.Tensor, shift: float, scale: float, offset: float, out: torch.Tensor) -> None:
-    """out = (chunk - shift) * scale + offset, in float32, with as few passes over memory as is accurate."""
-    if abs(shift * scale) < 2**12:  # folding the shift into the offset loses < 1e-3 of a bin
+def _affine_to_float32(
+    chunk: torch.Tensor, shift: float, scale: float, offset: float, out: torch.Tensor, max_folded: float
+) -> None:
+    """out = (chunk - shift) * scale + offset in float32, in one pass when folding the shift into the offset
+    (x * scale + (offset - shift * scale)) loses at most ~max_folded * 2**-24 units of the result."""
+    if abs(shift * scale) < max_folded:
         torch.add(torch.tensor(offset - shift * scale, dtype=torch.float32), chunk, alpha=scale, out=out)
     else:
         torch.sub(chunk, shift, out=out).mul_(scale).add_(offset)
@@ -166,7 +169,7 @@ class Uniform8BitQuantization(Quantization):
             for start in range(0, values.numel(), CHUNK_ELEMENTS):
                 chunk = values[start : start + CHUNK_ELEMENTS]
                 chunk_work = work[: chunk.numel()]
-                _affine_to_float32(chunk, mean, bins_per_unit, NUM_BINS // 2 + 0.5, out=chunk_work)
+                _affine_to_float32(chunk, mean, bins_per_unit, NUM_BINS // 2 + 0.5, chunk_work, max_folded=2**12)
                 indices[start : start + chunk.numel()].copy_(chunk_work.clamp_(0, NUM_BINS - 1))
 
         work = torch.empty(min(numel, CHUNK_ELEMENTS), dtype=torch.float32, device=flat.device)
@@ -210,7 +213,7 @@ class Quantile8BitQuantization(Quantization):
                 for start in range(0, values.numel(), CHUNK_ELEMENTS):
                     chunk = values[start : start + CHUNK_ELEMENTS]
                     chunk_work, chunk_cells = work[: chunk.numel()], cells[: chunk.numel()]
-                    _affine_to_float32(chunk, low, cells_per_unit, 1.0, out=chunk_work)
+                    _affine_to_float32(chunk, low, cells_per_unit, 1.0, chunk_work, max_folded=2**20)
                     chunk_cells.copy_(chunk_work.clamp_(0, _QUANTILE_GRID_SIZE + 1))
                     chunk_cells.clamp_(0, _QUANTILE_GRID_SIZE + 1)  # NaN became an arbitrary int: keep it in range
                     torch.index_select(cell_to_bin, 0, chunk_cells, out=indices[start : start + chunk.numel()])
