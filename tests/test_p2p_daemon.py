@@ -216,3 +216,9 @@ def test_daemon_does_not_outlive_its_python_process(how):
         assert not os.path.exists(client_socket)
     elif os.path.exists(client_socket):
         os.unlink(client_socket)  # nothing survives os._exit to remove the client's own callback socket
+
+
+async def test_missing_daemon_binary_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("HIVEMIND_P2PD_PATH", str(tmp_path / "no-such-p2pd"))
+    with pytest.raises(P2PDaemonError, match="no-such-p2pd"):
+        await P2P.create()

@@ -10,13 +10,13 @@ from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, List,
 
 from google.protobuf.message import Message
 
-from hivemind.p2p import daemon_args, framing
+from hivemind.p2p import daemon_args, framing, protobuf_streams
+from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
 from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, ControlClient, DaemonConnector
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
-from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils.logging import get_logger
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -35,9 +35,7 @@ TOutputProtobuf = Any
 TInputStream = AsyncIterator[TInputProtobuf]
 TOutputStream = AsyncIterator[TOutputProtobuf]
 
-# how many incoming requests a stream handler buffers ahead of the handler (WIRE.md §3.4)
-HANDLER_INPUT_PREFETCH = 5
-_EXHAUSTED = object()
+_NO_RESPONSE = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +58,7 @@ class P2P:
     BYTEORDER = framing.BYTEORDER
     MESSAGE_MARKER = framing.MESSAGE_MARKER
     ERROR_MARKER = framing.ERROR_MARKER
-    END_OF_STREAM = RPCError()
+    END_OF_STREAM = protobuf_streams.END_OF_STREAM
     DHT_MODE_MAPPING = daemon_args.DHT_MODE_MAPPING
     FORCE_REACHABILITY_MAPPING = daemon_args.FORCE_REACHABILITY_MAPPING
 
@@ -118,9 +116,10 @@ class P2P:
         daemon_args.warn_deprecated(quic=quic, use_relay_hop=use_relay_hop, use_relay_discovery=use_relay_discovery)
         daemon_args.check_announce_maddrs(announce_maddrs)
 
-        binary_path = _p2pd_path()
-        if not os.path.isfile(binary_path) or not os.access(binary_path, os.X_OK):
-            raise P2PDaemonError(f"p2pd binary not found or not executable at {binary_path}; build it first")
+        try:
+            binary_path = get_p2pd_path()
+        except (OSError, RuntimeError) as e:
+            raise P2PDaemonError(str(e)) from e
 
         if identity_path is not None:
             if os.path.exists(identity_path):
@@ -313,7 +312,7 @@ class P2P:
 
         async def _serve_stream(stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
             context = P2PContext(handle_name=name, local_id=self.peer_id, remote_id=stream_info.peer_id)
-            await self._serve_protobuf_stream(
+            await protobuf_streams.serve_protobuf_stream(
                 handler,
                 context,
                 input_protobuf_type,
@@ -336,48 +335,6 @@ class P2P:
             return response.SerializeToString()
 
         await self._client.add_unary_handler(name, _serve_unary, balanced=balanced)
-
-    async def _serve_protobuf_stream(
-        self,
-        handler: Callable,
-        context: P2PContext,
-        input_protobuf_type: ProtobufType,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        stream_input: bool,
-        stream_output: bool,
-    ) -> None:
-        requests: asyncio.Queue[Any] = asyncio.Queue(maxsize=HANDLER_INPUT_PREFETCH)
-        read_task = asyncio.create_task(_read_requests(input_protobuf_type, reader, requests))
-        try:
-            if stream_input:
-                request = _iterate_queue(requests)
-            else:
-                request = await _single_request(requests)
-            if stream_output:
-                responses = handler(request, context)
-                try:
-                    async for response in responses:
-                        await framing.send_protobuf(response, writer)
-                finally:
-                    if hasattr(responses, "aclose"):
-                        await responses.aclose()
-            else:
-                await framing.send_protobuf(await handler(request, context), writer)
-        except asyncio.CancelledError:
-            # this peer is shutting down or removed the handler: tell the caller instead of a silent EOF
-            writer.write(framing.encode_frame(RPCError(message=f"handler {context.handle_name} was cancelled")))
-            raise
-        except Exception as e:
-            logger.debug(f"Handler {context.handle_name} failed for {context.remote_id}: {e!r}")
-            try:
-                await framing.send_protobuf(RPCError(message=str(e)), writer)
-            except (ConnectionError, RuntimeError):
-                pass
-        finally:
-            read_task.cancel()
-            await asyncio.gather(read_task, return_exceptions=True)
 
     async def remove_protobuf_handler(
         self, name: str, *, stream_input: bool = False, stream_output: bool = False
@@ -432,14 +389,14 @@ class P2P:
 
         responses = self._iterate_protobuf_stream(peer_id, name, input, output_protobuf_type)
         try:
-            result = _EXHAUSTED
+            result = _NO_RESPONSE
             async for response in responses:
-                if result is not _EXHAUSTED:
+                if result is not _NO_RESPONSE:
                     raise P2PHandlerError(f"Handler `{name}` at {peer_id} returned more than one response")
                 result = response
         finally:
             await responses.aclose()
-        if result is _EXHAUSTED:
+        if result is _NO_RESPONSE:
             raise P2PHandlerError(f"Handler `{name}` at {peer_id} closed the stream without a response")
         return result
 
@@ -464,26 +421,18 @@ class P2P:
         self._raise_if_daemon_failed()
         _, reader, writer = await self._client.stream_open(peer_id, [name])
         self._stream_writers.add(writer)
-        writing_task = asyncio.create_task(_write_requests(input, writer))
-        writing_task.add_done_callback(lambda task: _abort_if_input_failed(task, writer))
         try:
-            while True:
-                try:
-                    response, error = await framing.receive_protobuf(output_protobuf_type, reader)
-                except asyncio.IncompleteReadError:
-                    break  # the handler closed the stream: no more responses
-                except (ConnectionError, P2PDaemonError) as e:
-                    await self._raise_daemon_failure_if_any()
-                    _raise_if_input_failed(writing_task)
-                    raise P2PDaemonError(f"Stream to `{name}` at {peer_id} failed: {e}") from e
-                if error is not None:
-                    raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+            responses = protobuf_streams.call_protobuf_stream(
+                reader,
+                writer,
+                input,
+                output_protobuf_type,
+                description=f"`{name}` at {peer_id}",
+                check_after_eof=self._raise_daemon_failure_if_any,
+            )
+            async for response in responses:
                 yield response
-            await self._raise_daemon_failure_if_any()
-            _raise_if_input_failed(writing_task)
         finally:
-            writing_task.cancel()
-            await asyncio.gather(writing_task, return_exceptions=True)
             writer.close()
             self._stream_writers.discard(writer)
 
@@ -542,83 +491,3 @@ class P2P:
 
     def __repr__(self) -> str:
         return f"<P2P peer_id={self.peer_id} daemon={self._daemon_listen_maddr} alive={self.is_alive}>"
-
-
-def _p2pd_path() -> str:
-    try:
-        from hivemind.p2p.daemon_binary import get_p2pd_path
-    except ImportError:  # pragma: no cover - daemon_binary.py is provided by the build helper
-        return os.path.join(os.path.dirname(os.path.dirname(__file__)), "hivemind_cli", "p2pd")
-    return get_p2pd_path()
-
-
-async def _read_requests(input_protobuf_type: ProtobufType, reader: asyncio.StreamReader, queue: asyncio.Queue):
-    """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF."""
-    try:
-        while True:
-            try:
-                request, error = await framing.receive_protobuf(input_protobuf_type, reader)
-            except asyncio.IncompleteReadError:
-                break
-            if error is not None:
-                break  # end-of-stream marker (whatever its text)
-            await queue.put(request)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        await queue.put(e)
-        return
-    await queue.put(_EXHAUSTED)
-
-
-async def _iterate_queue(queue: asyncio.Queue) -> AsyncIterator[Any]:
-    while True:
-        item = await queue.get()
-        if item is _EXHAUSTED:
-            return
-        if isinstance(item, Exception):
-            raise item
-        yield item
-
-
-async def _single_request(queue: asyncio.Queue) -> Any:
-    first = await queue.get()
-    if first is _EXHAUSTED:
-        raise ValueError("Expected exactly one request, but the stream ended before any")
-    if isinstance(first, Exception):
-        raise first
-    second = await queue.get()
-    if isinstance(second, Exception):
-        raise second
-    if second is not _EXHAUSTED:
-        raise ValueError("Expected exactly one request, got more")
-    return first
-
-
-async def _write_requests(input: Union[Any, AsyncIterable[Any]], writer: asyncio.StreamWriter) -> None:
-    if isinstance(input, Message):
-        await framing.send_protobuf(input, writer)
-    else:
-        async for request in input:
-            await framing.send_protobuf(request, writer)
-    await framing.send_protobuf(P2P.END_OF_STREAM, writer)
-
-
-def _input_error(task: asyncio.Task) -> Optional[BaseException]:
-    """The exception of a finished request-writing task, unless it only failed because the stream closed."""
-    if not task.done() or task.cancelled():
-        return None
-    error = task.exception()
-    return None if isinstance(error, ConnectionError) else error
-
-
-def _abort_if_input_failed(task: asyncio.Task, writer: asyncio.StreamWriter) -> None:
-    # the caller's input iterator raised: stop the call (the reader then sees EOF and re-raises that error)
-    if _input_error(task) is not None:
-        writer.transport.abort()
-
-
-def _raise_if_input_failed(task: asyncio.Task) -> None:
-    error = _input_error(task)
-    if error is not None:
-        raise error

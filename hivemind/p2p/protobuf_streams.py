@@ -1,0 +1,176 @@
+"""Protobuf RPCs over hivemind-framed streams (WIRE.md §3.4): serving a handler and calling one.
+
+Both sides work on any asyncio reader/writer pair; ``P2P`` only opens the streams and watches the daemon.
+"""
+
+import asyncio
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Optional, Type, Union
+
+from google.protobuf.message import Message
+
+from hivemind.p2p import framing
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.proto.p2pd_pb2 import RPCError
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+# how many incoming requests a stream handler buffers ahead of the handler (WIRE.md §3.4)
+HANDLER_INPUT_PREFETCH = 5
+END_OF_STREAM = RPCError()  # sent after the last request: an error frame with an empty message
+_EXHAUSTED = object()
+
+
+async def serve_protobuf_stream(
+    handler: Callable,
+    context: Any,
+    input_protobuf_type: Type[Message],
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    stream_input: bool,
+    stream_output: bool,
+) -> None:
+    """Handler side: feed requests to ``handler(request_or_iterator, context)`` and frame its response(s).
+
+    A handler exception becomes one error frame with ``str(exception)``; the caller of this closes the stream.
+    """
+    requests: asyncio.Queue = asyncio.Queue(maxsize=HANDLER_INPUT_PREFETCH)
+    read_task = asyncio.create_task(_read_requests(input_protobuf_type, reader, requests))
+    try:
+        if stream_input:
+            request = _iterate_queue(requests)
+        else:
+            request = await _single_request(requests)
+        if stream_output:
+            responses = handler(request, context)
+            try:
+                async for response in responses:
+                    await framing.send_protobuf(response, writer)
+            finally:
+                if hasattr(responses, "aclose"):
+                    await responses.aclose()
+        else:
+            await framing.send_protobuf(await handler(request, context), writer)
+    except asyncio.CancelledError:
+        # this peer is shutting down or removed the handler: tell the caller instead of a silent EOF
+        writer.write(framing.encode_frame(RPCError(message=f"handler {context.handle_name} was cancelled")))
+        raise
+    except Exception as e:
+        logger.debug(f"Handler {context.handle_name} failed for {context.remote_id}: {e!r}")
+        try:
+            await framing.send_protobuf(RPCError(message=str(e)), writer)
+        except (ConnectionError, RuntimeError):
+            pass
+    finally:
+        read_task.cancel()
+        await asyncio.gather(read_task, return_exceptions=True)
+
+
+async def call_protobuf_stream(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    input: Union[Message, AsyncIterable[Message]],
+    output_protobuf_type: Type[Message],
+    *,
+    description: str,
+    check_after_eof: Callable[[], Awaitable[None]],
+) -> AsyncIterator[Any]:
+    """Caller side: send ``input`` and then end-of-stream, while yielding responses until the handler closes.
+
+    :param description: names the call in errors, e.g. "`Servicer.rpc_x` at <peer id>"
+    :param check_after_eof: awaited when the stream ends or breaks; raises if the local daemon died meanwhile
+    :raises P2PHandlerError: the handler sent an error frame
+    """
+    writing_task = asyncio.create_task(_write_requests(input, writer))
+    writing_task.add_done_callback(lambda task: _abort_if_input_failed(task, writer))
+    try:
+        while True:
+            try:
+                response, error = await framing.receive_protobuf(output_protobuf_type, reader)
+            except asyncio.IncompleteReadError:
+                break  # the handler closed the stream: no more responses
+            except (ConnectionError, P2PDaemonError) as e:
+                await check_after_eof()
+                _raise_if_input_failed(writing_task)
+                raise P2PDaemonError(f"Stream to {description} failed: {e}") from e
+            if error is not None:
+                raise P2PHandlerError(f"Failed to call handler {description}: {error.message}")
+            yield response
+        await check_after_eof()
+        _raise_if_input_failed(writing_task)
+    finally:
+        writing_task.cancel()
+        await asyncio.gather(writing_task, return_exceptions=True)
+
+
+async def _read_requests(input_protobuf_type: Type[Message], reader: asyncio.StreamReader, queue: asyncio.Queue):
+    """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF."""
+    try:
+        while True:
+            try:
+                request, error = await framing.receive_protobuf(input_protobuf_type, reader)
+            except asyncio.IncompleteReadError:
+                break
+            if error is not None:
+                break  # end-of-stream marker (whatever its text)
+            await queue.put(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        await queue.put(e)
+        return
+    await queue.put(_EXHAUSTED)
+
+
+async def _iterate_queue(queue: asyncio.Queue) -> AsyncIterator[Any]:
+    while True:
+        item = await queue.get()
+        if item is _EXHAUSTED:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+async def _single_request(queue: asyncio.Queue) -> Any:
+    first = await queue.get()
+    if first is _EXHAUSTED:
+        raise ValueError("Expected exactly one request, but the stream ended before any")
+    if isinstance(first, Exception):
+        raise first
+    second = await queue.get()
+    if isinstance(second, Exception):
+        raise second
+    if second is not _EXHAUSTED:
+        raise ValueError("Expected exactly one request, got more")
+    return first
+
+
+async def _write_requests(input: Union[Message, AsyncIterable[Message]], writer: asyncio.StreamWriter) -> None:
+    if isinstance(input, Message):
+        await framing.send_protobuf(input, writer)
+    else:
+        async for request in input:
+            await framing.send_protobuf(request, writer)
+    await framing.send_protobuf(END_OF_STREAM, writer)
+
+
+def _input_error(task: asyncio.Task) -> Optional[BaseException]:
+    """The exception of a finished request-writing task, unless it only failed because the stream closed."""
+    if not task.done() or task.cancelled():
+        return None
+    error = task.exception()
+    return None if isinstance(error, ConnectionError) else error
+
+
+def _abort_if_input_failed(task: asyncio.Task, writer: asyncio.StreamWriter) -> None:
+    # the caller's input iterator raised: stop the call (the reader then sees EOF and re-raises that error)
+    if _input_error(task) is not None:
+        writer.transport.abort()
+
+
+def _raise_if_input_failed(task: asyncio.Task) -> None:
+    error = _input_error(task)
+    if error is not None:
+        raise error
