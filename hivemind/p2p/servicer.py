@@ -145,20 +145,20 @@ class ServicerBase:
 def _make_stub_method(class_name: str, handler: RPCHandler) -> Callable:
     if handler.stream_output:
 
-        async def call_streaming(self: StubBase, input: Any, timeout: Optional[float] = None) -> AsyncIterator[Any]:
+        async def call_streaming(stub: StubBase, input: Any, timeout: Optional[float] = None) -> AsyncIterator[Any]:
             if timeout is not None:
                 raise ValueError(f"{handler.name} returns a stream; timeout= is supported for unary outputs only")
-            handle_name = get_handle_name(self._namespace, class_name, handler.name)
-            return await self._p2p.iterate_protobuf_handler(self._peer, handle_name, input, handler.response_type)
+            remote_name = get_handle_name(stub._namespace, class_name, handler.name)
+            return await stub._p2p.iterate_protobuf_handler(stub._peer, remote_name, input, handler.response_type)
 
         call_streaming.__name__ = handler.name
         return call_streaming
 
-    async def call_unary(self: StubBase, input: Any, timeout: Optional[float] = None) -> Any:
-        handle_name = get_handle_name(self._namespace, class_name, handler.name)
+    async def call_unary(stub: StubBase, input: Any, timeout: Optional[float] = None) -> Any:
+        remote_name = get_handle_name(stub._namespace, class_name, handler.name)
         if handler.stream_input and isinstance(input, Message):
             input = as_aiter(input)  # a stream-input handler is served as a stream even for a single message
-        call = self._p2p.call_protobuf_handler(self._peer, handle_name, input, handler.response_type)
+        call = stub._p2p.call_protobuf_handler(stub._peer, remote_name, input, handler.response_type)
         return await asyncio.wait_for(call, timeout=timeout)
 
     call_unary.__name__ = handler.name
