@@ -224,3 +224,20 @@ async def test_store_flood_is_refused_and_counted_while_stored_data_survives(two
     assert results[0] == [True] * 40 and results[1] == results[2] == [False] * 40
     assert server.rejected["rate_limited"] == 80
     assert server.storage.get(key) == (VALUE, now + 30)
+
+
+@pytest.mark.timeout(30)
+async def test_malformed_find_response_counts_as_no_answer(two_protocols):
+    server, caller = two_protocols
+
+    async def hostile_find(request, context):
+        response = dht_pb2.FindResponse(peer=dht_pb2.NodeInfo(node_id=server.node_id.to_bytes()))
+        response.results.add(type=dht_pb2.FOUND_REGULAR, value=VALUE, expiration_time=math.inf)
+        return response
+
+    await server.remove_p2p_handlers(server.p2p)
+    server.rpc_find = hostile_find
+    await server.add_p2p_handlers(server.p2p)
+    assert await caller.call_find(server.p2p.peer_id, [DHTID.generate("key")]) is None
+    assert caller.rejected["non_finite_expiration"] == 1
+    assert await caller.call_ping(server.p2p.peer_id) == server.node_id  # the caller keeps working
