@@ -112,5 +112,8 @@ def test_serialized_tensors_decode_identically_in_both_implementations(tensor_pe
         assert decoded[OURS].shape == tensor.shape and decoded[OURS].requires_grad == tensor.requires_grad
     if codec in DETERMINISTIC_CODECS and ORIGINAL in messages:
         ours, original = bytes.fromhex(messages[OURS]), bytes.fromhex(messages[ORIGINAL])
-        differ = sum(x != y for x, y in zip(ours, original)) + abs(len(ours) - len(original))
-        assert ours == original, f"{codec} encodes to different bytes: {len(ours)} vs {len(original)}, {differ} differ"
+        first = next((i for i, (x, y) in enumerate(zip(ours, original)) if x != y), min(len(ours), len(original)))
+        assert ours == original, (
+            f"{codec} encodes {tensor_name} to different bytes: {len(ours)} vs {len(original)} bytes, "
+            f"{sum(x != y for x, y in zip(ours, original))} differ, the first at offset {first} of the message"
+        )
