@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import multiprocessing
 import threading
 import time
 
@@ -218,3 +219,31 @@ def test_dht_attaches_to_an_existing_p2p_and_leaves_it_running():
         asyncio.run_coroutine_threadsafe(p2p.shutdown(), loop).result(timeout=20)
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
+
+
+def use_dht_from_worker(dht: DHT, key: str, results) -> None:
+    """Runs in a worker process that received a copy of the DHT object (by fork or by pickling for spawn)."""
+
+    async def replicate_peer_id():
+        return (await dht.replicate_p2p()).peer_id
+
+    try:
+        stored = dht.store(key, "from worker", get_dht_time() + 60)
+        found = dht.get(key)
+        results.put((stored, found.value, asyncio.run(replicate_peer_id()) == dht.peer_id))
+    except BaseException as e:
+        results.put(repr(e))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_worker_processes_can_use_the_dht(dht_pair, start_method):
+    first, second = dht_pair
+    context = multiprocessing.get_context(start_method)
+    results = context.Queue()
+    worker = context.Process(target=use_dht_from_worker, args=(first, f"worker_{start_method}", results))
+    worker.start()
+    assert results.get(timeout=30) == (True, "from worker", True)
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    assert second.get(f"worker_{start_method}").value == "from worker"

@@ -5,13 +5,22 @@ import concurrent.futures
 import multiprocessing as mp
 import os
 import signal
+import tempfile
+import threading
+import uuid
 from functools import partial
-from typing import Any, Awaitable, Callable, Iterable, List, Optional, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, TypeVar, Union
 
 from multiaddr import Multiaddr
 
 from hivemind.dht.node import DEFAULT_NUM_WORKERS, DHTNode
-from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ServingEnd
+from hivemind.dht.process_channel import (
+    READY_CALL_ID,
+    CallerEnd,
+    ServingEnd,
+    SocketAcceptor,
+    connect_to_dht_process,
+)
 from hivemind.dht.routing import DHTKey, DHTValue, Subkey
 from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
@@ -23,6 +32,15 @@ from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
 logger = get_logger(__name__)
 
 ReturnType = TypeVar("ReturnType")
+_connect_lock = threading.Lock()  # one socket connection per process, even if several threads call at once
+
+
+def _reset_connect_lock() -> None:
+    global _connect_lock
+    _connect_lock = threading.Lock()  # a lock held by another thread while forking would never be released
+
+
+os.register_at_fork(after_in_child=_reset_connect_lock)
 
 
 MaddrLike = Union[Multiaddr, str]
@@ -81,8 +99,13 @@ class DHT(mp.Process):
         self.daemon = daemon
         self._origin_pid = os.getpid()
 
+        # the creating process talks to the DHT process over a pipe; other processes (forked or spawned workers that
+        # hold a copy of this object) connect to a Unix socket of the DHT process on their first call
         self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
-        self._caller = CallerEnd(self._caller_connection)
+        self._callers: Dict[int, CallerEnd] = {self._origin_pid: CallerEnd(self._caller_connection)}
+        self._socket_address = os.path.join(tempfile.gettempdir(), f"hivemind-dht-{uuid.uuid4().hex}.sock")
+        self._socket_authkey = os.urandom(32)
+        self._started = False
         self._peer_id: Optional[PeerID] = None
         self._client_mode: Optional[bool] = None
         self._p2p_replicas = {}  # pid -> P2P bound to this DHT's daemon in that process
@@ -96,28 +119,34 @@ class DHT(mp.Process):
         return self._context.Process._Popen(process_obj)
 
     def __getstate__(self):
-        """What a spawned child receives: everything but the user-side end of the channel."""
+        """
+        What another process receives (the spawned DHT process, or a worker process the DHT is passed to): no
+        user-side channel ends and no handle of the child process; such copies call the DHT through its socket.
+        """
         state = self.__dict__.copy()
-        for name in ("_caller_connection", "_caller", "_context", "_p2p_replicas"):
+        for name in ("_caller_connection", "_callers", "_context", "_p2p_replicas", "_popen"):
             state.pop(name, None)
+        if self._serving_connection.closed:  # already handed over to the DHT process
+            state.pop("_serving_connection")
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._context = mp.get_context(self._start_method)
-        self._p2p_replicas = {}
+        self._p2p_replicas, self._callers, self._popen = {}, {}, None
 
     def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         """Start the DHT process; with ``await_ready``, wait for the node to run (re-raising its start-up error)."""
+        self._started = True
         self.start()
         self._serving_connection.close()  # the child holds its own copy; ours must go so that EOF is noticed
-        self._caller.start_reader()
+        self._callers[self._origin_pid].start_reader()
         if await_ready:
             self.wait_until_ready(timeout)
 
     def wait_until_ready(self, timeout: Optional[float] = None) -> None:
         """Block until the node runs; re-raises the exception that made the start fail, if any."""
-        self._caller.ready.result(timeout=timeout)
+        self._callers[self._origin_pid].ready.result(timeout=timeout)
 
     def run(self) -> None:
         """The DHT process: create the node, then serve calls until shutdown or until the creator goes away."""
@@ -126,16 +155,21 @@ class DHT(mp.Process):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the creator decides
         loop = switch_to_uvloop()
         stopped = asyncio.Event()
-        serving = ServingEnd(self._serving_connection, self._make_handlers(stopped), on_closed=stopped.set)
+        handlers = self._make_handlers(stopped)
+        serving = ServingEnd(self._serving_connection, handlers, on_closed=stopped.set)
+        acceptor = SocketAcceptor(self._socket_address, self._socket_authkey, handlers)
         try:
-            loop.run_until_complete(self._serve(loop, serving, stopped))
+            loop.run_until_complete(self._serve(loop, serving, acceptor, stopped))
         finally:
+            acceptor.stop()
             serving.stop()
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._serving_connection.close()
 
-    async def _serve(self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, stopped: asyncio.Event) -> None:
+    async def _serve(
+        self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, acceptor: SocketAcceptor, stopped: asyncio.Event
+    ) -> None:
         try:
             if self._existing_daemon:  # attach to the daemon of the P2P given by the user
                 self.kwargs["p2p"] = await P2P.replicate(Multiaddr(self._existing_daemon))
@@ -150,6 +184,7 @@ class DHT(mp.Process):
             serving.send(READY_CALL_ID, False, e)
             return
         serving.start(loop)
+        acceptor.start(loop)
         serving.send(READY_CALL_ID, True, None)
         try:
             await stopped.wait()
@@ -174,22 +209,32 @@ class DHT(mp.Process):
 
     def _call(self, method: str, *args, return_future: bool = False, **kwargs):
         assert os.getpid() != self.pid, "calling DHT methods from inside the DHT process would deadlock"
-        assert os.getpid() == self._origin_pid, "DHT methods can only be called from the process that created it"
-        if self._popen is None:
+        if not self._started:
             raise RuntimeError("the DHT process is not started: call run_in_background() or pass start=True")
         future = MPFuture() if return_future else concurrent.futures.Future()
-        self._caller.call(future, method, *args, **kwargs)
+        self._caller_of_this_process().call(future, method, *args, **kwargs)
         if return_future:
             return future
         return future.result()
+
+    def _caller_of_this_process(self) -> CallerEnd:
+        pid = os.getpid()
+        caller = self._callers.get(pid)
+        if caller is None:
+            with _connect_lock:
+                caller = self._callers.get(pid)
+                if caller is None:
+                    caller = self._callers[pid] = connect_to_dht_process(self._socket_address, self._socket_authkey)
+        return caller
 
     def shutdown(self) -> None:
         """Stop the node and its daemon gracefully; terminate the process if it takes over ``shutdown_timeout``."""
         if self._popen is None or os.getpid() != self._origin_pid:
             return
+        caller = self._callers[self._origin_pid]
         if self.is_alive():
             try:
-                self._caller.call(concurrent.futures.Future(), "shutdown")
+                caller.call(concurrent.futures.Future(), "shutdown")
             except Exception:
                 pass
             self.join(self.shutdown_timeout)
@@ -197,8 +242,8 @@ class DHT(mp.Process):
                 logger.warning(f"DHT did not shut down within {self.shutdown_timeout} s, terminating it")
                 self.terminate()
                 self.join()
-        self._caller.close()
-        self._caller.fail_pending(RuntimeError("DHT was shut down"))
+        caller.close()
+        caller.fail_pending(RuntimeError("DHT was shut down"))
 
     def __enter__(self) -> "DHT":
         return self
@@ -259,7 +304,7 @@ class DHT(mp.Process):
 
     def add_validators(self, record_validators: Iterable[RecordValidatorBase]) -> None:
         """Add record validators to the running node (RuntimeError if the process has not started)."""
-        if not self.is_alive():
+        if not self._started or (os.getpid() == self._origin_pid and not self.is_alive()):
             raise RuntimeError("Can't add validators before the DHT process has started")
         self._call("add_validators", list(record_validators))
 

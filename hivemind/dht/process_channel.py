@@ -10,7 +10,8 @@ import asyncio
 import concurrent.futures
 import itertools
 import threading
-from multiprocessing.connection import Connection
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from hivemind.utils.logging import get_logger
@@ -129,10 +130,16 @@ class ServingEnd:
         loop.add_reader(self._connection.fileno(), self._on_readable)
 
     def stop(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None and not self._connection.closed:
             self._loop.remove_reader(self._connection.fileno())
         for task in self._tasks.values():
             task.cancel()
+
+    def close(self) -> None:
+        try:
+            self._connection.close()
+        except OSError:
+            pass
 
     def _on_readable(self) -> None:
         try:
@@ -140,7 +147,8 @@ class ServingEnd:
                 call_id, method, args, kwargs = self._connection.recv()
                 self._dispatch(call_id, method, args, kwargs)
         except (EOFError, OSError):
-            self._loop.remove_reader(self._connection.fileno())
+            if not self._connection.closed:
+                self._loop.remove_reader(self._connection.fileno())
             self._on_closed()
 
     def _dispatch(self, call_id: int, method: str, args: Tuple, kwargs: Dict) -> None:
@@ -165,3 +173,64 @@ class ServingEnd:
             self.send(call_id, True, task.result())
         else:
             self.send(call_id, False, exception)
+
+
+class SocketAcceptor:
+    """
+    Lets processes other than the DHT's creator (forked or spawned workers holding a copy of the DHT object) call the
+    DHT: each connects once to a Unix socket (authenticated with ``authkey``) and gets its own ServingEnd.
+    Connections are accepted in a thread, so a slow or hostile client never blocks the event loop.
+    """
+
+    def __init__(self, address: str, authkey: bytes, handlers: Dict[str, Handler]):
+        self.address, self._authkey, self._handlers = address, authkey, handlers
+        self._listener: Optional[Listener] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._ends: Dict[int, ServingEnd] = {}
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=self._authkey)
+        threading.Thread(target=self._accept_forever, name="DHT.accept", daemon=True).start()
+
+    def _accept_forever(self) -> None:
+        listener = self._listener
+        while True:
+            try:
+                connection = listener.accept()
+            except (AuthenticationError, EOFError, ConnectionError) as e:
+                logger.debug(f"Refused a connection to the DHT process: {e!r}")
+                continue
+            except OSError:
+                return  # the listener was closed
+            try:
+                self._loop.call_soon_threadsafe(self._serve, connection)
+            except RuntimeError:
+                connection.close()  # the event loop is closed
+                return
+
+    def _serve(self, connection: Connection) -> None:
+        key = id(connection)
+        end = ServingEnd(connection, self._handlers, on_closed=lambda: self._drop(key))
+        self._ends[key] = end
+        end.start(self._loop)
+
+    def _drop(self, key: int) -> None:
+        end = self._ends.pop(key, None)
+        if end is not None:
+            end.stop()
+            end.close()
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # also removes the socket file
+        for key in list(self._ends):
+            self._drop(key)
+
+
+def connect_to_dht_process(address: str, authkey: bytes) -> CallerEnd:
+    """A CallerEnd for the calling process over the DHT process's Unix socket (see SocketAcceptor)."""
+    caller = CallerEnd(Client(address, family="AF_UNIX", authkey=authkey))
+    caller.ready.set_result(None)
+    caller.start_reader()
+    return caller
