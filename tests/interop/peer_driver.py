@@ -11,11 +11,13 @@ CPython, and the harness is the only writer, so this is trusted local data.
 """
 
 import asyncio
+import hashlib
 import inspect
 import io
 import json
 import os
 import pickle
+import random
 import sys
 import threading
 import traceback
@@ -35,12 +37,15 @@ sys.stdin = open(os.devnull)
 
 import hivemind  # noqa: E402
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase  # noqa: E402
-from hivemind.proto import test_pb2  # noqa: E402
+from hivemind.proto import runtime_pb2, test_pb2  # noqa: E402
 from hivemind.utils import ValueWithExpiration  # noqa: E402
 
 UNARY_NAME = "interop.square"
 STREAM_OUT_NAME = "interop.count"
 STREAM_INOUT_NAME = "interop.running_sum"
+UNARY_DIGEST_NAME = "interop.unary_digest"
+STREAM_DIGEST_NAME = "interop.stream_digest"
+GENERATE_NAME = "interop.generate"
 SERVICER_NAMESPACE = "interop"
 
 
@@ -64,6 +69,32 @@ async def running_sum(
     async for request in requests:
         total += request.number
         yield test_pb2.TestResponse(number=total)
+
+
+def payload(seed: int, size: int) -> bytes:
+    """Deterministic test bytes; the test process computes the same with random.Random(seed).randbytes(size)."""
+    return random.Random(seed).randbytes(size)
+
+
+async def unary_digest(request: runtime_pb2.Tensor, context: P2PContext) -> runtime_pb2.Tensor:
+    return runtime_pb2.Tensor(buffer=hashlib.sha256(request.buffer).digest(), size=[len(request.buffer)])
+
+
+async def stream_digest(
+    requests: AsyncIterator[runtime_pb2.Tensor], context: P2PContext
+) -> AsyncIterator[runtime_pb2.Tensor]:
+    digest, total = hashlib.sha256(), 0
+    async for request in requests:
+        digest.update(request.buffer)
+        total += len(request.buffer)
+    yield runtime_pb2.Tensor(buffer=digest.digest(), size=[total])
+
+
+async def generate(request: runtime_pb2.Tensor, context: P2PContext) -> AsyncIterator[runtime_pb2.Tensor]:
+    seed, total, chunk = request.size
+    data = payload(seed, total)
+    for offset in range(0, total, chunk):
+        yield runtime_pb2.Tensor(buffer=data[offset : offset + chunk])
 
 
 class InteropServicer(ServicerBase):
@@ -144,8 +175,36 @@ class Driver:
         await p2p.add_protobuf_handler(
             STREAM_INOUT_NAME, running_sum, test_pb2.TestRequest, stream_input=True, stream_output=True
         )
+        await p2p.add_protobuf_handler(UNARY_DIGEST_NAME, unary_digest, runtime_pb2.Tensor)
+        await p2p.add_protobuf_handler(
+            STREAM_DIGEST_NAME, stream_digest, runtime_pb2.Tensor, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(GENERATE_NAME, generate, runtime_pb2.Tensor, stream_output=True)
         await InteropServicer().add_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
         return True
+
+    async def cmd_p2p_call_bytes(self, peer_id, kind, seed, total, chunk=1024**2, handle=0):
+        """Moves `total` deterministic bytes to or from peer_id; returns {"digest": sha256 hex, "size", "messages"}."""
+        p2p, peer = self.p2ps[handle], PeerID.from_base58(peer_id)
+        if kind == "unary":
+            request = runtime_pb2.Tensor(buffer=payload(seed, total))
+            response = await p2p.call_protobuf_handler(peer, UNARY_DIGEST_NAME, request, runtime_pb2.Tensor)
+            return {"digest": response.buffer.hex(), "size": response.size[0], "messages": 1}
+        if kind == "stream_in":
+            data = payload(seed, total)
+            chunks = [runtime_pb2.Tensor(buffer=data[i : i + chunk]) for i in range(0, total, chunk)]
+            responses = p2p.iterate_protobuf_handler(peer, STREAM_DIGEST_NAME, _aiter(chunks), runtime_pb2.Tensor)
+            (response,) = [response async for response in await _awaited(responses)]
+            return {"digest": response.buffer.hex(), "size": response.size[0], "messages": len(chunks)}
+        if kind == "stream_out":
+            request = runtime_pb2.Tensor(size=[seed, total, chunk])
+            responses = p2p.iterate_protobuf_handler(peer, GENERATE_NAME, request, runtime_pb2.Tensor)
+            digest, size, messages = hashlib.sha256(), 0, 0
+            async for response in await _awaited(responses):
+                digest.update(response.buffer)
+                size, messages = size + len(response.buffer), messages + 1
+            return {"digest": digest.hexdigest(), "size": size, "messages": messages}
+        raise ValueError(f"unknown transfer kind {kind!r}")
 
     async def cmd_p2p_wait_for_peers(self, handle=0, n_peers=1):
         await self.p2ps[handle].wait_for_at_least_n_peers(n_peers)

@@ -1,5 +1,8 @@
 """P2P RPC between a peer of the original hivemind 1.1.12 and a peer of ours, both directions (WIRE.md §2-§3)."""
 
+import hashlib
+import random
+
 import pytest
 
 from .conftest import DIRECTION_IDS, DIRECTIONS, ORIGINAL, OURS
@@ -88,3 +91,26 @@ def test_identity_file_of_one_implementation_gives_the_same_peer_id_in_the_other
     generated = serving_peers[generator][0].call("p2p_identity", path=path, generate=True)
     used = serving_peers[user][0].call("p2p_identity", path=path, start=True)
     assert used == {"file_peer_id": generated["file_peer_id"], "p2p_peer_id": generated["file_peer_id"]}
+
+
+def _expected(seed: int, size: int) -> str:
+    return hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
+
+
+@pytest.mark.parametrize("caller, callee", DIRECTIONS, ids=DIRECTION_IDS)
+def test_unary_message_just_under_the_size_limit_reaches_other_implementation(serving_peers, caller, callee):
+    size = 4 * 1024**2 - 256  # with the call envelope, just below the default persistent_conn_max_msg_size (4 MiB)
+    result = serving_peers[caller][0].call(
+        "p2p_call_bytes", peer_id=serving_peers[callee][1]["peer_id"], kind="unary", seed=1, total=size
+    )
+    assert result == {"digest": _expected(1, size), "size": size, "messages": 1}
+
+
+@pytest.mark.parametrize("caller, callee", DIRECTIONS, ids=DIRECTION_IDS)
+@pytest.mark.parametrize("kind", ["stream_in", "stream_out"])
+def test_large_streams_cross_implementations_intact(serving_peers, caller, callee, kind):
+    size, chunk = 24 * 1024**2 + 12345, 1024**2  # 25 messages, the last one short
+    result = serving_peers[caller][0].call(
+        "p2p_call_bytes", peer_id=serving_peers[callee][1]["peer_id"], kind=kind, seed=2, total=size, chunk=chunk
+    )
+    assert result == {"digest": _expected(2, size), "size": size, "messages": 25}
