@@ -96,12 +96,13 @@ class ScaledFloat16Compression(Float16Compression):
         packed = empty_output(2 * numel + 8 * num_rows, torch.uint8, tensor.device)
         half = packed[: 2 * numel].view(torch.float16).view(tensor.shape)
 
-        work = tensor if tensor.dtype != torch.float16 else tensor.float()
-        means = work.mean(dim=-1, keepdim=True).float().reshape(stats_shape)
+        work = tensor if tensor.dtype == torch.float32 else tensor.float()  # statistics in float32, as the original
+        means = work.mean(dim=-1, keepdim=True)
         centered = work.sub_(means) if (allow_inplace and work is tensor) else torch.sub(work, means)
-        stds = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).float().reshape(stats_shape)
+        stds = torch.linalg.vector_norm(centered, dim=-1, keepdim=True)
         stds.div_(math.sqrt(max(row_length, 1))).clamp_min_(FP32_EPS)
         torch.div(centered, stds, out=half)
+        means, stds = means.float().reshape(stats_shape), stds.float().reshape(stats_shape)
         packed[2 * numel : 2 * numel + 4 * num_rows].copy_(means.reshape(-1).view(torch.uint8))
         packed[2 * numel + 4 * num_rows :].copy_(stds.reshape(-1).view(torch.uint8))
         buffer = tensor_to_bytes(packed)
@@ -123,9 +124,9 @@ class ScaledFloat16Compression(Float16Compression):
         half = read_array(buffer, 0, numel, torch.float16).reshape(shape)
         means = read_array(buffer, 2 * numel, num_rows, torch.float32).reshape(stats_shape)
         stds = read_array(buffer, 2 * numel + 4 * num_rows, num_rows, torch.float32).reshape(stats_shape)
-        if dtype == torch.float32:
-            return torch.addcmul(means, half, stds, out=empty_output(numel, dtype).view(shape))
-        return torch.addcmul(means, half, stds).to(dtype)
+        # cast to the output dtype, multiply, then add (no fused multiply-add): the same values as the original
+        result = empty_output(numel, dtype).view(shape).copy_(half)
+        return result.mul_(stds).add_(means)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return 16.0 / torch.finfo(info.descriptor.dtype or torch.float32).bits
