@@ -119,7 +119,9 @@ class DHTNode:
         self._owns_p2p = p2p is None
         if p2p is None:
             kwargs.setdefault("dht_mode", "client" if client_mode else "server")
-            p2p = await P2P.create(initial_peers=initial_peers or None, **kwargs)
+            # with use_ipfs the daemon finds peers through the IPFS DHT and refuses explicit bootstrap peers
+            daemon_bootstrap_peers = None if kwargs.get("use_ipfs") else initial_peers or None
+            p2p = await P2P.create(initial_peers=daemon_bootstrap_peers, **kwargs)
         elif kwargs:
             raise ValueError(f"DHTNode.create got P2P options {sorted(kwargs)} together with an existing p2p")
         self.p2p, self.peer_id = p2p, p2p.peer_id
