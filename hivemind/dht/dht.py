@@ -336,6 +336,7 @@ class DHT(mp.Process):
     # ------------------------------------------------------------------ handlers (DHT process)
 
     async def _get(self, key: DHTKey, latest: bool, **kwargs) -> Optional[ValueWithExpiration[DHTValue]]:
+        kwargs.pop("return_futures", None)  # asyncio futures cannot cross processes: the caller has an MPFuture
         return await self._node.get(key, latest=latest, **kwargs)
 
     async def _store(
