@@ -11,7 +11,6 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.networking import log_visible_maddrs
 
-use_hivemind_log_handler("in_root_logger")
 logger = get_logger(__name__)
 
 
@@ -61,6 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    use_hivemind_log_handler("in_root_logger")  # all output goes to stderr through the root logger
     dht_options = vars(make_parser().parse_args(argv))  # flag names are DHT / P2P option names
     refresh_period = dht_options.pop("refresh_period")
     dht = DHT(start=True, **dht_options)
