@@ -247,3 +247,13 @@ def test_worker_processes_can_use_the_dht(dht_pair, start_method):
     worker.join(timeout=10)
     assert worker.exitcode == 0
     assert second.get(f"worker_{start_method}").value == "from worker"
+
+
+@pytest.mark.timeout(30)
+def test_start_then_wait_until_ready():
+    dht = DHT(start=False)
+    dht.start()
+    dht.wait_until_ready(timeout=20)
+    assert dht.store("started", True, get_dht_time() + 60) and dht.get("started").value is True
+    dht.shutdown()
+    assert not dht.is_alive()

@@ -135,12 +135,16 @@ class DHT(mp.Process):
         self._context = mp.get_context(self._start_method)
         self._p2p_replicas, self._callers, self._popen = {}, {}, None
 
-    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
-        """Start the DHT process; with ``await_ready``, wait for the node to run (re-raising its start-up error)."""
+    def start(self) -> None:
+        """Start the DHT process (without waiting for it: see wait_until_ready)."""
         self._started = True
-        self.start()
+        super().start()
         self._serving_connection.close()  # the child holds its own copy; ours must go so that EOF is noticed
         self._callers[self._origin_pid].start_reader()
+
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        """Start the DHT process; with ``await_ready``, wait for the node to run (re-raising its start-up error)."""
+        self.start()
         if await_ready:
             self.wait_until_ready(timeout)
 
