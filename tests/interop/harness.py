@@ -331,10 +331,8 @@ class CliProcess:
             cmd = [str(ORIGINAL_VENV / "bin" / "hivemind-dht")]  # the original's own console script
         else:
             cmd = python_command(implementation) + ["-c", entry]
-        self.proc = _spawn(
-            cmd + list(args), implementation, self.log_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
-        )
-        self.proc.stdout.close()  # the tool writes nothing to stdout
+        # stdout and stderr both go to the log (the tool is expected to log to stderr only)
+        self.proc = _spawn(cmd + list(args), implementation, self.log_path, stdin=subprocess.DEVNULL)
         self._stderr = open(self.log_path, "rb")
         self._follower = threading.Thread(target=self._follow_log, name=f"{self.name}-log", daemon=True)
         self._follower.start()
