@@ -56,7 +56,8 @@ class Float16Compression(CompressionBase):
         else:
             # converting first and clamping the (smaller) float16 copy gives the same values as clamping first:
             # everything beyond ±65520 becomes ±inf and is clamped back to ±65504, NaN stays NaN
-            half = tensor.to(torch.float16).clamp_(-FP16_MAX, FP16_MAX)
+            half = empty_output(tensor.numel(), torch.float16, tensor.device).view(tensor.shape).copy_(tensor)
+            half.clamp_(-FP16_MAX, FP16_MAX)
         return runtime_pb2.Tensor(
             compression=self.compression_type,
             buffer=tensor_to_bytes(half),
@@ -98,7 +99,12 @@ class ScaledFloat16Compression(Float16Compression):
 
         work = tensor if tensor.dtype == torch.float32 else tensor.float()  # statistics in float32, as the original
         means = work.mean(dim=-1, keepdim=True)
-        centered = work.sub_(means) if (allow_inplace and work is tensor) else torch.sub(work, means)
+        if allow_inplace or work is not tensor:
+            centered = work.sub_(means)  # our own float32 copy, or the caller allows overwriting the input
+        elif not work.is_contiguous():  # keep the input's memory layout: reductions below then sum in the same order
+            centered = torch.sub(work, means)
+        else:
+            centered = torch.sub(work, means, out=empty_output(numel, torch.float32, work.device).view(work.shape))
         stds = torch.linalg.vector_norm(centered, dim=-1, keepdim=True)
         stds.div_(math.sqrt(max(row_length, 1))).clamp_min_(FP32_EPS)
         torch.div(centered, stds, out=half)
