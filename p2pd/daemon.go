@@ -132,14 +132,14 @@ func (d *daemon) hostOptions() ([]libp2p.Option, error) {
 	}
 	if c.relay {
 		opts = append(opts, libp2p.EnableRelay())
-	} else {
-		opts = append(opts, libp2p.DisableRelay())
-	}
+	} // else: go-libp2p's default, which also has the relay transport (like the original daemon with -relay=0)
 	if c.autoRelay {
 		opts = append(opts, d.autoRelayOption())
 	}
 	if c.noListenAddrs {
-		opts = append(opts, libp2p.NoListenAddrs)
+		// NoListenAddrs would also turn the relay transport off: a peer without listen addresses is reachable
+		// through relays only, so keep it (as the original daemon does)
+		opts = append(opts, libp2p.NoListenAddrs, libp2p.EnableRelay())
 	}
 	if c.forceReachabilityPublic {
 		opts = append(opts, libp2p.ForceReachabilityPublic())
