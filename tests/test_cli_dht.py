@@ -78,9 +78,9 @@ def test_second_peer_bootstraps_from_printed_line_and_both_exit_cleanly():
             peer.wait_for(r"Local storage contains \d+ keys")
 
         assert second.interrupt(signal.SIGINT) == 0
-        second.wait_for(r"Caught signal 2 \(SIGINT\), shutting down")
+        second.wait_for(r"Caught signal 2 \(Interrupt\), shutting down")
         assert first.interrupt(signal.SIGTERM) == 0
-        first.wait_for(r"Caught signal 15 \(SIGTERM\), shutting down")
+        first.wait_for(r"Caught signal 15 \(Terminated\), shutting down")
         assert first.process.stdout.read() == "" and second.process.stdout.read() == ""  # logs go to stderr only
     finally:
         for peer in (first, second):

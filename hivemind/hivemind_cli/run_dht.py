@@ -69,7 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     exit_event = threading.Event()
 
     def on_signal(signal_number: int, _frame) -> None:
-        logger.info(f"Caught signal {signal_number} ({signal.Signals(signal_number).name}), shutting down")
+        # the description is the C library's, as the original prints it: "Interrupt", "Terminated"
+        logger.info(f"Caught signal {signal_number} ({signal.strsignal(signal_number)}), shutting down")
         exit_event.set()
 
     signal.signal(signal.SIGTERM, on_signal)
