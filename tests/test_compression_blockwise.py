@@ -119,3 +119,15 @@ def test_decoding_uses_the_code_book_from_the_message():
     )
     message = runtime_pb2.Tensor(buffer=buffer, size=[3], dtype="float32", compression=CompressionType.BLOCKWISE_8BIT)
     assert torch.allclose(deserialize_torch_tensor(message), code[[0, 128, 255]] * 2.0)
+
+
+def test_failing_bitsandbytes_falls_back_to_the_pure_torch_kernel(monkeypatch):
+    def broken_quantize(flat):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(quantization_module, "_bitsandbytes_by_device", {"cpu": broken_quantize})
+    tensor = torch.randn(5000)
+    message = serialize_torch_tensor(tensor, CompressionType.BLOCKWISE_8BIT)
+    indices, absmax = blockwise_kernel.quantize_blockwise(tensor)
+    assert message.buffer[-5000:] == indices.numpy().tobytes()
+    assert quantization_module._bitsandbytes_by_device["cpu"] is None  # not tried again

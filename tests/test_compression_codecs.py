@@ -273,3 +273,25 @@ def test_decoded_tensor_is_writable_and_independent_of_the_message():
     first = deserialize_torch_tensor(serialized)
     first += 1
     assert torch.equal(deserialize_torch_tensor(serialized), torch.arange(10.0))
+
+
+def test_meanstd_statistics_of_float64_tensors_are_computed_in_float32():
+    tensor = torch.randn(3, 513, dtype=torch.float64)
+    buffer = serialize_torch_tensor(tensor, CompressionType.MEANSTD_16BIT).buffer
+    means = torch.frombuffer(bytearray(buffer[2 * tensor.numel() : 2 * tensor.numel() + 12]), dtype=torch.float32)
+    assert torch.equal(means, tensor.float().mean(dim=-1))
+
+
+@pytest.mark.parametrize("compression", [CompressionType.UNIFORM_8BIT, CompressionType.QUANTILE_8BIT])
+def test_8bit_codecs_on_tensors_larger_than_their_statistics_sample(compression):
+    torch.manual_seed(2)
+    tensor = torch.cat([torch.randn(2**20), torch.randn(2**19) * 0.1 + 5])
+    restored = deserialize_torch_tensor(serialize_torch_tensor(tensor, compression))
+    relative_rms = ((restored - tensor).square().mean() / (tensor - tensor.mean()).square().mean()).sqrt().item()
+    assert relative_rms < 0.05 and len(torch.unique(restored)) <= 256
+
+
+def test_8bit_encoding_is_deterministic():
+    tensor = torch.randn(3 * 2**19)
+    for compression in (CompressionType.UNIFORM_8BIT, CompressionType.QUANTILE_8BIT):
+        assert serialize_torch_tensor(tensor, compression) == serialize_torch_tensor(tensor, compression)

@@ -5,11 +5,10 @@ All of them are vectorized torch code that works over cache-sized chunks of the 
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from abc import abstractmethod
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -308,25 +307,24 @@ class BlockwiseQuantization(CompressionBase):
 
 def _bitsandbytes_quantize(flat: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(indices, absmax, code) from bitsandbytes, or None if it is not installed or cannot run on this device."""
-    quantize = _load_bitsandbytes_quantize(flat.device.type)
+    device_type = flat.device.type
+    if device_type not in _bitsandbytes_by_device:
+        _bitsandbytes_by_device[device_type] = _load_bitsandbytes_quantize()
+    quantize = _bitsandbytes_by_device[device_type]
     if quantize is None:
         return None
     try:
         return quantize(flat)
-    except Exception as e:  # e.g. a build without kernels for this device
+    except Exception as e:  # e.g. a build without kernels for this device: do not try it again
         logger.warning(f"bitsandbytes failed to quantize ({type(e).__name__}: {e}), using the pure-torch kernel")
-        _load_bitsandbytes_quantize.cache_clear()
-        _bitsandbytes_disabled_devices.add(flat.device.type)
+        _bitsandbytes_by_device[device_type] = None
         return None
 
 
-_bitsandbytes_disabled_devices = set()
+_bitsandbytes_by_device: Dict[str, Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]]] = {}
 
 
-@functools.cache
-def _load_bitsandbytes_quantize(device_type: str):
-    if device_type in _bitsandbytes_disabled_devices:
-        return None
+def _load_bitsandbytes_quantize() -> Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]]:
     try:
         from bitsandbytes.functional import quantize_blockwise
     except Exception:  # ImportError, or a broken installation raising anything at import time
