@@ -39,7 +39,7 @@ async def connected_pair(path: str):
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_mixed_small_and_large_payloads_arrive_in_order(loop_kind, tmp_path):
     async def scenario():
-        server, (_, client_writer), (reader, _) = await connected_pair(str(tmp_path / "s.sock"))
+        server, (_, client_writer), (reader, server_writer) = await connected_pair(str(tmp_path / "s.sock"))
         payloads = [os.urandom(n) for n in (5, 3 * 2**20, 100, 2**16, 2**16 + 1, 7 * 2**20 + 3)]
         for payload in payloads:
             client_writer.write(len(payload).to_bytes(8, "big") + payload)
@@ -50,7 +50,9 @@ def test_mixed_small_and_large_payloads_arrive_in_order(loop_kind, tmp_path):
         await drain
         client_writer.close()
         assert await reader.read() == b""
+        server_writer.close()
         server.close()
+        await server.wait_closed()
 
     run(loop_kind, scenario)
 
@@ -58,14 +60,16 @@ def test_mixed_small_and_large_payloads_arrive_in_order(loop_kind, tmp_path):
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_eof_inside_a_payload_is_an_incomplete_read(loop_kind, tmp_path):
     async def scenario():
-        server, (_, client_writer), (reader, _) = await connected_pair(str(tmp_path / "s.sock"))
+        server, (_, client_writer), (reader, server_writer) = await connected_pair(str(tmp_path / "s.sock"))
         client_writer.write(b"x" * 1000)
         await client_writer.drain()
         client_writer.close()
         with pytest.raises(asyncio.IncompleteReadError) as info:
             await reader.read_payload(2**20)
         assert info.value.partial == b"x" * 1000 and info.value.expected == 2**20
+        server_writer.close()
         server.close()
+        await server.wait_closed()
 
     run(loop_kind, scenario)
 
@@ -73,7 +77,7 @@ def test_eof_inside_a_payload_is_an_incomplete_read(loop_kind, tmp_path):
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_cancelled_payload_read_keeps_received_bytes(loop_kind, tmp_path):
     async def scenario():
-        server, (_, client_writer), (reader, _) = await connected_pair(str(tmp_path / "s.sock"))
+        server, (_, client_writer), (reader, server_writer) = await connected_pair(str(tmp_path / "s.sock"))
         first_part = os.urandom(300_000)
         client_writer.write(first_part)
         await client_writer.drain()
@@ -87,7 +91,9 @@ def test_cancelled_payload_read_keeps_received_bytes(loop_kind, tmp_path):
         await client_writer.drain()
         assert bytes(await reader.read_payload(2**20)) == first_part + rest
         client_writer.close()
+        server_writer.close()
         server.close()
+        await server.wait_closed()
 
     run(loop_kind, scenario)
 
@@ -106,5 +112,6 @@ def test_writer_flow_control_and_close(loop_kind, tmp_path):
         assert await client_reader.read() == b""
         client_writer.close()
         server.close()
+        await server.wait_closed()
 
     run(loop_kind, scenario)
