@@ -68,3 +68,12 @@ async def p2p_pair(p2p_factory) -> Tuple[P2P, P2P]:
     for peer in (first, second):
         await peer.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
     return first, second
+
+
+if os.environ.get("HIVEMIND_TEST_UVLOOP") == "1":
+
+    def pytest_asyncio_loop_factories(config, item):
+        """Run every async test on uvloop (opt-in with HIVEMIND_TEST_UVLOOP=1, as hivemind's own processes do)."""
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
