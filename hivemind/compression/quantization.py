@@ -191,6 +191,7 @@ class Quantile8BitQuantization(Quantization):
 
     def quantize(self, flat: torch.Tensor, indices_out: torch.Tensor) -> torch.Tensor:
         numel = flat.numel()
+        all_finite = math.isfinite(float(flat.sum(dtype=torch.float64 if flat.dtype == torch.float64 else None)))
         sample = _sample(flat)
         quantile_sample = sample[:: max(1, sample.numel() // _QUANTILE_SAMPLE_SIZE)]
         sorted_sample = torch.sort(quantile_sample).values
@@ -214,7 +215,8 @@ class Quantile8BitQuantization(Quantization):
                     chunk_work, chunk_cells = work[: chunk.numel()], cells[: chunk.numel()]
                     _affine_to_float32(chunk, low, cells_per_unit, 1.0, chunk_work, max_folded=2**20)
                     chunk_cells.copy_(chunk_work.clamp_(0, _QUANTILE_GRID_SIZE + 1))
-                    chunk_cells.clamp_(0, _QUANTILE_GRID_SIZE + 1)  # NaN became an arbitrary int: keep it in range
+                    if not all_finite:  # NaN became an arbitrary int: keep it in range
+                        chunk_cells.clamp_(0, _QUANTILE_GRID_SIZE + 1)
                     torch.index_select(cell_to_bin, 0, chunk_cells, out=indices[start : start + chunk.numel()])
 
         else:  # (nearly) constant sample: two bins, below the common value and at or above it
