@@ -136,6 +136,8 @@ def install_p2pd_binary() -> None:
     except OSError as e:
         fail(f"cannot run `{' '.join(command)}`: {e}")
     if result.returncode != 0:
+        if os.path.exists(temporary_target):
+            os.remove(temporary_target)
         output = (result.stdout + result.stderr).strip()
         fail(
             f"`{' '.join(command)}` in {GO_SOURCE_DIR} exited with code {result.returncode}:\n{output[-4000:]}\n"
