@@ -133,10 +133,10 @@ def compare_text(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
     for tag, a0, a1, b0, b1 in matcher.get_opcodes():
         if tag == "equal":
             for line_a, line_b in zip(lines_a[a0:a1], lines_b[b0:b1]):
-                if numbers_in(line_a) == numbers_in(line_b):  # titles, headers, equal parameters: shown once
-                    rows.append(dict(label=line_a, figures={}, numbers={}))
-                    continue
                 (label, figures_a), (_, figures_b) = split_row(line_a), split_row(line_b)
+                if numbers_in(line_a) == numbers_in(line_b) and not (label and numbers_in(figures_a)):
+                    rows.append(dict(label=line_a, figures={}, numbers={}))  # titles, headers: shown once
+                    continue
                 rows.append(
                     dict(
                         label=label,
@@ -278,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = {impl: run_benchmark(impl, script, script_args, args.timeout) for impl in order}
     first, second = (runs[impl] for impl in order)
     rows = compare_json(first, second) if args.json else compare_text(first, second)
-    print(f"\n{script.name} {' '.join(args.script_args)}: ours vs original hivemind, same machine, one run\n")
+    print(f"\n{' '.join([script.name, *args.script_args])}: ours vs original hivemind, same machine, one run\n")
     print_side_by_side(rows, runs)
     if args.save and not args.load:
         raw = {impl: dict(version=run.version, seconds=run.seconds, stdout=run.stdout) for impl, run in runs.items()}

@@ -1,0 +1,49 @@
+"""benchmarks/compare.py: aligning two benchmark outputs and comparing every figure (pure text, no processes)."""
+
+import importlib.util
+import sys
+
+from .harness import REPO
+
+_spec = importlib.util.spec_from_file_location("benchmarks_compare", REPO / "benchmarks" / "compare.py")
+compare = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("benchmarks_compare", compare)
+_spec.loader.exec_module(compare)
+
+
+def run(implementation, stdout):
+    return compare.BenchmarkRun(implementation, stdout, 1.0, "1.1.12" if implementation == "original" else "dev")
+
+
+def test_numbers_inside_words_are_labels_not_figures():
+    assert compare.numbers_in("hivemind.p2p p50 0.403 ms, 1M x -2.5e3") == [0.403, 1.0, -2500.0]
+
+
+def test_rows_split_into_label_and_figures():
+    assert compare.split_row("| stream 1 MiB in 1 MiB messages | 9 MB/s |") == (
+        "stream 1 MiB in 1 MiB messages",
+        "9 MB/s",
+    )
+    assert compare.split_row("store p50 / p90      1.55 / 6.36 ms") == ("store p50 / p90", "1.55 / 6.36 ms")
+    assert compare.split_row("title with 3 words") == ("", "title with 3 words")
+
+
+def test_outputs_are_aligned_line_by_line_and_every_figure_gets_a_ratio():
+    ours = "DHT (hivemind 1.2.0.dev0)\n-----\nstore p50 / p90    1.00 / 4.00 ms\nsuccess    100.0 %\n"
+    original = "DHT (hivemind 1.1.12)\n-----\nstore p50 / p90    2.00 / 4.00 ms\nsuccess    100.0 %\n"
+    rows = compare.compare_text(run("ours", ours), run("original", original))
+    labels = [row["label"] for row in rows]
+    assert "[ours] DHT (hivemind 1.2.0.dev0)" in labels and "[original] DHT (hivemind 1.1.12)" in labels
+    store = next(row for row in rows if row["label"] == "store p50 / p90")
+    assert store["numbers"] == {"ours": [1.0, 4.0], "original": [2.0, 4.0]}
+    assert [compare.ratio_text(a, b) for a, b in zip(store["numbers"]["ours"], store["numbers"]["original"])] == [
+        "0.50",
+        "=",
+    ]
+    success = next(row for row in rows if row["label"] == "success")
+    assert success["figures"] == {"ours": "100.0 %", "original": "100.0 %"}
+
+
+def test_ratios_are_placed_under_their_numbers():
+    line = "NONE     1048576     3.33     4.85"
+    assert compare.ratios_under(line, ["=", "0.94", "1.24"]) == "               =     0.94     1.24"
