@@ -28,13 +28,9 @@ def format_flag(name: str, value: Any) -> str:
 def check_announce_maddrs(announce_maddrs: Optional[Sequence[MaddrLike]]) -> None:
     """Reject announce addresses with port 0: peers could never dial them."""
     for maddr in announce_maddrs or ():
-        maddr = Multiaddr(str(maddr))
-        for protocol in ("tcp", "udp"):
-            try:
-                port = maddr.value_for_protocol(protocol)
-            except Exception:
-                continue
-            if port is not None and int(port) == 0:
+        parts = str(maddr).split("/")
+        for protocol, value in zip(parts, parts[1:]):
+            if protocol in ("tcp", "udp") and value.isdigit() and int(value) == 0:
                 raise ValueError(f"Announce address {maddr} has port 0: announce_maddrs need the actual port")
 
 
