@@ -138,6 +138,8 @@ class ControlClient:
 
     async def open_persistent_connection(self) -> PersistentConnection:
         """Open (once) the persistent connection that carries unary RPCs; cancels the daemon's idle timer."""
+        if self._persistent is not None:
+            return self._persistent
         async with self._persistent_lock:
             if self._persistent is None:
                 if self._closed:

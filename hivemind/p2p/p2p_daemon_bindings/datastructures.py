@@ -2,7 +2,7 @@
 
 import dataclasses
 import hashlib
-from typing import Any, Iterable, List, Union
+from typing import Any, Iterable, List, Optional, Union
 
 import base58
 from cryptography.hazmat.primitives import serialization
@@ -24,32 +24,34 @@ class PeerID:
         if not isinstance(peer_id_bytes, (bytes, bytearray, memoryview)):
             raise TypeError(f"PeerID expects bytes, got {type(peer_id_bytes).__name__} (use PeerID.from_base58)")
         self._bytes = bytes(peer_id_bytes)
-        self._b58 = base58.b58encode(self._bytes).decode()
+        self._b58: Optional[str] = None  # computed on first use: incoming requests rarely need it
         self._hash = hash(self._bytes)
 
     def to_bytes(self) -> bytes:
         return self._bytes
 
     def to_base58(self) -> str:
+        if self._b58 is None:
+            self._b58 = base58.b58encode(self._bytes).decode()
         return self._b58
 
     def pretty(self) -> str:
-        return self._b58
+        return self.to_base58()
 
     def to_string(self) -> str:
-        return self._b58
+        return self.to_base58()
 
     def __str__(self) -> str:
-        return self._b58
+        return self.to_base58()
 
     def __repr__(self) -> str:
-        return f"<libp2p.peer.id.ID ({self._b58})>"
+        return f"<PeerID {self.to_base58()}>"
 
     def __eq__(self, other: Any) -> bool:
         if isinstance(other, PeerID):
             return self._bytes == other._bytes
         if isinstance(other, str):
-            return self._b58 == other
+            return self.to_base58() == other
         if isinstance(other, (bytes, bytearray)):
             return self._bytes == other
         return NotImplemented
@@ -57,7 +59,7 @@ class PeerID:
     def __lt__(self, other: "PeerID") -> bool:
         if not isinstance(other, PeerID):
             return NotImplemented
-        return self._b58 < other._b58
+        return self.to_base58() < other.to_base58()
 
     def __hash__(self) -> int:
         return self._hash

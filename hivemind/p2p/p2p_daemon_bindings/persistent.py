@@ -42,7 +42,6 @@ class PersistentConnection:
         self._pending: Dict[bytes, asyncio.Future] = {}
         self._handlers: Dict[str, UnaryHandler] = {}
         self._handler_tasks: Dict[bytes, asyncio.Task] = {}
-        self._drain_lock = asyncio.Lock()
         self._read_task: Optional[asyncio.Task] = None
         self.failure: Optional[P2PDaemonError] = None
 
@@ -151,11 +150,10 @@ class PersistentConnection:
         self._writer.write(encode_varint(len(payload)) + payload)
 
     async def _send(self, message: p2pd_pb2.PersistentConnectionRequest) -> None:
-        # one write() per message keeps messages of concurrent senders intact; the lock only serializes drain()
+        # one write() per message keeps the messages of concurrent senders intact
         self._send_nowait(message)
         try:
-            async with self._drain_lock:
-                await self._writer.drain()
+            await self._writer.drain()  # DirectReadProtocol lets any number of senders wait here at once
         except ConnectionError as e:
             self._fail(await self._lost_error(e))
             raise self._copy_failure() from e
