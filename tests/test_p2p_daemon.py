@@ -1,6 +1,7 @@
 """Daemon lifecycle: start-up (and its errors), addresses, identities, peers, shutdown and idle exit."""
 
 import asyncio
+import logging
 import os
 import socket
 import stat
@@ -222,3 +223,31 @@ async def test_missing_daemon_binary_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("HIVEMIND_P2PD_PATH", str(tmp_path / "no-such-p2pd"))
     with pytest.raises(P2PDaemonError, match="no-such-p2pd"):
         await P2P.create()
+
+
+class RecordingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+async def test_daemon_output_is_forwarded_to_the_logger():
+    daemon_logger = logging.getLogger("hivemind.p2p.daemon_process")
+    handler, previous_level = RecordingHandler(), daemon_logger.level
+    daemon_logger.addHandler(handler)
+    daemon_logger.setLevel(logging.DEBUG)
+    try:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            with pytest.raises(P2PDaemonError):
+                await P2P.create(host_maddrs=[f"/ip4/127.0.0.1/tcp/{busy.getsockname()[1]}"])
+    finally:
+        daemon_logger.removeHandler(handler)
+        daemon_logger.setLevel(previous_level)
+    errors = [r for r in handler.records if r.levelno == logging.ERROR]
+    assert any("address already in use" in r.getMessage() for r in errors)
+    assert all(r.getMessage().startswith("p2pd") for r in handler.records)

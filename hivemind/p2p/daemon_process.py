@@ -18,6 +18,8 @@ logger = get_logger(__name__)
 READY_PREFIX = "Peer ID:"
 # the start-up banner (control socket, peer id, one address per line) says nothing about failures
 BANNER_PREFIXES = ("Control socket:", READY_PREFIX, "Peer Addrs:", "Bootstrap peers:", "/")
+# plain (non-JSON) lines that report a failure: start-up errors, Go panics and fatal runtime errors
+PLAIN_ERROR_PREFIXES = ("p2pd: error", "panic:", "fatal error:")
 OUTPUT_TAIL_LINES = 20
 OUTPUT_LINE_LIMIT = 2**20
 TERMINATE_GRACE_SECONDS = 2.0
@@ -186,7 +188,7 @@ class DaemonProcess:
             self._ready.set_result(None)
         record = _parse_json_line(line)
         level = None if record is None else str(record.get("level", "")).lower()
-        if level in GOLOG_ERROR_LEVELS:
+        if level in GOLOG_ERROR_LEVELS or record is None and line.lower().startswith(PLAIN_ERROR_PREFIXES):
             self._output_tail.append(line)
             logger.error(f"p2pd: {describe_output_line(line)}")
         else:
