@@ -29,7 +29,7 @@ MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # MoE clients switch to streaming above th
 # asyncio.StreamReader limit: the transport pauses once twice this much is buffered. Kept small on purpose:
 # large payloads are received by read_payload() straight into their own buffer, and everything buffered ahead
 # of such a read (the event loop reads ahead as long as data is available) would have to be copied once more
-STREAM_READER_LIMIT = 2**15
+STREAM_READER_LIMIT = 2**16  # the asyncio default
 # the transport's write buffer may grow this large before drain() blocks (lets big frames pipeline)
 STREAM_WRITE_HIGH_WATER = 2**22
 # kernel socket buffers for stream data sockets: fewer wake-ups for large transfers
