@@ -140,6 +140,21 @@ def _plain_get_result(result):
     return {"found": True, "kind": "regular", "value_pkl": _dump(value), "expiration": expiration}
 
 
+def _schema_validator(prefix: str):
+    """SchemaValidator over a pydantic.v1 model, the kind of schema written for hivemind 1.1.x (API.md §1.5)."""
+    from typing import Dict
+
+    from pydantic import v1 as pydantic_v1
+
+    from hivemind.dht.schema import SchemaValidator
+
+    class InteropSchema(pydantic_v1.BaseModel):
+        name: pydantic_v1.StrictStr
+        counts: Dict[pydantic_v1.StrictStr, pydantic_v1.StrictInt]
+
+    return SchemaValidator(InteropSchema, allow_extra_keys=True, prefix=prefix)
+
+
 class Driver:
     def __init__(self):
         self.p2ps = []
@@ -279,10 +294,11 @@ class Driver:
         self.validator = self.validator or RSASignatureValidator()
         return self.validator
 
-    async def cmd_dht_create(self, initial_peers=(), client_mode=False, signed=False, **kwargs):
+    async def cmd_dht_create(self, initial_peers=(), client_mode=False, signed=False, schema_prefixes=(), **kwargs):
         from hivemind.dht import DHT
 
         validators = [self._owner_validator()] if signed else []
+        validators += [_schema_validator(prefix) for prefix in schema_prefixes]
 
         # the DHT process is forked from the main thread; readiness is awaited in a worker thread
         dht = DHT(

@@ -196,3 +196,53 @@ def test_client_mode_node_stores_and_gets_through_the_other_implementation(swarm
         assert repr(swarm.get(client, node["handle"], key)) == repr(("regular", b"for the client", expiration))
     finally:
         swarm.drivers[client].call("dht_shutdown", handle=node["handle"])
+
+
+@pytest.fixture(scope="module")
+def schema_swarm(swarm):
+    """2 original + 2 our nodes with the same SchemaValidators (fields `name: StrictStr` and
+    `counts: Dict[StrictStr, StrictInt]`, prefixes "schema_original" and "schema_ours", one per writer), and per side
+    a client-mode node without validators that sends whatever it is given."""
+    prefixes = [f"schema_{side}" for side in (ORIGINAL, OURS)]
+    first = swarm.drivers[ORIGINAL].call("dht_create", schema_prefixes=prefixes, timeout=60)
+    pending = [
+        (side, swarm.drivers[side].submit("dht_create", initial_peers=first["maddrs"], schema_prefixes=prefixes))
+        for side in (ORIGINAL, OURS, OURS)
+    ]
+    nodes = {ORIGINAL: [first], OURS: []}
+    for side, request_id in pending:
+        nodes[side].append(swarm.drivers[side].wait(request_id, 60, "dht_create"))
+    unchecked = {
+        side: swarm.drivers[side].call("dht_create", initial_peers=first["maddrs"], client_mode=True, timeout=60)
+        for side in (ORIGINAL, OURS)
+    }
+    return nodes, unchecked
+
+
+@pytest.mark.parametrize("writer", [ORIGINAL, OURS], ids=["original-writer", "ours-writer"])
+def test_schema_validators_of_both_implementations_agree(swarm, schema_swarm, writer):
+    nodes, unchecked = schema_swarm
+    writer_handle, now = unchecked[writer]["handle"], time.time()
+    name_key, counts_key = f"schema_{writer}_name", f"schema_{writer}_counts"
+
+    def store(key, value, expiration, subkey=None):
+        return swarm.store(writer, 0, key, value, expiration, subkey=subkey, handle=writer_handle)
+
+    assert not store(name_key, 3, now + 30), "an int is not a StrictStr"
+    assert not store(counts_key, 1.0, now + 30, subkey="a"), "a float is not a StrictInt"
+    assert not store(counts_key, {"a": 1}, now + 30), "a plain dict is not accepted for a subkeyed field"
+    # read through the other side's unchecked node: the writer itself may have cached what it sent
+    reader = OURS if writer == ORIGINAL else ORIGINAL
+    for key in (name_key, counts_key):
+        found = swarm.get(reader, unchecked[reader]["handle"], key, latest=True)
+        assert found is None, f"some node stored an invalid {key}: {found}"
+
+    assert store(name_key, f"by {writer}", now + 40)
+    assert store(counts_key, 7, now + 50, subkey=writer)
+    assert store(f"schema_{writer}_not_in_schema", [1.5], now + 60), "unknown keys pass with allow_extra_keys=True"
+    for side in (ORIGINAL, OURS):
+        for node in nodes[side]:
+            name = swarm.get(side, node["handle"], name_key, latest=True)
+            assert repr(name) == repr(("regular", f"by {writer}", now + 40)), f"{side} read {name}"
+            counts = swarm.get(side, node["handle"], counts_key, latest=True)
+            assert repr(counts) == repr(("dictionary", {writer: (7, now + 50)}, now + 50)), f"{side} read {counts}"
