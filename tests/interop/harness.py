@@ -129,10 +129,12 @@ def kill_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
         except psutil.NoSuchProcess:
             members = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)  # started with start_new_session=True: pgid == pid
-        except (ProcessLookupError, PermissionError):
-            pass
+        if proc.returncode is None:  # not reaped yet, so its pid (the group id) cannot belong to anyone else
+            try:
+                os.killpg(proc.pid, sig)  # started with start_new_session=True: pgid == pid
+            except (ProcessLookupError, PermissionError):
+                pass
+        # members were listed while alive; psutil checks for pid reuse before signalling
         for member in members:
             try:
                 member.send_signal(sig)
