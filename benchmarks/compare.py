@@ -31,6 +31,7 @@ from harness import (  # noqa: E402  (the harness imports neither hivemind)
     ensure_original_env,
     kill_tree,
     process_env,
+    process_tree,
     python_command,
 )
 
@@ -75,12 +76,16 @@ def run_benchmark(implementation: str, script: Path, args: Sequence[str], timeou
             env=process_env(implementation),
             start_new_session=True,
         )
+        seen, deadline, returncode = {}, time.monotonic() + timeout, None
         try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            returncode = None
+            while returncode is None and time.monotonic() < deadline:
+                seen.update((p.pid, p) for p in process_tree(proc))  # remembered to clean up orphans later
+                try:
+                    returncode = proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
-            kill_tree(proc)  # also any DHT process or p2pd the benchmark left behind
+            kill_tree(proc, known_members=list(seen.values()))  # also DHT processes or daemons left behind
         stdout.seek(0)
         output = stdout.read().decode(errors="replace")
     seconds = time.perf_counter() - started

@@ -119,15 +119,23 @@ _live_processes: "set[subprocess.Popen]" = set()
 _live_lock = threading.Lock()
 
 
-def kill_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    """Terminates `proc` and every descendant (DHT processes, p2pd daemons), then kills what is left."""
-    members = []
-    if psutil is not None:
-        try:
-            root = psutil.Process(proc.pid)
-            members = [root] + root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            members = []
+def process_tree(proc: subprocess.Popen) -> list:
+    """`proc` and its descendants as psutil processes (empty if it is gone or psutil is missing)."""
+    if psutil is None or proc.returncode is not None:
+        return []
+    try:
+        root = psutil.Process(proc.pid)
+        return [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc: subprocess.Popen, grace: float = 3.0, known_members: Sequence = ()) -> None:
+    """Terminates `proc` and every descendant (DHT processes, p2pd daemons), then kills what is left.
+
+    `known_members`: descendants listed earlier, e.g. before a graceful shutdown let `proc` exit and orphan them.
+    """
+    members = list({m.pid: m for m in [*known_members, *process_tree(proc)]}.values())
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if proc.returncode is None:  # not reaped yet, so its pid (the group id) cannot belong to anyone else
             try:
@@ -287,13 +295,14 @@ class PeerProcess:
         if self._closed:
             return
         self._closed = True
+        members = process_tree(self.proc)  # listed now: a graceful exit would orphan anything left behind
         if graceful and self.proc.poll() is None:
             try:
                 self.call("shutdown", timeout=timeout)
                 self.proc.wait(timeout=5)
             except (HarnessError, RemoteError, subprocess.TimeoutExpired):
                 pass
-        kill_tree(self.proc)
+        kill_tree(self.proc, known_members=members)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
@@ -387,6 +396,7 @@ class CliProcess:
 
     def stop(self, timeout: float = 15) -> Optional[int]:
         """Ctrl-C (SIGINT) the tool as a user would; returns its exit status (None if it had to be killed)."""
+        members = process_tree(self.proc)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -394,7 +404,7 @@ class CliProcess:
             except subprocess.TimeoutExpired:
                 pass
         status = self.proc.poll()
-        kill_tree(self.proc)
+        kill_tree(self.proc, known_members=members)
         self._follower.join(timeout=5)  # collects the last lines the tool wrote
         self._stderr.close()
         return status
