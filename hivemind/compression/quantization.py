@@ -140,7 +140,7 @@ def _lookup(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def _bin_averages(sample: torch.Tensor, sample_indices: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """Code book: the mean of the sample elements in each bin; ``fallback`` values for bins the sample misses."""
     counts = torch.bincount(sample_indices, minlength=NUM_BINS)
-    sums = torch.bincount(sample_indices, weights=sample.double(), minlength=NUM_BINS)
+    sums = torch.bincount(sample_indices, weights=sample, minlength=NUM_BINS).double()
     averages = sums / counts.clamp_min(1)
     return torch.where(counts > 0, averages, fallback.to(averages)).float()
 
@@ -158,7 +158,8 @@ class Uniform8BitQuantization(Quantization):
         numel = flat.numel()
         mean = float(flat.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)) / numel
         sample = _sample(flat)
-        std = float((sample.double() - mean).square_().mean().sqrt_())
+        sample_var, sample_mean = torch.var_mean(sample, correction=0)
+        std = math.sqrt(max(float(sample_var) + (float(sample_mean) - mean) ** 2, 0.0))  # spread around `mean`
         bins_per_unit = NUM_BINS / (self.RANGE_IN_SIGMAS * std) if std > 0 and math.isfinite(std) else 1.0
         if not math.isfinite(mean) or not math.isfinite(bins_per_unit):
             mean, bins_per_unit = 0.0, 1.0
