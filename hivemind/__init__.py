@@ -1,7 +1,28 @@
-"""hivemind: decentralized deep learning in PyTorch."""
+"""hivemind: decentralized deep learning in PyTorch.
+
+The top level exports the main user-facing objects. For scripts written against hivemind <= 1.1.11, which also
+reached utilities, compression codecs and p2p classes through the top level (``hivemind.get_dht_time()``,
+``hivemind.P2P``, ``hivemind.Float16Compression``, ...), those names still resolve, lazily, on first access.
+"""
+
+import importlib
 
 from hivemind.dht import DHT
 
 __version__ = "1.2.0.dev0"
 
 __all__ = ["DHT"]
+
+# backward-compatible aliases: subpackage providing each name (imported only when the name is used)
+_ALIAS_SOURCES = ("hivemind.utils", "hivemind.p2p", "hivemind.compression")
+
+
+def __getattr__(name: str):
+    if not name.startswith("_"):
+        for module_name in _ALIAS_SOURCES:
+            module = importlib.import_module(module_name)
+            if name in getattr(module, "__all__", ()):
+                value = getattr(module, name)
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
