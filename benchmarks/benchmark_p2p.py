@@ -9,6 +9,7 @@ A plain loopback TCP connection (asyncio streams, the same framing) is measured 
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import time
@@ -137,22 +138,27 @@ async def main(args: argparse.Namespace) -> None:
         await callee.add_protobuf_handler(
             "bench.count_bytes", count_bytes, runtime_pb2.Tensor, stream_input=True, stream_output=True
         )
-        rows = []
+        rows, figures = [], {}
         unary = await measure_unary(caller, callee, args.unary_calls)
+        figures.update(unary_p50_ms=unary["p50_ms"], unary_p99_ms=unary["p99_ms"])
         rows.append((f"unary round trip, {args.unary_calls} calls", f"p50 {unary['p50_ms']:.3f} ms"))
         rows.append(("", f"p99 {unary['p99_ms']:.3f} ms"))
         message_bytes = int(args.message_mib * MiB)
         for size_mib in args.stream_sizes_mib:
             throughput = await measure_stream(caller, callee, int(size_mib * MiB), message_bytes, args.repeats)
             rows.append((f"stream {size_mib:g} MiB in {args.message_mib:g} MiB messages", f"{throughput:.0f} MB/s"))
+            figures[f"stream_{size_mib:g}MiB_MBps"] = throughput
         for size_mib in args.stream_sizes_mib[-1:]:
             raw = await measure_raw_tcp(int(size_mib * MiB), message_bytes, args.repeats)
             rows.append((f"raw loopback TCP {size_mib:g} MiB (reference)", f"{raw:.0f} MB/s"))
+            figures[f"raw_tcp_{size_mib:g}MiB_MBps"] = raw
 
         daemons = [p for p in psutil.Process().children(recursive=True) if p.name() == "p2pd"]
-        rows.append(("peak RSS, this process", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"))
+        figures["peak_rss_process_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows.append(("peak RSS, this process", f"{figures['peak_rss_process_MiB']:.0f} MiB"))
         for index, daemon in enumerate(daemons):
-            rows.append((f"peak RSS, p2pd #{index + 1}", f"{peak_rss_mib(daemon.pid):.0f} MiB"))
+            figures[f"peak_rss_p2pd{index + 1}_MiB"] = peak_rss_mib(daemon.pid)
+            rows.append((f"peak RSS, p2pd #{index + 1}", f"{figures[f'peak_rss_p2pd{index + 1}_MiB']:.0f} MiB"))
     finally:
         await caller.shutdown()
         await callee.shutdown()
@@ -164,6 +170,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"|{'-' * (width + 2)}|-------|")
     for name, value in rows:
         print(f"| {name.ljust(width)} | {value} |")
+    if args.json:
+        print(json.dumps(figures))
 
 
 if __name__ == "__main__":
@@ -172,6 +180,7 @@ if __name__ == "__main__":
     parser.add_argument("--stream-sizes-mib", type=float, nargs="+", default=[1, 16, 64], help="payload per call")
     parser.add_argument("--message-mib", type=float, default=1, help="size of each streamed message, MiB")
     parser.add_argument("--repeats", type=int, default=3, help="streaming calls per size; the best one counts")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop", help="event loop implementation")
     arguments = parser.parse_args()
     if arguments.loop == "uvloop":
