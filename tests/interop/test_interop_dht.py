@@ -246,3 +246,22 @@ def test_schema_validators_of_both_implementations_agree(swarm, schema_swarm, wr
             assert repr(name) == repr(("regular", f"by {writer}", now + 40)), f"{side} read {name}"
             counts = swarm.get(side, node["handle"], counts_key, latest=True)
             assert repr(counts) == repr(("dictionary", {writer: (7, now + 50)}, now + 50)), f"{side} read {counts}"
+
+
+@pytest.mark.parametrize("holder, newcomer", DIRECTIONS, ids=DIRECTION_IDS)
+def test_a_lone_node_hands_its_keys_to_a_newcomer_of_the_other_implementation(swarm, holder, newcomer):
+    """WIRE §7.3: a node pushes the keys it stores to a newly seen peer that should hold them too (a node without
+    neighbours pushes everything), so they survive the holder leaving."""
+    lone = swarm.drivers[holder].call("dht_create", timeout=60)  # a separate one-node swarm
+    keys, expiration = [unique_key(f"handover-{i}") for i in range(5)], time.time() + 60
+    for i, key in enumerate(keys):
+        assert swarm.store(holder, 0, key, i, expiration, handle=lone["handle"])
+    joined = swarm.drivers[newcomer].call("dht_create", initial_peers=lone["maddrs"], timeout=60)
+    try:
+        # no reads before the holder leaves: they would cache the values in the newcomer and prove nothing
+        time.sleep(2.0)  # the hand-over starts when the holder first sees the newcomer (its bootstrap ping)
+        swarm.drivers[holder].call("dht_shutdown", handle=lone["handle"])
+        for i, key in enumerate(keys):
+            assert repr(swarm.get(newcomer, joined["handle"], key)) == repr(("regular", i, expiration))
+    finally:
+        swarm.drivers[newcomer].call("dht_shutdown", handle=joined["handle"])
