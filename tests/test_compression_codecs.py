@@ -295,3 +295,15 @@ def test_8bit_encoding_is_deterministic():
     tensor = torch.randn(3 * 2**19)
     for compression in (CompressionType.UNIFORM_8BIT, CompressionType.QUANTILE_8BIT):
         assert serialize_torch_tensor(tensor, compression) == serialize_torch_tensor(tensor, compression)
+
+
+@pytest.mark.parametrize("compression", ALL_TYPES, ids=CompressionType.Name)
+def test_large_messages_built_in_place_round_trip(compression):
+    tensor = torch.randn(300, 1000)
+    serialized = serialize_torch_tensor(tensor, compression)
+    if compression == CompressionType.NONE:
+        assert serialized.buffer == tensor.numpy().tobytes()
+    if compression == CompressionType.FLOAT16:
+        assert serialized.buffer == tensor.half().numpy().tobytes()
+    restored = deserialize_torch_tensor(serialized)
+    assert restored.shape == tensor.shape and (restored - tensor).abs().max() <= tolerance(compression, tensor)

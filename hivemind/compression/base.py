@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from hivemind.compression.buffers import (
+    MessageBuffer,
     TensorDecodeError,
     buffer_may_be_aliased,
     dtype_to_name,
@@ -17,7 +18,6 @@ from hivemind.compression.buffers import (
     expect_length,
     name_to_dtype,
     read_array,
-    tensor_to_bytes,
     use_legacy_bfloat16,
     validated_shape,
 )
@@ -87,13 +87,15 @@ class NoCompression(CompressionBase):
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
         dtype_name = dtype_to_name(tensor.dtype)
-        if tensor.dtype == torch.bfloat16:
-            payload = tensor.float() if use_legacy_bfloat16() else tensor.view(torch.int16)
-        else:
-            payload = tensor
+        wire_dtype = tensor.dtype
+        if tensor.dtype == torch.bfloat16 and use_legacy_bfloat16():
+            wire_dtype = torch.float32
+        itemsize = torch.empty((), dtype=wire_dtype).element_size()
+        message_buffer = MessageBuffer(tensor.numel() * itemsize, tensor.device)
+        message_buffer.tensor.view(wire_dtype).view(tensor.shape).copy_(tensor)  # C order, conj/neg resolved
         return runtime_pb2.Tensor(
             compression=self.compression_type,
-            buffer=tensor_to_bytes(payload),
+            buffer=message_buffer.to_bytes(),
             size=tensor.shape,
             dtype=dtype_name,
             requires_grad=requires_grad,

@@ -28,6 +28,7 @@ __all__ = [
     "expect_length",
     "buffer_may_be_aliased",
     "empty_output",
+    "MessageBuffer",
 ]
 
 CHUNK_ELEMENTS = 2**21  # elementwise passes run over chunks this long (8 MiB of float32): they stay in L3 cache
@@ -169,10 +170,59 @@ def empty_output(numel: int, dtype: torch.dtype, device: torch.device = torch.de
     transparent huge pages first, so that the first writes fault in 2 MiB pages instead of 512 times more 4 KiB
     pages (which can cost more than the computation itself for freshly mapped memory)."""
     result = torch.empty(numel, dtype=dtype, device=device)
-    size = numel * result.element_size()
-    if _madvise is not None and result.device.type == "cpu" and size >= 4 * _HUGE_PAGE:
-        start = result.data_ptr()
+    _advise_huge_pages(result)
+    return result
+
+
+def _advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask the kernel for transparent huge pages under a large, not yet touched CPU tensor (advisory only)."""
+    size = tensor.numel() * tensor.element_size()
+    if _madvise is not None and tensor.device.type == "cpu" and size >= 4 * _HUGE_PAGE:
+        start = tensor.data_ptr()
         aligned_start = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
         aligned_length = (start + size - aligned_start) & ~(_HUGE_PAGE - 1)
-        _madvise(aligned_start, aligned_length, _MADV_HUGEPAGE)  # advisory: failures change nothing
-    return result
+        _madvise(aligned_start, aligned_length, _MADV_HUGEPAGE)  # failures change nothing
+
+
+def _load_bytes_constructor():
+    """CPython's PyBytes_FromStringAndSize, which can create a bytes object with uninitialized contents."""
+    try:
+        constructor = ctypes.pythonapi.PyBytes_FromStringAndSize
+        constructor.restype = ctypes.py_object
+        constructor.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        return constructor
+    except (AttributeError, OSError):  # not CPython
+        return None
+
+
+_new_uninitialized_bytes = _load_bytes_constructor()
+_DIRECT_BYTES_MIN_SIZE = 2**16
+
+
+class MessageBuffer:
+    """A writable uint8 tensor of ``nbytes`` that becomes the ``bytes`` of a message without another copy.
+
+    For large CPU buffers the tensor is a view of a NEW bytes object with uninitialized contents (the C-API's
+    PyBytes_FromStringAndSize(NULL, n)): the codec fills it, then :meth:`to_bytes` hands over the object, which
+    nobody else has seen yet. Elsewhere this is an ordinary tensor and :meth:`to_bytes` copies it.
+    """
+
+    def __init__(self, nbytes: int, device: torch.device = torch.device("cpu")):
+        self._bytes = None
+        if (
+            _new_uninitialized_bytes is not None
+            and torch.device(device).type == "cpu"
+            and nbytes >= _DIRECT_BYTES_MIN_SIZE
+        ):
+            self._bytes = _new_uninitialized_bytes(None, nbytes)
+            self.tensor = read_array(self._bytes, 0, nbytes, torch.uint8)  # writable here: we own the new object
+            _advise_huge_pages(self.tensor)
+        else:
+            self.tensor = empty_output(nbytes, torch.uint8, device)
+
+    def to_bytes(self) -> bytes:
+        """The filled buffer as bytes; the tensor must not be written to afterwards."""
+        if self._bytes is None:
+            return tensor_to_bytes(self.tensor)
+        result, self._bytes, self.tensor = self._bytes, None, None
+        return result

@@ -8,6 +8,7 @@ import torch
 
 from hivemind.compression.base import CompressionBase, CompressionInfo
 from hivemind.compression.buffers import (
+    MessageBuffer,
     TensorDecodeError,
     buffer_may_be_aliased,
     dtype_to_name,
@@ -15,7 +16,6 @@ from hivemind.compression.buffers import (
     expect_length,
     name_to_dtype,
     read_array,
-    tensor_to_bytes,
     validated_shape,
 )
 from hivemind.proto import runtime_pb2
@@ -51,16 +51,14 @@ class Float16Compression(CompressionBase):
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         _check_float_input(self, tensor)
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
-        if tensor.dtype == torch.float16:
-            half = tensor.clamp_(-FP16_MAX, FP16_MAX) if allow_inplace else tensor.clamp(-FP16_MAX, FP16_MAX)
-        else:
-            # converting first and clamping the (smaller) float16 copy gives the same values as clamping first:
-            # everything beyond ±65520 becomes ±inf and is clamped back to ±65504, NaN stays NaN
-            half = empty_output(tensor.numel(), torch.float16, tensor.device).view(tensor.shape).copy_(tensor)
-            half.clamp_(-FP16_MAX, FP16_MAX)
+        # converting first and clamping the float16 copy gives the same values as clamping first: everything
+        # beyond ±65520 becomes ±inf and is clamped back to ±65504, NaN stays NaN
+        message_buffer = MessageBuffer(2 * tensor.numel(), tensor.device)
+        half = message_buffer.tensor.view(torch.float16).view(tensor.shape).copy_(tensor)
+        half.clamp_(-FP16_MAX, FP16_MAX)
         return runtime_pb2.Tensor(
             compression=self.compression_type,
-            buffer=tensor_to_bytes(half),
+            buffer=message_buffer.to_bytes(),
             size=tensor.shape,
             dtype=dtype_to_name(tensor.dtype),
             requires_grad=requires_grad,
@@ -94,7 +92,8 @@ class ScaledFloat16Compression(Float16Compression):
         numel, num_rows = tensor.numel(), math.prod(tensor.shape[:-1])
         stats_shape = (*tensor.shape[:-1], 1) if tensor.ndim > 0 else ()
         # the message buffer is assembled in place: float16 values, then float32 means, then float32 stds
-        packed = empty_output(2 * numel + 8 * num_rows, torch.uint8, tensor.device)
+        message_buffer = MessageBuffer(2 * numel + 8 * num_rows, tensor.device)
+        packed = message_buffer.tensor
         half = packed[: 2 * numel].view(torch.float16).view(tensor.shape)
 
         work = tensor if tensor.dtype == torch.float32 else tensor.float()  # statistics in float32, as the original
@@ -111,7 +110,7 @@ class ScaledFloat16Compression(Float16Compression):
         means, stds = means.float().reshape(stats_shape), stds.float().reshape(stats_shape)
         packed[2 * numel : 2 * numel + 4 * num_rows].copy_(means.reshape(-1).view(torch.uint8))
         packed[2 * numel + 4 * num_rows :].copy_(stds.reshape(-1).view(torch.uint8))
-        buffer = tensor_to_bytes(packed)
+        buffer = message_buffer.to_bytes()
         return runtime_pb2.Tensor(
             compression=self.compression_type,
             buffer=buffer,

@@ -17,13 +17,13 @@ from hivemind.compression import blockwise_kernel
 from hivemind.compression.base import CompressionBase, CompressionInfo
 from hivemind.compression.buffers import (
     CHUNK_ELEMENTS,
+    MessageBuffer,
     TensorDecodeError,
     dtype_to_name,
     empty_output,
     expect_length,
     name_to_dtype,
     read_array,
-    tensor_to_bytes,
     validated_shape,
 )
 from hivemind.proto import runtime_pb2
@@ -91,7 +91,8 @@ class Quantization(CompressionBase):
         flat = tensor.reshape(-1)
         numel = flat.numel()
         codebook_bytes = NUM_BINS * 4
-        packed = empty_output(_HEADER.size + codebook_bytes + numel, torch.uint8, flat.device)
+        message_buffer = MessageBuffer(_HEADER.size + codebook_bytes + numel, flat.device)
+        packed = message_buffer.tensor
         indices = packed[_HEADER.size + codebook_bytes :]
         if numel > 0:
             codebook = self.quantize(flat, indices)
@@ -101,7 +102,7 @@ class Quantization(CompressionBase):
         packed[_HEADER.size : _HEADER.size + codebook_bytes].view(torch.float32).copy_(codebook)
         return runtime_pb2.Tensor(
             compression=self.compression_type,
-            buffer=tensor_to_bytes(packed),
+            buffer=message_buffer.to_bytes(),
             size=tensor.shape,
             dtype=dtype_to_name(tensor.dtype),
             requires_grad=requires_grad,
@@ -260,7 +261,8 @@ class BlockwiseQuantization(CompressionBase):
         num_blocks = -(-numel // blockwise_kernel.BLOCK_SIZE)
         header = struct.pack("<qq", num_blocks, NUM_BINS)
         offset_indices = len(header) + 4 * num_blocks + 4 * NUM_BINS
-        packed = empty_output(offset_indices + numel, torch.uint8, flat.device)
+        message_buffer = MessageBuffer(offset_indices + numel, flat.device)
+        packed = message_buffer.tensor
         indices = packed[offset_indices:]
 
         quantized = _bitsandbytes_quantize(flat) if numel > 0 else None
@@ -278,7 +280,7 @@ class BlockwiseQuantization(CompressionBase):
         packed[len(header) + 4 * num_blocks : offset_indices].view(torch.float32).copy_(code)
         return runtime_pb2.Tensor(
             compression=self.compression_type,
-            buffer=tensor_to_bytes(packed),
+            buffer=message_buffer.to_bytes(),
             size=tensor.shape,
             dtype=dtype_to_name(tensor.dtype),
             requires_grad=requires_grad,
