@@ -161,6 +161,10 @@ def compare_text(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
     return rows
 
 
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def compare_json(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
     """Compares the last-line JSON objects of both runs key by key (nested keys joined with '.')."""
 
@@ -185,7 +189,7 @@ def compare_json(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
         rows.append(
             dict(
                 label=key,
-                figures={impl: str(v) for impl, v in values.items()},
+                figures={impl: _short(v) for impl, v in values.items()},
                 numbers={
                     impl: [float(v)] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
                     for impl, v in values.items()

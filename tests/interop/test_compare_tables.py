@@ -47,3 +47,12 @@ def test_outputs_are_aligned_line_by_line_and_every_figure_gets_a_ratio():
 def test_ratios_are_placed_under_their_numbers():
     line = "NONE     1048576     3.33     4.85"
     assert compare.ratios_under(line, ["=", "0.94", "1.24"]) == "               =     0.94     1.24"
+
+
+def test_json_figures_are_compared_key_by_key():
+    ours = run("ours", 'table\n{"latency_ms": 0.5, "rss": {"p2pd": 40}, "loop": "uvloop"}\n')
+    original = run("original", 'table\n{"latency_ms": 1.0, "rss": {"p2pd": 80}, "loop": "uvloop"}\n')
+    rows = {row["label"]: row for row in compare.compare_json(ours, original)}
+    assert rows["latency_ms"]["numbers"] == {"ours": [0.5], "original": [1.0]}
+    assert rows["rss.p2pd"]["figures"] == {"ours": "40", "original": "80"}
+    assert rows["loop"]["numbers"] == {"ours": [], "original": []}
