@@ -24,10 +24,12 @@ class AdaptiveCompressionBase(CompressionBase, ABC):
         raise AttributeError(f"{self.__class__.__name__} has no single compression_type; see choose_compression")
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return self.choose_compression(info).estimate_compression_ratio(info)
+        codec = self.choose_compression(info)
+        return codec.estimate_compression_ratio(info)
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
-        return self.choose_compression(info).compress(tensor, info=info, allow_inplace=allow_inplace)
+        codec = self.choose_compression(info)
+        return codec.compress(tensor, info, allow_inplace)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         raise NotImplementedError(
@@ -39,10 +41,12 @@ class SizeAdaptiveCompression(AdaptiveCompressionBase):
     """Use ``greater_equal`` for tensors with at least ``threshold`` elements and ``less`` for smaller ones."""
 
     def __init__(self, threshold: int, less: CompressionBase, greater_equal: CompressionBase):
-        self.threshold, self.less, self.greater_equal = threshold, less, greater_equal
+        self.threshold = threshold
+        self.less, self.greater_equal = less, greater_equal
 
     def choose_compression(self, info: CompressionInfo) -> CompressionBase:
-        return self.greater_equal if info.descriptor.numel() >= self.threshold else self.less
+        is_small = info.descriptor.numel() < self.threshold
+        return self.less if is_small else self.greater_equal
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.threshold}, less={self.less}, greater_equal={self.greater_equal})"
@@ -60,13 +64,14 @@ class RoleAdaptiveCompression(AdaptiveCompressionBase):
         optimizer: Optional[CompressionBase] = None,
         default: CompressionBase = NoCompression(),
     ):
-        self.role_compressions = {
-            TensorRole.ACTIVATION: activation or default,
-            TensorRole.PARAMETER: parameter or default,
-            TensorRole.GRADIENT: gradient or default,
-            TensorRole.OPTIMIZER: optimizer or default,
-            TensorRole.UNSPECIFIED: default,
-        }
+        explicit = (
+            (TensorRole.ACTIVATION, activation),
+            (TensorRole.PARAMETER, parameter),
+            (TensorRole.GRADIENT, gradient),
+            (TensorRole.OPTIMIZER, optimizer),
+        )
+        self.role_compressions = {role: default for role in TensorRole}
+        self.role_compressions.update((role, codec) for role, codec in explicit if codec is not None)
 
     def choose_compression(self, info: CompressionInfo) -> CompressionBase:
         return self.role_compressions[info.role]

@@ -51,7 +51,9 @@ class CompressionInfo:
     def from_tensor(
         cls, tensor: torch.Tensor, key: Any = None, descriptor: Optional[TensorDescriptor] = None, **kwargs
     ) -> CompressionInfo:
-        return cls(key, descriptor or TensorDescriptor.from_tensor(tensor), **kwargs)
+        if descriptor is None:
+            descriptor = TensorDescriptor.from_tensor(tensor)
+        return cls(key=key, descriptor=descriptor, **kwargs)
 
     def get_part(self, part_index: int, part_size: Optional[int]) -> CompressionInfo:
         """The same information for one part of the tensor."""

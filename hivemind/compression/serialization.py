@@ -20,14 +20,18 @@ __all__ = ["BASE_COMPRESSION_TYPES", "serialize_torch_tensor", "deserialize_torc
 
 CompressionType = runtime_pb2.CompressionType
 
-BASE_COMPRESSION_TYPES: Dict[str, CompressionBase] = dict(
-    NONE=NoCompression(),
-    FLOAT16=Float16Compression(),
-    MEANSTD_16BIT=ScaledFloat16Compression(),
-    QUANTILE_8BIT=Quantile8BitQuantization(),
-    UNIFORM_8BIT=Uniform8BitQuantization(),
-    BLOCKWISE_8BIT=BlockwiseQuantization(),
+_ALL_CODECS = (
+    NoCompression(),
+    ScaledFloat16Compression(),
+    Float16Compression(),
+    Quantile8BitQuantization(),
+    Uniform8BitQuantization(),
+    BlockwiseQuantization(),
 )
+# CompressionType name -> the codec that writes and reads that type
+BASE_COMPRESSION_TYPES: Dict[str, CompressionBase] = {
+    CompressionType.Name(codec.compression_type): codec for codec in _ALL_CODECS
+}
 _CODECS_BY_TYPE: Dict[int, CompressionBase] = {
     CompressionType.Value(name): codec for name, codec in BASE_COMPRESSION_TYPES.items()
 }

@@ -21,18 +21,17 @@ def split_for_streaming(
     """
     if chunk_size_bytes <= 0:
         raise ValueError(f"chunk_size_bytes must be positive, got {chunk_size_bytes}")
-    buffer = memoryview(serialized_tensor.buffer)  # one copy out of the message, then zero-copy slices
-    num_chunks = max(1, -(-len(buffer) // chunk_size_bytes))
-    yield runtime_pb2.Tensor(
-        compression=serialized_tensor.compression,
-        buffer=buffer[:chunk_size_bytes].tobytes(),
-        chunks=num_chunks,
-        size=serialized_tensor.size,
-        dtype=serialized_tensor.dtype,
-        requires_grad=serialized_tensor.requires_grad,
-    )
-    for chunk_start in range(chunk_size_bytes, len(buffer), chunk_size_bytes):
-        yield runtime_pb2.Tensor(buffer=buffer[chunk_start : chunk_start + chunk_size_bytes].tobytes())
+    data = memoryview(serialized_tensor.buffer)  # one copy out of the message, then zero-copy slices
+    offsets = range(0, max(len(data), 1), chunk_size_bytes)
+    for index, offset in enumerate(offsets):
+        piece = runtime_pb2.Tensor(buffer=data[offset : offset + chunk_size_bytes].tobytes())
+        if index == 0:  # the head chunk describes the whole tensor
+            piece.chunks = len(offsets)
+            piece.size.extend(serialized_tensor.size)
+            piece.dtype = serialized_tensor.dtype
+            piece.requires_grad = serialized_tensor.requires_grad
+            piece.compression = serialized_tensor.compression
+        yield piece
 
 
 def combine_from_streaming(stream: Iterable[runtime_pb2.Tensor]) -> runtime_pb2.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Tuple
 
 import torch
@@ -74,15 +74,12 @@ class BatchTensorDescriptor(TensorDescriptor):
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor, compression: int = CompressionType.NONE) -> BatchTensorDescriptor:
         """Describe ``tensor[0]`` with a batch dimension; ``compression`` is kept for floating-point tensors only."""
-        return cls(
-            *tensor.shape[1:],
-            dtype=tensor.dtype,
-            layout=tensor.layout,
-            device=tensor.device,
-            requires_grad=tensor.requires_grad,
-            pin_memory=_safe_is_pinned(tensor),
-            compression=compression if tensor.is_floating_point() else CompressionType.NONE,
-        )
+        whole = TensorDescriptor.from_tensor(tensor)
+        properties = {field.name: getattr(whole, field.name) for field in fields(whole) if field.name != "size"}
+        if not tensor.is_floating_point():
+            compression = CompressionType.NONE  # integer tensors are always sent as they are
+        properties["compression"] = compression
+        return cls(*whole.size[1:], **properties)
 
     def make_zeros(self, *batch_size: int, **kwargs) -> torch.Tensor:
         """A zero tensor of shape ``(*batch_size, *instance_size)``."""
@@ -108,14 +105,14 @@ class BatchTensorDescriptor(TensorDescriptor):
     @classmethod
     def unpackb(cls, raw: bytes) -> BatchTensorDescriptor:
         """Parse an ext 0x51 payload; raises ValueError for anything that is not a valid descriptor."""
-        fields = MSGPackSerializer.loads(raw)
-        if not isinstance(fields, dict):
-            raise ValueError(f"BatchTensorDescriptor payload must be a map, got {type(fields).__name__}")
-        missing = [key for key in _PACKED_KEYS if key not in fields]
+        packed_fields = MSGPackSerializer.loads(raw)
+        if not isinstance(packed_fields, dict):
+            raise ValueError(f"BatchTensorDescriptor payload must be a map, got {type(packed_fields).__name__}")
+        missing = [key for key in _PACKED_KEYS if key not in packed_fields]
         if missing:
             raise ValueError(f"BatchTensorDescriptor payload lacks keys {missing}")
 
-        size = fields["size"]
+        size = packed_fields["size"]
         if not isinstance(size, (tuple, list)) or len(size) == 0 or size[0] is not None:
             raise ValueError(f"BatchTensorDescriptor size must be a sequence starting with None, got {size!r}")
         instance_size = size[1:]
@@ -123,15 +120,15 @@ class BatchTensorDescriptor(TensorDescriptor):
             raise ValueError(f"BatchTensorDescriptor dimensions must be non-negative ints, got {size!r}")
 
         for key in ("requires_grad", "pin_memory"):
-            if not isinstance(fields[key], bool):
-                raise ValueError(f"BatchTensorDescriptor {key} must be a bool, got {fields[key]!r}")
-        compression = fields["compression"]
+            if not isinstance(packed_fields[key], bool):
+                raise ValueError(f"BatchTensorDescriptor {key} must be a bool, got {packed_fields[key]!r}")
+        compression = packed_fields["compression"]
         if not isinstance(compression, int) or compression not in CompressionType.values():
             raise ValueError(f"BatchTensorDescriptor has an unknown compression {compression!r}")
 
         device = None
-        if fields["device_type"] is not None:
-            device_type, device_index = fields["device_type"], fields["device_index"]
+        if packed_fields["device_type"] is not None:
+            device_type, device_index = packed_fields["device_type"], packed_fields["device_index"]
             if not isinstance(device_type, str) or not (device_index is None or isinstance(device_index, int)):
                 raise ValueError(f"BatchTensorDescriptor has an invalid device {device_type!r}:{device_index!r}")
             try:
@@ -141,11 +138,11 @@ class BatchTensorDescriptor(TensorDescriptor):
 
         return cls(
             *instance_size,
-            dtype=_parse_torch_attribute(fields["dtype"], torch.dtype, "dtype"),
-            layout=_parse_torch_attribute(fields["layout"], torch.layout, "layout"),
+            dtype=_parse_torch_attribute(packed_fields["dtype"], torch.dtype, "dtype"),
+            layout=_parse_torch_attribute(packed_fields["layout"], torch.layout, "layout"),
             device=device,
-            requires_grad=fields["requires_grad"],
-            pin_memory=fields["pin_memory"],
+            requires_grad=packed_fields["requires_grad"],
+            pin_memory=packed_fields["pin_memory"],
             compression=compression,
         )
 
