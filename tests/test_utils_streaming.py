@@ -38,9 +38,9 @@ def test_split_then_combine_restores_the_message(chunk_size):
     assert (combined.dtype, list(combined.size), combined.compression) == ("float32", [10, 10], 0)
 
 
-def test_empty_tensor_is_one_chunk():
+def test_empty_tensor_is_one_message_that_counts_zero_chunks():
     chunks = list(split_for_streaming(serialize_torch_tensor(torch.zeros(0)), 16))
-    assert len(chunks) == 1 and chunks[0].chunks == 1 and chunks[0].dtype == "float32"
+    assert len(chunks) == 1 and chunks[0].chunks == 0 and chunks[0].dtype == "float32"
 
 
 def test_combine_rejects_no_chunks_and_headless_chunks():

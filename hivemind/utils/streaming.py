@@ -17,7 +17,8 @@ def split_for_streaming(
     """Split a serialized tensor into messages with at most ``chunk_size_bytes`` bytes of buffer each.
 
     The first message carries the metadata (compression, size, dtype, requires_grad) and the total number of
-    chunks; the others carry only their piece of the buffer. A tensor with an empty buffer is one message.
+    chunks; the others carry only their piece of the buffer. A tensor with an empty buffer is one message
+    (whose ``chunks`` is 0).
     """
     if chunk_size_bytes <= 0:
         raise ValueError(f"chunk_size_bytes must be positive, got {chunk_size_bytes}")
@@ -26,7 +27,7 @@ def split_for_streaming(
     for index, offset in enumerate(offsets):
         piece = runtime_pb2.Tensor(buffer=data[offset : offset + chunk_size_bytes].tobytes())
         if index == 0:  # the head chunk describes the whole tensor
-            piece.chunks = len(offsets)
+            piece.chunks = -(-len(data) // chunk_size_bytes)  # 0 for an empty buffer, as the original sends
             piece.size.extend(serialized_tensor.size)
             piece.dtype = serialized_tensor.dtype
             piece.requires_grad = serialized_tensor.requires_grad
