@@ -17,7 +17,7 @@ def bnb_functional():
 @pytest.fixture
 def without_bitsandbytes(monkeypatch):
     """Make BlockwiseQuantization use the pure-torch kernel, as on a peer without bitsandbytes."""
-    monkeypatch.setattr(quantization_module, "_bitsandbytes_quantize", lambda flat: None)
+    monkeypatch.setattr(quantization_module, "_bitsandbytes_by_device", {"cpu": None})
 
 
 def tensors_to_compare():
@@ -125,9 +125,16 @@ def test_failing_bitsandbytes_falls_back_to_the_pure_torch_kernel(monkeypatch):
     def broken_quantize(flat):
         raise RuntimeError("no kernel for this device")
 
-    monkeypatch.setattr(quantization_module, "_bitsandbytes_by_device", {"cpu": broken_quantize})
+    monkeypatch.setattr(quantization_module, "_bitsandbytes_by_device", {"cpu": {"quantize": broken_quantize}})
     tensor = torch.randn(5000)
     message = serialize_torch_tensor(tensor, CompressionType.BLOCKWISE_8BIT)
     indices, absmax = blockwise_kernel.quantize_blockwise(tensor)
     assert message.buffer[-5000:] == indices.numpy().tobytes()
     assert quantization_module._bitsandbytes_by_device["cpu"] is None  # not tried again
+
+
+def test_decoding_with_and_without_bitsandbytes_gives_identical_tensors(bnb_functional, monkeypatch):
+    message = serialize_torch_tensor(TENSORS["gaussian_partial_block"], CompressionType.BLOCKWISE_8BIT)
+    with_bnb = deserialize_torch_tensor(message)
+    monkeypatch.setattr(quantization_module, "_bitsandbytes_by_device", {"cpu": None})
+    assert torch.equal(deserialize_torch_tensor(message), with_bnb)

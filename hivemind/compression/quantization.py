@@ -307,7 +307,11 @@ class BlockwiseQuantization(CompressionBase):
         indices = read_array(buffer, offset_indices, numel, torch.uint8)
         if num_codes < NUM_BINS and numel > 0 and int(indices.max()) >= num_codes:
             raise TensorDecodeError(f"BLOCKWISE_8BIT tensor: index {int(indices.max())} >= code book size {num_codes}")
-        result = blockwise_kernel.dequantize_blockwise(indices, absmax, code, out=empty_output(numel, torch.float32))
+        result = _bitsandbytes_dequantize(indices, absmax, code) if num_codes == NUM_BINS and numel > 0 else None
+        if result is None:
+            result = blockwise_kernel.dequantize_blockwise(
+                indices, absmax, code, out=empty_output(numel, torch.float32)
+            )
         return (result if dtype == torch.float32 else result.to(dtype)).reshape(shape)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
@@ -316,26 +320,36 @@ class BlockwiseQuantization(CompressionBase):
 
 def _bitsandbytes_quantize(flat: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(indices, absmax, code) from bitsandbytes, or None if it is not installed or cannot run on this device."""
-    device_type = flat.device.type
+    return _call_bitsandbytes(flat.device.type, "quantize", flat)
+
+
+def _bitsandbytes_dequantize(
+    indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """``code[indices] * absmax[block]`` (float32) from bitsandbytes' kernel, or None where it is unavailable."""
+    return _call_bitsandbytes(indices.device.type, "dequantize", indices, absmax, code)
+
+
+def _call_bitsandbytes(device_type: str, operation: str, *args: torch.Tensor):
     if device_type not in _bitsandbytes_by_device:
-        _bitsandbytes_by_device[device_type] = _load_bitsandbytes_quantize()
-    quantize = _bitsandbytes_by_device[device_type]
-    if quantize is None:
+        _bitsandbytes_by_device[device_type] = _load_bitsandbytes()
+    functions = _bitsandbytes_by_device[device_type]
+    if functions is None:
         return None
     try:
-        return quantize(flat)
+        return functions[operation](*args)
     except Exception as e:  # e.g. a build without kernels for this device: do not try it again
-        logger.warning(f"bitsandbytes failed to quantize ({type(e).__name__}: {e}), using the pure-torch kernel")
+        logger.warning(f"bitsandbytes failed to {operation} ({type(e).__name__}: {e}), using the pure-torch kernel")
         _bitsandbytes_by_device[device_type] = None
         return None
 
 
-_bitsandbytes_by_device: Dict[str, Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]]] = {}
+_bitsandbytes_by_device: Dict[str, Optional[Dict[str, Callable]]] = {}
 
 
-def _load_bitsandbytes_quantize() -> Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]]:
+def _load_bitsandbytes() -> Optional[Dict[str, Callable]]:
     try:
-        from bitsandbytes.functional import quantize_blockwise
+        from bitsandbytes.functional import dequantize_blockwise, quantize_blockwise
     except Exception:  # ImportError, or a broken installation raising anything at import time
         return None
 
@@ -347,4 +361,8 @@ def _load_bitsandbytes_quantize() -> Optional[Callable[[torch.Tensor], Tuple[tor
             absmax, code = state.absmax, state.code
         return indices, absmax.float(), code.float()
 
-    return quantize
+    def dequantize(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        out = empty_output(indices.numel(), torch.float32, indices.device)
+        return dequantize_blockwise(indices, absmax=absmax, code=code, out=out, blocksize=blockwise_kernel.BLOCK_SIZE)
+
+    return dict(quantize=quantize, dequantize=dequantize)
