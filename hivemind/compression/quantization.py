@@ -339,7 +339,8 @@ def _call_bitsandbytes(device_type: str, operation: str, *args: torch.Tensor):
     try:
         return functions[operation](*args)
     except Exception as e:  # e.g. a build without kernels for this device: do not try it again
-        logger.warning(f"bitsandbytes failed to {operation} ({type(e).__name__}: {e}), using the pure-torch kernel")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        logger.warning(f"bitsandbytes failed to {operation} on {device_type} ({reason}), using the pure-torch kernel")
         _bitsandbytes_by_device[device_type] = None
         return None
 
@@ -362,7 +363,6 @@ def _load_bitsandbytes() -> Optional[Dict[str, Callable]]:
         return indices, absmax.float(), code.float()
 
     def dequantize(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-        out = empty_output(indices.numel(), torch.float32, indices.device)
-        return dequantize_blockwise(indices, absmax=absmax, code=code, out=out, blocksize=blockwise_kernel.BLOCK_SIZE)
+        return dequantize_blockwise(indices, absmax=absmax, code=code, blocksize=blockwise_kernel.BLOCK_SIZE)
 
     return dict(quantize=quantize, dequantize=dequantize)
