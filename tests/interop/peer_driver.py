@@ -287,6 +287,22 @@ class Driver:
         torch.save(tensor.detach().clone().requires_grad_(tensor.requires_grad), buffer)
         return buffer.getvalue().hex()
 
+    async def cmd_tensor_split(self, message_hex, chunk_size):
+        """split_for_streaming of runtime_pb2.Tensor bytes: the parts' bytes, hex."""
+        from hivemind.proto import runtime_pb2
+        from hivemind.utils.streaming import split_for_streaming
+
+        message = runtime_pb2.Tensor.FromString(bytes.fromhex(message_hex))
+        return [part.SerializeToString().hex() for part in split_for_streaming(message, chunk_size)]
+
+    async def cmd_tensor_combine(self, parts_hex):
+        """combine_from_streaming of parts (runtime_pb2.Tensor bytes, hex): the whole message, hex."""
+        from hivemind.proto import runtime_pb2
+        from hivemind.utils.streaming import combine_from_streaming
+
+        parts = [runtime_pb2.Tensor.FromString(bytes.fromhex(part)) for part in parts_hex]
+        return combine_from_streaming(parts).SerializeToString().hex()
+
     # --- dht ---
     def _owner_validator(self):
         from hivemind.dht.crypto import RSASignatureValidator  # DHT names are imported only by DHT commands

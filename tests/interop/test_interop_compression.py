@@ -117,3 +117,23 @@ def test_serialized_tensors_decode_identically_in_both_implementations(tensor_pe
             f"{codec} encodes {tensor_name} to different bytes: {len(ours)} vs {len(original)} bytes, "
             f"{sum(x != y for x, y in zip(ours, original))} differ, the first at offset {first} of the message"
         )
+
+
+@pytest.mark.parametrize(
+    "tensor_name, codec", [("float32-grad", "NONE"), ("float16", "QUANTILE_8BIT"), ("float32-empty", "NONE")]
+)
+def test_streaming_chunks_are_identical_and_reassemble_in_the_other_implementation(tensor_peers, tensor_name, codec):
+    message = tensor_peers[OURS].call("tensor_serialize", tensor_hex=_save(_tensor(tensor_name)), compression=codec)
+    chunk_size = 1000  # several chunks, the last one short
+    parts = {
+        side: peer.call("tensor_split", message_hex=message, chunk_size=chunk_size)
+        for side, peer in tensor_peers.items()
+    }
+    assert parts[OURS] == parts[ORIGINAL], "split_for_streaming makes different chunks (WIRE.md §8.3)"
+    combined = {side: peer.call("tensor_combine", parts_hex=parts[ORIGINAL]) for side, peer in tensor_peers.items()}
+    assert combined[OURS] == combined[ORIGINAL], "combine_from_streaming reassembles different messages"
+    decoded = {
+        side: _load(peer.call("tensor_deserialize", message_hex=combined[side])) for side, peer in tensor_peers.items()
+    }
+    expected = _load(tensor_peers[OURS].call("tensor_deserialize", message_hex=message))
+    assert _identical(decoded[OURS], expected) and _identical(decoded[ORIGINAL], expected)
