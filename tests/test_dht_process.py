@@ -54,6 +54,17 @@ async def raise_value_error(dht: DHT, node: DHTNode) -> None:
     raise ValueError("raised inside the DHT process")
 
 
+def _refuse_to_load():
+    raise ValueError("this object cannot be loaded in the DHT process")
+
+
+class LoadsOnlyInTheCaller:
+    """Pickles fine, but unpickling it fails: stands for e.g. a function defined after the DHT process was forked."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
 @pytest.fixture(scope="module")
 def dht_pair():
     first = DHT(start=True)
@@ -97,6 +108,14 @@ def test_run_coroutine_returns_result_but_state_stays_in_dht_process(dht_pair):
     assert _cancelled_in_dht_process == []
     with pytest.raises(ValueError, match="raised inside the DHT process"):
         first.run_coroutine(raise_value_error)
+
+
+@pytest.mark.timeout(30)
+def test_request_the_dht_process_cannot_load_fails_instead_of_hanging(dht_pair):
+    first, _ = dht_pair
+    with pytest.raises(RuntimeError, match="cannot be loaded in the DHT process"):
+        first.store("unloadable", LoadsOnlyInTheCaller(), get_dht_time() + 30)
+    assert first.store("loadable", 1, get_dht_time() + 30)  # the channel keeps working
 
 
 @pytest.mark.timeout(30)

@@ -1,9 +1,11 @@
 """
 The request/response channel between a user process and the DHT process: one duplex pipe, no polling.
 
-The user side sends ``(call_id, method, args, kwargs)`` tuples from any thread and a single reader thread resolves the
-matching futures; the DHT side reads requests from its event loop (``loop.add_reader``) and answers with
-``(call_id, ok, result_or_exception)``. A closed pipe fails every pending call instead of hanging it.
+The user side sends ``(call_id, pickled (method, args, kwargs))`` from any thread and a single reader thread resolves
+the matching futures; the DHT side reads requests from its event loop (``loop.add_reader``) and answers with
+``(call_id, ok, result_or_exception)``. The request body is pickled separately so that a request the DHT process
+cannot load (e.g. a function defined after it was forked) is answered with an error instead of never. A closed pipe
+fails every pending call instead of hanging it.
 """
 
 import asyncio
@@ -12,6 +14,7 @@ import itertools
 import threading
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from hivemind.utils.logging import get_logger
@@ -52,8 +55,9 @@ class CallerEnd:
             future.set_exception(ChannelClosedError(f"the DHT process is not running: {self._closed_error}"))
             return future
         try:
+            body = bytes(ForkingPickler.dumps((method, args, kwargs)))
             with self._send_lock:
-                self._connection.send((call_id, method, args, kwargs))
+                self._connection.send((call_id, body))
         except Exception as e:
             self._pending.pop(call_id, None)
             future.set_exception(e if not isinstance(e, (OSError, EOFError)) else ChannelClosedError(repr(e)))
@@ -65,7 +69,7 @@ class CallerEnd:
         if future.cancelled() and self._pending.pop(call_id, None) is not None:
             try:
                 with self._send_lock:
-                    self._connection.send((0, CANCEL, (call_id,), {}))
+                    self._connection.send((0, bytes(ForkingPickler.dumps((CANCEL, (call_id,), {})))))
             except Exception:
                 pass  # the DHT process is gone: nothing left to cancel
 
@@ -144,8 +148,13 @@ class ServingEnd:
     def _on_readable(self) -> None:
         try:
             while self._connection.poll():
-                call_id, method, args, kwargs = self._connection.recv()
-                self._dispatch(call_id, method, args, kwargs)
+                call_id, body = self._connection.recv()
+                try:
+                    method, args, kwargs = ForkingPickler.loads(body)
+                    self._dispatch(call_id, method, args, kwargs)
+                except Exception as e:
+                    message = f"the DHT process could not run this request: {e!r}"
+                    self.send(call_id, False, RuntimeError(message))
         except (EOFError, OSError):
             if not self._connection.closed:
                 self._loop.remove_reader(self._connection.fileno())
