@@ -80,6 +80,18 @@ class CompressionBase(ABC):
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
 
+    def _message(
+        self, tensor: torch.Tensor, buffer: bytes, requires_grad: bool, dtype_name: Optional[str] = None
+    ) -> runtime_pb2.Tensor:
+        """The message carrying ``buffer`` for ``tensor`` (its shape and, by default, its dtype name)."""
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=buffer,
+            size=tensor.shape,
+            dtype=dtype_to_name(tensor.dtype) if dtype_name is None else dtype_name,
+            requires_grad=requires_grad,
+        )
+
 
 class NoCompression(CompressionBase):
     """Exact copy of the tensor's bytes; bfloat16 is sent as float32 unless USE_LEGACY_BFLOAT16=0."""
@@ -95,13 +107,7 @@ class NoCompression(CompressionBase):
         itemsize = torch.empty((), dtype=wire_dtype).element_size()
         message_buffer = MessageBuffer(tensor.numel() * itemsize, tensor.device)
         message_buffer.tensor.view(wire_dtype).view(tensor.shape).copy_(tensor)  # C order, conj/neg resolved
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=message_buffer.to_bytes(),
-            size=tensor.shape,
-            dtype=dtype_name,
-            requires_grad=requires_grad,
-        )
+        return self._message(tensor, message_buffer.to_bytes(), requires_grad, dtype_name)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         shape, numel = validated_shape(serialized_tensor)

@@ -226,3 +226,12 @@ class MessageBuffer:
             return tensor_to_bytes(self.tensor)
         result, self._bytes, self.tensor = self._bytes, None, None
         return result
+
+
+def floating_output_dtype(serialized_tensor: runtime_pb2.Tensor) -> torch.dtype:
+    """The dtype a floating-point codec (16-bit, 8-bit) decodes to; a message naming any other dtype is malformed."""
+    dtype = name_to_dtype(serialized_tensor.dtype)
+    if not dtype.is_floating_point:
+        codec = runtime_pb2.CompressionType.Name(serialized_tensor.compression)
+        raise TensorDecodeError(f"a {codec} tensor must have a floating dtype, got {serialized_tensor.dtype}")
+    return dtype

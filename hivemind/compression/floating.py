@@ -9,12 +9,10 @@ import torch
 from hivemind.compression.base import CompressionBase, CompressionInfo
 from hivemind.compression.buffers import (
     MessageBuffer,
-    TensorDecodeError,
     buffer_may_be_aliased,
-    dtype_to_name,
     empty_output,
     expect_length,
-    name_to_dtype,
+    floating_output_dtype,
     read_array,
     validated_shape,
 )
@@ -34,15 +32,6 @@ def _check_float_input(codec: CompressionBase, tensor: torch.Tensor) -> None:
         )
 
 
-def _float_output_dtype(serialized_tensor: runtime_pb2.Tensor) -> torch.dtype:
-    dtype = name_to_dtype(serialized_tensor.dtype)
-    if not dtype.is_floating_point:
-        raise TensorDecodeError(
-            f"a 16-bit compressed tensor must have a floating dtype, got {serialized_tensor.dtype}"
-        )
-    return dtype
-
-
 class Float16Compression(CompressionBase):
     """Cast to float16 after clamping to ±65504; restores the original floating dtype."""
 
@@ -56,17 +45,11 @@ class Float16Compression(CompressionBase):
         message_buffer = MessageBuffer(2 * tensor.numel(), tensor.device)
         half = message_buffer.tensor.view(torch.float16).view(tensor.shape).copy_(tensor)
         half.clamp_(-FP16_MAX, FP16_MAX)
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=message_buffer.to_bytes(),
-            size=tensor.shape,
-            dtype=dtype_to_name(tensor.dtype),
-            requires_grad=requires_grad,
-        )
+        return self._message(tensor, message_buffer.to_bytes(), requires_grad)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         shape, numel = validated_shape(serialized_tensor)
-        dtype = _float_output_dtype(serialized_tensor)
+        dtype = floating_output_dtype(serialized_tensor)
         buffer = serialized_tensor.buffer
         expect_length(buffer, 2 * numel, f"FLOAT16 tensor of shape {list(shape)}")
         half = read_array(buffer, 0, numel, torch.float16)
@@ -111,17 +94,11 @@ class ScaledFloat16Compression(Float16Compression):
         packed[2 * numel : 2 * numel + 4 * num_rows].copy_(means.reshape(-1).view(torch.uint8))
         packed[2 * numel + 4 * num_rows :].copy_(stds.reshape(-1).view(torch.uint8))
         buffer = message_buffer.to_bytes()
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=buffer,
-            size=tensor.shape,
-            dtype=dtype_to_name(tensor.dtype),
-            requires_grad=requires_grad,
-        )
+        return self._message(tensor, buffer, requires_grad)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         shape, numel = validated_shape(serialized_tensor)
-        dtype = _float_output_dtype(serialized_tensor)
+        dtype = floating_output_dtype(serialized_tensor)
         num_rows = math.prod(shape[:-1])
         buffer = serialized_tensor.buffer
         expect_length(buffer, 2 * numel + 8 * num_rows, f"MEANSTD_16BIT tensor of shape {list(shape)}")

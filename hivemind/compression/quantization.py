@@ -19,10 +19,9 @@ from hivemind.compression.buffers import (
     CHUNK_ELEMENTS,
     MessageBuffer,
     TensorDecodeError,
-    dtype_to_name,
     empty_output,
     expect_length,
-    name_to_dtype,
+    floating_output_dtype,
     read_array,
     validated_shape,
 )
@@ -44,13 +43,6 @@ _HEADER = struct.Struct("<q")
 def _check_quantizable(codec: CompressionBase, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
         raise ValueError(f"{codec.__class__.__name__} compresses floating-point tensors only, got {tensor.dtype}")
-
-
-def _floating_output_dtype(serialized_tensor: runtime_pb2.Tensor) -> torch.dtype:
-    dtype = name_to_dtype(serialized_tensor.dtype)
-    if not dtype.is_floating_point:
-        raise TensorDecodeError(f"an 8-bit quantized tensor must have a floating dtype, got {serialized_tensor.dtype}")
-    return dtype
 
 
 def _sample(flat: torch.Tensor) -> torch.Tensor:
@@ -100,17 +92,11 @@ class Quantization(CompressionBase):
             codebook = torch.zeros(NUM_BINS, dtype=torch.float32, device=flat.device)
         packed[: _HEADER.size].view(torch.int64).fill_(NUM_BINS)
         packed[_HEADER.size : _HEADER.size + codebook_bytes].view(torch.float32).copy_(codebook)
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=message_buffer.to_bytes(),
-            size=tensor.shape,
-            dtype=dtype_to_name(tensor.dtype),
-            requires_grad=requires_grad,
-        )
+        return self._message(tensor, message_buffer.to_bytes(), requires_grad)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         shape, numel = validated_shape(serialized_tensor)
-        dtype = _floating_output_dtype(serialized_tensor)
+        dtype = floating_output_dtype(serialized_tensor)
         buffer = serialized_tensor.buffer
         if len(buffer) < _HEADER.size:
             raise TensorDecodeError(f"8-bit quantized tensor: buffer of {len(buffer)} bytes has no code book header")
@@ -278,17 +264,11 @@ class BlockwiseQuantization(CompressionBase):
         packed[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         packed[len(header) : len(header) + 4 * num_blocks].view(torch.float32).copy_(absmax)
         packed[len(header) + 4 * num_blocks : offset_indices].view(torch.float32).copy_(code)
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=message_buffer.to_bytes(),
-            size=tensor.shape,
-            dtype=dtype_to_name(tensor.dtype),
-            requires_grad=requires_grad,
-        )
+        return self._message(tensor, message_buffer.to_bytes(), requires_grad)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         shape, numel = validated_shape(serialized_tensor)
-        dtype = _floating_output_dtype(serialized_tensor)
+        dtype = floating_output_dtype(serialized_tensor)
         buffer = serialized_tensor.buffer
         if len(buffer) < 16:
             raise TensorDecodeError(f"BLOCKWISE_8BIT tensor: buffer of {len(buffer)} bytes has no header")
