@@ -1,0 +1,26 @@
+"""Two DHT peers on this machine: one stores a value and a dictionary entry, the other reads them back.
+
+python examples/dht_store_get.py
+"""
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+
+def main() -> None:
+    with hivemind.DHT(start=True) as first:
+        initial_peers = [str(addr) for addr in first.get_visible_maddrs()]
+        print("first peer is reachable at", initial_peers)
+
+        with hivemind.DHT(initial_peers=initial_peers, start=True) as second:
+            expiration = get_dht_time() + 60
+            assert second.store("greeting", "hello, swarm", expiration_time=expiration)
+            assert second.store("scores", 0.93, expiration_time=expiration, subkey="alice")
+
+            print("greeting ->", first.get("greeting"))
+            value, latest_expiration = first.get("scores", latest=True)
+            print("scores ->", {subkey: entry.value for subkey, entry in value.items()})
+
+
+if __name__ == "__main__":
+    main()

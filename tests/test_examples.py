@@ -1,0 +1,19 @@
+"""The scripts in examples/ run to completion and print what they promise."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.mark.timeout(60)
+def test_dht_store_get_example():
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "dht_store_get.py")], capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 0, result.stderr
+    assert "greeting -> ValueWithExpiration(value='hello, swarm'" in result.stdout
+    assert "scores -> {'alice': 0.93}" in result.stdout
