@@ -209,17 +209,27 @@ func (d *daemon) doStreamOpen(req *request) ([]byte, network.Stream) {
 	return encodeStreamInfoResponse(streamInfoOf(s)), s
 }
 
-func (d *daemon) doStreamHandler(req *request) []byte {
-	if req.streamHandler == nil {
-		return missingParameters("streamHandler")
+// decodeHandlerRegistration decodes a (Remove)StreamHandlerRequest found in field `field` of a request and
+// the client callback address it names. A non-nil errResp is the answer to a malformed request.
+func decodeHandlerRegistration(field, message string, payload []byte) (*handlerRequest, ma.Multiaddr, []byte) {
+	if payload == nil {
+		return nil, nil, missingParameters(field)
 	}
-	r, err := decodeHandlerRequest("StreamHandlerRequest", req.streamHandler)
+	r, err := decodeHandlerRequest(message, payload)
 	if err != nil {
-		return encodeErrorResponse(err.Error())
+		return nil, nil, encodeErrorResponse(err.Error())
 	}
 	addr, err := parseHandlerAddr(r.addr)
 	if err != nil {
-		return encodeErrorResponse(fmt.Sprintf("invalid handler multiaddr: %v", err))
+		return nil, nil, encodeErrorResponse(fmt.Sprintf("invalid handler multiaddr: %v", err))
+	}
+	return r, addr, nil
+}
+
+func (d *daemon) doStreamHandler(req *request) []byte {
+	r, addr, errResp := decodeHandlerRegistration("streamHandler", "StreamHandlerRequest", req.streamHandler)
+	if errResp != nil {
+		return errResp
 	}
 	key := string(addr.Bytes())
 	d.mu.Lock()
@@ -248,16 +258,10 @@ func (d *daemon) doStreamHandler(req *request) []byte {
 }
 
 func (d *daemon) doRemoveStreamHandler(req *request) []byte {
-	if req.removeStreamHandler == nil {
-		return missingParameters("removeStreamHandler")
-	}
-	r, err := decodeHandlerRequest("RemoveStreamHandlerRequest", req.removeStreamHandler)
-	if err != nil {
-		return encodeErrorResponse(err.Error())
-	}
-	addr, err := parseHandlerAddr(r.addr)
-	if err != nil {
-		return encodeErrorResponse(fmt.Sprintf("invalid handler multiaddr: %v", err))
+	r, addr, errResp := decodeHandlerRegistration(
+		"removeStreamHandler", "RemoveStreamHandlerRequest", req.removeStreamHandler)
+	if errResp != nil {
+		return errResp
 	}
 	key := string(addr.Bytes())
 	d.mu.Lock()

@@ -2,7 +2,7 @@
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from hivemind.dht.id_codec import IdCodec
 from hivemind.dht.rate_limit import PeerRateLimiter
@@ -219,15 +219,21 @@ class DHTProtocol(ServicerBase):
             return storage.store(key_id, value, expiration_time)
         return storage.store(key_id, value, expiration_time, subkey=self.serializer.loads(subkey))
 
-    def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage: DHTLocalStorage, now: float) -> bool:
+    def _decode_dictionary_entries(self, value: bytes, source: str) -> Optional[List[Tuple[Any, bytes, float]]]:
+        """(subkey, value, expiration) of each entry in a remote peer's ext-0x50 bytes; None (counted) if malformed."""
         try:
             dictionary = self.serializer.loads(value)
             if not isinstance(dictionary, DictionaryDHTValue):
                 raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
-            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
+            return [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
         except Exception as e:
-            logger.debug(f"Malformed dictionary value from a remote peer: {e!r}")
+            logger.debug(f"Malformed dictionary in {source}: {e!r}")
             self._reject("malformed_dictionary")
+            return None
+
+    def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage: DHTLocalStorage, now: float) -> bool:
+        entries = self._decode_dictionary_entries(value, "a store request")
+        if entries is None:
             return False
         all_accepted = True
         for subkey, entry_value, entry_expiration in entries:
@@ -444,14 +450,8 @@ class DHTProtocol(ServicerBase):
 
     def _parse_dictionary(self, key_bytes: bytes, value: bytes, now: float) -> Optional[DictionaryDHTValue]:
         """Decode a dictionary from a find response, keeping only its well-formed and valid entries."""
-        try:
-            dictionary = self.serializer.loads(value)
-            if not isinstance(dictionary, DictionaryDHTValue):
-                raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
-            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
-        except Exception as e:
-            logger.debug(f"Malformed dictionary in a find response: {e!r}")
-            self._reject("malformed_dictionary")
+        entries = self._decode_dictionary_entries(value, "a find response")
+        if entries is None:
             return None
         clean = DictionaryDHTValue()
         for subkey, entry_value, entry_expiration in entries:

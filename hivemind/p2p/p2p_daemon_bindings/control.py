@@ -99,6 +99,24 @@ class DaemonConnector:
         raise_if_failed(response)
         return response
 
+    async def request_keeping_connection(
+        self, request: p2pd_pb2.Request, purpose: str
+    ) -> Tuple[p2pd_pb2.Response, asyncio.StreamReader, asyncio.StreamWriter]:
+        """Send one request on a fresh control connection that stays open after a successful response (it then
+        carries a stream or the persistent channel); on any failure the connection is closed. ``purpose`` (e.g.
+        "while opening a stream") completes the error message when the daemon hangs up."""
+        reader, writer = await self.open_connection()
+        try:
+            await write_pbmsg(writer, request)
+            response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.max_msg_size)
+            raise_if_failed(response)
+        except BaseException as e:
+            writer.close()
+            if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
+                raise P2PDaemonError(f"p2pd closed the connection {purpose}: {e!r}") from e
+            raise
+        return response, reader, writer
+
 
 class ControlClient:
     """A client of one p2pd daemon: control requests, a callback socket for stream handlers, unary RPCs."""
@@ -144,16 +162,8 @@ class ControlClient:
             if self._persistent is None:
                 if self._closed:
                     raise P2PDaemonError("The p2pd client is closed")
-                reader, writer = await self.connector.open_connection()
-                try:
-                    await write_pbmsg(writer, p2pd_pb2.Request(type=p2pd_pb2.Request.PERSISTENT_CONN_UPGRADE))
-                    response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.connector.max_msg_size)
-                    raise_if_failed(response)
-                except BaseException as e:
-                    writer.close()
-                    if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
-                        raise P2PDaemonError(f"p2pd closed the connection during upgrade: {e!r}") from e
-                    raise
+                upgrade = p2pd_pb2.Request(type=p2pd_pb2.Request.PERSISTENT_CONN_UPGRADE)
+                _, reader, writer = await self.connector.request_keeping_connection(upgrade, "during upgrade")
                 self._persistent = PersistentConnection(
                     reader,
                     writer,
@@ -231,16 +241,7 @@ class ControlClient:
         if timeout is not None:
             stream_open_request.timeout = int(timeout)
         request = p2pd_pb2.Request(type=p2pd_pb2.Request.STREAM_OPEN, streamOpen=stream_open_request)
-        reader, writer = await self.connector.open_connection()
-        try:
-            await write_pbmsg(writer, request)
-            response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.connector.max_msg_size)
-            raise_if_failed(response)
-        except BaseException as e:
-            writer.close()
-            if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
-                raise P2PDaemonError(f"p2pd closed the connection while opening a stream: {e!r}") from e
-            raise
+        response, reader, writer = await self.connector.request_keeping_connection(request, "while opening a stream")
         tune_stream_transport(writer)
         return StreamInfo.from_protobuf(response.streamInfo), reader, writer
 
