@@ -21,7 +21,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/core/routing"
-	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	yamuxtransport "github.com/libp2p/go-libp2p/p2p/muxer/yamux"
 	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
@@ -102,11 +101,9 @@ func (d *daemon) hostOptions() ([]libp2p.Option, error) {
 	if c.noise {
 		opts = append(opts, libp2p.Security(noise.ID, newBatchingNoise))
 	}
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(rcmgr.InfiniteLimits))
-	if err != nil {
-		return nil, fmt.Errorf("cannot create the resource manager: %v", err)
-	}
-	opts = append(opts, libp2p.ResourceManager(rm))
+	// No resource limits, as in the fork daemon. The null manager also skips the per-stream scopes, memory
+	// accounting and trace events that a limiter with infinite limits would still maintain on every call.
+	opts = append(opts, libp2p.ResourceManager(&network.NullResourceManager{}))
 	if c.identity != nil {
 		opts = append(opts, libp2p.Identity(c.identity))
 	}

@@ -162,6 +162,7 @@ func parseOptions(args []string) *options {
 }
 
 func main() {
+	limitSchedulerThreads()
 	o := parseOptions(os.Args[1:])
 	if o.showVersion {
 		fmt.Printf("p2pd %s\n", version)
