@@ -18,6 +18,7 @@ from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, Contr
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from hivemind.utils.logging import get_logger
+from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.multiaddr import Multiaddr
 
 logger = get_logger(__name__)
@@ -134,6 +135,7 @@ class P2P:
                 logger.info(f"Generating a new identity (libp2p RSA key) in {identity_path}")
                 generate_identity(identity_path)
 
+        tune_malloc_for_large_messages()  # large stream messages would fault their buffers in again every time
         self = cls()
         token = base64.urlsafe_b64encode(secrets.token_bytes(8)).decode().rstrip("=")
         self._daemon_listen_maddr = Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}p2pd-{token}.sock")
@@ -175,6 +177,7 @@ class P2P:
     @classmethod
     async def replicate(cls, daemon_listen_maddr: MaddrLike) -> "P2P":
         """Attach to a running daemon (e.g. started by ``P2P.create`` in a parent process); owns no process."""
+        tune_malloc_for_large_messages()
         self = cls()
         token = base64.urlsafe_b64encode(secrets.token_bytes(8)).decode().rstrip("=")
         self._daemon_listen_maddr = Multiaddr(str(daemon_listen_maddr))

@@ -1,0 +1,60 @@
+"""Keep glibc's allocator from handing megabyte-sized buffers back to the kernel after every message.
+
+Each large message that crosses a P2P stream allocates a few buffers of its size (the serialized bytes, the parsed
+message, the received payload) and frees them a moment later. With glibc's start-up thresholds, a freed buffer at
+the top of the heap is returned to the kernel once more than about twice its size is free there, so the next
+message faults the same pages in again and zero-fills them: in a 1 MiB-message stream that was a third of the
+Python process's CPU time. glibc raises these thresholds by itself after it frees a large block, up to 32 MiB for
+allocations served by ``mmap`` and 64 MiB for trimming; ``tune_malloc_for_large_messages`` sets that ceiling at
+once, so at most 64 MiB of freed memory stays at the top of the heap, as in any process that has freed one
+32 MiB buffer.
+
+The tuning applies to the whole process, once, on glibc only. It is skipped when ``HIVEMIND_TUNE_MALLOC=0`` or when
+the user already set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` for glibc.
+"""
+
+import ctypes
+import os
+import platform
+import threading
+
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+TUNE_MALLOC_ENV_VAR = "HIVEMIND_TUNE_MALLOC"
+GLIBC_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES  # what glibc pairs with that mmap threshold
+_THRESHOLDS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+_lock = threading.Lock()
+_outcome = {}  # pid -> whether this process was tuned
+
+
+def tune_malloc_for_large_messages() -> bool:
+    """Apply the thresholds described in the module docstring once per process; returns whether they are in effect."""
+    pid = os.getpid()
+    with _lock:
+        if pid not in _outcome:
+            _outcome[pid] = _apply()
+        return _outcome[pid]
+
+
+def _apply() -> bool:
+    if os.environ.get(TUNE_MALLOC_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if any(name in os.environ for name in GLIBC_ENV_VARS):
+        return False  # the user tuned glibc explicitly
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = all(mallopt(param, value) == 1 for param, value in _THRESHOLDS)  # mallopt returns 1 on success
+    if applied:
+        logger.debug(f"glibc malloc: mmap threshold {MMAP_THRESHOLD_BYTES} B, trim threshold {TRIM_THRESHOLD_BYTES} B")
+    return applied
