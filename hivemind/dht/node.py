@@ -484,22 +484,29 @@ class DHTNode:
         untried = list(candidates.items())
         in_flight: Dict[asyncio.Task, DHTID] = {}
         num_responded = 0
+
+        def take_answer(response: List[bool]) -> None:
+            nonlocal statuses, num_responded
+            statuses = response
+            num_responded += 1
+            if not await_all_replicas and any(statuses) and not result.done():
+                result.set_result(statuses)
+
         try:
             while True:
                 while untried and num_responded + len(in_flight) < self.num_replicas:
                     node_id, peer_id = untried.pop(0)
-                    in_flight[self._spawn(self._send_entries(key_id, entries, node_id, peer_id))] = node_id
+                    if node_id == self.node_id:  # this node answers at once: no task, no waiting
+                        take_answer(self._store_locally(key_id, entries))
+                    else:
+                        in_flight[self._spawn(self._send_entries(key_id, entries, node_id, peer_id))] = node_id
                 if not in_flight:
                     break
                 done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     del in_flight[task]
-                    response = task.result()
-                    if response is not None:
-                        statuses = response
-                        num_responded += 1
-                        if not await_all_replicas and any(statuses) and not result.done():
-                            result.set_result(statuses)
+                    if task.result() is not None:
+                        take_answer(task.result())
         finally:
             if not result.done():
                 result.set_result(statuses)
