@@ -114,17 +114,26 @@ func (d *daemon) doIdentify() []byte {
 	return encodeIdentifyResponse([]byte(d.host.ID()), encoded)
 }
 
+// decodeRequestToPeer decodes a request that names a peer (CONNECT, DISCONNECT, STREAM_OPEN) and checks its peer id.
+func decodeRequestToPeer(name string, b []byte, secondIsString bool) (*peerRequest, peer.ID, error) {
+	r, err := decodePeerRequest(name, b, secondIsString)
+	if err != nil {
+		return nil, "", err
+	}
+	pid, err := peer.IDFromBytes(r.peer)
+	if err != nil {
+		return nil, "", fmt.Errorf("invalid peer id: %v", err)
+	}
+	return r, pid, nil
+}
+
 func (d *daemon) doConnect(req *request) []byte {
 	if req.connect == nil {
 		return missingParameters("connect")
 	}
-	r, err := decodePeerRequest("ConnectRequest", req.connect, false)
+	r, pid, err := decodeRequestToPeer("ConnectRequest", req.connect, false)
 	if err != nil {
 		return encodeErrorResponse(err.Error())
-	}
-	pid, err := peer.IDFromBytes(r.peer)
-	if err != nil {
-		return encodeErrorResponse(fmt.Sprintf("invalid peer id: %v", err))
 	}
 	info := peer.AddrInfo{ID: pid}
 	for _, raw := range r.addrs {
@@ -146,13 +155,9 @@ func (d *daemon) doDisconnect(req *request) []byte {
 	if req.disconnect == nil {
 		return missingParameters("disconnect")
 	}
-	r, err := decodePeerRequest("DisconnectRequest", req.disconnect, false)
+	_, pid, err := decodeRequestToPeer("DisconnectRequest", req.disconnect, false)
 	if err != nil {
 		return encodeErrorResponse(err.Error())
-	}
-	pid, err := peer.IDFromBytes(r.peer)
-	if err != nil {
-		return encodeErrorResponse(fmt.Sprintf("invalid peer id: %v", err))
 	}
 	if err := d.host.Network().ClosePeer(pid); err != nil {
 		return encodeErrorResponse(err.Error())
@@ -185,13 +190,9 @@ func (d *daemon) doStreamOpen(req *request) ([]byte, network.Stream) {
 	if req.streamOpen == nil {
 		return missingParameters("streamOpen"), nil
 	}
-	r, err := decodePeerRequest("StreamOpenRequest", req.streamOpen, true)
+	r, pid, err := decodeRequestToPeer("StreamOpenRequest", req.streamOpen, true)
 	if err != nil {
 		return encodeErrorResponse(err.Error()), nil
-	}
-	pid, err := peer.IDFromBytes(r.peer)
-	if err != nil {
-		return encodeErrorResponse(fmt.Sprintf("invalid peer id: %v", err)), nil
 	}
 	if len(r.protos) == 0 {
 		return encodeErrorResponse("Malformed request; no protocol given"), nil

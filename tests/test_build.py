@@ -1,5 +1,6 @@
 """The build works: generated protobuf modules, the p2pd binary, its command line, start-up and shutdown."""
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -13,6 +14,7 @@ import base58
 import pytest
 
 from hivemind.p2p.daemon_binary import P2PD_PATH_ENV_VAR, get_p2pd_path, get_p2pd_version
+from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
 
 PROTO_MODULES = ["auth_pb2", "averaging_pb2", "crypto_pb2", "dht_pb2", "p2pd_pb2", "runtime_pb2", "test_pb2"]
 STARTUP_TIMEOUT = 15
@@ -117,6 +119,17 @@ def start_daemon(control_socket, *extra):
     raise AssertionError(f"p2pd did not become ready; stdout={lines!r}, stderr={stderr!r}")
 
 
+@contextlib.contextmanager
+def running_daemon(control_socket, *extra):
+    """``start_daemon`` for the duration of a ``with`` block; the daemon is killed when the block ends."""
+    process, peer_id, addrs = start_daemon(control_socket, *extra)
+    try:
+        yield process, peer_id, addrs
+    finally:
+        process.kill()
+        process.communicate()
+
+
 def run_failing_daemon(control_socket, *extra):
     result = subprocess.run(daemon_args(control_socket, *extra), capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
@@ -128,29 +141,21 @@ def run_failing_daemon(control_socket, *extra):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_daemon_prints_peer_id_and_exits_cleanly_on_signal(tmp_path, sig):
     control_socket = tmp_path / "p2pd.sock"
-    process, peer_id, addrs = start_daemon(control_socket)
-    try:
+    with running_daemon(control_socket) as (process, peer_id, addrs):
         assert len(base58.b58decode(peer_id)) >= 34
         assert addrs[0].startswith("/ip4/127.0.0.1/tcp/")
         assert control_socket.exists()
         process.send_signal(sig)
         assert process.wait(timeout=10) == 0
         assert not control_socket.exists()
-    finally:
-        process.kill()
-        process.communicate()
 
 
 @pytest.mark.timeout(30)
 def test_daemon_exits_after_idle_timeout_without_persistent_connection(tmp_path):
     control_socket = tmp_path / "p2pd.sock"
-    process, _, _ = start_daemon(control_socket, "-idleTimeout=1s")
-    try:
+    with running_daemon(control_socket, "-idleTimeout=1s") as (process, _, _):
         assert process.wait(timeout=10) == 0
         assert not control_socket.exists()
-    finally:
-        process.kill()
-        process.communicate()
 
 
 @pytest.mark.timeout(30)
@@ -208,25 +213,21 @@ def test_rsa_identity_file_gives_the_peer_id_derived_from_its_public_key(tmp_pat
     public_key = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der).SerializeToString()
     expected_peer_id = base58.b58encode(b"\x12\x20" + hashlib.sha256(public_key).digest()).decode()
 
-    process, peer_id, _ = start_daemon(tmp_path / "p2pd.sock", f"-id={identity}")
-    try:
+    with running_daemon(tmp_path / "p2pd.sock", f"-id={identity}") as (process, peer_id, _):
         assert peer_id == expected_peer_id
-    finally:
-        process.terminate()
-        process.communicate(timeout=10)
+
+
+def control_connection(control_socket) -> socket.socket:
+    """A connected socket to the daemon's control socket, with a 10 s timeout on every operation."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(control_socket))
+    return sock
 
 
 def write_delimited(sock, message):
     data = message.SerializeToString()
-    header = bytearray()
-    size = len(data)
-    while True:
-        byte = size & 0x7F
-        size >>= 7
-        header.append(byte | (0x80 if size else 0))
-        if not size:
-            break
-    sock.sendall(bytes(header) + data)
+    sock.sendall(encode_varint(len(data)) + data)
 
 
 def read_delimited(sock, message_type):
@@ -253,11 +254,8 @@ def test_raw_identify_over_control_socket_returns_the_printed_peer_id(tmp_path):
     from hivemind.proto import p2pd_pb2
 
     control_socket = tmp_path / "p2pd.sock"
-    process, peer_id, addrs = start_daemon(control_socket)
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(str(control_socket))
+    with running_daemon(control_socket) as (process, peer_id, addrs):
+        with control_connection(control_socket) as sock:
             write_delimited(sock, p2pd_pb2.Request(type=p2pd_pb2.Request.IDENTIFY))
             response = read_delimited(sock, p2pd_pb2.Response)
         assert response.type == p2pd_pb2.Response.OK
@@ -265,9 +263,6 @@ def test_raw_identify_over_control_socket_returns_the_printed_peer_id(tmp_path):
         tcp_port = int(addrs[0].rsplit("/", 1)[1])
         # binary multiaddr /ip4/127.0.0.1/tcp/<port>: 0x04 + 4 address bytes, 0x06 + 2 port bytes
         assert bytes([4, 127, 0, 0, 1, 6]) + struct.pack(">H", tcp_port) in response.identify.addrs
-    finally:
-        process.terminate()
-        process.communicate(timeout=10)
 
 
 # ------------------------------------------------------------------- control protocol of the daemon, raw messages
@@ -280,9 +275,7 @@ class PersistentConnection:
         from hivemind.proto import p2pd_pb2
 
         self.pb = p2pd_pb2
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(str(control_socket))
+        self.sock = control_connection(control_socket)
         write_delimited(self.sock, p2pd_pb2.Request(type=p2pd_pb2.Request.PERSISTENT_CONN_UPGRADE))
         assert read_delimited(self.sock, p2pd_pb2.Response).type == p2pd_pb2.Response.OK
 
@@ -304,14 +297,9 @@ def new_call_id():
 def two_daemons(tmp_path):
     """Daemons A and B on 127.0.0.1, B bootstrapped from A; yields (control socket, peer id bytes) pairs."""
     socket_a, socket_b = tmp_path / "a.sock", tmp_path / "b.sock"
-    process_a, id_a, addrs_a = start_daemon(socket_a)
-    process_b, id_b, _ = start_daemon(socket_b, "-b=1", f"-bootstrapPeers={addrs_a[0]}/p2p/{id_a}")
-    try:
-        yield (socket_a, base58.b58decode(id_a)), (socket_b, base58.b58decode(id_b))
-    finally:
-        for process in (process_a, process_b):
-            process.kill()
-            process.communicate()
+    with running_daemon(socket_a) as (_, id_a, addrs_a):
+        with running_daemon(socket_b, "-b=1", f"-bootstrapPeers={addrs_a[0]}/p2p/{id_a}") as (_, id_b, _):
+            yield (socket_a, base58.b58decode(id_a)), (socket_b, base58.b58decode(id_b))
 
 
 @pytest.mark.timeout(30)
@@ -375,8 +363,7 @@ def test_cancelled_unary_call_cancels_the_handler(two_daemons):
 @pytest.mark.timeout(30)
 def test_oversized_persistent_message_gets_daemon_error_and_connection_survives(tmp_path):
     control_socket = tmp_path / "p2pd.sock"
-    process, peer_id, _ = start_daemon(control_socket, "-persistentConnMaxMsgSize=1024")
-    try:
+    with running_daemon(control_socket, "-persistentConnMaxMsgSize=1024") as (process, peer_id, _):
         client = PersistentConnection(control_socket)
         pb = client.pb
         call_id = new_call_id()
@@ -386,9 +373,6 @@ def test_oversized_persistent_message_gets_daemon_error_and_connection_survives(
         assert answer.callId == call_id and "1024" in answer.daemonError.message
         client.send(b"n" * 16, addUnaryHandler=pb.AddUnaryHandlerRequest(proto="Big.rpc_big", balanced=False))
         assert client.receive() == pb.PersistentConnectionResponse(callId=b"n" * 16)
-    finally:
-        process.kill()
-        process.communicate()
 
 
 @pytest.mark.timeout(30)
@@ -396,32 +380,23 @@ def test_malformed_control_message_does_not_crash_the_daemon(tmp_path):
     from hivemind.proto import p2pd_pb2
 
     control_socket = tmp_path / "p2pd.sock"
-    process, peer_id, _ = start_daemon(control_socket)
-    try:
+    with running_daemon(control_socket) as (process, peer_id, _):
         for garbage in [b"\x05\xff\xff\xff\xff\xff", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x02\x08"]:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(10)
-                sock.connect(str(control_socket))
+            with control_connection(control_socket) as sock:
                 sock.sendall(garbage)
                 sock.shutdown(socket.SHUT_WR)
                 while sock.recv(4096):
                     pass
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(str(control_socket))
+        with control_connection(control_socket) as sock:
             write_delimited(sock, p2pd_pb2.Request(type=p2pd_pb2.Request.IDENTIFY))
             assert base58.b58encode(read_delimited(sock, p2pd_pb2.Response).identify.id).decode() == peer_id
         assert process.poll() is None
-    finally:
-        process.kill()
-        process.communicate()
 
 
 @pytest.mark.timeout(30)
 def test_daemon_exits_when_the_last_persistent_connection_closes(tmp_path):
     control_socket = tmp_path / "p2pd.sock"
-    process, _, _ = start_daemon(control_socket, "-idleTimeout=30s")
-    try:
+    with running_daemon(control_socket, "-idleTimeout=30s") as (process, _, _):
         first, second = PersistentConnection(control_socket), PersistentConnection(control_socket)
         first.close()
         time.sleep(0.5)
@@ -429,47 +404,35 @@ def test_daemon_exits_when_the_last_persistent_connection_closes(tmp_path):
         second.close()
         assert process.wait(timeout=10) == 0
         assert not control_socket.exists()
-    finally:
-        process.kill()
-        process.communicate()
 
 
 @pytest.mark.timeout(30)
 def test_sigint_waits_for_connected_clients_to_disconnect(tmp_path):
     control_socket = tmp_path / "p2pd.sock"
-    process, _, _ = start_daemon(control_socket)
-    try:
+    with running_daemon(control_socket) as (process, _, _):
         client = PersistentConnection(control_socket)
         process.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert process.poll() is None  # Ctrl-C reaches the owner too; it still needs its daemon to shut down
         client.close()
         assert process.wait(timeout=10) == 0
-    finally:
-        process.kill()
-        process.communicate()
 
 
 @pytest.mark.timeout(30)
 def test_oversized_handler_response_reaches_the_caller_as_an_error(tmp_path):
     socket_a, socket_b = tmp_path / "a.sock", tmp_path / "b.sock"
-    process_a, id_a, addrs_a = start_daemon(socket_a)
-    process_b, id_b, _ = start_daemon(
-        socket_b, "-persistentConnMaxMsgSize=1024", "-b=1", f"-bootstrapPeers={addrs_a[0]}/p2p/{id_a}"
-    )
-    try:
-        caller, handler = PersistentConnection(socket_a), PersistentConnection(socket_b)
-        pb = caller.pb
-        handler.send(new_call_id(), addUnaryHandler=pb.AddUnaryHandlerRequest(proto="Big.rpc_big", balanced=False))
-        handler.receive()
-        call_id = new_call_id()
-        caller.send(call_id, callUnary=pb.CallUnaryRequest(peer=base58.b58decode(id_b), proto="Big.rpc_big", data=b""))
-        assert handler.receive().callId == call_id
-        handler.send(call_id, unaryResponse=pb.CallUnaryResponse(response=b"x" * 4096))
-        assert "1024" in handler.receive().daemonError.message
-        answer = caller.receive()
-        assert answer.callId == call_id and b"rejected" in answer.callUnaryResponse.error
-    finally:
-        for process in (process_a, process_b):
-            process.kill()
-            process.communicate()
+    with running_daemon(socket_a) as (_, id_a, addrs_a):
+        limited = ("-persistentConnMaxMsgSize=1024", "-b=1", f"-bootstrapPeers={addrs_a[0]}/p2p/{id_a}")
+        with running_daemon(socket_b, *limited) as (_, id_b, _):
+            caller, handler = PersistentConnection(socket_a), PersistentConnection(socket_b)
+            pb = caller.pb
+            handler.send(new_call_id(), addUnaryHandler=pb.AddUnaryHandlerRequest(proto="Big.rpc_big", balanced=False))
+            handler.receive()
+            call_id = new_call_id()
+            request = pb.CallUnaryRequest(peer=base58.b58decode(id_b), proto="Big.rpc_big", data=b"")
+            caller.send(call_id, callUnary=request)
+            assert handler.receive().callId == call_id
+            handler.send(call_id, unaryResponse=pb.CallUnaryResponse(response=b"x" * 4096))
+            assert "1024" in handler.receive().daemonError.message
+            answer = caller.receive()
+            assert answer.callId == call_id and b"rejected" in answer.callUnaryResponse.error

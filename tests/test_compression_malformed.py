@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hivemind.compression import TensorDecodeError, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType
 
@@ -77,18 +78,9 @@ def test_lossy_message_claiming_an_integer_dtype_is_rejected(compression, dtype)
 @pytest.mark.parametrize("compression_value", [6, 100, 2**31 - 1])
 def test_unknown_compression_type_is_rejected(compression_value):
     message = runtime_pb2.Tensor.FromString(valid_message(CompressionType.NONE).SerializeToString())
-    raw = message.SerializeToString() + bytes([0x28]) + _varint(compression_value)  # field 5 (compression), varint
+    raw = message.SerializeToString() + bytes([0x28]) + encode_varint(compression_value)  # field 5, varint
     with pytest.raises(TensorDecodeError, match="compression"):
         deserialize_torch_tensor(runtime_pb2.Tensor.FromString(raw))
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def test_requires_grad_on_an_integer_tensor_is_rejected():

@@ -16,7 +16,7 @@ the user already set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` for
 import ctypes
 import os
 import platform
-import threading
+from typing import Optional
 
 from hivemind.utils.logging import get_logger
 
@@ -29,17 +29,15 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on
 TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES  # what glibc pairs with that mmap threshold
 _THRESHOLDS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
-_lock = threading.Lock()
-_outcome = {}  # pid -> whether this process was tuned
+_applied: Optional[bool] = None  # set by the first call; a forked child inherits both this and glibc's settings
 
 
 def tune_malloc_for_large_messages() -> bool:
     """Apply the thresholds described in the module docstring once per process; returns whether they are in effect."""
-    pid = os.getpid()
-    with _lock:
-        if pid not in _outcome:
-            _outcome[pid] = _apply()
-        return _outcome[pid]
+    global _applied
+    if _applied is None:
+        _applied = _apply()  # two threads racing here both call mallopt with the same values: harmless
+    return _applied
 
 
 def _apply() -> bool:
