@@ -62,21 +62,31 @@ def decode_header(header: bytes) -> Tuple[bytes, int]:
     return marker, decode_length(header[MARKER_LEN:])
 
 
-def encode_frame(message: Union[Message, RPCError]) -> bytes:
-    """A complete frame for a message (``RPCError`` gets the error marker)."""
+def _frame_parts(message: Union[Message, RPCError]) -> Tuple[bytes, bytes]:
+    """``(header, payload)`` of the frame for a message (``RPCError`` gets the error marker)."""
     marker = ERROR_MARKER if isinstance(message, RPCError) else MESSAGE_MARKER
     payload = message.SerializeToString()
-    return encode_header(marker, len(payload)) + payload
+    return encode_header(marker, len(payload)), payload
+
+
+def encode_frame(message: Union[Message, RPCError]) -> bytes:
+    """A complete frame for a message (``RPCError`` gets the error marker)."""
+    header, payload = _frame_parts(message)
+    return header + payload
+
+
+def _write_prefixed(writer: asyncio.StreamWriter, prefix: bytes, payload: bytes) -> None:
+    """Write a header and its payload: joined when small, as two writes (no concatenation) when large."""
+    if len(payload) < JOIN_WRITE_THRESHOLD:
+        writer.write(prefix + payload)
+    else:
+        writer.write(prefix)
+        writer.write(payload)
 
 
 async def send_raw_data(data: bytes, writer: asyncio.StreamWriter, *, drain: bool = True) -> None:
     """Write ``data`` prefixed with its 8-byte big-endian length."""
-    length = len(data).to_bytes(HEADER_LEN, BYTEORDER)
-    if len(data) < JOIN_WRITE_THRESHOLD:
-        writer.write(length + data)
-    else:
-        writer.write(length)
-        writer.write(data)
+    _write_prefixed(writer, len(data).to_bytes(HEADER_LEN, BYTEORDER), data)
     if drain:
         await writer.drain()
 
@@ -89,14 +99,7 @@ async def receive_raw_data(reader: asyncio.StreamReader) -> Payload:
 
 async def send_protobuf(message: Union[Message, RPCError], writer: asyncio.StreamWriter) -> None:
     """Write one frame: ``0x00`` + message, or ``0x01`` + ``RPCError``."""
-    marker = ERROR_MARKER if isinstance(message, RPCError) else MESSAGE_MARKER
-    payload = message.SerializeToString()
-    header = encode_header(marker, len(payload))
-    if len(payload) < JOIN_WRITE_THRESHOLD:
-        writer.write(header + payload)
-    else:
-        writer.write(header)
-        writer.write(payload)
+    _write_prefixed(writer, *_frame_parts(message))
     await writer.drain()
 
 

@@ -14,7 +14,12 @@ from hivemind.p2p import daemon_args, framing, protobuf_streams
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
-from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, ControlClient, DaemonConnector
+from hivemind.p2p.p2p_daemon_bindings.control import (
+    DEFAULT_MAX_MSG_SIZE,
+    ControlClient,
+    DaemonConnector,
+    unix_socket_path,
+)
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from hivemind.utils.logging import get_logger
@@ -37,6 +42,11 @@ TInputStream = AsyncIterator[TInputProtobuf]
 TOutputStream = AsyncIterator[TOutputProtobuf]
 
 _NO_RESPONSE = object()
+
+
+def _socket_token() -> str:
+    """A random, file-name-safe token that makes the socket paths of one P2P instance unique."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(8)).decode().rstrip("=")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,24 +132,11 @@ class P2P:
         except (OSError, RuntimeError) as e:
             raise P2PDaemonError(str(e)) from e
 
-        if identity_path is not None:
-            if os.path.exists(identity_path):
-                if check_if_identity_free and initial_peers:
-                    same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)
-                    if await cls.is_identity_taken(identity_path, initial_peers=initial_peers, **same_swarm):
-                        raise P2PDaemonError(
-                            f"A peer with the identity from {identity_path} is already online; "
-                            "use another identity_path or stop the other peer"
-                        )
-            else:
-                logger.info(f"Generating a new identity (libp2p RSA key) in {identity_path}")
-                generate_identity(identity_path)
-
         tune_malloc_for_large_messages()  # large stream messages would fault their buffers in again every time
         self = cls()
-        token = base64.urlsafe_b64encode(secrets.token_bytes(8)).decode().rstrip("=")
-        self._daemon_listen_maddr = Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}p2pd-{token}.sock")
-        self._client_listen_maddr = Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}p2pclient-{token}.sock")
+        token = _socket_token()
+        self._daemon_listen_maddr = cls._socket_maddr("p2pd", token)
+        self._client_listen_maddr = cls._socket_maddr("p2pclient", token)
         args = daemon_args.build_daemon_args(
             control_maddr=self._daemon_listen_maddr,
             initial_peers=initial_peers,
@@ -160,10 +157,23 @@ class P2P:
             max_msg_size=persistent_conn_max_msg_size,
             no_listen=no_listen,
             trusted_relays=trusted_relays,
-        )
+        )  # checks the options before anything below starts a probe daemon or writes an identity file
+        if identity_path is not None:
+            if os.path.exists(identity_path):
+                if check_if_identity_free and initial_peers:
+                    same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)
+                    if await cls.is_identity_taken(identity_path, initial_peers=initial_peers, **same_swarm):
+                        raise P2PDaemonError(
+                            f"A peer with the identity from {identity_path} is already online; "
+                            "use another identity_path or stop the other peer"
+                        )
+            else:
+                logger.info(f"Generating a new identity (libp2p RSA key) in {identity_path}")
+                generate_identity(identity_path)
+
         env = dict(os.environ, GOLOG_LOG_FMT="json")
         env.setdefault("GOLOG_LOG_LEVEL", golog_level_for(logger.getEffectiveLevel()))
-        socket_paths = [str(self._daemon_listen_maddr)[len("/unix") :], str(self._client_listen_maddr)[len("/unix") :]]
+        socket_paths = [unix_socket_path(self._daemon_listen_maddr), unix_socket_path(self._client_listen_maddr)]
         self._daemon = DaemonProcess(binary_path, args, env=env, cleanup_paths=socket_paths)
         self._daemon.on_unexpected_exit = self._on_daemon_exit
         try:
@@ -175,13 +185,16 @@ class P2P:
         return self
 
     @classmethod
+    def _socket_maddr(cls, kind: str, token: str) -> Multiaddr:
+        return Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}{kind}-{token}.sock")
+
+    @classmethod
     async def replicate(cls, daemon_listen_maddr: MaddrLike) -> "P2P":
         """Attach to a running daemon (e.g. started by ``P2P.create`` in a parent process); owns no process."""
         tune_malloc_for_large_messages()
         self = cls()
-        token = base64.urlsafe_b64encode(secrets.token_bytes(8)).decode().rstrip("=")
         self._daemon_listen_maddr = Multiaddr(str(daemon_listen_maddr))
-        self._client_listen_maddr = Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}p2pclient-{token}.sock")
+        self._client_listen_maddr = cls._socket_maddr("p2pclient", _socket_token())
         try:
             await self._connect(DEFAULT_MAX_MSG_SIZE)
         except BaseException:

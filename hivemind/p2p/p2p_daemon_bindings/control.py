@@ -88,15 +88,8 @@ class DaemonConnector:
 
     async def request(self, request: p2pd_pb2.Request) -> p2pd_pb2.Response:
         """Send one request on a fresh control connection and return the (successful) response."""
-        reader, writer = await self.open_connection()
-        try:
-            await write_pbmsg(writer, request)
-            response = await read_pbmsg_safe(reader, p2pd_pb2.Response(), self.max_msg_size)
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise P2PDaemonError(f"p2pd closed the control connection before answering: {e!r}") from e
-        finally:
-            writer.close()
-        raise_if_failed(response)
+        response, _, writer = await self.request_keeping_connection(request, "before answering")
+        writer.close()
         return response
 
     async def request_keeping_connection(

@@ -8,8 +8,8 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import (
     P2PDaemonError,
     P2PHandlerError,
-    encode_varint,
     read_delimited_bytes,
+    serialize_delimited,
 )
 from hivemind.proto import p2pd_pb2
 from hivemind.utils.logging import get_logger
@@ -146,8 +146,7 @@ class PersistentConnection:
     # ---------------------------------------------------------------- I/O
 
     def _send_nowait(self, message: p2pd_pb2.PersistentConnectionRequest) -> None:
-        payload = message.SerializeToString()
-        self._writer.write(encode_varint(len(payload)) + payload)
+        self._writer.write(serialize_delimited(message))
 
     async def _send(self, message: p2pd_pb2.PersistentConnectionRequest) -> None:
         # one write() per message keeps the messages of concurrent senders intact
