@@ -11,6 +11,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -59,9 +60,6 @@ const (
 // ---------------------------------------------------------------------------------------------------------------
 // framing: unsigned varint length prefix + message
 
-// errMsgTooLarge is returned (wrapped) by readDelimited when the announced length exceeds the limit.
-var errMsgTooLarge = errors.New("message too large")
-
 // tooLargeError carries the announced size of a message that exceeded the read limit; the caller may discard it.
 type tooLargeError struct {
 	size  uint64
@@ -72,37 +70,10 @@ func (e *tooLargeError) Error() string {
 	return fmt.Sprintf("message of %d bytes exceeds the limit of %d bytes (-persistentConnMaxMsgSize)", e.size, e.limit)
 }
 
-func (e *tooLargeError) Unwrap() error { return errMsgTooLarge }
-
-func readUvarint(r io.ByteReader) (uint64, error) {
-	var x uint64
-	var s uint
-	for i := 0; i < binary64MaxVarintLen; i++ {
-		b, err := r.ReadByte()
-		if err != nil {
-			if i > 0 && err == io.EOF {
-				return 0, io.ErrUnexpectedEOF
-			}
-			return 0, err
-		}
-		if b < 0x80 {
-			if i == binary64MaxVarintLen-1 && b > 1 {
-				return 0, errors.New("varint length prefix overflows 64 bits")
-			}
-			return x | uint64(b)<<s, nil
-		}
-		x |= uint64(b&0x7f) << s
-		s += 7
-	}
-	return 0, errors.New("varint length prefix overflows 64 bits")
-}
-
-const binary64MaxVarintLen = 10
-
 // readDelimited reads one length-prefixed message of at most maxSize bytes. On a *tooLargeError the message
 // body has not been consumed yet.
 func readDelimited(r *bufio.Reader, maxSize int) ([]byte, error) {
-	size, err := readUvarint(r)
+	size, err := binary.ReadUvarint(r)
 	if err != nil {
 		return nil, err
 	}
@@ -121,7 +92,7 @@ func readDelimited(r *bufio.Reader, maxSize int) ([]byte, error) {
 
 // writeDelimited writes the length prefix and the message; small messages go out in one write.
 func writeDelimited(w io.Writer, msg []byte) error {
-	header := protowire.AppendVarint(make([]byte, 0, binary64MaxVarintLen), uint64(len(msg)))
+	header := protowire.AppendVarint(make([]byte, 0, binary.MaxVarintLen64), uint64(len(msg)))
 	if len(msg) < 64*1024 {
 		_, err := w.Write(append(header, msg...))
 		return err

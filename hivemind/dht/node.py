@@ -456,12 +456,10 @@ class DHTNode:
     def _store_locally(
         self, key_id: DHTID, entries: Sequence[Tuple[Any, Optional[Subkey], bytes, float]]
     ) -> List[bool]:
-        validator, outcomes = self.protocol.record_validator, []
+        outcomes = []
         for _, subkey, value, expiration in entries:
             subkey_bytes = DHTProtocol.IS_REGULAR_VALUE if subkey is None else MSGPackSerializer.dumps(subkey)
-            if validator is not None and not validator.validate(
-                DHTRecord(key_id.to_bytes(), subkey_bytes, value, expiration)
-            ):
+            if self.protocol.check_record(DHTRecord(key_id.to_bytes(), subkey_bytes, value, expiration)) is not None:
                 outcomes.append(False)
                 continue
             outcomes.append(self.protocol.storage.store(key_id, value, expiration, subkey=subkey))

@@ -191,17 +191,22 @@ class DHTProtocol(ServicerBase):
         ]
         return dht_pb2.StoreResponse(store_ok=store_ok, peer=self.node_info)
 
-    def _is_valid(self, record: DHTRecord) -> bool:
+    def check_record(self, record: DHTRecord) -> Optional[str]:
+        """None if the record validator accepts ``record``, else why not: "invalid_record" or "validator_error"."""
         if self.record_validator is None:
-            return True
+            return None
         try:
-            if self.record_validator.validate(record):
-                return True
-            self._reject("invalid_record")
+            return None if self.record_validator.validate(record) else "invalid_record"
         except Exception as e:
             logger.debug(f"Record validator raised {e!r} on {record}")
-            self._reject("validator_error")
-        return False
+            return "validator_error"
+
+    def _is_valid(self, record: DHTRecord) -> bool:
+        """Whether a record from a remote peer passes the validator; a rejection is counted."""
+        reason = self.check_record(record)
+        if reason is not None:
+            self._reject(reason)
+        return reason is None
 
     def _store_item(
         self, key: bytes, subkey: bytes, value: bytes, expiration_time: float, in_cache: bool, now: float

@@ -89,8 +89,6 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
             entries = list(value.items())  # live entries only: expired ones are not offered
             outcomes = [self.store_subkey(key, sub, item.value, item.expiration_time) for sub, item in entries]
             return all(outcomes)
-        if not expiration_time >= get_dht_time():  # also refuses NaN
-            return False
         return super().store(key, value, expiration_time)  # replaces a regular value or a dictionary iff newer
 
     def store_subkey(self, key: DHTID, subkey: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:

@@ -1,6 +1,8 @@
 """hivemind-dht: run a standalone DHT peer (e.g. the bootstrap peer of a swarm) until SIGINT/SIGTERM (CLI.md §1)."""
 
 import argparse
+import functools
+import logging
 import secrets
 import signal
 import sys
@@ -14,15 +16,18 @@ from hivemind.utils.networking import log_visible_maddrs
 logger = get_logger(__name__)
 
 
-async def report_status(dht: DHT, node: DHTNode) -> Tuple[int, int, str, str]:
+async def report_status(dht: DHT, node: DHTNode, with_dumps: bool = True) -> Tuple[int, int, str, str]:
     """
     Runs inside the DHT process: look up a random heartbeat key (exercising and refreshing the routing table), then
     return (nodes known including this one, live stored keys, routing table dump, storage dump) for the log.
+    The dumps are empty strings unless ``with_dumps`` (they are only logged at debug level).
     """
     await node.get(f"heartbeat_{secrets.token_hex(16)}", latest=True)
     routing_table = node.protocol.routing_table
     num_nodes = 1 + sum(len(bucket.nodes) + len(bucket.replacements) for bucket in routing_table.buckets)
     stored = list(node.protocol.storage.items())
+    if not with_dumps:
+        return num_nodes, len(stored), "", ""
     storage_dump = "\n".join(f"{key!r}: {item!r}" for key, item in stored)
     return num_nodes, len(stored), repr(routing_table), storage_dump
 
@@ -77,7 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         while not exit_event.wait(refresh_period):
-            num_nodes, num_keys, routing_dump, storage_dump = dht.run_coroutine(report_status)
+            with_dumps = logger.isEnabledFor(logging.DEBUG)
+            report = functools.partial(report_status, with_dumps=with_dumps)
+            num_nodes, num_keys, routing_dump, storage_dump = dht.run_coroutine(report)
             logger.info(f"{num_nodes} DHT nodes (including this one) are in the local routing table ")
             logger.debug(f"Routing table contents: {routing_dump}")
             logger.info(f"Local storage contains {num_keys} keys")

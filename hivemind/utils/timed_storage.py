@@ -103,7 +103,7 @@ class TimedStorage(Generic[KeyType, ValueType]):
         Returns False (and stores nothing) if ``expiration_time`` is already in the past, or if ``key`` holds an
         entry that expires at the same time or later; returns True otherwise.
         """
-        if expiration_time < get_dht_time():
+        if not expiration_time >= get_dht_time():  # also refuses NaN
             return False
         self._remove_outdated()
         existing = self.data.get(key)
