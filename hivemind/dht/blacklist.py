@@ -44,9 +44,6 @@ class Blacklist(Generic[PeerKey]):
         now = self.clock()
         return sum(1 for _, until in self._banned.values() if now < until)
 
-    def clear(self) -> None:
-        self._banned.clear()
-
     def __repr__(self) -> str:
         name, banned = self.__class__.__name__, len(self)
         return f"{name}(base_time={self.base_time}, backoff_rate={self.backoff_rate}, {banned=})"
