@@ -58,6 +58,35 @@ def test_mixed_small_and_large_payloads_arrive_in_order(loop_kind, tmp_path):
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
+def test_back_to_back_large_payloads_bypass_the_scratch_buffer(loop_kind, tmp_path):
+    """After a large payload only a header-sized read goes through the scratch buffer, not the next payload."""
+
+    async def scenario():
+        server, (_, client_writer), (reader, server_writer) = await connected_pair(str(tmp_path / "s.sock"))
+        payloads = [os.urandom(2**20 + n) for n in range(4)] + [b"small", os.urandom(2**18)]
+        for payload in payloads:  # everything is in the socket before the first read
+            client_writer.write(len(payload).to_bytes(8, "big") + payload)
+        drain = asyncio.ensure_future(client_writer.drain())
+        fed = []
+        feed_data = reader.feed_data
+        reader.feed_data = lambda data: (fed.append(len(data)), feed_data(data))
+        for index, payload in enumerate(payloads):
+            length = int.from_bytes(await reader.readexactly(8), "big")
+            fed_before = sum(fed)
+            assert bytes(await reader.read_payload(length)) == payload
+            if index > 0:  # the bytes that went through the scratch buffer while this frame was read
+                assert sum(fed) - fed_before <= streams.BOUNDARY_READ_BYTES
+        await drain
+        client_writer.close()
+        assert await reader.read() == b""
+        server_writer.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_eof_inside_a_payload_is_an_incomplete_read(loop_kind, tmp_path):
     async def scenario():
         server, (_, client_writer), (reader, server_writer) = await connected_pair(str(tmp_path / "s.sock"))

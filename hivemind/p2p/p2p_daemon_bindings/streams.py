@@ -13,6 +13,9 @@ from typing import Awaitable, Callable, List, Optional, Tuple, Union
 DIRECT_READ_MIN_BYTES = 64 * 1024
 # receive buffer for ordinary reads (headers, control messages)
 SCRATCH_BUFFER_BYTES = 64 * 1024
+# right after a large payload the next bytes are most likely the header of another one: read only this much, so
+# that the next payload goes to its own buffer instead of through the scratch buffer (two extra copies)
+BOUNDARY_READ_BYTES = 256
 
 ConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -25,6 +28,7 @@ class DirectStreamReader(asyncio.StreamReader):
         self._direct_view: Optional[memoryview] = None
         self._direct_filled = 0
         self._direct_waiter: Optional[asyncio.Future] = None
+        self._after_direct_read = False  # the last received bytes completed a read_payload()
 
     async def read_payload(self, n: int) -> Union[bytes, bytearray]:
         """Read exactly ``n`` bytes (as ``bytearray`` for large payloads); ``IncompleteReadError`` on EOF."""
@@ -59,8 +63,19 @@ class DirectStreamReader(asyncio.StreamReader):
 
     def _direct_data_received(self, nbytes: int) -> None:
         self._direct_filled += nbytes
-        if self._direct_filled == len(self._direct_view) and not self._direct_waiter.done():
-            self._direct_waiter.set_result(None)
+        if self._direct_filled == len(self._direct_view):
+            self._after_direct_read = True
+            if not self._direct_waiter.done():
+                self._direct_waiter.set_result(None)
+
+    def _pause_until_read(self) -> None:
+        """Stop receiving until a read consumes what is buffered (``StreamReader`` resumes the transport then)."""
+        if not self._paused and self._transport is not None:
+            try:
+                self._transport.pause_reading()
+            except NotImplementedError:  # pragma: no cover - transports without flow control
+                return
+            self._paused = True
 
     def feed_eof(self) -> None:
         super().feed_eof()
@@ -92,6 +107,7 @@ class DirectReadProtocol(asyncio.BufferedProtocol):
         self._reader = reader
         self._client_connected_cb = client_connected_cb
         self._scratch = memoryview(bytearray(SCRATCH_BUFFER_BYTES))
+        self._boundary_scratch = memoryview(bytearray(BOUNDARY_READ_BYTES))
         self._writing_paused = False
         self._connection_lost = False
         self._drain_waiters: List[asyncio.Future] = []
@@ -132,15 +148,26 @@ class DirectReadProtocol(asyncio.BufferedProtocol):
 
     # ---------------------------------------------------------------- receiving
 
-    # the transport calls buffer_updated right after get_buffer, so both see the same _direct_read_pending()
+    # the transport calls buffer_updated right after get_buffer, so both see the same reader state
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._reader._direct_buffer() if self._reader._direct_read_pending() else self._scratch
+        reader = self._reader
+        if reader._direct_read_pending():
+            return reader._direct_buffer()
+        return self._boundary_scratch if reader._after_direct_read else self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._reader._direct_read_pending():
-            self._reader._direct_data_received(nbytes)
+        reader = self._reader
+        if reader._direct_read_pending():
+            reader._direct_data_received(nbytes)
+        elif reader._after_direct_read:
+            # a short read after a large payload: if more bytes are waiting, let the reader see this header first,
+            # so that a following large payload is received straight into its own buffer
+            reader._after_direct_read = False
+            reader.feed_data(self._boundary_scratch[:nbytes])
+            if nbytes == BOUNDARY_READ_BYTES:
+                reader._pause_until_read()
         else:
-            self._reader.feed_data(self._scratch[:nbytes])
+            reader.feed_data(self._scratch[:nbytes])
 
     # ---------------------------------------------------------------- sending (what StreamWriter relies on)
 
