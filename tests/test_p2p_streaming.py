@@ -92,6 +92,21 @@ async def test_handler_error_arrives_with_handler_name_and_text(p2p_pair):
     assert received == [1, 2]
 
 
+async def test_stream_that_ends_normally_needs_no_round_trip_to_the_daemon(p2p_pair, monkeypatch):
+    """p2pd half-closes the socket of a finished stream, so the caller can tell the end from a dead daemon."""
+    first, second = p2p_pair
+    await first.add_protobuf_handler("count_up_to", count_up_to, Request, stream_output=True)
+    pings = []
+    ping = second._client.ping
+    monkeypatch.setattr(second._client, "ping", lambda: pings.append(1) or ping())
+    for _ in range(3):
+        responses = await collect(
+            await second.iterate_protobuf_handler(first.peer_id, "count_up_to", Request(number=3), Response)
+        )
+        assert [r.number for r in responses] == [0, 1, 2]
+    assert pings == []
+
+
 async def test_unary_input_handler_rejects_two_requests(p2p_pair):
     first, second = p2p_pair
     await first.add_protobuf_handler("count_up_to", count_up_to, Request, stream_output=True)

@@ -87,6 +87,25 @@ def test_back_to_back_large_payloads_bypass_the_scratch_buffer(loop_kind, tmp_pa
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
+def test_peer_closed_completely_tells_a_half_close_from_a_close(loop_kind, tmp_path):
+    async def scenario():
+        server, (client_reader, client_writer), (_, server_writer) = await connected_pair(str(tmp_path / "s.sock"))
+        assert not streams.peer_closed_completely(client_writer)
+        server_writer.write_eof()  # the server ends its writing, as p2pd does when a stream ends
+        assert await client_reader.read() == b""
+        assert not streams.peer_closed_completely(client_writer)
+        server_writer.close()
+        await asyncio.sleep(0.05)
+        assert streams.peer_closed_completely(client_writer)
+        client_writer.close()
+        assert streams.peer_closed_completely(client_writer)  # a closed socket cannot be asked: assume the worst
+        server.close()
+        await server.wait_closed()
+
+    run(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_eof_inside_a_payload_is_an_incomplete_read(loop_kind, tmp_path):
     async def scenario():
         server, (_, client_writer), (reader, server_writer) = await connected_pair(str(tmp_path / "s.sock"))

@@ -14,6 +14,7 @@ from hivemind.p2p import daemon_args, framing, protobuf_streams
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
+from hivemind.p2p.p2p_daemon_bindings import streams
 from hivemind.p2p.p2p_daemon_bindings.control import (
     DEFAULT_MAX_MSG_SIZE,
     ControlClient,
@@ -444,7 +445,7 @@ class P2P:
                 input,
                 output_protobuf_type,
                 description=f"`{name}` at {peer_id}",
-                check_after_eof=self._raise_daemon_failure_if_any,
+                check_after_eof=lambda: self._check_stream_end(writer),
             )
             async for response in responses:
                 yield response
@@ -468,6 +469,16 @@ class P2P:
         failure = None if self._client is None else self._client.persistent_connection_failure
         if failure is not None:
             raise P2PDaemonError(str(failure))
+
+    async def _check_stream_end(self, writer: asyncio.StreamWriter) -> None:
+        """After a stream reached EOF: raise if that was because p2pd died, not because the stream ended.
+
+        When a stream ends, p2pd only half-closes the client's socket, and keeps it open until the client closes
+        it. A socket closed completely (a dead p2pd, or a stream that p2pd reset) takes the round trip below.
+        """
+        self._raise_if_daemon_failed()
+        if streams.peer_closed_completely(writer):
+            await self._raise_daemon_failure_if_any()
 
     async def _raise_daemon_failure_if_any(self) -> None:
         """After a stream ended with EOF, tell a normal end from a dead p2pd (its sockets all reach EOF too).

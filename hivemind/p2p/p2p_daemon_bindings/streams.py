@@ -7,6 +7,7 @@ megabyte-sized messages needs. Everything else behaves exactly like the standard
 """
 
 import asyncio
+import select
 from typing import Awaitable, Callable, List, Optional, Tuple, Union
 
 # below this size a payload is read the ordinary way (one small copy is cheaper than the bookkeeping)
@@ -194,6 +195,21 @@ class DirectReadProtocol(asyncio.BufferedProtocol):
 
     def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future:
         return self._closed
+
+
+def peer_closed_completely(writer: asyncio.StreamWriter) -> bool:
+    """Whether the other end of this socket is closed in both directions (or the state cannot be told).
+
+    A peer that only ended its writing (a half-close) keeps the socket open for reading, and ``poll`` then reports
+    no hang-up; a peer process that closed the socket, or exited, does.
+    """
+    sock = writer.transport.get_extra_info("socket")
+    fileno = -1 if sock is None else sock.fileno()
+    if fileno < 0 or not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
 
 
 async def open_unix_connection(path: str, *, limit: int) -> Tuple[DirectStreamReader, asyncio.StreamWriter]:
