@@ -83,6 +83,11 @@ func newYamuxTransport() *yamuxtransport.Transport {
 	// has arrived (1 MiB frames measured slower for 1 MiB messages). Any yamux peer accepts frames up to the
 	// window it granted, so this changes nothing for interoperability.
 	config.MaxMessageSize = 256 << 10
+	// Every RPC is a new stream, and auto-tuning grows a stream's window from 256 KiB only one doubling per
+	// window update: a large transfer waits for window updates during its first megabytes. The first window
+	// update (sent with the stream's SYN or ACK) grants 16 MiB at once instead; measured on 64 MiB streams, this
+	// raised throughput by about 10%. A peer with default settings just keeps its own window.
+	config.InitialStreamWindowSize = 16 << 20
 	return &config
 }
 
