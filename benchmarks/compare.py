@@ -4,6 +4,11 @@ same run, and prints both results side by side with the ratio ours / original fo
 
     python benchmarks/compare.py benchmarks/benchmark_p2p.py [benchmark args...]
     python benchmarks/compare.py --order original,ours benchmarks/benchmark_dht.py --mode pair
+    python benchmarks/compare.py --rounds 5 benchmarks/benchmark_p2p.py --repeats 10
+
+With ``--rounds N`` both implementations run N times, alternating (and alternating which goes first), and every
+figure is the median over the rounds; the ratio column then also shows the range of the per-round ratios. On a
+noisy machine this keeps a slow phase of the machine from landing on one implementation only.
 
 The original runs from the separate environment made by `bash tests/interop/setup_original_env.sh` (created here if
 missing); ours runs with this interpreter (or HIVEMIND_OURS_PYTHON) and the repository on PYTHONPATH. Each run first
@@ -17,6 +22,7 @@ import difflib
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,6 +205,47 @@ def compare_json(first: BenchmarkRun, second: BenchmarkRun) -> List[Dict]:
     return rows
 
 
+def _like(token: str, value: float) -> str:
+    """``value`` written with as many decimals as ``token`` has."""
+    if not math.isfinite(value):
+        return str(value)
+    decimals = len(token.split(".")[1]) if "." in token and "e" not in token.lower() else 0
+    return f"{value:.{decimals}f}"
+
+
+def _with_numbers(text: str, values: List[float]) -> str:
+    """``text`` with its numbers replaced, in order, by ``values`` (written like the numbers they replace)."""
+    replacements = iter(values)
+    return NUMBER.sub(lambda match: _like(match.group(0), next(replacements)), text)
+
+
+def merge_rounds(rows_per_round: List[List[Dict]]) -> List[Dict]:
+    """Rows of the first round with every figure replaced by its median over the rounds; each row also gets the
+    per-round ratios (``round_ratios``). Rounds whose rows do not line up with the first round's are left out."""
+    first = rows_per_round[0]
+    shapes = [
+        [(row["label"], {impl: len(values) for impl, values in row["numbers"].items()}) for row in rows]
+        for rows in rows_per_round
+    ]
+    usable = [rows for rows, shape in zip(rows_per_round, shapes) if shape == shapes[0]]
+    merged = []
+    for index, row in enumerate(first):
+        if not row["figures"]:
+            merged.append(row)
+            continue
+        numbers, figures = {}, {}
+        for impl in row["numbers"]:
+            columns = list(zip(*(rows[index]["numbers"][impl] for rows in usable)))
+            numbers[impl] = [statistics.median(column) for column in columns]
+            figures[impl] = _with_numbers(row["figures"][impl], numbers[impl])
+        round_ratios = [
+            [a / b for a, b in zip(rows[index]["numbers"]["ours"], rows[index]["numbers"]["original"]) if b]
+            for rows in usable
+        ]
+        merged.append(dict(row, numbers=numbers, figures=figures, round_ratios=round_ratios))
+    return merged
+
+
 WIDE_ROW_NUMBERS = 4  # rows with more figures (multi-column tables) are stacked instead of put side by side
 
 
@@ -213,7 +260,7 @@ def ratios_under(line: str, ratios: List[str]) -> str:
     return "".join(out).rstrip()
 
 
-def print_side_by_side(rows: List[Dict], runs: Dict[str, BenchmarkRun]) -> None:
+def print_side_by_side(rows: List[Dict], runs: Dict[str, BenchmarkRun], rounds: int = 1) -> None:
     versions = {impl: f"{impl} ({run.version})" for impl, run in runs.items()}
     header = ["", versions["ours"], versions["original"], "ours / original"]
     rendered = []  # ("plain", text) | ("pair", [label, ours, original, ratios]) | ("stack", [lines])
@@ -223,6 +270,12 @@ def print_side_by_side(rows: List[Dict], runs: Dict[str, BenchmarkRun]) -> None:
             continue
         ours, original = row["numbers"].get("ours", []), row["numbers"].get("original", [])
         ratios = [ratio_text(a, b) for a, b in zip(ours, original)] if len(ours) == len(original) else []
+        per_round = [r for r in row.get("round_ratios", []) if len(r) == len(ratios)]
+        if len(per_round) > 1:
+            ratios = [
+                f"{ratio} ({min(rs):.2f}-{max(rs):.2f})" if ratio not in ("=", "n/a") else ratio
+                for ratio, rs in zip(ratios, zip(*per_round))
+            ]
         if max(len(ours), len(original)) > WIDE_ROW_NUMBERS:
             lines = row["lines"]
             width = max(len(lines["ours"]), len(lines["original"]))
@@ -254,7 +307,7 @@ def print_side_by_side(rows: List[Dict], runs: Dict[str, BenchmarkRun]) -> None:
             print("  ".join(cell.ljust(width) for cell, width in zip(content, widths)) + "  " + content[3])
     print(
         f"\nwall time of the whole script: ours {runs['ours'].seconds:.1f} s, "
-        f"original {runs['original'].seconds:.1f} s"
+        f"original {runs['original'].seconds:.1f} s" + (f" (median of {rounds} rounds)" if rounds > 1 else "")
     )
 
 
@@ -264,6 +317,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script unchanged")
     parser.add_argument("--order", default="ours,original", help="which implementation runs first (default: ours)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed for each run")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run both this many times, alternating; figures are medians"
+    )
     parser.add_argument("--json", action="store_true", help="pass --json to the script and compare its JSON object")
     parser.add_argument("--save", type=Path, help="also write both raw outputs and the comparison to this JSON file")
     parser.add_argument("--load", type=Path, help="print the comparison saved by --save instead of running anything")
@@ -276,23 +332,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not script.is_file():
         parser.error(f"no such benchmark script: {args.script}")
     script_args = [*args.script_args, *(["--json"] if args.json else [])]
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    compare = compare_json if args.json else compare_text
     if args.load:
         saved = json.loads(args.load.read_text())
-        runs = {impl: BenchmarkRun(impl, r["stdout"], r["seconds"], r["version"]) for impl, r in saved["runs"].items()}
+        rounds_runs = [
+            {impl: BenchmarkRun(impl, r["stdout"], r["seconds"], r["version"]) for impl, r in saved_round.items()}
+            for saved_round in saved.get("rounds", [saved.get("runs")])
+        ]
     else:
         problem = ensure_original_env()
         if problem is not None:
             print(f"cannot run the original hivemind: {problem}", file=sys.stderr)
             return 2
-        runs = {impl: run_benchmark(impl, script, script_args, args.timeout) for impl in order}
-    first, second = (runs[impl] for impl in order)
-    rows = compare_json(first, second) if args.json else compare_text(first, second)
-    print(f"\n{' '.join([script.name, *args.script_args])}: ours vs original hivemind, same machine, one run\n")
-    print_side_by_side(rows, runs)
+        rounds_runs = []
+        for round_index in range(args.rounds):
+            round_order = order if round_index % 2 == 0 else order[::-1]
+            rounds_runs.append({impl: run_benchmark(impl, script, script_args, args.timeout) for impl in round_order})
+    rows = merge_rounds([compare(*(runs[impl] for impl in order)) for runs in rounds_runs])
+    rounds = len(rounds_runs)
+    seconds = {impl: statistics.median(runs[impl].seconds for runs in rounds_runs) for impl in order}
+    summary = {impl: BenchmarkRun(impl, "", seconds[impl], rounds_runs[0][impl].version) for impl in order}
+    described = " ".join([script.name, *args.script_args])
+    where = "one run" if rounds == 1 else f"one run of {rounds} alternating rounds, medians"
+    print(f"\n{described}: ours vs original hivemind, same machine, {where}\n")
+    print_side_by_side(rows, summary, rounds)
     if args.save and not args.load:
-        raw = {impl: dict(version=run.version, seconds=run.seconds, stdout=run.stdout) for impl, run in runs.items()}
+        raw = [
+            {impl: dict(version=run.version, seconds=run.seconds, stdout=run.stdout) for impl, run in runs.items()}
+            for runs in rounds_runs
+        ]
         args.save.write_text(
-            json.dumps(dict(script=script.name, args=args.script_args, runs=raw, rows=rows), indent=1)
+            json.dumps(dict(script=script.name, args=args.script_args, rounds=raw, rows=rows), indent=1)
         )
     return 0
 

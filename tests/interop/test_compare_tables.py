@@ -56,3 +56,26 @@ def test_json_figures_are_compared_key_by_key():
     assert rows["latency_ms"]["numbers"] == {"ours": [0.5], "original": [1.0]}
     assert rows["rss.p2pd"]["figures"] == {"ours": "40", "original": "80"}
     assert rows["loop"]["numbers"] == {"ours": [], "original": []}
+
+
+def test_rounds_are_merged_into_medians_with_per_round_ratios():
+    def round_rows(ours_mbps, original_mbps):
+        ours = run("ours", f"title\nstream 64 MiB    {ours_mbps} MB/s\nrss    40 MiB\n")
+        original = run("original", f"title\nstream 64 MiB    {original_mbps} MB/s\nrss    80 MiB\n")
+        return compare.compare_text(ours, original)
+
+    merged = compare.merge_rounds([round_rows(900, 450), round_rows(1000, 400), round_rows(800, 500)])
+    stream = next(row for row in merged if row["label"] == "stream 64 MiB")
+    assert stream["numbers"] == {"ours": [900], "original": [450]}
+    assert stream["figures"] == {"ours": "900 MB/s", "original": "450 MB/s"}
+    assert stream["round_ratios"] == [[2.0], [2.5], [1.6]]
+    rss = next(row for row in merged if row["label"] == "rss")
+    assert rss["figures"] == {"ours": "40 MiB", "original": "80 MiB"}
+
+
+def test_rounds_that_print_other_rows_are_left_out_of_the_medians():
+    first = compare.compare_text(run("ours", "x    1.50 ms\n"), run("original", "x    3.00 ms\n"))
+    odd = compare.compare_text(run("ours", "x    9.00 ms\ny    1 s\n"), run("original", "x    9.00 ms\n"))
+    merged = compare.merge_rounds([first, odd])
+    assert merged[0]["figures"] == {"ours": "1.50 ms", "original": "3.00 ms"}
+    assert merged[0]["round_ratios"] == [[0.5]]
