@@ -90,6 +90,7 @@ class RSAPublicKey:
         if not isinstance(public_key, rsa.RSAPublicKey):
             raise TypeError(f"expected a cryptography RSAPublicKey, got {type(public_key).__name__}")
         self._public_key = public_key
+        self._bytes: Optional[bytes] = None  # serialized once: signed records embed it in every key they protect
 
     def verify(self, data: bytes, signature: bytes) -> bool:
         """True iff ``signature`` (base64) is a valid RSA-PSS signature of ``data``; never raises on garbage."""
@@ -103,7 +104,11 @@ class RSAPublicKey:
         return True
 
     def to_bytes(self) -> bytes:
-        return self._public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        if self._bytes is None:
+            self._bytes = self._public_key.public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+        return self._bytes
 
     @classmethod
     def from_bytes(cls, key: bytes) -> RSAPublicKey:
@@ -121,6 +126,7 @@ class RSAPublicKey:
 
     def __setstate__(self, state):
         self._public_key = serialization.load_ssh_public_key(state["public_key"])
+        self._bytes = None
 
     def __eq__(self, other):
         return isinstance(other, RSAPublicKey) and self.to_bytes() == other.to_bytes()
