@@ -28,6 +28,10 @@ def tensors_to_compare():
         "huge_values": torch.randn(5000, generator=generator) * 1e6,
         "skewed": torch.rand(9000, generator=generator) - 0.2,
         "zero_block": torch.cat([torch.zeros(4096), torch.randn(100, generator=generator)]),
+        "zero_blocks_between_and_after": torch.cat(
+            [torch.randn(4096, generator=generator), torch.zeros(2 * 4096), torch.randn(4096, generator=generator)]
+            + [torch.zeros(777)]
+        ),
         "exact_block_multiple": torch.randn(2 * 4096, generator=generator),
         "single_element": torch.tensor([-3.5]),
         "code_midpoints": torch.cat([torch.tensor([1.0]), (blockwise_kernel.dynamic_code()[:-1] * 0.5 * 2)]),

@@ -88,10 +88,19 @@ def quantize_blockwise(flat: torch.Tensor, indices_out: torch.Tensor = None) -> 
         positions.clamp_(0, _GRID_SIZE - 1)
         torch.index_select(lookup, 0, positions, out=indices[start : start + length])
 
-    zero_blocks = (absmax == 0).nonzero().view(-1).tolist()
-    for block in zero_blocks:
-        indices[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE] = 0
+    _zero_where_absmax_is_zero(indices, absmax)
     return indices, absmax
+
+
+def _zero_where_absmax_is_zero(indices: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Blocks with absmax 0 (all zeros) get index 0 for every element, as bitsandbytes writes them."""
+    zero = absmax == 0
+    if not zero.any():
+        return
+    full_blocks = indices.numel() // BLOCK_SIZE
+    indices[: full_blocks * BLOCK_SIZE].view(full_blocks, BLOCK_SIZE)[zero[:full_blocks]] = 0
+    if full_blocks < zero.numel() and zero[-1]:
+        indices[full_blocks * BLOCK_SIZE :] = 0
 
 
 def _block_absmax(chunk: torch.Tensor, out: torch.Tensor) -> None:
