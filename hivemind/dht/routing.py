@@ -44,7 +44,12 @@ class DHTID(int):
             source = os.urandom((nbits + 7) // 8)
         if not isinstance(source, bytes):
             source = MSGPackSerializer.dumps(source)
-        return cls(int.from_bytes(cls.HASH_FUNC(source).digest(), "big"))
+        return cls._in_range(int.from_bytes(cls.HASH_FUNC(source).digest(), "big"))
+
+    @classmethod
+    def _in_range(cls, value: int) -> DHTID:
+        """Wrap a value known to lie in [0, 2**160) (an unsigned 20-byte number) without checking it again."""
+        return int.__new__(cls, value)
 
     def xor_distance(self, other: Union[int, Sequence[int]]) -> Union[int, List[int]]:
         """XOR distance to another id, or a list of distances to each id of a sequence."""
@@ -73,7 +78,8 @@ class DHTID(int):
             raise TypeError(f"DHTID.from_bytes expects bytes, got {type(raw).__name__}")
         if len(raw) != cls.HASH_NBYTES:
             raise ValueError(f"a DHTID is exactly {cls.HASH_NBYTES} bytes long, got {len(raw)} bytes")
-        return cls(int.from_bytes(raw, byteorder, signed=signed))
+        value = int.from_bytes(raw, byteorder, signed=signed)
+        return cls(value) if signed else cls._in_range(value)  # unsigned 20 bytes are always in range
 
     def __bytes__(self) -> bytes:
         return self.to_bytes()
