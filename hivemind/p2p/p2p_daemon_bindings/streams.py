@@ -71,12 +71,13 @@ class DirectStreamReader(asyncio.StreamReader):
 
     def _pause_until_read(self) -> None:
         """Stop receiving until a read consumes what is buffered (``StreamReader`` resumes the transport then)."""
-        if not self._paused and self._transport is not None:
-            try:
-                self._transport.pause_reading()
-            except NotImplementedError:  # pragma: no cover - transports without flow control
-                return
-            self._paused = True
+        if self._paused or self._transport is None or self._transport.is_closing():
+            return
+        try:
+            self._transport.pause_reading()
+        except (NotImplementedError, RuntimeError):  # no flow control, or uvloop's "already paused / closing"
+            return
+        self._paused = True
 
     def feed_eof(self) -> None:
         super().feed_eof()
