@@ -246,14 +246,7 @@ func (d *daemon) doStreamHandler(req *request) []byte {
 		}
 	}
 	for _, p := range r.protos {
-		pid := protocol.ID(p)
-		handlers, ok := d.streamHandlers[pid]
-		if !ok {
-			handlers = &roundRobin[string]{}
-			d.streamHandlers[pid] = handlers
-			d.host.SetStreamHandler(pid, d.handleIncomingStream)
-		}
-		handlers.add(key)
+		addHandler(d, d.streamHandlers, protocol.ID(p), key, d.handleIncomingStream)
 	}
 	return encodeOKResponse()
 }
@@ -276,10 +269,7 @@ func (d *daemon) doRemoveStreamHandler(req *request) []byte {
 		if !handlers.remove(key) {
 			return encodeErrorResponse(fmt.Sprintf("handler for protocol %s with maddr %s does not exist", p, addr))
 		}
-		if handlers.len() == 0 {
-			delete(d.streamHandlers, pid)
-			d.host.RemoveStreamHandler(pid)
-		}
+		dropIfUnused(d, d.streamHandlers, pid)
 	}
 	return encodeOKResponse()
 }

@@ -159,16 +159,10 @@ func (pc *persistentConn) addUnaryHandler(req *persistentRequest) []byte {
 	if _, isStream := d.streamHandlers[pid]; isStream {
 		return encodeDaemonError(req.callID, fmt.Sprintf("handler for protocol %s already set", r.proto))
 	}
-	handlers, ok := d.unaryHandlers[pid]
-	if ok && !r.balanced {
+	if _, ok := d.unaryHandlers[pid]; ok && !r.balanced {
 		return encodeDaemonError(req.callID, fmt.Sprintf("handler for protocol %s already set", r.proto))
 	}
-	if !ok {
-		handlers = &roundRobin[*persistentConn]{}
-		d.unaryHandlers[pid] = handlers
-		d.host.SetStreamHandler(pid, d.handleUnaryStream)
-	}
-	handlers.add(pc)
+	addHandler(d, d.unaryHandlers, pid, pc, d.handleUnaryStream)
 	pc.mu.Lock()
 	pc.protocols = append(pc.protocols, pid)
 	pc.mu.Unlock()
@@ -192,10 +186,7 @@ func (pc *persistentConn) removeUnaryHandler(req *persistentRequest) []byte {
 		return encodeDaemonError(req.callID,
 			fmt.Sprintf("handler for protocol %s was not created in this persistent connection", r.proto))
 	}
-	if handlers.len() == 0 {
-		delete(d.unaryHandlers, pid)
-		d.host.RemoveStreamHandler(pid)
-	}
+	dropIfUnused(d, d.unaryHandlers, pid)
 	pc.mu.Lock()
 	for i, p := range pc.protocols {
 		if p == pid {
@@ -216,16 +207,9 @@ func (d *daemon) removeUnaryHandlersOf(pc *persistentConn) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, pid := range protocols {
-		handlers, ok := d.unaryHandlers[pid]
-		if !ok {
-			continue
-		}
-		handlers.remove(pc)
-		if handlers.len() == 0 {
-			delete(d.unaryHandlers, pid)
-			if !d.closing {
-				d.host.RemoveStreamHandler(pid)
-			}
+		if handlers, ok := d.unaryHandlers[pid]; ok {
+			handlers.remove(pc)
+			dropIfUnused(d, d.unaryHandlers, pid)
 		}
 	}
 }
