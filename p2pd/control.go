@@ -55,17 +55,32 @@ func (d *daemon) handleConn(conn net.Conn) {
 		case reqConnect:
 			resp = d.doConnect(req)
 		case reqStreamOpen:
-			resp, stream := d.doStreamOpen(req)
+			resp, stream, pipe := d.doStreamOpen(req, conn)
 			if err := writeDelimited(conn, resp); err != nil {
 				if stream != nil {
 					_ = stream.Reset()
+				}
+				if pipe != nil {
+					d.pipes.release(pipe)
 				}
 				_ = conn.Close()
 				return
 			}
 			if stream != nil {
+				if pipe != nil {
+					accepted, err := d.awaitShmAnswer(conn, r, pipe)
+					if err != nil {
+						log.Debugw("no answer to a shared-memory pipe offer", "error", err)
+						_ = stream.Reset()
+						_ = conn.Close()
+						return
+					}
+					if !accepted {
+						pipe = nil
+					}
+				}
 				tuneLocalSocket(conn)
-				pipeStream(&bufferedConn{Conn: conn, r: r}, stream)
+				d.pipeOrCopy(&bufferedConn{Conn: conn, r: r}, stream, pipe)
 				return
 			}
 			continue
@@ -182,20 +197,23 @@ func (d *daemon) doListPeers() []byte {
 	return encodeListPeersResponse(peers)
 }
 
-func streamInfoOf(s network.Stream) []byte {
-	return encodeStreamInfo([]byte(s.Conn().RemotePeer()), s.Conn().RemoteMultiaddr().Bytes(), string(s.Protocol()))
+// streamInfoOf encodes the StreamInfo of s, with the offer of pipe when it is not nil.
+func streamInfoOf(s network.Stream, pipe *shmPipeFile) []byte {
+	conn := s.Conn()
+	return encodeStreamInfo([]byte(conn.RemotePeer()), conn.RemoteMultiaddr().Bytes(), string(s.Protocol()), pipe)
 }
 
-func (d *daemon) doStreamOpen(req *request) ([]byte, network.Stream) {
+// doStreamOpen opens the requested stream; with a stream it may return a shared-memory pipe offered in the answer.
+func (d *daemon) doStreamOpen(req *request, conn net.Conn) ([]byte, network.Stream, *shmPipeFile) {
 	if req.streamOpen == nil {
-		return missingParameters("streamOpen"), nil
+		return missingParameters("streamOpen"), nil, nil
 	}
 	r, pid, err := decodeRequestToPeer("StreamOpenRequest", req.streamOpen, true)
 	if err != nil {
-		return encodeErrorResponse(err.Error()), nil
+		return encodeErrorResponse(err.Error()), nil, nil
 	}
 	if len(r.protos) == 0 {
-		return encodeErrorResponse("Malformed request; no protocol given"), nil
+		return encodeErrorResponse("Malformed request; no protocol given"), nil, nil
 	}
 	protos := make([]protocol.ID, len(r.protos))
 	for i, p := range r.protos {
@@ -205,9 +223,10 @@ func (d *daemon) doStreamOpen(req *request) ([]byte, network.Stream) {
 	defer cancel()
 	s, err := d.host.NewStream(d.streamCtx(ctx), pid, protos...)
 	if err != nil {
-		return encodeErrorResponse(err.Error()), nil
+		return encodeErrorResponse(err.Error()), nil, nil
 	}
-	return encodeStreamInfoResponse(streamInfoOf(s)), s
+	pipe := d.offerShmPipe(conn, r.shm)
+	return encodeStreamInfoResponse(streamInfoOf(s, pipe)), s, pipe
 }
 
 // decodeHandlerRegistration decodes a (Remove)StreamHandlerRequest found in field `field` of a request and
@@ -247,6 +266,9 @@ func (d *daemon) doStreamHandler(req *request) []byte {
 	}
 	for _, p := range r.protos {
 		addHandler(d, d.streamHandlers, protocol.ID(p), key, d.handleIncomingStream)
+	}
+	if r.shm {
+		d.shmClients[key] = true
 	}
 	return encodeOKResponse()
 }

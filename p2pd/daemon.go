@@ -57,6 +57,8 @@ type daemon struct {
 	mu              sync.Mutex
 	streamHandlers  map[protocol.ID]*roundRobin[string]
 	unaryHandlers   map[protocol.ID]*roundRobin[*persistentConn]
+	shmClients      map[string]bool // callback addresses of clients that take shared-memory pipes (shmpipe.go)
+	pipes           shmPipePool
 	persistentConns int
 	idleTimer       *time.Timer
 	closing         bool
@@ -186,6 +188,7 @@ func newDaemon(cfg *config) (*daemon, error) {
 		maxMsg:         cfg.persistentConnMaxMsgSize,
 		streamHandlers: map[protocol.ID]*roundRobin[string]{},
 		unaryHandlers:  map[protocol.ID]*roundRobin[*persistentConn]{},
+		shmClients:     map[string]bool{},
 		exitCode:       make(chan int, 1),
 	}
 	opts, err := d.hostOptions()
@@ -450,6 +453,7 @@ func (d *daemon) shutdown(code int) {
 		d.cancel()
 		d.closeListener()
 		d.closeHost()
+		d.pipes.close()
 		d.exitCode <- code
 	})
 }

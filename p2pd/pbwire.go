@@ -213,6 +213,7 @@ type peerRequest struct {
 	addrs   [][]byte // ConnectRequest.addrs
 	protos  []string // StreamOpenRequest.proto
 	timeout int64
+	shm     bool // StreamOpenRequest.shm_capable (a hivemind extension, see shmpipe.go)
 }
 
 func decodePeerRequest(name string, b []byte, secondIsString bool) (*peerRequest, error) {
@@ -242,6 +243,8 @@ func decodePeerRequest(name string, b []byte, secondIsString bool) (*peerRequest
 				return nil, wrongType(name, f)
 			}
 			r.timeout = int64(f.value)
+		case fieldShmCapable:
+			r.shm = f.typ == protowire.VarintType && f.value != 0
 		}
 	}
 	return r, nil
@@ -252,6 +255,7 @@ type handlerRequest struct {
 	addr     []byte
 	protos   []string
 	balanced bool
+	shm      bool // StreamHandlerRequest.shm_capable (a hivemind extension, see shmpipe.go)
 }
 
 func decodeHandlerRequest(name string, b []byte) (*handlerRequest, error) {
@@ -277,6 +281,8 @@ func decodeHandlerRequest(name string, b []byte) (*handlerRequest, error) {
 				return nil, wrongType(name, f)
 			}
 			r.balanced = f.value != 0
+		case fieldShmCapable:
+			r.shm = f.typ == protowire.VarintType && f.value != 0
 		}
 	}
 	return r, nil
@@ -309,10 +315,16 @@ func encodeErrorResponse(msg string) []byte {
 	return appendBytesField(b, 2, appendStringField(nil, 1, msg))
 }
 
-func encodeStreamInfo(peerID []byte, addr []byte, proto string) []byte {
+// encodeStreamInfo encodes a StreamInfo; a non-nil pipe adds the shared-memory pipe offer (hivemind extension).
+func encodeStreamInfo(peerID []byte, addr []byte, proto string, pipe *shmPipeFile) []byte {
 	b := appendBytesField(nil, 1, peerID)
 	b = appendBytesField(b, 2, addr)
-	return appendStringField(b, 3, proto)
+	b = appendStringField(b, 3, proto)
+	if pipe != nil {
+		b = appendStringField(b, fieldShmPath, pipe.path)
+		b = appendVarintField(b, fieldShmRingSize, uint64(pipe.ringSize))
+	}
+	return b
 }
 
 func encodeStreamInfoResponse(streamInfo []byte) []byte {

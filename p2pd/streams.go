@@ -102,6 +102,7 @@ func (d *daemon) handleIncomingStream(s network.Stream) {
 	if ok && handlers.len() > 0 {
 		key = handlers.pick()
 	}
+	wantsShm := d.shmClients[key]
 	d.mu.Unlock()
 	if key == "" {
 		log.Debugw("incoming stream for a protocol without handler", "protocol", pid)
@@ -119,13 +120,30 @@ func (d *daemon) handleIncomingStream(s network.Stream) {
 		_ = s.Reset()
 		return
 	}
-	if err := writeDelimited(conn, streamInfoOf(s)); err != nil {
+	pipe := d.offerShmPipe(conn, wantsShm)
+	if err := writeDelimited(conn, streamInfoOf(s, pipe)); err != nil {
+		if pipe != nil {
+			d.pipes.release(pipe)
+		}
 		_ = s.Reset()
 		_ = conn.Close()
 		return
 	}
+	r := bufio.NewReaderSize(conn, 4096)
+	if pipe != nil {
+		accepted, err := d.awaitShmAnswer(conn, r, pipe)
+		if err != nil {
+			log.Debugw("a stream handler did not answer a shared-memory pipe offer", "handler", addr, "error", err)
+			_ = s.Reset()
+			_ = conn.Close()
+			return
+		}
+		if !accepted {
+			pipe = nil
+		}
+	}
 	tuneLocalSocket(conn)
-	pipeStream(&bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, 4096)}, s)
+	d.pipeOrCopy(&bufferedConn{Conn: conn, r: r}, s, pipe)
 }
 
 // recoverStream keeps an unexpected panic in a stream handler from taking the daemon down.

@@ -10,6 +10,7 @@ import time
 import weakref
 from typing import Callable, Deque, List, Optional, Sequence
 
+from hivemind.p2p.p2p_daemon_bindings import shm_pipe
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.logging import get_logger, python_level_to_golog
 
@@ -76,6 +77,7 @@ def _terminate_sync(popen: subprocess.Popen, paths: Sequence[str], owner_pid: in
             os.unlink(path)
         except FileNotFoundError:
             pass
+    shm_pipe.remove_daemon_pipe_files(popen.pid)
 
 
 class DaemonProcess:

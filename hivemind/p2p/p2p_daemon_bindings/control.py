@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from hivemind.p2p.p2p_daemon_bindings import streams
+from hivemind.p2p.p2p_daemon_bindings import shm_pipe, streams
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.persistent import PersistentConnection, UnaryHandler
 from hivemind.p2p.p2p_daemon_bindings.utils import (
@@ -233,8 +233,11 @@ class ControlClient:
         stream_open_request = p2pd_pb2.StreamOpenRequest(peer=peer_id.to_bytes(), proto=list(protocols))
         if timeout is not None:
             stream_open_request.timeout = int(timeout)
+        if shm_pipe.shm_pipes_enabled():
+            stream_open_request.shm_capable = True
         request = p2pd_pb2.Request(type=p2pd_pb2.Request.STREAM_OPEN, streamOpen=stream_open_request)
         response, reader, writer = await self.connector.request_keeping_connection(request, "while opening a stream")
+        reader, writer = shm_pipe.accept_shm_pipe(response.streamInfo, reader, writer)
         tune_stream_transport(writer)
         return StreamInfo.from_protobuf(response.streamInfo), reader, writer
 
@@ -246,6 +249,8 @@ class ControlClient:
                 addr=unix_maddr_bytes(self.listen_path), proto=[proto], balanced=balanced
             ),
         )
+        if shm_pipe.shm_pipes_enabled():
+            request.streamHandler.shm_capable = True
         await self.connector.request(request)
         self._stream_handlers[proto] = handler
 
@@ -274,6 +279,9 @@ class ControlClient:
             if handler is None:
                 logger.debug(repr(DispatchFailure(f"No stream handler for protocol {stream_info.proto!r}")))
                 return
+            self._handler_writers.discard(writer)
+            reader, writer = shm_pipe.accept_shm_pipe(info_message, reader, writer)
+            self._handler_writers.add(writer)
             tune_stream_transport(writer)
             await handler(stream_info, reader, writer)
         except asyncio.CancelledError:
