@@ -44,7 +44,7 @@ const (
 	fieldShmRingSize = 101 // StreamInfo: uint64
 
 	shmRingSize      = 4 << 20
-	shmIdlePipes     = 8         // pipe files kept for reuse
+	shmIdlePipes     = 4         // pipe files kept for reuse (each one up to 2 * shmRingSize of memory)
 	shmMaxForward    = 256 << 10 // bytes forwarded to the stream before they are acknowledged
 	shmRecordLen     = 9
 	shmAnswerTimeout = 10 * time.Second
@@ -223,13 +223,14 @@ func pipeShm(c *bufferedConn, s network.Stream, pipe *shmPipeFile) bool {
 		}
 	}()
 	wg.Wait()
-	p.mu.Lock()
-	reusable := p.clientGone // all goroutines touching the rings ended, and the client closed its socket
-	p.mu.Unlock()
-	_ = c.Close()
 	_ = s.Close()
+	// The client may still be reading announced bytes and acknowledging them: the socket stays open until the
+	// client closes it (an aborted pipe closed it already). Only then may another stream reuse the rings.
 	<-records
-	return reusable
+	_ = c.Close()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.clientGone && !p.aborted
 }
 
 func (p *shmPipe) abort() {
@@ -265,7 +266,8 @@ func (p *shmPipe) readRecords() error {
 		if _, err := io.ReadFull(p.c.r, record[:]); err != nil {
 			p.mu.Lock()
 			p.upEnded = true // the client closed the socket (or it broke): what was announced is still forwarded
-			p.clientGone = err == io.EOF
+			// a client that closes its socket with records unread makes the read fail with ECONNRESET instead of EOF
+			p.clientGone = err == io.EOF || errors.Is(err, syscall.ECONNRESET)
 			p.changed.Broadcast()
 			p.mu.Unlock()
 			return nil

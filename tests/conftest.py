@@ -34,12 +34,14 @@ def pytest_sessionfinish(session, exitstatus):
     leftovers = find_marked_p2pd_processes()
     if not leftovers:
         return
+    details = []
     for process in leftovers:
         try:
+            details.append(f"pid {process.pid} ({' '.join(process.cmdline()[:1])})")  # before kill() makes a zombie
             process.kill()
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
-    details = ", ".join(f"pid {p.pid} ({' '.join(p.cmdline()[:1])})" for p in leftovers if p.is_running())
+    details = ", ".join(details)
     print(
         f"\nERROR: {len(leftovers)} p2pd process(es) started by the tests were still running: {details or leftovers}"
     )

@@ -182,6 +182,8 @@ class ShmPipeTransport(asyncio.Transport):
         return False
 
     def _on_socket_lost(self, exc: Optional[Exception]) -> None:
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            exc = None  # p2pd closed the socket while a record was on its way: an end, as EOF on a plain socket
         self._closed_here = self._closing and exc is None and self._lost_exc is None
         self._lost = True
         if self._lost_exc is None:
@@ -217,7 +219,8 @@ class ShmPipeTransport(asyncio.Transport):
             self._socket.write(RECORD.pack(ACK, consumed))
         if self._in_consumed < self._in_announced and not self._closing:
             return  # paused with bytes left: resume_reading() continues
-        if (self._in_ended or self._lost) and not self._eof_delivered and not self._closing:
+        clean_end = self._in_ended or (self._lost and self._lost_exc is None)
+        if clean_end and not self._eof_delivered and not self._closing:
             self._eof_delivered = True
             if not self._protocol.eof_received():
                 self.close()
