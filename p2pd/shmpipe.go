@@ -47,7 +47,7 @@ const (
 	shmIdlePipes     = 4         // pipe files kept for reuse (each one up to 2 * shmRingSize of memory)
 	shmMaxForward    = 256 << 10 // bytes forwarded to the stream before they are acknowledged
 	shmRecordLen     = 9
-	shmAnswerTimeout = 10 * time.Second
+	shmAnswerTimeout = 60 * time.Second // a busy client event loop may take a while to answer an offer
 
 	shmRecordData = 'D'
 	shmRecordAck  = 'A'
