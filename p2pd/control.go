@@ -267,9 +267,7 @@ func (d *daemon) doStreamHandler(req *request) []byte {
 	for _, p := range r.protos {
 		addHandler(d, d.streamHandlers, protocol.ID(p), key, d.handleIncomingStream)
 	}
-	if r.shm {
-		d.shmClients[key] = true
-	}
+	d.shmClients[key] = r.shm // the latest registration of a callback address says what its client understands
 	return encodeOKResponse()
 }
 
@@ -293,6 +291,9 @@ func (d *daemon) doRemoveStreamHandler(req *request) []byte {
 		}
 		dropIfUnused(d, d.streamHandlers, pid)
 	}
+	if !d.servesStreamsAt(key) {
+		delete(d.shmClients, key)
+	}
 	return encodeOKResponse()
 }
 
@@ -312,4 +313,16 @@ func parseHandlerAddr(raw []byte) (ma.Multiaddr, error) {
 		return addr, nil
 	}
 	return fixed, nil
+}
+
+// servesStreamsAt reports whether any stream handler still uses the client callback address key; callers hold d.mu.
+func (d *daemon) servesStreamsAt(key string) bool {
+	for _, handlers := range d.streamHandlers {
+		for _, item := range handlers.items {
+			if item == key {
+				return true
+			}
+		}
+	}
+	return false
 }

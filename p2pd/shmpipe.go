@@ -6,7 +6,7 @@ package main
 // direction and system calls for every chunk. A client that sets `shm_capable` (field 100) in StreamOpenRequest or
 // StreamHandlerRequest is offered a pipe file in /dev/shm with the StreamInfo of each of its streams (field 100:
 // path, field 101: ring size). It maps the file and answers with one byte: 'S' to use the pipe, 'P' to keep plain
-// socket bytes. The daemon sends nothing more on the socket until it has the answer, and then unlinks the file.
+// socket bytes. The daemon sends nothing more on the socket until it has the answer.
 // Clients and daemons that do not know the extension ignore the unknown fields and keep plain stream sockets.
 //
 // In shared-memory mode the file holds two rings of ring-size bytes (client -> daemon, then daemon -> client) and
@@ -185,6 +185,7 @@ type shmPipe struct {
 	upUnacked   uint64     // announced by the client, not yet acknowledged
 	upEnded     bool       // the client ended its direction or closed the socket
 	clientGone  bool       // the client closed the socket (it no longer touches the rings)
+	socketDone  bool       // no more records will be read: the client closed the socket or it broke
 	downUnacked uint64     // put into the down ring, not yet acknowledged by the client
 	aborted     bool
 	abortOnce   sync.Once
@@ -268,11 +269,15 @@ func (p *shmPipe) readRecords() error {
 			p.upEnded = true // the client closed the socket (or it broke): what was announced is still forwarded
 			// a client that closes its socket with records unread makes the read fail with ECONNRESET instead of EOF
 			p.clientGone = err == io.EOF || errors.Is(err, syscall.ECONNRESET)
+			p.socketDone = true
 			p.changed.Broadcast()
 			p.mu.Unlock()
 			return nil
 		}
 		if err := p.applyRecord(record[0], binary.LittleEndian.Uint64(record[1:])); err != nil {
+			p.mu.Lock()
+			p.socketDone = true
+			p.mu.Unlock()
 			return err
 		}
 	}
@@ -349,13 +354,17 @@ func (p *shmPipe) forwardDown() error {
 	var pos uint64
 	for {
 		p.mu.Lock()
-		for p.downUnacked == p.size && !p.aborted {
+		for p.downUnacked == p.size && !p.aborted && !p.socketDone {
 			p.changed.Wait()
 		}
 		free, aborted := p.size-p.downUnacked, p.aborted
 		p.mu.Unlock()
 		if aborted {
 			return errPipeAborted
+		}
+		if free == 0 {
+			// the ring is full and no acknowledgement can come any more: the client left without reading
+			return errors.New("the client closed the stream without reading what the peer sent")
 		}
 		start := pos % p.size
 		n, err := p.s.Read(p.down[start : start+minUint64(free, p.size-start)])

@@ -73,8 +73,10 @@ class FakeDaemonSide:
 
     async def receive(self, n: int) -> bytes:
         start = self.up_read % self.ring_size
-        data = bytes(self.up[start : start + n]) if start + n <= self.ring_size else (
-            bytes(self.up[start:]) + bytes(self.up[: n - (self.ring_size - start)])
+        data = (
+            bytes(self.up[start : start + n])
+            if start + n <= self.ring_size
+            else (bytes(self.up[start:]) + bytes(self.up[: n - (self.ring_size - start)]))
         )
         self.up_read += n
         self.writer.write(RECORD.pack(b"A", n))
@@ -225,6 +227,34 @@ def test_an_offer_that_cannot_be_mapped_is_declined_and_the_socket_stays_plain(l
     run(loop_kind, main)
 
 
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_p2pd_closing_while_reading_is_paused_is_reported(loop_kind, tmp_path):
+    async def main():
+        server, reader, writer, daemon_reader, daemon_writer = await _connected(tmp_path)
+        daemon = FakeDaemonSide(daemon_reader, daemon_writer, ring_size=1 << 20)
+        try:
+            reader, writer = shm_pipe.accept_shm_pipe(daemon.offer(), reader, writer)
+            assert await daemon_reader.readexactly(1) == shm_pipe.ACCEPT
+            sent = os.urandom(4 * 65536)
+            for offset in range(0, len(sent), 65536):  # more than the reader buffers: it pauses the pipe
+                daemon.send(sent[offset : offset + 65536])
+            await asyncio.sleep(0.1)
+            assert writer.transport._reading_paused
+            daemon_writer.close()  # p2pd aborts the stream
+            await asyncio.sleep(0.1)
+            writer.write(b"x" * 100_000)
+            with pytest.raises(ConnectionError):
+                await writer.drain()
+            assert await reader.read() == sent, "bytes announced before the socket closed are still delivered"
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 5)
+        finally:
+            server.close()
+            daemon.close()
+
+    run(loop_kind, main)
+
+
 def test_map_pipe_file_checks_size_and_range(tmp_path):
     with pytest.raises(ValueError):
         shm_pipe.map_pipe_file(f"/dev/shm/{shm_pipe.PIPE_NAME_PREFIX}x", 100)  # ring too small
@@ -343,3 +373,45 @@ async def test_no_pipe_file_outlives_its_daemon():
     await callee.shutdown()  # exits normally and removes its own files
     for pid in (killed_pid, stopped_pid):
         assert glob.glob(f"/dev/shm/{shm_pipe.PIPE_NAME_PREFIX}{pid}-*") == []
+
+
+async def test_a_caller_leaving_without_reading_resets_the_handlers_stream(p2p_pair):
+    caller, callee = p2p_pair
+    outcome = asyncio.get_running_loop().create_future()
+
+    async def flood(stream_info, reader, writer):
+        chunk = bytes(1 << 20)
+        try:
+            for _ in range(300):  # far more than the rings, kernel buffers and yamux windows hold
+                writer.write(chunk)
+                await writer.drain()
+            outcome.set_result("wrote everything")
+        except ConnectionError as e:
+            outcome.set_result(e)
+
+    await callee.add_binary_stream_handler("flood", flood)
+    _, reader, writer = await caller.call_binary_stream_handler(callee.peer_id, "flood")
+    assert writer.transport.get_extra_info("shm_pipe") is True
+    await reader.readexactly(1000)
+    await asyncio.sleep(0.5)  # the caller's ring fills while nobody reads it
+    writer.close()
+    assert isinstance(await asyncio.wait_for(outcome, 20), ConnectionError)
+
+
+async def test_a_handler_registered_again_without_pipes_gets_plain_streams(p2p_pair, monkeypatch):
+    caller, callee = p2p_pair
+    seen = []
+
+    async def recording_echo(stream_info, reader, writer):
+        seen.append(writer.transport.get_extra_info("shm_pipe"))
+        await echo_with_digest(stream_info, reader, writer)
+
+    await callee.add_binary_stream_handler("echo", recording_echo)
+    await call_echo(caller, callee, b"with a pipe")
+    await callee.remove_binary_stream_handler("echo")
+    monkeypatch.setenv(shm_pipe.SHM_ENV_VAR, "0")  # the callee's client no longer asks for pipes
+    await callee.add_binary_stream_handler("echo", recording_echo)
+    payload = os.urandom(100_000)
+    _, echoed, digest = await call_echo(caller, callee, payload)
+    assert echoed == payload and digest == hashlib.sha256(payload).digest()
+    assert seen == [True, None]

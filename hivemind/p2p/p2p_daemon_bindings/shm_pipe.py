@@ -34,7 +34,7 @@ ACCEPT, DECLINE = b"S", b"P"
 PIPE_DIR = "/dev/shm/"
 PIPE_NAME_PREFIX = "hivemind-p2pd-"
 MIN_RING_SIZE, MAX_RING_SIZE = 4096, 1 << 30
-MAX_IDLE_MAPPINGS = 8  # mappings of pipe files that no stream uses now, kept for p2pd to offer again
+MAX_IDLE_MAPPINGS = 4  # mappings of pipe files that no stream uses now, kept for p2pd to offer again
 
 _idle_mappings: "OrderedDict[str, mmap.mmap]" = OrderedDict()
 
@@ -75,6 +75,9 @@ def _take_mapping(path: str, ring_size: int) -> mmap.mmap:
 
 def _keep_mapping(path: str, memory: mmap.mmap) -> None:
     _idle_mappings[path] = memory
+    for cached_path in list(_idle_mappings):
+        if not os.path.exists(cached_path):  # p2pd dropped this pipe (or exited): do not pin its memory
+            _idle_mappings.pop(cached_path).close()
     while len(_idle_mappings) > MAX_IDLE_MAPPINGS:
         _, oldest = _idle_mappings.popitem(last=False)
         oldest.close()
@@ -178,6 +181,7 @@ class ShmPipeTransport(asyncio.Transport):
     def _protocol_error(self, what: str) -> bool:
         self._lost_exc = ShmPipeError(f"p2pd broke the shared-memory pipe protocol: {what}")
         logger.debug(str(self._lost_exc))
+        self._closing = True  # the rings are not touched again
         self._socket.abort()
         return False
 
@@ -198,9 +202,15 @@ class ShmPipeTransport(asyncio.Transport):
     # ---------------------------------------------------------------- receiving
 
     def _deliver(self) -> None:
-        """Hand announced bytes to the protocol while it reads; then EOF and connection loss, in that order."""
+        """Hand announced bytes to the protocol while it reads; then EOF and connection loss, in that order.
+
+        Once the socket is gone, everything announced is handed over at once, even while reading is paused (a
+        ``StreamReader`` buffers it): the rings must not be touched later, and the loss must be reported now.
+        """
         consumed = 0
-        while not self._reading_paused and not self._closing and self._in_consumed < self._in_announced:
+        while (
+            (not self._reading_paused or self._lost) and not self._closing and self._in_consumed < self._in_announced
+        ):
             start = self._in_consumed % self._size
             chunk = min(self._in_announced - self._in_consumed, self._size - start)
             if self._buffered:
