@@ -5,11 +5,12 @@ large payloads (header and payload are written separately, each payload is read 
 """
 
 import asyncio
-from typing import Optional, Tuple, Type, TypeVar, Union
+from typing import List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from google.protobuf.message import Message
 
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.p2p.split_serialization import serialize_in_parts
 from hivemind.proto.p2pd_pb2 import RPCError
 
 MARKER_LEN = 1
@@ -62,31 +63,39 @@ def decode_header(header: bytes) -> Tuple[bytes, int]:
     return marker, decode_length(header[MARKER_LEN:])
 
 
-def _frame_parts(message: Union[Message, RPCError]) -> Tuple[bytes, bytes]:
-    """``(header, payload)`` of the frame for a message (``RPCError`` gets the error marker)."""
-    marker = ERROR_MARKER if isinstance(message, RPCError) else MESSAGE_MARKER
-    payload = message.SerializeToString()
-    return encode_header(marker, len(payload)), payload
+def _frame_parts(message: Union[Message, RPCError]) -> Tuple[bytes, List[bytes]]:
+    """``(header, payload parts)`` of the frame for a message (``RPCError`` gets the error marker)."""
+    if isinstance(message, RPCError):
+        marker, parts = ERROR_MARKER, [message.SerializeToString()]
+    else:
+        marker, parts = MESSAGE_MARKER, serialize_in_parts(message)  # a large bytes field is copied once, not twice
+    return encode_header(marker, sum(map(len, parts))), parts
 
 
 def encode_frame(message: Union[Message, RPCError]) -> bytes:
     """A complete frame for a message (``RPCError`` gets the error marker)."""
-    header, payload = _frame_parts(message)
-    return header + payload
+    header, parts = _frame_parts(message)
+    return header + b"".join(parts)
 
 
-def _write_prefixed(writer: asyncio.StreamWriter, prefix: bytes, payload: bytes) -> None:
-    """Write a header and its payload: joined when small, as two writes (no concatenation) when large."""
-    if len(payload) < JOIN_WRITE_THRESHOLD:
-        writer.write(prefix + payload)
-    else:
-        writer.write(prefix)
-        writer.write(payload)
+def _write_prefixed(writer: asyncio.StreamWriter, prefix: bytes, parts: Sequence[bytes]) -> None:
+    """Write a header and its payload parts: small pieces joined, large parts as writes of their own (no copy)."""
+    pending = prefix
+    for part in parts:
+        if len(part) < JOIN_WRITE_THRESHOLD:
+            pending += part
+            continue
+        if pending:
+            writer.write(pending)
+        writer.write(part)
+        pending = b""
+    if pending:
+        writer.write(pending)
 
 
 async def send_raw_data(data: bytes, writer: asyncio.StreamWriter, *, drain: bool = True) -> None:
     """Write ``data`` prefixed with its 8-byte big-endian length."""
-    _write_prefixed(writer, len(data).to_bytes(HEADER_LEN, BYTEORDER), data)
+    _write_prefixed(writer, len(data).to_bytes(HEADER_LEN, BYTEORDER), [data])
     if drain:
         await writer.drain()
 
