@@ -55,35 +55,13 @@ func (d *daemon) handleConn(conn net.Conn) {
 		case reqConnect:
 			resp = d.doConnect(req)
 		case reqStreamOpen:
-			resp, stream, pipe := d.doStreamOpen(req, conn)
-			if err := writeDelimited(conn, resp); err != nil {
-				if stream != nil {
-					_ = stream.Reset()
-				}
-				if pipe != nil {
-					d.pipes.release(pipe)
-				}
-				_ = conn.Close()
-				return
-			}
+			var stream network.Stream
+			var pipe *shmPipeFile
+			resp, stream, pipe = d.doStreamOpen(req, conn)
 			if stream != nil {
-				if pipe != nil {
-					accepted, err := d.awaitShmAnswer(conn, r, pipe)
-					if err != nil {
-						log.Debugw("no answer to a shared-memory pipe offer", "error", err)
-						_ = stream.Reset()
-						_ = conn.Close()
-						return
-					}
-					if !accepted {
-						pipe = nil
-					}
-				}
-				tuneLocalSocket(conn)
-				d.pipeOrCopy(&bufferedConn{Conn: conn, r: r}, stream, pipe)
+				d.connectStream(conn, r, stream, pipe, resp)
 				return
 			}
-			continue
 		case reqStreamHandler:
 			resp = d.doStreamHandler(req)
 		case reqRemoveStreamHandler:

@@ -5,20 +5,11 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
-	"sync"
 	"syscall"
 )
 
 // shmDir holds the pipe files: a tmpfs on every Linux system.
 const shmDir = "/dev/shm"
-
-// shmPipeFile is the shared memory of one stream pipe: two rings of ringSize bytes, client -> daemon first.
-type shmPipeFile struct {
-	path       string
-	ringSize   int
-	mem        []byte
-	unlinkOnce sync.Once
-}
 
 // createShmPipeFile creates and maps a new pipe file that only this user can open. Its pages are allocated on
 // first use, so a pipe that carries little data costs little memory.
@@ -47,16 +38,6 @@ func createShmPipeFile(ringSize int) (*shmPipeFile, error) {
 	return p, nil
 }
 
-// unlink removes the file name; the memory stays mapped by whoever has mapped it already.
-func (p *shmPipeFile) unlink() {
-	p.unlinkOnce.Do(func() { _ = os.Remove(p.path) })
-}
-
-// release unlinks the file and unmaps the memory; no ring slice may be used afterwards.
-func (p *shmPipeFile) release() {
-	p.unlink()
-	if p.mem != nil {
-		_ = syscall.Munmap(p.mem)
-		p.mem = nil
-	}
+func unmapShm(mem []byte) {
+	_ = syscall.Munmap(mem)
 }

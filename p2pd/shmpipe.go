@@ -157,15 +157,39 @@ func (d *daemon) awaitShmAnswer(conn net.Conn, r *bufio.Reader, pipe *shmPipeFil
 	return true, nil
 }
 
-// pipeOrCopy connects a client socket with a libp2p stream through the accepted pipe, or through the socket.
-func (d *daemon) pipeOrCopy(c *bufferedConn, s network.Stream, pipe *shmPipeFile) {
-	if pipe == nil {
-		pipeStream(c, s)
+// connectStream sends msg (the StreamInfo, or the response that carries it) to the client on conn, then moves the
+// bytes of s through the offered pipe if the client takes it, or through the socket. It owns conn, s and pipe.
+func (d *daemon) connectStream(conn net.Conn, r *bufio.Reader, s network.Stream, pipe *shmPipeFile, msg []byte) {
+	fail := func() {
+		_ = s.Reset()
+		_ = conn.Close()
+	}
+	if err := writeDelimited(conn, msg); err != nil {
+		if pipe != nil {
+			d.pipes.release(pipe)
+		}
+		fail()
 		return
 	}
-	if pipeShm(c, s, pipe) {
+	if pipe != nil {
+		accepted, err := d.awaitShmAnswer(conn, r, pipe)
+		if err != nil {
+			log.Debugw("no answer to a shared-memory pipe offer", "protocol", s.Protocol(), "error", err)
+			fail()
+			return
+		}
+		if !accepted {
+			pipe = nil
+		}
+	}
+	tuneLocalSocket(conn)
+	c := &bufferedConn{Conn: conn, r: r}
+	switch {
+	case pipe == nil:
+		pipeStream(c, s)
+	case pipeShm(c, s, pipe):
 		d.pipes.put(pipe)
-	} else {
+	default:
 		d.pipes.release(pipe)
 	}
 }
@@ -262,6 +286,12 @@ func (p *shmPipe) sendRecord(kind byte, value uint64) error {
 
 // readRecords applies the client's records until the socket ends (nil) or a record is malformed (an error).
 func (p *shmPipe) readRecords() error {
+	defer func() {
+		p.mu.Lock()
+		p.socketDone = true
+		p.changed.Broadcast()
+		p.mu.Unlock()
+	}()
 	var record [shmRecordLen]byte
 	for {
 		if _, err := io.ReadFull(p.c.r, record[:]); err != nil {
@@ -269,15 +299,10 @@ func (p *shmPipe) readRecords() error {
 			p.upEnded = true // the client closed the socket (or it broke): what was announced is still forwarded
 			// a client that closes its socket with records unread makes the read fail with ECONNRESET instead of EOF
 			p.clientGone = err == io.EOF || errors.Is(err, syscall.ECONNRESET)
-			p.socketDone = true
-			p.changed.Broadcast()
 			p.mu.Unlock()
 			return nil
 		}
 		if err := p.applyRecord(record[0], binary.LittleEndian.Uint64(record[1:])); err != nil {
-			p.mu.Lock()
-			p.socketDone = true
-			p.mu.Unlock()
 			return err
 		}
 	}

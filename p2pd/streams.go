@@ -121,29 +121,7 @@ func (d *daemon) handleIncomingStream(s network.Stream) {
 		return
 	}
 	pipe := d.offerShmPipe(conn, wantsShm)
-	if err := writeDelimited(conn, streamInfoOf(s, pipe)); err != nil {
-		if pipe != nil {
-			d.pipes.release(pipe)
-		}
-		_ = s.Reset()
-		_ = conn.Close()
-		return
-	}
-	r := bufio.NewReaderSize(conn, 4096)
-	if pipe != nil {
-		accepted, err := d.awaitShmAnswer(conn, r, pipe)
-		if err != nil {
-			log.Debugw("a stream handler did not answer a shared-memory pipe offer", "handler", addr, "error", err)
-			_ = s.Reset()
-			_ = conn.Close()
-			return
-		}
-		if !accepted {
-			pipe = nil
-		}
-	}
-	tuneLocalSocket(conn)
-	d.pipeOrCopy(&bufferedConn{Conn: conn, r: r}, s, pipe)
+	d.connectStream(conn, bufio.NewReaderSize(conn, 4096), s, pipe, streamInfoOf(s, pipe))
 }
 
 // recoverStream keeps an unexpected panic in a stream handler from taking the daemon down.

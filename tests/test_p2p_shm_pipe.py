@@ -5,6 +5,7 @@ that every record can be checked (or broken on purpose); the others run streams 
 """
 
 import asyncio
+import contextlib
 import glob
 import hashlib
 import mmap
@@ -14,9 +15,10 @@ import struct
 import sys
 
 import pytest
+from unix_socket_pair import LOOPS, connected_pair, run_in_loop
 
 from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings import shm_pipe, streams
+from hivemind.p2p.p2p_daemon_bindings import shm_pipe
 from hivemind.proto import p2pd_pb2
 
 pytestmark = [
@@ -24,21 +26,8 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shared-memory pipes are Linux-only"),
 ]
 
-LOOPS = ["asyncio", "uvloop"]
 RING = 4096  # the smallest ring a client accepts: wraps around often
 RECORD = struct.Struct("<cQ")
-
-
-def run(loop_kind: str, coroutine_function, *args):
-    if loop_kind == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(asyncio.wait_for(coroutine_function(*args), 20))
-    finally:
-        loop.close()
 
 
 class FakeDaemonSide:
@@ -90,41 +79,28 @@ class FakeDaemonSide:
             os.unlink(self.path)
 
 
-async def _connected(tmp_path):
-    """(server, client reader, client writer, server-side reader, server-side writer) over a unix socket."""
-    accepted = asyncio.get_running_loop().create_future()
-
-    async def on_connect(reader, writer):
-        accepted.set_result((reader, writer))
-
-    server = await streams.start_unix_server(on_connect, str(tmp_path / "s.sock"), limit=2**16)
-    reader, writer = await streams.open_unix_connection(str(tmp_path / "s.sock"), limit=2**16)
-    return (server, reader, writer, *(await accepted))
-
-
-async def _pipe_pair(tmp_path):
-    """(client reader, client writer, fake daemon side, cleanup) with the pipe accepted by the client."""
-    server, reader, writer, daemon_reader, daemon_writer = await _connected(tmp_path)
-    daemon = FakeDaemonSide(daemon_reader, daemon_writer)
-    reader, writer = shm_pipe.accept_shm_pipe(daemon.offer(), reader, writer)
-    assert await daemon_reader.readexactly(1) == shm_pipe.ACCEPT
-    assert writer.transport.get_extra_info("shm_pipe") is True
-
-    async def cleanup():
-        writer.close()
-        daemon_writer.close()
-        server.close()
-        await server.wait_closed()
-        daemon.close()
-
-    return reader, writer, daemon, cleanup
+@contextlib.asynccontextmanager
+async def pipe_pair(tmp_path, ring_size: int = RING):
+    """(client reader, client writer, fake daemon side) with the pipe accepted by the client; closed on exit."""
+    async with connected_pair(str(tmp_path / "s.sock"), limit=2**16) as (
+        (reader, writer),
+        (daemon_reader, daemon_writer),
+    ):
+        daemon = FakeDaemonSide(daemon_reader, daemon_writer, ring_size)
+        try:
+            reader, writer = shm_pipe.accept_shm_pipe(daemon.offer(), reader, writer)
+            assert await daemon_reader.readexactly(1) == shm_pipe.ACCEPT
+            assert writer.transport.get_extra_info("shm_pipe") is True
+            yield reader, writer, daemon
+            writer.close()
+        finally:
+            daemon.close()
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_bytes_from_p2pd_arrive_in_order_across_ring_wraps(loop_kind, tmp_path):
     async def main():
-        reader, writer, daemon, cleanup = await _pipe_pair(tmp_path)
-        try:
+        async with pipe_pair(tmp_path) as (reader, writer, daemon):
             expected = os.urandom(50_000)
             sent, acked, received = 0, 0, bytearray()
 
@@ -147,17 +123,14 @@ def test_bytes_from_p2pd_arrive_in_order_across_ring_wraps(loop_kind, tmp_path):
             assert bytes(received) == expected
             daemon.writer.write(RECORD.pack(b"E", 0))
             assert await reader.read(1) == b"" and reader.at_eof()
-        finally:
-            await cleanup()
 
-    run(loop_kind, main)
+    run_in_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_bytes_to_p2pd_respect_the_ring_and_drain_waits(loop_kind, tmp_path):
     async def main():
-        reader, writer, daemon, cleanup = await _pipe_pair(tmp_path)
-        try:
+        async with pipe_pair(tmp_path) as (reader, writer, daemon):
             writer.transport.set_write_buffer_limits(high=8192)
             payload = os.urandom(40_000)
             writer.write(payload[:30_000])
@@ -178,10 +151,8 @@ def test_bytes_to_p2pd_respect_the_ring_and_drain_waits(loop_kind, tmp_path):
             await asyncio.wait_for(drain, 5)
             writer.write_eof()
             assert await daemon.record() == (b"E", 0)
-        finally:
-            await cleanup()
 
-    run(loop_kind, main)
+    run_in_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize(
@@ -192,23 +163,19 @@ def test_bytes_to_p2pd_respect_the_ring_and_drain_waits(loop_kind, tmp_path):
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_a_record_that_breaks_the_protocol_aborts_the_stream(loop_kind, tmp_path, bad_record):
     async def main():
-        reader, writer, daemon, cleanup = await _pipe_pair(tmp_path)
-        try:
+        async with pipe_pair(tmp_path) as (reader, writer, daemon):
             daemon.writer.write(bad_record)
             with pytest.raises(shm_pipe.ShmPipeError):
                 await reader.read(1)
             assert writer.transport.is_closing()
-        finally:
-            await cleanup()
 
-    run(loop_kind, main)
+    run_in_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_an_offer_that_cannot_be_mapped_is_declined_and_the_socket_stays_plain(loop_kind, tmp_path):
     async def main():
-        server, reader, writer, daemon_reader, daemon_writer = await _connected(tmp_path)
-        try:
+        async with connected_pair(str(tmp_path / "s.sock")) as ((reader, writer), (daemon_reader, _)):
             for path in ["/dev/shm/hivemind-p2pd-0-missing", "/etc/passwd", "/dev/shm/../etc/hivemind-p2pd-1"]:
                 offer = p2pd_pb2.StreamInfo(peer=b"x", addr=b"y", proto="t", shm_path=path, shm_ring_size=RING)
                 same_reader, same_writer = shm_pipe.accept_shm_pipe(offer, reader, writer)
@@ -218,29 +185,20 @@ def test_an_offer_that_cannot_be_mapped_is_declined_and_the_socket_stays_plain(l
             assert shm_pipe.accept_shm_pipe(plain_info, reader, writer) == (reader, writer)
             writer.write(b"plain bytes")
             assert await daemon_reader.readexactly(11) == b"plain bytes"
-        finally:
-            writer.close()
-            daemon_writer.close()
-            server.close()
-            await server.wait_closed()
 
-    run(loop_kind, main)
+    run_in_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_p2pd_closing_while_reading_is_paused_is_reported(loop_kind, tmp_path):
     async def main():
-        server, reader, writer, daemon_reader, daemon_writer = await _connected(tmp_path)
-        daemon = FakeDaemonSide(daemon_reader, daemon_writer, ring_size=1 << 20)
-        try:
-            reader, writer = shm_pipe.accept_shm_pipe(daemon.offer(), reader, writer)
-            assert await daemon_reader.readexactly(1) == shm_pipe.ACCEPT
+        async with pipe_pair(tmp_path, ring_size=1 << 20) as (reader, writer, daemon):
             sent = os.urandom(4 * 65536)
             for offset in range(0, len(sent), 65536):  # more than the reader buffers: it pauses the pipe
                 daemon.send(sent[offset : offset + 65536])
             await asyncio.sleep(0.1)
             assert writer.transport._reading_paused
-            daemon_writer.close()  # p2pd aborts the stream
+            daemon.writer.close()  # p2pd aborts the stream
             await asyncio.sleep(0.1)
             writer.write(b"x" * 100_000)
             with pytest.raises(ConnectionError):
@@ -248,11 +206,8 @@ def test_p2pd_closing_while_reading_is_paused_is_reported(loop_kind, tmp_path):
             assert await reader.read() == sent, "bytes announced before the socket closed are still delivered"
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 5)
-        finally:
-            server.close()
-            daemon.close()
 
-    run(loop_kind, main)
+    run_in_loop(loop_kind, main)
 
 
 def test_map_pipe_file_checks_size_and_range(tmp_path):

@@ -1,48 +1,21 @@
 """DirectStreamReader / DirectReadProtocol over real unix sockets, with asyncio's and uvloop's event loops."""
 
 import asyncio
-import contextlib
 import os
 
 import pytest
+from unix_socket_pair import LOOPS, connected_pair, run_in_loop
 
 from hivemind.p2p.p2p_daemon_bindings import streams
 
 pytestmark = pytest.mark.timeout(30)
 
-LOOPS = ["asyncio", "uvloop"]
 
-
-def run(loop_kind: str, coroutine_function, *args):
-    if loop_kind == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(asyncio.wait_for(coroutine_function(*args), 20))
-    finally:
-        loop.close()
-
-
-@contextlib.asynccontextmanager
-async def connected_pair(path: str):
-    """((reader, writer) of the client side, (reader, writer) of the server side); both closed on exit."""
-    accepted = asyncio.get_running_loop().create_future()
-
-    async def on_connect(reader, writer):
-        accepted.set_result((reader, writer))  # the test owns the server side of the stream from now on
-
-    server = await streams.start_unix_server(on_connect, path, limit=2**20)
-    client = await streams.open_unix_connection(path, limit=2**20)
-    server_side = await accepted
-    try:
-        yield client, server_side
-    finally:
-        client[1].close()
-        server_side[1].close()
-        server.close()
-        await server.wait_closed()
+def write_length_prefixed(writer: asyncio.StreamWriter, payloads) -> asyncio.Future:
+    """Write each payload after its 8-byte length; returns the pending drain()."""
+    for payload in payloads:
+        writer.write(len(payload).to_bytes(8, "big") + payload)
+    return asyncio.ensure_future(writer.drain())
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -50,9 +23,7 @@ def test_mixed_small_and_large_payloads_arrive_in_order(loop_kind, tmp_path):
     async def scenario():
         async with connected_pair(str(tmp_path / "s.sock")) as ((_, client_writer), (reader, _)):
             payloads = [os.urandom(n) for n in (5, 3 * 2**20, 100, 2**16, 2**16 + 1, 7 * 2**20 + 3)]
-            for payload in payloads:
-                client_writer.write(len(payload).to_bytes(8, "big") + payload)
-            drain = asyncio.ensure_future(client_writer.drain())
+            drain = write_length_prefixed(client_writer, payloads)
             for payload in payloads:
                 length = int.from_bytes(await reader.readexactly(8), "big")
                 assert bytes(await reader.read_payload(length)) == payload
@@ -60,7 +31,7 @@ def test_mixed_small_and_large_payloads_arrive_in_order(loop_kind, tmp_path):
             client_writer.close()
             assert await reader.read() == b""
 
-    run(loop_kind, scenario)
+    run_in_loop(loop_kind, scenario)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -70,9 +41,7 @@ def test_back_to_back_large_payloads_bypass_the_scratch_buffer(loop_kind, tmp_pa
     async def scenario():
         async with connected_pair(str(tmp_path / "s.sock")) as ((_, client_writer), (reader, _)):
             payloads = [os.urandom(2**20 + n) for n in range(4)] + [b"small", os.urandom(2**18)]
-            for payload in payloads:  # everything is in the socket before the first read
-                client_writer.write(len(payload).to_bytes(8, "big") + payload)
-            drain = asyncio.ensure_future(client_writer.drain())
+            drain = write_length_prefixed(client_writer, payloads)  # everything is in the socket before the first read
             fed = []
             feed_data = reader.feed_data
             reader.feed_data = lambda data: (fed.append(len(data)), feed_data(data))
@@ -86,7 +55,7 @@ def test_back_to_back_large_payloads_bypass_the_scratch_buffer(loop_kind, tmp_pa
             client_writer.close()
             assert await reader.read() == b""
 
-    run(loop_kind, scenario)
+    run_in_loop(loop_kind, scenario)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -103,7 +72,7 @@ def test_peer_closed_completely_tells_a_half_close_from_a_close(loop_kind, tmp_p
             client_writer.close()
             assert streams.peer_closed_completely(client_writer)  # a closed socket cannot be asked: assume the worst
 
-    run(loop_kind, scenario)
+    run_in_loop(loop_kind, scenario)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -117,7 +86,7 @@ def test_eof_inside_a_payload_is_an_incomplete_read(loop_kind, tmp_path):
                 await reader.read_payload(2**20)
             assert info.value.partial == b"x" * 1000 and info.value.expected == 2**20
 
-    run(loop_kind, scenario)
+    run_in_loop(loop_kind, scenario)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -138,7 +107,7 @@ def test_cancelled_payload_read_keeps_received_bytes(loop_kind, tmp_path):
             assert bytes(await reader.read_payload(2**20)) == first_part + rest
             client_writer.close()
 
-    run(loop_kind, scenario)
+    run_in_loop(loop_kind, scenario)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -155,4 +124,4 @@ def test_writer_flow_control_and_close(loop_kind, tmp_path):
             assert await client_reader.read() == b""
             client_writer.close()
 
-    run(loop_kind, scenario)
+    run_in_loop(loop_kind, scenario)

@@ -92,6 +92,13 @@ def remove_daemon_pipe_files(daemon_pid: int) -> None:
             pass
 
 
+def _require_buffered(protocol: asyncio.BaseProtocol) -> asyncio.BufferedProtocol:
+    """The pipe copies ring bytes straight into the protocol's buffers, so it takes only a ``BufferedProtocol``."""
+    if not isinstance(protocol, asyncio.BufferedProtocol):
+        raise TypeError(f"A shared-memory pipe needs an asyncio.BufferedProtocol, got {type(protocol).__name__}")
+    return protocol
+
+
 class _RecordProtocol(asyncio.Protocol):
     """Protocol of the socket under a ``ShmPipeTransport``: splits the records and hands them over."""
 
@@ -126,7 +133,7 @@ class ShmPipeTransport(asyncio.Transport):
         path: str,
         memory: mmap.mmap,
         ring_size: int,
-        protocol: asyncio.BaseProtocol,
+        protocol: asyncio.BufferedProtocol,
     ) -> None:
         super().__init__()
         self._loop = loop
@@ -135,8 +142,7 @@ class ShmPipeTransport(asyncio.Transport):
         view = memoryview(memory)
         self._out, self._in = view[:ring_size], view[ring_size:]
         self._size = ring_size
-        self._protocol = protocol
-        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._protocol = _require_buffered(protocol)
 
         self._out_written = self._out_acked = 0  # bytes put into the out ring / acknowledged by p2pd (totals)
         self._pending: Deque[memoryview] = deque()  # written, not yet in the ring
@@ -213,18 +219,12 @@ class ShmPipeTransport(asyncio.Transport):
         ):
             start = self._in_consumed % self._size
             chunk = min(self._in_announced - self._in_consumed, self._size - start)
-            if self._buffered:
-                buffer = self._protocol.get_buffer(chunk)
-                chunk = min(chunk, len(buffer))
-                buffer[:chunk] = self._in[start : start + chunk]
-                self._in_consumed += chunk
-                consumed += chunk
-                self._protocol.buffer_updated(chunk)
-            else:
-                data = bytes(self._in[start : start + chunk])
-                self._in_consumed += chunk
-                consumed += chunk
-                self._protocol.data_received(data)
+            buffer = self._protocol.get_buffer(chunk)
+            chunk = min(chunk, len(buffer))
+            buffer[:chunk] = self._in[start : start + chunk]
+            self._in_consumed += chunk
+            consumed += chunk
+            self._protocol.buffer_updated(chunk)
         if consumed and not self._lost:
             self._socket.write(RECORD.pack(ACK, consumed))
         if self._in_consumed < self._in_announced and not self._closing:
@@ -359,8 +359,7 @@ class ShmPipeTransport(asyncio.Transport):
         return self._socket.get_extra_info(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
-        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._protocol = _require_buffered(protocol)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
