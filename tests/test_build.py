@@ -14,7 +14,7 @@ import base58
 import pytest
 
 from hivemind.p2p.daemon_binary import P2PD_PATH_ENV_VAR, get_p2pd_path, get_p2pd_version
-from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
+from hivemind.p2p.p2p_daemon_bindings.utils import serialize_delimited
 
 PROTO_MODULES = ["auth_pb2", "averaging_pb2", "crypto_pb2", "dht_pb2", "p2pd_pb2", "runtime_pb2", "test_pb2"]
 STARTUP_TIMEOUT = 15
@@ -226,8 +226,7 @@ def control_connection(control_socket) -> socket.socket:
 
 
 def write_delimited(sock, message):
-    data = message.SerializeToString()
-    sock.sendall(encode_varint(len(data)) + data)
+    sock.sendall(serialize_delimited(message))
 
 
 def read_delimited(sock, message_type):

@@ -19,12 +19,11 @@ pytestmark = pytest.mark.skipif(
 
 # allocates and frees three 1 MiB buffers per round, as one streamed 1 MiB message does; reports faults per round
 MEASURE = """
-import json, os, sys
+import json, os, resource
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 
 def minor_faults():
-    with open("/proc/self/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[7])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 applied = tune_malloc_for_large_messages()
 again = tune_malloc_for_large_messages()
@@ -39,9 +38,14 @@ print(json.dumps({"applied": applied, "again": again, "faults_per_round": (minor
 """
 
 
-def _measure(**env_overrides) -> dict:
+def _env_without_malloc_settings(**overrides) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
-    env.update(env_overrides)
+    env.update(overrides)
+    return env
+
+
+def _measure(**env_overrides) -> dict:
+    env = _env_without_malloc_settings(**env_overrides)
     result = subprocess.run([sys.executable, "-c", MEASURE], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -72,7 +76,7 @@ def test_p2p_create_applies_the_tuning():
         "asyncio.run(main())\n"
         "print(malloc_tuning._applied)\n"
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    env = _env_without_malloc_settings()
     env.pop(TUNE_MALLOC_ENV_VAR, None)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -80,15 +80,13 @@ class CompressionBase(ABC):
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
 
-    def _message(
-        self, tensor: torch.Tensor, buffer: bytes, requires_grad: bool, dtype_name: Optional[str] = None
-    ) -> runtime_pb2.Tensor:
-        """The message carrying ``buffer`` for ``tensor`` (its shape and, by default, its dtype name)."""
+    def _message(self, tensor: torch.Tensor, buffer: bytes, requires_grad: bool) -> runtime_pb2.Tensor:
+        """The message carrying ``buffer`` for ``tensor`` (its shape and dtype name)."""
         return runtime_pb2.Tensor(
             compression=self.compression_type,
             buffer=buffer,
             size=tensor.shape,
-            dtype=dtype_to_name(tensor.dtype) if dtype_name is None else dtype_name,
+            dtype=dtype_to_name(tensor.dtype),
             requires_grad=requires_grad,
         )
 
@@ -100,14 +98,13 @@ class NoCompression(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
-        dtype_name = dtype_to_name(tensor.dtype)
         wire_dtype = tensor.dtype
         if tensor.dtype == torch.bfloat16 and use_legacy_bfloat16():
             wire_dtype = torch.float32
         itemsize = torch.empty((), dtype=wire_dtype).element_size()
         message_buffer = MessageBuffer(tensor.numel() * itemsize, tensor.device)
         message_buffer.tensor.view(wire_dtype).view(tensor.shape).copy_(tensor)  # C order, conj/neg resolved
-        return self._message(tensor, message_buffer.to_bytes(), requires_grad, dtype_name)
+        return self._message(tensor, message_buffer.to_bytes(), requires_grad)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         shape, numel = validated_shape(serialized_tensor)

@@ -32,11 +32,7 @@ _ALL_CODECS = (
 BASE_COMPRESSION_TYPES: Dict[str, CompressionBase] = {
     CompressionType.Name(codec.compression_type): codec for codec in _ALL_CODECS
 }
-_CODECS_BY_TYPE: Dict[int, CompressionBase] = {
-    CompressionType.Value(name): codec for name, codec in BASE_COMPRESSION_TYPES.items()
-}
-for _name, _codec in BASE_COMPRESSION_TYPES.items():
-    assert CompressionType.Value(_name) == _codec.compression_type, f"codec registry mismatch for {_name}"
+_CODECS_BY_TYPE: Dict[int, CompressionBase] = {codec.compression_type: codec for codec in _ALL_CODECS}
 assert set(BASE_COMPRESSION_TYPES) == set(CompressionType.keys()), "every CompressionType needs a codec"
 
 

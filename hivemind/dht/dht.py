@@ -278,6 +278,7 @@ class DHT(mp.Process):
 
         :param kwargs: forwarded to DHTNode.get_many_by_id (num_workers, beam_size, sufficient_expiration_time)
         """
+        kwargs.pop("return_futures", None)  # asyncio futures cannot cross processes: the caller has an MPFuture
         return self._call("get", key, latest, return_future=return_future, **kwargs)
 
     def store(
@@ -340,7 +341,6 @@ class DHT(mp.Process):
     # ------------------------------------------------------------------ handlers (DHT process)
 
     async def _get(self, key: DHTKey, latest: bool, **kwargs) -> Optional[ValueWithExpiration[DHTValue]]:
-        kwargs.pop("return_futures", None)  # asyncio futures cannot cross processes: the caller has an MPFuture
         return await self._node.get(key, latest=latest, **kwargs)
 
     async def _store(

@@ -18,13 +18,13 @@ import time
 import base58
 
 from hivemind.p2p.daemon_binary import get_p2pd_path
-from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
+from hivemind.p2p.p2p_daemon_bindings.control import unix_maddr_bytes
+from hivemind.p2p.p2p_daemon_bindings.utils import serialize_delimited
 from hivemind.proto import p2pd_pb2
 
 
 def send_message(sock: socket.socket, message) -> None:
-    data = message.SerializeToString()
-    sock.sendall(encode_varint(len(data)) + data)
+    sock.sendall(serialize_delimited(message))
 
 
 def receive_message(sock: socket.socket, message_type):
@@ -78,7 +78,7 @@ def main():
         handler.listen(4)
         with socket.socket(socket.AF_UNIX) as control:
             control.connect(control_b)
-            handler_addr = b"\x90\x03" + encode_varint(len(handler_path)) + handler_path.encode()  # /unix/<path>
+            handler_addr = unix_maddr_bytes(handler_path)
             request = p2pd_pb2.StreamHandlerRequest(addr=handler_addr, proto=["throughput"], balanced=False)
             send_message(control, p2pd_pb2.Request(type=p2pd_pb2.Request.STREAM_HANDLER, streamHandler=request))
             assert receive_message(control, p2pd_pb2.Response).type == p2pd_pb2.Response.OK
