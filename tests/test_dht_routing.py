@@ -198,6 +198,16 @@ def test_full_far_bucket_at_depth_multiple_of_depth_modulo_asks_to_ping_stalest_
     assert table[far[2]] == make_peer_id("c") and table[make_peer_id("c")] == far[2] and far[0] not in table
 
 
+def test_holder_of_an_id_covers_active_and_replacement_nodes():
+    table = RoutingTable(DHTID(0), bucket_size=2, depth_modulo=1)
+    far = [DHTID((1 << 159) + i) for i in range(3)]
+    for node_id, name in zip(far, "abc"):
+        table.add_or_update_node(node_id, make_peer_id(name))
+    assert far[2] not in table  # a replacement node: not routed to, but its id is held
+    assert [table.holder_of(node_id) for node_id in far] == [make_peer_id(name) for name in "abc"]
+    assert table.holder_of(DHTID(1 << 158)) is None
+
+
 def test_full_far_bucket_at_depth_not_multiple_of_depth_modulo_splits():
     table = RoutingTable(DHTID(0), bucket_size=2, depth_modulo=5)
     far = [DHTID((1 << 159) + (i << 157)) for i in range(3)]

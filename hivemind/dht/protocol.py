@@ -2,11 +2,10 @@
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from hivemind.dht.id_codec import IdCodec
 from hivemind.dht.rate_limit import PeerRateLimiter
-from hivemind.dht.replication import keys_to_replicate
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
     IS_REGULAR_VALUE,
@@ -19,6 +18,7 @@ from hivemind.dht.request_checks import (
     check_store_request_shape,
 )
 from hivemind.dht.routing import DHTID, BinaryDHTValue, RoutingTable, Subkey
+from hivemind.dht.routing_upkeep import RoutingUpkeep
 from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
@@ -45,7 +45,7 @@ class ValidationError(Exception):
     """A peer we bootstrap from says it cannot reach us back, or its clock differs from ours by too much."""
 
 
-class DHTProtocol(ServicerBase):
+class DHTProtocol(RoutingUpkeep, ServicerBase):
     """
     Serves ``DHTProtocol.rpc_ping/rpc_store/rpc_find`` from this node's storage, cache and routing table, and calls
     them on other peers. Every remote request is checked (:mod:`hivemind.dht.request_checks`) before it touches
@@ -87,7 +87,7 @@ class DHTProtocol(ServicerBase):
         self.record_validator, self.authorizer = record_validator, authorizer
         self.rpc_semaphore = asyncio.Semaphore(parallel_rpc) if parallel_rpc is not None else None
         self.rejected: collections.Counter = collections.Counter()  # reason -> how many remote inputs were rejected
-        self._background_tasks: Set[asyncio.Task] = set()
+        self._init_routing_upkeep()  # background tasks and id-claim checks, see RoutingUpkeep
         self._codec = IdCodec()
         self.store_rate_limiter = PeerRateLimiter()  # caps store items per remote peer (flood protection)
         self.node_info = dht_pb2.NodeInfo() if client_mode else dht_pb2.NodeInfo(node_id=node_id.to_bytes())
@@ -104,22 +104,13 @@ class DHTProtocol(ServicerBase):
         pass  # use DHTProtocol.create: the servicer needs a running event loop and a P2P to register with
 
     async def shutdown(self) -> None:
-        """Stop answering RPCs (if serving) and cancel background work (replication, pings)."""
-        tasks = list(self._background_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop answering RPCs (if serving), then cancel background work (replication, pings) and await its end."""
         if not self.client_mode and self.p2p.is_alive:
             try:
                 await self.remove_p2p_handlers(self.p2p)
             except Exception as e:
                 logger.debug(f"Could not remove DHT handlers: {e!r}")
-
-    def _spawn(self, coro) -> None:
-        """Run coro in the background; the protocol owns the task and cancels it on shutdown."""
-        task = asyncio.create_task(coro)
-        self._background_tasks.add(task)
-        task.add_done_callback(self._background_tasks.discard)
+        await self._stop_background_tasks()
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -467,44 +458,3 @@ class DHTProtocol(ServicerBase):
             if self._is_valid(DHTRecord(key_bytes, self.serializer.dumps(subkey), entry_value, entry_expiration)):
                 clean.store(subkey, entry_value, entry_expiration)
         return clean
-
-    # ------------------------------------------------------------------ routing table upkeep
-
-    async def update_routing_table(self, node_id: Optional[DHTID], peer_id: PeerID, responded: bool = True) -> None:
-        """
-        Record the outcome of an exchange with a peer. A peer that answered is added (or refreshed); when it is new,
-        the keys it should hold are pushed to it in the background; when its bucket is full, the stalest node of that
-        bucket is pinged and evicted if silent. A peer that did not answer is removed (a replacement takes its slot).
-        """
-        if node_id is None:
-            return
-        if not responded:
-            if node_id in self.routing_table:
-                del self.routing_table[node_id]
-            return
-        is_new = node_id not in self.routing_table
-        if is_new and not self.client_mode and len(self.storage) > 0:
-            self._spawn(self._replicate_to(node_id, peer_id))
-        stale = self.routing_table.add_or_update_node(node_id, peer_id)
-        if stale is not None:
-            self._spawn(self._evict_if_silent(*stale))
-
-    async def _evict_if_silent(self, node_id: DHTID, peer_id: PeerID) -> None:
-        if await self.call_ping(peer_id) != node_id and node_id in self.routing_table:
-            del self.routing_table[node_id]
-
-    async def _replicate_to(self, new_node_id: DHTID, peer_id: PeerID) -> None:
-        stored = {key_id: item for key_id, item in self.storage.items()}
-        selected = keys_to_replicate(
-            stored.keys(),
-            new_node_id,
-            self.node_id,
-            lambda key_id: [
-                node_id
-                for node_id, _ in self.routing_table.get_nearest_neighbors(key_id, self.num_replicas, new_node_id)
-            ],
-        )
-        if selected:
-            values = [stored[key_id].value for key_id in selected]
-            expirations = [stored[key_id].expiration_time for key_id in selected]
-            await self.call_store(peer_id, selected, values, expirations)

@@ -260,6 +260,11 @@ class RoutingTable:
         found = self._peer_by_node.get(node_id) if peer_id is None else self._node_by_peer.get(peer_id)
         return default if found is None else found
 
+    def holder_of(self, node_id: DHTID) -> Optional[PeerID]:
+        """The peer that ``node_id`` maps to, as an active or as a replacement node; None if the id is unknown."""
+        bucket = self.buckets[self.bucket_index_for(node_id)]
+        return bucket.nodes.get(node_id, bucket.replacements.get(node_id))
+
     def __getitem__(self, item: Union[DHTID, PeerID]) -> Union[PeerID, DHTID]:
         return self._peer_by_node[item] if isinstance(item, int) else self._node_by_peer[item]
 
