@@ -5,6 +5,23 @@ import (
 	"sync"
 )
 
+// shmDirEnv names the directory of the pipe files (a tmpfs; /dev/shm when unset). The Python client reads the same
+// variable to know where offered pipes may live, and the daemon it starts inherits it.
+const shmDirEnv = "HIVEMIND_P2P_SHM_DIR"
+
+// shmKeepFreeDivisor: a pipe file is created only if its filesystem keeps at least 1/shmKeepFreeDivisor of its size
+// free afterwards, and an idle pipe is kept for reuse only while it does. /dev/shm is small in containers (64 MiB by
+// default in Docker) and PyTorch DataLoader workers need it more than streams need pipes: a stream without a pipe
+// just uses its socket.
+const shmKeepFreeDivisor = 2
+
+func shmPipeDir() string {
+	if dir := os.Getenv(shmDirEnv); dir != "" {
+		return dir
+	}
+	return "/dev/shm"
+}
+
 // shmPipeFile is the shared memory of one stream pipe: two rings of ringSize bytes, client -> daemon first.
 type shmPipeFile struct {
 	path       string

@@ -4,8 +4,10 @@ package main
 
 import "errors"
 
-func createShmPipeFile(ringSize int) (*shmPipeFile, error) {
+func createShmPipeFile(dir string, ringSize int) (*shmPipeFile, error) {
 	return nil, errors.New("shared-memory stream pipes are only supported on Linux")
 }
+
+func shmKeepsSpare(dir string) bool { return false }
 
 func unmapShm(mem []byte) {}

@@ -4,7 +4,7 @@ package main
 //
 // Without it, every stream byte crosses a unix socket between the client and the daemon: two kernel copies per
 // direction and system calls for every chunk. A client that sets `shm_capable` (field 100) in StreamOpenRequest or
-// StreamHandlerRequest is offered a pipe file in /dev/shm with the StreamInfo of each of its streams (field 100:
+// StreamHandlerRequest is offered a pipe file in /dev/shm ($HIVEMIND_P2P_SHM_DIR) with the StreamInfo of each of its streams (field 100:
 // path, field 101: ring size). It maps the file and answers with one byte: 'S' to use the pipe, 'P' to keep plain
 // socket bytes. The daemon sends nothing more on the socket until it has the answer.
 // Clients and daemons that do not know the extension ignore the unknown fields and keep plain stream sockets.
@@ -23,6 +23,11 @@ package main
 // the client closed the socket of a stream that ended cleanly, it no longer touches the rings and the daemon keeps
 // the file for a later stream; clients keep their mappings of idle pipes too. The daemon removes its files when it
 // exits (the client that started it removes them if it was killed).
+//
+// Every page of a pipe file is reserved when it is created: touching a tmpfs page that cannot be backed raises
+// SIGBUS in the daemon and in the client. When the space is not there, or a new file would leave less than half
+// of the filesystem free (containers give /dev/shm 64 MiB, which DataLoader workers need too), no pipe is offered
+// and the stream keeps its socket.
 
 import (
 	"bufio"
@@ -59,11 +64,14 @@ const (
 var errPipeAborted = errors.New("pipe aborted")
 
 // shmPipePool creates pipe files, keeps the files of finished pipes for reuse and removes them all on close.
+// A pipe that cannot be created (no space to reserve for it) is no pipe: the stream stays on its socket.
 type shmPipePool struct {
+	dir    string // where the files are made; shmPipeDir() when empty
 	mu     sync.Mutex
 	idle   []*shmPipeFile
 	live   map[*shmPipeFile]struct{} // every file not released yet
 	closed bool
+	noted  sync.Once // the first pipe that could not be made is logged at info level, the others at debug
 }
 
 func (pool *shmPipePool) get() (*shmPipeFile, error) {
@@ -77,7 +85,7 @@ func (pool *shmPipePool) get() (*shmPipeFile, error) {
 		pool.idle = pool.idle[:n-1]
 		return pipe, nil
 	}
-	pipe, err := createShmPipeFile(shmRingSize)
+	pipe, err := createShmPipeFile(pool.directory(), shmRingSize)
 	if err != nil {
 		return nil, err
 	}
@@ -88,6 +96,13 @@ func (pool *shmPipePool) get() (*shmPipeFile, error) {
 	return pipe, nil
 }
 
+func (pool *shmPipePool) directory() string {
+	if pool.dir != "" {
+		return pool.dir
+	}
+	return shmPipeDir()
+}
+
 // release unmaps and removes a pipe file for good.
 func (pool *shmPipePool) release(pipe *shmPipeFile) {
 	pool.mu.Lock()
@@ -96,10 +111,12 @@ func (pool *shmPipePool) release(pipe *shmPipeFile) {
 	pipe.release()
 }
 
-// put keeps a pipe that no client touches any more, or releases it when enough are kept.
+// put keeps a pipe that no client touches any more, or releases it when enough are kept or its filesystem runs
+// short of free space (others need it more than a pipe that nobody uses now).
 func (pool *shmPipePool) put(pipe *shmPipeFile) {
+	spare := shmKeepsSpare(pool.directory())
 	pool.mu.Lock()
-	if !pool.closed && len(pool.idle) < shmIdlePipes {
+	if spare && !pool.closed && len(pool.idle) < shmIdlePipes {
 		pool.idle = append(pool.idle, pipe)
 		pool.mu.Unlock()
 		return
@@ -132,7 +149,14 @@ func (d *daemon) offerShmPipe(conn net.Conn, wanted bool) *shmPipeFile {
 	}
 	pipe, err := d.pipes.get()
 	if err != nil {
-		log.Debugw("cannot create a shared-memory pipe, the stream uses its socket", "error", err)
+		logged := false
+		d.pipes.noted.Do(func() {
+			log.Infow("no shared-memory pipe, the stream uses its socket (reported once)", "error", err)
+			logged = true
+		})
+		if !logged {
+			log.Debugw("no shared-memory pipe, the stream uses its socket", "error", err)
+		}
 		return nil
 	}
 	return pipe

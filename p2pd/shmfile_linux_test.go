@@ -1,0 +1,166 @@
+package main
+
+import (
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+)
+
+// mountSmallTmpfs mounts a tmpfs of sizeMiB MiB on a fresh directory for the test (root only, else skipped).
+func mountSmallTmpfs(t *testing.T, sizeMiB int) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size="+strconv.Itoa(sizeMiB)+"m"); err != nil {
+		t.Skipf("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	return dir
+}
+
+func filesIn(t *testing.T, dir string) []string {
+	t.Helper()
+	names, err := filepath.Glob(filepath.Join(dir, "*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return names
+}
+
+func unixConnPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns [2]net.Conn
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		conns[i], err = net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conns[i].Close() })
+	}
+	return conns[0], conns[1]
+}
+
+// touchEveryPage writes to each page of mem; a page that cannot be backed is reported instead of killing the test.
+func touchEveryPage(mem []byte) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = errors.New("fault while touching pipe memory (SIGBUS)")
+		}
+	}()
+	for i := 0; i < len(mem); i += os.Getpagesize() {
+		mem[i] = 1
+	}
+	return nil
+}
+
+func TestStreamOnAFullTmpfsGetsNoPipe(t *testing.T) {
+	dir := mountSmallTmpfs(t, 2)
+	d := &daemon{}
+	d.pipes.dir = dir
+	if pipe, err := d.pipes.get(); err == nil {
+		pipe.release()
+		t.Fatalf("a %d-byte pipe was created on a 2 MiB tmpfs", 2*shmRingSize)
+	}
+	conn, _ := unixConnPair(t)
+	if pipe := d.offerShmPipe(conn, true); pipe != nil {
+		t.Fatal("a pipe was offered although none can be made: the stream must keep its socket")
+	}
+	if names := filesIn(t, dir); len(names) != 0 {
+		t.Fatalf("files left behind by failed pipes: %v", names)
+	}
+	d.pipes.close()
+}
+
+func TestReservingMoreThanTheTmpfsHoldsFailsAndFreesEverything(t *testing.T) {
+	dir := mountSmallTmpfs(t, 2)
+	f, err := os.OpenFile(filepath.Join(dir, "pipe"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	err = reserveShmFile(f, 4<<20)
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("reserving 4 MiB on a 2 MiB tmpfs: %v, expected ENOSPC", err)
+	}
+	total, free, err := shmSpace(dir)
+	if err != nil || total != 2<<20 || free != total {
+		t.Fatalf("after a failed reservation %d of %d bytes are free (%v): pages were kept", free, total, err)
+	}
+}
+
+func TestConcurrentPipesOnASmallTmpfsAreFullyBacked(t *testing.T) {
+	dir := mountSmallTmpfs(t, 40) // room for two pipes that leave half of it free
+	const creators = 12
+	pipes := make([]*shmPipeFile, creators)
+	errs := make([]error, creators)
+	var wg sync.WaitGroup
+	for i := 0; i < creators; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			var pool shmPipePool // one pool each: nothing serialises the creations but the filesystem
+			pool.dir = dir
+			pipes[i], errs[i] = pool.get()
+		}(i)
+	}
+	wg.Wait()
+	made := 0
+	for i, pipe := range pipes {
+		if errs[i] != nil {
+			continue
+		}
+		made++
+		if err := touchEveryPage(pipe.mem); err != nil {
+			t.Errorf("pipe %d: %v", i, err)
+		}
+		defer pipe.release()
+	}
+	if made == 0 || made == creators {
+		t.Fatalf("%d of %d pipes were made on a 40 MiB tmpfs; expected some but not all", made, creators)
+	}
+	if names := filesIn(t, dir); len(names) != made {
+		t.Fatalf("%d files for %d pipes: failed creations left files behind", len(names), made)
+	}
+}
+
+func TestIdlePipeIsReleasedWhenTheTmpfsRunsShort(t *testing.T) {
+	dir := mountSmallTmpfs(t, 40)
+	var pool shmPipePool
+	pool.dir = dir
+	defer pool.close()
+	pipe, err := pool.get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool.put(pipe) // plenty of space: kept for reuse
+	if again, err := pool.get(); err != nil || again != pipe {
+		t.Fatalf("an idle pipe must be reused while the tmpfs has space: %v", err)
+	}
+	other, err := os.OpenFile(filepath.Join(dir, "dataloader-batch"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := reserveShmFile(other, 20<<20); err != nil { // another user takes half of the tmpfs
+		t.Fatal(err)
+	}
+	pool.put(pipe)
+	if pipe.mem != nil {
+		t.Fatal("an idle pipe must be released when the tmpfs has less than half of its space free")
+	}
+	if _, err := os.Stat(pipe.path); !os.IsNotExist(err) {
+		t.Fatalf("the released pipe's file still exists: %v", err)
+	}
+}
