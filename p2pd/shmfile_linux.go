@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"path/filepath"
 	"syscall"
 )
 
@@ -20,7 +21,7 @@ func createShmPipeFile(dir string, ringSize int) (*shmPipeFile, error) {
 	if _, err := rand.Read(token[:]); err != nil {
 		return nil, err
 	}
-	path := fmt.Sprintf("%s/hivemind-p2pd-%d-%s", dir, os.Getpid(), hex.EncodeToString(token[:]))
+	path := filepath.Join(dir, fmt.Sprintf("hivemind-p2pd-%d-%s", os.Getpid(), hex.EncodeToString(token[:])))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, err

@@ -36,7 +36,7 @@ class FakeDaemonSide:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ring_size: int = RING):
         self.path = f"/dev/shm/{shm_pipe.PIPE_NAME_PREFIX}{os.getpid()}-test{os.urandom(6).hex()}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.ftruncate(fd, 2 * ring_size)
+        os.posix_fallocate(fd, 0, 2 * ring_size)  # reserved, as p2pd does: the client declines sparse files
         self.memory = mmap.mmap(fd, 2 * ring_size)
         os.close(fd)
         self.ring_size = ring_size
@@ -219,6 +219,21 @@ def test_map_pipe_file_checks_size_and_range(tmp_path):
     try:
         with pytest.raises(ValueError, match="owner or size"):
             shm_pipe.map_pipe_file(path, RING)
+    finally:
+        os.unlink(path)
+
+
+def test_a_pipe_file_with_unreserved_pages_is_refused():
+    path = f"/dev/shm/{shm_pipe.PIPE_NAME_PREFIX}{os.getpid()}-sparse{os.urandom(4).hex()}"
+    with open(path, "wb") as f:
+        f.truncate(2 * RING)  # right size, no page allocated: touching one on a full tmpfs would raise SIGBUS
+    try:
+        with pytest.raises(ValueError, match="not fully reserved"):
+            shm_pipe.map_pipe_file(path, RING)
+        os.truncate(path, 0)
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, 2 * RING)
+        shm_pipe.map_pipe_file(path, RING).close()
     finally:
         os.unlink(path)
 

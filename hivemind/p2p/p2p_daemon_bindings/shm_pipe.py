@@ -11,6 +11,10 @@ work exactly as on a socket; ``accept_shm_pipe`` answers an offer and swaps the 
 
 Touching fresh shared memory costs a page fault per page, so p2pd reuses the files of finished pipes and this module
 keeps its mappings of them (a few, least recently used first out).
+
+Pipe files live on a tmpfs (``/dev/shm``, or ``HIVEMIND_P2P_SHM_DIR``, which the daemon started by this process
+inherits). A tmpfs page that cannot be backed when it is touched raises SIGBUS, so p2pd reserves every page of a
+file before offering it, and this module declines any offered file whose pages are not all allocated.
 """
 
 import asyncio
@@ -28,15 +32,22 @@ from hivemind.utils.logging import get_logger
 logger = get_logger(__name__)
 
 SHM_ENV_VAR = "HIVEMIND_P2P_SHM"  # "0" turns shared-memory pipes off (every stream then uses its socket)
+SHM_DIR_ENV_VAR = "HIVEMIND_P2P_SHM_DIR"  # directory of the pipe files (a tmpfs), read by p2pd too; /dev/shm if unset
 RECORD = struct.Struct("<cQ")
 DATA, ACK, EOF = b"D", b"A", b"E"
 ACCEPT, DECLINE = b"S", b"P"
-PIPE_DIR = "/dev/shm/"
+PIPE_DIR = "/dev/shm/"  # the default directory of the pipe files
 PIPE_NAME_PREFIX = "hivemind-p2pd-"
 MIN_RING_SIZE, MAX_RING_SIZE = 4096, 1 << 30
 MAX_IDLE_MAPPINGS = 4  # mappings of pipe files that no stream uses now, kept for p2pd to offer again
 
 _idle_mappings: "OrderedDict[str, mmap.mmap]" = OrderedDict()
+
+
+def pipe_dir() -> str:
+    """The directory of p2pd's pipe files, with a trailing slash."""
+    directory = os.environ.get(SHM_DIR_ENV_VAR)
+    return os.path.normpath(directory) + "/" if directory else PIPE_DIR
 
 
 def shm_pipes_enabled() -> bool:
@@ -49,16 +60,23 @@ class ShmPipeError(ConnectionError):
 
 
 def map_pipe_file(path: str, ring_size: int) -> mmap.mmap:
-    """Map a pipe file that p2pd offered, after checking that it is one (a file of this user, of the right size)."""
+    """Map a pipe file that p2pd offered, after checking that it is one: a file of this user, of the right size, in
+    the pipe directory, with every page allocated (touching a page a full tmpfs cannot back would raise SIGBUS)."""
     if not (MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE):
         raise ValueError(f"Shared-memory pipe ring size {ring_size} is out of range")
-    if not path.startswith(PIPE_DIR + PIPE_NAME_PREFIX) or "/" in path[len(PIPE_DIR) :]:
-        raise ValueError(f"Unexpected shared-memory pipe path {path!r}")
+    directory = pipe_dir()
+    if not path.startswith(directory + PIPE_NAME_PREFIX) or "/" in path[len(directory) :]:
+        raise ValueError(f"Unexpected shared-memory pipe path {path!r} (pipe files are expected in {directory})")
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         stat = os.fstat(fd)
         if stat.st_uid != os.getuid() or stat.st_size != 2 * ring_size:
             raise ValueError(f"Shared-memory pipe {path!r} has the wrong owner or size")
+        if stat.st_blocks * 512 < 2 * ring_size:
+            raise ValueError(
+                f"Shared-memory pipe {path!r} is not fully reserved ({stat.st_blocks * 512} of {2 * ring_size} "
+                "bytes allocated): a page the tmpfs cannot back would raise SIGBUS, so the stream keeps its socket"
+            )
         return mmap.mmap(fd, 2 * ring_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
@@ -85,7 +103,7 @@ def _keep_mapping(path: str, memory: mmap.mmap) -> None:
 
 def remove_daemon_pipe_files(daemon_pid: int) -> None:
     """Remove the pipe files of a p2pd that exited (it removes them itself unless it was killed)."""
-    for path in glob.glob(f"{PIPE_DIR}{PIPE_NAME_PREFIX}{int(daemon_pid)}-*"):
+    for path in glob.glob(f"{glob.escape(pipe_dir())}{PIPE_NAME_PREFIX}{int(daemon_pid)}-*"):
         try:
             os.unlink(path)
         except OSError:
