@@ -212,3 +212,41 @@ async def test_auth_rpc_wrapper_without_authorizer_passes_through():
     stub = AuthRPCWrapper(LoopbackStub(implementation), AuthRole.CLIENT, None)
     response = await stub.rpc_ping(dht_pb2.PingRequest(validate=True))
     assert response.available and not response.HasField("auth")
+
+
+class LateKeyAuthorizer(MockAuthorizer):
+    """Learns the authority's public key in get_token(), a common pattern in applications written for hivemind 1.1:
+    is_token_valid() cannot work before the authorizer has fetched its own token."""
+
+    async def get_token(self) -> AccessToken:
+        self.authority_public_key = self.authority.private_key.get_public_key()
+        return await super().get_token()
+
+    def is_token_valid(self, access_token: AccessToken) -> bool:
+        return self.authority_public_key.verify(Authority._token_bytes(access_token), access_token.signature)
+
+
+async def test_request_validated_before_fetching_own_token_refreshes_it_first(authority, keys):
+    client, servicer = LateKeyAuthorizer(authority, "client", keys[0]), LateKeyAuthorizer(authority, "servicer")
+    request = dht_pb2.PingRequest()
+    await client.sign_request(request, None)
+    assert await servicer.validate_request(_wire(request))
+    assert servicer.tokens_issued == 1
+
+
+async def test_response_validated_before_fetching_own_token_refreshes_it_first(authority, keys):
+    signer, servicer = LateKeyAuthorizer(authority, "signer", keys[0]), LateKeyAuthorizer(authority, "servicer")
+    request = dht_pb2.PingRequest()
+    await signer.sign_request(request, None)
+    response = dht_pb2.PingResponse()
+    await servicer.sign_response(response, request)
+    fresh_client = LateKeyAuthorizer(authority, "client")
+    assert await fresh_client.validate_response(_wire(response), request)
+    assert fresh_client.tokens_issued == 1
+
+
+async def test_refresh_token_if_needed_fetches_a_token_once(authority):
+    authorizer = LateKeyAuthorizer(authority, "peer")
+    await authorizer.refresh_token_if_needed()
+    await authorizer.refresh_token_if_needed()
+    assert authorizer.tokens_issued == 1 and authorizer.is_token_valid(await authorizer.ensure_token())

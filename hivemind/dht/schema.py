@@ -90,7 +90,9 @@ class SchemaValidator(RecordValidatorBase):
     validators do not. Records are seen after signature stripping (priority 0 < RSASignatureValidator's 10).
 
     :param schema: a ``pydantic.BaseModel`` subclass. Schemas written for hivemind 1.1.x as ``pydantic.v1`` models
-      are accepted too; pydantic v1 has no strict mode, so there use Strict* field types to refuse coercion.
+      are accepted too and judged as hivemind 1.1 judges them: a value passes only if v1 validation leaves it equal
+      to what was sent (no coercion: ``666`` for ``bytes`` or ``"3"`` for ``int`` is refused, ``1.0`` for ``int``
+      passes); values of aliased v1 fields are always refused.
     :param allow_extra_keys: if False, keys that no schema declares are refused
     :param prefix: namespace prepended to field names, e.g. the experiment name
     """
@@ -150,16 +152,15 @@ class _FieldChecker:
             return cls(schema, names, is_v1=False)
         pydantic_v1 = _import_pydantic_v1()
         if pydantic_v1 is not None and isinstance(schema, type) and issubclass(schema, pydantic_v1.BaseModel):
-            return cls(schema, {name: field.alias for name, field in schema.__fields__.items()}, is_v1=True)
+            return cls(schema, {name: name for name in schema.__fields__}, is_v1=True)
         raise TypeError(f"schema must be a pydantic BaseModel subclass (v2, or pydantic.v1), got {schema!r}")
 
     def accepts(self, name: str, field_value: Any) -> bool:
         input_name = self.input_names[name]
         try:
             if self.is_v1:
-                self.schema.parse_obj({input_name: field_value})
-            else:
-                self.schema.model_validate({input_name: field_value}, strict=True)
+                return self._accepts_v1(name, field_value)
+            self.schema.model_validate({input_name: field_value}, strict=True)
             return True
         except Exception as e:
             if not callable(getattr(e, "errors", None)):  # not a ValidationError, e.g. a model validator that
@@ -170,6 +171,29 @@ class _FieldChecker:
             if errors:
                 logger.debug(f"Field {name!r} of {self.schema.__name__} refuses {field_value!r:.100}: {errors}")
             return not errors
+
+    def _accepts_v1(self, name: str, field_value: Any) -> bool:
+        """
+        pydantic v1 coerces (666 passes as ``bytes``, ``"3"`` as ``int``) and has no strict mode. A value passes only
+        if validation leaves it as it came: the validated value must compare equal to the input, so coerced values
+        (``b"666"`` is not ``666``), normalised ones (stripped, lower-cased, missing defaults of a nested model
+        filled in) and NaN are refused, while equal values of another numeric type (``1.0`` for ``int``, ``1`` for
+        ``float``, ``True`` for ``int``) pass. This is what hivemind 1.1 accepts for the same schemas.
+        """
+        field = self.schema.__fields__[name]
+        if field.alias != name:  # hivemind 1.1 never accepts a value for an aliased v1 field; neither do we
+            logger.debug(f"Field {name!r} of {self.schema.__name__} has an alias; v1 schemas refuse its values")
+            return False
+        values, _, error = _import_pydantic_v1().validate_model(self.schema, {name: field_value})
+        if error is not None:
+            errors = [e for e in error.errors() if not self._is_other_field_missing(e, name)]
+            if errors:
+                logger.debug(f"Field {name!r} of {self.schema.__name__} refuses {field_value!r:.100}: {errors}")
+                return False
+        if name not in values or not values[name] == field_value:
+            logger.debug(f"Field {name!r} of {self.schema.__name__} would coerce {field_value!r:.100}; refused")
+            return False
+        return True
 
     def _is_other_field_missing(self, error: Dict[str, Any], input_name: str) -> bool:
         missing_type = "value_error.missing" if self.is_v1 else "missing"

@@ -107,6 +107,8 @@ class TokenAuthorizerBase(AuthorizerBase):
             logger.debug("Access token refreshed")
         return token
 
+    refresh_token_if_needed = ensure_token  # the name that code written for hivemind 1.1 calls
+
     def _sign(self, message: Any) -> None:
         message.auth.signature = self._local_private_key.sign(_signed_bytes(message))
 
@@ -147,6 +149,9 @@ class TokenAuthorizerBase(AuthorizerBase):
         self._sign(request)
 
     async def validate_request(self, request: Any) -> bool:
+        # our own token first: subclasses often learn what is_token_valid needs (e.g. the authority's public key)
+        # in get_token, so validating before having fetched a token would fail
+        await self.ensure_token()
         info = request.auth
         problem = self._check_signed_by_token_owner(info.client_access_token, request)
         problem = problem or self._check_request_context(info)
@@ -164,6 +169,7 @@ class TokenAuthorizerBase(AuthorizerBase):
         self._sign(response)
 
     async def validate_response(self, response: Any, request: Any) -> bool:
+        await self.ensure_token()  # as in validate_request
         info, requested = response.auth, request.auth
         problem = self._check_signed_by_token_owner(info.service_access_token, response)
         if problem is None and requested.service_public_key not in (b"", info.service_access_token.public_key):
