@@ -6,6 +6,7 @@ from typing import Dict, List
 
 import pytest
 
+from hivemind.dht import traverse as traverse_module
 from hivemind.dht.routing import DHTID, RoutingTable
 from hivemind.dht.traverse import simple_traverse_dht, traverse_dht
 
@@ -208,6 +209,29 @@ async def test_without_await_all_tasks_callbacks_finish_in_background(graph):
     for _ in range(10):
         await asyncio.sleep(0)
     assert sorted(found) == sorted(queries)
+
+
+async def test_callbacks_left_running_belong_to_the_spawn_owner(graph):
+    owned, release = set(), asyncio.Event()
+
+    def spawn(coro):
+        task = asyncio.create_task(coro)
+        owned.add(task)
+        return task
+
+    async def found_callback(query, nearest, visited):
+        await release.wait()
+
+    queries = random_queries(3, seed=16)
+    await traverse_dht(
+        queries, graph.nodes[:3], BEAM_SIZE, 2, 2, graph.get_neighbors, found_callback=found_callback,
+        await_all_tasks=False, spawn=spawn,
+    )  # fmt: skip
+    assert len(owned) == len(queries) and not any(task.done() for task in owned)
+    assert not traverse_module._background_callbacks  # the module keeps nothing: the owner cancels and awaits
+    for task in owned:
+        task.cancel()
+    await asyncio.gather(*owned, return_exceptions=True)
 
 
 async def test_no_tasks_are_left_after_the_search(graph):

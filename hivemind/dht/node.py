@@ -3,7 +3,6 @@
 import asyncio
 import math
 import os
-import random
 from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optiona
 from multiaddr import Multiaddr
 
 from hivemind.dht.blacklist import Blacklist
+from hivemind.dht.node_upkeep import refresh_cache_forever, refresh_stale_buckets_forever
 from hivemind.dht.protocol import DHTProtocol, StoredValue
 from hivemind.dht.routing import DHTID, DHTKey, DHTValue, Subkey
 from hivemind.dht.search_state import KeySearch
@@ -162,15 +162,16 @@ class DHTNode:
             await self.shutdown()
             raise
         if cache_refresh_before_expiry > 0 and cache_locally:
-            self._spawn(self._refresh_cache_forever())
+            self._spawn(refresh_cache_forever(self))
         if refresh_timeout is not None:
-            self._spawn(self._refresh_stale_buckets_forever(refresh_timeout))
+            self._spawn(refresh_stale_buckets_forever(self, refresh_timeout))
         return self
 
     def __init__(self, *, _created_by_create: bool = False):
         assert _created_by_create, "create DHTNode with `await DHTNode.create(...)`"
 
     def _spawn(self, coro: Awaitable) -> asyncio.Task:
+        """Run coro as a task owned by this node: shutdown cancels and awaits it."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -205,12 +206,14 @@ class DHTNode:
         await self.find_nearest_nodes([self.node_id])
 
     async def shutdown(self) -> None:
-        """Stop background work, stop serving RPCs, and stop the P2P daemon if this node started it."""
+        """Cancel and await all background work, stop serving RPCs, stop the P2P daemon if this node started it."""
         self.is_alive = False
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._tasks:  # a task may start others while it is being cancelled: repeat until none is left
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
         for pending_list in self._pending_gets.values():
             for pending in pending_list:
                 for future in pending.futures:
@@ -290,6 +293,7 @@ class DHTNode:
             visited_nodes=dict.fromkeys(queries, (self.node_id,)),  # never ask ourselves
             found_callback=on_done,
             await_all_tasks=False,
+            spawn=self._spawn,  # found_callbacks still running when the search ends belong to this node
         )
 
     async def find_nearest_nodes(
@@ -712,41 +716,3 @@ class DHTNode:
         if self.cache_refresh_before_expiry > 0 and key_id not in self.cache_refresh_queue:
             self.cache_refresh_queue.push(key_id, expiration_time)
             self._cache_refresh_wakeup.set()
-
-    async def _refresh_cache_forever(self) -> None:
-        """Re-fetch keys that were served from the cache shortly before their cached copies expire."""
-        while True:
-            next_time = self.cache_refresh_queue.next_refresh_time()
-            self._cache_refresh_wakeup.clear()
-            delay = None if next_time is None else max(0.0, next_time - get_dht_time())
-            try:
-                await asyncio.wait_for(self._cache_refresh_wakeup.wait(), timeout=delay)
-                continue  # something new was scheduled: recompute the earliest time
-            except asyncio.TimeoutError:
-                pass
-            due = self.cache_refresh_queue.pop_due(get_dht_time(), self.chunk_size)
-            if not due:
-                continue
-            fresher_than = {}
-            for key_id in due:
-                cached = self.protocol.cache.get(key_id)
-                if cached is not None:
-                    fresher_than[key_id] = cached.expiration_time
-            if fresher_than:
-                await self.get_many_by_id(
-                    list(fresher_than), sufficient_expiration_time=max(fresher_than.values()) + 1e-6, _is_refresh=True
-                )
-
-    async def _refresh_stale_buckets_forever(self, refresh_timeout: float) -> None:
-        """Look up a random id in every bucket not updated for ``refresh_timeout`` seconds."""
-        while True:
-            await asyncio.sleep(refresh_timeout)
-            now = get_dht_time()
-            stale = [
-                bucket for bucket in self.protocol.routing_table.buckets if now - bucket.last_updated > refresh_timeout
-            ]
-            if stale:
-                queries = [DHTID(random.randrange(bucket.lower, bucket.upper)) for bucket in stale]
-                await self.find_nearest_nodes(queries)
-                for bucket in stale:
-                    bucket.last_updated = get_dht_time()

@@ -10,6 +10,7 @@ from typing import (
     Awaitable,
     Callable,
     Collection,
+    Coroutine,
     Dict,
     Iterable,
     List,
@@ -33,9 +34,12 @@ GetNeighborsFn = Callable[[DHTID, Collection[DHTID]], Awaitable[Dict[DHTID, Tupl
 # found_callback(query, nearest nodes (nearest first), visited nodes) runs once per query when its search ends
 FoundCallback = Callable[[DHTID, List[DHTID], Set[DHTID]], Awaitable[None]]
 
-_background_callbacks: Set[asyncio.Task] = (
-    set()
-)  # found_callback tasks that outlive traverse_dht(await_all_tasks=False)
+# spawn(coroutine) -> task: starts a found_callback as a task owned by the caller (who cancels and awaits it)
+SpawnFn = Callable[[Coroutine], asyncio.Task]
+
+# found_callback tasks that outlive traverse_dht(await_all_tasks=False) when the caller passed no `spawn` owner:
+# a strong reference keeps them from being garbage-collected while they run
+_background_callbacks: Set[asyncio.Task] = set()
 
 
 async def simple_traverse_dht(
@@ -81,6 +85,7 @@ async def traverse_dht(
     visited_nodes: Optional[Dict[DHTID, Collection[DHTID]]] = None,
     found_callback: Optional[FoundCallback] = None,
     await_all_tasks: bool = True,
+    spawn: Optional[SpawnFn] = None,
 ) -> Tuple[Dict[DHTID, List[DHTID]], Dict[DHTID, Set[DHTID]]]:
     """
     Parallel beam search for several queries at once, sharing requests between queries.
@@ -100,6 +105,9 @@ async def traverse_dht(
     :param found_callback: ``async (query, nearest, visited)``, started as soon as that query's search ends
     :param await_all_tasks: if True, return only after every found_callback finished; if False, return once all
       searches ended, leaving unfinished callbacks to run in the background (their errors are logged)
+    :param spawn: starts each found_callback task, e.g. a method of the caller that adds the task to a set which the
+      caller's shutdown cancels and awaits; pass it with ``await_all_tasks=False`` so that every callback still
+      running has an owner. Default: ``asyncio.create_task``, callbacks left running are referenced by this module.
     :returns: (per query: up to ``beam_size`` nearest nodes, nearest first; per query: all nodes visited,
       including its ``visited_nodes``)
     """
@@ -111,7 +119,7 @@ async def traverse_dht(
     searches = {
         query: _QuerySearch(query, beam_size, initial_nodes, visited_nodes.get(query, ())) for query in queries
     }
-    scheduler = _Scheduler(searches, queries_per_call, get_neighbors, found_callback)
+    scheduler = _Scheduler(searches, queries_per_call, get_neighbors, found_callback, spawn or asyncio.create_task)
     workers = [asyncio.create_task(scheduler.run_worker()) for _ in range(num_workers)] if scheduler.active else []
     try:
         await asyncio.gather(*workers)
@@ -122,10 +130,11 @@ async def traverse_dht(
             task.cancel()
         await asyncio.gather(*workers, *scheduler.callbacks, return_exceptions=True)
         raise
-    for task in scheduler.callbacks:
-        if not task.done():
-            _background_callbacks.add(task)
-            task.add_done_callback(_background_callbacks.discard)
+    if spawn is None:
+        for task in scheduler.callbacks:
+            if not task.done():
+                _background_callbacks.add(task)
+                task.add_done_callback(_background_callbacks.discard)
     nearest = {query: search.result_nearest for query, search in searches.items()}
     visited = {query: search.result_visited for query, search in searches.items()}
     return nearest, visited
@@ -217,13 +226,11 @@ class _Scheduler:
         queries_per_call: int,
         get_neighbors: GetNeighborsFn,
         found_callback: Optional[FoundCallback],
+        spawn: SpawnFn,
     ):
         self.active: Dict[DHTID, _QuerySearch] = dict(searches)
-        self.queries_per_call, self.get_neighbors, self.found_callback = (
-            queries_per_call,
-            get_neighbors,
-            found_callback,
-        )
+        self.queries_per_call, self.get_neighbors = queries_per_call, get_neighbors
+        self.found_callback, self.spawn = found_callback, spawn
         self.callbacks: List[asyncio.Task] = []
         self._changed = asyncio.Event()
         self._ready: Dict[int, Dict[DHTID, _QuerySearch]] = {}
@@ -265,7 +272,7 @@ class _Scheduler:
             self._unindex_unvisited(search, node)
         if self.found_callback is not None:
             callback = self.found_callback(search.query, list(search.result_nearest), set(search.result_visited))
-            self.callbacks.append(asyncio.create_task(_log_errors(callback, search.query)))
+            self.callbacks.append(self.spawn(_log_errors(callback, search.query)))
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
