@@ -1,6 +1,9 @@
 import logging
 import math
+import subprocess
+import sys
 
+import msgpack
 import pytest
 
 from hivemind.utils.serializer import MSGPackDecodeError, MSGPackSerializer, SerializerBase
@@ -152,3 +155,132 @@ def test_non_bytes_input_is_rejected():
 
 def test_msgpack_serializer_is_a_serializer():
     assert issubclass(MSGPackSerializer, SerializerBase)
+
+
+# ---------------------------------------------------------------- bounded decoding of hostile input
+
+
+def _nested_tuple_bytes(depth: int) -> bytes:
+    """msgpack of ((...((None,),)...),) with ``depth`` tuples, built from the inside without recursion."""
+    encoded = b"\xc0"
+    for _ in range(depth):
+        encoded = msgpack.packb(msgpack.ExtType(0x40, b"\x91" + encoded))
+    return encoded
+
+
+_DEEP_DECODE_SCRIPT = """
+import sys, threading
+import msgpack
+from hivemind.utils.serializer import MSGPackDecodeError, MSGPackSerializer
+threading.stack_size(512 * 1024)  # smaller than the stack a recursive decoder needs for 64 nested tuples
+outcomes = []
+
+def decode_all():
+    for path in sys.argv[1:]:
+        data = open(path, "rb").read()
+        try:
+            MSGPackSerializer.loads(data)
+            outcomes.append("decoded")
+        except MSGPackDecodeError as e:
+            outcomes.append("refused: " + str(e))
+
+thread = threading.Thread(target=decode_all)
+thread.start()
+thread.join()
+print("\\n".join(outcomes))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_deeply_nested_tuples_are_refused_without_crashing(tmp_path):
+    # before the bounded decoder, 300 nested tuples overflowed the C stack: the process died with SIGSEGV (139)
+    paths = []
+    for depth in (64, 300, 3_000, 30_000):
+        paths.append(tmp_path / f"tuples_{depth}.bin")
+        paths[-1].write_bytes(_nested_tuple_bytes(depth))
+    result = subprocess.run(
+        [sys.executable, "-c", _DEEP_DECODE_SCRIPT, *map(str, paths)], capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 0, f"decoder process died with exit code {result.returncode}: {result.stderr[-2000:]}"
+    outcomes = result.stdout.splitlines()
+    assert outcomes[0] == "decoded"  # exactly at the limit, in a thread with a 512 KiB stack
+    assert len(outcomes) == 4 and all("nested more than 64 deep" in outcome for outcome in outcomes[1:]), outcomes
+
+
+@pytest.mark.parametrize("opener", [b"\x91", b"\x81\xc0"])  # [x] and {None: x}
+def test_plain_nesting_is_bounded(opener):
+    limit = MSGPackSerializer.MAX_NESTING_DEPTH
+    assert MSGPackSerializer.loads(opener * limit + b"\xc0") is not None
+    for depth in (limit + 1, 1000, 1025, 5000):  # msgpack itself refuses more than 1024 levels of plain nesting
+        with pytest.raises(MSGPackDecodeError, match="nested"):
+            MSGPackSerializer.loads(opener * depth + b"\xc0")
+
+
+def test_mixed_nesting_counts_every_level():
+    obj: object = "leaf"
+    for level in range(MSGPackSerializer.MAX_NESTING_DEPTH):
+        obj = [[obj], {"k": obj}, (level, obj)][level % 3]  # each adds one level
+    encoded = MSGPackSerializer.dumps(obj)
+    assert MSGPackSerializer.loads(encoded) == obj
+    with pytest.raises(MSGPackDecodeError, match="nested more than 64 deep"):
+        MSGPackSerializer.loads(MSGPackSerializer.dumps([obj]))
+    with pytest.raises(MSGPackDecodeError, match="nested more than 64 deep"):
+        MSGPackSerializer.loads(MSGPackSerializer.dumps((obj,)))
+
+
+class _Box:
+    """A registered ext type whose payload may hold another _Box."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def packb(self) -> bytes:
+        return MSGPackSerializer.dumps([self.inner])
+
+    @classmethod
+    def unpackb(cls, raw: bytes) -> "_Box":
+        return cls(MSGPackSerializer.loads(raw)[0])
+
+
+def test_registered_ext_nesting_is_bounded():
+    MSGPackSerializer.ext_serializable(0x7C)(_Box)
+    limit = MSGPackSerializer.MAX_EXT_NESTING
+    boxed: object = None
+    for _ in range(limit):
+        boxed = _Box(boxed)
+    decoded = MSGPackSerializer.loads(MSGPackSerializer.dumps(boxed))
+    for _ in range(limit):
+        assert isinstance(decoded, _Box)
+        decoded = decoded.inner
+    assert decoded is None
+    with pytest.raises(MSGPackDecodeError, match="registered ext types"):
+        MSGPackSerializer.loads(MSGPackSerializer.dumps(_Box(boxed)))
+    raw = b"\xc0"
+    for _ in range(3000):  # far beyond the limit: refused before the C stack runs out
+        raw = msgpack.packb(msgpack.ExtType(0x7C, b"\x91" + raw))
+    with pytest.raises(MSGPackDecodeError, match="registered ext types"):
+        MSGPackSerializer.loads(raw)
+
+
+def test_tuples_deep_inside_containers_keep_types_and_order():
+    deep: object = (b"x", 1.5)
+    for level in range(40):
+        deep = (deep, [level, (level,)]) if level % 2 else {("key", level): deep, "after": (level,)}
+    obj = {"value": deep, ("t", (1, (2,))): [deep, (), []], "dup": 0}
+    decoded = MSGPackSerializer.loads(MSGPackSerializer.dumps(obj))
+    assert decoded == obj and list(decoded) == list(obj)
+    assert MSGPackSerializer.dumps(decoded) == MSGPackSerializer.dumps(obj)
+
+
+def test_equal_tuple_map_keys_merge_like_plain_keys():
+    # a map whose two keys decode to the same tuple: the first key keeps its place, the last value wins
+    key = MSGPackSerializer.dumps((1, (2,)))
+    encoded = b"\x83" + key + b"\x01" + MSGPackSerializer.dumps("mid") + b"\x02" + key + b"\x03"
+    decoded = MSGPackSerializer.loads(encoded)
+    assert decoded == {(1, (2,)): 3, "mid": 2} and list(decoded) == [(1, (2,)), "mid"]
+
+
+def test_unhashable_tuple_map_key_is_refused():
+    encoded = b"\x81" + MSGPackSerializer.dumps((1, [2])) + b"\xc0"
+    with pytest.raises(MSGPackDecodeError):
+        MSGPackSerializer.loads(encoded)

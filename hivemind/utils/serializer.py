@@ -1,9 +1,15 @@
-"""MessagePack serialization with hivemind's ext types (WIRE.md §6): tuples are ext 0x40, classes can register more."""
+"""
+MessagePack serialization with hivemind's ext types: tuples are ext 0x40, classes can register more.
+
+Decoding is safe for bytes from the network: nesting depth is bounded (see :meth:`MSGPackSerializer.loads`), tuples
+are decoded iteratively rather than by recursion, and nothing is allocated beyond what the input's length allows.
+"""
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
 
 import msgpack
 
@@ -16,7 +22,33 @@ T = TypeVar("T")
 
 
 class MSGPackDecodeError(ValueError):
-    """Raised by :meth:`MSGPackSerializer.loads` for malformed, truncated or otherwise undecodable input."""
+    """Raised by :meth:`MSGPackSerializer.loads` for malformed, truncated, too deeply nested or undecodable input."""
+
+
+class _PendingTuple:
+    """A tuple holding arrays, maps or tuples: built bottom-up once the whole input is decoded, without recursion."""
+
+    __slots__ = ("data", "items", "result")
+
+    def __init__(self, data: Optional[bytes] = None, items: Optional[list] = None):
+        self.data, self.items, self.result = data, items, None
+
+
+_NESTED = frozenset((list, dict, tuple, _PendingTuple))  # each counts one level of depth
+_RESOLVED = frozenset((list, dict, _PendingTuple))
+_TUPLE_RECURSION = 4  # tuples inside tuples decoded directly by the ext hook (each level: ~50 KB of C stack)
+
+
+class _DecodingState(threading.local):
+    ext_nesting = 0  # registered ext payloads being decoded on this thread, one inside another
+    tuple_nesting = 0  # tuple payloads being decoded on this thread, one inside another (up to _TUPLE_RECURSION)
+
+
+_state = _DecodingState()
+
+
+def _built(item: Any) -> Any:
+    return item.result if type(item) is _PendingTuple else item
 
 
 class SerializerBase(ABC):
@@ -40,6 +72,8 @@ class MSGPackSerializer(SerializerBase):
     """
 
     TUPLE_EXT_TYPE_CODE = 0x40
+    MAX_NESTING_DEPTH = 64  # arrays, maps and tuples inside one another
+    MAX_EXT_NESTING = 4  # registered ext types (other than tuples) inside one another's payloads
     _ext_types: Dict[Type, int] = {}
     _ext_type_codes: Dict[int, Type] = {}
 
@@ -82,17 +116,92 @@ class MSGPackSerializer(SerializerBase):
     @classmethod
     def _decode_ext_types(cls, type_code: int, data: bytes) -> Any:
         if type_code == cls.TUPLE_EXT_TYPE_CODE:
-            items = cls.loads(data)
-            if not isinstance(items, list):
-                raise MSGPackDecodeError(
-                    f"msgpack ext {type_code:#x} (tuple) must contain an array, got {type(items).__name__}"
-                )
-            return tuple(items)
+            nesting = _state.tuple_nesting
+            if nesting >= _TUPLE_RECURSION:  # deeper tuples are decoded by the loop in _resolve, costing no stack
+                return _PendingTuple(data=data)
+            _state.tuple_nesting = nesting + 1
+            try:
+                items = cls._unpack_tuple_items(data)
+            finally:
+                _state.tuple_nesting = nesting
+            # a tuple returned as such holds no containers: _resolve counts it as one level without looking inside
+            return tuple(items) if _NESTED.isdisjoint(map(type, items)) else _PendingTuple(items=items)
         registered_type = cls._ext_type_codes.get(type_code)
         if registered_type is not None:
-            return registered_type.unpackb(data)
+            nesting = _state.ext_nesting
+            if nesting >= cls.MAX_EXT_NESTING:
+                raise MSGPackDecodeError(
+                    f"msgpack ext {type_code:#x} ({registered_type.__name__}) is nested inside more than "
+                    f"{cls.MAX_EXT_NESTING} other registered ext types; refusing to decode it"
+                )
+            _state.ext_nesting = nesting + 1
+            try:
+                return registered_type.unpackb(data)
+            finally:
+                _state.ext_nesting = nesting
         logger.warning(f"Unknown msgpack ext type code {type_code:#x}, returning its {len(data)} raw bytes")
         return data
+
+    @classmethod
+    def _unpack_tuple_items(cls, data: bytes) -> list:
+        items = msgpack.unpackb(data, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+        if type(items) is not list:
+            raise MSGPackDecodeError(f"msgpack ext 0x40 (tuple) must contain an array, got {type(items).__name__}")
+        return items
+
+    @classmethod
+    def _unpack(cls, buf: bytes) -> Any:
+        # unpackb bounds every str/bin/array/map/ext length by len(buf): nothing is allocated for claimed sizes
+        return msgpack.unpackb(buf, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+
+    @classmethod
+    def _resolve(cls, root: Any) -> Any:
+        """
+        Check the nesting depth level by level (breadth first) while decoding pending tuples, then build those tuples
+        deepest first and put them in place of their placeholders. Neither pass recurses.
+        """
+        to_build: List[list] = []  # per depth: the pending tuples and the containers that hold some
+        level = [root]
+        while level:
+            if len(to_build) >= cls.MAX_NESTING_DEPTH:
+                raise MSGPackDecodeError(
+                    f"msgpack arrays, maps and tuples are nested more than {cls.MAX_NESTING_DEPTH} deep; "
+                    f"refusing to decode them"
+                )
+            next_level, here = [], []
+            for container in level:
+                kind = type(container)
+                if kind is tuple:
+                    continue  # see _decode_ext_types: it holds no containers
+                if kind is dict:
+                    nested = [child for child in container if type(child) in _NESTED]
+                    nested += [child for child in container.values() if type(child) in _NESTED]
+                elif kind is _PendingTuple:
+                    if container.items is None:
+                        container.items, container.data = cls._unpack_tuple_items(container.data), None
+                    here.append(container)
+                    nested = [child for child in container.items if type(child) in _NESTED]
+                else:
+                    nested = [child for child in container if type(child) in _NESTED]
+                if nested:
+                    next_level += nested
+                    if kind is not _PendingTuple and _PendingTuple in map(type, nested):
+                        here.append(container)  # a list or dict: its placeholders are replaced in place
+            to_build.append(here)
+            level = next_level
+        for here in reversed(to_build):
+            for container in here:
+                kind = type(container)
+                if kind is dict:
+                    pairs = [(_built(key), _built(value)) for key, value in container.items()]
+                    container.clear()
+                    container.update(pairs)  # equal keys keep the first one's place and the last value
+                else:
+                    items = container.items if kind is _PendingTuple else container
+                    items[:] = [_built(item) for item in items]
+                    if kind is _PendingTuple:
+                        container.result, container.items = tuple(items), None
+        return _built(root)
 
     @classmethod
     def dumps(cls, obj: object) -> bytes:
@@ -101,12 +210,28 @@ class MSGPackSerializer(SerializerBase):
 
     @classmethod
     def loads(cls, buf: bytes) -> object:
-        """Deserialize bytes produced by :meth:`dumps`; raises ValueError on malformed or truncated input."""
+        """
+        Deserialize bytes produced by :meth:`dumps`. Safe for input from untrusted peers: raises
+        :class:`MSGPackDecodeError` (a ValueError) on malformed or truncated input, and on input nested deeper than
+
+        - ``MAX_NESTING_DEPTH`` (64) arrays, maps and tuples inside one another (``[1]`` is 1 deep, ``([1],)`` 2), or
+        - ``MAX_EXT_NESTING`` (4) registered ext types (other than tuples) inside one another's payloads.
+
+        Nested tuples are decoded by a loop, so their depth costs no stack; each registered ext level costs one nested
+        msgpack decoder (~50 KB of C stack), which the second limit keeps well within any thread's stack. The decoded
+        objects take at most a small multiple of ``len(buf)`` in memory: no size claimed by the input is trusted.
+        """
         if not isinstance(buf, (bytes, bytearray, memoryview)):
             raise TypeError(f"MSGPackSerializer.loads expects bytes, got {type(buf).__name__}")
         try:
-            return msgpack.unpackb(buf, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+            decoded = cls._unpack(buf)
+            return cls._resolve(decoded) if type(decoded) in _RESOLVED else decoded
         except MSGPackDecodeError:
             raise
+        except msgpack.StackError as e:  # more than 1024 arrays and maps inside one another within one payload
+            raise MSGPackDecodeError(
+                f"msgpack arrays, maps and tuples are nested more than {cls.MAX_NESTING_DEPTH} deep; refusing to "
+                f"decode them ({len(buf)} bytes)"
+            ) from e
         except Exception as e:  # ExtraData, OutOfData, unhashable map keys, errors of registered types, ...
             raise MSGPackDecodeError(f"Malformed msgpack data ({len(buf)} bytes): {type(e).__name__}: {e}") from e
