@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optiona
 from multiaddr import Multiaddr
 
 from hivemind.dht.blacklist import Blacklist
+from hivemind.dht.node_store import ReplicatedStore
 from hivemind.dht.node_upkeep import refresh_cache_forever, refresh_stale_buckets_forever
 from hivemind.dht.protocol import DHTProtocol, StoredValue
-from hivemind.dht.routing import DHTID, DHTKey, DHTValue, Subkey
+from hivemind.dht.routing import DHTID, DHTKey, DHTValue
 from hivemind.dht.search_state import KeySearch
 from hivemind.dht.storage import CacheRefreshQueue, DictionaryDHTValue
 from hivemind.dht.traverse import traverse_dht
@@ -34,12 +35,10 @@ BOOTSTRAP_FAILED_MESSAGE = (
     "(set ensure_bootstrap_success=False to ignore)"
 )
 
-CONFIRM_REPLICAS_DELAY = 1.0  # s: stores sent to nodes from the routing table are confirmed by batched searches
 MaddrLike = Union[Multiaddr, str]
 # a get may join a running search for the same key that was started with a sufficient_expiration_time up to this many
 # seconds lower (e.g. two gets with the default "now", a moment apart)
 REUSE_GET_TOLERANCE = 1.0
-StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
 
 
 @dataclass
@@ -62,7 +61,7 @@ def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
         raise ValueError(f"initial peer {maddr} must end with /p2p/<peer id> (got error: {e!r})") from e
 
 
-class DHTNode:
+class DHTNode(ReplicatedStore):
     """
     A DHT peer on an asyncio event loop: routing table, storage and cache live in its :class:`DHTProtocol`; this
     class finds nodes (beam search), stores to the ``num_replicas`` nearest nodes and gets values from them.
@@ -331,191 +330,6 @@ class DHTNode:
                 for node in candidates[:k_nearest]
             }
         return output
-
-    # ------------------------------------------------------------------ store
-
-    async def store(
-        self,
-        key: DHTKey,
-        value: DHTValue,
-        expiration_time: DHTExpiration,  # absolute DHT time, s
-        subkey: Optional[Subkey] = None,
-        **kwargs,
-    ) -> bool:
-        """Store one value (or one dictionary entry); returns whether the replicas accepted it."""
-        result = await self.store_many([key], [value], [expiration_time], subkeys=[subkey], **kwargs)
-        return result[(key, subkey) if subkey is not None else key]
-
-    async def store_many(
-        self,
-        keys: List[DHTKey],
-        values: List[DHTValue],
-        expiration_time: Union[DHTExpiration, List[DHTExpiration]],  # one for all values, or one per value
-        subkeys: Optional[Union[Subkey, List[Optional[Subkey]]]] = None,  # None: regular values
-        exclude_self: bool = False,
-        await_all_replicas: bool = True,
-        **kwargs,
-    ) -> Dict[StoreKey, bool]:
-        """
-        Store values on the ``num_replicas`` nearest nodes to each key (this node included unless ``exclude_self``).
-
-        :param expiration_time: absolute DHT time (s) for all values, or one per value
-        :param subkeys: None (regular values) or one subkey per value (None for a regular value)
-        :param await_all_replicas: if False, a key's result is reported as soon as one replica accepts it; the
-          remaining replicas are still written in the background
-        :param kwargs: forwarded to find_nearest_nodes (beam_size, num_workers)
-        :returns: {key: accepted} for regular values and {(key, subkey): accepted} for dictionary entries
-        """
-        if isinstance(expiration_time, (int, float)):
-            expiration_time = [expiration_time] * len(keys)
-        if subkeys is None:
-            subkeys = [None] * len(keys)
-        if not len(keys) == len(values) == len(expiration_time) == len(subkeys):
-            raise ValueError(
-                f"keys, values, expiration_time and subkeys must have equal lengths, got "
-                f"{len(keys)}, {len(values)}, {len(expiration_time)}, {len(subkeys)}"
-            )
-
-        entries_by_key: Dict[DHTID, List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]]] = defaultdict(list)
-        for key, value, expiration, subkey in zip(keys, values, expiration_time, subkeys):
-            key_id = DHTID.generate(source=key)
-            value_bytes = self._sign(key_id, subkey, MSGPackSerializer.dumps(value), expiration)
-            result_key = (key, subkey) if subkey is not None else key
-            entries_by_key[key_id].append((result_key, subkey, value_bytes, expiration))
-
-        loop = asyncio.get_running_loop()
-        results = {key_id: loop.create_future() for key_id in entries_by_key}
-        if len(self.protocol.routing_table) < self.protocol.bucket_size:
-            # the routing table most likely knows the whole swarm: store to the nearest known nodes right away and
-            # confirm them with a search in the background, storing to any nearer node it finds
-            candidates = {key_id: self._nearest_known(key_id, exclude_self) for key_id in entries_by_key}
-            self._unconfirmed_stores.append((entries_by_key, candidates, exclude_self))
-            if self._store_confirmer is None or self._store_confirmer.done():
-                self._store_confirmer = self._spawn(self._confirm_replicas())
-        else:
-            candidates = await self.find_nearest_nodes(
-                list(entries_by_key), k_nearest=self.num_replicas, exclude_self=exclude_self, **kwargs
-            )
-        for key_id, entries in entries_by_key.items():
-            self._spawn(
-                self._store_to_replicas(key_id, entries, candidates[key_id], results[key_id], await_all_replicas)
-            )
-        store_ok: Dict[StoreKey, bool] = {}
-        for key_id, entries in entries_by_key.items():
-            for (result_key, *_), accepted in zip(entries, await results[key_id]):
-                store_ok[result_key] = accepted
-        return store_ok
-
-    async def _confirm_replicas(self) -> None:
-        """
-        Batch by batch, search for the nearest nodes of recently stored keys and store each key to those of them that
-        the local routing table did not offer. Waiting CONFIRM_REPLICAS_DELAY first lets one search serve many stores.
-        """
-        while self._unconfirmed_stores:
-            await asyncio.sleep(CONFIRM_REPLICAS_DELAY)
-            batch, self._unconfirmed_stores = self._unconfirmed_stores, []
-            for exclude_self in (False, True):
-                stores = [(entries, offered) for entries, offered, exclude in batch if exclude == exclude_self]
-                if not stores:
-                    continue
-                key_ids = list({key_id: None for entries, _ in stores for key_id in entries})
-                nearest = await self.find_nearest_nodes(
-                    key_ids, k_nearest=self.num_replicas, exclude_self=exclude_self
-                )
-                for entries_by_key, offered in stores:
-                    for key_id, entries in entries_by_key.items():
-                        already_offered = list(offered[key_id])[: self.num_replicas]
-                        for node_id, peer_id in nearest[key_id].items():
-                            if node_id not in already_offered:
-                                self._spawn(self._send_entries(key_id, entries, node_id, peer_id))
-
-    def _nearest_known(self, key_id: DHTID, exclude_self: bool) -> Dict[DHTID, PeerID]:
-        """Nodes of the local routing table (and this node, unless excluded) ordered by distance to key_id."""
-        candidates = self.protocol.routing_table.get_nearest_neighbors(key_id, self.protocol.bucket_size)
-        if not exclude_self and not self.protocol.client_mode:
-            candidates.append((self.node_id, self.peer_id))
-        candidates.sort(key=lambda item: key_id.xor_distance(item[0]))
-        return dict(candidates)
-
-    async def _send_entries(
-        self,
-        key_id: DHTID,
-        entries: List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]],
-        node_id: DHTID,
-        peer_id: PeerID,
-    ) -> Optional[List[bool]]:
-        """Store one key's entries on one node (locally if it is this node); None if the node did not answer."""
-        if node_id == self.node_id:
-            return self._store_locally(key_id, entries)
-        _, subkeys, values, expirations = zip(*entries)
-        return await self.protocol.call_store(peer_id, [key_id] * len(entries), values, expirations, subkeys)
-
-    def _sign(self, key_id: DHTID, subkey: Optional[Subkey], value: bytes, expiration: DHTExpiration) -> bytes:
-        validator = self.protocol.record_validator
-        if validator is None:
-            return value
-        subkey_bytes = DHTProtocol.IS_REGULAR_VALUE if subkey is None else MSGPackSerializer.dumps(subkey)
-        return validator.sign_value(DHTRecord(key_id.to_bytes(), subkey_bytes, value, expiration))
-
-    def _store_locally(
-        self, key_id: DHTID, entries: Sequence[Tuple[Any, Optional[Subkey], bytes, float]]
-    ) -> List[bool]:
-        outcomes = []
-        for _, subkey, value, expiration in entries:
-            subkey_bytes = DHTProtocol.IS_REGULAR_VALUE if subkey is None else MSGPackSerializer.dumps(subkey)
-            if self.protocol.check_record(DHTRecord(key_id.to_bytes(), subkey_bytes, value, expiration)) is not None:
-                outcomes.append(False)
-                continue
-            outcomes.append(self.protocol.storage.store(key_id, value, expiration, subkey=subkey))
-        return outcomes
-
-    async def _store_to_replicas(
-        self,
-        key_id: DHTID,
-        entries: List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]],
-        candidates: Dict[DHTID, PeerID],
-        result: asyncio.Future,
-        await_all_replicas: bool,
-    ) -> None:
-        """
-        Send the entries of one key to the nearest candidates until ``num_replicas`` of them answered (accepted or
-        rejected) or candidates run out; a silent candidate is replaced by the next one. Each entry's status is the
-        one from the last answer processed.
-        """
-        statuses = [False] * len(entries)
-        untried = list(candidates.items())
-        in_flight: Dict[asyncio.Task, DHTID] = {}
-        num_responded = 0
-
-        def take_answer(response: List[bool]) -> None:
-            nonlocal statuses, num_responded
-            statuses = response
-            num_responded += 1
-            if not await_all_replicas and any(statuses) and not result.done():
-                result.set_result(statuses)
-
-        try:
-            while True:
-                while untried and num_responded + len(in_flight) < self.num_replicas:
-                    node_id, peer_id = untried.pop(0)
-                    if node_id == self.node_id:  # this node answers at once: no task, no waiting
-                        take_answer(self._store_locally(key_id, entries))
-                    else:
-                        in_flight[self._spawn(self._send_entries(key_id, entries, node_id, peer_id))] = node_id
-                if not in_flight:
-                    break
-                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    del in_flight[task]
-                    if task.result() is not None:
-                        take_answer(task.result())
-        finally:
-            if not result.done():
-                result.set_result(statuses)
-        if self.cache_on_store:
-            for (_, subkey, value, expiration), accepted in zip(entries, statuses):
-                if accepted:
-                    self.protocol.cache.store(key_id, value, expiration, subkey=subkey)
 
     # ------------------------------------------------------------------ get
 
