@@ -35,7 +35,7 @@ async def test_bucket_refresh_loop_keeps_running_after_an_error():
 @pytest.mark.timeout(30)
 async def test_cache_refresh_loop_keeps_running_after_an_error(monkeypatch):
     monkeypatch.setattr(node_upkeep, "CACHE_REFRESH_RETRY_DELAY", 0.05)
-    node = await DHTNode.create(cache_refresh_before_expiry=1.0)
+    node = await DHTNode.create(cache_refresh_before_expiry=2.5)
     original_get = node.get_many_by_id
     refreshed, failed, ran_again = [], asyncio.Event(), asyncio.Event()
 
@@ -50,8 +50,8 @@ async def test_cache_refresh_loop_keeps_running_after_an_error(monkeypatch):
         return {}
 
     async def serve_from_cache(key: str) -> None:
-        """Cache a value that expires soon and get it: the node schedules a refresh 1 s before expiry."""
-        node.protocol.cache.store(DHTID.generate(key), MSGPackSerializer.dumps(key), get_dht_time() + 1.2)
+        """Cache a value that expires soon and get it: the node schedules a refresh 2.5 s before expiry."""
+        node.protocol.cache.store(DHTID.generate(key), MSGPackSerializer.dumps(key), get_dht_time() + 3)
         assert (await node.get(key)).value == key
 
     node.get_many_by_id = refresh_failing_once
