@@ -65,19 +65,32 @@ def test_explicit_glibc_settings_are_left_alone():
     assert not _measure(MALLOC_TRIM_THRESHOLD_="131072")["applied"]
 
 
-def test_p2p_create_applies_the_tuning():
-    code = (
-        "import asyncio\n"
-        "from hivemind.p2p import P2P\n"
-        "from hivemind.utils import malloc_tuning\n"
-        "async def main():\n"
-        "    p2p = await P2P.create()\n"
-        "    await p2p.shutdown()\n"
-        "asyncio.run(main())\n"
-        "print(malloc_tuning._applied)\n"
-    )
+P2P_CREATE = (
+    "import asyncio, sys\n"
+    "from hivemind.p2p import P2P\n"
+    "from hivemind.utils import malloc_tuning\n"
+    "async def main():\n"
+    "    p2p = await P2P.create(**eval(sys.argv[1]))\n"
+    "    await p2p.shutdown()\n"
+    "asyncio.run(main())\n"
+    "print(malloc_tuning._applied)\n"
+)
+
+
+def _tuned_by_p2p_create(create_kwargs: str, **env_overrides) -> str:
     env = _env_without_malloc_settings()
     env.pop(TUNE_MALLOC_ENV_VAR, None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    env.update(env_overrides)
+    command = [sys.executable, "-c", P2P_CREATE, create_kwargs]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "True"
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_p2p_create_leaves_the_users_process_alone_by_default():
+    assert _tuned_by_p2p_create("{}") == "None"  # never even tried
+
+
+def test_p2p_create_applies_the_tuning_when_asked():
+    assert _tuned_by_p2p_create("dict(tune_malloc=True)") == "True"
+    assert _tuned_by_p2p_create("{}", **{TUNE_MALLOC_ENV_VAR: "1"}) == "True"

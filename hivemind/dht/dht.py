@@ -26,6 +26,7 @@ from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.asyncio import switch_to_uvloop
 from hivemind.utils.logging import get_logger
+from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
 
@@ -157,6 +158,7 @@ class DHT(mp.Process):
         if hasattr(self, "_caller_connection"):
             self._caller_connection.close()  # forked copy of the user-side end
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the creator decides
+        tune_malloc_for_large_messages()  # this process belongs to the library (see malloc_tuning)
         loop = switch_to_uvloop()
         stopped = asyncio.Event()
         handlers = self._make_handlers(stopped)

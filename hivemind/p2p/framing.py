@@ -21,6 +21,9 @@ ERROR_MARKER = b"\x01"
 FRAME_HEADER_LEN = MARKER_LEN + HEADER_LEN
 # a protobuf message cannot exceed 2 GiB, so a longer frame is a protocol violation
 MAX_FRAME_PAYLOAD = 2**31 - 1
+# the largest message a stream handler (or a caller, for responses) accepts unless told otherwise: frames that
+# announce more are refused before anything is allocated for them
+DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024**2
 # below this size, header and payload are joined into one write (one syscall beats one small copy)
 JOIN_WRITE_THRESHOLD = 64 * 1024
 
@@ -32,6 +35,10 @@ Payload = bytes
 
 class FramingError(P2PDaemonError):
     """A peer sent bytes that violate the stream framing (unknown marker, oversized frame, truncated frame)."""
+
+
+class MessageTooLargeError(FramingError):
+    """A peer announced a message larger than this side accepts (``max_message_size``); nothing was allocated."""
 
 
 def encode_header(marker: bytes, length: int) -> bytes:
@@ -100,10 +107,22 @@ async def send_raw_data(data: bytes, writer: asyncio.StreamWriter, *, drain: boo
         await writer.drain()
 
 
-async def receive_raw_data(reader: asyncio.StreamReader) -> Payload:
-    """Read one 8-byte-length-prefixed payload."""
+async def receive_raw_data(reader: asyncio.StreamReader, max_size: Optional[int] = None) -> Payload:
+    """Read one 8-byte-length-prefixed payload (``MessageTooLargeError`` above ``max_size`` bytes, if given).
+
+    The payload is collected as it arrives, so an announced length alone takes no memory.
+    """
     length = decode_length(await reader.readexactly(HEADER_LEN))
+    _check_size(length, max_size)
     return await reader.readexactly(length)
+
+
+def _check_size(length: int, max_size: Optional[int]) -> None:
+    if max_size is not None and length > max_size:
+        raise MessageTooLargeError(
+            f"A peer announced a {length}-byte message, more than the {max_size} bytes accepted here; the stream is "
+            "dropped (pass a larger max_message_size to the handler or call if such messages are expected)"
+        )
 
 
 async def send_protobuf(message: Union[Message, RPCError], writer: asyncio.StreamWriter) -> None:
@@ -113,11 +132,17 @@ async def send_protobuf(message: Union[Message, RPCError], writer: asyncio.Strea
 
 
 async def receive_protobuf(
-    input_protobuf_type: Type[MessageType], reader: asyncio.StreamReader
+    input_protobuf_type: Type[MessageType],
+    reader: asyncio.StreamReader,
+    max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> Tuple[Optional[MessageType], Optional[RPCError]]:
     """Read one frame: ``(message, None)`` for a message frame, ``(None, RPCError)`` for an error frame.
 
+    The payload buffer grows only as bytes arrive (see ``streams.DirectStreamReader``), and a frame that announces
+    more than ``max_message_size`` bytes (None: no limit but the 2 GiB protobuf limit) is refused at once.
+
     :raises asyncio.IncompleteReadError: the stream ended cleanly between frames
+    :raises MessageTooLargeError: the frame announces more than ``max_message_size`` bytes
     :raises FramingError: unknown marker, impossible length, or the stream ended inside a frame
     """
     try:
@@ -128,6 +153,7 @@ async def receive_protobuf(
             raise FramingError(f"Stream closed inside a frame header ({got} of {FRAME_HEADER_LEN} bytes)") from None
         raise
     marker, length = decode_header(header)
+    _check_size(length, max_message_size)
     read_payload = getattr(reader, "read_payload", reader.readexactly)  # no intermediate copies when available
     try:
         payload = await read_payload(length) if length else b""

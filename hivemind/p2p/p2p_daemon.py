@@ -6,7 +6,7 @@ import dataclasses
 import os
 import secrets
 import typing
-from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
 
@@ -14,6 +14,7 @@ from hivemind.p2p import daemon_args, framing, protobuf_streams
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
+from hivemind.p2p.p2p_calls import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_UNARY_CALL_TIMEOUT, ProtobufCallsMixin
 from hivemind.p2p.p2p_daemon_bindings import streams
 from hivemind.p2p.p2p_daemon_bindings.control import (
     DEFAULT_MAX_MSG_SIZE,
@@ -22,14 +23,15 @@ from hivemind.p2p.p2p_daemon_bindings.control import (
     unix_socket_path,
 )
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
+from hivemind.p2p.p2p_daemon_bindings.persistent import P2PTimeoutError
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from hivemind.utils.logging import get_logger
-from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
+from hivemind.utils.malloc_tuning import tune_malloc_if_requested
 from hivemind.utils.multiaddr import Multiaddr
 
 logger = get_logger(__name__)
 
-__all__ = ["P2P", "P2PContext", "P2PDaemonError", "P2PHandlerError"]
+__all__ = ["P2P", "P2PContext", "P2PDaemonError", "P2PHandlerError", "P2PTimeoutError"]
 
 MaddrLike = Union[str, Multiaddr]
 Seconds = float
@@ -41,8 +43,6 @@ TInputProtobuf = Any
 TOutputProtobuf = Any
 TInputStream = AsyncIterator[TInputProtobuf]
 TOutputStream = AsyncIterator[TOutputProtobuf]
-
-_NO_RESPONSE = object()
 
 
 def _socket_token() -> str:
@@ -59,7 +59,7 @@ class P2PContext:
     remote_id: PeerID = None
 
 
-class P2P:
+class P2P(ProtobufCallsMixin):
     """A libp2p peer: owns (or attaches to) a p2pd daemon and serves/calls named protobuf handlers.
 
     Create with ``await P2P.create(...)`` (starts a daemon) or ``await P2P.replicate(maddr)`` (attaches to the
@@ -86,6 +86,7 @@ class P2P:
         self._stream_writers: typing.Set[asyncio.StreamWriter] = set()
         self._daemon_failure: Optional[P2PDaemonError] = None
         self._is_shut_down = False
+        self.unary_call_timeout: Optional[Seconds] = DEFAULT_UNARY_CALL_TIMEOUT
 
     # ------------------------------------------------------------------------------------------ start-up
 
@@ -116,12 +117,17 @@ class P2P:
         check_if_identity_free: bool = True,
         no_listen: bool = False,
         trusted_relays: Optional[Sequence[MaddrLike]] = None,
+        unary_call_timeout: Optional[Seconds] = DEFAULT_UNARY_CALL_TIMEOUT,
+        tune_malloc: Optional[bool] = None,
     ) -> "P2P":
         """Start a p2pd daemon and connect to it (see API.md §2.1 for every option).
 
         :param startup_timeout: seconds to wait for the daemon to report its peer id
         :param idle_timeout: the daemon exits if no persistent connection is opened within this many seconds
         :param persistent_conn_max_msg_size: max size of one unary request or response, bytes
+        :param unary_call_timeout: default seconds a unary call waits for its answer (None: forever)
+        :param tune_malloc: tune glibc's malloc for large messages in this whole process (see
+            ``hivemind.utils.malloc_tuning``); None: only if ``HIVEMIND_TUNE_MALLOC=1``
         :raises P2PDaemonError: the daemon could not start (the message quotes p2pd's own error output)
         """
         assert not (initial_peers and use_ipfs), "Pass either initial_peers or use_ipfs=True, not both"
@@ -133,8 +139,9 @@ class P2P:
         except (OSError, RuntimeError) as e:
             raise P2PDaemonError(str(e)) from e
 
-        tune_malloc_for_large_messages()  # large stream messages would fault their buffers in again every time
+        tune_malloc_if_requested(tune_malloc)  # process-wide: opt-in (the DHT process opts in)
         self = cls()
+        self.unary_call_timeout = unary_call_timeout
         token = _socket_token()
         self._daemon_listen_maddr = cls._socket_maddr("p2pd", token)
         self._client_listen_maddr = cls._socket_maddr("p2pclient", token)
@@ -190,10 +197,20 @@ class P2P:
         return Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}{kind}-{token}.sock")
 
     @classmethod
-    async def replicate(cls, daemon_listen_maddr: MaddrLike) -> "P2P":
-        """Attach to a running daemon (e.g. started by ``P2P.create`` in a parent process); owns no process."""
-        tune_malloc_for_large_messages()
+    async def replicate(
+        cls,
+        daemon_listen_maddr: MaddrLike,
+        *,
+        unary_call_timeout: Optional[Seconds] = DEFAULT_UNARY_CALL_TIMEOUT,
+        tune_malloc: Optional[bool] = None,
+    ) -> "P2P":
+        """Attach to a running daemon (e.g. started by ``P2P.create`` in a parent process); owns no process.
+
+        ``unary_call_timeout`` and ``tune_malloc`` mean the same as in ``P2P.create``.
+        """
+        tune_malloc_if_requested(tune_malloc)
         self = cls()
+        self.unary_call_timeout = unary_call_timeout
         self._daemon_listen_maddr = Multiaddr(str(daemon_listen_maddr))
         self._client_listen_maddr = cls._socket_maddr("p2pclient", _socket_token())
         try:
@@ -314,12 +331,18 @@ class P2P:
         balanced: bool = False,
         stream_input: bool = False,
         stream_output: bool = False,
+        max_message_size: Optional[Bytes] = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         """Serve ``handler`` under ``name``: unary handlers through the daemon, others as stream handlers.
+
+        A stream handler is cancelled (it sees ``CancelledError``) when its caller closes the stream.
 
         :param handler: ``handler(request_or_async_iterator, P2PContext)`` returning a message (awaitable) or,
             with ``stream_output``, an async iterator of messages
         :param balanced: let other processes register the same name; the daemon distributes calls round-robin
+        :param max_message_size: stream handlers only: a request announcing more bytes is refused before any memory
+            is taken for it (the handler sees ``MessageTooLargeError``, the caller a ``P2PHandlerError``); None
+            leaves only the 2 GiB protobuf limit. Unary requests are bounded by ``persistent_conn_max_msg_size``.
         :raises P2PDaemonError: the name is already served by this daemon (and not both ``balanced``)
         """
         is_unary = not (stream_input or stream_output)
@@ -337,6 +360,7 @@ class P2P:
                 writer,
                 stream_input=stream_input,
                 stream_output=stream_output,
+                max_message_size=max_message_size,
             )
 
         await self._client.stream_handler(name, _serve_stream, balanced=balanced)
@@ -380,78 +404,6 @@ class P2P:
         """Open a raw stream to ``handler_name`` of ``peer_id``; the caller must close the writer."""
         self._raise_if_daemon_failed()
         return await self._client.stream_open(peer_id, [handler_name])
-
-    # ------------------------------------------------------------------------------------------ calls
-
-    async def call_protobuf_handler(
-        self,
-        peer_id: PeerID,
-        name: str,
-        input: Union[TInputProtobuf, AsyncIterable[TInputProtobuf]],
-        output_protobuf_type: ProtobufType,
-    ) -> Any:
-        """Call ``name`` at ``peer_id`` and return its single response.
-
-        A message ``input`` makes a unary call (through the daemon); an async iterator makes a stream call.
-
-        :raises P2PHandlerError: the remote handler failed (the message carries its text)
-        :raises P2PDaemonError: the peer is unreachable, does not serve ``name``, or the request is too large
-        """
-        if isinstance(input, Message):
-            self._raise_if_daemon_failed()
-            data = await self._client.call_unary_handler(peer_id, name, input.SerializeToString())
-            response = output_protobuf_type()
-            response.ParseFromString(data)
-            return response
-
-        responses = self._iterate_protobuf_stream(peer_id, name, input, output_protobuf_type)
-        try:
-            result = _NO_RESPONSE
-            async for response in responses:
-                if result is not _NO_RESPONSE:
-                    raise P2PHandlerError(f"Handler `{name}` at {peer_id} returned more than one response")
-                result = response
-        finally:
-            await responses.aclose()
-        if result is _NO_RESPONSE:
-            raise P2PHandlerError(f"Handler `{name}` at {peer_id} closed the stream without a response")
-        return result
-
-    async def iterate_protobuf_handler(
-        self,
-        peer_id: PeerID,
-        name: str,
-        input: Union[TInputProtobuf, AsyncIterable[TInputProtobuf]],
-        output_protobuf_type: ProtobufType,
-    ) -> TOutputStream:
-        """Call stream handler ``name`` at ``peer_id``: ``async for msg in await p2p.iterate_protobuf_handler(...)``.
-
-        ``input`` is a message or an async iterator of messages. The stream opens when iteration starts, so an
-        unreachable peer or a missing handler raises ``P2PDaemonError`` from the first ``__anext__``.
-        """
-        self._raise_if_daemon_failed()
-        return self._iterate_protobuf_stream(peer_id, name, input, output_protobuf_type)
-
-    async def _iterate_protobuf_stream(
-        self, peer_id: PeerID, name: str, input: Any, output_protobuf_type: ProtobufType
-    ) -> TOutputStream:
-        self._raise_if_daemon_failed()
-        _, reader, writer = await self._client.stream_open(peer_id, [name])
-        self._stream_writers.add(writer)
-        try:
-            responses = protobuf_streams.call_protobuf_stream(
-                reader,
-                writer,
-                input,
-                output_protobuf_type,
-                description=f"`{name}` at {peer_id}",
-                check_after_eof=lambda: self._check_stream_end(writer),
-            )
-            async for response in responses:
-                yield response
-        finally:
-            writer.close()
-            self._stream_writers.discard(writer)
 
     # ------------------------------------------------------------------------------------------ failures
 

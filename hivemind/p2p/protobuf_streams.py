@@ -30,13 +30,58 @@ async def serve_protobuf_stream(
     *,
     stream_input: bool,
     stream_output: bool,
+    max_message_size: Optional[int] = framing.DEFAULT_MAX_MESSAGE_SIZE,
 ) -> None:
     """Handler side: feed requests to ``handler(request_or_iterator, context)`` and frame its response(s).
 
     A handler exception becomes one error frame with ``str(exception)``; the caller of this closes the stream.
+    The handler is cancelled (it sees ``CancelledError``) when the caller closes the stream after its input.
+
+    :param max_message_size: requests announcing more bytes are refused (the handler gets the error)
     """
     requests: asyncio.Queue = asyncio.Queue(maxsize=HANDLER_INPUT_PREFETCH)
-    read_task = asyncio.create_task(_read_requests(input_protobuf_type, reader, requests))
+    responding = asyncio.create_task(
+        _respond(handler, context, requests, writer, stream_input=stream_input, stream_output=stream_output)
+    )
+    caller_left = asyncio.Event()
+
+    def on_caller_left() -> None:
+        caller_left.set()
+        responding.cancel()
+
+    read_task = asyncio.create_task(
+        _read_requests(input_protobuf_type, reader, requests, max_message_size, on_caller_left)
+    )
+    try:
+        await responding  # (cancelling this coroutine cancels the handler too)
+    except asyncio.CancelledError:
+        if caller_left.is_set() and not _is_being_cancelled():
+            logger.debug(f"Cancelled handler {context.handle_name}: {context.remote_id} closed the stream")
+            return
+        # this peer is shutting down or removed the handler: tell the caller instead of a silent EOF
+        writer.write(framing.encode_frame(RPCError(message=f"handler {context.handle_name} was cancelled")))
+        raise
+    finally:
+        for task in (responding, read_task):
+            task.cancel()
+        await asyncio.gather(responding, read_task, return_exceptions=True)
+
+
+def _is_being_cancelled() -> bool:
+    """Whether the current task itself was cancelled (Python 3.11+ can tell; earlier versions assume it was)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return True if cancelling is None else cancelling() > 0
+
+
+async def _respond(
+    handler: Callable,
+    context: Any,
+    requests: asyncio.Queue,
+    writer: asyncio.StreamWriter,
+    *,
+    stream_input: bool,
+    stream_output: bool,
+) -> None:
     try:
         if stream_input:
             request = _iterate_queue(requests)
@@ -53,8 +98,6 @@ async def serve_protobuf_stream(
         else:
             await framing.send_protobuf(await handler(request, context), writer)
     except asyncio.CancelledError:
-        # this peer is shutting down or removed the handler: tell the caller instead of a silent EOF
-        writer.write(framing.encode_frame(RPCError(message=f"handler {context.handle_name} was cancelled")))
         raise
     except Exception as e:
         logger.debug(f"Handler {context.handle_name} failed for {context.remote_id}: {e!r}")
@@ -62,9 +105,6 @@ async def serve_protobuf_stream(
             await framing.send_protobuf(RPCError(message=str(e)), writer)
         except (ConnectionError, RuntimeError):
             pass
-    finally:
-        read_task.cancel()
-        await asyncio.gather(read_task, return_exceptions=True)
 
 
 async def call_protobuf_stream(
@@ -75,11 +115,13 @@ async def call_protobuf_stream(
     *,
     description: str,
     check_after_eof: Callable[[], Awaitable[None]],
+    max_message_size: Optional[int] = framing.DEFAULT_MAX_MESSAGE_SIZE,
 ) -> AsyncIterator[Any]:
     """Caller side: send ``input`` and then end-of-stream, while yielding responses until the handler closes.
 
     :param description: names the call in errors, e.g. "`Servicer.rpc_x` at <peer id>"
     :param check_after_eof: awaited when the stream ends or breaks; raises if the local daemon died meanwhile
+    :param max_message_size: a response announcing more bytes fails the call (``P2PDaemonError``)
     :raises P2PHandlerError: the handler sent an error frame
     """
     writing_task = asyncio.create_task(_write_requests(input, writer))
@@ -87,7 +129,7 @@ async def call_protobuf_stream(
     try:
         while True:
             try:
-                response, error = await framing.receive_protobuf(output_protobuf_type, reader)
+                response, error = await framing.receive_protobuf(output_protobuf_type, reader, max_message_size)
             except asyncio.IncompleteReadError:
                 break  # the handler closed the stream: no more responses
             except (ConnectionError, P2PDaemonError) as e:
@@ -104,14 +146,25 @@ async def call_protobuf_stream(
         await asyncio.gather(writing_task, return_exceptions=True)
 
 
-async def _read_requests(input_protobuf_type: Type[Message], reader: asyncio.StreamReader, queue: asyncio.Queue):
-    """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF."""
+async def _read_requests(
+    input_protobuf_type: Type[Message],
+    reader: asyncio.StreamReader,
+    queue: asyncio.Queue,
+    max_message_size: Optional[int],
+    on_caller_left: Callable[[], None],
+) -> None:
+    """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF.
+
+    A caller sends nothing after its end-of-stream frame, so anything read after it (in practice EOF, or a reset
+    connection) means that the caller closed the stream: ``on_caller_left`` is called then.
+    """
     try:
         while True:
             try:
-                request, error = await framing.receive_protobuf(input_protobuf_type, reader)
+                request, error = await framing.receive_protobuf(input_protobuf_type, reader, max_message_size)
             except asyncio.IncompleteReadError:
-                break
+                await queue.put(_EXHAUSTED)
+                return  # the input ended with EOF instead of end-of-stream: nothing more to watch
             if error is not None:
                 break  # end-of-stream marker (whatever its text)
             await queue.put(request)
@@ -121,6 +174,13 @@ async def _read_requests(input_protobuf_type: Type[Message], reader: asyncio.Str
         await queue.put(e)
         return
     await queue.put(_EXHAUSTED)
+    try:
+        await reader.read(1)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        logger.debug(f"Stream broke after the caller's end-of-stream: {e!r}")
+    on_caller_left()
 
 
 async def _iterate_queue(queue: asyncio.Queue) -> AsyncIterator[Any]:

@@ -9,8 +9,11 @@ allocations served by ``mmap`` and 64 MiB for trimming; ``tune_malloc_for_large_
 once, so at most 64 MiB of freed memory stays at the top of the heap, as in any process that has freed one
 32 MiB buffer.
 
-The tuning applies to the whole process, once, on glibc only. It is skipped when ``HIVEMIND_TUNE_MALLOC=0`` or when
-the user already set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` for glibc.
+The tuning applies to the whole process, once, on glibc only, so the library applies it only in processes it owns:
+the DHT process calls ``tune_malloc_for_large_messages``. Elsewhere (a user's training process, which MoE clients
+and averagers share) it is opt-in: ``P2P.create(tune_malloc=True)`` / ``P2P.replicate(..., tune_malloc=True)``,
+or ``HIVEMIND_TUNE_MALLOC=1`` for every ``P2P`` of the process. It is never applied when ``HIVEMIND_TUNE_MALLOC=0``
+or when the user already set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` for glibc.
 """
 
 import ctypes
@@ -40,8 +43,25 @@ def tune_malloc_for_large_messages() -> bool:
     return _applied
 
 
+def tune_malloc_if_requested(requested: Optional[bool]) -> bool:
+    """Tune if ``requested`` is True, or if it is None and ``HIVEMIND_TUNE_MALLOC=1``; returns whether tuned."""
+    if requested is None:
+        requested = _env_setting() is True
+    return tune_malloc_for_large_messages() if requested else bool(_applied)
+
+
+def _env_setting() -> Optional[bool]:
+    """``HIVEMIND_TUNE_MALLOC``: True for 1/true/yes/on, False for 0/false/no/off, None when unset or other."""
+    value = os.environ.get(TUNE_MALLOC_ENV_VAR, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def _apply() -> bool:
-    if os.environ.get(TUNE_MALLOC_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _env_setting() is False:
         return False
     if any(name in os.environ for name in GLIBC_ENV_VARS):
         return False  # the user tuned glibc explicitly

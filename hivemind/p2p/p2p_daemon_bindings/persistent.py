@@ -22,6 +22,10 @@ UnaryHandler = Callable[[bytes, PeerID], Awaitable[bytes]]
 ENVELOPE_SLACK = 64 * 1024
 
 
+class P2PTimeoutError(P2PDaemonError, asyncio.TimeoutError):
+    """A call got no answer in time (the message names the peer and the handler); the call was cancelled."""
+
+
 class PersistentConnection:
     """Owns one upgraded control connection: routes replies by call id and serves incoming unary requests.
 

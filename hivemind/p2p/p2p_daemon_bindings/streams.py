@@ -2,16 +2,28 @@
 
 ``asyncio.StreamReader`` copies every received chunk into its internal buffer and copies again when a read
 returns. ``DirectStreamReader.read_payload(n)`` instead lets the transport write the next ``n`` bytes directly
-into one preallocated ``bytearray`` (the protocol is an ``asyncio.BufferedProtocol``), which is what moving
+into the buffer that is returned (the protocol is an ``asyncio.BufferedProtocol``), which is what moving
 megabyte-sized messages needs. Everything else behaves exactly like the standard reader and writer.
+
+``n`` comes from the peer, so the buffer never takes memory for bytes that did not arrive: it starts small and
+grows (by ``GROWTH_FACTOR``, copying what it holds) as it fills, and from ``LAZY_MAPPING_MIN_BYTES`` on it is an
+anonymous memory map of all ``n`` bytes whose pages the kernel backs only once bytes land in them (no copies).
+A peer that announces a gigabyte and sends nothing costs a few kilobytes.
 """
 
 import asyncio
+import mmap
 import select
 from typing import Awaitable, Callable, List, Optional, Tuple, Union
 
 # below this size a payload is read the ordinary way (one small copy is cheaper than the bookkeeping)
 DIRECT_READ_MIN_BYTES = 64 * 1024
+# a payload buffer starts this large (or as large as the bytes already received) and grows as bytes arrive
+GROWING_BUFFER_START_BYTES = 64 * 1024
+GROWTH_FACTOR = 4  # the bytes copied while growing add up to at most a third of the payload
+# from this size on, a payload is received into an anonymous memory map of its full size: untouched pages take no
+# memory, and glibc would map a buffer of this size afresh anyway (its largest dynamic mmap threshold)
+LAZY_MAPPING_MIN_BYTES = 32 * 1024 * 1024
 # receive buffer for ordinary reads (headers, control messages)
 SCRATCH_BUFFER_BYTES = 64 * 1024
 # right after a large payload the next bytes are most likely the header of another one: read only this much, so
@@ -26,45 +38,57 @@ class DirectStreamReader(asyncio.StreamReader):
 
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(limit=limit, loop=loop)
-        self._direct_view: Optional[memoryview] = None
+        self._direct_view: Optional[memoryview] = None  # the buffer of the unfinished read_payload()
         self._direct_filled = 0
+        self._direct_size = 0  # the payload length that read_payload() waits for (the buffer may still be smaller)
         self._direct_waiter: Optional[asyncio.Future] = None
         self._after_direct_read = False  # the last received bytes completed a read_payload()
 
-    async def read_payload(self, n: int) -> Union[bytes, bytearray]:
-        """Read exactly ``n`` bytes (as ``bytearray`` for large payloads); ``IncompleteReadError`` on EOF."""
+    async def read_payload(self, n: int) -> Union[bytes, bytearray, memoryview]:
+        """Read exactly ``n`` bytes; ``IncompleteReadError`` on EOF.
+
+        Large payloads come back as a ``bytearray``, or from ``LAZY_MAPPING_MIN_BYTES`` on as a ``memoryview`` of
+        an anonymous memory map (freed with the last reference to it). Memory is only taken as bytes arrive.
+        """
         if n < DIRECT_READ_MIN_BYTES or len(self._buffer) >= n or self._exception is not None or self._eof:
             return await self.readexactly(n)
         if self._direct_waiter is not None:
             raise RuntimeError("read_payload() called while another coroutine is already reading")
-        payload = bytearray(n)
-        view = memoryview(payload)
         already = len(self._buffer)
+        if n >= LAZY_MAPPING_MIN_BYTES:
+            view = memoryview(mmap.mmap(-1, n))
+        else:
+            view = memoryview(bytearray(min(n, max(already, GROWING_BUFFER_START_BYTES))))
         view[:already] = self._buffer
         self._buffer.clear()
-        self._direct_view, self._direct_filled = view, already
+        self._direct_view, self._direct_filled, self._direct_size = view, already, n
         self._direct_waiter = self._loop.create_future()
         self._maybe_resume_transport()
         try:
             await self._direct_waiter
         except BaseException:
             # cancelled or failed: keep the bytes that did arrive so that the stream stays consistent
-            self._buffer[0:0] = view[: self._direct_filled]
+            self._buffer[0:0] = self._direct_view[: self._direct_filled]
             raise
         finally:
-            self._direct_view, self._direct_waiter = None, None
-        return payload
+            view, self._direct_view, self._direct_waiter = self._direct_view, None, None
+        return view if isinstance(view.obj, mmap.mmap) else view.obj
 
     def _direct_read_pending(self) -> bool:
         """Whether received bytes belong to an unfinished ``read_payload`` (then they go to its buffer)."""
-        return self._direct_view is not None and self._direct_filled < len(self._direct_view)
+        return self._direct_view is not None and self._direct_filled < self._direct_size
 
     def _direct_buffer(self) -> memoryview:
+        """Where the next received bytes go: the free part of the payload buffer, grown first if it is full."""
+        if self._direct_filled == len(self._direct_view):
+            grown = memoryview(bytearray(min(self._direct_size, GROWTH_FACTOR * self._direct_filled)))
+            grown[: self._direct_filled] = self._direct_view
+            self._direct_view = grown
         return self._direct_view[self._direct_filled :]
 
     def _direct_data_received(self, nbytes: int) -> None:
         self._direct_filled += nbytes
-        if self._direct_filled == len(self._direct_view):
+        if self._direct_filled == self._direct_size:
             self._after_direct_read = True
             if not self._direct_waiter.done():
                 self._direct_waiter.set_result(None)
@@ -83,7 +107,7 @@ class DirectStreamReader(asyncio.StreamReader):
         super().feed_eof()
         if self._direct_waiter is not None and not self._direct_waiter.done():
             partial = bytes(self._direct_view[: self._direct_filled])
-            self._direct_waiter.set_exception(asyncio.IncompleteReadError(partial, len(self._direct_view)))
+            self._direct_waiter.set_exception(asyncio.IncompleteReadError(partial, self._direct_size))
 
     def set_exception(self, exc: BaseException) -> None:
         super().set_exception(exc)
