@@ -76,18 +76,27 @@ type shmPipePool struct {
 
 func (pool *shmPipePool) get() (*shmPipeFile, error) {
 	pool.mu.Lock()
-	defer pool.mu.Unlock()
 	if pool.closed {
+		pool.mu.Unlock()
 		return nil, errors.New("the daemon is shutting down")
 	}
 	if n := len(pool.idle); n > 0 {
 		pipe := pool.idle[n-1]
 		pool.idle = pool.idle[:n-1]
+		pool.mu.Unlock()
 		return pipe, nil
 	}
+	pool.mu.Unlock()
+	// reserving the pages of a new file takes milliseconds: other streams do not wait for it
 	pipe, err := createShmPipeFile(pool.directory(), shmRingSize)
 	if err != nil {
 		return nil, err
+	}
+	pool.mu.Lock()
+	defer pool.mu.Unlock()
+	if pool.closed {
+		pipe.release()
+		return nil, errors.New("the daemon is shutting down")
 	}
 	if pool.live == nil {
 		pool.live = map[*shmPipeFile]struct{}{}
