@@ -26,6 +26,11 @@ from hivemind.utils.tensor_descr import TensorDescriptor
 
 __all__ = ["TensorRole", "CompressionInfo", "CompressionBase", "NoCompression", "TensorDecodeError"]
 
+# read once at import as in hivemind 1.1, where applications assign it (petals sets it to False); while it keeps
+# its import-time value, the USE_LEGACY_BFLOAT16 environment variable is read on every call instead
+USE_LEGACY_BFLOAT16 = use_legacy_bfloat16()
+_USE_LEGACY_BFLOAT16_AT_IMPORT = USE_LEGACY_BFLOAT16
+
 
 class TensorRole(Enum):
     """What a tensor is used for; adaptive strategies may pick a codec by role."""
@@ -99,7 +104,8 @@ class NoCompression(CompressionBase):
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
         wire_dtype = tensor.dtype
-        if tensor.dtype == torch.bfloat16 and use_legacy_bfloat16():
+        assigned = USE_LEGACY_BFLOAT16 != _USE_LEGACY_BFLOAT16_AT_IMPORT
+        if tensor.dtype == torch.bfloat16 and (USE_LEGACY_BFLOAT16 if assigned else use_legacy_bfloat16()):
             wire_dtype = torch.float32
         itemsize = torch.empty((), dtype=wire_dtype).element_size()
         message_buffer = MessageBuffer(tensor.numel() * itemsize, tensor.device)

@@ -28,12 +28,15 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from hivemind.utils.logging import get_logger
 
-__all__ = ["MPFuture", "InvalidStateError"]
+__all__ = ["MPFuture", "InvalidStateError", "ALL_STATES"]
 
 logger = get_logger(__name__)
 
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = "PENDING", "RUNNING", "CANCELLED", "FINISHED"
 _CANCELLED_STATES = ("CANCELLED", "CANCELLED_AND_NOTIFIED")
+# every state name a future can be in, in the order hivemind 1.1 numbers them (code that stores a state as
+# its index in this tuple, as petals does, gets the same numbers)
+ALL_STATES = ("PENDING", "RUNNING", "FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED")
 _OK = ("ok", None)
 
 

@@ -8,9 +8,11 @@ from typing import Iterable, Sequence, Union
 from hivemind.utils.logging import TextStyle, get_logger
 from hivemind.utils.multiaddr import Multiaddr
 
-__all__ = ["choose_ip_address", "log_visible_maddrs"]
+__all__ = ["LOCALHOST", "choose_ip_address", "log_visible_maddrs"]
 
 logger = get_logger(__name__)
+
+LOCALHOST = "127.0.0.1"  # the IPv4 loopback address
 
 
 def _is_global(ip: str) -> bool:

@@ -15,6 +15,7 @@ __all__ = [
     "get_dht_time",
     "ValueWithExpiration",
     "TimedStorage",
+    "HeapEntry",
 ]
 
 KeyType = TypeVar("KeyType")
@@ -53,6 +54,16 @@ class ValueWithExpiration(Generic[ValueType]):
 
     def __hash__(self):
         return hash(self._as_tuple())
+
+
+@dataclass(frozen=True, order=True)
+class HeapEntry(Generic[KeyType]):
+    """A key with its expiration time, ordered by expiration time first (then by key), e.g. for a heap of keys
+    that expire. Kept for code written for hivemind 1.1: TimedStorage breaks ties by insertion order instead, so
+    that its keys need not be comparable."""
+
+    expiration_time: DHTExpiration
+    key: KeyType
 
 
 _HeapEntry = Tuple[DHTExpiration, int, KeyType]  # (expiration, insertion counter, key): keys are never compared

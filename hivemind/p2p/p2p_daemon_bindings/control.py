@@ -41,6 +41,18 @@ StreamCallback = Callable[[StreamInfo, asyncio.StreamReader, asyncio.StreamWrite
 UNIX_PROTOCOL_CODE = 400
 
 
+_CONNECTION_PROTOCOL_CODES = (4, UNIX_PROTOCOL_CODE)  # ip4, unix: what a daemon's control address may use
+
+
+def parse_conn_protocol(maddr: Multiaddr) -> int:
+    """The code of the one connection protocol (ip4 = 4 or unix = 400) in ``maddr``, e.g. a daemon's control
+    address; ``ValueError`` if it has neither or both."""
+    codes = [protocol.code for protocol in maddr.protocols() if protocol.code in _CONNECTION_PROTOCOL_CODES]
+    if len(codes) != 1:
+        raise ValueError(f"{maddr} must contain exactly one of the protocols ip4 or unix, found {len(codes)}")
+    return codes[0]
+
+
 def unix_socket_path(maddr: Multiaddr) -> str:
     """Filesystem path of a ``/unix/...`` multiaddr."""
     try:
