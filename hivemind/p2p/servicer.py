@@ -158,8 +158,10 @@ def _make_stub_method(class_name: str, handler: RPCHandler) -> Callable:
         remote_name = get_handle_name(stub._namespace, class_name, handler.name)
         if handler.stream_input and isinstance(input, Message):
             input = as_aiter(input)  # a stream-input handler is served as a stream even for a single message
-        call = stub._p2p.call_protobuf_handler(stub._peer, remote_name, input, handler.response_type)
-        return await asyncio.wait_for(call, timeout=timeout)
+        # timeout None: a unary call still waits at most p2p.unary_call_timeout; P2PTimeoutError names peer and rpc
+        return await stub._p2p.call_protobuf_handler(
+            stub._peer, remote_name, input, handler.response_type, timeout=timeout
+        )
 
     call_unary.__name__ = handler.name
     return call_unary
