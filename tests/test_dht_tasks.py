@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from dht_swarm import launch_swarm, shutdown_all
 
-from hivemind.dht import node_upkeep
+from hivemind.dht import node_store, node_upkeep
 from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.utils.serializer import MSGPackSerializer
@@ -63,6 +63,32 @@ async def test_cache_refresh_loop_keeps_running_after_an_error(monkeypatch):
         assert refreshed == [[DHTID.generate("first")], [DHTID.generate("second")]]
     finally:
         await node.shutdown()
+
+
+@pytest.mark.timeout(30)
+async def test_replica_confirmation_goes_on_after_a_failed_batch(monkeypatch):
+    monkeypatch.setattr(node_store, "CONFIRM_REPLICAS_DELAY", 0.05)
+    nodes = await launch_swarm(2)  # a small routing table: stores go to known nodes and are confirmed afterwards
+    writer = nodes[0]
+    original_find = writer.find_nearest_nodes
+    searched, confirmed_again = [], asyncio.Event()
+
+    async def find_failing_once(queries, *args, **kwargs):
+        searched.append(list(queries))
+        if len(searched) == 1:
+            # stored while the first batch is being confirmed: it waits for the next batch of the same confirmer
+            assert await writer.store("second", 2, get_dht_time() + 30)
+            raise RuntimeError("injected failure of a replica confirmation")
+        confirmed_again.set()
+        return await original_find(queries, *args, **kwargs)
+
+    writer.find_nearest_nodes = find_failing_once
+    try:
+        assert await writer.store("first", 1, get_dht_time() + 30)
+        await asyncio.wait_for(confirmed_again.wait(), timeout=10)
+        assert searched == [[DHTID.generate("first")], [DHTID.generate("second")]]
+    finally:
+        await shutdown_all(nodes)
 
 
 @pytest.mark.timeout(30)

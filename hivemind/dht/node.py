@@ -15,6 +15,7 @@ from hivemind.dht.node_store import ReplicatedStore
 from hivemind.dht.node_upkeep import refresh_cache_forever, refresh_stale_buckets_forever
 from hivemind.dht.protocol import DHTProtocol, StoredValue
 from hivemind.dht.routing import DHTID, DHTKey, DHTValue
+from hivemind.dht.routing_upkeep import log_if_failed
 from hivemind.dht.search_state import KeySearch
 from hivemind.dht.storage import CacheRefreshQueue, DictionaryDHTValue
 from hivemind.dht.traverse import traverse_dht
@@ -174,6 +175,7 @@ class DHTNode(ReplicatedStore):
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(log_if_failed)
         return task
 
     async def _bootstrap(

@@ -11,8 +11,11 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID, DHTKey, DHTValue, Subkey
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
+from hivemind.utils.logging import get_logger
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import DHTExpiration
+
+logger = get_logger(__name__)
 
 CONFIRM_REPLICAS_DELAY = 1.0  # s: stores sent to nodes from the routing table are confirmed by batched searches
 StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
@@ -111,24 +114,30 @@ class ReplicatedStore:
         """
         Batch by batch, search for the nearest nodes of recently stored keys and store each key to those of them that
         the local routing table did not offer. Waiting CONFIRM_REPLICAS_DELAY first lets one search serve many stores.
+        A batch whose search fails is logged and skipped: its keys keep the replicas they were first stored on.
         """
         while self._unconfirmed_stores:
             await asyncio.sleep(CONFIRM_REPLICAS_DELAY)
             batch, self._unconfirmed_stores = self._unconfirmed_stores, []
             for exclude_self in (False, True):
                 stores = [(entries, offered) for entries, offered, exclude in batch if exclude == exclude_self]
-                if not stores:
-                    continue
-                key_ids = list({key_id: None for entries, _ in stores for key_id in entries})
-                nearest = await self.find_nearest_nodes(
-                    key_ids, k_nearest=self.num_replicas, exclude_self=exclude_self
-                )
-                for entries_by_key, offered in stores:
-                    for key_id, entries in entries_by_key.items():
-                        already_offered = list(offered[key_id])[: self.num_replicas]
-                        for node_id, peer_id in nearest[key_id].items():
-                            if node_id not in already_offered:
-                                self._spawn(self._send_entries(key_id, entries, node_id, peer_id))
+                if stores:
+                    try:
+                        await self._confirm_batch(stores, exclude_self)
+                    except Exception as e:
+                        logger.warning(f"Could not confirm the replicas of {len(stores)} stores: {e!r}", exc_info=True)
+
+    async def _confirm_batch(
+        self, stores: List[Tuple[Dict[DHTID, List[Any]], Dict[DHTID, Dict[DHTID, PeerID]]]], exclude_self: bool
+    ) -> None:
+        key_ids = list({key_id: None for entries, _ in stores for key_id in entries})
+        nearest = await self.find_nearest_nodes(key_ids, k_nearest=self.num_replicas, exclude_self=exclude_self)
+        for entries_by_key, offered in stores:
+            for key_id, entries in entries_by_key.items():
+                already_offered = list(offered[key_id])[: self.num_replicas]
+                for node_id, peer_id in nearest[key_id].items():
+                    if node_id not in already_offered:
+                        self._spawn(self._send_entries(key_id, entries, node_id, peer_id))
 
     def _nearest_known(self, key_id: DHTID, exclude_self: bool) -> Dict[DHTID, PeerID]:
         """Nodes of the local routing table (and this node, unless excluded) ordered by distance to key_id."""

@@ -14,6 +14,12 @@ from hivemind.utils.logging import get_logger
 logger = get_logger(__name__)
 
 
+def log_if_failed(task: asyncio.Task) -> None:
+    """Done-callback of an owned background task: its error, if any, is logged instead of left unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning(f"Background task {task.get_name()} failed: {task.exception()!r}", exc_info=task.exception())
+
+
 class RoutingUpkeep:
     """
     Mixin of :class:`~hivemind.dht.protocol.DHTProtocol`; the host provides ``routing_table``, ``storage``,
@@ -43,6 +49,7 @@ class RoutingUpkeep:
         task = asyncio.create_task(coro)
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
+        task.add_done_callback(log_if_failed)
         return task
 
     async def _stop_background_tasks(self) -> None:
