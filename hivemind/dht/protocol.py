@@ -5,10 +5,12 @@ import collections
 from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from hivemind.dht.id_codec import IdCodec
+from hivemind.dht.protocol_stub import NodeStubGetter
 from hivemind.dht.rate_limit import PeerRateLimiter
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
     IS_REGULAR_VALUE,
+    MAX_FIND_RESPONSE_VALUE_BYTES,
     RequestRejected,
     check_dictionary_entry,
     check_find_request_shape,
@@ -16,6 +18,7 @@ from hivemind.dht.request_checks import (
     check_node_id_bytes,
     check_store_item,
     check_store_request_shape,
+    check_value_bytes,
 )
 from hivemind.dht.routing import DHTID, BinaryDHTValue, RoutingTable, Subkey
 from hivemind.dht.routing_upkeep import RoutingUpkeep
@@ -56,6 +59,7 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
     serializer = MSGPackSerializer
     IS_REGULAR_VALUE = IS_REGULAR_VALUE
     IS_DICTIONARY = IS_DICTIONARY
+    get_stub = NodeStubGetter()  # DHTProtocol.get_stub(p2p, peer) and protocol.get_stub(peer)
 
     p2p: P2P
     node_id: DHTID
@@ -116,12 +120,7 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         self.rejected[reason] += 1
 
     def _stub(self, peer: PeerID):
-        stub = self.get_stub(self.p2p, peer)
-        if self.authorizer is None:
-            return stub
-        from hivemind.utils.auth import AuthRole, AuthRPCWrapper
-
-        return AuthRPCWrapper(stub, AuthRole.CLIENT, self.authorizer)
+        return self.get_stub(peer)  # signs requests with self.authorizer, if any
 
     # ------------------------------------------------------------------ server side: answering remote peers
 
@@ -213,25 +212,44 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
             return False
         if subkey == IS_REGULAR_VALUE:
             return storage.store(key_id, value, expiration_time)
-        return storage.store(key_id, value, expiration_time, subkey=self.serializer.loads(subkey))
+        return self._store_subkey(storage, key_id, self.serializer.loads(subkey), value, expiration_time)
 
-    def _decode_dictionary_entries(self, value: bytes, source: str) -> Optional[List[Tuple[Any, bytes, float]]]:
-        """(subkey, value, expiration) of each entry in a remote peer's ext-0x50 bytes; None (counted) if malformed."""
+    def _store_subkey(
+        self, storage: DHTLocalStorage, key_id: DHTID, subkey: Subkey, value: bytes, expiration_time: float
+    ) -> bool:
+        if storage.store(key_id, value, expiration_time, subkey=subkey):
+            return True
+        if storage.dictionary_full(key_id, subkey, value):
+            self._reject("dictionary_full")  # MAX_DICTIONARY_ENTRIES / MAX_DICTIONARY_BYTES in hivemind.dht.storage
+        return False
+
+    def _decode_dictionary_entries(
+        self, value: bytes, source: str
+    ) -> Optional[Tuple[List[Tuple[Any, bytes, float]], int]]:
+        """
+        (subkey, value, expiration) of each live entry in a remote peer's ext-0x50 bytes, and how many entries the
+        payload held beyond those (expired, NaN expiration, older duplicates); None (counted) if malformed.
+        """
         try:
             dictionary = self.serializer.loads(value)
             if not isinstance(dictionary, DictionaryDHTValue):
                 raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
-            return [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
+            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
+            return entries, dictionary.dropped_on_decode
         except Exception as e:
             logger.debug(f"Malformed dictionary in {source}: {e!r}")
             self._reject("malformed_dictionary")
             return None
 
     def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage: DHTLocalStorage, now: float) -> bool:
-        entries = self._decode_dictionary_entries(value, "a store request")
-        if entries is None:
+        """Store a whole dictionary entry by entry; True only if it held entries and every one was stored."""
+        decoded = self._decode_dictionary_entries(value, "a store request")
+        if decoded is None:
             return False
-        all_accepted = True
+        entries, dropped = decoded
+        if dropped:
+            self.rejected["dropped_dictionary_entry"] += dropped
+        all_accepted = len(entries) > 0 and dropped == 0
         for subkey, entry_value, entry_expiration in entries:
             reason = check_dictionary_entry(entry_value, entry_expiration, now)
             if reason is not None:
@@ -242,7 +260,7 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
             if not self._is_valid(record):
                 all_accepted = False
                 continue
-            all_accepted &= storage.store(key_id, entry_value, entry_expiration, subkey=subkey)
+            all_accepted &= self._store_subkey(storage, key_id, subkey, entry_value, entry_expiration)
         return all_accepted
 
     async def rpc_find(
@@ -250,7 +268,11 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         request: dht_pb2.FindRequest,
         context: P2PContext,
     ) -> dht_pb2.FindResponse:
-        """For each key: our newest entry (storage or cache) and our nearest known nodes, excluding the caller."""
+        """
+        For each key: our newest entry (storage or cache) and our nearest known nodes, excluding the caller. Values
+        after the first are left out (answered as not found) once the response would carry more than
+        MAX_FIND_RESPONSE_VALUE_BYTES of them, so that the response always fits in one message.
+        """
         sender_id = self._check_sender(request.peer)
         try:
             check_find_request_shape(request.keys)
@@ -260,18 +282,20 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         if sender_id is not None:
             await self.update_routing_table(sender_id, context.remote_id, responded=True)
         response = dht_pb2.FindResponse(peer=self.node_info)
+        value_bytes = 0
         for key in request.keys:
             key_id = DHTID.from_bytes(key)
             result = response.results.add()
             item = self._get_local(key_id)
             if item is not None:
-                if isinstance(item.value, DictionaryDHTValue):
-                    result.type = dht_pb2.FOUND_DICTIONARY
-                    result.value = self.serializer.dumps(item.value)
+                is_dictionary = isinstance(item.value, DictionaryDHTValue)
+                value = self.serializer.dumps(item.value) if is_dictionary else item.value
+                if value_bytes == 0 or value_bytes + len(value) <= MAX_FIND_RESPONSE_VALUE_BYTES:
+                    value_bytes += len(value)
+                    result.type = dht_pb2.FOUND_DICTIONARY if is_dictionary else dht_pb2.FOUND_REGULAR
+                    result.value, result.expiration_time = value, item.expiration_time
                 else:
-                    result.type = dht_pb2.FOUND_REGULAR
-                    result.value = item.value
-                result.expiration_time = item.expiration_time
+                    self.rejected["find_response_full"] += 1  # the caller may ask for this key on its own
             neighbors = self.routing_table.get_nearest_neighbors(key_id, self.bucket_size, sender_id)
             result.nearest_node_ids.extend([self._codec.node_id_to_bytes(node_id) for node_id, _ in neighbors])
             result.nearest_peer_ids.extend([peer_id.to_bytes() for _, peer_id in neighbors])
@@ -434,6 +458,10 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         }
         key_bytes = key.to_bytes()
         if result.type == dht_pb2.FOUND_REGULAR:
+            reason = check_value_bytes(result.value)  # e.g. nested too deep: would fail every reader, never cached
+            if reason is not None:
+                self._reject(reason)
+                return None, nearest
             if not self._is_valid(DHTRecord(key_bytes, IS_REGULAR_VALUE, result.value, result.expiration_time)):
                 return None, nearest
             return ValueWithExpiration(result.value, result.expiration_time), nearest
@@ -446,9 +474,10 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
 
     def _parse_dictionary(self, key_bytes: bytes, value: bytes, now: float) -> Optional[DictionaryDHTValue]:
         """Decode a dictionary from a find response, keeping only its well-formed and valid entries."""
-        entries = self._decode_dictionary_entries(value, "a find response")
-        if entries is None:
+        decoded = self._decode_dictionary_entries(value, "a find response")
+        if decoded is None:
             return None
+        entries, _ = decoded
         clean = DictionaryDHTValue()
         for subkey, entry_value, entry_expiration in entries:
             reason = check_dictionary_entry(entry_value, entry_expiration, now)

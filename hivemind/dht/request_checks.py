@@ -10,12 +10,17 @@ from typing import Optional, Sequence
 
 import msgpack
 
+from hivemind.utils.serializer import MSGPackSerializer
+
 DHTID_NBYTES = 20
 MAX_KEYS_PER_FIND = 4096  # a node batches at most chunk_size (16) keys per find; leave ample room for custom settings
 MAX_ITEMS_PER_STORE = 65536  # replication to a new peer sends all its keys at once; 4 MiB / ~30 bytes per item
 MAX_SUBKEY_BYTES = 64 * 1024
 MAX_NEAREST_NODES = 1024  # neighbours per key in a find response (bucket_size is 20)
 MAX_EXPIRATION_HORIZON = 365 * 24 * 3600.0  # a record may not claim to live longer than this from now, in seconds
+# values a find response carries in all (a key's dictionary is at most 1 MiB, see hivemind.dht.storage); the rest of
+# the 4 MiB message limit is left for neighbour lists and framing
+MAX_FIND_RESPONSE_VALUE_BYTES = 3 * 1024 * 1024
 
 IS_REGULAR_VALUE = b"\xc0"  # msgpack(None): the subkey of a regular (non-dictionary) value
 IS_DICTIONARY = b""  # the subkey of a whole DictionaryDHTValue (replication and caching only)
@@ -85,11 +90,40 @@ def _msgpack_prefix_length(data: bytes) -> Optional[int]:
     return unpacker.tell()
 
 
+def check_value_bytes(value: bytes) -> Optional[str]:
+    """
+    Returns "malformed_value" unless the value *starts* with a msgpack object that decodes within the serializer's
+    bounds (nesting depth, see MSGPackSerializer.loads); validators append suffixes such as ``[signature:...]``
+    after it. Checked where values enter this node, so a value that would fail every reader is never kept or passed on.
+    """
+    length = _msgpack_prefix_length(value)
+    if length is None:
+        return "malformed_value"
+    try:
+        MSGPackSerializer.loads(value[:length])
+    except ValueError:
+        return "malformed_value"
+    return None
+
+
+def check_subkey_bytes(subkey: bytes) -> Optional[str]:
+    """Returns the reason to reject an encoded subkey: not one msgpack object within bounds, or not hashable."""
+    try:
+        decoded = MSGPackSerializer.loads(subkey)
+    except ValueError:
+        return "malformed_subkey"
+    try:
+        hash(decoded)
+    except TypeError:
+        return "unhashable_subkey"
+    return None
+
+
 def check_store_item(key: bytes, subkey: bytes, value: bytes, expiration_time: float, now: float) -> Optional[str]:
     """
-    Returns the reason to reject one StoreRequest item, or None if it is well-formed. A regular or subkey value must
-    *start* with a complete msgpack object: validators append suffixes such as ``[signature:...]`` after it.
-    A whole dictionary (empty subkey) is decoded and checked by the caller with :func:`check_dictionary_entry`.
+    Returns the reason to reject one StoreRequest item, or None if it is well-formed: the subkey and the value must
+    decode (see :func:`check_subkey_bytes`, :func:`check_value_bytes`). A whole dictionary (empty subkey) is decoded
+    and checked by the caller with :func:`check_dictionary_entry`.
     """
     if len(key) != DHTID_NBYTES:
         return "bad_key_length"
@@ -100,11 +134,11 @@ def check_store_item(key: bytes, subkey: bytes, value: bytes, expiration_time: f
         return "oversize_subkey"
     if subkey == IS_DICTIONARY:
         return None
-    if subkey != IS_REGULAR_VALUE and _msgpack_prefix_length(subkey) != len(subkey):
-        return "malformed_subkey"
-    if _msgpack_prefix_length(value) is None:
-        return "malformed_value"
-    return None
+    if subkey != IS_REGULAR_VALUE:
+        reason = check_subkey_bytes(subkey)
+        if reason is not None:
+            return reason
+    return check_value_bytes(value)
 
 
 def check_dictionary_entry(value: object, expiration_time: object, now: float) -> Optional[str]:
@@ -114,9 +148,7 @@ def check_dictionary_entry(value: object, expiration_time: object, now: float) -
     reason = check_expiration_time(expiration_time, now)  # type: ignore[arg-type]
     if reason is not None:
         return reason
-    if _msgpack_prefix_length(value) is None:
-        return "malformed_value"
-    return None
+    return check_value_bytes(value)
 
 
 def check_find_result_shape(

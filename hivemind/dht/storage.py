@@ -10,7 +10,20 @@ from hivemind.dht.routing import DHTID, BinaryDHTValue, Subkey
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import DHTExpiration, TimedStorage, get_dht_time
 
-__all__ = ["DictionaryDHTValue", "DHTLocalStorage", "CacheRefreshQueue"]
+__all__ = [
+    "DictionaryDHTValue",
+    "DHTLocalStorage",
+    "CacheRefreshQueue",
+    "MAX_DICTIONARY_ENTRIES",
+    "MAX_DICTIONARY_BYTES",
+]
+
+# Per-key limits of a dictionary value in DHTLocalStorage (storage and cache): a find response (at most 4 MiB) must
+# always be able to carry the whole dictionary, so that many small subkey stores cannot make a key unreadable.
+# Entries beyond the limits are refused (reason "dictionary_full"); entries already stored stay and stay readable.
+MAX_DICTIONARY_ENTRIES = 8192
+MAX_DICTIONARY_BYTES = 1024 * 1024  # the sum of encoded subkeys, values and ENTRY_OVERHEAD_BYTES per entry
+ENTRY_OVERHEAD_BYTES = 16  # what an entry adds to the ext 0x50 encoding beside its subkey and value (at most 15)
 
 
 @MSGPackSerializer.ext_serializable(0x50)
@@ -18,19 +31,49 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
     """A dictionary value: subkey -> (serialized value, expiration), each entry expiring on its own."""
 
     latest_expiration_time = -math.inf  # the greatest expiration time ever stored here
+    dropped_on_decode = 0  # entries of the decoded payload that were not kept (expired, or an older duplicate)
+
+    def __init__(self, maxsize: Optional[Union[int, float]] = None):
+        super().__init__(maxsize=maxsize)
+        self._entry_nbytes: Dict[Subkey, int] = {}  # a superset of the live subkeys -> their size in bytes
+        self._total_nbytes = 0  # the sum of _entry_nbytes
+
+    @staticmethod
+    def entry_nbytes(subkey: Subkey, value: BinaryDHTValue) -> int:
+        """How many bytes an entry counts toward MAX_DICTIONARY_BYTES: encoded subkey, value and overhead."""
+        return len(MSGPackSerializer.dumps(subkey)) + len(value) + ENTRY_OVERHEAD_BYTES
 
     def store(self, key: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
         if not super().store(key, value, expiration_time):
             return False
+        nbytes = self.entry_nbytes(key, value)
+        self._total_nbytes += nbytes - self._entry_nbytes.get(key, 0)
+        self._entry_nbytes[key] = nbytes
         if expiration_time > self.latest_expiration_time:
             self.latest_expiration_time = expiration_time
         return True
 
+    @property
+    def nbytes(self) -> int:
+        """The size of the live entries as counted toward MAX_DICTIONARY_BYTES."""
+        if len(self._entry_nbytes) != len(self):  # some entries expired or were evicted since
+            for subkey in [subkey for subkey in self._entry_nbytes if subkey not in self.data]:
+                self._total_nbytes -= self._entry_nbytes.pop(subkey)
+        return self._total_nbytes
+
+    def limit_exceeded_by(self, subkey: Subkey, value: BinaryDHTValue) -> bool:
+        """Whether storing this entry would take the dictionary past MAX_DICTIONARY_ENTRIES or MAX_DICTIONARY_BYTES."""
+        total_nbytes, replaced = self.nbytes, self.data.get(subkey)
+        if replaced is None and len(self.data) >= MAX_DICTIONARY_ENTRIES:
+            return True
+        replaced_nbytes = self._entry_nbytes[subkey] if replaced is not None else 0
+        return total_nbytes - replaced_nbytes + self.entry_nbytes(subkey, value) > MAX_DICTIONARY_BYTES
+
     def packb(self) -> bytes:
         """The ext 0x50 payload: [maxsize, latest_expiration_time, [[subkey, value, expiration], ...]]."""
         entries = [[subkey, item.value, float(item.expiration_time)] for subkey, item in self.items()]
-        maxsize = self.maxsize if math.isinf(self.maxsize) else int(self.maxsize)  # +inf (float64) when unbounded
-        return MSGPackSerializer.dumps([maxsize, float(self.latest_expiration_time), entries])
+        # maxsize as decoded or given: an int, or a float (+inf when unbounded), so that decoding round-trips
+        return MSGPackSerializer.dumps([self.maxsize, float(self.latest_expiration_time), entries])
 
     @classmethod
     def unpackb(cls, raw: bytes) -> DictionaryDHTValue:
@@ -40,12 +83,12 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
             raise ValueError(f"a DictionaryDHTValue is a 3-item array, got {type(payload).__name__} {payload!r:.100}")
         maxsize, latest_expiration_time, entries = payload
         if isinstance(maxsize, bool) or not isinstance(maxsize, (int, float)) or not maxsize >= 0:
-            raise ValueError(f"DictionaryDHTValue maxsize must be a non-negative number or inf, got {maxsize!r}")
+            raise ValueError(f"DictionaryDHTValue maxsize must be a non-negative number or inf, got {maxsize!r:.100}")
         if isinstance(latest_expiration_time, bool) or not isinstance(latest_expiration_time, (int, float)):
             raise ValueError(f"DictionaryDHTValue expiration must be a number, got {latest_expiration_time!r:.100}")
         if not isinstance(entries, list):
             raise ValueError(f"DictionaryDHTValue entries must be an array, got {type(entries).__name__}")
-        result = cls(maxsize=None if math.isinf(maxsize) else int(maxsize))
+        result = cls(maxsize=maxsize)  # kept as it is (an int, a float or inf) to be encoded back the same way
         for entry in entries:
             if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], bytes)):
                 raise ValueError(f"a DictionaryDHTValue entry is [subkey, bytes, expiration], got {entry!r:.100}")
@@ -56,7 +99,8 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
                 hash(subkey)
             except TypeError:
                 raise ValueError(f"DictionaryDHTValue subkey must be hashable, got {subkey!r:.100}") from None
-            result.store(subkey, value, expiration_time)
+            if not result.store(subkey, value, expiration_time):
+                result.dropped_on_decode += 1
         result.latest_expiration_time = max(result.latest_expiration_time, float(latest_expiration_time))
         return result
 
@@ -88,15 +132,19 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
         if isinstance(value, DictionaryDHTValue):
             entries = list(value.items())  # live entries only: expired ones are not offered
             outcomes = [self.store_subkey(key, sub, item.value, item.expiration_time) for sub, item in entries]
-            return all(outcomes)
+            return len(outcomes) > 0 and all(outcomes)  # storing nothing is not a success
         return super().store(key, value, expiration_time)  # replaces a regular value or a dictionary iff newer
 
     def store_subkey(self, key: DHTID, subkey: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
         """
         Store one dictionary entry: into the existing dictionary (if the subkey is absent or older there), or into a
-        new dictionary replacing a regular value that expires strictly earlier (or no value at all).
+        new dictionary replacing a regular value that expires strictly earlier (or no value at all). An entry that
+        would take its dictionary past MAX_DICTIONARY_ENTRIES or MAX_DICTIONARY_BYTES is refused (see
+        :meth:`dictionary_full`).
         """
         if not expiration_time >= get_dht_time():  # also refuses NaN
+            return False
+        if self.dictionary_full(key, subkey, value):
             return False
         current = self.get(key)
         if current is not None and isinstance(current.value, DictionaryDHTValue):
@@ -111,6 +159,13 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
         dictionary = DictionaryDHTValue()
         dictionary.store(subkey, value, expiration_time)
         return super().store(key, dictionary, expiration_time)
+
+    def dictionary_full(self, key: DHTID, subkey: Subkey, value: BinaryDHTValue) -> bool:
+        """Whether the entry is refused by the per-key limits: its dictionary (or the entry alone) would be too big."""
+        current = self.get(key)
+        if current is not None and isinstance(current.value, DictionaryDHTValue):
+            return current.value.limit_exceeded_by(subkey, value)
+        return DictionaryDHTValue.entry_nbytes(subkey, value) > MAX_DICTIONARY_BYTES
 
 
 class CacheRefreshQueue:
