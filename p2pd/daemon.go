@@ -65,6 +65,9 @@ type daemon struct {
 
 	exitOnce sync.Once
 	exitCode chan int
+
+	relays       *relayKeeper // -autoRelay=1: relay reservations (relay.go); nil otherwise
+	addrSignaler interface{}  // the basic host (its SignalAddressChange), also when d.host is the routed one
 }
 
 // streamCtx is the context for streams the daemon opens: they may use limited (relayed) connections.
@@ -118,9 +121,8 @@ func (d *daemon) hostOptions() ([]libp2p.Option, error) {
 	if len(c.hostAddrs) > 0 {
 		opts = append(opts, libp2p.ListenAddrs(c.hostAddrs...))
 	}
-	if len(c.announceAddrs) > 0 {
-		announce := c.announceAddrs
-		opts = append(opts, libp2p.AddrsFactory(func([]ma.Multiaddr) []ma.Multiaddr { return announce }))
+	if addrsFactory := d.addrsFactory(); addrsFactory != nil {
+		opts = append(opts, libp2p.AddrsFactory(addrsFactory))
 	}
 	if c.connManager {
 		cm, err := connmgr.NewConnManager(c.connLo, c.connHi, connmgr.WithGracePeriod(c.connGrace))
@@ -139,7 +141,8 @@ func (d *daemon) hostOptions() ([]libp2p.Option, error) {
 		opts = append(opts, libp2p.EnableRelay())
 	} // else: go-libp2p's default, which also has the relay transport (like the original daemon with -relay=0)
 	if c.autoRelay {
-		opts = append(opts, d.autoRelayOption())
+		// reservations are kept by d.relays (relay.go); they need the relay transport
+		opts = append(opts, libp2p.EnableRelay())
 	}
 	if c.noListenAddrs {
 		// NoListenAddrs would also turn the relay transport off: a peer without listen addresses is reachable
@@ -171,6 +174,7 @@ func (d *daemon) makeDHT(h host.Host) (routing.PeerRouting, error) {
 		// lets the DHT reconnect to them if its routing table ever becomes empty
 		dhtOpts = append(dhtOpts, dht.BootstrapPeers(d.cfg.bootstrapPeers...))
 	}
+	d.addrSignaler = h // the basic host, before libp2p wraps it into a routed host
 	instance, err := dht.New(d.ctx, h, dhtOpts...)
 	if err != nil {
 		return nil, err
@@ -191,6 +195,9 @@ func newDaemon(cfg *config) (*daemon, error) {
 		shmClients:     map[string]bool{},
 		exitCode:       make(chan int, 1),
 	}
+	if cfg.autoRelay {
+		d.relays = newRelayKeeper(d)
+	}
 	opts, err := d.hostOptions()
 	if err != nil {
 		cancel()
@@ -202,6 +209,9 @@ func newDaemon(cfg *config) (*daemon, error) {
 		return nil, fmt.Errorf("cannot start the libp2p host: %v", err)
 	}
 	d.host = h
+	if d.addrSignaler == nil {
+		d.addrSignaler = h
+	}
 
 	if cfg.relay && cfg.relayService {
 		if err := d.startRelayService(); err != nil {
@@ -226,6 +236,9 @@ func newDaemon(cfg *config) (*daemon, error) {
 			cancel()
 			return nil, err
 		}
+	}
+	if d.relays != nil {
+		go d.relays.run()
 	}
 	return d, nil
 }
