@@ -147,6 +147,7 @@ class DaemonProcess:
             await asyncio.wait({self._ready, exited_waiter}, timeout=startup_timeout, return_when="FIRST_COMPLETED")
         finally:
             exited_waiter.cancel()
+            await asyncio.gather(exited_waiter, return_exceptions=True)
         if self._ready.done():
             return
         if self._exited.is_set():
