@@ -284,3 +284,49 @@ def test_unhashable_tuple_map_key_is_refused():
     encoded = b"\x81" + MSGPackSerializer.dumps((1, [2])) + b"\xc0"
     with pytest.raises(MSGPackDecodeError):
         MSGPackSerializer.loads(encoded)
+
+
+def _same_types(left, right) -> bool:
+    """Equal, with the same container and scalar types all the way down (tuples stay tuples, bytes stay bytes)."""
+    if type(left) is not type(right):
+        return False
+    if isinstance(left, (list, tuple)):
+        return len(left) == len(right) and all(_same_types(a, b) for a, b in zip(left, right))
+    if isinstance(left, dict):
+        return list(left) == list(right) and all(_same_types(left[key], right[key]) for key in left)
+    return left == right
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a dev requirement
+    st = None
+
+if st is not None:  # a property test where hypothesis is installed; the deterministic cases above otherwise
+    _scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=10)
+        | st.binary(max_size=10)
+    )
+    _hashables = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3).map(tuple), max_leaves=5)
+    _objects = st.recursive(
+        _scalars,
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.lists(inner, max_size=4).map(tuple)
+            | st.dictionaries(_hashables, inner, max_size=4)
+        ),
+        max_leaves=30,
+    )
+
+    @settings(max_examples=150, deadline=None)
+    @given(obj=_objects)
+    def test_any_object_decodes_to_itself_and_encodes_back(obj):
+        encoded = MSGPackSerializer.dumps(obj)
+        decoded = MSGPackSerializer.loads(encoded)
+        assert _same_types(decoded, obj)
+        assert MSGPackSerializer.dumps(decoded) == encoded
