@@ -57,7 +57,19 @@ def _fetch_wheels() -> List[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     missing = [spec for spec, prefix in DOWNSTREAM.items() if _find_wheel(directory, prefix) is None]
     if missing:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", *missing]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--timeout",
+            "15",
+            "--retries",
+            "2",
+            *missing,
+        ]
         try:
             result = subprocess.run(
                 command + ["-d", str(directory)], capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT
