@@ -7,7 +7,7 @@ from typing import AsyncIterator
 import psutil
 import pytest
 
-from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, ServicerBase
 from hivemind.p2p.framing import MESSAGE_MARKER, MessageTooLargeError, encode_header
 from hivemind.p2p.p2p_daemon import P2PTimeoutError
 from hivemind.p2p.p2p_daemon_bindings import shm_pipe, streams
@@ -142,6 +142,25 @@ async def test_stream_handler_is_cancelled_when_the_caller_closes_the_iterator(p
     assert (await responses.__anext__()).number == 1
     await responses.aclose()
     await asyncio.wait_for(handler.cancelled.wait(), 1)
+
+
+class SlowServicer(ServicerBase):
+    def __init__(self) -> None:
+        self.handler = SlowStreamHandler()
+
+    async def rpc_slow(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+        async for response in self.handler(request, context):
+            yield response
+
+
+async def test_servicer_handler_is_cancelled_when_the_stub_iterator_is_closed(p2p_pair):
+    server, caller = p2p_pair
+    servicer = SlowServicer()
+    await servicer.add_p2p_handlers(server)
+    responses = await SlowServicer.get_stub(caller, server.peer_id).rpc_slow(Request())
+    assert (await responses.__anext__()).number == 1
+    await responses.aclose()
+    await asyncio.wait_for(servicer.handler.cancelled.wait(), 1)
 
 
 async def test_stream_handler_is_cancelled_when_the_caller_closes_the_stream(p2p_pair, pipes_setting):
