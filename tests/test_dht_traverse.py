@@ -234,6 +234,28 @@ async def test_callbacks_left_running_belong_to_the_spawn_owner(graph):
     await asyncio.gather(*owned, return_exceptions=True)
 
 
+async def test_callbacks_cancelled_before_they_start_create_no_coroutine(graph):
+    spawned, created = [], []
+
+    def spawn_cancelled(coro):
+        task = asyncio.create_task(coro)
+        task.cancel()  # as a shutdown right after the search would
+        spawned.append(task)
+        return task
+
+    def found_callback(query, nearest, visited):  # each call creates a coroutine that must then be awaited
+        created.append(query)
+        return asyncio.sleep(0)
+
+    await traverse_dht(
+        random_queries(3, seed=17), graph.nodes[:3], BEAM_SIZE, 2, 2, graph.get_neighbors,
+        found_callback=found_callback, await_all_tasks=False, spawn=spawn_cancelled,
+    )  # fmt: skip
+    await asyncio.gather(*spawned, return_exceptions=True)
+    assert len(spawned) == 3 and all(task.cancelled() for task in spawned)
+    assert created == []  # else a coroutine was created and never awaited (a RuntimeWarning)
+
+
 async def test_no_tasks_are_left_after_the_search(graph):
     graph.delay = 0.001
     before = asyncio.all_tasks()

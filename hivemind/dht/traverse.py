@@ -271,8 +271,8 @@ class _Scheduler:
         for node in search.unvisited():
             self._unindex_unvisited(search, node)
         if self.found_callback is not None:
-            callback = self.found_callback(search.query, list(search.result_nearest), set(search.result_visited))
-            self.callbacks.append(self.spawn(_log_errors(callback, search.query)))
+            nearest, visited = list(search.result_nearest), set(search.result_visited)
+            self.callbacks.append(self.spawn(_run_found_callback(self.found_callback, search.query, nearest, visited)))
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -330,9 +330,15 @@ class _Scheduler:
             self._update_readiness(search)
 
 
-async def _log_errors(callback: Awaitable[None], query: DHTID) -> None:
+async def _run_found_callback(
+    found_callback: FoundCallback, query: DHTID, nearest: List[DHTID], visited: Set[DHTID]
+) -> None:
+    """
+    Run one found_callback and log its error. The callback is called here, inside the task: a task cancelled before
+    it started then leaves no callback coroutine that was created but never awaited.
+    """
     try:
-        await callback
+        await found_callback(query, nearest, visited)
     except asyncio.CancelledError:
         raise
     except Exception as e:
