@@ -116,14 +116,9 @@ class MSGPackSerializer(SerializerBase):
     @classmethod
     def _decode_ext_types(cls, type_code: int, data: bytes) -> Any:
         if type_code == cls.TUPLE_EXT_TYPE_CODE:
-            nesting = _state.tuple_nesting
-            if nesting >= _TUPLE_RECURSION:  # deeper tuples are decoded by the loop in _resolve, costing no stack
+            if _state.tuple_nesting >= _TUPLE_RECURSION:  # deeper tuples are decoded by _resolve's loop instead
                 return _PendingTuple(data=data)
-            _state.tuple_nesting = nesting + 1
-            try:
-                items = cls._unpack_tuple_items(data)
-            finally:
-                _state.tuple_nesting = nesting
+            items = cls._unpack_tuple_items(data)
             # a tuple returned as such holds no containers: _resolve counts it as one level without looking inside
             return tuple(items) if _NESTED.isdisjoint(map(type, items)) else _PendingTuple(items=items)
         registered_type = cls._ext_type_codes.get(type_code)
@@ -144,7 +139,12 @@ class MSGPackSerializer(SerializerBase):
 
     @classmethod
     def _unpack_tuple_items(cls, data: bytes) -> list:
-        items = msgpack.unpackb(data, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+        nesting = _state.tuple_nesting  # counts every decoder that this thread runs for a tuple's payload
+        _state.tuple_nesting = nesting + 1
+        try:
+            items = msgpack.unpackb(data, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+        finally:
+            _state.tuple_nesting = nesting
         if type(items) is not list:
             raise MSGPackDecodeError(f"msgpack ext 0x40 (tuple) must contain an array, got {type(items).__name__}")
         return items
@@ -173,16 +173,20 @@ class MSGPackSerializer(SerializerBase):
                 kind = type(container)
                 if kind is tuple:
                     continue  # see _decode_ext_types: it holds no containers
-                if kind is dict:
-                    nested = [child for child in container if type(child) in _NESTED]
-                    nested += [child for child in container.values() if type(child) in _NESTED]
-                elif kind is _PendingTuple:
+                if kind is _PendingTuple:
                     if container.items is None:
                         container.items, container.data = cls._unpack_tuple_items(container.data), None
                     here.append(container)
-                    nested = [child for child in container.items if type(child) in _NESTED]
+                    children = container.items
                 else:
-                    nested = [child for child in container if type(child) in _NESTED]
+                    children = container
+                if kind is dict:
+                    nested = [child for child in children if type(child) in _NESTED]
+                    nested += [child for child in children.values() if type(child) in _NESTED]
+                elif _NESTED.isdisjoint(map(type, children)):  # the common case, checked at C speed
+                    continue
+                else:
+                    nested = [child for child in children if type(child) in _NESTED]
                 if nested:
                     next_level += nested
                     if kind is not _PendingTuple and _PendingTuple in map(type, nested):
