@@ -121,6 +121,9 @@ func buildConfig(o *options) (*config, error) {
 	if o.persistentConnMaxMsgSize <= 0 {
 		return nil, fmt.Errorf("-persistentConnMaxMsgSize must be positive, got %d", o.persistentConnMaxMsgSize)
 	}
+	if err := checkLimitOptions(o); err != nil {
+		return nil, err
+	}
 	if o.idleTimeout < 0 {
 		return nil, fmt.Errorf("-idleTimeout must not be negative, got %s", o.idleTimeout)
 	}

@@ -112,9 +112,12 @@ func (d *daemon) hostOptions() ([]libp2p.Option, error) {
 	if c.noise {
 		opts = append(opts, libp2p.Security(noise.ID, newBatchingNoise))
 	}
-	// No resource limits, as in the fork daemon. The null manager also skips the per-stream scopes, memory
-	// accounting and trace events that a limiter with infinite limits would still maintain on every call.
-	opts = append(opts, libp2p.ResourceManager(&network.NullResourceManager{}))
+	// Limits on connections, streams and memory per peer (rcmgr.go); -resourceLimits=0: none, as in the fork.
+	rm, err := newResourceManager(c.options)
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, libp2p.ResourceManager(rm))
 	if c.identity != nil {
 		opts = append(opts, libp2p.Identity(c.identity))
 	}

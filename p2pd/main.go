@@ -55,6 +55,14 @@ type options struct {
 	forceReachabilityPrivate bool
 	idleTimeout              time.Duration
 	persistentConnMaxMsgSize int
+	unaryReadTimeout         time.Duration
+	resourceLimits           bool
+	limitConns               int
+	limitConnsPerPeer        int
+	limitStreamsPerPeer      int
+	limitMemory              int64
+	limitMemoryPerPeer       int64
+	limitMemoryPerConn       int64
 	muxer                    string
 	showVersion              bool
 }
@@ -124,6 +132,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 			" The zero value (default) disables this feature")
 	fs.IntVar(&o.persistentConnMaxMsgSize, "persistentConnMaxMsgSize", 4*1024*1024,
 		"Max size for persistent connection messages (bytes). Default: 4 MiB")
+	addLimitFlags(fs, o)
 	fs.StringVar(&o.muxer, "muxer", "yamux", "muxer to use for connections (only yamux)")
 	fs.Bool("bandwidthMetrics", true, "Enables collection of bandwidth rate metrics (ignored)")
 	fs.BoolVar(&o.showVersion, "version", false, "print the daemon version and exit")

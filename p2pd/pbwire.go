@@ -70,22 +70,55 @@ func (e *tooLargeError) Error() string {
 	return fmt.Sprintf("message of %d bytes exceeds the limit of %d bytes (-persistentConnMaxMsgSize)", e.size, e.limit)
 }
 
+// firstReadChunk is the buffer readDelimited starts with for a large message; it then doubles as bytes arrive.
+const firstReadChunk = 32 << 10
+
 // readDelimited reads one length-prefixed message of at most maxSize bytes. On a *tooLargeError the message
-// body has not been consumed yet.
+// body has not been consumed yet. The announced size is not trusted: the buffer grows as the body arrives, so
+// memory held for a message is at most about twice what was received (plus firstReadChunk), whatever the size
+// its sender announced.
 func readDelimited(r *bufio.Reader, maxSize int) ([]byte, error) {
-	size, err := binary.ReadUvarint(r)
+	return readDelimitedReserving(r, maxSize, nil)
+}
+
+// readDelimitedReserving is readDelimited that calls reserve (when not nil) with the number of bytes each
+// growth of the buffer adds, before allocating them; an error from reserve aborts the read with that error.
+func readDelimitedReserving(r *bufio.Reader, maxSize int, reserve func(int) error) ([]byte, error) {
+	announced, err := binary.ReadUvarint(r)
 	if err != nil {
 		return nil, err
 	}
-	if size > uint64(maxSize) {
-		return nil, &tooLargeError{size: size, limit: maxSize}
+	if announced > uint64(maxSize) {
+		return nil, &tooLargeError{size: announced, limit: maxSize}
 	}
-	buf := make([]byte, size)
-	if _, err := io.ReadFull(r, buf); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
+	size := int(announced)
+	buf := []byte{}
+	for len(buf) < size {
+		if len(buf) == cap(buf) {
+			newCap := 2 * cap(buf)
+			if newCap < firstReadChunk {
+				newCap = firstReadChunk
+			}
+			if newCap > size {
+				newCap = size
+			}
+			if reserve != nil {
+				if err := reserve(newCap - cap(buf)); err != nil {
+					return nil, err
+				}
+			}
+			grown := make([]byte, len(buf), newCap)
+			copy(grown, buf)
+			buf = grown
 		}
-		return nil, err
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err != nil && len(buf) < size {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
 	}
 	return buf, nil
 }

@@ -7,7 +7,11 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net"
+	"os"
+	"runtime"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -38,6 +42,146 @@ func TestReadDelimitedRejectsOversizedMessage(t *testing.T) {
 	var tooLarge *tooLargeError
 	if !errors.As(err, &tooLarge) || tooLarge.size != 100 {
 		t.Fatalf("want tooLargeError of 100 bytes, got %v", err)
+	}
+}
+
+func TestReadDelimitedKeepsLargeMessagesIntact(t *testing.T) {
+	for _, size := range []int{firstReadChunk - 1, firstReadChunk, firstReadChunk + 1, 100000, 5<<20 + 3} {
+		msg := make([]byte, size)
+		for i := range msg {
+			msg[i] = byte(i * 7)
+		}
+		var buf bytes.Buffer
+		_ = writeDelimited(&buf, msg)
+		reserved := 0
+		got, err := readDelimitedReserving(bufio.NewReader(&buf), 8<<20, func(n int) error { reserved += n; return nil })
+		if err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("size %d: got %d bytes, err %v", size, len(got), err)
+		}
+		if reserved != cap(got) || cap(got) != size {
+			t.Fatalf("size %d: reserved %d bytes for a buffer of capacity %d", size, reserved, cap(got))
+		}
+	}
+}
+
+// A peer announcing 1 GiB and sending 100 KB costs about what it sent, not what it announced.
+func TestReadDelimitedAllocatesOnlyForReceivedBytes(t *testing.T) {
+	sent := 100 * 1000
+	wire := protowire.AppendVarint(nil, 1<<30)
+	wire = append(wire, make([]byte, sent)...)
+	reserved := 0
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := readDelimitedReserving(bufio.NewReader(bytes.NewReader(wire)), 2<<30,
+		func(n int) error { reserved += n; return nil })
+	runtime.ReadMemStats(&after)
+	if err != io.ErrUnexpectedEOF {
+		t.Fatalf("want ErrUnexpectedEOF for a truncated body, got %v", err)
+	}
+	if limit := 2*sent + firstReadChunk; reserved > limit {
+		t.Fatalf("reserved %d bytes for %d received (limit %d)", reserved, sent, limit)
+	}
+	if allocated := after.TotalAlloc - before.TotalAlloc; allocated > 4<<20 {
+		t.Fatalf("allocated %d bytes for %d received", allocated, sent)
+	}
+}
+
+// An announced size above the limit is refused before any of the body is read or allocated.
+func TestReadDelimitedRefusesAboveMaxSizeBeforeReading(t *testing.T) {
+	wire := protowire.AppendVarint(nil, 1<<30)
+	wire = append(wire, "body"...)
+	r := bufio.NewReader(bytes.NewReader(wire))
+	called := false
+	_, err := readDelimitedReserving(r, 4<<20, func(int) error { called = true; return nil })
+	var tooLarge *tooLargeError
+	if !errors.As(err, &tooLarge) || tooLarge.size != 1<<30 || tooLarge.limit != 4<<20 || called {
+		t.Fatalf("want tooLargeError(1 GiB > 4 MiB) without a reservation, got %v (reserved: %v)", err, called)
+	}
+	if rest, _ := io.ReadAll(r); string(rest) != "body" {
+		t.Fatalf("the body must stay unread, got %q", rest)
+	}
+}
+
+func TestReadDelimitedStopsWhenReservationFails(t *testing.T) {
+	var buf bytes.Buffer
+	_ = writeDelimited(&buf, make([]byte, 1<<20))
+	limit := errors.New("limit reached")
+	reserved := 0
+	_, err := readDelimitedReserving(bufio.NewReader(&buf), 4<<20, func(n int) error {
+		if reserved+n > 256<<10 {
+			return limit
+		}
+		reserved += n
+		return nil
+	})
+	if err != limit {
+		t.Fatalf("want the reservation error, got %v", err)
+	}
+}
+
+// pipeWithDeadlines returns the reading end of a connection with working read deadlines and its writing end.
+func pipeWithDeadlines(t *testing.T) (net.Conn, net.Conn) {
+	reader, writer := net.Pipe()
+	t.Cleanup(func() { _ = reader.Close(); _ = writer.Close() })
+	return reader, writer
+}
+
+// A sender that stops in the middle of a message is dropped after the stall timeout.
+func TestStallReaderDropsAStalledMessage(t *testing.T) {
+	reader, writer := pipeWithDeadlines(t)
+	go func() {
+		_, _ = writer.Write(protowire.AppendVarint(nil, 1000))
+		_, _ = writer.Write(make([]byte, 500)) // then nothing more, connection kept open
+	}()
+	result := make(chan error, 1)
+	go func() {
+		_, err := readDelimited(bufio.NewReader(&stallReader{s: reader, timeout: 100 * time.Millisecond}), 1<<20)
+		result <- err
+	}()
+	select {
+	case err := <-result:
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("want a deadline error, got %v", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("still waiting for the rest of the message after 3 s (stall timeout: 100 ms)")
+	}
+}
+
+// The timeout is for silence, not for the whole message: a message that keeps arriving may take longer.
+func TestStallReaderAcceptsASlowButSteadyMessage(t *testing.T) {
+	reader, writer := pipeWithDeadlines(t)
+	go func() {
+		_, _ = writer.Write(protowire.AppendVarint(nil, 10))
+		for i := 0; i < 10; i++ {
+			time.Sleep(40 * time.Millisecond)
+			_, _ = writer.Write([]byte{byte(i)})
+		}
+	}()
+	got, err := readDelimited(bufio.NewReader(&stallReader{s: reader, timeout: 200 * time.Millisecond}), 1<<20)
+	if err != nil || !bytes.Equal(got, []byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}) {
+		t.Fatalf("got %v, %v", got, err)
+	}
+}
+
+// With waitFirst (an answer waiting for a handler) the first byte may take any time; after stop, so may the rest.
+func TestStallReaderWaitFirstAndStop(t *testing.T) {
+	reader, writer := pipeWithDeadlines(t)
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		_, _ = writer.Write(append(protowire.AppendVarint(nil, 2), 'o', 'k'))
+		time.Sleep(300 * time.Millisecond)
+		_, _ = writer.Write([]byte{'!'})
+	}()
+	in := &stallReader{s: reader, timeout: 100 * time.Millisecond, waitFirst: true}
+	r := bufio.NewReader(in)
+	got, err := readDelimited(r, 1<<20)
+	if err != nil || string(got) != "ok" {
+		t.Fatalf("got %q, %v", got, err)
+	}
+	in.stop()
+	if b, err := r.ReadByte(); err != nil || b != '!' {
+		t.Fatalf("after stop: got %q, %v", b, err)
 	}
 }
 

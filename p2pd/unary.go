@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -281,7 +282,9 @@ func (d *daemon) exchangeUnary(ctx context.Context, pid peer.ID, proto protocol.
 		_ = s.Reset()
 		return encodeDaemonError(callID, err.Error())
 	}
-	answer, err := readDelimited(bufio.NewReader(s), d.maxMsg)
+	// the answer may wait for the handler as long as the caller lets it, but once it started it must keep coming
+	in := &stallReader{s: s, timeout: d.cfg.unaryReadTimeout, waitFirst: true}
+	answer, err := readDelimitedReserving(bufio.NewReader(in), d.maxMsg, reserveIn(s.Scope()))
 	if err != nil {
 		_ = s.Reset()
 		return encodeDaemonError(callID, err.Error())
@@ -333,13 +336,23 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 		return
 	}
 
-	r := bufio.NewReader(s)
-	msg, err := readDelimited(r, d.maxMsg)
+	in := &stallReader{s: s, timeout: d.cfg.unaryReadTimeout}
+	r := bufio.NewReader(in)
+	reserved := 0
+	msg, err := readDelimitedReserving(r, d.maxMsg, func(n int) error {
+		err := s.Scope().ReserveMemory(n, network.ReservationPriorityAlways)
+		if err == nil {
+			reserved += n
+		}
+		return err
+	})
+	in.stop()
 	if err != nil {
 		log.Debugw("cannot read a unary request from a peer", "protocol", pid, "error", err)
 		_ = s.Reset()
 		return
 	}
+	defer s.Scope().ReleaseMemory(reserved) // the stream's scope releases it anyway when the stream ends
 	req, err := decodePersistentRequest(msg)
 	if err != nil || req.kind != pcReqCallUnary || len(req.callID) != callIDSize {
 		log.Debugw("malformed unary request from a peer", "protocol", pid, "error", err)
@@ -393,5 +406,49 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 		_ = s.Reset()
 	case <-pc.ctx.Done():
 		_ = s.Reset()
+	}
+}
+
+// reserveIn returns a readDelimitedReserving callback that reserves in a stream's scope (released when the
+// stream ends).
+func reserveIn(scope network.StreamScope) func(int) error {
+	return func(n int) error { return scope.ReserveMemory(n, network.ReservationPriorityAlways) }
+}
+
+// deadlineReader is a libp2p stream, or any connection with read deadlines.
+type deadlineReader interface {
+	io.Reader
+	SetReadDeadline(time.Time) error
+}
+
+// stallReader drops a sender that stops in the middle of a message: every read must receive something within
+// timeout (a trickle that keeps arriving is only bounded by the message size limit and the resource manager's
+// stream limits). With waitFirst, the first read may wait without a deadline (an answer waits for a handler).
+type stallReader struct {
+	s         deadlineReader
+	timeout   time.Duration
+	waitFirst bool
+	stopped   bool
+}
+
+func (sr *stallReader) Read(p []byte) (int, error) {
+	if sr.stopped {
+		return sr.s.Read(p)
+	}
+	if !sr.waitFirst {
+		_ = sr.s.SetReadDeadline(time.Now().Add(sr.timeout))
+	}
+	n, err := sr.s.Read(p)
+	if n > 0 {
+		sr.waitFirst = false
+	}
+	return n, err
+}
+
+// stop removes the deadline: the rest of the stream may stay silent for any time. Not concurrent with Read.
+func (sr *stallReader) stop() {
+	if !sr.stopped {
+		sr.stopped = true
+		_ = sr.s.SetReadDeadline(time.Time{})
 	}
 }
