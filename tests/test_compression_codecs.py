@@ -307,3 +307,18 @@ def test_large_messages_built_in_place_round_trip(compression):
         assert serialized.buffer == tensor.half().numpy().tobytes()
     restored = deserialize_torch_tensor(serialized)
     assert restored.shape == tensor.shape and (restored - tensor).abs().max() <= tolerance(compression, tensor)
+
+
+@pytest.mark.parametrize("compression", [CompressionType.UNIFORM_8BIT, CompressionType.QUANTILE_8BIT])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_8bit_codecs_encode_every_small_16bit_tensor(compression, dtype):
+    # a narrow spread makes the bin scale exceed the 16-bit range: the arithmetic must run in float32
+    for seed in range(300):
+        tensor = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        restored = deserialize_torch_tensor(serialize_torch_tensor(tensor, compression))
+        assert restored.shape == tensor.shape and restored.dtype == dtype
+        low, high = float(tensor.min()), float(tensor.max())
+        assert (
+            bool(torch.isfinite(restored).all())
+            and low - 1e-2 <= float(restored.min()) <= float(restored.max()) <= high + 1e-2
+        )

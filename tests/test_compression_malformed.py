@@ -152,3 +152,11 @@ def test_header_only_or_garbage_buffers_are_rejected(compression):
     for garbage in (b"\x01", b"\xff" * 15, b"\x00" * 17):
         with pytest.raises(TensorDecodeError):
             deserialize_torch_tensor(with_changes(valid_message(compression), buffer=garbage))
+
+
+@pytest.mark.parametrize("compression", ALL_TYPES, ids=CompressionType.Name)
+@pytest.mark.parametrize("size", [[0, 2**30, 10, 9, 2**31], [2**31 - 1, 0, 2**31 - 1, 2**31 - 1]])
+def test_empty_shape_with_overflowing_sizes_is_rejected(compression, size):
+    message = with_changes(valid_message(compression), size=size, buffer=b"")
+    with pytest.raises(TensorDecodeError):
+        deserialize_torch_tensor(message)

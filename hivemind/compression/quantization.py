@@ -62,6 +62,10 @@ def _affine_to_float32(
 ) -> None:
     """out = (chunk - shift) * scale + offset in float32, in one pass when folding the shift into the offset
     (x * scale + (offset - shift * scale)) loses at most ~max_folded * 2**-24 units of the result."""
+    if chunk.dtype in (torch.float16, torch.bfloat16):
+        # the arithmetic must not run in 16 bits: a large scale overflows there (or is refused as an alpha)
+        out.copy_(chunk)
+        chunk = out
     if abs(shift * scale) < max_folded:
         torch.add(torch.tensor(offset - shift * scale, dtype=torch.float32), chunk, alpha=scale, out=out)
     else:
