@@ -66,7 +66,7 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         total_nbytes, replaced = self.nbytes, self.data.get(subkey)
         if replaced is None and len(self.data) >= MAX_DICTIONARY_ENTRIES:
             return True
-        replaced_nbytes = self._entry_nbytes[subkey] if replaced is not None else 0
+        replaced_nbytes = self._entry_nbytes.get(subkey, 0) if replaced is not None else 0
         return total_nbytes - replaced_nbytes + self.entry_nbytes(subkey, value) > MAX_DICTIONARY_BYTES
 
     def packb(self) -> bytes:
