@@ -162,12 +162,19 @@ class Driver:
         self.validator = None
 
     # --- p2p ---
-    async def cmd_p2p_create(self, initial_peers=(), host_maddrs=("/ip4/127.0.0.1/tcp/0",)):
-        p2p = await P2P.create(initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs))
+    async def cmd_p2p_create(self, initial_peers=(), host_maddrs=("/ip4/127.0.0.1/tcp/0",), **options):
+        p2p = await P2P.create(initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), **options)
         self.p2ps.append(p2p)
         handle = len(self.p2ps) - 1
-        maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+        maddrs = await self.cmd_p2p_visible_maddrs(handle)
         return {"handle": handle, "peer_id": p2p.peer_id.to_base58(), "maddrs": maddrs}
+
+    async def cmd_p2p_visible_maddrs(self, handle=0, latest=False):
+        """The peer's visible maddrs; [] for a peer with none (no_listen=True before it holds a relay slot)."""
+        try:
+            return [str(m) for m in await self.p2ps[handle].get_visible_maddrs(latest=latest)]
+        except ValueError:
+            return []
 
     async def cmd_p2p_identity(self, path, generate=False, start=False):
         """Peer id of an identity file (generated first if `generate`); with `start`, also of a P2P started with it."""
