@@ -82,16 +82,19 @@ async def test_announced_size_above_the_limit_is_refused_before_reading(p2p_fact
     await assert_honest_call_works(attacker, server)
 
 
-async def test_stalled_unary_request_is_dropped_after_the_read_timeout(p2p_factory, monkeypatch):
+async def create_with_flags(p2p_factory, monkeypatch, flags, **kwargs) -> P2P:
+    """A peer whose p2pd gets extra command-line flags (the Python API has no option for them)."""
     build_daemon_args = daemon_args_module.build_daemon_args
+    monkeypatch.setattr(daemon_args_module, "build_daemon_args", lambda **args: build_daemon_args(**args) + flags)
+    try:
+        return await p2p_factory(**kwargs)
+    finally:
+        monkeypatch.setattr(daemon_args_module, "build_daemon_args", build_daemon_args)
 
-    def with_short_read_timeout(**kwargs):
-        return build_daemon_args(**kwargs) + ["-unaryReadTimeout=1s"]
 
-    monkeypatch.setattr(daemon_args_module, "build_daemon_args", with_short_read_timeout)
-    server = await p2p_factory()
+async def test_stalled_unary_request_is_dropped_after_the_read_timeout(p2p_factory, monkeypatch):
+    server = await create_with_flags(p2p_factory, monkeypatch, ["-unaryReadTimeout=1s"])
     await server.add_protobuf_handler("square", square, test_pb2.TestRequest)
-    monkeypatch.setattr(daemon_args_module, "build_daemon_args", build_daemon_args)
     attacker = await p2p_factory(initial_peers=await server.get_visible_maddrs())
     await attacker.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
 
@@ -100,3 +103,48 @@ async def test_stalled_unary_request_is_dropped_after_the_read_timeout(p2p_facto
     assert await send_raw_request(attacker, server, 1000, b"\x0a" * 500, finish=False) == b""
     assert asyncio.get_running_loop().time() - started < 10
     await assert_honest_call_works(attacker, server)
+
+
+async def test_streams_of_one_peer_above_the_limit_are_refused_others_still_served(p2p_factory, monkeypatch):
+    limit, opened = 4, 7
+    server = await create_with_flags(p2p_factory, monkeypatch, [f"-limitStreamsPerPeer={limit}"], dht_mode="client")
+    await server.add_protobuf_handler("square", square, test_pb2.TestRequest)
+    held, refused, all_settled = [], [], asyncio.Event()
+
+    def settle() -> None:
+        if len(held) + len(refused) == opened:
+            all_settled.set()
+
+    async def hold(stream_info, reader, writer):
+        held.append(stream_info)
+        settle()
+        await reader.read()  # until the caller closes its stream
+        writer.close()
+
+    await server.add_binary_stream_handler("hold", hold)
+    attacker = await p2p_factory(initial_peers=await server.get_visible_maddrs(), dht_mode="client")
+    await attacker.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
+
+    async def open_and_wait(writers):
+        _, reader, writer = await attacker.call_binary_stream_handler(server.peer_id, "hold")
+        writers.append(writer)
+        writer.write(b"x")
+        if await reader.read() == b"":  # the server ended the stream: it was refused
+            refused.append(writer)
+            settle()
+
+    writers = []
+    waiters = [asyncio.ensure_future(open_and_wait(writers)) for _ in range(opened)]
+    try:
+        await asyncio.wait_for(all_settled.wait(), timeout=20)
+        assert len(held) <= limit and len(refused) >= opened - limit
+
+        honest = await p2p_factory(initial_peers=await server.get_visible_maddrs(), dht_mode="client")
+        await honest.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
+        await assert_honest_call_works(honest, server)
+    finally:
+        for writer in writers:
+            writer.close()
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
