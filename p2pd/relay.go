@@ -225,23 +225,9 @@ func (k *relayKeeper) candidates(now time.Time, wanted int) []peer.AddrInfo {
 		return nil
 	}
 	h := k.d.host
-	k.mu.Lock()
-	usable := func(p peer.ID) bool {
-		_, reserved := k.reservations[p]
-		return p != h.ID() && !reserved && !now.Before(k.backoff[p])
-	}
-	var out []peer.AddrInfo
-	for _, info := range k.d.cfg.trustedRelays {
-		if usable(info.ID) {
-			out = append(out, info)
-		}
-	}
-	var public, private []peer.AddrInfo
+	var public, private []peer.AddrInfo // the host is asked without k.mu, which its address factory takes
 	if k.d.cfg.relayDiscovery {
 		for _, p := range h.Network().Peers() {
-			if !usable(p) {
-				continue
-			}
 			if protos, err := h.Peerstore().SupportsProtocols(p, circuitproto.ProtoIDv2Hop); err != nil || len(protos) == 0 {
 				continue
 			}
@@ -262,8 +248,18 @@ func (k *relayKeeper) candidates(now time.Time, wanted int) []peer.AddrInfo {
 			}
 		}
 	}
-	k.mu.Unlock()
-	return append(append(out, public...), private...)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var out []peer.AddrInfo
+	listed := map[peer.ID]bool{}
+	for _, info := range append(append(append([]peer.AddrInfo(nil), k.d.cfg.trustedRelays...), public...), private...) {
+		_, reserved := k.reservations[info.ID]
+		if info.ID != h.ID() && !reserved && !listed[info.ID] && !now.Before(k.backoff[info.ID]) {
+			listed[info.ID] = true
+			out = append(out, info)
+		}
+	}
+	return out
 }
 
 // reserve asks relay for a reservation (a new one or a renewal) and records it; false on failure.
