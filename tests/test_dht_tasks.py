@@ -134,3 +134,15 @@ async def test_no_task_of_a_node_is_pending_after_shutdown():
         assert not node._tasks and not node.protocol._background_tasks
     leftovers = [task for task in asyncio.all_tasks() - before if not task.done()]
     assert leftovers == []
+
+
+@pytest.mark.timeout(30)
+async def test_store_awaiting_replicas_returns_when_the_node_shuts_down():
+    node = await DHTNode.create()
+    try:
+        store = asyncio.create_task(node.store("key", "value", get_dht_time() + 30))
+        await asyncio.sleep(0)  # the store has spawned its per-key tasks and waits for their results
+        await node.shutdown()  # cancels those tasks before they ever ran
+        assert await asyncio.wait_for(store, timeout=5) is False
+    finally:
+        await node.shutdown()

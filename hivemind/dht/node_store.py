@@ -101,8 +101,14 @@ class ReplicatedStore:
                 list(entries_by_key), k_nearest=self.num_replicas, exclude_self=exclude_self, **kwargs
             )
         for key_id, entries in entries_by_key.items():
-            self._spawn(
+            task = self._spawn(
                 self._store_to_replicas(key_id, entries, candidates[key_id], results[key_id], await_all_replicas)
+            )
+            # a task cancelled before it started (node shutdown) never reaches its own `finally`: report failure here
+            task.add_done_callback(
+                lambda _, result=results[key_id], count=len(entries): (
+                    result.done() or result.set_result([False] * count)
+                )
             )
         store_ok: Dict[StoreKey, bool] = {}
         for key_id, entries in entries_by_key.items():
