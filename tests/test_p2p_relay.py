@@ -13,7 +13,7 @@ from typing import List
 import pytest
 
 import hivemind
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError
 from hivemind.proto import runtime_pb2, test_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -39,6 +39,19 @@ async def wait_for_relay_addrs(peer: P2P, relay: P2P) -> List[Multiaddr]:
         if found or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.1)
+
+
+async def first_answer(call, timeout: float = 15):
+    """``await call()`` retried until it answers: a peer that has just started may not have the DHT routing table it
+    needs to find where the callee is (nor may the callee's relay address have reached the DHT yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except P2PDaemonError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
 
 
 async def square(request: test_pb2.TestRequest, context: P2PContext) -> test_pb2.TestResponse:
@@ -67,8 +80,10 @@ async def test_unreachable_peer_announces_addresses_through_relay(p2p_factory):
 async def test_unary_call_reaches_unreachable_peer_through_relay(relayed_trio):
     relay, unreachable, caller = relayed_trio
     await unreachable.add_protobuf_handler("square", square, test_pb2.TestRequest)
-    response = await caller.call_protobuf_handler(
-        unreachable.peer_id, "square", test_pb2.TestRequest(number=7), test_pb2.TestResponse
+    response = await first_answer(
+        lambda: caller.call_protobuf_handler(
+            unreachable.peer_id, "square", test_pb2.TestRequest(number=7), test_pb2.TestResponse
+        )
     )
     assert response.number == 49
     connections = {info.peer_id: info.addrs for info in await caller.list_peers()}
@@ -80,8 +95,10 @@ async def test_unreachable_peer_answers_back_over_relayed_connection(relayed_tri
     relay, unreachable, caller = relayed_trio
     await caller.add_protobuf_handler("square", square, test_pb2.TestRequest)
     await unreachable.add_protobuf_handler("square", square, test_pb2.TestRequest)
-    await caller.call_protobuf_handler(
-        unreachable.peer_id, "square", test_pb2.TestRequest(number=2), test_pb2.TestResponse
+    await first_answer(
+        lambda: caller.call_protobuf_handler(
+            unreachable.peer_id, "square", test_pb2.TestRequest(number=2), test_pb2.TestResponse
+        )
     )
     response = await unreachable.call_protobuf_handler(
         caller.peer_id, "square", test_pb2.TestRequest(number=-5), test_pb2.TestResponse
@@ -97,6 +114,11 @@ async def test_relayed_connection_carries_more_than_libp2p_default_limit(relayed
         return runtime_pb2.ExpertResponse(metadata=request.metadata)
 
     await unreachable.add_protobuf_handler("echo", echo, runtime_pb2.ExpertRequest)
+    await first_answer(
+        lambda: caller.call_protobuf_handler(
+            unreachable.peer_id, "echo", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+        )
+    )
     for _ in range(3):
         response = await caller.call_protobuf_handler(
             unreachable.peer_id, "echo", runtime_pb2.ExpertRequest(metadata=payload), runtime_pb2.ExpertResponse
@@ -111,8 +133,10 @@ async def test_trusted_relay_is_used_without_discovery(p2p_factory):
     assert await wait_for_relay_addrs(unreachable, relay)
     caller = await p2p_factory(initial_peers=relay_maddrs)
     await unreachable.add_protobuf_handler("square", square, test_pb2.TestRequest)
-    response = await caller.call_protobuf_handler(
-        unreachable.peer_id, "square", test_pb2.TestRequest(number=3), test_pb2.TestResponse
+    response = await first_answer(
+        lambda: caller.call_protobuf_handler(
+            unreachable.peer_id, "square", test_pb2.TestRequest(number=3), test_pb2.TestResponse
+        )
     )
     assert response.number == 9
 
@@ -139,7 +163,12 @@ async def test_dht_peer_pings_unreachable_dht_peer_through_relay():
         second = dhts[2]
         node_id = await asyncio.get_running_loop().run_in_executor(None, third.run_coroutine, _node_id)
         ping = functools.partial(_ping, third.peer_id)
-        answer = await asyncio.get_running_loop().run_in_executor(None, second.run_coroutine, ping)
+        deadline = time.monotonic() + 15  # a just-started peer may not be able to route to the third at once
+        while True:
+            answer = await asyncio.get_running_loop().run_in_executor(None, second.run_coroutine, ping)
+            if answer is not None or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         assert answer == node_id
     finally:
         for dht in reversed(dhts):
