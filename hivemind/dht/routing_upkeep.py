@@ -4,14 +4,22 @@ newcomers, and the background tasks all of this starts (owned here, cancelled an
 """
 
 import asyncio
-from typing import Coroutine, Dict, Optional, Set
+from typing import Coroutine, Dict, List, Optional, Set, Tuple
 
 from hivemind.dht.replication import keys_to_replicate
 from hivemind.dht.routing import DHTID, RoutingTable
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
+from hivemind.utils.timed_storage import ValueWithExpiration
 
 logger = get_logger(__name__)
+
+# newcomers waiting for the stored keys they should hold, one entry per peer; beyond this, a newcomer gets no keys
+# now (it receives them when their owners store them again)
+MAX_PENDING_REPLICATIONS = 256
+# stored keys examined between two returns to the event loop while choosing what a newcomer should hold: the choice
+# costs a routing-table lookup per stored key, so it must not hold the loop (and time out other calls) in one piece
+REPLICATION_KEYS_PER_SLICE = 256
 
 
 def log_if_failed(task: asyncio.Task) -> None:
@@ -32,6 +40,10 @@ class RoutingUpkeep:
     by a newcomer). Only if the holder is silent, or now answers with another id, does the claimant take the id.
     However many claims of one id arrive, at most one such check per id is pending; claims arriving meanwhile are
     dropped (the claimant can try again later).
+
+    The keys a newcomer should hold are chosen by one background task at a time, newcomer after newcomer, returning
+    to the event loop every REPLICATION_KEYS_PER_SLICE stored keys; a peer that introduces itself under many ids in a
+    row is served once, under the id it holds by then.
     """
 
     routing_table: RoutingTable
@@ -40,6 +52,8 @@ class RoutingUpkeep:
         self._background_tasks: Set[asyncio.Task] = set()
         self._id_claim_checks: Dict[DHTID, asyncio.Task] = {}  # claimed node id -> the pending ping of its holder
         self._upkeep_closed = False
+        self._pending_replications: Dict[PeerID, DHTID] = {}  # newcomer peer -> its node id, first come first served
+        self._replicator: Optional[asyncio.Task] = None
 
     def _spawn(self, coro: Coroutine) -> Optional[asyncio.Task]:
         """Run coro in the background, owned by this protocol; after shutdown started, coro is dropped unrun."""
@@ -79,7 +93,7 @@ class RoutingUpkeep:
             return
         is_new = node_id not in self.routing_table
         if is_new and not self.client_mode and len(self.storage) > 0:
-            self._spawn(self._replicate_to(node_id, peer_id))
+            self._schedule_replication(node_id, peer_id)
         stale = self.routing_table.add_or_update_node(node_id, peer_id)
         if stale is not None:
             self._spawn(self._evict_if_silent(*stale))
@@ -106,18 +120,46 @@ class RoutingUpkeep:
         if await self.call_ping(peer_id) != node_id and self.routing_table.get(node_id=node_id) == peer_id:
             del self.routing_table[node_id]
 
-    async def _replicate_to(self, new_node_id: DHTID, peer_id: PeerID) -> None:
-        stored = {key_id: item for key_id, item in self.storage.items()}
-        selected = keys_to_replicate(
-            stored.keys(),
-            new_node_id,
-            self.node_id,
-            lambda key_id: [
-                node_id
-                for node_id, _ in self.routing_table.get_nearest_neighbors(key_id, self.num_replicas, new_node_id)
-            ],
-        )
-        if selected:
-            values = [stored[key_id].value for key_id in selected]
-            expirations = [stored[key_id].expiration_time for key_id in selected]
-            await self.call_store(peer_id, selected, values, expirations)
+    def _schedule_replication(self, node_id: DHTID, peer_id: PeerID) -> None:
+        if peer_id not in self._pending_replications and len(self._pending_replications) >= MAX_PENDING_REPLICATIONS:
+            logger.debug(f"{MAX_PENDING_REPLICATIONS} newcomers already wait for their keys; {peer_id} gets none now")
+            return
+        self._pending_replications[peer_id] = node_id
+        if self._replicator is None or self._replicator.done():
+            self._replicator = self._spawn(self._replicate_to_newcomers())
+
+    async def _replicate_to_newcomers(self) -> None:
+        while self._pending_replications:
+            peer_id = next(iter(self._pending_replications))
+            node_id = self._pending_replications.pop(peer_id)
+            if self.routing_table.holder_of(node_id) != peer_id:
+                continue  # it left the table or moved to another id meanwhile
+            try:
+                selected = await self._select_keys_for(node_id)
+            except Exception as e:
+                logger.warning(f"Could not choose the keys that {peer_id} should hold: {e!r}", exc_info=True)
+                continue
+            if selected:
+                keys = [key_id for key_id, _ in selected]
+                values = [item.value for _, item in selected]
+                expirations = [item.expiration_time for _, item in selected]
+                self._spawn(self.call_store(peer_id, keys, values, expirations))
+
+    async def _select_keys_for(self, new_node_id: DHTID) -> List[Tuple[DHTID, ValueWithExpiration]]:
+        """The stored (key, entry) pairs that the node ``new_node_id`` should hold, see keys_to_replicate."""
+
+        def nearest_other_nodes(key_id: DHTID) -> List[DHTID]:
+            neighbors = self.routing_table.get_nearest_neighbors(key_id, self.num_replicas, new_node_id)
+            return [node_id for node_id, _ in neighbors]
+
+        key_ids = list(self.storage.data)  # keys only: copying every (key, entry) pair would cost a GC pass
+        selected = []
+        for start in range(0, len(key_ids), REPLICATION_KEYS_PER_SLICE):
+            if start > 0:
+                await asyncio.sleep(0)
+            chunk = key_ids[start : start + REPLICATION_KEYS_PER_SLICE]
+            for key_id in keys_to_replicate(chunk, new_node_id, self.node_id, nearest_other_nodes):
+                item = self.storage.get(key_id)  # None if it expired or was deleted meanwhile
+                if item is not None:
+                    selected.append((key_id, item))
+        return selected
