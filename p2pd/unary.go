@@ -352,7 +352,6 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 		_ = s.Reset()
 		return
 	}
-	defer s.Scope().ReleaseMemory(reserved) // the stream's scope releases it anyway when the stream ends
 	req, err := decodePersistentRequest(msg)
 	if err != nil || req.kind != pcReqCallUnary || len(req.callID) != callIDSize {
 		log.Debugw("malformed unary request from a peer", "protocol", pid, "error", err)
@@ -385,6 +384,8 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 	}()
 
 	pc.send(encodePersistentResponse(req.callID, pcRespRequestHandling, encodeCallUnary(call)))
+	// the request was handed on (a reset stream releases its reservations by itself, on the paths above)
+	s.Scope().ReleaseMemory(reserved)
 
 	// the caller writes nothing more: any read result means it closed or reset the stream
 	callerGone := make(chan struct{})
