@@ -21,9 +21,11 @@ const (
 	defaultLimitMemory         = 4 << 30
 	defaultLimitMemoryPerPeer  = 1 << 30
 	defaultLimitMemoryPerConn  = 512 << 20
-	// transientLimit bounds connections still in their handshake and streams that have not yet negotiated a
-	// protocol, all peers together: a peer that opens them and stops there ties up at most this many.
-	transientLimit = 1024
+	// transientConns and transientStreams bound connections still in their handshake and streams that have not
+	// yet negotiated a protocol (ours too, for one round trip), all peers together: peers that open them and stop
+	// there tie up at most this many.
+	transientConns   = 1024
+	transientStreams = 4096
 	// defaultUnaryReadTimeout: a peer that stops sending in the middle of a unary request is dropped after this.
 	defaultUnaryReadTimeout = 60 * time.Second
 )
@@ -46,12 +48,12 @@ func resourceLimits(o *options) rcmgr.ConcreteLimitConfig {
 			Memory:        rcmgr.LimitVal64(o.limitMemory),
 		},
 		Transient: rcmgr.ResourceLimits{
-			Streams:         transientLimit,
-			StreamsInbound:  transientLimit,
-			StreamsOutbound: transientLimit,
-			Conns:           transientLimit,
-			ConnsInbound:    transientLimit,
-			ConnsOutbound:   transientLimit,
+			Streams:         transientStreams,
+			StreamsInbound:  transientStreams,
+			StreamsOutbound: transientStreams,
+			Conns:           transientConns,
+			ConnsInbound:    transientConns,
+			ConnsOutbound:   transientConns,
 		},
 		PeerDefault: rcmgr.ResourceLimits{
 			Streams:         2 * perPeerStreams,

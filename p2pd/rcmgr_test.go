@@ -38,8 +38,8 @@ func TestLimitFlagsReachTheLimiter(t *testing.T) {
 	if s.GetConnTotalLimit() != 100 || s.GetMemoryLimit() != 9000000 || s.GetStreamTotalLimit() != math.MaxInt {
 		t.Fatalf("system limits: %+v", s)
 	}
-	if tr := limiter.GetTransientLimits(); tr.GetStreamTotalLimit() != transientLimit ||
-		tr.GetConnTotalLimit() != transientLimit {
+	if tr := limiter.GetTransientLimits(); tr.GetStreamTotalLimit() != transientStreams ||
+		tr.GetConnTotalLimit() != transientConns {
 		t.Fatalf("transient limits: %+v", tr)
 	}
 	// what the flags do not name stays unlimited: protocols, services, a single stream
