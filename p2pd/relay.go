@@ -31,6 +31,8 @@ const (
 	relayRetryBackoff = time.Minute
 	// relayDiscoveryInterval separates two DHT look-ups for more relay candidates.
 	relayDiscoveryInterval = time.Minute
+	// relayDiscoveryRetry follows a DHT look-up that failed (typically: the routing table is still empty).
+	relayDiscoveryRetry = 5 * time.Second
 	// relayDiscoveryTimeout bounds one DHT look-up for relay candidates.
 	relayDiscoveryTimeout = 30 * time.Second
 	// relayProtectTag keeps the connections to our relays out of the connection manager's trimming.
@@ -54,7 +56,7 @@ type relayKeeper struct {
 	reservations  map[peer.ID]*relayReservation
 	backoff       map[peer.ID]time.Time
 	public        bool
-	lastDiscovery time.Time
+	nextDiscovery time.Time // no DHT look-up for relays before this time (guarded by mu)
 }
 
 func newRelayKeeper(d *daemon) *relayKeeper {
@@ -294,18 +296,35 @@ func (k *relayKeeper) reserve(ctx context.Context, relay peer.AddrInfo) bool {
 	return true
 }
 
-// discover looks up the DHT peers closest to us, at most once per relayDiscoveryInterval: connecting to them
-// makes them candidates once identify reports their protocols.
+// discover looks up the DHT peers closest to us, at most once per relayDiscoveryInterval (relayDiscoveryRetry
+// after a failed look-up): connecting to them makes them candidates once identify reports their protocols.
 func (k *relayKeeper) discover(ctx context.Context, now time.Time) {
-	if !k.d.cfg.relayDiscovery || k.d.dht == nil || now.Sub(k.lastDiscovery) < relayDiscoveryInterval {
+	if !k.d.cfg.relayDiscovery || k.d.dht == nil {
 		return
 	}
-	k.lastDiscovery = now
+	k.mu.Lock()
+	due := !now.Before(k.nextDiscovery)
+	if due {
+		k.nextDiscovery = now.Add(relayDiscoveryInterval)
+	}
+	k.mu.Unlock()
+	if !due {
+		return
+	}
 	go func() {
-		ctx, cancel := context.WithTimeout(ctx, relayDiscoveryTimeout)
-		defer cancel()
-		if _, err := k.d.dht.GetClosestPeers(ctx, string(k.d.host.ID())); err != nil {
+		lookupCtx, cancel := context.WithTimeout(ctx, relayDiscoveryTimeout)
+		_, err := k.d.dht.GetClosestPeers(lookupCtx, string(k.d.host.ID()))
+		cancel()
+		if err != nil {
 			log.Debugw("relay discovery: DHT look-up failed", "error", err)
+			k.mu.Lock()
+			k.nextDiscovery = time.Now().Add(relayDiscoveryRetry)
+			k.mu.Unlock()
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(relayDiscoveryRetry):
+			}
 		}
 		k.poke()
 	}()

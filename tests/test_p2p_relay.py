@@ -141,6 +141,30 @@ async def test_trusted_relay_is_used_without_discovery(p2p_factory):
     assert response.number == 9
 
 
+async def test_relay_is_found_through_dht_when_bootstrap_peer_does_not_relay(p2p_factory):
+    bootstrap = await p2p_factory(use_relay=False)  # serves no relays
+    bootstrap_maddrs = await bootstrap.get_visible_maddrs()
+    relay = await p2p_factory(initial_peers=bootstrap_maddrs, force_reachability="public")
+    await relay.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
+    unreachable = await p2p_factory(initial_peers=bootstrap_maddrs, **UNREACHABLE)
+    assert await wait_for_relay_addrs(unreachable, relay), "the relay was not found through the DHT"
+
+
+async def test_relay_address_is_withdrawn_when_relay_leaves(p2p_factory):
+    leaving = await p2p_factory(force_reachability="public")
+    staying = await p2p_factory(initial_peers=await leaving.get_visible_maddrs(), force_reachability="public")
+    initial_peers = await leaving.get_visible_maddrs() + await staying.get_visible_maddrs()
+    unreachable = await p2p_factory(initial_peers=initial_peers, **UNREACHABLE)
+    assert await wait_for_relay_addrs(unreachable, leaving) and await wait_for_relay_addrs(unreachable, staying)
+
+    await leaving.shutdown()
+    deadline = time.monotonic() + RELAY_WAIT
+    while relay_addrs(await unreachable.get_visible_maddrs(latest=True), leaving):
+        assert time.monotonic() < deadline, "the address through the relay that left is still announced"
+        await asyncio.sleep(0.1)
+    assert relay_addrs(await unreachable.get_visible_maddrs(latest=True), staying)
+
+
 async def _node_id(dht: hivemind.DHT, node):
     return node.node_id
 
