@@ -330,3 +330,56 @@ if st is not None:  # a property test where hypothesis is installed; the determi
         decoded = MSGPackSerializer.loads(encoded)
         assert _same_types(decoded, obj)
         assert MSGPackSerializer.dumps(decoded) == encoded
+
+
+def test_flood_of_unknown_ext_codes_logs_once_per_code(caplog):
+    # a peer's value made of 30k unknown ext objects used to log 30k warnings (~10 s of CPU and ~40 bytes of log per
+    # input byte); now each unknown code is reported once
+    encoded = b"\xdd" + (30_000).to_bytes(4, "big") + b"\xd4\x6b\x00" * 30_000  # [fixext1 code 0x6b] * 30k
+    hivemind_logger = logging.getLogger("hivemind")
+    hivemind_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hivemind"):
+            for _ in range(3):
+                assert MSGPackSerializer.loads(encoded) == [b"\x00"] * 30_000
+    finally:
+        hivemind_logger.removeHandler(caplog.handler)
+    assert len([record for record in caplog.records if "0x6b" in record.getMessage()]) <= 1
+
+
+_PADDING = b"\xc5\x10\x00" + bytes(4096)  # a 4 KiB bin: documents this big have their depth checked by msgpack
+
+
+def _padded_nesting(kind: str, depth: int, leaf: bytes) -> bytes:
+    """``depth`` arrays [padding, [padding, ...leaf]] or maps {None: padding, False: {...leaf}}, over 4 KiB each."""
+    opener = b"\x92" + _PADDING if kind == "array" else b"\x82\xc0" + _PADDING + b"\xc2"
+    return opener * depth + leaf
+
+
+@pytest.mark.parametrize("kind", ["array", "map"])
+@pytest.mark.parametrize("leaf", [b"\xc0", b"\x90", b"\x80"])  # None, [] and {}: the empty ones add a level
+def test_large_documents_are_bounded_at_the_same_depth(kind, leaf):
+    limit = MSGPackSerializer.MAX_NESTING_DEPTH
+    levels_of_leaf = 0 if leaf == b"\xc0" else 1
+    for depth in (limit - 1, limit, limit + 1, 1030):
+        encoded = _padded_nesting(kind, depth, leaf)
+        if depth + levels_of_leaf <= limit:
+            assert MSGPackSerializer.dumps(MSGPackSerializer.loads(encoded)) == encoded
+        else:
+            with pytest.raises(MSGPackDecodeError, match="nested"):
+                MSGPackSerializer.loads(encoded)
+
+
+def test_large_documents_with_tuples_are_bounded_at_the_same_depth():
+    limit = MSGPackSerializer.MAX_NESTING_DEPTH
+    for depth in (limit, limit + 1):
+        obj: object = None
+        for level in range(depth):
+            obj = [obj, b"x" * 200] if level % 2 else (obj,)
+        encoded = MSGPackSerializer.dumps(obj)
+        assert len(encoded) > 4096
+        if depth <= limit:
+            assert MSGPackSerializer.loads(encoded) == obj
+        else:
+            with pytest.raises(MSGPackDecodeError, match="nested"):
+                MSGPackSerializer.loads(encoded)

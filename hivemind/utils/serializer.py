@@ -7,9 +7,12 @@ are decoded iteratively rather than by recursion, and nothing is allocated beyon
 
 from __future__ import annotations
 
+import operator
 import threading
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
+from functools import reduce
+from itertools import repeat
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, TypeVar
 
 import msgpack
 
@@ -37,6 +40,15 @@ class _PendingTuple:
 _NESTED = frozenset((list, dict, tuple, _PendingTuple))  # each counts one level of depth
 _RESOLVED = frozenset((list, dict, _PendingTuple))
 _TUPLE_RECURSION = 4  # tuples inside tuples decoded directly by the ext hook (each level: ~50 KB of C stack)
+# msgpack's C decoder refuses arrays and maps nested more than 1024 deep (StackError). Decoding a document inside
+# 1024 - MAX_NESTING_DEPTH single-item arrays therefore lets msgpack itself check, at C speed, that the document's own
+# arrays and maps are at most MAX_NESTING_DEPTH deep; then only documents holding tuples need the walk of _resolve.
+# The wrapping costs about as much as walking a few KB of containers, so smaller documents are walked instead (and
+# always with msgpack's pure-python fallback, which has no such limit).
+_MSGPACK_MAX_DEPTH = 1024
+_WRAP_MIN_BYTES = 4096
+_CONTAINER_HEADERS = frozenset((*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF))  # first bytes of maps and arrays
+_C_DECODER = getattr(msgpack.unpackb, "__module__", "") == "msgpack._cmsgpack"
 
 
 class _DecodingState(threading.local):
@@ -45,6 +57,7 @@ class _DecodingState(threading.local):
 
 
 _state = _DecodingState()
+_warned_ext_codes: Set[int] = set()  # unknown ext codes already reported: a peer's flood of them logs once per code
 
 
 def _built(item: Any) -> Any:
@@ -134,7 +147,12 @@ class MSGPackSerializer(SerializerBase):
                 return registered_type.unpackb(data)
             finally:
                 _state.ext_nesting = nesting
-        logger.warning(f"Unknown msgpack ext type code {type_code:#x}, returning its {len(data)} raw bytes")
+        if type_code not in _warned_ext_codes:
+            _warned_ext_codes.add(type_code)
+            logger.warning(
+                f"Unknown msgpack ext type code {type_code:#x}: returning its payload as raw bytes (reported once per "
+                f"code; register the type with MSGPackSerializer.ext_serializable to decode it)"
+            )
         return data
 
     @classmethod
@@ -153,6 +171,22 @@ class MSGPackSerializer(SerializerBase):
     def _unpack(cls, buf: bytes) -> Any:
         # unpackb bounds every str/bin/array/map/ext length by len(buf): nothing is allocated for claimed sizes
         return msgpack.unpackb(buf, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+
+    @classmethod
+    def _unpack_wrapped(cls, buf: bytes) -> Tuple[Any, bool]:
+        """
+        Decode inside enough arrays that msgpack raises StackError if the document's own arrays and maps nest too
+        deep; also say whether the document holds tuples (only then are there levels that msgpack did not count).
+        """
+        ext_codes: List[int] = []  # of the ext types outside any ext payload
+
+        def decode_ext(type_code: int, data: bytes) -> Any:
+            ext_codes.append(type_code)
+            return cls._decode_ext_types(type_code, data)
+
+        wrapper_depth = _MSGPACK_MAX_DEPTH - cls.MAX_NESTING_DEPTH
+        wrapped = msgpack.unpackb(b"\x91" * wrapper_depth + buf, ext_hook=decode_ext, raw=False, strict_map_key=False)
+        return reduce(operator.getitem, repeat(0, wrapper_depth), wrapped), cls.TUPLE_EXT_TYPE_CODE in ext_codes
 
     @classmethod
     def _resolve(cls, root: Any) -> Any:
@@ -181,6 +215,8 @@ class MSGPackSerializer(SerializerBase):
                 else:
                     children = container
                 if kind is dict:
+                    if _NESTED.isdisjoint(map(type, children.values())) and _NESTED.isdisjoint(map(type, children)):
+                        continue  # the common case, checked at C speed
                     nested = [child for child in children if type(child) in _NESTED]
                     nested += [child for child in children.values() if type(child) in _NESTED]
                 elif _NESTED.isdisjoint(map(type, children)):  # the common case, checked at C speed
@@ -228,7 +264,17 @@ class MSGPackSerializer(SerializerBase):
         if not isinstance(buf, (bytes, bytearray, memoryview)):
             raise TypeError(f"MSGPackSerializer.loads expects bytes, got {type(buf).__name__}")
         try:
-            decoded = cls._unpack(buf)
+            if (
+                _C_DECODER
+                and len(buf) >= _WRAP_MIN_BYTES
+                and buf[0] in _CONTAINER_HEADERS  # else no arrays or maps outside ext payloads: nothing to check
+                and 0 <= cls.MAX_NESTING_DEPTH <= _MSGPACK_MAX_DEPTH
+            ):
+                decoded, has_tuples = cls._unpack_wrapped(buf)
+                if not has_tuples:
+                    return decoded  # arrays and maps only (other ext types are leaves), msgpack checked their depth
+            else:
+                decoded = cls._unpack(buf)
             return cls._resolve(decoded) if type(decoded) in _RESOLVED else decoded
         except MSGPackDecodeError:
             raise
