@@ -164,3 +164,42 @@ func TestIdlePipeIsReleasedWhenTheTmpfsRunsShort(t *testing.T) {
 		t.Fatalf("the released pipe's file still exists: %v", err)
 	}
 }
+
+func TestPipeFilesAreCappedInUseOrIdle(t *testing.T) {
+	// each pipe file holds 8 MiB of memory from its creation on, and remote peers choose how many streams they open
+	// to a client's handler: without a cap they could make the daemon reserve half of /dev/shm
+	dir := mountSmallTmpfs(t, 200)
+	pool := shmPipePool{dir: dir, maxPipes: 3}
+	defer pool.close()
+	var pipes []*shmPipeFile
+	for i := 0; i < 3; i++ {
+		pipe, err := pool.get()
+		if err != nil {
+			t.Fatalf("pipe %d of 3: %v", i, err)
+		}
+		pipes = append(pipes, pipe)
+	}
+	if pipe, err := pool.get(); err == nil {
+		pipe.release()
+		t.Fatal("a fourth pipe was made beyond the cap of 3")
+	}
+	pool.put(pipes[0]) // idle files count too, and are handed out again
+	if again, err := pool.get(); err != nil || again != pipes[0] {
+		t.Fatalf("the idle pipe must be reused at the cap: %v", err)
+	}
+	pool.release(pipes[1])
+	if pipe, err := pool.get(); err != nil {
+		t.Fatalf("a released pipe must make room for a new one: %v", err)
+	} else {
+		pool.release(pipe)
+	}
+	if names := filesIn(t, dir); len(names) != 2 {
+		t.Fatalf("%d files, expected the 2 pipes still in use", len(names))
+	}
+}
+
+func TestDefaultPipeCapBoundsTheReservedMemory(t *testing.T) {
+	if reserved := shmMaxPipes * 2 * shmRingSize; reserved > 256<<20 {
+		t.Fatalf("up to %d MiB of pipe files: remote peers would decide how much memory the daemon reserves", reserved>>20)
+	}
+}

@@ -48,8 +48,12 @@ const (
 	fieldShmPath     = 100 // StreamInfo: string
 	fieldShmRingSize = 101 // StreamInfo: uint64
 
-	shmRingSize      = 4 << 20
-	shmIdlePipes     = 4         // pipe files kept for reuse (each one up to 2 * shmRingSize of memory)
+	shmRingSize  = 4 << 20
+	shmIdlePipes = 4 // pipe files kept for reuse (each one up to 2 * shmRingSize of memory)
+	// shmMaxPipes bounds the pipe files of a daemon, in use or idle: each one holds 2 * shmRingSize of memory from
+	// its creation on (every page is reserved), and every stream that remote peers open to a handler of a client
+	// gets one. Streams beyond it keep their sockets.
+	shmMaxPipes      = 32
 	shmMaxForward    = 256 << 10 // bytes forwarded to the stream before they are acknowledged
 	shmRecordLen     = 9
 	shmAnswerTimeout = 60 * time.Second // a busy client event loop may take a while to answer an offer
@@ -66,12 +70,14 @@ var errPipeAborted = errors.New("pipe aborted")
 // shmPipePool creates pipe files, keeps the files of finished pipes for reuse and removes them all on close.
 // A pipe that cannot be created (no space to reserve for it) is no pipe: the stream stays on its socket.
 type shmPipePool struct {
-	dir    string // where the files are made; shmPipeDir() when empty
-	mu     sync.Mutex
-	idle   []*shmPipeFile
-	live   map[*shmPipeFile]struct{} // every file not released yet
-	closed bool
-	noted  sync.Once // the first pipe that could not be made is logged at info level, the others at debug
+	dir      string // where the files are made; shmPipeDir() when empty
+	maxPipes int    // files at once (live ones, being created included); shmMaxPipes when 0
+	mu       sync.Mutex
+	idle     []*shmPipeFile
+	live     map[*shmPipeFile]struct{} // every file not released yet
+	creating int                       // files being created now
+	closed   bool
+	noted    sync.Once // the first pipe that could not be made is logged at info level, the others at debug
 }
 
 func (pool *shmPipePool) get() (*shmPipeFile, error) {
@@ -86,14 +92,25 @@ func (pool *shmPipePool) get() (*shmPipeFile, error) {
 		pool.mu.Unlock()
 		return pipe, nil
 	}
+	maxPipes := pool.maxPipes
+	if maxPipes == 0 {
+		maxPipes = shmMaxPipes
+	}
+	if len(pool.live)+pool.creating >= maxPipes {
+		pool.mu.Unlock()
+		return nil, fmt.Errorf("%d shared-memory pipes exist already, the most a daemon makes: the stream uses "+
+			"its socket", maxPipes)
+	}
+	pool.creating++
 	pool.mu.Unlock()
 	// reserving the pages of a new file takes milliseconds: other streams do not wait for it
 	pipe, err := createShmPipeFile(pool.directory(), shmRingSize)
+	pool.mu.Lock()
+	defer pool.mu.Unlock()
+	pool.creating--
 	if err != nil {
 		return nil, err
 	}
-	pool.mu.Lock()
-	defer pool.mu.Unlock()
 	if pool.closed {
 		pipe.release()
 		return nil, errors.New("the daemon is shutting down")
