@@ -146,3 +146,34 @@ async def test_store_awaiting_replicas_returns_when_the_node_shuts_down():
         assert await asyncio.wait_for(store, timeout=5) is False
     finally:
         await node.shutdown()
+
+
+@pytest.mark.timeout(30)
+async def test_cache_refresh_loop_keeps_running_after_a_failed_search(monkeypatch):
+    monkeypatch.setattr(node_upkeep, "CACHE_REFRESH_RETRY_DELAY", 0.05)
+    node = await DHTNode.create(cache_refresh_before_expiry=2.5)
+    original_search = node._beam_search
+    searched, failed, ran_again = [], asyncio.Event(), asyncio.Event()
+
+    async def search_failing_once(queries, *args, **kwargs):
+        searched.append(list(queries))
+        if len(searched) == 1:
+            failed.set()
+            raise RuntimeError("injected failure inside a refresh's search")
+        ran_again.set()
+        return await original_search(queries, *args, **kwargs)
+
+    async def serve_from_cache(key: str) -> None:
+        """Cache a value that expires soon and get it: the node schedules a refresh 2.5 s before expiry."""
+        node.protocol.cache.store(DHTID.generate(key), MSGPackSerializer.dumps(key), get_dht_time() + 3)
+        assert (await node.get(key)).value == key
+
+    node._beam_search = search_failing_once
+    try:
+        await serve_from_cache("first")
+        await asyncio.wait_for(failed.wait(), timeout=10)
+        await serve_from_cache("second")
+        await asyncio.wait_for(ran_again.wait(), timeout=10)
+        assert searched == [[DHTID.generate("first")], [DHTID.generate("second")]]
+    finally:
+        await node.shutdown()

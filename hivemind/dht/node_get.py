@@ -214,10 +214,15 @@ class SearchingGet:
             await self._beam_search(list(remaining), beam_size, num_workers, node_to_peer_id, on_find, on_done)
             for pending in remaining.values():
                 self._finish(pending)
-        except BaseException:
+        except BaseException as e:
             for pending in searches.values():
                 for future in pending.futures:
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(e, Exception):  # the waiters get the error (a cancelled future would cancel them)
+                        future.set_exception(e)
+                        future.exception()  # a waiter that already left must not leave it "never retrieved"
+                    else:
                         future.cancel()
                 pending.search.finished = True
                 pending_list = self._pending_gets.get(pending.search.key_id, [])
