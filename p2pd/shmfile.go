@@ -27,6 +27,7 @@ type shmPipeFile struct {
 	path       string
 	ringSize   int
 	mem        []byte
+	file       *os.File // kept open with a shared flock: a daemon sweeping stale files leaves this one alone
 	unlinkOnce sync.Once
 }
 
@@ -41,5 +42,9 @@ func (p *shmPipeFile) release() {
 	if p.mem != nil {
 		unmapShm(p.mem)
 		p.mem = nil
+	}
+	if p.file != nil {
+		_ = p.file.Close()
+		p.file = nil
 	}
 }

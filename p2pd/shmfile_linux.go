@@ -6,8 +6,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 )
+
+// shmPipeFilePrefix starts the name of every pipe file, followed by the daemon's pid, '-' and a random token.
+const shmPipeFilePrefix = "hivemind-p2pd-"
 
 // createShmPipeFile creates and maps a new pipe file in dir that only this user can open. Every page of the file is
 // reserved first (fallocate): a page of a tmpfs that cannot be backed when it is touched raises SIGBUS, which kills
@@ -21,24 +26,52 @@ func createShmPipeFile(dir string, ringSize int) (*shmPipeFile, error) {
 	if _, err := rand.Read(token[:]); err != nil {
 		return nil, err
 	}
-	path := filepath.Join(dir, fmt.Sprintf("hivemind-p2pd-%d-%s", os.Getpid(), hex.EncodeToString(token[:])))
+	path := filepath.Join(dir, fmt.Sprintf("%s%d-%s", shmPipeFilePrefix, os.Getpid(), hex.EncodeToString(token[:])))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	p := &shmPipeFile{path: path, ringSize: ringSize}
+	p := &shmPipeFile{path: path, ringSize: ringSize, file: f}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		p.release()
+		return nil, fmt.Errorf("cannot lock the shared-memory pipe file %s: %w", path, err)
+	}
 	if err := reserveShmFile(f, size); err != nil {
-		p.unlink()
+		p.release()
 		return nil, err
 	}
 	mem, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
 	if err != nil {
-		p.unlink()
+		p.release()
 		return nil, err
 	}
 	p.mem = mem
 	return p, nil
+}
+
+// removeStaleShmPipeFiles removes the pipe files in dir that daemons killed without cleaning up left behind (with
+// their owner killed too, nobody removed them, and every page of a pipe file is reserved memory until it goes). A
+// file is stale when the process named in it does not exist and no process holds its lock: a live daemon keeps a
+// shared flock on each of its files, which also covers daemons in other pid namespaces that share the tmpfs.
+func removeStaleShmPipeFiles(dir string) {
+	paths, _ := filepath.Glob(filepath.Join(dir, shmPipeFilePrefix+"*"))
+	for _, path := range paths {
+		pidText, _, found := strings.Cut(strings.TrimPrefix(filepath.Base(path), shmPipeFilePrefix), "-")
+		pid, err := strconv.Atoi(pidText)
+		if !found || err != nil || pid <= 0 || syscall.Kill(pid, 0) != syscall.ESRCH {
+			continue // not a pipe file, or its daemon (or a process that took its pid) is alive
+		}
+		f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
+		if err != nil {
+			continue // another user's, or gone already
+		}
+		if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) == nil {
+			if err := os.Remove(path); err == nil {
+				log.Infow("removed a shared-memory pipe file left behind by a daemon that was killed", "path", path)
+			}
+		}
+		_ = f.Close()
+	}
 }
 
 // reserveShmFile sets the file's size and allocates all of its pages (mode 0 fallocate), or fails with nothing

@@ -2,8 +2,10 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
@@ -201,5 +203,51 @@ func TestPipeFilesAreCappedInUseOrIdle(t *testing.T) {
 func TestDefaultPipeCapBoundsTheReservedMemory(t *testing.T) {
 	if reserved := shmMaxPipes * 2 * shmRingSize; reserved > 256<<20 {
 		t.Fatalf("up to %d MiB of pipe files: remote peers would decide how much memory the daemon reserves", reserved>>20)
+	}
+}
+
+func TestFilesOfKilledDaemonsAreRemovedBeforeTheFirstPipe(t *testing.T) {
+	// a daemon killed together with its client leaves its pipe files, each one 8 MiB of reserved memory, for good
+	dir := mountSmallTmpfs(t, 40)
+	exited := exec.Command("true")
+	if err := exited.Run(); err != nil {
+		t.Fatal(err)
+	}
+	deadPid := exited.Process.Pid
+	write := func(name string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	stale := write(fmt.Sprintf("%s%d-%s", shmPipeFilePrefix, deadPid, "0123"))
+	ours := write(fmt.Sprintf("%s%d-%s", shmPipeFilePrefix, os.Getpid(), "4567"))
+	other := write("not-a-pipe-file")
+	// a live daemon in another pid namespace: its pid is unknown here, but it holds the lock of its file
+	locked := write(fmt.Sprintf("%s%d-%s", shmPipeFilePrefix, deadPid, "89ab"))
+	lockedFile, err := os.Open(locked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lockedFile.Close()
+	if err := syscall.Flock(int(lockedFile.Fd()), syscall.LOCK_SH); err != nil {
+		t.Fatal(err)
+	}
+
+	pool := shmPipePool{dir: dir}
+	defer pool.close()
+	pipe, err := pool.get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.release(pipe)
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Fatalf("the file of a dead daemon is still there: %v", err)
+	}
+	for _, path := range []string{ours, other, locked, pipe.path} {
+		if _, err := os.Stat(path); err != nil {
+			t.Fatalf("%s must stay: %v", path, err)
+		}
 	}
 }

@@ -78,6 +78,7 @@ type shmPipePool struct {
 	creating int                       // files being created now
 	closed   bool
 	noted    sync.Once // the first pipe that could not be made is logged at info level, the others at debug
+	swept    sync.Once // stale files of killed daemons are removed before the first file is made
 }
 
 func (pool *shmPipePool) get() (*shmPipeFile, error) {
@@ -103,6 +104,7 @@ func (pool *shmPipePool) get() (*shmPipeFile, error) {
 	}
 	pool.creating++
 	pool.mu.Unlock()
+	pool.swept.Do(func() { removeStaleShmPipeFiles(pool.directory()) })
 	// reserving the pages of a new file takes milliseconds: other streams do not wait for it
 	pipe, err := createShmPipeFile(pool.directory(), shmRingSize)
 	pool.mu.Lock()
