@@ -6,9 +6,11 @@ import itertools
 import pytest
 from dht_swarm import launch_swarm, shutdown_all
 
+from hivemind.dht import protocol as dht_protocol
+from hivemind.dht.node import DHTNode
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import dht_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
@@ -105,3 +107,34 @@ async def test_concurrent_claims_of_one_id_start_one_check():
     finally:
         await attacker.shutdown()
         await shutdown_all(nodes)
+
+
+@pytest.mark.timeout(60)
+async def test_lookup_keeps_the_known_peer_of_a_node_that_a_find_answer_maps_elsewhere():
+    class DHTProtocol(dht_protocol.DHTProtocol):  # same name: served under the handler names honest nodes call
+        async def rpc_find(self, request: dht_pb2.FindRequest, context: P2PContext) -> dht_pb2.FindResponse:
+            response = await super().rpc_find(request, context)
+            for result in response.results:  # forged: the victim's node id at the attacker's peer
+                del result.nearest_node_ids[:], result.nearest_peer_ids[:]
+                result.nearest_node_ids.append(victim.node_id.to_bytes())
+                result.nearest_peer_ids.append(self.p2p.peer_id.to_bytes())
+            return response
+
+    searcher = await DHTNode.create(node_id=DHTID(2**159), wait_timeout=2)
+    maddrs = await searcher.get_visible_maddrs()
+    departed = await DHTNode.create(node_id=DHTID(2), initial_peers=maddrs)
+    victim = await DHTNode.create(node_id=DHTID(3), initial_peers=maddrs)
+    attacker_p2p = await P2P.create(initial_peers=maddrs)
+    attacker = await DHTProtocol.create(attacker_p2p, DHTID(1), 20, 5, 5, wait_timeout=2)
+    try:
+        assert await attacker.call_ping(searcher.peer_id) == searcher.node_id  # the searcher knows all three now
+        assert searcher.protocol.routing_table.get(node_id=victim.node_id) == victim.peer_id
+        await departed.shutdown()
+        # the search starts at the two nodes nearest to the query: the attacker, which names the victim's id at its
+        # own peer, and a node that is gone; the victim takes the place of the latter
+        found = await searcher.find_nearest_nodes([DHTID(0)], k_nearest=2, exclude_self=True)
+        assert found[DHTID(0)] == {DHTID(1): attacker_p2p.peer_id, victim.node_id: victim.peer_id}
+    finally:
+        await attacker.shutdown()
+        await attacker_p2p.shutdown()
+        await shutdown_all([searcher, departed, victim])

@@ -256,9 +256,11 @@ class DHTNode(SearchingGet, ReplicatedStore):
             if response is None:
                 return {}
             output = {}
+            known_peer = self.protocol.routing_table.get
             for query, (maybe_value, nearest) in response.items():
                 for neighbor_id, neighbor_peer in nearest.items():
-                    node_to_peer_id.setdefault(neighbor_id, neighbor_peer)
+                    # a node we know is reached at its known peer, whatever peer another node's answer names
+                    node_to_peer_id.setdefault(neighbor_id, known_peer(node_id=neighbor_id, default=neighbor_peer))
                 should_stop = on_find(query, node_id, maybe_value) if on_find is not None else False
                 neighbors = [neighbor for neighbor in nearest if neighbor != self.node_id]
                 output[query] = (neighbors, should_stop)
