@@ -284,3 +284,15 @@ def test_nearest_neighbors_of_a_large_table_are_fast():
         table.get_nearest_neighbors(query, 20)
     per_query = (time.perf_counter() - started) / len(queries)
     assert len(table) > 500 and per_query < 1e-3  # sorting the whole table by distance would take ~1 ms
+
+
+def test_one_peer_holds_at_most_one_replacement_slot_of_a_bucket():
+    table = RoutingTable(DHTID(0), bucket_size=2, depth_modulo=1)  # the far half [2**159, 2**160) cannot split
+    far = [DHTID((1 << 159) + i) for i in range(10)]
+    table.add_or_update_node(far[0], make_peer_id("a"))
+    table.add_or_update_node(far[1], make_peer_id("b"))
+    table.add_or_update_node(far[2], make_peer_id("honest"))  # the bucket is full: a replacement node
+    for node_id in far[3:]:  # one peer introduces itself under many ids of that bucket
+        table.add_or_update_node(node_id, make_peer_id("attacker"))
+    bucket = table.buckets[table.bucket_index_for(far[0])]
+    assert bucket.replacements == {far[2]: make_peer_id("honest"), far[-1]: make_peer_id("attacker")}

@@ -119,6 +119,8 @@ class KBucket:
             self.last_updated = get_dht_time()
             return True
         self.replacements.pop(node_id, None)
+        for other_id in [other for other, holder in self.replacements.items() if holder == peer_id]:
+            del self.replacements[other_id]  # one slot per peer: a peer under many ids cannot push the others out
         self.replacements[node_id] = peer_id
         while len(self.replacements) > self.size:
             del self.replacements[next(iter(self.replacements))]  # forget the stalest replacement
