@@ -176,17 +176,25 @@ func (k *relayKeeper) update(ctx context.Context) {
 
 	k.mu.Lock()
 	public := k.public
-	var renew []peer.ID
+	renewAt := make(map[peer.ID]time.Time, len(k.reservations))
 	for relayID, r := range k.reservations {
-		lost := h.Network().Connectedness(relayID) != network.Connected
-		if public || lost {
-			delete(k.reservations, relayID)
+		renewAt[relayID] = r.renewAt
+	}
+	k.mu.Unlock()
+	var renew, dropped []peer.ID // the host is asked without k.mu, which its address factory takes
+	for relayID, at := range renewAt {
+		if public || h.Network().Connectedness(relayID) != network.Connected {
+			dropped = append(dropped, relayID)
 			h.ConnManager().Unprotect(relayID, relayProtectTag)
-			changed = true
 			log.Debugw("relay reservation dropped", "relay", relayID, "publiclyReachable", public)
-		} else if now.After(r.renewAt) {
+		} else if now.After(at) {
 			renew = append(renew, relayID)
 		}
+	}
+	k.mu.Lock()
+	for _, relayID := range dropped {
+		delete(k.reservations, relayID)
+		changed = true
 	}
 	held := len(k.reservations)
 	k.mu.Unlock()
