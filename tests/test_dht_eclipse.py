@@ -112,8 +112,8 @@ async def test_concurrent_claims_of_one_id_start_one_check():
 @pytest.mark.timeout(60)
 async def test_lookup_keeps_the_known_peer_of_a_node_that_a_find_answer_maps_elsewhere():
     class DHTProtocol(dht_protocol.DHTProtocol):  # same name: served under the handler names honest nodes call
-        async def rpc_find(self, request: dht_pb2.FindRequest, context: P2PContext) -> dht_pb2.FindResponse:
-            response = await super().rpc_find(request, context)
+        async def rpc_find(self, forged: dht_pb2.FindRequest, ctx: P2PContext) -> dht_pb2.FindResponse:
+            response = await super().rpc_find(forged, ctx)
             for result in response.results:  # forged: the victim's node id at the attacker's peer
                 del result.nearest_node_ids[:], result.nearest_peer_ids[:]
                 result.nearest_node_ids.append(victim.node_id.to_bytes())
