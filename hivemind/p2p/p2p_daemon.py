@@ -295,7 +295,10 @@ class P2P(ProtobufCallsMixin):
         if latest:
             self._announced_addrs = (await self._client.identify())[1]
         if len(self._announced_addrs) == 0:
-            raise ValueError(f"p2pd of peer {self.peer_id} reports no addresses: it listens on none (no_listen?)")
+            raise ValueError(
+                f"p2pd of peer {self.peer_id} reports no addresses: it listens on none (no_listen?); with "
+                "use_auto_relay=True it gets addresses through a relay once it holds a reservation (latest=True)"
+            )
         own_suffix = Multiaddr(f"/p2p/{self.peer_id.to_base58()}")
         return [maddr.encapsulate(own_suffix) for maddr in self._announced_addrs]
 
