@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import msgpack
 
+from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils.serializer import MSGPackSerializer
 
 DHTID_NBYTES = 20
@@ -22,6 +23,7 @@ MAX_EXPIRATION_HORIZON = 365 * 24 * 3600.0  # a record may not claim to live lon
 # the 4 MiB message limit is left for neighbour lists and framing
 MAX_FIND_RESPONSE_VALUE_BYTES = 3 * 1024 * 1024
 
+DICTIONARY_EXT_CODE = 0x50  # msgpack ext type of DictionaryDHTValue
 IS_REGULAR_VALUE = b"\xc0"  # msgpack(None): the subkey of a regular (non-dictionary) value
 IS_DICTIONARY = b""  # the subkey of a whole DictionaryDHTValue (replication and caching only)
 
@@ -106,8 +108,19 @@ def check_value_bytes(value: bytes) -> Optional[str]:
     return None
 
 
+def _dictionary_holding(subkey: bytes) -> bytes:
+    """A DictionaryDHTValue (ext 0x50) whose one entry has this encoded subkey, as a find response would carry it."""
+    payload = b"\x93\x00\x00\x91\x93" + subkey + b"\xc4\x00\x00"  # [maxsize, latest, [[subkey, b"", expiration]]]
+    return msgpack.packb(msgpack.ExtType(DICTIONARY_EXT_CODE, payload))
+
+
 def check_subkey_bytes(subkey: bytes) -> Optional[str]:
-    """Returns the reason to reject an encoded subkey: not one msgpack object within bounds, or not hashable."""
+    """
+    Returns the reason to reject an encoded subkey: not one msgpack object within bounds, not hashable, or too deep
+    to decode once inside a dictionary value, where it sits three arrays and one ext type deeper (a subkey nested
+    61 arrays, maps or tuples deep fits; one nested 62 deep would make the key's whole dictionary undecodable for
+    every reader).
+    """
     try:
         decoded = MSGPackSerializer.loads(subkey)
     except ValueError:
@@ -116,7 +129,11 @@ def check_subkey_bytes(subkey: bytes) -> Optional[str]:
         hash(decoded)
     except TypeError:
         return "unhashable_subkey"
-    return None
+    try:
+        holder = MSGPackSerializer.loads(_dictionary_holding(subkey))
+    except ValueError:
+        return "malformed_subkey"
+    return None if isinstance(holder, DictionaryDHTValue) else "malformed_subkey"
 
 
 def check_store_item(key: bytes, subkey: bytes, value: bytes, expiration_time: float, now: float) -> Optional[str]:
