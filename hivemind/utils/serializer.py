@@ -275,6 +275,8 @@ class MSGPackSerializer(SerializerBase):
                     return decoded  # arrays and maps only (other ext types are leaves), msgpack checked their depth
             else:
                 decoded = cls._unpack(buf)
+                if len(buf) <= cls.MAX_NESTING_DEPTH and type(buf) is bytes and b"\x40" not in buf:
+                    return decoded  # no tuple (its ext code is 0x40), and too short to nest too deep
             return cls._resolve(decoded) if type(decoded) in _RESOLVED else decoded
         except MSGPackDecodeError:
             raise
