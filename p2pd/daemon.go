@@ -177,6 +177,8 @@ func (d *daemon) makeDHT(h host.Host) (routing.PeerRouting, error) {
 		// lets the DHT reconnect to them if its routing table ever becomes empty
 		dhtOpts = append(dhtOpts, dht.BootstrapPeers(d.cfg.bootstrapPeers...))
 	}
+	// no DHT requests to peers reached only through relays (relay.go)
+	dhtOpts = append(dhtOpts, dhtRelayFilters()...)
 	d.addrSignaler = h // the basic host, before libp2p wraps it into a routed host
 	instance, err := dht.New(d.ctx, h, dhtOpts...)
 	if err != nil {

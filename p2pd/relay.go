@@ -5,7 +5,9 @@ import (
 	"sync"
 	"time"
 
+	kad "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
@@ -32,7 +34,7 @@ const (
 	// relayDiscoveryInterval separates two DHT look-ups for more relay candidates.
 	relayDiscoveryInterval = time.Minute
 	// relayDiscoveryRetry follows a DHT look-up that failed (typically: the routing table is still empty).
-	relayDiscoveryRetry = 5 * time.Second
+	relayDiscoveryRetry = 2 * time.Second
 	// relayDiscoveryTimeout bounds one DHT look-up for relay candidates.
 	relayDiscoveryTimeout = 30 * time.Second
 	// relayProtectTag keeps the connections to our relays out of the connection manager's trimming.
@@ -358,4 +360,42 @@ func (d *daemon) addrsFactory() func([]ma.Multiaddr) []ma.Multiaddr {
 		return func([]ma.Multiaddr) []ma.Multiaddr { return announce }
 	}
 	return nil
+}
+
+// hasDirectConn reports whether we have a connection to p that does not go through a relay.
+func hasDirectConn(h host.Host, p peer.ID) bool {
+	for _, c := range h.Network().ConnsToPeer(p) {
+		if !c.Stat().Transient {
+			return true
+		}
+	}
+	return false
+}
+
+// dhtRelayFilters keep the DHT away from peers it could only reach through a relay: its own requests may not use
+// such limited connections, so a request to them waits (10 s and more) for a direct connection that never comes,
+// and meanwhile holds the DHT's one request channel to that peer, which also stalls our look-up of that very peer
+// (made with permission to use relays) when a stream to it is opened. Such peers are not added to the routing
+// table, and not queried in look-ups unless they are the peer looked for.
+func dhtRelayFilters() []kad.Option {
+	return []kad.Option{kad.RoutingTableFilter(relayOnlyRTFilter), kad.QueryFilter(relayOnlyQueryFilter)}
+}
+
+// relayOnlyRTFilter admits to the routing table only peers we have a direct connection to.
+func relayOnlyRTFilter(dhtInstance interface{}, p peer.ID) bool {
+	return hasDirectConn(dhtInstance.(*kad.IpfsDHT).Host(), p)
+}
+
+// relayOnlyQueryFilter lets a look-up query a peer unless all its known addresses are relayed and we have no
+// direct connection to it.
+func relayOnlyQueryFilter(dhtInstance interface{}, info peer.AddrInfo) bool {
+	if len(info.Addrs) == 0 || hasDirectConn(dhtInstance.(*kad.IpfsDHT).Host(), info.ID) {
+		return true
+	}
+	for _, a := range info.Addrs {
+		if _, err := a.ValueForProtocol(ma.P_CIRCUIT); err != nil {
+			return true // an address that is not relayed
+		}
+	}
+	return false
 }

@@ -1,9 +1,13 @@
 package main
 
 import (
+	"context"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
+	kad "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 )
@@ -95,5 +99,47 @@ func TestAddrsFactoryAppendsReservedRelayAddrs(t *testing.T) {
 	want = []string{"/ip4/127.0.0.1/tcp/5555", circuit[0].String()}
 	if !sameStrings(got, want) {
 		t.Fatalf("got %v, want %v", got, want)
+	}
+}
+
+// The DHT filters keep peers that are reachable only through a relay out of the routing table and out of
+// look-ups, and let directly connected peers and peers with direct addresses through.
+func TestDHTFiltersSkipRelayOnlyPeers(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	newHost := func() host.Host {
+		h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.DisableRelay())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = h.Close() })
+		return h
+	}
+	self, other := newHost(), newHost()
+	instance, err := kad.New(ctx, self, kad.Mode(kad.ModeServer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer instance.Close()
+
+	circuit := ma.StringCast("/ip4/127.0.0.1/tcp/4001/p2p/" + testRelayID + "/p2p-circuit")
+	rtFilter, queryFilter := relayOnlyRTFilter, relayOnlyQueryFilter
+	if rtFilter(instance, other.ID()) {
+		t.Fatal("a peer we are not connected to passed the routing table filter")
+	}
+	if queryFilter(instance, peer.AddrInfo{ID: other.ID(), Addrs: []ma.Multiaddr{circuit}}) {
+		t.Fatal("a peer with only relay addresses passed the query filter")
+	}
+	if !queryFilter(instance, peer.AddrInfo{ID: other.ID(), Addrs: append([]ma.Multiaddr{circuit}, other.Addrs()...)}) {
+		t.Fatal("a peer with a direct address was filtered out of queries")
+	}
+	if err := self.Connect(ctx, peer.AddrInfo{ID: other.ID(), Addrs: other.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	if !rtFilter(instance, other.ID()) {
+		t.Fatal("a directly connected peer was kept out of the routing table")
+	}
+	if !queryFilter(instance, peer.AddrInfo{ID: other.ID(), Addrs: []ma.Multiaddr{circuit}}) {
+		t.Fatal("a directly connected peer was filtered out of queries")
 	}
 }
