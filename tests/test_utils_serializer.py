@@ -383,3 +383,32 @@ def test_large_documents_with_tuples_are_bounded_at_the_same_depth():
         else:
             with pytest.raises(MSGPackDecodeError, match="nested"):
                 MSGPackSerializer.loads(encoded)
+
+
+def _outcome(encoded: bytes):
+    try:
+        decoded = MSGPackSerializer.loads(encoded)
+    except MSGPackDecodeError:
+        return "refused"
+    return type(decoded), MSGPackSerializer.dumps(decoded)
+
+
+def test_wrapped_and_walked_decoding_agree(monkeypatch):
+    # big documents may have their depth checked by msgpack (decoded inside wrapper arrays) instead of by a walk;
+    # which way is taken only affects speed
+    from hivemind.utils import serializer
+
+    documents = [
+        _padded_nesting(kind, depth, leaf)
+        for kind in ("array", "map")
+        for depth in (1, 63, 64, 65)
+        for leaf in (b"\xc0", b"\x90", MSGPackSerializer.dumps((1, [2])), MSGPackSerializer.dumps(((((((),),),),),)))
+    ]
+    documents += [MSGPackSerializer.dumps([{"k": (i, [i])}, b"x" * 5000]) for i in range(3)]
+    documents += [document[:-1] for document in documents[:8]] + [document + b"\xc0" for document in documents[:8]]
+    monkeypatch.setattr(serializer, "_worth_wrapping", lambda buf: True)
+    wrapped = [_outcome(document) for document in documents]
+    monkeypatch.setattr(serializer, "_worth_wrapping", lambda buf: False)
+    walked = [_outcome(document) for document in documents]
+    assert wrapped == walked
+    assert "refused" in walked and any(outcome != "refused" for outcome in walked)

@@ -43,11 +43,31 @@ _TUPLE_RECURSION = 4  # tuples inside tuples decoded directly by the ext hook (e
 # msgpack's C decoder refuses arrays and maps nested more than 1024 deep (StackError). Decoding a document inside
 # 1024 - MAX_NESTING_DEPTH single-item arrays therefore lets msgpack itself check, at C speed, that the document's own
 # arrays and maps are at most MAX_NESTING_DEPTH deep; then only documents holding tuples need the walk of _resolve.
-# The wrapping costs about as much as walking a few KB of containers, so smaller documents are walked instead (and
-# always with msgpack's pure-python fallback, which has no such limit).
+# The wrapping costs about as much as walking a few KB of containers, so smaller documents (and big ones made of few
+# big strings) are walked instead, as always with msgpack's pure-python fallback, which has no such limit.
 _MSGPACK_MAX_DEPTH = 1024
 _WRAP_MIN_BYTES = 4096
-_CONTAINER_HEADERS = frozenset((*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF))  # first bytes of maps and arrays
+_WRAP_MAX_BYTES_PER_ITEM = 512  # a document whose top-level items are bigger on average is mostly strings or binary
+_FIX_CONTAINERS = range(0x80, 0xA0)  # fixmap and fixarray: the item count is in the low 4 bits
+_BIG_CONTAINERS = {0xDC: 2, 0xDE: 2, 0xDD: 4, 0xDF: 4}  # array and map 16/32: the bytes of the item count
+
+
+def _worth_wrapping(buf: bytes) -> bool:
+    """
+    Whether decoding inside the wrapper (constant cost ~50 us) likely beats walking the decoded document: only for
+    arrays and maps (else nothing outside ext payloads needs checking) that hold many small items, going by the item
+    count in the header. The choice only affects speed: both ways check the same bounds.
+    """
+    first = buf[0]
+    if first in _FIX_CONTAINERS:
+        count = first & 0x0F
+    elif first in _BIG_CONTAINERS:
+        count = int.from_bytes(buf[1 : 1 + _BIG_CONTAINERS[first]], "big")
+    else:
+        return False
+    return count <= 4 or count * _WRAP_MAX_BYTES_PER_ITEM >= len(buf)
+
+
 _C_DECODER = getattr(msgpack.unpackb, "__module__", "") == "msgpack._cmsgpack"
 
 
@@ -267,7 +287,7 @@ class MSGPackSerializer(SerializerBase):
             if (
                 _C_DECODER
                 and len(buf) >= _WRAP_MIN_BYTES
-                and buf[0] in _CONTAINER_HEADERS  # else no arrays or maps outside ext payloads: nothing to check
+                and _worth_wrapping(buf)
                 and 0 <= cls.MAX_NESTING_DEPTH <= _MSGPACK_MAX_DEPTH
             ):
                 decoded, has_tuples = cls._unpack_wrapped(buf)
