@@ -22,7 +22,7 @@ from hivemind.dht.request_checks import (
 )
 from hivemind.dht.routing import DHTID, BinaryDHTValue, RoutingTable, Subkey
 from hivemind.dht.routing_upkeep import RoutingUpkeep
-from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+from hivemind.dht.storage import MAX_DICTIONARY_ENTRIES, DHTLocalStorage, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import dht_pb2
@@ -247,6 +247,9 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         if decoded is None:
             return False
         entries, dropped = decoded
+        if len(entries) > MAX_DICTIONARY_ENTRIES:  # never stored whole: refused without checking each entry
+            self._reject("dictionary_full")
+            return False
         if dropped:
             self.rejected["dropped_dictionary_entry"] += dropped
         all_accepted = len(entries) > 0 and dropped == 0

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import msgpack
 
-from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.dht.storage import MAX_ENCODED_DICTIONARY_BYTES, DictionaryDHTValue
 from hivemind.utils.serializer import MSGPackSerializer
 
 DHTID_NBYTES = 20
@@ -140,7 +140,8 @@ def check_store_item(key: bytes, subkey: bytes, value: bytes, expiration_time: f
     """
     Returns the reason to reject one StoreRequest item, or None if it is well-formed: the subkey and the value must
     decode (see :func:`check_subkey_bytes`, :func:`check_value_bytes`). A whole dictionary (empty subkey) is decoded
-    and checked by the caller with :func:`check_dictionary_entry`.
+    and checked by the caller with :func:`check_dictionary_entry`; one longer than any dictionary within the per-key
+    limits is refused at once (4 MiB of tiny entries took seconds of the event loop to refuse one by one).
     """
     if len(key) != DHTID_NBYTES:
         return "bad_key_length"
@@ -149,8 +150,8 @@ def check_store_item(key: bytes, subkey: bytes, value: bytes, expiration_time: f
         return reason
     if len(subkey) > MAX_SUBKEY_BYTES:
         return "oversize_subkey"
-    if subkey == IS_DICTIONARY:
-        return None
+    if subkey == IS_DICTIONARY:  # checked entry by entry once decoded, unless it could never be stored whole
+        return "dictionary_full" if len(value) > MAX_ENCODED_DICTIONARY_BYTES else None
     if subkey != IS_REGULAR_VALUE:
         reason = check_subkey_bytes(subkey)
         if reason is not None:

@@ -16,6 +16,7 @@ __all__ = [
     "CacheRefreshQueue",
     "MAX_DICTIONARY_ENTRIES",
     "MAX_DICTIONARY_BYTES",
+    "MAX_ENCODED_DICTIONARY_BYTES",
 ]
 
 # Per-key limits of a dictionary value in DHTLocalStorage (storage and cache): a find response (at most 4 MiB) must
@@ -24,6 +25,9 @@ __all__ = [
 MAX_DICTIONARY_ENTRIES = 8192
 MAX_DICTIONARY_BYTES = 1024 * 1024  # the sum of encoded subkeys, values and ENTRY_OVERHEAD_BYTES per entry
 ENTRY_OVERHEAD_BYTES = 16  # what an entry adds to the ext 0x50 encoding beside its subkey and value (at most 15)
+# the ext 0x50 encoding of a dictionary within both limits is at most this long (headers, maxsize and latest expiration
+# take at most 30 bytes): a whole dictionary sent to be stored that is longer could never be stored whole
+MAX_ENCODED_DICTIONARY_BYTES = MAX_DICTIONARY_BYTES + 64
 
 
 @MSGPackSerializer.ext_serializable(0x50)
