@@ -21,9 +21,10 @@ const (
 	defaultLimitMemory         = 4 << 30
 	defaultLimitMemoryPerPeer  = 1 << 30
 	defaultLimitMemoryPerConn  = 512 << 20
-	// transientConns and transientStreams bound connections still in their handshake and streams that have not
-	// yet negotiated a protocol (ours too, for one round trip), all peers together: peers that open them and stop
-	// there tie up at most this many.
+	// transientConns and transientStreams bound inbound connections still in their handshake and inbound streams
+	// that have not yet negotiated a protocol, all peers together: peers that open them and stop there tie up at
+	// most this many. Our own dials and streams also pass through this scope (for one round trip) but are not
+	// counted against these limits, so strangers filling them cannot stop the node from calling its peers.
 	transientConns   = 1024
 	transientStreams = 4096
 	// defaultUnaryReadTimeout: a peer that stops sending in the middle of a unary request is dropped after this.
@@ -41,19 +42,16 @@ const (
 func resourceLimits(o *options) rcmgr.ConcreteLimitConfig {
 	perPeerStreams := rcmgr.LimitVal(o.limitStreamsPerPeer)
 	partial := rcmgr.PartialLimitConfig{
+		// Only the directions are bounded, not their sum: what remote peers open must not use up what the
+		// daemon needs for its own dials and streams (outbound ones are started by the trusted local client).
 		System: rcmgr.ResourceLimits{
-			Conns:         rcmgr.LimitVal(o.limitConns),
 			ConnsInbound:  rcmgr.LimitVal(o.limitConns),
 			ConnsOutbound: rcmgr.LimitVal(o.limitConns),
 			Memory:        rcmgr.LimitVal64(o.limitMemory),
 		},
 		Transient: rcmgr.ResourceLimits{
-			Streams:         transientStreams,
-			StreamsInbound:  transientStreams,
-			StreamsOutbound: transientStreams,
-			Conns:           transientConns,
-			ConnsInbound:    transientConns,
-			ConnsOutbound:   transientConns,
+			StreamsInbound: transientStreams,
+			ConnsInbound:   transientConns,
 		},
 		PeerDefault: rcmgr.ResourceLimits{
 			Streams:         2 * perPeerStreams,
@@ -112,7 +110,8 @@ func addLimitFlags(fs *flag.FlagSet, o *options) {
 		"a peer's unary request (or answer) is dropped when none of its bytes arrive for this long")
 	fs.BoolVar(&o.resourceLimits, "resourceLimits", true,
 		"enables the resource manager with the -limit* limits (0: no limits, as in the original daemon)")
-	fs.IntVar(&o.limitConns, "limitConns", defaultLimitConns, "max connections, all peers together")
+	fs.IntVar(&o.limitConns, "limitConns", defaultLimitConns,
+		"max connections, all peers together, in each direction")
 	fs.IntVar(&o.limitConnsPerPeer, "limitConnsPerPeer", defaultLimitConnsPerPeer, "max connections to one peer")
 	fs.IntVar(&o.limitStreamsPerPeer, "limitStreamsPerPeer", defaultLimitStreamsPerPeer,
 		"max open streams with one peer, in each direction")

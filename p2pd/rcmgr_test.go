@@ -3,6 +3,7 @@ package main
 // Unit tests of the resource manager's limits and their flags (no network).
 
 import (
+	"fmt"
 	"math"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 func parseFlags(t *testing.T, args ...string) *options {
@@ -35,11 +37,12 @@ func TestLimitFlagsReachTheLimiter(t *testing.T) {
 		t.Fatalf("connection limits: %+v", c)
 	}
 	s := limiter.GetSystemLimits()
-	if s.GetConnTotalLimit() != 100 || s.GetMemoryLimit() != 9000000 || s.GetStreamTotalLimit() != math.MaxInt {
+	if s.GetConnLimit(network.DirInbound) != 100 || s.GetConnLimit(network.DirOutbound) != 100 ||
+		s.GetMemoryLimit() != 9000000 || s.GetStreamTotalLimit() != math.MaxInt {
 		t.Fatalf("system limits: %+v", s)
 	}
-	if tr := limiter.GetTransientLimits(); tr.GetStreamTotalLimit() != transientStreams ||
-		tr.GetConnTotalLimit() != transientConns {
+	if tr := limiter.GetTransientLimits(); tr.GetStreamLimit(network.DirInbound) != transientStreams ||
+		tr.GetConnLimit(network.DirInbound) != transientConns {
 		t.Fatalf("transient limits: %+v", tr)
 	}
 	// what the flags do not name stays unlimited: protocols, services, a single stream
@@ -101,5 +104,66 @@ func TestStreamsPerPeerAreRefusedAboveTheLimit(t *testing.T) {
 	}
 	if _, err := rm.OpenStream(peer.ID("honest"), network.DirInbound); err != nil {
 		t.Fatalf("another peer's stream: %v", err)
+	}
+}
+
+// Inbound streams that never negotiate a protocol (a few peer ids suffice) and inbound connections that stall in
+// their handshake (no peer id needed) fill the transient scope; the daemon's own streams and dials pass through
+// that scope too and must still open, else strangers cut the node off from every peer it calls.
+func TestStrangersFillingTheTransientScopeDoNotBlockOurOwnStreamsAndDials(t *testing.T) {
+	rm, err := newResourceManager(parseFlags(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rm.Close()
+	for i := 0; i < transientStreams; i++ {
+		attacker := peer.ID(fmt.Sprintf("attacker-%d", i/defaultLimitStreamsPerPeer))
+		if _, err := rm.OpenStream(attacker, network.DirInbound); err != nil {
+			t.Fatalf("inbound stream %d: %v", i, err)
+		}
+	}
+	if _, err := rm.OpenStream(peer.ID("stranger"), network.DirInbound); err == nil {
+		t.Fatal("inbound streams before protocol negotiation must stay bounded")
+	}
+	if _, err := rm.OpenStream(peer.ID("honest"), network.DirOutbound); err != nil {
+		t.Fatalf("our own stream was refused while strangers fill the transient scope: %v", err)
+	}
+
+	endpoint := ma.StringCast("/ip4/127.0.0.1/tcp/1")
+	for i := 0; i < transientConns; i++ {
+		if _, err := rm.OpenConnection(network.DirInbound, true, endpoint); err != nil {
+			t.Fatalf("inbound connection %d: %v", i, err)
+		}
+	}
+	if _, err := rm.OpenConnection(network.DirInbound, true, endpoint); err == nil {
+		t.Fatal("inbound connections in their handshake must stay bounded")
+	}
+	if _, err := rm.OpenConnection(network.DirOutbound, true, endpoint); err != nil {
+		t.Fatalf("our own dial was refused while strangers fill the transient scope: %v", err)
+	}
+}
+
+// Peers that hold the most inbound connections the daemon accepts do not stop its own dials either.
+func TestStrangersHoldingEveryInboundConnectionDoNotBlockOurOwnDials(t *testing.T) {
+	rm, err := newResourceManager(parseFlags(t, "-limitConns=64", "-limitConnsPerPeer=4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rm.Close()
+	endpoint := ma.StringCast("/ip4/127.0.0.1/tcp/1")
+	for i := 0; i < 64; i++ {
+		scope, err := rm.OpenConnection(network.DirInbound, true, endpoint)
+		if err != nil {
+			t.Fatalf("inbound connection %d: %v", i, err)
+		}
+		if err := scope.SetPeer(peer.ID(fmt.Sprintf("attacker-%d", i/4))); err != nil {
+			t.Fatalf("inbound connection %d: %v", i, err)
+		}
+	}
+	if _, err := rm.OpenConnection(network.DirInbound, true, endpoint); err == nil {
+		t.Fatal("inbound connections must stay bounded by -limitConns")
+	}
+	if _, err := rm.OpenConnection(network.DirOutbound, true, endpoint); err != nil {
+		t.Fatalf("our own dial was refused while strangers hold every inbound connection: %v", err)
 	}
 }
