@@ -40,7 +40,6 @@ from hivemind.p2p import P2P, PeerID  # noqa: E402
 from hivemind.proto import dht_pb2  # noqa: E402
 from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
 
-GET_TIMEOUT = 30.0  # s; an honest get that takes longer counts as failed (every network wait must be bounded)
 ECHO_HANDLER = "hostile_peers.echo"  # a stream handler of the honest peers, as averaging or MoE servers have
 
 
@@ -100,6 +99,7 @@ class Checker:
 
     peers: List[HonestPeer]
     expected: Dict[str, Callable[[object], bool]]
+    get_timeout: float = 30.0  # s; an honest get that takes longer counts as failed (every wait must be bounded)
     phase: str = "baseline"
     ok: Counter = field(default_factory=Counter)
     tried: Counter = field(default_factory=Counter)
@@ -109,13 +109,15 @@ class Checker:
     def check_once(self, index: int) -> None:
         phase = self.phase
         for key, is_correct in self.expected.items():
+            if self.stop.is_set():
+                return
             peer = self.peers[index % len(self.peers)]
             index += 1
             try:
-                found = peer.dht.get(key, latest=True, return_future=True).result(timeout=GET_TIMEOUT)
+                found = peer.dht.get(key, latest=True, return_future=True).result(timeout=self.get_timeout)
                 good = found is not None and is_correct(found.value)
             except TimeoutError:
-                found, good = f"no answer in {GET_TIMEOUT:g} s", False
+                found, good = f"no answer in {self.get_timeout:g} s", False
             except Exception as e:  # a dead or stuck honest peer is a failure like a wrong value
                 found, good = repr(e), False
             self.tried[phase] += 1
@@ -190,12 +192,12 @@ async def run(args) -> dict:
     expected = await asyncio.to_thread(seed_data, peers, args.keys)
     maddrs = [str(m) for peer in peers for m in peer.dht.get_visible_maddrs()]
     attacker = await P2P.create(initial_peers=maddrs, persistent_conn_max_msg_size=64 * 2**20)  # no own limit
-    checker = Checker(peers, expected)
+    checker = Checker(peers, expected, get_timeout=args.get_timeout)
     rss: Dict[str, list] = {}
     results: List[AttackStats] = []
     thread = threading.Thread(target=checker.run, daemon=True)
     try:
-        ctx = AttackContext(attacker, peers, args.scale, random.Random(args.seed))
+        ctx = AttackContext(attacker, peers, args.scale, random.Random(args.seed), hold=args.hold)
         await ctx.prepare()
         # the signed record gets its second version now, so that the replay attack has an old one to replay
         old_signed = await ctx.fetch_raw("honest/signed")
@@ -222,7 +224,7 @@ async def run(args) -> dict:
     finally:
         checker.stop.set()
         if thread.is_alive():
-            await asyncio.to_thread(thread.join)
+            await asyncio.to_thread(thread.join, args.get_timeout + 1)
         rss["end"] = [peer.rss_mib() for peer in peers]
         await attacker.shutdown()
         for peer in peers:
@@ -243,6 +245,8 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of hostile requests")
     parser.add_argument("--settle", type=float, default=2.0, help="s of honest gets after each attack")
+    parser.add_argument("--hold", type=float, default=6.0, help="s to hold half-open streams and 1 GiB headers")
+    parser.add_argument("--get-timeout", type=float, default=30.0, help="s before an honest get counts as failed")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` shows where a stuck run waits

@@ -1,0 +1,56 @@
+"""A short run of benchmarks/hostile_peers.py: 3 honest DHT processes keep answering every get correctly while a
+third-party attacker runs each attack at a small scale, and their memory stays flat."""
+
+import argparse
+import asyncio
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import hostile_peers  # noqa: E402
+from hostile_attacks import ATTACKS  # noqa: E402
+
+MAX_RSS_GROWTH_MIB = 100
+# attacks whose fix has not landed yet; flip them to plain parameters when it does
+KNOWN_FAILURES = {
+    "dictionary_key_inflation": "a DHT call result larger than the pipe buffer (a ~1 MB dictionary) never reaches "
+    "the caller and leaves the DHT handle hung (hivemind/dht/process_channel.py, FINDINGS.md)",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_run():
+    args = argparse.Namespace(
+        peers=3, keys=4, attacks=list(ATTACKS), scale=0.1, settle=0.3, hold=2.0, get_timeout=5.0, seed=0
+    )
+    return asyncio.run(asyncio.wait_for(hostile_peers.run(args), 150))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "attack",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=False))
+        if name in KNOWN_FAILURES
+        else name
+        for name in ATTACKS
+    ],
+)
+def test_honest_gets_all_succeed_during_attack(hostile_run, attack):
+    stats = hostile_run["attacks"][attack]
+    ok, tried = hostile_run["gets"].get(attack, (0, 0))
+    assert "ATTACK ERROR" not in stats["note"], stats["note"]
+    assert stats["tried"] > 0
+    assert tried > 0 and ok == tried, f"{attack}: {ok}/{tried} honest gets correct; {hostile_run['failures']}"
+    assert stats["survived"], f"{attack}: {stats['note']}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_honest_peers_memory_stays_flat(hostile_run):
+    growth = hostile_run["rss_growth_mib"]
+    assert max(growth) < MAX_RSS_GROWTH_MIB, f"RSS growth per honest peer (MiB): {growth}"
