@@ -277,6 +277,9 @@ class ControlClient:
         self._stream_handlers.pop(protocol, None)
 
     async def _on_incoming_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closed:  # accepted while close() ran: it no longer cancels or awaits tasks that start now
+            writer.close()
+            return
         task = asyncio.current_task()
         self._handler_tasks.add(task)
         self._handler_writers.add(writer)
