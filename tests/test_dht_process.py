@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import functools
 import multiprocessing
 import threading
 import time
@@ -19,6 +20,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 _cancelled_in_dht_process = []
+SIZES = [32 * 2**20, 10, 3 * 2**20 + 1]  # far beyond a socket buffer, small, odd
 
 
 class CounterSchema(pydantic.BaseModel):
@@ -276,3 +278,16 @@ def test_start_then_wait_until_ready():
     assert dht.store("started", True, get_dht_time() + 60) and dht.get("started").value is True
     dht.shutdown()
     assert not dht.is_alive()
+
+
+async def large_result(dht: DHT, node: DHTNode, size: int) -> bytes:
+    return b"x" * size
+
+
+@pytest.mark.timeout(60)
+def test_results_larger_than_the_pipe_buffer_arrive_and_the_channel_keeps_working(dht_pair):
+    first, _ = dht_pair
+    futures = [first.run_coroutine(functools.partial(large_result, size=size), return_future=True) for size in SIZES]
+    for size, future in zip(SIZES, futures):
+        assert future.result(timeout=30) == b"x" * size
+    assert first.run_coroutine(count_routing_table) >= 1

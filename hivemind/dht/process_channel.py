@@ -11,6 +11,8 @@ fails every pending call instead of hanging it.
 import asyncio
 import concurrent.futures
 import itertools
+import os
+import queue
 import threading
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
@@ -120,24 +122,48 @@ class ServingEnd:
         self._connection, self._handlers, self._on_closed = connection, handlers, on_closed
         self._tasks: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # answers are written by a thread: a large one must not block the event loop, and an event loop may have made
+        # the socket non-blocking (uvloop does in add_reader), where a plain send stops half-way with EAGAIN
+        self._outgoing: "queue.SimpleQueue[Optional[bytes]]" = queue.SimpleQueue()
+        self._writer: Optional[threading.Thread] = None
 
     def send(self, call_id: int, ok: bool, payload: Any) -> None:
         try:
-            self._connection.send((call_id, ok, payload))
-        except (OSError, EOFError):
-            pass  # the user process is gone
+            message = ForkingPickler.dumps((call_id, ok, payload))
         except Exception as e:  # the result could not be pickled: report that instead
-            self._connection.send((call_id, False, TypeError(f"DHT call result could not be sent back: {e!r}")))
+            error = TypeError(f"DHT call result could not be sent back: {e!r}")
+            message = ForkingPickler.dumps((call_id, False, error))
+        if self._writer is None:  # answers may be sent before start(), e.g. a failed start
+            self._writer = threading.Thread(target=self._write_forever, name="DHT.answers", daemon=True)
+            self._writer.start()
+        self._outgoing.put(bytes(message))
+
+    def _write_forever(self) -> None:
+        while True:
+            message = self._outgoing.get()
+            if message is None:
+                return
+            try:
+                self._connection.send_bytes(message)
+            except (OSError, EOFError, ValueError):
+                return  # the user process is gone (or the connection was closed): nobody is left to answer
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self._connection.fileno(), self._on_readable)
+        os.set_blocking(self._connection.fileno(), True)  # reads are polled first; writes block in the writer thread
 
-    def stop(self) -> None:
+    def stop(self, flush_timeout: float = 10.0) -> None:
+        """Stop reading requests, cancel running calls, and send the answers already queued (bounded wait)."""
         if self._loop is not None and not self._connection.closed:
             self._loop.remove_reader(self._connection.fileno())
         for task in self._tasks.values():
             task.cancel()
+        if self._writer is not None:
+            self._outgoing.put(None)
+            self._writer.join(flush_timeout)
+            if self._writer.is_alive():
+                logger.warning(f"DHT answers were not all delivered within {flush_timeout} s of shutdown")
 
     def close(self) -> None:
         try:
