@@ -124,7 +124,7 @@ class ServingEnd:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         # answers are written by a thread: a large one must not block the event loop, and an event loop may have made
         # the socket non-blocking (uvloop does in add_reader), where a plain send stops half-way with EAGAIN
-        self._outgoing: "queue.SimpleQueue[Optional[bytes]]" = queue.SimpleQueue()
+        self._outgoing: queue.SimpleQueue[Optional[bytes]] = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
 
     def send(self, call_id: int, ok: bool, payload: Any) -> None:
