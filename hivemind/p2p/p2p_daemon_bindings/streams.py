@@ -14,6 +14,7 @@ A peer that announces a gigabyte and sends nothing costs a few kilobytes.
 import asyncio
 import mmap
 import select
+import threading
 from typing import Awaitable, Callable, List, Optional, Tuple, Union
 
 # below this size a payload is read the ordinary way (one small copy is cheaper than the bookkeeping)
@@ -24,13 +25,31 @@ GROWTH_FACTOR = 4  # the bytes copied while growing add up to at most a third of
 # from this size on, a payload is received into an anonymous memory map of its full size: untouched pages take no
 # memory, and glibc would map a buffer of this size afresh anyway (its largest dynamic mmap threshold)
 LAZY_MAPPING_MIN_BYTES = 32 * 1024 * 1024
-# receive buffer for ordinary reads (headers, control messages)
+# receive buffer for ordinary reads (headers, control messages); one per thread, shared by all its connections
 SCRATCH_BUFFER_BYTES = 64 * 1024
 # right after a large payload the next bytes are most likely the header of another one: read only this much, so
 # that the next payload goes to its own buffer instead of through the scratch buffer (two extra copies)
 BOUNDARY_READ_BYTES = 256
 
 ConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+_thread_buffers = threading.local()
+
+
+def _scratch_buffers() -> Tuple[memoryview, memoryview]:
+    """This thread's ``(scratch, boundary scratch)`` receive buffers.
+
+    A transport calls ``buffer_updated`` right after ``get_buffer`` and ``feed_data`` copies the bytes out at once,
+    so every connection of an event loop can receive ordinary reads into the same buffers: a connection costs no
+    64 KiB of its own (a remote peer that opens many idle streams would otherwise make the process commit them).
+    """
+    buffers = getattr(_thread_buffers, "buffers", None)
+    if buffers is None:
+        buffers = _thread_buffers.buffers = (
+            memoryview(bytearray(SCRATCH_BUFFER_BYTES)),
+            memoryview(bytearray(BOUNDARY_READ_BYTES)),
+        )
+    return buffers
 
 
 class DirectStreamReader(asyncio.StreamReader):
@@ -132,8 +151,6 @@ class DirectReadProtocol(asyncio.BufferedProtocol):
         self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._reader = reader
         self._client_connected_cb = client_connected_cb
-        self._scratch = memoryview(bytearray(SCRATCH_BUFFER_BYTES))
-        self._boundary_scratch = memoryview(bytearray(BOUNDARY_READ_BYTES))
         self._writing_paused = False
         self._connection_lost = False
         self._drain_waiters: List[asyncio.Future] = []
@@ -179,7 +196,8 @@ class DirectReadProtocol(asyncio.BufferedProtocol):
         reader = self._reader
         if reader._direct_read_pending():
             return reader._direct_buffer()
-        return self._boundary_scratch if reader._after_direct_read else self._scratch
+        scratch, boundary_scratch = _scratch_buffers()
+        return boundary_scratch if reader._after_direct_read else scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         reader = self._reader
@@ -189,11 +207,11 @@ class DirectReadProtocol(asyncio.BufferedProtocol):
             # a short read after a large payload: if more bytes are waiting, let the reader see this header first,
             # so that a following large payload is received straight into its own buffer
             reader._after_direct_read = False
-            reader.feed_data(self._boundary_scratch[:nbytes])
+            reader.feed_data(_scratch_buffers()[1][:nbytes])
             if nbytes == BOUNDARY_READ_BYTES:
                 reader._pause_until_read()
         else:
-            reader.feed_data(self._scratch[:nbytes])
+            reader.feed_data(_scratch_buffers()[0][:nbytes])
 
     # ---------------------------------------------------------------- sending (what StreamWriter relies on)
 
