@@ -260,7 +260,8 @@ func (d *daemon) startRelayService() error {
 	resources.MaxReservationsPerIP = c.relayMaxReservations
 	resources.MaxReservationsPerASN = c.relayMaxReservations
 	resources.BufferSize = c.relayBufferSize
-	if _, err := relay.New(d.host, relay.WithResources(resources)); err != nil {
+	hints := d.startReservationHints() // relay.go
+	if _, err := relay.New(d.host, relay.WithResources(resources), relay.WithACL(hints)); err != nil {
 		return fmt.Errorf("cannot start the relay service: %v", err)
 	}
 	return nil

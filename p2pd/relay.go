@@ -399,3 +399,79 @@ func relayOnlyQueryFilter(dhtInstance interface{}, info peer.AddrInfo) bool {
 	}
 	return false
 }
+
+const (
+	// reservationHintTTL is the lifetime of the addresses a relay records for the peers holding a reservation with
+	// it; a TTL of its own, which identify's replacement of a peer's addresses leaves alone.
+	reservationHintTTL = 59 * time.Minute
+	// reservationHintInterval is how often those addresses are checked and restored.
+	reservationHintInterval = 2 * time.Second
+)
+
+// reservationHints is the relay service's side: a peer that reserves a slot is reachable through us, so we record
+// <our address>/p2p/<our id>/p2p-circuit among its addresses, and our DHT gives them to peers looking it up. The
+// peer announces the same addresses itself, but identify replaces a peer's addresses with those of each message
+// it receives, and two messages of the peer sent just before and after its addresses changed may be handled in
+// either order: the peer would then stay unknown to the DHT until its addresses change again.
+type reservationHints struct {
+	d     *daemon
+	mu    sync.Mutex
+	peers map[peer.ID]time.Time // peer that asked for a reservation -> when it expires unless renewed
+}
+
+// startReservationHints returns the relay's ACL (which admits everyone and notes who reserves) and keeps the
+// hint addresses until the daemon shuts down.
+func (d *daemon) startReservationHints() *reservationHints {
+	hints := &reservationHints{d: d, peers: map[peer.ID]time.Time{}}
+	go hints.run()
+	return hints
+}
+
+// AllowReserve admits every reservation (the relay's resource limits still apply) and records the hint at once.
+func (r *reservationHints) AllowReserve(p peer.ID, _ ma.Multiaddr) bool {
+	r.mu.Lock()
+	r.peers[p] = time.Now().Add(reservationHintTTL)
+	r.mu.Unlock()
+	r.d.host.Peerstore().AddAddrs(p, r.ownCircuitAddrs(), reservationHintTTL)
+	return true
+}
+
+// AllowConnect admits every relayed connection.
+func (r *reservationHints) AllowConnect(peer.ID, ma.Multiaddr, peer.ID) bool { return true }
+
+func (r *reservationHints) ownCircuitAddrs() []ma.Multiaddr {
+	return circuitAddrs(r.d.host.ID(), r.d.host.Addrs())
+}
+
+func (r *reservationHints) run() {
+	ticker := time.NewTicker(reservationHintInterval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-r.d.ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		now, own := time.Now(), r.ownCircuitAddrs()
+		r.mu.Lock()
+		peers := make(map[peer.ID]time.Time, len(r.peers))
+		for p, expiry := range r.peers {
+			peers[p] = expiry
+		}
+		r.mu.Unlock()
+		for p, expiry := range peers {
+			h := r.d.host
+			if now.After(expiry) || h.Network().Connectedness(p) != network.Connected {
+				// the relay drops the reservation of a peer that disconnects
+				r.mu.Lock()
+				if r.peers[p] == expiry {
+					delete(r.peers, p)
+				}
+				r.mu.Unlock()
+				h.Peerstore().SetAddrs(p, own, 0)
+				continue
+			}
+			h.Peerstore().AddAddrs(p, own, reservationHintTTL)
+		}
+	}
+}

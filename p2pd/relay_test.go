@@ -143,3 +143,56 @@ func TestDHTFiltersSkipRelayOnlyPeers(t *testing.T) {
 		t.Fatal("a directly connected peer was filtered out of queries")
 	}
 }
+
+// A relay records the circuit address of a peer that reserves a slot with it, restores it when identify replaced
+// the peer's addresses, and drops it once the peer disconnects.
+func TestReservationHintsFollowReservingPeer(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	relayHost, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.DisableRelay())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relayHost.Close()
+	peerHost, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.DisableRelay())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peerHost.Close()
+	if err := peerHost.Connect(ctx, peer.AddrInfo{ID: relayHost.ID(), Addrs: relayHost.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+
+	d := &daemon{ctx: ctx, host: relayHost}
+	hints := d.startReservationHints()
+	want := circuitAddrs(relayHost.ID(), relayHost.Addrs())
+	hasHint := func() bool {
+		for _, a := range relayHost.Peerstore().Addrs(peerHost.ID()) {
+			if a.Equal(want[0]) {
+				return true
+			}
+		}
+		return false
+	}
+	waitFor := func(cond func() bool, what string) {
+		t.Helper()
+		deadline := time.Now().Add(3 * reservationHintInterval)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatal(what)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+
+	if !hints.AllowReserve(peerHost.ID(), peerHost.Addrs()[0]) {
+		t.Fatal("a reservation was refused")
+	}
+	if !hasHint() {
+		t.Fatalf("no circuit address recorded for the reserving peer: %v", relayHost.Peerstore().Addrs(peerHost.ID()))
+	}
+	relayHost.Peerstore().SetAddrs(peerHost.ID(), want, 0) // as identify does with a message of other addresses
+	waitFor(hasHint, "the circuit address was not restored")
+	_ = peerHost.Close()
+	waitFor(func() bool { return !hasHint() }, "the circuit address outlived the peer's connection")
+}
