@@ -1,4 +1,4 @@
-"""A closed p2pd client serves no more streams: one accepted while it was closing is dropped, not handled."""
+"""Handler tasks of a p2pd client stay owned: none runs after close, and each unary handler stays cancellable."""
 
 import asyncio
 from types import SimpleNamespace
@@ -8,10 +8,13 @@ from multiaddr import Multiaddr
 from unix_socket_pair import connected_pair
 
 from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
+from hivemind.p2p.p2p_daemon_bindings.persistent import PersistentConnection
 from hivemind.p2p.p2p_daemon_bindings.utils import serialize_delimited
 from hivemind.proto import p2pd_pb2
 
 pytestmark = pytest.mark.timeout(20)
+
+CALL_ID = bytes(range(16))
 
 
 async def test_stream_that_arrives_after_close_is_not_handled(tmp_path):
@@ -33,3 +36,38 @@ async def test_stream_that_arrives_after_close_is_not_handled(tmp_path):
         await asyncio.wait_for(client._on_incoming_stream(reader, writer), 5)
         assert handled == []
         assert writer.is_closing()
+
+
+async def test_unary_handler_for_a_reused_call_id_stays_cancellable(tmp_path):
+    # a remote caller picks the call id: it can leave a call (p2pd sends cancel) and at once call again with the same
+    # id; the first handler's end must not make the connection forget the second one
+    started, cancelled = asyncio.Queue(), asyncio.Queue()
+
+    async def slow(data: bytes, peer) -> bytes:
+        started.put_nowait(data)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.put_nowait(data)
+            raise
+
+    def request(data: bytes) -> bytes:
+        handling = p2pd_pb2.CallUnaryRequest(peer=b"x", proto="slow", data=data)
+        return serialize_delimited(p2pd_pb2.PersistentConnectionResponse(callId=CALL_ID, requestHandling=handling))
+
+    cancel = serialize_delimited(p2pd_pb2.PersistentConnectionResponse(callId=CALL_ID, cancel=p2pd_pb2.Cancel()))
+    async with connected_pair(str(tmp_path / "persistent.sock")) as ((reader, writer), (_, daemon_writer)):
+        connection = PersistentConnection(reader, writer, max_msg_size=2**20)
+        connection._handlers["slow"] = slow
+        connection.start()
+        try:
+            daemon_writer.write(request(b"first"))
+            assert await asyncio.wait_for(started.get(), 5) == b"first"
+            daemon_writer.write(cancel + request(b"second"))  # dispatched before the first handler has ended
+            assert await asyncio.wait_for(cancelled.get(), 5) == b"first"
+            assert await asyncio.wait_for(started.get(), 5) == b"second"
+            await asyncio.sleep(0)  # the first handler's task finishes
+            daemon_writer.write(cancel)
+            assert await asyncio.wait_for(cancelled.get(), 5) == b"second"
+        finally:
+            await connection.close()

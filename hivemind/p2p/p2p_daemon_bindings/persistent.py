@@ -184,7 +184,7 @@ class PersistentConnection:
         if kind == "requestHandling":
             task = asyncio.create_task(self._handle_request(call_id, message.requestHandling))
             self._handler_tasks[call_id] = task
-            task.add_done_callback(lambda _, call_id=call_id: self._handler_tasks.pop(call_id, None))
+            task.add_done_callback(lambda _, call_id=call_id, task=task: self._forget_handler_task(call_id, task))
         elif kind == "cancel" and call_id in self._handler_tasks:
             self._handler_tasks[call_id].cancel()
         else:
@@ -193,6 +193,11 @@ class PersistentConnection:
                 logger.debug(f"Ignoring a {kind} message from p2pd for an unknown call id {call_id.hex()}")
             elif not future.done():
                 future.set_result(message)
+
+    def _forget_handler_task(self, call_id: bytes, task: asyncio.Task) -> None:
+        # the remote caller chooses call ids: a cancelled call's task may end after a new call reused its id
+        if self._handler_tasks.get(call_id) is task:
+            del self._handler_tasks[call_id]
 
     async def _handle_request(self, call_id: bytes, request: p2pd_pb2.CallUnaryRequest) -> None:
         response = p2pd_pb2.CallUnaryResponse()
