@@ -47,7 +47,7 @@ def fuzz_results(tmp_path_factory):
 def test_decoder_refuses_fuzzed_input_with_its_own_errors(fuzz_results, target):
     results, table = fuzz_results
     result = results[target]
+    assert result["crashes"] == 0 and result["hangs"] == 0, f"{target}: {result['crash_notes']}\n{table}"
     assert result["inputs"] > 0, f"{target} ran no input:\n{table}"
     assert not result["harness_errors"], f"the fuzz harness of {target} is broken: {result['harness_errors']}"
-    assert result["crashes"] == 0 and result["hangs"] == 0, f"{target}: {result['crash_notes']}\n{table}"
     assert not result["foreign"], f"{target} let foreign exceptions escape: {result['foreign']}\n{table}"
