@@ -105,7 +105,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 		"maximum number of open relay connections for each peer if -relayService=1")
 	fs.IntVar(&o.relayMaxReservations, "relayMaxReservations", 128,
 		"maximum number of reserved relay slots for each peer if -relayService=1")
-	fs.IntVar(&o.relayBufferSize, "relayBufferSize", 1<<24,
+	fs.IntVar(&o.relayBufferSize, "relayBufferSize", 1<<18,
 		"size (in bytes) of the relayed connection buffers if -relayService=1")
 	fs.Int64Var(&o.relayDataLimit, "relayDataLimit", 1<<32,
 		"maximum data bytes relayed (in each direction) before resetting connection if -relayService=1")

@@ -11,6 +11,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/network"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 )
 
 // Defaults of the -limit* flags.
@@ -27,6 +28,8 @@ const (
 	// counted against these limits, so strangers filling them cannot stop the node from calling its peers.
 	transientConns   = 1024
 	transientStreams = 4096
+	// relayMemoryShare: the relay service's circuit buffers may use 1/relayMemoryShare of -limitMemory.
+	relayMemoryShare = 4
 	// defaultUnaryReadTimeout: a peer that stops sending in the middle of a unary request is dropped after this.
 	defaultUnaryReadTimeout = 60 * time.Second
 )
@@ -63,6 +66,12 @@ func resourceLimits(o *options) rcmgr.ConcreteLimitConfig {
 			Memory:          rcmgr.LimitVal64(o.limitMemoryPerPeer),
 		},
 		Conn: rcmgr.ResourceLimits{Memory: rcmgr.LimitVal64(o.limitMemoryPerConn)},
+		// The relay service reserves the buffers of every circuit it relays in its own scope, not in the relayed
+		// peers' ones (at high priority: up to 80% of the total); a few identities opening idle circuits would
+		// otherwise leave the node's own streams unable to grow their windows (which needs under 50% in use).
+		Service: map[string]rcmgr.ResourceLimits{
+			relay.ServiceName: {Memory: rcmgr.LimitVal64(o.limitMemory / relayMemoryShare)},
+		},
 	}
 	return partial.Build(rcmgr.InfiniteLimits)
 }

@@ -1,0 +1,151 @@
+package main
+
+// Tests of the relay service's limits: what other peers' relayed connections may take from the node.
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+// relayedThroughput sends size bytes from one host to another through a relay with the given buffer size and
+// returns MB/s.
+func relayedThroughput(t *testing.T, bufferSize, size int) float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	newHost := func(opts ...libp2p.Option) host.Host {
+		h, err := libp2p.New(append([]libp2p.Option{libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0")}, opts...)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = h.Close() })
+		return h
+	}
+	relayHost := newHost(libp2p.EnableRelay())
+	resources := relay.DefaultResources()
+	resources.Limit = nil
+	resources.BufferSize = bufferSize
+	if _, err := relay.New(relayHost, relay.WithResources(resources)); err != nil {
+		t.Fatal(err)
+	}
+	relayInfo := peer.AddrInfo{ID: relayHost.ID(), Addrs: relayHost.Addrs()}
+	dst, src := newHost(libp2p.EnableRelay()), newHost(libp2p.EnableRelay())
+	done := make(chan int64, 1)
+	dst.SetStreamHandler("/bench", func(s network.Stream) {
+		n, _ := io.Copy(io.Discard, s)
+		_ = s.Close()
+		done <- n
+	})
+	if err := dst.Connect(ctx, relayInfo); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.Reserve(ctx, dst, relayInfo); err != nil {
+		t.Fatal(err)
+	}
+	circuit, _ := ma.NewMultiaddr(fmt.Sprintf("%s/p2p/%s/p2p-circuit", relayHost.Addrs()[0], relayHost.ID()))
+	if err := src.Connect(ctx, relayInfo); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Connect(ctx, peer.AddrInfo{ID: dst.ID(), Addrs: []ma.Multiaddr{circuit}}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := src.NewStream(network.WithUseTransient(ctx, "bench"), dst.ID(), "/bench")
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	start := time.Now()
+	for sent := 0; sent < size; sent += len(chunk) {
+		if _, err := s.Write(chunk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = s.CloseWrite()
+	if n := <-done; n != int64(size) {
+		t.Fatalf("received %d bytes of %d", n, size)
+	}
+	return float64(size) / time.Since(start).Seconds() / 1e6
+}
+
+// Measurement behind the default -relayBufferSize (REVIEW_RELAY_BENCH=1 go test -run RelayBufferThroughput -v).
+func TestRelayBufferThroughput(t *testing.T) {
+	if os.Getenv("REVIEW_RELAY_BENCH") == "" {
+		t.Skip("set REVIEW_RELAY_BENCH=1 to measure")
+	}
+	for round := 0; round < 4; round++ {
+		for _, size := range []int{16 << 20, 1 << 20, 256 << 10} {
+			t.Logf("buffer %8d: %.0f MB/s", size, relayedThroughput(t, size, 512<<20))
+		}
+	}
+}
+
+// fillRelayScope reserves in the relay service's scope what it reserves for each relayed connection, until it is
+// refused, and returns how many connections were admitted (the reservations are released when t ends).
+func fillRelayScope(t *testing.T, rm network.ResourceManager, bufferSize int) int {
+	var relayScope network.ResourceScopeSpan
+	if err := rm.ViewService(relay.ServiceName, func(s network.ServiceScope) error {
+		var err error
+		relayScope, err = s.BeginSpan()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(relayScope.Done)
+	circuits := 0
+	for ; circuits < 100000; circuits++ {
+		span, err := relayScope.BeginSpan()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if span.ReserveMemory(2*bufferSize, network.ReservationPriorityHigh) != nil {
+			span.Done()
+			break
+		}
+	}
+	return circuits
+}
+
+// Other peers' relayed connections, however many, leave the node enough of the memory limit to grow the receive
+// windows of its own streams (yamux asks for them at priority 128, i.e. while under half of the limit is used).
+func TestRelayedConnectionsLeaveMemoryForOwnStreams(t *testing.T) {
+	o := parseFlags(t)
+	rm, err := newResourceManager(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rm.Close()
+	circuits := fillRelayScope(t, rm, o.relayBufferSize)
+	addr, _ := ma.NewMultiaddr("/ip4/127.0.0.1/tcp/1")
+	conn, err := rm.OpenConnection(network.DirOutbound, true, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Done()
+	if err := conn.ReserveMemory(16<<20, 128); err != nil {
+		t.Fatalf("after %d relayed connections our own stream window cannot grow: %v", circuits, err)
+	}
+}
+
+// With the default flags a relay still serves a thousand relayed connections at once within its share of memory.
+func TestDefaultRelayLimitsAdmitAThousandRelayedConnections(t *testing.T) {
+	o := parseFlags(t)
+	rm, err := newResourceManager(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rm.Close()
+	if circuits := fillRelayScope(t, rm, o.relayBufferSize); circuits < 1000 {
+		t.Fatalf("only %d relayed connections fit with %d-byte buffers", circuits, o.relayBufferSize)
+	}
+}
