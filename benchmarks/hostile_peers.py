@@ -178,10 +178,11 @@ def print_report(results: List[AttackStats], checker: Checker, peers: List[Hones
     total_tried = sum(v for k, v in checker.tried.items() if k != "baseline")
     total_ok = sum(v for k, v in checker.ok.items() if k != "baseline")
     print(f"honest get success during attacks: {total_ok}/{total_tried} = {100 * total_ok / max(total_tried, 1):.2f}%")
-    print("RSS per honest peer (DHT process + p2pd), MiB: after start-up -> end (growth)")
+    stages = [stage for stage in rss if stage != "start"]
+    print(f"RSS per honest peer (DHT process + p2pd), MiB: after start-up -> {' -> '.join(stages)} (growth)")
     for i in range(len(peers)):
-        before, after = rss["start"][i], rss["end"][i]
-        print(f"  peer {i}: {before:7.1f} -> {after:7.1f} ({after - before:+.1f})")
+        figures = " -> ".join(f"{rss[stage][i]:6.1f}" for stage in stages)
+        print(f"  peer {i}: {rss['start'][i]:6.1f} -> {figures} ({rss['end'][i] - rss['start'][i]:+.1f})")
     for failure in checker.failures:
         print(f"  FAILED GET {failure}")
 
@@ -209,16 +210,20 @@ async def run(args) -> dict:
             raise RuntimeError(f"honest gets fail before any attack: {checker.failures}")
         rss["start"] = [peer.rss_mib() for peer in peers]
         thread.start()
-        for name in args.attacks:
-            checker.phase = name
-            try:
-                stats = await ATTACKS[name](ctx)
-            except Exception as e:  # a bug of the attack itself: report it, go on with the others
-                stats = AttackStats(name, note=f"ATTACK ERROR {e!r:.150}")
-            await asyncio.sleep(args.settle)  # let honest gets run right after the attack as well
-            stats.survived = all(peer.alive() for peer in peers)
-            results.append(stats)
-            print(f"  {name}: tried {stats.tried}, refused {stats.refused} ({time.monotonic() - started:.0f} s)")
+        for round_index in range(args.rounds):
+            for name in args.attacks:
+                label = name if args.rounds == 1 else f"{name}#{round_index + 1}"
+                checker.phase = label
+                try:
+                    stats = await ATTACKS[name](ctx)
+                except Exception as e:  # a bug of the attack itself: report it, go on with the others
+                    stats = AttackStats(name, note=f"ATTACK ERROR {e!r:.150}")
+                stats.name = label
+                await asyncio.sleep(args.settle)  # let honest gets run right after the attack as well
+                stats.survived = all(peer.alive() for peer in peers)
+                results.append(stats)
+                print(f"  {label}: tried {stats.tried}, refused {stats.refused} ({time.monotonic() - started:.0f} s)")
+            rss[f"round {round_index + 1}"] = [peer.rss_mib() for peer in peers]
         checker.phase = "after"
         await asyncio.sleep(args.settle)
     finally:
@@ -234,6 +239,7 @@ async def run(args) -> dict:
         attacks={s.name: dict(tried=s.tried, refused=s.refused, survived=s.survived, note=s.note) for s in results},
         gets={phase: (checker.ok[phase], checker.tried[phase]) for phase in checker.tried},
         rss_growth_mib=[after - before for before, after in zip(rss["start"], rss["end"])],
+        rss_mib=rss,
         failures=checker.failures,
     )
 
@@ -243,6 +249,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=8, help="honest peers")
     parser.add_argument("--keys", type=int, default=16, help="honest regular keys")
     parser.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--rounds", type=int, default=1, help="run the attacks this many times (RSS after each)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of hostile requests")
     parser.add_argument("--settle", type=float, default=2.0, help="s of honest gets after each attack")
     parser.add_argument("--hold", type=float, default=6.0, help="s to hold half-open streams and 1 GiB headers")
