@@ -163,7 +163,7 @@ func TestReservationHintsFollowReservingPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	d := &daemon{ctx: ctx, host: relayHost}
+	d := &daemon{ctx: ctx, host: relayHost, cfg: &config{options: parseFlags(t)}}
 	hints := d.startReservationHints()
 	want := circuitAddrs(relayHost.ID(), relayHost.Addrs())
 	hasHint := func() bool {

@@ -4,6 +4,7 @@ package main
 // records their circuit addresses, and the DHT keeps away from them (relay.go holds the reservations themselves).
 
 import (
+	"net"
 	"sync"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 )
 
 // hasDirectConn reports whether we have a connection to p that does not go through a relay.
@@ -58,33 +60,90 @@ const (
 	reservationHintTTL = 59 * time.Minute
 	// reservationHintInterval is how often those addresses are checked and restored.
 	reservationHintInterval = 2 * time.Second
+	// relayGrantsPerHeld: go-libp2p's relay refuses reservations once relayGrantsPerHeld * -relayMaxReservations
+	// were granted in the last 30 minutes, held or not (from one IP address: a quarter of that).
+	relayGrantsPerHeld = 8
+	// relaySourceShare: the peers of one public IPv4 address or IPv6 /64 network hold at most
+	// 1/relaySourceShare of the -relayMaxReservations slots.
+	relaySourceShare = 4
 )
 
-// reservationHints is the relay service's side: a peer that reserves a slot is reachable through us, so we record
-// <our address>/p2p/<our id>/p2p-circuit among its addresses, and our DHT gives them to peers looking it up. The
-// peer announces the same addresses itself, but identify replaces a peer's addresses with those of each message
-// it receives, and two messages of the peer sent just before and after its addresses changed may be handled in
-// either order: the peer would then stay unknown to the DHT until its addresses change again.
-type reservationHints struct {
-	d     *daemon
-	mu    sync.Mutex
-	peers map[peer.ID]time.Time // peer that asked for a reservation -> when it expires unless renewed
+// reservationHint is a peer holding a reservation with our relay service.
+type reservationHint struct {
+	expiry time.Time // when the reservation expires unless renewed
+	source string    // the public IPv4 address or IPv6 /64 network it reserved from; "" for a private one
 }
 
-// startReservationHints returns the relay's ACL (which admits everyone and notes who reserves) and keeps the
-// hint addresses until the daemon shuts down.
+// reservationHints is the relay service's side: it admits reservations and notes who holds one. A peer that
+// reserves a slot is reachable through us, so we record <our address>/p2p/<our id>/p2p-circuit among its
+// addresses, and our DHT gives them to peers looking it up. The peer announces the same addresses itself, but
+// identify replaces a peer's addresses with those of each message it receives, and two messages of the peer sent
+// just before and after its addresses changed may be handled in either order: the peer would then stay unknown to
+// the DHT until its addresses change again.
+type reservationHints struct {
+	d         *daemon
+	maxHeld   int // -relayMaxReservations
+	maxSource int // reservations held from one public source
+	mu        sync.Mutex
+	peers     map[peer.ID]reservationHint
+}
+
+// startReservationHints returns the relay's ACL and keeps the hint addresses until the daemon shuts down.
 func (d *daemon) startReservationHints() *reservationHints {
-	hints := &reservationHints{d: d, peers: map[peer.ID]time.Time{}}
+	maxHeld := d.cfg.relayMaxReservations
+	maxSource := maxHeld / relaySourceShare
+	if maxSource < 1 {
+		maxSource = 1
+	}
+	hints := &reservationHints{d: d, maxHeld: maxHeld, maxSource: maxSource, peers: map[peer.ID]reservationHint{}}
 	go hints.run()
 	return hints
 }
 
-// AllowReserve admits every reservation (the relay's resource limits still apply) and records the hint at once.
-func (r *reservationHints) AllowReserve(p peer.ID, _ ma.Multiaddr) bool {
-	r.mu.Lock()
-	r.peers[p] = time.Now().Add(reservationHintTTL)
-	r.mu.Unlock()
+// reservationSource is the public IPv4 address or IPv6 /64 network of a; "" for any other address.
+func reservationSource(a ma.Multiaddr) string {
+	if a == nil || !manet.IsPublicAddr(a) {
+		return ""
+	}
+	ip, err := manet.ToIP(a)
+	if err != nil {
+		return ""
+	}
+	if ip4 := ip.To4(); ip4 != nil {
+		return ip4.String()
+	}
+	return ip.Mask(net.CIDRMask(64, 128)).String()
+}
+
+// AllowReserve admits a reservation (see admit) and records the hint at once.
+func (r *reservationHints) AllowReserve(p peer.ID, a ma.Multiaddr) bool {
+	r.forgetDisconnected()
+	if !r.admit(p, reservationSource(a)) {
+		return false
+	}
 	r.d.host.Peerstore().AddAddrs(p, r.ownCircuitAddrs(), reservationHintTTL)
+	return true
+}
+
+// admit notes p as holding a reservation: a renewal, or a new reservation while fewer than -relayMaxReservations
+// peers hold one (peers that left freed theirs) and fewer than a quarter of them reserved from the same public
+// source; false when refused.
+func (r *reservationHints) admit(p peer.ID, source string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, renewing := r.peers[p]; !renewing {
+		fromSource := 0
+		for _, h := range r.peers {
+			if source != "" && h.source == source {
+				fromSource++
+			}
+		}
+		if len(r.peers) >= r.maxHeld || fromSource >= r.maxSource {
+			log.Debugw("relay reservation refused", "peer", p, "held", len(r.peers), "fromSameAddress", fromSource)
+			return false
+		}
+	}
+	r.peers[p] = reservationHint{expiry: time.Now().Add(reservationHintTTL), source: source}
 	return true
 }
 
@@ -93,6 +152,33 @@ func (r *reservationHints) AllowConnect(peer.ID, ma.Multiaddr, peer.ID) bool { r
 
 func (r *reservationHints) ownCircuitAddrs() []ma.Multiaddr {
 	return circuitAddrs(r.d.host.ID(), r.d.host.Addrs())
+}
+
+// forgetDisconnected drops the peers that no longer hold a reservation (the relay drops the reservation of a peer
+// that disconnects) and the circuit addresses recorded for them.
+func (r *reservationHints) forgetDisconnected() {
+	now, h := time.Now(), r.d.host
+	r.mu.Lock()
+	peers := make(map[peer.ID]reservationHint, len(r.peers))
+	for p, hint := range r.peers {
+		peers[p] = hint
+	}
+	r.mu.Unlock()
+	var own []ma.Multiaddr
+	for p, hint := range peers { // the host is asked without r.mu
+		if now.Before(hint.expiry) && h.Network().Connectedness(p) == network.Connected {
+			continue
+		}
+		r.mu.Lock()
+		if r.peers[p] == hint {
+			delete(r.peers, p)
+		}
+		r.mu.Unlock()
+		if own == nil {
+			own = r.ownCircuitAddrs()
+		}
+		h.Peerstore().SetAddrs(p, own, 0)
+	}
 }
 
 func (r *reservationHints) run() {
@@ -104,26 +190,16 @@ func (r *reservationHints) run() {
 			return
 		case <-ticker.C:
 		}
-		now, own := time.Now(), r.ownCircuitAddrs()
+		r.forgetDisconnected()
+		own := r.ownCircuitAddrs()
 		r.mu.Lock()
-		peers := make(map[peer.ID]time.Time, len(r.peers))
-		for p, expiry := range r.peers {
-			peers[p] = expiry
+		peers := make([]peer.ID, 0, len(r.peers))
+		for p := range r.peers {
+			peers = append(peers, p)
 		}
 		r.mu.Unlock()
-		for p, expiry := range peers {
-			h := r.d.host
-			if now.After(expiry) || h.Network().Connectedness(p) != network.Connected {
-				// the relay drops the reservation of a peer that disconnects
-				r.mu.Lock()
-				if r.peers[p] == expiry {
-					delete(r.peers, p)
-				}
-				r.mu.Unlock()
-				h.Peerstore().SetAddrs(p, own, 0)
-				continue
-			}
-			h.Peerstore().AddAddrs(p, own, reservationHintTTL)
+		for _, p := range peers {
+			r.d.host.Peerstore().AddAddrs(p, own, reservationHintTTL)
 		}
 	}
 }

@@ -149,3 +149,97 @@ func TestDefaultRelayLimitsAdmitAThousandRelayedConnections(t *testing.T) {
 		t.Fatalf("only %d relayed connections fit with %d-byte buffers", circuits, o.relayBufferSize)
 	}
 }
+
+// startTestRelay starts a relay service on 127.0.0.1 with the flags given, and returns its host and address.
+func startTestRelay(t *testing.T, ctx context.Context, args ...string) (host.Host, peer.AddrInfo) {
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.EnableRelay())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Close() })
+	d := &daemon{ctx: ctx, host: h, cfg: &config{options: parseFlags(t, args...)}}
+	if err := d.startRelayService(); err != nil {
+		t.Fatal(err)
+	}
+	return h, peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}
+}
+
+// reserveFromNewPeer starts a host that connects to the relay and asks it for a reservation.
+func reserveFromNewPeer(t *testing.T, ctx context.Context, relayInfo peer.AddrInfo) (host.Host, error) {
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.EnableRelay())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Close() })
+	if err := h.Connect(ctx, relayInfo); err != nil {
+		t.Fatal(err)
+	}
+	_, err = client.Reserve(ctx, h, relayInfo)
+	return h, err
+}
+
+// Reservation slots are those held now: peers that reserved and left (here, throwaway identities) do not keep
+// honest peers from reserving. go-libp2p's own count keeps every reservation granted in the last 30 minutes.
+func TestRelayReservationSlotsOfPeersThatLeftAreFree(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, relayInfo := startTestRelay(t, ctx, "-relayMaxReservations=2")
+	for i := 0; i < 2; i++ {
+		h, err := reserveFromNewPeer(t, ctx, relayInfo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = h.Close()
+	}
+	if _, err := reserveFromNewPeer(t, ctx, relayInfo); err != nil {
+		t.Fatalf("a reservation was refused although no other peer holds one: %v", err)
+	}
+}
+
+// Peers that hold reservations use at most -relayMaxReservations slots together.
+func TestRelayReservationsAboveTheLimitAreRefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, relayInfo := startTestRelay(t, ctx, "-relayMaxReservations=2")
+	for i := 0; i < 2; i++ {
+		if _, err := reserveFromNewPeer(t, ctx, relayInfo); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := reserveFromNewPeer(t, ctx, relayInfo); err == nil {
+		t.Fatal("a third reservation was granted with -relayMaxReservations=2")
+	}
+}
+
+// Peers reserving from one public IPv4 address (or IPv6 /64 network) hold at most a quarter of the slots; private
+// addresses (a LAN, 127.0.0.1) have no such limit.
+func TestRelayReservationsFromOnePublicAddressAreLimited(t *testing.T) {
+	hints := &reservationHints{maxHeld: 8, maxSource: 2, peers: map[peer.ID]reservationHint{}}
+	source := func(s string) string { return reservationSource(mustAddrs(t, s)[0]) }
+	if a, b := source("/ip6/2001:db8:1:2::1/tcp/1"), source("/ip6/2001:db8:1:2:ffff::9/tcp/2"); a != b || a == "" {
+		t.Fatalf("two addresses of one IPv6 /64 network give sources %q and %q", a, b)
+	}
+	if s := source("/ip4/192.168.1.5/tcp/1"); s != "" {
+		t.Fatalf("a private address gives the source %q", s)
+	}
+	attacker, other := source("/ip4/1.2.3.4/tcp/1"), source("/ip4/5.6.7.8/tcp/1")
+	for i := 0; i < 2; i++ {
+		if !hints.admit(peer.ID(fmt.Sprint("attacker-", i)), attacker) {
+			t.Fatalf("reservation %d from one public address was refused", i)
+		}
+	}
+	if hints.admit("attacker-2", attacker) {
+		t.Fatal("a third reservation from one public address was granted with maxSource=2")
+	}
+	if !hints.admit("attacker-0", attacker) {
+		t.Fatal("a renewal was refused")
+	}
+	for i := 0; i < 3; i++ {
+		if !hints.admit(peer.ID(fmt.Sprint("lan-", i)), "") {
+			t.Fatalf("reservation %d from a private address was refused", i)
+		}
+	}
+	if !hints.admit("honest", other) {
+		t.Fatal("a reservation from another public address was refused")
+	}
+}
