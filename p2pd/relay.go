@@ -260,6 +260,11 @@ func (k *relayKeeper) candidates(now time.Time, wanted int) []peer.AddrInfo {
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	for relayID, until := range k.backoff { // every relay that ever failed would stay here otherwise
+		if !now.Before(until) {
+			delete(k.backoff, relayID)
+		}
+	}
 	var out []peer.AddrInfo
 	listed := map[peer.ID]bool{}
 	for _, info := range append(append(append([]peer.AddrInfo(nil), k.d.cfg.trustedRelays...), public...), private...) {

@@ -243,3 +243,19 @@ func TestRelayReservationsFromOnePublicAddressAreLimited(t *testing.T) {
 		t.Fatal("a reservation from another public address was refused")
 	}
 }
+
+// The relay keeper forgets relays whose back-off after a failed reservation has passed, instead of keeping an
+// entry for every relay that ever failed.
+func TestRelayKeeperForgetsPassedBackoffs(t *testing.T) {
+	d := &daemon{cfg: &config{options: &options{}}}
+	k := newRelayKeeper(d)
+	now := time.Now()
+	for i := 0; i < 100; i++ {
+		k.backoff[peer.ID(fmt.Sprint("failed-relay-", i))] = now.Add(-time.Second)
+	}
+	k.backoff["recent"] = now.Add(time.Minute)
+	k.candidates(now, 1)
+	if len(k.backoff) != 1 {
+		t.Fatalf("%d back-off entries kept, want 1 (the one not yet passed)", len(k.backoff))
+	}
+}
