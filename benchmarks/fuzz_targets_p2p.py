@@ -10,12 +10,13 @@ import asyncio
 import collections
 import math
 import mmap
-from typing import List
+from typing import Dict, List
 
 import msgpack
 from fuzz_targets import (
     _DEEP,
     _DICTIONARY_INPUTS,
+    _MSGPACK_OBJECTS,
     _MSGPACK_SEEDS,
     _MUTATION,
     _NOW,
@@ -35,7 +36,9 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.rate_limit import PeerRateLimiter
 from hivemind.dht.request_checks import RequestRejected
 from hivemind.dht.routing import DHTID, RoutingTable
+from hivemind.dht.schema import SchemaValidator, conbytes
 from hivemind.dht.storage import DHTLocalStorage
+from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.p2p.framing import FramingError, encode_frame, receive_protobuf
 from hivemind.p2p.p2p_daemon_bindings import shm_pipe
@@ -315,9 +318,91 @@ _RECORD_INPUTS = st.builds(
     st.lists(_MUTATION, max_size=2),
 )
 
+# ----------------------------------------------------------------------------------------------- DHT schemas
+
+
+class RecordRefused(Exception):
+    """Raised by the harness when a record validator returns False (its own way of refusing a record)."""
+
+
+def _schema_validators() -> List[SchemaValidator]:
+    import pydantic
+    from pydantic import v1 as pydantic_v1
+
+    class Modern(pydantic.BaseModel):
+        count: int
+        name: str
+        blob: conbytes(max_length=8)
+        table: Dict[bytes, int]
+        nested: Dict[str, List[float]]
+
+    class Legacy(pydantic_v1.BaseModel):  # a schema written for hivemind 1.1 (pydantic v1 coerces)
+        count: int
+        name: str
+        blob: bytes
+        table: Dict[bytes, int]
+        nested: Dict[str, List[float]]
+
+    return [SchemaValidator(Modern, allow_extra_keys=False), SchemaValidator(Legacy, allow_extra_keys=False)]
+
+
+_SCHEMA_VALIDATORS: List[SchemaValidator] = []
+SCHEMA_FIELDS = ["count", "name", "blob", "table", "nested", "unknown"]
+
+
+def decode_schema_record(data: bytes) -> bool:
+    """[schema index, field index, subkey bytes, value bytes] -> SchemaValidator.validate: a bool, never an error."""
+    if not _SCHEMA_VALIDATORS:
+        _SCHEMA_VALIDATORS.extend(_schema_validators())
+    schema_index, field_index, subkey, value = msgpack.unpackb(data)
+    key = DHTID.generate(source=SCHEMA_FIELDS[field_index % len(SCHEMA_FIELDS)]).to_bytes()
+    validator = _SCHEMA_VALIDATORS[schema_index % len(_SCHEMA_VALIDATORS)]
+    if not validator.validate(DHTRecord(key, subkey, value, _NOW + 60)):
+        raise RecordRefused("the validator refused the record")
+    field = SCHEMA_FIELDS[field_index % len(SCHEMA_FIELDS)]
+    if subkey == b"\xc0" and field in _EXPECTED_TYPES:  # an accepted value was not coerced (pydantic v1 would)
+        decoded = MSGPackSerializer.loads(value)
+        assert isinstance(decoded, _EXPECTED_TYPES[field]), f"{field} accepted a {type(decoded).__name__}"
+    return True
+
+
+_EXPECTED_TYPES = {"count": (int, float), "name": str, "blob": bytes}
+
+
+def _schema_record(schema_index, field_index, subkey, value) -> bytes:
+    return msgpack.packb([schema_index, field_index, subkey, value], use_bin_type=True)
+
+
+_SCHEMA_INPUTS = st.builds(
+    _schema_record,
+    st.integers(0, 1),
+    st.integers(0, len(SCHEMA_FIELDS) - 1),
+    st.just(b"\xc0")
+    | st.one_of(st.binary(max_size=6), st.text(max_size=6), _MSGPACK_OBJECTS).map(MSGPackSerializer.dumps)
+    | st.binary(max_size=8),
+    st.one_of(  # values of each field's type (and near misses) as well as anything at all
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats(),
+        st.booleans(),
+        st.text(max_size=8),
+        st.binary(max_size=12),
+        st.lists(st.floats() | st.integers(-10, 10), max_size=3),
+        _MSGPACK_OBJECTS,
+    ).map(MSGPackSerializer.dumps)
+    | mutated(_MSGPACK_SEEDS)
+    | _DEEP,
+)
+
 
 def p2p_targets() -> List[FuzzTarget]:
     return [
+        FuzzTarget(
+            "dht_schema",
+            decode_schema_record,
+            (RecordRefused,),
+            _SCHEMA_INPUTS,
+            "records under pydantic v2 / v1 schema keys -> SchemaValidator.validate (returns a bool, never raises)",
+        ),
         FuzzTarget(
             "dht_store_request",
             decode_store_request,
