@@ -255,8 +255,6 @@ func (d *daemon) startRelayService() error {
 	resources := relay.DefaultResources()
 	resources.Limit = &relay.RelayLimit{Duration: c.relayTimeLimit, Data: c.relayDataLimit}
 	resources.MaxCircuits = c.relayMaxCircuits
-	// go-libp2p counts the reservations granted in the last 30 minutes, held or not: its limits only bound the
-	// rate of new ones; those held at once are limited by the ACL (relayhints.go)
 	resources.MaxReservations = relayGrantsPerHeld * c.relayMaxReservations
 	resources.MaxReservationsPerPeer = c.relayMaxReservations
 	resources.MaxReservationsPerIP = relayGrantsPerHeld * c.relayMaxReservations / relaySourceShare

@@ -61,7 +61,8 @@ const (
 	// reservationHintInterval is how often those addresses are checked and restored.
 	reservationHintInterval = 2 * time.Second
 	// relayGrantsPerHeld: go-libp2p's relay refuses reservations once relayGrantsPerHeld * -relayMaxReservations
-	// were granted in the last 30 minutes, held or not (from one IP address: a quarter of that).
+	// were granted in the last 30 minutes, held or not (from one IP address: a quarter of that), so its limits
+	// (set in startRelayService) only bound the rate of new ones; reservationHints limits those held at once.
 	relayGrantsPerHeld = 8
 	// relaySourceShare: the peers of one public IPv4 address or IPv6 /64 network hold at most
 	// 1/relaySourceShare of the -relayMaxReservations slots.
