@@ -4,6 +4,7 @@ package main
 // records their circuit addresses, and the DHT keeps away from them (relay.go holds the reservations themselves).
 
 import (
+	"fmt"
 	"net"
 	"sync"
 	"time"
@@ -203,4 +204,24 @@ func (r *reservationHints) run() {
 			r.d.host.Peerstore().AddAddrs(p, own, reservationHintTTL)
 		}
 	}
+}
+
+// checkRelayServiceOptions validates the relay service's -relay* limits: each must be positive (a buffer of 0
+// bytes would make every relayed connection spin on empty reads; 0 for the others refuses or cuts everything).
+func checkRelayServiceOptions(o *options) error {
+	for _, l := range []struct {
+		name  string
+		value int64
+	}{
+		{"relayMaxCircuits", int64(o.relayMaxCircuits)},
+		{"relayMaxReservations", int64(o.relayMaxReservations)},
+		{"relayBufferSize", int64(o.relayBufferSize)},
+		{"relayDataLimit", o.relayDataLimit},
+		{"relayTimeLimit", int64(o.relayTimeLimit)},
+	} {
+		if l.value <= 0 {
+			return fmt.Errorf("-%s must be positive, got %d (use -relayService=0 to stop relaying)", l.name, l.value)
+		}
+	}
+	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -257,5 +258,21 @@ func TestRelayKeeperForgetsPassedBackoffs(t *testing.T) {
 	k.candidates(now, 1)
 	if len(k.backoff) != 1 {
 		t.Fatalf("%d back-off entries kept, want 1 (the one not yet passed)", len(k.backoff))
+	}
+}
+
+// Relay service limits of 0 or below are refused at start-up, with the flag's name.
+func TestRelayServiceFlagsMustBePositive(t *testing.T) {
+	if err := checkRelayServiceOptions(parseFlags(t)); err != nil {
+		t.Fatalf("the defaults are refused: %v", err)
+	}
+	for _, flag := range []string{"relayMaxCircuits", "relayMaxReservations", "relayBufferSize", "relayDataLimit"} {
+		err := checkRelayServiceOptions(parseFlags(t, "-"+flag+"=0"))
+		if err == nil || !strings.Contains(err.Error(), flag) {
+			t.Fatalf("-%s=0: got %v", flag, err)
+		}
+	}
+	if err := checkRelayServiceOptions(parseFlags(t, "-relayTimeLimit=0s")); err == nil {
+		t.Fatal("-relayTimeLimit=0s was accepted")
 	}
 }
