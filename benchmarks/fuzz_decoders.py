@@ -250,14 +250,14 @@ def run_child(args, names: List[str], seconds: List[float], seed: int, results: 
     finally:
         reader.close()
         returncode = process.wait()
-    if current is None or current.done and problem is None and returncode == 0:
-        if returncode != 0 and current is None:
+    if current is None:
+        if returncode != 0:
             raise RuntimeError(f"fuzz child failed to start (exit {returncode}); see {stderr_path}")
         return
+    if problem is None and returncode == 0:
+        return  # every target ran its time
     with open(stderr_path, "rb") as f:
         tail = f.read()[-4000:].decode(errors="replace")
-    if problem is None and returncode == 0:
-        return
     if problem == "hang":
         current.hangs += 1
         kind = "hang"

@@ -188,7 +188,9 @@ def _nested(depth: int, kind: str) -> bytes:
     if kind == "map":
         return b"\x81\xc0" * depth + b"\xc0"
     inner = msgpack.packb(None)
-    for _ in range(depth):  # a tuple (ext 0x40) holding an array holding the next tuple
+    # a tuple (ext 0x40) holding an array holding the next tuple; building costs depth**2 bytes of copying, and 300
+    # levels were enough to crash the decoder before it was bounded
+    for _ in range(min(depth, 2000)):
         payload = b"\x91" + inner
         inner = msgpack.packb(msgpack.ExtType(0x40, payload))
     return inner
