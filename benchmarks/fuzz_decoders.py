@@ -27,6 +27,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -346,7 +347,7 @@ def main() -> None:
     parser.add_argument("--startup-seconds", type=float, default=60.0, help="extra patience while a child imports")
     parser.add_argument("--max-rss-mb", type=int, default=3072)
     parser.add_argument("--max-alloc-mb", type=int, default=1024, help="address space a child may add (0: no cap)")
-    parser.add_argument("--findings-dir", default="fuzz-findings")
+    parser.add_argument("--findings-dir", default=os.path.join(tempfile.gettempdir(), "hivemind-fuzz-findings"))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--reproduce", nargs=2, metavar=("TARGET", "FILE"), help="replay one saved input")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
