@@ -7,7 +7,7 @@ from typing import AsyncIterator
 import psutil
 import pytest
 
-from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, ServicerBase
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, ServicerBase, framing
 from hivemind.p2p.framing import MESSAGE_MARKER, MessageTooLargeError, encode_header
 from hivemind.p2p.p2p_daemon import P2PTimeoutError
 from hivemind.p2p.p2p_daemon_bindings import shm_pipe, streams
@@ -251,3 +251,38 @@ async def test_shutdown_cancels_and_awaits_every_task_it_owns():
     await caller.shutdown()
     leftovers = [task for task in asyncio.all_tasks() - tasks_before if task is not asyncio.current_task()]
     assert not leftovers, f"tasks left running after shutdown: {leftovers}"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [encode_header(MESSAGE_MARKER, 100)[:3], encode_header(MESSAGE_MARKER, 100) + b"x" * 10],
+    ids=["header", "payload"],
+)
+async def test_a_frame_left_unfinished_is_dropped_after_the_stall_timeout(p2p_pair, pipes_setting, sent, monkeypatch):
+    monkeypatch.setattr(framing, "FRAME_STALL_TIMEOUT", 0.5)
+    server, attacker = p2p_pair
+    await server.add_protobuf_handler("total", total, Request, stream_input=True)
+    _, reader, writer = await attacker.call_binary_stream_handler(server.peer_id, "total")
+    writer.write(sent)
+    await writer.drain()
+    started = time.monotonic()
+    await asyncio.wait_for(reader.read(), 10)  # everything the server sends until it closes the stream
+    assert time.monotonic() - started < 5
+    assert await server_total(attacker, server, [4, 5]) == 9
+    writer.close()
+
+
+async def test_a_stream_may_stay_idle_between_frames_beyond_the_stall_timeout(p2p_pair, monkeypatch):
+    monkeypatch.setattr(framing, "FRAME_STALL_TIMEOUT", 0.2)
+    server, caller = p2p_pair
+    await server.add_protobuf_handler("total", total, Request, stream_input=True)
+
+    async def slow_requests():
+        for number in (1, 2):
+            yield Request(number=number)
+            await asyncio.sleep(0.6)
+
+    response = await asyncio.wait_for(
+        caller.call_protobuf_handler(server.peer_id, "total", slow_requests(), Response), 10
+    )
+    assert response.number == 3

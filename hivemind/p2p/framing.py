@@ -5,7 +5,7 @@ large payloads (header and payload are written separately, each payload is read 
 """
 
 import asyncio
-from typing import List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Awaitable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from google.protobuf.message import Message
 
@@ -24,6 +24,11 @@ MAX_FRAME_PAYLOAD = 2**31 - 1
 # the largest message a stream handler (or a caller, for responses) accepts unless told otherwise: frames that
 # announce more are refused before anything is allocated for them
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024**2
+# a frame that has started must keep arriving: its header within FRAME_STALL_TIMEOUT seconds of its first byte, its
+# payload within FRAME_STALL_TIMEOUT seconds plus one second per MIN_FRAME_RATE bytes; a stream may stay idle between
+# frames for as long as the caller likes
+FRAME_STALL_TIMEOUT = 60.0
+MIN_FRAME_RATE = 64 * 1024
 # below this size, header and payload are joined into one write (one syscall beats one small copy)
 JOIN_WRITE_THRESHOLD = 64 * 1024
 
@@ -145,18 +150,20 @@ async def receive_protobuf(
     :raises MessageTooLargeError: the frame announces more than ``max_message_size`` bytes
     :raises FramingError: unknown marker, impossible length, or the stream ended inside a frame
     """
+    first_byte = await reader.readexactly(1)  # IncompleteReadError with nothing read: the stream ended between frames
     try:
-        header = await reader.readexactly(FRAME_HEADER_LEN)
+        header = first_byte + await _in_time(reader.readexactly(FRAME_HEADER_LEN - 1), FRAME_STALL_TIMEOUT, "header")
     except asyncio.IncompleteReadError as e:
-        if e.partial:
-            got = len(e.partial)
-            raise FramingError(f"Stream closed inside a frame header ({got} of {FRAME_HEADER_LEN} bytes)") from None
-        raise
+        got = 1 + len(e.partial)
+        raise FramingError(f"Stream closed inside a frame header ({got} of {FRAME_HEADER_LEN} bytes)") from None
     marker, length = decode_header(header)
     _check_size(length, max_message_size)
     read_payload = getattr(reader, "read_payload", reader.readexactly)  # no intermediate copies when available
     try:
-        payload = await read_payload(length) if length else b""
+        if length:
+            payload = await _in_time(read_payload(length), FRAME_STALL_TIMEOUT + length / MIN_FRAME_RATE, "payload")
+        else:
+            payload = b""
     except asyncio.IncompleteReadError as e:
         raise FramingError(f"Stream closed inside a frame ({len(e.partial)} of {length} payload bytes)") from None
     if marker == MESSAGE_MARKER:
@@ -166,3 +173,13 @@ async def receive_protobuf(
     error = RPCError()
     error.ParseFromString(payload)
     return None, error
+
+
+async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
+    """Await ``read``; a peer that leaves a started frame unfinished for ``seconds`` gets FramingError."""
+    try:
+        return await asyncio.wait_for(read, seconds)
+    except asyncio.TimeoutError:
+        raise FramingError(
+            f"A peer left a frame {part} unfinished for {seconds:.0f} s; the stream is dropped"
+        ) from None
