@@ -6,8 +6,8 @@ from typing import Tuple
 
 import pytest
 
-from hivemind.p2p import P2P, P2PContext
-from hivemind.p2p import daemon_args as daemon_args_module
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError
+from hivemind.p2p.daemon_args import build_daemon_args
 from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
 from hivemind.proto import test_pb2
 
@@ -82,18 +82,8 @@ async def test_announced_size_above_the_limit_is_refused_before_reading(p2p_fact
     await assert_honest_call_works(attacker, server)
 
 
-async def create_with_flags(p2p_factory, monkeypatch, flags, **kwargs) -> P2P:
-    """A peer whose p2pd gets extra command-line flags (the Python API has no option for them)."""
-    build_daemon_args = daemon_args_module.build_daemon_args
-    monkeypatch.setattr(daemon_args_module, "build_daemon_args", lambda **args: build_daemon_args(**args) + flags)
-    try:
-        return await p2p_factory(**kwargs)
-    finally:
-        monkeypatch.setattr(daemon_args_module, "build_daemon_args", build_daemon_args)
-
-
-async def test_stalled_unary_request_is_dropped_after_the_read_timeout(p2p_factory, monkeypatch):
-    server = await create_with_flags(p2p_factory, monkeypatch, ["-unaryReadTimeout=1s"])
+async def test_stalled_unary_request_is_dropped_after_the_read_timeout(p2p_factory):
+    server = await p2p_factory(daemon_flags={"unaryReadTimeout": "1s"})
     await server.add_protobuf_handler("square", square, test_pb2.TestRequest)
     attacker = await p2p_factory(initial_peers=await server.get_visible_maddrs())
     await attacker.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
@@ -105,9 +95,9 @@ async def test_stalled_unary_request_is_dropped_after_the_read_timeout(p2p_facto
     await assert_honest_call_works(attacker, server)
 
 
-async def test_streams_of_one_peer_above_the_limit_are_refused_others_still_served(p2p_factory, monkeypatch):
+async def test_streams_of_one_peer_above_the_limit_are_refused_others_still_served(p2p_factory):
     limit, opened = 4, 7
-    server = await create_with_flags(p2p_factory, monkeypatch, [f"-limitStreamsPerPeer={limit}"], dht_mode="client")
+    server = await p2p_factory(daemon_flags={"limitStreamsPerPeer": limit}, dht_mode="client")
     await server.add_protobuf_handler("square", square, test_pb2.TestRequest)
     held, refused, all_settled = [], [], asyncio.Event()
 
@@ -148,3 +138,31 @@ async def test_streams_of_one_peer_above_the_limit_are_refused_others_still_serv
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
+
+
+def test_daemon_flags_are_passed_to_p2pd_after_the_options():
+    args = build_daemon_args(
+        control_maddr="/unix/tmp/x.sock", daemon_flags={"limitConns": 100, "resourceLimits": False}
+    )
+    assert args[-2:] == ["-limitConns=100", "-resourceLimits=0"]
+
+
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        ({"limit Conns": 1}, "not a p2pd flag name"),
+        ({"-limitConns": 1}, "not a p2pd flag name"),
+        ({"persistentConnMaxMsgSize": 1}, "already set by a P2P.create option"),
+        ({"hostAddrs": "/ip4/0.0.0.0/tcp/0"}, "already set by a P2P.create option"),
+        ({"limitConns": [1]}, "must be a number"),
+        ({"limitConns": "1\n-id=/tmp/key"}, "one-line string"),
+    ],
+)
+def test_daemon_flags_that_are_malformed_or_taken_are_refused(flags, problem):
+    with pytest.raises(ValueError, match=problem):
+        build_daemon_args(control_maddr="/unix/tmp/x.sock", daemon_flags=flags)
+
+
+async def test_an_unknown_daemon_flag_fails_the_start_with_the_daemons_words(p2p_factory):
+    with pytest.raises(P2PDaemonError, match="noSuchFlag"):
+        await p2p_factory(daemon_flags={"noSuchFlag": 1})

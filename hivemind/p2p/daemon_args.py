@@ -1,7 +1,8 @@
 """The p2pd command line built by ``P2P.create`` (WIRE.md §2.5); pure functions, no I/O."""
 
+import re
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -64,6 +65,7 @@ def build_daemon_args(
     max_msg_size: int = 4 * 1024**2,
     no_listen: bool = False,
     trusted_relays: Optional[Sequence[MaddrLike]] = None,
+    daemon_flags: Optional[Mapping[str, Any]] = None,
 ) -> List[str]:
     """Arguments for p2pd, in the order WIRE.md §2.5 lists them (without the binary path)."""
     if dht_mode not in DHT_MODE_MAPPING:
@@ -101,4 +103,28 @@ def build_daemon_args(
         args.append(format_flag("noListenAddrs", 1))
     if identity_path is not None:
         args.append(format_flag("id", identity_path))
+    args.extend(extra_flags(daemon_flags, already_set=args))
     return args
+
+
+_FLAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+
+
+def extra_flags(daemon_flags: Optional[Mapping[str, Any]], already_set: Sequence[str]) -> List[str]:
+    """``-name=value`` for each further p2pd flag (e.g. ``{"limitStreamsPerPeer": 256}``; see p2pd/README.md).
+
+    Flags that a ``P2P.create`` option already sets are refused: use that option instead.
+    """
+    taken = {arg[1:].split("=", 1)[0] for arg in already_set}
+    flags = []
+    for name, value in (daemon_flags or {}).items():
+        if not isinstance(name, str) or not _FLAG_NAME.fullmatch(name):
+            raise ValueError(f"daemon_flags: {name!r} is not a p2pd flag name (letters and digits, e.g. 'limitConns')")
+        if name in taken:
+            raise ValueError(f"daemon_flags: -{name} is already set by a P2P.create option; use that option instead")
+        if not isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, str) and ("\n" in value or "\0" in value)
+        ):
+            raise ValueError(f"daemon_flags: the value of -{name} must be a number, a bool or a one-line string")
+        flags.append(format_flag(name, value))
+    return flags

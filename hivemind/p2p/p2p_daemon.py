@@ -6,7 +6,7 @@ import dataclasses
 import os
 import secrets
 import typing
-from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
 
@@ -119,6 +119,7 @@ class P2P(ProtobufCallsMixin):
         trusted_relays: Optional[Sequence[MaddrLike]] = None,
         unary_call_timeout: Optional[Seconds] = DEFAULT_UNARY_CALL_TIMEOUT,
         tune_malloc: Optional[bool] = None,
+        daemon_flags: Optional[Mapping[str, Any]] = None,
     ) -> "P2P":
         """Start a p2pd daemon and connect to it (see API.md §2.1 for every option).
 
@@ -128,6 +129,8 @@ class P2P(ProtobufCallsMixin):
         :param unary_call_timeout: default seconds a unary call waits for its answer (None: forever)
         :param tune_malloc: tune glibc's malloc for large messages in this whole process (see
             ``hivemind.utils.malloc_tuning``); None: only if ``HIVEMIND_TUNE_MALLOC=1``
+        :param daemon_flags: further p2pd flags by name, e.g. ``{"limitStreamsPerPeer": 256}`` (the limits and relay
+            settings in p2pd/README.md); an unknown flag makes the daemon fail to start with P2PDaemonError
         :raises P2PDaemonError: the daemon could not start (the message quotes p2pd's own error output)
         """
         assert not (initial_peers and use_ipfs), "Pass either initial_peers or use_ipfs=True, not both"
@@ -165,6 +168,7 @@ class P2P(ProtobufCallsMixin):
             max_msg_size=persistent_conn_max_msg_size,
             no_listen=no_listen,
             trusted_relays=trusted_relays,
+            daemon_flags=daemon_flags,
         )  # checks the options before anything below starts a probe daemon or writes an identity file
         if identity_path is not None:
             if os.path.exists(identity_path):
