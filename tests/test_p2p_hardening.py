@@ -141,7 +141,7 @@ async def test_stream_handler_is_cancelled_when_the_caller_closes_the_iterator(p
     responses = await caller.iterate_protobuf_handler(server.peer_id, "slow", Request(), Response)
     assert (await responses.__anext__()).number == 1
     await responses.aclose()
-    await asyncio.wait_for(handler.cancelled.wait(), 1)
+    await asyncio.wait_for(handler.cancelled.wait(), 10)  # ms when idle; the hour-long sleep never ends on its own
 
 
 class SlowServicer(ServicerBase):
@@ -160,7 +160,7 @@ async def test_servicer_handler_is_cancelled_when_the_stub_iterator_is_closed(p2
     responses = await SlowServicer.get_stub(caller, server.peer_id).rpc_slow(Request())
     assert (await responses.__anext__()).number == 1
     await responses.aclose()
-    await asyncio.wait_for(servicer.handler.cancelled.wait(), 1)
+    await asyncio.wait_for(servicer.handler.cancelled.wait(), 10)  # ms when idle; the sleep lasts an hour
 
 
 async def test_stream_handler_is_cancelled_when_the_caller_closes_the_stream(p2p_pair, pipes_setting):
@@ -173,7 +173,7 @@ async def test_stream_handler_is_cancelled_when_the_caller_closes_the_stream(p2p
     response, _ = await asyncio.wait_for(P2P.receive_protobuf(Response, reader), 10)
     assert response.number == 1
     writer.close()
-    await asyncio.wait_for(handler.cancelled.wait(), 1)
+    await asyncio.wait_for(handler.cancelled.wait(), 10)  # ms when idle; the hour-long sleep never ends on its own
 
 
 async def test_handler_that_finishes_normally_is_not_cancelled(p2p_pair):
