@@ -154,11 +154,12 @@ func TestStallReaderAcceptsASlowButSteadyMessage(t *testing.T) {
 	go func() {
 		_, _ = writer.Write(protowire.AppendVarint(nil, 10))
 		for i := 0; i < 10; i++ {
-			time.Sleep(40 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond)
 			_, _ = writer.Write([]byte{byte(i)})
 		}
 	}()
-	got, err := readDelimited(bufio.NewReader(&stallReader{s: reader, timeout: 200 * time.Millisecond}), 1<<20)
+	// 1 s in all, twice the timeout; each gap leaves 400 ms for a loaded machine to schedule the writer late
+	got, err := readDelimited(bufio.NewReader(&stallReader{s: reader, timeout: 500 * time.Millisecond}), 1<<20)
 	if err != nil || !bytes.Equal(got, []byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}) {
 		t.Fatalf("got %v, %v", got, err)
 	}
