@@ -9,6 +9,7 @@ import time
 import pytest
 
 from .conftest import ORIGINAL, OURS
+from .harness import RemoteError
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
@@ -34,8 +35,25 @@ def test_unreachable_peer_of_ours_is_called_through_relay(module_peers, relay_si
     unreachable = module_peers(OURS, f"unreachable-{tag}")
     unreachable_info = unreachable.call("p2p_create", initial_peers=relay_info["maddrs"], **UNREACHABLE)
     unreachable.call("p2p_serve")
-    assert wait_for_relay_maddrs(unreachable, relay_info["peer_id"]), "no relay address announced"
+    circuit_maddrs = wait_for_relay_maddrs(unreachable, relay_info["peer_id"])
+    assert circuit_maddrs, "no relay address announced"
 
     caller = module_peers(caller_side, f"caller-{tag}")
-    caller.call("p2p_create", initial_peers=relay_info["maddrs"])
-    assert caller.call("p2p_call", peer_id=unreachable_info["peer_id"], kind="unary", numbers=[7], timeout=10) == 49
+    initial_peers = relay_info["maddrs"]
+    if relay_side == ORIGINAL:
+        # an original caller found no route through the original relay in 2 of 9 runs ("routing: not found" for 15 s;
+        # the original relay lacks our relay's own record of circuit addresses, see docs/relays.md): with such a
+        # relay, callers are given the circuit address instead of looking it up
+        initial_peers = initial_peers + circuit_maddrs
+    caller.call("p2p_create", initial_peers=initial_peers)
+    # a caller that has just started may not yet route to the unreachable peer: retried as in tests/test_p2p_relay.py
+    deadline, peer_id = time.monotonic() + 15, unreachable_info["peer_id"]
+    while True:
+        try:
+            answer = caller.call("p2p_call", peer_id=peer_id, kind="unary", numbers=[7], timeout=10)
+            break
+        except RemoteError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+    assert answer == 49
