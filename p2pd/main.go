@@ -104,7 +104,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.IntVar(&o.relayMaxCircuits, "relayMaxCircuits", 16,
 		"maximum number of open relay connections for each peer if -relayService=1")
 	fs.IntVar(&o.relayMaxReservations, "relayMaxReservations", 128,
-		"maximum number of reserved relay slots for each peer if -relayService=1")
+		"maximum number of relay slots held by all peers together (one address or /64 holds at most a quarter) if -relayService=1")
 	fs.IntVar(&o.relayBufferSize, "relayBufferSize", 1<<18,
 		"size (in bytes) of the relayed connection buffers if -relayService=1")
 	fs.Int64Var(&o.relayDataLimit, "relayDataLimit", 1<<32,
