@@ -102,6 +102,18 @@ async def test_request_over_the_handler_limit_fails_the_call_with_a_clear_error(
     assert await server_total(caller, server, [1]) == 1  # a 2-byte request still passes
 
 
+@pytest.mark.parametrize("following", [0, 2000], ids=["alone", "with-more-input"])
+async def test_the_refusal_reaches_a_caller_that_keeps_sending(p2p_pair, pipes_setting, following):
+    # the handler side stops reading at the refused frame; closing with the rest unread must not reset the stream
+    # before the caller has read the error frame
+    server, caller = p2p_pair
+    await server.add_protobuf_handler("total", total, Request, stream_input=True, max_message_size=2)
+    for _ in range(5):
+        requests = as_aiter(Request(number=2**30), *(Request(number=1) for _ in range(following)))
+        with pytest.raises(P2PHandlerError, match="more than the 2 bytes"):
+            await asyncio.wait_for(caller.call_protobuf_handler(server.peer_id, "total", requests, Response), 10)
+
+
 async def test_response_over_the_callers_limit_fails_the_call(p2p_pair):
     server, caller = p2p_pair
 

@@ -17,6 +17,8 @@ logger = get_logger(__name__)
 
 # how many incoming requests a stream handler buffers ahead of the handler (WIRE.md §3.4)
 HANDLER_INPUT_PREFETCH = 5
+# after refusing a request mid-stream, how long the handler side waits for the caller to close before it does
+REFUSAL_LINGER = 5.0
 END_OF_STREAM = RPCError()  # sent after the last request: an error frame with an empty message
 _EXHAUSTED = object()
 
@@ -64,7 +66,30 @@ async def serve_protobuf_stream(
     finally:
         for task in (responding, read_task):
             task.cancel()
-        await asyncio.gather(responding, read_task, return_exceptions=True)
+        _, input_refused = await asyncio.gather(responding, read_task, return_exceptions=True)
+    if input_refused is True:
+        await _let_the_refusal_arrive(reader, writer)
+
+
+async def _let_the_refusal_arrive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then discard what the caller still sends until it closes (at most REFUSAL_LINGER seconds).
+
+    Closing a socket with unread bytes in it resets the stream, and a reset can overtake the error frame that
+    explains the refusal; the caller closes its side as soon as it reads that frame.
+    """
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+
+        async def discard_until_eof() -> None:
+            while await reader.read(2**16):
+                pass
+
+        await asyncio.wait_for(discard_until_eof(), REFUSAL_LINGER)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # a timeout or a broken stream: close it now either way
+        logger.debug(f"Stream closed without the caller's EOF after a refused request: {e!r}")
 
 
 def _is_being_cancelled() -> bool:
@@ -152,8 +177,9 @@ async def _read_requests(
     queue: asyncio.Queue,
     max_message_size: Optional[int],
     on_caller_left: Callable[[], None],
-) -> None:
+) -> Optional[bool]:
     """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF.
+    Returns True if a request was refused (too large, malformed), leaving the rest of the input unread.
 
     A caller sends nothing after its end-of-stream frame, so anything read after it (in practice EOF, or a reset
     connection) means that the caller closed the stream: ``on_caller_left`` is called then.
@@ -172,7 +198,7 @@ async def _read_requests(
         raise
     except Exception as e:
         await queue.put(e)
-        return
+        return True  # the input was refused part-way: unread bytes may follow
     await queue.put(_EXHAUSTED)
     try:
         await reader.read(1)
