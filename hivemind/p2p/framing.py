@@ -5,6 +5,7 @@ large payloads (header and payload are written separately, each payload is read 
 """
 
 import asyncio
+import sys
 from typing import Awaitable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from google.protobuf.message import Message
@@ -175,11 +176,34 @@ async def receive_protobuf(
     return None, error
 
 
-async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
-    """Await ``read``; a peer that leaves a started frame unfinished for ``seconds`` gets FramingError."""
-    try:
-        return await asyncio.wait_for(read, seconds)
-    except asyncio.TimeoutError:
-        raise FramingError(
-            f"A peer left a frame {part} unfinished for {seconds:.0f} s; the stream is dropped"
-        ) from None
+if sys.version_info >= (3, 11):
+
+    async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
+        """Await ``read``; a peer that leaves a started frame unfinished for ``seconds`` gets FramingError.
+
+        (Not ``asyncio.wait_for``: before Python 3.12 it may swallow a cancellation that arrives as the read ends.)
+        """
+        try:
+            async with asyncio.timeout(seconds):
+                return await read
+        except TimeoutError:
+            raise FramingError(_stalled(part, seconds)) from None
+
+else:
+
+    async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
+        """Await ``read``; a peer that leaves a started frame unfinished for ``seconds`` gets FramingError."""
+        task, expired = asyncio.current_task(), []
+        timer = asyncio.get_running_loop().call_later(seconds, lambda: expired.append(True) or task.cancel())
+        try:
+            return await read
+        except asyncio.CancelledError:
+            if expired:
+                raise FramingError(_stalled(part, seconds)) from None
+            raise
+        finally:
+            timer.cancel()
+
+
+def _stalled(part: str, seconds: float) -> str:
+    return f"A peer left a frame {part} unfinished for {seconds:.0f} s; the stream is dropped"
