@@ -5,6 +5,7 @@ import time
 import pytest
 
 import hivemind.utils.asyncio as hm_asyncio
+from hivemind.utils.asyncio import await_with_timeout
 
 
 async def _collect(aiter):
@@ -176,3 +177,22 @@ async def test_enter_asynchronously_cancelled_while_waiting_leaves_lock_free():
     await asyncio.sleep(0.1)
     assert lock.acquire(timeout=2)
     lock.release()
+
+
+async def test_await_with_timeout_never_loses_a_cancellation_that_arrives_with_the_result():
+    loop = asyncio.get_running_loop()
+    for timeout in (None, 10.0):
+        future = loop.create_future()
+        task = asyncio.create_task(await_with_timeout(future, timeout))
+        await asyncio.sleep(0)
+        future.set_result("done")
+        task.cancel()  # same step as the result: asyncio.wait_for (before 3.12) would return "done"
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_await_with_timeout_raises_timeout_error_and_passes_results_through():
+    with pytest.raises(asyncio.TimeoutError):
+        await await_with_timeout(asyncio.sleep(10), 0.05)
+    assert await await_with_timeout(asyncio.sleep(0, result=7), 1) == 7
+    assert await await_with_timeout(asyncio.sleep(0, result=8), None) == 8

@@ -5,7 +5,6 @@ large payloads (header and payload are written separately, each payload is read 
 """
 
 import asyncio
-import sys
 from typing import Awaitable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from google.protobuf.message import Message
@@ -13,6 +12,7 @@ from google.protobuf.message import Message
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.p2p.split_serialization import serialize_in_parts
 from hivemind.proto.p2pd_pb2 import RPCError
+from hivemind.utils.asyncio import await_with_timeout
 
 MARKER_LEN = 1
 HEADER_LEN = 8  # length field, bytes
@@ -176,33 +176,12 @@ async def receive_protobuf(
     return None, error
 
 
-if sys.version_info >= (3, 11):
-
-    async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
-        """Await ``read``; a peer that leaves a started frame unfinished for ``seconds`` gets FramingError.
-
-        (Not ``asyncio.wait_for``: before Python 3.12 it may swallow a cancellation that arrives as the read ends.)
-        """
-        try:
-            async with asyncio.timeout(seconds):
-                return await read
-        except TimeoutError:
-            raise FramingError(_stalled(part, seconds)) from None
-
-else:
-
-    async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
-        """Await ``read``; a peer that leaves a started frame unfinished for ``seconds`` gets FramingError."""
-        task, expired = asyncio.current_task(), []
-        timer = asyncio.get_running_loop().call_later(seconds, lambda: expired.append(True) or task.cancel())
-        try:
-            return await read
-        except asyncio.CancelledError:
-            if expired:
-                raise FramingError(_stalled(part, seconds)) from None
-            raise
-        finally:
-            timer.cancel()
+async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
+    """Await ``read``; a peer that leaves a started frame unfinished for ``seconds`` gets FramingError."""
+    try:
+        return await await_with_timeout(read, seconds)
+    except asyncio.TimeoutError:
+        raise FramingError(_stalled(part, seconds)) from None
 
 
 def _stalled(part: str, seconds: float) -> str:

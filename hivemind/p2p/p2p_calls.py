@@ -11,6 +11,7 @@ from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.p2p.p2p_daemon_bindings.persistent import P2PTimeoutError
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
+from hivemind.utils.asyncio import await_with_timeout
 
 Seconds = float
 Bytes = int
@@ -63,7 +64,7 @@ class ProtobufCallsMixin:
         else:
             call = self._call_stream_once(peer_id, name, input, output_protobuf_type, max_message_size)
         try:
-            result = await asyncio.wait_for(call, timeout)
+            result = await await_with_timeout(call, timeout)  # (wait_for may lose a cancellation)
         except asyncio.TimeoutError:
             if timeout is None:
                 raise  # not this timeout: something inside the call

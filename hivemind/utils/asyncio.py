@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import (
     Any,
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Optional,
@@ -35,6 +37,7 @@ __all__ = [
     "amap_in_executor",
     "cancel_and_wait",
     "enter_asynchronously",
+    "await_with_timeout",
 ]
 
 T = TypeVar("T")
@@ -142,6 +145,29 @@ async def attach_event_on_finished(iterable: AsyncIterable[T], event: asyncio.Ev
             yield item
     finally:
         event.set()
+
+
+async def await_with_timeout(awaitable: Awaitable[T], timeout: Optional[float]) -> T:
+    """``await awaitable``, raising ``asyncio.TimeoutError`` after ``timeout`` seconds (None: no limit).
+
+    Unlike ``asyncio.wait_for`` before Python 3.12, a cancellation that arrives just as ``awaitable`` finishes is never
+    lost: the caller always sees its ``CancelledError``.
+    """
+    if timeout is None:
+        return await awaitable
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    task, expired = asyncio.current_task(), []
+    timer = asyncio.get_running_loop().call_later(timeout, lambda: expired.append(True) or task.cancel())
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if expired:
+            raise asyncio.TimeoutError(f"no result within {timeout} s") from None
+        raise
+    finally:
+        timer.cancel()
 
 
 async def cancel_and_wait(task: asyncio.Future) -> bool:
