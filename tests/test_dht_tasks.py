@@ -12,6 +12,12 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 
+async def serve_from_cache(node: DHTNode, key: str) -> None:
+    """Cache a value that expires soon and get it: the node schedules a refresh 2.5 s before expiry."""
+    node.protocol.cache.store(DHTID.generate(key), MSGPackSerializer.dumps(key), get_dht_time() + 3)
+    assert (await node.get(key)).value == key
+
+
 @pytest.mark.timeout(30)
 async def test_bucket_refresh_loop_keeps_running_after_an_error():
     node = await DHTNode.create(refresh_timeout=0.1)
@@ -49,16 +55,11 @@ async def test_cache_refresh_loop_keeps_running_after_an_error(monkeypatch):
         ran_again.set()
         return {}
 
-    async def serve_from_cache(key: str) -> None:
-        """Cache a value that expires soon and get it: the node schedules a refresh 2.5 s before expiry."""
-        node.protocol.cache.store(DHTID.generate(key), MSGPackSerializer.dumps(key), get_dht_time() + 3)
-        assert (await node.get(key)).value == key
-
     node.get_many_by_id = refresh_failing_once
     try:
-        await serve_from_cache("first")
+        await serve_from_cache(node, "first")
         await asyncio.wait_for(failed.wait(), timeout=10)
-        await serve_from_cache("second")
+        await serve_from_cache(node, "second")
         await asyncio.wait_for(ran_again.wait(), timeout=10)
         assert refreshed == [[DHTID.generate("first")], [DHTID.generate("second")]]
     finally:
@@ -163,16 +164,11 @@ async def test_cache_refresh_loop_keeps_running_after_a_failed_search(monkeypatc
         ran_again.set()
         return await original_search(queries, *args, **kwargs)
 
-    async def serve_from_cache(key: str) -> None:
-        """Cache a value that expires soon and get it: the node schedules a refresh 2.5 s before expiry."""
-        node.protocol.cache.store(DHTID.generate(key), MSGPackSerializer.dumps(key), get_dht_time() + 3)
-        assert (await node.get(key)).value == key
-
     node._beam_search = search_failing_once
     try:
-        await serve_from_cache("first")
+        await serve_from_cache(node, "first")
         await asyncio.wait_for(failed.wait(), timeout=10)
-        await serve_from_cache("second")
+        await serve_from_cache(node, "second")
         await asyncio.wait_for(ran_again.wait(), timeout=10)
         assert searched == [[DHTID.generate("first")], [DHTID.generate("second")]]
     finally:

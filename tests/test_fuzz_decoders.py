@@ -18,8 +18,6 @@ pytest.importorskip("hypothesis")
 from fuzz_targets import build_targets  # noqa: E402
 
 TARGETS = list(build_targets())
-# targets with a finding whose fix has not landed yet (named in docs/security.md); flip when it does
-KNOWN_FINDINGS = {}
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +33,7 @@ def fuzz_results(tmp_path_factory):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(
-    "target",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FINDINGS[name], strict=False))
-        if name in KNOWN_FINDINGS
-        else name
-        for name in TARGETS
-    ],
-)
+@pytest.mark.parametrize("target", TARGETS)
 def test_decoder_refuses_fuzzed_input_with_its_own_errors(fuzz_results, target):
     results, table = fuzz_results
     result = results[target]

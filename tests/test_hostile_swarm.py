@@ -14,8 +14,6 @@ import hostile_peers  # noqa: E402
 from hostile_attacks import ATTACKS  # noqa: E402
 
 MAX_RSS_GROWTH_MIB = 100
-# attacks whose fix has not landed yet (xfail, not strict); flip them to plain parameters when it does
-KNOWN_FAILURES = {}
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +28,7 @@ def hostile_run():
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(
-    "attack",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=False))
-        if name in KNOWN_FAILURES
-        else name
-        for name in ATTACKS
-    ],
-)
+@pytest.mark.parametrize("attack", list(ATTACKS))
 def test_honest_gets_all_succeed_during_attack(hostile_run, attack):
     stats = hostile_run["attacks"][attack]
     ok, tried = hostile_run["gets"].get(attack, (0, 0))
