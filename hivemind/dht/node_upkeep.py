@@ -9,6 +9,7 @@ import random
 from typing import TYPE_CHECKING
 
 from hivemind.dht.routing import DHTID
+from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -36,7 +37,7 @@ async def _refresh_due_cache_entries(node: "DHTNode") -> None:
     node._cache_refresh_wakeup.clear()
     delay = None if next_time is None else max(0.0, next_time - get_dht_time())
     try:
-        await asyncio.wait_for(node._cache_refresh_wakeup.wait(), timeout=delay)
+        await await_with_timeout(node._cache_refresh_wakeup.wait(), delay)
         return  # something new was scheduled: recompute the earliest time
     except asyncio.TimeoutError:
         pass

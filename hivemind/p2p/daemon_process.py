@@ -12,6 +12,7 @@ from typing import Callable, Deque, List, Optional, Sequence
 
 from hivemind.p2p.p2p_daemon_bindings import shm_pipe
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.logging import get_logger, python_level_to_golog
 
 logger = get_logger(__name__)
@@ -210,7 +211,7 @@ class DaemonProcess:
         if self._exited is None:
             return True
         try:
-            await asyncio.wait_for(self._exited.wait(), timeout)
+            await await_with_timeout(self._exited.wait(), timeout)
             return True
         except asyncio.TimeoutError:
             return False
@@ -235,7 +236,7 @@ class DaemonProcess:
                     await asyncio.sleep(0.01)
         if self._reader_task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._reader_task), timeout=1)
+                await await_with_timeout(asyncio.shield(self._reader_task), 1)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._reader_task.cancel()
                 await asyncio.gather(self._reader_task, return_exceptions=True)

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 from hivemind.p2p import framing
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 from hivemind.proto.p2pd_pb2 import RPCError
+from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -85,7 +86,7 @@ async def _let_the_refusal_arrive(reader: asyncio.StreamReader, writer: asyncio.
             while await reader.read(2**16):
                 pass
 
-        await asyncio.wait_for(discard_until_eof(), REFUSAL_LINGER)
+        await await_with_timeout(discard_until_eof(), REFUSAL_LINGER)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # a timeout or a broken stream: close it now either way

@@ -132,7 +132,7 @@ async def aiter_with_timeout(iterable: AsyncIterable[T], timeout: Optional[float
     iterator = iterable.__aiter__()
     while True:
         try:
-            item = await asyncio.wait_for(iterator.__anext__(), timeout=timeout)
+            item = await await_with_timeout(iterator.__anext__(), timeout)
         except StopAsyncIteration:
             return
         yield item

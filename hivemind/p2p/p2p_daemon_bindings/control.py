@@ -18,6 +18,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import (
     write_pbmsg,
 )
 from hivemind.proto import p2pd_pb2
+from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.logging import get_logger
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -205,7 +206,7 @@ class ControlClient:
             await self._persistent.close()  # the last persistent connection closing makes p2pd exit
         if self._server is not None:
             try:
-                await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+                await await_with_timeout(self._server.wait_closed(), 1)
             except asyncio.TimeoutError:
                 logger.debug("Callback server did not close within 1 s")
             self._server = None
