@@ -2,17 +2,27 @@
 
 Design: the process that creates futures (the *origin*) lazily runs one listener thread on a local socket
 (Linux abstract namespace, a temporary file elsewhere) protected by a random authkey. A future pickles as
-(origin pid, listener address, authkey, uid). In any other process, calls such as ``set_result`` or
-``set_running_or_notify_cancel`` send a request over a per-process cached connection and wait for the origin's
-reply, so the origin is the single owner of the state: transitions are atomic, a worker sees the origin's
-cancellation, and double completion raises ``InvalidStateError`` wherever it happens.
+(its class, origin pid, listener address, authkey, uid, shared slot, subclass state). In any other process,
+requests that need the origin's decision (``set_running_or_notify_cancel``, ``cancel``) are a round trip over a
+per-process cached connection, so the origin stays the single owner of the transitions. Cheaper paths:
+
+- every future owns a 64-byte slot in a shared-memory segment of its origin; the origin mirrors the state there,
+  so ``done()``, ``cancelled()`` and ``running()`` in another process are memory reads, and subclasses keep small
+  shared fields in the slot (e.g. the weight and trigger of a ``StepControl``);
+- ``set_result`` / ``set_exception`` from another process are one-way messages (no reply is awaited): a completion
+  the shared state already shows as impossible raises ``InvalidStateError`` locally, as does a second completion
+  from the same process.
+
+Subclasses arrive as themselves on the other side, with the state returned by ``_extra_pickle_state``.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import concurrent.futures
 import itertools
+import mmap
 import multiprocessing.util
 import os
 import pickle
@@ -40,6 +50,125 @@ ALL_STATES = ("PENDING", "RUNNING", "FINISHED", "CANCELLED", "CANCELLED_AND_NOTI
 _OK = ("ok", None)
 
 
+# ---------------------------------------------------------------- shared slots
+
+SLOT_SIZE = 64  # bytes per future: uid (int64) | state code (int64) | six 8-byte cells for subclasses
+SHARED_CELLS = 6
+_WORDS = SLOT_SIZE // 8
+_SLOTS_PER_SEGMENT = 1024
+_SEGMENT_SIZE = SLOT_SIZE * _SLOTS_PER_SEGMENT
+_FREE_UID = -1
+_STATE_CODES = {name: code for code, name in enumerate(ALL_STATES)}
+
+
+class _Mapping:
+    """One segment mapped into this process, seen as int64 words and as float64 words."""
+
+    def __init__(self, fd: int):
+        raw = memoryview(mmap.mmap(fd, _SEGMENT_SIZE))
+        self.ints, self.floats = raw.cast("q"), raw.cast("d")
+
+
+class _Segment:
+    """Shared-memory slots of the futures of one origin (a memfd on Linux, a temporary file elsewhere)."""
+
+    def __init__(self):
+        self._tempfile = None
+        if hasattr(os, "memfd_create"):
+            self._fd = os.memfd_create("hivemind-mpfuture", os.MFD_CLOEXEC)
+            self.path = f"/proc/{os.getpid()}/fd/{self._fd}"  # other processes of this user open it there
+        else:
+            self._fd, self._tempfile = tempfile.mkstemp(prefix="hivemind-mpf-slots-")
+            self.path = self._tempfile
+        os.ftruncate(self._fd, _SEGMENT_SIZE)
+        self.mapping = _Mapping(self._fd)
+        self.mapping.ints[:] = array.array("q", [_FREE_UID]) * len(self.mapping.ints)
+        self._free = list(range(_SLOTS_PER_SEGMENT - 1, -1, -1))
+        _mapped_segments[self.path] = self.mapping
+
+    def allocate(self, uid: int) -> Optional[int]:
+        """A slot for future ``uid`` (called under _state_lock), or None if the segment is full."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        words = self.mapping.ints
+        words[slot * _WORDS + 1 : (slot + 1) * _WORDS] = array.array("q", [0]) * (_WORDS - 1)
+        words[slot * _WORDS] = uid
+        return slot
+
+    def release(self, slot: int, owner_pid: int) -> None:
+        if os.getpid() != owner_pid:
+            return  # a forked child collecting its copy of a parent's future: the slot is still the parent's
+        with _state_lock:
+            self.mapping.ints[slot * _WORDS] = _FREE_UID
+            self._free.append(slot)
+
+    def close(self) -> None:
+        if self._tempfile is not None:
+            try:
+                os.unlink(self._tempfile)
+            except OSError:
+                pass
+
+
+# path -> segment mapped in this process; a mapping stays valid in forked children, so the cache is kept at fork
+_mapped_segments: Dict[str, _Mapping] = {}
+
+
+def _open_segment(path: str) -> Optional[_Mapping]:
+    mapping = _mapped_segments.get(path)
+    if mapping is None:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None  # the origin exited: its futures can no longer be observed
+        try:
+            mapping = _Mapping(fd)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        _mapped_segments[path] = mapping
+    return mapping
+
+
+class SharedSlot:
+    """The 64 bytes of one future in its origin's segment; cells are for subclasses (``MPFuture._shared``)."""
+
+    __slots__ = ("_ints", "_floats", "_base", "uid")
+
+    def __init__(self, mapping: _Mapping, slot: int, uid: int):
+        self._ints, self._floats, self._base, self.uid = mapping.ints, mapping.floats, slot * _WORDS, uid
+
+    @property
+    def alive(self) -> bool:
+        """False once the origin dropped the future (its slot was freed and perhaps reused)."""
+        return self._ints[self._base] == self.uid
+
+    def get_state_code(self) -> int:
+        return self._ints[self._base + 1]
+
+    def set_state_code(self, code: int) -> None:
+        self._ints[self._base + 1] = code
+
+    def get_float(self, cell: int) -> float:
+        return self._floats[self._base + 2 + cell]
+
+    def set_float(self, cell: int, value: float) -> None:
+        if self.alive:
+            self._floats[self._base + 2 + cell] = value
+
+    def get_int(self, cell: int) -> int:
+        return self._ints[self._base + 2 + cell]
+
+    def set_int(self, cell: int, value: int) -> None:
+        if self.alive:
+            self._ints[self._base + 2 + cell] = value
+
+
+# ---------------------------------------------------------------- origin endpoint
+
+
 class _Origin:
     """Per-process endpoint that owns the futures created in this process and serves requests about them."""
 
@@ -55,13 +184,26 @@ class _Origin:
         self.listener = Listener(self.address, family="AF_UNIX", backlog=128, authkey=self.authkey)
         self.futures: weakref.WeakValueDictionary[int, MPFuture] = weakref.WeakValueDictionary()
         self.uid_counter = itertools.count()
+        self.segments = []
         self.closed = False
         threading.Thread(target=self._accept_loop, name="MPFuture.listener", daemon=True).start()
 
-    def register(self, future: MPFuture) -> int:
+    def register(self, future: MPFuture) -> Tuple[int, Optional[Tuple[_Segment, int]]]:
+        """Assign a uid and a shared slot (segment, index) to a new future of this process."""
         uid = next(self.uid_counter)
         self.futures[uid] = future
-        return uid
+        with _state_lock:
+            for segment in self.segments:
+                slot = segment.allocate(uid)
+                if slot is not None:
+                    return uid, (segment, slot)
+            try:
+                segment = _Segment()
+            except OSError as e:  # e.g. out of file descriptors: the future still works, through round trips
+                logger.debug(f"MPFuture: no shared slot ({e!r}), state is read through the origin")
+                return uid, None
+            self.segments.append(segment)
+            return uid, (segment, segment.allocate(uid))
 
     def _accept_loop(self):
         while not self.closed:
@@ -81,12 +223,17 @@ class _Origin:
                     request = connection.recv_bytes()
                 except (EOFError, OSError):
                     return  # the other process closed the connection or exited
+                want_reply = True
                 try:
-                    op, uid, payload = pickle.loads(request)
+                    op, uid, payload, want_reply = pickle.loads(request)
                     reply = self._handle(op, uid, payload)
                 except Exception as e:
                     logger.warning(f"MPFuture: malformed request from another process: {e!r}")
                     reply = ("error", f"malformed request: {e!r}")
+                if not want_reply:
+                    if reply[0] != "ok":
+                        logger.debug(f"MPFuture: a one-way request from another process failed: {reply}")
+                    continue
                 try:
                     connection.send_bytes(pickle.dumps(reply))
                 except (OSError, EOFError):
@@ -96,16 +243,15 @@ class _Origin:
         future = self.futures.get(uid)
         if future is None:  # the origin dropped every reference to it: nobody waits, treat as cancelled
             return ("ok", {"state": _CANCELLED, "running": False, "cancel": False}.get(op))
-        base = concurrent.futures.Future
         if op == "state":
             return ("ok", future._state)
         if op == "running":
             try:
-                return ("ok", base.set_running_or_notify_cancel(future))
+                return ("ok", future.set_running_or_notify_cancel())
             except RuntimeError as e:
                 return ("runtime_error", str(e))
         if op == "cancel":
-            return ("ok", base.cancel(future))
+            return ("ok", future.cancel())
         if op in ("result", "exception"):
             try:
                 value = ForkingPickler.loads(payload)
@@ -114,9 +260,9 @@ class _Origin:
                 op = "exception"
             try:
                 if op == "result":
-                    base.set_result(future, value)
+                    future.set_result(value)
                 else:
-                    base.set_exception(future, value)
+                    future.set_exception(value)
             except InvalidStateError as e:
                 return ("invalid_state", str(e))
             return _OK
@@ -128,6 +274,8 @@ class _Origin:
             self.listener.close()
         except OSError:
             pass
+        for segment in self.segments:
+            segment.close()
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
 
@@ -140,10 +288,16 @@ class _Peer:
         self.lock = threading.Lock()
 
     def request(self, op: str, uid: int, payload: Optional[bytes] = None) -> Tuple[str, Any]:
-        message = pickle.dumps((op, uid, payload))
+        message = pickle.dumps((op, uid, payload, True))
         with self.lock:
             self.connection.send_bytes(message)
             return pickle.loads(self.connection.recv_bytes())
+
+    def notify(self, op: str, uid: int, payload: Optional[bytes] = None) -> None:
+        """Send a request without waiting for its outcome (the origin sends no reply)."""
+        message = pickle.dumps((op, uid, payload, False))
+        with self.lock:
+            self.connection.send_bytes(message)
 
 
 _state_lock = threading.Lock()
@@ -184,6 +338,7 @@ def _drop_peer(address: str) -> None:
 
 def _reset_after_fork() -> None:
     # the child must not serve the parent's futures nor share its sockets; inherited objects are simply dropped
+    # (mapped segments stay: the mappings are shared with the parent and remain valid)
     global _state_lock, _origin, _peers
     _state_lock = threading.Lock()
     _origin = None
@@ -199,6 +354,10 @@ class MPFuture(concurrent.futures.Future):
     wait for it (``result()``, ``exception()``, ``add_done_callback()``, ``await future``).
 
     Pass it to another process by pickling (``multiprocessing`` with spawn or fork, queues, pipes) or by forking.
+    A subclass arrives as the same subclass; it can keep up to ``SHARED_CELLS`` numbers in shared memory through
+    ``self._shared`` (a SharedSlot) and send further picklable state by overriding ``_extra_pickle_state`` and
+    ``_restore_extra_state``.
+
     :param use_lock: accepted for compatibility; every state transition is already atomic.
     """
 
@@ -208,10 +367,21 @@ class MPFuture(concurrent.futures.Future):
         self._origin_pid = origin.pid
         self._address, self._authkey = origin.address, origin.authkey
         self._is_proxy = False
-        self._uid = origin.register(self)
+        self._completed_here = False
+        self._uid, placement = origin.register(self)
+        self._shared: Optional[SharedSlot] = None
+        self._segment_path: Optional[str] = None
+        self._slot_index = -1
+        if placement is not None:
+            segment, self._slot_index = placement
+            self._segment_path = segment.path
+            self._shared = SharedSlot(segment.mapping, self._slot_index, self._uid)
+            weakref.finalize(self, segment.release, self._slot_index, origin.pid)
 
     @classmethod
-    def _make_proxy(cls, origin_pid: int, address: str, authkey: bytes, uid: int) -> MPFuture:
+    def _make_proxy(
+        cls, origin_pid: int, address: str, authkey: bytes, uid: int, segment_path: Optional[str], slot_index: int
+    ) -> MPFuture:
         if os.getpid() == origin_pid and _origin is not None and _origin.address == address:
             future = _origin.futures.get(uid)
             if future is not None:
@@ -219,11 +389,23 @@ class MPFuture(concurrent.futures.Future):
         proxy = cls.__new__(cls)
         concurrent.futures.Future.__init__(proxy)
         proxy._origin_pid, proxy._address, proxy._authkey, proxy._uid = origin_pid, address, authkey, uid
-        proxy._is_proxy = True
+        proxy._is_proxy, proxy._completed_here = True, False
+        proxy._segment_path, proxy._slot_index, proxy._shared = segment_path, slot_index, None
+        mapping = _open_segment(segment_path) if segment_path is not None else None
+        if mapping is not None:
+            proxy._shared = SharedSlot(mapping, slot_index, uid)
         return proxy
 
     def __reduce__(self):
-        return _restore_mpfuture, (self._origin_pid, self._address, self._authkey, self._uid)
+        location = (self._origin_pid, self._address, self._authkey, self._uid, self._segment_path, self._slot_index)
+        return _restore_mpfuture, (type(self), location, self._extra_pickle_state())
+
+    def _extra_pickle_state(self) -> Any:
+        """Picklable state a subclass sends along with the future (restored by ``_restore_extra_state``)."""
+        return None
+
+    def _restore_extra_state(self, state: Any) -> None:
+        pass
 
     @property
     def _in_origin(self) -> bool:
@@ -252,37 +434,67 @@ class MPFuture(concurrent.futures.Future):
             raise RuntimeError(value)
         raise RuntimeError(f"MPFuture: origin process {self._origin_pid} refused {op}: {value}")
 
+    def _notify(self, op: str, payload: bytes) -> None:
+        """Complete the future in its origin without waiting (see the module docstring)."""
+        state = self._remote_state()
+        if self._completed_here or state in (_FINISHED, *_CANCELLED_STATES):
+            raise InvalidStateError(f"{state}: {self!r}")
+        self._completed_here = True
+        try:
+            _get_peer(self._address, self._authkey).notify(op, self._uid, payload)
+        except (OSError, EOFError) as e:
+            _drop_peer(self._address)
+            logger.debug(f"MPFuture: origin process {self._origin_pid} is unreachable ({e!r}), {op} ignored")
+
     def _remote_state(self) -> str:
+        if self._shared is not None:
+            if not self._shared.alive:
+                return _CANCELLED  # dropped by its origin: nobody waits for it
+            return ALL_STATES[self._shared.get_state_code()]
         return self._request("state", default=_CANCELLED)
+
+    def _mirror_state(self) -> None:
+        """Publish the current state to the shared slot (origin only, after every transition)."""
+        if self._shared is not None:
+            with self._condition:
+                self._shared.set_state_code(_STATE_CODES[self._state])
 
     # completion: allowed from any process
 
     def set_result(self, result: Any) -> None:
         if self._in_origin:
-            return super().set_result(result)
-        self._request("result", bytes(ForkingPickler.dumps(result)))
+            super().set_result(result)
+            return self._mirror_state()
+        self._notify("result", bytes(ForkingPickler.dumps(result)))
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
         if self._in_origin:
-            return super().set_exception(exception)
+            super().set_exception(exception)
+            return self._mirror_state()
         try:
             payload = bytes(ForkingPickler.dumps(exception))
         except Exception as e:
             logger.debug(f"MPFuture: exception {exception!r} is not picklable ({e!r}), sending its text instead")
             payload = bytes(ForkingPickler.dumps(RuntimeError(f"{type(exception).__name__}: {exception}")))
-        self._request("exception", payload)
+        self._notify("exception", payload)
 
     def set_running_or_notify_cancel(self) -> bool:
         if self._in_origin:
-            return super().set_running_or_notify_cancel()
+            try:
+                return super().set_running_or_notify_cancel()
+            finally:
+                self._mirror_state()
         return self._request("running", default=False)
 
     def cancel(self) -> bool:
         if self._in_origin:
-            return super().cancel()
+            try:
+                return super().cancel()
+            finally:
+                self._mirror_state()
         return self._request("cancel", default=False)
 
-    # inspection: allowed from any process (a round trip to the origin when called elsewhere)
+    # inspection: allowed from any process (a shared-memory read when called elsewhere)
 
     def cancelled(self) -> bool:
         if self._in_origin:
@@ -297,7 +509,7 @@ class MPFuture(concurrent.futures.Future):
     def done(self) -> bool:
         if self._in_origin:
             return super().done()
-        return self._remote_state() in (*_CANCELLED_STATES, _FINISHED)
+        return self._completed_here or self._remote_state() in (*_CANCELLED_STATES, _FINISHED)
 
     # waiting: origin process only
 
@@ -323,5 +535,10 @@ class MPFuture(concurrent.futures.Future):
         return f"<{self.__class__.__name__} at {id(self):#x} uid={self._uid} of pid {self._origin_pid}>"
 
 
-def _restore_mpfuture(origin_pid: int, address: str, authkey: bytes, uid: int) -> MPFuture:
-    return MPFuture._make_proxy(origin_pid, address, authkey, uid)
+def _restore_mpfuture(cls: type, location: tuple, extra_state: Any) -> MPFuture:
+    if not (isinstance(cls, type) and issubclass(cls, MPFuture)):
+        raise TypeError(f"expected an MPFuture subclass, got {cls!r}")
+    future = cls._make_proxy(*location)
+    if future._is_proxy:
+        future._restore_extra_state(extra_state)
+    return future
