@@ -1,0 +1,347 @@
+"""ProgressTracker: publishes this peer's training progress to the DHT and follows the progress of the whole swarm."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+from typing import Dict, List, Optional
+
+from pydantic import v1 as pydantic_v1
+
+from hivemind.dht import DHT
+from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.optim.epoch_rule import (
+    GlobalTrainingProgress,
+    RefreshPolicy,
+    is_synchronized,
+    is_time_for_global_step,
+    next_epoch,
+    summarize_swarm,
+)
+from hivemind.utils.asyncio import await_with_timeout
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.logging import get_logger
+from hivemind.utils.performance_ema import PerformanceEMA
+from hivemind.utils.timed_storage import get_dht_time
+
+__all__ = ["ProgressTracker", "LocalTrainingProgress", "GlobalTrainingProgress", "TrainingProgressSchema"]
+
+logger = get_logger(__name__)
+
+DHT_CALL_TIMEOUT = 30.0  # seconds: one store or get of progress records; the DHT itself bounds each RPC much tighter
+FORCED_REFRESH_PERIOD = 30.0  # seconds: republish an unchanged record this often so that it never expires
+
+
+class LocalTrainingProgress(pydantic_v1.BaseModel):
+    """One peer's progress, as published under ``<prefix>_progress`` (fields in their order on the wire)."""
+
+    peer_id: pydantic_v1.StrictBytes
+    epoch: pydantic_v1.conint(ge=0, strict=True)
+    samples_accumulated: pydantic_v1.conint(ge=0, strict=True)
+    samples_per_second: pydantic_v1.confloat(ge=0.0, strict=True)
+    time: pydantic_v1.StrictFloat
+    client_mode: pydantic_v1.StrictBool
+
+
+class TrainingProgressSchema(pydantic_v1.BaseModel):
+    """DHT schema: each peer writes its own record under a subkey carrying its public key (so it must sign it)."""
+
+    progress: Dict[BytesWithPublicKey, Optional[LocalTrainingProgress]]
+
+
+class ProgressTracker(threading.Thread):
+    """
+    A background thread that publishes this peer's progress (epoch, samples accumulated in it, speed) to the DHT and
+    periodically reads everyone's progress to tell when the swarm's epoch ends (see :mod:`hivemind.optim.epoch_rule`).
+
+    Records are stored under the key ``f"{prefix}_progress"`` with a subkey that carries this tracker's public key,
+    signed, so that nobody else can overwrite them. Each record lives ``metadata_expiration`` seconds; it is
+    re-published whenever local progress changes and at least every 30 s, and replaced by ``None`` on shutdown so
+    that others stop counting this peer at once.
+
+    :param dht: a running DHT
+    :param prefix: namespace of the run (hivemind.Optimizer uses its ``run_id``)
+    :param target_batch_size: samples that the swarm accumulates in one epoch
+    :param client_mode: published so that others can count client-mode peers; default: the DHT's mode
+    :param min_refresh_period: never re-read the swarm's progress more often than this (seconds)
+    :param max_refresh_period: re-read at least this often (seconds)
+    :param default_refresh_period: period while this peer sees nobody else (seconds)
+    :param expected_drift_peers: refresh slower when more peers than this take part (each moves the total less)
+    :param expected_drift_rate: refresh after this fraction of the time left until the estimated end of the epoch
+    :param performance_ema_alpha: smoothing of this peer's samples-per-second estimate
+    :param metadata_expiration: lifetime of a published record (seconds)
+    :param status_loglevel: log level of the periodic status line
+    :param private_key: signs this peer's records; default: a new key for this tracker
+    :param daemon: make the thread a daemon thread
+    :param start: start the thread right away
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        target_batch_size: int,
+        *,
+        client_mode: Optional[bool] = None,
+        min_refresh_period: float = 0.5,
+        max_refresh_period: float = 10,
+        default_refresh_period: float = 3,
+        expected_drift_peers: float = 3,
+        expected_drift_rate: float = 0.2,
+        performance_ema_alpha: float = 0.1,
+        metadata_expiration: float = 60.0,
+        status_loglevel: int = logging.DEBUG,
+        private_key: Optional[RSAPrivateKey] = None,
+        daemon: bool = True,
+        start: bool,
+    ):
+        super().__init__(name=f"{type(self).__name__}({prefix})", daemon=daemon)
+        if target_batch_size <= 0:
+            raise ValueError(f"target_batch_size must be a positive number of samples, got {target_batch_size}")
+        if metadata_expiration <= 0:
+            raise ValueError(f"metadata_expiration must be positive (seconds), got {metadata_expiration}")
+        self.dht, self.prefix, self.target_batch_size = dht, prefix, target_batch_size
+        self.client_mode = dht.client_mode if client_mode is None else client_mode
+        self.training_progress_key = f"{prefix}_progress"
+        self.refresh_policy = RefreshPolicy(
+            min_refresh_period, max_refresh_period, default_refresh_period, expected_drift_peers, expected_drift_rate
+        )
+        self.metadata_expiration, self.status_loglevel = metadata_expiration, status_loglevel
+        self.performance_ema = PerformanceEMA(alpha=performance_ema_alpha)
+
+        signature_validator = RSASignatureValidator(private_key if private_key is not None else RSAPrivateKey())
+        self._local_public_key = signature_validator.local_public_key
+        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=prefix), signature_validator])
+
+        self._lock = threading.RLock()  # guards the progress fields below; held only briefly
+        self._updates_paused = False
+        self._generation = 0  # bumped by every epoch update: fetches started earlier do not count for the new epoch
+        self._others: List[LocalTrainingProgress] = []  # other peers' records from the latest fetch
+        self.local_progress = self._make_record(epoch=0, samples_accumulated=0)
+        self.global_progress = summarize_swarm(
+            [], target_batch_size=target_batch_size, now=get_dht_time(), local_record=self.local_progress
+        )
+        self.fetched_global_progress_this_epoch = threading.Event()
+        self._stop_requested = threading.Event()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._wake_reporter: Optional[asyncio.Event] = None
+        self._wake_fetcher: Optional[asyncio.Event] = None
+        self._stop_event: Optional[asyncio.Event] = None
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ user-facing state
+
+    @property
+    def global_epoch(self) -> int:
+        return self.global_progress.epoch
+
+    @property
+    def ready_to_update_epoch(self) -> bool:
+        """Whether the swarm's epoch has ended (or is estimated to have ended) for this peer's local epoch."""
+        return is_time_for_global_step(self.local_progress.epoch, self.global_progress, get_dht_time())
+
+    @property
+    def estimated_next_update_time(self) -> float:
+        """DHT time (seconds) at which the current epoch is expected to end; inf if nobody makes progress."""
+        return self.global_progress.eta_next_epoch
+
+    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
+        """
+        Record that this peer accumulated ``samples_accumulated`` samples in total for ``local_epoch``; the record is
+        published in the background.
+
+        :param update_global_samples: also count the new samples in the swarm's total right away (without waiting for
+          the next fetch)
+        """
+        with self._lock:
+            new_samples = samples_accumulated - self.local_progress.samples_accumulated
+            if local_epoch == self.local_progress.epoch and new_samples > 0:
+                self.performance_ema.update(new_samples)
+            self.local_progress = self._make_record(local_epoch, samples_accumulated)
+            if update_global_samples:
+                self._recompute_global_progress(next_fetch_time=self.global_progress.next_fetch_time)
+        self._wake(lambda: self._wake_reporter)
+
+    @contextlib.contextmanager
+    def pause_updates(self):
+        """Within this context, no progress is published or applied from the DHT, and the speed is not measured."""
+        with self._lock, self.performance_ema.pause():
+            self._updates_paused = True
+            try:
+                yield
+            finally:
+                self._updates_paused = False
+        self._wake(lambda: self._wake_reporter)
+        self._wake(lambda: self._wake_fetcher)
+
+    def update_epoch(self, new_epoch: Optional[int] = None) -> int:
+        """
+        Move this peer to ``new_epoch`` (default: one past the local epoch, or the swarm's epoch if further ahead)
+        with no samples accumulated. Call inside :meth:`pause_updates`. Returns the new epoch.
+        """
+        with self._lock:
+            if not self._updates_paused:
+                raise RuntimeError(
+                    "ProgressTracker.update_epoch must be called inside 'with tracker.pause_updates():'"
+                )
+            if new_epoch is None:
+                new_epoch = next_epoch(self.local_progress.epoch, self.global_progress.epoch)
+            self._generation += 1
+            self.fetched_global_progress_this_epoch.clear()
+            self.local_progress = self._make_record(new_epoch, 0)
+            self._recompute_global_progress(next_fetch_time=get_dht_time())
+        return new_epoch
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop the thread; it publishes a ``None`` record first so that peers stop counting this one."""
+        self._stop_requested.set()
+        self._wake(lambda: self._stop_event)
+        if self.is_alive():
+            self.join(timeout)
+            if self.is_alive():
+                logger.warning(f"{self.name} did not stop within {timeout} s; it keeps running as a daemon thread")
+
+    # ------------------------------------------------------------------ helpers (any thread)
+
+    def _make_record(self, epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
+        measured = self.performance_ema.num_updates > 0
+        return LocalTrainingProgress(
+            peer_id=self.dht.peer_id.to_bytes(),
+            epoch=epoch,
+            samples_accumulated=samples_accumulated,
+            samples_per_second=float(self.performance_ema.samples_per_second) if measured else 0.0,
+            time=float(get_dht_time()),
+            client_mode=bool(self.client_mode),
+        )
+
+    def _recompute_global_progress(self, next_fetch_time: Optional[float]) -> None:
+        """Re-aggregate the swarm's progress; ``next_fetch_time=None``: the refresh policy picks the next fetch."""
+        progress = summarize_swarm(
+            self._others,
+            target_batch_size=self.target_batch_size,
+            now=get_dht_time(),
+            local_record=self.local_progress,
+            refresh_policy=self.refresh_policy,
+        )
+        if next_fetch_time is not None:
+            progress.next_fetch_time = next_fetch_time
+        self.global_progress = progress
+
+    def _wake(self, get_event) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop just closed: nothing left to wake
+                loop.call_soon_threadsafe(lambda: get_event() is not None and get_event().set())
+
+    # ------------------------------------------------------------------ background thread
+
+    def run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._wake_reporter, self._wake_fetcher, self._stop_event = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self._stop_requested.is_set():  # shutdown() came before the loop existed
+            self._stop_event.set()
+        tasks = [asyncio.create_task(self._report_loop()), asyncio.create_task(self._fetch_loop())]
+        try:
+            await self._stop_event.wait()
+        finally:
+            self._loop = None
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._publish(None)
+
+    @staticmethod
+    async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await await_with_timeout(event.wait(), max(0.0, timeout))
+        event.clear()
+
+    async def _report_loop(self) -> None:
+        last_reported, last_report_time = None, -math.inf
+        while True:
+            with self._lock:
+                record, paused = self.local_progress, self._updates_paused
+                synchronized = is_synchronized(record.epoch, self.global_progress.epoch)
+            overdue = get_dht_time() - last_report_time >= FORCED_REFRESH_PERIOD and synchronized
+            if not paused and (record != last_reported or overdue):
+                if await self._publish(record):
+                    last_reported, last_report_time = record, get_dht_time()
+            await self._wait_event(self._wake_reporter, timeout=FORCED_REFRESH_PERIOD)
+
+    async def _publish(self, record: Optional[LocalTrainingProgress]) -> bool:
+        try:
+            stored = await await_with_timeout(
+                self.dht.store(
+                    self.training_progress_key,
+                    subkey=self._local_public_key,
+                    value=None if record is None else record.dict(),
+                    expiration_time=get_dht_time() + self.metadata_expiration,
+                    return_future=True,
+                ),
+                DHT_CALL_TIMEOUT,
+            )
+        except Exception as e:
+            logger.debug(f"{self.name} could not publish its progress: {e!r}")
+            return False
+        if not stored:
+            logger.debug(f"{self.name}: no DHT peer accepted the progress record {record}")
+        return bool(stored)
+
+    async def _fetch_loop(self) -> None:
+        while True:
+            with self._lock:
+                generation = self._generation
+            records = await self._fetch_records()
+            with self._lock:
+                if records is not None and not self._updates_paused and generation == self._generation:
+                    self._others = records
+                    self._recompute_global_progress(next_fetch_time=None)
+                    self.fetched_global_progress_this_epoch.set()
+                    self._log_status()
+                next_fetch_time = self.global_progress.next_fetch_time
+                if records is None:  # the DHT failed: retry soon
+                    next_fetch_time = get_dht_time() + self.refresh_policy.min_refresh_period
+            await self._wait_event(self._wake_fetcher, timeout=next_fetch_time - get_dht_time())
+
+    async def _fetch_records(self) -> Optional[List[LocalTrainingProgress]]:
+        """Other peers' latest records (None if the DHT could not be read)."""
+        try:
+            response = await await_with_timeout(
+                self.dht.get(self.training_progress_key, latest=True, return_future=True), DHT_CALL_TIMEOUT
+            )
+        except Exception as e:
+            logger.debug(f"{self.name} could not fetch the swarm's progress: {e!r}")
+            return None
+        if response is None or not isinstance(response.value, dict):
+            return []
+        records = []
+        for subkey, entry in response.value.items():
+            value = getattr(entry, "value", None)
+            if subkey == self._local_public_key or value is None:
+                continue  # our own record is kept locally; None marks a peer that left
+            try:
+                records.append(LocalTrainingProgress.parse_obj(value))
+            except (pydantic_v1.ValidationError, TypeError) as e:
+                logger.debug(f"{self.name} ignores a malformed progress record: {e!r}")
+        return records
+
+    def _log_status(self) -> None:
+        progress = self.global_progress
+        eta = progress.eta_next_epoch - get_dht_time()
+        logger.log(
+            self.status_loglevel,
+            f"{self.prefix}: {progress.samples_accumulated}/{progress.target_batch_size} samples in epoch "
+            f"{progress.epoch} from {progress.num_peers} peer(s)"
+            + (f", ETA {eta:.1f} s" if math.isfinite(eta) else ""),
+        )

@@ -1,0 +1,134 @@
+"""ProgressTracker: progress records on the DHT (their exact encoding) and the swarm's progress seen by each peer."""
+
+import time
+
+import pytest
+
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+FAST = dict(min_refresh_period=0.05, max_refresh_period=0.2, default_refresh_period=0.1)
+
+
+def wait_for(condition, timeout=10.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def dht_pair():
+    first = DHT(start=True)
+    second = DHT(initial_peers=first.get_visible_maddrs(), start=True)
+    yield first, second
+    second.shutdown()
+    first.shutdown()
+
+
+def test_record_encoding_matches_the_wire_vector():
+    record = LocalTrainingProgress(
+        peer_id=bytes.fromhex("1220"),
+        epoch=3,
+        samples_accumulated=10,
+        samples_per_second=1.5,
+        time=1700000000.0,
+        client_mode=False,
+    )
+    expected = (
+        "86a7706565725f6964c4021220a565706f636803b373616d706c65735f616363756d756c617465640ab273616d706c65735f70"
+        "65725f7365636f6e64cb3ff8000000000000a474696d65cb41d954fc40000000ab636c69656e745f6d6f6465c2"
+    )
+    assert MSGPackSerializer.dumps(record.dict()).hex() == expected
+
+
+@pytest.mark.parametrize(
+    "field, value", [("epoch", -1), ("epoch", 1.0), ("samples_per_second", 1), ("client_mode", 0), ("time", "0")]
+)
+def test_record_fields_are_strict(field, value):
+    fields = dict(peer_id=b"x", epoch=0, samples_accumulated=0, samples_per_second=0.0, time=0.0, client_mode=False)
+    with pytest.raises(ValueError):
+        LocalTrainingProgress(**{**fields, field: value})
+
+
+@pytest.mark.timeout(60)
+def test_two_trackers_see_each_others_samples_and_reach_the_target(dht_pair):
+    first = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **FAST)
+    second = ProgressTracker(dht_pair[1], "run", target_batch_size=100, start=True, **FAST)
+    try:
+        first.report_local_progress(0, 30)
+        second.report_local_progress(0, 50)
+        wait_for(lambda: first.global_progress.samples_accumulated == 80 and first.global_progress.num_peers == 2)
+        assert not first.ready_to_update_epoch or first.estimated_next_update_time <= get_dht_time()
+        second.report_local_progress(0, 70)
+        wait_for(lambda: first.global_progress.samples_accumulated >= 100)
+        assert first.ready_to_update_epoch
+    finally:
+        first.shutdown(5)
+        second.shutdown(5)
+
+
+@pytest.mark.timeout(60)
+def test_update_epoch_moves_to_the_swarm_epoch_and_others_follow(dht_pair):
+    first = ProgressTracker(dht_pair[0], "run", target_batch_size=10, start=True, **FAST)
+    second = ProgressTracker(dht_pair[1], "run", target_batch_size=10, start=True, **FAST)
+    try:
+        with first.pause_updates():
+            assert first.update_epoch() == 1
+        wait_for(lambda: second.global_epoch == 1)
+        assert second.ready_to_update_epoch  # another peer is ahead
+        with second.pause_updates():
+            assert second.update_epoch() == 1  # max(local + 1, global)
+        assert second.local_progress.samples_accumulated == 0
+        wait_for(lambda: second.fetched_global_progress_this_epoch.is_set())
+    finally:
+        first.shutdown(5)
+        second.shutdown(5)
+
+
+def test_update_epoch_outside_pause_updates_is_refused(dht_pair):
+    tracker = ProgressTracker(dht_pair[0], "run", target_batch_size=10, start=False)
+    with pytest.raises(RuntimeError, match="pause_updates"):
+        tracker.update_epoch()
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_publishes_none_so_others_stop_counting_the_peer(dht_pair):
+    first = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **FAST)
+    second = ProgressTracker(dht_pair[1], "run", target_batch_size=100, start=True, **FAST)
+    try:
+        second.report_local_progress(0, 40)
+        wait_for(lambda: first.global_progress.num_peers == 2)
+        second.shutdown(5)
+        assert not second.is_alive()
+        wait_for(lambda: first.global_progress.num_peers == 1 and first.global_progress.samples_accumulated == 0)
+    finally:
+        first.shutdown(5)
+        second.shutdown(5)
+
+
+@pytest.mark.timeout(60)
+def test_records_are_signed_and_a_forged_record_is_refused(dht_pair):
+    tracker = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **FAST)
+    dht_pair[1].add_validators([RSASignatureValidator()])  # a reader that checks and strips signatures
+    try:
+        tracker.report_local_progress(0, 5)
+        wait_for(lambda: dht_pair[1].get("run_progress", latest=True) is not None)
+        entries = dht_pair[1].get("run_progress", latest=True).value
+        (subkey,) = entries
+        assert subkey.startswith(b"[owner:ssh-rsa ")
+        assert entries[subkey].value["samples_accumulated"] == 5
+        # another peer without that key cannot write under this subkey
+        forged = dict(entries[subkey].value, samples_accumulated=10**6)
+        assert not dht_pair[1].store("run_progress", forged, get_dht_time() + 30, subkey=subkey)
+    finally:
+        tracker.shutdown(5)
+
+
+def test_tracker_refuses_nonpositive_target(dht_pair):
+    with pytest.raises(ValueError, match="target_batch_size"):
+        ProgressTracker(dht_pair[0], "run", target_batch_size=0, start=False)
