@@ -1,0 +1,348 @@
+"""The receiving side of state sharing: choose donors from the DHT and download a complete state from one of them.
+
+The protocol sends no tensor count: the stream just ends after the last chunk, and a donor that dies between two
+tensors looks the same as one that finished. So a download is accepted only when it is provably whole: every
+tensor got exactly the number of chunks its first chunk announced and decodes to its announced shape, and, when
+the caller knows what the state should look like (``expected_tensors``, e.g. the averager's own state), the tensors
+match it in number, shape and dtype. Anything else (a broken or stalled stream, garbage metadata, a wrong shape)
+rejects that donor and the next one is tried; a partial state is never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Tuple, Type
+
+import torch
+
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.servicer import ServicerBase
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import await_with_timeout
+from hivemind.utils.logging import get_logger
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming
+
+__all__ = [
+    "load_state_from_peers",
+    "order_donors",
+    "StateAssembler",
+    "StateDownloadError",
+    "DEFAULT_STALL_TIMEOUT",
+    "DEFAULT_MAX_UNCHECKED_STATE_BYTES",
+]
+
+logger = get_logger(__name__)
+
+DEFAULT_STALL_TIMEOUT = 60.0  # seconds between two messages of a download when neither timeout is given
+DHT_LOOKUP_TIMEOUT = 30.0  # seconds for finding the donors when the caller gave no overall timeout
+# without expected_tensors, a donor may send at most this many tensor bytes before it is rejected
+DEFAULT_MAX_UNCHECKED_STATE_BYTES = 16 * 2**30
+MAX_PEER_ID_BYTES = 128
+
+
+def _max_encoded_bytes(numel: int) -> int:
+    """An upper bound on the serialized size of a tensor with ``numel`` elements under any codec: 16 bytes per
+    element (complex128) plus room for codebooks and per-block scales."""
+    return 16 * numel + 2**16
+
+
+class StateDownloadError(Exception):
+    """One donor's download was rejected (incomplete, malformed or not matching the expected tensors)."""
+
+
+def order_donors(
+    entries: Any, own_peer_id: Optional[PeerID], rng: Optional[random.Random] = None
+) -> List[Tuple[PeerID, float]]:
+    """Donors from a ``get(<prefix>.all_averagers, latest=True)`` result, best first.
+
+    Only entries with a finite numeric priority count (None or anything else means "does not share"); ties are
+    broken at random; our own entry is skipped. Returns ``[(peer_id, priority), ...]``.
+    """
+    rng = rng if rng is not None else random.Random()
+    value = getattr(entries, "value", None)
+    if not isinstance(value, dict):
+        return []
+    donors = []
+    for subkey, entry in value.items():
+        priority = getattr(entry, "value", None)
+        if not isinstance(subkey, bytes) or not 0 < len(subkey) <= MAX_PEER_ID_BYTES:
+            continue
+        if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not math.isfinite(priority):
+            continue
+        peer_id = PeerID(subkey)
+        if own_peer_id is not None and peer_id == own_peer_id:
+            continue
+        donors.append((float(priority), rng.random(), peer_id))
+    donors.sort(key=lambda item: item[:2], reverse=True)
+    return [(peer_id, priority) for priority, _, peer_id in donors]
+
+
+class StateAssembler:
+    """Rebuilds one donor's state from its ``DownloadData`` messages, checking that it is complete (no I/O).
+
+    Feed messages with :meth:`add`; it returns each serialized tensor as soon as its last chunk is known to have
+    arrived (when the next tensor starts) so that the caller can decode it; :meth:`finish` returns the last one
+    after the stream ended. :meth:`check_decoded` validates a decoded tensor against ``expected_tensors``.
+
+    :param expected_tensors: objects with ``.shape`` and ``.dtype`` (tensors, TensorDescriptors) that the state must
+      match exactly, or None to accept any number and shape of tensors
+    :param max_bytes: refuse a state with more tensor bytes than this (default: what ``expected_tensors`` allows,
+      or DEFAULT_MAX_UNCHECKED_STATE_BYTES)
+    """
+
+    def __init__(self, expected_tensors: Optional[Sequence[Any]] = None, max_bytes: Optional[int] = None):
+        self.expected = None
+        if expected_tensors is not None:
+            self.expected = [(tuple(t.shape), t.dtype) for t in expected_tensors]
+        if max_bytes is None:
+            if self.expected is None:
+                max_bytes = DEFAULT_MAX_UNCHECKED_STATE_BYTES
+            else:
+                max_bytes = sum(_max_encoded_bytes(math.prod(shape)) for shape, _ in self.expected)
+        self.max_bytes = max_bytes
+        self.metadata: Any = None
+        self.num_messages = 0
+        self.num_tensors = 0  # tensors started so far
+        self.received_bytes = 0
+        self._parts: List[runtime_pb2.Tensor] = []
+        self._announced_chunks = 0  # chunks the current tensor's first chunk announced (0: not said)
+        self._tensor_limit = 0  # bytes the current tensor may have
+        self._tensor_bytes = 0  # bytes the current tensor got so far
+
+    def add(self, message: averaging_pb2.DownloadData) -> Optional[runtime_pb2.Tensor]:
+        """Take one message; returns the previous tensor (serialized, all chunks joined) if this one starts a new
+        tensor, else None. Raises StateDownloadError for a malformed stream."""
+        self.num_messages += 1
+        if self.num_messages == 1:
+            if not message.metadata:
+                raise StateDownloadError("the first message carries no metadata")
+            try:
+                self.metadata = MSGPackSerializer.loads(message.metadata)
+            except Exception as e:
+                raise StateDownloadError(f"undecodable metadata ({len(message.metadata)} bytes): {e}") from None
+        elif message.metadata:
+            raise StateDownloadError(f"message {self.num_messages} carries metadata; only the first one may")
+        if not message.HasField("tensor_part"):
+            if self.num_messages == 1:
+                return None  # metadata only (a state without tensors, or metadata sent apart)
+            raise StateDownloadError(f"message {self.num_messages} carries no tensor chunk")
+        chunk = message.tensor_part
+        finished = None
+        if chunk.dtype:  # the first chunk of a new tensor
+            finished = self._finish_tensor() if self._parts else None
+            self._start_tensor(chunk)
+        elif not self._parts:
+            raise StateDownloadError(f"message {self.num_messages} continues a tensor that never started")
+        elif self._announced_chunks and len(self._parts) >= self._announced_chunks:
+            raise StateDownloadError(
+                f"tensor {self.num_tensors - 1} got more chunks than the {self._announced_chunks} it announced"
+            )
+        self._parts.append(chunk)
+        self.received_bytes += len(chunk.buffer)
+        self._tensor_bytes += len(chunk.buffer)
+        if self._tensor_bytes > self._tensor_limit:
+            raise StateDownloadError(
+                f"tensor {self.num_tensors - 1} of shape {list(chunk.size) or list(self._parts[0].size)} got "
+                f"{self._tensor_bytes} bytes, more than any encoding of it needs ({self._tensor_limit})"
+            )
+        if self.received_bytes > self.max_bytes:
+            raise StateDownloadError(f"the state exceeds {self.max_bytes} bytes; refusing the rest")
+        return finished
+
+    def _start_tensor(self, head: runtime_pb2.Tensor) -> None:
+        index = self.num_tensors
+        shape = tuple(head.size)
+        if any(dim < 0 for dim in shape):
+            raise StateDownloadError(f"tensor {index} has a negative dimension: {list(shape)}")
+        if self.expected is not None:
+            if index >= len(self.expected):
+                raise StateDownloadError(f"the donor sends more tensors than the {len(self.expected)} expected")
+            expected_shape = self.expected[index][0]
+            if shape != expected_shape:
+                raise StateDownloadError(f"tensor {index} has shape {list(shape)}, expected {list(expected_shape)}")
+        self.num_tensors += 1
+        self._announced_chunks = max(head.chunks, 0)
+        self._tensor_limit = _max_encoded_bytes(math.prod(shape))
+        self._tensor_bytes = 0
+
+    def _finish_tensor(self) -> runtime_pb2.Tensor:
+        if self._announced_chunks and len(self._parts) != self._announced_chunks:
+            raise StateDownloadError(
+                f"tensor {self.num_tensors - 1} ended after {len(self._parts)} of the {self._announced_chunks} "
+                "chunks it announced (the stream was cut)"
+            )
+        parts, self._parts = self._parts, []
+        return combine_from_streaming(parts)
+
+    def finish(self) -> Optional[runtime_pb2.Tensor]:
+        """Call when the stream ended; returns the last serialized tensor (if any) and checks the tensor count."""
+        if self.num_messages == 0:
+            raise StateDownloadError("the donor sent nothing (it does not share its state)")
+        last = self._finish_tensor() if self._parts else None
+        if self.expected is not None and self.num_tensors != len(self.expected):
+            raise StateDownloadError(
+                f"the stream ended after {self.num_tensors} of {len(self.expected)} expected tensors"
+            )
+        return last
+
+    def check_decoded(self, index: int, tensor: torch.Tensor) -> None:
+        """Raise StateDownloadError unless decoded tensor ``index`` matches what is expected of it."""
+        if self.expected is None:
+            return
+        shape, dtype = self.expected[index]
+        if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
+            raise StateDownloadError(
+                f"tensor {index} decoded to {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
+            )
+
+
+def _decode(serialized: runtime_pb2.Tensor) -> torch.Tensor:
+    return deserialize_torch_tensor(serialized)
+
+
+async def download_state(
+    p2p: P2P,
+    donor: PeerID,
+    *,
+    prefix: str,
+    servicer_type: Type[ServicerBase],
+    expected_tensors: Optional[Sequence[Any]] = None,
+    max_bytes: Optional[int] = None,
+    message_timeout: Optional[float] = None,
+    deadline: Optional[float] = None,
+) -> Tuple[Any, List[torch.Tensor]]:
+    """Download and validate one donor's state; raises (StateDownloadError, P2P errors, TimeoutError) on failure.
+
+    :param message_timeout: seconds allowed for each next message (None: no limit besides ``deadline``)
+    :param deadline: ``time.monotonic()`` by which the whole download must end
+    """
+    assembler = StateAssembler(expected_tensors, max_bytes)
+    loop = asyncio.get_running_loop()
+    tensors: List[torch.Tensor] = []
+
+    async def decode(serialized: runtime_pb2.Tensor) -> None:
+        index = len(tensors)
+        try:
+            tensor = await loop.run_in_executor(None, _decode, serialized)
+        except ValueError as e:  # TensorDecodeError and friends
+            raise StateDownloadError(f"tensor {index} cannot be decoded: {e}") from None
+        assembler.check_decoded(index, tensor)
+        tensors.append(tensor)
+
+    stub = servicer_type.get_stub(p2p, donor, namespace=prefix)
+    stream: AsyncIterator[averaging_pb2.DownloadData] = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+    try:
+        while True:
+            timeout = message_timeout
+            if deadline is not None:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                timeout = remaining if timeout is None else min(timeout, remaining)
+            try:
+                message = await await_with_timeout(stream.__anext__(), timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise asyncio.TimeoutError(
+                    f"no message from the donor for {timeout:.1f} s after {assembler.num_messages} messages"
+                ) from None
+            finished = assembler.add(message)
+            if finished is not None:
+                await decode(finished)
+    finally:
+        await stream.aclose()
+    last = assembler.finish()
+    if last is not None:
+        await decode(last)
+    return assembler.metadata, tensors
+
+
+async def load_state_from_peers(
+    *,
+    p2p: P2P,
+    dht: DHT,
+    prefix: str,
+    servicer_type: Type[ServicerBase],
+    own_peer_id: Optional[PeerID] = None,
+    expected_tensors: Optional[Sequence[Any]] = None,
+    timeout: Optional[float] = None,
+    request_timeout: float = 3.0,
+    next_chunk_timeout: Optional[float] = None,
+    max_bytes: Optional[int] = None,
+    rng: Optional[random.Random] = None,
+) -> Optional[Tuple[Any, List[torch.Tensor]]]:
+    """Download the state of the best donor that delivers it whole: ``(metadata, tensors)``, or None.
+
+    Donors are the averagers that declared a numeric priority under ``<prefix>.all_averagers``, highest first (ties
+    at random), ourselves excluded. A donor whose download fails in any way is skipped (with a warning saying why)
+    and the next one is tried; None means that nobody shares a state or that every donor failed within ``timeout``.
+
+    :param p2p: the P2P to call donors with (the averager's)
+    :param dht: the averager's DHT, for finding donors
+    :param prefix: the averagers' prefix; donors are called at ``<prefix>::<servicer_type name>.rpc_download_state``
+    :param servicer_type: the averager class whose handlers the donors serve (its name is part of the handler name)
+    :param own_peer_id: our peer id, never used as a donor
+    :param expected_tensors: what the state must look like (objects with ``.shape`` and ``.dtype``, e.g. our own
+      state's tensors); donors whose tensors differ in number, shape or dtype are skipped. None: any shapes.
+    :param timeout: seconds for the whole call (finding donors and all download attempts); None: no overall limit
+    :param request_timeout: with ``timeout`` given and no ``next_chunk_timeout``, the limit between two messages
+    :param next_chunk_timeout: the limit between two messages of a download (None: as above, or 60 s)
+    :param max_bytes: refuse states with more tensor bytes (default: what ``expected_tensors`` allows, or 16 GiB)
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if next_chunk_timeout is not None:
+        message_timeout = next_chunk_timeout
+    else:
+        message_timeout = request_timeout if timeout is not None else DEFAULT_STALL_TIMEOUT
+    key = f"{prefix}.all_averagers"
+    lookup_timeout = DHT_LOOKUP_TIMEOUT if deadline is None else max(deadline - time.monotonic(), 0.0)
+    try:
+        entries = await await_with_timeout(dht.get(key, latest=True, return_future=True), lookup_timeout)
+    except asyncio.TimeoutError:
+        logger.warning(f"Could not look up state donors under {key} within {lookup_timeout:.1f} s")
+        return None
+    donors = order_donors(entries, own_peer_id, rng)
+    if not donors:
+        logger.info(f"Nobody shares a state under {key}")
+        return None
+    for attempt, (donor, priority) in enumerate(_until(deadline, donors)):
+        logger.info(f"Downloading the state from {donor} (priority {priority}, donor {attempt + 1} of {len(donors)})")
+        started = time.perf_counter()
+        try:
+            metadata, tensors = await download_state(
+                p2p,
+                donor,
+                prefix=prefix,
+                servicer_type=servicer_type,
+                expected_tensors=expected_tensors,
+                max_bytes=max_bytes,
+                message_timeout=message_timeout,
+                deadline=deadline,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning(f"State download from {donor} failed, trying the next donor: {type(e).__name__}: {e}")
+            continue
+        num_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        logger.info(
+            f"Downloaded the state from {donor}: {len(tensors)} tensors, {num_bytes} bytes "
+            f"in {time.perf_counter() - started:.2f} s"
+        )
+        return metadata, tensors
+    logger.warning(f"Could not download a state from any of the {len(donors)} donors under {key}")
+    return None
+
+
+def _until(deadline: Optional[float], items: Iterable) -> Iterable:
+    """Yield ``items`` while ``deadline`` (time.monotonic) has not passed."""
+    for item in items:
+        if deadline is not None and time.monotonic() >= deadline:
+            logger.warning("The time for loading the state ran out before every donor was tried")
+            return
+        yield item

@@ -1,0 +1,337 @@
+"""The donor side of state sharing: announce in the DHT that this averager shares its state, and stream it out.
+
+An averager that shares its state declares ``<prefix>.all_averagers[<own peer id>] = priority`` in the DHT and serves
+``rpc_download_state``: the metadata (msgpack) and every tensor, compressed with ``state_compression`` and cut in
+64 KiB chunks. A donor serves at most ``max_concurrent_downloads`` downloads at once; up to ``max_queued_downloads``
+more wait for a free slot (first come, first served) for at most ``max_queue_wait`` seconds, and any others are refused
+at once with :class:`DonorBusyError`, so that the newcomer tries another donor instead of piling onto this one.
+The receiving side lives in :mod:`hivemind.averaging.state_download`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Tuple
+
+import torch
+
+from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
+from hivemind.dht import DHT
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
+from hivemind.utils.logging import get_logger
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import STREAMING_CHUNK_SIZE_BYTES, split_for_streaming
+from hivemind.utils.timed_storage import get_dht_time
+
+__all__ = [
+    "StateSharing",
+    "DownloadSlots",
+    "DonorBusyError",
+    "CurrentState",
+    "all_averagers_key",
+    "DEFAULT_MAX_CONCURRENT_DOWNLOADS",
+    "DEFAULT_MAX_QUEUED_DOWNLOADS",
+    "DEFAULT_MAX_QUEUE_WAIT",
+    "DEFAULT_SEND_STALL_TIMEOUT",
+]
+
+logger = get_logger(__name__)
+
+# (metadata, tensors, infos): what get_current_state returns; infos may be None (then each tensor gets a default)
+CurrentState = Tuple[Any, Sequence[torch.Tensor], Optional[Sequence[CompressionInfo]]]
+
+DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4  # downloads streamed at the same time by one donor
+DEFAULT_MAX_QUEUED_DOWNLOADS = 16  # further downloads that may wait for a free slot; beyond that: refused at once
+DEFAULT_MAX_QUEUE_WAIT = 10.0  # seconds a queued download waits for a slot before it is refused
+DEFAULT_SEND_STALL_TIMEOUT = 60.0  # a downloader that takes no chunk for this long is dropped (its slot freed)
+DEFAULT_GET_STATE_TIMEOUT = 300.0  # seconds for get_current_state (e.g. a round trip to the user's process)
+RETRACT_TIMEOUT = 5.0  # seconds spent at shutdown on withdrawing the declaration
+
+
+def all_averagers_key(prefix: str) -> str:
+    """The DHT key under which averagers with prefix ``prefix`` declare their state-sharing priority."""
+    return f"{prefix}.all_averagers"
+
+
+class DonorBusyError(RuntimeError):
+    """This donor already serves (and queues) as many state downloads as it allows; the caller should try another."""
+
+
+class DownloadSlots:
+    """At most ``max_active`` holders at once; up to ``max_waiting`` more wait in turn for at most ``max_wait`` s.
+
+    ``async with slots.acquire(who):`` either enters, or raises :class:`DonorBusyError` when the queue is full or the
+    wait ran out. Cancelling a waiter (its downloader left) takes it out of the queue.
+    """
+
+    def __init__(self, max_active: int, max_waiting: int, max_wait: Optional[float]):
+        if max_active < 1 or max_waiting < 0:
+            raise ValueError(f"need max_active >= 1 and max_waiting >= 0, got {max_active} and {max_waiting}")
+        self.max_active, self.max_waiting, self.max_wait = max_active, max_waiting, max_wait
+        self._semaphore = asyncio.Semaphore(max_active)
+        self.active = 0  # holders right now
+        self.waiting = 0  # callers queued for a slot right now
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, who: object = None) -> AsyncIterator[None]:
+        if self._semaphore.locked() or self.waiting > 0:  # no free slot, or others are first in line
+            if self.waiting >= self.max_waiting:
+                raise DonorBusyError(
+                    f"this peer already streams its state to {self.active} peers and {self.waiting} more are queued "
+                    f"(limits: {self.max_active} at once, {self.max_waiting} queued); try another peer or retry later"
+                )
+            self.waiting += 1
+            try:
+                await await_with_timeout(self._semaphore.acquire(), self.max_wait)
+            except asyncio.TimeoutError:
+                raise DonorBusyError(
+                    f"no free download slot within {self.max_wait} s ({self.active} downloads in progress); "
+                    "try another peer or retry later"
+                ) from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._semaphore.acquire()
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._semaphore.release()
+
+
+class StateSharing:
+    """Owned by an averager (runs in the averager's process and event loop): declares and serves its state.
+
+    :param dht: the averager's DHT (its calls cross into the DHT process)
+    :param peer_id: this averager's peer id (the subkey it declares under)
+    :param prefix: the averager's prefix; the declaration goes to ``<prefix>.all_averagers``
+    :param get_current_state: ``async () -> (metadata, tensors, infos)`` giving the state to send. Runs once per
+      download, after a slot was granted. The tensors must not change while they are sent (return copies or
+      tensors nobody writes to); ``infos`` may be None. The averager makes it call ``get_current_state`` in the
+      user's process.
+    :param state_compression: compression for the streamed tensors (CompressionBase, may be adaptive)
+    :param allow_state_sharing: serve downloads and declare the priority (client-mode averagers cannot)
+    :param state_sharing_priority: donors with a higher priority are chosen first (a finite number)
+    :param declare_state_period: seconds between declarations; each declaration expires after that long
+    :param client_mode: whether the averager accepts no incoming connections (then sharing cannot be enabled)
+    :param max_concurrent_downloads: downloads streamed at once
+    :param max_queued_downloads: downloads that may wait for a slot; more are refused with DonorBusyError
+    :param max_queue_wait: seconds a queued download waits for a slot before it is refused
+    :param send_stall_timeout: a downloader that takes no message for this many seconds is dropped
+    :param get_state_timeout: seconds allowed for ``get_current_state``
+    """
+
+    def __init__(
+        self,
+        *,
+        dht: DHT,
+        peer_id: PeerID,
+        prefix: str,
+        get_current_state: Callable[[], Awaitable[CurrentState]],
+        state_compression: CompressionBase = NoCompression(),
+        allow_state_sharing: bool = True,
+        state_sharing_priority: float = 0.0,
+        declare_state_period: float = 30.0,
+        client_mode: bool = False,
+        max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+        max_queued_downloads: int = DEFAULT_MAX_QUEUED_DOWNLOADS,
+        max_queue_wait: Optional[float] = DEFAULT_MAX_QUEUE_WAIT,
+        send_stall_timeout: Optional[float] = DEFAULT_SEND_STALL_TIMEOUT,
+        get_state_timeout: Optional[float] = DEFAULT_GET_STATE_TIMEOUT,
+    ):
+        if not (isinstance(declare_state_period, (int, float)) and declare_state_period > 0):
+            raise ValueError(f"declare_state_period must be a positive number of seconds, got {declare_state_period}")
+        self.dht, self.peer_id, self.prefix, self.client_mode = dht, peer_id, prefix, client_mode
+        self.get_current_state, self.state_compression = get_current_state, state_compression
+        self.declare_state_period = float(declare_state_period)
+        self.send_stall_timeout, self.get_state_timeout = send_stall_timeout, get_state_timeout
+        self.slots = DownloadSlots(max_concurrent_downloads, max_queued_downloads, max_queue_wait)
+        self._allow_state_sharing = False
+        self._priority = 0.0
+        self.allow_state_sharing = allow_state_sharing  # validated by the setters
+        self.state_sharing_priority = state_sharing_priority
+        self._declared_sharing = False  # whether the DHT may hold a numeric declaration of ours
+        self._changed = threading.Event()  # set from any thread; the declare loop polls it through _wakeup
+        self._wakeup: Optional[asyncio.Event] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._declare_task: Optional[asyncio.Task] = None
+
+    @property
+    def key(self) -> str:
+        return all_averagers_key(self.prefix)
+
+    @property
+    def allow_state_sharing(self) -> bool:
+        return self._allow_state_sharing
+
+    @allow_state_sharing.setter
+    def allow_state_sharing(self, value: bool) -> None:
+        if value and self.client_mode:
+            raise ValueError(
+                "a client-mode averager accepts no incoming connections, so it cannot share its state: "
+                "leave allow_state_sharing False (or run the averager's DHT without client_mode)"
+            )
+        self._allow_state_sharing = bool(value)
+        self._notify_change()
+
+    @property
+    def state_sharing_priority(self) -> float:
+        return self._priority
+
+    @state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"state_sharing_priority must be a finite number, got {value!r}")
+        if value != 0 and self.client_mode:
+            raise ValueError("a client-mode averager cannot share its state, so it cannot have a non-zero priority")
+        self._priority = float(value)
+        self._notify_change()
+
+    def _notify_change(self) -> None:
+        """Re-declare soon; safe to call from any thread."""
+        changed = getattr(self, "_changed", None)
+        if changed is None:
+            return  # still in __init__
+        changed.set()
+        if self._loop is not None and self._wakeup is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    # ------------------------------------------------------------------ declarations
+
+    async def start(self) -> None:
+        """Start declaring in the background (call once, inside the averager's running event loop)."""
+        if self._declare_task is not None:
+            raise RuntimeError("StateSharing.start() was already called")
+        self._loop, self._wakeup = asyncio.get_running_loop(), asyncio.Event()
+        self._wakeup.set()  # declare right away
+        self._declare_task = asyncio.create_task(self._declare_periodically(), name=f"declare {self.key}")
+
+    async def shutdown(self) -> None:
+        """Stop declaring; if the DHT may hold our priority, replace it with None (bounded by RETRACT_TIMEOUT)."""
+        if self._declare_task is not None:
+            await cancel_and_wait(self._declare_task)
+            self._declare_task = None
+        if self._declared_sharing:
+            try:
+                await await_with_timeout(self._declare(None), RETRACT_TIMEOUT)
+            except Exception as e:
+                logger.debug(f"Could not withdraw the state-sharing declaration under {self.key}: {e!r}")
+
+    async def _declare_periodically(self) -> None:
+        while True:
+            self._wakeup.clear()
+            self._changed.clear()
+            try:
+                await await_with_timeout(self.declare(), self.declare_state_period)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning(f"Could not declare the state-sharing priority under {self.key}: {e!r}")
+            if self._changed.is_set():
+                continue  # changed while we were storing
+            try:
+                await await_with_timeout(self._wakeup.wait(), self.declare_state_period)
+            except asyncio.TimeoutError:
+                pass
+
+    async def declare(self) -> bool:
+        """Store the current priority (or None if sharing is off) once; returns whether the DHT accepted it.
+
+        A peer that never shared declares nothing (returns False).
+        """
+        value = self._priority if self._allow_state_sharing else None
+        if value is None and not self._declared_sharing:
+            return False
+        return await self._declare(value)
+
+    async def _declare(self, value: Optional[float]) -> bool:
+        if value is not None:
+            self._declared_sharing = True
+        stored = await self.dht.store(
+            key=self.key,
+            subkey=self.peer_id.to_bytes(),
+            value=value,
+            expiration_time=get_dht_time() + self.declare_state_period,
+            return_future=True,
+        )
+        if value is None and stored:
+            self._declared_sharing = False
+        logger.debug(f"Declared state-sharing priority {value} under {self.key} (stored: {stored})")
+        return stored
+
+    # ------------------------------------------------------------------ serving downloads
+
+    async def rpc_download_state(
+        self, _request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """Stream this averager's state: metadata in the first message, then every tensor in 64 KiB chunks.
+
+        A peer that does not share its state ends the stream at once with no messages.
+        """
+        if not self._allow_state_sharing:
+            logger.debug(f"Refused a state download by {context.remote_id}: state sharing is off")
+            return
+        async with self.slots.acquire(context.remote_id):
+            if not self._allow_state_sharing:  # switched off while the caller was queued
+                return
+            messages = self._state_messages(context)
+            async for message in _with_stall_watchdog(messages, self.send_stall_timeout, context):
+                yield message
+
+    async def _state_messages(self, context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        metadata, tensors, infos = await await_with_timeout(self.get_current_state(), self.get_state_timeout)
+        tensors = list(tensors)
+        if infos is None:
+            infos = [CompressionInfo.from_tensor(tensor, key=index) for index, tensor in enumerate(tensors)]
+        if len(infos) != len(tensors):
+            raise ValueError(f"get_current_state returned {len(tensors)} tensors but {len(infos)} infos")
+        serialized_metadata = MSGPackSerializer.dumps(metadata)
+        loop = asyncio.get_running_loop()
+        sent_bytes = 0
+        for tensor, info in zip(tensors, infos):
+            serialized = await loop.run_in_executor(None, self._compress, tensor, info)
+            for chunk in split_for_streaming(serialized, STREAMING_CHUNK_SIZE_BYTES):
+                message = averaging_pb2.DownloadData(tensor_part=chunk)
+                if serialized_metadata is not None:
+                    message.metadata, serialized_metadata = serialized_metadata, None
+                sent_bytes += len(chunk.buffer)
+                yield message
+        if serialized_metadata is not None:  # a state without tensors: metadata only
+            yield averaging_pb2.DownloadData(metadata=serialized_metadata)
+        logger.info(f"Sent our state to {context.remote_id}: {len(tensors)} tensors, {sent_bytes} bytes")
+
+    def _compress(self, tensor: torch.Tensor, info: CompressionInfo):
+        return self.state_compression.compress(tensor.detach().cpu(), info, allow_inplace=False)
+
+
+async def _with_stall_watchdog(
+    messages: AsyncIterator[averaging_pb2.DownloadData], stall_timeout: Optional[float], context: P2PContext
+) -> AsyncIterator[averaging_pb2.DownloadData]:
+    """Re-yield ``messages``; if the consumer does not come back for the next one within ``stall_timeout`` seconds
+    (the downloader stopped reading, so sending blocks), cancel the task that serves this stream.
+
+    The handler's task is the one that iterates this generator and writes each message to the stream, so cancelling
+    it ends the stream and releases the download slot; the caller receives an error frame.
+    """
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+    def drop_stalled() -> None:
+        logger.warning(f"{context.remote_id} took no state chunk for {stall_timeout} s; dropping its download")
+        task.cancel()
+
+    try:
+        async for message in messages:
+            timer = loop.call_later(stall_timeout, drop_stalled) if stall_timeout is not None else None
+            try:
+                yield message
+            finally:
+                if timer is not None:
+                    timer.cancel()
+    finally:
+        await messages.aclose()
