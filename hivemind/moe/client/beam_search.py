@@ -1,0 +1,331 @@
+"""MoEBeamSearcher: finds the best-scoring alive experts of a grid through the prefix entries servers declare."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import math
+from functools import partial
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from hivemind.dht import DHT, DHTNode
+from hivemind.moe.client.expert import RemoteExpert, batch_create_remote_experts
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.expert_uid import (
+    FLAT_EXPERT,
+    UID_DELIMITER,
+    Coordinate,
+    ExpertInfo,
+    ExpertPrefix,
+    Score,
+    is_valid_prefix,
+    is_valid_uid,
+)
+from hivemind.p2p import PeerID
+from hivemind.utils.logging import get_logger
+from hivemind.utils.timed_storage import get_dht_time
+
+__all__ = ["MoEBeamSearcher", "parse_successors", "beam_search", "top_distinct_experts"]
+
+logger = get_logger(__name__)
+
+Successors = Dict[Coordinate, ExpertInfo]
+BeamEntry = Tuple[Score, ExpertPrefix, Successors]
+FetchSuccessors = Callable[[List[ExpertPrefix]], Awaitable[Dict[ExpertPrefix, Successors]]]
+
+
+# ------------------------------------------------------------------ plain logic (no I/O)
+
+
+def parse_successors(prefix: ExpertPrefix, found, grid_size: Optional[int] = None) -> Successors:
+    """The valid entries of the dictionary stored under ``prefix`` (a DHT get result, or None).
+
+    An entry is kept only if its subkey is an int coordinate below ``grid_size`` (or FLAT_EXPERT for the 1-D uid
+    equal to the prefix itself) and its value is a pair (uid under that coordinate, base58 peer id). Anything else,
+    including the ``None`` that negative caching stores, is ignored.
+    """
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    successors = {}
+    for coordinate, entry in found.value.items():
+        if not isinstance(coordinate, int) or isinstance(coordinate, bool):
+            continue
+        value = getattr(entry, "value", None)
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(x, str) for x in value)):
+            continue
+        uid, peer = value
+        if not is_valid_uid(uid):
+            continue
+        if coordinate == FLAT_EXPERT:
+            if uid + UID_DELIMITER != prefix:
+                continue
+        else:
+            if coordinate < 0 or (grid_size is not None and coordinate >= grid_size):
+                continue
+            expected = f"{prefix}{coordinate}"
+            if uid != expected and not uid.startswith(expected + UID_DELIMITER):
+                continue
+        try:
+            successors[coordinate] = ExpertInfo(uid, PeerID.from_base58(peer))
+        except Exception:
+            continue
+    return successors
+
+
+def _is_usable(score: float) -> bool:
+    return not math.isnan(score) and score != -math.inf  # -inf marks a dropped index (e.g. switch grid dropout)
+
+
+def top_distinct_experts(candidates: Sequence[Tuple[Score, ExpertInfo]], k: int) -> List[ExpertInfo]:
+    """The ``k`` best-scoring experts, each uid at most once, best first."""
+    chosen, seen = [], set()
+    for _, info in sorted(candidates, key=lambda item: -item[0]):
+        if info.uid not in seen:
+            seen.add(info.uid)
+            chosen.append(info)
+            if len(chosen) == k:
+                break
+    return chosen
+
+
+async def fill_beam(
+    candidates: Sequence[Tuple[Score, ExpertPrefix]], beam_size: int, fetch: FetchSuccessors, batch_size: int
+) -> List[BeamEntry]:
+    """Fetch the best candidates' successors, a batch at a time, until ``beam_size`` prefixes have some."""
+    ordered = sorted((item for item in candidates if _is_usable(item[0])), key=lambda item: -item[0])
+    beam: List[BeamEntry] = []
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start : start + batch_size]
+        found = await fetch([prefix for _, prefix in batch])
+        for score, prefix in batch:
+            if found.get(prefix):
+                beam.append((score, prefix, found[prefix]))
+        if len(beam) >= beam_size:
+            break
+    return heapq.nlargest(beam_size, beam, key=lambda entry: entry[0])
+
+
+async def beam_search(
+    uid_prefix: ExpertPrefix,
+    grid_scores: Sequence[Sequence[float]],
+    beam_size: int,
+    fetch: FetchSuccessors,
+    batch_size: Optional[int] = None,
+) -> List[ExpertInfo]:
+    """Up to ``beam_size`` distinct alive experts with the highest summed per-dimension scores, best first.
+
+    :param grid_scores: one sequence of scores per grid dimension (its length is that dimension's size)
+    :param fetch: returns the valid successors of each given prefix (see :func:`parse_successors`)
+    """
+    batch_size = max(batch_size or beam_size, beam_size, 1)
+    initial = [(float(score), f"{uid_prefix}{index}{UID_DELIMITER}") for index, score in enumerate(grid_scores[0])]
+    beam = await fill_beam(initial, beam_size, fetch, batch_size)
+    if len(grid_scores) == 1:
+        return top_distinct_experts(
+            [(score, successors[FLAT_EXPERT]) for score, _, successors in beam if FLAT_EXPERT in successors],
+            beam_size,
+        )
+    for dim in range(1, len(grid_scores)):
+        dim_scores = grid_scores[dim]
+        expanded = [
+            (score + float(dim_scores[coordinate]), f"{prefix}{coordinate}{UID_DELIMITER}", info)
+            for score, prefix, successors in beam
+            for coordinate, info in successors.items()
+            if 0 <= coordinate < len(dim_scores) and _is_usable(float(dim_scores[coordinate]))
+        ]
+        if dim == len(grid_scores) - 1:
+            return top_distinct_experts([(score, info) for score, _, info in expanded], beam_size)
+        beam = await fill_beam([(score, prefix) for score, prefix, _ in expanded], beam_size, fetch, batch_size)
+    return []
+
+
+# ------------------------------------------------------------------ DHT-process side
+
+
+class _SuccessorFetcher:
+    """Fetches prefixes from the DHT at most once per search call; remembers missing ones for negative caching."""
+
+    def __init__(self, node: DHTNode, grid_size: Sequence[int], negative_caching: bool, num_workers: int):
+        self.node, self.grid_size, self.negative_caching = node, grid_size, negative_caching
+        self.num_workers = num_workers
+        self.results: Dict[ExpertPrefix, asyncio.Future] = {}
+        self.missing: List[ExpertPrefix] = []
+
+    def _dimension_size(self, prefix: ExpertPrefix) -> Optional[int]:
+        depth = prefix.count(UID_DELIMITER) - 1  # number of coordinates in the prefix
+        return self.grid_size[depth] if depth < len(self.grid_size) else None
+
+    async def __call__(self, prefixes: List[ExpertPrefix]) -> Dict[ExpertPrefix, Successors]:
+        new = [prefix for prefix in dict.fromkeys(prefixes) if prefix not in self.results]
+        if new:
+            loop = asyncio.get_running_loop()
+            for prefix in new:
+                self.results[prefix] = loop.create_future()
+            try:
+                found = await self.node.get_many(new, num_workers=self.num_workers)
+            except BaseException:
+                for prefix in new:  # other samples waiting for these prefixes fail with this search
+                    self.results[prefix].cancel()
+                raise
+            for prefix in new:
+                if found[prefix] is None:
+                    self.missing.append(prefix)
+                self.results[prefix].set_result(parse_successors(prefix, found[prefix], self._dimension_size(prefix)))
+        return {prefix: await self.results[prefix] for prefix in prefixes}
+
+    async def store_negative_cache(self, expiration: float) -> None:
+        if self.negative_caching and self.missing:
+            missing, self.missing = self.missing, []
+            await self.node.store_many(
+                missing,
+                [None] * len(missing),
+                get_dht_time() + expiration,
+                subkeys=[FLAT_EXPERT] * len(missing),
+                await_all_replicas=False,
+            )
+
+
+async def _search_many(
+    dht: DHT,
+    node: DHTNode,
+    *,
+    uid_prefix: str,
+    grid_size: Tuple[int, ...],
+    batch_scores: List[List[List[float]]],
+    beam_size: int,
+    negative_caching: bool,
+    cache_expiration: float,
+    num_workers: int,
+) -> List[List[ExpertInfo]]:
+    fetcher = _SuccessorFetcher(node, grid_size, negative_caching, num_workers)
+    try:
+        return list(
+            await asyncio.gather(
+                *(beam_search(uid_prefix, scores, beam_size, fetcher, num_workers) for scores in batch_scores)
+            )
+        )
+    finally:
+        await fetcher.store_negative_cache(cache_expiration)
+
+
+async def _get_initial_beam(
+    dht, node, *, uid_prefix, grid_size, scores, beam_size, negative_caching, cache_expiration, num_workers
+) -> List[BeamEntry]:
+    fetcher = _SuccessorFetcher(node, grid_size, negative_caching, num_workers)
+    try:
+        candidates = [(float(score), f"{uid_prefix}{index}{UID_DELIMITER}") for index, score in enumerate(scores)]
+        return await fill_beam(candidates, beam_size, fetcher, max(beam_size, num_workers))
+    finally:
+        await fetcher.store_negative_cache(cache_expiration)
+
+
+async def _get_active_successors(dht, node, *, prefixes, grid_size, num_workers) -> Dict[ExpertPrefix, Successors]:
+    found = await node.get_many(prefixes, num_workers=num_workers)
+    return {prefix: parse_successors(prefix, found[prefix], grid_size) for prefix in prefixes}
+
+
+class MoEBeamSearcher:
+    """Beam search over the experts of one grid that servers announce in the DHT.
+
+    :param uid_prefix: the grid's prefix such as ``ffn.`` (a missing trailing dot is added)
+    :param grid_size: the size of each grid dimension
+    :param num_workers: concurrent DHT requests of one search (default: the DHT's)
+    :param negative_caching: remember a prefix found empty by storing None under its FLAT_EXPERT subkey
+    :param cache_expiration: how long (seconds) such a negative entry lives
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        uid_prefix: ExpertPrefix,
+        grid_size: Sequence[int],
+        num_workers: Optional[int] = None,
+        negative_caching: bool = True,
+        cache_expiration: float = 300,
+        **kwargs,
+    ):
+        if not uid_prefix.endswith(UID_DELIMITER):
+            uid_prefix += UID_DELIMITER
+        if not is_valid_prefix(uid_prefix):
+            raise ValueError(f"{uid_prefix!r} is not a valid uid prefix (expected e.g. 'ffn.' or 'ffn.3.')")
+        if not grid_size or any(int(size) <= 0 for size in grid_size):
+            raise ValueError(f"grid_size must be a non-empty sequence of positive sizes, got {grid_size!r}")
+        self.dht, self.uid_prefix, self.grid_size = dht, uid_prefix, tuple(int(size) for size in grid_size)
+        self.num_workers = num_workers if num_workers is not None else dht.num_workers
+        self.negative_caching, self.cache_expiration = negative_caching, cache_expiration
+        self.kwargs = kwargs
+
+    def _options(self) -> dict:
+        return dict(
+            uid_prefix=self.uid_prefix,
+            grid_size=self.grid_size,
+            negative_caching=self.negative_caching,
+            cache_expiration=self.cache_expiration,
+            num_workers=self.num_workers,
+        )
+
+    def get_initial_beam(self, scores: Sequence[float], beam_size: int, return_future: bool = False):
+        """Up to ``beam_size`` (score, prefix, successors) for first-dimension prefixes that have alive experts."""
+        scores = [float(score) for score in scores]
+        return self.dht.run_coroutine(
+            partial(_get_initial_beam, scores=scores, beam_size=beam_size, **self._options()),
+            return_future=return_future,
+        )
+
+    def get_active_successors(
+        self, prefixes: List[ExpertPrefix], grid_size: Optional[int] = None, return_future: bool = False
+    ):
+        """{prefix: {coordinate: ExpertInfo}} for each prefix (coordinates below ``grid_size`` if given)."""
+        for prefix in prefixes:
+            assert is_valid_prefix(prefix), f"{prefix!r} is not a valid uid prefix"
+        return self.dht.run_coroutine(
+            partial(
+                _get_active_successors, prefixes=list(prefixes), grid_size=grid_size, num_workers=self.num_workers
+            ),
+            return_future=return_future,
+        )
+
+    def _check_scores(self, grid_scores: Sequence[Sequence[float]]) -> List[List[float]]:
+        if len(grid_scores) != len(self.grid_size):
+            raise ValueError(f"expected scores for {len(self.grid_size)} grid dimensions, got {len(grid_scores)}")
+        checked = []
+        for dim, (scores, size) in enumerate(zip(grid_scores, self.grid_size)):
+            scores = [float(score) for score in scores]
+            if len(scores) != size:
+                raise ValueError(f"grid dimension {dim} has size {size}, got {len(scores)} scores")
+            checked.append(scores)
+        return checked
+
+    def find_best_experts(
+        self, grid_scores: Sequence[Sequence[float]], beam_size: int, return_future: bool = False
+    ) -> Union[List[RemoteExpert], concurrent.futures.Future]:
+        """Up to ``beam_size`` distinct alive experts with the highest total score, best first."""
+        infos = self.dht.run_coroutine(
+            partial(
+                _search_many, batch_scores=[self._check_scores(grid_scores)], beam_size=beam_size, **self._options()
+            ),
+            return_future=True,
+        )
+        remote_experts = batch_create_remote_experts(infos, self.dht, return_future=True)
+        return RemoteExpertWorker.run_coroutine(_first_sample(remote_experts), return_future=return_future)
+
+    def batch_find_best_experts(
+        self, batch_grid_scores: Sequence, beam_size: int, return_future: bool = False
+    ) -> Union[List[List[RemoteExpert]], concurrent.futures.Future]:
+        """:func:`find_best_experts` for each sample; ``batch_grid_scores[dim]`` is [batch_size, grid_size[dim]]."""
+        if len(batch_grid_scores) != len(self.grid_size):
+            raise ValueError(f"expected scores for {len(self.grid_size)} dimensions, got {len(batch_grid_scores)}")
+        batch_size = len(batch_grid_scores[0])
+        per_sample = [
+            self._check_scores([dim_scores[index] for dim_scores in batch_grid_scores]) for index in range(batch_size)
+        ]
+        infos = self.dht.run_coroutine(
+            partial(_search_many, batch_scores=per_sample, beam_size=beam_size, **self._options()),
+            return_future=True,
+        )
+        return batch_create_remote_experts(infos, self.dht, return_future=return_future)
+
+
+async def _first_sample(future: concurrent.futures.Future):
+    return (await asyncio.wrap_future(future))[0]

@@ -1,0 +1,166 @@
+"""RemoteExpert: a torch module whose forward and backward run on an expert server, through the network."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from hivemind.dht import DHT
+from hivemind.moe.client.expert_rpc import (
+    ConnectionHandler,
+    call_expert,
+    parse_expert_info,
+    raw_size_of,
+    serialize_inputs,
+)
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.expert_uid import ExpertInfo
+from hivemind.p2p import P2P, PeerID, StubBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.nested import nested_compare, nested_flatten, nested_pack
+
+__all__ = ["RemoteExpert", "create_remote_experts", "batch_create_remote_experts", "get_server_stub", "DUMMY"]
+
+# an empty tensor that requires grad: passed to autograd functions so that backward runs even when no input does
+DUMMY = torch.empty(0, requires_grad=True)
+
+
+def get_server_stub(p2p: P2P, server_peer_id: PeerID) -> StubBase:
+    """A stub that calls the expert RPCs (rpc_info, rpc_forward, rpc_backward, ...) of the given server."""
+    return ConnectionHandler.get_stub(p2p, server_peer_id)
+
+
+class RemoteExpert(nn.Module):
+    """Calls one expert hosted on a remote server as if it were a local module (with autograd).
+
+    :param expert_info: the expert's uid and the peer id of its server
+    :param p2p: a P2P instance of this process (e.g. ``await dht.replicate_p2p()``)
+
+    There is no timeout of its own: a call waits until the server answers or the connection fails.
+    """
+
+    def __init__(self, expert_info: ExpertInfo, p2p: P2P):
+        super().__init__()
+        self._info, self.p2p = expert_info, p2p
+        self._rpc_info: Optional[dict] = None
+
+    @property
+    def uid(self) -> str:
+        return self._info.uid
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self._info.peer_id
+
+    @property
+    def stub(self) -> StubBase:
+        return get_server_stub(self.p2p, self.peer_id)
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """The expert's schemas, fetched from its server on first use and cached."""
+        if self._rpc_info is None:
+            response = RemoteExpertWorker.run_coroutine(self.stub.rpc_info(runtime_pb2.ExpertUID(uid=self.uid)))
+            self._rpc_info = parse_expert_info(response.serialized_info)
+        return self._rpc_info
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        """Run the expert on the server; inputs are sent from CPU, outputs come back as CPU tensors."""
+        info = self.info
+        assert set(kwargs) == set(info["keyword_names"]), (
+            f"{self.uid} expects keyword arguments {info['keyword_names']}, got {tuple(kwargs)}"
+        )
+        kwargs = {key: kwargs[key] for key in info["keyword_names"]}
+        forward_inputs = (args, kwargs)
+        if not nested_compare(forward_inputs, info["forward_schema"]):
+            raise TypeError(
+                f"{self.uid} expects inputs structured as {info['forward_schema']}, got "
+                f"{len(args)} positional and {len(kwargs)} keyword tensors that do not match"
+            )
+        flat_outputs = _RemoteModuleCall.apply(DUMMY, self.uid, self.stub, info, *nested_flatten(forward_inputs))
+        return nested_pack(flat_outputs, structure=info["outputs_schema"])
+
+    def extra_repr(self) -> str:
+        return f"uid={self.uid}, peer_id={self.peer_id}"
+
+
+class _RemoteModuleCall(torch.autograd.Function):
+    """Forward: rpc_forward with the inputs. Backward: rpc_backward with the saved inputs and output gradients."""
+
+    @staticmethod
+    def forward(ctx, dummy: torch.Tensor, uid: str, stub: StubBase, info: dict, *inputs: torch.Tensor):
+        inputs = tuple(tensor.detach().cpu() for tensor in inputs)
+        ctx.uid, ctx.stub, ctx.info = uid, stub, info
+        ctx.save_for_backward(*inputs)
+        serialized = serialize_inputs(inputs, info["forward_schema"])
+        outputs = RemoteExpertWorker.run_coroutine(call_expert(stub, "forward", uid, serialized, raw_size_of(inputs)))
+        return tuple(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        inputs = ctx.saved_tensors
+        grad_outputs = tuple(grad.cpu() for grad in grad_outputs)
+        backward_schema = (ctx.info["forward_schema"], ctx.info["outputs_schema"])
+        tensors = (*inputs, *grad_outputs)
+        serialized = serialize_inputs(tensors, backward_schema)
+        grad_inputs = RemoteExpertWorker.run_coroutine(
+            call_expert(ctx.stub, "backward", ctx.uid, serialized, raw_size_of(tensors))
+        )
+        checked = check_grad_inputs(ctx.uid, inputs, grad_inputs)
+        needs = ctx.needs_input_grad[4:]
+        return (None, None, None, None, *(grad if need else None for grad, need in zip(checked, needs)))
+
+
+def check_grad_inputs(uid: str, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Gradients from a server must match the inputs one to one in shape; cast to the inputs' dtypes."""
+    if len(grads) != len(inputs):
+        raise RuntimeError(f"expert {uid} returned {len(grads)} gradients for {len(inputs)} inputs")
+    checked = []
+    for index, (tensor, grad) in enumerate(zip(inputs, grads)):
+        if grad.shape != tensor.shape:
+            raise RuntimeError(
+                f"expert {uid} returned a gradient of shape {tuple(grad.shape)} for input {index} of shape "
+                f"{tuple(tensor.shape)}"
+            )
+        checked.append(grad.to(tensor.dtype) if tensor.is_floating_point() else grad)
+    return checked
+
+
+async def _create_remote_experts(infos: Sequence[Optional[ExpertInfo]], dht: DHT) -> List[Optional[RemoteExpert]]:
+    p2p = await dht.replicate_p2p()
+    return [RemoteExpert(info, p2p) if info is not None else None for info in infos]
+
+
+async def _await_infos(infos: Union[Sequence, concurrent.futures.Future]) -> Sequence:
+    if isinstance(infos, concurrent.futures.Future):
+        return await asyncio.wrap_future(infos)
+    return infos
+
+
+def create_remote_experts(
+    infos: Union[Sequence[Optional[ExpertInfo]], concurrent.futures.Future], dht: DHT, return_future: bool = False
+) -> Union[List[Optional[RemoteExpert]], concurrent.futures.Future]:
+    """RemoteExperts for a list of ExpertInfo (None stays None); ``infos`` may be a future of such a list."""
+
+    async def create():
+        return await _create_remote_experts(await _await_infos(infos), dht)
+
+    return RemoteExpertWorker.run_coroutine(create(), return_future=return_future)
+
+
+def batch_create_remote_experts(
+    infos: Union[Sequence[Sequence[ExpertInfo]], concurrent.futures.Future], dht: DHT, return_future: bool = False
+) -> Union[List[List[RemoteExpert]], concurrent.futures.Future]:
+    """Like :func:`create_remote_experts` for a list of lists (one list of experts per sample)."""
+
+    async def create():
+        batch = await _await_infos(infos)
+        p2p = await dht.replicate_p2p()
+        return [[RemoteExpert(info, p2p) for info in sample_infos] for sample_infos in batch]
+
+    return RemoteExpertWorker.run_coroutine(create(), return_future=return_future)

@@ -1,0 +1,142 @@
+"""The expert RPCs as a client sees them: handle names, message types and the per-call wire helpers.
+
+An expert server registers handlers named ``ConnectionHandler.rpc_*``; the class below only describes them so that
+``ConnectionHandler.get_stub(p2p, peer_id)`` can call them (the server's own ConnectionHandler implements them).
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterable, List, Optional, Sequence
+
+import torch
+
+from hivemind.compression import deserialize_tensor_stream, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2PContext, ServicerBase, StubBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.nested import nested_flatten
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import split_for_streaming
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+__all__ = [
+    "ConnectionHandler",
+    "MAX_UNARY_PAYLOAD_SIZE",
+    "STREAMING_CHUNK_SIZE",
+    "ExpertInfoError",
+    "parse_expert_info",
+    "serialize_inputs",
+    "call_expert",
+    "raw_size_of",
+]
+
+MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # raw bytes sent in one call above which the streaming variant is used
+STREAMING_CHUNK_SIZE = 4 * 1024**2  # buffer bytes per streamed message
+
+
+class ConnectionHandler(ServicerBase):
+    """Description of the RPCs of an expert server (the name is part of each handle: ``ConnectionHandler.rpc_x``)."""
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
+        yield
+
+    async def rpc_backward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
+        yield
+
+
+class ExpertInfoError(ValueError):
+    """An expert server answered rpc_info with something that is not a valid expert description."""
+
+
+def _check_schema_leaves(schema, what: str) -> None:
+    leaves = list(nested_flatten(schema))
+    for leaf in leaves:
+        if not isinstance(leaf, BatchTensorDescriptor):
+            raise ExpertInfoError(f"{what} must contain only tensor descriptors, found {type(leaf).__name__}")
+
+
+def parse_expert_info(serialized_info: bytes) -> dict:
+    """Decode and check the info dict of an expert (forward_schema, outputs_schema, keyword_names)."""
+    try:
+        info = MSGPackSerializer.loads(serialized_info)
+    except Exception as e:
+        raise ExpertInfoError(f"expert info is not valid msgpack: {e}") from e
+    if not isinstance(info, dict) or not {"forward_schema", "outputs_schema", "keyword_names"} <= info.keys():
+        raise ExpertInfoError("expert info must be a map with forward_schema, outputs_schema and keyword_names")
+    forward_schema = info["forward_schema"]
+    if not (
+        isinstance(forward_schema, (tuple, list))
+        and len(forward_schema) == 2
+        and isinstance(forward_schema[0], (tuple, list))
+        and isinstance(forward_schema[1], dict)
+    ):
+        raise ExpertInfoError("expert forward_schema must be a pair (positional schemas, keyword schemas)")
+    args_schema, kwargs_schema = tuple(forward_schema[0]), dict(forward_schema[1])
+    if not all(isinstance(key, str) for key in kwargs_schema):
+        raise ExpertInfoError("expert keyword schema names must be strings")
+    _check_schema_leaves((args_schema, kwargs_schema), "forward_schema")
+    _check_schema_leaves(info["outputs_schema"], "outputs_schema")
+    keyword_names = info["keyword_names"]
+    if not isinstance(keyword_names, (tuple, list)) or set(keyword_names) != set(kwargs_schema):
+        raise ExpertInfoError(f"expert keyword_names {keyword_names!r} do not match its keyword schemas")
+    return dict(info, forward_schema=(args_schema, kwargs_schema), keyword_names=tuple(keyword_names))
+
+
+def serialize_inputs(tensors: Sequence[torch.Tensor], schema: Iterable) -> List[runtime_pb2.Tensor]:
+    """Serialize CPU tensors, each with the compression of the matching descriptor of ``schema`` (flattened)."""
+    descriptors = list(nested_flatten(schema))
+    if len(descriptors) != len(tensors):
+        raise TypeError(f"the expert expects {len(descriptors)} tensors, got {len(tensors)}")
+    return [
+        serialize_torch_tensor(tensor.detach().cpu(), descriptor.compression)
+        for tensor, descriptor in zip(tensors, descriptors)
+    ]
+
+
+async def _iterate_requests(uid: str, serialized: Sequence[runtime_pb2.Tensor]):
+    for tensor in serialized:
+        for chunk in split_for_streaming(tensor, STREAMING_CHUNK_SIZE):
+            yield runtime_pb2.ExpertRequest(uid=uid, tensors=[chunk])
+
+
+async def call_expert(
+    stub: StubBase,
+    method: str,
+    uid: str,
+    serialized: Sequence[runtime_pb2.Tensor],
+    raw_size: int,
+    timeout: Optional[float] = None,
+) -> List[torch.Tensor]:
+    """Send tensors to ``rpc_<method>`` (unary) or ``rpc_<method>_stream`` (above 2 MiB of raw input bytes).
+
+    :param raw_size: the summed ``element_size * numel`` of the tensors before compression, in bytes
+    :param timeout: for the unary variant only; bound a streaming call by cancelling it
+    """
+    if raw_size > MAX_UNARY_PAYLOAD_SIZE:
+        responses = await getattr(stub, f"rpc_{method}_stream")(_iterate_requests(uid, serialized))
+        return await deserialize_tensor_stream(response.tensors async for response in responses)
+    response = await getattr(stub, f"rpc_{method}")(
+        runtime_pb2.ExpertRequest(uid=uid, tensors=serialized), timeout=timeout
+    )
+    return [deserialize_torch_tensor(tensor) for tensor in response.tensors]
+
+
+def raw_size_of(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors before compression (what decides between the unary and the streaming RPC)."""
+    return sum(tensor.element_size() * tensor.numel() for tensor in tensors)

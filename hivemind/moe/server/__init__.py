@@ -1,0 +1,1 @@
+"""The server side of mixture-of-experts: hosting experts, batching their requests and announcing them in the DHT."""

@@ -1,0 +1,134 @@
+"""Announcing hosted experts in the DHT (declare_experts, DHTHandlerThread) and looking them up (get_experts)."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from hivemind.dht import DHT, DHTNode
+from hivemind.moe.client.expert import RemoteExpert, create_remote_experts
+from hivemind.moe.expert_uid import (
+    FLAT_EXPERT,
+    UID_DELIMITER,
+    ExpertInfo,
+    ExpertUID,
+    is_valid_uid,
+    split_uid,
+)
+from hivemind.p2p import PeerID
+from hivemind.utils.logging import get_logger
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
+
+__all__ = ["declare_experts", "get_experts", "DHTHandlerThread", "declaration_entries"]
+
+logger = get_logger(__name__)
+
+
+class DHTHandlerThread(threading.Thread):
+    """Declares the experts of ``module_backends`` at start and then every ``update_period`` seconds.
+
+    :param expiration: lifetime of each declaration, in seconds (default: ``max(2 * update_period, 3)``)
+    Stop it with :meth:`shutdown`, which wakes the thread at once and joins it.
+    """
+
+    def __init__(
+        self, module_backends, dht: DHT, update_period: float = 30, expiration: Optional[float] = None, **thread_kwargs
+    ):
+        thread_kwargs.setdefault("daemon", True)
+        thread_kwargs.setdefault("name", "DHTHandlerThread")
+        super().__init__(**thread_kwargs)
+        if expiration is None:
+            expiration = max(2 * update_period, 3)
+        self.module_backends, self.dht = module_backends, dht
+        self.update_period, self.expiration = update_period, expiration
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                declare_experts(self.dht, list(self.module_backends.keys()), get_dht_time() + self.expiration)
+            except Exception as e:  # a failed round is retried at the next period; the server keeps serving
+                if self.stop.is_set():
+                    break
+                logger.warning(f"Declaring experts in the DHT failed (will retry in {self.update_period} s): {e!r}")
+            self.stop.wait(self.update_period)
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop declaring (entries already stored expire on their own) and wait for the thread to end."""
+        self.stop.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+
+def declaration_entries(
+    uids: Sequence[ExpertUID], peer_id: str
+) -> Tuple[List[str], List[object], List[Optional[int]]]:
+    """The (keys, values, subkeys) that announce ``uids`` hosted at ``peer_id`` (base58).
+
+    For ``ffn.1.2.3``: ``ffn.1.2.3`` -> peer id; ``ffn.1.2.`` [3], ``ffn.1.`` [2] -> (uid, peer id). A 1-D uid
+    ``ffn.5`` is also stored at ``ffn.5.`` under the FLAT_EXPERT subkey. The bare type prefix ``ffn.`` never is.
+    """
+    keys, values, subkeys = [], [], []
+    for uid in uids:
+        keys.append(uid), values.append(peer_id), subkeys.append(None)
+        prefix, coordinate = split_uid(uid)
+        if UID_DELIMITER not in prefix[:-1]:  # a 1-D uid: `ffn.5` also at `ffn.5.` under FLAT_EXPERT
+            keys.append(uid + UID_DELIMITER), values.append((uid, peer_id)), subkeys.append(FLAT_EXPERT)
+        while UID_DELIMITER in prefix[:-1]:  # every proper prefix with at least one coordinate
+            keys.append(prefix), values.append((uid, peer_id)), subkeys.append(coordinate)
+            prefix, coordinate = split_uid(prefix)
+    return keys, values, subkeys
+
+
+def declare_experts(
+    dht: DHT, uids: Sequence[ExpertUID], expiration_time: DHTExpiration, wait: bool = True
+) -> Union[Dict, MPFuture]:
+    """Announce that this DHT's peer hosts ``uids`` until ``expiration_time`` (absolute DHT time, seconds).
+
+    :returns: {key or (key, subkey): stored} (with ``wait=False``, an MPFuture of it)
+    """
+    assert not isinstance(uids, str), "declare_experts expects a list of uids, not a single string"
+    uids = list(uids)
+    for uid in uids:
+        assert is_valid_uid(uid), f"{uid!r} is not a valid expert uid (expected e.g. 'ffn.3' or 'ffn.3.14')"
+    return dht.run_coroutine(
+        partial(_declare_experts, uids=uids, expiration_time=expiration_time), return_future=not wait
+    )
+
+
+async def _declare_experts(dht: DHT, node: DHTNode, uids: List[ExpertUID], expiration_time: DHTExpiration) -> Dict:
+    keys, values, subkeys = declaration_entries(uids, node.peer_id.to_base58())
+    return await node.store_many(keys, values, expiration_time, subkeys=subkeys, num_workers=node.num_workers)
+
+
+def get_experts(
+    dht: DHT, uids: Sequence[ExpertUID], expiration_time: Optional[DHTExpiration] = None, return_future: bool = False
+) -> Union[List[Optional[RemoteExpert]], MPFuture]:
+    """RemoteExperts for ``uids`` (None where a uid is not announced); aligned with ``uids``.
+
+    :param expiration_time: only accept announcements that live at least until then (default: now)
+    """
+    assert not isinstance(uids, str), "get_experts expects a list of uids, not a single string"
+    infos = dht.run_coroutine(
+        partial(_get_experts, uids=list(uids), expiration_time=expiration_time), return_future=return_future
+    )
+    return create_remote_experts(infos, dht, return_future=return_future)
+
+
+async def _get_experts(
+    dht: DHT, node: DHTNode, uids: List[ExpertUID], expiration_time: Optional[DHTExpiration]
+) -> List[Optional[ExpertInfo]]:
+    found = await node.get_many(uids, expiration_time, num_workers=node.num_workers)
+    return [parse_declared_peer(uid, found[uid]) for uid in uids]
+
+
+def parse_declared_peer(uid: ExpertUID, entry) -> Optional[ExpertInfo]:
+    """ExpertInfo from the regular value stored under ``uid``, or None if absent or not a peer id string."""
+    if entry is None or not isinstance(entry.value, str):
+        return None
+    try:
+        return ExpertInfo(uid, PeerID.from_base58(entry.value))
+    except Exception:
+        return None
