@@ -1,0 +1,101 @@
+"""Timeouts of one all-reduce round, derived from measured bandwidth, vector size and group size (no I/O here).
+
+With no timeouts given, a round's deadlines follow from how long its transfers should take: each member sends
+and receives about ``2 * (n - 1) / n`` of the vector, at the bandwidth measured over past rounds (an exponential
+moving average; a conservative guess before the first round). Generous safety factors and floors keep loopback
+rounds from timing out on a busy machine, and slow links get proportionally longer deadlines. Explicit values
+always win.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["RoundDeadlines", "AdaptiveDeadlines"]
+
+
+@dataclass(frozen=True)
+class RoundDeadlines:
+    sender_timeout: Optional[float]  # max wait for a sender's next part (seconds)
+    reducer_timeout: Optional[float]  # max wait for a reducer's next averaged part (seconds)
+    allreduce_timeout: Optional[float]  # max duration of the whole all-reduce (seconds)
+
+
+class AdaptiveDeadlines:
+    """
+    :param sender_timeout: explicit sender timeout, s (None: derived)
+    :param reducer_timeout: explicit reducer timeout, s (None: derived, or twice an explicit sender timeout)
+    :param allreduce_timeout: explicit limit on one all-reduce, s (None: derived)
+    :param initial_bandwidth: bytes/s assumed before any round was measured
+    :param ema_alpha: weight of the newest measurement in the bandwidth average
+    :param safety_factor: deadlines are this many times the expected duration
+    :param min_sender_timeout: floor of the derived sender timeout, s (the reducer's floor is twice this)
+    :param min_allreduce_timeout: floor of the derived all-reduce timeout, s
+    """
+
+    def __init__(
+        self,
+        *,
+        sender_timeout: Optional[float] = None,
+        reducer_timeout: Optional[float] = None,
+        allreduce_timeout: Optional[float] = None,
+        initial_bandwidth: float = 10e6,
+        ema_alpha: float = 0.3,
+        safety_factor: float = 4.0,
+        min_sender_timeout: float = 5.0,
+        min_allreduce_timeout: float = 30.0,
+    ):
+        for name, value in (("sender_timeout", sender_timeout), ("reducer_timeout", reducer_timeout)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+        if allreduce_timeout is not None and not (math.isfinite(allreduce_timeout) and allreduce_timeout > 0):
+            raise ValueError(f"allreduce_timeout must be a positive number of seconds, got {allreduce_timeout}")
+        if sender_timeout is not None and reducer_timeout is not None and reducer_timeout <= sender_timeout:
+            raise ValueError(
+                f"reducer_timeout ({reducer_timeout} s) must exceed sender_timeout ({sender_timeout} s): a reducer "
+                "waits for the slowest sender before it can answer"
+            )
+        if not (initial_bandwidth > 0 and 0 < ema_alpha <= 1 and safety_factor >= 1):
+            raise ValueError("initial_bandwidth must be positive, ema_alpha in (0, 1] and safety_factor >= 1")
+        self.explicit_sender, self.explicit_reducer = sender_timeout, reducer_timeout
+        self.explicit_allreduce = allreduce_timeout
+        self.bandwidth, self.measured_rounds = float(initial_bandwidth), 0
+        self.ema_alpha, self.safety_factor = ema_alpha, safety_factor
+        self.min_sender_timeout, self.min_allreduce_timeout = min_sender_timeout, min_allreduce_timeout
+
+    @staticmethod
+    def bytes_per_member(vector_bytes: int, group_size: int) -> float:
+        """Bytes one member sends plus receives in a butterfly all-reduce of ``vector_bytes`` over the group."""
+        if group_size <= 1:
+            return 0.0
+        return 2.0 * vector_bytes * (group_size - 1) / group_size
+
+    def record_round(self, vector_bytes: int, group_size: int, seconds: float) -> None:
+        """Update the bandwidth estimate with a finished round (its all-reduce took ``seconds``)."""
+        moved = self.bytes_per_member(vector_bytes, group_size)
+        if moved <= 0 or not (math.isfinite(seconds) and seconds > 0):
+            return
+        measured = moved / seconds
+        if self.measured_rounds == 0:
+            self.bandwidth = measured
+        else:
+            self.bandwidth = self.ema_alpha * measured + (1 - self.ema_alpha) * self.bandwidth
+        self.measured_rounds += 1
+
+    def for_round(self, vector_bytes: int, group_size: int, part_bytes: int) -> RoundDeadlines:
+        """Deadlines for an all-reduce of ``vector_bytes`` over ``group_size`` members, in parts of ``part_bytes``."""
+        # a reducer hears from every other member at once: one part from each shares the link
+        per_part = self.safety_factor * part_bytes * max(group_size - 1, 1) / self.bandwidth
+        sender = self.explicit_sender
+        if sender is None:
+            sender = max(self.min_sender_timeout, per_part)
+            if self.explicit_reducer is not None:
+                sender = min(sender, self.explicit_reducer / 2)
+        reducer = self.explicit_reducer if self.explicit_reducer is not None else 2 * sender
+        allreduce = self.explicit_allreduce
+        if allreduce is None:
+            expected = self.bytes_per_member(vector_bytes, group_size) / self.bandwidth
+            allreduce = max(self.min_allreduce_timeout, self.safety_factor * expected + reducer)
+        return RoundDeadlines(sender_timeout=sender, reducer_timeout=reducer, allreduce_timeout=allreduce)
