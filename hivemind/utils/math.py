@@ -1,0 +1,45 @@
+"""Small linear-algebra helpers used by low-rank gradient compression (PowerSGD)."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["orthogonalize_", "get_flatten_greedy_dims"]
+
+
+@torch.no_grad()
+def orthogonalize_(matrix: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """
+    Make the columns of a 2-D ``matrix`` orthonormal in place (modified Gram-Schmidt) and return it.
+
+    A column that is (numerically) a combination of the previous ones becomes a vector of norm ~0 instead of NaN:
+    norms are floored at ``eps``.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"orthogonalize_ expects a 2-D matrix, got shape {tuple(matrix.shape)}")
+    num_columns = matrix.shape[1]
+    for i in range(num_columns):
+        column = matrix[:, i]
+        column.div_(column.norm().clamp_min(eps))
+        if i + 1 < num_columns:
+            rest = matrix[:, i + 1 :]
+            rest.sub_(torch.outer(column, column @ rest))
+    return matrix
+
+
+def get_flatten_greedy_dims(tensor: torch.Tensor, max_ndim: int = 2) -> Tuple[int, ...]:
+    """
+    The shape to view ``tensor`` with at most ``max_ndim`` dimensions, merging neighbouring dimensions greedily: the
+    adjacent pair with the smallest product is merged first, so the result stays as balanced as the order allows
+    (e.g. a conv weight [64, 32, 3, 3] becomes [64, 288]). Tensors with at most ``max_ndim`` dims keep their shape.
+    """
+    if max_ndim < 1:
+        raise ValueError(f"max_ndim must be at least 1, got {max_ndim}")
+    dims = list(tensor.shape)
+    while len(dims) > max_ndim:
+        products = [dims[i] * dims[i + 1] for i in range(len(dims) - 1)]
+        best = min(range(len(products)), key=products.__getitem__)
+        dims[best : best + 2] = [products[best]]
+    return tuple(dims)
