@@ -1,0 +1,286 @@
+"""ConnectionHandler: serves the experts of a server over p2p (rpc_info, rpc_forward, rpc_backward and streams).
+
+Where it runs. A ConnectionHandler is a ``multiprocessing.Process`` (as in the original, and as petals subclasses
+it): ``start()`` / ``run_in_background()`` serve from a child process with its own event loop and its own P2P
+client of the DHT's daemon, under fork and spawn alike (under spawn, the DHT and the module backends travel to the
+child by pickling). ``run_in_thread()`` serves from a thread of the calling process instead. ``Server`` uses the
+thread by default: requests then reach the task pools without crossing a process boundary (no pickling of tensors
+into shared memory, no extra copies), which is most of the difference in throughput, and start-up costs no process.
+
+Every request is checked against the expert's schema before it becomes a task (see expert_requests.py): an
+unknown uid, a wrong number, shape or dtype of tensors, an empty batch, a batch over max_batch_size or a tensor
+that does not decode is answered with an error naming the problem, and never joins a batch. A caller that goes
+away while its task waits has the task cancelled, so that pools do not compute for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import signal
+import threading
+from typing import AsyncIterator, Dict, Optional, Sequence
+
+import torch
+
+from hivemind.dht import DHT
+from hivemind.moe.server.expert_requests import (
+    ExpertRequestError,
+    ExpertSchema,
+    StreamedRequest,
+    check_batch,
+    decode_tensors,
+    serialize_outputs,
+    split_into_responses,
+    unknown_uid_error,
+)
+from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
+from hivemind.utils.logging import get_logger
+from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.serializer import MSGPackSerializer
+
+__all__ = ["ConnectionHandler", "ExpertRequestError"]
+
+logger = get_logger(__name__)
+
+_SHUTDOWN_COMMAND = "_shutdown"
+_CLEANUP_TIMEOUT = 5.0  # seconds for unregistering handlers and closing the P2P client at shutdown
+
+
+async def _daemon_listen_maddr(_dht: DHT, node) -> str:
+    """Runs inside the DHT process: the control address of its p2pd."""
+    return str(node.p2p.daemon_listen_maddr)
+
+
+class ConnectionHandler(mp.Process, ServicerBase):
+    """
+    Serves ``ConnectionHandler.rpc_*`` for the given experts through the p2p daemon of ``dht``.
+
+    :param dht: a running DHT; the handler opens its own P2P client of the DHT's daemon
+    :param module_backends: {expert uid: ModuleBackend}; requests are submitted to their forward / backward pools
+    :param balanced: register the handlers as balanced, so that several handlers (processes or threads) share calls
+    :param shutdown_timeout: seconds to wait for a graceful stop before a handler process is terminated
+    :param start: start serving (in a child process) in the constructor and wait until ready
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        module_backends: Dict[str, object],
+        *,
+        balanced: bool = True,
+        shutdown_timeout: float = 3,
+        start: bool = False,
+    ):
+        super().__init__(daemon=True)
+        self.dht = dht
+        self.module_backends = module_backends
+        self.balanced = balanced
+        self.shutdown_timeout = shutdown_timeout
+        receiving_end, sending_end = mp.Pipe(duplex=False)  # shutdown() sends a command (petals does too)
+        self._inner_pipe, self._outer_pipe = receiving_end, sending_end
+        self.ready = MPFuture()  # set once the handlers are registered (or to the start-up error)
+        self._p2p: Optional[P2P] = None
+        self._thread: Optional[threading.Thread] = None
+        self._schemas: Optional[Dict[str, ExpertSchema]] = None
+        self._infos: Dict[str, bytes] = {}
+        if start:
+            self.run_in_background(await_ready=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Child process entry point: serve until shutdown() or until the parent goes away."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
+        torch.set_num_threads(1)  # this process only moves bytes; the runtime owns the CPU cores
+        tune_malloc_for_large_messages()
+        loop = switch_to_uvloop()
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        """Serve from a child process; with ``await_ready``, wait until the handlers are registered."""
+        self.start()
+        if await_ready:
+            self.ready.result(timeout=timeout)
+
+    def run_in_thread(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        """Serve from a daemon thread of this process (no child process); shutdown() stops it."""
+        assert self._thread is None and self._popen is None, "this ConnectionHandler was already started"
+        self._thread = threading.Thread(target=self._run_in_thread, name="ConnectionHandler", daemon=True)
+        self._thread.start()
+        if await_ready:
+            self.ready.result(timeout=timeout)
+
+    def _run_in_thread(self) -> None:
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def is_alive(self) -> bool:
+        if self._thread is not None:
+            return self._thread.is_alive()
+        return super().is_alive()
+
+    def shutdown(self) -> None:
+        """Stop serving (unregister the handlers, cancel running requests) and wait for the process / thread."""
+        if not self.is_alive():
+            return
+        try:
+            self._outer_pipe.send(_SHUTDOWN_COMMAND)
+        except (OSError, ValueError):
+            pass
+        if self._thread is not None:
+            self._thread.join(self.shutdown_timeout + _CLEANUP_TIMEOUT)
+            if self._thread.is_alive():
+                logger.warning(f"{self.__class__.__name__} thread did not stop within {self.shutdown_timeout} s")
+            return
+        self.join(self.shutdown_timeout)
+        if self.is_alive():
+            logger.warning(
+                f"{self.__class__.__name__} did not shut down within {self.shutdown_timeout} s, terminating"
+            )
+            self.terminate()
+            self.join()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_reader(self._inner_pipe.fileno(), stop.set)  # a command or EOF (the parent went away) stops us
+        try:
+            try:
+                maddr = await loop.run_in_executor(None, self.dht.run_coroutine, _daemon_listen_maddr)
+                self._p2p = await P2P.replicate(maddr)
+                await self.add_p2p_handlers(self._p2p, None, balanced=self.balanced)
+            except BaseException as e:
+                logger.debug(f"{self.__class__.__name__} failed to start: {e!r}")
+                if not self.ready.done():
+                    self.ready.set_exception(e)
+                return
+            self.ready.set_result(None)
+            await stop.wait()
+        finally:
+            loop.remove_reader(self._inner_pipe.fileno())
+            if self._p2p is not None:
+                await self._close_p2p(self._p2p)
+
+    async def _close_p2p(self, p2p: P2P) -> None:
+        try:
+            await await_with_timeout(self.remove_p2p_handlers(p2p), _CLEANUP_TIMEOUT)
+        except Exception as e:
+            logger.debug(f"Could not unregister the handlers cleanly: {e!r}")
+        try:
+            await await_with_timeout(p2p.shutdown(), _CLEANUP_TIMEOUT)  # a client: the daemon keeps running
+        except Exception as e:
+            logger.debug(f"Could not close the P2P client cleanly: {e!r}")
+
+    # ------------------------------------------------------------------ request checks
+
+    def _get_schemas(self) -> Dict[str, ExpertSchema]:
+        if self._schemas is None:
+            self._schemas = {
+                uid: ExpertSchema.from_backend(uid, backend) for uid, backend in self.module_backends.items()
+            }
+        return self._schemas
+
+    def _get_schema(self, uid: str) -> ExpertSchema:
+        schema = self._get_schemas().get(uid)
+        if schema is None:
+            raise unknown_uid_error(uid, self.module_backends)
+        return schema
+
+    def _check_forward(self, schema: ExpertSchema, serialized: Sequence[runtime_pb2.Tensor]):
+        what = f"forward of {schema.uid}"
+        inputs = decode_tensors(serialized, schema.inputs, what)
+        check_batch(inputs, schema.inputs, schema.max_batch_size, what)
+        return inputs
+
+    def _check_backward(self, schema: ExpertSchema, serialized: Sequence[runtime_pb2.Tensor]):
+        what = f"backward of {schema.uid} (inputs, then gradients of the outputs)"
+        inputs = decode_tensors(serialized, schema.backward_inputs, what)
+        check_batch(inputs, schema.backward_inputs, schema.max_batch_size, what)
+        return inputs
+
+    @staticmethod
+    async def _run_task(pool, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Submit one checked task and wait for its result; a cancelled call cancels the task."""
+        future = pool.submit_task(*tensors)
+        try:
+            outputs = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the caller went away: drop the task instead of computing it for nobody
+            raise
+        return outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+
+    async def _forward(self, schema: ExpertSchema, inputs: Sequence[torch.Tensor]):
+        outputs = await self._run_task(self.module_backends[schema.uid].forward_pool, inputs)
+        return serialize_outputs(outputs, schema.outputs)
+
+    async def _backward(self, schema: ExpertSchema, inputs: Sequence[torch.Tensor]):
+        grads = await self._run_task(self.module_backends[schema.uid].backward_pool, inputs)
+        return serialize_outputs(grads, schema.inputs)
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def rpc_info(self, uid_request: runtime_pb2.ExpertUID, _context: P2PContext) -> runtime_pb2.ExpertInfo:
+        uid = uid_request.uid
+        if uid not in self.module_backends:
+            raise unknown_uid_error(uid, self.module_backends)
+        serialized_info = self._infos.get(uid)
+        if serialized_info is None:
+            info = self.module_backends[uid].get_info()
+            serialized_info = self._infos[uid] = MSGPackSerializer.dumps(info)
+        return runtime_pb2.ExpertInfo(serialized_info=serialized_info)
+
+    async def rpc_forward(
+        self, request: runtime_pb2.ExpertRequest, _context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        schema = self._get_schema(request.uid)
+        inputs = self._check_forward(schema, request.tensors)
+        return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs))
+
+    async def rpc_backward(
+        self, request: runtime_pb2.ExpertRequest, _context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        schema = self._get_schema(request.uid)
+        inputs = self._check_backward(schema, request.tensors)
+        return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs))
+
+    async def _gather_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], backward: bool
+    ) -> StreamedRequest:
+        collected = StreamedRequest(self._get_schemas(), backward, "backward" if backward else "forward")
+        async for request in requests:
+            collected.add(request)
+        return collected
+
+    async def rpc_forward_stream(
+        self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], _context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        collected = await self._gather_stream(request_stream, backward=False)
+        inputs = self._check_forward(collected.schema, collected.combined())
+        for response in split_into_responses(await self._forward(collected.schema, inputs)):
+            yield response
+
+    async def rpc_backward_stream(
+        self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], _context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        collected = await self._gather_stream(request_stream, backward=True)
+        inputs = self._check_backward(collected.schema, collected.combined())
+        for response in split_into_responses(await self._backward(collected.schema, inputs)):
+            yield response

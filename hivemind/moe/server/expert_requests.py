@@ -1,0 +1,191 @@
+"""Checks and (de)serialization of expert requests, done before anything reaches a task pool.
+
+Everything here is plain logic over messages and tensors (no I/O), so that a malformed request is refused with a
+message that names the problem, and a task that joins a batch is known to fit its schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils.nested import nested_flatten
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+__all__ = [
+    "ExpertRequestError",
+    "ExpertSchema",
+    "StreamedRequest",
+    "decode_tensors",
+    "check_batch",
+    "serialize_outputs",
+    "split_into_responses",
+    "STREAM_CHUNK_SIZE_BYTES",
+]
+
+STREAM_CHUNK_SIZE_BYTES = 4 * 1024**2  # buffer bytes per streamed message (what clients of the original send)
+_SLACK_BYTES_PER_TENSOR = 64 * 1024  # codebooks / scales of compressed tensors on top of the raw element bytes
+_MAX_UIDS_LISTED = 8
+
+
+class ExpertRequestError(ValueError):
+    """A request that cannot be served as it is; the message tells the caller what to fix."""
+
+
+@dataclass(frozen=True)
+class ExpertSchema:
+    """What one hosted expert accepts: flat input / output descriptors and the batch-size limit."""
+
+    uid: str
+    inputs: Sequence[BatchTensorDescriptor]  # positional args, then keyword values by sorted name
+    outputs: Sequence[BatchTensorDescriptor]
+    max_batch_size: int
+
+    @classmethod
+    def from_backend(cls, uid: str, backend: Any) -> ExpertSchema:
+        """Read the schemas of a ModuleBackend (its forward_schema, outputs_schema and pool limit)."""
+        return cls(
+            uid=uid,
+            inputs=tuple(nested_flatten(backend.forward_schema)),
+            outputs=tuple(nested_flatten(backend.outputs_schema)),
+            max_batch_size=int(backend.forward_pool.max_batch_size),
+        )
+
+    @property
+    def backward_inputs(self) -> Sequence[BatchTensorDescriptor]:
+        """What rpc_backward receives: the forward inputs followed by the gradients of the outputs."""
+        return (*self.inputs, *self.outputs)
+
+    def max_request_bytes(self, backward: bool) -> int:
+        """The most buffer bytes a valid request can carry (a stream above it is refused while it arrives)."""
+        descriptors = self.backward_inputs if backward else self.inputs
+        total = 0
+        for descriptor in descriptors:
+            instance_numel = 1
+            for dim in descriptor.shape[1:]:
+                instance_numel *= dim
+            element_size = torch.empty((), dtype=descriptor.dtype or torch.float64).element_size()
+            total += self.max_batch_size * instance_numel * max(element_size, 4) + _SLACK_BYTES_PER_TENSOR
+        return total
+
+
+def unknown_uid_error(uid: str, hosted: Iterable[str]) -> ExpertRequestError:
+    hosted = sorted(hosted)
+    listed = ", ".join(hosted[:_MAX_UIDS_LISTED]) + (", ..." if len(hosted) > _MAX_UIDS_LISTED else "")
+    return ExpertRequestError(f"unknown expert uid {uid[:200]!r}: this server hosts {len(hosted)} experts ({listed})")
+
+
+def decode_tensors(serialized: Sequence[runtime_pb2.Tensor], expected: Sequence[BatchTensorDescriptor], what: str):
+    """Decode the tensors of a request, refusing a wrong count before decoding anything."""
+    if len(serialized) != len(expected):
+        raise ExpertRequestError(f"{what} expects {len(expected)} tensors, got {len(serialized)}")
+    tensors = []
+    for index, message in enumerate(serialized):
+        try:
+            tensors.append(deserialize_torch_tensor(message))
+        except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+            raise ExpertRequestError(f"{what}: tensor #{index} could not be decoded: {e}") from None
+    return tensors
+
+
+def check_batch(
+    tensors: Sequence[torch.Tensor], expected: Sequence[BatchTensorDescriptor], max_batch_size: int, what: str
+) -> int:
+    """Check every tensor against its descriptor; return the batch size (the same first dimension for all)."""
+    if len(tensors) != len(expected):
+        raise ExpertRequestError(f"{what} expects {len(expected)} tensors, got {len(tensors)}")
+    batch_size: Optional[int] = None
+    for index, (tensor, descriptor) in enumerate(zip(tensors, expected)):
+        instance_shape = tuple(descriptor.shape[1:])
+        if tensor.ndim != len(instance_shape) + 1 or tuple(tensor.shape[1:]) != instance_shape:
+            raise ExpertRequestError(
+                f"{what}: tensor #{index} has shape {list(tensor.shape)}, expected [batch_size, "
+                f"{', '.join(map(str, instance_shape))}]".replace(", ]", "]")
+            )
+        if descriptor.dtype is not None and tensor.dtype != descriptor.dtype:
+            raise ExpertRequestError(f"{what}: tensor #{index} has dtype {tensor.dtype}, expected {descriptor.dtype}")
+        if batch_size is None:
+            batch_size = tensor.shape[0]
+        elif tensor.shape[0] != batch_size:
+            raise ExpertRequestError(
+                f"{what}: tensor #{index} has batch size {tensor.shape[0]}, but tensor #0 has {batch_size}"
+            )
+    if not batch_size:
+        raise ExpertRequestError(f"{what}: the batch is empty (batch size 0); send at least one example")
+    if batch_size > max_batch_size:
+        raise ExpertRequestError(
+            f"{what}: batch size {batch_size} exceeds this expert's max_batch_size={max_batch_size}; "
+            f"split the batch into parts of at most {max_batch_size} examples"
+        )
+    return batch_size
+
+
+class StreamedRequest:
+    """Collects the chunks of a streamed request (one uid, chunks of several tensors) within a byte budget."""
+
+    def __init__(self, hosted: Dict[str, ExpertSchema], backward: bool, what: str):
+        self.hosted, self.backward, self.what = hosted, backward, what
+        self.schema: Optional[ExpertSchema] = None
+        self._tensors: List[List[runtime_pb2.Tensor]] = []  # chunks of each tensor
+        self._byte_budget = 0
+
+    def add(self, request: runtime_pb2.ExpertRequest) -> None:
+        """Take one message; raises ExpertRequestError as soon as the stream cannot be a valid request."""
+        if self.schema is None:
+            if request.uid not in self.hosted:
+                raise unknown_uid_error(request.uid, self.hosted)
+            self.schema = self.hosted[request.uid]
+            self._byte_budget = self.schema.max_request_bytes(self.backward)
+        elif request.uid != self.schema.uid:
+            raise ExpertRequestError(
+                f"{self.what}: every message of a stream must name the same expert, got {request.uid[:200]!r} "
+                f"after {self.schema.uid!r}"
+            )
+        expected_count = len(self.schema.backward_inputs if self.backward else self.schema.inputs)
+        for chunk in request.tensors:
+            self._byte_budget -= len(chunk.buffer)
+            if self._byte_budget < 0:
+                raise ExpertRequestError(
+                    f"{self.what}: the stream carries more data than {self.schema.uid} accepts "
+                    f"(max_batch_size={self.schema.max_batch_size})"
+                )
+            if chunk.dtype:
+                if len(self._tensors) >= expected_count:
+                    raise ExpertRequestError(f"{self.what} expects {expected_count} tensors, got more")
+                self._tensors.append([chunk])
+            elif not self._tensors:
+                raise ExpertRequestError(f"{self.what}: the stream starts with a chunk that has no tensor metadata")
+            else:
+                self._tensors[-1].append(chunk)
+
+    def combined(self) -> List[runtime_pb2.Tensor]:
+        """One message per tensor, once the stream has ended."""
+        if self.schema is None:
+            raise ExpertRequestError(f"{self.what}: the stream ended without any message")
+        return [combine_from_streaming(chunks) for chunks in self._tensors]
+
+
+def serialize_outputs(
+    tensors: Sequence[torch.Tensor], descriptors: Sequence[BatchTensorDescriptor]
+) -> List[runtime_pb2.Tensor]:
+    """Serialize results with the compression of their descriptors (tensors are moved to CPU first)."""
+    if len(tensors) != len(descriptors):
+        raise RuntimeError(f"the expert returned {len(tensors)} tensors, its schema describes {len(descriptors)}")
+    return [
+        serialize_torch_tensor(tensor.detach().cpu(), descriptor.compression, allow_inplace=True)
+        for tensor, descriptor in zip(tensors, descriptors)
+    ]
+
+
+def split_into_responses(
+    serialized: Sequence[runtime_pb2.Tensor], chunk_size_bytes: int = STREAM_CHUNK_SIZE_BYTES
+) -> Iterator[runtime_pb2.ExpertResponse]:
+    """Streamed answer: one ExpertResponse per chunk of each tensor."""
+    for tensor in serialized:
+        for chunk in split_for_streaming(tensor, chunk_size_bytes):
+            yield runtime_pb2.ExpertResponse(tensors=[chunk])
