@@ -1,0 +1,114 @@
+"""Flatten a torch optimizer's state into (metadata, tensors) for sharing with peers, and load it back safely."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+from hivemind.utils.nested import nested_flatten, nested_pack
+
+__all__ = ["initialize_optimizer_state_", "dump_optimizer_state", "load_optimizer_state", "OptimizerStateError"]
+
+_SCALAR_TYPES = (type(None), bool, int, float, str)
+
+
+class OptimizerStateError(ValueError):
+    """A peer's optimizer state does not fit the local optimizer (other optimizer type, options or shapes)."""
+
+
+@torch.no_grad()
+def initialize_optimizer_state_(opt: torch.optim.Optimizer) -> None:
+    """
+    Create the optimizer's per-parameter statistics (e.g. Adam's moments) without changing parameters or training:
+    one step with zero gradients and zero learning rate, after which parameters, gradients and learning rates are
+    restored and step counters are reset to zero. Peers need the state to exist to exchange it.
+    """
+    saved = []
+    for group in opt.param_groups:
+        for param in group["params"]:
+            saved.append((param, param.detach().clone(), param.grad))
+            param.grad = torch.zeros_like(param)
+    learning_rates = [group.get("lr") for group in opt.param_groups]
+    for group in opt.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+    try:
+        opt.step()
+    finally:
+        for group, lr in zip(opt.param_groups, learning_rates):
+            if lr is not None:
+                group["lr"] = lr
+        for param, value, grad in saved:
+            param.copy_(value)
+            param.grad = grad
+    for state in opt.state.values():
+        if "step" in state:
+            step = state["step"]
+            state["step"] = step.zero_() if isinstance(step, torch.Tensor) else type(step)(0)
+
+
+def dump_optimizer_state(opt: torch.optim.Optimizer) -> Tuple[List[Dict[str, Any]], List[torch.Tensor]]:
+    """
+    The optimizer's ``state_dict()`` as a flat list of metadata entries (one per leaf, dict keys in sorted order):
+    ``{"type": "tensor", "index": i}`` for the i-th tensor in the returned list, ``{"type": "value", "value": v}``
+    for anything else (learning rates, betas, flags).
+    """
+    metadata, tensors = [], []
+    for leaf in nested_flatten(opt.state_dict()):
+        if isinstance(leaf, torch.Tensor):
+            metadata.append({"type": "tensor", "index": len(tensors)})
+            tensors.append(leaf)
+        else:
+            metadata.append({"type": "value", "value": leaf})
+    return metadata, tensors
+
+
+def load_optimizer_state(
+    opt: torch.optim.Optimizer, flat_metadata: Sequence[Dict[str, Any]], flat_tensors: Sequence[torch.Tensor]
+) -> None:
+    """
+    Load a state made by :func:`dump_optimizer_state` on another peer into ``opt`` (whose state must have been
+    initialized, e.g. by :func:`initialize_optimizer_state_`). The state is checked against the local one first:
+    same number of leaves, tensors of the same shapes, plain values where the local state has values. The local
+    parameter ids are kept. Raises :class:`OptimizerStateError` and leaves ``opt`` unchanged if anything differs.
+    """
+    local_state = opt.state_dict()
+    local_leaves = list(nested_flatten(local_state))
+    if not isinstance(flat_metadata, (list, tuple)) or len(flat_metadata) != len(local_leaves):
+        count = len(flat_metadata) if isinstance(flat_metadata, (list, tuple)) else type(flat_metadata).__name__
+        raise OptimizerStateError(
+            f"optimizer state has {count} entries, the local optimizer has {len(local_leaves)}: "
+            f"peers must use the same optimizer type and parameters"
+        )
+    new_leaves = []
+    for position, (entry, local_leaf) in enumerate(zip(flat_metadata, local_leaves)):
+        new_leaves.append(_decode_leaf(position, entry, local_leaf, flat_tensors))
+    new_state = nested_pack(new_leaves, local_state)
+    for new_group, local_group in zip(new_state["param_groups"], local_state["param_groups"]):
+        new_group["params"] = local_group["params"]  # parameter ids are local; never take them from a peer
+    opt.load_state_dict(new_state)
+
+
+def _decode_leaf(position: int, entry: Any, local_leaf: Any, flat_tensors: Sequence[torch.Tensor]) -> Any:
+    if not isinstance(entry, dict) or entry.get("type") not in ("tensor", "value"):
+        raise OptimizerStateError(f"optimizer state entry {position} is malformed: {entry!r:.100}")
+    if entry["type"] == "tensor":
+        index = entry.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(flat_tensors):
+            raise OptimizerStateError(f"optimizer state entry {position} refers to a missing tensor {index!r:.50}")
+        if not isinstance(local_leaf, torch.Tensor):
+            raise OptimizerStateError(f"optimizer state entry {position} is a tensor, locally a {type(local_leaf)}")
+        tensor = flat_tensors[index]
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != local_leaf.shape:
+            shape = getattr(tensor, "shape", None)
+            raise OptimizerStateError(
+                f"optimizer state tensor {index} has shape {shape}, the local one {tuple(local_leaf.shape)}"
+            )
+        return tensor.to(dtype=local_leaf.dtype, device=local_leaf.device)
+    value = entry.get("value")
+    if isinstance(local_leaf, torch.Tensor) or not isinstance(value, _SCALAR_TYPES):
+        raise OptimizerStateError(
+            f"optimizer state entry {position} holds {type(value).__name__}, locally {type(local_leaf).__name__}"
+        )
+    return value
