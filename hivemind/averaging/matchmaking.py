@@ -1,0 +1,476 @@
+"""Matchmaking: peers that declared themselves under one DHT group key elect a leader, which assembles a group.
+
+Each searching peer declares ``(group key, own peer id) -> True`` until an expiration time T. Peers order each other
+by ``(T, peer id)``; a peer asks the best-ordered peers before itself to lead it (``rpc_join_group``), and leads
+those that ask it. A leader starts the group as soon as it reaches ``target_group_size``, or at its T if it has at
+least ``min_group_size`` members; otherwise it disbands the group and searches again.
+"""
+
+import asyncio
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import AsyncIterator, Dict, Optional, Type
+
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.key_manager import MAX_PEER_ID_BYTES, GroupKeyManager
+from hivemind.averaging.matchmaking_rules import (
+    MAX_GATHER_BYTES,
+    MAX_REDIRECTS,
+    Code,
+    LeaderState,
+    PotentialLeaders,
+    SearchReport,
+    check_join_request,
+    code_name,
+    declared_expiration,
+    parse_group,
+)
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
+from hivemind.utils.logging import get_logger
+from hivemind.utils.timed_storage import get_dht_time
+
+logger = get_logger(__name__)
+
+__all__ = ["Matchmaking", "MatchmakingException", "PotentialLeaders"]
+
+GROUP_ID_BYTES = 20
+MIN_POLL_PERIOD, MAX_POLL_PERIOD = 0.1, 1.0  # seconds between DHT lookups of the group key while searching
+MIN_DHT_CALL_TIMEOUT = 5.0  # a DHT get/store of the group key waits at most max(this, request_timeout)
+
+
+class MatchmakingException(Exception):
+    """No group was found; the message says why (no peers, too few, other schema, unresponsive leaders, ...)."""
+
+
+@dataclass
+class _Follower:
+    request: averaging_pb2.JoinRequest
+    outcome: "asyncio.Future[averaging_pb2.MessageFromLeader]"  # BEGIN_ALLREDUCE or GROUP_DISBANDED
+
+
+class Matchmaking:
+    """Finds a group for one averaging round at a time (``look_for_group``) and answers other peers' join requests
+    (``rpc_join_group``, served by the averager under its prefix).
+
+    :param p2p: this peer's P2P (its peer id is the one declared)
+    :param schema_hash: peers join only if their tensors' schema hashes are equal
+    :param dht: the DHT holding the group keys
+    :param servicer_type: the averager class whose ``rpc_join_group`` handlers the peers serve
+    :param prefix: averaging namespace (group keys and handler namespace), without dots
+    :param target_group_size: start a group as soon as it has this many peers (None: no upper bound)
+    :param min_group_size: the smallest group a leader starts when its time runs out
+    :param min_matchmaking_time: seconds to gather peers before a declared search ends
+    :param request_timeout: seconds to wait for a leader's first reply (and for its last one after the search ends)
+    :param client_mode: a client-mode peer never declares itself and never leads; it only joins others
+    :param initial_group_bits: 0/1 string appended to the group key
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        schema_hash: bytes,
+        dht: DHT,
+        *,
+        servicer_type: Type[ServicerBase],
+        prefix: str,
+        target_group_size: Optional[int],
+        min_group_size: int,
+        min_matchmaking_time: float,
+        request_timeout: float,
+        client_mode: bool,
+        initial_group_bits: str = "",
+    ):
+        if target_group_size is not None and target_group_size < 1:
+            raise ValueError(f"target_group_size must be None or at least 1, got {target_group_size}")
+        if min_group_size < 1 or (target_group_size is not None and min_group_size > target_group_size):
+            raise ValueError(f"min_group_size must be in [1, target_group_size], got {min_group_size}")
+        if not (math.isfinite(request_timeout) and request_timeout > 0) or not min_matchmaking_time >= 0:
+            raise ValueError(
+                f"request_timeout must be positive and min_matchmaking_time non-negative, got {request_timeout} "
+                f"and {min_matchmaking_time}"
+            )
+        if request_timeout >= min_matchmaking_time:
+            logger.warning(
+                f"request_timeout ({request_timeout} s) should be smaller than min_matchmaking_time "
+                f"({min_matchmaking_time} s), or followers may give up on their leader before it starts the group"
+            )
+        self.p2p, self.schema_hash, self.dht = p2p, schema_hash, dht
+        self.peer_id: PeerID = p2p.peer_id
+        self.servicer_type, self.prefix, self.client_mode = servicer_type, prefix, client_mode
+        self.target_group_size, self.min_group_size = target_group_size, min_group_size
+        self.min_matchmaking_time, self.request_timeout = min_matchmaking_time, request_timeout
+        self.group_key_manager = GroupKeyManager(
+            dht, prefix, initial_group_bits, target_group_size, peer_id=self.peer_id
+        )
+        self.poll_period = min(max(min(min_matchmaking_time, request_timeout) / 4, MIN_POLL_PERIOD), MAX_POLL_PERIOD)
+        self.dht_call_timeout = max(request_timeout, MIN_DHT_CALL_TIMEOUT)
+
+        self._search_lock = asyncio.Lock()  # one search at a time
+        self._lock = asyncio.Lock()  # guards the state below against join requests arriving meanwhile
+        self._step = None  # the step being matched; None when not looking for a group
+        self._assembled: Optional[asyncio.Future] = None  # resolved with the GroupInfo this peer leads
+        self._declared_key: Optional[str] = None
+        self._declared_expiration: Optional[float] = None
+        self._declared_for_scheduled_time: Optional[float] = None
+        self._current_leader: Optional[PeerID] = None
+        self._followers: Dict[PeerID, _Follower] = {}
+        self._leaders = PotentialLeaders(self.peer_id)
+        self._report = SearchReport(self.group_key_manager.current_key, min_group_size, client_mode)
+
+    @property
+    def is_looking_for_group(self) -> bool:
+        return self._step is not None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.peer_id}, key={self.group_key_manager.current_key})"
+
+    # ------------------------------------------------------------------ searching (this peer's side)
+
+    async def look_for_group(self, step) -> Optional[GroupInfo]:
+        """Find a group for ``step`` and return it; raise ``MatchmakingException`` saying why if none was found.
+
+        ``step`` provides ``scheduled_time`` (may change meanwhile), ``deadline`` (absolute DHT time or None: search
+        until a group forms) and ``data_for_gather`` (the bytes sent to the other members).
+        """
+        if not isinstance(step.data_for_gather, bytes) or len(step.data_for_gather) > MAX_GATHER_BYTES:
+            raise ValueError(f"the gather payload must be bytes of at most {MAX_GATHER_BYTES} bytes")
+        async with self._search_lock:
+            async with self._lock:
+                self._assembled = asyncio.get_running_loop().create_future()
+                self._leaders = PotentialLeaders(self.peer_id)
+                key = self.group_key_manager.current_key
+                self._report = SearchReport(key, self.min_group_size, self.client_mode)
+                self._step = step
+            search = asyncio.create_task(self._search(step))
+            try:
+                hard_timeout = None
+                if step.deadline is not None:  # every wait inside is bounded; this only guards against a bug
+                    hard_timeout = max(0.0, step.deadline - get_dht_time()) + 2 * self.request_timeout + 1
+                waiting = asyncio.wait({self._assembled, search}, return_when=asyncio.FIRST_COMPLETED)
+                await await_with_timeout(waiting, hard_timeout)
+                if self._assembled.done():
+                    return self._assembled.result()
+                return search.result()
+            except asyncio.TimeoutError:
+                raise MatchmakingException(
+                    f"Could not find a group: matchmaking overran its deadline; {self._explain()}"
+                ) from None
+            finally:
+                if not search.done():
+                    await _cancel_quietly(search)
+                elif not search.cancelled() and search.exception() is not None and self._assembled.done():
+                    logger.debug(f"Search ended with {search.exception()!r} after the group was assembled")
+                await self._end_search()
+
+    def _explain(self) -> str:
+        return self._report.explain(self._leaders.peers_seen)
+
+    async def _end_search(self) -> None:
+        async with self._lock:
+            self._step = None
+            if not self._assembled.done():
+                self._assembled.cancel()
+            self._disband_followers(suggested_leader=None)
+            self._current_leader = None
+            declared_key, declared_expiration = self._declared_key, self._declared_expiration
+            self._declared_key = self._declared_expiration = self._declared_for_scheduled_time = None
+        if declared_key is not None:
+            await self._withdraw(declared_key, declared_expiration)
+
+    async def _search(self, step) -> GroupInfo:
+        last_poll = -math.inf
+        while True:
+            now = get_dht_time()
+            if step.deadline is not None and now >= step.deadline:
+                raise MatchmakingException(f"Could not find a group before the deadline: {self._explain()}")
+
+            if not self.client_mode:
+                if self._declared_expiration is not None and now >= self._declared_expiration:
+                    group = await self._on_declaration_expired()
+                    if group is not None:
+                        return group
+                    continue  # re-declare with a new expiration (or stop at the deadline)
+                if self._needs_declaration(step):
+                    await self._declare(step)
+                    last_poll = -math.inf  # look for leaders right after (re-)declaring
+
+            if get_dht_time() - last_poll >= self.poll_period:
+                last_poll = get_dht_time()
+                await self._poll_dht()
+
+            if self._may_ask_others():
+                leader = self._leaders.pop_next_leader(self._declared_expiration, get_dht_time())
+                if leader is not None:
+                    group = await self._request_join_group(leader, step)
+                    if group is not None:
+                        return group
+                    continue
+
+            wake_up = last_poll + self.poll_period
+            if self._declared_expiration is not None:
+                wake_up = min(wake_up, self._declared_expiration)
+            if step.deadline is not None:
+                wake_up = min(wake_up, step.deadline)
+            await asyncio.sleep(max(0.0, wake_up - get_dht_time()))
+
+    def _may_ask_others(self) -> bool:
+        """Whether to ask a better-ordered peer to lead: not when this peer's own group is due before the reply."""
+        if not self._followers or self._declared_expiration is None:
+            return True
+        return self._declared_expiration - get_dht_time() > self.request_timeout
+
+    def _needs_declaration(self, step) -> bool:
+        if self._declared_expiration is None or self._declared_key != self.group_key_manager.current_key:
+            return True
+        if step.scheduled_time != self._declared_for_scheduled_time:
+            # the user moved the scheduled time: follow it unless that would outlast our followers' patience
+            new_expiration = self._expiration_for(step)
+            return new_expiration != self._declared_expiration and (
+                not self._followers or new_expiration < self._declared_expiration
+            )
+        return False
+
+    def _expiration_for(self, step) -> float:
+        return declared_expiration(step.scheduled_time, step.deadline, get_dht_time(), self.min_matchmaking_time)
+
+    async def _declare(self, step) -> None:
+        previous_key, previous_expiration = self._declared_key, self._declared_expiration
+        async with self._lock:
+            key, expiration = self.group_key_manager.current_key, self._expiration_for(step)
+            self._declared_key, self._declared_expiration = key, expiration
+            self._declared_for_scheduled_time = step.scheduled_time
+            self._report.group_key = key
+        if previous_key is not None and previous_key != key:
+            await self._withdraw(previous_key, previous_expiration)
+        logger.debug(f"{self.peer_id} looks for a group under {key} until {expiration:.3f}")
+        try:
+            stored = await await_with_timeout(
+                self.group_key_manager.declare_averager(key, self.peer_id, expiration), self.dht_call_timeout
+            )
+            if not stored:
+                logger.debug(f"{self.peer_id} could not store its declaration under {key}")
+        except Exception as e:
+            logger.warning(f"{self.peer_id} failed to declare itself under {key}: {e!r}")
+
+    async def _withdraw(self, key: str, expiration: float) -> None:
+        try:
+            await await_with_timeout(
+                self.group_key_manager.declare_averager(key, self.peer_id, expiration, looking_for_group=False),
+                self.dht_call_timeout,
+            )
+        except Exception as e:
+            logger.debug(f"{self.peer_id} failed to withdraw its declaration under {key}: {e!r}")
+
+    async def _poll_dht(self) -> None:
+        key = self.group_key_manager.current_key
+        self._report.dht_lookups += 1
+        try:
+            averagers = await await_with_timeout(
+                self.group_key_manager.get_averagers(key, only_active=True), self.dht_call_timeout
+            )
+        except Exception as e:
+            logger.debug(f"{self.peer_id} failed to read the averagers under {key}: {e!r}")
+            return
+        self._leaders.update(averagers)
+
+    async def _on_declaration_expired(self) -> Optional[GroupInfo]:
+        """Our declared time is up: start the group if it is large enough, else disband it."""
+        async with self._lock:
+            if self._assembled.done():
+                return self._assembled.result()
+            if self._followers and len(self._followers) + 1 >= self.min_group_size:
+                return self._assemble_group()
+            if self._followers:
+                self._report.too_small_disbands += 1
+                logger.debug(
+                    f"{self.peer_id} disbands its group of {len(self._followers) + 1}: fewer than "
+                    f"min_group_size={self.min_group_size} when its time ran out"
+                )
+                self._disband_followers(suggested_leader=None)
+            elif self.min_group_size <= 1:
+                return self._assemble_group()
+            self._declared_expiration = None  # re-declared by the search loop
+        return None
+
+    async def _request_join_group(self, leader: PeerID, step) -> Optional[GroupInfo]:
+        """Ask ``leader`` to lead us; follow its redirections. Returns the group, or None to keep searching."""
+        for _ in range(MAX_REDIRECTS):
+            group, suggested_leader = await self._request_one_leader(leader, step)
+            if group is not None or suggested_leader is None or suggested_leader == self.peer_id:
+                return group
+            logger.debug(f"{self.peer_id}: {leader} disbanded its group and suggested {suggested_leader}")
+            leader = suggested_leader
+        return None
+
+    async def _request_one_leader(self, leader: PeerID, step):
+        """One join request: ``(group, None)``, ``(None, suggested leader)`` or ``(None, None)``."""
+        stream = None
+        try:
+            async with self._lock:
+                if self._assembled.done():  # someone made our own group full meanwhile
+                    return None, None
+                expiration = self._declared_expiration
+                if expiration is None:
+                    expiration = self._expiration_for(step)
+                request = averaging_pb2.JoinRequest(
+                    schema_hash=self.schema_hash,
+                    expiration=expiration,
+                    gather=step.data_for_gather,
+                    client_mode=self.client_mode,
+                    group_key=self.group_key_manager.current_key,
+                )
+                stub = self.servicer_type.get_stub(self.p2p, leader, namespace=self.prefix)
+                stream = await stub.rpc_join_group(request)
+                message = await await_with_timeout(stream.__anext__(), self.request_timeout)
+                if message.code == Code.ACCEPTED:
+                    self._current_leader = leader
+                    self._disband_followers(suggested_leader=leader)
+            self._report.replies[message.code] += 1
+            if message.code != Code.ACCEPTED:
+                if message.code == Code.BAD_SCHEMA_HASH:
+                    self._report.bad_schema_peers.add(leader)
+                logger.debug(f"{self.peer_id}: {leader} refused to lead us: {code_name(message.code)}")
+                return None, None
+
+            logger.debug(f"{self.peer_id} joined the group of {leader}, waiting for it to start")
+            time_left = max(0.0, expiration - get_dht_time())
+            message = await await_with_timeout(stream.__anext__(), time_left + self.request_timeout)
+            if message.code == Code.BEGIN_ALLREDUCE:
+                try:
+                    group = parse_group(message, self.peer_id, leader)
+                except ValueError as e:
+                    logger.warning(f"{self.peer_id}: leader {leader} sent a malformed group ({e}), ignoring it")
+                    self._report.leader_errors.append(f"malformed group from {leader}: {e}")
+                    return None, None
+                logger.info(f"Joined a group of {group.group_size} peers led by {leader} (this peer: {self.peer_id})")
+                return group, None
+            if message.code == Code.GROUP_DISBANDED:
+                self._report.disbanded_by_leader += 1
+                if 0 < len(message.suggested_leader) <= MAX_PEER_ID_BYTES:
+                    return None, PeerID(message.suggested_leader)
+                return None, None
+            self._report.replies[message.code] += 1
+            logger.debug(f"{self.peer_id}: leader {leader} ended our request with {code_name(message.code)}")
+            return None, None
+        except asyncio.TimeoutError:
+            self._report.leader_timeouts += 1
+            logger.debug(f"{self.peer_id}: leader {leader} did not reply in time")
+            return None, None
+        except StopAsyncIteration:
+            self._report.leader_errors.append(f"{leader} closed the stream without a reply")
+            return None, None
+        except Exception as e:
+            self._report.leader_errors.append(f"{leader}: {e!r}")
+            logger.debug(f"{self.peer_id}: request to {leader} failed: {e!r}")
+            return None, None
+        finally:
+            self._current_leader = None
+            if stream is not None:
+                await stream.aclose()
+
+    # ------------------------------------------------------------------ leading (other peers' requests)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """A peer asks this one to lead it: refuse, or accept and later send the group (or a disband notice)."""
+        requester = context.remote_id
+        follower = None
+        try:
+            try:
+                refusal, follower, patience = await self._admit(request, requester)
+            except Exception as e:
+                logger.warning(f"{self.peer_id} failed to process a join request from {requester}: {e!r}")
+                refusal = averaging_pb2.MessageFromLeader(code=Code.INTERNAL_ERROR)
+            if refusal is not None:
+                logger.debug(f"{self.peer_id} refused to lead {requester}: {code_name(refusal.code)}")
+                yield refusal
+                return
+            yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
+            try:
+                outcome = await await_with_timeout(asyncio.shield(follower.outcome), patience)
+            except asyncio.TimeoutError:
+                outcome = averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED)
+            yield outcome
+        finally:
+            if follower is not None and self._followers.get(requester) is follower:
+                del self._followers[requester]  # the follower left (or gave up) before the group started
+
+    async def _admit(self, request: averaging_pb2.JoinRequest, requester: PeerID):
+        """Check a join request under the lock: ``(refusal, None, None)`` or ``(None, follower, patience)``."""
+        async with self._lock:
+            refusal = check_join_request(self._leader_state(), request, requester)
+            if refusal is not None:
+                self._report.refusals[refusal.code] += 1
+                if refusal.code == Code.BAD_SCHEMA_HASH:
+                    self._leaders.peers_seen.add(requester)
+                    self._report.bad_schema_peers.add(requester)
+                return refusal, None, None
+            follower = _Follower(request, asyncio.get_running_loop().create_future())
+            self._followers[requester] = follower
+            self._report.largest_group = max(self._report.largest_group, len(self._followers) + 1)
+            # a follower waits for our group until its own expiration (not before ours) + request_timeout
+            patience = max(0.0, self._declared_expiration - get_dht_time()) + 3 * self.request_timeout
+            if self.target_group_size is not None and len(self._followers) + 1 >= self.target_group_size:
+                self._assemble_group()
+            return None, follower, patience
+
+    def _leader_state(self) -> LeaderState:
+        return LeaderState(
+            peer_id=self.peer_id,
+            looking_for_group=self._step is not None,
+            assembled=self._assembled is not None and self._assembled.done(),
+            client_mode=self.client_mode,
+            schema_hash=self.schema_hash,
+            current_key=self.group_key_manager.current_key,
+            declared_expiration=self._declared_expiration,
+            current_leader=self._current_leader,
+            followers=set(self._followers),
+            target_group_size=self.target_group_size,
+        )
+
+    def _assemble_group(self) -> GroupInfo:
+        """Start the group of this leader and its followers (call with ``self._lock`` held)."""
+        members = [(self.peer_id, self._step.data_for_gather)]
+        members += [(peer, follower.request.gather) for peer, follower in self._followers.items()]
+        random.shuffle(members)
+        group = GroupInfo(
+            group_id=os.urandom(GROUP_ID_BYTES),
+            peer_ids=tuple(peer for peer, _ in members),
+            gathered=tuple(gathered for _, gathered in members),
+        )
+        message = averaging_pb2.MessageFromLeader(
+            code=Code.BEGIN_ALLREDUCE,
+            group_id=group.group_id,
+            ordered_peer_ids=[peer.to_bytes() for peer in group.peer_ids],
+            gathered=group.gathered,
+        )
+        for follower in self._followers.values():
+            if not follower.outcome.done():
+                follower.outcome.set_result(message)
+        self._followers.clear()
+        self._assembled.set_result(group)
+        logger.info(f"Formed a group of {group.group_size} peers led by this peer ({self.peer_id})")
+        return group
+
+    def _disband_followers(self, suggested_leader: Optional[PeerID]) -> None:
+        """Tell every follower that this group will not start (call with ``self._lock`` held)."""
+        message = averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED)
+        if suggested_leader is not None:
+            message.suggested_leader = suggested_leader.to_bytes()
+        for follower in self._followers.values():
+            if not follower.outcome.done():
+                follower.outcome.set_result(message)
+        self._followers.clear()
+
+
+async def _cancel_quietly(task: asyncio.Task) -> None:
+    try:
+        await cancel_and_wait(task)
+    except Exception as e:
+        logger.debug(f"Matchmaking search ended with {e!r} while being cancelled")

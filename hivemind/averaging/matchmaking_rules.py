@@ -1,0 +1,205 @@
+"""Matchmaking decisions without I/O: declared expirations, whom to ask to lead, the leader's checks of a join
+request, the check of a leader's group message, and why a search failed."""
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.key_manager import MAX_PEER_ID_BYTES
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.timed_storage import DHTExpiration
+
+MAX_GATHER_BYTES = 256 * 1024  # one member's gather payload; larger join requests are refused as malformed
+MAX_GROUP_SIZE = 1024  # members of one group; a leader without target_group_size stops accepting at this size
+MAX_GROUP_ID_BYTES = 64  # the original's leaders use 20 random bytes
+MAX_REDIRECTS = 16  # GROUP_DISBANDED{suggested_leader} hops a follower follows in a row
+
+Code = averaging_pb2.MessageCode
+
+
+def code_name(code: int) -> str:
+    try:
+        return Code.Name(code)
+    except ValueError:
+        return f"unknown code {code}"
+
+
+def declared_expiration(scheduled_time: float, deadline: Optional[float], now: float, min_matchmaking_time: float):
+    """When a search started at ``now`` ends: at the scheduled time, but not before ``min_matchmaking_time`` has
+    passed, and never after the deadline."""
+    expiration = max(scheduled_time, now + min_matchmaking_time)
+    return expiration if deadline is None else min(expiration, deadline)
+
+
+class PotentialLeaders:
+    """Which declared peers this one may ask to lead its group, best first.
+
+    Peers are ordered by ``(expiration, raw peer id)``; a peer only asks those that order before itself (the others
+    will ask it), and asks each declaration (peer, expiration) at most once. A client-mode peer, which never
+    declares, may ask anyone.
+    """
+
+    def __init__(self, peer_id: PeerID):
+        self.peer_id = peer_id
+        self._candidates: Dict[PeerID, DHTExpiration] = {}
+        self._tried: Set[Tuple[PeerID, DHTExpiration]] = set()
+        self.peers_seen: Set[PeerID] = set()  # every other peer ever seen looking for a group
+
+    def update(self, averagers: Iterable[Tuple[PeerID, DHTExpiration]]) -> None:
+        """Replace the candidates with the latest active declarations read from the DHT."""
+        self._candidates = {peer: expiration for peer, expiration in averagers if peer != self.peer_id}
+        self.peers_seen.update(self._candidates)
+
+    def pop_next_leader(self, own_expiration: Optional[DHTExpiration], now: DHTExpiration) -> Optional[PeerID]:
+        """The best untried candidate that orders before this peer (``own_expiration=None``: anyone), or None.
+
+        The returned declaration counts as tried. Declarations that already expired are skipped.
+        """
+        own_key = (math.inf if own_expiration is None else own_expiration, self.peer_id.to_bytes())
+        best = None
+        for peer, expiration in self._candidates.items():
+            key = (expiration, peer.to_bytes())
+            if expiration < now or key >= own_key or (peer, expiration) in self._tried:
+                continue
+            if best is None or key < best[0]:
+                best = (key, peer)
+        if best is None:
+            return None
+        (expiration, _), peer = best
+        self._tried.add((peer, expiration))
+        return peer
+
+
+@dataclass
+class LeaderState:
+    """What a peer's checks of a join request look at (a snapshot taken under its lock)."""
+
+    peer_id: PeerID
+    looking_for_group: bool
+    assembled: bool
+    client_mode: bool
+    schema_hash: bytes
+    current_key: str
+    declared_expiration: Optional[DHTExpiration]
+    current_leader: Optional[PeerID]
+    followers: Set[PeerID]
+    target_group_size: Optional[int]
+
+
+def check_join_request(
+    state: LeaderState, request: averaging_pb2.JoinRequest, requester: PeerID
+) -> Optional[averaging_pb2.MessageFromLeader]:
+    """The refusal to send to ``requester``, or None to accept it. The checks run in a fixed order, shared with the
+    original implementation, and the first failing one decides the reply."""
+    if not state.looking_for_group or state.assembled:
+        return averaging_pb2.MessageFromLeader(code=Code.NOT_LOOKING_FOR_GROUP)
+    malformed = (
+        not request.schema_hash
+        or not math.isfinite(request.expiration)
+        or state.client_mode
+        or not isinstance(request.group_key, str)
+        or len(request.gather) > MAX_GATHER_BYTES
+    )
+    if malformed:
+        return averaging_pb2.MessageFromLeader(code=Code.PROTOCOL_VIOLATION)
+    if request.schema_hash != state.schema_hash:
+        return averaging_pb2.MessageFromLeader(code=Code.BAD_SCHEMA_HASH)
+    if request.group_key != state.current_key:
+        return averaging_pb2.MessageFromLeader(code=Code.BAD_GROUP_KEY)
+    if state.declared_expiration is None:
+        return averaging_pb2.MessageFromLeader(code=Code.NOT_DECLARED)
+    if state.declared_expiration > request.expiration:
+        return averaging_pb2.MessageFromLeader(code=Code.BAD_EXPIRATION_TIME)
+    if state.current_leader is not None:
+        return averaging_pb2.MessageFromLeader(
+            code=Code.NOT_A_LEADER, suggested_leader=state.current_leader.to_bytes()
+        )
+    if requester == state.peer_id or requester in state.followers:
+        return averaging_pb2.MessageFromLeader(code=Code.DUPLICATE_PEER_ID)
+    group_size_limit = MAX_GROUP_SIZE if state.target_group_size is None else state.target_group_size
+    if len(state.followers) + 1 >= group_size_limit:
+        return averaging_pb2.MessageFromLeader(code=Code.GROUP_IS_FULL)
+    return None
+
+
+def parse_group(message: averaging_pb2.MessageFromLeader, own_peer_id: PeerID, leader: PeerID) -> GroupInfo:
+    """The group a BEGIN_ALLREDUCE message announces; ``ValueError`` saying what is wrong if it is malformed."""
+    peer_ids, gathered = list(message.ordered_peer_ids), list(message.gathered)
+    if not 0 < len(message.group_id) <= MAX_GROUP_ID_BYTES:
+        raise ValueError(f"group id of {len(message.group_id)} bytes (expected 1 to {MAX_GROUP_ID_BYTES})")
+    if not 0 < len(peer_ids) <= MAX_GROUP_SIZE:
+        raise ValueError(f"group of {len(peer_ids)} peers (expected 1 to {MAX_GROUP_SIZE})")
+    if len(gathered) != len(peer_ids):
+        raise ValueError(f"{len(gathered)} gathered payloads for {len(peer_ids)} peers")
+    if any(not 0 < len(peer) <= MAX_PEER_ID_BYTES for peer in peer_ids) or len(set(peer_ids)) != len(peer_ids):
+        raise ValueError("empty, oversized or repeated peer ids in the group")
+    if any(len(item) > MAX_GATHER_BYTES for item in gathered):
+        raise ValueError(f"a gathered payload exceeds {MAX_GATHER_BYTES} bytes")
+    members = tuple(PeerID(peer) for peer in peer_ids)
+    if own_peer_id not in members or leader not in members:
+        raise ValueError("the group does not contain this peer and its leader")
+    return GroupInfo(group_id=message.group_id, peer_ids=members, gathered=tuple(gathered))
+
+
+@dataclass
+class SearchReport:
+    """What happened during one search for a group, to explain a failure."""
+
+    group_key: str
+    min_group_size: int
+    client_mode: bool
+    dht_lookups: int = 0
+    largest_group: int = 1  # followers + 1 at the best moment (leader side)
+    too_small_disbands: int = 0
+    replies: Counter = field(default_factory=Counter)  # codes received from would-be leaders
+    refusals: Counter = field(default_factory=Counter)  # codes this peer sent to would-be followers
+    bad_schema_peers: Set[PeerID] = field(default_factory=set)
+    leader_timeouts: int = 0
+    leader_errors: List[str] = field(default_factory=list)
+    disbanded_by_leader: int = 0
+
+    def explain(self, peers_seen: Set[PeerID]) -> str:
+        """One message with the likely reason first, then the counts that support it."""
+        reasons = []
+        accepted_anywhere = self.replies[Code.ACCEPTED] > 0 or self.largest_group > 1
+        if not peers_seen:
+            reasons.append(
+                f"no other averagers were found under the key {self.group_key} ({self.dht_lookups} DHT lookups): "
+                "check that the other peers use the same prefix and group bits and that this DHT reaches them"
+            )
+        elif self.bad_schema_peers and not accepted_anywhere:
+            reasons.append(
+                f"the schema hash differs from the peers seen: {len(self.bad_schema_peers)} of {len(peers_seen)} "
+                f"peers under {self.group_key} average tensors of other shapes, dtypes or compression "
+                f"({self.replies[Code.BAD_SCHEMA_HASH]} BAD_SCHEMA_HASH replies received, "
+                f"{self.refusals[Code.BAD_SCHEMA_HASH]} sent)"
+            )
+        elif self.client_mode:
+            reasons.append(
+                f"none of the {len(peers_seen)} peers seen under {self.group_key} accepted this client-mode peer "
+                "(client-mode peers can only join groups led by others)"
+            )
+        else:
+            reasons.append(
+                f"the group was too small at the deadline: at most {self.largest_group} of min_group_size="
+                f"{self.min_group_size} peers gathered, {len(peers_seen)} other peers seen under {self.group_key}"
+            )
+        if self.leader_timeouts:
+            reasons.append(f"timed out waiting for the leader {self.leader_timeouts} time(s)")
+        if self.disbanded_by_leader:
+            reasons.append(f"{self.disbanded_by_leader} leader(s) disbanded the group")
+        if self.too_small_disbands:
+            reasons.append(f"disbanded {self.too_small_disbands} group(s) of this peer that were too small")
+        other_replies = {code: n for code, n in self.replies.items() if code not in (Code.ACCEPTED,)}
+        if other_replies:
+            reasons.append("replies from would-be leaders: " + _format_codes(other_replies))
+        if self.leader_errors:
+            reasons.append(f"{len(self.leader_errors)} failed request(s), last: {self.leader_errors[-1]}")
+        return "; ".join(reasons)
+
+
+def _format_codes(counts: Dict[int, int]) -> str:
+    return ", ".join(f"{code_name(code)} x{n}" for code, n in sorted(counts.items()))
