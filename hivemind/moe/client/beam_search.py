@@ -134,8 +134,9 @@ async def beam_search(
             for coordinate, info in successors.items()
             if 0 <= coordinate < len(dim_scores) and _is_usable(float(dim_scores[coordinate]))
         ]
-        if dim == len(grid_scores) - 1:
-            return top_distinct_experts([(score, info) for score, _, info in expanded], beam_size)
+        if dim == len(grid_scores) - 1:  # the last coordinate: only the expert with exactly these coordinates
+            finished = [(score, info) for score, prefix, info in expanded if info.uid + UID_DELIMITER == prefix]
+            return top_distinct_experts(finished, beam_size)
         beam = await fill_beam([(score, prefix) for score, prefix, _ in expanded], beam_size, fetch, batch_size)
     return []
 

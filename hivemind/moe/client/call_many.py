@@ -1,0 +1,235 @@
+"""Calling many remote experts at once, each with the samples routed to it, under the mixture's time limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hivemind.moe.client.expert import RemoteExpert, check_grad_inputs
+from hivemind.moe.client.expert_rpc import call_expert, raw_size_of, serialize_inputs
+from hivemind.moe.client.gating import ExpertFailurePenalty, all_samples_settled
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.utils.logging import get_logger
+from hivemind.utils.nested import nested_flatten
+
+__all__ = ["CallOptions", "ExpertJob", "RemoteCallMany", "group_by_expert"]
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class CallOptions:
+    """Limits of one mixture call; ``deadline`` is an absolute ``time.monotonic()`` value (None: no limit)."""
+
+    k_min: int
+    backward_k_min: int
+    deadline: Optional[float]
+    backward_timeout: Optional[float]
+    timeout_after_k_min: Optional[float]
+    detect_anomalies: bool
+    penalty: ExpertFailurePenalty = field(default_factory=ExpertFailurePenalty)
+
+
+@dataclass
+class ExpertJob:
+    """One expert and the (sample, slot) positions of the batch that were routed to it."""
+
+    expert: RemoteExpert
+    samples: torch.Tensor  # int64 [n] rows of the batch
+    slots: torch.Tensor  # int64 [n] positions among each sample's chosen experts
+
+
+def group_by_expert(experts_per_sample: Sequence[Sequence[RemoteExpert]]) -> List[ExpertJob]:
+    """One job per distinct expert uid, with every (sample, slot) that chose it."""
+    positions: Dict[str, Tuple[RemoteExpert, List[int], List[int]]] = {}
+    for sample, experts in enumerate(experts_per_sample):
+        for slot, expert in enumerate(experts):
+            _, samples, slots = positions.setdefault(expert.uid, (expert, [], []))
+            samples.append(sample), slots.append(slot)
+    return [
+        ExpertJob(expert, torch.tensor(samples, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64))
+        for expert, samples, slots in positions.values()
+    ]
+
+
+def _check_outputs(job: ExpertJob, outputs: Sequence[torch.Tensor], schema: Sequence, detect_anomalies: bool):
+    if len(outputs) != len(schema):
+        raise RuntimeError(f"expert {job.expert.uid} returned {len(outputs)} outputs, expected {len(schema)}")
+    for output, descriptor in zip(outputs, schema):
+        expected = (len(job.samples), *descriptor.shape[1:])
+        if tuple(output.shape) != expected:
+            raise RuntimeError(f"expert {job.expert.uid} returned shape {tuple(output.shape)}, expected {expected}")
+        if detect_anomalies and output.is_floating_point() and not torch.isfinite(output).all():
+            raise RuntimeError(f"expert {job.expert.uid} returned NaN or infinite values")
+
+
+async def _gather_answers(
+    calls: Dict[int, asyncio.Future],
+    jobs: Sequence[ExpertJob],
+    num_samples: int,
+    k_min: int,
+    deadline: Optional[float],
+    timeout_after_k_min: Optional[float],
+) -> Tuple[Dict[int, list], Dict[int, BaseException], List[int]]:
+    """Wait for the calls until all answered, the deadline passed, or stragglers outlived timeout_after_k_min.
+
+    :returns: (results by job, errors by job, jobs cut off by the deadline); stragglers are simply dropped
+    """
+    tasks = {asyncio.ensure_future(call): index for index, call in calls.items()}
+    pending = set(tasks)
+    answered, waiting = torch.zeros(num_samples, dtype=torch.int64), torch.zeros(num_samples, dtype=torch.int64)
+    for index in calls:
+        waiting[jobs[index].samples] += 1
+    results, errors, timed_out, settled_at = {}, {}, [], None
+    try:
+        while pending:
+            budget = None if deadline is None else deadline - time.monotonic()
+            if settled_at is not None and timeout_after_k_min is not None:
+                straggler_budget = settled_at + timeout_after_k_min - time.monotonic()
+                budget = straggler_budget if budget is None else min(budget, straggler_budget)
+            if budget is not None and budget <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = tasks[task]
+                waiting[jobs[index].samples] -= 1
+                if task.exception() is None:
+                    results[index] = task.result()
+                    answered[jobs[index].samples] += 1
+                else:
+                    errors[index] = task.exception()
+            if settled_at is None and all_samples_settled(answered, waiting, k_min):
+                settled_at = time.monotonic()
+        if pending and deadline is not None and time.monotonic() >= deadline:
+            timed_out = [tasks[task] for task in pending]
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    return results, errors, timed_out
+
+
+def _fan_out(jobs, method, tensors_for_job, schema, options: CallOptions, num_samples, k_min, deadline):
+    """Call ``method`` of each job's expert in parallel; returns {job index: tensors} of the ones that answered."""
+    calls = {}
+    for index, job in enumerate(jobs):
+        if options.penalty.is_penalized(job.expert.uid):
+            continue  # failed recently: counted as not answering without waiting for it again
+        tensors = tensors_for_job(job)
+        serialized = serialize_inputs(tensors, schema)
+        calls[index] = call_expert(job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors))
+    if not calls:
+        return {}
+
+    results, errors, timed_out = RemoteExpertWorker.run_coroutine(
+        _gather_answers(calls, jobs, num_samples, k_min, deadline, options.timeout_after_k_min)
+    )
+    for index, error in errors.items():
+        logger.debug(f"expert {jobs[index].expert.uid} failed in {method}: {error!r}")
+        options.penalty.report_failure(jobs[index].expert.uid)
+    for index in timed_out:
+        logger.debug(f"expert {jobs[index].expert.uid} did not answer {method} in time")
+        options.penalty.report_failure(jobs[index].expert.uid)
+    for index in results:
+        options.penalty.report_success(jobs[index].expert.uid)
+    return results
+
+
+class RemoteCallMany(torch.autograd.Function):
+    """Forward: each distinct expert gets the rows routed to it. Outputs are [batch, max_k, ...] plus an alive mask.
+
+    Backward sends the saved rows and their output gradients to the experts that answered; experts that fail then
+    contribute no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, dummy, experts_per_sample, info: dict, options: CallOptions, *flat_inputs: torch.Tensor):
+        flat_inputs = tuple(tensor.detach().cpu() for tensor in flat_inputs)
+        if options.detect_anomalies and any(
+            tensor.is_floating_point() and not torch.isfinite(tensor).all() for tensor in flat_inputs
+        ):
+            raise ValueError("One of the inputs has NaN or infinite values (detect_anomalies=True)")
+        num_samples, max_k = len(experts_per_sample), max(map(len, experts_per_sample), default=0)
+        jobs = group_by_expert(experts_per_sample)
+        outputs_schema = list(nested_flatten(info["outputs_schema"]))
+
+        def rows_for(job):
+            return [tensor[job.samples] for tensor in flat_inputs]
+
+        results = _fan_out(
+            jobs, "forward", rows_for, info["forward_schema"], options, num_samples, options.k_min, options.deadline
+        )
+        alive = torch.zeros(num_samples, max_k, dtype=torch.bool)
+        outputs = [
+            descriptor.make_zeros(num_samples, max_k, device="cpu", requires_grad=False)
+            for descriptor in outputs_schema
+        ]
+        alive_jobs = []
+        for index, job_outputs in results.items():
+            job = jobs[index]
+            try:
+                _check_outputs(job, job_outputs, outputs_schema, options.detect_anomalies)
+            except RuntimeError as e:
+                logger.debug(str(e))
+                options.penalty.report_failure(job.expert.uid)
+                continue
+            for output, value in zip(outputs, job_outputs):
+                output[job.samples, job.slots] = value.to(output.dtype)
+            alive[job.samples, job.slots] = True
+            alive_jobs.append(job)
+
+        num_answers = int(alive.sum())
+        if num_answers < options.k_min:
+            raise TimeoutError(
+                f"Only {num_answers} expert answers arrived in forward, fewer than k_min={options.k_min}; "
+                f"the chosen experts failed or did not answer in time (raise forward_timeout or lower k_min)"
+            )
+        ctx.alive_jobs, ctx.info, ctx.options = alive_jobs, info, options
+        ctx.num_samples = num_samples
+        ctx.save_for_backward(*flat_inputs)
+        ctx.mark_non_differentiable(alive)
+        return (alive, *outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_alive, *grad_outputs: torch.Tensor):
+        flat_inputs, options, jobs = ctx.saved_tensors, ctx.options, ctx.alive_jobs
+        grad_outputs = [grad.cpu() for grad in grad_outputs]
+        backward_schema = (ctx.info["forward_schema"], ctx.info["outputs_schema"])
+
+        def rows_for(job):
+            return [tensor[job.samples] for tensor in flat_inputs] + [
+                grad[job.samples, job.slots] for grad in grad_outputs
+            ]
+
+        deadline = None if options.backward_timeout is None else time.monotonic() + options.backward_timeout
+        results = _fan_out(
+            jobs, "backward", rows_for, backward_schema, options, ctx.num_samples, options.backward_k_min, deadline
+        )
+        grad_inputs = [torch.zeros_like(t) if t.is_floating_point() else None for t in flat_inputs]
+        num_survivors = 0
+        for index, job_grads in results.items():
+            job = jobs[index]
+            try:
+                checked = check_grad_inputs(job.expert.uid, [t[job.samples] for t in flat_inputs], job_grads)
+            except RuntimeError as e:
+                logger.debug(str(e))
+                continue
+            if options.detect_anomalies and not all(torch.isfinite(g).all() for g in checked if g.is_floating_point()):
+                continue
+            for grad_input, grad in zip(grad_inputs, checked):
+                if grad_input is not None:
+                    grad_input.index_add_(0, job.samples, grad)
+            num_survivors += len(job.samples)
+        if num_survivors < options.backward_k_min:
+            raise TimeoutError(
+                f"Only {num_survivors} expert answers arrived in backward, fewer than "
+                f"backward_k_min={options.backward_k_min} (raise backward_timeout or lower backward_k_min)"
+            )
+        needs = ctx.needs_input_grad[4:]
+        return (None, None, None, None, *(grad if need else None for grad, need in zip(grad_inputs, needs)))

@@ -1,0 +1,108 @@
+"""Plain functions of mixture-of-experts gating: expert scores, masked weights, mixing, stopping rules, penalties."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from hivemind.moe.expert_uid import UID_DELIMITER, ExpertPrefix, ExpertUID
+
+__all__ = [
+    "uid_coordinates",
+    "compute_expert_scores",
+    "masked_expert_weights",
+    "mix_expert_outputs",
+    "all_samples_settled",
+    "ExpertFailurePenalty",
+]
+
+
+def uid_coordinates(uid: ExpertUID, uid_prefix: ExpertPrefix, grid_size: Sequence[int]) -> List[int]:
+    """The grid coordinates of ``uid`` (``ffn.3.14`` with prefix ``ffn.`` -> [3, 14]); ValueError outside the grid."""
+    if not uid.startswith(uid_prefix):
+        raise ValueError(f"expert {uid!r} does not belong to the grid {uid_prefix!r}")
+    coordinates = [int(part) for part in uid[len(uid_prefix) :].split(UID_DELIMITER)]
+    if len(coordinates) != len(grid_size) or not all(0 <= c < size for c, size in zip(coordinates, grid_size)):
+        raise ValueError(f"expert {uid!r} is outside the grid {uid_prefix!r} of size {tuple(grid_size)}")
+    return coordinates
+
+
+def compute_expert_scores(
+    grid_scores: Sequence[torch.Tensor],
+    batch_uids: Sequence[Sequence[ExpertUID]],
+    uid_prefix: ExpertPrefix,
+) -> torch.Tensor:
+    """Score of each chosen expert: the sum of its coordinates' scores, as a [batch, max_k] tensor (-inf padding).
+
+    :param grid_scores: one [batch, grid_size[d]] tensor per grid dimension
+    :param batch_uids: the uids chosen for each sample (at most max_k each)
+    """
+    batch_size = len(batch_uids)
+    max_k = max((len(uids) for uids in batch_uids), default=0)
+    reference = grid_scores[0]
+    scores = torch.full((batch_size, max_k), -float("inf"), dtype=reference.dtype, device=reference.device)
+    rows, slots, coordinates = [], [], []
+    grid_size = [dim_scores.shape[-1] for dim_scores in grid_scores]
+    for row, uids in enumerate(batch_uids):
+        for slot, uid in enumerate(uids):
+            rows.append(row), slots.append(slot), coordinates.append(uid_coordinates(uid, uid_prefix, grid_size))
+    if not rows:
+        return scores
+    rows_t, slots_t = torch.tensor(rows, device=reference.device), torch.tensor(slots, device=reference.device)
+    coordinates_t = torch.tensor(coordinates, device=reference.device)
+    flat_scores = sum(dim_scores[rows_t, coordinates_t[:, dim]] for dim, dim_scores in enumerate(grid_scores))
+    return scores.index_put((rows_t, slots_t), flat_scores)
+
+
+def masked_expert_weights(logits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Softmax over the alive experts of each sample; a sample with none alive gets all-zero weights (never NaN).
+
+    :param logits: [batch, max_k] expert scores (may be -inf where no expert was chosen)
+    :param alive: [batch, max_k] bool mask of experts that answered
+    """
+    any_alive = alive.any(dim=1, keepdim=True)
+    # rows without alive experts get finite dummy logits, so that neither softmax nor its gradient produce NaN
+    safe_logits = torch.where(alive, logits, torch.full_like(logits, -float("inf")))
+    safe_logits = torch.where(any_alive, safe_logits, torch.zeros_like(logits))
+    weights = torch.softmax(safe_logits, dim=1)
+    return weights * any_alive.to(weights.dtype)
+
+
+def mix_expert_outputs(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over experts: weights [batch, k] and stacked outputs [batch, k, ...] -> [batch, ...]."""
+    flat = stacked.flatten(start_dim=2) if stacked.ndim > 2 else stacked.unsqueeze(-1)
+    mixed = (weights.to(flat.dtype).unsqueeze(-1) * flat).sum(dim=1)
+    return mixed.view(stacked.shape[:1] + stacked.shape[2:])
+
+
+def all_samples_settled(answered: torch.Tensor, pending: torch.Tensor, k_min: int) -> bool:
+    """True once every sample has ``k_min`` answers or nothing left to wait for (per-sample counts)."""
+    return bool(((answered >= k_min) | (pending == 0)).all())
+
+
+class ExpertFailurePenalty:
+    """Experts that recently failed or timed out, skipped until their penalty ends (then tried again).
+
+    Each consecutive failure doubles the penalty, from ``base`` up to ``maximum`` seconds; a success clears it. This
+    keeps a dead server from costing a full timeout at every step until its DHT announcements expire.
+    """
+
+    def __init__(self, base: float = 10.0, maximum: float = 120.0, clock=time.monotonic):
+        self.base, self.maximum, self.clock = base, maximum, clock
+        self._until: Dict[ExpertUID, float] = {}
+        self._failures: Dict[ExpertUID, int] = {}
+
+    def is_penalized(self, uid: ExpertUID, now: Optional[float] = None) -> bool:
+        until = self._until.get(uid)
+        return until is not None and (now if now is not None else self.clock()) < until
+
+    def report_failure(self, uid: ExpertUID) -> None:
+        failures = self._failures.get(uid, 0) + 1
+        self._failures[uid] = failures
+        self._until[uid] = self.clock() + min(self.base * 2 ** (failures - 1), self.maximum)
+
+    def report_success(self, uid: ExpertUID) -> None:
+        self._until.pop(uid, None)
+        self._failures.pop(uid, None)

@@ -1,0 +1,198 @@
+"""RemoteMixtureOfExperts: a layer that routes each sample to its best-scoring remote experts and mixes the answers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from hivemind.dht import DHT
+from hivemind.moe.client.beam_search import MoEBeamSearcher
+from hivemind.moe.client.call_many import CallOptions, RemoteCallMany
+from hivemind.moe.client.expert import DUMMY, RemoteExpert
+from hivemind.moe.client.expert_rpc import parse_expert_info
+from hivemind.moe.client.gating import (
+    ExpertFailurePenalty,
+    compute_expert_scores,
+    masked_expert_weights,
+    mix_expert_outputs,
+)
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.expert_uid import UID_DELIMITER
+from hivemind.proto import runtime_pb2
+from hivemind.utils.logging import get_logger
+from hivemind.utils.nested import nested_flatten, nested_pack
+
+__all__ = ["RemoteMixtureOfExperts"]
+
+logger = get_logger(__name__)
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+class RemoteMixtureOfExperts(nn.Module):
+    """A mixture-of-experts layer whose experts are found in the DHT by beam search and run on remote servers.
+
+    :param in_features: width of the gating input (the last dimension of ``input``)
+    :param grid_size: size of each grid dimension; experts are ``uid_prefix + "i.j..."``
+    :param dht: a running DHT that knows the experts' servers
+    :param uid_prefix: the grid's prefix, such as ``ffn.``
+    :param k_best: how many experts each sample is sent to
+    :param k_min: forward raises TimeoutError if fewer expert answers (over the whole batch) arrive
+    :param forward_timeout: seconds for the WHOLE forward: beam search, expert info and expert calls (None: no limit)
+    :param timeout_after_k_min: once every sample has k_min answers, wait at most this long for the rest (seconds)
+    :param backward_k_min: like k_min, for backward
+    :param backward_timeout: seconds for the expert calls of backward (None: no limit)
+    :param detect_anomalies: refuse NaN/inf inputs (ValueError); treat NaN/inf expert answers as failures
+    :param allow_zero_outputs: a sample none of whose experts answered gets zeros; otherwise RuntimeError
+    :param dht_kwargs: to MoEBeamSearcher (num_workers, negative_caching, cache_expiration)
+
+    An expert that fails or times out is masked for the samples routed to it and is then skipped for a short while
+    (``self.failure_penalty``) rather than waited for again at every step.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_features: int,
+        grid_size: Tuple[int, ...],
+        dht: DHT,
+        uid_prefix: str,
+        k_best: int,
+        k_min: int = 1,
+        forward_timeout: Optional[float] = None,
+        timeout_after_k_min: Optional[float] = None,
+        backward_k_min: int = 1,
+        backward_timeout: Optional[float] = None,
+        detect_anomalies: bool = False,
+        allow_zero_outputs: bool = False,
+        **dht_kwargs,
+    ):
+        super().__init__()
+        if not uid_prefix.endswith(UID_DELIMITER):
+            uid_prefix += UID_DELIMITER
+        self.dht, self.grid_size, self.uid_prefix = dht, tuple(grid_size), uid_prefix
+        self.k_best, self.k_min, self.backward_k_min = k_best, k_min, backward_k_min
+        self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        self.timeout_after_k_min = timeout_after_k_min
+        self.detect_anomalies, self.allow_zero_outputs = detect_anomalies, allow_zero_outputs
+        self.beam_search = MoEBeamSearcher(dht, uid_prefix, grid_size, **dht_kwargs)
+        self.proj = nn.Linear(in_features, sum(grid_size))
+        self.failure_penalty = ExpertFailurePenalty()
+        self._expert_info: Optional[dict] = None
+
+    def forward(self, input: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        """Mix the answers of each sample's ``k_best`` experts, weighted by a softmax of their gating scores.
+
+        :param input: [batch, ..., in_features]; the gating uses it averaged over all but the first and last dims
+        """
+        deadline = None if self.forward_timeout is None else time.monotonic() + self.forward_timeout
+        grid_scores = self.compute_grid_scores(input)
+        chosen_experts = self.find_experts(grid_scores, deadline)
+        expert_mask, outputs = self.call_experts(chosen_experts, deadline, input, *args, **kwargs)
+        logits = self.compute_expert_scores(grid_scores, chosen_experts)
+        weights = masked_expert_weights(logits, expert_mask.to(logits.device))
+        mixed = [mix_expert_outputs(weights, stacked.to(weights.device)) for stacked in outputs]
+        return nested_pack(mixed, structure=self._expert_info["outputs_schema"])
+
+    # ------------------------------------------------------------------ steps of forward
+
+    def compute_grid_scores(self, input: torch.Tensor) -> List[torch.Tensor]:
+        """Gating logits of each grid dimension: a list of [batch, grid_size[d]] tensors."""
+        gating_input = input.mean(dim=tuple(range(1, input.ndim - 1))) if input.ndim > 2 else input
+        return list(self.proj(gating_input).split_with_sizes(self.grid_size, dim=-1))
+
+    def find_experts(self, grid_scores: Sequence[torch.Tensor], deadline: Optional[float]) -> List[List[RemoteExpert]]:
+        """Beam search for each sample's experts within the forward's time budget."""
+        future = self.beam_search.batch_find_best_experts(
+            [scores.detach().cpu().float().numpy() for scores in grid_scores], self.k_best, return_future=True
+        )
+        try:
+            chosen = future.result(timeout=None if deadline is None else max(_remaining(deadline), 0))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(
+                f"Beam search for experts of {self.uid_prefix} did not finish within forward_timeout="
+                f"{self.forward_timeout} s (the DHT is slow or unreachable)"
+            ) from None
+        if not any(chosen):
+            raise RuntimeError(
+                f"No responding experts found in the DHT for {self.uid_prefix} (grid {self.grid_size}); check that "
+                f"expert servers run and that this DHT is connected to them"
+            )
+        return chosen
+
+    def call_experts(
+        self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float], *args, **kwargs
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(alive mask [batch, max_k], stacked outputs [batch, max_k, ...] per output tensor)."""
+        info = self._get_info(chosen_experts, deadline)
+        options = CallOptions(
+            k_min=self.k_min,
+            backward_k_min=self.backward_k_min,
+            deadline=deadline,
+            backward_timeout=self.backward_timeout,
+            timeout_after_k_min=self.timeout_after_k_min,
+            detect_anomalies=self.detect_anomalies,
+            penalty=self.failure_penalty,
+        )
+        if set(kwargs) != set(info["keyword_names"]):
+            raise TypeError(f"the experts expect keyword arguments {info['keyword_names']}, got {tuple(kwargs)}")
+        flat_inputs = list(nested_flatten((args, kwargs)))
+        expert_mask, *outputs = RemoteCallMany.apply(DUMMY, chosen_experts, info, options, *flat_inputs)
+        empty_samples = (~expert_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty_samples and not self.allow_zero_outputs:
+            raise RuntimeError(
+                f"No expert answered for {len(empty_samples)} of {len(chosen_experts)} samples (e.g. sample "
+                f"{empty_samples[0]}); pass allow_zero_outputs=True to give them zero outputs, or raise k_best"
+            )
+        return expert_mask, outputs
+
+    def compute_expert_scores(
+        self, grid_scores: Sequence[torch.Tensor], batch_experts: List[List[RemoteExpert]]
+    ) -> torch.Tensor:
+        """Summed per-dimension logits of each chosen expert: [batch, max_k], -inf where a sample has fewer."""
+        uids = [[expert.uid for expert in experts] for experts in batch_experts]
+        return compute_expert_scores(grid_scores, uids, self.uid_prefix)
+
+    # ------------------------------------------------------------------ expert info
+
+    def _get_info(self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float]) -> dict:
+        if self._expert_info is not None:
+            return self._expert_info
+        distinct = {expert.uid: expert for experts in chosen_experts for expert in experts}
+        errors = []
+        for expert in distinct.values():
+            if self.failure_penalty.is_penalized(expert.uid):
+                continue
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                response = RemoteExpertWorker.run_coroutine(
+                    expert.stub.rpc_info(runtime_pb2.ExpertUID(uid=expert.uid), timeout=remaining)
+                )
+                self._expert_info = parse_expert_info(response.serialized_info)
+                return self._expert_info
+            except Exception as e:
+                self.failure_penalty.report_failure(expert.uid)
+                errors.append(f"{expert.uid}: {e!r}")
+        if deadline is not None and _remaining(deadline) <= 0:
+            raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
+        raise RuntimeError(f"None of the chosen experts answered rpc_info: {'; '.join(errors) or 'all skipped'}")
+
+    @property
+    def info(self) -> dict:
+        """The schemas of this grid's experts, fetched from some alive expert (found by a neutral beam search)."""
+        if self._expert_info is None:
+            neutral_scores = [[0.0] * size for size in self.grid_size]
+            chosen = self.beam_search.find_best_experts(neutral_scores, beam_size=self.k_best)
+            if not chosen:
+                raise RuntimeError(f"No responding experts found in the DHT for {self.uid_prefix}")
+            self._get_info([chosen], None)
+        return self._expert_info

@@ -1,0 +1,112 @@
+"""RemoteExpert against a real expert RPC server (through p2pd daemons on 127.0.0.1)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from moe_client_fakes import FakeExpertServer
+
+from hivemind.dht import DHT
+from hivemind.moe.client.expert import RemoteExpert
+from hivemind.moe.client.expert_rpc import MAX_UNARY_PAYLOAD_SIZE
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.expert_uid import ExpertInfo
+from hivemind.moe.server.dht_handler import get_experts
+from hivemind.p2p import P2PHandlerError
+
+HID = 16
+
+
+@pytest.fixture
+def server_and_client():
+    torch.manual_seed(0)
+    modules = {"expert.0": nn.Sequential(nn.Linear(HID, 32), nn.Tanh(), nn.Linear(32, HID))}
+    server = FakeExpertServer(modules, HID)
+    client_dht = DHT(start=True, initial_peers=server.dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        yield server, client_dht
+    finally:
+        client_dht.shutdown()
+        server.stop()
+
+
+def _remote(server, client_dht, uid="expert.0") -> RemoteExpert:
+    p2p = RemoteExpertWorker.run_coroutine(client_dht.replicate_p2p())
+    return RemoteExpert(ExpertInfo(uid, server.dht.peer_id), p2p)
+
+
+@pytest.mark.parametrize("batch_size", [4, MAX_UNARY_PAYLOAD_SIZE // (4 * HID) + 1], ids=["unary", "streaming"])
+def test_forward_and_backward_equal_the_local_module(server_and_client, batch_size):
+    server, client_dht = server_and_client
+    expert, local = _remote(server, client_dht), server.handler.modules["expert.0"]
+    inputs = torch.randn(batch_size, HID, requires_grad=True)
+    local_inputs = inputs.detach().clone().requires_grad_(True)
+
+    output = expert(inputs)
+    (output * torch.arange(HID)).sum().backward()
+    local_output = local(local_inputs)
+    (local_output * torch.arange(HID)).sum().backward()
+
+    assert torch.allclose(output, local_output, atol=1e-5)
+    assert torch.allclose(inputs.grad, local_inputs.grad, atol=1e-5)
+    used_stream = "stream:expert.0" in server.handler.calls
+    assert used_stream == (batch_size * HID * 4 > MAX_UNARY_PAYLOAD_SIZE)
+
+
+def test_info_is_fetched_once_and_cached(server_and_client):
+    server, client_dht = server_and_client
+    expert = _remote(server, client_dht)
+    for _ in range(3):
+        expert(torch.randn(2, HID))
+    assert expert.info["keyword_names"] == ()
+    assert len(server.handler.calls["info:expert.0"]) == 1
+
+
+def test_outputs_are_cpu_tensors(server_and_client):
+    server, client_dht = server_and_client
+    output = _remote(server, client_dht)(torch.randn(3, HID))
+    assert output.device == torch.device("cpu") and output.shape == (3, HID)
+
+
+def test_wrong_argument_structure_raises_type_error(server_and_client):
+    server, client_dht = server_and_client
+    expert = _remote(server, client_dht)
+    with pytest.raises(TypeError):
+        expert(torch.randn(2, HID), torch.randn(2, HID))
+    with pytest.raises(AssertionError):
+        expert(torch.randn(2, HID), extra=torch.randn(2, HID))
+
+
+def test_server_errors_arrive_as_handler_errors(server_and_client):
+    server, client_dht = server_and_client
+    with pytest.raises(P2PHandlerError, match="unknown expert"):
+        _ = _remote(server, client_dht, uid="expert.99").info
+
+
+def test_get_experts_returns_remote_experts_aligned_with_uids(server_and_client):
+    server, client_dht = server_and_client
+    found = get_experts(client_dht, ["expert.0", "expert.1"])
+    assert found[1] is None
+    assert found[0].uid == "expert.0" and found[0].peer_id == server.dht.peer_id
+    assert found[0](torch.ones(1, HID)).shape == (1, HID)
+
+
+@pytest.mark.timeout(30)
+def test_worker_runs_coroutines_in_a_forked_child():
+    async def pid():
+        return os.getpid()
+
+    assert RemoteExpertWorker.run_coroutine(pid()) == os.getpid()  # the parent's loop thread exists
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            ok = RemoteExpertWorker.run_coroutine(pid()) == os.getpid()
+            os.write(write_end, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    assert os.read(read_end, 1) == b"1"
+    os.waitpid(child, 0)
+    os.close(read_end)
