@@ -1,11 +1,177 @@
-"""hivemind-server: serve mixture-of-experts layers to the swarm (not implemented yet)."""
+"""hivemind-server: host mixture-of-experts layers for the swarm until SIGINT/SIGTERM.
 
+Options come from the command line, from ``config.yml`` in the working directory and from ``--config FILE``
+(YAML-like ``key: value`` lines with the long option names); the command line wins.
+"""
+
+import functools
+import signal
 import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import configargparse
+import torch
+
+from hivemind.proto.runtime_pb2 import CompressionType
+from hivemind.utils.limits import increase_file_limit
+from hivemind.utils.logging import get_logger, use_hivemind_log_handler
+
+logger = get_logger(__name__)
+
+OPTIMIZERS = ("adam", "sgd", "none")
+SGD_LEARNING_RATE = 0.01
 
 
-def main() -> int:
-    print("hivemind-server is not implemented yet in this release", file=sys.stderr)
-    return 2
+def make_parser() -> configargparse.ArgParser:
+    parser = configargparse.ArgParser(
+        default_config_files=["config.yml"],
+        description="Host mixture-of-experts layers (experts) and serve them to the hivemind swarm.",
+    )
+    parser.add("-c", "--config", required=False, is_config_file=True, help="Path to an extra config file")
+
+    experts = parser.add_argument_group("Experts")
+    experts.add("--num_experts", type=int, help="How many experts to host (use this or --expert_uids)")
+    experts.add(
+        "--expert_pattern",
+        type=str,
+        help="Uid pattern: dot-separated blocks, each a literal or a [a:b] range (random int in [a, b)), e.g. "
+        "myexpert.[0:256].[0:1024]; without it the uids are expert.0, expert.1, ...",
+    )
+    experts.add("--expert_uids", type=str, nargs="*", help="Exact expert uids (not with --num_experts)")
+    experts.add(
+        "--expert_cls",
+        type=str,
+        default="ffn",
+        help="Expert class: ffn, transformer, nop, nop_delay, det_dropout or one registered by --custom_module_path",
+    )
+    experts.add("--hidden_dim", type=int, default=1024, help="Hidden size of each expert and of its sample input")
+    experts.add(
+        "--custom_module_path",
+        type=str,
+        help="Python file executed at start-up that registers custom expert classes with @register_expert_class",
+    )
+
+    network = parser.add_argument_group("Network")
+    network.add(
+        "--host_maddrs",
+        type=str,
+        nargs="+",
+        default=["/ip4/0.0.0.0/tcp/0"],
+        help="Multiaddrs to listen on (default: all IPv4 interfaces, random TCP port)",
+    )
+    network.add("--announce_maddrs", type=str, nargs="+", help="Multiaddrs to advertise instead of the detected ones")
+    network.add("--no_relay", action="store_false", dest="use_relay", help="Disable libp2p circuit relay")
+    network.add("--use_auto_relay", action="store_true", help="Reserve slots on relays when behind NAT")
+    network.add(
+        "--initial_peers", type=str, nargs="*", default=[], help="Multiaddrs (with /p2p/<peer id>) of peers to join"
+    )
+    network.add("--identity_path", type=str, help="Private key file (created if missing) for a stable peer id")
+    network.add(
+        "--increase_file_limit",
+        action="store_true",
+        help="Raise the open-file limit to at least 32768 (many peers need many sockets)",
+    )
+    network.add(
+        "--num_handlers", type=int, default=None, help="Connection handlers (default: 8 x the number of experts)"
+    )
+
+    batching = parser.add_argument_group("Batching and device")
+    batching.add("--min_batch_size", type=int, default=1, help="Minimum examples per processed batch")
+    batching.add(
+        "--max_batch_size",
+        type=int,
+        default=16384,
+        help="Maximum examples per batch; a single request above it is refused",
+    )
+    batching.add("--device", type=str, default=None, help="Torch device of the experts (default: cuda if available)")
+
+    training = parser.add_argument_group("Training")
+    training.add("--optimizer", type=str, default="adam", choices=OPTIMIZERS, help="Expert optimizer")
+    training.add("--scheduler", type=str, default="none", choices=("linear", "none"), help="Learning-rate schedule")
+    training.add("--num_warmup_steps", type=int, default=None, help="Warm-up steps of the linear schedule")
+    training.add("--num_training_steps", type=int, default=None, help="Total steps of the linear schedule")
+    training.add("--clip_grad_norm", type=float, default=None, help="Clip the gradient norm of expert updates")
+
+    upkeep = parser.add_argument_group("Announcements, checkpoints, statistics")
+    upkeep.add(
+        "--update_period", type=float, default=30, help="Seconds between DHT announcements (and checkpoint saves)"
+    )
+    upkeep.add(
+        "--expiration",
+        type=float,
+        default=None,
+        help="Lifetime of DHT announcements in seconds (default: max(2 x update_period, 3))",
+    )
+    upkeep.add(
+        "--compression",
+        type=str,
+        default="NONE",
+        choices=tuple(CompressionType.keys()),
+        help="Compression of expert inputs and outputs on the wire (floating-point tensors)",
+    )
+    upkeep.add(
+        "--checkpoint_dir",
+        type=Path,
+        default=None,
+        help="Directory of expert checkpoints: experts found there are loaded, all are saved every update_period",
+    )
+    upkeep.add("--stats_report_interval", type=int, default=None, help="Seconds between throughput reports in the log")
+    return parser
+
+
+def make_optimizer_factory(name: str):
+    """The optimizer class (or factory) for ``--optimizer``; ``None`` means the experts are not trained."""
+    if name == "adam":
+        return torch.optim.Adam
+    if name == "sgd":
+        return functools.partial(torch.optim.SGD, lr=SGD_LEARNING_RATE)
+    if name == "none":
+        return None
+    raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def parse_server_options(parser: configargparse.ArgParser, argv: Optional[List[str]]) -> dict:
+    """Parse the options into keyword arguments of ``Server.create`` (exits with status 2 on misuse)."""
+    args = vars(parser.parse_args(argv))
+    args.pop("config", None)
+    if (args["num_experts"] is None) == (args["expert_uids"] is None):
+        parser.error("give exactly one of --num_experts (optionally with --expert_pattern) and --expert_uids")
+    if args["expert_uids"] is not None and args["expert_pattern"] is not None:
+        parser.error("--expert_pattern generates uids for --num_experts; it cannot be combined with --expert_uids")
+    args["optim_cls"] = make_optimizer_factory(args.pop("optimizer"))
+    args["compression"] = CompressionType.Value(args["compression"])
+    if not args.pop("increase_file_limit"):
+        return args
+    increase_file_limit()
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    use_hivemind_log_handler("in_root_logger")  # everything goes to stderr through the root logger
+    server_options = parse_server_options(make_parser(), argv)
+
+    from hivemind.moe.server import Server  # imported late: --help stays fast
+
+    exit_event = threading.Event()
+
+    def on_signal(signal_number: int, _frame) -> None:
+        logger.info(f"Caught signal {signal_number} ({signal.strsignal(signal_number)}), shutting down")
+        exit_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server = Server.create(**server_options, start=True)
+    try:
+        while not exit_event.wait(1.0):
+            if not server.is_alive():
+                logger.error("The server stopped on its own; exiting")
+                return 1
+    finally:
+        server.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

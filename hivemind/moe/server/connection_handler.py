@@ -207,13 +207,21 @@ class ConnectionHandler(mp.Process, ServicerBase):
     def _check_forward(self, schema: ExpertSchema, serialized: Sequence[runtime_pb2.Tensor]):
         what = f"forward of {schema.uid}"
         inputs = decode_tensors(serialized, schema.inputs, what)
-        check_batch(inputs, schema.inputs, schema.max_batch_size, what)
+        backend_check = getattr(self.module_backends[schema.uid], "check_forward_inputs", None)
+        if backend_check is not None:  # the ModuleBackend's own check (same rules, its own wording)
+            backend_check(inputs)
+        else:
+            check_batch(inputs, schema.inputs, schema.max_batch_size, what)
         return inputs
 
     def _check_backward(self, schema: ExpertSchema, serialized: Sequence[runtime_pb2.Tensor]):
         what = f"backward of {schema.uid} (inputs, then gradients of the outputs)"
         inputs = decode_tensors(serialized, schema.backward_inputs, what)
-        check_batch(inputs, schema.backward_inputs, schema.max_batch_size, what)
+        backend_check = getattr(self.module_backends[schema.uid], "check_backward_inputs", None)
+        if backend_check is not None:
+            backend_check(inputs)
+        else:
+            check_batch(inputs, schema.backward_inputs, schema.max_batch_size, what)
         return inputs
 
     @staticmethod
