@@ -51,6 +51,7 @@ DEFAULT_MAX_QUEUE_WAIT = 10.0  # seconds a queued download waits for a slot befo
 DEFAULT_SEND_STALL_TIMEOUT = 60.0  # a downloader that takes no chunk for this long is dropped (its slot freed)
 DEFAULT_GET_STATE_TIMEOUT = 300.0  # seconds for get_current_state (e.g. a round trip to the user's process)
 RETRACT_TIMEOUT = 5.0  # seconds spent at shutdown on withdrawing the declaration
+_UNCOMPRESSED = NoCompression()  # for tensors that state_compression cannot encode (e.g. integers with float16)
 
 
 def all_averagers_key(prefix: str) -> str:
@@ -307,7 +308,12 @@ class StateSharing:
         logger.info(f"Sent our state to {context.remote_id}: {len(tensors)} tensors, {sent_bytes} bytes")
 
     def _compress(self, tensor: torch.Tensor, info: CompressionInfo):
-        return self.state_compression.compress(tensor.detach().cpu(), info, allow_inplace=False)
+        tensor = tensor.detach().cpu()
+        try:
+            return self.state_compression.compress(tensor, info, allow_inplace=False)
+        except (ValueError, TypeError, AssertionError) as e:  # e.g. a float16 codec given an integer tensor
+            logger.debug(f"Sending state tensor {info.key} ({tensor.dtype}) uncompressed: {e}")
+            return _UNCOMPRESSED.compress(tensor, info, allow_inplace=False)
 
 
 async def _with_stall_watchdog(
