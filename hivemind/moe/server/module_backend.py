@@ -1,0 +1,269 @@
+"""ModuleBackend: one hosted expert — its module, schemas, optimizer and the two task pools that feed it."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from hivemind.moe.server.task_pool import TaskPool
+from hivemind.utils.logging import get_logger
+from hivemind.utils.nested import nested_flatten, nested_map, nested_pack
+from hivemind.utils.tensor_descr import DUMMY_BATCH_SIZE, BatchTensorDescriptor
+
+__all__ = ["ModuleBackend", "InvalidInputsError", "check_inputs"]
+
+logger = get_logger(__name__)
+
+
+class InvalidInputsError(ValueError):
+    """Tensors of a request that do not match the expert's schema; the message names the problem."""
+
+
+def check_inputs(
+    tensors: Sequence[Any], schema: Sequence[BatchTensorDescriptor], max_batch_size: int, what: str = "request"
+) -> int:
+    """Check one request's flat tensors against flat descriptors; return its batch size.
+
+    Checks, in order: the number of tensors, that each is a dense tensor with the descriptor's dtype and per-example
+    shape, that all share one batch size, and that the batch size is within ``[1, max_batch_size]``.
+    :raises InvalidInputsError: naming the first problem found
+    """
+    if len(tensors) != len(schema):
+        raise InvalidInputsError(f"{what} expects {len(schema)} tensors, got {len(tensors)}")
+    batch_size = None
+    for index, (tensor, descriptor) in enumerate(zip(tensors, schema)):
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidInputsError(f"{what}: input #{index} is a {type(tensor).__name__}, not a tensor")
+        if tensor.layout != torch.strided:
+            raise InvalidInputsError(f"{what}: input #{index} has layout {tensor.layout}, expected a dense tensor")
+        expected_shape = tuple(descriptor.shape[1:])
+        if tensor.ndim != len(expected_shape) + 1 or tuple(tensor.shape[1:]) != expected_shape:
+            expected = ", ".join(["batch_size", *map(str, expected_shape)])
+            raise InvalidInputsError(f"{what}: input #{index} has shape {list(tensor.shape)}, expected [{expected}]")
+        if descriptor.dtype is not None and tensor.dtype != descriptor.dtype:
+            raise InvalidInputsError(f"{what}: input #{index} has dtype {tensor.dtype}, expected {descriptor.dtype}")
+        if batch_size is None:
+            batch_size = tensor.shape[0]
+        elif tensor.shape[0] != batch_size:
+            raise InvalidInputsError(
+                f"{what}: input #{index} has batch size {tensor.shape[0]}, but input #0 has {batch_size}"
+            )
+    if not batch_size:
+        raise InvalidInputsError(f"{what}: the batch is empty (batch size 0); send at least one example")
+    if batch_size > max_batch_size:
+        raise InvalidInputsError(
+            f"{what}: batch size {batch_size} exceeds max_batch_size={max_batch_size}; split it into smaller batches"
+        )
+    return batch_size
+
+
+class ModuleBackend:
+    """
+    Hosts one expert: runs forward and backward passes over batches and trains the module on every backward.
+
+    All inputs and outputs of the module are batch-first tensors. Flat inputs are the positional arguments in order,
+    then keyword arguments by sorted name; outputs are flattened the same way.
+
+    :param name: the expert uid (also the prefix of the pool names)
+    :param module: the nn.Module to host (on the device where it will run)
+    :param optimizer: stepped (then zeroed) after each backward batch; None = the module is not trained
+    :param scheduler: stepped after the optimizer; requires an optimizer
+    :param args_schema: BatchTensorDescriptors of positional inputs
+    :param kwargs_schema: {name: BatchTensorDescriptor} of keyword inputs (at least one of the two schemas is needed)
+    :param outputs_schema: descriptor(s) of the outputs; by default found by running the module on a dummy batch of
+      DUMMY_BATCH_SIZE examples (recorded as CPU tensors, with the inputs' compression if they all share one)
+    :param kwargs: for both TaskPools: max_batch_size (required), min_batch_size, timeout, pool_size, prefetch_batches
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        *,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler: Optional[Any] = None,
+        args_schema: Optional[Tuple[BatchTensorDescriptor, ...]] = None,
+        kwargs_schema: Optional[Dict[str, BatchTensorDescriptor]] = None,
+        outputs_schema: Union[BatchTensorDescriptor, Sequence[BatchTensorDescriptor], None] = None,
+        **kwargs,
+    ):
+        if args_schema is None and kwargs_schema is None:
+            raise ValueError(f"{name}: give args_schema and/or kwargs_schema (descriptors of the module's inputs)")
+        if scheduler is not None and optimizer is None:
+            raise ValueError(f"{name}: a scheduler was given without an optimizer; pass the optimizer it schedules")
+        if "max_batch_size" not in kwargs:
+            raise TypeError(f"{name}: max_batch_size is required (the largest batch the expert may process)")
+        self.name, self.module, self.optimizer, self.scheduler = name, module, optimizer, scheduler
+        self.args_schema = tuple(args_schema or ())
+        self.kwargs_schema = dict(kwargs_schema or {})
+        self.forward_schema = (self.args_schema, self.kwargs_schema)
+        self._flat_inputs_schema = tuple(nested_flatten(self.forward_schema))
+        if outputs_schema is None:
+            outputs_schema = self._infer_outputs_schema()
+        self.outputs_schema = outputs_schema
+        self._flat_outputs_schema = tuple(nested_flatten(self.outputs_schema))
+        self.grad_inputs_schema = self.forward_schema
+        self.backward_schema = (self.forward_schema, self.outputs_schema)
+        self._update_lock = threading.RLock()  # parameters / optimizer state change only under it
+
+        self.forward_pool = TaskPool(self.forward, name=f"{self.name}_forward", **kwargs)
+        self.backward_pool = TaskPool(self.backward, name=f"{self.name}_backward", **kwargs)
+
+    def _module_device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        for tensor in self.module.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def _infer_outputs_schema(self):
+        device = self._module_device()
+        dummy_args = tuple(d.make_zeros(DUMMY_BATCH_SIZE, device=device) for d in self.args_schema)
+        dummy_kwargs = {key: d.make_zeros(DUMMY_BATCH_SIZE, device=device) for key, d in self.kwargs_schema.items()}
+        with torch.no_grad():
+            dummy_outputs = self.module(*dummy_args, **dummy_kwargs)
+        floating = [d for d in self._flat_inputs_schema if d.dtype is None or d.dtype.is_floating_point]
+        compressions = {d.compression for d in floating}
+        compression = compressions.pop() if len(compressions) == 1 else None
+        extra = {} if compression is None else {"compression": compression}
+        return nested_map(lambda t: BatchTensorDescriptor.from_tensor(t.detach().cpu(), **extra), dummy_outputs)
+
+    # ------------------------------------------------------------------ request checks
+
+    def check_forward_inputs(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Check the flat inputs of one forward request (before it becomes a task); returns the batch size."""
+        max_batch_size = self.forward_pool.max_batch_size
+        return check_inputs(tensors, self._flat_inputs_schema, max_batch_size, f"{self.name} forward")
+
+    def check_backward_inputs(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Check the flat inputs of one backward request: forward inputs, then gradients of every output."""
+        schema = (*self._flat_inputs_schema, *self._flat_outputs_schema)
+        what = f"{self.name} backward (inputs, then gradients of the outputs)"
+        return check_inputs(tensors, schema, self.backward_pool.max_batch_size, what)
+
+    # ------------------------------------------------------------------ computation (called by the Runtime)
+
+    def _split_inputs(self, flat_inputs: Sequence[torch.Tensor]):
+        args, kwargs = nested_pack(flat_inputs, structure=self.forward_schema)
+        return args, kwargs
+
+    def forward(self, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Apply the module to a batch without tracking gradients; returns the flat outputs."""
+        if not inputs or inputs[0].ndim == 0 or inputs[0].shape[0] == 0:
+            raise RuntimeError(f"{self.name}: forward got an empty batch")
+        args, kwargs = self._split_inputs(inputs)
+        with torch.no_grad():
+            outputs = self.module(*args, **kwargs)
+        flat_outputs = tuple(nested_flatten(outputs))
+        if len(flat_outputs) != len(self._flat_outputs_schema):
+            raise RuntimeError(
+                f"{self.name}: the module returned {len(flat_outputs)} outputs, outputs_schema describes "
+                f"{len(self._flat_outputs_schema)}"
+            )
+        return flat_outputs
+
+    def backward(self, *inputs_and_grads: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Recompute the forward pass with gradients, backpropagate the given output gradients and train.
+
+        :param inputs_and_grads: flat inputs followed by the gradients of the flat outputs
+        :returns: gradients of every flat input (zeros for inputs that got none, e.g. integer masks)
+        """
+        num_inputs, num_outputs = len(self._flat_inputs_schema), len(self._flat_outputs_schema)
+        if len(inputs_and_grads) != num_inputs + num_outputs:
+            raise RuntimeError(
+                f"{self.name}: backward expects {num_inputs} inputs and {num_outputs} output gradients, "
+                f"got {len(inputs_and_grads)} tensors"
+            )
+        inputs = [
+            tensor.detach().requires_grad_(tensor.is_floating_point() or tensor.is_complex())
+            for tensor in inputs_and_grads[:num_inputs]
+        ]
+        grad_outputs = inputs_and_grads[num_inputs:]
+        if not inputs or inputs[0].ndim == 0 or inputs[0].shape[0] == 0:
+            raise RuntimeError(f"{self.name}: backward got an empty batch")
+        batch_size = inputs[0].shape[0]
+        args, kwargs = self._split_inputs(inputs)
+        with self._update_lock:
+            with torch.enable_grad():
+                outputs = tuple(nested_flatten(self.module(*args, **kwargs)))
+                if len(outputs) != num_outputs:
+                    raise RuntimeError(f"{self.name}: the module returned {len(outputs)} outputs, not {num_outputs}")
+                pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if out.requires_grad]
+                if pairs:
+                    torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
+            grads = tuple(
+                tensor.grad if tensor.grad is not None else torch.zeros_like(tensor).detach() for tensor in inputs
+            )
+            self.on_backward(batch_size)
+        return grads
+
+    def on_backward(self, batch_size: int) -> None:
+        """Train after a backward batch: optimizer step and zero_grad, then scheduler step."""
+        with self._update_lock:
+            if self.optimizer is not None:
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+            else:
+                self.module.zero_grad(set_to_none=True)  # untrained: do not let gradients accumulate
+
+    # ------------------------------------------------------------------ info and state
+
+    def get_info(self) -> Dict[str, Any]:
+        """What clients need to call this expert (sent by rpc_info)."""
+        return dict(
+            forward_schema=self.forward_schema,
+            outputs_schema=self.outputs_schema,
+            keyword_names=tuple(self.kwargs_schema.keys()),
+        )
+
+    def get_pools(self) -> Sequence[TaskPool]:
+        """The pools the Runtime serves for this expert."""
+        return self.forward_pool, self.backward_pool
+
+    def state_dict(self) -> Dict[str, Any]:
+        """A consistent snapshot (copies) of module, optimizer and scheduler state, taken between training steps."""
+        with self._update_lock:
+            state = dict(module=self.module.state_dict())
+            if self.optimizer is not None:
+                state["optimizer"] = self.optimizer.state_dict()
+            if self.scheduler is not None:
+                state["scheduler"] = self.scheduler.state_dict()
+            return _clone_tensors(state)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore what state_dict saved (the optimizer / scheduler parts only where this backend has them)."""
+        with self._update_lock:
+            self.module.load_state_dict(state_dict["module"])
+            if self.optimizer is not None and "optimizer" in state_dict:
+                self.optimizer.load_state_dict(state_dict["optimizer"])
+            if self.scheduler is not None and "scheduler" in state_dict:
+                self.scheduler.load_state_dict(state_dict["scheduler"])
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_update_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._update_lock = threading.RLock()
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        copy = type(value)((key, _clone_tensors(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):  # module state dicts carry per-module versions used when loading
+            copy._metadata = value._metadata
+        return copy
+    if isinstance(value, list):
+        return [_clone_tensors(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_clone_tensors(item) for item in value)
+    return value

@@ -1,0 +1,181 @@
+"""Runtime: the thread that runs the experts' batches on the device, oldest waiting work first.
+
+It serves the task pools of every ModuleBackend it was given. Among the pools with a batch ready it takes the one
+with the smallest ``priority`` (the arrival time of its oldest ready work), runs ``pool.process_func`` on the batch
+and hands the outputs back to the pool, which splits them per task. A batch whose computation raises fails only its
+own tasks, with that error; the runtime goes on with the next batch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import selectors
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from hivemind.utils.logging import get_logger
+
+__all__ = ["Runtime"]
+
+logger = get_logger(__name__)
+
+_SELECT_INTERVAL = 1.0  # seconds between checks of the shutdown flag while idle (a wake-up pipe also ends waits)
+
+
+class Runtime(threading.Thread):
+    """
+    Runs the batches of all pools of ``module_backends`` in one thread, fullest-waiting / oldest first.
+
+    Call ``run()`` in the current thread or ``start()`` it in the background; ``ready`` is set while it serves.
+
+    :param module_backends: {uid: ModuleBackend}; their ``get_pools()`` are served
+    :param prefetch_batches: kept for compatibility; each pool forms up to its own ``prefetch_batches`` ahead
+    :param sender_threads: threads that hand outputs back to the pools (splitting them per task, copying them to
+      the CPU), so that the next batch starts meanwhile
+    :param device: if given, modules are moved there at start and every batch is moved there before processing
+    :param stats_report_interval: if given, log throughput per pool every this many seconds
+    """
+
+    def __init__(
+        self,
+        module_backends: Dict[str, object],
+        prefetch_batches: int = 64,
+        sender_threads: int = 1,
+        device: Optional[torch.device] = None,
+        stats_report_interval: Optional[float] = None,
+    ):
+        super().__init__(name="Runtime", daemon=True)
+        if sender_threads < 1:
+            raise ValueError(f"sender_threads must be at least 1, got {sender_threads}")
+        self.module_backends = module_backends
+        self.pools = tuple(chain(*(backend.get_pools() for backend in module_backends.values())))
+        self.prefetch_batches, self.sender_threads = prefetch_batches, sender_threads
+        self.device, self.stats_report_interval = device, stats_report_interval
+        self.ready = mp.Event()
+        self._shutdown_requested = threading.Event()
+        self._wake_receiver, self._wake_sender = mp.Pipe(duplex=False)
+        self.stats = _Stats()
+
+    def run(self):
+        """Serve batches until shutdown() (blocking)."""
+        pools: Sequence = self.pools
+        for pool in pools:
+            if not pool.is_alive():
+                pool.start()
+        if self.device is not None:
+            for backend in self.module_backends.values():
+                backend.module.to(self.device)
+
+        reporter = None
+        if self.stats_report_interval is not None:
+            reporter = threading.Thread(target=self._report_stats, name="Runtime.stats", daemon=True)
+            reporter.start()
+        senders = ThreadPoolExecutor(self.sender_threads, thread_name_prefix="Runtime.sender")
+        try:
+            with selectors.DefaultSelector() as selector:
+                for pool in pools:
+                    selector.register(pool.batch_receiver, selectors.EVENT_READ, pool)
+                selector.register(self._wake_receiver, selectors.EVENT_READ, None)
+                self.ready.set()
+                while not self._shutdown_requested.is_set():
+                    ready_pools = [key.data for key, _ in selector.select(_SELECT_INTERVAL) if key.data is not None]
+                    if self._shutdown_requested.is_set():
+                        break
+                    if ready_pools:
+                        self._process_one_batch(min(ready_pools, key=lambda pool: pool.priority), senders)
+        finally:
+            self.ready.clear()
+            senders.shutdown(wait=True)
+            self._shutdown_requested.set()
+            if reporter is not None:
+                reporter.join()
+
+    def _process_one_batch(self, pool, senders: ThreadPoolExecutor) -> None:
+        try:
+            batch_index, batch = pool.load_batch_to_runtime(timeout=None, device=self.device)
+        except Exception as e:
+            logger.warning(f"Runtime: could not load a batch from {pool.name}: {e!r}")
+            return
+        batch_size = len(batch[0]) if batch and batch[0].ndim > 0 else 0
+        started = time.perf_counter()
+        try:
+            outputs = pool.process_func(*batch)
+        except Exception as e:
+            logger.warning(f"Runtime: a batch of {batch_size} examples failed in {pool.name}: {e!r}")
+            logger.debug("Details:", exc_info=True)
+            pool.send_exception_from_runtime(batch_index, e)
+            return
+        except BaseException as e:
+            pool.send_exception_from_runtime(batch_index, RuntimeError(f"the server stopped: {e!r}"))
+            raise
+        self.stats.record(pool.name, batch_size, time.perf_counter() - started)
+        senders.submit(_send_outputs, pool, batch_index, outputs)
+
+    def shutdown(self, timeout: Optional[float] = None):
+        """Stop serving (after the batch being processed), stop the pools and wait for the thread."""
+        self._shutdown_requested.set()
+        try:
+            self._wake_sender.send_bytes(b"")
+        except OSError:
+            pass
+        for pool in self.pools:
+            pool.shutdown()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+        self.ready.clear()
+
+    def _report_stats(self):
+        while not self._shutdown_requested.wait(self.stats_report_interval):
+            for line in self.stats.report_and_reset():
+                logger.info(line)
+
+
+def _send_outputs(pool, batch_index: int, outputs) -> None:
+    try:
+        pool.send_outputs_from_runtime(batch_index, outputs)
+    except Exception as e:
+        logger.warning(f"Runtime: could not hand the outputs of a batch back to {pool.name}: {e!r}")
+        try:
+            pool.send_exception_from_runtime(batch_index, e)
+        except Exception:
+            pass
+
+
+class _Stats:
+    """Batches, examples and processing time per pool since the last report."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.batches, self.examples, self.seconds = defaultdict(int), defaultdict(int), defaultdict(float)
+        self.since = time.perf_counter()
+
+    def record(self, pool_name: str, batch_size: int, seconds: float) -> None:
+        with self.lock:
+            self.batches[pool_name] += 1
+            self.examples[pool_name] += batch_size
+            self.seconds[pool_name] += seconds
+
+    def report_and_reset(self):
+        with self.lock:
+            elapsed = max(time.perf_counter() - self.since, 1e-9)
+            lines = []
+            for name in sorted(self.batches):
+                batches, examples, busy = self.batches[name], self.examples[name], self.seconds[name]
+                lines.append(
+                    f"{name}: {batches} batches, {examples} examples (mean batch {examples / batches:.1f}) in "
+                    f"{elapsed:.1f} s: {examples / elapsed:.1f} examples/s, {busy / elapsed:.0%} busy, "
+                    f"{examples / max(busy, 1e-9):.1f} examples/s while computing"
+                )
+            if not lines:
+                lines.append(f"Runtime: no batches processed in the last {elapsed:.1f} s")
+            self.batches.clear()
+            self.examples.clear()
+            self.seconds.clear()
+            self.since = time.perf_counter()
+            return lines

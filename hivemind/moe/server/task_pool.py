@@ -1,0 +1,441 @@
+"""TaskPool: gathers tasks (tuples of batch-first tensors) from many callers into batches for the Runtime.
+
+Where things run. A pool is a thread of the process that created it, the *owner*, which is where the Runtime
+computes. ``submit_task(*tensors)`` works from any process and always returns an MPFuture created in the calling
+process, so the caller can ``await`` it (or ``asyncio.wrap_future`` it) in its own event loop:
+- in the owner process (connection handlers running as threads or asyncio tasks there) the task is queued directly:
+  no copy, no pickling;
+- in another process (a handler forked from the owner, or one that received the pool by pickling under spawn) the
+  tensors travel over a local socket to the owner, one copy each way (see task_pool_ipc.py).
+
+Batching. The pool thread forms batches ahead of the Runtime (at most ``prefetch_batches`` waiting) from the oldest
+tasks first: a batch holds whole tasks, at most ``max_batch_size`` examples, and only tasks whose tensors have the
+same count, dtypes and per-example shapes as the first one (a task that does not fit starts the next batch instead,
+so it can never break the concatenation of others). It waits for ``min_batch_size`` examples, or ``timeout`` seconds
+after the oldest task arrived if ``timeout`` is set. Outputs of a batch are split back along the first dimension.
+
+Refused at once (the future holds the error, nothing is queued): a task without tensors, an empty task (batch size
+0), tensors with different batch sizes, a task over ``max_batch_size`` and, when ``pool_size`` is set, a task that
+finds that many tasks already waiting. A task whose future was cancelled before its batch was formed (its client went
+away) is dropped. Shutting a pool down fails every task it still holds.
+
+Runtime protocol (also what petals' pools offer): ``batch_receiver`` is readable while a batch is ready,
+``priority`` is the arrival time of the oldest ready batch (smaller goes first), ``load_batch_to_runtime``,
+``send_outputs_from_runtime``, ``send_exception_from_runtime``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import math
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hivemind.moe.server.task_pool_ipc import (
+    PoolEndpoint,
+    get_local_pool,
+    register_pool,
+    submit_remote_task,
+    unregister_pool,
+)
+from hivemind.utils.logging import get_logger
+from hivemind.utils.mpfuture import MPFuture
+
+__all__ = ["TaskPoolBase", "TaskPool", "TaskRejectedError"]
+
+logger = get_logger(__name__)
+
+
+class TaskRejectedError(ValueError):
+    """A task that a pool cannot take as it is (empty, too large, inconsistent batch sizes, pool full)."""
+
+
+class TaskPoolBase(threading.Thread):
+    """What the Runtime expects of a pool; see TaskPool for the batching one."""
+
+    def __init__(self, process_func: Callable[..., Any], daemon: bool = True, **kwargs):
+        super().__init__(daemon=daemon, **kwargs)
+        self.process_func = process_func
+
+    def submit_task(self, *tensors: torch.Tensor) -> MPFuture:
+        raise NotImplementedError()
+
+    def load_batch_to_runtime(self, timeout: Optional[float] = None, device: Optional[torch.device] = None):
+        raise NotImplementedError()
+
+    def send_outputs_from_runtime(self, batch_index: int, batch_outputs: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError()
+
+    def send_exception_from_runtime(self, batch_index: int, exception: BaseException) -> None:
+        raise NotImplementedError()
+
+    @property
+    def empty(self) -> bool:
+        raise NotImplementedError()
+
+    @property
+    def priority(self) -> float:
+        raise NotImplementedError()
+
+
+@dataclass
+class _Task:
+    future: concurrent.futures.Future
+    tensors: Sequence[torch.Tensor]
+    size: int
+    signature: tuple
+    arrival_time: float
+
+
+@dataclass
+class _Batch:
+    index: int
+    tasks: List[_Task]
+    inputs: Sequence[torch.Tensor]
+    size: int
+    arrival_time: float
+
+
+class TaskPool(TaskPoolBase):
+    """
+    Batches tasks for one function (e.g. one expert's forward) and returns each task's share of the outputs.
+
+    :param process_func: called by the Runtime with the batched tensors; returns a tensor or a sequence of tensors,
+      each with the batch as its first dimension
+    :param max_batch_size: at most this many examples per batch; a larger task is refused
+    :param name: pool name (thread name, logs)
+    :param min_batch_size: wait for at least this many examples before forming a batch
+    :param timeout: if set, form a batch anyway this many seconds after its oldest task arrived
+    :param pool_size: if set, refuse new tasks while this many are waiting
+    :param prefetch_batches: how many formed batches may wait for the Runtime
+    :param daemon: the pool thread is a daemon thread
+    :param start: start the pool thread now (the Runtime otherwise starts it)
+    """
+
+    def __init__(
+        self,
+        process_func: Callable[..., Any],
+        max_batch_size: int,
+        name: str,
+        min_batch_size: int = 1,
+        timeout: Optional[float] = None,
+        pool_size: Optional[int] = None,
+        prefetch_batches: int = 1,
+        daemon: bool = True,
+        start: bool = False,
+    ):
+        super().__init__(process_func, daemon=daemon, name=name)
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if not 1 <= min_batch_size <= max_batch_size:
+            raise ValueError(f"min_batch_size must be in [1, max_batch_size={max_batch_size}], got {min_batch_size}")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be non-negative or None, got {timeout}")
+        if pool_size is not None and pool_size < 1:
+            raise ValueError(f"pool_size must be positive or None, got {pool_size}")
+        if prefetch_batches < 1:
+            raise ValueError(f"prefetch_batches must be at least 1, got {prefetch_batches}")
+        self.max_batch_size, self.min_batch_size, self.timeout = max_batch_size, min_batch_size, timeout
+        self.pool_size, self.prefetch_batches = pool_size, prefetch_batches
+        self._owner_pid = os.getpid()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pending: Deque[_Task] = deque()
+        self._pending_examples = 0
+        self._ready: Deque[_Batch] = deque()
+        self._in_flight: Dict[int, _Batch] = {}
+        self._batch_indices = itertools.count()
+        self._closed = False
+        self.batch_receiver, self._batch_sender = mp.Pipe(duplex=False)  # one message per ready batch
+        self._endpoint: PoolEndpoint = register_pool(self)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ submitting (any process)
+
+    def submit_task(self, *tensors: torch.Tensor) -> MPFuture:
+        """Queue one task; the future gets a tuple with this task's rows of every output (or the error)."""
+        future = MPFuture()
+        try:
+            size = self._check_task(tensors)
+        except TaskRejectedError as e:
+            future.set_exception(e)
+            return future
+        if os.getpid() == self._owner_pid:
+            self._enqueue(future, tensors, size)
+        else:
+            submit_remote_task(self._endpoint, future, tensors)
+        return future
+
+    def get_task_size(self, tensors: Sequence[torch.Tensor]) -> int:
+        """The number of examples in a task: the length of its first tensor."""
+        return len(tensors[0]) if tensors and tensors[0].ndim > 0 else 0
+
+    def _check_task(self, tensors: Sequence[torch.Tensor]) -> int:
+        if not tensors:
+            raise TaskRejectedError(f"{self.name}: a task needs at least one tensor, got none")
+        for index, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TaskRejectedError(f"{self.name}: task input #{index} is a {type(tensor).__name__}, not a tensor")
+            if tensor.ndim == 0:
+                raise TaskRejectedError(f"{self.name}: task input #{index} is a scalar; inputs must be batch-first")
+            if tensor.layout != torch.strided:
+                raise TaskRejectedError(f"{self.name}: task input #{index} has layout {tensor.layout}, expected dense")
+        size = self.get_task_size(tensors)
+        if size == 0:
+            raise TaskRejectedError(f"{self.name}: the task is empty (batch size 0); send at least one example")
+        sizes = [len(tensor) for tensor in tensors]
+        if any(other != size for other in sizes):
+            raise TaskRejectedError(f"{self.name}: task inputs have different batch sizes {sizes}")
+        if size > self.max_batch_size:
+            raise TaskRejectedError(
+                f"{self.name}: the task has {size} examples, over max_batch_size={self.max_batch_size}; split it"
+            )
+        return size
+
+    def _accept_task(self, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor]) -> None:
+        """A task that arrived from another process (called by the hub in the owner process)."""
+        try:
+            size = self._check_task(tensors)
+        except TaskRejectedError as e:
+            future.set_exception(e)
+            return
+        self._enqueue(future, tensors, size)
+
+    def _enqueue(self, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor], size: int) -> None:
+        signature = tuple((tensor.dtype, tuple(tensor.shape[1:]), tensor.device) for tensor in tensors)
+        task = _Task(future, tuple(tensors), size, signature, time.monotonic())
+        error = None
+        with self._lock:
+            if self._closed:
+                error = RuntimeError(f"{self.name}: the task pool is shut down")
+            elif self.pool_size is not None and len(self._pending) >= self.pool_size:
+                error = RuntimeError(f"{self.name}: {self.pool_size} tasks are already waiting; try again later")
+            else:
+                self._pending.append(task)
+                self._pending_examples += size
+                self._changed.notify()
+        if error is not None:
+            _fail(future, error)
+
+    # ------------------------------------------------------------------ forming batches (pool thread)
+
+    def run(self):
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(f"{self.name}: a task pool can only run in the process that created it")
+        while True:
+            tasks = self._take_tasks()
+            if tasks is None:
+                return
+            if tasks:
+                self._form_batch(tasks)
+
+    def _batch_is_due(self, now: float) -> bool:
+        if self._pending_examples >= self.min_batch_size:
+            return True
+        return self.timeout is not None and now >= self._pending[0].arrival_time + self.timeout
+
+    def _take_tasks(self) -> Optional[List[_Task]]:
+        """Wait until a batch is due and there is room for it; take its tasks (None after shutdown)."""
+        with self._lock:
+            while True:
+                if self._closed:
+                    return None
+                now = time.monotonic()
+                if self._pending and len(self._ready) < self.prefetch_batches and self._batch_is_due(now):
+                    break
+                wait_for = None
+                if self._pending and len(self._ready) < self.prefetch_batches and self.timeout is not None:
+                    wait_for = max(0.0, self._pending[0].arrival_time + self.timeout - now)
+                self._changed.wait(wait_for)
+
+            tasks, examples, signature = [], 0, None
+            while self._pending:
+                task = self._pending[0]
+                if task.future.cancelled():
+                    self._pop_pending()
+                    continue
+                if signature is not None and (
+                    task.signature != signature or examples + task.size > self.max_batch_size
+                ):
+                    break
+                self._pop_pending()
+                if not task.future.set_running_or_notify_cancel():
+                    continue  # cancelled just now
+                signature = task.signature
+                tasks.append(task)
+                examples += task.size
+            return tasks
+
+    def _pop_pending(self) -> None:
+        task = self._pending.popleft()
+        self._pending_examples -= task.size
+
+    def _form_batch(self, tasks: List[_Task]) -> None:
+        try:
+            if len(tasks) == 1:
+                inputs = tasks[0].tensors
+            else:
+                inputs = [torch.cat(parts) for parts in zip(*(task.tensors for task in tasks))]
+        except Exception as e:  # should not happen: all tasks have the same signature
+            logger.warning(f"{self.name}: could not concatenate {len(tasks)} tasks: {e!r}")
+            for task in tasks:
+                _fail(task.future, e)
+            return
+        batch = _Batch(
+            next(self._batch_indices), tasks, inputs, sum(task.size for task in tasks), tasks[0].arrival_time
+        )
+        with self._lock:
+            if self._closed:
+                _fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool is shut down"))
+                return
+            self._ready.append(batch)
+            self._batch_sender.send_bytes(b"")
+
+    # ------------------------------------------------------------------ Runtime side (owner process)
+
+    @property
+    def empty(self) -> bool:
+        """True if no batch is ready for the Runtime."""
+        return not self.batch_receiver.poll()
+
+    @property
+    def priority(self) -> float:
+        """Arrival time of the oldest task of the oldest ready batch (the Runtime serves the smallest first)."""
+        try:
+            return self._ready[0].arrival_time
+        except IndexError:
+            return math.inf
+
+    def load_batch_to_runtime(
+        self, timeout: Optional[float] = None, device: Optional[torch.device] = None
+    ) -> Tuple[int, Sequence[torch.Tensor]]:
+        """Take the next ready batch: ``(batch_index, inputs)``; inputs are moved to ``device`` if given."""
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(f"{self.name}: batches can only be loaded in the process that created the pool")
+        if not self.batch_receiver.poll(timeout):
+            raise TimeoutError(f"{self.name}: no batch became ready within {timeout} s")
+        self.batch_receiver.recv_bytes()
+        with self._lock:
+            batch = self._ready.popleft()
+            self._in_flight[batch.index] = batch
+            self._changed.notify()  # room for the next batch
+        inputs = batch.inputs
+        if device is not None:
+            inputs = [tensor.to(device, non_blocking=True) for tensor in inputs]
+        return batch.index, inputs
+
+    def send_outputs_from_runtime(self, batch_index: int, batch_outputs: Any) -> None:
+        """Split the outputs of a batch along the first dimension and complete each task with its rows."""
+        with self._lock:
+            batch = self._in_flight.pop(batch_index, None)
+        if batch is None:
+            logger.debug(f"{self.name}: outputs for unknown batch {batch_index} (pool shut down?)")
+            return
+        outputs = (batch_outputs,) if isinstance(batch_outputs, torch.Tensor) else tuple(batch_outputs)
+        for index, output in enumerate(outputs):
+            if not isinstance(output, torch.Tensor) or output.ndim == 0 or len(output) != batch.size:
+                shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                error = RuntimeError(
+                    f"{self.name}: output #{index} of the batch is {shape}, expected a tensor with the batch "
+                    f"({batch.size} examples) as its first dimension"
+                )
+                return _fail_tasks(batch.tasks, error)
+        outputs = tuple(
+            output.detach() if output.device.type == "cpu" else output.detach().cpu() for output in outputs
+        )
+        if len(batch.tasks) == 1:
+            return _complete(batch.tasks[0].future, outputs)
+        start = 0
+        for task in batch.tasks:
+            _complete(task.future, tuple(output[start : start + task.size] for output in outputs))
+            start += task.size
+
+    def send_exception_from_runtime(self, batch_index: int, exception: BaseException) -> None:
+        """Fail every task of a batch with ``exception``."""
+        with self._lock:
+            batch = self._in_flight.pop(batch_index, None)
+        if batch is None:
+            logger.debug(f"{self.name}: an error for unknown batch {batch_index} (pool shut down?): {exception!r}")
+            return
+        _fail_tasks(batch.tasks, exception)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop forming batches and fail every task still held (waiting, ready or being processed)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            tasks = list(self._pending) + [task for batch in self._ready for task in batch.tasks]
+            tasks += [task for batch in self._in_flight.values() for task in batch.tasks]
+            self._pending.clear()
+            self._ready.clear()
+            self._in_flight.clear()
+            self._pending_examples = 0
+            self._changed.notify_all()
+        if os.getpid() == self._owner_pid:
+            unregister_pool(self._endpoint)
+        _fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool was shut down before the task was processed"))
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    def terminate(self) -> None:
+        """Alias of shutdown (pools of the original were processes)."""
+        self.shutdown()
+
+    def __reduce__(self):
+        state = dict(
+            process_func=None,
+            max_batch_size=self.max_batch_size,
+            name=self.name,
+            min_batch_size=self.min_batch_size,
+            timeout=self.timeout,
+            pool_size=self.pool_size,
+            prefetch_batches=self.prefetch_batches,
+        )
+        return _restore_pool, (self._endpoint, state)
+
+    @classmethod
+    def _remote_handle(cls, endpoint: PoolEndpoint, state: Dict[str, Any]) -> TaskPool:
+        """A TaskPool object in another process that forwards ``submit_task`` to the owner."""
+        handle = cls.__new__(cls)
+        threading.Thread.__init__(handle, name=state["name"], daemon=True)
+        for key, value in state.items():
+            if key != "name":
+                setattr(handle, key, value)
+        handle._owner_pid, handle._endpoint, handle._closed = endpoint[3], endpoint, False
+        return handle
+
+
+def _restore_pool(endpoint: PoolEndpoint, state: Dict[str, Any]) -> TaskPool:
+    local = get_local_pool(endpoint)
+    return local if local is not None else TaskPool._remote_handle(endpoint, state)
+
+
+def _complete(future: concurrent.futures.Future, result: Any) -> None:
+    try:
+        future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled or failed by a shutdown meanwhile
+
+
+def _fail(future: concurrent.futures.Future, exception: BaseException) -> None:
+    try:
+        future.set_exception(exception)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _fail_tasks(tasks: Sequence[_Task], exception: BaseException) -> None:
+    for task in tasks:
+        _fail(task.future, exception)

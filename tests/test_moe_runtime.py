@@ -1,0 +1,136 @@
+"""Runtime: serves the pools of its backends, oldest ready work first, and survives failing batches."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.moe.server.runtime import Runtime, _Stats
+from hivemind.moe.server.task_pool import TaskPool
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+
+class FailOnNegative(nn.Module):
+    def forward(self, x):
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return x + 1
+
+
+class FakeBackend:
+    """Just the pools, for tests that look at scheduling only."""
+
+    def __init__(self, *pools):
+        self.pools = pools
+
+    def get_pools(self):
+        return self.pools
+
+
+@pytest.fixture
+def runtime_factory():
+    runtimes = []
+
+    def make(module_backends, **kwargs):
+        runtime = Runtime(module_backends, **kwargs)
+        runtimes.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in runtimes:
+        runtime.shutdown(timeout=10)
+
+
+def test_runtime_serves_forward_and_backward(runtime_factory):
+    module = nn.Linear(3, 2)
+    backend = ModuleBackend(
+        "expert.0",
+        module,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.5),
+        args_schema=(BatchTensorDescriptor(3),),
+        max_batch_size=8,
+    )
+    runtime = runtime_factory({"expert.0": backend})
+    runtime.start()
+    assert runtime.ready.wait(10)
+    x = torch.randn(4, 3)
+    expected = module(x).detach()
+    (output,) = backend.forward_pool.submit_task(x).result(timeout=10)
+    assert torch.allclose(output, expected)
+    weight = module.weight.detach().clone()
+    (grad,) = backend.backward_pool.submit_task(x, torch.ones(4, 2)).result(timeout=10)
+    assert grad.shape == (4, 3)
+    assert not torch.equal(module.weight, weight)  # trained on backward
+
+
+def test_failing_batch_fails_only_its_tasks_and_the_runtime_goes_on(runtime_factory):
+    backend = ModuleBackend("expert.0", FailOnNegative(), args_schema=(BatchTensorDescriptor(2),), max_batch_size=8)
+    runtime = runtime_factory({"expert.0": backend})
+    runtime.start()
+    assert runtime.ready.wait(10)
+    with pytest.raises(ValueError, match="negative input"):
+        backend.forward_pool.submit_task(-torch.ones(1, 2)).result(timeout=10)
+    assert runtime.is_alive()
+    (output,) = backend.forward_pool.submit_task(torch.ones(3, 2)).result(timeout=10)
+    assert torch.equal(output, torch.full((3, 2), 2.0))
+
+
+def test_oldest_ready_work_is_served_first(runtime_factory):
+    order = []
+    gate = threading.Event()
+
+    def make_func(name):
+        def process(x):
+            gate.wait(10)
+            order.append(name)
+            return x
+
+        return process
+
+    pools = {name: TaskPool(make_func(name), max_batch_size=4, name=name, start=True) for name in "abc"}
+    futures = [pools[name].submit_task(torch.ones(1, 1)) for name in "bca"]  # b is oldest, then c, then a
+    for pool in pools.values():
+        assert pool.batch_receiver.poll(5)  # every pool has its batch ready before the runtime looks
+    runtime = runtime_factory({"x": FakeBackend(*pools.values())})
+    runtime.start()
+    gate.set()
+    for future in futures:
+        future.result(timeout=10)
+    assert order == ["b", "c", "a"]
+
+
+def test_shutdown_stops_the_runtime_and_its_pools(runtime_factory):
+    backend = ModuleBackend("expert.0", nn.Identity(), args_schema=(BatchTensorDescriptor(2),), max_batch_size=8)
+    runtime = runtime_factory({"expert.0": backend})
+    runtime.start()
+    assert runtime.ready.wait(10)
+    runtime.shutdown(timeout=10)
+    assert not runtime.is_alive() and not runtime.ready.is_set()
+    assert not backend.forward_pool.is_alive() and not backend.backward_pool.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        backend.forward_pool.submit_task(torch.ones(1, 2)).result(timeout=5)
+
+
+def test_run_in_the_calling_thread_until_shutdown(runtime_factory):
+    backend = ModuleBackend("expert.0", nn.Identity(), args_schema=(BatchTensorDescriptor(2),), max_batch_size=8)
+    runtime = runtime_factory({"expert.0": backend})
+    caller = threading.Thread(target=runtime.run)
+    caller.start()
+    assert runtime.ready.wait(10)
+    (output,) = backend.forward_pool.submit_task(torch.ones(2, 2)).result(timeout=10)
+    assert torch.equal(output, torch.ones(2, 2))
+    runtime.shutdown()
+    caller.join(10)
+    assert not caller.is_alive()
+
+
+def test_stats_report_lines():
+    stats = _Stats()
+    stats.record("expert.0_forward", 32, 0.5)
+    stats.record("expert.0_forward", 16, 0.5)
+    (line,) = stats.report_and_reset()
+    assert line.startswith("expert.0_forward: 2 batches, 48 examples (mean batch 24.0)")
+    assert "48.0 examples/s while computing" in line
+    assert stats.report_and_reset()[0].startswith("Runtime: no batches processed")
