@@ -5,12 +5,12 @@ import asyncio
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import AsyncIterator, List, Optional
+from typing import AsyncIterator, List, Optional, Tuple
 
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException
 from hivemind.dht import DHT
-from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
@@ -83,6 +83,8 @@ class Swarm:
         min_group_size: int = 2,
         initial_group_bits: str = "",
     ) -> Peer:
+        if not self._dhts and client_mode:  # client-mode DHTs need a full node to bootstrap from
+            self._dhts.append(DHT(start=True, host_maddrs=LOCALHOST))
         initial_peers = self._dhts[0].get_visible_maddrs() if self._dhts else None
         dht = DHT(start=True, initial_peers=initial_peers, host_maddrs=LOCALHOST, client_mode=client_mode)
         self._dhts.append(dht)
@@ -157,6 +159,22 @@ def assert_consistent(peers: List[Peer], results: List[object]) -> None:
     for group in by_id.values():
         got_it = {peer.peer_id for peer, result in zip(peers, results) if result == group}
         assert set(group.peer_ids) == got_it
+
+
+def spy_on_declarations(peers: List[Peer]) -> List[Tuple[PeerID, str]]:
+    """Record ``(peer id, group key)`` for every declaration (looking_for_group=True) the peers make from now on."""
+    calls = []
+    for peer in peers:
+        key_manager = peer.matchmaking.group_key_manager
+        original = key_manager.declare_averager
+
+        async def declare_averager(group_key, peer_id, expiration_time, looking_for_group=True, _original=original):
+            if looking_for_group:
+                calls.append((peer_id, group_key))
+            return await _original(group_key, peer_id, expiration_time, looking_for_group)
+
+        key_manager.declare_averager = declare_averager
+    return calls
 
 
 def random_schema_hash() -> bytes:
