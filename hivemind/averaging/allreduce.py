@@ -1,0 +1,498 @@
+"""Butterfly all-reduce over p2p streams: each sender streams every reducer the parts it owns and gets back, for each
+part, the weighted average minus what it sent; a peer's own parts never leave the process.
+
+Faults never stop the round for the others: a reducer that fails or stalls leaves its parts at their local values
+(zero deltas), and a sender that fails, stalls or sends malformed parts is banned and excluded from the parts it had
+not delivered yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from enum import Enum
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
+
+import torch
+
+from hivemind.averaging.partition import (
+    AllreduceException,
+    BannedException,
+    PartSpec,
+    TensorPartContainer,
+    TensorPartReducer,
+)
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression.buffers import MessageBuffer, dtype_to_name
+from hivemind.compression.serialization import serialize_torch_tensor
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import anext, await_with_timeout
+from hivemind.utils.logging import get_logger
+
+__all__ = ["AveragingMode", "AllReduceRunner", "AllreduceException"]
+
+logger = get_logger(__name__)
+
+AveragingData = averaging_pb2.AveragingData
+MessageCode = averaging_pb2.MessageCode
+CompressionType = runtime_pb2.CompressionType
+# after its own results are in, a runner waits this long (at most) for its replies to other senders to go out
+DEFAULT_REPLY_LINGER = 30.0
+_CHEAP_WIRE_TYPES = (CompressionType.NONE, CompressionType.FLOAT16)
+_END = object()
+
+
+class AveragingMode(Enum):
+    """NODE: sends and reduces; CLIENT: sends, never reduces (no incoming connections); AUX: reduces only."""
+
+    NODE = 0
+    CLIENT = 1
+    AUX = 2
+
+
+class _Progress:
+    """When a stream to a reducer last moved (a part handed to the stream or a reply received)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self):
+        self.last = asyncio.get_running_loop().time()
+
+    def touch(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+
+class AllReduceRunner(ServicerBase):
+    """One all-reduce round of this peer in an assembled group: ``async for delta in runner`` yields, for each local
+    tensor in order, ``averaged - local`` (the caller adds it to its tensors); ``rpc_aggregate_part`` serves the
+    parts this peer reduces (the averager's handler passes the calls of this group to it).
+
+    :param p2p: this peer's P2P
+    :param servicer_type: the class whose handler name is called at the other peers (e.g. ``DecentralizedAverager``)
+    :param prefix: the handler namespace at the other peers (the averager's prefix)
+    :param group_id: the group's id, sent with the first part and checked by reducers
+    :param tensors: local CPU tensors (read, never modified)
+    :param weight: this peer's weight in the average (default 1, 0 for AUX peers)
+    :param ordered_peer_ids: the group members in the order everyone agreed on
+    :param peer_fractions: share of the vector reduced by each member, in the same order (e.g. element counts)
+    :param modes: AveragingMode per member (default: CLIENT for members with a zero share, NODE otherwise)
+    :param sender_timeout: seconds a reducer waits for a sender's first part (from the start of the round) and for
+        each next part; a sender that misses it is banned (None: wait indefinitely)
+    :param reducer_timeout: seconds a sender waits for progress of a reducer (a reply, or accepting another part)
+        before its remaining parts keep their local values; must exceed ``sender_timeout`` (None: indefinitely)
+    :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch (see TensorPartContainer)
+    """
+
+    def __init__(
+        self,
+        *,
+        p2p: P2P,
+        servicer_type: Type[ServicerBase],
+        prefix: Optional[str],
+        group_id: bytes,
+        tensors: Sequence[torch.Tensor],
+        weight: Optional[float] = None,
+        ordered_peer_ids: Sequence[PeerID],
+        peer_fractions: Sequence[float],
+        modes: Optional[Sequence[AveragingMode]] = None,
+        sender_timeout: Optional[float] = None,
+        reducer_timeout: Optional[float] = None,
+        **container_kwargs,
+    ):
+        self._p2p, self.peer_id = p2p, p2p.peer_id
+        self.servicer_type, self.prefix, self.group_id = servicer_type, prefix, bytes(group_id)
+        self.ordered_peer_ids = list(ordered_peer_ids)
+        if self.peer_id not in self.ordered_peer_ids:
+            raise ValueError(f"this peer ({self.peer_id}) is not in the group {self.ordered_peer_ids}")
+        if len(set(self.ordered_peer_ids)) != len(self.ordered_peer_ids):
+            raise ValueError("ordered_peer_ids contains duplicates")
+        if len(peer_fractions) != len(self.ordered_peer_ids):
+            raise ValueError(f"got {len(peer_fractions)} peer_fractions for {len(self.ordered_peer_ids)} peers")
+        if modes is None:
+            modes = [AveragingMode.CLIENT if fraction == 0 else AveragingMode.NODE for fraction in peer_fractions]
+        if len(modes) != len(self.ordered_peer_ids):
+            raise ValueError(f"got {len(modes)} modes for {len(self.ordered_peer_ids)} peers")
+        self.modes = [AveragingMode(mode) for mode in modes]
+        if sender_timeout is not None and reducer_timeout is not None and reducer_timeout <= sender_timeout:
+            raise ValueError(
+                f"reducer_timeout ({reducer_timeout} s) must be greater than sender_timeout ({sender_timeout} s): a "
+                "reducer waits up to sender_timeout for a slow sender before it can answer the others"
+            )
+        self.sender_timeout, self.reducer_timeout = sender_timeout, reducer_timeout
+        self.peer_fractions = [float(fraction) for fraction in peer_fractions]
+        self.my_index = self.ordered_peer_ids.index(self.peer_id)
+        self.my_mode = self.modes[self.my_index]
+        if weight is None:
+            weight = 0.0 if self.my_mode == AveragingMode.AUX else 1.0
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite non-negative number, got {weight}")
+        self.weight = weight
+
+        self.sender_peer_ids = [
+            peer for peer, mode in zip(self.ordered_peer_ids, self.modes) if mode != AveragingMode.AUX
+        ]
+        self.sender_index_of: Dict[PeerID, int] = {peer: i for i, peer in enumerate(self.sender_peer_ids)}
+        self.container = TensorPartContainer(tensors, self.peer_fractions, **container_kwargs)
+        self.reducer_indices = [i for i, count in enumerate(self.container.num_parts_by_peer) if count > 0]
+        self.my_parts: List[PartSpec] = self.container.parts_by_peer[self.my_index]
+        self.reducer: Optional[TensorPartReducer] = None
+        if self.my_parts:
+            self.reducer = TensorPartReducer(
+                [(part.numel,) for part in self.my_parts],
+                len(self.sender_peer_ids),
+                part_dtypes=[self.container.local_tensors[part.tensor_index].dtype for part in self.my_parts],
+            )
+        self._connected_senders: Set[int] = set()
+        if self.is_sender and self.reducer is not None:
+            self._connected_senders.add(self.sender_index_of[self.peer_id])  # our own parts arrive locally
+        self._handler_tasks: Set[asyncio.Task] = set()
+        self._started = self._finalized = self._cancelled = False
+        self._failed_reducers: Dict[PeerID, str] = {}
+        self._lost_parts = 0  # parts whose reducer failed before replying
+
+    @property
+    def is_sender(self) -> bool:
+        return self.my_mode != AveragingMode.AUX
+
+    @property
+    def group_size(self) -> int:
+        return len(self.ordered_peer_ids)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(group={self.group_id.hex()[:8]}, peer={self.peer_id}, size={self.group_size})"
+
+    def __aiter__(self) -> AsyncIterator[torch.Tensor]:
+        return self.run()
+
+    # ------------------------------------------------------------------ the round, from this peer's point of view
+
+    async def run(self) -> AsyncIterator[torch.Tensor]:
+        """Send our parts, reduce the parts we own, and yield one delta (averaged - local) per local tensor."""
+        if self._started:
+            raise RuntimeError(f"{self} can be iterated only once")
+        self._started = True
+        tasks: List[asyncio.Task] = []
+        try:
+            if self.reducer is not None and self.sender_timeout is not None:
+                tasks.append(asyncio.create_task(self._ban_senders_that_never_started()))
+            if self.is_sender:
+                for peer_index in self.reducer_indices:
+                    if peer_index == self.my_index:
+                        task = asyncio.create_task(self._reduce_own_parts())
+                    else:
+                        task = asyncio.create_task(self._communicate_with_reducer(peer_index))
+                    task.add_done_callback(self._fail_on_unexpected_error)
+                    tasks.append(task)
+                async for delta in self.container.iterate_output_tensors():
+                    yield delta
+            if self.reducer is not None:
+                await self.reducer.finished.wait()
+            self._log_outcome()
+            await self._let_replies_finish()
+            self.finalize()
+        except BaseException as e:
+            is_cancel = isinstance(e, (asyncio.CancelledError, GeneratorExit))
+            self.finalize(cancel=is_cancel, exception=None if is_cancel else e)
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in list(self._handler_tasks):
+                task.cancel()
+
+    def _fail_on_unexpected_error(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(f"{self}: internal error: {task.exception()!r}", exc_info=task.exception())
+            self.container.fail(task.exception())
+
+    def finalize(self, cancel: bool = False, exception: Optional[BaseException] = None) -> None:
+        """End the round: pending and future calls of the other peers are refused (CANCELLED if ``cancel``)."""
+        if self._finalized:
+            return
+        self._finalized, self._cancelled = True, cancel
+        failure = exception or AllreduceException(f"{self} was {'cancelled' if cancel else 'finalized'}")
+        if self.reducer is not None and not self.reducer.finished.is_set():
+            self.reducer.finalize(failure)
+        if cancel or exception is not None:
+            self.container.fail(failure)
+
+    async def _reduce_own_parts(self) -> None:
+        """Our own parts of the parts we reduce: submitted locally, deltas written straight into the output."""
+        sender_index = self.sender_index_of[self.peer_id]
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def submit() -> None:
+            for k, part in enumerate(self.my_parts):
+                local = self.container.input_part(part)
+                queue.put_nowait((part, local, await self.reducer.submit_part(sender_index, k, local, self.weight)))
+
+        submitting = asyncio.create_task(submit())
+        try:
+            for _ in self.my_parts:
+                part, local, future = await queue.get()
+                average = await future
+                output = self.container.output_part(part)
+                if average is None:
+                    output.zero_()
+                else:
+                    torch.sub(average, local, out=output)
+                self.container.mark_part_done(part)
+            await submitting
+        finally:
+            submitting.cancel()
+            await asyncio.gather(submitting, return_exceptions=True)
+
+    async def _communicate_with_reducer(self, peer_index: int) -> None:
+        """Stream our parts to one reducer and store its deltas; on failure its remaining parts keep local values."""
+        peer_id = self.ordered_peer_ids[peer_index]
+        progress = _Progress()
+        exchange = asyncio.create_task(self._exchange_with_reducer(peer_index, progress))
+        loop = asyncio.get_running_loop()
+        try:
+            while not exchange.done():
+                if self.reducer_timeout is None:
+                    await asyncio.wait({exchange})
+                    break
+                remaining = progress.last + self.reducer_timeout - loop.time()
+                if remaining <= 0:
+                    exchange.cancel()
+                    await asyncio.gather(exchange, return_exceptions=True)
+                    raise AllreduceException(f"no progress for {self.reducer_timeout} s (reducer_timeout)")
+                await asyncio.wait({exchange}, timeout=remaining)
+            exchange.result()
+        except Exception as e:
+            failed = self.container.register_failed_reducer(peer_index)
+            total = self.container.num_parts_by_peer[peer_index]
+            self._lost_parts += failed
+            self._failed_reducers[peer_id] = str(e)
+            logger.warning(
+                f"All-reduce {self.group_id.hex()[:8]}: reducer {peer_id} failed after {total - failed} of {total} "
+                f"parts: {e}; its other {failed} parts keep their local values"
+            )
+        finally:
+            if not exchange.done():
+                exchange.cancel()
+                await asyncio.gather(exchange, return_exceptions=True)
+
+    async def _exchange_with_reducer(self, peer_index: int, progress: _Progress) -> None:
+        peer_id = self.ordered_peer_ids[peer_index]
+        parts = self.container.parts_by_peer[peer_index]
+        stub = self.servicer_type.get_stub(self._p2p, peer_id, namespace=self.prefix)
+        replies = await stub.rpc_aggregate_part(self._generate_input_for(peer_index, progress))
+        try:
+            for k, part in enumerate(parts):
+                message = await anext(replies, None)
+                if message is None:
+                    raise AllreduceException(f"closed the stream after {k} of {len(parts)} replies")
+                if message.code != MessageCode.AVERAGED_PART:
+                    raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
+                delta = await self._decode(message, part, what=f"delta {k}")
+                self.container.register_processed_part(peer_index, k, delta)
+                progress.touch()
+        finally:
+            await replies.aclose()
+
+    async def _generate_input_for(self, peer_index: int, progress: _Progress) -> AsyncIterator[AveragingData]:
+        first = True
+        async for serialized in self.container.iterate_input_parts_for(peer_index):
+            message = AveragingData(weight=self.weight)
+            if first:
+                message.code, message.group_id, first = MessageCode.PART_FOR_AVERAGING, self.group_id, False
+            message.tensor_part.CopyFrom(serialized)
+            progress.touch()
+            yield message
+
+    async def _decode(self, message: AveragingData, part: PartSpec, what: str) -> torch.Tensor:
+        """A part or delta from a peer, checked against the part it must be (size and dtype) before decoding."""
+        if not message.HasField("tensor_part"):
+            raise AllreduceException(f"{what} has no tensor")
+        serialized = message.tensor_part
+        numel = math.prod(serialized.size) if len(serialized.size) <= 64 else -1
+        expected_dtype = self.container.local_tensors[part.tensor_index].dtype
+        if numel != part.numel or serialized.dtype != dtype_to_name(expected_dtype):
+            raise AllreduceException(
+                f"{what} has shape {list(serialized.size)[:8]} of {serialized.dtype[:32]!r}, expected "
+                f"{part.numel} elements of {dtype_to_name(expected_dtype)}"
+            )
+        try:
+            if serialized.compression in _CHEAP_WIRE_TYPES:
+                tensor = deserialize_torch_tensor(serialized)
+            else:
+                tensor = await asyncio.get_running_loop().run_in_executor(None, deserialize_torch_tensor, serialized)
+        except ValueError as e:
+            raise AllreduceException(f"{what} could not be decoded: {e}") from None
+        if tensor.dtype != expected_dtype or tensor.numel() != part.numel:
+            raise AllreduceException(f"{what} decoded to {tensor.numel()} elements of {tensor.dtype}")
+        return tensor.reshape(-1)
+
+    async def _ban_senders_that_never_started(self) -> None:
+        await asyncio.sleep(self.sender_timeout)
+        for sender_index in range(len(self.sender_peer_ids)):
+            if sender_index not in self._connected_senders:
+                self._ban(sender_index, f"sent nothing within sender_timeout={self.sender_timeout} s")
+
+    def _ban(self, sender_index: int, reason: str) -> None:
+        if self.reducer is not None and self.reducer.ban_sender(sender_index, reason):
+            logger.warning(
+                f"All-reduce {self.group_id.hex()[:8]}: excluded sender {self.sender_peer_ids[sender_index]} from "
+                f"the parts it had not delivered: {reason}"
+            )
+
+    async def _let_replies_finish(self) -> None:
+        handlers = [task for task in self._handler_tasks if task is not asyncio.current_task()]
+        if handlers:
+            linger = self.reducer_timeout if self.reducer_timeout is not None else DEFAULT_REPLY_LINGER
+            await asyncio.wait(handlers, timeout=linger)
+
+    def _log_outcome(self) -> None:
+        if self.reducer is not None and self.reducer.banned_reasons:
+            banned = {self.sender_peer_ids[i]: reason for i, reason in self.reducer.banned_reasons.items()}
+            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: reduced without senders {banned}")
+        if self.is_sender and self._failed_reducers:
+            total = len(self.container.parts)
+            logger.warning(
+                f"All-reduce {self.group_id.hex()[:8]}: received averages for "
+                f"{100 * (total - self._lost_parts) / total:.1f}% of the parts; failed reducers: "
+                f"{list(self._failed_reducers)}"
+            )
+
+    # ------------------------------------------------------------------ the reducer side: one call per sender
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[AveragingData], context: P2PContext
+    ) -> AsyncIterator[AveragingData]:
+        """Average the parts of one sender with the others' and reply with one delta per part (WIRE §10.6 order)."""
+        task = asyncio.current_task()
+        self._handler_tasks.add(task)
+        try:
+            async for reply in self._serve_sender(stream, context.remote_id):
+                yield reply
+        finally:
+            self._handler_tasks.discard(task)
+
+    async def _serve_sender(
+        self, stream: AsyncIterator[AveragingData], peer_id: PeerID
+    ) -> AsyncIterator[AveragingData]:
+        sender_index = self.sender_index_of.get(peer_id)
+        try:
+            first = await await_with_timeout(anext(stream), self.sender_timeout)
+        except (asyncio.TimeoutError, StopAsyncIteration, Exception) as e:
+            if sender_index is not None and peer_id != self.peer_id:
+                self._ban(sender_index, f"first message did not arrive: {e!r}")
+            yield AveragingData(code=MessageCode.INTERNAL_ERROR)
+            return
+        code = self._check_first_message(first, peer_id, sender_index)
+        if code is not None:
+            yield AveragingData(code=code)
+            return
+        self._connected_senders.add(sender_index)
+        queue: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._read_parts(sender_index, first, stream, queue))
+        buffered = self.peer_fractions[self.ordered_peer_ids.index(peer_id)] == 0  # such senders read at the end
+        pending_replies: List[AveragingData] = []
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                part, tensor, compression_type, future = item
+                average = await future
+                if compression_type in _CHEAP_WIRE_TYPES:
+                    reply = self._delta_message(average, tensor, compression_type, part)
+                else:  # a costly codec runs in a thread, so that the event loop keeps moving other streams
+                    reply = await asyncio.get_running_loop().run_in_executor(
+                        None, self._delta_message, average, tensor, compression_type, part
+                    )
+                if buffered:
+                    pending_replies.append(reply)
+                else:
+                    yield reply
+            for reply in pending_replies:
+                yield reply
+        except (AllreduceException, asyncio.TimeoutError) as e:
+            logger.debug(f"{self}: stopped serving {peer_id}: {e!r}")
+            yield AveragingData(code=MessageCode.CANCELLED if self._cancelled else MessageCode.INTERNAL_ERROR)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def _check_first_message(
+        self, first: AveragingData, peer_id: PeerID, sender_index: Optional[int]
+    ) -> Optional[int]:
+        """The code to refuse a call with, or None to serve it."""
+        if first.group_id != self.group_id:
+            return MessageCode.BAD_GROUP_ID
+        if self._cancelled:
+            return MessageCode.CANCELLED
+        if self._finalized:
+            return MessageCode.INTERNAL_ERROR
+        if sender_index is None or peer_id == self.peer_id or self.reducer is None:
+            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: refused parts from {peer_id}: not a sender here")
+            return MessageCode.PROTOCOL_VIOLATION
+        if first.code != MessageCode.PART_FOR_AVERAGING:
+            self._ban(sender_index, f"first message has code {MessageCode.Name(first.code)}, not PART_FOR_AVERAGING")
+            return MessageCode.INTERNAL_ERROR
+        if not (math.isfinite(first.weight) and first.weight >= 0):
+            self._ban(sender_index, f"weight {first.weight} is not a finite non-negative number")
+            return MessageCode.PROTOCOL_VIOLATION
+        if not self.reducer.is_active(sender_index):
+            return MessageCode.INTERNAL_ERROR
+        if sender_index in self._connected_senders:
+            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: refused a second stream from {peer_id}")
+            return MessageCode.PROTOCOL_VIOLATION
+        return None
+
+    async def _read_parts(
+        self, sender_index: int, first: AveragingData, stream: AsyncIterator[AveragingData], queue: asyncio.Queue
+    ) -> None:
+        weight = first.weight
+        try:
+            message = first
+            for k, part in enumerate(self.my_parts):
+                if k > 0:
+                    try:
+                        message = await await_with_timeout(anext(stream), self.sender_timeout)
+                    except StopAsyncIteration:
+                        raise AllreduceException(f"stream ended after {k} of {len(self.my_parts)} parts") from None
+                    except asyncio.TimeoutError:
+                        raise AllreduceException(f"part {k} did not arrive within {self.sender_timeout} s") from None
+                tensor = await self._decode(message, part, what=f"part {k}")
+                future = await self.reducer.submit_part(sender_index, k, tensor, weight)
+                queue.put_nowait((part, tensor, message.tensor_part.compression, future))
+            queue.put_nowait(_END)
+        except BannedException as e:
+            queue.put_nowait(e)
+        except Exception as e:
+            self._ban(sender_index, str(e) if isinstance(e, AllreduceException) else repr(e))
+            queue.put_nowait(e if isinstance(e, AllreduceException) else AllreduceException(repr(e)))
+
+    def _delta_message(
+        self, average: Optional[torch.Tensor], part_values: torch.Tensor, compression_type: int, part: PartSpec
+    ) -> AveragingData:
+        """AVERAGED_PART with ``average - part_values`` encoded as the sender encoded its part."""
+        reply = AveragingData(code=MessageCode.AVERAGED_PART)
+        dtype = part_values.dtype
+        if compression_type == CompressionType.NONE and dtype in (torch.float32, torch.float64, torch.float16):
+            if average is None or average.dtype == dtype:  # one pass: the difference is written into the message
+                buffer = MessageBuffer(part.numel * part_values.element_size())
+                delta = buffer.tensor.view(dtype)
+                if average is None:
+                    delta.zero_()
+                else:
+                    torch.sub(average, part_values, out=delta)
+                serialized = reply.tensor_part
+                serialized.buffer, serialized.dtype = buffer.to_bytes(), dtype_to_name(dtype)
+                serialized.size.append(part.numel)
+                return reply
+        if average is None:
+            delta = torch.zeros(part.numel, dtype=dtype)
+        else:
+            delta = (average - part_values).to(dtype)
+        info = self.container.part_info(part)
+        reply.tensor_part.CopyFrom(serialize_torch_tensor(delta, compression_type, info=info, allow_inplace=True))
+        return reply

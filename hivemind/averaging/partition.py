@@ -1,0 +1,455 @@
+"""The two halves of a butterfly all-reduce without the network: cutting local tensors into parts and collecting the
+averaged results (``TensorPartContainer``), and averaging the parts that one peer reduces (``TensorPartReducer``).
+
+Every group member computes the same cut from the same inputs: the tensors are flattened and concatenated, each peer
+owns a contiguous element range (sizes from the load balancer), and each tensor is cut into parts of a fixed number of
+elements; a part belongs to the peer whose range covers most of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+from typing import AsyncIterator, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from hivemind.averaging.load_balancing import hagenbach_bishoff
+from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
+from hivemind.compression.adaptive import AdaptiveCompressionBase
+from hivemind.compression.buffers import empty_output
+from hivemind.proto import runtime_pb2
+from hivemind.utils.logging import get_logger
+
+__all__ = [
+    "DEFAULT_PART_SIZE_BYTES",
+    "AllreduceException",
+    "BannedException",
+    "PartSpec",
+    "plan_parts",
+    "TensorPartContainer",
+    "TensorPartReducer",
+]
+
+logger = get_logger(__name__)
+
+DEFAULT_PART_SIZE_BYTES = 2**19  # target size of one part on the wire (after compression)
+DEFAULT_PREFETCH = 5  # parts compressed ahead of the stream that sends them
+DEFAULT_REDUCE_WINDOW = 4  # a reducer accumulates up to this many parts ahead of the oldest unfinished one
+
+
+class AllreduceException(Exception):
+    """An all-reduce could not complete as planned: a peer failed, timed out or sent malformed data."""
+
+
+class BannedException(AllreduceException):
+    """A sender was excluded from this all-reduce; the reducer no longer accepts its parts."""
+
+
+class PartSpec(NamedTuple):
+    """One part of the averaged vector: elements ``start:stop`` of flattened tensor ``tensor_index``."""
+
+    tensor_index: int
+    start: int
+    stop: int
+    reducer: int  # index (in the group order) of the peer that averages this part
+    index: int  # position of this part among the parts of that reducer (the order in which it is sent)
+    part_index: int  # position of this part within its tensor (CompressionInfo.part_index)
+    global_index: int  # position among all parts
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+def part_size_elements(part_size_bytes: int, element_size: int, compression_ratio: float) -> int:
+    """Elements per part so that a compressed part takes about ``part_size_bytes`` (at least one element)."""
+    if part_size_bytes <= 0:
+        raise ValueError(f"part_size_bytes must be positive, got {part_size_bytes}")
+    if not compression_ratio > 0:
+        raise ValueError(f"compression ratio must be positive, got {compression_ratio}")
+    return max(1, int(math.floor(part_size_bytes / (element_size * compression_ratio))))
+
+
+def plan_parts(
+    tensor_numels: Sequence[int], part_sizes: Sequence[int], peer_element_counts: Sequence[int]
+) -> List[PartSpec]:
+    """Cut each tensor into parts of ``part_sizes[i]`` elements and give each part to a reducer.
+
+    Peer ``j`` owns the elements ``[sum(counts[:j]), sum(counts[:j+1]))`` of the concatenated tensors; a part that
+    crosses the boundary between peers goes to the peer that owns most of its elements (the earliest on ties).
+    """
+    if sum(peer_element_counts) != sum(tensor_numels):
+        raise ValueError(f"peer element counts {list(peer_element_counts)} do not add up to {sum(tensor_numels)}")
+    pivots = [0]
+    for count in peer_element_counts:
+        pivots.append(pivots[-1] + count)
+    parts: List[PartSpec] = []
+    parts_per_peer = [0] * len(peer_element_counts)
+    offset = 0
+    for tensor_index, (numel, part_size) in enumerate(zip(tensor_numels, part_sizes)):
+        for part_index, start in enumerate(range(0, numel, part_size)):
+            stop = min(start + part_size, numel)
+            reducer = _largest_overlap(pivots, offset + start, offset + stop)
+            parts.append(PartSpec(tensor_index, start, stop, reducer, parts_per_peer[reducer], part_index, len(parts)))
+            parts_per_peer[reducer] += 1
+        offset += numel
+    return parts
+
+
+def _largest_overlap(pivots: Sequence[int], begin: int, end: int) -> int:
+    peer = bisect.bisect_right(pivots, begin) - 1  # the last peer whose range starts at or before `begin`
+    while pivots[peer + 1] <= begin:  # skip peers with empty ranges
+        peer += 1
+    best, best_overlap = peer, -1
+    while peer < len(pivots) - 1 and pivots[peer] < end:
+        overlap = min(end, pivots[peer + 1]) - max(begin, pivots[peer])
+        if overlap > best_overlap:
+            best, best_overlap = peer, overlap
+        peer += 1
+    return best
+
+
+def _resolve_codec(compression: CompressionBase, info: CompressionInfo) -> CompressionBase:
+    while isinstance(compression, AdaptiveCompressionBase):
+        compression = compression.choose_compression(info)
+    return compression
+
+
+def is_cheap_codec(codec: CompressionBase) -> bool:
+    """Codecs that cost about one memory copy per part: run inline instead of in a thread."""
+    return type(codec) in (NoCompression, Float16Compression)
+
+
+class TensorPartContainer:
+    """Local tensors cut into parts for each reducer, and the averaged deltas assembled back into tensors.
+
+    :param tensors: local CPU tensors (read, never modified)
+    :param peer_fractions: one non-negative share per group member; element counts are derived from them with
+        :func:`hagenbach_bishoff` (passing the counts of ``load_balance_peers`` reproduces them exactly)
+    :param compression: codec (or adaptive strategy) for the parts this peer sends
+    :param part_size_bytes: target size of one compressed part
+    :param tensor_infos: CompressionInfo per tensor (default: from the tensor, key = its index)
+    :param prefetch: parts compressed ahead of sending, per reducer
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        peer_fractions: Sequence[float],
+        compression: CompressionBase = NoCompression(),
+        part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
+        tensor_infos: Optional[Sequence[CompressionInfo]] = None,
+        prefetch: int = DEFAULT_PREFETCH,
+    ):
+        if tensor_infos is None:
+            tensor_infos = [CompressionInfo.from_tensor(tensor, key=i) for i, tensor in enumerate(tensors)]
+        if len(tensor_infos) != len(tensors):
+            raise ValueError(f"got {len(tensor_infos)} tensor_infos for {len(tensors)} tensors")
+        for tensor in tensors:
+            if tensor.device.type != "cpu":
+                raise ValueError(f"all-reduce averages CPU tensors, got one on {tensor.device}")
+        self.local_tensors = list(tensors)
+        self.tensor_infos = list(tensor_infos)
+        self.compression, self.prefetch = compression, max(1, prefetch)
+        self.group_size = len(peer_fractions)
+        # flat views of the inputs (a non-contiguous tensor is copied once, here)
+        self._flat = [tensor.detach().reshape(-1) for tensor in self.local_tensors]
+        self.total_size = sum(flat.numel() for flat in self._flat)
+        self.peer_element_counts = tuple(hagenbach_bishoff(self.total_size, peer_fractions))
+        part_sizes = [
+            part_size_elements(part_size_bytes, flat.element_size(), compression.estimate_compression_ratio(info))
+            for flat, info in zip(self._flat, self.tensor_infos)
+        ]
+        self.part_sizes = part_sizes
+        self.parts = plan_parts([flat.numel() for flat in self._flat], part_sizes, self.peer_element_counts)
+        self.parts_by_peer: List[List[PartSpec]] = [[] for _ in range(self.group_size)]
+        for part in self.parts:
+            self.parts_by_peer[part.reducer].append(part)
+        self.num_parts_by_peer = tuple(len(parts) for parts in self.parts_by_peer)
+
+        self._outputs: List[Optional[torch.Tensor]] = [None] * len(self._flat)
+        self._parts_left = [0] * len(self._flat)
+        for part in self.parts:
+            self._parts_left[part.tensor_index] += 1
+        self._part_done = bytearray(len(self.parts))
+        self._tensor_ready = [asyncio.Event() for _ in self._flat]
+        for tensor_index, left in enumerate(self._parts_left):
+            if left == 0:
+                self._tensor_ready[tensor_index].set()
+        self._failure: Optional[BaseException] = None
+        self._next_output = 0
+
+    # ------------------------------------------------------------------ sending side
+
+    def part_info(self, part: PartSpec) -> CompressionInfo:
+        return self.tensor_infos[part.tensor_index].get_part(part.part_index, self.part_sizes[part.tensor_index])
+
+    def input_part(self, part: PartSpec) -> torch.Tensor:
+        """The local values of a part (a read-only view of the caller's tensor)."""
+        return self._flat[part.tensor_index][part.start : part.stop]
+
+    def compress_part(self, part: PartSpec) -> runtime_pb2.Tensor:
+        return self.compression.compress(self.input_part(part), self.part_info(part))
+
+    async def iterate_input_parts_for(self, peer_index: int) -> AsyncIterator[runtime_pb2.Tensor]:
+        """The compressed parts that ``peer_index`` reduces, in order; costly codecs run in a thread, ahead."""
+        parts = self.parts_by_peer[peer_index]
+        if not parts:
+            return
+        if is_cheap_codec(_resolve_codec(self.compression, self.part_info(parts[0]))):
+            for part in parts:
+                yield self.compress_part(part)
+            return
+        loop = asyncio.get_running_loop()
+        pending: List[asyncio.Future] = []
+        try:
+            next_part = 0
+            for _ in range(len(parts)):
+                while next_part < len(parts) and len(pending) < self.prefetch:
+                    pending.append(loop.run_in_executor(None, self.compress_part, parts[next_part]))
+                    next_part += 1
+                yield await pending.pop(0)
+        finally:
+            for future in pending:
+                future.cancel()
+
+    # ------------------------------------------------------------------ receiving side
+
+    def _output(self, tensor_index: int) -> torch.Tensor:
+        output = self._outputs[tensor_index]
+        if output is None:
+            flat = self._flat[tensor_index]
+            output = self._outputs[tensor_index] = empty_output(flat.numel(), flat.dtype)
+        return output
+
+    def output_part(self, part: PartSpec) -> torch.Tensor:
+        """Where the delta of a part goes (write it, then call :meth:`mark_part_done`)."""
+        return self._output(part.tensor_index)[part.start : part.stop]
+
+    def is_part_done(self, part: PartSpec) -> bool:
+        return bool(self._part_done[part.global_index])
+
+    def mark_part_done(self, part: PartSpec) -> None:
+        if self._part_done[part.global_index]:
+            raise ValueError(f"part {part} was already processed")
+        self._part_done[part.global_index] = 1
+        self._parts_left[part.tensor_index] -= 1
+        if self._parts_left[part.tensor_index] == 0:
+            self._tensor_ready[part.tensor_index].set()
+
+    def register_processed_part(self, peer_index: int, part_index: int, delta: torch.Tensor) -> None:
+        """Store the averaged delta of part ``part_index`` of reducer ``peer_index`` (a tensor of the part's size)."""
+        part = self.parts_by_peer[peer_index][part_index]
+        if delta.numel() != part.numel:
+            raise AllreduceException(f"delta for {part} has {delta.numel()} elements, expected {part.numel}")
+        self.output_part(part).copy_(delta.reshape(-1))
+        self.mark_part_done(part)
+
+    def register_failed_reducer(self, peer_index: int) -> int:
+        """The parts of a failed reducer that have no delta yet keep their local values (zero delta).
+
+        Returns how many parts were affected."""
+        failed = 0
+        for part in self.parts_by_peer[peer_index]:
+            if not self._part_done[part.global_index]:
+                self.output_part(part).zero_()
+                self.mark_part_done(part)
+                failed += 1
+        return failed
+
+    def fail(self, exception: BaseException) -> None:
+        """Make :meth:`iterate_output_tensors` raise ``exception`` instead of waiting for more parts."""
+        self._failure = exception
+        for event in self._tensor_ready:
+            event.set()
+
+    async def iterate_output_tensors(self) -> AsyncIterator[torch.Tensor]:
+        """Deltas (averaged - local) per tensor, in order, each as soon as all its parts are in."""
+        while self._next_output < len(self._flat):
+            tensor_index = self._next_output
+            await self._tensor_ready[tensor_index].wait()
+            if self._failure is not None:
+                raise self._failure
+            self._next_output += 1
+            flat = self._flat[tensor_index]
+            output = self._outputs[tensor_index] if flat.numel() > 0 else torch.zeros_like(flat)
+            self._outputs[tensor_index] = None  # the consumer owns it now
+            yield output.view(self.local_tensors[tensor_index].shape)
+
+    def finished_parts(self) -> int:
+        return sum(self._part_done)
+
+
+class TensorPartReducer:
+    """Averages, strictly in order, the parts that one peer reduces, over the senders that are still active.
+
+    Each sender submits its parts in order with its weight. Part ``k`` is released (its average computed) once every
+    active sender delivered it; a banned sender is excluded from the parts it had not delivered yet, while parts it
+    delivered keep its contribution. Up to ``window`` parts are accumulated ahead of the oldest unreleased one; a
+    faster sender waits beyond that.
+
+    :param part_shapes: shape of each part this peer reduces
+    :param num_senders: number of senders (indices ``0 .. num_senders - 1``)
+    :param part_dtypes: dtype of each part (default float32)
+    """
+
+    def __init__(
+        self,
+        part_shapes: Sequence[Tuple[int, ...]],
+        num_senders: int,
+        *,
+        part_dtypes: Optional[Sequence[torch.dtype]] = None,
+        window: int = DEFAULT_REDUCE_WINDOW,
+    ):
+        self.part_shapes = [torch.Size(shape) for shape in part_shapes]
+        self.part_numels = [shape.numel() for shape in self.part_shapes]
+        self.part_dtypes = list(part_dtypes) if part_dtypes is not None else [torch.float32] * len(self.part_shapes)
+        if len(self.part_dtypes) != len(self.part_shapes):
+            raise ValueError(f"got {len(self.part_dtypes)} part dtypes for {len(self.part_shapes)} parts")
+        self.num_parts, self.num_senders, self.window = len(self.part_shapes), num_senders, max(1, window)
+        self.sender_progress = [0] * num_senders  # parts delivered by each sender
+        self.active_senders = [True] * num_senders
+        self.banned_reasons: Dict[int, str] = {}
+        self.current_part_index = 0  # every part before this one is released
+        self._accumulators: Dict[int, Tuple[torch.Tensor, float]] = {}
+        self._results: Dict[int, asyncio.Future] = {}
+        self._progress = asyncio.Event()  # set (and replaced) whenever parts are released or senders banned
+        self.finished = asyncio.Event()
+        self._failure: Optional[BaseException] = None
+        if self.num_parts == 0 or num_senders == 0:
+            self._release_ready_parts()
+
+    @property
+    def num_current_senders(self) -> int:
+        return sum(self.active_senders)
+
+    def is_active(self, sender_index: int) -> bool:
+        return self.active_senders[sender_index]
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> Optional[torch.Tensor]:
+        """Add one part and wait for its average (None if no sender with a non-zero weight delivered it)."""
+        return await (await self.submit_part(sender_index, part_index, tensor_part, weight))
+
+    async def submit_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> asyncio.Future:
+        """Add one part; returns a future of its average (see :meth:`accumulate_part`).
+
+        :raises BannedException: the sender is (or gets, while waiting for the window) banned
+        :raises AllreduceException: the part is out of order, of the wrong size or dtype (the sender is banned)
+        """
+        self._check_sender(sender_index)
+        expected = self.sender_progress[sender_index]
+        if part_index != expected or part_index >= self.num_parts:
+            reason = f"sent part {part_index}, expected part {expected} of {self.num_parts}"
+            self.ban_sender(sender_index, reason)
+            raise AllreduceException(f"sender {sender_index} {reason}")
+        if tensor_part.numel() != self.part_numels[part_index] or tensor_part.dtype != self.part_dtypes[part_index]:
+            reason = (
+                f"sent part {part_index} with {tensor_part.numel()} elements of {tensor_part.dtype}, expected "
+                f"{self.part_numels[part_index]} of {self.part_dtypes[part_index]}"
+            )
+            self.ban_sender(sender_index, reason)
+            raise AllreduceException(f"sender {sender_index} {reason}")
+        while part_index >= self.current_part_index + self.window:
+            progress = self._progress
+            await progress.wait()
+            self._check_sender(sender_index)
+        result = self._result_future(part_index)
+        self._accumulate(part_index, tensor_part.reshape(-1), float(weight))
+        self.sender_progress[sender_index] += 1
+        self._release_ready_parts()
+        return result
+
+    def _check_sender(self, sender_index: int) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if not 0 <= sender_index < self.num_senders:
+            raise AllreduceException(f"unknown sender index {sender_index}")
+        if not self.active_senders[sender_index]:
+            raise BannedException(
+                f"sender {sender_index} was banned: {self.banned_reasons.get(sender_index, 'unknown reason')}"
+            )
+
+    def _result_future(self, part_index: int) -> asyncio.Future:
+        future = self._results.get(part_index)
+        if future is None:
+            future = self._results[part_index] = asyncio.get_running_loop().create_future()
+        return future
+
+    def _accumulate(self, part_index: int, part: torch.Tensor, weight: float) -> None:
+        entry = self._accumulators.get(part_index)
+        if entry is None:
+            accumulator = torch.empty(part.numel(), dtype=_accumulator_dtype(part.dtype))
+            if weight == 1.0:
+                accumulator.copy_(part)
+            elif weight == 0.0:
+                accumulator.zero_()
+            else:
+                torch.mul(part, weight, out=accumulator)
+            self._accumulators[part_index] = (accumulator, weight)
+            return
+        accumulator, denominator = entry
+        if weight == 1.0:
+            accumulator.add_(part)
+        elif weight != 0.0:
+            accumulator.add_(part, alpha=weight)
+        self._accumulators[part_index] = (accumulator, denominator + weight)
+
+    def _release_ready_parts(self) -> None:
+        active_progress = [progress for progress, active in zip(self.sender_progress, self.active_senders) if active]
+        ready_until = min(active_progress) if active_progress else self.num_parts
+        released = False
+        while self.current_part_index < min(ready_until, self.num_parts):
+            part_index = self.current_part_index
+            accumulator, denominator = self._accumulators.pop(part_index, (None, 0.0))
+            average = accumulator.div_(denominator) if accumulator is not None and denominator > 0 else None
+            future = self._results.pop(part_index, None)
+            if future is not None and not future.done():
+                future.set_result(average)
+            self.current_part_index += 1
+            released = True
+        if released or not active_progress:
+            self._notify()
+        if self.current_part_index >= self.num_parts:
+            self.finished.set()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def ban_sender(self, sender_index: int, reason: str = "") -> bool:
+        """Exclude a sender from every part it has not delivered yet; returns False if it was already banned."""
+        if not self.active_senders[sender_index]:
+            return False
+        self.active_senders[sender_index] = False
+        self.banned_reasons[sender_index] = reason or "no reason given"
+        self._release_ready_parts()
+        self._notify()
+        return True
+
+    on_sender_failed = ban_sender
+
+    def finalize(self, exception: Optional[BaseException] = None) -> None:
+        """Stop: waiting submitters and result futures get ``exception`` (default: an AllreduceException)."""
+        if self._failure is None:
+            self._failure = exception or AllreduceException("the reducer was finalized before all parts were averaged")
+        for future in self._results.values():
+            if not future.done():
+                future.set_exception(self._failure)
+                future.exception()  # retrieved here: nobody may be waiting for it any more
+        self._results.clear()
+        self._accumulators.clear()
+        self._notify()
+        self.finished.set()
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of float16/bfloat16 parts are kept in float32, of integer parts in float64."""
+    if dtype in (torch.float32, torch.float64) or dtype.is_complex:
+        return dtype
+    return torch.float32 if dtype.is_floating_point else torch.float64

@@ -1,0 +1,96 @@
+"""Shared set-up for the all-reduce tests: connected peers on 127.0.0.1 and a servicer that routes
+``rpc_aggregate_part`` calls to the AllReduceRunner of their group (the averager does this in production)."""
+
+import asyncio
+import os
+from typing import AsyncIterator, Dict, List, Optional, Sequence
+
+import torch
+
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter, await_with_timeout
+
+PREFIX = "test_allreduce"
+
+
+class AllreduceRouter(ServicerBase):
+    """Serves ``<prefix>::AllreduceRouter.rpc_aggregate_part`` and hands each call to the runner of its group id."""
+
+    def __init__(self):
+        self.runners: Dict[bytes, AllReduceRunner] = {}
+        self._registered = asyncio.Event()
+
+    def register(self, runner: AllReduceRunner) -> None:
+        self.runners[runner.group_id] = runner
+        self._registered.set()
+        self._registered = asyncio.Event()
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        first = await await_with_timeout(anext(stream), 10)
+        deadline = asyncio.get_running_loop().time() + 10
+        while first.group_id not in self.runners and asyncio.get_running_loop().time() < deadline:
+            await await_with_timeout(self._registered.wait(), 10)
+        runner = self.runners.get(first.group_id)
+        if runner is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(first), stream), context):
+            yield message
+
+
+async def make_connected_peers(p2p_factory, count: int) -> List[P2P]:
+    peers: List[P2P] = []
+    for _ in range(count):
+        initial_peers = [maddr for peer in peers for maddr in await peer.get_visible_maddrs()]
+        peers.append(await p2p_factory(initial_peers=initial_peers or None))
+    for peer in peers:
+        await peer.wait_for_at_least_n_peers(count - 1, attempts=200, delay=0.05) if count > 1 else None
+    return peers
+
+
+async def start_routers(peers: Sequence[P2P]) -> List[AllreduceRouter]:
+    routers = [AllreduceRouter() for _ in peers]
+    await asyncio.gather(*(router.add_p2p_handlers(peer, namespace=PREFIX) for router, peer in zip(routers, peers)))
+    return routers
+
+
+def make_runner(peer: P2P, router: AllreduceRouter, peers: Sequence[P2P], group_id: bytes, tensors, **kwargs):
+    kwargs.setdefault("peer_fractions", [1.0] * len(peers))
+    runner = AllReduceRunner(
+        p2p=peer,
+        servicer_type=AllreduceRouter,
+        prefix=PREFIX,
+        group_id=group_id,
+        tensors=tensors,
+        ordered_peer_ids=[p.peer_id for p in peers],
+        **kwargs,
+    )
+    router.register(runner)
+    return runner
+
+
+async def collect(runner: AllReduceRunner) -> List[torch.Tensor]:
+    return [delta async for delta in runner]
+
+
+async def run_group(
+    peers: Sequence[P2P],
+    routers: Sequence[AllreduceRouter],
+    tensors_by_peer: Sequence[Sequence[torch.Tensor]],
+    *,
+    group_id: Optional[bytes] = None,
+    per_peer_kwargs: Optional[Sequence[dict]] = None,
+    **kwargs,
+) -> List[List[torch.Tensor]]:
+    """Run one all-reduce in which every peer takes part; returns each peer's deltas."""
+    group_id = group_id or os.urandom(20)
+    per_peer_kwargs = per_peer_kwargs or [{} for _ in peers]
+    runners = [
+        make_runner(peer, router, peers, group_id, tensors, **kwargs, **extra)
+        for peer, router, tensors, extra in zip(peers, routers, tensors_by_peer, per_peer_kwargs)
+    ]
+    return list(await asyncio.gather(*(collect(runner) for runner in runners)))
