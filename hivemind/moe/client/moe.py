@@ -92,6 +92,7 @@ class RemoteMixtureOfExperts(nn.Module):
         :param input: [batch, ..., in_features]; the gating uses it averaged over all but the first and last dims
         """
         deadline = None if self.forward_timeout is None else time.monotonic() + self.forward_timeout
+        self.check_anomalies(input, *args, **kwargs)
         grid_scores = self.compute_grid_scores(input)
         chosen_experts = self.find_experts(grid_scores, deadline)
         expert_mask, outputs = self.call_experts(chosen_experts, deadline, input, *args, **kwargs)
@@ -101,6 +102,13 @@ class RemoteMixtureOfExperts(nn.Module):
         return nested_pack(mixed, structure=self._expert_info["outputs_schema"])
 
     # ------------------------------------------------------------------ steps of forward
+
+    def check_anomalies(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> None:
+        """With detect_anomalies, refuse inputs that contain NaN or infinite values (ValueError)."""
+        if self.detect_anomalies:
+            for tensor in nested_flatten((args, kwargs)):
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError("One of the inputs has NaN or infinite values (detect_anomalies=True)")
 
     def compute_grid_scores(self, input: torch.Tensor) -> List[torch.Tensor]:
         """Gating logits of each grid dimension: a list of [batch, grid_size[d]] tensors."""

@@ -80,6 +80,7 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
 
     def forward(self, input: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> Tuple[Any, torch.Tensor]:
         deadline = None if self.forward_timeout is None else time.monotonic() + self.forward_timeout
+        self.check_anomalies(input, *args, **kwargs)
         gating_input = input.mean(dim=tuple(range(1, input.ndim - 1))) if input.ndim > 2 else input
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(gating_input).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
