@@ -1,0 +1,118 @@
+"""hivemind.Optimizer's options: defaults that depend on each other, and refusal of combinations that cannot work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["OptimizerOptions", "resolve_options"]
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """The effective values of the options that have derived defaults."""
+
+    offload_optimizer: bool
+    delay_optimizer_step: bool
+    delay_grad_averaging: bool
+    allreduce_timeout: float
+    next_chunk_timeout: float
+
+
+def _is_optimizer_factory(optimizer: Any) -> bool:
+    return not isinstance(optimizer, torch.optim.Optimizer) and callable(optimizer)
+
+
+def resolve_options(
+    *,
+    run_id: Any,
+    target_batch_size: Any,
+    batch_size_per_step: Optional[int],
+    optimizer: Any,
+    params: Any,
+    scheduler: Any,
+    matchmaking_time: float,
+    averaging_timeout: float,
+    allreduce_timeout: Optional[float],
+    next_chunk_timeout: Optional[float],
+    reuse_grad_buffers: bool,
+    offload_optimizer: Optional[bool],
+    delay_optimizer_step: Optional[bool],
+    delay_grad_averaging: bool,
+    average_state_every: int,
+    use_local_updates: bool,
+    client_mode: bool,
+    auxiliary: bool,
+    grad_averager_factory: Any,
+) -> OptimizerOptions:
+    """Fill in derived defaults and raise ValueError (saying what to change) for options that do not fit together."""
+    if not isinstance(run_id, str) or not run_id or "." in run_id:
+        raise ValueError(f"run_id must be a non-empty string without dots (it prefixes DHT keys), got {run_id!r}")
+    if isinstance(target_batch_size, bool) or not isinstance(target_batch_size, int) or target_batch_size <= 0:
+        raise ValueError(f"target_batch_size must be a positive int (samples per epoch), got {target_batch_size!r}")
+    if batch_size_per_step is not None and (not isinstance(batch_size_per_step, int) or batch_size_per_step <= 0):
+        raise ValueError(f"batch_size_per_step must be None or a positive int, got {batch_size_per_step!r}")
+    is_factory = _is_optimizer_factory(optimizer)
+    if not is_factory and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            f"optimizer must be a torch optimizer or a factory of one (lambda params: ...), got {optimizer!r}"
+        )
+    if is_factory and params is None:
+        raise ValueError("optimizer is a factory: pass the model's parameters as params=model.parameters()")
+    if not is_factory and params is not None:
+        raise ValueError("params= goes with an optimizer factory; a built optimizer already holds its parameters")
+    if is_factory and scheduler is not None and hasattr(scheduler, "step") and hasattr(scheduler, "optimizer"):
+        raise ValueError("with an optimizer factory, pass the scheduler as a factory too: scheduler=lambda opt: ...")
+    if isinstance(average_state_every, bool) or not isinstance(average_state_every, int) or average_state_every < 1:
+        raise ValueError(f"average_state_every must be a positive int (epochs), got {average_state_every!r}")
+    if matchmaking_time <= 0 or averaging_timeout <= 0:
+        raise ValueError(
+            f"matchmaking_time and averaging_timeout must be positive, got {matchmaking_time}, {averaging_timeout}"
+        )
+    if averaging_timeout <= matchmaking_time:
+        raise ValueError(
+            f"averaging_timeout ({averaging_timeout} s) must exceed matchmaking_time "
+            f"({matchmaking_time} s): a round first spends matchmaking_time gathering peers"
+        )
+    if auxiliary and client_mode:
+        raise ValueError(
+            "an auxiliary peer only helps others average, which needs incoming connections: it cannot "
+            "run on a DHT in client mode"
+        )
+    if auxiliary and batch_size_per_step is not None:
+        raise ValueError("an auxiliary peer processes no samples: leave batch_size_per_step=None")
+    if use_local_updates:
+        conflicts = [
+            name
+            for name, value in [
+                ("reuse_grad_buffers", reuse_grad_buffers),
+                ("delay_grad_averaging", delay_grad_averaging),
+                ("grad_averager_factory", grad_averager_factory is not None),
+            ]
+            if value
+        ]
+        if conflicts:
+            raise ValueError(f"use_local_updates averages no gradients, so it cannot be combined with {conflicts}")
+
+    if offload_optimizer is None:
+        offload_optimizer = is_factory and not use_local_updates
+    if offload_optimizer and not is_factory:
+        raise ValueError("offload_optimizer builds the optimizer on CPU copies of the parameters: pass a factory")
+    if delay_optimizer_step is None:
+        delay_optimizer_step = delay_grad_averaging
+    if delay_grad_averaging and not delay_optimizer_step:
+        raise ValueError("delay_grad_averaging=True requires delay_optimizer_step=True")
+    if delay_optimizer_step and not offload_optimizer:
+        raise ValueError(
+            "delay_optimizer_step needs offload_optimizer=True and an optimizer factory (the step runs "
+            "in the background on CPU copies of the parameters)"
+        )
+    return OptimizerOptions(
+        offload_optimizer=bool(offload_optimizer),
+        delay_optimizer_step=bool(delay_optimizer_step),
+        delay_grad_averaging=bool(delay_grad_averaging),
+        allreduce_timeout=averaging_timeout if allreduce_timeout is None else allreduce_timeout,
+        next_chunk_timeout=matchmaking_time if next_chunk_timeout is None else next_chunk_timeout,
+    )
