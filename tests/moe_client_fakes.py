@@ -46,9 +46,9 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
             raise KeyError(f"unknown expert {uid}")
         return self.modules[uid]
 
-    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
-        self._module(request.uid)
-        self.calls.setdefault(f"info:{request.uid}", []).append(0)
+    async def rpc_info(self, message: runtime_pb2.ExpertUID, _: P2PContext) -> runtime_pb2.ExpertInfo:
+        self._module(message.uid)
+        self.calls.setdefault(f"info:{message.uid}", []).append(0)
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.info))
 
     async def _forward(self, uid: str, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -73,8 +73,8 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
             (grad_input,) = torch.autograd.grad(output, inputs, grad_output)
         return [grad_input]
 
-    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        outputs = await self._forward(request.uid, [deserialize_torch_tensor(t) for t in request.tensors])
+    async def rpc_forward(self, call: runtime_pb2.ExpertRequest, _: P2PContext) -> runtime_pb2.ExpertResponse:
+        outputs = await self._forward(call.uid, [deserialize_torch_tensor(t) for t in call.tensors])
         return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(t) for t in outputs])
 
     async def rpc_backward(
@@ -102,16 +102,16 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
                 yield runtime_pb2.ExpertResponse(tensors=[chunk])
 
     async def rpc_forward_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, calls: AsyncIterator[runtime_pb2.ExpertRequest], _: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        uid, tensors = await self._read_stream(requests)
+        uid, tensors = await self._read_stream(calls)
         for response in self._responses(await self._forward(uid, tensors)):
             yield response
 
     async def rpc_backward_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, calls: AsyncIterator[runtime_pb2.ExpertRequest], _: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        uid, tensors = await self._read_stream(requests)
+        uid, tensors = await self._read_stream(calls)
         for response in self._responses(await self._backward(uid, tensors)):
             yield response
 

@@ -22,7 +22,10 @@ __all__ = [
     "split_uid",
 ]
 
-ExpertUID, ExpertPrefix, Coordinate, Score = str, str, int, float
+ExpertUID = str  # e.g. "ffn.3.14"
+ExpertPrefix = str  # e.g. "ffn.3."
+Coordinate = int  # an index along one grid dimension
+Score = float  # a gating score
 
 UID_DELIMITER = "."  # separates the expert type and each coordinate
 FLAT_EXPERT = -1  # pseudo-coordinate under which a 1-D grid's expert `ffn.5` is stored at its own prefix `ffn.5.`

@@ -239,8 +239,8 @@ class MoEBeamSearcher:
     def __init__(
         self,
         dht: DHT,
-        uid_prefix: ExpertPrefix,
-        grid_size: Sequence[int],
+        uid_prefix: str,
+        grid_size: Tuple[int, ...],
         num_workers: Optional[int] = None,
         negative_caching: bool = True,
         cache_expiration: float = 300,
@@ -254,7 +254,8 @@ class MoEBeamSearcher:
             raise ValueError(f"grid_size must be a non-empty sequence of positive sizes, got {grid_size!r}")
         self.dht, self.uid_prefix, self.grid_size = dht, uid_prefix, tuple(int(size) for size in grid_size)
         self.num_workers = num_workers if num_workers is not None else dht.num_workers
-        self.negative_caching, self.cache_expiration = negative_caching, cache_expiration
+        self.negative_caching = negative_caching
+        self.cache_expiration = cache_expiration  # seconds
         self.kwargs = kwargs
 
     def _options(self) -> dict:
@@ -275,7 +276,7 @@ class MoEBeamSearcher:
         )
 
     def get_active_successors(
-        self, prefixes: List[ExpertPrefix], grid_size: Optional[int] = None, return_future: bool = False
+        self, prefixes: Sequence[ExpertPrefix], grid_size: Optional[int] = None, return_future=False
     ):
         """{prefix: {coordinate: ExpertInfo}} for each prefix (coordinates below ``grid_size`` if given)."""
         for prefix in prefixes:
@@ -299,7 +300,7 @@ class MoEBeamSearcher:
         return checked
 
     def find_best_experts(
-        self, grid_scores: Sequence[Sequence[float]], beam_size: int, return_future: bool = False
+        self, grid_scores: Sequence[Sequence[float]], beam_size: int, return_future=False
     ) -> Union[List[RemoteExpert], concurrent.futures.Future]:
         """Up to ``beam_size`` distinct alive experts with the highest total score, best first."""
         infos = self.dht.run_coroutine(

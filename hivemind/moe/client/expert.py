@@ -45,20 +45,21 @@ class RemoteExpert(nn.Module):
 
     def __init__(self, expert_info: ExpertInfo, p2p: P2P):
         super().__init__()
-        self._info, self.p2p = expert_info, p2p
+        self._location, self.p2p = expert_info, p2p
+        self._stub = get_server_stub(p2p, expert_info.peer_id)
         self._rpc_info: Optional[dict] = None
 
     @property
     def uid(self) -> str:
-        return self._info.uid
+        return self._location.uid
 
     @property
     def peer_id(self) -> PeerID:
-        return self._info.peer_id
+        return self._location.peer_id
 
     @property
     def stub(self) -> StubBase:
-        return get_server_stub(self.p2p, self.peer_id)
+        return self._stub
 
     @property
     def info(self) -> Dict[str, Any]:
@@ -94,7 +95,7 @@ class _RemoteModuleCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dummy: torch.Tensor, uid: str, stub: StubBase, info: dict, *inputs: torch.Tensor):
         inputs = tuple(tensor.detach().cpu() for tensor in inputs)
-        ctx.uid, ctx.stub, ctx.info = uid, stub, info
+        ctx.expert_call = (uid, stub, info)
         ctx.save_for_backward(*inputs)
         serialized = serialize_inputs(inputs, info["forward_schema"])
         outputs = RemoteExpertWorker.run_coroutine(call_expert(stub, "forward", uid, serialized, raw_size_of(inputs)))
@@ -103,15 +104,15 @@ class _RemoteModuleCall(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs: torch.Tensor):
-        inputs = ctx.saved_tensors
+        inputs, (uid, stub, info) = ctx.saved_tensors, ctx.expert_call
         grad_outputs = tuple(grad.cpu() for grad in grad_outputs)
-        backward_schema = (ctx.info["forward_schema"], ctx.info["outputs_schema"])
+        backward_schema = (info["forward_schema"], info["outputs_schema"])
         tensors = (*inputs, *grad_outputs)
         serialized = serialize_inputs(tensors, backward_schema)
         grad_inputs = RemoteExpertWorker.run_coroutine(
-            call_expert(ctx.stub, "backward", ctx.uid, serialized, raw_size_of(tensors))
+            call_expert(stub, "backward", uid, serialized, raw_size_of(tensors))
         )
-        checked = check_grad_inputs(ctx.uid, inputs, grad_inputs)
+        checked = check_grad_inputs(uid, inputs, grad_inputs)
         needs = ctx.needs_input_grad[4:]
         return (None, None, None, None, *(grad if need else None for grad, need in zip(checked, needs)))
 

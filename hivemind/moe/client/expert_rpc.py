@@ -36,25 +36,23 @@ STREAMING_CHUNK_SIZE = 4 * 1024**2  # buffer bytes per streamed message
 class ConnectionHandler(ServicerBase):
     """Description of the RPCs of an expert server (the name is part of each handle: ``ConnectionHandler.rpc_x``)."""
 
-    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+    async def rpc_info(self, uid_message: runtime_pb2.ExpertUID, _: P2PContext) -> runtime_pb2.ExpertInfo:
         raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
 
-    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_forward(self, call: runtime_pb2.ExpertRequest, _: P2PContext) -> runtime_pb2.ExpertResponse:
         raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
 
     async def rpc_forward_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, calls: AsyncIterator[runtime_pb2.ExpertRequest], _: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
         yield
 
-    async def rpc_backward(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
+    async def rpc_backward(self, call: runtime_pb2.ExpertRequest, _: P2PContext) -> runtime_pb2.ExpertResponse:
         raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
 
     async def rpc_backward_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, calls: AsyncIterator[runtime_pb2.ExpertRequest], _: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
         yield

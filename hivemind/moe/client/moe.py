@@ -59,30 +59,34 @@ class RemoteMixtureOfExperts(nn.Module):
     def __init__(
         self,
         *,
-        in_features: int,
-        grid_size: Tuple[int, ...],
         dht: DHT,
         uid_prefix: str,
+        grid_size: Sequence[int],
+        in_features: int,
         k_best: int,
         k_min: int = 1,
-        forward_timeout: Optional[float] = None,
-        timeout_after_k_min: Optional[float] = None,
         backward_k_min: int = 1,
+        forward_timeout: Optional[float] = None,
         backward_timeout: Optional[float] = None,
-        detect_anomalies: bool = False,
+        timeout_after_k_min: Optional[float] = None,
         allow_zero_outputs: bool = False,
+        detect_anomalies: bool = False,
         **dht_kwargs,
     ):
         super().__init__()
         if not uid_prefix.endswith(UID_DELIMITER):
             uid_prefix += UID_DELIMITER
-        self.dht, self.grid_size, self.uid_prefix = dht, tuple(grid_size), uid_prefix
-        self.k_best, self.k_min, self.backward_k_min = k_best, k_min, backward_k_min
-        self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
-        self.timeout_after_k_min = timeout_after_k_min
-        self.detect_anomalies, self.allow_zero_outputs = detect_anomalies, allow_zero_outputs
-        self.beam_search = MoEBeamSearcher(dht, uid_prefix, grid_size, **dht_kwargs)
-        self.proj = nn.Linear(in_features, sum(grid_size))
+        self.dht, self.uid_prefix, self.grid_size = dht, uid_prefix, tuple(grid_size)
+        self.k_best = k_best
+        self.k_min, self.backward_k_min = k_min, backward_k_min
+        self.forward_timeout, self.backward_timeout, self.timeout_after_k_min = (
+            forward_timeout,
+            backward_timeout,
+            timeout_after_k_min,
+        )
+        self.allow_zero_outputs, self.detect_anomalies = allow_zero_outputs, detect_anomalies
+        self.beam_search = MoEBeamSearcher(dht, uid_prefix, self.grid_size, **dht_kwargs)
+        self.proj = nn.Linear(in_features, sum(self.grid_size))  # gating logits of all dimensions, concatenated
         self.failure_penalty = ExpertFailurePenalty()
         self._expert_info: Optional[dict] = None
 

@@ -56,24 +56,18 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
     def __init__(
         self,
         *,
-        grid_size: Tuple[int, ...],
-        utilization_alpha: float = 0.9,
-        grid_dropout: float = 1.0,
-        jitter_eps: float = 1e-2,
+        grid_size: Sequence[int],
         k_best: int = 1,
         k_min: int = 0,
         backward_k_min: int = 0,
         allow_zero_outputs: bool = True,
+        utilization_alpha: float = 0.9,
+        grid_dropout: float = 1.0,
+        jitter_eps: float = 1e-2,
         **kwargs,
     ):
-        super().__init__(
-            grid_size=grid_size,
-            k_best=k_best,
-            k_min=k_min,
-            backward_k_min=backward_k_min,
-            allow_zero_outputs=allow_zero_outputs,
-            **kwargs,
-        )
+        routing = dict(k_best=k_best, k_min=k_min, backward_k_min=backward_k_min)
+        super().__init__(grid_size=grid_size, allow_zero_outputs=allow_zero_outputs, **routing, **kwargs)
         self.utilization_alpha, self.grid_dropout, self.jitter_eps = utilization_alpha, grid_dropout, jitter_eps
         initial = torch.cat([torch.full((size,), 1.0 / size) for size in self.grid_size])
         self.register_buffer("grid_utilization", initial)

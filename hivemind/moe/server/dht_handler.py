@@ -83,7 +83,7 @@ def declaration_entries(
 
 
 def declare_experts(
-    dht: DHT, uids: Sequence[ExpertUID], expiration_time: DHTExpiration, wait: bool = True
+    dht: DHT, uids: Sequence[ExpertUID], expiration_time: float, wait: bool = True
 ) -> Union[Dict, MPFuture]:
     """Announce that this DHT's peer hosts ``uids`` until ``expiration_time`` (absolute DHT time, seconds).
 
@@ -94,13 +94,13 @@ def declare_experts(
     for uid in uids:
         assert is_valid_uid(uid), f"{uid!r} is not a valid expert uid (expected e.g. 'ffn.3' or 'ffn.3.14')"
     return dht.run_coroutine(
-        partial(_declare_experts, uids=uids, expiration_time=expiration_time), return_future=not wait
+        partial(_store_declarations, uids=uids, expires_at=expiration_time), return_future=not wait
     )
 
 
-async def _declare_experts(dht: DHT, node: DHTNode, uids: List[ExpertUID], expiration_time: DHTExpiration) -> Dict:
+async def _store_declarations(_dht: DHT, node: DHTNode, uids: List[ExpertUID], expires_at: float) -> Dict:
     keys, values, subkeys = declaration_entries(uids, node.peer_id.to_base58())
-    return await node.store_many(keys, values, expiration_time, subkeys=subkeys, num_workers=node.num_workers)
+    return await node.store_many(keys, values, expires_at, subkeys=subkeys, num_workers=node.num_workers)
 
 
 def get_experts(
@@ -112,15 +112,15 @@ def get_experts(
     """
     assert not isinstance(uids, str), "get_experts expects a list of uids, not a single string"
     infos = dht.run_coroutine(
-        partial(_get_experts, uids=list(uids), expiration_time=expiration_time), return_future=return_future
+        partial(_find_declared_peers, uids=list(uids), valid_until=expiration_time), return_future=return_future
     )
     return create_remote_experts(infos, dht, return_future=return_future)
 
 
-async def _get_experts(
-    dht: DHT, node: DHTNode, uids: List[ExpertUID], expiration_time: Optional[DHTExpiration]
+async def _find_declared_peers(
+    _dht: DHT, node: DHTNode, uids: List[ExpertUID], valid_until: Optional[float]
 ) -> List[Optional[ExpertInfo]]:
-    found = await node.get_many(uids, expiration_time, num_workers=node.num_workers)
+    found = await node.get_many(uids, valid_until, num_workers=node.num_workers)
     return [parse_declared_peer(uid, found[uid]) for uid in uids]
 
 
