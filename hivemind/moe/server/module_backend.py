@@ -6,7 +6,7 @@ import threading
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
+from torch.optim import Optimizer
 
 from hivemind.moe.server.task_pool import TaskPool
 from hivemind.utils.logging import get_logger
@@ -81,9 +81,9 @@ class ModuleBackend:
     def __init__(
         self,
         name: str,
-        module: nn.Module,
+        module: torch.nn.Module,
         *,
-        optimizer: Optional[torch.optim.Optimizer] = None,
+        optimizer: Optional[Optimizer] = None,
         scheduler: Optional[Any] = None,
         args_schema: Optional[Tuple[BatchTensorDescriptor, ...]] = None,
         kwargs_schema: Optional[Dict[str, BatchTensorDescriptor]] = None,
@@ -96,7 +96,9 @@ class ModuleBackend:
             raise ValueError(f"{name}: a scheduler was given without an optimizer; pass the optimizer it schedules")
         if "max_batch_size" not in kwargs:
             raise TypeError(f"{name}: max_batch_size is required (the largest batch the expert may process)")
-        self.name, self.module, self.optimizer, self.scheduler = name, module, optimizer, scheduler
+        self.name = name
+        self.module = module
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.args_schema = tuple(args_schema or ())
         self.kwargs_schema = dict(kwargs_schema or {})
         self.forward_schema = (self.args_schema, self.kwargs_schema)
@@ -121,15 +123,15 @@ class ModuleBackend:
 
     def _infer_outputs_schema(self):
         device = self._module_device()
-        dummy_args = tuple(d.make_zeros(DUMMY_BATCH_SIZE, device=device) for d in self.args_schema)
-        dummy_kwargs = {key: d.make_zeros(DUMMY_BATCH_SIZE, device=device) for key, d in self.kwargs_schema.items()}
+        sample_args = tuple(d.make_zeros(DUMMY_BATCH_SIZE, device=device) for d in self.args_schema)
+        sample_kwargs = {key: d.make_zeros(DUMMY_BATCH_SIZE, device=device) for key, d in self.kwargs_schema.items()}
         with torch.no_grad():
-            dummy_outputs = self.module(*dummy_args, **dummy_kwargs)
+            sample_outputs = self.module(*sample_args, **sample_kwargs)
         floating = [d for d in self._flat_inputs_schema if d.dtype is None or d.dtype.is_floating_point]
         compressions = {d.compression for d in floating}
         compression = compressions.pop() if len(compressions) == 1 else None
         extra = {} if compression is None else {"compression": compression}
-        return nested_map(lambda t: BatchTensorDescriptor.from_tensor(t.detach().cpu(), **extra), dummy_outputs)
+        return nested_map(lambda t: BatchTensorDescriptor.from_tensor(t.detach().cpu(), **extra), sample_outputs)
 
     # ------------------------------------------------------------------ request checks
 
@@ -203,23 +205,24 @@ class ModuleBackend:
     def on_backward(self, batch_size: int) -> None:
         """Train after a backward batch: optimizer step and zero_grad, then scheduler step."""
         with self._update_lock:
-            if self.optimizer is not None:
-                self.optimizer.step()
-                self.optimizer.zero_grad()
-                if self.scheduler is not None:
-                    self.scheduler.step()
-            else:
-                self.module.zero_grad(set_to_none=True)  # untrained: do not let gradients accumulate
+            if self.optimizer is None:
+                self.module.zero_grad(set_to_none=True)  # not trained: do not let gradients accumulate
+                return
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            if self.scheduler is not None:
+                self.scheduler.step()
 
     # ------------------------------------------------------------------ info and state
 
     def get_info(self) -> Dict[str, Any]:
         """What clients need to call this expert (sent by rpc_info)."""
-        return dict(
-            forward_schema=self.forward_schema,
-            outputs_schema=self.outputs_schema,
-            keyword_names=tuple(self.kwargs_schema.keys()),
-        )
+        keyword_names = tuple(self.kwargs_schema)
+        return {
+            "forward_schema": self.forward_schema,
+            "outputs_schema": self.outputs_schema,
+            "keyword_names": keyword_names,
+        }
 
     def get_pools(self) -> Sequence[TaskPool]:
         """The pools the Runtime serves for this expert."""
@@ -235,14 +238,13 @@ class ModuleBackend:
                 state["scheduler"] = self.scheduler.state_dict()
             return _clone_tensors(state)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore what state_dict saved (the optimizer / scheduler parts only where this backend has them)."""
         with self._update_lock:
-            self.module.load_state_dict(state_dict["module"])
-            if self.optimizer is not None and "optimizer" in state_dict:
-                self.optimizer.load_state_dict(state_dict["optimizer"])
-            if self.scheduler is not None and "scheduler" in state_dict:
-                self.scheduler.load_state_dict(state_dict["scheduler"])
+            self.module.load_state_dict(state["module"])
+            for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
+                if target is not None and key in state:
+                    target.load_state_dict(state[key])
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -54,7 +53,7 @@ class Runtime(threading.Thread):
         if sender_threads < 1:
             raise ValueError(f"sender_threads must be at least 1, got {sender_threads}")
         self.module_backends = module_backends
-        self.pools = tuple(chain(*(backend.get_pools() for backend in module_backends.values())))
+        self.pools = tuple(pool for backend in module_backends.values() for pool in backend.get_pools())
         self.prefetch_batches, self.sender_threads = prefetch_batches, sender_threads
         self.device, self.stats_report_interval = device, stats_report_interval
         self.ready = mp.Event()
@@ -65,16 +64,17 @@ class Runtime(threading.Thread):
     def run(self):
         """Serve batches until shutdown() (blocking)."""
         pools: Sequence = self.pools
-        for pool in pools:
-            if not pool.is_alive():
-                pool.start()
-        if self.device is not None:
-            for backend in self.module_backends.values():
-                backend.module.to(self.device)
+        for pool in (pool for pool in pools if not pool.is_alive()):
+            pool.start()
+        for backend in self.module_backends.values() if self.device is not None else ():
+            backend.module.to(self.device)
 
-        reporter = None
-        if self.stats_report_interval is not None:
-            reporter = threading.Thread(target=self._report_stats, name="Runtime.stats", daemon=True)
+        reporter = (
+            None
+            if self.stats_report_interval is None
+            else threading.Thread(target=self._report_stats, name="Runtime.stats", daemon=True)
+        )
+        if reporter is not None:
             reporter.start()
         senders = ThreadPoolExecutor(self.sender_threads, thread_name_prefix="Runtime.sender")
         try:

@@ -1,0 +1,149 @@
+"""Saving and loading the state of hosted experts.
+
+Layout: ``<checkpoint_dir>/<uid>/checkpoint_<UTC ISO timestamp>.pt`` for every save, and a relative symlink
+``<checkpoint_dir>/<uid>/checkpoint_last.pt`` to the newest one. Each file holds ``ModuleBackend.state_dict()``
+(keys ``module``, ``optimizer``, ``scheduler``). Writes are atomic: a checkpoint is written to a temporary file,
+flushed to disk and renamed into place, and the symlink is replaced by a rename too, so a crash at any moment leaves
+either the previous or the new checkpoint, never a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+
+from hivemind.utils.logging import get_logger
+
+__all__ = ["CheckpointSaver", "store_experts", "load_experts", "is_directory", "LAST_CHECKPOINT_NAME"]
+
+logger = get_logger(__name__)
+
+LAST_CHECKPOINT_NAME = "checkpoint_last.pt"
+PathLike = Union[str, os.PathLike]
+
+
+def is_directory(path: PathLike) -> bool:
+    """True if ``path`` is an existing directory.
+
+    :raises FileNotFoundError: if ``path`` is None or does not exist
+    :raises NotADirectoryError: if it exists but is not a directory
+    """
+    if path is None:
+        raise FileNotFoundError("no checkpoint directory was given")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"checkpoint path {str(path)!r} is not a directory")
+    return True
+
+
+def _expert_directory(checkpoint_dir: PathLike, uid: str) -> Path:
+    if not uid or uid in (".", "..") or "/" in uid or os.sep in uid or "\0" in uid:
+        raise ValueError(f"expert uid {uid!r} cannot be used as a checkpoint directory name")
+    return Path(checkpoint_dir) / uid
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. some platforms cannot open directories)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _atomic_symlink(target_name: str, link: Path) -> None:
+    temporary = link.parent / f".tmp-link-{os.getpid()}-{threading.get_ident()}"
+    try:
+        os.unlink(temporary)
+    except FileNotFoundError:
+        pass
+    os.symlink(target_name, temporary)
+    os.replace(temporary, link)
+
+
+def store_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
+    """Save a checkpoint of every expert ({uid: ModuleBackend}) and point its checkpoint_last.pt at it."""
+    timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    for uid, backend in experts.items():
+        directory = _expert_directory(checkpoint_dir, uid)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"checkpoint_{timestamp}.pt"
+        _atomic_save(backend.state_dict(), path)
+        _atomic_symlink(path.name, directory / LAST_CHECKPOINT_NAME)
+        _fsync_directory(directory)
+
+
+def load_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
+    """Load the latest checkpoint of every expert that has one; experts without one keep their state (logged)."""
+    is_directory(checkpoint_dir)
+    for uid, backend in experts.items():
+        path = _expert_directory(checkpoint_dir, uid) / LAST_CHECKPOINT_NAME
+        if not path.exists():
+            logger.warning(f"No checkpoint for expert {uid} in {checkpoint_dir}; it starts from its initial state")
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"could not read the checkpoint {str(path)!r} of expert {uid}: {e}") from e
+        backend.load_state_dict(state)
+
+
+class CheckpointSaver(threading.Thread):
+    """Saves checkpoints of all experts every ``update_period`` seconds until ``shutdown()`` (or ``stop.set()``).
+
+    :param module_backends: {uid: ModuleBackend}
+    :param checkpoint_dir: where to save (created if missing)
+    :param update_period: seconds between saves
+    """
+
+    def __init__(self, module_backends: Dict[str, object], checkpoint_dir: PathLike, update_period: float):
+        super().__init__(name="CheckpointSaver", daemon=True)
+        if not update_period > 0:
+            raise ValueError(f"update_period must be positive, got {update_period}")
+        self.module_backends, self.checkpoint_dir, self.update_period = (
+            module_backends,
+            Path(checkpoint_dir),
+            update_period,
+        )
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(timeout=self.update_period):
+            try:
+                store_experts(experts=self.module_backends, checkpoint_dir=self.checkpoint_dir)
+            except Exception as e:  # a full disk must not take the server down; the next period retries
+                logger.warning(f"Could not save checkpoints to {self.checkpoint_dir}: {e!r}")
+
+    def shutdown(self, timeout: float = None) -> None:
+        """Stop saving (a save in progress completes) and wait for the thread."""
+        self.stop.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)

@@ -1,0 +1,80 @@
+"""Built-in experts: ffn, transformer, nop and nop_delay."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hivemind.moe.server.layers.custom_experts import register_expert_class
+
+__all__ = ["FeedforwardBlock", "TransformerEncoderLayer", "NopExpert", "DelayedNopExpert"]
+
+SEQUENCE_LENGTH = 128  # sample sequence length of the transformer expert
+
+
+@register_expert_class("ffn", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
+class FeedforwardBlock(nn.Module):
+    """LayerNorm(x + Linear(GELU(Linear(x)))), with a 4x wider hidden layer and the tanh approximation of GELU."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.ffn = nn.Linear(hidden_dim, 4 * hidden_dim)
+        self.ffn_output = nn.Linear(4 * hidden_dim, hidden_dim)
+        self.layer_norm = nn.LayerNorm(hidden_dim, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(self.ffn(x), approximate="tanh")
+        return self.layer_norm(x + self.ffn_output(hidden))
+
+
+def _transformer_sample_input(batch_size: int, hidden_dim: int):
+    return torch.empty((batch_size, SEQUENCE_LENGTH, hidden_dim)), torch.zeros(
+        (batch_size, SEQUENCE_LENGTH), dtype=bool
+    )
+
+
+@register_expert_class("transformer", _transformer_sample_input)
+class TransformerEncoderLayer(nn.Module):
+    """A post-norm transformer encoder layer: 16 heads, feed-forward 4x wide, GELU.
+
+    Inputs: ``x`` of shape [batch, length, hidden_dim] and ``src_key_padding_mask`` of shape [batch, length], True
+    where a position is padding.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int = 16, dropout: float = 0.1):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(
+            hidden_dim, num_heads, dim_feedforward=4 * hidden_dim, dropout=dropout, activation="gelu", batch_first=True
+        )
+
+    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, src_key_padding_mask=src_key_padding_mask)
+
+
+@register_expert_class("nop", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
+class NopExpert(nn.Module):
+    """Returns a copy of its input (for tests and benchmarks of everything around the computation)."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(0))  # so that optimizers accept it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+@register_expert_class("nop_delay", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
+class DelayedNopExpert(nn.Module):
+    """Returns a copy of its input after ``delay`` seconds (for tests of timeouts and slow experts)."""
+
+    def __init__(self, hidden_dim: int, delay: float = 0.5):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(0))
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return x.clone()
