@@ -79,12 +79,16 @@ def test_uid_that_is_not_a_directory_name_is_refused(tmp_path: Path):
 
 
 def test_is_directory(tmp_path: Path):
-    assert is_directory(tmp_path)
-    with pytest.raises(FileNotFoundError):
-        is_directory(tmp_path / "missing")
     (tmp_path / "file").write_text("")
-    with pytest.raises(NotADirectoryError):
-        is_directory(tmp_path / "file")
+    assert is_directory(tmp_path) and is_directory(str(tmp_path))
+    assert not is_directory(tmp_path / "missing")
+    assert not is_directory(tmp_path / "file")
+    assert not is_directory(None)
+
+
+def test_loading_from_a_missing_directory_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_experts({"expert.0": make_backend("expert.0", 0)}, tmp_path / "missing")
 
 
 def test_checkpoint_saver_saves_periodically_until_shutdown(tmp_path: Path):

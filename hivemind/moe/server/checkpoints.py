@@ -14,7 +14,7 @@ import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -28,20 +28,15 @@ LAST_CHECKPOINT_NAME = "checkpoint_last.pt"
 PathLike = Union[str, os.PathLike]
 
 
-def is_directory(path: PathLike) -> bool:
-    """True if ``path`` is an existing directory.
+def is_directory(path: Optional[PathLike]) -> bool:
+    """True if ``path`` is an existing directory (False for None, a missing path or a file)."""
+    return path is not None and Path(path).is_dir()
 
-    :raises FileNotFoundError: if ``path`` is None or does not exist
-    :raises NotADirectoryError: if it exists but is not a directory
-    """
-    if path is None:
-        raise FileNotFoundError("no checkpoint directory was given")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"checkpoint path {str(path)!r} is not a directory")
-    return True
+
+def _require_directory(path: PathLike) -> None:
+    if not is_directory(path):
+        what = "does not exist" if path is None or not Path(path).exists() else "is not a directory"
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} {what}")
 
 
 def _expert_directory(checkpoint_dir: PathLike, uid: str) -> Path:
@@ -103,7 +98,7 @@ def store_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
 
 def load_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
     """Load the latest checkpoint of every expert that has one; experts without one keep their state (logged)."""
-    is_directory(checkpoint_dir)
+    _require_directory(checkpoint_dir)
     for uid, backend in experts.items():
         path = _expert_directory(checkpoint_dir, uid) / LAST_CHECKPOINT_NAME
         if not path.exists():

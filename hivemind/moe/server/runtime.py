@@ -64,8 +64,8 @@ class Runtime(threading.Thread):
     def run(self):
         """Serve batches until shutdown() (blocking)."""
         pools: Sequence = self.pools
-        for pool in (pool for pool in pools if not pool.is_alive()):
-            pool.start()
+        for pool in pools:
+            _ensure_started(pool)
         for backend in self.module_backends.values() if self.device is not None else ():
             backend.module.to(self.device)
 
@@ -134,6 +134,15 @@ class Runtime(threading.Thread):
         while not self._shutdown_requested.wait(self.stats_report_interval):
             for line in self.stats.report_and_reset():
                 logger.info(line)
+
+
+def _ensure_started(pool) -> None:
+    if pool.is_alive():
+        return
+    try:
+        pool.start()
+    except RuntimeError as e:  # a thread / process can be started only once
+        logger.warning(f"Runtime: pool {pool.name} cannot be started again ({e}); its tasks will not be served")
 
 
 def _send_outputs(pool, batch_index: int, outputs) -> None:

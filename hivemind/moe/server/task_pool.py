@@ -325,6 +325,8 @@ class TaskPool(TaskPoolBase):
             raise TimeoutError(f"{self.name}: no batch became ready within {timeout} s")
         self.batch_receiver.recv_bytes()
         with self._lock:
+            if not self._ready:  # shut down since the batch was announced
+                raise RuntimeError(f"{self.name}: the task pool is shut down")
             batch = self._ready.popleft()
             self._in_flight[batch.index] = batch
             self._changed.notify()  # room for the next batch

@@ -47,6 +47,15 @@ _HEADER_LENGTH = struct.Struct("<I")
 _MAX_HEADER_BYTES = 1 << 20  # a header lists a few tensors; anything larger is a broken peer
 _CONNECT_TIMEOUT = 10.0  # seconds to connect and authenticate to a hub
 _KEY_BYTES = 32
+_SOCKET_BUFFER_BYTES = 4 << 20  # fewer wake-ups per large tensor (the kernel caps it at net.core.[rw]mem_max)
+
+
+def _enlarge_buffers(sock: socket.socket) -> None:
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
@@ -227,6 +236,7 @@ class _Hub:
             self._tempdir = tempfile.mkdtemp(prefix="hivemind-taskpool-")
             self.address = os.path.join(self._tempdir, "hub.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _enlarge_buffers(self.listener)
         self.listener.bind(self.address)
         self.listener.listen(128)
         self.pools: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -246,6 +256,7 @@ class _Hub:
             threading.Thread(target=self._serve, args=(sock,), name="TaskPool.hub.reader", daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
+        _enlarge_buffers(sock)
         try:
             sock.settimeout(_CONNECT_TIMEOUT)
             key = bytearray(_KEY_BYTES)
@@ -281,6 +292,7 @@ class _Client:
     def __init__(self, address: str, key: bytes, owner_pid: int):
         self.address, self.owner_pid = address, owner_pid
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _enlarge_buffers(self.sock)
         try:
             self.sock.settimeout(_CONNECT_TIMEOUT)
             self.sock.connect(address)
