@@ -1,6 +1,9 @@
 """Runtime: serves the pools of its backends, oldest ready work first, and survives failing batches."""
 
+import multiprocessing as mp
+import queue
 import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -134,3 +137,51 @@ def test_stats_report_lines():
     assert line.startswith("expert.0_forward: 2 batches, 48 examples (mean batch 24.0)")
     assert "48.0 examples/s while computing" in line
     assert stats.report_and_reset()[0].startswith("Runtime: no batches processed")
+
+
+class TokenPerTaskPool(threading.Thread):
+    """A pool that follows the Runtime protocol the way downstream pools do (one pipe message per task, no batching,
+    priority as a tuple), to check that the Runtime needs nothing TaskPool-specific."""
+
+    def __init__(self, process_func, name):
+        super().__init__(name=name, daemon=True)
+        self.process_func = process_func
+        self.tasks, self.dispatched = queue.Queue(), {}
+        self.batch_receiver, self.batch_sender = mp.Pipe(duplex=False)
+        self.priority = (0.0, 0.0)
+        self.stopped = threading.Event()
+
+    def run(self):
+        self.stopped.wait()
+
+    def submit_task(self, *args):
+        future = Future()
+        self.tasks.put((future, args))
+        self.batch_sender.send(None)
+        return future
+
+    def load_batch_to_runtime(self, timeout=None, device=None):
+        future, args = self.tasks.get(timeout=timeout)
+        self.batch_receiver.recv()
+        self.dispatched[id(future)] = future
+        return id(future), args
+
+    def send_outputs_from_runtime(self, uid, outputs):
+        self.dispatched.pop(uid).set_result(outputs)
+
+    def send_exception_from_runtime(self, uid, exception):
+        self.dispatched.pop(uid).set_exception(exception)
+
+    def shutdown(self):
+        self.stopped.set()
+
+
+def test_runtime_serves_any_pool_that_follows_the_protocol(runtime_factory):
+    pool = TokenPerTaskPool(lambda x: (x * 3,), name="custom")
+    runtime = runtime_factory({"x": FakeBackend(pool)})
+    runtime.start()
+    assert runtime.ready.wait(10)
+    (output,) = pool.submit_task(torch.ones(2)).result(timeout=10)
+    assert torch.equal(output, torch.full((2,), 3.0))
+    runtime.shutdown(timeout=10)
+    assert not pool.is_alive()
