@@ -173,3 +173,37 @@ def test_backward_request_checks_inputs_then_output_gradients():
         backend.check_backward_inputs((torch.randn(3, 4), torch.randn(3, 4)))
     with pytest.raises(InvalidInputsError, match="batch size 2, but input #0 has 3"):
         backend.check_backward_inputs((torch.randn(3, 4), torch.randn(2, 3)))
+
+
+class FailingBackwardOnce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.fail = True
+
+    def forward(self, x):
+        return FailInBackward.apply(self.linear(x), self)
+
+
+class FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, owner):
+        ctx.owner = owner
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.owner.fail:  # some gradients were accumulated before the failure
+            ctx.owner.linear.weight.grad = torch.ones_like(ctx.owner.linear.weight)
+            raise RuntimeError("backward exploded")
+        return grad, None
+
+
+def test_failed_backward_leaves_no_gradient_for_the_next_batch():
+    module = FailingBackwardOnce()
+    backend = make_backend(module, lr=None)
+    weight = module.linear.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="backward exploded"):
+        backend.backward(torch.randn(2, 4), torch.randn(2, 3))
+    assert module.linear.weight.grad is None
+    assert torch.equal(module.linear.weight, weight)

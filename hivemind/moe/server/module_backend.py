@@ -189,13 +189,19 @@ class ModuleBackend:
         batch_size = inputs[0].shape[0]
         args, kwargs = self._split_inputs(inputs)
         with self._update_lock:
-            with torch.enable_grad():
-                outputs = tuple(nested_flatten(self.module(*args, **kwargs)))
-                if len(outputs) != num_outputs:
-                    raise RuntimeError(f"{self.name}: the module returned {len(outputs)} outputs, not {num_outputs}")
-                pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if out.requires_grad]
-                if pairs:
-                    torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
+            try:
+                with torch.enable_grad():
+                    outputs = tuple(nested_flatten(self.module(*args, **kwargs)))
+                    if len(outputs) != num_outputs:
+                        raise RuntimeError(
+                            f"{self.name}: the module returned {len(outputs)} outputs, not {num_outputs}"
+                        )
+                    pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if out.requires_grad]
+                    if pairs:
+                        torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
+            except BaseException:
+                self.module.zero_grad(set_to_none=True)  # a failed batch must not leave gradients for the next one
+                raise
             grads = tuple(
                 tensor.grad if tensor.grad is not None else torch.zeros_like(tensor).detach() for tensor in inputs
             )

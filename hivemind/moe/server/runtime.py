@@ -63,7 +63,7 @@ class Runtime(threading.Thread):
 
     def run(self):
         """Serve batches until shutdown() (blocking)."""
-        pools: Sequence = self.pools
+        pools: Sequence = tuple(dict.fromkeys(self.pools))  # a pool shared by several backends is served once
         for pool in pools:
             _ensure_started(pool)
         for backend in self.module_backends.values() if self.device is not None else ():

@@ -374,6 +374,8 @@ class TaskPool(TaskPoolBase):
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop forming batches and fail every task still held (waiting, ready or being processed)."""
+        if os.getpid() != self._owner_pid:
+            return  # a handle in another process: the pool itself belongs to its owner
         with self._lock:
             if self._closed:
                 return
