@@ -52,7 +52,8 @@ class StepControl(MPFuture):
         super().__init__()
         if self._shared is None:
             raise RuntimeError("StepControl needs shared memory for its state, and none could be allocated")
-        self._data_for_gather, self._deadline, self._allow_retries = data_for_gather, deadline, allow_retries
+        self._data_for_gather = data_for_gather
+        self._deadline, self._allow_retries = deadline, allow_retries
         self.scheduled_time = scheduled_time
         self.weight = weight
         self.stage = AveragingStage.IDLE

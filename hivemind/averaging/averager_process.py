@@ -1,0 +1,308 @@
+"""Process plumbing of DecentralizedAverager: start (fork or spawn), the request pipe, the event loop in the child,
+the handlers it serves, and shutdown. The averaging logic itself lives in averager_rounds.py."""
+
+import asyncio
+import concurrent.futures
+import multiprocessing as mp
+import os
+import signal
+import threading
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from hivemind.averaging.averager_rounds import AveragingRounds
+from hivemind.averaging.control import StepControl
+from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.state_download import load_state_from_peers
+from hivemind.averaging.state_sharing import StateSharing
+from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd
+from hivemind.p2p import ServicerBase
+from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
+from hivemind.utils.logging import get_logger
+from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
+from hivemind.utils.mpfuture import MPFuture
+
+logger = get_logger(__name__)
+
+STATE_TEMPLATE_TIMEOUT = 60.0  # seconds for the user's process to answer get_current_state()
+
+
+class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
+    """The process shell; DecentralizedAverager sets the averaging options before calling ``__init__``."""
+
+    def __init__(self, *, daemon: bool, shutdown_timeout: float, start_method: Optional[str]):
+        self._start_method = start_method
+        self._context = mp.get_context(start_method)
+        mp.Process.__init__(self)
+        self.daemon, self.shutdown_timeout = daemon, shutdown_timeout
+        self._origin_pid = os.getpid()
+        self._started = False
+        self._shutting_down = False
+        # user process -> averager process: calls (one duplex pipe, answers come back on it)
+        self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
+        self._caller = CallerEnd(self._caller_connection)
+        # averager process -> user process: "send me get_current_state()" (an MPFuture per request)
+        self._state_request_reader, self._state_request_writer = self._context.Pipe(duplex=False)
+        self._state_request_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ user process side
+
+    def _Popen(self, process_obj):  # called by Process.start(): start the child with the chosen start method
+        return self._context.Process._Popen(process_obj)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """What a spawned averager process receives: no user-side channel ends, threads or process handles."""
+        state = self.__dict__.copy()
+        for name in (
+            "_caller",
+            "_caller_connection",
+            "_state_request_reader",
+            "_context",
+            "_popen",
+            "_state_thread",
+            "_state_request_lock",
+        ):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._context = mp.get_context(self._start_method)
+        self._state_request_lock = threading.Lock()
+        self._popen = None
+
+    def start(self) -> None:
+        """Start the averager's process (without waiting for it: see wait_until_ready)."""
+        if self._started:
+            raise RuntimeError("the averager was already started")
+        self._started = True
+        mp.Process.start(self)
+        self._serving_connection.close()  # the child holds its own copies; ours must go so that EOF is noticed
+        self._state_request_writer.close()
+        self._caller.start_reader()
+        self._state_thread = threading.Thread(
+            target=self._serve_state_requests, name=f"{type(self).__name__}.state", daemon=True
+        )
+        self._state_thread.start()
+
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        """Start the averager's process; with ``await_ready``, wait until it runs (re-raising its start-up error)."""
+        self.start()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def wait_until_ready(self, timeout: Optional[float] = None) -> None:
+        """Block until the averager runs; re-raises the exception that made its start fail, if any."""
+        self._caller.ready.result(timeout=timeout)
+
+    def _check_running(self) -> None:
+        if not self._started:
+            raise RuntimeError("the averager is not started: pass start=True or call run_in_background()")
+        if os.getpid() != self._origin_pid:
+            raise RuntimeError("an averager can only be used from the process that created it")
+
+    def _call_future(self, method: str, *args) -> MPFuture:
+        self._check_running()
+        future = MPFuture()
+        self._caller.call(future, method, *args)
+        return future
+
+    def _send_one_way(self, method: str, *args, on_error=None) -> None:
+        """Send a request whose answer nobody waits for (errors are logged, or passed to ``on_error``)."""
+        self._check_running()
+        future = concurrent.futures.Future()
+
+        def _check_answer(done: concurrent.futures.Future) -> None:
+            error = None if done.cancelled() else done.exception()
+            if error is not None:
+                logger.debug(f"{type(self).__name__}.{method} failed in the averager's process: {error!r}")
+                if on_error is not None:
+                    on_error(error)
+
+        future.add_done_callback(_check_answer)
+        self._caller.call(future, method, *args)
+
+    def _send_step(self, control: StepControl) -> None:
+        def _fail_step(error: BaseException) -> None:
+            if not control.done():
+                control.set_exception(error)
+
+        self._send_one_way("step", control, on_error=_fail_step)
+
+    def _serve_state_requests(self) -> None:
+        """User-process thread: answers the averager's requests for get_current_state() until it exits."""
+        while True:
+            try:
+                future = self._state_request_reader.recv()
+            except (EOFError, OSError):
+                return
+            except Exception as e:
+                logger.warning(f"Could not read a state request from the averager's process: {e!r}")
+                continue
+            try:
+                future.set_result(tuple(self.get_current_state()))
+            except Exception as e:
+                logger.warning(f"get_current_state() failed, the download is refused: {e!r}")
+                try:
+                    future.set_exception(e)
+                except Exception:
+                    pass
+
+    def shutdown(self) -> None:
+        """Leave the swarm: cancel running steps, remove the handlers, stop the process."""
+        if not self._started or os.getpid() != self._origin_pid or getattr(self, "_popen", None) is None:
+            return
+        if self.is_alive():
+            try:
+                self._caller.call(concurrent.futures.Future(), "shutdown")
+            except Exception:
+                pass
+            self.join(self.shutdown_timeout)
+            if self.is_alive():
+                logger.warning(f"{type(self).__name__} did not shut down in {self.shutdown_timeout} s, terminating it")
+                self.terminate()
+                self.join()
+        self._caller.close()
+        self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
+        self._state_request_reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        if getattr(self, "_origin_pid", None) == os.getpid() and getattr(self, "_popen", None) is not None:
+            try:
+                if self.is_alive():
+                    self.shutdown()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ averager process side
+
+    def run(self) -> None:
+        """The averager's process: set up matchmaking and state sharing, then serve until shutdown."""
+        for name in ("_caller_connection", "_state_request_reader"):
+            if hasattr(self, name):
+                getattr(self, name).close()  # forked copies of the user-side ends
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the creator decides
+        tune_malloc_for_large_messages()  # this process moves big tensors (see malloc_tuning)
+        # a forked child must not enter the intra-op thread pool inherited from a parent that used it (it hangs), and
+        # this process does little arithmetic: one thread
+        torch.set_num_threads(1)
+        loop = switch_to_uvloop()
+        stopped = asyncio.Event()
+        serving = ServingEnd(self._serving_connection, self._make_handlers(stopped), on_closed=stopped.set)
+        try:
+            loop.run_until_complete(self._serve(loop, serving, stopped))
+        finally:
+            serving.stop()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._serving_connection.close()
+            self._state_request_writer.close()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, stopped: asyncio.Event) -> None:
+        self._init_round_state()
+        try:
+            self._p2p = await self.dht.replicate_p2p()
+            self._matchmaking = Matchmaking(
+                self._p2p,
+                self.schema_hash,
+                self.dht,
+                servicer_type=type(self),
+                prefix=self.prefix,
+                target_group_size=self.target_group_size,
+                min_group_size=self.min_group_size,
+                min_matchmaking_time=self.min_matchmaking_time,
+                request_timeout=self.request_timeout,
+                client_mode=self.client_mode,
+                initial_group_bits=self.initial_group_bits,
+            )
+            self._state_sharing = StateSharing(
+                dht=self.dht,
+                peer_id=self._p2p.peer_id,
+                prefix=self.prefix,
+                get_current_state=self._get_current_state_from_host,
+                state_compression=self.state_compression,
+                allow_state_sharing=bool(self._allow_state_sharing.value),
+                state_sharing_priority=float(self._state_sharing_priority.value),
+                declare_state_period=self.declare_state_period,
+                client_mode=self.client_mode,
+            )
+            if not self.client_mode:
+                await self.add_p2p_handlers(self._p2p, wrapper=None, namespace=self.prefix)
+            await self._state_sharing.start()
+        except BaseException as e:
+            logger.debug(f"{type(self).__name__} failed to start: {e!r}")
+            serving.send(READY_CALL_ID, False, e)
+            return
+        serving.start(loop)
+        serving.send(READY_CALL_ID, True, None)
+        try:
+            await stopped.wait()
+        finally:
+            await self._shutdown_in_child()
+
+    async def _shutdown_in_child(self) -> None:
+        self._shutting_down = True
+        steps = [("cancel steps", self._cancel_steps()), ("stop state sharing", self._state_sharing.shutdown())]
+        if not self.client_mode:
+            steps.append(("remove handlers", self.remove_p2p_handlers(self._p2p, namespace=self.prefix)))
+        for what, coroutine in steps:
+            try:
+                await await_with_timeout(coroutine, self.shutdown_timeout)
+            except Exception as e:
+                logger.warning(f"{type(self).__name__} shutdown: could not {what}: {e!r}")
+
+    def _make_handlers(self, stopped: asyncio.Event):
+        async def step(control: StepControl) -> None:
+            self._start_step(control)
+
+        async def get_group_bits() -> str:
+            return self._matchmaking.group_key_manager.group_bits
+
+        async def set_group_bits(group_bits: str) -> None:
+            key_manager = self._matchmaking.group_key_manager
+            key_manager.group_bits = group_bits
+
+        async def update_state_sharing() -> None:
+            self._state_sharing.allow_state_sharing = bool(self._allow_state_sharing.value)
+            self._state_sharing.state_sharing_priority = float(self._state_sharing_priority.value)
+
+        async def shutdown() -> None:
+            stopped.set()
+
+        return dict(
+            step=step,
+            get_group_bits=get_group_bits,
+            set_group_bits=set_group_bits,
+            load_state_from_peers=self._load_state_from_peers,
+            update_state_sharing=update_state_sharing,
+            shutdown=shutdown,
+        )
+
+    async def _get_current_state_from_host(self) -> Tuple[Any, Any, Any]:
+        """Ask the user's process for get_current_state() (it may be overridden there)."""
+        future = MPFuture()
+        with self._state_request_lock:
+            self._state_request_writer.send(future)
+        return await future
+
+    async def _load_state_from_peers(self, timeout: Optional[float] = None):
+        # what a donor's state must look like: our own state (get_current_state may be overridden)
+        _, expected_tensors, _ = await await_with_timeout(self._get_current_state_from_host(), STATE_TEMPLATE_TIMEOUT)
+        return await load_state_from_peers(
+            p2p=self._p2p,
+            dht=self.dht,
+            prefix=self.prefix,
+            servicer_type=type(self),
+            own_peer_id=self._p2p.peer_id,
+            expected_tensors=list(expected_tensors),
+            timeout=timeout,
+            request_timeout=self.request_timeout,
+            next_chunk_timeout=self.next_chunk_timeout,
+        )

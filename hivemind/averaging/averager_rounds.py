@@ -1,0 +1,251 @@
+"""The averager's work inside its own process: one step = find a group, wait for the trigger, run the all-reduce,
+apply the result; plus the handlers other peers call (join a group, exchange parts, download the state)."""
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
+
+import torch
+
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import AllreduceException
+from hivemind.averaging.payload import decode_group_gathered
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter, await_with_timeout, cancel_and_wait
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+CANCEL_POLL_PERIOD = 0.05  # how often a running step checks (in shared memory) whether the user cancelled it
+TRIGGER_POLL_PERIOD = 0.01  # how often a step waiting for allow_allreduce() checks the trigger (shared memory)
+MIN_RETRY_DELAY, MAX_RETRY_DELAY = 0.05, 1.0  # back-off between attempts that failed at once
+
+
+class AveragingRounds:
+    """Mixed into DecentralizedAverager; every method here runs in the averager's process and event loop.
+
+    Subclasses may override ``_aggregate_with_group`` (how an assembled group averages) and ``_apply_deltas``.
+    """
+
+    def _init_round_state(self) -> None:
+        self._running_groups: Dict[bytes, AllReduceRunner] = {}
+        self._group_registered = asyncio.Event()
+        self._step_tasks: set = set()
+
+    # ------------------------------------------------------------------ one step, with retries
+
+    def _start_step(self, control: StepControl) -> None:
+        task = asyncio.create_task(self._run_step(control), name=f"averaging step {control!r}")
+        self._step_tasks.add(task)
+        task.add_done_callback(self._step_tasks.discard)
+
+    async def _run_step(self, control: StepControl) -> None:
+        step_task = asyncio.current_task()
+        watcher = asyncio.create_task(self._cancel_when_done(control, step_task))
+        try:
+            await self._step_with_retries(control)
+        except asyncio.CancelledError:
+            if not control.done():  # the averager is shutting down, not the user's cancellation
+                control.set_exception(AllreduceException("Averaging step failed: the averager was shut down"))
+            if not self._shutting_down:
+                return
+            raise
+        except BaseException as e:  # a bug: never leave the user's step hanging
+            logger.exception("Averaging step crashed")
+            if not control.done():
+                control.set_exception(e)
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _cancel_when_done(control: StepControl, step_task: asyncio.Task) -> None:
+        while not control.done():  # a memory read: the control's state lives in shared memory
+            await asyncio.sleep(CANCEL_POLL_PERIOD)
+        step_task.cancel()
+
+    async def _step_with_retries(self, control: StepControl) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            try:
+                control.stage = AveragingStage.LOOKING_FOR_GROUP
+                group_info = await self._find_group(control)
+                if not control.triggered:
+                    control.stage = AveragingStage.AWAITING_TRIGGER
+                    while not control.triggered:
+                        await asyncio.sleep(TRIGGER_POLL_PERIOD)
+                control.stage = AveragingStage.RUNNING_ALLREDUCE
+                gathered = await self._aggregate_with_group(group_info, weight=control.weight)
+                control.stage = AveragingStage.FINISHED
+                if not control.done():
+                    control.set_result(gathered)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if control.done():
+                    return
+                timeout = control.get_timeout()
+                if not control.allow_retries or (timeout is not None and timeout <= 0):
+                    control.stage = AveragingStage.FINISHED
+                    control.set_exception(e if isinstance(e, AllreduceException) else _as_step_error(e))
+                    return
+                logger.warning(f"Averaging step failed (attempt {attempt}), retrying: {type(e).__name__}: {e}")
+                if time.monotonic() - started < MAX_RETRY_DELAY:  # failed at once: do not spin
+                    await asyncio.sleep(min(MAX_RETRY_DELAY, MIN_RETRY_DELAY * 2 ** min(attempt, 5)))
+
+    async def _find_group(self, control: StepControl) -> GroupInfo:
+        try:
+            group_info = await self._matchmaking.look_for_group(control)
+        except MatchmakingException as e:
+            raise AllreduceException(f"Averaging step failed: could not find a group ({e})") from e
+        if group_info is None:
+            raise AllreduceException("Averaging step failed: could not find a group (matchmaking found none)")
+        leader = group_info.peer_ids[0] if group_info.peer_ids else None
+        logger.info(f"Found a group of {group_info.group_size} peers (first in order: {leader})")
+        await self._matchmaking.group_key_manager.update_key_on_group_assembled(group_info)
+        return group_info
+
+    # ------------------------------------------------------------------ all-reduce in an assembled group
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, weight: float) -> Dict[Any, Any]:
+        """Average the tensors with ``group_info``'s members; returns the gathered user objects by peer id."""
+        infos, user_gathered = decode_group_gathered(group_info.peer_ids, group_info.gathered)
+        modes = [AveragingMode(info.mode) for info in infos]
+        bandwidths = [0.0 if mode == AveragingMode.CLIENT else info.bandwidth for mode, info in zip(modes, infos)]
+        counts = load_balance_peers(self.total_size, bandwidths, self.min_vector_size)
+        fractions = [count / max(self.total_size, 1) for count in counts]
+        vector_bytes = sum(tensor.numel() * tensor.element_size() for tensor in self._averaged_tensors)
+        deadlines = self._deadlines.for_round(vector_bytes, group_info.group_size, self.part_size_bytes)
+        runner = AllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            group_id=group_info.group_id,
+            tensors=self._averaged_tensors,
+            weight=weight,
+            ordered_peer_ids=group_info.peer_ids,
+            peer_fractions=fractions,
+            modes=modes,
+            sender_timeout=deadlines.sender_timeout,
+            reducer_timeout=deadlines.reducer_timeout,
+            compression=self.compression,
+            part_size_bytes=self.part_size_bytes,
+            tensor_infos=self.tensor_infos,
+        )
+        started = time.perf_counter()
+        self._register_group(group_info.group_id, runner)
+        try:
+            deltas = await await_with_timeout(self._collect_deltas(runner), deadlines.allreduce_timeout)
+        except asyncio.TimeoutError:
+            runner.finalize(exception=AllreduceException("the all-reduce ran out of time"))
+            raise AllreduceException(
+                f"Averaging step failed: the all-reduce did not finish within {deadlines.allreduce_timeout:.1f} s"
+            ) from None
+        except BaseException as e:
+            runner.finalize(cancel=isinstance(e, asyncio.CancelledError), exception=e)
+            raise
+        finally:
+            self._running_groups.pop(group_info.group_id, None)
+        if self.mode != AveragingMode.AUX:
+            if len(deltas) != len(self._averaged_tensors):
+                raise AllreduceException(
+                    f"Averaging step failed: the all-reduce returned {len(deltas)} of "
+                    f"{len(self._averaged_tensors)} tensors; local tensors were left unchanged"
+                )
+            await asyncio.get_running_loop().run_in_executor(None, self._apply_deltas, deltas)
+        elapsed = time.perf_counter() - started
+        self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed)
+        logger.info(f"Averaged {vector_bytes} bytes with {group_info.group_size} peers in {elapsed:.3f} s")
+        return user_gathered
+
+    @staticmethod
+    async def _collect_deltas(runner: AllReduceRunner) -> List[torch.Tensor]:
+        return [delta async for delta in runner]
+
+    def _apply_deltas(self, deltas: Sequence[torch.Tensor]) -> None:
+        """Move the local tensors towards the average (only after the whole all-reduce succeeded)."""
+        with self.lock_averaged_tensors, torch.no_grad():
+            for tensor, delta in zip(self._averaged_tensors, deltas):
+                tensor.add_(delta.to(device=tensor.device, dtype=tensor.dtype), alpha=self.averaging_alpha)
+
+    def _register_group(self, group_id: bytes, runner: AllReduceRunner) -> None:
+        """Make ``runner`` answer the parts other members send for ``group_id``."""
+        if group_id in self._running_groups:
+            raise AllreduceException(f"group id {group_id.hex()} is already running here")
+        self._running_groups[group_id] = runner
+        self._group_registered.set()
+        self._group_registered = asyncio.Event()
+
+    async def _wait_for_group(self, group_id: bytes, timeout: float) -> Optional[AllReduceRunner]:
+        deadline = time.monotonic() + timeout
+        while group_id not in self._running_groups:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await await_with_timeout(self._group_registered.wait(), remaining)
+            except asyncio.TimeoutError:
+                return None
+        return self._running_groups[group_id]
+
+    async def _cancel_steps(self) -> None:
+        for task in list(self._step_tasks):
+            await cancel_and_wait(task)
+        for runner in list(self._running_groups.values()):
+            runner.finalize(cancel=True)
+
+    # ------------------------------------------------------------------ handlers served under the prefix
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """A peer asks to join the group this averager gathers (see Matchmaking)."""
+        matchmaking = getattr(self, "_matchmaking", None)
+        if matchmaking is None:
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+            return
+        async for message in matchmaking.rpc_join_group(request, context):
+            yield message
+
+    async def rpc_aggregate_part(
+        self,
+        stream: AsyncIterator[averaging_pb2.AveragingData],
+        context: P2PContext,
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """A group member sends its parts for this averager to reduce; they are routed by group id."""
+        try:
+            first = await await_with_timeout(anext(stream), self._deadlines.min_sender_timeout)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            logger.debug(f"{context.remote_id} opened an all-reduce stream and sent nothing")
+            return
+        runner = await self._wait_for_group(first.group_id, self.request_timeout)
+        if runner is None:
+            logger.debug(f"{context.remote_id} sent parts for an unknown group {first.group_id.hex()}")
+            refusal = averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            yield refusal
+            return
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(first), stream), context):
+            yield message
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """A peer downloads this averager's state (see StateSharing)."""
+        state_sharing = getattr(self, "_state_sharing", None)
+        if state_sharing is None:
+            return
+        async for message in state_sharing.rpc_download_state(request, context):
+            yield message
+
+
+def _as_step_error(error: Exception) -> AllreduceException:
+    wrapped = AllreduceException(f"Averaging step failed: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped

@@ -1,0 +1,47 @@
+"""Shared set-up for DecentralizedAverager tests: DHT swarms on 127.0.0.1 and averagers on top of them."""
+
+import contextlib
+from typing import Iterator, List, Sequence
+
+import torch
+
+from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.dht import DHT
+
+FAST = dict(min_matchmaking_time=1.0, request_timeout=0.5)  # quick matchmaking for tests on loopback
+
+
+@contextlib.contextmanager
+def dht_swarm(num_peers: int, client_mode: Sequence[bool] = (), **kwargs) -> Iterator[List[DHT]]:
+    """``num_peers`` DHTs bootstrapped from the first; peer i is in client mode if ``client_mode[i]``."""
+    dhts = [DHT(start=True, **kwargs)]
+    try:
+        initial_peers = dhts[0].get_visible_maddrs()
+        for index in range(1, num_peers):
+            is_client = index < len(client_mode) and client_mode[index]
+            dhts.append(DHT(initial_peers=initial_peers, start=True, client_mode=is_client, **kwargs))
+        yield dhts
+    finally:
+        for dht in dhts:
+            dht.shutdown()
+
+
+@contextlib.contextmanager
+def averagers_on(
+    dhts: Sequence[DHT], tensors: Sequence[Sequence[torch.Tensor]], prefix: str = "test", **kwargs
+) -> Iterator[List[DecentralizedAverager]]:
+    """One started averager per DHT, with ``tensors[i]`` for peer i; kwargs may be a list (one value per peer)."""
+    averagers = []
+    try:
+        for index, (dht, peer_tensors) in enumerate(zip(dhts, tensors)):
+            options = {**FAST, **{k: (v[index] if isinstance(v, list) else v) for k, v in kwargs.items()}}
+            averagers.append(DecentralizedAverager(peer_tensors, dht, prefix=prefix, start=True, **options))
+        yield averagers
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = sum(weights)
+    return sum(w * v for w, v in zip(weights, vectors)) / total

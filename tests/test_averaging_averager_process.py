@@ -1,0 +1,123 @@
+"""DecentralizedAverager as a process: spawn, triggers and schedules, a peer killed mid-round, memory over rounds."""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+from averager_helpers import averagers_on, dht_swarm
+
+from hivemind.averaging.control import AveragingStage
+from hivemind.utils.timed_storage import get_dht_time
+
+
+def _local(averager):
+    with averager.get_tensors() as tensors:
+        return [tensor.clone() for tensor in tensors]
+
+
+def _wait_for_stage(controls, stage, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while any(control.stage != stage for control in controls):  # shared-memory reads
+        assert time.monotonic() < deadline, [control.stage for control in controls]
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(90)
+def test_spawned_averagers_average():
+    tensors = [[torch.full((50,), 1.0)], [torch.full((50,), 3.0)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2, start_method="spawn") as averagers:
+        controls = [averager.step(wait=False) for averager in averagers]
+        for control in controls:
+            control.result(timeout=60)
+        for averager in averagers:
+            assert torch.allclose(_local(averager)[0], torch.full((50,), 2.0))
+
+
+@pytest.mark.timeout(60)
+def test_require_trigger_holds_the_allreduce_until_allowed():
+    tensors = [[torch.full((10,), 0.0)], [torch.full((10,), 2.0)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
+        controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
+        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        assert not any(control.done() for control in controls)
+        assert torch.equal(_local(averagers[0])[0], torch.zeros(10))
+        for control in controls:
+            control.allow_allreduce()
+        for control in controls:
+            control.result(timeout=30)
+            assert control.stage == AveragingStage.FINISHED and control.began_allreduce
+        assert torch.allclose(_local(averagers[0])[0], torch.ones(10))
+
+
+@pytest.mark.timeout(60)
+def test_scheduled_step_starts_at_its_scheduled_time():
+    tensors = [[torch.zeros(4)], [torch.ones(4)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors) as averagers:  # no target size: wait for the schedule
+        scheduled_time = get_dht_time() + 3.0
+        controls = [averager.step(wait=False, scheduled_time=scheduled_time) for averager in averagers]
+        for control in controls:
+            control.result(timeout=30)
+        assert get_dht_time() >= scheduled_time - 0.1
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_step_stops_matchmaking():
+    with dht_swarm(1) as dhts, averagers_on(dhts, [[torch.zeros(3)]]) as (averager,):
+        control = averager.step(wait=False)
+        _wait_for_stage([control], AveragingStage.LOOKING_FOR_GROUP)
+        assert control.cancel()
+        assert control.cancelled()
+        # the averager is free for the next step right away
+        with pytest.raises(Exception, match="could not find a group"):
+            averager.step(timeout=1.5, scheduled_time=get_dht_time() + 0.5)
+
+
+@pytest.mark.timeout(120)
+def test_survivors_finish_when_a_peer_is_killed_mid_round():
+    size = 3000
+    values = (0.0, 3.0, 300.0)
+    tensors = [[torch.full((size,), value)] for value in values]
+    reducer_timeout = 4.0
+    with dht_swarm(3) as dhts:
+        with averagers_on(dhts, tensors, target_group_size=3, sender_timeout=2.0, reducer_timeout=4.0) as averagers:
+            controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
+            _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+            os.kill(averagers[2].pid, signal.SIGKILL)  # in the group, but gone before the all-reduce
+            started = time.monotonic()
+            for control in controls[:2]:
+                control.allow_allreduce()
+            for control in controls[:2]:
+                control.result(timeout=60)
+            assert time.monotonic() - started < reducer_timeout + 3.0
+            for averager, own in zip(averagers[:2], values):
+                result = _local(averager)[0]
+                survivors_mean = (values[0] + values[1]) / 2
+                averaged = torch.isclose(result, torch.tensor(survivors_mean))
+                kept = torch.isclose(result, torch.tensor(own))  # parts the dead peer was to reduce
+                assert bool((averaged | kept).all())
+                assert averaged.sum() >= size // 2  # the survivors reduced about two thirds
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+@pytest.mark.timeout(180)
+def test_repeated_rounds_do_not_grow_memory():
+    tensors = [[torch.randn(2**18)], [torch.randn(2**18)]]  # 1 MiB each
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
+
+        def run_rounds(count):
+            for _ in range(count):
+                controls = [averager.step(wait=False) for averager in averagers]
+                for control in controls:
+                    control.result(timeout=30)
+
+        run_rounds(5)  # warm up: allocator pools, buffers
+        before = [_rss(averager.pid) for averager in averagers]
+        run_rounds(25)
+        growth = [_rss(averager.pid) - rss for averager, rss in zip(averagers, before)]
+        assert max(growth) < 16 * 2**20, f"averager RSS grew by {[g / 2**20 for g in growth]} MiB over 25 rounds"
