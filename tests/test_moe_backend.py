@@ -1,11 +1,13 @@
 """ModuleBackend: forward / backward equal to running the module locally, training on backward, schemas, checks."""
 
 import copy
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
+from hivemind.moe.server.layers import ClippingWrapper, get_linear_schedule_with_warmup
 from hivemind.moe.server.module_backend import InvalidInputsError, ModuleBackend
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -207,3 +209,21 @@ def test_failed_backward_leaves_no_gradient_for_the_next_batch():
         backend.backward(torch.randn(2, 4), torch.randn(2, 3))
     assert module.linear.weight.grad is None
     assert torch.equal(module.linear.weight, weight)
+
+
+def test_backend_with_wrapped_optimizer_and_schedule_pickles_for_other_processes():
+    module = nn.Linear(4, 3)
+    optimizer = ClippingWrapper(torch.optim.Adam(module.parameters()), clip_grad_norm=1.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=10)
+    backend = ModuleBackend(
+        "expert.2",
+        module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        args_schema=(BatchTensorDescriptor(4),),
+        max_batch_size=4,
+    )
+    copy_ = pickle.loads(pickle.dumps(backend))
+    assert copy_.get_info() == backend.get_info()
+    assert copy_.forward_pool is backend.forward_pool  # unpickled in the owner process: the very same pools
+    assert set(copy_.state_dict()) == {"module", "optimizer", "scheduler"}  # with a working lock of its own
