@@ -19,12 +19,14 @@ away fails every task of that client with an error saying so.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import hmac
 import itertools
 import os
 import pickle
 import queue
+import shutil
 import socket
 import struct
 import sys
@@ -273,6 +275,18 @@ class _Hub:
         self.channels.add(channel)
         channel.serve()
 
+    def close(self) -> None:
+        """Stop accepting connections (at interpreter exit); removes the socket file where there is one."""
+        if self.pid != os.getpid():
+            return
+        self.closed = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        if self._tempdir is not None:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
+
     def close_inherited(self) -> None:
         """In a forked child: close this process's copies of the parent's sockets (the parent keeps serving)."""
         self.closed = True
@@ -412,6 +426,7 @@ def _get_hub() -> _Hub:
     with _hub_lock:
         if _hub is None or _hub.pid != os.getpid():
             _hub = _Hub()
+            atexit.register(_hub.close)
         return _hub
 
 
