@@ -150,7 +150,7 @@ class DecentralizedAverager(AveragerProcess):
             _is_number(bandwidth)
             and math.isfinite(bandwidth)
             and bandwidth >= 0
-            and bandwidth <= np.finfo(np.float32).max
+            and bandwidth <= float(np.finfo(np.float32).max)
         ):
             raise AveragerArgumentError(f"bandwidth must be None or a finite float32 >= 0, got {bandwidth!r}")
         if client_mode is None:
