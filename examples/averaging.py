@@ -24,7 +24,8 @@ def make_model(seed: int) -> torch.nn.Module:
 
 
 def describe(model: torch.nn.Module) -> str:
-    return f"weight[0] = {[round(x, 4) for x in model.weight[0].tolist()]}, bias = {model.bias.tolist()}"
+    weight, bias = [round(x, 4) for x in model.weight[0].tolist()], [round(x, 4) for x in model.bias.tolist()]
+    return f"weight[0] = {weight}, bias = {bias}"
 
 
 def main() -> None:
