@@ -232,11 +232,14 @@ class TaskPool(TaskPoolBase):
         if os.getpid() != self._owner_pid:
             raise RuntimeError(f"{self.name}: a task pool can only run in the process that created it")
         while True:
-            tasks = self._take_tasks()
-            if tasks is None:
-                return
-            if tasks:
-                self._form_batch(tasks)
+            try:
+                tasks = self._take_tasks()
+                if tasks is None:
+                    return
+                if tasks:
+                    self._form_batch(tasks)
+            except Exception as e:  # the pool thread must outlive any single task
+                logger.exception(f"{self.name}: unexpected error while forming a batch: {e!r}")
 
     def _batch_is_due(self, now: float) -> bool:
         if self._pending_examples >= self.min_batch_size:
@@ -268,8 +271,11 @@ class TaskPool(TaskPoolBase):
                 ):
                     break
                 self._pop_pending()
-                if not task.future.set_running_or_notify_cancel():
-                    continue  # cancelled just now
+                try:
+                    if not task.future.set_running_or_notify_cancel():
+                        continue  # cancelled just now
+                except RuntimeError:  # already completed elsewhere: nothing left to compute
+                    continue
                 signature = task.signature
                 tasks.append(task)
                 examples += task.size
