@@ -18,11 +18,9 @@ Subclasses arrive as themselves on the other side, with the state returned by ``
 
 from __future__ import annotations
 
-import array
 import asyncio
 import concurrent.futures
 import itertools
-import mmap
 import multiprocessing.util
 import os
 import pickle
@@ -37,8 +35,9 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from hivemind.utils.logging import get_logger
+from hivemind.utils.shared_slots import SHARED_CELLS, Segment, SharedSlot, open_segment
 
-__all__ = ["MPFuture", "InvalidStateError", "ALL_STATES"]
+__all__ = ["MPFuture", "InvalidStateError", "ALL_STATES", "SHARED_CELLS"]
 
 logger = get_logger(__name__)
 
@@ -50,123 +49,7 @@ ALL_STATES = ("PENDING", "RUNNING", "FINISHED", "CANCELLED", "CANCELLED_AND_NOTI
 _OK = ("ok", None)
 
 
-# ---------------------------------------------------------------- shared slots
-
-SLOT_SIZE = 64  # bytes per future: uid (int64) | state code (int64) | six 8-byte cells for subclasses
-SHARED_CELLS = 6
-_WORDS = SLOT_SIZE // 8
-_SLOTS_PER_SEGMENT = 1024
-_SEGMENT_SIZE = SLOT_SIZE * _SLOTS_PER_SEGMENT
-_FREE_UID = -1
 _STATE_CODES = {name: code for code, name in enumerate(ALL_STATES)}
-
-
-class _Mapping:
-    """One segment mapped into this process, seen as int64 words and as float64 words."""
-
-    def __init__(self, fd: int):
-        raw = memoryview(mmap.mmap(fd, _SEGMENT_SIZE))
-        self.ints, self.floats = raw.cast("q"), raw.cast("d")
-
-
-class _Segment:
-    """Shared-memory slots of the futures of one origin (a memfd on Linux, a temporary file elsewhere)."""
-
-    def __init__(self):
-        self._tempfile = None
-        if hasattr(os, "memfd_create"):
-            self._fd = os.memfd_create("hivemind-mpfuture", os.MFD_CLOEXEC)
-            self.path = f"/proc/{os.getpid()}/fd/{self._fd}"  # other processes of this user open it there
-        else:
-            self._fd, self._tempfile = tempfile.mkstemp(prefix="hivemind-mpf-slots-")
-            self.path = self._tempfile
-        os.ftruncate(self._fd, _SEGMENT_SIZE)
-        self.mapping = _Mapping(self._fd)
-        self.mapping.ints[:] = array.array("q", [_FREE_UID]) * len(self.mapping.ints)
-        self._free = list(range(_SLOTS_PER_SEGMENT - 1, -1, -1))
-        _mapped_segments[self.path] = self.mapping
-
-    def allocate(self, uid: int) -> Optional[int]:
-        """A slot for future ``uid`` (called under _state_lock), or None if the segment is full."""
-        if not self._free:
-            return None
-        slot = self._free.pop()
-        words = self.mapping.ints
-        words[slot * _WORDS + 1 : (slot + 1) * _WORDS] = array.array("q", [0]) * (_WORDS - 1)
-        words[slot * _WORDS] = uid
-        return slot
-
-    def release(self, slot: int, owner_pid: int) -> None:
-        if os.getpid() != owner_pid:
-            return  # a forked child collecting its copy of a parent's future: the slot is still the parent's
-        with _state_lock:
-            self.mapping.ints[slot * _WORDS] = _FREE_UID
-            self._free.append(slot)
-
-    def close(self) -> None:
-        if self._tempfile is not None:
-            try:
-                os.unlink(self._tempfile)
-            except OSError:
-                pass
-
-
-# path -> segment mapped in this process; a mapping stays valid in forked children, so the cache is kept at fork
-_mapped_segments: Dict[str, _Mapping] = {}
-
-
-def _open_segment(path: str) -> Optional[_Mapping]:
-    mapping = _mapped_segments.get(path)
-    if mapping is None:
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
-            return None  # the origin exited: its futures can no longer be observed
-        try:
-            mapping = _Mapping(fd)
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
-        _mapped_segments[path] = mapping
-    return mapping
-
-
-class SharedSlot:
-    """The 64 bytes of one future in its origin's segment; cells are for subclasses (``MPFuture._shared``)."""
-
-    __slots__ = ("_ints", "_floats", "_base", "uid")
-
-    def __init__(self, mapping: _Mapping, slot: int, uid: int):
-        self._ints, self._floats, self._base, self.uid = mapping.ints, mapping.floats, slot * _WORDS, uid
-
-    @property
-    def alive(self) -> bool:
-        """False once the origin dropped the future (its slot was freed and perhaps reused)."""
-        return self._ints[self._base] == self.uid
-
-    def get_state_code(self) -> int:
-        return self._ints[self._base + 1]
-
-    def set_state_code(self, code: int) -> None:
-        self._ints[self._base + 1] = code
-
-    def get_float(self, cell: int) -> float:
-        return self._floats[self._base + 2 + cell]
-
-    def set_float(self, cell: int, value: float) -> None:
-        if self.alive:
-            self._floats[self._base + 2 + cell] = value
-
-    def get_int(self, cell: int) -> int:
-        return self._ints[self._base + 2 + cell]
-
-    def set_int(self, cell: int, value: int) -> None:
-        if self.alive:
-            self._ints[self._base + 2 + cell] = value
-
-
-# ---------------------------------------------------------------- origin endpoint
 
 
 class _Origin:
@@ -188,7 +71,7 @@ class _Origin:
         self.closed = False
         threading.Thread(target=self._accept_loop, name="MPFuture.listener", daemon=True).start()
 
-    def register(self, future: MPFuture) -> Tuple[int, Optional[Tuple[_Segment, int]]]:
+    def register(self, future: MPFuture) -> Tuple[int, Optional[Tuple[Segment, int]]]:
         """Assign a uid and a shared slot (segment, index) to a new future of this process."""
         uid = next(self.uid_counter)
         self.futures[uid] = future
@@ -198,7 +81,7 @@ class _Origin:
                 if slot is not None:
                     return uid, (segment, slot)
             try:
-                segment = _Segment()
+                segment = Segment()
             except OSError as e:  # e.g. out of file descriptors: the future still works, through round trips
                 logger.debug(f"MPFuture: no shared slot ({e!r}), state is read through the origin")
                 return uid, None
@@ -391,7 +274,7 @@ class MPFuture(concurrent.futures.Future):
         proxy._origin_pid, proxy._address, proxy._authkey, proxy._uid = origin_pid, address, authkey, uid
         proxy._is_proxy, proxy._completed_here = True, False
         proxy._segment_path, proxy._slot_index, proxy._shared = segment_path, slot_index, None
-        mapping = _open_segment(segment_path) if segment_path is not None else None
+        mapping = open_segment(segment_path) if segment_path is not None else None
         if mapping is not None:
             proxy._shared = SharedSlot(mapping, slot_index, uid)
         return proxy
