@@ -58,11 +58,12 @@ class GradScaler(TorchGradScaler):
     @contextlib.contextmanager
     def running_global_step(self):
         """Within this context (entered by hivemind.Optimizer), unscale_ and step act on the inner optimizer."""
-        was_running, self._is_running_global_step = self._is_running_global_step, True
+        outer = self._is_running_global_step
+        self._is_running_global_step = True
         try:
             yield
         finally:
-            self._is_running_global_step = was_running
+            self._is_running_global_step = outer
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> bool:
         """Unscale the gradients of a global step; outside of it, a no-op returning False (see the class docs)."""

@@ -79,25 +79,14 @@ class ProgressTracker(threading.Thread):
     :param start: start the thread right away
     """
 
-    def __init__(
-        self,
-        dht: DHT,
-        prefix: str,
-        target_batch_size: int,
-        *,
-        client_mode: Optional[bool] = None,
-        min_refresh_period: float = 0.5,
-        max_refresh_period: float = 10,
-        default_refresh_period: float = 3,
-        expected_drift_peers: float = 3,
-        expected_drift_rate: float = 0.2,
-        performance_ema_alpha: float = 0.1,
-        metadata_expiration: float = 60.0,
-        status_loglevel: int = logging.DEBUG,
-        private_key: Optional[RSAPrivateKey] = None,
-        daemon: bool = True,
-        start: bool,
-    ):
+    # fmt: off
+    def __init__(self, dht: DHT, prefix: str, target_batch_size: int, *, start: bool,
+                 client_mode: Optional[bool] = None, private_key: Optional[RSAPrivateKey] = None,
+                 min_refresh_period: float = 0.5, max_refresh_period: float = 10, default_refresh_period: float = 3,
+                 expected_drift_peers: float = 3, expected_drift_rate: float = 0.2,
+                 performance_ema_alpha: float = 0.1, metadata_expiration: float = 60.0,
+                 status_loglevel: int = logging.DEBUG, daemon: bool = True):
+        # fmt: on
         super().__init__(name=f"{type(self).__name__}({prefix})", daemon=daemon)
         if target_batch_size <= 0:
             raise ValueError(f"target_batch_size must be a positive number of samples, got {target_batch_size}")
@@ -110,11 +99,11 @@ class ProgressTracker(threading.Thread):
             min_refresh_period, max_refresh_period, default_refresh_period, expected_drift_peers, expected_drift_rate
         )
         self.metadata_expiration, self.status_loglevel = metadata_expiration, status_loglevel
-        self.performance_ema = PerformanceEMA(alpha=performance_ema_alpha)
+        self.performance_ema = PerformanceEMA(performance_ema_alpha)  # this peer's samples per second
 
-        signature_validator = RSASignatureValidator(private_key if private_key is not None else RSAPrivateKey())
-        self._local_public_key = signature_validator.local_public_key
-        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=prefix), signature_validator])
+        signer = RSASignatureValidator(private_key if private_key is not None else RSAPrivateKey())
+        self._local_public_key = signer.local_public_key  # the subkey of this peer's record: only we can sign it
+        dht.add_validators([signer, SchemaValidator(TrainingProgressSchema, prefix=prefix)])
 
         self._lock = threading.RLock()  # guards the progress fields below; held only briefly
         self._updates_paused = False
@@ -286,7 +275,7 @@ class ProgressTracker(threading.Thread):
                     self.training_progress_key,
                     subkey=self._local_public_key,
                     value=None if record is None else record.dict(),
-                    expiration_time=get_dht_time() + self.metadata_expiration,
+                    expiration_time=self.metadata_expiration + get_dht_time(),
                     return_future=True,
                 ),
                 DHT_CALL_TIMEOUT,

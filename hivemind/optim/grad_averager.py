@@ -1,0 +1,174 @@
+"""GradientAverager: accumulates local gradients over several steps and averages them with peers once per epoch."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.averaging.control import StepControl
+from hivemind.dht import DHT
+from hivemind.utils.logging import get_logger
+
+__all__ = ["GradientAverager", "GradientAveragerFactory"]
+
+logger = get_logger(__name__)
+
+GradientAveragerFactory = Callable[..., "GradientAverager"]
+
+
+class GradientAverager(DecentralizedAverager):
+    """
+    Averages the gradients of ``parameters`` with peers. Each local step adds the current ``.grad`` into accumulators
+    (:meth:`accumulate_grads_`); an averaging :meth:`step` loads ``accumulators / steps accumulated`` into the
+    averaged buffers and all-reduces them, weighted by the samples this peer accumulated. The result is used through
+    :meth:`use_averaged_gradients`.
+
+    :param parameters: the model parameters whose gradients are averaged
+    :param dht: a running DHT
+    :param prefix: the averaging swarm's name (hivemind.Optimizer uses ``f"{run_id}_grad_averager"``)
+    :param reuse_grad_buffers: accumulate in ``param.grad`` itself (backward adds into it) instead of separate
+      buffers; the caller must then not zero the gradients between steps
+    :param accumulate_grads_on: device of the accumulators (default: each parameter's device)
+    :param client_mode: accept no incoming connections (default: the DHT's mode)
+    :param warn: warn about options that cost memory or speed
+    :param averaged_grads: pre-allocated buffers for the averaged gradients (default: new CPU tensors)
+    :param averager_kwargs: options of :class:`DecentralizedAverager`
+    """
+
+    # fmt: off
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], *, dht: DHT, prefix: str,
+                 reuse_grad_buffers: bool = False, accumulate_grads_on: Optional[torch.device] = None,
+                 averaged_grads: Sequence[torch.Tensor] = (), client_mode: Optional[bool] = None, warn: bool = True,
+                 **averager_kwargs):
+        # fmt: on
+        self.parameters = tuple(parameters)
+        if not self.parameters:
+            raise ValueError("GradientAverager needs at least one parameter")
+        self.reuse_grad_buffers = reuse_grad_buffers
+        self.warn = warn
+        self.local_samples_accumulated = 0
+        self.local_times_accumulated = 0
+        self._anchor_batch_size: Optional[int] = None
+        self._accumulators: Optional[tuple] = None
+        if not reuse_grad_buffers:
+            device = accumulate_grads_on
+            self._accumulators = tuple(torch.zeros_like(g, device=device) for g in self._grads_from_parameters())
+        if reuse_grad_buffers and accumulate_grads_on is not None and warn:
+            logger.warning("accumulate_grads_on has no effect with reuse_grad_buffers=True (param.grad is used)")
+        averaged_grads = tuple(averaged_grads)
+        if not averaged_grads:
+            with torch.no_grad():
+                averaged_grads = tuple(
+                    torch.zeros_like(grad, device="cpu").share_memory_() for grad in self._grads_from_parameters()
+                )
+        elif len(averaged_grads) != len(self.parameters):
+            raise ValueError(f"averaged_grads has {len(averaged_grads)} tensors for {len(self.parameters)} parameters")
+        self._new_averaged_grads = False
+        super().__init__(
+            averaged_tensors=averaged_grads, dht=dht, prefix=prefix, client_mode=client_mode, **averager_kwargs
+        )
+
+    def _grads_from_parameters(self) -> Iterator[torch.Tensor]:
+        """Each parameter's .grad, created as zeros where backward has not run yet."""
+        for p in self.parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            yield p.grad
+
+    @torch.no_grad()
+    def accumulate_grads_(self, batch_size: int) -> None:
+        """Add the current gradients (computed on ``batch_size`` samples) to the accumulators."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive number of samples, got {batch_size}")
+        if self._anchor_batch_size is None:
+            self._anchor_batch_size = batch_size  # later batches are weighed relative to the first one
+        self.local_samples_accumulated += batch_size
+        self.local_times_accumulated += 1
+        if self.reuse_grad_buffers:
+            return  # backward already added the gradients into param.grad
+        relative_size = batch_size / float(self._anchor_batch_size)
+        for accumulator, grad in zip(self._accumulators, self._grads_from_parameters()):
+            accumulator.add_(grad.to(accumulator.device), alpha=relative_size)
+
+    def _accumulated_grads(self) -> Iterator[torch.Tensor]:
+        if self.reuse_grad_buffers:
+            yield from self._grads_from_parameters()
+        else:
+            yield from self._accumulators
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self) -> None:
+        """Put the mean accumulated gradient (accumulators / times accumulated) into the averaged buffers."""
+        times = max(1, self.local_times_accumulated)
+        if self.local_times_accumulated == 0 and self.warn:
+            logger.warning("Averaging gradients with nothing accumulated: this peer contributes zeros")
+        with self.get_tensors() as averaged_grads:
+            for averaged, accumulated in zip(averaged_grads, self._accumulated_grads()):
+                averaged.copy_(accumulated, non_blocking=True).div_(times)
+        self._new_averaged_grads = True
+
+    @torch.no_grad()
+    def reset_accumulated_grads_(self) -> None:
+        """Zero the accumulators and counters."""
+        for accumulated in self._accumulated_grads():
+            accumulated.zero_()
+        self._anchor_batch_size = None
+        self.local_times_accumulated = 0
+        self.local_samples_accumulated = 0
+
+    def schedule_step(self, scheduled_time: Optional[float] = None, **kwargs) -> StepControl:
+        """Start matchmaking for a future averaging round; the all-reduce waits for :meth:`step` (the trigger)."""
+        if "weight" in kwargs:
+            raise ValueError("the weight is set by step() (samples accumulated), not by schedule_step()")
+        return DecentralizedAverager.step(
+            self, scheduled_time=scheduled_time, wait=False, require_trigger=True, **kwargs
+        )
+
+    # fmt: off
+    def step(self, weight: Optional[float] = None, reset_accumulators: bool = True,
+             control: Optional[StepControl] = None, timeout: Optional[float] = None, wait: bool = True, **kwargs):
+        # fmt: on
+        """
+        Average the accumulated gradients with peers.
+
+        :param weight: this peer's weight (default: samples accumulated since the last reset)
+        :param reset_accumulators: zero the accumulators once their mean was loaded into the averaged buffers
+        :param control: a round from :meth:`schedule_step` (default: schedule one now)
+        :param timeout: matchmaking deadline (seconds) of a round scheduled here
+        :param wait: return the gathered dict (raises on failure); False: return the StepControl
+        """
+        if control is None:
+            control = self.schedule_step(timeout=timeout, **kwargs)
+        elif kwargs:
+            raise ValueError(f"options {sorted(kwargs)} apply to a new round, not to a given control")
+        if weight is None:
+            weight = self.local_samples_accumulated
+        self.load_accumulators_into_averager_()
+        control.weight = float(weight)
+        control.allow_allreduce()
+        if reset_accumulators:
+            self.reset_accumulated_grads_()
+        if not wait:
+            return control
+        return control.result(timeout)
+
+    @contextlib.contextmanager
+    def use_averaged_gradients(self):
+        """Within this context, each ``param.grad`` holds the averaged gradient (the old ones come back after)."""
+        self._new_averaged_grads = False
+        with self.get_tensors() as averaged_grads:
+            local_grads = [p.grad for p in self.parameters]
+            try:
+                for p, averaged in zip(self.parameters, averaged_grads):
+                    p.grad = averaged.to(device=p.device, dtype=p.dtype)
+                yield averaged_grads
+            finally:
+                for p, local_grad in zip(self.parameters, local_grads):
+                    p.grad = local_grad
+
+    def notify_used_averaged_gradients(self) -> None:
+        """Tell the averager that the averaged gradients were consumed (no warning about unused results)."""
+        self._new_averaged_grads = False

@@ -1,0 +1,478 @@
+"""hivemind.Optimizer: wraps a torch optimizer so that peers sharing a run_id train one model together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+from hivemind.averaging.control import StepControl
+from hivemind.compression import CompressionBase, NoCompression
+from hivemind.dht import DHT
+from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_state, should_schedule_averaging
+from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
+from hivemind.optim.grad_scaler import GradScaler
+from hivemind.optim.optimizer_options import resolve_options
+from hivemind.optim.progress_bar import EpochProgressBar
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils.logging import get_logger
+from hivemind.utils.timed_storage import get_dht_time
+
+__all__ = ["Optimizer"]
+
+logger = get_logger(__name__)
+
+
+class Optimizer(torch.optim.Optimizer):
+    """
+    Collaborative training: peers with the same ``run_id`` accumulate gradients until the swarm has processed
+    ``target_batch_size`` samples, then average them, apply the same optimizer step and move to the next epoch.
+    Between epochs, ``.step()`` only accumulates (parameters do not change unless ``use_local_updates=True``).
+    See docs/optimizer.md for a walkthrough and what each option trades.
+
+    :param dht: a running DHT
+    :param run_id: name of the run (prefix of every DHT key it uses)
+    :param target_batch_size: samples the whole swarm processes per epoch
+    :param batch_size_per_step: samples behind one local ``.step()`` (or pass ``step(batch_size=...)``)
+    :param optimizer: a factory ``lambda params: torch.optim.X(params, ...)`` (with ``params``), or a built optimizer
+    :param params: the model's parameters or param groups, with an optimizer factory
+    :param scheduler: LR scheduler or factory ``lambda opt: ...``; stepped once per epoch
+    :param matchmaking_time: seconds spent gathering peers for each averaging round
+    :param averaging_timeout: an averaging round is abandoned after this many seconds
+    :param allreduce_timeout: limit of one all-reduce (default: averaging_timeout)
+    :param next_chunk_timeout: per-message timeout in all-reduce (default: matchmaking_time)
+    :param load_state_timeout: limit of downloading the state from peers, seconds
+    :param reuse_grad_buffers: accumulate in ``param.grad`` (do not call zero_grad then)
+    :param offload_optimizer: keep the optimizer and a copy of the parameters in CPU shared memory
+    :param delay_optimizer_step: run the optimizer step in the background, apply it at a later ``.step()``
+    :param delay_grad_averaging: also average gradients in the background
+    :param delay_state_averaging: average parameters in the background
+    :param average_state_every: average parameters every this many epochs
+    :param use_local_updates: apply the optimizer at every step with local gradients; average parameters per epoch
+    :param client_mode: ignored: the averagers and tracker follow the DHT's client mode
+    :param auxiliary: help others average without training
+    :param grad_compression: compression of gradient all-reduce
+    :param grad_averager_factory: e.g. ``partial(PowerSGDGradientAverager, averager_rank=32)``
+    :param state_averaging_compression: compression of parameter averaging
+    :param load_state_compression: compression of state downloads served by this peer
+    :param average_opt_statistics: optimizer-state entries averaged with the parameters (e.g. ``"exp_avg_sq"``)
+    :param extra_tensors: more tensors averaged and shared with the parameters
+    :param averager_opts: more options of both averagers (e.g. ``bandwidth``, ``target_group_size``)
+    :param tracker_opts: more options of the ProgressTracker
+    :param performance_ema_alpha: smoothing of the speed estimate
+    :param shutdown_timeout: seconds to wait for background parts to stop
+    :param verbose: a progress bar and log lines at INFO (else DEBUG)
+    """
+
+    # fmt: off
+    def __init__(
+        self, *, dht: DHT, run_id: str, target_batch_size: int, batch_size_per_step: Optional[int] = None,
+        optimizer: Any, params: Optional[Any] = None, scheduler: Optional[Any] = None,
+        matchmaking_time: float = 15.0, averaging_timeout: float = 60.0, allreduce_timeout: Optional[float] = None,
+        next_chunk_timeout: Optional[float] = None, load_state_timeout: float = 600.0,
+        reuse_grad_buffers: bool = False, offload_optimizer: Optional[bool] = None,
+        delay_optimizer_step: Optional[bool] = None, delay_grad_averaging: bool = False,
+        delay_state_averaging: bool = True, average_state_every: int = 1, use_local_updates: bool = False,
+        client_mode: Optional[bool] = None, auxiliary: bool = False,
+        grad_compression: CompressionBase = NoCompression(),
+        grad_averager_factory: Optional[GradientAveragerFactory] = None,
+        state_averaging_compression: CompressionBase = NoCompression(),
+        load_state_compression: CompressionBase = NoCompression(),
+        average_opt_statistics: Sequence[str] = (), extra_tensors: Sequence[torch.Tensor] = (),
+        averager_opts: Optional[Dict[str, Any]] = None, tracker_opts: Optional[Dict[str, Any]] = None,
+        performance_ema_alpha: float = 0.1, shutdown_timeout: float = 5, verbose: bool = False,
+    ):
+        if client_mode is not None and client_mode != dht.client_mode:
+            logger.warning(f"client_mode={client_mode} is ignored: this peer follows the DHT's client mode "
+                           f"({dht.client_mode}); start the DHT with client_mode={client_mode} instead")
+        client_mode = dht.client_mode
+        options = resolve_options(
+            run_id=run_id, target_batch_size=target_batch_size, batch_size_per_step=batch_size_per_step,
+            optimizer=optimizer, params=params, scheduler=scheduler, matchmaking_time=matchmaking_time,
+            averaging_timeout=averaging_timeout, allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=next_chunk_timeout, reuse_grad_buffers=reuse_grad_buffers,
+            offload_optimizer=offload_optimizer, delay_optimizer_step=delay_optimizer_step,
+            delay_grad_averaging=delay_grad_averaging, average_state_every=average_state_every,
+            use_local_updates=use_local_updates, client_mode=client_mode, auxiliary=auxiliary,
+            grad_averager_factory=grad_averager_factory,
+        )
+        # fmt: on
+        self.dht, self.run_id, self.target_batch_size = dht, run_id, target_batch_size
+        self.batch_size_per_step, self.client_mode, self.auxiliary = batch_size_per_step, client_mode, auxiliary
+        self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
+        self.load_state_timeout, self.shutdown_timeout = float(load_state_timeout), float(shutdown_timeout)
+        self.reuse_grad_buffers, self.offload_optimizer = reuse_grad_buffers, options.offload_optimizer
+        self.delay_optimizer_step = options.delay_optimizer_step
+        self.delay_grad_averaging = options.delay_grad_averaging
+        self.delay_state_averaging, self.average_state_every = delay_state_averaging, int(average_state_every)
+        self._use_local_updates = use_local_updates
+        self.status_loglevel = logging.DEBUG if not verbose else logging.INFO
+        self._progress_bar = EpochProgressBar(run_id, enabled=verbose)
+
+        averager_opts = dict(averager_opts or {})
+        common = dict(dht=dht, client_mode=client_mode, auxiliary=auxiliary, min_matchmaking_time=matchmaking_time,
+                      allreduce_timeout=options.allreduce_timeout, next_chunk_timeout=options.next_chunk_timeout,
+                      shutdown_timeout=shutdown_timeout, start=True, **averager_opts)  # fmt: skip
+        self.state_averager = TrainingStateAverager(
+            prefix=f"{run_id}_state_averager", optimizer=optimizer, params=params, scheduler=scheduler,
+            offload_optimizer=options.offload_optimizer, custom_gradients=options.offload_optimizer,
+            delta_rule_averaging=use_local_updates and delay_state_averaging,
+            average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
+            compression=state_averaging_compression, state_compression=load_state_compression,
+            status_loglevel=self.status_loglevel, **common,
+        )  # fmt: skip
+        self.grad_averager: Optional[GradientAverager] = None
+        if not use_local_updates:
+            averaged_grads = ()
+            if options.offload_optimizer:  # average straight into the gradients of the optimizer's CPU parameters
+                averaged_grads = tuple(self._offloaded_grad_buffers())
+            factory = grad_averager_factory or GradientAverager
+            self.grad_averager = factory(
+                self.state_averager.main_parameters, prefix=f"{run_id}_grad_averager",
+                reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression,
+                averaged_grads=averaged_grads, **common,
+            )  # fmt: skip
+        self.tracker = ProgressTracker(
+            dht, run_id, target_batch_size, client_mode=client_mode, status_loglevel=self.status_loglevel,
+            performance_ema_alpha=performance_ema_alpha, start=True, **(tracker_opts or {}),
+        )  # fmt: skip
+        self._local_samples = 0  # samples of this epoch (local-updates mode; gradient mode asks the averager)
+        self._grad_control: Optional[StepControl] = None
+        self._state_control: Optional[StepControl] = None
+        self._check_synchronization_strictly = True
+        self._last_progress_bar_update = 0.0
+
+    def _offloaded_grad_buffers(self):
+        for param in self.state_averager.optimizer_parameters:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.share_memory_()
+            yield param.grad
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def local_epoch(self) -> int:
+        """The epoch this peer is in (synchronized with the swarm at every global step)."""
+        return self.state_averager.local_epoch
+
+    @property
+    def local_progress(self) -> LocalTrainingProgress:
+        return self.tracker.local_progress
+
+    @property
+    def use_local_updates(self) -> bool:
+        return self._use_local_updates
+
+    @property
+    def use_gradient_averaging(self) -> bool:
+        return not self._use_local_updates
+
+    @property
+    def ready_to_update_epoch(self) -> bool:
+        return self.tracker.ready_to_update_epoch
+
+    def is_synchronized_with_peers(self) -> bool:
+        return is_synchronized(self.local_epoch, self.tracker.global_epoch)
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        """The wrapped torch optimizer."""
+        return self.state_averager.optimizer
+
+    @property
+    def param_groups(self):
+        """The inner optimizer's param groups, pointing at the model's parameters."""
+        main = iter(self.state_averager.main_parameters)
+        return [dict(group, params=[next(main) for _ in group["params"]]) for group in self.opt.param_groups]
+
+    @property
+    def state(self) -> Dict[Any, Any]:
+        return dict(self.opt.state, local_epoch=self.local_epoch)
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        return self.opt.defaults
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        raise ValueError(
+            f"{type(self).__name__} does not support add_param_group: all peers must train the same "
+            f"parameters; create the optimizer with every param group from the start"
+        )
+
+    def state_dict(self) -> Dict[str, Any]:
+        state_dict = self.opt.state_dict()
+        state_dict["state"] = dict(state_dict["state"], local_epoch=self.local_epoch)
+        return state_dict
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict, state=dict(state_dict["state"]))
+        if "local_epoch" in state_dict["state"]:
+            self.state_averager.local_epoch = int(state_dict["state"].pop("local_epoch"))
+        self.opt.load_state_dict(state_dict)
+        self.state_averager._copy_optimizer_parameters_to_model()
+        self.state_averager._catch_up_scheduler()
+
+    # ------------------------------------------------------------------ training
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.reuse_grad_buffers:
+            raise ValueError(
+                "with reuse_grad_buffers=True, gradients accumulate in param.grad and the optimizer "
+                "zeroes them after each epoch: do not call zero_grad() yourself"
+            )
+        for param in self.state_averager.main_parameters:
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.detach_().zero_()
+
+    def step(  # fmt: skip
+        self, closure: Optional[Callable[[], torch.Tensor]] = None, batch_size: Optional[int] = None,
+        grad_scaler: Optional[GradScaler] = None,
+    ):
+        """
+        Report ``batch_size`` more samples processed with the current gradients; run the global step (average,
+        optimizer step, next epoch) once the swarm has accumulated ``target_batch_size``. Returns the closure's loss.
+        """
+        if not (grad_scaler is None or isinstance(grad_scaler, GradScaler)):
+            raise ValueError(
+                f"grad_scaler must be a hivemind.GradScaler (the torch one would step the optimizer at "
+                f"every call), got {type(grad_scaler).__name__}"
+            )
+        if self.auxiliary and (closure is not None or batch_size is not None):
+            raise ValueError("an auxiliary peer does not train: call step() without closure and batch_size")
+        if not self.auxiliary and batch_size is None and self.batch_size_per_step is None:
+            raise ValueError(
+                "pass step(batch_size=...) or set batch_size_per_step in the constructor, so that the "
+                "swarm can count samples"
+            )
+        if batch_size is None:
+            batch_size = self.batch_size_per_step
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        self.state_averager.step()  # applies finished background work (delayed steps and averaging rounds)
+        behind = not self.auxiliary and self._should_load_state_from_peers()
+        if behind:
+            logger.log(self.status_loglevel, f"Peer is behind the swarm (epoch {self.local_epoch} < "
+                       f"{self.tracker.global_epoch}): downloading the state from peers")  # fmt: skip
+            self.load_state_from_peers()
+            return loss
+
+        if not self.auxiliary:
+            if grad_scaler is not None and grad_scaler.are_grads_finite(self) is False:
+                logger.log(self.status_loglevel, "Gradients are not finite: dropping this epoch's local gradients")
+                self._reset_local_accumulation()
+                return loss
+            self._accumulate(batch_size, grad_scaler)
+            self._maybe_schedule_rounds()
+        if self.tracker.ready_to_update_epoch:
+            self._update_global_epoch(grad_scaler)
+        self._update_progress_bar()
+        return loss
+
+    def _accumulate(self, batch_size: int, grad_scaler: Optional[GradScaler]) -> None:
+        if self.use_gradient_averaging:
+            self.grad_averager.accumulate_grads_(batch_size)
+            samples = self.grad_averager.local_samples_accumulated
+        else:
+            self._local_samples += batch_size
+            samples = self._local_samples
+            self.state_averager.step(optimizer_step=True, grad_scaler=grad_scaler)
+            if grad_scaler is not None:
+                grad_scaler.update()
+        self.tracker.report_local_progress(self.local_epoch, samples)
+
+    def _reset_local_accumulation(self) -> None:
+        self._local_samples = 0
+        if self.grad_averager is not None:
+            self.grad_averager.reset_accumulated_grads_()
+        self.tracker.report_local_progress(self.local_epoch, 0)
+
+    def _should_load_state_from_peers(self) -> bool:
+        if self._check_synchronization_strictly and self.tracker.fetched_global_progress_this_epoch.is_set():
+            self._check_synchronization_strictly = False
+            return should_load_state(self.local_epoch, self.tracker.global_epoch, strict=True)
+        return should_load_state(self.local_epoch, self.tracker.global_epoch, strict=False)
+
+    def _maybe_schedule_rounds(self) -> None:
+        """Start matchmaking ahead of the estimated end of the epoch, so that averaging begins without waiting."""
+        progress, now = self.tracker.global_progress, get_dht_time()
+        if progress.num_peers <= 1:
+            return
+        eta = self.tracker.estimated_next_update_time
+        timeout = max(self.averaging_timeout, eta - now + self.matchmaking_time + 1)
+        scheduled_time = eta if eta > now else None
+        if self.use_gradient_averaging and should_schedule_averaging(
+            eta, now, self.matchmaking_time, already_scheduled=_is_pending(self._grad_control)
+        ):
+            self._grad_control = self._try_schedule(self.grad_averager, scheduled_time, timeout)
+        averages_state = next_epoch(self.local_epoch, progress.epoch) % self.average_state_every == 0
+        if averages_state and should_schedule_averaging(
+            eta, now, self.matchmaking_time, already_scheduled=_is_pending(self._state_control)
+        ):
+            self._state_control = self._try_schedule(
+                self.state_averager, scheduled_time, timeout, gather=next_epoch(self.local_epoch, progress.epoch)
+            )
+
+    def _try_schedule(
+        self, averager, scheduled_time: Optional[float], timeout: float, **kwargs
+    ) -> Optional[StepControl]:
+        try:
+            return averager.schedule_step(scheduled_time=scheduled_time, timeout=timeout, **kwargs)
+        except Exception as e:
+            logger.warning(f"Could not pre-schedule an averaging round of {averager.prefix}: {e!r}")
+            return None
+
+    def _update_global_epoch(self, grad_scaler: Optional[GradScaler]) -> None:
+        # the background step of the last epoch must be done before this one starts
+        self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        with self.tracker.pause_updates():
+            num_peers = self.tracker.global_progress.num_peers
+            new_epoch = next_epoch(self.local_epoch, self.tracker.global_epoch)
+            optimizer_step = self.use_gradient_averaging and not self.auxiliary
+            if self.use_gradient_averaging:
+                grad_round = self._start_gradient_averaging(num_peers)
+                if self.delay_grad_averaging:
+                    self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
+                else:
+                    self._finish_gradient_averaging(grad_round)
+
+            average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
+            state_control, self._state_control = self._state_control, None
+            if state_control is not None and not average_state:
+                state_control.cancel()
+                state_control = None
+            self.state_averager.local_epoch = new_epoch
+            if optimizer_step and not self.offload_optimizer:  # the step reads param.grad: swap in the average
+                with self.grad_averager.use_averaged_gradients():
+                    self.state_averager.step(optimizer_step=True, grad_scaler=grad_scaler)
+                optimizer_step = False
+            self.state_averager.step(
+                optimizer_step=optimizer_step, delay_optimizer_step=self.delay_optimizer_step and optimizer_step,
+                grad_scaler=grad_scaler if optimizer_step else None, averaging_round=average_state,
+                delay_averaging=self.delay_state_averaging, averaging_control=state_control,
+                averaging_opts=None if state_control is not None else dict(timeout=self.averaging_timeout),
+            )  # fmt: skip
+            if self.grad_averager is not None:
+                self.grad_averager.notify_used_averaged_gradients()
+                if self.reuse_grad_buffers:
+                    self.grad_averager.reset_accumulated_grads_()
+            if grad_scaler is not None:
+                grad_scaler.update()
+            self._local_samples = 0
+            self.tracker.update_epoch(new_epoch=self.local_epoch)
+            self._check_synchronization_strictly = True
+            self._set_state_sharing_priority()
+        logger.log(self.status_loglevel, f"{self.run_id}: epoch {self.local_epoch} begins")
+
+    def _start_gradient_averaging(self, num_peers: int) -> Optional[StepControl]:
+        """Load the mean accumulated gradient into the averaged buffers and, with peers around, start a round."""
+        control, self._grad_control = self._grad_control, None
+        if num_peers > 1 or self.auxiliary:
+            try:
+                if control is None:
+                    control = self.grad_averager.schedule_step(timeout=self.averaging_timeout)
+                return self.grad_averager.step(control=control, wait=False, reset_accumulators=True)
+            except Exception as e:
+                if control is not None:
+                    control.cancel()
+                logger.warning(f"{self.run_id}: could not start averaging gradients ({e!r}); using local gradients")
+                if self.grad_averager.local_times_accumulated == 0:
+                    return None  # step() already loaded this peer's mean gradient into the averaged buffers
+        elif control is not None:
+            control.cancel()
+        self.grad_averager.load_accumulators_into_averager_()
+        self.grad_averager.reset_accumulated_grads_()
+        return None
+
+    def _finish_gradient_averaging(self, control: Optional[StepControl]) -> None:
+        """Wait for a gradient round; if it fails, the buffers keep this peer's own mean gradient."""
+        if control is None:
+            return
+        try:
+            gathered = control.result(self.averaging_timeout)
+            logger.log(self.status_loglevel, f"{self.run_id}: averaged gradients with {len(gathered)} peers")
+        except Exception as e:
+            control.cancel()
+            logger.warning(f"{self.run_id}: averaging gradients failed ({e!r}); using local gradients")
+
+    def _set_state_sharing_priority(self) -> None:
+        for averager in (self.state_averager, self.grad_averager):
+            if averager is not None and averager.allow_state_sharing:
+                averager.state_sharing_priority = self.local_epoch
+
+    def _update_progress_bar(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress_bar_update >= 0.2:
+            self._last_progress_bar_update = now
+            self._progress_bar.update(self.tracker.global_progress, self.local_epoch)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        """
+        Download parameters, optimizer state and epoch from the best peer that shares them, retrying after errors
+        for up to ``load_state_timeout`` seconds. Locally accumulated gradients are dropped.
+        """
+        for control in (self._grad_control, self._state_control):
+            if control is not None:
+                control.cancel()
+        self._grad_control = self._state_control = None
+        self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        deadline = time.monotonic() + self.load_state_timeout
+        with self.tracker.pause_updates():
+            while True:
+                try:
+                    kwargs.setdefault("timeout", self.load_state_timeout)
+                    loaded = self.state_averager.load_state_from_peers(**kwargs)
+                    break
+                except Exception as e:
+                    if time.monotonic() >= deadline:
+                        logger.warning(
+                            f"{self.run_id}: could not load the state from peers: {e!r}; keeping local state"
+                        )
+                        loaded = None
+                        break
+                    logger.warning(f"{self.run_id}: loading the state from peers failed ({e!r}), retrying")
+            if loaded is None:
+                logger.log(self.status_loglevel, f"{self.run_id}: no peer shared a usable state; keeping local state")
+            else:
+                logger.log(self.status_loglevel, f"{self.run_id}: downloaded the state of epoch {self.local_epoch}")
+            global_epoch = self.tracker.global_epoch
+            if global_epoch - 1 <= self.local_epoch < global_epoch:
+                self.state_averager.local_epoch = global_epoch
+                self.state_averager._catch_up_scheduler()
+            self._local_samples = 0
+            if self.grad_averager is not None:
+                self.grad_averager.reset_accumulated_grads_()
+            self.tracker.update_epoch(new_epoch=self.local_epoch)
+            self._check_synchronization_strictly = True
+            self._set_state_sharing_priority()
+
+    def shutdown(self) -> None:
+        """Publish that this peer left, finish or cancel background rounds, and stop the averagers."""
+        logger.log(self.status_loglevel, f"{self.run_id}: shutting down")
+        for control in (self._grad_control, self._state_control):
+            if control is not None:
+                control.cancel()
+        self._progress_bar.close()
+        self.tracker.shutdown(self.shutdown_timeout)
+        self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        self.state_averager.shutdown()
+        if self.grad_averager is not None:
+            self.grad_averager.shutdown()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(run_id={self.run_id!r}, epoch={self.local_epoch}, opt={type(self.opt).__name__})"
+        )
+
+
+def _is_pending(control: Optional[StepControl]) -> bool:
+    return control is not None and not control.done()

@@ -1,0 +1,438 @@
+"""TrainingStateAverager: runs the inner optimizer and averages and shares parameters, statistics and epoch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.averaging.control import StepControl
+from hivemind.compression import CompressionInfo, TensorRole
+from hivemind.dht import DHT
+from hivemind.optim.optimizer_state import (
+    OptimizerStateError,
+    dump_optimizer_state,
+    initialize_optimizer_state_,
+    load_optimizer_state,
+)
+from hivemind.utils.logging import get_logger
+
+__all__ = [
+    "TrainingStateAverager",
+    "initialize_optimizer_state_",
+    "dump_optimizer_state",
+    "load_optimizer_state",
+    "TorchOptimizer",
+    "OptimizerFactory",
+    "SchedulerFactory",
+]
+
+logger = get_logger(__name__)
+
+TorchOptimizer = torch.optim.Optimizer
+OptimizerFactory = Callable[[Iterable[Dict[str, Any]]], TorchOptimizer]
+SchedulerFactory = Callable[[TorchOptimizer], Any]
+Parameters = Iterable[torch.Tensor]
+ParamGroups = Iterable[Dict[str, Any]]
+
+
+def _is_scheduler_instance(scheduler: Any) -> bool:
+    return hasattr(scheduler, "step") and hasattr(scheduler, "optimizer")
+
+
+def _as_param_groups(params: Union[Parameters, ParamGroups]) -> List[Dict[str, Any]]:
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [dict(group, params=list(group["params"])) for group in params]
+    return [{"params": params}]
+
+
+class TrainingStateAverager(DecentralizedAverager):
+    """
+    Holds the training state of one peer (parameters, optimizer statistics, extra tensors, epoch), runs the inner
+    optimizer, averages that state with peers and serves it to newcomers. The state sent on download is
+    ``{"epoch", "group_bits", "optimizer_metadata"}`` plus tensors: optimizer parameters, extra tensors, then the
+    optimizer's state tensors.
+
+    :param optimizer: a torch optimizer, or a factory ``callable(param_groups) -> optimizer`` (then ``params`` is
+      required); the factory form is needed for ``offload_optimizer``
+    :param params: parameters or param groups of the model (with an optimizer factory)
+    :param scheduler: an LR scheduler, or a factory ``callable(optimizer)`` (required form with an optimizer factory);
+      stepped so that it counts one step per epoch
+    :param initialize_optimizer: create the optimizer's statistics right away (default: if it has none yet)
+    :param offload_optimizer: keep the optimizer and a copy of the parameters in CPU shared memory; the model's
+      parameters get the new values when the step is applied
+    :param custom_gradients: with offloading, the caller puts gradients into the offloaded parameters itself
+    :param reuse_tensors: accepted for compatibility; averaged tensors are always separate buffers here
+    :param delta_rule_averaging: apply the averaging result as a delta (average - values sent), keeping local updates
+      made while averaging ran in the background
+    :param performance_ema_alpha: accepted for compatibility
+    :param sync_epoch_when_averaging: after a round, move to the highest epoch of the group
+    :param parameter_names: names of the parameters, for logs
+    :param average_opt_statistics: names of optimizer-state entries to average (e.g. ``"exp_avg_sq"``)
+    :param extra_tensors: more tensors to average and share (e.g. batchnorm statistics)
+    :param status_loglevel: level of the per-round log lines
+    :param averager_kwargs: options of :class:`DecentralizedAverager` (``prefix`` among them)
+    """
+
+    # fmt: off
+    def __init__(
+        self, *, dht: DHT, optimizer: Union[TorchOptimizer, OptimizerFactory],
+        params: Optional[Union[Parameters, ParamGroups]] = None,
+        scheduler: Optional[Union[Any, SchedulerFactory]] = None,
+        initialize_optimizer: Optional[bool] = None, offload_optimizer: bool = False, custom_gradients: bool = False,
+        reuse_tensors: Optional[bool] = None, delta_rule_averaging: bool = False, performance_ema_alpha: float = 0.1,
+        sync_epoch_when_averaging: bool = False, parameter_names: Optional[Sequence[str]] = None,
+        average_opt_statistics: Sequence[str] = (), extra_tensors: Sequence[torch.Tensor] = (),
+        status_loglevel: int = logging.DEBUG, **averager_kwargs,
+    ):
+        # fmt: on
+        optimizer_is_factory = not isinstance(optimizer, torch.optim.Optimizer)
+        if optimizer_is_factory and not callable(optimizer):
+            raise ValueError(
+                f"optimizer must be a torch optimizer or a factory of one, got {type(optimizer).__name__}"
+            )
+        if optimizer_is_factory and params is None:
+            raise ValueError("with an optimizer factory, pass the model's parameters as params=...")
+        if not optimizer_is_factory and params is not None:
+            raise ValueError("params= is only for an optimizer factory; a built optimizer already has its parameters")
+        if offload_optimizer and not optimizer_is_factory:
+            raise ValueError("offload_optimizer needs an optimizer factory (the optimizer is built on CPU copies)")
+        if optimizer_is_factory and scheduler is not None and _is_scheduler_instance(scheduler):
+            raise ValueError("with an optimizer factory, the scheduler must be a factory too: lambda opt: ...")
+        if custom_gradients and not offload_optimizer:
+            logger.warning("custom_gradients has no effect without offload_optimizer")
+
+        param_groups = _as_param_groups(params) if optimizer_is_factory else optimizer.param_groups
+        self.main_parameters: Tuple[torch.Tensor, ...] = tuple(p for group in param_groups for p in group["params"])
+        if not self.main_parameters:
+            raise ValueError("TrainingStateAverager needs at least one parameter")
+        self.parameter_names = tuple(parameter_names or (f"param{i}" for i in range(len(self.main_parameters))))
+        self.offload_optimizer = offload_optimizer
+        self.custom_gradients = custom_gradients
+        self.delta_rule_averaging, self.sync_epoch_when_averaging = delta_rule_averaging, sync_epoch_when_averaging
+        self.status_loglevel = status_loglevel
+        if offload_optimizer:
+            offloaded = {p: self._make_offloaded_copy(p) for p in self.main_parameters}
+            param_groups = [dict(group, params=[offloaded[p] for p in group["params"]]) for group in param_groups]
+        self.optimizer = optimizer(param_groups) if optimizer_is_factory else optimizer
+        self._optimizer_parameters: Tuple[torch.Tensor, ...] = tuple(
+            p for group in self.optimizer.param_groups for p in group["params"]
+        )
+        if len(self._optimizer_parameters) != len(self.main_parameters):
+            raise ValueError("the optimizer factory must keep every parameter it was given, in order")
+        if initialize_optimizer is None:
+            initialize_optimizer = not self.optimizer.state
+        if initialize_optimizer:
+            initialize_optimizer_state_(self.optimizer)
+        if scheduler is not None and not _is_scheduler_instance(scheduler):
+            scheduler = scheduler(self.optimizer)
+        self.scheduler = scheduler
+        self.extra_tensors = tuple(tensor.detach() for tensor in extra_tensors)
+        self.average_opt_statistics = tuple(average_opt_statistics)
+        self.local_epoch = 0
+
+        sources = self._averaging_sources()
+        with torch.no_grad():
+            averaged = tuple(t.detach().to("cpu", copy=True).share_memory_() for t in sources)
+        infos = self._tensor_infos(sources)
+        self._state_lock = threading.RLock()  # consistent state for downloads while steps are applied
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
+        self._pending_step: Optional[Future] = None
+        self._pending_averaging: Optional[Future] = None
+        super().__init__(averaged_tensors=averaged, dht=dht, tensor_infos=infos, **averager_kwargs)
+
+    # ------------------------------------------------------------------ tensors
+
+    @staticmethod
+    def _make_offloaded_copy(param: torch.Tensor) -> torch.Tensor:
+        copy = torch.nn.Parameter(
+            param.detach().to("cpu", copy=True).share_memory_(), requires_grad=param.requires_grad
+        )
+        return copy
+
+    def _optimizer_statistics(self) -> List[torch.Tensor]:
+        statistics = []
+        for name in self.average_opt_statistics:
+            for param in self._optimizer_parameters:
+                value = self.optimizer.state.get(param, {}).get(name)
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"the optimizer has no tensor statistic {name!r} for every parameter")
+                statistics.append(value)
+        return statistics
+
+    def _averaging_sources(self) -> List[torch.Tensor]:
+        """The live tensors averaged with peers: optimizer parameters, extra tensors, chosen statistics."""
+        return [*self._optimizer_parameters, *self.extra_tensors, *self._optimizer_statistics()]
+
+    def _tensor_infos(self, sources: Sequence[torch.Tensor]) -> List[CompressionInfo]:
+        num_params, num_extras = len(self._optimizer_parameters), len(self.extra_tensors)
+        infos = []
+        for index, tensor in enumerate(sources):
+            role = TensorRole.PARAMETER if index < num_params else TensorRole.OPTIMIZER
+            if num_params <= index < num_params + num_extras:
+                role = TensorRole.UNSPECIFIED
+            infos.append(CompressionInfo.from_tensor(tensor, key=index, role=role))
+        return infos
+
+    @torch.no_grad()
+    def _copy_optimizer_parameters_to_model(self) -> None:
+        if self.offload_optimizer:
+            for main, offloaded in zip(self.main_parameters, self._optimizer_parameters):
+                main.copy_(offloaded, non_blocking=True)
+
+    @torch.no_grad()
+    def _load_gradients_into_optimizer(self) -> None:
+        if not self.offload_optimizer or self.custom_gradients:
+            return
+        for main, offloaded in zip(self.main_parameters, self._optimizer_parameters):
+            if main.grad is None:
+                offloaded.grad = None
+            elif offloaded.grad is None:
+                offloaded.grad = main.grad.detach().to("cpu", copy=True)
+            else:
+                offloaded.grad.copy_(main.grad, non_blocking=True)
+
+    # ------------------------------------------------------------------ the step
+
+    @property
+    def optimizer_parameters(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors the inner optimizer updates: CPU copies with offload_optimizer, else the model's parameters."""
+        return self._optimizer_parameters
+
+    def submit_background(self, function: Callable[..., Any], *args) -> Future:
+        """Run ``function(*args)`` in the background thread, after the background work already queued."""
+        return self._executor.submit(function, *args)
+
+    @property
+    def averaging_in_progress(self) -> bool:
+        return self._pending_averaging is not None and not self._pending_averaging.done()
+
+    # fmt: off
+    def step(
+        self, wait_for_delayed_updates: Optional[bool] = None, apply_delayed_updates: bool = True,
+        increment_epoch: bool = False, optimizer_step: bool = False, zero_grad: bool = False,
+        delay_optimizer_step: bool = False, averaging_round: bool = False, delay_averaging: Optional[bool] = None,
+        averaging_control: Optional[StepControl] = None, wait_for_trigger: Optional[Callable[[], Any]] = None,
+        grad_scaler: Optional[Any] = None, set_to_none: bool = True, averaging_opts: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        # fmt: on
+        """
+        Perform, in this order: wait for background work (default: if anything new is requested), apply finished
+        background results to the model, bump the epoch, run the optimizer (maybe in the background), zero the
+        gradients, bring the scheduler to the epoch, run an averaging round (maybe in the background).
+        """
+        if delay_averaging is None:
+            delay_averaging = delay_optimizer_step
+        if delay_optimizer_step and not self.offload_optimizer:
+            raise ValueError("delay_optimizer_step requires offload_optimizer (the step runs on the CPU copies)")
+        if averaging_control is not None and not averaging_round:
+            raise ValueError("averaging_control is only used with averaging_round=True")
+        if wait_for_delayed_updates is None:
+            wait_for_delayed_updates = optimizer_step or zero_grad or averaging_round
+        if wait_for_delayed_updates:
+            for pending in (self._pending_step, self._pending_averaging):
+                if pending is not None:
+                    pending.exception()  # wait; failures are reported when applied
+        if apply_delayed_updates:
+            self._apply_finished_background_work()
+        if increment_epoch:
+            self.local_epoch += 1
+
+        if optimizer_step:
+            self._load_gradients_into_optimizer()
+            if zero_grad and self.offload_optimizer:
+                self._zero_main_grads(set_to_none)
+            if delay_optimizer_step:
+                self._pending_step = self._executor.submit(
+                    self._run_optimizer_step, grad_scaler, zero_grad, set_to_none
+                )
+            else:
+                self._run_optimizer_step(grad_scaler, zero_grad, set_to_none)
+                self._copy_optimizer_parameters_to_model()
+        elif zero_grad:
+            self._zero_main_grads(set_to_none)
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._catch_up_scheduler()
+
+        if averaging_round:
+            opts = dict(averaging_opts or {})
+            if delay_averaging:
+                self._pending_averaging = self._executor.submit(
+                    self._run_averaging_round, averaging_control, wait_for_trigger, opts
+                )
+            else:
+                self._pending_averaging = Future()
+                try:
+                    self._pending_averaging.set_result(
+                        self._run_averaging_round(averaging_control, wait_for_trigger, opts)
+                    )
+                except Exception as e:
+                    self._pending_averaging.set_exception(e)
+                self._apply_finished_background_work()
+        elif averaging_control is not None:
+            averaging_control.cancel()
+
+    def _zero_main_grads(self, set_to_none: bool) -> None:
+        for param in self.main_parameters:
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.detach_().zero_()
+
+    def _run_optimizer_step(self, grad_scaler: Optional[Any], zero_grad: bool, set_to_none: bool) -> None:
+        with self._state_lock:
+            if grad_scaler is not None:
+                with grad_scaler.running_global_step():
+                    grad_scaler.unscale_(self.optimizer)
+                    grad_scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            if zero_grad:
+                self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _catch_up_scheduler(self) -> None:
+        if self.scheduler is None:
+            return
+        while getattr(self.scheduler, "last_epoch", self.local_epoch) < self.local_epoch:
+            self.scheduler.step()
+
+    def _run_averaging_round(
+        self, control: Optional[StepControl], wait_for_trigger: Optional[Callable[[], Any]], opts: Dict[str, Any]
+    ) -> Tuple[Dict[Any, Any], List[torch.Tensor], int]:
+        """Send the current state to the averager and run one round; returns (gathered, values sent, epoch sent)."""
+        round_epoch = self.local_epoch
+        with torch.no_grad(), self._state_lock, self.get_tensors() as averaged:
+            sent = []
+            for buffer, source in zip(averaged, self._averaging_sources()):
+                buffer.copy_(source, non_blocking=True)
+                sent.append(buffer.clone() if self.delta_rule_averaging else None)
+        if wait_for_trigger is not None:
+            wait_for_trigger()
+        if control is None:
+            control = self.schedule_step(**opts)
+        control.allow_allreduce()
+        gathered = control.result()
+        return gathered, sent, round_epoch
+
+    def schedule_step(self, scheduled_time: Optional[float] = None, **kwargs) -> StepControl:
+        """Book an averaging round in advance: matchmaking starts now, the all-reduce waits for the step."""
+        kwargs.setdefault("gather", self.local_epoch)
+        return DecentralizedAverager.step(
+            self, scheduled_time=scheduled_time, wait=False, require_trigger=True, **kwargs
+        )
+
+    @torch.no_grad()
+    def _apply_finished_background_work(self) -> None:
+        if self._pending_step is not None and self._pending_step.done():
+            pending, self._pending_step = self._pending_step, None
+            if pending.exception() is not None:
+                logger.error(f"The background optimizer step failed: {pending.exception()!r}")
+            else:
+                self._copy_optimizer_parameters_to_model()
+        if self._pending_averaging is not None and self._pending_averaging.done():
+            pending, self._pending_averaging = self._pending_averaging, None
+            if pending.exception() is not None:
+                logger.warning(f"Averaging the training state failed, keeping local values: {pending.exception()!r}")
+                return
+            gathered, sent, round_epoch = pending.result()
+            epochs = [value for value in gathered.values() if isinstance(value, int) and not isinstance(value, bool)]
+            if self.sync_epoch_when_averaging:
+                self._apply_averaged_state(sent)
+                self.local_epoch = max([self.local_epoch, *epochs])
+                self._catch_up_scheduler()
+            elif len(epochs) != len(gathered) or set(epochs) != {round_epoch} or round_epoch != self.local_epoch:
+                # mixing parameters of different epochs would pull the leaders back; laggards load the state instead
+                logger.log(
+                    self.status_loglevel,
+                    f"Not applying a state average of peers at epochs {sorted(epochs)} (this peer sent epoch "
+                    f"{round_epoch} and is at epoch {self.local_epoch})",
+                )
+                return
+            else:
+                self._apply_averaged_state(sent)
+            logger.log(self.status_loglevel, f"Averaged the training state with {len(gathered)} peers")
+
+    def _apply_averaged_state(self, sent: Sequence[Optional[torch.Tensor]]) -> None:
+        with self._state_lock, self.get_tensors() as averaged:
+            for source, result, before in zip(self._averaging_sources(), averaged, sent):
+                if self.delta_rule_averaging:
+                    source.add_(result.to(source.device) - before.to(source.device))
+                else:
+                    source.copy_(result, non_blocking=True)
+        self._copy_optimizer_parameters_to_model()
+
+    # ------------------------------------------------------------------ state sharing
+
+    def get_current_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor], List[CompressionInfo]]:
+        with torch.no_grad(), self._state_lock:
+            flat_optimizer_state, optimizer_tensors = dump_optimizer_state(self.optimizer)
+            parameters = [p.detach().cpu().clone() for p in self._optimizer_parameters]
+            extras = [t.detach().cpu().clone() for t in self.extra_tensors]
+            optimizer_tensors = [t.detach().cpu().clone() for t in optimizer_tensors]
+        metadata = {"epoch": self.local_epoch, "group_bits": self.get_group_bits()}
+        metadata["optimizer_metadata"] = flat_optimizer_state
+        tensors = [*parameters, *extras, *optimizer_tensors]
+        infos = [CompressionInfo.from_tensor(t, key=i, role=TensorRole.PARAMETER) for i, t in enumerate(parameters)]
+        infos += [CompressionInfo.from_tensor(t, key=len(infos) + i) for i, t in enumerate(extras)]
+        infos += [
+            CompressionInfo.from_tensor(t, key=len(infos) + i, role=TensorRole.OPTIMIZER)
+            for i, t in enumerate(optimizer_tensors)
+        ]
+        return metadata, tensors, infos
+
+    def load_state_from_peers(self, **kwargs) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
+        """
+        Download the training state from the best peer and apply it all at once (parameters, optimizer state, extra
+        tensors, epoch). A state that does not fit (other shapes, optimizer or options), or whose epoch is behind the
+        local one, is refused with a warning and nothing changes. Returns (metadata, tensors), or None.
+        """
+        loaded = DecentralizedAverager.load_state_from_peers(self, **kwargs)
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        try:
+            self._apply_downloaded_state(metadata, list(tensors))
+        except (OptimizerStateError, ValueError, TypeError, KeyError) as e:
+            logger.warning(f"Refused the downloaded training state: {e}")
+            return None
+        return metadata, tensors
+
+    @torch.no_grad()
+    def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("optimizer_metadata"), (list, tuple)):
+            raise ValueError(f"the donor's metadata is not a training state: {metadata!r:.100}")
+        epoch = metadata.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"the donor's epoch is not a non-negative int: {epoch!r:.50}")
+        if epoch < self.local_epoch:
+            raise ValueError(f"the donor is at epoch {epoch}, behind the local epoch {self.local_epoch}")
+        num_params, num_extras = len(self._optimizer_parameters), len(self.extra_tensors)
+        local = [*self._optimizer_parameters, *self.extra_tensors]
+        if len(tensors) < len(local):
+            raise ValueError(f"the donor sent {len(tensors)} tensors, at least {len(local)} are needed")
+        for index, (mine, theirs) in enumerate(zip(local, tensors)):
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape:
+                raise ValueError(
+                    f"tensor {index} of the donor has shape {getattr(theirs, 'shape', None)}, "
+                    f"the local one {tuple(mine.shape)}"
+                )
+        with self._state_lock:
+            load_optimizer_state(self.optimizer, metadata["optimizer_metadata"], tensors[num_params + num_extras :])
+            for mine, theirs in zip(local, tensors):
+                mine.copy_(theirs)
+            self.local_epoch = epoch
+            self._copy_optimizer_parameters_to_model()
+        self._catch_up_scheduler()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False)
+        for pending in (self._pending_step, self._pending_averaging):
+            if pending is not None:
+                pending.cancel()
+        super().shutdown()

@@ -1,0 +1,78 @@
+"""GradientAverager and the legacy TrainingAverager between two real peers."""
+
+import pytest
+import torch
+
+from hivemind.dht import DHT
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.training_averager import TrainingAverager
+
+AVERAGER_OPTS = dict(min_matchmaking_time=1.0, request_timeout=0.5)
+
+
+@pytest.fixture
+def dht_pair():
+    first = DHT(start=True)
+    second = DHT(initial_peers=first.get_visible_maddrs(), start=True)
+    yield first, second
+    second.shutdown()
+    first.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_gradient_averager_weighs_each_peer_by_its_accumulated_samples(dht_pair):
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(2)]
+    averagers = [
+        GradientAverager([param], dht=dht, prefix="grads", start=True, **AVERAGER_OPTS)
+        for param, dht in zip(params, dht_pair)
+    ]
+    try:
+        for _ in range(3):  # the first peer: 3 steps of 4 samples with gradient 1
+            params[0].grad = torch.ones(3)
+            averagers[0].accumulate_grads_(batch_size=4)
+        params[1].grad = torch.full((3,), 5.0)  # the second: one step of 4 samples with gradient 5
+        averagers[1].accumulate_grads_(batch_size=4)
+
+        controls = [averager.step(wait=False, timeout=10) for averager in averagers]
+        for control in controls:
+            assert len(control.result(20)) == 2
+        expected = torch.full((3,), (12 * 1.0 + 4 * 5.0) / 16)
+        for param, averager in zip(params, averagers):
+            with averager.use_averaged_gradients():
+                assert torch.allclose(param.grad, expected)
+            assert averager.local_samples_accumulated == 0  # reset after loading
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_training_averager_averages_parameters_and_shares_its_state(dht_pair):
+    params = [torch.nn.Parameter(torch.full((2,), value)) for value in (0.0, 2.0)]
+    averagers = [
+        TrainingAverager(
+            torch.optim.SGD([param], lr=0.1),
+            average_parameters=True,
+            average_gradients=False,
+            dht=dht,
+            prefix="legacy",
+            start=True,
+            **AVERAGER_OPTS,
+        )  # fmt: skip
+        for param, dht in zip(params, dht_pair)
+    ]
+    try:
+        futures = [averager.step(wait=False, timeout=10) for averager in averagers]
+        for future in futures:
+            assert len(future.result(20)) == 2
+        for param, averager in zip(params, averagers):
+            assert torch.allclose(param, torch.ones(2)) and averager.local_step == 1
+
+        with torch.no_grad():
+            params[0].fill_(7.0)
+        metadata, _ = averagers[1].load_state_from_peers(timeout=10)
+        assert metadata["step"] == 1
+        assert torch.equal(params[1], torch.full((2,), 7.0))
+    finally:
+        for averager in averagers:
+            averager.shutdown()

@@ -1,0 +1,203 @@
+"""hivemind.Optimizer with real DHTs: matches local training, state round trips, late joiners, misuse errors."""
+
+import copy
+import threading
+import time
+from typing import List
+
+import pytest
+import torch
+
+from hivemind.dht import DHT
+from hivemind.optim.grad_scaler import GradScaler
+from hivemind.optim.optimizer import Optimizer
+
+FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
+
+
+def wait_for(condition, timeout=15.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def make_optimizer(dht: DHT, model: torch.nn.Module, run_id: str = "test_run", **kwargs) -> Optimizer:
+    options = dict(
+        dht=dht, run_id=run_id, target_batch_size=32, batch_size_per_step=4,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
+        matchmaking_time=1.0, averaging_timeout=5.0, tracker_opts=FAST_TRACKER,
+        averager_opts=dict(request_timeout=0.5),
+    )  # fmt: skip
+    options.update(kwargs)
+    return Optimizer(**options)
+
+
+@pytest.fixture
+def swarm():
+    """DHTs started on demand: ``swarm(n)`` returns n more DHTs joined to the first one."""
+    dhts: List[DHT] = []
+
+    def add(count: int) -> List[DHT]:
+        for _ in range(count):
+            initial_peers = dhts[0].get_visible_maddrs() if dhts else None
+            dhts.append(DHT(initial_peers=initial_peers, start=True))
+        return dhts[-count:]
+
+    yield add
+    for dht in dhts:
+        dht.shutdown()
+
+
+def mse_step(model, opt, x, y):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+@pytest.mark.timeout(90)
+def test_two_peers_train_exactly_like_local_training_with_the_global_batch(swarm):
+    epochs = 3
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(epochs)]
+    initial_state = torch.nn.Linear(8, 1).state_dict()
+    models = [torch.nn.Linear(8, 1) for _ in range(2)]
+    opts = []
+    try:
+        for model, dht in zip(models, swarm(2)):
+            model.load_state_dict(initial_state)
+            opts.append(make_optimizer(dht, model))
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+
+        def train(model, opt):  # every sample of epoch e is data[e], so any split between peers gives the same mean
+            while opt.local_epoch < epochs:
+                mse_step(model, opt, *data[opt.local_epoch])
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=train, args=pair) for pair in zip(models, opts)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert all(opt.local_epoch == epochs for opt in opts)
+    finally:
+        for opt in opts:
+            opt.shutdown()
+
+    reference = torch.nn.Linear(8, 1)
+    reference.load_state_dict(initial_state)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x, y in data:  # one step per epoch on that epoch's batch
+        mse_step(reference, reference_opt, x, y)
+    for model in models:
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(param, expected, atol=1e-6)
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_joining_mid_training_downloads_the_epoch_and_parameters(swarm):
+    first_dht, second_dht = swarm(2)
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    trainer_model, newcomer_model = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+    trainer = make_optimizer(first_dht, trainer_model, target_batch_size=8)
+    newcomer = None
+    try:
+        while trainer.local_epoch < 3:
+            mse_step(trainer_model, trainer, x, y)
+        newcomer = make_optimizer(second_dht, newcomer_model, target_batch_size=8)
+        newcomer.load_state_from_peers()
+        assert newcomer.local_epoch == trainer.local_epoch == 3
+        for mine, theirs in zip(newcomer_model.parameters(), trainer_model.parameters()):
+            assert torch.equal(mine, theirs)
+    finally:
+        trainer.shutdown()
+        if newcomer is not None:
+            newcomer.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_state_dict_round_trip_keeps_the_inner_state_and_the_epoch(swarm):
+    (dht,) = swarm(1)
+    model = torch.nn.Linear(8, 1)
+    opt = make_optimizer(dht, model, optimizer=lambda params: torch.optim.Adam(params, lr=0.01), target_batch_size=4)
+    try:
+        torch.manual_seed(0)
+        while opt.local_epoch < 2:
+            mse_step(model, opt, torch.randn(4, 8), torch.randn(4, 1))
+        state = copy.deepcopy(opt.state_dict())  # like torch's, the state dict refers to the live tensors
+        assert state["state"]["local_epoch"] == 2
+        saved_moments = [opt.opt.state[p]["exp_avg"].clone() for p in opt.opt.param_groups[0]["params"]]
+
+        mse_step(model, opt, torch.randn(4, 8), torch.randn(4, 1))
+        assert opt.local_epoch == 3
+        opt.load_state_dict(state)
+        assert opt.local_epoch == 2
+        restored = [opt.opt.state[p]["exp_avg"] for p in opt.opt.param_groups[0]["params"]]
+        assert all(torch.equal(a, b) for a, b in zip(saved_moments, restored))
+        assert state["state"]["local_epoch"] == 2  # the caller's dict is not consumed
+    finally:
+        opt.shutdown()
+
+
+@pytest.fixture
+def lonely_optimizer(swarm):
+    (dht,) = swarm(1)
+    model = torch.nn.Linear(3, 1)
+    opt = make_optimizer(dht, model, batch_size_per_step=None, reuse_grad_buffers=True)
+    yield model, opt
+    opt.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_misuse_errors_say_what_to_do(lonely_optimizer):
+    model, opt = lonely_optimizer
+    model(torch.ones(2, 3)).sum().backward()
+    with pytest.raises(ValueError, match="batch_size"):
+        opt.step()
+    with pytest.raises(ValueError, match="hivemind.GradScaler"):
+        opt.step(batch_size=2, grad_scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+    with pytest.raises(ValueError, match="zero_grad"):
+        opt.zero_grad()
+    assert opt.local_epoch == 0 and opt.tracker.local_progress.samples_accumulated == 0
+
+
+@pytest.mark.timeout(60)
+def test_param_groups_point_at_the_model_parameters(lonely_optimizer):
+    model, opt = lonely_optimizer
+    assert [p for group in opt.param_groups for p in group["params"]] == list(model.parameters())
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.timeout(60)
+def test_grad_scaler_path_drops_non_finite_batches_and_steps_on_finite_ones(swarm):
+    (dht,) = swarm(1)
+    model = torch.nn.Linear(8, 1)
+    opt = make_optimizer(dht, model, target_batch_size=8)
+    scaler = GradScaler("cpu", init_scale=1024.0)
+    try:
+        x, y = torch.randn(4, 8), torch.randn(4, 1)
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        assert scaler.update() and scaler.get_scale() == 512.0
+        assert opt.grad_averager.local_samples_accumulated == 0
+
+        before = model.weight.detach().clone()
+        while opt.local_epoch < 1:
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        reference = torch.nn.Linear(8, 1)
+        reference.weight.data, reference.bias.data = before.clone(), model.bias.detach().clone()
+        assert not torch.equal(model.weight, before)
+        assert torch.isfinite(model.weight).all()
+    finally:
+        opt.shutdown()
