@@ -7,8 +7,9 @@ import time
 import psutil
 import pytest
 import torch
-from averager_helpers import averagers_on, dht_swarm
+from averager_helpers import FAST, averagers_on, dht_swarm
 
+from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -121,3 +122,39 @@ def test_repeated_rounds_do_not_grow_memory():
         run_rounds(25)
         growth = [_rss(averager.pid) - rss for averager, rss in zip(averagers, before)]
         assert max(growth) < 16 * 2**20, f"averager RSS grew by {[g / 2**20 for g in growth]} MiB over 25 rounds"
+
+
+@pytest.mark.timeout(60)
+def test_load_state_from_a_peer_uses_its_get_current_state():
+    tensors = [[torch.arange(6, dtype=torch.float32)], [torch.zeros(6)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, allow_state_sharing=[True, False]) as (donor, newcomer):
+        donor.state_sharing_priority = 5.0
+        assert donor.allow_state_sharing and donor.state_sharing_priority == 5.0
+        deadline = time.monotonic() + 30
+        while True:  # the donor's declaration reaches the DHT in the background
+            state = newcomer.load_state_from_peers(timeout=10)
+            if state is not None or time.monotonic() > deadline:
+                break
+        assert state is not None
+        metadata, downloaded = state
+        assert metadata == {"group_key": ""}
+        assert torch.equal(downloaded[0], torch.arange(6, dtype=torch.float32))
+        assert newcomer.load_state_from_peers(wait=False).result(timeout=30) is not None
+
+
+@pytest.mark.timeout(60)
+def test_nobody_shares_a_state():
+    tensors = [[torch.zeros(2)], [torch.zeros(2)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, allow_state_sharing=False) as (first, _second):
+        assert first.load_state_from_peers(timeout=5) is None
+
+
+@pytest.mark.timeout(60)
+def test_background_start_and_context_manager():
+    with dht_swarm(1) as (dht,):
+        averager = DecentralizedAverager([torch.zeros(2)], dht, prefix="bg", start=False, **FAST)
+        with averager:
+            averager.run_in_background(await_ready=False)
+            averager.wait_until_ready(timeout=30)
+            assert averager.is_alive() and averager.get_group_bits() == ""
+        assert not averager.is_alive()
