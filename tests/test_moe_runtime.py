@@ -133,9 +133,10 @@ def test_stats_report_lines():
     stats = _Stats()
     stats.record("expert.0_forward", 32, 0.5)
     stats.record("expert.0_forward", 16, 0.5)
-    (line,) = stats.report_and_reset()
+    line, total = stats.report_and_reset()
     assert line.startswith("expert.0_forward: 2 batches, 48 examples (mean batch 24.0)")
     assert "48.0 examples/s while computing" in line
+    assert total.startswith("Runtime: 2 batches in") and "computing" in total
     assert stats.report_and_reset()[0].startswith("Runtime: no batches processed")
 
 

@@ -183,6 +183,10 @@ class _Stats:
                 )
             if not lines:
                 lines.append(f"Runtime: no batches processed in the last {elapsed:.1f} s")
+            else:  # near 100% busy: the device is the bottleneck; far below: the time goes to everything around it
+                total_batches, total_busy = sum(self.batches.values()), sum(self.seconds.values())
+                share = total_busy / elapsed
+                lines.append(f"Runtime: {total_batches} batches in {elapsed:.1f} s, computing {share:.0%} of the time")
             self.batches.clear()
             self.examples.clear()
             self.seconds.clear()
