@@ -13,6 +13,7 @@ import time
 import torch
 
 import hivemind
+from hivemind.averaging import DecentralizedAverager
 
 NUM_PEERS = 4
 PREFIX = "example_averaging"
@@ -41,7 +42,7 @@ def main() -> None:
     for index, (dht, model) in enumerate(zip(dhts, models)):
         print(f"peer {index} before: {describe(model)}")
         averagers.append(
-            hivemind.averaging.DecentralizedAverager(
+            DecentralizedAverager(
                 [param.detach() for param in model.parameters()],  # averaged in place (moved to shared memory)
                 dht,
                 start=True,
@@ -72,7 +73,7 @@ def main() -> None:
 
     newcomer_dht = hivemind.DHT(initial_peers=initial_peers, start=True)
     newcomer_model = make_model(seed=100)
-    newcomer = hivemind.averaging.DecentralizedAverager(
+    newcomer = DecentralizedAverager(
         [param.detach() for param in newcomer_model.parameters()], newcomer_dht, start=True, prefix=PREFIX
     )
     metadata, tensors = newcomer.load_state_from_peers(timeout=30)

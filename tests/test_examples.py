@@ -17,3 +17,14 @@ def test_dht_store_get_example():
     assert result.returncode == 0, result.stderr
     assert "greeting -> ValueWithExpiration(value='hello, swarm'" in result.stdout
     assert "scores -> {'alice': 0.93}" in result.stdout
+
+
+@pytest.mark.timeout(90)
+def test_averaging_example():
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "averaging.py")], capture_output=True, text=True, timeout=80
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("averaged in a group of 4") == 4
+    assert "every model now holds the mean of the four" in result.stdout
+    assert "newcomer downloaded 2 tensors with metadata {'group_key': ''}" in result.stdout
