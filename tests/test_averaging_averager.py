@@ -1,5 +1,7 @@
 """DecentralizedAverager: exact weighted averages, modes, gather results, options and their validation."""
 
+import gc
+
 import pytest
 import torch
 from averager_helpers import FAST, averagers_on, dht_swarm, weighted_mean
@@ -207,3 +209,25 @@ def test_step_argument_errors():
             averager.step(require_trigger=True, wait=True)
         with pytest.raises(ValueError, match="weight"):
             averager.step(weight=-1.0, wait=False)
+
+
+@pytest.mark.timeout(60)
+def test_group_bits_are_reshuffled_after_a_round():
+    tensors = [[torch.zeros(4)], [torch.ones(4)]]
+    with dht_swarm(2) as dhts:
+        with averagers_on(dhts, tensors, target_group_size=2, initial_group_bits="0") as averagers:
+            _run_steps(averagers)
+            bits = sorted(averager.get_group_bits() for averager in averagers)
+            assert bits == ["0", "1"]  # one bucket each: the next round pairs them with other peers
+
+
+@pytest.mark.timeout(60)
+def test_dropped_control_still_completes_the_round():
+    tensors = [[torch.zeros(4)], [torch.full((4,), 2.0)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
+        averagers[0].step(wait=False)  # the control is not kept by the caller
+        gc.collect()
+        (kept,) = averagers[0]._pending_controls  # ...but by the averager, until the step is over
+        averagers[1].step(timeout=30)
+        kept.result(timeout=30)
+        _assert_tensors(_local(averagers[0]), [torch.ones(4)])

@@ -45,6 +45,7 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
         # averager process -> user process: "send me get_current_state()" (an MPFuture per request)
         self._state_request_reader, self._state_request_writer = self._context.Pipe(duplex=False)
         self._state_request_lock = threading.Lock()
+        self._pending_controls = set()
 
     # ------------------------------------------------------------------ user process side
 
@@ -62,6 +63,7 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             "_popen",
             "_state_thread",
             "_state_request_lock",
+            "_pending_controls",
         ):
             state.pop(name, None)
         return state
@@ -128,6 +130,9 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             if not control.done():
                 control.set_exception(error)
 
+        # a control the user drops would look cancelled to the averager (its shared slot is freed): keep it until done
+        self._pending_controls.add(control)
+        control.add_done_callback(self._pending_controls.discard)
         self._send_one_way("step", control, on_error=_fail_step)
 
     def _serve_state_requests(self) -> None:
