@@ -1,0 +1,169 @@
+"""hivemind-server: custom expert classes from a file, the start-up lines, a client call, Ctrl-C exits 0."""
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import List
+
+import pytest
+import torch
+
+from hivemind.dht import DHT
+from hivemind.hivemind_cli.run_server import make_parser, parse_server_options
+from hivemind.moe.server.dht_handler import get_experts
+
+CUSTOM_EXPERTS = textwrap.dedent(
+    """
+    import torch
+    from hivemind.moe import register_expert_class
+
+    @register_expert_class("cli_test_scaled", lambda batch_size, hid_dim: torch.empty((batch_size, hid_dim)))
+    class ScaledExpert(torch.nn.Module):
+        def __init__(self, hid_dim):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.full((hid_dim,), 2.0))
+
+        def forward(self, x):
+            return x * self.scale
+    """
+)
+
+
+class CLIServer:
+    """A hivemind-server subprocess whose stderr lines are collected by a thread."""
+
+    def __init__(self, *args: str):
+        env = dict(os.environ, HIVEMIND_COLORS="0")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hivemind.hivemind_cli.run_server", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: List[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self._queue.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.lines.append(line)
+            match = regex.search(line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got:\n" + "\n".join(self.lines))
+
+    def rest_of_output(self) -> str:
+        while not self._queue.empty():
+            self.lines.append(self._queue.get())
+        return "\n".join(self.lines)
+
+    def interrupt(self, signal_number: int = signal.SIGINT, timeout: float = 30) -> int:
+        self.process.send_signal(signal_number)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def custom_module_path(tmp_path):
+    path = tmp_path / "custom_experts.py"
+    path.write_text(CUSTOM_EXPERTS)
+    return str(path)
+
+
+@pytest.mark.timeout(120)
+def test_server_with_custom_experts_prints_its_lines_serves_and_exits_on_ctrl_c(custom_module_path):
+    server = CLIServer(
+        "--expert_cls", "cli_test_scaled", "--custom_module_path", custom_module_path, "--hidden_dim", "4",
+        "--expert_uids", "scaled.0", "scaled.1", "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu",
+        "--optimizer", "none",
+    )  # fmt: skip
+    client_dht = None
+    try:
+        maddrs = server.wait_for(r"Running DHT node on (\[.*\]), initial peers = \[\]").group(1)
+        maddrs = re.findall(r"'(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)'", maddrs)
+        assert maddrs, "the start-up line lists no loopback multiaddr"
+        server.wait_for(r"Server started with 2 modules:")
+        server.wait_for(r"scaled\.0: ScaledExpert, 4 parameters")
+        server.wait_for(r"scaled\.1: ScaledExpert, 4 parameters")
+
+        client_dht = DHT(initial_peers=maddrs, start=True)
+        experts = None
+        for _ in range(100):  # the server announces its experts right after it starts
+            experts = get_experts(client_dht, ["scaled.0", "scaled.1"])
+            if all(expert is not None for expert in experts):
+                break
+            time.sleep(0.1)
+        assert all(expert is not None for expert in experts), server.rest_of_output()
+        x = torch.randn(3, 4)
+        assert torch.allclose(experts[1](x), 2 * x)
+
+        assert server.interrupt(signal.SIGINT) == 0, server.rest_of_output()
+        server.wait_for(r"Caught signal 2 \(Interrupt\), shutting down")
+    finally:
+        if client_dht is not None:
+            client_dht.shutdown()
+        server.kill()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_exits_zero():
+    server = CLIServer("--num_experts", "1", "--expert_cls", "nop", "--hidden_dim", "4", "--device", "cpu")
+    try:
+        server.wait_for(r"Server started with 1 modules:")
+        assert server.interrupt(signal.SIGTERM) == 0, server.rest_of_output()
+        server.wait_for(r"Caught signal 15 \(Terminated\), shutting down")
+    finally:
+        server.kill()
+
+
+def test_address_flags_keep_whole_multiaddrs():
+    options = parse_server_options(
+        make_parser(),
+        ["--num_experts", "2", "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0",
+         "--announce_maddrs", "/ip4/1.2.3.4/tcp/31337", "--identity_path", "id.key"],
+    )  # fmt: skip
+    assert options["host_maddrs"] == ["/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0"]
+    assert options["announce_maddrs"] == ["/ip4/1.2.3.4/tcp/31337"]
+    assert options["identity_path"] == "id.key"
+
+
+def test_config_file_gives_defaults_and_command_line_wins(tmp_path):
+    config = tmp_path / "server.yml"
+    config.write_text("num_experts: 3\nhidden_dim: 64\noptimizer: sgd\nhost_maddrs: [/ip4/127.0.0.1/tcp/0]\n")
+    options = parse_server_options(make_parser(), ["--config", str(config), "--hidden_dim", "32"])
+    assert options["num_experts"] == 3 and options["hidden_dim"] == 32
+    assert options["optim_cls"].keywords == {"lr": 0.01}
+    assert options["host_maddrs"] == ["/ip4/127.0.0.1/tcp/0"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--num_experts", "2", "--expert_uids", "a.0"], ["--expert_uids", "a.0", "--expert_pattern", "a.[0:3]"]],
+    ids=["neither", "both", "pattern with uids"],
+)
+def test_expert_selection_misuse_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as error:
+        parse_server_options(make_parser(), argv)
+    assert error.value.code == 2
+    assert "--num_experts" in capsys.readouterr().err
