@@ -211,7 +211,14 @@ def _log_tail(log_path: Path, lines: int = 40) -> str:
 class PeerProcess:
     """One interpreter running tests/interop/peer_driver.py under `implementation`; see that file for commands."""
 
-    def __init__(self, implementation: str, log_dir: Path, name: Optional[str] = None, start_timeout: float = 60):
+    def __init__(
+        self,
+        implementation: str,
+        log_dir: Path,
+        name: Optional[str] = None,
+        start_timeout: float = 60,
+        driver: Path = DRIVER,  # another script that speaks the same protocol (e.g. averaging_driver.py)
+    ):
         self.implementation = implementation
         self.name = name or f"{implementation}-peer"
         self.log_path = Path(log_dir) / f"{self.name}-{os.getpid()}-{time.monotonic_ns()}.log"
@@ -220,7 +227,7 @@ class PeerProcess:
         self._next_id = 0
         self._hello: queue.Queue[dict] = queue.Queue()
         self._closed = False
-        cmd = python_command(implementation) + [str(DRIVER)]
+        cmd = python_command(implementation) + [str(driver)]
         self.proc = _spawn(cmd, implementation, self.log_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         threading.Thread(target=self._read_stdout, name=f"{self.name}-reader", daemon=True).start()
         try:
