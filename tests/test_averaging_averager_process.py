@@ -102,6 +102,30 @@ def test_survivors_finish_when_a_peer_is_killed_mid_round():
                 assert averaged.sum() >= size // 2  # the survivors reduced about two thirds
 
 
+@pytest.mark.timeout(90)
+def test_survivors_finish_when_a_peer_freezes_mid_round():
+    values = (0.0, 3.0, 300.0)
+    tensors = [[torch.full((3000,), value)] for value in values]
+    timeouts = dict(sender_timeout=1.0, reducer_timeout=2.0)
+    with dht_swarm(3) as dhts, averagers_on(dhts, tensors, target_group_size=3, **timeouts) as averagers:
+        controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
+        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        os.kill(averagers[2].pid, signal.SIGSTOP)  # alive, connected, silent
+        try:
+            started = time.monotonic()
+            for control in controls[:2]:
+                control.allow_allreduce()
+            for control in controls[:2]:
+                control.result(timeout=60)
+            assert time.monotonic() - started < 2.0 + 3.0  # about one reducer timeout
+            for averager, own in zip(averagers[:2], values):
+                result = _local(averager)[0]
+                averaged, kept = torch.isclose(result, torch.tensor(1.5)), torch.isclose(result, torch.tensor(own))
+                assert bool((averaged | kept).all()) and averaged.sum() >= 1000
+        finally:
+            os.kill(averagers[2].pid, signal.SIGKILL)
+
+
 def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
@@ -124,10 +148,12 @@ def test_repeated_rounds_do_not_grow_memory():
         assert max(growth) < 16 * 2**20, f"averager RSS grew by {[g / 2**20 for g in growth]} MiB over 25 rounds"
 
 
-@pytest.mark.timeout(60)
-def test_load_state_from_a_peer_uses_its_get_current_state():
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_load_state_from_a_peer_uses_its_get_current_state(start_method):
     tensors = [[torch.arange(6, dtype=torch.float32)], [torch.zeros(6)]]
-    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, allow_state_sharing=[True, False]) as (donor, newcomer):
+    options = dict(allow_state_sharing=[True, False], start_method=start_method)
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, **options) as (donor, newcomer):
         donor.state_sharing_priority = 5.0
         assert donor.allow_state_sharing and donor.state_sharing_priority == 5.0
         deadline = time.monotonic() + 30
