@@ -1,12 +1,14 @@
 """Checkpoints of hosted experts: layout, round trip, atomic writes, periodic saver."""
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from hivemind.moe.server import checkpoints
 from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_experts, store_experts
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
@@ -91,13 +93,22 @@ def test_loading_from_a_missing_directory_is_a_clear_error(tmp_path: Path):
         load_experts({"expert.0": make_backend("expert.0", 0)}, tmp_path / "missing")
 
 
-def test_checkpoint_saver_saves_periodically_until_shutdown(tmp_path: Path):
+def test_checkpoint_saver_saves_periodically_until_shutdown(tmp_path: Path, monkeypatch):
+    saves, three_saves = [], threading.Event()
+
+    def counting_store(experts, checkpoint_dir):
+        store_experts(experts, checkpoint_dir)
+        saves.append(checkpoint_dir)
+        if len(saves) >= 3:
+            three_saves.set()
+
+    monkeypatch.setattr(checkpoints, "store_experts", counting_store)
     saver = CheckpointSaver({"expert.0": make_backend("expert.0", 0)}, tmp_path, update_period=0.05)
     saver.start()
-    link = tmp_path / "expert.0" / "checkpoint_last.pt"
-    saver.stop.wait(0.5)  # several periods
+    assert three_saves.wait(10)
     saver.shutdown(timeout=10)
     assert not saver.is_alive()
-    assert link.is_symlink()
-    count = len(list((tmp_path / "expert.0").iterdir()))
-    assert count >= 3
+    count = len(saves)
+    assert (tmp_path / "expert.0" / "checkpoint_last.pt").is_symlink()
+    assert len(list((tmp_path / "expert.0").iterdir())) >= 3
+    assert len(saves) == count  # no save after shutdown
