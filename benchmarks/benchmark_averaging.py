@@ -143,10 +143,17 @@ def main() -> None:
                 if all(torch.allclose(a, e, atol=1e-5) for a, e in zip(after, expected)):
                     correct += 1
             group_sizes.extend(len(group) for group in groups)
-            print(
-                f"round {round_index:4d}: {len(results)}/{args.peers} peers averaged in {len(groups)} groups, "
-                f"{round_times[-1]:.2f} s"
-            )
+            if args.rounds <= 50:  # longer runs print a summary line every --rss_every rounds instead
+                print(
+                    f"round {round_index:4d}: {len(results)}/{args.peers} peers averaged in {len(groups)} groups, "
+                    f"{round_times[-1]:.2f} s"
+                )
+            elif round_index % args.rss_every == 0 or round_index == args.rounds:
+                recent = round_times[-args.rss_every :]
+                print(
+                    f"rounds up to {round_index:5d}: {successes}/{args.peers * round_index} steps succeeded, "
+                    f"median round {statistics.median(recent):.2f} s"
+                )
             if round_index % args.rss_every == 0 and round_index != args.rounds:
                 print(f"memory after round {round_index}: {rss_report(averagers, dhts)}")
         print(f"memory after round {args.rounds}: {rss_report(averagers, dhts)}")
