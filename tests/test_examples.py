@@ -28,3 +28,16 @@ def test_averaging_example():
     assert result.stdout.count("averaged in a group of 4") == 4
     assert "every model now holds the mean of the four" in result.stdout
     assert "newcomer downloaded 2 tensors with metadata {'group_key': ''}" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_moe_example():
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "moe.py"), "--steps", "30"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hosts 4 experts: expert.0.0, expert.0.1, expert.1.0, expert.1.1" in result.stdout
+    assert "the loss went down" in result.stdout
