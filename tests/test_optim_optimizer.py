@@ -201,3 +201,56 @@ def test_grad_scaler_path_drops_non_finite_batches_and_steps_on_finite_ones(swar
         assert torch.isfinite(model.weight).all()
     finally:
         opt.shutdown()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(offload_optimizer=False),
+        dict(delay_optimizer_step=True),
+        dict(delay_optimizer_step=True, delay_grad_averaging=True),
+        dict(delay_state_averaging=False, average_state_every=2),
+        dict(reuse_grad_buffers=True),
+        dict(use_local_updates=True),
+    ],
+    ids=["no-offload", "delayed-step", "delayed-grad-averaging", "sync-state-averaging", "reuse-buffers", "local"],
+)
+def test_every_delay_offload_and_local_update_mode_converges(swarm, options):
+    torch.manual_seed(0)
+    true_weight = torch.randn(8, 1)
+    features = torch.randn(256, 8)
+    targets = features @ true_weight
+    models = [torch.nn.Linear(8, 1) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+
+    def full_loss(model):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(features), targets).item()
+
+    initial_loss = full_loss(models[0])
+    opts = [make_optimizer(dht, model, **options) for model, dht in zip(models, swarm(2))]
+    try:
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+
+        def train(model, opt, seed):
+            generator = torch.Generator().manual_seed(seed)
+            while opt.local_epoch < 6:
+                batch = torch.randint(0, len(features), (4,), generator=generator)
+                if not opt.reuse_grad_buffers:
+                    opt.zero_grad()
+                torch.nn.functional.mse_loss(model(features[batch]), targets[batch]).backward()
+                opt.step()
+                time.sleep(0.005)
+
+        threads = [threading.Thread(target=train, args=(m, o, i)) for i, (m, o) in enumerate(zip(models, opts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        assert all(opt.local_epoch >= 6 for opt in opts)
+    finally:
+        for opt in opts:
+            opt.shutdown()  # also applies the last delayed step
+    for model in models:
+        assert full_loss(model) < 0.25 * initial_loss

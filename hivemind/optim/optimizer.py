@@ -124,6 +124,8 @@ class Optimizer(torch.optim.Optimizer):
             compression=state_averaging_compression, state_compression=load_state_compression,
             status_loglevel=self.status_loglevel, **common,
         )  # fmt: skip
+        if use_local_updates:  # nothing synchronizes the peers' epoch ends: average with neighbouring epochs too
+            self.state_averager.max_epoch_spread = 1
         self.grad_averager: Optional[GradientAverager] = None
         if not use_local_updates:
             averaged_grads = ()

@@ -135,6 +135,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self.extra_tensors = tuple(tensor.detach() for tensor in extra_tensors)
         self.average_opt_statistics = tuple(average_opt_statistics)
         self.local_epoch = 0
+        self.max_epoch_spread = 0  # apply state averages only of peers whose epochs differ by at most this
 
         sources = self._averaging_sources()
         with torch.no_grad():
@@ -346,7 +347,7 @@ class TrainingStateAverager(DecentralizedAverager):
                 self._apply_averaged_state(sent)
                 self.local_epoch = max([self.local_epoch, *epochs])
                 self._catch_up_scheduler()
-            elif len(epochs) != len(gathered) or set(epochs) != {round_epoch} or round_epoch != self.local_epoch:
+            elif not self._epochs_agree(epochs, len(gathered), round_epoch):
                 # mixing parameters of different epochs would pull the leaders back; laggards load the state instead
                 logger.log(
                     self.status_loglevel,
@@ -357,6 +358,12 @@ class TrainingStateAverager(DecentralizedAverager):
             else:
                 self._apply_averaged_state(sent)
             logger.log(self.status_loglevel, f"Averaged the training state with {len(gathered)} peers")
+
+    def _epochs_agree(self, epochs: List[int], group_size: int, round_epoch: int) -> bool:
+        """Whether a round's members were close enough in epochs (``max_epoch_spread``) for its result to be used."""
+        if len(epochs) != group_size or round_epoch != self.local_epoch:
+            return False
+        return max(epochs + [round_epoch]) - min(epochs + [round_epoch]) <= self.max_epoch_spread
 
     def _apply_averaged_state(self, sent: Sequence[Optional[torch.Tensor]]) -> None:
         with self._state_lock, self.get_tensors() as averaged:
