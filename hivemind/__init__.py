@@ -11,13 +11,25 @@ from hivemind.dht import DHT
 
 __version__ = "1.2.0.dev0"
 
-__all__ = ["DHT"]
+# main objects that need torch: imported on first access, so that ``import hivemind`` stays light
+_LAZY_EXPORTS = {
+    "DecentralizedAverager": "hivemind.averaging.averager",
+    "Optimizer": "hivemind.optim.optimizer",
+    "GradScaler": "hivemind.optim.grad_scaler",
+    "TrainingAverager": "hivemind.optim.training_averager",
+}
+
+__all__ = ["DHT", *_LAZY_EXPORTS]
 
 # backward-compatible aliases: subpackage providing each name (imported only when the name is used)
 _ALIAS_SOURCES = ("hivemind.utils", "hivemind.p2p", "hivemind.compression")
 
 
 def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     if not name.startswith("_"):
         for module_name in _ALIAS_SOURCES:
             module = importlib.import_module(module_name)

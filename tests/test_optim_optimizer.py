@@ -254,3 +254,10 @@ def test_every_delay_offload_and_local_update_mode_converges(swarm, options):
             opt.shutdown()  # also applies the last delayed step
     for model in models:
         assert full_loss(model) < 0.25 * initial_loss
+
+
+def test_top_level_exports_the_optimizer_classes():
+    import hivemind
+
+    assert hivemind.Optimizer is Optimizer and hivemind.GradScaler is GradScaler
+    assert hivemind.TrainingAverager.__name__ == "TrainingAverager"
