@@ -24,6 +24,7 @@ logger = get_logger(__name__)
 CANCEL_POLL_PERIOD = 0.05  # how often a running step checks (in shared memory) whether the user cancelled it
 TRIGGER_POLL_PERIOD = 0.01  # how often a step waiting for allow_allreduce() checks the trigger (shared memory)
 MIN_RETRY_DELAY, MAX_RETRY_DELAY = 0.05, 1.0  # back-off between attempts that failed at once
+GROUP_SETUP_TIMEOUT = 5.0  # parts for a group id not (yet) registered here wait this long before BAD_GROUP_ID
 
 
 class AveragingRounds:
@@ -225,7 +226,8 @@ class AveragingRounds:
         except (StopAsyncIteration, asyncio.TimeoutError):
             logger.debug(f"{context.remote_id} opened an all-reduce stream and sent nothing")
             return
-        runner = await self._wait_for_group(first.group_id, self.request_timeout)
+        # a member may still be setting up the group that its peers already started: give it time to register
+        runner = await self._wait_for_group(first.group_id, max(self.request_timeout, GROUP_SETUP_TIMEOUT))
         if runner is None:
             logger.debug(f"{context.remote_id} sent parts for an unknown group {first.group_id.hex()}")
             refusal = averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
