@@ -105,11 +105,13 @@ class AveragingRounds:
         try:
             group_info = await self._matchmaking.look_for_group(control)
         except MatchmakingException as e:
-            raise AllreduceException(f"Averaging step failed: could not find a group ({e})") from e
+            reason = str(e)
+            if reason.lower().startswith("could not find a group"):  # the reason already says it
+                reason = reason[len("could not find a group") :].lstrip(" :")
+            raise AllreduceException(f"Averaging step failed: could not find a group: {reason}") from e
         if group_info is None:
             raise AllreduceException("Averaging step failed: could not find a group (matchmaking found none)")
-        leader = group_info.peer_ids[0] if group_info.peer_ids else None
-        logger.info(f"Found a group of {group_info.group_size} peers (first in order: {leader})")
+        logger.debug(f"Group {group_info.group_id.hex()[:8]}: {group_info.group_size} peers, {group_info.peer_ids}")
         await self._matchmaking.group_key_manager.update_key_on_group_assembled(group_info)
         return group_info
 
