@@ -5,6 +5,7 @@ import torch
 
 from hivemind.dht import DHT
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.optim.training_averager import TrainingAverager
 
 AVERAGER_OPTS = dict(min_matchmaking_time=1.0, request_timeout=0.5)
@@ -73,6 +74,37 @@ def test_training_averager_averages_parameters_and_shares_its_state(dht_pair):
         metadata, _ = averagers[1].load_state_from_peers(timeout=10)
         assert metadata["step"] == 1
         assert torch.equal(params[1], torch.full((2,), 7.0))
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_power_sgd_averages_low_rank_gradients_exactly_and_plain_tensors_as_usual(dht_pair):
+    torch.manual_seed(0)
+    shared_column = torch.randn(16, 1)
+    rows = [torch.randn(1, 12) for _ in range(2)]
+    models = [torch.nn.Linear(12, 16) for _ in range(2)]
+    averagers = [
+        PowerSGDGradientAverager(model.parameters(), 1, dht=dht, prefix="psgd", start=True, **AVERAGER_OPTS)
+        for model, dht in zip(models, dht_pair)
+    ]
+    try:
+        assert list(averagers[0]._matrix_shapes) == [0]  # the weight is compressed, the bias is not
+        for model, averager, row, bias_value in zip(models, averagers, rows, (1.0, 3.0)):
+            model.weight.grad = shared_column @ row  # rank one, so rank-1 PowerSGD loses nothing
+            model.bias.grad = torch.full((16,), bias_value)
+            averager.accumulate_grads_(batch_size=4)
+        controls = [averager.step(wait=False, timeout=10) for averager in averagers]
+        for control in controls:
+            assert len(control.result(20)) == 2
+        expected_weight = shared_column @ (rows[0] + rows[1]) / 2
+        for model, averager in zip(models, averagers):
+            with averager.use_averaged_gradients():
+                assert torch.allclose(model.weight.grad, expected_weight, atol=1e-5)
+                assert torch.allclose(model.bias.grad, torch.full((16,), 2.0))
+        sent = sum(t.numel() for t in averagers[0]._ps + averagers[0]._qs)
+        assert sent < models[0].weight.numel() / 4
     finally:
         for averager in averagers:
             averager.shutdown()

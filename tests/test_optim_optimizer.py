@@ -1,6 +1,7 @@
 """hivemind.Optimizer with real DHTs: matches local training, state round trips, late joiners, misuse errors."""
 
 import copy
+import functools
 import threading
 import time
 from typing import List
@@ -11,6 +12,7 @@ import torch
 from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.optimizer import Optimizer
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
 
@@ -261,3 +263,46 @@ def test_top_level_exports_the_optimizer_classes():
 
     assert hivemind.Optimizer is Optimizer and hivemind.GradScaler is GradScaler
     assert hivemind.TrainingAverager.__name__ == "TrainingAverager"
+
+
+@pytest.mark.timeout(120)
+def test_power_sgd_gradient_averaging_converges(swarm):
+    torch.manual_seed(0)
+    features = torch.randn(256, 8)
+    targets = features @ torch.randn(8, 8)
+    models = [torch.nn.Linear(8, 8) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+
+    def full_loss(model):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(features), targets).item()
+
+    initial_loss = full_loss(models[0])
+    factory = functools.partial(PowerSGDGradientAverager, averager_rank=2)
+    opts = [
+        make_optimizer(dht, model, grad_averager_factory=factory, optimizer=lambda p: torch.optim.SGD(p, lr=0.3))
+        for model, dht in zip(models, swarm(2))
+    ]
+    assert list(opts[0].grad_averager._matrix_shapes) == [0]  # the weight's gradient is sent as rank-2 factors
+    try:
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+
+        def train(model, opt, seed):
+            generator = torch.Generator().manual_seed(seed)
+            while opt.local_epoch < 8:
+                batch = torch.randint(0, len(features), (4,), generator=generator)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(features[batch]), targets[batch]).backward()
+                opt.step()
+                time.sleep(0.005)
+
+        threads = [threading.Thread(target=train, args=(m, o, i)) for i, (m, o) in enumerate(zip(models, opts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+    finally:
+        for opt in opts:
+            opt.shutdown()
+    for model in models:
+        assert full_loss(model) < 0.5 * initial_loss

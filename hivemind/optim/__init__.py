@@ -3,6 +3,7 @@
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.optimizer import Optimizer
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.optim.training_averager import TrainingAverager
