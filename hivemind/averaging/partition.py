@@ -313,7 +313,7 @@ class TensorPartReducer:
         self.active_senders = [True] * num_senders
         self.banned_reasons: Dict[int, str] = {}
         self.current_part_index = 0  # every part before this one is released
-        self._accumulators: Dict[int, Tuple[torch.Tensor, float]] = {}
+        self._accumulators: Dict[int, Tuple[torch.Tensor, float, bool]] = {}  # (sum, weights, owned)
         self._results: Dict[int, asyncio.Future] = {}
         self._progress = asyncio.Event()  # set (and replaced) whenever parts are released or senders banned
         self.finished = asyncio.Event()
@@ -382,23 +382,29 @@ class TensorPartReducer:
         return future
 
     def _accumulate(self, part_index: int, part: torch.Tensor, weight: float) -> None:
+        """Add ``weight * part`` to the part's sum. The first contribution is only referenced (no copy): a part with
+        one contributor is its own average, and the second contribution creates the sum in a single pass."""
         entry = self._accumulators.get(part_index)
         if entry is None:
+            self._accumulators[part_index] = (part, weight, False)
+            return
+        accumulator, denominator, owned = entry
+        if not owned:
+            first, first_weight = accumulator, denominator
             accumulator = torch.empty(part.numel(), dtype=_accumulator_dtype(part.dtype))
-            if weight == 1.0:
-                accumulator.copy_(part)
-            elif weight == 0.0:
+            if first_weight == 1.0 and weight == 1.0:
+                torch.add(first, part, out=accumulator)
+                self._accumulators[part_index] = (accumulator, 2.0, True)
+                return
+            if first_weight == 0.0:
                 accumulator.zero_()
             else:
-                torch.mul(part, weight, out=accumulator)
-            self._accumulators[part_index] = (accumulator, weight)
-            return
-        accumulator, denominator = entry
+                torch.mul(first, first_weight, out=accumulator)
         if weight == 1.0:
             accumulator.add_(part)
         elif weight != 0.0:
             accumulator.add_(part, alpha=weight)
-        self._accumulators[part_index] = (accumulator, denominator + weight)
+        self._accumulators[part_index] = (accumulator, denominator + weight, True)
 
     def _release_ready_parts(self) -> None:
         active_progress = [progress for progress, active in zip(self.sender_progress, self.active_senders) if active]
@@ -406,8 +412,11 @@ class TensorPartReducer:
         released = False
         while self.current_part_index < min(ready_until, self.num_parts):
             part_index = self.current_part_index
-            accumulator, denominator = self._accumulators.pop(part_index, (None, 0.0))
-            average = accumulator.div_(denominator) if accumulator is not None and denominator > 0 else None
+            accumulator, denominator, owned = self._accumulators.pop(part_index, (None, 0.0, False))
+            if accumulator is None or denominator <= 0:
+                average = None  # nobody with a non-zero weight delivered it: every sender keeps its values
+            else:
+                average = accumulator.div_(denominator) if owned else accumulator  # read-only for the callers
             future = self._results.pop(part_index, None)
             if future is not None and not future.done():
                 future.set_result(average)
