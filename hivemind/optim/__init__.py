@@ -13,6 +13,7 @@ __all__ = [
     "GradScaler",
     "TrainingAverager",
     "GradientAverager",
+    "PowerSGDGradientAverager",
     "TrainingStateAverager",
     "ProgressTracker",
 ]

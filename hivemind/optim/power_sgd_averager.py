@@ -134,7 +134,7 @@ class PowerSGDGradientAverager(GradientAverager):
     def _averaging(self, tensors: List[torch.Tensor]):
         saved = self._averaged_tensors, self.total_size, self.tensor_infos
         self._averaged_tensors = tuple(tensors)
-        self.total_size = sum(tensor.numel() for tensor in tensors)
+        self.total_size = sum(t.numel() for t in tensors)
         self.tensor_infos = tuple(
             CompressionInfo.from_tensor(t, key=i, role=TensorRole.GRADIENT) for i, t in enumerate(tensors)
         )
@@ -146,7 +146,7 @@ class PowerSGDGradientAverager(GradientAverager):
     # ------------------------------------------------------------------ state sharing: the Q matrices
 
     def get_current_state(self):
-        with torch.no_grad(), self.lock_averaged_tensors:
+        with self.lock_averaged_tensors:
             qs = [q.detach().clone() for q in self._qs]
         infos = [CompressionInfo.from_tensor(q, key=i) for i, q in enumerate(qs)]
         return {"group_bits": self.get_group_bits()}, qs, infos
@@ -160,7 +160,7 @@ class PowerSGDGradientAverager(GradientAverager):
         if len(tensors) != len(self._qs) or any(t.shape != q.shape for t, q in zip(tensors, self._qs)):
             logger.warning("Refused the downloaded PowerSGD state: its Q matrices do not match this model")
             return None
-        with torch.no_grad(), self.lock_averaged_tensors:
+        with self.lock_averaged_tensors, torch.no_grad():
             for q, theirs in zip(self._qs, tensors):
                 q.copy_(theirs)
         return metadata, tensors
