@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import logging
 import threading
 import time
 from typing import List
@@ -13,6 +14,7 @@ from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
 
@@ -61,15 +63,18 @@ def mse_step(model, opt, x, y):
 
 
 @pytest.mark.timeout(90)
-def test_two_peers_train_exactly_like_local_training_with_the_global_batch(swarm):
+@pytest.mark.parametrize("second_in_client_mode", [False, True], ids=["two-nodes", "node-and-client"])
+def test_two_peers_train_exactly_like_local_training_with_the_global_batch(swarm, second_in_client_mode):
     epochs = 3
     torch.manual_seed(0)
     data = [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(epochs)]
     initial_state = torch.nn.Linear(8, 1).state_dict()
     models = [torch.nn.Linear(8, 1) for _ in range(2)]
     opts = []
+    (first_dht,) = swarm(1)
+    second_dht = DHT(initial_peers=first_dht.get_visible_maddrs(), client_mode=second_in_client_mode, start=True)
     try:
-        for model, dht in zip(models, swarm(2)):
+        for model, dht in zip(models, (first_dht, second_dht)):
             model.load_state_dict(initial_state)
             opts.append(make_optimizer(dht, model))
         wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
@@ -88,6 +93,7 @@ def test_two_peers_train_exactly_like_local_training_with_the_global_batch(swarm
     finally:
         for opt in opts:
             opt.shutdown()
+        second_dht.shutdown()
 
     reference = torch.nn.Linear(8, 1)
     reference.load_state_dict(initial_state)
@@ -306,3 +312,44 @@ def test_power_sgd_gradient_averaging_converges(swarm):
             opt.shutdown()
     for model in models:
         assert full_loss(model) < 0.5 * initial_loss
+
+
+class _RecordingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.timeout(60)
+def test_failed_gradient_averaging_falls_back_to_local_gradients_within_the_timeout(swarm):
+    trainer_dht, ghost_dht = swarm(2)
+    # a peer that reports progress but never averages, e.g. one that died after its last report
+    ghost = ProgressTracker(ghost_dht, "test_run", target_batch_size=8, start=True, **FAST_TRACKER)
+    ghost.report_local_progress(0, 1)
+    model = torch.nn.Linear(8, 1)
+    before = copy.deepcopy(model)
+    opt = make_optimizer(trainer_dht, model, target_batch_size=8, averaging_timeout=3.0)
+    handler = _RecordingHandler()
+    logging.getLogger("hivemind.optim.optimizer").addHandler(handler)
+    try:
+        wait_for(lambda: opt.tracker.global_progress.num_peers == 2)
+        x, y = torch.randn(8, 8), torch.randn(8, 1)
+        started = time.monotonic()
+        while opt.local_epoch < 1:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step(batch_size=8)
+        assert time.monotonic() - started < 3.0 + 2.0  # one averaging timeout, plus slack for a loaded machine
+    finally:
+        logging.getLogger("hivemind.optim.optimizer").removeHandler(handler)
+        opt.shutdown()
+        ghost.shutdown()
+    assert any("averaging gradients failed" in message for message in handler.messages)
+    reference_opt = torch.optim.SGD(before.parameters(), lr=0.1)
+    torch.nn.functional.mse_loss(before(x), y).backward()
+    reference_opt.step()
+    for param, expected in zip(model.parameters(), before.parameters()):
+        assert torch.allclose(param, expected, atol=1e-6)
