@@ -54,6 +54,20 @@ def test_require_trigger_holds_the_allreduce_until_allowed():
 
 
 @pytest.mark.timeout(60)
+def test_weight_set_while_awaiting_trigger_is_used():
+    tensors = [[torch.full((10,), 0.0)], [torch.full((10,), 4.0)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
+        controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
+        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        controls[1].weight = 3.0  # in the user's process; the averager's process reads it from shared memory
+        for control in controls:
+            control.allow_allreduce()
+        for control in controls:
+            control.result(timeout=30)
+        assert torch.allclose(_local(averagers[0])[0], torch.full((10,), 3.0))  # (0 * 1 + 4 * 3) / 4
+
+
+@pytest.mark.timeout(60)
 def test_scheduled_step_starts_at_its_scheduled_time():
     tensors = [[torch.zeros(4)], [torch.ones(4)]]
     with dht_swarm(2) as dhts, averagers_on(dhts, tensors) as averagers:  # no target size: wait for the schedule

@@ -224,7 +224,8 @@ class AveragingRounds:
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A group member sends its parts for this averager to reduce; they are routed by group id."""
         try:
-            first = await await_with_timeout(anext(stream), self._deadlines.min_sender_timeout)
+            first_part_timeout = max(self._deadlines.min_sender_timeout, self._deadlines.explicit_sender or 0.0)
+            first = await await_with_timeout(anext(stream), first_part_timeout)
         except (StopAsyncIteration, asyncio.TimeoutError):
             logger.debug(f"{context.remote_id} opened an all-reduce stream and sent nothing")
             return
