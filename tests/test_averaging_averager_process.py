@@ -190,6 +190,15 @@ def test_nobody_shares_a_state():
 
 
 @pytest.mark.timeout(60)
+def test_shutdown_fails_pending_steps():
+    with dht_swarm(1) as dhts, averagers_on(dhts, [[torch.zeros(3)]]) as (averager,):
+        control = averager.step(wait=False)
+        averager.shutdown()
+        with pytest.raises(Exception, match="shut down"):
+            control.result(timeout=10)
+
+
+@pytest.mark.timeout(60)
 def test_background_start_and_context_manager():
     with dht_swarm(1) as (dht,):
         averager = DecentralizedAverager([torch.zeros(2)], dht, prefix="bg", start=False, **FAST)

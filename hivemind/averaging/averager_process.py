@@ -14,6 +14,7 @@ import torch
 from hivemind.averaging.averager_rounds import AveragingRounds
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.state_download import load_state_from_peers
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd
@@ -21,7 +22,7 @@ from hivemind.p2p import ServicerBase
 from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
-from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.mpfuture import InvalidStateError, MPFuture
 
 logger = get_logger(__name__)
 
@@ -171,6 +172,12 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
         self._caller.close()
         self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
         self._state_request_reader.close()
+        for control in list(self._pending_controls):  # e.g. the process had to be terminated before it answered
+            if not control.done():
+                try:
+                    control.set_exception(AllreduceException("Averaging step failed: the averager was shut down"))
+                except InvalidStateError:
+                    pass  # finished meanwhile
 
     def __enter__(self):
         return self
