@@ -8,6 +8,7 @@ from averager_helpers import FAST, averagers_on, dht_swarm, weighted_mean
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import Float16Compression, Uniform8BitQuantization
 from hivemind.dht import DHT
 
 
@@ -91,6 +92,18 @@ def test_averaging_alpha_moves_part_of_the_way():
         _run_steps(averagers)
         _assert_tensors(_local(averagers[0]), [torch.full((8,), 0.5)])
         _assert_tensors(_local(averagers[1]), [torch.full((8,), 3.5)])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("compression, tolerance", [(Float16Compression(), 1e-2), (Uniform8BitQuantization(), 0.1)])
+def test_compressed_parts_give_the_average_within_codec_error(compression, tolerance):
+    tensors = [_peer_tensors(0), _peer_tensors(1)]
+    expected = [(a + b) / 2 for a, b in zip(*tensors)]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2, compression=compression) as averagers:
+        _run_steps(averagers)
+        for averager in averagers:
+            for got, want in zip(_local(averager), expected):
+                assert (got - want).abs().max() < tolerance
 
 
 @pytest.mark.timeout(60)
