@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import time
 
 import psutil
@@ -138,6 +139,37 @@ def test_survivors_finish_when_a_peer_freezes_mid_round():
                 assert bool((averaged | kept).all()) and averaged.sum() >= 1000
         finally:
             os.kill(averagers[2].pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_default_deadlines_tolerate_a_throttled_peer():
+    """A peer that runs only half of the time (paused 0.3 s, then running 0.3 s) is slow, not failed."""
+    size = 2**20  # 4 MiB per peer
+    tensors = [[torch.full((size,), float(value))] for value in (0.0, 3.0, 6.0)]
+    with dht_swarm(3) as dhts, averagers_on(dhts, tensors, target_group_size=3) as averagers:
+        stop = threading.Event()
+
+        def throttle(pid):
+            while not stop.is_set():
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.3)
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.3)
+
+        controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
+        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        throttler = threading.Thread(target=throttle, args=(averagers[2].pid,), daemon=True)
+        throttler.start()
+        try:
+            for control in controls:
+                control.allow_allreduce()
+            for control in controls:
+                control.result(timeout=90)
+        finally:
+            stop.set()
+            throttler.join()
+        for averager in averagers:  # every part was averaged: nobody was excluded
+            assert torch.allclose(_local(averager)[0], torch.full((size,), 3.0))
 
 
 def _rss(pid: int) -> int:
