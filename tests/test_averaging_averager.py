@@ -222,6 +222,10 @@ def test_step_argument_errors():
             averager.step(require_trigger=True, wait=True)
         with pytest.raises(ValueError, match="weight"):
             averager.step(weight=-1.0, wait=False)
+        with pytest.raises(ValueError, match="peers accept at most"):
+            averager.step(gather=b"x" * 2**20, wait=False)
+        with pytest.raises(TypeError):
+            averager.step(gather=object(), wait=False)  # not msgpack-serializable
 
 
 @pytest.mark.timeout(60)

@@ -20,6 +20,7 @@ from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.averager_process import AveragerProcess
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.deadlines import AdaptiveDeadlines
+from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.averaging.payload import compute_schema_hash, encode_gather
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
@@ -305,6 +306,11 @@ class DecentralizedAverager(AveragerProcess):
                 f"timeout ({timeout} s): pass a larger timeout or an earlier scheduled_time"
             )
         data_for_gather = encode_gather(self.bandwidth, self.mode.value, gather)
+        if len(data_for_gather) > MAX_GATHER_BYTES:
+            raise AveragerArgumentError(
+                f"gather is {len(data_for_gather)} bytes once encoded, peers accept at most {MAX_GATHER_BYTES}: "
+                "send less (e.g. a summary) or share large data through the DHT"
+            )
         control = StepControl(scheduled_time, deadline, allow_retries, weight, data_for_gather)
         if not require_trigger:
             control.allow_allreduce()
