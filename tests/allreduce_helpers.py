@@ -94,3 +94,25 @@ async def run_group(
         for peer, router, tensors, extra in zip(peers, routers, tensors_by_peer, per_peer_kwargs)
     ]
     return list(await asyncio.gather(*(collect(runner) for runner in runners)))
+
+
+def sender_messages(container, reducer_index: int, group_id: bytes, weight: float = 1.0, corrupt=None):
+    """The AveragingData messages an honest sender would stream to one reducer (``corrupt(k, tensor_msg)`` may
+    change part ``k`` in place first)."""
+    messages = []
+    for k, part in enumerate(container.parts_by_peer[reducer_index]):
+        message = averaging_pb2.AveragingData(weight=weight)
+        if k == 0:
+            message.code, message.group_id = averaging_pb2.PART_FOR_AVERAGING, group_id
+        message.tensor_part.CopyFrom(container.compress_part(part))
+        if corrupt is not None:
+            corrupt(k, message.tensor_part)
+        messages.append(message)
+    return messages
+
+
+async def call_reducer(peer: P2P, reducer: P2P, messages) -> List[averaging_pb2.AveragingData]:
+    """Stream ``messages`` (a list or an async iterator) to ``reducer``; returns its replies."""
+    stub = AllreduceRouter.get_stub(peer, reducer.peer_id, namespace=PREFIX)
+    stream = as_aiter(*messages) if isinstance(messages, list) else messages
+    return [reply async for reply in await stub.rpc_aggregate_part(stream)]
