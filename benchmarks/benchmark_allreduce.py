@@ -65,13 +65,13 @@ class BenchmarkAverager(ServicerBase):
         self.changed = asyncio.Event()
 
     async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+        self, parts: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        first = await anext(stream)
+        first = await anext(parts)
         while first.group_id not in self.runners:
             await await_with_timeout(self.changed.wait(), 60)
         runner = self.runners[first.group_id]
-        async for message in runner.rpc_aggregate_part(achain(as_aiter(first), stream), context):
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(first), parts), context):
             yield message
 
 

@@ -28,17 +28,17 @@ class AllreduceRouter(ServicerBase):
         self._registered = asyncio.Event()
 
     async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+        self, parts: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        first = await await_with_timeout(anext(stream), 10)
+        first = await await_with_timeout(anext(parts), 10)
         deadline = asyncio.get_running_loop().time() + 10
         while first.group_id not in self.runners and asyncio.get_running_loop().time() < deadline:
             await await_with_timeout(self._registered.wait(), 10)
         runner = self.runners.get(first.group_id)
         if runner is None:
-            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.MessageCode.BAD_GROUP_ID)  # unknown group
             return
-        async for message in runner.rpc_aggregate_part(achain(as_aiter(first), stream), context):
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(first), parts), context):
             yield message
 
 

@@ -88,13 +88,13 @@ class AllReduceRunner(ServicerBase):
         self,
         *,
         p2p: P2P,
-        servicer_type: Type[ServicerBase],
-        prefix: Optional[str],
         group_id: bytes,
-        tensors: Sequence[torch.Tensor],
-        weight: Optional[float] = None,
         ordered_peer_ids: Sequence[PeerID],
         peer_fractions: Sequence[float],
+        tensors: Sequence[torch.Tensor],
+        servicer_type: Type[ServicerBase],
+        prefix: Optional[str],
+        weight: Optional[float] = None,
         modes: Optional[Sequence[AveragingMode]] = None,
         sender_timeout: Optional[float] = None,
         reducer_timeout: Optional[float] = None,
@@ -119,7 +119,8 @@ class AllReduceRunner(ServicerBase):
                 f"reducer_timeout ({reducer_timeout} s) must be greater than sender_timeout ({sender_timeout} s): a "
                 "reducer waits up to sender_timeout for a slow sender before it can answer the others"
             )
-        self.sender_timeout, self.reducer_timeout = sender_timeout, reducer_timeout
+        self.sender_timeout = sender_timeout
+        self.reducer_timeout = reducer_timeout
         self.peer_fractions = [float(fraction) for fraction in peer_fractions]
         self.my_index = self.ordered_peer_ids.index(self.peer_id)
         self.my_mode = self.modes[self.my_index]

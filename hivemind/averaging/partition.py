@@ -138,8 +138,8 @@ class TensorPartContainer:
         self,
         tensors: Sequence[torch.Tensor],
         peer_fractions: Sequence[float],
-        compression: CompressionBase = NoCompression(),
-        part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
+        compression: Optional[CompressionBase] = None,
+        part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,  # after compression
         tensor_infos: Optional[Sequence[CompressionInfo]] = None,
         prefetch: int = DEFAULT_PREFETCH,
     ):
@@ -152,14 +152,15 @@ class TensorPartContainer:
                 raise ValueError(f"all-reduce averages CPU tensors, got one on {tensor.device}")
         self.local_tensors = list(tensors)
         self.tensor_infos = list(tensor_infos)
-        self.compression, self.prefetch = compression, max(1, prefetch)
+        self.compression = compression if compression is not None else NoCompression()
+        self.prefetch = max(1, prefetch)
         self.group_size = len(peer_fractions)
         # flat views of the inputs (a non-contiguous tensor is copied once, here)
         self._flat = [tensor.detach().reshape(-1) for tensor in self.local_tensors]
         self.total_size = sum(flat.numel() for flat in self._flat)
         self.peer_element_counts = tuple(hagenbach_bishoff(self.total_size, peer_fractions))
         part_sizes = [
-            part_size_elements(part_size_bytes, flat.element_size(), compression.estimate_compression_ratio(info))
+            part_size_elements(part_size_bytes, flat.element_size(), self.compression.estimate_compression_ratio(info))
             for flat, info in zip(self._flat, self.tensor_infos)
         ]
         self.part_sizes = part_sizes
@@ -193,9 +194,9 @@ class TensorPartContainer:
     def compress_part(self, part: PartSpec) -> runtime_pb2.Tensor:
         return self.compression.compress(self.input_part(part), self.part_info(part))
 
-    async def iterate_input_parts_for(self, peer_index: int) -> AsyncIterator[runtime_pb2.Tensor]:
-        """The compressed parts that ``peer_index`` reduces, in order; costly codecs run in a thread, ahead."""
-        parts = self.parts_by_peer[peer_index]
+    async def iterate_input_parts_for(self, reducer_index: int) -> AsyncIterator[runtime_pb2.Tensor]:
+        """The compressed parts that ``reducer_index`` reduces, in order; costly codecs run in a thread, ahead."""
+        parts = self.parts_by_peer[reducer_index]
         if not parts:
             return
         if is_cheap_codec(_resolve_codec(self.compression, self.part_info(parts[0]))):
@@ -329,13 +330,21 @@ class TensorPartReducer:
         return self.active_senders[sender_index]
 
     async def accumulate_part(
-        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+        self,
+        sender_index: int,
+        part_index: int,
+        tensor_part: torch.Tensor,
+        weight: float = 1.0,
     ) -> Optional[torch.Tensor]:
         """Add one part and wait for its average (None if no sender with a non-zero weight delivered it)."""
         return await (await self.submit_part(sender_index, part_index, tensor_part, weight))
 
     async def submit_part(
-        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+        self,
+        sender_index: int,
+        part_index: int,
+        tensor_part: torch.Tensor,
+        weight: float = 1.0,
     ) -> asyncio.Future:
         """Add one part; returns a future of its average (see :meth:`accumulate_part`).
 
