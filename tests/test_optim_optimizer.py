@@ -353,3 +353,43 @@ def test_failed_gradient_averaging_falls_back_to_local_gradients_within_the_time
     reference_opt.step()
     for param, expected in zip(model.parameters(), before.parameters()):
         assert torch.allclose(param, expected, atol=1e-6)
+
+
+@pytest.mark.timeout(90)
+def test_an_auxiliary_peer_helps_average_without_changing_the_result(swarm):
+    trainer_dht, helper_dht = swarm(2)
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    model, helper_model = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+    reference = copy.deepcopy(model)
+    trainer = make_optimizer(trainer_dht, model, target_batch_size=8, verbose=True)
+    helper = make_optimizer(
+        helper_dht, helper_model, target_batch_size=8, batch_size_per_step=None, auxiliary=True, averaging_timeout=2.0
+    )
+    handler = _RecordingHandler()
+    logging.getLogger("hivemind.optim.optimizer").addHandler(handler)
+    stop = threading.Event()
+
+    def help_forever():
+        while not stop.is_set():
+            helper.step()
+            time.sleep(0.02)
+
+    helper_thread = threading.Thread(target=help_forever)
+    helper_thread.start()
+    try:
+        wait_for(lambda: trainer.tracker.global_progress.num_peers == 2)
+        while trainer.local_epoch < 2:
+            mse_step(model, trainer, x, y)
+    finally:
+        stop.set()
+        trainer.shutdown()
+        helper_thread.join(30)
+        logging.getLogger("hivemind.optim.optimizer").removeHandler(handler)
+        helper.shutdown()
+    assert any("averaged gradients with 2 peers" in message for message in handler.messages)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        mse_step(reference, reference_opt, x, y)
+    for param, expected in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(param, expected, atol=1e-6)

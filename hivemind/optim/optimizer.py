@@ -135,7 +135,7 @@ class Optimizer(torch.optim.Optimizer):
             self.grad_averager = factory(
                 self.state_averager.main_parameters, prefix=f"{run_id}_grad_averager",
                 reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression,
-                averaged_grads=averaged_grads, **common,
+                averaged_grads=averaged_grads, warn=not auxiliary, **common,
             )  # fmt: skip
         self.tracker = ProgressTracker(
             dht, run_id, target_batch_size, client_mode=client_mode, status_loglevel=self.status_loglevel,
