@@ -393,3 +393,20 @@ def test_an_auxiliary_peer_helps_average_without_changing_the_result(swarm):
         mse_step(reference, reference_opt, x, y)
     for param, expected in zip(model.parameters(), reference.parameters()):
         assert torch.allclose(param, expected, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_scheduler_is_stepped_once_per_epoch_not_per_step(swarm):
+    (dht,) = swarm(1)
+    model = torch.nn.Linear(8, 1)
+    scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    opt = make_optimizer(dht, model, target_batch_size=8, scheduler=scheduler)
+    try:
+        x, y = torch.randn(4, 8), torch.randn(4, 1)
+        mse_step(model, opt, x, y)
+        assert opt.local_epoch == 0 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+        while opt.local_epoch < 2:
+            mse_step(model, opt, x, y)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    finally:
+        opt.shutdown()
