@@ -38,7 +38,9 @@ def _copy_field(target: Message, field: FieldDescriptor, value) -> None:
 
 
 def _split(message: Message) -> Optional[Tuple[Message, List[FieldDescriptor], bytes]]:
-    """``(rest, path, data)``: ``message`` without its largest bytes field, the fields leading to it, its value."""
+    """``(rest, path, data)``: ``message`` without its largest bytes field, the fields leading to it, its value
+    (None if no bytes field has MIN_SPLIT_BYTES). Sizes come from the bytes fields themselves, never from
+    ``ByteSize()``, which the upb backend computes by serializing the whole message."""
     if len(unknown_fields.UnknownFieldSet(message)):
         return None
     fields = message.ListFields()
@@ -49,23 +51,18 @@ def _split(message: Message) -> Optional[Tuple[Message, List[FieldDescriptor], b
         if field.is_repeated:
             continue  # a second occurrence would add an element instead of replacing or merging
         if field.type == FieldDescriptor.TYPE_BYTES:
-            size = len(value)
+            inner = None, [], value
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            size = value.ByteSize()
+            inner = _split(value)  # sized by its largest bytes field: ByteSize() would serialize it (upb)
+            if inner is None:
+                continue
         else:
             continue
-        if size > best_size:
-            best, best_size = (field, value), size
+        if len(inner[2]) > best_size:
+            best, best_size = (field, inner), len(inner[2])
     if best is None:
         return None
-    target_field, target_value = best
-    if target_field.type == FieldDescriptor.TYPE_MESSAGE:
-        inner = _split(target_value)
-        if inner is None:
-            return None
-        inner_rest, path, data = inner
-    else:
-        inner_rest, path, data = None, [], target_value
+    target_field, (inner_rest, path, data) = best
     rest = type(message)()
     for field, value in fields:
         if field is target_field:
@@ -78,9 +75,7 @@ def _split(message: Message) -> Optional[Tuple[Message, List[FieldDescriptor], b
 
 def serialize_in_parts(message: Message) -> List[bytes]:
     """Parts whose concatenation parses to a message equal to ``message`` (the last part may be large)."""
-    if message.ByteSize() < MIN_SPLIT_BYTES:
-        return [message.SerializeToString()]
-    split = _split(message)
+    split = _split(message)  # None unless a bytes field has at least MIN_SPLIT_BYTES
     if split is None:
         return [message.SerializeToString()]
     rest, path, data = split
