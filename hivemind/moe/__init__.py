@@ -2,11 +2,15 @@
 
 from hivemind.moe.client import RemoteExpert, RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
 from hivemind.moe.server.dht_handler import declare_experts, get_experts
+from hivemind.moe.server.layers.custom_experts import register_expert_class
+from hivemind.moe.server.module_backend import ModuleBackend
 
 __all__ = [
     "RemoteExpert",
     "RemoteMixtureOfExperts",
     "RemoteSwitchMixtureOfExperts",
+    "ModuleBackend",
     "declare_experts",
     "get_experts",
+    "register_expert_class",
 ]
