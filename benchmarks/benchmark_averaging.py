@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--round_timeout", type=float, default=30.0, help="step(timeout=...) in seconds")
     parser.add_argument("--hang_grace", type=float, default=30.0, help="seconds past the deadline = hung")
     parser.add_argument("--rss_every", type=int, default=100, help="print memory every this many rounds")
+    parser.add_argument(
+        "--download_state", action="store_true", help="after the rounds, time load_state_from_peers by a newcomer"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
     return parser.parse_args()
@@ -82,6 +85,30 @@ def _mean(values: List[float]) -> float:
 def snapshot(averager: DecentralizedAverager) -> List[torch.Tensor]:
     with averager.get_tensors() as tensors:
         return [tensor.clone() for tensor in tensors]
+
+
+def download_state(args: argparse.Namespace, initial_peers: List[str]) -> None:
+    """A newcomer with the same tensor shapes downloads the state of one of the peers."""
+    dht = hivemind.DHT(initial_peers=initial_peers, start=True)  # (the original's DHT is no context manager)
+    newcomer = DecentralizedAverager(
+        [torch.zeros(args.tensor_size) for _ in range(args.num_tensors)],
+        dht,
+        start=True,
+        prefix="benchmark_averaging",
+        allow_state_sharing=False,
+    )
+    try:
+        mebibytes = args.num_tensors * args.tensor_size * 4 / MIB
+        started = time.perf_counter()
+        result = newcomer.load_state_from_peers(timeout=args.round_timeout * 10)
+        elapsed = time.perf_counter() - started
+        if result is None:
+            print("state download: no donor answered")
+        else:
+            print(f"state download: {mebibytes:.1f} MiB in {elapsed:.2f} s ({mebibytes / elapsed:.1f} MiB/s)")
+    finally:
+        newcomer.shutdown()
+        dht.shutdown()
 
 
 def main() -> None:
@@ -157,6 +184,8 @@ def main() -> None:
             if round_index % args.rss_every == 0 and round_index != args.rounds:
                 print(f"memory after round {round_index}: {rss_report(averagers, dhts)}")
         print(f"memory after round {args.rounds}: {rss_report(averagers, dhts)}")
+        if args.download_state:
+            download_state(args, initial_peers)
     finally:
         for averager in averagers:
             averager.shutdown()

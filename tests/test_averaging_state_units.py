@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from hivemind.averaging.state_download import StateAssembler, StateDownloadError, order_donors
+from hivemind.averaging.state_download import StateAssembler, StateDownloadError, decode_chunks, order_donors
 from hivemind.averaging.state_sharing import DonorBusyError, DownloadSlots
-from hivemind.compression import Float16Compression, NoCompression, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import Float16Compression, NoCompression, serialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer, ValueWithExpiration
@@ -42,7 +42,7 @@ def assemble(messages, expected=None, max_bytes=None):
     last = assembler.finish()
     if last is not None:
         serialized.append(last)
-    tensors = [deserialize_torch_tensor(item) for item in serialized]
+    tensors = [decode_chunks(chunks) for chunks in serialized]
     for index, tensor in enumerate(tensors):
         assembler.check_decoded(index, tensor)
     return assembler.metadata, tensors

@@ -33,6 +33,8 @@ __all__ = [
     "order_donors",
     "StateAssembler",
     "StateDownloadError",
+    "decode_chunks",
+    "download_state",
     "DEFAULT_STALL_TIMEOUT",
     "DEFAULT_MAX_UNCHECKED_STATE_BYTES",
 ]
@@ -86,9 +88,10 @@ def order_donors(
 class StateAssembler:
     """Rebuilds one donor's state from its ``DownloadData`` messages, checking that it is complete (no I/O).
 
-    Feed messages with :meth:`add`; it returns each serialized tensor as soon as its last chunk is known to have
-    arrived (when the next tensor starts) so that the caller can decode it; :meth:`finish` returns the last one
-    after the stream ended. :meth:`check_decoded` validates a decoded tensor against ``expected_tensors``.
+    Feed messages with :meth:`add`; it returns the chunks of each tensor as soon as its last chunk is known to have
+    arrived (when the next tensor starts) so that the caller can join and decode them (:func:`decode_chunks`);
+    :meth:`finish` returns the last tensor's chunks after the stream ended. :meth:`check_decoded` validates a
+    decoded tensor against ``expected_tensors``.
 
     :param expected_tensors: objects with ``.shape`` and ``.dtype`` (tensors, TensorDescriptors) that the state must
       match exactly, or None to accept any number and shape of tensors
@@ -115,9 +118,9 @@ class StateAssembler:
         self._tensor_limit = 0  # bytes the current tensor may have
         self._tensor_bytes = 0  # bytes the current tensor got so far
 
-    def add(self, message: averaging_pb2.DownloadData) -> Optional[runtime_pb2.Tensor]:
-        """Take one message; returns the previous tensor (serialized, all chunks joined) if this one starts a new
-        tensor, else None. Raises StateDownloadError for a malformed stream."""
+    def add(self, message: averaging_pb2.DownloadData) -> Optional[List[runtime_pb2.Tensor]]:
+        """Take one message; returns the previous tensor's chunks if this one starts a new tensor, else None.
+        Raises StateDownloadError for a malformed stream."""
         self.num_messages += 1
         if self.num_messages == 1:
             if not message.metadata:
@@ -171,17 +174,17 @@ class StateAssembler:
         self._tensor_limit = _max_encoded_bytes(math.prod(shape))
         self._tensor_bytes = 0
 
-    def _finish_tensor(self) -> runtime_pb2.Tensor:
+    def _finish_tensor(self) -> List[runtime_pb2.Tensor]:
         if self._announced_chunks and len(self._parts) != self._announced_chunks:
             raise StateDownloadError(
                 f"tensor {self.num_tensors - 1} ended after {len(self._parts)} of the {self._announced_chunks} "
                 "chunks it announced (the stream was cut)"
             )
         parts, self._parts = self._parts, []
-        return combine_from_streaming(parts)
+        return parts
 
-    def finish(self) -> Optional[runtime_pb2.Tensor]:
-        """Call when the stream ended; returns the last serialized tensor (if any) and checks the tensor count."""
+    def finish(self) -> Optional[List[runtime_pb2.Tensor]]:
+        """Call when the stream ended; returns the last tensor's chunks (if any) and checks the tensor count."""
         if self.num_messages == 0:
             raise StateDownloadError("the donor sent nothing (it does not share its state)")
         last = self._finish_tensor() if self._parts else None
@@ -202,8 +205,9 @@ class StateAssembler:
             )
 
 
-def _decode(serialized: runtime_pb2.Tensor) -> torch.Tensor:
-    return deserialize_torch_tensor(serialized)
+def decode_chunks(chunks: List[runtime_pb2.Tensor]) -> torch.Tensor:
+    """Join one tensor's chunks and decode it (CPU work: the download runs it in a thread)."""
+    return deserialize_torch_tensor(combine_from_streaming(chunks))
 
 
 async def download_state(
@@ -225,15 +229,24 @@ async def download_state(
     assembler = StateAssembler(expected_tensors, max_bytes)
     loop = asyncio.get_running_loop()
     tensors: List[torch.Tensor] = []
+    decoding: Optional[asyncio.Future] = None  # at most one tensor is decoded while the next one arrives
 
-    async def decode(serialized: runtime_pb2.Tensor) -> None:
-        index = len(tensors)
+    async def collect_decoded() -> None:
+        nonlocal decoding
+        if decoding is None:
+            return
+        index, future, decoding = len(tensors), decoding, None
         try:
-            tensor = await loop.run_in_executor(None, _decode, serialized)
+            tensor = await future
         except ValueError as e:  # TensorDecodeError and friends
             raise StateDownloadError(f"tensor {index} cannot be decoded: {e}") from None
         assembler.check_decoded(index, tensor)
         tensors.append(tensor)
+
+    async def decode_in_background(chunks: List[runtime_pb2.Tensor]) -> None:
+        nonlocal decoding
+        await collect_decoded()
+        decoding = loop.run_in_executor(None, decode_chunks, chunks)
 
     stub = servicer_type.get_stub(p2p, donor, namespace=prefix)
     stream: AsyncIterator[averaging_pb2.DownloadData] = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
@@ -253,12 +266,15 @@ async def download_state(
                 ) from None
             finished = assembler.add(message)
             if finished is not None:
-                await decode(finished)
+                await decode_in_background(finished)
+        last = assembler.finish()
+        if last is not None:
+            await decode_in_background(last)
+        await collect_decoded()
     finally:
         await stream.aclose()
-    last = assembler.finish()
-    if last is not None:
-        await decode(last)
+        if decoding is not None:  # failed part-way: let the thread finish, drop its result
+            await asyncio.gather(decoding, return_exceptions=True)
     return assembler.metadata, tensors
 
 
