@@ -9,7 +9,7 @@ from moe_client_fakes import FakeExpertServer
 
 from hivemind.dht import DHT
 from hivemind.moe.client.expert import RemoteExpert
-from hivemind.moe.client.expert_rpc import MAX_UNARY_PAYLOAD_SIZE
+from hivemind.moe.client.expert_rpc import MAX_UNARY_PAYLOAD_SIZE, ExpertResponseTooLarge
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import ExpertInfo
 from hivemind.moe.server.dht_handler import get_experts
@@ -110,3 +110,11 @@ def test_worker_runs_coroutines_in_a_forked_child():
     assert os.read(read_end, 1) == b"1"
     os.waitpid(child, 0)
     os.close(read_end)
+
+
+@pytest.mark.parametrize("batch_size", [4, MAX_UNARY_PAYLOAD_SIZE // (4 * HID) + 1], ids=["unary", "streaming"])
+def test_an_answer_larger_than_the_request_can_need_is_refused(server_and_client, batch_size):
+    server, client_dht = server_and_client
+    server.handler.oversized.add("expert.0")
+    with pytest.raises(ExpertResponseTooLarge, match="expert.0 answered with over"):
+        _remote(server, client_dht)(torch.randn(batch_size, HID))

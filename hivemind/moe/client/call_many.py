@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -10,7 +11,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from hivemind.moe.client.expert import RemoteExpert, check_grad_inputs
-from hivemind.moe.client.expert_rpc import call_expert, raw_size_of, serialize_inputs
+from hivemind.moe.client.expert_rpc import (
+    call_expert,
+    expected_output_bytes,
+    raw_size_of,
+    response_size_limit,
+    serialize_inputs,
+)
 from hivemind.moe.client.gating import ExpertFailurePenalty, all_samples_settled
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.logging import get_logger
@@ -114,7 +121,7 @@ async def _gather_answers(
     return results, errors, timed_out
 
 
-def _fan_out(jobs, method, tensors_for_job, schema, options: CallOptions, num_samples, k_min, deadline):
+def _fan_out(jobs, method, tensors_for_job, limit_for_job, schema, options: CallOptions, num_samples, k_min, deadline):
     """Call ``method`` of each job's expert in parallel; returns {job index: tensors} of the ones that answered."""
     calls = {}
     for index, job in enumerate(jobs):
@@ -122,7 +129,9 @@ def _fan_out(jobs, method, tensors_for_job, schema, options: CallOptions, num_sa
             continue  # failed recently: counted as not answering without waiting for it again
         tensors = tensors_for_job(job)
         serialized = serialize_inputs(tensors, schema)
-        calls[index] = call_expert(job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors))
+        calls[index] = call_expert(
+            job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors), None, limit_for_job(job)
+        )
     if not calls:
         return {}
 
@@ -157,8 +166,19 @@ class RemoteCallMany(torch.autograd.Function):
         def rows_for(job):
             return [tensor[job.samples] for tensor in flat_inputs]
 
+        def output_limit(job):
+            return response_size_limit(expected_output_bytes(outputs_schema, len(job.samples)))
+
         results = _fan_out(
-            jobs, "forward", rows_for, info["forward_schema"], options, num_samples, options.k_min, options.deadline
+            jobs,
+            "forward",
+            rows_for,
+            output_limit,
+            info["forward_schema"],
+            options,
+            num_samples,
+            options.k_min,
+            options.deadline,
         )
         alive = torch.zeros(num_samples, max_k, dtype=torch.bool)
         outputs = [
@@ -204,8 +224,21 @@ class RemoteCallMany(torch.autograd.Function):
             ]
 
         deadline = None if options.backward_timeout is None else time.monotonic() + options.backward_timeout
+
+        def grads_limit(job):
+            rows = len(job.samples)  # one gradient per input, of the input's shape
+            return response_size_limit(sum(rows * math.prod(t.shape[1:]) * t.element_size() for t in flat_inputs))
+
         results = _fan_out(
-            jobs, "backward", rows_for, backward_schema, options, ctx.num_samples, options.backward_k_min, deadline
+            jobs,
+            "backward",
+            rows_for,
+            grads_limit,
+            backward_schema,
+            options,
+            ctx.num_samples,
+            options.backward_k_min,
+            deadline,
         )
         grad_inputs = [torch.zeros_like(t) if t.is_floating_point() else None for t in flat_inputs]
         num_survivors = 0

@@ -13,8 +13,10 @@ from hivemind.dht import DHT
 from hivemind.moe.client.expert_rpc import (
     ConnectionHandler,
     call_expert,
+    expected_output_bytes,
     parse_expert_info,
     raw_size_of,
+    response_size_limit,
     serialize_inputs,
 )
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
@@ -98,7 +100,10 @@ class _RemoteModuleCall(torch.autograd.Function):
         ctx.expert_call = (uid, stub, info)
         ctx.save_for_backward(*inputs)
         serialized = serialize_inputs(inputs, info["forward_schema"])
-        outputs = RemoteExpertWorker.run_coroutine(call_expert(stub, "forward", uid, serialized, raw_size_of(inputs)))
+        limit = response_size_limit(expected_output_bytes(info["outputs_schema"], len(inputs[0]) if inputs else 0))
+        outputs = RemoteExpertWorker.run_coroutine(
+            call_expert(stub, "forward", uid, serialized, raw_size_of(inputs), max_response_bytes=limit)
+        )
         return tuple(outputs)
 
     @staticmethod
@@ -109,8 +114,9 @@ class _RemoteModuleCall(torch.autograd.Function):
         backward_schema = (info["forward_schema"], info["outputs_schema"])
         tensors = (*inputs, *grad_outputs)
         serialized = serialize_inputs(tensors, backward_schema)
+        grads_limit = response_size_limit(raw_size_of(inputs))  # one gradient per input, of its shape
         grad_inputs = RemoteExpertWorker.run_coroutine(
-            call_expert(stub, "backward", uid, serialized, raw_size_of(tensors))
+            call_expert(stub, "backward", uid, serialized, raw_size_of(tensors), max_response_bytes=grads_limit)
         )
         checked = check_grad_inputs(uid, inputs, grad_inputs)
         needs = ctx.needs_input_grad[4:]

@@ -6,6 +6,7 @@ An expert server registers handlers named ``ConnectionHandler.rpc_*``; the class
 
 from __future__ import annotations
 
+import math
 from typing import AsyncIterator, Iterable, List, Optional, Sequence
 
 import torch
@@ -26,6 +27,9 @@ __all__ = [
     "parse_expert_info",
     "serialize_inputs",
     "call_expert",
+    "ExpertResponseTooLarge",
+    "response_size_limit",
+    "expected_output_bytes",
     "raw_size_of",
 ]
 
@@ -113,6 +117,31 @@ async def _iterate_requests(uid: str, serialized: Sequence[runtime_pb2.Tensor]):
             yield runtime_pb2.ExpertRequest(uid=uid, tensors=[chunk])
 
 
+class ExpertResponseTooLarge(RuntimeError):
+    """An expert server sent more tensor bytes than the answer to the request can need."""
+
+
+def response_size_limit(expected_bytes: int) -> int:
+    """Bytes an answer may carry: twice the uncompressed size it should have, plus 1 MiB for codec metadata."""
+    return 2 * expected_bytes + 2**20
+
+
+def expected_output_bytes(outputs_schema, batch_size: int) -> int:
+    """Uncompressed bytes of the outputs of ``batch_size`` examples (8 bytes per element where dtype is unknown)."""
+    total = 0
+    for descriptor in nested_flatten(outputs_schema):
+        itemsize = torch.empty(0, dtype=descriptor.dtype).element_size() if descriptor.dtype is not None else 8
+        total += batch_size * math.prod(descriptor.shape[1:]) * itemsize
+    return total
+
+
+def _check_size(received: int, limit: Optional[int], uid: str) -> None:
+    if limit is not None and received > limit:
+        raise ExpertResponseTooLarge(
+            f"expert {uid} answered with over {limit} bytes of tensors, more than it can need"
+        )
+
+
 async def call_expert(
     stub: StubBase,
     method: str,
@@ -120,18 +149,29 @@ async def call_expert(
     serialized: Sequence[runtime_pb2.Tensor],
     raw_size: int,
     timeout: Optional[float] = None,
+    max_response_bytes: Optional[int] = None,
 ) -> List[torch.Tensor]:
     """Send tensors to ``rpc_<method>`` (unary) or ``rpc_<method>_stream`` (above 2 MiB of raw input bytes).
 
     :param raw_size: the summed ``element_size * numel`` of the tensors before compression, in bytes
     :param timeout: for the unary variant only; bound a streaming call by cancelling it
+    :param max_response_bytes: refuse (ExpertResponseTooLarge) an answer whose tensor buffers exceed this
     """
     if raw_size > MAX_UNARY_PAYLOAD_SIZE:
         responses = await getattr(stub, f"rpc_{method}_stream")(_iterate_requests(uid, serialized))
-        return await deserialize_tensor_stream(response.tensors async for response in responses)
+
+        async def counted_chunks():
+            received = 0
+            async for response in responses:
+                received += sum(len(chunk.buffer) for chunk in response.tensors)
+                _check_size(received, max_response_bytes, uid)  # before the chunk is kept
+                yield response.tensors
+
+        return await deserialize_tensor_stream(counted_chunks())
     response = await getattr(stub, f"rpc_{method}")(
         runtime_pb2.ExpertRequest(uid=uid, tensors=serialized), timeout=timeout
     )
+    _check_size(sum(len(tensor.buffer) for tensor in response.tensors), max_response_bytes, uid)
     return [deserialize_torch_tensor(tensor) for tensor in response.tensors]
 
 
