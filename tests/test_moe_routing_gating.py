@@ -99,3 +99,14 @@ def test_balancing_loss_pushes_probability_away_from_overused_indices():
     logits = torch.zeros(3, 2, requires_grad=True)
     balancing_loss([torch.softmax(logits, dim=-1)], [torch.tensor([0.9, 0.1])]).backward()
     assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1] < 0).all()
+
+
+def test_failure_penalty_forgets_experts_whose_penalty_ended_long_ago():
+    now = [0.0]
+    penalty = ExpertFailurePenalty(base=1, maximum=1, clock=lambda: now[0])
+    penalty.max_entries = 3
+    for uid in ["ffn.1", "ffn.2", "ffn.3"]:
+        penalty.report_failure(uid)
+    now[0] = 10.0
+    penalty.report_failure("ffn.4")
+    assert set(penalty._until) == {"ffn.4"}

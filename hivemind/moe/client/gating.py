@@ -89,6 +89,8 @@ class ExpertFailurePenalty:
     keeps a dead server from costing a full timeout at every step until its DHT announcements expire.
     """
 
+    max_entries = 4096  # above this many remembered experts, stale ones are dropped
+
     def __init__(self, base: float = 10.0, maximum: float = 120.0, clock=time.monotonic):
         self.base, self.maximum, self.clock = base, maximum, clock
         self._until: Dict[ExpertUID, float] = {}
@@ -99,6 +101,10 @@ class ExpertFailurePenalty:
         return until is not None and (now if now is not None else self.clock()) < until
 
     def report_failure(self, uid: ExpertUID) -> None:
+        if len(self._until) >= self.max_entries:  # forget experts whose penalty ended long ago
+            now = self.clock()
+            for stale in [key for key, until in self._until.items() if until + self.maximum < now]:
+                self._until.pop(stale), self._failures.pop(stale, None)
         failures = self._failures.get(uid, 0) + 1
         self._failures[uid] = failures
         self._until[uid] = self.clock() + min(self.base * 2 ** (failures - 1), self.maximum)
