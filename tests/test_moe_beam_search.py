@@ -213,3 +213,15 @@ def test_handler_thread_declares_until_shut_down(two_dhts):
         thread.shutdown()
     assert not thread.is_alive()
     wait_until(lambda: get_experts(client_dht, ["ffn.0", "ffn.1"]) == [None, None], timeout=10)
+
+
+def test_searches_and_lookups_can_return_futures(two_dhts):
+    server_dht, client_dht = two_dhts
+    declare_experts(server_dht, ["ffn.0.1", "ffn.1.0"], get_dht_time() + 30)
+    searcher = MoEBeamSearcher(client_dht, "ffn.", (2, 2))
+    found = searcher.find_best_experts([[0.0, 1.0], [1.0, 0.0]], 1, return_future=True)
+    batch = searcher.batch_find_best_experts([[[0.0, 1.0]], [[1.0, 0.0]]], 2, return_future=True)
+    experts = get_experts(client_dht, ["ffn.0.1", "ffn.0.0"], return_future=True)
+    assert [expert.uid for expert in found.result(timeout=10)] == ["ffn.1.0"]
+    assert [[expert.uid for expert in row] for row in batch.result(timeout=10)] == [["ffn.1.0", "ffn.0.1"]]
+    assert [expert and expert.uid for expert in experts.result(timeout=10)] == ["ffn.0.1", None]
