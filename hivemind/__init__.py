@@ -17,7 +17,15 @@ _LAZY_EXPORTS = {
     "Optimizer": "hivemind.optim.optimizer",
     "GradScaler": "hivemind.optim.grad_scaler",
     "TrainingAverager": "hivemind.optim.training_averager",
+    "RemoteExpert": "hivemind.moe.client.expert",
+    "RemoteMixtureOfExperts": "hivemind.moe.client.moe",
+    "RemoteSwitchMixtureOfExperts": "hivemind.moe.client.switch_moe",
+    "Server": "hivemind.moe.server.server",
+    "ModuleBackend": "hivemind.moe.server.module_backend",
+    "register_expert_class": "hivemind.moe.server.layers.custom_experts",
 }
+# subpackages reachable as attributes after a bare ``import hivemind`` (hivemind.averaging, hivemind.optim, ...)
+_LAZY_SUBPACKAGES = ("averaging", "moe", "optim")
 
 __all__ = ["DHT", *_LAZY_EXPORTS]
 
@@ -30,6 +38,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
         globals()[name] = value
         return value
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     if not name.startswith("_"):
         for module_name in _ALIAS_SOURCES:
             module = importlib.import_module(module_name)

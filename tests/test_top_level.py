@@ -43,3 +43,28 @@ def test_import_is_silent_and_does_not_load_torch():
     )
     assert result.stdout.strip() == "False"
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "name, module",
+    [
+        ("DecentralizedAverager", "hivemind.averaging"),
+        ("Optimizer", "hivemind.optim"),
+        ("GradScaler", "hivemind.optim"),
+        ("TrainingAverager", "hivemind.optim"),
+        ("RemoteExpert", "hivemind.moe"),
+        ("RemoteMixtureOfExperts", "hivemind.moe"),
+        ("RemoteSwitchMixtureOfExperts", "hivemind.moe"),
+        ("ModuleBackend", "hivemind.moe"),
+        ("register_expert_class", "hivemind.moe"),
+    ],
+)
+def test_capability_exports_are_the_same_objects(name, module):
+    assert name in hivemind.__all__
+    assert getattr(hivemind, name) is getattr(__import__(module, fromlist=[name]), name)
+
+
+def test_capability_subpackages_resolve_as_attributes():
+    assert hivemind.averaging.DecentralizedAverager is hivemind.DecentralizedAverager
+    assert hivemind.optim.Optimizer is hivemind.Optimizer
+    assert hivemind.moe.RemoteExpert is hivemind.RemoteExpert
