@@ -136,3 +136,18 @@ async def test_reducer_timeout_must_exceed_sender_timeout(p2p_factory):
             sender_timeout=2.0,
             reducer_timeout=2.0,
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.int8])
+def test_parts_encoded_from_tensor_memory_are_byte_identical_to_protobuf(dtype):
+    from hivemind.averaging.part_encoding import encode_averaging_data
+    from hivemind.compression import CompressionInfo, NoCompression
+    from hivemind.proto import averaging_pb2
+
+    tensor = (torch.randn(1000) * 100).to(dtype)
+    for code, group_id, weight in ((averaging_pb2.PART_FOR_AVERAGING, os.urandom(20), 1.5), (0, b"", 0.0)):
+        encoded = b"".join(bytes(part) for part in encode_averaging_data(tensor, code=code, group_id=group_id,
+                                                                         weight=weight).parts)  # fmt: skip
+        reference = averaging_pb2.AveragingData(code=code, group_id=group_id, weight=weight)
+        reference.tensor_part.CopyFrom(NoCompression().compress(tensor, CompressionInfo.from_tensor(tensor)))
+        assert encoded == reference.SerializeToString()

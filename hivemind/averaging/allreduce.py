@@ -15,6 +15,7 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
 
 import torch
 
+from hivemind.averaging.part_encoding import RAW_DTYPES, encode_averaging_data
 from hivemind.averaging.partition import (
     AllreduceException,
     BannedException,
@@ -23,7 +24,7 @@ from hivemind.averaging.partition import (
     TensorPartReducer,
 )
 from hivemind.compression import deserialize_torch_tensor
-from hivemind.compression.buffers import MessageBuffer, dtype_to_name
+from hivemind.compression.buffers import dtype_to_name
 from hivemind.compression.serialization import serialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -298,11 +299,15 @@ class AllReduceRunner(ServicerBase):
 
     async def _generate_input_for(self, peer_index: int, progress: _Progress) -> AsyncIterator[AveragingData]:
         first = True
-        async for serialized in self.container.iterate_input_parts_for(peer_index):
-            message = AveragingData(weight=self.weight)
-            if first:
-                message.code, message.group_id, first = MessageCode.PART_FOR_AVERAGING, self.group_id, False
-            message.tensor_part.CopyFrom(serialized)
+        async for part in self.container.iterate_parts_for_sending(peer_index):
+            code = MessageCode.PART_FOR_AVERAGING if first else MessageCode.NO_CODE
+            group_id = self.group_id if first else b""
+            if isinstance(part, torch.Tensor):  # uncompressed: written from the tensor's memory
+                message = encode_averaging_data(part, code=code, group_id=group_id, weight=self.weight)
+            else:
+                message = AveragingData(code=code, group_id=group_id, weight=self.weight)
+                message.tensor_part.CopyFrom(part)
+            first = False
             progress.touch()
             yield message
 
@@ -476,20 +481,16 @@ class AllReduceRunner(ServicerBase):
         self, average: Optional[torch.Tensor], part_values: torch.Tensor, compression_type: int, part: PartSpec
     ) -> AveragingData:
         """AVERAGED_PART with ``average - part_values`` encoded as the sender encoded its part."""
-        reply = AveragingData(code=MessageCode.AVERAGED_PART)
         dtype = part_values.dtype
-        if compression_type == CompressionType.NONE and dtype in (torch.float32, torch.float64, torch.float16):
-            if average is None or average.dtype == dtype:  # one pass: the difference is written into the message
-                buffer = MessageBuffer(part.numel * part_values.element_size())
-                delta = buffer.tensor.view(dtype)
+        if compression_type == CompressionType.NONE and dtype in RAW_DTYPES:
+            if average is None or average.dtype == dtype:  # one pass: the difference is what gets written
+                delta = torch.empty(part.numel, dtype=dtype)
                 if average is None:
                     delta.zero_()
                 else:
                     torch.sub(average, part_values, out=delta)
-                serialized = reply.tensor_part
-                serialized.buffer, serialized.dtype = buffer.to_bytes(), dtype_to_name(dtype)
-                serialized.size.append(part.numel)
-                return reply
+                return encode_averaging_data(delta, code=MessageCode.AVERAGED_PART)
+        reply = AveragingData(code=MessageCode.AVERAGED_PART)
         if average is None:
             delta = torch.zeros(part.numel, dtype=dtype)
         else:

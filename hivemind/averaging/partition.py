@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
-from typing import AsyncIterator, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import AsyncIterator, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from hivemind.averaging.load_balancing import hagenbach_bishoff
+from hivemind.averaging.part_encoding import RAW_DTYPES
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
 from hivemind.compression.buffers import empty_output
@@ -193,6 +194,28 @@ class TensorPartContainer:
 
     def compress_part(self, part: PartSpec) -> runtime_pb2.Tensor:
         return self.compression.compress(self.input_part(part), self.part_info(part))
+
+    def raw_input_part(self, part: PartSpec) -> Optional[torch.Tensor]:
+        """The part's local values if it goes on the wire uncompressed as its raw memory (else None)."""
+        flat = self._flat[part.tensor_index]
+        if (
+            flat.dtype not in RAW_DTYPES
+            or type(_resolve_codec(self.compression, self.part_info(part))) is not NoCompression
+        ):
+            return None
+        return flat[part.start : part.stop]
+
+    async def iterate_parts_for_sending(
+        self, reducer_index: int
+    ) -> AsyncIterator[Union[torch.Tensor, runtime_pb2.Tensor]]:
+        """Like :meth:`iterate_input_parts_for`, but uncompressed parts come as tensors (views, no copy)."""
+        parts = self.parts_by_peer[reducer_index]
+        if parts and self.raw_input_part(parts[0]) is not None:
+            for part in parts:
+                yield self.raw_input_part(part)
+            return
+        async for serialized in self.iterate_input_parts_for(reducer_index):
+            yield serialized
 
     async def iterate_input_parts_for(self, reducer_index: int) -> AsyncIterator[runtime_pb2.Tensor]:
         """The compressed parts that ``reducer_index`` reduces, in order; costly codecs run in a thread, ahead."""

@@ -76,10 +76,22 @@ def decode_header(header: bytes) -> Tuple[bytes, int]:
     return marker, decode_length(header[MARKER_LEN:])
 
 
-def _frame_parts(message: Union[Message, RPCError]) -> Tuple[bytes, List[bytes]]:
+class EncodedMessage:
+    """A message that is already protobuf wire bytes, given as parts (e.g. a header and a memoryview of a tensor's
+    memory): framed and written as they are, without building and re-encoding a protobuf object."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Sequence[Union[bytes, memoryview]]):
+        self.parts = list(parts)
+
+
+def _frame_parts(message: Union[Message, RPCError, EncodedMessage]) -> Tuple[bytes, List[bytes]]:
     """``(header, payload parts)`` of the frame for a message (``RPCError`` gets the error marker)."""
     if isinstance(message, RPCError):
         marker, parts = ERROR_MARKER, [message.SerializeToString()]
+    elif isinstance(message, EncodedMessage):
+        marker, parts = MESSAGE_MARKER, message.parts
     else:
         marker, parts = MESSAGE_MARKER, serialize_in_parts(message)  # a large bytes field is copied once, not twice
     return encode_header(marker, sum(map(len, parts))), parts
