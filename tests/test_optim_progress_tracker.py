@@ -132,3 +132,23 @@ def test_records_are_signed_and_a_forged_record_is_refused(dht_pair):
 def test_tracker_refuses_nonpositive_target(dht_pair):
     with pytest.raises(ValueError, match="target_batch_size"):
         ProgressTracker(dht_pair[0], "run", target_batch_size=0, start=False)
+
+
+@pytest.mark.timeout(60)
+def test_refresh_global_progress_sees_a_peer_that_joined_since_the_last_fetch(dht_pair):
+    slow = dict(min_refresh_period=0.05, max_refresh_period=100, default_refresh_period=100)
+    first = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **slow)
+    second = None
+    try:
+        wait_for(lambda: first.fetched_global_progress_this_epoch.is_set())
+        second = ProgressTracker(dht_pair[1], "run", target_batch_size=100, start=True, **FAST)
+        second.report_local_progress(0, 10)
+        stored = lambda: dht_pair[0].get("run_progress", latest=True)  # noqa: E731
+        wait_for(lambda: stored() is not None and len(stored().value) == 2)
+        assert first.global_progress.num_peers == 1  # the next periodic fetch is 100 s away
+        assert first.refresh_global_progress(timeout=10)
+        assert first.global_progress.num_peers == 2
+    finally:
+        first.shutdown(5)
+        if second is not None:
+            second.shutdown(5)

@@ -275,6 +275,9 @@ class Optimizer(torch.optim.Optimizer):
                 return loss
             self._accumulate(batch_size, grad_scaler)
             self._maybe_schedule_rounds()
+        if self.tracker.ready_to_update_epoch and self.tracker.global_progress.num_peers <= 1:
+            # about to step alone: first make sure that nobody joined since the last fetch
+            self.tracker.refresh_global_progress(timeout=min(self.averaging_timeout, 10.0))
         if self.tracker.ready_to_update_epoch:
             self._update_global_epoch(grad_scaler)
         self._update_progress_bar()
@@ -334,8 +337,8 @@ class Optimizer(torch.optim.Optimizer):
             return None
 
     def _update_global_epoch(self, grad_scaler: Optional[GradScaler]) -> None:
-        # the background step of the last epoch must be done before this one starts
-        self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        # the last epoch's background optimizer step reads the gradient buffers that averaging is about to overwrite
+        self.state_averager.wait_for_background_step()
         with self.tracker.pause_updates():
             num_peers = self.tracker.global_progress.num_peers
             new_epoch = next_epoch(self.local_epoch, self.tracker.global_epoch)
@@ -346,6 +349,8 @@ class Optimizer(torch.optim.Optimizer):
                     self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
                 else:
                     self._finish_gradient_averaging(grad_round)
+            # a state average from the last epoch is applied (or dropped) before this epoch's optimizer step
+            self.state_averager.step(wait_for_delayed_updates=not self.delay_grad_averaging)
 
             average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
             state_control, self._state_control = self._state_control, None

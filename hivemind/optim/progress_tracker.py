@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from typing import Dict, List, Optional
 
 from pydantic import v1 as pydantic_v1
@@ -114,6 +115,8 @@ class ProgressTracker(threading.Thread):
             [], target_batch_size=target_batch_size, now=get_dht_time(), local_record=self.local_progress
         )
         self.fetched_global_progress_this_epoch = threading.Event()
+        self._fetch_finished = threading.Condition()
+        self._last_fetch_started = -math.inf  # time.monotonic() at which the latest completed fetch began
         self._stop_requested = threading.Event()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake_reporter: Optional[asyncio.Event] = None
@@ -184,6 +187,13 @@ class ProgressTracker(threading.Thread):
             self.local_progress = self._make_record(new_epoch, 0)
             self._recompute_global_progress(next_fetch_time=get_dht_time())
         return new_epoch
+
+    def refresh_global_progress(self, timeout: float) -> bool:
+        """Fetch the swarm's progress now and wait (at most ``timeout`` s) for a fetch begun after this call."""
+        requested = time.monotonic()
+        self._wake(lambda: self._wake_fetcher)
+        with self._fetch_finished:
+            return self._fetch_finished.wait_for(lambda: self._last_fetch_started >= requested, timeout)
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop the thread; it publishes a ``None`` record first so that peers stop counting this one."""
@@ -291,7 +301,11 @@ class ProgressTracker(threading.Thread):
         while True:
             with self._lock:
                 generation = self._generation
+            fetch_started = time.monotonic()
             records = await self._fetch_records()
+            with self._fetch_finished:
+                self._last_fetch_started = fetch_started
+                self._fetch_finished.notify_all()
             with self._lock:
                 if records is not None and not self._updates_paused and generation == self._generation:
                     self._others = records

@@ -205,6 +205,12 @@ class TrainingStateAverager(DecentralizedAverager):
         """The tensors the inner optimizer updates: CPU copies with offload_optimizer, else the model's parameters."""
         return self._optimizer_parameters
 
+    def wait_for_background_step(self) -> None:
+        """Wait until a delayed optimizer step (if any) has finished; its result is applied at the next step()."""
+        pending = self._pending_step
+        if pending is not None:
+            pending.exception()
+
     def submit_background(self, function: Callable[..., Any], *args) -> Future:
         """Run ``function(*args)`` in the background thread, after the background work already queued."""
         return self._executor.submit(function, *args)
