@@ -123,15 +123,22 @@ async def _gather_answers(
 
 def _fan_out(jobs, method, tensors_for_job, limit_for_job, schema, options: CallOptions, num_samples, k_min, deadline):
     """Call ``method`` of each job's expert in parallel; returns {job index: tensors} of the ones that answered."""
+    if deadline is not None and deadline <= time.monotonic():
+        raise TimeoutError(f"The time limit of {method} ran out before any expert was called (raise the timeout)")
     calls = {}
-    for index, job in enumerate(jobs):
-        if options.penalty.is_penalized(job.expert.uid):
-            continue  # failed recently: counted as not answering without waiting for it again
-        tensors = tensors_for_job(job)
-        serialized = serialize_inputs(tensors, schema)
-        calls[index] = call_expert(
-            job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors), None, limit_for_job(job)
-        )
+    try:
+        for index, job in enumerate(jobs):
+            if options.penalty.is_penalized(job.expert.uid):
+                continue  # failed recently: counted as not answering without waiting for it again
+            tensors = tensors_for_job(job)
+            serialized = serialize_inputs(tensors, schema)
+            calls[index] = call_expert(
+                job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors), None, limit_for_job(job)
+            )
+    except BaseException:
+        for call in calls.values():
+            call.close()  # never started
+        raise
     if not calls:
         return {}
 
@@ -139,10 +146,10 @@ def _fan_out(jobs, method, tensors_for_job, limit_for_job, schema, options: Call
         _gather_answers(calls, jobs, num_samples, k_min, deadline, options.timeout_after_k_min)
     )
     for index, error in errors.items():
-        logger.debug(f"expert {jobs[index].expert.uid} failed in {method}: {error!r}")
+        logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {error!r}")
         options.penalty.report_failure(jobs[index].expert.uid)
     for index in timed_out:
-        logger.debug(f"expert {jobs[index].expert.uid} did not answer {method} in time")
+        logger.warning(f"Expert {jobs[index].expert.uid} did not answer {method} in time, masking it")
         options.penalty.report_failure(jobs[index].expert.uid)
     for index in results:
         options.penalty.report_success(jobs[index].expert.uid)
@@ -191,7 +198,7 @@ class RemoteCallMany(torch.autograd.Function):
             try:
                 _check_outputs(job, job_outputs, outputs_schema, options.detect_anomalies)
             except RuntimeError as e:
-                logger.debug(str(e))
+                logger.warning(f"{e}; masking it")
                 options.penalty.report_failure(job.expert.uid)
                 continue
             for output, value in zip(outputs, job_outputs):
