@@ -248,3 +248,16 @@ def test_switch_mixture_returns_output_with_residual_and_balancing_loss(swarm):
     (output.sum() + loss).backward()
     assert torch.isfinite(moe.proj.weight.grad).all()
     assert torch.allclose(moe.grid_utilization.split(list(GRID))[0].sum(), torch.tensor(1.0))
+
+
+def test_info_comes_from_an_alive_expert_before_any_forward(swarm):
+    _, client_dht = swarm
+    moe = RemoteMixtureOfExperts(in_features=HID, grid_size=GRID, dht=client_dht, uid_prefix="ffn", k_best=2)
+    assert moe.info["outputs_schema"].shape == (None, HID) and moe.info["keyword_names"] == ()
+
+
+def test_no_alive_expert_in_the_grid_raises_runtime_error(swarm):
+    _, client_dht = swarm
+    moe = RemoteMixtureOfExperts(in_features=HID, grid_size=(4,), dht=client_dht, uid_prefix="absent.", k_best=2)
+    with pytest.raises(RuntimeError, match="No responding experts found"):
+        moe(torch.randn(2, HID))
