@@ -135,6 +135,59 @@ async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -
     await p2p.shutdown()
 
 
+# ---------------------------------------------------------------------------------------------- averager peers
+
+
+def averager_peer(rank: int, initial_maddrs: List[str], connection, torch_threads: int) -> None:
+    """A peer that uses the public API: DHT + DecentralizedAverager; the time is from allow_allreduce() (the group
+    is already formed) until the step's result, so matchmaking is not counted."""
+    import psutil
+    import torch
+
+    from hivemind import DHT
+    from hivemind.averaging import AveragingStage, DecentralizedAverager
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    dht = DHT(initial_peers=initial_maddrs or None, start=True)
+    connection.send((dht.peer_id.to_bytes(), [str(maddr) for maddr in dht.get_visible_maddrs()]))
+    num_peers = len(connection.recv())
+    averager, tensor_size = None, None
+    processes = [psutil.Process()]
+    while True:
+        command = connection.recv()
+        if command is None:
+            break
+        size, round_id = command
+        if size != tensor_size:
+            if averager is not None:
+                averager.shutdown()
+            tensor = torch.randn(size, generator=torch.Generator().manual_seed(rank))
+            averager = DecentralizedAverager(
+                [tensor], dht, prefix=f"bench{size}", start=True, target_group_size=num_peers,
+                min_matchmaking_time=1.0, request_timeout=1.0, next_chunk_timeout=30.0, allreduce_timeout=120.0,
+            )  # fmt: skip
+            tensor_size = size
+            processes = [psutil.Process()] + psutil.Process().children(recursive=True)
+        control = averager.step(wait=False, require_trigger=True, timeout=60)
+        while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
+            time.sleep(0.01)
+        connection.send("ready")
+        assert connection.recv() == "go"
+        cpu_before = _cpu_seconds(processes)
+        started = time.perf_counter()
+        control.allow_allreduce()
+        control.result()
+        elapsed = time.perf_counter() - started
+        cpu = _cpu_seconds(processes) - cpu_before
+        with averager.get_tensors() as (averaged,):
+            checksum = float(averaged[:1000].sum())
+        connection.send((elapsed, cpu, checksum))
+    if averager is not None:
+        averager.shutdown()
+    dht.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------- gloo peers
 
 
@@ -180,13 +233,14 @@ def _free_port() -> int:
 def start_peers(kind: str, num_peers: int, torch_threads: int) -> Tuple[list, list]:
     context = mp.get_context("spawn")
     processes, connections = [], []
-    if kind == "hivemind":
+    if kind in ("hivemind", "averager"):
+        target = hivemind_peer if kind == "hivemind" else averager_peer
         maddrs: List[str] = []
         peer_ids = []
         for rank in range(num_peers):
             parent_end, child_end = context.Pipe()
             process = context.Process(
-                target=hivemind_peer, args=(rank, list(maddrs), child_end, torch_threads), daemon=True
+                target=target, args=(rank, list(maddrs), child_end, torch_threads), daemon=kind == "hivemind"
             )
             process.start()
             peer_id, peer_maddrs = parent_end.recv()
@@ -220,6 +274,10 @@ def measure(kind: str, num_peers: int, sizes: List[int], repeats: int, torch_thr
             for round_id in range(repeats + 1):  # the first round warms up (connections, allocations)
                 for connection in connections:
                     connection.send((size, round_id))
+                if kind == "averager":  # every peer found the group: start the all-reduce everywhere at once
+                    assert all(connection.recv() == "ready" for connection in connections)
+                    for connection in connections:
+                        connection.send("go")
                 replies = [connection.recv() for connection in connections]
                 if round_id == 0:
                     continue
@@ -254,12 +312,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per peer (0: default)")
     parser.add_argument("--only", choices=["hivemind", "gloo"], default=None, help="measure one side only")
+    parser.add_argument(
+        "--averager", action="store_true", help="also through DecentralizedAverager (public API, own processes)"
+    )
     args = parser.parse_args()
     sizes = [parse_size(size) for size in args.sizes]
     kinds = [args.only] if args.only else ["hivemind", "gloo"]
+    kinds += ["averager"] if args.averager else []
     print(f"all-reduce benchmark: float32, peers on 127.0.0.1, median of {args.repeats} rounds, {os.cpu_count()} CPUs")
-    print("| peers | elements | hivemind MB/s (s) | gloo MB/s (s) | hivemind / gloo | CPU ms/MiB hivemind | gloo |")
-    print("|---|---|---|---|---|---|---|")
+    header = "| peers | elements | hivemind MB/s (s) | gloo MB/s (s) | hivemind / gloo | CPU ms/MiB hivemind | gloo |"
+    header += " DecentralizedAverager MB/s (s) | its CPU ms/MiB |" if args.averager else ""
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
     for num_peers in args.peers:
         results = {kind: measure(kind, num_peers, sizes, args.repeats, args.torch_threads) for kind in kinds}
         for size in sizes:
@@ -270,7 +334,11 @@ def main() -> None:
             cpu_ours = f"{ours['cpu_ms_per_mib']:.2f}" if ours else "-"
             cpu_gloo = f"{gloo['cpu_ms_per_mib']:.2f}" if gloo else "-"
             label = f"{size // 2**20}M" if size % 2**20 == 0 else str(size)
-            print(f"| {num_peers} | {label} | {ours_text} | {gloo_text} | {ratio} | {cpu_ours} | {cpu_gloo} |")
+            line = f"| {num_peers} | {label} | {ours_text} | {gloo_text} | {ratio} | {cpu_ours} | {cpu_gloo} |"
+            averager = results.get("averager", {}).get(size)
+            if averager:
+                line += f" {averager['mb_per_s']:.0f} ({averager['seconds']:.3f}) | {averager['cpu_ms_per_mib']:.2f} |"
+            print(line)
             sys.stdout.flush()
 
 
