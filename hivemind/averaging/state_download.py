@@ -147,8 +147,9 @@ class StateAssembler:
                 f"tensor {self.num_tensors - 1} got more chunks than the {self._announced_chunks} it announced"
             )
         self._parts.append(chunk)
-        self.received_bytes += len(chunk.buffer)
-        self._tensor_bytes += len(chunk.buffer)
+        size = chunk.ByteSize()  # (reading .buffer would copy it) the buffer plus a few bytes of fields
+        self.received_bytes += size
+        self._tensor_bytes += size
         if self._tensor_bytes > self._tensor_limit:
             raise StateDownloadError(
                 f"tensor {self.num_tensors - 1} of shape {list(chunk.size) or list(self._parts[0].size)} got "

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import threading
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Tuple
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
 from hivemind.utils.logging import get_logger
 from hivemind.utils.serializer import MSGPackSerializer
@@ -51,6 +53,7 @@ DEFAULT_MAX_QUEUE_WAIT = 10.0  # seconds a queued download waits for a slot befo
 DEFAULT_SEND_STALL_TIMEOUT = 60.0  # a downloader that takes no chunk for this long is dropped (its slot freed)
 DEFAULT_GET_STATE_TIMEOUT = 300.0  # seconds for get_current_state (e.g. a round trip to the user's process)
 RETRACT_TIMEOUT = 5.0  # seconds spent at shutdown on withdrawing the declaration
+MESSAGES_PER_BATCH = 64  # chunk messages built per trip to the thread pool (4 MiB of tensor data)
 _UNCOMPRESSED = NoCompression()  # for tensors that state_compression cannot encode (e.g. integers with float16)
 
 
@@ -286,7 +289,9 @@ class StateSharing:
                 yield message
 
     async def _state_messages(self, context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        started = time.perf_counter()
         metadata, tensors, infos = await await_with_timeout(self.get_current_state(), self.get_state_timeout)
+        got_state = time.perf_counter()
         tensors = list(tensors)
         if infos is None:
             infos = [CompressionInfo.from_tensor(tensor, key=index) for index, tensor in enumerate(tensors)]
@@ -296,16 +301,23 @@ class StateSharing:
         loop = asyncio.get_running_loop()
         sent_bytes = 0
         for tensor, info in zip(tensors, infos):
-            serialized = await loop.run_in_executor(None, self._compress, tensor, info)
-            for chunk in split_for_streaming(serialized, STREAMING_CHUNK_SIZE_BYTES):
-                message = averaging_pb2.DownloadData(tensor_part=chunk)
-                if serialized_metadata is not None:
-                    message.metadata, serialized_metadata = serialized_metadata, None
-                sent_bytes += len(chunk.buffer)
-                yield message
+            # encoding and cutting into messages is CPU work: done in a thread, a batch of chunks at a time
+            chunks = await loop.run_in_executor(None, self._compressed_chunks, tensor, info)
+            while batch := await loop.run_in_executor(None, _next_messages, chunks):
+                for message in batch:
+                    if serialized_metadata is not None:
+                        message.metadata, serialized_metadata = serialized_metadata, None
+                    sent_bytes += len(message.tensor_part.buffer)
+                    yield message
         if serialized_metadata is not None:  # a state without tensors: metadata only
             yield averaging_pb2.DownloadData(metadata=serialized_metadata)
-        logger.info(f"Sent our state to {context.remote_id}: {len(tensors)} tensors, {sent_bytes} bytes")
+        logger.info(
+            f"Sent our state to {context.remote_id}: {len(tensors)} tensors, {sent_bytes} bytes in "
+            f"{time.perf_counter() - got_state:.2f} s (+ {got_state - started:.2f} s to get the state)"
+        )
+
+    def _compressed_chunks(self, tensor: torch.Tensor, info: CompressionInfo) -> Iterator[runtime_pb2.Tensor]:
+        return split_for_streaming(self._compress(tensor, info), STREAMING_CHUNK_SIZE_BYTES)
 
     def _compress(self, tensor: torch.Tensor, info: CompressionInfo):
         tensor = tensor.detach().cpu()
@@ -316,28 +328,44 @@ class StateSharing:
             return _UNCOMPRESSED.compress(tensor, info, allow_inplace=False)
 
 
+def _next_messages(chunks: Iterator[runtime_pb2.Tensor]) -> List[averaging_pb2.DownloadData]:
+    """The next few chunks as DownloadData messages ([] when there are no more)."""
+    return [averaging_pb2.DownloadData(tensor_part=chunk) for chunk in itertools.islice(chunks, MESSAGES_PER_BATCH)]
+
+
 async def _with_stall_watchdog(
     messages: AsyncIterator[averaging_pb2.DownloadData], stall_timeout: Optional[float], context: P2PContext
 ) -> AsyncIterator[averaging_pb2.DownloadData]:
-    """Re-yield ``messages``; if the consumer does not come back for the next one within ``stall_timeout`` seconds
-    (the downloader stopped reading, so sending blocks), cancel the task that serves this stream.
+    """Re-yield ``messages``; if the consumer does not come back for the next one within about ``stall_timeout``
+    seconds (the downloader stopped reading, so sending blocks), cancel the task that serves this stream.
 
     The handler's task is the one that iterates this generator and writes each message to the stream, so cancelling
-    it ends the stream and releases the download slot; the caller receives an error frame.
+    it ends the stream and releases the download slot; the caller receives an error frame. One timer per download
+    checks progress every quarter of ``stall_timeout`` (a timer per message would cost more than the message).
     """
+    if stall_timeout is None:
+        async for message in messages:
+            yield message
+        return
     task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    waiting_since: Optional[float] = None  # loop.time() when the last message went out, while it is being sent
+    timer: Optional[asyncio.TimerHandle] = None
 
-    def drop_stalled() -> None:
-        logger.warning(f"{context.remote_id} took no state chunk for {stall_timeout} s; dropping its download")
-        task.cancel()
+    def check() -> None:
+        nonlocal timer
+        if waiting_since is not None and loop.time() - waiting_since >= stall_timeout:
+            logger.warning(f"{context.remote_id} took no state chunk for {stall_timeout} s; dropping its download")
+            task.cancel()
+            return
+        timer = loop.call_later(stall_timeout / 4, check)
 
     try:
+        check()
         async for message in messages:
-            timer = loop.call_later(stall_timeout, drop_stalled) if stall_timeout is not None else None
-            try:
-                yield message
-            finally:
-                if timer is not None:
-                    timer.cancel()
+            waiting_since = loop.time()
+            yield message
+            waiting_since = None
     finally:
+        if timer is not None:
+            timer.cancel()
         await messages.aclose()
