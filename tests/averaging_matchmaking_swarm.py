@@ -82,10 +82,12 @@ class Swarm:
         target_group_size: Optional[int] = None,
         min_group_size: int = 2,
         initial_group_bits: str = "",
+        initial_peers: Optional[List[str]] = None,
     ) -> Peer:
-        if not self._dhts and client_mode:  # client-mode DHTs need a full node to bootstrap from
-            self._dhts.append(DHT(start=True, host_maddrs=LOCALHOST))
-        initial_peers = self._dhts[0].get_visible_maddrs() if self._dhts else None
+        if initial_peers is None:
+            if not self._dhts and client_mode:  # client-mode DHTs need a full node to bootstrap from
+                self._dhts.append(DHT(start=True, host_maddrs=LOCALHOST))
+            initial_peers = self._dhts[0].get_visible_maddrs() if self._dhts else None
         dht = DHT(start=True, initial_peers=initial_peers, host_maddrs=LOCALHOST, client_mode=client_mode)
         self._dhts.append(dht)
         p2p = await dht.replicate_p2p()
