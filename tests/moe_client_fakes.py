@@ -42,6 +42,10 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
         self.oversized: set = set()  # uids whose forward answers with far too many rows
         self.calls: Dict[str, List[int]] = {}  # "method:uid" -> batch sizes seen
 
+    def reset_faults(self) -> None:
+        """Forget injected faults and recorded calls (between tests sharing one server)."""
+        self.delays.clear(), self.failing.clear(), self.nan_outputs.clear(), self.oversized.clear(), self.calls.clear()
+
     def _module(self, uid: str) -> nn.Module:
         if uid not in self.modules:
             raise KeyError(f"unknown expert {uid}")

@@ -18,8 +18,8 @@ from hivemind.p2p import P2PHandlerError
 HID = 16
 
 
-@pytest.fixture
-def server_and_client():
+@pytest.fixture(scope="module")
+def shared_server_and_client():
     torch.manual_seed(0)
     modules = {"expert.0": nn.Sequential(nn.Linear(HID, 32), nn.Tanh(), nn.Linear(32, HID))}
     server = FakeExpertServer(modules, HID)
@@ -29,6 +29,14 @@ def server_and_client():
     finally:
         client_dht.shutdown()
         server.stop()
+
+
+@pytest.fixture
+def server_and_client(shared_server_and_client):
+    """A fake expert server of `expert.0` (no faults, no recorded calls) and a client DHT, shared by this module."""
+    shared_server_and_client[0].handler.reset_faults()
+    yield shared_server_and_client
+    shared_server_and_client[0].handler.reset_faults()
 
 
 def _remote(server, client_dht, uid="expert.0") -> RemoteExpert:

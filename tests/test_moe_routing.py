@@ -21,8 +21,8 @@ def make_experts(uids):
     return {uid: nn.Sequential(nn.Linear(HID, HID), nn.Tanh()) for uid in uids}
 
 
-@pytest.fixture
-def swarm():
+@pytest.fixture(scope="module")
+def shared_swarm():
     server = FakeExpertServer(make_experts(UIDS), HID)
     client_dht = DHT(start=True, initial_peers=server.dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
@@ -30,6 +30,17 @@ def swarm():
     finally:
         client_dht.shutdown()
         server.stop()
+
+
+@pytest.fixture
+def swarm(shared_swarm):
+    """An expert server hosting UIDS (no faults) and a client DHT; shared by the tests of this module."""
+    server, _ = shared_swarm
+    modules = dict(server.handler.modules)
+    server.handler.reset_faults()
+    yield shared_swarm
+    server.handler.modules = modules
+    server.handler.reset_faults()
 
 
 def local_mixture(moe, modules, x, k_best, excluded=()):
@@ -229,6 +240,9 @@ def test_training_continues_when_a_server_is_killed(swarm):
         assert all(moe.failure_penalty.is_penalized(uid) for uid in ["ffn.1.0", "ffn.1.1", "ffn.1.2"])
     finally:
         second.stop()
+        server.declare(
+            expiration=600, uids=UIDS
+        )  # outlives the dead server's announcements: later tests use these experts
 
 
 def test_switch_mixture_returns_output_with_residual_and_balancing_loss(swarm):
