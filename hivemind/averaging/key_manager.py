@@ -68,8 +68,8 @@ class GroupKeyManager:
         self,
         dht: DHT,
         prefix: str,
-        initial_group_bits: str,
-        target_group_size: Optional[int],
+        initial_group_bits: str = "",
+        target_group_size: Optional[int] = None,
         peer_id: Optional[PeerID] = None,
     ):
         if not is_valid_group(f"{prefix}.0b{initial_group_bits}"):
@@ -121,19 +121,19 @@ class GroupKeyManager:
             return_future=True,
         )
 
-    async def get_averagers(self, group_key: GroupKey, only_active: bool) -> List[Tuple[PeerID, DHTExpiration]]:
+    async def get_averagers(self, group_key: str, only_active: bool) -> List[Tuple[PeerID, float]]:
         """Peers declared under ``group_key`` with their expirations; ``only_active`` keeps those still looking.
 
         Entries that are not a (raw peer id bytes -> bool) pair with a finite expiration are skipped.
         """
         if not is_valid_group(group_key):
             raise ValueError(f"not a valid group key: {group_key!r}")
-        result = await self.dht.get(group_key, latest=True, return_future=True)
-        if result is None or not isinstance(result.value, dict):
+        found = await self.dht.get(group_key, latest=True, return_future=True)
+        if found is None or not isinstance(found.value, dict):
             return []
         averagers = []
         skipped = 0
-        for subkey, entry in result.value.items():
+        for subkey, entry in found.value.items():
             value, expiration = getattr(entry, "value", None), getattr(entry, "expiration_time", None)
             well_formed = (
                 isinstance(subkey, bytes)
@@ -153,7 +153,7 @@ class GroupKeyManager:
 
     async def update_key_on_group_assembled(self, group_info: GroupInfo) -> None:
         """Move to the bits for the next round (this peer must be a member of ``group_info``)."""
-        index = group_info.peer_ids.index(self.peer_id)
+        position = group_info.peer_ids.index(self.peer_id)
         self.group_bits = next_group_bits(
-            self._group_bits, group_info.group_id, index, group_info.group_size, self.target_group_size
+            self._group_bits, group_info.group_id, position, group_info.group_size, self.target_group_size
         )

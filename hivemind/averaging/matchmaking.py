@@ -73,16 +73,16 @@ class Matchmaking:
     def __init__(
         self,
         p2p: P2P,
-        schema_hash: bytes,
+        schema_hash: bytes,  # peers with another hash (other tensor shapes or dtypes) are refused
         dht: DHT,
         *,
         servicer_type: Type[ServicerBase],
         prefix: str,
-        target_group_size: Optional[int],
-        min_group_size: int,
-        min_matchmaking_time: float,
-        request_timeout: float,
-        client_mode: bool,
+        target_group_size: Optional[int] = None,
+        min_group_size: int = 2,
+        min_matchmaking_time: float = 5.0,
+        request_timeout: float = 3.0,
+        client_mode: bool = False,
         initial_group_bits: str = "",
     ):
         if target_group_size is not None and target_group_size < 1:
@@ -102,8 +102,10 @@ class Matchmaking:
         self.p2p, self.schema_hash, self.dht = p2p, schema_hash, dht
         self.peer_id: PeerID = p2p.peer_id
         self.servicer_type, self.prefix, self.client_mode = servicer_type, prefix, client_mode
-        self.target_group_size, self.min_group_size = target_group_size, min_group_size
-        self.min_matchmaking_time, self.request_timeout = min_matchmaking_time, request_timeout
+        self.target_group_size = target_group_size
+        self.min_group_size = min_group_size
+        self.min_matchmaking_time = min_matchmaking_time
+        self.request_timeout = request_timeout
         self.group_key_manager = GroupKeyManager(
             dht, prefix, initial_group_bits, target_group_size, peer_id=self.peer_id
         )
@@ -317,12 +319,13 @@ class Matchmaking:
                 expiration = self._declared_expiration
                 if expiration is None:
                     expiration = self._expiration_for(step)
+                our_key = self.group_key_manager.current_key
                 request = averaging_pb2.JoinRequest(
                     schema_hash=self.schema_hash,
                     expiration=expiration,
                     gather=step.data_for_gather,
                     client_mode=self.client_mode,
-                    group_key=self.group_key_manager.current_key,
+                    group_key=our_key,
                 )
                 stub = self.servicer_type.get_stub(self.p2p, leader, namespace=self.prefix)
                 stream = await stub.rpc_join_group(request)

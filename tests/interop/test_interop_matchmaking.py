@@ -59,9 +59,9 @@ class InteropAverager(DecentralizedAverager):
         self.allreduce_group_ids = asyncio.Queue()
 
     async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+        self, parts: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        async for message in stream:
+        async for message in parts:
             self.allreduce_group_ids.put_nowait(message.group_id)
             break
         yield averaging_pb2.AveragingData(code=averaging_pb2.MessageCode.CANCELLED)
