@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import math
 from enum import Enum
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type, Union
 
 import torch
 
-from hivemind.averaging.part_encoding import RAW_DTYPES, encode_averaging_data
+from hivemind.averaging.part_encoding import CHEAP_WIRE_TYPES, decode_part, encode_averaging_data, encode_delta
 from hivemind.averaging.partition import (
     AllreduceException,
     BannedException,
@@ -23,10 +23,8 @@ from hivemind.averaging.partition import (
     TensorPartContainer,
     TensorPartReducer,
 )
-from hivemind.compression import deserialize_torch_tensor
-from hivemind.compression.buffers import dtype_to_name
-from hivemind.compression.serialization import serialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import anext, await_with_timeout
 from hivemind.utils.logging import get_logger
@@ -40,7 +38,6 @@ MessageCode = averaging_pb2.MessageCode
 CompressionType = runtime_pb2.CompressionType
 # after its own results are in, a runner waits this long (at most) for its replies to other senders to go out
 DEFAULT_REPLY_LINGER = 30.0
-_CHEAP_WIRE_TYPES = (CompressionType.NONE, CompressionType.FLOAT16)
 _END = object()
 
 
@@ -153,6 +150,7 @@ class AllReduceRunner(ServicerBase):
         self._started = self._finalized = self._cancelled = False
         self._failed_reducers: Dict[PeerID, str] = {}
         self._lost_parts = 0  # parts whose reducer failed before replying
+        self._sent_bytes = self._received_deltas = 0  # bytes of local values sent (before compression), replies
 
     @property
     def is_sender(self) -> bool:
@@ -293,13 +291,16 @@ class AllReduceRunner(ServicerBase):
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
                 delta = await self._decode(message, part, what=f"delta {k}")
                 self.container.register_processed_part(peer_index, k, delta)
+                self._received_deltas += 1
                 progress.touch()
         finally:
             await replies.aclose()
 
     async def _generate_input_for(self, peer_index: int, progress: _Progress) -> AsyncIterator[AveragingData]:
         first = True
+        index = -1
         async for part in self.container.iterate_parts_for_sending(peer_index):
+            index += 1
             code = MessageCode.PART_FOR_AVERAGING if first else MessageCode.NO_CODE
             group_id = self.group_id if first else b""
             if isinstance(part, torch.Tensor):  # uncompressed: written from the tensor's memory
@@ -308,31 +309,13 @@ class AllReduceRunner(ServicerBase):
                 message = AveragingData(code=code, group_id=group_id, weight=self.weight)
                 message.tensor_part.CopyFrom(part)
             first = False
+            self._sent_bytes += self.container.part_nbytes(peer_index, index)
             progress.touch()
             yield message
 
     async def _decode(self, message: AveragingData, part: PartSpec, what: str) -> torch.Tensor:
         """A part or delta from a peer, checked against the part it must be (size and dtype) before decoding."""
-        if not message.HasField("tensor_part"):
-            raise AllreduceException(f"{what} has no tensor")
-        serialized = message.tensor_part
-        numel = math.prod(serialized.size) if len(serialized.size) <= 64 else -1
-        expected_dtype = self.container.local_tensors[part.tensor_index].dtype
-        if numel != part.numel or serialized.dtype != dtype_to_name(expected_dtype):
-            raise AllreduceException(
-                f"{what} has shape {list(serialized.size)[:8]} of {serialized.dtype[:32]!r}, expected "
-                f"{part.numel} elements of {dtype_to_name(expected_dtype)}"
-            )
-        try:
-            if serialized.compression in _CHEAP_WIRE_TYPES:
-                tensor = deserialize_torch_tensor(serialized)
-            else:
-                tensor = await asyncio.get_running_loop().run_in_executor(None, deserialize_torch_tensor, serialized)
-        except ValueError as e:
-            raise AllreduceException(f"{what} could not be decoded: {e}") from None
-        if tensor.dtype != expected_dtype or tensor.numel() != part.numel:
-            raise AllreduceException(f"{what} decoded to {tensor.numel()} elements of {tensor.dtype}")
-        return tensor.reshape(-1)
+        return await decode_part(message, part.numel, self.container.local_tensors[part.tensor_index].dtype, what)
 
     async def _ban_senders_that_never_started(self) -> None:
         await asyncio.sleep(self.sender_timeout)
@@ -354,6 +337,13 @@ class AllReduceRunner(ServicerBase):
             await asyncio.wait(handlers, timeout=linger)
 
     def _log_outcome(self) -> None:
+        group = self.group_id.hex()[:8]
+        reduced = self.reducer.current_part_index if self.reducer is not None else 0
+        logger.debug(
+            f"All-reduce {group} ({self.group_size} peers, {self.my_mode.name}): sent {self._sent_bytes} bytes of "
+            f"local values to {len([i for i in self.reducer_indices if i != self.my_index])} reducers, received "
+            f"{self._received_deltas} deltas, reduced {reduced} parts"
+        )
         if self.reducer is not None and self.reducer.banned_reasons:
             banned = {self.sender_peer_ids[i]: reason for i, reason in self.reducer.banned_reasons.items()}
             logger.warning(f"All-reduce {self.group_id.hex()[:8]}: reduced without senders {banned}")
@@ -408,7 +398,7 @@ class AllReduceRunner(ServicerBase):
                     raise item
                 part, tensor, compression_type, future = item
                 average = await future
-                if compression_type in _CHEAP_WIRE_TYPES:
+                if compression_type in CHEAP_WIRE_TYPES:
                     reply = self._delta_message(average, tensor, compression_type, part)
                 else:  # a costly codec runs in a thread, so that the event loop keeps moving other streams
                     reply = await asyncio.get_running_loop().run_in_executor(
@@ -479,22 +469,6 @@ class AllReduceRunner(ServicerBase):
 
     def _delta_message(
         self, average: Optional[torch.Tensor], part_values: torch.Tensor, compression_type: int, part: PartSpec
-    ) -> AveragingData:
+    ) -> Union[AveragingData, EncodedMessage]:
         """AVERAGED_PART with ``average - part_values`` encoded as the sender encoded its part."""
-        dtype = part_values.dtype
-        if compression_type == CompressionType.NONE and dtype in RAW_DTYPES:
-            if average is None or average.dtype == dtype:  # one pass: the difference is what gets written
-                delta = torch.empty(part.numel, dtype=dtype)
-                if average is None:
-                    delta.zero_()
-                else:
-                    torch.sub(average, part_values, out=delta)
-                return encode_averaging_data(delta, code=MessageCode.AVERAGED_PART)
-        reply = AveragingData(code=MessageCode.AVERAGED_PART)
-        if average is None:
-            delta = torch.zeros(part.numel, dtype=dtype)
-        else:
-            delta = (average - part_values).to(dtype)
-        info = self.container.part_info(part)
-        reply.tensor_part.CopyFrom(serialize_torch_tensor(delta, compression_type, info=info, allow_inplace=True))
-        return reply
+        return encode_delta(average, part_values, compression_type, self.container.part_info(part))

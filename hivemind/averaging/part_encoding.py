@@ -8,19 +8,23 @@ values omitted), which every protobuf parser reads back as the same message.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import struct
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
+from hivemind.averaging.partition import RAW_DTYPES, AllreduceException
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.compression.buffers import dtype_to_name
 from hivemind.p2p.framing import EncodedMessage
+from hivemind.proto import averaging_pb2, runtime_pb2
 
-__all__ = ["RAW_DTYPES", "encode_averaging_data"]
+__all__ = ["RAW_DTYPES", "CHEAP_WIRE_TYPES", "encode_averaging_data", "encode_delta", "decode_part"]
 
-# dtypes whose NONE-compressed wire bytes are exactly their memory (bfloat16 travels as float32 by default, bool is
-# normalized to 0/1 by the codec)
-RAW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8)
+# codecs that cost about a memory copy per part: decoded on the event loop, the others in a thread
+CHEAP_WIRE_TYPES = (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16)
 
 _LENGTH_DELIMITED, _VARINT, _FIXED64 = 2, 0, 1
 
@@ -70,3 +74,49 @@ def encode_averaging_data(
     head += _key(4, _LENGTH_DELIMITED) + _varint(tensor_length) + buffer_key
     tail = tensor_tail + (_key(5, _FIXED64) + struct.pack("<d", weight) if weight != 0.0 else b"")
     return EncodedMessage([head, data, tail] if data.nbytes else [head, tail])
+
+
+def encode_delta(
+    average: Optional[torch.Tensor], part_values: torch.Tensor, compression_type: int, info: CompressionInfo
+) -> Union[averaging_pb2.AveragingData, EncodedMessage]:
+    """AVERAGED_PART carrying ``average - part_values`` (zeros if ``average`` is None) in ``compression_type``."""
+    dtype, code = part_values.dtype, averaging_pb2.MessageCode.AVERAGED_PART
+    numel = part_values.numel()
+    if compression_type == runtime_pb2.CompressionType.NONE and dtype in RAW_DTYPES:
+        if average is None or average.dtype == dtype:  # one pass: the difference is what gets written
+            delta = torch.empty(numel, dtype=dtype)
+            if average is None:
+                delta.zero_()
+            else:
+                torch.sub(average, part_values, out=delta)
+            return encode_averaging_data(delta, code=code)
+    reply = averaging_pb2.AveragingData(code=code)
+    delta = torch.zeros(numel, dtype=dtype) if average is None else (average - part_values).to(dtype)
+    reply.tensor_part.CopyFrom(serialize_torch_tensor(delta, compression_type, info=info, allow_inplace=True))
+    return reply
+
+
+async def decode_part(message: averaging_pb2.AveragingData, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """The flat tensor of a part or delta from a peer; its size and dtype are checked before anything is decoded.
+
+    :raises AllreduceException: the message has no tensor, announces another size or dtype, or cannot be decoded
+    """
+    if not message.HasField("tensor_part"):
+        raise AllreduceException(f"{what} has no tensor")
+    serialized = message.tensor_part
+    announced = math.prod(serialized.size) if len(serialized.size) <= 64 else -1
+    if announced != numel or serialized.dtype != dtype_to_name(dtype):
+        raise AllreduceException(
+            f"{what} has shape {list(serialized.size)[:8]} of {serialized.dtype[:32]!r}, expected "
+            f"{numel} elements of {dtype_to_name(dtype)}"
+        )
+    try:
+        if serialized.compression in CHEAP_WIRE_TYPES:
+            tensor = deserialize_torch_tensor(serialized)
+        else:
+            tensor = await asyncio.get_running_loop().run_in_executor(None, deserialize_torch_tensor, serialized)
+    except ValueError as e:
+        raise AllreduceException(f"{what} could not be decoded: {e}") from None
+    if tensor.dtype != dtype or tensor.numel() != numel:
+        raise AllreduceException(f"{what} decoded to {tensor.numel()} elements of {tensor.dtype}")
+    return tensor.reshape(-1)

@@ -9,14 +9,12 @@ elements; a part belongs to the peer whose range covers most of it.
 from __future__ import annotations
 
 import asyncio
-import bisect
-import math
-from typing import AsyncIterator, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from hivemind.averaging.load_balancing import hagenbach_bishoff
-from hivemind.averaging.part_encoding import RAW_DTYPES
+from hivemind.averaging.partition_plan import PartSpec, part_size_elements, plan_parts
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
 from hivemind.compression.buffers import empty_output
@@ -29,6 +27,8 @@ __all__ = [
     "BannedException",
     "PartSpec",
     "plan_parts",
+    "part_size_elements",
+    "RAW_DTYPES",
     "TensorPartContainer",
     "TensorPartReducer",
 ]
@@ -40,76 +40,17 @@ DEFAULT_PREFETCH = 5  # parts compressed ahead of the stream that sends them
 DEFAULT_REDUCE_WINDOW = 4  # a reducer accumulates up to this many parts ahead of the oldest unfinished one
 
 
+# dtypes whose NONE-compressed wire bytes are exactly their memory (bfloat16 travels as float32 by default, bool is
+# normalized to 0/1 by the codec)
+RAW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8)
+
+
 class AllreduceException(Exception):
     """An all-reduce could not complete as planned: a peer failed, timed out or sent malformed data."""
 
 
 class BannedException(AllreduceException):
     """A sender was excluded from this all-reduce; the reducer no longer accepts its parts."""
-
-
-class PartSpec(NamedTuple):
-    """One part of the averaged vector: elements ``start:stop`` of flattened tensor ``tensor_index``."""
-
-    tensor_index: int
-    start: int
-    stop: int
-    reducer: int  # index (in the group order) of the peer that averages this part
-    index: int  # position of this part among the parts of that reducer (the order in which it is sent)
-    part_index: int  # position of this part within its tensor (CompressionInfo.part_index)
-    global_index: int  # position among all parts
-
-    @property
-    def numel(self) -> int:
-        return self.stop - self.start
-
-
-def part_size_elements(part_size_bytes: int, element_size: int, compression_ratio: float) -> int:
-    """Elements per part so that a compressed part takes about ``part_size_bytes`` (at least one element)."""
-    if part_size_bytes <= 0:
-        raise ValueError(f"part_size_bytes must be positive, got {part_size_bytes}")
-    if not compression_ratio > 0:
-        raise ValueError(f"compression ratio must be positive, got {compression_ratio}")
-    return max(1, int(math.floor(part_size_bytes / (element_size * compression_ratio))))
-
-
-def plan_parts(
-    tensor_numels: Sequence[int], part_sizes: Sequence[int], peer_element_counts: Sequence[int]
-) -> List[PartSpec]:
-    """Cut each tensor into parts of ``part_sizes[i]`` elements and give each part to a reducer.
-
-    Peer ``j`` owns the elements ``[sum(counts[:j]), sum(counts[:j+1]))`` of the concatenated tensors; a part that
-    crosses the boundary between peers goes to the peer that owns most of its elements (the earliest on ties).
-    """
-    if sum(peer_element_counts) != sum(tensor_numels):
-        raise ValueError(f"peer element counts {list(peer_element_counts)} do not add up to {sum(tensor_numels)}")
-    pivots = [0]
-    for count in peer_element_counts:
-        pivots.append(pivots[-1] + count)
-    parts: List[PartSpec] = []
-    parts_per_peer = [0] * len(peer_element_counts)
-    offset = 0
-    for tensor_index, (numel, part_size) in enumerate(zip(tensor_numels, part_sizes)):
-        for part_index, start in enumerate(range(0, numel, part_size)):
-            stop = min(start + part_size, numel)
-            reducer = _largest_overlap(pivots, offset + start, offset + stop)
-            parts.append(PartSpec(tensor_index, start, stop, reducer, parts_per_peer[reducer], part_index, len(parts)))
-            parts_per_peer[reducer] += 1
-        offset += numel
-    return parts
-
-
-def _largest_overlap(pivots: Sequence[int], begin: int, end: int) -> int:
-    peer = bisect.bisect_right(pivots, begin) - 1  # the last peer whose range starts at or before `begin`
-    while pivots[peer + 1] <= begin:  # skip peers with empty ranges
-        peer += 1
-    best, best_overlap = peer, -1
-    while peer < len(pivots) - 1 and pivots[peer] < end:
-        overlap = min(end, pivots[peer + 1]) - max(begin, pivots[peer])
-        if overlap > best_overlap:
-            best, best_overlap = peer, overlap
-        peer += 1
-    return best
 
 
 def _resolve_codec(compression: CompressionBase, info: CompressionInfo) -> CompressionBase:
@@ -194,6 +135,11 @@ class TensorPartContainer:
 
     def compress_part(self, part: PartSpec) -> runtime_pb2.Tensor:
         return self.compression.compress(self.input_part(part), self.part_info(part))
+
+    def part_nbytes(self, reducer_index: int, index: int) -> int:
+        """Bytes of local values in part ``index`` of reducer ``reducer_index`` (before compression)."""
+        part = self.parts_by_peer[reducer_index][index]
+        return part.numel * self._flat[part.tensor_index].element_size()
 
     def raw_input_part(self, part: PartSpec) -> Optional[torch.Tensor]:
         """The part's local values if it goes on the wire uncompressed as its raw memory (else None)."""
