@@ -9,6 +9,7 @@ import pytest
 from averaging_matchmaking_swarm import SCHEMA_HASH, DecentralizedAverager, make_step, swarm_context
 
 from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.timed_storage import get_dht_time
@@ -155,3 +156,31 @@ async def test_disbanded_follower_asks_the_suggested_leader_at_once():
         group = await asyncio.wait_for(follower_search, 5)  # long before the follower's own declared time
         assert group == await leader_search
         assert set(group.peer_ids) == {real_leader.peer_id, follower.peer_id}
+
+
+async def test_follower_accepted_elsewhere_redirects_its_own_followers():
+    async with swarm_context() as swarm:
+        leader, middle, caller = await swarm.add_many(3)
+        middle_search = asyncio.create_task(middle.matchmaking.look_for_group(make_step(timeout=20, scheduled_in=4)))
+        middle_expiration = await wait_until_declared(middle)
+        joined = asyncio.create_task(join(caller, middle, expiration=middle_expiration))
+        while not middle.matchmaking._followers:
+            await asyncio.sleep(0.01)
+        leader_search = asyncio.create_task(leader.matchmaking.look_for_group(make_step(timeout=20)))
+
+        # middle finds the better-ordered leader, is accepted, and sends its follower there
+        messages = await asyncio.wait_for(joined, 10)
+        assert [message.code for message in messages] == [Code.ACCEPTED, Code.GROUP_DISBANDED]
+        assert messages[1].suggested_leader == leader.peer_id.to_bytes()
+        group = await middle_search
+        assert group == await leader_search and set(group.peer_ids) == {leader.peer_id, middle.peer_id}
+
+
+async def test_oversized_gather_is_refused_before_searching():
+    async with swarm_context() as swarm:
+        (peer,) = await swarm.add_many(1)
+        step = make_step(timeout=5)
+        step.data_for_gather = b"x" * (MAX_GATHER_BYTES + 1)
+        with pytest.raises(ValueError, match="gather payload"):
+            await peer.matchmaking.look_for_group(step)
+        assert not peer.matchmaking.is_looking_for_group
