@@ -17,6 +17,7 @@ import torch
 
 from hivemind.averaging.part_encoding import CHEAP_WIRE_TYPES, decode_part, encode_averaging_data, encode_delta
 from hivemind.averaging.partition import (
+    DEFAULT_REDUCE_WINDOW,
     AllreduceException,
     BannedException,
     PartSpec,
@@ -52,13 +53,15 @@ class AveragingMode(Enum):
 class _Progress:
     """When a stream to a reducer last moved (a part handed to the stream or a reply received)."""
 
-    __slots__ = ("last",)
+    __slots__ = ("last", "replied")
 
     def __init__(self):
         self.last = asyncio.get_running_loop().time()
+        self.replied = False
 
-    def touch(self) -> None:
+    def touch(self, reply: bool = False) -> None:
         self.last = asyncio.get_running_loop().time()
+        self.replied = self.replied or reply
 
 
 class AllReduceRunner(ServicerBase):
@@ -78,7 +81,9 @@ class AllReduceRunner(ServicerBase):
     :param sender_timeout: seconds a reducer waits for a sender's first part (from the start of the round) and for
         each next part; a sender that misses it is banned (None: wait indefinitely)
     :param reducer_timeout: seconds a sender waits for progress of a reducer (a reply, or accepting another part)
-        before its remaining parts keep their local values; must exceed ``sender_timeout`` (None: indefinitely)
+        before its remaining parts keep their local values; must exceed ``sender_timeout`` (None: indefinitely). A
+        sender with no share of its own (its replies come after all its parts) allows one such period per window of
+        parts for the first reply
     :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch (see TensorPartContainer)
     """
 
@@ -251,16 +256,21 @@ class AllReduceRunner(ServicerBase):
         progress = _Progress()
         exchange = asyncio.create_task(self._exchange_with_reducer(peer_index, progress))
         loop = asyncio.get_running_loop()
+        # a sender with no share of its own gets its first reply only after the reducer has averaged every part it
+        # may still hold: up to one reducer_timeout per window of parts
+        windows_held = math.ceil(self.container.num_parts_by_peer[peer_index] / DEFAULT_REDUCE_WINDOW)
+        first_reply_factor = max(1, windows_held) if self.peer_fractions[self.my_index] == 0 else 1
         try:
             while not exchange.done():
                 if self.reducer_timeout is None:
                     await asyncio.wait({exchange})
                     break
-                remaining = progress.last + self.reducer_timeout - loop.time()
+                limit = self.reducer_timeout * (1 if progress.replied else first_reply_factor)
+                remaining = progress.last + limit - loop.time()
                 if remaining <= 0:
                     exchange.cancel()
                     await asyncio.gather(exchange, return_exceptions=True)
-                    raise AllreduceException(f"no progress for {self.reducer_timeout} s (reducer_timeout)")
+                    raise AllreduceException(f"no progress for {limit} s (reducer_timeout)")
                 await asyncio.wait({exchange}, timeout=remaining)
             exchange.result()
         except Exception as e:
@@ -292,7 +302,7 @@ class AllReduceRunner(ServicerBase):
                 delta = await self._decode(message, part, what=f"delta {k}")
                 self.container.register_processed_part(peer_index, k, delta)
                 self._received_deltas += 1
-                progress.touch()
+                progress.touch(reply=True)
         finally:
             await replies.aclose()
 
