@@ -147,6 +147,8 @@ def test_malformed_groups_are_refused(overrides):
 
 
 def test_report_names_the_likely_reason():
+    report = SearchReport("mm.0b", min_group_size=3, client_mode=False)
+    assert "the deadline passed before this peer could look for others under mm.0b" in report.explain(set())
     report = SearchReport("mm.0b", min_group_size=3, client_mode=False, dht_lookups=7)
     assert "no other averagers were found under the key mm.0b (7 DHT lookups)" in report.explain(set())
     report.replies[Code.BAD_SCHEMA_HASH] += 2

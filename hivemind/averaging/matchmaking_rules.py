@@ -165,7 +165,9 @@ class SearchReport:
         """One message with the likely reason first, then the counts that support it."""
         reasons = []
         accepted_anywhere = self.replies[Code.ACCEPTED] > 0 or self.largest_group > 1
-        if not peers_seen:
+        if not peers_seen and self.dht_lookups == 0:
+            reasons.append("the deadline passed before this peer could look for others under " + self.group_key)
+        elif not peers_seen:
             reasons.append(
                 f"no other averagers were found under the key {self.group_key} ({self.dht_lookups} DHT lookups): "
                 "check that the other peers use the same prefix and group bits and that this DHT reaches them"
