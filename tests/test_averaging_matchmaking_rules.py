@@ -158,3 +158,13 @@ def test_report_names_the_likely_reason():
     message = report.explain({A})
     assert "too small at the deadline: at most 2 of min_group_size=3 peers gathered, 1 other peers seen" in message
     assert "timed out waiting for the leader 1 time(s)" in message
+
+
+def test_tried_declarations_are_forgotten_once_gone():
+    leaders = PotentialLeaders(ME)
+    leaders.update([(A, 5.0)])
+    assert leaders.pop_next_leader(10.0, now=0) == A
+    leaders.update([])
+    assert leaders._tried == set()
+    leaders.update([(A, 5.0)])  # seen again (a lookup had missed it): asking once more is harmless
+    assert leaders.pop_next_leader(10.0, now=0) == A

@@ -348,7 +348,7 @@ class Matchmaking:
                     group = parse_group(message, self.peer_id, leader)
                 except ValueError as e:
                     logger.warning(f"{self.peer_id}: leader {leader} sent a malformed group ({e}), ignoring it")
-                    self._report.leader_errors.append(f"malformed group from {leader}: {e}")
+                    self._report.add_error(f"malformed group from {leader}: {e}")
                     return None, None
                 logger.info(f"Joined a group of {group.group_size} peers led by {leader} (this peer: {self.peer_id})")
                 return group, None
@@ -365,10 +365,10 @@ class Matchmaking:
             logger.debug(f"{self.peer_id}: leader {leader} did not reply in time")
             return None, None
         except StopAsyncIteration:
-            self._report.leader_errors.append(f"{leader} closed the stream without a reply")
+            self._report.add_error(f"{leader} closed the stream without a reply")
             return None, None
         except Exception as e:
-            self._report.leader_errors.append(f"{leader}: {e!r}")
+            self._report.add_error(f"{leader}: {e!r}")
             logger.debug(f"{self.peer_id}: request to {leader} failed: {e!r}")
             return None, None
         finally:

@@ -4,7 +4,7 @@ request, the check of a leader's group message, and why a search failed."""
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, Optional, Set, Tuple
 
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.key_manager import MAX_PEER_ID_BYTES
@@ -52,6 +52,8 @@ class PotentialLeaders:
         """Replace the candidates with the latest active declarations read from the DHT."""
         self._candidates = {peer: expiration for peer, expiration in averagers if peer != self.peer_id}
         self.peers_seen.update(self._candidates)
+        current = set(self._candidates.items())
+        self._tried &= current  # a declaration that is gone never comes back: forget it (bounded memory)
 
     def pop_next_leader(self, own_expiration: Optional[DHTExpiration], now: DHTExpiration) -> Optional[PeerID]:
         """The best untried candidate that orders before this peer (``own_expiration=None``: anyone), or None.
@@ -158,8 +160,13 @@ class SearchReport:
     refusals: Counter = field(default_factory=Counter)  # codes this peer sent to would-be followers
     bad_schema_peers: Set[PeerID] = field(default_factory=set)
     leader_timeouts: int = 0
-    leader_errors: List[str] = field(default_factory=list)
+    failed_requests: int = 0
+    last_error: str = ""
     disbanded_by_leader: int = 0
+
+    def add_error(self, description: str) -> None:
+        self.failed_requests += 1
+        self.last_error = description
 
     def explain(self, peers_seen: Set[PeerID]) -> str:
         """One message with the likely reason first, then the counts that support it."""
@@ -198,8 +205,8 @@ class SearchReport:
         other_replies = {code: n for code, n in self.replies.items() if code not in (Code.ACCEPTED,)}
         if other_replies:
             reasons.append("replies from would-be leaders: " + _format_codes(other_replies))
-        if self.leader_errors:
-            reasons.append(f"{len(self.leader_errors)} failed request(s), last: {self.leader_errors[-1]}")
+        if self.failed_requests:
+            reasons.append(f"{self.failed_requests} failed request(s), last: {self.last_error}")
         return "; ".join(reasons)
 
 
