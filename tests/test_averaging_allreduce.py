@@ -151,3 +151,16 @@ def test_parts_encoded_from_tensor_memory_are_byte_identical_to_protobuf(dtype):
         reference = averaging_pb2.AveragingData(code=code, group_id=group_id, weight=weight)
         reference.tensor_part.CopyFrom(NoCompression().compress(tensor, CompressionInfo.from_tensor(tensor)))
         assert encoded == reference.SerializeToString()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64])
+async def test_tensors_of_other_dtypes_average_to_the_same_values(p2p_factory, dtype):
+    peers = await make_connected_peers(p2p_factory, 3)
+    routers = await start_routers(peers)
+    tensors = [[(torch.arange(40) * (i + 1)).to(dtype), torch.zeros(0, dtype=dtype)] for i in range(3)]
+    deltas = await run_group(peers, routers, tensors, part_size_bytes=16)
+    results = [own[0] + own_deltas[0] for own, own_deltas in zip(tensors, deltas)]
+    expected = (torch.arange(40, dtype=torch.float64) * 2).to(dtype)  # the mean of 1x, 2x and 3x
+    for result, own_deltas in zip(results, deltas):
+        assert result.dtype == dtype and own_deltas[1].shape == (0,)
+        torch.testing.assert_close(result, expected, rtol=1e-2, atol=0)

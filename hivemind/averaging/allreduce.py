@@ -15,7 +15,13 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type, Uni
 
 import torch
 
-from hivemind.averaging.part_encoding import CHEAP_WIRE_TYPES, decode_part, encode_averaging_data, encode_delta
+from hivemind.averaging.part_encoding import (
+    CHEAP_WIRE_TYPES,
+    decode_part,
+    difference_as,
+    encode_averaging_data,
+    encode_delta,
+)
 from hivemind.averaging.partition import (
     DEFAULT_REDUCE_WINDOW,
     AllreduceException,
@@ -242,8 +248,10 @@ class AllReduceRunner(ServicerBase):
                 output = self.container.output_part(part)
                 if average is None:
                     output.zero_()
-                else:
+                elif average.dtype == output.dtype:
                     torch.sub(average, local, out=output)
+                else:
+                    output.copy_(difference_as(average, local, output.dtype))
                 self.container.mark_part_done(part)
             await submitting
         finally:

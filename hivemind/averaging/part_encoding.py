@@ -21,7 +21,7 @@ from hivemind.compression.buffers import dtype_to_name
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-__all__ = ["RAW_DTYPES", "CHEAP_WIRE_TYPES", "encode_averaging_data", "encode_delta", "decode_part"]
+__all__ = ["RAW_DTYPES", "CHEAP_WIRE_TYPES", "encode_averaging_data", "encode_delta", "decode_part", "difference_as"]
 
 # codecs that cost about a memory copy per part: decoded on the event loop, the others in a thread
 CHEAP_WIRE_TYPES = (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16)
@@ -76,6 +76,14 @@ def encode_averaging_data(
     return EncodedMessage([head, data, tail] if data.nbytes else [head, tail])
 
 
+def difference_as(average: torch.Tensor, part_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``average - part_values`` in ``dtype``; for integer dtypes the average is rounded first (half to even), so
+    that every member ends at the same integer."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        average = average.round()
+    return (average - part_values).to(dtype)
+
+
 def encode_delta(
     average: Optional[torch.Tensor], part_values: torch.Tensor, compression_type: int, info: CompressionInfo
 ) -> Union[averaging_pb2.AveragingData, EncodedMessage]:
@@ -91,7 +99,7 @@ def encode_delta(
                 torch.sub(average, part_values, out=delta)
             return encode_averaging_data(delta, code=code)
     reply = averaging_pb2.AveragingData(code=code)
-    delta = torch.zeros(numel, dtype=dtype) if average is None else (average - part_values).to(dtype)
+    delta = torch.zeros(numel, dtype=dtype) if average is None else difference_as(average, part_values, dtype)
     reply.tensor_part.CopyFrom(serialize_torch_tensor(delta, compression_type, info=info, allow_inplace=True))
     return reply
 
