@@ -4,8 +4,8 @@
   hivemind.moe.Server, saves the module's state_dict to <state_path>, prints one JSON line
   {"event": "ready", "maddrs": [...], ...} and serves until stdin closes.
 `moe_peer.py call <result_path> <input_path> <maddr>...`: joins the DHT, finds `expert.0` with get_experts, runs
-  forward and backward of the loaded input through it, saves {"output", "grad"} to <result_path> and prints
-  {"event": "done", ...}.
+  forward and backward of the loaded input through it, saves {"output", "grad"} to <result_path>, finds it again
+  by beam search and prints {"event": "done", "found_by_beam_search": [uids]}.
 Only public API that both implementations share is used. Logs go to stderr.
 """
 
@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import hivemind
 from hivemind.moe import ModuleBackend, Server, get_experts
+from hivemind.moe.client.beam_search import MoEBeamSearcher
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 UID = "expert.0"
@@ -59,7 +60,9 @@ def call(result_path: str, input_path: str, maddrs) -> None:
         output = expert(inputs)
         (output * output).sum().backward()
         torch.save(dict(output=output.detach(), grad=inputs.grad), result_path)
-        report("done")
+        searcher = MoEBeamSearcher(dht, "expert.", (4,))  # the same expert, found through its prefix entries
+        found = [remote.uid for remote in searcher.find_best_experts([[0.0, 1.0, 2.0, 3.0]], 2)]
+        report("done", found_by_beam_search=found)
     finally:
         dht.shutdown()
 

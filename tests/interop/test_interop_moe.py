@@ -101,6 +101,7 @@ def assert_close(remote_output, remote_grad, expected_output, expected_grad, com
 def test_our_remote_expert_calls_an_original_server(original_env, interop_log_dir, tmp_path, batch_size, compression):
     from hivemind.dht import DHT
     from hivemind.moe import get_experts
+    from hivemind.moe.client.beam_search import MoEBeamSearcher
 
     server, maddrs = start_server(ORIGINAL, ["serve", tmp_path / "state.pt", HIDDEN, compression], interop_log_dir)
     try:
@@ -112,6 +113,8 @@ def test_our_remote_expert_calls_an_original_server(original_env, interop_log_di
             output = expert(inputs)
             (output * output).sum().backward()
             expected_output, expected_grad = local_results(make_module(torch.load(tmp_path / "state.pt")), inputs)
+            searcher = MoEBeamSearcher(dht, "expert.", (4,))
+            assert [remote.uid for remote in searcher.find_best_experts([[0.0, 1.0, 2.0, 3.0]], 2)] == ["expert.0"]
             assert_close(output.detach(), inputs.grad, expected_output, expected_grad, compression)
     finally:
         server.close()
@@ -167,7 +170,7 @@ def test_original_remote_expert_calls_our_server(our_server, interop_log_dir, tm
     maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
     client = MoEPeer(ORIGINAL, ["call", tmp_path / "result.pt", tmp_path / "inputs.pt", *maddrs], interop_log_dir)
     try:
-        client.event("done", timeout=120)
+        assert client.event("done", timeout=120)["found_by_beam_search"] == ["expert.0"]
     finally:
         client.close()
     remote = torch.load(tmp_path / "result.pt")
