@@ -184,3 +184,17 @@ async def test_oversized_gather_is_refused_before_searching():
         with pytest.raises(ValueError, match="gather payload"):
             await peer.matchmaking.look_for_group(step)
         assert not peer.matchmaking.is_looking_for_group
+
+
+@pytest.mark.timeout(60)
+async def test_moving_the_scheduled_time_earlier_redeclares():
+    async with swarm_context() as swarm:
+        peers = await swarm.add_many(2)
+        steps = [make_step(timeout=40, scheduled_in=30) for _ in peers]
+        searches = [asyncio.create_task(peer.matchmaking.look_for_group(step)) for peer, step in zip(peers, steps)]
+        first_expirations = [await wait_until_declared(peer) for peer in peers]
+        for step in steps:
+            step.scheduled_time = get_dht_time()  # e.g. the optimizer decided to average now
+        groups = await asyncio.wait_for(asyncio.gather(*searches), 10)  # long before the first declared times
+        assert groups[0] == groups[1] and groups[0].group_size == 2
+        assert all(get_dht_time() < expiration - 15 for expiration in first_expirations)
