@@ -108,7 +108,7 @@ def test_mixed_pair_averages_with_either_side_leading(drivers, dhts, leader):
     expected = [(a + b) / 2 for a, b in zip(members[ORIGINAL].tensors, members[OURS].tensors)]
     for member in members.values():
         for got, want in zip(member.current_tensors(), expected):
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 rounding differs by reducer
 
     if SIDE_IMPLEMENTATION[OURS] == "ours":  # our matchmaking logs who led the group
         log = our_log(drivers)[log_start:]
