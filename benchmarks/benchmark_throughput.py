@@ -221,9 +221,14 @@ def server_memory(client_pids) -> str:
     import psutil
 
     me = psutil.Process()
-    own, others = me.memory_info().rss, 0
+    own, others, excluded = me.memory_info().rss, 0, set(client_pids)
+    for pid in client_pids:  # a client's own DHT process and daemon are not the server's
+        try:
+            excluded.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
     for child in me.children(recursive=True):
-        if child.pid in client_pids:
+        if child.pid in excluded:
             continue
         try:
             others += child.memory_info().rss
