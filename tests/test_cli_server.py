@@ -21,7 +21,7 @@ from hivemind.moe.server.dht_handler import get_experts
 CUSTOM_EXPERTS = textwrap.dedent(
     """
     import torch
-    from hivemind.moe import register_expert_class
+    from hivemind.moe.server import register_expert_class
 
     @register_expert_class("cli_test_scaled", lambda batch_size, hid_dim: torch.empty((batch_size, hid_dim)))
     class ScaledExpert(torch.nn.Module):

@@ -1,0 +1,376 @@
+"""Server: hosts experts, serves them over p2p, batches their requests on a device and announces them in the DHT."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import threading
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from hivemind.dht import DHT
+from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_experts
+from hivemind.moe.server.connection_handler import ConnectionHandler
+from hivemind.moe.server.dht_handler import DHTHandlerThread
+from hivemind.moe.server.expert_pattern import generate_uids_from_pattern
+from hivemind.moe.server.layers import (
+    ClippingWrapper,
+    add_custom_models_from_file,
+    name_to_block,
+    name_to_input,
+    schedule_name_to_scheduler,
+)
+from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.moe.server.runtime import Runtime
+from hivemind.p2p import PeerInfo
+from hivemind.proto.runtime_pb2 import CompressionType
+from hivemind.utils.logging import get_logger
+from hivemind.utils.tensor_descr import DUMMY_BATCH_SIZE, BatchTensorDescriptor
+
+__all__ = ["Server", "background_server"]
+
+logger = get_logger(__name__)
+
+_READY_POLL_INTERVAL = 0.05  # seconds between checks that a starting server thread is still alive
+_JOIN_TIMEOUT = 10.0  # seconds to wait for the server thread after the runtime stopped
+
+
+class Server(threading.Thread):
+    """
+    Hosts ``module_backends`` until ``shutdown()``: a Runtime that processes batches on the device (in this
+    thread), a connection handler that answers expert RPCs, a thread that re-announces the experts in the DHT every
+    ``update_period`` seconds and, with ``checkpoint_dir``, a thread that saves them as often.
+
+    :param dht: a DHT; started by ``run()`` if it is not running yet, shut down by ``shutdown()``
+    :param module_backends: {expert uid: ModuleBackend}
+    :param num_connection_handlers: handler processes when ``handler_processes=True`` (balanced between them)
+    :param update_period: seconds between announcements in the DHT (and checkpoint saves)
+    :param expiration: lifetime of each announcement in seconds (default: max(2 * update_period, 3))
+    :param start: start serving in the background right away and wait until ready
+    :param checkpoint_dir: save the experts there every update_period seconds
+    :param handler_processes: serve requests from ``num_connection_handlers`` child processes instead of one
+        thread of this process (the default: tasks then reach the pools without crossing processes, which is
+        faster, and starting costs no process)
+    :param kwargs: to the Runtime (prefetch_batches, sender_threads, device, stats_report_interval)
+    """
+
+    def __init__(
+        self, dht: DHT, module_backends: Dict[str, ModuleBackend], num_connection_handlers: int = 1,
+        update_period: float = 30.0, expiration: Optional[float] = None, start: bool = False,
+        checkpoint_dir: Optional[Path] = None, handler_processes: bool = False, **kwargs,
+    ):  # fmt: skip
+        super().__init__(daemon=True, name="hivemind.moe.Server")
+        self.dht = dht
+        self.module_backends = module_backends
+        self.update_period = update_period
+        num_handlers = max(1, num_connection_handlers or 1) if handler_processes else 1
+        self.handler_processes = handler_processes
+        self.conn_handlers = [ConnectionHandler(dht, module_backends) for _ in range(num_handlers)]
+        self.dht_handler_thread = DHTHandlerThread(module_backends, dht, update_period, expiration, daemon=True)
+        self.checkpoint_saver = None
+        if checkpoint_dir is not None:
+            self.checkpoint_saver = CheckpointSaver(self.module_backends, Path(checkpoint_dir), self.update_period)
+        self.runtime = Runtime(module_backends, **kwargs)
+        self._stopped = threading.Event()
+        self._start_error: Optional[BaseException] = None
+        if start:
+            self.run_in_background(await_ready=True)
+
+    @classmethod
+    def create(
+        cls,
+        num_experts: Optional[int] = None,
+        expert_uids: Optional[Sequence[str]] = None,
+        expert_pattern: Optional[str] = None,
+        expert_cls: str = "ffn",
+        hidden_dim: int = 1024,
+        optim_cls=torch.optim.Adam,
+        scheduler: str = "none",
+        num_warmup_steps: Optional[int] = None,
+        num_training_steps: Optional[int] = None,
+        clip_grad_norm: Optional[float] = None,
+        num_handlers: Optional[int] = None,
+        min_batch_size: int = 1,
+        max_batch_size: int = 4096,
+        device: Optional[str] = None,
+        initial_peers: Sequence[str] = (),
+        checkpoint_dir: Optional[Path] = None,
+        compression: int = CompressionType.NONE,  # recorded in the descriptors of floating-point tensors
+        stats_report_interval: Optional[int] = None,
+        custom_module_path: Optional[str] = None,
+        update_period: float = 30.0,
+        expiration: Optional[float] = None,
+        *,
+        start: bool,
+        **kwargs,  # to DHT(...)
+    ) -> Server:
+        """
+        Build a server with experts of one registered class and a new DHT node (see the class docstring).
+
+        Uids: exactly ``expert_uids``, or ``num_experts`` uids generated from ``expert_pattern`` (dot-separated
+        literals and ``[a:b]`` ranges) that are not yet announced in the DHT (``expert.0``, ``expert.1``, ... without a
+        pattern). Experts found in ``checkpoint_dir`` are loaded and count towards ``num_experts``.
+
+        :param kwargs: to ``DHT(...)``: host_maddrs, announce_maddrs, identity_path, use_relay, client_mode, ...
+        """
+        if custom_module_path is not None:
+            add_custom_models_from_file(str(custom_module_path))
+        assert expert_cls in name_to_block, f"unknown expert class {expert_cls!r}; known: {sorted(name_to_block)}"
+        assert (expert_pattern is None and num_experts is None) or expert_uids is None, (
+            "give either num_experts (optionally with expert_pattern) or expert_uids, not both"
+        )
+        assert num_experts is not None or expert_uids is not None, "give num_experts or expert_uids"
+        if scheduler not in schedule_name_to_scheduler:
+            raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(schedule_name_to_scheduler)}")
+
+        dht = DHT(initial_peers=list(initial_peers), start=True, **kwargs)
+        try:
+            visible_maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
+            logger.info(f"Running DHT node on {visible_maddrs}, initial peers = {list(initial_peers)}")
+            uids = _choose_uids(dht, num_experts, expert_uids, expert_pattern, checkpoint_dir)
+            module_backends = _make_backends(
+                uids,
+                expert_cls,
+                hidden_dim,
+                optim_cls,
+                scheduler,
+                num_warmup_steps,
+                num_training_steps,
+                clip_grad_norm,
+                min_batch_size,
+                max_batch_size,
+                compression,
+            )
+            if checkpoint_dir is not None:
+                load_experts(module_backends, checkpoint_dir)
+            if device is None:
+                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return cls(
+                dht,
+                module_backends,
+                num_connection_handlers=num_handlers or 8 * len(module_backends),
+                update_period=update_period,
+                expiration=expiration,
+                checkpoint_dir=checkpoint_dir,
+                device=device,
+                stats_report_interval=stats_report_interval,
+                start=start,
+            )
+        except BaseException:
+            dht.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self):
+        """A multiprocessing Event, set while the runtime is serving."""
+        return self.runtime.ready
+
+    def run(self) -> None:
+        """Start the DHT (if needed), announcements, checkpoints and handlers, then run the Runtime in this thread."""
+        try:
+            num_modules = len(self.module_backends)
+            logger.info(f"Server started with {num_modules} modules:")
+            for uid, backend in self.module_backends.items():
+                trainable = [param.numel() for param in backend.module.parameters() if param.requires_grad]
+                logger.info(f"{uid}: {type(backend.module).__name__}, {sum(trainable)} parameters")
+            if not self.dht.is_alive():
+                self.dht.run_in_background()
+            self.dht_handler_thread.start()
+            if self.checkpoint_saver is not None:
+                self.checkpoint_saver.start()
+            for handler in self.conn_handlers:
+                if self.handler_processes:
+                    handler.run_in_background(await_ready=True)
+                else:
+                    handler.run_in_thread(await_ready=True)
+        except BaseException as e:
+            self._start_error = e
+            self._stopped.set()
+            raise
+        if self._stopped.is_set():  # shutdown() was called while starting
+            return
+        self.runtime.run()
+
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        """Start the server thread; with ``await_ready``, wait until it serves (TimeoutError after ``timeout``)."""
+        self.start()
+        if not await_ready:
+            return
+        waited = 0.0
+        while not self.ready.wait(_READY_POLL_INTERVAL):
+            waited += _READY_POLL_INTERVAL
+            if not self.is_alive() or self._start_error is not None:
+                raise RuntimeError(f"Server failed to start: {self._start_error!r}") from self._start_error
+            if timeout is not None and waited >= timeout:
+                raise TimeoutError(f"Server did not become ready within {timeout} s")
+
+    def shutdown(self) -> None:
+        """Stop in order: connection handlers, DHT announcements, checkpoints, the runtime, then the DHT."""
+        logger.debug("Shutting down")
+        self._stopped.set()
+        self.ready.clear()
+        for handler in self.conn_handlers:
+            handler.shutdown()
+        self.dht_handler_thread.shutdown(timeout=_JOIN_TIMEOUT)
+        if self.checkpoint_saver is not None:
+            self.checkpoint_saver.stop.set()
+            if self.checkpoint_saver.is_alive():
+                self.checkpoint_saver.join(_JOIN_TIMEOUT)
+        self.runtime.shutdown()
+        self.dht.shutdown()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(_JOIN_TIMEOUT)
+        logger.debug("Server shutdown successfully")
+
+
+def _choose_uids(
+    dht: DHT,
+    num_experts: Optional[int],
+    expert_uids: Optional[Sequence[str]],
+    expert_pattern: Optional[str],
+    checkpoint_dir: Optional[Path],
+) -> List[str]:
+    if expert_uids is not None:
+        return list(expert_uids)
+    found: List[str] = []
+    if checkpoint_dir is not None and is_directory(Path(checkpoint_dir)):
+        found = sorted(entry.name for entry in Path(checkpoint_dir).iterdir() if is_directory(entry))
+        if len(found) > num_experts:
+            raise ValueError(
+                f"{checkpoint_dir} holds checkpoints of {len(found)} experts, more than num_experts={num_experts}"
+            )
+        logger.info(f"Located {len(found)} checkpoints for experts {found}")
+    missing = num_experts - len(found)
+    if missing == 0:
+        return found
+    logger.info(f"Generating {missing} expert uids from pattern {expert_pattern}")
+
+    def is_taken(candidates: List[str]) -> List[bool]:
+        futures = [dht.get(uid, latest=False, return_future=True) for uid in candidates]
+        return [future.result() is not None for future in futures]
+
+    return found + generate_uids_from_pattern(missing, expert_pattern, is_taken, exclude=found, rng=random.Random())
+
+
+def _make_backends(
+    uids: Sequence[str],
+    expert_cls: str,
+    hidden_dim: int,
+    optim_cls,
+    scheduler: str,
+    num_warmup_steps: Optional[int],
+    num_training_steps: Optional[int],
+    clip_grad_norm: Optional[float],
+    min_batch_size: int,
+    max_batch_size: int,
+    compression: int,
+) -> Dict[str, ModuleBackend]:
+    make_sample_input, block_cls = name_to_input[expert_cls], name_to_block[expert_cls]
+    sample_args = make_sample_input(DUMMY_BATCH_SIZE, hidden_dim)
+    if not isinstance(sample_args, tuple):
+        sample_args = (sample_args,)
+    args_schema = tuple(BatchTensorDescriptor.from_tensor(arg, compression) for arg in sample_args)
+    scheduler_cls = schedule_name_to_scheduler[scheduler]
+    if scheduler_cls is not None:
+        schedule_kwargs = dict(num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+        scheduler_cls = partial(scheduler_cls, **schedule_kwargs)
+
+    backends: Dict[str, ModuleBackend] = {}
+    outputs_schema = None
+    for uid in uids:
+        expert = block_cls(hidden_dim)
+        if outputs_schema is None:  # every expert of the class has the same outputs: one dummy forward is enough
+            with torch.no_grad():
+                sample_outputs = expert(*sample_args)
+            outputs_schema = _describe_outputs(sample_outputs, compression)
+        optimizer = lr_scheduler = None
+        if optim_cls is not None:
+            optimizer = optim_cls(expert.parameters())
+            if scheduler_cls is not None:
+                lr_scheduler = scheduler_cls(optimizer)
+        if clip_grad_norm is not None and optimizer is not None:
+            optimizer = ClippingWrapper(optimizer, clip_grad_norm)
+        backends[uid] = ModuleBackend(
+            name=uid,
+            module=expert,
+            optimizer=optimizer,
+            scheduler=lr_scheduler,
+            args_schema=args_schema,
+            outputs_schema=outputs_schema,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+        )
+    return backends
+
+
+def _describe_outputs(outputs, compression: int):
+    if isinstance(outputs, torch.Tensor):
+        return BatchTensorDescriptor.from_tensor(outputs, compression)
+    return tuple(_describe_outputs(output, compression) for output in outputs)
+
+
+# ---------------------------------------------------------------------- background_server
+
+
+@contextmanager
+def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[PeerInfo]:
+    """
+    Run ``Server.create(*args, start=True, **kwargs)`` in a forked process while the block runs (its torch uses one
+    thread: a forked child of a process that ran multi-threaded torch ops would hang in them otherwise).
+
+    :yields: PeerInfo(peer id, visible multiaddrs) of the server's DHT node
+    :raises RuntimeError: the server failed to start (the message carries the reason)
+    """
+    # not a daemon: it starts its own DHT process; it stops when told or when this process goes away (EOF)
+    parent_end, child_end = mp.Pipe(duplex=True)
+    process = mp.Process(target=_serve_in_background, args=(child_end, parent_end, args, kwargs), daemon=False)
+    process.start()
+    child_end.close()
+    try:
+        try:
+            status, payload = parent_end.recv()
+        except EOFError:
+            raise RuntimeError(f"Server process exited with code {process.exitcode} before it started") from None
+        if status != "ok":
+            raise RuntimeError(f"Server failed to start: {payload}")
+        yield payload
+    finally:
+        try:
+            parent_end.send("shutdown")
+        except (OSError, ValueError):
+            pass
+        process.join(shutdown_timeout)
+        if process.is_alive():
+            logger.warning(f"Background server did not stop within {shutdown_timeout} s, terminating it")
+            process.terminate()
+            process.join(shutdown_timeout)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        parent_end.close()
+
+
+def _serve_in_background(connection, parent_end, args, kwargs) -> None:
+    parent_end.close()  # the parent's end, inherited by fork: without closing it, EOF would never arrive
+    # torch's OpenMP pool does not survive fork: a multi-threaded op in a child of a process that already ran one
+    # hangs forever; with one thread the child never enters a parallel region
+    torch.set_num_threads(1)
+    try:
+        server = Server.create(*args, start=True, **kwargs)
+    except BaseException as e:
+        connection.send(("error", repr(e)))
+        return
+    try:
+        connection.send(("ok", PeerInfo(server.dht.peer_id, server.dht.get_visible_maddrs())))
+        try:
+            connection.recv()  # a shutdown request, or EOF when the parent went away
+        except EOFError:
+            pass
+    finally:
+        server.shutdown()
