@@ -21,6 +21,7 @@ from hivemind.averaging.part_encoding import (
     difference_as,
     encode_averaging_data,
     encode_delta,
+    refuse_non_finite,
 )
 from hivemind.averaging.partition import (
     DEFAULT_REDUCE_WINDOW,
@@ -308,6 +309,7 @@ class AllReduceRunner(ServicerBase):
                 if message.code != MessageCode.AVERAGED_PART:
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
                 delta = await self._decode(message, part, what=f"delta {k}")
+                refuse_non_finite(delta, self.container.input_part(part), what=f"delta {k}")
                 self.container.register_processed_part(peer_index, k, delta)
                 self._received_deltas += 1
                 progress.touch(reply=True)
@@ -476,6 +478,7 @@ class AllReduceRunner(ServicerBase):
                     except asyncio.TimeoutError:
                         raise AllreduceException(f"part {k} did not arrive within {self.sender_timeout} s") from None
                 tensor = await self._decode(message, part, what=f"part {k}")
+                refuse_non_finite(tensor, self.container.input_part(part), what=f"part {k}")
                 future = await self.reducer.submit_part(sender_index, k, tensor, weight)
                 queue.put_nowait((part, tensor, message.tensor_part.compression, future))
             queue.put_nowait(_END)

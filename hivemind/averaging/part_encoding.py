@@ -21,7 +21,15 @@ from hivemind.compression.buffers import dtype_to_name
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-__all__ = ["RAW_DTYPES", "CHEAP_WIRE_TYPES", "encode_averaging_data", "encode_delta", "decode_part", "difference_as"]
+__all__ = [
+    "RAW_DTYPES",
+    "CHEAP_WIRE_TYPES",
+    "encode_averaging_data",
+    "encode_delta",
+    "decode_part",
+    "difference_as",
+    "refuse_non_finite",
+]
 
 # codecs that cost about a memory copy per part: decoded on the event loop, the others in a thread
 CHEAP_WIRE_TYPES = (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16)
@@ -128,3 +136,13 @@ async def decode_part(message: averaging_pb2.AveragingData, numel: int, dtype: t
     if tensor.dtype != dtype or tensor.numel() != numel:
         raise AllreduceException(f"{what} decoded to {tensor.numel()} elements of {tensor.dtype}")
     return tensor.reshape(-1)
+
+
+def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> None:
+    """Raise AllreduceException if a peer's ``values`` hold inf or NaN where this peer's ``local`` values are finite
+    (a NaN that is already in the local values may come back; a new one would spread into the local tensors)."""
+    if not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values).all()):
+        return
+    spread = ~torch.isfinite(values) & torch.isfinite(local.reshape(-1))
+    if bool(spread.any()):
+        raise AllreduceException(f"{what} has {int(spread.sum())} inf/NaN values where the local values are finite")

@@ -1,0 +1,110 @@
+"""A hostile peer for averager tests: it declares itself under an averager's group key, leads the averager into a
+group it scripts, and answers the averager's parts with whatever the test wants (real DHT and p2pd on 127.0.0.1)."""
+
+import asyncio
+import contextlib
+import os
+from typing import AsyncIterator, Callable, List, Optional
+
+import torch
+
+from hivemind.averaging.averager import DecentralizedAverager as RealAverager
+from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.averaging.payload import encode_gather
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.proto import averaging_pb2
+from hivemind.utils.timed_storage import get_dht_time
+
+Code = averaging_pb2.MessageCode
+PREFIX = "hostile"
+AUX_GATHER = encode_gather(None, 2, None)  # an auxiliary member: reduces the victim's parts, sends none
+
+
+class HostilePeer(ServicerBase):
+    """Leads every join request into ``[self, requester]`` (or ``make_group(request, context)``), then replies to
+    each part sent to it with ``make_delta(part_message)`` (None: stay silent)."""
+
+    def __init__(self, p2p: P2P):
+        self.p2p = p2p
+        self.group_id = os.urandom(20)
+        self.gather = AUX_GATHER
+        self.make_group: Optional[Callable] = None
+        self.make_delta: Callable = lambda message: None
+        self.joined = asyncio.Event()
+        self.parts_received: List[averaging_pb2.AveragingData] = []
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
+        if self.make_group is not None:
+            message = self.make_group(request, context)
+        else:
+            message = averaging_pb2.MessageFromLeader(
+                code=Code.BEGIN_ALLREDUCE,
+                group_id=self.group_id,
+                ordered_peer_ids=[self.p2p.peer_id.to_bytes(), context.remote_id.to_bytes()],
+                gathered=[self.gather, request.gather],
+            )
+        self.joined.set()
+        yield message
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in stream:
+            self.parts_received.append(message)
+            reply = self.make_delta(message)
+            if reply is not None:
+                yield reply
+
+
+HostilePeer.__name__ = "DecentralizedAverager"  # served under the averager's handler names
+
+
+def delta_message(values: torch.Tensor) -> averaging_pb2.AveragingData:
+    from hivemind.compression import serialize_torch_tensor
+
+    return averaging_pb2.AveragingData(code=Code.AVERAGED_PART, tensor_part=serialize_torch_tensor(values))
+
+
+@contextlib.asynccontextmanager
+async def hostile_setup(tensors, **averager_kwargs):
+    """Yields ``(hostile, victim)``: a HostilePeer declared under ``hostile.0b`` so that the victim averager (a
+    real DecentralizedAverager with ``tensors``) asks it to lead."""
+    hostile_dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    victim_dht = victim = None
+    try:
+        victim_dht = DHT(
+            start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=hostile_dht.get_visible_maddrs()
+        )
+        p2p = await hostile_dht.replicate_p2p()
+        hostile = HostilePeer(p2p)
+        await hostile.add_p2p_handlers(p2p, namespace=PREFIX)
+        hostile.dht = hostile_dht
+        options = dict(min_matchmaking_time=2.0, request_timeout=1.0, sender_timeout=1.0, reducer_timeout=2.0)
+        options.update(averager_kwargs)
+        victim = RealAverager(tensors, victim_dht, prefix=PREFIX, start=True, **options)
+        yield hostile, victim
+    finally:
+        if victim is not None:
+            victim.shutdown()
+        for dht in (victim_dht, hostile_dht):
+            if dht is not None:
+                dht.shutdown()
+
+
+async def run_step(hostile, victim, **step_kwargs):
+    """The victim's step (in a thread, so that the hostile peer keeps serving): its result, or the exception.
+
+    The hostile peer declares itself first, expiring before the victim's own search ends, so the victim asks it to
+    lead (the victim declares now + min_matchmaking_time)."""
+    expiration = get_dht_time() + 1.0
+    assert await GroupKeyManager(hostile.dht, PREFIX).declare_averager(f"{PREFIX}.0b", hostile.p2p.peer_id, expiration)
+    control = victim.step(wait=False, **step_kwargs)
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(None, control.result, 30)
+    except Exception as e:
+        return e

@@ -1,0 +1,52 @@
+"""A DecentralizedAverager facing a hostile peer that leads it into a group and answers its parts with garbage:
+its local tensors are never corrupted (real DHTs and p2pd daemons on 127.0.0.1)."""
+
+import asyncio
+
+import pytest
+import torch
+from allreduce_helpers import sender_messages
+from averaging_hostile_peer import PREFIX, delta_message, hostile_setup, run_step
+
+from hivemind.averaging.partition import TensorPartContainer
+from hivemind.averaging.payload import encode_gather
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import as_aiter
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["nan", "inf"])
+async def test_non_finite_deltas_from_a_reducer_leave_local_tensors_finite(bad_value):
+    tensor = torch.arange(64, dtype=torch.float32)
+    original = tensor.clone()
+    async with hostile_setup([tensor], part_size_bytes=64) as (hostile, victim):
+        hostile.make_delta = lambda message: delta_message(torch.full((16,), bad_value))
+        outcome = await run_step(hostile, victim, timeout=20)
+        assert hostile.parts_received, f"the victim never reached the hostile reducer: {outcome!r}"
+        with victim.get_tensors() as (averaged,):
+            assert torch.isfinite(averaged).all(), "a reducer's non-finite deltas reached the local tensors"
+            assert torch.equal(averaged, original)  # alone with an aux peer: the average is its own values
+
+
+def _nan_buffer(k, serialized):
+    serialized.buffer = torch.full((16,), float("nan")).numpy().tobytes()
+
+
+async def test_non_finite_parts_from_a_sender_are_refused_and_the_sender_excluded():
+    tensor = torch.arange(64, dtype=torch.float32)
+    original = tensor.clone()
+    async with hostile_setup([tensor], part_size_bytes=64) as (hostile, victim):
+        hostile.gather = encode_gather(None, 0, None)  # a full member: it also sends parts to the victim
+        hostile.make_delta = lambda message: delta_message(torch.zeros(16))
+        step = asyncio.create_task(run_step(hostile, victim, timeout=20))
+        await asyncio.wait_for(hostile.joined.wait(), 15)
+        container = TensorPartContainer([torch.zeros(64)], [1.0, 1.0], part_size_bytes=64)
+        messages = sender_messages(container, 1, hostile.group_id, corrupt=_nan_buffer)
+        stub = type(hostile).get_stub(hostile.p2p, victim.peer_id, namespace=PREFIX)
+        replies = [reply async for reply in await stub.rpc_aggregate_part(as_aiter(*messages))]
+        assert [reply.code for reply in replies] == [averaging_pb2.INTERNAL_ERROR]
+        outcome = await step
+        assert isinstance(outcome, dict), outcome
+        with victim.get_tensors() as (averaged,):
+            assert torch.equal(averaged, original), "a sender's NaN parts reached the local tensors"
