@@ -240,3 +240,44 @@ def _ctx(peer):
     from hivemind.p2p import P2PContext
 
     return P2PContext(handle_name="test", local_id=peer.peer_id, remote_id=peer.peer_id)
+
+
+async def test_first_message_without_part_for_averaging_code_bans_the_sender(p2p_factory, hivemind_logs):
+    peers, runners, values, group_id, client = await start_honest_pair_and_client(p2p_factory)
+    messages = sender_messages(client, 0, group_id)
+    messages[0].code = averaging_pb2.AVERAGED_PART
+    replies = [reply async for reply in runners[0].rpc_aggregate_part(_aiter(messages), _ctx(peers[2]))]
+    assert [reply.code for reply in replies] == [averaging_pb2.INTERNAL_ERROR]
+    assert not runners[0].reducer.is_active(2)
+    assert any("PART_FOR_AVERAGING" in record.getMessage() for record in hivemind_logs.records)
+    for runner in runners:
+        runner.finalize(cancel=True)
+
+
+async def test_a_second_stream_from_the_same_sender_is_refused(p2p_factory):
+    peers, runners, values, group_id, client = await start_honest_pair_and_client(p2p_factory)
+    stop = asyncio.Event()
+
+    async def first_part_then_wait():
+        yield sender_messages(client, 0, group_id)[0]
+        await stop.wait()
+
+    first_stream = asyncio.create_task(call_reducer(peers[2], peers[0], first_part_then_wait()))
+    await wait_until(lambda: runners[0].reducer.sender_progress[2] == 1)
+    replies = await call_reducer(peers[2], peers[0], sender_messages(client, 0, group_id))
+    assert [reply.code for reply in replies] == [averaging_pb2.PROTOCOL_VIOLATION]
+    first_stream.cancel()
+    await asyncio.gather(first_stream, return_exceptions=True)
+    for runner in runners:
+        runner.finalize(cancel=True)
+
+
+async def test_calls_after_the_round_finished_get_internal_error(p2p_factory):
+    peers = await make_connected_peers(p2p_factory, 2)
+    routers = await start_routers(peers)
+    values = [torch.randn(SIZE) for _ in range(2)]
+    group_id = os.urandom(20)
+    await run_group(peers, routers, [[v] for v in values], group_id=group_id, part_size_bytes=PART_BYTES)
+    late = TensorPartContainer([values[1]], [1.0, 1.0], part_size_bytes=PART_BYTES)
+    replies = await call_reducer(peers[1], peers[0], sender_messages(late, 0, group_id))
+    assert [reply.code for reply in replies] == [averaging_pb2.INTERNAL_ERROR]
