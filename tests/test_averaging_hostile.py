@@ -8,10 +8,13 @@ import torch
 from allreduce_helpers import sender_messages
 from averaging_hostile_peer import PREFIX, delta_message, hostile_setup, run_step
 
+from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.averaging.payload import encode_gather
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,3 +53,28 @@ async def test_non_finite_parts_from_a_sender_are_refused_and_the_sender_exclude
         assert isinstance(outcome, dict), outcome
         with victim.get_tensors() as (averaged,):
             assert torch.equal(averaged, original), "a sender's NaN parts reached the local tensors"
+
+
+async def _join_victim(hostile, victim, gather: bytes):
+    """Send the victim (which must be searching) a well-formed join request carrying ``gather``; its replies."""
+    key_manager = GroupKeyManager(hostile.dht, PREFIX)
+    while victim.peer_id not in dict(await key_manager.get_averagers(f"{PREFIX}.0b", only_active=True)):
+        await asyncio.sleep(0.05)
+    request = averaging_pb2.JoinRequest(
+        schema_hash=victim.schema_hash, expiration=get_dht_time() + 60, gather=gather, group_key=f"{PREFIX}.0b"
+    )
+    stub = type(hostile).get_stub(hostile.p2p, victim.peer_id, namespace=PREFIX)
+    return [message async for message in await stub.rpc_join_group(request)]
+
+
+@pytest.mark.parametrize(
+    "gather",
+    [b"\xc1garbage", MSGPackSerializer.dumps([None, 7, MSGPackSerializer.dumps(None)]), MSGPackSerializer.dumps(1)],
+    ids=["not-msgpack", "unknown-mode", "not-a-triple"],
+)
+async def test_leader_refuses_a_join_request_with_a_malformed_gather(gather):
+    async with hostile_setup([torch.zeros(4)], target_group_size=2, min_matchmaking_time=5.0) as (hostile, victim):
+        control = victim.step(wait=False, timeout=15, allow_retries=False)
+        replies = await asyncio.wait_for(_join_victim(hostile, victim, gather), 10)
+        assert [message.code for message in replies] == [averaging_pb2.PROTOCOL_VIOLATION]
+        control.cancel()

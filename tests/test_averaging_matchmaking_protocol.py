@@ -51,7 +51,9 @@ async def start_scripted_leader(swarm, script: list, expires_in: float) -> Scrip
 
 
 async def join(caller, leader_peer, **fields) -> List[averaging_pb2.MessageFromLeader]:
-    request = dict(schema_hash=SCHEMA_HASH, expiration=get_dht_time() + 60, group_key="mm.0b")
+    request = dict(
+        schema_hash=SCHEMA_HASH, expiration=get_dht_time() + 60, group_key="mm.0b", gather=b"\x93\xc0\x00\xc4\x01\xc0"
+    )
     request.update(fields)
     stub = DecentralizedAverager.get_stub(caller.p2p, leader_peer.peer_id, namespace="mm")
     stream = await stub.rpc_join_group(averaging_pb2.JoinRequest(**request))

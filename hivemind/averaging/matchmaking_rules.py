@@ -8,6 +8,7 @@ from typing import Dict, Iterable, Optional, Set, Tuple
 
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.key_manager import MAX_PEER_ID_BYTES
+from hivemind.averaging.payload import MalformedGatherError, decode_gather
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.timed_storage import DHTExpiration
@@ -104,6 +105,7 @@ def check_join_request(
         or state.client_mode
         or not isinstance(request.group_key, str)
         or len(request.gather) > MAX_GATHER_BYTES
+        or not _is_valid_gather(request.gather)  # one bad payload would fail the whole group's round
     )
     if malformed:
         return averaging_pb2.MessageFromLeader(code=Code.PROTOCOL_VIOLATION)
@@ -125,6 +127,14 @@ def check_join_request(
     if len(state.followers) + 1 >= group_size_limit:
         return averaging_pb2.MessageFromLeader(code=Code.GROUP_IS_FULL)
     return None
+
+
+def _is_valid_gather(payload: bytes) -> bool:
+    try:
+        decode_gather(payload)
+    except MalformedGatherError:
+        return False
+    return True
 
 
 def parse_group(message: averaging_pb2.MessageFromLeader, own_peer_id: PeerID, leader: PeerID) -> GroupInfo:
