@@ -127,24 +127,29 @@ class Server(threading.Thread):
         if scheduler not in schedule_name_to_scheduler:
             raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(schedule_name_to_scheduler)}")
 
-        dht = DHT(initial_peers=list(initial_peers), start=True, **kwargs)
+        make_backends = partial(
+            _make_backends,
+            expert_cls=expert_cls,
+            hidden_dim=hidden_dim,
+            optim_cls=optim_cls,
+            scheduler=scheduler,
+            num_warmup_steps=num_warmup_steps,
+            num_training_steps=num_training_steps,
+            clip_grad_norm=clip_grad_norm,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            compression=compression,
+        )
+        dht = DHT(initial_peers=list(initial_peers), start=True, await_ready=False, **kwargs)
         try:
+            module_backends = None
+            if expert_uids is not None:  # no DHT lookups needed: build the experts while the DHT process starts
+                module_backends = make_backends(list(expert_uids))
+            dht.wait_until_ready()
             visible_maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
             logger.info(f"Running DHT node on {visible_maddrs}, initial peers = {list(initial_peers)}")
-            uids = _choose_uids(dht, num_experts, expert_uids, expert_pattern, checkpoint_dir)
-            module_backends = _make_backends(
-                uids,
-                expert_cls,
-                hidden_dim,
-                optim_cls,
-                scheduler,
-                num_warmup_steps,
-                num_training_steps,
-                clip_grad_norm,
-                min_batch_size,
-                max_batch_size,
-                compression,
-            )
+            if module_backends is None:
+                module_backends = make_backends(_choose_uids(dht, num_experts, None, expert_pattern, checkpoint_dir))
             if checkpoint_dir is not None:
                 load_experts(module_backends, checkpoint_dir)
             if device is None:
@@ -212,7 +217,7 @@ class Server(threading.Thread):
 
     def shutdown(self) -> None:
         """Stop in order: connection handlers, DHT announcements, checkpoints, the runtime, then the DHT."""
-        logger.debug("Shutting down")
+        logger.info("Shutting down")
         self._stopped.set()
         self.ready.clear()
         for handler in self.conn_handlers:
@@ -226,7 +231,7 @@ class Server(threading.Thread):
         self.dht.shutdown()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(_JOIN_TIMEOUT)
-        logger.debug("Server shutdown successfully")
+        logger.info("Server shutdown successfully")
 
 
 def _choose_uids(
