@@ -23,6 +23,7 @@ from hivemind.averaging.part_encoding import (
     encode_delta,
     refuse_non_finite,
 )
+from hivemind.averaging.part_math import sub_into, zero_
 from hivemind.averaging.partition import (
     DEFAULT_REDUCE_WINDOW,
     AllreduceException,
@@ -248,9 +249,9 @@ class AllReduceRunner(ServicerBase):
                 average = await future
                 output = self.container.output_part(part)
                 if average is None:
-                    output.zero_()
-                elif average.dtype == output.dtype:
-                    torch.sub(average, local, out=output)
+                    zero_(output)
+                elif average.dtype == output.dtype or output.dtype.is_floating_point:
+                    sub_into(output, average, local)
                 else:
                     output.copy_(difference_as(average, local, output.dtype))
                 self.container.mark_part_done(part)

@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from hivemind.averaging.part_math import sub_into, zero_
 from hivemind.averaging.partition import RAW_DTYPES, AllreduceException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.compression.buffers import dtype_to_name
@@ -102,9 +103,9 @@ def encode_delta(
         if average is None or average.dtype == dtype:  # one pass: the difference is what gets written
             delta = torch.empty(numel, dtype=dtype)
             if average is None:
-                delta.zero_()
+                zero_(delta)
             else:
-                torch.sub(average, part_values, out=delta)
+                sub_into(delta, average, part_values)
             return encode_averaging_data(delta, code=code)
     reply = averaging_pb2.AveragingData(code=code)
     delta = torch.zeros(numel, dtype=dtype) if average is None else difference_as(average, part_values, dtype)

@@ -14,6 +14,7 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from hivemind.averaging.load_balancing import hagenbach_bishoff
+from hivemind.averaging.part_math import add_into, add_scaled_, copy_into, div_, scale_into, zero_
 from hivemind.averaging.partition_plan import PartSpec, part_size_elements, plan_parts
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
@@ -214,7 +215,7 @@ class TensorPartContainer:
         part = self.parts_by_peer[peer_index][part_index]
         if delta.numel() != part.numel:
             raise AllreduceException(f"delta for {part} has {delta.numel()} elements, expected {part.numel}")
-        self.output_part(part).copy_(delta.reshape(-1))
+        copy_into(self.output_part(part), delta.reshape(-1))
         self.mark_part_done(part)
 
     def register_failed_reducer(self, peer_index: int) -> int:
@@ -224,7 +225,7 @@ class TensorPartContainer:
         failed = 0
         for part in self.parts_by_peer[peer_index]:
             if not self._part_done[part.global_index]:
-                self.output_part(part).zero_()
+                zero_(self.output_part(part))
                 self.mark_part_done(part)
                 failed += 1
         return failed
@@ -371,17 +372,17 @@ class TensorPartReducer:
             first, first_weight = accumulator, denominator
             accumulator = torch.empty(part.numel(), dtype=_accumulator_dtype(part.dtype))
             if first_weight == 1.0 and weight == 1.0:
-                torch.add(first, part, out=accumulator)
+                add_into(accumulator, first, part)
                 self._accumulators[part_index] = (accumulator, 2.0, True)
                 return
             if first_weight == 0.0:
-                accumulator.zero_()
+                zero_(accumulator)
             else:
-                torch.mul(first, first_weight, out=accumulator)
+                scale_into(accumulator, first, first_weight)
         if weight == 1.0:
-            accumulator.add_(part)
+            add_scaled_(accumulator, part)
         elif weight != 0.0:
-            accumulator.add_(part, alpha=weight)
+            add_scaled_(accumulator, part, weight)
         self._accumulators[part_index] = (accumulator, denominator + weight, True)
 
     def _release_ready_parts(self) -> None:
@@ -394,7 +395,7 @@ class TensorPartReducer:
             if accumulator is None or denominator <= 0:
                 average = None  # nobody with a non-zero weight delivered it: every sender keeps its values
             else:
-                average = accumulator.div_(denominator) if owned else accumulator  # read-only for the callers
+                average = div_(accumulator, denominator) if owned else accumulator  # read-only for the callers
             future = self._results.pop(part_index, None)
             if future is not None and not future.done():
                 future.set_result(average)
