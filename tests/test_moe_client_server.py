@@ -109,3 +109,38 @@ def test_mixture_over_a_real_server_matches_the_local_mixture(real_server):
         outputs = [pristine[f"ffn.{i}.{j}"](x[row : row + 1])[0] for i in range(2) for j in range(2)]
         expected.append(sum(w * o for w, o in zip(weights, outputs)))
     assert torch.allclose(output, torch.stack(expected), atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_expert_with_an_integer_input_through_a_real_server():
+    """det_dropout takes a float input and an integer mask: only the float input gets a gradient."""
+    from hivemind.moe import Server
+
+    server = Server.create(
+        expert_uids=["drop.0"],
+        expert_cls="det_dropout",
+        hidden_dim=HID,
+        optim_cls=None,
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+    )
+    client_dht = DHT(start=True, initial_peers=server.dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        local = copy.deepcopy(server.module_backends["drop.0"].module)
+        expert = _expert(client_dht, "drop.0")
+        x, mask = torch.randn(6, HID, requires_grad=True), torch.randint(0, 2, (6, HID))
+        x_local = x.detach().clone().requires_grad_(True)
+        output = expert(x, mask)
+        output.pow(2).sum().backward()
+        local(x_local, mask).pow(2).sum().backward()
+        assert torch.allclose(output, local(x_local, mask), atol=1e-5)
+        assert torch.allclose(x.grad, x_local.grad, atol=1e-4)
+
+        moe = RemoteMixtureOfExperts(in_features=HID, grid_size=(1,), dht=client_dht, uid_prefix="drop.", k_best=1)
+        x.grad = None
+        moe_output = moe(x, mask)
+        moe_output.sum().backward()
+        assert torch.allclose(moe_output, local(x, mask), atol=1e-5) and x.grad is not None
+    finally:
+        client_dht.shutdown()
+        server.shutdown()
