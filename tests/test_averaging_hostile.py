@@ -78,3 +78,21 @@ async def test_leader_refuses_a_join_request_with_a_malformed_gather(gather):
         replies = await asyncio.wait_for(_join_victim(hostile, victim, gather), 10)
         assert [message.code for message in replies] == [averaging_pb2.PROTOCOL_VIOLATION]
         control.cancel()
+
+
+async def test_a_sender_weight_that_overflows_the_sum_is_refused():
+    tensor = torch.arange(64, dtype=torch.float32)
+    original = tensor.clone()
+    async with hostile_setup([tensor], part_size_bytes=64) as (hostile, victim):
+        hostile.gather = encode_gather(None, 0, None)
+        hostile.make_delta = lambda message: delta_message(torch.zeros(16))
+        step = asyncio.create_task(run_step(hostile, victim, timeout=20))
+        await asyncio.wait_for(hostile.joined.wait(), 15)
+        container = TensorPartContainer([torch.full((64,), 100.0)], [1.0, 1.0], part_size_bytes=64)
+        messages = sender_messages(container, 1, hostile.group_id, weight=1e38)  # finite, but 1e38 * 100 is not
+        stub = type(hostile).get_stub(hostile.p2p, victim.peer_id, namespace=PREFIX)
+        replies = [reply async for reply in await stub.rpc_aggregate_part(as_aiter(*messages))]
+        assert [reply.code for reply in replies] == [averaging_pb2.INTERNAL_ERROR]
+        assert isinstance(await step, dict)
+        with victim.get_tensors() as (averaged,):
+            assert torch.equal(averaged, original), "an overflowing weighted sum reached the local tensors"

@@ -22,6 +22,7 @@ from hivemind.averaging.part_encoding import (
     encode_averaging_data,
     encode_delta,
     refuse_non_finite,
+    refuse_unsafe_part,
 )
 from hivemind.averaging.part_math import sub_into, zero_
 from hivemind.averaging.partition import (
@@ -479,7 +480,8 @@ class AllReduceRunner(ServicerBase):
                     except asyncio.TimeoutError:
                         raise AllreduceException(f"part {k} did not arrive within {self.sender_timeout} s") from None
                 tensor = await self._decode(message, part, what=f"part {k}")
-                refuse_non_finite(tensor, self.container.input_part(part), what=f"part {k}")
+                local = self.container.input_part(part)
+                refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")
                 future = await self.reducer.submit_part(sender_index, k, tensor, weight)
                 queue.put_nowait((part, tensor, message.tensor_part.compression, future))
             queue.put_nowait(_END)

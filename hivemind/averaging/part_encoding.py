@@ -30,6 +30,7 @@ __all__ = [
     "decode_part",
     "difference_as",
     "refuse_non_finite",
+    "refuse_unsafe_part",
 ]
 
 # codecs that cost about a memory copy per part: decoded on the event loop, the others in a thread
@@ -142,8 +143,35 @@ async def decode_part(message: averaging_pb2.AveragingData, numel: int, dtype: t
 def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> None:
     """Raise AllreduceException if a peer's ``values`` hold inf or NaN where this peer's ``local`` values are finite
     (a NaN that is already in the local values may come back; a new one would spread into the local tensors)."""
-    if not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values).all()):
-        return
+    if not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values.sum())):
+        return  # a sum is finite only if every value is (a fast pass; an overflowing sum gets the exact check)
     spread = ~torch.isfinite(values) & torch.isfinite(local.reshape(-1))
     if bool(spread.any()):
         raise AllreduceException(f"{what} has {int(spread.sum())} inf/NaN values where the local values are finite")
+
+
+def refuse_unsafe_part(values: torch.Tensor, weight: float, local: torch.Tensor, num_senders: int, what: str) -> None:
+    """Raise AllreduceException if a sender's part would make the reducer's average inf or NaN: non-finite values
+    (where ours are finite), or ``weight`` times its largest value above what the sum of ``num_senders`` such
+    contributions can hold in the reducer's accumulator (float32 for float16/bfloat16/float32 parts)."""
+    if values.numel() == 0 or values.dtype == torch.bool:
+        return
+    wide = values.dtype in (torch.float64, torch.complex128) or not (values.is_floating_point() or values.is_complex())
+    limit = torch.finfo(torch.float64 if wide else torch.float32).max / max(num_senders, 1)
+    if values.dtype in (torch.float32, torch.float64):  # fast pass: the norm bounds the largest value
+        energy = float(torch.dot(values, values))  # inf or NaN if a value is, or if the squares overflow
+        if math.isfinite(energy) and weight * math.sqrt(energy) <= limit:
+            return
+    if values.is_complex():
+        peak = float(torch.linalg.vector_norm(values, ord=math.inf))
+    else:
+        low, high = torch.aminmax(values)
+        peak = max(abs(float(low)), abs(float(high)))  # NaN if a value is NaN
+    if not math.isfinite(peak):
+        refuse_non_finite(values, local, what)
+        return
+    if weight * peak > limit:
+        raise AllreduceException(
+            f"{what}: weight {weight:g} times its largest value {peak:g} could overflow the sum of {num_senders} "
+            "senders' parts"
+        )
