@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from hivemind.averaging.part_math import sub_into, zero_
+from hivemind.averaging.part_math import largest_magnitude, sub_into, total_sum, zero_
 from hivemind.averaging.partition import RAW_DTYPES, AllreduceException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.compression.buffers import dtype_to_name
@@ -143,7 +143,7 @@ async def decode_part(message: averaging_pb2.AveragingData, numel: int, dtype: t
 def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> None:
     """Raise AllreduceException if a peer's ``values`` hold inf or NaN where this peer's ``local`` values are finite
     (a NaN that is already in the local values may come back; a new one would spread into the local tensors)."""
-    if not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values.sum())):
+    if not (values.is_floating_point() or values.is_complex()) or math.isfinite(abs(total_sum(values))):
         return  # a sum is finite only if every value is (a fast pass; an overflowing sum gets the exact check)
     spread = ~torch.isfinite(values) & torch.isfinite(local.reshape(-1))
     if bool(spread.any()):
@@ -158,9 +158,9 @@ def refuse_unsafe_part(values: torch.Tensor, weight: float, local: torch.Tensor,
         return
     wide = values.dtype in (torch.float64, torch.complex128) or not (values.is_floating_point() or values.is_complex())
     limit = torch.finfo(torch.float64 if wide else torch.float32).max / max(num_senders, 1)
-    if values.dtype in (torch.float32, torch.float64):  # fast pass: the norm bounds the largest value
-        energy = float(torch.dot(values, values))  # inf or NaN if a value is, or if the squares overflow
-        if math.isfinite(energy) and weight * math.sqrt(energy) <= limit:
+    if values.dtype in (torch.float32, torch.float64):  # fast pass: the largest magnitude, single-threaded
+        peak = largest_magnitude(values)  # NaN if a value is
+        if math.isfinite(peak) and weight * peak <= limit:
             return
     if values.is_complex():
         peak = float(torch.linalg.vector_norm(values, ord=math.inf))

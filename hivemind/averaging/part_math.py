@@ -8,10 +8,22 @@ and fall back to torch for dtypes NumPy lacks (bfloat16).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["copy_into", "zero_", "add_into", "scale_into", "add_scaled_", "sub_into", "div_"]
+__all__ = [
+    "copy_into",
+    "zero_",
+    "add_into",
+    "scale_into",
+    "add_scaled_",
+    "sub_into",
+    "div_",
+    "total_sum",
+    "largest_magnitude",
+]
 
 _NUMPY_DTYPES = {
     torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
@@ -86,3 +98,21 @@ def div_(accumulator: torch.Tensor, divisor: float) -> torch.Tensor:
         return accumulator.div_(divisor)
     np.divide(arrays[0], divisor, out=arrays[0], casting="unsafe")
     return accumulator
+
+
+def total_sum(values: torch.Tensor) -> complex:
+    """The sum of all values (inf or NaN if any value is, or if the sum overflows)."""
+    arrays = _arrays(values)
+    return complex(values.sum()) if arrays is None else complex(np.sum(arrays[0]))
+
+
+def largest_magnitude(values: torch.Tensor) -> float:
+    """``max(|values|)`` of a real tensor, NaN if any value is NaN (two vectorized passes, no temporary)."""
+    arrays = _arrays(values)
+    if arrays is None:
+        low, high = torch.aminmax(values)
+        return max(abs(float(low)), abs(float(high)))
+    if arrays[0].size == 0:
+        return 0.0
+    low, high = float(np.min(arrays[0])), float(np.max(arrays[0]))
+    return float("nan") if math.isnan(low) or math.isnan(high) else max(abs(low), abs(high))
