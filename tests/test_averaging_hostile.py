@@ -9,8 +9,10 @@ from allreduce_helpers import sender_messages
 from averaging_hostile_peer import PREFIX, delta_message, hostile_setup, run_step
 
 from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.averaging.part_encoding import _varint
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.averaging.payload import encode_gather
+from hivemind.p2p import P2PHandlerError
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.serializer import MSGPackSerializer
@@ -96,3 +98,24 @@ async def test_a_sender_weight_that_overflows_the_sum_is_refused():
         assert isinstance(await step, dict)
         with victim.get_tensors() as (averaged,):
             assert torch.equal(averaged, original), "an overflowing weighted sum reached the local tensors"
+
+
+@pytest.mark.parametrize("handler", ["rpc_aggregate_part", "rpc_join_group", "rpc_download_state"])
+async def test_a_message_far_larger_than_the_handler_needs_is_refused_unread(handler):
+    """The averager's handlers take messages of a part, a join request or an empty request: a 16 MiB one is refused
+    on its announced size instead of being buffered (several per stream, for seconds)."""
+    huge = b"\x00" * (16 * 2**20)
+    message = {
+        "rpc_aggregate_part": averaging_pb2.AveragingData(group_id=b"\x01" * 20, tensor_part=dict(buffer=huge)),
+        "rpc_join_group": averaging_pb2.JoinRequest(gather=huge),
+        "rpc_download_state": averaging_pb2.DownloadRequest(),
+    }[handler]
+    async with hostile_setup([torch.zeros(4)]) as (hostile, victim):
+        stub = type(victim).get_stub(hostile.p2p, victim.peer_id, namespace=PREFIX)
+        if handler == "rpc_download_state":  # an unknown field of 16 MiB: still a valid DownloadRequest
+            message.ParseFromString(b"\x7a" + _varint(len(huge)) + huge)
+        with pytest.raises(P2PHandlerError, match="byte"):
+            async for _ in await getattr(stub, handler)(
+                as_aiter(message) if handler == "rpc_aggregate_part" else message
+            ):
+                pass

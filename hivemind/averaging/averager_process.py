@@ -14,11 +14,14 @@ import torch
 from hivemind.averaging.averager_rounds import AveragingRounds
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.state_download import load_state_from_peers
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd
 from hivemind.p2p import ServicerBase
+from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
+from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
@@ -27,6 +30,8 @@ from hivemind.utils.mpfuture import InvalidStateError, MPFuture
 logger = get_logger(__name__)
 
 STATE_TEMPLATE_TIMEOUT = 60.0  # seconds for the user's process to answer get_current_state()
+MAX_SMALL_REQUEST_BYTES = 2**20  # a DownloadRequest; a JoinRequest or AveragingData besides its gather or part
+PART_SIZE_SLACK = 8  # an all-reduce message may hold this many times part_size_bytes (an uncompressed 4-bit part)
 
 
 class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
@@ -246,7 +251,7 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
                 client_mode=self.client_mode,
             )
             if not self.client_mode:
-                await self.add_p2p_handlers(self._p2p, wrapper=None, namespace=self.prefix)
+                await self._add_handlers()
             await self._state_sharing.start()
         except BaseException as e:
             logger.debug(f"{type(self).__name__} failed to start: {e!r}")
@@ -258,6 +263,29 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             await stopped.wait()
         finally:
             await self._shutdown_in_child()
+
+    async def _add_handlers(self) -> None:
+        """Serve the rpc_* handlers under the prefix; a request larger than its handler can need is refused on its
+        announced size (it would otherwise be buffered, several per stream, up to the p2p layer's 256 MiB each)."""
+        limits = dict(
+            rpc_join_group=MAX_GATHER_BYTES + MAX_SMALL_REQUEST_BYTES,
+            rpc_download_state=MAX_SMALL_REQUEST_BYTES,
+            # a part has about part_size_bytes on the wire; a sender may skip our compression (up to 8x larger)
+            rpc_aggregate_part=PART_SIZE_SLACK * self.part_size_bytes + MAX_SMALL_REQUEST_BYTES,
+        )
+        await asyncio.gather(
+            *(
+                self._p2p.add_protobuf_handler(
+                    get_handle_name(self.prefix, type(self).__name__, handler.name),
+                    getattr(self, handler.name),
+                    handler.request_type,
+                    stream_input=handler.stream_input,
+                    stream_output=handler.stream_output,
+                    max_message_size=limits.get(handler.name, DEFAULT_MAX_MESSAGE_SIZE),
+                )
+                for handler in self._get_rpc_handlers()
+            )
+        )
 
     async def _shutdown_in_child(self) -> None:
         self._shutting_down = True
