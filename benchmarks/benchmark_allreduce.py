@@ -165,7 +165,7 @@ def averager_peer(rank: int, initial_maddrs: List[str], connection, torch_thread
             tensor = torch.randn(size, generator=torch.Generator().manual_seed(rank))
             averager = DecentralizedAverager(
                 [tensor], dht, prefix=f"bench{size}", start=True, target_group_size=num_peers,
-                min_matchmaking_time=1.0, request_timeout=1.0, next_chunk_timeout=30.0, allreduce_timeout=120.0,
+                min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=30.0, allreduce_timeout=120.0,
             )  # fmt: skip
             tensor_size = size
             processes = [psutil.Process()] + psutil.Process().children(recursive=True)
