@@ -209,7 +209,8 @@ async def test_stream_naming_two_experts_is_refused(served):
 async def test_stream_over_the_byte_budget_is_refused(served):
     client, peer_id, backends, _ = served
     huge = serialize_torch_tensor(torch.randn(MAX_BATCH * 5000, HIDDEN))  # 2.5 MB, far over MAX_BATCH rows
-    requests = [runtime_pb2.ExpertRequest(uid="expert.0", tensors=[chunk]) for chunk in split_for_streaming(huge)]
+    # one message: refused as it arrives (a caller still sending more input would race the refusal in the p2p layer)
+    requests = [runtime_pb2.ExpertRequest(uid="expert.0", tensors=[huge])]
 
     async def as_stream():
         for request in requests:

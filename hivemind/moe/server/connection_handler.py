@@ -139,24 +139,25 @@ class ConnectionHandler(mp.Process, ServicerBase):
 
     def shutdown(self) -> None:
         """Stop serving (unregister the handlers, cancel running requests) and wait for the process / thread."""
-        if not self.is_alive():
-            return
-        try:
-            self._outer_pipe.send(_SHUTDOWN_COMMAND)
-        except (OSError, ValueError):
-            pass
-        if self._thread is not None:
-            self._thread.join(self.shutdown_timeout + _CLEANUP_TIMEOUT)
-            if self._thread.is_alive():
-                logger.warning(f"{self.__class__.__name__} thread did not stop within {self.shutdown_timeout} s")
-            return
-        self.join(self.shutdown_timeout)
         if self.is_alive():
-            logger.warning(
-                f"{self.__class__.__name__} did not shut down within {self.shutdown_timeout} s, terminating"
-            )
-            self.terminate()
-            self.join()
+            try:
+                self._outer_pipe.send(_SHUTDOWN_COMMAND)
+            except (OSError, ValueError):
+                pass
+            if self._thread is not None:
+                self._thread.join(self.shutdown_timeout + _CLEANUP_TIMEOUT)
+                if self._thread.is_alive():
+                    logger.warning(f"{self.__class__.__name__} thread did not stop within {self.shutdown_timeout} s")
+                    return  # it still reads the pipe
+            else:
+                self.join(self.shutdown_timeout)
+                if self.is_alive():
+                    logger.warning(f"{type(self).__name__} did not stop within {self.shutdown_timeout} s, terminating")
+                    self.terminate()
+                    self.join()
+        if self._thread is not None or self._popen is not None:  # started and now stopped: release the pipe
+            self._inner_pipe.close()
+            self._outer_pipe.close()
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
