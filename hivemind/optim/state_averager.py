@@ -51,6 +51,23 @@ def _as_param_groups(params: Union[Parameters, ParamGroups]) -> List[Dict[str, A
     return [{"params": params}]
 
 
+MAX_SCHEDULER_CATCH_UP_STEPS = 100_000  # an epoch far ahead (e.g. claimed by a faulty peer) must not hang a step
+
+
+def catch_up_scheduler(scheduler: Any, epoch: int, max_steps: int = MAX_SCHEDULER_CATCH_UP_STEPS) -> None:
+    """Step an LR scheduler until it has counted ``epoch`` epochs, at most ``max_steps`` times per call."""
+    if scheduler is None:
+        return
+    for _ in range(max_steps):
+        if getattr(scheduler, "last_epoch", epoch) >= epoch:
+            return
+        scheduler.step()
+    logger.warning(
+        f"The LR scheduler is {epoch - scheduler.last_epoch} epochs behind epoch {epoch}; it catches up "
+        f"at most {max_steps} epochs per optimizer step"
+    )
+
+
 class TrainingStateAverager(DecentralizedAverager):
     """
     Holds the training state of one peer (parameters, optimizer statistics, extra tensors, epoch), runs the inner
@@ -304,10 +321,7 @@ class TrainingStateAverager(DecentralizedAverager):
                 self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def _catch_up_scheduler(self) -> None:
-        if self.scheduler is None:
-            return
-        while getattr(self.scheduler, "last_epoch", self.local_epoch) < self.local_epoch:
-            self.scheduler.step()
+        catch_up_scheduler(self.scheduler, self.local_epoch)
 
     def _run_averaging_round(
         self, control: Optional[StepControl], wait_for_trigger: Optional[Callable[[], Any]], opts: Dict[str, Any]
