@@ -33,6 +33,7 @@ class HostilePeer(ServicerBase):
         self.make_delta: Callable = lambda message: None
         self.joined = asyncio.Event()
         self.parts_received: List[averaging_pb2.AveragingData] = []
+        self.stall = False  # after the parts, keep the stream open without replying
 
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
@@ -58,6 +59,8 @@ class HostilePeer(ServicerBase):
             reply = self.make_delta(message)
             if reply is not None:
                 yield reply
+        if self.stall:
+            await asyncio.Event().wait()
 
 
 HostilePeer.__name__ = "DecentralizedAverager"  # served under the averager's handler names
@@ -108,3 +111,31 @@ async def run_step(hostile, victim, **step_kwargs):
         return await loop.run_in_executor(None, control.result, 30)
     except Exception as e:
         return e
+
+
+class SplitViewLeader(HostilePeer):
+    """Leads two members into one group but tells each a different order: ``[self, requester, other]``."""
+
+    def __init__(self, p2p: P2P):
+        super().__init__(p2p)
+        self.requests = {}
+        self.both_joined = asyncio.Event()
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
+        self.requests[context.remote_id] = request
+        if len(self.requests) == 2:
+            self.both_joined.set()
+        await self.both_joined.wait()
+        (other,) = [peer for peer in self.requests if peer != context.remote_id]
+        yield averaging_pb2.MessageFromLeader(
+            code=Code.BEGIN_ALLREDUCE,
+            group_id=self.group_id,
+            ordered_peer_ids=[peer.to_bytes() for peer in (self.p2p.peer_id, context.remote_id, other)],
+            gathered=[encode_gather(0.0, 2, None), request.gather, self.requests[other].gather],
+        )
+
+
+SplitViewLeader.__name__ = "DecentralizedAverager"

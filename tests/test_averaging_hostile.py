@@ -6,12 +6,14 @@ import asyncio
 import pytest
 import torch
 from allreduce_helpers import sender_messages
-from averaging_hostile_peer import PREFIX, delta_message, hostile_setup, run_step
+from averaging_hostile_peer import PREFIX, SplitViewLeader, delta_message, hostile_setup, run_step
 
+from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.averaging.part_encoding import _varint
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.averaging.payload import encode_gather
+from hivemind.dht import DHT
 from hivemind.p2p import P2PHandlerError
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
@@ -119,3 +121,37 @@ async def test_a_message_far_larger_than_the_handler_needs_is_refused_unread(han
                 as_aiter(message) if handler == "rpc_aggregate_part" else message
             ):
                 pass
+
+
+async def test_a_leader_that_tells_members_different_orders_cannot_mix_their_parts():
+    """Each member sees [leader, itself, other]: both think they reduce the first half. Without a check, each
+    averages its first half with the other's second half and reports success."""
+    values = [torch.arange(64, dtype=torch.float32), 1000 + torch.arange(64, dtype=torch.float32)]
+    dhts, averagers = [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])], []
+    try:
+        for _ in range(2):
+            dhts.append(
+                DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dhts[0].get_visible_maddrs())
+            )
+        p2p = await dhts[0].replicate_p2p()
+        leader = SplitViewLeader(p2p)
+        await leader.add_p2p_handlers(p2p, namespace=PREFIX)
+        options = dict(min_matchmaking_time=3.0, request_timeout=1.0, sender_timeout=1.0, reducer_timeout=2.0)
+        for dht, tensor in zip(dhts[1:], values):
+            averagers.append(
+                DecentralizedAverager([tensor.clone()], dht, prefix=PREFIX, start=True, part_size_bytes=64, **options)
+            )
+        expiration = get_dht_time() + 2.0
+        assert await GroupKeyManager(dhts[0], PREFIX).declare_averager(f"{PREFIX}.0b", p2p.peer_id, expiration)
+        controls = [averager.step(wait=False, timeout=20) for averager in averagers]
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, control.exception, 30) for control in controls))
+        assert leader.both_joined.is_set()
+        for averager, original in zip(averagers, values):
+            with averager.get_tensors() as (tensor,):
+                assert torch.equal(tensor, original), "parts of different positions were averaged together"
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()

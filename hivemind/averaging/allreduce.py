@@ -15,6 +15,7 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type, Uni
 
 import torch
 
+from hivemind.averaging.group_view import first_part_refusal, group_view_digest
 from hivemind.averaging.part_encoding import (
     CHEAP_WIRE_TYPES,
     decode_part,
@@ -324,11 +325,11 @@ class AllReduceRunner(ServicerBase):
         async for part in self.container.iterate_parts_for_sending(peer_index):
             index += 1
             code = MessageCode.PART_FOR_AVERAGING if first else MessageCode.NO_CODE
-            group_id = self.group_id if first else b""
+            group_id, view = (self.group_id, group_view_digest(self)) if first else (b"", b"")
             if isinstance(part, torch.Tensor):  # uncompressed: written from the tensor's memory
-                message = encode_averaging_data(part, code=code, group_id=group_id, weight=self.weight)
+                message = encode_averaging_data(part, code=code, group_id=group_id, peer_id=view, weight=self.weight)
             else:
-                message = AveragingData(code=code, group_id=group_id, weight=self.weight)
+                message = AveragingData(code=code, group_id=group_id, peer_id=view, weight=self.weight)
                 message.tensor_part.CopyFrom(part)
             first = False
             self._sent_bytes += self.container.part_nbytes(peer_index, index)
@@ -455,8 +456,9 @@ class AllReduceRunner(ServicerBase):
         if first.code != MessageCode.PART_FOR_AVERAGING:
             self._ban(sender_index, f"first message has code {MessageCode.Name(first.code)}, not PART_FOR_AVERAGING")
             return MessageCode.INTERNAL_ERROR
-        if not (math.isfinite(first.weight) and first.weight >= 0):
-            self._ban(sender_index, f"weight {first.weight} is not a finite non-negative number")
+        refusal = first_part_refusal(first, group_view_digest(self))  # a bad weight, another view of the group
+        if refusal is not None:
+            self._ban(sender_index, refusal)
             return MessageCode.PROTOCOL_VIOLATION
         if not self.reducer.is_active(sender_index):
             return MessageCode.INTERNAL_ERROR

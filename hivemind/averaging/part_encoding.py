@@ -57,10 +57,11 @@ def encode_averaging_data(
     *,
     code: int = 0,
     group_id: bytes = b"",
+    peer_id: bytes = b"",
     weight: float = 0.0,
     dtype_name: Optional[str] = None,
 ) -> EncodedMessage:
-    """``AveragingData(code, group_id, tensor_part=<tensor, NONE compression>, weight)`` as wire bytes.
+    """``AveragingData(code, group_id, peer_id, tensor_part=<tensor, NONE compression>, weight)`` as wire bytes.
 
     :param tensor: a contiguous 1-D CPU tensor of one of RAW_DTYPES; it is referenced, not copied, and must stay
         unchanged until the message is written
@@ -81,6 +82,8 @@ def encode_averaging_data(
         head += _key(1, _VARINT) + _varint(code)
     if group_id:
         head += _key(2, _LENGTH_DELIMITED) + _varint(len(group_id)) + group_id
+    if peer_id:
+        head += _key(3, _LENGTH_DELIMITED) + _varint(len(peer_id)) + peer_id
     head += _key(4, _LENGTH_DELIMITED) + _varint(tensor_length) + buffer_key
     tail = tensor_tail + (_key(5, _FIXED64) + struct.pack("<d", weight) if weight != 0.0 else b"")
     return EncodedMessage([head, data, tail] if data.nbytes else [head, tail])
