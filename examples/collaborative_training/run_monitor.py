@@ -38,6 +38,7 @@ class CheckpointSaver:
         )  # fmt: skip
         self.directory = Path(args.checkpoint_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._failing = False  # the last attempt saved nothing (said once, not at every retry)
 
     def save(self) -> Optional[int]:
         """The epoch saved, or None if no trainer shared a newer state (failures are logged, the monitor goes on)."""
@@ -45,11 +46,10 @@ class CheckpointSaver:
         try:
             loaded = self.averager.load_state_from_peers(timeout=self.args.load_state_timeout)
         except Exception as e:
-            print(f"could not download the state ({e!r}); will try again", flush=True)
-            return None
+            return self._failed(f"could not download the state ({e!r})")
         if loaded is None or self.averager.local_epoch <= epoch_before:
-            print("no trainer shared a newer state yet; will try again", flush=True)
-            return None
+            return self._failed("no trainer shared a newer state")
+        self._failing = False
         epoch = self.averager.local_epoch
         validation_loss = evaluate(self.model, self.validation_corpus, self.args.seq_length)
         checkpoint = dict(epoch=epoch, validation_loss=validation_loss, model=self.model.state_dict(),
@@ -60,6 +60,12 @@ class CheckpointSaver:
         os.replace(temporary, path)  # never a half-written checkpoint, even if the monitor is killed meanwhile
         print(f"saved checkpoint of epoch {epoch} to {path} (validation loss {validation_loss:.3f})", flush=True)
         return epoch
+
+    def _failed(self, reason: str) -> None:
+        if not self._failing:
+            print(f"{reason}; trying again every {self.args.refresh_period} s", flush=True)
+        self._failing = True
+        return None
 
     def shutdown(self) -> None:
         self.averager.shutdown()
