@@ -32,9 +32,7 @@ class AveragingDriver(peer_driver.Driver):
     async def cmd_averager_create(self, dht_handle, tensors, shapes, prefix, **options):
         """Start an averager on DHT `dht_handle` with float32 tensors (hex, shapes); returns its handle."""
         averaged = [_from_hex(data, shape) for data, shape in zip(tensors, shapes)]
-        averager = DecentralizedAverager(
-            averaged, self.dhts[dht_handle], start=False, prefix=prefix, **options
-        )
+        averager = DecentralizedAverager(averaged, self.dhts[dht_handle], start=False, prefix=prefix, **options)
         averager.run_in_background(await_ready=False)  # forked from the main thread, as the DHT is
         await asyncio.get_running_loop().run_in_executor(None, averager.wait_until_ready)
         self.averagers.append(averager)
