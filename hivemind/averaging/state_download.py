@@ -46,6 +46,7 @@ DHT_LOOKUP_TIMEOUT = 30.0  # seconds for finding the donors when the caller gave
 # without expected_tensors, a donor may send at most this many tensor bytes before it is rejected
 DEFAULT_MAX_UNCHECKED_STATE_BYTES = 16 * 2**30
 MAX_PEER_ID_BYTES = 128
+MIN_AVERAGE_CHUNK_BYTES = 1024  # a tensor comes in at most (its largest encoding / this) + 1 chunks (donors: 64 KiB)
 
 
 def _max_encoded_bytes(numel: int) -> int:
@@ -147,6 +148,10 @@ class StateAssembler:
                 f"tensor {self.num_tensors - 1} got more chunks than the {self._announced_chunks} it announced"
             )
         self._parts.append(chunk)
+        if len(self._parts) > self._tensor_limit // MIN_AVERAGE_CHUNK_BYTES + 1:  # e.g. a flood of empty chunks
+            raise StateDownloadError(
+                f"tensor {self.num_tensors - 1} came in more chunks ({len(self._parts)}) than its size can need"
+            )
         size = chunk.ByteSize()  # (reading .buffer would copy it) the buffer plus a few bytes of fields
         self.received_bytes += size
         self._tensor_bytes += size
