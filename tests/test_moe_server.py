@@ -2,6 +2,8 @@
 
 import concurrent.futures
 import os
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -184,3 +186,39 @@ def test_handler_processes_serve_too():
         client_dht.shutdown()
         server.shutdown()
     assert not any(handler.is_alive() for handler in server.conn_handlers)
+
+
+SPAWNED_HANDLERS_SCRIPT = """
+import multiprocessing as mp
+import torch
+from hivemind.dht import DHT
+from hivemind.moe.server import ConnectionHandler, Server
+from hivemind.moe.server.dht_handler import get_experts
+
+if __name__ == "__main__":
+    mp.set_start_method("spawn")
+    server = Server.create(expert_uids=["ffn.0"], hidden_dim=8, device="cpu", host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                           start=False)
+    server.handler_processes = True
+    server.conn_handlers = [ConnectionHandler(server.dht, server.module_backends)]
+    server.run_in_background(timeout=120)
+    try:
+        with DHT(initial_peers=server.dht.get_visible_maddrs(), start=True) as client:
+            (expert,) = get_experts(client, ["ffn.0"])
+            x = torch.randn(3, 8)
+            assert torch.allclose(expert(x), server.module_backends["ffn.0"].module(x), atol=1e-5)
+    finally:
+        server.shutdown()
+    assert not any(handler.is_alive() for handler in server.conn_handlers)
+    print("served from spawned handlers")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_handler_processes_work_under_spawn(tmp_path):
+    script = tmp_path / "spawned_handlers.py"
+    script.write_text(SPAWNED_HANDLERS_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "served from spawned handlers" in result.stdout
