@@ -28,7 +28,8 @@ def check_inputs(
     """Check one request's flat tensors against flat descriptors; return its batch size.
 
     Checks, in order: the number of tensors, that each is a dense tensor with the descriptor's dtype and per-example
-    shape, that all share one batch size, and that the batch size is within ``[1, max_batch_size]``.
+    shape and no NaN / inf values, that all share one batch size, and that the batch size is within
+    ``[1, max_batch_size]``.
     :raises InvalidInputsError: naming the first problem found
     """
     if len(tensors) != len(schema):
@@ -45,6 +46,8 @@ def check_inputs(
             raise InvalidInputsError(f"{what}: input #{index} has shape {list(tensor.shape)}, expected [{expected}]")
         if descriptor.dtype is not None and tensor.dtype != descriptor.dtype:
             raise InvalidInputsError(f"{what}: input #{index} has dtype {tensor.dtype}, expected {descriptor.dtype}")
+        if not _all_finite(tensor):  # one such row would poison the whole batch's update (and other callers' rows)
+            raise InvalidInputsError(f"{what}: input #{index} contains NaN or infinite values; send finite values")
         if batch_size is None:
             batch_size = tensor.shape[0]
         elif tensor.shape[0] != batch_size:
@@ -58,6 +61,15 @@ def check_inputs(
             f"{what}: batch size {batch_size} exceeds max_batch_size={max_batch_size}; split it into smaller batches"
         )
     return batch_size
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN / inf (integer tensors always do); a finite sum proves it in one pass."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+        return True
+    if torch.isfinite(tensor.sum()).item():
+        return True
+    return bool(torch.isfinite(tensor).all())  # the sum may overflow with large finite values: check each one
 
 
 class ModuleBackend:
@@ -209,10 +221,18 @@ class ModuleBackend:
         return grads
 
     def on_backward(self, batch_size: int) -> None:
-        """Train after a backward batch: optimizer step and zero_grad, then scheduler step."""
+        """Train after a backward batch: optimizer step and zero_grad, then scheduler step.
+
+        A batch whose parameter gradients are not all finite (finite inputs can still overflow) is not applied: one
+        such step would leave NaN / inf parameters, and the expert would answer NaN to everyone from then on.
+        """
         with self._update_lock:
             if self.optimizer is None:
                 self.module.zero_grad(set_to_none=True)  # not trained: do not let gradients accumulate
+                return
+            if not all(p.grad is None or _all_finite(p.grad) for p in self.module.parameters()):
+                logger.warning(f"{self.name}: gradients of a backward batch are not finite; this update is skipped")
+                self.module.zero_grad(set_to_none=True)
                 return
             self.optimizer.step()
             self.optimizer.zero_grad()
