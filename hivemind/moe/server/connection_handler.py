@@ -36,7 +36,7 @@ from hivemind.moe.server.expert_requests import (
 )
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
-from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
+from hivemind.utils.asyncio import aiter_with_timeout, await_with_timeout, switch_to_uvloop
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
@@ -48,6 +48,7 @@ logger = get_logger(__name__)
 
 _SHUTDOWN_COMMAND = "_shutdown"
 _CLEANUP_TIMEOUT = 5.0  # seconds for unregistering handlers and closing the P2P client at shutdown
+STREAM_STALL_TIMEOUT = 30.0  # a streamed request whose next message takes longer is dropped (slow or stalled caller)
 
 
 async def _daemon_listen_maddr(_dht: DHT, node) -> str:
@@ -65,6 +66,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
     :param shutdown_timeout: seconds to wait for a graceful stop before a handler process is terminated
     :param start: start serving (in a child process) in the constructor and wait until ready
     """
+
+    stream_stall_timeout: float = STREAM_STALL_TIMEOUT  # seconds a streamed request may wait for its next message
 
     def __init__(
         self,
@@ -274,8 +277,13 @@ class ConnectionHandler(mp.Process, ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], backward: bool
     ) -> StreamedRequest:
         collected = StreamedRequest(self._get_schemas(), backward, "backward" if backward else "forward")
-        async for request in requests:
-            collected.add(request)
+        try:
+            async for request in aiter_with_timeout(requests, self.stream_stall_timeout):
+                collected.add(request)
+        except asyncio.TimeoutError:
+            raise ExpertRequestError(
+                f"{collected.what} stream: no message for {self.stream_stall_timeout} s, the request is dropped"
+            ) from None
         return collected
 
     async def rpc_forward_stream(

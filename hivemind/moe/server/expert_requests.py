@@ -30,6 +30,9 @@ __all__ = [
 
 STREAM_CHUNK_SIZE_BYTES = 4 * 1024**2  # buffer bytes per streamed message (what clients of the original send)
 _SLACK_BYTES_PER_TENSOR = 64 * 1024  # codebooks / scales of compressed tensors on top of the raw element bytes
+# what each stream message and each chunk costs on top of its buffer bytes (objects kept until the stream ends), so
+# that an endless stream of empty messages or chunks also runs out of budget
+_OVERHEAD_BYTES_PER_MESSAGE = 256
 _MAX_UIDS_LISTED = 8
 
 
@@ -147,8 +150,9 @@ class StreamedRequest:
                 f"after {self.schema.uid!r}"
             )
         expected_count = len(self.schema.backward_inputs if self.backward else self.schema.inputs)
+        self._byte_budget -= _OVERHEAD_BYTES_PER_MESSAGE
         for chunk in request.tensors:
-            self._byte_budget -= len(chunk.buffer)
+            self._byte_budget -= len(chunk.buffer) + _OVERHEAD_BYTES_PER_MESSAGE
             if self._byte_budget < 0:
                 raise ExpertRequestError(
                     f"{self.what}: the stream carries more data than {self.schema.uid} accepts "

@@ -1,0 +1,82 @@
+"""A real expert Server (ModuleBackends, Runtime, handlers, p2pd) and a raw client for the hostile-client tests."""
+
+import asyncio
+from typing import AsyncIterator, Iterable, List
+
+import torch
+
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.dht import DHT
+from hivemind.moe.server.connection_handler import ConnectionHandler
+from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.moe.server.server import Server
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+HIDDEN = 16
+MAX_BATCH = 64
+UID = "expert.0"
+
+
+def make_backends(uids: Iterable[str], lr: float = 0.1):
+    backends = {}
+    for index, uid in enumerate(uids):
+        torch.manual_seed(index)
+        module = torch.nn.Sequential(torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Tanh())
+        backends[uid] = ModuleBackend(
+            uid,
+            module,
+            optimizer=torch.optim.SGD(module.parameters(), lr=lr),
+            args_schema=(BatchTensorDescriptor(HIDDEN),),
+            outputs_schema=BatchTensorDescriptor(HIDDEN),
+            max_batch_size=MAX_BATCH,
+        )
+    return backends
+
+
+def start_hostile_server() -> Server:
+    """A Server hosting expert.0 and expert.1 (SGD-trained), started in this process."""
+    return Server(DHT(start=True), make_backends([UID, "expert.1"]), update_period=30, start=True)
+
+
+async def connect_attacker(server: Server):
+    """(client P2P connected to the server, stub of the server's ConnectionHandler)."""
+    client = await P2P.create(initial_peers=[str(maddr) for maddr in server.dht.get_visible_maddrs()])
+    return client, ConnectionHandler.get_stub(client, server.dht.peer_id)
+
+
+def make_request(uid: str, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize_torch_tensor(tensor) for tensor in tensors])
+
+
+async def as_stream(requests: Iterable[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    for request in requests:
+        yield request
+
+
+async def good_forward(stub, uid: str = UID, batch: int = 3) -> torch.Tensor:
+    """A well-formed forward call; returns the output (asserting its shape)."""
+    response = await stub.rpc_forward(make_request(uid, torch.randn(batch, HIDDEN)), timeout=30)
+    (output,) = [deserialize_torch_tensor(tensor) for tensor in response.tensors]
+    assert output.shape == (batch, HIDDEN)
+    return output
+
+
+def parameters_of(server: Server, uid: str = UID) -> List[torch.Tensor]:
+    backend = server.module_backends[uid]
+    with backend._update_lock:
+        return [parameter.detach().clone() for parameter in backend.module.parameters()]
+
+
+async def drain(responses) -> None:
+    async for _ in responses:
+        pass
+
+
+async def sleep_forever_after(requests: Iterable[runtime_pb2.ExpertRequest], stalled: asyncio.Event):
+    """A slow-loris input: sends the given messages, then never ends the stream."""
+    for request in requests:
+        yield request
+    stalled.set()
+    await asyncio.Event().wait()
