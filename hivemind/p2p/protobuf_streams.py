@@ -52,8 +52,9 @@ async def serve_protobuf_stream(
         caller_left.set()
         responding.cancel()
 
+    input_ended = asyncio.Event()  # set once the caller's end-of-stream (or EOF) was read
     read_task = asyncio.create_task(
-        _read_requests(input_protobuf_type, reader, requests, max_message_size, on_caller_left)
+        _read_requests(input_protobuf_type, reader, requests, max_message_size, on_caller_left, input_ended)
     )
     try:
         await responding  # (cancelling this coroutine cancels the handler too)
@@ -68,15 +69,17 @@ async def serve_protobuf_stream(
         for task in (responding, read_task):
             task.cancel()
         _, input_refused = await asyncio.gather(responding, read_task, return_exceptions=True)
-    if input_refused is True:
+    if input_refused is True or not input_ended.is_set():
+        # the handler is done but the caller may still be sending: closing now would reset the stream
         await _let_the_refusal_arrive(reader, writer)
 
 
 async def _let_the_refusal_arrive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Half-close, then discard what the caller still sends until it closes (at most REFUSAL_LINGER seconds).
 
-    Closing a socket with unread bytes in it resets the stream, and a reset can overtake the error frame that
-    explains the refusal; the caller closes its side as soon as it reads that frame.
+    Closing a socket with unread bytes in it resets the stream, and a reset can overtake the last frames written:
+    the error frame that explains a refusal, or the last replies of a handler that returned before reading all of
+    its input. The caller closes its side as soon as it reads the end of the replies.
     """
     try:
         if writer.can_write_eof():
@@ -178,6 +181,7 @@ async def _read_requests(
     queue: asyncio.Queue,
     max_message_size: Optional[int],
     on_caller_left: Callable[[], None],
+    input_ended: asyncio.Event,
 ) -> Optional[bool]:
     """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF.
     Returns True if a request was refused (too large, malformed), leaving the rest of the input unread.
@@ -190,9 +194,11 @@ async def _read_requests(
             try:
                 request, error = await framing.receive_protobuf(input_protobuf_type, reader, max_message_size)
             except asyncio.IncompleteReadError:
+                input_ended.set()
                 await queue.put(_EXHAUSTED)
                 return  # the input ended with EOF instead of end-of-stream: nothing more to watch
             if error is not None:
+                input_ended.set()
                 break  # end-of-stream marker (whatever its text)
             await queue.put(request)
     except asyncio.CancelledError:
