@@ -67,7 +67,8 @@ class DonorBusyError(RuntimeError):
 
 
 class DownloadSlots:
-    """At most ``max_active`` holders at once; up to ``max_waiting`` more wait in turn for at most ``max_wait`` s.
+    """At most ``max_active`` holders at once; up to ``max_waiting`` more wait in turn for at most ``max_wait`` s;
+    one holder or waiter per ``who`` (a peer).
 
     ``async with slots.acquire(who):`` either enters, or raises :class:`DonorBusyError` when the queue is full or the
     wait ran out. Cancelling a waiter (its downloader left) takes it out of the queue.
@@ -80,9 +81,22 @@ class DownloadSlots:
         self._semaphore = asyncio.Semaphore(max_active)
         self.active = 0  # holders right now
         self.waiting = 0  # callers queued for a slot right now
+        self._peers = set()  # the ``who`` of every holder and waiter: one download per peer at a time
 
     @contextlib.asynccontextmanager
     async def acquire(self, who: object = None) -> AsyncIterator[None]:
+        if who is not None and who in self._peers:  # else one peer opening many downloads locks the others out
+            raise DonorBusyError(f"{who} already downloads this peer's state (or waits for it): one at a time")
+        if who is not None:
+            self._peers.add(who)
+        try:
+            async with self._acquire_slot():
+                yield
+        finally:
+            self._peers.discard(who)
+
+    @contextlib.asynccontextmanager
+    async def _acquire_slot(self) -> AsyncIterator[None]:
         if self._semaphore.locked() or self.waiting > 0:  # no free slot, or others are first in line
             if self.waiting >= self.max_waiting:
                 raise DonorBusyError(
