@@ -87,18 +87,8 @@ class Member:
 
 
 def check_average(member: Member, expected: List[np.ndarray]) -> None:
-    """The member's tensors equal the expected average (float32 rounding differs with who reduced a part).
-
-    Known race (reported, not in this test's code): our reducer's handler returns after its last reply without
-    reading the sender's end-of-stream, and the stream's close can then overtake that reply, so an ORIGINAL sender
-    occasionally misses the last part's average and keeps its local values for that part. That exact outcome is
-    marked xfail; any other difference fails.
-    """
-    for index, (got, want) in enumerate(zip(member.current_tensors(), expected)):
-        if np.allclose(got, want, rtol=0, atol=1e-5):
-            continue
-        if member.side == ORIGINAL and index == len(SHAPES) - 1 and np.array_equal(got, member.tensors[index]):
-            pytest.xfail("known race: the original sender lost the last part's reply (kept its local values)")
+    """The member's tensors equal the expected average (float32 rounding differs with who reduced a part)."""
+    for got, want in zip(member.current_tensors(), expected):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
