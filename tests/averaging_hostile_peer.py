@@ -17,6 +17,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
 Code = averaging_pb2.MessageCode
+Part = averaging_pb2.AveragingData
 PREFIX = "hostile"
 AUX_GATHER = encode_gather(None, 2, None)  # an auxiliary member: reduces the victim's parts, sends none
 
@@ -51,9 +52,7 @@ class HostilePeer(ServicerBase):
         self.joined.set()
         yield message
 
-    async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+    async def rpc_aggregate_part(self, stream: AsyncIterator[Part], context: P2PContext) -> AsyncIterator[Part]:
         async for message in stream:
             self.parts_received.append(message)
             reply = self.make_delta(message)
