@@ -3,6 +3,9 @@ Collaborative training with hivemind.Optimizer: several peers (the last one in c
 scikit-learn's bundled digits (8x8 images, 10 classes, no download) and the script reports seconds per epoch, test
 accuracy per epoch next to local training with the same global batch, each peer's memory, and where the time of an
 epoch goes (computing, accumulating, waiting for the averaging group, all-reduce, the rest of the global step).
+By default each local step of 8 samples takes 0.8 s (--step_time, simulated compute of a bigger model), so that an
+epoch holds about 6.4 s of compute per peer and the averaging rounds' matchmaking can overlap it, as in real training;
+with --step_time 0 the MLP's own compute is negligible and an epoch lasts about matchmaking_time.
 
     python benchmarks/benchmark_optimizer.py                          # 4 peers (one client-mode), target batch 256
     python benchmarks/benchmark_optimizer.py --peers 2 --epochs 5
@@ -124,7 +127,7 @@ class RoundWatcher:
                 allreduce = stages.get("RUNNING_ALLREDUCE")
                 found.append(dict(
                     created=record["created"], group_found=group_found, allreduce_started=allreduce,
-                    done=record["done"], failed=_failed(record["control"]),
+                    done=record["done"], failed=bool(_failed(record["control"])),
                 ))  # fmt: skip
         return found
 
@@ -178,11 +181,14 @@ def run_peer(index, args, data, maddr_queue, start_barrier, stop_barrier, result
     epoch, epoch_started = opt.local_epoch, time.perf_counter()
     started = epoch_started
     compute = accumulate = 0.0
+    steps = 0
     while opt.local_epoch < args.epochs and time.perf_counter() - started < args.timeout:
         batch = torch.randint(0, len(train_y), (args.batch_size,), generator=generator)
         begin = time.perf_counter()
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch]).backward()
+        if args.step_time > 0:
+            time.sleep(args.step_time)  # a slower model / device: the time one real training step would take
         step_begin = time.perf_counter()
         try:
             opt.step()
@@ -192,21 +198,31 @@ def run_peer(index, args, data, maddr_queue, start_barrier, stop_barrier, result
                 raise
             failures += 1
         step_end = time.perf_counter()
+        steps += 1
         if opt.local_epoch == epoch:
             compute, accumulate = compute + step_begin - begin, accumulate + step_end - step_begin
             continue
         record = dict(epoch=opt.local_epoch, start=epoch_started - started, end=step_end - started,
-                      compute=compute + step_begin - begin, accumulate=accumulate, global_step=step_end - step_begin,
+                      compute=compute + step_begin - begin, accumulate=accumulate, steps=steps,
+                      global_step=step_end - step_begin,
                       accuracy=accuracy(model, test_x, test_y), rss=tree_memory_mib())  # fmt: skip
-        for name, watcher in watchers.items():
-            rounds = watcher.rounds_between(epoch_started, step_end + 1e-6)
-            record[name] = [
-                {key: (value - step_begin if isinstance(value, float) and key != "failed" else value)
-                 for key, value in round_.items()}
-                for round_ in rounds
-            ]  # fmt: skip
+        record.update(global_begin=step_begin, global_end=step_end, epoch_begin=epoch_started)
         epochs.append(record)
-        epoch, epoch_started, compute, accumulate = opt.local_epoch, time.perf_counter(), 0.0, 0.0
+        epoch, epoch_started, compute, accumulate, steps = opt.local_epoch, time.perf_counter(), 0.0, 0.0, 0
+    time.sleep(10 * STAGE_POLL_PERIOD)  # the poller sees the last round's end
+    for number, record in enumerate(epochs):
+        # a gradient round ends inside the global step that waits for it; a state round runs in the background
+        windows = dict(grad=(record["global_begin"], record["global_end"] + 0.05),
+                       state=(record["epoch_begin"], epochs[number + 1]["epoch_begin"]
+                              if number + 1 < len(epochs) else float("inf")))  # fmt: skip
+        for name, watcher in watchers.items():
+            record[name] = [
+                {
+                    key: value - record["global_begin"] if isinstance(value, float) else value
+                    for key, value in r.items()
+                }
+                for r in watcher.rounds_between(*windows[name])
+            ]
     pss = tree_memory_mib(proportional=True)
     results.put(dict(index=index, epochs=epochs, client_mode=client_mode, failures=failures, pss=pss, joined=joined))
     stop_barrier.wait()
@@ -251,7 +267,13 @@ def main():
     parser.add_argument("--peers", type=int, default=4, help="peers, the last one in client mode")
     parser.add_argument("--no_client", action="store_true", help="no client-mode peer")
     parser.add_argument("--target_batch_size", type=int, default=256, help="samples per epoch, whole swarm")
-    parser.add_argument("--batch_size", type=int, default=32, help="samples per local step")
+    parser.add_argument("--batch_size", type=int, default=8, help="samples per local step")
+    parser.add_argument(
+        "--step_time",
+        type=float,
+        default=0.8,
+        help="seconds each local step takes at least (simulated compute; 0: the MLP's real time)",
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--matchmaking_time", type=float, default=5.0, help="seconds")
     parser.add_argument("--averaging_timeout", type=float, default=30.0, help="seconds")
@@ -293,14 +315,16 @@ def main():
                 process.kill()
 
     print(f"peers={args.peers} (client-mode: {0 if args.no_client or args.peers == 1 else 1}) "
-          f"target_batch_size={args.target_batch_size} batch_size={args.batch_size} epochs={args.epochs} "
+          f"target_batch_size={args.target_batch_size} batch_size={args.batch_size} step_time={args.step_time} "
+          f"epochs={args.epochs} "
           f"matchmaking_time={args.matchmaking_time} averaging_timeout={args.averaging_timeout} "
           f"target_group_size={args.target_group_size}")  # fmt: skip
     first = reports[0]["epochs"]
-    print("epoch  end_s  epoch_s  accuracy  local_acc  compute  accumulate  global  wait_grp  allreduce  rest")
+    print("epoch  end_s  epoch_s  accuracy  local_acc  steps  compute  accumulate  global  wait_grp  allreduce  rest")
     for record in first:
         print(f"{record['epoch']:5d} {record['end']:6.2f} {record['end'] - record['start']:8.2f} "
-              f"{record['accuracy']:9.3f} {local[record['epoch'] - 1]:10.3f} {record['compute']:8.2f} "
+              f"{record['accuracy']:9.3f} {local[record['epoch'] - 1]:10.3f} {record['steps']:6d} "
+              f"{record['compute']:8.2f} "
               f"{record['accumulate']:11.2f} {record['global_step']:7.2f} "
               f"{describe_breakdown(record)}")  # fmt: skip
     for name in ("grad", "state"):
