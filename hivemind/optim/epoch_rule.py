@@ -19,7 +19,12 @@ __all__ = [
     "should_load_state",
     "is_synchronized",
     "should_schedule_averaging",
+    "MAX_EPOCH",
 ]
+
+# No honest swarm gets near this epoch; a record or state claiming more is refused, so that the local epoch (which
+# jumps to the largest one seen) stays far below 2 ** 64, the largest integer msgpack can publish.
+MAX_EPOCH = 2**62
 
 
 class PeerProgress(Protocol):

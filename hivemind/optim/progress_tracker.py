@@ -15,6 +15,7 @@ from pydantic import v1 as pydantic_v1
 from hivemind.dht import DHT
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.optim.epoch_rule import (
+    MAX_EPOCH,
     GlobalTrainingProgress,
     RefreshPolicy,
     is_synchronized,
@@ -334,9 +335,14 @@ class ProgressTracker(threading.Thread):
             if subkey == self._local_public_key or value is None:
                 continue  # our own record is kept locally; None marks a peer that left
             try:
-                records.append(LocalTrainingProgress.parse_obj(value))
+                record = LocalTrainingProgress.parse_obj(value)
             except (pydantic_v1.ValidationError, TypeError) as e:
                 logger.debug(f"{self.name} ignores a malformed progress record: {e!r}")
+                continue
+            if record.epoch > MAX_EPOCH:  # following it, this peer's own epoch could no longer be published
+                logger.debug(f"{self.name} ignores a progress record at an absurd epoch {record.epoch}")
+                continue
+            records.append(record)
         return records
 
     def _log_status(self) -> None:

@@ -13,6 +13,7 @@ from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
+from hivemind.optim.epoch_rule import MAX_EPOCH
 from hivemind.optim.optimizer_state import (
     OptimizerStateError,
     dump_optimizer_state,
@@ -362,7 +363,11 @@ class TrainingStateAverager(DecentralizedAverager):
                 logger.warning(f"Averaging the training state failed, keeping local values: {pending.exception()!r}")
                 return
             gathered, sent, round_epoch = pending.result()
-            epochs = [value for value in gathered.values() if isinstance(value, int) and not isinstance(value, bool)]
+            epochs = [
+                value
+                for value in gathered.values()
+                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_EPOCH
+            ]
             if self.sync_epoch_when_averaging:
                 self._apply_averaged_state(sent)
                 self.local_epoch = max([self.local_epoch, *epochs])
@@ -439,6 +444,8 @@ class TrainingStateAverager(DecentralizedAverager):
             raise ValueError(f"the donor's epoch is not a non-negative int: {epoch!r:.50}")
         if epoch < self.local_epoch:
             raise ValueError(f"the donor is at epoch {epoch}, behind the local epoch {self.local_epoch}")
+        if epoch > MAX_EPOCH:
+            raise ValueError(f"the donor claims an absurd epoch {epoch} (more than {MAX_EPOCH})")
         num_params, num_extras = len(self._optimizer_parameters), len(self.extra_tensors)
         local = [*self._optimizer_parameters, *self.extra_tensors]
         if len(tensors) < len(local):
