@@ -222,3 +222,26 @@ def test_handler_processes_work_under_spawn(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "served from spawned handlers" in result.stdout
+
+
+class BrokenHandler:
+    """A connection handler whose start fails (as a handler that cannot reach the DHT's daemon would)."""
+
+    def run_in_thread(self, await_ready=True, timeout=None):
+        raise OSError("no route to the p2p daemon")
+
+    def is_alive(self):
+        return False
+
+    def shutdown(self):
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_failed_start_raises_and_stops_what_started():
+    server = Server(DHT(start=True), make_backends(["expert.0"]))
+    server.conn_handlers = [BrokenHandler()]
+    with pytest.raises(RuntimeError, match="no route to the p2p daemon"):
+        server.run_in_background(timeout=30)
+    assert not server.dht_handler_thread.is_alive()
+    assert not server.dht.is_alive()

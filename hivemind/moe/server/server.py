@@ -197,7 +197,10 @@ class Server(threading.Thread):
         except BaseException as e:
             self._start_error = e
             self._stopped.set()
-            raise
+            if threading.current_thread() is not self:
+                raise  # run() called directly: the caller gets the error
+            logger.error(f"Server failed to start: {e!r}")  # run_in_background re-raises it for its caller
+            return
         if self._stopped.is_set():  # shutdown() was called while starting
             return
         self.runtime.run()
@@ -211,7 +214,9 @@ class Server(threading.Thread):
         while not self.ready.wait(_READY_POLL_INTERVAL):
             waited += _READY_POLL_INTERVAL
             if not self.is_alive() or self._start_error is not None:
-                raise RuntimeError(f"Server failed to start: {self._start_error!r}") from self._start_error
+                error = self._start_error
+                self.shutdown()  # whatever did start (announcements, handlers, the DHT) stops again
+                raise RuntimeError(f"Server failed to start: {error!r}") from error
             if timeout is not None and waited >= timeout:
                 raise TimeoutError(f"Server did not become ready within {timeout} s")
 
