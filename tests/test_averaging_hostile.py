@@ -84,7 +84,8 @@ async def test_leader_refuses_a_join_request_with_a_malformed_gather(gather):
         control.cancel()
 
 
-async def test_a_sender_weight_that_overflows_the_sum_is_refused():
+@pytest.mark.parametrize("weight, value", [(1e38, 100.0), (1e300, 0.0)], ids=["product-overflows", "weight-overflows"])
+async def test_a_sender_weight_that_overflows_the_sum_is_refused(weight, value):
     tensor = torch.arange(64, dtype=torch.float32)
     original = tensor.clone()
     async with hostile_setup([tensor], part_size_bytes=64) as (hostile, victim):
@@ -92,8 +93,8 @@ async def test_a_sender_weight_that_overflows_the_sum_is_refused():
         hostile.make_delta = lambda message: delta_message(torch.zeros(16))
         step = asyncio.create_task(run_step(hostile, victim, timeout=20))
         await asyncio.wait_for(hostile.joined.wait(), 15)
-        container = TensorPartContainer([torch.full((64,), 100.0)], [1.0, 1.0], part_size_bytes=64)
-        messages = sender_messages(container, 1, hostile.group_id, weight=1e38)  # finite, but 1e38 * 100 is not
+        container = TensorPartContainer([torch.full((64,), value)], [1.0, 1.0], part_size_bytes=64)
+        messages = sender_messages(container, 1, hostile.group_id, weight=weight)  # inf in float32: inf * 0 = NaN
         stub = type(hostile).get_stub(hostile.p2p, victim.peer_id, namespace=PREFIX)
         replies = [reply async for reply in await stub.rpc_aggregate_part(as_aiter(*messages))]
         assert [reply.code for reply in replies] == [averaging_pb2.INTERNAL_ERROR]

@@ -161,6 +161,8 @@ def refuse_unsafe_part(values: torch.Tensor, weight: float, local: torch.Tensor,
         return
     wide = values.dtype in (torch.float64, torch.complex128) or not (values.is_floating_point() or values.is_complex())
     limit = torch.finfo(torch.float64 if wide else torch.float32).max / max(num_senders, 1)
+    if weight > limit:  # the reducer multiplies in its sum's dtype, where such a weight is inf (and inf * 0 is NaN)
+        raise AllreduceException(f"{what}: weight {weight:g} is more than the reducer's sums can hold ({limit:g})")
     if values.dtype in (torch.float32, torch.float64):  # fast pass: the largest magnitude, single-threaded
         peak = largest_magnitude(values)  # NaN if a value is
         if math.isfinite(peak) and weight * peak <= limit:
