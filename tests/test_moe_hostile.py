@@ -2,6 +2,7 @@
 keeps serving a good client."""
 
 import asyncio
+import resource
 import time
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from moe_hostile_helpers import (
     HIDDEN,
     UID,
+    as_stream,
     connect_attacker,
     drain,
     good_forward,
@@ -20,6 +22,7 @@ from moe_hostile_helpers import (
 
 from hivemind.compression import serialize_torch_tensor
 from hivemind.p2p import P2PHandlerError
+from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
@@ -119,4 +122,22 @@ async def test_stream_of_endless_empty_messages_is_refused(hostile_server, attac
     except P2PHandlerError as e:
         assert "more data than" in str(e)
     assert responses == []
+    await good_forward(stub)
+
+
+@pytest.mark.timeout(60)
+async def test_stream_message_of_millions_of_empty_tensors_is_refused_before_parsing(hostile_server, attacker):
+    _, stub = attacker
+    # 16 MiB on the wire, 8M empty Tensor entries: parsing it would take ~40x that (over 600 MiB) in the server
+    uid_field = runtime_pb2.ExpertRequest(uid=UID).SerializeToString()
+    message = EncodedMessage([uid_field, b"\x12\x00" * (8 * 1024**2)])
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    error = None
+    try:
+        await drain(await stub.rpc_forward_stream(as_stream([message])))
+    except P2PHandlerError as e:
+        error = e
+    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    assert peak_growth < 200 * 1024**2, f"the server's memory peaked {peak_growth / 2**20:.0f} MiB higher"
+    assert error is None or "bytes accepted here" in str(error)  # (or the refusal arrived as a bare end of stream)
     await good_forward(stub)

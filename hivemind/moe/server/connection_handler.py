@@ -25,6 +25,7 @@ import torch
 
 from hivemind.dht import DHT
 from hivemind.moe.server.expert_requests import (
+    STREAM_CHUNK_SIZE_BYTES,
     ExpertRequestError,
     ExpertSchema,
     StreamedRequest,
@@ -35,6 +36,7 @@ from hivemind.moe.server.expert_requests import (
     unknown_uid_error,
 )
 from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, await_with_timeout, switch_to_uvloop
 from hivemind.utils.logging import get_logger
@@ -48,6 +50,8 @@ logger = get_logger(__name__)
 
 _SHUTDOWN_COMMAND = "_shutdown"
 _CLEANUP_TIMEOUT = 5.0  # seconds for unregistering handlers and closing the P2P client at shutdown
+# one message of a streamed request: a chunk of STREAM_CHUNK_SIZE_BYTES (what clients send) and its metadata
+MAX_STREAM_MESSAGE_BYTES = STREAM_CHUNK_SIZE_BYTES + 64 * 1024
 STREAM_STALL_TIMEOUT = 30.0  # a streamed request whose next message takes longer is dropped (slow or stalled caller)
 
 
@@ -170,7 +174,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
             try:
                 maddr = await loop.run_in_executor(None, self.dht.run_coroutine, _daemon_listen_maddr)
                 self._p2p = await P2P.replicate(maddr)
-                await self.add_p2p_handlers(self._p2p, None, balanced=self.balanced)
+                await self._add_handlers(self._p2p)
             except BaseException as e:
                 logger.debug(f"{self.__class__.__name__} failed to start: {e!r}")
                 if not self.ready.done():
@@ -182,6 +186,24 @@ class ConnectionHandler(mp.Process, ServicerBase):
             loop.remove_reader(self._inner_pipe.fileno())
             if self._p2p is not None:
                 await self._close_p2p(self._p2p)
+
+    async def _add_handlers(self, p2p: P2P) -> None:
+        """Serve every rpc_*; a message of a streamed request holds one chunk, so a larger one is refused before it is
+        read (parsing a message of many empty tensors takes ~40x its size in memory)."""
+        await asyncio.gather(
+            *(
+                p2p.add_protobuf_handler(
+                    get_handle_name(None, type(self).__name__, handler.name),
+                    getattr(self, handler.name),
+                    handler.request_type,
+                    stream_input=handler.stream_input,
+                    stream_output=handler.stream_output,
+                    balanced=self.balanced,
+                    max_message_size=MAX_STREAM_MESSAGE_BYTES,
+                )
+                for handler in self._get_rpc_handlers()
+            )
+        )
 
     async def _close_p2p(self, p2p: P2P) -> None:
         try:
