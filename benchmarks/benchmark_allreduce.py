@@ -177,7 +177,11 @@ def averager_peer(rank: int, initial_maddrs: List[str], connection, torch_thread
         cpu_before = _cpu_seconds(processes)
         started = time.perf_counter()
         control.allow_allreduce()
-        control.result()
+        try:
+            control.result()
+        except Exception as e:  # e.g. the group formed without some peer: report it instead of dying
+            connection.send(("failed", repr(e)))
+            continue
         elapsed = time.perf_counter() - started
         cpu = _cpu_seconds(processes) - cpu_before
         with averager.get_tensors() as (averaged,):
@@ -279,6 +283,10 @@ def measure(kind: str, num_peers: int, sizes: List[int], repeats: int, torch_thr
                     for connection in connections:
                         connection.send("go")
                 replies = [connection.recv() for connection in connections]
+                failures = [reply[1] for reply in replies if reply[0] == "failed"]
+                if failures:
+                    print(f"{kind}, {num_peers} peers, {size} elements: round {round_id} failed: {failures[0]}")
+                    continue
                 if round_id == 0:
                     continue
                 times.append(max(reply[0] for reply in replies))
@@ -286,6 +294,8 @@ def measure(kind: str, num_peers: int, sizes: List[int], repeats: int, torch_thr
                 checksums = [reply[2] for reply in replies]
                 if max(checksums) - min(checksums) > 1e-2 * max(1.0, abs(checksums[0])):
                     raise RuntimeError(f"{kind}: peers ended with different vectors: {checksums}")
+            if not times:
+                continue
             seconds = statistics.median(times)
             results[size] = {
                 "seconds": seconds,
