@@ -142,15 +142,23 @@ def test_only_cancelled_tasks_form_no_batch(make_pool):
     assert future.result(timeout=5)[0].shape == (2, 2)
 
 
-def test_failed_batch_fails_its_tasks(make_pool):
+def test_failed_batch_is_retried_task_by_task_and_fails_only_its_failing_task(make_pool):
     pool = make_pool()
-    futures = [pool.submit_task(torch.ones(1, 2)) for _ in range(3)]
+    futures = [pool.submit_task(torch.full((1, 2), float(i))) for i in range(3)]
     pool.start()
-    index, _ = pool.load_batch_to_runtime(timeout=5)
+    index, (inputs,) = pool.load_batch_to_runtime(timeout=5)
+    assert len(inputs) == 3
     pool.send_exception_from_runtime(index, ValueError("expert exploded"))
-    for future in futures:
-        with pytest.raises(ValueError, match="expert exploded"):
-            future.result(timeout=5)
+    for _ in range(3):
+        index, (inputs,) = pool.load_batch_to_runtime(timeout=5)
+        assert len(inputs) == 1
+        if inputs[0, 0] == 1:
+            pool.send_exception_from_runtime(index, ValueError("expert exploded"))
+        else:
+            pool.send_outputs_from_runtime(index, (inputs * 2,))
+    with pytest.raises(ValueError, match="expert exploded"):
+        futures[1].result(timeout=5)
+    assert [future.result(timeout=5)[0].tolist() for future in (futures[0], futures[2])] == [[[0, 0]], [[4, 4]]]
 
 
 def test_outputs_without_the_batch_dimension_fail_the_tasks(make_pool):

@@ -13,6 +13,7 @@ tasks first: a batch holds whole tasks, at most ``max_batch_size`` examples, and
 same count, dtypes and per-example shapes as the first one (a task that does not fit starts the next batch instead,
 so it can never break the concatenation of others). It waits for ``min_batch_size`` examples, or ``timeout`` seconds
 after the oldest task arrived if ``timeout`` is set. Outputs of a batch are split back along the first dimension.
+A batch of several tasks whose computation fails is retried one task at a time, so that only the failing task fails.
 
 Refused at once (the future holds the error, nothing is queued): a task without tensors, an empty task (batch size
 0), tensors with different batch sizes, a task over ``max_batch_size`` and, when ``pool_size`` is set, a task that
@@ -368,9 +369,22 @@ class TaskPool(TaskPoolBase):
             start += task.size
 
     def send_exception_from_runtime(self, batch_index: int, exception: BaseException) -> None:
-        """Fail every task of a batch with ``exception``."""
+        """Fail the tasks of a batch with ``exception``; a batch of several tasks is retried one task per batch first.
+
+        Tasks that fit the schema can still fail the computation by their values (e.g. an out-of-range index for an
+        embedding): retried alone, such a task fails by itself and the others of its batch get their results.
+        """
         with self._lock:
             batch = self._in_flight.pop(batch_index, None)
+            if batch is not None and len(batch.tasks) > 1 and not self._closed:
+                retries = [
+                    _Batch(next(self._batch_indices), [task], task.tensors, task.size, task.arrival_time)
+                    for task in batch.tasks
+                ]
+                self._ready.extendleft(reversed(retries))  # oldest first, ahead of newer batches
+                for _ in retries:
+                    self._batch_sender.send_bytes(b"")
+                return
         if batch is None:
             logger.debug(f"{self.name}: an error for unknown batch {batch_index} (pool shut down?): {exception!r}")
             return
