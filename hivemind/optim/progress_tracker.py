@@ -102,6 +102,7 @@ class ProgressTracker(threading.Thread):
         )
         self.metadata_expiration, self.status_loglevel = metadata_expiration, status_loglevel
         self.performance_ema = PerformanceEMA(performance_ema_alpha)  # this peer's samples per second
+        self._speed_clock_started = False  # the first report with samples starts the speed measurement
 
         signer = RSASignatureValidator(private_key if private_key is not None else RSAPrivateKey())
         self._local_public_key = signer.local_public_key  # the subkey of this peer's record: only we can sign it
@@ -153,7 +154,11 @@ class ProgressTracker(threading.Thread):
         with self._lock:
             new_samples = samples_accumulated - self.local_progress.samples_accumulated
             if local_epoch == self.local_progress.epoch and new_samples > 0:
-                self.performance_ema.update(new_samples)
+                if self._speed_clock_started:
+                    self.performance_ema.update(new_samples)
+                else:  # the time since creation was setup, not training: measure from this first report on
+                    self.performance_ema.reset_timer()
+                    self._speed_clock_started = True
             self.local_progress = self._make_record(local_epoch, samples_accumulated)
             if update_global_samples:
                 self._recompute_global_progress(next_fetch_time=self.global_progress.next_fetch_time)
