@@ -177,6 +177,8 @@ def run_peer(index, args, data, maddr_queue, start_barrier, stop_barrier, result
               f"{args.join_timeout} s; starting anyway", flush=True)  # fmt: skip
     joined = time.monotonic() - join_started
     start_barrier.wait()
+    with opt.tracker.pause_updates():
+        pass  # the tracker measures this peer's speed from here: the wait above was not training
     epochs, failures = [], 0
     epoch, epoch_started = opt.local_epoch, time.perf_counter()
     started = epoch_started
