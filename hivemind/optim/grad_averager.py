@@ -10,6 +10,7 @@ import torch
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.dht import DHT
+from hivemind.optim.optimizer_state import FORK_IF_AVAILABLE
 from hivemind.utils.logging import get_logger
 
 __all__ = ["GradientAverager", "GradientAveragerFactory"]
@@ -67,6 +68,9 @@ class GradientAverager(DecentralizedAverager):
         elif len(averaged_grads) != len(self.parameters):
             raise ValueError(f"averaged_grads has {len(averaged_grads)} tensors for {len(self.parameters)} parameters")
         self._new_averaged_grads = False
+        # the averager's process gets a copy of this object, which holds user-side state (the optimizer, locks,
+        # lambdas) that cannot be pickled: fork it even where spawn is the default (e.g. after set_start_method)
+        averager_kwargs.setdefault("start_method", FORK_IF_AVAILABLE)
         super().__init__(
             averaged_tensors=averaged_grads, dht=dht, prefix=prefix, client_mode=client_mode, **averager_kwargs
         )

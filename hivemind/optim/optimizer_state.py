@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
 from hivemind.utils.nested import nested_flatten, nested_pack
 
-__all__ = ["initialize_optimizer_state_", "dump_optimizer_state", "load_optimizer_state", "OptimizerStateError"]
+__all__ = [
+    "initialize_optimizer_state_",
+    "dump_optimizer_state",
+    "load_optimizer_state",
+    "OptimizerStateError",
+    "FORK_IF_AVAILABLE",
+]
+
+# start method of the optim averagers' processes: they inherit the optimizer and its locks, which spawn cannot pickle
+FORK_IF_AVAILABLE = "fork" if "fork" in mp.get_all_start_methods() else None
 
 _SCALAR_TYPES = (type(None), bool, int, float, str)
 

@@ -15,6 +15,7 @@ from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH
 from hivemind.optim.optimizer_state import (
+    FORK_IF_AVAILABLE,
     OptimizerStateError,
     dump_optimizer_state,
     initialize_optimizer_state_,
@@ -163,6 +164,9 @@ class TrainingStateAverager(DecentralizedAverager):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
         self._pending_step: Optional[Future] = None
         self._pending_averaging: Optional[Future] = None
+        # the averager's process gets a copy of this object, which holds user-side state (the optimizer, locks,
+        # lambdas) that cannot be pickled: fork it even where spawn is the default (e.g. after set_start_method)
+        averager_kwargs.setdefault("start_method", FORK_IF_AVAILABLE)
         super().__init__(averaged_tensors=averaged, dht=dht, tensor_infos=infos, **averager_kwargs)
 
     # ------------------------------------------------------------------ tensors
