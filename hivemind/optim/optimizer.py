@@ -118,7 +118,8 @@ class Optimizer(torch.optim.Optimizer):
                       shutdown_timeout=shutdown_timeout, start=True, **averager_opts)  # fmt: skip
         self.state_averager = TrainingStateAverager(
             prefix=f"{run_id}_state_averager", optimizer=optimizer, params=params, scheduler=scheduler,
-            offload_optimizer=options.offload_optimizer, custom_gradients=options.offload_optimizer,
+            offload_optimizer=options.offload_optimizer,
+            custom_gradients=options.offload_optimizer and not use_local_updates,  # else: no averager fills them
             delta_rule_averaging=use_local_updates and delay_state_averaging,
             average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
             compression=state_averaging_compression, state_compression=load_state_compression,
