@@ -36,6 +36,7 @@ from hivemind.moe.server.expert_requests import (
     unknown_uid_error,
 )
 from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.p2p.framing import FRAME_STALL_TIMEOUT, MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, await_with_timeout, switch_to_uvloop
@@ -52,7 +53,9 @@ _SHUTDOWN_COMMAND = "_shutdown"
 _CLEANUP_TIMEOUT = 5.0  # seconds for unregistering handlers and closing the P2P client at shutdown
 # one message of a streamed request: a chunk of STREAM_CHUNK_SIZE_BYTES (what clients send) and its metadata
 MAX_STREAM_MESSAGE_BYTES = STREAM_CHUNK_SIZE_BYTES + 64 * 1024
-STREAM_STALL_TIMEOUT = 30.0  # a streamed request whose next message takes longer is dropped (slow or stalled caller)
+# a streamed request whose next message does not arrive within this many seconds of the previous one is dropped (a
+# stalled caller): what the p2p framing allows one full-size message at its slowest accepted rate (~2 minutes)
+STREAM_STALL_TIMEOUT = FRAME_STALL_TIMEOUT + MAX_STREAM_MESSAGE_BYTES / MIN_FRAME_RATE
 
 
 async def _daemon_listen_maddr(_dht: DHT, node) -> str:
