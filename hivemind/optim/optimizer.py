@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -256,6 +257,8 @@ class Optimizer(torch.optim.Optimizer):
             )
         if batch_size is None:
             batch_size = self.batch_size_per_step
+        if not self.auxiliary:
+            batch_size = _positive_int_batch_size(batch_size)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -484,3 +487,10 @@ class Optimizer(torch.optim.Optimizer):
 
 def _is_pending(control: Optional[StepControl]) -> bool:
     return control is not None and not control.done()
+
+
+def _positive_int_batch_size(batch_size: Any) -> int:
+    """An int batch size (numpy/torch integers too), checked before it changes any counter."""
+    if not isinstance(batch_size, bool) and isinstance(batch_size, numbers.Integral) and batch_size > 0:
+        return int(batch_size)
+    raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")

@@ -1,0 +1,45 @@
+"""Misuse of hivemind.Optimizer is refused with a clear ValueError before anything changes, and never wedges it."""
+
+import pytest
+import torch
+
+from hivemind.dht import DHT
+from hivemind.optim.optimizer import Optimizer
+
+
+@pytest.fixture(scope="module")
+def lonely():
+    dht = DHT(start=True)
+    model = torch.nn.Linear(2, 1)
+    opt = Optimizer(
+        dht=dht, run_id="misuse", target_batch_size=1000, batch_size_per_step=2,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
+        matchmaking_time=1.0, averaging_timeout=3.0,
+    )  # fmt: skip
+    yield model, opt
+    opt.shutdown()
+    dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("batch_size", [2.5, True, "3", -4, 0, float("nan")], ids=repr)
+def test_a_bad_batch_size_is_refused_and_the_next_good_step_still_counts(lonely, batch_size):
+    model, opt = lonely
+    model(torch.ones(1, 2)).sum().backward()
+    samples_before = opt.tracker.local_progress.samples_accumulated
+    with pytest.raises(ValueError, match="batch_size"):
+        opt.step(batch_size=batch_size)
+    assert opt.tracker.local_progress.samples_accumulated == samples_before
+    opt.step(batch_size=2)
+    assert opt.tracker.local_progress.samples_accumulated == samples_before + 2
+    assert opt.local_epoch == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_numpy_integer_batch_size_counts_as_an_int(lonely):
+    np = pytest.importorskip("numpy")
+    model, opt = lonely
+    model(torch.ones(1, 2)).sum().backward()
+    samples_before = opt.tracker.local_progress.samples_accumulated
+    opt.step(batch_size=np.int64(3))
+    assert opt.tracker.local_progress.samples_accumulated == samples_before + 3
