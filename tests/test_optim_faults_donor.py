@@ -41,7 +41,7 @@ def doomed_donor(initial_peers, download_started: mp.Event) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
     StateSharing._state_messages = send_some_then_die  # the averager's process is forked: it inherits the patch
-    dht = DHT(initial_peers=initial_peers, start=True)
+    dht = DHT(start=True, initial_peers=initial_peers)
     model = torch.nn.Linear(64, 64)  # its state needs several messages (64 KiB each)
     with torch.no_grad():
         for param in model.parameters():

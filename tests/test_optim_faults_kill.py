@@ -35,7 +35,7 @@ def train_step(model: torch.nn.Module, opt: Optimizer, generator: torch.Generato
 def doomed_peer(initial_peers, mid_epoch: mp.Event) -> None:
     """Trains until it is in the middle of epoch 1, says so, and keeps training until it is killed."""
     os.setpgrp()  # its own process group: the test kills it with its DHT, averagers and daemons at once
-    dht = DHT(initial_peers=initial_peers, start=True)
+    dht = DHT(start=True, initial_peers=initial_peers)
     model = torch.nn.Linear(8, 1)
     opt = make_optimizer(dht, model)
     generator = torch.Generator().manual_seed(1)
