@@ -127,7 +127,9 @@ def test_background_server_serves_and_stops():
             (expert,) = get_experts(client_dht, ["ffn.0"])
             assert expert is not None and expert.peer_id == server_info.peer_id
             assert expert(torch.randn(2, 8)).shape == (2, 8)
-    assert [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE] == []
+    # the server's and the client DHT's processes exit on their own; allow a loaded machine a few seconds for it
+    _, still_running = psutil.wait_procs(psutil.Process().children(), timeout=15)
+    assert still_running == []
 
 
 @pytest.mark.timeout(60)
