@@ -112,11 +112,12 @@ async def test_group_is_full_at_target_size():
 
 async def test_follower_reports_a_leader_that_never_starts_the_group():
     async with swarm_context() as swarm:
+        # the follower starts first: its start-up on a loaded machine must not outlast the leader's short declaration
+        follower = await swarm.add()
         stall = asyncio.Event()  # never set: the leader accepts and then says nothing
         leader = await start_scripted_leader(
             swarm, [averaging_pb2.MessageFromLeader(code=Code.ACCEPTED), stall.wait()], 0.8
         )
-        follower = await swarm.add()
         with pytest.raises(MatchmakingException, match=r"timed out waiting for the leader 1 time\(s\)"):
             await follower.matchmaking.look_for_group(make_step(timeout=2.5))
         assert len(leader.requests) == 1
