@@ -59,10 +59,24 @@ class Runtime(threading.Thread):
         self.ready = mp.Event()
         self._shutdown_requested = threading.Event()
         self._wake_receiver, self._wake_sender = mp.Pipe(duplex=False)
+        self._pipe_lock = threading.Lock()  # orders run() taking the wake pipe against shutdown() closing it
+        self._serving = False  # run() owns the wake receiver and closes it when it returns
         self.stats = _Stats()
 
     def run(self):
         """Serve batches until shutdown() (blocking)."""
+        with self._pipe_lock:
+            if self._shutdown_requested.is_set():
+                return  # shut down before it ran: the pipe is closed already
+            self._serving = True
+        try:
+            self._serve()
+        finally:
+            with self._pipe_lock:
+                self._serving = False
+                self._wake_receiver.close()
+
+    def _serve(self) -> None:
         pools: Sequence = tuple(dict.fromkeys(self.pools))  # a pool shared by several backends is served once
         for pool in pools:
             _ensure_started(pool)
@@ -80,7 +94,10 @@ class Runtime(threading.Thread):
         try:
             with selectors.DefaultSelector() as selector:
                 for pool in pools:
-                    selector.register(pool.batch_receiver, selectors.EVENT_READ, pool)
+                    try:
+                        selector.register(pool.batch_receiver, selectors.EVENT_READ, pool)
+                    except (OSError, ValueError) as e:  # its pipe is closed: it was shut down on its own
+                        logger.warning(f"Runtime: pool {pool.name} is shut down ({e!r}); its tasks will not be served")
                 selector.register(self._wake_receiver, selectors.EVENT_READ, None)
                 self.ready.set()
                 while not self._shutdown_requested.is_set():
@@ -118,12 +135,20 @@ class Runtime(threading.Thread):
         senders.submit(_send_outputs, pool, batch_index, outputs)
 
     def shutdown(self, timeout: Optional[float] = None):
-        """Stop serving (after the batch being processed), stop the pools and wait for the thread."""
-        self._shutdown_requested.set()
-        try:
-            self._wake_sender.send_bytes(b"")
-        except OSError:
-            pass
+        """Stop serving (after the batch being processed), stop the pools and wait for the thread.
+
+        Closes the runtime's and the pools' pipes; safe to call several times, and on a runtime that never ran.
+        """
+        with self._pipe_lock:
+            self._shutdown_requested.set()
+            if not self._wake_sender.closed:
+                try:
+                    self._wake_sender.send_bytes(b"")
+                except OSError:
+                    pass
+                self._wake_sender.close()
+            if not self._serving:
+                self._wake_receiver.close()  # run() never took it (or already closed it: closing twice is a no-op)
         for pool in self.pools:
             pool.shutdown()
         if self.is_alive() and threading.current_thread() is not self:

@@ -312,7 +312,10 @@ class TaskPool(TaskPoolBase):
     @property
     def empty(self) -> bool:
         """True if no batch is ready for the Runtime."""
-        return not self.batch_receiver.poll()
+        try:
+            return self._closed or not self.batch_receiver.poll()
+        except (OSError, EOFError):  # closed by shutdown meanwhile
+            return True
 
     @property
     def priority(self) -> float:
@@ -328,9 +331,14 @@ class TaskPool(TaskPoolBase):
         """Take the next ready batch: ``(batch_index, inputs)``; inputs are moved to ``device`` if given."""
         if os.getpid() != self._owner_pid:
             raise RuntimeError(f"{self.name}: batches can only be loaded in the process that created the pool")
-        if not self.batch_receiver.poll(timeout):
+        try:
+            announced = self.batch_receiver.poll(timeout)
+            if announced:
+                self.batch_receiver.recv_bytes()
+        except (OSError, EOFError):  # shutdown closed the pipe (a waiting poll sees the end of the closed sender)
+            raise RuntimeError(f"{self.name}: the task pool is shut down") from None
+        if not announced:
             raise TimeoutError(f"{self.name}: no batch became ready within {timeout} s")
-        self.batch_receiver.recv_bytes()
         with self._lock:
             if not self._ready:  # shut down since the batch was announced
                 raise RuntimeError(f"{self.name}: the task pool is shut down")
@@ -393,7 +401,10 @@ class TaskPool(TaskPoolBase):
     # ------------------------------------------------------------------ lifetime
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
-        """Stop forming batches and fail every task still held (waiting, ready or being processed)."""
+        """Stop forming batches, fail every task still held (waiting, ready or being processed), close the pipe.
+
+        Safe to call several times, and on a pool that was never started.
+        """
         if os.getpid() != self._owner_pid:
             return  # a handle in another process: the pool itself belongs to its owner
         with self._lock:
@@ -407,6 +418,8 @@ class TaskPool(TaskPoolBase):
             self._in_flight.clear()
             self._pending_examples = 0
             self._changed.notify_all()
+            self._batch_sender.close()  # every send happens under the lock after checking _closed
+        self.batch_receiver.close()  # its file descriptor is freed now, not whenever the garbage collector runs
         if os.getpid() == self._owner_pid:
             unregister_pool(self._endpoint)
         _fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool was shut down before the task was processed"))
