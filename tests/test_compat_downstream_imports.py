@@ -2,8 +2,8 @@
 
 The two wheels are fetched with ``pip download`` (cached under ~/.cache, so the network is needed once) and their
 sources scanned for ``from hivemind... import name``, ``import hivemind.x.y`` and ``hivemind.x.y.name`` attribute
-chains. Names under the modules of the mixture-of-experts, averaging and optimizer parts are reported as expected
-gaps (they are tracked separately); any other name that does not resolve fails the test.
+chains. Any name that does not resolve fails the test (the mixture-of-experts, averaging and optimizer names
+included).
 """
 
 import ast
@@ -20,23 +20,6 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 
 DOWNSTREAM = {"petals==2.2.0": "petals-2.2.0-", "lightning-hivemind==0.1.0": "lightning_hivemind-0.1.0-"}
-EXPECTED_MISSING_PREFIXES = ("hivemind.moe", "hivemind.averaging", "hivemind.optim")
-# top-level names that hivemind 1.1.12 re-exports from those packages (observed: the __module__ of each name there)
-TOP_LEVEL_HOMES = {
-    "DecentralizedAverager": "hivemind.averaging",
-    "GradScaler": "hivemind.optim",
-    "ModuleBackend": "hivemind.moe",
-    "Optimizer": "hivemind.optim",
-    "RemoteExpert": "hivemind.moe",
-    "RemoteMixtureOfExperts": "hivemind.moe",
-    "RemoteSwitchMixtureOfExperts": "hivemind.moe",
-    "Server": "hivemind.moe",
-    "TrainingAverager": "hivemind.optim",
-    "averaging": "hivemind.averaging",
-    "moe": "hivemind.moe",
-    "optim": "hivemind.optim",
-    "register_expert_class": "hivemind.moe",
-}
 DOWNLOAD_TIMEOUT = 120  # seconds for pip download of both wheels
 
 Reference = Tuple[str, str]  # (dotted path of the name, where it is used: file:line)
@@ -151,19 +134,6 @@ def resolve(dotted: str) -> Optional[str]:
     return None
 
 
-def is_expected_missing(dotted: str) -> bool:
-    parts = dotted.split(".")
-    if len(parts) > 1 and parts[0] == "hivemind" and parts[1] in TOP_LEVEL_HOMES:
-        dotted = ".".join([TOP_LEVEL_HOMES[parts[1]], *parts[2:]])
-    return any(dotted == prefix or dotted.startswith(prefix + ".") for prefix in EXPECTED_MISSING_PREFIXES)
-
-
-def test_expected_missing_covers_the_three_packages_and_their_top_level_names():
-    assert is_expected_missing("hivemind.moe.server.runtime.Runtime") and is_expected_missing("hivemind.Optimizer")
-    assert not is_expected_missing("hivemind.utils.mpfuture.ALL_STATES") and not is_expected_missing("hivemind.DHT")
-    assert not is_expected_missing("hivemind.moem")
-
-
 def test_resolve_reports_missing_names_and_accepts_present_ones():
     assert resolve("hivemind.utils.timed_storage.get_dht_time") is None
     assert resolve("hivemind.p2p.P2P.create") is None
@@ -190,16 +160,11 @@ def test_scanner_finds_from_imports_module_imports_and_attribute_chains():
 def test_every_name_used_by_petals_and_lightning_hivemind_resolves():
     references = downstream_references(_fetch_wheels())
     assert len(references) > 50, "the scan found suspiciously few hivemind references"
-    unresolved, expected_missing = {}, {}
+    unresolved = {}
     for name, where in references:
         problem = resolve(name)
         if problem is not None:
-            target = expected_missing if is_expected_missing(name) else unresolved
-            target.setdefault(name, (problem, where))
-    if expected_missing:
-        print(f"{len(expected_missing)} names under {EXPECTED_MISSING_PREFIXES} do not resolve yet (tracked apart):")
-        for name, (problem, where) in sorted(expected_missing.items()):
-            print(f"  {name} ({where}): {problem}")
+            unresolved.setdefault(name, (problem, where))
     report = "\n".join(
         f"  {name} (used at {where}): {problem}" for name, (problem, where) in sorted(unresolved.items())
     )
