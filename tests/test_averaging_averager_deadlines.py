@@ -72,3 +72,12 @@ def test_reducer_timeout_must_exceed_sender_timeout(sender, reducer):
 def test_non_positive_timeouts_are_refused(name, value):
     with pytest.raises(ValueError, match=name):
         AdaptiveDeadlines(**{name: value})
+
+
+def test_a_group_padded_by_its_leader_does_not_stretch_the_deadlines_beyond_sixteen_members():
+    # a hostile leader announcing 1024 members (1022 of them never connect) made a victim wait 214 s per sender
+    deadlines = AdaptiveDeadlines()
+    sixteen = deadlines.for_round(vector_bytes=64 * MiB, group_size=16, part_bytes=MiB // 2)
+    padded = deadlines.for_round(vector_bytes=64 * MiB, group_size=1024, part_bytes=MiB // 2)
+    assert padded.sender_timeout == sixteen.sender_timeout < 10
+    assert padded.reducer_timeout == sixteen.reducer_timeout

@@ -13,7 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["RoundDeadlines", "AdaptiveDeadlines"]
+__all__ = ["RoundDeadlines", "AdaptiveDeadlines", "MAX_DEADLINE_SENDERS"]
+
+# derived deadlines grow with the group size up to this many concurrent senders (groups of 16), no further
+MAX_DEADLINE_SENDERS = 15
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,11 @@ class AdaptiveDeadlines:
 
     def for_round(self, vector_bytes: int, group_size: int, part_bytes: int) -> RoundDeadlines:
         """Deadlines for an all-reduce of ``vector_bytes`` over ``group_size`` members, in parts of ``part_bytes``."""
-        # a reducer hears from every other member at once: one part from each shares the link
-        per_part = self.safety_factor * part_bytes * max(group_size - 1, 1) / self.bandwidth
+        # a reducer hears from every other member at once: one part from each shares the link. The group size comes
+        # from the leader, so its effect is capped: a hostile leader padding the group with thousands of peers that
+        # never connect would otherwise stretch every member's wait for them to minutes
+        concurrent_senders = min(max(group_size - 1, 1), MAX_DEADLINE_SENDERS)
+        per_part = self.safety_factor * part_bytes * concurrent_senders / self.bandwidth
         sender = self.explicit_sender
         if sender is None:
             sender = max(self.min_sender_timeout, per_part)
