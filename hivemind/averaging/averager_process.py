@@ -32,6 +32,10 @@ logger = get_logger(__name__)
 STATE_TEMPLATE_TIMEOUT = 60.0  # seconds for the user's process to answer get_current_state()
 MAX_SMALL_REQUEST_BYTES = 2**20  # a DownloadRequest; a JoinRequest or AveragingData besides its gather or part
 PART_SIZE_SLACK = 8  # an all-reduce message may hold this many times part_size_bytes (an uncompressed 4-bit part)
+# the averager's process spends at most this share of shutdown_timeout on its own clean-up, leaving the rest for the
+# process to exit before the user's process gives up waiting and terminates it
+SHUTDOWN_BUDGET_FRACTION = 0.5
+RETRACT_BUDGET = 1.0  # seconds at most for withdrawing the state-sharing declaration at shutdown (a DHT store)
 
 
 class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
@@ -288,15 +292,30 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
         )
 
     async def _shutdown_in_child(self) -> None:
+        """Cancel the steps, withdraw the state-sharing declaration and remove the handlers, all at once and within
+        a budget shorter than the user process waits (``shutdown_timeout``), so that the process ends on its own.
+
+        The withdrawal is a courtesy (the declaration expires anyway): it gets at most RETRACT_BUDGET seconds, since
+        a busy or stopped DHT process would otherwise hold the shutdown for the DHT's own timeouts.
+        """
         self._shutting_down = True
-        steps = [("cancel steps", self._cancel_steps()), ("stop state sharing", self._state_sharing.shutdown())]
+        budget = SHUTDOWN_BUDGET_FRACTION * self.shutdown_timeout
+        steps = [
+            ("cancel steps", self._cancel_steps(), budget),
+            ("stop state sharing", self._state_sharing.shutdown(), min(RETRACT_BUDGET, budget)),
+        ]
         if not self.client_mode:
-            steps.append(("remove handlers", self.remove_p2p_handlers(self._p2p, namespace=self.prefix)))
-        for what, coroutine in steps:
+            steps.append(("remove handlers", self.remove_p2p_handlers(self._p2p, namespace=self.prefix), budget))
+
+        async def _bounded(what: str, coroutine, timeout: float) -> None:
             try:
-                await await_with_timeout(coroutine, self.shutdown_timeout)
+                await await_with_timeout(coroutine, timeout)
+            except asyncio.TimeoutError:
+                logger.debug(f"{type(self).__name__} shutdown: gave up on the {what} step after {timeout:.2f} s")
             except Exception as e:
                 logger.warning(f"{type(self).__name__} shutdown: could not {what}: {e!r}")
+
+        await asyncio.gather(*(_bounded(*step) for step in steps))
 
     def _make_handlers(self, stopped: asyncio.Event):
         async def step(control: StepControl) -> None:

@@ -1,0 +1,62 @@
+"""DecentralizedAverager.shutdown() ends the averager's process on its own and promptly: idle, in the middle of an
+all-reduce, and when its DHT process does not answer (the state-sharing withdrawal is only a courtesy)."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from averager_helpers import averagers_on, dht_swarm
+
+from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.partition import AllreduceException
+
+
+def _timed_shutdown(averager) -> float:
+    started = time.perf_counter()
+    averager.shutdown()
+    return time.perf_counter() - started
+
+
+def _wait_for_stage(control, stage, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while control.stage != stage:  # a shared-memory read
+        assert time.monotonic() < deadline, control.stage
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_idle_averager_shuts_down_promptly():
+    with dht_swarm(1) as dhts, averagers_on(dhts, [[torch.zeros(100)]]) as (averager,):
+        elapsed = _timed_shutdown(averager)
+        assert averager.exitcode == 0  # ended on its own, not terminated
+        assert elapsed < 1.5, f"an idle averager took {elapsed:.2f} s to shut down"
+
+
+@pytest.mark.timeout(60)
+def test_averager_shuts_down_promptly_during_an_allreduce():
+    tensors = [[torch.zeros(1000)], [torch.ones(1000)]]
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
+        controls = [averager.step(wait=False, require_trigger=True, timeout=60) for averager in averagers]
+        for control in controls:
+            _wait_for_stage(control, AveragingStage.AWAITING_TRIGGER)
+        controls[0].allow_allreduce()  # peer 0 starts its all-reduce and waits for the parts of peer 1
+        _wait_for_stage(controls[0], AveragingStage.RUNNING_ALLREDUCE)
+        elapsed = _timed_shutdown(averagers[0])
+        assert averagers[0].exitcode == 0
+        assert elapsed < 2.0, f"an averager in an all-reduce took {elapsed:.2f} s to shut down"
+        with pytest.raises(AllreduceException):
+            controls[0].result(timeout=1)
+
+
+@pytest.mark.timeout(60)
+def test_averager_shuts_down_on_its_own_when_its_dht_process_hangs():
+    with dht_swarm(1) as dhts, averagers_on(dhts, [[torch.zeros(100)]]) as (averager,):
+        os.kill(dhts[0].pid, signal.SIGSTOP)  # the withdrawal of the state-sharing declaration gets no answer
+        try:
+            elapsed = _timed_shutdown(averager)
+        finally:
+            os.kill(dhts[0].pid, signal.SIGCONT)
+        assert averager.exitcode == 0, "the averager's process had to be terminated"
+        assert elapsed < 0.8 * averager.shutdown_timeout, f"shutdown took {elapsed:.2f} s"
