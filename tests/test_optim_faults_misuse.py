@@ -1,5 +1,7 @@
 """Misuse of hivemind.Optimizer is refused with a clear ValueError before anything changes, and never wedges it."""
 
+import time
+
 import pytest
 import torch
 
@@ -43,3 +45,22 @@ def test_a_numpy_integer_batch_size_counts_as_an_int(lonely):
     samples_before = opt.tracker.local_progress.samples_accumulated
     opt.step(batch_size=np.int64(3))
     assert opt.tracker.local_progress.samples_accumulated == samples_before + 3
+
+
+@pytest.mark.timeout(60)
+def test_load_state_from_peers_retries_an_immediate_error_calmly_and_within_its_timeout(lonely, monkeypatch):
+    model, opt = lonely
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs["timeout"])
+        raise RuntimeError("the averager's process is gone")
+
+    monkeypatch.setattr(opt.state_averager, "load_state_from_peers", failing_load)
+    monkeypatch.setattr(opt, "load_state_timeout", 2.5)
+    started = time.monotonic()
+    opt.load_state_from_peers()
+    assert time.monotonic() - started < 2.5 + 1.0
+    assert 1 <= len(calls) <= 3, f"{len(calls)} attempts in 2.5 s"
+    assert all(0 <= timeout <= 2.5 for timeout in calls)
+    assert opt.local_epoch == 0

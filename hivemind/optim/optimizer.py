@@ -26,6 +26,8 @@ __all__ = ["Optimizer"]
 
 logger = get_logger(__name__)
 
+LOAD_STATE_RETRY_DELAY = 1.0  # seconds between attempts of Optimizer.load_state_from_peers after an error
+
 
 class Optimizer(torch.optim.Optimizer):
     """
@@ -438,19 +440,22 @@ class Optimizer(torch.optim.Optimizer):
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         deadline = time.monotonic() + self.load_state_timeout
         with self.tracker.pause_updates():
+            user_timeout = kwargs.pop("timeout", None)
             while True:
-                try:
-                    kwargs.setdefault("timeout", self.load_state_timeout)
-                    loaded = self.state_averager.load_state_from_peers(**kwargs)
+                remaining = deadline - time.monotonic()
+                try:  # each attempt gets the time left, so that all of them fit in load_state_timeout
+                    timeout = remaining if user_timeout is None else min(user_timeout, remaining)
+                    loaded = self.state_averager.load_state_from_peers(timeout=max(timeout, 0.0), **kwargs)
                     break
                 except Exception as e:
-                    if time.monotonic() >= deadline:
+                    if time.monotonic() + LOAD_STATE_RETRY_DELAY >= deadline:
                         logger.warning(
                             f"{self.run_id}: could not load the state from peers: {e!r}; keeping local state"
                         )
                         loaded = None
                         break
                     logger.warning(f"{self.run_id}: loading the state from peers failed ({e!r}), retrying")
+                    time.sleep(LOAD_STATE_RETRY_DELAY)  # an error that comes at once must not spin for minutes
             if loaded is None:
                 logger.log(self.status_loglevel, f"{self.run_id}: no peer shared a usable state; keeping local state")
             else:
