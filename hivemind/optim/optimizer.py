@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -15,7 +14,7 @@ from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_state, should_schedule_averaging
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
-from hivemind.optim.optimizer_options import resolve_options
+from hivemind.optim.optimizer_options import positive_int_batch_size, resolve_options
 from hivemind.optim.progress_bar import EpochProgressBar
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -260,7 +259,7 @@ class Optimizer(torch.optim.Optimizer):
         if batch_size is None:
             batch_size = self.batch_size_per_step
         if not self.auxiliary:
-            batch_size = _positive_int_batch_size(batch_size)
+            batch_size = positive_int_batch_size(batch_size)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -492,10 +491,3 @@ class Optimizer(torch.optim.Optimizer):
 
 def _is_pending(control: Optional[StepControl]) -> bool:
     return control is not None and not control.done()
-
-
-def _positive_int_batch_size(batch_size: Any) -> int:
-    """An int batch size (numpy/torch integers too), checked before it changes any counter."""
-    if not isinstance(batch_size, bool) and isinstance(batch_size, numbers.Integral) and batch_size > 0:
-        return int(batch_size)
-    raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["OptimizerOptions", "resolve_options"]
+__all__ = ["OptimizerOptions", "resolve_options", "positive_int_batch_size"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,10 @@ def resolve_options(
         allreduce_timeout=averaging_timeout if allreduce_timeout is None else allreduce_timeout,
         next_chunk_timeout=matchmaking_time if next_chunk_timeout is None else next_chunk_timeout,
     )
+
+
+def positive_int_batch_size(batch_size: Any) -> int:
+    """The batch size of one step as an int (numpy/torch integers too); ValueError for anything else."""
+    if not isinstance(batch_size, bool) and isinstance(batch_size, numbers.Integral) and batch_size > 0:
+        return int(batch_size)
+    raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")
