@@ -52,7 +52,7 @@ async def test_requests_under_fresh_ids_do_not_stall_the_event_loop():
         await wait_for_background_work(node.protocol)
         ticking = False
         await ticker_task
-        assert longest_gap < 0.3  # choosing all keys in one piece takes about a second
+        assert longest_gap < 0.5  # choosing all keys in one piece takes about a second (0.37 s seen at load 10)
     finally:
         ticking = False
         await attacker.shutdown()

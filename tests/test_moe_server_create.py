@@ -122,14 +122,16 @@ def test_dht_options_are_forwarded(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_background_server_serves_and_stops():
+    children_before = {child.pid for child in psutil.Process().children()}  # other tests' in this worker
     with background_server(expert_uids=["ffn.0"], hidden_dim=8, **LOOPBACK) as server_info:
         with DHT(initial_peers=server_info.addrs, start=True) as client_dht:
             (expert,) = get_experts(client_dht, ["ffn.0"])
             assert expert is not None and expert.peer_id == server_info.peer_id
             assert expert(torch.randn(2, 8)).shape == (2, 8)
     # the server's and the client DHT's processes exit on their own; allow a loaded machine a few seconds for it
-    _, still_running = psutil.wait_procs(psutil.Process().children(), timeout=15)
-    assert still_running == []
+    ours = [child for child in psutil.Process().children() if child.pid not in children_before]
+    _, still_running = psutil.wait_procs(ours, timeout=15)
+    assert [(p.pid, p.cmdline()) for p in still_running] == []
 
 
 @pytest.mark.timeout(60)
