@@ -295,10 +295,12 @@ class TrainingStateAverager(DecentralizedAverager):
                     self._run_averaging_round, averaging_control, wait_for_trigger, opts
                 )
             else:
+                # a delayed step may land while this round runs: apply the round as a delta, keeping that step
+                step_in_flight = self._pending_step is not None
                 self._pending_averaging = Future()
                 try:
                     self._pending_averaging.set_result(
-                        self._run_averaging_round(averaging_control, wait_for_trigger, opts)
+                        self._run_averaging_round(averaging_control, wait_for_trigger, opts, step_in_flight)
                     )
                 except Exception as e:
                     self._pending_averaging.set_exception(e)
@@ -329,15 +331,20 @@ class TrainingStateAverager(DecentralizedAverager):
         catch_up_scheduler(self.scheduler, self.local_epoch)
 
     def _run_averaging_round(
-        self, control: Optional[StepControl], wait_for_trigger: Optional[Callable[[], Any]], opts: Dict[str, Any]
+        self, control: Optional[StepControl], wait_for_trigger: Optional[Callable[[], Any]], opts: Dict[str, Any],
+        keep_values_sent: bool = False,
     ) -> Tuple[Dict[Any, Any], List[torch.Tensor], int]:
-        """Send the current state to the averager and run one round; returns (gathered, values sent, epoch sent)."""
+        """
+        Send the current state to the averager and run one round; returns (gathered, values sent, epoch sent). The
+        values sent are kept (for a delta update) with delta_rule_averaging or ``keep_values_sent``.
+        """
         round_epoch = self.local_epoch
+        keep_values_sent = keep_values_sent or self.delta_rule_averaging
         with torch.no_grad(), self._state_lock, self.get_tensors() as averaged:
             sent = []
             for buffer, source in zip(averaged, self._averaging_sources()):
                 buffer.copy_(source, non_blocking=True)
-                sent.append(buffer.clone() if self.delta_rule_averaging else None)
+                sent.append(buffer.clone() if keep_values_sent else None)
         if wait_for_trigger is not None:
             wait_for_trigger()
         if control is None:
@@ -397,7 +404,7 @@ class TrainingStateAverager(DecentralizedAverager):
     def _apply_averaged_state(self, sent: Sequence[Optional[torch.Tensor]]) -> None:
         with self._state_lock, self.get_tensors() as averaged:
             for source, result, before in zip(self._averaging_sources(), averaged, sent):
-                if self.delta_rule_averaging:
+                if before is not None:  # keep the local changes made since the values were sent
                     source.add_(result.to(source.device) - before.to(source.device))
                 else:
                     source.copy_(result, non_blocking=True)
