@@ -35,6 +35,16 @@ def test_idle_averager_shuts_down_promptly():
 
 
 @pytest.mark.timeout(60)
+def test_spawned_averager_exits_without_finalizing_its_interpreter():
+    # a spawned process used to tear down the whole interpreter (torch included) after its clean-up: ~0.9 s when idle
+    # on a 2-core machine, past shutdown_timeout under load
+    with dht_swarm(1) as dhts, averagers_on(dhts, [[torch.zeros(100)]], start_method="spawn") as (averager,):
+        elapsed = _timed_shutdown(averager)
+        assert averager.exitcode == 0
+        assert elapsed < 0.5, f"a spawned idle averager took {elapsed:.2f} s to shut down"
+
+
+@pytest.mark.timeout(60)
 def test_averager_shuts_down_promptly_during_an_allreduce():
     tensors = [[torch.zeros(1000)], [torch.ones(1000)]]
     with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:

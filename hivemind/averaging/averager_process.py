@@ -4,8 +4,10 @@ the handlers it serves, and shutdown. The averaging logic itself lives in averag
 import asyncio
 import concurrent.futures
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import signal
+import sys
 import threading
 from typing import Any, Dict, Optional, Tuple
 
@@ -225,6 +227,11 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             loop.close()
             self._serving_connection.close()
             self._state_request_writer.close()
+        # clean-up is done: once multiprocessing's other finalizers ran, end the process at once. A spawned process
+        # would otherwise finalize the whole interpreter (torch included), which took 1-3 s on a busy machine and made
+        # the user's shutdown() run past shutdown_timeout and terminate it
+        if mp.current_process() is self:  # not when run() was called in the user's own process
+            mp.util.Finalize(None, _exit_process_now, exitpriority=-100)
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, stopped: asyncio.Event) -> None:
         self._init_round_state()
@@ -365,3 +372,12 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             request_timeout=self.request_timeout,
             next_chunk_timeout=self.next_chunk_timeout,
         )
+
+
+def _exit_process_now() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(0)
