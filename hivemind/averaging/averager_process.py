@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -30,6 +30,14 @@ from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import InvalidStateError, MPFuture
 
 logger = get_logger(__name__)
+
+
+class TensorTemplate(NamedTuple):
+    """The shape and dtype of one state tensor: what a downloaded state must match."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
 
 STATE_TEMPLATE_TIMEOUT = 60.0  # seconds for the user's process to answer get_current_state()
 MAX_SMALL_REQUEST_BYTES = 2**20  # a DownloadRequest; a JoinRequest or AveragingData besides its gather or part
@@ -151,14 +159,18 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
         """User-process thread: answers the averager's requests for get_current_state() until it exits."""
         while True:
             try:
-                future = self._state_request_reader.recv()
+                future, template_only = self._state_request_reader.recv()
             except (EOFError, OSError):
                 return
             except Exception as e:
                 logger.warning(f"Could not read a state request from the averager's process: {e!r}")
                 continue
             try:
-                future.set_result(tuple(self.get_current_state()))
+                metadata, tensors, *infos = self.get_current_state()
+                if template_only:  # only what a downloaded state must look like: no tensor data crosses the pipe
+                    future.set_result((None, [TensorTemplate(tuple(t.shape), t.dtype) for t in tensors], None))
+                else:
+                    future.set_result((metadata, tensors, *infos))
             except Exception as e:
                 logger.warning(f"get_current_state() failed, the download is refused: {e!r}")
                 try:
@@ -351,16 +363,21 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             shutdown=shutdown,
         )
 
-    async def _get_current_state_from_host(self) -> Tuple[Any, Any, Any]:
-        """Ask the user's process for get_current_state() (it may be overridden there)."""
+    async def _get_current_state_from_host(self, template_only: bool = False) -> Tuple[Any, Any, Any]:
+        """Ask the user's process for get_current_state() (it may be overridden there).
+
+        :param template_only: return only the shapes and dtypes of its tensors (no data crosses the pipe)
+        """
         future = MPFuture()
         with self._state_request_lock:
-            self._state_request_writer.send(future)
+            self._state_request_writer.send((future, template_only))
         return await future
 
     async def _load_state_from_peers(self, timeout: Optional[float] = None):
         # what a donor's state must look like: our own state (get_current_state may be overridden)
-        _, expected_tensors, _ = await await_with_timeout(self._get_current_state_from_host(), STATE_TEMPLATE_TIMEOUT)
+        _, expected_tensors, _ = await await_with_timeout(
+            self._get_current_state_from_host(template_only=True), STATE_TEMPLATE_TIMEOUT
+        )
         return await load_state_from_peers(
             p2p=self._p2p,
             dht=self.dht,
