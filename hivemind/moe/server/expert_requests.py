@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 import torch
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.moe.server.module_backend import InvalidInputsError, check_inputs
 from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_flatten
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
@@ -99,33 +100,11 @@ def decode_tensors(serialized: Sequence[runtime_pb2.Tensor], expected: Sequence[
 def check_batch(
     tensors: Sequence[torch.Tensor], expected: Sequence[BatchTensorDescriptor], max_batch_size: int, what: str
 ) -> int:
-    """Check every tensor against its descriptor; return the batch size (the same first dimension for all)."""
-    if len(tensors) != len(expected):
-        raise ExpertRequestError(f"{what} expects {len(expected)} tensors, got {len(tensors)}")
-    batch_size: Optional[int] = None
-    for index, (tensor, descriptor) in enumerate(zip(tensors, expected)):
-        instance_shape = tuple(descriptor.shape[1:])
-        if tensor.ndim != len(instance_shape) + 1 or tuple(tensor.shape[1:]) != instance_shape:
-            raise ExpertRequestError(
-                f"{what}: tensor #{index} has shape {list(tensor.shape)}, expected [batch_size, "
-                f"{', '.join(map(str, instance_shape))}]".replace(", ]", "]")
-            )
-        if descriptor.dtype is not None and tensor.dtype != descriptor.dtype:
-            raise ExpertRequestError(f"{what}: tensor #{index} has dtype {tensor.dtype}, expected {descriptor.dtype}")
-        if batch_size is None:
-            batch_size = tensor.shape[0]
-        elif tensor.shape[0] != batch_size:
-            raise ExpertRequestError(
-                f"{what}: tensor #{index} has batch size {tensor.shape[0]}, but tensor #0 has {batch_size}"
-            )
-    if not batch_size:
-        raise ExpertRequestError(f"{what}: the batch is empty (batch size 0); send at least one example")
-    if batch_size > max_batch_size:
-        raise ExpertRequestError(
-            f"{what}: batch size {batch_size} exceeds this expert's max_batch_size={max_batch_size}; "
-            f"split the batch into parts of at most {max_batch_size} examples"
-        )
-    return batch_size
+    """Check every tensor against its descriptor (the backend's own rules); return the batch size."""
+    try:
+        return check_inputs(tensors, expected, max_batch_size, what)
+    except InvalidInputsError as e:
+        raise ExpertRequestError(str(e)) from None
 
 
 class StreamedRequest:
