@@ -3,7 +3,8 @@
 It serves the task pools of every ModuleBackend it was given. Among the pools with a batch ready it takes the one
 with the smallest ``priority`` (the arrival time of its oldest ready work), runs ``pool.process_func`` on the batch
 and hands the outputs back to the pool, which splits them per task. A batch whose computation raises fails only its
-own tasks, with that error; the runtime goes on with the next batch.
+own tasks, with that error; the runtime goes on with the next batch. A batch whose callers all went away before it
+was loaded is skipped without computing it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from hivemind.moe.server.task_pool import AbandonedBatchError
 from hivemind.utils.logging import get_logger
 
 __all__ = ["Runtime"]
@@ -116,6 +118,9 @@ class Runtime(threading.Thread):
     def _process_one_batch(self, pool, senders: ThreadPoolExecutor) -> None:
         try:
             batch_index, batch = pool.load_batch_to_runtime(timeout=None, device=self.device)
+        except AbandonedBatchError as e:  # its callers went away: nothing to compute
+            logger.debug(f"Runtime: skipped a batch of {pool.name}: {e}")
+            return
         except Exception as e:
             logger.warning(f"Runtime: could not load a batch from {pool.name}: {e!r}")
             return

@@ -17,8 +17,9 @@ A batch of several tasks whose computation fails is retried one task at a time, 
 
 Refused at once (the future holds the error, nothing is queued): a task without tensors, an empty task (batch size
 0), tensors with different batch sizes, a task over ``max_batch_size`` and, when ``pool_size`` is set, a task that
-finds that many tasks already waiting. A task whose future was cancelled before its batch was formed (its client went
-away) is dropped. Shutting a pool down fails every task it still holds.
+finds that many tasks already waiting. A task whose future is cancelled (its client went away) before the Runtime
+takes its batch is dropped: left out of the batch, and a batch with no task left is not computed at all. Shutting a
+pool down fails every task it still holds.
 
 Runtime protocol (also what petals' pools offer): ``batch_receiver`` is readable while a batch is ready,
 ``priority`` is the arrival time of the oldest ready batch (smaller goes first), ``load_batch_to_runtime``,
@@ -50,13 +51,17 @@ from hivemind.moe.server.task_pool_ipc import (
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 
-__all__ = ["TaskPoolBase", "TaskPool", "TaskRejectedError"]
+__all__ = ["TaskPoolBase", "TaskPool", "TaskRejectedError", "AbandonedBatchError"]
 
 logger = get_logger(__name__)
 
 
 class TaskRejectedError(ValueError):
     """A task that a pool cannot take as it is (empty, too large, inconsistent batch sizes, pool full)."""
+
+
+class AbandonedBatchError(RuntimeError):
+    """Every task of a formed batch was cancelled before the Runtime took it: there is nothing to compute."""
 
 
 class TaskPoolBase(threading.Thread):
@@ -272,10 +277,7 @@ class TaskPool(TaskPoolBase):
                 ):
                     break
                 self._pop_pending()
-                try:
-                    if not task.future.set_running_or_notify_cancel():
-                        continue  # cancelled just now
-                except RuntimeError:  # already completed elsewhere: nothing left to compute
+                if task.future.done():  # cancelled just now, or failed elsewhere: nothing left to compute
                     continue
                 signature = task.signature
                 tasks.append(task)
@@ -328,7 +330,11 @@ class TaskPool(TaskPoolBase):
     def load_batch_to_runtime(
         self, timeout: Optional[float] = None, device: Optional[torch.device] = None
     ) -> Tuple[int, Sequence[torch.Tensor]]:
-        """Take the next ready batch: ``(batch_index, inputs)``; inputs are moved to ``device`` if given."""
+        """Take the next ready batch: ``(batch_index, inputs)``; inputs are moved to ``device`` if given.
+
+        This is when its tasks start running (and can no longer be cancelled). Tasks cancelled since the batch was
+        formed (their callers went away) are left out of it; if none is left, AbandonedBatchError is raised instead.
+        """
         if os.getpid() != self._owner_pid:
             raise RuntimeError(f"{self.name}: batches can only be loaded in the process that created the pool")
         try:
@@ -343,8 +349,15 @@ class TaskPool(TaskPoolBase):
             if not self._ready:  # shut down since the batch was announced
                 raise RuntimeError(f"{self.name}: the task pool is shut down")
             batch = self._ready.popleft()
-            self._in_flight[batch.index] = batch
             self._changed.notify()  # room for the next batch
+            batch.tasks, formed_with = [task for task in batch.tasks if _claim(task.future)], len(batch.tasks)
+            if batch.tasks:
+                self._in_flight[batch.index] = batch
+        if not batch.tasks:
+            raise AbandonedBatchError(f"{self.name}: every caller of a batch of {formed_with} tasks went away")
+        if len(batch.tasks) < formed_with:  # concatenate what is left (tasks are never cancelled once running)
+            batch.size = sum(task.size for task in batch.tasks)
+            batch.inputs = [torch.cat(parts) for parts in zip(*(task.tensors for task in batch.tasks))]
         inputs = batch.inputs
         if device is not None:
             inputs = [tensor.to(device, non_blocking=True) for tensor in inputs]
@@ -457,6 +470,15 @@ class TaskPool(TaskPoolBase):
 def _restore_pool(endpoint: PoolEndpoint, state: Dict[str, Any]) -> TaskPool:
     local = get_local_pool(endpoint)
     return local if local is not None else TaskPool._remote_handle(endpoint, state)
+
+
+def _claim(future: concurrent.futures.Future) -> bool:  # mark a task running; False if cancelled (or done already)
+    if future.running():  # a task retried on its own after its batch failed
+        return True
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # completed meanwhile (e.g. failed by a shutdown)
+        return False
 
 
 def _complete(future: concurrent.futures.Future, result: Any) -> None:
