@@ -56,10 +56,12 @@ def test_uneven_groups_average_within_each_group():
     tensors = [[torch.full((10,), float(i))] for i in range(num_peers)]
     with dht_swarm(num_peers) as dhts, averagers_on(dhts, tensors, target_group_size=3) as averagers:
         results = _run_steps(averagers, gather=list(range(num_peers)))
-        assert sorted(len(result) for result in {id(r): r for r in results}.values())  # every step succeeded
+        groups = [frozenset(result.values()) for result in results]
+        for index, group in enumerate(groups):  # every member of a group saw the same group, which includes it
+            assert index in group and all(groups[member] == group for member in group), groups
+        assert sorted(len(group) for group in set(groups)) == [2, 3]  # five peers, groups of at most three
         for averager, result in zip(averagers, results):
             members = sorted(result.values())
-            assert 2 <= len(members) <= 3
             _assert_tensors(_local(averager), [torch.full((10,), sum(members) / len(members))])
 
 
