@@ -4,10 +4,8 @@ the handlers it serves, and shutdown. The averaging logic itself lives in averag
 import asyncio
 import concurrent.futures
 import multiprocessing as mp
-import multiprocessing.util
 import os
 import signal
-import sys
 import threading
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
@@ -28,6 +26,7 @@ from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import InvalidStateError, MPFuture
+from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up
 
 logger = get_logger(__name__)
 
@@ -48,7 +47,7 @@ SHUTDOWN_BUDGET_FRACTION = 0.5
 RETRACT_BUDGET = 1.0  # seconds at most for withdrawing the state-sharing declaration at shutdown (a DHT store)
 
 
-class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
+class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase):
     """The process shell; DecentralizedAverager sets the averaging options before calling ``__init__``."""
 
     def __init__(self, *, daemon: bool, shutdown_timeout: float, start_method: Optional[str]):
@@ -202,20 +201,6 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
                 except InvalidStateError:
                     pass  # finished meanwhile
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.shutdown()
-
-    def __del__(self):
-        if getattr(self, "_origin_pid", None) == os.getpid() and getattr(self, "_popen", None) is not None:
-            try:
-                if self.is_alive():
-                    self.shutdown()
-            except Exception:
-                pass
-
     # ------------------------------------------------------------------ averager process side
 
     def run(self) -> None:
@@ -239,11 +224,10 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             loop.close()
             self._serving_connection.close()
             self._state_request_writer.close()
-        # clean-up is done: once multiprocessing's other finalizers ran, end the process at once. A spawned process
-        # would otherwise finalize the whole interpreter (torch included), which took 1-3 s on a busy machine and made
-        # the user's shutdown() run past shutdown_timeout and terminate it
+        # clean-up is done: end the process at once (see exit_once_cleaned_up). A spawned process would otherwise
+        # finalize the whole interpreter (torch included), 1-3 s on a busy machine: past the user's shutdown_timeout
         if mp.current_process() is self:  # not when run() was called in the user's own process
-            mp.util.Finalize(None, _exit_process_now, exitpriority=-100)
+            exit_once_cleaned_up(self._context.get_start_method())
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, stopped: asyncio.Event) -> None:
         self._init_round_state()
@@ -389,12 +373,3 @@ class AveragerProcess(AveragingRounds, mp.Process, ServicerBase):
             request_timeout=self.request_timeout,
             next_chunk_timeout=self.next_chunk_timeout,
         )
-
-
-def _exit_process_now() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(0)

@@ -28,6 +28,7 @@ from hivemind.utils.asyncio import switch_to_uvloop
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up
 from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
 
 logger = get_logger(__name__)
@@ -57,7 +58,7 @@ def _as_maddr_strings(initial_peers: Optional[Sequence[MaddrLike]]) -> Optional[
     return [str(maddr) for maddr in initial_peers]
 
 
-class DHT(mp.Process):
+class DHT(ShutdownOnExit, mp.Process):
     """
     A DHT peer: runs a :class:`DHTNode` (and, unless ``p2p`` is given, its own p2pd daemon) in a child process.
     Calls from the creating process travel over a pipe; each returns its result, or an MPFuture with
@@ -172,6 +173,9 @@ class DHT(mp.Process):
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._serving_connection.close()
+        # the node and its p2pd are stopped and the socket closed: end the process now (see exit_once_cleaned_up)
+        if mp.current_process() is self:  # not when run() was called in the user's own process
+            exit_once_cleaned_up(self._context.get_start_method())
 
     async def _serve(
         self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, acceptor: SocketAcceptor, stopped: asyncio.Event
@@ -250,20 +254,6 @@ class DHT(mp.Process):
                 self.join()
         caller.close()
         caller.fail_pending(RuntimeError("DHT was shut down"))
-
-    def __enter__(self) -> "DHT":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.shutdown()
-
-    def __del__(self):
-        if getattr(self, "_origin_pid", None) == os.getpid() and getattr(self, "_popen", None) is not None:
-            try:
-                if self.is_alive():
-                    self.shutdown()
-            except Exception:
-                pass
 
     # ------------------------------------------------------------------ public API (user process)
 
