@@ -44,7 +44,8 @@ async def _pair_and_client(p2p_factory):
 
 
 def _exclusions_of(logs, peer):
-    return [r.getMessage() for r in logs.records if "excluded sender" in r.getMessage() and str(peer) in r.getMessage()]
+    lines = [record.getMessage() for record in logs.records]
+    return [line for line in lines if "excluded sender" in line and str(peer) in line]
 
 
 def _assert_each_part_averaged_with_or_without(result, values, container, reducer):
