@@ -144,6 +144,35 @@ def test_survivors_finish_when_a_peer_freezes_mid_round():
             os.kill(averagers[2].pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(60)
+def test_survivors_of_a_frozen_peer_return_within_one_derived_reducer_timeout():
+    """No timeouts given: the derived ones (loopback floors) are 5 s per sender and 10 s per reducer."""
+    size = 300
+    values = (0.0, 3.0, 300.0)
+    tensors = [[torch.full((size,), value)] for value in values]
+    derived_reducer_timeout = 10.0
+    with dht_swarm(3) as dhts, averagers_on(dhts, tensors, target_group_size=3, part_size_bytes=256) as averagers:
+        controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
+        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        os.kill(averagers[2].pid, signal.SIGSTOP)  # alive, connected, silent
+        try:
+            started = time.monotonic()
+            for control in controls[:2]:
+                control.allow_allreduce()
+            for control in controls[:2]:
+                control.result(timeout=45)
+            elapsed = time.monotonic() - started
+            assert elapsed < derived_reducer_timeout + 5.0, f"survivors took {elapsed:.1f} s"
+            survivors_mean = (values[0] + values[1]) / 2
+            for averager, own in zip(averagers[:2], values):
+                result = _local(averager)[0]
+                averaged = torch.isclose(result, torch.tensor(survivors_mean))
+                kept = torch.isclose(result, torch.tensor(own))  # the frozen peer's parts keep local values
+                assert bool((averaged | kept).all()) and averaged.sum() >= size // 2
+        finally:
+            os.kill(averagers[2].pid, signal.SIGKILL)
+
+
 @pytest.mark.timeout(120)
 def test_default_deadlines_tolerate_a_throttled_peer():
     """A peer that runs only half of the time (paused 0.3 s, then running 0.3 s) is slow, not failed."""
