@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.dht import DHT
-from hivemind.optim.optimizer_state import FORK_IF_AVAILABLE
 from hivemind.utils.logging import get_logger
 
 __all__ = ["GradientAverager", "GradientAveragerFactory"]
@@ -68,12 +67,17 @@ class GradientAverager(DecentralizedAverager):
         elif len(averaged_grads) != len(self.parameters):
             raise ValueError(f"averaged_grads has {len(averaged_grads)} tensors for {len(self.parameters)} parameters")
         self._new_averaged_grads = False
-        # the averager's process gets a copy of this object, which holds user-side state (the optimizer, locks,
-        # lambdas) that cannot be pickled: fork it even where spawn is the default (e.g. after set_start_method)
-        averager_kwargs.setdefault("start_method", FORK_IF_AVAILABLE)
         super().__init__(
             averaged_tensors=averaged_grads, dht=dht, prefix=prefix, client_mode=client_mode, **averager_kwargs
         )
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """What a spawned (or forkserver) averager process receives: not the model's parameters nor the accumulators
+        (they may live on a GPU, and only the user's process touches them); the averaged buffers are shared memory."""
+        state = super().__getstate__()
+        for name in ("parameters", "_accumulators"):
+            state.pop(name, None)
+        return state
 
     def _grads_from_parameters(self) -> Iterator[torch.Tensor]:
         """Each parameter's .grad, created as zeros where backward has not run yet."""

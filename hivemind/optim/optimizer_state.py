@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -14,11 +13,7 @@ __all__ = [
     "dump_optimizer_state",
     "load_optimizer_state",
     "OptimizerStateError",
-    "FORK_IF_AVAILABLE",
 ]
-
-# start method of the optim averagers' processes: they inherit the optimizer and its locks, which spawn cannot pickle
-FORK_IF_AVAILABLE = "fork" if "fork" in mp.get_all_start_methods() else None
 
 _SCALAR_TYPES = (type(None), bool, int, float, str)
 

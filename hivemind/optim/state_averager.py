@@ -15,7 +15,6 @@ from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH
 from hivemind.optim.optimizer_state import (
-    FORK_IF_AVAILABLE,
     OptimizerStateError,
     dump_optimizer_state,
     initialize_optimizer_state_,
@@ -164,10 +163,22 @@ class TrainingStateAverager(DecentralizedAverager):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
         self._pending_step: Optional[Future] = None
         self._pending_averaging: Optional[Future] = None
-        # the averager's process gets a copy of this object, which holds user-side state (the optimizer, locks,
-        # lambdas) that cannot be pickled: fork it even where spawn is the default (e.g. after set_start_method)
-        averager_kwargs.setdefault("start_method", FORK_IF_AVAILABLE)
         super().__init__(averaged_tensors=averaged, dht=dht, tensor_infos=infos, **averager_kwargs)
+
+    # what only the user's process uses: the model, the optimizer and its scheduler (maybe on a GPU, maybe built by
+    # lambdas), the lock and thread that apply steps. A spawned averager process is sent the rest (see __getstate__)
+    _USER_PROCESS_ONLY = (
+        "main_parameters", "optimizer", "_optimizer_parameters", "scheduler", "extra_tensors", "_state_lock",
+        "_executor", "_pending_step", "_pending_averaging",
+    )  # fmt: skip
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """What a spawned (or forkserver) averager process receives: the averaging side only, with the averaged
+        tensors in shared memory; nothing of the model or the optimizer, so no GPU tensor reaches that process."""
+        state = super().__getstate__()
+        for name in self._USER_PROCESS_ONLY:
+            state.pop(name, None)
+        return state
 
     # ------------------------------------------------------------------ tensors
 

@@ -12,7 +12,6 @@ import torch
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.optim.optimizer_state import (
-    FORK_IF_AVAILABLE,
     OptimizerStateError,
     dump_optimizer_state,
     initialize_optimizer_state_,
@@ -62,10 +61,15 @@ class TrainingAverager(DecentralizedAverager):
             averaged = [tensor.detach().to("cpu", copy=True) for tensor, _ in self._local_tensors()]
         infos = [CompressionInfo.from_tensor(t, key=i, role=role) for i, (t, (_, role)) in
                  enumerate(zip(averaged, self._local_tensors()))]  # fmt: skip
-        # the averager's process gets a copy of this object, which holds user-side state (the optimizer, locks,
-        # lambdas) that cannot be pickled: fork it even where spawn is the default (e.g. after set_start_method)
-        averager_kwargs.setdefault("start_method", FORK_IF_AVAILABLE)
         super().__init__(averaged_tensors=averaged, tensor_infos=infos, **averager_kwargs)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """What a spawned (or forkserver) averager process receives: the averaging side only, not the optimizer, its
+        parameters (maybe on a GPU), the extra tensors, the lock or the thread; the averaged copies are shared."""
+        state = super().__getstate__()
+        for name in ("opt", "parameters", "extra_tensors", "opt_lock", "_executor"):
+            state.pop(name, None)
+        return state
 
     def _local_tensors(self) -> List[Tuple[torch.Tensor, TensorRole]]:
         tensors = []
