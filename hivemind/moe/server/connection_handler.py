@@ -9,7 +9,8 @@ into shared memory, no extra copies), which is most of the difference in through
 
 Every request is checked against the expert's schema before it becomes a task (see expert_requests.py): an
 unknown uid, a wrong number, shape or dtype of tensors, an empty batch, a batch over max_batch_size or a tensor
-that does not decode is answered with an error naming the problem, and never joins a batch. A caller that goes
+that does not decode is answered with an error naming the problem, and never joins a batch. A request (or stream
+message) that carries more tensors than its expert takes is refused before protobuf parses it. A caller that goes
 away while its task waits has the task cancelled, so that pools do not compute for nobody.
 """
 
@@ -19,7 +20,8 @@ import asyncio
 import multiprocessing as mp
 import signal
 import threading
-from typing import AsyncIterator, Dict, Optional, Sequence
+from functools import partial
+from typing import AsyncIterator, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,6 +37,7 @@ from hivemind.moe.server.expert_requests import (
     split_into_responses,
     unknown_uid_error,
 )
+from hivemind.moe.server.request_scan import CheckedExpertRequest
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.p2p.framing import FRAME_STALL_TIMEOUT, MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
@@ -191,14 +194,14 @@ class ConnectionHandler(mp.Process, ServicerBase):
                 await self._close_p2p(self._p2p)
 
     async def _add_handlers(self, p2p: P2P) -> None:
-        """Serve every rpc_*; a message of a streamed request holds one chunk, so a larger one is refused before it is
-        read (parsing a message of many empty tensors takes ~40x its size in memory)."""
+        """Serve every rpc_*. A message of a streamed request holds one chunk, so a larger one is refused before it is
+        read; and an expert request is scanned for its number of tensors before it is parsed (see request_scan.py),
+        since parsing a message of many empty tensors takes ~40x its size in memory."""
         await asyncio.gather(
             *(
                 p2p.add_protobuf_handler(
                     get_handle_name(None, type(self).__name__, handler.name),
-                    getattr(self, handler.name),
-                    handler.request_type,
+                    *self._checked_handler(handler),
                     stream_input=handler.stream_input,
                     stream_output=handler.stream_output,
                     balanced=self.balanced,
@@ -207,6 +210,23 @@ class ConnectionHandler(mp.Process, ServicerBase):
                 for handler in self._get_rpc_handlers()
             )
         )
+
+    def _checked_handler(self, handler) -> Tuple[Callable, Callable]:
+        """(method, request type) to register: ExpertRequests are counted on the wire, then unwrapped for it."""
+        method = getattr(self, handler.name)
+        if handler.request_type is not runtime_pb2.ExpertRequest:
+            return method, handler.request_type
+        backward = "backward" in handler.name
+        schemas = self._get_schemas().values()
+        counts = {schema.uid: len(schema.backward_inputs if backward else schema.inputs) for schema in schemas}
+        request_type = partial(CheckedExpertRequest, counts, "backward" if backward else "forward")
+        if handler.stream_input:
+            return (lambda requests, context: method(_unwrap_each(requests), context)), request_type
+
+        async def unwrap_one(request: CheckedExpertRequest, context: P2PContext):
+            return await method(request.message, context)
+
+        return unwrap_one, request_type
 
     async def _close_p2p(self, p2p: P2P) -> None:
         try:
@@ -326,3 +346,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
         inputs = self._check_backward(collected.schema, collected.combined())
         for response in split_into_responses(await self._backward(collected.schema, inputs)):
             yield response
+
+
+async def _unwrap_each(requests: AsyncIterator[CheckedExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    async for request in requests:
+        yield request.message
