@@ -108,3 +108,24 @@ def test_client_mode_averager_cannot_share():
             DecentralizedAverager(
                 [torch.zeros(3)], dhts[1], prefix="state_client", start=False, allow_state_sharing=True
             )
+
+
+@pytest.mark.timeout(120)
+def test_spawned_donor_serves_several_tensors_to_concurrent_newcomers_exactly():
+    generator = torch.Generator().manual_seed(7)
+    state = [
+        torch.randn(300_000, generator=generator),
+        torch.arange(12, dtype=torch.int64).reshape(3, 4),
+        torch.randn(5, 7, generator=generator, dtype=torch.float64),
+        torch.zeros(0, 3),
+    ]
+    blank = [torch.zeros_like(tensor) for tensor in state]
+    options = dict(allow_state_sharing=[True, False, False], start_method=["spawn", "fork", "fork"])
+    with dht_swarm(3) as dhts, averagers_on(dhts, [state, blank, blank], prefix="state_spawn", **options) as peers:
+        donor, *newcomers = peers
+        _wait_for_declarations(dhts[1], "state_spawn", {donor.peer_id.to_bytes(): 0.0})
+        futures = [newcomer.load_state_from_peers(wait=False, timeout=60) for newcomer in newcomers]
+        for future in futures:
+            metadata, tensors = future.result(timeout=90)
+            assert metadata == {"group_key": ""}
+            _assert_same(tensors, state)

@@ -410,3 +410,30 @@ def test_client_mode_cannot_share(dht):
         sharing.allow_state_sharing = True
     with pytest.raises(ValueError, match="non-zero priority"):
         sharing.state_sharing_priority = 1.0
+
+
+@pytest.mark.timeout(60)
+async def test_overlapping_downloads_share_one_get_current_state_call(dht, p2p_factory, prefix):
+    (donor,), client = await start_peers(p2p_factory, 1)
+    others = [await p2p_factory(initial_peers=await donor.get_visible_maddrs()) for _ in range(2)]
+    for other in others:
+        await other.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
+    state, release, calls = make_state(seed=3), asyncio.Event(), []
+
+    async def counted_state():  # in an averager: one request through the pipe and one copy of the state each
+        calls.append(asyncio.get_running_loop().time())
+        await release.wait()
+        return state[0], state[1], None
+
+    sharing = StateSharing(dht=dht, peer_id=donor.peer_id, prefix=prefix, get_current_state=counted_state)
+    await serve(donor, prefix, sharing.rpc_download_state)
+    assert await sharing.declare()
+
+    downloads = [asyncio.create_task(load(peer, dht, prefix)) for peer in [client, *others]]
+    while sharing.slots.active < 3:  # all three downloads reached the donor, waiting for the state
+        await asyncio.sleep(0.01)
+    release.set()
+    for download in downloads:
+        assert_state_equal(await download, state)
+    assert len(calls) == 1
+    assert sharing.snapshots.in_use == []  # dropped with its last download

@@ -23,6 +23,7 @@ from hivemind.averaging.deadlines import AdaptiveDeadlines
 from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.averaging.payload import compute_schema_hash, encode_gather
+from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
@@ -327,7 +328,7 @@ class DecentralizedAverager(AveragerProcess):
         """The state sent to peers that download it: (metadata, tensors, infos). Runs in the user's process;
         override it to share something else (the tensors must then not change while being sent: return copies)."""
         with self.get_tensors() as tensors:
-            tensors = [tensor.detach().clone() for tensor in tensors]
+            tensors = packed_copy(tensors)  # one copy, in shared memory: it reaches the averager's process as it is
         metadata = {"group_key": self.get_group_bits()}
         return metadata, tensors, self.tensor_infos
 

@@ -5,6 +5,8 @@ An averager that shares its state declares ``<prefix>.all_averagers[<own peer id
 64 KiB chunks. A donor serves at most ``max_concurrent_downloads`` downloads at once; up to ``max_queued_downloads``
 more wait for a free slot (first come, first served) for at most ``max_queue_wait`` seconds, and any others are refused
 at once with :class:`DonorBusyError`, so that the newcomer tries another donor instead of piling onto this one.
+Downloads that overlap stream one snapshot of the state (:mod:`hivemind.averaging.state_snapshot`), so a donor holds
+at most ``max_snapshots`` copies of its state however many peers download it.
 The receiving side lives in :mod:`hivemind.averaging.state_download`.
 """
 
@@ -20,7 +22,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Opti
 
 import torch
 
-from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
+from hivemind.averaging.state_snapshot import SnapshotCache
+from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
+from hivemind.compression.adaptive import AdaptiveCompressionBase
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -52,9 +56,13 @@ DEFAULT_MAX_QUEUED_DOWNLOADS = 16  # further downloads that may wait for a free 
 DEFAULT_MAX_QUEUE_WAIT = 10.0  # seconds a queued download waits for a slot before it is refused
 DEFAULT_SEND_STALL_TIMEOUT = 60.0  # a downloader that takes no chunk for this long is dropped (its slot freed)
 DEFAULT_GET_STATE_TIMEOUT = 300.0  # seconds for get_current_state (e.g. a round trip to the user's process)
+DEFAULT_SNAPSHOT_MAX_AGE = 10.0  # seconds for which downloads that overlap share one snapshot of the state
+DEFAULT_MAX_SNAPSHOTS = 2  # snapshots of the state (copies) streamed at once at most
 RETRACT_TIMEOUT = 5.0  # seconds spent at shutdown on withdrawing the declaration
 MESSAGES_PER_BATCH = 64  # chunk messages built per trip to the thread pool (4 MiB of tensor data)
 _UNCOMPRESSED = NoCompression()  # for tensors that state_compression cannot encode (e.g. integers with float16)
+# codecs that encode every element on its own (exact types: ScaledFloat16Compression keeps per-tensor statistics)
+ELEMENTWISE_CODECS = (NoCompression, Float16Compression)
 
 
 def all_averagers_key(prefix: str) -> str:
@@ -129,10 +137,10 @@ class StateSharing:
     :param dht: the averager's DHT (its calls cross into the DHT process)
     :param peer_id: this averager's peer id (the subkey it declares under)
     :param prefix: the averager's prefix; the declaration goes to ``<prefix>.all_averagers``
-    :param get_current_state: ``async () -> (metadata, tensors, infos)`` giving the state to send. Runs once per
-      download, after a slot was granted. The tensors must not change while they are sent (return copies or
-      tensors nobody writes to); ``infos`` may be None. The averager makes it call ``get_current_state`` in the
-      user's process.
+    :param get_current_state: ``async () -> (metadata, tensors, infos)`` giving the state to send. Runs when a
+      download got a slot and no snapshot can be reused (see :class:`SnapshotCache`); downloads that overlap share
+      one result. The tensors must not change while they are sent (return copies or tensors nobody writes to);
+      ``infos`` may be None. The averager makes it call ``get_current_state`` in the user's process.
     :param state_compression: compression for the streamed tensors (CompressionBase, may be adaptive)
     :param allow_state_sharing: serve downloads and declare the priority (client-mode averagers cannot)
     :param state_sharing_priority: donors with a higher priority are chosen first (a finite number)
@@ -143,6 +151,8 @@ class StateSharing:
     :param max_queue_wait: seconds a queued download waits for a slot before it is refused
     :param send_stall_timeout: a downloader that takes no message for this many seconds is dropped
     :param get_state_timeout: seconds allowed for ``get_current_state``
+    :param snapshot_max_age: seconds for which a snapshot that other downloads stream is reused by a new download
+    :param max_snapshots: snapshots streamed at once at most (each one a copy of the state)
     """
 
     def __init__(
@@ -162,6 +172,8 @@ class StateSharing:
         max_queue_wait: Optional[float] = DEFAULT_MAX_QUEUE_WAIT,
         send_stall_timeout: Optional[float] = DEFAULT_SEND_STALL_TIMEOUT,
         get_state_timeout: Optional[float] = DEFAULT_GET_STATE_TIMEOUT,
+        snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
+        max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
     ):
         if not (isinstance(declare_state_period, (int, float)) and declare_state_period > 0):
             raise ValueError(f"declare_state_period must be a positive number of seconds, got {declare_state_period}")
@@ -170,6 +182,7 @@ class StateSharing:
         self.declare_state_period = float(declare_state_period)
         self.send_stall_timeout, self.get_state_timeout = send_stall_timeout, get_state_timeout
         self.slots = DownloadSlots(max_concurrent_downloads, max_queued_downloads, max_queue_wait)
+        self.snapshots = SnapshotCache(get_current_state, snapshot_max_age, max_snapshots, get_state_timeout)
         self._allow_state_sharing = False
         self._priority = 0.0
         self.allow_state_sharing = allow_state_sharing  # validated by the setters
@@ -232,6 +245,7 @@ class StateSharing:
 
     async def shutdown(self) -> None:
         """Stop declaring; if the DHT may hold our priority, replace it with None (bounded by RETRACT_TIMEOUT)."""
+        await self.snapshots.shutdown()
         if self._declare_task is not None:
             await cancel_and_wait(self._declare_task)
             self._declare_task = None
@@ -304,42 +318,75 @@ class StateSharing:
 
     async def _state_messages(self, context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
         started = time.perf_counter()
-        metadata, tensors, infos = await await_with_timeout(self.get_current_state(), self.get_state_timeout)
-        got_state = time.perf_counter()
-        tensors = list(tensors)
-        if infos is None:
-            infos = [CompressionInfo.from_tensor(tensor, key=index) for index, tensor in enumerate(tensors)]
-        if len(infos) != len(tensors):
-            raise ValueError(f"get_current_state returned {len(tensors)} tensors but {len(infos)} infos")
-        serialized_metadata = MSGPackSerializer.dumps(metadata)
-        loop = asyncio.get_running_loop()
-        sent_bytes = 0
-        for tensor, info in zip(tensors, infos):
-            # encoding and cutting into messages is CPU work: done in a thread, a batch of chunks at a time
-            chunks = await loop.run_in_executor(None, self._compressed_chunks, tensor, info)
-            while batch := await loop.run_in_executor(None, _next_messages, chunks):
-                for message in batch:
-                    if serialized_metadata is not None:
-                        message.metadata, serialized_metadata = serialized_metadata, None
-                    sent_bytes += len(message.tensor_part.buffer)
-                    yield message
-        if serialized_metadata is not None:  # a state without tensors: metadata only
-            yield averaging_pb2.DownloadData(metadata=serialized_metadata)
-        logger.info(
-            f"Sent our state to {context.remote_id}: {len(tensors)} tensors, {sent_bytes} bytes in "
-            f"{time.perf_counter() - got_state:.2f} s (+ {got_state - started:.2f} s to get the state)"
-        )
+        async with self.snapshots.use() as snapshot:
+            got_state = time.perf_counter()
+            serialized_metadata = MSGPackSerializer.dumps(snapshot.metadata)
+            loop = asyncio.get_running_loop()
+            sent_bytes = 0
+            for tensor, info in zip(snapshot.tensors, snapshot.infos):
+                # encoding and cutting into messages is CPU work: done in a thread, a batch of chunks at a time
+                chunks = await loop.run_in_executor(None, self._compressed_chunks, tensor, info)
+                while batch := await loop.run_in_executor(None, _next_messages, chunks):
+                    for message in batch:
+                        if serialized_metadata is not None:
+                            message.metadata, serialized_metadata = serialized_metadata, None
+                        sent_bytes += len(message.tensor_part.buffer)
+                        yield message
+            if serialized_metadata is not None:  # a state without tensors: metadata only
+                yield averaging_pb2.DownloadData(metadata=serialized_metadata)
+            logger.info(
+                f"Sent our state to {context.remote_id}: {len(snapshot.tensors)} tensors, {sent_bytes} bytes in "
+                f"{time.perf_counter() - got_state:.2f} s (+ {got_state - started:.2f} s to get the state, "
+                f"taken {snapshot.age:.1f} s ago, streamed to {snapshot.users} peers now)"
+            )
 
     def _compressed_chunks(self, tensor: torch.Tensor, info: CompressionInfo) -> Iterator[runtime_pb2.Tensor]:
+        tensor = tensor.detach().cpu()
+        codec = self.state_compression
+        while isinstance(codec, AdaptiveCompressionBase):
+            codec = codec.choose_compression(info)
+        if type(codec) in ELEMENTWISE_CODECS and tensor.numel() > 0:
+            try:
+                return _chunks_slice_by_slice(tensor, codec, info)
+            except (ValueError, TypeError, AssertionError) as e:  # e.g. a float16 codec given an integer tensor
+                logger.debug(f"Sending state tensor {info.key} ({tensor.dtype}) uncompressed: {e}")
+                return _chunks_slice_by_slice(tensor, _UNCOMPRESSED, info)
         return split_for_streaming(self._compress(tensor, info), STREAMING_CHUNK_SIZE_BYTES)
 
     def _compress(self, tensor: torch.Tensor, info: CompressionInfo):
-        tensor = tensor.detach().cpu()
         try:
             return self.state_compression.compress(tensor, info, allow_inplace=False)
         except (ValueError, TypeError, AssertionError) as e:  # e.g. a float16 codec given an integer tensor
             logger.debug(f"Sending state tensor {info.key} ({tensor.dtype}) uncompressed: {e}")
             return _UNCOMPRESSED.compress(tensor, info, allow_inplace=False)
+
+
+def _chunks_slice_by_slice(
+    tensor: torch.Tensor, codec: CompressionBase, info: CompressionInfo
+) -> Iterator[runtime_pb2.Tensor]:
+    """The chunks that ``split_for_streaming(codec.compress(tensor))`` gives, for a codec that encodes each element
+    on its own (so the encoding of a slice is that slice of the encoding), made one 64 KiB slice at a time: no
+    download holds an encoded copy of a whole tensor. Raises at once if the codec refuses the tensor."""
+    flat = tensor.reshape(-1)  # a view when contiguous (state snapshots are)
+    probe = codec.compress(flat[:1], info, allow_inplace=False)
+    wire_itemsize = len(probe.buffer)
+    if wire_itemsize == 0 or STREAMING_CHUNK_SIZE_BYTES % wire_itemsize:
+        raise ValueError(f"{type(codec).__name__} encodes a {tensor.dtype} element in {wire_itemsize} bytes")
+    per_chunk = STREAMING_CHUNK_SIZE_BYTES // wire_itemsize
+    num_chunks = -(-flat.numel() // per_chunk)
+
+    def chunks() -> Iterator[runtime_pb2.Tensor]:
+        for start in range(0, flat.numel(), per_chunk):
+            piece = codec.compress(flat[start : start + per_chunk], info, allow_inplace=False)
+            if start == 0:  # the head chunk describes the whole tensor
+                del piece.size[:]
+                piece.size.extend(tensor.shape)
+                piece.chunks = num_chunks
+                yield piece
+            else:
+                yield runtime_pb2.Tensor(buffer=piece.buffer)
+
+    return chunks()
 
 
 def _next_messages(chunks: Iterator[runtime_pb2.Tensor]) -> List[averaging_pb2.DownloadData]:

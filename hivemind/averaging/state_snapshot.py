@@ -1,0 +1,211 @@
+"""The state a donor streams: taken once, in one block of shared memory, and shared by the downloads that overlap.
+
+A donor's averager process gets its state from the user's process (``get_current_state`` may be overridden there).
+:func:`pack_tensors` puts the state's tensors into one shared-memory buffer, so that crossing into the averager's
+process costs one file descriptor and no copy (tensors that already are views of one such buffer, as the default
+``get_current_state`` makes them, are not copied at all); :meth:`PackedTensors.unpack` gives views of that buffer.
+
+:class:`SnapshotCache` then lets the downloads that run at the same time stream the same snapshot instead of one
+copy each: a download reuses the newest snapshot that another download still streams if that snapshot is at most
+``max_age`` seconds old, or whatever its age when ``max_snapshots`` of them are already in use; otherwise it takes a
+new one. Downloads that start while a snapshot is being taken wait for it. A snapshot is dropped as soon as its last
+download ends. So a donor holds at most ``max_snapshots`` copies of its state however many peers download it, and
+each download sends exactly what one ``get_current_state`` call returned (never a mix of two moments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from hivemind.compression import CompressionInfo
+from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
+
+__all__ = ["PackedTensors", "pack_tensors", "packed_copy", "StateSnapshot", "SnapshotCache"]
+
+ALIGNMENT = 64  # bytes: every tensor starts at a multiple of this in the shared buffer (any dtype can view it)
+
+
+class TensorLayout(NamedTuple):
+    offset: int  # bytes from the start of the buffer
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+class PackedTensors(NamedTuple):
+    """Tensors laid out in one shared-memory buffer: picklable across processes at the cost of one descriptor."""
+
+    buffer: torch.Tensor  # uint8, 1-D, in shared memory
+    layouts: Tuple[TensorLayout, ...]
+
+    def unpack(self) -> List[torch.Tensor]:
+        """The tensors, as views of the buffer (no copy)."""
+        return [_view(self.buffer, layout) for layout in self.layouts]
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _view(buffer: torch.Tensor, layout: TensorLayout) -> torch.Tensor:
+    size = _nbytes(layout.shape, layout.dtype)
+    tensor = buffer[layout.offset : layout.offset + size].view(layout.dtype).view(layout.shape)
+    if layout.requires_grad:
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _shared_buffer(nbytes: int) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))  # (an empty mapping is refused)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def _packed_in_place(tensors: Sequence[torch.Tensor]) -> Optional[PackedTensors]:
+    """The layout of ``tensors`` if they are contiguous CPU views of one shared storage, else None."""
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors):
+        return None
+    storage = tensors[0].untyped_storage()
+    if not tensors[0].is_shared():
+        return None
+    layouts = []
+    for tensor in tensors:
+        if tensor.untyped_storage().data_ptr() != storage.data_ptr() or not tensor.is_contiguous():
+            return None
+        offset = tensor.storage_offset() * tensor.element_size()
+        layouts.append(TensorLayout(offset, tuple(tensor.shape), tensor.dtype, tensor.requires_grad))
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return PackedTensors(buffer, tuple(layouts))
+
+
+def pack_tensors(tensors: Sequence[torch.Tensor], reuse: bool = True) -> PackedTensors:
+    """``tensors`` in one shared-memory buffer: copied there (from any device, with any strides), or, with ``reuse``
+    and if they already are contiguous views of one shared buffer, as they are. Raises TypeError for non-tensors."""
+    tensors = list(tensors)
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state tensor {index} is a {type(tensor).__name__}, not a torch.Tensor")
+    packed = _packed_in_place(tensors) if reuse else None
+    if packed is not None:
+        return packed
+    layouts, offset = [], 0
+    for tensor in tensors:
+        layouts.append(TensorLayout(offset, tuple(tensor.shape), tensor.dtype, tensor.requires_grad))
+        offset += -(-_nbytes(tensor.shape, tensor.dtype) // ALIGNMENT) * ALIGNMENT
+    packed = PackedTensors(_shared_buffer(offset), tuple(layouts))
+    with torch.no_grad():
+        for tensor, layout in zip(tensors, layouts):
+            _view(packed.buffer, layout._replace(requires_grad=False)).copy_(tensor.detach())
+    return packed
+
+
+def packed_copy(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Copies of ``tensors`` in one shared-memory buffer: they reach the averager's process with no further copy."""
+    return pack_tensors(tensors, reuse=False).unpack()
+
+
+@dataclass(eq=False)
+class StateSnapshot:
+    """One state taken from ``get_current_state``: what a download streams."""
+
+    metadata: Any
+    tensors: List[torch.Tensor]
+    infos: List[CompressionInfo]
+    taken_at: float = field(default_factory=time.monotonic)
+    users: int = 0  # downloads streaming it now
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.taken_at
+
+
+class SnapshotCache:
+    """Hands out state snapshots to downloads, sharing one between downloads that overlap (see the module's doc).
+
+    :param get_current_state: ``async () -> (metadata, tensors, infos)``; infos may be None
+    :param max_age: seconds for which a snapshot in use is reused by a new download
+    :param max_snapshots: snapshots in use at most; beyond, new downloads reuse the newest whatever its age
+    :param timeout: seconds allowed for ``get_current_state``
+    """
+
+    def __init__(
+        self,
+        get_current_state: Callable[[], Awaitable[Tuple[Any, Sequence[torch.Tensor], Any]]],
+        max_age: float,
+        max_snapshots: int = 2,
+        timeout: Optional[float] = None,
+    ):
+        if max_snapshots < 1 or not max_age >= 0:
+            raise ValueError(f"need max_snapshots >= 1 and max_age >= 0, got {max_snapshots} and {max_age}")
+        self.get_current_state, self.max_age, self.max_snapshots = get_current_state, max_age, max_snapshots
+        self.timeout = timeout
+        self.in_use: List[StateSnapshot] = []  # oldest first
+        self.taken = 0  # snapshots taken so far
+        self._taking: Optional[asyncio.Task] = None
+        self._waiting = 0  # downloads waiting for the snapshot being taken
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[StateSnapshot]:
+        """``async with cache.use() as snapshot:`` a snapshot to stream, released when the block exits."""
+        snapshot = await self._acquire()
+        try:
+            yield snapshot
+        finally:
+            self._release(snapshot)
+
+    async def _acquire(self) -> StateSnapshot:
+        if self._taking is None:
+            newest = self.in_use[-1] if self.in_use else None
+            if newest is not None and (newest.age <= self.max_age or len(self.in_use) >= self.max_snapshots):
+                return self._hold(newest)
+            self._taking = asyncio.create_task(self._take(), name="take a state snapshot")
+        task = self._taking
+        self._waiting += 1
+        try:
+            snapshot = await asyncio.shield(task)  # (a waiter that leaves does not cancel it for the others)
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self._release(self._hold(task.result()))  # it was counted in when the snapshot was ready
+            raise
+        finally:
+            self._waiting -= 1
+        return self._hold(snapshot)
+
+    def _hold(self, snapshot: StateSnapshot) -> StateSnapshot:
+        if not any(held is snapshot for held in self.in_use):
+            self.in_use.append(snapshot)
+        snapshot.users += 1
+        return snapshot
+
+    def _release(self, snapshot: StateSnapshot) -> None:
+        snapshot.users -= 1
+        if snapshot.users == 0:
+            self.in_use = [held for held in self.in_use if held is not snapshot]
+
+    async def _take(self) -> StateSnapshot:
+        try:
+            metadata, tensors, infos = await await_with_timeout(self.get_current_state(), self.timeout)
+            tensors = list(tensors)
+            if infos is None:
+                infos = [CompressionInfo.from_tensor(tensor, key=index) for index, tensor in enumerate(tensors)]
+            infos = list(infos)
+            if len(infos) != len(tensors):
+                raise ValueError(f"get_current_state returned {len(tensors)} tensors but {len(infos)} infos")
+            self.taken += 1
+            snapshot = StateSnapshot(metadata, tensors, infos)
+            if self._waiting > 0:  # (else every waiter left: nobody will hold or release it)
+                self.in_use.append(snapshot)  # newcomers reuse it at once, before its waiters resume
+            return snapshot
+        finally:
+            self._taking = None
+
+    async def shutdown(self) -> None:
+        """Cancel a snapshot being taken (its waiters get CancelledError)."""
+        if self._taking is not None:
+            await cancel_and_wait(self._taking)

@@ -1,0 +1,200 @@
+"""A donor's state snapshots without a network: packing tensors into one shared buffer, sharing a snapshot between
+overlapping downloads, and cutting tensors into chunks one slice at a time."""
+
+import asyncio
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+
+from hivemind.averaging.state_sharing import StateSharing
+from hivemind.averaging.state_snapshot import SnapshotCache, pack_tensors, packed_copy
+from hivemind.compression import (
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    SizeAdaptiveCompression,
+    Uniform8BitQuantization,
+)
+from hivemind.utils.streaming import split_for_streaming
+
+
+def various_tensors():
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(5, 3, generator=generator).t(),  # not contiguous
+        torch.arange(7),
+        torch.zeros(0, 3),
+        torch.tensor([True, False, True]),
+        torch.randn(3, generator=generator).to(torch.bfloat16),
+        torch.randn(4, generator=generator).requires_grad_(),
+        torch.randn(2, generator=generator, dtype=torch.complex64),
+        torch.tensor(2.5, dtype=torch.float64),
+    ]
+
+
+def test_packed_tensors_come_back_exact():
+    tensors = various_tensors()
+    unpacked = pack_tensors(tensors).unpack()
+    assert len(unpacked) == len(tensors)
+    for got, sent in zip(unpacked, tensors):
+        assert got.dtype == sent.dtype and got.shape == sent.shape and got.requires_grad == sent.requires_grad
+        assert torch.equal(got.detach(), sent.detach())
+        assert got.is_shared()
+
+
+def test_packed_state_crosses_processes_as_one_small_pickle():
+    state = [torch.randn(2**20) for _ in range(4)]  # 16 MiB
+    packed = pack_tensors(state)
+    assert len(ForkingPickler.dumps(packed)) < 4096  # the data stays in shared memory: one descriptor crosses
+    assert len({tensor.untyped_storage().data_ptr() for tensor in packed.unpack()}) == 1
+
+
+def test_tensors_already_packed_are_not_copied_again_unless_asked():
+    views = pack_tensors(various_tensors()).unpack()
+    assert pack_tensors(views).buffer.data_ptr() == views[0].untyped_storage().data_ptr()
+    copies = packed_copy(views)
+    assert copies[0].untyped_storage().data_ptr() != views[0].untyped_storage().data_ptr()
+    single = torch.ones(10).share_memory_()  # e.g. the only averaged tensor: a copy must not alias it
+    (copy,) = packed_copy([single])
+    single.add_(1)
+    assert torch.equal(copy, torch.ones(10))
+
+
+def test_packing_refuses_non_tensors():
+    with pytest.raises(TypeError, match="state tensor 1"):
+        pack_tensors([torch.zeros(1), [1.0, 2.0]])
+
+
+def counting_source(release: asyncio.Event = None):
+    calls = []
+
+    async def get_current_state():
+        calls.append(len(calls))
+        if release is not None:
+            await release.wait()
+        return {"call": len(calls)}, [torch.full((3,), float(len(calls)))], None
+
+    return get_current_state, calls
+
+
+async def test_downloads_starting_together_share_one_snapshot():
+    release = asyncio.Event()
+    source, calls = counting_source(release)
+    cache = SnapshotCache(source, max_age=10.0)
+    entered = []
+
+    async def download():
+        async with cache.use() as snapshot:
+            entered.append(snapshot)
+            await release.wait()
+
+    tasks = [asyncio.create_task(download()) for _ in range(4)]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(*tasks)
+    assert len(calls) == 1 and all(snapshot is entered[0] for snapshot in entered)
+    assert cache.in_use == []
+
+
+async def test_snapshot_in_use_is_reused_while_young_and_dropped_after_its_last_download():
+    source, calls = counting_source()
+    cache = SnapshotCache(source, max_age=10.0)
+    async with cache.use() as first:
+        async with cache.use() as second:
+            assert second is first and first.users == 2
+    assert cache.in_use == [] and len(calls) == 1
+    async with cache.use() as third:  # nobody streams the old one any more: a fresh snapshot
+        assert third is not first and third.metadata == {"call": 2}
+
+
+async def test_old_snapshot_gives_way_to_a_new_one_up_to_max_snapshots():
+    source, calls = counting_source()
+    cache = SnapshotCache(source, max_age=0.0, max_snapshots=2)
+    async with cache.use() as first, cache.use() as second, cache.use() as third:
+        assert first is not second  # too old (max_age 0): a new snapshot
+        assert third is second  # two are streamed already: the newest is reused whatever its age
+        assert len(cache.in_use) == 2 and len(calls) == 2
+
+
+async def test_failed_snapshot_fails_its_waiters_and_the_next_download_tries_again():
+    attempts = []
+
+    async def flaky_state():
+        attempts.append(1)
+        await asyncio.sleep(0)
+        if len(attempts) == 1:
+            raise RuntimeError("get_current_state failed")
+        return None, [], None
+
+    cache = SnapshotCache(flaky_state, max_age=10.0)
+
+    async def download():
+        async with cache.use() as snapshot:
+            return snapshot
+
+    results = await asyncio.gather(download(), download(), return_exceptions=True)
+    assert [type(result) for result in results] == [RuntimeError, RuntimeError]
+    assert (await download()).tensors == [] and len(attempts) == 2
+
+
+async def test_download_that_leaves_while_waiting_does_not_cancel_the_snapshot_for_the_others():
+    release = asyncio.Event()
+    source, calls = counting_source(release)
+    cache = SnapshotCache(source, max_age=10.0)
+
+    async def download():
+        async with cache.use() as snapshot:
+            return snapshot
+
+    leaving, staying = asyncio.create_task(download()), asyncio.create_task(download())
+    await asyncio.sleep(0)
+    leaving.cancel()
+    release.set()
+    assert (await staying).metadata == {"call": 1}
+    assert leaving.cancelled() and cache.in_use == [] and len(calls) == 1
+
+
+def test_mismatched_infos_are_refused():
+    async def wrong_infos():
+        return None, [torch.zeros(2)], []
+
+    async def run():
+        async with SnapshotCache(wrong_infos, max_age=1.0).use():
+            pass
+
+    with pytest.raises(ValueError, match="1 tensors but 0 infos"):
+        asyncio.run(run())
+
+
+class _Chunker:
+    _compressed_chunks, _compress = StateSharing._compressed_chunks, StateSharing._compress
+
+    def __init__(self, codec):
+        self.state_compression = codec
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        NoCompression(),
+        Float16Compression(),
+        SizeAdaptiveCompression(1000, NoCompression(), Float16Compression()),
+        Uniform8BitQuantization(),
+    ],
+    ids=["none", "float16", "adaptive", "uniform8bit"],
+)
+def test_chunks_cut_slice_by_slice_are_byte_identical_to_the_whole_encoding(codec):
+    tensors = [
+        *various_tensors(),
+        torch.randn(100_000),
+        torch.arange(40_000),
+        torch.randn(16_384),
+        torch.randn(16_385),
+    ]
+    chunker = _Chunker(codec)
+    for index, tensor in enumerate(tensors):
+        info = CompressionInfo.from_tensor(tensor, key=index)
+        sliced = [chunk.SerializeToString() for chunk in chunker._compressed_chunks(tensor, info)]
+        whole = [chunk.SerializeToString() for chunk in split_for_streaming(chunker._compress(tensor.detach(), info))]
+        assert sliced == whole, f"tensor {index} ({tensor.dtype}, {list(tensor.shape)})"
