@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 from hivemind.p2p import PeerID
 
@@ -20,12 +20,19 @@ __all__ = [
     "is_valid_uid",
     "is_valid_prefix",
     "split_uid",
+    "parse_peer_id",
+    "MAX_PEER_ID_CHARS",
 ]
 
 ExpertUID = str  # e.g. "ffn.3.14"
 ExpertPrefix = str  # e.g. "ffn.3."
 Coordinate = int  # an index along one grid dimension
 Score = float  # a gating score
+
+MAX_PEER_ID_CHARS = 64  # base58 of the longest libp2p peer id (an identity multihash of a 42-byte key) fits in 61
+
+_SHA2_256, _IDENTITY = 0x12, 0x00  # the two multihashes that libp2p peer ids use
+_MAX_INLINE_KEY_BYTES = 42  # libp2p inlines (identity multihash) serialized public keys of at most this many bytes
 
 UID_DELIMITER = "."  # separates the expert type and each coordinate
 FLAT_EXPERT = -1  # pseudo-coordinate under which a 1-D grid's expert `ffn.5` is stored at its own prefix `ffn.5.`
@@ -63,3 +70,27 @@ def split_uid(uid_or_prefix: str) -> Tuple[ExpertPrefix, Coordinate]:
     if not delimiter or not prefix or re.fullmatch(_INDEX, last) is None:
         raise ValueError(f"{uid_or_prefix!r} does not end with an integer coordinate (expected e.g. 'ffn.3.14')")
     return prefix + UID_DELIMITER, int(last)
+
+
+def parse_peer_id(maybe_peer_id: object) -> Optional[PeerID]:
+    """The PeerID written as ``maybe_peer_id`` (base58, as servers announce it in the DHT), or None if it is not one.
+
+    A libp2p peer id is a multihash of the peer's public key: sha2-256 (0x12, 32, then 32 bytes) or, for short keys
+    such as Ed25519, identity (0x00, the key's length, then the key). Anything else, including valid base58 that
+    decodes to other bytes, cannot be a peer to call.
+    """
+    if not isinstance(maybe_peer_id, str) or not 0 < len(maybe_peer_id) <= MAX_PEER_ID_CHARS:
+        return None
+    try:
+        peer_id = PeerID.from_base58(maybe_peer_id)
+    except (ValueError, TypeError):
+        return None
+    raw = peer_id.to_bytes()
+    if len(raw) < 3:
+        return None
+    code, length, digest_length = raw[0], raw[1], len(raw) - 2
+    if code == _SHA2_256 and length == digest_length == 32:
+        return peer_id
+    if code == _IDENTITY and length == digest_length <= _MAX_INLINE_KEY_BYTES:
+        return peer_id
+    return None

@@ -21,8 +21,8 @@ from hivemind.moe.expert_uid import (
     Score,
     is_valid_prefix,
     is_valid_uid,
+    parse_peer_id,
 )
-from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -42,35 +42,46 @@ def parse_successors(prefix: ExpertPrefix, found, grid_size: Optional[int] = Non
     """The valid entries of the dictionary stored under ``prefix`` (a DHT get result, or None).
 
     An entry is kept only if its subkey is an int coordinate below ``grid_size`` (or FLAT_EXPERT for the 1-D uid
-    equal to the prefix itself) and its value is a pair (uid under that coordinate, base58 peer id). Anything else,
-    including the ``None`` that negative caching stores, is ignored.
+    equal to the prefix itself) and its value is a pair (uid under that coordinate, base58 libp2p peer id). Anything
+    else is dropped (with a debug log), and so is the ``None`` that negative caching stores.
     """
     if found is None or not isinstance(found.value, dict):
         return {}
-    successors = {}
+    successors, dropped = {}, 0
     for coordinate, entry in found.value.items():
         if not isinstance(coordinate, int) or isinstance(coordinate, bool):
             continue
         value = getattr(entry, "value", None)
-        if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(x, str) for x in value)):
+        if value is None:  # a negative-cache entry
             continue
-        uid, peer = value
-        if not is_valid_uid(uid):
+        peer_id = None
+        if (
+            isinstance(value, (tuple, list))
+            and len(value) == 2
+            and _is_successor(prefix, coordinate, value[0], grid_size)
+        ):
+            peer_id = parse_peer_id(value[1])
+        if peer_id is None:
+            dropped += 1
             continue
-        if coordinate == FLAT_EXPERT:
-            if uid + UID_DELIMITER != prefix:
-                continue
-        else:
-            if coordinate < 0 or (grid_size is not None and coordinate >= grid_size):
-                continue
-            expected = f"{prefix}{coordinate}"
-            if uid != expected and not uid.startswith(expected + UID_DELIMITER):
-                continue
-        try:
-            successors[coordinate] = ExpertInfo(uid, PeerID.from_base58(peer))
-        except Exception:
-            continue
+        successors[coordinate] = ExpertInfo(value[0], peer_id)
+    if dropped:
+        logger.debug(
+            f"Beam search: ignored {dropped} invalid entries (bad uid, coordinate or peer id) under {prefix!r}"
+        )
     return successors
+
+
+def _is_successor(prefix: ExpertPrefix, coordinate: Coordinate, uid: object, grid_size: Optional[int]) -> bool:
+    """Whether ``uid`` may be announced under ``prefix`` at ``coordinate``."""
+    if not is_valid_uid(uid):
+        return False
+    if coordinate == FLAT_EXPERT:
+        return uid + UID_DELIMITER == prefix
+    if coordinate < 0 or (grid_size is not None and coordinate >= grid_size):
+        return False
+    expected = f"{prefix}{coordinate}"
+    return uid == expected or uid.startswith(expected + UID_DELIMITER)
 
 
 def _is_usable(score: float) -> bool:

@@ -14,9 +14,9 @@ from hivemind.moe.expert_uid import (
     ExpertInfo,
     ExpertUID,
     is_valid_uid,
+    parse_peer_id,
     split_uid,
 )
-from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
@@ -126,9 +126,10 @@ async def _find_declared_peers(
 
 def parse_declared_peer(uid: ExpertUID, entry) -> Optional[ExpertInfo]:
     """ExpertInfo from the regular value stored under ``uid``, or None if absent or not a peer id string."""
-    if entry is None or not isinstance(entry.value, str):
+    if entry is None:
         return None
-    try:
-        return ExpertInfo(uid, PeerID.from_base58(entry.value))
-    except Exception:
+    peer_id = parse_peer_id(entry.value)
+    if peer_id is None:
+        logger.debug(f"Ignored an announcement of {uid!r} whose value is not a libp2p peer id")
         return None
+    return ExpertInfo(uid, peer_id)
