@@ -122,7 +122,10 @@ async def _gather_answers(
 
 
 def _fan_out(jobs, method, tensors_for_job, limit_for_job, schema, options: CallOptions, num_samples, k_min, deadline):
-    """Call ``method`` of each job's expert in parallel; returns {job index: tensors} of the ones that answered."""
+    """Call ``method`` of each job's expert in parallel; returns {job index: tensors} of the ones that answered.
+
+    ``limit_for_job(job)``: (the most tensor bytes, the number of tensors) that an answer may carry.
+    """
     if deadline is not None and deadline <= time.monotonic():
         raise TimeoutError(f"The time limit of {method} ran out before any expert was called (raise the timeout)")
     calls = {}
@@ -133,7 +136,7 @@ def _fan_out(jobs, method, tensors_for_job, limit_for_job, schema, options: Call
             tensors = tensors_for_job(job)
             serialized = serialize_inputs(tensors, schema)
             calls[index] = call_expert(
-                job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors), None, limit_for_job(job)
+                job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors), None, *limit_for_job(job)
             )
     except BaseException:
         for call in calls.values():
@@ -169,12 +172,13 @@ class RemoteCallMany(torch.autograd.Function):
         num_samples, max_k = len(experts_per_sample), max(map(len, experts_per_sample), default=0)
         jobs = group_by_expert(experts_per_sample)
         outputs_schema = list(nested_flatten(info["outputs_schema"]))
+        num_outputs = len(outputs_schema)
 
         def rows_for(job):
             return [tensor[job.samples] for tensor in flat_inputs]
 
         def output_limit(job):
-            return response_size_limit(expected_output_bytes(outputs_schema, len(job.samples)))
+            return response_size_limit(expected_output_bytes(outputs_schema, len(job.samples))), num_outputs
 
         results = _fan_out(
             jobs,
@@ -234,7 +238,8 @@ class RemoteCallMany(torch.autograd.Function):
 
         def grads_limit(job):
             rows = len(job.samples)  # one gradient per input, of the input's shape
-            return response_size_limit(sum(rows * math.prod(t.shape[1:]) * t.element_size() for t in flat_inputs))
+            grad_bytes = sum(rows * math.prod(t.shape[1:]) * t.element_size() for t in flat_inputs)
+            return response_size_limit(grad_bytes), len(flat_inputs)
 
         results = _fan_out(
             jobs,

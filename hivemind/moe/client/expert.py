@@ -101,8 +101,9 @@ class _RemoteModuleCall(torch.autograd.Function):
         ctx.save_for_backward(*inputs)
         serialized = serialize_inputs(inputs, info["forward_schema"])
         limit = response_size_limit(expected_output_bytes(info["outputs_schema"], len(inputs[0]) if inputs else 0))
+        count = len(list(nested_flatten(info["outputs_schema"])))
         outputs = RemoteExpertWorker.run_coroutine(
-            call_expert(stub, "forward", uid, serialized, raw_size_of(inputs), max_response_bytes=limit)
+            call_expert(stub, "forward", uid, serialized, raw_size_of(inputs), None, limit, max_response_tensors=count)
         )
         return tuple(outputs)
 
@@ -116,7 +117,7 @@ class _RemoteModuleCall(torch.autograd.Function):
         serialized = serialize_inputs(tensors, backward_schema)
         grads_limit = response_size_limit(raw_size_of(inputs))  # one gradient per input, of its shape
         grad_inputs = RemoteExpertWorker.run_coroutine(
-            call_expert(stub, "backward", uid, serialized, raw_size_of(tensors), max_response_bytes=grads_limit)
+            call_expert(stub, "backward", uid, serialized, raw_size_of(tensors), None, grads_limit, len(inputs))
         )
         checked = check_grad_inputs(uid, inputs, grad_inputs)
         needs = ctx.needs_input_grad[4:]

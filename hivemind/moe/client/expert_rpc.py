@@ -7,12 +7,15 @@ An expert server registers handlers named ``ConnectionHandler.rpc_*``; the class
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import AsyncIterator, Iterable, List, Optional, Sequence
 
 import torch
 
 from hivemind.compression import deserialize_tensor_stream, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
 from hivemind.p2p import P2PContext, ServicerBase, StubBase
+from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_flatten
 from hivemind.utils.serializer import MSGPackSerializer
@@ -28,6 +31,7 @@ __all__ = [
     "serialize_inputs",
     "call_expert",
     "ExpertResponseTooLarge",
+    "CheckedExpertResponse",
     "response_size_limit",
     "expected_output_bytes",
     "raw_size_of",
@@ -35,6 +39,8 @@ __all__ = [
 
 MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # raw bytes sent in one call above which the streaming variant is used
 STREAMING_CHUNK_SIZE = 4 * 1024**2  # buffer bytes per streamed message
+# one message of a streamed answer: a chunk (servers, ours and the original, send at most 4 MiB) and its metadata
+MAX_RESPONSE_MESSAGE_BYTES = STREAMING_CHUNK_SIZE + 64 * 1024
 
 
 class ConnectionHandler(ServicerBase):
@@ -121,6 +127,26 @@ class ExpertResponseTooLarge(RuntimeError):
     """An expert server sent more tensor bytes than the answer to the request can need."""
 
 
+class CheckedExpertResponse:
+    """What a response is parsed into when its number of tensors is known: the wire bytes are scanned first (see
+    hivemind/moe/wire_scan.py), so that a response of millions of empty tensors is refused before protobuf builds
+    them; then parsed into ``message``, a ``runtime_pb2.ExpertResponse``."""
+
+    __slots__ = ("max_tensors", "what", "message")
+
+    def __init__(self, max_tensors: int, what: str):
+        self.max_tensors, self.what = max_tensors, what
+        self.message = None
+
+    def ParseFromString(self, data: Buffer) -> int:  # noqa: N802 (protobuf's name)
+        try:
+            scan_tensor_message(data, self.max_tensors, self.what)
+        except MessageScanError as e:
+            raise ExpertResponseTooLarge(str(e)) from None
+        self.message = runtime_pb2.ExpertResponse()
+        return self.message.ParseFromString(data)
+
+
 def response_size_limit(expected_bytes: int) -> int:
     """Bytes an answer may carry: twice the uncompressed size it should have, plus 1 MiB for codec metadata."""
     return 2 * expected_bytes + 2**20
@@ -150,29 +176,49 @@ async def call_expert(
     raw_size: int,
     timeout: Optional[float] = None,
     max_response_bytes: Optional[int] = None,
+    max_response_tensors: Optional[int] = None,
 ) -> List[torch.Tensor]:
     """Send tensors to ``rpc_<method>`` (unary) or ``rpc_<method>_stream`` (above 2 MiB of raw input bytes).
 
     :param raw_size: the summed ``element_size * numel`` of the tensors before compression, in bytes
     :param timeout: for the unary variant only; bound a streaming call by cancelling it
     :param max_response_bytes: refuse (ExpertResponseTooLarge) an answer whose tensor buffers exceed this
+    :param max_response_tensors: refuse (ExpertResponseTooLarge) a response message with more tensors than this
+      before it is parsed (the expert's number of outputs, or of inputs for backward)
     """
     if raw_size > MAX_UNARY_PAYLOAD_SIZE:
-        responses = await getattr(stub, f"rpc_{method}_stream")(_iterate_requests(uid, serialized))
+        responses = await _call(stub, f"rpc_{method}_stream", _iterate_requests(uid, serialized), max_response_tensors)
 
         async def counted_chunks():
             received = 0
             async for response in responses:
+                response = getattr(response, "message", response)
                 received += sum(len(chunk.buffer) for chunk in response.tensors)
                 _check_size(received, max_response_bytes, uid)  # before the chunk is kept
                 yield response.tensors
 
         return await deserialize_tensor_stream(counted_chunks())
-    response = await getattr(stub, f"rpc_{method}")(
-        runtime_pb2.ExpertRequest(uid=uid, tensors=serialized), timeout=timeout
-    )
+    request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
+    response = await _call(stub, f"rpc_{method}", request, max_response_tensors, timeout=timeout)
+    response = getattr(response, "message", response)
     _check_size(sum(len(tensor.buffer) for tensor in response.tensors), max_response_bytes, uid)
     return [deserialize_torch_tensor(tensor) for tensor in response.tensors]
+
+
+async def _call(stub: StubBase, name: str, request, max_tensors: Optional[int], **kwargs):
+    """``stub.<name>(request)``. A streamed answer's messages are limited to one chunk (as servers send them); with
+    ``max_tensors``, each response is a CheckedExpertResponse (its ``message``)."""
+    if not isinstance(stub, StubBase):
+        return await getattr(stub, name)(request, **kwargs)
+    handle = get_handle_name(stub._namespace, ConnectionHandler.__name__, name)
+    response_type = runtime_pb2.ExpertResponse
+    if max_tensors is not None:
+        response_type = partial(CheckedExpertResponse, max_tensors, f"{name} answer")
+    if name.endswith("_stream"):
+        return await stub._p2p.iterate_protobuf_handler(
+            stub._peer, handle, request, response_type, max_message_size=MAX_RESPONSE_MESSAGE_BYTES
+        )
+    return await stub._p2p.call_protobuf_handler(stub._peer, handle, request, response_type, **kwargs)
 
 
 def raw_size_of(tensors: Iterable[torch.Tensor]) -> int:

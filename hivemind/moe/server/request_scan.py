@@ -1,121 +1,37 @@
-"""Counting the tensors of an ExpertRequest on the wire, before protobuf parses it.
-
-Why: protobuf materialises every entry of a repeated field. A 4 MiB request made of two-byte empty ``Tensor`` entries
-holds two million of them and parses into about 150 MiB, although its size is within every message limit. An expert
-takes a known number of tensors (its inputs; for backward, also the gradients of its outputs), so a request that
-carries more is refused from a scan of its wire bytes that looks only at field headers and lengths (a few
-microseconds for a valid request: it holds a handful of fields whatever the size of its tensors).
-
-Limits, per message (a unary request, or one message of a stream):
-- ``tensors`` entries: the expert's tensor count when the uid came first (as every serializer writes it), otherwise
-  the largest count among the hosted experts;
-- fields of one ``Tensor``: at most ``MAX_FIELDS_PER_TENSOR`` (a valid one has at most 6, its shape packed into one),
-  and at most ``MAX_TENSOR_DIMS`` dimensions in its shape;
-- other top-level fields (the uid, the metadata, fields unknown to this version): at most ``MAX_OTHER_FIELDS``.
-"""
+"""Expert requests are counted on the wire before protobuf parses them (see hivemind/moe/wire_scan.py): a request,
+or a message of a stream, that carries more tensors than its expert takes is refused without materialising them."""
 
 from __future__ import annotations
 
-from typing import Mapping, Tuple, Union
+from typing import Mapping
 
 from hivemind.moe.server.expert_requests import ExpertRequestError
+from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
 from hivemind.proto import runtime_pb2
 
-__all__ = ["MAX_FIELDS_PER_TENSOR", "MAX_TENSOR_DIMS", "MAX_OTHER_FIELDS", "RequestScanError", "CheckedExpertRequest"]
-
-MAX_TENSOR_DIMS = 64  # what torch supports
-MAX_FIELDS_PER_TENSOR = 16 + MAX_TENSOR_DIMS  # its dimensions may also come one field each (unpacked)
-MAX_OTHER_FIELDS = 16
-_MAX_UID_BYTES = 1024  # longer uids are never hosted: no need to decode them
-_MAX_VARINT_BYTES = 10
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-_UID_FIELD, _TENSORS_FIELD = 1, 2  # of ExpertRequest
-_SIZE_FIELD = 2  # of Tensor: the shape
-
-Buffer = Union[bytes, bytearray, memoryview]
+__all__ = ["RequestScanError", "CheckedExpertRequest", "scan_expert_request"]
 
 
 class RequestScanError(ExpertRequestError):
     """An ExpertRequest refused from its wire bytes: too many tensors or fields, or not a protobuf message."""
 
 
-def _varint(data: memoryview, start: int, end: int) -> Tuple[int, int]:
-    if start < end and data[start] < 0x80:  # most keys and small lengths: one byte
-        return data[start], start + 1
-    value = shift = 0
-    for position in range(start, min(end, start + _MAX_VARINT_BYTES)):
-        byte = data[position]
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position + 1
-        shift += 7
-    raise RequestScanError("the request is not a valid ExpertRequest message (a truncated or overlong varint)")
-
-
-def _next_field(data: memoryview, position: int, end: int) -> Tuple[int, int, int, int]:
-    """(field number, wire type, start of its value, end of its value) of the field at ``position``."""
-    key, position = _varint(data, position, end)
-    field, wire_type = key >> 3, key & 7
-    if wire_type == _VARINT:
-        _, stop = _varint(data, position, end)
-    elif wire_type == _LENGTH_DELIMITED:
-        length, position = _varint(data, position, end)
-        stop = position + length
-    elif wire_type == _FIXED64:
-        stop = position + 8
-    elif wire_type == _FIXED32:
-        stop = position + 4
-    else:  # groups (deprecated, never written by hivemind) or invalid wire types
-        raise RequestScanError(f"the request is not a valid ExpertRequest message (wire type {wire_type})")
-    if stop > end:
-        raise RequestScanError("the request is not a valid ExpertRequest message (a field runs past its end)")
-    return field, wire_type, position, stop
-
-
-def _check_tensor(data: memoryview, position: int, end: int, what: str, index: int) -> None:
-    fields = dims = 0
-    while position < end:
-        field, wire_type, start, position = _next_field(data, position, end)
-        fields += 1
-        if field == _SIZE_FIELD:  # packed: at least one byte per dimension; unpacked: one field per dimension
-            dims += position - start if wire_type == _LENGTH_DELIMITED else 1
-        if fields > MAX_FIELDS_PER_TENSOR or dims > MAX_TENSOR_DIMS:
-            raise RequestScanError(
-                f"{what}: tensor #{index} has more than {MAX_TENSOR_DIMS} dimensions or {MAX_FIELDS_PER_TENSOR} "
-                "fields; the request is refused"
-            )
-
-
 def scan_expert_request(data: Buffer, tensor_counts: Mapping[str, int], what: str) -> None:
-    """Refuse (RequestScanError) an ExpertRequest that holds more tensors than its expert takes, or bloated ones.
+    """Refuse (RequestScanError) a request with more tensors than its expert takes, or with bloated ones.
 
-    :param tensor_counts: {hosted uid: how many tensors its request may carry}
+    :param tensor_counts: {hosted uid: how many tensors its request may carry}; before the uid is read (or for an
+      unknown uid), the largest of them applies
     :param what: names the RPC in errors, e.g. "forward"
     """
-    data = memoryview(data)
-    limit = max(tensor_counts.values(), default=0)
-    position, end, tensors, others, uid = 0, len(data), 0, 0, None
-    while position < end:
-        field, wire_type, start, position = _next_field(data, position, end)
-        if field == _TENSORS_FIELD and wire_type == _LENGTH_DELIMITED:
-            tensors += 1
-            if tensors > limit:
-                named = f" of {uid}" if uid is not None else ""
-                raise RequestScanError(f"{what}{named} expects {limit} tensors, got more; the request is refused")
-            _check_tensor(data, start, position, what, tensors - 1)
-            continue
-        others += 1
-        if others > MAX_OTHER_FIELDS:
-            raise RequestScanError(f"{what}: the request has more than {MAX_OTHER_FIELDS} fields besides its tensors")
-        if field == _UID_FIELD and wire_type == _LENGTH_DELIMITED and position - start <= _MAX_UID_BYTES:
-            candidate = bytes(data[start:position]).decode(errors="replace")
-            if candidate in tensor_counts:
-                uid, limit = candidate, tensor_counts[candidate]
+    try:
+        scan_tensor_message(data, max(tensor_counts.values(), default=0), what, tensor_counts)
+    except MessageScanError as e:
+        raise RequestScanError(str(e)) from None
 
 
 class CheckedExpertRequest:
-    """What the p2p layer parses an expert request into: the wire bytes are scanned first (see the module
-    docstring), then parsed into ``message``, a ``runtime_pb2.ExpertRequest``.
+    """What the p2p layer parses an expert request into: the wire bytes are scanned first, then parsed into
+    ``message``, a ``runtime_pb2.ExpertRequest``.
 
     The p2p layer creates one per request with no arguments: pass ``functools.partial(CheckedExpertRequest,
     tensor_counts, what)`` as the handler's input type.
