@@ -5,12 +5,23 @@ import resource
 
 import pytest
 import torch
-from moe_hostile_helpers import UID, as_stream, connect_attacker, drain, good_forward, start_hostile_server
+from moe_hostile_helpers import (
+    UID,
+    as_stream,
+    connect_attacker,
+    drain,
+    good_forward,
+    make_backends,
+    make_request,
+    start_hostile_server,
+)
 
 from hivemind.compression import serialize_torch_tensor
+from hivemind.dht import DHT
+from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.request_scan import CheckedExpertRequest, RequestScanError, scan_expert_request
 from hivemind.moe.wire_scan import MAX_TENSOR_DIMS
-from hivemind.p2p import P2PHandlerError
+from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
@@ -135,3 +146,28 @@ async def test_stream_message_of_millions_of_empty_tensors_is_refused_before_par
     growth = peak_rss() - before
     assert growth < 64 * 1024**2, f"the server's memory peaked {growth / 2**20:.0f} MiB higher"
     await good_forward(stub)
+
+
+class EchoingHandler(ConnectionHandler):
+    """A subclass with its own rpc_forward (as downstream projects have): its requests follow its own rules."""
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, _context) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(tensors=request.tensors)
+
+
+@pytest.mark.timeout(60)
+async def test_rpc_overridden_by_a_subclass_gets_its_requests_unchecked():
+    dht = DHT(start=True)
+    handler = EchoingHandler(dht, make_backends([UID]))
+    handler.run_in_thread(await_ready=True, timeout=30)
+    client = await P2P.create(initial_peers=[str(maddr) for maddr in dht.get_visible_maddrs()])
+    try:
+        stub = EchoingHandler.get_stub(client, dht.peer_id)
+        request = make_request(UID, *(torch.randn(2, 3) for _ in range(3)))  # the expert itself takes 1 tensor
+        assert list((await stub.rpc_forward(request, timeout=30)).tensors) == list(request.tensors)
+        with pytest.raises(P2PHandlerError, match="expects 2 tensors, got more"):  # the inherited RPCs are checked
+            await stub.rpc_backward(request, timeout=30)
+    finally:
+        await client.shutdown()
+        handler.shutdown()
+        dht.shutdown()

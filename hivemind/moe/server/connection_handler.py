@@ -214,7 +214,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
     def _checked_handler(self, handler) -> Tuple[Callable, Callable]:
         """(method, request type) to register: ExpertRequests are counted on the wire, then unwrapped for it."""
         method = getattr(self, handler.name)
-        if handler.request_type is not runtime_pb2.ExpertRequest:
+        overridden = getattr(type(self), handler.name) is not getattr(ConnectionHandler, handler.name, None)
+        if handler.request_type is not runtime_pb2.ExpertRequest or overridden:  # a subclass's RPC has its own rules
             return method, handler.request_type
         backward = "backward" in handler.name
         schemas = self._get_schemas().values()
