@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -21,6 +22,7 @@ from hivemind.optim.optimizer_state import (
     load_optimizer_state,
 )
 from hivemind.utils.logging import get_logger
+from hivemind.utils.performance_ema import PerformanceEMA
 
 __all__ = [
     "TrainingStateAverager",
@@ -88,7 +90,7 @@ class TrainingStateAverager(DecentralizedAverager):
     :param reuse_tensors: accepted for compatibility; averaged tensors are always separate buffers here
     :param delta_rule_averaging: apply the averaging result as a delta (average - values sent), keeping local updates
       made while averaging ran in the background
-    :param performance_ema_alpha: accepted for compatibility
+    :param performance_ema_alpha: smoothing of ``delay_before_averaging`` (seconds from step() to its all-reduce)
     :param sync_epoch_when_averaging: after a round, move to the highest epoch of the group
     :param parameter_names: names of the parameters, for logs
     :param average_opt_statistics: names of optimizer-state entries to average (e.g. ``"exp_avg_sq"``)
@@ -163,13 +165,14 @@ class TrainingStateAverager(DecentralizedAverager):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
         self._pending_step: Optional[Future] = None
         self._pending_averaging: Optional[Future] = None
+        self.delay_before_averaging = PerformanceEMA(alpha=performance_ema_alpha)  # seconds: step() -> all-reduce
         super().__init__(averaged_tensors=averaged, dht=dht, tensor_infos=infos, **averager_kwargs)
 
     # what only the user's process uses: the model, the optimizer and its scheduler (maybe on a GPU, maybe built by
     # lambdas), the lock and thread that apply steps. A spawned averager process is sent the rest (see __getstate__)
     _USER_PROCESS_ONLY = (
         "main_parameters", "optimizer", "_optimizer_parameters", "scheduler", "extra_tensors", "_state_lock",
-        "_executor", "_pending_step", "_pending_averaging",
+        "_executor", "_pending_step", "_pending_averaging", "delay_before_averaging",
     )  # fmt: skip
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -266,6 +269,7 @@ class TrainingStateAverager(DecentralizedAverager):
         background results to the model, bump the epoch, run the optimizer (maybe in the background), zero the
         gradients, bring the scheduler to the epoch, run an averaging round (maybe in the background).
         """
+        started = time.perf_counter()  # an averaging round's delay_before_averaging is measured from here
         if delay_averaging is None:
             delay_averaging = delay_optimizer_step
         if delay_optimizer_step and not self.offload_optimizer:
@@ -303,7 +307,7 @@ class TrainingStateAverager(DecentralizedAverager):
             opts = dict(averaging_opts or {})
             if delay_averaging:
                 self._pending_averaging = self._executor.submit(
-                    self._run_averaging_round, averaging_control, wait_for_trigger, opts
+                    self._run_averaging_round, averaging_control, wait_for_trigger, opts, started
                 )
             else:
                 # a delayed step may land while this round runs: apply the round as a delta, keeping that step
@@ -311,7 +315,7 @@ class TrainingStateAverager(DecentralizedAverager):
                 self._pending_averaging = Future()
                 try:
                     self._pending_averaging.set_result(
-                        self._run_averaging_round(averaging_control, wait_for_trigger, opts, step_in_flight)
+                        self._run_averaging_round(averaging_control, wait_for_trigger, opts, started, step_in_flight)
                     )
                 except Exception as e:
                     self._pending_averaging.set_exception(e)
@@ -343,7 +347,7 @@ class TrainingStateAverager(DecentralizedAverager):
 
     def _run_averaging_round(
         self, control: Optional[StepControl], wait_for_trigger: Optional[Callable[[], Any]], opts: Dict[str, Any],
-        keep_values_sent: bool = False,
+        started: float, keep_values_sent: bool = False,
     ) -> Tuple[Dict[Any, Any], List[torch.Tensor], int]:
         """
         Send the current state to the averager and run one round; returns (gathered, values sent, epoch sent). The
@@ -360,6 +364,7 @@ class TrainingStateAverager(DecentralizedAverager):
             wait_for_trigger()
         if control is None:
             control = self.schedule_step(**opts)
+        self.delay_before_averaging.update(task_size=1, interval=time.perf_counter() - started)
         control.allow_allreduce()
         gathered = control.result()
         return gathered, sent, round_epoch
