@@ -14,6 +14,8 @@ from hivemind.averaging.matchmaking_rules import (
     SearchReport,
     check_join_request,
     declared_expiration,
+    expected_group_size,
+    may_start_early,
     parse_group,
 )
 from hivemind.p2p import PeerID
@@ -168,3 +170,34 @@ def test_tried_declarations_are_forgotten_once_gone():
     assert leaders._tried == set()
     leaders.update([(A, 5.0)])  # seen again (a lookup had missed it): asking once more is harmless
     assert leaders.pop_next_leader(10.0, now=0) == A
+
+
+@pytest.mark.parametrize(
+    "group_size, expected, min_group_size, triggered, start",
+    [
+        (3, 3, 2, True, True),  # everyone expected is here and the round may begin
+        (4, 3, 2, True, True),  # more than expected: nobody else is coming either
+        (2, 3, 2, True, False),  # one expected peer is missing: wait for it until the declared time
+        (3, 3, 2, False, False),  # complete, but this peer's own round is not due yet
+        (3, 0, 2, True, False),  # nothing expected (unknown): wait as usual
+        (1, 1, 1, True, False),  # alone: no group to start early
+        (3, 3, 4, True, False),  # min_group_size, set explicitly, still wins
+    ],
+)
+def test_a_leader_starts_early_only_with_every_expected_peer_once_triggered(
+    group_size, expected, min_group_size, triggered, start
+):
+    assert may_start_early(group_size, expected, min_group_size, triggered) is start
+
+
+def test_expected_group_size_reads_the_hint_of_a_step_and_defaults_to_unknown():
+    class Step:
+        pass
+
+    step = Step()
+    assert expected_group_size(step) == 0
+    step.expected_group_size = 4
+    assert expected_group_size(step) == 4
+    for garbage in (-3, None, "many"):
+        step.expected_group_size = garbage
+        assert expected_group_size(step) == 0

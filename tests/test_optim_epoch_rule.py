@@ -8,6 +8,7 @@ import pytest
 from hivemind.optim.epoch_rule import (
     GlobalTrainingProgress,
     RefreshPolicy,
+    count_expected_peers,
     is_synchronized,
     is_time_for_global_step,
     next_epoch,
@@ -149,3 +150,25 @@ def test_averaging_is_scheduled_once_when_the_epoch_end_is_near():
     assert not should_schedule_averaging(NOW + 4, NOW, matchmaking_time=5, already_scheduled=True)
     assert not should_schedule_averaging(NOW + 6, NOW, matchmaking_time=5, already_scheduled=False)
     assert not should_schedule_averaging(math.inf, NOW, matchmaking_time=5, already_scheduled=False)
+
+
+def test_expected_peers_are_those_in_this_epoch_and_last_rounds_partners_just_behind():
+    records = [
+        Record(b"me", epoch=5, samples_accumulated=8),
+        Record(b"ahead", epoch=6, samples_accumulated=0),
+        Record(b"same", epoch=5, samples_accumulated=16),
+        Record(b"partner", epoch=4, samples_accumulated=64),  # finishing last round's step: it is coming
+        Record(b"dead", epoch=4, samples_accumulated=24),  # stopped in the last epoch, was not in its round
+        Record(b"old", epoch=2, samples_accumulated=8),  # two epochs behind: gone or downloading the state
+    ]
+    last_round = {b"me", b"same", b"partner"}
+    assert count_expected_peers(records, local_epoch=5, last_round_peers=last_round) == 4
+    # no round known yet (a new start): every peer one epoch behind may still come
+    assert count_expected_peers(records, local_epoch=5, last_round_peers=None) == 5
+    # after a failed round, only peers that report this epoch are expected
+    assert count_expected_peers(records, local_epoch=5, last_round_peers=set()) == 3
+
+
+def test_expected_peers_count_each_peer_once():
+    records = [Record(b"me", epoch=1, samples_accumulated=0), Record(b"me", epoch=1, samples_accumulated=4)]
+    assert count_expected_peers(records, local_epoch=1, last_round_peers=None) == 1

@@ -15,7 +15,7 @@ __all__ = ["AveragingStage", "StepControl"]
 logger = get_logger(__name__)
 
 # cells of the future's shared slot (see MPFuture): every process holding the control sees the same values
-_SCHEDULED_TIME, _WEIGHT, _TRIGGER, _STAGE, _BEGAN_ALLREDUCE = range(5)
+_SCHEDULED_TIME, _WEIGHT, _TRIGGER, _STAGE, _BEGAN_ALLREDUCE, _EXPECTED_GROUP_SIZE = range(6)
 
 
 class AveragingStage(Enum):
@@ -106,6 +106,16 @@ class StepControl(MPFuture):
         if self.began_allreduce:
             logger.warning("Changing the weight has no effect: the all-reduce has already begun")
         self._shared.set_float(_WEIGHT, weight)
+
+    @property
+    def expected_group_size(self) -> int:
+        """How many peers (this one included) are expected to average in this round; 0: unknown. A leader whose
+        group has them all starts it once triggered instead of waiting out its matchmaking time."""
+        return self._shared.get_int(_EXPECTED_GROUP_SIZE)
+
+    @expected_group_size.setter
+    def expected_group_size(self, size: int) -> None:
+        self._shared.set_int(_EXPECTED_GROUP_SIZE, max(0, int(size)))
 
     @property
     def stage(self) -> AveragingStage:

@@ -2,33 +2,31 @@
 
 Each searching peer declares ``(group key, own peer id) -> True`` until an expiration time T. Peers order each other
 by ``(T, peer id)``; a peer asks the best-ordered peers before itself to lead it (``rpc_join_group``), and leads
-those that ask it. A leader starts the group as soon as it reaches ``target_group_size``, or at its T if it has at
-least ``min_group_size`` members; otherwise it disbands the group and searches again.
+those that ask it. A leader starts the group as soon as it reaches ``target_group_size`` (or, once triggered, has
+every peer that its step expects), or at its T if it has at least ``min_group_size`` members; otherwise it disbands
+the group and searches again. The leader's side lives in ``matchmaking_leader``.
 """
 
 import asyncio
 import math
-import os
-import random
-from dataclasses import dataclass
-from typing import AsyncIterator, Dict, Optional, Type
+from typing import Dict, Optional, Type
 
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.key_manager import MAX_PEER_ID_BYTES, GroupKeyManager
+from hivemind.averaging.matchmaking_leader import EARLY_START_POLL_PERIOD, Follower, GroupLeading
 from hivemind.averaging.matchmaking_rules import (
     MAX_GATHER_BYTES,
     MAX_REDIRECTS,
     Code,
-    LeaderState,
     PotentialLeaders,
     SearchReport,
-    check_join_request,
     code_name,
     declared_expiration,
+    expected_group_size,
     parse_group,
 )
 from hivemind.dht import DHT
-from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p import P2P, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
 from hivemind.utils.logging import get_logger
@@ -38,7 +36,6 @@ logger = get_logger(__name__)
 
 __all__ = ["Matchmaking", "MatchmakingException", "PotentialLeaders"]
 
-GROUP_ID_BYTES = 20
 MIN_POLL_PERIOD, MAX_POLL_PERIOD = 0.1, 1.0  # seconds between DHT lookups of the group key while searching
 MIN_DHT_CALL_TIMEOUT = 5.0  # a DHT get/store of the group key waits at most max(this, request_timeout)
 
@@ -47,13 +44,7 @@ class MatchmakingException(Exception):
     """No group was found; the message says why (no peers, too few, other schema, unresponsive leaders, ...)."""
 
 
-@dataclass
-class _Follower:
-    request: averaging_pb2.JoinRequest
-    outcome: "asyncio.Future[averaging_pb2.MessageFromLeader]"  # BEGIN_ALLREDUCE or GROUP_DISBANDED
-
-
-class Matchmaking:
+class Matchmaking(GroupLeading):
     """Finds a group for one averaging round at a time (``look_for_group``) and answers other peers' join requests
     (``rpc_join_group``, served by the averager under its prefix).
 
@@ -120,7 +111,7 @@ class Matchmaking:
         self._declared_expiration: Optional[float] = None
         self._declared_for_scheduled_time: Optional[float] = None
         self._current_leader: Optional[PeerID] = None
-        self._followers: Dict[PeerID, _Follower] = {}
+        self._followers: Dict[PeerID, Follower] = {}
         self._leaders = PotentialLeaders(self.peer_id)
         self._report = SearchReport(self.group_key_manager.current_key, min_group_size, client_mode)
 
@@ -192,6 +183,9 @@ class Matchmaking:
                 raise MatchmakingException(f"Could not find a group before the deadline: {self._explain()}")
 
             if not self.client_mode:
+                group = await self._maybe_start_early(step)
+                if group is not None:
+                    return group
                 if self._declared_expiration is not None and now >= self._declared_expiration:
                     group = await self._on_declaration_expired()
                     if group is not None:
@@ -218,6 +212,8 @@ class Matchmaking:
                 wake_up = min(wake_up, self._declared_expiration)
             if step.deadline is not None:
                 wake_up = min(wake_up, step.deadline)
+            if self._followers and 2 <= expected_group_size(step) <= len(self._followers) + 1:
+                wake_up = min(wake_up, get_dht_time() + EARLY_START_POLL_PERIOD)  # all here: start once it is due
             await asyncio.sleep(max(0.0, wake_up - get_dht_time()))
 
     def _may_ask_others(self) -> bool:
@@ -375,101 +371,6 @@ class Matchmaking:
             self._current_leader = None
             if stream is not None:
                 await stream.aclose()
-
-    # ------------------------------------------------------------------ leading (other peers' requests)
-
-    async def rpc_join_group(
-        self, request: averaging_pb2.JoinRequest, context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        """A peer asks this one to lead it: refuse, or accept and later send the group (or a disband notice)."""
-        requester = context.remote_id
-        follower = None
-        try:
-            try:
-                refusal, follower, patience = await self._admit(request, requester)
-            except Exception as e:
-                logger.warning(f"{self.peer_id} failed to process a join request from {requester}: {e!r}")
-                refusal = averaging_pb2.MessageFromLeader(code=Code.INTERNAL_ERROR)
-            if refusal is not None:
-                logger.debug(f"{self.peer_id} refused to lead {requester}: {code_name(refusal.code)}")
-                yield refusal
-                return
-            yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
-            try:
-                outcome = await await_with_timeout(asyncio.shield(follower.outcome), patience)
-            except asyncio.TimeoutError:
-                outcome = averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED)
-            yield outcome
-        finally:
-            if follower is not None and self._followers.get(requester) is follower:
-                del self._followers[requester]  # the follower left (or gave up) before the group started
-
-    async def _admit(self, request: averaging_pb2.JoinRequest, requester: PeerID):
-        """Check a join request under the lock: ``(refusal, None, None)`` or ``(None, follower, patience)``."""
-        async with self._lock:
-            refusal = check_join_request(self._leader_state(), request, requester)
-            if refusal is not None:
-                self._report.refusals[refusal.code] += 1
-                if refusal.code == Code.BAD_SCHEMA_HASH:
-                    self._leaders.peers_seen.add(requester)
-                    self._report.bad_schema_peers.add(requester)
-                return refusal, None, None
-            follower = _Follower(request, asyncio.get_running_loop().create_future())
-            self._followers[requester] = follower
-            self._report.largest_group = max(self._report.largest_group, len(self._followers) + 1)
-            # a follower waits for our group until its own expiration (not before ours) + request_timeout
-            patience = max(0.0, self._declared_expiration - get_dht_time()) + 3 * self.request_timeout
-            if self.target_group_size is not None and len(self._followers) + 1 >= self.target_group_size:
-                self._assemble_group()
-            return None, follower, patience
-
-    def _leader_state(self) -> LeaderState:
-        return LeaderState(
-            peer_id=self.peer_id,
-            looking_for_group=self._step is not None,
-            assembled=self._assembled is not None and self._assembled.done(),
-            client_mode=self.client_mode,
-            schema_hash=self.schema_hash,
-            current_key=self.group_key_manager.current_key,
-            declared_expiration=self._declared_expiration,
-            current_leader=self._current_leader,
-            followers=set(self._followers),
-            target_group_size=self.target_group_size,
-        )
-
-    def _assemble_group(self) -> GroupInfo:
-        """Start the group of this leader and its followers (call with ``self._lock`` held)."""
-        members = [(self.peer_id, self._step.data_for_gather)]
-        members += [(peer, follower.request.gather) for peer, follower in self._followers.items()]
-        random.shuffle(members)
-        group = GroupInfo(
-            group_id=os.urandom(GROUP_ID_BYTES),
-            peer_ids=tuple(peer for peer, _ in members),
-            gathered=tuple(gathered for _, gathered in members),
-        )
-        message = averaging_pb2.MessageFromLeader(
-            code=Code.BEGIN_ALLREDUCE,
-            group_id=group.group_id,
-            ordered_peer_ids=[peer.to_bytes() for peer in group.peer_ids],
-            gathered=group.gathered,
-        )
-        for follower in self._followers.values():
-            if not follower.outcome.done():
-                follower.outcome.set_result(message)
-        self._followers.clear()
-        self._assembled.set_result(group)
-        logger.info(f"Formed a group of {group.group_size} peers led by this peer ({self.peer_id})")
-        return group
-
-    def _disband_followers(self, suggested_leader: Optional[PeerID]) -> None:
-        """Tell every follower that this group will not start (call with ``self._lock`` held)."""
-        message = averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED)
-        if suggested_leader is not None:
-            message.suggested_leader = suggested_leader.to_bytes()
-        for follower in self._followers.values():
-            if not follower.outcome.done():
-                follower.outcome.set_result(message)
-        self._followers.clear()
 
 
 async def _cancel_quietly(task: asyncio.Task) -> None:

@@ -35,6 +35,26 @@ def declared_expiration(scheduled_time: float, deadline: Optional[float], now: f
     return expiration if deadline is None else min(expiration, deadline)
 
 
+def may_start_early(group_size: int, expected_group_size: int, min_group_size: int, triggered: bool) -> bool:
+    """Whether a leader may start its group of ``group_size`` members (itself included) before its declared time.
+
+    It may when every peer it expects is already in the group (``expected_group_size`` comes from outside, e.g. the
+    number of peers that train in this epoch; below 2: unknown, wait as usual), the group has at least
+    ``min_group_size`` members, and this peer's own all-reduce may begin (``triggered``). Waiting longer would only
+    delay the round, since nobody else is coming; waiting for the trigger leaves room to peers that show up while
+    this one still computes. Followers see nothing new: a leader that reaches ``target_group_size`` also starts early.
+    """
+    return triggered and expected_group_size >= 2 and group_size >= max(expected_group_size, min_group_size)
+
+
+def expected_group_size(step) -> int:
+    """A step's hint of how many peers will average in its round (0: unknown; steps without the field give none)."""
+    try:
+        return max(0, int(getattr(step, "expected_group_size", 0) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 class PotentialLeaders:
     """Which declared peers this one may ask to lead its group, best first.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol
+from typing import AbstractSet, Iterable, Optional, Protocol
 
 __all__ = [
     "PeerProgress",
@@ -19,6 +19,7 @@ __all__ = [
     "should_load_state",
     "is_synchronized",
     "should_schedule_averaging",
+    "count_expected_peers",
     "MAX_EPOCH",
 ]
 
@@ -180,3 +181,22 @@ def should_schedule_averaging(
 ) -> bool:
     """Start looking for an averaging group ahead of time once the epoch is expected to end within matchmaking_time."""
     return not already_scheduled and eta_next_epoch - now <= matchmaking_time
+
+
+def count_expected_peers(
+    records: Iterable[PeerProgress], local_epoch: int, last_round_peers: Optional[AbstractSet[bytes]]
+) -> int:
+    """
+    How many peers (this one included, through its own record) are expected to average at the end of
+    ``local_epoch``: those that report this epoch or a later one, and those that still report the previous epoch
+    but averaged with this peer in the last round (they are finishing that round's step and will report this epoch
+    in a moment). A record stopped in an older epoch, or in the previous one by a peer that was not in the last
+    round, belongs to a peer that is gone or lagging: nobody waits for it. ``last_round_peers=None`` (no round
+    known yet) counts every record of the previous epoch.
+    """
+    expected = set()
+    for record in records:
+        in_last_round = last_round_peers is None or record.peer_id in last_round_peers
+        if record.epoch >= local_epoch or (record.epoch == local_epoch - 1 and in_last_round):
+            expected.add(record.peer_id)
+    return len(expected)

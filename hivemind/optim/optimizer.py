@@ -11,10 +11,11 @@ import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, NoCompression
 from hivemind.dht import DHT
+from hivemind.optim import epoch_rule
 from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_state, should_schedule_averaging
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
-from hivemind.optim.optimizer_options import positive_int_batch_size, resolve_options
+from hivemind.optim.optimizer_options import check_step_arguments, resolve_options
 from hivemind.optim.progress_bar import EpochProgressBar
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -147,8 +148,8 @@ class Optimizer(torch.optim.Optimizer):
         self._local_samples = 0  # samples of this epoch (local-updates mode; gradient mode asks the averager)
         self._grad_control: Optional[StepControl] = None
         self._state_control: Optional[StepControl] = None
-        self._check_synchronization_strictly = True
-        self._last_progress_bar_update = 0.0
+        self._check_synchronization_strictly, self._shut_down, self._last_progress_bar_update = True, False, 0.0
+        self._last_round_peers: Optional[set] = None  # raw peer ids of the last gradient round (None: none yet)
 
     def _offloaded_grad_buffers(self):
         for param in self.state_averager.optimizer_parameters:
@@ -244,22 +245,9 @@ class Optimizer(torch.optim.Optimizer):
         Report ``batch_size`` more samples processed with the current gradients; run the global step (average,
         optimizer step, next epoch) once the swarm has accumulated ``target_batch_size``. Returns the closure's loss.
         """
-        if not (grad_scaler is None or isinstance(grad_scaler, GradScaler)):
-            raise ValueError(
-                f"grad_scaler must be a hivemind.GradScaler (the torch one would step the optimizer at "
-                f"every call), got {type(grad_scaler).__name__}"
-            )
-        if self.auxiliary and (closure is not None or batch_size is not None):
-            raise ValueError("an auxiliary peer does not train: call step() without closure and batch_size")
-        if not self.auxiliary and batch_size is None and self.batch_size_per_step is None:
-            raise ValueError(
-                "pass step(batch_size=...) or set batch_size_per_step in the constructor, so that the "
-                "swarm can count samples"
-            )
-        if batch_size is None:
-            batch_size = self.batch_size_per_step
-        if not self.auxiliary:
-            batch_size = positive_int_batch_size(batch_size)
+        batch_size = check_step_arguments(
+            self, shut_down=self._shut_down, closure=closure, batch_size=batch_size, grad_scaler=grad_scaler
+        )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -280,7 +268,7 @@ class Optimizer(torch.optim.Optimizer):
                 return loss
             self._accumulate(batch_size, grad_scaler)
             self._maybe_schedule_rounds()
-        if self.tracker.ready_to_update_epoch and self.tracker.global_progress.num_peers <= 1:
+        if self.tracker.ready_to_update_epoch and self._expected_peers() <= 1:
             # about to step alone: first make sure that nobody joined since the last fetch
             self.tracker.refresh_global_progress(timeout=min(self.averaging_timeout, 10.0))
         if self.tracker.ready_to_update_epoch:
@@ -314,8 +302,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def _maybe_schedule_rounds(self) -> None:
         """Start matchmaking ahead of the estimated end of the epoch, so that averaging begins without waiting."""
-        progress, now = self.tracker.global_progress, get_dht_time()
-        if progress.num_peers <= 1:
+        progress, now, expected_peers = self.tracker.global_progress, get_dht_time(), self._expected_peers()
+        for control in (self._grad_control, self._state_control):
+            if _is_pending(control):  # a leader that has every expected peer starts without waiting out its time
+                control.expected_group_size = expected_peers
+        if expected_peers <= 1:
             return
         eta = self.tracker.estimated_next_update_time
         timeout = max(self.averaging_timeout, eta - now + self.matchmaking_time + 1)
@@ -323,20 +314,21 @@ class Optimizer(torch.optim.Optimizer):
         if self.use_gradient_averaging and should_schedule_averaging(
             eta, now, self.matchmaking_time, already_scheduled=_is_pending(self._grad_control)
         ):
-            self._grad_control = self._try_schedule(self.grad_averager, scheduled_time, timeout)
+            self._grad_control = self._try_schedule(self.grad_averager, scheduled_time, timeout, expected_peers)
         averages_state = next_epoch(self.local_epoch, progress.epoch) % self.average_state_every == 0
         if averages_state and should_schedule_averaging(
             eta, now, self.matchmaking_time, already_scheduled=_is_pending(self._state_control)
         ):
-            self._state_control = self._try_schedule(
-                self.state_averager, scheduled_time, timeout, gather=next_epoch(self.local_epoch, progress.epoch)
-            )
+            self._state_control = self._try_schedule(self.state_averager, scheduled_time, timeout, expected_peers,
+                                                     gather=next_epoch(self.local_epoch, progress.epoch))  # fmt: skip
 
     def _try_schedule(
-        self, averager, scheduled_time: Optional[float], timeout: float, **kwargs
+        self, averager, scheduled_time: Optional[float], timeout: float, expected_peers: int, **kwargs
     ) -> Optional[StepControl]:
         try:
-            return averager.schedule_step(scheduled_time=scheduled_time, timeout=timeout, **kwargs)
+            control = averager.schedule_step(scheduled_time=scheduled_time, timeout=timeout, **kwargs)
+            control.expected_group_size = expected_peers
+            return control
         except Exception as e:
             logger.warning(f"Could not pre-schedule an averaging round of {averager.prefix}: {e!r}")
             return None
@@ -345,7 +337,7 @@ class Optimizer(torch.optim.Optimizer):
         # the last epoch's background optimizer step reads the gradient buffers that averaging is about to overwrite
         self.state_averager.wait_for_background_step()
         with self.tracker.pause_updates():
-            num_peers = self.tracker.global_progress.num_peers
+            num_peers = self._expected_peers()
             new_epoch = next_epoch(self.local_epoch, self.tracker.global_epoch)
             optimizer_step = self.use_gradient_averaging and not self.auxiliary
             if self.use_gradient_averaging:
@@ -354,6 +346,7 @@ class Optimizer(torch.optim.Optimizer):
                     self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
                 else:
                     self._finish_gradient_averaging(grad_round)
+                    num_peers = len(self._last_round_peers)  # the state round expects those who averaged just now
             # a state average from the last epoch is applied (or dropped) before this epoch's optimizer step
             self.state_averager.step(wait_for_delayed_updates=not self.delay_grad_averaging)
 
@@ -362,6 +355,11 @@ class Optimizer(torch.optim.Optimizer):
             if state_control is not None and not average_state:
                 state_control.cancel()
                 state_control = None
+            elif average_state:  # (re)start matchmaking now, knowing whom to expect
+                state_control = state_control or self._try_schedule(self.state_averager, None, self.averaging_timeout,
+                                                                     num_peers, gather=new_epoch)  # fmt: skip
+                if state_control is not None:
+                    state_control.expected_group_size = num_peers
             self.state_averager.local_epoch = new_epoch
             if optimizer_step and not self.offload_optimizer:  # the step reads param.grad: swap in the average
                 with self.grad_averager.use_averaged_gradients():
@@ -392,6 +390,7 @@ class Optimizer(torch.optim.Optimizer):
             try:
                 if control is None:
                     control = self.grad_averager.schedule_step(timeout=self.averaging_timeout)
+                control.expected_group_size = num_peers
                 return self.grad_averager.step(control=control, wait=False, reset_accumulators=True)
             except Exception as e:
                 if control is not None:
@@ -408,13 +407,22 @@ class Optimizer(torch.optim.Optimizer):
     def _finish_gradient_averaging(self, control: Optional[StepControl]) -> None:
         """Wait for a gradient round; if it fails, the buffers keep this peer's own mean gradient."""
         if control is None:
+            self._last_round_peers = set()  # nobody averaged with this peer: nobody to wait for next epoch
             return
         try:
             gathered = control.result(self.averaging_timeout)
             logger.log(self.status_loglevel, f"{self.run_id}: averaged gradients with {len(gathered)} peers")
+            self._last_round_peers = {peer.to_bytes() for peer in gathered}
         except Exception as e:
+            self._last_round_peers = set()
             control.cancel()
             logger.warning(f"{self.run_id}: averaging gradients failed ({e!r}); using local gradients")
+
+    def _expected_peers(self) -> int:
+        """Peers (this one included) expected in this epoch's averaging rounds: see ``count_expected_peers``."""
+        if self.use_local_updates:  # epochs end at each peer's own pace: every live record may still come
+            return self.tracker.global_progress.num_peers
+        return epoch_rule.count_expected_peers(self.tracker.records(), self.local_epoch, self._last_round_peers)
 
     def _set_state_sharing_priority(self) -> None:
         for averager in (self.state_averager, self.grad_averager):
@@ -448,22 +456,19 @@ class Optimizer(torch.optim.Optimizer):
                     break
                 except Exception as e:
                     if time.monotonic() + LOAD_STATE_RETRY_DELAY >= deadline:
-                        logger.warning(
-                            f"{self.run_id}: could not load the state from peers: {e!r}; keeping local state"
-                        )
+                        logger.warning(f"{self.run_id}: could not load the state from peers: {e!r}")
                         loaded = None
                         break
                     logger.warning(f"{self.run_id}: loading the state from peers failed ({e!r}), retrying")
                     time.sleep(LOAD_STATE_RETRY_DELAY)  # an error that comes at once must not spin for minutes
-            if loaded is None:
-                logger.log(self.status_loglevel, f"{self.run_id}: no peer shared a usable state; keeping local state")
-            else:
-                logger.log(self.status_loglevel, f"{self.run_id}: downloaded the state of epoch {self.local_epoch}")
+            outcome = "no peer shared a usable state; keeping local state"
+            outcome = outcome if loaded is None else f"downloaded the state of epoch {self.local_epoch}"
+            logger.log(self.status_loglevel, f"{self.run_id}: {outcome}")
             global_epoch = self.tracker.global_epoch
             if global_epoch - 1 <= self.local_epoch < global_epoch:
                 self.state_averager.local_epoch = global_epoch
                 self.state_averager._catch_up_scheduler()
-            self._local_samples = 0
+            self._local_samples, self._last_round_peers = 0, None  # a new start: every peer near this epoch counts
             if self.grad_averager is not None:
                 self.grad_averager.reset_accumulated_grads_()
             self.tracker.update_epoch(new_epoch=self.local_epoch)
@@ -473,6 +478,7 @@ class Optimizer(torch.optim.Optimizer):
     def shutdown(self) -> None:
         """Publish that this peer left, finish or cancel background rounds, and stop the averagers."""
         logger.log(self.status_loglevel, f"{self.run_id}: shutting down")
+        self._shut_down = True
         for control in (self._grad_control, self._state_control):
             if control is not None:
                 control.cancel()

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from hivemind.optim.grad_scaler import GradScaler
+
 __all__ = ["OptimizerOptions", "resolve_options", "positive_int_batch_size"]
 
 
@@ -124,3 +126,28 @@ def positive_int_batch_size(batch_size: Any) -> int:
     if not isinstance(batch_size, bool) and isinstance(batch_size, numbers.Integral) and batch_size > 0:
         return int(batch_size)
     raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")
+
+
+def check_step_arguments(optimizer: Any, *, shut_down: bool, closure: Any, batch_size: Any, grad_scaler: Any):
+    """Refuse a misused ``Optimizer.step()`` with an error that says what to do; returns the step's batch size
+    (None for an auxiliary peer)."""
+    if shut_down:
+        raise RuntimeError(
+            f"{type(optimizer).__name__} was shut down: it no longer trains with peers; create a new one (and a "
+            f"new DHT if that was shut down too) to go on training"
+        )
+    if not (grad_scaler is None or isinstance(grad_scaler, GradScaler)):
+        raise ValueError(
+            f"grad_scaler must be a hivemind.GradScaler (the torch one would step the optimizer at "
+            f"every call), got {type(grad_scaler).__name__}"
+        )
+    if optimizer.auxiliary:
+        if closure is not None or batch_size is not None:
+            raise ValueError("an auxiliary peer does not train: call step() without closure and batch_size")
+        return None
+    if batch_size is None and optimizer.batch_size_per_step is None:
+        raise ValueError(
+            "pass step(batch_size=...) or set batch_size_per_step in the constructor, so that the swarm can "
+            "count samples"
+        )
+    return positive_int_batch_size(optimizer.batch_size_per_step if batch_size is None else batch_size)

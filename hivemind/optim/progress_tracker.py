@@ -143,6 +143,12 @@ class ProgressTracker(threading.Thread):
         """DHT time (seconds) at which the current epoch is expected to end; inf if nobody makes progress."""
         return self.global_progress.eta_next_epoch
 
+    def records(self) -> List[LocalTrainingProgress]:
+        """The latest progress record of every peer seen (other peers' from the last fetch, this peer's current)."""
+        with self._lock:
+            own = self.local_progress
+            return [record for record in self._others if record.peer_id != own.peer_id] + [own]
+
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         """
         Record that this peer accumulated ``samples_accumulated`` samples in total for ``local_epoch``; the record is
