@@ -208,22 +208,48 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-@pytest.mark.timeout(180)
-def test_repeated_rounds_do_not_grow_memory():
-    tensors = [[torch.randn(2**18)], [torch.randn(2**18)]]  # 1 MiB each
-    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
+def _p2pd_rss(dht) -> int:
+    """RSS of the p2pd daemon that ``dht`` started (the averager on top of it uses the same one)."""
+    daemons = [child for child in psutil.Process(dht.pid).children(recursive=True) if child.name() == "p2pd"]
+    assert len(daemons) == 1, daemons
+    return _rss(daemons[0].pid)
+
+
+@pytest.mark.timeout(240)
+def test_repeated_rounds_with_failures_do_not_grow_memory():
+    """Every third round, peer 2 joins the group and then aborts its step: the others exclude it mid-round."""
+    tensors = [[torch.randn(2**18)] for _ in range(3)]  # 1 MiB each
+    options = dict(target_group_size=3, sender_timeout=1.0, reducer_timeout=2.0)  # failed rounds end fast
+    with dht_swarm(3) as dhts, averagers_on(dhts, tensors, **options) as averagers:
+        survivors_of_aborts = []
 
         def run_rounds(count):
-            for _ in range(count):
-                controls = [averager.step(wait=False) for averager in averagers]
-                for control in controls:
-                    control.result(timeout=30)
+            for round_index in range(count):
+                aborting = round_index % 3 == 0
+                controls = [
+                    averager.step(wait=False, require_trigger=aborting and index == 2)
+                    for index, averager in enumerate(averagers)
+                ]
+                if aborting:
+                    _wait_for_stage([controls[2]], AveragingStage.AWAITING_TRIGGER)  # it is in the group
+                    assert controls[2].cancel()
+                for control in controls[:2] if aborting else controls:
+                    gathered = control.result(timeout=30)
+                    if aborting:
+                        survivors_of_aborts.append(len(gathered))
 
-        run_rounds(5)  # warm up: allocator pools, buffers
-        before = [_rss(averager.pid) for averager in averagers]
-        run_rounds(25)
-        growth = [_rss(averager.pid) - rss for averager, rss in zip(averagers, before)]
-        assert max(growth) < 16 * 2**20, f"averager RSS grew by {[g / 2**20 for g in growth]} MiB over 25 rounds"
+        def memory():
+            return [_rss(averager.pid) for averager in averagers], [_p2pd_rss(dht) for dht in dhts]
+
+        run_rounds(6)  # warm up: allocator pools, buffers, streams of both kinds of rounds
+        averagers_before, daemons_before = memory()
+        run_rounds(30)
+        averagers_after, daemons_after = memory()
+        assert survivors_of_aborts == [3] * 24  # the aborted peer had joined: these rounds failed mid-round for it
+        averager_growth = [(after - before) / 2**20 for after, before in zip(averagers_after, averagers_before)]
+        daemon_growth = [(after - before) / 2**20 for after, before in zip(daemons_after, daemons_before)]
+        assert max(averager_growth) < 16, f"averager RSS grew by {averager_growth} MiB over 30 rounds"
+        assert max(daemon_growth) < 16, f"p2pd RSS grew by {daemon_growth} MiB over 30 rounds"
 
 
 @pytest.mark.timeout(90)
