@@ -22,6 +22,7 @@ Only the public API is used, so ``benchmarks/compare.py`` runs it under the orig
 import argparse
 import json
 import statistics
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -107,9 +108,31 @@ def _mean(values: List[float]) -> float:
     return statistics.fmean(values) if values else 0.0
 
 
-def snapshot(averager: DecentralizedAverager) -> List[torch.Tensor]:
-    with averager.get_tensors() as tensors:
-        return [tensor.clone() for tensor in tensors]
+class TensorsLocked(Exception):
+    """An averager kept its tensors locked (e.g. it is still stuck in an earlier round's all-reduce)."""
+
+
+def snapshot(averager: DecentralizedAverager, timeout: float) -> List[torch.Tensor]:
+    """A copy of the averager's tensors; raises TensorsLocked if its lock is not free within ``timeout`` seconds."""
+    copies: List[torch.Tensor] = []
+
+    def copy() -> None:
+        with averager.get_tensors() as tensors:
+            copies.extend(tensor.clone() for tensor in tensors)
+
+    thread = threading.Thread(target=copy, daemon=True)  # get_tensors() waits for the lock without a timeout
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TensorsLocked(f"its tensors stayed locked for {timeout:.0f} s")
+    return copies
+
+
+def snapshot_or_none(averager: DecentralizedAverager, timeout: float) -> Optional[List[torch.Tensor]]:
+    try:
+        return snapshot(averager, timeout)
+    except TensorsLocked:
+        return None
 
 
 def abort_after_joining(control, deadline: float) -> bool:
@@ -192,7 +215,11 @@ def main() -> None:
     group_sizes: List[int] = []
     try:
         for round_index in range(1, args.rounds + 1):
-            before = [snapshot(averager) for averager in averagers]
+            try:
+                before = [snapshot(averager, args.hang_grace) for averager in averagers]
+            except TensorsLocked as e:
+                print(f"stopped before round {round_index}: an averager is stuck, {e}")
+                break
             round_started = time.perf_counter()
             aborting = None
             if args.abort_every > 0 and round_index % args.abort_every == 0:
@@ -222,13 +249,16 @@ def main() -> None:
             round_times.append(time.perf_counter() - round_started)
             groups = set()
             if aborting is not None:
-                after = snapshot(averagers[aborting])
-                aborted_intact += all(torch.equal(a, b) for a, b in zip(after, before[aborting]))
+                after = snapshot_or_none(averagers[aborting], args.hang_grace)
+                aborted_intact += after is not None and all(torch.equal(a, b) for a, b in zip(after, before[aborting]))
             for index, gathered in results.items():
                 successes += 1
                 members = sorted(gathered.values())
                 groups.add(tuple(members))
-                after = snapshot(averagers[index])
+                after = snapshot_or_none(averagers[index], args.hang_grace)
+                if after is None:
+                    print(f"  peer {index}: {args.hang_grace:.0f} s after its step returned, its tensors are locked")
+                    continue
                 if aborting in members:
                     correct += averaged_without(after, before, members, index, aborting)
                     continue
@@ -250,7 +280,7 @@ def main() -> None:
                 )
             if round_index % args.rss_every == 0 and round_index != args.rounds:
                 print(f"memory after round {round_index}: {rss_report(averagers, dhts)}")
-        print(f"memory after round {args.rounds}: {rss_report(averagers, dhts)}")
+        print(f"memory after round {len(round_times)}: {rss_report(averagers, dhts)}")
         if args.download_state:
             download_state(args, initial_peers)
     finally:
@@ -259,9 +289,9 @@ def main() -> None:
         for dht in dhts:
             dht.shutdown()
 
-    attempts = args.peers * args.rounds - aborted  # aborted steps are not attempts
+    attempts = args.peers * len(round_times) - aborted  # aborted steps are not attempts
     figures = {
-        "success_rate": successes / attempts,
+        "success_rate": successes / max(attempts, 1),
         "successes": successes,
         "attempts": attempts,
         "correct_averages": correct,
