@@ -15,6 +15,9 @@ from hivemind.utils.timed_storage import get_dht_time
 __all__ = ["swarm"]  # the fixture, used by the tests below
 
 BAR_REFRESH_INTERVAL = 0.25  # the optimizer redraws the bar at most every 0.2 s
+# each peer trains at most 4 samples per STEP_PERIOD (20/s): the 1000 samples are due in 20 s or more, so the epoch
+# cannot end (by the ETA passing) during the test
+STEP_PERIOD = 0.2
 
 
 def last_bar(stderr: str, description: str) -> str:
@@ -37,6 +40,7 @@ def test_verbose_progress_bar_shows_swarm_samples_toward_the_target_peers_and_et
         for _ in range(2):  # two reports each: the second one measures the peer's speed
             mse_step(models[1], quiet, x, y)
             mse_step(models[0], verbose, x, y)
+            time.sleep(STEP_PERIOD)
         wait_for(lambda: verbose.tracker.global_progress.samples_accumulated == 16)  # the other peer's 8 arrived
         time.sleep(BAR_REFRESH_INTERVAL)
         mse_step(models[0], verbose, x, y)
