@@ -53,14 +53,6 @@ class CausalTransformer(nn.Module):
         return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1))
 
 
-def add_model_arguments(parser) -> None:
-    """Command-line options of the model: every peer of a run (and the monitor) must pass the same values."""
-    parser.add_argument("--hidden_size", type=int, default=128, help="width of the transformer")
-    parser.add_argument("--num_layers", type=int, default=2, help="transformer blocks")
-    parser.add_argument("--num_heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--seq_length", type=int, default=64, help="bytes per training sequence")
-
-
 def make_model(args, seed: int = 0) -> CausalTransformer:
     """The same initial weights on every peer (they are averaged anyway; equal starts make epoch 0 consistent)."""
     torch.manual_seed(seed)

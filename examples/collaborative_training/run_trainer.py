@@ -13,32 +13,9 @@ import os
 import time
 from functools import partial
 
-import torch
-from data import load_corpus, sample_batch
-from metrics import LocalMetrics, MetricsPublisher
-from model import add_model_arguments, make_model
+from swarm import add_swarm_arguments, join_swarm
 
 import hivemind
-
-
-def add_swarm_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the trainer and the monitor."""
-    parser.add_argument("--run_id", default="stdlib_lm", help="peers with the same run_id train one model")
-    parser.add_argument("--initial_peers", nargs="*", default=[], help="addresses printed by a running peer")
-    parser.add_argument(
-        "--host_maddrs",
-        nargs="+",
-        default=["/ip4/0.0.0.0/tcp/0"],
-        help="where this peer listens (the default accepts connections from other machines)",
-    )
-    parser.add_argument("--data_bytes", type=int, default=2_000_000, help="bytes of stdlib source to train on")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (same on every peer)")
-    add_model_arguments(parser)
-
-
-def print_address(dht: hivemind.DHT) -> None:
-    addresses = " ".join(str(address) for address in dht.get_visible_maddrs())
-    print(f"To join this run, start more peers with: --initial_peers {addresses}", flush=True)
 
 
 def main() -> None:
@@ -54,14 +31,23 @@ def main() -> None:
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads of this peer")
     parser.add_argument("--verbose", action="store_true", help="progress bar and optimizer log lines")
     args = parser.parse_args()
+    dht = join_swarm(args, client_mode=args.client_mode)  # before torch loads: see swarm.py
+    try:
+        epoch = train(dht, args)
+    finally:
+        dht.shutdown()
+    print(f"trainer finished at epoch {epoch}", flush=True)
+
+
+def train(dht: hivemind.DHT, args: argparse.Namespace) -> int:
+    """Train until Ctrl-C or ``--max_epochs``, then leave the run; returns the epoch reached."""
+    import torch  # loaded only now (seconds), once this peer's address is out
+    from data import load_corpus, sample_batch
+    from metrics import LocalMetrics, MetricsPublisher
+    from model import make_model
+
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-
-    dht = hivemind.DHT(
-        initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=args.client_mode, start=True
-    )
-    if not args.client_mode:
-        print_address(dht)
     train_corpus, _ = load_corpus(args.data_bytes)
     model = make_model(args)
     optimizer = hivemind.Optimizer(
@@ -95,8 +81,7 @@ def main() -> None:
         print("interrupted: leaving the run", flush=True)
     finally:
         optimizer.shutdown()
-        dht.shutdown()
-    print(f"trainer finished at epoch {optimizer.local_epoch}", flush=True)
+    return optimizer.local_epoch
 
 
 if __name__ == "__main__":
