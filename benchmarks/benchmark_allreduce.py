@@ -8,7 +8,8 @@ calls, as an averager does) and add the deltas to their tensors, so both sides e
     python benchmarks/benchmark_allreduce.py --peers 2 4 --sizes 1M 16M 64M --repeats 5
 
 The CPU columns are the CPU time (user + system) of all peer processes and of their p2pd daemons per MiB of the
-averaged vector, summed over peers.
+averaged vector, summed over peers; "(x Python)" is the part of it spent in the peers' own processes (the rest is
+their p2pd daemons).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter, await_with_timeout
+
+try:  # parts parsed without copying their tensors (absent from older trees that this file may be run against)
+    from hivemind.averaging.part_encoding import ReceivedAveragingData
+except ImportError:  # pragma: no cover
+    ReceivedAveragingData = averaging_pb2.AveragingData
 
 MiB = 1024**2
 PREFIX = "bench_allreduce"
@@ -65,7 +71,7 @@ class BenchmarkAverager(ServicerBase):
         self.changed = asyncio.Event()
 
     async def rpc_aggregate_part(
-        self, parts: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+        self, parts: AsyncIterator[ReceivedAveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         first = await anext(parts)
         while first.group_id not in self.runners:
@@ -112,7 +118,7 @@ async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -
             tensors[size] = torch.randn(size, generator=torch.Generator().manual_seed(rank))
         tensor = tensors[size]
         group_id = hashlib.sha1(f"{size}/{round_id}".encode()).digest()
-        cpu_before = _cpu_seconds(processes)
+        cpu_before, own_before = _cpu_seconds(processes), _cpu_seconds(processes[:1])
         started = time.perf_counter()
         runner = AllReduceRunner(
             p2p=p2p,
@@ -129,9 +135,9 @@ async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -
         async for delta in runner:
             tensor.add_(delta)
         elapsed = time.perf_counter() - started
-        cpu = _cpu_seconds(processes) - cpu_before
+        cpu, own = _cpu_seconds(processes) - cpu_before, _cpu_seconds(processes[:1]) - own_before
         servicer.runners.pop(group_id, None)
-        connection.send((elapsed, cpu, float(tensor[:1000].sum())))
+        connection.send((elapsed, cpu, float(tensor[:1000].sum()), own))
     await p2p.shutdown()
 
 
@@ -269,12 +275,14 @@ def start_peers(kind: str, num_peers: int, torch_threads: int) -> Tuple[list, li
     return processes, connections
 
 
-def measure(kind: str, num_peers: int, sizes: List[int], repeats: int, torch_threads: int) -> Dict[int, dict]:
+def measure(
+    kind: str, num_peers: int, sizes: List[int], repeats: int, torch_threads: int, stat=statistics.median
+) -> Dict[int, dict]:
     processes, connections = start_peers(kind, num_peers, torch_threads)
     results = {}
     try:
         for size in sizes:
-            times, cpus = [], []
+            times, cpus, python_cpus = [], [], []
             for round_id in range(repeats + 1):  # the first round warms up (connections, allocations)
                 for connection in connections:
                     connection.send((size, round_id))
@@ -291,16 +299,19 @@ def measure(kind: str, num_peers: int, sizes: List[int], repeats: int, torch_thr
                     continue
                 times.append(max(reply[0] for reply in replies))
                 cpus.append(sum(reply[1] for reply in replies))
+                if all(len(reply) > 3 for reply in replies):  # the peers' own processes, without their p2pd
+                    python_cpus.append(sum(reply[3] for reply in replies))
                 checksums = [reply[2] for reply in replies]
                 if max(checksums) - min(checksums) > 1e-2 * max(1.0, abs(checksums[0])):
                     raise RuntimeError(f"{kind}: peers ended with different vectors: {checksums}")
             if not times:
                 continue
-            seconds = statistics.median(times)
+            seconds = stat(times)
             results[size] = {
                 "seconds": seconds,
                 "mb_per_s": size * 4 / seconds / 1e6,
-                "cpu_ms_per_mib": 1e3 * statistics.median(cpus) / (size * 4 / MiB),
+                "cpu_ms_per_mib": 1e3 * stat(cpus) / (size * 4 / MiB),
+                "python_ms_per_mib": 1e3 * stat(python_cpus) / (size * 4 / MiB) if python_cpus else None,
             }
     finally:
         for connection in connections:
@@ -323,25 +334,33 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per peer (0: default)")
     parser.add_argument("--only", choices=["hivemind", "gloo"], default=None, help="measure one side only")
     parser.add_argument(
+        "--stat", choices=["median", "min"], default="median", help="per-round figure reported (min: least disturbed)"
+    )
+    parser.add_argument(
         "--averager", action="store_true", help="also through DecentralizedAverager (public API, own processes)"
     )
     args = parser.parse_args()
     sizes = [parse_size(size) for size in args.sizes]
     kinds = [args.only] if args.only else ["hivemind", "gloo"]
     kinds += ["averager"] if args.averager else []
-    print(f"all-reduce benchmark: float32, peers on 127.0.0.1, median of {args.repeats} rounds, {os.cpu_count()} CPUs")
+    print(
+        f"all-reduce benchmark: float32, peers on 127.0.0.1, {args.stat} of {args.repeats} rounds, {os.cpu_count()} CPUs"
+    )
     header = "| peers | elements | hivemind MB/s (s) | gloo MB/s (s) | hivemind / gloo | CPU ms/MiB hivemind | gloo |"
     header += " DecentralizedAverager MB/s (s) | its CPU ms/MiB |" if args.averager else ""
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for num_peers in args.peers:
-        results = {kind: measure(kind, num_peers, sizes, args.repeats, args.torch_threads) for kind in kinds}
+        stat = min if args.stat == "min" else statistics.median
+        results = {kind: measure(kind, num_peers, sizes, args.repeats, args.torch_threads, stat) for kind in kinds}
         for size in sizes:
             ours, gloo = results.get("hivemind", {}).get(size), results.get("gloo", {}).get(size)
             ours_text = f"{ours['mb_per_s']:.0f} ({ours['seconds']:.3f})" if ours else "-"
             gloo_text = f"{gloo['mb_per_s']:.0f} ({gloo['seconds']:.3f})" if gloo else "-"
             ratio = f"{ours['mb_per_s'] / gloo['mb_per_s']:.2f}" if ours and gloo else "-"
             cpu_ours = f"{ours['cpu_ms_per_mib']:.2f}" if ours else "-"
+            if ours and ours["python_ms_per_mib"] is not None:
+                cpu_ours += f" ({ours['python_ms_per_mib']:.2f} Python)"
             cpu_gloo = f"{gloo['cpu_ms_per_mib']:.2f}" if gloo else "-"
             label = f"{size // 2**20}M" if size % 2**20 == 0 else str(size)
             line = f"| {num_peers} | {label} | {ours_text} | {gloo_text} | {ratio} | {cpu_ours} | {cpu_gloo} |"

@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import math
 from enum import Enum
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type, Union
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
 
 import torch
 
 from hivemind.averaging.group_view import first_part_refusal, group_view_digest
 from hivemind.averaging.part_encoding import (
     CHEAP_WIRE_TYPES,
+    AnyAveragingData,
+    ReceivedAveragingData,
     decode_part,
     difference_as,
     encode_averaging_data,
     encode_delta,
     refuse_non_finite,
     refuse_unsafe_part,
+    wire_tensor,
 )
 from hivemind.averaging.part_math import sub_into, zero_
 from hivemind.averaging.partition import (
@@ -35,8 +38,8 @@ from hivemind.averaging.partition import (
     TensorPartReducer,
 )
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
-from hivemind.p2p.framing import EncodedMessage
-from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.p2p.servicer import get_handle_name
+from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import anext, await_with_timeout
 from hivemind.utils.logging import get_logger
 
@@ -46,7 +49,6 @@ logger = get_logger(__name__)
 
 AveragingData = averaging_pb2.AveragingData
 MessageCode = averaging_pb2.MessageCode
-CompressionType = runtime_pb2.CompressionType
 # after its own results are in, a runner waits this long (at most) for its replies to other senders to go out
 DEFAULT_REPLY_LINGER = 30.0
 _END = object()
@@ -302,8 +304,10 @@ class AllReduceRunner(ServicerBase):
     async def _exchange_with_reducer(self, peer_index: int, progress: _Progress) -> None:
         peer_id = self.ordered_peer_ids[peer_index]
         parts = self.container.parts_by_peer[peer_index]
-        stub = self.servicer_type.get_stub(self._p2p, peer_id, namespace=self.prefix)
-        replies = await stub.rpc_aggregate_part(self._generate_input_for(peer_index, progress))
+        # what the servicer's stub does, with replies parsed as ReceivedAveragingData (the deltas are not copied)
+        handle_name = get_handle_name(self.prefix, self.servicer_type.__name__, "rpc_aggregate_part")
+        requests = self._generate_input_for(peer_index, progress)
+        replies = await self._p2p.iterate_protobuf_handler(peer_id, handle_name, requests, ReceivedAveragingData)
         try:
             for k, part in enumerate(parts):
                 message = await anext(replies, None)
@@ -336,7 +340,7 @@ class AllReduceRunner(ServicerBase):
             progress.touch()
             yield message
 
-    async def _decode(self, message: AveragingData, part: PartSpec, what: str) -> torch.Tensor:
+    async def _decode(self, message: AnyAveragingData, part: PartSpec, what: str) -> torch.Tensor:
         """A part or delta from a peer, checked against the part it must be (size and dtype) before decoding."""
         return await decode_part(message, part.numel, self.container.local_tensors[part.tensor_index].dtype, what)
 
@@ -421,12 +425,13 @@ class AllReduceRunner(ServicerBase):
                     raise item
                 part, tensor, compression_type, future = item
                 average = await future
+                # AVERAGED_PART with average - part encoded as the sender encoded its part; a costly codec runs in a
+                # thread, so that the event loop keeps moving other streams
+                delta_args = (average, tensor, compression_type, self.container.part_info(part))
                 if compression_type in CHEAP_WIRE_TYPES:
-                    reply = self._delta_message(average, tensor, compression_type, part)
-                else:  # a costly codec runs in a thread, so that the event loop keeps moving other streams
-                    reply = await asyncio.get_running_loop().run_in_executor(
-                        None, self._delta_message, average, tensor, compression_type, part
-                    )
+                    reply = encode_delta(*delta_args)
+                else:
+                    reply = await asyncio.get_running_loop().run_in_executor(None, encode_delta, *delta_args)
                 if buffered:
                     pending_replies.append(reply)
                 else:
@@ -485,16 +490,10 @@ class AllReduceRunner(ServicerBase):
                 local = self.container.input_part(part)
                 refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")
                 future = await self.reducer.submit_part(sender_index, k, tensor, weight)
-                queue.put_nowait((part, tensor, message.tensor_part.compression, future))
+                queue.put_nowait((part, tensor, wire_tensor(message)[0].compression, future))
             queue.put_nowait(_END)
         except BannedException as e:
             queue.put_nowait(e)
         except Exception as e:
             self._ban(sender_index, str(e) if isinstance(e, AllreduceException) else repr(e))
             queue.put_nowait(e if isinstance(e, AllreduceException) else AllreduceException(repr(e)))
-
-    def _delta_message(
-        self, average: Optional[torch.Tensor], part_values: torch.Tensor, compression_type: int, part: PartSpec
-    ) -> Union[AveragingData, EncodedMessage]:
-        """AVERAGED_PART with ``average - part_values`` encoded as the sender encoded its part."""
-        return encode_delta(average, part_values, compression_type, self.container.part_info(part))

@@ -12,6 +12,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.part_encoding import ReceivedAveragingData
 from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.payload import decode_group_gathered
 from hivemind.p2p import P2PContext
@@ -219,7 +220,7 @@ class AveragingRounds:
 
     async def rpc_aggregate_part(
         self,
-        stream: AsyncIterator[averaging_pb2.AveragingData],
+        stream: AsyncIterator[ReceivedAveragingData],  # AveragingData on the wire; tensor bytes are not copied
         context: P2PContext,
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A group member sends its parts for this averager to reduce; they are routed by group id."""

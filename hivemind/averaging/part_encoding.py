@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
-from typing import Optional, Union
+import sys
+from typing import Optional, Tuple, Union
 
 import torch
 
 from hivemind.averaging.part_math import largest_magnitude, sub_into, total_sum, zero_
 from hivemind.averaging.partition import RAW_DTYPES, AllreduceException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.compression.buffers import dtype_to_name
+from hivemind.compression.buffers import dtype_to_name, read_array
+from hivemind.p2p.bulk_messages import BulkMessage, bulk_message_type
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import averaging_pb2, runtime_pb2
 
 __all__ = [
     "RAW_DTYPES",
+    "ReceivedAveragingData",
+    "wire_tensor",
     "CHEAP_WIRE_TYPES",
     "encode_averaging_data",
     "encode_delta",
@@ -37,6 +41,11 @@ __all__ = [
 CHEAP_WIRE_TYPES = (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16)
 
 _LENGTH_DELIMITED, _VARINT, _FIXED64 = 2, 0, 1
+
+# AveragingData as parts and deltas are received: the tensor's bytes stay in the received frame (no copies) and are
+# decoded from there (see hivemind.p2p.bulk_messages); the wire format is AveragingData's
+ReceivedAveragingData = bulk_message_type(averaging_pb2.AveragingData, ("tensor_part", "buffer"))
+AnyAveragingData = Union[averaging_pb2.AveragingData, BulkMessage]
 
 
 def _varint(value: int) -> bytes:
@@ -64,11 +73,12 @@ def encode_averaging_data(
     """``AveragingData(code, group_id, peer_id, tensor_part=<tensor, NONE compression>, weight)`` as wire bytes.
 
     :param tensor: a contiguous 1-D CPU tensor of one of RAW_DTYPES; it is referenced, not copied, and must stay
-        unchanged until the message is written
+        unchanged until the message is written (a stream may still hold part of it after its write returned: until
+        the stream is closed, in the worst case)
     """
     if tensor.dtype not in RAW_DTYPES or tensor.dim() != 1 or not tensor.is_contiguous():
         raise ValueError(f"expected a contiguous 1-D tensor of {RAW_DTYPES}, got {tensor.dtype} {tuple(tensor.shape)}")
-    data = memoryview(tensor.detach().numpy()).cast("B")
+    data = memoryview(tensor.detach().numpy()).cast("B").toreadonly()  # written later without a copy (see framing)
     dtype_bytes = (dtype_name or dtype_to_name(tensor.dtype)).encode()
     sizes = _varint(tensor.numel())
     tensor_tail = (
@@ -117,20 +127,37 @@ def encode_delta(
     return reply
 
 
-async def decode_part(message: averaging_pb2.AveragingData, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+def wire_tensor(message: AnyAveragingData) -> Tuple[Optional[runtime_pb2.Tensor], Optional[memoryview]]:
+    """``(tensor_part, bulk)`` of a received AveragingData: ``tensor_part`` is None if the message has none; ``bulk``
+    is its buffer as a view of the received frame (then ``tensor_part.buffer`` is empty), or None."""
+    if isinstance(message, BulkMessage):
+        message, bulk = message.message, message.bulk
+    else:
+        bulk = None
+    return (message.tensor_part if message.HasField("tensor_part") else None), bulk
+
+
+async def decode_part(message: AnyAveragingData, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
     """The flat tensor of a part or delta from a peer; its size and dtype are checked before anything is decoded.
+
+    An uncompressed tensor of a ReceivedAveragingData is a view of the received frame (no copy; its start may not be
+    aligned to its element size, which NumPy and torch CPU kernels handle).
 
     :raises AllreduceException: the message has no tensor, announces another size or dtype, or cannot be decoded
     """
-    if not message.HasField("tensor_part"):
+    serialized, bulk = wire_tensor(message)
+    if serialized is None:
         raise AllreduceException(f"{what} has no tensor")
-    serialized = message.tensor_part
     announced = math.prod(serialized.size) if len(serialized.size) <= 64 else -1
     if announced != numel or serialized.dtype != dtype_to_name(dtype):
         raise AllreduceException(
             f"{what} has shape {list(serialized.size)[:8]} of {serialized.dtype[:32]!r}, expected "
             f"{numel} elements of {dtype_to_name(dtype)}"
         )
+    if bulk is not None and serialized.compression == runtime_pb2.CompressionType.NONE and dtype in RAW_DTYPES:
+        return _view_of_bulk(bulk, numel, dtype, what)
+    if bulk is not None:
+        serialized = message.materialize().tensor_part  # a codec decodes it: the buffer is copied in once
     try:
         if serialized.compression in CHEAP_WIRE_TYPES:
             tensor = deserialize_torch_tensor(serialized)
@@ -141,6 +168,19 @@ async def decode_part(message: averaging_pb2.AveragingData, numel: int, dtype: t
     if tensor.dtype != dtype or tensor.numel() != numel:
         raise AllreduceException(f"{what} decoded to {tensor.numel()} elements of {tensor.dtype}")
     return tensor.reshape(-1)
+
+
+def _view_of_bulk(bulk: memoryview, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(bulk) != numel * itemsize:
+        raise AllreduceException(
+            f"{what} could not be decoded: its buffer has {len(bulk)} bytes, expected {numel * itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    if bulk.readonly or sys.byteorder != "little":
+        return read_array(bulk, 0, numel, dtype).reshape(-1)  # warns nothing about read-only memory
+    return torch.frombuffer(bulk, dtype=dtype, count=numel)
 
 
 def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> None:

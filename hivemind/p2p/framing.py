@@ -78,7 +78,10 @@ def decode_header(header: bytes) -> Tuple[bytes, int]:
 
 class EncodedMessage:
     """A message that is already protobuf wire bytes, given as parts (e.g. a header and a memoryview of a tensor's
-    memory): framed and written as they are, without building and re-encoding a protobuf object."""
+    memory): framed and written as they are, without building and re-encoding a protobuf object.
+
+    A part given as a read-only memoryview is referenced, not copied, by a transport that cannot take it at once
+    (the shared-memory pipe): its memory must stay unchanged until the stream took it (or closed)."""
 
     __slots__ = ("parts",)
 

@@ -144,6 +144,9 @@ class _RecordProtocol(asyncio.Protocol):
 class ShmPipeTransport(asyncio.Transport):
     """The bytes of one stream through the rings of a pipe file; records go through ``socket_transport``."""
 
+    # get_buffer(sizehint) is called with the number of bytes that are in the ring (see streams.ARRIVED_BYTES_HINT)
+    get_buffer_hint_is_arrived_bytes = True
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -288,7 +291,9 @@ class ShmPipeTransport(asyncio.Transport):
         self._pending_size += view.nbytes
         self._flush()
         if self._pending:
-            if not isinstance(data, bytes):  # the caller may reuse a mutable buffer once write() returns
+            # the caller may reuse a mutable buffer once write() returns; a read-only one (bytes, a read-only
+            # memoryview such as an EncodedMessage's view of a tensor) is its promise to leave the bytes unchanged
+            if not view.readonly:
                 self._pending[-1] = memoryview(bytes(self._pending[-1]))
             if self._pending_size > self._high_water and not self._writing_paused:
                 self._writing_paused = True

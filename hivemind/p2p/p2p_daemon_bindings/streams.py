@@ -8,7 +8,10 @@ megabyte-sized messages needs. Everything else behaves exactly like the standard
 ``n`` comes from the peer, so the buffer never takes memory for bytes that did not arrive: it starts small and
 grows (by ``GROWTH_FACTOR``, copying what it holds) as it fills, and from ``LAZY_MAPPING_MIN_BYTES`` on it is an
 anonymous memory map of all ``n`` bytes whose pages the kernel backs only once bytes land in them (no copies).
-A peer that announces a gigabyte and sends nothing costs a few kilobytes.
+A peer that announces a gigabyte and sends nothing costs a few kilobytes. A transport that knows how many bytes have
+arrived and wait to be taken (the shared-memory pipe: ``ARRIVED_BYTES_HINT``) passes that count to ``get_buffer``,
+and the buffer then grows to hold them at once (one allocation, no copies as it fills). Buffers are not zero-filled:
+every byte of them is written by the transport before the payload is returned.
 """
 
 import asyncio
@@ -16,6 +19,8 @@ import mmap
 import select
 import threading
 from typing import Awaitable, Callable, List, Optional, Tuple, Union
+
+import numpy as np
 
 # below this size a payload is read the ordinary way (one small copy is cheaper than the bookkeeping)
 DIRECT_READ_MIN_BYTES = 64 * 1024
@@ -30,6 +35,9 @@ SCRATCH_BUFFER_BYTES = 64 * 1024
 # right after a large payload the next bytes are most likely the header of another one: read only this much, so
 # that the next payload goes to its own buffer instead of through the scratch buffer (two extra copies)
 BOUNDARY_READ_BYTES = 256
+# a transport whose get_buffer(sizehint) passes the number of bytes that arrived and wait to be taken sets this
+# attribute to True (a socket transport's hint is only the size of the read it is about to try)
+ARRIVED_BYTES_HINT = "get_buffer_hint_is_arrived_bytes"
 
 ConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -66,8 +74,8 @@ class DirectStreamReader(asyncio.StreamReader):
     async def read_payload(self, n: int) -> Union[bytes, bytearray, memoryview]:
         """Read exactly ``n`` bytes; ``IncompleteReadError`` on EOF.
 
-        Large payloads come back as a ``bytearray``, or from ``LAZY_MAPPING_MIN_BYTES`` on as a ``memoryview`` of
-        an anonymous memory map (freed with the last reference to it). Memory is only taken as bytes arrive.
+        Large payloads come back as a writable ``memoryview`` of their own buffer (from ``LAZY_MAPPING_MIN_BYTES`` on,
+        of an anonymous memory map), freed with the last reference to it. Memory is only taken as bytes arrive.
         """
         if n < DIRECT_READ_MIN_BYTES or len(self._buffer) >= n or self._exception is not None or self._eof:
             return await self.readexactly(n)
@@ -77,7 +85,7 @@ class DirectStreamReader(asyncio.StreamReader):
         if n >= LAZY_MAPPING_MIN_BYTES:
             view = memoryview(mmap.mmap(-1, n))
         else:
-            view = memoryview(bytearray(min(n, max(already, GROWING_BUFFER_START_BYTES))))
+            view = _uninitialized(already)  # allocated on the first bytes (get_buffer): their count may be known
         view[:already] = self._buffer
         self._buffer.clear()
         self._direct_view, self._direct_filled, self._direct_size = view, already, n
@@ -91,19 +99,25 @@ class DirectStreamReader(asyncio.StreamReader):
             raise
         finally:
             view, self._direct_view, self._direct_waiter = self._direct_view, None, None
-        return view if isinstance(view.obj, mmap.mmap) else view.obj
+        return view
 
     def _direct_read_pending(self) -> bool:
         """Whether received bytes belong to an unfinished ``read_payload`` (then they go to its buffer)."""
         return self._direct_view is not None and self._direct_filled < self._direct_size
 
-    def _direct_buffer(self) -> memoryview:
-        """Where the next received bytes go: the free part of the payload buffer, grown first if it is full."""
-        if self._direct_filled == len(self._direct_view):
-            grown = memoryview(bytearray(min(self._direct_size, GROWTH_FACTOR * self._direct_filled)))
-            grown[: self._direct_filled] = self._direct_view
+    def _direct_buffer(self, arrived: int = 0) -> memoryview:
+        """Where the next received bytes go: the free part of the payload buffer, grown first if it is full or if
+        the transport says that more than its free part has ``arrived`` already."""
+        filled, capacity = self._direct_filled, len(self._direct_view)
+        if filled == capacity:
+            size = max(filled + arrived, GROWTH_FACTOR * filled, GROWING_BUFFER_START_BYTES)
+        else:
+            size = filled + arrived
+        if size > capacity:
+            grown = _uninitialized(min(self._direct_size, size))
+            grown[:filled] = self._direct_view[:filled]
             self._direct_view = grown
-        return self._direct_view[self._direct_filled :]
+        return self._direct_view[filled:]
 
     def _direct_data_received(self, nbytes: int) -> None:
         self._direct_filled += nbytes
@@ -132,6 +146,11 @@ class DirectStreamReader(asyncio.StreamReader):
         super().set_exception(exc)
         if self._direct_waiter is not None and not self._direct_waiter.done():
             self._direct_waiter.set_exception(exc)
+
+
+def _uninitialized(size: int) -> memoryview:
+    """A writable byte buffer of ``size`` bytes with undefined contents (no zero-filling pass, unlike bytearray)."""
+    return memoryview(np.empty(size, dtype=np.uint8))
 
 
 class DirectReadProtocol(asyncio.BufferedProtocol):
@@ -195,7 +214,8 @@ class DirectReadProtocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         reader = self._reader
         if reader._direct_read_pending():
-            return reader._direct_buffer()
+            arrived = sizehint if getattr(reader._transport, ARRIVED_BYTES_HINT, False) else 0
+            return reader._direct_buffer(max(arrived, 0))
         scratch, boundary_scratch = _scratch_buffers()
         return boundary_scratch if reader._after_direct_read else scratch
 
