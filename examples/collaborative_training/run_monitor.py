@@ -25,11 +25,8 @@ def main() -> None:
     parser.add_argument("--load_state_timeout", type=float, default=60.0, help="seconds for one state download")
     args = parser.parse_args()
 
-    dht = join_swarm(args)  # before torch loads: see swarm.py
-    try:
+    with join_swarm(args) as dht:  # before torch loads (see swarm.py)
         last_saved = monitor(dht, args)
-    finally:
-        dht.shutdown()
     print(f"monitor finished (last checkpoint: epoch {last_saved})", flush=True)
 
 

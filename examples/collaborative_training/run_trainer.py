@@ -31,11 +31,8 @@ def main() -> None:
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads of this peer")
     parser.add_argument("--verbose", action="store_true", help="progress bar and optimizer log lines")
     args = parser.parse_args()
-    dht = join_swarm(args, client_mode=args.client_mode)  # before torch loads: see swarm.py
-    try:
+    with join_swarm(args, client_mode=args.client_mode) as dht:  # before torch loads (see swarm.py)
         epoch = train(dht, args)
-    finally:
-        dht.shutdown()
     print(f"trainer finished at epoch {epoch}", flush=True)
 
 
