@@ -62,3 +62,21 @@ async def test_a_complete_group_waits_for_the_leaders_trigger_then_starts_at_onc
             step.triggered = True
         results = await asyncio.wait_for(search, 5.0)
         assert all(isinstance(result, GroupInfo) and result.group_size == 2 for result in results), results
+
+
+@pytest.mark.timeout(60)
+async def test_a_search_polls_the_group_key_soon_after_declaring_then_backs_off():
+    async with swarm_context() as swarm:
+        peer = await swarm.add(request_timeout=4.0, min_matchmaking_time=8.0)  # regular poll period: 1 s
+        polls, original = [], peer.matchmaking._poll_dht
+
+        async def poll_dht():
+            polls.append(time.monotonic())
+            await original()
+
+        peer.matchmaking._poll_dht = poll_dht
+        await look_for_groups([peer], [make_step(timeout=3.0)])
+        gaps = [later - earlier for earlier, later in zip(polls, polls[1:])]
+        # peers that start together miss each other's declaration at the first look: the next ones come quickly
+        assert len([moment for moment in polls if moment - polls[0] < 1.5]) >= 4, gaps
+        assert gaps[-1] > 0.5, gaps  # ...and the search then polls at its regular period

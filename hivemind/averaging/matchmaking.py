@@ -176,7 +176,8 @@ class Matchmaking(GroupLeading):
             await self._withdraw(declared_key, declared_expiration)
 
     async def _search(self, step) -> GroupInfo:
-        last_poll = -math.inf
+        # poll soon after (re-)declaring, when the others are declaring too, then back off to the regular period
+        next_poll, poll_delay = -math.inf, MIN_POLL_PERIOD
         while True:
             now = get_dht_time()
             if step.deadline is not None and now >= step.deadline:
@@ -193,10 +194,11 @@ class Matchmaking(GroupLeading):
                     continue  # re-declare with a new expiration (or stop at the deadline)
                 if self._needs_declaration(step):
                     await self._declare(step)
-                    last_poll = -math.inf  # look for leaders right after (re-)declaring
+                    next_poll, poll_delay = -math.inf, MIN_POLL_PERIOD
 
-            if get_dht_time() - last_poll >= self.poll_period:
-                last_poll = get_dht_time()
+            if get_dht_time() >= next_poll:
+                next_poll = get_dht_time() + poll_delay
+                poll_delay = min(2 * poll_delay, self.poll_period)
                 await self._poll_dht()
 
             if self._may_ask_others():
@@ -207,7 +209,7 @@ class Matchmaking(GroupLeading):
                         return group
                     continue
 
-            wake_up = last_poll + self.poll_period
+            wake_up = next_poll
             if self._declared_expiration is not None:
                 wake_up = min(wake_up, self._declared_expiration)
             if step.deadline is not None:
