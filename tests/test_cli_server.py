@@ -96,7 +96,7 @@ def test_server_with_custom_experts_prints_its_lines_serves_and_exits_on_ctrl_c(
     server = CLIServer(
         "--expert_cls", "cli_test_scaled", "--custom_module_path", custom_module_path, "--hidden_dim", "4",
         "--expert_uids", "scaled.0", "scaled.1", "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu",
-        "--optimizer", "none",
+        "--optimizer", "none", "--stats_report_interval", "1",
     )  # fmt: skip
     client_dht = None
     try:
@@ -106,6 +106,11 @@ def test_server_with_custom_experts_prints_its_lines_serves_and_exits_on_ctrl_c(
         server.wait_for(r"Server started with 2 modules:")
         server.wait_for(r"scaled\.0: ScaledExpert, 4 parameters")
         server.wait_for(r"scaled\.1: ScaledExpert, 4 parameters")
+        pool_line = r"(scaled\.\d_(?:forward|backward)) starting, pid=(\d+)$"
+        pools = dict(server.wait_for(pool_line).groups() for _ in range(4))
+        assert sorted(pools) == ["scaled.0_backward", "scaled.0_forward", "scaled.1_backward", "scaled.1_forward"]
+        assert set(pools.values()) == {str(server.process.pid)}  # the pools are threads of the server process
+        server.wait_for(r"\[INFO\] Started$")
 
         client_dht = DHT(initial_peers=maddrs, start=True)
         experts = None
@@ -117,6 +122,11 @@ def test_server_with_custom_experts_prints_its_lines_serves_and_exits_on_ctrl_c(
         assert all(expert is not None for expert in experts), server.rest_of_output()
         x = torch.randn(3, 4)
         assert torch.allclose(experts[1](x), 2 * x)
+        server.wait_for(r"Processed [1-9]\d* batches in last \d+\.\d\d seconds:$")
+        batch_rate, example_rate = r"\d+\.\d\d (?:batches/s|s/batch)", r"\d+\.\d\d (?:examples/s|s/example)"
+        server.wait_for(
+            rf"scaled\.1_forward: 1 batches \({batch_rate}\), 3 examples \({example_rate}\), avg batch size 3\.00$"
+        )
 
         assert server.interrupt(signal.SIGINT) == 0, server.rest_of_output()
         server.wait_for(r"Caught signal 2 \(Interrupt\), shutting down")
@@ -135,6 +145,35 @@ def test_sigterm_exits_zero():
         server.wait_for(r"Caught signal 15 \(Terminated\), shutting down")
     finally:
         server.kill()
+
+
+def _run_until_started(*args: str) -> List[str]:
+    """Start hivemind-server with nop experts, wait until it serves, Ctrl-C it: its "Running DHT node on" maddrs."""
+    server = CLIServer("--expert_uids", "nop.0", "--expert_cls", "nop", "--hidden_dim", "4", "--device", "cpu", *args)
+    try:
+        maddrs = server.wait_for(r"Running DHT node on (\[.*\]), initial peers").group(1)
+        server.wait_for(r"\[INFO\] Started$")
+        assert server.interrupt(signal.SIGINT) == 0, server.rest_of_output()
+        return re.findall(r"'([^']+)'", maddrs)
+    finally:
+        server.kill()
+
+
+@pytest.mark.timeout(240)
+def test_identity_path_keeps_the_peer_id_across_runs(tmp_path):
+    identity = str(tmp_path / "server.key")
+    first = _run_until_started("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", identity)
+    assert os.path.exists(identity)
+    second = _run_until_started("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", identity)
+    peer_ids = {maddr.rsplit("/p2p/", 1)[1] for maddr in first + second}
+    assert len(peer_ids) == 1, (first, second)
+
+
+@pytest.mark.timeout(120)
+def test_announce_maddrs_are_the_visible_maddrs():
+    announced = ["/ip4/203.0.113.5/tcp/31337", "/ip4/198.51.100.7/tcp/4001"]
+    maddrs = _run_until_started("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--announce_maddrs", *announced)
+    assert [maddr.rsplit("/p2p/", 1)[0] for maddr in maddrs] == announced
 
 
 def test_address_flags_keep_whole_multiaddrs():

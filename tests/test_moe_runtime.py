@@ -2,6 +2,7 @@
 
 import multiprocessing as mp
 import queue
+import re
 import threading
 from concurrent.futures import Future
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from hivemind.moe.server.module_backend import ModuleBackend
-from hivemind.moe.server.runtime import Runtime, _Stats
+from hivemind.moe.server.runtime import Runtime, _rate, _Stats
 from hivemind.moe.server.task_pool import TaskPool
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -133,11 +134,19 @@ def test_stats_report_lines():
     stats = _Stats()
     stats.record("expert.0_forward", 32, 0.5)
     stats.record("expert.0_forward", 16, 0.5)
-    line, total = stats.report_and_reset()
-    assert line.startswith("expert.0_forward: 2 batches, 48 examples (mean batch 24.0)")
-    assert "48.0 examples/s while computing" in line
-    assert total.startswith("Runtime: 2 batches in") and "computing" in total
-    assert stats.report_and_reset()[0].startswith("Runtime: no batches processed")
+    header, line, total = stats.report_and_reset()
+    assert re.fullmatch(r"Processed 2 batches in last \d+\.\d\d seconds:", header)
+    assert re.fullmatch(
+        r"expert\.0_forward: 2 batches \(\d+\.\d\d batches/s\), 48 examples \(\d+\.\d\d examples/s\), "
+        r"avg batch size 24\.00",
+        line,
+    )
+    assert total.startswith("Runtime: computing") and "48.0 examples/s while computing" in total
+    assert re.fullmatch(r"Processed 0 batches in last \d+\.\d\d seconds:", *stats.report_and_reset())
+
+
+def test_stats_rates_below_one_per_second_are_given_as_seconds_each():
+    assert _rate(1, 4.0, "batch") == "4.00 s/batch" and _rate(3, 2.0, "example") == "1.50 examples/s"
 
 
 class TokenPerTaskPool(threading.Thread):

@@ -74,7 +74,11 @@ def make_parser() -> configargparse.ArgParser:
         help="Raise the open-file limit to at least 32768 (many peers need many sockets)",
     )
     network.add(
-        "--num_handlers", type=int, default=None, help="Connection handlers (default: 8 x the number of experts)"
+        "--num_handlers",
+        type=int,
+        default=None,
+        help="Serve requests from this many connection-handler processes (default: one handler thread in the "
+        "server's process, which is faster)",
     )
 
     batching = parser.add_argument_group("Batching and device")

@@ -34,6 +34,7 @@ def increase_file_limit(new_soft: int = 2**15, new_hard: int = 2**15) -> None:
         except (ValueError, OSError):
             wanted_soft = min(max(as_number(soft), new_soft), as_number(hard))
             resource.setrlimit(resource.RLIMIT_NOFILE, (as_limit(wanted_soft), hard))
-        logger.debug(f"Open file limit raised from {soft} to {resource.getrlimit(resource.RLIMIT_NOFILE)}")
+        new_soft_limit, new_hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+        logger.info(f"Increasing file limit: soft {soft}=>{new_soft_limit}, hard {hard}=>{new_hard_limit}")
     except (ValueError, OSError) as e:
         logger.warning(f"Could not increase the open file limit: {e!r}")

@@ -10,12 +10,13 @@ was loaded is skipped without computing it.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import selectors
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -91,6 +92,7 @@ class Runtime(threading.Thread):
             else threading.Thread(target=self._report_stats, name="Runtime.stats", daemon=True)
         )
         if reporter is not None:
+            self.stats.since = time.perf_counter()  # the first report covers the time spent serving
             reporter.start()
         senders = ThreadPoolExecutor(self.sender_threads, thread_name_prefix="Runtime.sender")
         try:
@@ -102,6 +104,7 @@ class Runtime(threading.Thread):
                         logger.warning(f"Runtime: pool {pool.name} is shut down ({e!r}); its tasks will not be served")
                 selector.register(self._wake_receiver, selectors.EVENT_READ, None)
                 self.ready.set()
+                logger.info("Started")
                 while not self._shutdown_requested.is_set():
                     ready_pools = [key.data for key, _ in selector.select(_SELECT_INTERVAL) if key.data is not None]
                     if self._shutdown_requested.is_set():
@@ -173,6 +176,9 @@ def _ensure_started(pool) -> None:
         pool.start()
     except RuntimeError as e:  # a thread / process can be started only once
         logger.warning(f"Runtime: pool {pool.name} cannot be started again ({e}); its tasks will not be served")
+        return
+    # our pools are threads of this process (a pool that is a process of its own has a pid)
+    logger.info(f"{pool.name} starting, pid={getattr(pool, 'pid', None) or os.getpid()}")
 
 
 def _send_outputs(pool, batch_index: int, outputs) -> None:
@@ -200,25 +206,36 @@ class _Stats:
             self.examples[pool_name] += batch_size
             self.seconds[pool_name] += seconds
 
-    def report_and_reset(self):
+    def report_and_reset(self) -> List[str]:
+        """Log lines: ``Processed <k> batches in last <t> seconds:``, one line per pool that processed batches
+        (batches, examples, their rates and the mean batch size), and how much of the time went to computing."""
         with self.lock:
             elapsed = max(time.perf_counter() - self.since, 1e-9)
-            lines = []
+            total_batches, total_busy = sum(self.batches.values()), sum(self.seconds.values())
+            lines = [f"Processed {total_batches} batches in last {elapsed:.2f} seconds:"]
             for name in sorted(self.batches):
-                batches, examples, busy = self.batches[name], self.examples[name], self.seconds[name]
+                batches, examples = self.batches[name], self.examples[name]
                 lines.append(
-                    f"{name}: {batches} batches, {examples} examples (mean batch {examples / batches:.1f}) in "
-                    f"{elapsed:.1f} s: {examples / elapsed:.1f} examples/s, {busy / elapsed:.0%} busy, "
-                    f"{examples / max(busy, 1e-9):.1f} examples/s while computing"
+                    f"{name}: {batches} batches ({_rate(batches, elapsed, 'batch')}), {examples} examples "
+                    f"({_rate(examples, elapsed, 'example')}), avg batch size {examples / batches:.2f}"
                 )
-            if not lines:
-                lines.append(f"Runtime: no batches processed in the last {elapsed:.1f} s")
-            else:  # near 100% busy: the device is the bottleneck; far below: the time goes to everything around it
-                total_batches, total_busy = sum(self.batches.values()), sum(self.seconds.values())
-                share = total_busy / elapsed
-                lines.append(f"Runtime: {total_batches} batches in {elapsed:.1f} s, computing {share:.0%} of the time")
+            if total_batches:  # near 100%: the device is the bottleneck; far below: the time goes around it
+                total_examples = sum(self.examples.values())
+                lines.append(
+                    f"Runtime: computing {total_busy / elapsed:.0%} of the time, "
+                    f"{total_examples / max(total_busy, 1e-9):.1f} examples/s while computing"
+                )
             self.batches.clear()
             self.examples.clear()
             self.seconds.clear()
             self.since = time.perf_counter()
             return lines
+
+
+def _rate(count: int, seconds: float, unit: str) -> str:
+    """``<x> <unit>es/s`` when there is at least one per second, else ``<x> s/<unit>``."""
+    plural = unit + ("es" if unit.endswith("ch") else "s")
+    if count == 0:
+        return f"0.00 {plural}/s"
+    per_second = count / seconds
+    return f"{per_second:.2f} {plural}/s" if per_second >= 1 else f"{seconds / count:.2f} s/{unit}"

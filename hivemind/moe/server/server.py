@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import random
 import threading
+import time
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -47,27 +48,34 @@ class Server(threading.Thread):
 
     :param dht: a DHT; started by ``run()`` if it is not running yet, shut down by ``shutdown()``
     :param module_backends: {expert uid: ModuleBackend}
-    :param num_connection_handlers: handler processes when ``handler_processes=True`` (balanced between them)
+    :param num_connection_handlers: if given, serve requests from this many connection-handler child processes,
+        registered as balanced handlers (the daemon spreads the calls among them); if None (the default), serve
+        from one handler thread of this process instead (tasks then reach the pools without crossing processes,
+        which is faster, and starting costs no process)
     :param update_period: seconds between announcements in the DHT (and checkpoint saves)
     :param expiration: lifetime of each announcement in seconds (default: max(2 * update_period, 3))
     :param start: start serving in the background right away and wait until ready
     :param checkpoint_dir: save the experts there every update_period seconds
-    :param handler_processes: serve requests from ``num_connection_handlers`` child processes instead of one
-        thread of this process (the default: tasks then reach the pools without crossing processes, which is
-        faster, and starting costs no process)
+    :param handler_processes: force the choice: True serves from ``num_connection_handlers`` (default 1) child
+        processes, False from one thread whatever ``num_connection_handlers`` says; None (the default) decides by
+        whether ``num_connection_handlers`` is given
     :param kwargs: to the Runtime (prefetch_batches, sender_threads, device, stats_report_interval)
     """
 
     def __init__(
-        self, dht: DHT, module_backends: Dict[str, ModuleBackend], num_connection_handlers: int = 1,
+        self, dht: DHT, module_backends: Dict[str, ModuleBackend], num_connection_handlers: Optional[int] = None,
         update_period: float = 30.0, expiration: Optional[float] = None, start: bool = False,
-        checkpoint_dir: Optional[Path] = None, handler_processes: bool = False, **kwargs,
+        checkpoint_dir: Optional[Path] = None, handler_processes: Optional[bool] = None, **kwargs,
     ):  # fmt: skip
         super().__init__(daemon=True, name="hivemind.moe.Server")
         self.dht = dht
         self.module_backends = module_backends
         self.update_period = update_period
-        num_handlers = max(1, num_connection_handlers or 1) if handler_processes else 1
+        if num_connection_handlers is not None and num_connection_handlers < 1:
+            raise ValueError(f"num_connection_handlers must be at least 1 (or None), got {num_connection_handlers}")
+        if handler_processes is None:
+            handler_processes = num_connection_handlers is not None
+        num_handlers = (num_connection_handlers or 1) if handler_processes else 1
         self.handler_processes = handler_processes
         self.conn_handlers = [ConnectionHandler(dht, module_backends) for _ in range(num_handlers)]
         self.dht_handler_thread = DHTHandlerThread(module_backends, dht, update_period, expiration, daemon=True)
@@ -115,6 +123,9 @@ class Server(threading.Thread):
         literals and ``[a:b]`` ranges) that are not yet announced in the DHT (``expert.0``, ``expert.1``, ... without a
         pattern). Experts found in ``checkpoint_dir`` are loaded and count towards ``num_experts``.
 
+        :param num_handlers: serve from this many connection-handler processes; None (the default) serves from one
+            handler thread of the server's process (faster: no process boundary for the tensors), not 8 processes
+            per expert as the original does
         :param kwargs: to ``DHT(...)``: host_maddrs, announce_maddrs, identity_path, use_relay, client_mode, ...
         """
         if custom_module_path is not None:
@@ -157,7 +168,7 @@ class Server(threading.Thread):
             return cls(
                 dht,
                 module_backends,
-                num_connection_handlers=num_handlers or 8 * len(module_backends),
+                num_connection_handlers=num_handlers,  # None: one handler thread in this process
                 update_period=update_period,
                 expiration=expiration,
                 checkpoint_dir=checkpoint_dir,
@@ -210,14 +221,13 @@ class Server(threading.Thread):
         self.start()
         if not await_ready:
             return
-        waited = 0.0
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.ready.wait(_READY_POLL_INTERVAL):
-            waited += _READY_POLL_INTERVAL
             if not self.is_alive() or self._start_error is not None:
                 error = self._start_error
                 self.shutdown()  # whatever did start (announcements, handlers, the DHT) stops again
                 raise RuntimeError(f"Server failed to start: {error!r}") from error
-            if timeout is not None and waited >= timeout:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"Server did not become ready within {timeout} s")
 
     def shutdown(self) -> None:
