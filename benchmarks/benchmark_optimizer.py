@@ -5,12 +5,15 @@ accuracy per epoch next to local training with the same global batch, each peer'
 epoch goes (computing, accumulating, waiting for the averaging group, all-reduce, the rest of the global step).
 By default each local step of 8 samples takes 0.8 s (--step_time, simulated compute of a bigger model), so that an
 epoch holds about 6.4 s of compute per peer and the averaging rounds' matchmaking can overlap it, as in real training;
-with --step_time 0 the MLP's own compute is negligible and an epoch lasts about matchmaking_time.
+with --step_time 0 the MLP's own compute is negligible and an epoch lasts as long as the global step: about
+matchmaking_time in hivemind 1.1.12, which waits out the matchmaking time of every round.
 
     python benchmarks/benchmark_optimizer.py                          # 4 peers (one client-mode), target batch 256
     python benchmarks/benchmark_optimizer.py --peers 2 --epochs 5
     python benchmarks/benchmark_optimizer.py --local_only             # local training alone (the reference curve)
     python benchmarks/compare.py benchmarks/benchmark_optimizer.py    # ours and the original 1.1.12, same run
+    python benchmarks/compare.py benchmarks/benchmark_optimizer.py --matchmaking_time 15 --step_time 0 --epochs 5
+                                                                      # the Optimizer's defaults, fast steps
 
 Only the public API is used (hivemind.DHT, hivemind.Optimizer, its grad_averager / state_averager attributes and the
 StepControl stages), so the same script runs on the original library.
