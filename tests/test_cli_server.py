@@ -176,6 +176,38 @@ def test_announce_maddrs_are_the_visible_maddrs():
     assert [maddr.rsplit("/p2p/", 1)[0] for maddr in maddrs] == announced
 
 
+RAISE_FILE_LIMIT = """
+import resource
+from hivemind.hivemind_cli.run_server import make_parser, parse_server_options
+from hivemind.utils.logging import use_hivemind_log_handler
+
+use_hivemind_log_handler("in_root_logger")
+parse_server_options(make_parser(), ["--num_experts", "1", "--increase_file_limit"])
+print(*resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_increase_file_limit_raises_the_open_file_limit():
+    resource = pytest.importorskip("resource")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low_soft = 256
+
+    def lower_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low_soft, hard))
+
+    result = subprocess.run(
+        [sys.executable, "-c", RAISE_FILE_LIMIT], preexec_fn=lower_soft_limit, capture_output=True, text=True,
+        env=dict(os.environ, HIVEMIND_COLORS="0"), timeout=50,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    soft_after, hard_after = map(int, result.stdout.split())
+    # the hard limit goes up to 32768 where that is allowed; the soft one up to 32768, or to the hard one if lower
+    assert hard_after == resource.RLIM_INFINITY or hard_after >= min(hard, 32768)
+    assert soft_after == (32768 if hard_after == resource.RLIM_INFINITY else min(32768, hard_after))
+    assert f"Increasing file limit: soft {low_soft}=>{soft_after}, hard" in result.stderr
+
+
 def test_address_flags_keep_whole_multiaddrs():
     options = parse_server_options(
         make_parser(),

@@ -2,6 +2,8 @@
 
 import os
 import random
+import threading
+import time
 from typing import List
 
 import psutil
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 from hivemind.dht import DHT
-from hivemind.moe.expert_uid import is_valid_uid
+from hivemind.moe.client.expert import RemoteExpert
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.expert_uid import ExpertInfo, is_valid_uid
 from hivemind.moe.server import Server, background_server
 from hivemind.moe.server.checkpoints import store_experts
 from hivemind.moe.server.connection_handler import _daemon_listen_maddr
@@ -121,6 +125,47 @@ def test_dht_options_are_forwarded(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_announce_maddrs_are_the_visible_maddrs():
+    announced = ["/ip4/203.0.113.5/tcp/31337", "/ip4/198.51.100.7/tcp/4001"]
+    server = Server.create(expert_uids=["ffn.0"], hidden_dim=8, announce_maddrs=announced, start=True, **LOOPBACK)
+    try:
+        visible = [str(maddr) for maddr in server.dht.get_visible_maddrs()]
+        assert [maddr.rsplit("/p2p/", 1)[0] for maddr in visible] == announced
+    finally:
+        server.shutdown()
+
+
+class SlowStartingHandler:
+    """A connection handler that takes until shutdown() to register (a daemon that does not answer)."""
+
+    def __init__(self):
+        self.released = threading.Event()
+
+    def run_in_thread(self, await_ready=True, timeout=None):
+        self.released.wait(60)
+
+    def is_alive(self):
+        return False
+
+    def shutdown(self):
+        self.released.set()
+
+
+@pytest.mark.timeout(60)
+def test_run_in_background_raises_timeout_error_when_not_ready_in_time():
+    server = Server.create(expert_uids=["ffn.0"], hidden_dim=8, start=False, **LOOPBACK)
+    server.conn_handlers = [SlowStartingHandler()]
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="not become ready within 0.5 s"):
+            server.run_in_background(await_ready=True, timeout=0.5)
+        assert time.monotonic() - started < 10 and not server.ready.is_set()
+    finally:
+        server.shutdown()
+    assert not server.is_alive()
+
+
+@pytest.mark.timeout(60)
 def test_background_server_serves_and_stops():
     children_before = {child.pid for child in psutil.Process().children()}  # other tests' in this worker
     with background_server(expert_uids=["ffn.0"], hidden_dim=8, **LOOPBACK) as server_info:
@@ -149,16 +194,35 @@ def _socket_files_of(server: Server) -> List[str]:
     return [server.dht._socket_address, daemon_socket, client_socket, *handler_sockets]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_fifty_create_serve_shutdown_cycles_leave_nothing_behind():
     children_before = {child.pid for child in psutil.Process().children(recursive=True)}
-    for cycle in range(50):
-        server = Server.create(num_experts=2, hidden_dim=8, start=True, **LOOPBACK)
-        assert server.ready.is_set(), f"cycle {cycle}"
-        socket_files = _socket_files_of(server)
-        assert all(os.path.exists(path) for path in socket_files), socket_files
-        server.shutdown()
-        assert [path for path in socket_files if os.path.exists(path)] == [], f"cycle {cycle}"
+    with DHT(start=True, host_maddrs=LOOPBACK["host_maddrs"]) as client_dht:
+        client_p2p = RemoteExpertWorker.run_coroutine(client_dht.replicate_p2p())
+        try:
+            _create_serve_and_shut_down(client_dht, client_p2p, cycles=50)
+        finally:
+            RemoteExpertWorker.run_coroutine(client_p2p.shutdown())
     children = psutil.Process().children(recursive=True)
     leftover = [c.pid for c in children if c.pid not in children_before and c.status() != psutil.STATUS_ZOMBIE]
     assert leftover == []
+
+
+def _create_serve_and_shut_down(client_dht: DHT, client_p2p, cycles: int) -> None:
+    for cycle in range(cycles):
+        # each server joins the client's DHT, so the client's daemon learns its addresses
+        server = Server.create(
+            num_experts=2, expert_pattern=f"cycle{cycle}.[0:8]", hidden_dim=8,
+            initial_peers=client_dht.get_visible_maddrs(), start=True, **LOOPBACK,
+        )  # fmt: skip
+        assert server.ready.is_set(), f"cycle {cycle}"
+        socket_files = _socket_files_of(server)
+        assert all(os.path.exists(path) for path in socket_files), socket_files
+        try:
+            uid, backend = next(iter(server.module_backends.items()))
+            expert = RemoteExpert(ExpertInfo(uid, server.dht.peer_id), client_p2p)
+            x = torch.randn(2, 8)
+            assert torch.allclose(expert(x), backend.module(x), atol=1e-5), f"cycle {cycle}"
+        finally:
+            server.shutdown()
+        assert [path for path in socket_files if os.path.exists(path)] == [], f"cycle {cycle}"
