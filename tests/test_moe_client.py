@@ -71,9 +71,25 @@ def test_info_is_fetched_once_and_cached(server_and_client):
     assert len(server.handler.calls["info:expert.0"]) == 1
 
 
-def test_outputs_are_cpu_tensors(server_and_client):
+@pytest.mark.parametrize("batch_size", [4, MAX_UNARY_PAYLOAD_SIZE // (4 * HID) + 1], ids=["unary", "streaming"])
+def test_outputs_are_own_cpu_tensors_that_later_calls_leave_alone(server_and_client, batch_size):
+    """Outputs may be read straight from received bytes: never from a buffer that a later answer reuses."""
     server, client_dht = server_and_client
-    output = _remote(server, client_dht)(torch.randn(3, HID))
+    expert, local = _remote(server, client_dht), server.handler.modules["expert.0"]
+    first_input, second_input = torch.randn(batch_size, HID), torch.randn(batch_size, HID)
+    first = expert(first_input)
+    expected_first = local(first_input).detach()
+    second = expert(second_input)
+    assert first.device == second.device == torch.device("cpu") and first.shape == (batch_size, HID)
+    assert torch.allclose(first, expected_first, atol=1e-5)
+    assert torch.allclose(second, local(second_input), atol=1e-5)
+    assert first.data_ptr() != second.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the inputs")
+def test_outputs_of_cuda_inputs_are_cpu_tensors(server_and_client):
+    server, client_dht = server_and_client
+    output = _remote(server, client_dht)(torch.randn(3, HID, device="cuda"))
     assert output.device == torch.device("cpu") and output.shape == (3, HID)
 
 
