@@ -9,8 +9,8 @@ process) call ``load_state_from_peers`` at the same moment. While they download,
 resident memory (RSS) and proportional set size (PSS: shared pages split between the processes that map them, so
 the PSS of several processes adds up without counting shared memory twice) of the donor's user process and of its
 averager process. Printed: the time and MiB/s of each download, whether every downloaded state is exact, the
-donor's peak RSS / PSS above what they were before the downloads, and how many times the donor's
-``get_current_state`` ran.
+donor's peak RSS / PSS above what they were before the downloads, what they are 1 s after the downloads ended, and
+how many times the donor's ``get_current_state`` ran.
 """
 
 import argparse
@@ -157,6 +157,8 @@ def main() -> None:
             elapsed.append(time.perf_counter() - started)
         sampler.stop.set()
         sampler.join()
+        time.sleep(1.0)  # what the donor keeps once every download ended
+        after = sampler.sample()
         expected = donor_tensors(args)
         exact = sum(
             result is not None and all(torch.equal(got, want) for got, want in zip(result[1], expected))
@@ -169,7 +171,10 @@ def main() -> None:
         for key in ("donor user rss", "donor user pss", "donor averager rss", "donor averager pss", "total pss"):
             start, peak = before.get(key, 0) / MIB, sampler.peaks.get(key, 0) / MIB
             name = key.replace("donor ", "")
-            print(f"donor {name}: {start:.0f} MiB before, peak {peak:.0f} MiB (+{peak - start:.0f})")
+            end = after.get(key, 0) / MIB
+            print(
+                f"donor {name}: {start:.0f} MiB before, peak {peak:.0f} MiB (+{peak - start:.0f}), after {end:.0f} MiB"
+            )
     finally:
         for newcomer in newcomers:
             newcomer.shutdown()

@@ -437,3 +437,19 @@ async def test_overlapping_downloads_share_one_get_current_state_call(dht, p2p_f
         assert_state_equal(await download, state)
     assert len(calls) == 1
     assert sharing.snapshots.in_use == []  # dropped with its last download
+
+
+@pytest.mark.timeout(60)
+async def test_donor_that_prepares_its_state_longer_than_request_timeout_is_waited_for(dht, p2p_factory, prefix):
+    (donor,), client = await start_peers(p2p_factory, 1)
+    state = make_state(seed=4)
+
+    async def slow_state():  # e.g. a large state copied in a busy user's process, or a download queued for a slot
+        await asyncio.sleep(1.5)
+        return state[0], state[1], None
+
+    sharing = StateSharing(dht=dht, peer_id=donor.peer_id, prefix=prefix, get_current_state=slow_state)
+    await serve(donor, prefix, sharing.rpc_download_state)
+    assert await sharing.declare()
+    # the limit between two messages (request_timeout when a timeout is given) does not apply before the first one
+    assert_state_equal(await load(client, dht, prefix, timeout=20, request_timeout=0.5), state)

@@ -42,6 +42,9 @@ __all__ = [
 logger = get_logger(__name__)
 
 DEFAULT_STALL_TIMEOUT = 60.0  # seconds between two messages of a download when neither timeout is given
+# seconds at least for a donor's first message: it may queue a download for up to 10 s (DEFAULT_MAX_QUEUE_WAIT of
+# state_sharing) and then take a snapshot of its state (a copy in its user's process) before it sends anything
+DONOR_PREPARATION_TIMEOUT = 20.0
 DHT_LOOKUP_TIMEOUT = 30.0  # seconds for finding the donors when the caller gave no overall timeout
 # without expected_tensors, a donor may send at most this many tensor bytes before it is rejected
 DEFAULT_MAX_UNCHECKED_STATE_BYTES = 16 * 2**30
@@ -226,10 +229,13 @@ async def download_state(
     max_bytes: Optional[int] = None,
     message_timeout: Optional[float] = None,
     deadline: Optional[float] = None,
+    first_message_timeout: Optional[float] = None,
 ) -> Tuple[Any, List[torch.Tensor]]:
     """Download and validate one donor's state; raises (StateDownloadError, P2P errors, TimeoutError) on failure.
 
     :param message_timeout: seconds allowed for each next message (None: no limit besides ``deadline``)
+    :param first_message_timeout: seconds allowed for the first message, which the donor sends only once it had a
+      free slot and a snapshot of its state (None: ``message_timeout``)
     :param deadline: ``time.monotonic()`` by which the whole download must end
     """
     assembler = StateAssembler(expected_tensors, max_bytes)
@@ -259,6 +265,8 @@ async def download_state(
     try:
         while True:
             timeout = message_timeout
+            if assembler.num_messages == 0 and first_message_timeout is not None:
+                timeout = first_message_timeout
             if deadline is not None:
                 remaining = max(deadline - time.monotonic(), 0.0)
                 timeout = remaining if timeout is None else min(timeout, remaining)
@@ -313,7 +321,8 @@ async def load_state_from_peers(
       state's tensors); donors whose tensors differ in number, shape or dtype are skipped. None: any shapes.
     :param timeout: seconds for the whole call (finding donors and all download attempts); None: no overall limit
     :param request_timeout: with ``timeout`` given and no ``next_chunk_timeout``, the limit between two messages
-    :param next_chunk_timeout: the limit between two messages of a download (None: as above, or 60 s)
+    :param next_chunk_timeout: the limit between two messages of a download (None: as above, or 60 s); the first
+      message may take up to DONOR_PREPARATION_TIMEOUT (20 s) or this limit, whichever is longer
     :param max_bytes: refuse states with more tensor bytes (default: what ``expected_tensors`` allows, or 16 GiB)
     """
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -321,6 +330,8 @@ async def load_state_from_peers(
         message_timeout = next_chunk_timeout
     else:
         message_timeout = request_timeout if timeout is not None else DEFAULT_STALL_TIMEOUT
+    # before its first message a donor may queue the download and copy its state: allow that, within ``timeout``
+    first_message_timeout = max(message_timeout, DONOR_PREPARATION_TIMEOUT)
     key = f"{prefix}.all_averagers"
     lookup_timeout = DHT_LOOKUP_TIMEOUT if deadline is None else max(deadline - time.monotonic(), 0.0)
     try:
@@ -345,6 +356,7 @@ async def load_state_from_peers(
                 max_bytes=max_bytes,
                 message_timeout=message_timeout,
                 deadline=deadline,
+                first_message_timeout=first_message_timeout,
             )
         except asyncio.CancelledError:
             raise
