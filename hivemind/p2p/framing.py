@@ -168,7 +168,10 @@ async def receive_protobuf(
     """
     first_byte = await reader.readexactly(1)  # IncompleteReadError with nothing read: the stream ended between frames
     try:
-        header = first_byte + await _in_time(reader.readexactly(FRAME_HEADER_LEN - 1), FRAME_STALL_TIMEOUT, "header")
+        rest = reader.readexactly(FRAME_HEADER_LEN - 1)
+        if not _holds(reader, FRAME_HEADER_LEN - 1):  # already received: nothing to wait for (no timer)
+            rest = _in_time(rest, FRAME_STALL_TIMEOUT, "header")
+        header = first_byte + await rest
     except asyncio.IncompleteReadError as e:
         got = 1 + len(e.partial)
         raise FramingError(f"Stream closed inside a frame header ({got} of {FRAME_HEADER_LEN} bytes)") from None
@@ -176,7 +179,9 @@ async def receive_protobuf(
     _check_size(length, max_message_size)
     read_payload = getattr(reader, "read_payload", reader.readexactly)  # no intermediate copies when available
     try:
-        if length:
+        if length and _holds(reader, length):
+            payload = await read_payload(length)  # already received: nothing to wait for
+        elif length:
             payload = await _in_time(read_payload(length), FRAME_STALL_TIMEOUT + length / MIN_FRAME_RATE, "payload")
         else:
             payload = b""
@@ -189,6 +194,12 @@ async def receive_protobuf(
     error = RPCError()
     error.ParseFromString(payload)
     return None, error
+
+
+def _holds(reader: asyncio.StreamReader, n: int) -> bool:
+    """Whether ``reader`` already holds ``n`` bytes, so that reading them cannot wait (and needs no timer)."""
+    buffer = getattr(reader, "_buffer", None)
+    return buffer is not None and len(buffer) >= n
 
 
 async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:

@@ -133,6 +133,7 @@ class _RecordProtocol(asyncio.Protocol):
             if not self._pipe._on_record(kind, value):
                 return
         del self._buffer[: count * size]
+        self._pipe._after_records()
 
     def eof_received(self) -> bool:
         return False  # p2pd closed the socket: the transport closes, connection_lost follows
@@ -176,6 +177,7 @@ class ShmPipeTransport(asyncio.Transport):
         self._in_ended = self._eof_delivered = False
         self._reading_paused = False
         self._delivery_scheduled = False
+        self._flush_due = self._delivery_due = False  # records applied, acted on by _after_records
 
         self._closing = False
         self._closed_here = False  # this side closed the socket, and before p2pd did: the pipe can be reused
@@ -186,24 +188,35 @@ class ShmPipeTransport(asyncio.Transport):
     # ---------------------------------------------------------------- records from p2pd
 
     def _on_record(self, kind: bytes, value: int) -> bool:
-        """Apply one record; False (after aborting the stream) for a record that breaks the protocol."""
+        """Apply one record (its effect waits for ``_after_records``); False (after aborting the stream) for a
+        record that breaks the protocol."""
         if kind == ACK:
             if not 0 < value <= self._out_written - self._out_acked:
                 return self._protocol_error(f"acknowledged {value} of {self._out_written - self._out_acked} bytes")
             self._out_acked += value
-            self._flush()
+            self._flush_due = True
         elif kind == DATA:
             in_use = self._in_announced - self._in_consumed
             if self._in_ended or not 0 < value <= self._size - in_use:
                 return self._protocol_error(f"announced {value} bytes with {in_use} of {self._size} in use")
             self._in_announced += value
-            self._deliver()
+            self._delivery_due = True
         elif kind == EOF:
             self._in_ended = True
-            self._deliver()
+            self._delivery_due = True
         else:
             return self._protocol_error(f"unknown record type {kind!r}")
         return True
+
+    def _after_records(self) -> None:
+        """Act on the records read at once: p2pd sends one per chunk it moves, so that a batch of them costs one
+        flush (and one DATA record back) and one delivery (and one ACK record back) instead of one each."""
+        if self._flush_due:
+            self._flush_due = False
+            self._flush()
+        if self._delivery_due:
+            self._delivery_due = False
+            self._deliver()
 
     def _protocol_error(self, what: str) -> bool:
         self._lost_exc = ShmPipeError(f"p2pd broke the shared-memory pipe protocol: {what}")
