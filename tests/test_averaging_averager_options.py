@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 import torch
-from averager_helpers import FAST, dht_swarm
+from averager_helpers import FAST, averagers_on, dht_swarm
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.compression import CompressionInfo, Float16Compression, RoleAdaptiveCompression, TensorRole
@@ -123,3 +123,16 @@ def test_tensor_infos_choose_the_compression_of_each_tensor():
         finally:
             for averager in averagers:
                 averager.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_peers_that_cut_the_vector_differently_refuse_each_others_parts():
+    """part_size_bytes must match: a member with other parts is refused and excluded, nobody's tensors are mixed."""
+    tensors = [[torch.full((3000,), 0.0)], [torch.full((3000,), 2.0)]]
+    options = dict(target_group_size=2, part_size_bytes=[1024, 4096], sender_timeout=2.0, reducer_timeout=4.0)
+    with dht_swarm(2) as dhts, averagers_on(dhts, tensors, **options) as averagers:
+        for control in [averager.step(wait=False) for averager in averagers]:
+            assert len(control.result(timeout=30)) == 2  # the round "succeeds" with the other member excluded
+        for averager, value in zip(averagers, (0.0, 2.0)):
+            with averager.get_tensors() as (tensor,):
+                assert torch.equal(tensor, torch.full((3000,), value))
