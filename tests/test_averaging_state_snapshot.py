@@ -55,6 +55,7 @@ def test_tensors_already_packed_are_not_copied_again_unless_asked():
     assert pack_tensors(views).buffer.data_ptr() == views[0].untyped_storage().data_ptr()
     copies = packed_copy(views)
     assert copies[0].untyped_storage().data_ptr() != views[0].untyped_storage().data_ptr()
+    assert not any(copy.requires_grad for copy in copies)  # detached, like tensor.detach().clone()
     single = torch.ones(10).share_memory_()  # e.g. the only averaged tensor: a copy must not alias it
     (copy,) = packed_copy([single])
     single.add_(1)
@@ -103,7 +104,7 @@ async def test_snapshot_in_use_is_reused_while_young_and_dropped_after_its_last_
     async with cache.use() as first:
         async with cache.use() as second:
             assert second is first and first.users == 2
-    assert cache.in_use == [] and len(calls) == 1
+    assert cache.in_use == [] and len(calls) <= 1  # (cancelled before or while it ran)
     async with cache.use() as third:  # nobody streams the old one any more: a fresh snapshot
         assert third is not first and third.metadata == {"call": 2}
 
@@ -198,3 +199,19 @@ def test_chunks_cut_slice_by_slice_are_byte_identical_to_the_whole_encoding(code
         sliced = [chunk.SerializeToString() for chunk in chunker._compressed_chunks(tensor, info)]
         whole = [chunk.SerializeToString() for chunk in split_for_streaming(chunker._compress(tensor.detach(), info))]
         assert sliced == whole, f"tensor {index} ({tensor.dtype}, {list(tensor.shape)})"
+
+
+async def test_shutdown_cancels_a_snapshot_being_taken():
+    source, calls = counting_source(asyncio.Event())  # never released
+    cache = SnapshotCache(source, max_age=10.0)
+
+    async def download():
+        async with cache.use():
+            pass
+
+    waiting = asyncio.create_task(download())
+    await asyncio.sleep(0)
+    await cache.shutdown()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert cache.in_use == [] and len(calls) <= 1  # (cancelled before or while it ran)

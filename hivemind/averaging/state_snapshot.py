@@ -106,8 +106,9 @@ def pack_tensors(tensors: Sequence[torch.Tensor], reuse: bool = True) -> PackedT
 
 
 def packed_copy(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Copies of ``tensors`` in one shared-memory buffer: they reach the averager's process with no further copy."""
-    return pack_tensors(tensors, reuse=False).unpack()
+    """Detached copies of ``tensors`` in one shared-memory buffer: they reach the averager's process with no further
+    copy."""
+    return pack_tensors([tensor.detach() for tensor in tensors], reuse=False).unpack()
 
 
 @dataclass(eq=False)
@@ -209,3 +210,4 @@ class SnapshotCache:
         """Cancel a snapshot being taken (its waiters get CancelledError)."""
         if self._taking is not None:
             await cancel_and_wait(self._taking)
+            self._taking = None  # (a task cancelled before it ran never cleared it)
