@@ -1,0 +1,80 @@
+"""Peers of hivemind.Optimizer do not wait out a long matchmaking_time when everyone expected is in the group: each
+epoch's rounds start as soon as the peers' epochs end, and every peer still averages with all the others."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from hivemind.dht import DHT
+from hivemind.optim.optimizer import Optimizer
+
+FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
+MATCHMAKING_TIME = 30.0  # an epoch that waited out the matchmaking time would take this long
+EPOCHS = 3
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(120)
+def test_epochs_with_every_expected_peer_do_not_wait_out_the_matchmaking_time():
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(EPOCHS)]
+    initial_state = torch.nn.Linear(8, 1).state_dict()
+    first = DHT(start=True)
+    dhts = [first] + [
+        DHT(initial_peers=first.get_visible_maddrs(), client_mode=client_mode, start=True) for client_mode in (0, 1)
+    ]
+    models, opts = [torch.nn.Linear(8, 1) for _ in dhts], []
+    try:
+        for model, dht in zip(models, dhts):
+            model.load_state_dict(initial_state)
+            opts.append(Optimizer(
+                dht=dht, run_id="early_start", target_batch_size=48, batch_size_per_step=4,
+                optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
+                matchmaking_time=MATCHMAKING_TIME, averaging_timeout=2 * MATCHMAKING_TIME, tracker_opts=FAST_TRACKER,
+            ))  # fmt: skip
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == len(opts) for opt in opts))
+
+        group_sizes = []
+
+        def train(model, opt):  # every sample of epoch e is data[e]: any split between peers gives the same mean
+            while opt.local_epoch < EPOCHS:
+                epoch = opt.local_epoch
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(data[epoch][0]), data[epoch][1]).backward()
+                opt.step()
+                if opt.local_epoch != epoch:
+                    group_sizes.append(len(opt._last_round_peers or ()))  # peers in the gradient round just done
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=train, args=pair, daemon=True) for pair in zip(models, opts)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, started + MATCHMAKING_TIME - time.monotonic()))
+        assert [opt.local_epoch for opt in opts] == [EPOCHS] * len(opts), "an epoch waited out matchmaking_time"
+        assert group_sizes == [len(opts)] * len(opts) * EPOCHS, group_sizes  # nobody was left out of a round
+    finally:
+        for opt in opts:
+            opt.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+    reference = torch.nn.Linear(8, 1)  # all peers averaged every epoch: exactly local training, one step per epoch
+    reference.load_state_dict(initial_state)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x, y in data:
+        reference_opt.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        reference_opt.step()
+    for model in models:
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(param, expected, atol=1e-6)
