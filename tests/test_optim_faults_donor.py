@@ -19,12 +19,12 @@ RUN_ID = "donor_killed"
 DOOMED_PRIORITY = 1000.0  # above any epoch the honest donor reaches: the newcomer asks the doomed donor first
 
 
-def make_optimizer(dht: DHT, model: torch.nn.Module) -> Optimizer:
+def make_optimizer(dht: DHT, model: torch.nn.Module, **averager_opts) -> Optimizer:
     return Optimizer(
         dht=dht, run_id=RUN_ID, target_batch_size=8, batch_size_per_step=4,
         optimizer=lambda params: torch.optim.Adam(params, lr=0.05), params=model.parameters(),
         matchmaking_time=0.5, averaging_timeout=2.0, load_state_timeout=30.0, tracker_opts=FAST_TRACKER,
-        averager_opts=dict(request_timeout=0.3),
+        averager_opts=dict(request_timeout=0.3, **averager_opts),
     )  # fmt: skip
 
 
@@ -40,13 +40,13 @@ def doomed_donor(initial_peers, download_started: mp.Event) -> None:
             time.sleep(0.2)  # let the message leave
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
-    StateSharing._state_messages = send_some_then_die  # the averager's process is forked: it inherits the patch
+    StateSharing._state_messages = send_some_then_die  # inherited by the averager's process: it is forked below
     dht = DHT(start=True, initial_peers=initial_peers)
     model = torch.nn.Linear(64, 64)  # its state needs several messages (64 KiB each)
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(123.0)  # values that the newcomer must never end up with
-    opt = make_optimizer(dht, model)
+    opt = make_optimizer(dht, model, start_method="fork")  # this process was spawned: its default is spawn
     opt.state_averager.state_sharing_priority = DOOMED_PRIORITY
     while True:
         time.sleep(1)
