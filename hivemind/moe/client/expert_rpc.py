@@ -41,6 +41,8 @@ MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # raw bytes sent in one call above which t
 STREAMING_CHUNK_SIZE = 4 * 1024**2  # buffer bytes per streamed message
 # one message of a streamed answer: a chunk (servers, ours and the original, send at most 4 MiB) and its metadata
 MAX_RESPONSE_MESSAGE_BYTES = STREAMING_CHUNK_SIZE + 64 * 1024
+# what each message and each chunk of a streamed answer costs on top of its buffer bytes (objects kept until the end)
+_OVERHEAD_BYTES_PER_MESSAGE = 512
 
 
 class ConnectionHandler(ServicerBase):
@@ -164,7 +166,8 @@ def expected_output_bytes(outputs_schema, batch_size: int) -> int:
 def _check_size(received: int, limit: Optional[int], uid: str) -> None:
     if limit is not None and received > limit:
         raise ExpertResponseTooLarge(
-            f"expert {uid} answered with over {limit} bytes of tensors, more than it can need"
+            f"expert {uid} answered with over {limit} bytes of tensors (each message and chunk counted as at least "
+            f"{_OVERHEAD_BYTES_PER_MESSAGE} bytes), more than it can need"
         )
 
 
@@ -190,11 +193,19 @@ async def call_expert(
         responses = await _call(stub, f"rpc_{method}_stream", _iterate_requests(uid, serialized), max_response_tensors)
 
         async def counted_chunks():
-            received = 0
+            received = started = 0
             async for response in responses:
                 response = getattr(response, "message", response)
+                # every message and chunk is kept until the stream ends: each costs its overhead too, so that an
+                # endless stream of empty messages or chunks runs out of the budget as well
+                received += _OVERHEAD_BYTES_PER_MESSAGE * (1 + len(response.tensors))
                 received += sum(len(chunk.buffer) for chunk in response.tensors)
                 _check_size(received, max_response_bytes, uid)  # before the chunk is kept
+                started += sum(1 for chunk in response.tensors if chunk.dtype)  # a chunk with metadata: a new tensor
+                if max_response_tensors is not None and started > max_response_tensors:
+                    raise ExpertResponseTooLarge(
+                        f"rpc_{method}_stream answer of {uid} expects {max_response_tensors} tensors, got more"
+                    )
                 yield response.tensors
 
         return await deserialize_tensor_stream(counted_chunks())

@@ -1,0 +1,72 @@
+"""A hostile expert server answering a streamed call with endless tiny messages: the client keeps every message until
+the stream ends, so each one counts against the answer's byte budget, and tensors are counted across the stream."""
+
+import pytest
+import torch
+
+from hivemind.compression import serialize_torch_tensor
+from hivemind.moe.client.expert_rpc import (
+    ConnectionHandler,
+    ExpertResponseTooLarge,
+    call_expert,
+    raw_size_of,
+    response_size_limit,
+)
+from hivemind.p2p.framing import EncodedMessage
+from hivemind.proto import runtime_pb2
+
+ROWS, HIDDEN = 1024, 1024  # 4 MiB of input: above the unary limit, so the call streams
+EMPTY_CHUNKS = 40_000  # two bytes each on the wire, a few hundred bytes each once parsed by the client
+HEAD = runtime_pb2.Tensor(dtype="float32", size=[ROWS, HIDDEN], chunks=2)
+
+
+async def endless_empty_chunks(requests, _context):
+    """A valid answer (one float32 tensor of the input's shape) with tens of thousands of empty chunks inside."""
+    async for _ in requests:
+        pass
+    yield runtime_pb2.ExpertResponse(tensors=[HEAD])
+    empty = EncodedMessage([b"\x12\x00"])  # one continuation chunk without bytes
+    for _ in range(EMPTY_CHUNKS):
+        yield empty
+    yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(buffer=bytes(4 * ROWS * HIDDEN))])
+
+
+async def one_new_tensor_per_message(requests, _context):
+    async for _ in requests:
+        pass
+    for _ in range(1000):
+        yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(dtype="float32", size=[0])])
+
+
+async def serve(p2p_pair, handler):
+    server, client = p2p_pair
+    await server.add_protobuf_handler(
+        "ConnectionHandler.rpc_forward_stream",
+        handler,
+        runtime_pb2.ExpertRequest,
+        stream_input=True,
+        stream_output=True,
+    )
+    return ConnectionHandler.get_stub(client, server.peer_id)
+
+
+async def call_forward(stub):
+    x = torch.randn(ROWS, HIDDEN)
+    limit = response_size_limit(x.numel() * 4)  # what RemoteExpert allows for an output of the input's size
+    return await call_expert(
+        stub, "forward", "expert.0", [serialize_torch_tensor(x)], raw_size_of([x]), None, limit, 1
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_streamed_answer_of_endless_empty_chunks_is_refused(p2p_pair):
+    stub = await serve(p2p_pair, endless_empty_chunks)
+    with pytest.raises(ExpertResponseTooLarge, match="more than it can need"):
+        await call_forward(stub)
+
+
+@pytest.mark.timeout(60)
+async def test_streamed_answer_with_more_tensors_than_outputs_is_refused(p2p_pair):
+    stub = await serve(p2p_pair, one_new_tensor_per_message)
+    with pytest.raises(ExpertResponseTooLarge, match="expects 1 tensors, got more"):
+        await call_forward(stub)
