@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -153,14 +154,18 @@ class Server(threading.Thread):
         )
         dht = DHT(initial_peers=list(initial_peers), start=True, await_ready=False, **kwargs)
         try:
+            # the experts' parameters do not depend on their uids: initialise them while the DHT process starts
+            num_modules = len(expert_uids) if expert_uids is not None else num_experts
+            modules = _build_modules(num_modules, expert_cls, hidden_dim, with_optimizers=optim_cls is not None)
             module_backends = None
-            if expert_uids is not None:  # no DHT lookups needed: build the experts while the DHT process starts
-                module_backends = make_backends(list(expert_uids))
+            if expert_uids is not None:  # no DHT lookups needed: finish the experts while the DHT starts
+                module_backends = make_backends(list(expert_uids), modules)
             dht.wait_until_ready()
             visible_maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
             logger.info(f"Running DHT node on {visible_maddrs}, initial peers = {list(initial_peers)}")
             if module_backends is None:
-                module_backends = make_backends(_choose_uids(dht, num_experts, None, expert_pattern, checkpoint_dir))
+                uids = _choose_uids(dht, num_experts, None, expert_pattern, checkpoint_dir)
+                module_backends = make_backends(uids, modules)
             if checkpoint_dir is not None:
                 load_experts(module_backends, checkpoint_dir)
             if device is None:
@@ -278,8 +283,31 @@ def _choose_uids(
     return found + generate_uids_from_pattern(missing, expert_pattern, is_taken, exclude=found, rng=random.Random())
 
 
+def _import_optimizer_dependencies() -> None:
+    try:  # torch's optimizers import torch._dynamo when the first one is built: seconds of pure-Python imports
+        import torch._dynamo  # noqa: F401
+    except Exception as e:  # the optimizer raises it again if it matters
+        logger.debug(f"Could not import torch._dynamo ahead of the optimizers: {e!r}")
+
+
+def _build_modules(count: int, expert_cls: str, hidden_dim: int, with_optimizers: bool) -> List[torch.nn.Module]:
+    """``count`` experts of the class; the imports that the optimizers need run meanwhile in a thread (parameter
+    initialisation runs in torch kernels, which release the GIL). Only for our own expert classes, which import
+    nothing while they are built: a custom class that did could meet the thread's imports halfway."""
+    block_cls, importer = name_to_block[expert_cls], None
+    if with_optimizers and "torch._dynamo" not in sys.modules and block_cls.__module__.startswith("hivemind."):
+        importer = threading.Thread(target=_import_optimizer_dependencies, name="Server.imports", daemon=True)
+        importer.start()
+    try:
+        return [block_cls(hidden_dim) for _ in range(count)]
+    finally:
+        if importer is not None:
+            importer.join()
+
+
 def _make_backends(
     uids: Sequence[str],
+    modules: Sequence[torch.nn.Module],
     expert_cls: str,
     hidden_dim: int,
     optim_cls,
@@ -291,7 +319,8 @@ def _make_backends(
     max_batch_size: int,
     compression: int,
 ) -> Dict[str, ModuleBackend]:
-    make_sample_input, block_cls = name_to_input[expert_cls], name_to_block[expert_cls]
+    assert len(modules) == len(uids), f"{len(modules)} experts built for {len(uids)} uids"
+    make_sample_input = name_to_input[expert_cls]
     sample_args = make_sample_input(DUMMY_BATCH_SIZE, hidden_dim)
     if not isinstance(sample_args, tuple):
         sample_args = (sample_args,)
@@ -303,8 +332,7 @@ def _make_backends(
 
     backends: Dict[str, ModuleBackend] = {}
     outputs_schema = None
-    for uid in uids:
-        expert = block_cls(hidden_dim)
+    for uid, expert in zip(uids, modules):
         if outputs_schema is None:  # every expert of the class has the same outputs: one dummy forward is enough
             with torch.no_grad():
                 sample_outputs = expert(*sample_args)
