@@ -86,7 +86,9 @@ def test_two_trainers_and_a_monitor_train_the_example_model(tmp_path):
     peers = [monitor]
     try:
         address = monitor.wait_for(r"--initial_peers (.+)$", deadline).group(1).split()
-        trainer_args = [*TINY, "--initial_peers", *address, "--target_batch_size", "64", "--batch_size", "8",
+        # 32 local steps per epoch for a lone trainer: with 8 (target 64) the first trainer up ran ~10 epochs/s alone,
+        # and the second one, loading the swarm's state to catch up, stayed behind for up to half a minute
+        trainer_args = [*TINY, "--initial_peers", *address, "--target_batch_size", "256", "--batch_size", "8",
                         "--matchmaking_time", "0.5", "--averaging_timeout", "10", "--num_threads", "1"]  # fmt: skip
         trainers = [Peer("run_trainer.py", *trainer_args, "--seed", str(i), cwd=str(tmp_path)) for i in range(2)]
         peers += trainers
