@@ -129,7 +129,7 @@ class StateSnapshot:
 class SnapshotCache:
     """Hands out state snapshots to downloads, sharing one between downloads that overlap (see the module's doc).
 
-    :param get_current_state: ``async () -> (metadata, tensors, infos)``; infos may be None
+    :param get_current_state: ``async () -> (metadata, tensors[, infos])``; infos may be None or left out
     :param max_age: seconds for which a snapshot in use is reused by a new download
     :param max_snapshots: snapshots in use at most; beyond, new downloads reuse the newest whatever its age
     :param timeout: seconds allowed for ``get_current_state``
@@ -191,7 +191,10 @@ class SnapshotCache:
 
     async def _take(self) -> StateSnapshot:
         try:
-            metadata, tensors, infos = await await_with_timeout(self.get_current_state(), self.timeout)
+            state = await await_with_timeout(self.get_current_state(), self.timeout)
+            if not isinstance(state, (tuple, list)) or len(state) not in (2, 3):
+                raise TypeError(f"get_current_state must return (metadata, tensors[, infos]), got {state!r:.200}")
+            metadata, tensors, infos = state if len(state) == 3 else (*state, None)
             tensors = list(tensors)
             if infos is None:
                 infos = [CompressionInfo.from_tensor(tensor, key=index) for index, tensor in enumerate(tensors)]
