@@ -1,7 +1,11 @@
 """A donor's get_current_state, which runs in the user's process, as users write it: without infos, or slow enough
 that the averager shuts down before it returns (what it hands over must not stay behind in the user's process)."""
 
+import gc
+import os
+import threading
 import time
+from typing import Set
 
 import pytest
 import torch
@@ -19,6 +23,19 @@ def _wait_for_donor(dht: DHT, prefix: str, donor: DecentralizedAverager, timeout
             return
         time.sleep(0.1)
     raise AssertionError(f"{donor.peer_id} never declared itself a donor under {prefix}")
+
+
+def _shared_memory_descriptors() -> Set[str]:
+    """What this process's open descriptors to shared memory point to (torch's blocks are unlinked files)."""
+    targets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/dev/shm/torch_"):
+            targets.add(target)
+    return targets
 
 
 class StateWithoutInfos(DecentralizedAverager):
@@ -50,3 +67,42 @@ def test_state_returned_without_infos_is_served():
         finally:
             for averager in averagers:
                 averager.shutdown()
+
+
+class SlowToCopy(DecentralizedAverager):
+    """A donor whose get_current_state returns plain (unshared) copies, once the test lets it."""
+
+    slow = False
+    entered, release = threading.Event(), threading.Event()
+
+    def get_current_state(self):
+        metadata, tensors, infos = super().get_current_state()
+        if self.slow:
+            self.entered.set()
+            self.release.wait(30)
+        return metadata, [tensor.clone() for tensor in tensors], infos
+
+
+@pytest.mark.timeout(120)
+def test_state_prepared_after_the_donor_shut_down_leaves_no_shared_memory_behind():
+    with dht_swarm(2) as dhts:
+        donor = SlowToCopy([torch.randn(2**20)], dhts[0], prefix="state_late", start=True, **FAST)
+        newcomer = SlowToCopy(
+            [torch.zeros(2**20)], dhts[1], prefix="state_late", start=True, allow_state_sharing=False, **FAST
+        )
+        try:
+            donor.slow = True
+            _wait_for_donor(dhts[1], "state_late", donor)
+            before = _shared_memory_descriptors()
+            download = newcomer.load_state_from_peers(wait=False, timeout=30)
+            assert SlowToCopy.entered.wait(30)
+            donor.shutdown()  # the averager gives up on the state it asked for
+            SlowToCopy.release.set()  # ... which the user's process hands over afterwards
+            donor._state_thread.join(10)
+            assert not donor._state_thread.is_alive()
+            gc.collect()
+            assert _shared_memory_descriptors() - before == set()  # a 4 MiB block held by nobody, forever
+            assert download.result(timeout=30) is None
+        finally:
+            donor.shutdown()
+            newcomer.shutdown()

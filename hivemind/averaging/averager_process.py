@@ -18,7 +18,7 @@ from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.state_download import load_state_from_peers
 from hivemind.averaging.state_sharing import StateSharing
-from hivemind.averaging.state_snapshot import PackedTensors, pack_tensors
+from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, send_packed_state
 from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd
 from hivemind.p2p import ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
@@ -170,7 +170,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
                 if template_only:  # only what a downloaded state must look like: no tensor data crosses the pipe
                     future.set_result((None, [TensorTemplate(tuple(t.shape), t.dtype) for t in tensors], None))
                 else:  # the tensors cross in one shared-memory buffer (no copy if they already are in one)
-                    future.set_result((metadata, pack_tensors(tensors), *infos))
+                    send_packed_state(future, (metadata, tensors, *infos), receiver_sentinel=self.sentinel)
                 del metadata, tensors, infos  # the averager's process alone holds the state while it streams it
             except Exception as e:
                 logger.warning(f"get_current_state() failed, the download is refused: {e!r}")
@@ -357,7 +357,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         future = MPFuture()
         with self._state_request_lock:
             self._state_request_writer.send((future, template_only))
-        metadata, tensors, *infos = await future
+        metadata, tensors, *infos = await await_state_answer(future)
         if isinstance(tensors, PackedTensors):
             tensors = tensors.unpack()
         return (metadata, tensors, *infos)

@@ -16,18 +16,28 @@ each download sends exactly what one ``get_current_state`` call returned (never 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
+import multiprocessing.connection
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 
 from hivemind.compression import CompressionInfo
 from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
 
-__all__ = ["PackedTensors", "pack_tensors", "packed_copy", "StateSnapshot", "SnapshotCache"]
+__all__ = [
+    "PackedTensors",
+    "pack_tensors",
+    "packed_copy",
+    "send_packed_state",
+    "await_state_answer",
+    "StateSnapshot",
+    "SnapshotCache",
+]
 
 ALIGNMENT = 64  # bytes: every tensor starts at a multiple of this in the shared buffer (any dtype can view it)
 
@@ -109,6 +119,37 @@ def packed_copy(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Detached copies of ``tensors`` in one shared-memory buffer: they reach the averager's process with no further
     copy."""
     return pack_tensors([tensor.detach() for tensor in tensors], reuse=False).unpack()
+
+
+# Handing a packed state to another process: pickling its buffer gives a duplicate of the buffer's descriptor to
+# multiprocessing's resource sharer in the sending process, which keeps it until the receiving process unpickles it.
+# A state that is never unpickled there (its receiver gave up on it, or exited) would keep a whole copy of the state
+# allocated in the sender for as long as the sender lives. So the averager's process keeps waiting for an answer it
+# asked for even when the download that wanted it is gone, and the user's process sends nothing to a receiver that
+# already gave up or exited.
+_awaited_answers: Set[concurrent.futures.Future] = set()  # answers asked for, kept until they arrive
+
+
+async def await_state_answer(future: concurrent.futures.Future) -> Any:
+    """``await future`` (an MPFuture answered by the user's process); cancelling the caller does not cancel
+    ``future``: it is kept until answered, so that a state it brings is received (and freed) rather than stranded."""
+    _awaited_answers.add(future)
+    future.add_done_callback(_awaited_answers.discard)
+    answer = asyncio.wrap_future(future)
+    answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # (nobody may be left to look)
+    return await asyncio.shield(answer)
+
+
+def send_packed_state(future: concurrent.futures.Future, state: Sequence[Any], receiver_sentinel: int) -> bool:
+    """Answer ``future`` (an MPFuture of another process) with ``(metadata, tensors, *rest)``, the tensors packed in
+    one shared-memory buffer; unless the future is already done (e.g. its receiver cancelled it) or the receiver's
+    process exited (``receiver_sentinel``: its ``Process.sentinel``): then nothing is sent (see above).
+    Returns whether it was sent."""
+    if future.done() or multiprocessing.connection.wait([receiver_sentinel], timeout=0):
+        return False
+    metadata, tensors, *rest = state
+    future.set_result((metadata, pack_tensors(tensors), *rest))
+    return True
 
 
 @dataclass(eq=False)
