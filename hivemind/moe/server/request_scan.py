@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from google.protobuf.message import DecodeError
+
 from hivemind.moe.server.expert_requests import ExpertRequestError
 from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
 from hivemind.proto import runtime_pb2
@@ -46,4 +48,7 @@ class CheckedExpertRequest:
     def ParseFromString(self, data: Buffer) -> int:  # noqa: N802 (protobuf's name)
         scan_expert_request(data, self.tensor_counts, self.what)
         self.message = runtime_pb2.ExpertRequest()
-        return self.message.ParseFromString(data)
+        try:
+            return self.message.ParseFromString(data)
+        except DecodeError as e:  # well-formed fields, but not an ExpertRequest (e.g. field 0, a uid not in UTF-8)
+            raise RequestScanError(f"the request is not a valid expert message ({e})") from None
