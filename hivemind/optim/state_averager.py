@@ -12,6 +12,7 @@ import torch
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
+from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH
@@ -429,14 +430,14 @@ class TrainingStateAverager(DecentralizedAverager):
     # ------------------------------------------------------------------ state sharing
 
     def get_current_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor], List[CompressionInfo]]:
-        with torch.no_grad(), self._state_lock:
+        with torch.no_grad(), self._state_lock:  # one copy, straight into the shared block the averager streams
             flat_optimizer_state, optimizer_tensors = dump_optimizer_state(self.optimizer)
-            parameters = [p.detach().cpu().clone() for p in self._optimizer_parameters]
-            extras = [t.detach().cpu().clone() for t in self.extra_tensors]
-            optimizer_tensors = [t.detach().cpu().clone() for t in optimizer_tensors]
-        metadata = {"epoch": self.local_epoch, "group_bits": self.get_group_bits()}
-        metadata["optimizer_metadata"] = flat_optimizer_state
-        tensors = [*parameters, *extras, *optimizer_tensors]
+            num_params, num_extras = len(self._optimizer_parameters), len(self.extra_tensors)
+            tensors = packed_copy([*self._optimizer_parameters, *self.extra_tensors, *optimizer_tensors])
+            epoch = self.local_epoch
+        metadata = {"epoch": epoch, "group_bits": self.get_group_bits(), "optimizer_metadata": flat_optimizer_state}
+        parameters, extras = tensors[:num_params], tensors[num_params : num_params + num_extras]
+        optimizer_tensors = tensors[num_params + num_extras :]
         infos = [CompressionInfo.from_tensor(t, key=i, role=TensorRole.PARAMETER) for i, t in enumerate(parameters)]
         infos += [CompressionInfo.from_tensor(t, key=len(infos) + i) for i, t in enumerate(extras)]
         infos += [
