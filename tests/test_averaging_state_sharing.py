@@ -365,7 +365,7 @@ async def test_downloader_that_stops_reading_is_dropped_and_frees_its_slot(dht, 
     with pytest.raises(P2PHandlerError, match="was cancelled"):
         async for _ in stream:
             pass
-    assert sharing.slots.active == 0
+    assert sharing.slots.active == 0 and sharing.snapshots.in_use == []  # the snapshot went with it
 
 
 @pytest.mark.timeout(60)
