@@ -92,12 +92,19 @@ def _take_mapping(path: str, ring_size: int) -> mmap.mmap:
 
 
 def _keep_mapping(path: str, memory: mmap.mmap) -> None:
+    # event loops of several threads (a server's handler, a client) release theirs here at once: each pop may find
+    # that another thread took the entry first (single dict operations are atomic; no lock, so forks are safe)
     _idle_mappings[path] = memory
     for cached_path in list(_idle_mappings):
         if not os.path.exists(cached_path):  # p2pd dropped this pipe (or exited): do not pin its memory
-            _idle_mappings.pop(cached_path).close()
+            dropped = _idle_mappings.pop(cached_path, None)
+            if dropped is not None:
+                dropped.close()
     while len(_idle_mappings) > MAX_IDLE_MAPPINGS:
-        _, oldest = _idle_mappings.popitem(last=False)
+        try:
+            _, oldest = _idle_mappings.popitem(last=False)
+        except KeyError:
+            break
         oldest.close()
 
 
