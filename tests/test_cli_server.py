@@ -11,6 +11,7 @@ import threading
 import time
 from typing import List
 
+import psutil
 import pytest
 import torch
 
@@ -206,6 +207,22 @@ def test_increase_file_limit_raises_the_open_file_limit():
     assert hard_after == resource.RLIM_INFINITY or hard_after >= min(hard, 32768)
     assert soft_after == (32768 if hard_after == resource.RLIM_INFINITY else min(32768, hard_after))
     assert f"Increasing file limit: soft {low_soft}=>{soft_after}, hard" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_num_handlers_serves_from_that_many_child_processes():
+    server = CLIServer(
+        "--expert_uids", "nop.0", "--expert_cls", "nop", "--hidden_dim", "4", "--device", "cpu", "--host_maddrs",
+        "/ip4/127.0.0.1/tcp/0", "--num_handlers", "2",
+    )  # fmt: skip
+    try:
+        pids = server.wait_for(r"Serving from 2 connection handler processes, pids=\[(\d+), (\d+)\]$").groups()
+        children = {child.pid for child in psutil.Process(server.process.pid).children()}
+        assert {int(pid) for pid in pids} <= children
+        server.wait_for(r"\[INFO\] Started$")
+        assert server.interrupt(signal.SIGINT) == 0, server.rest_of_output()
+    finally:
+        server.kill()
 
 
 def test_address_flags_keep_whole_multiaddrs():

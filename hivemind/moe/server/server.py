@@ -210,6 +210,9 @@ class Server(threading.Thread):
                     handler.run_in_background(await_ready=True)
                 else:
                     handler.run_in_thread(await_ready=True)
+            if self.handler_processes:
+                pids = [getattr(handler, "pid", None) for handler in self.conn_handlers]
+                logger.info(f"Serving from {len(pids)} connection handler processes, pids={pids}")
         except BaseException as e:
             self._start_error = e
             self._stopped.set()
