@@ -84,9 +84,14 @@ class SlowToCopy(DecentralizedAverager):
 
 
 @pytest.mark.timeout(120)
-def test_state_prepared_after_the_donor_shut_down_leaves_no_shared_memory_behind():
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_state_prepared_after_the_donor_shut_down_leaves_no_shared_memory_behind(start_method):
+    SlowToCopy.entered.clear()
+    SlowToCopy.release.clear()
     with dht_swarm(2) as dhts:
-        donor = SlowToCopy([torch.randn(2**20)], dhts[0], prefix="state_late", start=True, **FAST)
+        donor = SlowToCopy(
+            [torch.randn(2**20)], dhts[0], prefix="state_late", start=True, start_method=start_method, **FAST
+        )
         newcomer = SlowToCopy(
             [torch.zeros(2**20)], dhts[1], prefix="state_late", start=True, allow_state_sharing=False, **FAST
         )
