@@ -343,9 +343,8 @@ def main() -> None:
     sizes = [parse_size(size) for size in args.sizes]
     kinds = [args.only] if args.only else ["hivemind", "gloo"]
     kinds += ["averager"] if args.averager else []
-    print(
-        f"all-reduce benchmark: float32, peers on 127.0.0.1, {args.stat} of {args.repeats} rounds, {os.cpu_count()} CPUs"
-    )
+    rounds = f"{args.stat} of {args.repeats} rounds"
+    print(f"all-reduce benchmark: float32, peers on 127.0.0.1, {rounds}, {os.cpu_count()} CPUs")
     header = "| peers | elements | hivemind MB/s (s) | gloo MB/s (s) | hivemind / gloo | CPU ms/MiB hivemind | gloo |"
     header += " DecentralizedAverager MB/s (s) | its CPU ms/MiB |" if args.averager else ""
     print(header)

@@ -14,6 +14,7 @@ from allreduce_helpers import PREFIX, AllreduceRouter, collect, make_connected_p
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.part_encoding import ReceivedAveragingData
 from hivemind.averaging.partition import TensorPartContainer
+from hivemind.compression import Float16Compression, Uniform8BitQuantization
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
@@ -117,3 +118,16 @@ async def test_a_malformed_large_part_is_refused_and_its_sender_banned(p2p_facto
                 torch.testing.assert_close(result[window], expected, rtol=0, atol=1e-6)
     banned = [r.getMessage() for r in hivemind_logs.records if "excluded sender" in r.getMessage()]
     assert len(banned) == 2 and all(str(peers[2].peer_id) in line and reason in line for line in banned), banned
+
+
+@pytest.mark.parametrize(
+    "compression, max_error, mean_error",
+    [(Float16Compression(), 1e-2, 1e-3), (Uniform8BitQuantization(), 2.0, 0.05)],  # 8-bit: outliers lose most
+)
+async def test_compressed_large_parts_and_deltas_average_correctly(p2p_factory, compression, max_error, mean_error):
+    values = [torch.randn(SIZE) for _ in range(2)]
+    _, runners, _ = await _bulk_group(p2p_factory, 2, values, [1.0, 1.0], compression=compression)
+    deltas = await asyncio.gather(*(collect(runner) for runner in runners))
+    for value, (delta,) in zip(values, deltas):
+        error = (value + delta - (values[0] + values[1]) / 2).abs()
+        assert float(error.max()) < max_error and float(error.mean()) < mean_error

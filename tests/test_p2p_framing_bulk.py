@@ -87,4 +87,7 @@ def test_a_type_is_made_only_for_a_path_of_singular_messages_ending_in_bytes():
         bulk_message_type(averaging_pb2.AveragingData, ("group", "buffer"))
     with pytest.raises(ValueError):
         bulk_message_type(runtime_pb2.Tensor, ("size",))
-    assert bulk_message_type(runtime_pb2.Tensor, ("buffer",))().message_type is runtime_pb2.Tensor
+    tensor = runtime_pb2.Tensor(buffer=bytes(range(256)) * 300, dtype="uint8", size=[76800])
+    received = bulk_message_type(runtime_pb2.Tensor, ("buffer",))()
+    received.ParseFromString(tensor.SerializeToString())
+    assert received.bulk == tensor.buffer and received.message.dtype == "uint8" and received.materialize() == tensor
