@@ -29,6 +29,7 @@ class CheckpointSaver:
         self.directory = Path(args.checkpoint_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._failing = False  # the last attempt saved nothing (said once, not at every retry)
+        self.last_saved_epoch = 0  # the epoch of the checkpoint on disk (0: none saved yet)
 
     def save(self) -> Optional[int]:
         """The epoch saved, or None if no trainer shared a newer state (failures are logged, the monitor goes on)."""
@@ -48,6 +49,7 @@ class CheckpointSaver:
         temporary = path.with_suffix(".tmp")
         torch.save(checkpoint, temporary)
         os.replace(temporary, path)  # never a half-written checkpoint, even if the monitor is killed meanwhile
+        self.last_saved_epoch = epoch
         print(f"saved checkpoint of epoch {epoch} to {path} (validation loss {validation_loss:.3f})", flush=True)
         return epoch
 

@@ -40,7 +40,7 @@ def monitor(dht: hivemind.DHT, args: argparse.Namespace) -> int:
     saver = CheckpointSaver(dht, args, validation_corpus)
     print(f"monitoring run {args.run_id!r}", flush=True)
 
-    last_logged, last_saved = -1, 0
+    last_logged = -1
     try:
         while True:
             records = fetch_metrics(dht, args.run_id)
@@ -52,15 +52,14 @@ def monitor(dht: hivemind.DHT, args: argparse.Namespace) -> int:
                 print(f"epoch {latest}: mean loss {mean_loss:.3f} reported by {len(current)} peers ({samples} "
                       f"samples); {len(records)} peers publishing", flush=True)  # fmt: skip
                 last_logged = latest
-            if latest + 1 >= last_saved + args.checkpoint_every:  # latest + 1: the epoch the trainers are in
-                saved = saver.save()
-                last_saved = saved if saved is not None else last_saved
+            if latest + 1 >= saver.last_saved_epoch + args.checkpoint_every:  # latest + 1: the trainers' epoch
+                saver.save()
             time.sleep(args.refresh_period)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:
         saver.shutdown()
-    return last_saved
+    return saver.last_saved_epoch  # also right when Ctrl-C came just after a checkpoint was written
 
 
 if __name__ == "__main__":
