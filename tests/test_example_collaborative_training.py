@@ -17,6 +17,7 @@ EXAMPLE = os.path.join(REPOSITORY, "examples", "collaborative_training")
 TINY = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
         "--seq_length", "32", "--data_bytes", "100000", "--lr", "0.01"]  # fmt: skip
 EPOCH_LINE = re.compile(r"epoch (\d+) done: mean loss ([\d.]+)")
+MONITOR_FINISHED = r"monitor finished \(last checkpoint: epoch (\d+)\)"
 
 
 class Peer:
@@ -107,9 +108,10 @@ def test_two_trainers_and_a_monitor_train_the_example_model(tmp_path):
     for trainer in trainers:
         losses.update((int(m.group(1)), float(m.group(2))) for m in map(EPOCH_LINE.search, trainer.lines) if m)
         assert any("trainer finished" in line for line in trainer.lines), trainer.lines  # a clean shutdown
-    assert any("monitor finished" in line for line in monitor.lines), monitor.lines
+    finished = monitor.wait_for(MONITOR_FINISHED, deadline=0)  # printed by now, or the output is shown
     first, last = min(losses), max(losses)
     assert first == 0 and last >= 4 and losses[last] < losses[first] - 0.5, f"the loss did not go down: {losses}"
     checkpoint = torch.load(checkpoint_dir / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] >= 2 and "token_embedding.weight" in checkpoint["model"]
+    assert int(finished.group(1)) == checkpoint["epoch"]  # the monitor names the checkpoint it left on disk
     assert checkpoint["validation_loss"] < 5.0  # a model that learned nothing: log(256) = 5.55
