@@ -173,6 +173,7 @@ class P2P(ProtobufCallsMixin):
         if identity_path is not None:
             if os.path.exists(identity_path):
                 if check_if_identity_free and initial_peers:
+                    logger.info(f"Making sure no online peer already uses the identity in {identity_path}")
                     same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)
                     if await cls.is_identity_taken(identity_path, initial_peers=initial_peers, **same_swarm):
                         raise P2PDaemonError(
