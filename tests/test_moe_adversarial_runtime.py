@@ -29,7 +29,7 @@ def test_tasks_of_a_batch_that_cannot_reach_the_device_are_failed(pool):
     future = pool.submit_task(torch.ones(2, 3))
     pool.start()
     assert pool.batch_receiver.poll(10), "the pool should form a batch"
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, AssertionError)):  # torch without CUDA, or no such GPU
         pool.load_batch_to_runtime(timeout=5, device=UNUSABLE_DEVICE)
     assert future.exception(timeout=2) is not None  # (TimeoutError while nobody resolves the task)
     assert not pool._in_flight
