@@ -91,3 +91,22 @@ def test_disabled_scaler_steps_without_scaling():
         assert scaler.step(opt)
     assert not torch.equal(model.weight, before)
     assert not scaler.update()
+
+
+def test_accumulated_gradients_are_divided_by_the_scale_and_count_as_a_step_for_update():
+    _, opt = make_model_and_optimizer()
+    scaler = GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    scaler.scale(torch.ones(()))  # (the scale tensor is created on first use)
+    grads = [torch.full((3,), 2048.0), torch.full((2, 2), 512.0, dtype=torch.float16)]
+    assert scaler.unscale_accumulated_grads_(opt, grads)
+    assert torch.equal(grads[0], torch.full((3,), 2.0)) and torch.equal(grads[1], torch.full((2, 2), 0.5).half())
+    assert scaler.update() and scaler.get_scale() == 2048.0  # finite: one more good step (growth_interval=1)
+
+
+def test_non_finite_accumulated_gradients_are_reported_and_the_scale_backs_off():
+    _, opt = make_model_and_optimizer()
+    scaler = GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))
+    grads = [torch.ones(3), torch.tensor([1.0, float("nan")])]
+    assert not scaler.unscale_accumulated_grads_(opt, grads)
+    assert scaler.update() and scaler.get_scale() == 512.0

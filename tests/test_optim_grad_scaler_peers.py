@@ -1,5 +1,6 @@
 """hivemind.GradScaler with several peers: each peer's loss scale is its own (it backs off after that peer's inf/NaN
-batches), so gradients must be compared and averaged unscaled."""
+batches), so gradients are unscaled by each peer before they are averaged, and a peer whose accumulated gradients
+are not finite averages with weight 0."""
 
 import copy
 import threading
@@ -14,14 +15,37 @@ from hivemind.optim.grad_scaler import GradScaler
 __all__ = ["swarm"]  # the fixture, used by the tests below
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Optimizer averages the accumulated gradients while they are still multiplied by each peer's loss scale "
-    "and unscales the average with the local scale only: with scales 1024 and 256 one peer steps 0.625x and the "
-    "other 2.5x the true mean gradient",
-)
+def _train_until_first_epoch(models, opts, scalers, losses, zero_grad=True):
+    """Each peer, in its own thread, steps with ``scaler.scale(losses[i](model))`` until its epoch 1 begins."""
+    errors = []
+
+    def train(model, opt, scaler, loss_fn):
+        try:
+            while opt.local_epoch < 1:
+                if zero_grad:
+                    opt.zero_grad()
+                scaler.scale(loss_fn(model)).backward()
+                scaler.step(opt)
+                scaler.update()
+                time.sleep(0.01)
+        except BaseException as e:  # reported by the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=peer) for peer in zip(models, opts, scalers, losses)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and all(opt.local_epoch == 1 for opt in opts)
+
+
 @pytest.mark.timeout(90)
-def test_peers_with_different_loss_scales_step_with_the_true_mean_gradient(swarm):
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(delay_optimizer_step=True, delay_grad_averaging=True), dict(reuse_grad_buffers=True)],
+    ids=["default", "delayed-grad-averaging", "reuse-buffers"],
+)
+def test_peers_with_different_loss_scales_step_with_the_true_mean_gradient(swarm, options):
     torch.manual_seed(0)
     x, y = torch.randn(4, 8), torch.randn(4, 1)
     models = [torch.nn.Linear(8, 1) for _ in range(2)]
@@ -29,33 +53,50 @@ def test_peers_with_different_loss_scales_step_with_the_true_mean_gradient(swarm
     reference = copy.deepcopy(models[0])
     # e.g. the second peer already met two inf batches: its scale backed off twice
     scalers = [GradScaler("cpu", init_scale=1024.0), GradScaler("cpu", init_scale=256.0)]
-    opts = [make_optimizer(dht, model, average_state_every=1000) for dht, model in zip(swarm(2), models)]
+    opts = [make_optimizer(dht, model, average_state_every=1000, **options) for dht, model in zip(swarm(2), models)]
     try:
         wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
-        errors = []
-
-        def train(model, opt, scaler):  # both peers use one batch: the mean gradient is that batch's gradient
-            try:
-                while opt.local_epoch < 1:
-                    opt.zero_grad()
-                    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    time.sleep(0.01)
-            except BaseException as e:  # reported by the test's thread
-                errors.append(e)
-
-        threads = [threading.Thread(target=train, args=peer) for peer in zip(models, opts, scalers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert not errors and all(opt.local_epoch == 1 for opt in opts)
+        # both peers use one batch: the mean gradient is that batch's gradient
+        loss = lambda model: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+        _train_until_first_epoch(models, opts, scalers, [loss, loss], zero_grad=not options.get("reuse_grad_buffers"))
     finally:
         for opt in opts:
-            opt.shutdown()
+            opt.shutdown()  # (also applies a delayed optimizer step)
     torch.nn.functional.mse_loss(reference(x), y).backward()
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     for model in models:
         for param, expected in zip(model.parameters(), reference.parameters()):
             assert torch.allclose(param, expected, atol=1e-6)
+    assert [scaler.get_scale() for scaler in scalers] == [1024.0, 256.0]  # no inf: no back-off (nor growth yet)
+
+
+@pytest.mark.timeout(90)
+def test_peer_whose_accumulated_gradients_overflow_averages_with_weight_zero_and_backs_off(swarm):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 1, bias=False) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    reference = copy.deepcopy(models[0])
+    x_good, x_overflow = torch.randn(4, 8), torch.full((4, 8), 0.75)
+    # the second peer's gradient is 3 everywhere: 3 * 2^126 is a finite float32, twice that is not; so each of its
+    # steps passes the per-step check while its accumulated sum overflows from the second step on
+    scalers = [GradScaler("cpu", init_scale=1024.0), GradScaler("cpu", init_scale=2.0**126)]
+    opts = [make_optimizer(dht, model, target_batch_size=16, average_state_every=1000)
+            for dht, model in zip(swarm(2), models)]  # fmt: skip
+    try:
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+        for _ in range(2):  # 8 of the 16 samples: the epoch cannot end yet
+            opts[1].zero_grad()
+            scalers[1].scale(models[1](x_overflow).sum()).backward()
+            scalers[1].step(opts[1])
+            assert not scalers[1].update()
+        assert opts[1].grad_averager.local_times_accumulated == 2
+        losses = [lambda model: model(x_good).sum(), lambda model: model(x_overflow).sum()]
+        _train_until_first_epoch(models, opts, scalers, losses)
+    finally:
+        for opt in opts:
+            opt.shutdown()
+    reference(x_good).sum().backward()  # the average is the first peer's gradient alone
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for model in models:
+        assert torch.allclose(model.weight, reference.weight, atol=1e-6)
+    assert [scaler.get_scale() for scaler in scalers] == [1024.0, 2.0**125]

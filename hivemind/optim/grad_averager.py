@@ -101,6 +101,10 @@ class GradientAverager(DecentralizedAverager):
         for accumulator, grad in zip(self._accumulators, self._grads_from_parameters()):
             accumulator.add_(grad.to(accumulator.device), alpha=relative_size)
 
+    def accumulated_grads(self) -> Iterator[torch.Tensor]:
+        """The tensors the gradients accumulate in (``param.grad`` itself with ``reuse_grad_buffers``)."""
+        return self._accumulated_grads()
+
     def _accumulated_grads(self) -> Iterator[torch.Tensor]:
         if self.reuse_grad_buffers:
             yield from self._grads_from_parameters()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -36,8 +37,12 @@ class GradScaler(TorchGradScaler):
 
     - ``step(optimizer)`` hands itself to ``optimizer.step(grad_scaler=self)``, which checks the gradients for inf/NaN
       (a batch with them is dropped, and the local accumulators reset) and accumulates them otherwise;
-    - ``unscale_(optimizer)`` only unscales during a global step (inside :meth:`running_global_step`, which the
-      optimizer enters); elsewhere it returns False and leaves gradients as they are;
+    - at the end of an epoch, the optimizer divides the accumulated gradients by this peer's scale
+      (:meth:`unscale_accumulated_grads_`) *before* averaging them: each peer's scale is its own, so only unscaled
+      gradients can be averaged. A peer whose accumulated gradients hold inf/NaN joins that round with weight 0;
+    - ``unscale_(optimizer)`` only unscales during a local step of ``use_local_updates=True`` (inside
+      :meth:`running_global_step`, which the optimizer enters); elsewhere it returns False and leaves gradients as
+      they are;
     - ``update()`` only changes the scale after a real optimizer step or after inf/NaN were found, so that all
       gradients accumulated during one epoch share the same scale. It returns whether it did.
 
@@ -124,6 +129,36 @@ class GradScaler(TorchGradScaler):
         if not finite:
             self._inf_found_since_update = True
         self._cached_finite[id(optimizer)] = finite
+        return finite
+
+    @torch.no_grad()
+    def unscale_accumulated_grads_(self, optimizer: torch.optim.Optimizer, grads: Iterable[torch.Tensor]) -> bool:
+        """
+        Divide ``grads`` (gradients that ``optimizer`` accumulated at the current scale) by the scale, in place, and
+        check them for inf/NaN; the result counts for ``optimizer``'s next :meth:`update`, as a step of it would.
+        Returns whether they are all finite (if not, the caller must not use them: their values are undefined).
+        """
+        self._optimizer_step_done = True  # the scale may change now: the accumulated gradients were consumed
+        self._cached_finite.clear()
+        if not self._enabled:
+            return True
+        scale, _ = self._check_scale_growth_tracker("unscale_accumulated_grads_")
+        inv_scale = scale.double().reciprocal().float()
+        by_device_and_dtype: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
+        for grad in grads:
+            by_device_and_dtype[grad.device, grad.dtype].append(grad)
+        found_inf_per_device: Dict[torch.device, torch.Tensor] = {}
+        for (device, _dtype), group in by_device_and_dtype.items():
+            if device not in found_inf_per_device:
+                found_inf_per_device[device] = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                group, found_inf_per_device[device], inv_scale.to(device, non_blocking=True)
+            )
+        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found_inf_per_device
+        finite = not self._found_any_inf(optimizer)
+        if not finite:
+            self._inf_found_since_update = True
+            logger.info(f"The accumulated gradients are not finite at scale {scale.item()}: they are dropped")
         return finite
 
     def _found_any_inf(self, optimizer: torch.optim.Optimizer) -> bool:

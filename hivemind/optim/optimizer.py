@@ -230,12 +230,7 @@ class Optimizer(torch.optim.Optimizer):
                 "with reuse_grad_buffers=True, gradients accumulate in param.grad and the optimizer "
                 "zeroes them after each epoch: do not call zero_grad() yourself"
             )
-        for param in self.state_averager.main_parameters:
-            if param.grad is not None:
-                if set_to_none:
-                    param.grad = None
-                else:
-                    param.grad.detach_().zero_()
+        self.state_averager.zero_model_grads(set_to_none)
 
     def step(  # fmt: skip
         self, closure: Optional[Callable[[], torch.Tensor]] = None, batch_size: Optional[int] = None,
@@ -339,14 +334,20 @@ class Optimizer(torch.optim.Optimizer):
         with self.tracker.pause_updates():
             num_peers = self._expected_peers()
             new_epoch = next_epoch(self.local_epoch, self.tracker.global_epoch)
-            optimizer_step = self.use_gradient_averaging and not self.auxiliary
+            optimizer_step, contributes = self.use_gradient_averaging and not self.auxiliary, True
             if self.use_gradient_averaging:
+                if grad_scaler is not None and not self.auxiliary:  # each peer's own scale: average unscaled grads
+                    contributes = grad_scaler.unscale_accumulated_grads_(self, self.grad_averager.accumulated_grads())
+                    if not contributes:  # inf/NaN: this peer averages with weight 0 (and does not step alone)
+                        self.grad_averager.reset_accumulated_grads_()
                 grad_round = self._start_gradient_averaging(num_peers)
                 if self.delay_grad_averaging:
                     self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
                 else:
                     self._finish_gradient_averaging(grad_round)
                     num_peers = len(self._last_round_peers)  # the state round expects those who averaged just now
+                    grad_round = grad_round if num_peers > 1 else None  # (failed: the buffers hold our own grads)
+                optimizer_step = optimizer_step and (contributes or grad_round is not None)
             # a state average from the last epoch is applied (or dropped) before this epoch's optimizer step
             self.state_averager.step(wait_for_delayed_updates=not self.delay_grad_averaging)
 
@@ -362,12 +363,12 @@ class Optimizer(torch.optim.Optimizer):
                     state_control.expected_group_size = num_peers
             self.state_averager.local_epoch = new_epoch
             if optimizer_step and not self.offload_optimizer:  # the step reads param.grad: swap in the average
-                with self.grad_averager.use_averaged_gradients():
-                    self.state_averager.step(optimizer_step=True, grad_scaler=grad_scaler)
+                with self.grad_averager.use_averaged_gradients():  # (already unscaled, before averaging)
+                    self.state_averager.step(optimizer_step=True)
                 optimizer_step = False
             self.state_averager.step(
                 optimizer_step=optimizer_step, delay_optimizer_step=self.delay_optimizer_step and optimizer_step,
-                grad_scaler=grad_scaler if optimizer_step else None, averaging_round=average_state,
+                averaging_round=average_state,
                 delay_averaging=self.delay_state_averaging, averaging_control=state_control,
                 averaging_opts=None if state_control is not None else dict(timeout=self.averaging_timeout),
             )  # fmt: skip

@@ -291,7 +291,7 @@ class TrainingStateAverager(DecentralizedAverager):
         if optimizer_step:
             self._load_gradients_into_optimizer()
             if zero_grad and self.offload_optimizer:
-                self._zero_main_grads(set_to_none)
+                self.zero_model_grads(set_to_none)
             if delay_optimizer_step:
                 self._pending_step = self._executor.submit(
                     self._run_optimizer_step, grad_scaler, zero_grad, set_to_none
@@ -300,7 +300,7 @@ class TrainingStateAverager(DecentralizedAverager):
                 self._run_optimizer_step(grad_scaler, zero_grad, set_to_none)
                 self._copy_optimizer_parameters_to_model()
         elif zero_grad:
-            self._zero_main_grads(set_to_none)
+            self.zero_model_grads(set_to_none)
             self.optimizer.zero_grad(set_to_none=set_to_none)
         self._catch_up_scheduler()
 
@@ -324,7 +324,8 @@ class TrainingStateAverager(DecentralizedAverager):
         elif averaging_control is not None:
             averaging_control.cancel()
 
-    def _zero_main_grads(self, set_to_none: bool) -> None:
+    def zero_model_grads(self, set_to_none: bool) -> None:
+        """Clear the gradients of the model's parameters (``main_parameters``)."""
         for param in self.main_parameters:
             if param.grad is not None:
                 if set_to_none:
@@ -437,12 +438,11 @@ class TrainingStateAverager(DecentralizedAverager):
             epoch = self.local_epoch
         metadata = {"epoch": epoch, "group_bits": self.get_group_bits(), "optimizer_metadata": flat_optimizer_state}
         parameters, extras = tensors[:num_params], tensors[num_params : num_params + num_extras]
-        optimizer_tensors = tensors[num_params + num_extras :]
         infos = [CompressionInfo.from_tensor(t, key=i, role=TensorRole.PARAMETER) for i, t in enumerate(parameters)]
         infos += [CompressionInfo.from_tensor(t, key=len(infos) + i) for i, t in enumerate(extras)]
         infos += [
             CompressionInfo.from_tensor(t, key=len(infos) + i, role=TensorRole.OPTIMIZER)
-            for i, t in enumerate(optimizer_tensors)
+            for i, t in enumerate(tensors[num_params + num_extras :])
         ]
         return metadata, tensors, infos
 
