@@ -86,6 +86,21 @@ def test_outputs_are_own_cpu_tensors_that_later_calls_leave_alone(server_and_cli
     assert first.data_ptr() != second.data_ptr()
 
 
+@pytest.mark.parametrize("batch_size", [4, MAX_UNARY_PAYLOAD_SIZE // (4 * HID) + 1], ids=["unary", "streaming"])
+def test_outputs_can_be_changed_in_place_and_still_backpropagate(server_and_client, batch_size):
+    server, client_dht = server_and_client
+    expert, local = _remote(server, client_dht), server.handler.modules["expert.0"]
+    inputs = torch.randn(batch_size, HID, requires_grad=True)
+    local_inputs = inputs.detach().clone().requires_grad_(True)
+    output = expert(inputs)
+    output += 1.0  # e.g. a residual added in place
+    output.mul_(2.0).sum().backward()
+    local_output = (local(local_inputs) + 1.0) * 2.0
+    local_output.sum().backward()
+    assert torch.allclose(output, local_output, atol=1e-5)
+    assert torch.allclose(inputs.grad, local_inputs.grad, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the inputs")
 def test_outputs_of_cuda_inputs_are_cpu_tensors(server_and_client):
     server, client_dht = server_and_client

@@ -105,7 +105,7 @@ class _RemoteModuleCall(torch.autograd.Function):
         outputs = RemoteExpertWorker.run_coroutine(
             call_expert(stub, "forward", uid, serialized, raw_size_of(inputs), None, limit, max_response_tensors=count)
         )
-        return tuple(outputs)
+        return tuple(map(_standalone, outputs))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -122,6 +122,15 @@ class _RemoteModuleCall(torch.autograd.Function):
         checked = check_grad_inputs(uid, inputs, grad_inputs)
         needs = ctx.needs_input_grad[4:]
         return (None, None, None, None, *(grad if need else None for grad, need in zip(checked, needs)))
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as a tensor that is not a view: autograd forbids in-place edits of a custom Function's outputs
+    that are views (decoded tensors view their receive buffer), and users add to expert outputs in place."""
+    if tensor._base is None:
+        return tensor
+    standalone = torch.empty(0, dtype=tensor.dtype)
+    return standalone.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
 def check_grad_inputs(uid: str, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
