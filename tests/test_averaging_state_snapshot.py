@@ -2,6 +2,7 @@
 overlapping downloads, and cutting tensors into chunks one slice at a time."""
 
 import asyncio
+import random
 from multiprocessing.reduction import ForkingPickler
 
 import pytest
@@ -215,3 +216,70 @@ async def test_shutdown_cancels_a_snapshot_being_taken():
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert cache.in_use == [] and len(calls) <= 1  # (cancelled before or while it ran)
+
+
+async def test_a_download_leaving_just_as_the_snapshot_is_ready_lets_no_extra_copy_in():
+    release = asyncio.Event()
+    source, calls = counting_source(release)
+    cache = SnapshotCache(source, max_age=0.0, max_snapshots=1)
+    finish, got, late = asyncio.Event(), {}, []
+
+    async def download(name):
+        async with cache.use() as snapshot:
+            got[name] = snapshot
+            await finish.wait()
+
+    first = asyncio.create_task(download("first"))
+    await asyncio.sleep(0)  # it started a snapshot and waits for it
+    (taking,) = [task for task in asyncio.all_tasks() if task.get_name() == "take a state snapshot"]
+
+    def leave_and_arrive(_):  # as the snapshot is ready, the first download leaves and another one arrives
+        first.cancel()
+        late.append(asyncio.create_task(download("late")))
+
+    taking.add_done_callback(leave_and_arrive)
+    second = asyncio.create_task(download("second"))
+    await asyncio.sleep(0)  # it waits for the same snapshot
+    release.set()
+    while len(got) < 2:
+        await asyncio.sleep(0)
+    assert got["late"] is got["second"] and len(calls) == 1  # one snapshot in use: the late download shares it
+    assert len(cache.in_use) == 1 and cache.in_use[0].users == 2
+    finish.set()
+    await asyncio.gather(second, *late)
+    assert first.cancelled() and cache.in_use == []
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_snapshots_stay_within_bounds_under_random_arrivals_departures_and_failures(seed):
+    rng = random.Random(seed)
+    taken = []
+
+    async def source():
+        taken.append(1)
+        for _ in range(rng.randint(0, 3)):
+            await asyncio.sleep(0)
+        if rng.random() < 0.1:
+            raise RuntimeError("get_current_state failed")
+        return {"call": len(taken)}, [torch.zeros(1)], None
+
+    for max_age, max_snapshots in [(0.0, 1), (0.0, 2), (1e-4, 2), (10.0, 3)]:
+        cache = SnapshotCache(source, max_age=max_age, max_snapshots=max_snapshots)
+
+        async def download(cache: SnapshotCache):
+            async with cache.use() as snapshot:
+                assert len(cache.in_use) <= cache.max_snapshots and snapshot.users >= 1
+                assert any(held is snapshot for held in cache.in_use)
+                for _ in range(rng.randint(0, 5)):
+                    await asyncio.sleep(0)
+
+        downloads = []
+        for _ in range(200):
+            downloads.append(asyncio.create_task(download(cache)))
+            for _ in range(rng.randint(0, 2)):
+                await asyncio.sleep(0)
+            if rng.random() < 0.3:
+                rng.choice(downloads).cancel()
+        for outcome in await asyncio.gather(*downloads, return_exceptions=True):
+            assert outcome is None or isinstance(outcome, (asyncio.CancelledError, RuntimeError)), outcome
+        assert cache.in_use == [] and cache._taking is None

@@ -167,6 +167,14 @@ class StateSnapshot:
         return time.monotonic() - self.taken_at
 
 
+class _Taking:
+    """A snapshot being taken, and how many downloads wait for it."""
+
+    def __init__(self):
+        self.task: Optional[asyncio.Task] = None
+        self.waiters = 0
+
+
 class SnapshotCache:
     """Hands out state snapshots to downloads, sharing one between downloads that overlap (see the module's doc).
 
@@ -189,8 +197,7 @@ class SnapshotCache:
         self.timeout = timeout
         self.in_use: List[StateSnapshot] = []  # oldest first
         self.taken = 0  # snapshots taken so far
-        self._taking: Optional[asyncio.Task] = None
-        self._waiting = 0  # downloads waiting for the snapshot being taken
+        self._taking: Optional[_Taking] = None  # the snapshot being taken, if any
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[StateSnapshot]:
@@ -206,18 +213,19 @@ class SnapshotCache:
             newest = self.in_use[-1] if self.in_use else None
             if newest is not None and (newest.age <= self.max_age or len(self.in_use) >= self.max_snapshots):
                 return self._hold(newest)
-            self._taking = asyncio.create_task(self._take(), name="take a state snapshot")
-        task = self._taking
-        self._waiting += 1
+            self._taking = _Taking()
+            self._taking.task = asyncio.create_task(self._take(self._taking), name="take a state snapshot")
+        taking = self._taking
+        taking.waiters += 1
         try:
-            snapshot = await asyncio.shield(task)  # (a waiter that leaves does not cancel it for the others)
+            return await asyncio.shield(taking.task)  # (a waiter that leaves does not cancel it for the others)
         except asyncio.CancelledError:
+            task = taking.task
             if task.done() and not task.cancelled() and task.exception() is None:
-                self._release(self._hold(task.result()))  # it was counted in when the snapshot was ready
+                self._release(task.result())  # it was ready, with our share counted in: give the share back
+            else:
+                taking.waiters -= 1  # not ready: we will not be counted in
             raise
-        finally:
-            self._waiting -= 1
-        return self._hold(snapshot)
 
     def _hold(self, snapshot: StateSnapshot) -> StateSnapshot:
         if not any(held is snapshot for held in self.in_use):
@@ -230,7 +238,7 @@ class SnapshotCache:
         if snapshot.users == 0:
             self.in_use = [held for held in self.in_use if held is not snapshot]
 
-    async def _take(self) -> StateSnapshot:
+    async def _take(self, taking: _Taking) -> StateSnapshot:
         try:
             state = await await_with_timeout(self.get_current_state(), self.timeout)
             if not isinstance(state, (tuple, list)) or len(state) not in (2, 3):
@@ -243,15 +251,18 @@ class SnapshotCache:
             if len(infos) != len(tensors):
                 raise ValueError(f"get_current_state returned {len(tensors)} tensors but {len(infos)} infos")
             self.taken += 1
-            snapshot = StateSnapshot(metadata, tensors, infos)
-            if self._waiting > 0:  # (else every waiter left: nobody will hold or release it)
+            # every download still waiting for it holds it from now on (each gives its share back when it ends, or
+            # at once if it left meanwhile), so that it stays in use until the last of them is done with it
+            snapshot = StateSnapshot(metadata, tensors, infos, users=taking.waiters)
+            if snapshot.users > 0:  # (else every waiter left: nobody will release it)
                 self.in_use.append(snapshot)  # newcomers reuse it at once, before its waiters resume
             return snapshot
         finally:
-            self._taking = None
+            if self._taking is taking:
+                self._taking = None
 
     async def shutdown(self) -> None:
         """Cancel a snapshot being taken (its waiters get CancelledError)."""
         if self._taking is not None:
-            await cancel_and_wait(self._taking)
+            await cancel_and_wait(self._taking.task)
             self._taking = None  # (a task cancelled before it ran never cleared it)
