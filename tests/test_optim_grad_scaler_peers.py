@@ -100,3 +100,43 @@ def test_peer_whose_accumulated_gradients_overflow_averages_with_weight_zero_and
     for model in models:
         assert torch.allclose(model.weight, reference.weight, atol=1e-6)
     assert [scaler.get_scale() for scaler in scalers] == [1024.0, 2.0**125]
+
+
+@pytest.mark.timeout(60)
+def test_lone_peer_whose_accumulated_gradients_overflow_skips_the_step_and_backs_off(swarm):
+    (dht,) = swarm(1)
+    model = torch.nn.Linear(8, 1, bias=False)
+    before = model.weight.detach().clone()
+    scaler = GradScaler("cpu", init_scale=2.0**126)  # gradient 3 everywhere: each step is finite, their sum is not
+    # (weight decay would change the weights even in a step with zero gradients)
+    opt = make_optimizer(dht, model, optimizer=lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=0.1))
+    try:
+        while opt.local_epoch < 1:
+            opt.zero_grad()
+            scaler.scale(model(torch.full((4, 8), 0.75)).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        opt.shutdown()
+    assert torch.equal(model.weight, before)
+    assert scaler.get_scale() == 2.0**125
+
+
+@pytest.mark.timeout(60)
+def test_local_updates_unscale_each_step_like_torch_amp(swarm):
+    (dht,) = swarm(1)
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(8, 1, bias=False), torch.randn(4, 8)
+    reference = copy.deepcopy(model)
+    scaler = GradScaler("cpu", init_scale=1024.0)
+    opt = make_optimizer(dht, model, use_local_updates=True)
+    try:
+        opt.zero_grad()
+        scaler.scale(model(x).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    finally:
+        opt.shutdown()
+    reference(x).sum().backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert torch.allclose(model.weight, reference.weight, atol=1e-6)
