@@ -53,6 +53,36 @@ PARSE_FAILURES = {
     "truncated-packed-shape": UID_FIELD + field(2, field(2, b"\x80")),
 }
 
+FLOAT_HEAD = field(4, b"float32")
+# refused before or after parsing, each with a message that names the problem
+REFUSED = {
+    "empty-message": (b"", "unknown expert uid ''"),
+    "varint-of-11-bytes": (UID_FIELD + key(3, 0) + b"\xff" * 10 + b"\x01", "truncated or overlong varint"),
+    "length-past-the-end": (UID_FIELD + key(3, 2) + varint(100) + b"xx", "runs past its end"),
+    "wire-type-6": (UID_FIELD + varint(3 << 3 | 6), "wire type 6"),
+    "wire-type-7": (UID_FIELD + varint(3 << 3 | 7), "wire type 7"),
+    "group-in-a-tensor": (UID_FIELD + field(2, key(7, 3) + key(7, 4)), "wire type 3"),
+    "packed-shape-of-65-bytes": (UID_FIELD + field(2, field(2, b"\x01" * 65) + FLOAT_HEAD), "dimensions"),
+    "huge-shape-no-buffer": (
+        UID_FIELD + field(2, field(2, varint(2**32 - 1) * 4) + FLOAT_HEAD),
+        "could not be decoded",
+    ),
+    "buffer-shorter-than-shape": (UID_FIELD + field(2, field(2, varint(1000) * 2) + FLOAT_HEAD), "buffer has 0 bytes"),
+    "second-uid-adds-tensors": (UID_FIELD + field(2, b"") + field(1, b"expert.1") + field(2, b""), "got more"),
+    "field-number-2^29-1": (UID_FIELD + key(2**29 - 1, 0) + b"\x01", "expects 1 tensors, got 0"),
+    "deeply-nested-unknown": (UID_FIELD + field(9, field(9, field(9, b"\x0b" * 100))), "expects 1 tensors, got 0"),
+}
+
+
+@pytest.mark.parametrize("data, message", REFUSED.values(), ids=REFUSED.keys())
+async def test_malformed_request_is_refused_with_a_clear_error(hostile_server, attacker, data, message):
+    client, stub = attacker
+    with pytest.raises(P2PHandlerError, match=message):
+        await send_unary(client, hostile_server, data)
+    with pytest.raises(P2PHandlerError, match=message):
+        await drain(await stub.rpc_forward_stream(as_stream([EncodedMessage([data])])))
+    await good_forward(stub)
+
 
 @pytest.fixture(scope="module")
 def hostile_server():
