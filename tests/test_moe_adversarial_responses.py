@@ -38,20 +38,40 @@ async def one_new_tensor_per_message(requests, _context):
         yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(dtype="float32", size=[0])])
 
 
-async def serve(p2p_pair, handler):
+NOT_AN_ANSWER = b"\x12\x04\x22\x02\xfe\xff"  # fields that scan well, but the dtype of its tensor is not UTF-8
+
+
+class PreEncoded:
+    """A unary answer given as wire bytes."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return self.data
+
+
+async def unparsable_answer(_request, _context):
+    return PreEncoded(NOT_AN_ANSWER)
+
+
+async def unparsable_streamed_answer(requests, _context):
+    async for _ in requests:
+        pass
+    yield EncodedMessage([NOT_AN_ANSWER])
+
+
+async def serve(p2p_pair, handler, name: str = "rpc_forward_stream"):
     server, client = p2p_pair
+    streams = name.endswith("_stream")
     await server.add_protobuf_handler(
-        "ConnectionHandler.rpc_forward_stream",
-        handler,
-        runtime_pb2.ExpertRequest,
-        stream_input=True,
-        stream_output=True,
+        f"ConnectionHandler.{name}", handler, runtime_pb2.ExpertRequest, stream_input=streams, stream_output=streams
     )
     return ConnectionHandler.get_stub(client, server.peer_id)
 
 
-async def call_forward(stub):
-    x = torch.randn(ROWS, HIDDEN)
+async def call_forward(stub, rows: int = ROWS):
+    x = torch.randn(rows, HIDDEN)
     limit = response_size_limit(x.numel() * 4)  # what RemoteExpert allows for an output of the input's size
     return await call_expert(
         stub, "forward", "expert.0", [serialize_torch_tensor(x)], raw_size_of([x]), None, limit, 1
@@ -70,3 +90,11 @@ async def test_streamed_answer_with_more_tensors_than_outputs_is_refused(p2p_pai
     stub = await serve(p2p_pair, one_new_tensor_per_message)
     with pytest.raises(ExpertResponseTooLarge, match="expects 1 tensors, got more"):
         await call_forward(stub)
+
+
+@pytest.mark.parametrize("rows, name", [(1, "rpc_forward"), (ROWS, "rpc_forward_stream")], ids=["unary", "stream"])
+async def test_answer_that_protobuf_cannot_parse_is_refused_clearly(p2p_pair, rows, name):
+    handler = unparsable_answer if name == "rpc_forward" else unparsable_streamed_answer
+    stub = await serve(p2p_pair, handler, name)
+    with pytest.raises(ExpertResponseTooLarge, match="not a valid expert message"):
+        await call_forward(stub, rows)

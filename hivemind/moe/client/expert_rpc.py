@@ -11,6 +11,7 @@ from functools import partial
 from typing import AsyncIterator, Iterable, List, Optional, Sequence
 
 import torch
+from google.protobuf.message import DecodeError
 
 from hivemind.compression import deserialize_tensor_stream, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
@@ -146,7 +147,10 @@ class CheckedExpertResponse:
         except MessageScanError as e:
             raise ExpertResponseTooLarge(str(e)) from None
         self.message = runtime_pb2.ExpertResponse()
-        return self.message.ParseFromString(data)
+        try:
+            return self.message.ParseFromString(data)
+        except DecodeError as e:  # well-formed fields, but not an ExpertResponse (e.g. field 0, a dtype not in UTF-8)
+            raise ExpertResponseTooLarge(f"{self.what}: not a valid expert message ({e})") from None
 
 
 def response_size_limit(expected_bytes: int) -> int:
