@@ -25,12 +25,12 @@ def _wait_for_donor(dht: DHT, prefix: str, donor: DecentralizedAverager, timeout
     raise AssertionError(f"{donor.peer_id} never declared itself a donor under {prefix}")
 
 
-def _shared_memory_descriptors() -> Set[str]:
-    """What this process's open descriptors to shared memory point to (torch's blocks are unlinked files)."""
+def _shared_memory_descriptors(pid: str = "self") -> Set[str]:
+    """What a process's open descriptors to shared memory point to (torch's blocks are unlinked files)."""
     targets = set()
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith("/dev/shm/torch_"):
@@ -108,6 +108,35 @@ def test_state_prepared_after_the_donor_shut_down_leaves_no_shared_memory_behind
             gc.collect()
             assert _shared_memory_descriptors() - before == set()  # a 4 MiB block held by nobody, forever
             assert download.result(timeout=30) is None
+        finally:
+            donor.shutdown()
+            newcomer.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_many_downloads_leave_no_shared_memory_with_the_donor():
+    state = [torch.randn(2**18), torch.arange(7)]
+    with dht_swarm(2) as dhts:
+        donor = DecentralizedAverager(state, dhts[0], prefix="state_many", start=True, **FAST)
+        newcomer = DecentralizedAverager(
+            [torch.zeros(2**18), torch.zeros(7, dtype=torch.int64)],
+            dhts[1],
+            prefix="state_many",
+            start=True,
+            allow_state_sharing=False,
+            **FAST,
+        )
+        try:
+            _wait_for_donor(dhts[1], "state_many", donor)
+            assert newcomer.load_state_from_peers(timeout=30) is not None  # (anything opened once is open now)
+            # (the newcomer's last answer, a downloaded state, may still be held here until its next answer)
+            before = len(_shared_memory_descriptors()), _shared_memory_descriptors(str(donor.pid))
+            for _ in range(8):  # each one a new snapshot, handed from the user's process to the averager's
+                _, tensors = newcomer.load_state_from_peers(timeout=30)
+                assert all(torch.equal(got, sent) for got, sent in zip(tensors, state))
+            del tensors
+            gc.collect()
+            assert (len(_shared_memory_descriptors()), _shared_memory_descriptors(str(donor.pid))) == before
         finally:
             donor.shutdown()
             newcomer.shutdown()
