@@ -79,11 +79,6 @@ async def test_a_sender_that_streams_too_few_parts_is_excluded(p2p_factory, hive
     assert len(exclusions) == 2 and all("ended after 1 of 2 parts" in line for line in exclusions), exclusions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the reducer reads exactly as many messages as it owns parts and never looks at the rest of the stream: "
-    "parts beyond its count are silently ignored, the sender is answered in full and is not excluded",
-)
 async def test_a_sender_that_streams_more_parts_than_the_reducer_owns_is_refused_and_excluded(
     p2p_factory, hivemind_logs
 ):

@@ -15,32 +15,28 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
 
 import torch
 
-from hivemind.averaging.group_view import first_part_refusal, group_view_digest
+from hivemind.averaging.allreduce_reducer import ReducerSide
+from hivemind.averaging.group_view import group_view_digest
 from hivemind.averaging.part_encoding import (
-    CHEAP_WIRE_TYPES,
     AnyAveragingData,
     ReceivedAveragingData,
     decode_part,
     difference_as,
     encode_averaging_data,
-    encode_delta,
     refuse_non_finite,
-    refuse_unsafe_part,
-    wire_tensor,
 )
 from hivemind.averaging.part_math import sub_into, zero_
 from hivemind.averaging.partition import (
     DEFAULT_REDUCE_WINDOW,
     AllreduceException,
-    BannedException,
     PartSpec,
     TensorPartContainer,
     TensorPartReducer,
 )
-from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p import P2P, PeerID, ServicerBase
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import anext, await_with_timeout
+from hivemind.utils.asyncio import anext
 from hivemind.utils.logging import get_logger
 
 __all__ = ["AveragingMode", "AllReduceRunner", "AllreduceException"]
@@ -51,7 +47,6 @@ AveragingData = averaging_pb2.AveragingData
 MessageCode = averaging_pb2.MessageCode
 # after its own results are in, a runner waits this long (at most) for its replies to other senders to go out
 DEFAULT_REPLY_LINGER = 30.0
-_END = object()
 
 
 class AveragingMode(Enum):
@@ -76,7 +71,7 @@ class _Progress:
         self.replied = self.replied or reply
 
 
-class AllReduceRunner(ServicerBase):
+class AllReduceRunner(ReducerSide, ServicerBase):
     """One all-reduce round of this peer in an assembled group: ``async for delta in runner`` yields, for each local
     tensor in order, ``averaged - local`` (the caller adds it to its tensors); ``rpc_aggregate_part`` serves the
     parts this peer reduces (the averager's handler passes the calls of this group to it).
@@ -381,119 +376,3 @@ class AllReduceRunner(ServicerBase):
                 f"{100 * (total - self._lost_parts) / total:.1f}% of the parts; failed reducers: "
                 f"{list(self._failed_reducers)}"
             )
-
-    # ------------------------------------------------------------------ the reducer side: one call per sender
-
-    async def rpc_aggregate_part(
-        self, stream: AsyncIterator[AveragingData], context: P2PContext
-    ) -> AsyncIterator[AveragingData]:
-        """Average the parts of one sender with the others' and reply with one delta per part (WIRE §10.6 order)."""
-        task = asyncio.current_task()
-        self._handler_tasks.add(task)
-        try:
-            async for reply in self._serve_sender(stream, context.remote_id):
-                yield reply
-        finally:
-            self._handler_tasks.discard(task)
-
-    async def _serve_sender(
-        self, stream: AsyncIterator[AveragingData], peer_id: PeerID
-    ) -> AsyncIterator[AveragingData]:
-        sender_index = self.sender_index_of.get(peer_id)
-        try:
-            first = await await_with_timeout(anext(stream), self.sender_timeout)
-        except (asyncio.TimeoutError, StopAsyncIteration, Exception) as e:
-            if sender_index is not None and peer_id != self.peer_id:
-                self._ban(sender_index, f"first message did not arrive: {e!r}")
-            yield AveragingData(code=MessageCode.INTERNAL_ERROR)
-            return
-        code = self._check_first_message(first, peer_id, sender_index)
-        if code is not None:
-            yield AveragingData(code=code)
-            return
-        self._connected_senders.add(sender_index)
-        queue: asyncio.Queue = asyncio.Queue()
-        reader = asyncio.create_task(self._read_parts(sender_index, first, stream, queue))
-        buffered = self.peer_fractions[self.ordered_peer_ids.index(peer_id)] == 0  # such senders read at the end
-        pending_replies: List[AveragingData] = []
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                part, tensor, compression_type, future = item
-                average = await future
-                # AVERAGED_PART with average - part encoded as the sender encoded its part; a costly codec runs in a
-                # thread, so that the event loop keeps moving other streams
-                delta_args = (average, tensor, compression_type, self.container.part_info(part))
-                if compression_type in CHEAP_WIRE_TYPES:
-                    reply = encode_delta(*delta_args)
-                else:
-                    reply = await asyncio.get_running_loop().run_in_executor(None, encode_delta, *delta_args)
-                if buffered:
-                    pending_replies.append(reply)
-                else:
-                    yield reply
-            for reply in pending_replies:
-                yield reply
-        except (AllreduceException, asyncio.TimeoutError) as e:
-            logger.debug(f"{self}: stopped serving {peer_id}: {e!r}")
-            yield AveragingData(code=MessageCode.CANCELLED if self._cancelled else MessageCode.INTERNAL_ERROR)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-
-    def _check_first_message(
-        self, first: AveragingData, peer_id: PeerID, sender_index: Optional[int]
-    ) -> Optional[int]:
-        """The code to refuse a call with, or None to serve it."""
-        if first.group_id != self.group_id:
-            return MessageCode.BAD_GROUP_ID
-        if self._cancelled:
-            return MessageCode.CANCELLED
-        if self._finalized:
-            return MessageCode.INTERNAL_ERROR
-        if sender_index is None or peer_id == self.peer_id or self.reducer is None:
-            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: refused parts from {peer_id}: not a sender here")
-            return MessageCode.PROTOCOL_VIOLATION
-        if first.code != MessageCode.PART_FOR_AVERAGING:
-            self._ban(sender_index, f"first message has code {MessageCode.Name(first.code)}, not PART_FOR_AVERAGING")
-            return MessageCode.INTERNAL_ERROR
-        refusal = first_part_refusal(first, group_view_digest(self))  # a bad weight, another view of the group
-        if refusal is not None:
-            self._ban(sender_index, refusal)
-            return MessageCode.PROTOCOL_VIOLATION
-        if not self.reducer.is_active(sender_index):
-            return MessageCode.INTERNAL_ERROR
-        if sender_index in self._connected_senders:
-            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: refused a second stream from {peer_id}")
-            return MessageCode.PROTOCOL_VIOLATION
-        return None
-
-    async def _read_parts(
-        self, sender_index: int, first: AveragingData, stream: AsyncIterator[AveragingData], queue: asyncio.Queue
-    ) -> None:
-        weight = first.weight
-        try:
-            message = first
-            for k, part in enumerate(self.my_parts):
-                if k > 0:
-                    try:
-                        message = await await_with_timeout(anext(stream), self.sender_timeout)
-                    except StopAsyncIteration:
-                        raise AllreduceException(f"stream ended after {k} of {len(self.my_parts)} parts") from None
-                    except asyncio.TimeoutError:
-                        raise AllreduceException(f"part {k} did not arrive within {self.sender_timeout} s") from None
-                tensor = await self._decode(message, part, what=f"part {k}")
-                local = self.container.input_part(part)
-                refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")
-                future = await self.reducer.submit_part(sender_index, k, tensor, weight)
-                queue.put_nowait((part, tensor, wire_tensor(message)[0].compression, future))
-            queue.put_nowait(_END)
-        except BannedException as e:
-            queue.put_nowait(e)
-        except Exception as e:
-            self._ban(sender_index, str(e) if isinstance(e, AllreduceException) else repr(e))
-            queue.put_nowait(e if isinstance(e, AllreduceException) else AllreduceException(repr(e)))

@@ -1,0 +1,168 @@
+"""The reducer side of AllReduceRunner: one ``rpc_aggregate_part`` call per sender, which streams the parts this
+peer reduces and gets back, for each part, the weighted average minus what it sent.
+
+A sender must stream exactly as many parts as this peer reduces and then end its stream. Fewer parts, a stall, a
+malformed part or a message after the last part get the sender banned (with the reason logged) and refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, List, Optional
+
+from hivemind.averaging.group_view import first_part_refusal, group_view_digest
+from hivemind.averaging.part_encoding import CHEAP_WIRE_TYPES, encode_delta, refuse_unsafe_part, wire_tensor
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import anext, await_with_timeout
+from hivemind.utils.logging import get_logger
+
+__all__ = ["ReducerSide"]
+
+logger = get_logger(__name__)
+
+AveragingData = averaging_pb2.AveragingData
+MessageCode = averaging_pb2.MessageCode
+_END = object()
+
+
+class _TooManyParts(AllreduceException):
+    """A sender kept streaming after the last part this peer reduces (or never ended its stream)."""
+
+
+class ReducerSide:
+    """Mixed into AllReduceRunner (which sets every attribute used here): serves the parts this peer reduces."""
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[AveragingData], context: P2PContext
+    ) -> AsyncIterator[AveragingData]:
+        """Average the parts of one sender with the others' and reply with one delta per part (WIRE §10.6 order)."""
+        task = asyncio.current_task()
+        self._handler_tasks.add(task)
+        try:
+            async for reply in self._serve_sender(stream, context.remote_id):
+                yield reply
+        finally:
+            self._handler_tasks.discard(task)
+
+    async def _serve_sender(
+        self, stream: AsyncIterator[AveragingData], peer_id: PeerID
+    ) -> AsyncIterator[AveragingData]:
+        sender_index = self.sender_index_of.get(peer_id)
+        try:
+            first = await await_with_timeout(anext(stream), self.sender_timeout)
+        except (asyncio.TimeoutError, StopAsyncIteration, Exception) as e:
+            if sender_index is not None and peer_id != self.peer_id:
+                self._ban(sender_index, f"first message did not arrive: {e!r}")
+            yield AveragingData(code=MessageCode.INTERNAL_ERROR)
+            return
+        code = self._check_first_message(first, peer_id, sender_index)
+        if code is not None:
+            yield AveragingData(code=code)
+            return
+        self._connected_senders.add(sender_index)
+        queue: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._read_parts(sender_index, first, stream, queue))
+        buffered = self.peer_fractions[self.ordered_peer_ids.index(peer_id)] == 0  # such senders read at the end
+        pending_replies: List[AveragingData] = []
+        answered = 0
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                part, tensor, compression_type, future = item
+                average = await future
+                # AVERAGED_PART with average - part encoded as the sender encoded its part; a costly codec runs in a
+                # thread, so that the event loop keeps moving other streams
+                delta_args = (average, tensor, compression_type, self.container.part_info(part))
+                if compression_type in CHEAP_WIRE_TYPES:
+                    reply = encode_delta(*delta_args)
+                else:
+                    reply = await asyncio.get_running_loop().run_in_executor(None, encode_delta, *delta_args)
+                answered += 1
+                # the last reply waits for the end of the sender's stream: a sender that streams more parts than
+                # this peer reduces is refused instead of answered in full
+                if buffered or answered == len(self.my_parts):
+                    pending_replies.append(reply)
+                else:
+                    yield reply
+            for reply in pending_replies:
+                yield reply
+        except (AllreduceException, asyncio.TimeoutError) as e:
+            logger.debug(f"{self}: stopped serving {peer_id}: {e!r}")
+            if isinstance(e, _TooManyParts):
+                code = MessageCode.PROTOCOL_VIOLATION
+            else:
+                code = MessageCode.CANCELLED if self._cancelled else MessageCode.INTERNAL_ERROR
+            yield AveragingData(code=code)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def _check_first_message(
+        self, first: AveragingData, peer_id: PeerID, sender_index: Optional[int]
+    ) -> Optional[int]:
+        """The code to refuse a call with, or None to serve it."""
+        if first.group_id != self.group_id:
+            return MessageCode.BAD_GROUP_ID
+        if self._cancelled:
+            return MessageCode.CANCELLED
+        if self._finalized:
+            return MessageCode.INTERNAL_ERROR
+        if sender_index is None or peer_id == self.peer_id or self.reducer is None:
+            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: refused parts from {peer_id}: not a sender here")
+            return MessageCode.PROTOCOL_VIOLATION
+        if first.code != MessageCode.PART_FOR_AVERAGING:
+            self._ban(sender_index, f"first message has code {MessageCode.Name(first.code)}, not PART_FOR_AVERAGING")
+            return MessageCode.INTERNAL_ERROR
+        refusal = first_part_refusal(first, group_view_digest(self))  # a bad weight, another view of the group
+        if refusal is not None:
+            self._ban(sender_index, refusal)
+            return MessageCode.PROTOCOL_VIOLATION
+        if not self.reducer.is_active(sender_index):
+            return MessageCode.INTERNAL_ERROR
+        if sender_index in self._connected_senders:
+            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: refused a second stream from {peer_id}")
+            return MessageCode.PROTOCOL_VIOLATION
+        return None
+
+    async def _read_parts(
+        self, sender_index: int, first: AveragingData, stream: AsyncIterator[AveragingData], queue: asyncio.Queue
+    ) -> None:
+        weight = first.weight
+        num_parts = len(self.my_parts)
+        try:
+            message = first
+            for k, part in enumerate(self.my_parts):
+                if k > 0:
+                    try:
+                        message = await await_with_timeout(anext(stream), self.sender_timeout)
+                    except StopAsyncIteration:
+                        raise AllreduceException(f"stream ended after {k} of {num_parts} parts") from None
+                    except asyncio.TimeoutError:
+                        raise AllreduceException(f"part {k} did not arrive within {self.sender_timeout} s") from None
+                tensor = await self._decode(message, part, what=f"part {k}")
+                local = self.container.input_part(part)
+                refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")
+                future = await self.reducer.submit_part(sender_index, k, tensor, weight)
+                queue.put_nowait((part, tensor, wire_tensor(message)[0].compression, future))
+            # senders end their stream right after the last part (the caller's end-of-stream), before any reply
+            try:
+                await await_with_timeout(anext(stream), self.sender_timeout)
+            except StopAsyncIteration:
+                queue.put_nowait(_END)
+                return
+            except asyncio.TimeoutError:
+                raise _TooManyParts(
+                    f"did not end its stream within {self.sender_timeout} s of its last part"
+                ) from None
+            raise _TooManyParts(f"sent more than the {num_parts} parts this peer reduces")
+        except BannedException as e:
+            queue.put_nowait(e)
+        except Exception as e:
+            self._ban(sender_index, str(e) if isinstance(e, AllreduceException) else repr(e))
+            queue.put_nowait(e if isinstance(e, AllreduceException) else AllreduceException(repr(e)))
