@@ -187,3 +187,22 @@ def test_scan_of_a_worst_case_4_mib_request_takes_about_a_millisecond():
         scan_expert_request(data, counts, "forward")
     per_scan = (time.perf_counter() - started) / 20
     assert per_scan < 0.05, f"a scan took {per_scan * 1000:.1f} ms"
+
+
+class CountingValues(dict):
+    """Hosted tensor counts that record how often all of them are looked at."""
+
+    looked_at_all = 0
+
+    def values(self):
+        CountingValues.looked_at_all += 1
+        return super().values()
+
+
+def test_request_that_names_its_expert_first_is_scanned_without_looking_at_every_hosted_expert():
+    counts = CountingValues({f"ffn.{index}": 1 for index in range(10_000)})
+    request = runtime_pb2.ExpertRequest(uid="ffn.7", tensors=[serialize_torch_tensor(torch.ones(2, 3))])
+    scan_expert_request(request.SerializeToString(), counts, "forward")
+    assert CountingValues.looked_at_all == 0, "each request cost a pass over all hosted experts"
+    scan_expert_request(b"\x12\x00" + field(1, b"ffn.7"), counts, "forward")  # a tensor before the uid
+    assert CountingValues.looked_at_all == 1

@@ -85,11 +85,12 @@ def _check_tensor(data: memoryview, position: int, end: int, what: str, index: i
 
 
 def scan_tensor_message(
-    data: Buffer, limit: int, what: str, limits_by_uid: Optional[Mapping[str, int]] = None
+    data: Buffer, limit: Optional[int], what: str, limits_by_uid: Optional[Mapping[str, int]] = None
 ) -> None:
     """Refuse (MessageScanError) a message that holds more than ``limit`` tensors, or bloated ones.
 
-    :param limit: the most ``tensors`` entries accepted
+    :param limit: the most ``tensors`` entries accepted; None: the largest of ``limits_by_uid``, found only when a
+      tensor comes before a known uid (a request that names its expert first costs nothing per hosted expert)
     :param what: names the call in errors, e.g. "forward"
     :param limits_by_uid: {uid: limit} for requests: once the uid field was read, its own limit applies
     """
@@ -99,6 +100,8 @@ def scan_tensor_message(
         field, wire_type, start, position = _next_field(data, position, end)
         if field == _TENSORS_FIELD and wire_type == _LENGTH_DELIMITED:
             tensors += 1
+            if limit is None:
+                limit = max(limits_by_uid.values(), default=0) if limits_by_uid else 0
             if tensors > limit:
                 named = f" of {uid}" if uid is not None else ""
                 raise MessageScanError(f"{what}{named} expects {limit} tensors, got more; the message is refused")

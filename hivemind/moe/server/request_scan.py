@@ -26,7 +26,7 @@ def scan_expert_request(data: Buffer, tensor_counts: Mapping[str, int], what: st
     :param what: names the RPC in errors, e.g. "forward"
     """
     try:
-        scan_tensor_message(data, max(tensor_counts.values(), default=0), what, tensor_counts)
+        scan_tensor_message(data, None, what, tensor_counts)  # the largest count, if a tensor precedes the uid
     except MessageScanError as e:
         raise RequestScanError(str(e)) from None
 
