@@ -172,3 +172,14 @@ def test_expected_peers_are_those_in_this_epoch_and_last_rounds_partners_just_be
 def test_expected_peers_count_each_peer_once():
     records = [Record(b"me", epoch=1, samples_accumulated=0), Record(b"me", epoch=1, samples_accumulated=4)]
     assert count_expected_peers(records, local_epoch=1, last_round_peers=None) == 1
+
+
+def test_a_peer_that_reported_the_previous_epoch_after_this_one_left_it_is_expected():
+    left_at = 100.0  # DHT time at which this peer entered epoch 5
+    records = [
+        Record(b"me", epoch=5, samples_accumulated=8),
+        Record(b"newcomer", epoch=4, samples_accumulated=0, time=left_at + 0.1),  # downloaded epoch 4's state late
+        Record(b"dead", epoch=4, samples_accumulated=24, time=left_at - 0.5),  # stopped reporting before we left
+    ]
+    assert count_expected_peers(records, local_epoch=5, last_round_peers={b"me"}, epoch_started_at=left_at) == 2
+    assert count_expected_peers(records, local_epoch=5, last_round_peers={b"me"}) == 1  # no time given: as before

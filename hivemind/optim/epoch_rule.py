@@ -184,19 +184,26 @@ def should_schedule_averaging(
 
 
 def count_expected_peers(
-    records: Iterable[PeerProgress], local_epoch: int, last_round_peers: Optional[AbstractSet[bytes]]
+    records: Iterable[PeerProgress],
+    local_epoch: int,
+    last_round_peers: Optional[AbstractSet[bytes]],
+    epoch_started_at: float = math.inf,
 ) -> int:
     """
     How many peers (this one included, through its own record) are expected to average at the end of
     ``local_epoch``: those that report this epoch or a later one, and those that still report the previous epoch
-    but averaged with this peer in the last round (they are finishing that round's step and will report this epoch
-    in a moment). A record stopped in an older epoch, or in the previous one by a peer that was not in the last
-    round, belongs to a peer that is gone or lagging: nobody waits for it. ``last_round_peers=None`` (no round
-    known yet) counts every record of the previous epoch.
+    but either averaged with this peer in the last round (they are finishing that round's step and will report this
+    epoch in a moment) or reported it at or after ``epoch_started_at``, the DHT time at which this peer entered
+    ``local_epoch`` (they are alive and catching up, e.g. a newcomer that downloaded the state of an epoch that
+    ended meanwhile: not waiting for it would leave it behind again at each of its steps whenever epochs are shorter
+    than its steps). A record stopped in an older epoch, or in the previous one before this peer left it by a peer
+    that was not in the last round, belongs to a peer that is gone or lagging: nobody waits for it.
+    ``last_round_peers=None`` (no round known yet) counts every record of the previous epoch.
     """
     expected = set()
     for record in records:
         in_last_round = last_round_peers is None or record.peer_id in last_round_peers
-        if record.epoch >= local_epoch or (record.epoch == local_epoch - 1 and in_last_round):
+        catching_up = record.time >= epoch_started_at
+        if record.epoch >= local_epoch or (record.epoch == local_epoch - 1 and (in_last_round or catching_up)):
             expected.add(record.peer_id)
     return len(expected)

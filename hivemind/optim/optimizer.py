@@ -11,7 +11,6 @@ import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, NoCompression
 from hivemind.dht import DHT
-from hivemind.optim import epoch_rule
 from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_state, should_schedule_averaging
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
@@ -423,7 +422,7 @@ class Optimizer(torch.optim.Optimizer):
         """Peers (this one included) expected in this epoch's averaging rounds: see ``count_expected_peers``."""
         if self.use_local_updates:  # epochs end at each peer's own pace: every live record may still come
             return self.tracker.global_progress.num_peers
-        return epoch_rule.count_expected_peers(self.tracker.records(), self.local_epoch, self._last_round_peers)
+        return self.tracker.count_expected_peers(self.local_epoch, self._last_round_peers)
 
     def _set_state_sharing_priority(self) -> None:
         for averager in (self.state_averager, self.grad_averager):

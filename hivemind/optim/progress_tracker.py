@@ -8,7 +8,7 @@ import logging
 import math
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import AbstractSet, Dict, List, Optional
 
 from pydantic import v1 as pydantic_v1
 
@@ -18,6 +18,7 @@ from hivemind.optim.epoch_rule import (
     MAX_EPOCH,
     GlobalTrainingProgress,
     RefreshPolicy,
+    count_expected_peers,
     is_synchronized,
     is_time_for_global_step,
     next_epoch,
@@ -113,6 +114,7 @@ class ProgressTracker(threading.Thread):
         self._generation = 0  # bumped by every epoch update: fetches started earlier do not count for the new epoch
         self._others: List[LocalTrainingProgress] = []  # other peers' records from the latest fetch
         self.local_progress = self._make_record(epoch=0, samples_accumulated=0)
+        self.epoch_started_at = self.local_progress.time  # DHT time at which this peer entered its current epoch
         self.global_progress = summarize_swarm(
             [], target_batch_size=target_batch_size, now=get_dht_time(), local_record=self.local_progress
         )
@@ -148,6 +150,12 @@ class ProgressTracker(threading.Thread):
         with self._lock:
             own = self.local_progress
             return [record for record in self._others if record.peer_id != own.peer_id] + [own]
+
+    def count_expected_peers(self, local_epoch: int, last_round_peers: Optional[AbstractSet[bytes]]) -> int:
+        """Peers (this one included) expected to average at the end of ``local_epoch``, from the latest records and
+        the time this peer entered its epoch (see ``epoch_rule.count_expected_peers``)."""
+        with self._lock:
+            return count_expected_peers(self.records(), local_epoch, last_round_peers, self.epoch_started_at)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         """
@@ -197,6 +205,7 @@ class ProgressTracker(threading.Thread):
             self._generation += 1
             self.fetched_global_progress_this_epoch.clear()
             self.local_progress = self._make_record(new_epoch, 0)
+            self.epoch_started_at = self.local_progress.time
             self._recompute_global_progress(next_fetch_time=get_dht_time())
         return new_epoch
 
