@@ -37,6 +37,10 @@ class MessageScanError(ValueError):
     """A message refused from its wire bytes: too many tensors or fields, or not a protobuf message."""
 
 
+class _NotProtobuf(MessageScanError):
+    """The bytes are not a protobuf message (the reason only; scan_tensor_message names the call)."""
+
+
 def _varint(data: memoryview, start: int, end: int) -> Tuple[int, int]:
     if start < end and data[start] < 0x80:  # most keys and small lengths: one byte
         return data[start], start + 1
@@ -47,7 +51,7 @@ def _varint(data: memoryview, start: int, end: int) -> Tuple[int, int]:
         if byte < 0x80:
             return value, position + 1
         shift += 7
-    raise MessageScanError("the request is not a valid expert message (a truncated or overlong varint)")
+    raise _NotProtobuf("a truncated or overlong varint")
 
 
 def _next_field(data: memoryview, position: int, end: int) -> Tuple[int, int, int, int]:
@@ -64,9 +68,9 @@ def _next_field(data: memoryview, position: int, end: int) -> Tuple[int, int, in
     elif wire_type == _FIXED32:
         stop = position + 4
     else:  # groups (deprecated, never written by hivemind) or invalid wire types
-        raise MessageScanError(f"the request is not a valid expert message (wire type {wire_type})")
+        raise _NotProtobuf(f"wire type {wire_type}")
     if stop > end:
-        raise MessageScanError("the request is not a valid expert message (a field runs past its end)")
+        raise _NotProtobuf("a field runs past its end")
     return field, wire_type, position, stop
 
 
@@ -94,7 +98,13 @@ def scan_tensor_message(
     :param what: names the call in errors, e.g. "forward"
     :param limits_by_uid: {uid: limit} for requests: once the uid field was read, its own limit applies
     """
-    data = memoryview(data)
+    try:
+        _scan(memoryview(data), limit, what, limits_by_uid)
+    except _NotProtobuf as e:
+        raise MessageScanError(f"{what}: not a valid expert message ({e})") from None
+
+
+def _scan(data: memoryview, limit: Optional[int], what: str, limits_by_uid: Optional[Mapping[str, int]]) -> None:
     position, end, tensors, others, uid = 0, len(data), 0, 0, None
     while position < end:
         field, wire_type, start, position = _next_field(data, position, end)

@@ -51,4 +51,4 @@ class CheckedExpertRequest:
         try:
             return self.message.ParseFromString(data)
         except DecodeError as e:  # well-formed fields, but not an ExpertRequest (e.g. field 0, a uid not in UTF-8)
-            raise RequestScanError(f"the request is not a valid expert message ({e})") from None
+            raise RequestScanError(f"{self.what}: not a valid expert message ({e})") from None
