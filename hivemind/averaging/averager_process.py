@@ -46,6 +46,24 @@ PART_SIZE_SLACK = 8  # an all-reduce message may hold this many times part_size_
 # process to exit before the user's process gives up waiting and terminates it
 SHUTDOWN_BUDGET_FRACTION = 0.5
 RETRACT_BUDGET = 1.0  # seconds at most for withdrawing the state-sharing declaration at shutdown (a DHT store)
+TASK_CANCEL_BUDGET = 1.0  # seconds at most for the tasks still running at shutdown (e.g. downloads) to end
+
+
+def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    """Cancel the tasks still running in ``loop`` (e.g. downloads of our state in progress) and wait up to
+    ``timeout`` seconds for them to end, as asyncio.run does before closing its loop: a task left running would still
+    be inside its async generators when the loop closes them ("asynchronous generator is already running")."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    _, still_running = loop.run_until_complete(asyncio.wait(tasks, timeout=timeout))
+    if still_running:
+        logger.debug(f"{len(still_running)} tasks did not end within {timeout} s of being cancelled at shutdown")
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            logger.debug(f"A task failed while being cancelled at shutdown: {task.exception()!r}")
 
 
 class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase):
@@ -222,6 +240,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             loop.run_until_complete(self._serve(loop, serving, stopped))
         finally:
             serving.stop()
+            _cancel_remaining_tasks(loop, TASK_CANCEL_BUDGET)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._serving_connection.close()
