@@ -308,6 +308,8 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 message = await anext(replies, None)
                 if message is None:
                     raise AllreduceException(f"closed the stream after {k} of {len(parts)} replies")
+                if message.code == MessageCode.CANCELLED and peer_id in self.sender_index_of:
+                    self._ban(self.sender_index_of[peer_id], "cancelled its round")  # it sends no more parts
                 if message.code != MessageCode.AVERAGED_PART:
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
                 delta = await self._decode(message, part, what=f"delta {k}")

@@ -26,6 +26,8 @@ CANCEL_POLL_PERIOD = 0.05  # how often a running step checks (in shared memory) 
 TRIGGER_POLL_PERIOD = 0.01  # how often a step waiting for allow_allreduce() checks the trigger (shared memory)
 MIN_RETRY_DELAY, MAX_RETRY_DELAY = 0.05, 1.0  # back-off between attempts that failed at once
 GROUP_SETUP_TIMEOUT = 5.0  # parts for a group id not (yet) registered here wait this long before BAD_GROUP_ID
+MIN_PREFIX_GROUP_ID = 16  # a cancelled group's id this long also covers the ids that extend it (its phases)
+MAX_CANCELLED_GROUPS = 64  # the ids of this many recently cancelled groups are remembered (parts for them: CANCELLED)
 
 
 class AveragingRounds:
@@ -38,6 +40,7 @@ class AveragingRounds:
         self._running_groups: Dict[bytes, AllReduceRunner] = {}
         self._group_registered = asyncio.Event()
         self._step_tasks: set = set()
+        self._cancelled_groups: Dict[bytes, None] = {}  # oldest first
 
     # ------------------------------------------------------------------ one step, with retries
 
@@ -75,6 +78,7 @@ class AveragingRounds:
         while True:
             attempt += 1
             started = time.monotonic()
+            group_info = None
             try:
                 control.stage = AveragingStage.LOOKING_FOR_GROUP
                 group_info = await self._find_group(control)
@@ -89,6 +93,8 @@ class AveragingRounds:
                     control.set_result(gathered)
                 return
             except asyncio.CancelledError:
+                if group_info is not None:  # the other members may already be sending parts: refuse them at once
+                    self._mark_group_cancelled(group_info.group_id)
                 raise
             except Exception as e:
                 if control.done():
@@ -187,9 +193,23 @@ class AveragingRounds:
         self._group_registered.set()
         self._group_registered = asyncio.Event()
 
+    def _mark_group_cancelled(self, group_id: bytes) -> None:
+        self._cancelled_groups[group_id] = None
+        while len(self._cancelled_groups) > MAX_CANCELLED_GROUPS:
+            del self._cancelled_groups[next(iter(self._cancelled_groups))]
+        self._group_registered.set()  # wake the handlers waiting for this group
+        self._group_registered = asyncio.Event()
+
+    def _is_cancelled_group(self, group_id: bytes) -> bool:
+        """Whether ``group_id`` is (a phase of) a group whose step this averager cancelled after joining it."""
+        if group_id in self._cancelled_groups:
+            return True
+        # a phase's id extends the group's (e.g. PowerSGD's); a very short id from a leader never matches others'
+        return any(len(g) >= MIN_PREFIX_GROUP_ID and group_id.startswith(g) for g in self._cancelled_groups)
+
     async def _wait_for_group(self, group_id: bytes, timeout: float) -> Optional[AllReduceRunner]:
         deadline = time.monotonic() + timeout
-        while group_id not in self._running_groups:
+        while group_id not in self._running_groups and not self._is_cancelled_group(group_id):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -197,7 +217,7 @@ class AveragingRounds:
                 await await_with_timeout(self._group_registered.wait(), remaining)
             except asyncio.TimeoutError:
                 return None
-        return self._running_groups[group_id]
+        return self._running_groups.get(group_id)
 
     async def _cancel_steps(self) -> None:
         for task in list(self._step_tasks):
@@ -232,6 +252,10 @@ class AveragingRounds:
             return
         # a member may still be setting up the group that its peers already started: give it time to register
         runner = await self._wait_for_group(first.group_id, max(self.request_timeout, GROUP_SETUP_TIMEOUT))
+        if runner is None and self._is_cancelled_group(first.group_id):
+            logger.debug(f"{context.remote_id} sent parts for group {first.group_id.hex()[:8]}, cancelled here")
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            return
         if runner is None:
             logger.debug(f"{context.remote_id} sent parts for an unknown group {first.group_id.hex()}")
             refusal = averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
