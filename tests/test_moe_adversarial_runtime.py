@@ -20,11 +20,6 @@ def pool():
     pool.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TaskPool.load_batch_to_runtime puts the batch in _in_flight, then moves it to the device; when the move "
-    "raises, the batch stays in flight and its futures are never resolved (the Runtime only logs the error)",
-)
 def test_tasks_of_a_batch_that_cannot_reach_the_device_are_failed(pool):
     future = pool.submit_task(torch.ones(2, 3))
     pool.start()

@@ -21,9 +21,8 @@ finds that many tasks already waiting. A task whose future is cancelled (its cli
 takes its batch is dropped: left out of the batch, and a batch with no task left is not computed at all. Shutting a
 pool down fails every task it still holds.
 
-Runtime protocol (also what petals' pools offer): ``batch_receiver`` is readable while a batch is ready,
-``priority`` is the arrival time of the oldest ready batch (smaller goes first), ``load_batch_to_runtime``,
-``send_outputs_from_runtime``, ``send_exception_from_runtime``.
+Runtime protocol (as petals' pools): ``batch_receiver`` readable while a batch is ready, ``priority`` (arrival of the
+oldest ready batch; smaller first), ``load_batch_to_runtime``, ``send_outputs/exception_from_runtime``.
 """
 
 from __future__ import annotations
@@ -111,8 +110,7 @@ class _Batch:
 
 
 class TaskPool(TaskPoolBase):
-    """
-    Batches tasks for one function (e.g. one expert's forward) and returns each task's share of the outputs.
+    """Batches tasks for one function (e.g. one expert's forward) and returns each task's share of the outputs.
 
     :param process_func: called by the Runtime with the batched tensors; returns a tensor or a sequence of tensors,
       each with the batch as its first dimension
@@ -355,12 +353,14 @@ class TaskPool(TaskPoolBase):
                 self._in_flight[batch.index] = batch
         if not batch.tasks:
             raise AbandonedBatchError(f"{self.name}: every caller of a batch of {formed_with} tasks went away")
-        if len(batch.tasks) < formed_with:  # concatenate what is left (tasks are never cancelled once running)
-            batch.size = sum(task.size for task in batch.tasks)
-            batch.inputs = [torch.cat(parts) for parts in zip(*(task.tensors for task in batch.tasks))]
-        inputs = batch.inputs
-        if device is not None:
-            inputs = [tensor.to(device, non_blocking=True) for tensor in inputs]
+        try:  # the tasks are running: a failure here (e.g. out of device memory) must complete them
+            if len(batch.tasks) < formed_with:  # concatenate what is left (tasks are never cancelled once running)
+                batch.size = sum(task.size for task in batch.tasks)
+                batch.inputs = [torch.cat(parts) for parts in zip(*(task.tensors for task in batch.tasks))]
+            inputs = batch.inputs if device is None else [t.to(device, non_blocking=True) for t in batch.inputs]
+        except BaseException as e:
+            self.send_exception_from_runtime(batch.index, e)
+            raise
         return batch.index, inputs
 
     def send_outputs_from_runtime(self, batch_index: int, batch_outputs: Any) -> None:
