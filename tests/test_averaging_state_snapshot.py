@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hivemind.averaging.state_sharing import StateSharing
-from hivemind.averaging.state_snapshot import SnapshotCache, pack_tensors, packed_copy
+from hivemind.averaging.state_snapshot import DonorBusyError, SnapshotCache, pack_tensors, packed_copy
 from hivemind.compression import (
     CompressionInfo,
     Float16Compression,
@@ -117,6 +117,24 @@ async def test_old_snapshot_gives_way_to_a_new_one_up_to_max_snapshots():
         assert first is not second  # too old (max_age 0): a new snapshot
         assert third is second  # two are streamed already: the newest is reused whatever its age
         assert len(cache.in_use) == 2 and len(calls) == 2
+
+
+async def test_download_is_refused_as_busy_when_every_snapshot_in_use_is_older_than_the_age_cap():
+    source, calls = counting_source()
+    cache = SnapshotCache(source, max_age=0.0, max_snapshots=2, age_cap=60.0)
+    async with cache.use() as first, cache.use() as second:  # two slow downloads keep two snapshots in use
+        second.taken_at -= 61.0  # ... for over a minute
+        with pytest.raises(DonorBusyError, match="taken 61 s ago"):
+            async with cache.use():
+                pass
+        assert len(calls) == 2 and first.users == 1 and second.users == 1  # nothing taken or held for it
+    async with cache.use() as fresh:  # once they end, downloads get a fresh snapshot again
+        assert fresh is not second and len(calls) == 3
+
+
+def test_age_cap_below_max_age_is_refused():
+    with pytest.raises(ValueError, match="max_age <= age_cap"):
+        SnapshotCache(counting_source()[0], max_age=10.0, age_cap=5.0)
 
 
 async def test_failed_snapshot_fails_its_waiters_and_the_next_download_tries_again():

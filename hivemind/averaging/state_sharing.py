@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Opti
 
 import torch
 
-from hivemind.averaging.state_snapshot import SnapshotCache
+from hivemind.averaging.state_snapshot import SNAPSHOT_AGE_CAP, DonorBusyError, SnapshotCache
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
 from hivemind.dht import DHT
@@ -68,10 +68,6 @@ ELEMENTWISE_CODECS = (NoCompression, Float16Compression)
 def all_averagers_key(prefix: str) -> str:
     """The DHT key under which averagers with prefix ``prefix`` declare their state-sharing priority."""
     return f"{prefix}.all_averagers"
-
-
-class DonorBusyError(RuntimeError):
-    """This donor already serves (and queues) as many state downloads as it allows; the caller should try another."""
 
 
 class DownloadSlots:
@@ -153,6 +149,7 @@ class StateSharing:
     :param get_state_timeout: seconds allowed for ``get_current_state``
     :param snapshot_max_age: seconds for which a snapshot that other downloads stream is reused by a new download
     :param max_snapshots: snapshots streamed at once at most (each one a copy of the state)
+    :param snapshot_age_cap: seconds: an older snapshot is never sent; a download that would get one is refused
     """
 
     def __init__(
@@ -174,6 +171,7 @@ class StateSharing:
         get_state_timeout: Optional[float] = DEFAULT_GET_STATE_TIMEOUT,
         snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
+        snapshot_age_cap: float = SNAPSHOT_AGE_CAP,
     ):
         if not (isinstance(declare_state_period, (int, float)) and declare_state_period > 0):
             raise ValueError(f"declare_state_period must be a positive number of seconds, got {declare_state_period}")
@@ -182,7 +180,9 @@ class StateSharing:
         self.declare_state_period = float(declare_state_period)
         self.send_stall_timeout, self.get_state_timeout = send_stall_timeout, get_state_timeout
         self.slots = DownloadSlots(max_concurrent_downloads, max_queued_downloads, max_queue_wait)
-        self.snapshots = SnapshotCache(get_current_state, snapshot_max_age, max_snapshots, get_state_timeout)
+        self.snapshots = SnapshotCache(
+            get_current_state, snapshot_max_age, max_snapshots, get_state_timeout, age_cap=snapshot_age_cap
+        )
         self._allow_state_sharing = False
         self._priority = 0.0
         self.allow_state_sharing = allow_state_sharing  # validated by the setters

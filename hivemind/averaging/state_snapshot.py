@@ -5,12 +5,15 @@ A donor's averager process gets its state from the user's process (``get_current
 process costs one file descriptor and no copy (tensors that already are views of one such buffer, as the default
 ``get_current_state`` makes them, are not copied at all); :meth:`PackedTensors.unpack` gives views of that buffer.
 
-:class:`SnapshotCache` then lets the downloads that run at the same time stream the same snapshot instead of one
-copy each: a download reuses the newest snapshot that another download still streams if that snapshot is at most
-``max_age`` seconds old, or whatever its age when ``max_snapshots`` of them are already in use; otherwise it takes a
-new one. Downloads that start while a snapshot is being taken wait for it. A snapshot is dropped as soon as its last
-download ends. So a donor holds at most ``max_snapshots`` copies of its state however many peers download it, and
-each download sends exactly what one ``get_current_state`` call returned (never a mix of two moments).
+:class:`SnapshotCache` then lets the downloads that run at the same time stream the same snapshot instead of one copy
+each: a download reuses the newest snapshot that another download still streams if that snapshot is at most ``max_age``
+seconds old, or (when ``max_snapshots`` of them are already in use) if it is at most ``age_cap`` seconds old; otherwise
+it takes a new one, or, when ``max_snapshots`` are in use and the newest is older than ``age_cap`` (downloads so slow
+that they keep old snapshots alive), it refuses the download with :class:`DonorBusyError` so that the newcomer tries
+another donor rather than receive a stale state. Downloads that start while a snapshot is being taken wait for it. A
+snapshot is dropped as soon as its last download ends. So a donor holds at most ``max_snapshots`` copies of its state
+however many peers download it, and each download sends exactly what one ``get_current_state`` call returned (never a
+mix of two moments).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from hivemind.compression import CompressionInfo
 from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
 
 __all__ = [
+    "DonorBusyError",
     "PackedTensors",
     "pack_tensors",
     "packed_copy",
@@ -37,9 +41,17 @@ __all__ = [
     "await_state_answer",
     "StateSnapshot",
     "SnapshotCache",
+    "SNAPSHOT_AGE_CAP",
 ]
 
 ALIGNMENT = 64  # bytes: every tensor starts at a multiple of this in the shared buffer (any dtype can view it)
+# seconds: a snapshot older than this is never handed to a new download (when none newer can be taken, the download
+# is refused as busy), so that slow downloads that keep old snapshots in use cannot make a donor send a stale state
+SNAPSHOT_AGE_CAP = 60.0
+
+
+class DonorBusyError(RuntimeError):
+    """This donor already serves (and queues) as many state downloads as it allows; the caller should try another."""
 
 
 class TensorLayout(NamedTuple):
@@ -180,8 +192,10 @@ class SnapshotCache:
 
     :param get_current_state: ``async () -> (metadata, tensors[, infos])``; infos may be None or left out
     :param max_age: seconds for which a snapshot in use is reused by a new download
-    :param max_snapshots: snapshots in use at most; beyond, new downloads reuse the newest whatever its age
+    :param max_snapshots: snapshots in use at most; beyond, new downloads reuse the newest if at most ``age_cap``
+      seconds old, else they are refused with :class:`DonorBusyError`
     :param timeout: seconds allowed for ``get_current_state``
+    :param age_cap: seconds: an older snapshot is never handed to a new download
     """
 
     def __init__(
@@ -190,10 +204,14 @@ class SnapshotCache:
         max_age: float,
         max_snapshots: int = 2,
         timeout: Optional[float] = None,
+        age_cap: float = SNAPSHOT_AGE_CAP,
     ):
-        if max_snapshots < 1 or not max_age >= 0:
-            raise ValueError(f"need max_snapshots >= 1 and max_age >= 0, got {max_snapshots} and {max_age}")
+        if max_snapshots < 1 or not max_age >= 0 or not age_cap >= max_age:
+            raise ValueError(
+                f"need max_snapshots >= 1 and 0 <= max_age <= age_cap, got {max_snapshots}, {max_age} and {age_cap}"
+            )
         self.get_current_state, self.max_age, self.max_snapshots = get_current_state, max_age, max_snapshots
+        self.age_cap = age_cap
         self.timeout = timeout
         self.in_use: List[StateSnapshot] = []  # oldest first
         self.taken = 0  # snapshots taken so far
@@ -212,6 +230,12 @@ class SnapshotCache:
         if self._taking is None:
             newest = self.in_use[-1] if self.in_use else None
             if newest is not None and (newest.age <= self.max_age or len(self.in_use) >= self.max_snapshots):
+                age = newest.age
+                if age > self.age_cap:  # (only when max_snapshots are in use: max_age <= age_cap)
+                    raise DonorBusyError(
+                        f"this peer already streams {len(self.in_use)} snapshots of its state and the newest was "
+                        f"taken {age:.0f} s ago (more than {self.age_cap:g} s): try another peer or retry later"
+                    )
                 return self._hold(newest)
             self._taking = _Taking()
             self._taking.task = asyncio.create_task(self._take(self._taking), name="take a state snapshot")
