@@ -78,18 +78,19 @@ def test_peer_whose_accumulated_gradients_overflow_averages_with_weight_zero_and
     reference = copy.deepcopy(models[0])
     x_good, x_overflow = torch.randn(4, 8), torch.full((4, 8), 0.75)
     # the second peer's gradient is 3 everywhere: 3 * 2^126 is a finite float32, twice that is not; so each of its
-    # steps passes the per-step check while its accumulated sum overflows from the second step on
+    # steps passes the per-step check while its accumulated sum overflows from the second step on. It takes one
+    # step first (4 of 16 samples, and no speed measured yet: the epoch cannot end), so that whenever its epoch
+    # ends, at least two steps were accumulated
     scalers = [GradScaler("cpu", init_scale=1024.0), GradScaler("cpu", init_scale=2.0**126)]
     opts = [make_optimizer(dht, model, target_batch_size=16, average_state_every=1000)
             for dht, model in zip(swarm(2), models)]  # fmt: skip
     try:
         wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
-        for _ in range(2):  # 8 of the 16 samples: the epoch cannot end yet
-            opts[1].zero_grad()
-            scalers[1].scale(models[1](x_overflow).sum()).backward()
-            scalers[1].step(opts[1])
-            assert not scalers[1].update()
-        assert opts[1].grad_averager.local_times_accumulated == 2
+        opts[1].zero_grad()
+        scalers[1].scale(models[1](x_overflow).sum()).backward()
+        scalers[1].step(opts[1])
+        assert not scalers[1].update()
+        assert opts[1].local_epoch == 0 and opts[1].grad_averager.local_times_accumulated == 1
         losses = [lambda model: model(x_good).sum(), lambda model: model(x_overflow).sum()]
         _train_until_first_epoch(models, opts, scalers, losses)
     finally:
