@@ -42,8 +42,13 @@ def _train_until_first_epoch(models, opts, scalers, losses, zero_grad=True):
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(delay_optimizer_step=True, delay_grad_averaging=True), dict(reuse_grad_buffers=True)],
-    ids=["default", "delayed-grad-averaging", "reuse-buffers"],
+    [
+        dict(),
+        dict(delay_optimizer_step=True, delay_grad_averaging=True),
+        dict(reuse_grad_buffers=True),
+        dict(offload_optimizer=False),
+    ],
+    ids=["default", "delayed-grad-averaging", "reuse-buffers", "no-offload"],
 )
 def test_peers_with_different_loss_scales_step_with_the_true_mean_gradient(swarm, options):
     torch.manual_seed(0)
