@@ -15,7 +15,7 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
 
 import torch
 
-from hivemind.averaging.allreduce_reducer import ReducerSide
+from hivemind.averaging.allreduce_reducer import ReducerSide, message_nbytes
 from hivemind.averaging.group_view import group_view_digest
 from hivemind.averaging.part_encoding import (
     AnyAveragingData,
@@ -163,6 +163,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         self._failed_reducers: Dict[PeerID, str] = {}
         self._lost_parts = 0  # parts whose reducer failed before replying
         self._sent_bytes = self._received_deltas = 0  # bytes of local values sent (before compression), replies
+        self.bytes_sent = self.bytes_received = 0  # AveragingData bytes this round put on / took off the wire
 
     @property
     def is_sender(self) -> bool:
@@ -312,6 +313,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                     self._ban(self.sender_index_of[peer_id], "cancelled its round")  # it sends no more parts
                 if message.code != MessageCode.AVERAGED_PART:
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
+                self.bytes_received += message_nbytes(message)
                 delta = await self._decode(message, part, what=f"delta {k}")
                 refuse_non_finite(delta, self.container.input_part(part), what=f"delta {k}")
                 self.container.register_processed_part(peer_index, k, delta)
@@ -334,6 +336,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 message.tensor_part.CopyFrom(part)
             first = False
             self._sent_bytes += self.container.part_nbytes(peer_index, index)
+            self.bytes_sent += message_nbytes(message)
             progress.touch()
             yield message
 
@@ -366,7 +369,8 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         logger.debug(
             f"All-reduce {group} ({self.group_size} peers, {self.my_mode.name}): sent {self._sent_bytes} bytes of "
             f"local values to {len([i for i in self.reducer_indices if i != self.my_index])} reducers, received "
-            f"{self._received_deltas} deltas, reduced {reduced} parts"
+            f"{self._received_deltas} deltas, reduced {reduced} parts; {self.bytes_sent} bytes sent and "
+            f"{self.bytes_received} bytes received in all"
         )
         if self.reducer is not None and self.reducer.banned_reasons:
             banned = {self.sender_peer_ids[i]: reason for i, reason in self.reducer.banned_reasons.items()}

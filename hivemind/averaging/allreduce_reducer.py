@@ -14,17 +14,29 @@ from hivemind.averaging.group_view import first_part_refusal, group_view_digest
 from hivemind.averaging.part_encoding import CHEAP_WIRE_TYPES, encode_delta, refuse_unsafe_part, wire_tensor
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p.bulk_messages import BulkMessage
+from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import anext, await_with_timeout
 from hivemind.utils.logging import get_logger
 
-__all__ = ["ReducerSide"]
+__all__ = ["ReducerSide", "message_nbytes"]
 
 logger = get_logger(__name__)
 
 AveragingData = averaging_pb2.AveragingData
 MessageCode = averaging_pb2.MessageCode
 _END = object()
+
+
+def message_nbytes(message) -> int:
+    """Bytes of an AveragingData's protobuf encoding (without the stream's framing), computed without encoding it."""
+    if isinstance(message, EncodedMessage):
+        return sum(memoryview(chunk).nbytes for chunk in message.parts)
+    if isinstance(message, BulkMessage):
+        bulk = message.bulk
+        return message.message.ByteSize() + (0 if bulk is None else memoryview(bulk).nbytes)
+    return message.ByteSize()
 
 
 class _TooManyParts(AllreduceException):
@@ -89,8 +101,10 @@ class ReducerSide:
                 if buffered or answered == len(self.my_parts):
                     pending_replies.append(reply)
                 else:
+                    self.bytes_sent += message_nbytes(reply)
                     yield reply
             for reply in pending_replies:
+                self.bytes_sent += message_nbytes(reply)
                 yield reply
         except (AllreduceException, asyncio.TimeoutError) as e:
             logger.debug(f"{self}: stopped serving {peer_id}: {e!r}")
@@ -145,6 +159,7 @@ class ReducerSide:
                         raise AllreduceException(f"stream ended after {k} of {num_parts} parts") from None
                     except asyncio.TimeoutError:
                         raise AllreduceException(f"part {k} did not arrive within {self.sender_timeout} s") from None
+                self.bytes_received += message_nbytes(message)
                 tensor = await self._decode(message, part, what=f"part {k}")
                 local = self.container.input_part(part)
                 refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")

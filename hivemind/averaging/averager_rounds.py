@@ -172,7 +172,10 @@ class AveragingRounds:
             await asyncio.get_running_loop().run_in_executor(None, self._apply_deltas, deltas)
         elapsed = time.perf_counter() - started
         self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed)
-        logger.info(f"Averaged {vector_bytes} bytes with {group_info.group_size} peers in {elapsed:.3f} s")
+        logger.info(
+            f"Averaged {vector_bytes} bytes with {group_info.group_size} peers in {elapsed:.3f} s (sent "
+            f"{runner.bytes_sent} bytes, received {runner.bytes_received} bytes)"
+        )
         return user_gathered
 
     @staticmethod
@@ -254,7 +257,7 @@ class AveragingRounds:
         runner = await self._wait_for_group(first.group_id, max(self.request_timeout, GROUP_SETUP_TIMEOUT))
         if runner is None and self._is_cancelled_group(first.group_id):
             logger.debug(f"{context.remote_id} sent parts for group {first.group_id.hex()[:8]}, cancelled here")
-            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.MessageCode.CANCELLED)  # its senders drop it now
             return
         if runner is None:
             logger.debug(f"{context.remote_id} sent parts for an unknown group {first.group_id.hex()}")
