@@ -4,6 +4,7 @@ the handlers it serves, and shutdown. The averaging logic itself lives in averag
 import asyncio
 import concurrent.futures
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -77,6 +78,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         self._origin_pid = os.getpid()
         self._started = False
         self._shutting_down = False
+        self._shutdown_requested = False  # (user process) shutdown() was called
         # user process -> averager process: calls (one duplex pipe, answers come back on it)
         self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
         self._caller = CallerEnd(self._caller_connection)
@@ -191,7 +193,12 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
                     send_packed_state(future, (metadata, tensors, *infos), receiver_sentinel=self.sentinel)
                 del metadata, tensors, infos  # the averager's process alone holds the state while it streams it
             except Exception as e:
-                logger.warning(f"get_current_state() failed, the download is refused: {e!r}")
+                gone = self._shutdown_requested or multiprocessing.connection.wait([self.sentinel], timeout=0)
+                if isinstance(e, ChannelClosedError) and gone:
+                    # e.g. the default get_current_state asks the averager for its group bits: it is gone
+                    logger.debug(f"get_current_state() was cut short by the averager's shutdown: {e!r}")
+                else:
+                    logger.warning(f"get_current_state() failed, the download is refused: {e!r}")
                 try:
                     future.set_exception(e)
                 except Exception:
@@ -201,6 +208,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         """Leave the swarm: cancel running steps, remove the handlers, stop the process."""
         if not self._started or os.getpid() != self._origin_pid or getattr(self, "_popen", None) is None:
             return
+        self._shutdown_requested = True
         if self.is_alive():
             try:
                 self._caller.call(concurrent.futures.Future(), "shutdown")
