@@ -23,6 +23,7 @@ from hivemind.averaging.deadlines import AdaptiveDeadlines
 from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.averaging.payload import compute_schema_hash, encode_gather
+from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
@@ -48,7 +49,8 @@ class DecentralizedAverager(AveragerProcess):
     butterfly all-reduce with them. Runs in a background process (started with ``start=True`` or
     ``run_in_background()``), with its own event loop, using the DHT's p2p daemon.
 
-    :param averaged_tensors: the tensors to average; moved to shared memory, must be leaves (no grad_fn)
+    :param averaged_tensors: the tensors to average, must be leaves (no grad_fn); moved to shared memory in place
+      (into one shared buffer where possible, see shared_buffer.py)
     :param dht: a running DHT; the averager uses its daemon
     :param start: start the averager's process now and wait until it is ready
     :param prefix: names this averaging swarm (group keys ``<prefix>.0b<bits>``, handlers ``<prefix>::<class>.*``);
@@ -188,8 +190,8 @@ class DecentralizedAverager(AveragerProcess):
             len(tensor_infos) == len(averaged_tensors),
             f"tensor_infos has {len(tensor_infos)} entries for {len(averaged_tensors)} tensors",
         )
-        with torch.no_grad():
-            self._averaged_tensors = tuple(tensor.share_memory_() for tensor in averaged_tensors)
+        # in place, as share_memory_() would, but in one shared buffer: one file descriptor for all the tensors
+        self._averaged_tensors = tuple(share_in_one_buffer(averaged_tensors))
         self.total_size = sum(tensor.numel() for tensor in self._averaged_tensors)
         self.schema_hash = compute_schema_hash(averaged_tensors)
 

@@ -6,6 +6,9 @@ tensor got exactly the number of chunks its first chunk announced and decodes to
 the caller knows what the state should look like (``expected_tensors``, e.g. the averager's own state), the tensors
 match it in number, shape and dtype. Anything else (a broken or stalled stream, garbage metadata, a wrong shape)
 rejects that donor and the next one is tried; a partial state is never returned.
+
+The tensors of a downloaded state are views of one shared-memory buffer (written in place as they are decoded when
+the expected shapes and dtypes are known): they reach the user's process as one file descriptor, not one per tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from hivemind.averaging.state_snapshot import ALIGNMENT, PackedTensors, TensorLayout, packed_copy
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
@@ -219,6 +223,32 @@ def decode_chunks(chunks: List[runtime_pb2.Tensor]) -> torch.Tensor:
     return deserialize_torch_tensor(combine_from_streaming(chunks))
 
 
+def _shared_outputs(expected: Optional[Sequence[Tuple[Tuple[int, ...], Any]]]) -> Optional[List[torch.Tensor]]:
+    """Views of one new shared buffer, one per expected tensor (our own shapes, not the donor's), or None when the
+    expected tensors or some of their dtypes are unknown."""
+    if expected is None or any(not isinstance(dtype, torch.dtype) for _, dtype in expected):
+        return None
+    layouts, offset = [], 0
+    for shape, dtype in expected:
+        layouts.append(TensorLayout(offset, tuple(shape), dtype, False))
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+    storage = torch.UntypedStorage._new_shared(max(offset, 1))  # (an empty mapping is refused)
+    return PackedTensors(torch.empty(0, dtype=torch.uint8).set_(storage), tuple(layouts)).unpack()
+
+
+def _decode_checked(
+    assembler: StateAssembler, index: int, chunks: List[runtime_pb2.Tensor], out: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Decode one tensor, check it against the expected one and (if given) copy it into ``out`` (in a thread)."""
+    tensor = decode_chunks(chunks)
+    assembler.check_decoded(index, tensor)
+    if out is None:
+        return tensor
+    out.copy_(tensor)
+    return out
+
+
 async def download_state(
     p2p: P2P,
     donor: PeerID,
@@ -241,6 +271,7 @@ async def download_state(
     assembler = StateAssembler(expected_tensors, max_bytes)
     loop = asyncio.get_running_loop()
     tensors: List[torch.Tensor] = []
+    outputs = _shared_outputs(assembler.expected)  # where decoded tensors go (None: packed at the end)
     decoding: Optional[asyncio.Future] = None  # at most one tensor is decoded while the next one arrives
 
     async def collect_decoded() -> None:
@@ -252,13 +283,14 @@ async def download_state(
             tensor = await future
         except ValueError as e:  # TensorDecodeError and friends
             raise StateDownloadError(f"tensor {index} cannot be decoded: {e}") from None
-        assembler.check_decoded(index, tensor)
         tensors.append(tensor)
 
     async def decode_in_background(chunks: List[runtime_pb2.Tensor]) -> None:
         nonlocal decoding
         await collect_decoded()
-        decoding = loop.run_in_executor(None, decode_chunks, chunks)
+        index = len(tensors)
+        out = outputs[index] if outputs is not None and index < len(outputs) else None
+        decoding = loop.run_in_executor(None, _decode_checked, assembler, index, chunks, out)
 
     stub = servicer_type.get_stub(p2p, donor, namespace=prefix)
     stream: AsyncIterator[averaging_pb2.DownloadData] = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
@@ -289,6 +321,8 @@ async def download_state(
         await stream.aclose()
         if decoding is not None:  # failed part-way: let the thread finish, drop its result
             await asyncio.gather(decoding, return_exceptions=True)
+    if outputs is None:  # one shared buffer for the whole state all the same (one copy)
+        tensors = await loop.run_in_executor(None, packed_copy, tensors)
     return assembler.metadata, tensors
 
 

@@ -78,19 +78,23 @@ class CallerEnd:
     def _read_forever(self) -> None:
         try:
             while True:
-                call_id, ok, payload = self._connection.recv()
-                future = self._pending.pop(call_id, None)
-                if future is None or future.done():
-                    continue
-                try:
-                    future.set_result(payload) if ok else future.set_exception(payload)
-                except concurrent.futures.InvalidStateError:
-                    pass  # cancelled concurrently by the user
+                self._deliver(*self._connection.recv())
         except (EOFError, OSError) as e:
             self.fail_pending(e)
         except BaseException as e:  # e.g. an unpicklable result: fail everything rather than hang
             logger.exception("DHT response reader crashed")
             self.fail_pending(e)
+
+    def _deliver(self, call_id: int, ok: bool, payload: Any) -> None:
+        """Resolve the future of ``call_id``. A function of its own so that the reader thread keeps no reference
+        to the answer while it waits for the next one (e.g. a whole downloaded state)."""
+        future = self._pending.pop(call_id, None)
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(payload) if ok else future.set_exception(payload)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled concurrently by the user
 
     def fail_pending(self, reason: BaseException) -> None:
         self._closed_error = reason
@@ -147,6 +151,7 @@ class ServingEnd:
                 self._connection.send_bytes(message)
             except (OSError, EOFError, ValueError):
                 return  # the user process is gone (or the connection was closed): nobody is left to answer
+            del message  # not kept while waiting for the next answer
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
