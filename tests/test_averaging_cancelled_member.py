@@ -33,7 +33,7 @@ def test_members_finish_at_once_without_a_member_that_cancelled_after_joining():
             control.result(timeout=30)
         elapsed = time.monotonic() - started
         # the cancelled member refuses the parts it would have reduced at once, and is excluded as a sender at once
-        assert elapsed < 2.5, f"the others waited {elapsed:.1f} s for the member that cancelled"
+        assert elapsed < 4.0, f"the others waited {elapsed:.1f} s for the member that cancelled"
         results = []
         for averager in averagers[:2]:
             with averager.get_tensors() as (tensor,):

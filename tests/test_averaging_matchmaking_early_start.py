@@ -78,5 +78,5 @@ async def test_a_search_polls_the_group_key_soon_after_declaring_then_backs_off(
         await look_for_groups([peer], [make_step(timeout=3.0)])
         gaps = [later - earlier for earlier, later in zip(polls, polls[1:])]
         # peers that start together miss each other's declaration at the first look: the next ones come quickly
-        assert len([moment for moment in polls if moment - polls[0] < 1.5]) >= 4, gaps
+        assert len([moment for moment in polls if moment - polls[0] < 2.5]) >= 4, gaps  # at 1 s periods: 3
         assert gaps[-1] > 0.5, gaps  # ...and the search then polls at its regular period

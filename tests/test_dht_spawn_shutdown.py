@@ -66,4 +66,4 @@ def test_dht_process_that_imported_torch_shuts_down_promptly_and_cleanly(tmp_pat
     assert report["alive"] == [], "p2pd outlived the DHT process"
     assert report["left"] == [], "socket files were left behind"
     assert "did not shut down" not in result.stderr
-    assert report["elapsed"] < 0.5, f"the DHT process took {report['elapsed']:.2f} s to shut down"
+    assert report["elapsed"] < 1.0, f"the DHT process took {report['elapsed']:.2f} s to shut down"

@@ -10,7 +10,7 @@ from averager_helpers import dht_swarm
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.performance_ema import PerformanceEMA
 
-OPTIMIZER_STEP_SECONDS = 0.3
+OPTIMIZER_STEP_SECONDS = 1.0
 
 
 class SlowSGD(torch.optim.SGD):
@@ -46,11 +46,20 @@ def test_delay_before_averaging_measures_the_work_that_precedes_each_round():
             averager.step(optimizer_step=True, delay_optimizer_step=True, delay_averaging=True, **round_options)
             averager.step(wait_for_delayed_updates=True)
             assert averager.delay_before_averaging.num_updates == 2
-            # alpha 0.5: the average of a delay of at least 0.3 s and a small one is at least 0.15 s
+            # alpha 0.5: the mean of one delay of OPTIMIZER_STEP_SECONDS or more and a small one is at least half of it
             assert averager.delay_before_averaging.ema_seconds_per_sample >= OPTIMIZER_STEP_SECONDS / 2
         finally:
             averager.shutdown()
 
 
+@pytest.mark.timeout(60)
 def test_delay_before_averaging_stays_in_the_users_process():
-    assert "delay_before_averaging" in TrainingStateAverager._USER_PROCESS_ONLY  # a lock: it cannot be pickled
+    with dht_swarm(1) as (dht,):
+        model = torch.nn.Linear(4, 2)
+        averager = TrainingStateAverager(
+            dht=dht, optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
+            prefix="delay_pickle_test", start=False,
+        )  # fmt: skip
+        state = averager.__getstate__()  # what a spawned averager process receives
+        assert "delay_before_averaging" not in state  # it holds a lock, which cannot be pickled
+        assert "_averaged_tensors" in state  # while what the averaging side needs does go
