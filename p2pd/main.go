@@ -3,7 +3,7 @@
 // It reimplements the command line and control protocol of the daemon hivemind ships
 // (learning-at-home/go-libp2p-daemon v0.5.0, "p2pd v0.5.0.hivemind1"), and its peer-to-peer exchanges, so that it
 // interoperates with peers running that daemon. It is built on the same libp2p stack: go-libp2p v0.32.1 and
-// go-libp2p-kad-dht v0.25.1 (see go.mod). The behaviour it implements is specified in WIRE.md §1–§3.
+// go-libp2p-kad-dht v0.25.1 (see go.mod).
 package main
 
 import (

@@ -215,7 +215,7 @@ func (d *daemon) removeUnaryHandlersOf(pc *persistentConn) {
 	}
 }
 
-// callUnary performs a unary call for the client (WIRE.md §3.3): one request message out, one response back.
+// callUnary performs a unary call for the client: one request message out, one response back.
 func (pc *persistentConn) callUnary(req *persistentRequest, raw []byte) {
 	defer func() {
 		if r := recover(); r != nil {

@@ -1,4 +1,4 @@
-"""The p2pd command line built by ``P2P.create`` (WIRE.md §2.5); pure functions, no I/O."""
+"""The p2pd command line built by ``P2P.create``; pure functions, no I/O."""
 
 import re
 import warnings
@@ -67,7 +67,7 @@ def build_daemon_args(
     trusted_relays: Optional[Sequence[MaddrLike]] = None,
     daemon_flags: Optional[Mapping[str, Any]] = None,
 ) -> List[str]:
-    """Arguments for p2pd, in the order WIRE.md §2.5 lists them (without the binary path)."""
+    """Arguments for p2pd, in the order the original hivemind emits them (without the binary path)."""
     if dht_mode not in DHT_MODE_MAPPING:
         raise ValueError(f"dht_mode must be one of {sorted(DHT_MODE_MAPPING)}, got {dht_mode!r}")
     if force_reachability is not None and force_reachability not in FORCE_REACHABILITY_MAPPING:

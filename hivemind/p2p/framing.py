@@ -1,4 +1,4 @@
-"""hivemind stream framing (WIRE.md §3.4): 1-byte marker, 8-byte big-endian length, payload.
+"""hivemind stream framing: 1-byte marker, 8-byte big-endian length, payload.
 
 The codec functions are pure; the async helpers move frames over asyncio streams without concatenating
 large payloads (header and payload are written separately, each payload is read with a single readexactly).

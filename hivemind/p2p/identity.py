@@ -1,4 +1,4 @@
-"""libp2p identity files: a serialized ``crypto.pb.PrivateKey`` holding a PKCS#1 DER RSA key (WIRE.md §1.1)."""
+"""libp2p identity files: a serialized ``crypto.pb.PrivateKey`` holding a PKCS#1 DER RSA key."""
 
 import os
 

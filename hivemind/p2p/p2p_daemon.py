@@ -1,4 +1,4 @@
-"""``P2P``: a libp2p peer backed by a child p2pd daemon, with protobuf RPC handlers (API.md §2.1)."""
+"""``P2P``: a libp2p peer backed by a child p2pd daemon, with protobuf RPC handlers."""
 
 import asyncio
 import base64
@@ -121,7 +121,7 @@ class P2P(ProtobufCallsMixin):
         tune_malloc: Optional[bool] = None,
         daemon_flags: Optional[Mapping[str, Any]] = None,
     ) -> "P2P":
-        """Start a p2pd daemon and connect to it (see API.md §2.1 for every option).
+        """Start a p2pd daemon and connect to it.
 
         :param startup_timeout: seconds to wait for the daemon to report its peer id
         :param idle_timeout: the daemon exits if no persistent connection is opened within this many seconds

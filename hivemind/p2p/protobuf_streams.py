@@ -1,4 +1,4 @@
-"""Protobuf RPCs over hivemind-framed streams (WIRE.md §3.4): serving a handler and calling one.
+"""Protobuf RPCs over hivemind-framed streams: serving a handler and calling one.
 
 Both sides work on any asyncio reader/writer pair; ``P2P`` only opens the streams and watches the daemon.
 """
@@ -16,7 +16,7 @@ from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-# how many incoming requests a stream handler buffers ahead of the handler (WIRE.md §3.4)
+# how many incoming requests a stream handler buffers ahead of the handler (5, like the original)
 HANDLER_INPUT_PREFETCH = 5
 # after refusing a request mid-stream, how long the handler side waits for the caller to close before it does
 REFUSAL_LINGER = 5.0

@@ -29,7 +29,7 @@ class RPCHandler:
 
 
 def get_handle_name(namespace: Optional[str], class_name: str, method_name: str) -> str:
-    """The libp2p protocol id of a handler (WIRE.md §3.1): ``[namespace::]ClassName.rpc_x``."""
+    """The libp2p protocol id of a handler: ``[namespace::]ClassName.rpc_x``."""
     handle_name = f"{class_name}.{method_name}"
     return handle_name if namespace is None else f"{namespace}::{handle_name}"
 
@@ -94,7 +94,7 @@ class ServicerBase:
 
     @classmethod
     def _get_stub_type(cls) -> Type[StubBase]:
-        # cached per class: a subclass gets its own stub that uses its own class name (WIRE.md §3.1)
+        # cached per class: a subclass gets its own stub that uses its own class name
         if "_stub_type_cache" not in cls.__dict__:
             methods: Dict[str, Callable] = {}
             for handler in cls._get_rpc_handlers():

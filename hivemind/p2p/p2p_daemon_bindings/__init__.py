@@ -1,4 +1,4 @@
-"""Client bindings of the p2pd control protocol (WIRE.md §2)."""
+"""Client bindings of the p2pd control protocol."""
 
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 

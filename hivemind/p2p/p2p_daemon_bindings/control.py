@@ -1,4 +1,4 @@
-"""Asyncio client of the p2pd control protocol (WIRE.md §2): plain requests, stream handlers and unary RPCs."""
+"""Asyncio client of the p2pd control protocol: plain requests, stream handlers and unary RPCs."""
 
 import asyncio
 import logging

@@ -1,4 +1,4 @@
-"""Peer identifiers and small records exchanged with p2pd (WIRE.md §1, §5.6)."""
+"""Peer identifiers and small records exchanged with p2pd."""
 
 import dataclasses
 import hashlib
@@ -84,7 +84,7 @@ class PeerID:
 
     @classmethod
     def from_identity(cls, data: bytes) -> "PeerID":
-        """Peer id of an identity file's contents (a serialized RSA ``crypto.pb.PrivateKey``, WIRE.md §1.1)."""
+        """Peer id of an identity file's contents (a serialized RSA ``crypto.pb.PrivateKey``)."""
         private_key_msg = crypto_pb2.PrivateKey()
         try:
             private_key_msg.ParseFromString(data)

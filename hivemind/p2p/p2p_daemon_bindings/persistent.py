@@ -1,4 +1,4 @@
-"""The multiplexed persistent connection to p2pd that carries unary RPCs both ways (WIRE.md §2.4)."""
+"""The multiplexed persistent connection to p2pd that carries unary RPCs both ways."""
 
 import asyncio
 import uuid

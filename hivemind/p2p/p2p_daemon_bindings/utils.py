@@ -1,4 +1,4 @@
-"""Errors of the p2pd control channel and varint-delimited protobuf framing (WIRE.md §2.1)."""
+"""Errors of the p2pd control channel and varint-delimited protobuf framing."""
 
 import asyncio
 from typing import Tuple, TypeVar
