@@ -1,4 +1,4 @@
-"""Peers that recently failed to answer, skipped by searches for an exponentially growing time (BEHAVIOUR 20)."""
+"""Peers that recently failed to answer, skipped by searches for an exponentially growing time; a success clears it."""
 
 import time
 from typing import Callable, Dict, Generic, Hashable, Tuple, TypeVar

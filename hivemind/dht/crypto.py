@@ -18,7 +18,7 @@ logger = get_logger(__name__)
 
 class RSASignatureValidator(RecordValidatorBase):
     """
-    Protects records whose key or subkey contains ``[owner:<OpenSSH RSA public key>]`` (WIRE.md §7.6): such a
+    Protects records whose key or subkey contains ``[owner:<OpenSSH RSA public key>]``: such a
     record is valid only if its value ends with ``[signature:<base64 RSA-PSS signature>]`` made by that key over
     ``msgpack((key, subkey, unsigned value, expiration_time))``. Records without an owner tag pass unchanged.
 

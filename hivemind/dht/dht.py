@@ -1,4 +1,4 @@
-"""DHT: a DHTNode running in a background process with its own event loop, driven through futures (API.md §1.1)."""
+"""DHT: a DHTNode running in a background process with its own event loop, driven through futures."""
 
 import asyncio
 import concurrent.futures

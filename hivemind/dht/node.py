@@ -47,7 +47,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
     """
     A DHT peer on an asyncio event loop: routing table, storage and cache live in its :class:`DHTProtocol`; this
     class finds nodes (beam search), stores to the ``num_replicas`` nearest nodes and gets values from them.
-    Create with ``await DHTNode.create(...)``; see API.md §1.2 for every parameter.
+    Create with ``await DHTNode.create(...)``.
     """
 
     node_id: DHTID
@@ -87,7 +87,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
         **kwargs,
     ) -> "DHTNode":
         """
-        Start a node and join the DHT through ``initial_peers`` (see API.md §1.2 for all parameters).
+        Start a node and join the DHT through ``initial_peers``.
 
         :param kwargs: options for P2P.create when ``p2p`` is None (ValueError if ``p2p`` is given)
         :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set

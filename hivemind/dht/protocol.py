@@ -1,4 +1,4 @@
-"""The DHT's three RPCs (ping, store, find): the servicer that answers them and the client calls (WIRE §7.3)."""
+"""The DHT's three RPCs (ping, store, find): the servicer that answers them and the client calls."""
 
 import asyncio
 import collections
@@ -153,7 +153,7 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         request: dht_pb2.StoreRequest,
         context: P2PContext,
     ) -> dht_pb2.StoreResponse:
-        """Store (or cache) each item that is well-formed, valid and newer than what we hold (WIRE §7.5)."""
+        """Store (or cache) each item that is well-formed, valid and newer than what we hold."""
         sender_id = self._check_sender(request.peer)
         try:
             check_store_request_shape(

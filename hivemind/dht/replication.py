@@ -1,4 +1,4 @@
-"""Which locally stored keys a newly seen peer should receive (WIRE §7.3), as a pure decision over node ids."""
+"""Which locally stored keys a newly seen peer should receive, as a pure decision over node ids."""
 
 from typing import Callable, Iterable, List, Sequence
 

@@ -1,4 +1,4 @@
-"""Kademlia identifiers, k-buckets and the routing table: pure data structures, no I/O (WIRE.md §7.1)."""
+"""Kademlia identifiers, k-buckets and the routing table: pure data structures, no I/O."""
 
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ class RoutingTable:
             return bucket.request_ping_node()
 
     def _is_splittable(self, bucket: KBucket) -> bool:
-        """WIRE §7.1: the own bucket always splits; others only at depths that are not multiples of depth_modulo."""
+        """Split rule: the own bucket always splits; others only at depths that are not multiples of depth_modulo."""
         return bucket.covers(self.node_id) or bucket.depth % self.depth_modulo > 0
 
     def _forget_mapping(self, node_id: DHTID, peer_id: PeerID) -> None:

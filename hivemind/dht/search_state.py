@@ -1,4 +1,4 @@
-"""The best entry found so far by one key's search, and when that search may stop (pure, no I/O; WIRE §7.7)."""
+"""The best entry found so far by one key's search, and when that search may stop (pure, no I/O)."""
 
 from typing import Optional, Set, Union
 
@@ -20,7 +20,7 @@ def merge_dictionaries(*dictionaries: DictionaryDHTValue) -> DictionaryDHTValue:
 
 class KeySearch:
     """
-    Candidates for one key's value, merged as WIRE §7.5 orders them: between regular values and whole dictionaries
+    Candidates for one key's value, merged like storage merges them: between regular values and whole dictionaries
     the later expiration wins; two dictionaries merge entry by entry (per subkey, the newest entry wins).
     The search is *satisfied* once the best entry expires no earlier than ``sufficient_expiration_time``.
     """

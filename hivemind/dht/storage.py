@@ -1,4 +1,4 @@
-"""Local DHT storage: regular values, dictionary values (msgpack ext 0x50) and the acceptance rules of WIRE.md §7.5."""
+"""Local DHT storage: regular values, dictionary values (msgpack ext 0x50) and which incoming value wins."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
 class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTValue]]):
     """
     A node's storage (or cache) of key id -> serialized value or DictionaryDHTValue. A dictionary is kept until its
-    latest entry expires. ``store`` and ``store_subkey`` apply the acceptance rules of WIRE.md §7.5.
+    latest entry expires. ``store`` and ``store_subkey`` accept a value only if it has not expired and expires later
+    than the entry (or subkey entry) it would replace.
     """
 
     def store(

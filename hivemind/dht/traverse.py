@@ -1,5 +1,5 @@
 """
-Beam search over the DHT graph (WIRE.md §7.7), independent of the network: the caller supplies an async
+Beam search over the DHT graph, independent of the network: the caller supplies an async
 ``get_neighbors`` function, so the search logic is tested against in-memory graphs.
 """
 

@@ -12,7 +12,7 @@ __all__ = ["DHTRecord", "RecordValidatorBase", "CompositeValidator", "RecordSize
 
 @dataclasses.dataclass(frozen=True)
 class DHTRecord:
-    """One DHT entry as validators see it (WIRE.md §7.6)."""
+    """One DHT entry as validators see it."""
 
     key: bytes  # the 20-byte key id, DHTID.to_bytes()
     subkey: bytes  # the msgpack-encoded subkey; b"\\xc0" (msgpack of None) for a regular value

@@ -1,4 +1,4 @@
-"""hivemind-dht: run a standalone DHT peer (e.g. the bootstrap peer of a swarm) until SIGINT/SIGTERM (CLI.md §1)."""
+"""hivemind-dht: run a standalone DHT peer (e.g. the bootstrap peer of a swarm) until SIGINT/SIGTERM."""
 
 import argparse
 import functools
