@@ -1,4 +1,4 @@
-"""Tensor compression: codecs, adaptive strategies and tensor (de)serialization for the wire (WIRE.md §8)."""
+"""Tensor compression: codecs, adaptive strategies and tensor (de)serialization for the wire."""
 
 from hivemind.compression.adaptive import PerTensorCompression, RoleAdaptiveCompression, SizeAdaptiveCompression
 from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompression, TensorDecodeError, TensorRole

@@ -34,7 +34,7 @@ __all__ = [
 CHUNK_ELEMENTS = 2**21  # elementwise passes run over chunks this long (8 MiB of float32): they stay in L3 cache
 MAX_NDIM = 64  # torch's own limit on the number of dimensions
 
-# dtype names used on the wire (WIRE.md §8.1): torch names without "torch.", which equal numpy's names
+# dtype names used in the Tensor message's dtype field: torch names without "torch.", which equal numpy's names
 _NAME_TO_DTYPE: Dict[str, torch.dtype] = {
     "float16": torch.float16,
     "float32": torch.float32,

@@ -1,4 +1,4 @@
-"""serialize_torch_tensor / deserialize_torch_tensor: the CompressionType -> codec registry (WIRE.md §8)."""
+"""serialize_torch_tensor / deserialize_torch_tensor: the CompressionType -> codec registry."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def deserialize_torch_tensor(serialized_tensor: runtime_pb2.Tensor) -> torch.Ten
 async def deserialize_tensor_stream(
     stream: AsyncIterator[Iterable[runtime_pb2.Tensor]],
 ) -> List[torch.Tensor]:
-    """Reassemble and decode tensors from a stream of chunk lists (WIRE.md §8.3).
+    """Reassemble and decode tensors from a stream of chunk lists (as split_for_streaming cuts them).
 
     A chunk with a non-empty dtype starts a new tensor; chunks without one continue the current tensor.
     """

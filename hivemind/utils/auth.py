@@ -1,4 +1,4 @@
-"""Optional request/response authorization for RPCs whose messages carry an ``auth`` field (WIRE.md §11).
+"""Optional request/response authorization for RPCs whose messages carry an ``auth`` field.
 
 A client signs each request with its private key and attaches an application-issued access token; the servicer
 checks the token, the signature, the clock and the nonce, and signs its response, which the client checks in turn.

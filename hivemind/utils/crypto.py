@@ -1,4 +1,4 @@
-"""RSA keys used to sign DHT records and authorize requests (WIRE.md §7.6): 2048-bit, RSA-PSS/SHA-256, base64."""
+"""RSA keys used to sign DHT records and authorize requests: 2048-bit, RSA-PSS/SHA-256, base64."""
 
 from __future__ import annotations
 

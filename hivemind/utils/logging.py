@@ -1,4 +1,4 @@
-"""Logging setup shared by all hivemind modules: one handler, one line format (CLI.md §0), env-driven levels."""
+"""Logging setup shared by all hivemind modules: one handler, one line format, env-driven levels."""
 
 from __future__ import annotations
 

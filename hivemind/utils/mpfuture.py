@@ -1,4 +1,4 @@
-"""A concurrent.futures.Future that other processes can complete (API.md §9), under both fork and spawn.
+"""A concurrent.futures.Future that other processes can complete, under both fork and spawn.
 
 Design: the process that creates futures (the *origin*) lazily runs one listener thread on a local socket
 (Linux abstract namespace, a temporary file elsewhere) protected by a random authkey. A future pickles as

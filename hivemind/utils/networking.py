@@ -1,4 +1,4 @@
-"""Helpers for choosing and announcing this peer's addresses (CLI.md §1.1)."""
+"""Helpers for choosing and announcing this peer's addresses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Splitting serialized tensors into chunks for streaming RPCs and joining them back (WIRE.md §8.3)."""
+"""Splitting serialized tensors into chunks for streaming RPCs and joining them back."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ class BatchTensorDescriptor(TensorDescriptor):
         return super().make_zeros(size=(*batch_size, *self.shape[1:]), **kwargs)
 
     def packb(self) -> bytes:
-        """Payload of msgpack ext 0x51 (WIRE.md §9.4): a map with keys in a fixed order."""
+        """Payload of msgpack ext 0x51: a map with keys in a fixed order."""
         return MSGPackSerializer.dumps(
             dict(
                 size=self.size,

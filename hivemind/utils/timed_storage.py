@@ -1,4 +1,4 @@
-"""A dictionary whose entries expire at given DHT times (API.md §1.4, WIRE.md §7.5)."""
+"""A dictionary whose entries expire at given DHT times."""
 
 from __future__ import annotations
 
