@@ -49,7 +49,7 @@ class ReducerSide:
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[AveragingData], context: P2PContext
     ) -> AsyncIterator[AveragingData]:
-        """Average the parts of one sender with the others' and reply with one delta per part (WIRE §10.6 order)."""
+        """Average the parts of one sender with the others' and reply with one delta per part, in part order."""
         task = asyncio.current_task()
         self._handler_tasks.add(task)
         try:
