@@ -1,4 +1,4 @@
-"""hivemind-dht (CLI.md §1, BEHAVIOUR 80): start-up lines, a second peer bootstrapping from the first, Ctrl-C."""
+"""hivemind-dht start-up lines, a second peer bootstrapping from the first, Ctrl-C."""
 
 import os
 import queue

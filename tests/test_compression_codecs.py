@@ -1,4 +1,4 @@
-"""Round trips and error bounds of every codec (hivemind.compression, WIRE.md §8.2, BEHAVIOUR.md §G)."""
+"""Round trips and error bounds of every codec (hivemind.compression)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""RSASignatureValidator: owner tags, signatures, stripping and merging (WIRE.md §7.6)."""
+"""RSASignatureValidator: owner tags, signatures, stripping and merging."""
 
 import dataclasses
 import pickle

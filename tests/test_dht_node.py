@@ -1,4 +1,4 @@
-"""DHTNode: BEHAVIOUR §A-B on swarms of real daemons, plus the node's pure rules (back-off, replication, merging)."""
+"""DHTNode: store/get/bootstrap on real daemons, plus the node's pure rules (back-off, replication, merging)."""
 
 import asyncio
 import random

@@ -1,4 +1,4 @@
-"""DHT: the node in a background process, driven through the future-based API (API.md §1.1, BEHAVIOUR 15-16)."""
+"""DHT: the node in a background process, driven through the future-based API."""
 
 import asyncio
 import concurrent.futures

@@ -1,4 +1,4 @@
-"""DHTID hashing and distance, k-buckets and the routing table (pure logic, WIRE.md §7.1)."""
+"""DHTID hashing and distance, k-buckets and the routing table (pure logic)."""
 
 import pickle
 import random

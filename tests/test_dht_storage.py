@@ -1,4 +1,4 @@
-"""Local DHT storage: DictionaryDHTValue (ext 0x50) and every acceptance rule of WIRE.md §7.5."""
+"""Local DHT storage: DictionaryDHTValue (ext 0x50) and every rule for which incoming value wins."""
 
 import math
 import pickle
@@ -79,7 +79,7 @@ def test_malformed_dictionary_payload_is_rejected_with_value_error(payload):
         DictionaryDHTValue.unpackb(MSGPackSerializer.dumps(payload))
 
 
-# --- WIRE §7.5, one test per row ---
+# --- acceptance rules (existing entry x incoming value), one test each ---
 
 
 def test_row_any_entry_with_past_expiration_is_never_accepted(storage):

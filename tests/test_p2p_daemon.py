@@ -203,7 +203,7 @@ CHILD_WITHOUT_CLEANUP = textwrap.dedent(
 @pytest.mark.parametrize("how", ["exit", "crash"])
 def test_daemon_does_not_outlive_its_python_process(how):
     """Interpreter exit without shutdown() runs the finalizer; a hard crash closes the persistent connection,
-    and p2pd exits when its last persistent connection closes (BEHAVIOUR 32)."""
+    and p2pd exits when its last persistent connection closes."""
     result = subprocess.run(
         [sys.executable, "-c", CHILD_WITHOUT_CLEANUP, how], capture_output=True, text=True, timeout=30
     )

@@ -1,4 +1,4 @@
-"""Several processes sharing one daemon: ``P2P.replicate`` and balanced handlers (BEHAVIOUR 25)."""
+"""Several processes sharing one daemon: ``P2P.replicate`` and balanced handlers."""
 
 import asyncio
 import os

@@ -1,4 +1,4 @@
-"""ServicerBase / StubBase over real daemons: handle names, namespaces, streaming kinds, timeouts (BEHAVIOUR 27)."""
+"""ServicerBase / StubBase over real daemons: handle names, namespaces, streaming kinds, timeouts."""
 
 import asyncio
 from typing import AsyncIterator
@@ -131,7 +131,7 @@ async def test_subclass_serves_and_calls_under_its_own_name(p2p_pair):
         async def rpc_square(self, request: Request, context: P2PContext) -> Response:
             return Response(number=10 * request.number**2)
 
-    CalculatorServicer.get_stub(second, first.peer_id)  # the parent's stub exists first (WIRE §3.1 quirk)
+    CalculatorServicer.get_stub(second, first.peer_id)  # the parent's stub exists first (the original would reuse it)
     await ScaledCalculator().add_p2p_handlers(first)
     assert (await ScaledCalculator.get_stub(second, first.peer_id).rpc_square(Request(number=2))).number == 40
     response = await second.call_protobuf_handler(

@@ -1,4 +1,4 @@
-"""Stream handlers with hivemind framing (WIRE.md §3.4) and raw binary streams."""
+"""Stream handlers with hivemind framing and raw binary streams."""
 
 import asyncio
 import hashlib

@@ -1,4 +1,4 @@
-"""Unary protobuf handlers through the daemon's persistent connection (WIRE.md §2.4, §3.3; BEHAVIOUR 24-28)."""
+"""Unary protobuf handlers through the daemon's persistent connection."""
 
 import asyncio
 import time

@@ -1,4 +1,4 @@
-"""Chunking of serialized tensors for streams (WIRE.md §8.3) and reassembly by deserialize_tensor_stream."""
+"""Chunking of serialized tensors for streams and reassembly by deserialize_tensor_stream."""
 
 import pytest
 import torch

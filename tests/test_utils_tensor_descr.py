@@ -1,4 +1,4 @@
-"""TensorDescriptor / BatchTensorDescriptor and the msgpack ext 0x51 (WIRE.md §9.4)."""
+"""TensorDescriptor / BatchTensorDescriptor and the msgpack ext 0x51."""
 
 import msgpack
 import pytest

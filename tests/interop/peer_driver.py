@@ -1,7 +1,7 @@
 """A hivemind peer driven by JSON lines on stdin; runs under EITHER implementation (ours or the original 1.1.12).
 
 Started by tests/interop/harness.py as `<python> peer_driver.py` in a neutral working directory. Uses only the public
-API that both implementations share (spec/API.md), so whichever `hivemind` the interpreter imports is exercised.
+API that both implementations share, so whichever `hivemind` the interpreter imports is exercised.
 
 Protocol: one JSON object per line. The first line written is {"event": "hello", "version", "file", "python"}.
 Requests are {"id": int, "cmd": str, "args": {...}}; each gets {"id", "ok": true, "result": ...} or
@@ -116,8 +116,8 @@ async def _aiter(items):
 
 
 async def _awaited(call_result):
-    """Streaming calls return a coroutine resolving to an async iterator (API.md); tolerate a bare async iterator
-    here so that wire tests do not depend on that API detail (cmd_p2p_streaming_call_shapes checks it)."""
+    """Streaming calls return a coroutine resolving to an async iterator, as in the original; tolerate a bare async
+    iterator here so that wire tests do not depend on that API detail (cmd_p2p_streaming_call_shapes checks it)."""
     return await call_result if inspect.isawaitable(call_result) else call_result
 
 
@@ -141,7 +141,7 @@ def _plain_get_result(result):
 
 
 def _schema_validator(prefix: str):
-    """SchemaValidator over a pydantic.v1 model, the kind of schema written for hivemind 1.1.x (API.md §1.5)."""
+    """SchemaValidator over a pydantic.v1 model, the kind of schema written for hivemind 1.1.x."""
     from typing import Dict
 
     from pydantic import v1 as pydantic_v1
@@ -253,7 +253,7 @@ class Driver:
         raise ValueError(f"unknown call kind {kind!r}")
 
     async def cmd_p2p_streaming_call_shapes(self, peer_id, handle=0):
-        """What calling a streaming-output RPC returns, before awaiting: API.md says both are coroutines."""
+        """What calling a streaming-output RPC returns, before awaiting: in the original, both are coroutines."""
         p2p, peer = self.p2ps[handle], PeerID.from_base58(peer_id)
         calls = {
             "P2P.iterate_protobuf_handler": p2p.iterate_protobuf_handler(

@@ -118,7 +118,7 @@ Its p2pd binary is inside the package (hivemind/hivemind_cli/p2pd), and 'hivemin
 Torch is borrowed from $torch_site (appended to sys.path after this environment's packages, which win).
 
 Side by side with ours:  $repo/.venv/bin/python $repo/benchmarks/compare.py benchmarks/benchmark_p2p.py [args...]
-Do not read the original's source; drive it only through the public API (spec/API.md).
+Do not read the original's source; drive it only through its public API.
 EOF
 
 echo "setup_original_env: ready in $(($(date +%s) - start)) s" >&2

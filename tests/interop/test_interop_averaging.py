@@ -1,4 +1,4 @@
-"""Mixed averaging groups of the original hivemind 1.1.12 and ours (WIRE.md §10, BEHAVIOUR.md §E).
+"""Mixed averaging groups of the original hivemind 1.1.12 and ours.
 
 Each side runs in its own driver process (tests/interop/averaging_driver.py) with its own DHT nodes and averagers;
 our nodes bootstrap from the original's. A pair averages with either side as the group's leader, a group of four

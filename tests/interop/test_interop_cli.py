@@ -1,4 +1,4 @@
-"""`hivemind-dht` of one implementation as the bootstrap peer for DHT peers of the other (CLI.md §1)."""
+"""`hivemind-dht` of one implementation as the bootstrap peer for DHT peers of the other."""
 
 import pickle
 import re

@@ -1,4 +1,4 @@
-"""Tensors serialized by one implementation decode identically in the other (WIRE.md §8), for every codec."""
+"""Tensors serialized by one implementation decode identically in the other, for every codec."""
 
 import io
 
@@ -129,7 +129,7 @@ def test_streaming_chunks_are_identical_and_reassemble_in_the_other_implementati
         side: peer.call("tensor_split", message_hex=message, chunk_size=chunk_size)
         for side, peer in tensor_peers.items()
     }
-    assert parts[OURS] == parts[ORIGINAL], "split_for_streaming makes different chunks (WIRE.md §8.3)"
+    assert parts[OURS] == parts[ORIGINAL], "split_for_streaming makes different chunks"
     combined = {side: peer.call("tensor_combine", parts_hex=parts[ORIGINAL]) for side, peer in tensor_peers.items()}
     assert combined[OURS] == combined[ORIGINAL], "combine_from_streaming reassembles different messages"
     decoded = {

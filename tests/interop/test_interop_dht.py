@@ -1,4 +1,4 @@
-"""A mixed DHT swarm: 4 nodes of the original hivemind 1.1.12 and 4 of ours (WIRE.md §7, BEHAVIOUR.md §A-B).
+"""A mixed DHT swarm: 4 nodes of the original hivemind 1.1.12 and 4 of ours.
 
 Topology: original node 0 starts alone; our node 0 bootstraps from it; original nodes 1-3 bootstrap from our
 node 0 and our nodes 1-3 from original node 0, so each implementation joins through the other. Every node runs
@@ -90,7 +90,7 @@ def test_values_stored_by_one_implementation_are_read_by_the_other(swarm, writer
         f"{label}-str": "text ✓",
         (label, 7): (1, 2.5, "tuple", b"\x00"),
         f"{label}-list": [1, [2, 3], {"nested": (4,)}],
-        label.encode(): b"\x00\xffraw bytes",  # bytes keys are hashed raw (WIRE §7.1)
+        label.encode(): b"\x00\xffraw bytes",  # bytes keys are hashed raw, not msgpack-encoded first
         f"{label}-none": None,
         f"{label}-dict": {"a": 1, "b": [True, None, -1.5]},
         f"{label}-bigint": 2**40 + 1,
@@ -250,7 +250,7 @@ def test_schema_validators_of_both_implementations_agree(swarm, schema_swarm, wr
 
 @pytest.mark.parametrize("holder, newcomer", DIRECTIONS, ids=DIRECTION_IDS)
 def test_a_lone_node_hands_its_keys_to_a_newcomer_of_the_other_implementation(swarm, holder, newcomer):
-    """WIRE §7.3: a node pushes the keys it stores to a newly seen peer that should hold them too (a node without
+    """A node pushes the keys it stores to a newly seen peer that should hold them too (a node without
     neighbours pushes everything), so they survive the holder leaving."""
     lone = swarm.drivers[holder].call("dht_create", timeout=60)  # a separate one-node swarm
     keys, expiration = [unique_key(f"handover-{i}") for i in range(5)], time.time() + 60

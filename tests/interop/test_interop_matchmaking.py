@@ -1,4 +1,4 @@
-"""Matchmaking between an averager of the original hivemind 1.1.12 and our Matchmaking (WIRE.md §10.2-§10.4).
+"""Matchmaking between an averager of the original hivemind 1.1.12 and our Matchmaking.
 
 The original runs a full DecentralizedAverager in its own interpreter; ours runs Matchmaking in the test process with
 a small servicer. Either side leads, depending on who declares the earlier expiration. The proof that the original

@@ -1,4 +1,4 @@
-"""hivemind.Optimizer peers of the original hivemind 1.1.12 and of ours train one model together (WIRE.md §10.8).
+"""hivemind.Optimizer peers of the original hivemind 1.1.12 and of ours train one model together.
 
 Each side runs in its own driver process (tests/interop/optimizer_driver.py). Both read each other's progress
 records under the same DHT keys, average in the same groups, reach the same epoch, and training makes progress.

@@ -1,4 +1,4 @@
-"""P2P RPC between a peer of the original hivemind 1.1.12 and a peer of ours, both directions (WIRE.md §2-§3)."""
+"""P2P RPC between a peer of the original hivemind 1.1.12 and a peer of ours, both directions."""
 
 import hashlib
 import random
@@ -59,7 +59,7 @@ def test_handler_errors_reach_other_implementation_with_remote_text(serving_peer
     with pytest.raises(RemoteError) as unary_error:
         call(serving_peers, caller, callee, "unary", [-3])
     assert unary_error.value.error_type == "P2PHandlerError"
-    assert unary_error.value.message == "ValueError('cannot square negative number -3')"  # repr(e), WIRE §2.4
+    assert unary_error.value.message == "ValueError('cannot square negative number -3')"  # repr(e) for unary
 
     callee_id = serving_peers[callee][1]["peer_id"]
     with pytest.raises(RemoteError) as stream_error:
@@ -71,7 +71,7 @@ def test_handler_errors_reach_other_implementation_with_remote_text(serving_peer
 
 
 def test_streaming_calls_are_awaited_like_in_original(serving_peers):
-    """API.md §2: `await p2p.iterate_protobuf_handler(...)` and `await stub.rpc_stream(...)` give async iterators;
+    """`await p2p.iterate_protobuf_handler(...)` and `await stub.rpc_stream(...)` give async iterators;
     code written for the original must work unchanged with ours."""
     shapes = {}
     for side, target in ((ORIGINAL, OURS), (OURS, ORIGINAL)):
