@@ -22,6 +22,7 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor, seri
 from hivemind.compression.buffers import dtype_to_name, read_array
 from hivemind.p2p.bulk_messages import BulkMessage, bulk_message_type
 from hivemind.p2p.framing import EncodedMessage
+from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
 from hivemind.proto import averaging_pb2, runtime_pb2
 
 __all__ = [
@@ -48,17 +49,8 @@ ReceivedAveragingData = bulk_message_type(averaging_pb2.AveragingData, ("tensor_
 AnyAveragingData = Union[averaging_pb2.AveragingData, BulkMessage]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _key(field_number: int, wire_type: int) -> bytes:
-    return _varint((field_number << 3) | wire_type)
+    return encode_varint((field_number << 3) | wire_type)
 
 
 def encode_averaging_data(
@@ -80,21 +72,21 @@ def encode_averaging_data(
         raise ValueError(f"expected a contiguous 1-D tensor of {RAW_DTYPES}, got {tensor.dtype} {tuple(tensor.shape)}")
     data = memoryview(tensor.detach().numpy()).cast("B").toreadonly()  # written later without a copy (see framing)
     dtype_bytes = (dtype_name or dtype_to_name(tensor.dtype)).encode()
-    sizes = _varint(tensor.numel())
+    sizes = encode_varint(tensor.numel())
     tensor_tail = (
-        _key(2, _LENGTH_DELIMITED) + _varint(len(sizes)) + sizes  # size: packed repeated uint32
-        + _key(4, _LENGTH_DELIMITED) + _varint(len(dtype_bytes)) + dtype_bytes  # dtype
+        _key(2, _LENGTH_DELIMITED) + encode_varint(len(sizes)) + sizes  # size: packed repeated uint32
+        + _key(4, _LENGTH_DELIMITED) + encode_varint(len(dtype_bytes)) + dtype_bytes  # dtype
     )  # fmt: skip
-    buffer_key = _key(1, _LENGTH_DELIMITED) + _varint(data.nbytes) if data.nbytes else b""
+    buffer_key = _key(1, _LENGTH_DELIMITED) + encode_varint(data.nbytes) if data.nbytes else b""
     tensor_length = len(buffer_key) + data.nbytes + len(tensor_tail)
     head = b""
     if code:
-        head += _key(1, _VARINT) + _varint(code)
+        head += _key(1, _VARINT) + encode_varint(code)
     if group_id:
-        head += _key(2, _LENGTH_DELIMITED) + _varint(len(group_id)) + group_id
+        head += _key(2, _LENGTH_DELIMITED) + encode_varint(len(group_id)) + group_id
     if peer_id:
-        head += _key(3, _LENGTH_DELIMITED) + _varint(len(peer_id)) + peer_id
-    head += _key(4, _LENGTH_DELIMITED) + _varint(tensor_length) + buffer_key
+        head += _key(3, _LENGTH_DELIMITED) + encode_varint(len(peer_id)) + peer_id
+    head += _key(4, _LENGTH_DELIMITED) + encode_varint(tensor_length) + buffer_key
     tail = tensor_tail + (_key(5, _FIXED64) + struct.pack("<d", weight) if weight != 0.0 else b"")
     return EncodedMessage([head, data, tail] if data.nbytes else [head, tail])
 

@@ -17,6 +17,8 @@ from typing import Any, FrozenSet, List, Optional, Sequence, Tuple, Type
 
 from google.protobuf.message import Message
 
+from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
+
 __all__ = ["BulkMessage", "bulk_message_type", "MIN_BULK_BYTES"]
 
 # a field shorter than this is parsed by protobuf with the rest (the walk in Python costs more than the copy)
@@ -41,15 +43,6 @@ def _varint(buffer: memoryview, position: int, end: int) -> Tuple[int, int]:
         if byte < 0x80:
             return result, position
         shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _only_field(buffer: memoryview, start: int, end: int, number: int) -> Tuple[int, int, int]:
@@ -138,8 +131,8 @@ class BulkMessage:
             if level + 1 == len(spans) - 1:
                 return [view[start:child_key_start], view[child_end:end]]
             content = without_bulk(level + 1)
-            key = _encode_varint((cls._bulk_numbers[level + 1] << 3) | _LENGTH_DELIMITED)
-            header = key + _encode_varint(sum(len(piece) for piece in content))
+            key = encode_varint((cls._bulk_numbers[level + 1] << 3) | _LENGTH_DELIMITED)
+            header = key + encode_varint(sum(len(piece) for piece in content))
             return [view[start:child_key_start], header, *content, view[child_end:end]]
 
         return b"".join(without_bulk(-1)), view[spans[-1][1] : spans[-1][2]]

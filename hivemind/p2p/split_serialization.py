@@ -15,17 +15,10 @@ from google.protobuf import unknown_fields
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
+
 MIN_SPLIT_BYTES = 1 << 16
 LENGTH_DELIMITED = 2
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _copy_field(target: Message, field: FieldDescriptor, value) -> None:
@@ -81,7 +74,7 @@ def serialize_in_parts(message: Message) -> List[bytes]:
     rest, path, data = split
     headers, length = [], len(data)
     for field in reversed(path):  # innermost first: each header covers everything after it
-        header = _varint((field.number << 3) | LENGTH_DELIMITED) + _varint(length)
+        header = encode_varint((field.number << 3) | LENGTH_DELIMITED) + encode_varint(length)
         headers.append(header)
         length += len(header)
     return [rest.SerializeToString() + b"".join(reversed(headers)), data]
