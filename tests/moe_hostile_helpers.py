@@ -3,6 +3,7 @@
 import asyncio
 from typing import AsyncIterator, Iterable, List
 
+import pytest
 import torch
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -44,6 +45,26 @@ async def connect_attacker(server: Server):
     """(client P2P connected to the server, stub of the server's ConnectionHandler)."""
     client = await P2P.create(initial_peers=[str(maddr) for maddr in server.dht.get_visible_maddrs()])
     return client, ConnectionHandler.get_stub(client, server.dht.peer_id)
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    """A hostile-test Server shared by the tests of one module (import this fixture into it)."""
+    server = start_hostile_server()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+async def attacker(hostile_server):
+    """``(client, stub)``: a raw client P2P connected to ``hostile_server`` and its ConnectionHandler stub."""
+    client, stub = await connect_attacker(hostile_server)
+    try:
+        yield client, stub
+    finally:
+        await client.shutdown()
 
 
 def make_request(uid: str, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:

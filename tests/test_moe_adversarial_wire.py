@@ -10,11 +10,11 @@ from moe_hostile_helpers import (
     HIDDEN,
     UID,
     as_stream,
-    connect_attacker,
+    attacker,
     drain,
     good_forward,
+    hostile_server,
     make_request,
-    start_hostile_server,
 )
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -25,6 +25,8 @@ from hivemind.p2p.framing import EncodedMessage
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
+
+__all__ = ["attacker", "hostile_server"]  # the fixtures, used by the tests below
 
 
 def varint(value: int) -> bytes:
@@ -82,24 +84,6 @@ async def test_malformed_request_is_refused_with_a_clear_error(hostile_server, a
     with pytest.raises(P2PHandlerError, match=message):
         await drain(await stub.rpc_forward_stream(as_stream([EncodedMessage([data])])))
     await good_forward(stub)
-
-
-@pytest.fixture(scope="module")
-def hostile_server():
-    server = start_hostile_server()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-
-
-@pytest.fixture
-async def attacker(hostile_server):
-    client, stub = await connect_attacker(hostile_server)
-    try:
-        yield client, stub
-    finally:
-        await client.shutdown()
 
 
 async def send_unary(client, server, data: bytes, name: str = "rpc_forward") -> bytes:

@@ -11,13 +11,13 @@ from moe_hostile_helpers import (
     HIDDEN,
     UID,
     as_stream,
-    connect_attacker,
+    attacker,
     drain,
     good_forward,
+    hostile_server,
     make_request,
     parameters_of,
     sleep_forever_after,
-    start_hostile_server,
 )
 
 from hivemind.compression import serialize_torch_tensor
@@ -26,25 +26,9 @@ from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
+__all__ = ["attacker", "hostile_server"]  # the fixtures, used by the tests below
+
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
-
-
-@pytest.fixture(scope="module")
-def hostile_server():
-    server = start_hostile_server()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-
-
-@pytest.fixture
-async def attacker(hostile_server):
-    client, stub = await connect_attacker(hostile_server)
-    try:
-        yield client, stub
-    finally:
-        await client.shutdown()
 
 
 @pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])

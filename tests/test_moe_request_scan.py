@@ -8,12 +8,12 @@ import torch
 from moe_hostile_helpers import (
     UID,
     as_stream,
-    connect_attacker,
+    attacker,
     drain,
     good_forward,
+    hostile_server,
     make_backends,
     make_request,
-    start_hostile_server,
 )
 
 from hivemind.compression import serialize_torch_tensor
@@ -26,6 +26,8 @@ from hivemind.p2p.framing import EncodedMessage
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
+
+__all__ = ["attacker", "hostile_server"]  # the fixtures, used by the tests below
 
 COUNTS = {"ffn.0": 1, "ffn.1": 2}
 EMPTY_TENSORS = 2_000_000  # two bytes each on the wire: the request stays under the 4 MiB message limit
@@ -100,24 +102,6 @@ def test_malformed_request_is_refused(data):
 def test_endless_unknown_fields_are_refused():
     with pytest.raises(RequestScanError, match="fields besides its tensors"):
         scan_expert_request(b"\x18\x01" * EMPTY_TENSORS, COUNTS, "forward")
-
-
-@pytest.fixture(scope="module")
-def hostile_server():
-    server = start_hostile_server()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-
-
-@pytest.fixture
-async def attacker(hostile_server):
-    client, stub = await connect_attacker(hostile_server)
-    try:
-        yield client, stub
-    finally:
-        await client.shutdown()
 
 
 def peak_rss() -> int:
