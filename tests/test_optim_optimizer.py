@@ -5,10 +5,11 @@ import functools
 import logging
 import threading
 import time
-from typing import List
 
+import optim_swarm_helpers
 import pytest
 import torch
+from optim_swarm_helpers import FAST_TRACKER, mse_step, swarm, wait_for
 
 from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
@@ -16,50 +17,10 @@ from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 
-FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
+__all__ = ["swarm"]  # the fixture, used by the tests below
 
-
-def wait_for(condition, timeout=15.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
-def make_optimizer(dht: DHT, model: torch.nn.Module, run_id: str = "test_run", **kwargs) -> Optimizer:
-    options = dict(
-        dht=dht, run_id=run_id, target_batch_size=32, batch_size_per_step=4,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
-        matchmaking_time=1.0, averaging_timeout=5.0, tracker_opts=FAST_TRACKER,
-        averager_opts=dict(request_timeout=0.5),
-    )  # fmt: skip
-    options.update(kwargs)
-    return Optimizer(**options)
-
-
-@pytest.fixture
-def swarm():
-    """DHTs started on demand: ``swarm(n)`` returns n more DHTs joined to the first one."""
-    dhts: List[DHT] = []
-
-    def add(count: int) -> List[DHT]:
-        for _ in range(count):
-            initial_peers = dhts[0].get_visible_maddrs() if dhts else None
-            dhts.append(DHT(initial_peers=initial_peers, start=True))
-        return dhts[-count:]
-
-    yield add
-    for dht in dhts:
-        dht.shutdown()
-
-
-def mse_step(model, opt, x, y):
-    opt.zero_grad()
-    loss = torch.nn.functional.mse_loss(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.item()
+# these tests count on 32 samples per epoch unless they pass another target_batch_size
+make_optimizer = functools.partial(optim_swarm_helpers.make_optimizer, target_batch_size=32)
 
 
 @pytest.mark.timeout(90)
