@@ -1,6 +1,7 @@
 """Shared set-up for DecentralizedAverager tests: DHT swarms on 127.0.0.1 and averagers on top of them."""
 
 import contextlib
+import time
 from typing import Iterator, List, Sequence
 
 import torch
@@ -40,6 +41,14 @@ def averagers_on(
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+def wait_for_stage(controls, stage, timeout: float = 30.0) -> None:
+    """Poll until every StepControl in ``controls`` is at ``stage`` (the stage is read from shared memory)."""
+    deadline = time.monotonic() + timeout
+    while any(control.stage != stage for control in controls):
+        assert time.monotonic() < deadline, [control.stage for control in controls]
+        time.sleep(0.01)
 
 
 def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

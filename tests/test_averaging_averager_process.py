@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 import torch
-from averager_helpers import FAST, averagers_on, dht_swarm
+from averager_helpers import FAST, averagers_on, dht_swarm, wait_for_stage
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
@@ -18,13 +18,6 @@ from hivemind.utils.timed_storage import get_dht_time
 def _local(averager):
     with averager.get_tensors() as tensors:
         return [tensor.clone() for tensor in tensors]
-
-
-def _wait_for_stage(controls, stage, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while any(control.stage != stage for control in controls):  # shared-memory reads
-        assert time.monotonic() < deadline, [control.stage for control in controls]
-        time.sleep(0.01)
 
 
 @pytest.mark.timeout(90)
@@ -43,7 +36,7 @@ def test_require_trigger_holds_the_allreduce_until_allowed():
     tensors = [[torch.full((10,), 0.0)], [torch.full((10,), 2.0)]]
     with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
         controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
-        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         assert not any(control.done() for control in controls)
         assert torch.equal(_local(averagers[0])[0], torch.zeros(10))
         for control in controls:
@@ -59,7 +52,7 @@ def test_weight_set_while_awaiting_trigger_is_used():
     tensors = [[torch.full((10,), 0.0)], [torch.full((10,), 4.0)]]
     with dht_swarm(2) as dhts, averagers_on(dhts, tensors, target_group_size=2) as averagers:
         controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
-        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         controls[1].weight = 3.0  # in the user's process; the averager's process reads it from shared memory
         for control in controls:
             control.allow_allreduce()
@@ -83,7 +76,7 @@ def test_scheduled_step_starts_at_its_scheduled_time():
 def test_cancelled_step_stops_matchmaking():
     with dht_swarm(1) as dhts, averagers_on(dhts, [[torch.zeros(3)]]) as (averager,):
         control = averager.step(wait=False)
-        _wait_for_stage([control], AveragingStage.LOOKING_FOR_GROUP)
+        wait_for_stage([control], AveragingStage.LOOKING_FOR_GROUP)
         assert control.cancel()
         assert control.cancelled()
         # the averager is free for the next step right away
@@ -102,7 +95,7 @@ def test_survivors_finish_when_a_peer_is_killed_mid_round():
         # small parts, so that each member reduces several of them
         with averagers_on(dhts, tensors, target_group_size=3, part_size_bytes=1024, **timeouts) as averagers:
             controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
-            _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+            wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
             os.kill(averagers[2].pid, signal.SIGKILL)  # in the group, but gone before the all-reduce
             started = time.monotonic()
             for control in controls[:2]:
@@ -127,7 +120,7 @@ def test_survivors_finish_when_a_peer_freezes_mid_round():
     options = dict(target_group_size=3, part_size_bytes=1024, **timeouts)  # several small parts per member
     with dht_swarm(3) as dhts, averagers_on(dhts, tensors, **options) as averagers:
         controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
-        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         os.kill(averagers[2].pid, signal.SIGSTOP)  # alive, connected, silent
         try:
             started = time.monotonic()
@@ -153,7 +146,7 @@ def test_survivors_of_a_frozen_peer_return_within_one_derived_reducer_timeout():
     derived_reducer_timeout = 10.0
     with dht_swarm(3) as dhts, averagers_on(dhts, tensors, target_group_size=3, part_size_bytes=256) as averagers:
         controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
-        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         os.kill(averagers[2].pid, signal.SIGSTOP)  # alive, connected, silent
         try:
             started = time.monotonic()
@@ -189,7 +182,7 @@ def test_default_deadlines_tolerate_a_throttled_peer():
                 time.sleep(0.3)
 
         controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
-        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         throttler = threading.Thread(target=throttle, args=(averagers[2].pid,), daemon=True)
         throttler.start()
         try:
@@ -231,7 +224,7 @@ def test_repeated_rounds_with_failures_do_not_grow_memory():
                     for index, averager in enumerate(averagers)
                 ]
                 if aborting:
-                    _wait_for_stage([controls[2]], AveragingStage.AWAITING_TRIGGER)  # it is in the group
+                    wait_for_stage([controls[2]], AveragingStage.AWAITING_TRIGGER)  # it is in the group
                     assert controls[2].cancel()
                 for control in controls[:2] if aborting else controls:
                     gathered = control.result(timeout=30)

@@ -4,18 +4,11 @@ import time
 
 import pytest
 import torch
-from averager_helpers import averagers_on, dht_swarm
+from averager_helpers import averagers_on, dht_swarm, wait_for_stage
 
 from hivemind.averaging.control import AveragingStage
 
 SIZE = 3000
-
-
-def _wait_for_stage(controls, stage, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while any(control.stage != stage for control in controls):  # shared-memory reads
-        assert time.monotonic() < deadline, [control.stage for control in controls]
-        time.sleep(0.01)
 
 
 @pytest.mark.timeout(90)
@@ -24,7 +17,7 @@ def test_members_finish_at_once_without_a_member_that_cancelled_after_joining():
     tensors = [[value.clone()] for value in values]
     with dht_swarm(3) as dhts, averagers_on(dhts, tensors, target_group_size=3, part_size_bytes=4000) as averagers:
         controls = [averager.step(wait=False, require_trigger=True, timeout=60) for averager in averagers]
-        _wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
+        wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         assert controls[2].cancel()
         started = time.monotonic()
         for control in controls[:2]:
