@@ -41,6 +41,9 @@ def test_many_averaged_tensors_cost_a_few_fds_in_both_processes(start_method):
             assert count_fds() - before < MAX_EXTRA_FDS
             for averager in averagers:
                 assert count_fds(averager.pid) < MAX_EXTRA_FDS + 50  # its own sockets, pipes and event loop
+            with averagers[0].get_tensors() as shared:  # the user's in-place changes reach the averager's process
+                shared[0].add_(10)
+            originals[0][0] += 10
             controls = [averager.step(wait=False, timeout=30) for averager in averagers]
             for control in controls:
                 control.result(timeout=30)

@@ -29,7 +29,8 @@ def _movable(tensor: torch.Tensor) -> bool:
     storage = tensor.untyped_storage()
     if tensor.storage_offset() != 0 or storage.nbytes() != tensor.numel() * tensor.element_size():
         return False
-    return torch._C._storage_Use_Count(storage._cdata) <= _EXCLUSIVE_USE_COUNT
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # (a torch without it: share each on its own)
+    return use_count is not None and use_count(storage._cdata) <= _EXCLUSIVE_USE_COUNT
 
 
 def share_in_one_buffer(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
