@@ -2,9 +2,11 @@
 ``rpc_aggregate_part`` calls to the AllReduceRunner of their group (the averager does this in production)."""
 
 import asyncio
+import logging
 import os
 from typing import AsyncIterator, Dict, List, Optional, Sequence
 
+import pytest
 import torch
 
 from hivemind.averaging.allreduce import AllReduceRunner
@@ -13,6 +15,16 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter, await_with_timeout
 
 PREFIX = "test_allreduce"
+
+
+@pytest.fixture
+def hivemind_logs(caplog):
+    """``caplog`` with every DEBUG record of the ``hivemind`` loggers (import this fixture into the test module)."""
+    logger = logging.getLogger("hivemind")
+    logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.DEBUG, logger="hivemind"):
+        yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 class AllreduceRouter(ServicerBase):

@@ -2,7 +2,6 @@
 
 import asyncio
 import gc
-import logging
 import os
 import time
 import weakref
@@ -13,6 +12,7 @@ import torch
 from allreduce_helpers import (
     call_reducer,
     collect,
+    hivemind_logs,
     make_connected_peers,
     make_runner,
     run_group,
@@ -24,19 +24,12 @@ from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.proto import averaging_pb2
 
+__all__ = ["hivemind_logs"]  # the fixture, used by the tests below
+
 pytestmark = pytest.mark.timeout(60)
 
 SIZE, PART_BYTES = 64, 64  # 16 float32 elements per part: each of two reducers owns two parts
 FRACTIONS = [1.0, 1.0, 0.0]  # peers A and B reduce, C (a client) only sends
-
-
-@pytest.fixture
-def hivemind_logs(caplog):
-    logger = logging.getLogger("hivemind")
-    logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.DEBUG, logger="hivemind"):
-        yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 async def wait_until(condition, timeout=10.0):

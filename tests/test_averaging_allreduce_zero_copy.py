@@ -2,14 +2,13 @@
 the received frames without copies, and malformed ones are refused and banned as before."""
 
 import asyncio
-import logging
 import os
 from typing import AsyncIterator
 
 import numpy as np
 import pytest
 import torch
-from allreduce_helpers import PREFIX, AllreduceRouter, collect, make_connected_peers, sender_messages
+from allreduce_helpers import PREFIX, AllreduceRouter, collect, hivemind_logs, make_connected_peers, sender_messages
 
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.part_encoding import ReceivedAveragingData
@@ -18,6 +17,8 @@ from hivemind.compression import Float16Compression, Uniform8BitQuantization
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
+
+__all__ = ["hivemind_logs"]  # the fixture, used by the tests below
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,15 +33,6 @@ class BulkRouter(AllreduceRouter):
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super().rpc_aggregate_part(parts, context):
             yield message
-
-
-@pytest.fixture
-def hivemind_logs(caplog):
-    logger = logging.getLogger("hivemind")
-    logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.DEBUG, logger="hivemind"):
-        yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 async def _bulk_group(p2p_factory, count: int, values, fractions, **kwargs):

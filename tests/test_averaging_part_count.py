@@ -5,30 +5,30 @@ that it can stream the wrong number of parts.
 """
 
 import asyncio
-import logging
 import os
 
 import pytest
 import torch
-from allreduce_helpers import call_reducer, collect, make_connected_peers, make_runner, sender_messages, start_routers
+from allreduce_helpers import (
+    call_reducer,
+    collect,
+    hivemind_logs,
+    make_connected_peers,
+    make_runner,
+    sender_messages,
+    start_routers,
+)
 
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.proto import averaging_pb2
+
+__all__ = ["hivemind_logs"]  # the fixture, used by the tests below
 
 pytestmark = pytest.mark.timeout(60)
 
 SIZE, PART_BYTES = 64, 64
 FRACTIONS = [1.0, 1.0, 0.0]
 PARTS_PER_REDUCER = 2
-
-
-@pytest.fixture
-def hivemind_logs(caplog):
-    logger = logging.getLogger("hivemind")
-    logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.DEBUG, logger="hivemind"):
-        yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 async def _pair_and_client(p2p_factory):
