@@ -22,6 +22,7 @@ from hivemind.moe.server.request_scan import scan_expert_request
 from hivemind.moe.wire_scan import MAX_FIELDS_PER_TENSOR, MAX_OTHER_FIELDS
 from hivemind.p2p import P2PHandlerError
 from hivemind.p2p.framing import EncodedMessage
+from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
@@ -29,19 +30,12 @@ from hivemind.utils.streaming import split_for_streaming
 __all__ = ["attacker", "hostile_server"]  # the fixtures, used by the tests below
 
 
-def varint(value: int) -> bytes:
-    out = b""
-    while value >= 0x80:
-        out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
-    return out + bytes([value])
-
-
 def key(field: int, wire_type: int) -> bytes:
-    return varint(field << 3 | wire_type)
+    return encode_varint(field << 3 | wire_type)
 
 
 def field(number: int, payload: bytes) -> bytes:
-    return key(number, 2) + varint(len(payload)) + payload
+    return key(number, 2) + encode_varint(len(payload)) + payload
 
 
 UID_FIELD = field(1, UID.encode())
@@ -49,7 +43,7 @@ UID_FIELD = field(1, UID.encode())
 PARSE_FAILURES = {
     "field-number-0": UID_FIELD + key(0, 0) + b"\x01",
     "field-number-2^29": UID_FIELD + key(2**29, 0) + b"\x01",
-    "key-over-32-bits": UID_FIELD + varint(2**35) + b"\x01",
+    "key-over-32-bits": UID_FIELD + encode_varint(2**35) + b"\x01",
     "uid-not-utf8": field(1, b"expert.\xff"),
     "dtype-not-utf8": UID_FIELD + field(2, field(4, b"\xfe\xff")),
     "truncated-packed-shape": UID_FIELD + field(2, field(2, b"\x80")),
@@ -60,16 +54,19 @@ FLOAT_HEAD = field(4, b"float32")
 REFUSED = {
     "empty-message": (b"", "unknown expert uid ''"),
     "varint-of-11-bytes": (UID_FIELD + key(3, 0) + b"\xff" * 10 + b"\x01", "truncated or overlong varint"),
-    "length-past-the-end": (UID_FIELD + key(3, 2) + varint(100) + b"xx", "runs past its end"),
-    "wire-type-6": (UID_FIELD + varint(3 << 3 | 6), "wire type 6"),
-    "wire-type-7": (UID_FIELD + varint(3 << 3 | 7), "wire type 7"),
+    "length-past-the-end": (UID_FIELD + key(3, 2) + encode_varint(100) + b"xx", "runs past its end"),
+    "wire-type-6": (UID_FIELD + encode_varint(3 << 3 | 6), "wire type 6"),
+    "wire-type-7": (UID_FIELD + encode_varint(3 << 3 | 7), "wire type 7"),
     "group-in-a-tensor": (UID_FIELD + field(2, key(7, 3) + key(7, 4)), "wire type 3"),
     "packed-shape-of-65-bytes": (UID_FIELD + field(2, field(2, b"\x01" * 65) + FLOAT_HEAD), "dimensions"),
     "huge-shape-no-buffer": (
-        UID_FIELD + field(2, field(2, varint(2**32 - 1) * 4) + FLOAT_HEAD),
+        UID_FIELD + field(2, field(2, encode_varint(2**32 - 1) * 4) + FLOAT_HEAD),
         "could not be decoded",
     ),
-    "buffer-shorter-than-shape": (UID_FIELD + field(2, field(2, varint(1000) * 2) + FLOAT_HEAD), "buffer has 0 bytes"),
+    "buffer-shorter-than-shape": (
+        UID_FIELD + field(2, field(2, encode_varint(1000) * 2) + FLOAT_HEAD),
+        "buffer has 0 bytes",
+    ),
     "second-uid-adds-tensors": (UID_FIELD + field(2, b"") + field(1, b"expert.1") + field(2, b""), "got more"),
     "field-number-2^29-1": (UID_FIELD + key(2**29 - 1, 0) + b"\x01", "expects 1 tensors, got 0"),
     "deeply-nested-unknown": (UID_FIELD + field(9, field(9, field(9, b"\x0b" * 100))), "expects 1 tensors, got 0"),
