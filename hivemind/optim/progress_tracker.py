@@ -34,6 +34,8 @@ __all__ = ["ProgressTracker", "LocalTrainingProgress", "GlobalTrainingProgress",
 
 logger = get_logger(__name__)
 
+# seconds that pause_updates waits for the record it starts with to be published
+FLUSH_TIMEOUT = 5.0
 DHT_CALL_TIMEOUT = 30.0  # seconds: one store or get of progress records; the DHT itself bounds each RPC much tighter
 FORCED_REFRESH_PERIOD = 30.0  # seconds: republish an unchanged record this often so that it never expires
 
@@ -123,6 +125,8 @@ class ProgressTracker(threading.Thread):
         self._last_fetch_started = -math.inf  # time.monotonic() at which the latest completed fetch began
         self._stop_requested = threading.Event()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._last_reported: Optional[LocalTrainingProgress] = None
+        self._last_report_time = -math.inf
         self._wake_reporter: Optional[asyncio.Event] = None
         self._wake_fetcher: Optional[asyncio.Event] = None
         self._stop_event: Optional[asyncio.Event] = None
@@ -180,7 +184,11 @@ class ProgressTracker(threading.Thread):
 
     @contextlib.contextmanager
     def pause_updates(self):
-        """Within this context, no progress is published or applied from the DHT, and the speed is not measured."""
+        """Within this context, no progress is published or applied from the DHT, and the speed is not measured.
+
+        The record as it is on entry (usually the last samples of an epoch) is published first: the others learn
+        from it that the epoch is complete, and the pause may last as long as an averaging round."""
+        self._publish_now(FLUSH_TIMEOUT)
         with self._lock, self.performance_ema.pause():
             self._updates_paused = True
             try:
@@ -287,16 +295,30 @@ class ProgressTracker(threading.Thread):
             await await_with_timeout(event.wait(), max(0.0, timeout))
         event.clear()
 
+    def _publish_now(self, timeout: float) -> None:
+        """Publish the current record from the caller's thread unless it was already published (bounded wait)."""
+        loop = self._loop
+        with self._lock:
+            record = self.local_progress
+        if loop is None or record == self._last_reported:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._report(record), loop).result(timeout)
+        except Exception as e:  # a slow DHT or a closing loop: the report loop publishes it later
+            logger.debug(f"{self.name} could not publish its progress before pausing: {e!r}")
+
+    async def _report(self, record: LocalTrainingProgress) -> None:
+        if await self._publish(record):
+            self._last_reported, self._last_report_time = record, get_dht_time()
+
     async def _report_loop(self) -> None:
-        last_reported, last_report_time = None, -math.inf
         while True:
             with self._lock:
                 record, paused = self.local_progress, self._updates_paused
                 synchronized = is_synchronized(record.epoch, self.global_progress.epoch)
-            overdue = get_dht_time() - last_report_time >= FORCED_REFRESH_PERIOD and synchronized
-            if not paused and (record != last_reported or overdue):
-                if await self._publish(record):
-                    last_reported, last_report_time = record, get_dht_time()
+            overdue = get_dht_time() - self._last_report_time >= FORCED_REFRESH_PERIOD and synchronized
+            if not paused and (record != self._last_reported or overdue):
+                await self._report(record)
             await self._wait_event(self._wake_reporter, timeout=FORCED_REFRESH_PERIOD)
 
     async def _publish(self, record: Optional[LocalTrainingProgress]) -> bool:
