@@ -10,11 +10,11 @@ from averaging_hostile_peer import PREFIX, SplitViewLeader, delta_message, hosti
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.key_manager import GroupKeyManager
-from hivemind.averaging.part_encoding import _varint
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.averaging.payload import encode_gather
 from hivemind.dht import DHT
 from hivemind.p2p import P2PHandlerError
+from hivemind.p2p.p2p_daemon_bindings.utils import encode_varint
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.serializer import MSGPackSerializer
@@ -116,7 +116,7 @@ async def test_a_message_far_larger_than_the_handler_needs_is_refused_unread(han
     async with hostile_setup([torch.zeros(4)]) as (hostile, victim):
         stub = type(victim).get_stub(hostile.p2p, victim.peer_id, namespace=PREFIX)
         if handler == "rpc_download_state":  # an unknown field of 16 MiB: still a valid DownloadRequest
-            message.ParseFromString(b"\x7a" + _varint(len(huge)) + huge)
+            message.ParseFromString(b"\x7a" + encode_varint(len(huge)) + huge)
         with pytest.raises(P2PHandlerError, match="byte"):
             async for _ in await getattr(stub, handler)(
                 as_aiter(message) if handler == "rpc_aggregate_part" else message

@@ -54,11 +54,12 @@ def test_partly_sent_payload_takes_memory_only_for_what_arrived(loop_kind, annou
             reader._direct_data_received = counting_data_received
             # RSS alone misses a buffer of the announced size: its untouched pages are not resident, and freed heap
             # memory of earlier tests in this process is reused; Python's own allocations count every byte asked for
+            data = os.urandom(sent)  # the sender's own bytes are not the reader's memory
             tracemalloc.start()
             try:
                 before, traced_before = rss(), tracemalloc.get_traced_memory()[0]
                 read = asyncio.ensure_future(reader.read_payload(announced))
-                client_writer.write(os.urandom(sent))
+                client_writer.write(data)
                 await client_writer.drain()
                 await arrived.wait()
                 growth = max(rss() - before, tracemalloc.get_traced_memory()[0] - traced_before)
