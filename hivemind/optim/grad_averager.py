@@ -62,7 +62,7 @@ class GradientAverager(DecentralizedAverager):
         if not averaged_grads:
             with torch.no_grad():
                 averaged_grads = tuple(
-                    torch.zeros_like(grad, device="cpu").share_memory_() for grad in self._grads_from_parameters()
+                    torch.zeros_like(grad, device="cpu") for grad in self._grads_from_parameters()  # shared below
                 )
         elif len(averaged_grads) != len(self.parameters):
             raise ValueError(f"averaged_grads has {len(averaged_grads)} tensors for {len(self.parameters)} parameters")

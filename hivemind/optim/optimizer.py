@@ -154,8 +154,7 @@ class Optimizer(torch.optim.Optimizer):
         for param in self.state_averager.optimizer_parameters:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            param.grad.share_memory_()
-            yield param.grad
+            yield param.grad  # the gradient averager moves them into one shared buffer (one fd, not one per tensor)
 
     # ------------------------------------------------------------------ properties
 

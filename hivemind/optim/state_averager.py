@@ -12,6 +12,7 @@ import torch
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
+from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
@@ -139,6 +140,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self.status_loglevel = status_loglevel
         if offload_optimizer:
             offloaded = {p: self._make_offloaded_copy(p) for p in self.main_parameters}
+            share_in_one_buffer(list(offloaded.values()))  # one shared buffer: one fd, not one per parameter
             param_groups = [dict(group, params=[offloaded[p] for p in group["params"]]) for group in param_groups]
         self.optimizer = optimizer(param_groups) if optimizer_is_factory else optimizer
         self._optimizer_parameters: Tuple[torch.Tensor, ...] = tuple(
@@ -160,7 +162,7 @@ class TrainingStateAverager(DecentralizedAverager):
 
         sources = self._averaging_sources()
         with torch.no_grad():
-            averaged = tuple(t.detach().to("cpu", copy=True).share_memory_() for t in sources)
+            averaged = tuple(t.detach().to("cpu", copy=True) for t in sources)  # shared in one buffer by the averager
         infos = self._tensor_infos(sources)
         self._state_lock = threading.RLock()  # consistent state for downloads while steps are applied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
@@ -188,10 +190,7 @@ class TrainingStateAverager(DecentralizedAverager):
 
     @staticmethod
     def _make_offloaded_copy(param: torch.Tensor) -> torch.Tensor:
-        copy = torch.nn.Parameter(
-            param.detach().to("cpu", copy=True).share_memory_(), requires_grad=param.requires_grad
-        )
-        return copy
+        return torch.nn.Parameter(param.detach().to("cpu", copy=True), requires_grad=param.requires_grad)
 
     def _optimizer_statistics(self) -> List[torch.Tensor]:
         statistics = []
