@@ -81,7 +81,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         self._shutdown_requested = False  # (user process) shutdown() was called
         # user process -> averager process: calls (one duplex pipe, answers come back on it)
         self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
-        self._caller = CallerEnd(self._caller_connection)
+        self._caller = CallerEnd(self._caller_connection, process_name="averager")
         # averager process -> user process: "send me get_current_state()" (an MPFuture per request)
         self._state_request_reader, self._state_request_writer = self._context.Pipe(duplex=False)
         self._state_request_lock = threading.Lock()

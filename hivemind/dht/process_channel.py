@@ -34,8 +34,8 @@ class ChannelClosedError(RuntimeError):
 class CallerEnd:
     """The user-process end: ``call`` returns a future resolved by the reader thread when the answer arrives."""
 
-    def __init__(self, connection: Connection):
-        self._connection = connection
+    def __init__(self, connection: Connection, process_name: str = "DHT"):
+        self._connection, self._process_name = connection, process_name
         self._send_lock = threading.Lock()
         self._pending: Dict[int, concurrent.futures.Future] = {}
         self._call_ids = itertools.count(READY_CALL_ID + 1)
@@ -45,7 +45,7 @@ class CallerEnd:
         self._pending[READY_CALL_ID] = self.ready
 
     def start_reader(self) -> None:
-        self._reader = threading.Thread(target=self._read_forever, name="DHT.responses", daemon=True)
+        self._reader = threading.Thread(target=self._read_forever, name=f"{self._process_name}.responses", daemon=True)
         self._reader.start()
 
     def call(self, future: concurrent.futures.Future, method: str, *args, **kwargs) -> concurrent.futures.Future:
@@ -54,7 +54,9 @@ class CallerEnd:
         self._pending[call_id] = future
         if self._closed_error is not None:
             self._pending.pop(call_id, None)
-            future.set_exception(ChannelClosedError(f"the DHT process is not running: {self._closed_error}"))
+            future.set_exception(
+                ChannelClosedError(f"the {self._process_name} process is not running: {self._closed_error}")
+            )
             return future
         try:
             body = bytes(ForkingPickler.dumps((method, args, kwargs)))
@@ -102,7 +104,9 @@ class CallerEnd:
             _, future = self._pending.popitem()
             if not future.done():
                 try:
-                    future.set_exception(ChannelClosedError(f"the DHT process exited before answering ({reason!r})"))
+                    future.set_exception(
+                        ChannelClosedError(f"the {self._process_name} process exited before answering ({reason!r})")
+                    )
                 except concurrent.futures.InvalidStateError:
                     pass
 
