@@ -31,6 +31,7 @@ def test_an_optimizer_of_600_tensors_costs_a_few_fds_in_every_process():
             in_averagers = [count_fds(averager.pid) for averager in (opt.state_averager, opt.grad_averager)]
         finally:
             opt.shutdown()
-    # one descriptor per tensor would be 600 in each (the count before this fix: ~620 in each)
+    # one descriptor per tensor would be 600 in each (the count before this fix: ~620 in each); a forked averager
+    # also inherits what this (test worker) process had open
     assert added < 100, added
-    assert all(count < 150 for count in in_averagers), in_averagers
+    assert all(count < before + 100 for count in in_averagers), (before, in_averagers)

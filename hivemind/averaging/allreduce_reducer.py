@@ -39,10 +39,6 @@ def message_nbytes(message) -> int:
     return message.ByteSize()
 
 
-class _TooManyParts(AllreduceException):
-    """A sender kept streaming after the last part this peer reduces (or never ended its stream)."""
-
-
 class ReducerSide:
     """Mixed into AllReduceRunner (which sets every attribute used here): serves the parts this peer reduces."""
 
@@ -78,7 +74,6 @@ class ReducerSide:
         reader = asyncio.create_task(self._read_parts(sender_index, first, stream, queue))
         buffered = self.peer_fractions[self.ordered_peer_ids.index(peer_id)] == 0  # such senders read at the end
         pending_replies: List[AveragingData] = []
-        answered = 0
         try:
             while True:
                 item = await queue.get()
@@ -95,10 +90,7 @@ class ReducerSide:
                     reply = encode_delta(*delta_args)
                 else:
                     reply = await asyncio.get_running_loop().run_in_executor(None, encode_delta, *delta_args)
-                answered += 1
-                # the last reply waits for the end of the sender's stream: a sender that streams more parts than
-                # this peer reduces is refused instead of answered in full
-                if buffered or answered == len(self.my_parts):
+                if buffered:
                     pending_replies.append(reply)
                 else:
                     self.bytes_sent += message_nbytes(reply)
@@ -106,12 +98,11 @@ class ReducerSide:
             for reply in pending_replies:
                 self.bytes_sent += message_nbytes(reply)
                 yield reply
+            # every reply is out; stay until the sender ends its stream (bounded), so that extra parts are noticed
+            await asyncio.wait({reader}, timeout=self.sender_timeout)
         except (AllreduceException, asyncio.TimeoutError) as e:
             logger.debug(f"{self}: stopped serving {peer_id}: {e!r}")
-            if isinstance(e, _TooManyParts):
-                code = MessageCode.PROTOCOL_VIOLATION
-            else:
-                code = MessageCode.CANCELLED if self._cancelled else MessageCode.INTERNAL_ERROR
+            code = MessageCode.CANCELLED if self._cancelled else MessageCode.INTERNAL_ERROR
             yield AveragingData(code=code)
         finally:
             reader.cancel()
@@ -165,19 +156,19 @@ class ReducerSide:
                 refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")
                 future = await self.reducer.submit_part(sender_index, k, tensor, weight)
                 queue.put_nowait((part, tensor, wire_tensor(message)[0].compression, future))
-            # senders end their stream right after the last part (the caller's end-of-stream), before any reply
-            try:
-                await await_with_timeout(anext(stream), self.sender_timeout)
-            except StopAsyncIteration:
-                queue.put_nowait(_END)
-                return
-            except asyncio.TimeoutError:
-                raise _TooManyParts(
-                    f"did not end its stream within {self.sender_timeout} s of its last part"
-                ) from None
-            raise _TooManyParts(f"sent more than the {num_parts} parts this peer reduces")
+            queue.put_nowait(_END)  # every part is in: the replies do not wait for the end of the stream
         except BannedException as e:
             queue.put_nowait(e)
+            return
         except Exception as e:
             self._ban(sender_index, str(e) if isinstance(e, AllreduceException) else repr(e))
             queue.put_nowait(e if isinstance(e, AllreduceException) else AllreduceException(repr(e)))
+            return
+        try:  # a sender streams nothing after its last part: more parts are refused (it is excluded, logged)
+            await await_with_timeout(anext(stream), self.sender_timeout)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        except Exception as e:
+            logger.debug(f"{self}: the stream of {sender_index} broke after its last part: {e!r}")
+            return
+        self._ban(sender_index, f"sent more than the {num_parts} parts this peer reduces")
