@@ -103,9 +103,6 @@ class GradientAverager(DecentralizedAverager):
 
     def accumulated_grads(self) -> Iterator[torch.Tensor]:
         """The tensors the gradients accumulate in (``param.grad`` itself with ``reuse_grad_buffers``)."""
-        return self._accumulated_grads()
-
-    def _accumulated_grads(self) -> Iterator[torch.Tensor]:
         if self.reuse_grad_buffers:
             yield from self._grads_from_parameters()
         else:
@@ -118,14 +115,14 @@ class GradientAverager(DecentralizedAverager):
         if self.local_times_accumulated == 0 and self.warn:
             logger.warning("Averaging gradients with nothing accumulated: this peer contributes zeros")
         with self.get_tensors() as averaged_grads:
-            for averaged, accumulated in zip(averaged_grads, self._accumulated_grads()):
+            for averaged, accumulated in zip(averaged_grads, self.accumulated_grads()):
                 averaged.copy_(accumulated, non_blocking=True).div_(times)
         self._new_averaged_grads = True
 
     @torch.no_grad()
     def reset_accumulated_grads_(self) -> None:
         """Zero the accumulators and counters."""
-        for accumulated in self._accumulated_grads():
+        for accumulated in self.accumulated_grads():
             accumulated.zero_()
         self._anchor_batch_size = None
         self.local_times_accumulated = 0

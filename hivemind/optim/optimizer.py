@@ -238,9 +238,7 @@ class Optimizer(torch.optim.Optimizer):
         Report ``batch_size`` more samples processed with the current gradients; run the global step (average,
         optimizer step, next epoch) once the swarm has accumulated ``target_batch_size``. Returns the closure's loss.
         """
-        batch_size = check_step_arguments(
-            self, shut_down=self._shut_down, closure=closure, batch_size=batch_size, grad_scaler=grad_scaler
-        )
+        batch_size = check_step_arguments(self, closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
         loss = None
         if closure is not None:
             with torch.enable_grad():

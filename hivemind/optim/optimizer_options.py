@@ -128,10 +128,10 @@ def positive_int_batch_size(batch_size: Any) -> int:
     raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")
 
 
-def check_step_arguments(optimizer: Any, *, shut_down: bool, closure: Any, batch_size: Any, grad_scaler: Any):
+def check_step_arguments(optimizer: Any, *, closure: Any, batch_size: Any, grad_scaler: Any):
     """Refuse a misused ``Optimizer.step()`` with an error that says what to do; returns the step's batch size
     (None for an auxiliary peer)."""
-    if shut_down:
+    if optimizer._shut_down:
         raise RuntimeError(
             f"{type(optimizer).__name__} was shut down: it no longer trains with peers; create a new one (and a "
             f"new DHT if that was shut down too) to go on training"
