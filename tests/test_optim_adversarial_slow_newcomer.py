@@ -4,30 +4,19 @@ reported E after they had left it, so it is alive and catching up), or, whenever
 stale, they end every epoch without it and it downloads the state at each of its steps without ever averaging
 (measured with 3 fast peers and a newcomer stepping every 0.25 s: 16+ epochs without a round in 3 of 4 runs)."""
 
-import time
-
 import pytest
+from averager_helpers import dht_swarm
+from optim_swarm_helpers import wait_for
 
-from hivemind.dht import DHT
 from hivemind.optim.progress_tracker import ProgressTracker
 
 FAST = dict(min_refresh_period=0.05, max_refresh_period=0.2, default_refresh_period=0.1)
 
 
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def dht_pair():
-    first = DHT(start=True)
-    second = DHT(initial_peers=first.get_visible_maddrs(), start=True)
-    yield first, second
-    second.shutdown()
-    first.shutdown()
+    with dht_swarm(2) as dhts:
+        yield dhts
 
 
 @pytest.mark.timeout(30)
@@ -39,7 +28,7 @@ def test_a_newcomer_that_reports_the_previous_epoch_after_the_others_left_it_is_
             veteran.update_epoch(new_epoch=5)  # the veteran just averaged alone and entered epoch 5
         with newcomer.pause_updates():
             newcomer.update_epoch(new_epoch=4)  # then the newcomer reports the epoch it downloaded: 4
-        wait_for(lambda: any(record.epoch == 4 for record in veteran.records()))
+        wait_for(lambda: any(record.epoch == 4 for record in veteran.records()), timeout=10.0)
         last_round = {dht_pair[0].peer_id.to_bytes()}  # the newcomer was not in the veteran's last round
         assert veteran.count_expected_peers(5, last_round) == 2
     finally:
@@ -54,11 +43,11 @@ def test_a_peer_that_stopped_in_the_previous_epoch_before_the_others_left_it_is_
     try:
         with stopped.pause_updates():
             stopped.update_epoch(new_epoch=4)
-        wait_for(lambda: any(record.epoch == 4 for record in veteran.records()))
+        wait_for(lambda: any(record.epoch == 4 for record in veteran.records()), timeout=10.0)
         with veteran.pause_updates():
             veteran.update_epoch(new_epoch=5)  # left epoch 4 after the other peer's last report
         last_round = {dht_pair[0].peer_id.to_bytes()}
-        wait_for(lambda: veteran.fetched_global_progress_this_epoch.is_set())
+        wait_for(lambda: veteran.fetched_global_progress_this_epoch.is_set(), timeout=10.0)
         assert veteran.count_expected_peers(5, last_round) == 1
     finally:
         stopped.shutdown(5)

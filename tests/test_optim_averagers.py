@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from averager_helpers import dht_swarm
 
-from hivemind.dht import DHT
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.optim.training_averager import TrainingAverager
@@ -13,11 +13,8 @@ AVERAGER_OPTS = dict(min_matchmaking_time=1.0, request_timeout=0.5)
 
 @pytest.fixture
 def dht_pair():
-    first = DHT(start=True)
-    second = DHT(initial_peers=first.get_visible_maddrs(), start=True)
-    yield first, second
-    second.shutdown()
-    first.shutdown()
+    with dht_swarm(2) as dhts:
+        yield dhts
 
 
 @pytest.mark.timeout(60)
