@@ -19,6 +19,7 @@ from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_
 from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.dht_handler import DHTHandlerThread
 from hivemind.moe.server.expert_pattern import generate_uids_from_pattern
+from hivemind.moe.server.fast_adam import FastAdam
 from hivemind.moe.server.layers import (
     ClippingWrapper,
     add_custom_models_from_file,
@@ -124,6 +125,10 @@ class Server(threading.Thread):
         literals and ``[a:b]`` ranges) that are not yet announced in the DHT (``expert.0``, ``expert.1``, ... without a
         pattern). Experts found in ``checkpoint_dir`` are loaded and count towards ``num_experts``.
 
+        :param optim_cls: factory ``optim_cls(parameters)`` of each expert's optimizer, None = not trained; the
+            default ``torch.optim.Adam`` (also when passed explicitly) becomes a :class:`FastAdam`: the same Adam run
+            by torch's fastest implementation for the parameters (fused kernel on CPU since torch 2.4); any other
+            factory is used as given
         :param num_handlers: serve from this many connection-handler processes; None (the default) serves from one
             handler thread of the server's process (faster: no process boundary for the tensors), not 8 processes
             per expert as the original does
@@ -342,7 +347,8 @@ def _make_backends(
             outputs_schema = _describe_outputs(sample_outputs, compression)
         optimizer = lr_scheduler = None
         if optim_cls is not None:
-            optimizer = optim_cls(expert.parameters())
+            # the default Adam runs its fastest implementation (fused on CPU with torch >= 2.4): same arithmetic
+            optimizer = (FastAdam if optim_cls is torch.optim.Adam else optim_cls)(expert.parameters())
             if scheduler_cls is not None:
                 lr_scheduler = scheduler_cls(optimizer)
         if clip_grad_norm is not None and optimizer is not None:
