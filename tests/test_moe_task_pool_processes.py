@@ -93,7 +93,7 @@ def test_task_of_a_process_that_died_is_dropped():
         while not pool._pending and time.monotonic() < deadline:  # the task is on its way to this process
             time.sleep(0.01)
         assert len(pool._pending) == 1
-        remote_future = pool._pending[0].future
+        remote_future = pool._pending.first().future
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
         deadline = time.monotonic() + 10

@@ -18,8 +18,10 @@ A batch of several tasks whose computation fails is retried one task at a time, 
 Refused at once (the future holds the error, nothing is queued): a task without tensors, an empty task (batch size
 0), tensors with different batch sizes, a task over ``max_batch_size`` and, when ``pool_size`` is set, a task that
 finds that many tasks already waiting. A task whose future is cancelled (its client went away) before the Runtime
-takes its batch is dropped: left out of the batch, and a batch with no task left is not computed at all. Shutting a
-pool down fails every task it still holds.
+takes its batch is dropped: a waiting one leaves the queue at once (it never counts toward ``pool_size`` or
+``min_batch_size``; see task_pool_queue.py), one of a formed batch is left out of it and its room goes to the oldest
+waiting tasks that fit, and a batch with no task left is not computed at all. Shutting a pool down fails every task
+it still holds.
 
 Runtime protocol (as petals' pools): ``batch_receiver`` readable while a batch is ready, ``priority`` (arrival of the
 oldest ready batch; smaller first), ``load_batch_to_runtime``, ``send_outputs/exception_from_runtime``.
@@ -35,7 +37,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +49,7 @@ from hivemind.moe.server.task_pool_ipc import (
     submit_remote_task,
     unregister_pool,
 )
+from hivemind.moe.server.task_pool_queue import Batch, PendingTasks, Task, claim, complete, fail, fail_tasks
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 
@@ -89,24 +92,6 @@ class TaskPoolBase(threading.Thread):
     @property
     def priority(self) -> float:
         raise NotImplementedError()
-
-
-@dataclass
-class _Task:
-    future: concurrent.futures.Future
-    tensors: Sequence[torch.Tensor]
-    size: int
-    signature: tuple
-    arrival_time: float
-
-
-@dataclass
-class _Batch:
-    index: int
-    tasks: List[_Task]
-    inputs: Sequence[torch.Tensor]
-    size: int
-    arrival_time: float
 
 
 class TaskPool(TaskPoolBase):
@@ -152,10 +137,9 @@ class TaskPool(TaskPoolBase):
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._pending: Deque[_Task] = deque()
-        self._pending_examples = 0
-        self._ready: Deque[_Batch] = deque()
-        self._in_flight: Dict[int, _Batch] = {}
+        self._pending = PendingTasks()  # a cancelled task leaves it at once (see _drop_if_cancelled)
+        self._ready: Deque[Batch] = deque()
+        self._in_flight: Dict[int, Batch] = {}
         self._batch_indices = itertools.count()
         self._closed = False
         self.batch_receiver, self._batch_sender = mp.Pipe(duplex=False)  # one message per ready batch
@@ -216,7 +200,7 @@ class TaskPool(TaskPoolBase):
 
     def _enqueue(self, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor], size: int) -> None:
         signature = tuple((tensor.dtype, tuple(tensor.shape[1:]), tensor.device) for tensor in tensors)
-        task = _Task(future, tuple(tensors), size, signature, time.monotonic())
+        task = Task(future, tuple(tensors), size, signature, time.monotonic())
         error = None
         with self._lock:
             if self._closed:
@@ -224,11 +208,18 @@ class TaskPool(TaskPoolBase):
             elif self.pool_size is not None and len(self._pending) >= self.pool_size:
                 error = RuntimeError(f"{self.name}: {self.pool_size} tasks are already waiting; try again later")
             else:
-                self._pending.append(task)
-                self._pending_examples += size
+                key = self._pending.append(task)
                 self._changed.notify()
         if error is not None:
-            _fail(future, error)
+            return fail(future, error)
+        future.add_done_callback(partial(self._drop_if_cancelled, key))  # (runs at once if cancelled already)
+
+    def _drop_if_cancelled(self, key: int, future: concurrent.futures.Future) -> None:
+        """A task's future is done: if it was cancelled while waiting, forget the task now (and its tensors)."""
+        if future.cancelled():
+            with self._lock:
+                if self._pending.remove(key) is not None:
+                    self._changed.notify()  # the oldest task may have changed, and with it the batch timeout
 
     # ------------------------------------------------------------------ forming batches (pool thread)
 
@@ -246,11 +237,11 @@ class TaskPool(TaskPoolBase):
                 logger.exception(f"{self.name}: unexpected error while forming a batch: {e!r}")
 
     def _batch_is_due(self, now: float) -> bool:
-        if self._pending_examples >= self.min_batch_size:
+        if self._pending.examples >= self.min_batch_size:
             return True
-        return self.timeout is not None and now >= self._pending[0].arrival_time + self.timeout
+        return self.timeout is not None and now >= self._pending.first().arrival_time + self.timeout
 
-    def _take_tasks(self) -> Optional[List[_Task]]:
+    def _take_tasks(self) -> Optional[List[Task]]:
         """Wait until a batch is due and there is room for it; take its tasks (None after shutdown)."""
         with self._lock:
             while True:
@@ -261,32 +252,12 @@ class TaskPool(TaskPoolBase):
                     break
                 wait_for = None
                 if self._pending and len(self._ready) < self.prefetch_batches and self.timeout is not None:
-                    wait_for = max(0.0, self._pending[0].arrival_time + self.timeout - now)
+                    wait_for = max(0.0, self._pending.first().arrival_time + self.timeout - now)
                 self._changed.wait(wait_for)
 
-            tasks, examples, signature = [], 0, None
-            while self._pending:
-                task = self._pending[0]
-                if task.future.cancelled():
-                    self._pop_pending()
-                    continue
-                if signature is not None and (
-                    task.signature != signature or examples + task.size > self.max_batch_size
-                ):
-                    break
-                self._pop_pending()
-                if task.future.done():  # cancelled just now, or failed elsewhere: nothing left to compute
-                    continue
-                signature = task.signature
-                tasks.append(task)
-                examples += task.size
-            return tasks
+            return self._pending.take(self.max_batch_size)
 
-    def _pop_pending(self) -> None:
-        task = self._pending.popleft()
-        self._pending_examples -= task.size
-
-    def _form_batch(self, tasks: List[_Task]) -> None:
+    def _form_batch(self, tasks: List[Task]) -> None:
         try:
             if len(tasks) == 1:
                 inputs = tasks[0].tensors
@@ -295,14 +266,14 @@ class TaskPool(TaskPoolBase):
         except Exception as e:  # should not happen: all tasks have the same signature
             logger.warning(f"{self.name}: could not concatenate {len(tasks)} tasks: {e!r}")
             for task in tasks:
-                _fail(task.future, e)
+                fail(task.future, e)
             return
-        batch = _Batch(
+        batch = Batch(
             next(self._batch_indices), tasks, inputs, sum(task.size for task in tasks), tasks[0].arrival_time
         )
         with self._lock:
             if self._closed:
-                _fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool is shut down"))
+                fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool is shut down"))
                 return
             self._ready.append(batch)
             self._batch_sender.send_bytes(b"")
@@ -331,7 +302,8 @@ class TaskPool(TaskPoolBase):
         """Take the next ready batch: ``(batch_index, inputs)``; inputs are moved to ``device`` if given.
 
         This is when its tasks start running (and can no longer be cancelled). Tasks cancelled since the batch was
-        formed (their callers went away) are left out of it; if none is left, AbandonedBatchError is raised instead.
+        formed (their callers went away) are left out of it, and their room goes to the oldest waiting tasks that fit
+        the batch; if no task of it is left, AbandonedBatchError is raised instead.
         """
         if os.getpid() != self._owner_pid:
             raise RuntimeError(f"{self.name}: batches can only be loaded in the process that created the pool")
@@ -348,13 +320,17 @@ class TaskPool(TaskPoolBase):
                 raise RuntimeError(f"{self.name}: the task pool is shut down")
             batch = self._ready.popleft()
             self._changed.notify()  # room for the next batch
-            batch.tasks, formed_with = [task for task in batch.tasks if _claim(task.future)], len(batch.tasks)
+            batch.tasks, formed_with = [task for task in batch.tasks if claim(task.future)], len(batch.tasks)
+            changed = len(batch.tasks) < formed_with
+            if changed and batch.tasks:  # refill the room of the cancelled tasks with waiting ones that fit
+                room = self.max_batch_size - sum(task.size for task in batch.tasks)
+                batch.tasks += self._pending.take(room, batch.tasks[0].signature, running=True)
             if batch.tasks:
                 self._in_flight[batch.index] = batch
         if not batch.tasks:
             raise AbandonedBatchError(f"{self.name}: every caller of a batch of {formed_with} tasks went away")
         try:  # the tasks are running: a failure here (e.g. out of device memory) must complete them
-            if len(batch.tasks) < formed_with:  # concatenate what is left (tasks are never cancelled once running)
+            if changed:  # concatenate the tasks of the batch now (tasks are never cancelled once running)
                 batch.size = sum(task.size for task in batch.tasks)
                 batch.inputs = [torch.cat(parts) for parts in zip(*(task.tensors for task in batch.tasks))]
             inputs = batch.inputs if device is None else [t.to(device, non_blocking=True) for t in batch.inputs]
@@ -378,15 +354,15 @@ class TaskPool(TaskPoolBase):
                     f"{self.name}: output #{index} of the batch is {shape}, expected a tensor with the batch "
                     f"({batch.size} examples) as its first dimension"
                 )
-                return _fail_tasks(batch.tasks, error)
+                return fail_tasks(batch.tasks, error)
         outputs = tuple(
             output.detach() if output.device.type == "cpu" else output.detach().cpu() for output in outputs
         )
         if len(batch.tasks) == 1:
-            return _complete(batch.tasks[0].future, outputs)
+            return complete(batch.tasks[0].future, outputs)
         start = 0
         for task in batch.tasks:
-            _complete(task.future, tuple(output[start : start + task.size] for output in outputs))
+            complete(task.future, tuple(output[start : start + task.size] for output in outputs))
             start += task.size
 
     def send_exception_from_runtime(self, batch_index: int, exception: BaseException) -> None:
@@ -399,7 +375,7 @@ class TaskPool(TaskPoolBase):
             batch = self._in_flight.pop(batch_index, None)
             if batch is not None and len(batch.tasks) > 1 and not self._closed:
                 retries = [
-                    _Batch(next(self._batch_indices), [task], task.tensors, task.size, task.arrival_time)
+                    Batch(next(self._batch_indices), [task], task.tensors, task.size, task.arrival_time)
                     for task in batch.tasks
                 ]
                 self._ready.extendleft(reversed(retries))  # oldest first, ahead of newer batches
@@ -409,7 +385,7 @@ class TaskPool(TaskPoolBase):
         if batch is None:
             logger.debug(f"{self.name}: an error for unknown batch {batch_index} (pool shut down?): {exception!r}")
             return
-        _fail_tasks(batch.tasks, exception)
+        fail_tasks(batch.tasks, exception)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -429,13 +405,12 @@ class TaskPool(TaskPoolBase):
             self._pending.clear()
             self._ready.clear()
             self._in_flight.clear()
-            self._pending_examples = 0
             self._changed.notify_all()
             self._batch_sender.close()  # every send happens under the lock after checking _closed
         self.batch_receiver.close()  # its file descriptor is freed now, not whenever the garbage collector runs
         if os.getpid() == self._owner_pid:
             unregister_pool(self._endpoint)
-        _fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool was shut down before the task was processed"))
+        fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool was shut down before the task was processed"))
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
 
@@ -470,31 +445,3 @@ class TaskPool(TaskPoolBase):
 def _restore_pool(endpoint: PoolEndpoint, state: Dict[str, Any]) -> TaskPool:
     local = get_local_pool(endpoint)
     return local if local is not None else TaskPool._remote_handle(endpoint, state)
-
-
-def _claim(future: concurrent.futures.Future) -> bool:  # mark a task running; False if cancelled (or done already)
-    if future.running():  # a task retried on its own after its batch failed
-        return True
-    try:
-        return future.set_running_or_notify_cancel()
-    except RuntimeError:  # completed meanwhile (e.g. failed by a shutdown)
-        return False
-
-
-def _complete(future: concurrent.futures.Future, result: Any) -> None:
-    try:
-        future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled or failed by a shutdown meanwhile
-
-
-def _fail(future: concurrent.futures.Future, exception: BaseException) -> None:
-    try:
-        future.set_exception(exception)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
-def _fail_tasks(tasks: Sequence[_Task], exception: BaseException) -> None:
-    for task in tasks:
-        _fail(task.future, exception)
