@@ -17,7 +17,8 @@ from hivemind.proto import runtime_pb2
 
 ROWS, HIDDEN = 1024, 1024  # 4 MiB of input: above the unary limit, so the call streams
 EMPTY_CHUNKS = 40_000  # two bytes each on the wire, a few hundred bytes each once parsed by the client
-HEAD = runtime_pb2.Tensor(dtype="float32", size=[ROWS, HIDDEN], chunks=2)
+# announces no chunk count (0), so that only the byte budget can stop the chunks that follow
+HEAD = runtime_pb2.Tensor(dtype="float32", size=[ROWS, HIDDEN], chunks=0)
 
 
 async def endless_empty_chunks(requests, _context):

@@ -14,6 +14,7 @@ from hivemind.moe.client.expert import RemoteExpert, check_grad_inputs
 from hivemind.moe.client.expert_rpc import (
     call_expert,
     expected_output_bytes,
+    malformed_answer,
     raw_size_of,
     response_size_limit,
     serialize_inputs,
@@ -65,11 +66,13 @@ def group_by_expert(experts_per_sample: Sequence[Sequence[RemoteExpert]]) -> Lis
 
 def _check_outputs(job: ExpertJob, outputs: Sequence[torch.Tensor], schema: Sequence, detect_anomalies: bool):
     if len(outputs) != len(schema):
-        raise RuntimeError(f"expert {job.expert.uid} returned {len(outputs)} outputs, expected {len(schema)}")
+        raise malformed_answer(job.expert.uid, "forward", f"{len(outputs)} outputs instead of {len(schema)}")
     for output, descriptor in zip(outputs, schema):
         expected = (len(job.samples), *descriptor.shape[1:])
         if tuple(output.shape) != expected:
-            raise RuntimeError(f"expert {job.expert.uid} returned shape {tuple(output.shape)}, expected {expected}")
+            raise malformed_answer(
+                job.expert.uid, "forward", f"an output of shape {tuple(output.shape)} instead of {expected}"
+            )
         if detect_anomalies and output.is_floating_point() and not torch.isfinite(output).all():
             raise RuntimeError(f"expert {job.expert.uid} returned NaN or infinite values")
 

@@ -14,6 +14,7 @@ from hivemind.moe.client.expert_rpc import (
     ConnectionHandler,
     call_expert,
     expected_output_bytes,
+    malformed_answer,
     parse_expert_info,
     raw_size_of,
     response_size_limit,
@@ -134,15 +135,19 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_grad_inputs(uid: str, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Gradients from a server must match the inputs one to one in shape; cast to the inputs' dtypes."""
+    """Gradients from a server must match the inputs one to one in shape; cast to the inputs' dtypes.
+
+    :raises MalformedExpertResponse: (a RuntimeError) they do not match
+    """
     if len(grads) != len(inputs):
-        raise RuntimeError(f"expert {uid} returned {len(grads)} gradients for {len(inputs)} inputs")
+        raise malformed_answer(uid, "backward", f"{len(grads)} gradients for {len(inputs)} inputs")
     checked = []
     for index, (tensor, grad) in enumerate(zip(inputs, grads)):
         if grad.shape != tensor.shape:
-            raise RuntimeError(
-                f"expert {uid} returned a gradient of shape {tuple(grad.shape)} for input {index} of shape "
-                f"{tuple(tensor.shape)}"
+            raise malformed_answer(
+                uid,
+                "backward",
+                f"a gradient of shape {tuple(grad.shape)} for input {index} of shape {tuple(tensor.shape)}",
             )
         checked.append(grad.to(tensor.dtype) if tensor.is_floating_point() else grad)
     return checked

@@ -13,14 +13,14 @@ from typing import AsyncIterator, Iterable, List, Optional, Sequence
 import torch
 from google.protobuf.message import DecodeError
 
-from hivemind.compression import deserialize_tensor_stream, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
 from hivemind.p2p import P2PContext, ServicerBase, StubBase
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_flatten
 from hivemind.utils.serializer import MSGPackSerializer
-from hivemind.utils.streaming import split_for_streaming
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "serialize_inputs",
     "call_expert",
     "ExpertResponseTooLarge",
+    "MalformedExpertResponse",
     "CheckedExpertResponse",
     "response_size_limit",
     "expected_output_bytes",
@@ -130,6 +131,29 @@ class ExpertResponseTooLarge(RuntimeError):
     """An expert server sent more tensor bytes than the answer to the request can need."""
 
 
+class MalformedExpertResponse(ExpertResponseTooLarge):
+    """An expert server's answer is not a valid answer to the call, whatever its size: more or fewer tensors than the
+    expert returns, a message protobuf cannot parse, a tensor that does not decode, a streamed tensor cut short or
+    given more chunks than it announced, gradients that do not match the inputs.
+
+    It derives from ExpertResponseTooLarge only because earlier versions raised that for these answers too, so that an
+    ``except ExpertResponseTooLarge`` written for them still catches it; catch MalformedExpertResponse to tell the
+    two apart. The server does not follow the expert protocol (a bug, an incompatible version or a hostile peer):
+    call another expert; a mixture of experts masks this one like any failed expert.
+    """
+
+
+_MALFORMED_ADVICE = (
+    "its server does not follow the expert protocol (a bug, an incompatible version or a hostile peer); "
+    "call another expert"
+)
+
+
+def malformed_answer(uid: str, method: str, problem: str) -> MalformedExpertResponse:
+    """The error for an answer of expert ``uid`` to ``method`` that has ``problem``."""
+    return MalformedExpertResponse(f"expert {uid} sent a malformed answer to {method}: {problem}; {_MALFORMED_ADVICE}")
+
+
 class CheckedExpertResponse:
     """What a response is parsed into when its number of tensors is known: the wire bytes are scanned first (see
     hivemind/moe/wire_scan.py), so that a response of millions of empty tensors is refused before protobuf builds
@@ -144,13 +168,15 @@ class CheckedExpertResponse:
     def ParseFromString(self, data: Buffer) -> int:  # noqa: N802 (protobuf's name)
         try:
             scan_tensor_message(data, self.max_tensors, self.what)
-        except MessageScanError as e:
-            raise ExpertResponseTooLarge(str(e)) from None
+        except MessageScanError as e:  # too many tensors or fields for the expert's answer, or not protobuf at all
+            raise MalformedExpertResponse(f"{e}; {_MALFORMED_ADVICE}") from None
         self.message = runtime_pb2.ExpertResponse()
         try:
             return self.message.ParseFromString(data)
         except DecodeError as e:  # well-formed fields, but not an ExpertResponse (e.g. field 0, a dtype not in UTF-8)
-            raise ExpertResponseTooLarge(f"{self.what}: not a valid expert message ({e})") from None
+            raise MalformedExpertResponse(
+                f"{self.what}: not a valid expert message ({e}); {_MALFORMED_ADVICE}"
+            ) from None
 
 
 def response_size_limit(expected_bytes: int) -> int:
@@ -175,6 +201,69 @@ def _check_size(received: int, limit: Optional[int], uid: str) -> None:
         )
 
 
+def _decode(uid: str, method: str, index: int, serialized: runtime_pb2.Tensor) -> torch.Tensor:
+    try:
+        return deserialize_torch_tensor(serialized)
+    except (ValueError, TypeError, RuntimeError, OverflowError, IndexError) as e:
+        raise malformed_answer(uid, method, f"tensor #{index} could not be decoded ({e})") from None
+
+
+class _StreamedAnswer:
+    """Joins the chunks of a streamed answer within its byte budget. A chunk with metadata starts a tensor and
+    announces how many chunks it has (``chunks``; 0: not said): a tensor with fewer (the stream was cut) or more is
+    malformed, as is a continuation chunk before any tensor or more tensors than the expert returns."""
+
+    def __init__(self, uid: str, method: str, max_bytes: Optional[int], max_tensors: Optional[int]):
+        self.uid, self.method, self.max_bytes, self.max_tensors = uid, method, max_bytes, max_tensors
+        self.received = 0
+        self.tensors: List[torch.Tensor] = []
+        self.parts: List[runtime_pb2.Tensor] = []  # chunks of the tensor being received
+        self.announced = 0
+
+    def add(self, response: runtime_pb2.ExpertResponse) -> None:
+        # every message and chunk is kept until its tensor is complete: each costs its overhead too, so that an
+        # endless stream of empty messages or chunks runs out of the budget as well
+        self.received += _OVERHEAD_BYTES_PER_MESSAGE * (1 + len(response.tensors))
+        self.received += sum(len(chunk.buffer) for chunk in response.tensors)
+        _check_size(self.received, self.max_bytes, self.uid)  # before the chunks are kept
+        for chunk in response.tensors:
+            if chunk.dtype:  # a chunk with metadata: a new tensor
+                self._end_tensor()
+                if self.max_tensors is not None and len(self.tensors) >= self.max_tensors:
+                    raise malformed_answer(
+                        self.uid,
+                        self.method,
+                        f"rpc_{self.method}_stream answer expects {self.max_tensors} tensors, got more",
+                    )
+                self.announced = max(chunk.chunks, 0)
+            elif not self.parts:
+                raise malformed_answer(self.uid, self.method, "a continuation chunk came before any tensor metadata")
+            elif self.announced and len(self.parts) >= self.announced:
+                raise malformed_answer(
+                    self.uid,
+                    self.method,
+                    f"tensor #{len(self.tensors)} got more chunks than the {self.announced} it announced",
+                )
+            self.parts.append(chunk)
+
+    def _end_tensor(self) -> None:
+        if not self.parts:
+            return
+        if self.announced and len(self.parts) != self.announced:
+            raise malformed_answer(
+                self.uid,
+                self.method,
+                f"tensor #{len(self.tensors)} ended after {len(self.parts)} of the {self.announced} chunks it "
+                "announced (the stream was cut short)",
+            )
+        serialized, self.parts = combine_from_streaming(self.parts), []
+        self.tensors.append(_decode(self.uid, self.method, len(self.tensors), serialized))
+
+    def finish(self) -> List[torch.Tensor]:
+        self._end_tensor()
+        return self.tensors
+
+
 async def call_expert(
     stub: StubBase,
     method: str,
@@ -190,37 +279,33 @@ async def call_expert(
     :param raw_size: the summed ``element_size * numel`` of the tensors before compression, in bytes
     :param timeout: for the unary variant only; bound a streaming call by cancelling it
     :param max_response_bytes: refuse (ExpertResponseTooLarge) an answer whose tensor buffers exceed this
-    :param max_response_tensors: refuse (ExpertResponseTooLarge) a response message with more tensors than this
-      before it is parsed (the expert's number of outputs, or of inputs for backward)
+    :param max_response_tensors: the number of tensors the answer holds (the expert's number of outputs, or of
+      inputs for backward): a message with more is refused before it is parsed, and an answer with fewer too
+      (MalformedExpertResponse, as for any answer that is not a valid one)
     """
     if raw_size > MAX_UNARY_PAYLOAD_SIZE:
-        responses = await _call(stub, f"rpc_{method}_stream", _iterate_requests(uid, serialized), max_response_tensors)
-
-        async def counted_chunks():
-            received = started = 0
+        name = f"rpc_{method}_stream"
+        responses = await _call(stub, name, uid, _iterate_requests(uid, serialized), max_response_tensors)
+        answer = _StreamedAnswer(uid, method, max_response_bytes, max_response_tensors)
+        try:
             async for response in responses:
-                response = getattr(response, "message", response)
-                # every message and chunk is kept until the stream ends: each costs its overhead too, so that an
-                # endless stream of empty messages or chunks runs out of the budget as well
-                received += _OVERHEAD_BYTES_PER_MESSAGE * (1 + len(response.tensors))
-                received += sum(len(chunk.buffer) for chunk in response.tensors)
-                _check_size(received, max_response_bytes, uid)  # before the chunk is kept
-                started += sum(1 for chunk in response.tensors if chunk.dtype)  # a chunk with metadata: a new tensor
-                if max_response_tensors is not None and started > max_response_tensors:
-                    raise ExpertResponseTooLarge(
-                        f"rpc_{method}_stream answer of {uid} expects {max_response_tensors} tensors, got more"
-                    )
-                yield response.tensors
-
-        return await deserialize_tensor_stream(counted_chunks())
-    request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
-    response = await _call(stub, f"rpc_{method}", request, max_response_tensors, timeout=timeout)
-    response = getattr(response, "message", response)
-    _check_size(sum(len(tensor.buffer) for tensor in response.tensors), max_response_bytes, uid)
-    return [deserialize_torch_tensor(tensor) for tensor in response.tensors]
+                answer.add(getattr(response, "message", response))
+        finally:
+            if hasattr(responses, "aclose"):
+                await responses.aclose()  # a refused answer: stop reading it now (the stream closes)
+        tensors = answer.finish()
+    else:
+        request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
+        response = await _call(stub, f"rpc_{method}", uid, request, max_response_tensors, timeout=timeout)
+        response = getattr(response, "message", response)
+        _check_size(sum(len(tensor.buffer) for tensor in response.tensors), max_response_bytes, uid)
+        tensors = [_decode(uid, method, index, tensor) for index, tensor in enumerate(response.tensors)]
+    if max_response_tensors is not None and len(tensors) < max_response_tensors:
+        raise malformed_answer(uid, method, f"{len(tensors)} tensors instead of {max_response_tensors}")
+    return tensors
 
 
-async def _call(stub: StubBase, name: str, request, max_tensors: Optional[int], **kwargs):
+async def _call(stub: StubBase, name: str, uid: str, request, max_tensors: Optional[int], **kwargs):
     """``stub.<name>(request)``. A streamed answer's messages are limited to one chunk (as servers send them); with
     ``max_tensors``, each response is a CheckedExpertResponse (its ``message``)."""
     if not isinstance(stub, StubBase):
@@ -228,7 +313,7 @@ async def _call(stub: StubBase, name: str, request, max_tensors: Optional[int], 
     handle = get_handle_name(stub._namespace, ConnectionHandler.__name__, name)
     response_type = runtime_pb2.ExpertResponse
     if max_tensors is not None:
-        response_type = partial(CheckedExpertResponse, max_tensors, f"{name} answer")
+        response_type = partial(CheckedExpertResponse, max_tensors, f"{name} answer of {uid}")
     if name.endswith("_stream"):
         return await stub._p2p.iterate_protobuf_handler(
             stub._peer, handle, request, response_type, max_message_size=MAX_RESPONSE_MESSAGE_BYTES
