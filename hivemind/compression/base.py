@@ -18,6 +18,7 @@ from hivemind.compression.buffers import (
     expect_length,
     name_to_dtype,
     read_array,
+    tensor_to_bytes,
     use_legacy_bfloat16,
     validated_shape,
 )
@@ -30,6 +31,12 @@ __all__ = ["TensorRole", "CompressionInfo", "CompressionBase", "NoCompression", 
 # its import-time value, the USE_LEGACY_BFLOAT16 environment variable is read on every call instead
 USE_LEGACY_BFLOAT16 = use_legacy_bfloat16()
 _USE_LEGACY_BFLOAT16_AT_IMPORT = USE_LEGACY_BFLOAT16
+# dtypes whose tensors numpy can view: NONE writes their bytes with tensor_to_bytes (bfloat16 and the unsigned
+# types that not every torch can hand to numpy take the general path)
+_NUMPY_DTYPES = frozenset(
+    (torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+    + (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+)
 
 
 class TensorRole(Enum):
@@ -69,6 +76,7 @@ class CompressionBase(ABC):
     """A codec: turns a tensor into a ``runtime_pb2.Tensor`` message and back."""
 
     compression_type: int  # runtime_pb2.CompressionType written into (and expected in) the messages
+    compress_reads_info = True  # False: compress() ignores its CompressionInfo (callers may skip building one)
 
     @abstractmethod
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
@@ -101,8 +109,12 @@ class NoCompression(CompressionBase):
 
     compression_type = runtime_pb2.CompressionType.NONE
 
+    compress_reads_info = False  # serialize_torch_tensor need not build a CompressionInfo for this codec
+
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
+        if tensor.dtype in _NUMPY_DTYPES:  # one copy into a new bytes object, with the least per-call overhead
+            return self._message(tensor, tensor_to_bytes(tensor), requires_grad)
         wire_dtype = tensor.dtype
         assigned = USE_LEGACY_BFLOAT16 != _USE_LEGACY_BFLOAT16_AT_IMPORT
         if tensor.dtype == torch.bfloat16 and (USE_LEGACY_BFLOAT16 if assigned else use_legacy_bfloat16()):

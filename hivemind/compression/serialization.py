@@ -50,7 +50,7 @@ def serialize_torch_tensor(
         raise ValueError(
             f"unknown compression type {compression_type!r}, expected one of {dict(CompressionType.items())}"
         )
-    if info is None:
+    if info is None and (kwargs or codec.compress_reads_info):
         info = CompressionInfo.from_tensor(tensor, **kwargs)
     return codec.compress(tensor, info, allow_inplace)
 
