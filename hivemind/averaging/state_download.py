@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
 from hivemind.averaging.state_snapshot import ALIGNMENT, PackedTensors, TensorLayout, packed_copy
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.dht import DHT
@@ -260,6 +261,8 @@ async def download_state(
     message_timeout: Optional[float] = None,
     deadline: Optional[float] = None,
     first_message_timeout: Optional[float] = None,
+    min_rate: Optional[float] = DEFAULT_MIN_RATE,
+    rate_grace: float = DEFAULT_RATE_GRACE,
 ) -> Tuple[Any, List[torch.Tensor]]:
     """Download and validate one donor's state; raises (StateDownloadError, P2P errors, TimeoutError) on failure.
 
@@ -267,7 +270,13 @@ async def download_state(
     :param first_message_timeout: seconds allowed for the first message, which the donor sends only once it had a
       free slot and a snapshot of its state (None: ``message_timeout``)
     :param deadline: ``time.monotonic()`` by which the whole download must end
+    :param min_rate: after its first message, a donor that we waited on for longer than ``rate_grace`` plus one
+      second per ``min_rate`` bytes it sent is abandoned (None: no floor; see :mod:`hivemind.averaging.state_rate`):
+      one that sends a chunk just before every ``message_timeout`` would otherwise hold a newcomer without an overall
+      deadline for hours. Checked as each message arrives; a single wait is bounded by ``message_timeout``
+    :param rate_grace: seconds of waiting on the donor allowed on top of what its pace earns
     """
+    RateFloor(min_rate, rate_grace)  # validates both
     assembler = StateAssembler(expected_tensors, max_bytes)
     loop = asyncio.get_running_loop()
     tensors: List[torch.Tensor] = []
@@ -292,6 +301,7 @@ async def download_state(
         out = outputs[index] if outputs is not None and index < len(outputs) else None
         decoding = loop.run_in_executor(None, _decode_checked, assembler, index, chunks, out)
 
+    floor: Optional[RateFloor] = None  # how fast the donor sends (from its first message on)
     stub = servicer_type.get_stub(p2p, donor, namespace=prefix)
     stream: AsyncIterator[averaging_pb2.DownloadData] = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
     try:
@@ -302,6 +312,8 @@ async def download_state(
             if deadline is not None:
                 remaining = max(deadline - time.monotonic(), 0.0)
                 timeout = remaining if timeout is None else min(timeout, remaining)
+            if floor is not None:
+                floor.wait_started(time.monotonic())
             try:
                 message = await await_with_timeout(stream.__anext__(), timeout)
             except StopAsyncIteration:
@@ -310,6 +322,14 @@ async def download_state(
                 raise asyncio.TimeoutError(
                     f"no message from the donor for {timeout:.1f} s after {assembler.num_messages} messages"
                 ) from None
+            if floor is None:  # the floor starts after the first message, which the donor may prepare for long
+                floor = RateFloor(min_rate, rate_grace)
+            else:
+                now = time.monotonic()
+                floor.wait_ended(now, message.ByteSize())
+                too_slow = floor.check(now)
+                if too_slow is not None:
+                    raise StateDownloadError(f"the donor sends too slowly: {too_slow}")
             finished = assembler.add(message)
             if finished is not None:
                 await decode_in_background(finished)
@@ -339,6 +359,8 @@ async def load_state_from_peers(
     next_chunk_timeout: Optional[float] = None,
     max_bytes: Optional[int] = None,
     rng: Optional[random.Random] = None,
+    min_rate: Optional[float] = DEFAULT_MIN_RATE,
+    rate_grace: float = DEFAULT_RATE_GRACE,
 ) -> Optional[Tuple[Any, List[torch.Tensor]]]:
     """Download the state of the best donor that delivers it whole: ``(metadata, tensors)``, or None.
 
@@ -358,6 +380,9 @@ async def load_state_from_peers(
     :param next_chunk_timeout: the limit between two messages of a download (None: as above, or 60 s); the first
       message may take up to DONOR_PREPARATION_TIMEOUT (20 s) or this limit, whichever is longer
     :param max_bytes: refuse states with more tensor bytes (default: what ``expected_tensors`` allows, or 16 GiB)
+    :param min_rate: a donor that sends fewer bytes per second that we wait on it (after ``rate_grace`` seconds
+      and its first message) is abandoned for the next one (see :func:`download_state`; None: no floor)
+    :param rate_grace: seconds of waiting on a donor allowed on top of what its pace earns
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     if next_chunk_timeout is not None:
@@ -391,6 +416,8 @@ async def load_state_from_peers(
                 message_timeout=message_timeout,
                 deadline=deadline,
                 first_message_timeout=first_message_timeout,
+                min_rate=min_rate,
+                rate_grace=rate_grace,
             )
         except asyncio.CancelledError:
             raise

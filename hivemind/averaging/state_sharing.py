@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Opti
 
 import torch
 
+from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
 from hivemind.averaging.state_snapshot import SNAPSHOT_AGE_CAP, DonorBusyError, SnapshotCache
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
@@ -146,6 +147,9 @@ class StateSharing:
     :param max_queued_downloads: downloads that may wait for a slot; more are refused with DonorBusyError
     :param max_queue_wait: seconds a queued download waits for a slot before it is refused
     :param send_stall_timeout: a downloader that takes no message for this many seconds is dropped
+    :param min_send_rate: a downloader that the donor waited on for longer than ``send_rate_grace`` plus one second
+      per ``min_send_rate`` bytes it took is dropped (None: no floor); see :mod:`hivemind.averaging.state_rate`
+    :param send_rate_grace: seconds of waiting on a downloader allowed on top of what its pace earns
     :param get_state_timeout: seconds allowed for ``get_current_state``
     :param snapshot_max_age: seconds for which a snapshot that other downloads stream is reused by a new download
     :param max_snapshots: snapshots streamed at once at most (each one a copy of the state)
@@ -168,6 +172,8 @@ class StateSharing:
         max_queued_downloads: int = DEFAULT_MAX_QUEUED_DOWNLOADS,
         max_queue_wait: Optional[float] = DEFAULT_MAX_QUEUE_WAIT,
         send_stall_timeout: Optional[float] = DEFAULT_SEND_STALL_TIMEOUT,
+        min_send_rate: Optional[float] = DEFAULT_MIN_RATE,
+        send_rate_grace: float = DEFAULT_RATE_GRACE,
         get_state_timeout: Optional[float] = DEFAULT_GET_STATE_TIMEOUT,
         snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
@@ -179,6 +185,8 @@ class StateSharing:
         self.get_current_state, self.state_compression = get_current_state, state_compression
         self.declare_state_period = float(declare_state_period)
         self.send_stall_timeout, self.get_state_timeout = send_stall_timeout, get_state_timeout
+        RateFloor(min_send_rate, send_rate_grace)  # validates both
+        self.min_send_rate, self.send_rate_grace = min_send_rate, float(send_rate_grace)
         self.slots = DownloadSlots(max_concurrent_downloads, max_queued_downloads, max_queue_wait)
         self.snapshots = SnapshotCache(
             get_current_state, snapshot_max_age, max_snapshots, get_state_timeout, age_cap=snapshot_age_cap
@@ -313,7 +321,10 @@ class StateSharing:
             if not self._allow_state_sharing:  # switched off while the caller was queued
                 return
             messages = self._state_messages(context)
-            async for message in _with_stall_watchdog(messages, self.send_stall_timeout, context):
+            watched = _with_reader_watchdog(
+                messages, self.send_stall_timeout, self.min_send_rate, self.send_rate_grace, context
+            )
+            async for message in watched:
                 yield message
 
     async def _state_messages(self, context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
@@ -394,37 +405,54 @@ def _next_messages(chunks: Iterator[runtime_pb2.Tensor]) -> List[averaging_pb2.D
     return [averaging_pb2.DownloadData(tensor_part=chunk) for chunk in itertools.islice(chunks, MESSAGES_PER_BATCH)]
 
 
-async def _with_stall_watchdog(
-    messages: AsyncIterator[averaging_pb2.DownloadData], stall_timeout: Optional[float], context: P2PContext
+async def _with_reader_watchdog(
+    messages: AsyncIterator[averaging_pb2.DownloadData],
+    stall_timeout: Optional[float],
+    min_rate: Optional[float],
+    rate_grace: float,
+    context: P2PContext,
 ) -> AsyncIterator[averaging_pb2.DownloadData]:
-    """Re-yield ``messages``; if the consumer does not come back for the next one within about ``stall_timeout``
-    seconds (the downloader stopped reading, so sending blocks), cancel the task that serves this stream.
+    """Re-yield ``messages``; cancel the task that serves this stream (freeing its download slot) when the downloader
+    does not come back for the next message within about ``stall_timeout`` seconds, or when we waited on it for longer
+    than ``rate_grace`` plus one second per ``min_rate`` bytes it took (see :mod:`hivemind.averaging.state_rate`): a
+    reader that takes one chunk just before every stall timeout would otherwise hold its slot for hours.
 
     The handler's task is the one that iterates this generator and writes each message to the stream, so cancelling
     it ends the stream and releases the download slot; the caller receives an error frame. One timer per download
-    checks progress every quarter of ``stall_timeout`` (a timer per message would cost more than the message).
+    checks progress four times per limit (a timer per message would cost more than the message).
     """
-    if stall_timeout is None:
+    if stall_timeout is None and min_rate is None:
         async for message in messages:
             yield message
         return
     task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    floor = RateFloor(min_rate, rate_grace)
+    limits = [limit for limit in (stall_timeout, rate_grace if min_rate is not None else None) if limit is not None]
+    period = max(min(limits) / 4, 0.01)
     waiting_since: Optional[float] = None  # loop.time() when the last message went out, while it is being sent
     timer: Optional[asyncio.TimerHandle] = None
 
+    def drop(reason: str) -> None:
+        logger.warning(f"Dropped the state download of {context.remote_id} to free its slot: {reason}")
+        task.cancel()
+
     def check() -> None:
         nonlocal timer
-        if waiting_since is not None and loop.time() - waiting_since >= stall_timeout:
-            logger.warning(f"{context.remote_id} took no state chunk for {stall_timeout} s; dropping its download")
-            task.cancel()
-            return
-        timer = loop.call_later(stall_timeout / 4, check)
+        now = loop.time()
+        if stall_timeout is not None and waiting_since is not None and now - waiting_since >= stall_timeout:
+            return drop(f"it took no state chunk for {stall_timeout} s")
+        too_slow = floor.check(now)
+        if too_slow is not None:
+            return drop(f"it reads too slowly: {too_slow}")
+        timer = loop.call_later(period, check)
 
     try:
         check()
         async for message in messages:
             waiting_since = loop.time()
+            floor.wait_started(waiting_since)
             yield message
+            floor.wait_ended(loop.time(), message.ByteSize())
             waiting_since = None
     finally:
         if timer is not None:
