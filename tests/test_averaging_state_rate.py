@@ -10,16 +10,9 @@ from typing import AsyncIterator, List
 
 import pytest
 import torch
-from test_averaging_state_sharing import (  # noqa: F401 (dht is a fixture)
-    DecentralizedAverager,
-    assert_state_equal,
-    declare,
-    dht,
-    load,
-    serve,
-    start_peers,
-)
+from test_averaging_state_sharing import DecentralizedAverager, assert_state_equal, declare, load, serve, start_peers
 
+import hivemind
 from hivemind.averaging.state_download import StateAssembler, decode_chunks
 from hivemind.averaging.state_rate import RateFloor
 from hivemind.averaging.state_sharing import StateSharing
@@ -30,6 +23,12 @@ from hivemind.utils.streaming import split_for_streaming
 
 MiB = 2**20
 CHUNK = 2**16
+
+
+@pytest.fixture(scope="module")
+def dht():
+    with hivemind.DHT(start=True) as instance:
+        yield instance
 
 
 @pytest.fixture
