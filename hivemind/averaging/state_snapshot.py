@@ -23,9 +23,10 @@ import concurrent.futures
 import contextlib
 import math
 import multiprocessing.connection
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -37,6 +38,7 @@ __all__ = [
     "PackedTensors",
     "pack_tensors",
     "packed_copy",
+    "describing_state",
     "send_packed_state",
     "await_state_answer",
     "StateSnapshot",
@@ -129,8 +131,29 @@ def pack_tensors(tensors: Sequence[torch.Tensor], reuse: bool = True) -> PackedT
 
 def packed_copy(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Detached copies of ``tensors`` in one shared-memory buffer: they reach the averager's process with no further
-    copy."""
+    copy. Within :func:`describing_state` (in the same thread) it returns the tensors themselves, detached."""
+    if getattr(_describing, "active", False):
+        return [tensor.detach() for tensor in tensors]
     return pack_tensors([tensor.detach() for tensor in tensors], reuse=False).unpack()
+
+
+_describing = threading.local()
+
+
+@contextlib.contextmanager
+def describing_state() -> Iterator[None]:
+    """Within this block, in this thread, :func:`packed_copy` copies nothing and returns the tensors it was given.
+
+    A newcomer calls its own ``get_current_state`` only to learn the shapes and dtypes that a downloaded state must
+    have; the default one (and the optimizer's) copy the whole state with :func:`packed_copy` first, which would cost
+    a second state's worth of memory and the time to copy it for a result that is dropped at once. The tensors
+    returned inside this block may be the live ones: read their shapes and dtypes, keep no reference."""
+    previous = getattr(_describing, "active", False)
+    _describing.active = True
+    try:
+        yield
+    finally:
+        _describing.active = previous
 
 
 # Handing a packed state to another process: pickling its buffer gives a duplicate of the buffer's descriptor to

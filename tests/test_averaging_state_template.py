@@ -1,0 +1,52 @@
+"""A newcomer learns what a downloaded state must look like from its own state without copying that state."""
+
+import threading
+
+import pytest
+import torch
+from averager_helpers import averagers_on, dht_swarm
+from test_averaging_state_averager import _assert_same, _wait_for_declarations
+
+from hivemind.averaging import state_snapshot
+from hivemind.averaging.state_snapshot import describing_state, packed_copy
+
+
+def test_packed_copy_copies_nothing_while_describing_the_state_and_only_in_that_thread():
+    tensors = [torch.randn(3, 4), torch.arange(5)]
+    with describing_state():
+        described = packed_copy(tensors)
+        other_thread = []
+        thread = threading.Thread(target=lambda: other_thread.extend(packed_copy(tensors)))
+        thread.start()
+        thread.join()
+    assert all(got.data_ptr() == sent.data_ptr() for got, sent in zip(described, tensors))
+    for got, sent in zip(other_thread, tensors):
+        assert got.data_ptr() != sent.data_ptr() and torch.equal(got, sent)
+    assert all(got.data_ptr() != sent.data_ptr() for got, sent in zip(packed_copy(tensors), tensors))  # ended
+
+
+@pytest.mark.timeout(120)
+def test_newcomer_checks_the_donor_against_its_own_state_without_copying_it(monkeypatch):
+    """The default get_current_state copies the whole state into shared memory (what a donor streams); the newcomer
+    calls it only for the shapes and dtypes, which must not cost a second state's worth of memory."""
+    shared_allocations = []  # (thread, bytes) of every shared buffer made in this (the users') process
+    make_shared_buffer = state_snapshot._shared_buffer
+
+    def counted(nbytes: int):
+        shared_allocations.append((threading.current_thread(), nbytes))
+        return make_shared_buffer(nbytes)
+
+    donor_tensors = [torch.randn(2**20), torch.arange(6).reshape(2, 3)]
+    with dht_swarm(2) as dhts:
+        with averagers_on(dhts, [donor_tensors, [torch.zeros(2**20), torch.zeros(2, 3, dtype=torch.int64)]]) as (
+            donor,
+            newcomer,
+        ):
+            _wait_for_declarations(dhts[1], "test", {donor.peer_id.to_bytes(): 0.0})
+            monkeypatch.setattr(state_snapshot, "_shared_buffer", counted)
+            _, tensors = newcomer.load_state_from_peers(timeout=30)
+            _assert_same(tensors, donor_tensors)
+            copied_by_donor = [nbytes for thread, nbytes in shared_allocations if thread is donor._state_thread]
+            copied_by_newcomer = [nbytes for thread, nbytes in shared_allocations if thread is not donor._state_thread]
+    assert copied_by_donor and sum(copied_by_donor) >= 4 * 2**20  # what it streamed: the counting works
+    assert copied_by_newcomer == []
