@@ -1,13 +1,14 @@
 """A newcomer learns what a downloaded state must look like from its own state without copying that state."""
 
 import threading
+import time
 
 import pytest
 import torch
-from averager_helpers import averagers_on, dht_swarm
+from averager_helpers import FAST, averagers_on, dht_swarm
 from test_averaging_state_averager import _assert_same, _wait_for_declarations
 
-from hivemind.averaging import state_snapshot
+from hivemind.averaging import DecentralizedAverager, state_snapshot
 from hivemind.averaging.state_snapshot import describing_state, packed_copy
 
 
@@ -50,3 +51,23 @@ def test_newcomer_checks_the_donor_against_its_own_state_without_copying_it(monk
             copied_by_newcomer = [nbytes for thread, nbytes in shared_allocations if thread is not donor._state_thread]
     assert copied_by_donor and sum(copied_by_donor) >= 4 * 2**20  # what it streamed: the counting works
     assert copied_by_newcomer == []
+
+
+class SlowStateAverager(DecentralizedAverager):
+    def get_current_state(self):
+        time.sleep(3.0)
+        return super().get_current_state()
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_get_current_state_counts_against_the_load_timeout():
+    """Asking our own state for its shapes is part of loading: it may not add its time on top of ``timeout``."""
+    with dht_swarm(1) as dhts:
+        averager = SlowStateAverager([torch.zeros(3)], dhts[0], prefix="slow_template", start=True, **FAST)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match="get_current_state"):
+                averager.load_state_from_peers(timeout=1.0)
+            assert time.monotonic() - started < 2.5
+        finally:
+            averager.shutdown()

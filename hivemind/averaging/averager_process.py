@@ -9,6 +9,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -393,10 +394,21 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         return (metadata, tensors, *infos)
 
     async def _load_state_from_peers(self, timeout: Optional[float] = None):
-        # what a donor's state must look like: our own state (get_current_state may be overridden)
-        _, expected_tensors, _ = await await_with_timeout(
-            self._get_current_state_from_host(template_only=True), STATE_TEMPLATE_TIMEOUT
-        )
+        # what a donor's state must look like: our own state (get_current_state may be overridden); within ``timeout``
+        started = time.monotonic()
+        template_timeout = STATE_TEMPLATE_TIMEOUT if timeout is None else min(STATE_TEMPLATE_TIMEOUT, timeout)
+        try:
+            _, expected_tensors, _ = await await_with_timeout(
+                self._get_current_state_from_host(template_only=True), template_timeout
+            )
+        except asyncio.TimeoutError:
+            raise asyncio.TimeoutError(
+                f"get_current_state() gave no answer within {template_timeout:.1f} s, so a downloaded state could not "
+                "be checked against ours; nothing was downloaded (make get_current_state faster or pass a longer "
+                "timeout)"
+            ) from None
+        if timeout is not None:
+            timeout = max(timeout - (time.monotonic() - started), 0.0)
         return await load_state_from_peers(
             p2p=self._p2p,
             dht=self.dht,
