@@ -43,6 +43,12 @@ const (
 	shutdownTimeout = 5 * time.Second
 	// userAgent is what the original daemon announces through identify.
 	userAgent = "p2pd/0.1"
+	// yamuxMaxFrame is the size of the largest yamux frame this daemon sends, header included.
+	yamuxMaxFrame = 256 << 10
+	// yamuxFramePayload is the most stream bytes one frame carries (its header takes 12 bytes). Writes to a stream
+	// come in multiples of it: a write of exactly 256 KiB would go out as a full frame plus a 12-byte one (its own
+	// TLS record, system call and record to the receiving client).
+	yamuxFramePayload = yamuxMaxFrame - 12
 )
 
 type daemon struct {
@@ -87,7 +93,7 @@ func newYamuxTransport() *yamuxtransport.Transport {
 	// per byte, while the receiving daemon can still pass the first part of a large message on before the rest
 	// has arrived (1 MiB frames measured slower for 1 MiB messages). Any yamux peer accepts frames up to the
 	// window it granted, so this changes nothing for interoperability.
-	config.MaxMessageSize = 256 << 10
+	config.MaxMessageSize = yamuxMaxFrame
 	// Every RPC is a new stream, and auto-tuning grows a stream's window from 256 KiB only one doubling per
 	// window update: a large transfer waits for window updates during its first megabytes. The first window
 	// update (sent with the stream's SYN or ACK) grants 16 MiB at once instead; measured on 64 MiB streams, this

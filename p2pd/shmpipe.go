@@ -54,7 +54,7 @@ const (
 	// its creation on (every page is reserved), and every stream that remote peers open to a handler of a client
 	// gets one. Streams beyond it keep their sockets.
 	shmMaxPipes      = 32
-	shmMaxForward    = 256 << 10 // bytes forwarded to the stream before they are acknowledged
+	shmMaxForward    = yamuxFramePayload // bytes forwarded to the stream (one frame) before they are acknowledged
 	shmRecordLen     = 9
 	shmAnswerTimeout = 60 * time.Second // a busy client event loop may take a while to answer an offer
 

@@ -12,8 +12,9 @@ import (
 )
 
 // copyBufferSize is the size of the buffers that move stream bytes between a client socket and a libp2p
-// stream: large reads and writes on the local socket keep the syscall count low at GB/s rates.
-const copyBufferSize = 1 << 20
+// stream: large reads and writes on the local socket keep the syscall count low at GB/s rates. A full buffer
+// fills whole yamux frames.
+const copyBufferSize = 4 * yamuxFramePayload
 
 var copyBuffers = sync.Pool{New: func() interface{} { b := make([]byte, copyBufferSize); return &b }}
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -60,5 +61,86 @@ func TestInitialStreamWindowIsGrantedAtOnce(t *testing.T) {
 	}
 	if received[0] != 1 || !bytes.Equal(received[1:], payload) {
 		t.Fatal("stream bytes differ from what was written")
+	}
+}
+
+// countingConn counts the yamux data frames written on a connection (yamux writes each frame, header and body,
+// with one Write; the header's second byte is the frame type, 0 for data).
+type countingConn struct {
+	net.Conn
+	writes atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	if len(p) > 12 && p[1] == 0 {
+		c.writes.Add(1)
+	}
+	return c.Conn.Write(p)
+}
+
+// A chunk the shared-memory pipe forwards (and a full copy buffer of a socket stream) goes out in whole frames:
+// a write of exactly 256 KiB used to become a full frame plus a 12-byte one, each with its own TLS record,
+// system call and record to the receiving client.
+func TestForwardedChunksFillWholeYamuxFrames(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		size   int
+		frames int64
+	}{{"shm pipe chunk", shmMaxForward, 1}, {"copy buffer", copyBufferSize, 4}} {
+		t.Run(tc.name, func(t *testing.T) {
+			clientRaw, serverConn := net.Pipe()
+			clientConn := &countingConn{Conn: clientRaw}
+			transport := newYamuxTransport()
+			server, err := transport.NewConn(serverConn, true, &network.NullScope{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer server.Close()
+			client, err := transport.NewConn(clientConn, false, &network.NullScope{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			accepted := make(chan network.MuxedStream, 1)
+			go func() {
+				if s, err := server.AcceptStream(); err == nil {
+					accepted <- s
+				}
+			}()
+			stream, err := client.OpenStream(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := stream.Write([]byte{1}); err != nil {
+				t.Fatal(err)
+			}
+			var remote network.MuxedStream
+			select {
+			case remote = <-accepted:
+			case <-time.After(5 * time.Second):
+				t.Fatal("stream was not accepted")
+			}
+			if _, err := io.ReadFull(remote, make([]byte, 1)); err != nil {
+				t.Fatal(err)
+			}
+			// the window grant goes out when the stream is accepted, before this byte: once the byte is here, the
+			// whole initial window is open
+			if _, err := remote.Write([]byte{2}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(stream, make([]byte, 1)); err != nil {
+				t.Fatal(err)
+			}
+			before := clientConn.writes.Load()
+			if _, err := stream.Write(make([]byte, tc.size)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(remote, make([]byte, tc.size)); err != nil {
+				t.Fatal(err)
+			}
+			if frames := clientConn.writes.Load() - before; frames != tc.frames {
+				t.Fatalf("a write of %d bytes went out as %d frames, want %d", tc.size, frames, tc.frames)
+			}
+		})
 	}
 }
