@@ -24,9 +24,10 @@ import torch
 from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
 from hivemind.averaging.state_snapshot import ALIGNMENT, PackedTensors, TensorLayout, packed_copy
 from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression.buffers import MAX_NDIM
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
-from hivemind.p2p.servicer import ServicerBase
+from hivemind.p2p.servicer import ServicerBase, get_handle_name
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.logging import get_logger
@@ -54,6 +55,9 @@ DHT_LOOKUP_TIMEOUT = 30.0  # seconds for finding the donors when the caller gave
 # without expected_tensors, a donor may send at most this many tensor bytes before it is rejected
 DEFAULT_MAX_UNCHECKED_STATE_BYTES = 16 * 2**30
 MAX_PEER_ID_BYTES = 128
+# a donor's message is a 64 KiB chunk, and the first one the state's metadata besides: a larger message is refused
+# before it is read (an optimizer's metadata takes about a hundred bytes per tensor of its state)
+MAX_MESSAGE_BYTES = 32 * 2**20
 MIN_AVERAGE_CHUNK_BYTES = 1024  # a tensor comes in at most (its largest encoding / this) + 1 chunks (donors: 64 KiB)
 
 
@@ -126,6 +130,7 @@ class StateAssembler:
         self._announced_chunks = 0  # chunks the current tensor's first chunk announced (0: not said)
         self._tensor_limit = 0  # bytes the current tensor may have
         self._tensor_bytes = 0  # bytes the current tensor got so far
+        self._shape: Tuple[int, ...] = ()  # the current tensor's shape, as its first chunk announced it
 
     def add(self, message: averaging_pb2.DownloadData) -> Optional[List[runtime_pb2.Tensor]]:
         """Take one message; returns the previous tensor's chunks if this one starts a new tensor, else None.
@@ -165,7 +170,7 @@ class StateAssembler:
         self._tensor_bytes += size
         if self._tensor_bytes > self._tensor_limit:
             raise StateDownloadError(
-                f"tensor {self.num_tensors - 1} of shape {list(chunk.size) or list(self._parts[0].size)} got "
+                f"tensor {self.num_tensors - 1} of shape {list(self._shape)} got "
                 f"{self._tensor_bytes} bytes, more than any encoding of it needs ({self._tensor_limit})"
             )
         if self.received_bytes > self.max_bytes:
@@ -174,6 +179,8 @@ class StateAssembler:
 
     def _start_tensor(self, head: runtime_pb2.Tensor) -> None:
         index = self.num_tensors
+        if len(head.size) > MAX_NDIM:  # before making a tuple of them (or a product: a 1 MB shape takes minutes)
+            raise StateDownloadError(f"tensor {index} has {len(head.size)} dimensions, at most {MAX_NDIM} can be real")
         shape = tuple(head.size)
         if any(dim < 0 for dim in shape):
             raise StateDownloadError(f"tensor {index} has a negative dimension: {list(shape)}")
@@ -187,6 +194,7 @@ class StateAssembler:
         self._announced_chunks = max(head.chunks, 0)
         self._tensor_limit = _max_encoded_bytes(math.prod(shape))
         self._tensor_bytes = 0
+        self._shape = shape
 
     def _finish_tensor(self) -> List[runtime_pb2.Tensor]:
         if self._announced_chunks and len(self._parts) != self._announced_chunks:
@@ -302,8 +310,10 @@ async def download_state(
         decoding = loop.run_in_executor(None, _decode_checked, assembler, index, chunks, out)
 
     floor: Optional[RateFloor] = None  # how fast the donor sends (from its first message on)
-    stub = servicer_type.get_stub(p2p, donor, namespace=prefix)
-    stream: AsyncIterator[averaging_pb2.DownloadData] = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+    handler = get_handle_name(prefix, servicer_type.__name__, "rpc_download_state")
+    stream: AsyncIterator[averaging_pb2.DownloadData] = await p2p.iterate_protobuf_handler(
+        donor, handler, averaging_pb2.DownloadRequest(), averaging_pb2.DownloadData, max_message_size=MAX_MESSAGE_BYTES
+    )
     try:
         while True:
             timeout = message_timeout
