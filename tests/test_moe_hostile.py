@@ -90,8 +90,11 @@ async def test_stream_of_endless_empty_messages_is_refused(hostile_server, attac
     empty_chunks = runtime_pb2.ExpertRequest(uid=UID, tensors=[runtime_pb2.Tensor()])  # (more: refused by count)
     bare = runtime_pb2.ExpertRequest(uid=UID)
 
+    head = _head_chunk()
+    head.chunks = 0  # announces no chunk count, so that only the byte budget can stop the messages that follow
+
     def endless():
-        yield runtime_pb2.ExpertRequest(uid=UID, tensors=[_head_chunk()])
+        yield runtime_pb2.ExpertRequest(uid=UID, tensors=[head])
         for index in range(20000):  # far more than any valid request of this expert needs (~500 fit)
             yield empty_chunks if index % 2 else bare
 

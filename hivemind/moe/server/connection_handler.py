@@ -21,7 +21,7 @@ import multiprocessing as mp
 import signal
 import threading
 from functools import partial
-from typing import AsyncIterator, Callable, Dict, Optional, Sequence, Tuple
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,9 +30,12 @@ from hivemind.moe.server.expert_requests import (
     STREAM_CHUNK_SIZE_BYTES,
     ExpertRequestError,
     ExpertSchema,
+    IncompleteStreamError,
+    RequestBytesInFlight,
     StreamedRequest,
     check_batch,
     decode_tensors,
+    request_bytes,
     serialize_outputs,
     split_into_responses,
     unknown_uid_error,
@@ -59,6 +62,9 @@ MAX_STREAM_MESSAGE_BYTES = STREAM_CHUNK_SIZE_BYTES + 64 * 1024
 # a streamed request whose next message does not arrive within this many seconds of the previous one is dropped (a
 # stalled caller): what the p2p framing allows one full-size message at its slowest accepted rate (~2 minutes)
 STREAM_STALL_TIMEOUT = FRAME_STALL_TIMEOUT + MAX_STREAM_MESSAGE_BYTES / MIN_FRAME_RATE
+# bytes of requests one handler holds at once, in all and per caller, unless the largest valid request needs more
+DEFAULT_BYTES_IN_FLIGHT = 2 * 1024**3
+DEFAULT_BYTES_IN_FLIGHT_PER_PEER = 256 * 1024**2
 
 
 async def _daemon_listen_maddr(_dht: DHT, node) -> str:
@@ -78,6 +84,11 @@ class ConnectionHandler(mp.Process, ServicerBase):
     """
 
     stream_stall_timeout: float = STREAM_STALL_TIMEOUT  # seconds a streamed request may wait for its next message
+    # bytes of expert requests (unary or streamed, from receipt until answered) this handler holds at once, in all and
+    # per caller; a request that would go over is refused at once. None: DEFAULT_BYTES_IN_FLIGHT (_PER_PEER), or four
+    # (two per caller) of the largest valid request of the hosted experts if that is more
+    max_request_bytes_in_flight: Optional[int] = None
+    max_request_bytes_in_flight_per_peer: Optional[int] = None
 
     def __init__(
         self,
@@ -100,6 +111,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
         self._thread: Optional[threading.Thread] = None
         self._schemas: Optional[Dict[str, ExpertSchema]] = None
         self._infos: Dict[str, bytes] = {}
+        self._bytes_in_flight: Optional[RequestBytesInFlight] = None  # created where the handler serves
         if start:
             self.run_in_background(await_ready=True)
 
@@ -274,6 +286,17 @@ class ConnectionHandler(mp.Process, ServicerBase):
             check_batch(inputs, schema.backward_inputs, schema.max_batch_size, what)
         return inputs
 
+    def _hold(self, context: P2PContext, what: str) -> _HeldBytes:
+        """A reservation of request bytes for one call of ``context``'s caller (empty until bytes are added)."""
+        if self._bytes_in_flight is None:
+            schemas = self._get_schemas().values()
+            largest = max((schema.max_request_bytes(backward=True) for schema in schemas), default=0)
+            self._bytes_in_flight = RequestBytesInFlight(
+                self.max_request_bytes_in_flight or max(DEFAULT_BYTES_IN_FLIGHT, 4 * largest),
+                self.max_request_bytes_in_flight_per_peer or max(DEFAULT_BYTES_IN_FLIGHT_PER_PEER, 2 * largest),
+            )
+        return _HeldBytes(self._bytes_in_flight, getattr(context, "remote_id", None), what)
+
     @staticmethod
     async def _run_task(pool, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Submit one checked task and wait for its result; a cancelled call cancels the task."""
@@ -305,48 +328,83 @@ class ConnectionHandler(mp.Process, ServicerBase):
             serialized_info = self._infos[uid] = MSGPackSerializer.dumps(info)
         return runtime_pb2.ExpertInfo(serialized_info=serialized_info)
 
-    async def rpc_forward(
-        self, request: runtime_pb2.ExpertRequest, _context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         schema = self._get_schema(request.uid)
-        inputs = self._check_forward(schema, request.tensors)
-        return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs))
+        with self._hold(context, f"forward of {schema.uid}") as held:
+            held.add(request_bytes(request.tensors))
+            inputs = self._check_forward(schema, request.tensors)
+            return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs))
 
     async def rpc_backward(
-        self, request: runtime_pb2.ExpertRequest, _context: P2PContext
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         schema = self._get_schema(request.uid)
-        inputs = self._check_backward(schema, request.tensors)
-        return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs))
+        with self._hold(context, f"backward of {schema.uid}") as held:
+            held.add(request_bytes(request.tensors))
+            inputs = self._check_backward(schema, request.tensors)
+            return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs))
 
     async def _gather_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], backward: bool
-    ) -> StreamedRequest:
+        self,
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+        backward: bool,
+        context: P2PContext,
+        held: _HeldBytes,
+    ) -> Tuple[ExpertSchema, List[runtime_pb2.Tensor]]:
+        """Collect a streamed request (its bytes held in ``held`` as they arrive) and check that it is complete."""
         collected = StreamedRequest(self._get_schemas(), backward, "backward" if backward else "forward")
         try:
             async for request in aiter_with_timeout(requests, self.stream_stall_timeout):
+                received = collected.received_bytes
                 collected.add(request)
+                held.add(collected.received_bytes - received)
         except asyncio.TimeoutError:
             raise ExpertRequestError(
                 f"{collected.what} stream: no message for {self.stream_stall_timeout} s, the request is dropped"
             ) from None
-        return collected
+        try:
+            return collected.schema, collected.combined()
+        except IncompleteStreamError as e:  # its caller died or dropped the connection mid-stream
+            logger.info(f"Dropped a streamed request of {getattr(context, 'remote_id', None)}: {e}")
+            raise
 
     async def rpc_forward_stream(
-        self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], _context: P2PContext
+        self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        collected = await self._gather_stream(request_stream, backward=False)
-        inputs = self._check_forward(collected.schema, collected.combined())
-        for response in split_into_responses(await self._forward(collected.schema, inputs)):
+        with self._hold(context, "forward stream") as held:
+            schema, tensors = await self._gather_stream(request_stream, False, context, held)
+            inputs = self._check_forward(schema, tensors)
+            outputs = await self._forward(schema, inputs)
+        for response in split_into_responses(outputs):
             yield response
 
     async def rpc_backward_stream(
-        self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], _context: P2PContext
+        self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        collected = await self._gather_stream(request_stream, backward=True)
-        inputs = self._check_backward(collected.schema, collected.combined())
-        for response in split_into_responses(await self._backward(collected.schema, inputs)):
+        with self._hold(context, "backward stream") as held:
+            schema, tensors = await self._gather_stream(request_stream, True, context, held)
+            inputs = self._check_backward(schema, tensors)
+            grads = await self._backward(schema, inputs)
+        for response in split_into_responses(grads):
             yield response
+
+
+class _HeldBytes:
+    """The request bytes one call holds in its handler's RequestBytesInFlight; all released when the call is done."""
+
+    def __init__(self, budget: RequestBytesInFlight, peer, what: str):
+        self.budget, self.peer, self.what, self.size = budget, peer, what, 0
+
+    def add(self, size: int) -> None:
+        self.budget.reserve(self.peer, size, self.what)
+        self.size += size
+
+    def __enter__(self) -> _HeldBytes:
+        return self
+
+    def __exit__(self, *_exc_info) -> None:
+        self.budget.release(self.peer, self.size)
+        self.size = 0
 
 
 async def _unwrap_each(requests: AsyncIterator[CheckedExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:

@@ -20,6 +20,9 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 __all__ = [
     "ExpertRequestError",
+    "IncompleteStreamError",
+    "RequestBytesInFlight",
+    "request_bytes",
     "ExpertSchema",
     "StreamedRequest",
     "decode_tensors",
@@ -107,14 +110,27 @@ def check_batch(
         raise ExpertRequestError(str(e)) from None
 
 
+class IncompleteStreamError(ExpertRequestError):
+    """A streamed request that ended before all of its tensors, or all the chunks of one, arrived: its caller
+    stopped mid-stream (it died or dropped the connection). It is never computed."""
+
+
 class StreamedRequest:
-    """Collects the chunks of a streamed request (one uid, chunks of several tensors) within a byte budget."""
+    """Collects the chunks of a streamed request (one uid, chunks of several tensors) within a byte budget.
+
+    Completeness: the expert's schema says how many tensors a request holds, and the first chunk of each tensor says
+    how many chunks it comes in (``chunks``, as every client sends it; 0: not said). A tensor given more chunks than
+    it announced is refused at once; a stream that ends with fewer tensors or chunks than announced is incomplete
+    (IncompleteStreamError from :meth:`combined`): its caller stopped mid-stream, and computing it would be wrong.
+    """
 
     def __init__(self, hosted: Dict[str, ExpertSchema], backward: bool, what: str):
         self.hosted, self.backward, self.what = hosted, backward, what
         self.schema: Optional[ExpertSchema] = None
         self._tensors: List[List[runtime_pb2.Tensor]] = []  # chunks of each tensor
+        self._announced: List[int] = []  # chunks announced by the first chunk of each tensor (0: not said)
         self._byte_budget = 0
+        self.received_bytes = 0  # buffer bytes and per-message overhead taken so far
 
     def add(self, request: runtime_pb2.ExpertRequest) -> None:
         """Take one message; raises ExpertRequestError as soon as the stream cannot be a valid request."""
@@ -128,10 +144,12 @@ class StreamedRequest:
                 f"{self.what}: every message of a stream must name the same expert, got {request.uid[:200]!r} "
                 f"after {self.schema.uid!r}"
             )
-        expected_count = len(self.schema.backward_inputs if self.backward else self.schema.inputs)
+        expected_count = self.expected_count
         self._byte_budget -= _OVERHEAD_BYTES_PER_MESSAGE
+        self.received_bytes += _OVERHEAD_BYTES_PER_MESSAGE
         for chunk in request.tensors:
             self._byte_budget -= len(chunk.buffer) + _OVERHEAD_BYTES_PER_MESSAGE
+            self.received_bytes += len(chunk.buffer) + _OVERHEAD_BYTES_PER_MESSAGE
             if self._byte_budget < 0:
                 raise ExpertRequestError(
                     f"{self.what}: the stream carries more data than {self.schema.uid} accepts "
@@ -141,15 +159,43 @@ class StreamedRequest:
                 if len(self._tensors) >= expected_count:
                     raise ExpertRequestError(f"{self.what} expects {expected_count} tensors, got more")
                 self._tensors.append([chunk])
+                self._announced.append(max(chunk.chunks, 0))
             elif not self._tensors:
                 raise ExpertRequestError(f"{self.what}: the stream starts with a chunk that has no tensor metadata")
+            elif 0 < self._announced[-1] <= len(self._tensors[-1]):
+                raise ExpertRequestError(
+                    f"{self.what}: tensor #{len(self._tensors) - 1} got more chunks than the {self._announced[-1]} "
+                    "its first chunk announced"
+                )
             else:
                 self._tensors[-1].append(chunk)
+
+    @property
+    def expected_count(self) -> int:
+        """How many tensors the request holds (its expert's inputs, and for backward the output gradients too)."""
+        return len(self.schema.backward_inputs if self.backward else self.schema.inputs)
+
+    def missing(self) -> Optional[str]:
+        """What a stream that ended now would lack (None if it is complete)."""
+        if self.schema is None:
+            return None
+        for index, (chunks, announced) in enumerate(zip(self._tensors, self._announced)):
+            if announced and len(chunks) < announced:
+                return f"tensor #{index} got {len(chunks)} of the {announced} chunks its first chunk announced"
+        if len(self._tensors) < self.expected_count:
+            return f"expects {self.expected_count} tensors, got {len(self._tensors)}"
+        return None
 
     def combined(self) -> List[runtime_pb2.Tensor]:
         """One message per tensor, once the stream has ended."""
         if self.schema is None:
             raise ExpertRequestError(f"{self.what}: the stream ended without any message")
+        missing = self.missing()
+        if missing is not None:
+            raise IncompleteStreamError(
+                f"{self.what} of {self.schema.uid}: {missing} when the stream ended (its caller stopped mid-stream, "
+                "or sent too little); the request is dropped: send every chunk of every tensor, then end the stream"
+            )
         return [combine_from_streaming(chunks) for chunks in self._tensors]
 
 
@@ -172,3 +218,46 @@ def split_into_responses(
     for tensor in serialized:
         for chunk in split_for_streaming(tensor, chunk_size_bytes):
             yield runtime_pb2.ExpertResponse(tensors=[chunk])
+
+
+class RequestBytesInFlight:
+    """Bytes of the expert requests that a handler holds at once (received, being checked or waiting for their
+    task), in all and per caller, so that many concurrent requests or streams (each within its own limits) cannot
+    together exhaust the server's memory. A request that would go over a limit is refused at once with an error
+    that says so; its bytes were already received, so the refusal bounds what is *kept*.
+
+    Used from one event loop (a handler thread or process): no locking.
+    """
+
+    def __init__(self, total: int, per_peer: int):
+        self.total, self.per_peer = total, per_peer
+        self.used = 0
+        self.used_by_peer: Dict[Any, int] = {}
+
+    def reserve(self, peer: Any, size: int, what: str) -> None:
+        """Count ``size`` more bytes held for ``peer``, or raise ExpertRequestError if that goes over a limit."""
+        peer_used = self.used_by_peer.get(peer, 0)
+        if peer_used + size > self.per_peer:
+            raise ExpertRequestError(
+                f"{what}: your requests in progress on this server would hold over {self.per_peer} bytes; "
+                "wait for some of them to finish before sending more"
+            )
+        if self.used + size > self.total:
+            raise ExpertRequestError(
+                f"{what}: the server holds over {self.total} bytes of requests in progress; try again later"
+            )
+        self.used += size
+        self.used_by_peer[peer] = peer_used + size
+
+    def release(self, peer: Any, size: int) -> None:
+        self.used -= size
+        left = self.used_by_peer.get(peer, 0) - size
+        if left > 0:
+            self.used_by_peer[peer] = left
+        else:
+            self.used_by_peer.pop(peer, None)
+
+
+def request_bytes(serialized: Sequence[runtime_pb2.Tensor]) -> int:
+    """What a unary request counts toward RequestBytesInFlight: its buffers plus the per-message overhead."""
+    return _OVERHEAD_BYTES_PER_MESSAGE * (1 + len(serialized)) + sum(len(tensor.buffer) for tensor in serialized)
