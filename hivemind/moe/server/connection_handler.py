@@ -328,18 +328,16 @@ class ConnectionHandler(mp.Process, ServicerBase):
             serialized_info = self._infos[uid] = MSGPackSerializer.dumps(info)
         return runtime_pb2.ExpertInfo(serialized_info=serialized_info)
 
-    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, caller: P2PContext) -> runtime_pb2.ExpertResponse:
         schema = self._get_schema(request.uid)
-        with self._hold(context, f"forward of {schema.uid}") as held:
+        with self._hold(caller, f"forward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
             inputs = self._check_forward(schema, request.tensors)
             return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs))
 
-    async def rpc_backward(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, caller: P2PContext) -> runtime_pb2.ExpertResponse:
         schema = self._get_schema(request.uid)
-        with self._hold(context, f"backward of {schema.uid}") as held:
+        with self._hold(caller, f"backward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
             inputs = self._check_backward(schema, request.tensors)
             return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs))
