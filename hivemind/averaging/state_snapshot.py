@@ -13,7 +13,9 @@ that they keep old snapshots alive), it refuses the download with :class:`DonorB
 another donor rather than receive a stale state. Downloads that start while a snapshot is being taken wait for it. A
 snapshot is dropped as soon as its last download ends. So a donor holds at most ``max_snapshots`` copies of its state
 however many peers download it, and each download sends exactly what one ``get_current_state`` call returned (never a
-mix of two moments).
+mix of two moments). Snapshots taken back to back use at most a tenth of the donor's time (``SNAPSHOT_DUTY_CYCLE``):
+after one that took ``t`` seconds, the next one starts at least ``9 t`` seconds (at most 5 s) later, and the downloads
+that arrive meanwhile share it; else a peer that opens downloads and closes them at once could keep a donor copying.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ ALIGNMENT = 64  # bytes: every tensor starts at a multiple of this in the shared
 # seconds: a snapshot older than this is never handed to a new download (when none newer can be taken, the download
 # is refused as busy), so that slow downloads that keep old snapshots in use cannot make a donor send a stale state
 SNAPSHOT_AGE_CAP = 60.0
+# taking snapshots one after another uses at most this share of the donor's time: after a snapshot that took t seconds,
+# the next one starts no sooner than t * (1 / SNAPSHOT_DUTY_CYCLE - 1) seconds later (at most MAX_SNAPSHOT_PAUSE), so
+# a downloader that opens a download and closes it at once, over and over, cannot make a donor copy its state nonstop
+SNAPSHOT_DUTY_CYCLE = 0.1
+MAX_SNAPSHOT_PAUSE = 5.0  # seconds; within the time a newcomer allows a donor before its first message
 
 
 class DonorBusyError(RuntimeError):
@@ -219,6 +226,7 @@ class SnapshotCache:
       seconds old, else they are refused with :class:`DonorBusyError`
     :param timeout: seconds allowed for ``get_current_state``
     :param age_cap: seconds: an older snapshot is never handed to a new download
+    :param duty_cycle: the share of time that taking snapshots back to back may use at most (see SNAPSHOT_DUTY_CYCLE)
     """
 
     def __init__(
@@ -228,11 +236,16 @@ class SnapshotCache:
         max_snapshots: int = 2,
         timeout: Optional[float] = None,
         age_cap: float = SNAPSHOT_AGE_CAP,
+        duty_cycle: float = SNAPSHOT_DUTY_CYCLE,
     ):
         if max_snapshots < 1 or not max_age >= 0 or not age_cap >= max_age:
             raise ValueError(
                 f"need max_snapshots >= 1 and 0 <= max_age <= age_cap, got {max_snapshots}, {max_age} and {age_cap}"
             )
+        if not 0 < duty_cycle <= 1:
+            raise ValueError(f"duty_cycle must be in (0, 1], got {duty_cycle}")
+        self.duty_cycle = duty_cycle
+        self._next_snapshot_at = -math.inf  # time.monotonic() before which no snapshot is started
         self.get_current_state, self.max_age, self.max_snapshots = get_current_state, max_age, max_snapshots
         self.age_cap = age_cap
         self.timeout = timeout
@@ -286,7 +299,12 @@ class SnapshotCache:
             self.in_use = [held for held in self.in_use if held is not snapshot]
 
     async def _take(self, taking: _Taking) -> StateSnapshot:
+        started = None
         try:
+            pause = self._next_snapshot_at - time.monotonic()
+            if pause > 0:  # the last snapshot ended moments ago: downloads arriving meanwhile share the next one
+                await asyncio.sleep(pause)
+            started = time.monotonic()
             state = await await_with_timeout(self.get_current_state(), self.timeout)
             if not isinstance(state, (tuple, list)) or len(state) not in (2, 3):
                 raise TypeError(f"get_current_state must return (metadata, tensors[, infos]), got {state!r:.200}")
@@ -305,6 +323,10 @@ class SnapshotCache:
                 self.in_use.append(snapshot)  # newcomers reuse it at once, before its waiters resume
             return snapshot
         finally:
+            if started is not None:  # (a failed attempt cost as much)
+                ended = time.monotonic()
+                pause = min((ended - started) * (1 / self.duty_cycle - 1), MAX_SNAPSHOT_PAUSE)
+                self._next_snapshot_at = ended + pause
             if self._taking is taking:
                 self._taking = None
 

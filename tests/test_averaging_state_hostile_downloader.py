@@ -1,0 +1,60 @@
+"""Hostile downloaders: what they make a donor do stays bounded, and honest newcomers are still served."""
+
+import time
+
+import pytest
+import torch
+from test_averaging_state_sharing import (
+    DecentralizedAverager,
+    assert_state_equal,
+    declare,
+    load,
+    serve,
+    start_peers,
+)
+
+import hivemind
+from hivemind.averaging.state_sharing import StateSharing
+from hivemind.averaging.state_snapshot import SNAPSHOT_DUTY_CYCLE
+from hivemind.proto import averaging_pb2
+
+
+@pytest.fixture(scope="module")
+def dht():
+    with hivemind.DHT(start=True) as instance:
+        yield instance
+
+
+@pytest.fixture
+def prefix(request) -> str:
+    return f"hostile_dl_{request.node.name[:40]}"
+
+
+@pytest.mark.timeout(60)
+async def test_downloads_closed_as_soon_as_they_start_cannot_keep_the_donor_copying(dht, p2p_factory, prefix):
+    """Each download streams a snapshot, a copy of the state; a snapshot is dropped when its last download ends. A
+    downloader that opens a download, waits for its first message and closes it, over and over, would make the donor
+    copy its whole state once per round trip."""
+    (donor, hostile), newcomer = await start_peers(p2p_factory, 2)
+    source = torch.randn(8 * 2**20)  # 32 MiB
+    copy_seconds = []
+
+    async def get_current_state():
+        started = time.perf_counter()
+        tensors = [source.clone()]
+        copy_seconds.append(time.perf_counter() - started)
+        return {"copy": len(copy_seconds)}, tensors, None
+
+    sharing = StateSharing(dht=dht, peer_id=donor.peer_id, prefix=prefix, get_current_state=get_current_state)
+    await serve(donor, prefix, sharing.rpc_download_state)
+    await declare(dht, prefix, donor, 1.0)
+    stub = DecentralizedAverager.get_stub(hostile, donor.peer_id, namespace=prefix)
+    started = time.perf_counter()
+    while time.perf_counter() - started < 3.0:
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        await stream.__anext__()
+        await stream.aclose()
+    elapsed = time.perf_counter() - started
+    assert sum(copy_seconds) <= SNAPSHOT_DUTY_CYCLE * elapsed + 2 * max(copy_seconds), (len(copy_seconds), elapsed)
+    metadata, tensors = await load(newcomer, dht, prefix, timeout=30)
+    assert_state_equal((None, tensors), (None, [source]))
