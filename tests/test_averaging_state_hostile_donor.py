@@ -60,3 +60,16 @@ async def test_a_message_larger_than_any_state_message_is_refused_before_it_is_r
         assert_state_equal(await load(newcomer, dht, prefix, expected=good_state[1], timeout=30), good_state)
     failed = [record.getMessage() for record in caplog.records if "failed, trying the next donor" in record.message]
     assert len(failed) == 1 and str(liar.peer_id) in failed[0] and str(MAX_MESSAGE_BYTES) in failed[0], failed
+
+
+def test_a_flood_of_empty_tensors_is_refused_without_a_schema():
+    """Without a schema only the byte count limited a state: a few bytes per empty tensor let a donor make the
+    newcomer keep hundreds of millions of tensor objects."""
+    empty = serialize_torch_tensor(torch.zeros(0))
+    assembler = StateAssembler(None)
+    assembler.add(averaging_pb2.DownloadData(metadata=MSGPackSerializer.dumps({}), tensor_part=empty))
+    message = averaging_pb2.DownloadData(tensor_part=empty)
+    with pytest.raises(StateDownloadError, match="more than 262144 tensors"):
+        for _ in range(2**18):
+            assembler.add(message)
+    assert assembler.num_tensors == 2**18

@@ -54,6 +54,9 @@ DONOR_PREPARATION_TIMEOUT = 20.0
 DHT_LOOKUP_TIMEOUT = 30.0  # seconds for finding the donors when the caller gave no overall timeout
 # without expected_tensors, a donor may send at most this many tensor bytes before it is rejected
 DEFAULT_MAX_UNCHECKED_STATE_BYTES = 16 * 2**30
+# and at most this many tensors (each costs some 400 bytes of bookkeeping however small it is; an optimizer's state
+# for a model of 10,000 parameter tensors has about 30,000)
+MAX_UNCHECKED_TENSORS = 2**18
 MAX_PEER_ID_BYTES = 128
 # a donor's message is a 64 KiB chunk, and the first one the state's metadata besides: a larger message is refused
 # before it is read (an optimizer's metadata takes about a hundred bytes per tensor of its state)
@@ -109,7 +112,8 @@ class StateAssembler:
     :param expected_tensors: objects with ``.shape`` and ``.dtype`` (tensors, TensorDescriptors) that the state must
       match exactly, or None to accept any number and shape of tensors
     :param max_bytes: refuse a state with more tensor bytes than this (default: what ``expected_tensors`` allows,
-      or DEFAULT_MAX_UNCHECKED_STATE_BYTES)
+      or DEFAULT_MAX_UNCHECKED_STATE_BYTES); without ``expected_tensors``, more than MAX_UNCHECKED_TENSORS tensors
+      are refused too
     """
 
     def __init__(self, expected_tensors: Optional[Sequence[Any]] = None, max_bytes: Optional[int] = None):
@@ -184,6 +188,8 @@ class StateAssembler:
         shape = tuple(head.size)
         if any(dim < 0 for dim in shape):
             raise StateDownloadError(f"tensor {index} has a negative dimension: {list(shape)}")
+        if self.expected is None and index >= MAX_UNCHECKED_TENSORS:
+            raise StateDownloadError(f"the donor sends more than {MAX_UNCHECKED_TENSORS} tensors; refusing the rest")
         if self.expected is not None:
             if index >= len(self.expected):
                 raise StateDownloadError(f"the donor sends more tensors than the {len(self.expected)} expected")
