@@ -5,7 +5,8 @@ tensors looks the same as one that finished. So a download is accepted only when
 tensor got exactly the number of chunks its first chunk announced and decodes to its announced shape, and, when
 the caller knows what the state should look like (``expected_tensors``, e.g. the averager's own state), the tensors
 match it in number, shape and dtype. Anything else (a broken or stalled stream, garbage metadata, a wrong shape)
-rejects that donor and the next one is tried; a partial state is never returned.
+rejects that donor and the next one is tried; a partial state is never returned. So does a donor that sends slower
+than a floor on its pace (:mod:`hivemind.averaging.state_rate`), and one whose message exceeds MAX_MESSAGE_BYTES.
 
 The tensors of a downloaded state are views of one shared-memory buffer (written in place as they are decoded when
 the expected shapes and dtypes are known): they reach the user's process as one file descriptor, not one per tensor.

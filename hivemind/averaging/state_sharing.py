@@ -5,6 +5,8 @@ An averager that shares its state declares ``<prefix>.all_averagers[<own peer id
 64 KiB chunks. A donor serves at most ``max_concurrent_downloads`` downloads at once; up to ``max_queued_downloads``
 more wait for a free slot (first come, first served) for at most ``max_queue_wait`` seconds, and any others are refused
 at once with :class:`DonorBusyError`, so that the newcomer tries another donor instead of piling onto this one.
+A downloader that takes no chunk for ``send_stall_timeout`` seconds, or reads slower than a floor on its pace
+(:mod:`hivemind.averaging.state_rate`), is dropped and its slot freed, with a warning naming it.
 Downloads that overlap stream one snapshot of the state (:mod:`hivemind.averaging.state_snapshot`), so a donor holds
 at most ``max_snapshots`` copies of its state however many peers download it.
 The receiving side lives in :mod:`hivemind.averaging.state_download`.
