@@ -49,9 +49,9 @@ async def test_downloads_closed_as_soon_as_they_start_cannot_keep_the_donor_copy
     await serve(donor, prefix, sharing.rpc_download_state)
     await declare(dht, prefix, donor, 1.0)
     stub = DecentralizedAverager.get_stub(hostile, donor.peer_id, namespace=prefix)
-    started = time.perf_counter()
+    request, started = averaging_pb2.DownloadRequest(), time.perf_counter()
     while time.perf_counter() - started < 3.0:
-        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        stream = await stub.rpc_download_state(request)
         await stream.__anext__()
         await stream.aclose()
     elapsed = time.perf_counter() - started
