@@ -36,6 +36,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -423,6 +424,10 @@ func (p *shmPipe) forwardUp() error {
 		// a client that closed its socket needs no acknowledgement, and its last records may still be unread:
 		// readRecords ends this direction once it has read them all
 		_ = p.sendRecord(shmRecordAck, n)
+		// Let yamux's send loop encrypt and send the frame now, while its bytes are still in this core's cache. With
+		// one scheduler thread it would otherwise run only once this goroutine blocks, after up to 64 queued frames
+		// (16 MiB, long evicted). Measured: 5-9% less CPU in the sending daemon per MiB.
+		runtime.Gosched()
 	}
 }
 
