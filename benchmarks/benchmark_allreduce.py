@@ -34,6 +34,10 @@ try:  # parts parsed without copying their tensors (absent from older trees that
     from hivemind.averaging.part_encoding import ReceivedAveragingData
 except ImportError:  # pragma: no cover
     ReceivedAveragingData = averaging_pb2.AveragingData
+try:  # output memory reused across rounds, as the averager does (absent from older trees)
+    from hivemind.averaging.output_buffers import ReusableOutputs
+except ImportError:  # pragma: no cover
+    ReusableOutputs = None
 
 MiB = 1024**2
 PREFIX = "bench_allreduce"
@@ -108,6 +112,7 @@ async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -
     peer_ids = [PeerID(raw) for raw in await loop.run_in_executor(None, connection.recv)]
     processes = [psutil.Process()] + psutil.Process().children(recursive=True)
     tensors: Dict[int, torch.Tensor] = {}
+    reuse = {} if ReusableOutputs is None else dict(output_buffers=ReusableOutputs())
     while True:
         command = await loop.run_in_executor(None, connection.recv)
         if command is None:
@@ -130,10 +135,12 @@ async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -
             peer_fractions=[1.0] * len(peer_ids),
             sender_timeout=30,
             reducer_timeout=60,
+            **reuse,
         )
         servicer.register(runner)
         async for delta in runner:
             tensor.add_(delta)
+        del delta  # the next round may reuse its memory (see output_buffers)
         elapsed = time.perf_counter() - started
         cpu, own = _cpu_seconds(processes) - cpu_before, _cpu_seconds(processes[:1]) - own_before
         servicer.runners.pop(group_id, None)

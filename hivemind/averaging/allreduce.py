@@ -9,6 +9,7 @@ not delivered yet.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from enum import Enum
 from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
@@ -91,7 +92,9 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         before its remaining parts keep their local values; must exceed ``sender_timeout`` (None: indefinitely). A
         sender with no share of its own (its replies come after all its parts) allows one such period per window of
         parts for the first reply
-    :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch (see TensorPartContainer)
+    :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch, output_buffers (see
+        TensorPartContainer); with output_buffers, the memory of a yielded delta is written again by a later round
+        once no tensor or array references it any more
     """
 
     def __init__(
@@ -315,8 +318,10 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
                 self.bytes_received += message_nbytes(message)
                 delta = await self._decode(message, part, what=f"delta {k}")
-                refuse_non_finite(delta, self.container.input_part(part), what=f"delta {k}")
-                self.container.register_processed_part(peer_index, k, delta)
+                # checked where it was copied to (aligned, still in cache); if it is refused, the part is not done
+                # and keeps its local values like the reducer's other remaining parts
+                check = functools.partial(refuse_non_finite, local=self.container.input_part(part), what=f"delta {k}")
+                self.container.register_processed_part(peer_index, k, delta, check=check)
                 self._received_deltas += 1
                 progress.touch(reply=True)
         finally:

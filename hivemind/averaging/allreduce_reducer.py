@@ -11,7 +11,13 @@ import asyncio
 from typing import AsyncIterator, List, Optional
 
 from hivemind.averaging.group_view import first_part_refusal, group_view_digest
-from hivemind.averaging.part_encoding import CHEAP_WIRE_TYPES, encode_delta, refuse_unsafe_part, wire_tensor
+from hivemind.averaging.part_encoding import (
+    CHEAP_WIRE_TYPES,
+    encode_delta,
+    is_private_view,
+    refuse_unsafe_part,
+    wire_tensor,
+)
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.p2p.bulk_messages import BulkMessage
@@ -81,13 +87,14 @@ class ReducerSide:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                part, tensor, compression_type, future = item
+                part, tensor, compression_type, private, future = item
                 average = await future
                 # AVERAGED_PART with average - part encoded as the sender encoded its part; a costly codec runs in a
-                # thread, so that the event loop keeps moving other streams
+                # thread, so that the event loop keeps moving other streams. Once averaged, the sender's part is read
+                # by nothing else (a sole contributor's part is read only here): the delta may overwrite it
                 delta_args = (average, tensor, compression_type, self.container.part_info(part))
                 if compression_type in CHEAP_WIRE_TYPES:
-                    reply = encode_delta(*delta_args)
+                    reply = encode_delta(*delta_args, in_place=private)
                 else:
                     reply = await asyncio.get_running_loop().run_in_executor(None, encode_delta, *delta_args)
                 if buffered:
@@ -155,7 +162,8 @@ class ReducerSide:
                 local = self.container.input_part(part)
                 refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")
                 future = await self.reducer.submit_part(sender_index, k, tensor, weight)
-                queue.put_nowait((part, tensor, wire_tensor(message)[0].compression, future))
+                compression_type = wire_tensor(message)[0].compression
+                queue.put_nowait((part, tensor, compression_type, is_private_view(message), future))
             queue.put_nowait(_END)  # every part is in: the replies do not wait for the end of the stream
         except BannedException as e:
             queue.put_nowait(e)

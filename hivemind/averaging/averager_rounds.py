@@ -12,6 +12,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.output_buffers import ReusableOutputs
 from hivemind.averaging.part_encoding import ReceivedAveragingData
 from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.payload import decode_group_gathered
@@ -38,6 +39,7 @@ class AveragingRounds:
 
     def _init_round_state(self) -> None:
         self._running_groups: Dict[bytes, AllReduceRunner] = {}
+        self._output_buffers = ReusableOutputs()  # each round's deltas reuse the last round's memory
         self._group_registered = asyncio.Event()
         self._step_tasks: set = set()
         self._cancelled_groups: Dict[bytes, None] = {}  # oldest first
@@ -148,6 +150,7 @@ class AveragingRounds:
             compression=self.compression,
             part_size_bytes=self.part_size_bytes,
             tensor_infos=self.tensor_infos,
+            output_buffers=self._output_buffers,
         )
         started = time.perf_counter()
         self._register_group(group_info.group_id, runner)

@@ -33,6 +33,7 @@ __all__ = [
     "encode_averaging_data",
     "encode_delta",
     "decode_part",
+    "is_private_view",
     "difference_as",
     "refuse_non_finite",
     "refuse_unsafe_part",
@@ -42,6 +43,8 @@ __all__ = [
 CHEAP_WIRE_TYPES = (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16)
 
 _LENGTH_DELIMITED, _VARINT, _FIXED64 = 2, 0, 1
+_ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in RAW_DTYPES}
+_RAW_DTYPE_NAMES = frozenset(dtype_to_name(dtype) for dtype in RAW_DTYPES)
 
 # AveragingData as parts and deltas are received: the tensor's bytes stay in the received frame (no copies) and are
 # decoded from there (see hivemind.p2p.bulk_messages); the wire format is AveragingData's
@@ -100,14 +103,26 @@ def difference_as(average: torch.Tensor, part_values: torch.Tensor, dtype: torch
 
 
 def encode_delta(
-    average: Optional[torch.Tensor], part_values: torch.Tensor, compression_type: int, info: CompressionInfo
+    average: Optional[torch.Tensor],
+    part_values: torch.Tensor,
+    compression_type: int,
+    info: CompressionInfo,
+    in_place: bool = False,
 ) -> Union[averaging_pb2.AveragingData, EncodedMessage]:
-    """AVERAGED_PART carrying ``average - part_values`` (zeros if ``average`` is None) in ``compression_type``."""
+    """AVERAGED_PART carrying ``average - part_values`` (zeros if ``average`` is None) in ``compression_type``.
+
+    :param in_place: ``part_values`` is a private buffer (see :func:`is_private_view`) that nothing reads any more:
+        an uncompressed difference is written over it instead of into new memory
+    """
     dtype, code = part_values.dtype, averaging_pb2.MessageCode.AVERAGED_PART
     numel = part_values.numel()
     if compression_type == runtime_pb2.CompressionType.NONE and dtype in RAW_DTYPES:
         if average is None or average.dtype == dtype:  # one pass: the difference is what gets written
-            delta = torch.empty(numel, dtype=dtype)
+            delta = (
+                part_values.reshape(-1)
+                if in_place and part_values.is_contiguous()
+                else torch.empty(numel, dtype=dtype)
+            )
             if average is None:
                 zero_(delta)
             else:
@@ -127,6 +142,19 @@ def wire_tensor(message: AnyAveragingData) -> Tuple[Optional[runtime_pb2.Tensor]
     else:
         bulk = None
     return (message.tensor_part if message.HasField("tensor_part") else None), bulk
+
+
+def is_private_view(message: AnyAveragingData) -> bool:
+    """Whether :func:`decode_part` returns ``message``'s tensor as a writable view of the received frame's own buffer
+    (which nothing else references), rather than new or read-only memory."""
+    serialized, bulk = wire_tensor(message)
+    return (
+        bulk is not None
+        and not bulk.readonly
+        and sys.byteorder == "little"
+        and serialized.compression == runtime_pb2.CompressionType.NONE
+        and serialized.dtype in _RAW_DTYPE_NAMES
+    )
 
 
 async def decode_part(message: AnyAveragingData, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -163,7 +191,7 @@ async def decode_part(message: AnyAveragingData, numel: int, dtype: torch.dtype,
 
 
 def _view_of_bulk(bulk: memoryview, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZES[dtype]
     if len(bulk) != numel * itemsize:
         raise AllreduceException(
             f"{what} could not be decoded: its buffer has {len(bulk)} bytes, expected {numel * itemsize}"
@@ -178,8 +206,13 @@ def _view_of_bulk(bulk: memoryview, numel: int, dtype: torch.dtype, what: str) -
 def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> None:
     """Raise AllreduceException if a peer's ``values`` hold inf or NaN where this peer's ``local`` values are finite
     (a NaN that is already in the local values may come back; a new one would spread into the local tensors)."""
-    if not (values.is_floating_point() or values.is_complex()) or math.isfinite(abs(total_sum(values))):
-        return  # a sum is finite only if every value is (a fast pass; an overflowing sum gets the exact check)
+    if not (values.is_floating_point() or values.is_complex()):
+        return
+    if values.is_complex():
+        if math.isfinite(abs(total_sum(values))):
+            return  # a sum is finite only if every value is (an overflowing sum gets the exact check)
+    elif math.isfinite(largest_magnitude(values)):
+        return  # the fast pass: no inf or NaN (minimum and maximum, vectorized, no temporary)
     spread = ~torch.isfinite(values) & torch.isfinite(local.reshape(-1))
     if bool(spread.any()):
         raise AllreduceException(f"{what} has {int(spread.sum())} inf/NaN values where the local values are finite")

@@ -31,10 +31,14 @@ _NUMPY_DTYPES = {
 
 
 def _arrays(*tensors: torch.Tensor):
-    """NumPy views of CPU tensors, or None if any of them has no NumPy dtype."""
-    if all(tensor.dtype in _NUMPY_DTYPES and tensor.device.type == "cpu" for tensor in tensors):
-        return [tensor.detach().numpy() for tensor in tensors]
-    return None
+    """NumPy views of CPU tensors, or None if any of them has no NumPy dtype (called a few times per part: kept to
+    the cheapest tensor attributes)."""
+    arrays = []
+    for tensor in tensors:
+        if tensor.dtype not in _NUMPY_DTYPES or not tensor.is_cpu:
+            return None
+        arrays.append(tensor.detach().numpy() if tensor.requires_grad else tensor.numpy())
+    return arrays
 
 
 def copy_into(output: torch.Tensor, source: torch.Tensor) -> None:

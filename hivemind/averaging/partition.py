@@ -9,11 +9,12 @@ elements; a part belongs to the peer whose range covers most of it.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from hivemind.averaging.load_balancing import hagenbach_bishoff
+from hivemind.averaging.output_buffers import ReusableOutputs
 from hivemind.averaging.part_math import add_into, add_scaled_, copy_into, div_, scale_into, zero_
 from hivemind.averaging.partition_plan import PartSpec, part_size_elements, plan_parts
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
@@ -75,6 +76,7 @@ class TensorPartContainer:
     :param part_size_bytes: target size of one compressed part
     :param tensor_infos: CompressionInfo per tensor (default: from the tensor, key = its index)
     :param prefetch: parts compressed ahead of sending, per reducer
+    :param output_buffers: where the outputs' memory comes from (reused across rounds; default: fresh memory)
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class TensorPartContainer:
         part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,  # after compression
         tensor_infos: Optional[Sequence[CompressionInfo]] = None,
         prefetch: int = DEFAULT_PREFETCH,
+        output_buffers: Optional[ReusableOutputs] = None,
     ):
         if tensor_infos is None:
             tensor_infos = [CompressionInfo.from_tensor(tensor, key=i) for i, tensor in enumerate(tensors)]
@@ -97,6 +100,7 @@ class TensorPartContainer:
         self.tensor_infos = list(tensor_infos)
         self.compression = compression if compression is not None else NoCompression()
         self.prefetch = max(1, prefetch)
+        self.output_buffers = output_buffers
         self.group_size = len(peer_fractions)
         # flat views of the inputs (a non-contiguous tensor is copied once, here)
         self._flat = [tensor.detach().reshape(-1) for tensor in self.local_tensors]
@@ -192,7 +196,11 @@ class TensorPartContainer:
         output = self._outputs[tensor_index]
         if output is None:
             flat = self._flat[tensor_index]
-            output = self._outputs[tensor_index] = empty_output(flat.numel(), flat.dtype)
+            if self.output_buffers is None:
+                output = empty_output(flat.numel(), flat.dtype)
+            else:
+                output = self.output_buffers.take(tensor_index, flat.numel(), flat.dtype)
+            self._outputs[tensor_index] = output
         return output
 
     def output_part(self, part: PartSpec) -> torch.Tensor:
@@ -210,12 +218,25 @@ class TensorPartContainer:
         if self._parts_left[part.tensor_index] == 0:
             self._tensor_ready[part.tensor_index].set()
 
-    def register_processed_part(self, peer_index: int, part_index: int, delta: torch.Tensor) -> None:
-        """Store the averaged delta of part ``part_index`` of reducer ``peer_index`` (a tensor of the part's size)."""
+    def register_processed_part(
+        self,
+        peer_index: int,
+        part_index: int,
+        delta: torch.Tensor,
+        check: Optional[Callable[[torch.Tensor], None]] = None,
+    ) -> None:
+        """Store the averaged delta of part ``part_index`` of reducer ``peer_index`` (a tensor of the part's size).
+
+        :param check: called with the stored copy before the part counts as done; if it raises, the part stays
+            not done (:meth:`register_failed_reducer` then gives it its local values)
+        """
         part = self.parts_by_peer[peer_index][part_index]
         if delta.numel() != part.numel:
             raise AllreduceException(f"delta for {part} has {delta.numel()} elements, expected {part.numel}")
-        copy_into(self.output_part(part), delta.reshape(-1))
+        output = self.output_part(part)
+        copy_into(output, delta.reshape(-1))
+        if check is not None:
+            check(output)
         self.mark_part_done(part)
 
     def register_failed_reducer(self, peer_index: int) -> int:
