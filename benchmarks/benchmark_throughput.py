@@ -14,9 +14,12 @@ server's optimizer step. Printed, in one table:
 - server start-up: seconds of ``Server.create(..., start=True)`` until it serves;
 - throughput: samples per second over all clients (a sample counts once for its forward and backward);
 - local bound: the same expert modules run in this process without network or batching (forward without
-  gradients, then forward with gradients, backward and the Adam step: the work the server does per batch), the
-  fastest of ``--local_steps`` rounds, before and after the clients ran (the best of both);
-- ratio: throughput / local bound.
+  gradients, then forward with gradients, backward and the step of the optimizer that ``Server.create`` builds by
+  default: the work the server does per batch), the fastest of ``--local_steps`` rounds, before and after the
+  clients ran (the best of both), with the milliseconds of each phase;
+- ratio: throughput / local bound;
+- CPU seconds per batch (one client step: forward + backward) of the server process, its DHT process and p2p
+  daemon, the clients and theirs, and the server's page faults per batch (fresh memory costs a fault per 4 KiB).
 
 ``--profile`` samples the stacks of this process's threads (the server's Runtime, handlers and pools) every few
 milliseconds while the clients run, and prints where they spent their time. ``--stats`` logs the Runtime's own
@@ -28,6 +31,7 @@ import argparse
 import collections
 import multiprocessing as mp
 import os
+import resource
 import sys
 import threading
 import time
@@ -110,49 +114,69 @@ def client_main(index, args, setup_queue, ready_queue, start_event, stop_event, 
             step(number)
         ready_queue.put((index, None))
         start_event.wait()
-        started, done = time.perf_counter(), 0
+        started, done, cpu_started = time.perf_counter(), 0, tree_cpu_seconds(os.getpid())
         while (args.duration is None and done < args.steps) or (args.duration is not None and not stop_event.is_set()):
             step(args.warmup_steps + done)
             done += 1
-        result_queue.put((index, done * args.batch_size, time.perf_counter() - started, None))
+        cpu = {key: value - cpu_started.get(key, 0.0) for key, value in tree_cpu_seconds(os.getpid()).items()}
+        result_queue.put((index, done * args.batch_size, time.perf_counter() - started, None, cpu))
         dht.shutdown()
     except BaseException as e:
         error = f"{e!r}\n{traceback.format_exc()}"
         ready_queue.put((index, error))
-        result_queue.put((index, 0, 0.0, error))
+        result_queue.put((index, 0, 0.0, error, {}))
 
 
 # ----------------------------------------------------------------------------------------------- local bound
 
 
-def measure_local_bound(args) -> float:
-    """Samples/s of the server's work per batch done directly in this process, one expert at a time."""
+def server_optimizer_class():
+    """The optimizer Server.create builds by default: ours picks torch's fastest Adam, the original plain Adam."""
+    try:
+        from hivemind.moe.server.fast_adam import FastAdam
+
+        return FastAdam
+    except ImportError:
+        return torch.optim.Adam
+
+
+def measure_local_bound(args):
+    """Samples/s of the server's work per batch done directly in this process, one expert at a time, with the
+    optimizer the server builds; also the milliseconds per batch of each phase in the fastest round."""
     torch.manual_seed(0)
     modules = [name_to_block[args.expert_cls](args.hid_dim) for _ in range(args.num_experts)]
-    optimizers = [torch.optim.Adam(module.parameters()) for module in modules]
+    optimizers = [server_optimizer_class()(module.parameters()) for module in modules]
     inputs = make_inputs(args)
     floating = [tensor.is_floating_point() for tensor in inputs]
 
-    def step(module, optimizer):
+    def step(module, optimizer, phases):
+        started = time.perf_counter()
         with torch.no_grad():
             outputs = module(*inputs)
+        phases["forward"] += time.perf_counter() - started
         if args.forward_only:
             return
+        started = time.perf_counter()
         leaves = [t.detach().requires_grad_(f) for t, f in zip(inputs, floating)]
         outputs = module(*leaves)
         outputs.backward(torch.ones_like(outputs))
+        phases["forward+backward"] += time.perf_counter() - started
+        started = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad()
+        phases["optimizer step"] += time.perf_counter() - started
 
     for module, optimizer in zip(modules, optimizers):
-        step(module, optimizer)  # warm-up
-    round_seconds = []  # one round: a batch through every expert; the fastest round resists a busy machine
+        step(module, optimizer, collections.Counter())  # warm-up
+    rounds = []  # one round: a batch through every expert; the fastest round resists a busy machine
     for _ in range(args.local_steps):
-        started = time.perf_counter()
+        phases = collections.Counter()
         for module, optimizer in zip(modules, optimizers):
-            step(module, optimizer)
-        round_seconds.append(time.perf_counter() - started)
-    return args.num_experts * args.batch_size / min(round_seconds)
+            step(module, optimizer, phases)
+        rounds.append((sum(phases.values()), phases))
+    seconds, phases = min(rounds, key=lambda item: item[0])
+    phases_ms = {name: 1000 * value / args.num_experts for name, value in phases.items()}
+    return args.num_experts * args.batch_size / seconds, phases_ms
 
 
 def measure_serialization(args, repeats: int = 20):
@@ -237,6 +261,42 @@ def server_memory(client_pids) -> str:
     return f"server {own / 2**20:.0f} MiB, its DHT and p2p daemon {others / 2**20:.0f} MiB"
 
 
+def tree_cpu_seconds(pid: int, exclude=()) -> dict:
+    """CPU seconds (user + system) used so far by a process ("self", all its threads), by its children other than
+    ``exclude`` and their descendants ("children": DHT process, p2p daemon), and its page faults ("minor faults")."""
+    import psutil
+
+    def cpu(process):
+        times = process.cpu_times()
+        return times.user + times.system
+
+    try:
+        process = psutil.Process(pid)
+        result = {"self": cpu(process), "children": 0.0}
+        excluded = set(exclude)
+        for child_pid in exclude:
+            try:
+                excluded.update(child.pid for child in psutil.Process(child_pid).children(recursive=True))
+            except psutil.Error:
+                pass
+        for child in process.children(recursive=True):
+            if child.pid not in excluded:
+                try:
+                    result["children"] += cpu(child)
+                except psutil.Error:
+                    pass
+        if pid == os.getpid():
+            result["minor faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            names = {thread.native_id: thread.name for thread in threading.enumerate()}
+            for thread in process.threads():  # threads torch or the p2p bindings start have no Python name
+                name = names.get(thread.id, "other threads").split("_")[0].split("-")[0]
+                key = f"thread {name}"
+                result[key] = result.get(key, 0.0) + thread.user_time + thread.system_time
+        return result
+    except psutil.Error:
+        return {}
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -259,7 +319,7 @@ def main():
 
     if args.torch_threads is not None:  # on a busy machine, one thread avoids OpenMP threads waiting for each other
         torch.set_num_threads(args.torch_threads)
-    local_bound = measure_local_bound(args)
+    local_bound, local_phases = measure_local_bound(args)
     serialize_ms, deserialize_ms = measure_serialization(args)
 
     uids = [f"expert.{index}" for index in range(args.num_experts)]
@@ -288,6 +348,7 @@ def main():
         if sampler is not None:
             sampler.start()
         rss_start = server_memory(client_pids)
+        server_cpu_started = tree_cpu_seconds(os.getpid(), exclude=client_pids)
         start_event.set()
         started = time.perf_counter()
         if args.duration is not None:
@@ -301,15 +362,20 @@ def main():
             stop_event.set()
         results = [result_queue.get(timeout=START_TIMEOUT + (args.duration or 0)) for _ in clients]
         elapsed = time.perf_counter() - started
+        server_cpu = tree_cpu_seconds(os.getpid(), exclude=client_pids)
+        server_cpu = {key: value - server_cpu_started.get(key, 0.0) for key, value in server_cpu.items()}
         if sampler is not None:
             sampler.stop.set()
-        errors = [error for _, _, _, error in results if error is not None]
+        errors = [error for _, _, _, error, _ in results if error is not None]
         if errors:
             raise RuntimeError(f"{len(errors)} clients failed, e.g.:\n{errors[0]}")
-        samples = sum(count for _, count, _, _ in results)
+        samples = sum(count for _, count, _, _, _ in results)
+        clients_cpu = {key: sum(cpu.get(key, 0.0) for *_, cpu in results) for key in ("self", "children")}
         throughput = samples / elapsed
         rss_end = server_memory(client_pids)
-        local_bound = max(local_bound, measure_local_bound(args))  # measured again, the best of both is kept
+        local_bound_after, phases_after = measure_local_bound(args)  # measured again, the best of both is kept
+        if local_bound_after > local_bound:
+            local_bound, local_phases = local_bound_after, phases_after
     finally:
         server.shutdown()
         stop_event.set()
@@ -329,6 +395,29 @@ def main():
     print(f"one batch of inputs  serialize {serialize_ms:.3f} ms, deserialize {deserialize_ms:.3f} ms")
     compute_ms = 1000 * args.batch_size / local_bound
     print(f"one batch locally  {compute_ms:.2f} ms (forward, then forward+backward+step)")
+    phases = ", ".join(f"{name} {value:.1f}" for name, value in local_phases.items())
+    print(f"  of which, ms: {phases} ({server_optimizer_class().__name__})")
+    batches = samples / args.batch_size
+    print(
+        f"cpu during the load ({elapsed:.1f} s wall, {batches:.0f} batches): server process "
+        f"{server_cpu.get('self', 0):.1f} s, its DHT and p2p daemon {server_cpu.get('children', 0):.1f} s, clients "
+        f"{clients_cpu['self']:.1f} s, their DHT processes and p2p daemons {clients_cpu['children']:.1f} s"
+    )
+    per_batch = {
+        "server": server_cpu.get("self", 0), "server's DHT+p2pd": server_cpu.get("children", 0),
+        "clients": clients_cpu["self"], "clients' DHT+p2pd": clients_cpu["children"],
+    }  # fmt: skip
+    print(
+        "cpu per batch, ms:  " + ", ".join(f"{key} {1000 * value / batches:.1f}" for key, value in per_batch.items())
+    )
+    threads = sorted(
+        ((key[7:], value) for key, value in server_cpu.items() if key.startswith("thread ")), key=lambda x: -x[1]
+    )
+    print(
+        "server process cpu per batch by thread, ms:  "
+        + ", ".join(f"{n} {1000 * v / batches:.1f}" for n, v in threads)
+    )
+    print(f"server page faults per batch  {server_cpu.get('minor faults', 0) / batches:.0f}")
     print(f"rss before the load  {rss_start}")
     print(f"rss after {elapsed:.0f} s  {rss_end}")
     if sampler is not None:
