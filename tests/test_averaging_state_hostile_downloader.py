@@ -1,5 +1,6 @@
 """Hostile downloaders: what they make a donor do stays bounded, and honest newcomers are still served."""
 
+import asyncio
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from test_averaging_state_sharing import (
 
 import hivemind
 from hivemind.averaging.state_sharing import StateSharing
-from hivemind.averaging.state_snapshot import SNAPSHOT_DUTY_CYCLE
+from hivemind.averaging.state_snapshot import SNAPSHOT_DUTY_CYCLE, SnapshotCache
 from hivemind.proto import averaging_pb2
 
 
@@ -58,3 +59,30 @@ async def test_downloads_closed_as_soon_as_they_start_cannot_keep_the_donor_copy
     assert sum(copy_seconds) <= SNAPSHOT_DUTY_CYCLE * elapsed + 2 * max(copy_seconds), (len(copy_seconds), elapsed)
     metadata, tensors = await load(newcomer, dht, prefix, timeout=30)
     assert_state_equal((None, tensors), (None, [source]))
+
+
+async def test_a_snapshot_whose_downloads_all_left_during_its_pause_is_not_taken():
+    calls = 0
+
+    async def get_current_state():  # takes 50 ms: the next snapshot waits 9 times as long
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return {}, [torch.zeros(3)], None
+
+    cache = SnapshotCache(get_current_state, max_age=0)
+
+    async def download():
+        async with cache.use():
+            pass
+
+    await download()
+    leaving = asyncio.create_task(download())
+    while cache._taking is None:
+        await asyncio.sleep(0)
+    pending = cache._taking.task
+    leaving.cancel()
+    await asyncio.gather(leaving, pending, return_exceptions=True)
+    assert pending.cancelled() and calls == 1
+    await download()  # the next download still gets one
+    assert calls == 2

@@ -304,6 +304,8 @@ class SnapshotCache:
             pause = self._next_snapshot_at - time.monotonic()
             if pause > 0:  # the last snapshot ended moments ago: downloads arriving meanwhile share the next one
                 await asyncio.sleep(pause)
+                if taking.waiters == 0:  # every download that wanted it left meanwhile: take none
+                    raise asyncio.CancelledError()
             started = time.monotonic()
             state = await await_with_timeout(self.get_current_state(), self.timeout)
             if not isinstance(state, (tuple, list)) or len(state) not in (2, 3):
