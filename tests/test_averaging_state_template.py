@@ -9,7 +9,7 @@ from averager_helpers import FAST, averagers_on, dht_swarm
 from test_averaging_state_averager import _assert_same, _wait_for_declarations
 
 from hivemind.averaging import DecentralizedAverager, state_snapshot
-from hivemind.averaging.state_snapshot import describing_state, packed_copy
+from hivemind.averaging.state_snapshot import describe_state, describing_state, packed_copy
 
 
 def test_packed_copy_copies_nothing_while_describing_the_state_and_only_in_that_thread():
@@ -20,10 +20,34 @@ def test_packed_copy_copies_nothing_while_describing_the_state_and_only_in_that_
         thread = threading.Thread(target=lambda: other_thread.extend(packed_copy(tensors)))
         thread.start()
         thread.join()
-    assert all(got.data_ptr() == sent.data_ptr() for got, sent in zip(described, tensors))
+    assert [(t.shape, t.dtype, t.device.type) for t in described] == [(t.shape, t.dtype, "meta") for t in tensors]
     for got, sent in zip(other_thread, tensors):
         assert got.data_ptr() != sent.data_ptr() and torch.equal(got, sent)
-    assert all(got.data_ptr() != sent.data_ptr() for got, sent in zip(packed_copy(tensors), tensors))  # ended
+    assert all(got.device.type == "cpu" and torch.equal(got, sent) for got, sent in zip(packed_copy(tensors), tensors))
+
+
+def test_changing_the_described_copies_in_place_leaves_the_state_alone():
+    state = torch.ones(3)
+
+    def get_current_state():
+        copies = packed_copy([state])
+        copies[0].mul_(2)  # e.g. a state that is shared scaled
+        return {}, copies, None
+
+    assert describe_state(get_current_state) == [((3,), torch.float32)]
+    assert torch.equal(state, torch.ones(3))
+
+
+def test_a_get_current_state_that_reads_its_copies_is_asked_again_with_real_ones():
+    devices = []
+
+    def get_current_state():
+        copies = packed_copy([torch.ones(2, 3)])
+        devices.append(copies[0].device.type)
+        return {"total": float(copies[0].sum())}, copies, None  # reads a value: impossible without data
+
+    assert describe_state(get_current_state) == [((2, 3), torch.float32)]
+    assert devices == ["meta", "cpu"]
 
 
 @pytest.mark.timeout(120)

@@ -3,7 +3,6 @@ the handlers it serves, and shutdown. The averaging logic itself lives in averag
 
 import asyncio
 import concurrent.futures
-import contextlib
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -21,7 +20,7 @@ from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.state_download import load_state_from_peers
 from hivemind.averaging.state_sharing import StateSharing
-from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, describing_state, send_packed_state
+from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, describe_state, send_packed_state
 from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd
 from hivemind.p2p import ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
@@ -188,14 +187,13 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
                 logger.warning(f"Could not read a state request from the averager's process: {e!r}")
                 continue
             try:
-                # for a template, copy nothing: the default get_current_state would copy the whole state first
-                with describing_state() if template_only else contextlib.nullcontext():
-                    metadata, tensors, *infos = self.get_current_state()
-                if template_only:  # only what a downloaded state must look like: no tensor data crosses the pipe
-                    future.set_result((None, [TensorTemplate(tuple(t.shape), t.dtype) for t in tensors], None))
+                if template_only:  # only what a downloaded state must look like: no tensor data is copied or sent
+                    template = [TensorTemplate(*pair) for pair in describe_state(self.get_current_state)]
+                    future.set_result((None, template, None))
                 else:  # the tensors cross in one shared-memory buffer (no copy if they already are in one)
+                    metadata, tensors, *infos = self.get_current_state()
                     send_packed_state(future, (metadata, tensors, *infos), receiver_sentinel=self.sentinel)
-                del metadata, tensors, infos  # the averager's process alone holds the state while it streams it
+                    del metadata, tensors, infos  # the averager's process alone holds the state while it streams it
             except Exception as e:
                 gone = self._shutdown_requested or multiprocessing.connection.wait([self.sentinel], timeout=0)
                 if isinstance(e, ChannelClosedError) and gone:

@@ -34,6 +34,7 @@ import torch
 
 from hivemind.compression import CompressionInfo
 from hivemind.utils.asyncio import await_with_timeout, cancel_and_wait
+from hivemind.utils.logging import get_logger
 
 __all__ = [
     "DonorBusyError",
@@ -41,12 +42,15 @@ __all__ = [
     "pack_tensors",
     "packed_copy",
     "describing_state",
+    "describe_state",
     "send_packed_state",
     "await_state_answer",
     "StateSnapshot",
     "SnapshotCache",
     "SNAPSHOT_AGE_CAP",
 ]
+
+logger = get_logger(__name__)
 
 ALIGNMENT = 64  # bytes: every tensor starts at a multiple of this in the shared buffer (any dtype can view it)
 # seconds: a snapshot older than this is never handed to a new download (when none newer can be taken, the download
@@ -138,9 +142,10 @@ def pack_tensors(tensors: Sequence[torch.Tensor], reuse: bool = True) -> PackedT
 
 def packed_copy(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Detached copies of ``tensors`` in one shared-memory buffer: they reach the averager's process with no further
-    copy. Within :func:`describing_state` (in the same thread) it returns the tensors themselves, detached."""
+    copy. Within :func:`describing_state` (in the same thread) it copies nothing and returns tensors of the same
+    shapes and dtypes without data (on the "meta" device)."""
     if getattr(_describing, "active", False):
-        return [tensor.detach() for tensor in tensors]
+        return [torch.empty_like(tensor, device="meta") for tensor in tensors]
     return pack_tensors([tensor.detach() for tensor in tensors], reuse=False).unpack()
 
 
@@ -149,18 +154,30 @@ _describing = threading.local()
 
 @contextlib.contextmanager
 def describing_state() -> Iterator[None]:
-    """Within this block, in this thread, :func:`packed_copy` copies nothing and returns the tensors it was given.
-
-    A newcomer calls its own ``get_current_state`` only to learn the shapes and dtypes that a downloaded state must
-    have; the default one (and the optimizer's) copy the whole state with :func:`packed_copy` first, which would cost
-    a second state's worth of memory and the time to copy it for a result that is dropped at once. The tensors
-    returned inside this block may be the live ones: read their shapes and dtypes, keep no reference."""
+    """Within this block, in this thread, :func:`packed_copy` copies nothing: see :func:`describe_state`."""
     previous = getattr(_describing, "active", False)
     _describing.active = True
     try:
         yield
     finally:
         _describing.active = previous
+
+
+def describe_state(get_current_state: Callable[[], Sequence[Any]]) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of each tensor that ``get_current_state()`` returns, at the cost of no copy of them where
+    it copies with :func:`packed_copy` (as the averager's and the optimizer's do).
+
+    A newcomer calls its own ``get_current_state`` only to learn what a downloaded state must look like; a full copy
+    would cost a second state's worth of memory and the time to copy it for a result that is dropped at once. So it
+    is called within :func:`describing_state`, where its copies are tensors without data: changing them in place
+    changes nothing. Should it fail on those (e.g. it reads values from them), it is called once more as usual."""
+    try:
+        with describing_state():
+            _, tensors, *_ = get_current_state()
+    except Exception as e:
+        logger.debug(f"get_current_state() failed on tensors without data ({e!r}); calling it with real copies")
+        _, tensors, *_ = get_current_state()
+    return [(tuple(tensor.shape), tensor.dtype) for tensor in tensors]
 
 
 # Handing a packed state to another process: pickling its buffer gives a duplicate of the buffer's descriptor to
