@@ -10,8 +10,11 @@ into shared memory, no extra copies), which is most of the difference in through
 Every request is checked against the expert's schema before it becomes a task (see expert_requests.py): an
 unknown uid, a wrong number, shape or dtype of tensors, an empty batch, a batch over max_batch_size or a tensor
 that does not decode is answered with an error naming the problem, and never joins a batch. A request (or stream
-message) that carries more tensors than its expert takes is refused before protobuf parses it. A caller that goes
-away while its task waits has the task cancelled, so that pools do not compute for nobody.
+message) that carries more tensors than its expert takes is refused before protobuf parses it. A streamed request that
+ends before all of its tensors, or all the chunks they announced, arrived (its caller died mid-stream) is dropped with
+a logged reason. The bytes of the requests a handler holds at once are limited in all and per caller (see
+``max_request_bytes_in_flight``). A caller that goes away while its task waits has the task cancelled, so that pools
+do not compute for nobody.
 """
 
 from __future__ import annotations
