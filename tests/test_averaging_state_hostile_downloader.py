@@ -17,6 +17,7 @@ from test_averaging_state_sharing import (
 import hivemind
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.averaging.state_snapshot import SNAPSHOT_DUTY_CYCLE, SnapshotCache
+from hivemind.p2p import P2PHandlerError
 from hivemind.proto import averaging_pb2
 
 
@@ -53,7 +54,10 @@ async def test_downloads_closed_as_soon_as_they_start_cannot_keep_the_donor_copy
     request, started = averaging_pb2.DownloadRequest(), time.perf_counter()
     while time.perf_counter() - started < 3.0:
         stream = await stub.rpc_download_state(request)
-        await stream.__anext__()
+        try:
+            await stream.__anext__()
+        except P2PHandlerError:  # refused: the donor has not yet seen the last one close (one download per peer)
+            pass
         await stream.aclose()
     elapsed = time.perf_counter() - started
     assert sum(copy_seconds) <= SNAPSHOT_DUTY_CYCLE * elapsed + 2 * max(copy_seconds), (len(copy_seconds), elapsed)
