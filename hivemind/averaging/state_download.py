@@ -50,8 +50,9 @@ logger = get_logger(__name__)
 
 DEFAULT_STALL_TIMEOUT = 60.0  # seconds between two messages of a download when neither timeout is given
 # seconds at least for a donor's first message: it may queue a download for up to 10 s (DEFAULT_MAX_QUEUE_WAIT of
-# state_sharing) and then take a snapshot of its state (a copy in its user's process) before it sends anything
-DONOR_PREPARATION_TIMEOUT = 20.0
+# state_sharing), wait up to 5 s for its next snapshot (MAX_SNAPSHOT_PAUSE of state_snapshot) and then take a snapshot
+# of its state (a copy in its user's process) before it sends anything
+DONOR_PREPARATION_TIMEOUT = 25.0
 DHT_LOOKUP_TIMEOUT = 30.0  # seconds for finding the donors when the caller gave no overall timeout
 # without expected_tensors, a donor may send at most this many tensor bytes before it is rejected
 DEFAULT_MAX_UNCHECKED_STATE_BYTES = 16 * 2**30
@@ -395,7 +396,7 @@ async def load_state_from_peers(
     :param timeout: seconds for the whole call (finding donors and all download attempts); None: no overall limit
     :param request_timeout: with ``timeout`` given and no ``next_chunk_timeout``, the limit between two messages
     :param next_chunk_timeout: the limit between two messages of a download (None: as above, or 60 s); the first
-      message may take up to DONOR_PREPARATION_TIMEOUT (20 s) or this limit, whichever is longer
+      message may take up to DONOR_PREPARATION_TIMEOUT (25 s) or this limit, whichever is longer
     :param max_bytes: refuse states with more tensor bytes (default: what ``expected_tensors`` allows, or 16 GiB)
     :param min_rate: a donor that sends fewer bytes per second that we wait on it (after ``rate_grace`` seconds
       and its first message) is abandoned for the next one (see :func:`download_state`; None: no floor)
