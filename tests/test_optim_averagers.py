@@ -102,6 +102,12 @@ def test_power_sgd_averages_low_rank_gradients_exactly_and_plain_tensors_as_usua
                 assert torch.allclose(model.bias.grad, torch.full((16,), 2.0))
         sent = sum(t.numel() for t in averagers[0]._ps + averagers[0]._qs)
         assert sent < models[0].weight.numel() / 4
+
+        with averagers[0].lock_averaged_tensors, torch.no_grad():
+            averagers[0]._qs[0].fill_(5.0)
+        _, tensors = averagers[1].load_state_from_peers(timeout=10)
+        assert torch.equal(tensors[0], torch.full_like(tensors[0], 5.0))
+        assert torch.equal(averagers[1]._qs[0], torch.full_like(tensors[0], 5.0))
     finally:
         for averager in averagers:
             averager.shutdown()

@@ -9,6 +9,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.grad_averager import GradientAverager
@@ -147,7 +148,7 @@ class PowerSGDGradientAverager(GradientAverager):
 
     def get_current_state(self):
         with self.lock_averaged_tensors:
-            qs = [q.detach().clone() for q in self._qs]
+            qs = packed_copy(self._qs)
         infos = [CompressionInfo.from_tensor(q, key=i) for i, q in enumerate(qs)]
         return {"group_bits": self.get_group_bits()}, qs, infos
 

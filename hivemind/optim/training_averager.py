@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.optim.optimizer_state import (
     OptimizerStateError,
@@ -115,7 +116,7 @@ class TrainingAverager(DecentralizedAverager):
     def get_current_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor], List[CompressionInfo]]:
         with torch.no_grad(), self.opt_lock:
             flat_optimizer_state, optimizer_tensors = dump_optimizer_state(self.opt)
-            tensors = [t.detach().cpu().clone() for t in (*self.parameters, *self.extra_tensors, *optimizer_tensors)]
+            tensors = packed_copy([*self.parameters, *self.extra_tensors, *optimizer_tensors])
         metadata = {"step": self.local_step, "group_bits": self.get_group_bits()}
         metadata["optimizer_metadata"] = flat_optimizer_state
         return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
