@@ -193,3 +193,39 @@ async def test_a_reducer_whose_parts_mix_raw_and_compressed_ones_averages_all_of
         assert runner._failed_reducers == {}
         for local, delta, want in zip(peer_tensors, peer_deltas, expected):
             assert torch.allclose((local + delta).double(), want, rtol=0, atol=5e-2)
+
+
+@pytest.mark.timeout(60)
+async def test_a_reducer_that_cancels_in_a_later_round_leaves_local_values_not_the_last_rounds_deltas(p2p_factory):
+    """Round 1 fills every peer's pooled outputs; in round 2 one peer cancels before it starts: the others reuse
+    those outputs, and the cancelled peer's parts must come back as exactly their local values."""
+    peers = await make_connected_peers(p2p_factory, 3)
+    routers = await start_routers(peers)
+    pools = [ReusableOutputs() for _ in peers]
+    for round_index in range(2):
+        generator = torch.Generator().manual_seed(round_index)
+        tensors = [[torch.randn(NUMEL, generator=generator)] for _ in peers]
+        group_id = os.urandom(20)
+        runners = [
+            make_runner(peer, router, peers, group_id, peer_tensors, output_buffers=pool)
+            for peer, router, peer_tensors, pool in zip(peers, routers, tensors, pools)
+        ]
+        if round_index == 1:
+            runners[2].finalize(cancel=True)
+            deltas = await asyncio.gather(*(collect(runner) for runner in runners[:2]))
+        else:
+            deltas = await asyncio.gather(*(collect(runner) for runner in runners))
+        cancelled_parts = runners[0].container.parts_by_peer[2] if round_index == 1 else []
+        for (delta,), (local,) in zip(deltas, tensors):
+            assert torch.isfinite(delta).all()
+            for part in cancelled_parts:
+                assert torch.equal(delta[part.start : part.stop], torch.zeros(part.numel))
+            others = torch.ones(NUMEL, dtype=torch.bool)
+            for part in cancelled_parts:
+                others[part.start : part.stop] = False
+            expected = (tensors[0][0] + tensors[1][0] + (tensors[2][0] if round_index == 0 else 0)) / (
+                3 if round_index == 0 else 2
+            )
+            assert torch.allclose((local + delta)[others], expected[others], atol=1e-5)
+        del deltas, delta, runners
+    assert pools[0].reused == 1 and pools[1].reused == 1
