@@ -10,6 +10,11 @@ honest peer's RSS growth (its DHT process plus its p2pd) from after start-up to 
 
     python benchmarks/hostile_peers.py                       # 8 honest peers, every attack
     python benchmarks/hostile_peers.py --peers 4 --scale 0.2 --attacks forged_records node_id_claims
+
+With ``--moe`` the target is an expert server instead (attacks of hostile_moe.py: garbage, huge declared sizes, many
+tiny streams, half-open and incomplete streams, cancelled calls, oversized streams; see that file):
+
+    python benchmarks/hostile_peers.py --moe --scale 0.2
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from hostile_attacks import ATTACKS, AttackContext, AttackStats  # noqa: E402
+from hostile_moe import MOE_ATTACKS, run_moe  # noqa: E402
 
 from hivemind import DHT, get_dht_time  # noqa: E402
 from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
@@ -248,7 +254,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=8, help="honest peers")
     parser.add_argument("--keys", type=int, default=16, help="honest regular keys")
-    parser.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--moe", action="store_true", help="attack an expert server instead of a DHT swarm")
+    parser.add_argument("--attacks", nargs="*", default=None, choices=[*ATTACKS, *MOE_ATTACKS])
     parser.add_argument("--rounds", type=int, default=1, help="run the attacks this many times (RSS after each)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of hostile requests")
     parser.add_argument("--settle", type=float, default=2.0, help="s of honest gets after each attack")
@@ -257,7 +264,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` shows where a stuck run waits
-    asyncio.run(run(args))
+    known = MOE_ATTACKS if args.moe else ATTACKS
+    args.attacks = list(known) if args.attacks is None else args.attacks
+    unknown = [name for name in args.attacks if name not in known]
+    if unknown:
+        parser.error(f"{unknown} are not {'MoE' if args.moe else 'DHT'} attacks (those are {list(known)})")
+    asyncio.run(run_moe(args) if args.moe else run(args))
 
 
 if __name__ == "__main__":
