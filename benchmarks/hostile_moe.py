@@ -281,11 +281,20 @@ async def run_moe(args) -> dict:
     caller = await asyncio.to_thread(Caller, RemoteExpert(ExpertInfo(UIDS[1], server_peer), honest), args.get_timeout)
     thread = threading.Thread(target=caller.run, daemon=True)
     rss = {"start": server_rss_mib(server.pid)}
+    peak: Dict[str, float] = {}  # the highest RSS sampled during each attack
+
+    def sample_peaks():
+        while not caller.stop.wait(0.1):
+            phase = caller.phase
+            peak[phase] = max(peak.get(phase, 0.0), server_rss_mib(server.pid))
+
+    sampler = threading.Thread(target=sample_peaks, daemon=True)
     results: List[MoEAttackStats] = []
     ctx = MoEContext(attacker, server_peer, args.scale, args.hold)
     started = time.monotonic()
     try:
         thread.start()
+        sampler.start()
         for name in args.attacks:
             caller.phase = name
             try:
@@ -302,6 +311,7 @@ async def run_moe(args) -> dict:
     finally:
         caller.stop.set()
         await asyncio.to_thread(thread.join, args.get_timeout + 1)
+        await asyncio.to_thread(sampler.join, 5)
         rss["end"] = server_rss_mib(server.pid)
         await attacker.shutdown()
         await asyncio.wrap_future(RemoteExpertWorker.run_coroutine(honest.shutdown(), True))
@@ -316,11 +326,13 @@ async def run_moe(args) -> dict:
             f"{stats.name:<22} {stats.tried:>7} {stats.refused:>8} {f'{ok}/{tried}':>16}  {survived:<8}  {stats.note}"
         )
     print("server RSS (server + DHT + p2pd), MiB: " + " -> ".join(f"{stage} {mib:.0f}" for stage, mib in rss.items()))
+    print("peak during each attack, MiB: " + ", ".join(f"{name} {peak.get(name, float('nan')):.0f}" for name in rss))
     for failure in caller.failures:
         print(f"  FAILED CALL {failure}")
     return dict(
         attacks={s.name: dict(tried=s.tried, refused=s.refused, survived=s.survived, note=s.note) for s in results},
         calls={phase: (caller.ok[phase], caller.tried[phase]) for phase in caller.tried},
         rss_mib=rss,
+        peak_rss_mib=peak,
         failures=caller.failures,
     )
