@@ -231,12 +231,6 @@ async def test_a_reducer_that_cancels_in_a_later_round_leaves_local_values_not_t
     assert pools[0].reused == 1 and pools[1].reused == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="difference_as computes average - local in float64 and casts it to int32: a difference beyond the int32 "
-    "range (local -2^31, average +7e8) casts to -2^31 instead of wrapping, so that member ends at 0, the others at "
-    "the average (int8/int16 happen to wrap through torch's int32 conversion)",
-)
 @pytest.mark.timeout(60)
 async def test_int32_tensors_near_their_range_limits_average_to_the_same_value_everywhere(p2p_factory):
     peers = await make_connected_peers(p2p_factory, 3)

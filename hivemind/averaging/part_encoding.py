@@ -96,10 +96,18 @@ def encode_averaging_data(
 
 def difference_as(average: torch.Tensor, part_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``average - part_values`` in ``dtype``; for integer dtypes the average is rounded first (half to even), so
-    that every member ends at the same integer."""
-    if not (dtype.is_floating_point or dtype.is_complex):
-        average = average.round()
-    return (average - part_values).to(dtype)
+    that every member ends at the same integer.
+
+    Integer differences are computed in int64 and cast down with wrap-around: the difference of two int32 values
+    may lie beyond the int32 range, but ``part_values + delta`` wraps back to exactly the rounded average."""
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return (average - part_values).to(dtype)
+    average = average.round()
+    if average.is_floating_point():  # keep it within the dtype's range (float64 rounds int64's maximum up to 2^63)
+        limits = torch.iinfo(dtype)
+        high = float(limits.max) if dtype != torch.int64 else 2.0**63 - 1024
+        average = average.clamp(float(limits.min), high)
+    return (average.to(torch.int64) - part_values.to(torch.int64)).to(dtype)
 
 
 def encode_delta(
