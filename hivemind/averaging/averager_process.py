@@ -19,6 +19,7 @@ from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.state_download import load_state_from_peers
+from hivemind.averaging.state_rate import configured_min_rate
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, describe_state, send_packed_state
 from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd
@@ -263,6 +264,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
     async def _serve(self, loop: asyncio.AbstractEventLoop, serving: ServingEnd, stopped: asyncio.Event) -> None:
         self._init_round_state()
         try:
+            self._state_min_rate = configured_min_rate()  # the pace floor of state downloads, on both ends
             self._p2p = await self.dht.replicate_p2p()
             self._matchmaking = Matchmaking(
                 self._p2p,
@@ -287,6 +289,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
                 state_sharing_priority=float(self._state_sharing_priority.value),
                 declare_state_period=self.declare_state_period,
                 client_mode=self.client_mode,
+                min_send_rate=self._state_min_rate,
             )
             if not self.client_mode:
                 await self._add_handlers()
@@ -417,4 +420,5 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             timeout=timeout,
             request_timeout=self.request_timeout,
             next_chunk_timeout=self.next_chunk_timeout,
+            min_rate=self._state_min_rate,
         )

@@ -14,24 +14,48 @@ snapshot, encoding, decoding) is not waiting and never counts against the other.
 
 On the donor's side, bytes count as moved once they are handed to the stream, and the buffers between two daemons
 hold tens of MiB (about 24 MiB between two p2pd on one machine): so a reader that stalls right after the start is
-dropped after ``grace + buffered / min_rate`` seconds, about eight minutes with the defaults; one that takes no chunk
+dropped after ``grace + buffered / min_rate`` seconds, about 7.5 minutes with the defaults; one that takes no chunk
 at all for the donor's send_stall_timeout (60 s) is dropped sooner by that limit. Smaller windows would misjudge
 honest readers: the buffers release space in bursts of several MiB, so a steady reader looks stalled between them.
 
 The defaults need no tuning: 64 KiB/s (half a megabit per second) is far below any link that can usefully download a
 model's state (100 MB take 26 minutes at that rate), and 60 s of grace cover starting up. The floor applies to each
 download: a donor whose uplink is shared by several downloads below the floor drops them too, and the newcomers then
-try other donors; set the rate to None to turn the floor off.
+try other donors; set the rate to None to turn the floor off. An averager (and so ``hivemind.Optimizer``) uses
+:func:`configured_min_rate` on both ends: the default, or the ``HIVEMIND_STATE_MIN_RATE`` environment variable of
+its process (bytes per second; ``0`` or ``none`` turns the floor off), e.g. for peers on links slower than the floor.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
-__all__ = ["RateFloor", "DEFAULT_MIN_RATE", "DEFAULT_RATE_GRACE"]
+__all__ = ["RateFloor", "DEFAULT_MIN_RATE", "DEFAULT_RATE_GRACE", "MIN_RATE_ENV", "configured_min_rate"]
 
 DEFAULT_MIN_RATE = 64 * 1024.0  # bytes per second of waiting that the other end must move, on average
 DEFAULT_RATE_GRACE = 60.0  # seconds of waiting allowed on top of what the bytes moved so far earn
+MIN_RATE_ENV = "HIVEMIND_STATE_MIN_RATE"  # overrides DEFAULT_MIN_RATE for averagers (bytes/s; 0 or none: no floor)
+
+
+def configured_min_rate() -> Optional[float]:
+    """The floor an averager keeps on both ends of its state downloads: DEFAULT_MIN_RATE unless the environment sets
+    ``HIVEMIND_STATE_MIN_RATE`` (bytes per second; ``0`` or ``none``: no floor). Raises ValueError for other values."""
+    value = os.environ.get(MIN_RATE_ENV)
+    if value is None or not value.strip():
+        return DEFAULT_MIN_RATE
+    if value.strip().lower() in ("0", "none", "off"):
+        return None
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = float("nan")
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError(
+            f"{MIN_RATE_ENV}={value!r} is not a positive number of bytes per second: set it to e.g. 16384 for a "
+            "floor of 16 KiB/s, to 0 or none for no floor, or unset it for the default (65536)"
+        )
+    return rate
 
 
 class RateFloor:
