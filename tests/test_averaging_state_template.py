@@ -50,6 +50,16 @@ def test_a_get_current_state_that_reads_its_copies_is_asked_again_with_real_ones
     assert devices == ["meta", "cpu"]
 
 
+def test_a_get_current_state_that_returns_its_tensors_lazily_is_described_too():
+    """The tensors may come as any iterable, e.g. a map() that moves each copy to the CPU: it is consumed while the
+    copies are still data-less (and asked again with real ones if that fails), not after."""
+
+    def get_current_state():
+        return {}, map(torch.Tensor.cpu, packed_copy([torch.ones(2, 3), torch.zeros(4, dtype=torch.int64)])), None
+
+    assert describe_state(get_current_state) == [((2, 3), torch.float32), ((4,), torch.int64)]
+
+
 @pytest.mark.timeout(120)
 def test_newcomer_checks_the_donor_against_its_own_state_without_copying_it(monkeypatch):
     """The default get_current_state copies the whole state into shared memory (what a donor streams); the newcomer

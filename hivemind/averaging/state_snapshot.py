@@ -171,13 +171,17 @@ def describe_state(get_current_state: Callable[[], Sequence[Any]]) -> List[Tuple
     would cost a second state's worth of memory and the time to copy it for a result that is dropped at once. So it
     is called within :func:`describing_state`, where its copies are tensors without data: changing them in place
     changes nothing. Should it fail on those (e.g. it reads values from them), it is called once more as usual."""
+
+    def shapes_and_dtypes() -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+        _, tensors, *_ = get_current_state()
+        return [(tuple(tensor.shape), tensor.dtype) for tensor in tensors]  # (an iterable may be lazy: consume it)
+
     try:
         with describing_state():
-            _, tensors, *_ = get_current_state()
+            return shapes_and_dtypes()
     except Exception as e:
         logger.debug(f"get_current_state() failed on tensors without data ({e!r}); calling it with real copies")
-        _, tensors, *_ = get_current_state()
-    return [(tuple(tensor.shape), tensor.dtype) for tensor in tensors]
+        return shapes_and_dtypes()
 
 
 # Handing a packed state to another process: pickling its buffer gives a duplicate of the buffer's descriptor to
