@@ -4,6 +4,7 @@ A tensor given more chunks than it announced is refused at once, without waiting
 
 import asyncio
 import logging
+import math
 import threading
 
 import pytest
@@ -20,6 +21,7 @@ from moe_hostile_helpers import (
 )
 
 from hivemind.compression import serialize_torch_tensor
+from hivemind.moe.server.expert_requests import IncompleteStreamError
 from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
@@ -57,25 +59,28 @@ def submitted(hostile_server, monkeypatch):
 class LogWatcher(logging.Handler):
     def __init__(self, pattern: str):
         super().__init__(logging.DEBUG)
-        self.pattern, self.seen, self.messages = pattern, threading.Event(), []
+        self.pattern, self.seen, self.messages, self.levels = pattern, threading.Event(), [], []
 
     def emit(self, record):
         message = record.getMessage()
         if self.pattern in message:
             self.messages.append(message)
+            self.levels.append(record.levelno)
             self.seen.set()
 
 
 @pytest.fixture
-def dropped_streams_log(monkeypatch):
+def dropped_streams_log():
     logger = logging.getLogger("hivemind.moe.server.connection_handler")
     watcher = LogWatcher("Dropped a streamed request")
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # (after the first, drops are logged at DEBUG for a while)
     logger.addHandler(watcher)
     try:
         yield watcher
     finally:
         logger.removeHandler(watcher)
+        logger.setLevel(level)
 
 
 @pytest.mark.timeout(30)
@@ -140,3 +145,18 @@ async def test_complete_stream_of_several_chunks_is_served(attacker):
     x = torch.randn(ROWS, HIDDEN)
     responses = [response async for response in await stub.rpc_forward_stream(as_stream(chunked(x)))]
     assert responses and all(len(response.tensors) == 1 for response in responses)
+
+
+def test_dropped_streams_are_logged_at_info_at_most_once_per_interval(
+    hostile_server, dropped_streams_log, monkeypatch
+):
+    (handler,) = hostile_server.conn_handlers
+    monkeypatch.setattr(handler, "_last_drop_logged", -math.inf)
+    monkeypatch.setattr(handler, "_drops_not_logged", 0)
+    for _ in range(3):  # a flood of incomplete streams must not flood the log
+        handler._log_dropped_stream("peer", IncompleteStreamError("forward of expert.0: cut short"))
+    assert dropped_streams_log.levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
+    monkeypatch.setattr(handler, "_last_drop_logged", -math.inf)  # the interval has passed
+    handler._log_dropped_stream("peer", IncompleteStreamError("forward of expert.0: cut short"))
+    assert dropped_streams_log.levels[-1] == logging.INFO
+    assert "(2 more since the last such message)" in dropped_streams_log.messages[-1]

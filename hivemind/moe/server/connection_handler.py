@@ -20,9 +20,11 @@ do not compute for nobody.
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing as mp
 import signal
 import threading
+import time
 from functools import partial
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -68,6 +70,7 @@ STREAM_STALL_TIMEOUT = FRAME_STALL_TIMEOUT + MAX_STREAM_MESSAGE_BYTES / MIN_FRAM
 # bytes of requests one handler holds at once, in all and per caller, unless the largest valid request needs more
 DEFAULT_BYTES_IN_FLIGHT = 2 * 1024**3
 DEFAULT_BYTES_IN_FLIGHT_PER_PEER = 256 * 1024**2
+DROPPED_STREAM_LOG_INTERVAL = 10.0  # seconds between INFO lines about incomplete streams (the others go to DEBUG)
 
 
 async def _daemon_listen_maddr(_dht: DHT, node) -> str:
@@ -115,6 +118,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
         self._schemas: Optional[Dict[str, ExpertSchema]] = None
         self._infos: Dict[str, bytes] = {}
         self._bytes_in_flight: Optional[RequestBytesInFlight] = None  # created where the handler serves
+        self._last_drop_logged, self._drops_not_logged = -math.inf, 0
         if start:
             self.run_in_background(await_ready=True)
 
@@ -366,8 +370,20 @@ class ConnectionHandler(mp.Process, ServicerBase):
         try:
             return collected.schema, collected.combined()
         except IncompleteStreamError as e:  # its caller died or dropped the connection mid-stream
-            logger.info(f"Dropped a streamed request of {getattr(context, 'remote_id', None)}: {e}")
+            self._log_dropped_stream(getattr(context, "remote_id", None), e)
             raise
+
+    def _log_dropped_stream(self, peer, error: IncompleteStreamError) -> None:
+        """Log why an incomplete stream was dropped: at INFO at most once per DROPPED_STREAM_LOG_INTERVAL (a hostile
+        peer could otherwise flood the log), at DEBUG otherwise."""
+        now = time.monotonic()
+        if now - self._last_drop_logged < DROPPED_STREAM_LOG_INTERVAL:
+            self._drops_not_logged += 1
+            logger.debug(f"Dropped a streamed request of {peer}: {error}")
+            return
+        more = f" ({self._drops_not_logged} more since the last such message)" if self._drops_not_logged else ""
+        logger.info(f"Dropped a streamed request of {peer}: {error}{more}")
+        self._last_drop_logged, self._drops_not_logged = now, 0
 
     async def rpc_forward_stream(
         self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
