@@ -49,6 +49,55 @@ def swarm():
         dht.shutdown()
 
 
+class RegressionTask:
+    """Two copies of one ``Linear(8, out_features)`` and a noiseless linear regression problem they should learn."""
+
+    def __init__(self, out_features: int = 1, samples: int = 256):
+        torch.manual_seed(0)
+        true_weight = torch.randn(8, out_features)
+        self.features = torch.randn(samples, 8)
+        self.targets = self.features @ true_weight
+        self.models = [torch.nn.Linear(8, out_features) for _ in range(2)]
+        self.models[1].load_state_dict(self.models[0].state_dict())
+        self.initial_loss = self.full_loss(self.models[0])
+
+    def full_loss(self, model: torch.nn.Module) -> float:
+        """Mean squared error of ``model`` over the whole data set."""
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(self.features), self.targets).item()
+
+    def sample(self, generator: torch.Generator, batch_size: int = 4):
+        rows = torch.randint(0, len(self.features), (batch_size,), generator=generator)
+        return self.features[rows], self.targets[rows]
+
+    def train_concurrently(self, opts: Sequence[Optimizer], epochs: int, timeout: float = 90.0) -> None:
+        """Train each model with its optimizer in a thread of its own until every one reached ``epochs``; raises what
+        a thread raised, or AssertionError if one did not get there within ``timeout``."""
+        errors = []
+
+        def train(model, opt, seed):
+            try:
+                generator = torch.Generator().manual_seed(seed)
+                while opt.local_epoch < epochs:
+                    x, y = self.sample(generator)
+                    if not opt.reuse_grad_buffers:
+                        opt.zero_grad()
+                    torch.nn.functional.mse_loss(model(x), y).backward()
+                    opt.step()
+                    time.sleep(0.005)
+            except BaseException as e:  # re-raised in the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=train, args=(m, o, i)) for i, (m, o) in enumerate(zip(self.models, opts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+        if errors:
+            raise errors[0]
+        assert all(opt.local_epoch >= epochs for opt in opts), [opt.local_epoch for opt in opts]
+
+
 def mse_step(model: torch.nn.Module, opt: Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
     opt.zero_grad()
     loss = torch.nn.functional.mse_loss(model(x), y)

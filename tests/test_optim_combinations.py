@@ -7,17 +7,15 @@ valid combination (7 combinations, found greedily), with two DHTs shared by the 
 """
 
 import itertools
-import threading
-import time
 
 import pytest
 import torch
+from optim_swarm_helpers import FAST_TRACKER, RegressionTask, wait_for
 
 from hivemind.dht import DHT
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.optimizer_options import resolve_options
 
-FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
 NAMES = ("delay_optimizer_step", "delay_grad_averaging", "delay_state_averaging", "offload_optimizer",
          "reuse_grad_buffers", "use_local_updates")  # fmt: skip
 
@@ -101,19 +99,7 @@ def dht_pair():
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("options", PAIRWISE, ids=map(short_id, PAIRWISE))
 def test_two_peers_converge_with_this_combination_of_options(dht_pair, options):
-    epochs = 4
-    torch.manual_seed(0)
-    true_weight = torch.randn(8, 1)
-    features = torch.randn(256, 8)
-    targets = features @ true_weight
-    models = [torch.nn.Linear(8, 1) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-
-    def full_loss(model):
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(model(features), targets).item()
-
-    initial_loss = full_loss(models[0])
+    task = RegressionTask()
     run_id = f"combination_{short_id(options)}"
     flags = {name: bool(value) for name, value in options.items()}
 
@@ -125,36 +111,12 @@ def test_two_peers_converge_with_this_combination_of_options(dht_pair, options):
             averager_opts=dict(request_timeout=0.3), **flags,
         )  # fmt: skip
 
-    opts = [make_optimizer(dht, model) for model, dht in zip(models, dht_pair)]
-    errors = []
+    opts = [make_optimizer(dht, model) for model, dht in zip(task.models, dht_pair)]
     try:
-        deadline = time.monotonic() + 30
-        while not all(opt.tracker.global_progress.num_peers == 2 for opt in opts):
-            assert time.monotonic() < deadline, "the peers did not see each other"
-            time.sleep(0.02)
-
-        def train(model, opt, seed):
-            try:
-                generator = torch.Generator().manual_seed(seed)
-                while opt.local_epoch < epochs:
-                    batch = torch.randint(0, len(features), (4,), generator=generator)
-                    if not opt.reuse_grad_buffers:
-                        opt.zero_grad()
-                    torch.nn.functional.mse_loss(model(features[batch]), targets[batch]).backward()
-                    opt.step()
-                    time.sleep(0.005)
-            except BaseException as e:  # reported by the test thread
-                errors.append(e)
-
-        threads = [threading.Thread(target=train, args=(m, o, i)) for i, (m, o) in enumerate(zip(models, opts))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert not errors, errors
-        assert all(opt.local_epoch >= epochs for opt in opts)
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts), timeout=30)
+        task.train_concurrently(opts, epochs=4, timeout=60)
     finally:
         for opt in opts:
             opt.shutdown()  # also applies the last delayed step
-    for model in models:
-        assert full_loss(model) < 0.5 * initial_loss
+    for model in task.models:
+        assert task.full_loss(model) < 0.5 * task.initial_loss

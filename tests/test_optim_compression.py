@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from optim_swarm_helpers import make_optimizer, swarm, train_until_epoch, wait_for
+from optim_swarm_helpers import RegressionTask, make_optimizer, swarm, train_until_epoch, wait_for
 
 from hivemind.compression import Float16Compression, Uniform8BitQuantization
 
@@ -112,34 +112,21 @@ def test_load_state_compression_rounds_the_downloaded_parameters(swarm):
 
 @pytest.mark.timeout(120)
 def test_training_with_every_compression_option_still_converges(swarm):
-    torch.manual_seed(0)
-    features = torch.randn(256, 8)
-    targets = features @ torch.randn(8, 1)
-    models = [torch.nn.Linear(8, 1) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-
-    def full_loss(model):
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(model(features), targets).item()
-
-    initial_loss = full_loss(models[0])
+    task = RegressionTask()
     compression = dict(
         grad_compression=Float16Compression(),
         state_averaging_compression=Uniform8BitQuantization(),
         load_state_compression=Uniform8BitQuantization(),
     )
-    opts = [make_optimizer(dht, model, target_batch_size=32, **compression) for dht, model in zip(swarm(2), models)]
+    opts = [
+        make_optimizer(dht, model, target_batch_size=32, **compression) for dht, model in zip(swarm(2), task.models)
+    ]
     generators = [torch.Generator().manual_seed(index) for index in range(2)]
-
-    def batch(index, epoch):
-        rows = torch.randint(0, len(features), (4,), generator=generators[index])
-        return features[rows], targets[rows]
-
     try:
         wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
-        train_until_epoch(models, opts, 6, batch, timeout=90)
+        train_until_epoch(task.models, opts, 6, lambda index, epoch: task.sample(generators[index]), timeout=90)
     finally:
         for opt in opts:
             opt.shutdown()
-    for model in models:
-        assert full_loss(model) < 0.25 * initial_loss
+    for model in task.models:
+        assert task.full_loss(model) < 0.25 * task.initial_loss

@@ -9,7 +9,7 @@ import time
 import optim_swarm_helpers
 import pytest
 import torch
-from optim_swarm_helpers import FAST_TRACKER, mse_step, swarm, wait_for
+from optim_swarm_helpers import FAST_TRACKER, RegressionTask, mse_step, swarm, wait_for
 
 from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
@@ -186,43 +186,16 @@ def test_grad_scaler_path_drops_non_finite_batches_and_steps_on_finite_ones(swar
     ids=["no-offload", "delayed-step", "delayed-grad-averaging", "sync-state-averaging", "reuse-buffers", "local"],
 )
 def test_every_delay_offload_and_local_update_mode_converges(swarm, options):
-    torch.manual_seed(0)
-    true_weight = torch.randn(8, 1)
-    features = torch.randn(256, 8)
-    targets = features @ true_weight
-    models = [torch.nn.Linear(8, 1) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-
-    def full_loss(model):
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(model(features), targets).item()
-
-    initial_loss = full_loss(models[0])
-    opts = [make_optimizer(dht, model, **options) for model, dht in zip(models, swarm(2))]
+    task = RegressionTask()
+    opts = [make_optimizer(dht, model, **options) for model, dht in zip(task.models, swarm(2))]
     try:
         wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
-
-        def train(model, opt, seed):
-            generator = torch.Generator().manual_seed(seed)
-            while opt.local_epoch < 6:
-                batch = torch.randint(0, len(features), (4,), generator=generator)
-                if not opt.reuse_grad_buffers:
-                    opt.zero_grad()
-                torch.nn.functional.mse_loss(model(features[batch]), targets[batch]).backward()
-                opt.step()
-                time.sleep(0.005)
-
-        threads = [threading.Thread(target=train, args=(m, o, i)) for i, (m, o) in enumerate(zip(models, opts))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(90)
-        assert all(opt.local_epoch >= 6 for opt in opts)
+        task.train_concurrently(opts, epochs=6)
     finally:
         for opt in opts:
             opt.shutdown()  # also applies the last delayed step
-    for model in models:
-        assert full_loss(model) < 0.25 * initial_loss
+    for model in task.models:
+        assert task.full_loss(model) < 0.25 * task.initial_loss
 
 
 def test_top_level_exports_the_optimizer_classes():
@@ -234,45 +207,21 @@ def test_top_level_exports_the_optimizer_classes():
 
 @pytest.mark.timeout(120)
 def test_power_sgd_gradient_averaging_converges(swarm):
-    torch.manual_seed(0)
-    features = torch.randn(256, 8)
-    targets = features @ torch.randn(8, 8)
-    models = [torch.nn.Linear(8, 8) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-
-    def full_loss(model):
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(model(features), targets).item()
-
-    initial_loss = full_loss(models[0])
+    task = RegressionTask(out_features=8)
     factory = functools.partial(PowerSGDGradientAverager, averager_rank=2)
     opts = [
         make_optimizer(dht, model, grad_averager_factory=factory, optimizer=lambda p: torch.optim.SGD(p, lr=0.3))
-        for model, dht in zip(models, swarm(2))
+        for model, dht in zip(task.models, swarm(2))
     ]
     assert list(opts[0].grad_averager._matrix_shapes) == [0]  # the weight's gradient is sent as rank-2 factors
     try:
         wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
-
-        def train(model, opt, seed):
-            generator = torch.Generator().manual_seed(seed)
-            while opt.local_epoch < 8:
-                batch = torch.randint(0, len(features), (4,), generator=generator)
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(model(features[batch]), targets[batch]).backward()
-                opt.step()
-                time.sleep(0.005)
-
-        threads = [threading.Thread(target=train, args=(m, o, i)) for i, (m, o) in enumerate(zip(models, opts))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(90)
+        task.train_concurrently(opts, epochs=8)
     finally:
         for opt in opts:
             opt.shutdown()
-    for model in models:
-        assert full_loss(model) < 0.5 * initial_loss
+    for model in task.models:
+        assert task.full_loss(model) < 0.5 * task.initial_loss
 
 
 class _RecordingHandler(logging.Handler):
