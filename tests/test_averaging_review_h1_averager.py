@@ -38,12 +38,6 @@ def test_consecutive_steps_with_reused_outputs_stay_exact_with_weights_and_alpha
                         assert torch.allclose(tensor.double(), expected, rtol=0, atol=1e-5), step
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TensorPartContainer.iterate_parts_for_sending picks raw-or-compressed from a reducer's first part only: "
-    "a raw parameter part followed by a float16 gradient part makes the stream fail (CopyFrom(None)) and the rest "
-    "of that reducer's parts silently keep their local values",
-)
 @pytest.mark.timeout(60)
 def test_a_raw_parameter_before_a_float16_gradient_is_averaged_too():
     """Roles choose the codec per tensor (parameters raw, gradients in float16); the vector is cut so that one

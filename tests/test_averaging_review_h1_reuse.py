@@ -6,13 +6,15 @@ import os
 
 import pytest
 import torch
-from allreduce_helpers import collect, make_connected_peers, make_runner, start_routers
+from allreduce_helpers import collect, hivemind_logs, make_connected_peers, make_runner, start_routers
 
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.output_buffers import ReusableOutputs
 from hivemind.averaging.part_encoding import refuse_non_finite
 from hivemind.averaging.partition import AllreduceException, TensorPartContainer
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression
+
+__all__ = ["hivemind_logs"]  # the fixture, used below
 
 MiB = 2**20
 NUMEL = MiB // 2  # 2 MiB of float32: above ReusableOutputs' min_bytes
@@ -161,13 +163,6 @@ async def test_rounds_that_reuse_outputs_stay_exact_with_weights_uneven_shares_a
     assert all(pools[i].reused > 0 for i in senders)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TensorPartContainer.iterate_parts_for_sending decides raw-or-compressed from a reducer's FIRST part "
-    "only: when it is raw (NONE, float32...) and a later part is not (bfloat16, or FLOAT16 chosen by an adaptive "
-    "compression), raw_input_part returns None for it, CopyFrom(None) fails and every remaining part of that "
-    "reducer silently keeps its local value (the round still 'succeeds')",
-)
 @pytest.mark.parametrize("case", ["float32_then_bfloat16", "size_adaptive_none_then_float16"])
 @pytest.mark.timeout(60)
 async def test_a_reducer_whose_parts_mix_raw_and_compressed_ones_averages_all_of_them(p2p_factory, case):
@@ -193,6 +188,39 @@ async def test_a_reducer_whose_parts_mix_raw_and_compressed_ones_averages_all_of
         assert runner._failed_reducers == {}
         for local, delta, want in zip(peer_tensors, peer_deltas, expected):
             assert torch.allclose((local + delta).double(), want, rtol=0, atol=5e-2)
+
+
+@pytest.mark.timeout(60)
+async def test_a_part_that_this_peer_cannot_encode_fails_its_step_with_a_logged_error(p2p_factory, hivemind_logs):
+    """A local encoding failure is this peer's bug, not a reducer's fault: the step fails loudly instead of
+    reporting success with that reducer's parts left at their local values; the other peer still finishes."""
+    peers = await make_connected_peers(p2p_factory, 2)
+    routers = await start_routers(peers)
+    tensors = [[torch.randn(100_000, generator=torch.Generator().manual_seed(seed))] for seed in range(2)]
+    group_id = os.urandom(20)
+    runners = [
+        make_runner(
+            peer, router, peers, group_id, peer_tensors, compression=Float16Compression(), part_size_bytes=2**16
+        )
+        for peer, router, peer_tensors in zip(peers, routers, tensors)
+    ]
+
+    container = runners[0].container
+    (other,) = [index for index, parts in enumerate(container.parts_by_peer) if parts and index != 0]
+    assert len(container.parts_by_peer[other]) >= 2
+    working_codec = container.compress_part
+
+    def codec_that_fails_after_the_first_part(part):
+        if part != container.parts_by_peer[other][0]:
+            raise RuntimeError("codec bug")
+        return working_codec(part)
+
+    container.compress_part = codec_that_fails_after_the_first_part
+    results = await asyncio.gather(*(collect(runner) for runner in runners), return_exceptions=True)
+    assert isinstance(results[0], AllreduceException) and "could not encode" in str(results[0])
+    assert isinstance(results[1], list) and len(results[1]) == 1  # the other peer's step ends (its parts averaged)
+    errors = [r for r in hivemind_logs.records if r.levelname == "ERROR" and "could not encode" in r.getMessage()]
+    assert errors, [r.getMessage() for r in hivemind_logs.records]
 
 
 @pytest.mark.timeout(60)

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import math
 from enum import Enum
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type, Union
 
 import torch
 
@@ -36,7 +36,7 @@ from hivemind.averaging.partition import (
 )
 from hivemind.p2p import P2P, PeerID, ServicerBase
 from hivemind.p2p.servicer import get_handle_name
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import anext
 from hivemind.utils.logging import get_logger
 
@@ -164,6 +164,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         self._handler_tasks: Set[asyncio.Task] = set()
         self._started = self._finalized = self._cancelled = False
         self._failed_reducers: Dict[PeerID, str] = {}
+        self._encoding_errors: Dict[int, BaseException] = {}  # reducer index -> why our parts could not be sent
         self._lost_parts = 0  # parts whose reducer failed before replying
         self._sent_bytes = self._received_deltas = 0  # bytes of local values sent (before compression), replies
         self.bytes_sent = self.bytes_received = 0  # AveragingData bytes this round put on / took off the wire
@@ -287,6 +288,13 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 await asyncio.wait({exchange}, timeout=remaining)
             exchange.result()
         except Exception as e:
+            if peer_index in self._encoding_errors:  # our own fault, not the reducer's: fail this peer's step
+                cause = self._encoding_errors[peer_index]
+                raise AllreduceException(
+                    f"All-reduce {self.group_id.hex()[:8]}: could not encode our parts for reducer {peer_id} "
+                    f"({cause!r}); this is a bug or an unsupported tensor/compression setting, the step fails "
+                    "instead of leaving those parts unaveraged"
+                ) from cause
             failed = self.container.register_failed_reducer(peer_index)
             total = self.container.num_parts_by_peer[peer_index]
             self._lost_parts += failed
@@ -328,22 +336,36 @@ class AllReduceRunner(ReducerSide, ServicerBase):
             await replies.aclose()
 
     async def _generate_input_for(self, peer_index: int, progress: _Progress) -> AsyncIterator[AveragingData]:
-        first = True
         index = -1
-        async for part in self.container.iterate_parts_for_sending(peer_index):
-            index += 1
-            code = MessageCode.PART_FOR_AVERAGING if first else MessageCode.NO_CODE
-            group_id, view = (self.group_id, group_view_digest(self)) if first else (b"", b"")
-            if isinstance(part, torch.Tensor):  # uncompressed: written from the tensor's memory
-                message = encode_averaging_data(part, code=code, group_id=group_id, peer_id=view, weight=self.weight)
-            else:
-                message = AveragingData(code=code, group_id=group_id, peer_id=view, weight=self.weight)
-                message.tensor_part.CopyFrom(part)
-            first = False
-            self._sent_bytes += self.container.part_nbytes(peer_index, index)
-            self.bytes_sent += message_nbytes(message)
-            progress.touch()
-            yield message
+        parts = self.container.iterate_parts_for_sending(peer_index)
+        try:
+            while True:
+                try:  # an error here is ours (encoding), not the reducer's: remembered so that it is not taken for one
+                    part = await anext(parts, None)
+                    if part is None:
+                        return
+                    index += 1
+                    message = self._part_message(part, first=index == 0)
+                except Exception as e:
+                    self._encoding_errors.setdefault(peer_index, e)
+                    raise
+                self._sent_bytes += self.container.part_nbytes(peer_index, index)
+                self.bytes_sent += message_nbytes(message)
+                progress.touch()
+                yield message
+        finally:
+            await parts.aclose()  # cancels the compression of parts it prepared ahead
+
+    def _part_message(self, part: Union[torch.Tensor, runtime_pb2.Tensor], first: bool) -> AnyAveragingData:
+        code = MessageCode.PART_FOR_AVERAGING if first else MessageCode.NO_CODE
+        group_id, view = (self.group_id, group_view_digest(self)) if first else (b"", b"")
+        if isinstance(part, torch.Tensor):  # uncompressed: written from the tensor's memory
+            return encode_averaging_data(part, code=code, group_id=group_id, peer_id=view, weight=self.weight)
+        if not isinstance(part, runtime_pb2.Tensor):
+            raise TypeError(f"expected a tensor or a serialized tensor to send, got {type(part).__name__}")
+        message = AveragingData(code=code, group_id=group_id, peer_id=view, weight=self.weight)
+        message.tensor_part.CopyFrom(part)
+        return message
 
     async def _decode(self, message: AnyAveragingData, part: PartSpec, what: str) -> torch.Tensor:
         """A part or delta from a peer, checked against the part it must be (size and dtype) before decoding."""

@@ -159,35 +159,43 @@ class TensorPartContainer:
     async def iterate_parts_for_sending(
         self, reducer_index: int
     ) -> AsyncIterator[Union[torch.Tensor, runtime_pb2.Tensor]]:
-        """Like :meth:`iterate_input_parts_for`, but uncompressed parts come as tensors (views, no copy)."""
-        parts = self.parts_by_peer[reducer_index]
-        if parts and self.raw_input_part(parts[0]) is not None:
-            for part in parts:
-                yield self.raw_input_part(part)
-            return
-        async for serialized in self.iterate_input_parts_for(reducer_index):
-            yield serialized
+        """Like :meth:`iterate_input_parts_for`, but a part that goes on the wire uncompressed comes as a tensor (a
+        view, no copy). Decided part by part: one reducer's parts may span tensors of different dtypes or codecs."""
+        async for part in self._iterate_parts(reducer_index, allow_raw=True):
+            yield part
 
     async def iterate_input_parts_for(self, reducer_index: int) -> AsyncIterator[runtime_pb2.Tensor]:
         """The compressed parts that ``reducer_index`` reduces, in order; costly codecs run in a thread, ahead."""
+        async for part in self._iterate_parts(reducer_index, allow_raw=False):
+            yield part
+
+    async def _iterate_parts(
+        self, reducer_index: int, allow_raw: bool
+    ) -> AsyncIterator[Union[torch.Tensor, runtime_pb2.Tensor]]:
         parts = self.parts_by_peer[reducer_index]
-        if not parts:
-            return
-        if is_cheap_codec(_resolve_codec(self.compression, self.part_info(parts[0]))):
-            for part in parts:
-                yield self.compress_part(part)
-            return
+        raw = [self.raw_input_part(part) if allow_raw else None for part in parts]
+        costly = [
+            k
+            for k, part in enumerate(parts)
+            if raw[k] is None and not is_cheap_codec(_resolve_codec(self.compression, self.part_info(part)))
+        ]
         loop = asyncio.get_running_loop()
-        pending: List[asyncio.Future] = []
+        ahead: Dict[int, asyncio.Future] = {}  # costly parts being compressed in threads, by position
+        next_costly = 0
         try:
-            next_part = 0
-            for _ in range(len(parts)):
-                while next_part < len(parts) and len(pending) < self.prefetch:
-                    pending.append(loop.run_in_executor(None, self.compress_part, parts[next_part]))
-                    next_part += 1
-                yield await pending.pop(0)
+            for k, part in enumerate(parts):
+                while next_costly < len(costly) and len(ahead) < self.prefetch:
+                    index = costly[next_costly]
+                    ahead[index] = loop.run_in_executor(None, self.compress_part, parts[index])
+                    next_costly += 1
+                if raw[k] is not None:
+                    yield raw[k]
+                elif k in ahead:
+                    yield await ahead.pop(k)
+                else:
+                    yield self.compress_part(part)
         finally:
-            for future in pending:
+            for future in ahead.values():
                 future.cancel()
 
     # ------------------------------------------------------------------ receiving side
