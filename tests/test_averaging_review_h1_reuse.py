@@ -20,11 +20,6 @@ MiB = 2**20
 NUMEL = MiB // 2  # 2 MiB of float32: above ReusableOutputs' min_bytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ReusableOutputs counts storage uses, but tensor.untyped_storage() returns the one preserved Python "
-    "storage object: a caller that keeps it is not counted and its values are overwritten by the next round",
-)
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 @pytest.mark.parametrize("holder", ["untyped_storage", "typed_storage"])
 def test_an_output_whose_storage_object_the_caller_keeps_is_never_reused(holder):
@@ -48,11 +43,6 @@ def _read_after_reuse(queue, ready, reused, results) -> None:
     results.put(float(tensor[0]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a delta sent to another process (torch.multiprocessing moves it to shared memory) is referenced only "
-    "there: ReusableOutputs hands its shared memory out again and the other process sees the next round's values",
-)
 @pytest.mark.timeout(60)
 def test_an_output_shared_with_another_process_is_never_reused():
     import torch.multiprocessing as torch_mp  # registers the reductions that share tensors' memory
