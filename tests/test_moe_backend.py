@@ -227,3 +227,32 @@ def test_backend_with_wrapped_optimizer_and_schedule_pickles_for_other_processes
     assert copy_.get_info() == backend.get_info()
     assert copy_.forward_pool is backend.forward_pool  # unpickled in the owner process: the very same pools
     assert set(copy_.state_dict()) == {"module", "optimizer", "scheduler"}  # with a working lock of its own
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["adam", "clipping-wrapped-adam"])
+def test_moving_a_backend_moves_its_optimizer_state_next_to_the_parameters(wrap):
+    """A checkpoint restores Adam's moments where it was loaded (the CPU); the Runtime moves the expert to its
+    device afterwards, and the moments must follow (checked with the data-less "meta" device, the only other device
+    a CPU-only machine has)."""
+    module = nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    if wrap:
+        optimizer = ClippingWrapper(optimizer, clip_grad_norm=1.0)
+    backend = ModuleBackend(
+        "expert.0", module, optimizer=optimizer, args_schema=(BatchTensorDescriptor(4),), max_batch_size=4
+    )
+    backend.backward(torch.randn(2, 4), torch.randn(2, 3))  # creates the moments, on the CPU
+
+    # moving to CUDA keeps each Parameter object (the optimizer's references stay valid); to "meta" it would make new
+    # ones unless the tensors are swapped in place
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        backend.move_to(torch.device("meta"))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+
+    inner = optimizer.inner if wrap else optimizer
+    moments = [value for state in inner.state.values() for key, value in state.items() if key != "step"]
+    assert moments and all(value.device.type == "meta" for value in moments)
+    assert all(param.device.type == "meta" for group in inner.param_groups for param in group["params"])

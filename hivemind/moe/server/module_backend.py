@@ -126,6 +126,20 @@ class ModuleBackend:
         self.forward_pool = TaskPool(self.forward, name=f"{self.name}_forward", **kwargs)
         self.backward_pool = TaskPool(self.backward, name=f"{self.name}_backward", **kwargs)
 
+    def move_to(self, device: torch.device) -> None:
+        """Move the module to ``device``, and the optimizer's state along with it.
+
+        A checkpoint is loaded before the Runtime moves the experts to their device, so the optimizer's state (e.g.
+        Adam's moments) is still where the checkpoint put it; left there, the first step would mix devices. Loading
+        the optimizer's own state dict again places every state tensor the way the optimizer wants it for its
+        parameters (next to them, or on the CPU for a scalar step counter)."""
+        with self._update_lock:
+            self.module.to(device)
+            if self.optimizer is not None:
+                state_dict = self.optimizer.state_dict()
+                if state_dict.get("state"):  # (tensors already in place are not copied)
+                    self.optimizer.load_state_dict(state_dict)
+
     def _module_device(self) -> torch.device:
         for tensor in self.module.parameters():
             return tensor.device

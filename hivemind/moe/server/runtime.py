@@ -84,7 +84,8 @@ class Runtime(threading.Thread):
         for pool in pools:
             _ensure_started(pool)
         for backend in self.module_backends.values() if self.device is not None else ():
-            backend.module.to(self.device)
+            move_to = getattr(backend, "move_to", None)  # (a backend of another kind: its module only)
+            move_to(self.device) if move_to is not None else backend.module.to(self.device)
 
         reporter = (
             None
