@@ -47,7 +47,9 @@ async def test_downloads_closed_as_soon_as_they_start_cannot_keep_the_donor_copy
         copy_seconds.append(time.perf_counter() - started)
         return {"copy": len(copy_seconds)}, tensors, None
 
-    sharing = StateSharing(dht=dht, peer_id=donor.peer_id, prefix=prefix, get_current_state=get_current_state)
+    sharing = StateSharing(
+        dht=dht, peer_id=donor.peer_id, prefix=prefix, get_current_state=get_current_state, snapshot_burst=0.0
+    )  # (the burst a donor may spend at once would hide the long-run share within these 3 s)
     await serve(donor, prefix, sharing.rpc_download_state)
     await declare(dht, prefix, donor, 1.0)
     stub = DecentralizedAverager.get_stub(hostile, donor.peer_id, namespace=prefix)
@@ -74,7 +76,7 @@ async def test_a_snapshot_whose_downloads_all_left_during_its_pause_is_not_taken
         await asyncio.sleep(0.05)
         return {}, [torch.zeros(3)], None
 
-    cache = SnapshotCache(get_current_state, max_age=0)
+    cache = SnapshotCache(get_current_state, max_age=0, burst=0.0)
 
     async def download():
         async with cache.use():
@@ -90,3 +92,21 @@ async def test_a_snapshot_whose_downloads_all_left_during_its_pause_is_not_taken
     assert pending.cancelled() and calls == 1
     await download()  # the next download still gets one
     assert calls == 2
+
+
+async def test_a_donor_that_was_idle_serves_a_few_newcomers_in_a_row_without_pausing():
+    """Spacing snapshots out is for a peer that keeps a donor copying; newcomers that come one after another to a
+    donor that was idle (a swarm starting) each get theirs at once, until the burst of copying time is spent."""
+
+    async def get_current_state():  # takes 50 ms: without a burst, the next snapshot would wait 450 ms
+        await asyncio.sleep(0.05)
+        return {}, [torch.zeros(3)], None
+
+    for burst, slowest, fastest in ((1.0, 0.0, 0.4), (0.0, 0.9, float("inf"))):
+        cache = SnapshotCache(get_current_state, max_age=0, burst=burst)
+        started = time.perf_counter()
+        for _ in range(3):
+            async with cache.use():
+                pass
+        elapsed = time.perf_counter() - started
+        assert cache.taken == 3 and slowest <= elapsed < fastest, (burst, elapsed)

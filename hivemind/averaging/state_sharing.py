@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Opti
 import torch
 
 from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
-from hivemind.averaging.state_snapshot import SNAPSHOT_AGE_CAP, DonorBusyError, SnapshotCache
+from hivemind.averaging.state_snapshot import SNAPSHOT_AGE_CAP, SNAPSHOT_BURST, DonorBusyError, SnapshotCache
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
 from hivemind.dht import DHT
@@ -155,6 +155,7 @@ class StateSharing:
     :param get_state_timeout: seconds allowed for ``get_current_state``
     :param snapshot_max_age: seconds for which a snapshot that other downloads stream is reused by a new download
     :param max_snapshots: snapshots streamed at once at most (each one a copy of the state)
+    :param snapshot_burst: seconds of snapshot time that may be spent back to back before snapshots are spaced out
     :param snapshot_age_cap: seconds: an older snapshot is never sent; a download that would get one is refused
     """
 
@@ -180,6 +181,7 @@ class StateSharing:
         snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
         snapshot_age_cap: float = SNAPSHOT_AGE_CAP,
+        snapshot_burst: float = SNAPSHOT_BURST,
     ):
         if not (isinstance(declare_state_period, (int, float)) and declare_state_period > 0):
             raise ValueError(f"declare_state_period must be a positive number of seconds, got {declare_state_period}")
@@ -191,7 +193,12 @@ class StateSharing:
         self.min_send_rate, self.send_rate_grace = min_send_rate, float(send_rate_grace)
         self.slots = DownloadSlots(max_concurrent_downloads, max_queued_downloads, max_queue_wait)
         self.snapshots = SnapshotCache(
-            get_current_state, snapshot_max_age, max_snapshots, get_state_timeout, age_cap=snapshot_age_cap
+            get_current_state,
+            snapshot_max_age,
+            max_snapshots,
+            get_state_timeout,
+            age_cap=snapshot_age_cap,
+            burst=snapshot_burst,
         )
         self._allow_state_sharing = False
         self._priority = 0.0

@@ -13,9 +13,11 @@ that they keep old snapshots alive), it refuses the download with :class:`DonorB
 another donor rather than receive a stale state. Downloads that start while a snapshot is being taken wait for it. A
 snapshot is dropped as soon as its last download ends. So a donor holds at most ``max_snapshots`` copies of its state
 however many peers download it, and each download sends exactly what one ``get_current_state`` call returned (never a
-mix of two moments). Snapshots taken back to back use at most a tenth of the donor's time (``SNAPSHOT_DUTY_CYCLE``):
-after one that took ``t`` seconds, the next one starts at least ``9 t`` seconds (at most 5 s) later, and the downloads
-that arrive meanwhile share it; else a peer that opens downloads and closes them at once could keep a donor copying.
+mix of two moments). Snapshots taken back to back use at most a tenth of the donor's time (``SNAPSHOT_DUTY_CYCLE``)
+once a short burst is spent (``SNAPSHOT_BURST`` seconds of copying, so that a donor that was idle serves a few
+newcomers in a row without delay): past it, after a snapshot that took ``t`` seconds the next one starts about ``9 t``
+seconds (at most 5 s) later, and the downloads that arrive meanwhile share it; else a peer that opens downloads and
+closes them at once could keep a donor copying.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ __all__ = [
     "StateSnapshot",
     "SnapshotCache",
     "SNAPSHOT_AGE_CAP",
+    "SNAPSHOT_BURST",
+    "SNAPSHOT_DUTY_CYCLE",
 ]
 
 logger = get_logger(__name__)
@@ -56,10 +60,13 @@ ALIGNMENT = 64  # bytes: every tensor starts at a multiple of this in the shared
 # seconds: a snapshot older than this is never handed to a new download (when none newer can be taken, the download
 # is refused as busy), so that slow downloads that keep old snapshots in use cannot make a donor send a stale state
 SNAPSHOT_AGE_CAP = 60.0
-# taking snapshots one after another uses at most this share of the donor's time: after a snapshot that took t seconds,
-# the next one starts no sooner than t * (1 / SNAPSHOT_DUTY_CYCLE - 1) seconds later (at most MAX_SNAPSHOT_PAUSE), so
-# a downloader that opens a download and closes it at once, over and over, cannot make a donor copy its state nonstop
+# taking snapshots one after another uses at most this share of the donor's time (beyond SNAPSHOT_BURST): a budget
+# of snapshot time grows by SNAPSHOT_DUTY_CYCLE seconds per second up to SNAPSHOT_BURST, each snapshot spends its
+# duration, and none starts while the budget is below zero (the wait is at most MAX_SNAPSHOT_PAUSE). After a snapshot
+# of t seconds with the burst spent, the next waits t * (1 / SNAPSHOT_DUTY_CYCLE - 1) seconds. So a downloader that
+# opens a download and closes it at once, over and over, cannot make a donor copy its state nonstop
 SNAPSHOT_DUTY_CYCLE = 0.1
+SNAPSHOT_BURST = 2.0  # seconds of snapshot time a donor that was idle may spend back to back before any pause
 MAX_SNAPSHOT_PAUSE = 5.0  # seconds; within the time a newcomer allows a donor before its first message
 
 
@@ -248,6 +255,7 @@ class SnapshotCache:
     :param timeout: seconds allowed for ``get_current_state``
     :param age_cap: seconds: an older snapshot is never handed to a new download
     :param duty_cycle: the share of time that taking snapshots back to back may use at most (see SNAPSHOT_DUTY_CYCLE)
+    :param burst: seconds of snapshot time that may be spent back to back before ``duty_cycle`` applies
     """
 
     def __init__(
@@ -258,6 +266,7 @@ class SnapshotCache:
         timeout: Optional[float] = None,
         age_cap: float = SNAPSHOT_AGE_CAP,
         duty_cycle: float = SNAPSHOT_DUTY_CYCLE,
+        burst: float = SNAPSHOT_BURST,
     ):
         if max_snapshots < 1 or not max_age >= 0 or not age_cap >= max_age:
             raise ValueError(
@@ -265,8 +274,10 @@ class SnapshotCache:
             )
         if not 0 < duty_cycle <= 1:
             raise ValueError(f"duty_cycle must be in (0, 1], got {duty_cycle}")
-        self.duty_cycle = duty_cycle
-        self._next_snapshot_at = -math.inf  # time.monotonic() before which no snapshot is started
+        if not burst >= 0:
+            raise ValueError(f"burst must be a non-negative number of seconds, got {burst}")
+        self.duty_cycle, self.burst = duty_cycle, burst
+        self._budget, self._budget_at = burst, time.monotonic()  # seconds of snapshot time available, and when
         self.get_current_state, self.max_age, self.max_snapshots = get_current_state, max_age, max_snapshots
         self.age_cap = age_cap
         self.timeout = timeout
@@ -322,9 +333,9 @@ class SnapshotCache:
     async def _take(self, taking: _Taking) -> StateSnapshot:
         started = None
         try:
-            pause = self._next_snapshot_at - time.monotonic()
-            if pause > 0:  # the last snapshot ended moments ago: downloads arriving meanwhile share the next one
-                await asyncio.sleep(pause)
+            budget = self._refill_budget()
+            if budget < 0:  # recent snapshots spent the budget: downloads arriving meanwhile share the next one
+                await asyncio.sleep(min(-budget / self.duty_cycle, MAX_SNAPSHOT_PAUSE))
                 if taking.waiters == 0:  # every download that wanted it left meanwhile: take none
                     raise asyncio.CancelledError()
             started = time.monotonic()
@@ -347,11 +358,16 @@ class SnapshotCache:
             return snapshot
         finally:
             if started is not None:  # (a failed attempt cost as much)
-                ended = time.monotonic()
-                pause = min((ended - started) * (1 / self.duty_cycle - 1), MAX_SNAPSHOT_PAUSE)
-                self._next_snapshot_at = ended + pause
+                self._refill_budget()
+                self._budget -= time.monotonic() - started
             if self._taking is taking:
                 self._taking = None
+
+    def _refill_budget(self) -> float:
+        now = time.monotonic()
+        self._budget = min(self.burst, self._budget + (now - self._budget_at) * self.duty_cycle)
+        self._budget_at = now
+        return self._budget
 
     async def shutdown(self) -> None:
         """Cancel a snapshot being taken (its waiters get CancelledError)."""
