@@ -91,8 +91,9 @@ class ConnectionHandler(mp.Process, ServicerBase):
 
     stream_stall_timeout: float = STREAM_STALL_TIMEOUT  # seconds a streamed request may wait for its next message
     # bytes of expert requests (unary or streamed, from receipt until answered) this handler holds at once, in all and
-    # per caller; a request that would go over is refused at once. None: DEFAULT_BYTES_IN_FLIGHT (_PER_PEER), or four
-    # (two per caller) of the largest valid request of the hosted experts if that is more
+    # per caller; a request that would go over is refused at once. None: DEFAULT_BYTES_IN_FLIGHT, or four times the
+    # largest valid request of the hosted experts if that is more; per caller DEFAULT_BYTES_IN_FLIGHT_PER_PEER, or
+    # twice the largest, or one full request to every hosted expert (a trainer's step) if more, at most the total
     max_request_bytes_in_flight: Optional[int] = None
     max_request_bytes_in_flight_per_peer: Optional[int] = None
 
@@ -296,11 +297,13 @@ class ConnectionHandler(mp.Process, ServicerBase):
     def _hold(self, context: P2PContext, what: str) -> _HeldBytes:
         """A reservation of request bytes for one call of ``context``'s caller (empty until bytes are added)."""
         if self._bytes_in_flight is None:
-            schemas = self._get_schemas().values()
-            largest = max((schema.max_request_bytes(backward=True) for schema in schemas), default=0)
+            sizes = [schema.max_request_bytes(backward=True) for schema in self._get_schemas().values()]
+            largest = max(sizes, default=0)
+            total = self.max_request_bytes_in_flight or max(DEFAULT_BYTES_IN_FLIGHT, 4 * largest)
+            # one honest trainer step may call every hosted expert at once, each with up to max_batch_size rows
+            per_peer = max(DEFAULT_BYTES_IN_FLIGHT_PER_PEER, 2 * largest, sum(sizes))
             self._bytes_in_flight = RequestBytesInFlight(
-                self.max_request_bytes_in_flight or max(DEFAULT_BYTES_IN_FLIGHT, 4 * largest),
-                self.max_request_bytes_in_flight_per_peer or max(DEFAULT_BYTES_IN_FLIGHT_PER_PEER, 2 * largest),
+                total, self.max_request_bytes_in_flight_per_peer or min(per_peer, total)
             )
         return _HeldBytes(self._bytes_in_flight, getattr(context, "remote_id", None), what)
 
