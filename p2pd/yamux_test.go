@@ -12,26 +12,26 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 )
 
-// A stream's first window update grants the configured initial window at once: the opener can write several
-// MiB before the other side reads a byte (with yamux defaults it stops after 256 KiB).
-func TestInitialStreamWindowIsGrantedAtOnce(t *testing.T) {
-	clientConn, serverConn := net.Pipe()
+// openYamuxStream makes a yamux connection over the two ends of a pipe, opens a stream from the client side and
+// writes one byte (1) on it (the SYN goes out with the first write; the ACK with the window grant comes back when
+// the server accepts it). It returns the client's stream and the server's accepted one; both connections close
+// when the test ends.
+func openYamuxStream(t *testing.T, clientConn, serverConn net.Conn) (network.MuxedStream, network.MuxedStream) {
+	t.Helper()
 	transport := newYamuxTransport()
 	server, err := transport.NewConn(serverConn, true, &network.NullScope{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer server.Close()
+	t.Cleanup(func() { server.Close() })
 	client, err := transport.NewConn(clientConn, false, &network.NullScope{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer client.Close()
-
+	t.Cleanup(func() { client.Close() })
 	accepted := make(chan network.MuxedStream, 1)
 	go func() {
-		s, err := server.AcceptStream()
-		if err == nil {
+		if s, err := server.AcceptStream(); err == nil {
 			accepted <- s
 		}
 	}()
@@ -39,16 +39,23 @@ func TestInitialStreamWindowIsGrantedAtOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// the SYN goes out with the first write; the ACK with the window grant comes back when it is accepted
 	if _, err := stream.Write([]byte{1}); err != nil {
 		t.Fatal(err)
 	}
-	var remote network.MuxedStream
 	select {
-	case remote = <-accepted:
+	case remote := <-accepted:
+		return stream, remote
 	case <-time.After(5 * time.Second):
 		t.Fatal("stream was not accepted")
 	}
+	return nil, nil
+}
+
+// A stream's first window update grants the configured initial window at once: the opener can write several
+// MiB before the other side reads a byte (with yamux defaults it stops after 256 KiB).
+func TestInitialStreamWindowIsGrantedAtOnce(t *testing.T) {
+	clientConn, serverConn := net.Pipe()
+	stream, remote := openYamuxStream(t, clientConn, serverConn)
 
 	payload := bytes.Repeat([]byte{7}, 8<<20)
 	_ = stream.SetWriteDeadline(time.Now().Add(5 * time.Second))
@@ -90,36 +97,7 @@ func TestForwardedChunksFillWholeYamuxFrames(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			clientRaw, serverConn := net.Pipe()
 			clientConn := &countingConn{Conn: clientRaw}
-			transport := newYamuxTransport()
-			server, err := transport.NewConn(serverConn, true, &network.NullScope{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer server.Close()
-			client, err := transport.NewConn(clientConn, false, &network.NullScope{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer client.Close()
-			accepted := make(chan network.MuxedStream, 1)
-			go func() {
-				if s, err := server.AcceptStream(); err == nil {
-					accepted <- s
-				}
-			}()
-			stream, err := client.OpenStream(context.Background())
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := stream.Write([]byte{1}); err != nil {
-				t.Fatal(err)
-			}
-			var remote network.MuxedStream
-			select {
-			case remote = <-accepted:
-			case <-time.After(5 * time.Second):
-				t.Fatal("stream was not accepted")
-			}
+			stream, remote := openYamuxStream(t, clientConn, serverConn)
 			if _, err := io.ReadFull(remote, make([]byte, 1)); err != nil {
 				t.Fatal(err)
 			}
