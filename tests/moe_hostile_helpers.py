@@ -1,17 +1,20 @@
-"""A real expert Server (ModuleBackends, Runtime, handlers, p2pd) and a raw client for the hostile-client tests."""
+"""A real expert Server (ModuleBackends, Runtime, handlers, p2pd) and a raw client for the hostile-client tests; a fake
+expert server that answers with hand-made handlers for the hostile-server tests."""
 
 import asyncio
-from typing import AsyncIterator, Iterable, List
+from typing import AsyncIterator, Callable, Iterable, List, Tuple
 
 import pytest
 import torch
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.dht import DHT
+from hivemind.moe.client.expert_rpc import ConnectionHandler as ExpertRPCs
 from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.moe.server.server import Server
 from hivemind.p2p import P2P
+from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import runtime_pb2
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -101,3 +104,44 @@ async def sleep_forever_after(requests: Iterable[runtime_pb2.ExpertRequest], sta
         yield request
     stalled.set()
     await asyncio.Event().wait()
+
+
+class PreEncoded:
+    """A unary answer given as its wire bytes (a handler returns it in place of a protobuf message)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return self.data
+
+
+def answering_bytes(data: bytes) -> Tuple[Callable, Callable]:
+    """``(unary, streaming)`` handlers of a hostile expert server: each answers a forward call with ``data`` as one
+    wire message (the streaming one after reading the whole request)."""
+
+    async def unary(_request, _context):
+        return PreEncoded(data)
+
+    async def streaming(requests, _context):
+        async for _ in requests:
+            pass
+        yield EncodedMessage([data])
+
+    return unary, streaming
+
+
+async def serve_fake_expert(p2p_pair, **handlers: Callable):
+    """Serve ``handlers`` (by RPC name, e.g. ``rpc_forward=...``; a name ending in ``_stream`` streams both ways) as
+    the expert RPCs of the first peer of ``p2p_pair``; returns the second peer's stub of them."""
+    server, client = p2p_pair
+    for name, handler in handlers.items():
+        streams = name.endswith("_stream")
+        await server.add_protobuf_handler(
+            f"ConnectionHandler.{name}",
+            handler,
+            runtime_pb2.ExpertRequest,
+            stream_input=streams,
+            stream_output=streams,
+        )
+    return ExpertRPCs.get_stub(client, server.peer_id)

@@ -3,15 +3,10 @@ the stream ends, so each one counts against the answer's byte budget, and tensor
 
 import pytest
 import torch
+from moe_hostile_helpers import answering_bytes, serve_fake_expert
 
 from hivemind.compression import serialize_torch_tensor
-from hivemind.moe.client.expert_rpc import (
-    ConnectionHandler,
-    ExpertResponseTooLarge,
-    call_expert,
-    raw_size_of,
-    response_size_limit,
-)
+from hivemind.moe.client.expert_rpc import ExpertResponseTooLarge, call_expert, raw_size_of, response_size_limit
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import runtime_pb2
 
@@ -42,35 +37,6 @@ async def one_new_tensor_per_message(requests, _context):
 NOT_AN_ANSWER = b"\x12\x04\x22\x02\xfe\xff"  # fields that scan well, but the dtype of its tensor is not UTF-8
 
 
-class PreEncoded:
-    """A unary answer given as wire bytes."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
-        return self.data
-
-
-async def unparsable_answer(_request, _context):
-    return PreEncoded(NOT_AN_ANSWER)
-
-
-async def unparsable_streamed_answer(requests, _context):
-    async for _ in requests:
-        pass
-    yield EncodedMessage([NOT_AN_ANSWER])
-
-
-async def serve(p2p_pair, handler, name: str = "rpc_forward_stream"):
-    server, client = p2p_pair
-    streams = name.endswith("_stream")
-    await server.add_protobuf_handler(
-        f"ConnectionHandler.{name}", handler, runtime_pb2.ExpertRequest, stream_input=streams, stream_output=streams
-    )
-    return ConnectionHandler.get_stub(client, server.peer_id)
-
-
 async def call_forward(stub, rows: int = ROWS):
     x = torch.randn(rows, HIDDEN)
     limit = response_size_limit(x.numel() * 4)  # what RemoteExpert allows for an output of the input's size
@@ -81,21 +47,21 @@ async def call_forward(stub, rows: int = ROWS):
 
 @pytest.mark.timeout(60)
 async def test_streamed_answer_of_endless_empty_chunks_is_refused(p2p_pair):
-    stub = await serve(p2p_pair, endless_empty_chunks)
+    stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=endless_empty_chunks)
     with pytest.raises(ExpertResponseTooLarge, match="more than it can need"):
         await call_forward(stub)
 
 
 @pytest.mark.timeout(60)
 async def test_streamed_answer_with_more_tensors_than_outputs_is_refused(p2p_pair):
-    stub = await serve(p2p_pair, one_new_tensor_per_message)
+    stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=one_new_tensor_per_message)
     with pytest.raises(ExpertResponseTooLarge, match="expects 1 tensors, got more"):
         await call_forward(stub)
 
 
 @pytest.mark.parametrize("rows, name", [(1, "rpc_forward"), (ROWS, "rpc_forward_stream")], ids=["unary", "stream"])
 async def test_answer_that_protobuf_cannot_parse_is_refused_clearly(p2p_pair, rows, name):
-    handler = unparsable_answer if name == "rpc_forward" else unparsable_streamed_answer
-    stub = await serve(p2p_pair, handler, name)
+    unary, streaming = answering_bytes(NOT_AN_ANSWER)
+    stub = await serve_fake_expert(p2p_pair, **{name: unary if name == "rpc_forward" else streaming})
     with pytest.raises(ExpertResponseTooLarge, match="not a valid expert message"):
         await call_forward(stub, rows)

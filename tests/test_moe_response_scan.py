@@ -5,48 +5,19 @@ import resource
 
 import pytest
 import torch
+from moe_hostile_helpers import answering_bytes, serve_fake_expert
 
 from hivemind.compression import serialize_torch_tensor
-from hivemind.moe.client.expert_rpc import ConnectionHandler, ExpertResponseTooLarge, call_expert, raw_size_of
-from hivemind.p2p.framing import EncodedMessage
-from hivemind.proto import runtime_pb2
+from hivemind.moe.client.expert_rpc import ExpertResponseTooLarge, call_expert, raw_size_of
 
 EMPTY_TENSORS = 2_000_000  # 4 MB on the wire: within the 4 MiB limit of unary messages
 BLOATED = b"\x12\x00" * EMPTY_TENSORS
 
 
-class PreEncoded:
-    """A unary response given as wire bytes."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
-        return self.data
-
-
-async def bloated_forward(_request, _context):
-    return PreEncoded(BLOATED)
-
-
-async def bloated_forward_stream(requests, _context):
-    async for _ in requests:
-        pass
-    yield EncodedMessage([BLOATED])
-
-
 @pytest.fixture
 async def hostile_server(p2p_pair):
-    server, client = p2p_pair
-    await server.add_protobuf_handler("ConnectionHandler.rpc_forward", bloated_forward, runtime_pb2.ExpertRequest)
-    await server.add_protobuf_handler(
-        "ConnectionHandler.rpc_forward_stream",
-        bloated_forward_stream,
-        runtime_pb2.ExpertRequest,
-        stream_input=True,
-        stream_output=True,
-    )
-    return ConnectionHandler.get_stub(client, server.peer_id)
+    unary, streaming = answering_bytes(BLOATED)
+    return await serve_fake_expert(p2p_pair, rpc_forward=unary, rpc_forward_stream=streaming)
 
 
 def peak_rss() -> int:
