@@ -93,7 +93,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
     # bytes of expert requests (unary or streamed, from receipt until answered) this handler holds at once, in all and
     # per caller; a request that would go over is refused at once. None: DEFAULT_BYTES_IN_FLIGHT, or four times the
     # largest valid request of the hosted experts if that is more; per caller DEFAULT_BYTES_IN_FLIGHT_PER_PEER, or
-    # twice the largest, or one full request to every hosted expert (a trainer's step) if more, at most the total
+    # twice the largest, or one full request to every hosted expert (a trainer's step, up to half the total) if more
     max_request_bytes_in_flight: Optional[int] = None
     max_request_bytes_in_flight_per_peer: Optional[int] = None
 
@@ -300,8 +300,9 @@ class ConnectionHandler(mp.Process, ServicerBase):
             sizes = [schema.max_request_bytes(backward=True) for schema in self._get_schemas().values()]
             largest = max(sizes, default=0)
             total = self.max_request_bytes_in_flight or max(DEFAULT_BYTES_IN_FLIGHT, 4 * largest)
-            # one honest trainer step may call every hosted expert at once, each with up to max_batch_size rows
-            per_peer = max(DEFAULT_BYTES_IN_FLIGHT_PER_PEER, 2 * largest, sum(sizes))
+            # one honest trainer step may call every hosted expert at once, each with up to max_batch_size rows; up
+            # to half the total, so that one caller alone never fills it
+            per_peer = max(DEFAULT_BYTES_IN_FLIGHT_PER_PEER, 2 * largest, min(sum(sizes), total // 2))
             self._bytes_in_flight = RequestBytesInFlight(
                 total, self.max_request_bytes_in_flight_per_peer or min(per_peer, total)
             )
