@@ -51,6 +51,17 @@ def wait_for_stage(controls, stage, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def run_allreduce(controls, timeout: float) -> float:
+    """Allow the all-reduce of each StepControl (steps made with ``require_trigger=True``) and wait for each result;
+    returns the seconds from the first trigger to the last result."""
+    started = time.monotonic()
+    for control in controls:
+        control.allow_allreduce()
+    for control in controls:
+        control.result(timeout=timeout)
+    return time.monotonic() - started
+
+
 def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     total = sum(weights)
     return sum(w * v for w, v in zip(weights, vectors)) / total

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 import torch
-from averager_helpers import FAST, averagers_on, dht_swarm, wait_for_stage
+from averager_helpers import FAST, averagers_on, dht_swarm, run_allreduce, wait_for_stage
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
@@ -39,10 +39,8 @@ def test_require_trigger_holds_the_allreduce_until_allowed():
         wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         assert not any(control.done() for control in controls)
         assert torch.equal(_local(averagers[0])[0], torch.zeros(10))
+        run_allreduce(controls, timeout=30)
         for control in controls:
-            control.allow_allreduce()
-        for control in controls:
-            control.result(timeout=30)
             assert control.stage == AveragingStage.FINISHED and control.began_allreduce
         assert torch.allclose(_local(averagers[0])[0], torch.ones(10))
 
@@ -54,10 +52,7 @@ def test_weight_set_while_awaiting_trigger_is_used():
         controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
         wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
         controls[1].weight = 3.0  # in the user's process; the averager's process reads it from shared memory
-        for control in controls:
-            control.allow_allreduce()
-        for control in controls:
-            control.result(timeout=30)
+        run_allreduce(controls, timeout=30)
         assert torch.allclose(_local(averagers[0])[0], torch.full((10,), 3.0))  # (0 * 1 + 4 * 3) / 4
 
 
@@ -84,75 +79,57 @@ def test_cancelled_step_stops_matchmaking():
             averager.step(timeout=1.5, scheduled_time=get_dht_time() + 0.5)
 
 
-@pytest.mark.timeout(120)
-def test_survivors_finish_when_a_peer_is_killed_mid_round():
-    size = 3000
-    values = (0.0, 3.0, 300.0)
-    tensors = [[torch.full((size,), value)] for value in values]
-    sender_timeout, reducer_timeout = 3.0, 6.0  # generous: a loaded machine may delay a healthy peer's parts
-    timeouts = dict(sender_timeout=sender_timeout, reducer_timeout=reducer_timeout)
-    with dht_swarm(3) as dhts:
-        # small parts, so that each member reduces several of them
-        with averagers_on(dhts, tensors, target_group_size=3, part_size_bytes=1024, **timeouts) as averagers:
-            controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
-            wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
-            os.kill(averagers[2].pid, signal.SIGKILL)  # in the group, but gone before the all-reduce
-            started = time.monotonic()
-            for control in controls[:2]:
-                control.allow_allreduce()
-            for control in controls[:2]:
-                control.result(timeout=60)
-            assert time.monotonic() - started < reducer_timeout + 3.0
-            for averager, own in zip(averagers[:2], values):
-                result = _local(averager)[0]
-                survivors_mean = (values[0] + values[1]) / 2
-                averaged = torch.isclose(result, torch.tensor(survivors_mean))
-                kept = torch.isclose(result, torch.tensor(own))  # parts the dead peer was to reduce
-                assert bool((averaged | kept).all())
-                assert averaged.sum() >= size // 2  # the survivors reduced about two thirds
-
-
-def _freeze_one_of_three(size: int, max_seconds: float, min_averaged: int, **options) -> None:
-    """Three averagers join a group; the third is frozen (SIGSTOP: alive, connected, silent) before the all-reduce.
-    The other two return within ``max_seconds`` with the mean of the two, or their own values on the frozen peer's
-    parts (at least ``min_averaged`` elements averaged)."""
+def _one_of_three_stops(sig: int, size: int, max_seconds: float, min_averaged: int, **options) -> None:
+    """Three averagers join a group; the third gets ``sig`` before the all-reduce (SIGKILL: gone; SIGSTOP: alive,
+    connected, silent). The other two return within ``max_seconds`` with the mean of the two, or their own values on
+    the stopped peer's parts (at least ``min_averaged`` elements averaged)."""
     values = (0.0, 3.0, 300.0)
     tensors = [[torch.full((size,), value)] for value in values]
     with dht_swarm(3) as dhts, averagers_on(dhts, tensors, target_group_size=3, **options) as averagers:
         controls = [averager.step(wait=False, require_trigger=True) for averager in averagers]
         wait_for_stage(controls, AveragingStage.AWAITING_TRIGGER)
-        os.kill(averagers[2].pid, signal.SIGSTOP)
+        os.kill(averagers[2].pid, sig)
         try:
-            started = time.monotonic()
-            for control in controls[:2]:
-                control.allow_allreduce()
-            for control in controls[:2]:
-                control.result(timeout=45)
-            elapsed = time.monotonic() - started
+            elapsed = run_allreduce(controls[:2], timeout=60)
             assert elapsed < max_seconds, f"survivors took {elapsed:.1f} s"
             survivors_mean = (values[0] + values[1]) / 2
             for averager, own in zip(averagers[:2], values):
                 result = _local(averager)[0]
                 averaged = torch.isclose(result, torch.tensor(survivors_mean))
-                kept = torch.isclose(result, torch.tensor(own))  # the frozen peer's parts keep local values
+                kept = torch.isclose(result, torch.tensor(own))  # the stopped peer's parts keep local values
                 assert bool((averaged | kept).all()) and averaged.sum() >= min_averaged
         finally:
-            os.kill(averagers[2].pid, signal.SIGKILL)
+            if sig != signal.SIGKILL:
+                os.kill(averagers[2].pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_survivors_finish_when_a_peer_is_killed_mid_round():
+    # generous timeouts: a loaded machine may delay a healthy peer's parts; several small parts per member, so that
+    # the survivors reduce about two thirds
+    _one_of_three_stops(
+        signal.SIGKILL, 3000, max_seconds=6.0 + 3.0, min_averaged=3000 // 2, part_size_bytes=1024,
+        sender_timeout=3.0, reducer_timeout=6.0,
+    )  # fmt: skip
 
 
 @pytest.mark.timeout(90)
 def test_survivors_finish_when_a_peer_freezes_mid_round():
-    # generous timeouts: a loaded machine may delay healthy peers; several small parts per member
-    _freeze_one_of_three(
-        3000, max_seconds=6.0 + 3.0, min_averaged=1000, part_size_bytes=1024, sender_timeout=3.0, reducer_timeout=6.0
-    )  # about one reducer timeout
+    # generous timeouts: a loaded machine may delay healthy peers; several small parts per member; returns in about
+    # one reducer timeout
+    _one_of_three_stops(
+        signal.SIGSTOP, 3000, max_seconds=6.0 + 3.0, min_averaged=1000, part_size_bytes=1024,
+        sender_timeout=3.0, reducer_timeout=6.0,
+    )  # fmt: skip
 
 
 @pytest.mark.timeout(60)
 def test_survivors_of_a_frozen_peer_return_within_one_derived_reducer_timeout():
     """No timeouts given: the derived ones (loopback floors) are 5 s per sender and 10 s per reducer."""
     derived_reducer_timeout = 10.0
-    _freeze_one_of_three(300, max_seconds=derived_reducer_timeout + 5.0, min_averaged=300 // 2, part_size_bytes=256)
+    _one_of_three_stops(
+        signal.SIGSTOP, 300, max_seconds=derived_reducer_timeout + 5.0, min_averaged=300 // 2, part_size_bytes=256
+    )
 
 
 @pytest.mark.timeout(120)
@@ -175,10 +152,7 @@ def test_default_deadlines_tolerate_a_throttled_peer():
         throttler = threading.Thread(target=throttle, args=(averagers[2].pid,), daemon=True)
         throttler.start()
         try:
-            for control in controls:
-                control.allow_allreduce()
-            for control in controls:
-                control.result(timeout=90)
+            run_allreduce(controls, timeout=90)
         finally:
             stop.set()
             throttler.join()
