@@ -1,14 +1,16 @@
 """Set-up shared by the hivemind.Optimizer tests of options: DHTs on 127.0.0.1, optimizers with fast settings."""
 
+import copy
 import threading
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import pytest
 import torch
 
 from hivemind.dht import DHT
 from hivemind.optim.optimizer import Optimizer
+from hivemind.optim.training_averager import TrainingAverager
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
 
@@ -131,3 +133,38 @@ def train_until_epoch(
         thread.join(10)
     assert not errors, errors
     assert all(opt.local_epoch >= epoch for opt in opts), [opt.local_epoch for opt in opts]
+
+
+def assert_like_local_training(
+    models: Sequence[torch.nn.Module], initial_state: dict, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Each of ``models`` equals (up to float32 noise) a copy started from ``initial_state`` and trained here with
+    SGD(lr=0.1), one MSE step on each of ``batches`` in turn: where peers end that averaged every epoch's gradients
+    when each of their samples in epoch e came from ``batches[e]``."""
+    reference = copy.deepcopy(models[0])
+    reference.load_state_dict(initial_state)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x, y in batches:
+        reference_opt.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        reference_opt.step()
+    for model in models:
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(param, expected, atol=1e-6)
+
+
+def parameter_averagers(
+    params: Sequence[torch.nn.Parameter], dhts: Sequence[DHT], prefix: str, **kwargs
+) -> List[TrainingAverager]:
+    """One legacy TrainingAverager per (parameter, DHT) that averages its parameter only (around SGD with lr=0.1)."""
+    return [
+        TrainingAverager(
+            torch.optim.SGD([param], lr=0.1),
+            average_parameters=True,
+            average_gradients=False,
+            dht=dht,
+            prefix=prefix,
+            **kwargs,
+        )
+        for param, dht in zip(params, dhts)
+    ]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from averager_helpers import dht_swarm
+from optim_swarm_helpers import parameter_averagers
 
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
-from hivemind.optim.training_averager import TrainingAverager
 
 AVERAGER_OPTS = dict(min_matchmaking_time=1.0, request_timeout=0.5)
 
@@ -47,18 +47,7 @@ def test_gradient_averager_weighs_each_peer_by_its_accumulated_samples(dht_pair)
 @pytest.mark.timeout(60)
 def test_training_averager_averages_parameters_and_shares_its_state(dht_pair):
     params = [torch.nn.Parameter(torch.full((2,), value)) for value in (0.0, 2.0)]
-    averagers = [
-        TrainingAverager(
-            torch.optim.SGD([param], lr=0.1),
-            average_parameters=True,
-            average_gradients=False,
-            dht=dht,
-            prefix="legacy",
-            start=True,
-            **AVERAGER_OPTS,
-        )  # fmt: skip
-        for param, dht in zip(params, dht_pair)
-    ]
+    averagers = parameter_averagers(params, dht_pair, prefix="legacy", start=True, **AVERAGER_OPTS)
     try:
         futures = [averager.step(wait=False, timeout=10) for averager in averagers]
         for future in futures:

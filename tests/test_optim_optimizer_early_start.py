@@ -6,20 +6,13 @@ import time
 
 import pytest
 import torch
+from optim_swarm_helpers import FAST_TRACKER, assert_like_local_training, wait_for
 
 from hivemind.dht import DHT
 from hivemind.optim.optimizer import Optimizer
 
-FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
 MATCHMAKING_TIME = 30.0  # an epoch that waited out the matchmaking time would take this long
 EPOCHS = 3
-
-
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(0.02)
 
 
 @pytest.mark.timeout(120)
@@ -40,7 +33,7 @@ def test_epochs_with_every_expected_peer_do_not_wait_out_the_matchmaking_time():
                 optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
                 matchmaking_time=MATCHMAKING_TIME, averaging_timeout=2 * MATCHMAKING_TIME, tracker_opts=FAST_TRACKER,
             ))  # fmt: skip
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == len(opts) for opt in opts))
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == len(opts) for opt in opts), timeout=30.0)
 
         group_sizes = []
 
@@ -70,13 +63,4 @@ def test_epochs_with_every_expected_peer_do_not_wait_out_the_matchmaking_time():
         for dht in dhts:
             dht.shutdown()
 
-    reference = torch.nn.Linear(8, 1)  # all peers averaged every epoch: exactly local training, one step per epoch
-    reference.load_state_dict(initial_state)
-    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for x, y in data:
-        reference_opt.zero_grad()
-        torch.nn.functional.mse_loss(reference(x), y).backward()
-        reference_opt.step()
-    for model in models:
-        for param, expected in zip(model.parameters(), reference.parameters()):
-            assert torch.allclose(param, expected, atol=1e-6)
+    assert_like_local_training(models, initial_state, data)  # all peers averaged every epoch, one step per epoch

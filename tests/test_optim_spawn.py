@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from averager_helpers import FAST, dht_swarm
+from optim_swarm_helpers import assert_like_local_training, parameter_averagers
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
@@ -154,18 +155,7 @@ def test_spawned_gradient_averagers_average_gradients(averager_type):
 def test_spawned_legacy_training_averagers_average_parameters():
     params = [torch.nn.Parameter(torch.full((2,), value)) for value in (0.0, 2.0)]
     with dht_swarm(2) as dhts:
-        averagers = [
-            TrainingAverager(
-                torch.optim.SGD([param], lr=0.1),
-                average_parameters=True,
-                average_gradients=False,
-                dht=dht,
-                prefix="spawned_legacy",
-                start=False,
-                **SPAWN,
-            )  # fmt: skip
-            for param, dht in zip(params, dhts)
-        ]
+        averagers = parameter_averagers(params, dhts, prefix="spawned_legacy", start=False, **SPAWN)
         try:
             start_all(averagers)
             futures = [averager.step(wait=False, timeout=20) for averager in averagers]
@@ -218,16 +208,7 @@ def test_two_spawned_optimizers_train_like_local_training_and_end_at_the_same_ep
                 if opt is not None:
                     opt.shutdown()
 
-    reference = torch.nn.Linear(8, 1)
-    reference.load_state_dict(initial_state)
-    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for x, y in data:  # one step per epoch on that epoch's batch
-        reference_opt.zero_grad()
-        torch.nn.functional.mse_loss(reference(x), y).backward()
-        reference_opt.step()
-    for model in models:
-        for param, expected in zip(model.parameters(), reference.parameters()):
-            assert torch.allclose(param, expected, atol=1e-6)
+    assert_like_local_training(models, initial_state, data)  # one step per epoch on that epoch's batch
 
 
 def test_optim_averagers_default_to_the_start_method_of_decentralized_averager():
