@@ -1,15 +1,18 @@
 """Set-up shared by the hivemind.Optimizer tests of options: DHTs on 127.0.0.1, optimizers with fast settings."""
 
+import contextlib
 import copy
 import threading
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import pytest
 import torch
+from averager_helpers import dht_swarm
 
 from hivemind.dht import DHT
 from hivemind.optim.optimizer import Optimizer
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.training_averager import TrainingAverager
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
@@ -49,6 +52,30 @@ def swarm():
     yield add
     for dht in dhts:
         dht.shutdown()
+
+
+@pytest.fixture
+def dht_pair() -> Iterator[List[DHT]]:
+    """Two DHTs on 127.0.0.1, the second bootstrapped from the first (import this fixture into the test module)."""
+    with dht_swarm(2) as dhts:
+        yield dhts
+
+
+@contextlib.contextmanager
+def started_trackers(
+    dhts: Sequence[DHT], target_batch_size: int, run_id: str = "run", **options
+) -> Iterator[List[ProgressTracker]]:
+    """One started ProgressTracker per DHT on one run, refreshing every 0.05 to 0.2 s unless ``options`` say
+    otherwise; each is shut down afterwards."""
+    options = {**dict(min_refresh_period=0.05, max_refresh_period=0.2, default_refresh_period=0.1), **options}
+    trackers = []
+    try:
+        for dht in dhts:
+            trackers.append(ProgressTracker(dht, run_id, target_batch_size=target_batch_size, start=True, **options))
+        yield trackers
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(5)
 
 
 class RegressionTask:

@@ -5,25 +5,14 @@ stale, they end every epoch without it and it downloads the state at each of its
 (measured with 3 fast peers and a newcomer stepping every 0.25 s: 16+ epochs without a round in 3 of 4 runs)."""
 
 import pytest
-from averager_helpers import dht_swarm
-from optim_swarm_helpers import wait_for
+from optim_swarm_helpers import dht_pair, started_trackers, wait_for
 
-from hivemind.optim.progress_tracker import ProgressTracker
-
-FAST = dict(min_refresh_period=0.05, max_refresh_period=0.2, default_refresh_period=0.1)
-
-
-@pytest.fixture
-def dht_pair():
-    with dht_swarm(2) as dhts:
-        yield dhts
+__all__ = ["dht_pair"]  # the fixture, used by the tests below
 
 
 @pytest.mark.timeout(30)
 def test_a_newcomer_that_reports_the_previous_epoch_after_the_others_left_it_is_expected(dht_pair):
-    veteran = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **FAST)
-    newcomer = ProgressTracker(dht_pair[1], "run", target_batch_size=100, start=True, **FAST)
-    try:
+    with started_trackers(dht_pair, target_batch_size=100) as (veteran, newcomer):
         with veteran.pause_updates():
             veteran.update_epoch(new_epoch=5)  # the veteran just averaged alone and entered epoch 5
         with newcomer.pause_updates():
@@ -31,16 +20,11 @@ def test_a_newcomer_that_reports_the_previous_epoch_after_the_others_left_it_is_
         wait_for(lambda: any(record.epoch == 4 for record in veteran.records()), timeout=10.0)
         last_round = {dht_pair[0].peer_id.to_bytes()}  # the newcomer was not in the veteran's last round
         assert veteran.count_expected_peers(5, last_round) == 2
-    finally:
-        newcomer.shutdown(5)
-        veteran.shutdown(5)
 
 
 @pytest.mark.timeout(30)
 def test_a_peer_that_stopped_in_the_previous_epoch_before_the_others_left_it_is_not_expected(dht_pair):
-    veteran = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **FAST)
-    stopped = ProgressTracker(dht_pair[1], "run", target_batch_size=100, start=True, **FAST)
-    try:
+    with started_trackers(dht_pair, target_batch_size=100) as (veteran, stopped):
         with stopped.pause_updates():
             stopped.update_epoch(new_epoch=4)
         wait_for(lambda: any(record.epoch == 4 for record in veteran.records()), timeout=10.0)
@@ -49,6 +33,3 @@ def test_a_peer_that_stopped_in_the_previous_epoch_before_the_others_left_it_is_
         last_round = {dht_pair[0].peer_id.to_bytes()}
         wait_for(lambda: veteran.fetched_global_progress_this_epoch.is_set(), timeout=10.0)
         assert veteran.count_expected_peers(5, last_round) == 1
-    finally:
-        stopped.shutdown(5)
-        veteran.shutdown(5)

@@ -2,19 +2,14 @@
 
 import pytest
 import torch
-from averager_helpers import dht_swarm
-from optim_swarm_helpers import parameter_averagers
+from optim_swarm_helpers import dht_pair, parameter_averagers
 
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
+__all__ = ["dht_pair"]  # the fixture, used by the tests below
+
 AVERAGER_OPTS = dict(min_matchmaking_time=1.0, request_timeout=0.5)
-
-
-@pytest.fixture
-def dht_pair():
-    with dht_swarm(2) as dhts:
-        yield dhts
 
 
 @pytest.mark.timeout(60)

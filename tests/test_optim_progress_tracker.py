@@ -1,33 +1,16 @@
 """ProgressTracker: progress records on the DHT (their exact encoding) and the swarm's progress seen by each peer."""
 
-import time
-
 import pytest
+from optim_swarm_helpers import dht_pair, started_trackers, wait_for
 
-from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
+__all__ = ["dht_pair"]  # the fixture, used by the tests below
+
 FAST = dict(min_refresh_period=0.05, max_refresh_period=0.2, default_refresh_period=0.1)
-
-
-def wait_for(condition, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
-@pytest.fixture
-def dht_pair():
-    first = DHT(start=True)
-    second = DHT(initial_peers=first.get_visible_maddrs(), start=True)
-    yield first, second
-    second.shutdown()
-    first.shutdown()
 
 
 def test_record_encoding_matches_the_wire_vector():
@@ -57,9 +40,7 @@ def test_record_fields_are_strict(field, value):
 
 @pytest.mark.timeout(60)
 def test_two_trackers_see_each_others_samples_and_reach_the_target(dht_pair):
-    first = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **FAST)
-    second = ProgressTracker(dht_pair[1], "run", target_batch_size=100, start=True, **FAST)
-    try:
+    with started_trackers(dht_pair, target_batch_size=100) as (first, second):
         first.report_local_progress(0, 30)
         second.report_local_progress(0, 50)
         wait_for(lambda: first.global_progress.samples_accumulated == 80 and first.global_progress.num_peers == 2)
@@ -67,16 +48,11 @@ def test_two_trackers_see_each_others_samples_and_reach_the_target(dht_pair):
         second.report_local_progress(0, 70)
         wait_for(lambda: first.global_progress.samples_accumulated >= 100)
         assert first.ready_to_update_epoch
-    finally:
-        first.shutdown(5)
-        second.shutdown(5)
 
 
 @pytest.mark.timeout(60)
 def test_update_epoch_moves_to_the_swarm_epoch_and_others_follow(dht_pair):
-    first = ProgressTracker(dht_pair[0], "run", target_batch_size=10, start=True, **FAST)
-    second = ProgressTracker(dht_pair[1], "run", target_batch_size=10, start=True, **FAST)
-    try:
+    with started_trackers(dht_pair, target_batch_size=10) as (first, second):
         with first.pause_updates():
             assert first.update_epoch() == 1
         wait_for(lambda: second.global_epoch == 1)
@@ -85,9 +61,6 @@ def test_update_epoch_moves_to_the_swarm_epoch_and_others_follow(dht_pair):
             assert second.update_epoch() == 1  # max(local + 1, global)
         assert second.local_progress.samples_accumulated == 0
         wait_for(lambda: second.fetched_global_progress_this_epoch.is_set())
-    finally:
-        first.shutdown(5)
-        second.shutdown(5)
 
 
 def test_update_epoch_outside_pause_updates_is_refused(dht_pair):
@@ -98,17 +71,12 @@ def test_update_epoch_outside_pause_updates_is_refused(dht_pair):
 
 @pytest.mark.timeout(60)
 def test_shutdown_publishes_none_so_others_stop_counting_the_peer(dht_pair):
-    first = ProgressTracker(dht_pair[0], "run", target_batch_size=100, start=True, **FAST)
-    second = ProgressTracker(dht_pair[1], "run", target_batch_size=100, start=True, **FAST)
-    try:
+    with started_trackers(dht_pair, target_batch_size=100) as (first, second):
         second.report_local_progress(0, 40)
         wait_for(lambda: first.global_progress.num_peers == 2)
         second.shutdown(5)
         assert not second.is_alive()
         wait_for(lambda: first.global_progress.num_peers == 1 and first.global_progress.samples_accumulated == 0)
-    finally:
-        first.shutdown(5)
-        second.shutdown(5)
 
 
 @pytest.mark.timeout(60)
