@@ -6,24 +6,23 @@ import tracemalloc
 
 import pytest
 import torch
-from test_averaging_state_sharing import assert_state_equal, declare, honest_donor, load, serve, start_peers
+from test_averaging_state_sharing import (
+    assert_state_equal,
+    declare,
+    dht,
+    honest_donor,
+    load,
+    prefix,
+    serve,
+    start_peers,
+)
 
-import hivemind
 from hivemind.averaging.state_download import MAX_MESSAGE_BYTES, StateAssembler, StateDownloadError
 from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 
-
-@pytest.fixture(scope="module")
-def dht():
-    with hivemind.DHT(start=True) as instance:
-        yield instance
-
-
-@pytest.fixture
-def prefix(request) -> str:
-    return f"hostile_{request.node.name[:40]}"
+__all__ = ["dht", "prefix"]  # the fixtures, used by the tests below
 
 
 @pytest.mark.parametrize("expected", [[torch.zeros(4)], None], ids=["known schema", "unknown schema"])

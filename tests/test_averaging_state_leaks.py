@@ -3,34 +3,15 @@ stalling, or cut by the donor's shutdown (its slot, its share of the snapshot, a
 
 import asyncio
 import uuid
-from typing import AsyncIterator
 
 import pytest
 import torch
+from test_averaging_state_sharing import DecentralizedAverager, dht, serve
 
-import hivemind
 from hivemind.averaging.state_sharing import StateSharing
-from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import averaging_pb2
 
-
-class DecentralizedAverager(ServicerBase):
-    """Serves a StateSharing's rpc_download_state under the name the averager uses."""
-
-    def __init__(self, sharing: StateSharing):
-        self.sharing = sharing
-
-    async def rpc_download_state(
-        self, request: averaging_pb2.DownloadRequest, context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        async for message in self.sharing.rpc_download_state(request, context):
-            yield message
-
-
-@pytest.fixture(scope="module")
-def dht():
-    with hivemind.DHT(start=True) as instance:
-        yield instance
+__all__ = ["dht"]  # the fixture, used by the tests below
 
 
 async def donor_and_clients(dht, p2p_factory, count: int, state, **kwargs):
@@ -48,7 +29,7 @@ async def donor_and_clients(dht, p2p_factory, count: int, state, **kwargs):
     sharing = StateSharing(
         dht=dht, peer_id=donor.peer_id, prefix=prefix, get_current_state=get_current_state, **kwargs
     )
-    await DecentralizedAverager(sharing).add_p2p_handlers(donor, namespace=prefix)
+    await serve(donor, prefix, sharing.rpc_download_state)
     stubs = [DecentralizedAverager.get_stub(client, donor.peer_id, namespace=prefix) for client in clients]
     return sharing, stubs, calls
 

@@ -10,9 +10,17 @@ from typing import AsyncIterator, List
 
 import pytest
 import torch
-from test_averaging_state_sharing import DecentralizedAverager, assert_state_equal, declare, load, serve, start_peers
+from test_averaging_state_sharing import (
+    DecentralizedAverager,
+    assert_state_equal,
+    declare,
+    dht,
+    load,
+    prefix,
+    serve,
+    start_peers,
+)
 
-import hivemind
 from hivemind.averaging.state_download import StateAssembler, decode_chunks
 from hivemind.averaging.state_rate import RateFloor
 from hivemind.averaging.state_sharing import StateSharing
@@ -21,19 +29,10 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
 
+__all__ = ["dht", "prefix"]  # the fixtures, used by the tests below
+
 MiB = 2**20
 CHUNK = 2**16
-
-
-@pytest.fixture(scope="module")
-def dht():
-    with hivemind.DHT(start=True) as instance:
-        yield instance
-
-
-@pytest.fixture
-def prefix(request) -> str:
-    return f"rate_{request.node.name[:40]}"
 
 
 def big_state():
