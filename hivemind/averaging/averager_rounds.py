@@ -189,7 +189,15 @@ class AveragingRounds:
         """Move the local tensors towards the average (only after the whole all-reduce succeeded)."""
         with self.lock_averaged_tensors, torch.no_grad():
             for tensor, delta in zip(self._averaged_tensors, deltas):
-                tensor.add_(delta.to(device=tensor.device, dtype=tensor.dtype), alpha=self.averaging_alpha)
+                delta = delta.to(device=tensor.device, dtype=tensor.dtype)
+                if tensor.is_floating_point() or tensor.is_complex():
+                    tensor.add_(delta, alpha=self.averaging_alpha)
+                elif self.averaging_alpha == 1.0:
+                    tensor.add_(delta)  # (torch refuses a float alpha for integers) wraps to the rounded average
+                else:  # move a rounded fraction of the way to that average, computed in int64
+                    own = tensor.to(torch.int64)
+                    moved = ((tensor + delta).to(torch.int64) - own).to(torch.float64).mul_(self.averaging_alpha)
+                    tensor.copy_(own.add_(moved.round_().to(torch.int64)))
 
     def _register_group(self, group_id: bytes, runner: AllReduceRunner) -> None:
         """Make ``runner`` answer the parts other members send for ``group_id``."""
