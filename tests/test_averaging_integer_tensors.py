@@ -34,3 +34,12 @@ def test_averaging_alpha_moves_integer_tensors_a_rounded_part_of_the_way():
         _step_all(averagers)
         assert torch.equal(_local(averagers[0])[0], torch.full((4,), 1, dtype=torch.int64))  # 0 + 0.25 * 4
         assert torch.equal(_local(averagers[1])[0], torch.full((4,), 7, dtype=torch.int64))  # 8 - 0.25 * 4
+
+
+def test_boolean_tensors_are_refused_with_a_reason():
+    from hivemind.averaging.averager import DecentralizedAverager
+    from hivemind.dht import DHT
+
+    with DHT(start=True) as dht:
+        with pytest.raises(ValueError, match=r"averaged_tensors\[1\] is a bool tensor"):
+            DecentralizedAverager([torch.zeros(2), torch.ones(2, dtype=torch.bool)], dht, start=False, prefix="p")

@@ -183,6 +183,10 @@ class DecentralizedAverager(AveragerProcess):
                 raise AveragerArgumentError(
                     f"averaged_tensors[{index}] has a grad_fn: pass leaf tensors (detach them)"
                 )
+            if tensor.dtype == torch.bool:  # the all-reduce has no mean of booleans: every round would fail
+                raise AveragerArgumentError(
+                    f"averaged_tensors[{index}] is a bool tensor, which cannot be averaged: pass it as uint8 or float"
+                )
         if tensor_infos is None:
             tensor_infos = tuple(CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(averaged_tensors))
         tensor_infos = tuple(tensor_infos)
