@@ -38,6 +38,21 @@ def make_optimizer(dht: DHT, model: torch.nn.Module, run_id: str = "test_run", *
     return Optimizer(**options)
 
 
+@contextlib.contextmanager
+def joined_optimizers(dhts: Sequence[DHT], models: Sequence[torch.nn.Module], **kwargs) -> Iterator[List[Optimizer]]:
+    """``make_optimizer(dht, model, **kwargs)`` for each DHT and model, yielded once every peer's tracker sees all of
+    them; each is shut down afterwards (which also applies a delayed optimizer step)."""
+    opts: List[Optimizer] = []
+    try:
+        for dht, model in zip(dhts, models):
+            opts.append(make_optimizer(dht, model, **kwargs))
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == len(opts) for opt in opts))
+        yield opts
+    finally:
+        for opt in opts:
+            opt.shutdown()
+
+
 @pytest.fixture
 def swarm():
     """``swarm(n)`` starts n more DHTs joined to the first one; all are shut down after the test."""

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from optim_swarm_helpers import RegressionTask, make_optimizer, swarm, train_until_epoch, wait_for
+from optim_swarm_helpers import RegressionTask, joined_optimizers, make_optimizer, mse_step, swarm, train_until_epoch
 
 from hivemind.compression import Float16Compression, Uniform8BitQuantization
 
@@ -28,19 +28,12 @@ def test_grad_compression_rounds_the_averaged_gradients(swarm):
     models[1].load_state_dict(models[0].state_dict())
     reference = copy.deepcopy(models[0])
     # both peers use the same batch, so the exact average is that batch's gradient whatever each peer's sample count
-    opts = [
-        make_optimizer(
-            dht, model, grad_compression=Float16Compression(), average_state_every=1000,  # no parameter averaging
-            optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
-        )
-        for dht, model in zip(swarm(2), models)
-    ]  # fmt: skip
-    try:
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+    options = dict(
+        grad_compression=Float16Compression(), average_state_every=1000,  # no parameter averaging
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+    )  # fmt: skip
+    with joined_optimizers(swarm(2), models, **options) as opts:
         train_until_epoch(models, opts, 1, lambda index, epoch: (x, y))
-    finally:
-        for opt in opts:
-            opt.shutdown()
 
     torch.nn.functional.mse_loss(reference(x), y).backward()
     largest_gradient = max(p.grad.abs().max().item() for p in reference.parameters())
@@ -61,20 +54,13 @@ def test_state_averaging_compression_rounds_the_averaged_parameters(swarm):
         for mean, other in zip(exact_mean.parameters(), models[1].parameters()):
             mean.copy_((mean + other) / 2)
     # lr=0: only parameter averaging changes the parameters
-    opts = [
-        make_optimizer(
-            dht, model, state_averaging_compression=Float16Compression(), delay_state_averaging=False,
-            optimizer=lambda params: torch.optim.SGD(params, lr=0.0),
-        )
-        for dht, model in zip(swarm(2), models)
-    ]  # fmt: skip
-    try:
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+    options = dict(
+        state_averaging_compression=Float16Compression(), delay_state_averaging=False,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.0),
+    )  # fmt: skip
+    with joined_optimizers(swarm(2), models, **options) as opts:
         # two epochs: one successful state round suffices (a second one averages nearly equal values)
         train_until_epoch(models, opts, 2, lambda index, epoch: (x, y))
-    finally:
-        for opt in opts:
-            opt.shutdown()
 
     largest_parameter = max(p.abs().max().item() for p in exact_mean.parameters())
     for model in models:
@@ -93,9 +79,7 @@ def test_load_state_compression_rounds_the_downloaded_parameters(swarm):
     newcomer = None
     try:
         while donor.local_epoch < 1:
-            donor.zero_grad()
-            torch.nn.functional.mse_loss(donor_model(x), y).backward()
-            donor.step()
+            mse_step(donor_model, donor, x, y)
         newcomer = make_optimizer(newcomer_dht, newcomer_model)
         newcomer.load_state_from_peers()
         assert newcomer.local_epoch == 1
@@ -118,15 +102,8 @@ def test_training_with_every_compression_option_still_converges(swarm):
         state_averaging_compression=Uniform8BitQuantization(),
         load_state_compression=Uniform8BitQuantization(),
     )
-    opts = [
-        make_optimizer(dht, model, target_batch_size=32, **compression) for dht, model in zip(swarm(2), task.models)
-    ]
     generators = [torch.Generator().manual_seed(index) for index in range(2)]
-    try:
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+    with joined_optimizers(swarm(2), task.models, target_batch_size=32, **compression) as opts:
         train_until_epoch(task.models, opts, 6, lambda index, epoch: task.sample(generators[index]), timeout=90)
-    finally:
-        for opt in opts:
-            opt.shutdown()
     for model in task.models:
         assert task.full_loss(model) < 0.25 * task.initial_loss

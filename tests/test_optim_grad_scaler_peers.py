@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from optim_swarm_helpers import make_optimizer, swarm, wait_for
+from optim_swarm_helpers import joined_optimizers, make_optimizer, swarm
 
 from hivemind.optim.grad_scaler import GradScaler
 
@@ -58,15 +58,11 @@ def test_peers_with_different_loss_scales_step_with_the_true_mean_gradient(swarm
     reference = copy.deepcopy(models[0])
     # e.g. the second peer already met two inf batches: its scale backed off twice
     scalers = [GradScaler("cpu", init_scale=1024.0), GradScaler("cpu", init_scale=256.0)]
-    opts = [make_optimizer(dht, model, average_state_every=1000, **options) for dht, model in zip(swarm(2), models)]
-    try:
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+    # (shutting the optimizers down also applies a delayed optimizer step)
+    with joined_optimizers(swarm(2), models, average_state_every=1000, **options) as opts:
         # both peers use one batch: the mean gradient is that batch's gradient
         loss = lambda model: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
         _train_until_first_epoch(models, opts, scalers, [loss, loss], zero_grad=not options.get("reuse_grad_buffers"))
-    finally:
-        for opt in opts:
-            opt.shutdown()  # (also applies a delayed optimizer step)
     torch.nn.functional.mse_loss(reference(x), y).backward()
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     for model in models:
@@ -87,10 +83,7 @@ def test_peer_whose_accumulated_gradients_overflow_averages_with_weight_zero_and
     # step first (4 of 16 samples, and no speed measured yet: the epoch cannot end), so that whenever its epoch
     # ends, at least two steps were accumulated
     scalers = [GradScaler("cpu", init_scale=1024.0), GradScaler("cpu", init_scale=2.0**126)]
-    opts = [make_optimizer(dht, model, target_batch_size=16, average_state_every=1000)
-            for dht, model in zip(swarm(2), models)]  # fmt: skip
-    try:
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+    with joined_optimizers(swarm(2), models, target_batch_size=16, average_state_every=1000) as opts:
         opts[1].zero_grad()
         scalers[1].scale(models[1](x_overflow).sum()).backward()
         scalers[1].step(opts[1])
@@ -98,9 +91,6 @@ def test_peer_whose_accumulated_gradients_overflow_averages_with_weight_zero_and
         assert opts[1].local_epoch == 0 and opts[1].grad_averager.local_times_accumulated == 1
         losses = [lambda model: model(x_good).sum(), lambda model: model(x_overflow).sum()]
         _train_until_first_epoch(models, opts, scalers, losses)
-    finally:
-        for opt in opts:
-            opt.shutdown()
     reference(x_good).sum().backward()  # the average is the first peer's gradient alone
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     for model in models:

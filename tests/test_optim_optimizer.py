@@ -9,7 +9,7 @@ import time
 import optim_swarm_helpers
 import pytest
 import torch
-from optim_swarm_helpers import FAST_TRACKER, RegressionTask, mse_step, swarm, wait_for
+from optim_swarm_helpers import FAST_TRACKER, RegressionTask, joined_optimizers, mse_step, swarm, wait_for
 
 from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
@@ -187,13 +187,8 @@ def test_grad_scaler_path_drops_non_finite_batches_and_steps_on_finite_ones(swar
 )
 def test_every_delay_offload_and_local_update_mode_converges(swarm, options):
     task = RegressionTask()
-    opts = [make_optimizer(dht, model, **options) for model, dht in zip(task.models, swarm(2))]
-    try:
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+    with joined_optimizers(swarm(2), task.models, **options) as opts:  # shutdown also applies the last delayed step
         task.train_concurrently(opts, epochs=6)
-    finally:
-        for opt in opts:
-            opt.shutdown()  # also applies the last delayed step
     for model in task.models:
         assert task.full_loss(model) < 0.25 * task.initial_loss
 
@@ -209,17 +204,10 @@ def test_top_level_exports_the_optimizer_classes():
 def test_power_sgd_gradient_averaging_converges(swarm):
     task = RegressionTask(out_features=8)
     factory = functools.partial(PowerSGDGradientAverager, averager_rank=2)
-    opts = [
-        make_optimizer(dht, model, grad_averager_factory=factory, optimizer=lambda p: torch.optim.SGD(p, lr=0.3))
-        for model, dht in zip(task.models, swarm(2))
-    ]
-    assert list(opts[0].grad_averager._matrix_shapes) == [0]  # the weight's gradient is sent as rank-2 factors
-    try:
-        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+    options = dict(grad_averager_factory=factory, optimizer=lambda p: torch.optim.SGD(p, lr=0.3))
+    with joined_optimizers(swarm(2), task.models, **options) as opts:
+        assert list(opts[0].grad_averager._matrix_shapes) == [0]  # the weight's gradient is sent as rank-2 factors
         task.train_concurrently(opts, epochs=8)
-    finally:
-        for opt in opts:
-            opt.shutdown()
     for model in task.models:
         assert task.full_loss(model) < 0.5 * task.initial_loss
 
