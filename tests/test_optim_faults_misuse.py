@@ -4,20 +4,16 @@ import time
 
 import pytest
 import torch
+from optim_swarm_helpers import make_optimizer
 
 from hivemind.dht import DHT
-from hivemind.optim.optimizer import Optimizer
 
 
 @pytest.fixture(scope="module")
 def lonely():
     dht = DHT(start=True)
     model = torch.nn.Linear(2, 1)
-    opt = Optimizer(
-        dht=dht, run_id="misuse", target_batch_size=1000, batch_size_per_step=2,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
-        matchmaking_time=1.0, averaging_timeout=3.0,
-    )  # fmt: skip
+    opt = make_optimizer(dht, model, "misuse", target_batch_size=1000, batch_size_per_step=2, averaging_timeout=3.0)
     yield model, opt
     opt.shutdown()
     dht.shutdown()

@@ -4,9 +4,9 @@ import time
 
 import pytest
 import torch
+from optim_swarm_helpers import make_optimizer
 
 from hivemind.dht import DHT
-from hivemind.optim.optimizer import Optimizer
 
 
 @pytest.mark.timeout(60)
@@ -14,11 +14,9 @@ def test_step_after_shutdown_raises_a_clear_error_at_once():
     dht = DHT(start=True)
     try:
         model = torch.nn.Linear(2, 1)
-        opt = Optimizer(
-            dht=dht, run_id="after_shutdown", target_batch_size=100, batch_size_per_step=2,
-            optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
-            matchmaking_time=1.0, averaging_timeout=3.0,
-        )  # fmt: skip
+        opt = make_optimizer(
+            dht, model, "after_shutdown", target_batch_size=100, batch_size_per_step=2, averaging_timeout=3.0
+        )
         model(torch.ones(1, 2)).sum().backward()
         opt.step()
         opt.shutdown()
