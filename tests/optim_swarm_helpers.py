@@ -210,3 +210,23 @@ def parameter_averagers(
         )
         for param, dht in zip(params, dhts)
     ]
+
+
+def assert_rank_one_gradients_averaged(
+    models: Sequence[torch.nn.Linear], averagers: Sequence, shared_column: torch.Tensor, rows, timeout: float
+) -> None:
+    """Give peer i's Linear the weight gradient ``shared_column @ rows[i]`` (rank one, so rank-1 PowerSGD loses
+    nothing) and the bias gradient 1 or 3, accumulate it (4 samples), run one round of the gradient ``averagers``
+    (each step within ``timeout``) and check that each then reads the exact mean."""
+    for model, averager, row, bias_value in zip(models, averagers, rows, (1.0, 3.0)):
+        model.weight.grad = shared_column @ row
+        model.bias.grad = torch.full(model.bias.shape, bias_value)
+        averager.accumulate_grads_(batch_size=4)
+    controls = [averager.step(wait=False, timeout=timeout) for averager in averagers]
+    for control in controls:
+        assert len(control.result(timeout + 10)) == 2
+    expected_weight = shared_column @ (rows[0] + rows[1]) / 2
+    for model, averager in zip(models, averagers):
+        with averager.use_averaged_gradients():
+            assert torch.allclose(model.weight.grad, expected_weight, atol=1e-5)
+            assert torch.allclose(model.bias.grad, torch.full(model.bias.shape, 2.0))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from optim_swarm_helpers import dht_pair, parameter_averagers
+from optim_swarm_helpers import assert_rank_one_gradients_averaged, dht_pair, parameter_averagers
 
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
@@ -72,18 +72,7 @@ def test_power_sgd_averages_low_rank_gradients_exactly_and_plain_tensors_as_usua
     ]
     try:
         assert list(averagers[0]._matrix_shapes) == [0]  # the weight is compressed, the bias is not
-        for model, averager, row, bias_value in zip(models, averagers, rows, (1.0, 3.0)):
-            model.weight.grad = shared_column @ row  # rank one, so rank-1 PowerSGD loses nothing
-            model.bias.grad = torch.full((16,), bias_value)
-            averager.accumulate_grads_(batch_size=4)
-        controls = [averager.step(wait=False, timeout=10) for averager in averagers]
-        for control in controls:
-            assert len(control.result(20)) == 2
-        expected_weight = shared_column @ (rows[0] + rows[1]) / 2
-        for model, averager in zip(models, averagers):
-            with averager.use_averaged_gradients():
-                assert torch.allclose(model.weight.grad, expected_weight, atol=1e-5)
-                assert torch.allclose(model.bias.grad, torch.full((16,), 2.0))
+        assert_rank_one_gradients_averaged(models, averagers, shared_column, rows, timeout=10)
         sent = sum(t.numel() for t in averagers[0]._ps + averagers[0]._qs)
         assert sent < models[0].weight.numel() / 4
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from averager_helpers import FAST, dht_swarm
-from optim_swarm_helpers import assert_like_local_training, parameter_averagers
+from optim_swarm_helpers import assert_like_local_training, assert_rank_one_gradients_averaged, parameter_averagers
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
@@ -135,17 +135,7 @@ def test_spawned_gradient_averagers_average_gradients(averager_type):
             start_all(averagers)
             for model, averager in zip(models, averagers):  # nothing of the model was sent (pickling shares memory)
                 assert not any(tensor.is_shared() for tensor in [*model.parameters(), *averager._accumulators])
-            for model, averager, row, bias_value in zip(models, averagers, rows, (1.0, 3.0)):
-                model.weight.grad = shared_column @ row  # rank one, so rank-1 PowerSGD loses nothing
-                model.bias.grad = torch.full((16,), bias_value)
-                averager.accumulate_grads_(batch_size=4)
-            controls = [averager.step(wait=False, timeout=20) for averager in averagers]
-            for control in controls:
-                assert len(control.result(30)) == 2
-            for model, averager in zip(models, averagers):
-                with averager.use_averaged_gradients():
-                    assert torch.allclose(model.weight.grad, shared_column @ (rows[0] + rows[1]) / 2, atol=1e-5)
-                    assert torch.allclose(model.bias.grad, torch.full((16,), 2.0))
+            assert_rank_one_gradients_averaged(models, averagers, shared_column, rows, timeout=20)
         finally:
             for averager in averagers:
                 averager.shutdown()
