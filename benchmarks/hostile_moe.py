@@ -25,6 +25,7 @@ from typing import Awaitable, Callable, Dict, List
 
 import psutil
 import torch
+from hostile_attacks import AttackStats
 
 from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.client.expert import RemoteExpert
@@ -41,15 +42,6 @@ HIDDEN = 256
 MAX_BATCH = 4096  # a whole forward request is 4 MiB: a few dozen half-open ones reach the per-caller limit
 UIDS = ["ffn.0", "ffn.1"]
 RPC_TIMEOUT = 20.0  # s, per hostile call
-
-
-@dataclass
-class MoEAttackStats:
-    name: str
-    tried: int = 0
-    refused: int = 0
-    note: str = ""
-    survived: bool = True
 
 
 @dataclass
@@ -106,8 +98,8 @@ async def as_stream(messages, stall: float = 0.0):
         await asyncio.sleep(stall)  # a half-open stream: everything sent, no end-of-stream for a while
 
 
-async def garbage(ctx: MoEContext) -> MoEAttackStats:
-    stats = MoEAttackStats("garbage", note="random bytes and bloated messages to every expert RPC")
+async def garbage(ctx: MoEContext) -> AttackStats:
+    stats = AttackStats("garbage", note="random bytes and bloated messages to every expert RPC")
     samples = [os.urandom(size) for size in (1, 7, 64, 4096)] + [b"\x12\x00" * 500_000, b"\x0a\xff\xff\xff\xff\x0f"]
     for _ in range(ctx.count(20)):
         for data in samples:
@@ -119,8 +111,8 @@ async def garbage(ctx: MoEContext) -> MoEAttackStats:
     return stats
 
 
-async def huge_declared_sizes(ctx: MoEContext) -> MoEAttackStats:
-    stats = MoEAttackStats("huge_declared_sizes", note="shapes of 2^31 per dim, chunk counts of 2^31, tiny buffers")
+async def huge_declared_sizes(ctx: MoEContext) -> AttackStats:
+    stats = AttackStats("huge_declared_sizes", note="shapes of 2^31 per dim, chunk counts of 2^31, tiny buffers")
     for _ in range(ctx.count(50)):
         head = runtime_pb2.Tensor(dtype="float32", size=[2**31] * 4, buffer=b"\x00" * 64, chunks=2**31 - 1)
         request = runtime_pb2.ExpertRequest(uid=UIDS[0], tensors=[head])
@@ -130,8 +122,8 @@ async def huge_declared_sizes(ctx: MoEContext) -> MoEAttackStats:
     return stats
 
 
-async def many_tiny_streams(ctx: MoEContext) -> MoEAttackStats:
-    stats = MoEAttackStats("many_tiny_streams", note="concurrent streams of one empty message each")
+async def many_tiny_streams(ctx: MoEContext) -> AttackStats:
+    stats = AttackStats("many_tiny_streams", note="concurrent streams of one empty message each")
     tiny = runtime_pb2.ExpertRequest(uid=UIDS[0])
     for _ in range(ctx.count(10)):
         results = await asyncio.gather(*(ctx.stream("rpc_forward_stream", as_stream([tiny])) for _ in range(100)))
@@ -140,8 +132,8 @@ async def many_tiny_streams(ctx: MoEContext) -> MoEAttackStats:
     return stats
 
 
-async def half_open_streams(ctx: MoEContext) -> MoEAttackStats:
-    stats = MoEAttackStats("half_open_streams", note=f"whole requests that never end, held {ctx.hold:g} s")
+async def half_open_streams(ctx: MoEContext) -> AttackStats:
+    stats = AttackStats("half_open_streams", note=f"whole requests that never end, held {ctx.hold:g} s")
     messages = chunks_of(torch.randn(MAX_BATCH, HIDDEN))
     calls = [
         ctx.stream("rpc_forward_stream", as_stream(messages, stall=ctx.hold), timeout=ctx.hold + RPC_TIMEOUT)
@@ -152,8 +144,8 @@ async def half_open_streams(ctx: MoEContext) -> MoEAttackStats:
     return stats
 
 
-async def incomplete_streams(ctx: MoEContext) -> MoEAttackStats:
-    stats = MoEAttackStats("incomplete_streams", note="streams cut short (end-of-stream) or aborted mid-tensor")
+async def incomplete_streams(ctx: MoEContext) -> AttackStats:
+    stats = AttackStats("incomplete_streams", note="streams cut short (end-of-stream) or aborted mid-tensor")
     messages = chunks_of(torch.randn(MAX_BATCH, HIDDEN), chunk_size=16 * 1024)
 
     async def aborted():
@@ -168,8 +160,8 @@ async def incomplete_streams(ctx: MoEContext) -> MoEAttackStats:
     return stats
 
 
-async def cancel_flood(ctx: MoEContext) -> MoEAttackStats:
-    stats = MoEAttackStats("cancel_flood", note="valid full-batch calls cancelled right after they are sent")
+async def cancel_flood(ctx: MoEContext) -> AttackStats:
+    stats = AttackStats("cancel_flood", note="valid full-batch calls cancelled right after they are sent")
     request = runtime_pb2.ExpertRequest(uid=UIDS[0], tensors=[serialize_torch_tensor(torch.randn(64, HIDDEN))])
     for _ in range(ctx.count(20)):
         calls = [asyncio.create_task(ctx.stub.rpc_forward(request)) for _ in range(50)]
@@ -182,8 +174,8 @@ async def cancel_flood(ctx: MoEContext) -> MoEAttackStats:
     return stats
 
 
-async def oversized_streams(ctx: MoEContext) -> MoEAttackStats:
-    stats = MoEAttackStats("oversized_streams", note="streams of 4x the largest valid request, in chunks")
+async def oversized_streams(ctx: MoEContext) -> AttackStats:
+    stats = AttackStats("oversized_streams", note="streams of 4x the largest valid request, in chunks")
     messages = chunks_of(torch.randn(4 * MAX_BATCH, HIDDEN), chunk_size=1024**2)
     for _ in range(ctx.count(10)):
         results = await asyncio.gather(*(ctx.stream("rpc_forward_stream", as_stream(messages)) for _ in range(10)))
@@ -192,7 +184,7 @@ async def oversized_streams(ctx: MoEContext) -> MoEAttackStats:
     return stats
 
 
-MOE_ATTACKS: Dict[str, Callable[[MoEContext], Awaitable[MoEAttackStats]]] = {
+MOE_ATTACKS: Dict[str, Callable[[MoEContext], Awaitable[AttackStats]]] = {
     attack.__name__: attack
     for attack in (
         garbage,
@@ -289,7 +281,7 @@ async def run_moe(args) -> dict:
             peak[phase] = max(peak.get(phase, 0.0), server_rss_mib(server.pid))
 
     sampler = threading.Thread(target=sample_peaks, daemon=True)
-    results: List[MoEAttackStats] = []
+    results: List[AttackStats] = []
     ctx = MoEContext(attacker, server_peer, args.scale, args.hold)
     started = time.monotonic()
     try:
@@ -300,7 +292,7 @@ async def run_moe(args) -> dict:
             try:
                 stats = await MOE_ATTACKS[name](ctx)
             except Exception as e:  # a bug of the attack itself: report it, go on with the others
-                stats = MoEAttackStats(name, note=f"ATTACK ERROR {e!r:.150}")
+                stats = AttackStats(name, note=f"ATTACK ERROR {e!r:.150}")
             await asyncio.sleep(args.settle)
             stats.survived = server.is_alive()
             rss[name] = server_rss_mib(server.pid)
