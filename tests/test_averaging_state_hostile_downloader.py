@@ -9,27 +9,19 @@ from test_averaging_state_sharing import (
     DecentralizedAverager,
     assert_state_equal,
     declare,
+    dht,
     load,
+    prefix,
     serve,
     start_peers,
 )
 
-import hivemind
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.averaging.state_snapshot import SNAPSHOT_DUTY_CYCLE, SnapshotCache
 from hivemind.p2p import P2PHandlerError
 from hivemind.proto import averaging_pb2
 
-
-@pytest.fixture(scope="module")
-def dht():
-    with hivemind.DHT(start=True) as instance:
-        yield instance
-
-
-@pytest.fixture
-def prefix(request) -> str:
-    return f"hostile_dl_{request.node.name[:40]}"
+__all__ = ["dht", "prefix"]  # the fixtures, used by the tests below
 
 
 @pytest.mark.timeout(60)
