@@ -53,6 +53,26 @@ def joined_optimizers(dhts: Sequence[DHT], models: Sequence[torch.nn.Module], **
             opt.shutdown()
 
 
+@contextlib.contextmanager
+def donor_then_newcomer(
+    dhts: Sequence[DHT], models: Sequence[torch.nn.Module], epoch: int, batch, **donor_options
+) -> Iterator[Tuple[Optimizer, Optimizer]]:
+    """The first peer trains alone, an MSE step on ``batch`` at a time, until ``epoch``; then the second peer starts
+    and loads the state from peers. Yields ``(donor, newcomer)``; both are shut down afterwards."""
+    donor = make_optimizer(dhts[0], models[0], **donor_options)
+    newcomer = None
+    try:
+        while donor.local_epoch < epoch:
+            mse_step(models[0], donor, *batch)
+        newcomer = make_optimizer(dhts[1], models[1])
+        newcomer.load_state_from_peers()
+        yield donor, newcomer
+    finally:
+        donor.shutdown()
+        if newcomer is not None:
+            newcomer.shutdown()
+
+
 @pytest.fixture
 def swarm():
     """``swarm(n)`` starts n more DHTs joined to the first one; all are shut down after the test."""

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from optim_swarm_helpers import RegressionTask, joined_optimizers, make_optimizer, mse_step, swarm, train_until_epoch
+from optim_swarm_helpers import RegressionTask, donor_then_newcomer, joined_optimizers, swarm, train_until_epoch
 
 from hivemind.compression import Float16Compression, Uniform8BitQuantization
 
@@ -70,28 +70,18 @@ def test_state_averaging_compression_rounds_the_averaged_parameters(swarm):
 
 @pytest.mark.timeout(90)
 def test_load_state_compression_rounds_the_downloaded_parameters(swarm):
-    donor_dht, newcomer_dht = swarm(2)
     torch.manual_seed(0)
-    x, y = torch.randn(8, 64), torch.randn(8, 32)
+    batch = torch.randn(8, 64), torch.randn(8, 32)
     # more values than the codec's 256 bins: a bin's average no longer equals each of its values
-    donor_model, newcomer_model = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
-    donor = make_optimizer(donor_dht, donor_model, load_state_compression=Uniform8BitQuantization())
-    newcomer = None
-    try:
-        while donor.local_epoch < 1:
-            mse_step(donor_model, donor, x, y)
-        newcomer = make_optimizer(newcomer_dht, newcomer_model)
-        newcomer.load_state_from_peers()
+    models = donor_model, newcomer_model = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    options = dict(load_state_compression=Uniform8BitQuantization())
+    with donor_then_newcomer(swarm(2), models, 1, batch, **options) as (_, newcomer):
         assert newcomer.local_epoch == 1
         for mine, theirs in zip(newcomer_model.parameters(), donor_model.parameters()):
             # 256 equal bins over mean +- 3 std (a uniform initialization has no value outside): off by under one bin
             bin_width = 6 * theirs.std(unbiased=False).item() / 256
             assert (mine - theirs).abs().max().item() <= bin_width + FLOAT32_NOISE
         assert not torch.equal(newcomer_model.weight, donor_model.weight)
-    finally:
-        donor.shutdown()
-        if newcomer is not None:
-            newcomer.shutdown()
 
 
 @pytest.mark.timeout(120)

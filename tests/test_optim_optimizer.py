@@ -9,7 +9,16 @@ import time
 import optim_swarm_helpers
 import pytest
 import torch
-from optim_swarm_helpers import FAST_TRACKER, RegressionTask, joined_optimizers, mse_step, swarm, wait_for
+from optim_swarm_helpers import (
+    FAST_TRACKER,
+    RegressionTask,
+    assert_like_local_training,
+    donor_then_newcomer,
+    joined_optimizers,
+    mse_step,
+    swarm,
+    wait_for,
+)
 
 from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
@@ -56,36 +65,18 @@ def test_two_peers_train_exactly_like_local_training_with_the_global_batch(swarm
             opt.shutdown()
         second_dht.shutdown()
 
-    reference = torch.nn.Linear(8, 1)
-    reference.load_state_dict(initial_state)
-    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for x, y in data:  # one step per epoch on that epoch's batch
-        mse_step(reference, reference_opt, x, y)
-    for model in models:
-        for param, expected in zip(model.parameters(), reference.parameters()):
-            assert torch.allclose(param, expected, atol=1e-6)
+    assert_like_local_training(models, initial_state, data)  # one step per epoch on that epoch's batch
 
 
 @pytest.mark.timeout(90)
 def test_a_peer_joining_mid_training_downloads_the_epoch_and_parameters(swarm):
-    first_dht, second_dht = swarm(2)
     torch.manual_seed(0)
-    x, y = torch.randn(4, 8), torch.randn(4, 1)
-    trainer_model, newcomer_model = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
-    trainer = make_optimizer(first_dht, trainer_model, target_batch_size=8)
-    newcomer = None
-    try:
-        while trainer.local_epoch < 3:
-            mse_step(trainer_model, trainer, x, y)
-        newcomer = make_optimizer(second_dht, newcomer_model, target_batch_size=8)
-        newcomer.load_state_from_peers()
+    batch = torch.randn(4, 8), torch.randn(4, 1)
+    models = trainer_model, newcomer_model = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+    with donor_then_newcomer(swarm(2), models, 3, batch, target_batch_size=8) as (trainer, newcomer):
         assert newcomer.local_epoch == trainer.local_epoch == 3
         for mine, theirs in zip(newcomer_model.parameters(), trainer_model.parameters()):
             assert torch.equal(mine, theirs)
-    finally:
-        trainer.shutdown()
-        if newcomer is not None:
-            newcomer.shutdown()
 
 
 @pytest.mark.timeout(60)
@@ -259,7 +250,7 @@ def test_an_auxiliary_peer_helps_average_without_changing_the_result(swarm):
     torch.manual_seed(0)
     x, y = torch.randn(4, 8), torch.randn(4, 1)
     model, helper_model = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
-    reference = copy.deepcopy(model)
+    initial_state = copy.deepcopy(model.state_dict())
     trainer = make_optimizer(trainer_dht, model, target_batch_size=8, verbose=True)
     helper = make_optimizer(
         helper_dht, helper_model, target_batch_size=8, batch_size_per_step=None, auxiliary=True, averaging_timeout=2.0
@@ -286,11 +277,7 @@ def test_an_auxiliary_peer_helps_average_without_changing_the_result(swarm):
         logging.getLogger("hivemind.optim.optimizer").removeHandler(handler)
         helper.shutdown()
     assert any("averaged gradients with 2 peers" in message for message in handler.messages)
-    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for _ in range(2):
-        mse_step(reference, reference_opt, x, y)
-    for param, expected in zip(model.parameters(), reference.parameters()):
-        assert torch.allclose(param, expected, atol=1e-6)
+    assert_like_local_training([model], initial_state, [(x, y)] * 2)
 
 
 @pytest.mark.timeout(60)
