@@ -19,6 +19,7 @@ from hivemind.averaging.part_math import add_into, add_scaled_, copy_into, div_,
 from hivemind.averaging.partition_plan import PartSpec, part_size_elements, plan_parts
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
+from hivemind.compression.base import FloatingOnlyCodec
 from hivemind.compression.buffers import empty_output
 from hivemind.proto import runtime_pb2
 from hivemind.utils.logging import get_logger
@@ -58,6 +59,8 @@ class BannedException(AllreduceException):
 def _resolve_codec(compression: CompressionBase, info: CompressionInfo) -> CompressionBase:
     while isinstance(compression, AdaptiveCompressionBase):
         compression = compression.choose_compression(info)
+    if isinstance(compression, FloatingOnlyCodec) and not (info.descriptor.dtype or torch.float32).is_floating_point:
+        return NoCompression()  # it sends such tensors as NONE messages: the raw path sends the same, without a copy
     return compression
 
 

@@ -25,7 +25,14 @@ from hivemind.compression.buffers import (
 from hivemind.proto import runtime_pb2
 from hivemind.utils.tensor_descr import TensorDescriptor
 
-__all__ = ["TensorRole", "CompressionInfo", "CompressionBase", "NoCompression", "TensorDecodeError"]
+__all__ = [
+    "TensorRole",
+    "CompressionInfo",
+    "CompressionBase",
+    "NoCompression",
+    "TensorDecodeError",
+    "FloatingOnlyCodec",
+]
 
 # read once at import as in hivemind 1.1, where applications assign it (petals sets it to False); while it keeps
 # its import-time value, the USE_LEGACY_BFLOAT16 environment variable is read on every call instead
@@ -149,3 +156,30 @@ class NoCompression(CompressionBase):
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return 1.0
+
+
+class FloatingOnlyCodec(CompressionBase, ABC):
+    """A lossy codec for floating-point values: tensors of any other dtype (integers, bool, complex) are sent exactly
+    as NoCompression sends them, in a NONE message that every receiver decodes, and have a compression ratio of 1."""
+
+    bits_per_element: int  # size of one element in the codec's own format, for estimate_compression_ratio
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        if not tensor.is_floating_point():
+            return _UNCOMPRESSED.compress(tensor, info, allow_inplace)
+        return self.compress_floating(tensor, info, allow_inplace)
+
+    @abstractmethod
+    def compress_floating(
+        self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False
+    ) -> runtime_pb2.Tensor:
+        """Serialize a floating-point ``tensor`` in this codec's format."""
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        dtype = info.descriptor.dtype or torch.float32
+        if not dtype.is_floating_point:
+            return 1.0
+        return self.bits_per_element / torch.finfo(dtype).bits
+
+
+_UNCOMPRESSED = NoCompression()

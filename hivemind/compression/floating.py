@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hivemind.compression.base import CompressionBase, CompressionInfo
+from hivemind.compression.base import CompressionBase, CompressionInfo, FloatingOnlyCodec
 from hivemind.compression.buffers import (
     MessageBuffer,
     buffer_may_be_aliased,
@@ -25,19 +25,24 @@ FP32_EPS = torch.finfo(torch.float32).eps
 
 
 def _check_float_input(codec: CompressionBase, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point() or tensor.dtype == torch.bfloat16:
+    if tensor.dtype == torch.bfloat16:
         raise ValueError(
             f"{codec.__class__.__name__} compresses float16/float32/float64 tensors only, got {tensor.dtype}; "
             f"use NoCompression (or an 8-bit codec for bfloat16)"
         )
 
 
-class Float16Compression(CompressionBase):
-    """Cast to float16 after clamping to ±65504; restores the original floating dtype."""
+class Float16Compression(FloatingOnlyCodec):
+    """Cast to float16 after clamping to ±65504; restores the original floating dtype.
+
+    Tensors that are not floating point are sent uncompressed (a NONE message), exactly."""
 
     compression_type = runtime_pb2.CompressionType.FLOAT16
+    bits_per_element = 16
 
-    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+    def compress_floating(
+        self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False
+    ) -> runtime_pb2.Tensor:
         _check_float_input(self, tensor)
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
         # converting first and clamping the float16 copy gives the same values as clamping first: everything
@@ -59,16 +64,15 @@ class Float16Compression(CompressionBase):
             result = half if buffer_may_be_aliased(buffer) else empty_output(numel, dtype).copy_(half)
         return result.reshape(shape)
 
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return 16.0 / torch.finfo(info.descriptor.dtype or torch.float32).bits
-
 
 class ScaledFloat16Compression(Float16Compression):
     """Normalize each row (last dimension) to zero mean and unit std, send float16 values and float32 stats."""
 
     compression_type = runtime_pb2.CompressionType.MEANSTD_16BIT
 
-    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+    def compress_floating(
+        self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False
+    ) -> runtime_pb2.Tensor:
         _check_float_input(self, tensor)
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
         row_length = tensor.shape[-1] if tensor.ndim > 0 else 1
@@ -109,6 +113,3 @@ class ScaledFloat16Compression(Float16Compression):
         # cast to the output dtype, multiply, then add (no fused multiply-add): the same values as the original
         result = empty_output(numel, dtype).view(shape).copy_(half)
         return result.mul_(stds).add_(means)
-
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return 16.0 / torch.finfo(info.descriptor.dtype or torch.float32).bits

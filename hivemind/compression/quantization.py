@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hivemind.compression import blockwise_kernel
-from hivemind.compression.base import CompressionBase, CompressionInfo
+from hivemind.compression.base import CompressionInfo, FloatingOnlyCodec
 from hivemind.compression.buffers import (
     CHUNK_ELEMENTS,
     MessageBuffer,
@@ -38,11 +38,6 @@ _SAMPLE_BLOCK = 2**12  # the sample is made of contiguous blocks of this many el
 _SMALL_SAMPLE_SIZE = 2**16  # elements used for the spread (uniform) and the quantile boundaries (quantile)
 _QUANTILE_GRID_SIZE = 2**16  # resolution of the lookup table that assigns values to quantile bins
 _HEADER = struct.Struct("<q")
-
-
-def _check_quantizable(codec: CompressionBase, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point():
-        raise ValueError(f"{codec.__class__.__name__} compresses floating-point tensors only, got {tensor.dtype}")
 
 
 def _sample(flat: torch.Tensor) -> torch.Tensor:
@@ -72,17 +67,20 @@ def _affine_to_float32(
         torch.sub(chunk, shift, out=out).mul_(scale).add_(offset)
 
 
-class Quantization(CompressionBase):
-    """Shared wire format of UNIFORM_8BIT and QUANTILE_8BIT: int64 n ‖ n float32 code book ‖ numel uint8 indices."""
+class Quantization(FloatingOnlyCodec):
+    """Shared wire format of UNIFORM_8BIT and QUANTILE_8BIT: int64 n ‖ n float32 code book ‖ numel uint8 indices.
 
-    n_bits = 8
+    Tensors that are not floating point are sent uncompressed (a NONE message), exactly."""
+
+    n_bits = bits_per_element = 8
 
     @abstractmethod
     def quantize(self, flat: torch.Tensor, indices_out: torch.Tensor) -> torch.Tensor:
         """Write one bin index per element of ``flat`` into ``indices_out``; return the float32 code book."""
 
-    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
-        _check_quantizable(self, tensor)
+    def compress_floating(
+        self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False
+    ) -> runtime_pb2.Tensor:
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
         flat = tensor.reshape(-1)
         numel = flat.numel()
@@ -115,9 +113,6 @@ class Quantization(CompressionBase):
                 f"8-bit quantized tensor: index {int(indices.max())} >= code book size {num_codes}"
             )
         return _lookup(codebook, indices).reshape(shape)
-
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return self.n_bits / torch.finfo(info.descriptor.dtype or torch.float32).bits
 
 
 def _lookup(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -231,7 +226,7 @@ class Quantile8BitQuantization(Quantization):
         return _bin_averages(sample, sample_indices, torch.cat([boundaries[:1], boundaries]))
 
 
-class BlockwiseQuantization(CompressionBase):
+class BlockwiseQuantization(FloatingOnlyCodec):
     """bitsandbytes-style block-wise 8-bit quantization (blocks of 4096, dynamic code book, per-block absmax).
 
     Compatibility note: the original library requires bitsandbytes here and raises ImportError without it. We use
@@ -241,10 +236,11 @@ class BlockwiseQuantization(CompressionBase):
     """
 
     compression_type = runtime_pb2.CompressionType.BLOCKWISE_8BIT
-    n_bits = 8
+    n_bits = bits_per_element = 8
 
-    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
-        _check_quantizable(self, tensor)
+    def compress_floating(
+        self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False
+    ) -> runtime_pb2.Tensor:
         requires_grad, tensor = tensor.requires_grad, tensor.detach()
         flat = tensor.reshape(-1).to(torch.float32).contiguous()
         numel = flat.numel()
@@ -297,9 +293,6 @@ class BlockwiseQuantization(CompressionBase):
                 indices, absmax, code, out=empty_output(numel, torch.float32)
             )
         return (result if dtype == torch.float32 else result.to(dtype)).reshape(shape)
-
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return self.n_bits / torch.finfo(info.descriptor.dtype or torch.float32).bits
 
 
 def _bitsandbytes_quantize(flat: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,82 @@
+"""Lossy codecs send tensors that are not floating point unchanged, as ordinary NONE messages."""
+
+import pytest
+import torch
+
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    Quantile8BitQuantization,
+    RoleAdaptiveCompression,
+    ScaledFloat16Compression,
+    SizeAdaptiveCompression,
+    TensorRole,
+    Uniform8BitQuantization,
+    deserialize_torch_tensor,
+    serialize_torch_tensor,
+)
+from hivemind.proto import runtime_pb2
+from hivemind.proto.runtime_pb2 import CompressionType
+
+LOSSY_CODECS = [
+    Float16Compression(),
+    ScaledFloat16Compression(),
+    Uniform8BitQuantization(),
+    Quantile8BitQuantization(),
+    BlockwiseQuantization(),
+]
+ADAPTIVE_CODECS = [
+    SizeAdaptiveCompression(threshold=1, less=NoCompression(), greater_equal=Uniform8BitQuantization()),
+    RoleAdaptiveCompression(default=ScaledFloat16Compression()),
+]
+NON_FLOATING_TENSORS = {
+    "int64": lambda: torch.arange(-(2**40), 2**40, 2**37, dtype=torch.int64).reshape(4, -1),
+    "int32": lambda: torch.tensor([[7, -3], [2**31 - 1, -(2**31)]], dtype=torch.int32),
+    "uint8": lambda: torch.arange(256, dtype=torch.uint8),
+    "bool": lambda: torch.arange(9) % 3 == 0,
+    "complex64": lambda: torch.tensor([1 + 2j, -3.5j], dtype=torch.complex64),
+    "int64-empty": lambda: torch.zeros(0, 3, dtype=torch.int64),
+    "int64-strided": lambda: torch.arange(60).reshape(6, 10)[::2, 1::3],
+}
+
+
+def _codec_id(codec) -> str:
+    return repr(codec)
+
+
+@pytest.mark.parametrize("tensor_name", list(NON_FLOATING_TENSORS))
+@pytest.mark.parametrize("codec", LOSSY_CODECS + ADAPTIVE_CODECS, ids=_codec_id)
+def test_non_floating_tensor_is_compressed_into_an_exact_none_message(codec, tensor_name):
+    tensor = NON_FLOATING_TENSORS[tensor_name]()
+    message = codec.compress(tensor, CompressionInfo.from_tensor(tensor, key=0))
+    reparsed = runtime_pb2.Tensor.FromString(message.SerializeToString())
+    assert reparsed.compression == CompressionType.NONE
+    expected = NoCompression().compress(tensor, CompressionInfo.from_tensor(tensor))
+    assert reparsed.SerializeToString() == expected.SerializeToString()
+    restored = deserialize_torch_tensor(reparsed)
+    assert restored.dtype == tensor.dtype and restored.shape == tensor.shape and torch.equal(restored, tensor)
+
+
+@pytest.mark.parametrize("codec", LOSSY_CODECS, ids=_codec_id)
+def test_serialize_torch_tensor_sends_an_integer_tensor_as_none(codec):
+    tensor = torch.tensor([3, -1, 2**50], dtype=torch.int64)
+    message = serialize_torch_tensor(tensor, codec.compression_type)
+    assert message.compression == CompressionType.NONE
+    assert torch.equal(deserialize_torch_tensor(message), tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.complex128])
+@pytest.mark.parametrize("codec", LOSSY_CODECS + ADAPTIVE_CODECS, ids=_codec_id)
+def test_compression_ratio_of_a_non_floating_tensor_is_one(codec, dtype):
+    info = CompressionInfo.from_tensor(torch.zeros(10, dtype=dtype), key=0, role=TensorRole.GRADIENT)
+    assert codec.estimate_compression_ratio(info) == 1.0
+
+
+@pytest.mark.parametrize("codec", LOSSY_CODECS, ids=_codec_id)
+def test_floating_tensors_still_use_the_codec(codec):
+    tensor = torch.randn(64, 64)
+    message = codec.compress(tensor, CompressionInfo.from_tensor(tensor))
+    assert message.compression == codec.compression_type
+    assert codec.estimate_compression_ratio(CompressionInfo.from_tensor(tensor)) < 1.0
