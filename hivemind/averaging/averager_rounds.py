@@ -77,6 +77,7 @@ class AveragingRounds:
 
     async def _step_with_retries(self, control: StepControl) -> None:
         attempt = 0
+        last_group_failure: Optional[Exception] = None  # why the last attempt that formed a group failed
         while True:
             attempt += 1
             started = time.monotonic()
@@ -104,8 +105,13 @@ class AveragingRounds:
                 timeout = control.get_timeout()
                 if not control.allow_retries or (timeout is not None and timeout <= 0):
                     control.stage = AveragingStage.FINISHED
-                    control.set_exception(e if isinstance(e, AllreduceException) else _as_step_error(e))
+                    if group_info is None and last_group_failure is not None:
+                        control.set_exception(_with_last_failure(e, last_group_failure))
+                    else:
+                        control.set_exception(e if isinstance(e, AllreduceException) else _as_step_error(e))
                     return
+                if group_info is not None:
+                    last_group_failure = e
                 logger.warning(f"Averaging step failed (attempt {attempt}), retrying: {type(e).__name__}: {e}")
                 if time.monotonic() - started < MAX_RETRY_DELAY:  # failed at once: do not spin
                     await asyncio.sleep(min(MAX_RETRY_DELAY, MIN_RETRY_DELAY * 2 ** min(attempt, 5)))
@@ -292,4 +298,16 @@ class AveragingRounds:
 def _as_step_error(error: Exception) -> AllreduceException:
     wrapped = AllreduceException(f"Averaging step failed: {type(error).__name__}: {error}")
     wrapped.__cause__ = error
+    return wrapped
+
+
+def _with_last_failure(error: Exception, last_failure: Exception) -> AllreduceException:
+    """The final error of a step whose retries ended without a group (``error``), naming why the last attempt that
+    did form a group failed: that is usually the real, repeated cause (the text survives the trip to the user's
+    process, where the exception chain does not)."""
+    wrapped = AllreduceException(
+        f"{error}; the last attempt that formed a group failed with {last_failure!r} (see the warnings for every "
+        f"attempt)"
+    )
+    wrapped.__cause__ = last_failure
     return wrapped
