@@ -35,6 +35,15 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else deadline - time.monotonic()
 
 
+def check_routing_arguments(k_best: int, k_min: int, backward_k_min: int) -> None:
+    """Refuse routing settings no forward or backward could satisfy (ValueError naming the argument)."""
+    if k_best < 1:
+        raise ValueError(f"k_best must be at least 1 (each sample needs an expert), got k_best={k_best}")
+    for name, value in (("k_min", k_min), ("backward_k_min", backward_k_min)):
+        if not 0 <= value <= k_best:
+            raise ValueError(f"{name} must be between 0 and k_best={k_best}, got {name}={value}")
+
+
 class RemoteMixtureOfExperts(nn.Module):
     """A mixture-of-experts layer whose experts are found in the DHT by beam search and run on remote servers.
 
@@ -74,6 +83,7 @@ class RemoteMixtureOfExperts(nn.Module):
         **dht_kwargs,
     ):
         super().__init__()
+        check_routing_arguments(k_best, k_min, backward_k_min)
         if not uid_prefix.endswith(UID_DELIMITER):
             uid_prefix += UID_DELIMITER
         self.dht, self.uid_prefix, self.grid_size = dht, uid_prefix, tuple(grid_size)
@@ -98,6 +108,9 @@ class RemoteMixtureOfExperts(nn.Module):
         deadline = None if self.forward_timeout is None else time.monotonic() + self.forward_timeout
         self.check_anomalies(input, *args, **kwargs)
         grid_scores = self.compute_grid_scores(input)
+        if input.shape[0] == 0:
+            outputs = self.empty_batch_outputs(grid_scores, input.device)
+            return nested_pack(outputs, structure=self.info["outputs_schema"])
         chosen_experts = self.find_experts(grid_scores, deadline)
         expert_mask, outputs = self.call_experts(chosen_experts, deadline, input, *args, **kwargs)
         logits = self.compute_expert_scores(grid_scores, chosen_experts)
@@ -118,6 +131,16 @@ class RemoteMixtureOfExperts(nn.Module):
         """Gating logits of each grid dimension: a list of [batch, grid_size[d]] tensors."""
         gating_input = input.mean(dim=tuple(range(1, input.ndim - 1))) if input.ndim > 2 else input
         return list(self.proj(gating_input).split_with_sizes(self.grid_size, dim=-1))
+
+    def empty_batch_outputs(self, grid_scores: Sequence[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+        """Flat outputs of shape [0, ...] for a batch without samples; no expert is called (their shapes come from
+        the experts' schema, fetched once). Floating outputs stay attached to the gating graph (zero gradients)."""
+        anchor = sum(scores.sum() for scores in grid_scores) * 0
+        outputs = []
+        for descriptor in nested_flatten(self.info["outputs_schema"]):
+            empty = descriptor.make_zeros(0, device=device, requires_grad=False, pin_memory=False)
+            outputs.append(empty + anchor.to(empty.dtype) if empty.is_floating_point() else empty)
+        return outputs
 
     def find_experts(self, grid_scores: Sequence[torch.Tensor], deadline: Optional[float]) -> List[List[RemoteExpert]]:
         """Beam search for each sample's experts within the forward's time budget."""
