@@ -150,6 +150,10 @@ class DecentralizedAverager(AveragerProcess):
             _is_number(request_timeout) and math.isfinite(request_timeout) and request_timeout > 0,
             f"request_timeout must be a positive number of seconds, got {request_timeout!r}",
         )
+        _check(
+            _is_number(declare_state_period) and math.isfinite(declare_state_period) and declare_state_period > 0,
+            f"declare_state_period must be a positive finite number of seconds, got {declare_state_period!r}",
+        )
         if bandwidth is not None and not (
             _is_number(bandwidth)
             and math.isfinite(bandwidth)
