@@ -88,6 +88,13 @@ def test_no_compression_is_bit_exact_for_every_numpy_dtype(dtype, shape_name):
     assert torch.equal(restored, tensor)
 
 
+@pytest.mark.parametrize("compression", LOSSY_FLOAT_TYPES, ids=CompressionType.Name)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_lossy_codecs_reject_non_floating_tensors_with_value_error(compression, dtype):
+    with pytest.raises(ValueError, match="float"):
+        serialize_torch_tensor(torch.ones(10, dtype=dtype), compression)
+
+
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.complex32])
 def test_no_compression_rejects_dtypes_without_a_wire_name(dtype):

@@ -60,7 +60,7 @@ def _resolve_codec(compression: CompressionBase, info: CompressionInfo) -> Compr
     while isinstance(compression, AdaptiveCompressionBase):
         compression = compression.choose_compression(info)
     if isinstance(compression, FloatingOnlyCodec) and not (info.descriptor.dtype or torch.float32).is_floating_point:
-        return NoCompression()  # it sends such tensors as NONE messages: the raw path sends the same, without a copy
+        return NoCompression()  # (lossy codecs refuse other dtypes): such parts travel uncompressed, exactly
     return compression
 
 
@@ -142,7 +142,8 @@ class TensorPartContainer:
         return self._flat[part.tensor_index][part.start : part.stop]
 
     def compress_part(self, part: PartSpec) -> runtime_pb2.Tensor:
-        return self.compression.compress(self.input_part(part), self.part_info(part))
+        info = self.part_info(part)
+        return _resolve_codec(self.compression, info).compress(self.input_part(part), info)
 
     def part_nbytes(self, reducer_index: int, index: int) -> int:
         """Bytes of local values in part ``index`` of reducer ``reducer_index`` (before compression)."""

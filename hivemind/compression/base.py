@@ -159,14 +159,18 @@ class NoCompression(CompressionBase):
 
 
 class FloatingOnlyCodec(CompressionBase, ABC):
-    """A lossy codec for floating-point values: tensors of any other dtype (integers, bool, complex) are sent exactly
-    as NoCompression sends them, in a NONE message that every receiver decodes, and have a compression ratio of 1."""
+    """A lossy codec for floating-point values. It refuses tensors of any other dtype (integers, bool, complex) with
+    ValueError, as the original library's codecs do; their compression ratio is 1, so that a caller that picks codecs
+    by ratio sends them uncompressed (the averager and state sharing send such tensors with NoCompression)."""
 
     bits_per_element: int  # size of one element in the codec's own format, for estimate_compression_ratio
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         if not tensor.is_floating_point():
-            return _UNCOMPRESSED.compress(tensor, info, allow_inplace)
+            raise ValueError(
+                f"{self.__class__.__name__} compresses floating-point tensors only, got {tensor.dtype}; "
+                f"send this tensor with NoCompression"
+            )
         return self.compress_floating(tensor, info, allow_inplace)
 
     @abstractmethod
@@ -180,6 +184,3 @@ class FloatingOnlyCodec(CompressionBase, ABC):
         if not dtype.is_floating_point:
             return 1.0
         return self.bits_per_element / torch.finfo(dtype).bits
-
-
-_UNCOMPRESSED = NoCompression()

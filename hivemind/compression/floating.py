@@ -33,9 +33,7 @@ def _check_float_input(codec: CompressionBase, tensor: torch.Tensor) -> None:
 
 
 class Float16Compression(FloatingOnlyCodec):
-    """Cast to float16 after clamping to ±65504; restores the original floating dtype.
-
-    Tensors that are not floating point are sent uncompressed (a NONE message), exactly."""
+    """Cast to float16 after clamping to ±65504; restores the original floating dtype."""
 
     compression_type = runtime_pb2.CompressionType.FLOAT16
     bits_per_element = 16

@@ -68,9 +68,7 @@ def _affine_to_float32(
 
 
 class Quantization(FloatingOnlyCodec):
-    """Shared wire format of UNIFORM_8BIT and QUANTILE_8BIT: int64 n ‖ n float32 code book ‖ numel uint8 indices.
-
-    Tensors that are not floating point are sent uncompressed (a NONE message), exactly."""
+    """Shared wire format of UNIFORM_8BIT and QUANTILE_8BIT: int64 n ‖ n float32 code book ‖ numel uint8 indices."""
 
     n_bits = bits_per_element = 8
 
