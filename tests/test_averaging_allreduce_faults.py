@@ -19,6 +19,7 @@ from allreduce_helpers import (
     sender_messages,
     start_routers,
 )
+from async_wait import wait_until
 
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.partition import TensorPartContainer
@@ -30,13 +31,6 @@ pytestmark = pytest.mark.timeout(60)
 
 SIZE, PART_BYTES = 64, 64  # 16 float32 elements per part: each of two reducers owns two parts
 FRACTIONS = [1.0, 1.0, 0.0]  # peers A and B reduce, C (a client) only sends
-
-
-async def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def expected_with_partial_sender(values, container, delivered_parts_per_reducer):

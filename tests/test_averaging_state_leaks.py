@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import torch
+from async_wait import wait_until
 from test_averaging_state_sharing import DecentralizedAverager, dht, serve
 
 from hivemind.averaging.state_sharing import StateSharing
@@ -32,13 +33,6 @@ async def donor_and_clients(dht, p2p_factory, count: int, state, **kwargs):
     await serve(donor, prefix, sharing.rpc_download_state)
     stubs = [DecentralizedAverager.get_stub(client, donor.peer_id, namespace=prefix) for client in clients]
     return sharing, stubs, calls
-
-
-async def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 BIG_STATE = [torch.zeros(16 * 2**20, dtype=torch.uint8) for _ in range(4)]  # 64 MiB: more than the buffers hold

@@ -4,10 +4,10 @@ the server's memory. A request that would go over is refused at once with an err
 served meanwhile, and the bytes of every call are given back when it ends, however it ends."""
 
 import asyncio
-import time
 
 import pytest
 import torch
+from async_wait import wait_until
 from moe_hostile_helpers import (
     HIDDEN,
     UID,
@@ -36,13 +36,6 @@ def chunked(x: torch.Tensor):
         runtime_pb2.ExpertRequest(uid=UID, tensors=[chunk])
         for chunk in split_for_streaming(serialize_torch_tensor(x), chunk_size_bytes=1024)
     ]
-
-
-async def wait_until(condition, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

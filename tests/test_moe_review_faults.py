@@ -2,10 +2,10 @@
 their tasks, whichever RPC they used and wherever they were when the caller went away."""
 
 import asyncio
-import time
 
 import pytest
 import torch
+from async_wait import wait_until
 from moe_hostile_helpers import HIDDEN, UID, as_stream, connect_attacker, drain, hostile_server, make_request
 
 from hivemind.compression import serialize_torch_tensor
@@ -17,13 +17,6 @@ from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 __all__ = ["hostile_server"]
-
-
-async def wait_until(condition, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
