@@ -3,11 +3,11 @@ problem and says what to do; it still derives from ExpertResponseTooLarge (what 
 
 import pytest
 import torch
+from moe_hostile_helpers import drain, serve_fake_expert
 
 from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.client.expert import check_grad_inputs
 from hivemind.moe.client.expert_rpc import (
-    ConnectionHandler,
     ExpertResponseTooLarge,
     MalformedExpertResponse,
     call_expert,
@@ -21,15 +21,6 @@ from hivemind.utils.streaming import split_for_streaming
 HIDDEN = 1024
 STREAMED_ROWS = 1024  # 4 MiB of input: above the unary limit, so the call streams
 ADVICE = "does not follow the expert protocol"
-
-
-async def serve(p2p_pair, handler, name: str):
-    server, client = p2p_pair
-    streams = name.endswith("_stream")
-    await server.add_protobuf_handler(
-        f"ConnectionHandler.{name}", handler, runtime_pb2.ExpertRequest, stream_input=streams, stream_output=streams
-    )
-    return ConnectionHandler.get_stub(client, server.peer_id)
 
 
 async def call_forward(stub, rows: int):
@@ -53,8 +44,7 @@ async def empty_answer(_request, _context):
 
 
 async def streamed_answer_cut_short(requests, _context):
-    async for _ in requests:
-        pass
+    await drain(requests)
     chunks = list(split_for_streaming(answer_of(STREAMED_ROWS), 1024**2))
     assert chunks[0].chunks == 4
     for chunk in chunks[:2]:  # then the server "dies": the stream ends without the last two chunks
@@ -62,29 +52,25 @@ async def streamed_answer_cut_short(requests, _context):
 
 
 async def streamed_answer_with_extra_chunks(requests, _context):
-    async for _ in requests:
-        pass
+    await drain(requests)
     chunks = list(split_for_streaming(answer_of(STREAMED_ROWS), 1024**2))
     for chunk in chunks + chunks[1:2]:
         yield runtime_pb2.ExpertResponse(tensors=[chunk])
 
 
 async def streamed_answer_without_metadata(requests, _context):
-    async for _ in requests:
-        pass
+    await drain(requests)
     yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(buffer=b"\x00" * 16)])
 
 
 async def streamed_answer_of_two_tensors(requests, _context):
-    async for _ in requests:
-        pass
+    await drain(requests)
     for _ in range(2):
         yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(dtype="float32", size=[0])])
 
 
 async def endless_empty_chunks(requests, _context):
-    async for _ in requests:
-        pass
+    await drain(requests)
     yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(dtype="float32", size=[STREAMED_ROWS, HIDDEN])])
     empty = EncodedMessage([b"\x12\x00"])
     for _ in range(40_000):
@@ -92,8 +78,7 @@ async def endless_empty_chunks(requests, _context):
 
 
 async def unparsable_answer(requests, _context):
-    async for _ in requests:
-        pass
+    await drain(requests)
     yield EncodedMessage([b"\x12\x04\x22\x02\xfe\xff"])  # the dtype of its tensor is not UTF-8
 
 
@@ -104,14 +89,14 @@ def test_malformed_answers_are_still_caught_as_the_error_earlier_versions_raised
 
 @pytest.mark.timeout(60)
 async def test_unary_answer_whose_tensor_does_not_decode(p2p_pair):
-    stub = await serve(p2p_pair, undecodable_answer, "rpc_forward")
+    stub = await serve_fake_expert(p2p_pair, rpc_forward=undecodable_answer)
     with pytest.raises(MalformedExpertResponse, match=f"tensor #0 could not be decoded .*{ADVICE}"):
         await call_forward(stub, 1)
 
 
 @pytest.mark.timeout(60)
 async def test_answer_with_fewer_tensors_than_the_expert_returns(p2p_pair):
-    stub = await serve(p2p_pair, empty_answer, "rpc_forward")
+    stub = await serve_fake_expert(p2p_pair, rpc_forward=empty_answer)
     with pytest.raises(
         MalformedExpertResponse, match=f"expert.0 sent a malformed answer to forward: 0 tensors instead of 1.*{ADVICE}"
     ):
@@ -119,23 +104,18 @@ async def test_answer_with_fewer_tensors_than_the_expert_returns(p2p_pair):
 
 
 @pytest.mark.timeout(60)
-async def test_streamed_answer_cut_short_names_the_missing_chunks(p2p_pair):
-    stub = await serve(p2p_pair, streamed_answer_cut_short, "rpc_forward_stream")
-    with pytest.raises(MalformedExpertResponse, match="tensor #0 ended after 2 of the 4 chunks it announced"):
-        await call_forward(stub, STREAMED_ROWS)
-
-
-@pytest.mark.timeout(60)
-async def test_streamed_answer_with_more_chunks_than_announced(p2p_pair):
-    stub = await serve(p2p_pair, streamed_answer_with_extra_chunks, "rpc_forward_stream")
-    with pytest.raises(MalformedExpertResponse, match="tensor #0 got more chunks than the 4 it announced"):
-        await call_forward(stub, STREAMED_ROWS)
-
-
-@pytest.mark.timeout(60)
-async def test_streamed_answer_that_starts_without_metadata(p2p_pair):
-    stub = await serve(p2p_pair, streamed_answer_without_metadata, "rpc_forward_stream")
-    with pytest.raises(MalformedExpertResponse, match="continuation chunk came before any tensor metadata"):
+@pytest.mark.parametrize(
+    "handler, match",
+    [
+        (streamed_answer_cut_short, "tensor #0 ended after 2 of the 4 chunks it announced"),
+        (streamed_answer_with_extra_chunks, "tensor #0 got more chunks than the 4 it announced"),
+        (streamed_answer_without_metadata, "continuation chunk came before any tensor metadata"),
+    ],
+    ids=["cut-short-names-the-missing-chunks", "more-chunks-than-announced", "starts-without-metadata"],
+)
+async def test_streamed_answer_with_broken_chunking_is_malformed(p2p_pair, handler, match):
+    stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=handler)
+    with pytest.raises(MalformedExpertResponse, match=match):
         await call_forward(stub, STREAMED_ROWS)
 
 
@@ -149,14 +129,14 @@ async def test_streamed_answer_that_starts_without_metadata(p2p_pair):
     ids=["too-many-tensors", "unparsable"],
 )
 async def test_answers_refused_on_the_wire_are_malformed_not_too_large(p2p_pair, handler, match):
-    stub = await serve(p2p_pair, handler, "rpc_forward_stream")
+    stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=handler)
     with pytest.raises(MalformedExpertResponse, match=f"{match}.*{ADVICE}"):
         await call_forward(stub, STREAMED_ROWS)
 
 
 @pytest.mark.timeout(60)
 async def test_oversized_answer_is_too_large_not_malformed(p2p_pair):
-    stub = await serve(p2p_pair, endless_empty_chunks, "rpc_forward_stream")
+    stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=endless_empty_chunks)
     with pytest.raises(ExpertResponseTooLarge, match="more than it can need") as error:
         await call_forward(stub, STREAMED_ROWS)
     assert not isinstance(error.value, MalformedExpertResponse)
