@@ -129,7 +129,7 @@ class StreamedRequest:
         self.schema: Optional[ExpertSchema] = None
         self._tensors: List[List[runtime_pb2.Tensor]] = []  # chunks of each tensor
         self._announced: List[int] = []  # chunks announced by the first chunk of each tensor (0: not said)
-        self._byte_budget = 0
+        self._max_bytes = 0  # the most the stream may carry (set by its first message, from the expert's schema)
         self.received_bytes = 0  # buffer bytes and per-message overhead taken so far
 
     def add(self, request: runtime_pb2.ExpertRequest) -> None:
@@ -138,19 +138,17 @@ class StreamedRequest:
             if request.uid not in self.hosted:
                 raise unknown_uid_error(request.uid, self.hosted)
             self.schema = self.hosted[request.uid]
-            self._byte_budget = self.schema.max_request_bytes(self.backward)
+            self._max_bytes = self.schema.max_request_bytes(self.backward)
         elif request.uid != self.schema.uid:
             raise ExpertRequestError(
                 f"{self.what}: every message of a stream must name the same expert, got {request.uid[:200]!r} "
                 f"after {self.schema.uid!r}"
             )
         expected_count = self.expected_count
-        self._byte_budget -= _OVERHEAD_BYTES_PER_MESSAGE
         self.received_bytes += _OVERHEAD_BYTES_PER_MESSAGE
         for chunk in request.tensors:
-            self._byte_budget -= len(chunk.buffer) + _OVERHEAD_BYTES_PER_MESSAGE
             self.received_bytes += len(chunk.buffer) + _OVERHEAD_BYTES_PER_MESSAGE
-            if self._byte_budget < 0:
+            if self.received_bytes > self._max_bytes:
                 raise ExpertRequestError(
                     f"{self.what}: the stream carries more data than {self.schema.uid} accepts "
                     f"(max_batch_size={self.schema.max_batch_size})"
