@@ -265,9 +265,7 @@ class TaskPool(TaskPoolBase):
                 inputs = [torch.cat(parts) for parts in zip(*(task.tensors for task in tasks))]
         except Exception as e:  # should not happen: all tasks have the same signature
             logger.warning(f"{self.name}: could not concatenate {len(tasks)} tasks: {e!r}")
-            for task in tasks:
-                fail(task.future, e)
-            return
+            return fail_tasks(tasks, e)
         batch = Batch(
             next(self._batch_indices), tasks, inputs, sum(task.size for task in tasks), tasks[0].arrival_time
         )
