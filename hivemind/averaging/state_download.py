@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
-from hivemind.averaging.state_snapshot import ALIGNMENT, PackedTensors, TensorLayout, packed_copy
+from hivemind.averaging.state_snapshot import empty_packed, packed_copy
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.compression.buffers import MAX_NDIM
 from hivemind.dht import DHT
@@ -245,13 +245,7 @@ def _shared_outputs(expected: Optional[Sequence[Tuple[Tuple[int, ...], Any]]]) -
     expected tensors or some of their dtypes are unknown."""
     if expected is None or any(not isinstance(dtype, torch.dtype) for _, dtype in expected):
         return None
-    layouts, offset = [], 0
-    for shape, dtype in expected:
-        layouts.append(TensorLayout(offset, tuple(shape), dtype, False))
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
-    storage = torch.UntypedStorage._new_shared(max(offset, 1))  # (an empty mapping is refused)
-    return PackedTensors(torch.empty(0, dtype=torch.uint8).set_(storage), tuple(layouts)).unpack()
+    return empty_packed(expected)
 
 
 def _decode_checked(

@@ -30,7 +30,20 @@ import multiprocessing.connection
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import torch
 
@@ -43,6 +56,7 @@ __all__ = [
     "PackedTensors",
     "pack_tensors",
     "packed_copy",
+    "empty_packed",
     "describing_state",
     "describe_state",
     "send_packed_state",
@@ -109,6 +123,22 @@ def _shared_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
+def _aligned_layouts(specs: Iterable[Tuple[Sequence[int], torch.dtype, bool]]) -> Tuple[Tuple[TensorLayout, ...], int]:
+    """Layouts of tensors ``(shape, dtype, requires_grad)`` one after another in a buffer, each starting at a multiple
+    of ALIGNMENT; and the bytes that buffer needs."""
+    layouts, offset = [], 0
+    for shape, dtype, requires_grad in specs:
+        layouts.append(TensorLayout(offset, tuple(shape), dtype, requires_grad))
+        offset += -(-_nbytes(shape, dtype) // ALIGNMENT) * ALIGNMENT
+    return tuple(layouts), offset
+
+
+def empty_packed(shapes_and_dtypes: Iterable[Tuple[Sequence[int], torch.dtype]]) -> List[torch.Tensor]:
+    """New tensors of these shapes and dtypes (contents unset), as views of one new shared-memory buffer."""
+    layouts, nbytes = _aligned_layouts((shape, dtype, False) for shape, dtype in shapes_and_dtypes)
+    return PackedTensors(_shared_buffer(nbytes), layouts).unpack()
+
+
 def _packed_in_place(tensors: Sequence[torch.Tensor]) -> Optional[PackedTensors]:
     """The layout of ``tensors`` if they are contiguous CPU views of one shared storage, else None."""
     if not tensors or not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors):
@@ -136,11 +166,8 @@ def pack_tensors(tensors: Sequence[torch.Tensor], reuse: bool = True) -> PackedT
     packed = _packed_in_place(tensors) if reuse else None
     if packed is not None:
         return packed
-    layouts, offset = [], 0
-    for tensor in tensors:
-        layouts.append(TensorLayout(offset, tuple(tensor.shape), tensor.dtype, tensor.requires_grad))
-        offset += -(-_nbytes(tensor.shape, tensor.dtype) // ALIGNMENT) * ALIGNMENT
-    packed = PackedTensors(_shared_buffer(offset), tuple(layouts))
+    layouts, nbytes = _aligned_layouts((tensor.shape, tensor.dtype, tensor.requires_grad) for tensor in tensors)
+    packed = PackedTensors(_shared_buffer(nbytes), layouts)
     with torch.no_grad():
         for tensor, layout in zip(tensors, layouts):
             _view(packed.buffer, layout._replace(requires_grad=False)).copy_(tensor.detach())
