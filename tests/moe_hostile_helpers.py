@@ -2,7 +2,7 @@
 expert server that answers with hand-made handlers for the hostile-server tests."""
 
 import asyncio
-from typing import AsyncIterator, Callable, Iterable, List, Tuple
+from typing import AsyncIterator, Callable, Iterable, List, Optional, Tuple
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.dht import DHT
 from hivemind.moe.client.expert_rpc import ConnectionHandler as ExpertRPCs
+from hivemind.moe.client.expert_rpc import call_expert, raw_size_of, response_size_limit
 from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.moe.server.server import Server
@@ -145,3 +146,11 @@ async def serve_fake_expert(p2p_pair, **handlers: Callable):
             stream_output=streams,
         )
     return ExpertRPCs.get_stub(client, server.peer_id)
+
+
+async def forward_to_fake_expert(stub, inputs: torch.Tensor, timeout: Optional[float] = None):
+    """Forward ``inputs`` to expert.0 through ``stub`` as RemoteExpert does: an answer may be as large as the input."""
+    limit = response_size_limit(inputs.numel() * 4)
+    return await call_expert(
+        stub, "forward", UID, [serialize_torch_tensor(inputs)], raw_size_of([inputs]), timeout, limit, 1
+    )

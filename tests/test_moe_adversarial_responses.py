@@ -3,10 +3,9 @@ the stream ends, so each one counts against the answer's byte budget, and tensor
 
 import pytest
 import torch
-from moe_hostile_helpers import answering_bytes, serve_fake_expert
+from moe_hostile_helpers import answering_bytes, drain, forward_to_fake_expert, serve_fake_expert
 
-from hivemind.compression import serialize_torch_tensor
-from hivemind.moe.client.expert_rpc import ExpertResponseTooLarge, call_expert, raw_size_of, response_size_limit
+from hivemind.moe.client.expert_rpc import ExpertResponseTooLarge
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import runtime_pb2
 
@@ -18,8 +17,7 @@ HEAD = runtime_pb2.Tensor(dtype="float32", size=[ROWS, HIDDEN], chunks=0)
 
 async def endless_empty_chunks(requests, _context):
     """A valid answer (one float32 tensor of the input's shape) with tens of thousands of empty chunks inside."""
-    async for _ in requests:
-        pass
+    await drain(requests)
     yield runtime_pb2.ExpertResponse(tensors=[HEAD])
     empty = EncodedMessage([b"\x12\x00"])  # one continuation chunk without bytes
     for _ in range(EMPTY_CHUNKS):
@@ -28,8 +26,7 @@ async def endless_empty_chunks(requests, _context):
 
 
 async def one_new_tensor_per_message(requests, _context):
-    async for _ in requests:
-        pass
+    await drain(requests)
     for _ in range(1000):
         yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(dtype="float32", size=[0])])
 
@@ -38,11 +35,7 @@ NOT_AN_ANSWER = b"\x12\x04\x22\x02\xfe\xff"  # fields that scan well, but the dt
 
 
 async def call_forward(stub, rows: int = ROWS):
-    x = torch.randn(rows, HIDDEN)
-    limit = response_size_limit(x.numel() * 4)  # what RemoteExpert allows for an output of the input's size
-    return await call_expert(
-        stub, "forward", "expert.0", [serialize_torch_tensor(x)], raw_size_of([x]), None, limit, 1
-    )
+    return await forward_to_fake_expert(stub, torch.randn(rows, HIDDEN))
 
 
 @pytest.mark.timeout(60)

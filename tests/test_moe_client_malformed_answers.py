@@ -3,16 +3,13 @@ problem and says what to do; it still derives from ExpertResponseTooLarge (what 
 
 import pytest
 import torch
-from moe_hostile_helpers import drain, serve_fake_expert
+from moe_hostile_helpers import drain, forward_to_fake_expert, serve_fake_expert
 
 from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.client.expert import check_grad_inputs
 from hivemind.moe.client.expert_rpc import (
     ExpertResponseTooLarge,
     MalformedExpertResponse,
-    call_expert,
-    raw_size_of,
-    response_size_limit,
 )
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import runtime_pb2
@@ -24,9 +21,7 @@ ADVICE = "does not follow the expert protocol"
 
 
 async def call_forward(stub, rows: int):
-    x = torch.randn(rows, HIDDEN)
-    limit = response_size_limit(x.numel() * 4)
-    return await call_expert(stub, "forward", "expert.0", [serialize_torch_tensor(x)], raw_size_of([x]), 30, limit, 1)
+    return await forward_to_fake_expert(stub, torch.randn(rows, HIDDEN), timeout=30)
 
 
 def answer_of(rows: int) -> runtime_pb2.Tensor:
