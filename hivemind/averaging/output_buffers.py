@@ -23,13 +23,19 @@ import torch
 
 from hivemind.compression.buffers import empty_output
 
-__all__ = ["ReusableOutputs"]
+__all__ = ["ReusableOutputs", "storage_used_once"]
 
 DEFAULT_MIN_BYTES = 1 << 20
 
 # a storage referenced by one tensor object reports this use count when asked through its storage object
 _EXCLUSIVE_USE_COUNT = 2
 _use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def storage_used_once(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the only tensor on its storage (no views, detached aliases or other tensors share it);
+    False where this torch cannot tell."""
+    return _use_count is not None and _use_count(tensor.untyped_storage()._cdata) <= _EXCLUSIVE_USE_COUNT
 
 
 def _storage_references(tensor: torch.Tensor) -> int:
@@ -45,14 +51,9 @@ def _unreferenced(tensor: torch.Tensor, storage_references: int) -> bool:
 
     :param storage_references: what :func:`_storage_references` returned for the tensor when it was allocated
     """
-    if _use_count is None:
-        return False
     if tensor.untyped_storage().is_shared():
         return False
-    return (  # no local name holds the storage object here: it would count as one more reference
-        _use_count(tensor.untyped_storage()._cdata) <= _EXCLUSIVE_USE_COUNT
-        and _storage_references(tensor) <= storage_references
-    )
+    return storage_used_once(tensor) and _storage_references(tensor) <= storage_references
 
 
 class ReusableOutputs:

@@ -12,13 +12,10 @@ from typing import List, Sequence
 
 import torch
 
+from hivemind.averaging.output_buffers import storage_used_once
 from hivemind.averaging.state_snapshot import pack_tensors
 
 __all__ = ["share_in_one_buffer"]
-
-# a storage referenced by one tensor reports this use count when asked through a fresh storage object; more means
-# that other tensors (views, detached aliases) share it, and re-pointing only one of them would break their aliasing
-_EXCLUSIVE_USE_COUNT = 2
 
 
 def _movable(tensor: torch.Tensor) -> bool:
@@ -26,11 +23,11 @@ def _movable(tensor: torch.Tensor) -> bool:
     tensor that is the only user of its whole storage."""
     if tensor.device.type != "cpu" or tensor.layout != torch.strided or not tensor.is_contiguous():
         return False
-    storage = tensor.untyped_storage()
-    if tensor.storage_offset() != 0 or storage.nbytes() != tensor.numel() * tensor.element_size():
+    if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         return False
-    use_count = getattr(torch._C, "_storage_Use_Count", None)  # (a torch without it: share each on its own)
-    return use_count is not None and use_count(storage._cdata) <= _EXCLUSIVE_USE_COUNT
+    # other tensors on the storage (views, detached aliases) would lose their aliasing if only this one moved; a
+    # torch that cannot tell: each tensor is shared on its own
+    return storage_used_once(tensor)
 
 
 def share_in_one_buffer(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
