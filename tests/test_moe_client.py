@@ -44,12 +44,17 @@ def _remote(server, client_dht, uid="expert.0") -> RemoteExpert:
     return RemoteExpert(ExpertInfo(uid, server.dht.peer_id), p2p)
 
 
-@pytest.mark.parametrize("batch_size", [4, MAX_UNARY_PAYLOAD_SIZE // (4 * HID) + 1], ids=["unary", "streaming"])
-def test_forward_and_backward_equal_the_local_module(server_and_client, batch_size):
+def _remote_and_local(server_and_client, batch_size: int):
+    """(remote expert.0, its local module, inputs that need gradients, an independent copy of them for the module)."""
     server, client_dht = server_and_client
-    expert, local = _remote(server, client_dht), server.handler.modules["expert.0"]
     inputs = torch.randn(batch_size, HID, requires_grad=True)
     local_inputs = inputs.detach().clone().requires_grad_(True)
+    return _remote(server, client_dht), server.handler.modules["expert.0"], inputs, local_inputs
+
+
+@pytest.mark.parametrize("batch_size", [4, MAX_UNARY_PAYLOAD_SIZE // (4 * HID) + 1], ids=["unary", "streaming"])
+def test_forward_and_backward_equal_the_local_module(server_and_client, batch_size):
+    expert, local, inputs, local_inputs = _remote_and_local(server_and_client, batch_size)
 
     output = expert(inputs)
     (output * torch.arange(HID)).sum().backward()
@@ -58,7 +63,7 @@ def test_forward_and_backward_equal_the_local_module(server_and_client, batch_si
 
     assert torch.allclose(output, local_output, atol=1e-5)
     assert torch.allclose(inputs.grad, local_inputs.grad, atol=1e-5)
-    used_stream = "stream:expert.0" in server.handler.calls
+    used_stream = "stream:expert.0" in server_and_client[0].handler.calls
     assert used_stream == (batch_size * HID * 4 > MAX_UNARY_PAYLOAD_SIZE)
 
 
@@ -88,10 +93,7 @@ def test_outputs_are_own_cpu_tensors_that_later_calls_leave_alone(server_and_cli
 
 @pytest.mark.parametrize("batch_size", [4, MAX_UNARY_PAYLOAD_SIZE // (4 * HID) + 1], ids=["unary", "streaming"])
 def test_outputs_can_be_changed_in_place_and_still_backpropagate(server_and_client, batch_size):
-    server, client_dht = server_and_client
-    expert, local = _remote(server, client_dht), server.handler.modules["expert.0"]
-    inputs = torch.randn(batch_size, HID, requires_grad=True)
-    local_inputs = inputs.detach().clone().requires_grad_(True)
+    expert, local, inputs, local_inputs = _remote_and_local(server_and_client, batch_size)
     output = expert(inputs)
     output += 1.0  # e.g. a residual added in place
     output.mul_(2.0).sum().backward()
