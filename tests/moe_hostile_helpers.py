@@ -17,6 +17,7 @@ from hivemind.moe.server.server import Server
 from hivemind.p2p import P2P
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HIDDEN = 16
@@ -73,6 +74,15 @@ async def attacker(hostile_server):
 
 def make_request(uid: str, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
     return runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize_torch_tensor(tensor) for tensor in tensors])
+
+
+def chunked(*tensors: torch.Tensor, uid: str = UID) -> List[runtime_pb2.ExpertRequest]:
+    """One ExpertRequest per chunk, as clients stream them (1 KiB chunks, so that small tensors have several)."""
+    return [
+        runtime_pb2.ExpertRequest(uid=uid, tensors=[chunk])
+        for tensor in tensors
+        for chunk in split_for_streaming(serialize_torch_tensor(tensor), chunk_size_bytes=1024)
+    ]
 
 
 async def as_stream(requests: Iterable[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:

@@ -12,6 +12,7 @@ from moe_hostile_helpers import (
     HIDDEN,
     UID,
     as_stream,
+    chunked,
     connect_attacker,
     drain,
     good_forward,
@@ -23,19 +24,11 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.server.expert_requests import RequestBytesInFlight
 from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
 
 __all__ = ["hostile_server"]  # the fixture, used by the tests below
 
 ROWS = 64
 STREAM_BYTES = 4 * (256 + 1024 + 256)  # four 1 KiB chunks, one per message: buffers plus what each costs on top
-
-
-def chunked(x: torch.Tensor):
-    return [
-        runtime_pb2.ExpertRequest(uid=UID, tensors=[chunk])
-        for chunk in split_for_streaming(serialize_torch_tensor(x), chunk_size_bytes=1024)
-    ]
 
 
 @pytest.fixture

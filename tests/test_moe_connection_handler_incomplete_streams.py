@@ -14,30 +14,20 @@ from moe_hostile_helpers import (
     UID,
     as_stream,
     attacker,
+    chunked,
     drain,
     good_forward,
     hostile_server,
     sleep_forever_after,
 )
 
-from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.server.expert_requests import IncompleteStreamError
 from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
 
 __all__ = ["attacker", "hostile_server"]  # the fixtures, used by the tests below
 
 ROWS = 64  # 64 x 16 float32 = 4 KiB: four chunks of 1 KiB
-
-
-def chunked(*tensors: torch.Tensor, uid: str = UID):
-    """One ExpertRequest per chunk, as clients stream them (1 KiB chunks, so that small tensors have several)."""
-    return [
-        runtime_pb2.ExpertRequest(uid=uid, tensors=[chunk])
-        for tensor in tensors
-        for chunk in split_for_streaming(serialize_torch_tensor(tensor), chunk_size_bytes=1024)
-    ]
 
 
 @pytest.fixture

@@ -6,14 +6,11 @@ import asyncio
 import pytest
 import torch
 from async_wait import wait_until
-from moe_hostile_helpers import HIDDEN, UID, as_stream, connect_attacker, drain, hostile_server, make_request
+from moe_hostile_helpers import HIDDEN, UID, as_stream, chunked, connect_attacker, drain, hostile_server, make_request
 
-from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.expert_requests import ExpertSchema, RequestBytesInFlight
-from hivemind.proto import runtime_pb2
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 __all__ = ["hostile_server"]
@@ -48,13 +45,6 @@ def budget(hostile_server, monkeypatch) -> RequestBytesInFlight:
     budget = RequestBytesInFlight(2**30, 2**30)
     monkeypatch.setattr(handler, "_bytes_in_flight", budget)
     return budget
-
-
-def chunked(x: torch.Tensor):
-    return [
-        runtime_pb2.ExpertRequest(uid=UID, tensors=[chunk])
-        for chunk in split_for_streaming(serialize_torch_tensor(x), chunk_size_bytes=1024)
-    ]
 
 
 @pytest.mark.timeout(60)
