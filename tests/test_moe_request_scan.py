@@ -9,6 +9,7 @@ from moe_hostile_helpers import (
     UID,
     as_stream,
     attacker,
+    chunked,
     drain,
     good_forward,
     hostile_server,
@@ -25,7 +26,6 @@ from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.p2p.framing import EncodedMessage
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
 
 __all__ = ["attacker", "hostile_server"]  # the fixtures, used by the tests below
 
@@ -50,10 +50,7 @@ def checked_parse(data: bytes, counts=COUNTS) -> runtime_pb2.ExpertRequest:
         runtime_pb2.ExpertRequest(uid="ffn.1", tensors=[serialize_torch_tensor(torch.randn(4, 3))] * 2, metadata=b"m"),
         runtime_pb2.ExpertRequest(uid="ffn.0", tensors=[runtime_pb2.Tensor(size=list(range(1, MAX_TENSOR_DIMS + 1)))]),
         runtime_pb2.ExpertRequest(uid="elsewhere.7"),  # unknown uids are refused later, with the usual message
-        next(
-            runtime_pb2.ExpertRequest(uid="ffn.0", tensors=[chunk])
-            for chunk in split_for_streaming(serialize_torch_tensor(torch.randn(64, 64)), chunk_size_bytes=1024)
-        ),
+        chunked(torch.randn(64, 64), uid="ffn.0")[0],
     ],
     ids=["one-tensor", "two-tensors-and-metadata", "max-dims", "no-tensors", "stream-chunk"],
 )
