@@ -2,6 +2,7 @@
 expert server that answers with hand-made handlers for the hostile-server tests."""
 
 import asyncio
+import resource
 from typing import AsyncIterator, Callable, Iterable, List, Optional, Tuple
 
 import pytest
@@ -102,6 +103,11 @@ def parameters_of(server: Server, uid: str = UID) -> List[torch.Tensor]:
     backend = server.module_backends[uid]
     with backend._update_lock:
         return [parameter.detach().clone() for parameter in backend.module.parameters()]
+
+
+def peak_rss() -> int:
+    """The highest resident memory of this process so far, in bytes (Linux reports it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 async def drain(responses) -> None:

@@ -2,7 +2,6 @@
 keeps serving a good client."""
 
 import asyncio
-import resource
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from moe_hostile_helpers import (
     hostile_server,
     make_request,
     parameters_of,
+    peak_rss,
     sleep_forever_after,
 )
 
@@ -118,13 +118,13 @@ async def test_stream_message_of_millions_of_empty_tensors_is_refused_before_par
     # 16 MiB on the wire, 8M empty Tensor entries: parsing it would take ~40x that (over 600 MiB) in the server
     uid_field = runtime_pb2.ExpertRequest(uid=UID).SerializeToString()
     message = EncodedMessage([uid_field, b"\x12\x00" * (8 * 1024**2)])
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_before = peak_rss()
     error = None
     try:
         await drain(await stub.rpc_forward_stream(as_stream([message])))
     except P2PHandlerError as e:
         error = e
-    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    peak_growth = peak_rss() - peak_before
     assert peak_growth < 200 * 1024**2, f"the server's memory peaked {peak_growth / 2**20:.0f} MiB higher"
     assert error is None or "bytes accepted here" in str(error)  # (or the refusal arrived as a bare end of stream)
     await good_forward(stub)

@@ -1,8 +1,6 @@
 """Expert requests are counted on the wire before protobuf parses them: more tensors than the expert takes (millions
 of empty ones fit in a 4 MiB message) are refused without materialising them."""
 
-import resource
-
 import pytest
 import torch
 from moe_hostile_helpers import (
@@ -15,6 +13,7 @@ from moe_hostile_helpers import (
     hostile_server,
     make_backends,
     make_request,
+    peak_rss,
 )
 
 from hivemind.compression import serialize_torch_tensor
@@ -99,10 +98,6 @@ def test_malformed_request_is_refused(data):
 def test_endless_unknown_fields_are_refused():
     with pytest.raises(RequestScanError, match="fields besides its tensors"):
         scan_expert_request(b"\x18\x01" * EMPTY_TENSORS, COUNTS, "forward")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @pytest.mark.timeout(60)

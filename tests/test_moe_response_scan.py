@@ -1,11 +1,9 @@
 """A hostile expert server cannot make a client parse millions of empty tensors: responses are counted on the wire
 before protobuf parses them, and streamed answers are limited to one chunk per message."""
 
-import resource
-
 import pytest
 import torch
-from moe_hostile_helpers import answering_bytes, serve_fake_expert
+from moe_hostile_helpers import answering_bytes, peak_rss, serve_fake_expert
 
 from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.client.expert_rpc import ExpertResponseTooLarge, call_expert, raw_size_of
@@ -18,10 +16,6 @@ BLOATED = b"\x12\x00" * EMPTY_TENSORS
 async def hostile_server(p2p_pair):
     unary, streaming = answering_bytes(BLOATED)
     return await serve_fake_expert(p2p_pair, rpc_forward=unary, rpc_forward_stream=streaming)
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 async def call_forward(stub, x: torch.Tensor):
