@@ -210,14 +210,17 @@ class AveragingRounds:
         if group_id in self._running_groups:
             raise AllreduceException(f"group id {group_id.hex()} is already running here")
         self._running_groups[group_id] = runner
-        self._group_registered.set()
-        self._group_registered = asyncio.Event()
+        self._wake_group_waiters()
 
     def _mark_group_cancelled(self, group_id: bytes) -> None:
         self._cancelled_groups[group_id] = None
         while len(self._cancelled_groups) > MAX_CANCELLED_GROUPS:
             del self._cancelled_groups[next(iter(self._cancelled_groups))]
-        self._group_registered.set()  # wake the handlers waiting for this group
+        self._wake_group_waiters()
+
+    def _wake_group_waiters(self) -> None:
+        """Wake the handlers waiting (in :meth:`_wait_for_group`) for a group to be registered or cancelled."""
+        self._group_registered.set()
         self._group_registered = asyncio.Event()
 
     def _is_cancelled_group(self, group_id: bytes) -> bool:
