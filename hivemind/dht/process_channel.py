@@ -84,7 +84,7 @@ class CallerEnd:
         except (EOFError, OSError) as e:
             self.fail_pending(e)
         except BaseException as e:  # e.g. an unpicklable result: fail everything rather than hang
-            logger.exception("DHT response reader crashed")
+            logger.exception(f"{self._process_name} response reader crashed")
             self.fail_pending(e)
 
     def _deliver(self, call_id: int, ok: bool, payload: Any) -> None:
