@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from moe_hostile_helpers import UID, as_stream, connect_attacker, make_request
+from moe_hostile_helpers import UID, as_stream, connect_attacker, drain, make_request
 
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.dht import DHT
@@ -71,8 +71,7 @@ async def cancel_en_masse(stub, stop: asyncio.Event) -> None:
 
 
 async def drain_stream(stub, request) -> None:
-    async for _ in await stub.rpc_forward_stream(as_stream([request])):
-        pass
+    await drain(await stub.rpc_forward_stream(as_stream([request])))
 
 
 async def serve_exactly(stub, expert: SlowExpert, seed: int, stop: asyncio.Event) -> int:
