@@ -66,7 +66,7 @@ class ReducerSide:
         sender_index = self.sender_index_of.get(peer_id)
         try:
             first = await await_with_timeout(anext(stream), self.sender_timeout)
-        except (asyncio.TimeoutError, StopAsyncIteration, Exception) as e:
+        except Exception as e:  # a timeout, an empty stream or a broken one
             if sender_index is not None and peer_id != self.peer_id:
                 self._ban(sender_index, f"first message did not arrive: {e!r}")
             yield AveragingData(code=MessageCode.INTERNAL_ERROR)
