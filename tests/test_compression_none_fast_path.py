@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from compression_helpers import c_order_bytes
 
 import hivemind.compression.serialization as serialization
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -31,17 +32,11 @@ def _views(dtype):
         yield "negative view", torch._neg_view(base)
 
 
-def _c_order_bytes(tensor: torch.Tensor) -> bytes:
-    """Little-endian C-order bytes computed by torch alone (not through numpy)."""
-    resolved = tensor.resolve_conj().resolve_neg().contiguous()
-    return bytes(resolved.flatten().view(torch.uint8).tolist())
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_none_writes_c_order_bytes_of_every_view(dtype):
     for name, tensor in _views(dtype):
         message = serialize_torch_tensor(tensor, CompressionType.NONE)
-        assert message.buffer == _c_order_bytes(tensor), name
+        assert message.buffer == c_order_bytes(tensor), name
         assert list(message.size) == list(tensor.shape)
         assert torch.equal(deserialize_torch_tensor(message), tensor.resolve_conj().resolve_neg()), name
 
@@ -59,6 +54,6 @@ def test_none_still_checks_compression_info_keywords():
     with pytest.raises(TypeError):
         serialize_torch_tensor(torch.ones(3), CompressionType.NONE, no_such_field=1)
     info = CompressionInfo.from_tensor(torch.ones(3), key="x")
-    assert serialize_torch_tensor(torch.ones(3), CompressionType.NONE, info=info).buffer == _c_order_bytes(
+    assert serialize_torch_tensor(torch.ones(3), CompressionType.NONE, info=info).buffer == c_order_bytes(
         torch.ones(3)
     )

@@ -2,14 +2,10 @@
 
 import pytest
 import torch
+from compression_helpers import c_order_bytes
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto.runtime_pb2 import CompressionType
-
-
-def _reference_bytes(tensor: torch.Tensor) -> bytes:
-    """Little-endian C-order bytes computed by torch alone (no numpy)."""
-    return bytes(tensor.detach().contiguous().flatten().view(torch.uint8).tolist())
 
 
 def _layouts():
@@ -30,7 +26,7 @@ def test_none_writes_c_order_bytes_of_unusual_layouts(dtype):
     for name, tensor in _layouts():
         tensor = tensor.to(dtype)
         message = serialize_torch_tensor(tensor, CompressionType.NONE)
-        assert message.buffer == _reference_bytes(tensor), name
+        assert message.buffer == c_order_bytes(tensor), name
         assert list(message.size) == list(tensor.shape), name
         assert torch.equal(deserialize_torch_tensor(message), tensor), name
 
@@ -39,7 +35,7 @@ def test_none_keeps_requires_grad_of_a_parameter_and_of_a_non_leaf():
     parameter = torch.nn.Parameter(torch.randn(3, 2))
     for tensor in (parameter, parameter * 2):
         message = serialize_torch_tensor(tensor, CompressionType.NONE)
-        assert message.requires_grad and message.buffer == _reference_bytes(tensor)
+        assert message.requires_grad and message.buffer == c_order_bytes(tensor)
         restored = deserialize_torch_tensor(message)
         assert restored.requires_grad and torch.equal(restored.detach(), tensor.detach())
 
