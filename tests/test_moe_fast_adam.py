@@ -32,13 +32,18 @@ def _train(module: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 5, 
         optimizer.zero_grad()
 
 
+def _server_backends(modules, optim_cls):
+    """The server's backends for ``modules`` (expert.0, expert.1, ...), built as the server builds them."""
+    return _make_backends(
+        [f"expert.{index}" for index in range(len(modules))], modules, expert_cls="ffn", hidden_dim=16,
+        optim_cls=optim_cls, scheduler="none", num_warmup_steps=None, num_training_steps=None, clip_grad_norm=None,
+        min_batch_size=1, max_batch_size=8, compression=0,
+    )  # fmt: skip
+
+
 def test_server_builds_its_default_adam_with_the_fastest_implementation():
     modules = [nn.Linear(16, 16) for _ in range(2)]
-    backends = _make_backends(
-        ["expert.0", "expert.1"], modules, expert_cls="ffn", hidden_dim=16, optim_cls=torch.optim.Adam,
-        scheduler="none", num_warmup_steps=None, num_training_steps=None, clip_grad_norm=None, min_batch_size=1,
-        max_batch_size=8, compression=0,
-    )  # fmt: skip
+    backends = _server_backends(modules, torch.optim.Adam)
     for backend in backends.values():
         assert isinstance(backend.optimizer, FastAdam)
         expected = "fused" if _cpu_has_fused_adam() else "foreach"
@@ -48,11 +53,7 @@ def test_server_builds_its_default_adam_with_the_fastest_implementation():
 
 def test_server_leaves_a_user_optimizer_factory_alone():
     factory = functools.partial(torch.optim.Adam, lr=0.01)
-    backends = _make_backends(
-        ["expert.0"], [nn.Linear(16, 16)], expert_cls="ffn", hidden_dim=16, optim_cls=factory, scheduler="none",
-        num_warmup_steps=None, num_training_steps=None, clip_grad_norm=None, min_batch_size=1, max_batch_size=8,
-        compression=0,
-    )  # fmt: skip
+    backends = _server_backends([nn.Linear(16, 16)], factory)
     optimizer = backends["expert.0"].optimizer
     assert type(optimizer) is torch.optim.Adam
     assert optimizer.param_groups[0]["fused"] is None and optimizer.param_groups[0]["foreach"] is None
