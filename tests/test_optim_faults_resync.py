@@ -85,3 +85,31 @@ def test_a_peer_joining_mid_training_catches_up_inside_step_without_being_told(d
         leader.shutdown()
         if newcomer is not None:
             newcomer.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_whose_view_of_the_swarm_was_stale_loads_the_state_at_its_epoch_update_instead_of_jumping(dht_pair):
+    torch.manual_seed(2)
+    models = [torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)]
+    models[1].load_state_dict(models[0].state_dict())
+    leader, laggard = (make_optimizer(dht, model, "resync_stale") for dht, model in zip(dht_pair, models))
+    try:
+        deadline = time.monotonic() + 20
+        while not all(opt.tracker.global_progress.num_peers == 2 for opt in (leader, laggard)):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        train_step(models[1], laggard)  # local gradients that a jump ahead would apply
+        while leader.local_epoch < 3:
+            train_step(models[0], leader)
+        while laggard.tracker.global_epoch < 3:
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.02)
+        # the epoch update that .step() starts when its check ran on a stale view (global epoch 0) and the refresh
+        # just before the update brought the swarm's epoch 3: the laggard must load, not step itself to epoch 3
+        laggard._update_global_epoch(grad_scaler=None)
+        assert laggard.local_epoch == leader.local_epoch == 3
+        for mine, theirs in zip(models[1].parameters(), models[0].parameters()):
+            assert torch.equal(mine, theirs)
+    finally:
+        leader.shutdown()
+        laggard.shutdown()

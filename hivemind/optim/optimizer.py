@@ -327,57 +327,61 @@ class Optimizer(torch.optim.Optimizer):
     def _update_global_epoch(self, grad_scaler: Optional[GradScaler]) -> None:
         # the last epoch's background optimizer step reads the gradient buffers that averaging is about to overwrite
         self.state_averager.wait_for_background_step()
-        with self.tracker.pause_updates():
-            num_peers = self._expected_peers()
-            new_epoch = next_epoch(self.local_epoch, self.tracker.global_epoch)
-            optimizer_step, contributes = self.use_gradient_averaging and not self.auxiliary, True
-            if self.use_gradient_averaging:
-                if grad_scaler is not None and not self.auxiliary:  # each peer's own scale: average unscaled grads
-                    contributes = grad_scaler.unscale_accumulated_grads_(self, self.grad_averager.accumulated_grads())
-                    if not contributes:  # inf/NaN: this peer averages with weight 0 (and does not step alone)
-                        self.grad_averager.reset_accumulated_grads_()
-                grad_round = self._start_gradient_averaging(num_peers)
-                if self.delay_grad_averaging:
-                    self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
-                else:
-                    self._finish_gradient_averaging(grad_round)
-                    num_peers = len(self._last_round_peers)  # the state round expects those who averaged just now
-                    grad_round = grad_round if num_peers > 1 else None  # (failed: the buffers hold our own grads)
-                optimizer_step = optimizer_step and (contributes or grad_round is not None)
-            # a state average from the last epoch is applied (or dropped) before this epoch's optimizer step
-            self.state_averager.step(wait_for_delayed_updates=not self.delay_grad_averaging)
+        with self.tracker.pause_updates():  # (freezes the swarm's epoch, which may have moved since step() read it)
+            if self.auxiliary or not should_load_state(self.local_epoch, self.tracker.global_epoch, strict=False):
+                return self._advance_epoch(grad_scaler)
+        self.load_state_from_peers()  # more than an epoch behind: load the swarm's state, never jump to its epoch
 
-            average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
-            state_control, self._state_control = self._state_control, None
-            if state_control is not None and not average_state:
-                state_control.cancel()
-                state_control = None
-            elif average_state:  # (re)start matchmaking now, knowing whom to expect
-                state_control = state_control or self._try_schedule(self.state_averager, None, self.averaging_timeout,
-                                                                     num_peers, gather=new_epoch)  # fmt: skip
-                if state_control is not None:
-                    state_control.expected_group_size = num_peers
-            self.state_averager.local_epoch = new_epoch
-            if optimizer_step and not self.offload_optimizer:  # the step reads param.grad: swap in the average
-                with self.grad_averager.use_averaged_gradients():  # (already unscaled, before averaging)
-                    self.state_averager.step(optimizer_step=True)
-                optimizer_step = False
-            self.state_averager.step(
-                optimizer_step=optimizer_step, delay_optimizer_step=self.delay_optimizer_step and optimizer_step,
-                averaging_round=average_state,
-                delay_averaging=self.delay_state_averaging, averaging_control=state_control,
-                averaging_opts=None if state_control is not None else dict(timeout=self.averaging_timeout),
-            )  # fmt: skip
-            if self.grad_averager is not None:
-                self.grad_averager.notify_used_averaged_gradients()
-                if self.reuse_grad_buffers:
+    def _advance_epoch(self, grad_scaler: Optional[GradScaler]) -> None:
+        num_peers = self._expected_peers()
+        new_epoch = next_epoch(self.local_epoch, self.tracker.global_epoch)
+        optimizer_step, contributes = self.use_gradient_averaging and not self.auxiliary, True
+        if self.use_gradient_averaging:
+            if grad_scaler is not None and not self.auxiliary:  # each peer's own scale: average unscaled grads
+                contributes = grad_scaler.unscale_accumulated_grads_(self, self.grad_averager.accumulated_grads())
+                if not contributes:  # inf/NaN: this peer averages with weight 0 (and does not step alone)
                     self.grad_averager.reset_accumulated_grads_()
-            if grad_scaler is not None:
-                grad_scaler.update()
-            self._local_samples = 0
-            self.tracker.update_epoch(new_epoch=self.local_epoch)
-            self._check_synchronization_strictly = True
-            self._set_state_sharing_priority()
+            grad_round = self._start_gradient_averaging(num_peers)
+            if self.delay_grad_averaging:
+                self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
+            else:
+                self._finish_gradient_averaging(grad_round)
+                num_peers = len(self._last_round_peers)  # the state round expects those who averaged just now
+                grad_round = grad_round if num_peers > 1 else None  # (failed: the buffers hold our own grads)
+            optimizer_step = optimizer_step and (contributes or grad_round is not None)
+        # a state average from the last epoch is applied (or dropped) before this epoch's optimizer step
+        self.state_averager.step(wait_for_delayed_updates=not self.delay_grad_averaging)
+        average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
+        state_control, self._state_control = self._state_control, None
+        if state_control is not None and not average_state:
+            state_control.cancel()
+            state_control = None
+        elif average_state:  # (re)start matchmaking now, knowing whom to expect
+            state_control = state_control or self._try_schedule(self.state_averager, None, self.averaging_timeout,
+                                                                 num_peers, gather=new_epoch)  # fmt: skip
+            if state_control is not None:
+                state_control.expected_group_size = num_peers
+        self.state_averager.local_epoch = new_epoch
+        if optimizer_step and not self.offload_optimizer:  # the step reads param.grad: swap in the average
+            with self.grad_averager.use_averaged_gradients():  # (already unscaled, before averaging)
+                self.state_averager.step(optimizer_step=True)
+            optimizer_step = False
+        self.state_averager.step(
+            optimizer_step=optimizer_step, delay_optimizer_step=self.delay_optimizer_step and optimizer_step,
+            averaging_round=average_state,
+            delay_averaging=self.delay_state_averaging, averaging_control=state_control,
+            averaging_opts=None if state_control is not None else dict(timeout=self.averaging_timeout),
+        )  # fmt: skip
+        if self.grad_averager is not None:
+            self.grad_averager.notify_used_averaged_gradients()
+            if self.reuse_grad_buffers:
+                self.grad_averager.reset_accumulated_grads_()
+        if grad_scaler is not None:
+            grad_scaler.update()
+        self._local_samples = 0
+        self.tracker.update_epoch(new_epoch=self.local_epoch)
+        self._check_synchronization_strictly = True
+        self._set_state_sharing_priority()
         logger.log(self.status_loglevel, f"{self.run_id}: epoch {self.local_epoch} begins")
 
     def _start_gradient_averaging(self, num_peers: int) -> Optional[StepControl]:
