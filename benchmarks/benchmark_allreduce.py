@@ -7,6 +7,9 @@ calls, as an averager does) and add the deltas to their tensors, so both sides e
 
     python benchmarks/benchmark_allreduce.py --peers 2 4 --sizes 1M 16M 64M --repeats 5
 
+With `--only gloo --averager` the script uses only the public API, so `benchmarks/compare.py` can run it against the
+original library in the same run (our AllReduceRunner's constructor is not the original's).
+
 The CPU columns are the CPU time (user + system) of all peer processes and of their p2pd daemons per MiB of the
 averaged vector, summed over peers; "(x Python)" is the part of it spent in the peers' own processes (the rest is
 their p2pd daemons).
@@ -28,7 +31,12 @@ from typing import AsyncIterator, Dict, List, Tuple
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import achain, anext, as_aiter, await_with_timeout
+from hivemind.utils.asyncio import achain, anext, as_aiter
+
+try:  # absent from the original library: `compare.py` runs only `--only gloo --averager` against it
+    from hivemind.utils.asyncio import await_with_timeout
+except ImportError:  # pragma: no cover
+    await_with_timeout = None
 
 try:  # parts parsed without copying their tensors (absent from older trees that this file may be run against)
     from hivemind.averaging.part_encoding import ReceivedAveragingData
@@ -158,10 +166,12 @@ def averager_peer(rank: int, initial_maddrs: List[str], connection, torch_thread
     import torch
 
     from hivemind import DHT
-    from hivemind.averaging import AveragingStage, DecentralizedAverager
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.averaging.control import AveragingStage
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    mp.set_start_method("fork", force=True)  # the original's averager cannot start under spawn; same for both
     dht = DHT(initial_peers=initial_maddrs or None, start=True)
     connection.send((dht.peer_id.to_bytes(), [str(maddr) for maddr in dht.get_visible_maddrs()]))
     num_peers = len(connection.recv())
