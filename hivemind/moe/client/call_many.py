@@ -124,10 +124,13 @@ async def _gather_answers(
     return results, errors, timed_out
 
 
-def _fan_out(jobs, method, tensors_for_job, limit_for_job, schema, options: CallOptions, num_samples, k_min, deadline):
+def _fan_out(
+    jobs, method, tensors_for_job, expected_for_job, schema, options: CallOptions, num_samples, k_min, deadline
+):
     """Call ``method`` of each job's expert in parallel; returns {job index: tensors} of the ones that answered.
 
-    ``limit_for_job(job)``: (the most tensor bytes, the number of tensors) that an answer may carry.
+    ``expected_for_job(job)``: (the raw bytes, the number of tensors) that an answer should carry; it may carry at
+    most response_size_limit of those bytes, and is streamed when they do not fit one unary message.
     """
     if deadline is not None and deadline <= time.monotonic():
         raise TimeoutError(f"The time limit of {method} ran out before any expert was called (raise the timeout)")
@@ -138,8 +141,10 @@ def _fan_out(jobs, method, tensors_for_job, limit_for_job, schema, options: Call
                 continue  # failed recently: counted as not answering without waiting for it again
             tensors = tensors_for_job(job)
             serialized = serialize_inputs(tensors, schema)
+            expected_bytes, count = expected_for_job(job)
+            raw_size, limit = raw_size_of(tensors), response_size_limit(expected_bytes)
             calls[index] = call_expert(
-                job.expert.stub, method, job.expert.uid, serialized, raw_size_of(tensors), None, *limit_for_job(job)
+                job.expert.stub, method, job.expert.uid, serialized, raw_size, None, limit, count, expected_bytes
             )
     except BaseException:
         for call in calls.values():
@@ -180,14 +185,14 @@ class RemoteCallMany(torch.autograd.Function):
         def rows_for(job):
             return [tensor[job.samples] for tensor in flat_inputs]
 
-        def output_limit(job):
-            return response_size_limit(expected_output_bytes(outputs_schema, len(job.samples))), num_outputs
+        def expected_outputs(job):
+            return expected_output_bytes(outputs_schema, len(job.samples)), num_outputs
 
         results = _fan_out(
             jobs,
             "forward",
             rows_for,
-            output_limit,
+            expected_outputs,
             info["forward_schema"],
             options,
             num_samples,
@@ -239,16 +244,16 @@ class RemoteCallMany(torch.autograd.Function):
 
         deadline = None if options.backward_timeout is None else time.monotonic() + options.backward_timeout
 
-        def grads_limit(job):
+        def expected_grads(job):
             rows = len(job.samples)  # one gradient per input, of the input's shape
             grad_bytes = sum(rows * math.prod(t.shape[1:]) * t.element_size() for t in flat_inputs)
-            return response_size_limit(grad_bytes), len(flat_inputs)
+            return grad_bytes, len(flat_inputs)
 
         results = _fan_out(
             jobs,
             "backward",
             rows_for,
-            grads_limit,
+            expected_grads,
             backward_schema,
             options,
             ctx.num_samples,

@@ -101,11 +101,12 @@ class _RemoteModuleCall(torch.autograd.Function):
         ctx.expert_call = (uid, stub, info)
         ctx.save_for_backward(*inputs)
         serialized = serialize_inputs(inputs, info["forward_schema"])
-        limit = response_size_limit(expected_output_bytes(info["outputs_schema"], len(inputs[0]) if inputs else 0))
+        expected = expected_output_bytes(info["outputs_schema"], len(inputs[0]) if inputs else 0)
         count = len(list(nested_flatten(info["outputs_schema"])))
-        outputs = RemoteExpertWorker.run_coroutine(
-            call_expert(stub, "forward", uid, serialized, raw_size_of(inputs), None, limit, max_response_tensors=count)
+        call = call_expert(
+            stub, "forward", uid, serialized, raw_size_of(inputs), None, response_size_limit(expected), count, expected
         )
+        outputs = RemoteExpertWorker.run_coroutine(call)
         return tuple(map(_standalone, outputs))
 
     @staticmethod

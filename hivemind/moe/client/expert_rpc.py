@@ -273,8 +273,9 @@ async def call_expert(
     timeout: Optional[float] = None,
     max_response_bytes: Optional[int] = None,
     max_response_tensors: Optional[int] = None,
+    expected_response_size: int = 0,
 ) -> List[torch.Tensor]:
-    """Send tensors to ``rpc_<method>`` (unary) or ``rpc_<method>_stream`` (above 2 MiB of raw input bytes).
+    """Send tensors to ``rpc_<method>`` (unary) or ``rpc_<method>_stream`` (above 2 MiB of raw bytes either way).
 
     :param raw_size: the summed ``element_size * numel`` of the tensors before compression, in bytes
     :param timeout: for the unary variant only; bound a streaming call by cancelling it
@@ -282,8 +283,10 @@ async def call_expert(
     :param max_response_tensors: the number of tensors the answer holds (the expert's number of outputs, or of
       inputs for backward): a message with more is refused before it is parsed, and an answer with fewer too
       (MalformedExpertResponse, as for any answer that is not a valid one)
+    :param expected_response_size: the raw bytes the answer should carry (e.g. the outputs of the batch): a unary
+      answer travels in one message of at most 4 MiB, so an answer above 2 MiB is asked for by streaming too
     """
-    if raw_size > MAX_UNARY_PAYLOAD_SIZE:
+    if max(raw_size, expected_response_size) > MAX_UNARY_PAYLOAD_SIZE:
         name = f"rpc_{method}_stream"
         responses = await _call(stub, name, uid, _iterate_requests(uid, serialized), max_response_tensors)
         answer = _StreamedAnswer(uid, method, max_response_bytes, max_response_tensors)
