@@ -1,8 +1,9 @@
 """
 MessagePack serialization with hivemind's ext types: tuples are ext 0x40, classes can register more.
 
-Decoding is safe for bytes from the network: nesting depth is bounded (see :meth:`MSGPackSerializer.loads`), tuples
-are decoded iteratively rather than by recursion, and nothing is allocated beyond what the input's length allows.
+Decoding is safe for bytes from the network: nesting depth and the number of items are bounded (see
+:meth:`MSGPackSerializer.loads`), tuples are decoded iteratively rather than by recursion, and nothing is allocated for
+sizes the input claims.
 """
 
 from __future__ import annotations
@@ -74,9 +75,39 @@ _C_DECODER = getattr(msgpack.unpackb, "__module__", "") == "msgpack._cmsgpack"
 class _DecodingState(threading.local):
     ext_nesting = 0  # registered ext payloads being decoded on this thread, one inside another
     tuple_nesting = 0  # tuple payloads being decoded on this thread, one inside another (up to _TUPLE_RECURSION)
+    items_left: Optional[int] = None  # what is left of the item budget of the document being decoded (None: no count)
+    items_limit = 0  # that document's whole budget (MAX_ITEMS), for the error message
 
 
 _state = _DecodingState()
+
+
+def _too_many_items() -> MSGPackDecodeError:
+    return MSGPackDecodeError(
+        f"msgpack document holds more than {_state.items_limit} items in its arrays, maps and tuples; refusing to "
+        f"decode it (each costs tens of bytes of memory, see MSGPackSerializer.MAX_ITEMS)"
+    )
+
+
+def _spend_items(count: int) -> None:
+    left = _state.items_left - count
+    _state.items_left = left
+    if left < 0:
+        raise _too_many_items()
+
+
+def _count_array(items: list) -> list:
+    """list_hook while a document is counted: the array and its elements (called once the array is complete)."""
+    _spend_items(1 + len(items))
+    return items
+
+
+def _count_map(mapping: dict) -> dict:
+    """object_hook while a document is counted: the map, its keys and its values."""
+    _spend_items(1 + 2 * len(mapping))
+    return mapping
+
+
 _warned_ext_codes: Set[int] = set()  # unknown ext codes already reported: a peer's flood of them logs once per code
 
 
@@ -107,6 +138,9 @@ class MSGPackSerializer(SerializerBase):
     TUPLE_EXT_TYPE_CODE = 0x40
     MAX_NESTING_DEPTH = 64  # arrays, maps and tuples inside one another
     MAX_EXT_NESTING = 4  # registered ext types (other than tuples) inside one another's payloads
+    # arrays, maps and tuples of one document, plus their elements (a map's keys and values count one each): an empty
+    # map takes one byte of msgpack but ~70 bytes of memory, so without this bound a 32 MiB document could take 2.5 GB
+    MAX_ITEMS = 2**20
     _ext_types: Dict[Type, int] = {}
     _ext_type_codes: Dict[int, Type] = {}
 
@@ -175,12 +209,22 @@ class MSGPackSerializer(SerializerBase):
             )
         return data
 
+    @staticmethod
+    def _options(ext_hook: Callable[[int, bytes], Any]) -> Dict[str, Any]:
+        """unpackb's keyword arguments; while a document is counted, hooks that spend its item budget as arrays and
+        maps complete, and no single array or map may claim more items than the whole budget."""
+        options: Dict[str, Any] = dict(ext_hook=ext_hook, raw=False, strict_map_key=False)
+        if _state.items_left is not None:
+            limit = _state.items_limit
+            options.update(list_hook=_count_array, object_hook=_count_map, max_array_len=limit, max_map_len=limit)
+        return options
+
     @classmethod
     def _unpack_tuple_items(cls, data: bytes) -> list:
         nesting = _state.tuple_nesting  # counts every decoder that this thread runs for a tuple's payload
         _state.tuple_nesting = nesting + 1
         try:
-            items = msgpack.unpackb(data, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+            items = msgpack.unpackb(data, **cls._options(cls._decode_ext_types))
         finally:
             _state.tuple_nesting = nesting
         if type(items) is not list:
@@ -190,7 +234,7 @@ class MSGPackSerializer(SerializerBase):
     @classmethod
     def _unpack(cls, buf: bytes) -> Any:
         # unpackb bounds every str/bin/array/map/ext length by len(buf): nothing is allocated for claimed sizes
-        return msgpack.unpackb(buf, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+        return msgpack.unpackb(buf, **cls._options(cls._decode_ext_types))
 
     @classmethod
     def _unpack_wrapped(cls, buf: bytes) -> Tuple[Any, bool]:
@@ -205,7 +249,9 @@ class MSGPackSerializer(SerializerBase):
             return cls._decode_ext_types(type_code, data)
 
         wrapper_depth = _MSGPACK_MAX_DEPTH - cls.MAX_NESTING_DEPTH
-        wrapped = msgpack.unpackb(b"\x91" * wrapper_depth + buf, ext_hook=decode_ext, raw=False, strict_map_key=False)
+        if _state.items_left is not None:
+            _state.items_left += 2 * wrapper_depth  # the wrapping arrays and their one element each
+        wrapped = msgpack.unpackb(b"\x91" * wrapper_depth + buf, **cls._options(decode_ext))
         return reduce(operator.getitem, repeat(0, wrapper_depth), wrapped), cls.TUPLE_EXT_TYPE_CODE in ext_codes
 
     @classmethod
@@ -275,14 +321,30 @@ class MSGPackSerializer(SerializerBase):
         :class:`MSGPackDecodeError` (a ValueError) on malformed or truncated input, and on input nested deeper than
 
         - ``MAX_NESTING_DEPTH`` (64) arrays, maps and tuples inside one another (``[1]`` is 1 deep, ``([1],)`` 2), or
-        - ``MAX_EXT_NESTING`` (4) registered ext types (other than tuples) inside one another's payloads.
+        - ``MAX_EXT_NESTING`` (4) registered ext types (other than tuples) inside one another's payloads,
+
+        and on input with more than ``MAX_ITEMS`` (2**20) arrays, maps, tuples and elements of these in all (the
+        payloads of registered ext types decoded meanwhile included).
 
         Nested tuples are decoded by a loop, so their depth costs no stack; each registered ext level costs one nested
-        msgpack decoder (~50 KB of C stack), which the second limit keeps well within any thread's stack. The decoded
-        objects take at most a small multiple of ``len(buf)`` in memory: no size claimed by the input is trusted.
+        msgpack decoder (~50 KB of C stack), which the second limit keeps well within any thread's stack. No size
+        claimed by the input is trusted, and the item limit bounds the memory that containers take (an empty map is
+        one byte of input but ~70 bytes of memory); other objects take at most ~20 times their encoded size.
         """
         if not isinstance(buf, (bytes, bytearray, memoryview)):
             raise TypeError(f"MSGPackSerializer.loads expects bytes, got {type(buf).__name__}")
+        # every item is at least one byte (two counted items: itself and its place in its container), so shorter
+        # documents need no count; a registered ext type decoded inside a counted document spends the same budget
+        if _state.items_left is not None or 2 * len(buf) <= cls.MAX_ITEMS:
+            return cls._loads(buf)
+        _state.items_left, _state.items_limit = cls.MAX_ITEMS, cls.MAX_ITEMS
+        try:
+            return cls._loads(buf)
+        finally:
+            _state.items_left = None
+
+    @classmethod
+    def _loads(cls, buf: bytes) -> object:
         try:
             if (
                 _C_DECODER
@@ -306,4 +368,6 @@ class MSGPackSerializer(SerializerBase):
                 f"decode them ({len(buf)} bytes)"
             ) from e
         except Exception as e:  # ExtraData, OutOfData, unhashable map keys, errors of registered types, ...
+            if _state.items_left is not None and isinstance(e, ValueError) and "exceeds max_" in str(e):
+                raise _too_many_items() from e  # one array or map claims more items than the whole budget
             raise MSGPackDecodeError(f"Malformed msgpack data ({len(buf)} bytes): {type(e).__name__}: {e}") from e
