@@ -187,6 +187,13 @@ class DecentralizedAverager(AveragerProcess):
                 raise AveragerArgumentError(
                     f"averaged_tensors[{index}] has a grad_fn: pass leaf tensors (detach them)"
                 )
+            if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+                # the averager's process reads and writes them in shared memory: every round would fail inside it
+                raise AveragerArgumentError(
+                    f"averaged_tensors[{index}] is a {tensor.layout} tensor on {tensor.device}, but the averager "
+                    "averages dense CPU tensors (moved to shared memory): pass CPU copies, e.g. "
+                    "tensor.detach().cpu() (.to_dense() for sparse ones), and copy the averaged values back"
+                )
             if tensor.dtype == torch.bool:  # the all-reduce has no mean of booleans: every round would fail
                 raise AveragerArgumentError(
                     f"averaged_tensors[{index}] is a bool tensor, which cannot be averaged: pass it as uint8 or float"
