@@ -109,8 +109,8 @@ class RemoteMixtureOfExperts(nn.Module):
         self.check_anomalies(input, *args, **kwargs)
         grid_scores = self.compute_grid_scores(input)
         if input.shape[0] == 0:
-            outputs = self.empty_batch_outputs(grid_scores, input.device)
-            return nested_pack(outputs, structure=self.info["outputs_schema"])
+            outputs = self.empty_batch_outputs(grid_scores, input.device, deadline)
+            return nested_pack(outputs, structure=self._expert_info["outputs_schema"])
         chosen_experts = self.find_experts(grid_scores, deadline)
         expert_mask, outputs = self.call_experts(chosen_experts, deadline, input, *args, **kwargs)
         logits = self.compute_expert_scores(grid_scores, chosen_experts)
@@ -132,12 +132,14 @@ class RemoteMixtureOfExperts(nn.Module):
         gating_input = input.mean(dim=tuple(range(1, input.ndim - 1))) if input.ndim > 2 else input
         return list(self.proj(gating_input).split_with_sizes(self.grid_size, dim=-1))
 
-    def empty_batch_outputs(self, grid_scores: Sequence[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    def empty_batch_outputs(
+        self, grid_scores: Sequence[torch.Tensor], device: torch.device, deadline: Optional[float] = None
+    ) -> List[torch.Tensor]:
         """Flat outputs of shape [0, ...] for a batch without samples; no expert is called (their shapes come from
-        the experts' schema, fetched once). Floating outputs stay attached to the gating graph (zero gradients)."""
+        the experts' schema, fetched once, by the deadline). Floating outputs stay attached to the gating graph."""
         anchor = sum(scores.sum() for scores in grid_scores) * 0
         outputs = []
-        for descriptor in nested_flatten(self.info["outputs_schema"]):
+        for descriptor in nested_flatten(self._info_within(deadline)["outputs_schema"]):
             empty = descriptor.make_zeros(0, device=device, requires_grad=False, pin_memory=False)
             outputs.append(empty + anchor.to(empty.dtype) if empty.is_floating_point() else empty)
         return outputs
@@ -147,14 +149,7 @@ class RemoteMixtureOfExperts(nn.Module):
         future = self.beam_search.batch_find_best_experts(
             [scores.detach().cpu().float().numpy() for scores in grid_scores], self.k_best, return_future=True
         )
-        try:
-            chosen = future.result(timeout=None if deadline is None else max(_remaining(deadline), 0))
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(
-                f"Beam search for experts of {self.uid_prefix} did not finish within forward_timeout="
-                f"{self.forward_timeout} s (the DHT is slow or unreachable)"
-            ) from None
+        chosen = self._search_result(future, deadline)
         if not any(chosen):
             raise RuntimeError(
                 f"No responding experts found in the DHT for {self.uid_prefix} (grid {self.grid_size}); check that "
@@ -195,6 +190,16 @@ class RemoteMixtureOfExperts(nn.Module):
         uids = [[expert.uid for expert in experts] for experts in batch_experts]
         return compute_expert_scores(grid_scores, uids, self.uid_prefix)
 
+    def _search_result(self, future: concurrent.futures.Future, deadline: Optional[float]):
+        try:
+            return future.result(timeout=None if deadline is None else max(_remaining(deadline), 0))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(
+                f"Beam search for experts of {self.uid_prefix} did not finish within forward_timeout="
+                f"{self.forward_timeout} s (the DHT is slow or unreachable)"
+            ) from None
+
     # ------------------------------------------------------------------ expert info
 
     def _get_info(self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float]) -> dict:
@@ -224,10 +229,14 @@ class RemoteMixtureOfExperts(nn.Module):
     @property
     def info(self) -> dict:
         """The schemas of this grid's experts, fetched from some alive expert (found by a neutral beam search)."""
+        return self._info_within(None)
+
+    def _info_within(self, deadline: Optional[float]) -> dict:
         if self._expert_info is None:
             neutral_scores = [[0.0] * size for size in self.grid_size]
-            chosen = self.beam_search.find_best_experts(neutral_scores, beam_size=self.k_best)
+            future = self.beam_search.find_best_experts(neutral_scores, beam_size=self.k_best, return_future=True)
+            chosen = self._search_result(future, deadline)
             if not chosen:
                 raise RuntimeError(f"No responding experts found in the DHT for {self.uid_prefix}")
-            self._get_info([chosen], None)
+            self._get_info([chosen], deadline)
         return self._expert_info

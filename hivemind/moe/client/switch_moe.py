@@ -84,10 +84,10 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
             grid_scores = [self._drop_indices(scores) for scores in grid_scores]
         grid_log_probs = [torch.log_softmax(scores, dim=-1) for scores in grid_scores]
         if input.shape[0] == 0:  # no sample to route: no expert call, nothing to balance, utilization unchanged
-            mixed = self.empty_batch_outputs(grid_scores, input.device)
+            mixed = self.empty_batch_outputs(grid_scores, input.device, deadline)
             mixed[0] = mixed[0] + input
             loss = sum(log_probs.sum() for log_probs in grid_log_probs) * 0
-            return nested_pack(mixed, structure=self.info["outputs_schema"]), loss
+            return nested_pack(mixed, structure=self._expert_info["outputs_schema"]), loss
 
         chosen_experts = self.find_experts(grid_scores, deadline)
         expert_mask, outputs = self.call_experts(chosen_experts, deadline, input, *args, **kwargs)
