@@ -183,6 +183,8 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             try:
                 future, template_only = self._state_request_reader.recv()
             except (EOFError, OSError):
+                if not self._shutdown_requested:  # nobody else would fail its running steps: they would hang
+                    self._fail_pending_controls(self._exit_description())
                 return
             except Exception as e:
                 logger.warning(f"Could not read a state request from the averager's process: {e!r}")
@@ -225,12 +227,24 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         self._caller.close()
         self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
         self._state_request_reader.close()
-        for control in list(self._pending_controls):  # e.g. the process had to be terminated before it answered
+        # e.g. the process had to be terminated before it answered
+        self._fail_pending_controls("Averaging step failed: the averager was shut down")
+
+    def _fail_pending_controls(self, message: str) -> None:
+        for control in list(self._pending_controls):
             if not control.done():
                 try:
-                    control.set_exception(AllreduceException("Averaging step failed: the averager was shut down"))
+                    control.set_exception(AllreduceException(message))
                 except InvalidStateError:
                     pass  # finished meanwhile
+
+    def _exit_description(self) -> str:
+        """Why running steps fail when the averager's process ended without shutdown() (killed, crashed)."""
+        multiprocessing.connection.wait([self.sentinel], timeout=1.0)  # its pipe closes just before it is reaped
+        return (
+            f"Averaging step failed: the averager's process exited unexpectedly (exit code {self.exitcode}); "
+            "create a new averager to keep averaging"
+        )
 
     # ------------------------------------------------------------------ averager process side
 
