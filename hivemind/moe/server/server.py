@@ -32,6 +32,7 @@ from hivemind.moe.server.runtime import Runtime
 from hivemind.p2p import PeerInfo
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.logging import get_logger
+from hivemind.utils.nested import nested_map
 from hivemind.utils.tensor_descr import DUMMY_BATCH_SIZE, BatchTensorDescriptor
 
 __all__ = ["Server", "background_server"]
@@ -367,9 +368,8 @@ def _make_backends(
 
 
 def _describe_outputs(outputs, compression: int):
-    if isinstance(outputs, torch.Tensor):
-        return BatchTensorDescriptor.from_tensor(outputs, compression)
-    return tuple(_describe_outputs(output, compression) for output in outputs)
+    """Descriptors of a nested structure of output tensors (tuples, lists, dicts), in the same structure."""
+    return nested_map(lambda output: BatchTensorDescriptor.from_tensor(output, compression), outputs)
 
 
 # ---------------------------------------------------------------------- background_server
