@@ -55,7 +55,7 @@ def resolve_options(
         raise ValueError(f"run_id must be a non-empty string without dots (it prefixes DHT keys), got {run_id!r}")
     if isinstance(target_batch_size, bool) or not isinstance(target_batch_size, int) or target_batch_size <= 0:
         raise ValueError(f"target_batch_size must be a positive int (samples per epoch), got {target_batch_size!r}")
-    if batch_size_per_step is not None and (not isinstance(batch_size_per_step, int) or batch_size_per_step <= 0):
+    if batch_size_per_step is not None and not _is_positive_int(batch_size_per_step):  # (as step's batch_size)
         raise ValueError(f"batch_size_per_step must be None or a positive int, got {batch_size_per_step!r}")
     is_factory = _is_optimizer_factory(optimizer)
     if not is_factory and not isinstance(optimizer, torch.optim.Optimizer):
@@ -121,9 +121,13 @@ def resolve_options(
     )
 
 
+def _is_positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value > 0
+
+
 def positive_int_batch_size(batch_size: Any) -> int:
     """The batch size of one step as an int (numpy/torch integers too); ValueError for anything else."""
-    if not isinstance(batch_size, bool) and isinstance(batch_size, numbers.Integral) and batch_size > 0:
+    if _is_positive_int(batch_size):
         return int(batch_size)
     raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")
 
