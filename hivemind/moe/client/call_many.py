@@ -176,6 +176,7 @@ class RemoteCallMany(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dummy, experts_per_sample, info: dict, options: CallOptions, *flat_inputs: torch.Tensor):
+        ctx.input_devices = tuple(tensor.device for tensor in flat_inputs)  # gradients go back there (autograd asks)
         flat_inputs = tuple(tensor.detach().cpu() for tensor in flat_inputs)
         num_samples, max_k = len(experts_per_sample), max(map(len, experts_per_sample), default=0)
         jobs = group_by_expert(experts_per_sample)
@@ -281,4 +282,6 @@ class RemoteCallMany(torch.autograd.Function):
                 f"backward_k_min={options.backward_k_min} (raise backward_timeout or lower backward_k_min)"
             )
         needs = ctx.needs_input_grad[4:]
-        return (None, None, None, None, *(grad if need else None for grad, need in zip(grad_inputs, needs)))
+        devices = ctx.input_devices
+        grads = (grad.to(device) if need else None for grad, need, device in zip(grad_inputs, needs, devices))
+        return (None, None, None, None, *grads)

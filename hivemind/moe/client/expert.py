@@ -97,6 +97,7 @@ class _RemoteModuleCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dummy: torch.Tensor, uid: str, stub: StubBase, info: dict, *inputs: torch.Tensor):
+        ctx.input_devices = tuple(tensor.device for tensor in inputs)  # gradients go back there (autograd insists)
         inputs = tuple(tensor.detach().cpu() for tensor in inputs)
         ctx.expert_call = (uid, stub, info)
         ctx.save_for_backward(*inputs)
@@ -123,7 +124,8 @@ class _RemoteModuleCall(torch.autograd.Function):
         )
         checked = check_grad_inputs(uid, inputs, grad_inputs)
         needs = ctx.needs_input_grad[4:]
-        return (None, None, None, None, *(grad if need else None for grad, need in zip(checked, needs)))
+        grads = (grad.to(device) if need else None for grad, need, device in zip(checked, needs, ctx.input_devices))
+        return (None, None, None, None, *grads)
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
