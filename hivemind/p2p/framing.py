@@ -27,7 +27,7 @@ MAX_FRAME_PAYLOAD = 2**31 - 1
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024**2
 # a frame that has started must keep arriving: its header within FRAME_STALL_TIMEOUT seconds of its first byte, its
 # payload within FRAME_STALL_TIMEOUT seconds plus one second per MIN_FRAME_RATE bytes; a stream may stay idle between
-# frames for as long as the caller likes
+# frames for as long as the caller likes. The same bound applies to a frame a handler writes (send_protobuf_in_time).
 FRAME_STALL_TIMEOUT = 60.0
 MIN_FRAME_RATE = 64 * 1024
 # below this size, header and payload are joined into one write (one syscall beats one small copy)
@@ -41,6 +41,10 @@ Payload = bytes
 
 class FramingError(P2PDaemonError):
     """A peer sent bytes that violate the stream framing (unknown marker, oversized frame, truncated frame)."""
+
+
+class WriteStalledError(FramingError):
+    """A peer did not take a frame written to it in time (see ``send_protobuf_in_time``)."""
 
 
 class MessageTooLargeError(FramingError):
@@ -150,6 +154,26 @@ async def send_protobuf(message: Union[Message, RPCError], writer: asyncio.Strea
     """Write one frame: ``0x00`` + message, or ``0x01`` + ``RPCError``."""
     _write_prefixed(writer, *_frame_parts(message))
     await writer.drain()
+
+
+async def send_protobuf_in_time(
+    message: Union[Message, RPCError, EncodedMessage], writer: asyncio.StreamWriter
+) -> None:
+    """``send_protobuf`` to a peer that must keep reading: ``WriteStalledError`` if the frame (with what was written
+    before it) is not taken within FRAME_STALL_TIMEOUT seconds plus one second per MIN_FRAME_RATE bytes of it.
+
+    A peer that stops reading would otherwise hold the writer, and every message it has written, for as long as it
+    keeps the stream open. The caller of this should abort the stream on the error: the frame may be half written.
+    """
+    header, parts = _frame_parts(message)
+    _write_prefixed(writer, header, parts)
+    seconds = FRAME_STALL_TIMEOUT + (len(header) + sum(map(len, parts))) / MIN_FRAME_RATE
+    try:
+        await await_with_timeout(writer.drain(), seconds)
+    except asyncio.TimeoutError:
+        raise WriteStalledError(
+            f"A peer did not read a frame written to it within {seconds:.0f} s; the stream is dropped"
+        ) from None
 
 
 async def receive_protobuf(

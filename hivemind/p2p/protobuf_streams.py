@@ -102,6 +102,18 @@ def _is_being_cancelled() -> bool:
     return True if cancelling is None else cancelling() > 0
 
 
+class _CallerStalled(Exception):
+    """The caller took none of a response for too long (see ``framing.send_protobuf_in_time``): the stream is gone."""
+
+
+async def _send_response(message: Any, writer: asyncio.StreamWriter) -> None:
+    try:
+        await framing.send_protobuf_in_time(message, writer)
+    except framing.WriteStalledError as e:
+        writer.transport.abort()  # the frame may be half written: nothing more can go through this stream
+        raise _CallerStalled(str(e)) from None
+
+
 async def _respond(
     handler: Callable,
     context: Any,
@@ -120,19 +132,21 @@ async def _respond(
             responses = handler(request, context)
             try:
                 async for response in responses:
-                    await framing.send_protobuf(response, writer)
+                    await _send_response(response, writer)
             finally:
                 if hasattr(responses, "aclose"):
                     await responses.aclose()
         else:
-            await framing.send_protobuf(await handler(request, context), writer)
+            await _send_response(await handler(request, context), writer)
     except asyncio.CancelledError:
         raise
+    except _CallerStalled as e:
+        logger.debug(f"Handler {context.handle_name} stopped: {context.remote_id} does not read its responses ({e})")
     except Exception as e:
         logger.debug(f"Handler {context.handle_name} failed for {context.remote_id}: {e!r}")
         try:
-            await framing.send_protobuf(RPCError(message=str(e)), writer)
-        except (ConnectionError, RuntimeError):
+            await _send_response(RPCError(message=str(e)), writer)
+        except (_CallerStalled, ConnectionError, RuntimeError):
             pass
 
 
