@@ -121,9 +121,10 @@ def read_array(buffer: bytes, offset: int, count: int, dtype: torch.dtype) -> to
 def validated_shape(serialized: runtime_pb2.Tensor) -> Tuple[Tuple[int, ...], int]:
     """(shape, numel) of a serialized tensor, rejecting more than MAX_NDIM dimensions and shapes
     whose strides would not fit in int64 (torch cannot build them even when a zero size makes them empty)."""
+    ndim = len(serialized.size)  # checked before the dimensions become Python ints: a peer may send millions
+    if ndim > MAX_NDIM:
+        raise TensorDecodeError(f"serialized tensor has {ndim} dimensions, at most {MAX_NDIM} are supported")
     shape = tuple(serialized.size)
-    if len(shape) > MAX_NDIM:
-        raise TensorDecodeError(f"serialized tensor has {len(shape)} dimensions, at most {MAX_NDIM} are supported")
     if math.prod(size for size in shape if size > 0) >= 2**63:
         raise TensorDecodeError(f"serialized tensor shape {shape} has more than 2**63 elements per zero-size slice")
     return shape, math.prod(shape)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import AsyncIterator, Dict, Iterable, List, Optional
 
 import torch
 
 from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompression, TensorDecodeError
+from hivemind.compression.buffers import validated_shape
 from hivemind.compression.floating import Float16Compression, ScaledFloat16Compression
 from hivemind.compression.quantization import (
     BlockwiseQuantization,
@@ -14,11 +16,13 @@ from hivemind.compression.quantization import (
     Uniform8BitQuantization,
 )
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import combine_from_streaming
 
 __all__ = ["BASE_COMPRESSION_TYPES", "serialize_torch_tensor", "deserialize_torch_tensor", "deserialize_tensor_stream"]
 
 CompressionType = runtime_pb2.CompressionType
+# room for what a codec adds besides the per-element and per-row data: headers, code books, per-block absmax is less
+# than one byte per element (BLOCKWISE_8BIT: 16 + 4 * 256 bytes, then 4 bytes per 4096 elements)
+_CODE_BOOK_ROOM = 4096
 
 _ALL_CODECS = (
     NoCompression(),
@@ -68,23 +72,50 @@ def deserialize_torch_tensor(serialized_tensor: runtime_pb2.Tensor) -> torch.Ten
     return tensor
 
 
+def max_buffer_bytes(head: runtime_pb2.Tensor) -> int:
+    """An upper bound on the buffer of the tensor that ``head`` (a first chunk, with metadata) describes, for every
+    codec: 16 bytes per element (complex128), 8 per row (MEANSTD_16BIT statistics) and room for code books."""
+    shape, numel = validated_shape(head)
+    return 16 * numel + 8 * math.prod(shape[:-1]) + _CODE_BOOK_ROOM
+
+
 async def deserialize_tensor_stream(
     stream: AsyncIterator[Iterable[runtime_pb2.Tensor]],
 ) -> List[torch.Tensor]:
     """Reassemble and decode tensors from a stream of chunk lists (as split_for_streaming cuts them).
 
-    A chunk with a non-empty dtype starts a new tensor; chunks without one continue the current tensor.
+    A chunk with a non-empty dtype starts a new tensor; chunks without one continue the current tensor. A tensor
+    whose chunks bring more bytes than its shape allows (see :func:`max_buffer_bytes`) raises TensorDecodeError as
+    soon as they do, without reading the rest of the stream.
     """
     tensors: List[torch.Tensor] = []
-    current_parts: List[runtime_pb2.Tensor] = []
+    head: Optional[runtime_pb2.Tensor] = None
+    buffers: List[bytes] = []  # the current tensor's buffer pieces, the head's first
+    received = limit = 0
+
+    def finish() -> None:
+        message = runtime_pb2.Tensor()
+        message.CopyFrom(head)
+        if len(buffers) > 1:
+            message.buffer = b"".join(buffers)
+        tensors.append(deserialize_torch_tensor(message))
+
     async for parts in stream:
         for part in parts:
-            if part.dtype and current_parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(current_parts)))
-                current_parts = []
-            if not part.dtype and not current_parts:
+            if part.dtype:
+                if head is not None:
+                    finish()
+                head, limit, received, buffers = part, max_buffer_bytes(part), 0, []
+            elif head is None:
                 raise TensorDecodeError("tensor stream: a continuation chunk arrived before any chunk with metadata")
-            current_parts.append(part)
-    if current_parts:
-        tensors.append(deserialize_torch_tensor(combine_from_streaming(current_parts)))
+            buffer = part.buffer
+            received += len(buffer)
+            if received > limit:
+                raise TensorDecodeError(
+                    f"tensor stream: the chunks of a tensor of shape {list(head.size)} brought {received} bytes, "
+                    f"more than any codec's {limit}"
+                )
+            buffers.append(buffer)
+    if head is not None:
+        finish()
     return tensors
