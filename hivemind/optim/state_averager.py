@@ -23,6 +23,7 @@ from hivemind.optim.optimizer_state import (
     initialize_optimizer_state_,
     load_optimizer_state,
 )
+from hivemind.optim.optimizer_torch_api import frozen_gradients_hidden
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
@@ -333,7 +334,7 @@ class TrainingStateAverager(DecentralizedAverager):
                     param.grad.detach_().zero_()
 
     def _run_optimizer_step(self, grad_scaler: Optional[Any], zero_grad: bool, set_to_none: bool) -> None:
-        with self._state_lock:
+        with self._state_lock, frozen_gradients_hidden(self.main_parameters, self._optimizer_parameters):
             if grad_scaler is not None:
                 with grad_scaler.running_global_step():
                     grad_scaler.unscale_(self.optimizer)
