@@ -15,17 +15,17 @@ from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_s
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.optimizer_options import check_step_arguments, resolve_options
+from hivemind.optim.optimizer_torch_api import load_training_state_dict_, model_param_groups, training_state_dict
 from hivemind.optim.progress_bar import EpochProgressBar
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.optim.state_loading import load_state_with_retries
 from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import get_dht_time
 
 __all__ = ["Optimizer"]
 
 logger = get_logger(__name__)
-
-LOAD_STATE_RETRY_DELAY = 1.0  # seconds between attempts of Optimizer.load_state_from_peers after an error
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -190,8 +190,7 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def param_groups(self):
         """The inner optimizer's param groups, pointing at the model's parameters."""
-        main = iter(self.state_averager.main_parameters)
-        return [dict(group, params=[next(main) for _ in group["params"]]) for group in self.opt.param_groups]
+        return model_param_groups(self.opt, self.state_averager.main_parameters)  # (settings write through)
 
     @property
     def state(self) -> Dict[Any, Any]:
@@ -202,23 +201,19 @@ class Optimizer(torch.optim.Optimizer):
         return self.opt.defaults
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        raise ValueError(
-            f"{type(self).__name__} does not support add_param_group: all peers must train the same "
-            f"parameters; create the optimizer with every param group from the start"
+        raise ValueError(  # all peers must train the same parameters
+            f"{type(self).__name__}.add_param_group is not supported: pass every param group to the constructor"
         )
 
     def state_dict(self) -> Dict[str, Any]:
-        state_dict = self.opt.state_dict()
-        state_dict["state"] = dict(state_dict["state"], local_epoch=self.local_epoch)
-        return state_dict
+        return training_state_dict(self.opt, self.local_epoch)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        state_dict = dict(state_dict, state=dict(state_dict["state"]))
-        if "local_epoch" in state_dict["state"]:
-            self.state_averager.local_epoch = int(state_dict["state"].pop("local_epoch"))
-        self.opt.load_state_dict(state_dict)
-        self.state_averager._copy_optimizer_parameters_to_model()
-        self.state_averager._catch_up_scheduler()
+        """Load a ``state_dict()``: optimizer state and epoch. It holds no parameters: load the model's first."""
+        self._cancel_scheduled_rounds()
+        load_training_state_dict_(self.state_averager, state_dict)
+        with self.tracker.pause_updates():
+            self._restart_epoch()
 
     # ------------------------------------------------------------------ training
 
@@ -441,27 +436,11 @@ class Optimizer(torch.optim.Optimizer):
         Download parameters, optimizer state and epoch from the best peer that shares them, retrying after errors
         for up to ``load_state_timeout`` seconds. Locally accumulated gradients are dropped.
         """
-        for control in (self._grad_control, self._state_control):
-            if control is not None:
-                control.cancel()
-        self._grad_control = self._state_control = None
+        self._cancel_scheduled_rounds()
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         deadline = time.monotonic() + self.load_state_timeout
         with self.tracker.pause_updates():
-            user_timeout = kwargs.pop("timeout", None)
-            while True:
-                remaining = deadline - time.monotonic()
-                try:  # each attempt gets the time left, so that all of them fit in load_state_timeout
-                    timeout = remaining if user_timeout is None else min(user_timeout, remaining)
-                    loaded = self.state_averager.load_state_from_peers(timeout=max(timeout, 0.0), **kwargs)
-                    break
-                except Exception as e:
-                    if time.monotonic() + LOAD_STATE_RETRY_DELAY >= deadline:
-                        logger.warning(f"{self.run_id}: could not load the state from peers: {e!r}")
-                        loaded = None
-                        break
-                    logger.warning(f"{self.run_id}: loading the state from peers failed ({e!r}), retrying")
-                    time.sleep(LOAD_STATE_RETRY_DELAY)  # an error that comes at once must not spin for minutes
+            loaded = load_state_with_retries(self.state_averager, deadline, self.run_id, **kwargs)
             outcome = "no peer shared a usable state; keeping local state"
             outcome = outcome if loaded is None else f"downloaded the state of epoch {self.local_epoch}"
             logger.log(self.status_loglevel, f"{self.run_id}: {outcome}")
@@ -469,20 +448,28 @@ class Optimizer(torch.optim.Optimizer):
             if global_epoch - 1 <= self.local_epoch < global_epoch:
                 self.state_averager.local_epoch = global_epoch
                 self.state_averager._catch_up_scheduler()
-            self._local_samples, self._last_round_peers = 0, None  # a new start: every peer near this epoch counts
-            if self.grad_averager is not None:
-                self.grad_averager.reset_accumulated_grads_()
-            self.tracker.update_epoch(new_epoch=self.local_epoch)
-            self._check_synchronization_strictly = True
-            self._set_state_sharing_priority()
+            self._restart_epoch()
+
+    def _restart_epoch(self) -> None:
+        """Start ``local_epoch`` afresh after loading a state (in tracker.pause_updates): every peer near counts."""
+        self._local_samples, self._last_round_peers = 0, None
+        if self.grad_averager is not None:
+            self.grad_averager.reset_accumulated_grads_()
+        self.tracker.update_epoch(new_epoch=self.local_epoch)
+        self._check_synchronization_strictly = True
+        self._set_state_sharing_priority()
+
+    def _cancel_scheduled_rounds(self) -> None:
+        for control in (self._grad_control, self._state_control):
+            if control is not None:
+                control.cancel()
+        self._grad_control = self._state_control = None
 
     def shutdown(self) -> None:
         """Publish that this peer left, finish or cancel background rounds, and stop the averagers."""
         logger.log(self.status_loglevel, f"{self.run_id}: shutting down")
         self._shut_down = True
-        for control in (self._grad_control, self._state_control):
-            if control is not None:
-                control.cancel()
+        self._cancel_scheduled_rounds()
         self._progress_bar.close()
         self.tracker.shutdown(self.shutdown_timeout)
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)

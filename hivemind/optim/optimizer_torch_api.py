@@ -1,13 +1,95 @@
-"""How hivemind.Optimizer behaves like a torch optimizer: frozen parameters are left as they are."""
+"""How hivemind.Optimizer behaves like a torch optimizer: param groups, state_dict round trips, frozen parameters."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import MutableMapping
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
 
-__all__ = ["frozen_gradients_hidden"]
+from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
+
+__all__ = [
+    "ParamGroupView",
+    "model_param_groups",
+    "training_state_dict",
+    "load_training_state_dict_",
+    "frozen_gradients_hidden",
+]
+
+
+class ParamGroupView(MutableMapping):
+    """
+    One param group of the wrapped optimizer as the model sees it: ``group["params"]`` are the model's parameters
+    (the wrapped optimizer may hold CPU copies of them), and every other entry (``lr``, ``weight_decay``, ...) is the
+    wrapped optimizer's own, read and written through, so that code written for a torch optimizer (a manual
+    learning-rate warm-up, a scheduler) changes the training.
+    """
+
+    def __init__(self, group: Dict[str, Any], model_params: Sequence[torch.Tensor]):
+        self._group, self._model_params = group, list(model_params)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._model_params if key == "params" else self._group[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "params":
+            raise ValueError("the parameters of a param group cannot be replaced: peers must train the same ones")
+        self._group[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key == "params":
+            raise ValueError("the parameters of a param group cannot be removed: peers must train the same ones")
+        del self._group[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._group)
+
+    def __len__(self) -> int:
+        return len(self._group)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+def model_param_groups(optimizer: torch.optim.Optimizer, model_params: Sequence[torch.Tensor]) -> List[ParamGroupView]:
+    """Views of ``optimizer``'s param groups with ``model_params`` (in the optimizer's order) as their parameters."""
+    remaining, views = iter(model_params), []
+    for group in optimizer.param_groups:
+        views.append(ParamGroupView(group, [next(remaining) for _ in group["params"]]))
+    return views
+
+
+def training_state_dict(optimizer: torch.optim.Optimizer, local_epoch: int) -> Dict[str, Any]:
+    """``optimizer.state_dict()`` with the epoch added as ``state["local_epoch"]``."""
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = dict(state_dict["state"], local_epoch=local_epoch)
+    return state_dict
+
+
+@torch.no_grad()
+def load_training_state_dict_(state_averager: Any, state_dict: Dict[str, Any]) -> None:
+    """
+    Load a :func:`training_state_dict` into a TrainingStateAverager (the caller's dict is not changed). A state dict
+    holds no parameters: as with torch, the model's parameters are the ones to go on from, so the optimizer's copies
+    of them (with ``offload_optimizer``) are set from the model, which the caller loads first. Background work of
+    the training being replaced (a delayed step, a state average) is waited for and dropped.
+    """
+    state = dict(state_dict["state"])
+    epoch = state.pop("local_epoch", state_averager.local_epoch)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"state['local_epoch'] must be a non-negative int, got {epoch!r}")
+    state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=False)
+    state_averager._pending_step = state_averager._pending_averaging = None  # finished: their results are dropped
+    optimizer, scheduler = state_averager.optimizer, state_averager.scheduler
+    with state_averager._state_lock, scheduler_learning_rates_kept(optimizer, scheduler, epoch):
+        optimizer.load_state_dict(dict(state_dict, state=state))
+        for main, param in zip(state_averager.main_parameters, state_averager.optimizer_parameters):
+            if param is not main:
+                param.copy_(main)
+        state_averager.local_epoch = epoch
+    state_averager._catch_up_scheduler()
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from hivemind.optim.optimizer_state import (
     load_optimizer_state,
 )
 from hivemind.optim.optimizer_torch_api import frozen_gradients_hidden
+from hivemind.optim.scheduler_sync import catch_up_scheduler, scheduler_learning_rates_kept
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
@@ -55,23 +56,6 @@ def _as_param_groups(params: Union[Parameters, ParamGroups]) -> List[Dict[str, A
     if params and isinstance(params[0], dict):
         return [dict(group, params=list(group["params"])) for group in params]
     return [{"params": params}]
-
-
-MAX_SCHEDULER_CATCH_UP_STEPS = 100_000  # an epoch far ahead (e.g. claimed by a faulty peer) must not hang a step
-
-
-def catch_up_scheduler(scheduler: Any, epoch: int, max_steps: int = MAX_SCHEDULER_CATCH_UP_STEPS) -> None:
-    """Step an LR scheduler until it has counted ``epoch`` epochs, at most ``max_steps`` times per call."""
-    if scheduler is None:
-        return
-    for _ in range(max_steps):
-        if getattr(scheduler, "last_epoch", epoch) >= epoch:
-            return
-        scheduler.step()
-    logger.warning(
-        f"The LR scheduler is {epoch - scheduler.last_epoch} epochs behind epoch {epoch}; it catches up "
-        f"at most {max_steps} epochs per optimizer step"
-    )
 
 
 class TrainingStateAverager(DecentralizedAverager):
@@ -484,7 +468,7 @@ class TrainingStateAverager(DecentralizedAverager):
                     f"tensor {index} of the donor has shape {getattr(theirs, 'shape', None)}, "
                     f"the local one {tuple(mine.shape)}"
                 )
-        with self._state_lock:
+        with self._state_lock, scheduler_learning_rates_kept(self.optimizer, self.scheduler, epoch):
             load_optimizer_state(self.optimizer, metadata["optimizer_metadata"], tensors[num_params + num_extras :])
             for mine, theirs in zip(local, tensors):
                 mine.copy_(theirs)

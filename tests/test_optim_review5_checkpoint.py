@@ -1,0 +1,51 @@
+"""Restoring a checkpoint (model, then hivemind.Optimizer) gives the checkpoint's parameters and trains from them."""
+
+import copy
+
+import pytest
+import torch
+from optim_swarm_helpers import make_optimizer, mse_step
+
+from hivemind.dht import DHT
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("delay_optimizer_step", [False, True], ids=["plain", "delayed-step"])
+def test_loading_model_then_optimizer_state_keeps_the_loaded_parameters(delay_optimizer_step):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    batch = torch.randn(4, 4), torch.randn(4, 1)
+    dht = DHT(start=True)
+    opt = make_optimizer(  # an optimizer factory: the optimizer runs on CPU copies of the parameters
+        dht, model, "checkpoint", target_batch_size=4, batch_size_per_step=4,
+        optimizer=lambda params: torch.optim.Adam(params, lr=0.1), delay_optimizer_step=delay_optimizer_step,
+    )  # fmt: skip
+    try:
+        assert opt.offload_optimizer
+        while opt.local_epoch < 2:
+            mse_step(model, opt, *batch)
+        opt.state_averager.step(wait_for_delayed_updates=True)  # (a delayed step lands in the model)
+        checkpoint = copy.deepcopy(dict(model=model.state_dict(), opt=opt.state_dict()))
+        while opt.local_epoch < 4:
+            mse_step(model, opt, *batch)
+
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(copy.deepcopy(checkpoint["opt"]))  # (torch shares its tensors)
+        assert opt.local_epoch == 2
+        for name, param in model.named_parameters():
+            assert torch.equal(param, checkpoint["model"][name]), name  # not the parameters of epoch 4
+
+        reference = copy.deepcopy(model)
+        reference_opt = torch.optim.Adam(reference.parameters(), lr=0.1)
+        reference_state = copy.deepcopy(checkpoint["opt"])
+        del reference_state["state"]["local_epoch"]
+        reference_opt.load_state_dict(reference_state)
+        mse_step(reference, reference_opt, *batch)
+        mse_step(model, opt, *batch)  # the next global step starts from the loaded parameters
+        opt.state_averager.step(wait_for_delayed_updates=True)
+        assert opt.local_epoch == 3
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(param, expected, atol=1e-6)
+    finally:
+        opt.shutdown()
+        dht.shutdown()
