@@ -130,20 +130,26 @@ class Optimizer(torch.optim.Optimizer):
         if use_local_updates:  # nothing synchronizes the peers' epoch ends: average with neighbouring epochs too
             self.state_averager.max_epoch_spread = 1
         self.grad_averager: Optional[GradientAverager] = None
-        if not use_local_updates:
-            averaged_grads = ()
-            if options.offload_optimizer:  # average straight into the gradients of the optimizer's CPU parameters
-                averaged_grads = tuple(self._offloaded_grad_buffers())
-            factory = grad_averager_factory or GradientAverager
-            self.grad_averager = factory(
-                self.state_averager.main_parameters, prefix=f"{run_id}_grad_averager",
-                reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression,
-                averaged_grads=averaged_grads, warn=not auxiliary, **common,
+        try:  # (if a later part cannot start, the averagers started so far are stopped)
+            if not use_local_updates:
+                averaged_grads = ()
+                if options.offload_optimizer:  # average straight into the gradients of the optimizer's CPU parameters
+                    averaged_grads = tuple(self._offloaded_grad_buffers())
+                factory = grad_averager_factory or GradientAverager
+                self.grad_averager = factory(
+                    self.state_averager.main_parameters, prefix=f"{run_id}_grad_averager",
+                    reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression,
+                    averaged_grads=averaged_grads, warn=not auxiliary, **common,
+                )  # fmt: skip
+            self.tracker = ProgressTracker(
+                dht, run_id, target_batch_size, client_mode=client_mode, status_loglevel=self.status_loglevel,
+                performance_ema_alpha=performance_ema_alpha, start=True, **(tracker_opts or {}),
             )  # fmt: skip
-        self.tracker = ProgressTracker(
-            dht, run_id, target_batch_size, client_mode=client_mode, status_loglevel=self.status_loglevel,
-            performance_ema_alpha=performance_ema_alpha, start=True, **(tracker_opts or {}),
-        )  # fmt: skip
+        except BaseException:
+            for averager in (self.grad_averager, self.state_averager):
+                if averager is not None:
+                    averager.shutdown()
+            raise
         self._local_samples = 0  # samples of this epoch (local-updates mode; gradient mode asks the averager)
         self._grad_control: Optional[StepControl] = None
         self._state_control: Optional[StepControl] = None
