@@ -16,6 +16,7 @@ from hivemind.averaging.output_buffers import ReusableOutputs
 from hivemind.averaging.part_encoding import ReceivedAveragingData
 from hivemind.averaging.partition import AllreduceException
 from hivemind.averaging.payload import decode_group_gathered
+from hivemind.averaging.round_turns import RoundTurns
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter, await_with_timeout, cancel_and_wait
@@ -43,6 +44,7 @@ class AveragingRounds:
         self._group_registered = asyncio.Event()
         self._step_tasks: set = set()
         self._cancelled_groups: Dict[bytes, None] = {}  # oldest first
+        self._round_turns = RoundTurns()  # one all-reduce at a time on our tensors, in the order groups formed
 
     # ------------------------------------------------------------------ one step, with retries
 
@@ -81,15 +83,18 @@ class AveragingRounds:
         while True:
             attempt += 1
             started = time.monotonic()
-            group_info = None
+            group_info = turn = None
+            failed_at_once = False
             try:
                 control.stage = AveragingStage.LOOKING_FOR_GROUP
                 group_info = await self._find_group(control)
+                turn = self._round_turns.join(lambda: control.triggered)
                 if not control.triggered:
                     control.stage = AveragingStage.AWAITING_TRIGGER
                     while not control.triggered:
                         await asyncio.sleep(TRIGGER_POLL_PERIOD)
                 control.stage = AveragingStage.RUNNING_ALLREDUCE
+                await self._round_turns.wait(turn)  # (overlapping rounds would move the tensors twice)
                 gathered = await self._aggregate_with_group(group_info, weight=control.weight)
                 control.stage = AveragingStage.FINISHED
                 if not control.done():
@@ -113,8 +118,12 @@ class AveragingRounds:
                 if group_info is not None:
                     last_group_failure = e
                 logger.warning(f"Averaging step failed (attempt {attempt}), retrying: {type(e).__name__}: {e}")
-                if time.monotonic() - started < MAX_RETRY_DELAY:  # failed at once: do not spin
-                    await asyncio.sleep(min(MAX_RETRY_DELAY, MIN_RETRY_DELAY * 2 ** min(attempt, 5)))
+                failed_at_once = time.monotonic() - started < MAX_RETRY_DELAY
+            finally:
+                if turn is not None:
+                    self._round_turns.leave(turn)  # the next round may go (it must not wait for our back-off)
+            if failed_at_once:  # do not spin
+                await asyncio.sleep(min(MAX_RETRY_DELAY, MIN_RETRY_DELAY * 2 ** min(attempt, 5)))
 
     async def _find_group(self, control: StepControl) -> GroupInfo:
         try:
