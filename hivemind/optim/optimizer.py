@@ -275,7 +275,8 @@ class Optimizer(torch.optim.Optimizer):
         else:
             self._local_samples += batch_size
             samples = self._local_samples
-            self.state_averager.step(optimizer_step=True, grad_scaler=grad_scaler)
+            # (a state round may run in the background meanwhile: its delta-rule result keeps this local update)
+            self.state_averager.step(optimizer_step=True, grad_scaler=grad_scaler, wait_for_delayed_updates=False)
             if grad_scaler is not None:
                 grad_scaler.update()
         self.tracker.report_local_progress(self.local_epoch, samples)
