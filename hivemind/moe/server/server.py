@@ -228,7 +228,13 @@ class Server(threading.Thread):
             return
         if self._stopped.is_set():  # shutdown() was called while starting
             return
-        self.runtime.run()
+        try:
+            self.runtime.run()
+        except BaseException as e:  # e.g. the experts cannot be moved to the device: run_in_background reports it
+            self._start_error = e
+            if threading.current_thread() is not self:
+                raise
+            logger.error(f"Server's runtime failed: {e!r}", exc_info=True)
 
     def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         """Start the server thread; with ``await_ready``, wait until it serves (TimeoutError after ``timeout``)."""
