@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hivemind.averaging.averager import AveragerArgumentError, DecentralizedAverager
+from hivemind.compression import Float16Compression
 from hivemind.dht import DHT
 
 
@@ -31,3 +32,11 @@ def test_a_tensor_that_is_not_a_dense_cpu_tensor_is_refused_before_anything_move
     with pytest.raises(AveragerArgumentError, match=r"averaged_tensors\[1\] .*dense CPU tensors.*\.cpu\(\)"):
         DecentralizedAverager([cpu_tensor, tensor], lone_dht, prefix="devices", start=False)
     assert not cpu_tensor.is_shared()  # refused before the other tensors were moved to shared memory
+
+
+@pytest.mark.parametrize("option", ["compression", "state_compression"])
+def test_a_compression_class_instead_of_an_instance_is_refused(lone_dht, option):
+    with pytest.raises(
+        AveragerArgumentError, match=f"{option} must be a compression instance.*Float16Compression\\(\\)"
+    ):
+        DecentralizedAverager([torch.zeros(3)], lone_dht, prefix="codecs", start=False, **{option: Float16Compression})

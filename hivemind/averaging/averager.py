@@ -161,6 +161,11 @@ class DecentralizedAverager(AveragerProcess):
             and bandwidth <= float(np.finfo(np.float32).max)
         ):
             raise AveragerArgumentError(f"bandwidth must be None or a finite float32 >= 0, got {bandwidth!r}")
+        for name, codec in (("compression", compression), ("state_compression", state_compression)):
+            _check(
+                isinstance(codec, CompressionBase),
+                f"{name} must be a compression instance, e.g. Float16Compression(), got {codec!r}",
+            )
         if client_mode is None:
             client_mode = dht.client_mode
         _check(
