@@ -18,6 +18,9 @@ MAX_KEYS_PER_FIND = 4096  # a node batches at most chunk_size (16) keys per find
 MAX_ITEMS_PER_STORE = 65536  # replication to a new peer sends all its keys at once; 4 MiB / ~30 bytes per item
 MAX_SUBKEY_BYTES = 64 * 1024
 MAX_NEAREST_NODES = 1024  # neighbours per key in a find response (bucket_size is 20)
+# libp2p peer ids are multihashes of at most ~44 bytes (34 for sha2-256, up to 44 for an inlined key); a longer one is
+# garbage that would cost seconds to hours of the event loop the first time it is printed (base58 is quadratic)
+MAX_PEER_ID_BYTES = 128
 MAX_EXPIRATION_HORIZON = 365 * 24 * 3600.0  # a record may not claim to live longer than this from now, in seconds
 # values a find response carries in all (a key's dictionary is at most 1 MiB, see hivemind.dht.storage); the rest of
 # the 4 MiB message limit is left for neighbour lists and framing
@@ -185,6 +188,8 @@ def check_find_result_shape(
         )
     if any(len(node_id) != DHTID_NBYTES for node_id in nearest_node_ids):
         raise RequestRejected("bad_node_id", f"neighbour node ids must be {DHTID_NBYTES} bytes")
+    if any(not 0 < len(peer_id) <= MAX_PEER_ID_BYTES for peer_id in nearest_peer_ids):
+        raise RequestRejected("bad_peer_id", f"neighbour peer ids must be 1 to {MAX_PEER_ID_BYTES} bytes")
     if result_type != 0:
         reason = check_expiration_time(expiration_time, now)
         if reason is not None:
