@@ -71,9 +71,11 @@ def masked_expert_weights(logits: torch.Tensor, alive: torch.Tensor) -> torch.Te
 
 
 def mix_expert_outputs(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over experts: weights [batch, k] and stacked outputs [batch, k, ...] -> [batch, ...]."""
+    """Weighted sum over experts: weights [batch, k] and stacked outputs [batch, k, ...] -> [batch, ...], in the dtype
+    that torch promotes the two to (integer outputs mix to floats, half-precision ones to the weights' precision)."""
+    dtype = torch.promote_types(weights.dtype, stacked.dtype)
     flat = stacked.flatten(start_dim=2) if stacked.ndim > 2 else stacked.unsqueeze(-1)
-    mixed = (weights.to(flat.dtype).unsqueeze(-1) * flat).sum(dim=1)
+    mixed = (weights.to(dtype).unsqueeze(-1) * flat.to(dtype)).sum(dim=1)
     return mixed.view(stacked.shape[:1] + stacked.shape[2:])
 
 

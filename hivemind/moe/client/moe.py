@@ -136,12 +136,13 @@ class RemoteMixtureOfExperts(nn.Module):
         self, grid_scores: Sequence[torch.Tensor], device: torch.device, deadline: Optional[float] = None
     ) -> List[torch.Tensor]:
         """Flat outputs of shape [0, ...] for a batch without samples; no expert is called (their shapes come from
-        the experts' schema, fetched once, by the deadline). Floating outputs stay attached to the gating graph."""
+        the experts' schema, fetched once, by the deadline) in a mixture's dtypes, attached to the gating graph."""
         anchor = sum(scores.sum() for scores in grid_scores) * 0
         outputs = []
         for descriptor in nested_flatten(self._info_within(deadline)["outputs_schema"]):
-            empty = descriptor.make_zeros(0, device=device, requires_grad=False, pin_memory=False)
-            outputs.append(empty + anchor.to(empty.dtype) if empty.is_floating_point() else empty)
+            dtype = torch.promote_types(anchor.dtype, descriptor.dtype or anchor.dtype)  # as mix_expert_outputs does
+            empty = descriptor.make_zeros(0, dtype=dtype, device=device, requires_grad=False, pin_memory=False)
+            outputs.append(empty + anchor.to(dtype))
         return outputs
 
     def find_experts(self, grid_scores: Sequence[torch.Tensor], deadline: Optional[float]) -> List[List[RemoteExpert]]:
