@@ -105,8 +105,9 @@ class TensorPartContainer:
         self.prefetch = max(1, prefetch)
         self.output_buffers = output_buffers
         self.group_size = len(peer_fractions)
-        # flat views of the inputs (a non-contiguous tensor is copied once, here)
-        self._flat = [tensor.detach().reshape(-1) for tensor in self.local_tensors]
+        # flat views of the inputs; a non-contiguous tensor is copied once, here (reshape alone may give a strided
+        # view, e.g. of a matrix's column, whose parts could not be sent from their memory)
+        self._flat = [tensor.detach().reshape(-1).contiguous() for tensor in self.local_tensors]
         self.total_size = sum(flat.numel() for flat in self._flat)
         self.peer_element_counts = tuple(hagenbach_bishoff(self.total_size, peer_fractions))
         part_sizes = [
