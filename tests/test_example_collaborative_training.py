@@ -115,3 +115,15 @@ def test_two_trainers_and_a_monitor_train_the_example_model(tmp_path):
     assert checkpoint["epoch"] >= 2 and "token_embedding.weight" in checkpoint["model"]
     assert int(finished.group(1)) == checkpoint["epoch"]  # the monitor names the checkpoint it left on disk
     assert checkpoint["validation_loss"] < 5.0  # a model that learned nothing: log(256) = 5.55
+
+
+@pytest.mark.timeout(60)
+def test_monitor_without_trainers_says_it_saved_no_checkpoint(tmp_path):
+    monitor = Peer("run_monitor.py", *TINY, "--checkpoint_dir", str(tmp_path / "checkpoints"), cwd=str(tmp_path))
+    try:
+        monitor.wait_for(r"monitoring run 'stdlib_lm'", deadline=time.monotonic() + 40)
+    finally:
+        monitor.interrupt()
+        monitor.stop(last_line="monitor finished")
+    assert "monitor finished (no checkpoint saved)" in monitor.lines, monitor.lines
+    assert not (tmp_path / "checkpoints" / "checkpoint.pt").exists()

@@ -27,7 +27,8 @@ def main() -> None:
 
     with join_swarm(args) as dht:  # before torch loads (see swarm.py)
         last_saved = monitor(dht, args)
-    print(f"monitor finished (last checkpoint: epoch {last_saved})", flush=True)
+    saved = f"last checkpoint: epoch {last_saved}" if last_saved else "no checkpoint saved"
+    print(f"monitor finished ({saved})", flush=True)
 
 
 def monitor(dht: hivemind.DHT, args: argparse.Namespace) -> int:
