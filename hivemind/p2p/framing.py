@@ -180,17 +180,23 @@ async def receive_protobuf(
     input_protobuf_type: Type[MessageType],
     reader: asyncio.StreamReader,
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+    *,
+    idle_timeout: Optional[float] = None,
 ) -> Tuple[Optional[MessageType], Optional[RPCError]]:
     """Read one frame: ``(message, None)`` for a message frame, ``(None, RPCError)`` for an error frame.
 
     The payload buffer grows only as bytes arrive (see ``streams.DirectStreamReader``), and a frame that announces
     more than ``max_message_size`` bytes (None: no limit but the 2 GiB protobuf limit) is refused at once.
 
+    :param idle_timeout: seconds the frame may take to start (None: wait as long as the peer likes)
     :raises asyncio.IncompleteReadError: the stream ended cleanly between frames
     :raises MessageTooLargeError: the frame announces more than ``max_message_size`` bytes
     :raises FramingError: unknown marker, impossible length, or the stream ended inside a frame
     """
-    first_byte = await reader.readexactly(1)  # IncompleteReadError with nothing read: the stream ended between frames
+    first_byte = reader.readexactly(1)  # IncompleteReadError with nothing read: the stream ended between frames
+    if idle_timeout is not None and not _holds(reader, 1):
+        first_byte = _in_time(first_byte, idle_timeout, "start")
+    first_byte = await first_byte
     try:
         rest = reader.readexactly(FRAME_HEADER_LEN - 1)
         if not _holds(reader, FRAME_HEADER_LEN - 1):  # already received: nothing to wait for (no timer)
@@ -235,4 +241,6 @@ async def _in_time(read: Awaitable[bytes], seconds: float, part: str) -> bytes:
 
 
 def _stalled(part: str, seconds: float) -> str:
+    if part == "start":
+        return f"A peer sent no frame for {seconds:.0f} s where one was due; the stream is dropped"
     return f"A peer left a frame {part} unfinished for {seconds:.0f} s; the stream is dropped"

@@ -54,7 +54,16 @@ async def serve_protobuf_stream(
 
     input_ended = asyncio.Event()  # set once the caller's end-of-stream (or EOF) was read
     read_task = asyncio.create_task(
-        _read_requests(input_protobuf_type, reader, requests, max_message_size, on_caller_left, input_ended)
+        _read_requests(
+            input_protobuf_type,
+            reader,
+            requests,
+            max_message_size,
+            on_caller_left,
+            input_ended,
+            # a caller sends its only request (and the end of its input) at once: one that sends nothing is dropped
+            idle_timeout=None if stream_input else framing.FRAME_STALL_TIMEOUT,
+        )
     )
     try:
         await responding  # (cancelling this coroutine cancels the handler too)
@@ -196,6 +205,7 @@ async def _read_requests(
     max_message_size: Optional[int],
     on_caller_left: Callable[[], None],
     input_ended: asyncio.Event,
+    idle_timeout: Optional[float] = None,
 ) -> Optional[bool]:
     """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF.
     Returns True if a request was refused (too large, malformed), leaving the rest of the input unread.
@@ -206,7 +216,9 @@ async def _read_requests(
     try:
         while True:
             try:
-                request, error = await framing.receive_protobuf(input_protobuf_type, reader, max_message_size)
+                request, error = await framing.receive_protobuf(
+                    input_protobuf_type, reader, max_message_size, idle_timeout=idle_timeout
+                )
             except asyncio.IncompleteReadError:
                 input_ended.set()
                 await queue.put(_EXHAUSTED)
