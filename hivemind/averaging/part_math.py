@@ -23,6 +23,9 @@ __all__ = [
     "div_",
     "total_sum",
     "largest_magnitude",
+    "is_integer_dtype",
+    "add_offsets_",
+    "rounded_average",
 ]
 
 _NUMPY_DTYPES = {
@@ -120,3 +123,29 @@ def largest_magnitude(values: torch.Tensor) -> float:
         return 0.0
     low, high = float(np.min(arrays[0])), float(np.max(arrays[0]))
     return float("nan") if math.isnan(low) or math.isnan(high) else max(abs(low), abs(high))
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def add_offsets_(accumulator: torch.Tensor, part: torch.Tensor, base: torch.Tensor, weight: float) -> None:
+    """``accumulator += weight * (part - base)`` for an integer ``part``: the difference is taken exactly in int64
+    (as long as the values differ by less than 2**63) before it meets the float64 ``accumulator``."""
+    difference = part.to(torch.int64) - base
+    if weight == 1.0:
+        add_scaled_(accumulator, difference)
+    elif weight != 0.0:
+        add_scaled_(accumulator, difference, weight)
+
+
+def rounded_average(base: torch.Tensor, offsets: torch.Tensor, denominator: float) -> torch.Tensor:
+    """``base + offsets / denominator`` rounded half to even, as int64, where ``base`` is an int64 tensor and
+    ``offsets`` the float64 sum of weighted differences from it. Exact for int64 values of any size, unlike a mean
+    taken in float64 (whose 53-bit mantissa moves values beyond 2**53: two equal values 2**60 + 1 average to 2**60)."""
+    mean_offset = div_(offsets, denominator)
+    floor = torch.floor(mean_offset)
+    fraction = mean_offset - floor
+    low = base + floor.to(torch.int64)
+    round_up = (fraction > 0.5) | ((fraction == 0.5) & (low % 2 != 0))
+    return low + round_up.to(torch.int64)

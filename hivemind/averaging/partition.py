@@ -15,7 +15,17 @@ import torch
 
 from hivemind.averaging.load_balancing import hagenbach_bishoff
 from hivemind.averaging.output_buffers import ReusableOutputs
-from hivemind.averaging.part_math import add_into, add_scaled_, copy_into, div_, scale_into, zero_
+from hivemind.averaging.part_math import (
+    add_into,
+    add_offsets_,
+    add_scaled_,
+    copy_into,
+    div_,
+    is_integer_dtype,
+    rounded_average,
+    scale_into,
+    zero_,
+)
 from hivemind.averaging.partition_plan import PartSpec, part_size_elements, plan_parts
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression.adaptive import AdaptiveCompressionBase
@@ -319,6 +329,7 @@ class TensorPartReducer:
         self.banned_reasons: Dict[int, str] = {}
         self.current_part_index = 0  # every part before this one is released
         self._accumulators: Dict[int, Tuple[torch.Tensor, float, bool]] = {}  # (sum, weights, owned)
+        self._integer_bases: Dict[int, torch.Tensor] = {}  # integer parts: the first part, which sums are offsets to
         self._results: Dict[int, asyncio.Future] = {}
         self._progress = asyncio.Event()  # set (and replaced) whenever parts are released or senders banned
         self.finished = asyncio.Event()
@@ -402,7 +413,11 @@ class TensorPartReducer:
             self._accumulators[part_index] = (part, weight, False)
             return
         accumulator, denominator, owned = entry
-        if not owned:
+        base = self._integer_bases.get(part_index)
+        if not owned and is_integer_dtype(part.dtype):  # sums of differences from the first part: exact in int64
+            base = self._integer_bases[part_index] = accumulator.to(torch.int64, copy=True)
+            accumulator = torch.zeros(part.numel(), dtype=torch.float64)
+        elif not owned:
             first, first_weight = accumulator, denominator
             accumulator = torch.empty(part.numel(), dtype=_accumulator_dtype(part.dtype))
             if first_weight == 1.0 and weight == 1.0:
@@ -413,7 +428,9 @@ class TensorPartReducer:
                 zero_(accumulator)
             else:
                 scale_into(accumulator, first, first_weight)
-        if weight == 1.0:
+        if base is not None:
+            add_offsets_(accumulator, part, base, weight)
+        elif weight == 1.0:
             add_scaled_(accumulator, part)
         elif weight != 0.0:
             add_scaled_(accumulator, part, weight)
@@ -426,8 +443,11 @@ class TensorPartReducer:
         while self.current_part_index < min(ready_until, self.num_parts):
             part_index = self.current_part_index
             accumulator, denominator, owned = self._accumulators.pop(part_index, (None, 0.0, False))
+            base = self._integer_bases.pop(part_index, None)
             if accumulator is None or denominator <= 0:
                 average = None  # nobody with a non-zero weight delivered it: every sender keeps its values
+            elif base is not None:  # integers: the rounded average itself (int64)
+                average = rounded_average(base, accumulator, denominator)
             else:
                 average = div_(accumulator, denominator) if owned else accumulator  # read-only for the callers
             future = self._results.pop(part_index, None)
@@ -466,6 +486,7 @@ class TensorPartReducer:
                 future.exception()  # retrieved here: nobody may be waiting for it any more
         self._results.clear()
         self._accumulators.clear()
+        self._integer_bases.clear()
         self._notify()
         self.finished.set()
 
