@@ -167,6 +167,9 @@ async def send_protobuf_in_time(
     """
     header, parts = _frame_parts(message)
     _write_prefixed(writer, header, parts)
+    if not getattr(writer.transport.get_protocol(), "_writing_paused", True):  # a DirectReadProtocol that is not
+        await writer.drain()  # paused: drain() returns at once (and raises if the stream broke), no timer is needed
+        return
     seconds = FRAME_STALL_TIMEOUT + (len(header) + sum(map(len, parts))) / MIN_FRAME_RATE
     try:
         await await_with_timeout(writer.drain(), seconds)
