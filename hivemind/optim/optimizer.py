@@ -479,6 +479,7 @@ class Optimizer(torch.optim.Optimizer):
         self._cancel_scheduled_rounds()
         self._progress_bar.close()
         self.tracker.shutdown(self.shutdown_timeout)
+        self.state_averager.cancel_background_averaging(self.shutdown_timeout)  # (its peers may be gone too)
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         self.state_averager.shutdown()
         if self.grad_averager is not None:

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -153,6 +154,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
         self._pending_step: Optional[Future] = None
         self._pending_averaging: Optional[Future] = None
+        self._round_control: Optional[StepControl] = None  # of the latest averaging round (to cancel on shutdown)
         self.delay_before_averaging = PerformanceEMA(alpha=performance_ema_alpha)  # seconds: step() -> all-reduce
         super().__init__(averaged_tensors=averaged, dht=dht, tensor_infos=infos, **averager_kwargs)
 
@@ -235,6 +237,18 @@ class TrainingStateAverager(DecentralizedAverager):
     def submit_background(self, function: Callable[..., Any], *args) -> Future:
         """Run ``function(*args)`` in the background thread, after the background work already queued."""
         return self._executor.submit(function, *args)
+
+    def cancel_background_averaging(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the background averaging round (if any) to end, then cancel it."""
+        pending = self._pending_averaging
+        if pending is None or pending.done():
+            return
+        try:
+            pending.exception(timeout)
+        except FutureTimeoutError:
+            pending.cancel()  # (if it has not started yet, it never will)
+            if self._round_control is not None:
+                self._round_control.cancel()
 
     @property
     def averaging_in_progress(self) -> bool:
@@ -350,6 +364,7 @@ class TrainingStateAverager(DecentralizedAverager):
             wait_for_trigger()
         if control is None:
             control = self.schedule_step(**opts)
+        self._round_control = control
         self.delay_before_averaging.update(task_size=1, interval=time.perf_counter() - started)
         control.allow_allreduce()
         gathered = control.result()
