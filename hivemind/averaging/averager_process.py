@@ -50,6 +50,20 @@ PART_SIZE_SLACK = 8  # an all-reduce message may hold this many times part_size_
 SHUTDOWN_BUDGET_FRACTION = 0.5
 RETRACT_BUDGET = 1.0  # seconds at most for withdrawing the state-sharing declaration at shutdown (a DHT store)
 TASK_CANCEL_BUDGET = 1.0  # seconds at most for the tasks still running at shutdown (e.g. downloads) to end
+THREADS_BUDGET_FRACTION = 0.3  # of shutdown_timeout, for work already handed to threads to end (see _let_threads_end)
+
+
+def _let_threads_end(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for the work that the loop handed to threads (e.g. adding a round's result to
+    the averaged tensors, which holds their lock) to end: the process exits without waiting for threads, and a lock
+    held by a thread that the exit killed would stay held, so that ``get_tensors()`` blocks forever in the user's
+    process."""
+    try:
+        loop.run_until_complete(await_with_timeout(loop.shutdown_default_executor(), timeout))
+    except asyncio.TimeoutError:
+        logger.warning(f"Work in the averager's threads did not end within {timeout:.2f} s of its shutdown")
+    except Exception as e:
+        logger.debug(f"Could not wait for the averager's threads at shutdown: {e!r}")
 
 
 def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
@@ -267,6 +281,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             serving.stop()
             _cancel_remaining_tasks(loop, TASK_CANCEL_BUDGET)
             loop.run_until_complete(loop.shutdown_asyncgens())
+            _let_threads_end(loop, THREADS_BUDGET_FRACTION * self.shutdown_timeout)
             loop.close()
             self._serving_connection.close()
             self._state_request_writer.close()
