@@ -224,7 +224,10 @@ class MSGPackSerializer(SerializerBase):
         nesting = _state.tuple_nesting  # counts every decoder that this thread runs for a tuple's payload
         _state.tuple_nesting = nesting + 1
         try:
-            items = msgpack.unpackb(data, **cls._options(cls._decode_ext_types))
+            if _state.items_left is None:
+                items = msgpack.unpackb(data, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
+            else:
+                items = msgpack.unpackb(data, **cls._options(cls._decode_ext_types))
         finally:
             _state.tuple_nesting = nesting
         if type(items) is not list:
@@ -234,6 +237,8 @@ class MSGPackSerializer(SerializerBase):
     @classmethod
     def _unpack(cls, buf: bytes) -> Any:
         # unpackb bounds every str/bin/array/map/ext length by len(buf): nothing is allocated for claimed sizes
+        if _state.items_left is None:
+            return msgpack.unpackb(buf, ext_hook=cls._decode_ext_types, raw=False, strict_map_key=False)
         return msgpack.unpackb(buf, **cls._options(cls._decode_ext_types))
 
     @classmethod
@@ -335,16 +340,8 @@ class MSGPackSerializer(SerializerBase):
             raise TypeError(f"MSGPackSerializer.loads expects bytes, got {type(buf).__name__}")
         # every item is at least one byte (two counted items: itself and its place in its container), so shorter
         # documents need no count; a registered ext type decoded inside a counted document spends the same budget
-        if _state.items_left is not None or 2 * len(buf) <= cls.MAX_ITEMS:
-            return cls._loads(buf)
-        _state.items_left, _state.items_limit = cls.MAX_ITEMS, cls.MAX_ITEMS
-        try:
-            return cls._loads(buf)
-        finally:
-            _state.items_left = None
-
-    @classmethod
-    def _loads(cls, buf: bytes) -> object:
+        if 2 * len(buf) > cls.MAX_ITEMS and _state.items_left is None:
+            return cls._loads_counted(buf)
         try:
             if (
                 _C_DECODER
@@ -371,3 +368,12 @@ class MSGPackSerializer(SerializerBase):
             if _state.items_left is not None and isinstance(e, ValueError) and "exceeds max_" in str(e):
                 raise _too_many_items() from e  # one array or map claims more items than the whole budget
             raise MSGPackDecodeError(f"Malformed msgpack data ({len(buf)} bytes): {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _loads_counted(cls, buf: bytes) -> object:
+        """:meth:`loads` with the item budget of MAX_ITEMS (spent by this document and the ext payloads inside it)."""
+        _state.items_left, _state.items_limit = cls.MAX_ITEMS, cls.MAX_ITEMS
+        try:
+            return cls.loads(buf)
+        finally:
+            _state.items_left = None
