@@ -94,9 +94,10 @@ async def deserialize_tensor_stream(
     received = limit = 0
 
     def finish() -> None:
-        message = runtime_pb2.Tensor()
-        message.CopyFrom(head)
+        message = head  # a tensor sent in one chunk is that chunk
         if len(buffers) > 1:
+            message = runtime_pb2.Tensor()
+            message.CopyFrom(head)
             message.buffer = b"".join(buffers)
         tensors.append(deserialize_torch_tensor(message))
 
