@@ -40,3 +40,9 @@ def test_a_compression_class_instead_of_an_instance_is_refused(lone_dht, option)
         AveragerArgumentError, match=f"{option} must be a compression instance.*Float16Compression\\(\\)"
     ):
         DecentralizedAverager([torch.zeros(3)], lone_dht, prefix="codecs", start=False, **{option: Float16Compression})
+
+
+def test_a_tensor_whose_elements_share_memory_is_refused(lone_dht):
+    expanded = torch.zeros(1, 3).expand(4, 3)  # every round would fail when adding its result
+    with pytest.raises(AveragerArgumentError, match=r"averaged_tensors\[0\] .*share one memory location.*clone\(\)"):
+        DecentralizedAverager([expanded], lone_dht, prefix="expanded", start=False)

@@ -199,6 +199,11 @@ class DecentralizedAverager(AveragerProcess):
                     "averages dense CPU tensors (moved to shared memory): pass CPU copies, e.g. "
                     "tensor.detach().cpu() (.to_dense() for sparse ones), and copy the averaged values back"
                 )
+            if any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape)):
+                raise AveragerArgumentError(  # e.g. made by expand(): the average could not be written into it
+                    f"averaged_tensors[{index}] has elements that share one memory location (a stride of 0, e.g. "
+                    "from expand()): pass tensor.clone()"
+                )
             if tensor.dtype == torch.bool:  # the all-reduce has no mean of booleans: every round would fail
                 raise AveragerArgumentError(
                     f"averaged_tensors[{index}] is a bool tensor, which cannot be averaged: pass it as uint8 or float"
