@@ -286,13 +286,18 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
             await self.update_routing_table(sender_id, context.remote_id, responded=True)
         response = dht_pb2.FindResponse(peer=self.node_info)
         value_bytes = 0
+        encoded: Dict[DHTID, bytes] = {}  # dictionaries encoded for this request: a key may be named many times
         for key in request.keys:
             key_id = DHTID.from_bytes(key)
             result = response.results.add()
             item = self._get_local(key_id)
             if item is not None:
                 is_dictionary = isinstance(item.value, DictionaryDHTValue)
-                value = self.serializer.dumps(item.value) if is_dictionary else item.value
+                value = item.value
+                if is_dictionary:
+                    value = encoded.get(key_id)
+                    if value is None:
+                        value = encoded[key_id] = self.serializer.dumps(item.value)
                 if value_bytes == 0 or value_bytes + len(value) <= MAX_FIND_RESPONSE_VALUE_BYTES:
                     value_bytes += len(value)
                     result.type = dht_pb2.FOUND_DICTIONARY if is_dictionary else dht_pb2.FOUND_REGULAR
