@@ -24,7 +24,7 @@ from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.averaging.payload import compute_schema_hash, encode_gather
 from hivemind.averaging.shared_buffer import share_in_one_buffer
-from hivemind.averaging.state_snapshot import packed_copy
+from hivemind.averaging.state_snapshot import is_describing_state, packed_copy
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
@@ -354,8 +354,11 @@ class DecentralizedAverager(AveragerProcess):
     def get_current_state(self) -> Tuple[Any, Sequence[torch.Tensor], Sequence[CompressionInfo]]:
         """The state sent to peers that download it: (metadata, tensors, infos). Runs in the user's process;
         override it to share something else (the tensors must then not change while being sent: return copies)."""
-        with self.get_tensors() as tensors:
-            tensors = packed_copy(tensors)  # one copy, in shared memory: it reaches the averager's process as it is
+        if is_describing_state():  # only shapes and dtypes (ours never change): no copy, and no lock, which the
+            tensors = packed_copy(self._averaged_tensors)  # caller of load_state_from_peers() may hold
+        else:
+            with self.get_tensors() as tensors:
+                tensors = packed_copy(tensors)  # one copy, in shared memory: it reaches the averager's process as is
         metadata = {"group_key": self.get_group_bits()}
         return metadata, tensors, self.tensor_infos
 

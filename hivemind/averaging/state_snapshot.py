@@ -59,6 +59,7 @@ __all__ = [
     "empty_packed",
     "describing_state",
     "describe_state",
+    "is_describing_state",
     "send_packed_state",
     "await_state_answer",
     "StateSnapshot",
@@ -184,6 +185,11 @@ def packed_copy(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 
 _describing = threading.local()
+
+
+def is_describing_state() -> bool:
+    """Whether this thread runs within :func:`describing_state` (only shapes and dtypes of the state are wanted)."""
+    return getattr(_describing, "active", False)
 
 
 @contextlib.contextmanager
