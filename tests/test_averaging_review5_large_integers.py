@@ -27,3 +27,16 @@ async def test_int64_values_beyond_float64_precision_average_exactly(p2p_factory
     )
     for (local,), (delta,) in zip(tensors, deltas):
         assert torch.equal(local + delta, torch.full((3000,), expected, dtype=torch.int64))
+
+
+@pytest.mark.timeout(60)
+async def test_int64_values_too_far_apart_for_exact_offsets_still_average_to_one_value_near_the_mean(p2p_factory):
+    peers = await make_connected_peers(p2p_factory, 3)
+    routers = await start_routers(peers)
+    low, high = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+    tensors = [[torch.full((3000,), value, dtype=torch.int64)] for value in (low, high, high)]
+    deltas = await run_group(peers, routers, tensors, part_size_bytes=4096)
+    results = [local + delta for (local,), (delta,) in zip(tensors, deltas)]
+    assert all(torch.equal(result, results[0]) for result in results)
+    exact_mean = (low + 2 * high) // 3  # (a float64 mean is within 2**10 of it at this size)
+    assert int((results[0] - exact_mean).abs().max()) <= 2**10

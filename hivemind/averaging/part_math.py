@@ -129,14 +129,23 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def add_offsets_(accumulator: torch.Tensor, part: torch.Tensor, base: torch.Tensor, weight: float) -> None:
+def add_offsets_(
+    accumulator: torch.Tensor, part: torch.Tensor, base: torch.Tensor, weight: float, denominator: float
+) -> bool:
     """``accumulator += weight * (part - base)`` for an integer ``part``: the difference is taken exactly in int64
-    (as long as the values differ by less than 2**63) before it meets the float64 ``accumulator``."""
-    difference = part.to(torch.int64) - base
+    before it meets the float64 ``accumulator``. If a difference does not fit in int64 (values of opposite signs
+    beyond 2**62), nothing is added and the accumulator becomes the weighted sum of the values so far instead (their
+    total weight being ``denominator``); returns False then."""
+    values = part.to(torch.int64)
+    difference = values - base
+    if bool((((values ^ base) & (values ^ difference)) < 0).any()):  # the subtraction overflowed
+        add_scaled_(accumulator, base.to(torch.float64), denominator)
+        return False
     if weight == 1.0:
         add_scaled_(accumulator, difference)
     elif weight != 0.0:
         add_scaled_(accumulator, difference, weight)
+    return True
 
 
 def rounded_average(base: torch.Tensor, offsets: torch.Tensor, denominator: float) -> torch.Tensor:

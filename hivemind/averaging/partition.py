@@ -428,12 +428,12 @@ class TensorPartReducer:
                 zero_(accumulator)
             else:
                 scale_into(accumulator, first, first_weight)
-        if base is not None:
-            add_offsets_(accumulator, part, base, weight)
-        elif weight == 1.0:
-            add_scaled_(accumulator, part)
-        elif weight != 0.0:
-            add_scaled_(accumulator, part, weight)
+        if base is None or not add_offsets_(accumulator, part, base, weight, denominator):
+            self._integer_bases.pop(part_index, None)  # (integers too far apart for int64 offsets: sums of values)
+            if weight == 1.0:
+                add_scaled_(accumulator, part)
+            elif weight != 0.0:
+                add_scaled_(accumulator, part, weight)
         self._accumulators[part_index] = (accumulator, denominator + weight, True)
 
     def _release_ready_parts(self) -> None:
