@@ -202,7 +202,7 @@ class RemoteCallMany(torch.autograd.Function):
         )
         alive = torch.zeros(num_samples, max_k, dtype=torch.bool)
         outputs = [
-            descriptor.make_zeros(num_samples, max_k, device="cpu", requires_grad=False)
+            descriptor.make_zeros(num_samples, max_k, device="cpu", requires_grad=False, pin_memory=False)
             for descriptor in outputs_schema
         ]
         alive_jobs = []
