@@ -153,6 +153,7 @@ class Optimizer(torch.optim.Optimizer):
         self._local_samples = 0  # samples of this epoch (local-updates mode; gradient mode asks the averager)
         self._grad_control: Optional[StepControl] = None
         self._state_control: Optional[StepControl] = None
+        self._background_grad_round: Optional[StepControl] = None  # with delay_grad_averaging (cancelled on shutdown)
         self._check_synchronization_strictly, self._shut_down, self._last_progress_bar_update = True, False, 0.0
         self._last_round_peers: Optional[set] = None  # raw peer ids of the last gradient round (None: none yet)
 
@@ -345,6 +346,7 @@ class Optimizer(torch.optim.Optimizer):
                     self.grad_averager.reset_accumulated_grads_()
             grad_round = self._start_gradient_averaging(num_peers)
             if self.delay_grad_averaging:
+                self._background_grad_round = grad_round
                 self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
             else:
                 self._finish_gradient_averaging(grad_round)
@@ -479,7 +481,7 @@ class Optimizer(torch.optim.Optimizer):
         self._cancel_scheduled_rounds()
         self._progress_bar.close()
         self.tracker.shutdown(self.shutdown_timeout)
-        self.state_averager.cancel_background_averaging(self.shutdown_timeout)  # (its peers may be gone too)
+        self.state_averager.cancel_background_averaging(self.shutdown_timeout, self._background_grad_round)
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         self.state_averager.shutdown()
         if self.grad_averager is not None:

@@ -9,8 +9,12 @@ from typing import Any, Optional
 import torch
 
 from hivemind.optim.grad_scaler import GradScaler
+from hivemind.optim.scheduler_sync import is_scheduler_instance
+from hivemind.utils.logging import get_logger
 
-__all__ = ["OptimizerOptions", "resolve_options", "positive_int_batch_size"]
+__all__ = ["OptimizerOptions", "resolve_options", "positive_int_batch_size", "check_state_averager_arguments"]
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,3 +159,24 @@ def check_step_arguments(optimizer: Any, *, closure: Any, batch_size: Any, grad_
             "count samples"
         )
     return positive_int_batch_size(optimizer.batch_size_per_step if batch_size is None else batch_size)
+
+
+def check_state_averager_arguments(
+    optimizer: Any, params: Any, scheduler: Any, offload_optimizer: bool, custom_gradients: bool
+) -> bool:
+    """Refuse TrainingStateAverager arguments that do not fit together (ValueError); returns whether ``optimizer`` is
+    a factory."""
+    optimizer_is_factory = not isinstance(optimizer, torch.optim.Optimizer)
+    if optimizer_is_factory and not callable(optimizer):
+        raise ValueError(f"optimizer must be a torch optimizer or a factory of one, got {type(optimizer).__name__}")
+    if optimizer_is_factory and params is None:
+        raise ValueError("with an optimizer factory, pass the model's parameters as params=...")
+    if not optimizer_is_factory and params is not None:
+        raise ValueError("params= is only for an optimizer factory; a built optimizer already has its parameters")
+    if offload_optimizer and not optimizer_is_factory:
+        raise ValueError("offload_optimizer needs an optimizer factory (the optimizer is built on CPU copies)")
+    if optimizer_is_factory and scheduler is not None and is_scheduler_instance(scheduler):
+        raise ValueError("with an optimizer factory, the scheduler must be a factory too: lambda opt: ...")
+    if custom_gradients and not offload_optimizer:
+        logger.warning("custom_gradients has no effect without offload_optimizer")
+    return optimizer_is_factory

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import MutableMapping
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Sequence
 
 import torch
 
 from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
 
 __all__ = [
+    "as_param_groups",
     "ParamGroupView",
     "model_param_groups",
     "training_state_dict",
     "load_training_state_dict_",
     "frozen_gradients_hidden",
 ]
+
+
+def as_param_groups(params: Iterable[Any]) -> List[Dict[str, Any]]:
+    """Parameters or param groups (as a torch optimizer accepts them) as a list of new param-group dicts."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [dict(group, params=list(group["params"])) for group in params]
+    return [{"params": params}]
 
 
 class ParamGroupView(MutableMapping):

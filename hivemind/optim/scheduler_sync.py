@@ -9,11 +9,21 @@ import torch
 
 from hivemind.utils.logging import get_logger
 
-__all__ = ["MAX_SCHEDULER_CATCH_UP_STEPS", "catch_up_scheduler", "scheduler_learning_rates_kept"]
+__all__ = [
+    "MAX_SCHEDULER_CATCH_UP_STEPS",
+    "catch_up_scheduler",
+    "is_scheduler_instance",
+    "scheduler_learning_rates_kept",
+]
 
 logger = get_logger(__name__)
 
 MAX_SCHEDULER_CATCH_UP_STEPS = 100_000  # an epoch far ahead (e.g. claimed by a faulty peer) must not hang a step
+
+
+def is_scheduler_instance(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is a built LR scheduler (not a factory of one)."""
+    return hasattr(scheduler, "step") and hasattr(scheduler, "optimizer")
 
 
 def catch_up_scheduler(scheduler: Any, epoch: int, max_steps: int = MAX_SCHEDULER_CATCH_UP_STEPS) -> None:

@@ -18,14 +18,15 @@ from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH
+from hivemind.optim.optimizer_options import check_state_averager_arguments
 from hivemind.optim.optimizer_state import (
     OptimizerStateError,
     dump_optimizer_state,
     initialize_optimizer_state_,
     load_optimizer_state,
 )
-from hivemind.optim.optimizer_torch_api import frozen_gradients_hidden
-from hivemind.optim.scheduler_sync import catch_up_scheduler, scheduler_learning_rates_kept
+from hivemind.optim.optimizer_torch_api import as_param_groups, frozen_gradients_hidden
+from hivemind.optim.scheduler_sync import catch_up_scheduler, is_scheduler_instance, scheduler_learning_rates_kept
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
@@ -46,17 +47,6 @@ OptimizerFactory = Callable[[Iterable[Dict[str, Any]]], TorchOptimizer]
 SchedulerFactory = Callable[[TorchOptimizer], Any]
 Parameters = Iterable[torch.Tensor]
 ParamGroups = Iterable[Dict[str, Any]]
-
-
-def _is_scheduler_instance(scheduler: Any) -> bool:
-    return hasattr(scheduler, "step") and hasattr(scheduler, "optimizer")
-
-
-def _as_param_groups(params: Union[Parameters, ParamGroups]) -> List[Dict[str, Any]]:
-    params = list(params)
-    if params and isinstance(params[0], dict):
-        return [dict(group, params=list(group["params"])) for group in params]
-    return [{"params": params}]
 
 
 class TrainingStateAverager(DecentralizedAverager):
@@ -99,23 +89,11 @@ class TrainingStateAverager(DecentralizedAverager):
         status_loglevel: int = logging.DEBUG, **averager_kwargs,
     ):
         # fmt: on
-        optimizer_is_factory = not isinstance(optimizer, torch.optim.Optimizer)
-        if optimizer_is_factory and not callable(optimizer):
-            raise ValueError(
-                f"optimizer must be a torch optimizer or a factory of one, got {type(optimizer).__name__}"
-            )
-        if optimizer_is_factory and params is None:
-            raise ValueError("with an optimizer factory, pass the model's parameters as params=...")
-        if not optimizer_is_factory and params is not None:
-            raise ValueError("params= is only for an optimizer factory; a built optimizer already has its parameters")
-        if offload_optimizer and not optimizer_is_factory:
-            raise ValueError("offload_optimizer needs an optimizer factory (the optimizer is built on CPU copies)")
-        if optimizer_is_factory and scheduler is not None and _is_scheduler_instance(scheduler):
-            raise ValueError("with an optimizer factory, the scheduler must be a factory too: lambda opt: ...")
-        if custom_gradients and not offload_optimizer:
-            logger.warning("custom_gradients has no effect without offload_optimizer")
+        optimizer_is_factory = check_state_averager_arguments(
+            optimizer, params, scheduler, offload_optimizer, custom_gradients
+        )
 
-        param_groups = _as_param_groups(params) if optimizer_is_factory else optimizer.param_groups
+        param_groups = as_param_groups(params) if optimizer_is_factory else optimizer.param_groups
         self.main_parameters: Tuple[torch.Tensor, ...] = tuple(p for group in param_groups for p in group["params"])
         if not self.main_parameters:
             raise ValueError("TrainingStateAverager needs at least one parameter")
@@ -138,7 +116,7 @@ class TrainingStateAverager(DecentralizedAverager):
             initialize_optimizer = not self.optimizer.state
         if initialize_optimizer:
             initialize_optimizer_state_(self.optimizer)
-        if scheduler is not None and not _is_scheduler_instance(scheduler):
+        if scheduler is not None and not is_scheduler_instance(scheduler):
             scheduler = scheduler(self.optimizer)
         self.scheduler = scheduler
         self.extra_tensors = tuple(tensor.detach() for tensor in extra_tensors)
@@ -155,6 +133,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self._pending_step: Optional[Future] = None
         self._pending_averaging: Optional[Future] = None
         self._round_control: Optional[StepControl] = None  # of the latest averaging round (to cancel on shutdown)
+        self._cancel_rounds = False  # set on shutdown: rounds that start from then on are cancelled at once
         self.delay_before_averaging = PerformanceEMA(alpha=performance_ema_alpha)  # seconds: step() -> all-reduce
         super().__init__(averaged_tensors=averaged, dht=dht, tensor_infos=infos, **averager_kwargs)
 
@@ -238,17 +217,23 @@ class TrainingStateAverager(DecentralizedAverager):
         """Run ``function(*args)`` in the background thread, after the background work already queued."""
         return self._executor.submit(function, *args)
 
-    def cancel_background_averaging(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for the background averaging round (if any) to end, then cancel it."""
-        pending = self._pending_averaging
-        if pending is None or pending.done():
-            return
-        try:
-            pending.exception(timeout)
-        except FutureTimeoutError:
-            pending.cancel()  # (if it has not started yet, it never will)
-            if self._round_control is not None:
-                self._round_control.cancel()
+    def cancel_background_averaging(self, timeout: float, *controls: Optional[StepControl]) -> None:
+        """
+        Wait up to ``timeout`` seconds for the background work to end, then cancel its averaging rounds: this
+        averager's, those that start later, and ``controls`` (rounds a background step waits for). For a shutdown,
+        which must not wait for peers that are gone; background optimizer steps still finish.
+        """
+        deadline = time.monotonic() + timeout
+        for pending in (self._pending_step, self._pending_averaging):
+            try:
+                if pending is not None:
+                    pending.exception(max(0.0, deadline - time.monotonic()))
+            except FutureTimeoutError:
+                pass
+        self._cancel_rounds = True
+        for control in (self._round_control, *controls):
+            if control is not None and not control.done():
+                control.cancel()
 
     @property
     def averaging_in_progress(self) -> bool:
@@ -366,7 +351,10 @@ class TrainingStateAverager(DecentralizedAverager):
             control = self.schedule_step(**opts)
         self._round_control = control
         self.delay_before_averaging.update(task_size=1, interval=time.perf_counter() - started)
-        control.allow_allreduce()
+        if self._cancel_rounds:  # (shutting down)
+            control.cancel()
+        else:
+            control.allow_allreduce()
         gathered = control.result()
         return gathered, sent, round_epoch
 
