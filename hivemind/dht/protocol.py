@@ -116,8 +116,9 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
                 logger.debug(f"Could not remove DHT handlers: {e!r}")
         await self._stop_background_tasks()
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str) -> bool:  # counts a rejected input; returns False, what a refused store returns
         self.rejected[reason] += 1
+        return False
 
     def _stub(self, peer: PeerID):
         return self.get_stub(peer)  # signs requests with self.authorizer, if any
@@ -174,7 +175,7 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         now = get_dht_time()
         in_cache = request.in_cache or [False] * len(request.keys)
         store_ok = [
-            self._store_item(key, subkey, value, expiration_time, cache, now)
+            self._store_item(key, subkey, value, expiration_time, cache, now, context.remote_id)
             for key, subkey, value, expiration_time, cache in zip(
                 request.keys, request.subkeys, request.values, request.expiration_time, in_cache
             )
@@ -199,15 +200,14 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         return reason is None
 
     def _store_item(
-        self, key: bytes, subkey: bytes, value: bytes, expiration_time: float, in_cache: bool, now: float
+        self, key: bytes, subkey: bytes, value: bytes, expiration_time: float, in_cache: bool, now: float, sender=None
     ) -> bool:
         reason = check_store_item(key, subkey, value, expiration_time, now)
         if reason is not None:
-            self._reject(reason)
-            return False
+            return self._reject(reason)
         key_id, storage = DHTID.from_bytes(key), self.cache if in_cache else self.storage
         if subkey == IS_DICTIONARY:
-            return self._store_dictionary(key, key_id, value, storage, now)
+            return self._store_dictionary(key, key_id, value, storage, now, sender)
         if not self._is_valid(DHTRecord(key, subkey, value, expiration_time)):
             return False
         if subkey == IS_REGULAR_VALUE:
@@ -241,23 +241,26 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
             self._reject("malformed_dictionary")
             return None
 
-    def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage: DHTLocalStorage, now: float) -> bool:
-        """Store a whole dictionary entry by entry; True only if it held entries and every one was stored."""
+    def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage, now: float, sender=None) -> bool:
+        """Store a whole dictionary entry by entry (each entry is charged to the sender's store rate limit); True only
+        if it held entries and every one was stored."""
+        if not self.store_rate_limiter.allow_dictionary(sender, len(value)):  # its decoding is paid for first
+            return self._reject("rate_limited")
         decoded = self._decode_dictionary_entries(value, "a store request")
         if decoded is None:
             return False
         entries, dropped = decoded
         if len(entries) > MAX_DICTIONARY_ENTRIES:  # never stored whole: refused without checking each entry
-            self._reject("dictionary_full")
-            return False
+            return self._reject("dictionary_full")
+        if not self.store_rate_limiter.allow_dictionary(sender, len(value), len(entries)):
+            return self._reject("rate_limited")
         if dropped:
             self.rejected["dropped_dictionary_entry"] += dropped
         all_accepted = len(entries) > 0 and dropped == 0
         for subkey, entry_value, entry_expiration in entries:
             reason = check_dictionary_entry(entry_value, entry_expiration, now)
             if reason is not None:
-                self._reject(reason)
-                all_accepted = False
+                all_accepted = self._reject(reason)
                 continue
             record = DHTRecord(key, self.serializer.dumps(subkey), entry_value, entry_expiration)
             if not self._is_valid(record):

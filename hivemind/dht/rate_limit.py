@@ -1,10 +1,13 @@
 """Per-peer token buckets that cap how many store items a remote peer may send (flood protection, sans-IO)."""
 
 import time
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 DEFAULT_BURST_ITEMS = 20000  # a new peer receiving replicas may get thousands of items in one request
 DEFAULT_ITEMS_PER_SECOND = 2000.0
+# a whole dictionary sent to be stored costs one item per entry: one item per this many of its bytes is charged before
+# it is decoded (a peer out of tokens gets nothing decoded), the rest once its entries are counted
+DICTIONARY_BYTES_PER_ITEM = 128
 
 
 class PeerRateLimiter:
@@ -40,6 +43,14 @@ class PeerRateLimiter:
         if len(self._buckets) > 1024:
             self._forget_idle(now)
         return True
+
+    def allow_dictionary(self, peer: Optional[Hashable], num_bytes: int, num_entries: Optional[int] = None) -> bool:
+        """Charge a whole dictionary: without ``num_entries``, what its ``num_bytes`` cost to decode; with it, the
+        entries that this did not already pay for. A dictionary from no remote peer (``peer`` None) costs nothing."""
+        if peer is None:
+            return True
+        prepaid = num_bytes // DICTIONARY_BYTES_PER_ITEM
+        return self.allow(peer, prepaid if num_entries is None else max(0, num_entries - prepaid))
 
     def _forget_idle(self, now: float) -> None:
         for peer in [peer for peer in self._buckets if self._tokens(peer, now) >= self.burst]:
