@@ -208,8 +208,9 @@ class Optimizer(torch.optim.Optimizer):
         return self.opt.defaults
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        raise ValueError(  # all peers must train the same parameters
-            f"{type(self).__name__}.add_param_group is not supported: pass every param group to the constructor"
+        raise ValueError(
+            f"{type(self).__name__} does not support add_param_group: all peers must train the same "
+            f"parameters; create the optimizer with every param group from the start"
         )
 
     def state_dict(self) -> Dict[str, Any]:
