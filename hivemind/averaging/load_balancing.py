@@ -20,6 +20,9 @@ logger = get_logger(__name__)
 LP_DECIMALS = 9  # LP shares are rounded to this many decimals, so that solver noise cannot change the partition
 _LP_TIME_TOLERANCE = 1e-9  # the second (tie-breaking) LP may exceed the optimal time by this much (relative)
 _LP_NOISE = 1e-6  # smaller shares are solver noise and are dropped
+# a member slower than this fraction of the fastest one counts as this slow (it gets no share either way): the LP's
+# coefficients stay finite and well-conditioned whatever finite bandwidths a group declares
+MIN_RELATIVE_BANDWIDTH = 1e-12
 
 
 def load_balance_peers(vector_size: int, bandwidths: Sequence[Optional[float]], min_size: int = 0) -> Tuple[int, ...]:
@@ -39,7 +42,8 @@ def load_balance_peers(vector_size: int, bandwidths: Sequence[Optional[float]], 
     if not positive:
         scores = [1.0 if bandwidth is None else 0.0 for bandwidth in values]
     else:
-        mean_bandwidth = sum(positive) / len(positive)
+        peak = max(positive)  # (a plain sum of declared values may overflow to inf)
+        mean_bandwidth = peak * (sum(bandwidth / peak for bandwidth in positive) / len(positive))
         filled = [mean_bandwidth if bandwidth is None else bandwidth for bandwidth in values]
         scores = list(optimize_parts_lp(vector_size, filled, min_size))
     return tuple(hagenbach_bishoff(vector_size, scores))
@@ -83,7 +87,7 @@ def optimize_parts_lp(vector_size: int, bandwidths: Sequence[float], min_size: i
         fractions[active[0]] = 1.0
         return _drop_small_shares(fractions, vector_size, min_size)
 
-    scaled = bandwidths[active] / bandwidths[active].max()  # well-conditioned coefficients
+    scaled = np.maximum(bandwidths[active] / bandwidths[active].max(), MIN_RELATIVE_BANDWIDTH)  # well-conditioned
     num_active = len(active)
     # variables: x_1..x_k (fractions of the active members), then t (the time to minimize)
     sums_to_one = np.concatenate([np.ones(num_active), [0.0]])[None, :]
