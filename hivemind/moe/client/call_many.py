@@ -12,6 +12,7 @@ import torch
 
 from hivemind.moe.client.expert import RemoteExpert, check_grad_inputs
 from hivemind.moe.client.expert_rpc import (
+    ExpertInfoError,
     call_expert,
     expected_output_bytes,
     malformed_answer,
@@ -27,6 +28,10 @@ from hivemind.utils.nested import nested_flatten
 __all__ = ["CallOptions", "ExpertJob", "RemoteCallMany", "group_by_expert"]
 
 logger = get_logger(__name__)
+
+# the [batch, k, ...] answer buffers of one mixture call are sized by the experts' outputs schema, which a remote
+# server declares: above this many bytes the call is refused before anything is sent or allocated
+MAX_MIXTURE_OUTPUT_BYTES = 2**32
 
 
 @dataclass
@@ -182,6 +187,14 @@ class RemoteCallMany(torch.autograd.Function):
         jobs = group_by_expert(experts_per_sample)
         outputs_schema = list(nested_flatten(info["outputs_schema"]))
         num_outputs = len(outputs_schema)
+        buffer_bytes = expected_output_bytes(outputs_schema, num_samples * max_k)
+        if buffer_bytes > MAX_MIXTURE_OUTPUT_BYTES:
+            raise ExpertInfoError(
+                f"the experts' outputs schema {outputs_schema} asks for {buffer_bytes} bytes of answers for "
+                f"{num_samples} samples x {max_k} experts, over the {MAX_MIXTURE_OUTPUT_BYTES} bytes a mixture call "
+                "allocates: check the servers under this uid prefix (or raise "
+                "hivemind.moe.client.call_many.MAX_MIXTURE_OUTPUT_BYTES if this size is intended)"
+            )
 
         def rows_for(job):
             return [tensor[job.samples] for tensor in flat_inputs]
