@@ -212,15 +212,26 @@ def _view_of_bulk(bulk: memoryview, numel: int, dtype: torch.dtype, what: str) -
 
 
 def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> None:
-    """Raise AllreduceException if a peer's ``values`` hold inf or NaN where this peer's ``local`` values are finite
-    (a NaN that is already in the local values may come back; a new one would spread into the local tensors)."""
+    """Raise AllreduceException if a peer's ``values`` (deltas) hold inf or NaN where this peer's ``local`` values are
+    finite (a NaN that is already in the local values may come back; a new one would spread into the local tensors),
+    or finite values that would make such local values inf once added to them."""
     if not (values.is_floating_point() or values.is_complex()):
         return
     if values.is_complex():
         if math.isfinite(abs(total_sum(values))):
             return  # a sum is finite only if every value is (an overflowing sum gets the exact check)
-    elif math.isfinite(largest_magnitude(values)):
-        return  # the fast pass: no inf or NaN (minimum and maximum, vectorized, no temporary)
+    else:
+        peak = largest_magnitude(values)  # the fast pass: minimum and maximum, vectorized, no temporary
+        if math.isfinite(peak) and peak + largest_magnitude(local) <= torch.finfo(values.dtype).max:
+            return  # no inf or NaN, and no sum with a local value can overflow
+        if math.isfinite(peak):
+            local = local.reshape(-1)
+            overflow = ~torch.isfinite(local + values) & torch.isfinite(local)
+            if bool(overflow.any()):
+                raise AllreduceException(
+                    f"{what} would make {int(overflow.sum())} finite local values inf once added to them"
+                )
+            return
     spread = ~torch.isfinite(values) & torch.isfinite(local.reshape(-1))
     if bool(spread.any()):
         raise AllreduceException(f"{what} has {int(spread.sum())} inf/NaN values where the local values are finite")

@@ -1,0 +1,22 @@
+"""A reducer's finite deltas that would overflow the local values to inf once added (float16 65504 onto 16..63) are
+refused like non-finite ones: those parts keep their local values, and the local tensors stay finite."""
+
+import pytest
+import torch
+from averaging_hostile_peer import delta_message, hostile_setup, run_step
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("dtype, huge", [(torch.float16, 65504.0), (torch.float32, 3.0e38)])
+async def test_finite_deltas_that_overflow_the_local_values_are_refused(dtype, huge):
+    tensor = torch.arange(64).to(dtype) * (1.0 if dtype == torch.float16 else 5e36)  # finite, up to 3.15e38
+    original = tensor.clone()
+    part_numel = 64 // tensor.element_size()  # part_size_bytes=64
+    async with hostile_setup([tensor], part_size_bytes=64) as (hostile, victim):
+        hostile.make_delta = lambda message: delta_message(torch.full((part_numel,), huge, dtype=dtype))
+        outcome = await run_step(hostile, victim, timeout=20)
+        assert hostile.parts_received, f"the victim never reached the hostile reducer: {outcome!r}"
+        with victim.get_tensors() as (averaged,):
+            assert torch.isfinite(averaged).all(), "a reducer's deltas overflowed the local tensors to inf"
+            assert torch.equal(averaged, original)
