@@ -3,11 +3,11 @@ refused like non-finite ones: those parts keep their local values, and the local
 
 import pytest
 import torch
+from allreduce_helpers import make_connected_peers, run_group, start_routers
 from averaging_hostile_peer import delta_message, hostile_setup, run_step
 
-pytestmark = pytest.mark.timeout(60)
 
-
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("dtype, huge", [(torch.float16, 65504.0), (torch.float32, 3.0e38)])
 async def test_finite_deltas_that_overflow_the_local_values_are_refused(dtype, huge):
     tensor = torch.arange(64).to(dtype) * (1.0 if dtype == torch.float16 else 5e36)  # finite, up to 3.15e38
@@ -20,3 +20,19 @@ async def test_finite_deltas_that_overflow_the_local_values_are_refused(dtype, h
         with victim.get_tensors() as (averaged,):
             assert torch.isfinite(averaged).all(), "a reducer's deltas overflowed the local tensors to inf"
             assert torch.equal(averaged, original)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the delta computed, then refused)
+async def test_a_float16_delta_beyond_float16_range_keeps_the_local_values(p2p_factory):
+    # the mean is representable, but a member's step towards it is not: -65504 + 98256 (weights 1 and 3)
+    peers = await make_connected_peers(p2p_factory, 2)
+    routers = await start_routers(peers)
+    tensors = [[torch.full((64,), value, dtype=torch.float16)] for value in (-65504.0, 65504.0)]
+    weights = (1.0, 3.0)
+    deltas = await run_group(
+        peers, routers, tensors, part_size_bytes=32, per_peer_kwargs=[dict(weight=weight) for weight in weights]
+    )
+    (low,), (delta,) = tensors[0], deltas[0]
+    assert torch.isfinite(delta).all(), "a delta of inf would make the local values inf"
+    assert torch.equal(low + delta, low)  # none of its parts could move: all keep their local values
