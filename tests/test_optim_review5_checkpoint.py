@@ -49,3 +49,27 @@ def test_loading_model_then_optimizer_state_keeps_the_loaded_parameters(delay_op
     finally:
         opt.shutdown()
         dht.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_a_checkpoint_taken_right_after_a_delayed_step_holds_the_parameters_of_its_epoch():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    batch = torch.randn(4, 4), torch.randn(4, 1)
+    reference = copy.deepcopy(model)
+    mse_step(reference, torch.optim.Adam(reference.parameters(), lr=0.1), *batch)
+    dht = DHT(start=True)
+    opt = make_optimizer(
+        dht, model, "checkpoint_delayed", target_batch_size=4, batch_size_per_step=4,
+        optimizer=lambda params: torch.optim.Adam(params, lr=0.1), delay_optimizer_step=True,
+    )  # fmt: skip
+    try:
+        mse_step(model, opt, *batch)  # the epoch ends; its optimizer step runs in the background
+        assert opt.local_epoch == 1
+        checkpoint = copy.deepcopy(dict(model=model.state_dict(), opt=opt.state_dict()))  # as torch.save({...}) does
+        assert checkpoint["opt"]["state"]["local_epoch"] == 1
+        for name, expected in reference.state_dict().items():  # not the parameters of epoch 0
+            assert torch.allclose(checkpoint["model"][name], expected, atol=1e-6), name
+    finally:
+        opt.shutdown()
+        dht.shutdown()

@@ -214,6 +214,8 @@ class Optimizer(torch.optim.Optimizer):
         )
 
     def state_dict(self) -> Dict[str, Any]:
+        self.state_averager.wait_for_background_step()  # a delayed step lands in the model first (in place, also in
+        self.state_averager.step()  # its state_dict() taken before), so that they hold the epoch saved here
         return training_state_dict(self.opt, self.local_epoch)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
