@@ -66,8 +66,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     use_hivemind_log_handler("in_root_logger")  # all output goes to stderr through the root logger
-    dht_options = vars(make_parser().parse_args(argv))  # flag names are DHT / P2P option names
+    parser = make_parser()
+    dht_options = vars(parser.parse_args(argv))  # flag names are DHT / P2P option names
     refresh_period = dht_options.pop("refresh_period")
+    if refresh_period <= 0:
+        parser.error(f"--refresh_period must be a positive number of seconds, got {refresh_period}")
     dht = DHT(start=True, **dht_options)
     log_visible_maddrs(dht.get_visible_maddrs(), only_p2p=dht_options["use_ipfs"])
 

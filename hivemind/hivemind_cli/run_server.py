@@ -144,6 +144,11 @@ def parse_server_options(parser: configargparse.ArgParser, argv: Optional[List[s
         parser.error("give exactly one of --num_experts (optionally with --expert_pattern) and --expert_uids")
     if args["expert_uids"] is not None and args["expert_pattern"] is not None:
         parser.error("--expert_pattern generates uids for --num_experts; it cannot be combined with --expert_uids")
+    if args["num_experts"] is not None and args["num_experts"] <= 0:
+        parser.error(f"--num_experts must be a positive number of experts, got {args['num_experts']}")
+    for flag in ("update_period", "stats_report_interval"):  # None (no statistics) is allowed for the latter
+        if args[flag] is not None and args[flag] <= 0:
+            parser.error(f"--{flag} must be a positive number of seconds, got {args[flag]}")
     args["optim_cls"] = make_optimizer_factory(args.pop("optimizer"))
     args["compression"] = CompressionType.Value(args["compression"])
     if not args.pop("increase_file_limit"):
