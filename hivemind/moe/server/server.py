@@ -138,7 +138,7 @@ class Server(threading.Thread):
         if custom_module_path is not None:
             add_custom_models_from_file(str(custom_module_path))
         assert expert_cls in name_to_block, (
-            f"expert_cls (--expert_cls) {expert_cls!r} is not a registered expert class; use one of "
+            f"unknown expert class {expert_cls!r} given as expert_cls (--expert_cls); use one of "
             f"{sorted(name_to_block)} or register one with @register_expert_class in a custom_module_path file"
         )
         assert (expert_pattern is None and num_experts is None) or expert_uids is None, (
