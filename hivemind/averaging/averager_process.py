@@ -22,7 +22,7 @@ from hivemind.averaging.state_download import load_state_from_peers
 from hivemind.averaging.state_rate import configured_min_rate
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, describe_state, send_packed_state
-from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd
+from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd, exitcode_of
 from hivemind.p2p import ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.servicer import get_handle_name
@@ -97,7 +97,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         self._shutdown_requested = False  # (user process) shutdown() was called
         # user process -> averager process: calls (one duplex pipe, answers come back on it)
         self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
-        self._caller = CallerEnd(self._caller_connection, process_name="averager")
+        self._caller = CallerEnd(self._caller_connection, "averager", exitcode_of(self))
         # averager process -> user process: "send me get_current_state()" (an MPFuture per request)
         self._state_request_reader, self._state_request_writer = self._context.Pipe(duplex=False)
         self._state_request_lock = threading.Lock()

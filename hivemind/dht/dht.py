@@ -20,6 +20,7 @@ from hivemind.dht.process_channel import (
     ServingEnd,
     SocketAcceptor,
     connect_to_dht_process,
+    exitcode_of,
 )
 from hivemind.dht.routing import DHTKey, DHTValue, Subkey
 from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
@@ -104,7 +105,9 @@ class DHT(ShutdownOnExit, mp.Process):
         # the creating process talks to the DHT process over a pipe; other processes (forked or spawned workers that
         # hold a copy of this object) connect to a Unix socket of the DHT process on their first call
         self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
-        self._callers: Dict[int, CallerEnd] = {self._origin_pid: CallerEnd(self._caller_connection)}
+        self._callers: Dict[int, CallerEnd] = {
+            self._origin_pid: CallerEnd(self._caller_connection, exitcode=exitcode_of(self))
+        }
         self._socket_address = os.path.join(tempfile.gettempdir(), f"hivemind-dht-{uuid.uuid4().hex}.sock")
         self._socket_authkey = os.urandom(32)
         self._started = False

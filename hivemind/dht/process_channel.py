@@ -13,7 +13,9 @@ import concurrent.futures
 import itertools
 import os
 import queue
+import signal
 import threading
+import weakref
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.reduction import ForkingPickler
@@ -31,11 +33,19 @@ class ChannelClosedError(RuntimeError):
     """The DHT process exited (or closed its end of the pipe) before answering."""
 
 
+def exitcode_of(process) -> Callable[[], Optional[int]]:
+    """Reads ``process.exitcode`` when called, without keeping the process object alive."""
+    process_ref = weakref.ref(process)
+    return lambda: getattr(process_ref(), "exitcode", None)
+
+
 class CallerEnd:
     """The user-process end: ``call`` returns a future resolved by the reader thread when the answer arrives."""
 
-    def __init__(self, connection: Connection, process_name: str = "DHT"):
-        self._connection, self._process_name = connection, process_name
+    def __init__(
+        self, connection: Connection, process_name: str = "DHT", exitcode: Optional[Callable[[], Optional[int]]] = None
+    ):
+        self._connection, self._process_name, self._exitcode = connection, process_name, exitcode
         self._send_lock = threading.Lock()
         self._pending: Dict[int, concurrent.futures.Future] = {}
         self._call_ids = itertools.count(READY_CALL_ID + 1)
@@ -55,7 +65,7 @@ class CallerEnd:
         if self._closed_error is not None:
             self._pending.pop(call_id, None)
             future.set_exception(
-                ChannelClosedError(f"the {self._process_name} process is not running: {self._closed_error}")
+                ChannelClosedError(f"the {self._process_name} process is not running: {self._why(self._closed_error)}")
             )
             return future
         try:
@@ -64,7 +74,8 @@ class CallerEnd:
                 self._connection.send((call_id, body))
         except Exception as e:
             self._pending.pop(call_id, None)
-            future.set_exception(e if not isinstance(e, (OSError, EOFError)) else ChannelClosedError(repr(e)))
+            closed = ChannelClosedError(f"the {self._process_name} process is not running: {self._why(e)}")
+            future.set_exception(e if not isinstance(e, (OSError, EOFError)) else closed)
             return future
         future.add_done_callback(lambda f: self._on_done(call_id, f))
         return future
@@ -87,6 +98,21 @@ class CallerEnd:
             logger.exception(f"{self._process_name} response reader crashed")
             self.fail_pending(e)
 
+    def _why(self, reason: BaseException) -> str:
+        """How the other process ended (exit code or signal when known) and what to do about it."""
+        try:
+            code = self._exitcode() if self._exitcode is not None else None
+        except Exception:  # e.g. asked from a process that is not the parent
+            code = None
+        if code is None:
+            how = "it exited or closed its end of the pipe"
+        elif code < 0 and -code in signal.valid_signals():
+            how = f"it was killed by signal {signal.Signals(-code).name}"
+        else:
+            how = f"it exited with code {code}"
+        detail = f" ({reason})" if str(reason) else ""
+        return f"{how}{detail}; this {self._process_name} cannot be used any more: create a new {self._process_name}"
+
     def _deliver(self, call_id: int, ok: bool, payload: Any) -> None:
         """Resolve the future of ``call_id``. A function of its own so that the reader thread keeps no reference
         to the answer while it waits for the next one (e.g. a whole downloaded state)."""
@@ -105,7 +131,9 @@ class CallerEnd:
             if not future.done():
                 try:
                     future.set_exception(
-                        ChannelClosedError(f"the {self._process_name} process exited before answering ({reason!r})")
+                        ChannelClosedError(
+                            f"the {self._process_name} process ended before answering: {self._why(reason)}"
+                        )
                     )
                 except concurrent.futures.InvalidStateError:
                     pass

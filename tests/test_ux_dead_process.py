@@ -1,0 +1,28 @@
+"""After the DHT process is killed, calls say that it exited, how (the signal), and what to do."""
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from hivemind.dht import DHT
+
+
+@pytest.mark.timeout(30)
+def test_call_to_killed_dht_names_signal_and_remedy():
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    daemons = psutil.Process(dht.pid).children(recursive=True)
+    try:
+        os.kill(dht.pid, signal.SIGKILL)
+        dht.join(timeout=10)
+        assert dht.exitcode == -signal.SIGKILL
+        for _ in range(2):  # the first call may meet the closed pipe while sending, the second a known-closed channel
+            with pytest.raises(RuntimeError) as error_info:
+                dht.get("some_key", latest=True)
+            message = str(error_info.value)
+            assert "SIGKILL" in message and "create a new DHT" in message, message
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+        psutil.wait_procs(daemons, timeout=5)
