@@ -173,7 +173,7 @@ class P2P(ProtobufCallsMixin):
         if identity_path is not None:
             if os.path.exists(identity_path):
                 if check_if_identity_free and initial_peers:
-                    logger.info(f"Making sure no online peer already uses the identity in {identity_path}")
+                    logger.info(f"Checking that identity from `{identity_path}` is not used by other peers")
                     same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)
                     if await cls.is_identity_taken(identity_path, initial_peers=initial_peers, **same_swarm):
                         raise P2PDaemonError(
@@ -181,7 +181,7 @@ class P2P(ProtobufCallsMixin):
                             "use another identity_path or stop the other peer"
                         )
             else:
-                logger.info(f"Generating a new identity (libp2p RSA key) in {identity_path}")
+                logger.info(f"Generating new identity to be saved in `{identity_path}`")
                 generate_identity(identity_path)
 
         env = dict(os.environ, GOLOG_LOG_FMT="json")
