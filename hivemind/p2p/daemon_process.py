@@ -5,6 +5,7 @@ import collections
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 import weakref
@@ -27,6 +28,15 @@ OUTPUT_LINE_LIMIT = 2**20
 TERMINATE_GRACE_SECONDS = 2.0
 GOLOG_ERROR_LEVELS = ("error", "dpanic", "panic", "fatal")
 
+# p2pd's flags named in its start-up errors -> the P2P.create / DHT options the user actually passed
+OPTION_OF_FLAG = {
+    "hostAddrs": "host_maddrs",
+    "announceAddrs": "announce_maddrs",
+    "bootstrapPeers": "initial_peers",
+    "trustedRelays": "trusted_relays",
+}
+_FLAG_PATTERN = re.compile(r"(?<![\w-])-(" + "|".join(OPTION_OF_FLAG) + r")\b")
+
 _STANDARD_LEVELS = (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG)
 
 
@@ -40,7 +50,7 @@ def describe_output_line(line: str) -> str:
     """A short human-readable form of one output line (golog JSON lines become ``msg: error``)."""
     record = _parse_json_line(line)
     if record is None:
-        return line
+        return _FLAG_PATTERN.sub(lambda match: OPTION_OF_FLAG[match.group(1)], line)
     text = str(record.get("msg", line))
     details = [f"{key}={record[key]}" for key in ("error", "err", "addr") if key in record]
     return f"{text} ({', '.join(details)})" if details else text
