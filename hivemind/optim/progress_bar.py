@@ -26,9 +26,16 @@ class EpochProgressBar:
             self.close()
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=progress.target_batch_size, desc=f"{self.run_id} epoch {local_epoch}", leave=False)
+            self._bar = tqdm(
+                total=progress.target_batch_size,
+                desc=f"{self.run_id} epoch {local_epoch}",
+                unit="samples",
+                unit_scale=True,  # the rate as "2.76Msamples/s"; the counts stay exact (bar_format below)
+                bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+                leave=False,
+            )
             self._epoch = local_epoch
-        eta = progress.eta_next_epoch - get_dht_time()
+        eta = max(progress.eta_next_epoch - get_dht_time(), 0.0)  # an overdue epoch is due now, not in -3 s
         self._bar.n = min(progress.samples_accumulated, progress.target_batch_size)
         self._bar.set_postfix(
             peers=progress.num_peers, eta=f"{eta:.1f}s" if math.isfinite(eta) else "?", refresh=False

@@ -394,5 +394,5 @@ class ProgressTracker(threading.Thread):
             self.status_loglevel,
             f"{self.prefix}: {progress.samples_accumulated}/{progress.target_batch_size} samples in epoch "
             f"{progress.epoch} from {progress.num_peers} peer(s)"
-            + (f", ETA {eta:.1f} s" if math.isfinite(eta) else ""),
+            + ((", ETA now" if eta <= 0 else f", ETA {eta:.1f} s") if math.isfinite(eta) else ""),
         )
