@@ -30,6 +30,9 @@ from hivemind.utils.malloc_tuning import tune_malloc_if_requested
 from hivemind.utils.multiaddr import Multiaddr
 
 logger = get_logger(__name__)
+# start-up lines that the command-line tools' users see and that their documentation quotes
+NEW_IDENTITY_LINE = "Generating new identity to be saved in `{path}`"
+CHECK_IDENTITY_LINE = "Checking that identity from `{path}` is not used by other peers"
 
 __all__ = ["P2P", "P2PContext", "P2PDaemonError", "P2PHandlerError", "P2PTimeoutError"]
 
@@ -173,7 +176,7 @@ class P2P(ProtobufCallsMixin):
         if identity_path is not None:
             if os.path.exists(identity_path):
                 if check_if_identity_free and initial_peers:
-                    logger.info(f"Checking that identity from `{identity_path}` is not used by other peers")
+                    logger.info(CHECK_IDENTITY_LINE.format(path=identity_path))
                     same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)
                     if await cls.is_identity_taken(identity_path, initial_peers=initial_peers, **same_swarm):
                         raise P2PDaemonError(
@@ -181,7 +184,7 @@ class P2P(ProtobufCallsMixin):
                             "use another identity_path or stop the other peer"
                         )
             else:
-                logger.info(f"Generating new identity to be saved in `{identity_path}`")
+                logger.info(NEW_IDENTITY_LINE.format(path=identity_path))
                 generate_identity(identity_path)
 
         env = dict(os.environ, GOLOG_LOG_FMT="json")
