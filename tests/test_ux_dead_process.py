@@ -1,11 +1,13 @@
-"""After the DHT process is killed, calls say that it exited, how (the signal), and what to do."""
+"""After the DHT (or averager) process is killed, calls say that it exited, how (the signal), and what to do."""
 
 import os
 import signal
 
 import psutil
 import pytest
+import torch
 
+from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
 
 
@@ -26,3 +28,13 @@ def test_call_to_killed_dht_names_signal_and_remedy():
         for daemon in daemons:
             daemon.kill()
         psutil.wait_procs(daemons, timeout=5)
+
+
+@pytest.mark.timeout(30)
+def test_call_to_killed_averager_names_signal_and_remedy():
+    with DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]) as dht:
+        averager = DecentralizedAverager([torch.zeros(3)], dht, prefix="ux_dead", start=True, target_group_size=2)
+        os.kill(averager.pid, signal.SIGKILL)
+        averager.join(timeout=10)
+        with pytest.raises(RuntimeError, match="killed by signal SIGKILL.*create a new averager"):
+            averager.get_group_bits()
