@@ -108,7 +108,13 @@ def load_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise RuntimeError(f"could not read the checkpoint {str(path)!r} of expert {uid}: {e}") from e
-        backend.load_state_dict(state)
+        try:
+            backend.load_state_dict(state)
+        except Exception as e:  # e.g. saved by an expert of another class or size: the expert keeps its state
+            raise RuntimeError(
+                f"the checkpoint {str(path)!r} does not fit expert {uid} (saved by an expert of another class, "
+                f"hidden size or optimizer?): {e}. Use the matching expert settings or another checkpoint_dir"
+            ) from e
 
 
 class CheckpointSaver(threading.Thread):

@@ -279,12 +279,30 @@ class ModuleBackend:
             return _clone_tensors(state)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what state_dict saved (the optimizer / scheduler parts only where this backend has them)."""
+        """Restore what state_dict saved (the optimizer / scheduler parts only where this backend has them).
+
+        All or nothing: if any part does not fit (e.g. the state of another expert class), the module, optimizer and
+        scheduler are put back as they were and the error is raised.
+        """
+        if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+            found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"{self.name}: expected a ModuleBackend state dict with a 'module' entry (and optionally 'optimizer', "
+                f"'scheduler'), got {found}"
+            )
         with self._update_lock:
-            self.module.load_state_dict(state["module"])
-            for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
-                if target is not None and key in state:
-                    target.load_state_dict(state[key])
+            previous = self.state_dict()
+            try:
+                self._load_parts(state)
+            except BaseException:
+                self._load_parts(previous)
+                raise
+
+    def _load_parts(self, state: Dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
+            if target is not None and key in state:
+                target.load_state_dict(state[key])
 
     def __getstate__(self):
         state = self.__dict__.copy()
