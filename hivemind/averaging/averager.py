@@ -327,6 +327,9 @@ class DecentralizedAverager(AveragerProcess):
         now = get_dht_time()
         if scheduled_time is None:
             scheduled_time = now + self.min_matchmaking_time
+        for name, value in (("scheduled_time", scheduled_time), ("timeout", timeout)):
+            if value is not None and not (_is_number(value) and math.isfinite(value)):
+                raise AveragerArgumentError(f"{name} must be a finite number of seconds or None, got {value!r}")
         deadline = None if timeout is None else now + timeout
         if deadline is not None and scheduled_time >= deadline:
             raise AveragerArgumentError(

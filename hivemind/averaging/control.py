@@ -85,6 +85,8 @@ class StepControl(MPFuture):
     @scheduled_time.setter
     def scheduled_time(self, scheduled_time: DHTExpiration) -> None:
         scheduled_time = float(scheduled_time)
+        if not math.isfinite(scheduled_time):  # NaN or inf: the search could never declare a usable expiration
+            raise ValueError(f"scheduled_time must be a finite DHT time in seconds, got {scheduled_time}")
         if self.began_allreduce:
             logger.warning("Changing the scheduled time has no effect: the all-reduce has already begun")
         if self._deadline is not None and scheduled_time > self._deadline:
