@@ -191,7 +191,25 @@ class ModuleBackend:
                 f"{self.name}: the module returned {len(flat_outputs)} outputs, outputs_schema describes "
                 f"{len(self._flat_outputs_schema)}"
             )
+        self._check_outputs(flat_outputs, batch_size=inputs[0].shape[0])
         return flat_outputs
+
+    def _check_outputs(self, outputs: Sequence[Any], batch_size: int) -> None:
+        """Outputs must be what outputs_schema promises to clients (they size their buffers and checks by it)."""
+        for index, (output, descriptor) in enumerate(zip(outputs, self._flat_outputs_schema)):
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(f"{self.name}: output #{index} of the module is a {type(output).__name__}")
+            expected_shape = (batch_size, *descriptor.shape[1:])
+            if tuple(output.shape) != expected_shape:
+                raise RuntimeError(
+                    f"{self.name}: output #{index} of the module has shape {list(output.shape)}, but outputs_schema "
+                    f"promises {list(expected_shape)} for this batch; fix the module or its outputs_schema"
+                )
+            if descriptor.dtype is not None and output.dtype != descriptor.dtype:
+                raise RuntimeError(
+                    f"{self.name}: output #{index} of the module has dtype {output.dtype}, but outputs_schema "
+                    f"promises {descriptor.dtype}; fix the module or its outputs_schema"
+                )
 
     def backward(self, *inputs_and_grads: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Recompute the forward pass with gradients, backpropagate the given output gradients and train.
