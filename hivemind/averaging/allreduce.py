@@ -177,6 +177,13 @@ class AllReduceRunner(ReducerSide, ServicerBase):
     def group_size(self) -> int:
         return len(self.ordered_peer_ids)
 
+    @property
+    def everyone_delivered(self) -> bool:
+        """Whether no sender was excluded and no reducer failed in this round (its duration then measures links,
+        not a timeout spent waiting for a stalled peer)."""
+        banned = self.reducer is not None and bool(self.reducer.banned_reasons)
+        return not banned and not self._failed_reducers
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(group={self.group_id.hex()[:8]}, peer={self.peer_id}, size={self.group_size})"
 

@@ -189,7 +189,8 @@ class AveragingRounds:
                 )
             await asyncio.get_running_loop().run_in_executor(None, self._apply_deltas, deltas)
         elapsed = time.perf_counter() - started
-        self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed)
+        if runner.everyone_delivered:  # a round that waited out a stalled peer says nothing about the links
+            self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed)
         logger.info(
             f"Averaged {vector_bytes} bytes with {group_info.group_size} peers in {elapsed:.3f} s (sent "
             f"{runner.bytes_sent} bytes, received {runner.bytes_received} bytes)"

@@ -93,6 +93,9 @@ class AdaptiveDeadlines:
         # from the leader, so its effect is capped: a hostile leader padding the group with thousands of peers that
         # never connect would otherwise stretch every member's wait for them to minutes
         concurrent_senders = min(max(group_size - 1, 1), MAX_DEADLINE_SENDERS)
+        # a part never holds more than the whole vector: a small vector's rounds (measured as a low bandwidth, since
+        # latency dominates them) must not be charged for a full-sized part
+        part_bytes = min(part_bytes, vector_bytes) if vector_bytes > 0 else part_bytes
         per_part = self.safety_factor * part_bytes * concurrent_senders / self.bandwidth
         sender = self.explicit_sender
         if sender is None:
