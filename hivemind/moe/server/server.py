@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from hivemind.dht import DHT
+from hivemind.moe.expert_uid import is_valid_uid
 from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_experts
 from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.dht_handler import DHTHandlerThread
@@ -71,6 +72,7 @@ class Server(threading.Thread):
         checkpoint_dir: Optional[Path] = None, handler_processes: Optional[bool] = None, **kwargs,
     ):  # fmt: skip
         super().__init__(daemon=True, name="hivemind.moe.Server")
+        _check_uids(module_backends, "module_backends")
         self.dht = dht
         self.module_backends = module_backends
         self.update_period = update_period
@@ -145,6 +147,7 @@ class Server(threading.Thread):
             "give either num_experts (optionally with expert_pattern) or expert_uids, not both"
         )
         assert num_experts is not None or expert_uids is not None, "give num_experts or expert_uids"
+        _check_uids(expert_uids or (), "expert_uids")
         if scheduler not in schedule_name_to_scheduler:
             raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(schedule_name_to_scheduler)}")
 
@@ -272,6 +275,16 @@ class Server(threading.Thread):
         logger.info("Server shutdown successfully")
 
 
+def _check_uids(uids: Sequence[str], what: str) -> None:
+    """Every hosted uid must be announceable: one invalid uid would make every declaration of the server fail."""
+    invalid = [uid for uid in uids if not isinstance(uid, str) or not is_valid_uid(uid)]
+    if invalid:
+        raise ValueError(
+            f"{what} has invalid expert uids {invalid[:5]}; a uid is a prefix and integer coordinates separated "
+            f"by dots without leading zeros, e.g. 'ffn.3' or 'ffn.3.14'"
+        )
+
+
 def _choose_uids(
     dht: DHT,
     num_experts: Optional[int],
@@ -284,6 +297,10 @@ def _choose_uids(
     found: List[str] = []
     if checkpoint_dir is not None and is_directory(Path(checkpoint_dir)):
         found = sorted(entry.name for entry in Path(checkpoint_dir).iterdir() if is_directory(entry))
+        ignored = [name for name in found if not is_valid_uid(name)]  # e.g. lost+found of a checkpoint volume
+        if ignored:
+            logger.warning(f"Ignored directories of {checkpoint_dir} that are not expert uids: {ignored}")
+            found = [name for name in found if is_valid_uid(name)]
         if len(found) > num_experts:
             raise ValueError(
                 f"{checkpoint_dir} holds checkpoints of {len(found)} experts, more than num_experts={num_experts}"
