@@ -149,6 +149,16 @@ def parse_server_options(parser: configargparse.ArgParser, argv: Optional[List[s
     for flag in ("update_period", "stats_report_interval"):  # None (no statistics) is allowed for the latter
         if args[flag] is not None and args[flag] <= 0:
             parser.error(f"--{flag} must be a positive number of seconds, got {args[flag]}")
+    for flag in ("hidden_dim", "min_batch_size", "max_batch_size", "num_handlers"):
+        if args[flag] is not None and args[flag] < 1:
+            parser.error(f"--{flag} must be at least 1, got {args[flag]}")
+    if args["min_batch_size"] > args["max_batch_size"]:
+        parser.error(f"--min_batch_size {args['min_batch_size']} is above --max_batch_size {args['max_batch_size']}")
+    if args["expiration"] is not None and args["expiration"] <= args["update_period"]:
+        parser.error(
+            f"--expiration {args['expiration']} must be above --update_period {args['update_period']}: otherwise "
+            f"the experts' announcements expire before they are renewed and clients cannot find them in between"
+        )
     args["optim_cls"] = make_optimizer_factory(args.pop("optimizer"))
     args["compression"] = CompressionType.Value(args["compression"])
     if not args.pop("increase_file_limit"):
