@@ -1,6 +1,11 @@
-"""Which locally stored keys a newly seen peer should receive, as a pure decision over node ids."""
+"""Which locally stored keys a newly seen peer should receive (a pure decision over node ids), and in which batches."""
 
-from typing import Callable, Iterable, List, Sequence
+from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
+
+from hivemind.dht.rate_limit import DICTIONARY_BYTES_PER_ITEM
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils.timed_storage import ValueWithExpiration
 
 NearestNeighbors = Callable[
     [int], Sequence[int]
@@ -29,3 +34,32 @@ def keys_to_replicate(
         for key_id in key_ids
         if should_replicate_to(key_id, new_node_id, own_node_id, nearest_neighbors(key_id))
     ]
+
+
+def replication_cost(item: ValueWithExpiration) -> int:
+    """
+    What storing one replicated item costs the receiver's store rate limit (see rate_limit.py): one item, plus one per
+    entry of a whole dictionary, or per DICTIONARY_BYTES_PER_ITEM of its size when that is more (rounded up).
+    """
+    if not isinstance(item.value, DictionaryDHTValue):
+        return 1
+    return 1 + max(len(item.value), item.value.nbytes // DICTIONARY_BYTES_PER_ITEM + 1)
+
+
+def replication_batches(
+    selected: Sequence[Tuple[DHTID, ValueWithExpiration]], max_cost: int
+) -> Iterator[Tuple[List[Tuple[DHTID, ValueWithExpiration]], int]]:
+    """
+    Split the (key, entry) pairs handed to a newcomer into consecutive store requests of at most ``max_cost`` each
+    (an item costing more goes alone); yields (batch, its cost).
+    """
+    batch, batch_cost = [], 0
+    for key_id, item in selected:
+        cost = replication_cost(item)
+        if batch and batch_cost + cost > max_cost:
+            yield batch, batch_cost
+            batch, batch_cost = [], 0
+        batch.append((key_id, item))
+        batch_cost += cost
+    if batch:
+        yield batch, batch_cost

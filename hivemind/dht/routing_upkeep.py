@@ -6,7 +6,8 @@ newcomers, and the background tasks all of this starts (owned here, cancelled an
 import asyncio
 from typing import Coroutine, Dict, List, Optional, Set, Tuple
 
-from hivemind.dht.replication import keys_to_replicate
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, DEFAULT_ITEMS_PER_SECOND, PeerRateLimiter
+from hivemind.dht.replication import keys_to_replicate, replication_batches
 from hivemind.dht.routing import DHTID, RoutingTable
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
@@ -20,6 +21,10 @@ MAX_PENDING_REPLICATIONS = 256
 # stored keys examined between two returns to the event loop while choosing what a newcomer should hold: the choice
 # costs a routing-table lookup per stored key, so it must not hold the loop (and time out other calls) in one piece
 REPLICATION_KEYS_PER_SLICE = 256
+# keys for a newcomer are sent in store requests costing at most this much of its store rate limit each, and at most
+# this share of the limit's default burst and rate in all (its other senders may be storing to it at the same time)
+REPLICATION_BATCH_COST = 4096
+REPLICATION_RATE_SHARE = 0.75
 
 
 def log_if_failed(task: asyncio.Task) -> None:
@@ -140,10 +145,25 @@ class RoutingUpkeep:
                 logger.warning(f"Could not choose the keys that {peer_id} should hold: {e!r}", exc_info=True)
                 continue
             if selected:
-                keys = [key_id for key_id, _ in selected]
-                values = [item.value for _, item in selected]
-                expirations = [item.expiration_time for _, item in selected]
-                self._spawn(self.call_store(peer_id, keys, values, expirations))
+                self._spawn(self._send_replicas(peer_id, selected))
+
+    async def _send_replicas(self, peer_id: PeerID, selected: List[Tuple[DHTID, ValueWithExpiration]]) -> None:
+        """
+        Hand the selected keys to a newcomer in batches, one at a time, no faster than its store rate limit refills
+        (at REPLICATION_RATE_SHARE of the defaults, leaving room for other stores): sent as one request, more keys
+        than the limit's burst were refused whole.
+        """
+        budget = PeerRateLimiter(
+            DEFAULT_BURST_ITEMS * REPLICATION_RATE_SHARE, DEFAULT_ITEMS_PER_SECOND * REPLICATION_RATE_SHARE
+        )
+        for batch, cost in replication_batches(selected, REPLICATION_BATCH_COST):
+            while not budget.allow(peer_id, cost):
+                await asyncio.sleep(min(cost, REPLICATION_BATCH_COST) / budget.rate)
+            keys = [key_id for key_id, _ in batch]
+            values = [item.value for _, item in batch]
+            expirations = [item.expiration_time for _, item in batch]
+            if await self.call_store(peer_id, keys, values, expirations) is None:
+                return  # the newcomer did not answer (it is no longer in the table): the rest would fail as well
 
     async def _select_keys_for(self, new_node_id: DHTID) -> List[Tuple[DHTID, ValueWithExpiration]]:
         """The stored (key, entry) pairs that the node ``new_node_id`` should hold, see keys_to_replicate."""

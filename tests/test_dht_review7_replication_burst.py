@@ -1,0 +1,45 @@
+"""A newcomer gets every key a neighbour should hand over, even more than one burst of its store rate limit."""
+
+import asyncio
+
+import pytest
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS
+from hivemind.dht.replication import replication_batches
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
+
+
+def test_replication_batches_stay_small_and_keep_every_item():
+    expiration = get_dht_time() + 60
+    dictionary = DictionaryDHTValue()
+    for index in range(300):
+        dictionary.store(index, b"x", expiration)
+    items = [(DHTID.generate(i), ValueWithExpiration(b"v", expiration)) for i in range(10000)]
+    items.insert(5000, (DHTID.generate("dict"), ValueWithExpiration(dictionary, expiration)))
+    batches = list(replication_batches(items, max_cost=4096))
+    assert [item for batch, _ in batches for item in batch] == items
+    assert all(cost <= 4096 for _, cost in batches)
+    assert sum(cost for _, cost in batches) == 10000 + 1 + 300
+
+
+@pytest.mark.timeout(60)
+async def test_newcomer_receives_more_keys_than_one_burst_of_the_store_rate_limit():
+    holder = await DHTNode.create()
+    newcomer = None
+    try:
+        num_keys = DEFAULT_BURST_ITEMS + 2000
+        expiration = get_dht_time() + 300
+        key_ids = [DHTID.generate(f"replicated_{index}") for index in range(num_keys)]
+        for key_id in key_ids:
+            holder.protocol.storage.store(key_id, b"\x01", expiration)
+        newcomer = await DHTNode.create(initial_peers=await holder.get_visible_maddrs())
+        # with only two nodes, the holder must hand every key over to the newcomer
+        while len(newcomer.protocol.storage) < num_keys:
+            await asyncio.sleep(0.1)
+        assert newcomer.protocol.rejected["rate_limited"] == 0
+        assert newcomer.node_id in holder.protocol.routing_table
+    finally:
+        await asyncio.gather(*(node.shutdown() for node in (holder, newcomer) if node is not None))
