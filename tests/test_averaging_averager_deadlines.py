@@ -26,8 +26,9 @@ def test_slow_measured_link_stretches_every_deadline():
 
 def test_bigger_groups_wait_longer_for_a_part():
     deadlines = AdaptiveDeadlines(initial_bandwidth=1e5, min_sender_timeout=0.1)
-    small = deadlines.for_round(vector_bytes=MiB, group_size=2, part_bytes=MiB // 2)
-    large = deadlines.for_round(vector_bytes=MiB, group_size=8, part_bytes=MiB // 2)
+    # 8 MiB: each of 8 members owns 1 MiB, so parts of 1/2 MiB exist (a part is never more than a member's share)
+    small = deadlines.for_round(vector_bytes=8 * MiB, group_size=2, part_bytes=MiB // 2)
+    large = deadlines.for_round(vector_bytes=8 * MiB, group_size=8, part_bytes=MiB // 2)
     assert large.sender_timeout == pytest.approx(7 * small.sender_timeout)
 
 

@@ -1,7 +1,7 @@
 """Derived deadlines (no timeouts given) after the rounds they learn from. One round of a small vector on a fast
 link, or one that waited out a stalled peer, made the next rounds' derived timeouts minutes to hours long (they
-charged a full-sized part at the latency-dominated or stall-dominated 'bandwidth'), so a peer that stalled in a later
-round cost the others far more than one deadline."""
+charged a full-sized part, for every sender at once, at the latency- or stall-dominated 'bandwidth'), so a peer that
+stalled in a later round cost the others far more than one deadline."""
 
 import asyncio
 import os
@@ -26,6 +26,12 @@ def test_a_fast_round_of_a_small_vector_keeps_the_floor_deadlines():
     fresh = deadlines.for_round(4000, 3, DEFAULT_PART_SIZE_BYTES)
     deadlines.record_round(4000, 3, seconds=0.05)  # latency-bound: 4 KB in 50 ms
     assert deadlines.for_round(4000, 3, DEFAULT_PART_SIZE_BYTES) == fresh
+
+
+def test_a_slow_round_of_a_small_vector_in_a_large_group_waits_at_most_the_round_for_a_part():
+    deadlines = AdaptiveDeadlines()
+    deadlines.record_round(4000, 16, seconds=1.0)  # 16 peers over the internet: latency-bound
+    assert deadlines.for_round(4000, 16, DEFAULT_PART_SIZE_BYTES).sender_timeout <= 4 * 1.0 + 1.0
 
 
 def test_a_large_vector_on_a_slow_link_still_gets_longer_deadlines():

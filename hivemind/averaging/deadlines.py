@@ -76,7 +76,8 @@ class AdaptiveDeadlines:
         return 2.0 * vector_bytes * (group_size - 1) / group_size
 
     def record_round(self, vector_bytes: int, group_size: int, seconds: float) -> None:
-        """Update the bandwidth estimate with a finished round (its all-reduce took ``seconds``)."""
+        """Update the bandwidth estimate with a finished round (its all-reduce took ``seconds``). Pass only rounds in
+        which every member delivered: one that waited out a stalled peer measures a timeout, not the links."""
         moved = self.bytes_per_member(vector_bytes, group_size)
         if moved <= 0 or not (math.isfinite(seconds) and seconds > 0):
             return
@@ -96,7 +97,11 @@ class AdaptiveDeadlines:
         # a part never holds more than the whole vector: a small vector's rounds (measured as a low bandwidth, since
         # latency dominates them) must not be charged for a full-sized part
         part_bytes = min(part_bytes, vector_bytes) if vector_bytes > 0 else part_bytes
+        expected = self.bytes_per_member(vector_bytes, group_size) / self.bandwidth
         per_part = self.safety_factor * part_bytes * concurrent_senders / self.bandwidth
+        # nor does one part take longer than the whole exchange (the bandwidth is a per-member figure: charging each
+        # part for all senders at once made a 1 s round of a small vector in 16 peers wait 32 s for one part)
+        per_part = min(per_part, self.safety_factor * expected)
         sender = self.explicit_sender
         if sender is None:
             sender = max(self.min_sender_timeout, per_part)
@@ -105,6 +110,5 @@ class AdaptiveDeadlines:
         reducer = self.explicit_reducer if self.explicit_reducer is not None else 2 * sender
         allreduce = self.explicit_allreduce
         if allreduce is None:
-            expected = self.bytes_per_member(vector_bytes, group_size) / self.bandwidth
             allreduce = max(self.min_allreduce_timeout, self.safety_factor * expected + reducer)
         return RoundDeadlines(sender_timeout=sender, reducer_timeout=reducer, allreduce_timeout=allreduce)
