@@ -27,3 +27,18 @@ def test_an_absurd_epoch_is_approached_in_bounded_chunks():
 
 def test_no_scheduler_is_fine():
     catch_up_scheduler(None, 5)
+
+
+def test_catching_up_a_fresh_scheduler_raises_no_torch_ordering_warning():
+    import warnings
+
+    import torch
+
+    from hivemind.optim.scheduler_sync import catch_up_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        catch_up_scheduler(scheduler, 3)
+    assert scheduler.last_epoch == 3 and optimizer.param_groups[0]["lr"] == 0.125

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -30,10 +31,13 @@ def catch_up_scheduler(scheduler: Any, epoch: int, max_steps: int = MAX_SCHEDULE
     """Step an LR scheduler until it has counted ``epoch`` epochs, at most ``max_steps`` times per call."""
     if scheduler is None:
         return
-    for _ in range(max_steps):
-        if getattr(scheduler, "last_epoch", epoch) >= epoch:
-            return
-        scheduler.step()
+    with warnings.catch_warnings():
+        # torch warns when a scheduler steps before its optimizer ever did: a newcomer catching up does so on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for _ in range(max_steps):
+            if getattr(scheduler, "last_epoch", epoch) >= epoch:
+                return
+            scheduler.step()
     logger.warning(
         f"The LR scheduler is {epoch - scheduler.last_epoch} epochs behind epoch {epoch}; it catches up "
         f"at most {max_steps} epochs per optimizer step"
