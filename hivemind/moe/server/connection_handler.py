@@ -62,6 +62,7 @@ logger = get_logger(__name__)
 
 _SHUTDOWN_COMMAND = "_shutdown"
 _CLEANUP_TIMEOUT = 5.0  # seconds for unregistering handlers and closing the P2P client at shutdown
+_READY_POLL_INTERVAL = 0.1  # seconds between checks that a starting handler is still alive
 # one message of a streamed request: a chunk of STREAM_CHUNK_SIZE_BYTES (what clients send) and its metadata
 MAX_STREAM_MESSAGE_BYTES = STREAM_CHUNK_SIZE_BYTES + 64 * 1024
 # a streamed request whose next message does not arrive within this many seconds of the previous one is dropped (a
@@ -141,7 +142,27 @@ class ConnectionHandler(mp.Process, ServicerBase):
         """Serve from a child process; with ``await_ready``, wait until the handlers are registered."""
         self.start()
         if await_ready:
-            self.ready.result(timeout=timeout)
+            self._await_ready(timeout)
+
+    def _await_ready(self, timeout: Optional[float]) -> None:
+        """Wait until the handler serves; a handler that died first (killed, crashed) is an error, not a hang."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _READY_POLL_INTERVAL if deadline is None else min(_READY_POLL_INTERVAL, deadline - time.monotonic())
+            try:
+                return self.ready.result(timeout=max(0.0, wait))
+            except TimeoutError:
+                if not self.is_alive():
+                    try:  # (its answer may still be on the way)
+                        return self.ready.result(timeout=_READY_POLL_INTERVAL)
+                    except TimeoutError:
+                        exitcode = getattr(self, "exitcode", None) if self._thread is None else None
+                        raise RuntimeError(
+                            f"{type(self).__name__} stopped before it was ready (exit code {exitcode}); "
+                            f"see its log above for the reason"
+                        ) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     def run_in_thread(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         """Serve from a daemon thread of this process (no child process); shutdown() stops it."""
@@ -149,7 +170,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
         self._thread = threading.Thread(target=self._run_in_thread, name="ConnectionHandler", daemon=True)
         self._thread.start()
         if await_ready:
-            self.ready.result(timeout=timeout)
+            self._await_ready(timeout)
 
     def _run_in_thread(self) -> None:
         try:
