@@ -69,3 +69,11 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match="could not read the checkpoint"):
         load_experts({"expert.0": make_backend(nn.Linear(4, 4))}, tmp_path)
+
+
+def test_last_checkpoint_link_to_a_deleted_file_is_an_error_not_a_fresh_start(tmp_path: Path):
+    store_experts({"expert.0": make_backend(nn.Linear(4, 4))}, tmp_path)
+    (tmp_path / "expert.0" / LAST_CHECKPOINT_NAME).resolve().unlink()  # e.g. pruned by hand
+    backend = make_backend(nn.Linear(4, 4))
+    with pytest.raises(RuntimeError, match=r"checkpoint_last\.pt' points to 'checkpoint_.*\.pt', which is missing"):
+        load_experts({"expert.0": backend}, tmp_path)

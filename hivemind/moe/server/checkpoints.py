@@ -101,6 +101,11 @@ def load_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
     _require_directory(checkpoint_dir)
     for uid, backend in experts.items():
         path = _expert_directory(checkpoint_dir, uid) / LAST_CHECKPOINT_NAME
+        if path.is_symlink() and not path.exists():  # its checkpoint was deleted: starting afresh would lose it
+            raise RuntimeError(
+                f"{str(path)!r} points to {os.readlink(path)!r}, which is missing; restore that file or point the "
+                f"link at another checkpoint of expert {uid} (remove the link to start it from scratch)"
+            )
         if not path.exists():
             logger.warning(f"No checkpoint for expert {uid} in {checkpoint_dir}; it starts from its initial state")
             continue
