@@ -180,10 +180,7 @@ class Matchmaking(GroupLeading):
         next_poll, poll_delay = -math.inf, MIN_POLL_PERIOD
         while True:
             now = get_dht_time()
-            if step.deadline is not None and now >= step.deadline:
-                raise MatchmakingException(f"Could not find a group before the deadline: {self._explain()}")
-
-            if not self.client_mode:
+            if not self.client_mode:  # (before the deadline: a declaration may end at it, with a group to start)
                 group = await self._maybe_start_early(step)
                 if group is not None:
                     return group
@@ -192,6 +189,11 @@ class Matchmaking(GroupLeading):
                     if group is not None:
                         return group
                     continue  # re-declare with a new expiration (or stop at the deadline)
+
+            if step.deadline is not None and now >= step.deadline:
+                raise MatchmakingException(f"Could not find a group before the deadline: {self._explain()}")
+
+            if not self.client_mode:
                 if self._needs_declaration(step):
                     await self._declare(step)
                     next_poll, poll_delay = -math.inf, MIN_POLL_PERIOD
