@@ -4,7 +4,9 @@ Layout: ``<checkpoint_dir>/<uid>/checkpoint_<UTC ISO timestamp>.pt`` for every s
 ``<checkpoint_dir>/<uid>/checkpoint_last.pt`` to the newest one. Each file holds ``ModuleBackend.state_dict()``
 (keys ``module``, ``optimizer``, ``scheduler``). Writes are atomic: a checkpoint is written to a temporary file,
 flushed to disk and renamed into place, and the symlink is replaced by a rename too, so a crash at any moment leaves
-either the previous or the new checkpoint, never a partial one.
+either the previous or the new checkpoint, never a partial one. Only the newest ``KEEP_CHECKPOINTS`` saves of each
+expert are kept (a server saves every ``update_period``: keeping them all would fill the disk within days); files
+of other names in the directory are never touched.
 """
 
 from __future__ import annotations
@@ -14,17 +16,26 @@ import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from hivemind.utils.logging import get_logger
 
-__all__ = ["CheckpointSaver", "store_experts", "load_experts", "is_directory", "LAST_CHECKPOINT_NAME"]
+__all__ = [
+    "CheckpointSaver",
+    "store_experts",
+    "load_experts",
+    "is_directory",
+    "LAST_CHECKPOINT_NAME",
+    "KEEP_CHECKPOINTS",
+]
 
 logger = get_logger(__name__)
 
 LAST_CHECKPOINT_NAME = "checkpoint_last.pt"
+KEEP_CHECKPOINTS = 3  # saves kept per expert by default (the newest ones)
+_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"
 PathLike = Union[str, os.PathLike]
 
 
@@ -84,9 +95,36 @@ def _atomic_symlink(target_name: str, link: Path) -> None:
     os.replace(temporary, link)
 
 
-def store_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
-    """Save a checkpoint of every expert ({uid: ModuleBackend}) and point its checkpoint_last.pt at it."""
-    timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+def _saved_checkpoints(directory: Path) -> List[Path]:
+    """The checkpoint_<timestamp>.pt files that store_experts wrote in ``directory``, oldest first."""
+    found = []
+    for path in directory.glob("checkpoint_*.pt"):
+        try:
+            datetime.strptime(path.name[len("checkpoint_") : -len(".pt")], _TIMESTAMP_FORMAT)
+        except ValueError:
+            continue  # checkpoint_last.pt, or a file of the user's: not ours to delete
+        found.append(path)
+    return sorted(found, key=lambda path: path.name)  # (the timestamps sort as text)
+
+
+def _prune(directory: Path, keep: int) -> None:
+    for path in _saved_checkpoints(directory)[:-keep]:
+        try:
+            path.unlink()
+        except OSError as e:
+            logger.warning(f"Could not remove the old checkpoint {path}: {e!r}")
+
+
+def store_experts(
+    experts: Dict[str, object], checkpoint_dir: PathLike, keep: Optional[int] = KEEP_CHECKPOINTS
+) -> None:
+    """Save a checkpoint of every expert ({uid: ModuleBackend}) and point its checkpoint_last.pt at it.
+
+    :param keep: then delete all but this many newest saves of each expert (None: keep every save)
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be at least 1 (the checkpoint just saved) or None, got {keep}")
+    timestamp = datetime.now(timezone.utc).strftime(_TIMESTAMP_FORMAT)
     for uid, backend in experts.items():
         directory = _expert_directory(checkpoint_dir, uid)
         directory.mkdir(parents=True, exist_ok=True)
@@ -94,6 +132,8 @@ def store_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
         _atomic_save(backend.state_dict(), path)
         _atomic_symlink(path.name, directory / LAST_CHECKPOINT_NAME)
         _fsync_directory(directory)
+        if keep is not None:
+            _prune(directory, keep)
 
 
 def load_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
