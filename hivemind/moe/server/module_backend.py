@@ -266,8 +266,10 @@ class ModuleBackend:
                 logger.warning(f"{self.name}: gradients of a backward batch are not finite; this update is skipped")
                 self.module.zero_grad(set_to_none=True)
                 return
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            try:
+                self.optimizer.step()
+            finally:  # a step that failed must not leave its gradients to be added to the next batch's
+                self.optimizer.zero_grad()
             if self.scheduler is not None:
                 self.scheduler.step()
 
