@@ -9,6 +9,7 @@ import torch
 
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.deadlines import MAX_DEADLINE_SENDERS
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
@@ -278,8 +279,7 @@ class AveragingRounds:
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A group member sends its parts for this averager to reduce; they are routed by group id."""
         try:
-            first_part_timeout = max(self._deadlines.min_sender_timeout, self._deadlines.explicit_sender or 0.0)
-            first = await await_with_timeout(anext(stream), first_part_timeout)
+            first = await await_with_timeout(anext(stream), self._first_part_timeout())
         except (StopAsyncIteration, asyncio.TimeoutError):
             logger.debug(f"{context.remote_id} opened an all-reduce stream and sent nothing")
             return
@@ -296,6 +296,14 @@ class AveragingRounds:
             return
         async for message in runner.rpc_aggregate_part(achain(as_aiter(first), stream), context):
             yield message
+
+    def _first_part_timeout(self) -> float:
+        """How long a sender's stream may take to bring its first part: the sender timeout of a round in the largest
+        group this averager's deadlines account for (the part names its group), at least the floor. A slow link that
+        the measured rounds already wait for is not dropped here at the floor."""
+        vector_bytes = sum(tensor.numel() * tensor.element_size() for tensor in self._averaged_tensors)
+        largest = self._deadlines.for_round(vector_bytes, MAX_DEADLINE_SENDERS + 1, self.part_size_bytes)
+        return max(self._deadlines.min_sender_timeout, largest.sender_timeout)
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
