@@ -46,20 +46,27 @@ def replication_cost(item: ValueWithExpiration) -> int:
     return 1 + max(len(item.value), item.value.nbytes // DICTIONARY_BYTES_PER_ITEM + 1)
 
 
+def replication_nbytes(item: ValueWithExpiration) -> int:
+    """About how many bytes one replicated item adds to a store request (key, value or dictionary, and overhead)."""
+    value = item.value
+    return 64 + (value.nbytes if isinstance(value, DictionaryDHTValue) else len(value))
+
+
 def replication_batches(
-    selected: Sequence[Tuple[DHTID, ValueWithExpiration]], max_cost: int
+    selected: Sequence[Tuple[DHTID, ValueWithExpiration]], max_cost: int, max_bytes: int
 ) -> Iterator[Tuple[List[Tuple[DHTID, ValueWithExpiration]], int]]:
     """
-    Split the (key, entry) pairs handed to a newcomer into consecutive store requests of at most ``max_cost`` each
-    (an item costing more goes alone); yields (batch, its cost).
+    Split the (key, entry) pairs handed to a newcomer into consecutive store requests of at most ``max_cost`` (see
+    :func:`replication_cost`) and ``max_bytes`` each (an item exceeding either goes alone); yields (batch, its cost).
     """
-    batch, batch_cost = [], 0
+    batch, batch_cost, batch_bytes = [], 0, 0
     for key_id, item in selected:
-        cost = replication_cost(item)
-        if batch and batch_cost + cost > max_cost:
+        cost, nbytes = replication_cost(item), replication_nbytes(item)
+        if batch and (batch_cost + cost > max_cost or batch_bytes + nbytes > max_bytes):
             yield batch, batch_cost
-            batch, batch_cost = [], 0
+            batch, batch_cost, batch_bytes = [], 0, 0
         batch.append((key_id, item))
         batch_cost += cost
+        batch_bytes += nbytes
     if batch:
         yield batch, batch_cost

@@ -25,6 +25,9 @@ REPLICATION_KEYS_PER_SLICE = 256
 # this share of the limit's default burst and rate in all (its other senders may be storing to it at the same time)
 REPLICATION_BATCH_COST = 4096
 REPLICATION_RATE_SHARE = 0.75
+# ... and at most about this many bytes each: a unary request above the message limit of the daemon (4 MiB by default)
+# fails, and the newcomer that did not accept it would be dropped from the routing table
+REPLICATION_BATCH_BYTES = 1024 * 1024
 
 
 def log_if_failed(task: asyncio.Task) -> None:
@@ -156,8 +159,8 @@ class RoutingUpkeep:
         budget = PeerRateLimiter(
             DEFAULT_BURST_ITEMS * REPLICATION_RATE_SHARE, DEFAULT_ITEMS_PER_SECOND * REPLICATION_RATE_SHARE
         )
-        for batch, cost in replication_batches(selected, REPLICATION_BATCH_COST):
-            while not budget.allow(peer_id, cost):
+        for batch, cost in replication_batches(selected, REPLICATION_BATCH_COST, REPLICATION_BATCH_BYTES):
+            while not budget.allow(peer_id, min(cost, budget.burst)):  # a batch never costs more than a burst
                 await asyncio.sleep(min(cost, REPLICATION_BATCH_COST) / budget.rate)
             keys = [key_id for key_id, _ in batch]
             values = [item.value for _, item in batch]
