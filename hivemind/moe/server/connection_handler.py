@@ -63,6 +63,7 @@ logger = get_logger(__name__)
 _SHUTDOWN_COMMAND = "_shutdown"
 _CLEANUP_TIMEOUT = 5.0  # seconds for unregistering handlers and closing the P2P client at shutdown
 _READY_POLL_INTERVAL = 0.1  # seconds between checks that a starting handler is still alive
+_LAST_WORD_TIMEOUT = 2.0  # seconds for the start-up error of a handler that has exited to arrive (loaded machines)
 # one message of a streamed request: a chunk of STREAM_CHUNK_SIZE_BYTES (what clients send) and its metadata
 MAX_STREAM_MESSAGE_BYTES = STREAM_CHUNK_SIZE_BYTES + 64 * 1024
 # a streamed request whose next message does not arrive within this many seconds of the previous one is dropped (a
@@ -154,7 +155,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
             except TimeoutError:
                 if not self.is_alive():
                     try:  # (its answer may still be on the way)
-                        return self.ready.result(timeout=_READY_POLL_INTERVAL)
+                        return self.ready.result(timeout=_LAST_WORD_TIMEOUT)
                     except TimeoutError:
                         exitcode = getattr(self, "exitcode", None) if self._thread is None else None
                         raise RuntimeError(
