@@ -45,8 +45,11 @@ def add_custom_models_from_file(path: Union[str, os.PathLike]) -> None:
         raise ImportError(f"cannot load {str(path)!r} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    registered_before = set(name_to_block)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[module_name]
+        for name in set(name_to_block) - registered_before:  # a fixed file can then be loaded again
+            del name_to_block[name], name_to_input[name]
         raise
