@@ -188,7 +188,7 @@ class AveragingRounds:
                     f"Averaging step failed: the all-reduce returned {len(deltas)} of "
                     f"{len(self._averaged_tensors)} tensors; local tensors were left unchanged"
                 )
-            await asyncio.get_running_loop().run_in_executor(None, self._apply_deltas, deltas)
+            await self._apply_in_thread(deltas)
         elapsed = time.perf_counter() - started
         if runner.everyone_delivered:  # a round that waited out a stalled peer says nothing about the links
             self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed)
@@ -201,6 +201,16 @@ class AveragingRounds:
     @staticmethod
     async def _collect_deltas(runner: AllReduceRunner) -> List[torch.Tensor]:
         return [delta async for delta in runner]
+
+    async def _apply_in_thread(self, deltas: Sequence[torch.Tensor]) -> None:
+        """Run :meth:`_apply_deltas` in a thread. A cancellation meanwhile (the user's, or a shutdown) waits for the
+        thread, which moves the tensors anyway: the next round must not read them while they are half moved."""
+        applying = asyncio.get_running_loop().run_in_executor(None, self._apply_deltas, deltas)
+        try:
+            await asyncio.shield(applying)
+        except asyncio.CancelledError:
+            await asyncio.wait({applying})
+            raise
 
     def _apply_deltas(self, deltas: Sequence[torch.Tensor]) -> None:
         """Move the local tensors towards the average (only after the whole all-reduce succeeded)."""
