@@ -65,7 +65,9 @@ def test_partly_sent_payload_takes_memory_only_for_what_arrived(loop_kind, annou
                 growth = max(rss() - before, tracemalloc.get_traced_memory()[0] - traced_before)
             finally:
                 tracemalloc.stop()
-            assert growth < 2 * sent + 4 * MiB, f"{sent / MiB} MiB arrived, {growth / MiB:.1f} MiB taken"
+            # 8 MiB of slack: other threads of a test worker move its RSS by a few MiB (10.8 MiB was seen under load);
+            # the smallest buffer this must catch, the 20 MiB one announced, would still exceed the bound
+            assert growth < 2 * sent + 8 * MiB, f"{sent / MiB} MiB arrived, {growth / MiB:.1f} MiB taken"
             client_writer.close()
             with pytest.raises(asyncio.IncompleteReadError) as error:
                 await read
