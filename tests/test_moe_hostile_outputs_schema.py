@@ -1,17 +1,14 @@
 """A server whose experts declare an enormous outputs schema cannot make a mixture allocate for it: the call is
 refused with the reason before any request is sent or any answer buffer is allocated."""
 
-import time
-
 import psutil
 import pytest
 import torch
 import torch.nn as nn
+from moe_swarm_helpers import serving_experts
 
-from hivemind.dht import DHT
-from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, Server
+from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts
 from hivemind.moe.client.expert_rpc import ExpertInfoError
-from hivemind.moe.server.dht_handler import get_experts
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HIDDEN = 4
@@ -30,13 +27,7 @@ def test_mixture_refuses_an_outputs_schema_that_would_need_terabytes():
         )
         for uid in UIDS
     }
-    server = Server(DHT(start=True), backends, start=True)
-    client_dht = DHT(initial_peers=server.dht.get_visible_maddrs(), start=True)
-    try:
-        deadline = time.monotonic() + 30
-        while None in get_experts(client_dht, UIDS):
-            assert time.monotonic() < deadline, "the server did not announce its experts"
-            time.sleep(0.1)
+    with serving_experts(backends) as (_, client_dht):
         moe = RemoteMixtureOfExperts(
             in_features=HIDDEN, grid_size=(2,), dht=client_dht, uid_prefix="huge.", k_best=2, allow_zero_outputs=True
         )
@@ -46,6 +37,3 @@ def test_mixture_refuses_an_outputs_schema_that_would_need_terabytes():
             moe(torch.randn(3, HIDDEN))
 
         assert psutil.Process().memory_info().rss - rss_before < 256 * 2**20
-    finally:
-        client_dht.shutdown()
-        server.shutdown()

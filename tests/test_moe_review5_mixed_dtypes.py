@@ -2,16 +2,13 @@
 softmax-weighted sum in the promoted dtype, as torch computes ``weights * outputs``: weights are never rounded to
 the outputs' dtype (integer weights are 0, so integer outputs mixed to all zeros)."""
 
-import time
-
 import pytest
 import torch
 import torch.nn as nn
+from moe_swarm_helpers import serving_experts
 
-from hivemind.dht import DHT
-from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, Server
+from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts
 from hivemind.moe.client.gating import mix_expert_outputs
-from hivemind.moe.server.dht_handler import get_experts
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HIDDEN = 4
@@ -53,18 +50,9 @@ def counting_swarm():
         torch.manual_seed(seed)
         descriptors = (BatchTensorDescriptor(HIDDEN), BatchTensorDescriptor(HIDDEN, dtype=torch.int64))
         backends[uid] = ModuleBackend(uid, CountingExpert(), args_schema=descriptors, max_batch_size=16)
-    server = Server(DHT(start=True), backends, start=True)
-    client_dht = DHT(initial_peers=server.dht.get_visible_maddrs(), start=True)
-    try:
-        deadline = time.monotonic() + 30
-        while None in get_experts(client_dht, UIDS):  # the first announcement runs beside the server's start
-            assert time.monotonic() < deadline, "the server did not announce its experts"
-            time.sleep(0.1)
+    with serving_experts(backends) as (_, client_dht):
         moe = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(2,), dht=client_dht, uid_prefix="count.", k_best=2)
         yield backends, moe
-    finally:
-        client_dht.shutdown()
-        server.shutdown()
 
 
 MASK = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])

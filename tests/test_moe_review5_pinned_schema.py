@@ -1,15 +1,12 @@
 """An expert whose outputs schema says pin_memory=True (e.g. a GPU server describing a pinned sample output): the
 mixture's buffers for its answers are ordinary CPU tensors, so a client without an accelerator can still use it."""
 
-import time
-
 import pytest
 import torch
 import torch.nn as nn
+from moe_swarm_helpers import serving_experts
 
-from hivemind.dht import DHT
-from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, Server
-from hivemind.moe.server.dht_handler import get_experts
+from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HIDDEN = 4
@@ -28,13 +25,7 @@ def test_mixture_of_experts_with_a_pinned_outputs_schema_equals_a_local_mixture(
             outputs_schema=BatchTensorDescriptor(HIDDEN, dtype=torch.float32, pin_memory=True),
             max_batch_size=16,
         )
-    server = Server(DHT(start=True), backends, start=True)
-    client_dht = DHT(initial_peers=server.dht.get_visible_maddrs(), start=True)
-    try:
-        deadline = time.monotonic() + 30
-        while None in get_experts(client_dht, UIDS):  # the first announcement runs beside the server's start
-            assert time.monotonic() < deadline, "the server did not announce its experts"
-            time.sleep(0.1)
+    with serving_experts(backends) as (_, client_dht):
         moe = RemoteMixtureOfExperts(
             in_features=HIDDEN, grid_size=(2,), dht=client_dht, uid_prefix="pinned.", k_best=2
         )
@@ -46,6 +37,3 @@ def test_mixture_of_experts_with_a_pinned_outputs_schema_equals_a_local_mixture(
             weights = torch.softmax(moe.proj(inputs), dim=-1)
             local = [backends[uid].module(inputs) for uid in UIDS]
         assert torch.allclose(output, weights[:, :1] * local[0] + weights[:, 1:] * local[1], atol=1e-5)
-    finally:
-        client_dht.shutdown()
-        server.shutdown()

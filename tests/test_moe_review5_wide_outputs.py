@@ -1,20 +1,16 @@
 """Experts whose answer is far larger than their request: a unary answer travels in one message of at most 4 MiB, so
 such a forward must be asked for by streaming even though its inputs are small."""
 
-import time
-
 import pytest
 import torch
 import torch.nn as nn
+from moe_swarm_helpers import serving_experts
 
-from hivemind.dht import DHT
 from hivemind.moe import RemoteExpert, RemoteMixtureOfExperts
 from hivemind.moe.client.expert_rpc import MAX_UNARY_PAYLOAD_SIZE
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import ExpertInfo
-from hivemind.moe.server.dht_handler import get_experts
 from hivemind.moe.server.module_backend import ModuleBackend
-from hivemind.moe.server.server import Server
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 IN_FEATURES, OUT_FEATURES = 4, 8192
@@ -35,17 +31,8 @@ def wide_swarm():
             outputs_schema=BatchTensorDescriptor(OUT_FEATURES),
             max_batch_size=BATCH,
         )
-    server = Server(DHT(start=True), backends, update_period=10, start=True)
-    client_dht = DHT(initial_peers=server.dht.get_visible_maddrs(), start=True)
-    try:
-        deadline = time.monotonic() + 30
-        while None in get_experts(client_dht, UIDS):  # the first announcement runs beside the server's start
-            assert time.monotonic() < deadline, "the server did not announce its experts"
-            time.sleep(0.1)
+    with serving_experts(backends, update_period=10) as (server, client_dht):
         yield server, client_dht
-    finally:
-        client_dht.shutdown()
-        server.shutdown()
 
 
 def test_the_case_has_a_small_request_and_an_answer_over_the_unary_limit():
