@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings import shm_pipe
 
 # every p2pd started by this test process (directly or through child processes) inherits this marker
 TEST_MARKER_ENV = "HIVEMIND_TEST_RUN_MARKER"
@@ -79,3 +80,10 @@ if os.environ.get("HIVEMIND_TEST_UVLOOP") == "1":
         import uvloop
 
         return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(params=["1", "0"], ids=["shm-pipes", "sockets"])
+def pipes_setting(request, monkeypatch) -> str:
+    """Streams through shared-memory pipes where p2pd offers them, or plain sockets only."""
+    monkeypatch.setenv(shm_pipe.SHM_ENV_VAR, request.param)
+    return request.param

@@ -10,7 +10,7 @@ import pytest
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, ServicerBase, framing
 from hivemind.p2p.framing import MESSAGE_MARKER, MessageTooLargeError, encode_header
 from hivemind.p2p.p2p_daemon import P2PTimeoutError
-from hivemind.p2p.p2p_daemon_bindings import shm_pipe, streams
+from hivemind.p2p.p2p_daemon_bindings import streams
 from hivemind.proto import test_pb2
 from hivemind.utils.asyncio import as_aiter
 
@@ -20,13 +20,6 @@ Request, Response = test_pb2.TestRequest, test_pb2.TestResponse
 MiB, GiB = 1024**2, 1024**3
 ATTACK_STREAMS = 4
 ALLOWED_GROWTH = 16 * MiB
-
-
-@pytest.fixture(params=["1", "0"], ids=["shm-pipes", "sockets"])
-def pipes_setting(request, monkeypatch) -> str:
-    """Streams through shared-memory pipes where p2pd offers them, or plain sockets only."""
-    monkeypatch.setenv(shm_pipe.SHM_ENV_VAR, request.param)
-    return request.param
 
 
 async def total(requests: AsyncIterator[Request], context: P2PContext) -> Response:

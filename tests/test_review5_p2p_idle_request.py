@@ -8,18 +8,11 @@ from typing import AsyncIterator
 import pytest
 
 from hivemind.p2p import P2P, P2PContext, framing
-from hivemind.p2p.p2p_daemon_bindings import shm_pipe
 from hivemind.proto import test_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
 Request, Response = test_pb2.TestRequest, test_pb2.TestResponse
-
-
-@pytest.fixture(params=["1", "0"], ids=["shm-pipes", "sockets"])
-def pipes_setting(request, monkeypatch) -> str:
-    monkeypatch.setenv(shm_pipe.SHM_ENV_VAR, request.param)
-    return request.param
 
 
 async def countdown(request: Request, context: P2PContext) -> AsyncIterator[Response]:
