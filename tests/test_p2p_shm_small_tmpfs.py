@@ -14,6 +14,7 @@ import pytest
 
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings import shm_pipe
+from hivemind.utils.asyncio import await_with_timeout
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shared-memory pipes are Linux-only")
 
@@ -56,10 +57,13 @@ async def run_concurrent_echoes(directory: str, streams: int, size: int):
     callee = await P2P.create()
     caller = await P2P.create(initial_peers=await callee.get_visible_maddrs())
     handler_ends = []
+    every_handler_started = asyncio.Event()
     try:
 
         async def handler(stream_info, reader, writer):
             handler_ends.append(writer.transport.get_extra_info("shm_pipe") is True)
+            if len(handler_ends) == streams:
+                every_handler_started.set()
             await echo_with_digest(reader, writer)
 
         await callee.add_binary_stream_handler("echo", handler)
@@ -70,7 +74,12 @@ async def run_concurrent_echoes(directory: str, streams: int, size: int):
 
         async def exchange(reader, writer):
             payload = os.urandom(size)
-            writer.write(payload)
+            writer.write(payload[:1])  # the handler's end of a stream may open only with its first bytes
+            await writer.drain()
+            # no stream ends (and frees its pipe file) before every end of every stream has been offered one, so the
+            # pipes counted are pipes held at the same time
+            await await_with_timeout(every_handler_started.wait(), 30)
+            writer.write(payload[1:])
             writer.write_eof()
             echoed = await reader.readexactly(size)
             digest = await reader.readexactly(32)
