@@ -127,3 +127,19 @@ def test_monitor_without_trainers_says_it_saved_no_checkpoint(tmp_path):
         monitor.stop(last_line="monitor finished")
     assert "monitor finished (no checkpoint saved)" in monitor.lines, monitor.lines
     assert not (tmp_path / "checkpoints" / "checkpoint.pt").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("script, last_line", [("run_monitor.py", "monitor finished (no checkpoint saved)"),
+                                               ("run_trainer.py", "trainer finished at epoch 0")])  # fmt: skip
+def test_ctrl_c_while_a_peer_starts_up_still_finishes_cleanly(tmp_path, script, last_line):
+    # the SIGINT lands while the script loads torch and builds its saver / optimizer (seconds after the address line)
+    peer = Peer(script, *TINY, "--checkpoint_dir", str(tmp_path / "checkpoints"), cwd=str(tmp_path)) \
+        if script == "run_monitor.py" else Peer(script, *TINY, cwd=str(tmp_path))  # fmt: skip
+    try:
+        peer.wait_for(r"--initial_peers ", deadline=time.monotonic() + 40)
+    finally:
+        peer.interrupt()
+        peer.stop(last_line=re.escape(last_line))
+    assert "interrupted while starting" in peer.lines, peer.lines
+    assert last_line in peer.lines, peer.lines

@@ -25,8 +25,12 @@ def main() -> None:
     parser.add_argument("--load_state_timeout", type=float, default=60.0, help="seconds for one state download")
     args = parser.parse_args()
 
-    with join_swarm(args) as dht:  # before torch loads (see swarm.py)
-        last_saved = monitor(dht, args)
+    try:
+        with join_swarm(args) as dht:  # before torch loads (see swarm.py)
+            last_saved = monitor(dht, args)
+    except KeyboardInterrupt:  # Ctrl-C while starting up: nothing was saved yet
+        print("interrupted while starting", flush=True)
+        last_saved = 0
     saved = f"last checkpoint: epoch {last_saved}" if last_saved else "no checkpoint saved"
     print(f"monitor finished ({saved})", flush=True)
 
@@ -39,10 +43,10 @@ def monitor(dht: hivemind.DHT, args: argparse.Namespace) -> int:
 
     _, validation_corpus = load_corpus(args.data_bytes)
     saver = CheckpointSaver(dht, args, validation_corpus)
-    print(f"monitoring run {args.run_id!r}", flush=True)
 
     last_logged = -1
-    try:
+    try:  # from here on, Ctrl-C shuts the saver down: even one that comes just as the line below is printed
+        print(f"monitoring run {args.run_id!r}", flush=True)
         while True:
             records = fetch_metrics(dht, args.run_id)
             latest = max((record.epoch for record in records), default=-1)

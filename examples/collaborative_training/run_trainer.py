@@ -31,8 +31,12 @@ def main() -> None:
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads of this peer")
     parser.add_argument("--verbose", action="store_true", help="progress bar and optimizer log lines")
     args = parser.parse_args()
-    with join_swarm(args, client_mode=args.client_mode) as dht:  # before torch loads (see swarm.py)
-        epoch = train(dht, args)
+    try:
+        with join_swarm(args, client_mode=args.client_mode) as dht:  # before torch loads (see swarm.py)
+            epoch = train(dht, args)
+    except KeyboardInterrupt:  # Ctrl-C while starting up, before the first step
+        print("interrupted while starting", flush=True)
+        epoch = 0
     print(f"trainer finished at epoch {epoch}", flush=True)
 
 
@@ -54,10 +58,10 @@ def train(dht: hivemind.DHT, args: argparse.Namespace) -> int:
     )  # fmt: skip
     publisher = MetricsPublisher(dht, args.run_id)
     generator = torch.Generator().manual_seed(args.seed if args.seed is not None else os.getpid())
-    print(f"trainer joined run {args.run_id!r} at epoch {optimizer.local_epoch}", flush=True)
 
     epoch, loss_sum, steps, started = optimizer.local_epoch, 0.0, 0, time.perf_counter()
-    try:
+    try:  # from here on, Ctrl-C shuts the optimizer down: even one that comes just as the line below is printed
+        print(f"trainer joined run {args.run_id!r} at epoch {epoch}", flush=True)
         while args.max_epochs is None or optimizer.local_epoch < args.max_epochs:
             inputs, targets = sample_batch(train_corpus, args.batch_size, args.seq_length, generator)
             loss = model.loss(inputs, targets)
