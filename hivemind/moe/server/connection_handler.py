@@ -218,6 +218,12 @@ class ConnectionHandler(mp.Process, ServicerBase):
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_reader(self._inner_pipe.fileno(), stop.set)  # a command or EOF (the parent went away) stops us
+        # the pipe alone misses a parent killed without clean-up: sibling handlers forked from it hold copies of each
+        # other's sending ends. The process sentinel closes when the parent dies (then the copies of the DHT's pipe
+        # held here go too, so that the DHT process and its p2pd also end instead of running on as orphans)
+        parent = mp.parent_process() if mp.current_process() is self else None  # (none when serving from a thread)
+        if parent is not None:
+            loop.add_reader(parent.sentinel, stop.set)
         try:
             try:
                 maddr = await loop.run_in_executor(None, self.dht.run_coroutine, _daemon_listen_maddr)
@@ -232,6 +238,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
             await stop.wait()
         finally:
             loop.remove_reader(self._inner_pipe.fileno())
+            if parent is not None:
+                loop.remove_reader(parent.sentinel)
             if self._p2p is not None:
                 await self._close_p2p(self._p2p)
 
