@@ -188,7 +188,15 @@ class Quantile8BitQuantization(Quantization):
         boundaries = sorted_sample[positions]  # 255 non-decreasing edges; bin k holds boundaries[k-1] <= x < ...
         low, high = float(boundaries[0]), float(boundaries[-1])
 
-        if math.isfinite(low) and math.isfinite(high) and high > low:
+        if math.isfinite(low) and math.isfinite(high) and high > low and numel <= _SMALL_SAMPLE_SIZE:
+            # small tensors: an exact search (a value equal to a boundary belongs to the bin it starts); with at
+            # most 256 elements every value is a boundary, so each distinct value gets its own bin, as the original
+
+            def assign_bins(values: torch.Tensor, indices: torch.Tensor) -> None:
+                found = torch.searchsorted(boundaries, values.float(), right=True)
+                indices.copy_(found.clamp_(0, NUM_BINS - 1))
+
+        elif math.isfinite(low) and math.isfinite(high) and high > low:
             # a fine uniform grid over [low, high] with a precomputed bin per cell replaces a binary search
             cells_per_unit = _QUANTILE_GRID_SIZE / (high - low)
             cell_centers = low + (torch.arange(_QUANTILE_GRID_SIZE, dtype=torch.float64) + 0.5) / cells_per_unit
