@@ -257,6 +257,19 @@ class DecentralizedAverager(AveragerProcess):
         return self._request_timeout
 
     @property
+    def matchmaking_kwargs(self) -> Dict[str, Any]:
+        """The group-forming settings this averager was created with (read by subclasses, e.g. to size a wait by
+        ``matchmaking_kwargs["min_matchmaking_time"]``); a new dict, changing it changes nothing."""
+        return dict(
+            prefix=self.prefix,
+            initial_group_bits=self.initial_group_bits,
+            target_group_size=self.target_group_size,
+            min_group_size=self.min_group_size,
+            min_matchmaking_time=self.min_matchmaking_time,
+            request_timeout=self.request_timeout,
+        )
+
+    @property
     def allow_state_sharing(self) -> bool:
         """Whether this averager serves its state to peers that call ``load_state_from_peers``."""
         return bool(self._allow_state_sharing.value)
