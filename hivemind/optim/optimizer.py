@@ -244,12 +244,13 @@ class Optimizer(torch.optim.Optimizer):
         optimizer step, next epoch) once the swarm has accumulated ``target_batch_size``. Returns the closure's loss.
         """
         batch_size = check_step_arguments(self, closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
+        # finished background work (delayed steps, averaging rounds) lands first: the closure sees those parameters
+        self.state_averager.step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        self.state_averager.step()  # applies finished background work (delayed steps and averaging rounds)
         behind = not self.auxiliary and self._should_load_state_from_peers()
         if behind:
             logger.log(self.status_loglevel, f"Peer is behind the swarm (epoch {self.local_epoch} < "
