@@ -4,12 +4,11 @@ import argparse
 import functools
 import logging
 import secrets
-import signal
 import sys
-import threading
 from typing import List, Optional, Tuple
 
 from hivemind.dht import DHT, DHTNode
+from hivemind.hivemind_cli.shutdown_signals import ShutdownSignals
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.networking import log_visible_maddrs
 
@@ -71,23 +70,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     refresh_period = dht_options.pop("refresh_period")
     if refresh_period <= 0:
         parser.error(f"--refresh_period must be a positive number of seconds, got {refresh_period}")
-    dht = DHT(start=True, **dht_options)
-    log_visible_maddrs(dht.get_visible_maddrs(), only_p2p=dht_options["use_ipfs"])
-
-    exit_event = threading.Event()
-
-    def on_signal(signal_number: int, _frame) -> None:
-        # the description is the C library's, as the original prints it: "Interrupt", "Terminated"
-        logger.info(f"Caught signal {signal_number} ({signal.strsignal(signal_number)}), shutting down")
-        exit_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = ShutdownSignals().install()  # from here on, SIGINT/SIGTERM at any moment end in dht.shutdown() below
+    dht = DHT(start=False, **dht_options)
     try:
-        while not exit_event.wait(refresh_period):
+        try:
+            dht.run_in_background(await_ready=True)
+            visible_maddrs = dht.get_visible_maddrs()
+        except Exception:
+            if not signals.requested.is_set():
+                raise
+            # Ctrl-C reaches the whole process group: p2pd may have exited before this peer was ready
+            logger.debug("Start-up interrupted", exc_info=True)
+            return 0
+        if signals.requested.is_set():
+            return 0
+        log_visible_maddrs(visible_maddrs, only_p2p=dht_options["use_ipfs"])
+        while not signals.requested.wait(refresh_period):
             with_dumps = logger.isEnabledFor(logging.DEBUG)
             report = functools.partial(report_status, with_dumps=with_dumps)
-            num_nodes, num_keys, routing_dump, storage_dump = dht.run_coroutine(report)
+            try:
+                num_nodes, num_keys, routing_dump, storage_dump = dht.run_coroutine(report)
+            except Exception:
+                if signals.requested.is_set():
+                    break  # e.g. a SIGTERM to the whole process group stopped the DHT process meanwhile
+                raise
             logger.info(f"{num_nodes} DHT nodes (including this one) are in the local routing table ")
             logger.debug(f"Routing table contents: {routing_dump}")
             logger.info(f"Local storage contains {num_keys} keys")

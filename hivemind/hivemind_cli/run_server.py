@@ -5,15 +5,14 @@ Options come from the command line, from ``config.yml`` in the working directory
 """
 
 import functools
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import List, Optional
 
 import configargparse
 import torch
 
+from hivemind.hivemind_cli.shutdown_signals import ShutdownSignals
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.limits import increase_file_limit
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
@@ -170,21 +169,20 @@ def parse_server_options(parser: configargparse.ArgParser, argv: Optional[List[s
 def main(argv: Optional[List[str]] = None) -> int:
     use_hivemind_log_handler("in_root_logger")  # everything goes to stderr through the root logger
     server_options = parse_server_options(make_parser(), argv)
+    signals = ShutdownSignals().install()  # from here on, SIGINT/SIGTERM at any moment end in a clean shutdown
 
     from hivemind.moe.server import Server  # imported late: --help stays fast
 
-    exit_event = threading.Event()
-
-    def on_signal(signal_number: int, _frame) -> None:
-        logger.info(f"Caught signal {signal_number} ({signal.strsignal(signal_number)}), shutting down")
-        exit_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    server = Server.create(**server_options, start=True)
     try:
-        while not exit_event.wait(1.0):
+        server = Server.create(**server_options, start=True)  # on failure, it stops whatever it started
+    except Exception:
+        if not signals.requested.is_set():
+            raise
+        # Ctrl-C reaches the whole process group: p2pd may have exited before the server's DHT was ready
+        logger.debug("Start-up interrupted", exc_info=True)
+        return 0
+    try:
+        while not signals.requested.wait(1.0):
             if not server.is_alive():
                 logger.error("The server stopped on its own; exiting")
                 return 1

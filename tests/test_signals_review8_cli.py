@@ -1,0 +1,80 @@
+"""hivemind-dht and hivemind-server under Ctrl-C (SIGINT to the whole process group) and SIGTERM at each phase: the
+tool logs ``Caught signal``, exits 0 without a traceback and leaves no process, pipe or socket behind."""
+
+import signal
+
+import pytest
+from signals_review8_helpers import CTRL_C_WHILE_P2PD_STARTS, SessionProcess, tool_script
+
+DHT_ARGS = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--refresh_period", "1"]
+SERVER_ARGS = ["--num_experts", "1", "--expert_cls", "ffn", "--hidden_dim", "8", "--host_maddrs",
+               "/ip4/127.0.0.1/tcp/0", "--update_period", "5"]  # fmt: skip
+CAUGHT_SIGINT = "Caught signal 2 (Interrupt), shutting down"
+
+# Ctrl-C at the very moment hivemind-dht has printed its start-up lines (and before anything else runs)
+CTRL_C_AFTER_DHT_START_UP_LINES = """
+import os, signal
+from hivemind.hivemind_cli import run_dht
+_original_log = run_dht.log_visible_maddrs
+
+def _log_then_ctrl_c(*args, **kwargs):
+    _original_log(*args, **kwargs)
+    os.killpg(0, signal.SIGINT)
+
+run_dht.log_visible_maddrs = _log_then_ctrl_c
+"""
+
+
+def assert_clean_exit(tool: SessionProcess, returncode: int) -> None:
+    assert returncode == 0, tool.output()
+    assert "Traceback" not in tool.output() and "KeyboardInterrupt" not in tool.output(), tool.output()
+    assert tool.leftovers() == [], tool.output()
+
+
+@pytest.mark.timeout(60)
+def test_dht_ctrl_c_just_after_start_up_lines_exits_cleanly():
+    tool = SessionProcess(tool_script("run_dht", DHT_ARGS, CTRL_C_AFTER_DHT_START_UP_LINES))
+    try:
+        tool.wait_for(r"Full list of visible multiaddresses")
+        assert_clean_exit(tool, tool.finish())
+        assert tool.lines[-1].endswith(CAUGHT_SIGINT), tool.output()
+        assert not any("local routing table" in line for line in tool.lines)  # it did not serve on
+    finally:
+        tool.close()
+
+
+@pytest.mark.timeout(60)
+def test_dht_ctrl_c_while_p2pd_starts_exits_cleanly():
+    tool = SessionProcess(tool_script("run_dht", DHT_ARGS, CTRL_C_WHILE_P2PD_STARTS))
+    try:
+        assert_clean_exit(tool, tool.finish())
+        assert any(line.endswith(CAUGHT_SIGINT) for line in tool.lines), tool.output()
+        assert not any("Running a DHT instance" in line for line in tool.lines), tool.output()
+    finally:
+        tool.close()
+
+
+@pytest.mark.timeout(90)
+def test_server_ctrl_c_while_p2pd_starts_exits_cleanly():
+    tool = SessionProcess(tool_script("run_server", SERVER_ARGS, CTRL_C_WHILE_P2PD_STARTS))
+    try:
+        assert_clean_exit(tool, tool.finish(timeout=80))
+        assert any(line.endswith(CAUGHT_SIGINT) for line in tool.lines), tool.output()
+        assert not any("Server started" in line for line in tool.lines), tool.output()
+    finally:
+        tool.close()
+
+
+@pytest.mark.timeout(90)
+def test_server_child_processes_do_not_take_over_the_shutdown_signal():
+    """The DHT and handler processes inherit the tool's handlers by fork: only the tool itself logs the signal."""
+    tool = SessionProcess(tool_script("run_server", [*SERVER_ARGS, "--num_handlers", "2"]))
+    try:
+        tool.wait_for(r"Serving from 2 connection handler processes", timeout=80)
+        tool.signal_group(signal.SIGTERM)
+        assert tool.finish() == 0, tool.output()
+        caught = [line for line in tool.lines if "Caught signal" in line]
+        assert len(caught) == 1 and caught[0].endswith("Caught signal 15 (Terminated), shutting down"), caught
+        assert tool.lines[-1].endswith("Server shutdown successfully"), tool.output()
+    finally:
+        tool.close()
