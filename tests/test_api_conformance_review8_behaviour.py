@@ -284,3 +284,59 @@ def test_progress_records_are_strict_pydantic_v1_models():
     for change in [dict(epoch=-1), dict(epoch="1")]:
         with pytest.raises(pydantic_v1.ValidationError):
             LocalTrainingProgress(**{**valid, **change})
+
+
+DHT_FLAGS = {  # flag: (destination, default when not given)
+    "--initial_peers": ("initial_peers", None),
+    "--host_maddrs": ("host_maddrs", ["/ip4/0.0.0.0/tcp/0"]),
+    "--announce_maddrs": ("announce_maddrs", None),
+    "--use_ipfs": ("use_ipfs", False),
+    "--identity_path": ("identity_path", None),
+    "--no_relay": ("use_relay", True),
+    "--use_auto_relay": ("use_auto_relay", False),
+    "--refresh_period": ("refresh_period", 30),
+}
+SERVER_FLAGS = {
+    "--config": ("config", None),
+    "--num_experts": ("num_experts", None),
+    "--expert_pattern": ("expert_pattern", None),
+    "--expert_uids": ("expert_uids", None),
+    "--expert_cls": ("expert_cls", "ffn"),
+    "--hidden_dim": ("hidden_dim", 1024),
+    "--host_maddrs": ("host_maddrs", ["/ip4/0.0.0.0/tcp/0"]),
+    "--announce_maddrs": ("announce_maddrs", None),
+    "--no_relay": ("use_relay", True),
+    "--use_auto_relay": ("use_auto_relay", False),
+    "--num_handlers": ("num_handlers", None),
+    "--min_batch_size": ("min_batch_size", 1),
+    "--max_batch_size": ("max_batch_size", 16384),
+    "--device": ("device", ...),  # resolved to cuda when available, else cpu
+    "--optimizer": ("optimizer", "adam"),
+    "--scheduler": ("scheduler", "none"),
+    "--num_warmup_steps": ("num_warmup_steps", None),
+    "--num_training_steps": ("num_training_steps", None),
+    "--update_period": ("update_period", 30),
+    "--expiration": ("expiration", None),
+    "--clip_grad_norm": ("clip_grad_norm", None),
+    "--initial_peers": ("initial_peers", []),
+    "--increase_file_limit": ("increase_file_limit", False),
+    "--compression": ("compression", "NONE"),
+    "--checkpoint_dir": ("checkpoint_dir", None),
+    "--stats_report_interval": ("stats_report_interval", None),
+    "--custom_module_path": ("custom_module_path", None),
+    "--identity_path": ("identity_path", None),
+}
+
+
+@pytest.mark.parametrize("tool, flags", [("run_dht", DHT_FLAGS), ("run_server", SERVER_FLAGS)])
+def test_command_line_tools_take_the_documented_flags_and_defaults(tool, flags, tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # no config.yml here
+    parser = importlib.import_module(f"hivemind.hivemind_cli.{tool}").make_parser()
+    destinations = {option: action.dest for action in parser._actions for option in action.option_strings}
+    defaults = vars(parser.parse_args([]))
+    for flag, (destination, default) in flags.items():
+        assert destinations.get(flag) == destination, flag
+        assert default is ... or defaults[destination] == default, flag
+    assert set(destinations) - set(flags) <= {"-h", "--help", "-c"}, "undocumented flags"
