@@ -26,10 +26,11 @@ from hivemind.dht.routing import DHTKey, DHTValue, Subkey
 from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.asyncio import switch_to_uvloop
+from hivemind.utils.graceful_sigterm import GracefulSigterm
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up
+from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up, stop_when_parent_exits
 from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
 
 logger = get_logger(__name__)
@@ -131,7 +132,7 @@ class DHT(ShutdownOnExit, mp.Process):
         user-side channel ends and no handle of the child process; such copies call the DHT through its socket.
         """
         state = self.__dict__.copy()
-        for name in ("_caller_connection", "_callers", "_context", "_p2p_replicas", "_popen"):
+        for name in ("_caller_connection", "_callers", "_context", "_p2p_replicas", "_popen", "_sigterm"):
             state.pop(name, None)
         if self._serving_connection.closed:  # already handed over to the DHT process
             state.pop("_serving_connection")
@@ -167,6 +168,10 @@ class DHT(ShutdownOnExit, mp.Process):
         tune_malloc_for_large_messages()  # this process belongs to the library (see malloc_tuning)
         loop = switch_to_uvloop()
         stopped = asyncio.Event()
+        stop_when_parent_exits(self, loop, stopped.set)  # also when it is killed (see there)
+        self._sigterm = GracefulSigterm(loop, stopped, grace=self.shutdown_timeout)
+        if mp.current_process() is self:
+            self._sigterm.install()  # a SIGTERM while serving stops the node cleanly (p2pd, sockets) before exiting
         handlers = self._make_handlers(stopped)
         serving = ServingEnd(self._serving_connection, handlers, on_closed=stopped.set)
         acceptor = SocketAcceptor(self._socket_address, self._socket_authkey, handlers)
@@ -201,6 +206,7 @@ class DHT(ShutdownOnExit, mp.Process):
         serving.start(loop)
         acceptor.start(loop)
         serving.send(READY_CALL_ID, True, None)
+        self._sigterm.serving()
         try:
             await stopped.wait()
         finally:

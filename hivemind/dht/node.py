@@ -203,7 +203,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
                         future.cancel()
         if hasattr(self, "protocol"):
             await self.protocol.shutdown()
-        if getattr(self, "_owns_p2p", False) and self.p2p.is_alive:
+        if getattr(self, "_owns_p2p", False):  # also after p2pd died: its callback socket is still to be removed
             await self.p2p.shutdown()
 
     async def get_visible_maddrs(

@@ -1,0 +1,45 @@
+"""SIGTERM in a library child process that serves on an event loop: a clean stop while it serves, else the default."""
+
+import asyncio
+import os
+import signal
+import threading
+
+
+class GracefulSigterm:
+    """
+    The first SIGTERM while the child serves sets ``stop`` (as its ``shutdown()`` would), so the child stops its node,
+    daemon and sockets before it exits. Without it, a SIGTERM to the whole process group (a service manager stopping
+    the user's program) or multiprocessing's ``terminate()`` of a daemonic child at interpreter exit killed the child
+    at once and left its Unix sockets in the temporary directory.
+
+    A SIGTERM while the child is still starting, a second SIGTERM, and the first one once ``grace`` seconds passed
+    have the default effect (the process ends), so ``terminate()`` still ends a child that does not stop when asked.
+
+    Install it in the child's main thread, after creating its loop; call ``serving()`` once it serves.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, grace: float):
+        self.loop, self.stop, self.grace = loop, stop, grace
+        self._serving = False
+
+    def install(self) -> "GracefulSigterm":
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def serving(self) -> None:
+        self._serving = True
+
+    def _on_sigterm(self, _signal_number, _frame) -> None:
+        if not self._serving:
+            _end_by_sigterm()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        self.loop.call_soon_threadsafe(self.stop.set)
+        deadline = threading.Timer(self.grace, _end_by_sigterm)
+        deadline.daemon = True
+        deadline.start()
+
+
+def _end_by_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
