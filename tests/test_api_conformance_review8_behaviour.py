@@ -340,3 +340,35 @@ def test_command_line_tools_take_the_documented_flags_and_defaults(tool, flags, 
         assert destinations.get(flag) == destination, flag
         assert default is ... or defaults[destination] == default, flag
     assert set(destinations) - set(flags) <= {"-h", "--help", "-c"}, "undocumented flags"
+
+
+def test_servicer_stubs_refuse_timeouts_on_streams_and_methods_without_context():
+    from typing import AsyncIterator
+
+    from hivemind.p2p import P2PContext, ServicerBase, StubBase
+    from hivemind.proto import test_pb2
+
+    class Streaming(ServicerBase):
+        async def rpc_stream(
+            self, request: test_pb2.TestRequest, context: P2PContext
+        ) -> AsyncIterator[test_pb2.TestResponse]:
+            yield test_pb2.TestResponse()
+
+    class NoContext(ServicerBase):
+        async def rpc_square(self, request: test_pb2.TestRequest) -> test_pb2.TestResponse: ...
+
+    stub = Streaming.get_stub(object(), PeerID.from_base58(PEER_A))
+    assert isinstance(stub, StubBase)
+    with pytest.raises(ValueError):
+        asyncio.run(stub.rpc_stream(test_pb2.TestRequest(), timeout=1.0))
+    with pytest.raises(ValueError):
+        NoContext.get_stub(object(), PeerID.from_base58(PEER_A))
+
+
+def test_p2p_refuses_port_zero_announcements_and_initial_peers_with_ipfs():
+    from hivemind.p2p import P2P
+
+    with pytest.raises(ValueError):
+        asyncio.run(P2P.create(announce_maddrs=["/ip4/1.2.3.4/tcp/0"]))
+    with pytest.raises(AssertionError):
+        asyncio.run(P2P.create(initial_peers=[f"/ip4/1.2.3.4/tcp/5/p2p/{PEER_A}"], use_ipfs=True))
