@@ -372,3 +372,23 @@ def test_p2p_refuses_port_zero_announcements_and_initial_peers_with_ipfs():
         asyncio.run(P2P.create(announce_maddrs=["/ip4/1.2.3.4/tcp/0"]))
     with pytest.raises(AssertionError):
         asyncio.run(P2P.create(initial_peers=[f"/ip4/1.2.3.4/tcp/5/p2p/{PEER_A}"], use_ipfs=True))
+
+
+def test_dictionary_values_and_batch_descriptors_use_their_msgpack_extension_codes():
+    import msgpack
+
+    from hivemind.dht.storage import DictionaryDHTValue
+
+    def extension_code(value):
+        return msgpack.unpackb(MSGPackSerializer.dumps(value), ext_hook=lambda code, data: code)
+
+    dictionary = DictionaryDHTValue()
+    dictionary.store("subkey", b"value", 1e10)
+    assert extension_code(dictionary) == 0x50 and extension_code(BatchTensorDescriptor(3)) == 0x51
+
+
+def test_dht_node_refuses_p2p_options_next_to_an_existing_p2p():
+    from hivemind.dht import DHTNode
+
+    with pytest.raises(ValueError):
+        asyncio.run(DHTNode.create(p2p=object(), host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
