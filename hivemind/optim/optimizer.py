@@ -250,7 +250,6 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         behind = not self.auxiliary and self._should_load_state_from_peers()
         if behind:
             logger.log(self.status_loglevel, f"Peer is behind the swarm (epoch {self.local_epoch} < "
@@ -369,7 +368,7 @@ class Optimizer(torch.optim.Optimizer):
                                                                  num_peers, gather=new_epoch)  # fmt: skip
             if state_control is not None:
                 state_control.expected_group_size = num_peers
-        self.state_averager.local_epoch = new_epoch
+        self.state_averager.move_to_epoch(new_epoch, step_follows=optimizer_step)
         if optimizer_step and not self.offload_optimizer:  # the step reads param.grad: swap in the average
             with self.grad_averager.use_averaged_gradients():  # (already unscaled, before averaging)
                 self.state_averager.step(optimizer_step=True)

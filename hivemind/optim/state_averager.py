@@ -26,7 +26,8 @@ from hivemind.optim.optimizer_state import (
     load_optimizer_state,
 )
 from hivemind.optim.optimizer_torch_api import as_param_groups, frozen_gradients_hidden
-from hivemind.optim.scheduler_sync import catch_up_scheduler, is_scheduler_instance, scheduler_learning_rates_kept
+from hivemind.optim.scheduler_sync import catch_up_scheduler, is_scheduler_instance
+from hivemind.optim.state_loading import apply_downloaded_state_
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+
+# seconds a download of the state waits for the optimizer step of the epoch just ended (the newcomer then retries)
+STATE_READY_TIMEOUT = 20.0
 
 TorchOptimizer = torch.optim.Optimizer
 OptimizerFactory = Callable[[Iterable[Dict[str, Any]]], TorchOptimizer]
@@ -132,6 +136,8 @@ class TrainingStateAverager(DecentralizedAverager):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
         self._pending_step: Optional[Future] = None
         self._pending_averaging: Optional[Future] = None
+        self._state_ready = threading.Event()  # clear while local_epoch is ahead of the parameters: see move_to_epoch
+        self._state_ready.set()
         self._round_control: Optional[StepControl] = None  # of the latest averaging round (to cancel on shutdown)
         self._cancel_rounds = False  # set on shutdown: rounds that start from then on are cancelled at once
         self.delay_before_averaging = PerformanceEMA(alpha=performance_ema_alpha)  # seconds: step() -> all-reduce
@@ -141,7 +147,7 @@ class TrainingStateAverager(DecentralizedAverager):
     # lambdas), the lock and thread that apply steps. A spawned averager process is sent the rest (see __getstate__)
     _USER_PROCESS_ONLY = (
         "main_parameters", "optimizer", "_optimizer_parameters", "scheduler", "extra_tensors", "_state_lock",
-        "_executor", "_pending_step", "_pending_averaging", "delay_before_averaging",
+        "_executor", "_pending_step", "_pending_averaging", "delay_before_averaging", "_state_ready",
     )  # fmt: skip
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -206,6 +212,13 @@ class TrainingStateAverager(DecentralizedAverager):
     def optimizer_parameters(self) -> Tuple[torch.Tensor, ...]:
         """The tensors the inner optimizer updates: CPU copies with offload_optimizer, else the model's parameters."""
         return self._optimizer_parameters
+
+    def move_to_epoch(self, epoch: int, step_follows: bool) -> None:
+        """Set ``local_epoch``. With ``step_follows``, the optimizer step of the epoch that ended comes in the next
+        step(): until it has run, downloads of the state wait for it (not the new epoch with the old parameters)."""
+        if step_follows:
+            self._state_ready.clear()
+        self.local_epoch = epoch
 
     def wait_for_background_step(self) -> None:
         """Wait until a delayed optimizer step (if any) has finished; its result is applied at the next step()."""
@@ -286,6 +299,8 @@ class TrainingStateAverager(DecentralizedAverager):
             self.zero_model_grads(set_to_none)
             self.optimizer.zero_grad(set_to_none=set_to_none)
         self._catch_up_scheduler()
+        if self._pending_step is None:  # (else the background step marks the state ready when it is done)
+            self._state_ready.set()
 
         if averaging_round:
             opts = dict(averaging_opts or {})
@@ -317,15 +332,18 @@ class TrainingStateAverager(DecentralizedAverager):
                     param.grad.detach_().zero_()
 
     def _run_optimizer_step(self, grad_scaler: Optional[Any], zero_grad: bool, set_to_none: bool) -> None:
-        with self._state_lock, frozen_gradients_hidden(self.main_parameters, self._optimizer_parameters):
-            if grad_scaler is not None:
-                with grad_scaler.running_global_step():
-                    grad_scaler.unscale_(self.optimizer)
-                    grad_scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-            if zero_grad:
-                self.optimizer.zero_grad(set_to_none=set_to_none)
+        try:
+            with self._state_lock, frozen_gradients_hidden(self.main_parameters, self._optimizer_parameters):
+                if grad_scaler is not None:
+                    with grad_scaler.running_global_step():
+                        grad_scaler.unscale_(self.optimizer)
+                        grad_scaler.step(self.optimizer)
+                else:
+                    self.optimizer.step()
+                if zero_grad:
+                    self.optimizer.zero_grad(set_to_none=set_to_none)
+        finally:
+            self._state_ready.set()  # (a failed step leaves the parameters as they are: serve them)
 
     def _catch_up_scheduler(self) -> None:
         catch_up_scheduler(self.scheduler, self.local_epoch)
@@ -418,6 +436,11 @@ class TrainingStateAverager(DecentralizedAverager):
     # ------------------------------------------------------------------ state sharing
 
     def get_current_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor], List[CompressionInfo]]:
+        if not self._state_ready.wait(STATE_READY_TIMEOUT):
+            raise TimeoutError(
+                f"the optimizer step that ends epoch {self.local_epoch - 1} is still running after "
+                f"{STATE_READY_TIMEOUT} s; the state is served once it is done (the newcomer may retry)"
+            )
         with torch.no_grad(), self._state_lock:  # one copy, straight into the shared block the averager streams
             flat_optimizer_state, optimizer_tensors = dump_optimizer_state(self.optimizer)
             num_params, num_extras = len(self._optimizer_parameters), len(self.extra_tensors)
@@ -450,36 +473,11 @@ class TrainingStateAverager(DecentralizedAverager):
             return None
         return metadata, tensors
 
-    @torch.no_grad()
     def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("optimizer_metadata"), (list, tuple)):
-            raise ValueError(f"the donor's metadata is not a training state: {metadata!r:.100}")
-        epoch = metadata.get("epoch")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"the donor's epoch is not a non-negative int: {epoch!r:.50}")
-        if epoch < self.local_epoch:
-            raise ValueError(f"the donor is at epoch {epoch}, behind the local epoch {self.local_epoch}")
-        if epoch > MAX_EPOCH:
-            raise ValueError(f"the donor claims an absurd epoch {epoch} (more than {MAX_EPOCH})")
-        num_params, num_extras = len(self._optimizer_parameters), len(self.extra_tensors)
-        local = [*self._optimizer_parameters, *self.extra_tensors]
-        if len(tensors) < len(local):
-            raise ValueError(f"the donor sent {len(tensors)} tensors, at least {len(local)} are needed")
-        for index, (mine, theirs) in enumerate(zip(local, tensors)):
-            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape:
-                raise ValueError(
-                    f"tensor {index} of the donor has shape {getattr(theirs, 'shape', None)}, "
-                    f"the local one {tuple(mine.shape)}"
-                )
-        with self._state_lock, scheduler_learning_rates_kept(self.optimizer, self.scheduler, epoch):
-            load_optimizer_state(self.optimizer, metadata["optimizer_metadata"], tensors[num_params + num_extras :])
-            for mine, theirs in zip(local, tensors):
-                mine.copy_(theirs)
-            self.local_epoch = epoch
-            self._copy_optimizer_parameters_to_model()
-        self._catch_up_scheduler()
+        apply_downloaded_state_(self, metadata, tensors)
 
     def shutdown(self) -> None:
+        self._state_ready.set()  # a cancelled step never comes: let no download wait for it
         self._executor.shutdown(wait=False)
         for pending in (self._pending_step, self._pending_averaging):
             if pending is not None:

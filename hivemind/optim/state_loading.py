@@ -1,13 +1,19 @@
-"""hivemind.Optimizer's download of the training state from peers: attempts retried after errors, within a deadline."""
+"""Downloading the training state from peers: a donor's state checked and applied at once, and hivemind.Optimizer's
+attempts retried after errors within a deadline."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, List, Optional
 
+import torch
+
+from hivemind.optim.epoch_rule import MAX_EPOCH
+from hivemind.optim.optimizer_state import load_optimizer_state
+from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
 from hivemind.utils.logging import get_logger
 
-__all__ = ["LOAD_STATE_RETRY_DELAY", "load_state_with_retries"]
+__all__ = ["LOAD_STATE_RETRY_DELAY", "apply_downloaded_state_", "load_state_with_retries"]
 
 logger = get_logger(__name__)
 
@@ -32,3 +38,38 @@ def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, *
                 return None
             logger.warning(f"{run_id}: loading the state from peers failed ({e!r}), retrying")
             time.sleep(LOAD_STATE_RETRY_DELAY)  # an error that comes at once must not spin for minutes
+
+
+@torch.no_grad()
+def apply_downloaded_state_(averager: Any, metadata: Any, tensors: List[torch.Tensor]) -> None:
+    """
+    Check a donor's state against a TrainingStateAverager's (ValueError or OptimizerStateError if it does not fit or
+    its epoch is behind the local one; then nothing changes) and apply it at once: optimizer state, parameters, extra
+    tensors, epoch; the scheduler is brought to that epoch.
+    """
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("optimizer_metadata"), (list, tuple)):
+        raise ValueError(f"the donor's metadata is not a training state: {metadata!r:.100}")
+    epoch = metadata.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise ValueError(f"the donor's epoch is not a non-negative int: {epoch!r:.50}")
+    if epoch < averager.local_epoch:
+        raise ValueError(f"the donor is at epoch {epoch}, behind the local epoch {averager.local_epoch}")
+    if epoch > MAX_EPOCH:
+        raise ValueError(f"the donor claims an absurd epoch {epoch} (more than {MAX_EPOCH})")
+    local = [*averager.optimizer_parameters, *averager.extra_tensors]
+    if len(tensors) < len(local):
+        raise ValueError(f"the donor sent {len(tensors)} tensors, at least {len(local)} are needed")
+    for index, (mine, theirs) in enumerate(zip(local, tensors)):
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape:
+            raise ValueError(
+                f"tensor {index} of the donor has shape {getattr(theirs, 'shape', None)}, "
+                f"the local one {tuple(mine.shape)}"
+            )
+    optimizer, scheduler = averager.optimizer, averager.scheduler
+    with averager._state_lock, scheduler_learning_rates_kept(optimizer, scheduler, epoch):
+        load_optimizer_state(optimizer, metadata["optimizer_metadata"], tensors[len(local) :])
+        for mine, theirs in zip(local, tensors):
+            mine.copy_(theirs)
+        averager.local_epoch = epoch
+        averager._copy_optimizer_parameters_to_model()
+    averager._catch_up_scheduler()
