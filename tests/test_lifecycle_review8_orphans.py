@@ -28,6 +28,16 @@ SCRIPT = textwrap.dedent(
             averager = hivemind.DecentralizedAverager(
                 [torch.zeros(3)], dht, prefix="orphans", start=True, target_group_size=2, start_method=start_method
             )
+        elif what == "two_dhts":  # both created before either starts: each child inherits the other's pipe
+            dhts = [hivemind.DHT(start=False, host_maddrs=["/ip4/127.0.0.1/tcp/0"]) for _ in range(2)]
+            for dht in dhts:
+                dht.run_in_background()
+        elif what == "two_averagers":
+            dht = hivemind.DHT(start=True, start_method=start_method, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            options = dict(start=False, target_group_size=2, start_method=start_method)
+            averagers = [hivemind.DecentralizedAverager([torch.ones(3)], dht, prefix=p, **options) for p in "ab"]
+            for averager in averagers:
+                averager.run_in_background()
         else:  # a server that serves from two connection handler processes
             server = Server.create(
                 num_experts=1, hidden_dim=8, num_handlers=2, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]
@@ -90,4 +100,14 @@ def test_server_handler_processes_end_when_their_creator_is_killed(tmp_path):
     # process and its p2pd kept running as well
     children = _die_and_list_children(tmp_path, "server", "fork", "sigkill")
     assert len(children) == 4, children  # the DHT process, its p2pd, two connection handler processes
+    assert _still_running(children, timeout=10) == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("what", ["two_dhts", "two_averagers"])
+def test_processes_created_before_either_started_end_when_their_creator_is_killed(tmp_path, what):
+    # created first and started later, each forked child held a copy of the other's pipe to the creator: neither saw
+    # EOF when the creator was killed, and both (with their p2pd) ran on forever
+    children = _die_and_list_children(tmp_path, what, "fork", "sigkill")
+    assert len(children) >= 4, children
     assert _still_running(children, timeout=10) == []

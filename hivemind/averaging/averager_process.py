@@ -30,7 +30,7 @@ from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import InvalidStateError, MPFuture
-from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up
+from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up, stop_when_parent_exits
 
 logger = get_logger(__name__)
 
@@ -274,6 +274,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         torch.set_num_threads(1)
         loop = switch_to_uvloop()
         stopped = asyncio.Event()
+        stop_when_parent_exits(self, loop, stopped.set)  # also when it is killed (see there)
         serving = ServingEnd(self._serving_connection, self._make_handlers(stopped), on_closed=stopped.set)
         try:
             loop.run_until_complete(self._serve(loop, serving, stopped))

@@ -30,7 +30,7 @@ from hivemind.utils.graceful_sigterm import GracefulSigterm
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up
+from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up, stop_when_parent_exits
 from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
 
 logger = get_logger(__name__)
@@ -168,6 +168,7 @@ class DHT(ShutdownOnExit, mp.Process):
         tune_malloc_for_large_messages()  # this process belongs to the library (see malloc_tuning)
         loop = switch_to_uvloop()
         stopped = asyncio.Event()
+        stop_when_parent_exits(self, loop, stopped.set)  # also when it is killed (see there)
         self._sigterm = GracefulSigterm(loop, stopped, grace=self.shutdown_timeout)
         if mp.current_process() is self:
             self._sigterm.install()  # a SIGTERM while serving stops the node cleanly (p2pd, sockets) before exiting

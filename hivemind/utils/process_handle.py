@@ -2,11 +2,13 @@
 process down, a last-chance shutdown when the handle is garbage-collected, and a quick exit once the child's own
 clean-up is done."""
 
+import asyncio
 import atexit
+import multiprocessing as mp
 import multiprocessing.util
 import os
 import sys
-from typing import TypeVar
+from typing import Callable, Optional, TypeVar
 
 # after every other multiprocessing finalizer of the child (those run in decreasing priority; mpfuture's is 10)
 _EXIT_PRIORITY = -100
@@ -62,3 +64,30 @@ def _exit_now(run_exit_handlers: bool) -> None:
         except Exception:
             pass
     os._exit(0)
+
+
+def stop_when_parent_exits(
+    process: mp.process.BaseProcess, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]
+) -> Optional[int]:
+    """
+    Inside a child ``process``: call ``stop()`` from ``loop`` once the process that started it has ended, however it
+    ended (a SIGKILL or ``os._exit`` runs none of its clean-up). Returns the watched descriptor, or None when
+    ``process`` is not the current process (``run()`` called in the user's own process) or has no parent.
+
+    The end of the pipe to the parent is not enough: a child forked while the parent held the pipes of other children
+    (e.g. several created before any was started) keeps copies of their parent-side ends, and they of its, so that
+    no pipe of theirs ever closes and all of them (and their p2pd daemons) run on as orphans.
+    multiprocessing's parent sentinel is created at the moment the child starts, so such copies only ever form a
+    chain that ends with the youngest child, never a cycle.
+    """
+    parent = mp.parent_process()
+    if mp.current_process() is not process or parent is None:
+        return None
+    sentinel = parent.sentinel
+
+    def _on_parent_exit() -> None:
+        loop.remove_reader(sentinel)  # it stays readable: without this, the callback would spin until the loop ends
+        stop()
+
+    loop.add_reader(sentinel, _on_parent_exit)
+    return sentinel

@@ -54,6 +54,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, await_with_timeout, switc
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.process_handle import stop_when_parent_exits
 from hivemind.utils.serializer import MSGPackSerializer
 
 __all__ = ["ConnectionHandler", "ExpertRequestError"]
@@ -219,11 +220,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
         stop = asyncio.Event()
         loop.add_reader(self._inner_pipe.fileno(), stop.set)  # a command or EOF (the parent went away) stops us
         # the pipe alone misses a parent killed without clean-up: sibling handlers forked from it hold copies of each
-        # other's sending ends. The process sentinel closes when the parent dies (then the copies of the DHT's pipe
-        # held here go too, so that the DHT process and its p2pd also end instead of running on as orphans)
-        parent = mp.parent_process() if mp.current_process() is self else None  # (none when serving from a thread)
-        if parent is not None:
-            loop.add_reader(parent.sentinel, stop.set)
+        # other's sending ends (once we end, the copies of the DHT's pipe held here go too, so the DHT process ends)
+        parent_sentinel = stop_when_parent_exits(self, loop, stop.set)  # (None when serving from a thread)
         try:
             try:
                 maddr = await loop.run_in_executor(None, self.dht.run_coroutine, _daemon_listen_maddr)
@@ -238,8 +236,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
             await stop.wait()
         finally:
             loop.remove_reader(self._inner_pipe.fileno())
-            if parent is not None:
-                loop.remove_reader(parent.sentinel)
+            if parent_sentinel is not None:
+                loop.remove_reader(parent_sentinel)
             if self._p2p is not None:
                 await self._close_p2p(self._p2p)
 
