@@ -10,8 +10,9 @@ import os
 import sys
 from typing import Callable, Optional, TypeVar
 
-# after every other multiprocessing finalizer of the child (those run in decreasing priority; mpfuture's is 10)
-_EXIT_PRIORITY = -100
+# after every other multiprocessing finalizer of the child (those run in decreasing priority; mpfuture's is 10, the
+# removal of multiprocessing's own temporary directory, e.g. made for sending torch tensors to another process, -100)
+_EXIT_PRIORITY = -101
 
 Handle = TypeVar("Handle", bound="ShutdownOnExit")
 
