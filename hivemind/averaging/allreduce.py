@@ -46,6 +46,9 @@ logger = get_logger(__name__)
 
 AveragingData = averaging_pb2.AveragingData
 MessageCode = averaging_pb2.MessageCode
+# read once: protobuf's enum attribute lookup costs microseconds, and these are compared for every part
+_AVERAGED_PART, _CANCELLED = MessageCode.AVERAGED_PART, MessageCode.CANCELLED
+_PART_FOR_AVERAGING, _NO_CODE = MessageCode.PART_FOR_AVERAGING, MessageCode.NO_CODE
 # after its own results are in, a runner waits this long (at most) for its replies to other senders to go out
 DEFAULT_REPLY_LINGER = 30.0
 
@@ -336,9 +339,9 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 message = await anext(replies, None)
                 if message is None:
                     raise AllreduceException(f"closed the stream after {k} of {len(parts)} replies")
-                if message.code == MessageCode.CANCELLED and peer_id in self.sender_index_of:
+                if message.code == _CANCELLED and peer_id in self.sender_index_of:
                     self._ban(self.sender_index_of[peer_id], "cancelled its round")  # it sends no more parts
-                if message.code != MessageCode.AVERAGED_PART:
+                if message.code != _AVERAGED_PART:
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
                 self.bytes_received += message_nbytes(message)
                 delta = await self._decode(message, part, what=f"delta {k}")
@@ -373,7 +376,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
             await parts.aclose()  # cancels the compression of parts it prepared ahead
 
     def _part_message(self, part: Union[torch.Tensor, runtime_pb2.Tensor], first: bool) -> AnyAveragingData:
-        code = MessageCode.PART_FOR_AVERAGING if first else MessageCode.NO_CODE
+        code = _PART_FOR_AVERAGING if first else _NO_CODE
         group_id, view = (self.group_id, group_view_digest(self)) if first else (b"", b"")
         if isinstance(part, torch.Tensor):  # uncompressed: written from the tensor's memory
             return encode_averaging_data(part, code=code, group_id=group_id, peer_id=view, weight=self.weight)

@@ -8,6 +8,7 @@ malformed part or a message after the last part get the sender banned (with the 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import AsyncIterator, List, Optional
 
 from hivemind.averaging.group_view import first_part_refusal, group_view_digest
@@ -92,7 +93,7 @@ class ReducerSide:
                 # AVERAGED_PART with average - part encoded as the sender encoded its part; a costly codec runs in a
                 # thread, so that the event loop keeps moving other streams. Once averaged, the sender's part is read
                 # by nothing else (a sole contributor's part is read only here): the delta may overwrite it
-                delta_args = (average, tensor, compression_type, self.container.part_info(part))
+                delta_args = (average, tensor, compression_type, functools.partial(self.container.part_info, part))
                 if compression_type in CHEAP_WIRE_TYPES:
                     reply = encode_delta(*delta_args, in_place=private)
                 else:

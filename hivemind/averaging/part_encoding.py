@@ -12,7 +12,7 @@ import asyncio
 import math
 import struct
 import sys
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -41,6 +41,9 @@ __all__ = [
 
 # codecs that cost about a memory copy per part: decoded on the event loop, the others in a thread
 CHEAP_WIRE_TYPES = (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16)
+# enum values read once (protobuf's enum attribute lookup costs microseconds, several times per part)
+_NONE = runtime_pb2.CompressionType.NONE
+_AVERAGED_PART = averaging_pb2.MessageCode.AVERAGED_PART
 
 _LENGTH_DELIMITED, _VARINT, _FIXED64 = 2, 0, 1
 _ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in RAW_DTYPES}
@@ -114,17 +117,19 @@ def encode_delta(
     average: Optional[torch.Tensor],
     part_values: torch.Tensor,
     compression_type: int,
-    info: CompressionInfo,
+    info: Union[CompressionInfo, Callable[[], CompressionInfo]],
     in_place: bool = False,
 ) -> Union[averaging_pb2.AveragingData, EncodedMessage]:
     """AVERAGED_PART carrying ``average - part_values`` (zeros if ``average`` is None) in ``compression_type``.
 
+    :param info: the part's CompressionInfo for the codec, or a function that returns it (called only if a codec
+        runs: an uncompressed delta needs none)
     :param in_place: ``part_values`` is a private buffer (see :func:`is_private_view`) that nothing reads any more:
         an uncompressed difference is written over it instead of into new memory
     """
-    dtype, code = part_values.dtype, averaging_pb2.MessageCode.AVERAGED_PART
+    dtype, code = part_values.dtype, _AVERAGED_PART
     numel = part_values.numel()
-    if compression_type == runtime_pb2.CompressionType.NONE and dtype in RAW_DTYPES:
+    if compression_type == _NONE and dtype in RAW_DTYPES:
         if average is None or average.dtype == dtype:  # one pass: the difference is what gets written
             delta = (
                 part_values.reshape(-1)
@@ -138,6 +143,7 @@ def encode_delta(
             return encode_averaging_data(delta, code=code)
     reply = averaging_pb2.AveragingData(code=code)
     delta = torch.zeros(numel, dtype=dtype) if average is None else difference_as(average, part_values, dtype)
+    info = info if isinstance(info, CompressionInfo) else info()
     reply.tensor_part.CopyFrom(serialize_torch_tensor(delta, compression_type, info=info, allow_inplace=True))
     return reply
 
@@ -160,7 +166,7 @@ def is_private_view(message: AnyAveragingData) -> bool:
         bulk is not None
         and not bulk.readonly
         and sys.byteorder == "little"
-        and serialized.compression == runtime_pb2.CompressionType.NONE
+        and serialized.compression == _NONE
         and serialized.dtype in _RAW_DTYPE_NAMES
     )
 
@@ -182,7 +188,7 @@ async def decode_part(message: AnyAveragingData, numel: int, dtype: torch.dtype,
             f"{what} has shape {list(serialized.size)[:8]} of {serialized.dtype[:32]!r}, expected "
             f"{numel} elements of {dtype_to_name(dtype)}"
         )
-    if bulk is not None and serialized.compression == runtime_pb2.CompressionType.NONE and dtype in RAW_DTYPES:
+    if bulk is not None and serialized.compression == _NONE and dtype in RAW_DTYPES:
         return _view_of_bulk(bulk, numel, dtype, what)
     if bulk is not None:
         serialized = message.materialize().tensor_part  # a codec decodes it: the buffer is copied in once
@@ -211,6 +217,14 @@ def _view_of_bulk(bulk: memoryview, numel: int, dtype: torch.dtype, what: str) -
     return torch.frombuffer(bulk, dtype=dtype, count=numel)
 
 
+def _never_overflows_below(dtype: torch.dtype) -> float:
+    """Half the spacing of the dtype's values at its largest finite one: ``x + d`` rounds to a finite value for
+    every finite ``x`` whenever ``|d|`` is below it (the exact sum stays under the point where rounding goes to inf).
+    float32: 2**103, float64: 2**970, float16: 16."""
+    info = torch.finfo(dtype)
+    return math.ldexp(info.eps, math.frexp(info.max)[1] - 2)  # eps * 2**floor(log2(max)) / 2
+
+
 def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> None:
     """Raise AllreduceException if a peer's ``values`` (deltas) hold inf or NaN where this peer's ``local`` values are
     finite (a NaN that is already in the local values may come back; a new one would spread into the local tensors),
@@ -222,6 +236,8 @@ def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> N
             return  # a sum is finite only if every value is (an overflowing sum gets the exact check)
     else:
         peak = largest_magnitude(values)  # the fast pass: minimum and maximum, vectorized, no temporary
+        if math.isfinite(peak) and peak < _never_overflows_below(values.dtype):
+            return  # no inf or NaN, and too small to carry any finite value past the largest one: local is not read
         if math.isfinite(peak) and peak + largest_magnitude(local) <= torch.finfo(values.dtype).max:
             return  # no inf or NaN, and no sum with a local value can overflow
         if math.isfinite(peak):
