@@ -459,7 +459,7 @@ class Optimizer(torch.optim.Optimizer):
             global_epoch = self.tracker.global_epoch
             if global_epoch - 1 <= self.local_epoch < global_epoch:
                 self.state_averager.local_epoch = global_epoch
-                self.state_averager._catch_up_scheduler()
+                self.state_averager._update_scheduler()
             self._restart_epoch()
 
     def _restart_epoch(self) -> None:

@@ -98,7 +98,7 @@ def load_training_state_dict_(state_averager: Any, state_dict: Dict[str, Any]) -
             if param is not main:
                 param.copy_(main)
         state_averager.local_epoch = epoch
-    state_averager._catch_up_scheduler()
+    state_averager._update_scheduler()
 
 
 @contextlib.contextmanager

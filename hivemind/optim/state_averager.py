@@ -39,6 +39,9 @@ __all__ = [
     "TorchOptimizer",
     "OptimizerFactory",
     "SchedulerFactory",
+    "LRSchedulerBase",
+    "Parameters",
+    "ParamGroups",
 ]
 
 logger = get_logger(__name__)
@@ -49,6 +52,7 @@ STATE_READY_TIMEOUT = 20.0
 TorchOptimizer = torch.optim.Optimizer
 OptimizerFactory = Callable[[Iterable[Dict[str, Any]]], TorchOptimizer]
 SchedulerFactory = Callable[[TorchOptimizer], Any]
+LRSchedulerBase = torch.optim.lr_scheduler.LRScheduler  # base class of torch's LR schedulers (for isinstance checks)
 Parameters = Iterable[torch.Tensor]
 ParamGroups = Iterable[Dict[str, Any]]
 
@@ -298,7 +302,7 @@ class TrainingStateAverager(DecentralizedAverager):
         elif zero_grad:
             self.zero_model_grads(set_to_none)
             self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._catch_up_scheduler()
+        self._update_scheduler()
         if self._pending_step is None:  # (else the background step marks the state ready when it is done)
             self._state_ready.set()
 
@@ -345,7 +349,8 @@ class TrainingStateAverager(DecentralizedAverager):
         finally:
             self._state_ready.set()  # (a failed step leaves the parameters as they are: serve them)
 
-    def _catch_up_scheduler(self) -> None:
+    def _update_scheduler(self) -> None:
+        """Step the LR scheduler until it counts ``local_epoch`` epochs (a subclass may drive its own schedulers)."""
         catch_up_scheduler(self.scheduler, self.local_epoch)
 
     def _run_averaging_round(
@@ -405,7 +410,7 @@ class TrainingStateAverager(DecentralizedAverager):
             if self.sync_epoch_when_averaging:
                 self._apply_averaged_state(sent)
                 self.local_epoch = max([self.local_epoch, *epochs])
-                self._catch_up_scheduler()
+                self._update_scheduler()
             elif not self._epochs_agree(epochs, len(gathered), round_epoch):
                 # mixing parameters of different epochs would pull the leaders back; laggards load the state instead
                 logger.log(

@@ -72,4 +72,4 @@ def apply_downloaded_state_(averager: Any, metadata: Any, tensors: List[torch.Te
             mine.copy_(theirs)
         averager.local_epoch = epoch
         averager._copy_optimizer_parameters_to_model()
-    averager._catch_up_scheduler()
+    averager._update_scheduler()
