@@ -8,7 +8,7 @@ import logging
 import math
 import threading
 import time
-from typing import AbstractSet, Dict, List, Optional
+from typing import AbstractSet, Any, Dict, List, Optional
 
 from pydantic import v1 as pydantic_v1
 
@@ -115,6 +115,8 @@ class ProgressTracker(threading.Thread):
         self._updates_paused = False
         self._generation = 0  # bumped by every epoch update: fetches started earlier do not count for the new epoch
         self._others: List[LocalTrainingProgress] = []  # other peers' records from the latest fetch
+        self._last_metadata: Dict[Any, Any] = {}  # the raw records of the latest fetch (parsed into _others)
+        self._parse_failure_logged = False
         self.local_progress = self._make_record(epoch=0, samples_accumulated=0)
         self.epoch_started_at = self.local_progress.time  # DHT time at which this peer entered its current epoch
         self.global_progress = summarize_swarm(
@@ -134,6 +136,18 @@ class ProgressTracker(threading.Thread):
             self.start()
 
     # ------------------------------------------------------------------ user-facing state
+
+    @property
+    def min_refresh_period(self) -> float:
+        return self.refresh_policy.min_refresh_period
+
+    @property
+    def max_refresh_period(self) -> float:
+        return self.refresh_policy.max_refresh_period
+
+    @property
+    def default_refresh_period(self) -> float:
+        return self.refresh_policy.default_refresh_period
 
     @property
     def global_epoch(self) -> int:
@@ -246,15 +260,32 @@ class ProgressTracker(threading.Thread):
             client_mode=bool(self.client_mode),
         )
 
-    def _recompute_global_progress(self, next_fetch_time: Optional[float]) -> None:
-        """Re-aggregate the swarm's progress; ``next_fetch_time=None``: the refresh policy picks the next fetch."""
-        progress = summarize_swarm(
-            self._others,
+    def _parse_swarm_progress_data(self, metadata: Dict[Any, Any]) -> GlobalTrainingProgress:
+        """
+        The swarm's progress from the records of the latest fetch and this peer's current record. Called after each
+        fetch and whenever local progress changes; a subclass may override it to aggregate differently.
+
+        :param metadata: the raw DHT value under ``f"{prefix}_progress"``: ``{subkey: ValueWithExpiration}`` with
+          each peer's record as a dict (this peer's own published record included), or ``{}`` if there is none
+        """
+        records = self._others if metadata is self._last_metadata else self._parse_records(metadata)
+        return summarize_swarm(
+            records,
             target_batch_size=self.target_batch_size,
             now=get_dht_time(),
             local_record=self.local_progress,
             refresh_policy=self.refresh_policy,
         )
+
+    def _recompute_global_progress(self, next_fetch_time: Optional[float]) -> None:
+        """Re-aggregate the swarm's progress; ``next_fetch_time=None``: the refresh policy picks the next fetch."""
+        try:
+            progress = self._parse_swarm_progress_data(self._last_metadata)
+        except Exception as e:  # (an override's bug): keep the last progress rather than fail the training step
+            log_level = logging.DEBUG if self._parse_failure_logged else logging.WARNING
+            self._parse_failure_logged = True
+            logger.log(log_level, f"{self.name}: _parse_swarm_progress_data failed, progress not updated: {e!r}")
+            return
         if next_fetch_time is not None:
             progress.next_fetch_time = next_fetch_time
         self.global_progress = progress
@@ -345,13 +376,14 @@ class ProgressTracker(threading.Thread):
             with self._lock:
                 generation = self._generation
             fetch_started = time.monotonic()
-            records = await self._fetch_records()
+            metadata = await self._fetch_metadata()
+            records = None if metadata is None else self._parse_records(metadata)
             with self._fetch_finished:
                 self._last_fetch_started = fetch_started
                 self._fetch_finished.notify_all()
             with self._lock:
                 if records is not None and not self._updates_paused and generation == self._generation:
-                    self._others = records
+                    self._others, self._last_metadata = records, metadata
                     self._recompute_global_progress(next_fetch_time=None)
                     self.fetched_global_progress_this_epoch.set()
                     self._log_status()
@@ -360,8 +392,8 @@ class ProgressTracker(threading.Thread):
                     next_fetch_time = get_dht_time() + self.refresh_policy.min_refresh_period
             await self._wait_event(self._wake_fetcher, timeout=next_fetch_time - get_dht_time())
 
-    async def _fetch_records(self) -> Optional[List[LocalTrainingProgress]]:
-        """Other peers' latest records (None if the DHT could not be read)."""
+    async def _fetch_metadata(self) -> Optional[Dict[Any, Any]]:
+        """The raw records under the progress key, ``{}`` if there are none (None if the DHT could not be read)."""
         try:
             response = await await_with_timeout(
                 self.dht.get(self.training_progress_key, latest=True, return_future=True), DHT_CALL_TIMEOUT
@@ -370,9 +402,15 @@ class ProgressTracker(threading.Thread):
             logger.debug(f"{self.name} could not fetch the swarm's progress: {e!r}")
             return None
         if response is None or not isinstance(response.value, dict):
+            return {}
+        return response.value
+
+    def _parse_records(self, metadata: Any) -> List[LocalTrainingProgress]:
+        """Other peers' valid records in the raw ``metadata`` (malformed ones are skipped)."""
+        if not isinstance(metadata, dict):
             return []
         records = []
-        for subkey, entry in response.value.items():
+        for subkey, entry in metadata.items():
             value = getattr(entry, "value", None)
             if subkey == self._local_public_key or value is None:
                 continue  # our own record is kept locally; None marks a peer that left
