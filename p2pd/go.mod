@@ -118,3 +118,4 @@ require (
 )
 
 replace github.com/libp2p/go-libp2p-asn-util => ./asnstub
+replace github.com/quic-go/quic-go => ./third_party/quic-go // Go 1.26 session-ticket panic fixed: third_party/quic-go/PATCHED.md

@@ -2,7 +2,7 @@
 
 import re
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -33,6 +33,24 @@ def check_announce_maddrs(announce_maddrs: Optional[Sequence[MaddrLike]]) -> Non
         for protocol, value in zip(parts, parts[1:]):
             if protocol in ("tcp", "udp") and value.isdigit() and int(value) == 0:
                 raise ValueError(f"Announce address {maddr} has port 0: announce_maddrs need the actual port")
+
+
+def upgrade_quic_draft(host_maddrs: Optional[Sequence[MaddrLike]]) -> Tuple[Optional[List[str]], List[str]]:
+    """``host_maddrs`` with each QUIC draft-29 listen address (``.../udp/PORT/quic``) replaced by its QUIC v1 form
+    (``.../quic-v1``), and the addresses that were replaced. Our p2pd's libp2p no longer speaks draft-29: given
+    next to a TCP address the daemon would silently not listen on it, and given alone it would fail to start."""
+    if host_maddrs is None:
+        return None, []
+    upgraded, replaced = [], []
+    for maddr in host_maddrs:
+        parts = str(maddr).split("/")
+        if "quic" in parts:
+            parts[parts.index("quic")] = "quic-v1"
+            replaced.append(str(maddr))
+            upgraded.append("/".join(parts))
+        else:
+            upgraded.append(str(maddr))
+    return upgraded, replaced
 
 
 def warn_deprecated(**deprecated: Any) -> None:

@@ -139,6 +139,12 @@ class P2P(ProtobufCallsMixin):
         assert not (initial_peers and use_ipfs), "Pass either initial_peers or use_ipfs=True, not both"
         daemon_args.warn_deprecated(quic=quic, use_relay_hop=use_relay_hop, use_relay_discovery=use_relay_discovery)
         daemon_args.check_announce_maddrs(announce_maddrs)
+        host_maddrs, draft_quic = daemon_args.upgrade_quic_draft(host_maddrs)
+        if draft_quic:
+            logger.warning(
+                f"QUIC draft-29 listen addresses {draft_quic} are served as QUIC v1 ('/quic-v1'): this p2pd no longer "
+                f"supports draft-29 ('/quic'); pass '/quic-v1' addresses to silence this warning"
+            )
 
         try:
             binary_path = get_p2pd_path()
