@@ -27,7 +27,8 @@ class TaggingTracker(ProgressTracker):
 @pytest.mark.timeout(30)
 def test_progress_tracker_aggregates_the_swarm_through_an_overridable_parse(dht_pair):
     options = dict(start=True, **FAST_TRACKER)
-    trackers = [TaggingTracker(dht_pair[0], "seam_run", 100, **options), ProgressTracker(dht_pair[1], "seam_run", 100, **options)]  # fmt: skip
+    trackers = [TaggingTracker(dht_pair[0], "seam_run", 100, **options)]
+    trackers.append(ProgressTracker(dht_pair[1], "seam_run", 100, **options))
     try:
         tagging, plain = trackers
         plain.report_local_progress(0, 30)
