@@ -356,8 +356,8 @@ class Optimizer(torch.optim.Optimizer):
                 num_peers = len(self._last_round_peers)  # the state round expects those who averaged just now
                 grad_round = grad_round if num_peers > 1 else None  # (failed: the buffers hold our own grads)
             optimizer_step = optimizer_step and (contributes or grad_round is not None)
-        # a state average from the last epoch is applied (or dropped) before this epoch's optimizer step
-        self.state_averager.step(wait_for_delayed_updates=not self.delay_grad_averaging)
+        # the last epoch's state average lands before the epoch moves on (after, it would be dropped as stale)
+        self.state_averager.step(wait_for_delayed_updates=True)  # (queued before this gradient round: no wait on it)
         average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
         state_control, self._state_control = self._state_control, None
         if state_control is not None and not average_state:
