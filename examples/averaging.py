@@ -6,8 +6,13 @@ butterfly all-reduce, after which every model holds the mean of the four. A fift
 ``load_state_from_peers()`` to start from the others' parameters instead of its own random ones.
 
 python examples/averaging.py
+
+Ctrl-C stops it at any point: every peer started so far is shut down, then it prints "interrupted" (exit code 130).
 """
 
+import contextlib
+import signal
+import sys
 import time
 
 import torch
@@ -31,18 +36,20 @@ def describe(model: torch.nn.Module) -> str:
 
 def main() -> None:
     started = time.perf_counter()
-    first_dht = hivemind.DHT(start=True)
-    initial_peers = [str(addr) for addr in first_dht.get_visible_maddrs()]
-    dhts = [first_dht] + [hivemind.DHT(initial_peers=initial_peers, start=True) for _ in range(NUM_PEERS - 1)]
-    models = [make_model(seed) for seed in range(NUM_PEERS)]
-    with torch.no_grad():
-        expected_weight = torch.stack([model.weight for model in models]).mean(dim=0)
+    with contextlib.ExitStack() as peers:  # on the way out (Ctrl-C included), shuts every peer down, newest first
+        first_dht = peers.enter_context(hivemind.DHT(start=True))
+        initial_peers = [str(addr) for addr in first_dht.get_visible_maddrs()]
+        dhts = [first_dht]
+        for _ in range(NUM_PEERS - 1):
+            dhts.append(peers.enter_context(hivemind.DHT(initial_peers=initial_peers, start=True)))
+        models = [make_model(seed) for seed in range(NUM_PEERS)]
+        with torch.no_grad():
+            expected_weight = torch.stack([model.weight for model in models]).mean(dim=0)
 
-    averagers = []
-    for index, (dht, model) in enumerate(zip(dhts, models)):
-        print(f"peer {index} before: {describe(model)}")
-        averagers.append(
-            DecentralizedAverager(
+        averagers = []
+        for index, (dht, model) in enumerate(zip(dhts, models)):
+            print(f"peer {index} before: {describe(model)}")
+            averager = DecentralizedAverager(
                 [param.detach() for param in model.parameters()],  # averaged in place (moved to shared memory)
                 dht,
                 start=True,
@@ -51,44 +58,51 @@ def main() -> None:
                 min_matchmaking_time=2.0,
                 request_timeout=1.0,
             )
+            averagers.append(peers.enter_context(averager))
+            averager.state_sharing_priority = float(index)  # newcomers prefer the highest priority
+        print(f"started {NUM_PEERS} peers in {time.perf_counter() - started:.1f} s")
+
+        # every peer asks for a round at the same time; wait=False returns a future (a StepControl)
+        controls = [
+            averager.step(gather=f"peer {index}", wait=False, timeout=30) for index, averager in enumerate(averagers)
+        ]
+        for index, control in enumerate(controls):
+            gathered = control.result()
+            print(f"peer {index} averaged in a group of {len(gathered)}: {sorted(gathered.values())}")
+
+        for index, (averager, model) in enumerate(zip(averagers, models)):
+            with averager.get_tensors() as tensors:  # the averaged tensors are the model's own parameters
+                assert tensors[0].data_ptr() == model.weight.data_ptr()
+            print(f"peer {index} after:  {describe(model)}")
+        with torch.no_grad():
+            error = max((model.weight - expected_weight).abs().max().item() for model in models)
+        print(f"every model now holds the mean of the four (largest difference {error:.2e})")
+
+        newcomer_dht = peers.enter_context(hivemind.DHT(initial_peers=initial_peers, start=True))
+        newcomer_model = make_model(seed=100)
+        newcomer = DecentralizedAverager(
+            [param.detach() for param in newcomer_model.parameters()], newcomer_dht, start=True, prefix=PREFIX
         )
-        averagers[-1].state_sharing_priority = float(index)  # newcomers prefer the highest priority
-    print(f"started {NUM_PEERS} peers in {time.perf_counter() - started:.1f} s")
-
-    # every peer asks for a round at the same time; wait=False returns a future (a StepControl)
-    controls = [
-        averager.step(gather=f"peer {index}", wait=False, timeout=30) for index, averager in enumerate(averagers)
-    ]
-    for index, control in enumerate(controls):
-        gathered = control.result()
-        print(f"peer {index} averaged in a group of {len(gathered)}: {sorted(gathered.values())}")
-
-    for index, (averager, model) in enumerate(zip(averagers, models)):
-        with averager.get_tensors() as tensors:  # the averaged tensors are the model's own parameters
-            assert tensors[0].data_ptr() == model.weight.data_ptr()
-        print(f"peer {index} after:  {describe(model)}")
-    with torch.no_grad():
-        error = max((model.weight - expected_weight).abs().max().item() for model in models)
-    print(f"every model now holds the mean of the four (largest difference {error:.2e})")
-
-    newcomer_dht = hivemind.DHT(initial_peers=initial_peers, start=True)
-    newcomer_model = make_model(seed=100)
-    newcomer = DecentralizedAverager(
-        [param.detach() for param in newcomer_model.parameters()], newcomer_dht, start=True, prefix=PREFIX
-    )
-    metadata, tensors = newcomer.load_state_from_peers(timeout=30)
-    print(f"newcomer downloaded {len(tensors)} tensors with metadata {metadata}")
-    with torch.no_grad():
-        for param, downloaded in zip(newcomer_model.parameters(), tensors):
-            param.copy_(downloaded)
-    print(f"newcomer: {describe(newcomer_model)}")
-
-    for averager in [*averagers, newcomer]:
-        averager.shutdown()
-    for dht in [*dhts, newcomer_dht]:
-        dht.shutdown()
+        peers.enter_context(newcomer)
+        metadata, tensors = newcomer.load_state_from_peers(timeout=30)
+        print(f"newcomer downloaded {len(tensors)} tensors with metadata {metadata}")
+        with torch.no_grad():
+            for param, downloaded in zip(newcomer_model.parameters(), tensors):
+                param.copy_(downloaded)
+        print(f"newcomer: {describe(newcomer_model)}")
     print(f"done in {time.perf_counter() - started:.1f} s")
 
 
+def interrupt_once(signal_number, frame) -> None:
+    """Ctrl-C: stop what runs; further Ctrl-Cs are ignored, so that they cannot cut the peers' shutdown short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, interrupt_once)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)

@@ -1,7 +1,12 @@
 """Two DHT peers on this machine: one stores a value and a dictionary entry, the other reads them back.
 
 python examples/dht_store_get.py
+
+Ctrl-C stops it at any point: both peers are shut down, then it prints "interrupted" (exit code 130).
 """
+
+import signal
+import sys
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -22,5 +27,16 @@ def main() -> None:
             print("scores ->", {subkey: entry.value for subkey, entry in value.items()})
 
 
+def interrupt_once(signal_number, frame) -> None:
+    """Ctrl-C: stop what runs; further Ctrl-Cs are ignored, so that they cannot cut the peers' shutdown short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, interrupt_once)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)

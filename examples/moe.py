@@ -10,9 +10,14 @@ optimizer (Adam on the server), while the trainer's optimizer trains the local l
 The task is synthetic regression (a fixed random teacher network); the loss printed every few steps goes down.
 
 python examples/moe.py [--steps 60]
+
+Ctrl-C stops it at any point: the trainer's DHT peer and the server are shut down, then it prints "interrupted" (exit
+code 130).
 """
 
 import argparse
+import signal
+import sys
 import time
 from functools import partial
 
@@ -100,5 +105,16 @@ def train(dht: DHT, steps: int) -> None:
     print("the loss went down" if last < first else "the loss did NOT go down")
 
 
+def interrupt_once(signal_number, frame) -> None:
+    """Ctrl-C: stop what runs; further Ctrl-Cs are ignored, so that they cannot cut the shutdown short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, interrupt_once)  # (the server's process ignores Ctrl-C: this one stops it)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)

@@ -53,7 +53,7 @@ class SessionProcess:
         )  # fmt: skip
         self.lines: List[str] = []
         self._new_lines: queue.Queue[Optional[str]] = queue.Queue()
-        self.p2pd_sockets: Set[str] = set()  # the control and client sockets of every p2pd seen in the session
+        self.p2pd_sockets: Set[str] = set()  # the Unix sockets of p2pd and its clients seen in the session
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._watch_p2pd, daemon=True).start()
 
@@ -71,6 +71,11 @@ class SessionProcess:
                     continue
                 for match in P2PD_SOCKET.finditer(cmdline):
                     self.p2pd_sockets.update({match.group(1), match.group(1).replace("-p2pd-", "-p2pclient-")})
+                try:  # e.g. the callback sockets of P2P replicas in the averager and handler processes
+                    listening = [connection.laddr for connection in process.net_connections(kind="unix")]
+                except psutil.Error:
+                    continue
+                self.p2pd_sockets.update(path for path in listening if "/hivemind-" in path)
             time.sleep(0.02)
 
     def session_processes(self) -> List[psutil.Process]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import signal
 import sys
 import threading
 import time
@@ -440,6 +441,7 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
 
 
 def _serve_in_background(connection, parent_end, args, kwargs) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     parent_end.close()  # the parent's end, inherited by fork: without closing it, EOF would never arrive
     # torch's OpenMP pool does not survive fork: a multi-threaded op in a child of a process that already ran one
     # hangs forever; with one thread the child never enters a parallel region
