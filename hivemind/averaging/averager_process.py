@@ -23,7 +23,7 @@ from hivemind.averaging.state_rate import configured_min_rate
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, describe_state, send_packed_state
 from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd, exitcode_of
-from hivemind.p2p import ServicerBase
+from hivemind.p2p import P2P, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
@@ -81,6 +81,17 @@ def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop, timeout: float) -> 
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
             logger.debug(f"A task failed while being cancelled at shutdown: {task.exception()!r}")
+
+
+def _close_p2p_client(loop: asyncio.AbstractEventLoop, p2p: Optional[P2P], timeout: float) -> None:
+    """Close this process's client of the DHT's p2pd (the daemon runs on): the process ends with os._exit, and the
+    Unix socket the client listened on would otherwise stay in the temporary directory."""
+    if p2p is None:
+        return
+    try:
+        loop.run_until_complete(await_with_timeout(p2p.shutdown(), timeout))
+    except Exception as e:
+        logger.debug(f"Could not close the averager's P2P client at shutdown: {e!r}")
 
 
 class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase):
@@ -281,6 +292,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         finally:
             serving.stop()
             _cancel_remaining_tasks(loop, TASK_CANCEL_BUDGET)
+            _close_p2p_client(loop, getattr(self, "_p2p", None), TASK_CANCEL_BUDGET)
             loop.run_until_complete(loop.shutdown_asyncgens())
             _let_threads_end(loop, THREADS_BUDGET_FRACTION * self.shutdown_timeout)
             loop.close()

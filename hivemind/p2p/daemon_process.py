@@ -66,6 +66,15 @@ def _parse_json_line(line: str) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
+def remove_socket_file(path: str, owner_pid: int) -> None:
+    """Remove a socket file of process ``owner_pid`` (nothing in a forked child that inherited its owner)."""
+    if os.getpid() == owner_pid:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _terminate_sync(popen: subprocess.Popen, paths: Sequence[str], owner_pid: int) -> None:
     """Kill the daemon and remove its socket files; safe to call at interpreter exit (no event loop needed)."""
     if os.getpid() != owner_pid:

@@ -6,13 +6,14 @@ import dataclasses
 import os
 import secrets
 import typing
+import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
 
 from hivemind.p2p import daemon_args, framing, protobuf_streams
 from hivemind.p2p.daemon_binary import get_p2pd_path
-from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for
+from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
 from hivemind.p2p.p2p_calls import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_UNARY_CALL_TIMEOUT, ProtobufCallsMixin
 from hivemind.p2p.p2p_daemon_bindings import streams
@@ -227,6 +228,9 @@ class P2P(ProtobufCallsMixin):
         self.unary_call_timeout = unary_call_timeout
         self._daemon_listen_maddr = Multiaddr(str(daemon_listen_maddr))
         self._client_listen_maddr = cls._socket_maddr("p2pclient", _socket_token())
+        # no daemon of ours removes this socket: if shutdown() is never called (e.g. a replica cached by a DHT in the
+        # user's process), it goes when this object is garbage-collected or the interpreter exits
+        weakref.finalize(self, remove_socket_file, unix_socket_path(self._client_listen_maddr), os.getpid())
         try:
             await self._connect(DEFAULT_MAX_MSG_SIZE)
         except BaseException:
