@@ -54,7 +54,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, await_with_timeout, switc
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.process_handle import stop_when_parent_exits
+from hivemind.utils.process_handle import exit_once_cleaned_up, stop_when_parent_exits
 from hivemind.utils.serializer import MSGPackSerializer
 
 __all__ = ["ConnectionHandler", "ExpertRequestError"]
@@ -139,6 +139,10 @@ class ConnectionHandler(mp.Process, ServicerBase):
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+        # end at once, as the DHT process does: a spawned handler would otherwise finalize its whole interpreter (torch
+        # included), over a second on a busy machine, and be terminated by shutdown() with a warning
+        if mp.current_process() is self:
+            exit_once_cleaned_up(mp.get_start_method())
 
     def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         """Serve from a child process; with ``await_ready``, wait until the handlers are registered."""
