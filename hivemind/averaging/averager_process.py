@@ -27,6 +27,7 @@ from hivemind.p2p import P2P, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
+from hivemind.utils.graceful_sigterm import GracefulSigterm
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import InvalidStateError, MPFuture
@@ -342,6 +343,8 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             return
         serving.start(loop)
         serving.send(READY_CALL_ID, True, None)
+        if mp.current_process() is self:  # a SIGTERM while serving closes its P2P replica (and socket) first
+            GracefulSigterm(loop, stopped, grace=self.shutdown_timeout).install().serving()
         try:
             await stopped.wait()
         finally:

@@ -51,6 +51,7 @@ from hivemind.p2p.framing import FRAME_STALL_TIMEOUT, MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, await_with_timeout, switch_to_uvloop
+from hivemind.utils.graceful_sigterm import GracefulSigterm
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
@@ -237,6 +238,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
                     self.ready.set_exception(e)
                 return
             self.ready.set_result(None)
+            if mp.current_process() is self:  # a SIGTERM while serving closes the P2P replica (and socket) first
+                GracefulSigterm(loop, stop, grace=self.shutdown_timeout).install().serving()
             await stop.wait()
         finally:
             loop.remove_reader(self._inner_pipe.fileno())
