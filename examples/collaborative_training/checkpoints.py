@@ -47,8 +47,12 @@ class CheckpointSaver:
                           optimizer=self.averager.optimizer.state_dict(), config=vars(self.args))  # fmt: skip
         path = self.directory / "checkpoint.pt"
         temporary = path.with_suffix(".tmp")
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)  # never a half-written checkpoint, even if the monitor is killed meanwhile
+        try:
+            torch.save(checkpoint, temporary)
+            os.replace(temporary, path)  # never a half-written checkpoint, even if the monitor is killed meanwhile
+        except BaseException:  # e.g. Ctrl-C while writing: no half-written file is left next to the checkpoint
+            temporary.unlink(missing_ok=True)
+            raise
         self.last_saved_epoch = epoch
         print(f"saved checkpoint of epoch {epoch} to {path} (validation loss {validation_loss:.3f})", flush=True)
         return epoch

@@ -11,7 +11,7 @@ import argparse
 import time
 
 from metrics import add_metrics_validators, fetch_metrics
-from swarm import add_swarm_arguments, join_swarm
+from swarm import add_swarm_arguments, join_swarm, stop_on_first_ctrl_c
 
 import hivemind
 
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--refresh_period", type=float, default=2.0, help="seconds between reads of the metrics")
     parser.add_argument("--load_state_timeout", type=float, default=60.0, help="seconds for one state download")
     args = parser.parse_args()
+    stop_on_first_ctrl_c()
 
     try:
         with join_swarm(args) as dht:  # before torch loads (see swarm.py)

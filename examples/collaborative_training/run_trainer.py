@@ -13,7 +13,7 @@ import os
 import time
 from functools import partial
 
-from swarm import add_swarm_arguments, join_swarm
+from swarm import add_swarm_arguments, join_swarm, stop_on_first_ctrl_c
 
 import hivemind
 
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads of this peer")
     parser.add_argument("--verbose", action="store_true", help="progress bar and optimizer log lines")
     args = parser.parse_args()
+    stop_on_first_ctrl_c()
     try:
         with join_swarm(args, client_mode=args.client_mode) as dht:  # before torch loads (see swarm.py)
             epoch = train(dht, args)

@@ -5,6 +5,7 @@ address the others need right away, and they can start while it is still loading
 """
 
 import argparse
+import signal
 
 import hivemind
 
@@ -32,12 +33,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq_length", type=int, default=64, help="bytes per training sequence")
 
 
+def stop_on_first_ctrl_c() -> None:
+    """Make the first Ctrl-C raise KeyboardInterrupt and ignore the next ones: a second Ctrl-C while the peer leaves
+    the run (shutting its optimizer or checkpoint saver down) would otherwise cut that short."""
+
+    def interrupt_once(signal_number, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt_once)
+
+
 def join_swarm(args: argparse.Namespace, client_mode: bool = False) -> hivemind.DHT:
     """Start this peer's DHT (``import hivemind`` does not load torch) and print the address others can join."""
     dht = hivemind.DHT(
         initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=client_mode, start=True
     )
-    if not client_mode:  # a client-mode peer accepts no connections: it has no address to give
-        addresses = " ".join(str(address) for address in dht.get_visible_maddrs())
-        print(f"To join this run, start more peers with: --initial_peers {addresses}", flush=True)
+    try:
+        if not client_mode:  # a client-mode peer accepts no connections: it has no address to give
+            addresses = " ".join(str(address) for address in dht.get_visible_maddrs())
+            print(f"To join this run, start more peers with: --initial_peers {addresses}", flush=True)
+    except BaseException:  # e.g. Ctrl-C right now: the caller never gets the DHT to shut it down
+        dht.shutdown()
+        raise
     return dht
