@@ -79,3 +79,32 @@ def test_server_child_processes_do_not_take_over_the_shutdown_signal():
         assert tool.leftovers() == [], tool.output()
     finally:
         tool.close()
+
+
+# a second Ctrl-C reaches the whole process group while the server shuts down
+SECOND_CTRL_C_DURING_SERVER_SHUTDOWN = """
+import os, signal
+from hivemind.moe.server import Server
+_original_shutdown = Server.shutdown
+
+def _shutdown_after_another_ctrl_c(self):
+    os.killpg(0, signal.SIGINT)
+    _original_shutdown(self)
+
+Server.shutdown = _shutdown_after_another_ctrl_c
+"""
+
+
+@pytest.mark.timeout(90)
+def test_server_second_ctrl_c_during_shutdown_is_noted_and_the_shutdown_completes():
+    args = [*SERVER_ARGS, "--num_handlers", "2"]
+    tool = SessionProcess(tool_script("run_server", args, SECOND_CTRL_C_DURING_SERVER_SHUTDOWN))
+    try:
+        tool.wait_for(r"Serving from 2 connection handler processes", timeout=80)
+        tool.signal_group(signal.SIGINT)
+        assert_clean_exit(tool, tool.finish())
+        caught = [line.split("] ", 1)[1] for line in tool.lines if "Caught signal" in line]
+        assert caught == [CAUGHT_SIGINT, "Caught signal 2 (Interrupt) again, still shutting down"], tool.output()
+        assert tool.lines[-1].endswith("Server shutdown successfully"), tool.output()
+    finally:
+        tool.close()
