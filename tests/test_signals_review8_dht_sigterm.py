@@ -3,6 +3,8 @@ terminate() of a forgotten daemonic DHT at exit) stops its node first: no p2pd, 
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -79,3 +81,21 @@ def test_hivemind_dht_stopped_by_sigterm_to_its_process_group_leaves_nothing_beh
         assert tool.leftovers() == [], tool.output()
     finally:
         tool.close()
+
+
+@pytest.mark.timeout(30)
+def test_sigterm_after_the_loop_closed_ends_the_process_without_a_traceback():
+    """A late terminate() (the clean-up over, the loop closed) ends the process instead of raising in its handler."""
+    script = (
+        "import asyncio, os, signal\n"
+        "from hivemind.utils.graceful_sigterm import GracefulSigterm\n"
+        "loop = asyncio.new_event_loop()\n"
+        "handler = GracefulSigterm(loop, asyncio.Event(), grace=10).install()\n"
+        "handler.serving()\n"
+        "loop.close()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('still running')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    assert result.returncode == -signal.SIGTERM, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr

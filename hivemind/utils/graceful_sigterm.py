@@ -34,7 +34,10 @@ class GracefulSigterm:
         if not self._serving:
             _end_by_sigterm()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        self.loop.call_soon_threadsafe(self.stop.set)
+        try:
+            self.loop.call_soon_threadsafe(self.stop.set)
+        except RuntimeError:  # the loop is closed: the clean-up is over, nothing is left to stop
+            _end_by_sigterm()
         deadline = threading.Timer(self.grace, _end_by_sigterm)
         deadline.daemon = True
         deadline.start()
