@@ -31,7 +31,12 @@ from hivemind.utils.graceful_sigterm import GracefulSigterm
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import InvalidStateError, MPFuture
-from hivemind.utils.process_handle import ShutdownOnExit, exit_once_cleaned_up, stop_when_parent_exits
+from hivemind.utils.process_handle import (
+    ShutdownOnExit,
+    exit_once_cleaned_up,
+    shut_down_at_exit_if_not_daemonic,
+    stop_when_parent_exits,
+)
 
 logger = get_logger(__name__)
 
@@ -148,6 +153,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             raise RuntimeError("the averager was already started")
         self._started = True
         mp.Process.start(self)
+        shut_down_at_exit_if_not_daemonic(self)
         self._serving_connection.close()  # the child holds its own copies; ours must go so that EOF is noticed
         self._state_request_writer.close()
         self._caller.start_reader()

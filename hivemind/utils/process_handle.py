@@ -8,7 +8,8 @@ import multiprocessing as mp
 import multiprocessing.util
 import os
 import sys
-from typing import Callable, Optional, TypeVar
+import weakref
+from typing import Callable, List, Optional, TypeVar
 
 # after every other multiprocessing finalizer of the child (those run in decreasing priority; mpfuture's is 10, the
 # removal of multiprocessing's own temporary directory, e.g. made for sending torch tensors to another process, -100)
@@ -37,6 +38,38 @@ class ShutdownOnExit:
                     self.shutdown()
             except Exception:
                 pass
+
+
+_non_daemonic_handles: List[weakref.ref] = []  # started in this process, oldest first
+
+
+def shut_down_at_exit_if_not_daemonic(handle: "ShutdownOnExit") -> None:
+    """
+    Call when starting ``handle`` in the creating process: if it is not daemonic, it is shut down at interpreter exit
+    (after the user's own atexit hooks registered since hivemind was imported, newest handle first).
+
+    multiprocessing joins every non-daemonic child at exit, and these children only end when told to or when the
+    creator is gone: without this, a script that forgot shutdown() never exited. Daemonic children are left to
+    multiprocessing, which terminates them after every atexit hook (so that those hooks can still use them).
+    """
+    if handle.daemon:
+        return
+    _non_daemonic_handles[:] = [ref for ref in _non_daemonic_handles if ref() is not None]
+    _non_daemonic_handles.append(weakref.ref(handle))
+
+
+def _shut_down_non_daemonic_handles() -> None:
+    while _non_daemonic_handles:
+        handle = _non_daemonic_handles.pop()()
+        if handle is not None:
+            try:
+                handle.shutdown()
+            except Exception as e:
+                print(f"Could not shut down {type(handle).__name__} at exit: {e!r}", file=sys.stderr)
+
+
+# registered after multiprocessing's own exit hook (imported above), so that it runs before that hook joins children
+atexit.register(_shut_down_non_daemonic_handles)
 
 
 def exit_once_cleaned_up(start_method: str) -> None:
