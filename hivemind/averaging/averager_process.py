@@ -23,7 +23,7 @@ from hivemind.averaging.state_rate import configured_min_rate
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, describe_state, send_packed_state
 from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd, exitcode_of
-from hivemind.p2p import P2P, ServicerBase
+from hivemind.p2p import P2P, P2PDaemonError, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
@@ -400,6 +400,8 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
                 await await_with_timeout(coroutine, timeout)
             except asyncio.TimeoutError:
                 logger.debug(f"{type(self).__name__} shutdown: gave up on the {what} step after {timeout:.2f} s")
+            except P2PDaemonError as e:  # the DHT's p2pd is gone (e.g. the DHT was shut down first): nothing to undo
+                logger.debug(f"{type(self).__name__} shutdown: did not {what}, the p2p daemon is gone: {e!r}")
             except Exception as e:
                 logger.warning(f"{type(self).__name__} shutdown: could not {what}: {e!r}")
 
