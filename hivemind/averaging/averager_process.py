@@ -34,7 +34,7 @@ from hivemind.utils.mpfuture import InvalidStateError, MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
     exit_once_cleaned_up,
-    shut_down_at_exit_if_not_daemonic,
+    register_started_handle,
     stop_when_parent_exits,
 )
 
@@ -153,7 +153,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             raise RuntimeError("the averager was already started")
         self._started = True
         mp.Process.start(self)
-        shut_down_at_exit_if_not_daemonic(self)
+        register_started_handle(self)
         self._serving_connection.close()  # the child holds its own copies; ours must go so that EOF is noticed
         self._state_request_writer.close()
         self._caller.start_reader()

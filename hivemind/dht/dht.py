@@ -33,7 +33,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
     exit_once_cleaned_up,
-    shut_down_at_exit_if_not_daemonic,
+    register_started_handle,
     stop_when_parent_exits,
 )
 from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
@@ -152,7 +152,7 @@ class DHT(ShutdownOnExit, mp.Process):
         """Start the DHT process (without waiting for it: see wait_until_ready)."""
         self._started = True
         super().start()
-        shut_down_at_exit_if_not_daemonic(self)
+        register_started_handle(self)
         self._serving_connection.close()  # the child holds its own copy; ours must go so that EOF is noticed
         self._callers[self._origin_pid].start_reader()
 

@@ -41,21 +41,43 @@ class ShutdownOnExit:
 
 
 _non_daemonic_handles: List[weakref.ref] = []  # started in this process, oldest first
+_started_handles: "weakref.WeakSet[ShutdownOnExit]" = weakref.WeakSet()  # all started in this process
 
 
-def shut_down_at_exit_if_not_daemonic(handle: "ShutdownOnExit") -> None:
+def register_started_handle(handle: "ShutdownOnExit") -> None:
     """
-    Call when starting ``handle`` in the creating process: if it is not daemonic, it is shut down at interpreter exit
-    (after the user's own atexit hooks registered since hivemind was imported, newest handle first).
+    Call right after starting ``handle``'s process, in the creating process.
 
-    multiprocessing joins every non-daemonic child at exit, and these children only end when told to or when the
-    creator is gone: without this, a script that forgot shutdown() never exited. Daemonic children are left to
-    multiprocessing, which terminates them after every atexit hook (so that those hooks can still use them).
+    If it is not daemonic, it is shut down at interpreter exit (after the user's own atexit hooks registered since
+    hivemind was imported, newest handle first): multiprocessing joins every non-daemonic child at exit, and these
+    children only end when told to or when the creator is gone, so a script that forgot shutdown() never exited.
+    Daemonic children are left to multiprocessing, which terminates them after every atexit hook.
+
+    A child made with a plain ``os.fork()`` forgets the handle (see _forget_parents_handles).
     """
+    _started_handles.add(handle)
     if handle.daemon:
         return
     _non_daemonic_handles[:] = [ref for ref in _non_daemonic_handles if ref() is not None]
     _non_daemonic_handles.append(weakref.ref(handle))
+
+
+def _forget_parents_handles() -> None:
+    """
+    In a forked child: the parent's processes are not ours. A child of a plain ``os.fork()`` (not started by
+    multiprocessing, which resets its own bookkeeping) that exits normally would otherwise run multiprocessing's exit
+    hook over the parent's children it inherited: terminate the daemonic ones (the parent's DHT stopped) and fail to
+    join them ("can only join a child process").
+    """
+    children = getattr(mp.process, "_children", None)
+    for handle in list(_started_handles):
+        if children is not None:
+            children.discard(handle)
+    _started_handles.clear()
+    _non_daemonic_handles.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_handles)
 
 
 def _shut_down_non_daemonic_handles() -> None:
