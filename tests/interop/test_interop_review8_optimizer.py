@@ -1,0 +1,86 @@
+"""Review: late joiners of both kinds catch up with a mixed hivemind.Optimizer swarm (original 1.1.12 + ours).
+
+An original and our Optimizer train a Linear(8, 1) together for a few epochs; then a new Optimizer of each kind joins
+the same run and downloads the swarm's state from the trainer of the other implementation (the only one that shares
+it then): it ends at the swarm's epoch with that donor's parameters.
+"""
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import ORIGINAL, OURS, SIDE_IMPLEMENTATION
+from .harness import PeerProcess
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
+
+DRIVER = Path(__file__).resolve().with_name("optimizer_review8_driver.py")
+EPOCHS, BATCH, LR = 2, 4, 0.1
+
+
+def to_hex(tensor: torch.Tensor) -> str:
+    return tensor.detach().to(torch.float32).contiguous().numpy().tobytes().hex()
+
+
+def parameters(result: dict) -> np.ndarray:
+    return np.concatenate(
+        [np.frombuffer(bytes.fromhex(result[name]), dtype=np.float32) for name in ("weight", "bias")]
+    )
+
+
+@pytest.fixture
+def drivers(original_env, interop_log_dir):
+    started = {}
+    try:
+        for side in (ORIGINAL, OURS):
+            started[side] = PeerProcess(
+                SIDE_IMPLEMENTATION[side], interop_log_dir, name=f"{side}-review8-optimizer", driver=DRIVER
+            )
+        yield started
+    finally:
+        for driver in started.values():
+            driver.close()
+
+
+def test_late_joiners_of_both_kinds_load_the_mixed_swarms_state(drivers):
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(8, 1)
+    batches = [(to_hex(torch.randn(BATCH, 8)), to_hex(torch.randn(BATCH, 1))) for _ in range(EPOCHS)]
+    options = dict(
+        run_id=f"r8late_{uuid.uuid4().hex[:8]}", weight=to_hex(initial.weight), bias=to_hex(initial.bias), lr=LR,
+        target_batch_size=16, matchmaking_time=2.0, averaging_timeout=15.0,
+    )  # fmt: skip
+    first = drivers[ORIGINAL].call("dht_create", timeout=60)
+    dht = {ORIGINAL: first, OURS: drivers[OURS].call("dht_create", initial_peers=first["maddrs"], timeout=60)}
+    trainers = {
+        side: drivers[side].call("optimizer_create", dht_handle=dht[side]["handle"], timeout=60, **options)
+        for side in (ORIGINAL, OURS)
+    }
+    assert drivers[ORIGINAL].call("optimizer_wait_for_peers", handle=trainers[ORIGINAL], num_peers=1, timeout=40)
+    requests = {
+        side: drivers[side].submit(
+            "optimizer_train", handle=trainers[side], batches=batches, until_epoch=EPOCHS, batch_size=BATCH
+        )
+        for side in trainers
+    }
+    trained = {
+        side: drivers[side].wait(request, timeout=150, cmd="optimizer_train") for side, request in requests.items()
+    }
+    assert all(result["epoch"] == EPOCHS for result in trained.values()), trained
+    # what the trained peers now hold (a delayed state averaging may have changed them after training returned)
+    held = {side: parameters(drivers[side].call("optimizer_params", handle=trainers[side])) for side in trainers}
+
+    for side in (ORIGINAL, OURS):  # each joiner can only download from the trainer of the other implementation
+        donor_side = OURS if side == ORIGINAL else ORIGINAL
+        drivers[side].call("optimizer_share_state", handle=trainers[side], allow=False)
+        drivers[donor_side].call("optimizer_share_state", handle=trainers[donor_side], allow=True)
+        joiner_dht = drivers[side].call("dht_create", initial_peers=first["maddrs"], timeout=60)
+        joiner = drivers[side].call("optimizer_create", dht_handle=joiner_dht["handle"], timeout=60, **options)
+        drivers[side].call("optimizer_share_state", handle=joiner, allow=False)
+        assert drivers[side].call("optimizer_load_state", handle=joiner, timeout=60) == EPOCHS, side
+        loaded = drivers[side].call("optimizer_params", handle=joiner)
+        assert loaded["epoch"] == EPOCHS
+        np.testing.assert_array_equal(parameters(loaded), held[donor_side], err_msg=f"{side} joiner")
