@@ -109,6 +109,14 @@ class GradientAverager(DecentralizedAverager):
             yield from self._accumulators
 
     @torch.no_grad()
+    def accumulated_grads_are_finite(self) -> bool:
+        """Whether the accumulated gradients hold no inf or NaN (a warning says so if they do)."""
+        finite = all(bool(torch.isfinite(grad).all()) for grad in self.accumulated_grads())
+        if not finite:
+            logger.warning(f"{self.prefix}: the accumulated gradients hold inf/NaN; this peer drops them")
+        return finite
+
+    @torch.no_grad()
     def load_accumulators_into_averager_(self) -> None:
         """Put the mean accumulated gradient (accumulators / times accumulated) into the averaged buffers."""
         times = max(1, self.local_times_accumulated)

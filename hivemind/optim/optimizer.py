@@ -345,8 +345,10 @@ class Optimizer(torch.optim.Optimizer):
         if self.use_gradient_averaging:
             if grad_scaler is not None and not self.auxiliary:  # each peer's own scale: average unscaled grads
                 contributes = grad_scaler.unscale_accumulated_grads_(self, self.grad_averager.accumulated_grads())
-                if not contributes:  # inf/NaN: this peer averages with weight 0 (and does not step alone)
-                    self.grad_averager.reset_accumulated_grads_()
+            elif not self.auxiliary:  # (inf/NaN would spoil this peer's parameters for good; the others refuse them)
+                contributes = self.grad_averager.accumulated_grads_are_finite()
+            if not contributes:  # inf/NaN: this peer averages with weight 0 (and does not step alone)
+                self.grad_averager.reset_accumulated_grads_()
             grad_round = self._start_gradient_averaging(num_peers)
             if self.delay_grad_averaging:
                 self._background_grad_round = grad_round
@@ -375,8 +377,7 @@ class Optimizer(torch.optim.Optimizer):
             optimizer_step = False
         self.state_averager.step(
             optimizer_step=optimizer_step, delay_optimizer_step=self.delay_optimizer_step and optimizer_step,
-            averaging_round=average_state,
-            delay_averaging=self.delay_state_averaging, averaging_control=state_control,
+            averaging_round=average_state, delay_averaging=self.delay_state_averaging, averaging_control=state_control,
             averaging_opts=None if state_control is not None else dict(timeout=self.averaging_timeout),
         )  # fmt: skip
         if self.grad_averager is not None:
@@ -453,8 +454,7 @@ class Optimizer(torch.optim.Optimizer):
         deadline = time.monotonic() + self.load_state_timeout
         with self.tracker.pause_updates():
             loaded = load_state_with_retries(self.state_averager, deadline, self.run_id, **kwargs)
-            outcome = "no peer shared a usable state; keeping local state"
-            outcome = outcome if loaded is None else f"downloaded the state of epoch {self.local_epoch}"
+            outcome = f"downloaded the state of epoch {self.local_epoch}" if loaded else "no peer shared a state"
             logger.log(self.status_loglevel, f"{self.run_id}: {outcome}")
             global_epoch = self.tracker.global_epoch
             if global_epoch - 1 <= self.local_epoch < global_epoch:
