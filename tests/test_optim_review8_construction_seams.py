@@ -5,9 +5,12 @@ import dataclasses
 
 import pytest
 import torch
-from optim_swarm_helpers import FAST_TRACKER, dht_pair, wait_for
+from optim_swarm_helpers import FAST_TRACKER, RegressionTask, dht_pair, make_optimizer, wait_for
 
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
 
 __all__ = ["dht_pair"]  # the fixture, used below
 
@@ -65,6 +68,105 @@ def test_a_failing_parse_override_keeps_the_last_progress_and_does_not_fail_the_
         tracker.shutdown(5)
 
 
-def make_model() -> torch.nn.Module:
+class RecordingStateAverager(TrainingStateAverager):
+    """Counts scheduler catch-ups through the overridable _update_scheduler."""
+
+    def __init__(self, *, note: str, **kwargs):
+        self.note, self.scheduler_updates = note, 0
+        super().__init__(**kwargs)
+
+    def _update_scheduler(self) -> None:
+        self.scheduler_updates += 1
+        super()._update_scheduler()
+
+
+class RecordingGradientAverager(GradientAverager):
+    pass
+
+
+class RecordingTracker(ProgressTracker):
+    def __init__(self, *, note: str, **kwargs):
+        self.note = note
+        super().__init__(**kwargs)
+
+
+class SubclassedOptimizer(Optimizer):
+    """Builds its parts with the factory hooks, passing one option of its own to each, and records the calls."""
+
+    def __init__(self, **kwargs):
+        self.hook_calls = []
+        super().__init__(**kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        self.hook_calls.append(("state_averager", sorted(kwargs)))
+        return RecordingStateAverager(
+            note="state", dht=self.dht, prefix=f"{self.run_id}_state_averager", start=True,
+            min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
+            next_chunk_timeout=self.next_chunk_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, client_mode=self.client_mode, auxiliary=self.auxiliary, **kwargs,
+        )  # fmt: skip
+
+    def _make_gradient_averager(self, **kwargs) -> GradientAverager:
+        self.hook_calls.append(("gradient_averager", sorted(kwargs)))
+        assert self.grad_averager_factory is None
+        self.grad_averager_factory = RecordingGradientAverager
+        return super()._make_gradient_averager(**kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        self.hook_calls.append(("progress_tracker", sorted(kwargs)))
+        return RecordingTracker(
+            note="tracker", dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, start=True, **kwargs
+        )
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        self.hook_calls.append(("schedule_state", self.local_epoch))
+        super()._maybe_schedule_state_averaging()
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        self.hook_calls.append(("schedule_grads", self.local_epoch))
+        super()._maybe_schedule_gradient_averaging()
+
+
+@pytest.mark.timeout(120)
+def test_an_optimizer_subclass_builds_its_own_parts_and_two_peers_train_together(dht_pair):
     torch.manual_seed(0)
-    return torch.nn.Linear(4, 1)
+    task = RegressionTask()
+    scheduler = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+    opts = []
+    try:
+        opts.append(make_optimizer(dht_pair[0], task.models[0], "seams", scheduler=scheduler))
+        opts.append(
+            SubclassedOptimizer(
+                dht=dht_pair[1], run_id="seams", target_batch_size=8, batch_size_per_step=4,
+                optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=task.models[1].parameters(),
+                scheduler=scheduler, matchmaking_time=1.0, averaging_timeout=5.0, tracker_opts=FAST_TRACKER,
+                averager_opts=dict(request_timeout=0.5),
+            )
+        )  # fmt: skip
+        plain, custom = opts
+        assert type(custom.state_averager) is RecordingStateAverager and custom.state_averager.note == "state"
+        assert type(custom.grad_averager) is RecordingGradientAverager
+        assert type(custom.tracker) is RecordingTracker and custom.tracker.note == "tracker"
+        assert type(plain.state_averager) is TrainingStateAverager and type(plain.tracker) is ProgressTracker
+        calls = dict(call for call in custom.hook_calls if call[0].endswith(("averager", "tracker")))
+        assert {"optimizer", "params", "scheduler", "compression", "request_timeout"} <= set(calls["state_averager"])
+        assert {"compression", "reuse_grad_buffers", "request_timeout"} <= set(calls["gradient_averager"])
+        assert set(calls["progress_tracker"]) >= {"performance_ema_alpha", "min_refresh_period"}
+        assert custom._schema_hash == custom._compute_schema_hash() == plain._compute_schema_hash()
+
+        wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
+        task.train_concurrently(opts, epochs=2)
+        assert ("schedule_state", 0) in custom.hook_calls and ("schedule_grads", 0) in custom.hook_calls
+        assert custom.state_averager.scheduler_updates > 0
+        assert all(task.full_loss(model) < task.initial_loss for model in task.models)
+    finally:
+        for opt in opts:
+            opt.shutdown()
+
+
+def test_check_kwargs_refuses_names_the_optimizer_does_not_know():
+    check = SubclassedOptimizer._check_kwargs
+    check(object.__new__(SubclassedOptimizer), dict(target_batch_size=8, verbose=True))
+    with pytest.raises(TypeError, match="not_an_option"):
+        check(object.__new__(SubclassedOptimizer), dict(not_an_option=1, verbose=True))

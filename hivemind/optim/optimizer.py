@@ -11,29 +11,29 @@ import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, NoCompression
 from hivemind.dht import DHT
-from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_state, should_schedule_averaging
+from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_state
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
+from hivemind.optim.optimizer_hooks import OptimizerHooks
 from hivemind.optim.optimizer_options import check_step_arguments, resolve_options
 from hivemind.optim.optimizer_torch_api import load_training_state_dict_, model_param_groups, training_state_dict
 from hivemind.optim.progress_bar import EpochProgressBar
-from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
-from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.optim.state_loading import load_state_with_retries
 from hivemind.utils.logging import get_logger
-from hivemind.utils.timed_storage import get_dht_time
 
 __all__ = ["Optimizer"]
 
 logger = get_logger(__name__)
 
 
-class Optimizer(torch.optim.Optimizer):
+class Optimizer(OptimizerHooks, torch.optim.Optimizer):
     """
     Collaborative training: peers with the same ``run_id`` accumulate gradients until the swarm has processed
     ``target_batch_size`` samples, then average them, apply the same optimizer step and move to the next epoch.
     Between epochs, ``.step()`` only accumulates (parameters do not change unless ``use_local_updates=True``).
-    See docs/optimizer.md for a walkthrough and what each option trades.
+    See docs/optimizer.md for a walkthrough and what each option trades; subclasses may replace the parts it builds
+    (``_make_state_averager`` etc., see :mod:`hivemind.optim.optimizer_hooks`).
 
     :param dht: a running DHT
     :param run_id: name of the run (prefix of every DHT key it uses)
@@ -105,6 +105,8 @@ class Optimizer(torch.optim.Optimizer):
         self.dht, self.run_id, self.target_batch_size = dht, run_id, target_batch_size
         self.batch_size_per_step, self.client_mode, self.auxiliary = batch_size_per_step, client_mode, auxiliary
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
+        self.allreduce_timeout, self.next_chunk_timeout = options.allreduce_timeout, options.next_chunk_timeout
+        self.grad_averager_factory = grad_averager_factory
         self.load_state_timeout, self.shutdown_timeout = float(load_state_timeout), float(shutdown_timeout)
         self.reuse_grad_buffers, self.offload_optimizer = reuse_grad_buffers, options.offload_optimizer
         self.delay_optimizer_step = options.delay_optimizer_step
@@ -115,46 +117,37 @@ class Optimizer(torch.optim.Optimizer):
         self._progress_bar = EpochProgressBar(run_id, enabled=verbose)
 
         averager_opts = dict(averager_opts or {})
-        common = dict(dht=dht, client_mode=client_mode, auxiliary=auxiliary, min_matchmaking_time=matchmaking_time,
-                      allreduce_timeout=options.allreduce_timeout, next_chunk_timeout=options.next_chunk_timeout,
-                      shutdown_timeout=shutdown_timeout, start=True, **averager_opts)  # fmt: skip
-        self.state_averager = TrainingStateAverager(
-            prefix=f"{run_id}_state_averager", optimizer=optimizer, params=params, scheduler=scheduler,
-            offload_optimizer=options.offload_optimizer,
-            custom_gradients=options.offload_optimizer and not use_local_updates,  # else: no averager fills them
+        self.scheduled_grads: Optional[StepControl] = None
+        self.scheduled_state: Optional[StepControl] = None
+        self.state_averager = self._make_state_averager(
+            optimizer=optimizer, params=params, scheduler=scheduler,
             delta_rule_averaging=use_local_updates and delay_state_averaging,
             average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
-            compression=state_averaging_compression, state_compression=load_state_compression,
-            status_loglevel=self.status_loglevel, **common,
+            compression=state_averaging_compression, state_compression=load_state_compression, **averager_opts,
         )  # fmt: skip
         if use_local_updates:  # nothing synchronizes the peers' epoch ends: average with neighbouring epochs too
             self.state_averager.max_epoch_spread = 1
         self.grad_averager: Optional[GradientAverager] = None
         try:  # (if a later part cannot start, the averagers started so far are stopped)
-            if not use_local_updates:
-                averaged_grads = ()
-                if options.offload_optimizer:  # average straight into the gradients of the optimizer's CPU parameters
-                    averaged_grads = tuple(self._offloaded_grad_buffers())
-                factory = grad_averager_factory or GradientAverager
-                self.grad_averager = factory(
-                    self.state_averager.main_parameters, prefix=f"{run_id}_grad_averager",
+            if not use_local_updates:  # (with offloading, average into the grads of the optimizer's CPU params)
+                averaged_grads = tuple(self._offloaded_grad_buffers()) if options.offload_optimizer else ()
+                self.grad_averager = self._make_gradient_averager(
                     reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression,
-                    averaged_grads=averaged_grads, warn=not auxiliary, **common,
+                    averaged_grads=averaged_grads, warn=not auxiliary, **averager_opts,
                 )  # fmt: skip
-            self.tracker = ProgressTracker(
-                dht, run_id, target_batch_size, client_mode=client_mode, status_loglevel=self.status_loglevel,
-                performance_ema_alpha=performance_ema_alpha, start=True, **(tracker_opts or {}),
-            )  # fmt: skip
+            self.tracker = self._make_progress_tracker(
+                target_batch_size, performance_ema_alpha=performance_ema_alpha, **(tracker_opts or {})
+            )
         except BaseException:
             for averager in (self.grad_averager, self.state_averager):
                 if averager is not None:
                     averager.shutdown()
             raise
         self._local_samples = 0  # samples of this epoch (local-updates mode; gradient mode asks the averager)
-        self._grad_control: Optional[StepControl] = None
-        self._state_control: Optional[StepControl] = None
+        self._schema_hash = self._compute_schema_hash()
         self._background_grad_round: Optional[StepControl] = None  # with delay_grad_averaging (cancelled on shutdown)
-        self._check_synchronization_strictly, self._shut_down, self._last_progress_bar_update = True, False, 0.0
+        self._should_check_synchronization_on_update = True  # (once per epoch: see _should_load_state_from_peers)
+        self._shut_down, self._last_progress_bar_update = False, 0.0
         self._last_round_peers: Optional[set] = None  # raw peer ids of the last gradient round (None: none yet)
 
     def _offloaded_grad_buffers(self):
@@ -292,43 +285,15 @@ class Optimizer(torch.optim.Optimizer):
         self.tracker.report_local_progress(self.local_epoch, 0)
 
     def _should_load_state_from_peers(self) -> bool:
-        if self._check_synchronization_strictly and self.tracker.fetched_global_progress_this_epoch.is_set():
-            self._check_synchronization_strictly = False
+        if self._should_check_synchronization_on_update and self.tracker.fetched_global_progress_this_epoch.is_set():
+            self._should_check_synchronization_on_update = False
             return should_load_state(self.local_epoch, self.tracker.global_epoch, strict=True)
         return should_load_state(self.local_epoch, self.tracker.global_epoch, strict=False)
 
     def _maybe_schedule_rounds(self) -> None:
         """Start matchmaking ahead of the estimated end of the epoch, so that averaging begins without waiting."""
-        progress, now, expected_peers = self.tracker.global_progress, get_dht_time(), self._expected_peers()
-        for control in (self._grad_control, self._state_control):
-            if _is_pending(control):  # a leader that has every expected peer starts without waiting out its time
-                control.expected_group_size = expected_peers
-        if expected_peers <= 1:
-            return
-        eta = self.tracker.estimated_next_update_time
-        timeout = max(self.averaging_timeout, eta - now + self.matchmaking_time + 1)
-        scheduled_time = eta if eta > now else None
-        if self.use_gradient_averaging and should_schedule_averaging(
-            eta, now, self.matchmaking_time, already_scheduled=_is_pending(self._grad_control)
-        ):
-            self._grad_control = self._try_schedule(self.grad_averager, scheduled_time, timeout, expected_peers)
-        averages_state = next_epoch(self.local_epoch, progress.epoch) % self.average_state_every == 0
-        if averages_state and should_schedule_averaging(
-            eta, now, self.matchmaking_time, already_scheduled=_is_pending(self._state_control)
-        ):
-            self._state_control = self._try_schedule(self.state_averager, scheduled_time, timeout, expected_peers,
-                                                     gather=next_epoch(self.local_epoch, progress.epoch))  # fmt: skip
-
-    def _try_schedule(
-        self, averager, scheduled_time: Optional[float], timeout: float, expected_peers: int, **kwargs
-    ) -> Optional[StepControl]:
-        try:
-            control = averager.schedule_step(scheduled_time=scheduled_time, timeout=timeout, **kwargs)
-            control.expected_group_size = expected_peers
-            return control
-        except Exception as e:
-            logger.warning(f"Could not pre-schedule an averaging round of {averager.prefix}: {e!r}")
-            return None
+        self._maybe_schedule_gradient_averaging()
+        self._maybe_schedule_state_averaging()
 
     def _update_global_epoch(self, grad_scaler: Optional[GradScaler]) -> None:
         # the last epoch's background optimizer step reads the gradient buffers that averaging is about to overwrite
@@ -361,7 +326,7 @@ class Optimizer(torch.optim.Optimizer):
         # the last epoch's state average lands before the epoch moves on (after, it would be dropped as stale)
         self.state_averager.step(wait_for_delayed_updates=True)  # (queued before this gradient round: no wait on it)
         average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
-        state_control, self._state_control = self._state_control, None
+        state_control, self.scheduled_state = self.scheduled_state, None
         if state_control is not None and not average_state:
             state_control.cancel()
             state_control = None
@@ -388,13 +353,13 @@ class Optimizer(torch.optim.Optimizer):
             grad_scaler.update()
         self._local_samples = 0
         self.tracker.update_epoch(new_epoch=self.local_epoch)
-        self._check_synchronization_strictly = True
+        self._should_check_synchronization_on_update = True
         self._set_state_sharing_priority()
         logger.log(self.status_loglevel, f"{self.run_id}: epoch {self.local_epoch} begins")
 
     def _start_gradient_averaging(self, num_peers: int) -> Optional[StepControl]:
         """Load the mean accumulated gradient into the averaged buffers and, with peers around, start a round."""
-        control, self._grad_control = self._grad_control, None
+        control, self.scheduled_grads = self.scheduled_grads, None
         if num_peers > 1 or self.auxiliary:
             try:
                 if control is None:
@@ -468,14 +433,14 @@ class Optimizer(torch.optim.Optimizer):
         if self.grad_averager is not None:
             self.grad_averager.reset_accumulated_grads_()
         self.tracker.update_epoch(new_epoch=self.local_epoch)
-        self._check_synchronization_strictly = True
+        self._should_check_synchronization_on_update = True
         self._set_state_sharing_priority()
 
     def _cancel_scheduled_rounds(self) -> None:
-        for control in (self._grad_control, self._state_control):
+        for control in (self.scheduled_grads, self.scheduled_state):
             if control is not None:
                 control.cancel()
-        self._grad_control = self._state_control = None
+        self.scheduled_grads = self.scheduled_state = None
 
     def shutdown(self) -> None:
         """Publish that this peer left, finish or cancel background rounds, and stop the averagers."""
@@ -494,7 +459,3 @@ class Optimizer(torch.optim.Optimizer):
         return (
             f"{type(self).__name__}(run_id={self.run_id!r}, epoch={self.local_epoch}, opt={type(self.opt).__name__})"
         )
-
-
-def _is_pending(control: Optional[StepControl]) -> bool:
-    return control is not None and not control.done()

@@ -1,0 +1,132 @@
+"""The parts of hivemind.Optimizer that a subclass may replace: how its averagers and its progress tracker are built,
+when averaging rounds are booked ahead of the end of an epoch, and the check of its keyword arguments.
+
+Downstream optimizers built on hivemind.Optimizer (e.g. OpenDiLoCo's DiLoCoOptimizer) override these methods to
+plug in their own TrainingStateAverager, gradient averager or ProgressTracker subclasses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Optional
+
+from hivemind.averaging.control import StepControl
+from hivemind.optim.epoch_rule import next_epoch, should_schedule_averaging
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils.logging import get_logger
+from hivemind.utils.performance_ema import PerformanceEMA
+from hivemind.utils.timed_storage import get_dht_time
+
+__all__ = ["OptimizerHooks", "is_pending"]
+
+logger = get_logger(__name__)
+
+
+def is_pending(control: Optional[StepControl]) -> bool:
+    return control is not None and not control.done()
+
+
+class OptimizerHooks:
+    """
+    Mixin of :class:`hivemind.Optimizer` with its overridable construction and scheduling steps.
+
+    The factories receive as keyword arguments what the Optimizer's options say about that part (e.g.
+    ``optimizer``, ``params``, ``scheduler``, ``compression`` and ``averager_opts`` for the state averager) and add
+    what every part shares (DHT, prefix derived from ``run_id``, matchmaking time, timeouts, client and auxiliary
+    mode, ``start=True``). An override may call the class it wants with those, adding or dropping some.
+    """
+
+    # set by Optimizer.__init__ before the factories are called
+    dht: Any
+    run_id: str
+    scheduled_grads: Optional[StepControl]  # the gradient round booked for the end of this epoch, if any
+    scheduled_state: Optional[StepControl]  # the state round booked for the end of this epoch, if any
+
+    def _check_kwargs(self, kwargs: Dict[str, Any]) -> None:
+        """Check keyword arguments that a subclass forwards to ``Optimizer.__init__``: a name that the Optimizer
+        does not know raises TypeError. Subclasses override it to refuse options they do not support."""
+        base = next(cls for cls in type(self).__mro__ if cls.__module__ == "hivemind.optim.optimizer")
+        unknown = sorted(set(kwargs) - set(inspect.signature(base.__init__).parameters) - {"self"})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown keyword arguments {unknown}")
+
+    def _shared_averager_kwargs(self) -> Dict[str, Any]:
+        return dict(
+            dht=self.dht, min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
+            next_chunk_timeout=self.next_chunk_timeout, shutdown_timeout=self.shutdown_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True,
+        )  # fmt: skip
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        """Build the averager of parameters and optimizer state (kwargs: ``optimizer``, ``params``, ``scheduler``,
+        ``delta_rule_averaging``, ``average_opt_statistics``, ``extra_tensors``, ``compression``,
+        ``state_compression`` and the user's ``averager_opts``)."""
+        return TrainingStateAverager(
+            prefix=f"{self.run_id}_state_averager", offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer and not self.use_local_updates,  # else: no averager fills them
+            status_loglevel=self.status_loglevel, **self._shared_averager_kwargs(), **kwargs,
+        )  # fmt: skip
+
+    def _make_gradient_averager(self, **kwargs) -> GradientAverager:
+        """Build the gradient averager over the state averager's ``main_parameters`` with ``grad_averager_factory``
+        (kwargs: ``reuse_grad_buffers``, ``compression``, ``averaged_grads``, ``warn`` and ``averager_opts``)."""
+        factory = self.grad_averager_factory or GradientAverager
+        return factory(
+            self.state_averager.main_parameters, prefix=f"{self.run_id}_grad_averager",
+            **self._shared_averager_kwargs(), **kwargs,
+        )  # fmt: skip
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        """Build the progress tracker (kwargs: ``performance_ema_alpha`` and the user's ``tracker_opts``)."""
+        return ProgressTracker(
+            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel, start=True, **kwargs,
+        )  # fmt: skip
+
+    def _compute_schema_hash(self) -> int:
+        """A hash of what is trained (shapes and dtypes of the parameters), taken at construction as
+        ``_schema_hash``: a different value later means that parameters were replaced during training."""
+        return hash(tuple((tuple(param.shape), param.dtype) for param in self.state_averager.main_parameters))
+
+    @property
+    def delay_before_state_averaging(self) -> PerformanceEMA:
+        """Seconds from the start of an epoch's step to its state all-reduce (a moving average)."""
+        return self.state_averager.delay_before_averaging
+
+    # ------------------------------------------------------------------ booking rounds ahead of the end of an epoch
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        """If this epoch ends within ``matchmaking_time``, start matchmaking for its gradient round."""
+        if self.use_gradient_averaging:
+            self.scheduled_grads = self._maybe_schedule(self.grad_averager, self.scheduled_grads)
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        """If this epoch ends within ``matchmaking_time`` and the next one averages the state, start matchmaking."""
+        new_epoch = next_epoch(self.local_epoch, self.tracker.global_progress.epoch)
+        if new_epoch % self.average_state_every == 0:
+            self.scheduled_state = self._maybe_schedule(self.state_averager, self.scheduled_state, gather=new_epoch)
+
+    def _maybe_schedule(self, averager, control: Optional[StepControl], **kwargs) -> Optional[StepControl]:
+        now, expected_peers = get_dht_time(), self._expected_peers()
+        if is_pending(control):  # a leader that has every expected peer starts without waiting out its time
+            control.expected_group_size = expected_peers
+        eta = self.tracker.estimated_next_update_time
+        if expected_peers <= 1 or not should_schedule_averaging(
+            eta, now, self.matchmaking_time, already_scheduled=is_pending(control)
+        ):
+            return control
+        timeout = max(self.averaging_timeout, eta - now + self.matchmaking_time + 1)
+        return self._try_schedule(averager, eta if eta > now else None, timeout, expected_peers, **kwargs)
+
+    def _try_schedule(
+        self, averager, scheduled_time: Optional[float], timeout: float, expected_peers: int, **kwargs
+    ) -> Optional[StepControl]:
+        try:
+            control = averager.schedule_step(scheduled_time=scheduled_time, timeout=timeout, **kwargs)
+            control.expected_group_size = expected_peers
+            return control
+        except Exception as e:
+            logger.warning(f"Could not pre-schedule an averaging round of {averager.prefix}: {e!r}")
+            return None
