@@ -140,6 +140,8 @@ class PersistentConnection:
             raise
         finally:
             self._pending.pop(call_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by _fail() while this call was still sending: that error is raised here
         kind = response.WhichOneof("message")
         if kind == "daemonError":
             raise P2PDaemonError(f"p2pd error: {response.daemonError.message}")
