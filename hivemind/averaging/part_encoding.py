@@ -9,6 +9,7 @@ values omitted), which every protobuf parser reads back as the same message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import struct
 import sys
@@ -217,6 +218,7 @@ def _view_of_bulk(bulk: memoryview, numel: int, dtype: torch.dtype, what: str) -
     return torch.frombuffer(bulk, dtype=dtype, count=numel)
 
 
+@functools.cache
 def _never_overflows_below(dtype: torch.dtype) -> float:
     """Half the spacing of the dtype's values at its largest finite one: ``x + d`` rounds to a finite value for
     every finite ``x`` whenever ``|d|`` is below it (the exact sum stays under the point where rounding goes to inf).
