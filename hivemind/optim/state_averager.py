@@ -302,8 +302,8 @@ class TrainingStateAverager(DecentralizedAverager):
         elif zero_grad:
             self.zero_model_grads(set_to_none)
             self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._update_scheduler()
-        if self._pending_step is None:  # (else the background step marks the state ready when it is done)
+        if self._pending_step is None:  # (else the background step does both once it has used its learning rate)
+            self._update_scheduler()
             self._state_ready.set()
 
         if averaging_round:
@@ -346,6 +346,7 @@ class TrainingStateAverager(DecentralizedAverager):
                     self.optimizer.step()
                 if zero_grad:
                     self.optimizer.zero_grad(set_to_none=set_to_none)
+                self._update_scheduler()  # (only now: the step used the learning rate of the epoch it ends)
         finally:
             self._state_ready.set()  # (a failed step leaves the parameters as they are: serve them)
 
