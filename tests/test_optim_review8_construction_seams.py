@@ -68,6 +68,39 @@ def test_a_failing_parse_override_keeps_the_last_progress_and_does_not_fail_the_
         tracker.shutdown(5)
 
 
+class OnceFailingTracker(ProgressTracker):
+    """Its first aggregation fails (as OpenDiLoCo's does while a peer publishes samples_per_second=0)."""
+
+    def __init__(self, *args, **kwargs):
+        self.failures_left = 1
+        super().__init__(*args, **kwargs)
+
+    def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise ZeroDivisionError("not yet")
+        return super()._parse_swarm_progress_data(metadata)
+
+
+@pytest.mark.timeout(30)
+def test_after_a_failed_parse_the_tracker_fetches_again_soon_and_reports_no_fresh_progress(dht_pair):
+    plain = ProgressTracker(dht_pair[1], "seam_retry", 100, start=True, **FAST_TRACKER)
+    flaky = None
+    try:
+        plain.report_local_progress(0, 7)
+        wait_for(lambda: plain.fetched_global_progress_this_epoch.is_set())
+        flaky = OnceFailingTracker(dht_pair[0], "seam_retry", 100, start=False, **FAST_TRACKER)
+        flaky.start()
+        wait_for(lambda: flaky.failures_left == 0)
+        # (the failed fetch did not count as fresh progress; the refresh period, not a default 3 s, sets the retry)
+        wait_for(lambda: flaky.global_progress.num_peers == 2, timeout=2.0)
+        assert flaky.fetched_global_progress_this_epoch.is_set() and flaky.global_progress.samples_accumulated == 7
+    finally:
+        for tracker in (plain, flaky):
+            if tracker is not None:
+                tracker.shutdown(5)
+
+
 class RecordingStateAverager(TrainingStateAverager):
     """Counts scheduler catch-ups through the overridable _update_scheduler."""
 

@@ -120,8 +120,9 @@ class ProgressTracker(threading.Thread):
         self.local_progress = self._make_record(epoch=0, samples_accumulated=0)
         self.epoch_started_at = self.local_progress.time  # DHT time at which this peer entered its current epoch
         self.global_progress = summarize_swarm(
-            [], target_batch_size=target_batch_size, now=get_dht_time(), local_record=self.local_progress
-        )
+            [], target_batch_size=target_batch_size, now=get_dht_time(), local_record=self.local_progress,
+            refresh_policy=self.refresh_policy,
+        )  # fmt: skip
         self.fetched_global_progress_this_epoch = threading.Event()
         self._fetch_finished = threading.Condition()
         self._last_fetch_started = -math.inf  # time.monotonic() at which the latest completed fetch began
@@ -277,18 +278,20 @@ class ProgressTracker(threading.Thread):
             refresh_policy=self.refresh_policy,
         )
 
-    def _recompute_global_progress(self, next_fetch_time: Optional[float]) -> None:
-        """Re-aggregate the swarm's progress; ``next_fetch_time=None``: the refresh policy picks the next fetch."""
+    def _recompute_global_progress(self, next_fetch_time: Optional[float]) -> bool:
+        """Re-aggregate the swarm's progress; ``next_fetch_time=None``: the refresh policy picks the next fetch.
+        Returns False if ``_parse_swarm_progress_data`` failed (the last progress is kept)."""
         try:
             progress = self._parse_swarm_progress_data(self._last_metadata)
         except Exception as e:  # (an override's bug): keep the last progress rather than fail the training step
             log_level = logging.DEBUG if self._parse_failure_logged else logging.WARNING
             self._parse_failure_logged = True
             logger.log(log_level, f"{self.name}: _parse_swarm_progress_data failed, progress not updated: {e!r}")
-            return
+            return False
         if next_fetch_time is not None:
             progress.next_fetch_time = next_fetch_time
         self.global_progress = progress
+        return True
 
     def _wake(self, get_event) -> None:
         loop = self._loop
@@ -382,14 +385,18 @@ class ProgressTracker(threading.Thread):
                 self._last_fetch_started = fetch_started
                 self._fetch_finished.notify_all()
             with self._lock:
+                parse_failed = False
                 if records is not None and not self._updates_paused and generation == self._generation:
                     self._others, self._last_metadata = records, metadata
-                    self._recompute_global_progress(next_fetch_time=None)
-                    self.fetched_global_progress_this_epoch.set()
-                    self._log_status()
+                    parse_failed = not self._recompute_global_progress(next_fetch_time=None)
+                    if not parse_failed:
+                        self.fetched_global_progress_this_epoch.set()
+                        self._log_status()
                 next_fetch_time = self.global_progress.next_fetch_time
                 if records is None:  # the DHT failed: retry soon
                     next_fetch_time = get_dht_time() + self.refresh_policy.min_refresh_period
+                elif parse_failed:  # the progress kept may be old, with a next fetch far off: fetch again soon
+                    next_fetch_time = get_dht_time() + self.refresh_policy.delay(0.0, num_peers=1)
             await self._wait_event(self._wake_fetcher, timeout=next_fetch_time - get_dht_time())
 
     async def _fetch_metadata(self) -> Optional[Dict[Any, Any]]:
