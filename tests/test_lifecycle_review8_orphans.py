@@ -86,7 +86,7 @@ def _still_running(pids: List[int], timeout: float) -> List[str]:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("start_method, how", [("fork", "sigkill"), ("spawn", "sigkill"), ("forkserver", "os_exit")])
+@pytest.mark.parametrize("start_method, how", [("fork", "sigkill"), ("spawn", "os_exit")])
 def test_dht_and_averager_processes_end_when_their_creator_dies(tmp_path, start_method, how):
     children = _die_and_list_children(tmp_path, "averager", start_method, how)
     assert len(children) >= 3, children  # the DHT and averager processes and the DHT's p2pd (at least)
