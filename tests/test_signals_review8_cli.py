@@ -76,6 +76,7 @@ def test_server_child_processes_do_not_take_over_the_shutdown_signal():
         caught = [line for line in tool.lines if "Caught signal" in line]
         assert len(caught) == 1 and caught[0].endswith("Caught signal 15 (Terminated), shutting down"), caught
         assert tool.lines[-1].endswith("Server shutdown successfully"), tool.output()
+        assert "ERROR" not in tool.output() and "Traceback" not in tool.output(), tool.output()  # p2pd got it too
         assert tool.leftovers() == [], tool.output()
     finally:
         tool.close()

@@ -14,6 +14,7 @@ from typing import Callable, Deque, List, Optional, Sequence
 from hivemind.p2p.p2p_daemon_bindings import shm_pipe
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.asyncio import await_with_timeout
+from hivemind.utils.graceful_sigterm import stopping_on_sigterm
 from hivemind.utils.logging import get_logger, python_level_to_golog
 
 logger = get_logger(__name__)
@@ -198,8 +199,10 @@ class DaemonProcess:
         self._exited.set()
         if not self._stopping:
             error = P2PDaemonError(self.exit_description())
-            if self._ready.done():
+            if self._ready.done() and not stopping_on_sigterm():
                 logger.error(f"p2pd stopped unexpectedly: {error}")
+            elif self._ready.done():  # the same SIGTERM reached p2pd and this process: a shutdown, not a failure
+                logger.debug(f"p2pd stopped by the SIGTERM that stops this process: {error}")
             if self.on_unexpected_exit is not None:
                 self.on_unexpected_exit(error)
 

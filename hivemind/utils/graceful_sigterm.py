@@ -5,6 +5,14 @@ import os
 import signal
 import threading
 
+_stopping_on_sigterm = False  # this process got a SIGTERM while serving and is shutting down because of it
+
+
+def stopping_on_sigterm() -> bool:
+    """Whether this process is shutting down on a SIGTERM (see GracefulSigterm). A SIGTERM that stops a program
+    usually reaches all its processes at once, its p2pd too: the daemon's exit is then part of the shutdown."""
+    return _stopping_on_sigterm
+
 
 class GracefulSigterm:
     """
@@ -31,8 +39,10 @@ class GracefulSigterm:
         self._serving = True
 
     def _on_sigterm(self, _signal_number, _frame) -> None:
+        global _stopping_on_sigterm
         if not self._serving:
             _end_by_sigterm()
+        _stopping_on_sigterm = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         try:
             self.loop.call_soon_threadsafe(self.stop.set)
