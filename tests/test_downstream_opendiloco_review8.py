@@ -65,3 +65,31 @@ def test_optimizer_logger_is_the_module_logger_of_hivemind_optim():
     from hivemind.optim.optimizer import logger
 
     assert logger.name.startswith("hivemind.optim")
+
+
+def test_mpfuture_reset_backend_keeps_futures_working_across_processes():
+    import multiprocessing as mp
+
+    from hivemind.utils.mpfuture import MPFuture
+
+    def finish(future):
+        future.set_result(42)
+
+    futures = [MPFuture() for _ in range(2)]
+    process = mp.get_context("fork").Process(target=finish, args=(futures[0],))
+    process.start()
+    assert futures[0].result(timeout=10) == 42
+    process.join(10)
+    MPFuture.reset_backend()
+    process = mp.get_context("fork").Process(target=finish, args=(futures[1],))
+    process.start()
+    assert futures[1].result(timeout=10) == 42
+    process.join(10)
+
+
+def test_the_process_wide_key_that_opendiloco_tests_reset_exists():
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    with RSAPrivateKey._process_wide_key_lock:
+        RSAPrivateKey._process_wide_key = None
+    assert isinstance(RSAPrivateKey.process_wide(), RSAPrivateKey)
