@@ -262,13 +262,13 @@ class MPFuture(concurrent.futures.Future):
             weakref.finalize(self, segment.release, self._slot_index, origin.pid)
 
     @classmethod
-    @classmethod
     def reset_backend(cls) -> None:
         """Close this process's cached connections to other processes' futures (they reopen when needed), e.g. to
         clean up between test modules; existing futures keep working."""
         for address in list(_peers):
             _drop_peer(address)
 
+    @classmethod
     def _make_proxy(
         cls, origin_pid: int, address: str, authkey: bytes, uid: int, segment_path: Optional[str], slot_index: int
     ) -> MPFuture:
