@@ -305,13 +305,15 @@ class Matchmaking(GroupLeading):
             group, suggested_leader = await self._request_one_leader(leader, step)
             if group is not None or suggested_leader is None or suggested_leader == self.peer_id:
                 return group
+            if suggested_leader in self._leaders.unresponsive:
+                return None
             logger.debug(f"{self.peer_id}: {leader} disbanded its group and suggested {suggested_leader}")
             leader = suggested_leader
         return None
 
     async def _request_one_leader(self, leader: PeerID, step):
         """One join request: ``(group, None)``, ``(None, suggested leader)`` or ``(None, None)``."""
-        stream = None
+        stream, accepted = None, False
         try:
             async with self._lock:
                 if self._assembled.done():  # someone made our own group full meanwhile
@@ -341,6 +343,7 @@ class Matchmaking(GroupLeading):
                 return None, None
 
             logger.debug(f"{self.peer_id} joined the group of {leader}, waiting for it to start")
+            accepted = True
             time_left = max(0.0, expiration - get_dht_time())
             message = await await_with_timeout(stream.__anext__(), time_left + self.request_timeout)
             if message.code == Code.BEGIN_ALLREDUCE:
@@ -363,6 +366,8 @@ class Matchmaking(GroupLeading):
         except asyncio.TimeoutError:
             self._report.leader_timeouts += 1
             logger.debug(f"{self.peer_id}: leader {leader} did not reply in time")
+            if accepted:  # an honest leader starts or disbands its group by its declared time, before ours
+                self._leaders.unresponsive.add(leader)
             return None, None
         except StopAsyncIteration:
             self._report.add_error(f"{leader} closed the stream without a reply")

@@ -68,6 +68,9 @@ class PotentialLeaders:
         self._candidates: Dict[PeerID, DHTExpiration] = {}
         self._tried: Set[Tuple[PeerID, DHTExpiration]] = set()
         self.peers_seen: Set[PeerID] = set()  # every other peer ever seen looking for a group
+        # leaders that accepted this peer and then went silent past their own deadline: never asked again in this
+        # search, whatever they declare next (re-declaring just ahead of everyone would otherwise stall each round)
+        self.unresponsive: Set[PeerID] = set()
 
     def update(self, averagers: Iterable[Tuple[PeerID, DHTExpiration]]) -> None:
         """Replace the candidates with the latest active declarations read from the DHT."""
@@ -85,7 +88,7 @@ class PotentialLeaders:
         best = None
         for peer, expiration in self._candidates.items():
             key = (expiration, peer.to_bytes())
-            if expiration < now or key >= own_key or (peer, expiration) in self._tried:
+            if expiration < now or key >= own_key or (peer, expiration) in self._tried or peer in self.unresponsive:
                 continue
             if best is None or key < best[0]:
                 best = (key, peer)

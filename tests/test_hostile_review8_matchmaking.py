@@ -1,0 +1,75 @@
+"""Review 8: a hostile peer that keeps declaring itself under a group key just ahead of the honest peers, and then
+stalls every join request, must not keep the honest peers from forming their group (real DHTs and p2pd)."""
+
+import asyncio
+import contextlib
+import time
+from typing import AsyncIterator
+
+import pytest
+from averaging_matchmaking_swarm import DecentralizedAverager, groups_of, look_for_groups, make_step, swarm_context
+
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils.timed_storage import get_dht_time
+
+pytestmark = pytest.mark.timeout(60)
+
+Code = averaging_pb2.MessageCode
+
+
+class StallingLeader(DecentralizedAverager):
+    """Answers a join request with ACCEPTED (or nothing, if ``accept`` is False) and then never again."""
+
+    def __init__(self, accept: bool):
+        super().__init__(None)
+        self.accept = accept
+        self.requests = 0
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        self.requests += 1
+        if self.accept:
+            yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
+        await asyncio.Event().wait()
+
+
+StallingLeader.__name__ = "DecentralizedAverager"  # served under the averager's handler names
+
+
+async def _keep_declaring_first(key_manager: GroupKeyManager, key: str, hostile_peer, honest_ids) -> None:
+    """Re-declare the hostile peer just before the earliest honest declaration, with a new expiration each time, so
+    that every honest poll sees a declaration it has not tried yet and that orders before its own."""
+    while True:
+        honest = [exp for peer, exp in await key_manager.get_averagers(key, only_active=True) if peer in honest_ids]
+        expiration = min(honest, default=get_dht_time() + 1.0) - 0.05
+        await key_manager.declare_averager(key, hostile_peer, max(expiration, get_dht_time() + 0.3))
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("accept", [False, True], ids=["silent", "accepts-then-stalls"])
+async def test_a_leader_that_keeps_stalling_cannot_keep_honest_peers_from_grouping(accept):
+    async with swarm_context("stall") as swarm:
+        first, second = await swarm.add_many(2, target_group_size=2, min_matchmaking_time=1.0, request_timeout=0.5)
+        hostile = await swarm.add(serve=False)
+        leader = StallingLeader(accept)
+        await leader.add_p2p_handlers(hostile.p2p, namespace="stall")
+        key_manager = hostile.matchmaking.group_key_manager
+        honest_ids = {first.peer_id, second.peer_id}
+        declaring = asyncio.create_task(_keep_declaring_first(key_manager, "stall.0b", hostile.peer_id, honest_ids))
+        try:
+            started = time.monotonic()
+            results = await look_for_groups([first, second], [make_step(timeout=12), make_step(timeout=12)])
+            elapsed = time.monotonic() - started
+        finally:
+            declaring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await declaring
+        assert leader.requests > 0, "the hostile leader was never asked: the attack did not happen"
+        assert all(isinstance(result, GroupInfo) for result in results), results
+        (group,) = groups_of(results)
+        assert set(group.peer_ids) == honest_ids
+        print(f"grouped after {elapsed:.1f} s, {leader.requests} requests to the hostile leader")
