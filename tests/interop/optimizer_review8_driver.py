@@ -24,6 +24,12 @@ class ReviewOptimizerDriver(optimizer_driver.OptimizerDriver):
         self.optimizers[handle][1].state_averager.allow_state_sharing = allow
         return True
 
+    async def cmd_optimizer_report(self, handle, samples):
+        """Reports `samples` accumulated in the current epoch (the original publishes its record only then)."""
+        opt = self.optimizers[handle][1]
+        opt.tracker.report_local_progress(opt.local_epoch, samples)
+        return True
+
     async def cmd_optimizer_params(self, handle):
         model, opt = self.optimizers[handle]
         return {
