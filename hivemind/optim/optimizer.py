@@ -285,7 +285,8 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self.tracker.report_local_progress(self.local_epoch, 0)
 
     def _should_load_state_from_peers(self) -> bool:
-        if self._should_check_synchronization_on_update and self.tracker.fetched_global_progress_this_epoch.is_set():
+        fresh_progress = self.tracker.fetched_global_progress_this_epoch.is_set()
+        if fresh_progress and self._should_check_synchronization_on_update:  # strict once per epoch, on fresh data
             self._should_check_synchronization_on_update = False
             return should_load_state(self.local_epoch, self.tracker.global_epoch, strict=True)
         return should_load_state(self.local_epoch, self.tracker.global_epoch, strict=False)
