@@ -116,6 +116,11 @@ def resolve_options(
             "delay_optimizer_step needs offload_optimizer=True and an optimizer factory (the step runs "
             "in the background on CPU copies of the parameters)"
         )
+    if delay_optimizer_step and use_local_updates:
+        logger.warning(
+            "delay_optimizer_step has no effect with use_local_updates=True: each local step runs the optimizer at "
+            "once (a background step would read gradients the next step is already writing)"
+        )
     return OptimizerOptions(
         offload_optimizer=bool(offload_optimizer),
         delay_optimizer_step=bool(delay_optimizer_step),
