@@ -31,6 +31,11 @@ MIN_RETRY_DELAY, MAX_RETRY_DELAY = 0.05, 1.0  # back-off between attempts that f
 GROUP_SETUP_TIMEOUT = 5.0  # parts for a group id not (yet) registered here wait this long before BAD_GROUP_ID
 MIN_PREFIX_GROUP_ID = 16  # a cancelled group's id this long also covers the ids that extend it (its phases)
 MAX_CANCELLED_GROUPS = 64  # the ids of this many recently cancelled groups are remembered (parts for them: CANCELLED)
+# parts for a group not registered here wait at most this many per sending peer, and this many bytes in all (first
+# messages of such streams are held while they wait); beyond either, BAD_GROUP_ID at once. An honest member has one
+# group at a time that we may not have registered yet, and parts of a few hundred KiB
+MAX_PARKED_PARTS_PER_PEER = 2
+MAX_PARKED_PART_BYTES = 128 * 2**20
 
 
 class AveragingRounds:
@@ -46,6 +51,8 @@ class AveragingRounds:
         self._step_tasks: set = set()
         self._cancelled_groups: Dict[bytes, None] = {}  # oldest first
         self._round_turns = RoundTurns()  # one all-reduce at a time on our tensors, in the order groups formed
+        self._parked_bytes = 0  # bytes of first messages waiting for their group to be registered here
+        self._parked_per_peer: Dict[Any, int] = {}  # their streams, per sending peer
 
     # ------------------------------------------------------------------ one step, with retries
 
@@ -294,7 +301,9 @@ class AveragingRounds:
             logger.debug(f"{context.remote_id} opened an all-reduce stream and sent nothing")
             return
         # a member may still be setting up the group that its peers already started: give it time to register
-        runner = await self._wait_for_group(first.group_id, max(self.request_timeout, GROUP_SETUP_TIMEOUT))
+        runner = self._running_groups.get(first.group_id)
+        if runner is None and not self._is_cancelled_group(first.group_id):
+            runner = await self._wait_for_group_parked(first, context.remote_id)
         if runner is None and self._is_cancelled_group(first.group_id):
             logger.debug(f"{context.remote_id} sent parts for group {first.group_id.hex()[:8]}, cancelled here")
             yield averaging_pb2.AveragingData(code=averaging_pb2.MessageCode.CANCELLED)  # its senders drop it now
@@ -306,6 +315,28 @@ class AveragingRounds:
             return
         async for message in runner.rpc_aggregate_part(achain(as_aiter(first), stream), context):
             yield message
+
+    async def _wait_for_group_parked(self, first: ReceivedAveragingData, sender) -> Optional[AllReduceRunner]:
+        """Wait for the group of ``first`` to be registered, holding ``first`` within the parking limits (None if
+        it is not registered in time, or if waiting would exceed the sender's or the total limit)."""
+        bulk = getattr(first, "bulk", None)  # a ReceivedAveragingData keeps the tensor bytes apart from the message
+        size = getattr(first, "message", first).ByteSize() + (bulk.nbytes if bulk is not None else 0)
+        streams = self._parked_per_peer.get(sender, 0)
+        if streams >= MAX_PARKED_PARTS_PER_PEER or self._parked_bytes + size > MAX_PARKED_PART_BYTES:
+            logger.debug(
+                f"{sender} sent parts for group {first.group_id.hex()[:8]}, not registered here; refused at once: "
+                f"{streams} of its streams and {self._parked_bytes} bytes already wait for unknown groups"
+            )
+            return None
+        self._parked_per_peer[sender] = streams + 1
+        self._parked_bytes += size
+        try:
+            return await self._wait_for_group(first.group_id, max(self.request_timeout, GROUP_SETUP_TIMEOUT))
+        finally:
+            self._parked_bytes -= size
+            self._parked_per_peer[sender] -= 1
+            if not self._parked_per_peer[sender]:
+                del self._parked_per_peer[sender]
 
     def _first_part_timeout(self) -> float:
         """How long a sender's stream may take to bring its first part: the sender timeout of a round in the largest
