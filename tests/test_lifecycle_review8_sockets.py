@@ -1,6 +1,7 @@
 """Shutting down a process that attached to a DHT's p2pd (an averager, a connection handler, a user process that
 called replicate_p2p) removes the Unix socket its P2P client listened on: thousands were left in /tmp otherwise."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import torch
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.control import unix_socket_path
 
 
 def p2p_client_sockets_of(pid: int) -> List[str]:
@@ -69,3 +72,19 @@ def test_replica_in_users_process_removes_its_socket_when_the_process_exits(tmp_
     if leftover:
         os.unlink(path)
     assert not leftover, "the replica's P2P client socket outlived the process"
+
+
+@pytest.mark.timeout(30)
+async def test_dht_attached_to_users_p2p_removes_its_client_socket_at_shutdown():
+    p2p = await P2P.create()
+    try:
+        dht = DHT(start=True, p2p=p2p)
+        own = unix_socket_path(p2p._client_listen_maddr)  # (the DHT process inherits it when forked)
+        sockets = [path for path in p2p_client_sockets_of(dht.pid) if path != own]
+        assert len(sockets) == 1, sockets
+        await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+        assert dht.exitcode == 0
+        assert not os.path.exists(sockets[0]), "the DHT process's P2P client socket was left behind"
+        assert p2p.is_alive  # the user's daemon keeps running
+    finally:
+        await p2p.shutdown()

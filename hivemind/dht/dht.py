@@ -208,6 +208,7 @@ class DHT(ShutdownOnExit, mp.Process):
         except BaseException as e:
             logger.debug(f"DHT failed to start: {e!r}")
             serving.send(READY_CALL_ID, False, e)
+            await self._close_replica()
             return
         serving.start(loop)
         acceptor.start(loop)
@@ -217,6 +218,13 @@ class DHT(ShutdownOnExit, mp.Process):
             await stopped.wait()
         finally:
             await self._node.shutdown()
+            await self._close_replica()
+
+    async def _close_replica(self) -> None:
+        """Close our client of the user's P2P daemon (the node does not own it); with it goes its socket file."""
+        replica = self.kwargs.get("p2p") if self._existing_daemon else None
+        if replica is not None:
+            await replica.shutdown()
 
     def _make_handlers(self, stopped: asyncio.Event):
         async def shutdown():
