@@ -6,6 +6,7 @@ An expert server registers handlers named ``ConnectionHandler.rpc_*``; the class
 
 from __future__ import annotations
 
+import asyncio
 import math
 from functools import partial
 from typing import AsyncIterator, Iterable, List, Optional, Sequence
@@ -15,9 +16,10 @@ from google.protobuf.message import DecodeError
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
-from hivemind.p2p import P2PContext, ServicerBase, StubBase
+from hivemind.p2p import P2PContext, P2PTimeoutError, ServicerBase, StubBase
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import attach_event_on_finished, cancel_and_wait
 from hivemind.utils.nested import nested_flatten
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
@@ -278,7 +280,9 @@ async def call_expert(
     """Send tensors to ``rpc_<method>`` (unary) or ``rpc_<method>_stream`` (above 2 MiB of raw bytes either way).
 
     :param raw_size: the summed ``element_size * numel`` of the tensors before compression, in bytes
-    :param timeout: for the unary variant only; bound a streaming call by cancelling it
+    :param timeout: seconds for the unary variant's answer, or for each message of the streaming variant's answer
+      (None: the P2P's ``unary_call_timeout`` for both, 300 s by default): a server that stops answering in the
+      middle of a stream, or never starts, fails the call with P2PTimeoutError instead of holding it forever
     :param max_response_bytes: refuse (ExpertResponseTooLarge) an answer whose tensor buffers exceed this
     :param max_response_tensors: the number of tensors the answer holds (the expert's number of outputs, or of
       inputs for backward): a message with more is refused before it is parsed, and an answer with fewer too
@@ -288,10 +292,24 @@ async def call_expert(
     """
     if max(raw_size, expected_response_size) > MAX_UNARY_PAYLOAD_SIZE:
         name = f"rpc_{method}_stream"
-        responses = await _call(stub, name, uid, _iterate_requests(uid, serialized), max_response_tensors)
+        sent = asyncio.Event()  # the whole input went out: the server may answer from then on
+        requests = attach_event_on_finished(_iterate_requests(uid, serialized), sent)
+        responses = await _call(stub, name, uid, requests, max_response_tensors)
         answer = _StreamedAnswer(uid, method, max_response_bytes, max_response_tensors)
+        if timeout is None and isinstance(stub, StubBase):
+            timeout = stub._p2p.unary_call_timeout
+        iterator = responses.__aiter__()
         try:
-            async for response in responses:
+            while True:
+                try:
+                    response = await _next_message(iterator, timeout, sent)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise P2PTimeoutError(
+                        f"{name} of {uid}: no message of the answer for {timeout} s after the input was sent (after "
+                        f"{answer.received} bytes of answer); the call was cancelled"
+                    ) from None
                 answer.add(getattr(response, "message", response))
         finally:
             if hasattr(responses, "aclose"):
@@ -306,6 +324,24 @@ async def call_expert(
     if max_response_tensors is not None and len(tensors) < max_response_tensors:
         raise malformed_answer(uid, method, f"{len(tensors)} tensors instead of {max_response_tensors}")
     return tensors
+
+
+async def _next_message(iterator: AsyncIterator, timeout: Optional[float], sent: asyncio.Event):
+    """The next message of a streamed answer; asyncio.TimeoutError once none came for ``timeout`` seconds while the
+    input was sent whole (a server answers only after reading all of it, which a slow link may take long for)."""
+    if timeout is None:
+        return await iterator.__anext__()
+    waiting = asyncio.ensure_future(iterator.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=timeout)
+            if done:
+                return waiting.result()
+            if sent.is_set():
+                raise asyncio.TimeoutError()
+    finally:
+        if not waiting.done():
+            await cancel_and_wait(waiting)
 
 
 async def _call(stub: StubBase, name: str, uid: str, request, max_tensors: Optional[int], **kwargs):
