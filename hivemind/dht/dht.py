@@ -116,7 +116,7 @@ class DHT(ShutdownOnExit, mp.Process):
         self._callers: Dict[int, CallerEnd] = {
             self._origin_pid: CallerEnd(self._caller_connection, exitcode=exitcode_of(self))
         }
-        self._socket_address = os.path.join(tempfile.gettempdir(), f"hivemind-dht-{uuid.uuid4().hex}.sock")
+        self._socket_address = _socket_path(f"hivemind-dht-{uuid.uuid4().hex}.sock")
         self._socket_authkey = os.urandom(32)
         self._started = False
         self._peer_id: Optional[PeerID] = None
@@ -205,13 +205,15 @@ class DHT(ShutdownOnExit, mp.Process):
                 record_validator=self._record_validator,
                 **self.kwargs,
             )
+            acceptor.start(loop)
         except BaseException as e:
             logger.debug(f"DHT failed to start: {e!r}")
             serving.send(READY_CALL_ID, False, e)
+            if getattr(self, "_node", None) is not None:  # the socket could not be opened
+                await self._node.shutdown()
             await self._close_replica()
             return
         serving.start(loop)
-        acceptor.start(loop)
         serving.send(READY_CALL_ID, True, None)
         self._sigterm.serving()
         try:
@@ -382,3 +384,10 @@ class DHT(ShutdownOnExit, mp.Process):
 
     async def _get_daemon_listen_maddr(self) -> str:
         return str(self._node.p2p.daemon_listen_maddr)
+
+
+def _socket_path(name: str) -> str:
+    """Where the DHT process listens for other processes: the temporary directory, or /tmp (where p2pd's sockets are
+    too) when that path would exceed what a Unix socket address holds (107 bytes on Linux, 103 on macOS)."""
+    path = os.path.join(tempfile.gettempdir(), name)
+    return path if len(os.fsencode(path)) <= 103 else os.path.join("/tmp", name)
