@@ -73,3 +73,46 @@ async def test_a_leader_that_keeps_stalling_cannot_keep_honest_peers_from_groupi
         (group,) = groups_of(results)
         assert set(group.peer_ids) == honest_ids
         print(f"grouped after {elapsed:.1f} s, {leader.requests} requests to the hostile leader")
+
+
+class SelfSuggestingLeader(DecentralizedAverager):
+    """Accepts, keeps the follower waiting until just before it would give up, then disbands and suggests itself."""
+
+    def __init__(self, request_timeout: float):
+        super().__init__(None)
+        self.request_timeout = request_timeout
+        self.requests = 0
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        self.requests += 1
+        yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
+        await asyncio.sleep(max(0.0, request.expiration - get_dht_time()) + self.request_timeout * 0.6)
+        yield averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED, suggested_leader=context.local_id.to_bytes())
+
+
+SelfSuggestingLeader.__name__ = "DecentralizedAverager"
+
+
+async def test_a_leader_that_keeps_disbanding_and_suggesting_itself_cannot_keep_honest_peers_from_grouping():
+    async with swarm_context("stall") as swarm:
+        first, second = await swarm.add_many(2, target_group_size=2, min_matchmaking_time=1.0, request_timeout=0.5)
+        hostile = await swarm.add(serve=False)
+        leader = SelfSuggestingLeader(0.5)
+        await leader.add_p2p_handlers(hostile.p2p, namespace="stall")
+        key_manager = hostile.matchmaking.group_key_manager
+        honest_ids = {first.peer_id, second.peer_id}
+        declaring = asyncio.create_task(_keep_declaring_first(key_manager, "stall.0b", hostile.peer_id, honest_ids))
+        try:
+            started = time.monotonic()
+            results = await look_for_groups([first, second], [make_step(timeout=10), make_step(timeout=10)])
+            print(f"after {time.monotonic() - started:.1f} s: {leader.requests} requests to the hostile leader")
+        finally:
+            declaring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await declaring
+        assert leader.requests > 0, "the hostile leader was never asked: the attack did not happen"
+        assert all(isinstance(result, GroupInfo) for result in results), results
+        (group,) = groups_of(results)
+        assert set(group.peer_ids) == honest_ids

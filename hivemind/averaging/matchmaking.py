@@ -112,6 +112,7 @@ class Matchmaking(GroupLeading):
         self._declared_for_scheduled_time: Optional[float] = None
         self._current_leader: Optional[PeerID] = None
         self._followers: Dict[PeerID, Follower] = {}
+        self._disbanded_by: Optional[PeerID] = None
         self._leaders = PotentialLeaders(self.peer_id)
         self._report = SearchReport(self.group_key_manager.current_key, min_group_size, client_mode)
 
@@ -301,19 +302,30 @@ class Matchmaking(GroupLeading):
 
     async def _request_join_group(self, leader: PeerID, step) -> Optional[GroupInfo]:
         """Ask ``leader`` to lead us; follow its redirections. Returns the group, or None to keep searching."""
+        visited, disbanded_us = set(), []
+        group = None
         for _ in range(MAX_REDIRECTS):
+            visited.add(leader)
             group, suggested_leader = await self._request_one_leader(leader, step)
+            if self._disbanded_by is not None:
+                disbanded_us.append(self._disbanded_by)
             if group is not None or suggested_leader is None or suggested_leader == self.peer_id:
-                return group
-            if suggested_leader in self._leaders.unresponsive:
-                return None
+                break
+            if suggested_leader in visited or suggested_leader in self._leaders.unresponsive:
+                break  # a loop of suggestions, or a leader that wasted our time before
+            if step.deadline is not None and get_dht_time() >= step.deadline:
+                break
             logger.debug(f"{self.peer_id}: {leader} disbanded its group and suggested {suggested_leader}")
             leader = suggested_leader
-        return None
+        if group is None:  # leaders that accepted us, then disbanded, and we found no group through them
+            for disbanding_leader in disbanded_us:
+                self._leaders.report_disband(disbanding_leader)
+        return group
 
     async def _request_one_leader(self, leader: PeerID, step):
         """One join request: ``(group, None)``, ``(None, suggested leader)`` or ``(None, None)``."""
         stream, accepted = None, False
+        self._disbanded_by = None  # set if this leader accepted us and then disbanded its group
         try:
             async with self._lock:
                 if self._assembled.done():  # someone made our own group full meanwhile
@@ -357,6 +369,7 @@ class Matchmaking(GroupLeading):
                 return group, None
             if message.code == Code.GROUP_DISBANDED:
                 self._report.disbanded_by_leader += 1
+                self._disbanded_by = leader
                 if 0 < len(message.suggested_leader) <= MAX_PEER_ID_BYTES:
                     return None, PeerID(message.suggested_leader)
                 return None, None

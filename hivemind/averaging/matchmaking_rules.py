@@ -17,6 +17,7 @@ MAX_GATHER_BYTES = 256 * 1024  # one member's gather payload; larger join reques
 MAX_GROUP_SIZE = 1024  # members of one group; a leader without target_group_size stops accepting at this size
 MAX_GROUP_ID_BYTES = 64  # the original's leaders use 20 random bytes
 MAX_REDIRECTS = 16  # GROUP_DISBANDED{suggested_leader} hops a follower follows in a row
+MAX_DISBANDS_PER_LEADER = 2  # a leader that accepted us and then disbanded this often is not asked again (per search)
 
 Code = averaging_pb2.MessageCode
 
@@ -68,9 +69,17 @@ class PotentialLeaders:
         self._candidates: Dict[PeerID, DHTExpiration] = {}
         self._tried: Set[Tuple[PeerID, DHTExpiration]] = set()
         self.peers_seen: Set[PeerID] = set()  # every other peer ever seen looking for a group
-        # leaders that accepted this peer and then went silent past their own deadline: never asked again in this
-        # search, whatever they declare next (re-declaring just ahead of everyone would otherwise stall each round)
+        # leaders that accepted this peer and then went silent past their own deadline, or disbanded its group
+        # MAX_DISBANDS_PER_LEADER times: never asked again in this search, whatever they declare next (a peer that
+        # re-declares just ahead of everyone and never starts a group would otherwise cost everyone every round)
         self.unresponsive: Set[PeerID] = set()
+        self._disbands: Counter = Counter()
+
+    def report_disband(self, leader: PeerID) -> None:
+        """``leader`` accepted this peer and then disbanded the group without starting it."""
+        self._disbands[leader] += 1
+        if self._disbands[leader] >= MAX_DISBANDS_PER_LEADER:
+            self.unresponsive.add(leader)
 
     def update(self, averagers: Iterable[Tuple[PeerID, DHTExpiration]]) -> None:
         """Replace the candidates with the latest active declarations read from the DHT."""
