@@ -130,6 +130,8 @@ async def beam_search(
     :param fetch: returns the valid successors of each given prefix (see :func:`parse_successors`)
     """
     batch_size = max(batch_size or beam_size, beam_size, 1)
+    if len(grid_scores) == 1 and uid_prefix.count(UID_DELIMITER) > 1:
+        return await _search_sub_grid(uid_prefix, grid_scores[0], beam_size, fetch)
     initial = [(float(score), f"{uid_prefix}{index}{UID_DELIMITER}") for index, score in enumerate(grid_scores[0])]
     beam = await fill_beam(initial, beam_size, fetch, batch_size)
     if len(grid_scores) == 1:
@@ -152,21 +154,46 @@ async def beam_search(
     return []
 
 
+async def _search_sub_grid(
+    uid_prefix: ExpertPrefix, scores: Sequence[float], beam_size: int, fetch: FetchSuccessors
+) -> List[ExpertInfo]:
+    """A 1-D grid under a prefix that has coordinates (``ffn.1.`` holding ``ffn.1.0``, ``ffn.1.1``, ...): servers
+    announce those experts as the successors of ``uid_prefix`` itself (only a 1-D uid such as ``ffn.5`` is stored
+    under its own prefix with FLAT_EXPERT), so one lookup of ``uid_prefix`` finds them all."""
+    successors = (await fetch([uid_prefix])).get(uid_prefix, {})
+    candidates = [
+        (float(scores[coordinate]), info)
+        for coordinate, info in successors.items()
+        if 0 <= coordinate < len(scores)
+        and _is_usable(float(scores[coordinate]))
+        and info.uid == f"{uid_prefix}{coordinate}"
+    ]
+    return top_distinct_experts(candidates, beam_size)
+
+
 # ------------------------------------------------------------------ DHT-process side
 
 
 class _SuccessorFetcher:
     """Fetches prefixes from the DHT at most once per search call; remembers missing ones for negative caching."""
 
-    def __init__(self, node: DHTNode, grid_size: Sequence[int], negative_caching: bool, num_workers: int):
+    def __init__(
+        self,
+        node: DHTNode,
+        uid_prefix: ExpertPrefix,
+        grid_size: Sequence[int],
+        negative_caching: bool,
+        num_workers: int,
+    ):
         self.node, self.grid_size, self.negative_caching = node, grid_size, negative_caching
+        self.prefix_depth = uid_prefix.count(UID_DELIMITER)  # the grid's coordinates come after these delimiters
         self.num_workers = num_workers
         self.results: Dict[ExpertPrefix, asyncio.Future] = {}
         self.missing: List[ExpertPrefix] = []
 
     def _dimension_size(self, prefix: ExpertPrefix) -> Optional[int]:
-        depth = prefix.count(UID_DELIMITER) - 1  # number of coordinates in the prefix
-        return self.grid_size[depth] if depth < len(self.grid_size) else None
+        depth = prefix.count(UID_DELIMITER) - self.prefix_depth  # the grid coordinates this prefix already has
+        return self.grid_size[depth] if 0 <= depth < len(self.grid_size) else None
 
     async def __call__(self, prefixes: List[ExpertPrefix]) -> Dict[ExpertPrefix, Successors]:
         new = [prefix for prefix in dict.fromkeys(prefixes) if prefix not in self.results]
@@ -210,7 +237,7 @@ async def _search_many(
     cache_expiration: float,
     num_workers: int,
 ) -> List[List[ExpertInfo]]:
-    fetcher = _SuccessorFetcher(node, grid_size, negative_caching, num_workers)
+    fetcher = _SuccessorFetcher(node, uid_prefix, grid_size, negative_caching, num_workers)
     try:
         return list(
             await asyncio.gather(
@@ -224,7 +251,7 @@ async def _search_many(
 async def _get_initial_beam(
     dht, node, *, uid_prefix, grid_size, scores, beam_size, negative_caching, cache_expiration, num_workers
 ) -> List[BeamEntry]:
-    fetcher = _SuccessorFetcher(node, grid_size, negative_caching, num_workers)
+    fetcher = _SuccessorFetcher(node, uid_prefix, grid_size, negative_caching, num_workers)
     try:
         candidates = [(float(score), f"{uid_prefix}{index}{UID_DELIMITER}") for index, score in enumerate(scores)]
         return await fill_beam(candidates, beam_size, fetcher, max(beam_size, num_workers))
