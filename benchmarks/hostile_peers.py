@@ -15,6 +15,11 @@ With ``--moe`` the target is an expert server instead (attacks of hostile_moe.py
 tiny streams, half-open and incomplete streams, cancelled calls, oversized streams; see that file):
 
     python benchmarks/hostile_peers.py --moe --scale 0.2
+
+With ``--averaging`` the targets are two averagers (attacks of hostile_averaging.py: matchmaking leaders that
+re-declare ahead of everyone and stall or disband, all-reduce parts for made-up groups):
+
+    python benchmarks/hostile_peers.py --averaging
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from hostile_attacks import ATTACKS, AttackContext, AttackStats  # noqa: E402
+from hostile_averaging import AVERAGING_ATTACKS, run_averaging  # noqa: E402
 from hostile_moe import MOE_ATTACKS, run_moe  # noqa: E402
 
 from hivemind import DHT, get_dht_time  # noqa: E402
@@ -255,7 +261,8 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=8, help="honest peers")
     parser.add_argument("--keys", type=int, default=16, help="honest regular keys")
     parser.add_argument("--moe", action="store_true", help="attack an expert server instead of a DHT swarm")
-    parser.add_argument("--attacks", nargs="*", default=None, choices=[*ATTACKS, *MOE_ATTACKS])
+    parser.add_argument("--averaging", action="store_true", help="attack two averagers instead of a DHT swarm")
+    parser.add_argument("--attacks", nargs="*", default=None, choices=[*ATTACKS, *MOE_ATTACKS, *AVERAGING_ATTACKS])
     parser.add_argument("--rounds", type=int, default=1, help="run the attacks this many times (RSS after each)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of hostile requests")
     parser.add_argument("--settle", type=float, default=2.0, help="s of honest gets after each attack")
@@ -264,12 +271,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` shows where a stuck run waits
-    known = MOE_ATTACKS if args.moe else ATTACKS
+    kind, known, runner = ("DHT", ATTACKS, run)
+    if args.moe:
+        kind, known, runner = ("MoE", MOE_ATTACKS, run_moe)
+    elif args.averaging:
+        kind, known, runner = ("averaging", AVERAGING_ATTACKS, run_averaging)
     args.attacks = list(known) if args.attacks is None else args.attacks
     unknown = [name for name in args.attacks if name not in known]
     if unknown:
-        parser.error(f"{unknown} are not {'MoE' if args.moe else 'DHT'} attacks (those are {list(known)})")
-    asyncio.run(run_moe(args) if args.moe else run(args))
+        parser.error(f"{unknown} are not {kind} attacks (those are {list(known)})")
+    asyncio.run(runner(args))
 
 
 if __name__ == "__main__":
