@@ -6,6 +6,7 @@ log lines and error messages the docs quote are still produced by the code, and 
 """
 
 import ast
+import importlib
 import inspect
 import re
 import subprocess
@@ -308,3 +309,27 @@ def test_readme_quickstart_runs():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "To join, use initial_peers = ['/ip4/127.0.0.1/tcp/" in result.stdout
     assert "ValueWithExpiration(value=[1, 2, 3], expiration_time=" in result.stdout
+
+
+def resolves(dotted_name: str) -> bool:
+    """Whether hivemind.a.b.C names a module, or an attribute reached from the longest importable module prefix."""
+    parts = dotted_name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(obj, attribute):
+                return False
+            obj = getattr(obj, attribute)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("path", REVIEWED_DOCS, ids=doc_id)
+def test_documented_hivemind_names_exist(path: Path):
+    """Every dotted name under hivemind (a module, class, function or constant) that a doc mentions exists."""
+    names = set(re.findall(r"(?<![\w/.-])(hivemind(?:\.[A-Za-z_]\w*)+)", path.read_text()))
+    missing = sorted(name for name in names if not resolves(name))
+    assert not missing, f"{doc_id(path)} mentions names that do not exist: {missing}"
