@@ -333,3 +333,18 @@ def test_documented_hivemind_names_exist(path: Path):
     names = set(re.findall(r"(?<![\w/.-])(hivemind(?:\.[A-Za-z_]\w*)+)", path.read_text()))
     missing = sorted(name for name in names if not resolves(name))
     assert not missing, f"{doc_id(path)} mentions names that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", REVIEWED_DOCS, ids=doc_id)
+def test_benchmark_commands_use_existing_flags(path: Path):
+    """`python benchmarks/x.py --flag ...` (also through compare.py) only passes flags that the script defines."""
+    unknown = []
+    for match in re.finditer(r"python (benchmarks/\w+\.py)((?: [^\n`|]*)?)", path.read_text()):
+        script, arguments = match.group(1), match.group(2).split()
+        if script == "benchmarks/compare.py" and arguments and arguments[0].startswith("benchmarks/"):
+            script, arguments = arguments[0], arguments[1:]
+        source = (ROOT / script).read_text()
+        for flag in re.findall(r"(?<![\w-])(--[\w-]+)", " ".join(arguments)):
+            if f'"{flag}"' not in source:
+                unknown.append((script, flag))
+    assert not unknown, f"{doc_id(path)} runs benchmarks with flags they do not define: {unknown}"
