@@ -124,10 +124,10 @@ def summarize_swarm(
     samples_left = target_batch_size - expected_samples
     if samples_left <= 0:
         eta = now
-    elif speed > 0:
+    elif speed > 0 and samples_left / speed < 1e9:
         eta = now + samples_left / speed
-    else:
-        eta = math.inf  # nobody makes progress: only a report (or a newer epoch elsewhere) ends this epoch
+    else:  # nobody makes progress (fresh peers publish a speed of 1e-20): only a report or a newer epoch ends this one
+        eta = math.inf
     time_to_eta = eta - now if math.isfinite(eta) else refresh_policy.max_refresh_period
     next_fetch_time = now + refresh_policy.delay(time_to_eta, len(records))
     return GlobalTrainingProgress(

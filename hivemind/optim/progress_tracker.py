@@ -251,12 +251,15 @@ class ProgressTracker(threading.Thread):
     # ------------------------------------------------------------------ helpers (any thread)
 
     def _make_record(self, epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
-        measured = self.performance_ema.num_updates > 0
+        ema = self.performance_ema
+        speed = ema.samples_per_second if ema.num_updates > 0 else ema.eps
         return LocalTrainingProgress(
             peer_id=self.dht.peer_id.to_bytes(),
             epoch=epoch,
             samples_accumulated=samples_accumulated,
-            samples_per_second=float(self.performance_ema.samples_per_second) if measured else 0.0,
+            # not measured yet: a tiny positive speed (as the original publishes), never 0, which code that divides by
+            # peers' speeds (OpenDiLoCo's tracker) cannot take
+            samples_per_second=float(speed),
             time=float(get_dht_time()),
             client_mode=bool(self.client_mode),
         )
