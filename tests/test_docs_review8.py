@@ -6,6 +6,7 @@ log lines and error messages the docs quote are still produced by the code, and 
 """
 
 import ast
+import asyncio
 import importlib
 import inspect
 import re
@@ -348,3 +349,20 @@ def test_benchmark_commands_use_existing_flags(path: Path):
             if f'"{flag}"' not in source:
                 unknown.append((script, flag))
     assert not unknown, f"{doc_id(path)} runs benchmarks with flags they do not define: {unknown}"
+
+
+def test_documented_exception_kinds():
+    """The docs tell users which broader exception to catch for each failure; the classes must be related so."""
+    from hivemind.compression import TensorDecodeError
+    from hivemind.dht.process_channel import ChannelClosedError
+    from hivemind.moe.client.expert_rpc import ExpertResponseTooLarge, MalformedExpertResponse
+    from hivemind.p2p import P2PDaemonError, P2PTimeoutError
+    from hivemind.p2p.framing import FramingError, MessageTooLargeError
+    from hivemind.utils.serializer import MSGPackDecodeError
+
+    assert issubclass(MessageTooLargeError, P2PDaemonError) and issubclass(FramingError, P2PDaemonError)
+    assert issubclass(P2PTimeoutError, P2PDaemonError) and issubclass(P2PTimeoutError, asyncio.TimeoutError)
+    assert issubclass(ChannelClosedError, RuntimeError)
+    assert issubclass(TensorDecodeError, ValueError) and issubclass(MSGPackDecodeError, ValueError)
+    assert issubclass(MalformedExpertResponse, ExpertResponseTooLarge)
+    assert issubclass(ExpertResponseTooLarge, RuntimeError)
