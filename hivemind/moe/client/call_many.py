@@ -20,7 +20,7 @@ from hivemind.moe.client.expert_rpc import (
     response_size_limit,
     serialize_inputs,
 )
-from hivemind.moe.client.gating import ExpertFailurePenalty, all_samples_settled
+from hivemind.moe.client.gating import ExpertFailurePenalty, all_samples_settled, penalty_key
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_flatten
@@ -142,7 +142,7 @@ def _fan_out(
     calls = {}
     try:
         for index, job in enumerate(jobs):
-            if options.penalty.is_penalized(job.expert.uid):
+            if options.penalty.is_penalized(penalty_key(job.expert)):
                 continue  # failed recently: counted as not answering without waiting for it again
             tensors = tensors_for_job(job)
             serialized = serialize_inputs(tensors, schema)
@@ -163,12 +163,12 @@ def _fan_out(
     )
     for index, error in errors.items():
         logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {error!r}")
-        options.penalty.report_failure(jobs[index].expert.uid)
+        options.penalty.report_failure(penalty_key(jobs[index].expert))
     for index in timed_out:
         logger.warning(f"Expert {jobs[index].expert.uid} did not answer {method} in time, masking it")
-        options.penalty.report_failure(jobs[index].expert.uid)
+        options.penalty.report_failure(penalty_key(jobs[index].expert))
     for index in results:
-        options.penalty.report_success(jobs[index].expert.uid)
+        options.penalty.report_success(penalty_key(jobs[index].expert))
     return results
 
 
@@ -225,7 +225,7 @@ class RemoteCallMany(torch.autograd.Function):
                 _check_outputs(job, job_outputs, outputs_schema, options.detect_anomalies)
             except RuntimeError as e:
                 logger.warning(f"{e}; masking it")
-                options.penalty.report_failure(job.expert.uid)
+                options.penalty.report_failure(penalty_key(job.expert))
                 continue
             for output, value in zip(outputs, job_outputs):
                 output[job.samples, job.slots] = value.to(output.dtype)

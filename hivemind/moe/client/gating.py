@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -16,6 +17,7 @@ __all__ = [
     "mix_expert_outputs",
     "all_samples_settled",
     "ExpertFailurePenalty",
+    "penalty_key",
 ]
 
 
@@ -84,25 +86,41 @@ def all_samples_settled(answered: torch.Tensor, pending: torch.Tensor, k_min: in
     return bool(((answered >= k_min) | (pending == 0)).all())
 
 
+PenaltyKey = Union[ExpertUID, Tuple[ExpertUID, object]]  # a uid, or (uid, peer id): that uid on one server
+
+
 class ExpertFailurePenalty:
     """Experts that recently failed or timed out, skipped until their penalty ends (then tried again).
 
     Each consecutive failure doubles the penalty, from ``base`` up to ``maximum`` seconds; a success clears it. This
     keeps a dead server from costing a full timeout at every step until its DHT announcements expire.
+
+    Mixtures report an expert as ``(uid, peer_id)``: the same uid served by another server (a replica, or the server
+    that took over) is not skipped for the failures of the first. ``is_penalized`` with a bare uid tells whether that
+    uid is penalized on any server.
     """
 
     max_entries = 4096  # above this many remembered experts, stale ones are dropped
 
     def __init__(self, base: float = 10.0, maximum: float = 120.0, clock=time.monotonic):
         self.base, self.maximum, self.clock = base, maximum, clock
-        self._until: Dict[ExpertUID, float] = {}
-        self._failures: Dict[ExpertUID, int] = {}
+        self._until: Dict[PenaltyKey, float] = {}
+        self._failures: Dict[PenaltyKey, int] = {}
+        self._lock = threading.Lock()  # a mixture may be called from several threads at once
 
-    def is_penalized(self, uid: ExpertUID, now: Optional[float] = None) -> bool:
+    def is_penalized(self, uid: PenaltyKey, now: Optional[float] = None) -> bool:
+        now = now if now is not None else self.clock()
+        if isinstance(uid, str):  # a bare uid: on any server
+            with self._lock:
+                return any(now < until and _uid_of(key) == uid for key, until in self._until.items())
         until = self._until.get(uid)
-        return until is not None and (now if now is not None else self.clock()) < until
+        return until is not None and now < until
 
-    def report_failure(self, uid: ExpertUID) -> None:
+    def report_failure(self, uid: PenaltyKey) -> None:
+        with self._lock:
+            self._report_failure(uid)
+
+    def _report_failure(self, uid: PenaltyKey) -> None:
         if len(self._until) >= self.max_entries:  # forget experts whose penalty ended long ago
             now = self.clock()
             for stale in [key for key, until in self._until.items() if until + self.maximum < now]:
@@ -111,6 +129,16 @@ class ExpertFailurePenalty:
         self._failures[uid] = failures
         self._until[uid] = self.clock() + min(self.base * 2 ** (failures - 1), self.maximum)
 
-    def report_success(self, uid: ExpertUID) -> None:
-        self._until.pop(uid, None)
-        self._failures.pop(uid, None)
+    def report_success(self, uid: PenaltyKey) -> None:
+        with self._lock:
+            self._until.pop(uid, None)
+            self._failures.pop(uid, None)
+
+
+def _uid_of(key: PenaltyKey) -> ExpertUID:
+    return key if isinstance(key, str) else key[0]
+
+
+def penalty_key(expert) -> Tuple[ExpertUID, object]:
+    """How a mixture reports ``expert`` (a RemoteExpert) to its ExpertFailurePenalty: its uid on its server."""
+    return expert.uid, expert.peer_id

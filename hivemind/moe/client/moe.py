@@ -19,6 +19,7 @@ from hivemind.moe.client.gating import (
     compute_expert_scores,
     masked_expert_weights,
     mix_expert_outputs,
+    penalty_key,
 )
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import UID_DELIMITER
@@ -209,7 +210,7 @@ class RemoteMixtureOfExperts(nn.Module):
         distinct = {expert.uid: expert for experts in chosen_experts for expert in experts}
         errors = []
         for expert in distinct.values():
-            if self.failure_penalty.is_penalized(expert.uid):
+            if self.failure_penalty.is_penalized(penalty_key(expert)):
                 continue
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
@@ -221,7 +222,7 @@ class RemoteMixtureOfExperts(nn.Module):
                 self._expert_info = parse_expert_info(response.serialized_info)
                 return self._expert_info
             except Exception as e:
-                self.failure_penalty.report_failure(expert.uid)
+                self.failure_penalty.report_failure(penalty_key(expert))
                 errors.append(f"{expert.uid}: {e!r}")
         if deadline is not None and _remaining(deadline) <= 0:
             raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
