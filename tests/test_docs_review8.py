@@ -366,3 +366,23 @@ def test_documented_exception_kinds():
     assert issubclass(TensorDecodeError, ValueError) and issubclass(MSGPackDecodeError, ValueError)
     assert issubclass(MalformedExpertResponse, ExpertResponseTooLarge)
     assert issubclass(ExpertResponseTooLarge, RuntimeError)
+
+
+def test_readme_links_every_doc_page():
+    readme = (ROOT / "README.md").read_text()
+    unlinked = [doc_id(page) for page in sorted((ROOT / "docs").glob("*.md")) if f"]({doc_id(page)})" not in readme]
+    assert not unlinked, f"README.md's Documentation list misses {unlinked}"
+
+
+def test_readme_environment_variables_are_read():
+    """Each variable of the README's table is read by the library or by p2pd; the ones it says are ignored are not."""
+    readme = (ROOT / "README.md").read_text()
+    table = section(readme, "## Environment variables")
+    read_here = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)?", table, re.MULTILINE))
+    variables = {name for pair in read_here for name in pair if name}
+    assert {"HIVEMIND_LOGLEVEL", "HIVEMIND_P2PD_PATH", "HIVEMIND_STATE_MIN_RATE"} <= variables
+    sources = source_text() + "\n".join(path.read_text() for path in (ROOT / "p2pd").glob("*.go"))
+    not_read = sorted(name for name in variables if name not in sources and name != "GOLOG_LOG_LEVEL")
+    assert not not_read, f"the README documents variables that nothing reads: {not_read}"
+    for ignored in ("HIVEMIND_MEMORY_SHARING_STRATEGY", "HIVEMIND_SHM_BUFFER_SIZE", "QUANTIZATION_THREADS"):
+        assert ignored in table and f'"{ignored}"' not in source_text()
