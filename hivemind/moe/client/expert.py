@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -91,6 +92,24 @@ class RemoteExpert(nn.Module):
     def extra_repr(self) -> str:
         return f"uid={self.uid}, peer_id={self.peer_id}"
 
+    def __reduce__(self):
+        """Pickled as its uid, peer id, cached info and the control socket of this process's p2pd: another process on
+        this machine (e.g. a DataLoader worker) calls the expert through that same daemon while it runs."""
+        daemon = str(self.p2p.daemon_listen_maddr)
+        return _unpickle_remote_expert, (self._location, daemon, self._rpc_info)
+
+
+_replicas: Dict[tuple, P2P] = {}  # (pid, daemon socket) -> the P2P that unpickled experts of this process share
+
+
+def _unpickle_remote_expert(location: ExpertInfo, daemon_listen_maddr: str, rpc_info: Optional[dict]) -> RemoteExpert:
+    key = (os.getpid(), daemon_listen_maddr)
+    if key not in _replicas:
+        _replicas[key] = RemoteExpertWorker.run_coroutine(P2P.replicate(daemon_listen_maddr))
+    expert = RemoteExpert(location, _replicas[key])
+    expert._rpc_info = rpc_info
+    return expert
+
 
 class _RemoteModuleCall(torch.autograd.Function):
     """Forward: rpc_forward with the inputs. Backward: rpc_backward with the saved inputs and output gradients."""
@@ -108,6 +127,13 @@ class _RemoteModuleCall(torch.autograd.Function):
             stub, "forward", uid, serialized, raw_size_of(inputs), None, response_size_limit(expected), count, expected
         )
         outputs = RemoteExpertWorker.run_coroutine(call)
+        batch_size = len(inputs[0]) if inputs else 0
+        for output, descriptor in zip(outputs, nested_flatten(info["outputs_schema"])):
+            expected_shape = (batch_size, *descriptor.shape[1:])  # (as RemoteMixtureOfExperts checks them)
+            if tuple(output.shape) != expected_shape:
+                raise malformed_answer(
+                    uid, "forward", f"an output of shape {tuple(output.shape)} instead of {expected_shape}"
+                )
         return tuple(map(_standalone, outputs))
 
     @staticmethod
