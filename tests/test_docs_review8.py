@@ -129,6 +129,8 @@ def commands_of(tool: str) -> List[Tuple[str, str]]:
                     line = line.split("#")[0] if not line.lstrip().startswith("#") else ""
                     if line.strip().startswith(tool + " ") or line.strip() == tool:
                         commands.append((doc_id(path), line.strip()))
+        # inline commands in the prose: `hivemind-server --expert_cls ffn ...`
+        commands += [(doc_id(path), span) for span in re.findall(r"`(" + tool + r"(?: [^`]*)?)`", path.read_text())]
     return commands
 
 
