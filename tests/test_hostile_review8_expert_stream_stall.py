@@ -9,6 +9,7 @@ import pytest
 import torch
 from moe_hostile_helpers import drain, forward_to_fake_expert, serve_fake_expert
 
+from hivemind.moe.client import expert_rpc
 from hivemind.p2p import P2PTimeoutError
 from hivemind.proto import runtime_pb2
 
@@ -35,5 +36,24 @@ async def test_a_streamed_answer_that_stops_coming_fails_within_the_unary_call_t
     stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=handler)
     started = time.monotonic()
     with pytest.raises(P2PTimeoutError, match="expert.0"):
+        await asyncio.wait_for(forward_to_fake_expert(stub, torch.randn(ROWS, HIDDEN)), 20)
+    assert time.monotonic() - started < 10
+
+
+async def drips_empty_chunks(requests, _context):
+    await drain(requests)
+    yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(dtype="float32", size=[ROWS, HIDDEN], chunks=0)])
+    while True:
+        await asyncio.sleep(0.2)  # well within the timeout each time
+        yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor()])
+
+
+async def test_a_streamed_answer_dripping_within_the_timeout_must_still_complete_in_time(p2p_pair, monkeypatch):
+    monkeypatch.setattr(expert_rpc, "MIN_ANSWER_RATE", 2**40)  # the budget's bytes take no time: only the timeout
+    client = p2p_pair[1]
+    client.unary_call_timeout = 1.5
+    stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=drips_empty_chunks)
+    started = time.monotonic()
+    with pytest.raises(P2PTimeoutError, match="did not complete in time"):
         await asyncio.wait_for(forward_to_fake_expert(stub, torch.randn(ROWS, HIDDEN)), 20)
     assert time.monotonic() - started < 10

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from functools import partial
 from typing import AsyncIterator, Iterable, List, Optional, Sequence
 
@@ -17,6 +18,7 @@ from google.protobuf.message import DecodeError
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
 from hivemind.p2p import P2PContext, P2PTimeoutError, ServicerBase, StubBase
+from hivemind.p2p.framing import MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import attach_event_on_finished, cancel_and_wait
@@ -45,6 +47,9 @@ MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # raw bytes sent in one call above which t
 STREAMING_CHUNK_SIZE = 4 * 1024**2  # buffer bytes per streamed message
 # one message of a streamed answer: a chunk (servers, ours and the original, send at most 4 MiB) and its metadata
 MAX_RESPONSE_MESSAGE_BYTES = STREAMING_CHUNK_SIZE + 64 * 1024
+# bytes per second at which the rest of a streamed answer must arrive once its first message came (on top of the
+# call's timeout): what the p2p framing asks of one message
+MIN_ANSWER_RATE = MIN_FRAME_RATE
 # what each message and each chunk of a streamed answer costs on top of its buffer bytes (objects kept until the end)
 _OVERHEAD_BYTES_PER_MESSAGE = 512
 
@@ -298,19 +303,8 @@ async def call_expert(
         answer = _StreamedAnswer(uid, method, max_response_bytes, max_response_tensors)
         if timeout is None and isinstance(stub, StubBase):
             timeout = stub._p2p.unary_call_timeout
-        iterator = responses.__aiter__()
         try:
-            while True:
-                try:
-                    response = await _next_message(iterator, timeout, sent)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    raise P2PTimeoutError(
-                        f"{name} of {uid}: no message of the answer for {timeout} s after the input was sent (after "
-                        f"{answer.received} bytes of answer); the call was cancelled"
-                    ) from None
-                answer.add(getattr(response, "message", response))
+            await _receive_answer(responses, answer, timeout, sent, f"{name} of {uid}")
         finally:
             if hasattr(responses, "aclose"):
                 await responses.aclose()  # a refused answer: stop reading it now (the stream closes)
@@ -324,6 +318,38 @@ async def call_expert(
     if max_response_tensors is not None and len(tensors) < max_response_tensors:
         raise malformed_answer(uid, method, f"{len(tensors)} tensors instead of {max_response_tensors}")
     return tensors
+
+
+async def _receive_answer(
+    responses, answer: _StreamedAnswer, timeout: Optional[float], sent: asyncio.Event, what: str
+) -> None:
+    """Feed ``answer`` every message of a streamed answer. With a ``timeout``, each message must come within it, and
+    once the first one came, the rest within ``timeout`` plus the answer's byte budget at MIN_ANSWER_RATE (a server
+    dripping tiny messages would otherwise hold the call for as many timeouts as its budget has messages)."""
+    iterator, finish_by = responses.__aiter__(), None
+    while True:
+        wait = timeout
+        if finish_by is not None:
+            wait = min(timeout, finish_by - time.monotonic())
+        try:
+            if wait is not None and wait <= 0:
+                raise asyncio.TimeoutError()
+            response = await _next_message(iterator, wait, sent)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            if wait is not None and wait < timeout:
+                raise P2PTimeoutError(
+                    f"{what}: the answer did not complete in time ({answer.received} bytes so far, at most "
+                    f"{answer.max_bytes} allowed); the call was cancelled"
+                ) from None
+            raise P2PTimeoutError(
+                f"{what}: no message of the answer for {timeout} s after the input was sent (after "
+                f"{answer.received} bytes of answer); the call was cancelled"
+            ) from None
+        if finish_by is None and timeout is not None and answer.max_bytes is not None:
+            finish_by = time.monotonic() + timeout + answer.max_bytes / MIN_ANSWER_RATE
+        answer.add(getattr(response, "message", response))
 
 
 async def _next_message(iterator: AsyncIterator, timeout: Optional[float], sent: asyncio.Event):
