@@ -280,10 +280,13 @@ class RemoteCallMany(torch.autograd.Function):
             job = jobs[index]
             try:
                 checked = check_grad_inputs(job.expert.uid, [t[job.samples] for t in flat_inputs], job_grads)
-            except RuntimeError as e:
-                logger.debug(str(e))
-                continue
-            if options.detect_anomalies and not all(torch.isfinite(g).all() for g in checked if g.is_floating_point()):
+                if options.detect_anomalies and not all(
+                    torch.isfinite(grad).all() for grad in checked if grad.is_floating_point()
+                ):
+                    raise RuntimeError(f"expert {job.expert.uid} returned NaN or infinite gradients")
+            except RuntimeError as e:  # like a failed call: no gradient from it, and it is skipped for a while
+                logger.warning(f"{e}; masking it")
+                options.penalty.report_failure(penalty_key(job.expert))
                 continue
             for grad_input, grad in zip(grad_inputs, checked):
                 if grad_input is not None:
