@@ -57,6 +57,7 @@ def test_mixed_optimizer_swarm_agrees_and_late_joiners_of_both_kinds_load_its_st
     options = dict(
         run_id=f"r8late_{uuid.uuid4().hex[:8]}", weight=to_hex(initial.weight), bias=to_hex(initial.bias), lr=LR,
         target_batch_size=16, matchmaking_time=2.0, averaging_timeout=15.0,
+        average_state_every=100,  # no background state averaging: what a donor shares is what its model holds
     )  # fmt: skip
     first = drivers[ORIGINAL].call("dht_create", timeout=60)
     dht = {ORIGINAL: first, OURS: drivers[OURS].call("dht_create", initial_peers=first["maddrs"], timeout=60)}
@@ -65,8 +66,9 @@ def test_mixed_optimizer_swarm_agrees_and_late_joiners_of_both_kinds_load_its_st
         for side in (ORIGINAL, OURS)
     }
     # the original publishes its progress record only once it has samples to report (otherwise it trains alone,
-    # counting only ours): report one, then both sides see two peers before training
-    drivers[ORIGINAL].call("optimizer_report", handle=trainers[ORIGINAL], samples=1)
+    # counting only the other peer): each side reports one, then both see two peers before training
+    for side in (ORIGINAL, OURS):
+        drivers[side].call("optimizer_report", handle=trainers[side], samples=1)
     for side in (OURS, ORIGINAL):
         assert drivers[side].call("optimizer_wait_for_peers", handle=trainers[side], num_peers=2, timeout=40) == 2
     requests = {
