@@ -50,6 +50,8 @@ MessageCode = averaging_pb2.MessageCode
 _AVERAGED_PART, _CANCELLED = MessageCode.AVERAGED_PART, MessageCode.CANCELLED
 _PART_FOR_AVERAGING, _NO_CODE = MessageCode.PART_FOR_AVERAGING, MessageCode.NO_CODE
 # after its own results are in, a runner waits this long (at most) for its replies to other senders to go out
+MAX_BYTES_PER_ELEMENT = 16  # of a delta under any codec (complex128 uncompressed)
+MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata besides its elements
 DEFAULT_REPLY_LINGER = 30.0
 
 
@@ -333,7 +335,11 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         # what the servicer's stub does, with replies parsed as ReceivedAveragingData (the deltas are not copied)
         handle_name = get_handle_name(self.prefix, self.servicer_type.__name__, "rpc_aggregate_part")
         requests = self._generate_input_for(peer_index, progress)
-        replies = await self._p2p.iterate_protobuf_handler(peer_id, handle_name, requests, ReceivedAveragingData)
+        # a delta has the elements of its part: a larger reply is refused before it is read (not after 256 MiB)
+        max_reply = MAX_BYTES_PER_ELEMENT * max((part.numel for part in parts), default=0) + MAX_REPLY_OVERHEAD
+        replies = await self._p2p.iterate_protobuf_handler(
+            peer_id, handle_name, requests, ReceivedAveragingData, max_message_size=max_reply
+        )
         try:
             for k, part in enumerate(parts):
                 message = await anext(replies, None)
