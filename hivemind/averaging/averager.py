@@ -173,11 +173,6 @@ class DecentralizedAverager(AveragerProcess):
             "an averager cannot be both auxiliary and in client mode: an auxiliary "
             "peer only reduces others' parts, which requires accepting incoming connections",
         )
-        if request_timeout >= min_matchmaking_time:
-            logger.warning(
-                f"request_timeout ({request_timeout} s) should be smaller than min_matchmaking_time "
-                f"({min_matchmaking_time} s), or followers may give up before their group starts"
-            )
         if sender_timeout is None:
             sender_timeout = next_chunk_timeout
         self._deadlines = AdaptiveDeadlines(  # also refuses reducer_timeout <= sender_timeout with a ValueError
