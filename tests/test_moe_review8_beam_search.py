@@ -63,3 +63,16 @@ def test_samples_of_a_batch_share_one_remote_expert_per_expert(swarm):
     assert all(len(row) == 3 for row in batch)
     # one torch module per distinct expert, not one per (sample, expert): big batches spent seconds creating them
     assert len({id(expert) for row in batch for expert in row}) == 3
+
+
+@pytest.mark.timeout(30)
+def test_each_sample_of_a_large_batch_gets_its_own_best_experts_in_order(swarm):
+    _, client_dht = swarm
+    searcher = MoEBeamSearcher(client_dht, "ffn.", (2, 2))
+    torch.manual_seed(1)
+    scores = [torch.randn(1000, 2), torch.randn(1000, 2)]  # tensors are accepted as well as arrays
+    batch = searcher.batch_find_best_experts(scores, beam_size=2)
+    alive = ["ffn.0.0", "ffn.0.1", "ffn.1.0"]
+    for row, experts in enumerate(batch):
+        total = {uid: float(scores[0][row, int(uid[4])] + scores[1][row, int(uid[6])]) for uid in alive}
+        assert [expert.uid for expert in experts] == sorted(alive, key=total.get, reverse=True)[:2]

@@ -9,6 +9,9 @@ import math
 from functools import partial
 from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+import torch
+
 from hivemind.dht import DHT, DHTNode
 from hivemind.moe.client.expert import RemoteExpert, batch_create_remote_experts
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
@@ -29,6 +32,8 @@ from hivemind.utils.timed_storage import get_dht_time
 __all__ = ["MoEBeamSearcher", "parse_successors", "beam_search", "top_distinct_experts"]
 
 logger = get_logger(__name__)
+
+PARALLEL_SEARCHES = 64  # samples of one batch searched at once (each waits for its own DHT lookups)
 
 Successors = Dict[Coordinate, ExpertInfo]
 BeamEntry = Tuple[Score, ExpertPrefix, Successors]
@@ -238,12 +243,18 @@ async def _search_many(
     num_workers: int,
 ) -> List[List[ExpertInfo]]:
     fetcher = _SuccessorFetcher(node, uid_prefix, grid_size, negative_caching, num_workers)
+    results: List[List[ExpertInfo]] = [[] for _ in batch_scores]
+    samples = iter(enumerate(batch_scores))
+
+    async def search_samples():  # the searchers share one iterator: each sample is searched once
+        for index, scores in samples:
+            results[index] = await beam_search(uid_prefix, scores, beam_size, fetcher, num_workers)
+
     try:
-        return list(
-            await asyncio.gather(
-                *(beam_search(uid_prefix, scores, beam_size, fetcher, num_workers) for scores in batch_scores)
-            )
-        )
+        # a few searchers rather than one task per sample: most samples find their prefixes already fetched, and
+        # 20000 tasks cost the DHT process ~2 s of scheduling alone
+        await asyncio.gather(*(search_samples() for _ in range(min(len(batch_scores), PARALLEL_SEARCHES))))
+        return results
     finally:
         await fetcher.store_negative_cache(cache_expiration)
 
@@ -357,9 +368,21 @@ class MoEBeamSearcher:
         if len(batch_grid_scores) != len(self.grid_size):
             raise ValueError(f"expected scores for {len(self.grid_size)} dimensions, got {len(batch_grid_scores)}")
         batch_size = len(batch_grid_scores[0])
-        per_sample = [
-            self._check_scores([dim_scores[index] for dim_scores in batch_grid_scores]) for index in range(batch_size)
-        ]
+        columns = []  # per dimension, the scores of each sample as floats (converted at once, not number by number)
+        for dim, (dim_scores, size) in enumerate(zip(batch_grid_scores, self.grid_size)):
+            if isinstance(dim_scores, torch.Tensor):
+                dim_scores = dim_scores.detach().cpu().double()
+            try:
+                array = np.asarray(dim_scores, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"scores of grid dimension {dim} are not a [batch, {size}] array: {e}") from None
+            if array.shape != (batch_size, size):
+                raise ValueError(
+                    f"grid dimension {dim} has size {size}: expected scores of shape [{batch_size}, {size}], got "
+                    f"{list(array.shape)}"
+                )
+            columns.append(array.tolist())
+        per_sample = [list(sample_scores) for sample_scores in zip(*columns)]
         infos = self.dht.run_coroutine(
             partial(_search_many, batch_scores=per_sample, beam_size=beam_size, **self._options()),
             return_future=True,

@@ -47,9 +47,12 @@ def compute_expert_scores(
     scores = torch.full((batch_size, max_k), -float("inf"), dtype=reference.dtype, device=reference.device)
     rows, slots, coordinates = [], [], []
     grid_size = [dim_scores.shape[-1] for dim_scores in grid_scores]
+    parsed: Dict[ExpertUID, List[int]] = {}  # samples share experts: each distinct uid is parsed once
     for row, uids in enumerate(batch_uids):
         for slot, uid in enumerate(uids):
-            rows.append(row), slots.append(slot), coordinates.append(uid_coordinates(uid, uid_prefix, grid_size))
+            if uid not in parsed:
+                parsed[uid] = uid_coordinates(uid, uid_prefix, grid_size)
+            rows.append(row), slots.append(slot), coordinates.append(parsed[uid])
     if not rows:
         return scores
     rows_t, slots_t = torch.tensor(rows, device=reference.device), torch.tensor(slots, device=reference.device)
