@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -208,25 +209,20 @@ class RemoteMixtureOfExperts(nn.Module):
         if self._expert_info is not None:
             return self._expert_info
         distinct = {expert.uid: expert for experts in chosen_experts for expert in experts}
-        errors = []
-        for expert in distinct.values():
-            if self.failure_penalty.is_penalized(penalty_key(expert)):
-                continue
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                break
-            try:
-                response = RemoteExpertWorker.run_coroutine(
-                    expert.stub.rpc_info(runtime_pb2.ExpertUID(uid=expert.uid), timeout=remaining)
-                )
-                self._expert_info = parse_expert_info(response.serialized_info)
-                return self._expert_info
-            except Exception as e:
-                self.failure_penalty.report_failure(penalty_key(expert))
-                errors.append(f"{expert.uid}: {e!r}")
+        candidates = [e for e in distinct.values() if not self.failure_penalty.is_penalized(penalty_key(e))]
+        candidates = candidates[:MAX_INFO_REQUESTS]
         if deadline is not None and _remaining(deadline) <= 0:
             raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
-        raise RuntimeError(f"None of the chosen experts answered rpc_info: {'; '.join(errors) or 'all skipped'}")
+        info, errors, timed_out = RemoteExpertWorker.run_coroutine(_first_expert_info(candidates, deadline))
+        for expert in (*errors, *timed_out):
+            self.failure_penalty.report_failure(penalty_key(expert))
+        if info is not None:
+            self._expert_info = info
+            return info
+        if timed_out:
+            raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
+        problems = "; ".join(f"{expert.uid}: {error!r}" for expert, error in errors.items())
+        raise RuntimeError(f"None of the chosen experts answered rpc_info: {problems or 'all skipped'}")
 
     @property
     def info(self) -> dict:
@@ -242,3 +238,38 @@ class RemoteMixtureOfExperts(nn.Module):
                 raise RuntimeError(f"No responding experts found in the DHT for {self.uid_prefix}")
             self._get_info([chosen], deadline)
         return self._expert_info
+
+
+# the first forward asks this many of its chosen experts for their info at once, and uses the first answer: a dead or
+# frozen expert ranked first no longer takes the whole forward_timeout (they were asked one after another)
+MAX_INFO_REQUESTS = 8
+
+
+async def _first_expert_info(
+    experts: Sequence[RemoteExpert], deadline: Optional[float]
+) -> Tuple[Optional[dict], Dict[RemoteExpert, BaseException], List[RemoteExpert]]:
+    """(the info of the first expert to answer rpc_info or None, errors of those that failed, those cut off by the
+    deadline); the requests still running when one answers are cancelled."""
+
+    async def fetch(expert: RemoteExpert) -> dict:
+        response = await expert.stub.rpc_info(runtime_pb2.ExpertUID(uid=expert.uid), timeout=_remaining(deadline))
+        return parse_expert_info(response.serialized_info)
+
+    tasks = {asyncio.ensure_future(fetch(expert)): expert for expert in experts}
+    pending, errors = set(tasks), {}
+    try:
+        while pending:
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is None:
+                    return task.result(), errors, []
+                errors[tasks[task]] = task.exception()
+        return None, errors, [tasks[task] for task in pending]
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
