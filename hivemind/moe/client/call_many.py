@@ -100,6 +100,8 @@ async def _gather_answers(
     for index in calls:
         waiting[jobs[index].samples] += 1
     results, errors, timed_out, settled_at = {}, {}, [], None
+    if all_samples_settled(answered, waiting, k_min):  # k_min=0: stragglers are waited for from the start
+        settled_at = time.monotonic()
     try:
         while pending:
             budget = None if deadline is None else deadline - time.monotonic()
