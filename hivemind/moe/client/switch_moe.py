@@ -98,7 +98,8 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
 
         if self.training:
             self._update_utilization(chosen_experts)
-        utilization = self.grid_utilization.split(list(self.grid_size))
+        # a copy: the next forward updates the buffer in place, and this loss's backward may come after it
+        utilization = self.grid_utilization.clone().split(list(self.grid_size))
         loss = balancing_loss([log_probs.exp() for log_probs in grid_log_probs], utilization)
         return nested_pack(mixed, structure=self._expert_info["outputs_schema"]), loss
 
