@@ -2,7 +2,9 @@
 tool logs ``Caught signal``, exits 0 without a traceback and leaves no process, pipe or socket behind."""
 
 import signal
+import time
 
+import psutil
 import pytest
 from signals_review8_helpers import CTRL_C_WHILE_P2PD_STARTS, SessionProcess, tool_script
 
@@ -70,7 +72,12 @@ def test_server_child_processes_do_not_take_over_the_shutdown_signal():
     """The DHT and handler processes inherit the tool's handlers by fork: only the tool itself logs the signal."""
     tool = SessionProcess(tool_script("run_server", [*SERVER_ARGS, "--num_handlers", "2"]))
     try:
-        tool.wait_for(r"Serving from 2 connection handler processes", timeout=80)
+        handlers = tool.wait_for(r"Serving from 2 connection handler processes, pids=\[(\d+), (\d+)\]", timeout=80)
+        # a handler still attaching to p2pd when the SIGTERM comes dies at once and may leave its client socket
+        # (documented); this test is about handlers that serve, so it waits until both listen on theirs
+        deadline = time.monotonic() + 30
+        while not all(map(listens_on_a_hivemind_socket, map(int, handlers.groups()))) and time.monotonic() < deadline:
+            time.sleep(0.05)
         tool.signal_group(signal.SIGTERM)
         assert tool.finish() == 0, tool.output()
         caught = [line for line in tool.lines if "Caught signal" in line]
@@ -109,3 +116,10 @@ def test_server_second_ctrl_c_during_shutdown_is_noted_and_the_shutdown_complete
         assert tool.lines[-1].endswith("Server shutdown successfully"), tool.output()
     finally:
         tool.close()
+
+
+def listens_on_a_hivemind_socket(pid: int) -> bool:
+    try:
+        return any("/hivemind-" in connection.laddr for connection in psutil.Process(pid).net_connections(kind="unix"))
+    except psutil.Error:
+        return False

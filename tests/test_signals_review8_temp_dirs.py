@@ -1,6 +1,7 @@
 """A library child process that sent torch tensors to another process (multiprocessing then creates its own
 temporary directory for the descriptors) removes that directory when it exits."""
 
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -19,6 +20,9 @@ async def shared_tensor(_dht, _node) -> torch.Tensor:
 def test_dht_process_that_sent_a_shared_tensor_leaves_no_temporary_directory(monkeypatch):
     temporary = tempfile.mkdtemp(prefix="s8-", dir="/tmp")  # short: the DHT's Unix socket is made here too
     monkeypatch.setattr(tempfile, "tempdir", temporary)  # the forked DHT process makes its directories here
+    # ...unless this process already has multiprocessing's directory (an earlier test in the same worker): the child
+    # would inherit and use that one
+    monkeypatch.delitem(multiprocessing.current_process()._config, "tempdir", raising=False)
     try:
         dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         try:
