@@ -311,7 +311,7 @@ class Matchmaking(GroupLeading):
                 disbanded_us.append(self._disbanded_by)
             if group is not None or suggested_leader is None or suggested_leader == self.peer_id:
                 break
-            if suggested_leader in visited or suggested_leader in self._leaders.unresponsive:
+            if suggested_leader in visited or self._leaders.is_excluded(suggested_leader):
                 break  # a loop of suggestions, or a leader that wasted our time before
             if step.deadline is not None and get_dht_time() >= step.deadline:
                 break

@@ -74,16 +74,26 @@ class PotentialLeaders:
         # re-declares just ahead of everyone and never starts a group would otherwise cost everyone every round)
         self.unresponsive: Set[PeerID] = set()
         self._disbands: Counter = Counter()
+        self._disbanded_too_often: Set[PeerID] = set()
 
     def report_disband(self, leader: PeerID) -> None:
         """``leader`` accepted this peer and then disbanded the group without starting it."""
         self._disbands[leader] += 1
         if self._disbands[leader] >= MAX_DISBANDS_PER_LEADER:
-            self.unresponsive.add(leader)
+            self._disbanded_too_often.add(leader)
+
+    def is_excluded(self, peer: PeerID) -> bool:
+        """Whether ``peer`` is not asked to lead again in this search (silent past its deadline, or disbanding)."""
+        return peer in self.unresponsive or peer in self._disbanded_too_often
 
     def update(self, averagers: Iterable[Tuple[PeerID, DHTExpiration]]) -> None:
         """Replace the candidates with the latest active declarations read from the DHT."""
         self._candidates = {peer: expiration for peer, expiration in averagers if peer != self.peer_id}
+        if self._disbands and not self.peers_seen.issuperset(self._candidates):
+            # a peer never seen in this search: honest leaders that disbanded groups too small without it may fill
+            # their groups now, so their disbands are forgotten (a fixed set of peers keeps them excluded)
+            self._disbands.clear()
+            self._disbanded_too_often.clear()
         self.peers_seen.update(self._candidates)
         current = set(self._candidates.items())
         self._tried &= current  # a declaration that is gone never comes back: forget it (bounded memory)
@@ -97,7 +107,7 @@ class PotentialLeaders:
         best = None
         for peer, expiration in self._candidates.items():
             key = (expiration, peer.to_bytes())
-            if expiration < now or key >= own_key or (peer, expiration) in self._tried or peer in self.unresponsive:
+            if expiration < now or key >= own_key or (peer, expiration) in self._tried or self.is_excluded(peer):
                 continue
             if best is None or key < best[0]:
                 best = (key, peer)
