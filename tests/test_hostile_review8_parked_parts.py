@@ -47,3 +47,15 @@ async def test_parts_for_unknown_groups_beyond_the_per_peer_limit_are_refused_at
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
+
+
+def test_the_parked_bytes_limit_grows_with_the_configured_part_size():
+    from types import SimpleNamespace
+
+    from hivemind.averaging.averager_rounds import MAX_PARKED_PART_BYTES, AveragingRounds
+
+    def limit(part_size_bytes: int) -> int:
+        return AveragingRounds._parked_bytes_limit(SimpleNamespace(part_size_bytes=part_size_bytes))
+
+    assert limit(2**19) == MAX_PARKED_PART_BYTES  # the default 512 KiB parts
+    assert limit(64 * 2**20) >= 16 * 64 * 2**20  # 8 honest members' first 64 MiB parts are not refused

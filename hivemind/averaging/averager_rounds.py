@@ -322,7 +322,7 @@ class AveragingRounds:
         bulk = getattr(first, "bulk", None)  # a ReceivedAveragingData keeps the tensor bytes apart from the message
         size = getattr(first, "message", first).ByteSize() + (bulk.nbytes if bulk is not None else 0)
         streams = self._parked_per_peer.get(sender, 0)
-        if streams >= MAX_PARKED_PARTS_PER_PEER or self._parked_bytes + size > MAX_PARKED_PART_BYTES:
+        if streams >= MAX_PARKED_PARTS_PER_PEER or self._parked_bytes + size > self._parked_bytes_limit():
             logger.debug(
                 f"{sender} sent parts for group {first.group_id.hex()[:8]}, not registered here; refused at once: "
                 f"{streams} of its streams and {self._parked_bytes} bytes already wait for unknown groups"
@@ -337,6 +337,12 @@ class AveragingRounds:
             self._parked_per_peer[sender] -= 1
             if not self._parked_per_peer[sender]:
                 del self._parked_per_peer[sender]
+
+    def _parked_bytes_limit(self) -> int:
+        """Bytes of first messages that may wait for groups not registered here: MAX_PARKED_PART_BYTES, or the first
+        parts of 16 senders when this averager was configured with parts so large that those exceed it (honest
+        members whose group is still being set up here must not be refused)."""
+        return max(MAX_PARKED_PART_BYTES, 16 * (self.part_size_bytes + 2**20))
 
     def _first_part_timeout(self) -> float:
         """How long a sender's stream may take to bring its first part: the sender timeout of a round in the largest
