@@ -7,11 +7,12 @@ files elsewhere. 8-byte aligned loads and stores are single instructions, so rea
 """
 
 import array
+import collections
 import mmap
 import os
 import tempfile
 import threading
-from typing import Dict, Optional
+from typing import Deque, Dict, Optional
 
 __all__ = ["SLOT_SIZE", "SHARED_CELLS", "Segment", "SharedSlot", "open_segment"]
 
@@ -47,6 +48,7 @@ class Segment:
         self.mapping = Mapping(self._fd)
         self.mapping.ints[:] = array.array("q", [_FREE_UID]) * len(self.mapping.ints)
         self._free = list(range(_SLOTS_PER_SEGMENT - 1, -1, -1))
+        self._released: Deque[int] = collections.deque()  # freed slots not yet moved back to _free
         self._lock = threading.Lock()
         mapped_segments[self.path] = self.mapping
 
@@ -56,6 +58,8 @@ class Segment:
             return self._allocate(uid)
 
     def _allocate(self, uid: int) -> Optional[int]:
+        while self._released:  # slots freed by release() since the last allocation
+            self._free.append(self._released.popleft())
         if not self._free:
             return None
         slot = self._free.pop()
@@ -67,9 +71,11 @@ class Segment:
     def release(self, slot: int, owner_pid: int) -> None:
         if os.getpid() != owner_pid:
             return  # a forked child collecting its copy of a parent's future: the slot is still the parent's
-        with self._lock:
-            self.mapping.ints[slot * _WORDS] = _FREE_UID
-            self._free.append(slot)
+        # no lock here: this runs from the garbage collector, which may interrupt allocate() in this very thread while
+        # it holds the lock (a non-reentrant lock deadlocked the thread, and every later MPFuture of the process
+        # waited behind it); the store is one aligned 8-byte write and deque.append is atomic
+        self.mapping.ints[slot * _WORDS] = _FREE_UID
+        self._released.append(slot)
 
     def close(self) -> None:
         if self._tempfile is not None:
