@@ -2,78 +2,20 @@
 RemoteExpert calls an expert served by ours. Results must equal the same module run locally, for the unary and the
 streaming RPCs, with and without compression."""
 
-import json
-import queue
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from .conftest import ORIGINAL, OURS, SIDE_IMPLEMENTATION
-from .harness import HarnessError, _log_tail, _spawn, check_implementation, kill_tree, python_command
+from .conftest import ORIGINAL, OURS
+from .moe_process import MoEPeer, start_server
 
 SCRIPT = Path(__file__).resolve().with_name("moe_peer.py")
 HIDDEN = 64
 UNARY_BATCH, STREAMING_BATCH = 5, 2 * 1024**2 // (4 * HIDDEN) + 7  # the latter is above the 2 MiB unary limit
 CASES = [(UNARY_BATCH, 0), (STREAMING_BATCH, 0), (UNARY_BATCH, 2)]  # (batch size, CompressionType: NONE, FLOAT16)
 CASE_IDS = ["unary", "streaming", "unary-float16"]
-
-
-class MoEPeer:
-    """moe_peer.py in a subprocess of one implementation; `event()` waits for its next JSON line."""
-
-    def __init__(self, side: str, args, log_dir: Path):
-        self.implementation = SIDE_IMPLEMENTATION[side]
-        self.log_path = log_dir / f"moe-{side}-{args[0]}-{time.monotonic_ns()}.log"
-        cmd = python_command(self.implementation) + [str(SCRIPT), *map(str, args)]
-        self.proc = _spawn(cmd, self.implementation, self.log_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            try:
-                self.lines.put(json.loads(raw))
-            except ValueError:
-                continue
-        self.lines.put(None)
-
-    def event(self, name: str, timeout: float = 60) -> dict:
-        try:
-            message = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise HarnessError(f"no {name!r} within {timeout} s; log:\n{_log_tail(self.log_path)}") from None
-        if message is None or message.get("event") != name:
-            raise HarnessError(f"expected {name!r}, got {message}; log:\n{_log_tail(self.log_path)}")
-        check_implementation(self.implementation, message["version"], message["file"])
-        return message
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=15)
-        except Exception:
-            pass
-        kill_tree(self.proc)
-
-
-def start_server(side: str, args, log_dir: Path, timeout: float = 45):
-    """(peer, maddrs) of a started moe_peer.py server. The original's Server takes 3-15 s to start on a loaded
-    machine and now and then never gets ready (its known bootstrap bug, upstream #634), so its start is retried in a
-    fresh process; ours must start the first time."""
-    attempts = 5 if SIDE_IMPLEMENTATION[side] == "original" else 1  # 5 x 45 s stays within the 300 s test limit
-    for attempt in range(attempts):
-        server = MoEPeer(side, args, log_dir)
-        try:
-            return server, server.event("ready", timeout=timeout)["maddrs"]
-        except HarnessError:
-            server.close()
-            if attempt == attempts - 1:
-                raise
 
 
 def make_module(state_dict=None) -> nn.Module:
@@ -104,7 +46,9 @@ def test_our_remote_expert_calls_an_original_server(original_env, interop_log_di
     from hivemind.moe import get_experts
     from hivemind.moe.client.beam_search import MoEBeamSearcher
 
-    server, maddrs = start_server(ORIGINAL, ["serve", tmp_path / "state.pt", HIDDEN, compression], interop_log_dir)
+    server, maddrs = start_server(
+        SCRIPT, ORIGINAL, ["serve", tmp_path / "state.pt", HIDDEN, compression], interop_log_dir
+    )
     try:
         with DHT(start=True, initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"]) as dht:
             (expert,) = get_experts(dht, ["expert.0"])
@@ -124,12 +68,14 @@ def test_our_remote_expert_calls_an_original_server(original_env, interop_log_di
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("batch_size, compression", CASES, ids=CASE_IDS)
 def test_original_remote_expert_calls_our_server(original_env, interop_log_dir, tmp_path, batch_size, compression):
-    server, maddrs = start_server(OURS, ["serve", tmp_path / "state.pt", HIDDEN, compression], interop_log_dir)
+    server, maddrs = start_server(SCRIPT, OURS, ["serve", tmp_path / "state.pt", HIDDEN, compression], interop_log_dir)
     try:
         torch.manual_seed(1)
         inputs = torch.randn(batch_size, HIDDEN)
         torch.save(inputs, tmp_path / "inputs.pt")
-        client = MoEPeer(ORIGINAL, ["call", tmp_path / "result.pt", tmp_path / "inputs.pt", *maddrs], interop_log_dir)
+        client = MoEPeer(
+            SCRIPT, ORIGINAL, ["call", tmp_path / "result.pt", tmp_path / "inputs.pt", *maddrs], interop_log_dir
+        )
         try:
             assert client.event("done", timeout=120)["found_by_beam_search"] == ["expert.0"]
         finally:

@@ -3,77 +3,20 @@
 above the 2 MiB unary limit (streamed both ways) gives the output and input gradient of the same mixture run locally.
 """
 
-import json
-import queue
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from .conftest import ORIGINAL, OURS, SIDE_IMPLEMENTATION
-from .harness import HarnessError, _log_tail, _spawn, check_implementation, kill_tree, python_command
+from .conftest import ORIGINAL, OURS
+from .moe_process import MoEPeer, start_server
 
 pytestmark = [pytest.mark.interop]
 
 SCRIPT = Path(__file__).resolve().with_name("moe_review8_peer.py")
 HIDDEN = 1024  # a wide input keeps the batch small: the original's beam search takes ~10 ms per sample
 BATCH = 2 * 1024**2 // (4 * HIDDEN) + 7  # above the 2 MiB unary limit: requests and responses are streamed
-
-
-class Peer:
-    """moe_review8_peer.py in a subprocess of one implementation; `event()` waits for its next JSON line."""
-
-    def __init__(self, side: str, args, log_dir: Path):
-        self.implementation = SIDE_IMPLEMENTATION[side]
-        self.log_path = log_dir / f"moe-review8-{side}-{args[0]}-{time.monotonic_ns()}.log"
-        cmd = python_command(self.implementation) + [str(SCRIPT), *map(str, args)]
-        self.proc = _spawn(cmd, self.implementation, self.log_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            try:
-                self.lines.put(json.loads(raw))
-            except ValueError:
-                continue
-        self.lines.put(None)
-
-    def event(self, name: str, timeout: float) -> dict:
-        try:
-            message = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise HarnessError(f"no {name!r} within {timeout} s; log:\n{_log_tail(self.log_path)}") from None
-        if message is None or message.get("event") != name:
-            raise HarnessError(f"expected {name!r}, got {message}; log:\n{_log_tail(self.log_path)}")
-        check_implementation(self.implementation, message["version"], message["file"])
-        return message
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=15)
-        except Exception:  # noqa: BLE001 - killed below in any case
-            pass
-        kill_tree(self.proc)
-
-
-def start_server(side: str, args, log_dir: Path, timeout: float = 45):
-    """(server, maddrs); the original's Server now and then never gets ready (its bootstrap bug, upstream #634), so
-    its start is retried in a fresh process; ours must start the first time."""
-    attempts = 4 if SIDE_IMPLEMENTATION[side] == "original" else 1
-    for attempt in range(attempts):
-        server = Peer(side, args, log_dir)
-        try:
-            return server, server.event("ready", timeout=timeout)["maddrs"]
-        except HarnessError:
-            server.close()
-            if attempt == attempts - 1:
-                raise
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +26,13 @@ def mixed_servers(original_env, interop_log_dir, tmp_path_factory):
     states = [folder / "expert0.pt", folder / "expert1.pt"]
     servers = []
     try:
-        original, maddrs = start_server(ORIGINAL, ["serve", "expert.0", 0, states[0], HIDDEN], interop_log_dir)
+        original, maddrs = start_server(
+            SCRIPT, ORIGINAL, ["serve", "expert.0", 0, states[0], HIDDEN], interop_log_dir, original_attempts=4
+        )  # within the first test's 240 s
         servers.append(original)
-        ours, our_maddrs = start_server(OURS, ["serve", "expert.1", 1, states[1], HIDDEN, *maddrs], interop_log_dir)
+        ours, our_maddrs = start_server(
+            SCRIPT, OURS, ["serve", "expert.1", 1, states[1], HIDDEN, *maddrs], interop_log_dir
+        )
         servers.append(ours)
         yield maddrs + our_maddrs, states
     finally:
@@ -111,7 +58,7 @@ def test_mixture_of_experts_over_original_and_our_servers(mixed_servers, interop
     torch.save(inputs, tmp_path / "inputs.pt")
     torch.save(proj.state_dict(), tmp_path / "proj.pt")
     args = ["mix", tmp_path / "result.pt", tmp_path / "inputs.pt", tmp_path / "proj.pt", 2, *maddrs]
-    client = Peer(client_side, args, interop_log_dir)
+    client = MoEPeer(SCRIPT, client_side, args, interop_log_dir)
     try:
         assert client.event("done", timeout=150)["found"] == ["expert.0", "expert.1"]
     finally:
