@@ -4,7 +4,7 @@ stalls every join request, must not keep the honest peers from forming their gro
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import pytest
 from averaging_matchmaking_swarm import DecentralizedAverager, groups_of, look_for_groups, make_step, swarm_context
@@ -20,12 +20,14 @@ pytestmark = pytest.mark.timeout(60)
 Code = averaging_pb2.MessageCode
 
 
-class StallingLeader(DecentralizedAverager):
-    """Answers a join request with ACCEPTED (or nothing, if ``accept`` is False) and then never again."""
+class HostileLeader(DecentralizedAverager):
+    """Answers a join request with ACCEPTED (unless ``accept`` is False) and then never again; or, given the
+    followers' ``request_timeout``, keeps a follower waiting until just before it would give up, then disbands the
+    group and suggests itself."""
 
-    def __init__(self, accept: bool):
+    def __init__(self, accept: bool = True, follower_request_timeout: Optional[float] = None):
         super().__init__(None)
-        self.accept = accept
+        self.accept, self.follower_request_timeout = accept, follower_request_timeout
         self.requests = 0
 
     async def rpc_join_group(
@@ -34,10 +36,13 @@ class StallingLeader(DecentralizedAverager):
         self.requests += 1
         if self.accept:
             yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
-        await asyncio.Event().wait()
+        if self.follower_request_timeout is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(max(0.0, request.expiration - get_dht_time()) + self.follower_request_timeout * 0.6)
+        yield averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED, suggested_leader=context.local_id.to_bytes())
 
 
-StallingLeader.__name__ = "DecentralizedAverager"  # served under the averager's handler names
+HostileLeader.__name__ = "DecentralizedAverager"  # served under the averager's handler names
 
 
 async def _keep_declaring_first(key_manager: GroupKeyManager, key: str, hostile_peer, honest_ids) -> None:
@@ -55,7 +60,7 @@ async def test_a_leader_that_keeps_stalling_cannot_keep_honest_peers_from_groupi
     async with swarm_context("stall") as swarm:
         first, second = await swarm.add_many(2, target_group_size=2, min_matchmaking_time=1.0, request_timeout=0.5)
         hostile = await swarm.add(serve=False)
-        leader = StallingLeader(accept)
+        leader = HostileLeader(accept)
         await leader.add_p2p_handlers(hostile.p2p, namespace="stall")
         key_manager = hostile.matchmaking.group_key_manager
         honest_ids = {first.peer_id, second.peer_id}
@@ -75,31 +80,11 @@ async def test_a_leader_that_keeps_stalling_cannot_keep_honest_peers_from_groupi
         print(f"grouped after {elapsed:.1f} s, {leader.requests} requests to the hostile leader")
 
 
-class SelfSuggestingLeader(DecentralizedAverager):
-    """Accepts, keeps the follower waiting until just before it would give up, then disbands and suggests itself."""
-
-    def __init__(self, request_timeout: float):
-        super().__init__(None)
-        self.request_timeout = request_timeout
-        self.requests = 0
-
-    async def rpc_join_group(
-        self, request: averaging_pb2.JoinRequest, context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        self.requests += 1
-        yield averaging_pb2.MessageFromLeader(code=Code.ACCEPTED)
-        await asyncio.sleep(max(0.0, request.expiration - get_dht_time()) + self.request_timeout * 0.6)
-        yield averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED, suggested_leader=context.local_id.to_bytes())
-
-
-SelfSuggestingLeader.__name__ = "DecentralizedAverager"
-
-
 async def test_a_leader_that_keeps_disbanding_and_suggesting_itself_cannot_keep_honest_peers_from_grouping():
     async with swarm_context("stall") as swarm:
         first, second = await swarm.add_many(2, target_group_size=2, min_matchmaking_time=1.0, request_timeout=0.5)
         hostile = await swarm.add(serve=False)
-        leader = SelfSuggestingLeader(0.5)
+        leader = HostileLeader(follower_request_timeout=0.5)
         await leader.add_p2p_handlers(hostile.p2p, namespace="stall")
         key_manager = hostile.matchmaking.group_key_manager
         honest_ids = {first.peer_id, second.peer_id}
