@@ -8,8 +8,9 @@ proves the harness and the tests themselves.
 """
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 
@@ -23,6 +24,19 @@ if len(_pair) != 2 or not set(_pair) <= set(IMPLEMENTATIONS):
 SIDE_IMPLEMENTATION = {ORIGINAL: _pair[0], OURS: _pair[1]}  # which library each side really runs
 DIRECTIONS = [(ORIGINAL, OURS), (OURS, ORIGINAL)]  # (first side, second side): each test runs both ways
 DIRECTION_IDS = ["original-to-ours", "ours-to-original"]
+
+
+@contextmanager
+def driver_per_side(log_dir: Path, name: str, driver: Path) -> Iterator[Dict[str, PeerProcess]]:
+    """One ``driver`` process per side ({ORIGINAL: ..., OURS: ...}), named ``<side>-<name>``, all closed on exit."""
+    started = {}
+    try:
+        for side in (ORIGINAL, OURS):
+            started[side] = PeerProcess(SIDE_IMPLEMENTATION[side], log_dir, name=f"{side}-{name}", driver=driver)
+        yield started
+    finally:
+        for process in started.values():
+            process.close()
 
 
 @pytest.fixture(scope="session")

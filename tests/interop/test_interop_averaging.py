@@ -13,7 +13,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from .conftest import DIRECTION_IDS, DIRECTIONS, ORIGINAL, OURS, SIDE_IMPLEMENTATION
+from .conftest import DIRECTION_IDS, DIRECTIONS, ORIGINAL, OURS, SIDE_IMPLEMENTATION, driver_per_side
 from .harness import PeerProcess
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
@@ -26,16 +26,8 @@ STEP_TIMEOUT = 30
 
 @pytest.fixture(scope="module")
 def drivers(original_env, interop_log_dir) -> Dict[str, PeerProcess]:
-    started = {}
-    try:
-        for side in (ORIGINAL, OURS):
-            started[side] = PeerProcess(
-                SIDE_IMPLEMENTATION[side], interop_log_dir, name=f"{side}-averaging", driver=AVERAGING_DRIVER
-            )
+    with driver_per_side(interop_log_dir, "averaging", AVERAGING_DRIVER) as started:
         yield started
-    finally:
-        for driver in started.values():
-            driver.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import ORIGINAL, OURS, SIDE_IMPLEMENTATION
-from .harness import PeerProcess
+from .conftest import ORIGINAL, OURS, driver_per_side
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -30,16 +29,8 @@ def from_hex(data: str) -> np.ndarray:
 
 @pytest.fixture
 def drivers(original_env, interop_log_dir):
-    started = {}
-    try:
-        for side in (ORIGINAL, OURS):
-            started[side] = PeerProcess(
-                SIDE_IMPLEMENTATION[side], interop_log_dir, name=f"{side}-optimizer", driver=OPTIMIZER_DRIVER
-            )
+    with driver_per_side(interop_log_dir, "optimizer", OPTIMIZER_DRIVER) as started:
         yield started
-    finally:
-        for driver in started.values():
-            driver.close()
 
 
 def test_original_and_ours_train_together_and_agree_on_epoch_and_parameters(drivers):

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 
-from .conftest import ORIGINAL, OURS, SIDE_IMPLEMENTATION
+from .conftest import ORIGINAL, OURS, SIDE_IMPLEMENTATION, driver_per_side
 from .harness import PeerProcess, process_tree
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
@@ -32,14 +32,8 @@ def start_driver(side: str, log_dir, name: str) -> PeerProcess:
 
 @pytest.fixture(scope="module")
 def drivers(original_env, interop_log_dir) -> Dict[str, PeerProcess]:
-    started = {}
-    try:
-        for side in (ORIGINAL, OURS):
-            started[side] = start_driver(side, interop_log_dir, f"{side}-review8-averaging")
+    with driver_per_side(interop_log_dir, "review8-averaging", DRIVER) as started:
         yield started
-    finally:
-        for driver in started.values():
-            driver.close()
 
 
 @pytest.fixture(scope="module")

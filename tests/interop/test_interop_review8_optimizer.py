@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import ORIGINAL, OURS, SIDE_IMPLEMENTATION
-from .harness import PeerProcess
+from .conftest import ORIGINAL, OURS, driver_per_side
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -34,16 +33,8 @@ def parameters(result: dict) -> np.ndarray:
 
 @pytest.fixture
 def drivers(original_env, interop_log_dir):
-    started = {}
-    try:
-        for side in (ORIGINAL, OURS):
-            started[side] = PeerProcess(
-                SIDE_IMPLEMENTATION[side], interop_log_dir, name=f"{side}-review8-optimizer", driver=DRIVER
-            )
+    with driver_per_side(interop_log_dir, "review8-optimizer", DRIVER) as started:
         yield started
-    finally:
-        for driver in started.values():
-            driver.close()
 
 
 def test_mixed_optimizer_swarm_agrees_and_late_joiners_of_both_kinds_load_its_state(drivers):

@@ -9,7 +9,7 @@ from typing import Dict
 import numpy as np
 import pytest
 
-from .conftest import DIRECTION_IDS, DIRECTIONS, ORIGINAL, OURS, SIDE_IMPLEMENTATION
+from .conftest import DIRECTION_IDS, DIRECTIONS, ORIGINAL, OURS, driver_per_side
 from .harness import PeerProcess
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
@@ -22,16 +22,8 @@ TOLERANCES = [1e-3, 0.1, 0.0]  # absolute, for standard normal values
 
 @pytest.fixture(scope="module")
 def drivers(original_env, interop_log_dir) -> Dict[str, PeerProcess]:
-    started = {}
-    try:
-        for side in (ORIGINAL, OURS):
-            started[side] = PeerProcess(
-                SIDE_IMPLEMENTATION[side], interop_log_dir, name=f"{side}-review8-state", driver=DRIVER
-            )
+    with driver_per_side(interop_log_dir, "review8-state", DRIVER) as started:
         yield started
-    finally:
-        for driver in started.values():
-            driver.close()
 
 
 @pytest.fixture(scope="module")
