@@ -9,6 +9,7 @@ import pytest
 
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, ServicerBase, framing
 from hivemind.p2p.framing import MESSAGE_MARKER, MessageTooLargeError, encode_header
+from hivemind.p2p.inbound_budget import InboundBudget
 from hivemind.p2p.p2p_daemon import P2PTimeoutError
 from hivemind.p2p.p2p_daemon_bindings import streams
 from hivemind.proto import test_pb2
@@ -54,6 +55,8 @@ async def test_announced_but_unsent_payloads_take_no_memory(p2p_pair, pipes_sett
 
     monkeypatch.setattr(streams.DirectStreamReader, "read_payload", recording_read_payload)
     await server.add_protobuf_handler("total", total, Request, stream_input=True, max_message_size=None)
+    # admit all of them: this is about what admitted frames take (test_p2p_inbound_budget.py: refusing the excess)
+    server.inbound_budget = InboundBudget(ATTACK_STREAMS * announced, per_peer_share=1)
     before = rss()
     attack = await open_attack_streams(attacker, server, "total", announced)
     for _ in range(ATTACK_STREAMS):

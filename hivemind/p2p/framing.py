@@ -5,7 +5,8 @@ large payloads (header and payload are written separately, each payload is read 
 """
 
 import asyncio
-from typing import Awaitable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+import contextlib
+from typing import AsyncContextManager, Awaitable, Callable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from google.protobuf.message import Message
 
@@ -185,6 +186,7 @@ async def receive_protobuf(
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     *,
     idle_timeout: Optional[float] = None,
+    admit: Optional[Callable[[int], AsyncContextManager]] = None,
 ) -> Tuple[Optional[MessageType], Optional[RPCError]]:
     """Read one frame: ``(message, None)`` for a message frame, ``(None, RPCError)`` for an error frame.
 
@@ -192,9 +194,12 @@ async def receive_protobuf(
     more than ``max_message_size`` bytes (None: no limit but the 2 GiB protobuf limit) is refused at once.
 
     :param idle_timeout: seconds the frame may take to start (None: wait as long as the peer likes)
+    :param admit: ``admit(length)`` is entered once the header passed the size check and left once the payload was
+        read (or failed): a stream handler's share of its ``InboundBudget``, which may refuse the frame
     :raises asyncio.IncompleteReadError: the stream ended cleanly between frames
     :raises MessageTooLargeError: the frame announces more than ``max_message_size`` bytes
     :raises FramingError: unknown marker, impossible length, or the stream ended inside a frame
+    :raises InboundBudgetExceeded: ``admit`` refused the frame (a ``FramingError``)
     """
     first_byte = reader.readexactly(1)  # IncompleteReadError with nothing read: the stream ended between frames
     if idle_timeout is not None and not _holds(reader, 1):
@@ -210,16 +215,8 @@ async def receive_protobuf(
         raise FramingError(f"Stream closed inside a frame header ({got} of {FRAME_HEADER_LEN} bytes)") from None
     marker, length = decode_header(header)
     _check_size(length, max_message_size)
-    read_payload = getattr(reader, "read_payload", reader.readexactly)  # no intermediate copies when available
-    try:
-        if length and _holds(reader, length):
-            payload = await read_payload(length)  # already received: nothing to wait for
-        elif length:
-            payload = await _in_time(read_payload(length), FRAME_STALL_TIMEOUT + length / MIN_FRAME_RATE, "payload")
-        else:
-            payload = b""
-    except asyncio.IncompleteReadError as e:
-        raise FramingError(f"Stream closed inside a frame ({len(e.partial)} of {length} payload bytes)") from None
+    async with admit(length) if admit is not None and length else contextlib.nullcontext():
+        payload = await _read_payload(reader, length)
     if marker == MESSAGE_MARKER:
         message = input_protobuf_type()
         message.ParseFromString(payload)
@@ -227,6 +224,18 @@ async def receive_protobuf(
     error = RPCError()
     error.ParseFromString(payload)
     return None, error
+
+
+async def _read_payload(reader: asyncio.StreamReader, length: int) -> Payload:
+    read_payload = getattr(reader, "read_payload", reader.readexactly)  # no intermediate copies when available
+    try:
+        if length and _holds(reader, length):
+            return await read_payload(length)  # already received: nothing to wait for
+        elif length:
+            return await _in_time(read_payload(length), FRAME_STALL_TIMEOUT + length / MIN_FRAME_RATE, "payload")
+        return b""
+    except asyncio.IncompleteReadError as e:
+        raise FramingError(f"Stream closed inside a frame ({len(e.partial)} of {length} payload bytes)") from None
 
 
 def _holds(reader: asyncio.StreamReader, n: int) -> bool:

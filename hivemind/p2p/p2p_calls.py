@@ -7,6 +7,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Optional, Set, Union
 from google.protobuf.message import Message
 
 from hivemind.p2p import framing, protobuf_streams
+from hivemind.p2p.inbound_budget import InboundBudget
 from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.p2p.p2p_daemon_bindings.persistent import P2PTimeoutError
@@ -33,6 +34,19 @@ class ProtobufCallsMixin:
     _client: Optional[ControlClient]
     _stream_writers: Set[asyncio.StreamWriter]
     unary_call_timeout: Optional[Seconds]
+    _inbound_budget: Optional[InboundBudget] = None
+
+    @property
+    def inbound_budget(self) -> InboundBudget:
+        """Bounds the bytes of request frames that this instance's stream handlers receive at once, per calling
+        peer and in all (see ``hivemind.p2p.inbound_budget``); assign a new ``InboundBudget`` to change the limits."""
+        if self._inbound_budget is None:
+            self._inbound_budget = InboundBudget()
+        return self._inbound_budget
+
+    @inbound_budget.setter
+    def inbound_budget(self, budget: InboundBudget) -> None:
+        self._inbound_budget = budget
 
     async def call_protobuf_handler(
         self,

@@ -382,6 +382,7 @@ class P2P(ProtobufCallsMixin):
                 stream_input=stream_input,
                 stream_output=stream_output,
                 max_message_size=max_message_size,
+                admit=self.inbound_budget.for_peer(stream_info.peer_id, max_message_size),
             )
 
         await self._client.stream_handler(name, _serve_stream, balanced=balanced)

@@ -4,7 +4,7 @@ Both sides work on any asyncio reader/writer pair; ``P2P`` only opens the stream
 """
 
 import asyncio
-from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Optional, Type, Union
+from typing import Any, AsyncContextManager, AsyncIterable, AsyncIterator, Awaitable, Callable, Optional, Type, Union
 
 from google.protobuf.message import Message
 
@@ -34,6 +34,7 @@ async def serve_protobuf_stream(
     stream_input: bool,
     stream_output: bool,
     max_message_size: Optional[int] = framing.DEFAULT_MAX_MESSAGE_SIZE,
+    admit: Optional[Callable[[int], AsyncContextManager]] = None,
 ) -> None:
     """Handler side: feed requests to ``handler(request_or_iterator, context)`` and frame its response(s).
 
@@ -41,6 +42,8 @@ async def serve_protobuf_stream(
     The handler is cancelled (it sees ``CancelledError``) when the caller closes the stream after its input.
 
     :param max_message_size: requests announcing more bytes are refused (the handler gets the error)
+    :param admit: wraps the receiving of each request frame (the caller's share of an ``InboundBudget``); a frame it
+        refuses is refused like an oversized one
     """
     requests: asyncio.Queue = asyncio.Queue(maxsize=HANDLER_INPUT_PREFETCH)
     responding = asyncio.create_task(
@@ -63,6 +66,7 @@ async def serve_protobuf_stream(
             input_ended,
             # a caller sends its only request (and the end of its input) at once: one that sends nothing is dropped
             idle_timeout=None if stream_input else framing.FRAME_STALL_TIMEOUT,
+            admit=admit,
         )
     )
     try:
@@ -206,6 +210,7 @@ async def _read_requests(
     on_caller_left: Callable[[], None],
     input_ended: asyncio.Event,
     idle_timeout: Optional[float] = None,
+    admit: Optional[Callable[[int], AsyncContextManager]] = None,
 ) -> Optional[bool]:
     """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF.
     Returns True if a request was refused (too large, malformed), leaving the rest of the input unread.
@@ -217,7 +222,7 @@ async def _read_requests(
         while True:
             try:
                 request, error = await framing.receive_protobuf(
-                    input_protobuf_type, reader, max_message_size, idle_timeout=idle_timeout
+                    input_protobuf_type, reader, max_message_size, idle_timeout=idle_timeout, admit=admit
                 )
             except asyncio.IncompleteReadError:
                 input_ended.set()

@@ -1,0 +1,158 @@
+"""How many bytes of request frames the stream handlers of one ``P2P`` receive at once, per remote peer and in all.
+
+A frame's payload buffer grows only as its bytes arrive, but a peer chooses how many streams it opens and how much of
+each frame it sends: frames that are started and left unfinished on many streams would each hold what arrived of them
+for as long as the stall timeouts of ``framing`` allow. ``InboundBudget`` counts the length that a frame's header
+announced from the moment it is accepted until the frame is complete (or its stream fails); frames of at most
+``UNCOUNTED_FRAME_BYTES`` (64 KiB) are not counted:
+
+- **per peer first**: a new frame whose peer already has frames in flight is refused at once if it would take that
+  peer past ``per_peer_limit(max_message_size)``. A peer with nothing in flight may always start one frame (up to the
+  handler's ``max_message_size``), so no honest message is too large for the budget alone.
+- **then in all**: a frame that fits its peer's share but not the total waits up to ``wait`` seconds for other frames
+  to finish (holding its peer's share, and nothing else: its bytes are not read meanwhile), then is refused. When
+  nothing at all is in flight, any frame may start.
+
+Refusals raise ``InboundBudgetExceeded``, a ``FramingError``: the stream handler gets it as it would get a malformed
+frame, and the caller gets an error frame with the text.
+"""
+
+import asyncio
+import contextlib
+from typing import AsyncIterator, Callable, Dict, Hashable, Optional, Set
+
+from hivemind.p2p.framing import MAX_FRAME_PAYLOAD, FramingError
+
+MiB = 1024**2
+# all peers together: enough for one part (about 5 MiB) from each of 100 peers averaging at once, and for two frames
+# at the 256 MiB default message limit; an averager's own working set is a few hundred MiB
+DEFAULT_TOTAL_BYTES = 512 * MiB
+# one peer: a few frames at its handler's message limit, and at least 64 MiB (tens of concurrent 2 MiB MoE chunks or
+# about 5 MiB all-reduce parts), but never more than a quarter of the total, so that no single identity can take it
+DEFAULT_PER_PEER_FLOOR = 64 * MiB
+DEFAULT_PER_PEER_FRAMES = 4
+DEFAULT_PER_PEER_SHARE = 4  # the per-peer limit is at most total_bytes // this
+# how long a frame that fits its peer's share waits for room in the total before it is refused
+DEFAULT_WAIT = 5.0
+# frames up to this size are not counted: a stream's reader buffers this much (up to twice) ahead of any frame
+# anyway, and small requests and end-of-stream marks keep flowing for a peer whose large frames fill its share
+UNCOUNTED_FRAME_BYTES = 64 * 1024
+
+Peer = Hashable
+FrameAdmission = Callable[[int], "contextlib.AbstractAsyncContextManager[None]"]
+
+
+class InboundBudgetExceeded(FramingError):
+    """A peer started more frames at once than this side's inbound budget allows; the stream was refused."""
+
+
+class InboundBudget:
+    """Bytes of inbound frames being received at once, per peer and in all (see the module docstring)."""
+
+    def __init__(
+        self,
+        total_bytes: int = DEFAULT_TOTAL_BYTES,
+        *,
+        per_peer_floor: int = DEFAULT_PER_PEER_FLOOR,
+        per_peer_frames: int = DEFAULT_PER_PEER_FRAMES,
+        per_peer_share: int = DEFAULT_PER_PEER_SHARE,
+        wait: float = DEFAULT_WAIT,
+    ):
+        if total_bytes <= 0 or per_peer_floor <= 0 or per_peer_frames <= 0 or per_peer_share <= 0 or wait < 0:
+            raise ValueError("InboundBudget limits must be positive (wait may be 0)")
+        self.total_bytes, self.wait = total_bytes, wait
+        self.per_peer_floor, self.per_peer_frames = per_peer_floor, per_peer_frames
+        self.per_peer_share = per_peer_share
+        self._by_peer: Dict[Peer, int] = {}  # shares held: admitted frames and frames waiting for the total
+        self._total = 0  # admitted frames only
+        self._waiters: Set[asyncio.Future] = set()
+
+    def per_peer_limit(self, max_message_size: Optional[int]) -> int:
+        """The bytes one peer's frames may hold at once on a handler with this ``max_message_size``."""
+        largest = MAX_FRAME_PAYLOAD if max_message_size is None else max_message_size
+        return min(max(self.per_peer_floor, self.per_peer_frames * largest), self.total_bytes // self.per_peer_share)
+
+    def held_by(self, peer: Peer) -> int:
+        return self._by_peer.get(peer, 0)
+
+    @property
+    def total_held(self) -> int:
+        return self._total
+
+    async def reserve(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> None:
+        """Take ``nbytes`` for a frame of ``peer``; ``release`` them once it is complete or its stream failed.
+
+        :raises InboundBudgetExceeded: the peer's share is full (at once) or the total stayed full for ``wait`` s
+        """
+        held, limit = self.held_by(peer), self.per_peer_limit(max_message_size)
+        if held and held + nbytes > limit:
+            raise InboundBudgetExceeded(
+                f"Peer {peer} already sends {held} bytes of unfinished frames to this peer's stream handlers; a new "
+                f"{nbytes}-byte frame would exceed the {limit} bytes allowed per peer, so its stream is refused "
+                "(finish or close earlier streams before starting more, or give the receiving P2P a larger "
+                "inbound_budget)"
+            )
+        self._by_peer[peer] = held + nbytes
+        try:
+            await self._wait_for_total(nbytes)
+        except BaseException:
+            self._release_share(peer, nbytes)
+            raise
+        self._total += nbytes
+
+    def release(self, peer: Peer, nbytes: int) -> None:
+        """Give back what ``reserve`` took for a frame that is complete (or whose stream failed)."""
+        self._release_share(peer, nbytes)
+        self._total -= nbytes
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def frame(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> AsyncIterator[None]:
+        """``async with budget.frame(peer, n):`` receive the frame inside; released however the block ends.
+        Frames of at most ``UNCOUNTED_FRAME_BYTES`` are not counted."""
+        if nbytes <= UNCOUNTED_FRAME_BYTES:
+            yield
+            return
+        await self.reserve(peer, nbytes, max_message_size)
+        try:
+            yield
+        finally:
+            self.release(peer, nbytes)
+
+    def for_peer(self, peer: Peer, max_message_size: Optional[int]) -> FrameAdmission:
+        """What one stream of ``peer`` to a handler with this ``max_message_size`` wraps each frame it receives in."""
+        return lambda nbytes: self.frame(peer, nbytes, max_message_size)
+
+    def _release_share(self, peer: Peer, nbytes: int) -> None:
+        left = self._by_peer[peer] - nbytes
+        if left:
+            self._by_peer[peer] = left
+        else:
+            del self._by_peer[peer]
+
+    async def _wait_for_total(self, nbytes: int) -> None:
+        if self._fits_total(nbytes):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        while not self._fits_total(nbytes):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise InboundBudgetExceeded(
+                    f"This peer's stream handlers are receiving {self._total} bytes of frames from all peers; a new "
+                    f"{nbytes}-byte frame did not fit in the {self.total_bytes} bytes allowed in all within "
+                    f"{self.wait} s, so its stream is refused (retry later, or give the receiving P2P a larger "
+                    "inbound_budget)"
+                )
+            waiter = loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                await asyncio.wait({waiter}, timeout=remaining)
+            finally:
+                self._waiters.discard(waiter)
+                waiter.cancel()
+
+    def _fits_total(self, nbytes: int) -> bool:
+        return self._total == 0 or self._total + nbytes <= self.total_bytes
