@@ -127,6 +127,9 @@ func buildConfig(o *options) (*config, error) {
 	if err := checkRelayServiceOptions(o); err != nil {
 		return nil, err
 	}
+	if err := checkDialBackoffOptions(o); err != nil {
+		return nil, err
+	}
 	if o.idleTimeout < 0 {
 		return nil, fmt.Errorf("-idleTimeout must not be negative, got %s", o.idleTimeout)
 	}

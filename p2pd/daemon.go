@@ -214,12 +214,13 @@ func newDaemon(cfg *config) (*daemon, error) {
 		cancel()
 		return nil, err
 	}
+	applyDialBackoff(cfg.dialBackoffBase, cfg.dialBackoffMax) // redial.go
 	h, err := libp2p.New(opts...)
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("cannot start the libp2p host: %v", err)
 	}
-	d.host = h
+	d.host = newRedialHost(h, cfg.dialBackoffBase)
 	if d.addrSignaler == nil {
 		d.addrSignaler = h
 	}

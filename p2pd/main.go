@@ -63,6 +63,8 @@ type options struct {
 	limitMemory              int64
 	limitMemoryPerPeer       int64
 	limitMemoryPerConn       int64
+	dialBackoffBase          time.Duration
+	dialBackoffMax           time.Duration
 	muxer                    string
 	showVersion              bool
 }
@@ -133,6 +135,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.IntVar(&o.persistentConnMaxMsgSize, "persistentConnMaxMsgSize", 4*1024*1024,
 		"Max size for persistent connection messages (bytes). Default: 4 MiB")
 	addLimitFlags(fs, o)
+	addDialBackoffFlags(fs, o)
 	fs.StringVar(&o.muxer, "muxer", "yamux", "muxer to use for connections (only yamux)")
 	fs.Bool("bandwidthMetrics", true, "Enables collection of bandwidth rate metrics (ignored)")
 	fs.BoolVar(&o.showVersion, "version", false, "print the daemon version and exit")
