@@ -7,6 +7,9 @@ the caller knows what the state should look like (``expected_tensors``, e.g. the
 match it in number, shape and dtype. Anything else (a broken or stalled stream, garbage metadata, a wrong shape)
 rejects that donor and the next one is tried; a partial state is never returned. So does a donor that sends slower
 than a floor on its pace (:mod:`hivemind.averaging.state_rate`), and one whose message exceeds MAX_MESSAGE_BYTES.
+The checks themselves are :class:`~hivemind.averaging.state_assembly.StateAssembler`'s. A donor that has not started
+sending within ``request_timeout`` gets a competitor: the next donor is asked too and the first to start is kept
+(:mod:`hivemind.averaging.state_hedge`), so silent donors of the highest priority cannot hold a newcomer for long.
 
 The tensors of a downloaded state are views of one shared-memory buffer (written in place as they are decoded when
 the expected shapes and dtypes are known): they reach the user's process as one file descriptor, not one per tensor.
@@ -18,22 +21,25 @@ import asyncio
 import math
 import random
 import time
-from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 
+from hivemind.averaging.state_assembly import (
+    DEFAULT_MAX_UNCHECKED_STATE_BYTES,
+    StateAssembler,
+    StateDownloadError,
+    decode_chunks,
+)
+from hivemind.averaging.state_hedge import first_to_start
 from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
 from hivemind.averaging.state_snapshot import empty_packed, packed_copy
-from hivemind.compression import deserialize_torch_tensor
-from hivemind.compression.buffers import MAX_NDIM
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.servicer import ServicerBase, get_handle_name
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.logging import get_logger
-from hivemind.utils.serializer import MSGPackSerializer
-from hivemind.utils.streaming import combine_from_streaming
 
 __all__ = [
     "load_state_from_peers",
@@ -54,26 +60,10 @@ DEFAULT_STALL_TIMEOUT = 60.0  # seconds between two messages of a download when 
 # of its state (a copy in its user's process) before it sends anything
 DONOR_PREPARATION_TIMEOUT = 25.0
 DHT_LOOKUP_TIMEOUT = 30.0  # seconds for finding the donors when the caller gave no overall timeout
-# without expected_tensors, a donor may send at most this many tensor bytes before it is rejected
-DEFAULT_MAX_UNCHECKED_STATE_BYTES = 16 * 2**30
-# and at most this many tensors (each costs some 400 bytes of bookkeeping however small it is; an optimizer's state
-# for a model of 10,000 parameter tensors has about 30,000)
-MAX_UNCHECKED_TENSORS = 2**18
 MAX_PEER_ID_BYTES = 128
 # a donor's message is a 64 KiB chunk, and the first one the state's metadata besides: a larger message is refused
 # before it is read (an optimizer's metadata takes about a hundred bytes per tensor of its state)
 MAX_MESSAGE_BYTES = 32 * 2**20
-MIN_AVERAGE_CHUNK_BYTES = 1024  # a tensor comes in at most (its largest encoding / this) + 1 chunks (donors: 64 KiB)
-
-
-def _max_encoded_bytes(numel: int) -> int:
-    """An upper bound on the serialized size of a tensor with ``numel`` elements under any codec: 16 bytes per
-    element (complex128) plus room for codebooks and per-block scales."""
-    return 16 * numel + 2**16
-
-
-class StateDownloadError(Exception):
-    """One donor's download was rejected (incomplete, malformed or not matching the expected tensors)."""
 
 
 def order_donors(
@@ -103,143 +93,6 @@ def order_donors(
     return [(peer_id, priority) for priority, _, peer_id in donors]
 
 
-class StateAssembler:
-    """Rebuilds one donor's state from its ``DownloadData`` messages, checking that it is complete (no I/O).
-
-    Feed messages with :meth:`add`; it returns the chunks of each tensor as soon as its last chunk is known to have
-    arrived (when the next tensor starts) so that the caller can join and decode them (:func:`decode_chunks`);
-    :meth:`finish` returns the last tensor's chunks after the stream ended. :meth:`check_decoded` validates a
-    decoded tensor against ``expected_tensors``.
-
-    :param expected_tensors: objects with ``.shape`` and ``.dtype`` (tensors, TensorDescriptors) that the state must
-      match exactly, or None to accept any number and shape of tensors
-    :param max_bytes: refuse a state with more tensor bytes than this (default: what ``expected_tensors`` allows,
-      or DEFAULT_MAX_UNCHECKED_STATE_BYTES); without ``expected_tensors``, more than MAX_UNCHECKED_TENSORS tensors
-      are refused too
-    """
-
-    def __init__(self, expected_tensors: Optional[Sequence[Any]] = None, max_bytes: Optional[int] = None):
-        self.expected = None
-        if expected_tensors is not None:
-            self.expected = [(tuple(t.shape), t.dtype) for t in expected_tensors]
-        if max_bytes is None:
-            if self.expected is None:
-                max_bytes = DEFAULT_MAX_UNCHECKED_STATE_BYTES
-            else:
-                max_bytes = sum(_max_encoded_bytes(math.prod(shape)) for shape, _ in self.expected)
-        self.max_bytes = max_bytes
-        self.metadata: Any = None
-        self.num_messages = 0
-        self.num_tensors = 0  # tensors started so far
-        self.received_bytes = 0
-        self._parts: List[runtime_pb2.Tensor] = []
-        self._announced_chunks = 0  # chunks the current tensor's first chunk announced (0: not said)
-        self._tensor_limit = 0  # bytes the current tensor may have
-        self._tensor_bytes = 0  # bytes the current tensor got so far
-        self._shape: Tuple[int, ...] = ()  # the current tensor's shape, as its first chunk announced it
-
-    def add(self, message: averaging_pb2.DownloadData) -> Optional[List[runtime_pb2.Tensor]]:
-        """Take one message; returns the previous tensor's chunks if this one starts a new tensor, else None.
-        Raises StateDownloadError for a malformed stream."""
-        self.num_messages += 1
-        if self.num_messages == 1:
-            if not message.metadata:
-                raise StateDownloadError("the first message carries no metadata")
-            try:
-                self.metadata = MSGPackSerializer.loads(message.metadata)
-            except Exception as e:
-                raise StateDownloadError(f"undecodable metadata ({len(message.metadata)} bytes): {e}") from None
-        elif message.metadata:
-            raise StateDownloadError(f"message {self.num_messages} carries metadata; only the first one may")
-        if not message.HasField("tensor_part"):
-            if self.num_messages == 1:
-                return None  # metadata only (a state without tensors, or metadata sent apart)
-            raise StateDownloadError(f"message {self.num_messages} carries no tensor chunk")
-        chunk = message.tensor_part
-        finished = None
-        if chunk.dtype:  # the first chunk of a new tensor
-            finished = self._finish_tensor() if self._parts else None
-            self._start_tensor(chunk)
-        elif not self._parts:
-            raise StateDownloadError(f"message {self.num_messages} continues a tensor that never started")
-        elif self._announced_chunks and len(self._parts) >= self._announced_chunks:
-            raise StateDownloadError(
-                f"tensor {self.num_tensors - 1} got more chunks than the {self._announced_chunks} it announced"
-            )
-        self._parts.append(chunk)
-        if len(self._parts) > self._tensor_limit // MIN_AVERAGE_CHUNK_BYTES + 1:  # e.g. a flood of empty chunks
-            raise StateDownloadError(
-                f"tensor {self.num_tensors - 1} came in more chunks ({len(self._parts)}) than its size can need"
-            )
-        size = chunk.ByteSize()  # (reading .buffer would copy it) the buffer plus a few bytes of fields
-        self.received_bytes += size
-        self._tensor_bytes += size
-        if self._tensor_bytes > self._tensor_limit:
-            raise StateDownloadError(
-                f"tensor {self.num_tensors - 1} of shape {list(self._shape)} got "
-                f"{self._tensor_bytes} bytes, more than any encoding of it needs ({self._tensor_limit})"
-            )
-        if self.received_bytes > self.max_bytes:
-            raise StateDownloadError(f"the state exceeds {self.max_bytes} bytes; refusing the rest")
-        return finished
-
-    def _start_tensor(self, head: runtime_pb2.Tensor) -> None:
-        index = self.num_tensors
-        if len(head.size) > MAX_NDIM:  # before making a tuple of them (or a product: a 1 MB shape takes minutes)
-            raise StateDownloadError(f"tensor {index} has {len(head.size)} dimensions, at most {MAX_NDIM} can be real")
-        shape = tuple(head.size)
-        if any(dim < 0 for dim in shape):
-            raise StateDownloadError(f"tensor {index} has a negative dimension: {list(shape)}")
-        if self.expected is None and index >= MAX_UNCHECKED_TENSORS:
-            raise StateDownloadError(f"the donor sends more than {MAX_UNCHECKED_TENSORS} tensors; refusing the rest")
-        if self.expected is not None:
-            if index >= len(self.expected):
-                raise StateDownloadError(f"the donor sends more tensors than the {len(self.expected)} expected")
-            expected_shape = self.expected[index][0]
-            if shape != expected_shape:
-                raise StateDownloadError(f"tensor {index} has shape {list(shape)}, expected {list(expected_shape)}")
-        self.num_tensors += 1
-        self._announced_chunks = max(head.chunks, 0)
-        self._tensor_limit = _max_encoded_bytes(math.prod(shape))
-        self._tensor_bytes = 0
-        self._shape = shape
-
-    def _finish_tensor(self) -> List[runtime_pb2.Tensor]:
-        if self._announced_chunks and len(self._parts) != self._announced_chunks:
-            raise StateDownloadError(
-                f"tensor {self.num_tensors - 1} ended after {len(self._parts)} of the {self._announced_chunks} "
-                "chunks it announced (the stream was cut)"
-            )
-        parts, self._parts = self._parts, []
-        return parts
-
-    def finish(self) -> Optional[List[runtime_pb2.Tensor]]:
-        """Call when the stream ended; returns the last tensor's chunks (if any) and checks the tensor count."""
-        if self.num_messages == 0:
-            raise StateDownloadError("the donor sent nothing (it does not share its state)")
-        last = self._finish_tensor() if self._parts else None
-        if self.expected is not None and self.num_tensors != len(self.expected):
-            raise StateDownloadError(
-                f"the stream ended after {self.num_tensors} of {len(self.expected)} expected tensors"
-            )
-        return last
-
-    def check_decoded(self, index: int, tensor: torch.Tensor) -> None:
-        """Raise StateDownloadError unless decoded tensor ``index`` matches what is expected of it."""
-        if self.expected is None:
-            return
-        shape, dtype = self.expected[index]
-        if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
-            raise StateDownloadError(
-                f"tensor {index} decoded to {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
-            )
-
-
-def decode_chunks(chunks: List[runtime_pb2.Tensor]) -> torch.Tensor:
-    """Join one tensor's chunks and decode it (CPU work: the download runs it in a thread)."""
-    return deserialize_torch_tensor(combine_from_streaming(chunks))
-
-
 def _shared_outputs(expected: Optional[Sequence[Tuple[Tuple[int, ...], Any]]]) -> Optional[List[torch.Tensor]]:
     """Views of one new shared buffer, one per expected tensor (our own shapes, not the donor's), or None when the
     expected tensors or some of their dtypes are unknown."""
@@ -258,6 +111,132 @@ def _decode_checked(
         return tensor
     out.copy_(tensor)
     return out
+
+
+class _DonorDownload:
+    """One donor's download in two steps: :meth:`start` opens the stream and takes the first message (which the donor
+    sends only once it had a free slot and a snapshot of its state), :meth:`finish` takes and checks the rest. Each
+    closes the stream when it fails; :meth:`aclose` closes it at any time. The shared buffer for the tensors is
+    allocated only once the donor started, so downloads that are merely asked (:mod:`state_hedge`) cost nothing."""
+
+    def __init__(
+        self,
+        p2p: P2P,
+        donor: PeerID,
+        *,
+        prefix: str,
+        servicer_type: Type[ServicerBase],
+        expected_tensors: Optional[Sequence[Any]],
+        max_bytes: Optional[int],
+        message_timeout: Optional[float],
+        deadline: Optional[float],
+        first_message_timeout: Optional[float],
+        min_rate: Optional[float],
+        rate_grace: float,
+    ):
+        RateFloor(min_rate, rate_grace)  # validates both
+        self.p2p, self.donor, self.deadline = p2p, donor, deadline
+        self.handler = get_handle_name(prefix, servicer_type.__name__, "rpc_download_state")
+        self.message_timeout = message_timeout
+        self.first_message_timeout = message_timeout if first_message_timeout is None else first_message_timeout
+        self.min_rate, self.rate_grace = min_rate, rate_grace
+        self.assembler = StateAssembler(expected_tensors, max_bytes)
+        self.asked_at = time.perf_counter()
+        self._stream: Optional[AsyncIterator[averaging_pb2.DownloadData]] = None
+        self._floor: Optional[RateFloor] = None  # how fast the donor sends (from its first message on)
+
+    async def _next_message(self, limit: Optional[float]) -> Optional[averaging_pb2.DownloadData]:
+        """The donor's next message within ``limit`` seconds and the deadline; None when the stream ended."""
+        timeout = limit
+        if self.deadline is not None:
+            remaining = max(self.deadline - time.monotonic(), 0.0)
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        try:
+            return await await_with_timeout(self._stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise asyncio.TimeoutError(
+                f"no message from the donor for {timeout:.1f} s after {self.assembler.num_messages} messages"
+            ) from None
+
+    async def start(self) -> None:
+        """Open the stream and take the donor's first message; raises (and closes the stream) on failure."""
+        self._stream = await self.p2p.iterate_protobuf_handler(
+            self.donor,
+            self.handler,
+            averaging_pb2.DownloadRequest(),
+            averaging_pb2.DownloadData,
+            max_message_size=MAX_MESSAGE_BYTES,
+        )
+        try:
+            message = await self._next_message(self.first_message_timeout)
+            if message is None:
+                self.assembler.finish()  # raises: the donor sent nothing
+            # the floor starts after the first message, which the donor may prepare for long
+            self._floor = RateFloor(self.min_rate, self.rate_grace)
+            self.assembler.add(message)  # the first message finishes no tensor
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def finish(self) -> Tuple[Any, List[torch.Tensor]]:
+        """After :meth:`start`: take the rest of the state and check it; closes the stream in any case."""
+        assembler, floor = self.assembler, self._floor
+        loop = asyncio.get_running_loop()
+        tensors: List[torch.Tensor] = []
+        outputs = _shared_outputs(assembler.expected)  # where decoded tensors go (None: packed at the end)
+        decoding: Optional[asyncio.Future] = None  # at most one tensor is decoded while the next one arrives
+
+        async def collect_decoded() -> None:
+            nonlocal decoding
+            if decoding is None:
+                return
+            index, future, decoding = len(tensors), decoding, None
+            try:
+                tensor = await future
+            except ValueError as e:  # TensorDecodeError and friends
+                raise StateDownloadError(f"tensor {index} cannot be decoded: {e}") from None
+            tensors.append(tensor)
+
+        async def decode_in_background(chunks: List[runtime_pb2.Tensor]) -> None:
+            nonlocal decoding
+            await collect_decoded()
+            index = len(tensors)
+            out = outputs[index] if outputs is not None and index < len(outputs) else None
+            decoding = loop.run_in_executor(None, _decode_checked, assembler, index, chunks, out)
+
+        try:
+            while True:
+                floor.wait_started(time.monotonic())
+                message = await self._next_message(self.message_timeout)
+                if message is None:
+                    break
+                now = time.monotonic()
+                floor.wait_ended(now, message.ByteSize())
+                too_slow = floor.check(now)
+                if too_slow is not None:
+                    raise StateDownloadError(f"the donor sends too slowly: {too_slow}")
+                finished = assembler.add(message)
+                if finished is not None:
+                    await decode_in_background(finished)
+            last = assembler.finish()
+            if last is not None:
+                await decode_in_background(last)
+            await collect_decoded()
+        finally:
+            await self.aclose()
+            if decoding is not None:  # failed part-way: let the thread finish, drop its result
+                await asyncio.gather(decoding, return_exceptions=True)
+        if outputs is None:  # one shared buffer for the whole state all the same (one copy)
+            tensors = await loop.run_in_executor(None, packed_copy, tensors)
+        return assembler.metadata, tensors
+
+    async def aclose(self) -> None:
+        """Close the stream (the donor's handler is cancelled and frees its slot or queue place); idempotent."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.aclose()
 
 
 async def download_state(
@@ -286,76 +265,24 @@ async def download_state(
       deadline for hours. Checked as each message arrives; a single wait is bounded by ``message_timeout``
     :param rate_grace: seconds of waiting on the donor allowed on top of what its pace earns
     """
-    RateFloor(min_rate, rate_grace)  # validates both
-    assembler = StateAssembler(expected_tensors, max_bytes)
-    loop = asyncio.get_running_loop()
-    tensors: List[torch.Tensor] = []
-    outputs = _shared_outputs(assembler.expected)  # where decoded tensors go (None: packed at the end)
-    decoding: Optional[asyncio.Future] = None  # at most one tensor is decoded while the next one arrives
-
-    async def collect_decoded() -> None:
-        nonlocal decoding
-        if decoding is None:
-            return
-        index, future, decoding = len(tensors), decoding, None
-        try:
-            tensor = await future
-        except ValueError as e:  # TensorDecodeError and friends
-            raise StateDownloadError(f"tensor {index} cannot be decoded: {e}") from None
-        tensors.append(tensor)
-
-    async def decode_in_background(chunks: List[runtime_pb2.Tensor]) -> None:
-        nonlocal decoding
-        await collect_decoded()
-        index = len(tensors)
-        out = outputs[index] if outputs is not None and index < len(outputs) else None
-        decoding = loop.run_in_executor(None, _decode_checked, assembler, index, chunks, out)
-
-    floor: Optional[RateFloor] = None  # how fast the donor sends (from its first message on)
-    handler = get_handle_name(prefix, servicer_type.__name__, "rpc_download_state")
-    stream: AsyncIterator[averaging_pb2.DownloadData] = await p2p.iterate_protobuf_handler(
-        donor, handler, averaging_pb2.DownloadRequest(), averaging_pb2.DownloadData, max_message_size=MAX_MESSAGE_BYTES
+    download = _DonorDownload(
+        p2p,
+        donor,
+        prefix=prefix,
+        servicer_type=servicer_type,
+        expected_tensors=expected_tensors,
+        max_bytes=max_bytes,
+        message_timeout=message_timeout,
+        deadline=deadline,
+        first_message_timeout=first_message_timeout,
+        min_rate=min_rate,
+        rate_grace=rate_grace,
     )
     try:
-        while True:
-            timeout = message_timeout
-            if assembler.num_messages == 0 and first_message_timeout is not None:
-                timeout = first_message_timeout
-            if deadline is not None:
-                remaining = max(deadline - time.monotonic(), 0.0)
-                timeout = remaining if timeout is None else min(timeout, remaining)
-            if floor is not None:
-                floor.wait_started(time.monotonic())
-            try:
-                message = await await_with_timeout(stream.__anext__(), timeout)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                raise asyncio.TimeoutError(
-                    f"no message from the donor for {timeout:.1f} s after {assembler.num_messages} messages"
-                ) from None
-            if floor is None:  # the floor starts after the first message, which the donor may prepare for long
-                floor = RateFloor(min_rate, rate_grace)
-            else:
-                now = time.monotonic()
-                floor.wait_ended(now, message.ByteSize())
-                too_slow = floor.check(now)
-                if too_slow is not None:
-                    raise StateDownloadError(f"the donor sends too slowly: {too_slow}")
-            finished = assembler.add(message)
-            if finished is not None:
-                await decode_in_background(finished)
-        last = assembler.finish()
-        if last is not None:
-            await decode_in_background(last)
-        await collect_decoded()
+        await download.start()
+        return await download.finish()
     finally:
-        await stream.aclose()
-        if decoding is not None:  # failed part-way: let the thread finish, drop its result
-            await asyncio.gather(decoding, return_exceptions=True)
-    if outputs is None:  # one shared buffer for the whole state all the same (one copy)
-        tensors = await loop.run_in_executor(None, packed_copy, tensors)
-    return assembler.metadata, tensors
+        await download.aclose()
 
 
 async def load_state_from_peers(
@@ -414,42 +341,52 @@ async def load_state_from_peers(
     if not donors:
         logger.info(f"Nobody shares a state under {key}")
         return None
-    for attempt, (donor, priority) in enumerate(_until(deadline, donors)):
-        logger.info(f"Downloading the state from {donor} (priority {priority}, donor {attempt + 1} of {len(donors)})")
-        started = time.perf_counter()
+    rank = {donor: index + 1 for index, (donor, _) in enumerate(donors)}
+
+    def ask(entry: Tuple[PeerID, float]) -> _DonorDownload:
+        donor, priority = entry
+        logger.info(f"Downloading the state from {donor} (priority {priority}, donor {rank[donor]} of {len(donors)})")
+        return _DonorDownload(
+            p2p,
+            donor,
+            prefix=prefix,
+            servicer_type=servicer_type,
+            expected_tensors=expected_tensors,
+            max_bytes=max_bytes,
+            message_timeout=message_timeout,
+            deadline=deadline,
+            first_message_timeout=first_message_timeout,
+            min_rate=min_rate,
+            rate_grace=rate_grace,
+        )
+
+    def failed(entry: Tuple[PeerID, float], e: BaseException) -> None:
+        logger.warning(f"State download from {entry[0]} failed, trying the next donor: {type(e).__name__}: {e}")
+
+    # a donor that has not started within request_timeout (the wait for any peer's answer) gets a competitor
+    hedge_delay = min(request_timeout, first_message_timeout)
+    candidates = list(donors)
+    while candidates:
+        started = await first_to_start(candidates, ask, hedge_delay, deadline, failed, describe=lambda e: str(e[0]))
+        if started is None:
+            break
+        (donor, _), download = started
         try:
-            metadata, tensors = await download_state(
-                p2p,
-                donor,
-                prefix=prefix,
-                servicer_type=servicer_type,
-                expected_tensors=expected_tensors,
-                max_bytes=max_bytes,
-                message_timeout=message_timeout,
-                deadline=deadline,
-                first_message_timeout=first_message_timeout,
-                min_rate=min_rate,
-                rate_grace=rate_grace,
-            )
+            metadata, tensors = await download.finish()
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            logger.warning(f"State download from {donor} failed, trying the next donor: {type(e).__name__}: {e}")
+            failed((donor, 0.0), e)
             continue
+        finally:
+            await download.aclose()
         num_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
         logger.info(
             f"Downloaded the state from {donor}: {len(tensors)} tensors, {num_bytes} bytes "
-            f"in {time.perf_counter() - started:.2f} s"
+            f"in {time.perf_counter() - download.asked_at:.2f} s"
         )
         return metadata, tensors
+    if candidates:
+        logger.warning(f"The time for loading the state ran out before {len(candidates)} donors were tried")
     logger.warning(f"Could not download a state from any of the {len(donors)} donors under {key}")
     return None
-
-
-def _until(deadline: Optional[float], items: Iterable) -> Iterable:
-    """Yield ``items`` while ``deadline`` (time.monotonic) has not passed."""
-    for item in items:
-        if deadline is not None and time.monotonic() >= deadline:
-            logger.warning("The time for loading the state ran out before every donor was tried")
-            return
-        yield item

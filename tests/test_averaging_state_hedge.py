@@ -1,0 +1,162 @@
+"""Hedged state downloads: donors of the highest priority that never start sending cannot hold a newcomer for long,
+while honest donors that queue it, and hostile ones that start and then stall, are handled as before."""
+
+import asyncio
+import logging
+import time
+
+import pytest
+from test_averaging_state_sharing import (
+    assert_state_equal,
+    declare,
+    dht,
+    honest_donor,
+    load,
+    make_state,
+    messages_of,
+    prefix,
+    serve,
+    start_peers,
+)
+
+from hivemind.averaging.state_sharing import StateSharing
+
+__all__ = ["dht", "prefix"]  # the fixtures, used by the tests below
+
+
+class SilentDonor:
+    """A handler that accepts a download and never sends anything; counts the streams it was asked and closed."""
+
+    def __init__(self):
+        self.asked, self.closed = 0, 0
+        self.was_asked = asyncio.Event()
+        self.all_closed = asyncio.Event()
+
+    async def __call__(self, _request, _context):
+        self.asked += 1
+        self.was_asked.set()
+        self.all_closed.clear()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.closed += 1
+            if self.closed == self.asked:
+                self.all_closed.set()
+        yield  # (an async generator that never gets here)
+
+
+async def silent_donors(dht, prefix, peers, priority):
+    donors = []
+    for peer in peers:
+        donors.append(SilentDonor())
+        await serve(peer, prefix, donors[-1])
+        await declare(dht, prefix, peer, priority)
+    return donors
+
+
+@pytest.mark.timeout(60)
+async def test_silent_top_priority_donors_cost_a_newcomer_request_timeout_each(dht, p2p_factory, prefix):
+    """Before hedging, each silent identity cost 25 s (DONOR_PREPARATION_TIMEOUT): the 10 s given ran out on the
+    first one and nothing was loaded."""
+    (*hostile, good), client = await start_peers(p2p_factory, 4)
+    silent = await silent_donors(dht, prefix, hostile, priority=10.0)
+    _, good_state = await honest_donor(dht, good, prefix, seed=2, priority=1.0)
+
+    started = time.monotonic()
+    result = await load(client, dht, prefix, expected=good_state[1], timeout=10, request_timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert_state_equal(result, good_state)
+    assert elapsed < 5.0, f"took {elapsed:.1f} s"
+    assert all(donor.asked == 1 for donor in silent)  # each was asked once, in turn, and waited on meanwhile
+    for donor in silent:  # and every stream to them is closed, so their handlers end
+        await asyncio.wait_for(donor.all_closed.wait(), timeout=5)
+
+
+@pytest.mark.timeout(60)
+async def test_donor_that_starts_then_stalls_is_abandoned_for_the_next_as_before(dht, p2p_factory, prefix, caplog):
+    (staller, good), client = await start_peers(p2p_factory, 2)
+    _, good_state = await honest_donor(dht, good, prefix, seed=2, priority=1.0)
+    messages = messages_of(make_state(seed=1))
+
+    async def serve_then_stall(_request, _context):
+        yield messages[0]
+        await asyncio.Event().wait()
+
+    await serve(staller, prefix, serve_then_stall)
+    await declare(dht, prefix, staller, 100.0)
+    with caplog.at_level(logging.WARNING, logger="hivemind.averaging.state_download"):
+        result = await load(
+            client, dht, prefix, expected=good_state[1], timeout=10, request_timeout=0.5, next_chunk_timeout=0.5
+        )
+    assert_state_equal(result, good_state)
+    failed = [record.getMessage() for record in caplog.records if "failed, trying the next donor" in record.message]
+    assert len(failed) == 1 and str(staller.peer_id) in failed[0] and "no message from the donor" in failed[0], failed
+
+
+@pytest.mark.timeout(60)
+async def test_donor_that_queues_the_newcomer_and_then_serves_still_wins_over_silent_ones(dht, p2p_factory, prefix):
+    (donor, hostile), client = await start_peers(p2p_factory, 2)
+    other_client = await p2p_factory(initial_peers=await donor.get_visible_maddrs())
+    await other_client.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
+    state, release, asked = make_state(seed=1), asyncio.Event(), asyncio.Event()
+
+    async def slow_state():
+        asked.set()
+        await release.wait()
+        return state[0], state[1], None
+
+    sharing = StateSharing(
+        dht=dht,
+        peer_id=donor.peer_id,
+        prefix=prefix,
+        get_current_state=slow_state,
+        state_sharing_priority=10.0,
+        max_concurrent_downloads=1,
+        max_queued_downloads=1,
+        max_queue_wait=30,
+    )
+    await serve(donor, prefix, sharing.rpc_download_state)
+    assert await sharing.declare()
+    (silent,) = await silent_donors(dht, prefix, [hostile], priority=1.0)
+
+    first = asyncio.create_task(load(other_client, dht, prefix))
+    await asked.wait()  # the first download holds the donor's only slot
+    newcomer = asyncio.create_task(load(client, dht, prefix, timeout=20, request_timeout=0.3))
+    await asyncio.wait_for(silent.was_asked.wait(), timeout=10)  # the donor queued it: the next one is asked too
+    assert sharing.slots.waiting == 1
+    release.set()
+    assert_state_equal(await first, state)
+    assert_state_equal(await newcomer, state)  # the queued donor still served it
+    await asyncio.wait_for(silent.all_closed.wait(), timeout=5)  # and the silent one was let go
+    assert sharing.slots.active == 0 and sharing.slots.waiting == 0
+
+
+@pytest.mark.timeout(60)
+async def test_donor_stopped_because_another_started_first_is_asked_again_when_that_one_fails(
+    dht, p2p_factory, prefix
+):
+    (slow, staller), client = await start_peers(p2p_factory, 2)
+    state, calls = make_state(seed=3), []
+
+    async def slow_state():  # longer than request_timeout, but within the wait for a first message
+        calls.append(time.monotonic())
+        await asyncio.sleep(1.0)
+        return state[0], state[1], None
+
+    sharing = StateSharing(
+        dht=dht, peer_id=slow.peer_id, prefix=prefix, get_current_state=slow_state, state_sharing_priority=10.0
+    )
+    await serve(slow, prefix, sharing.rpc_download_state)
+    assert await sharing.declare()
+    messages = messages_of(make_state(seed=1))
+
+    async def serve_then_stall(_request, _context):
+        yield messages[0]
+        await asyncio.Event().wait()
+
+    await serve(staller, prefix, serve_then_stall)
+    await declare(dht, prefix, staller, 1.0)
+
+    result = await load(client, dht, prefix, timeout=20, request_timeout=0.3, next_chunk_timeout=0.5)
+    assert_state_equal(result, state)  # asked first, stopped when the staller started, asked again after it failed
+    assert sharing.slots.active == 0 and sharing.slots.waiting == 0
