@@ -51,11 +51,11 @@ func checkDialBackoffOptions(o *options) error {
 }
 
 // applyDialBackoff sets go-libp2p's backoff schedule (package variables of the swarm, read at every failed dial;
-// BackoffMax is also the period of its clean-up, fixed when a swarm starts) to base*(1+n²), capped at max.
-func applyDialBackoff(base, max time.Duration) {
+// BackoffMax is also the period of its clean-up, fixed when a swarm starts) to base*(1+n²), capped at longest.
+func applyDialBackoff(base, longest time.Duration) {
 	swarm.BackoffBase = base
 	swarm.BackoffCoef = base
-	swarm.BackoffMax = max
+	swarm.BackoffMax = longest
 }
 
 // redialHost is the host as the daemon's own requests see it: before it dials a peer it is not connected to, it
