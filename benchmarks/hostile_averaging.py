@@ -8,7 +8,8 @@ prefix runs the attacks of ``AVERAGING_ATTACKS``:
 - ``stalling_leader``: declares itself under the group key just ahead of the honest peers, with a new expiration each
   time, accepts every join request and never answers again;
 - ``disbanding_leader``: the same, but disbands each group just before its follower would give up, suggesting itself;
-- ``unknown_group_parts``: waves of all-reduce streams whose 1 MiB parts name made-up groups, left open.
+- ``unknown_group_parts``: waves of all-reduce streams whose 1 MiB parts name made-up groups, left open;
+- ``unfinished_large_parts``: 100 streams per averager, each with a 4.5 MiB part frame sent but for its last byte.
 
 Printed at the end: per attack what was tried, refused, the honest rounds that succeeded meanwhile, and each honest
 averager's RSS (its process) at the start, its peak during the attacks and at the end.
@@ -34,7 +35,7 @@ from hostile_attacks import AttackStats
 from hivemind import DHT, get_dht_time
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.key_manager import GroupKeyManager
-from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, ServicerBase, framing
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import averaging_pb2, runtime_pb2
 
@@ -138,10 +139,47 @@ async def unknown_group_parts(ctx: AveragingContext) -> AttackStats:
     return stats
 
 
+async def unfinished_large_parts(ctx: AveragingContext) -> AttackStats:
+    """100 raw streams per honest averager, each a frame announcing a 4.5 MiB part with all but its last byte sent,
+    held open for ``hold`` seconds (at least 5): each averager receives up to 450 MiB of frames at once."""
+    stats = AttackStats("unfinished_large_parts")
+    name = get_handle_name(PREFIX, "DecentralizedAverager", "rpc_aggregate_part")
+    announced = 4_500_000
+    frame = framing.encode_header(framing.MESSAGE_MARKER, announced) + bytes(announced - 1)
+    hold = max(5.0, ctx.hold)
+    codes: Counter = Counter()
+
+    async def one(peer) -> None:
+        _, reader, writer = await ctx.p2p.call_binary_stream_handler(peer, name)
+        try:
+            writer.write(frame)
+            await writer.drain()
+            _, error = await framing.receive_protobuf(averaging_pb2.AveragingData, reader)
+            codes["refused" if error is not None else "answered"] += 1
+            stats.refused += error is not None
+        finally:
+            writer.close()
+
+    async def held(peer) -> None:
+        try:
+            await asyncio.wait_for(one(peer), hold)
+        except asyncio.TimeoutError:
+            codes["held"] += 1
+        except Exception as e:
+            codes[type(e).__name__] += 1
+
+    calls = [held(averager.peer_id) for averager in ctx.honest for _ in range(ctx.count(100))]
+    await asyncio.gather(*calls)
+    stats.tried = len(calls)
+    stats.note = ", ".join(f"{code} x{n}" for code, n in codes.items())
+    return stats
+
+
 AVERAGING_ATTACKS = {
     "stalling_leader": stalling_leader,
     "disbanding_leader": disbanding_leader,
     "unknown_group_parts": unknown_group_parts,
+    "unfinished_large_parts": unfinished_large_parts,
 }
 
 
