@@ -14,6 +14,7 @@ import torch
 
 from hivemind.dht import DHT, DHTNode
 from hivemind.moe.client.expert import RemoteExpert, batch_create_remote_experts
+from hivemind.moe.client.negative_cache import recheck_negative_prefixes
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import (
     FLAT_EXPERT,
@@ -208,6 +209,7 @@ class _SuccessorFetcher:
                 self.results[prefix] = loop.create_future()
             try:
                 found = await self.node.get_many(new, num_workers=self.num_workers)
+                found = await recheck_negative_prefixes(self.node, found, self._is_empty, self.num_workers)
             except BaseException:
                 for prefix in new:  # other samples waiting for these prefixes fail with this search
                     self.results[prefix].cancel()
@@ -217,6 +219,9 @@ class _SuccessorFetcher:
                     self.missing.append(prefix)
                 self.results[prefix].set_result(parse_successors(prefix, found[prefix], self._dimension_size(prefix)))
         return {prefix: await self.results[prefix] for prefix in prefixes}
+
+    def _is_empty(self, prefix: ExpertPrefix, found) -> bool:
+        return not parse_successors(prefix, found, self._dimension_size(prefix))
 
     async def store_negative_cache(self, expiration: float) -> None:
         if self.negative_caching and self.missing:
@@ -272,6 +277,9 @@ async def _get_initial_beam(
 
 async def _get_active_successors(dht, node, *, prefixes, grid_size, num_workers) -> Dict[ExpertPrefix, Successors]:
     found = await node.get_many(prefixes, num_workers=num_workers)
+    found = await recheck_negative_prefixes(
+        node, found, lambda prefix, value: not parse_successors(prefix, value, grid_size), num_workers
+    )
     return {prefix: parse_successors(prefix, found[prefix], grid_size) for prefix in prefixes}
 
 
