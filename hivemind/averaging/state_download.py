@@ -306,6 +306,8 @@ async def load_state_from_peers(
     Donors are the averagers that declared a numeric priority under ``<prefix>.all_averagers``, highest first (ties
     at random), ourselves excluded. A donor whose download fails in any way is skipped (with a warning saying why)
     and the next one is tried; None means that nobody shares a state or that every donor failed within ``timeout``.
+    Donors that have not started sending within ``request_timeout`` do not hold up the next ones: those are asked
+    too, one per ``request_timeout``, and the first whose state starts arriving is downloaded from.
 
     :param p2p: the P2P to call donors with (the averager's)
     :param dht: the averager's DHT, for finding donors
@@ -315,7 +317,9 @@ async def load_state_from_peers(
     :param expected_tensors: what the state must look like (objects with ``.shape`` and ``.dtype``, e.g. our own
       state's tensors); donors whose tensors differ in number, shape or dtype are skipped. None: any shapes.
     :param timeout: seconds for the whole call (finding donors and all download attempts); None: no overall limit
-    :param request_timeout: with ``timeout`` given and no ``next_chunk_timeout``, the limit between two messages
+    :param request_timeout: seconds that the donors asked so far may take to start sending before the next one is
+      asked too (the first to start is kept; see :mod:`hivemind.averaging.state_hedge`); and, with ``timeout`` given
+      and no ``next_chunk_timeout``, the limit between two messages
     :param next_chunk_timeout: the limit between two messages of a download (None: as above, or 60 s); the first
       message may take up to DONOR_PREPARATION_TIMEOUT (25 s) or this limit, whichever is longer
     :param max_bytes: refuse states with more tensor bytes (default: what ``expected_tensors`` allows, or 16 GiB)
