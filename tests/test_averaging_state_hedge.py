@@ -122,8 +122,10 @@ async def test_donor_that_queues_the_newcomer_and_then_serves_still_wins_over_si
     first = asyncio.create_task(load(other_client, dht, prefix))
     await asked.wait()  # the first download holds the donor's only slot
     newcomer = asyncio.create_task(load(client, dht, prefix, timeout=20, request_timeout=0.3))
-    await asyncio.wait_for(silent.was_asked.wait(), timeout=10)  # the donor queued it: the next one is asked too
-    assert sharing.slots.waiting == 1
+    while sharing.slots.waiting == 0:  # the donor queued it
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(silent.was_asked.wait(), timeout=10)  # so the next one is asked too
+    assert sharing.slots.waiting == 1  # while the queued download goes on
     release.set()
     assert_state_equal(await first, state)
     assert_state_equal(await newcomer, state)  # the queued donor still served it
@@ -136,21 +138,27 @@ async def test_donor_stopped_because_another_started_first_is_asked_again_when_t
     dht, p2p_factory, prefix
 ):
     (slow, staller), client = await start_peers(p2p_factory, 2)
-    state, calls = make_state(seed=3), []
+    state, slow_asked, staller_asked = make_state(seed=3), [], []
 
     async def slow_state():  # longer than request_timeout, but within the wait for a first message
-        calls.append(time.monotonic())
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         return state[0], state[1], None
 
     sharing = StateSharing(
         dht=dht, peer_id=slow.peer_id, prefix=prefix, get_current_state=slow_state, state_sharing_priority=10.0
     )
-    await serve(slow, prefix, sharing.rpc_download_state)
+
+    async def serve_slowly(request, context):
+        slow_asked.append(time.monotonic())
+        async for message in sharing.rpc_download_state(request, context):
+            yield message
+
+    await serve(slow, prefix, serve_slowly)
     assert await sharing.declare()
     messages = messages_of(make_state(seed=1))
 
     async def serve_then_stall(_request, _context):
+        staller_asked.append(time.monotonic())
         yield messages[0]
         await asyncio.Event().wait()
 
@@ -159,4 +167,6 @@ async def test_donor_stopped_because_another_started_first_is_asked_again_when_t
 
     result = await load(client, dht, prefix, timeout=20, request_timeout=0.3, next_chunk_timeout=0.5)
     assert_state_equal(result, state)  # asked first, stopped when the staller started, asked again after it failed
+    assert len(slow_asked) == 2 and len(staller_asked) == 1
+    assert slow_asked[0] < staller_asked[0] < slow_asked[1]
     assert sharing.slots.active == 0 and sharing.slots.waiting == 0
