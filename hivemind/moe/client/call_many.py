@@ -204,6 +204,7 @@ class RemoteCallMany(torch.autograd.Function):
         def expected_outputs(job):
             return expected_output_bytes(outputs_schema, len(job.samples)), num_outputs
 
+        skipped = sum(options.penalty.is_penalized(penalty_key(job.expert)) for job in jobs)
         results = _fan_out(
             jobs,
             "forward",
@@ -236,9 +237,12 @@ class RemoteCallMany(torch.autograd.Function):
 
         num_answers = int(alive.sum())
         if num_answers < options.k_min:
+            failed = len(jobs) - skipped - len(alive_jobs)
             raise TimeoutError(
-                f"Only {num_answers} expert answers arrived in forward, fewer than k_min={options.k_min}; "
-                f"the chosen experts failed or did not answer in time (raise forward_timeout or lower k_min)"
+                f"Only {num_answers} expert answers arrived in forward, fewer than k_min={options.k_min}: of the "
+                f"{len(jobs)} chosen experts, {failed} failed or did not answer in time (see the warnings above) "
+                f"and {skipped} were not called because they failed in the last seconds (raise forward_timeout or "
+                "lower k_min; skipped experts are tried again once their penalty ends)"
             )
         ctx.alive_jobs, ctx.info, ctx.options = alive_jobs, info, options
         ctx.num_samples = num_samples

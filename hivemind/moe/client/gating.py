@@ -119,6 +119,12 @@ class ExpertFailurePenalty:
         until = self._until.get(uid)
         return until is not None and now < until
 
+    def num_penalized(self, now: Optional[float] = None) -> int:
+        """How many experts (keys) are penalized right now."""
+        now = now if now is not None else self.clock()
+        with self._lock:
+            return sum(now < until for until in self._until.values())
+
     def report_failure(self, uid: PenaltyKey) -> None:
         with self._lock:
             self._report_failure(uid)

@@ -148,17 +148,29 @@ class RemoteMixtureOfExperts(nn.Module):
         return outputs
 
     def find_experts(self, grid_scores: Sequence[torch.Tensor], deadline: Optional[float]) -> List[List[RemoteExpert]]:
-        """Beam search for each sample's experts within the forward's time budget."""
+        """Beam search for each sample's experts within the forward's time budget.
+
+        Experts that failed recently (``self.failure_penalty``) are passed over for the next-best ones: the search
+        looks for up to ``k_best`` more experts per sample while some are penalized, so that a dead server's
+        experts, still announced in the DHT until their announcements expire, do not take the samples' slots.
+        """
+        extra = min(self.failure_penalty.num_penalized(), self.k_best)
         future = self.beam_search.batch_find_best_experts(
-            [scores.detach().cpu().float().numpy() for scores in grid_scores], self.k_best, return_future=True
+            [scores.detach().cpu().float().numpy() for scores in grid_scores], self.k_best + extra, return_future=True
         )
-        chosen = self._search_result(future, deadline)
-        if not any(chosen):
+        found = self._search_result(future, deadline)
+        if not any(found):
             raise RuntimeError(
                 f"No responding experts found in the DHT for {self.uid_prefix} (grid {self.grid_size}); check that "
                 f"expert servers run and that this DHT is connected to them"
             )
-        return chosen
+        return [self._skip_penalized(experts) for experts in found]
+
+    def _skip_penalized(self, experts: List[RemoteExpert]) -> List[RemoteExpert]:
+        """The best ``k_best`` of a sample's experts that are not penalized (all penalized: the best ones, which are
+        then skipped in the call, so the sample gets the error or zeros of a sample without answers)."""
+        alive = [expert for expert in experts if not self.failure_penalty.is_penalized(penalty_key(expert))]
+        return (alive or experts)[: self.k_best]
 
     def call_experts(
         self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float], *args, **kwargs
