@@ -57,7 +57,7 @@ async def test_client_reaches_restarted_server_within_seconds(p2p_factory, tmp_p
     await server.shutdown()
     down_until = time.monotonic() + DOWN_TIME
     while time.monotonic() < down_until:
-        with pytest.raises(P2PDaemonError, match="dial"):
+        with pytest.raises(P2PDaemonError):
             await call(client, server_id)
         await asyncio.sleep(RETRY_INTERVAL)
 
