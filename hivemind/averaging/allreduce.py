@@ -262,7 +262,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         try:
             for _ in self.my_parts:
                 part, local, future = await queue.get()
-                average = await future
+                average = await asyncio.shield(future)  # shared with the other senders' handlers (see there)
                 output = self.container.output_part(part)
                 if average is None:
                     zero_(output)

@@ -89,7 +89,9 @@ class ReducerSide:
                 if isinstance(item, BaseException):
                     raise item
                 part, tensor, compression_type, private, future = item
-                average = await future
+                # the future is shared by every sender of this part: shielded, so that this handler's cancellation
+                # (its sender closed the stream) does not cancel the average for the others
+                average = await asyncio.shield(future)
                 # AVERAGED_PART with average - part encoded as the sender encoded its part; a costly codec runs in a
                 # thread, so that the event loop keeps moving other streams. Once averaged, the sender's part is read
                 # by nothing else (a sole contributor's part is read only here): the delta may overwrite it

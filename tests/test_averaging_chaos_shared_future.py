@@ -1,0 +1,48 @@
+"""Found by benchmarks/chaos_averaging.py: a sender that leaves while its parts wait for the others' must not take
+the parts' averages away from the members that remain (real p2pd peers)."""
+
+import asyncio
+import os
+
+import pytest
+import torch
+from allreduce_helpers import call_reducer, collect, make_connected_peers, make_runner, sender_messages, start_routers
+from async_wait import wait_until
+
+from hivemind.averaging.partition import TensorPartContainer
+from hivemind.proto import averaging_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+SIZE, PART_BYTES = 64, 64  # 4 parts of 16 float32 elements, all reduced by peer A
+FRACTIONS = [1.0, 0.0, 0.0]  # B and C only send
+
+
+async def test_a_sender_that_leaves_while_waiting_for_averages_does_not_stall_the_others(p2p_factory):
+    """B streams all its parts and closes its stream (its averager was shut down) while they wait for C's parts.
+    Each part's average is one future shared by everyone waiting for it (A's own parts among them): cancelling B's
+    handler used to cancel it for all of them, so A's round never finished and C got no replies (in the chaos run a
+    survivor waited for the all-reduce timeout, then failed its step)."""
+    peers = await make_connected_peers(p2p_factory, 3)
+    routers = await start_routers(peers)
+    values = [torch.randn(SIZE) for _ in range(3)]
+    group_id = os.urandom(20)
+    runner = make_runner(
+        peers[0], routers[0], peers, group_id, [values[0]], peer_fractions=FRACTIONS, part_size_bytes=PART_BYTES,
+        sender_timeout=5.0, reducer_timeout=10.0,
+    )  # fmt: skip
+    containers = [TensorPartContainer([v], FRACTIONS, part_size_bytes=PART_BYTES) for v in values]
+    result = asyncio.create_task(collect(runner))
+    call_b = asyncio.create_task(call_reducer(peers[1], peers[0], sender_messages(containers[1], 0, group_id)))
+    await wait_until(lambda: runner.reducer.sender_progress[1] == 4, "B's parts to arrive")
+    call_b.cancel()  # B leaves: its stream is closed while its handler waits for the averages
+    await asyncio.gather(call_b, return_exceptions=True)
+    await wait_until(lambda: not runner._handler_tasks, "B's handler to end")
+
+    replies_c = await asyncio.wait_for(
+        call_reducer(peers[2], peers[0], sender_messages(containers[2], 0, group_id)), 10
+    )
+    deltas = await asyncio.wait_for(result, 10)
+
+    torch.testing.assert_close(values[0] + deltas[0], sum(values) / 3, rtol=0, atol=1e-6)
+    assert [reply.code for reply in replies_c] == [averaging_pb2.AVERAGED_PART] * 4
