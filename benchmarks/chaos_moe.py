@@ -1,7 +1,11 @@
 """Churn test of a decentralized mixture-of-experts: expert servers are killed, frozen and restarted under training.
 
-    python benchmarks/chaos_moe.py                                   # both settings below, ~7 minutes
+    python benchmarks/chaos_moe.py                                   # the three settings, ~11 minutes
     python benchmarks/chaos_moe.py --settings masked --duration 120  # one setting, shorter
+
+Settings: ``masked`` (one trainer, allow_zero_outputs=True), ``strict2`` (two trainers, allow_zero_outputs=False),
+``long`` (one trainer, allow_zero_outputs=False, one server down for half the run and another frozen for 30% of it,
+instead of the short-outage schedule); forward_timeout = backward_timeout = 2 s in all.
 
 A bootstrap DHT runs in this (driver) process; ``--servers`` expert servers (``ffn`` experts of ``--hidden_dim``,
 two per server on a ``servers x 2`` grid) run as separate processes, each with its own DHT joined to the bootstrap
@@ -39,9 +43,10 @@ from typing import Dict, List, Optional
 import psutil
 
 SETTINGS = {
-    # name: (trainers, allow_zero_outputs, forward_timeout, backward_timeout)
+    # name: (trainers, allow_zero_outputs, forward_timeout, backward_timeout); "long" runs the long-outage schedule
     "masked": (1, True, 2.0, 2.0),
     "strict2": (2, False, 2.0, 2.0),
+    "long": (1, False, 2.0, 2.0),
 }
 
 
@@ -274,7 +279,31 @@ class Driver:
         def at(fraction):
             return fraction * duration
 
-        schedule = [
+        schedule = self.long_schedule(at) if self.setting == "long" else self.churn_schedule(at, n)
+        if self.trainers_count > 1:
+            schedule += [
+                (at(0.52), lambda: self.kill_trainer(1)),
+                (at(0.54), lambda: self.start_trainer(1)),
+            ]
+        for moment, action in sorted(schedule, key=lambda item: item[0]):
+            self.wait_until(moment)
+            action()
+        self.wait_until(duration)
+        self.stop_all()
+        return self.summarize()
+
+    def long_schedule(self, at) -> list:
+        """One server down for half the run (restarted on its identity and port), another frozen for 30% of it."""
+        return [
+            (at(0.05), lambda: self.signal_server(0, signal.SIGKILL, "SIGKILL")),
+            (at(0.10), lambda: self.signal_server(1, signal.SIGSTOP, "SIGSTOP")),
+            (at(0.40), lambda: self.signal_server(1, signal.SIGCONT, "SIGCONT")),
+            (at(0.55), lambda: self.start_server(0, "same identity+port")),
+        ]
+
+    def churn_schedule(self, at, n: int) -> list:
+        """Short outages: kills, restarts on the same or a new identity, a freeze, two servers down at once."""
+        return [
             (at(0.08), lambda: self.signal_server(0, signal.SIGKILL, "SIGKILL")),
             (at(0.18), lambda: self.start_server(0, "same identity+port")),
             (at(0.28), lambda: self.signal_server(1, signal.SIGSTOP, "SIGSTOP")),
@@ -286,15 +315,8 @@ class Driver:
             (at(0.68), lambda: self.start_server(3 % n, "same identity+port")),
             (at(0.68), lambda: self.start_server(0, "same identity+port")),
         ]
-        if self.trainers_count > 1:
-            schedule += [
-                (at(0.52), lambda: self.kill_trainer(1)),
-                (at(0.54), lambda: self.start_trainer(1)),
-            ]
-        for moment, action in sorted(schedule, key=lambda item: item[0]):
-            self.wait_until(moment)
-            action()
-        self.wait_until(duration)
+
+    def stop_all(self) -> None:
         self.event("stop")
         for popen in self.trainers.values():
             popen.send_signal(signal.SIGTERM)
@@ -312,7 +334,6 @@ class Driver:
             except subprocess.TimeoutExpired:
                 os.killpg(incarnation.popen.pid, signal.SIGKILL)
         self.bootstrap.shutdown()
-        return self.summarize()
 
     # ------------------------------------------------------------------ results
 
