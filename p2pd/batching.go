@@ -86,6 +86,27 @@ func (c *batchedSecureConn) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// WriteBuffers writes bufs with one Write of the secured connection each, all in one batch on the raw connection.
+// The patched go-yamux (third_party/go-yamux) sends a frame's header and payload this way, so that it needs no
+// copy of the payload; the header then travels in a TLS record of its own, which peers decrypt like any other.
+func (c *batchedSecureConn) WriteBuffers(bufs ...[]byte) (int, error) {
+	c.raw.beginBatch()
+	total := 0
+	var err error
+	for _, b := range bufs {
+		var n int
+		n, err = c.SecureConn.Write(b)
+		total += n
+		if err != nil {
+			break
+		}
+	}
+	if ferr := c.raw.endBatch(); err == nil {
+		err = ferr
+	}
+	return total, err
+}
+
 // batchConn is the raw connection under the security layer: buffered reads, and writes that are collected
 // while a batch is open. Writes outside a batch (handshake, alerts) go straight to the socket, after any
 // pending batched bytes, so the order of bytes is always preserved. Every batch is flushed before the Write

@@ -119,3 +119,4 @@ require (
 
 replace github.com/libp2p/go-libp2p-asn-util => ./asnstub
 replace github.com/quic-go/quic-go => ./third_party/quic-go // Go 1.26 session-ticket panic fixed: third_party/quic-go/PATCHED.md
+replace github.com/libp2p/go-yamux/v4 => ./third_party/go-yamux // frames sent and received without a copy: third_party/go-yamux/PATCHED.md

@@ -8,8 +8,10 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/sec"
 )
 
 // openYamuxStream makes a yamux connection over the two ends of a pipe, opens a stream from the client side and
@@ -120,5 +122,148 @@ func TestForwardedChunksFillWholeYamuxFrames(t *testing.T) {
 				t.Fatalf("a write of %d bytes went out as %d frames, want %d", tc.size, frames, tc.frames)
 			}
 		})
+	}
+}
+
+// buffersConn offers WriteBuffers (as p2pd's batching security layer does) and records whether a frame payload it
+// was given is the very memory a stream writer passed to Write.
+type buffersConn struct {
+	net.Conn
+	payload   []byte // the writer's buffer
+	inPlace   atomic.Int64
+	joinedBuf []byte
+}
+
+func (c *buffersConn) WriteBuffers(bufs ...[]byte) (int, error) {
+	for _, b := range bufs {
+		if len(b) > 0 && len(c.payload) > 0 && &b[0] == &c.payload[0] {
+			c.inPlace.Add(1)
+		}
+	}
+	c.joinedBuf = c.joinedBuf[:0]
+	for _, b := range bufs {
+		c.joinedBuf = append(c.joinedBuf, b...)
+	}
+	return c.Conn.Write(c.joinedBuf)
+}
+
+// A large write leaves the process in the writer's own buffer: the patched go-yamux (third_party/go-yamux) hands it
+// to the connection's WriteBuffers instead of copying it into a frame buffer first, and the peer gets the same bytes.
+func TestLargeYamuxFramesAreSentFromTheWritersBuffer(t *testing.T) {
+	clientRaw, serverConn := net.Pipe()
+	clientConn := &buffersConn{Conn: clientRaw}
+	stream, remote := openYamuxStream(t, clientConn, serverConn)
+	if _, err := io.ReadFull(remote, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, yamuxFramePayload)
+	for i := range payload {
+		payload[i] = byte(i * 7)
+	}
+	clientConn.payload = payload
+	received := make(chan []byte, 1)
+	go func() {
+		buf := make([]byte, len(payload))
+		if _, err := io.ReadFull(remote, buf); err == nil {
+			received <- buf
+		}
+		close(received)
+	}()
+	if _, err := stream.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	if got := <-received; !bytes.Equal(got, payload) {
+		t.Fatal("the peer received other bytes than were written")
+	}
+	if n := clientConn.inPlace.Load(); n != 1 {
+		t.Fatalf("the frame's payload reached the connection from the writer's buffer %d times, want 1", n)
+	}
+}
+
+// recordingConn counts the writes that reach the socket under the security layer.
+type recordingConn struct {
+	net.Conn
+	writes [][]byte
+}
+
+func (c *recordingConn) Write(p []byte) (int, error) {
+	c.writes = append(c.writes, append([]byte(nil), p...))
+	return len(p), nil
+}
+
+// plainSecureConn stands for TLS in batchedSecureConn: its Writes go unchanged to the raw connection.
+type plainSecureConn struct {
+	sec.SecureConn
+	raw net.Conn
+}
+
+func (c *plainSecureConn) Write(p []byte) (int, error) { return c.raw.Write(p) }
+
+// A frame written as header and payload (WriteBuffers) reaches the socket in one system call, as one Write would.
+func TestWriteBuffersIsOneWriteBatch(t *testing.T) {
+	socket := &recordingConn{}
+	raw := newBatchConn(socket)
+	conn := &batchedSecureConn{SecureConn: &plainSecureConn{raw: raw}, raw: raw}
+	header, payload := []byte("header-bytes"), bytes.Repeat([]byte{5}, 100<<10)
+	n, err := conn.WriteBuffers(header, payload)
+	if err != nil || n != len(header)+len(payload) {
+		t.Fatalf("WriteBuffers wrote %d bytes (%v), want %d", n, err, len(header)+len(payload))
+	}
+	if len(socket.writes) != 1 || !bytes.Equal(socket.writes[0], append(append([]byte(nil), header...), payload...)) {
+		t.Fatalf("the socket got %d writes, want one with the header and the payload", len(socket.writes))
+	}
+}
+
+// readTrackingConn records whether the session read a frame payload straight into a given buffer.
+type readTrackingConn struct {
+	net.Conn
+	target []byte
+	direct atomic.Int64
+}
+
+func (c *readTrackingConn) Read(p []byte) (int, error) {
+	if len(p) > 0 && len(c.target) > 0 {
+		start, end := &c.target[0], &c.target[len(c.target)-1]
+		if uintptr(unsafe.Pointer(&p[0])) >= uintptr(unsafe.Pointer(start)) &&
+			uintptr(unsafe.Pointer(&p[0])) <= uintptr(unsafe.Pointer(end)) {
+			c.direct.Add(1)
+		}
+	}
+	return c.Conn.Read(p)
+}
+
+// A reader that waits in Read when a frame arrives gets its payload read straight into its buffer (the patched
+// go-yamux skips its receive buffer then); the bytes are the ones sent, in order.
+func TestYamuxReadsFramesIntoTheWaitingReadersBuffer(t *testing.T) {
+	const frames, frameSize = 32, 64 << 10
+	buf := make([]byte, frames*frameSize)
+	clientConn, serverRaw := net.Pipe()
+	serverConn := &readTrackingConn{Conn: serverRaw, target: buf}
+	stream, remote := openYamuxStream(t, clientConn, serverConn)
+	if _, err := io.ReadFull(remote, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan error, 1)
+	go func() {
+		_, err := io.ReadFull(remote, buf)
+		read <- err
+	}()
+	sent := make([]byte, len(buf))
+	for i := range sent {
+		sent[i] = byte(i * 13)
+	}
+	for i := 0; i < frames; i++ { // one write per frame, so that the reader waits in Read between frames
+		if _, err := stream.Write(sent[i*frameSize : (i+1)*frameSize]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-read; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf, sent) {
+		t.Fatal("the reader got other bytes than were sent")
+	}
+	if serverConn.direct.Load() == 0 {
+		t.Fatalf("none of %d frames was read straight into the waiting reader's buffer", frames)
 	}
 }
