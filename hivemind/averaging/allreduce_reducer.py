@@ -117,6 +117,18 @@ class ReducerSide:
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            self._ban_if_undelivered(sender_index)
+
+    def _ban_if_undelivered(self, sender_index: int) -> None:
+        """A sender whose handler ends before all its parts were taken (its stream closed while parts it had sent still
+        waited, unread, for the reduce window: the handler is cancelled then) delivers nothing more: excluded from the
+        rest, so that the others' parts are not held for it until the all-reduce times out."""
+        reducer = self.reducer
+        if self._finalized or reducer is None or not reducer.is_active(sender_index):
+            return
+        delivered = reducer.sender_progress[sender_index]
+        if delivered < reducer.num_parts:
+            self._ban(sender_index, f"closed its stream after {delivered} of {reducer.num_parts} parts")
 
     def _check_first_message(
         self, first: AveragingData, peer_id: PeerID, sender_index: Optional[int]
