@@ -6,11 +6,21 @@ import os
 
 import pytest
 import torch
-from allreduce_helpers import call_reducer, collect, make_connected_peers, make_runner, sender_messages, start_routers
+from allreduce_helpers import (
+    call_reducer,
+    collect,
+    hivemind_logs,
+    make_connected_peers,
+    make_runner,
+    sender_messages,
+    start_routers,
+)
 from async_wait import wait_until
 
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.proto import averaging_pb2
+
+__all__ = ["hivemind_logs"]  # the fixture, used by the tests below
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,3 +91,25 @@ async def test_a_sender_that_leaves_with_parts_still_queued_is_excluded_from_the
     torch.testing.assert_close(averaged[undelivered], (values[0] + values[2])[undelivered] / 2, rtol=0, atol=1e-6)
     assert [reply.code for reply in replies_c] == [averaging_pb2.AVERAGED_PART] * 6
     assert "closed its stream" in runner.reducer.banned_reasons[1]
+
+
+async def test_a_round_cancelled_here_does_not_blame_its_senders(p2p_factory, hivemind_logs):
+    """When this peer's own round is cancelled (its averager shuts down), the senders waiting on it did nothing
+    wrong: no "excluded sender" warning names them (the chaos run's killed peers logged one for an honest sender)."""
+    peers = await make_connected_peers(p2p_factory, 3)
+    routers = await start_routers(peers)
+    values = [torch.randn(96) for _ in range(3)]  # 6 parts: B's last 2 wait for the reduce window
+    group_id = os.urandom(20)
+    runner = make_runner(
+        peers[0], routers[0], peers, group_id, [values[0]], peer_fractions=FRACTIONS, part_size_bytes=PART_BYTES,
+        sender_timeout=5.0, reducer_timeout=10.0,
+    )  # fmt: skip
+    containers = [TensorPartContainer([v], FRACTIONS, part_size_bytes=PART_BYTES) for v in values]
+    result = asyncio.create_task(collect(runner))
+    call_b = asyncio.create_task(call_reducer(peers[1], peers[0], sender_messages(containers[1], 0, group_id)))
+    await wait_until(lambda: runner.reducer.sender_progress[1] == 4, "B's first 4 parts to be taken")
+    result.cancel()  # our own round ends (the averager's shutdown cancels it) while B waits for the averages
+    await asyncio.gather(result, call_b, return_exceptions=True)
+    await wait_until(lambda: not runner._handler_tasks, "B's handler to end")
+
+    assert not any("excluded sender" in record.getMessage() for record in hivemind_logs.records)

@@ -184,7 +184,8 @@ class ReducerSide:
             queue.put_nowait(e)
             return
         except Exception as e:
-            self._ban(sender_index, str(e) if isinstance(e, AllreduceException) else repr(e))
+            if not self._finalized:  # (a round ended here, e.g. by our shutdown, is not the sender's fault)
+                self._ban(sender_index, str(e) if isinstance(e, AllreduceException) else repr(e))
             queue.put_nowait(e if isinstance(e, AllreduceException) else AllreduceException(repr(e)))
             return
         try:  # a sender streams nothing after its last part: more parts are refused (it is excluded, logged)
