@@ -23,7 +23,7 @@ The chaos driver acts every ``--chaos_every`` seconds (random, at least ``--min_
 Half of the replacements restart with the dead peer's ``identity_path`` (same peer id), half with a new identity.
 The last ``--calm`` seconds are free of chaos: every round that starts then, once all peers are up, must succeed
 with the exact average of its whole group. The script prints a table of round outcomes, failure reasons, durations,
-the RSS of each peer's processes and p2pd over time, files left behind by killed peers (their p2pd sockets and
+the RSS of each peer's averager process and p2pd over time, files left behind by killed peers (their p2pd sockets and
 shared memory) and the most frequent warnings of the peers' logs.
 """
 
@@ -187,7 +187,8 @@ class Peer:
         self.ready_at: Optional[float] = None
         self.last_report = time.time()
         self.alive, self.frozen, self.stuck_reported = True, False, False
-        self.rss: List[tuple] = []  # (time, python processes' RSS, p2pd RSS)
+        self.averager_pid: Optional[int] = None
+        self.rss: List[tuple] = []  # (time, averager process RSS, p2pd RSS)
         self.files: set = set()  # p2pd sockets and shared memory seen in use
 
 
@@ -231,7 +232,7 @@ class Chaos:
             with self.lock:
                 peer.last_report = time.time()
                 if record["event"] == "ready":
-                    peer.ready_at = time.time()
+                    peer.ready_at, peer.averager_pid = time.time(), record["averager_pid"]
                 elif record["event"] == "round":
                     record["label"] = peer.label
                     self.rounds.append(record)
@@ -293,20 +294,20 @@ class Chaos:
 
     def sample(self) -> None:
         for peer in self.living():
-            python_rss, p2pd_rss = 0, 0
+            averager_rss, p2pd_rss = 0, 0
             for process in self.family(peer):
                 try:
                     with process.oneshot():
                         if process.name() == "p2pd":
                             p2pd_rss += process.memory_info().rss
                             peer.files.update(c.laddr for c in process.net_connections("unix") if c.laddr)
-                        else:
-                            python_rss += process.memory_info().rss
+                        elif process.pid == peer.averager_pid:
+                            averager_rss = process.memory_info().rss
                         peer.files.update(m.path for m in process.memory_maps() if m.path.startswith("/dev/shm/"))
                 except (psutil.Error, OSError):
                     pass
-            if python_rss:
-                peer.rss.append((time.time(), python_rss, p2pd_rss))
+            if averager_rss and p2pd_rss and time.time() > peer.ready_at + 10:  # (it warms up meanwhile)
+                peer.rss.append((time.time(), averager_rss, p2pd_rss))
 
     def watch(self) -> None:
         limit = self.args.step_timeout + 2 * self.args.hang_slack + 30
@@ -340,6 +341,7 @@ class Chaos:
         bootstrap.shutdown()
 
     def finish(self) -> None:
+        self.stopped_at = time.time()  # rounds still running now may lose their group: the others are leaving
         for peer in self.living():
             peer.process.stdin.close()
         for peer in self.living():
@@ -365,7 +367,7 @@ def classify(chaos: Chaos, record: dict) -> str:
     if record["status"] == "hung":
         return "hung (self frozen)" if touched(label) else "HUNG"
     if record["status"] == "failed":
-        return "failed"
+        return "failed at the end of the run (the others left)" if record["end"] > chaos.stopped_at else "failed"
     if record["unmatched"]:
         return "WRONG average"
     used = set(itertools.chain.from_iterable(subset.split("+") for subset in record["subsets"]))
@@ -378,7 +380,7 @@ def classify(chaos: Chaos, record: dict) -> str:
 
 
 def normalize(reason: str) -> str:
-    reason = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{16,}\b", "<id>", reason)
+    reason = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{8,}\b", "<id>", reason)
     return re.sub(r"\d+(\.\d+)?", "N", reason)[:140]
 
 
@@ -395,12 +397,14 @@ def report(chaos: Chaos) -> None:
     print("\n| Outcome | rounds |\n|---|---|")
     for outcome, count in outcomes.most_common():
         print(f"| {outcome} | {count} |")
-    reasons = collections.Counter(normalize(r["reason"]) for r in chaos.rounds if r["status"] == "failed")
+    reasons = collections.Counter(
+        normalize(r["reason"]) for r in chaos.rounds if r["status"] == "failed" and r["end"] < chaos.stopped_at
+    )
     print("\n| Failure reason | rounds |\n|---|---|")
     for reason, count in reasons.most_common(8):
         print(f"| {reason} | {count} |")
     calm_start = chaos.chaos_ended + args.restart_delay + 20
-    calm = [r for r in chaos.rounds if r["start"] >= calm_start]
+    calm = [r for r in chaos.rounds if calm_start <= r["start"] and r["end"] < chaos.stopped_at]
     calm_ok = [r for r in calm if r["status"] == "ok" and classify(chaos, r) == "ok, whole group"]
     print(
         f"\ncalm tail (rounds started after the last restart + 20 s): {len(calm_ok)}/{len(calm)} exact with the "
@@ -419,19 +423,19 @@ def report(chaos: Chaos) -> None:
     print(f"stuck peers: {[label for _, action, label in chaos.events if action == 'STUCK']}")
     print(f"leaked processes: {chaos.leaked or 'none'}")
     print(f"files of peers left behind after all exited: {len(chaos.files_left)} {chaos.files_left[:4]}")
-    print("\n| Peer | lived (s) | rounds | python RSS first/peak/last (MiB) | p2pd RSS first/peak/last (MiB) |")
+    print("\n| Peer | lived (s) | rounds | averager RSS first/peak/last (MiB) | p2pd RSS first/peak/last (MiB) |")
     print("|---|---|---|---|---|")
     for peer in chaos.peers.values():
-        samples = peer.rss[2:] or peer.rss  # the first samples are taken while it starts
+        samples = peer.rss
         if not samples:
             continue
         rounds = sum(1 for r in chaos.rounds if r["label"] == peer.label)
-        python = [s[1] / MIB for s in samples]
+        averager = [s[1] / MIB for s in samples]
         p2pd = [s[2] / MIB for s in samples]
         lived = samples[-1][0] - peer.started
         print(
-            f"| {peer.label} | {lived:.0f} | {rounds} | {python[0]:.0f} / {max(python):.0f} / {python[-1]:.0f} | "
-            f"{p2pd[0]:.0f} / {max(p2pd):.0f} / {p2pd[-1]:.0f} |"
+            f"| {peer.label} | {lived:.0f} | {rounds} | {averager[0]:.0f} / {max(averager):.0f} / "
+            f"{averager[-1]:.0f} | {p2pd[0]:.0f} / {max(p2pd):.0f} / {p2pd[-1]:.0f} |"
         )
     warnings = collections.Counter()
     for peer in chaos.peers.values():
