@@ -2,6 +2,7 @@
 instead of to the failed ones (which used to take their slots until the announcements expired, leaving the samples
 of those experts with no answer: a RuntimeError at every step without allow_zero_outputs)."""
 
+import contextlib
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from hivemind.dht import DHT
-from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, Server
+from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts, Server
 from hivemind.moe.server.dht_handler import get_experts
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -25,9 +26,9 @@ def start_server(uids, initial_peers):
     return Server(dht, backends, start=True)
 
 
-@pytest.mark.timeout(60)
-def test_samples_of_a_failed_server_go_to_the_next_best_experts_at_the_following_step():
-    torch.manual_seed(0)
+@contextlib.contextmanager
+def two_servers():
+    """(first server, client DHT); the first server hosts row 0 of a 2x2 grid, a second one row 1."""
     first = start_server(["ffn.0.0", "ffn.0.1"], [])
     peers = [str(maddr) for maddr in first.dht.get_visible_maddrs()]
     second = start_server(["ffn.1.0", "ffn.1.1"], peers)
@@ -37,12 +38,27 @@ def test_samples_of_a_failed_server_go_to_the_next_best_experts_at_the_following
         while None in get_experts(client_dht, ["ffn.0.0", "ffn.0.1", "ffn.1.0", "ffn.1.1"]):
             assert time.monotonic() < deadline, "the servers did not announce their experts"
             time.sleep(0.1)
+        yield first, client_dht
+    finally:
+        client_dht.shutdown()
+        second.shutdown()
+        first.shutdown()
+
+
+def prefer_first_row(moe: RemoteMixtureOfExperts, margin: float = 10.0) -> None:
+    with torch.no_grad():  # every sample prefers the first server's experts (row 0 of the grid)
+        moe.proj.weight.zero_()
+        moe.proj.bias.copy_(torch.tensor([margin, 0.0, 0.0, 0.0]))
+
+
+@pytest.mark.timeout(60)
+def test_samples_of_a_failed_server_go_to_the_next_best_experts_at_the_following_step():
+    torch.manual_seed(0)
+    with two_servers() as (first, client_dht):
         moe = RemoteMixtureOfExperts(
             dht=client_dht, uid_prefix="ffn.", grid_size=(2, 2), in_features=HID, k_best=2, forward_timeout=10
         )
-        with torch.no_grad():  # every sample prefers the first server's experts (row 0 of the grid)
-            moe.proj.weight.zero_()
-            moe.proj.bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+        prefer_first_row(moe)
         x = torch.randn(8, HID)
         assert moe(x).shape == (8, HID)
 
@@ -54,7 +70,25 @@ def test_samples_of_a_failed_server_go_to_the_next_best_experts_at_the_following
         output = moe(x)  # the samples now go to the second server's experts
         assert output.shape == (8, HID) and torch.isfinite(output).all()
         assert output.abs().sum() > 0  # not the zeros of a sample without answers
-    finally:
-        client_dht.shutdown()
-        second.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_switch_samples_of_a_failed_server_go_to_the_next_best_expert():
+    torch.manual_seed(0)
+    with two_servers() as (first, client_dht):
+        switch = RemoteSwitchMixtureOfExperts(
+            dht=client_dht, uid_prefix="ffn.", grid_size=(2, 2), in_features=HID, forward_timeout=10
+        ).eval()  # k_best=1, allow_zero_outputs=True
+        prefer_first_row(switch, margin=1.0)  # a switch weighs an expert by its gating probability: not too small
+        x = torch.randn(8, HID)
+        assert not torch.allclose(switch(x)[0], x)  # the first server's experts answer
         first.shutdown()
+        for _ in range(2):  # with k_best=1 each step tries (and learns the failure of) one of the server's experts
+            output, _ = switch(x)  # no expert answered: the input alone comes back
+            assert torch.equal(output, x)
+            if switch.failure_penalty.is_penalized("ffn.0.0") and switch.failure_penalty.is_penalized("ffn.0.1"):
+                break
+        assert switch.failure_penalty.is_penalized("ffn.0.0") and switch.failure_penalty.is_penalized("ffn.0.1")
+
+        output, _ = switch(x)
+        assert torch.isfinite(output).all() and not torch.allclose(output, x)  # an expert of row 1 answered

@@ -151,10 +151,11 @@ class RemoteMixtureOfExperts(nn.Module):
         """Beam search for each sample's experts within the forward's time budget.
 
         Experts that failed recently (``self.failure_penalty``) are passed over for the next-best ones: the search
-        looks for up to ``k_best`` more experts per sample while some are penalized, so that a dead server's
-        experts, still announced in the DHT until their announcements expire, do not take the samples' slots.
+        looks for as many more experts per sample as are penalized (at most MAX_EXTRA_CANDIDATES), so that a dead
+        server's experts, still announced in the DHT until their announcements expire, do not take the samples'
+        slots.
         """
-        extra = min(self.failure_penalty.num_penalized(), self.k_best)
+        extra = min(self.failure_penalty.num_penalized(), MAX_EXTRA_CANDIDATES)
         future = self.beam_search.batch_find_best_experts(
             [scores.detach().cpu().float().numpy() for scores in grid_scores], self.k_best + extra, return_future=True
         )
@@ -251,6 +252,10 @@ class RemoteMixtureOfExperts(nn.Module):
             self._get_info([chosen], deadline)
         return self._expert_info
 
+
+# while experts are penalized, beam search looks for up to this many more experts per sample than k_best (one per
+# penalized expert), so that the samples of a dead server find their next-best alive experts
+MAX_EXTRA_CANDIDATES = 64
 
 # the first forward asks this many of its chosen experts for their info at once, and uses the first answer: a dead or
 # frozen expert ranked first no longer takes the whole forward_timeout (they were asked one after another)
