@@ -1,0 +1,500 @@
+"""Chaos test of the DHT: peers store and get keys while a driver kills, freezes, restarts and adds peers.
+
+    python benchmarks/chaos_dht.py --peers 12 --duration 240
+    python benchmarks/chaos_dht.py --peers 10 --duration 180 --actions freeze --max_freeze 20
+
+Each peer is a process of its own (in a session of its own, with its DHT process and p2pd below it) that loops over
+random operations on a shared set of keys, one at a time: ``store`` of a plain key (values ``"<peer>#<n>"``, each
+expiring 15..180 s from now, so later stores of a key usually overwrite it with a newer expiration and some
+values expire during the run), ``store`` of a subkey of a dictionary key (a few subkeys shared by all peers), and
+``get`` with ``latest=True`` or ``latest=False``. The first peer also stores ``--sentinels`` keys once at the
+start (expiring after ``--sentinel_ttl`` s) that everyone reads and nobody overwrites: they survive only if their
+replicas are handed over to newcomers as the original holders die. The driver learns every acknowledged store
+(``store`` returned True) and checks every ``get`` against them:
+
+- **EXPIRED**: a returned value (or subkey) that had expired before the get started (never allowed);
+- **CORRUPT**: a returned value that no peer ever stored with that expiration (never allowed);
+- **lost**: nothing returned for a key (or subkey) whose newest acknowledged store finished before the get started
+  and has not expired; **stale**: an older value returned instead. Both are *explained* when every one of the
+  ``num_replicas`` peers nearest to the key among those up at the time of that store (by node id, which the
+  driver learns from each peer) was killed, left or frozen since; otherwise they count as **LOST** / **STALE**.
+  Stale values of ``latest=False`` gets are counted apart: that get stops at the first live entry it finds (a
+  cache may hold an older one), so only ``latest=True`` promises the newest.
+- **HANG**: a call still unanswered ``--hang_after`` seconds after it started (unless its own peer was frozen).
+
+Chaos actions, one every ``--chaos_every`` seconds on average (``--min_untouched`` peers are left alone):
+``crash`` (SIGKILL to the peer's process group), ``kill_main`` (SIGKILL to the peer's main process only: its DHT
+process and p2pd must exit by themselves within ``--orphan_grace`` s or count as **leaked**), ``freeze`` (SIGSTOP
+for 2..``--max_freeze`` s, then SIGCONT), ``leave`` (graceful shutdown), ``join`` (a new peer, up to
+``--max_peers``). A killed peer comes back after ``--restart_delay`` s, half the time with the same identity and
+port, otherwise with a new identity; every start bootstraps from one or two random live peers. Each peer also
+reports its routing table every ``--probe_every`` s; after ``--calm`` s without chaos at the end, the table shows
+how many live peers each table misses and how many dead ones it still holds. The script prints outcome tables,
+call durations, RSS of each peer's processes and p2pd over time, leaked processes and files, and log warnings.
+"""
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Dict, List, Optional
+
+import psutil
+from chaos_dht_checks import SUBKEYS, Checker
+
+MIB = 2**20
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=12, help="peers at the start")
+    parser.add_argument("--max_peers", type=int, default=16, help="join adds peers up to this many")
+    parser.add_argument("--keys", type=int, default=40, help="plain keys")
+    parser.add_argument("--dict_keys", type=int, default=10, help="dictionary keys")
+    parser.add_argument("--ttl", default="15,60,180", help="comma-separated lifetimes of stored values (s)")
+    parser.add_argument("--sentinels", type=int, default=10, help="keys stored once by the first peer, then only read")
+    parser.add_argument("--sentinel_ttl", type=float, default=900, help="lifetime of the sentinel keys (s)")
+    parser.add_argument("--duration", type=float, default=240, help="seconds in all, the calm tail included")
+    parser.add_argument("--calm", type=float, default=40, help="seconds without chaos at the end")
+    parser.add_argument("--chaos_every", type=float, default=8, help="mean seconds between two chaos actions")
+    parser.add_argument("--actions", default="crash,kill_main,freeze,leave,join", help="comma-separated")
+    parser.add_argument("--max_freeze", type=float, default=15, help="seconds")
+    parser.add_argument("--restart_delay", type=float, default=2, help="seconds from a kill to the restart")
+    parser.add_argument("--min_untouched", type=int, default=4, help="peers the driver leaves running at any time")
+    parser.add_argument("--pause", type=float, default=0.4, help="seconds between two operations of a peer")
+    parser.add_argument("--hang_after", type=float, default=30.0, help="seconds after which a call is hung")
+    parser.add_argument("--orphan_grace", type=float, default=15.0, help="seconds for orphans to exit")
+    parser.add_argument("--probe_every", type=float, default=10.0, help="seconds between routing table reports")
+    parser.add_argument("--rss_every", type=float, default=10.0, help="seconds between memory samples")
+    parser.add_argument("--bucket_size", type=int, default=20, help="DHT(bucket_size=...): Kademlia k")
+    parser.add_argument("--num_replicas", type=int, default=5, help="DHT(num_replicas=...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="where peer logs and identities go (default: a temp dir)")
+    for hidden in ("label", "initial_peers", "identity_path", "port"):
+        parser.add_argument(f"--{hidden}", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------- the peers
+
+
+async def routing_snapshot(dht, node) -> List[str]:
+    return [str(peer_id) for _, peer_id in node.protocol.routing_table.items()]
+
+
+async def own_node_id(dht, node) -> int:
+    return int(node.node_id)
+
+
+def as_record(found):
+    if found is None:
+        return None
+    value, expiration = found
+    if isinstance(value, dict):
+        return {str(subkey): [item.value, item.expiration_time] for subkey, item in value.items()}
+    return [value, expiration]
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import hivemind
+
+    def emit(**record) -> None:
+        print(json.dumps(record), flush=True)
+
+    stop = threading.Event()
+
+    def wait_for_eof() -> None:
+        while os.read(0, 4096):
+            pass
+        stop.set()
+
+    port = int(args.port or 0)
+    initial_peers = [maddr for maddr in args.initial_peers.split(",") if maddr]
+    dht = hivemind.DHT(
+        initial_peers=initial_peers or None,
+        start=True,
+        identity_path=args.identity_path,
+        host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"],
+        bucket_size=args.bucket_size,
+        num_replicas=args.num_replicas,
+    )
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
+    emit(event="ready", peer_id=str(dht.peer_id), node_id=dht.run_coroutine(own_node_id), maddrs=maddrs)
+    rng = random.Random(f"{args.label}-{os.getpid()}")
+    ttls = [float(ttl) for ttl in args.ttl.split(",")]
+    next_probe, seq = time.time(), 0
+    for i in range(args.sentinels if args.label == "p0.0" else 0):  # the first peer stores the sentinels once
+        record = {"event": "op", "op": "store", "key": f"s{i}", "subkey": None, "value": f"{args.label}#s{i}"}
+        record.update(start=time.time(), expiration=hivemind.get_dht_time() + args.sentinel_ttl)
+        found = dht.store(record["key"], record["value"], record["expiration"])
+        emit(**record, status="ok", result=found, end=time.time())
+    while not stop.is_set():
+        if time.time() >= next_probe:
+            future = dht.run_coroutine(routing_snapshot, return_future=True)
+            try:
+                emit(event="table", time=time.time(), peers=future.result(timeout=args.hang_after))
+            except Exception as e:
+                emit(event="table_failed", time=time.time(), reason=f"{type(e).__name__}: {e}")
+            next_probe = time.time() + args.probe_every
+        kind = rng.choices(["store", "store_subkey", "get_latest", "get"], weights=[4, 2, 3, 2])[0]
+        record = {"event": "op", "op": kind, "start": time.time()}
+        if kind.startswith("store"):
+            seq += 1
+            record["value"] = f"{args.label}#{seq}"
+            record["expiration"] = hivemind.get_dht_time() + rng.choice(ttls)
+            if kind == "store":
+                record["key"], record["subkey"] = f"k{rng.randrange(args.keys)}", None
+            else:
+                record["key"], record["subkey"] = f"d{rng.randrange(args.dict_keys)}", rng.choice(SUBKEYS)
+            future = dht.store(
+                record["key"], record["value"], record["expiration"], subkey=record["subkey"], return_future=True
+            )
+        else:
+            prefix, count = rng.choices([("k", args.keys), ("d", args.dict_keys), ("s", args.sentinels)], [6, 3, 2])[0]
+            record["key"] = f"{prefix}{rng.randrange(count)}" if count else f"k{rng.randrange(args.keys)}"
+            future = dht.get(record["key"], latest=kind == "get_latest", return_future=True)
+        try:
+            result = future.result(timeout=args.hang_after)
+            record.update(status="ok", result=bool(result) if kind.startswith("store") else as_record(result))
+        except FutureTimeout:
+            record.update(status="hung")
+            future.cancel()
+        except Exception as e:
+            record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        record["end"] = time.time()
+        emit(**record)
+        stop.wait(args.pause)
+    dht.shutdown()
+    emit(event="exit")
+
+
+# ---------------------------------------------------------------------------------------------------- the driver
+
+
+class Peer:
+    def __init__(self, name: str, incarnation: int, identity_path: str, port: int, process: subprocess.Popen, log):
+        self.name, self.incarnation, self.identity_path, self.port = name, incarnation, identity_path, port
+        self.label = f"{name}.{incarnation}"
+        self.process, self.log_path = process, log
+        self.started = time.time()
+        self.ready_at: Optional[float] = None
+        self.gone_at = float("inf")
+        self.peer_id, self.node_id, self.maddrs = "", None, []
+        self.alive, self.frozen, self.fate = True, False, "ran to the end"
+        self.freezes: List[list] = []
+        self.tables: List[tuple] = []  # (time, peer ids in the routing table)
+        self.rss: List[tuple] = []  # (time, python processes' RSS, p2pd RSS)
+        self.files: set = set()
+
+
+class Chaos:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.workdir = args.workdir or tempfile.mkdtemp(prefix="chaos_dht_")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.lock = threading.Lock()
+        self.peers: Dict[str, Peer] = {}
+        self.events: List[tuple] = []
+        self.ops: List[dict] = []
+        self.leaked: List[str] = []
+        self.failed_starts = 0
+        self.next_name = args.peers
+        self.chaos_ended = time.time() + args.duration - args.calm
+
+    def living(self, ready: bool = False) -> List[Peer]:
+        return [p for p in self.peers.values() if p.alive and (p.ready_at is not None or not ready)]
+
+    def start_peer(self, name: str, incarnation: int, identity_path: str, port: int = 0) -> None:
+        with self.lock:
+            sources = [p for p in self.living(ready=True) if not p.frozen]
+            initial = [
+                m for p in self.rng.sample(sources, min(len(sources), self.rng.choice([1, 2]))) for m in p.maddrs
+            ]
+        log_path = os.path.join(self.workdir, f"{name}.{incarnation}.log")
+        command = [sys.executable, os.path.abspath(__file__), "--worker", "--label", f"{name}.{incarnation}"]
+        command += ["--initial_peers", ",".join(initial), "--identity_path", identity_path, "--port", str(port)]
+        for option in (
+            "keys",
+            "dict_keys",
+            "ttl",
+            "sentinels",
+            "sentinel_ttl",
+            "bucket_size",
+            "num_replicas",
+            "pause",
+            "hang_after",
+            "probe_every",
+        ):
+            command += [f"--{option}", str(getattr(self.args, option))]
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+            )
+        peer = Peer(name, incarnation, identity_path, port, process, log_path)
+        with self.lock:
+            self.peers[peer.label] = peer
+        threading.Thread(target=self.read_reports, args=(peer,), daemon=True).start()
+
+    def read_reports(self, peer: Peer) -> None:
+        for line in peer.process.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            with self.lock:
+                if record["event"] == "ready":
+                    peer.ready_at, peer.peer_id, peer.node_id = time.time(), record["peer_id"], record["node_id"]
+                    peer.maddrs = record["maddrs"]
+                    peer.port = int(peer.maddrs[0].split("/tcp/")[1].split("/")[0])
+                elif record["event"] == "table":
+                    peer.tables.append((record["time"], record["peers"]))
+                elif record["event"] == "op":
+                    record["label"] = peer.label
+                    self.ops.append(record)
+        with self.lock:
+            if peer.ready_at is None and peer.alive:  # it died while starting (e.g. its bootstrap peer was killed)
+                self.failed_starts += 1
+                peer.alive, peer.gone_at = False, time.time()
+                self.events.append((time.time(), "START FAILED", peer.label))
+                threading.Timer(
+                    1.0, self.start_peer, args=(peer.name, peer.incarnation + 1, peer.identity_path)
+                ).start()
+
+    def act(self) -> None:
+        ready = [p for p in self.living(ready=True) if not p.frozen]
+        action = self.rng.choice(self.args.actions.split(","))
+        if action == "join":
+            if len(self.living()) < self.args.max_peers:
+                name, self.next_name = f"p{self.next_name}", self.next_name + 1
+                self.events.append((time.time(), "join", name))
+                path = os.path.join(self.workdir, f"{name}.0.id")
+                threading.Thread(target=self.start_peer, args=(name, 0, path), daemon=True).start()
+            return
+        if len(ready) <= self.args.min_untouched:
+            return
+        peer = self.rng.choice(ready)
+        now = time.time()
+        self.events.append((now, action, peer.label))
+        if action == "freeze":
+            peer.frozen = True
+            window = [now, float("inf")]
+            peer.freezes.append(window)
+            os.killpg(peer.process.pid, signal.SIGSTOP)
+            threading.Timer(self.rng.uniform(2, self.args.max_freeze), self.thaw, args=(peer, window)).start()
+            return
+        peer.alive, peer.gone_at, peer.fate = False, now, action
+        family = self.family(peer)
+        if action == "leave":
+            peer.process.stdin.close()
+            threading.Thread(target=self.reap_orphans, args=(peer, family), daemon=True).start()
+            return
+        if action == "crash":
+            os.killpg(peer.process.pid, signal.SIGKILL)
+        else:
+            peer.process.kill()
+            threading.Thread(target=self.reap_orphans, args=(peer, family), daemon=True).start()
+        incarnation = peer.incarnation + 1
+        same = self.rng.random() < 0.5
+        identity = peer.identity_path if same else os.path.join(self.workdir, f"{peer.name}.{incarnation}.id")
+        delay = self.args.restart_delay
+        threading.Timer(
+            delay, self.start_peer, args=(peer.name, incarnation, identity, peer.port if same else 0)
+        ).start()
+        self.events.append((now, "restart (same id and port)" if same else "restart (new id)", peer.name))
+
+    def thaw(self, peer: Peer, window: list) -> None:
+        with self.lock:
+            if peer.alive:
+                os.killpg(peer.process.pid, signal.SIGCONT)
+            window[1] = time.time()
+            peer.frozen = False
+
+    def family(self, peer: Peer) -> List[psutil.Process]:
+        try:
+            return [psutil.Process(peer.process.pid)] + psutil.Process(peer.process.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def reap_orphans(self, peer: Peer, family: List[psutil.Process]) -> None:
+        _, alive = psutil.wait_procs(family, timeout=self.args.orphan_grace)
+        for process in alive:
+            try:
+                self.leaked.append(f"{peer.label}: {process.name()} (pid {process.pid}) still running")
+                process.kill()
+            except psutil.Error:
+                pass
+
+    def sample(self) -> None:
+        for peer in self.living(ready=True):
+            python_rss, p2pd_rss = 0, 0
+            for process in self.family(peer):
+                try:
+                    with process.oneshot():
+                        if process.name() == "p2pd":
+                            p2pd_rss += process.memory_info().rss
+                            peer.files.update(c.laddr for c in process.net_connections("unix") if c.laddr)
+                        else:
+                            python_rss += process.memory_info().rss
+                except (psutil.Error, OSError):
+                    pass
+            if python_rss:
+                peer.rss.append((time.time(), python_rss, p2pd_rss))
+
+    def run(self) -> None:
+        started = time.time()
+        self.start_peer("p0", 0, os.path.join(self.workdir, "p0.0.id"))
+        for i in range(1, self.args.peers):
+            while not self.living(ready=True):
+                time.sleep(0.1)
+            self.start_peer(f"p{i}", 0, os.path.join(self.workdir, f"p{i}.0.id"))
+        next_action, next_sample = time.time() + self.args.chaos_every, started
+        while time.time() < started + self.args.duration:
+            now = time.time()
+            with self.lock:
+                if next_action <= now < self.chaos_ended:
+                    self.act()
+                    next_action = now + self.rng.expovariate(1 / self.args.chaos_every)
+                if now >= next_sample:
+                    self.sample()
+                    next_sample = now + self.args.rss_every
+            time.sleep(0.2)
+        self.finish()
+
+    def finish(self) -> None:
+        living = self.living()
+        for peer in living:
+            peer.process.stdin.close()
+        for peer in living:
+            try:
+                peer.process.wait(self.args.hang_after + 15)
+            except subprocess.TimeoutExpired:
+                self.leaked.append(f"{peer.label}: did not exit after its stdin closed")
+                os.killpg(peer.process.pid, signal.SIGKILL)
+        time.sleep(1)
+        self.files_left = collections.Counter(
+            peer.fate for peer in self.peers.values() for path in peer.files if os.path.exists(path)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+
+def percentile(values: List[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * (len(values) - 1)))]
+
+
+def normalize(reason: str) -> str:
+    reason = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{16,}\b", "<id>", reason)
+    return re.sub(r"\d+(\.\d+)?", "N", reason)[:140]
+
+
+def report(chaos: Chaos) -> None:
+    args = chaos.args
+    print(
+        f"\n{args.peers} peers at start (at most {args.max_peers}), {args.keys} keys + {args.dict_keys} dictionary "
+        f"keys, {args.sentinels} sentinels, ttl {args.ttl} s, bucket_size {args.bucket_size}, num_replicas "
+        f"{args.num_replicas}, {args.duration:.0f} s ({args.calm:.0f} s calm), chaos every {args.chaos_every} s, "
+        f"logs in {chaos.workdir}"
+    )
+    actions = collections.Counter(action for _, action, _ in chaos.events)
+    print("chaos: " + ", ".join(f"{action} x{count}" for action, count in sorted(actions.items())))
+    checker = Checker(chaos, args.num_replicas)
+    checker.run()
+    print("\n| Get | keys | outcome | keys or subkeys |\n|---|---|---|---|")
+    for (kind, keys, outcome), count in sorted(checker.outcomes.items()):
+        print(f"| {kind} | {keys} | {outcome} | {count} |")
+    for outcome, examples in checker.examples.items():
+        print(f"  {outcome}, e.g.: " + "\n    ".join(examples[:3]))
+    stores = [op for op in chaos.ops if op["op"].startswith("store") and op["status"] == "ok"]
+    print(f"\nstores: {len(stores)}, acknowledged {sum(bool(op['result']) for op in stores)}")
+    print("\n| Call | count | ok | failed | HUNG | hung (own peer frozen) | p50 / p90 / p99 / max (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in ("store", "store_subkey", "get_latest", "get"):
+        ops = [op for op in chaos.ops if op["op"] == kind]
+        if not ops:
+            continue
+        frozen = [op for op in ops if checker.frozen(chaos.peers[op["label"]], op["start"], op["end"])]
+        hung = [op for op in ops if op["status"] == "hung"]
+        own = sum(1 for op in hung if op in frozen)
+        times = sorted(op["end"] - op["start"] for op in ops if op not in frozen and op["status"] == "ok")
+        print(
+            f"| {kind} | {len(ops)} | {sum(op['status'] == 'ok' for op in ops)} | "
+            f"{sum(op['status'] == 'failed' for op in ops)} | {len(hung) - own} | {own} | "
+            + " / ".join(f"{percentile(times, q):.2f}" for q in (0.5, 0.9, 0.99, 1.0))
+            + " |"
+        )
+    reasons = collections.Counter(normalize(op["reason"]) for op in chaos.ops if op["status"] == "failed")
+    for reason, count in reasons.most_common(5):
+        print(f"  failed x{count}: {reason}")
+    living = chaos.living(ready=True)
+    live_ids = {p.peer_id for p in living}
+    dead_ids = {p.peer_id for p in chaos.peers.values() if p.peer_id and p.peer_id not in live_ids}
+    print(f"\nrouting tables at the end of the calm tail ({len(living)} live peers):")
+    print("| Peer | entries | live peers missing | dead peers held |\n|---|---|---|---|")
+    for peer in living:
+        tables = [table for t, table in peer.tables if t >= chaos.chaos_ended + args.calm / 2]
+        if tables:
+            table = set(tables[-1])
+            missing = len(live_ids - table - {peer.peer_id})
+            print(f"| {peer.label} | {len(table)} | {missing} | {len(table & dead_ids)} |")
+    print(f"\nfailed starts: {chaos.failed_starts}; leaked processes: {chaos.leaked or 'none'}")
+    left = ", ".join(f"{count} of peers that ended by {fate}" for fate, count in chaos.files_left.items())
+    print(f"p2pd sockets left behind after all exited: {left or 'none'} (a crash kills p2pd before it can clean up)")
+    print("\n| Peer | lived (s) | ops | python RSS first/peak/last (MiB) | p2pd RSS first/peak/last (MiB) |")
+    print("|---|---|---|---|---|")
+    for peer in chaos.peers.values():
+        samples = peer.rss[1:] or peer.rss
+        if not samples:
+            continue
+        ops = sum(1 for op in chaos.ops if op["label"] == peer.label)
+        python, p2pd = [s[1] / MIB for s in samples], [s[2] / MIB for s in samples]
+        print(
+            f"| {peer.label} | {samples[-1][0] - peer.started:.0f} | {ops} | {python[0]:.0f} / {max(python):.0f} / "
+            f"{python[-1]:.0f} | {p2pd[0]:.0f} / {max(p2pd):.0f} / {p2pd[-1]:.0f} |"
+        )
+    warnings = collections.Counter()
+    for peer in chaos.peers.values():
+        with open(peer.log_path, errors="replace") as log:
+            for line in log:
+                found = re.search(r"\[(WARN|ERROR|CRITICAL)\] (\[[^]]*\] )?(.*)", line)
+                if found:
+                    warnings[f"{found.group(1)} {normalize(found.group(3))}"] += 1
+                elif line.startswith("Traceback"):
+                    warnings["Traceback"] += 1
+    print("\nmost frequent warnings and errors in the peers' logs:")
+    for line, count in warnings.most_common(10):
+        print(f"  {count:5d}  {line}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    chaos = Chaos(args)
+    try:
+        chaos.run()
+    finally:
+        for peer in chaos.peers.values():
+            if peer.process.poll() is None:
+                os.killpg(peer.process.pid, signal.SIGKILL)
+    with open(os.path.join(chaos.workdir, "records.json"), "w") as file:
+        peers = {label: [p.peer_id, p.node_id, p.ready_at, p.gone_at, p.freezes] for label, p in chaos.peers.items()}
+        json.dump({"events": chaos.events, "ops": chaos.ops, "peers": peers}, file)
+    report(chaos)
+
+
+if __name__ == "__main__":
+    main()
