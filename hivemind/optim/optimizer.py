@@ -418,15 +418,22 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self._cancel_scheduled_rounds()
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         deadline = time.monotonic() + self.load_state_timeout
-        with self.tracker.pause_updates():
-            loaded = load_state_with_retries(self.state_averager, deadline, self.run_id, **kwargs)
-            outcome = f"downloaded the state of epoch {self.local_epoch}" if loaded else "no peer shared a state"
-            logger.log(self.status_loglevel, f"{self.run_id}: {outcome}")
-            global_epoch = self.tracker.global_epoch
-            if global_epoch - 1 <= self.local_epoch < global_epoch:
-                self.state_averager.local_epoch = global_epoch
-                self.state_averager._update_scheduler()
-            self._restart_epoch()
+        # a state about to be replaced is nobody's best donor: while this peer downloads, others asking it (when the
+        # up-to-date donors are slow to start) are refused, so they wait for those instead of taking a stale state
+        sharing, self.state_averager.allow_state_sharing = self.state_averager.allow_state_sharing, False
+        try:
+            with self.tracker.pause_updates():
+                loaded = load_state_with_retries(self.state_averager, deadline, self.run_id, **kwargs)
+                outcome = f"downloaded the state of epoch {self.local_epoch}" if loaded else "no peer shared a state"
+                logger.log(self.status_loglevel, f"{self.run_id}: {outcome}")
+                global_epoch = self.tracker.global_epoch
+                if global_epoch - 1 <= self.local_epoch < global_epoch:
+                    self.state_averager.local_epoch = global_epoch
+                    self.state_averager._update_scheduler()
+                self._restart_epoch()
+        finally:
+            self.state_averager.allow_state_sharing = sharing
+        self._set_state_sharing_priority()
 
     def _restart_epoch(self) -> None:
         """Start ``local_epoch`` afresh after loading a state (in tracker.pause_updates): every peer near counts."""
