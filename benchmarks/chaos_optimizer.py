@@ -13,6 +13,7 @@ Settings (``--settings``, comma-separated):
 
 - ``sync``: gradient averaging, optimizer step and gradient round in the training thread;
 - ``delayed``: gradient averaging with ``delay_optimizer_step`` and ``delay_grad_averaging``;
+- ``delayed_step``: gradient averaging with ``delay_optimizer_step`` only (not run by default);
 - ``local``: ``use_local_updates=True`` (local Adam steps, parameters averaged at each epoch).
 
 The chaos driver acts every ``--chaos_every`` seconds on one random trainer (at least ``--min_untouched`` left
@@ -56,6 +57,7 @@ DIM, HIDDEN = 16, 32
 SETTINGS = {
     "sync": dict(),
     "delayed": dict(delay_optimizer_step=True, delay_grad_averaging=True),
+    "delayed_step": dict(delay_optimizer_step=True),
     "local": dict(use_local_updates=True),
 }
 
@@ -86,6 +88,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--setting", default="sync", help=argparse.SUPPRESS)
     parser.add_argument("--label", default="", help=argparse.SUPPRESS)
     parser.add_argument("--late", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", help="the trainers' status lines in their logs")
     parser.add_argument("--initial_peers", default="", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -162,7 +165,8 @@ def run_worker(args: argparse.Namespace) -> None:
         dht=dht, run_id="chaos_opt", target_batch_size=args.target_batch_size, batch_size_per_step=args.batch_size,
         optimizer=lambda params: torch.optim.Adam(params, lr=3e-3), params=model.parameters(),
         matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout,
-        load_state_timeout=60.0, averager_opts=dict(request_timeout=1.0), **SETTINGS[args.setting],
+        load_state_timeout=60.0, averager_opts=dict(request_timeout=1.0), verbose=args.verbose,
+        **SETTINGS[args.setting],
     )  # fmt: skip
     stop = threading.Event()
     threading.Thread(target=wait_for_eof, args=(stop,), daemon=True).start()
@@ -240,7 +244,7 @@ class Chaos:
         command += ["--initial_peers", ",".join(self.initial_peers)] + (["--late"] if late else [])
         for option in ("target_batch_size", "batch_size", "step_time", "matchmaking_time", "averaging_timeout"):
             command += [f"--{option}", str(getattr(self.args, option))]
-        command += ["--hang_slack", str(self.args.hang_slack)]
+        command += ["--hang_slack", str(self.args.hang_slack)] + (["--verbose"] if self.args.verbose else [])
         env = dict(os.environ, TMPDIR=tmpdir, PYTHONFAULTHANDLER="1")
         with open(log_path, "w") as log:
             process = subprocess.Popen(
@@ -431,7 +435,7 @@ def report(chaos: Chaos) -> dict:
         "| USS first/peak/last MiB (p2pd) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    summary = collections.Counter()
+    summary, all_spreads = collections.Counter(), []
     for trainer in trainers:
         epochs = trainer.epochs
         fate = "SIGKILL" if trainer.killed else ("exited" if trainer.exited_cleanly else "NO EXIT")
@@ -461,7 +465,11 @@ def report(chaos: Chaos) -> dict:
             others = [p for label, p in by_epoch[record["epoch"]] if label != trainer.label]
             if others and epoch_change > 0:
                 spreads.append(distance(record["params"], median_vector(others)) / epoch_change)
-        spread = f"{statistics.median(spreads):.2f} / {max(spreads):.2f}" if spreads else "-"
+        spread = "-"
+        if spreads:
+            apart = sum(value > 0.5 for value in spreads)  # gradient averaging: identical unless a round failed
+            spread = f"{statistics.median(spreads):.2f} / {max(spreads):.2f} ({apart} apart)"
+            all_spreads.extend(spreads)
         samples = trainer.rss[2:] or trainer.rss
         rss = "-"
         if samples:
@@ -472,7 +480,8 @@ def report(chaos: Chaos) -> dict:
             f"| {behind} | {loss} | {finite} | {spread} | {rss} |"
         )
     print("\n(spread: median / max distance of the trainer's parameters to the median of the others' of the same")
-    print(" epoch, in units of the median change per epoch; hangs: step() calls over the limit while not frozen)")
+    print(" epoch, in units of the median change per epoch, and in how many epochs it was over 0.5; hangs: step()")
+    print(" calls over the limit while not frozen)")
     print(f"\nlate joiners (load_state_from_peers before training), limit of a step {limit:.0f} s:")
     for trainer in trainers:
         if trainer.loaded is None:
@@ -484,7 +493,8 @@ def report(chaos: Chaos) -> dict:
             if others and epoch_change > 0:
                 candidates.append((distance(loaded["params"], median_vector(others)) / epoch_change, epoch))
         closest = min(candidates) if candidates else None
-        summary["late joiner far from swarm"] += closest is not None and closest[0] > 0.5
+        usual = statistics.median(all_spreads) if all_spreads else 0.0  # (local updates: peers always differ)
+        summary["late joiner far from swarm"] += closest is not None and closest[0] > max(0.5, 2 * usual)
         summary["late joiner behind after load"] += loaded["epoch"] < loaded["swarm_epoch"]
         where = f"{closest[0]:.3f} epochs from the swarm's epoch-{closest[1]} parameters" if closest else "no data"
         print(
