@@ -151,6 +151,25 @@ class SearchingGet:
         if search.best is not None and self.cache_locally and self.node_id not in search.sources:
             self.protocol.cache.store(search.key_id, search.best.value, search.best.expiration_time)
 
+    def _offer_to_running_gets(
+        self, key_id: DHTID, subkey: Optional[Any], value: bytes, expiration_time: DHTExpiration
+    ) -> None:
+        """
+        Make an entry that this node stored (and a replica accepted) a candidate of the running searches of its key:
+        a get that joins such a search after the store was acknowledged must not return an older entry that the
+        search found before (a search may wait for a silent peer for a while).
+        """
+        if subkey is None:
+            candidate = ValueWithExpiration(value, expiration_time)
+        else:
+            dictionary = DictionaryDHTValue()
+            dictionary.store(subkey, value, expiration_time)
+            candidate = ValueWithExpiration(dictionary, expiration_time)
+        for pending in list(self._pending_gets.get(key_id, ())):
+            if not pending.search.finished and pending.search.add_candidate(candidate, self.node_id):
+                if pending.search.satisfied:
+                    self._finish(pending)
+
     def _deserialize(
         self, key_id: DHTID, item: ValueWithExpiration[StoredValue]
     ) -> Optional[ValueWithExpiration[DHTValue]]:

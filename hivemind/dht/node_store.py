@@ -37,6 +37,7 @@ class ReplicatedStore:
     _store_confirmer: Optional[asyncio.Task]
     _spawn: Callable[[Awaitable], asyncio.Task]
     find_nearest_nodes: Callable[..., Awaitable[Dict[DHTID, Dict[DHTID, PeerID]]]]
+    _offer_to_running_gets: Callable[[DHTID, Optional[Subkey], bytes, DHTExpiration], None]
 
     async def store(
         self,
@@ -206,6 +207,9 @@ class ReplicatedStore:
         def take_answer(response: List[bool]) -> None:
             nonlocal statuses, num_responded
             statuses = response
+            for (_, subkey, value, expiration), accepted in zip(entries, response):
+                if accepted:  # before the caller learns of it: its next get may join a search started earlier
+                    self._offer_to_running_gets(key_id, subkey, value, expiration)
             num_responded += 1
             if not await_all_replicas and any(statuses) and not result.done():
                 result.set_result(statuses)
