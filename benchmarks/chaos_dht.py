@@ -3,11 +3,12 @@
     python benchmarks/chaos_dht.py --peers 12 --duration 240
     python benchmarks/chaos_dht.py --peers 10 --duration 180 --actions freeze --max_freeze 20
 
-Each peer is a process of its own (in a session of its own, with its DHT process and p2pd below it) that loops over
-random operations on a shared set of keys, one at a time: ``store`` of a plain key (values ``"<peer>#<n>"``, each
-expiring 15..180 s from now, so later stores of a key usually overwrite it with a newer expiration and some
-values expire during the run), ``store`` of a subkey of a dictionary key (a few subkeys shared by all peers), and
-``get`` with ``latest=True`` or ``latest=False``. The first peer also stores ``--sentinels`` keys once at the
+Each peer is a process of its own (in a session of its own, with its DHT process and p2pd below it) whose
+``--threads`` threads call its DHT at once, in loops of random calls on a shared set of keys (a quarter of them on
+one hot key): ``store`` of a plain key (values ``"<peer>#<thread>.<n>"``, each expiring 15..180 s from now, so
+later stores of a key usually overwrite it with a newer expiration and some values expire during the run), ``store``
+of a subkey of a dictionary key (a few subkeys shared by all peers), and ``get`` with ``latest=True`` or
+``latest=False``. The first peer also stores ``--sentinels`` keys once at the
 start (expiring after ``--sentinel_ttl`` s) that everyone reads and nobody overwrites: they survive only if their
 replicas are handed over to newcomers as the original holders die. The driver learns every acknowledged store
 (``store`` returned True) and checks every ``get`` against them:
@@ -38,7 +39,6 @@ import collections
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -49,7 +49,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Dict, List, Optional
 
 import psutil
-from chaos_dht_checks import SUBKEYS, Checker
+from chaos_dht_checks import SUBKEYS, Checker, log_warnings, normalize, percentile
 
 MIB = 2**20
 
@@ -70,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_freeze", type=float, default=15, help="seconds")
     parser.add_argument("--restart_delay", type=float, default=2, help="seconds from a kill to the restart")
     parser.add_argument("--min_untouched", type=int, default=4, help="peers the driver leaves running at any time")
+    parser.add_argument("--threads", type=int, default=2, help="threads of each peer calling its DHT at once")
     parser.add_argument("--pause", type=float, default=0.4, help="seconds between two operations of a peer")
     parser.add_argument("--hang_after", type=float, default=30.0, help="seconds after which a call is hung")
     parser.add_argument("--orphan_grace", type=float, default=15.0, help="seconds for orphans to exit")
@@ -108,8 +109,11 @@ def as_record(found):
 def run_worker(args: argparse.Namespace) -> None:
     import hivemind
 
+    lock = threading.Lock()
+
     def emit(**record) -> None:
-        print(json.dumps(record), flush=True)
+        with lock:
+            print(json.dumps(record), flush=True)
 
     stop = threading.Event()
 
@@ -131,50 +135,62 @@ def run_worker(args: argparse.Namespace) -> None:
     threading.Thread(target=wait_for_eof, daemon=True).start()
     maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
     emit(event="ready", peer_id=str(dht.peer_id), node_id=dht.run_coroutine(own_node_id), maddrs=maddrs)
-    rng = random.Random(f"{args.label}-{os.getpid()}")
     ttls = [float(ttl) for ttl in args.ttl.split(",")]
-    next_probe, seq = time.time(), 0
     for i in range(args.sentinels if args.label == "p0.0" else 0):  # the first peer stores the sentinels once
         record = {"event": "op", "op": "store", "key": f"s{i}", "subkey": None, "value": f"{args.label}#s{i}"}
         record.update(start=time.time(), expiration=hivemind.get_dht_time() + args.sentinel_ttl)
         found = dht.store(record["key"], record["value"], record["expiration"])
         emit(**record, status="ok", result=found, end=time.time())
-    while not stop.is_set():
-        if time.time() >= next_probe:
-            future = dht.run_coroutine(routing_snapshot, return_future=True)
-            try:
-                emit(event="table", time=time.time(), peers=future.result(timeout=args.hang_after))
-            except Exception as e:
-                emit(event="table_failed", time=time.time(), reason=f"{type(e).__name__}: {e}")
-            next_probe = time.time() + args.probe_every
-        kind = rng.choices(["store", "store_subkey", "get_latest", "get"], weights=[4, 2, 3, 2])[0]
-        record = {"event": "op", "op": kind, "start": time.time()}
-        if kind.startswith("store"):
-            seq += 1
-            record["value"] = f"{args.label}#{seq}"
-            record["expiration"] = hivemind.get_dht_time() + rng.choice(ttls)
-            if kind == "store":
-                record["key"], record["subkey"] = f"k{rng.randrange(args.keys)}", None
+
+    def pick(rng: random.Random, prefix: str, count: int) -> str:  # a quarter of the calls go to one hot key
+        return f"{prefix}{0 if rng.random() < 0.25 else rng.randrange(count)}"
+
+    def run_calls(thread: int) -> None:
+        rng = random.Random(f"{args.label}-{os.getpid()}-{thread}")
+        next_probe, seq = time.time(), 0
+        while not stop.is_set():
+            if thread == 0 and time.time() >= next_probe:
+                future = dht.run_coroutine(routing_snapshot, return_future=True)
+                try:
+                    emit(event="table", time=time.time(), peers=future.result(timeout=args.hang_after))
+                except Exception as e:
+                    emit(event="table_failed", time=time.time(), reason=f"{type(e).__name__}: {e}")
+                next_probe = time.time() + args.probe_every
+            kind = rng.choices(["store", "store_subkey", "get_latest", "get"], weights=[4, 2, 3, 2])[0]
+            record = {"event": "op", "op": kind, "start": time.time()}
+            if kind.startswith("store"):
+                seq += 1
+                record["value"] = f"{args.label}#{thread}.{seq}"
+                record["expiration"] = hivemind.get_dht_time() + rng.choice(ttls)
+                if kind == "store":
+                    record["key"], record["subkey"] = pick(rng, "k", args.keys), None
+                else:
+                    record["key"], record["subkey"] = pick(rng, "d", args.dict_keys), rng.choice(SUBKEYS)
+                emit(**dict(record, event="attempt"))  # a store cut short by a kill may still reach replicas
+                future = dht.store(
+                    record["key"], record["value"], record["expiration"], subkey=record["subkey"], return_future=True
+                )
             else:
-                record["key"], record["subkey"] = f"d{rng.randrange(args.dict_keys)}", rng.choice(SUBKEYS)
-            future = dht.store(
-                record["key"], record["value"], record["expiration"], subkey=record["subkey"], return_future=True
-            )
-        else:
-            prefix, count = rng.choices([("k", args.keys), ("d", args.dict_keys), ("s", args.sentinels)], [6, 3, 2])[0]
-            record["key"] = f"{prefix}{rng.randrange(count)}" if count else f"k{rng.randrange(args.keys)}"
-            future = dht.get(record["key"], latest=kind == "get_latest", return_future=True)
-        try:
-            result = future.result(timeout=args.hang_after)
-            record.update(status="ok", result=bool(result) if kind.startswith("store") else as_record(result))
-        except FutureTimeout:
-            record.update(status="hung")
-            future.cancel()
-        except Exception as e:
-            record.update(status="failed", reason=f"{type(e).__name__}: {e}")
-        record["end"] = time.time()
-        emit(**record)
-        stop.wait(args.pause)
+                choices = [("k", args.keys), ("d", args.dict_keys)] + [("s", args.sentinels)] * bool(args.sentinels)
+                record["key"] = pick(rng, *rng.choices(choices, [6, 3, 2][: len(choices)])[0])
+                future = dht.get(record["key"], latest=kind == "get_latest", return_future=True)
+            try:
+                result = future.result(timeout=args.hang_after)
+                record.update(status="ok", result=bool(result) if kind.startswith("store") else as_record(result))
+            except FutureTimeout:
+                record.update(status="hung")
+                future.cancel()
+            except Exception as e:
+                record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+            record["end"] = time.time()
+            emit(**record)
+            stop.wait(args.pause)
+
+    threads = [threading.Thread(target=run_calls, args=(i,)) for i in range(args.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     dht.shutdown()
     emit(event="exit")
 
@@ -208,6 +224,7 @@ class Chaos:
         self.peers: Dict[str, Peer] = {}
         self.events: List[tuple] = []
         self.ops: List[dict] = []
+        self.attempts: List[dict] = []  # every store, announced before it is sent
         self.leaked: List[str] = []
         self.failed_starts = 0
         self.next_name = args.peers
@@ -225,18 +242,10 @@ class Chaos:
         log_path = os.path.join(self.workdir, f"{name}.{incarnation}.log")
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--label", f"{name}.{incarnation}"]
         command += ["--initial_peers", ",".join(initial), "--identity_path", identity_path, "--port", str(port)]
-        for option in (
-            "keys",
-            "dict_keys",
-            "ttl",
-            "sentinels",
-            "sentinel_ttl",
-            "bucket_size",
-            "num_replicas",
-            "pause",
-            "hang_after",
-            "probe_every",
-        ):
+        options = (
+            "keys dict_keys ttl sentinels sentinel_ttl bucket_size num_replicas threads pause hang_after probe_every"
+        )
+        for option in options.split():
             command += [f"--{option}", str(getattr(self.args, option))]
         with open(log_path, "w") as log:
             process = subprocess.Popen(
@@ -260,6 +269,8 @@ class Chaos:
                     peer.port = int(peer.maddrs[0].split("/tcp/")[1].split("/")[0])
                 elif record["event"] == "table":
                     peer.tables.append((record["time"], record["peers"]))
+                elif record["event"] == "attempt":
+                    self.attempts.append(record)
                 elif record["event"] == "op":
                     record["label"] = peer.label
                     self.ops.append(record)
@@ -391,15 +402,6 @@ class Chaos:
 # ---------------------------------------------------------------------------------------------------- the report
 
 
-def percentile(values: List[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * (len(values) - 1)))]
-
-
-def normalize(reason: str) -> str:
-    reason = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{16,}\b", "<id>", reason)
-    return re.sub(r"\d+(\.\d+)?", "N", reason)[:140]
-
-
 def report(chaos: Chaos) -> None:
     args = chaos.args
     print(
@@ -464,17 +466,8 @@ def report(chaos: Chaos) -> None:
             f"| {peer.label} | {samples[-1][0] - peer.started:.0f} | {ops} | {python[0]:.0f} / {max(python):.0f} / "
             f"{python[-1]:.0f} | {p2pd[0]:.0f} / {max(p2pd):.0f} / {p2pd[-1]:.0f} |"
         )
-    warnings = collections.Counter()
-    for peer in chaos.peers.values():
-        with open(peer.log_path, errors="replace") as log:
-            for line in log:
-                found = re.search(r"\[(WARN|ERROR|CRITICAL)\] (\[[^]]*\] )?(.*)", line)
-                if found:
-                    warnings[f"{found.group(1)} {normalize(found.group(3))}"] += 1
-                elif line.startswith("Traceback"):
-                    warnings["Traceback"] += 1
     print("\nmost frequent warnings and errors in the peers' logs:")
-    for line, count in warnings.most_common(10):
+    for line, count in log_warnings([peer.log_path for peer in chaos.peers.values()]).most_common(10):
         print(f"  {count:5d}  {line}")
 
 
@@ -492,7 +485,7 @@ def main() -> None:
                 os.killpg(peer.process.pid, signal.SIGKILL)
     with open(os.path.join(chaos.workdir, "records.json"), "w") as file:
         peers = {label: [p.peer_id, p.node_id, p.ready_at, p.gone_at, p.freezes] for label, p in chaos.peers.items()}
-        json.dump({"events": chaos.events, "ops": chaos.ops, "peers": peers}, file)
+        json.dump({"events": chaos.events, "ops": chaos.ops, "attempts": chaos.attempts, "peers": peers}, file)
     report(chaos)
 
 

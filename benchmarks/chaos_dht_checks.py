@@ -1,8 +1,9 @@
-"""The checks of benchmarks/chaos_dht.py: every get judged against the stores that peers acknowledged before it."""
+"""The checks of benchmarks/chaos_dht.py (every get judged against the stores acknowledged before it), and helpers."""
 
 import bisect
 import collections
-from typing import Optional
+import re
+from typing import List, Optional
 
 SUBKEYS = ("a", "b", "c")  # the subkeys of the dictionary keys, shared by all peers
 KEY_KINDS = {"k": "plain", "d": "dictionary", "s": "sentinel (stored once)"}
@@ -15,7 +16,8 @@ class Checker:
         from hivemind.dht.routing import DHTID
 
         self.chaos, self.num_replicas, self.key_id = chaos, num_replicas, lambda key: int(DHTID.generate(source=key))
-        self.attempts = {(op["key"], op["subkey"], op["value"]): op["expiration"] for op in chaos.ops if "value" in op}
+        stores = chaos.attempts + [op for op in chaos.ops if "value" in op]
+        self.attempts = {(op["key"], op["subkey"], op["value"]): op["expiration"] for op in stores}
         self.acked = collections.defaultdict(list)  # (key, subkey) -> acknowledged stores, in order of their end
         for op in sorted(chaos.ops, key=lambda op: op["end"]):
             if op["op"].startswith("store") and op["status"] == "ok" and op["result"]:
@@ -93,3 +95,26 @@ class Checker:
                     self.judge_slot(
                         op, key, subkey, None if result is None else result.get(subkey), result is not None
                     )
+
+
+def percentile(values: List[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * (len(values) - 1)))]
+
+
+def normalize(reason: str) -> str:
+    reason = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{16,}\b", "<id>", reason)
+    return re.sub(r"\d+(\.\d+)?", "N", reason)[:140]
+
+
+def log_warnings(paths: List[str]) -> collections.Counter:
+    """Warnings, errors and tracebacks in the given log files, counted by their text with numbers and ids masked."""
+    warnings = collections.Counter()
+    for path in paths:
+        with open(path, errors="replace") as log:
+            for line in log:
+                found = re.search(r"\[(WARN|ERROR|CRITICAL)\] (\[[^]]*\] )?(.*)", line)
+                if found:
+                    warnings[f"{found.group(1)} {normalize(found.group(3))}"] += 1
+                elif line.startswith("Traceback"):
+                    warnings["Traceback"] += 1
+    return warnings
