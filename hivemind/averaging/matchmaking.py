@@ -365,6 +365,11 @@ class Matchmaking(GroupLeading):
                     logger.warning(f"{self.peer_id}: leader {leader} sent a malformed group ({e}), ignoring it")
                     self._report.add_error(f"malformed group from {leader}: {e}")
                     return None, None
+                # a member now: no followers of our own until the search ends (once _current_leader is reset below,
+                # one could be admitted and get a group whose all-reduce this peer never runs)
+                async with self._lock:
+                    if not self._assembled.done():
+                        self._assembled.set_result(group)
                 logger.info(f"Joined a group of {group.group_size} peers led by {leader} (this peer: {self.peer_id})")
                 return group, None
             if message.code == Code.GROUP_DISBANDED:
