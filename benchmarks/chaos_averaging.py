@@ -464,7 +464,8 @@ def main() -> None:
             if peer.process.poll() is None:
                 os.killpg(peer.process.pid, signal.SIGKILL)
     with open(os.path.join(chaos.workdir, "records.json"), "w") as file:
-        json.dump({"events": chaos.events, "rounds": chaos.rounds, "disturbed": chaos.disturbed}, file)
+        rss = {peer.label: peer.rss for peer in chaos.peers.values()}
+        json.dump({"events": chaos.events, "rounds": chaos.rounds, "disturbed": chaos.disturbed, "rss": rss}, file)
     report(chaos)
 
 
