@@ -100,3 +100,26 @@ async def test_small_frames_pass_while_the_peer_share_is_full():
     with pytest.raises(InboundBudgetExceeded):
         async with budget.frame("peer", 64 * 1024 + 1, MiB):
             pass
+
+
+async def test_identities_that_only_announce_frames_do_not_block_other_peers_by_default():
+    # frames count at their announced length, which costs a sender nothing but a header: by default there is no
+    # total that ten such identities could fill, so an honest peer's part still starts at once
+    budget = InboundBudget()
+    part_limit = 5 * MiB
+    for attacker in range(10):
+        while True:
+            try:
+                await budget.reserve(f"attacker{attacker}", part_limit, part_limit)
+            except InboundBudgetExceeded:
+                break
+    assert budget.held_by("attacker0") == budget.per_peer_limit(part_limit) // part_limit * part_limit
+    await asyncio.wait_for(budget.reserve("honest", 4 * MiB, part_limit), timeout=1.0)
+    assert budget.held_by("honest") == 4 * MiB
+
+
+def test_a_total_is_only_applied_when_given():
+    assert InboundBudget().per_peer_limit(5 * MiB) == 64 * MiB
+    assert InboundBudget(128 * MiB).per_peer_limit(5 * MiB) == 32 * MiB
+    with pytest.raises(ValueError):
+        InboundBudget(0)

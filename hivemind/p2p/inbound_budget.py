@@ -9,9 +9,14 @@ announced from the moment it is accepted until the frame is complete (or its str
 - **per peer first**: a new frame whose peer already has frames in flight is refused at once if it would take that
   peer past ``per_peer_limit(max_message_size)``. A peer with nothing in flight may always start one frame (up to the
   handler's ``max_message_size``), so no honest message is too large for the budget alone.
-- **then in all**: a frame that fits its peer's share but not the total waits up to ``wait`` seconds for other frames
-  to finish (holding its peer's share, and nothing else: its bytes are not read meanwhile), then is refused. When
-  nothing at all is in flight, any frame may start.
+- **then in all**, only if ``total_bytes`` is given: a frame that fits its peer's share but not the total waits up to
+  ``wait`` seconds for other frames to finish (holding its peer's share, and nothing else: its bytes are not read
+  meanwhile), then is refused. When nothing at all is in flight, any frame may start.
+
+There is no total by default. Frames count at their announced length, which costs the sender nothing but a header:
+with a total, a few identities (which are free) that each announce their share's worth of frames and send nothing
+more would hold the total for as long as the stall timeouts allow, and every honest peer's large frames would be
+refused meanwhile. Per peer, that costs the sender its own streams only.
 
 Refusals raise ``InboundBudgetExceeded``, a ``FramingError``: the stream handler gets it as it would get a malformed
 frame, and the caller gets an error frame with the text.
@@ -24,11 +29,10 @@ from typing import AsyncIterator, Callable, Dict, Hashable, Optional, Set
 from hivemind.p2p.framing import MAX_FRAME_PAYLOAD, FramingError
 
 MiB = 1024**2
-# all peers together: enough for one part (about 5 MiB) from each of 100 peers averaging at once, and for two frames
-# at the 256 MiB default message limit; an averager's own working set is a few hundred MiB
-DEFAULT_TOTAL_BYTES = 512 * MiB
+# all peers together: none by default (see the module docstring: a total of announced lengths is cheap to fill)
+DEFAULT_TOTAL_BYTES = None
 # one peer: a few frames at its handler's message limit, and at least 64 MiB (tens of concurrent 2 MiB MoE chunks or
-# about 5 MiB all-reduce parts), but never more than a quarter of the total, so that no single identity can take it
+# about 5 MiB all-reduce parts); with a total, never more than a quarter of it, so that no single identity can take it
 DEFAULT_PER_PEER_FLOOR = 64 * MiB
 DEFAULT_PER_PEER_FRAMES = 4
 DEFAULT_PER_PEER_SHARE = 4  # the per-peer limit is at most total_bytes // this
@@ -51,14 +55,15 @@ class InboundBudget:
 
     def __init__(
         self,
-        total_bytes: int = DEFAULT_TOTAL_BYTES,
+        total_bytes: Optional[int] = DEFAULT_TOTAL_BYTES,
         *,
         per_peer_floor: int = DEFAULT_PER_PEER_FLOOR,
         per_peer_frames: int = DEFAULT_PER_PEER_FRAMES,
         per_peer_share: int = DEFAULT_PER_PEER_SHARE,
         wait: float = DEFAULT_WAIT,
     ):
-        if total_bytes <= 0 or per_peer_floor <= 0 or per_peer_frames <= 0 or per_peer_share <= 0 or wait < 0:
+        bad_total = total_bytes is not None and total_bytes <= 0
+        if bad_total or per_peer_floor <= 0 or per_peer_frames <= 0 or per_peer_share <= 0 or wait < 0:
             raise ValueError("InboundBudget limits must be positive (wait may be 0)")
         self.total_bytes, self.wait = total_bytes, wait
         self.per_peer_floor, self.per_peer_frames = per_peer_floor, per_peer_frames
@@ -70,7 +75,8 @@ class InboundBudget:
     def per_peer_limit(self, max_message_size: Optional[int]) -> int:
         """The bytes one peer's frames may hold at once on a handler with this ``max_message_size``."""
         largest = MAX_FRAME_PAYLOAD if max_message_size is None else max_message_size
-        return min(max(self.per_peer_floor, self.per_peer_frames * largest), self.total_bytes // self.per_peer_share)
+        limit = max(self.per_peer_floor, self.per_peer_frames * largest)
+        return limit if self.total_bytes is None else min(limit, self.total_bytes // self.per_peer_share)
 
     def held_by(self, peer: Peer) -> int:
         return self._by_peer.get(peer, 0)
@@ -155,4 +161,4 @@ class InboundBudget:
                 waiter.cancel()
 
     def _fits_total(self, nbytes: int) -> bool:
-        return self._total == 0 or self._total + nbytes <= self.total_bytes
+        return self.total_bytes is None or self._total == 0 or self._total + nbytes <= self.total_bytes

@@ -39,7 +39,8 @@ class ProtobufCallsMixin:
     @property
     def inbound_budget(self) -> InboundBudget:
         """Bounds the bytes of request frames that this instance's stream handlers receive at once, per calling
-        peer and in all (see ``hivemind.p2p.inbound_budget``); assign a new ``InboundBudget`` to change the limits."""
+        peer, and in all if a total is set (see ``hivemind.p2p.inbound_budget``); assign a new ``InboundBudget`` to
+        change the limits."""
         if self._inbound_budget is None:
             self._inbound_budget = InboundBudget()
         return self._inbound_budget
