@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from hivemind.dht import DHT
 from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts, Server
+from hivemind.moe.client.gating import ExpertFailurePenalty
 from hivemind.moe.server.dht_handler import get_experts
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -73,7 +74,7 @@ def test_samples_of_a_failed_server_go_to_the_next_best_experts_at_the_following
 
 
 @pytest.mark.timeout(60)
-def test_switch_samples_of_a_failed_server_go_to_the_next_best_expert():
+def test_switch_skips_every_expert_of_a_server_that_could_not_be_reached():
     torch.manual_seed(0)
     with two_servers() as (first, client_dht):
         switch = RemoteSwitchMixtureOfExperts(
@@ -81,14 +82,21 @@ def test_switch_samples_of_a_failed_server_go_to_the_next_best_expert():
         ).eval()  # k_best=1, allow_zero_outputs=True
         prefer_first_row(switch, margin=1.0)  # a switch weighs an expert by its gating probability: not too small
         x = torch.randn(8, HID)
-        assert not torch.allclose(switch(x)[0], x)  # the first server's experts answer
+        assert not torch.allclose(switch(x)[0], x)  # one expert of the first server answers every sample
         first.shutdown()
-        for _ in range(2):  # with k_best=1 each step tries (and learns the failure of) one of the server's experts
-            output, _ = switch(x)  # no expert answered: the input alone comes back
-            assert torch.equal(output, x)
-            if switch.failure_penalty.is_penalized("ffn.0.0") and switch.failure_penalty.is_penalized("ffn.0.1"):
-                break
-        assert switch.failure_penalty.is_penalized("ffn.0.0") and switch.failure_penalty.is_penalized("ffn.0.1")
+        output, _ = switch(x)  # that expert cannot be reached: the input alone comes back
+        assert torch.equal(output, x)
 
+        # the server's other expert is not tried (it would fail the same way): an expert of row 1 answers
         output, _ = switch(x)
-        assert torch.isfinite(output).all() and not torch.allclose(output, x)  # an expert of row 1 answered
+        assert torch.isfinite(output).all() and not torch.allclose(output, x)
+
+
+def test_unreachable_server_penalizes_all_its_experts_and_an_answered_error_only_that_expert():
+    penalty = ExpertFailurePenalty()
+    penalty.report_failure(("ffn.0.0", "server-a"), server_down=True)  # timed out or could not be reached
+    assert penalty.is_penalized(("ffn.0.1", "server-a")) and not penalty.is_penalized(("ffn.0.1", "server-b"))
+    penalty.report_failure(("ffn.1.0", "server-b"))  # e.g. a malformed answer: the server itself is alive
+    assert penalty.is_penalized(("ffn.1.0", "server-b")) and not penalty.is_penalized(("ffn.1.1", "server-b"))
+    penalty.report_success(("ffn.0.0", "server-a"))  # tried again once the penalty ended, and it answered
+    assert not penalty.is_penalized(("ffn.0.1", "server-a"))

@@ -22,6 +22,7 @@ from hivemind.moe.client.expert_rpc import (
 )
 from hivemind.moe.client.gating import ExpertFailurePenalty, all_samples_settled, penalty_key
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import P2PDaemonError
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_flatten
 
@@ -165,10 +166,11 @@ def _fan_out(
     )
     for index, error in errors.items():
         logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {error!r}")
-        options.penalty.report_failure(penalty_key(jobs[index].expert))
+        # unreachable (a P2PDaemonError, not an error the server answered with): its server's other experts too
+        options.penalty.report_failure(penalty_key(jobs[index].expert), server_down=isinstance(error, P2PDaemonError))
     for index in timed_out:
         logger.warning(f"Expert {jobs[index].expert.uid} did not answer {method} in time, masking it")
-        options.penalty.report_failure(penalty_key(jobs[index].expert))
+        options.penalty.report_failure(penalty_key(jobs[index].expert), server_down=True)
     for index in results:
         options.penalty.report_success(penalty_key(jobs[index].expert))
     return results

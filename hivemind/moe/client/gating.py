@@ -112,12 +112,17 @@ class ExpertFailurePenalty:
         self._lock = threading.Lock()  # a mixture may be called from several threads at once
 
     def is_penalized(self, uid: PenaltyKey, now: Optional[float] = None) -> bool:
+        """Whether the expert is skipped now: ``(uid, peer_id)`` also while its whole server is (see
+        ``report_failure(..., server_down=True)``)."""
         now = now if now is not None else self.clock()
         if isinstance(uid, str):  # a bare uid: on any server
             with self._lock:
                 return any(now < until and _uid_of(key) == uid for key, until in self._until.items())
-        until = self._until.get(uid)
-        return until is not None and now < until
+        for key in (uid, _server_key(uid)):
+            until = self._until.get(key)
+            if until is not None and now < until:
+                return True
+        return False
 
     def num_penalized(self, now: Optional[float] = None) -> int:
         """How many experts (keys) are penalized right now."""
@@ -125,9 +130,13 @@ class ExpertFailurePenalty:
         with self._lock:
             return sum(now < until for until in self._until.values())
 
-    def report_failure(self, uid: PenaltyKey) -> None:
+    def report_failure(self, uid: PenaltyKey, server_down: bool = False) -> None:
+        """Penalize the expert; with ``server_down`` (it timed out or could not be reached: not an error that its
+        server answered with) every expert of its server too, until one of them answers."""
         with self._lock:
             self._report_failure(uid)
+            if server_down and not isinstance(uid, str):
+                self._report_failure(_server_key(uid))
 
     def _report_failure(self, uid: PenaltyKey) -> None:
         if len(self._until) >= self.max_entries:  # forget experts whose penalty ended long ago
@@ -140,8 +149,13 @@ class ExpertFailurePenalty:
 
     def report_success(self, uid: PenaltyKey) -> None:
         with self._lock:
-            self._until.pop(uid, None)
-            self._failures.pop(uid, None)
+            for key in (uid,) if isinstance(uid, str) else (uid, _server_key(uid)):
+                self._until.pop(key, None)
+                self._failures.pop(key, None)
+
+
+def _server_key(key: Tuple[ExpertUID, object]) -> Tuple[None, object]:
+    return None, key[1]  # every uid on that server
 
 
 def _uid_of(key: PenaltyKey) -> ExpertUID:

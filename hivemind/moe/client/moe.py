@@ -101,6 +101,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.proj = nn.Linear(in_features, sum(self.grid_size))  # gating logits of all dimensions, concatenated
         self.failure_penalty = ExpertFailurePenalty()
         self._expert_info: Optional[dict] = None
+        self._skipped_hint = 0  # twice the most penalized experts one sample's search found last time
 
     def forward(self, input: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         """Mix the answers of each sample's ``k_best`` experts, weighted by a softmax of their gating scores.
@@ -155,7 +156,7 @@ class RemoteMixtureOfExperts(nn.Module):
         server's experts, still announced in the DHT until their announcements expire, do not take the samples'
         slots.
         """
-        extra = min(self.failure_penalty.num_penalized(), MAX_EXTRA_CANDIDATES)
+        extra = min(max(self.failure_penalty.num_penalized(), self._skipped_hint), MAX_EXTRA_CANDIDATES)
         future = self.beam_search.batch_find_best_experts(
             [scores.detach().cpu().float().numpy() for scores in grid_scores], self.k_best + extra, return_future=True
         )
@@ -165,13 +166,15 @@ class RemoteMixtureOfExperts(nn.Module):
                 f"No responding experts found in the DHT for {self.uid_prefix} (grid {self.grid_size}); check that "
                 f"expert servers run and that this DHT is connected to them"
             )
-        return [self._skip_penalized(experts) for experts in found]
-
-    def _skip_penalized(self, experts: List[RemoteExpert]) -> List[RemoteExpert]:
-        """The best ``k_best`` of a sample's experts that are not penalized (all penalized: the best ones, which are
-        then skipped in the call, so the sample gets the error or zeros of a sample without answers)."""
-        alive = [expert for expert in experts if not self.failure_penalty.is_penalized(penalty_key(expert))]
-        return (alive or experts)[: self.k_best]
+        chosen, most_skipped = [], 0
+        for experts in found:
+            alive = [expert for expert in experts if not self.failure_penalty.is_penalized(penalty_key(expert))]
+            most_skipped = max(most_skipped, len(experts) - len(alive))
+            # all penalized: the best ones, skipped in the call: the sample gets the error or zeros of no answer
+            chosen.append((alive or experts)[: self.k_best])
+        # a penalized server hides experts not counted among the penalized ones: ask for more at the next search
+        self._skipped_hint = 2 * most_skipped
+        return chosen
 
     def call_experts(
         self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float], *args, **kwargs
