@@ -35,6 +35,8 @@ class KeySearch:
         """Consider an entry found at node ``source``; returns True if it changed the best entry."""
         if candidate is None:
             return False
+        if isinstance(candidate.value, DictionaryDHTValue):  # a copy: a stored dictionary may change during the search
+            candidate = ValueWithExpiration(merge_dictionaries(candidate.value), candidate.expiration_time)
         if self.best is None:
             self.best, self.sources = candidate, {source}
             return True
