@@ -116,6 +116,15 @@ func (s *Stream) takeBackReadBuffer() int {
 	return n
 }
 
+// lentReadWindowUpdate sends the window update after a Read took bytes back from its lent buffer. It ignores the
+// read deadline: the bytes are delivered (Read waits for a frame being read into its buffer, even past the
+// deadline), and a window update given up at an expired deadline would be lost for good (GrowTo already counted
+// it), leaving the peer a smaller send window each time until the stream stalls. It waits only while the send
+// queue is full.
+func (s *Stream) lentReadWindowUpdate() error {
+	return s.sendWindowUpdate(nil)
+}
+
 // readIntoLentBuffer reads the start of a data frame's payload (length bytes) straight into a lent read buffer,
 // if a reader waits with one and no earlier bytes wait in the receive buffer. It returns the bytes of the payload
 // it did not read (the caller appends them to the receive buffer as upstream does).

@@ -123,14 +123,14 @@ START:
 		case <-s.recvNotifyCh:
 			if lent {
 				if n = s.takeBackReadBuffer(); n > 0 {
-					return n, s.sendWindowUpdate(s.readDeadline.wait())
+					return n, s.lentReadWindowUpdate()
 				}
 			}
 			goto START
 		case <-s.readDeadline.wait():
 			if lent {
 				if n = s.takeBackReadBuffer(); n > 0 {
-					return n, s.sendWindowUpdate(s.readDeadline.wait())
+					return n, s.lentReadWindowUpdate()
 				}
 			}
 			return 0, ErrTimeout

@@ -1,0 +1,196 @@
+package main
+
+import (
+	"encoding/binary"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/libp2p/go-libp2p/core/network"
+)
+
+// rawYamuxPeer speaks yamux frames by hand on one end of a pipe, as a hostile or slow peer would: the test decides
+// when each byte of a frame is sent. It drains what the session sends and adds up the window it grants to stream 1.
+type rawYamuxPeer struct {
+	conn    net.Conn
+	mu      sync.Mutex
+	granted uint64        // window granted to stream 1 by window updates
+	updates chan struct{} // one signal per window update for stream 1
+}
+
+func newRawYamuxPeer(conn net.Conn) *rawYamuxPeer {
+	p := &rawYamuxPeer{conn: conn, updates: make(chan struct{}, 1024)}
+	go func() {
+		var hdr [12]byte
+		for {
+			if _, err := io.ReadFull(conn, hdr[:]); err != nil {
+				return
+			}
+			id, length := binary.BigEndian.Uint32(hdr[4:8]), binary.BigEndian.Uint32(hdr[8:12])
+			switch hdr[1] {
+			case 0: // data
+				if _, err := io.CopyN(io.Discard, conn, int64(length)); err != nil {
+					return
+				}
+			case 1: // window update
+				if id == 1 {
+					p.mu.Lock()
+					p.granted += uint64(length)
+					p.mu.Unlock()
+					p.updates <- struct{}{}
+				}
+			}
+		}
+	}()
+	return p
+}
+
+func (p *rawYamuxPeer) frame(t *testing.T, typ byte, flags uint16, length uint32) {
+	t.Helper()
+	if err := p.header(typ, flags, length); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (p *rawYamuxPeer) header(typ byte, flags uint16, length uint32) error {
+	var hdr [12]byte
+	hdr[1] = typ
+	binary.BigEndian.PutUint16(hdr[2:4], flags)
+	binary.BigEndian.PutUint32(hdr[4:8], 1)
+	binary.BigEndian.PutUint32(hdr[8:12], length)
+	_, err := p.conn.Write(hdr[:])
+	return err
+}
+
+func (p *rawYamuxPeer) grantedWindow() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.granted
+}
+
+// lentReadConn signals when the session reads a frame payload straight into target (a reader's lent buffer).
+type lentReadConn struct {
+	net.Conn
+	target []byte
+	direct chan struct{}
+}
+
+func (c *lentReadConn) Read(p []byte) (int, error) {
+	if len(p) > 0 {
+		at, start := uintptr(unsafe.Pointer(&p[0])), uintptr(unsafe.Pointer(&c.target[0]))
+		if at >= start && at < start+uintptr(len(c.target)) {
+			select {
+			case c.direct <- struct{}{}:
+			default:
+			}
+		}
+	}
+	return c.Conn.Read(p)
+}
+
+// A Read whose read deadline passes while the session is reading a frame into its buffer returns the frame's
+// bytes without an error, and the window update for them reaches the peer. (The patched go-yamux sent that window
+// update with the expired deadline: half the time it was dropped, the Read failed with a timeout although it
+// delivered bytes, and the peer's send window shrank for good, by half the stream window each time, until the
+// stream stalled.)
+func TestReadPastDeadlineIntoLentBufferKeepsWindow(t *testing.T) {
+	const frame = 64 << 10
+	checked := 0
+	for attempt := 0; attempt < 40 && checked < 8; attempt++ {
+		if checkLentReadPastDeadline(t, frame) {
+			checked++
+		}
+	}
+	if checked < 8 {
+		t.Fatalf("only %d of 40 attempts read a frame into the waiting reader's buffer", checked)
+	}
+}
+
+// checkLentReadPastDeadline runs one session; false when the frame did not take the lent-buffer path (the reader
+// was not waiting yet), which proves nothing either way.
+func checkLentReadPastDeadline(t *testing.T, frame int) bool {
+	buf := make([]byte, frame)
+	peerConn, serverRaw := net.Pipe()
+	serverConn := &lentReadConn{Conn: serverRaw, target: buf, direct: make(chan struct{}, 1)}
+	session, err := newYamuxTransport().NewConn(serverConn, true, &network.NullScope{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer session.Close()
+	defer peerConn.Close()
+	peer := newRawYamuxPeer(peerConn)
+	peer.frame(t, 1, 1, 0) // open stream 1 (window update with SYN)
+	stream, err := session.AcceptStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-peer.updates // the ACK with the initial window
+	initial := peer.grantedWindow()
+
+	// Consume just under half of the initial window: no window update is due yet.
+	before := int(newYamuxTransport().InitialStreamWindowSize/2) - 1000
+	go func() {
+		for sent := 0; sent < before; sent += 256 << 10 {
+			n := 256 << 10
+			if before-sent < n {
+				n = before - sent
+			}
+			if peer.header(0, 0, uint32(n)) != nil {
+				return
+			}
+			if _, err := peerConn.Write(make([]byte, n)); err != nil {
+				return
+			}
+		}
+	}()
+	if _, err := io.ReadFull(stream, make([]byte, before)); err != nil {
+		t.Fatal(err)
+	}
+
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	_ = stream.SetReadDeadline(time.Now().Add(80 * time.Millisecond))
+	go func() {
+		n, err := stream.Read(buf)
+		done <- result{n, err}
+	}()
+	time.Sleep(20 * time.Millisecond) // let the reader block in Read (lend its buffer); checked below
+	peer.frame(t, 0, 0, uint32(frame))
+	if _, err := peerConn.Write(make([]byte, frame/2)); err != nil {
+		t.Fatal(err)
+	}
+	lent := false
+	select {
+	case <-serverConn.direct:
+		lent = true
+	default:
+	}
+	time.Sleep(150 * time.Millisecond) // the read deadline passes while the frame is half read
+	if _, err := peerConn.Write(make([]byte, frame-frame/2)); err != nil {
+		t.Fatal(err)
+	}
+	res := <-done
+	if !lent {
+		return false
+	}
+	if res.n != frame || res.err != nil {
+		t.Fatalf("Read returned %d bytes and %v, want the whole frame (%d bytes) and no error", res.n, res.err, frame)
+	}
+	// The reader consumed more than half of the window: a window update for all of it must reach the peer.
+	deadline := time.After(2 * time.Second)
+	for peer.grantedWindow()-initial < uint64(before+frame) {
+		select {
+		case <-peer.updates:
+		case <-deadline:
+			t.Fatalf("the peer was granted %d bytes after the reader consumed %d: a window update was lost",
+				peer.grantedWindow()-initial, before+frame)
+		}
+	}
+	return true
+}
