@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+func randomPeerID(t *testing.T) peer.ID {
+	t.Helper()
+	_, pub, err := crypto.GenerateEd25519Key(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := peer.IDFromPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// Many concurrent client requests to a peer whose address accepts TCP but fails every handshake dial it about once
+// per base, not once per request: the daemon never dials such a peer in a loop.
+func TestConcurrentRequestsToBrokenPeerDialOncePerBase(t *testing.T) {
+	saved := []time.Duration{swarm.BackoffBase, swarm.BackoffCoef, swarm.BackoffMax}
+	t.Cleanup(func() { swarm.BackoffBase, swarm.BackoffCoef, swarm.BackoffMax = saved[0], saved[1], saved[2] })
+	const base = 500 * time.Millisecond
+	applyDialBackoff(base, time.Minute)
+
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer listener.Close()
+	var accepted atomic.Int64
+	go func() {
+		for {
+			c, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			_ = c.Close()
+		}
+	}()
+	addr, err := ma.NewMultiaddr("/ip4/127.0.0.1/tcp/" + strconv.Itoa(listener.Addr().(*net.TCPAddr).Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := peer.AddrInfo{ID: randomPeerID(t), Addrs: []ma.Multiaddr{addr}}
+	client := newRedialHost(newRedialTestHost(t, nil, nil), base).(*redialHost)
+	var mu sync.Mutex
+	now := time.Now()
+	client.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+
+	burst := func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		var wg sync.WaitGroup
+		for i := 0; i < 64; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if client.Connect(ctx, info) == nil {
+					t.Error("a dial to a peer that fails every handshake succeeded")
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	burst()
+	first := accepted.Load()
+	if first < 1 || first > 3 {
+		t.Fatalf("64 concurrent requests dialled the broken peer %d times, want about once", first)
+	}
+	t.Logf("first burst: %d dials", first)
+	burst() // within the base: every request is refused by the backoff
+	if n := accepted.Load(); n != first {
+		t.Fatalf("requests within the base dialled the broken peer %d more times", n-first)
+	}
+	mu.Lock()
+	now = now.Add(base)
+	mu.Unlock()
+	burst()
+	if n := accepted.Load() - first; n < 1 || n > 3 {
+		t.Fatalf("64 concurrent requests after the base dialled the broken peer %d times, want about once", n)
+	}
+}
+
+// The failures the host remembers stay bounded however many distinct peers the client fails to reach.
+func TestRedialHostForgetsOldFailures(t *testing.T) {
+	const base = time.Second
+	client := newRedialHost(newRedialTestHost(t, nil, nil), base).(*redialHost)
+	now := time.Now()
+	client.now = func() time.Time { return now }
+	ctx := context.Background()
+	for i := 0; i < redialPruneAt+512; i++ {
+		if i%256 == 0 {
+			now = now.Add(base)
+		}
+		if client.Connect(ctx, peer.AddrInfo{ID: randomPeerID(t)}) == nil {
+			t.Fatal("a peer without addresses was reached")
+		}
+	}
+	if n := len(client.failed); n > redialPruneAt+256 {
+		t.Fatalf("the host remembers %d failed peers, want at most %d", n, redialPruneAt+256)
+	}
+}
