@@ -390,8 +390,10 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             self._last_round_peers = {peer.to_bytes() for peer in gathered}
         except Exception as e:
             self._last_round_peers = set()
+            waited_out = not control.done()  # (else the round failed and says why)
             control.cancel()
-            logger.warning(f"{self.run_id}: averaging gradients failed ({e!r}); using local gradients")
+            reason = f"no result within averaging_timeout={self.averaging_timeout} s" if waited_out else repr(e)
+            logger.warning(f"{self.run_id}: averaging gradients failed ({reason}); using local gradients")
 
     def _expected_peers(self) -> int:
         """Peers (this one included) expected in this epoch's averaging rounds: see ``count_expected_peers``."""
