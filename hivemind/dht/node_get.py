@@ -5,6 +5,7 @@ fresh enough is found; found values are cached locally and pushed into the cache
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Collection, Dict, List, Optional, Set, Union
 
@@ -21,8 +22,9 @@ from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration, get
 
 logger = get_logger(__name__)
 
-# a get may join a running search for the same key that was started with a sufficient_expiration_time up to this many
-# seconds lower (e.g. two gets with the default "now", a moment apart)
+# a get may join a running search for the same key that began at most this many seconds earlier (and was started with
+# a sufficient_expiration_time at most this much lower, e.g. two gets with the default "now", a moment apart); an older
+# search may have found its entries before a newer store was acknowledged (it can wait seconds for a silent peer)
 REUSE_GET_TOLERANCE = 1.0
 
 
@@ -32,6 +34,7 @@ class PendingGet:
 
     search: KeySearch
     futures: List[asyncio.Future] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def abandoned(self) -> bool:
@@ -111,6 +114,7 @@ class SearchingGet:
                         for pending in self._pending_gets.get(key_id, ())
                         if pending.search.sufficient_expiration_time
                         >= sufficient_expiration_time - REUSE_GET_TOLERANCE
+                        and pending.started >= time.monotonic() - REUSE_GET_TOLERANCE
                         and not pending.search.finished
                     ),
                     None,
