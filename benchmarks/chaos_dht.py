@@ -15,10 +15,11 @@ replicas are handed over to newcomers as the original holders die. The driver le
 
 - **EXPIRED**: a returned value (or subkey) that had expired before the get started (never allowed);
 - **CORRUPT**: a returned value that no peer ever stored with that expiration (never allowed);
-- **lost**: nothing returned for a key (or subkey) whose newest acknowledged store finished before the get started
-  and has not expired; **stale**: an older value returned instead. Both are *explained* when every one of the
-  ``num_replicas`` peers nearest to the key among those up at the time of that store (by node id, which the
-  driver learns from each peer) was killed, left or frozen since; otherwise they count as **LOST** / **STALE**.
+- **lost**: nothing returned for a key (or subkey) whose newest acknowledged store finished at least 1 s before the
+  get started (a get may join a search that its peer began up to 1 s earlier) and has not expired; **stale**: an
+  older value returned instead. Both are *explained* when every one of the ``num_replicas`` peers nearest to the key
+  among those up at the time of that store (by node id, which the driver learns from each peer) was killed, left or
+  frozen since; otherwise they count as **LOST** / **STALE**.
   Stale values of ``latest=False`` gets are counted apart: that get stops at the first live entry it finds (a
   cache may hold an older one), so only ``latest=True`` promises the newest.
 - **HANG**: a call still unanswered ``--hang_after`` seconds after it started (unless its own peer was frozen).

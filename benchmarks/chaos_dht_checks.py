@@ -50,7 +50,8 @@ class Checker:
 
     def expected(self, key: str, subkey, get: dict) -> Optional[dict]:
         stores = self.acked.get((key, subkey), [])
-        stores = stores[: bisect.bisect_left([op["end"] for op in stores], get["start"])]
+        # a get may join a search of its peer that began up to 1 s earlier (REUSE_GET_TOLERANCE of DHTNode)
+        stores = stores[: bisect.bisect_left([op["end"] for op in stores], get["start"] - 1.0)]
         live = [op for op in stores if op["expiration"] > get["end"] + 1.0]
         return max(live, key=lambda op: op["expiration"], default=None)
 
