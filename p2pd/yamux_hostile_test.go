@@ -118,3 +118,48 @@ func TestLargeWriteReturnsWhenConnectionStalls(t *testing.T) {
 		t.Fatal("a large write over a stalled connection never returned")
 	}
 }
+
+// A peer that announces a data frame larger than the window it was granted is cut off before a byte of the frame is
+// read, also when a reader waits with its buffer lent: nothing reaches that buffer and the Read fails.
+func TestFrameLargerThanWindowIsRefusedBeforeTheLentBuffer(t *testing.T) {
+	buf := make([]byte, 64<<10)
+	peerConn, serverRaw := net.Pipe()
+	serverConn := &lentReadConn{Conn: serverRaw, target: buf, direct: make(chan struct{}, 1)}
+	session, err := newYamuxTransport().NewConn(serverConn, true, &network.NullScope{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer session.Close()
+	defer peerConn.Close()
+	peer := newRawYamuxPeer(peerConn)
+	peer.frame(t, 1, 1, 0)
+	stream, err := session.AcceptStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-peer.updates
+	done := make(chan error, 1)
+	go func() {
+		_, err := stream.Read(buf)
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond) // let the reader lend its buffer
+	peer.frame(t, 0, 0, uint32(newYamuxTransport().InitialStreamWindowSize)+1)
+	_, _ = peerConn.Write(make([]byte, 1000)) // fails once the session closed the connection
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a Read on a stream whose peer overran the window succeeded")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a peer that overran the window was not cut off")
+	}
+	select {
+	case <-serverConn.direct:
+		t.Fatal("bytes of a frame over the window were read into the reader's buffer")
+	default:
+	}
+	if !session.IsClosed() {
+		t.Fatal("the session with a peer that overran the window is still open")
+	}
+}
