@@ -30,7 +30,9 @@ T = TypeVar("T")
 
 
 class Startable(Protocol):
-    """A download that can be started (open it and take its first message) and closed at any time (idempotent)."""
+    """A download that can be started (open it and take its first message) and closed at any time (idempotent).
+
+    A start that fails or is cancelled closes what it opened itself."""
 
     async def start(self) -> None: ...
 
@@ -55,8 +57,14 @@ class _Race(Generic[T, S]):
         entries, self.pending = list(self.pending.items()), {}
         for task, _ in entries:
             task.cancel()
-        if entries:
-            await asyncio.wait([task for task, _ in entries])
+        try:
+            if entries:
+                await asyncio.wait([task for task, _ in entries])
+        except BaseException:  # cancelled meanwhile: a start that had already succeeded is closed here all the same
+            for task, (_, download) in entries:  # (one still unwinding closes its own: see Startable)
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    await download.aclose()
+            raise
         stopped = []
         for task, (candidate, download) in entries:
             error = None if task.cancelled() else task.exception()
