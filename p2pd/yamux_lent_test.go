@@ -194,3 +194,71 @@ func checkLentReadPastDeadline(t *testing.T, frame int) bool {
 	}
 	return true
 }
+
+// A Read that finds bytes buffered after its read deadline passed may fail to send the window update they call for;
+// that update is then sent by a later Read, not lost. (go-yamux counted it as granted before sending it: when the
+// send gave up at the expired deadline, the peer's send window shrank for good by half the stream window.)
+func TestWindowUpdateGivenUpAtDeadlineIsSentLater(t *testing.T) {
+	for attempt := 0; attempt < 8; attempt++ {
+		checkWindowUpdateAfterExpiredDeadline(t)
+	}
+}
+
+func checkWindowUpdateAfterExpiredDeadline(t *testing.T) {
+	const segment = 256 << 10
+	peerConn, serverConn := net.Pipe()
+	session, err := newYamuxTransport().NewConn(serverConn, true, &network.NullScope{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer session.Close()
+	defer peerConn.Close()
+	peer := newRawYamuxPeer(peerConn)
+	peer.frame(t, 1, 1, 0)
+	stream, err := session.AcceptStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-peer.updates
+	initial := peer.grantedWindow()
+	half := int(newYamuxTransport().InitialStreamWindowSize / 2)
+	total := half + 2*segment
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		for off := 0; off < total; off += segment {
+			if peer.header(0, 0, segment) != nil {
+				return
+			}
+			if _, err := peerConn.Write(make([]byte, segment)); err != nil {
+				return
+			}
+		}
+	}()
+	buf := make([]byte, segment)
+	if _, err := io.ReadFull(stream, make([]byte, half-segment)); err != nil { // no update due yet
+		t.Fatal(err)
+	}
+	<-sent
+	_ = stream.SetReadDeadline(time.Now().Add(-time.Second))
+	n := 0
+	for n == 0 { // buffered bytes are read; the update they call for may be given up
+		n, _ = stream.Read(buf)
+		if n == 0 {
+			time.Sleep(time.Millisecond) // the last frame is still being appended to the receive buffer
+		}
+	}
+	_ = stream.SetReadDeadline(time.Time{})
+	if _, err := io.ReadFull(stream, make([]byte, total-(half-segment)-n)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.After(2 * time.Second)
+	for peer.grantedWindow()-initial < uint64(half) {
+		select {
+		case <-peer.updates:
+		case <-deadline:
+			t.Fatalf("the peer was granted %d bytes after the reader consumed %d: a window update was lost",
+				peer.grantedWindow()-initial, total)
+		}
+	}
+}

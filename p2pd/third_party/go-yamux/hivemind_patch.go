@@ -169,3 +169,17 @@ func (s *segmentedBuffer) consumeWindow(n uint32) {
 	s.cap -= n
 	s.bm.Unlock()
 }
+
+// withdrawGrowth takes back n bytes of receive window that GrowTo counted but whose window update was not sent
+// (sendMsg gave up at an expired read deadline): the next window update grants them again. Upstream keeps them
+// counted, so the peer never learns of them and its send window shrinks for good, by half the stream window each
+// time, until the stream stalls.
+func (s *segmentedBuffer) withdrawGrowth(n uint32) {
+	s.bm.Lock()
+	if s.cap >= n {
+		s.cap -= n
+	} else {
+		s.cap = 0 // the peer already sent into credit it was never granted: refuse more until an update
+	}
+	s.bm.Unlock()
+}

@@ -259,7 +259,11 @@ func (s *Stream) sendWindowUpdate(deadline <-chan struct{}) error {
 
 	s.epochStart = now
 	hdr := encode(typeWindowUpdate, flags, s.id, delta)
-	return s.session.sendMsg(hdr, nil, deadline)
+	if err := s.session.sendMsg(hdr, nil, deadline); err != nil {
+		s.recvBuf.withdrawGrowth(delta) // hivemind p2pd patch: an update not sent is not granted
+		return err
+	}
+	return nil
 }
 
 // sendClose is used to send a FIN
