@@ -6,6 +6,7 @@ import logging
 import time
 
 import pytest
+from async_wait import wait_until
 from test_averaging_state_sharing import (
     assert_state_equal,
     declare,
@@ -55,9 +56,10 @@ async def silent_donors(dht, prefix, peers, priority):
 
 
 @pytest.mark.timeout(60)
-async def test_silent_top_priority_donors_cost_a_newcomer_request_timeout_each(dht, p2p_factory, prefix):
+async def test_silent_top_priority_donors_cost_a_newcomer_one_wait_in_all(dht, p2p_factory, prefix):
     """Before hedging, each silent identity cost 25 s (DONOR_PREPARATION_TIMEOUT): the 10 s given ran out on the
-    first one and nothing was loaded."""
+    first one and nothing was loaded. Now they are asked 0.5 s apart, and the honest donor of lower priority, which
+    starts at once, is held for them for at most half the time left (about 4 s here)."""
     (*hostile, good), client = await start_peers(p2p_factory, 4)
     silent = await silent_donors(dht, prefix, hostile, priority=10.0)
     _, good_state = await honest_donor(dht, good, prefix, seed=2, priority=1.0)
@@ -66,7 +68,7 @@ async def test_silent_top_priority_donors_cost_a_newcomer_request_timeout_each(d
     result = await load(client, dht, prefix, expected=good_state[1], timeout=10, request_timeout=0.5)
     elapsed = time.monotonic() - started
     assert_state_equal(result, good_state)
-    assert elapsed < 5.0, f"took {elapsed:.1f} s"
+    assert elapsed < 8.0, f"took {elapsed:.1f} s"
     assert all(donor.asked == 1 for donor in silent)  # each was asked once, in turn, and waited on meanwhile
     for donor in silent:  # and every stream to them is closed, so their handlers end
         await asyncio.wait_for(donor.all_closed.wait(), timeout=5)
@@ -134,11 +136,13 @@ async def test_donor_that_queues_the_newcomer_and_then_serves_still_wins_over_si
 
 
 @pytest.mark.timeout(60)
-async def test_donor_stopped_because_another_started_first_is_asked_again_when_that_one_fails(
+async def test_donor_of_higher_priority_that_is_slow_to_start_beats_an_older_state_that_starts_at_once(
     dht, p2p_factory, prefix
 ):
-    (slow, staller), client = await start_peers(p2p_factory, 2)
-    state, slow_asked, staller_asked = make_state(seed=3), [], []
+    """An idle peer with an old state (lower priority) answers at once; the up-to-date donor needs 2 s, longer than
+    request_timeout. Before, the first to start won and the newcomer loaded the old state."""
+    (slow, idle), client = await start_peers(p2p_factory, 2)
+    state, slow_asked = make_state(seed=3), []
 
     async def slow_state():  # longer than request_timeout, but within the wait for a first message
         await asyncio.sleep(2.0)
@@ -155,18 +159,10 @@ async def test_donor_stopped_because_another_started_first_is_asked_again_when_t
 
     await serve(slow, prefix, serve_slowly)
     assert await sharing.declare()
-    messages = messages_of(make_state(seed=1))
+    idle_sharing, _ = await honest_donor(dht, idle, prefix, seed=1, priority=1.0)
 
-    async def serve_then_stall(_request, _context):
-        staller_asked.append(time.monotonic())
-        yield messages[0]
-        await asyncio.Event().wait()
-
-    await serve(staller, prefix, serve_then_stall)
-    await declare(dht, prefix, staller, 1.0)
-
-    result = await load(client, dht, prefix, timeout=20, request_timeout=0.3, next_chunk_timeout=0.5)
-    assert_state_equal(result, state)  # asked first, stopped when the staller started, asked again after it failed
-    assert len(slow_asked) == 2 and len(staller_asked) == 1
-    assert slow_asked[0] < staller_asked[0] < slow_asked[1]
+    result = await load(client, dht, prefix, timeout=20, request_timeout=0.3)
+    assert_state_equal(result, state)  # the better donor's state, not the one that started first
+    assert len(slow_asked) == 1
     assert sharing.slots.active == 0 and sharing.slots.waiting == 0
+    await wait_until(lambda: idle_sharing.slots.active == 0)  # the older state's stream was closed

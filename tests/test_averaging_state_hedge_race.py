@@ -105,3 +105,47 @@ async def test_cancelling_the_caller_stops_and_closes_every_start():
 async def test_hedge_delay_must_be_positive():
     with pytest.raises(ValueError, match="hedge_delay"):
         await race(fakes(("a", 0.0)), hedge_delay=0.0)
+
+
+PRIORITY = {"fresh": 2.0, "stale": 1.0, "silent": 3.0}
+
+
+async def test_a_lower_priority_start_is_held_for_a_better_one_that_starts_within_the_hold():
+    downloads = fakes(("fresh", 0.3), ("stale", 0.0), ("spare", 0.0))
+    winner, candidates, failures = await race(
+        downloads, hedge_delay=0.05, priority=lambda name: PRIORITY.get(name, 0.0), hold_limit=5.0
+    )
+    assert winner == ("fresh", downloads["fresh"]) and not downloads["fresh"].closed
+    assert downloads["stale"].closed and not downloads["stale"].cancelled  # it had started: set aside, closed
+    assert downloads["spare"].asked_at is None  # nobody more is asked while one is held
+    assert candidates == ["stale", "spare"] and failures == []
+
+
+async def test_a_held_start_wins_once_the_hold_ends_or_the_better_one_fails():
+    downloads = fakes(("silent", math.inf), ("stale", 0.0))
+    began = time.monotonic()
+    winner, candidates, _ = await race(
+        downloads, hedge_delay=0.05, priority=lambda name: PRIORITY.get(name, 0.0), hold_limit=0.3
+    )
+    assert winner == ("stale", downloads["stale"]) and 0.3 <= time.monotonic() - began < 1.0
+    assert downloads["silent"].cancelled and downloads["silent"].closed and candidates == ["silent"]
+
+    downloads = fakes(("silent", 0.2, ConnectionError("gone")), ("stale", 0.0))
+    began = time.monotonic()
+    winner, _, failures = await race(
+        downloads, hedge_delay=0.05, priority=lambda name: PRIORITY.get(name, 0.0), hold_limit=30.0
+    )
+    assert winner == ("stale", downloads["stale"]) and time.monotonic() - began < 1.0 and failures == ["silent"]
+
+
+async def test_holding_stops_at_half_the_time_left_before_the_deadline():
+    downloads = fakes(("silent", math.inf), ("stale", 0.0))
+    began = time.monotonic()
+    winner, _, _ = await race(
+        downloads,
+        hedge_delay=0.05,
+        deadline=began + 1.0,
+        priority=lambda name: PRIORITY.get(name, 0.0),
+        hold_limit=30.0,
+    )
+    assert winner == ("stale", downloads["stale"]) and time.monotonic() - began < 0.8

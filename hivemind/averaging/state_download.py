@@ -318,7 +318,8 @@ async def load_state_from_peers(
       state's tensors); donors whose tensors differ in number, shape or dtype are skipped. None: any shapes.
     :param timeout: seconds for the whole call (finding donors and all download attempts); None: no overall limit
     :param request_timeout: seconds that the donors asked so far may take to start sending before the next one is
-      asked too (the first to start is kept; see :mod:`hivemind.averaging.state_hedge`); and, with ``timeout`` given
+      asked too (the first to start is kept, unless a better one asked before is still preparing; see
+      :mod:`hivemind.averaging.state_hedge`); and, with ``timeout`` given
       and no ``next_chunk_timeout``, the limit between two messages
     :param next_chunk_timeout: the limit between two messages of a download (None: as above, or 60 s); the first
       message may take up to DONOR_PREPARATION_TIMEOUT (25 s) or this limit, whichever is longer
@@ -371,7 +372,16 @@ async def load_state_from_peers(
     hedge_delay = min(request_timeout, first_message_timeout)
     candidates = list(donors)
     while candidates:
-        started = await first_to_start(candidates, ask, hedge_delay, deadline, failed, describe=lambda e: str(e[0]))
+        started = await first_to_start(
+            candidates,
+            ask,
+            hedge_delay,
+            deadline,
+            failed,
+            describe=lambda e: str(e[0]),
+            priority=lambda e: e[1],  # a better donor that is only slow to start is waited for, within its own limit
+            hold_limit=min(first_message_timeout, DONOR_PREPARATION_TIMEOUT),
+        )
         if started is None:
             break
         (donor, _), download = started

@@ -12,6 +12,12 @@ queues a newcomer and then serves it still works when nobody else starts sooner.
 
 A newcomer thus asks at most one more donor per ``hedge_delay`` while none of them has started, and holds no more
 than one stream once one has; donors protect themselves as before (a bounded queue, busy refusals).
+
+Priority still decides when it can: a donor that starts while a donor of higher priority asked before it is still
+preparing is held (its stream open, nothing more read) until that one starts (and wins), fails, or its own wait for a
+first message ends, but for at most ``hold_limit`` seconds and half the time left before the deadline. So an idle
+peer with an old state does not beat an up-to-date donor that is merely a few seconds slow, and silent hostile donors
+of the highest priority cost a newcomer at most one such wait in all, not one per identity.
 """
 
 from __future__ import annotations
@@ -43,18 +49,23 @@ S = TypeVar("S", bound=Startable)
 
 
 class _Race(Generic[T, S]):
-    """The downloads asked so far that have not started yet, in the order they were asked."""
+    """The downloads asked so far that have not started yet, in the order they were asked, and the ones that started
+    but were set aside for a better one (``stopped_early``: already open, closed by ``stop``)."""
 
     def __init__(self) -> None:
         self.pending: Dict[asyncio.Task, Tuple[T, S]] = {}
+        self.stopped_early: List[Tuple[T, S]] = []
+        self._order: Dict[int, int] = {}  # id(download) -> when it was asked
 
     def launch(self, candidate: T, download: S) -> None:
+        self._order[id(download)] = len(self._order)
         self.pending[asyncio.create_task(download.start(), name=f"start download {candidate}")] = (candidate, download)
 
     async def stop(self) -> List[Tuple[T, S, Optional[BaseException]]]:
         """Cancel every pending start and wait for it; returns ``(candidate, download, error)`` in the order asked
-        (error None: it was stopped, or had started just before; either way its download is closed)."""
+        (error None: it was stopped, set aside, or had started just before; either way its download is closed)."""
         entries, self.pending = list(self.pending.items()), {}
+        early, self.stopped_early = self.stopped_early, []
         for task, _ in entries:
             task.cancel()
         try:
@@ -64,12 +75,15 @@ class _Race(Generic[T, S]):
             for task, (_, download) in entries:  # (one still unwinding closes its own: see Startable)
                 if task.done() and not task.cancelled() and task.exception() is None:
                     await download.aclose()
+            for _, download in early:
+                await download.aclose()
             raise
-        stopped = []
+        stopped = [(candidate, download, None) for candidate, download in early]
         for task, (candidate, download) in entries:
-            error = None if task.cancelled() else task.exception()
+            stopped.append((candidate, download, None if task.cancelled() else task.exception()))
+        stopped.sort(key=lambda entry: self._order[id(entry[1])])
+        for _, download, _ in stopped:
             await download.aclose()
-            stopped.append((candidate, download, error))
         return stopped
 
 
@@ -80,6 +94,8 @@ async def first_to_start(
     deadline: Optional[float] = None,
     on_failure: Optional[Callable[[T, BaseException], None]] = None,
     describe: Callable[[T], str] = str,
+    priority: Optional[Callable[[T], float]] = None,
+    hold_limit: float = 0.0,
 ) -> Optional[Tuple[T, S]]:
     """Start downloads from ``candidates`` (best first) with hedging; return the first that started, or None.
 
@@ -91,39 +107,63 @@ async def first_to_start(
     :param hedge_delay: seconds to wait for the downloads asked so far to start before asking the next candidate
     :param deadline: ``time.monotonic()`` after which no more candidates are asked and None is returned
     :param describe: a candidate's name for the log
+    :param priority: a candidate's priority; a download that starts while one of higher priority is still pending is
+      held for up to ``hold_limit`` seconds (and at most half the time left before ``deadline``) for that one
     """
     if not hedge_delay > 0:
         raise ValueError(f"hedge_delay must be a positive number of seconds, got {hedge_delay!r}")
     race: _Race[T, S] = _Race()
     winner: Optional[Tuple[T, S]] = None
+    held: Optional[Tuple[T, S]] = None  # started, waiting for a better one still pending (see the module docstring)
+    held_until = 0.0
+    rank = priority if priority is not None else (lambda candidate: 0.0)
     next_launch = time.monotonic()
+
+    def better_pending() -> bool:
+        return held is not None and any(rank(entry[0]) > rank(held[0]) for entry in race.pending.values())
+
     try:
         while winner is None:
             now = time.monotonic()
+            if held is not None and (not better_pending() or now >= held_until):
+                winner, held = held, None
+                break
             if deadline is not None and now >= deadline:
                 break
-            if candidates and (not race.pending or now >= next_launch):
+            if held is None and candidates and (not race.pending or now >= next_launch):
                 candidate = candidates.pop(0)
                 race.launch(candidate, open_download(candidate))
                 next_launch = now + hedge_delay
                 continue
             if not race.pending:
                 break
-            wait = max(next_launch - now, 0.0) if candidates else None
+            wait = max(next_launch - now, 0.0) if candidates and held is None else None
+            if held is not None:
+                wait = held_until - now if wait is None else min(wait, held_until - now)
             if deadline is not None:
                 wait = deadline - now if wait is None else min(wait, deadline - now)
             done, _ = await asyncio.wait(race.pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for task in [task for task in race.pending if task in done]:  # in the order asked: the better one first
                 error = asyncio.CancelledError() if task.cancelled() else task.exception()
                 if error is None:
-                    if winner is None:  # (one that started at the same time stays: it is stopped with the rest)
-                        winner = race.pending.pop(task)
+                    if held is None or rank(race.pending[task][0]) > rank(held[0]):
+                        if held is not None:  # a better one started: the held one goes back with the stopped ones
+                            race.stopped_early.append(held)
+                        else:
+                            held_until = time.monotonic() + hold_limit
+                            if deadline is not None:
+                                held_until = min(held_until, time.monotonic() + (deadline - time.monotonic()) / 2)
+                        held = race.pending.pop(task)
+                    else:  # started too, but no better than the one held: set aside, closed and put back later
+                        race.stopped_early.append(race.pending.pop(task))
                     continue
                 candidate, _ = race.pending.pop(task)
                 if on_failure is not None:
                     on_failure(candidate, error)
                 next_launch = time.monotonic()  # replace a failed donor at once, as without hedging
     finally:
+        if held is not None:  # the deadline came, or we were cancelled, while holding: it goes back too
+            race.stopped_early.append(held)
         try:
             stopped = await race.stop()
         except BaseException:
