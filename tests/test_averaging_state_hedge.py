@@ -15,6 +15,7 @@ from test_averaging_state_sharing import (
     load,
     make_state,
     messages_of,
+    one_slot_donor_held_until_released,
     prefix,
     serve,
     start_peers,
@@ -98,27 +99,9 @@ async def test_donor_that_starts_then_stalls_is_abandoned_for_the_next_as_before
 @pytest.mark.timeout(60)
 async def test_donor_that_queues_the_newcomer_and_then_serves_still_wins_over_silent_ones(dht, p2p_factory, prefix):
     (donor, hostile), client = await start_peers(p2p_factory, 2)
-    other_client = await p2p_factory(initial_peers=await donor.get_visible_maddrs())
-    await other_client.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
-    state, release, asked = make_state(seed=1), asyncio.Event(), asyncio.Event()
-
-    async def slow_state():
-        asked.set()
-        await release.wait()
-        return state[0], state[1], None
-
-    sharing = StateSharing(
-        dht=dht,
-        peer_id=donor.peer_id,
-        prefix=prefix,
-        get_current_state=slow_state,
-        state_sharing_priority=10.0,
-        max_concurrent_downloads=1,
-        max_queued_downloads=1,
-        max_queue_wait=30,
+    sharing, state, asked, release, other_client = await one_slot_donor_held_until_released(
+        dht, p2p_factory, donor, prefix, state_sharing_priority=10.0
     )
-    await serve(donor, prefix, sharing.rpc_download_state)
-    assert await sharing.declare()
     (silent,) = await silent_donors(dht, prefix, [hostile], priority=1.0)
 
     first = asyncio.create_task(load(other_client, dht, prefix))

@@ -304,9 +304,9 @@ async def test_donor_refuses_downloads_beyond_its_limit(dht, p2p_factory, prefix
     assert sharing.slots.active == 0
 
 
-@pytest.mark.timeout(60)
-async def test_queued_download_proceeds_when_a_slot_frees(dht, p2p_factory, prefix):
-    (donor,), client = await start_peers(p2p_factory, 1)
+async def one_slot_donor_held_until_released(dht, p2p_factory, donor, prefix, **kwargs):
+    """A donor with one download slot and a queue of one, whose state is ready only once ``release`` is set; also a
+    second client connected to it. Returns ``(sharing, state, asked, release, other_client)``."""
     other_client = await p2p_factory(initial_peers=await donor.get_visible_maddrs())
     await other_client.wait_for_at_least_n_peers(1, attempts=100, delay=0.05)
     state, release, asked = make_state(seed=1), asyncio.Event(), asyncio.Event()
@@ -324,9 +324,19 @@ async def test_queued_download_proceeds_when_a_slot_frees(dht, p2p_factory, pref
         max_concurrent_downloads=1,
         max_queued_downloads=1,
         max_queue_wait=30,
+        **kwargs,
     )
     await serve(donor, prefix, sharing.rpc_download_state)
     assert await sharing.declare()
+    return sharing, state, asked, release, other_client
+
+
+@pytest.mark.timeout(60)
+async def test_queued_download_proceeds_when_a_slot_frees(dht, p2p_factory, prefix):
+    (donor,), client = await start_peers(p2p_factory, 1)
+    sharing, state, asked, release, other_client = await one_slot_donor_held_until_released(
+        dht, p2p_factory, donor, prefix
+    )
 
     first = asyncio.create_task(load(client, dht, prefix))
     await asked.wait()
