@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optio
 
 from google.protobuf.message import Message
 
-from hivemind.p2p import daemon_args, framing, protobuf_streams
+from hivemind.p2p import daemon_args, framing, protobuf_streams, stale_sockets
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
@@ -153,6 +153,7 @@ class P2P(ProtobufCallsMixin):
             raise P2PDaemonError(str(e)) from e
 
         tune_malloc_if_requested(tune_malloc)  # process-wide: opt-in (the DHT process opts in)
+        stale_sockets.sweep_stale_files()  # sockets and pipe files of killed peers (SIGKILL runs no cleanup)
         self = cls()
         self.unary_call_timeout = unary_call_timeout
         token = _socket_token()
@@ -209,7 +210,8 @@ class P2P(ProtobufCallsMixin):
 
     @classmethod
     def _socket_maddr(cls, kind: str, token: str) -> Multiaddr:
-        return Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}{kind}-{token}.sock")
+        # the pid in the name lets a later start tell a killed owner's leftover socket (see stale_sockets)
+        return Multiaddr(f"{cls._UNIX_SOCKET_PREFIX}{kind}-{os.getpid()}_{token}.sock")
 
     @classmethod
     async def replicate(

@@ -1,0 +1,105 @@
+"""Files left behind by killed peers: the next P2P start removes stale sockets and pipe files, and nothing live."""
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hivemind.p2p import stale_sockets
+
+pytestmark = pytest.mark.timeout(60)
+
+LISTENER = textwrap.dedent(
+    """
+    import os, socket, sys, time
+    path = sys.argv[1].replace("{pid}", str(os.getpid()))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    print(path, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def start_listener(path_template: str) -> "tuple[subprocess.Popen, str]":
+    """A process that listens on a Unix socket (``{pid}`` in the path becomes its pid); returns it and the path."""
+    process = subprocess.Popen([sys.executable, "-c", LISTENER, path_template], stdout=subprocess.PIPE, text=True)
+    return process, process.stdout.readline().strip()
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()  # reaped: its pid is dead, not a zombie
+
+
+def remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def socket_template(kind: str) -> str:
+    return os.path.join(stale_sockets.P2P_SOCKET_DIR, f"hivemind-{kind}-{{pid}}_{secrets.token_hex(6)}.sock")
+
+
+async def test_p2p_create_removes_socket_of_killed_process(p2p_factory):
+    killed, stale_path = start_listener(socket_template("p2pclient"))
+    kill(killed)  # SIGKILL runs no cleanup: the socket file stays
+    assert os.path.exists(stale_path)
+    try:
+        await p2p_factory()
+        assert not os.path.exists(stale_path)
+    finally:
+        remove(stale_path)
+
+
+async def test_p2p_create_keeps_socket_of_live_process(p2p_factory):
+    live, live_path = start_listener(socket_template("p2pd"))
+    try:
+        await p2p_factory()
+        assert os.path.exists(live_path)
+    finally:
+        kill(live)
+        remove(live_path)
+
+
+async def test_p2p_create_keeps_listening_socket_whose_named_owner_died(p2p_factory):
+    # a p2pd that outlived the process named in its socket (an orphan) still serves its socket: it must stay
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live, live_path = start_listener(socket_template("p2pd").replace("{pid}", str(dead.pid)))
+    try:
+        await p2p_factory()
+        assert os.path.exists(live_path)
+    finally:
+        kill(live)
+        remove(live_path)
+
+
+def test_sweep_keeps_young_socket_without_pid_in_name(tmp_path):
+    # a socket named without a pid (older versions, the DHT's) is left alone for a grace period, even unbound
+    killed, path = start_listener(str(tmp_path / f"hivemind-dht-{secrets.token_hex(8)}.sock"))
+    kill(killed)
+    assert stale_sockets.sweep_stale_sockets([str(tmp_path)]) == 0
+    os.utime(path, (0, 0))  # now older than the grace period
+    assert stale_sockets.sweep_stale_sockets([str(tmp_path)]) == 1
+    assert not os.path.exists(path)
+
+
+def test_sweep_removes_pipe_files_of_dead_daemon_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIVEMIND_P2P_SHM_DIR", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"hivemind-p2pd-{dead.pid}-0123abcd"
+    live = tmp_path / f"hivemind-p2pd-{os.getpid()}-0123abcd"
+    other = tmp_path / f"unrelated-{dead.pid}-0123abcd"
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    assert stale_sockets.sweep_stale_pipe_files() == 1
+    assert not stale.exists() and live.exists() and other.exists()
