@@ -30,13 +30,10 @@ shared memory) and the most frequent warnings of the peers' logs.
 import argparse
 import collections
 import itertools
-import json
 import os
 import random
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,9 +41,22 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Dict, List, Optional
 
-import psutil
+from chaos_common import (
+    close_all,
+    drive,
+    family,
+    json_records,
+    kill,
+    make_emit,
+    measure,
+    normalize,
+    print_memory_table,
+    print_warnings,
+    run_chaos,
+    spawn,
+    wait_for_eof,
+)
 
-MIB = 2**20
 PREFIX = "chaos"
 
 
@@ -110,12 +120,6 @@ def check_result(result, gathered: dict, own: str, pattern) -> dict:
     return {"subsets": counts, "unmatched": int(remaining.sum())}
 
 
-def wait_for_eof(stop: threading.Event) -> None:
-    while os.read(0, 4096):
-        pass
-    stop.set()
-
-
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -123,10 +127,7 @@ def run_worker(args: argparse.Namespace) -> None:
     from hivemind.averaging import DecentralizedAverager
 
     torch.set_num_threads(1)
-
-    def emit(**record) -> None:
-        print(json.dumps(record), flush=True)
-
+    emit = make_emit()
     kwargs = {"identity_path": args.identity_path} if args.identity_path else {}
     dht = hivemind.DHT(initial_peers=args.initial_peers.split(","), start=True, **kwargs)
     vector = torch.zeros(args.vector_size)
@@ -140,8 +141,8 @@ def run_worker(args: argparse.Namespace) -> None:
         min_matchmaking_time=args.min_matchmaking_time,
         request_timeout=args.request_timeout,
     )
-    stop = threading.Event()  # set at EOF on stdin (read with os.read: a thread blocked in sys.stdin.read() holds
-    threading.Thread(target=wait_for_eof, args=(stop,), daemon=True).start()  # a lock a forked child would need)
+    stop = threading.Event()  # set at EOF on stdin
+    threading.Thread(target=wait_for_eof, args=(stop,), daemon=True).start()
     emit(event="ready", pid=os.getpid(), peer_id=str(dht.peer_id), averager_pid=averager.pid)
     pattern = pattern_of(args.vector_size)
     rng = random.Random(f"{args.label}-{os.getpid()}")
@@ -179,7 +180,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 class Peer:
-    def __init__(self, name: str, incarnation: int, identity_path: str, process: subprocess.Popen, log_path: str):
+    def __init__(self, name: str, incarnation: int, identity_path: str, process, log_path: str):
         self.name, self.incarnation, self.identity_path = name, incarnation, identity_path
         self.label = f"{name}.{incarnation}"
         self.process, self.log_path = process, log_path
@@ -213,22 +214,14 @@ class Chaos:
             command += [f"--{option}", str(getattr(self.args, option))]
         command += ["--step_timeout", str(self.args.step_timeout), "--hang_slack", str(self.args.hang_slack)]
         command += ["--pause", str(self.args.pause)]
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
-            )
-        peer = Peer(name, incarnation, identity_path, process, log_path)
+        peer = Peer(name, incarnation, identity_path, spawn(command, log_path), log_path)
         with self.lock:
             self.peers[peer.label] = peer
         threading.Thread(target=self.read_reports, args=(peer,), daemon=True).start()
         return peer
 
     def read_reports(self, peer: Peer) -> None:
-        for line in peer.process.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
+        for record in json_records(peer.process):
             with self.lock:
                 peer.last_report = time.time()
                 if record["event"] == "ready":
@@ -258,12 +251,7 @@ class Chaos:
             return
         self.disturbed[peer.label].append([now, float("inf")])
         peer.alive = False
-        family = self.family(peer)
-        if action == "crash":
-            os.killpg(peer.process.pid, signal.SIGKILL)
-        else:
-            peer.process.kill()
-            threading.Thread(target=self.reap_orphans, args=(peer, family), daemon=True).start()
+        kill(peer.label, peer.process, action == "crash", self.args.orphan_grace, self.leaked, "still running")
         incarnation = peer.incarnation + 1
         same_identity = self.rng.random() < 0.5
         identity = peer.identity_path if same_identity else os.path.join(self.workdir, f"{peer.name}.{incarnation}.id")
@@ -277,35 +265,10 @@ class Chaos:
         peer.frozen = False
         peer.last_report = time.time()
 
-    def family(self, peer: Peer) -> List[psutil.Process]:
-        try:
-            return [psutil.Process(peer.process.pid)] + psutil.Process(peer.process.pid).children(recursive=True)
-        except psutil.Error:
-            return []
-
-    def reap_orphans(self, peer: Peer, family: List[psutil.Process]) -> None:
-        gone, alive = psutil.wait_procs(family, timeout=self.args.orphan_grace)
-        for process in alive:
-            try:
-                self.leaked.append(f"{peer.label}: {process.name()} (pid {process.pid}) still running")
-                process.kill()
-            except psutil.Error:
-                pass
-
     def sample(self) -> None:
         for peer in self.living():
-            averager_rss, p2pd_rss = 0, 0
-            for process in self.family(peer):
-                try:
-                    with process.oneshot():
-                        if process.name() == "p2pd":
-                            p2pd_rss += process.memory_info().rss
-                            peer.files.update(c.laddr for c in process.net_connections("unix") if c.laddr)
-                        elif process.pid == peer.averager_pid:
-                            averager_rss = process.memory_info().rss
-                        peer.files.update(m.path for m in process.memory_maps() if m.path.startswith("/dev/shm/"))
-                except (psutil.Error, OSError):
-                    pass
+            averager_rss, p2pd_rss, files = measure(family(peer.process.pid), only_pid=peer.averager_pid, shm=True)
+            peer.files.update(files)
             if averager_rss and p2pd_rss and time.time() > peer.ready_at + 10:  # (it warms up meanwhile)
                 peer.rss.append((time.time(), averager_rss, p2pd_rss))
 
@@ -325,31 +288,19 @@ class Chaos:
         started = time.time()
         for i in range(self.args.peers):
             self.start_peer(f"p{i}", 0, os.path.join(self.workdir, f"p{i}.0.id"))
-        next_action, next_sample = started + self.args.chaos_every, started
-        while time.time() < started + self.args.duration:
-            now = time.time()
-            with self.lock:
-                if now >= next_action and now < self.chaos_ended:
-                    self.act()
-                    next_action = now + self.rng.expovariate(1 / self.args.chaos_every)
-                if now >= next_sample:
-                    self.sample()
-                    self.watch()
-                    next_sample = now + self.args.rss_every
-            time.sleep(0.2)
+        until, first_action = started + self.args.duration, started + self.args.chaos_every
+
+        def sample() -> None:
+            self.sample()
+            self.watch()
+
+        drive(self.lock, self.rng, self.args, until, self.chaos_ended, first_action, self.act, sample)
         self.finish()
         bootstrap.shutdown()
 
     def finish(self) -> None:
         self.stopped_at = time.time()  # rounds still running now may lose their group: the others are leaving
-        for peer in self.living():
-            peer.process.stdin.close()
-        for peer in self.living():
-            try:
-                peer.process.wait(self.args.step_timeout + self.args.hang_slack + 15)
-            except subprocess.TimeoutExpired:
-                self.leaked.append(f"{peer.label}: did not exit after its stdin closed")
-                os.killpg(peer.process.pid, signal.SIGKILL)
+        close_all(self.living(), self.args.step_timeout + self.args.hang_slack + 15, self.leaked)
         time.sleep(1)
         self.files_left = sorted(path for peer in self.peers.values() for path in peer.files if os.path.exists(path))
 
@@ -379,11 +330,6 @@ def classify(chaos: Chaos, record: dict) -> str:
     return "ok, but EXCLUDED a live member"
 
 
-def normalize(reason: str) -> str:
-    reason = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{8,}\b", "<id>", reason)
-    return re.sub(r"\d+(\.\d+)?", "N", reason)[:140]
-
-
 def report(chaos: Chaos) -> None:
     args = chaos.args
     print(
@@ -398,7 +344,9 @@ def report(chaos: Chaos) -> None:
     for outcome, count in outcomes.most_common():
         print(f"| {outcome} | {count} |")
     reasons = collections.Counter(
-        normalize(r["reason"]) for r in chaos.rounds if r["status"] == "failed" and r["end"] < chaos.stopped_at
+        normalize(r["reason"], hex_digits=8)
+        for r in chaos.rounds
+        if r["status"] == "failed" and r["end"] < chaos.stopped_at
     )
     print("\n| Failure reason | rounds |\n|---|---|")
     for reason, count in reasons.most_common(8):
@@ -423,32 +371,14 @@ def report(chaos: Chaos) -> None:
     print(f"stuck peers: {[label for _, action, label in chaos.events if action == 'STUCK']}")
     print(f"leaked processes: {chaos.leaked or 'none'}")
     print(f"files of peers left behind after all exited: {len(chaos.files_left)} {chaos.files_left[:4]}")
-    print("\n| Peer | lived (s) | rounds | averager RSS first/peak/last (MiB) | p2pd RSS first/peak/last (MiB) |")
-    print("|---|---|---|---|---|")
-    for peer in chaos.peers.values():
-        samples = peer.rss
-        if not samples:
-            continue
-        rounds = sum(1 for r in chaos.rounds if r["label"] == peer.label)
-        averager = [s[1] / MIB for s in samples]
-        p2pd = [s[2] / MIB for s in samples]
-        lived = samples[-1][0] - peer.started
-        print(
-            f"| {peer.label} | {lived:.0f} | {rounds} | {averager[0]:.0f} / {max(averager):.0f} / "
-            f"{averager[-1]:.0f} | {p2pd[0]:.0f} / {max(p2pd):.0f} / {p2pd[-1]:.0f} |"
-        )
-    warnings = collections.Counter()
-    for peer in chaos.peers.values():
-        with open(peer.log_path, errors="replace") as log:
-            for line in log:
-                found = re.search(r"\[(WARN|ERROR|CRITICAL)\] (\[[^]]*\] )?(.*)", line)
-                if found:
-                    warnings[f"{found.group(1)} {normalize(found.group(3))}"] += 1
-                elif line.startswith("Traceback"):
-                    warnings["Traceback"] += 1
-    print("\nmost frequent warnings and errors in the peers' logs:")
-    for line, count in warnings.most_common(10):
-        print(f"  {count:5d}  {line}")
+    rounds = collections.Counter(r["label"] for r in chaos.rounds)
+    print_memory_table(chaos.peers.values(), "rounds", lambda peer: rounds[peer.label], "averager RSS")
+    print_warnings([peer.log_path for peer in chaos.peers.values()], "peers", hex_digits=8)
+
+
+def records_of(chaos: Chaos) -> dict:
+    rss = {peer.label: peer.rss for peer in chaos.peers.values()}
+    return {"events": chaos.events, "rounds": chaos.rounds, "disturbed": chaos.disturbed, "rss": rss}
 
 
 def main() -> None:
@@ -457,15 +387,7 @@ def main() -> None:
         run_worker(args)
         return
     chaos = Chaos(args)
-    try:
-        chaos.run()
-    finally:
-        for peer in chaos.peers.values():
-            if peer.process.poll() is None:
-                os.killpg(peer.process.pid, signal.SIGKILL)
-    with open(os.path.join(chaos.workdir, "records.json"), "w") as file:
-        rss = {peer.label: peer.rss for peer in chaos.peers.values()}
-        json.dump({"events": chaos.events, "rounds": chaos.rounds, "disturbed": chaos.disturbed, "rss": rss}, file)
+    run_chaos(chaos, chaos.peers, records_of)
     report(chaos)
 
 

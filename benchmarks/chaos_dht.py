@@ -37,11 +37,9 @@ call durations, RSS of each peer's processes and p2pd over time, leaked processe
 
 import argparse
 import collections
-import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,10 +47,24 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Dict, List, Optional
 
-import psutil
-from chaos_dht_checks import SUBKEYS, Checker, log_warnings, normalize, percentile
-
-MIB = 2**20
+from chaos_common import (
+    close_all,
+    drive,
+    family,
+    json_records,
+    kill,
+    make_emit,
+    measure,
+    normalize,
+    percentile,
+    print_memory_table,
+    print_warnings,
+    reap_orphans,
+    run_chaos,
+    spawn,
+    wait_for_eof,
+)
+from chaos_dht_checks import SUBKEYS, Checker
 
 
 def parse_args() -> argparse.Namespace:
@@ -110,19 +122,8 @@ def as_record(found):
 def run_worker(args: argparse.Namespace) -> None:
     import hivemind
 
-    lock = threading.Lock()
-
-    def emit(**record) -> None:
-        with lock:
-            print(json.dumps(record), flush=True)
-
+    emit = make_emit(threading.Lock())
     stop = threading.Event()
-
-    def wait_for_eof() -> None:
-        while os.read(0, 4096):
-            pass
-        stop.set()
-
     port = int(args.port or 0)
     initial_peers = [maddr for maddr in args.initial_peers.split(",") if maddr]
     dht = hivemind.DHT(
@@ -133,7 +134,7 @@ def run_worker(args: argparse.Namespace) -> None:
         bucket_size=args.bucket_size,
         num_replicas=args.num_replicas,
     )
-    threading.Thread(target=wait_for_eof, daemon=True).start()
+    threading.Thread(target=wait_for_eof, args=(stop,), daemon=True).start()
     maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
     emit(event="ready", peer_id=str(dht.peer_id), node_id=dht.run_coroutine(own_node_id), maddrs=maddrs)
     ttls = [float(ttl) for ttl in args.ttl.split(",")]
@@ -200,7 +201,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 class Peer:
-    def __init__(self, name: str, incarnation: int, identity_path: str, port: int, process: subprocess.Popen, log):
+    def __init__(self, name: str, incarnation: int, identity_path: str, port: int, process, log):
         self.name, self.incarnation, self.identity_path, self.port = name, incarnation, identity_path, port
         self.label = f"{name}.{incarnation}"
         self.process, self.log_path = process, log
@@ -248,21 +249,13 @@ class Chaos:
         )
         for option in options.split():
             command += [f"--{option}", str(getattr(self.args, option))]
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
-            )
-        peer = Peer(name, incarnation, identity_path, port, process, log_path)
+        peer = Peer(name, incarnation, identity_path, port, spawn(command, log_path), log_path)
         with self.lock:
             self.peers[peer.label] = peer
         threading.Thread(target=self.read_reports, args=(peer,), daemon=True).start()
 
     def read_reports(self, peer: Peer) -> None:
-        for line in peer.process.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
+        for record in json_records(peer.process):
             with self.lock:
                 if record["event"] == "ready":
                     peer.ready_at, peer.peer_id, peer.node_id = time.time(), record["peer_id"], record["node_id"]
@@ -307,16 +300,12 @@ class Chaos:
             threading.Timer(self.rng.uniform(2, self.args.max_freeze), self.thaw, args=(peer, window)).start()
             return
         peer.alive, peer.gone_at, peer.fate = False, now, action
-        family = self.family(peer)
         if action == "leave":
+            orphans = (peer.label, family(peer.process.pid), self.args.orphan_grace, self.leaked, "still running")
             peer.process.stdin.close()
-            threading.Thread(target=self.reap_orphans, args=(peer, family), daemon=True).start()
+            threading.Thread(target=reap_orphans, args=orphans, daemon=True).start()
             return
-        if action == "crash":
-            os.killpg(peer.process.pid, signal.SIGKILL)
-        else:
-            peer.process.kill()
-            threading.Thread(target=self.reap_orphans, args=(peer, family), daemon=True).start()
+        kill(peer.label, peer.process, action == "crash", self.args.orphan_grace, self.leaked, "still running")
         incarnation = peer.incarnation + 1
         same = self.rng.random() < 0.5
         identity = peer.identity_path if same else os.path.join(self.workdir, f"{peer.name}.{incarnation}.id")
@@ -333,34 +322,10 @@ class Chaos:
             window[1] = time.time()
             peer.frozen = False
 
-    def family(self, peer: Peer) -> List[psutil.Process]:
-        try:
-            return [psutil.Process(peer.process.pid)] + psutil.Process(peer.process.pid).children(recursive=True)
-        except psutil.Error:
-            return []
-
-    def reap_orphans(self, peer: Peer, family: List[psutil.Process]) -> None:
-        _, alive = psutil.wait_procs(family, timeout=self.args.orphan_grace)
-        for process in alive:
-            try:
-                self.leaked.append(f"{peer.label}: {process.name()} (pid {process.pid}) still running")
-                process.kill()
-            except psutil.Error:
-                pass
-
     def sample(self) -> None:
         for peer in self.living(ready=True):
-            python_rss, p2pd_rss = 0, 0
-            for process in self.family(peer):
-                try:
-                    with process.oneshot():
-                        if process.name() == "p2pd":
-                            p2pd_rss += process.memory_info().rss
-                            peer.files.update(c.laddr for c in process.net_connections("unix") if c.laddr)
-                        else:
-                            python_rss += process.memory_info().rss
-                except (psutil.Error, OSError):
-                    pass
+            python_rss, p2pd_rss, files = measure(family(peer.process.pid))
+            peer.files.update(files)
             if python_rss:
                 peer.rss.append((time.time(), python_rss, p2pd_rss))
 
@@ -371,29 +336,12 @@ class Chaos:
             while not self.living(ready=True):
                 time.sleep(0.1)
             self.start_peer(f"p{i}", 0, os.path.join(self.workdir, f"p{i}.0.id"))
-        next_action, next_sample = time.time() + self.args.chaos_every, started
-        while time.time() < started + self.args.duration:
-            now = time.time()
-            with self.lock:
-                if next_action <= now < self.chaos_ended:
-                    self.act()
-                    next_action = now + self.rng.expovariate(1 / self.args.chaos_every)
-                if now >= next_sample:
-                    self.sample()
-                    next_sample = now + self.args.rss_every
-            time.sleep(0.2)
+        until, first_action = started + self.args.duration, time.time() + self.args.chaos_every
+        drive(self.lock, self.rng, self.args, until, self.chaos_ended, first_action, self.act, self.sample)
         self.finish()
 
     def finish(self) -> None:
-        living = self.living()
-        for peer in living:
-            peer.process.stdin.close()
-        for peer in living:
-            try:
-                peer.process.wait(self.args.hang_after + 15)
-            except subprocess.TimeoutExpired:
-                self.leaked.append(f"{peer.label}: did not exit after its stdin closed")
-                os.killpg(peer.process.pid, signal.SIGKILL)
+        close_all(self.living(), self.args.hang_after + 15, self.leaked)
         time.sleep(1)
         self.files_left = collections.Counter(
             peer.fate for peer in self.peers.values() for path in peer.files if os.path.exists(path)
@@ -455,21 +403,14 @@ def report(chaos: Chaos) -> None:
     print(f"\nfailed starts: {chaos.failed_starts}; leaked processes: {chaos.leaked or 'none'}")
     left = ", ".join(f"{count} of peers that ended by {fate}" for fate, count in chaos.files_left.items())
     print(f"p2pd sockets left behind after all exited: {left or 'none'} (a crash kills p2pd before it can clean up)")
-    print("\n| Peer | lived (s) | ops | python RSS first/peak/last (MiB) | p2pd RSS first/peak/last (MiB) |")
-    print("|---|---|---|---|---|")
-    for peer in chaos.peers.values():
-        samples = peer.rss[1:] or peer.rss
-        if not samples:
-            continue
-        ops = sum(1 for op in chaos.ops if op["label"] == peer.label)
-        python, p2pd = [s[1] / MIB for s in samples], [s[2] / MIB for s in samples]
-        print(
-            f"| {peer.label} | {samples[-1][0] - peer.started:.0f} | {ops} | {python[0]:.0f} / {max(python):.0f} / "
-            f"{python[-1]:.0f} | {p2pd[0]:.0f} / {max(p2pd):.0f} / {p2pd[-1]:.0f} |"
-        )
-    print("\nmost frequent warnings and errors in the peers' logs:")
-    for line, count in log_warnings([peer.log_path for peer in chaos.peers.values()]).most_common(10):
-        print(f"  {count:5d}  {line}")
+    ops = collections.Counter(op["label"] for op in chaos.ops)
+    print_memory_table(chaos.peers.values(), "ops", lambda peer: ops[peer.label], "python RSS", skip=1)
+    print_warnings([peer.log_path for peer in chaos.peers.values()], "peers")
+
+
+def records_of(chaos: Chaos) -> dict:
+    peers = {label: [p.peer_id, p.node_id, p.ready_at, p.gone_at, p.freezes] for label, p in chaos.peers.items()}
+    return {"events": chaos.events, "ops": chaos.ops, "attempts": chaos.attempts, "peers": peers}
 
 
 def main() -> None:
@@ -478,15 +419,7 @@ def main() -> None:
         run_worker(args)
         return
     chaos = Chaos(args)
-    try:
-        chaos.run()
-    finally:
-        for peer in chaos.peers.values():
-            if peer.process.poll() is None:
-                os.killpg(peer.process.pid, signal.SIGKILL)
-    with open(os.path.join(chaos.workdir, "records.json"), "w") as file:
-        peers = {label: [p.peer_id, p.node_id, p.ready_at, p.gone_at, p.freezes] for label, p in chaos.peers.items()}
-        json.dump({"events": chaos.events, "ops": chaos.ops, "attempts": chaos.attempts, "peers": peers}, file)
+    run_chaos(chaos, chaos.peers, records_of)
     report(chaos)
 
 

@@ -2,8 +2,7 @@
 
 import bisect
 import collections
-import re
-from typing import List, Optional
+from typing import Optional
 
 SUBKEYS = ("a", "b", "c")  # the subkeys of the dictionary keys, shared by all peers
 KEY_KINDS = {"k": "plain", "d": "dictionary", "s": "sentinel (stored once)"}
@@ -96,26 +95,3 @@ class Checker:
                     self.judge_slot(
                         op, key, subkey, None if result is None else result.get(subkey), result is not None
                     )
-
-
-def percentile(values: List[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * (len(values) - 1)))]
-
-
-def normalize(reason: str) -> str:
-    reason = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{16,}\b", "<id>", reason)
-    return re.sub(r"\d+(\.\d+)?", "N", reason)[:140]
-
-
-def log_warnings(paths: List[str]) -> collections.Counter:
-    """Warnings, errors and tracebacks in the given log files, counted by their text with numbers and ids masked."""
-    warnings = collections.Counter()
-    for path in paths:
-        with open(path, errors="replace") as log:
-            for line in log:
-                found = re.search(r"\[(WARN|ERROR|CRITICAL)\] (\[[^]]*\] )?(.*)", line)
-                if found:
-                    warnings[f"{found.group(1)} {normalize(found.group(3))}"] += 1
-                elif line.startswith("Traceback"):
-                    warnings["Traceback"] += 1
-    return warnings

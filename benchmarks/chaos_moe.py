@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import psutil
+from chaos_common import MIB, family, kill_all, wait_or_kill
 
 SETTINGS = {
     # name: (trainers, allow_zero_outputs, forward_timeout, backward_timeout); "long" runs the long-outage schedule
@@ -161,8 +162,7 @@ def free_port() -> int:
 
 def tree_rss(pid: int) -> Optional[int]:
     try:
-        root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        return sum(p.memory_info().rss for p in family(pid)) or None
     except psutil.NoSuchProcess:
         return None
 
@@ -323,18 +323,12 @@ class Driver:
         for popen in self.trainers.values():
             popen.send_signal(signal.SIGTERM)
         for popen in self.trainers.values():
-            try:
-                popen.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
+            wait_or_kill(popen, 30)
         for incarnation in self.servers.values():
             if incarnation.popen.poll() is None:
                 incarnation.popen.send_signal(signal.SIGTERM)
         for incarnation in self.servers.values():
-            try:
-                incarnation.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(incarnation.popen.pid, signal.SIGKILL)
+            wait_or_kill(incarnation.popen, 30)
         self.bootstrap.shutdown()
 
     # ------------------------------------------------------------------ results
@@ -423,7 +417,7 @@ def print_table(results: List[dict]) -> None:
     print("|---|---|---|---|")
     for r in results:
         for server, how, first, last in r["rss"]:
-            print(f"| {r['setting']} | {server} | {how} | {first / 2**20:.0f} -> {last / 2**20:.0f} |")
+            print(f"| {r['setting']} | {server} | {how} | {first / MIB:.0f} -> {last / MIB:.0f} |")
 
 
 def main() -> None:
@@ -464,12 +458,8 @@ def main() -> None:
         try:
             results.append(driver.run())
         finally:
-            for incarnation in driver.incarnations:
-                if incarnation.popen.poll() is None:
-                    os.killpg(incarnation.popen.pid, signal.SIGKILL)
-            for popen in driver.trainers.values():
-                if popen.poll() is None:
-                    os.killpg(popen.pid, signal.SIGKILL)
+            kill_all(incarnation.popen for incarnation in driver.incarnations)
+            kill_all(driver.trainers.values())
     print(f"load after: {os.getloadavg()}")
     print_table(results)
 

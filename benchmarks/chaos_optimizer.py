@@ -34,20 +34,29 @@ its processes do not share).
 
 import argparse
 import faulthandler
-import json
 import os
 import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from typing import Dict, List, Optional
 
-import psutil
+from chaos_common import (
+    close_all,
+    drive,
+    family,
+    json_records,
+    kill,
+    make_emit,
+    measure,
+    run_chaos,
+    spawn,
+    wait_for_eof,
+)
 from chaos_optimizer_report import report
 
 DIM, HIDDEN = 16, 32
@@ -119,12 +128,6 @@ def flat_parameters(model) -> List[float]:
         return [round(v, 7) for v in torch.cat([p.reshape(-1) for p in model.parameters()]).tolist()]
 
 
-def wait_for_eof(stop: threading.Event) -> None:
-    while os.read(0, 4096):
-        pass
-    stop.set()
-
-
 class Watchdog(threading.Thread):
     """Dumps the trainer's stacks into its log when one step() call lasts longer than ``limit`` seconds."""
 
@@ -148,12 +151,7 @@ def run_worker(args: argparse.Namespace) -> None:
     import hivemind
 
     torch.set_num_threads(1)
-    lock = threading.Lock()
-
-    def emit(**record) -> None:
-        with lock:
-            print(json.dumps(record), flush=True)
-
+    emit = make_emit(threading.Lock())
     dht = hivemind.DHT(initial_peers=args.initial_peers.split(","), start=True)
     model = make_model(seed=1000 + os.getpid() if args.late else 0)
     teacher = make_model(seed=12345)
@@ -208,7 +206,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 class Trainer:
-    def __init__(self, label: str, late: bool, process: subprocess.Popen, log_path: str, tmpdir: str):
+    def __init__(self, label: str, late: bool, process, log_path: str, tmpdir: str):
         self.label, self.late, self.process, self.log_path, self.tmpdir = label, late, process, log_path, tmpdir
         self.started = time.time()
         self.ready_at: Optional[float] = None
@@ -243,23 +241,14 @@ class Chaos:
             command += [f"--{option}", str(getattr(self.args, option))]
         command += ["--hang_slack", str(self.args.hang_slack)] + (["--verbose"] if self.args.verbose else [])
         env = dict(os.environ, TMPDIR=tmpdir, PYTHONFAULTHANDLER="1")
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                start_new_session=True, env=env,
-            )  # fmt: skip
-        trainer = Trainer(label, late, process, log_path, tmpdir)
+        trainer = Trainer(label, late, spawn(command, log_path, env), log_path, tmpdir)
         with self.lock:
             self.trainers[label] = trainer
         threading.Thread(target=self.read_reports, args=(trainer,), daemon=True).start()
         return trainer
 
     def read_reports(self, trainer: Trainer) -> None:
-        for line in trainer.process.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
+        for record in json_records(trainer.process):
             with self.lock:
                 if record["event"] == "ready":
                     trainer.ready_at = time.time()
@@ -291,12 +280,9 @@ class Chaos:
             threading.Timer(seconds, self.thaw, args=(trainer,)).start()
             return
         trainer.alive, trainer.killed = False, True
-        family = self.family(trainer)
-        if action == "crash":
-            os.killpg(trainer.process.pid, signal.SIGKILL)
-        else:
-            trainer.process.kill()
-            threading.Thread(target=self.reap_orphans, args=(trainer, family), daemon=True).start()
+        grace = self.args.orphan_grace
+        note = f"alive {grace} s after its parent died"
+        kill(trainer.label, trainer.process, action == "crash", grace, self.leaked, note)
         threading.Timer(self.args.restart_delay, self.start_trainer, args=(True,)).start()
 
     def thaw(self, trainer: Trainer) -> None:
@@ -306,36 +292,10 @@ class Chaos:
         trainer.freezes[-1][1] = time.time()
         self.events.append((time.time(), "thaw", trainer.label))
 
-    def family(self, trainer: Trainer) -> List[psutil.Process]:
-        try:
-            root = psutil.Process(trainer.process.pid)
-            return [root] + root.children(recursive=True)
-        except psutil.Error:
-            return []
-
-    def reap_orphans(self, trainer: Trainer, family: List[psutil.Process]) -> None:
-        gone, alive = psutil.wait_procs(family, timeout=self.args.orphan_grace)
-        for process in alive:
-            try:
-                name = f"{process.name()} (pid {process.pid})"
-                self.leaked.append(f"{trainer.label}: {name} alive {self.args.orphan_grace} s after its parent died")
-                process.kill()
-            except psutil.Error:
-                pass
-
     def sample(self) -> None:
         for trainer in self.living():
-            python_rss, p2pd_rss = 0, 0
-            for process in self.family(trainer):
-                try:
-                    with process.oneshot():
-                        if process.name() == "p2pd":
-                            p2pd_rss += process.memory_full_info().uss
-                            trainer.sockets.update(c.laddr for c in process.net_connections("unix") if c.laddr)
-                        else:
-                            python_rss += process.memory_full_info().uss
-                except (psutil.Error, OSError):
-                    pass
+            python_rss, p2pd_rss, sockets = measure(family(trainer.process.pid), own_memory=True)
+            trainer.sockets.update(sockets)
             if python_rss:
                 trainer.rss.append((time.time(), python_rss, p2pd_rss))
 
@@ -348,31 +308,16 @@ class Chaos:
         self.chaos_ended = self.started + self.args.duration - self.args.calm
         for _ in range(self.args.trainers):
             self.start_trainer(late=False)
-        next_action, next_sample = self.started + self.args.chaos_every, self.started
-        while time.time() < self.started + self.args.duration:
-            now = time.time()
-            with self.lock:
-                if next_action <= now < self.chaos_ended:
-                    self.act()
-                    next_action = now + self.rng.expovariate(1 / self.args.chaos_every)
-                if now >= next_sample:
-                    self.sample()
-                    next_sample = now + self.args.rss_every
-            time.sleep(0.2)
+        until, first_action = self.started + self.args.duration, self.started + self.args.chaos_every
+        drive(self.lock, self.rng, self.args, until, self.chaos_ended, first_action, self.act, self.sample)
         self.ended = time.time()
         self.finish()
         bootstrap.shutdown()
 
     def finish(self) -> None:
+        close_all(self.living(), self.args.averaging_timeout + self.args.hang_slack + 20, self.leaked)
         for trainer in self.living():
-            trainer.process.stdin.close()
-        for trainer in self.living():
-            try:
-                trainer.process.wait(self.args.averaging_timeout + self.args.hang_slack + 20)
-            except subprocess.TimeoutExpired:
-                self.leaked.append(f"{trainer.label}: did not exit after its stdin closed")
-                os.killpg(trainer.process.pid, signal.SIGKILL)
-            for process in self.family(trainer)[1:]:
+            for process in family(trainer.process.pid)[1:]:
                 self.leaked.append(f"{trainer.label}: {process.name()} (pid {process.pid}) alive after shutdown")
         time.sleep(1)
         self.files_left = {}
@@ -390,6 +335,14 @@ def itertools_count():
         number += 1
 
 
+def records_of(chaos: Chaos) -> dict:
+    trainers = {
+        t.label: dict(epochs=t.epochs, loaded=t.loaded, hangs=t.hangs, freezes=t.freezes)
+        for t in chaos.trainers.values()
+    }
+    return dict(events=chaos.events, trainers=trainers)
+
+
 def main() -> None:
     args = parse_args()
     if args.worker:
@@ -402,19 +355,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)
         chaos = Chaos(args, setting, workdir)
-        try:
-            chaos.run()
-        finally:
-            for trainer in chaos.trainers.values():
-                if trainer.process.poll() is None:
-                    os.killpg(trainer.process.pid, signal.SIGKILL)
+        run_chaos(chaos, chaos.trainers, records_of)
         totals[setting] = report(chaos, SETTINGS)
-        with open(os.path.join(workdir, "records.json"), "w") as file:
-            records = {
-                t.label: dict(epochs=t.epochs, loaded=t.loaded, hangs=t.hangs, freezes=t.freezes)
-                for t in chaos.trainers.values()
-            }
-            json.dump(dict(events=chaos.events, trainers=records), file)
     print(f"\nall settings: {totals}")
 
 

@@ -3,16 +3,10 @@
 import collections
 import math
 import os
-import re
 import statistics
 from typing import List
 
-MIB = 2**20
-
-
-def normalize(line: str) -> str:
-    line = re.sub(r"\b(Qm|12D3)\w+|\b[0-9a-f]{16,}\b", "<id>", line)
-    return re.sub(r"\d+(\.\d+)?", "N", line)[:150]
+from chaos_common import MIB, first_peak_last, print_warnings
 
 
 def distance(a: List[float], b: List[float]) -> float:
@@ -88,8 +82,8 @@ def report(chaos, settings: dict) -> dict:
         samples = trainer.rss[2:] or trainer.rss
         rss = "-"
         if samples:
-            python, p2pd = [s[1] / MIB for s in samples], [s[2] / MIB for s in samples]
-            rss = f"{python[0]:.0f}/{max(python):.0f}/{python[-1]:.0f} ({p2pd[0]:.0f}/{max(p2pd):.0f}/{p2pd[-1]:.0f})"
+            python, p2pd = (first_peak_last([s[i] / MIB for s in samples], "/") for i in (1, 2))
+            rss = f"{python} ({p2pd})"
         print(
             f"| {trainer.label} | {'yes' if trainer.late else ''} | {fate} | {span} | {steps} | {len(hangs)} "
             f"| {behind} | {loss} | {finite} | {spread} | {rss} |"
@@ -128,17 +122,6 @@ def report(chaos, settings: dict) -> dict:
             summary["files left by clean exits"] += 0 if trainer.killed else len(left)
             shown = [os.path.relpath(p, trainer.tmpdir) if p.startswith(trainer.tmpdir) else p for p in left[:4]]
             print(f"files left by {trainer.label} ({kind}): {len(left)} {shown}")
-    warnings = collections.Counter()
-    for trainer in trainers:
-        with open(trainer.log_path, errors="replace") as log:
-            for line in log:
-                found = re.search(r"\[(WARN|ERROR|CRITICAL)\] (\[[^]]*\] )?(.*)", line)
-                if found:
-                    warnings[f"{found.group(1)} {normalize(found.group(3))}"] += 1
-                elif line.startswith("Traceback"):
-                    warnings["Traceback"] += 1
-    print("\nmost frequent warnings and errors in the trainers' logs:")
-    for line, count in warnings.most_common(12):
-        print(f"  {count:5d}  {line}")
+    print_warnings([trainer.log_path for trainer in trainers], "trainers", most=12, limit=150)
     print(f"\nsummary: {dict(summary)}")
     return dict(summary)
