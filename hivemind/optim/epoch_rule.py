@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import AbstractSet, Iterable, Optional, Protocol
+from typing import AbstractSet, Any, Iterable, Optional, Protocol
 
 __all__ = [
     "PeerProgress",
@@ -16,6 +16,7 @@ __all__ = [
     "summarize_swarm",
     "is_time_for_global_step",
     "next_epoch",
+    "epoch_after_gradient_round",
     "should_load_state",
     "is_synchronized",
     "should_schedule_averaging",
@@ -156,6 +157,24 @@ def is_time_for_global_step(local_epoch: int, swarm: GlobalTrainingProgress, now
 def next_epoch(local_epoch: int, global_epoch: int) -> int:
     """The epoch after a global update: one more than before, or the swarm's epoch if that is further ahead."""
     return max(local_epoch + 1, global_epoch)
+
+
+def epoch_after_gradient_round(local_epoch: int, global_epoch: int, round_epochs: Iterable[Any]) -> int:
+    """
+    The epoch after a global update whose gradient round gathered ``round_epochs`` (the epochs the members were
+    in; anything but an int is ignored): every member applied the same averaged gradient, so all of them must land
+    in the same epoch, one past the latest epoch among them. Without this, a member one epoch behind the others
+    (e.g. one that joined a round of peers that had just advanced) would land one epoch behind them again at every
+    round, and no state average of the swarm would ever be applied (they mix two epochs). A member's epoch counts
+    only up to the swarm's (signed) epoch, or one past this peer's, so a peer that lies about its epoch cannot make
+    the others jump ahead.
+    """
+    epoch = next_epoch(local_epoch, global_epoch)
+    limit = max(global_epoch, local_epoch + 1)
+    for value in round_epochs:
+        if isinstance(value, int) and not isinstance(value, bool) and local_epoch < value <= limit:
+            epoch = max(epoch, value + 1)
+    return epoch
 
 
 def should_load_state(local_epoch: int, global_epoch: int, *, strict: bool) -> bool:

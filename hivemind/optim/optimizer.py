@@ -11,7 +11,7 @@ import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, NoCompression
 from hivemind.dht import DHT
-from hivemind.optim.epoch_rule import is_synchronized, next_epoch, should_load_state
+from hivemind.optim.epoch_rule import epoch_after_gradient_round, is_synchronized, next_epoch, should_load_state
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.optimizer_hooks import OptimizerHooks
@@ -119,6 +119,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         averager_opts = dict(averager_opts or {})
         self.scheduled_grads: Optional[StepControl] = None
         self.scheduled_state: Optional[StepControl] = None
+        self.scheduled_state_epoch = 0
         self.state_averager = self._make_state_averager(
             optimizer=optimizer, params=params, scheduler=scheduler,
             delta_rule_averaging=use_local_updates and delay_state_averaging,
@@ -149,6 +150,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self._should_check_synchronization_on_update = True  # (once per epoch: see _should_load_state_from_peers)
         self._shut_down, self._last_progress_bar_update = False, 0.0
         self._last_round_peers: Optional[set] = None  # raw peer ids of the last gradient round (None: none yet)
+        self._last_round_epochs: list = []  # the epochs its members gathered
 
     def _offloaded_grad_buffers(self):
         for param in self.state_averager.optimizer_parameters:
@@ -321,6 +323,9 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
                 self.state_averager.submit_background(self._finish_gradient_averaging, grad_round)
             else:
                 self._finish_gradient_averaging(grad_round)
+                # a member one epoch ahead (it joined this round late in its epoch): land where it lands
+                epochs, global_epoch = self._last_round_epochs, self.tracker.global_epoch
+                new_epoch = epoch_after_gradient_round(self.local_epoch, global_epoch, epochs)
                 num_peers = len(self._last_round_peers)  # the state round expects those who averaged just now
                 grad_round = grad_round if num_peers > 1 else None  # (failed: the buffers hold our own grads)
             optimizer_step = optimizer_step and (contributes or grad_round is not None)
@@ -328,10 +333,10 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self.state_averager.step(wait_for_delayed_updates=True)  # (queued before this gradient round: no wait on it)
         average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
         state_control, self.scheduled_state = self.scheduled_state, None
-        if state_control is not None and not average_state:
-            state_control.cancel()
+        if state_control is not None and (not average_state or self.scheduled_state_epoch != new_epoch):
+            state_control.cancel()  # (not needed, or it gathers another epoch than this peer is about to enter)
             state_control = None
-        elif average_state:  # (re)start matchmaking now, knowing whom to expect
+        if average_state:  # (re)start matchmaking now, knowing whom to expect
             state_control = state_control or self._try_schedule(self.state_averager, None, self.averaging_timeout,
                                                                  num_peers, gather=new_epoch)  # fmt: skip
             if state_control is not None:
@@ -364,7 +369,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         if num_peers > 1 or self.auxiliary:
             try:
                 if control is None:
-                    control = self.grad_averager.schedule_step(timeout=self.averaging_timeout)
+                    control = self.grad_averager.schedule_step(timeout=self.averaging_timeout, gather=self.local_epoch)
                 control.expected_group_size = num_peers
                 return self.grad_averager.step(control=control, wait=False, reset_accumulators=True)
             except Exception as e:
@@ -381,6 +386,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
 
     def _finish_gradient_averaging(self, control: Optional[StepControl]) -> None:
         """Wait for a gradient round; if it fails, the buffers keep this peer's own mean gradient."""
+        self._last_round_epochs = []
         if control is None:
             self._last_round_peers = set()  # nobody averaged with this peer: nobody to wait for next epoch
             return
@@ -388,6 +394,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             gathered = control.result(self.averaging_timeout)
             logger.log(self.status_loglevel, f"{self.run_id}: averaged gradients with {len(gathered)} peers")
             self._last_round_peers = {peer.to_bytes() for peer in gathered}
+            self._last_round_epochs = list(gathered.values())
         except Exception as e:
             self._last_round_peers = set()
             waited_out = not control.done()  # (else the round failed and says why)

@@ -43,6 +43,7 @@ class OptimizerHooks:
     run_id: str
     scheduled_grads: Optional[StepControl]  # the gradient round booked for the end of this epoch, if any
     scheduled_state: Optional[StepControl]  # the state round booked for the end of this epoch, if any
+    scheduled_state_epoch: int  # the epoch that round gathers (a round of another epoch is booked anew)
 
     def _check_kwargs(self, kwargs: Dict[str, Any]) -> None:
         """Check keyword arguments that a subclass forwards to ``Optimizer.__init__``: a name that the Optimizer
@@ -100,13 +101,18 @@ class OptimizerHooks:
     def _maybe_schedule_gradient_averaging(self) -> None:
         """If this epoch ends within ``matchmaking_time``, start matchmaking for its gradient round."""
         if self.use_gradient_averaging:
-            self.scheduled_grads = self._maybe_schedule(self.grad_averager, self.scheduled_grads)
+            # (each member gathers its epoch: all of them land in the same one after the round)
+            control = self._maybe_schedule(self.grad_averager, self.scheduled_grads, gather=self.local_epoch)
+            self.scheduled_grads = control
 
     def _maybe_schedule_state_averaging(self) -> None:
         """If this epoch ends within ``matchmaking_time`` and the next one averages the state, start matchmaking."""
         new_epoch = next_epoch(self.local_epoch, self.tracker.global_progress.epoch)
         if new_epoch % self.average_state_every == 0:
-            self.scheduled_state = self._maybe_schedule(self.state_averager, self.scheduled_state, gather=new_epoch)
+            control = self._maybe_schedule(self.state_averager, self.scheduled_state, gather=new_epoch)
+            if control is not self.scheduled_state:
+                self.scheduled_state_epoch = new_epoch
+            self.scheduled_state = control
 
     def _maybe_schedule(self, averager, control: Optional[StepControl], **kwargs) -> Optional[StepControl]:
         now, expected_peers = get_dht_time(), self._expected_peers()
