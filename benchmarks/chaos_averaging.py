@@ -198,6 +198,7 @@ class Chaos:
         self.args = args
         self.rng = random.Random(args.seed)
         self.workdir = args.workdir or tempfile.mkdtemp(prefix="chaos_averaging_")
+        os.makedirs(self.workdir, exist_ok=True)
         self.lock = threading.Lock()
         self.peers: Dict[str, Peer] = {}  # label -> peer (all incarnations)
         self.disturbed: Dict[str, List[list]] = collections.defaultdict(list)  # label -> [[start, end], ...]
