@@ -331,10 +331,15 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             optimizer_step = optimizer_step and (contributes or grad_round is not None)
         # the last epoch's state average lands before the epoch moves on (after, it would be dropped as stale)
         self.state_averager.step(wait_for_delayed_updates=True)  # (queued before this gradient round: no wait on it)
-        average_state = num_peers > 1 and new_epoch % self.average_state_every == 0
+        # that round only found its group with the others' round of the next epoch (it waited past its epoch for the
+        # expected peers, whose own round was consumed so): skip one, so that the next rounds start together again
+        skip_round, self.state_averager.round_met_later_epochs = self.state_averager.round_met_later_epochs, False
+        average_state = num_peers > 1 and new_epoch % self.average_state_every == 0 and not skip_round
         state_control, self.scheduled_state = self.scheduled_state, None
-        if state_control is not None and (not average_state or self.scheduled_state_epoch != new_epoch):
-            state_control.cancel()  # (not needed, or it gathers another epoch than this peer is about to enter)
+        if state_control is not None and (
+            not average_state or self.scheduled_state_epoch != new_epoch or state_control.done()
+        ):  # (not needed, gathers another epoch than this peer is about to enter, or a group of others' used it)
+            state_control.cancel()
             state_control = None
         if average_state:  # (re)start matchmaking now, knowing whom to expect
             state_control = state_control or self._try_schedule(self.state_averager, None, self.averaging_timeout,

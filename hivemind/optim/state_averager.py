@@ -131,6 +131,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self.average_opt_statistics = tuple(average_opt_statistics)
         self.local_epoch = 0
         self.max_epoch_spread = 0  # apply state averages only of peers whose epochs differ by at most this
+        self.round_met_later_epochs = False  # a refused round had peers of later epochs (the caller clears it)
 
         sources = self._averaging_sources()
         with torch.no_grad():
@@ -414,6 +415,7 @@ class TrainingStateAverager(DecentralizedAverager):
                 self._update_scheduler()
             elif not self._epochs_agree(epochs, len(gathered), round_epoch):
                 # mixing parameters of different epochs would pull the leaders back; laggards load the state instead
+                self.round_met_later_epochs = max(epochs, default=round_epoch) > round_epoch
                 logger.log(
                     self.status_loglevel,
                     f"Not applying a state average of peers at epochs {sorted(epochs)} (this peer sent epoch "
