@@ -34,7 +34,12 @@ def test_peers_one_epoch_apart_in_a_gradient_round_land_in_the_same_epoch(swarm)
     torch.manual_seed(0)
     models = [torch.nn.Linear(3, 1) for _ in dhts]  # different parameters: only a state average makes them equal
     with joined_optimizers(
-        dhts, models, delay_optimizer_step=True, delay_grad_averaging=False, averaging_timeout=10.0
+        dhts,
+        models,
+        delay_optimizer_step=True,
+        delay_grad_averaging=False,
+        matchmaking_time=3.0,
+        averaging_timeout=10.0,
     ) as (ahead, behind):
         with ahead.tracker.pause_updates():  # the split: one peer is already in the next epoch
             ahead.state_averager.local_epoch = 1
