@@ -16,7 +16,7 @@ from typing import List, Optional, Set
 
 import psutil
 
-P2PD_SOCKET = re.compile(r"-listen=/unix(/\S+/hivemind-p2pd-(\w+)\.sock)")
+P2PD_SOCKET = re.compile(r"-listen=/unix(/\S+/hivemind-p2pd-([\w-]+)\.sock)")
 
 # a fake P2P._connect for the launched script: Ctrl-C reaches the process group after p2pd reported ready and before
 # the client opened its persistent connection (p2pd then exits on SIGINT); the start-up goes on once p2pd is gone
