@@ -120,24 +120,14 @@ _live_lock = threading.Lock()
 
 
 def process_tree(proc: subprocess.Popen) -> list:
-    """`proc` and its descendants as psutil processes (empty if it is gone or psutil is missing), except torch's
-    shared-memory manager: the original library switches torch to the file_system sharing strategy, whose manager
-    deletes the /dev/shm files once the processes that use them are gone and then exits by itself; killing it left
-    those files behind for good."""
+    """`proc` and its descendants as psutil processes (empty if it is gone or psutil is missing)."""
     if psutil is None or proc.returncode is not None:
         return []
     try:
         root = psutil.Process(proc.pid)
-        return [root] + [child for child in root.children(recursive=True) if not _is_shm_manager(child)]
+        return [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def _is_shm_manager(member) -> bool:
-    try:
-        return member.name() == "torch_shm_manager"
-    except Exception:
-        return False
 
 
 def kill_tree(proc: subprocess.Popen, grace: float = 3.0, known_members: Sequence = ()) -> None:
