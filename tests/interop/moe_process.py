@@ -41,10 +41,13 @@ class MoEPeer:
         check_implementation(self.implementation, message["version"], message["file"])
         return message
 
-    def close(self):
+    def close(self, graceful: bool = True):
+        """Ask the script to end (closing its stdin) and wait up to 15 s, then kill what is left; a peer that never
+        got ready does not read its stdin, so ``graceful=False`` kills it at once."""
         try:
             self.proc.stdin.close()
-            self.proc.wait(timeout=15)
+            if graceful:
+                self.proc.wait(timeout=15)
         except Exception:  # noqa: BLE001 - killed below in any case
             pass
         kill_tree(self.proc)
@@ -60,6 +63,6 @@ def start_server(script: Path, side: str, args, log_dir: Path, timeout: float = 
         try:
             return server, server.event("ready", timeout=timeout)["maddrs"]
         except HarnessError:
-            server.close()
+            server.close(graceful=False)  # (it never got ready: 5 attempts of 45 s + kill stay within 300 s)
             if attempt == attempts - 1:
                 raise
