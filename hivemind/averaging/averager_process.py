@@ -22,7 +22,14 @@ from hivemind.averaging.state_download import load_state_from_peers
 from hivemind.averaging.state_rate import configured_min_rate
 from hivemind.averaging.state_sharing import StateSharing
 from hivemind.averaging.state_snapshot import PackedTensors, await_state_answer, describe_state, send_packed_state
-from hivemind.dht.process_channel import READY_CALL_ID, CallerEnd, ChannelClosedError, ServingEnd, exitcode_of
+from hivemind.dht.process_channel import (
+    READY_CALL_ID,
+    CallerEnd,
+    ChannelClosedError,
+    ServingEnd,
+    exitcode_of,
+    peek_exitcode,
+)
 from hivemind.p2p import P2P, P2PDaemonError, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.servicer import get_handle_name
@@ -272,9 +279,14 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
 
     def _exit_description(self) -> str:
         """Why running steps fail when the averager's process ended without shutdown() (killed, crashed)."""
-        multiprocessing.connection.wait([self.sentinel], timeout=1.0)  # its pipe closes just before it is reaped
+        # its pipes close a moment before its exit status is known. This runs in the state thread while the user's
+        # thread may be in join(): peek at the status, since reaping it here would make join() report no exit code
+        multiprocessing.connection.wait([self.sentinel], timeout=1.0)
+        deadline = time.monotonic() + 1.0
+        while (code := peek_exitcode(self)) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         return (
-            f"Averaging step failed: the averager's process exited unexpectedly (exit code {self.exitcode}); "
+            f"Averaging step failed: the averager's process exited unexpectedly (exit code {code}); "
             "create a new averager to keep averaging"
         )
 
