@@ -28,9 +28,9 @@ SIZE, PART_BYTES = 64, 64  # 4 parts of 16 float32 elements, all reduced by peer
 FRACTIONS = [1.0, 0.0, 0.0]  # B and C only send
 
 
-async def b_leaves_then_c_sends(p2p_factory, size: int):
-    """A reduces every part; B streams all its parts and leaves once 4 of them were taken (its stream is closed, its
-    handler cancelled), then C sends. Returns the three peers' values, A's result and C's reply codes."""
+async def a_takes_4_of_bs_parts(p2p_factory, size: int):
+    """A reduces every part; B streams all its parts. Returns once A took the first 4 of them: the peers, their
+    values, the group id, A's runner, the task collecting A's result and B's call."""
     peers = await make_connected_peers(p2p_factory, 3)
     routers = await start_routers(peers)
     values = [torch.randn(size) for _ in range(3)]
@@ -39,17 +39,23 @@ async def b_leaves_then_c_sends(p2p_factory, size: int):
         peers[0], routers[0], peers, group_id, [values[0]], peer_fractions=FRACTIONS, part_size_bytes=PART_BYTES,
         sender_timeout=5.0, reducer_timeout=10.0,
     )  # fmt: skip
-    containers = [TensorPartContainer([v], FRACTIONS, part_size_bytes=PART_BYTES) for v in values]
+    container_b = TensorPartContainer([values[1]], FRACTIONS, part_size_bytes=PART_BYTES)
     result = asyncio.create_task(collect(runner))
-    call_b = asyncio.create_task(call_reducer(peers[1], peers[0], sender_messages(containers[1], 0, group_id)))
+    call_b = asyncio.create_task(call_reducer(peers[1], peers[0], sender_messages(container_b, 0, group_id)))
     await wait_until(lambda: runner.reducer.sender_progress[1] == 4, "B's first 4 parts to be taken")
+    return peers, values, group_id, runner, result, call_b
+
+
+async def b_leaves_then_c_sends(p2p_factory, size: int):
+    """A reduces every part; B streams all its parts and leaves once 4 of them were taken (its stream is closed, its
+    handler cancelled), then C sends. Returns A's runner, the three peers' values, A's result and C's reply codes."""
+    peers, values, group_id, runner, result, call_b = await a_takes_4_of_bs_parts(p2p_factory, size)
     call_b.cancel()  # B leaves: its stream is closed while its handler waits
     await asyncio.gather(call_b, return_exceptions=True)
     await wait_until(lambda: not runner._handler_tasks, "B's handler to end")
 
-    replies_c = await asyncio.wait_for(
-        call_reducer(peers[2], peers[0], sender_messages(containers[2], 0, group_id)), 10
-    )
+    container_c = TensorPartContainer([values[2]], FRACTIONS, part_size_bytes=PART_BYTES)
+    replies_c = await asyncio.wait_for(call_reducer(peers[2], peers[0], sender_messages(container_c, 0, group_id)), 10)
     averaged = values[0] + (await asyncio.wait_for(result, 10))[0]
     return runner, values, averaged, [reply.code for reply in replies_c]
 
@@ -81,18 +87,8 @@ async def test_a_sender_that_leaves_with_parts_still_queued_is_excluded_from_the
 async def test_a_round_cancelled_here_does_not_blame_its_senders(p2p_factory, hivemind_logs):
     """When this peer's own round is cancelled (its averager shuts down), the senders waiting on it did nothing
     wrong: no "excluded sender" warning names them (the chaos run's killed peers logged one for an honest sender)."""
-    peers = await make_connected_peers(p2p_factory, 3)
-    routers = await start_routers(peers)
-    values = [torch.randn(96) for _ in range(3)]  # 6 parts: B's last 2 wait for the reduce window
-    group_id = os.urandom(20)
-    runner = make_runner(
-        peers[0], routers[0], peers, group_id, [values[0]], peer_fractions=FRACTIONS, part_size_bytes=PART_BYTES,
-        sender_timeout=5.0, reducer_timeout=10.0,
-    )  # fmt: skip
-    containers = [TensorPartContainer([v], FRACTIONS, part_size_bytes=PART_BYTES) for v in values]
-    result = asyncio.create_task(collect(runner))
-    call_b = asyncio.create_task(call_reducer(peers[1], peers[0], sender_messages(containers[1], 0, group_id)))
-    await wait_until(lambda: runner.reducer.sender_progress[1] == 4, "B's first 4 parts to be taken")
+    # 6 parts: B's last 2 wait for the reduce window
+    _, _, _, runner, result, call_b = await a_takes_4_of_bs_parts(p2p_factory, 96)
     result.cancel()  # our own round ends (the averager's shutdown cancels it) while B waits for the averages
     await asyncio.gather(result, call_b, return_exceptions=True)
     await wait_until(lambda: not runner._handler_tasks, "B's handler to end")
