@@ -31,6 +31,7 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tupl
 import torch
 
 from hivemind.dht import DHT
+from hivemind.dht.process_channel import peek_exitcode
 from hivemind.moe.server.expert_requests import (
     STREAM_CHUNK_SIZE_BYTES,
     ExpertRequestError,
@@ -159,17 +160,27 @@ class ConnectionHandler(mp.Process, ServicerBase):
             try:
                 return self.ready.result(timeout=max(0.0, wait))
             except TimeoutError:
-                if not self.is_alive():
+                if self._has_ended():
                     try:  # (its answer may still be on the way)
                         return self.ready.result(timeout=_LAST_WORD_TIMEOUT)
                     except TimeoutError:
-                        exitcode = getattr(self, "exitcode", None) if self._thread is None else None
+                        exitcode = peek_exitcode(self) if self._thread is None else None
                         raise RuntimeError(
                             f"{type(self).__name__} stopped before it was ready (exit code {exitcode}); "
                             f"see its log above for the reason"
                         ) from None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
+
+    def _has_ended(self) -> bool:
+        """
+        Whether the handler's thread or process ended. The process is not reaped: this runs in the server's thread
+        while the user's thread may be in shutdown(), and a second ``waitpid`` there would make its join() see
+        "no such child" and report the handler as still alive (terminated with a warning, exit code None).
+        """
+        if self._thread is not None:
+            return not self._thread.is_alive()
+        return peek_exitcode(self) is not None
 
     def run_in_thread(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         """Serve from a daemon thread of this process (no child process); shutdown() stops it."""
