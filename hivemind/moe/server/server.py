@@ -419,7 +419,8 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
     try:
         try:
             status, payload = parent_end.recv()
-        except EOFError:
+        except EOFError:  # its pipe closes a moment before its exit status is known
+            process.join(shutdown_timeout)
             raise RuntimeError(f"Server process exited with code {process.exitcode} before it started") from None
         if status != "ok":
             raise RuntimeError(f"Server failed to start: {payload}")
