@@ -1,14 +1,15 @@
-"""How many bytes of request frames the stream handlers of one ``P2P`` receive at once, per remote peer and in all.
+"""How many bytes of request frames the stream handlers of one ``P2P`` hold at once, per remote peer and in all.
 
 A frame's payload buffer grows only as its bytes arrive, but a peer chooses how many streams it opens and how much of
 each frame it sends: frames that are started and left unfinished on many streams would each hold what arrived of them
-for as long as the stall timeouts of ``framing`` allow. ``InboundBudget`` counts the length that a frame's header
-announced from the moment it is accepted until the frame is complete (or its stream fails); frames of at most
-``UNCOUNTED_FRAME_BYTES`` (64 KiB) are not counted:
+for as long as the stall timeouts of ``framing`` allow, and complete requests wait in each stream's queue until its
+handler takes them. ``InboundBudget`` counts the length that a frame's header announced from the moment it is
+accepted until its request is taken by the handler (``protobuf_streams`` holds it with a ``FrameLease`` while the
+request waits) or its stream ends; frames of at most ``UNCOUNTED_FRAME_BYTES`` (64 KiB) are not counted:
 
-- **per peer first**: a new frame whose peer already has frames in flight is refused at once if it would take that
-  peer past ``per_peer_limit(max_message_size)``. A peer with nothing in flight may always start one frame (up to the
-  handler's ``max_message_size``), so no honest message is too large for the budget alone.
+- **per peer first**: a new frame whose peer already holds frames (in flight or waiting for a handler) is refused at
+  once if it would take that peer past ``per_peer_limit(max_message_size)``. A peer that holds nothing may always
+  start one frame (up to the handler's ``max_message_size``), so no honest message is too large for the budget alone.
 - **then in all**, only if ``total_bytes`` is given: a frame that fits its peer's share but not the total waits up to
   ``wait`` seconds for other frames to finish (holding its peer's share, and nothing else: its bytes are not read
   meanwhile), then is refused. When nothing at all is in flight, any frame may start.
@@ -24,6 +25,7 @@ frame, and the caller gets an error frame with the text.
 
 import asyncio
 import contextlib
+import functools
 from typing import AsyncIterator, Callable, Dict, Hashable, Optional, Set
 
 from hivemind.p2p.framing import MAX_FRAME_PAYLOAD, FramingError
@@ -48,6 +50,42 @@ FrameAdmission = Callable[[int], "contextlib.AbstractAsyncContextManager[None]"]
 
 class InboundBudgetExceeded(FramingError):
     """A peer started more frames at once than this side's inbound budget allows; the stream was refused."""
+
+
+class FrameLease:
+    """What one admitted frame holds of its peer's share (``nbytes``; 0 for an uncounted frame) until ``release()``,
+    which gives it back once (later calls do nothing). It may outlive the frame: a request waiting for its handler."""
+
+    __slots__ = ("nbytes", "_release")
+
+    def __init__(self, nbytes: int = 0, release: Optional[Callable[[], None]] = None):
+        self.nbytes, self._release = nbytes, release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class PeerAdmission:
+    """The admission of one peer's frames to a handler with a given ``max_message_size`` (``InboundBudget.for_peer``).
+
+    Called with a frame's length, it is the ``FrameAdmission`` context that the frame is received in; ``hold`` and
+    ``fits`` serve a stream that keeps each complete request's share until its handler takes the request."""
+
+    def __init__(self, budget: "InboundBudget", peer: Peer, max_message_size: Optional[int]):
+        self.budget, self.peer, self.max_message_size = budget, peer, max_message_size
+
+    def __call__(self, nbytes: int) -> "contextlib.AbstractAsyncContextManager[None]":
+        return self.budget.frame(self.peer, nbytes, self.max_message_size)
+
+    async def hold(self, nbytes: int) -> FrameLease:
+        """``InboundBudget.lease`` for this peer and handler."""
+        return await self.budget.lease(self.peer, nbytes, self.max_message_size)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a frame of ``nbytes`` would pass this peer's share now (the total, if any, is not checked)."""
+        return self.budget.fits_peer(self.peer, nbytes, self.max_message_size)
 
 
 class InboundBudget:
@@ -86,17 +124,18 @@ class InboundBudget:
         return self._total
 
     async def reserve(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> None:
-        """Take ``nbytes`` for a frame of ``peer``; ``release`` them once it is complete or its stream failed.
+        """Take ``nbytes`` for a frame of ``peer``; ``release`` them once its request was taken by the handler (or
+        its stream ended).
 
         :raises InboundBudgetExceeded: the peer's share is full (at once) or the total stayed full for ``wait`` s
         """
         held, limit = self.held_by(peer), self.per_peer_limit(max_message_size)
         if held and held + nbytes > limit:
             raise InboundBudgetExceeded(
-                f"Peer {peer} already sends {held} bytes of unfinished frames to this peer's stream handlers; a new "
-                f"{nbytes}-byte frame would exceed the {limit} bytes allowed per peer, so its stream is refused "
-                "(finish or close earlier streams before starting more, or give the receiving P2P a larger "
-                "inbound_budget)"
+                f"Peer {peer} already holds {held} bytes of requests that this peer's stream handlers are receiving "
+                f"or have not taken yet; a new {nbytes}-byte frame would exceed the {limit} bytes allowed per peer, "
+                "so its stream is refused (finish or close earlier streams before starting more, or give the "
+                "receiving P2P a larger inbound_budget)"
             )
         self._by_peer[peer] = held + nbytes
         try:
@@ -107,29 +146,43 @@ class InboundBudget:
         self._total += nbytes
 
     def release(self, peer: Peer, nbytes: int) -> None:
-        """Give back what ``reserve`` took for a frame that is complete (or whose stream failed)."""
+        """Give back what ``reserve`` took for a frame whose request was taken (or whose stream ended)."""
         self._release_share(peer, nbytes)
         self._total -= nbytes
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def fits_peer(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> bool:
+        """Whether ``reserve`` would pass the per-peer check for this frame now (it is uncounted, the peer holds
+        nothing, or it fits the peer's share); the total, if any, is not checked."""
+        if nbytes <= UNCOUNTED_FRAME_BYTES:
+            return True
+        held = self.held_by(peer)
+        return not held or held + nbytes <= self.per_peer_limit(max_message_size)
+
+    async def lease(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> FrameLease:
+        """``reserve`` for a frame, returning what ``release()`` gives it back; frames of at most
+        ``UNCOUNTED_FRAME_BYTES`` are not counted (their lease holds nothing)."""
+        if nbytes <= UNCOUNTED_FRAME_BYTES:
+            return FrameLease()
+        await self.reserve(peer, nbytes, max_message_size)
+        return FrameLease(nbytes, functools.partial(self.release, peer, nbytes))
+
     @contextlib.asynccontextmanager
     async def frame(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> AsyncIterator[None]:
         """``async with budget.frame(peer, n):`` receive the frame inside; released however the block ends.
         Frames of at most ``UNCOUNTED_FRAME_BYTES`` are not counted."""
-        if nbytes <= UNCOUNTED_FRAME_BYTES:
-            yield
-            return
-        await self.reserve(peer, nbytes, max_message_size)
+        lease = await self.lease(peer, nbytes, max_message_size)
         try:
             yield
         finally:
-            self.release(peer, nbytes)
+            lease.release()
 
-    def for_peer(self, peer: Peer, max_message_size: Optional[int]) -> FrameAdmission:
-        """What one stream of ``peer`` to a handler with this ``max_message_size`` wraps each frame it receives in."""
-        return lambda nbytes: self.frame(peer, nbytes, max_message_size)
+    def for_peer(self, peer: Peer, max_message_size: Optional[int]) -> PeerAdmission:
+        """What one stream of ``peer`` to a handler with this ``max_message_size`` wraps each frame it receives in
+        (a ``FrameAdmission``; see ``PeerAdmission`` for holding a request's share until its handler takes it)."""
+        return PeerAdmission(self, peer, max_message_size)
 
     def _release_share(self, peer: Peer, nbytes: int) -> None:
         left = self._by_peer[peer] - nbytes

@@ -4,7 +4,20 @@ Both sides work on any asyncio reader/writer pair; ``P2P`` only opens the stream
 """
 
 import asyncio
-from typing import Any, AsyncContextManager, AsyncIterable, AsyncIterator, Awaitable, Callable, Optional, Type, Union
+import contextlib
+from typing import (
+    Any,
+    AsyncContextManager,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    NamedTuple,
+    Optional,
+    Set,
+    Type,
+    Union,
+)
 
 from google.protobuf.message import Message
 
@@ -43,9 +56,10 @@ async def serve_protobuf_stream(
 
     :param max_message_size: requests announcing more bytes are refused (the handler gets the error)
     :param admit: wraps the receiving of each request frame (the caller's share of an ``InboundBudget``); a frame it
-        refuses is refused like an oversized one
+        refuses is refused like an oversized one. One that can hold frames (``InboundBudget.for_peer``) keeps each
+        request's share while it waits for the handler (see ``_RequestQueue``)
     """
-    requests: asyncio.Queue = asyncio.Queue(maxsize=HANDLER_INPUT_PREFETCH)
+    requests = _RequestQueue(admit)
     responding = asyncio.create_task(
         _respond(handler, context, requests, writer, stream_input=stream_input, stream_output=stream_output)
     )
@@ -66,7 +80,6 @@ async def serve_protobuf_stream(
             input_ended,
             # a caller sends its only request (and the end of its input) at once: one that sends nothing is dropped
             idle_timeout=None if stream_input else framing.FRAME_STALL_TIMEOUT,
-            admit=admit,
         )
     )
     try:
@@ -81,7 +94,10 @@ async def serve_protobuf_stream(
     finally:
         for task in (responding, read_task):
             task.cancel()
-        _, input_refused = await asyncio.gather(responding, read_task, return_exceptions=True)
+        try:
+            _, input_refused = await asyncio.gather(responding, read_task, return_exceptions=True)
+        finally:
+            requests.drop()  # the requests that the handler did not take give their shares back
     if input_refused is True or not input_ended.is_set():
         # the handler is done but the caller may still be sending: closing now would reset the stream
         await _let_the_refusal_arrive(reader, writer)
@@ -127,10 +143,83 @@ async def _send_response(message: Any, writer: asyncio.StreamWriter) -> None:
         raise _CallerStalled(str(e)) from None
 
 
+class _Parked(NamedTuple):
+    request: Any
+    lease: Any  # an InboundBudget FrameLease
+
+
+class _RequestQueue:
+    """The requests of one stream that wait for its handler (at most HANDLER_INPUT_PREFETCH, then the reader waits).
+
+    With an ``admit`` that can hold frames (``InboundBudget.for_peer``), a complete request keeps its frame's share of
+    the peer's budget until the handler takes it (or the stream ends: ``drop``), so that the budget bounds requests
+    parked ahead of handlers as well as frames in flight. A frame that does not fit its peer's share while this stream
+    has requests parked waits for the handler to take them (a slow handler slows an honest stream down instead of
+    refusing it); it is refused only if it still does not fit once this stream holds nothing.
+    """
+
+    def __init__(self, admit: Optional[Callable[[int], AsyncContextManager]]):
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=HANDLER_INPUT_PREFETCH)
+        self._admission = admit
+        self.admit = None if admit is None else (self._hold if hasattr(admit, "hold") else admit)
+        self._leases: Set[Any] = set()  # counted leases of this stream: its frame in flight and parked requests
+        self._taken = asyncio.Event()
+        self._arrived: Any = None  # the lease of the last frame received, until ``put`` or ``release_arrived``
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, nbytes: int) -> AsyncIterator[None]:
+        while self._leases and not self._admission.fits(nbytes):
+            self._taken.clear()
+            await self._taken.wait()
+        lease = await self._admission.hold(nbytes)
+        if lease.nbytes:
+            self._leases.add(lease)
+        try:
+            yield
+        except BaseException:
+            self._release(lease)
+            raise
+        self._arrived = lease
+
+    async def put(self, item: Any) -> None:
+        """Queue a request (with the lease of the frame just received), an exception, or ``_EXHAUSTED``."""
+        lease, self._arrived = self._arrived, None
+        try:
+            await self._queue.put(item if lease is None else _Parked(item, lease))
+        except BaseException:
+            self._release(lease)
+            raise
+
+    def release_arrived(self) -> None:
+        """Give back the share of a frame received but not queued (an end-of-stream or unparsable frame)."""
+        lease, self._arrived = self._arrived, None
+        self._release(lease)
+
+    async def get(self) -> Any:
+        """The next item for the handler; a request gives its share back as it is taken."""
+        item = await self._queue.get()
+        if isinstance(item, _Parked):
+            self._release(item.lease)
+            return item.request
+        return item
+
+    def drop(self) -> None:
+        """The stream ended: give back the shares of everything received that the handler did not take."""
+        self.release_arrived()
+        for lease in list(self._leases):
+            self._release(lease)
+
+    def _release(self, lease: Any) -> None:
+        if lease is not None:
+            lease.release()
+            self._leases.discard(lease)
+            self._taken.set()
+
+
 async def _respond(
     handler: Callable,
     context: Any,
-    requests: asyncio.Queue,
+    requests: _RequestQueue,
     writer: asyncio.StreamWriter,
     *,
     stream_input: bool,
@@ -205,12 +294,11 @@ async def call_protobuf_stream(
 async def _read_requests(
     input_protobuf_type: Type[Message],
     reader: asyncio.StreamReader,
-    queue: asyncio.Queue,
+    queue: _RequestQueue,
     max_message_size: Optional[int],
     on_caller_left: Callable[[], None],
     input_ended: asyncio.Event,
     idle_timeout: Optional[float] = None,
-    admit: Optional[Callable[[int], AsyncContextManager]] = None,
 ) -> Optional[bool]:
     """Feed incoming request frames into ``queue``; ends it with ``_EXHAUSTED`` (or an exception) on EOS/EOF.
     Returns True if a request was refused (too large, malformed), leaving the rest of the input unread.
@@ -222,13 +310,17 @@ async def _read_requests(
         while True:
             try:
                 request, error = await framing.receive_protobuf(
-                    input_protobuf_type, reader, max_message_size, idle_timeout=idle_timeout, admit=admit
+                    input_protobuf_type, reader, max_message_size, idle_timeout=idle_timeout, admit=queue.admit
                 )
             except asyncio.IncompleteReadError:
                 input_ended.set()
                 await queue.put(_EXHAUSTED)
                 return  # the input ended with EOF instead of end-of-stream: nothing more to watch
+            except BaseException:
+                queue.release_arrived()  # a frame that arrived but did not parse
+                raise
             if error is not None:
+                queue.release_arrived()
                 input_ended.set()
                 break  # end-of-stream marker (whatever its text)
             await queue.put(request)
@@ -247,7 +339,7 @@ async def _read_requests(
     on_caller_left()
 
 
-async def _iterate_queue(queue: asyncio.Queue) -> AsyncIterator[Any]:
+async def _iterate_queue(queue: _RequestQueue) -> AsyncIterator[Any]:
     while True:
         item = await queue.get()
         if item is _EXHAUSTED:
@@ -257,7 +349,7 @@ async def _iterate_queue(queue: asyncio.Queue) -> AsyncIterator[Any]:
         yield item
 
 
-async def _single_request(queue: asyncio.Queue) -> Any:
+async def _single_request(queue: _RequestQueue) -> Any:
     first = await queue.get()
     if first is _EXHAUSTED:
         raise ValueError("Expected exactly one request, but the stream ended before any")
