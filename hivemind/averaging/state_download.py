@@ -47,7 +47,6 @@ __all__ = [
     "StateAssembler",
     "StateDownloadError",
     "decode_chunks",
-    "download_state",
     "DEFAULT_STALL_TIMEOUT",
     "DEFAULT_MAX_UNCHECKED_STATE_BYTES",
 ]
@@ -239,52 +238,6 @@ class _DonorDownload:
             await stream.aclose()
 
 
-async def download_state(
-    p2p: P2P,
-    donor: PeerID,
-    *,
-    prefix: str,
-    servicer_type: Type[ServicerBase],
-    expected_tensors: Optional[Sequence[Any]] = None,
-    max_bytes: Optional[int] = None,
-    message_timeout: Optional[float] = None,
-    deadline: Optional[float] = None,
-    first_message_timeout: Optional[float] = None,
-    min_rate: Optional[float] = DEFAULT_MIN_RATE,
-    rate_grace: float = DEFAULT_RATE_GRACE,
-) -> Tuple[Any, List[torch.Tensor]]:
-    """Download and validate one donor's state; raises (StateDownloadError, P2P errors, TimeoutError) on failure.
-
-    :param message_timeout: seconds allowed for each next message (None: no limit besides ``deadline``)
-    :param first_message_timeout: seconds allowed for the first message, which the donor sends only once it had a
-      free slot and a snapshot of its state (None: ``message_timeout``)
-    :param deadline: ``time.monotonic()`` by which the whole download must end
-    :param min_rate: after its first message, a donor that we waited on for longer than ``rate_grace`` plus one
-      second per ``min_rate`` bytes it sent is abandoned (None: no floor; see :mod:`hivemind.averaging.state_rate`):
-      one that sends a chunk just before every ``message_timeout`` would otherwise hold a newcomer without an overall
-      deadline for hours. Checked as each message arrives; a single wait is bounded by ``message_timeout``
-    :param rate_grace: seconds of waiting on the donor allowed on top of what its pace earns
-    """
-    download = _DonorDownload(
-        p2p,
-        donor,
-        prefix=prefix,
-        servicer_type=servicer_type,
-        expected_tensors=expected_tensors,
-        max_bytes=max_bytes,
-        message_timeout=message_timeout,
-        deadline=deadline,
-        first_message_timeout=first_message_timeout,
-        min_rate=min_rate,
-        rate_grace=rate_grace,
-    )
-    try:
-        await download.start()
-        return await download.finish()
-    finally:
-        await download.aclose()
-
-
 async def load_state_from_peers(
     *,
     p2p: P2P,
@@ -325,7 +278,9 @@ async def load_state_from_peers(
       message may take up to DONOR_PREPARATION_TIMEOUT (25 s) or this limit, whichever is longer
     :param max_bytes: refuse states with more tensor bytes (default: what ``expected_tensors`` allows, or 16 GiB)
     :param min_rate: a donor that sends fewer bytes per second that we wait on it (after ``rate_grace`` seconds
-      and its first message) is abandoned for the next one (see :func:`download_state`; None: no floor)
+      and its first message) is abandoned for the next one (None: no floor; see :mod:`hivemind.averaging.state_rate`):
+      one that sends a chunk just before every message limit would otherwise hold a newcomer without an overall
+      ``timeout`` for hours. Checked as each message arrives; a single wait is bounded by the message limit
     :param rate_grace: seconds of waiting on a donor allowed on top of what its pace earns
     """
     deadline = None if timeout is None else time.monotonic() + timeout
