@@ -21,18 +21,9 @@ func TestReadIntoFrameStalledMidPayloadEndsWithSession(t *testing.T) {
 	transport := newYamuxTransport()
 	transport.KeepAliveInterval = 200 * time.Millisecond
 	transport.ConnectionWriteTimeout = 200 * time.Millisecond
-	session, err := transport.NewConn(serverConn, true, &network.NullScope{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer session.Close()
-	defer peerConn.Close()
-	peer := newRawYamuxPeer(peerConn) // reads pings, never answers them
-	peer.frame(t, 1, 1, 0)
-	stream, err := session.AcceptStream()
-	if err != nil {
-		t.Fatal(err)
-	}
+	raw := acceptRawStream(t, transport, serverConn, peerConn) // the raw peer reads pings, never answers them
+	defer raw.Close()
+	session, stream, peer := raw.session, raw.stream, raw.peer
 	type result struct {
 		n   int
 		err error
@@ -125,19 +116,9 @@ func TestFrameLargerThanWindowIsRefusedBeforeTheLentBuffer(t *testing.T) {
 	buf := make([]byte, 64<<10)
 	peerConn, serverRaw := net.Pipe()
 	serverConn := &lentReadConn{Conn: serverRaw, target: buf, direct: make(chan struct{}, 1)}
-	session, err := newYamuxTransport().NewConn(serverConn, true, &network.NullScope{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer session.Close()
-	defer peerConn.Close()
-	peer := newRawYamuxPeer(peerConn)
-	peer.frame(t, 1, 1, 0)
-	stream, err := session.AcceptStream()
-	if err != nil {
-		t.Fatal(err)
-	}
-	<-peer.updates
+	raw := acceptRawStream(t, newYamuxTransport(), serverConn, peerConn)
+	defer raw.Close()
+	session, stream, peer := raw.session, raw.stream, raw.peer
 	done := make(chan error, 1)
 	go func() {
 		_, err := stream.Read(buf)

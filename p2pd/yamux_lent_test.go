@@ -10,6 +10,7 @@ import (
 	"unsafe"
 
 	"github.com/libp2p/go-libp2p/core/network"
+	yamuxtransport "github.com/libp2p/go-libp2p/p2p/muxer/yamux"
 )
 
 // rawYamuxPeer speaks yamux frames by hand on one end of a pipe, as a hostile or slow peer would: the test decides
@@ -71,6 +72,42 @@ func (p *rawYamuxPeer) grantedWindow() uint64 {
 	return p.granted
 }
 
+// rawStream is a yamux session whose peer is a rawYamuxPeer, with the stream (id 1) that the peer opened on it.
+type rawStream struct {
+	session  network.MuxedConn
+	stream   network.MuxedStream
+	peer     *rawYamuxPeer
+	peerConn net.Conn
+}
+
+// acceptRawStream runs a yamux session of transport on serverConn (the listener's side) with a rawYamuxPeer on
+// peerConn, lets the peer open stream 1 and returns once the session accepted it and the peer got the ACK with the
+// initial window. Close ends both sides.
+func acceptRawStream(t *testing.T, transport *yamuxtransport.Transport, serverConn, peerConn net.Conn) *rawStream {
+	t.Helper()
+	session, err := transport.NewConn(serverConn, true, &network.NullScope{})
+	if err != nil {
+		peerConn.Close()
+		t.Fatal(err)
+	}
+	raw := &rawStream{session: session, peer: newRawYamuxPeer(peerConn), peerConn: peerConn}
+	if err := raw.peer.header(1, 1, 0); err != nil { // a window update with SYN opens stream 1
+		raw.Close()
+		t.Fatal(err)
+	}
+	if raw.stream, err = session.AcceptStream(); err != nil {
+		raw.Close()
+		t.Fatal(err)
+	}
+	<-raw.peer.updates // the ACK with the initial window
+	return raw
+}
+
+func (r *rawStream) Close() {
+	r.peerConn.Close()
+	r.session.Close()
+}
+
 // lentReadConn signals when the session reads a frame payload straight into target (a reader's lent buffer).
 type lentReadConn struct {
 	net.Conn
@@ -115,19 +152,9 @@ func checkLentReadPastDeadline(t *testing.T, frame int) bool {
 	buf := make([]byte, frame)
 	peerConn, serverRaw := net.Pipe()
 	serverConn := &lentReadConn{Conn: serverRaw, target: buf, direct: make(chan struct{}, 1)}
-	session, err := newYamuxTransport().NewConn(serverConn, true, &network.NullScope{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer session.Close()
-	defer peerConn.Close()
-	peer := newRawYamuxPeer(peerConn)
-	peer.frame(t, 1, 1, 0) // open stream 1 (window update with SYN)
-	stream, err := session.AcceptStream()
-	if err != nil {
-		t.Fatal(err)
-	}
-	<-peer.updates // the ACK with the initial window
+	raw := acceptRawStream(t, newYamuxTransport(), serverConn, peerConn)
+	defer raw.Close()
+	stream, peer := raw.stream, raw.peer
 	initial := peer.grantedWindow()
 
 	// Consume just under half of the initial window: no window update is due yet.
@@ -207,19 +234,9 @@ func TestWindowUpdateGivenUpAtDeadlineIsSentLater(t *testing.T) {
 func checkWindowUpdateAfterExpiredDeadline(t *testing.T) {
 	const segment = 256 << 10
 	peerConn, serverConn := net.Pipe()
-	session, err := newYamuxTransport().NewConn(serverConn, true, &network.NullScope{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer session.Close()
-	defer peerConn.Close()
-	peer := newRawYamuxPeer(peerConn)
-	peer.frame(t, 1, 1, 0)
-	stream, err := session.AcceptStream()
-	if err != nil {
-		t.Fatal(err)
-	}
-	<-peer.updates
+	raw := acceptRawStream(t, newYamuxTransport(), serverConn, peerConn)
+	defer raw.Close()
+	stream, peer := raw.stream, raw.peer
 	initial := peer.grantedWindow()
 	half := int(newYamuxTransport().InitialStreamWindowSize / 2)
 	total := half + 2*segment
