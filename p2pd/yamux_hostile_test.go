@@ -24,16 +24,7 @@ func TestReadIntoFrameStalledMidPayloadEndsWithSession(t *testing.T) {
 	raw := acceptRawStream(t, transport, serverConn, peerConn) // the raw peer reads pings, never answers them
 	defer raw.Close()
 	session, stream, peer := raw.session, raw.stream, raw.peer
-	type result struct {
-		n   int
-		err error
-	}
-	done := make(chan result, 1)
-	_ = stream.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-	go func() {
-		n, err := stream.Read(buf)
-		done <- result{n, err}
-	}()
+	done := readInBackground(stream, buf, time.Now().Add(50*time.Millisecond))
 	time.Sleep(20 * time.Millisecond) // let the reader lend its buffer (either way the Read must end)
 	peer.frame(t, 0, 0, frame)
 	if _, err := peerConn.Write(make([]byte, 1000)); err != nil {
@@ -119,17 +110,13 @@ func TestFrameLargerThanWindowIsRefusedBeforeTheLentBuffer(t *testing.T) {
 	raw := acceptRawStream(t, newYamuxTransport(), serverConn, peerConn)
 	defer raw.Close()
 	session, stream, peer := raw.session, raw.stream, raw.peer
-	done := make(chan error, 1)
-	go func() {
-		_, err := stream.Read(buf)
-		done <- err
-	}()
+	done := readInBackground(stream, buf, time.Time{})
 	time.Sleep(20 * time.Millisecond) // let the reader lend its buffer
 	peer.frame(t, 0, 0, uint32(newYamuxTransport().InitialStreamWindowSize)+1)
 	_, _ = peerConn.Write(make([]byte, 1000)) // fails once the session closed the connection
 	select {
-	case err := <-done:
-		if err == nil {
+	case res := <-done:
+		if res.err == nil {
 			t.Fatal("a Read on a stream whose peer overran the window succeeded")
 		}
 	case <-time.After(5 * time.Second):

@@ -108,6 +108,24 @@ func (r *rawStream) Close() {
 	r.session.Close()
 }
 
+// readResult is what one Read of a stream returned.
+type readResult struct {
+	n   int
+	err error
+}
+
+// readInBackground sets the stream's read deadline (the zero time: none) and starts one Read into buf; its result
+// arrives on the channel.
+func readInBackground(stream network.MuxedStream, buf []byte, deadline time.Time) <-chan readResult {
+	done := make(chan readResult, 1)
+	_ = stream.SetReadDeadline(deadline)
+	go func() {
+		n, err := stream.Read(buf)
+		done <- readResult{n, err}
+	}()
+	return done
+}
+
 // lentReadConn signals when the session reads a frame payload straight into target (a reader's lent buffer).
 type lentReadConn struct {
 	net.Conn
@@ -177,16 +195,7 @@ func checkLentReadPastDeadline(t *testing.T, frame int) bool {
 		t.Fatal(err)
 	}
 
-	type result struct {
-		n   int
-		err error
-	}
-	done := make(chan result, 1)
-	_ = stream.SetReadDeadline(time.Now().Add(80 * time.Millisecond))
-	go func() {
-		n, err := stream.Read(buf)
-		done <- result{n, err}
-	}()
+	done := readInBackground(stream, buf, time.Now().Add(80*time.Millisecond))
 	time.Sleep(20 * time.Millisecond) // let the reader block in Read (lend its buffer); checked below
 	peer.frame(t, 0, 0, uint32(frame))
 	if _, err := peerConn.Write(make([]byte, frame/2)); err != nil {
