@@ -45,12 +45,13 @@ class CountingBudget(InboundBudget):
 
 
 class GatedCounter:
-    """A stream-input handler that takes none of its input until ``gate`` is set, then counts the requests."""
+    """A stream-input handler that takes none of its input until ``gate`` is set, then counts the requests (and
+    raises after ``fail_after`` of them, or returns after ``return_after`` of them, if given)."""
 
-    def __init__(self, fail_after: int = 0):
+    def __init__(self, fail_after: int = 0, return_after: int = 0):
         self.gate = asyncio.Event()
         self.started = 0
-        self.fail_after = fail_after
+        self.fail_after, self.return_after = fail_after, return_after
 
     async def __call__(self, requests: AsyncIterator[runtime_pb2.Tensor], context: P2PContext) -> runtime_pb2.Tensor:
         self.started += 1
@@ -60,6 +61,8 @@ class GatedCounter:
             count += 1
             if count == self.fail_after:
                 raise RuntimeError(f"handler failed after {count} requests")
+            if count == self.return_after:
+                break
         return runtime_pb2.Tensor(size=[count])
 
 
@@ -144,6 +147,20 @@ async def test_share_is_given_back_when_the_handler_raises_with_requests_parked(
         handler.gate.set()
         response, error = await framing.receive_protobuf(runtime_pb2.Tensor, reader)
         assert response is None and "handler failed after 1 requests" in error.message
+        await wait_until(lambda: budget.total_held == 0)
+    finally:
+        writer.close()
+
+
+async def test_share_is_given_back_when_the_handler_returns_with_requests_parked(p2p_factory):
+    handler, budget = GatedCounter(return_after=1), InboundBudget()
+    server, client = await start_server(p2p_factory, handler, budget)
+    reader, writer = await send_complete_requests(client, server, 4)
+    try:
+        await wait_until(lambda: budget.held_by(client.peer_id) == 4 * ANNOUNCED)
+        handler.gate.set()
+        response, error = await framing.receive_protobuf(runtime_pb2.Tensor, reader)
+        assert error is None and list(response.size) == [1]
         await wait_until(lambda: budget.total_held == 0)
     finally:
         writer.close()
