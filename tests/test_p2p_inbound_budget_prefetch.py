@@ -245,3 +245,26 @@ async def test_honest_stream_of_large_requests_to_a_slow_handler_waits_instead_o
     assert list(answer.size) == [count * message_size]
     assert budget.told_to_wait and not budget.refusals and max(peaks) <= 8 * MiB
     await wait_until(lambda: budget.total_held == 0)
+
+
+async def test_a_lease_gives_its_share_back_exactly_once():
+    budget = InboundBudget()
+    lease = await budget.lease("peer", 3 * MiB, MAX_MESSAGE)
+    other = await budget.lease("peer", 2 * MiB, MAX_MESSAGE)
+    lease.release()
+    lease.release()
+    assert budget.held_by("peer") == budget.total_held == 2 * MiB
+    other.release()
+    assert budget.held_by("peer") == budget.total_held == 0
+
+
+async def test_fits_peer_tells_in_advance_what_the_per_peer_check_refuses():
+    budget = InboundBudget(per_peer_floor=8 * MiB, per_peer_frames=1)
+    admission = budget.for_peer("peer", MiB)
+    assert admission.fits(100 * MiB)  # a peer that holds nothing may start any frame
+    lease = await admission.hold(6 * MiB)
+    assert admission.fits(2 * MiB) and admission.fits(64 * 1024) and not admission.fits(2 * MiB + 1)
+    with pytest.raises(InboundBudgetExceeded):
+        await admission.hold(2 * MiB + 1)
+    lease.release()
+    assert budget.total_held == 0

@@ -89,7 +89,8 @@ class PeerAdmission:
 
 
 class InboundBudget:
-    """Bytes of inbound frames being received at once, per peer and in all (see the module docstring)."""
+    """Bytes of inbound frames held at once (being received, or requests waiting for their handler), per peer and in
+    all (see the module docstring)."""
 
     def __init__(
         self,
