@@ -3,6 +3,7 @@ import time
 
 import pytest
 
+from hivemind.utils import timed_storage
 from hivemind.utils.timed_storage import (
     MAX_DHT_TIME_DISCREPANCY_SECONDS,
     TimedStorage,
@@ -60,28 +61,45 @@ def test_only_strictly_newer_expiration_replaces():
     assert storage.get("key") == ("newer", expiration + 1)
 
 
-def test_entries_expire():
+class FakeClock:
+    """The storage's DHT time, moved by hand: an expiry 50 ms ahead, then a sleep, failed whenever a loaded machine
+    paused the test for 50 ms between reading the time and storing."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(timed_storage, "get_dht_time", fake)
+    return fake
+
+
+def test_entries_expire(clock):
     storage = TimedStorage()
-    now = get_dht_time()
-    storage.store("short", 1, now + 0.05)
-    storage.store("long", 2, now + 10)
-    time.sleep(0.1)
+    storage.store("short", 1, clock.now + 0.05)
+    storage.store("long", 2, clock.now + 10)
+    clock.now += 0.1
     assert storage.get("short") is None and "short" not in storage
     assert len(storage) == 1 and [key for key, _ in storage.items()] == ["long"]
 
 
-def test_expired_entry_does_not_block_new_store():
+def test_expired_entry_does_not_block_new_store(clock):
     storage = TimedStorage()
-    storage.store("key", "old", get_dht_time() + 0.05)
-    time.sleep(0.1)
-    assert storage.store("key", "new", get_dht_time() + 0.06)
+    storage.store("key", "old", clock.now + 0.05)
+    clock.now += 0.1
+    assert storage.store("key", "new", clock.now + 0.06)
 
 
-def test_freeze_keeps_expired_entries_until_thawed():
+def test_freeze_keeps_expired_entries_until_thawed(clock):
     storage = TimedStorage()
-    storage.store("key", "value", get_dht_time() + 0.05)
+    assert storage.store("key", "value", clock.now + 0.05)
     with storage.freeze():
-        time.sleep(0.1)
+        clock.now += 0.1
         assert storage.get("key").value == "value"
         assert len(storage) == 1
     assert storage.get("key") is None
