@@ -42,6 +42,7 @@ from hivemind.utils.process_handle import (
     ShutdownOnExit,
     exit_once_cleaned_up,
     register_started_handle,
+    stop_lock,
     stop_when_parent_exits,
 )
 
@@ -253,16 +254,18 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         if not self._started or os.getpid() != self._origin_pid or getattr(self, "_popen", None) is None:
             return
         self._shutdown_requested = True
-        if self.is_alive():
-            try:
-                self._caller.call(concurrent.futures.Future(), "shutdown")
-            except Exception:
-                pass
-            self.join(self.shutdown_timeout)
+        with stop_lock(self):  # (several threads may call it at once)
             if self.is_alive():
-                logger.warning(f"{type(self).__name__} did not shut down in {self.shutdown_timeout} s, terminating it")
-                self.terminate()
-                self.join()
+                try:
+                    self._caller.call(concurrent.futures.Future(), "shutdown")
+                except Exception:
+                    pass
+                self.join(self.shutdown_timeout)
+                if self.is_alive():
+                    name = type(self).__name__
+                    logger.warning(f"{name} did not shut down in {self.shutdown_timeout} s, terminating it")
+                    self.terminate()
+                    self.join()
         self._caller.close()
         self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
         self._state_request_reader.close()

@@ -34,6 +34,7 @@ from hivemind.utils.process_handle import (
     ShutdownOnExit,
     exit_once_cleaned_up,
     register_started_handle,
+    stop_lock,
     stop_when_parent_exits,
 )
 from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
@@ -269,16 +270,17 @@ class DHT(ShutdownOnExit, mp.Process):
         if self._popen is None or os.getpid() != self._origin_pid:
             return
         caller = self._callers[self._origin_pid]
-        if self.is_alive():
-            try:
-                caller.call(concurrent.futures.Future(), "shutdown")
-            except Exception:
-                pass
-            self.join(self.shutdown_timeout)
+        with stop_lock(self):  # (several threads may call it at once)
             if self.is_alive():
-                logger.warning(f"DHT did not shut down within {self.shutdown_timeout} s, terminating it")
-                self.terminate()
-                self.join()
+                try:
+                    caller.call(concurrent.futures.Future(), "shutdown")
+                except Exception:
+                    pass
+                self.join(self.shutdown_timeout)
+                if self.is_alive():
+                    logger.warning(f"DHT did not shut down within {self.shutdown_timeout} s, terminating it")
+                    self.terminate()
+                    self.join()
         caller.close()
         caller.fail_pending(RuntimeError("DHT was shut down"))
 

@@ -8,6 +8,7 @@ import multiprocessing as mp
 import multiprocessing.util
 import os
 import sys
+import threading
 import weakref
 from typing import Callable, List, Optional, TypeVar
 
@@ -40,6 +41,25 @@ class ShutdownOnExit:
                 pass
 
 
+_stop_locks: "weakref.WeakKeyDictionary[ShutdownOnExit, threading.Lock]" = weakref.WeakKeyDictionary()
+_stop_locks_guard = threading.RLock()  # reentrant: a garbage-collected handle may shut down while it is held
+
+
+def stop_lock(handle: "ShutdownOnExit") -> threading.Lock:
+    """
+    The lock under which ``shutdown()`` stops and joins ``handle``'s process: one thread at a time.
+
+    Of two threads that join the same child at once, one reaps it and the other's ``waitpid`` gets "no such child":
+    multiprocessing then takes the process for alive, so shutdown() warned that it "did not shut down" and sent a
+    signal to a pid that may already belong to another process. A thread that comes second finds it stopped.
+    """
+    with _stop_locks_guard:
+        lock = _stop_locks.get(handle)
+        if lock is None:
+            lock = _stop_locks[handle] = threading.Lock()
+        return lock
+
+
 _non_daemonic_handles: List[weakref.ref] = []  # started in this process, oldest first
 _started_handles: "weakref.WeakSet[ShutdownOnExit]" = weakref.WeakSet()  # all started in this process
 
@@ -69,6 +89,9 @@ def _forget_parents_handles() -> None:
     hook over the parent's children it inherited: terminate the daemonic ones (the parent's DHT stopped) and fail to
     join them ("can only join a child process").
     """
+    global _stop_locks_guard
+    _stop_locks_guard = threading.RLock()  # (the parent's locks may have been held by another thread at the fork)
+    _stop_locks.clear()
     children = getattr(mp.process, "_children", None)
     for handle in list(_started_handles):
         if children is not None:

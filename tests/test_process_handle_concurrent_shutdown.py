@@ -1,0 +1,56 @@
+"""shutdown() of a DHT or an averager called from several threads at once stops the process once, quietly: of two
+threads joining the same child, one reaped it and the other's ``waitpid`` found no such child, so that thread took
+the process for alive, warned that it "did not shut down" and sent SIGTERM to a pid that might be another process's
+(a warning in about one concurrent shutdown in four)."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from hivemind.averaging import DecentralizedAverager
+from hivemind.dht import DHT
+
+LOCALHOST = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+ROUNDS = 4
+
+
+class WarningsRecorder(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def hivemind_warnings():
+    recorder = WarningsRecorder()
+    logger = logging.getLogger("hivemind")
+    logger.addHandler(recorder)
+    try:
+        yield recorder.messages
+    finally:
+        logger.removeHandler(recorder)
+
+
+def _shut_down_from_threads(handle, num_threads: int = 3) -> None:
+    threads = [threading.Thread(target=handle.shutdown) for _ in range(num_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), f"{type(handle).__name__}.shutdown() hung"
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_shutdowns_stop_the_process_once_without_warnings(hivemind_warnings):
+    for index in range(ROUNDS):
+        dht = DHT(start=True, **LOCALHOST)
+        averager = DecentralizedAverager([torch.zeros(3)], dht, prefix=f"concurrent{index}", start=True)
+        for handle in (averager, dht):
+            _shut_down_from_threads(handle)
+            assert handle.exitcode == 0, f"{type(handle).__name__} was terminated"
+    assert not [message for message in hivemind_warnings if "did not shut down" in message], hivemind_warnings
