@@ -4,6 +4,8 @@ the process for alive, warned that it "did not shut down" and sent SIGTERM to a 
 (a warning in about one concurrent shutdown in four)."""
 
 import logging
+import os
+import signal
 import threading
 
 import pytest
@@ -54,3 +56,27 @@ def test_concurrent_shutdowns_stop_the_process_once_without_warnings(hivemind_wa
             _shut_down_from_threads(handle)
             assert handle.exitcode == 0, f"{type(handle).__name__} was terminated"
     assert not [message for message in hivemind_warnings if "did not shut down" in message], hivemind_warnings
+
+
+def _left_for_join(process) -> bool:
+    """The ended process is still a zombie: only its own join() (in shutdown()) reaps it."""
+    return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+@pytest.mark.timeout(60)
+def test_calls_that_check_the_process_leave_an_ended_one_for_shutdown_to_reap():
+    dht = DHT(start=True, **LOCALHOST)
+    averager = DecentralizedAverager([torch.zeros(3)], dht, prefix="peek", start=True)
+    try:
+        for handle in (averager, dht):
+            os.kill(handle.pid, signal.SIGKILL)
+            os.waitid(os.P_PID, handle.pid, os.WEXITED | os.WNOWAIT)  # until it ended
+        averager.state_sharing_priority = 2.0  # tells the averager's process only if it runs
+        assert _left_for_join(averager)
+        with pytest.raises(RuntimeError, match="has started"):
+            dht.add_validators([])
+        assert _left_for_join(dht)
+    finally:
+        averager.shutdown()
+        dht.shutdown()
+    assert averager.exitcode == dht.exitcode == -signal.SIGKILL

@@ -27,6 +27,7 @@ from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import is_describing_state, packed_copy
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
+from hivemind.dht.process_channel import peek_exitcode
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
@@ -294,7 +295,8 @@ class DecentralizedAverager(AveragerProcess):
         self._notify_state_sharing_changed()
 
     def _notify_state_sharing_changed(self) -> None:
-        if self._started and os.getpid() == self._origin_pid and self.is_alive():
+        # (peek: is_alive() would reap an ended process under a shutdown() in another thread, see stop_lock)
+        if self._started and os.getpid() == self._origin_pid and peek_exitcode(self) is None:
             self._send_one_way("update_state_sharing")
 
     # ------------------------------------------------------------------ user API

@@ -21,6 +21,7 @@ from hivemind.dht.process_channel import (
     SocketAcceptor,
     connect_to_dht_process,
     exitcode_of,
+    peek_exitcode,
 )
 from hivemind.dht.routing import DHTKey, DHTValue, Subkey
 from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
@@ -330,7 +331,8 @@ class DHT(ShutdownOnExit, mp.Process):
 
     def add_validators(self, record_validators: Iterable[RecordValidatorBase]) -> None:
         """Add record validators to the running node (RuntimeError if the process has not started)."""
-        if not self._started or (os.getpid() == self._origin_pid and not self.is_alive()):
+        # (peek: is_alive() would reap an ended process under a shutdown() in another thread, see stop_lock)
+        if not self._started or (os.getpid() == self._origin_pid and peek_exitcode(self) is not None):
             raise RuntimeError("Can't add validators before the DHT process has started")
         self._call("add_validators", list(record_validators))
 
