@@ -55,6 +55,14 @@ async def _keep_declaring_first(key_manager: GroupKeyManager, key: str, hostile_
         await asyncio.sleep(0.2)
 
 
+async def _start_declaring_first(key_manager: GroupKeyManager, key: str, hostile_peer, honest_ids) -> asyncio.Task:
+    """Declare the hostile peer once before the honest peers search (their declarations, made later and at least
+    min_matchmaking_time ahead, order after it), then keep re-declaring it. Without the first one, a loaded machine
+    let the honest peers find each other before the hostile peer's first declaration was stored: no attack."""
+    await key_manager.declare_averager(key, hostile_peer, get_dht_time() + 0.95)
+    return asyncio.create_task(_keep_declaring_first(key_manager, key, hostile_peer, honest_ids))
+
+
 @pytest.mark.parametrize("accept", [False, True], ids=["silent", "accepts-then-stalls"])
 async def test_a_leader_that_keeps_stalling_cannot_keep_honest_peers_from_grouping(accept):
     async with swarm_context("stall") as swarm:
@@ -64,7 +72,7 @@ async def test_a_leader_that_keeps_stalling_cannot_keep_honest_peers_from_groupi
         await leader.add_p2p_handlers(hostile.p2p, namespace="stall")
         key_manager = hostile.matchmaking.group_key_manager
         honest_ids = {first.peer_id, second.peer_id}
-        declaring = asyncio.create_task(_keep_declaring_first(key_manager, "stall.0b", hostile.peer_id, honest_ids))
+        declaring = await _start_declaring_first(key_manager, "stall.0b", hostile.peer_id, honest_ids)
         try:
             started = time.monotonic()
             results = await look_for_groups([first, second], [make_step(timeout=12), make_step(timeout=12)])
@@ -88,7 +96,7 @@ async def test_a_leader_that_keeps_disbanding_and_suggesting_itself_cannot_keep_
         await leader.add_p2p_handlers(hostile.p2p, namespace="stall")
         key_manager = hostile.matchmaking.group_key_manager
         honest_ids = {first.peer_id, second.peer_id}
-        declaring = asyncio.create_task(_keep_declaring_first(key_manager, "stall.0b", hostile.peer_id, honest_ids))
+        declaring = await _start_declaring_first(key_manager, "stall.0b", hostile.peer_id, honest_ids)
         try:
             started = time.monotonic()
             results = await look_for_groups([first, second], [make_step(timeout=10), make_step(timeout=10)])
