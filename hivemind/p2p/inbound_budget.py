@@ -7,9 +7,13 @@ handler takes them. ``InboundBudget`` counts the length that a frame's header an
 accepted until its request is taken by the handler (``protobuf_streams`` holds it with a ``FrameLease`` while the
 request waits) or its stream ends; frames of at most ``UNCOUNTED_FRAME_BYTES`` (64 KiB) are not counted:
 
-- **per peer first**: a new frame whose peer already holds frames (in flight or waiting for a handler) is refused at
-  once if it would take that peer past ``per_peer_limit(max_message_size)``. A peer that holds nothing may always
-  start one frame (up to the handler's ``max_message_size``), so no honest message is too large for the budget alone.
+- **per peer first**: a new frame whose peer already holds frames (in flight or waiting for a handler) is refused if
+  it would take that peer past ``per_peer_limit(max_message_size)``: at once if it would not fit even with the
+  peer's requests that wait for their handlers (parked) left out, counting frames that wait for room like frames in
+  flight; otherwise after waiting up to ``wait`` seconds, unread, for parked requests to be taken (several streams to
+  busy handlers slow down instead of being refused, and what is received or waits stays within the share). A peer
+  that holds nothing may always start one frame (up to the handler's ``max_message_size``), so no honest message is
+  too large for the budget alone.
 - **then in all**, only if ``total_bytes`` is given: a frame that fits its peer's share but not the total waits up to
   ``wait`` seconds for other frames to finish (holding its peer's share, and nothing else: its bytes are not read
   meanwhile), then is refused. When nothing at all is in flight, any frame may start.
@@ -25,7 +29,6 @@ frame, and the caller gets an error frame with the text.
 
 import asyncio
 import contextlib
-import functools
 from typing import AsyncIterator, Callable, Dict, Hashable, Optional, Set
 
 from hivemind.p2p.framing import MAX_FRAME_PAYLOAD, FramingError
@@ -54,17 +57,24 @@ class InboundBudgetExceeded(FramingError):
 
 class FrameLease:
     """What one admitted frame holds of its peer's share (``nbytes``; 0 for an uncounted frame) until ``release()``,
-    which gives it back once (later calls do nothing). It may outlive the frame: a request waiting for its handler."""
+    which gives it back once (later calls do nothing). It may outlive the frame: a request waiting for its handler,
+    marked with ``park()`` (parked bytes do not count against the frames that may wait for room, see ``reserve``)."""
 
-    __slots__ = ("nbytes", "_release")
+    __slots__ = ("nbytes", "_budget", "_peer", "_parked")
 
-    def __init__(self, nbytes: int = 0, release: Optional[Callable[[], None]] = None):
-        self.nbytes, self._release = nbytes, release
+    def __init__(self, nbytes: int = 0, budget: Optional["InboundBudget"] = None, peer: Peer = None):
+        self.nbytes, self._budget, self._peer, self._parked = nbytes, budget, peer, False
+
+    def park(self) -> None:
+        """The frame is complete and its request waits for the handler."""
+        if self._budget is not None and not self._parked:
+            self._parked = True
+            self._budget._park(self._peer, self.nbytes)
 
     def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget.release(self._peer, self.nbytes, parked=self._parked)
 
 
 class PeerAdmission:
@@ -108,6 +118,8 @@ class InboundBudget:
         self.per_peer_floor, self.per_peer_frames = per_peer_floor, per_peer_frames
         self.per_peer_share = per_peer_share
         self._by_peer: Dict[Peer, int] = {}  # shares held: admitted frames and frames waiting for the total
+        self._parked: Dict[Peer, int] = {}  # the part of the shares held by requests waiting for their handler
+        self._waiting: Dict[Peer, int] = {}  # frames that wait for room in their peer's share (holding nothing)
         self._total = 0  # admitted frames only
         self._waiters: Set[asyncio.Future] = set()
 
@@ -120,6 +132,10 @@ class InboundBudget:
     def held_by(self, peer: Peer) -> int:
         return self._by_peer.get(peer, 0)
 
+    def waiting_by(self, peer: Peer) -> int:
+        """Bytes of ``peer``'s frames that wait for room in its share (they hold none of it yet)."""
+        return self._waiting.get(peer, 0)
+
     @property
     def total_held(self) -> int:
         return self._total
@@ -128,17 +144,25 @@ class InboundBudget:
         """Take ``nbytes`` for a frame of ``peer``; ``release`` them once its request was taken by the handler (or
         its stream ended).
 
-        :raises InboundBudgetExceeded: the peer's share is full (at once) or the total stayed full for ``wait`` s
+        A frame that does not fit the peer's share is refused at once if it would not fit either with the peer's
+        parked requests (waiting for their handlers: ``FrameLease.park``) left out, counting the frames that wait
+        for room like frames in flight; otherwise it waits up to ``wait`` seconds for the parked requests to be taken.
+
+        :raises InboundBudgetExceeded: the peer's share is full (at once, or after ``wait`` s if parked requests
+            filled it) or the total stayed full for ``wait`` s
         """
-        held, limit = self.held_by(peer), self.per_peer_limit(max_message_size)
-        if held and held + nbytes > limit:
-            raise InboundBudgetExceeded(
-                f"Peer {peer} already holds {held} bytes of requests that this peer's stream handlers are receiving "
-                f"or have not taken yet; a new {nbytes}-byte frame would exceed the {limit} bytes allowed per peer, "
-                "so its stream is refused (finish or close earlier streams before starting more, or give the "
-                "receiving P2P a larger inbound_budget)"
-            )
-        self._by_peer[peer] = held + nbytes
+        limit = self.per_peer_limit(max_message_size)
+        if not self._fits_peer(peer, nbytes, limit):
+            moving = self.held_by(peer) - self._parked.get(peer, 0) + self.waiting_by(peer)
+            if moving + nbytes > limit:
+                raise InboundBudgetExceeded(
+                    f"Peer {peer} already holds {self.held_by(peer)} bytes of requests that this peer's stream "
+                    f"handlers are receiving or have not taken yet; a new {nbytes}-byte frame would exceed the "
+                    f"{limit} bytes allowed per peer, so its stream is refused (finish or close earlier streams "
+                    "before starting more, or give the receiving P2P a larger inbound_budget)"
+                )
+            await self._wait_for_peer(peer, nbytes, limit)
+        self._by_peer[peer] = self.held_by(peer) + nbytes
         try:
             await self._wait_for_total(nbytes)
         except BaseException:
@@ -146,8 +170,11 @@ class InboundBudget:
             raise
         self._total += nbytes
 
-    def release(self, peer: Peer, nbytes: int) -> None:
-        """Give back what ``reserve`` took for a frame whose request was taken (or whose stream ended)."""
+    def release(self, peer: Peer, nbytes: int, *, parked: bool = False) -> None:
+        """Give back what ``reserve`` took for a frame whose request was taken (or whose stream ended); ``parked``:
+        the frame was marked as a request waiting for its handler (``FrameLease.park``)."""
+        if parked:
+            self._add(self._parked, peer, -nbytes)
         self._release_share(peer, nbytes)
         self._total -= nbytes
         for waiter in self._waiters:
@@ -157,10 +184,7 @@ class InboundBudget:
     def fits_peer(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> bool:
         """Whether ``reserve`` would pass the per-peer check for this frame now (it is uncounted, the peer holds
         nothing, or it fits the peer's share); the total, if any, is not checked."""
-        if nbytes <= UNCOUNTED_FRAME_BYTES:
-            return True
-        held = self.held_by(peer)
-        return not held or held + nbytes <= self.per_peer_limit(max_message_size)
+        return nbytes <= UNCOUNTED_FRAME_BYTES or self._fits_peer(peer, nbytes, self.per_peer_limit(max_message_size))
 
     async def lease(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> FrameLease:
         """``reserve`` for a frame, returning what ``release()`` gives it back; frames of at most
@@ -168,7 +192,7 @@ class InboundBudget:
         if nbytes <= UNCOUNTED_FRAME_BYTES:
             return FrameLease()
         await self.reserve(peer, nbytes, max_message_size)
-        return FrameLease(nbytes, functools.partial(self.release, peer, nbytes))
+        return FrameLease(nbytes, self, peer)
 
     @contextlib.asynccontextmanager
     async def frame(self, peer: Peer, nbytes: int, max_message_size: Optional[int] = None) -> AsyncIterator[None]:
@@ -185,27 +209,59 @@ class InboundBudget:
         (a ``FrameAdmission``; see ``PeerAdmission`` for holding a request's share until its handler takes it)."""
         return PeerAdmission(self, peer, max_message_size)
 
+    def _park(self, peer: Peer, nbytes: int) -> None:
+        self._add(self._parked, peer, nbytes)
+
     def _release_share(self, peer: Peer, nbytes: int) -> None:
-        left = self._by_peer[peer] - nbytes
+        self._add(self._by_peer, peer, -nbytes)
+
+    @staticmethod
+    def _add(counts: Dict[Peer, int], peer: Peer, nbytes: int) -> None:
+        left = counts.get(peer, 0) + nbytes
         if left:
-            self._by_peer[peer] = left
+            counts[peer] = left
         else:
-            del self._by_peer[peer]
+            del counts[peer]
+
+    def _fits_peer(self, peer: Peer, nbytes: int, limit: int) -> bool:
+        held = self.held_by(peer)
+        return not held or held + nbytes <= limit
+
+    async def _wait_for_peer(self, peer: Peer, nbytes: int, limit: int) -> None:
+        def refusal() -> str:
+            return (
+                f"Peer {peer} holds {self.held_by(peer)} bytes of requests that this peer's stream handlers have not "
+                f"taken yet or are receiving; a new {nbytes}-byte frame did not fit in the {limit} bytes allowed per "
+                f"peer within {self.wait} s, so its stream is refused (its handlers are slow to take their input: "
+                "retry later, or give the receiving P2P a larger inbound_budget)"
+            )
+
+        self._add(self._waiting, peer, nbytes)
+        try:
+            await self._wait_until(lambda: self._fits_peer(peer, nbytes, limit), refusal)
+        finally:
+            self._add(self._waiting, peer, -nbytes)
 
     async def _wait_for_total(self, nbytes: int) -> None:
-        if self._fits_total(nbytes):
+        def refusal() -> str:
+            return (
+                f"This peer's stream handlers are receiving {self._total} bytes of frames from all peers; a new "
+                f"{nbytes}-byte frame did not fit in the {self.total_bytes} bytes allowed in all within {self.wait} "
+                "s, so its stream is refused (retry later, or give the receiving P2P a larger inbound_budget)"
+            )
+
+        await self._wait_until(lambda: self._fits_total(nbytes), refusal)
+
+    async def _wait_until(self, fits: Callable[[], bool], refusal: Callable[[], str]) -> None:
+        """Wait up to ``wait`` seconds for ``fits()``, checked again after each release; then refuse."""
+        if fits():
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
-        while not self._fits_total(nbytes):
+        while not fits():
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise InboundBudgetExceeded(
-                    f"This peer's stream handlers are receiving {self._total} bytes of frames from all peers; a new "
-                    f"{nbytes}-byte frame did not fit in the {self.total_bytes} bytes allowed in all within "
-                    f"{self.wait} s, so its stream is refused (retry later, or give the receiving P2P a larger "
-                    "inbound_budget)"
-                )
+                raise InboundBudgetExceeded(refusal())
             waiter = loop.create_future()
             self._waiters.add(waiter)
             try:

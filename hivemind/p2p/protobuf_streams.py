@@ -184,6 +184,8 @@ class _RequestQueue:
     async def put(self, item: Any) -> None:
         """Queue a request (with the lease of the frame just received), an exception, or ``_EXHAUSTED``."""
         lease, self._arrived = self._arrived, None
+        if lease is not None:
+            lease.park()  # complete: it no longer counts against the frames that may wait for room (InboundBudget)
         try:
             await self._queue.put(item if lease is None else _Parked(item, lease))
         except BaseException:
