@@ -119,10 +119,10 @@ class Checker:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def check_once(self, index: int) -> None:
-        phase = self.phase
         for key, is_correct in self.expected.items():
             if self.stop.is_set():
                 return
+            phase = self.phase  # per get: a pass over every key may outlast a whole (short) attack
             peer = self.peers[index % len(self.peers)]
             index += 1
             try:
@@ -136,6 +136,13 @@ class Checker:
             self.ok[phase] += good
             if not good and len(self.failures) < 20:
                 self.failures.append(f"{phase}: get {key!r} via peer {index % len(self.peers)} -> {found!r:.200}")
+
+    async def wait_for_a_get(self, phase: str, timeout: float) -> None:
+        """Until a get started in ``phase`` was counted (or ``timeout`` s): a loaded machine may run a whole attack
+        while one get of the previous phase is still being answered, which left the attack with no honest get."""
+        deadline = time.monotonic() + timeout
+        while self.tried[phase] == 0 and not self.stop.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def run(self) -> None:
         index = 0
@@ -232,6 +239,7 @@ async def run(args) -> dict:
                     stats = AttackStats(name, note=f"ATTACK ERROR {e!r:.150}")
                 stats.name = label
                 await asyncio.sleep(args.settle)  # let honest gets run right after the attack as well
+                await checker.wait_for_a_get(label, 2 * args.get_timeout)
                 stats.survived = all(peer.alive() for peer in peers)
                 results.append(stats)
                 print(f"  {label}: tried {stats.tried}, refused {stats.refused} ({time.monotonic() - started:.0f} s)")
