@@ -39,12 +39,21 @@ def hivemind_warnings():
 
 
 def _shut_down_from_threads(handle, num_threads: int = 3) -> None:
-    threads = [threading.Thread(target=handle.shutdown) for _ in range(num_threads)]
+    errors = []
+
+    def shut_down() -> None:
+        try:
+            handle.shutdown()
+        except BaseException as e:  # e.g. a pipe closed by two threads at once: "Bad file descriptor"
+            errors.append(e)
+
+    threads = [threading.Thread(target=shut_down) for _ in range(num_threads)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads), f"{type(handle).__name__}.shutdown() hung"
+    assert not errors, errors
 
 
 @pytest.mark.timeout(120)

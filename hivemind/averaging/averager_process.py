@@ -266,11 +266,11 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
                     logger.warning(f"{name} did not shut down in {self.shutdown_timeout} s, terminating it")
                     self.terminate()
                     self.join()
-        self._caller.close()
-        self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
-        self._state_request_reader.close()
-        # e.g. the process had to be terminated before it answered
-        self._fail_pending_controls("Averaging step failed: the averager was shut down")
+            self._caller.close()
+            self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
+            self._state_request_reader.close()  # (closed by two threads at once, its fd could be another's by then)
+            # e.g. the process had to be terminated before it answered
+            self._fail_pending_controls("Averaging step failed: the averager was shut down")
 
     def _fail_pending_controls(self, message: str) -> None:
         for control in list(self._pending_controls):

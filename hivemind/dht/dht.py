@@ -282,8 +282,8 @@ class DHT(ShutdownOnExit, mp.Process):
                     logger.warning(f"DHT did not shut down within {self.shutdown_timeout} s, terminating it")
                     self.terminate()
                     self.join()
-        caller.close()
-        caller.fail_pending(RuntimeError("DHT was shut down"))
+            caller.close()
+            caller.fail_pending(RuntimeError("DHT was shut down"))
 
     # ------------------------------------------------------------------ public API (user process)
 
