@@ -137,3 +137,21 @@ async def test_a_frame_that_would_not_fit_beside_the_frames_in_flight_is_refused
     in_flight.release()
     (await waiting).release()
     assert budget.total_held == budget.waiting_by("peer") == 0
+
+
+async def test_a_frame_waiting_for_room_gets_the_share_of_a_frame_that_gave_up_waiting_for_the_total():
+    budget = InboundBudget(32 * MiB, per_peer_floor=SHARE, per_peer_frames=1, wait=30)  # 8 MiB per peer
+    others = [await budget.lease(f"other {i}", size * MiB, MiB) for i, size in enumerate((7, 6, 6, 6))]  # 25 MiB
+    parked = await budget.lease("peer", 6 * MiB, MiB)
+    parked.park()
+    for_total = asyncio.create_task(budget.lease("peer", 2 * MiB, MiB))  # fits the peer's share, not the total
+    await wait_until(lambda: budget.held_by("peer") == 8 * MiB)
+    for_share = asyncio.create_task(budget.lease("peer", MiB, MiB))  # waits for the peer's share
+    await wait_until(lambda: budget.waiting_by("peer") == MiB)
+    for_total.cancel()  # its stream closed: its share is free again, and the total has room for 1 MiB
+    await asyncio.gather(for_total, return_exceptions=True)
+    admitted = await asyncio.wait_for(for_share, 5)
+    assert budget.held_by("peer") == 7 * MiB and budget.total_held == 32 * MiB
+    for lease in (admitted, parked, *others):
+        lease.release()
+    assert budget.total_held == 0 and budget.waiting_by("peer") == 0

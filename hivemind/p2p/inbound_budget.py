@@ -167,6 +167,7 @@ class InboundBudget:
             await self._wait_for_total(nbytes)
         except BaseException:
             self._release_share(peer, nbytes)
+            self._wake()  # frames of this peer that wait for room in its share
             raise
         self._total += nbytes
 
@@ -177,6 +178,9 @@ class InboundBudget:
             self._add(self._parked, peer, -nbytes)
         self._release_share(peer, nbytes)
         self._total -= nbytes
+        self._wake()
+
+    def _wake(self) -> None:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
