@@ -99,13 +99,14 @@ async def run_concurrent_echoes(directory: str, streams: int, size: int):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("small_tmpfs", [32], indirect=True)
 async def test_streams_beyond_the_tmpfs_space_fall_back_to_sockets(small_tmpfs):
-    # 32 MiB hold two 8 MiB pipe files while half of the tmpfs stays free: those two streams ends use pipes. The
-    # two daemons check the free space each on their own (a courtesy rule; reserving the pages is the guard), so both
-    # may take the last pipe that rule allows at the same moment: three at most, never all four that would fit
+    # 32 MiB hold four 8 MiB pipe files. Keeping half of the tmpfs free is only a courtesy: a daemon checks the free
+    # space before it reserves a file's pages and does not make its streams wait for each other's reservations, so
+    # stream ends created at the same moment (in one daemon or both) may all pass that check and take every pipe that
+    # fits (it said "three at most" and saw four in ~1 run in 20). Reserving the pages is the guard: no more than fit
     caller_ends, handler_ends = await run_concurrent_echoes(small_tmpfs, streams=32, size=1 << 20)
     ends = caller_ends + handler_ends
     assert len(ends) == 64
-    assert 1 <= ends.count(True) <= 3, f"{ends.count(True)} stream ends used a pipe on a 32 MiB tmpfs"
+    assert 1 <= ends.count(True) <= 32 // 8, f"{ends.count(True)} stream ends used a pipe on a 32 MiB tmpfs"
 
 
 @pytest.mark.timeout(60)
