@@ -209,8 +209,14 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
 
     def _send_step(self, control: StepControl) -> None:
         def _fail_step(error: BaseException) -> None:
+            if isinstance(error, ChannelClosedError):  # it ended before taking the step: the same error as the others
+                shut_down = "Averaging step failed: the averager was shut down"
+                error = AllreduceException(shut_down if self._shutdown_requested else self._exit_description())
             if not control.done():
-                control.set_exception(error)
+                try:
+                    control.set_exception(error)
+                except InvalidStateError:
+                    pass  # failed meanwhile by the state thread or shutdown()
 
         # a control the user drops would look cancelled to the averager (its shared slot is freed): keep it until done
         self._pending_controls.add(control)
