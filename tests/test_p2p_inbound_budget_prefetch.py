@@ -108,7 +108,7 @@ async def test_requests_parked_on_many_streams_are_refused_once_they_fill_the_pe
     try:
         await wait_until(lambda: budget.decided == ADMITTED + 1)
         assert len(budget.refusals) == 1, "requests that wait for their handler were not counted"
-        assert f"{64 * MiB} bytes allowed per peer within 0.5 s" in str(budget.refusals[0])
+        assert f"{64 * MiB} bytes allowed per peer" in str(budget.refusals[0])  # at once, or after waiting 0.5 s
         assert budget.held_by(attacker.peer_id) == ADMITTED * ANNOUNCED
 
         handler.gate.set()

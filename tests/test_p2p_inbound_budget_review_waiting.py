@@ -42,7 +42,7 @@ async def test_new_stream_waits_while_requests_parked_on_another_stream_fill_the
     handler, budget = GatedCounter(), small_budget(wait=30)
     server, client = await start_server(p2p_factory, handler, budget, max_message=SMALL_MESSAGE)
     parked = await open_stream(client, server, 5)
-    await wait_until(lambda: budget.held_by(client.peer_id) == 5 * SMALL_REQUEST)
+    await wait_until(lambda: budget.parked_by(client.peer_id) == 5 * SMALL_REQUEST)
     new = await open_stream(client, server, 1)
     try:
         await wait_until(lambda: budget.refusals or budget.waiting_by(client.peer_id) == SMALL_REQUEST)
@@ -60,7 +60,7 @@ async def test_new_stream_is_refused_once_parked_requests_stay_for_the_whole_wai
     handler, budget = GatedCounter(), small_budget(wait=0.3)
     server, client = await start_server(p2p_factory, handler, budget, max_message=SMALL_MESSAGE)
     parked = await open_stream(client, server, 5)
-    await wait_until(lambda: budget.held_by(client.peer_id) == 5 * SMALL_REQUEST)
+    await wait_until(lambda: budget.parked_by(client.peer_id) == 5 * SMALL_REQUEST)
     new = await open_stream(client, server, 1)
     try:
         await wait_until(lambda: budget.refusals)
@@ -79,7 +79,7 @@ async def test_frames_waiting_for_room_are_bounded_like_frames_in_flight(p2p_fac
     handler, budget = GatedCounter(), small_budget(wait=30)
     server, client = await start_server(p2p_factory, handler, budget, max_message=SMALL_MESSAGE)
     parked = await open_stream(client, server, 5)
-    await wait_until(lambda: budget.held_by(client.peer_id) == 5 * SMALL_REQUEST)
+    await wait_until(lambda: budget.parked_by(client.peer_id) == 5 * SMALL_REQUEST)
     more = await asyncio.gather(*(open_stream(client, server, 1) for _ in range(8)))
     try:
         # five frames may wait (what could be in flight at once), the other three are refused without waiting
@@ -122,8 +122,7 @@ async def test_a_frame_cancelled_while_it_waits_for_room_leaves_nothing_behind()
     assert budget.waiting_by("peer") == 0 and budget.held_by("peer") == 6 * MiB
     for lease in parked:
         lease.release()
-    assert budget.held_by("peer") == budget.total_held == 0
-    assert (await budget.lease("peer", 7 * MiB, MiB)).nbytes == 7 * MiB  # nothing counts as parked any more
+    assert budget.held_by("peer") == budget.total_held == budget.parked_by("peer") == 0
 
 
 async def test_a_frame_that_would_not_fit_beside_the_frames_in_flight_is_refused_without_waiting():

@@ -132,6 +132,10 @@ class InboundBudget:
     def held_by(self, peer: Peer) -> int:
         return self._by_peer.get(peer, 0)
 
+    def parked_by(self, peer: Peer) -> int:
+        """Bytes of the share ``held_by(peer)`` that requests waiting for their handlers hold (``FrameLease.park``)."""
+        return self._parked.get(peer, 0)
+
     def waiting_by(self, peer: Peer) -> int:
         """Bytes of ``peer``'s frames that wait for room in its share (they hold none of it yet)."""
         return self._waiting.get(peer, 0)
@@ -153,7 +157,7 @@ class InboundBudget:
         """
         limit = self.per_peer_limit(max_message_size)
         if not self._fits_peer(peer, nbytes, limit):
-            moving = self.held_by(peer) - self._parked.get(peer, 0) + self.waiting_by(peer)
+            moving = self.held_by(peer) - self.parked_by(peer) + self.waiting_by(peer)
             if moving + nbytes > limit:
                 raise InboundBudgetExceeded(
                     f"Peer {peer} already holds {self.held_by(peer)} bytes of requests that this peer's stream "
