@@ -154,3 +154,37 @@ async def test_a_frame_waiting_for_room_gets_the_share_of_a_frame_that_gave_up_w
     for lease in (admitted, parked, *others):
         lease.release()
     assert budget.total_held == 0 and budget.waiting_by("peer") == 0
+
+
+async def test_handlers_that_wait_for_each_other_across_streams_of_one_peer_end_after_the_wait(p2p_factory):
+    """The first stream's handler waits for the second stream's input while its own requests fill the share: the
+    second stream's frame waits for room (the first stream's requests are never taken), then is refused; nothing
+    hangs, and every share is given back."""
+    budget = small_budget(wait=0.3)
+    second_input = asyncio.get_running_loop().create_future()
+
+    streams = []
+
+    async def handler(requests, context) -> runtime_pb2.Tensor:
+        streams.append(context)
+        if len(streams) == 1:
+            return runtime_pb2.Tensor(size=[await second_input])  # takes none of its own input meanwhile
+        try:
+            count = sum([1 async for _ in requests])
+        except Exception:
+            second_input.set_result(0)  # 0: the second stream's input was refused
+            raise
+        second_input.set_result(count)
+        return runtime_pb2.Tensor(size=[count])
+
+    server, client = await start_server(p2p_factory, handler, budget, max_message=SMALL_MESSAGE)
+    first = await open_stream(client, server, 5)
+    await wait_until(lambda: budget.parked_by(client.peer_id) == 5 * SMALL_REQUEST)
+    second = await open_stream(client, server, 1)
+    try:
+        first_reply, second_reply = await asyncio.wait_for(replies([first, second]), 10)
+        assert "within 0.3 s" in second_reply and first_reply == "[0]"
+        await wait_until(lambda: budget.total_held == 0 and budget.waiting_by(client.peer_id) == 0)
+    finally:
+        for _, writer in (first, second):
+            writer.close()
