@@ -386,6 +386,8 @@ class Matchmaking(GroupLeading):
             logger.debug(f"{self.peer_id}: leader {leader} did not reply in time")
             if accepted:  # an honest leader starts or disbands its group by its declared time, before ours
                 self._leaders.unresponsive.add(leader)
+            else:
+                self._leaders.report_silence(leader)
             return None, None
         except StopAsyncIteration:
             self._report.add_error(f"{leader} closed the stream without a reply")

@@ -18,6 +18,7 @@ MAX_GROUP_SIZE = 1024  # members of one group; a leader without target_group_siz
 MAX_GROUP_ID_BYTES = 64  # the original's leaders use 20 random bytes
 MAX_REDIRECTS = 16  # GROUP_DISBANDED{suggested_leader} hops a follower follows in a row
 MAX_DISBANDS_PER_LEADER = 2  # a leader that accepted us and then disbanded this often is not asked again (per search)
+MAX_SILENCES_PER_LEADER = 2  # a leader that let this many of our requests time out unanswered is not asked again
 
 Code = averaging_pb2.MessageCode
 
@@ -75,12 +76,22 @@ class PotentialLeaders:
         self.unresponsive: Set[PeerID] = set()
         self._disbands: Counter = Counter()
         self._disbanded_too_often: Set[PeerID] = set()
+        self._silences: Counter = Counter()
 
     def report_disband(self, leader: PeerID) -> None:
         """``leader`` accepted this peer and then disbanded the group without starting it."""
         self._disbands[leader] += 1
         if self._disbands[leader] >= MAX_DISBANDS_PER_LEADER:
             self._disbanded_too_often.add(leader)
+
+    def report_silence(self, leader: PeerID) -> None:
+        """``leader`` did not answer our join request at all within request_timeout (an honest one accepts or refuses
+        at once). A peer that re-declares just ahead of everyone with a new expiration each time, and never answers,
+        was asked again at every declaration and could keep a follower from ever asking the honest leader behind it.
+        """
+        self._silences[leader] += 1
+        if self._silences[leader] >= MAX_SILENCES_PER_LEADER:
+            self.unresponsive.add(leader)
 
     def is_excluded(self, peer: PeerID) -> bool:
         """Whether ``peer`` is not asked to lead again in this search (silent past its deadline, or disbanding)."""
