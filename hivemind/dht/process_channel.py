@@ -60,6 +60,13 @@ def peek_exitcode(process) -> Optional[int]:
     return status.si_status if status.si_code == os.CLD_EXITED else -status.si_status
 
 
+def _set_exception_if_pending(future: concurrent.futures.Future, error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by the user meanwhile
+
+
 class CallerEnd:
     """The user-process end: ``call`` returns a future resolved by the reader thread when the answer arrives."""
 
@@ -84,19 +91,21 @@ class CallerEnd:
         call_id = next(self._call_ids)
         self._pending[call_id] = future
         if self._closed_error is not None:
-            self._pending.pop(call_id, None)
-            future.set_exception(
-                ChannelClosedError(f"the {self._process_name} process is not running: {self._why(self._closed_error)}")
-            )
+            if self._pending.pop(call_id, None) is not None:  # (else the reader thread failed it just now)
+                closed = ChannelClosedError(
+                    f"the {self._process_name} process is not running: {self._why(self._closed_error)}"
+                )
+                _set_exception_if_pending(future, closed)
             return future
         try:
             body = bytes(ForkingPickler.dumps((method, args, kwargs)))
             with self._send_lock:
                 self._connection.send((call_id, body))
         except Exception as e:
-            self._pending.pop(call_id, None)
-            closed = ChannelClosedError(f"the {self._process_name} process is not running: {self._why(e)}")
-            future.set_exception(e if not isinstance(e, (OSError, EOFError)) else closed)
+            # the reader thread may have failed it meanwhile: the pipe broke because the other process ended
+            if self._pending.pop(call_id, None) is not None:
+                closed = ChannelClosedError(f"the {self._process_name} process is not running: {self._why(e)}")
+                _set_exception_if_pending(future, e if not isinstance(e, (OSError, EOFError)) else closed)
             return future
         future.add_done_callback(lambda f: self._on_done(call_id, f))
         return future
