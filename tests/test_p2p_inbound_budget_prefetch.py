@@ -125,44 +125,24 @@ async def test_requests_parked_on_many_streams_are_refused_once_they_fill_the_pe
     await wait_until(lambda: budget.total_held == 0)
 
 
-async def test_share_is_given_back_when_the_handler_takes_every_request(p2p_factory):
-    handler, budget = GatedCounter(), InboundBudget()
+@pytest.mark.parametrize(
+    "handler_kwargs, expected",
+    [
+        pytest.param({}, "size [4]", id="handler_takes_every_request"),
+        pytest.param({"fail_after": 1}, "handler failed after 1 requests", id="handler_raises"),
+        pytest.param({"return_after": 1}, "size [1]", id="handler_returns_early"),
+    ],
+)
+async def test_share_is_given_back_however_the_handler_ends(p2p_factory, handler_kwargs, expected):
+    handler, budget = GatedCounter(**handler_kwargs), InboundBudget()
     server, client = await start_server(p2p_factory, handler, budget)
     reader, writer = await send_complete_requests(client, server, 4)
     try:
         await wait_until(lambda: budget.held_by(client.peer_id) == 4 * ANNOUNCED)
         handler.gate.set()
         response, error = await framing.receive_protobuf(runtime_pb2.Tensor, reader)
-        assert error is None and list(response.size) == [4]
-        assert budget.total_held == 0  # each request gave its share back as the handler took it
-    finally:
-        writer.close()
-
-
-async def test_share_is_given_back_when_the_handler_raises_with_requests_parked(p2p_factory):
-    handler, budget = GatedCounter(fail_after=1), InboundBudget()
-    server, client = await start_server(p2p_factory, handler, budget)
-    reader, writer = await send_complete_requests(client, server, 4)
-    try:
-        await wait_until(lambda: budget.held_by(client.peer_id) == 4 * ANNOUNCED)
-        handler.gate.set()
-        response, error = await framing.receive_protobuf(runtime_pb2.Tensor, reader)
-        assert response is None and "handler failed after 1 requests" in error.message
-        await wait_until(lambda: budget.total_held == 0)
-    finally:
-        writer.close()
-
-
-async def test_share_is_given_back_when_the_handler_returns_with_requests_parked(p2p_factory):
-    handler, budget = GatedCounter(return_after=1), InboundBudget()
-    server, client = await start_server(p2p_factory, handler, budget)
-    reader, writer = await send_complete_requests(client, server, 4)
-    try:
-        await wait_until(lambda: budget.held_by(client.peer_id) == 4 * ANNOUNCED)
-        handler.gate.set()
-        response, error = await framing.receive_protobuf(runtime_pb2.Tensor, reader)
-        assert error is None and list(response.size) == [1]
-        await wait_until(lambda: budget.total_held == 0)
+        assert (error.message if error is not None else f"size {list(response.size)}") == expected
+        await wait_until(lambda: budget.total_held == 0)  # each request gave its share back (taken or dropped)
     finally:
         writer.close()
 
