@@ -1,9 +1,10 @@
 """Shared fixtures: real p2pd peers on 127.0.0.1, and a session-end check that no p2pd started here survives."""
 
 import asyncio
+import logging
 import os
 import uuid
-from typing import AsyncIterator, Callable, List, Tuple
+from typing import AsyncIterator, Callable, Iterator, List, Tuple
 
 import psutil
 import pytest
@@ -87,3 +88,24 @@ def pipes_setting(request, monkeypatch) -> str:
     """Streams through shared-memory pipes where p2pd offers them, or plain sockets only."""
     monkeypatch.setenv(shm_pipe.SHM_ENV_VAR, request.param)
     return request.param
+
+
+class _WarningsRecorder(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def hivemind_warnings() -> Iterator[List[str]]:
+    """The messages of the warnings (and worse) that the ``hivemind`` loggers log during the test."""
+    recorder = _WarningsRecorder()
+    logger = logging.getLogger("hivemind")
+    logger.addHandler(recorder)
+    try:
+        yield recorder.messages
+    finally:
+        logger.removeHandler(recorder)

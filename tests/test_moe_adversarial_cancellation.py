@@ -3,7 +3,6 @@ formed batch, while it is computed), while other clients are served: their answe
 task the pool took is resolved, and nothing goes wrong in the Runtime."""
 
 import asyncio
-import logging
 import random
 import time
 
@@ -31,26 +30,6 @@ class SlowExpert(torch.nn.Module):
     def forward(self, x):
         time.sleep(0.005)
         return torch.tanh(self.linear(x))
-
-
-class WarningsRecorder(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings_of_hivemind():
-    recorder = WarningsRecorder()
-    logger = logging.getLogger("hivemind")
-    logger.addHandler(recorder)
-    try:
-        yield recorder.messages
-    finally:
-        logger.removeHandler(recorder)
 
 
 async def cancel_en_masse(stub, stop: asyncio.Event) -> None:
@@ -89,7 +68,7 @@ async def serve_exactly(stub, expert: SlowExpert, seed: int, stop: asyncio.Event
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("handler_processes", [False, True], ids=["handler-thread", "handler-processes"])
-async def test_mass_cancellation_never_mixes_up_or_loses_answers(handler_processes, warnings_of_hivemind):
+async def test_mass_cancellation_never_mixes_up_or_loses_answers(handler_processes, hivemind_warnings):
     torch.manual_seed(0)
     expert = SlowExpert()
     backend = ModuleBackend(
@@ -126,7 +105,7 @@ async def test_mass_cancellation_never_mixes_up_or_loses_answers(handler_process
             await asyncio.sleep(0.05)
         assert any(future.cancelled() for future in taken), "no cancellation reached the pool"
         assert not pool._pending and not pool._ready and not pool._in_flight
-        assert not warnings_of_hivemind, warnings_of_hivemind
+        assert not hivemind_warnings, hivemind_warnings
     finally:
         await attacker.shutdown()
         await good.shutdown()

@@ -3,7 +3,6 @@ threads joining the same child, one reaped it and the other's ``waitpid`` found 
 the process for alive, warned that it "did not shut down" and sent SIGTERM to a pid that might be another process's
 (a warning in about one concurrent shutdown in four)."""
 
-import logging
 import os
 import signal
 import threading
@@ -16,26 +15,6 @@ from hivemind.dht import DHT
 
 LOCALHOST = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 ROUNDS = 4
-
-
-class WarningsRecorder(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def hivemind_warnings():
-    recorder = WarningsRecorder()
-    logger = logging.getLogger("hivemind")
-    logger.addHandler(recorder)
-    try:
-        yield recorder.messages
-    finally:
-        logger.removeHandler(recorder)
 
 
 def _shut_down_from_threads(handle, num_threads: int = 3) -> None:
