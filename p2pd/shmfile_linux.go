@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 )
 
@@ -19,9 +20,11 @@ const shmPipeFilePrefix = "hivemind-p2pd-"
 // this daemon and the client that mapped the file. If the space is not there the error says so and no file is left.
 func createShmPipeFile(dir string, ringSize int) (*shmPipeFile, error) {
 	size := int64(2 * ringSize)
-	if err := checkShmSpace(dir, size); err != nil {
+	claimed, err := claimShmSpace(dir, size)
+	if err != nil {
 		return nil, err
 	}
+	defer claimed() // once reserved (or not), the file's pages are in the filesystem's own count
 	var token [12]byte
 	if _, err := rand.Read(token[:]); err != nil {
 		return nil, err
@@ -90,18 +93,40 @@ func reserveShmFile(f *os.File, size int64) error {
 	}
 }
 
-// checkShmSpace refuses a new pipe file of size bytes that would leave less than 1/shmKeepFreeDivisor of the
-// filesystem free. It is only a courtesy to the other users of the filesystem: reserveShmFile is the guard.
-func checkShmSpace(dir string, size int64) error {
+// shmClaims counts, per directory, the bytes of the pipe files that this daemon is reserving right now: their pages
+// are not in the filesystem's free count yet, and streams that start at once reserve their files concurrently.
+var shmClaims struct {
+	sync.Mutex
+	bytes map[string]int64
+}
+
+// claimShmSpace refuses a new pipe file of size bytes that would leave less than 1/shmKeepFreeDivisor of the
+// filesystem free, counting the files this daemon is still reserving there; otherwise it counts this one too until
+// the returned function is called. The free share is only a courtesy to the other users of the filesystem (another
+// daemon on the host checks on its own): reserveShmFile is the guard.
+func claimShmSpace(dir string, size int64) (func(), error) {
+	shmClaims.Lock()
+	defer shmClaims.Unlock()
 	total, free, err := shmSpace(dir)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if total > 0 && free-size < total/shmKeepFreeDivisor {
-		return fmt.Errorf("%s has %d of %d bytes free: a %d-byte shared-memory pipe would leave less than "+
-			"1/%d of it free, so the stream uses its socket", dir, free, total, size, shmKeepFreeDivisor)
+	if pending := shmClaims.bytes[dir]; total > 0 && free-pending-size < total/shmKeepFreeDivisor {
+		return nil, fmt.Errorf("%s has %d of %d bytes free (%d being reserved for other pipes): a %d-byte "+
+			"shared-memory pipe would leave less than 1/%d of it free, so the stream uses its socket",
+			dir, free, total, pending, size, shmKeepFreeDivisor)
 	}
-	return nil
+	if shmClaims.bytes == nil {
+		shmClaims.bytes = map[string]int64{}
+	}
+	shmClaims.bytes[dir] += size
+	return func() {
+		shmClaims.Lock()
+		defer shmClaims.Unlock()
+		if shmClaims.bytes[dir] -= size; shmClaims.bytes[dir] == 0 {
+			delete(shmClaims.bytes, dir)
+		}
+	}, nil
 }
 
 // shmKeepsSpare reports whether the filesystem of dir has its share of free space, so that an idle pipe may stay.

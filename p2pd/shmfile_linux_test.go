@@ -137,6 +137,41 @@ func TestConcurrentPipesOnASmallTmpfsAreFullyBacked(t *testing.T) {
 	}
 }
 
+func TestConcurrentPipesOfOneDaemonKeepHalfTheTmpfsFree(t *testing.T) {
+	dir := mountSmallTmpfs(t, 40) // two 8 MiB pipes leave 24 MiB of 40 free, a third would leave 16
+	const creators = 12
+	for round := 0; round < 5; round++ {
+		pipes := make([]*shmPipeFile, creators)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for i := 0; i < creators; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				<-start
+				pipes[i], _ = createShmPipeFile(dir, shmRingSize)
+			}(i)
+		}
+		close(start)
+		wg.Wait()
+		made := 0
+		for _, pipe := range pipes {
+			if pipe != nil {
+				made++
+				pipe.release()
+			}
+		}
+		// each creation checked the free space before the others' pages were reserved: before the claims were
+		// counted, several passed the check at once and took up to the whole tmpfs
+		if made == 0 || made > 2 {
+			t.Fatalf("round %d: %d pipes were made at once on a 40 MiB tmpfs; the free half allows 1 or 2", round, made)
+		}
+	}
+	if len(shmClaims.bytes) != 0 {
+		t.Fatalf("claims left after every creation ended: %v", shmClaims.bytes)
+	}
+}
+
 func TestIdlePipeIsReleasedWhenTheTmpfsRunsShort(t *testing.T) {
 	dir := mountSmallTmpfs(t, 40)
 	var pool shmPipePool

@@ -99,10 +99,9 @@ async def run_concurrent_echoes(directory: str, streams: int, size: int):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("small_tmpfs", [32], indirect=True)
 async def test_streams_beyond_the_tmpfs_space_fall_back_to_sockets(small_tmpfs):
-    # 32 MiB hold four 8 MiB pipe files. Keeping half of the tmpfs free is only a courtesy: a daemon checks the free
-    # space before it reserves a file's pages and does not make its streams wait for each other's reservations, so
-    # stream ends created at the same moment (in one daemon or both) may all pass that check and take every pipe that
-    # fits (it said "three at most" and saw four in ~1 run in 20). Reserving the pages is the guard: no more than fit
+    # 32 MiB hold four 8 MiB pipe files. Keeping half of the tmpfs free is a courtesy that each daemon keeps for its
+    # own pipes (it counts the files it is still reserving), but the two daemons here check on their own: when both
+    # create their first two at the same moment, all four that fit may be taken. Reserving the pages is the guard
     caller_ends, handler_ends = await run_concurrent_echoes(small_tmpfs, streams=32, size=1 << 20)
     ends = caller_ends + handler_ends
     assert len(ends) == 64
