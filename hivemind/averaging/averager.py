@@ -27,10 +27,10 @@ from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import is_describing_state, packed_copy
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
-from hivemind.dht.process_channel import peek_exitcode
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.process_handle import peek_exitcode
 from hivemind.utils.timed_storage import get_dht_time
 
 __all__ = ["DecentralizedAverager", "compute_schema_hash", "AveragerArgumentError"]

@@ -13,7 +13,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from hivemind.averaging.averager_rounds import AveragingRounds
+from hivemind.averaging.averager_rounds import STEP_FAILED_SHUT_DOWN, AveragingRounds
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
@@ -28,7 +28,6 @@ from hivemind.dht.process_channel import (
     ChannelClosedError,
     ServingEnd,
     exitcode_of,
-    peek_exitcode,
 )
 from hivemind.p2p import P2P, P2PDaemonError, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
@@ -41,6 +40,7 @@ from hivemind.utils.mpfuture import InvalidStateError, MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
     exit_once_cleaned_up,
+    peek_exitcode,
     register_started_handle,
     stop_lock,
     stop_when_parent_exits,
@@ -106,6 +106,15 @@ def _close_p2p_client(loop: asyncio.AbstractEventLoop, p2p: Optional[P2P], timeo
         loop.run_until_complete(await_with_timeout(p2p.shutdown(), timeout))
     except Exception as e:
         logger.debug(f"Could not close the averager's P2P client at shutdown: {e!r}")
+
+
+def _fail_control(control: StepControl, error: BaseException) -> None:
+    """Fail a step the user waits for, unless it finished (or was failed) meanwhile."""
+    if not control.done():
+        try:
+            control.set_exception(error)
+        except InvalidStateError:
+            pass
 
 
 class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase):
@@ -210,13 +219,9 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
     def _send_step(self, control: StepControl) -> None:
         def _fail_step(error: BaseException) -> None:
             if isinstance(error, ChannelClosedError):  # it ended before taking the step: the same error as the others
-                shut_down = "Averaging step failed: the averager was shut down"
-                error = AllreduceException(shut_down if self._shutdown_requested else self._exit_description())
-            if not control.done():
-                try:
-                    control.set_exception(error)
-                except InvalidStateError:
-                    pass  # failed meanwhile by the state thread or shutdown()
+                why = STEP_FAILED_SHUT_DOWN if self._shutdown_requested else self._exit_description()
+                error = AllreduceException(why)
+            _fail_control(control, error)  # (unless failed meanwhile by the state thread or shutdown())
 
         # a control the user drops would look cancelled to the averager (its shared slot is freed): keep it until done
         self._pending_controls.add(control)
@@ -276,24 +281,18 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
             self._state_request_reader.close()  # (closed by two threads at once, its fd could be another's by then)
             # e.g. the process had to be terminated before it answered
-            self._fail_pending_controls("Averaging step failed: the averager was shut down")
+            self._fail_pending_controls(STEP_FAILED_SHUT_DOWN)
 
     def _fail_pending_controls(self, message: str) -> None:
         for control in list(self._pending_controls):
-            if not control.done():
-                try:
-                    control.set_exception(AllreduceException(message))
-                except InvalidStateError:
-                    pass  # finished meanwhile
+            _fail_control(control, AllreduceException(message))
 
     def _exit_description(self) -> str:
         """Why running steps fail when the averager's process ended without shutdown() (killed, crashed)."""
         # its pipes close a moment before its exit status is known. This runs in the state thread while the user's
         # thread may be in join(): peek at the status, since reaping it here would make join() report no exit code
         multiprocessing.connection.wait([self.sentinel], timeout=1.0)
-        deadline = time.monotonic() + 1.0
-        while (code := peek_exitcode(self)) is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        code = peek_exitcode(self, wait=1.0)
         return (
             f"Averaging step failed: the averager's process exited unexpectedly (exit code {code}); "
             "create a new averager to keep averaging"

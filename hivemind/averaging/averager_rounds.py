@@ -25,6 +25,8 @@ from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
+STEP_FAILED_SHUT_DOWN = "Averaging step failed: the averager was shut down"  # how steps fail when it stops
+
 CANCEL_POLL_PERIOD = 0.05  # how often a running step checks (in shared memory) whether the user cancelled it
 TRIGGER_POLL_PERIOD = 0.01  # how often a step waiting for allow_allreduce() checks the trigger (shared memory)
 MIN_RETRY_DELAY, MAX_RETRY_DELAY = 0.05, 1.0  # back-off between attempts that failed at once
@@ -68,7 +70,7 @@ class AveragingRounds:
             await self._step_with_retries(control)
         except asyncio.CancelledError:
             if not control.done():  # the averager is shutting down, not the user's cancellation
-                control.set_exception(AllreduceException("Averaging step failed: the averager was shut down"))
+                control.set_exception(AllreduceException(STEP_FAILED_SHUT_DOWN))
             if not self._shutting_down:
                 return
             raise

@@ -21,7 +21,6 @@ from hivemind.dht.process_channel import (
     SocketAcceptor,
     connect_to_dht_process,
     exitcode_of,
-    peek_exitcode,
 )
 from hivemind.dht.routing import DHTKey, DHTValue, Subkey
 from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
@@ -34,6 +33,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
     exit_once_cleaned_up,
+    peek_exitcode,
     register_started_handle,
     stop_lock,
     stop_when_parent_exits,

@@ -22,6 +22,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from hivemind.utils.logging import get_logger
+from hivemind.utils.process_handle import peek_exitcode
 
 logger = get_logger(__name__)
 
@@ -38,26 +39,11 @@ def exitcode_of(process) -> Callable[[], Optional[int]]:
     Returns a function that tells the exit code of ``process`` (negative: the signal that killed it), or None while it
     runs or when it cannot be told, without keeping the process object alive.
 
-    The function never reaps the process: the reader thread calls it when the pipe closes, while the user's thread
-    may be in ``join()``. ``process.exitcode`` reaps it with ``waitpid``, and of two threads that do so at once, the
-    one that loses gets "no such child" and multiprocessing then reports ``exitcode`` None for a process that exited.
+    The function never reaps the process (``peek_exitcode``): the reader thread calls it when the pipe closes, while
+    the user's thread may be in ``join()``.
     """
     process_ref = weakref.ref(process)
     return lambda: peek_exitcode(process_ref())
-
-
-def peek_exitcode(process) -> Optional[int]:
-    """``process.exitcode`` (None while it runs or when it cannot be told) that leaves the process to ``join()``."""
-    popen = getattr(process, "_popen", None)
-    if popen is None or getattr(popen, "returncode", None) is not None or not hasattr(os, "waitid"):
-        return getattr(popen, "returncode", None)
-    try:  # WNOWAIT leaves the exited child to be reaped by its own Popen
-        status = os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except (ChildProcessError, AttributeError):  # already reaped, or not this process's child
-        return popen.returncode
-    if status is None:  # still running
-        return None
-    return status.si_status if status.si_code == os.CLD_EXITED else -status.si_status
 
 
 def _set_exception_if_pending(future: concurrent.futures.Future, error: BaseException) -> None:

@@ -9,6 +9,7 @@ import multiprocessing.util
 import os
 import sys
 import threading
+import time
 import weakref
 from typing import Callable, List, Optional, TypeVar
 
@@ -39,6 +40,36 @@ class ShutdownOnExit:
                     self.shutdown()
             except Exception:
                 pass
+
+
+def peek_exitcode(process, wait: float = 0.0) -> Optional[int]:
+    """
+    ``process.exitcode`` that leaves the process to ``join()``: None while it runs or when it cannot be told.
+
+    Reading ``exitcode`` reaps the child with ``waitpid``; of two threads that do so at once (e.g. a watcher thread
+    and the user's ``join()``), the loser gets "no such child" and multiprocessing then reports exit code None for a
+    process that exited. This peeks with ``waitid(..., WNOWAIT)`` instead.
+
+    :param wait: seconds to keep asking while the status is not known yet (a child's pipes close a moment before
+        its exit status is known)
+    """
+    deadline = time.monotonic() + wait
+    while (code := _peek_exitcode_once(process)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return code
+
+
+def _peek_exitcode_once(process) -> Optional[int]:
+    popen = getattr(process, "_popen", None)
+    if popen is None or getattr(popen, "returncode", None) is not None or not hasattr(os, "waitid"):
+        return getattr(popen, "returncode", None)
+    try:  # WNOWAIT leaves the exited child to be reaped by its own Popen
+        status = os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (ChildProcessError, AttributeError):  # already reaped, or not this process's child
+        return popen.returncode
+    if status is None:  # still running
+        return None
+    return status.si_status if status.si_code == os.CLD_EXITED else -status.si_status
 
 
 _stop_locks: "weakref.WeakKeyDictionary[ShutdownOnExit, threading.Lock]" = weakref.WeakKeyDictionary()

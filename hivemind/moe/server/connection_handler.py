@@ -31,7 +31,6 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tupl
 import torch
 
 from hivemind.dht import DHT
-from hivemind.dht.process_channel import peek_exitcode
 from hivemind.moe.server.expert_requests import (
     STREAM_CHUNK_SIZE_BYTES,
     ExpertRequestError,
@@ -56,7 +55,7 @@ from hivemind.utils.graceful_sigterm import GracefulSigterm
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.process_handle import exit_once_cleaned_up, stop_when_parent_exits
+from hivemind.utils.process_handle import exit_once_cleaned_up, peek_exitcode, stop_when_parent_exits
 from hivemind.utils.serializer import MSGPackSerializer
 
 __all__ = ["ConnectionHandler", "ExpertRequestError"]
