@@ -1,5 +1,6 @@
 """Files left behind by killed peers: the next P2P start removes stale sockets and pipe files, and nothing live."""
 
+import fcntl
 import os
 import secrets
 import signal
@@ -103,3 +104,17 @@ def test_sweep_removes_pipe_files_of_dead_daemon_only(tmp_path, monkeypatch):
         path.write_bytes(b"x")
     assert stale_sockets.sweep_stale_pipe_files() == 1
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_sweep_keeps_a_pipe_file_whose_daemon_holds_its_lock(tmp_path, monkeypatch):
+    """A daemon in another pid namespace that shares the tmpfs: its pid is dead here, but it holds the file's lock."""
+    monkeypatch.setenv("HIVEMIND_P2P_SHM_DIR", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    locked = tmp_path / f"hivemind-p2pd-{dead.pid}-0123abcd"
+    locked.write_bytes(b"x")
+    with open(locked, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_SH)
+        assert stale_sockets.sweep_stale_pipe_files() == 0
+        assert locked.exists()
+    assert stale_sockets.sweep_stale_pipe_files() == 1

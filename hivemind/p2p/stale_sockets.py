@@ -9,11 +9,12 @@ nothing else:
 - a socket goes only if nobody listens on it (it is not bound in ``/proc/net/unix``, and a connect attempt is refused)
   and its owner is gone: the pid in its name is dead, or (names without a pid, pid reuse) it is older than
   ``GRACE_SECONDS``, far longer than a starting process takes from binding a socket to listening on it;
-- a pipe file goes only if the p2pd whose pid it carries is dead.
+- a pipe file goes only if the p2pd whose pid it carries is dead and no daemon holds its lock (as p2pd's own sweep).
 
 Several peers may sweep at once: a file that another one removed first is simply skipped.
 """
 
+import fcntl
 import os
 import re
 import socket
@@ -125,12 +126,26 @@ def sweep_stale_pipe_files() -> int:
         path = os.path.join(directory, name)
         try:
             info = os.lstat(path)
-            if info.st_uid == os.getuid() and stat.S_ISREG(info.st_mode):
-                os.unlink(path)
+            if info.st_uid == os.getuid() and stat.S_ISREG(info.st_mode) and _unlink_if_unlocked(path):
                 removed += 1
         except OSError:
             pass
     return removed
+
+
+def _unlink_if_unlocked(path: str) -> bool:
+    """Remove a pipe file unless a daemon holds its lock: p2pd keeps a shared flock on each of its files, which also
+    covers a live daemon in another pid namespace that shares the tmpfs (its pid means nothing here)."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    else:
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def sweep_stale_files() -> None:
