@@ -45,6 +45,13 @@ def remove(path: str) -> None:
         pass
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and was reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
 def socket_template(kind: str) -> str:
     return os.path.join(stale_sockets.P2P_SOCKET_DIR, f"hivemind-{kind}-{{pid}}_{secrets.token_hex(6)}.sock")
 
@@ -60,21 +67,16 @@ async def test_p2p_create_removes_socket_of_killed_process(p2p_factory):
         remove(stale_path)
 
 
-async def test_p2p_create_keeps_socket_of_live_process(p2p_factory):
-    live, live_path = start_listener(socket_template("p2pd"))
-    try:
-        await p2p_factory()
-        assert os.path.exists(live_path)
-    finally:
-        kill(live)
-        remove(live_path)
-
-
-async def test_p2p_create_keeps_listening_socket_whose_named_owner_died(p2p_factory):
-    # a p2pd that outlived the process named in its socket (an orphan) still serves its socket: it must stay
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    live, live_path = start_listener(socket_template("p2pd").replace("{pid}", str(dead.pid)))
+@pytest.mark.parametrize(
+    "owner",
+    [
+        pytest.param(lambda: "{pid}", id="socket_of_live_process"),
+        # a p2pd that outlived the process named in its socket (an orphan) still serves its socket: it must stay
+        pytest.param(lambda: str(dead_pid()), id="listening_socket_whose_named_owner_died"),
+    ],
+)
+async def test_p2p_create_keeps_a_listening_socket(p2p_factory, owner):
+    live, live_path = start_listener(socket_template("p2pd").replace("{pid}", owner()))
     try:
         await p2p_factory()
         assert os.path.exists(live_path)
@@ -95,11 +97,10 @@ def test_sweep_keeps_young_socket_without_pid_in_name(tmp_path):
 
 def test_sweep_removes_pipe_files_of_dead_daemon_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HIVEMIND_P2P_SHM_DIR", str(tmp_path))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f"hivemind-p2pd-{dead.pid}-0123abcd"
+    dead = dead_pid()
+    stale = tmp_path / f"hivemind-p2pd-{dead}-0123abcd"
     live = tmp_path / f"hivemind-p2pd-{os.getpid()}-0123abcd"
-    other = tmp_path / f"unrelated-{dead.pid}-0123abcd"
+    other = tmp_path / f"unrelated-{dead}-0123abcd"
     for path in (stale, live, other):
         path.write_bytes(b"x")
     assert stale_sockets.sweep_stale_pipe_files() == 1
@@ -109,9 +110,8 @@ def test_sweep_removes_pipe_files_of_dead_daemon_only(tmp_path, monkeypatch):
 def test_sweep_keeps_a_pipe_file_whose_daemon_holds_its_lock(tmp_path, monkeypatch):
     """A daemon in another pid namespace that shares the tmpfs: its pid is dead here, but it holds the file's lock."""
     monkeypatch.setenv("HIVEMIND_P2P_SHM_DIR", str(tmp_path))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    locked = tmp_path / f"hivemind-p2pd-{dead.pid}-0123abcd"
+    dead = dead_pid()
+    locked = tmp_path / f"hivemind-p2pd-{dead}-0123abcd"
     locked.write_bytes(b"x")
     with open(locked, "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_SH)
