@@ -33,10 +33,11 @@ from hivemind.p2p import P2P, P2PDaemonError, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
+from hivemind.utils.futures import fail
 from hivemind.utils.graceful_sigterm import GracefulSigterm
 from hivemind.utils.logging import get_logger
 from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
-from hivemind.utils.mpfuture import InvalidStateError, MPFuture
+from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
     exit_once_cleaned_up,
@@ -106,15 +107,6 @@ def _close_p2p_client(loop: asyncio.AbstractEventLoop, p2p: Optional[P2P], timeo
         loop.run_until_complete(await_with_timeout(p2p.shutdown(), timeout))
     except Exception as e:
         logger.debug(f"Could not close the averager's P2P client at shutdown: {e!r}")
-
-
-def _fail_control(control: StepControl, error: BaseException) -> None:
-    """Fail a step the user waits for, unless it finished (or was failed) meanwhile."""
-    if not control.done():
-        try:
-            control.set_exception(error)
-        except InvalidStateError:
-            pass
 
 
 class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase):
@@ -221,7 +213,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             if isinstance(error, ChannelClosedError):  # it ended before taking the step: the same error as the others
                 why = STEP_FAILED_SHUT_DOWN if self._shutdown_requested else self._exit_description()
                 error = AllreduceException(why)
-            _fail_control(control, error)  # (unless failed meanwhile by the state thread or shutdown())
+            fail(control, error)  # (unless failed meanwhile by the state thread or shutdown())
 
         # a control the user drops would look cancelled to the averager (its shared slot is freed): keep it until done
         self._pending_controls.add(control)
@@ -285,7 +277,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
 
     def _fail_pending_controls(self, message: str) -> None:
         for control in list(self._pending_controls):
-            _fail_control(control, AllreduceException(message))
+            fail(control, AllreduceException(message))
 
     def _exit_description(self) -> str:
         """Why running steps fail when the averager's process ended without shutdown() (killed, crashed)."""

@@ -21,6 +21,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
+from hivemind.utils.futures import complete, fail
 from hivemind.utils.logging import get_logger
 from hivemind.utils.process_handle import peek_exitcode
 
@@ -44,13 +45,6 @@ def exitcode_of(process) -> Callable[[], Optional[int]]:
     """
     process_ref = weakref.ref(process)
     return lambda: peek_exitcode(process_ref())
-
-
-def _set_exception_if_pending(future: concurrent.futures.Future, error: BaseException) -> None:
-    try:
-        future.set_exception(error)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled by the user meanwhile
 
 
 class CallerEnd:
@@ -81,7 +75,7 @@ class CallerEnd:
                 closed = ChannelClosedError(
                     f"the {self._process_name} process is not running: {self._why(self._closed_error)}"
                 )
-                _set_exception_if_pending(future, closed)
+                fail(future, closed)
             return future
         try:
             body = bytes(ForkingPickler.dumps((method, args, kwargs)))
@@ -91,7 +85,7 @@ class CallerEnd:
             # the reader thread may have failed it meanwhile: the pipe broke because the other process ended
             if self._pending.pop(call_id, None) is not None:
                 closed = ChannelClosedError(f"the {self._process_name} process is not running: {self._why(e)}")
-                _set_exception_if_pending(future, e if not isinstance(e, (OSError, EOFError)) else closed)
+                fail(future, e if not isinstance(e, (OSError, EOFError)) else closed)
             return future
         future.add_done_callback(lambda f: self._on_done(call_id, f))
         return future
@@ -135,24 +129,15 @@ class CallerEnd:
         future = self._pending.pop(call_id, None)
         if future is None or future.done():
             return
-        try:
-            future.set_result(payload) if ok else future.set_exception(payload)
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled concurrently by the user
+        complete(future, payload) if ok else fail(future, payload)  # (unless cancelled concurrently by the user)
 
     def fail_pending(self, reason: BaseException) -> None:
         self._closed_error = reason
         while self._pending:
             _, future = self._pending.popitem()
             if not future.done():
-                try:
-                    future.set_exception(
-                        ChannelClosedError(
-                            f"the {self._process_name} process ended before answering: {self._why(reason)}"
-                        )
-                    )
-                except concurrent.futures.InvalidStateError:
-                    pass
+                why = self._why(reason)
+                fail(future, ChannelClosedError(f"the {self._process_name} process ended before answering: {why}"))
 
     def close(self) -> None:
         try:

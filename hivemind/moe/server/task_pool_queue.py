@@ -13,9 +13,11 @@ import concurrent.futures
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
+
+from hivemind.utils.futures import complete, fail
 
 __all__ = ["PendingTasks", "Task", "Batch", "claim", "complete", "fail", "fail_tasks"]
 
@@ -105,20 +107,6 @@ def claim(future: concurrent.futures.Future) -> bool:
         return future.set_running_or_notify_cancel()
     except RuntimeError:  # completed meanwhile (e.g. failed by a shutdown)
         return False
-
-
-def complete(future: concurrent.futures.Future, result: Any) -> None:
-    try:
-        future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled or failed by a shutdown meanwhile
-
-
-def fail(future: concurrent.futures.Future, exception: BaseException) -> None:
-    try:
-        future.set_exception(exception)
-    except concurrent.futures.InvalidStateError:
-        pass
 
 
 def fail_tasks(tasks: Sequence[Task], exception: BaseException) -> None:
