@@ -15,6 +15,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.utils.timed_storage import get_dht_time
 from tests.async_wait import wait_until
 from tests.dht_swarm import shutdown_all
+from tests.freeze import freeze
 
 KEY = "scores"
 
@@ -30,7 +31,7 @@ async def test_returned_dictionary_expires_with_its_latest_entry_despite_a_store
     writer = await DHTNode.create(node_id=DHTID(key_id ^ 2**159), initial_peers=initial_peers, **options)
     try:
         assert await writer.store(KEY, "first", get_dht_time() + 60, subkey="a")
-        os.kill(frozen.p2p._daemon.pid, signal.SIGSTOP)  # the reader's search waits for it until wait_timeout
+        freeze(frozen.p2p._daemon.pid)  # the reader's search waits for it until wait_timeout
         search = asyncio.create_task(reader.get(KEY, latest=True))
         await wait_until(lambda: key_id in reader._pending_gets or search.done(), "the reader's search to start")
         assert not search.done(), "the search should wait for the frozen replica"

@@ -17,6 +17,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.utils.timed_storage import get_dht_time
 from tests.async_wait import wait_until
 from tests.dht_swarm import shutdown_all
+from tests.freeze import freeze
 
 KEY = "progress"
 
@@ -34,7 +35,7 @@ async def test_latest_get_does_not_join_a_search_older_than_the_tolerance(monkey
     writer = await DHTNode.create(node_id=DHTID(key_id ^ 2**159), initial_peers=initial_peers, **options)
     try:
         assert await writer.store(KEY, "old", get_dht_time() + 60)
-        os.kill(frozen.p2p._daemon.pid, signal.SIGSTOP)  # the reader's first search waits for it until wait_timeout
+        freeze(frozen.p2p._daemon.pid)  # the reader's first search waits for it until wait_timeout
         first = asyncio.create_task(reader.get(KEY, latest=True))
         started = time.monotonic()
         await wait_until(

@@ -15,6 +15,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.utils.timed_storage import get_dht_time
 from tests.async_wait import wait_until
 from tests.dht_swarm import shutdown_all
+from tests.freeze import freeze
 
 KEY = "progress"
 
@@ -31,7 +32,7 @@ async def test_get_after_acknowledged_store_sees_it_despite_a_running_search(sub
     writer = await DHTNode.create(node_id=DHTID(key_id ^ 2**159), initial_peers=initial_peers, **options)
     try:
         assert await holder.store(KEY, "old", get_dht_time() + 60, subkey=subkey)
-        os.kill(frozen.p2p._daemon.pid, signal.SIGSTOP)  # its answer to the first search comes after wait_timeout
+        freeze(frozen.p2p._daemon.pid)  # its answer to the first search comes after wait_timeout
         first = asyncio.create_task(writer.get(KEY, latest=True))
         await wait_until(
             lambda: any(p.search.best is not None for p in writer._pending_gets.get(key_id, ())),

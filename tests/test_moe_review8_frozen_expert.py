@@ -1,11 +1,8 @@
 """The first forward of a mixture whose best-ranked expert sits on a frozen server (its process stopped: the
 connection stays open and nothing answers), over real daemons."""
 
-import os
-import signal
 import time
 
-import psutil
 import pytest
 import torch
 import torch.nn as nn
@@ -13,14 +10,9 @@ from moe_client_fakes import FakeExpertServer
 
 from hivemind.dht import DHT
 from hivemind.moe import RemoteMixtureOfExperts
+from tests.freeze import freeze_tree, thaw_tree
 
 HID = 4
-
-
-def send_to_tree(pid: int, sig: int) -> None:
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        os.kill(process.pid, sig)
 
 
 @pytest.mark.timeout(60)
@@ -39,8 +31,8 @@ def test_expert_info_comes_from_an_alive_expert_when_the_best_ranked_one_is_froz
             moe.proj.weight.zero_(), moe.proj.bias.copy_(torch.tensor([5.0, 0.0]))  # ffn.0 ranks first
         found = moe.beam_search.find_best_experts([[5.0, 0.0]], beam_size=2)  # later searches use the DHT's cache
         assert [expert.uid for expert in found] == ["ffn.0", "ffn.1"]
-        send_to_tree(frozen.dht.pid, signal.SIGSTOP)
         stopped = True
+        freeze_tree(frozen.dht.pid)
 
         x = torch.randn(3, HID)
         started = time.monotonic()
@@ -51,7 +43,7 @@ def test_expert_info_comes_from_an_alive_expert_when_the_best_ranked_one_is_froz
         assert moe.failure_penalty.is_penalized("ffn.0")
     finally:
         if stopped:
-            send_to_tree(frozen.dht.pid, signal.SIGCONT)
+            thaw_tree(frozen.dht.pid)
         client_dht.shutdown()
         alive.stop()
         frozen.stop()
