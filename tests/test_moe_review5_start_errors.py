@@ -19,3 +19,25 @@ def test_runtime_that_cannot_start_fails_the_start_with_its_reason():
     assert failure.value.__cause__ is not None, f"the reason is missing: {failure.value}"
     assert str(failure.value) != "Server failed to start: None"
     assert not server.is_alive() and not server.dht.is_alive()  # what did start was stopped again
+
+
+@pytest.mark.timeout(60)
+def test_server_given_a_dht_that_has_exited_says_so():
+    dht = DHT(start=True)
+    dht.shutdown()
+    server = Server(dht, make_backends(["expert.0"]))
+    with pytest.raises(RuntimeError, match="Server failed to start") as failure:
+        server.run_in_background(await_ready=True, timeout=30)
+    assert "DHT process has exited" in str(failure.value.__cause__)
+    assert not server.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_server_starts_a_dht_that_was_not_started():
+    server = Server(DHT(start=False), make_backends(["expert.0"]))
+    try:
+        server.run_in_background(await_ready=True, timeout=30)
+        assert server.dht.is_alive()
+    finally:
+        server.shutdown()
+    assert not server.dht.is_alive()

@@ -42,6 +42,11 @@ class ShutdownOnExit:
                 pass
 
 
+def was_started(process) -> bool:
+    """Whether ``process.start()`` ran in this process (unlike ``is_alive()``, never reaps an ended child)."""
+    return getattr(process, "_popen", None) is not None
+
+
 def peek_exitcode(process, wait: float = 0.0) -> Optional[int]:
     """
     ``process.exitcode`` that leaves the process to ``join()``: None while it runs or when it cannot be told.

@@ -35,6 +35,7 @@ from hivemind.p2p import PeerInfo
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_map
+from hivemind.utils.process_handle import peek_exitcode, was_started
 from hivemind.utils.tensor_descr import DUMMY_BATCH_SIZE, BatchTensorDescriptor
 
 __all__ = ["Server", "background_server"]
@@ -213,8 +214,14 @@ class Server(threading.Thread):
             for uid, backend in self.module_backends.items():
                 trainable = [param.numel() for param in backend.module.parameters() if param.requires_grad]
                 logger.info(f"{uid}: {type(backend.module).__name__}, {sum(trainable)} parameters")
-            if not self.dht.is_alive():
+            # (not is_alive(): that could reap the DHT's process under a shutdown() in another thread)
+            if not was_started(self.dht):
                 self.dht.run_in_background()
+            elif peek_exitcode(self.dht) is not None:
+                raise RuntimeError(
+                    f"the server's DHT process has exited (exit code {peek_exitcode(self.dht)}): "
+                    "pass a running DHT, or one not started yet"
+                )
             self.dht_handler_thread.start()
             if self.checkpoint_saver is not None:
                 self.checkpoint_saver.start()
