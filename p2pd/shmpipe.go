@@ -79,7 +79,7 @@ type shmPipePool struct {
 	creating int                       // files being created now
 	closed   bool
 	noted    sync.Once // the first pipe that could not be made is logged at info level, the others at debug
-	swept    sync.Once // stale files of killed daemons are removed before the first file is made
+	swept    sync.Once // stale files of killed daemons are removed once: at daemon start, before any file is made
 }
 
 func (pool *shmPipePool) get() (*shmPipeFile, error) {
@@ -105,7 +105,7 @@ func (pool *shmPipePool) get() (*shmPipeFile, error) {
 	}
 	pool.creating++
 	pool.mu.Unlock()
-	pool.swept.Do(func() { removeStaleShmPipeFiles(pool.directory()) })
+	pool.sweepStale() // (waits for the sweep that the daemon's start began)
 	// reserving the pages of a new file takes milliseconds: other streams do not wait for it
 	pipe, err := createShmPipeFile(pool.directory(), shmRingSize)
 	pool.mu.Lock()
@@ -123,6 +123,12 @@ func (pool *shmPipePool) get() (*shmPipeFile, error) {
 	}
 	pool.live[pipe] = struct{}{}
 	return pipe, nil
+}
+
+// sweepStale removes the pipe files that killed daemons left in the pool's directory, the first time it is called.
+// The daemon calls it at start, so that a killed daemon's files go even if no stream of ours ever takes a pipe.
+func (pool *shmPipePool) sweepStale() {
+	pool.swept.Do(func() { removeStaleShmPipeFiles(pool.directory()) })
 }
 
 func (pool *shmPipePool) directory() string {

@@ -1,4 +1,5 @@
-"""Files left behind by killed peers: the next P2P start removes stale sockets and pipe files, and nothing live."""
+"""Files left behind by killed peers: the next P2P start removes stale sockets, its p2pd removes stale pipe files, and
+nothing live is removed."""
 
 import fcntl
 import os
@@ -11,6 +12,7 @@ import textwrap
 import pytest
 
 from hivemind.p2p import stale_sockets
+from tests.async_wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,26 +97,18 @@ def test_sweep_keeps_young_socket_without_pid_in_name(tmp_path):
     assert not os.path.exists(path)
 
 
-def test_sweep_removes_pipe_files_of_dead_daemon_only(tmp_path, monkeypatch):
-    monkeypatch.setenv("HIVEMIND_P2P_SHM_DIR", str(tmp_path))
+async def test_p2pd_removes_pipe_files_of_dead_daemons_when_it_starts(p2p_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("HIVEMIND_P2P_SHM_DIR", str(tmp_path))  # read by the daemon that p2p_factory starts
     dead = dead_pid()
     stale = tmp_path / f"hivemind-p2pd-{dead}-0123abcd"
     live = tmp_path / f"hivemind-p2pd-{os.getpid()}-0123abcd"
     other = tmp_path / f"unrelated-{dead}-0123abcd"
-    for path in (stale, live, other):
+    # a daemon in another pid namespace that shares the tmpfs: its pid is dead here, but it holds the file's lock
+    locked = tmp_path / f"hivemind-p2pd-{dead}-4567abcd"
+    for path in (stale, live, other, locked):
         path.write_bytes(b"x")
-    assert stale_sockets.sweep_stale_pipe_files() == 1
-    assert not stale.exists() and live.exists() and other.exists()
-
-
-def test_sweep_keeps_a_pipe_file_whose_daemon_holds_its_lock(tmp_path, monkeypatch):
-    """A daemon in another pid namespace that shares the tmpfs: its pid is dead here, but it holds the file's lock."""
-    monkeypatch.setenv("HIVEMIND_P2P_SHM_DIR", str(tmp_path))
-    dead = dead_pid()
-    locked = tmp_path / f"hivemind-p2pd-{dead}-0123abcd"
-    locked.write_bytes(b"x")
     with open(locked, "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_SH)
-        assert stale_sockets.sweep_stale_pipe_files() == 0
-        assert locked.exists()
-    assert stale_sockets.sweep_stale_pipe_files() == 1
+        await p2p_factory()  # opens no stream: the daemon sweeps at start, not only when it makes its first pipe
+        await wait_until(lambda: not stale.exists(), "p2pd to remove the pipe file of a dead daemon")
+        assert live.exists() and other.exists() and locked.exists()

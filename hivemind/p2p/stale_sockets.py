@@ -1,20 +1,18 @@
-"""Remove the files that killed hivemind processes left behind: Unix sockets and shared-memory pipe files.
+"""Remove the Unix socket files that killed hivemind processes left behind.
 
 A process that exits normally removes its own sockets (p2pd's control socket, the client's callback socket, the DHT
-process's socket) and p2pd removes its pipe files. A process killed with SIGKILL runs no cleanup, so its files stay
-in the temporary directory forever. ``sweep_stale_files`` runs when a ``P2P`` starts and removes such leftovers, and
-nothing else:
+process's socket). A process killed with SIGKILL runs no cleanup, so its files stay in the temporary directory
+forever. ``sweep_stale_files`` runs when a ``P2P`` starts and removes such leftovers, and nothing else:
 
 - only names of our own patterns, only in the directories we use, only files of the current user;
 - a socket goes only if nobody listens on it (it is not bound in ``/proc/net/unix``, and a connect attempt is refused)
   and its owner is gone: the pid in its name is dead, or (names without a pid, pid reuse) it is older than
-  ``GRACE_SECONDS``, far longer than a starting process takes from binding a socket to listening on it;
-- a pipe file goes only if the p2pd whose pid it carries is dead and no daemon holds its lock (as p2pd's own sweep).
+  ``GRACE_SECONDS``, far longer than a starting process takes from binding a socket to listening on it.
 
-Several peers may sweep at once: a file that another one removed first is simply skipped.
+Several peers may sweep at once: a file that another one removed first is simply skipped. The shared-memory pipe
+files of killed daemons are p2pd's own to remove: every p2pd sweeps them when it starts.
 """
 
-import fcntl
 import os
 import re
 import socket
@@ -23,7 +21,6 @@ import tempfile
 import time
 from typing import Iterable, Optional, Set
 
-from hivemind.p2p.p2p_daemon_bindings import shm_pipe
 from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -32,7 +29,6 @@ _SOCKET_NAME = re.compile(r"^hivemind-(?:p2pd|p2pclient|dht)-.*\.sock$")  # p2pd
 P2P_SOCKET_DIR = "/tmp"  # where P2P puts p2pd's control socket and the client's callback socket
 GRACE_SECONDS = 60.0  # a socket whose owner may be alive is left alone for this long after it was created
 _OWNER_PID = re.compile(r"^hivemind-(?:p2pd|p2pclient|dht)-(\d+)_")
-_PIPE_OWNER_PID = re.compile(rf"^{re.escape(shm_pipe.PIPE_NAME_PREFIX)}(\d+)-[0-9a-f]+$")
 
 
 def owner_pid(name: str) -> Optional[int]:
@@ -112,49 +108,12 @@ def sweep_stale_sockets(directories: Iterable[str]) -> int:
     return removed
 
 
-def sweep_stale_pipe_files() -> int:
-    """Remove the shared-memory pipe files of p2pd processes that are dead; returns how many were removed."""
-    removed, directory = 0, shm_pipe.pipe_dir()
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return 0
-    for name in names:
-        match = _PIPE_OWNER_PID.match(name)
-        if match is None or pid_alive(int(match.group(1))):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            info = os.lstat(path)
-            if info.st_uid == os.getuid() and stat.S_ISREG(info.st_mode) and _unlink_if_unlocked(path):
-                removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-def _unlink_if_unlocked(path: str) -> bool:
-    """Remove a pipe file unless a daemon holds its lock: p2pd keeps a shared flock on each of its files, which also
-    covers a live daemon in another pid namespace that shares the tmpfs (its pid means nothing here)."""
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    else:
-        os.unlink(path)
-        return True
-    finally:
-        os.close(fd)
-
-
 def sweep_stale_files() -> None:
     """Remove what killed peers left behind (see the module docstring); never raises."""
     try:
         sockets = sweep_stale_sockets([P2P_SOCKET_DIR, tempfile.gettempdir()])
-        pipes = sweep_stale_pipe_files()
     except Exception as e:  # a sweep is housekeeping: it must never stop a peer from starting
         logger.debug(f"Sweeping stale socket files failed: {e!r}")
         return
-    if sockets or pipes:
-        logger.debug(f"Removed {sockets} stale socket files and {pipes} pipe files of killed hivemind processes")
+    if sockets:
+        logger.debug(f"Removed {sockets} stale socket files of killed hivemind processes")
