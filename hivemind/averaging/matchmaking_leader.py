@@ -85,7 +85,16 @@ class GroupLeading:
 
     async def _admit(self, request: averaging_pb2.JoinRequest, requester: PeerID):
         """Check a join request under the lock: ``(refusal, None, None)`` or ``(None, follower, patience)``."""
-        async with self._lock:
+        # while this peer waits for another leader's first reply it holds the lock for up to request_timeout, which is
+        # as long as the requester waits for ours: it is refused within half of that instead (as a peer that follows
+        # someone is), so that it does not give up on us (counting us silent) or, accepted just as it gave up, leave
+        # a group that starts without it
+        try:
+            await await_with_timeout(self._lock.acquire(), self.request_timeout / 2)
+        except asyncio.TimeoutError:
+            self._report.refusals[Code.NOT_A_LEADER] += 1
+            return averaging_pb2.MessageFromLeader(code=Code.NOT_A_LEADER), None, None
+        try:
             refusal = check_join_request(self._leader_state(), request, requester)
             if refusal is not None:
                 self._report.refusals[refusal.code] += 1
@@ -103,6 +112,8 @@ class GroupLeading:
             elif self._current_leader is None and self._early_start_allowed(self._step):
                 self._assemble_group()
             return None, follower, patience
+        finally:
+            self._lock.release()
 
     def _leader_state(self) -> LeaderState:
         return LeaderState(
