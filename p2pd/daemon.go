@@ -373,7 +373,7 @@ func (d *daemon) run() int {
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)
 	// a reader of our stdout/stderr going away must not kill the daemon: writes then just fail
 	signal.Ignore(syscall.SIGPIPE)
-	go d.pipes.sweepStale() // pipe files of killed daemons hold memory until removed
+	d.pipes.sweepStale() // pipe files of killed daemons hold memory until removed (a glob and a check per file)
 
 	if !d.cfg.quiet {
 		fmt.Printf("Control socket: %s\nPeer ID: %s\nPeer Addrs:\n", d.cfg.listenAddr, d.host.ID())

@@ -105,7 +105,7 @@ func (pool *shmPipePool) get() (*shmPipeFile, error) {
 	}
 	pool.creating++
 	pool.mu.Unlock()
-	pool.sweepStale() // (waits for the sweep that the daemon's start began)
+	pool.sweepStale() // (done already when the daemon started)
 	// reserving the pages of a new file takes milliseconds: other streams do not wait for it
 	pipe, err := createShmPipeFile(pool.directory(), shmRingSize)
 	pool.mu.Lock()

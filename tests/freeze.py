@@ -34,15 +34,18 @@ def freeze(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.001)
 
 
+def _tree(pid: int) -> list:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
 def freeze_tree(pid: int) -> None:
     """Freeze ``pid`` and all of its descendants (each is stopped when this returns)."""
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
+    for process in _tree(pid):
         freeze(process.pid)
 
 
 def thaw_tree(pid: int) -> None:
     """Send SIGCONT to ``pid`` and all of its descendants."""
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
+    for process in _tree(pid):
         os.kill(process.pid, signal.SIGCONT)

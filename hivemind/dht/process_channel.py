@@ -127,17 +127,19 @@ class CallerEnd:
         """Resolve the future of ``call_id``. A function of its own so that the reader thread keeps no reference
         to the answer while it waits for the next one (e.g. a whole downloaded state)."""
         future = self._pending.pop(call_id, None)
-        if future is None or future.done():
+        if future is None:
             return
-        complete(future, payload) if ok else fail(future, payload)  # (unless cancelled concurrently by the user)
+        if ok:  # (complete and fail leave a future that the user cancelled meanwhile as it is)
+            complete(future, payload)
+        else:
+            fail(future, payload)
 
     def fail_pending(self, reason: BaseException) -> None:
         self._closed_error = reason
+        why = self._why(reason)
         while self._pending:
             _, future = self._pending.popitem()
-            if not future.done():
-                why = self._why(reason)
-                fail(future, ChannelClosedError(f"the {self._process_name} process ended before answering: {why}"))
+            fail(future, ChannelClosedError(f"the {self._process_name} process ended before answering: {why}"))
 
     def close(self) -> None:
         try:

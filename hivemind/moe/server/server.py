@@ -217,9 +217,9 @@ class Server(threading.Thread):
             # (not is_alive(): that could reap the DHT's process under a shutdown() in another thread)
             if not was_started(self.dht):
                 self.dht.run_in_background()
-            elif peek_exitcode(self.dht) is not None:
+            elif (exitcode := peek_exitcode(self.dht)) is not None:
                 raise RuntimeError(
-                    f"the server's DHT process has exited (exit code {peek_exitcode(self.dht)}): "
+                    f"the server's DHT process has exited (exit code {exitcode}): "
                     "pass a running DHT, or one not started yet"
                 )
             self.dht_handler_thread.start()
