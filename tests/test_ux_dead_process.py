@@ -9,6 +9,7 @@ import torch
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
+from hivemind.optim import Optimizer
 
 
 @pytest.mark.timeout(30)
@@ -38,3 +39,20 @@ def test_call_to_killed_averager_names_signal_and_remedy():
         averager.join(timeout=10)
         with pytest.raises(RuntimeError, match="killed by signal SIGKILL.*create a new averager"):
             averager.get_group_bits()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("make", ["averager", "optimizer"])
+def test_averager_or_optimizer_on_a_shut_down_dht_says_so(make):
+    # dht.client_mode is known (cached) from before the shutdown, so nothing asks the DHT process before the new
+    # averager's process connects to it: that connection found the DHT's socket gone (a bare FileNotFoundError)
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    assert dht.client_mode is False
+    dht.shutdown()
+    with pytest.raises(RuntimeError, match="DHT process is not running.*create a new DHT"):
+        if make == "averager":
+            DecentralizedAverager([torch.zeros(3)], dht, prefix="ux_dead_dht", start=True)
+        else:
+            model = torch.nn.Linear(3, 1)
+            Optimizer(dht=dht, run_id="ux_dead_dht", target_batch_size=4, batch_size_per_step=1,
+                      optimizer=torch.optim.SGD, params=model.parameters())  # fmt: skip

@@ -305,7 +305,14 @@ class SocketAcceptor:
 
 def connect_to_dht_process(address: str, authkey: bytes) -> CallerEnd:
     """A CallerEnd for the calling process over the DHT process's Unix socket (see SocketAcceptor)."""
-    caller = CallerEnd(Client(address, family="AF_UNIX", authkey=authkey))
+    try:
+        connection = Client(address, family="AF_UNIX", authkey=authkey)
+    except (FileNotFoundError, ConnectionRefusedError) as e:  # its socket is gone or nobody listens on it any more
+        raise ChannelClosedError(
+            f"the DHT process is not running: it was shut down or has exited ({e.strerror}); "
+            f"this DHT cannot be used any more: create a new DHT"
+        ) from None
+    caller = CallerEnd(connection)
     caller.ready.set_result(None)
     caller.start_reader()
     return caller
