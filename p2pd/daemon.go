@@ -214,6 +214,10 @@ func newDaemon(cfg *config) (*daemon, error) {
 		cancel()
 		return nil, err
 	}
+	if err := checkListenPortsFree(cfg.hostAddrs); err != nil { // listenports.go
+		cancel()
+		return nil, err
+	}
 	applyDialBackoff(cfg.dialBackoffBase, cfg.dialBackoffMax) // redial.go
 	h, err := libp2p.New(opts...)
 	if err != nil {
