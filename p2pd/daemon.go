@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -291,7 +292,7 @@ func (d *daemon) bootstrap() error {
 	if len(d.cfg.bootstrapPeers) == 0 {
 		go func() {
 			peers := dht.GetDefaultBootstrapPeerAddrInfos()
-			if d.connectToSome(peers) == 0 {
+			if connected, _ := d.connectToSome(peers); connected == 0 {
 				log.Warnw("could not connect to any of the public IPFS bootstrap peers")
 			}
 			d.startDHT()
@@ -302,8 +303,11 @@ func (d *daemon) bootstrap() error {
 	for _, p := range d.cfg.bootstrapPeers {
 		d.host.Peerstore().AddAddrs(p.ID, p.Addrs, peerstore.PermanentAddrTTL)
 	}
-	if d.connectToSome(d.cfg.bootstrapPeers) == 0 {
-		return errors.New("failed to connect to bootstrap peers")
+	if connected, dialErr := d.connectToSome(d.cfg.bootstrapPeers); connected == 0 {
+		// the first words are the original daemon's; the rest says which peer failed and why (one line)
+		why := strings.Join(strings.Fields(dialErr.Error()), " ")
+		return fmt.Errorf("failed to connect to bootstrap peers: could not reach any of the %d given (%s); check "+
+			"the addresses and that those peers are running", len(d.cfg.bootstrapPeers), why)
 	}
 	d.startDHT()
 	go d.keepBootstrapConnections(d.cfg.bootstrapPeers)
@@ -320,16 +324,16 @@ func (d *daemon) startDHT() {
 
 // connectToSome dials the peers concurrently and returns as soon as one connection succeeds (the other dials
 // continue in the background, up to bootstrapConnections in total), or 0 when all of them failed.
-func (d *daemon) connectToSome(peers []peer.AddrInfo) int {
+func (d *daemon) connectToSome(peers []peer.AddrInfo) (int, error) {
 	if len(peers) == 0 {
-		return 0
+		return 0, errors.New("no peers given")
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, bootstrapTimeout)
-	results := make(chan bool, len(peers))
+	results := make(chan error, len(peers))
 	var wg sync.WaitGroup
 	for _, p := range shufflePeers(peers) {
 		if p.ID == d.host.ID() {
-			results <- false
+			results <- fmt.Errorf("%s is this peer itself", p.ID)
 			continue
 		}
 		wg.Add(1)
@@ -341,19 +345,24 @@ func (d *daemon) connectToSome(peers []peer.AddrInfo) int {
 			} else {
 				d.host.ConnManager().TagPeer(p.ID, "bootstrap", 1)
 			}
-			results <- err == nil
+			results <- err
 		}(p)
 	}
 	go func() {
 		wg.Wait()
 		cancel()
 	}()
+	var firstErr error
 	for range peers {
-		if <-results {
-			return 1
+		err := <-results
+		if err == nil {
+			return 1, nil
+		}
+		if firstErr == nil {
+			firstErr = err
 		}
 	}
-	return 0
+	return 0, firstErr
 }
 
 func (d *daemon) keepBootstrapConnections(peers []peer.AddrInfo) {
