@@ -29,3 +29,12 @@ def test_unreachable_initial_peer_error_says_which_and_why():
     assert "failed to connect to bootstrap peers" in message, message
     assert f"127.0.0.1/tcp/{port}" in message and "connection refused" in message, message
     assert "\n" not in message, message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("malformed", ["/ip4/127.0.0.1/tcp/abc/p2p/" + MADDR.rsplit("/", 1)[1], "127.0.0.1:1234"])
+def test_malformed_initial_peer_is_called_invalid_not_missing_its_peer_id(malformed):
+    # it said "must end with /p2p/<peer id>" even when the address had one and its port was the problem
+    with pytest.raises(ValueError, match="is not a valid multiaddr") as error_info:
+        DHT(initial_peers=[malformed], start=True)
+    assert malformed in str(error_info.value) and "must end with" not in str(error_info.value)

@@ -38,7 +38,14 @@ MaddrLike = Union[Multiaddr, str]
 def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
     """The peer id at the end of a multiaddr (ValueError if it has no /p2p/ part: peers are pinged by id)."""
     try:
-        return PeerID.from_base58(Multiaddr(str(maddr)).value_for_protocol("p2p"))
+        parsed = Multiaddr(str(maddr))
+    except Exception as e:  # e.g. a port that is not a number, or host:port instead of a multiaddr
+        raise ValueError(
+            f"initial peer {maddr} is not a valid multiaddr ({e}); it should look like "
+            f"/ip4/203.0.113.5/tcp/31337/p2p/<peer id>, as printed by the peer to join"
+        ) from e
+    try:
+        return PeerID.from_base58(parsed.value_for_protocol("p2p"))
     except Exception as e:
         raise ValueError(f"initial peer {maddr} must end with /p2p/<peer id> (got error: {e!r})") from e
 
