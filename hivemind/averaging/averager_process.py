@@ -31,6 +31,7 @@ from hivemind.dht.process_channel import (
 )
 from hivemind.p2p import P2P, P2PDaemonError, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.asyncio import await_with_timeout, switch_to_uvloop
 from hivemind.utils.futures import fail
@@ -377,19 +378,27 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             # a part has about part_size_bytes on the wire; a sender may skip our compression (up to 8x larger)
             rpc_aggregate_part=PART_SIZE_SLACK * self.part_size_bytes + MAX_SMALL_REQUEST_BYTES,
         )
-        await asyncio.gather(
-            *(
-                self._p2p.add_protobuf_handler(
-                    get_handle_name(self.prefix, type(self).__name__, handler.name),
-                    getattr(self, handler.name),
-                    handler.request_type,
-                    stream_input=handler.stream_input,
-                    stream_output=handler.stream_output,
-                    max_message_size=limits.get(handler.name, DEFAULT_MAX_MESSAGE_SIZE),
+        try:
+            await asyncio.gather(
+                *(
+                    self._p2p.add_protobuf_handler(
+                        get_handle_name(self.prefix, type(self).__name__, handler.name),
+                        getattr(self, handler.name),
+                        handler.request_type,
+                        stream_input=handler.stream_input,
+                        stream_output=handler.stream_output,
+                        max_message_size=limits.get(handler.name, DEFAULT_MAX_MESSAGE_SIZE),
+                    )
+                    for handler in self._get_rpc_handlers()
                 )
-                for handler in self._get_rpc_handlers()
             )
-        )
+        except ControlFailure as e:  # e.g. an Optimizer created again (same run_id) before the old one was shut down
+            if "already set" not in str(e):
+                raise
+            raise ControlFailure(
+                f"another {type(self).__name__} with prefix {self.prefix!r} already runs on this DHT ({e}): shut "
+                f"it down first, or give this one another prefix (for hivemind.Optimizer: another run_id)"
+            ) from None
 
     async def _shutdown_in_child(self) -> None:
         """Cancel the steps, withdraw the state-sharing declaration and remove the handlers, all at once and within
