@@ -23,10 +23,10 @@ MONITOR_FINISHED = r"monitor finished \(last checkpoint: epoch (\d+)\)"
 class Peer:
     """A script of the example in its own process group; its stdout lines are collected by a thread."""
 
-    def __init__(self, script: str, *args: str, cwd: str):
+    def __init__(self, script: str, *args: str, cwd: str, with_log: bool = False):
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(EXAMPLE, script), *args], cwd=cwd, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+            stderr=subprocess.STDOUT if with_log else subprocess.DEVNULL, text=True, start_new_session=True,
         )  # fmt: skip
         self.lines, self.new_lines = [], queue.Queue()  # new_lines only wakes up wait_for
         self.output_ended = threading.Event()
@@ -143,3 +143,36 @@ def test_ctrl_c_while_a_peer_starts_up_still_finishes_cleanly(tmp_path, script, 
         peer.stop(last_line=re.escape(last_line))
     assert "interrupted while starting" in peer.lines, peer.lines
     assert last_line in peer.lines, peer.lines
+
+
+@pytest.mark.timeout(120)
+def test_monitor_does_not_ask_for_the_state_at_every_refresh_once_the_trainers_left(tmp_path):
+    # a trainer's metrics outlive it (60 s): the monitor asked for a state every --refresh_period meanwhile (or
+    # forever, with a peer still storing them), and each time the library logged "Nobody shares a state ..."
+    deadline = time.monotonic() + 100
+    first = subprocess.Popen([sys.executable, "-m", "hivemind.hivemind_cli.run_dht", "--host_maddrs",
+                              "/ip4/127.0.0.1/tcp/0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    peers = []
+    try:
+        address = next(line for line in first.stderr if "--initial_peers" in line).split("--initial_peers ")[1].split()
+        trainer = Peer("run_trainer.py", *TINY, "--initial_peers", *address, "--target_batch_size", "16",
+                       "--batch_size", "8", "--max_epochs", "2", "--num_threads", "1", cwd=str(tmp_path))  # fmt: skip
+        peers.append(trainer)
+        trainer.wait_for(r"trainer finished at epoch 2", deadline)
+        monitor = Peer("run_monitor.py", *TINY, "--initial_peers", *address, "--checkpoint_dir",
+                       str(tmp_path / "checkpoints"), "--checkpoint_every", "1", "--refresh_period", "0.2",
+                       cwd=str(tmp_path), with_log=True)  # fmt: skip
+        peers.append(monitor)
+        monitor.wait_for(r"epoch 1: mean loss", deadline)  # the trainer's last record
+        monitor.wait_for(r"no trainer shared a newer state", deadline)
+        time.sleep(3)  # 15 refresh periods
+    finally:
+        for peer in peers:
+            peer.interrupt()
+        for peer in peers:
+            peer.stop(last_line="monitor finished" if peer is not peers[0] else "trainer finished")
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=30)
+    asked = [line for line in monitor.lines if "Nobody shares a state" in line]
+    assert len(asked) == 1, asked

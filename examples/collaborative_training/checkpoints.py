@@ -59,7 +59,7 @@ class CheckpointSaver:
 
     def _failed(self, reason: str) -> None:
         if not self._failing:
-            print(f"{reason}; trying again every {self.args.refresh_period} s", flush=True)
+            print(f"{reason}; trying again when the trainers report a newer epoch", flush=True)
         self._failing = True
         return None
 

@@ -46,6 +46,7 @@ def monitor(dht: hivemind.DHT, args: argparse.Namespace) -> int:
     saver = CheckpointSaver(dht, args, validation_corpus)
 
     last_logged = -1
+    last_failed = -1  # the trainers' latest epoch when a checkpoint could not be saved: retried at a newer one
     try:  # from here on, Ctrl-C shuts the saver down: even one that comes just as the line below is printed
         print(f"monitoring run {args.run_id!r}", flush=True)
         while True:
@@ -58,8 +59,9 @@ def monitor(dht: hivemind.DHT, args: argparse.Namespace) -> int:
                 print(f"epoch {latest}: mean loss {mean_loss:.3f} reported by {len(current)} peers ({samples} "
                       f"samples); {len(records)} peers publishing", flush=True)  # fmt: skip
                 last_logged = latest
-            if latest + 1 >= saver.last_saved_epoch + args.checkpoint_every:  # latest + 1: the trainers' epoch
-                saver.save()
+            due = latest + 1 >= saver.last_saved_epoch + args.checkpoint_every  # latest + 1: the trainers' epoch
+            if due and latest > last_failed and saver.save() is None:
+                last_failed = latest  # (the trainers may have left: asking again each refresh would only log noise)
             time.sleep(args.refresh_period)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
