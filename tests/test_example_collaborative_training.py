@@ -176,3 +176,17 @@ def test_monitor_does_not_ask_for_the_state_at_every_refresh_once_the_trainers_l
         first.wait(timeout=30)
     asked = [line for line in monitor.lines if "Nobody shares a state" in line]
     assert len(asked) == 1, asked
+
+
+@pytest.mark.timeout(60)
+def test_trainer_with_default_options_starts_without_warnings(tmp_path):
+    # the default --matchmaking_time (3 s) was not above the averagers' request_timeout (3 s): each of the two
+    # averagers warned about it, at every start, about an option the user never set
+    trainer = Peer("run_trainer.py", *TINY, cwd=str(tmp_path), with_log=True)
+    try:
+        trainer.wait_for(r"trainer joined run 'stdlib_lm' at epoch 0", deadline=time.monotonic() + 40)
+    finally:
+        trainer.interrupt()
+        trainer.stop(last_line="trainer finished")
+    warnings = [line for line in trainer.lines if "[WARN]" in line or "[ERROR]" in line]
+    assert not warnings, warnings

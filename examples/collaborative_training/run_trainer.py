@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--client_mode", action="store_true", help="make only outgoing connections (behind a NAT)")
     parser.add_argument("--target_batch_size", type=int, default=256, help="sequences per epoch, whole swarm")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per local step")
-    parser.add_argument("--matchmaking_time", type=float, default=3.0, help="seconds to gather peers for averaging")
+    parser.add_argument("--matchmaking_time", type=float, default=5.0, help="seconds to gather peers for averaging")
     parser.add_argument("--averaging_timeout", type=float, default=30.0, help="seconds before averaging gives up")
     parser.add_argument("--max_epochs", type=int, default=None, help="stop after this epoch (default: run forever)")
     parser.add_argument("--seed", type=int, default=None, help="data order of this peer (default: from its pid)")

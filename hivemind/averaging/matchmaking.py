@@ -88,7 +88,9 @@ class Matchmaking(GroupLeading):
         if request_timeout >= min_matchmaking_time:
             logger.warning(
                 f"request_timeout ({request_timeout} s) should be smaller than min_matchmaking_time "
-                f"({min_matchmaking_time} s), or followers may give up on their leader before it starts the group"
+                f"({min_matchmaking_time} s), or followers may give up on their leader before it starts the group: "
+                f"raise min_matchmaking_time (hivemind.Optimizer: matchmaking_time) or lower request_timeout "
+                f"(hivemind.Optimizer: averager_opts=dict(request_timeout=...))"
             )
         self.p2p, self.schema_hash, self.dht = p2p, schema_hash, dht
         self.peer_id: PeerID = p2p.peer_id
