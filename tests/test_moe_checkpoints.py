@@ -89,8 +89,10 @@ def test_is_directory(tmp_path: Path):
 
 
 def test_loading_from_a_missing_directory_is_a_clear_error(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_experts({"expert.0": make_backend("expert.0", 0)}, tmp_path / "missing")
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match="does not exist; create it") as error_info:  # (a first run)
+        load_experts({"expert.0": make_backend("expert.0", 0)}, missing)
+    assert f"mkdir -p {missing}" in str(error_info.value)
 
 
 def test_checkpoint_saver_saves_periodically_until_shutdown(tmp_path: Path, monkeypatch):

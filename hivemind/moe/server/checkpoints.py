@@ -46,8 +46,10 @@ def is_directory(path: Optional[PathLike]) -> bool:
 
 def _require_directory(path: PathLike) -> None:
     if not is_directory(path):
-        what = "does not exist" if path is None or not Path(path).exists() else "is not a directory"
-        raise FileNotFoundError(f"checkpoint directory {str(path)!r} {what}")
+        if path is not None and Path(path).exists():
+            raise FileNotFoundError(f"checkpoint directory {str(path)!r} is not a directory")
+        # e.g. at the first run: an empty directory starts new experts, which are saved there
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist; create it (mkdir -p {path})")
 
 
 def _expert_directory(checkpoint_dir: PathLike, uid: str) -> Path:
