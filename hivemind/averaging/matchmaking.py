@@ -38,6 +38,8 @@ __all__ = ["Matchmaking", "MatchmakingException", "PotentialLeaders"]
 
 MIN_POLL_PERIOD, MAX_POLL_PERIOD = 0.1, 1.0  # seconds between DHT lookups of the group key while searching
 MIN_DHT_CALL_TIMEOUT = 5.0  # a DHT get/store of the group key waits at most max(this, request_timeout)
+# a search without a deadline (step() with no timeout) says that it is still looking after this long, then this often
+STILL_LOOKING_AFTER, STILL_LOOKING_PERIOD = 15.0, 60.0
 
 
 class MatchmakingException(Exception):
@@ -181,6 +183,8 @@ class Matchmaking(GroupLeading):
     async def _search(self, step) -> GroupInfo:
         # poll soon after (re-)declaring, when the others are declaring too, then back off to the regular period
         next_poll, poll_delay = -math.inf, MIN_POLL_PERIOD
+        started = get_dht_time()
+        still_looking_at = started + STILL_LOOKING_AFTER
         while True:
             now = get_dht_time()
             if not self.client_mode:  # (before the deadline: a declaration may end at it, with a group to start)
@@ -195,6 +199,9 @@ class Matchmaking(GroupLeading):
 
             if step.deadline is not None and now >= step.deadline:
                 raise MatchmakingException(f"Could not find a group before the deadline: {self._explain()}")
+            if step.deadline is None and now >= still_looking_at:  # (with a deadline, its error says all this)
+                logger.info(f"Still looking for a group after {now - started:.0f} s (no timeout): {self._explain()}")
+                still_looking_at = now + STILL_LOOKING_PERIOD
 
             if not self.client_mode:
                 if self._needs_declaration(step):
