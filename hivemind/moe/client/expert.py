@@ -23,7 +23,7 @@ from hivemind.moe.client.expert_rpc import (
 )
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import ExpertInfo
-from hivemind.p2p import P2P, PeerID, StubBase
+from hivemind.p2p import P2P, P2PDaemonError, PeerID, StubBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_compare, nested_flatten, nested_pack
 
@@ -69,7 +69,11 @@ class RemoteExpert(nn.Module):
     def info(self) -> Dict[str, Any]:
         """The expert's schemas, fetched from its server on first use and cached."""
         if self._rpc_info is None:
-            response = RemoteExpertWorker.run_coroutine(self.stub.rpc_info(runtime_pb2.ExpertUID(uid=self.uid)))
+            try:
+                response = RemoteExpertWorker.run_coroutine(self.stub.rpc_info(runtime_pb2.ExpertUID(uid=self.uid)))
+            except P2PDaemonError as e:  # the same type (callers tell network failures by it), saying which and why
+                what = f"cannot get the schema of expert {self.uid!r} from {self.peer_id}"
+                raise type(e)(f"{what}: {e}{_hint(e)}") from e
             self._rpc_info = parse_expert_info(response.serialized_info)
         return self._rpc_info
 
@@ -100,6 +104,14 @@ class RemoteExpert(nn.Module):
 
 
 _replicas: Dict[tuple, P2P] = {}  # (pid, daemon socket) -> the P2P that unpickled experts of this process share
+
+
+def _hint(error: P2PDaemonError) -> str:
+    if "protocols not supported" in str(error):
+        return " (that peer serves no experts: is an expert server running there?)"
+    if "failed to find any peer in table" in str(error) or "routing: not found" in str(error):
+        return " (this DHT does not know how to reach that peer: it is down, or not in this swarm)"
+    return ""
 
 
 def _unpickle_remote_expert(location: ExpertInfo, daemon_listen_maddr: str, rpc_info: Optional[dict]) -> RemoteExpert:
