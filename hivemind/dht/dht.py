@@ -38,9 +38,11 @@ from hivemind.utils.process_handle import (
     stop_lock,
     stop_when_parent_exits,
 )
-from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration
+from hivemind.utils.timed_storage import DHTExpiration, ValueWithExpiration, get_dht_time
 
 logger = get_logger(__name__)
+
+DURATION_LIKE_AGE = 365 * 24 * 3600  # store() warns about an expiration_time older than this: a duration, surely
 
 ReturnType = TypeVar("ReturnType")
 _connect_lock = threading.Lock()  # one socket connection per process, even if several threads call at once
@@ -318,6 +320,11 @@ class DHT(ShutdownOnExit, mp.Process):
 
         :param kwargs: forwarded to DHTNode.store_many (exclude_self, await_all_replicas, ...)
         """
+        if isinstance(expiration_time, (int, float)) and expiration_time < get_dht_time() - DURATION_LIKE_AGE:
+            logger.warning(  # e.g. expiration_time=60: nothing is stored (the record expired in 1970)
+                f"store({key!r}): expiration_time={expiration_time} is long past, so nothing will be stored; it is "
+                f"an absolute DHT time: pass hivemind.get_dht_time() + <seconds>"
+            )
         return self._call("store", key, value, expiration_time, subkey, return_future=return_future, **kwargs)
 
     def run_coroutine(
