@@ -2,11 +2,13 @@
 timeout to it in all, not one per epoch (the record is stuck in an epoch the survivor has left, and the dead peer was
 not in the survivor's last averaging round)."""
 
+import logging
 import time
 
 import pytest
 import torch
 
+import hivemind.optim.optimizer as optimizer_module
 from hivemind.dht import DHT
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.progress_tracker import ProgressTracker
@@ -72,3 +74,37 @@ def test_a_dead_peers_lingering_record_costs_the_survivor_at_most_one_averaging_
         opt.shutdown()
         dead_dht.shutdown()
         dht.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_the_survivor_says_why_its_step_waits_for_the_dead_peer(tmp_path):
+    # step() waited up to averaging_timeout (60 s by default) for a peer that had left, without a line about it:
+    # now a round still without a group after matchmaking_time says what it waits for and for how long at most
+    log_file = tmp_path / "optimizer.log"
+    handler = logging.FileHandler(log_file)
+    optimizer_module.logger.addHandler(handler)
+    dht = DHT(start=True)
+    model = torch.nn.Linear(8, 1)
+    opt = Optimizer(
+        dht=dht, run_id=RUN_ID, target_batch_size=32, batch_size_per_step=4,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05), params=model.parameters(),
+        matchmaking_time=1.0, averaging_timeout=AVERAGING_TIMEOUT, tracker_opts=FAST_TRACKER,
+        averager_opts=dict(request_timeout=0.5),
+    )  # fmt: skip
+    dead_dht = leave_a_dead_peers_record(dht)
+    try:
+        while opt.local_epoch < 1:
+            x = torch.randn(4, 8)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True)).backward()
+            opt.step()
+    finally:
+        opt.shutdown()
+        dead_dht.shutdown()
+        dht.shutdown()
+        optimizer_module.logger.removeHandler(handler)
+        handler.close()
+    lines = log_file.read_text().splitlines()
+    waiting = [line for line in lines if "no group to average gradients with after 1.0 s (2 peers expected)" in line]
+    assert len(waiting) == 1 and f"averaging_timeout={AVERAGING_TIMEOUT} s" in waiting[0], lines
+    assert any("averaging gradients failed" in line for line in lines), lines  # then it used its local gradients

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from hivemind.averaging.control import StepControl
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase, NoCompression
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import epoch_after_gradient_round, is_synchronized, next_epoch, should_load_state
@@ -396,7 +397,16 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             self._last_round_peers = set()  # nobody averaged with this peer: nobody to wait for next epoch
             return
         try:
-            gathered = control.result(self.averaging_timeout)
+            try:
+                gathered = control.result(self.matchmaking_time)
+            except concurrent.futures.TimeoutError:  # e.g. the expected peers left: say why step() waits this long
+                if control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                    logger.info(
+                        f"{self.run_id}: no group to average gradients with after {self.matchmaking_time} s "
+                        f"({control.expected_group_size} peers expected); waiting for one up to "
+                        f"averaging_timeout={self.averaging_timeout} s, then using local gradients"
+                    )
+                gathered = control.result(self.averaging_timeout - self.matchmaking_time)
             logger.log(self.status_loglevel, f"{self.run_id}: averaged gradients with {len(gathered)} peers")
             self._last_round_peers = {peer.to_bytes() for peer in gathered}
             self._last_round_epochs = list(gathered.values())
