@@ -1,4 +1,4 @@
-"""An averaging step without a timeout that finds nobody says so in the log while it waits, instead of nothing."""
+"""A lone averaging step says what it waits for (no timeout), and ends its search at a deadline cleanly."""
 
 import logging
 import time
@@ -38,3 +38,27 @@ def run_a_lone_step() -> None:
             control.cancel()
         finally:
             averager.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_search_that_ends_at_its_deadline_withdraws_nothing_that_expired(monkeypatch, tmp_path):
+    # at the deadline the declaration had just expired (its expiration cleared): the withdrawal then failed with
+    # TypeError("float() argument must be ... not 'NoneType'"), logged at DEBUG at the end of every such search
+    log_file = tmp_path / "matchmaking.log"
+    handler = logging.FileHandler(log_file)
+    matchmaking.logger.addHandler(handler)
+    monkeypatch.setattr(matchmaking.logger, "level", logging.DEBUG)  # (forked into the averager's process)
+    try:
+        with DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]) as dht:
+            options = dict(
+                prefix="ux_lone_deadline", target_group_size=2, min_matchmaking_time=1.0, request_timeout=0.5
+            )
+            with DecentralizedAverager([torch.zeros(3)], dht, start=True, **options) as averager:
+                with pytest.raises(Exception, match="could not find a group"):
+                    averager.step(timeout=2.5)
+    finally:
+        matchmaking.logger.removeHandler(handler)
+        handler.close()
+    text = log_file.read_text()
+    assert "looks for a group under ux_lone_deadline" in text  # (the DEBUG lines were written)
+    assert "failed to withdraw" not in text, text

@@ -177,7 +177,7 @@ class Matchmaking(GroupLeading):
             self._current_leader = None
             declared_key, declared_expiration = self._declared_key, self._declared_expiration
             self._declared_key = self._declared_expiration = self._declared_for_scheduled_time = None
-        if declared_key is not None:
+        if declared_key is not None and declared_expiration is not None:  # (None: it expired, nothing to withdraw)
             await self._withdraw(declared_key, declared_expiration)
 
     async def _search(self, step) -> GroupInfo:
