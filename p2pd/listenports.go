@@ -29,8 +29,8 @@ func checkListenPortsFree(addrs []ma.Multiaddr) error {
 		listener, err := net.ListenTCP("tcp", tcpAddr)
 		if err != nil {
 			if errors.Is(err, syscall.EADDRINUSE) {
-				return fmt.Errorf("cannot listen on %s from -hostAddrs: TCP port %s is already in use (by another "+
-					"peer or program); choose another port, or /tcp/0 for any free one", addr, port)
+				return fmt.Errorf("cannot listen on %s from -hostAddrs: TCP port %s is already in use by another "+
+					"peer or program (%v); choose another port, or /tcp/0 for any free one", addr, port, err)
 			}
 			continue // e.g. an address of another machine: go-libp2p reports it with its own error
 		}
