@@ -42,16 +42,20 @@ def _stored(dht: DHT, tracker: ProgressTracker) -> bool:
     return found is not None and tracker._local_public_key in found.value
 
 
-@pytest.mark.timeout(90)
-def test_a_dead_peers_lingering_record_costs_the_survivor_at_most_one_averaging_timeout():
-    dht = DHT(start=True)
-    model = torch.nn.Linear(8, 1)
-    opt = Optimizer(
+def _optimizer(dht: DHT, model: torch.nn.Module) -> Optimizer:
+    return Optimizer(
         dht=dht, run_id=RUN_ID, target_batch_size=32, batch_size_per_step=4,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05), params=model.parameters(),
         matchmaking_time=1.0, averaging_timeout=AVERAGING_TIMEOUT, tracker_opts=FAST_TRACKER,
         averager_opts=dict(request_timeout=0.5),
     )  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_peers_lingering_record_costs_the_survivor_at_most_one_averaging_timeout():
+    dht = DHT(start=True)
+    model = torch.nn.Linear(8, 1)
+    opt = _optimizer(dht, model)
     dead_dht = leave_a_dead_peers_record(dht)
     generator = torch.Generator().manual_seed(0)
     try:
@@ -85,12 +89,7 @@ def test_the_survivor_says_why_its_step_waits_for_the_dead_peer(tmp_path):
     optimizer_module.logger.addHandler(handler)
     dht = DHT(start=True)
     model = torch.nn.Linear(8, 1)
-    opt = Optimizer(
-        dht=dht, run_id=RUN_ID, target_batch_size=32, batch_size_per_step=4,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.05), params=model.parameters(),
-        matchmaking_time=1.0, averaging_timeout=AVERAGING_TIMEOUT, tracker_opts=FAST_TRACKER,
-        averager_opts=dict(request_timeout=0.5),
-    )  # fmt: skip
+    opt = _optimizer(dht, model)
     dead_dht = leave_a_dead_peers_record(dht)
     try:
         while opt.local_epoch < 1:
