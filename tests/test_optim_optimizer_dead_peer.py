@@ -2,7 +2,6 @@
 timeout to it in all, not one per epoch (the record is stuck in an epoch the survivor has left, and the dead peer was
 not in the survivor's last averaging round)."""
 
-import logging
 import time
 
 import pytest
@@ -12,6 +11,7 @@ import hivemind.optim.optimizer as optimizer_module
 from hivemind.dht import DHT
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.progress_tracker import ProgressTracker
+from tests.log_file import logged_to_file
 
 RUN_ID = "dead_peer_run"
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
@@ -85,24 +85,21 @@ def test_the_survivor_says_why_its_step_waits_for_the_dead_peer(tmp_path):
     # step() waited up to averaging_timeout (60 s by default) for a peer that had left, without a line about it:
     # now a round still without a group after matchmaking_time says what it waits for and for how long at most
     log_file = tmp_path / "optimizer.log"
-    handler = logging.FileHandler(log_file)
-    optimizer_module.logger.addHandler(handler)
-    dht = DHT(start=True)
-    model = torch.nn.Linear(8, 1)
-    opt = _optimizer(dht, model)
-    dead_dht = leave_a_dead_peers_record(dht)
-    try:
-        while opt.local_epoch < 1:
-            x = torch.randn(4, 8)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True)).backward()
-            opt.step()
-    finally:
-        opt.shutdown()
-        dead_dht.shutdown()
-        dht.shutdown()
-        optimizer_module.logger.removeHandler(handler)
-        handler.close()
+    with logged_to_file(optimizer_module.logger, log_file):
+        dht = DHT(start=True)
+        model = torch.nn.Linear(8, 1)
+        opt = _optimizer(dht, model)
+        dead_dht = leave_a_dead_peers_record(dht)
+        try:
+            while opt.local_epoch < 1:
+                x = torch.randn(4, 8)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True)).backward()
+                opt.step()
+        finally:
+            opt.shutdown()
+            dead_dht.shutdown()
+            dht.shutdown()
     lines = log_file.read_text().splitlines()
     waiting = [line for line in lines if "no group to average gradients with after 1.0 s (2 peers expected)" in line]
     assert len(waiting) == 1 and f"averaging_timeout={AVERAGING_TIMEOUT} s" in waiting[0], lines
