@@ -1,5 +1,5 @@
 """Documented behaviours of the public API that need no peer: values, shapes and errors, as the reference states
-them (the signatures themselves are checked in test_api_conformance_review8.py)."""
+them (the signatures themselves are checked in test_api_conformance_signatures.py)."""
 
 import asyncio
 import collections

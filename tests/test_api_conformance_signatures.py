@@ -1,6 +1,6 @@
 """The public API matches the reference of hivemind 1.1.12 name by name (no network, no daemons).
 
-Every callable in tests/api_conformance_review8_table.py is compared with ``inspect.signature``: the documented
+Every callable in tests/api_conformance_table.py is compared with ``inspect.signature``: the documented
 parameters must appear in the documented order with the same kind (positional / keyword-only / ``*args`` /
 ``**kwargs``) and the same defaults; extra parameters of ours are allowed only where they cannot break a documented
 call (they have defaults and come after the documented positional ones). Also checked: markers (coroutine,
@@ -14,7 +14,7 @@ import inspect
 import logging
 
 import torch
-from api_conformance_review8_table import ALLOWED, EXPORTS, NAMES, PROPERTIES, SAME, SETTABLE, SIGNATURES, VALUES
+from api_conformance_table import ALLOWED, EXPORTS, NAMES, PROPERTIES, SAME, SETTABLE, SIGNATURES, VALUES
 
 ANY_DEFAULT = object()  # a default written as ``...``: any default will do
 EMPTY = inspect.Parameter.empty

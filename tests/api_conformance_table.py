@@ -4,7 +4,7 @@
 dotted path and the parameter list as the reference writes it (``self``/``cls`` left out; a class stands for its
 constructor). A default written as ``...`` means "has some default". ``PROPERTIES`` are descriptors reached on the
 class, ``NAMES`` must merely resolve, ``VALUES`` must equal the given value, ``SAME`` pairs must be one object.
-Used by tests/test_api_conformance_review8.py.
+Used by tests/test_api_conformance_signatures.py.
 """
 
 # markers: ``async`` coroutine function, ``asyncgen`` async generator function, ``positional``: the reference names
