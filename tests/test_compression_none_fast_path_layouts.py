@@ -1,4 +1,4 @@
-"""Review of NONE's short path: layouts its own tests leave out still give C-order bytes and round trip."""
+"""NONE's short path: layouts its own tests leave out still give C-order bytes and round trip."""
 
 import pytest
 import torch
