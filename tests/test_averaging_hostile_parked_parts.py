@@ -1,4 +1,4 @@
-"""Review 8: all-reduce streams whose parts name a group the averager has not registered wait for it (a member may
+"""All-reduce streams whose parts name a group the averager has not registered wait for it (a member may
 still be setting up), holding their first message meanwhile. One peer may park at most MAX_PARKED_PARTS_PER_PEER
 such streams; the others are refused at once, so that streams for made-up groups cannot pin memory for seconds each
 (before: 100 streams of 4.5 MiB from one peer held +600 MiB in the averager for 5 s)."""

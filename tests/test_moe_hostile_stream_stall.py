@@ -1,4 +1,4 @@
-"""Review 8: a hostile expert server that reads a streamed forward call and never answers must not hold the client
+"""A hostile expert server that reads a streamed forward call and never answers must not hold the client
 forever. A unary call is bounded by the P2P's unary_call_timeout; a streamed answer's every message now is too
 (RemoteExpert and RemoteMixtureOfExperts call without a timeout of their own)."""
 

@@ -1,4 +1,4 @@
-"""Review of requests that keep their peer's inbound budget share while they wait for their handler: every way a
+"""Requests that keep their peer's inbound budget share while they wait for their handler: every way a
 stream can end gives the share back, including while its reader waits for the handler to take a request (real
 daemons on 127.0.0.1). Each test checks that the peer's share returns to zero, since a share that leaked would have
 that peer's large requests refused for good."""

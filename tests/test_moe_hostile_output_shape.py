@@ -1,4 +1,4 @@
-"""Review 8: RemoteExpert checks the outputs of a hostile (or broken) server against the expert's outputs_schema and
+"""RemoteExpert checks the outputs of a hostile (or broken) server against the expert's outputs_schema and
 the batch it sent, as RemoteMixtureOfExperts does: an output with one row for a batch of eight would broadcast
 silently in the caller's arithmetic."""
 

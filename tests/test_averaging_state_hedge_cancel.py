@@ -1,4 +1,4 @@
-"""Review of first_to_start (hedged start of state downloads): a caller cancelled while the losers of a race are being
+"""first_to_start (hedged start of state downloads): a caller cancelled while the losers of a race are being
 stopped still closes every download that had started (fake downloads, as in test_averaging_state_hedge_race)."""
 
 import asyncio

@@ -10,7 +10,7 @@ from typing import List
 
 import pytest
 from test_p2p_inbound_budget_prefetch import HANDLER, CountingBudget, GatedCounter, start_server, wait_until
-from test_p2p_inbound_budget_review import SMALL_MESSAGE, SMALL_REQUEST, request_frame
+from test_p2p_inbound_budget_share_release import SMALL_MESSAGE, SMALL_REQUEST, request_frame
 
 from hivemind.p2p import P2P, framing
 from hivemind.p2p.inbound_budget import InboundBudget, InboundBudgetExceeded

@@ -1,4 +1,4 @@
-"""Review 8: a hostile reducer that answers a 64-byte part with a 100 MiB delta is refused before the delta is read:
+"""A hostile reducer that answers a 64-byte part with a 100 MiB delta is refused before the delta is read:
 the sender limits each reply to what a delta of its largest part can take under any codec (before: 256 MiB, so the
 averager grew by some 300 MiB before it found the delta's size wrong)."""
 
