@@ -2,7 +2,7 @@
 owner does not log p2pd's exit as an unexpected failure."""
 
 import pytest
-from signals_review8_helpers import SessionProcess
+from signals_helpers import SessionProcess
 
 OWNER_AND_DAEMON_GET_SIGTERM = """
 import asyncio, os, signal

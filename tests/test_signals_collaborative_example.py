@@ -4,7 +4,7 @@ import os
 import signal
 
 import pytest
-from signals_review8_helpers import SessionProcess
+from signals_helpers import SessionProcess
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPOSITORY, "examples", "collaborative_training")

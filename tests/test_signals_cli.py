@@ -6,7 +6,7 @@ import time
 
 import psutil
 import pytest
-from signals_review8_helpers import CTRL_C_WHILE_P2PD_STARTS, SessionProcess, tool_script
+from signals_helpers import CTRL_C_WHILE_P2PD_STARTS, SessionProcess, tool_script
 
 DHT_ARGS = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--refresh_period", "1"]
 SERVER_ARGS = ["--num_experts", "1", "--expert_cls", "ffn", "--hidden_dim", "8", "--host_maddrs",

@@ -5,7 +5,7 @@ import os
 import signal
 
 import pytest
-from signals_review8_helpers import SessionProcess
+from signals_helpers import SessionProcess
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 

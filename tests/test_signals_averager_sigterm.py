@@ -15,7 +15,7 @@ from hivemind.averaging import DecentralizedAverager
 def test_terminated_averager_process_removes_its_callback_socket():
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     inherited = set(hivemind_sockets_of(os.getpid()))  # a forked averager also holds this process's sockets
-    averager = DecentralizedAverager([torch.zeros(3)], dht, prefix="sigterm_review8", start=True, target_group_size=2)
+    averager = DecentralizedAverager([torch.zeros(3)], dht, prefix="sigterm_averager", start=True, target_group_size=2)
     try:
         sockets = [path for path in hivemind_sockets_of(averager.pid) if path not in inherited]
         assert sockets  # the callback socket of its P2P replica

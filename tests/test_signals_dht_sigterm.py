@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from signals_review8_helpers import P2PD_SOCKET, SessionProcess, tool_script
+from signals_helpers import P2PD_SOCKET, SessionProcess, tool_script
 
 import hivemind
 

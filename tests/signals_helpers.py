@@ -43,8 +43,8 @@ class SessionProcess:
     """``python -c script`` in a new session; stdout and stderr lines are collected (merged) by a thread."""
 
     def __init__(self, script: str, *, cwd: Optional[str] = None):
-        self.tmp_dir = tempfile.mkdtemp(prefix="signals-review8-")
-        self.shm_dir = tempfile.mkdtemp(prefix="signals-review8-", dir="/dev/shm")  # pipe files need a tmpfs
+        self.tmp_dir = tempfile.mkdtemp(prefix="signals-test-")
+        self.shm_dir = tempfile.mkdtemp(prefix="signals-test-", dir="/dev/shm")  # pipe files need a tmpfs
         env = dict(os.environ, TMPDIR=self.tmp_dir, HIVEMIND_P2P_SHM_DIR=self.shm_dir, HIVEMIND_COLORS="0")
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(
