@@ -1,4 +1,4 @@
-"""Review of FastAdam: where it must behave exactly like the torch.optim.Adam it stands in for."""
+"""FastAdam: where it must behave exactly like the torch.optim.Adam it stands in for."""
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ HEADER = """
 import torch
 from hivemind.moe.server.layers.custom_experts import register_expert_class
 
-@register_expert_class("review7_half_loaded", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
+@register_expert_class("half_loaded_expert", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
 class Expert(torch.nn.Module):
     def __init__(self, hidden_dim):
         super().__init__()
@@ -25,10 +25,10 @@ def test_failed_custom_file_leaves_no_registration_and_loads_once_fixed(tmp_path
     try:
         with pytest.raises(ValueError, match="a typo further down"):
             add_custom_models_from_file(path)
-        assert "review7_half_loaded" not in name_to_block and "review7_half_loaded" not in name_to_input
+        assert "half_loaded_expert" not in name_to_block and "half_loaded_expert" not in name_to_input
         path.write_text(HEADER)
         add_custom_models_from_file(path)
-        assert name_to_block["review7_half_loaded"].__name__ == "Expert"
+        assert name_to_block["half_loaded_expert"].__name__ == "Expert"
     finally:
-        name_to_block.pop("review7_half_loaded", None)
-        name_to_input.pop("review7_half_loaded", None)
+        name_to_block.pop("half_loaded_expert", None)
+        name_to_input.pop("half_loaded_expert", None)

@@ -1,4 +1,4 @@
-"""Review of the MoE fault handling: calls abandoned by their callers give back their request bytes and cancel
+"""MoE fault handling: calls abandoned by their callers give back their request bytes and cancel
 their tasks, whichever RPC they used and wherever they were when the caller went away."""
 
 import asyncio

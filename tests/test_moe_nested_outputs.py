@@ -13,7 +13,7 @@ from hivemind.moe.server.layers import name_to_block
 from hivemind.moe.server.server import Server
 
 HIDDEN = 8
-EXPERT_CLASS = "review5_dict_outputs"
+EXPERT_CLASS = "nested_dict_outputs"
 
 
 class DictOutputs(nn.Module):
