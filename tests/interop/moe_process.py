@@ -1,4 +1,4 @@
-"""A MoE peer script (moe_peer.py, moe_review8_peer.py) run in a subprocess of one implementation, read as JSON lines,
+"""A MoE peer script (moe_peer.py, moe_mixture_peer.py) run in a subprocess of one implementation, read as JSON lines,
 and the start of a server from it (retried for the original, whose Server now and then never gets ready)."""
 
 import json

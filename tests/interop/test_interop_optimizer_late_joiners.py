@@ -1,4 +1,4 @@
-"""Review: a mixed hivemind.Optimizer swarm (original 1.1.12 + ours) agrees, and late joiners of both kinds catch up.
+"""A mixed hivemind.Optimizer swarm (original 1.1.12 + ours) agrees, and late joiners of both kinds catch up.
 
 An original and our Optimizer train a Linear(8, 1) together for a few epochs, each on its own data, and end with the
 same parameters (the gradients were averaged every epoch); then a new Optimizer of each kind joins
@@ -17,7 +17,7 @@ from .conftest import ORIGINAL, OURS, driver_per_side
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
-DRIVER = Path(__file__).resolve().with_name("optimizer_review8_driver.py")
+DRIVER = Path(__file__).resolve().with_name("optimizer_late_joiner_driver.py")
 EPOCHS, BATCH, LR = 3, 4, 0.1
 
 
@@ -33,7 +33,7 @@ def parameters(result: dict) -> np.ndarray:
 
 @pytest.fixture
 def drivers(original_env, interop_log_dir):
-    with driver_per_side(interop_log_dir, "review8-optimizer", DRIVER) as started:
+    with driver_per_side(interop_log_dir, "optimizer-late-joiners", DRIVER) as started:
         yield started
 
 

@@ -1,4 +1,4 @@
-"""Review: RemoteMixtureOfExperts of either implementation over a swarm that mixes experts served by the original
+"""RemoteMixtureOfExperts of either implementation over a swarm that mixes experts served by the original
 1.1.12 (expert.0) and by ours (expert.1), both declared under prefix "expert.": beam search finds both, and a batch
 above the 2 MiB unary limit (streamed both ways) gives the output and input gradient of the same mixture run locally.
 """
@@ -14,7 +14,7 @@ from .moe_process import MoEPeer, start_server
 
 pytestmark = [pytest.mark.interop]
 
-SCRIPT = Path(__file__).resolve().with_name("moe_review8_peer.py")
+SCRIPT = Path(__file__).resolve().with_name("moe_mixture_peer.py")
 HIDDEN = 1024  # a wide input keeps the batch small: the original's beam search takes ~10 ms per sample
 BATCH = 2 * 1024**2 // (4 * HIDDEN) + 7  # above the 2 MiB unary limit: requests and responses are streamed
 
@@ -22,7 +22,7 @@ BATCH = 2 * 1024**2 // (4 * HIDDEN) + 7  # above the 2 MiB unary limit: requests
 @pytest.fixture(scope="module")
 def mixed_servers(original_env, interop_log_dir, tmp_path_factory):
     """expert.0 served by the original, expert.1 by ours (joined to the original's DHT): (maddrs, state paths)."""
-    folder = tmp_path_factory.mktemp("moe-review8")
+    folder = tmp_path_factory.mktemp("moe-mixed-servers")
     states = [folder / "expert0.pt", folder / "expert1.pt"]
     servers = []
     try:

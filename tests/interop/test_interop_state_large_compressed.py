@@ -1,4 +1,4 @@
-"""Review: load_state_from_peers across implementations with a large state (multi-chunk: several MiB in 64 KiB
+"""load_state_from_peers across implementations with a large state (multi-chunk: several MiB in 64 KiB
 chunks) that the donor compresses per tensor (FLOAT16, UNIFORM_8BIT, NONE in one stream)."""
 
 import time
@@ -22,7 +22,7 @@ TOLERANCES = [1e-3, 0.1, 0.0]  # absolute, for standard normal values
 
 @pytest.fixture(scope="module")
 def drivers(original_env, interop_log_dir) -> Dict[str, PeerProcess]:
-    with driver_per_side(interop_log_dir, "review8-state", DRIVER) as started:
+    with driver_per_side(interop_log_dir, "state-large-compressed", DRIVER) as started:
         yield started
 
 

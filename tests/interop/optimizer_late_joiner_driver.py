@@ -1,4 +1,4 @@
-"""optimizer_driver.py plus what the late-joiner review test needs; runs under EITHER implementation.
+"""optimizer_driver.py plus what the late-joiner test needs; runs under EITHER implementation.
 
 Adds optimizer_load_state (hivemind.Optimizer.load_state_from_peers, in a worker thread), optimizer_share_state
 (turns state sharing on or off) and optimizer_params (the model's parameters and the local epoch), so a peer that
@@ -13,7 +13,7 @@ import optimizer_driver  # noqa: E402  (imports peer_driver, which sets up the p
 import peer_driver  # noqa: E402
 
 
-class ReviewOptimizerDriver(optimizer_driver.OptimizerDriver):
+class LateJoinerOptimizerDriver(optimizer_driver.OptimizerDriver):
     async def cmd_optimizer_load_state(self, handle):
         _, opt = self.optimizers[handle]
         await asyncio.get_running_loop().run_in_executor(None, opt.load_state_from_peers)
@@ -40,7 +40,7 @@ class ReviewOptimizerDriver(optimizer_driver.OptimizerDriver):
 
 
 if __name__ == "__main__":
-    peer_driver.Driver = ReviewOptimizerDriver  # main() builds the driver by this name
+    peer_driver.Driver = LateJoinerOptimizerDriver  # main() builds the driver by this name
     asyncio.run(peer_driver.main())
     sys.stderr.flush()
     os._exit(0)

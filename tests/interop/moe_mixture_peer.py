@@ -1,9 +1,9 @@
-"""One side of the review8 mixture-of-experts interop tests; runs under EITHER implementation (ours or the original).
+"""One side of the mixed-server MoE interop test; runs under EITHER implementation (ours or the original).
 
-`moe_review8_peer.py serve <uid> <seed> <state_path> <hidden> [<maddr>...]`: hosts expert <uid> (a small MLP seeded
+`moe_mixture_peer.py serve <uid> <seed> <state_path> <hidden> [<maddr>...]`: hosts expert <uid> (a small MLP seeded
   with <seed>) with hivemind.moe.Server, saves its state_dict to <state_path>, prints one JSON line
   {"event": "ready", "maddrs": [...], ...} and serves until stdin closes.
-`moe_review8_peer.py mix <result_path> <input_path> <proj_path> <n_experts> <maddr>...`: joins the DHT, waits until
+`moe_mixture_peer.py mix <result_path> <input_path> <proj_path> <n_experts> <maddr>...`: joins the DHT, waits until
   beam search over prefix "expert." finds <n_experts> experts, then runs a RemoteMixtureOfExperts (grid
   (<n_experts>,), k_best=<n_experts>, gating weights loaded from <proj_path>) forward and backward on the loaded
   input, saves {"output", "grad"} to <result_path> and prints {"event": "done", "found": [uids]}.
