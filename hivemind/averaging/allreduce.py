@@ -347,6 +347,11 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                     raise AllreduceException(f"closed the stream after {k} of {len(parts)} replies")
                 if message.code == _CANCELLED and peer_id in self.sender_index_of:
                     self._ban(self.sender_index_of[peer_id], "cancelled its round")  # it sends no more parts
+                if message.code == MessageCode.BAD_GROUP_ID:
+                    raise AllreduceException(
+                        f"replied BAD_GROUP_ID to part {k}: that member does not run this group (e.g. it stopped "
+                        f"waiting for the group before the leader started it, and searched again)"
+                    )
                 if message.code != _AVERAGED_PART:
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")
                 self.bytes_received += message_nbytes(message)
