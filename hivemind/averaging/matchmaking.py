@@ -208,7 +208,8 @@ class Matchmaking(GroupLeading):
                     await self._declare(step)
                     next_poll, poll_delay = -math.inf, MIN_POLL_PERIOD
 
-            if get_dht_time() >= next_poll:
+            # (the lookups only find leaders to ask: none while our own group is due too soon, see _may_ask_others)
+            if get_dht_time() >= next_poll and self._may_ask_others():
                 next_poll = get_dht_time() + poll_delay
                 poll_delay = min(2 * poll_delay, self.poll_period)
                 await self._poll_dht()
@@ -221,7 +222,7 @@ class Matchmaking(GroupLeading):
                         return group
                     continue
 
-            wake_up = next_poll
+            wake_up = next_poll if self._may_ask_others() else math.inf
             if self._declared_expiration is not None:
                 wake_up = min(wake_up, self._declared_expiration)
             if step.deadline is not None:
@@ -281,10 +282,13 @@ class Matchmaking(GroupLeading):
     async def _poll_dht(self) -> None:
         key = self.group_key_manager.current_key
         self._report.dht_lookups += 1
+        timeout = self.dht_call_timeout
+        if self._followers and self._declared_expiration is not None:
+            # a slow lookup (a loaded DHT) must not hold up the start of our group past its time: the followers wait
+            # for it only until their own expiration + request_timeout
+            timeout = min(timeout, max(0.0, self._declared_expiration - get_dht_time()))
         try:
-            averagers = await await_with_timeout(
-                self.group_key_manager.get_averagers(key, only_active=True), self.dht_call_timeout
-            )
+            averagers = await await_with_timeout(self.group_key_manager.get_averagers(key, only_active=True), timeout)
         except Exception as e:
             logger.debug(f"{self.peer_id} failed to read the averagers under {key}: {e!r}")
             return
@@ -295,6 +299,7 @@ class Matchmaking(GroupLeading):
         async with self._lock:
             if self._assembled.done():
                 return self._assembled.result()
+            self._leave_out_late_followers()
             if self._followers and len(self._followers) + 1 >= self.min_group_size:
                 return self._assemble_group()
             if self._followers:

@@ -1,5 +1,6 @@
 """The leader's side of matchmaking: answer join requests (``rpc_join_group``), gather followers, and start the
 group (at ``target_group_size``, once every expected peer joined, or when the declared time runs out) or disband it.
+A leader that was stalled past a follower's wait leaves that follower out of the group (it may have searched again).
 
 ``GroupLeading`` is mixed into ``Matchmaking``, which owns the state it reads: the lock, the step being matched, the
 followers, the declared expiration and the current leader of this peer.
@@ -18,6 +19,8 @@ from hivemind.averaging.matchmaking_rules import (
     check_join_request,
     code_name,
     expected_group_size,
+    follower_gave_up,
+    follower_wait_deadline,
     may_start_early,
 )
 from hivemind.p2p import P2PContext, PeerID
@@ -40,6 +43,7 @@ class Follower:
 
     request: averaging_pb2.JoinRequest
     outcome: "asyncio.Future[averaging_pb2.MessageFromLeader]"  # BEGIN_ALLREDUCE or GROUP_DISBANDED
+    waits_until: float  # (DHT time) when it stops waiting for our group, as far as this peer can tell
 
 
 class GroupLeading:
@@ -49,6 +53,7 @@ class GroupLeading:
         """Start our group before the declared time if every expected peer has joined and our round may begin."""
         if self._followers and self._early_start_allowed(step):
             async with self._lock:
+                self._leave_out_late_followers()
                 if not self._assembled.done() and self._current_leader is None and self._early_start_allowed(step):
                     return self._assemble_group()
         return None
@@ -77,7 +82,14 @@ class GroupLeading:
             try:
                 outcome = await await_with_timeout(asyncio.shield(follower.outcome), patience)
             except asyncio.TimeoutError:
-                outcome = averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED)
+                # the group may have started just now (a stalled loop wakes the search and this timeout together):
+                # send it then; otherwise drop the follower at once, not after the yield below, which a group could
+                # start during, listing a follower told GROUP_DISBANDED
+                if not follower.outcome.done():
+                    follower.outcome.set_result(averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED))
+                    if self._followers.get(requester) is follower:
+                        del self._followers[requester]
+                outcome = follower.outcome.result()
             yield outcome
         finally:
             if follower is not None and self._followers.get(requester) is follower:
@@ -102,11 +114,14 @@ class GroupLeading:
                     self._leaders.peers_seen.add(requester)
                     self._report.bad_schema_peers.add(requester)
                 return refusal, None, None
-            follower = Follower(request, asyncio.get_running_loop().create_future())
+            self._leave_out_late_followers()  # (before they count towards a group that starts now)
+            now = get_dht_time()
+            waits_until = follower_wait_deadline(request.expiration, now, self.request_timeout)
+            follower = Follower(request, asyncio.get_running_loop().create_future(), waits_until)
             self._followers[requester] = follower
             self._report.largest_group = max(self._report.largest_group, len(self._followers) + 1)
             # a follower waits for our group until its own expiration (not before ours) + request_timeout
-            patience = max(0.0, self._declared_expiration - get_dht_time()) + 3 * self.request_timeout
+            patience = max(0.0, self._declared_expiration - now) + 3 * self.request_timeout
             if self.target_group_size is not None and len(self._followers) + 1 >= self.target_group_size:
                 self._assemble_group()
             elif self._current_leader is None and self._early_start_allowed(self._step):
@@ -152,6 +167,25 @@ class GroupLeading:
         self._assembled.set_result(group)
         logger.info(f"Formed a group of {group.group_size} peers led by this peer ({self.peer_id})")
         return group
+
+    def _leave_out_late_followers(self) -> None:
+        """Tell the followers that may have stopped waiting for our group (this peer was stalled past their wait, and
+        has not read their closed requests yet) that it will not include them (call with ``self._lock`` held): a
+        group started with them would list members that do not run it."""
+        now = get_dht_time()
+        for peer, follower in list(self._followers.items()):
+            if follower_gave_up(follower.waits_until, now, self.request_timeout):
+                del self._followers[peer]
+                if not follower.outcome.done():
+                    follower.outcome.set_result(averaging_pb2.MessageFromLeader(code=Code.GROUP_DISBANDED))
+                left = follower.waits_until - now
+                waited = f"stopped waiting for it {-left:.2f} s ago" if left <= 0 else f"stops waiting in {left:.2f} s"
+                late = now - self._declared_expiration if self._declared_expiration is not None else float("nan")
+                logger.warning(
+                    f"{self.peer_id} leaves {peer} out of its group: this peer is {late:.2f} s past its declared "
+                    f"time (its event loop was stalled: an overloaded machine?) and that follower {waited}, too soon "
+                    f"for the group to reach it; it is told GROUP_DISBANDED and searches again"
+                )
 
     def _disband_followers(self, suggested_leader: Optional[PeerID]) -> None:
         """Tell every follower that this group will not start (call with ``self._lock`` held)."""

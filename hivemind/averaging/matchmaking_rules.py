@@ -19,6 +19,9 @@ MAX_GROUP_ID_BYTES = 64  # the original's leaders use 20 random bytes
 MAX_REDIRECTS = 16  # GROUP_DISBANDED{suggested_leader} hops a follower follows in a row
 MAX_DISBANDS_PER_LEADER = 2  # a leader that accepted us and then disbanded this often is not asked again (per search)
 MAX_SILENCES_PER_LEADER = 2  # a leader that let this many of our requests time out unanswered is not asked again
+# a leader starts a group with a follower only while at least this share of request_timeout is left of the follower's
+# wait, for the group message to reach it
+FOLLOWER_WAIT_MARGIN = 0.5
 
 Code = averaging_pb2.MessageCode
 
@@ -47,6 +50,24 @@ def may_start_early(group_size: int, expected_group_size: int, min_group_size: i
     this one still computes. Followers see nothing new: a leader that reaches ``target_group_size`` also starts early.
     """
     return triggered and expected_group_size >= 2 and group_size >= max(expected_group_size, min_group_size)
+
+
+def follower_wait_deadline(request_expiration: float, accepted_at: float, request_timeout: float) -> float:
+    """Until when an accepted follower waits for the group: its declared expiration (never before the leader's), or
+    the moment it was accepted if that came later, + request_timeout; then it closes its request and searches again.
+    The follower's request_timeout is not on the wire: the leader's own stands in for it."""
+    return max(request_expiration, accepted_at) + request_timeout
+
+
+def follower_gave_up(wait_deadline: float, now: float, request_timeout: float) -> bool:
+    """Whether a follower that waits until ``wait_deadline`` may have stopped waiting by the time a group message
+    sent ``now`` reaches it (``FOLLOWER_WAIT_MARGIN`` of request_timeout is left for the message to arrive).
+
+    A leader normally starts its group at its own expiration, well before that. One that was stalled (a loaded
+    machine) past it may still list a follower whose closed request it has not read yet: a group started with it
+    would run without it (the follower answers the leader's parts with BAD_GROUP_ID, or runs another group).
+    """
+    return now > wait_deadline - FOLLOWER_WAIT_MARGIN * request_timeout
 
 
 def expected_group_size(step) -> int:

@@ -1,0 +1,223 @@
+"""A leader that starts its group late must not list a follower that stopped waiting for it.
+
+An accepted follower waits for the group until its declared time + request_timeout, then closes its join request and
+searches again. A leader whose event loop stalled (a loaded machine) past that still had the follower among its
+followers when it resumed, and started the group before it read the closed request: the two then ran different
+rounds (the follower answered the leader's parts with BAD_GROUP_ID; seen once in the collaborative_training example
+under heavy CPU load). The leader now leaves such a follower out. And a slow DHT lookup no longer holds up the start
+of a leader's group (it could delay it by up to 5 s, past the followers' wait).
+
+Real p2pd daemons and DHT processes on 127.0.0.1."""
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+import pytest
+from async_wait import wait_until
+from averaging_matchmaking_swarm import (
+    LOCALHOST,
+    SCHEMA_HASH,
+    DecentralizedAverager,
+    make_step,
+    swarm_context,
+)
+
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException
+from hivemind.averaging.matchmaking_rules import FOLLOWER_WAIT_MARGIN, follower_gave_up, follower_wait_deadline
+from hivemind.dht import DHT
+from hivemind.utils.timed_storage import get_dht_time
+
+pytestmark = pytest.mark.timeout(90)
+
+REQUEST_TIMEOUT = 0.5
+MATCHMAKING_TIME = 1.5
+
+
+class LeaderThread:
+    """A matchmaking peer served by its own event loop in a thread, which ``stall()`` blocks until ``resume()``."""
+
+    def __init__(self, dht: DHT, prefix: str):
+        self.dht, self.prefix = dht, prefix
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.stalled, self._resumed = threading.Event(), threading.Event()
+        self.matchmaking = self.p2p = None
+
+    async def run(self, coroutine, timeout: float = 30.0):
+        """Run ``coroutine`` in the thread's loop and wait for its result from the caller's loop."""
+        return await asyncio.wait_for(
+            asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop)), timeout
+        )
+
+    async def start(self) -> None:
+        async def setup():
+            self.p2p = await self.dht.replicate_p2p()
+            self.matchmaking = Matchmaking(
+                self.p2p,
+                SCHEMA_HASH,
+                self.dht,
+                servicer_type=DecentralizedAverager,
+                prefix=self.prefix,
+                min_matchmaking_time=MATCHMAKING_TIME,
+                request_timeout=REQUEST_TIMEOUT,
+            )
+            await DecentralizedAverager(self.matchmaking).add_p2p_handlers(self.p2p, namespace=self.prefix)
+
+        await self.run(setup())
+
+    def stall(self) -> None:
+        def block():
+            self.stalled.set()
+            self._resumed.wait(30)
+
+        self.loop.call_soon_threadsafe(block)
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    async def close(self) -> None:
+        self.resume()
+        if self.p2p is not None:
+            with contextlib.suppress(Exception):
+                await self.run(self.p2p.shutdown(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def test_a_leader_stalled_past_its_followers_wait_leaves_it_out(caplog):
+    """The leader runs in its own thread and event loop, which the test blocks like a stalled process from just before
+    the leader's declared time until the follower gave up and its closed request reached the leader's socket."""
+    async with swarm_context("late") as swarm:
+        follower = await swarm.add(min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT)
+        leader_dht = DHT(start=True, initial_peers=follower.dht.get_visible_maddrs(), host_maddrs=LOCALHOST)
+        swarm._dhts.append(leader_dht)  # shut down with the swarm
+        leader = LeaderThread(leader_dht, "late")
+        try:
+            await leader.start()
+            leader_search = asyncio.run_coroutine_threadsafe(
+                leader.matchmaking.look_for_group(make_step(timeout=8)), leader.loop
+            )
+            await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
+            leader_expiration = leader.matchmaking._declared_expiration
+            # the follower declares a little later, so it asks the leader (and waits until its own time + timeout)
+            follower_step = make_step(timeout=6, scheduled_in=leader_expiration + 0.2 - get_dht_time())
+            follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
+            await wait_until(
+                lambda: follower.matchmaking._current_leader == leader.p2p.peer_id, "the leader accepting the follower"
+            )
+            await asyncio.sleep(max(0.0, leader_expiration - 0.2 - get_dht_time()))
+            leader.stall()  # just before the leader's time: it starts the group only once it resumes
+            await wait_until(leader.stalled.is_set, "the leader's stall")
+            assert not leader.matchmaking._assembled.done() and leader.matchmaking._followers
+            await wait_until(lambda: follower.matchmaking._report.leader_timeouts > 0, "the follower giving up")
+            await asyncio.sleep(0.5)  # its closed request reaches the leader's socket meanwhile
+            with caplog.at_level(logging.WARNING, logger="hivemind.averaging.matchmaking_leader"):
+                leader.resume()
+                leader_result = await outcome(asyncio.wrap_future(leader_search))
+                follower_result = await outcome(follower_search)
+        finally:
+            await leader.close()
+    for result in leader_result, follower_result:
+        assert isinstance(result, (GroupInfo, MatchmakingException)), result
+    # no group lists a peer that did not get it (here both search again and usually group together)
+    if isinstance(leader_result, GroupInfo) and follower.peer_id in leader_result.peer_ids:
+        assert follower_result == leader_result, "the leader's group lists a follower that did not join it"
+    if isinstance(follower_result, GroupInfo) and leader.p2p.peer_id in follower_result.peer_ids:
+        assert leader_result == follower_result, "the follower's group lists a leader that did not join it"
+    left_out = [record.getMessage() for record in caplog.records if "out of its group" in record.getMessage()]
+    assert len(left_out) == 1 and f"leaves {follower.peer_id} out" in left_out[0], left_out
+
+
+async def test_a_leader_stalled_past_its_own_patience_sends_the_group_it_starts():
+    """The follower declared much later, so it still waits when the leader resumes; but the leader's join handler
+    also gives up on it (its declared time + 3 request_timeouts) at that moment. The handler used to answer
+    GROUP_DISBANDED while the search, woken in the same loop iteration, started the group with the follower in it."""
+    async with swarm_context("late") as swarm:
+        follower = await swarm.add(min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT)
+        leader_dht = DHT(start=True, initial_peers=follower.dht.get_visible_maddrs(), host_maddrs=LOCALHOST)
+        swarm._dhts.append(leader_dht)  # shut down with the swarm
+        leader = LeaderThread(leader_dht, "late")
+        try:
+            await leader.start()
+            leader_search = asyncio.run_coroutine_threadsafe(
+                leader.matchmaking.look_for_group(make_step(timeout=8)), leader.loop
+            )
+            await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
+            leader_expiration = leader.matchmaking._declared_expiration
+            follower_step = make_step(timeout=8, scheduled_in=leader_expiration + 4.0 - get_dht_time())
+            follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
+            await wait_until(
+                lambda: follower.matchmaking._current_leader == leader.p2p.peer_id, "the leader accepting the follower"
+            )
+            await asyncio.sleep(max(0.0, leader_expiration - 0.2 - get_dht_time()))
+            leader.stall()
+            await wait_until(leader.stalled.is_set, "the leader's stall")
+            assert not leader.matchmaking._assembled.done() and leader.matchmaking._followers
+            await asyncio.sleep(max(0.0, leader_expiration + 3 * REQUEST_TIMEOUT + 0.3 - get_dht_time()))
+            assert follower.matchmaking._current_leader == leader.p2p.peer_id  # the follower still waits
+            leader.resume()
+            leader_result = await outcome(asyncio.wrap_future(leader_search))
+            follower_result = await outcome(follower_search)
+        finally:
+            await leader.close()
+    for result in leader_result, follower_result:
+        assert isinstance(result, (GroupInfo, MatchmakingException)), result
+    if isinstance(leader_result, GroupInfo) and follower.peer_id in leader_result.peer_ids:
+        assert follower_result == leader_result, "the leader's group lists a follower that did not join it"
+    if isinstance(follower_result, GroupInfo) and leader.p2p.peer_id in follower_result.peer_ids:
+        assert leader_result == follower_result, "the follower's group lists a leader that did not join it"
+
+
+async def test_a_slow_dht_lookup_does_not_hold_up_the_start_of_a_leaders_group():
+    async with swarm_context("slowdht") as swarm:
+        leader, follower = await swarm.add_many(
+            2, min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT
+        )
+        leader_search = asyncio.create_task(leader.matchmaking.look_for_group(make_step(timeout=8)))
+        follower_search = None
+        try:
+            await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
+            leader_expiration = leader.matchmaking._declared_expiration
+            follower_step = make_step(timeout=8, scheduled_in=leader_expiration + 0.2 - get_dht_time())
+            follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
+            await wait_until(lambda: follower.matchmaking._current_leader == leader.peer_id, "the follower's join")
+            assert leader_expiration - get_dht_time() > REQUEST_TIMEOUT, "joined too late to test anything"
+
+            async def stuck_lookup(*args, **kwargs):  # a loaded DHT: a lookup that the leader may start now hangs
+                await asyncio.sleep(60)
+
+            leader.matchmaking.group_key_manager.get_averagers = stuck_lookup
+            group = await asyncio.wait_for(leader_search, 15)
+            started = get_dht_time()
+            assert set(group.peer_ids) == {leader.peer_id, follower.peer_id}
+            assert await asyncio.wait_for(follower_search, 10) == group
+            # (it used to start up to 5 s late, when the follower had given up on it)
+            assert started < leader_expiration + REQUEST_TIMEOUT, f"started {started - leader_expiration:.2f} s late"
+        finally:
+            for search in leader_search, follower_search:
+                if search is not None:
+                    search.cancel()
+                    with contextlib.suppress(BaseException):
+                        await search
+
+
+async def outcome(awaitable):
+    try:
+        return await asyncio.wait_for(awaitable, 30)
+    except MatchmakingException as e:
+        return e
+
+
+def test_a_follower_counts_as_gone_once_too_little_of_its_wait_is_left_for_the_group_message():
+    # accepted before its declared time: it waits until then + request_timeout
+    assert follower_wait_deadline(request_expiration=100.0, accepted_at=98.0, request_timeout=1.0) == 101.0
+    # accepted after it (the leader was stalled): it waits request_timeout from then
+    assert follower_wait_deadline(request_expiration=100.0, accepted_at=100.4, request_timeout=1.0) == 101.4
+    assert not follower_gave_up(wait_deadline=101.0, now=100.0, request_timeout=1.0)  # a leader on time
+    assert not follower_gave_up(wait_deadline=101.0, now=101.0 - FOLLOWER_WAIT_MARGIN, request_timeout=1.0)
+    assert follower_gave_up(wait_deadline=101.0, now=101.0 - FOLLOWER_WAIT_MARGIN + 0.01, request_timeout=1.0)
+    assert follower_gave_up(wait_deadline=101.0, now=102.0, request_timeout=1.0)
