@@ -4,8 +4,9 @@ An accepted follower waits for the group until its declared time + request_timeo
 searches again. A leader whose event loop stalled (a loaded machine) past that still had the follower among its
 followers when it resumed, and started the group before it read the closed request: the two then ran different
 rounds (the follower answered the leader's parts with BAD_GROUP_ID; seen once in the collaborative_training example
-under heavy CPU load). The leader now leaves such a follower out. And a slow DHT lookup no longer holds up the start
-of a leader's group (it could delay it by up to 5 s, past the followers' wait).
+under heavy CPU load). The leader now leaves such a follower out. A stalled follower, in turn, reads the group that
+arrived during its stall before it gives up. And a slow DHT lookup no longer holds up the start of a leader's group
+(it could delay it by up to 5 s, past the followers' wait).
 
 Real p2pd daemons and DHT processes on 127.0.0.1."""
 
@@ -36,8 +37,9 @@ REQUEST_TIMEOUT = 0.5
 MATCHMAKING_TIME = 1.5
 
 
-class LeaderThread:
-    """A matchmaking peer served by its own event loop in a thread, which ``stall()`` blocks until ``resume()``."""
+class PeerThread:
+    """A matchmaking peer served by its own event loop in a thread, which ``stall()`` blocks until ``resume()`` (as
+    if its process was stalled on a loaded machine)."""
 
     def __init__(self, dht: DHT, prefix: str):
         self.dht, self.prefix = dht, prefix
@@ -95,7 +97,7 @@ async def test_a_leader_stalled_past_its_followers_wait_leaves_it_out(caplog):
         follower = await swarm.add(min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT)
         leader_dht = DHT(start=True, initial_peers=follower.dht.get_visible_maddrs(), host_maddrs=LOCALHOST)
         swarm._dhts.append(leader_dht)  # shut down with the swarm
-        leader = LeaderThread(leader_dht, "late")
+        leader = PeerThread(leader_dht, "late")
         try:
             await leader.start()
             leader_search = asyncio.run_coroutine_threadsafe(
@@ -140,7 +142,7 @@ async def test_a_leader_stalled_past_its_own_patience_sends_the_group_it_starts(
         follower = await swarm.add(min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT)
         leader_dht = DHT(start=True, initial_peers=follower.dht.get_visible_maddrs(), host_maddrs=LOCALHOST)
         swarm._dhts.append(leader_dht)  # shut down with the swarm
-        leader = LeaderThread(leader_dht, "late")
+        leader = PeerThread(leader_dht, "late")
         try:
             await leader.start()
             leader_search = asyncio.run_coroutine_threadsafe(
@@ -170,6 +172,39 @@ async def test_a_leader_stalled_past_its_own_patience_sends_the_group_it_starts(
         assert follower_result == leader_result, "the leader's group lists a follower that did not join it"
     if isinstance(follower_result, GroupInfo) and leader.p2p.peer_id in follower_result.peer_ids:
         assert leader_result == follower_result, "the follower's group lists a leader that did not join it"
+
+
+async def test_a_follower_stalled_past_its_wait_takes_the_group_that_arrived_meanwhile():
+    """The leader starts the group on time, but the follower's event loop is blocked from just before then until
+    after its own wait ran out: when it resumes, the group message is already in its socket, and its timeout is due
+    in the same loop iteration. It must take the group (the leader lists it), not give up on the leader."""
+    async with swarm_context("late") as swarm:
+        leader = await swarm.add(min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT)
+        follower_dht = DHT(start=True, initial_peers=leader.dht.get_visible_maddrs(), host_maddrs=LOCALHOST)
+        swarm._dhts.append(follower_dht)  # shut down with the swarm
+        follower = PeerThread(follower_dht, "late")
+        try:
+            await follower.start()
+            leader_search = asyncio.create_task(leader.matchmaking.look_for_group(make_step(timeout=8)))
+            await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
+            leader_expiration = leader.matchmaking._declared_expiration
+            follower_step = make_step(timeout=8, scheduled_in=leader_expiration + 0.2 - get_dht_time())
+            follower_search = asyncio.run_coroutine_threadsafe(
+                follower.matchmaking.look_for_group(follower_step), follower.loop
+            )
+            await wait_until(lambda: leader.matchmaking._followers, "the leader accepting the follower")
+            await asyncio.sleep(max(0.0, leader_expiration - 0.2 - get_dht_time()))
+            follower.stall()
+            await wait_until(follower.stalled.is_set, "the follower's stall")
+            group = await asyncio.wait_for(leader_search, 10)  # on time, with the follower
+            assert set(group.peer_ids) == {leader.peer_id, follower.p2p.peer_id}
+            # (the stall ends after the follower's wait: its declared time + request_timeout)
+            await asyncio.sleep(max(0.0, follower_step.scheduled_time + REQUEST_TIMEOUT + 0.3 - get_dht_time()))
+            follower.resume()
+            follower_result = await outcome(asyncio.wrap_future(follower_search))
+        finally:
+            await follower.close()
+    assert follower_result == group
 
 
 async def test_a_slow_dht_lookup_does_not_hold_up_the_start_of_a_leaders_group():

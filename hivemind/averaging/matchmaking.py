@@ -15,6 +15,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.key_manager import MAX_PEER_ID_BYTES, GroupKeyManager
 from hivemind.averaging.matchmaking_leader import EARLY_START_POLL_PERIOD, Follower, GroupLeading
 from hivemind.averaging.matchmaking_rules import (
+    FOLLOWER_WAIT_MARGIN,
     MAX_GATHER_BYTES,
     MAX_REDIRECTS,
     Code,
@@ -371,7 +372,9 @@ class Matchmaking(GroupLeading):
             logger.debug(f"{self.peer_id} joined the group of {leader}, waiting for it to start")
             accepted = True
             time_left = max(0.0, expiration - get_dht_time())
-            message = await await_with_timeout(stream.__anext__(), time_left + self.request_timeout)
+            message = await _next_with_grace(
+                stream, time_left + self.request_timeout, grace=FOLLOWER_WAIT_MARGIN * self.request_timeout
+            )
             if message.code == Code.BEGIN_ALLREDUCE:
                 try:
                     group = parse_group(message, self.peer_id, leader)
@@ -414,6 +417,27 @@ class Matchmaking(GroupLeading):
             self._current_leader = None
             if stream is not None:
                 await stream.aclose()
+
+
+async def _next_with_grace(stream, timeout: float, grace: float):
+    """The next message of ``stream`` within ``timeout`` s, or else within ``grace`` s more, counted from when the
+    first timeout was handled; ``asyncio.TimeoutError`` if none came.
+
+    A process stalled past ``timeout`` (a loaded machine) handles its timeout in the same loop iteration as the data
+    that arrived meanwhile, before reading it: without the grace, a follower gave up on a group that its leader had
+    sent in time (and that lists it), sitting unread in its socket.
+    """
+    receiving = asyncio.ensure_future(stream.__anext__())
+    try:
+        done, _ = await asyncio.wait({receiving}, timeout=timeout)
+        if not done:
+            done, _ = await asyncio.wait({receiving}, timeout=grace)
+        if not done:
+            raise asyncio.TimeoutError(f"no message within {timeout} s + {grace} s")
+        return receiving.result()
+    finally:
+        if not receiving.done():
+            await _cancel_quietly(receiving)
 
 
 async def _cancel_quietly(task: asyncio.Task) -> None:
