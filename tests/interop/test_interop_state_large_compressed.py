@@ -14,7 +14,7 @@ from .harness import PeerProcess
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
-DRIVER = Path(__file__).resolve().with_name("averaging_review8_driver.py")
+DRIVER = Path(__file__).resolve().with_name("averaging_faults_driver.py")
 SHAPES = [[1_500_000], [1_000, 1_000], [7]]  # 6 MiB + 4 MiB of float32, and a small one
 STATE_CODECS = ["Float16Compression", "Uniform8BitQuantization", "NoCompression"]
 TOLERANCES = [1e-3, 0.1, 0.0]  # absolute, for standard normal values

@@ -1,4 +1,4 @@
-"""averaging_driver.py plus options that the mixed-group review tests need; runs under EITHER implementation.
+"""averaging_driver.py plus options that the mixed-group fault tests need; runs under EITHER implementation.
 
 Adds: averagers with a compression per member (by class name, or a list of names for a per-tensor choice), with
 state compression, auxiliary mode and any other constructor option; steps that wait for a trigger, so that a test

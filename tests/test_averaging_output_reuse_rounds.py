@@ -1,4 +1,4 @@
-"""Review of the all-reduce output reuse and in-place deltas: what a caller may still hold of a round's outputs, and
+"""The all-reduce output reuse and in-place deltas: what a caller may still hold of a round's outputs, and
 what later rounds write into memory that earlier rounds used."""
 
 import asyncio

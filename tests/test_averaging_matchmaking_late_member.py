@@ -1,4 +1,4 @@
-"""Review 8 regression: with min_group_size=3, two honest peers waiting for a third disband each other's too-small
+"""Regression: with min_group_size=3, two honest peers waiting for a third disband each other's too-small
 groups; after two such disbands each excluded the other for the rest of the search, so once the third peer came, no
 group of three could form before the deadline (seen with real averagers: 'at most 2 of min_group_size=3 peers
 gathered, 2 other peers seen'). A peer never seen before in the search makes those disbands forgiven."""

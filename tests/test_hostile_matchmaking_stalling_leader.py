@@ -1,4 +1,4 @@
-"""Review 8: a hostile peer that keeps declaring itself under a group key just ahead of the honest peers, and then
+"""A hostile peer that keeps declaring itself under a group key just ahead of the honest peers, and then
 stalls every join request, must not keep the honest peers from forming their group (real DHTs and p2pd)."""
 
 import asyncio

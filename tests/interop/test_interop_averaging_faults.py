@@ -1,9 +1,9 @@
-"""Review: mixed averaging groups of the original hivemind 1.1.12 and ours beyond the plain weighted round.
+"""Mixed averaging groups of the original hivemind 1.1.12 and ours beyond the plain weighted round.
 
 Members of one group use different codecs (each sender picks its own; receivers decode what the message says),
 client-mode, auxiliary and averaging_alpha members of either side take part, and a member of either side dies once
 the group has formed (the steps wait for a trigger, so the test kills it at a known point and then lets the others
-exchange tensors). Each side runs in its own driver process (averaging_review8_driver.py).
+exchange tensors). Each side runs in its own driver process (averaging_faults_driver.py).
 """
 
 import signal
@@ -20,7 +20,7 @@ from .harness import PeerProcess, process_tree
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
-DRIVER = Path(__file__).resolve().with_name("averaging_review8_driver.py")
+DRIVER = Path(__file__).resolve().with_name("averaging_faults_driver.py")
 SHAPES = [[300_000], [3, 4]]  # the first one is cut into several parts
 TIMEOUTS = dict(min_matchmaking_time=2.0, request_timeout=1.0, sender_timeout=1.5, reducer_timeout=3.0)
 STEP_TIMEOUT = 30
@@ -32,7 +32,7 @@ def start_driver(side: str, log_dir, name: str) -> PeerProcess:
 
 @pytest.fixture(scope="module")
 def drivers(original_env, interop_log_dir) -> Dict[str, PeerProcess]:
-    with driver_per_side(interop_log_dir, "review8-averaging", DRIVER) as started:
+    with driver_per_side(interop_log_dir, "averaging-faults", DRIVER) as started:
         yield started
 
 
@@ -215,7 +215,7 @@ def test_ours_finish_when_an_original_member_dies_after_the_group_formed(
     drivers, dhts, original_env, interop_log_dir, victim_dht
 ):
     prefix, rng = f"r8orig_dies_{uuid.uuid4().hex[:8]}", np.random.default_rng(13)
-    victim_driver = start_driver(ORIGINAL, interop_log_dir, "original-review8-victim")
+    victim_driver = start_driver(ORIGINAL, interop_log_dir, "original-victim")
     try:
         victim_dht_info = victim_driver.call(
             "dht_create", initial_peers=dhts[ORIGINAL]["node0"]["maddrs"], client_mode=victim_dht == "client",
@@ -254,7 +254,7 @@ def test_ours_finish_when_an_original_member_dies_after_the_group_formed(
 
 def test_our_member_survives_when_another_of_ours_dies_in_a_mixed_group(drivers, dhts, interop_log_dir):
     prefix, rng = f"r8ours_dies_{uuid.uuid4().hex[:8]}", np.random.default_rng(14)
-    victim_driver = start_driver(OURS, interop_log_dir, "ours-review8-victim")
+    victim_driver = start_driver(OURS, interop_log_dir, "ours-victim")
     try:
         victim_dht = victim_driver.call("dht_create", initial_peers=dhts[ORIGINAL]["node0"]["maddrs"], timeout=60)
         others = [

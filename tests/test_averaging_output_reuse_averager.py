@@ -1,4 +1,4 @@
-"""Review of output reuse (h1) through DecentralizedAverager: consecutive steps with tensors large enough for the
+"""Output reuse through DecentralizedAverager: consecutive steps with tensors large enough for the
 averager to write each round's deltas into the memory of the last round's."""
 
 import pytest
