@@ -268,6 +268,8 @@ class Chaos:
 
     def sample(self) -> None:
         for peer in self.living():
+            if peer.ready_at is None:  # (still starting: its averager's pid is not known yet)
+                continue
             averager_rss, p2pd_rss, files = measure(family(peer.process.pid), only_pid=peer.averager_pid, shm=True)
             peer.files.update(files)
             if averager_rss and p2pd_rss and time.time() > peer.ready_at + 10:  # (it warms up meanwhile)
