@@ -90,9 +90,10 @@ class PeerThread:
         self.thread.join(10)
 
 
-async def test_a_leader_stalled_past_its_followers_wait_leaves_it_out(caplog):
-    """The leader runs in its own thread and event loop, which the test blocks like a stalled process from just before
-    the leader's declared time until the follower gave up and its closed request reached the leader's socket."""
+@contextlib.asynccontextmanager
+async def stalled_leader_with_a_follower(follower_declares_later_by: float):
+    """A leader (in a PeerThread) that accepted a follower declared ``follower_declares_later_by`` s after it, stalled
+    from just before its declared time; yields the two peers, their searches and the expiration."""
     async with swarm_context("late") as swarm:
         follower = await swarm.add(min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT)
         leader_dht = DHT(start=True, initial_peers=follower.dht.get_visible_maddrs(), host_maddrs=LOCALHOST)
@@ -105,9 +106,11 @@ async def test_a_leader_stalled_past_its_followers_wait_leaves_it_out(caplog):
             )
             await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
             leader_expiration = leader.matchmaking._declared_expiration
-            # the follower declares a little later, so it asks the leader (and waits until its own time + timeout)
-            follower_step = make_step(timeout=6, scheduled_in=leader_expiration + 0.2 - get_dht_time())
-            follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
+            # the follower declares later, so it asks the leader (and waits until its own time + request_timeout)
+            scheduled_in = leader_expiration + follower_declares_later_by - get_dht_time()
+            follower_search = asyncio.create_task(
+                follower.matchmaking.look_for_group(make_step(timeout=8, scheduled_in=scheduled_in))
+            )
             await wait_until(
                 lambda: follower.matchmaking._current_leader == leader.p2p.peer_id, "the leader accepting the follower"
             )
@@ -115,21 +118,32 @@ async def test_a_leader_stalled_past_its_followers_wait_leaves_it_out(caplog):
             leader.stall()  # just before the leader's time: it starts the group only once it resumes
             await wait_until(leader.stalled.is_set, "the leader's stall")
             assert not leader.matchmaking._assembled.done() and leader.matchmaking._followers
-            await wait_until(lambda: follower.matchmaking._report.leader_timeouts > 0, "the follower giving up")
-            await asyncio.sleep(0.5)  # its closed request reaches the leader's socket meanwhile
-            with caplog.at_level(logging.WARNING, logger="hivemind.averaging.matchmaking_leader"):
-                leader.resume()
-                leader_result = await outcome(asyncio.wrap_future(leader_search))
-                follower_result = await outcome(follower_search)
+            yield leader, asyncio.wrap_future(leader_search), follower, follower_search, leader_expiration
         finally:
             await leader.close()
+
+
+def assert_no_group_lists_an_absent_peer(leader, leader_result, follower, follower_result) -> None:
     for result in leader_result, follower_result:
         assert isinstance(result, (GroupInfo, MatchmakingException)), result
-    # no group lists a peer that did not get it (here both search again and usually group together)
     if isinstance(leader_result, GroupInfo) and follower.peer_id in leader_result.peer_ids:
         assert follower_result == leader_result, "the leader's group lists a follower that did not join it"
     if isinstance(follower_result, GroupInfo) and leader.p2p.peer_id in follower_result.peer_ids:
         assert leader_result == follower_result, "the follower's group lists a leader that did not join it"
+
+
+async def test_a_leader_stalled_past_its_followers_wait_leaves_it_out(caplog):
+    """The leader runs in its own thread and event loop, which the test blocks like a stalled process from just before
+    the leader's declared time until the follower gave up and its closed request reached the leader's socket."""
+    async with stalled_leader_with_a_follower(0.2) as (leader, leader_search, follower, follower_search, _):
+        await wait_until(lambda: follower.matchmaking._report.leader_timeouts > 0, "the follower giving up")
+        await asyncio.sleep(0.5)  # its closed request reaches the leader's socket meanwhile
+        with caplog.at_level(logging.WARNING, logger="hivemind.averaging.matchmaking_leader"):
+            leader.resume()
+            leader_result = await outcome(leader_search)
+            follower_result = await outcome(follower_search)
+    # no group lists a peer that did not get it (here both search again and usually group together)
+    assert_no_group_lists_an_absent_peer(leader, leader_result, follower, follower_result)
     left_out = [record.getMessage() for record in caplog.records if "out of its group" in record.getMessage()]
     assert len(left_out) == 1 and f"leaves {follower.peer_id} out" in left_out[0], left_out
 
@@ -138,40 +152,13 @@ async def test_a_leader_stalled_past_its_own_patience_sends_the_group_it_starts(
     """The follower declared much later, so it still waits when the leader resumes; but the leader's join handler
     also gives up on it (its declared time + 3 request_timeouts) at that moment. The handler used to answer
     GROUP_DISBANDED while the search, woken in the same loop iteration, started the group with the follower in it."""
-    async with swarm_context("late") as swarm:
-        follower = await swarm.add(min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT)
-        leader_dht = DHT(start=True, initial_peers=follower.dht.get_visible_maddrs(), host_maddrs=LOCALHOST)
-        swarm._dhts.append(leader_dht)  # shut down with the swarm
-        leader = PeerThread(leader_dht, "late")
-        try:
-            await leader.start()
-            leader_search = asyncio.run_coroutine_threadsafe(
-                leader.matchmaking.look_for_group(make_step(timeout=8)), leader.loop
-            )
-            await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
-            leader_expiration = leader.matchmaking._declared_expiration
-            follower_step = make_step(timeout=8, scheduled_in=leader_expiration + 4.0 - get_dht_time())
-            follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
-            await wait_until(
-                lambda: follower.matchmaking._current_leader == leader.p2p.peer_id, "the leader accepting the follower"
-            )
-            await asyncio.sleep(max(0.0, leader_expiration - 0.2 - get_dht_time()))
-            leader.stall()
-            await wait_until(leader.stalled.is_set, "the leader's stall")
-            assert not leader.matchmaking._assembled.done() and leader.matchmaking._followers
-            await asyncio.sleep(max(0.0, leader_expiration + 3 * REQUEST_TIMEOUT + 0.3 - get_dht_time()))
-            assert follower.matchmaking._current_leader == leader.p2p.peer_id  # the follower still waits
-            leader.resume()
-            leader_result = await outcome(asyncio.wrap_future(leader_search))
-            follower_result = await outcome(follower_search)
-        finally:
-            await leader.close()
-    for result in leader_result, follower_result:
-        assert isinstance(result, (GroupInfo, MatchmakingException)), result
-    if isinstance(leader_result, GroupInfo) and follower.peer_id in leader_result.peer_ids:
-        assert follower_result == leader_result, "the leader's group lists a follower that did not join it"
-    if isinstance(follower_result, GroupInfo) and leader.p2p.peer_id in follower_result.peer_ids:
-        assert leader_result == follower_result, "the follower's group lists a leader that did not join it"
+    async with stalled_leader_with_a_follower(4.0) as (leader, leader_search, follower, follower_search, expiration):
+        await asyncio.sleep(max(0.0, expiration + 3 * REQUEST_TIMEOUT + 0.3 - get_dht_time()))
+        assert follower.matchmaking._current_leader == leader.p2p.peer_id  # the follower still waits
+        leader.resume()
+        leader_result = await outcome(leader_search)
+        follower_result = await outcome(follower_search)
+    assert_no_group_lists_an_absent_peer(leader, leader_result, follower, follower_result)
 
 
 async def test_a_follower_stalled_past_its_wait_takes_the_group_that_arrived_meanwhile():
