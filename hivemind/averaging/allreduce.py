@@ -350,7 +350,8 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 if message.code == MessageCode.BAD_GROUP_ID:
                     raise AllreduceException(
                         f"replied BAD_GROUP_ID to part {k}: that member does not run this group (e.g. it stopped "
-                        f"waiting for the group before the leader started it, and searched again)"
+                        f"waiting for the group before the leader started it, and searched again; or it already "
+                        f"finished this round without us, while this peer was stalled)"
                     )
                 if message.code != _AVERAGED_PART:
                     raise AllreduceException(f"replied {MessageCode.Name(message.code)} to part {k}")

@@ -33,6 +33,9 @@ MIN_RETRY_DELAY, MAX_RETRY_DELAY = 0.05, 1.0  # back-off between attempts that f
 GROUP_SETUP_TIMEOUT = 5.0  # parts for a group id not (yet) registered here wait this long before BAD_GROUP_ID
 MIN_PREFIX_GROUP_ID = 16  # a cancelled group's id this long also covers the ids that extend it (its phases)
 MAX_CANCELLED_GROUPS = 64  # the ids of this many recently cancelled groups are remembered (parts for them: CANCELLED)
+MAX_FINISHED_GROUPS = (
+    64  # and of this many recently ended ones (parts for them: BAD_GROUP_ID at once, not after a wait)
+)
 # parts for a group not registered here wait at most this many per sending peer, and this many bytes in all (first
 # messages of such streams are held while they wait); beyond either, BAD_GROUP_ID at once. An honest member has one
 # group at a time that we may not have registered yet, and parts of a few hundred KiB
@@ -52,6 +55,7 @@ class AveragingRounds:
         self._group_registered = asyncio.Event()
         self._step_tasks: set = set()
         self._cancelled_groups: Dict[bytes, None] = {}  # oldest first
+        self._finished_groups: Dict[bytes, None] = {}  # groups whose all-reduce ended here (oldest first)
         self._round_turns = RoundTurns()  # one all-reduce at a time on our tensors, in the order groups formed
         self._parked_bytes = 0  # bytes of first messages waiting for their group to be registered here
         self._parked_per_peer: Dict[Any, int] = {}  # their streams, per sending peer
@@ -191,6 +195,9 @@ class AveragingRounds:
             raise
         finally:
             self._running_groups.pop(group_info.group_id, None)
+            self._finished_groups[group_info.group_id] = None
+            while len(self._finished_groups) > MAX_FINISHED_GROUPS:
+                del self._finished_groups[next(iter(self._finished_groups))]
         if self.mode != AveragingMode.AUX:
             if len(deltas) != len(self._averaged_tensors):
                 raise AllreduceException(
@@ -304,6 +311,11 @@ class AveragingRounds:
             return
         # a member may still be setting up the group that its peers already started: give it time to register
         runner = self._running_groups.get(first.group_id)
+        if runner is None and first.group_id in self._finished_groups and not self._is_cancelled_group(first.group_id):
+            # (a member that was stalled past the round, which the others finished without it: nothing will come)
+            logger.debug(f"{context.remote_id} sent parts for group {first.group_id.hex()[:8]}, which ended here")
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
         if runner is None and not self._is_cancelled_group(first.group_id):
             runner = await self._wait_for_group_parked(first, context.remote_id)
         if runner is None and self._is_cancelled_group(first.group_id):
