@@ -183,6 +183,7 @@ class AveragingRounds:
         )
         started = time.perf_counter()
         self._register_group(group_info.group_id, runner)
+        cancelled = False
         try:
             deltas = await await_with_timeout(self._collect_deltas(runner), deadlines.allreduce_timeout)
         except asyncio.TimeoutError:
@@ -191,11 +192,13 @@ class AveragingRounds:
                 f"Averaging step failed: the all-reduce did not finish within {deadlines.allreduce_timeout:.1f} s"
             ) from None
         except BaseException as e:
-            runner.finalize(cancel=isinstance(e, asyncio.CancelledError), exception=e)
+            cancelled = isinstance(e, asyncio.CancelledError)
+            runner.finalize(cancel=cancelled, exception=e)
             raise
         finally:
             self._running_groups.pop(group_info.group_id, None)
-            self._finished_groups[group_info.group_id] = None
+            if not cancelled:  # (a cancelled one is marked as such once the step has undone its work: CANCELLED)
+                self._finished_groups[group_info.group_id] = None
             while len(self._finished_groups) > MAX_FINISHED_GROUPS:
                 del self._finished_groups[next(iter(self._finished_groups))]
         if self.mode != AveragingMode.AUX:

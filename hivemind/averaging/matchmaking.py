@@ -283,17 +283,35 @@ class Matchmaking(GroupLeading):
     async def _poll_dht(self) -> None:
         key = self.group_key_manager.current_key
         self._report.dht_lookups += 1
-        timeout = self.dht_call_timeout
-        if self._followers and self._declared_expiration is not None:
-            # a slow lookup (a loaded DHT) must not hold up the start of our group past its time: the followers wait
-            # for it only until their own expiration + request_timeout
-            timeout = min(timeout, max(0.0, self._declared_expiration - get_dht_time()))
+        lookup = asyncio.ensure_future(self.group_key_manager.get_averagers(key, only_active=True))
         try:
-            averagers = await await_with_timeout(self.group_key_manager.get_averagers(key, only_active=True), timeout)
+            averagers = await self._lookup_result(lookup)
         except Exception as e:
             logger.debug(f"{self.peer_id} failed to read the averagers under {key}: {e!r}")
             return
+        finally:
+            if not lookup.done():
+                await cancel_and_wait(lookup)
         self._leaders.update(averagers)
+
+    async def _lookup_result(self, lookup: asyncio.Future):
+        """The result of a DHT lookup within dht_call_timeout, cut short (``asyncio.TimeoutError``) once our declared
+        time has passed while we have followers, whenever they joined: a slow lookup (a loaded DHT) must not hold up
+        the start of their group, which they wait for only until their own expiration + request_timeout."""
+        give_up = get_dht_time() + self.dht_call_timeout
+        check_period = max(0.05, self.request_timeout / 4)  # (after our time: how soon a late follower is noticed)
+        while not lookup.done():
+            now, expiration = get_dht_time(), self._declared_expiration
+            if expiration is not None and now >= expiration and self._followers:
+                raise asyncio.TimeoutError("cut short: the group of this peer's followers is due")
+            if now >= give_up:
+                raise asyncio.TimeoutError(f"no answer within {self.dht_call_timeout} s")
+            if expiration is None:
+                wake_up = give_up
+            else:  # (at our time, then every check_period while we have no followers)
+                wake_up = min(give_up, expiration if now < expiration else now + check_period)
+            await asyncio.wait({lookup}, timeout=max(0.0, wake_up - now))
+        return lookup.result()
 
     async def _on_declaration_expired(self) -> Optional[GroupInfo]:
         """Our declared time is up: start the group if it is large enough, else disband it."""
