@@ -47,6 +47,10 @@ class MatchmakingException(Exception):
     """No group was found; the message says why (no peers, too few, other schema, unresponsive leaders, ...)."""
 
 
+class GroupDue(Exception):
+    """A DHT call of a leader was cut short: its declared time passed while it had followers, so their group is due."""
+
+
 class Matchmaking(GroupLeading):
     """Finds a group for one averaging round at a time (``look_for_group``) and answers other peers' join requests
     (``rpc_join_group``, served by the averager under its prefix).
@@ -263,11 +267,11 @@ class Matchmaking(GroupLeading):
             await self._withdraw(previous_key, previous_expiration)
         logger.debug(f"{self.peer_id} looks for a group under {key} until {expiration:.3f}")
         try:
-            stored = await await_with_timeout(
-                self.group_key_manager.declare_averager(key, self.peer_id, expiration), self.dht_call_timeout
-            )
+            stored = await self._dht_call(self.group_key_manager.declare_averager(key, self.peer_id, expiration))
             if not stored:
                 logger.debug(f"{self.peer_id} could not store its declaration under {key}")
+        except GroupDue:
+            logger.debug(f"{self.peer_id} cut its declaration under {key} short: the group of its followers is due")
         except Exception as e:
             logger.warning(f"{self.peer_id} failed to declare itself under {key}: {e!r}")
 
@@ -283,35 +287,40 @@ class Matchmaking(GroupLeading):
     async def _poll_dht(self) -> None:
         key = self.group_key_manager.current_key
         self._report.dht_lookups += 1
-        lookup = asyncio.ensure_future(self.group_key_manager.get_averagers(key, only_active=True))
         try:
-            averagers = await self._lookup_result(lookup)
+            averagers = await self._dht_call(self.group_key_manager.get_averagers(key, only_active=True))
         except Exception as e:
             logger.debug(f"{self.peer_id} failed to read the averagers under {key}: {e!r}")
             return
-        finally:
-            if not lookup.done():
-                await cancel_and_wait(lookup)
         self._leaders.update(averagers)
 
-    async def _lookup_result(self, lookup: asyncio.Future):
-        """The result of a DHT lookup within dht_call_timeout, cut short (``asyncio.TimeoutError``) once our declared
-        time has passed while we have followers, whenever they joined: a slow lookup (a loaded DHT) must not hold up
-        the start of their group, which they wait for only until their own expiration + request_timeout."""
+    async def _dht_call(self, coroutine):
+        """The result of a DHT call (a lookup or a store of our declaration) within dht_call_timeout, cut short
+        (``GroupDue``) once our declared time has passed while we have followers, whenever they joined: a slow call
+        (a loaded DHT) must not hold up the start of their group, which they wait for only until their own expiration
+        + request_timeout."""
+        call = asyncio.ensure_future(coroutine)
+        try:
+            return await self._result_unless_group_due(call)
+        finally:
+            if not call.done():
+                await cancel_and_wait(call)
+
+    async def _result_unless_group_due(self, call: asyncio.Future):
         give_up = get_dht_time() + self.dht_call_timeout
         check_period = max(0.05, self.request_timeout / 4)  # (after our time: how soon a late follower is noticed)
-        while not lookup.done():
+        while not call.done():
             now, expiration = get_dht_time(), self._declared_expiration
             if expiration is not None and now >= expiration and self._followers:
-                raise asyncio.TimeoutError("cut short: the group of this peer's followers is due")
+                raise GroupDue("the group of this peer's followers is due")
             if now >= give_up:
                 raise asyncio.TimeoutError(f"no answer within {self.dht_call_timeout} s")
             if expiration is None:
                 wake_up = give_up
             else:  # (at our time, then every check_period while we have no followers)
                 wake_up = min(give_up, expiration if now < expiration else now + check_period)
-            await asyncio.wait({lookup}, timeout=max(0.0, wake_up - now))
-        return lookup.result()
+            await asyncio.wait({call}, timeout=max(0.0, wake_up - now))
+        return call.result()
 
     async def _on_declaration_expired(self) -> Optional[GroupInfo]:
         """Our declared time is up: start the group if it is large enough, else disband it."""
