@@ -317,7 +317,7 @@ class AveragingRounds:
         if runner is None and first.group_id in self._finished_groups and not self._is_cancelled_group(first.group_id):
             # (a member that was stalled past the round, which the others finished without it: nothing will come)
             logger.debug(f"{context.remote_id} sent parts for group {first.group_id.hex()[:8]}, which ended here")
-            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.MessageCode.BAD_GROUP_ID)
             return
         if runner is None and not self._is_cancelled_group(first.group_id):
             runner = await self._wait_for_group_parked(first, context.remote_id)
