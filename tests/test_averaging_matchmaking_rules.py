@@ -162,6 +162,21 @@ def test_report_names_the_likely_reason():
     assert "timed out waiting for the leader 1 time(s)" in message
 
 
+def test_report_names_dht_calls_that_failed_or_ran_out_of_time():
+    report = SearchReport("mm.0b", min_group_size=2, client_mode=False, dht_lookups=3, failed_lookups=3)
+    message = report.explain(set())
+    assert "could not read the averagers under mm.0b: all 3 of its DHT lookups failed or ran out of time" in message
+    assert "no other averagers were found" not in message
+    report = SearchReport("mm.0b", min_group_size=2, client_mode=False, dht_lookups=3, failed_lookups=1)
+    message = report.explain(set())
+    assert "no other averagers were found under the key mm.0b (3 DHT lookups)" in message
+    assert "1 of 3 DHT lookups failed or ran out of time" in message
+    report = SearchReport("mm.0b", min_group_size=2, client_mode=False, failed_declarations=2)
+    message = report.explain(set())
+    assert "the deadline passed before this peer could look for others" in message
+    assert "2 store(s) of this peer's declaration failed or ran out of time" in message
+
+
 def test_tried_declarations_are_forgotten_once_gone():
     leaders = PotentialLeaders(ME)
     leaders.update([(A, 5.0)])

@@ -269,10 +269,12 @@ class Matchmaking(GroupLeading):
         try:
             stored = await self._dht_call(self.group_key_manager.declare_averager(key, self.peer_id, expiration))
             if not stored:
+                self._report.failed_declarations += 1
                 logger.debug(f"{self.peer_id} could not store its declaration under {key}")
         except GroupDue:
             logger.debug(f"{self.peer_id} cut its declaration under {key} short: the group of its followers is due")
         except Exception as e:
+            self._report.failed_declarations += 1
             logger.warning(f"{self.peer_id} failed to declare itself under {key}: {e!r}")
 
     async def _withdraw(self, key: str, expiration: float) -> None:
@@ -289,7 +291,10 @@ class Matchmaking(GroupLeading):
         self._report.dht_lookups += 1
         try:
             averagers = await self._dht_call(self.group_key_manager.get_averagers(key, only_active=True))
+        except GroupDue:
+            return  # (cut short on purpose, not a failure)
         except Exception as e:
+            self._report.failed_lookups += 1
             logger.debug(f"{self.peer_id} failed to read the averagers under {key}: {e!r}")
             return
         self._leaders.update(averagers)
@@ -308,13 +313,16 @@ class Matchmaking(GroupLeading):
 
     async def _result_unless_group_due(self, call: asyncio.Future):
         give_up = get_dht_time() + self.dht_call_timeout
+        deadline = getattr(self._step, "deadline", None)
+        if deadline is not None:  # (past it, the search ends anyway: with the reasons, not a call's timeout)
+            give_up = min(give_up, deadline)
         check_period = max(0.05, self.request_timeout / 4)  # (after our time: how soon a late follower is noticed)
         while not call.done():
             now, expiration = get_dht_time(), self._declared_expiration
             if expiration is not None and now >= expiration and self._followers:
                 raise GroupDue("the group of this peer's followers is due")
             if now >= give_up:
-                raise asyncio.TimeoutError(f"no answer within {self.dht_call_timeout} s")
+                raise asyncio.TimeoutError(f"no answer within {self.dht_call_timeout} s or before the step's deadline")
             if expiration is None:
                 wake_up = give_up
             else:  # (at our time, then every check_period while we have no followers)

@@ -238,6 +238,8 @@ class SearchReport:
     min_group_size: int
     client_mode: bool
     dht_lookups: int = 0
+    failed_lookups: int = 0  # of those, the ones that failed or ran out of time
+    failed_declarations: int = 0  # stores of this peer's declaration that failed or ran out of time
     largest_group: int = 1  # followers + 1 at the best moment (leader side)
     too_small_disbands: int = 0
     replies: Counter = field(default_factory=Counter)  # codes received from would-be leaders
@@ -258,6 +260,11 @@ class SearchReport:
         accepted_anywhere = self.replies[Code.ACCEPTED] > 0 or self.largest_group > 1
         if not peers_seen and self.dht_lookups == 0:
             reasons.append("the deadline passed before this peer could look for others under " + self.group_key)
+        elif not peers_seen and self.failed_lookups >= self.dht_lookups:
+            reasons.append(
+                f"this peer could not read the averagers under {self.group_key}: all {self.dht_lookups} of its DHT "
+                "lookups failed or ran out of time (a slow or unreachable DHT: check its initial peers and load)"
+            )
         elif not peers_seen:
             reasons.append(
                 f"no other averagers were found under the key {self.group_key} ({self.dht_lookups} DHT lookups): "
@@ -279,6 +286,13 @@ class SearchReport:
             reasons.append(
                 f"the group was too small at the deadline: at most {self.largest_group} of min_group_size="
                 f"{self.min_group_size} peers gathered, {len(peers_seen)} other peers seen under {self.group_key}"
+            )
+        if self.failed_lookups and self.failed_lookups < self.dht_lookups:
+            reasons.append(f"{self.failed_lookups} of {self.dht_lookups} DHT lookups failed or ran out of time")
+        if self.failed_declarations:
+            reasons.append(
+                f"{self.failed_declarations} store(s) of this peer's declaration failed or ran out of time (others "
+                "may not have seen it)"
             )
         if self.leader_timeouts:
             reasons.append(f"timed out waiting for the leader {self.leader_timeouts} time(s)")
