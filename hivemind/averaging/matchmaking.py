@@ -275,7 +275,10 @@ class Matchmaking(GroupLeading):
             logger.debug(f"{self.peer_id} cut its declaration under {key} short: the group of its followers is due")
         except Exception as e:
             self._report.failed_declarations += 1
-            logger.warning(f"{self.peer_id} failed to declare itself under {key}: {e!r}")
+            # (cut at the step's deadline: the step's own error says why it found no group)
+            at_deadline = step.deadline is not None and get_dht_time() >= step.deadline
+            log = logger.debug if at_deadline else logger.warning
+            log(f"{self.peer_id} failed to declare itself under {key}: {e!r}")
 
     async def _withdraw(self, key: str, expiration: float) -> None:
         try:
