@@ -33,9 +33,8 @@ MIN_RETRY_DELAY, MAX_RETRY_DELAY = 0.05, 1.0  # back-off between attempts that f
 GROUP_SETUP_TIMEOUT = 5.0  # parts for a group id not (yet) registered here wait this long before BAD_GROUP_ID
 MIN_PREFIX_GROUP_ID = 16  # a cancelled group's id this long also covers the ids that extend it (its phases)
 MAX_CANCELLED_GROUPS = 64  # the ids of this many recently cancelled groups are remembered (parts for them: CANCELLED)
-MAX_FINISHED_GROUPS = (
-    64  # and of this many recently ended ones (parts for them: BAD_GROUP_ID at once, not after a wait)
-)
+# and the ids of this many recently ended ones (parts for them: BAD_GROUP_ID at once, not after GROUP_SETUP_TIMEOUT)
+MAX_FINISHED_GROUPS = 64
 # parts for a group not registered here wait at most this many per sending peer, and this many bytes in all (first
 # messages of such streams are held while they wait); beyond either, BAD_GROUP_ID at once. An honest member has one
 # group at a time that we may not have registered yet, and parts of a few hundred KiB
