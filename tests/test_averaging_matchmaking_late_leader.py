@@ -194,37 +194,51 @@ async def test_a_follower_stalled_past_its_wait_takes_the_group_that_arrived_mea
     assert follower_result == group
 
 
+@contextlib.asynccontextmanager
+async def leader_with_a_follower_joining(leader, follower):
+    """Start the leader's search and a follower's that declares 0.2 s after it (so it asks the leader to lead); yields
+    (leader_search, follower_search, leader_expiration) once the leader accepted the follower; cancels both after."""
+    leader_search = asyncio.create_task(leader.matchmaking.look_for_group(make_step(timeout=8)))
+    follower_search = None
+    try:
+        await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
+        leader_expiration = leader.matchmaking._declared_expiration
+        follower_step = make_step(timeout=8, scheduled_in=leader_expiration + 0.2 - get_dht_time())
+        follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
+        await wait_until(lambda: follower.matchmaking._current_leader == leader.peer_id, "the follower's join")
+        yield leader_search, follower_search, leader_expiration
+    finally:
+        for search in leader_search, follower_search:
+            if search is not None and not search.done():
+                search.cancel()
+                with contextlib.suppress(BaseException):
+                    await search
+
+
+async def group_start_time(leader, follower, leader_search, follower_search) -> float:
+    """When the leader's group started; both peers must be in it."""
+    group = await asyncio.wait_for(leader_search, 15)
+    started = get_dht_time()
+    assert set(group.peer_ids) == {leader.peer_id, follower.peer_id}
+    assert await asyncio.wait_for(follower_search, 10) == group
+    return started
+
+
 async def test_a_slow_dht_lookup_does_not_hold_up_the_start_of_a_leaders_group():
     async with swarm_context("slowdht") as swarm:
         leader, follower = await swarm.add_many(
             2, min_matchmaking_time=MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT
         )
-        leader_search = asyncio.create_task(leader.matchmaking.look_for_group(make_step(timeout=8)))
-        follower_search = None
-        try:
-            await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
-            leader_expiration = leader.matchmaking._declared_expiration
-            follower_step = make_step(timeout=8, scheduled_in=leader_expiration + 0.2 - get_dht_time())
-            follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
-            await wait_until(lambda: follower.matchmaking._current_leader == leader.peer_id, "the follower's join")
-            assert leader_expiration - get_dht_time() > REQUEST_TIMEOUT, "joined too late to test anything"
+        async with leader_with_a_follower_joining(leader, follower) as (leader_search, follower_search, expiration):
+            assert expiration - get_dht_time() > REQUEST_TIMEOUT, "joined too late to test anything"
 
             async def stuck_lookup(*args, **kwargs):  # a loaded DHT: a lookup that the leader may start now hangs
                 await asyncio.sleep(60)
 
             leader.matchmaking.group_key_manager.get_averagers = stuck_lookup
-            group = await asyncio.wait_for(leader_search, 15)
-            started = get_dht_time()
-            assert set(group.peer_ids) == {leader.peer_id, follower.peer_id}
-            assert await asyncio.wait_for(follower_search, 10) == group
+            started = await group_start_time(leader, follower, leader_search, follower_search)
             # (it used to start up to 5 s late, when the follower had given up on it)
-            assert started < leader_expiration + REQUEST_TIMEOUT, f"started {started - leader_expiration:.2f} s late"
-        finally:
-            for search in leader_search, follower_search:
-                if search is not None:
-                    search.cancel()
-                    with contextlib.suppress(BaseException):
-                        await search
+            assert started < expiration + REQUEST_TIMEOUT, f"started {started - expiration:.2f} s late"
 
 
 # the leader's first call of the slowed kind (begun alone) returns this long after its declared time: about 2 s in all,
@@ -254,33 +268,16 @@ async def test_a_slow_dht_call_begun_before_the_first_follower_joined_does_not_h
             return result
 
         setattr(key_manager, slow_call, slow)
-        leader_search = asyncio.create_task(leader.matchmaking.look_for_group(make_step(timeout=8)))
-        follower_search = None
-        try:
-            await wait_until(lambda: leader.matchmaking._declared_expiration is not None, "the leader's declaration")
-            leader_expiration = leader.matchmaking._declared_expiration
-            follower_step = make_step(timeout=8, scheduled_in=leader_expiration + 0.2 - get_dht_time())
-            follower_search = asyncio.create_task(follower.matchmaking.look_for_group(follower_step))
-            await wait_until(lambda: follower.matchmaking._current_leader == leader.peer_id, "the follower's join")
-            assert leader_expiration - get_dht_time() > 0, "joined too late to test anything"
+        async with leader_with_a_follower_joining(leader, follower) as (leader_search, follower_search, expiration):
+            assert expiration - get_dht_time() > 0, "joined too late to test anything"
             assert calls_begun_alone[:1] == [True], f"the leader's first {slow_call} began with no follower"
-
-            group = await asyncio.wait_for(leader_search, 15)
-            started = get_dht_time()
             # the follower joined in time and waits until its own time + request_timeout (+ grace): the leader was
             # due to start the group with it at its own time, as it does when the call began after the join
-            assert set(group.peer_ids) == {leader.peer_id, follower.peer_id}
-            assert await asyncio.wait_for(follower_search, 10) == group
-            assert started < leader_expiration + REQUEST_TIMEOUT, (
-                f"started {started - leader_expiration:.2f} s late, after searching again: the follower was left out "
-                f"of the group due at {leader_expiration:.2f}"
+            started = await group_start_time(leader, follower, leader_search, follower_search)
+            assert started < expiration + REQUEST_TIMEOUT, (
+                f"started {started - expiration:.2f} s late, after searching again: the follower was left out "
+                f"of the group due at {expiration:.2f}"
             )
-        finally:
-            for search in leader_search, follower_search:
-                if search is not None and not search.done():
-                    search.cancel()
-                    with contextlib.suppress(BaseException):
-                        await search
 
 
 async def outcome(awaitable):

@@ -197,9 +197,7 @@ class AveragingRounds:
         finally:
             self._running_groups.pop(group_info.group_id, None)
             if not cancelled:  # (a cancelled one is marked as such once the step has undone its work: CANCELLED)
-                self._finished_groups[group_info.group_id] = None
-            while len(self._finished_groups) > MAX_FINISHED_GROUPS:
-                del self._finished_groups[next(iter(self._finished_groups))]
+                _remember(self._finished_groups, group_info.group_id, MAX_FINISHED_GROUPS)
         if self.mode != AveragingMode.AUX:
             if len(deltas) != len(self._averaged_tensors):
                 raise AllreduceException(
@@ -252,9 +250,7 @@ class AveragingRounds:
         self._wake_group_waiters()
 
     def _mark_group_cancelled(self, group_id: bytes) -> None:
-        self._cancelled_groups[group_id] = None
-        while len(self._cancelled_groups) > MAX_CANCELLED_GROUPS:
-            del self._cancelled_groups[next(iter(self._cancelled_groups))]
+        _remember(self._cancelled_groups, group_id, MAX_CANCELLED_GROUPS)
         self._wake_group_waiters()
 
     def _wake_group_waiters(self) -> None:
@@ -395,3 +391,10 @@ def _with_last_failure(error: Exception, last_failure: Exception) -> AllreduceEx
     )
     wrapped.__cause__ = last_failure
     return wrapped
+
+
+def _remember(group_ids: Dict[bytes, None], group_id: bytes, limit: int) -> None:
+    """Add ``group_id`` to an insertion-ordered set of ids, forgetting the oldest beyond ``limit``."""
+    group_ids[group_id] = None
+    while len(group_ids) > limit:
+        del group_ids[next(iter(group_ids))]

@@ -303,35 +303,32 @@ class Matchmaking(GroupLeading):
         self._leaders.update(averagers)
 
     async def _dht_call(self, coroutine):
-        """The result of a DHT call (a lookup or a store of our declaration) within dht_call_timeout, cut short
-        (``GroupDue``) once our declared time has passed while we have followers, whenever they joined: a slow call
-        (a loaded DHT) must not hold up the start of their group, which they wait for only until their own expiration
-        + request_timeout."""
+        """The result of a DHT call (a lookup or a store of our declaration) within dht_call_timeout and before the
+        step's deadline (past it, the search ends anyway, with its reasons), cut short (``GroupDue``) once our declared
+        time has passed while we have followers, whenever they joined: a slow call (a loaded DHT) must not hold up the
+        start of their group, which they wait for only until their own expiration + request_timeout."""
         call = asyncio.ensure_future(coroutine)
+        give_up = get_dht_time() + self.dht_call_timeout
+        deadline = getattr(self._step, "deadline", None)
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        check_period = max(0.05, self.request_timeout / 4)  # (after our time: how soon a late follower is noticed)
         try:
-            return await self._result_unless_group_due(call)
+            while not call.done():
+                now, expiration = get_dht_time(), self._declared_expiration
+                if expiration is not None and now >= expiration and self._followers:
+                    raise GroupDue("the group of this peer's followers is due")
+                if now >= give_up:
+                    raise asyncio.TimeoutError(f"no answer within {self.dht_call_timeout} s or by the step's deadline")
+                if expiration is None:
+                    wake_up = give_up
+                else:  # (at our time, then every check_period while we have no followers)
+                    wake_up = min(give_up, expiration if now < expiration else now + check_period)
+                await asyncio.wait({call}, timeout=max(0.0, wake_up - now))
+            return call.result()
         finally:
             if not call.done():
                 await cancel_and_wait(call)
-
-    async def _result_unless_group_due(self, call: asyncio.Future):
-        give_up = get_dht_time() + self.dht_call_timeout
-        deadline = getattr(self._step, "deadline", None)
-        if deadline is not None:  # (past it, the search ends anyway: with the reasons, not a call's timeout)
-            give_up = min(give_up, deadline)
-        check_period = max(0.05, self.request_timeout / 4)  # (after our time: how soon a late follower is noticed)
-        while not call.done():
-            now, expiration = get_dht_time(), self._declared_expiration
-            if expiration is not None and now >= expiration and self._followers:
-                raise GroupDue("the group of this peer's followers is due")
-            if now >= give_up:
-                raise asyncio.TimeoutError(f"no answer within {self.dht_call_timeout} s or before the step's deadline")
-            if expiration is None:
-                wake_up = give_up
-            else:  # (at our time, then every check_period while we have no followers)
-                wake_up = min(give_up, expiration if now < expiration else now + check_period)
-            await asyncio.wait({call}, timeout=max(0.0, wake_up - now))
-        return call.result()
 
     async def _on_declaration_expired(self) -> Optional[GroupInfo]:
         """Our declared time is up: start the group if it is large enough, else disband it."""
