@@ -16,3 +16,18 @@ def logged_to_file(logger: logging.Logger, path: Path) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+@contextmanager
+def debug_level(logger: logging.Logger) -> Iterator[None]:
+    """``logger`` logs DEBUG lines inside the block (here and in processes forked meanwhile).
+
+    Through ``setLevel``: it also clears the loggers' cached ``isEnabledFor`` answers, which assigning ``level``
+    leaves as they were (a DEBUG line logged earlier in the same process then stays disabled).
+    """
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -1,6 +1,5 @@
 """A lone averaging step says what it waits for (no timeout), and ends its search at a deadline cleanly."""
 
-import logging
 import time
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 import hivemind.averaging.matchmaking as matchmaking
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
-from tests.log_file import logged_to_file
+from tests.log_file import debug_level, logged_to_file
 
 
 @pytest.mark.timeout(60)
@@ -37,12 +36,15 @@ def run_a_lone_step() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_search_that_ends_at_its_deadline_withdraws_nothing_that_expired(monkeypatch, tmp_path):
+def test_a_search_that_ends_at_its_deadline_withdraws_nothing_that_expired(tmp_path):
     # at the deadline the declaration had just expired (its expiration cleared): the withdrawal then failed with
     # TypeError("float() argument must be ... not 'NoneType'"), logged at DEBUG at the end of every such search
     log_file = tmp_path / "matchmaking.log"
-    monkeypatch.setattr(matchmaking.logger, "level", logging.DEBUG)  # (forked into the averager's process)
-    with logged_to_file(matchmaking.logger, log_file), DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]) as dht:
+    with (
+        debug_level(matchmaking.logger),
+        logged_to_file(matchmaking.logger, log_file),
+        DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]) as dht,
+    ):
         options = dict(prefix="ux_lone_deadline", target_group_size=2, min_matchmaking_time=1.0, request_timeout=0.5)
         with DecentralizedAverager([torch.zeros(3)], dht, start=True, **options) as averager:
             with pytest.raises(Exception, match="could not find a group"):
