@@ -472,13 +472,15 @@ func (s *Stream) incrSendWindow(hdr header, flags uint16) {
 
 // readData is used to handle a data frame
 func (s *Stream) readData(hdr header, flags uint16, conn io.Reader) error {
-	s.processFlags(flags)
-
 	// Check that our recv window is not exceeded
 	length := hdr.Length()
 	if length == 0 {
+		s.processFlags(flags)
 		return nil
 	}
+	// hivemind p2pd patch: a FIN on a data frame takes effect after the frame's payload was read, not before (a
+	// Read in between found the stream half-closed with its receive buffer still empty: EOF, the payload was lost)
+	s.processFlags(flags &^ flagFIN)
 
 	// hivemind p2pd patch: the start of the payload goes straight into a blocked reader's buffer if there is one
 	length, err := s.readIntoLentBuffer(length, conn)
@@ -494,6 +496,7 @@ func (s *Stream) readData(hdr header, flags uint16, conn io.Reader) error {
 			return err
 		}
 	}
+	s.processFlags(flags & flagFIN) // hivemind p2pd patch: the FIN, now that the payload is readable
 	// Unblock the reader
 	asyncNotify(s.recvNotifyCh)
 	// hivemind p2pd patch: let the reader take the bytes and lend its buffer again before the next frame arrives.
