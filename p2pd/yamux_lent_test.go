@@ -288,3 +288,45 @@ func checkWindowUpdateAfterExpiredDeadline(t *testing.T) {
 		}
 	}
 }
+
+// A Read that empties the receive buffer after its read deadline passed may give up the window update it calls
+// for; when the peer has used up its whole window, no more bytes come and no later Read finds any to read, so the
+// next Read (that waits for bytes) must send that update itself. (It only waited: the peer waited for window, the
+// reader for bytes, and the stream stalled for good.)
+func TestWindowUpdateGivenUpWithTheLastBytesIsSentByTheNextRead(t *testing.T) {
+	for attempt := 0; attempt < 16; attempt++ { // the update is given up half the time (it races the deadline)
+		checkWindowUpdateAfterLastBytes(t)
+	}
+}
+
+func checkWindowUpdateAfterLastBytes(t *testing.T) {
+	const window = 256 << 10
+	transport := newYamuxTransport()
+	transport.InitialStreamWindowSize = window
+	peerConn, serverConn := net.Pipe()
+	raw := acceptRawStream(t, transport, serverConn, peerConn)
+	defer raw.Close()
+	stream, peer := raw.stream, raw.peer
+	initial := peer.grantedWindow()
+	peer.frame(t, 0, 0, window) // the whole window: the peer can send nothing more until it gets an update
+	if _, err := peerConn.Write(make([]byte, window)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * time.Millisecond) // the frame is in the receive buffer
+	_ = stream.SetReadDeadline(time.Now().Add(-time.Second))
+	if n, _ := stream.Read(make([]byte, window)); n != window { // its window update may be given up
+		t.Fatalf("Read returned %d buffered bytes, want %d", n, window)
+	}
+	done := readInBackground(stream, make([]byte, window), time.Time{}) // waits for bytes
+	deadline := time.After(2 * time.Second)
+	for peer.grantedWindow()-initial < window {
+		select {
+		case <-peer.updates:
+		case res := <-done:
+			t.Fatalf("Read returned %d bytes and %v, nothing was sent", res.n, res.err)
+		case <-deadline:
+			t.Fatalf("the peer was granted %d bytes after the reader consumed its whole window (%d) and waits for "+
+				"more: the stream stalled", peer.grantedWindow()-initial, window)
+		}
+	}
+}

@@ -170,6 +170,15 @@ func (s *segmentedBuffer) consumeWindow(n uint32) {
 	s.bm.Unlock()
 }
 
+// sendWithdrawnWindowUpdate sends, before a Read waits for bytes, the window update that an earlier Read gave up
+// at an expired read deadline (withdrawGrowth), if any: no later Read would find bytes to read and send it when the
+// peer had used up its window, and the stream would stall for good (the peer waiting for window, the reader for
+// bytes). Nothing is due otherwise: the Read that consumed the bytes sent the update they called for. If this one is
+// given up too (the deadline passed), the Read returns ErrTimeout and the next one tries again.
+func (s *Stream) sendWithdrawnWindowUpdate() {
+	_ = s.sendWindowUpdate(s.readDeadline.wait())
+}
+
 // withdrawGrowth takes back n bytes of receive window that GrowTo counted but whose window update was not sent
 // (sendMsg gave up at an expired read deadline): the next window update grants them again. Upstream keeps them
 // counted, so the peer never learns of them and its send window shrinks for good, by half the stream window each

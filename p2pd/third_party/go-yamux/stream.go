@@ -118,7 +118,8 @@ START:
 
 	// If there is no data available, block
 	if s.recvBuf.Len() == 0 {
-		lent := s.lendReadBuffer(b) // hivemind p2pd patch: the next frame may be read straight into b
+		s.sendWithdrawnWindowUpdate() // hivemind p2pd patch: the peer may wait for it before it sends more
+		lent := s.lendReadBuffer(b)   // hivemind p2pd patch: the next frame may be read straight into b
 		select {
 		case <-s.recvNotifyCh:
 			if lent {
