@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -85,22 +86,36 @@ type rawStream struct {
 // initial window. Close ends both sides.
 func acceptRawStream(t *testing.T, transport *yamuxtransport.Transport, serverConn, peerConn net.Conn) *rawStream {
 	t.Helper()
+	raw, err := acceptRawStreamErr(transport, serverConn, peerConn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw
+}
+
+// acceptRawStreamErr is acceptRawStream for callers without a *testing.T: it returns what went wrong.
+func acceptRawStreamErr(transport *yamuxtransport.Transport, serverConn, peerConn net.Conn) (*rawStream, error) {
 	session, err := transport.NewConn(serverConn, true, &network.NullScope{})
 	if err != nil {
 		peerConn.Close()
-		t.Fatal(err)
+		return nil, err
 	}
 	raw := &rawStream{session: session, peer: newRawYamuxPeer(peerConn), peerConn: peerConn}
 	if err := raw.peer.header(1, 1, 0); err != nil { // a window update with SYN opens stream 1
 		raw.Close()
-		t.Fatal(err)
+		return nil, err
 	}
 	if raw.stream, err = session.AcceptStream(); err != nil {
 		raw.Close()
-		t.Fatal(err)
+		return nil, err
 	}
-	<-raw.peer.updates // the ACK with the initial window
-	return raw
+	select {
+	case <-raw.peer.updates: // the ACK with the initial window
+	case <-time.After(5 * time.Second):
+		raw.Close()
+		return nil, errors.New("the session did not acknowledge the stream")
+	}
+	return raw, nil
 }
 
 func (r *rawStream) Close() {
