@@ -4,13 +4,17 @@ import pytest
 
 from hivemind.hivemind_cli import run_dht
 from hivemind.hivemind_cli.run_server import make_parser, parse_server_options
+from hivemind.utils.logging import use_hivemind_log_handler
 
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_dht_refuses_non_positive_refresh_period(value, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_dht.main(["--refresh_period", value])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_dht.main(["--refresh_period", value])
+    finally:  # (main moves hivemind's log handler to the root logger, as a CLI does, for the rest of this process)
+        use_hivemind_log_handler("in_hivemind")
     assert exit_info.value.code == 2
     assert "--refresh_period" in capsys.readouterr().err
 
