@@ -13,6 +13,7 @@ import (
 	"context"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -107,6 +108,20 @@ func (c *batchedSecureConn) WriteBuffers(bufs ...[]byte) (int, error) {
 	return total, err
 }
 
+// Close breaks a write batch in flight instead of waiting for it. crypto/tls does so with a Write of its own in
+// flight (it sends no close_notify then), but a batch reaches the socket only after the secured connection's Write
+// returned: TLS saw no write in flight and sent its close_notify behind the batch, which waited up to the 5 s TLS
+// gives the alert when the peer read nothing (every yamux session closed over a stalled connection took 5 s).
+func (c *batchedSecureConn) Close() error {
+	c.raw.closing.Store(true) // a batch that begins from now on breaks the connection itself (beginBatch)
+	if c.raw.inFlight.Load() > 0 {
+		err := c.raw.Conn.Close()
+		_ = c.SecureConn.Close() // fails to send close_notify, as TLS skips it with a Write in flight
+		return err
+	}
+	return c.SecureConn.Close()
+}
+
 // batchConn is the raw connection under the security layer: buffered reads, and writes that are collected
 // while a batch is open. Writes outside a batch (handshake, alerts) go straight to the socket, after any
 // pending batched bytes, so the order of bytes is always preserved. Every batch is flushed before the Write
@@ -119,6 +134,9 @@ type batchConn struct {
 	batches int     // open batches
 	pending *[]byte // collected bytes; nil when there are none
 	err     error   // first write error: later writes fail with it
+
+	inFlight atomic.Int32 // batches begun and not yet flushed (read by batchedSecureConn.Close without the lock)
+	closing  atomic.Bool  // batchedSecureConn.Close was called
 }
 
 func newBatchConn(c net.Conn) *batchConn {
@@ -173,6 +191,10 @@ func (c *batchConn) flushLocked() error {
 }
 
 func (c *batchConn) beginBatch() {
+	c.inFlight.Add(1)
+	if c.closing.Load() {
+		_ = c.Conn.Close() // the connection is being closed: its close_notify must not wait behind this batch
+	}
 	c.mu.Lock()
 	c.batches++
 	c.mu.Unlock()
@@ -181,6 +203,7 @@ func (c *batchConn) beginBatch() {
 func (c *batchConn) endBatch() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	defer c.inFlight.Add(-1) // after the flush
 	c.batches--
 	if c.batches > 0 {
 		return nil
