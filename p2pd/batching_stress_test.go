@@ -293,7 +293,13 @@ func batchStressOnce(t *testing.T, seed int64, fault batchFault) error {
 			return fmt.Errorf("direction %d: EOF after %d of %d bytes", i, len(d.got), len(d.data))
 		}
 		if fault == batchNoFault && (d.writeErr != nil || d.readErr != nil) {
-			return fmt.Errorf("direction %d without a fault: write %v, read %v", i, d.writeErr, d.readErr)
+			var all []string
+			for _, d := range dirs {
+				all = append(all, fmt.Sprintf("write %v, read %v (%d of %d bytes)", d.writeErr, d.readErr,
+					len(d.got), len(d.data)))
+			}
+			return fmt.Errorf("direction %d without a fault: %v; sessions closed: %v %v", i, all,
+				sessA.IsClosed(), sessB.IsClosed())
 		}
 	}
 	faultA.mu.Lock()

@@ -129,7 +129,9 @@ def test_many_downloads_leave_no_shared_memory_with_the_donor():
         try:
             _wait_for_donor(dhts[1], "state_many", donor)
             assert newcomer.load_state_from_peers(timeout=30) is not None  # (anything opened once is open now)
-            # (the newcomer's last answer, a downloaded state, may still be held here until its next answer)
+            # (the newcomer's last answer, a downloaded state, may still be held here until its next answer;
+            # blocks of earlier tests in this process that only wait for the garbage collector are let go first)
+            gc.collect()
             before = len(_shared_memory_descriptors()), _shared_memory_descriptors(str(donor.pid))
             for _ in range(8):  # each one a new snapshot, handed from the user's process to the averager's
                 _, tensors = newcomer.load_state_from_peers(timeout=30)
