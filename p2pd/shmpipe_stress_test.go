@@ -267,15 +267,16 @@ func readWithRandomBuffers(rng *rand.Rand, r io.Reader, max int) ([]byte, error)
 type shmStressScenario int
 
 const (
-	shmClean        shmStressScenario = iota // both directions end with EOF, then the client closes its socket
-	shmClientLeaves                          // the client writes everything, then closes its socket at once
-	shmPeerResets                            // the peer resets the stream at a random moment
-	shmClientAborts                          // the client closes its socket at a random moment
+	shmClean            shmStressScenario = iota // both directions end with EOF, then the client closes its socket
+	shmClientLeaves                              // the client writes everything, then closes its socket at once
+	shmPeerResets                                // the peer resets the stream at a random moment
+	shmClientAborts                              // the client closes its socket at a random moment
+	shmClientMisbehaves                          // the client sends a malformed record at a random moment
 	shmStressScenarios
 )
 
 func (s shmStressScenario) String() string {
-	return [...]string{"clean", "client leaves", "peer resets", "client aborts"}[s]
+	return [...]string{"clean", "client leaves", "peer resets", "client aborts", "client misbehaves"}[s]
 }
 
 // shmStressOnce pipes one stream through a pipe of ringSize bytes between a test client and a yamux peer.
@@ -377,6 +378,11 @@ func shmStressOnce(seed int64, ringSize int, scenario shmStressScenario) error {
 	case shmClientAborts:
 		time.Sleep(time.Duration(rng.Intn(3000)) * time.Microsecond)
 		_ = clientConn.Close()
+	case shmClientMisbehaves:
+		time.Sleep(time.Duration(rng.Intn(3000)) * time.Microsecond)
+		bad := [][2]uint64{{shmRecordAck, uint64(ringSize) + 1}, {shmRecordData, uint64(ringSize) + 1}, {'X', 0},
+			{shmRecordData, 0}}[rng.Intn(4)]
+		_ = client.send(byte(bad[0]), bad[1])
 	}
 
 	timeout := time.After(20 * time.Second)
@@ -414,7 +420,7 @@ func shmStressOnce(seed int64, ringSize int, scenario shmStressScenario) error {
 	if err != nil {
 		return err
 	}
-	if scenario == shmClean || scenario == shmPeerResets {
+	if scenario == shmClean || scenario == shmPeerResets || scenario == shmClientMisbehaves {
 		_ = clientConn.Close() // done with the stream (or it was aborted)
 	}
 	pw, err := wait("the peer's writer", peerWrote)
@@ -450,6 +456,10 @@ func shmStressOnce(seed int64, ringSize int, scenario shmStressScenario) error {
 		return fmt.Errorf("the peer got %d bytes that are not a prefix of the client's %d", len(peerGot.data), upLen)
 	}
 	switch scenario {
+	case shmClientMisbehaves:
+		if ru.(bool) {
+			return errors.New("the pipe of a client that sent a malformed record is reused")
+		}
 	case shmClean:
 		if clientErr != nil || clientGot.err != nil || peerErr != nil || peerGot.err != nil {
 			return fmt.Errorf("errors in a clean stream: client write %v, client read %v, peer write %v, peer read %v",
