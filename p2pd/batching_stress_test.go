@@ -364,3 +364,37 @@ func TestBatchingTLSStress(t *testing.T) {
 	}
 	t.Logf("%d connections", iterations)
 }
+
+func randomBytes(rng *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	rng.Read(b)
+	return b
+}
+
+// writeInPieces writes data to w in pieces of random size.
+func writeInPieces(rng *rand.Rand, w io.Writer, data []byte) error {
+	for len(data) > 0 {
+		n := 1 + rng.Intn(len(data))
+		if _, err := w.Write(data[:n]); err != nil {
+			return err
+		}
+		data = data[n:]
+	}
+	return nil
+}
+
+// readWithRandomBuffers reads r until EOF (nil) or an error, with buffers of random size.
+func readWithRandomBuffers(rng *rand.Rand, r io.Reader, max int) ([]byte, error) {
+	var got []byte
+	for {
+		buf := make([]byte, 1+rng.Intn(max))
+		n, err := r.Read(buf)
+		got = append(got, buf[:n]...)
+		if err == io.EOF {
+			return got, nil
+		}
+		if err != nil {
+			return got, err
+		}
+	}
+}

@@ -230,40 +230,6 @@ func (c *shmTestClient) read(rng *rand.Rand) ([]byte, error) {
 	}
 }
 
-func randomBytes(rng *rand.Rand, n int) []byte {
-	b := make([]byte, n)
-	rng.Read(b)
-	return b
-}
-
-// writeInPieces writes data to w in pieces of random size.
-func writeInPieces(rng *rand.Rand, w io.Writer, data []byte) error {
-	for len(data) > 0 {
-		n := 1 + rng.Intn(len(data))
-		if _, err := w.Write(data[:n]); err != nil {
-			return err
-		}
-		data = data[n:]
-	}
-	return nil
-}
-
-// readWithRandomBuffers reads r until EOF (nil) or an error, with buffers of random size.
-func readWithRandomBuffers(rng *rand.Rand, r io.Reader, max int) ([]byte, error) {
-	var got []byte
-	for {
-		buf := make([]byte, 1+rng.Intn(max))
-		n, err := r.Read(buf)
-		got = append(got, buf[:n]...)
-		if err == io.EOF {
-			return got, nil
-		}
-		if err != nil {
-			return got, err
-		}
-	}
-}
-
 type shmStressScenario int
 
 const (
@@ -591,6 +557,12 @@ func TestShmPipesThroughConnectStreamAreReused(t *testing.T) {
 		mappingsMu.Lock()
 		defer mappingsMu.Unlock()
 		mappings[path] = mem
+		for path, mem := range mappings {
+			if _, err := os.Stat(path); os.IsNotExist(err) { // the daemon dropped it: its memory goes when unmapped
+				_ = syscall.Munmap(mem)
+				delete(mappings, path)
+			}
+		}
 	}
 
 	offered := map[string]int{}
