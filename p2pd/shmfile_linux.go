@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -146,4 +147,18 @@ func shmSpace(dir string) (total, free int64, err error) {
 
 func unmapShm(mem []byte) {
 	_ = syscall.Munmap(mem)
+}
+
+// shmPeerIsOurUser reports whether the process at the other end of conn runs as this daemon's user (SO_PEERCRED),
+// the only one that may map a pipe file.
+func shmPeerIsOurUser(conn *net.UnixConn) bool {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var cred *syscall.Ucred
+	credErr := raw.Control(func(fd uintptr) {
+		cred, err = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	})
+	return credErr == nil && err == nil && int(cred.Uid) == os.Geteuid()
 }

@@ -286,3 +286,81 @@ func TestFilesOfKilledDaemonsAreRemovedBeforeTheFirstPipe(t *testing.T) {
 		}
 	}
 }
+
+// TestHelperConnectAsAnotherUser is not a test: run by TestNoPipeIsOfferedToAnotherUsersClient in a child process
+// of another user, it connects to the unix socket named by P2PD_TEST_CONNECT and waits until it is closed.
+func TestHelperConnectAsAnotherUser(t *testing.T) {
+	path := os.Getenv("P2PD_TEST_CONNECT")
+	if path == "" {
+		t.Skip("helper process only")
+	}
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = conn.Read(make([]byte, 1))
+}
+
+// A client of another user that can reach the daemon's socket gets no pipe: it could not map the file (only the
+// daemon's user can open it; hivemind's client declines such offers), but it could answer 'S' and announce ring
+// bytes it never wrote, and the daemon would forward what an earlier stream left in the reused up ring (another
+// client's data) to a peer of its choosing.
+func TestNoPipeIsOfferedToAnotherUsersClient(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a client as another user")
+	}
+	dir, err := os.MkdirTemp("", "p2pd-other-user-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "control.sock")
+	listener, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer listener.Close()
+	if err := os.Chmod(path, 0o777); err != nil { // a control socket that every local user may connect to
+		t.Fatal(err)
+	}
+	d := &daemon{pipes: shmPipePool{dir: mountSmallTmpfs(t, 64)}}
+	defer d.pipes.close()
+	// the test binary, where the other user may run it
+	binary := filepath.Join(dir, "p2pd.test")
+	if data, err := os.ReadFile(os.Args[0]); err != nil {
+		t.Fatal(err)
+	} else if err := os.WriteFile(binary, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	offer := func(asNobody bool) *shmPipeFile {
+		t.Helper()
+		child := exec.Command(binary, "-test.run=^TestHelperConnectAsAnotherUser$")
+		child.Env = append(os.Environ(), "P2PD_TEST_CONNECT="+path)
+		if asNobody {
+			child.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		}
+		if err := child.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = child.Wait() }()
+		conn, err := listener.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		return d.offerShmPipe(conn, true)
+	}
+	if pipe := offer(false); pipe == nil {
+		t.Fatal("a client of the daemon's own user was offered no pipe")
+	} else {
+		d.pipes.put(pipe)
+	}
+	if pipe := offer(true); pipe != nil {
+		d.pipes.put(pipe)
+		t.Fatal("a client of another user was offered a pipe")
+	}
+}

@@ -174,12 +174,15 @@ func (pool *shmPipePool) close() {
 	}
 }
 
-// offerShmPipe picks the pipe offered to a client that asked for one over a unix socket; nil means plain.
+// offerShmPipe picks the pipe offered to a client of this daemon's user that asked for one over a unix socket; nil
+// means plain. A client of another user could not map the file (only the daemon's user may open it), but it could
+// answer 'S' and announce ring bytes it never wrote: the daemon would forward what an earlier stream, maybe of
+// another client, left in the reused ring to a peer of its choosing.
 func (d *daemon) offerShmPipe(conn net.Conn, wanted bool) *shmPipeFile {
 	if !wanted {
 		return nil
 	}
-	if _, unix := conn.(*net.UnixConn); !unix {
+	if unixConn, unix := conn.(*net.UnixConn); !unix || !shmPeerIsOurUser(unixConn) {
 		return nil
 	}
 	pipe, err := d.pipes.get()
