@@ -566,15 +566,18 @@ func TestShmPipesThroughConnectStreamAreReused(t *testing.T) {
 	}
 
 	offered := map[string]int{}
-	var offeredMu sync.Mutex
+	var offeredMu, openMu sync.Mutex
 	runStream := func(seed int64) error {
 		rng := rand.New(rand.NewSource(seed))
 		upData, downData := randomBytes(rng, rng.Intn(3*shmRingSize)), randomBytes(rng, rng.Intn(3*shmRingSize))
+		openMu.Lock() // streams opened at once may be accepted in another order
 		daemonStream, err := daemonSession.OpenStream(context.Background())
 		if err != nil {
+			openMu.Unlock()
 			return err
 		}
 		peerStream, err := peerSession.AcceptStream()
+		openMu.Unlock()
 		if err != nil {
 			return err
 		}
