@@ -25,8 +25,11 @@ import (
 )
 
 const (
-	rawReadBufferSize = 256 << 10 // read buffer under the security layer
-	maxWriteBatch     = 256 << 10 // flush a write batch when it reaches this size
+	rawReadBufferSize = 256 << 10 // read buffer under the security layer, once the connection carries bulk data
+	// initialReadBufferSize is the read buffer until then: a connection still in its handshake (anyone can open up
+	// to the transient limit of them) or carrying only small messages does not hold 256 KiB
+	initialReadBufferSize = 16 << 10
+	maxWriteBatch         = 256 << 10 // flush a write batch when it reaches this size
 )
 
 var writeBatchBuffers = sync.Pool{New: func() interface{} { b := make([]byte, 0, maxWriteBatch+64<<10); return &b }}
@@ -130,6 +133,9 @@ type batchConn struct {
 	net.Conn
 	reader *bufio.Reader
 
+	growReader bool // the last fill of the small read buffer filled it: the next fill uses a large one
+	grown      bool // the read buffer is the large one
+
 	mu      sync.Mutex
 	batches int     // open batches
 	pending *[]byte // collected bytes; nil when there are none
@@ -140,10 +146,23 @@ type batchConn struct {
 }
 
 func newBatchConn(c net.Conn) *batchConn {
-	return &batchConn{Conn: c, reader: bufio.NewReaderSize(c, rawReadBufferSize)}
+	return &batchConn{Conn: c, reader: bufio.NewReaderSize(c, initialReadBufferSize)}
 }
 
-func (c *batchConn) Read(p []byte) (int, error) { return c.reader.Read(p) }
+// Read reads through the buffer, which starts small and becomes rawReadBufferSize once a read filled the small one
+// (bulk data). The security layers call Read from one goroutine at a time (under their read locks), so the reader
+// is replaced without a lock, and only when it holds no bytes.
+func (c *batchConn) Read(p []byte) (int, error) {
+	empty := c.reader.Buffered() == 0
+	if empty && c.growReader {
+		c.reader, c.growReader, c.grown = bufio.NewReaderSize(c.Conn, rawReadBufferSize), false, true
+	}
+	n, err := c.reader.Read(p)
+	if empty && !c.grown && n+c.reader.Buffered() >= initialReadBufferSize {
+		c.growReader = true
+	}
+	return n, err
+}
 
 func (c *batchConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
