@@ -34,7 +34,9 @@ func randomPeerID(t *testing.T) peer.ID {
 func TestConcurrentRequestsToBrokenPeerDialOncePerBase(t *testing.T) {
 	saved := []time.Duration{swarm.BackoffBase, swarm.BackoffCoef, swarm.BackoffMax}
 	t.Cleanup(func() { swarm.BackoffBase, swarm.BackoffCoef, swarm.BackoffMax = saved[0], saved[1], saved[2] })
-	const base = 500 * time.Millisecond
+	// (the swarm's own backoff runs on the real clock: with a short base, a slow machine let it expire between two
+	// bursts, and the second one dialled; the host's base runs on the test's clock, so a long one costs no time)
+	const base = 10 * time.Second
 	applyDialBackoff(base, time.Minute)
 
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
