@@ -133,7 +133,21 @@ func (pc *persistentConn) handleRequest(msg []byte) {
 	case pcReqRemoveUnaryHandler:
 		pc.send(pc.removeUnaryHandler(req))
 	case pcReqCallUnary:
-		go pc.callUnary(req, msg)
+		// registered before the next message is read: a cancel right behind the call must find it
+		ctx, cancel := context.WithCancel(pc.ctx)
+		key := string(req.callID)
+		pc.mu.Lock()
+		_, busy := pc.outgoing[key]
+		if !busy {
+			pc.outgoing[key] = cancel
+		}
+		pc.mu.Unlock()
+		if busy {
+			cancel()
+			pc.send(encodeDaemonError(req.callID, "a call with this callId is already in progress"))
+			return
+		}
+		go pc.callUnary(ctx, cancel, req, msg)
 	case pcReqUnaryResponse:
 		pc.deliverResponse(req.callID, msg)
 	case pcReqCancel:
@@ -215,15 +229,24 @@ func (d *daemon) removeUnaryHandlersOf(pc *persistentConn) {
 	}
 }
 
-// callUnary performs a unary call for the client: one request message out, one response back.
-func (pc *persistentConn) callUnary(req *persistentRequest, raw []byte) {
+// callUnary performs a unary call for the client: one request message out, one response back. The call is
+// registered in pc.outgoing under its call id with cancel (the cancel function of ctx) already; callUnary removes
+// it when it returns.
+func (pc *persistentConn) callUnary(ctx context.Context, cancel context.CancelFunc, req *persistentRequest, raw []byte) {
+	callID := req.callID
+	key := string(callID)
+	defer func() {
+		pc.mu.Lock()
+		delete(pc.outgoing, key)
+		pc.mu.Unlock()
+		cancel()
+	}()
 	defer func() {
 		if r := recover(); r != nil {
 			log.Errorw("internal error in a unary call", "panic", r)
 			pc.send(encodeDaemonError(req.callID, fmt.Sprintf("internal daemon error: %v", r)))
 		}
 	}()
-	callID := req.callID
 	call, err := decodeCallUnary(req.payload)
 	if err != nil {
 		pc.send(encodeDaemonError(callID, err.Error()))
@@ -234,22 +257,6 @@ func (pc *persistentConn) callUnary(req *persistentRequest, raw []byte) {
 		pc.send(encodeDaemonError(callID, fmt.Sprintf("invalid peer id: %v", err)))
 		return
 	}
-	key := string(callID)
-	ctx, cancel := context.WithCancel(pc.ctx)
-	defer cancel()
-	pc.mu.Lock()
-	if _, busy := pc.outgoing[key]; busy {
-		pc.mu.Unlock()
-		pc.send(encodeDaemonError(callID, "a call with this callId is already in progress"))
-		return
-	}
-	pc.outgoing[key] = cancel
-	pc.mu.Unlock()
-	defer func() {
-		pc.mu.Lock()
-		delete(pc.outgoing, key)
-		pc.mu.Unlock()
-	}()
 
 	resp := pc.d.exchangeUnary(ctx, pid, protocol.ID(call.proto), callID, raw)
 	if ctx.Err() != nil {
