@@ -27,7 +27,7 @@ type persistentConn struct {
 	ctx    context.Context // cancelled when the connection ends
 	cancel context.CancelFunc
 
-	writeMu sync.Mutex
+	writeTurn chan struct{} // holds a token while a message is written: one at a time, and a wait that may end
 
 	mu        sync.Mutex
 	incoming  map[string]chan []byte        // call id -> the client's unaryResponse, for requests we forwarded
@@ -37,25 +37,40 @@ type persistentConn struct {
 
 // send writes one PersistentConnectionResponse; a failed write ends the connection.
 func (pc *persistentConn) send(msg []byte) {
-	pc.writeMu.Lock()
+	pc.sendUnless(msg, nil)
+}
+
+// sendUnless is send that gives up when abort is closed (or the connection ends) before msg's turn to be written
+// comes, behind the messages before it (a client that reads slowly); it returns whether msg was written.
+func (pc *persistentConn) sendUnless(msg []byte, abort <-chan struct{}) bool {
+	select {
+	case pc.writeTurn <- struct{}{}:
+	case <-abort:
+		return false
+	case <-pc.ctx.Done():
+		return false
+	}
 	err := writeDelimited(pc.conn, msg)
-	pc.writeMu.Unlock()
+	<-pc.writeTurn
 	if err != nil {
 		log.Debugw("cannot write to a persistent connection", "error", err)
 		pc.cancel()
 		_ = pc.conn.Close()
+		return false
 	}
+	return true
 }
 
 func (d *daemon) servePersistentConn(conn net.Conn, r *bufio.Reader) {
 	ctx, cancel := context.WithCancel(d.ctx)
 	pc := &persistentConn{
-		d:        d,
-		conn:     conn,
-		ctx:      ctx,
-		cancel:   cancel,
-		incoming: map[string]chan []byte{},
-		outgoing: map[string]context.CancelFunc{},
+		d:         d,
+		conn:      conn,
+		ctx:       ctx,
+		cancel:    cancel,
+		writeTurn: make(chan struct{}, 1),
+		incoming:  map[string]chan []byte{},
+		outgoing:  map[string]context.CancelFunc{},
 	}
 	d.persistentConnOpened()
 	defer func() {
@@ -232,7 +247,8 @@ func (d *daemon) removeUnaryHandlersOf(pc *persistentConn) {
 // callUnary performs a unary call for the client: one request message out, one response back. The call is
 // registered in pc.outgoing under its call id with cancel (the cancel function of ctx) already; callUnary removes
 // it when it returns.
-func (pc *persistentConn) callUnary(ctx context.Context, cancel context.CancelFunc, req *persistentRequest, raw []byte) {
+func (pc *persistentConn) callUnary(ctx context.Context, cancel context.CancelFunc, req *persistentRequest,
+	raw []byte) {
 	callID := req.callID
 	key := string(callID)
 	defer func() {
@@ -390,10 +406,6 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 		pc.mu.Unlock()
 	}()
 
-	pc.send(encodePersistentResponse(req.callID, pcRespRequestHandling, encodeCallUnary(call)))
-	// the request was handed on (a reset stream releases its reservations by itself, on the paths above)
-	s.Scope().ReleaseMemory(reserved)
-
 	// the caller writes nothing more: any read result means it closed or reset the stream
 	callerGone := make(chan struct{})
 	go func() {
@@ -401,6 +413,15 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 		_, _ = r.Read(b[:])
 		close(callerGone)
 	}()
+
+	// a caller that leaves while its request waits behind others for a slow client is not waited for: its request
+	// would stay in memory, no longer counted in the stream's scope, until the client reads again
+	if !pc.sendUnless(encodePersistentResponse(req.callID, pcRespRequestHandling, encodeCallUnary(call)), callerGone) {
+		_ = s.Reset()
+		return
+	}
+	// the request was handed on (a reset stream releases its reservations by itself, on the paths above)
+	s.Scope().ReleaseMemory(reserved)
 
 	select {
 	case answer := <-waiter:
