@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"sync"
 	"time"
@@ -105,6 +106,9 @@ func (d *daemon) servePersistentConn(conn net.Conn, r *bufio.Reader) {
 // rejectOversized skips a message above the size limit and answers it with daemonError when its call id can be
 // read, instead of dropping the whole connection.
 func (pc *persistentConn) rejectOversized(r *bufio.Reader, e *tooLargeError) error {
+	if e.size > math.MaxInt64 { // cannot be skipped (io.CopyN would skip nothing): the connection ends
+		return e
+	}
 	prefixSize := uint64(64)
 	if e.size < prefixSize {
 		prefixSize = e.size

@@ -846,3 +846,28 @@ type streamLike = interface {
 	CloseWrite() error
 	Reset() error
 }
+
+// A message announced above the limit is skipped; one announced beyond what can ever be skipped (2^63 bytes or
+// more) ends the connection instead of being skipped as if it were empty (its body then read as the next
+// messages).
+func TestMessageAnnouncedBeyondAnySkipEndsThePersistentConnection(t *testing.T) {
+	_, sock := startUnaryTestDaemon(t, "-persistentConnMaxMsgSize=1024")
+	openPersistent(t, sock) // the daemon exits when its last persistent connection closes
+	c := openPersistent(t, sock)
+	id := newCallID()
+	body := removeHandlerMsg(id, "/test/none") // would be answered if it were read as a message
+	wire := protowire.AppendVarint(nil, 1<<63+100)
+	wire = append(wire, make([]byte, 64)...) // the part read to find a call id
+	wire = append(protowire.AppendVarint(wire, uint64(len(body))), body...)
+	if _, err := c.conn.Write(wire); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m, ok := <-c.in:
+		if ok {
+			t.Fatalf("the body of a message announced at 2^63 bytes was read as a message: kind %d %q", m.kind, m.payload)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the connection is still open")
+	}
+}
