@@ -53,6 +53,9 @@ func checkDialBackoffOptions(o *options) error {
 // applyDialBackoff sets go-libp2p's backoff schedule (package variables of the swarm, read at every failed dial;
 // BackoffMax is also the period of its clean-up, fixed when a swarm starts) to base*(1+n²), capped at longest.
 func applyDialBackoff(base, longest time.Duration) {
+	if swarm.BackoffBase == base && swarm.BackoffCoef == base && swarm.BackoffMax == longest {
+		return // unchanged: no write that the swarms already running in this process (tests) would race with
+	}
 	swarm.BackoffBase = base
 	swarm.BackoffCoef = base
 	swarm.BackoffMax = longest
