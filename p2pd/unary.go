@@ -393,6 +393,7 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 	call.peer = []byte(s.Conn().RemotePeer()) // the authenticated caller, whatever it claimed
 
 	key := string(req.callID)
+	callID := []byte(key) // not req.callID, a slice of msg: msg is not kept once it is handed on
 	waiter := make(chan []byte, 1)
 	pc.mu.Lock()
 	if _, busy := pc.incoming[key]; busy || pc.ctx.Err() != nil {
@@ -435,7 +436,7 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 		}
 		_ = s.Close()
 	case <-callerGone:
-		pc.send(encodeCancelResponse(req.callID))
+		pc.send(encodeCancelResponse(callID))
 		_ = s.Reset()
 	case <-pc.ctx.Done():
 		_ = s.Reset()
