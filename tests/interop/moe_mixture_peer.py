@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn as nn
+from moe_peer import wait_until_serving  # (this script's folder is on sys.path)
 
 import hivemind
 from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, Server
@@ -42,6 +43,7 @@ def serve(uid: str, seed: int, state_path: str, hidden: int, maddrs) -> None:
     dht = hivemind.DHT(start=True, initial_peers=list(maddrs) or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     server = Server(dht, {uid: backend}, update_period=5, start=True)
     try:
+        wait_until_serving(dht, uid)
         report("ready", maddrs=[str(maddr) for maddr in dht.get_visible_maddrs()])
         sys.stdin.read()  # until the test closes our stdin
     finally:

@@ -12,6 +12,7 @@ Only public API that both implementations share is used. Logs go to stderr.
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,25 @@ def report(event: str, **fields) -> None:
     print(json.dumps(line), flush=True)
 
 
+def wait_until_serving(dht, uid: str) -> None:
+    """Return once ``uid`` answers an info call from another peer (a second DHT node in this process).
+
+    The original's Server now and then starts with a connection handler process that died or never serves; a
+    caller then waits forever (remote experts have no timeout). Reporting "ready" only after this call lets the
+    harness's start timeout catch such a server and start a fresh one.
+    """
+    probe = hivemind.DHT(start=True, initial_peers=dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        expert = None
+        while expert is None:  # (until the server's declaration is in the DHT)
+            (expert,) = get_experts(probe, [uid])
+            if expert is None:
+                time.sleep(0.2)
+        expert.info  # noqa: B018 - an rpc_info call to the server
+    finally:
+        probe.shutdown()
+
+
 def serve(state_path: str, hidden: int, compression: int) -> None:
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.Tanh(), nn.Linear(2 * hidden, hidden))
@@ -43,6 +63,7 @@ def serve(state_path: str, hidden: int, compression: int) -> None:
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     server = Server(dht, {UID: backend}, update_period=5, start=True)
     try:
+        wait_until_serving(dht, UID)
         report("ready", maddrs=[str(maddr) for maddr in dht.get_visible_maddrs()])
         sys.stdin.read()  # until the test closes our stdin
     finally:
