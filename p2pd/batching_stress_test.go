@@ -337,16 +337,21 @@ func waitClosed(s network.MuxedConn) <-chan struct{} {
 	return ch
 }
 
+// stressBudget is how long a time-boxed stress test runs: base, times SHM_STRESS (for long runs by hand).
+func stressBudget(base time.Duration) time.Duration {
+	if k, err := strconv.Atoi(os.Getenv("SHM_STRESS")); err == nil && k > 0 {
+		return base * time.Duration(k)
+	}
+	return base
+}
+
 // TestBatchingTLSStress sends random amounts of bytes through yamux streams over p2pd's batching TLS: random write
 // sizes (from 1 byte to beyond a frame; those of 16 KiB or more go out from the writer's buffer through
 // WriteBuffers), random read sizes, short reads and writes split into pieces on the raw connection; and breaks
 // it: a write error or a write deadline in the middle of a batch. Every stream must end (no writer or reader
 // waits forever), every reader must get the bytes in order, and EOF only after the last one.
 func TestBatchingTLSStress(t *testing.T) {
-	budget := 3 * time.Second
-	if k, err := strconv.Atoi(os.Getenv("SHM_STRESS")); err == nil && k > 0 {
-		budget *= time.Duration(k)
-	}
+	budget := stressBudget(3 * time.Second)
 	start := time.Now()
 	seed := time.Now().UnixNano()
 	iterations := 0

@@ -11,7 +11,6 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
-	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -264,10 +263,7 @@ func TestShmPipeStress(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("shared-memory pipes are Linux-only")
 	}
-	budget := 3 * time.Second
-	if k, err := strconv.Atoi(os.Getenv("SHM_STRESS")); err == nil && k > 0 {
-		budget *= time.Duration(k)
-	}
+	budget := stressBudget(3 * time.Second)
 	start := time.Now()
 	seed := time.Now().UnixNano()
 	iterations := 0
