@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover
 
 MiB = 1024**2
 PREFIX = "bench_allreduce"
+DEFAULT_PART_SIZE = 2**19  # the library's default part_size_bytes (512 KiB)
 
 
 def parse_size(text: str) -> int:
@@ -93,7 +94,7 @@ class BenchmarkAverager(ServicerBase):
             yield message
 
 
-def hivemind_peer(rank: int, initial_maddrs: List[str], connection, torch_threads: int) -> None:
+def hivemind_peer(rank: int, initial_maddrs: List[str], connection, torch_threads: int, part_size: int) -> None:
     import psutil
     import torch
 
@@ -108,10 +109,10 @@ def hivemind_peer(rank: int, initial_maddrs: List[str], connection, torch_thread
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    asyncio.run(_hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch))
+    asyncio.run(_hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch, part_size))
 
 
-async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -> None:
+async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch, part_size) -> None:
     p2p = await P2P.create(initial_peers=initial_maddrs or None)
     servicer = BenchmarkAverager()
     await servicer.add_p2p_handlers(p2p, namespace=PREFIX)
@@ -143,6 +144,7 @@ async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -
             peer_fractions=[1.0] * len(peer_ids),
             sender_timeout=30,
             reducer_timeout=60,
+            part_size_bytes=part_size,
             **reuse,
         )
         servicer.register(runner)
@@ -159,7 +161,7 @@ async def _hivemind_peer_main(rank, initial_maddrs, connection, psutil, torch) -
 # ---------------------------------------------------------------------------------------------- averager peers
 
 
-def averager_peer(rank: int, initial_maddrs: List[str], connection, torch_threads: int) -> None:
+def averager_peer(rank: int, initial_maddrs: List[str], connection, torch_threads: int, part_size: int) -> None:
     """A peer that uses the public API: DHT + DecentralizedAverager; the time is from allow_allreduce() (the group
     is already formed) until the step's result, so matchmaking is not counted."""
     import psutil
@@ -189,6 +191,7 @@ def averager_peer(rank: int, initial_maddrs: List[str], connection, torch_thread
             averager = DecentralizedAverager(
                 [tensor], dht, prefix=f"bench{size}", start=True, target_group_size=num_peers,
                 min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=30.0, allreduce_timeout=120.0,
+                part_size_bytes=part_size,
             )  # fmt: skip
             tensor_size = size
             processes = [psutil.Process()] + psutil.Process().children(recursive=True)
@@ -257,7 +260,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_peers(kind: str, num_peers: int, torch_threads: int) -> Tuple[list, list]:
+def start_peers(kind: str, num_peers: int, torch_threads: int, part_size: int) -> Tuple[list, list]:
     context = mp.get_context("spawn")
     processes, connections = [], []
     if kind in ("hivemind", "averager"):
@@ -267,7 +270,9 @@ def start_peers(kind: str, num_peers: int, torch_threads: int) -> Tuple[list, li
         for rank in range(num_peers):
             parent_end, child_end = context.Pipe()
             process = context.Process(
-                target=target, args=(rank, list(maddrs), child_end, torch_threads), daemon=kind == "hivemind"
+                target=target,
+                args=(rank, list(maddrs), child_end, torch_threads, part_size),
+                daemon=kind == "hivemind",
             )
             process.start()
             peer_id, peer_maddrs = parent_end.recv()
@@ -293,9 +298,15 @@ def start_peers(kind: str, num_peers: int, torch_threads: int) -> Tuple[list, li
 
 
 def measure(
-    kind: str, num_peers: int, sizes: List[int], repeats: int, torch_threads: int, stat=statistics.median
+    kind: str,
+    num_peers: int,
+    sizes: List[int],
+    repeats: int,
+    torch_threads: int,
+    stat=statistics.median,
+    part_size: int = DEFAULT_PART_SIZE,
 ) -> Dict[int, dict]:
-    processes, connections = start_peers(kind, num_peers, torch_threads)
+    processes, connections = start_peers(kind, num_peers, torch_threads, part_size)
     results = {}
     try:
         for size in sizes:
@@ -354,6 +365,13 @@ def main() -> None:
         "--stat", choices=["median", "min"], default="median", help="per-round figure reported (min: least disturbed)"
     )
     parser.add_argument(
+        "--part-size",
+        type=parse_size,
+        default=DEFAULT_PART_SIZE,
+        help="part_size_bytes of hivemind's peers (K/M suffixes, binary: 2M = 2 MiB); every peer of a group must use "
+        "the same",
+    )
+    parser.add_argument(
         "--averager", action="store_true", help="also through DecentralizedAverager (public API, own processes)"
     )
     args = parser.parse_args()
@@ -361,14 +379,18 @@ def main() -> None:
     kinds = [args.only] if args.only else ["hivemind", "gloo"]
     kinds += ["averager"] if args.averager else []
     rounds = f"{args.stat} of {args.repeats} rounds"
-    print(f"all-reduce benchmark: float32, peers on 127.0.0.1, {rounds}, {os.cpu_count()} CPUs")
+    parts = f"parts of {args.part_size / 2**10:g} KiB"
+    print(f"all-reduce benchmark: float32, peers on 127.0.0.1, {rounds}, {parts}, {os.cpu_count()} CPUs")
     header = "| peers | elements | hivemind MB/s (s) | gloo MB/s (s) | hivemind / gloo | CPU ms/MiB hivemind | gloo |"
     header += " DecentralizedAverager MB/s (s) | its CPU ms/MiB |" if args.averager else ""
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for num_peers in args.peers:
         stat = min if args.stat == "min" else statistics.median
-        results = {kind: measure(kind, num_peers, sizes, args.repeats, args.torch_threads, stat) for kind in kinds}
+        results = {
+            kind: measure(kind, num_peers, sizes, args.repeats, args.torch_threads, stat, args.part_size)
+            for kind in kinds
+        }
         for size in sizes:
             ours, gloo = results.get("hivemind", {}).get(size), results.get("gloo", {}).get(size)
             ours_text = f"{ours['mb_per_s']:.0f} ({ours['seconds']:.3f})" if ours else "-"
