@@ -48,3 +48,10 @@ func (p *shmPipeFile) release() {
 		p.file = nil
 	}
 }
+
+func minUint64(a, b uint64) uint64 {
+	if a < b {
+		return a
+	}
+	return b
+}

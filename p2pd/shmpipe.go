@@ -293,6 +293,7 @@ func pipeShm(c *bufferedConn, s network.Stream, pipe *shmPipeFile) bool {
 	}()
 	var wg sync.WaitGroup
 	wg.Add(2)
+	downDone := make(chan struct{})
 	go func() {
 		defer wg.Done()
 		if err := p.forwardUp(); err != nil {
@@ -301,9 +302,16 @@ func pipeShm(c *bufferedConn, s network.Stream, pipe *shmPipeFile) bool {
 			return
 		}
 		_ = s.CloseWrite()
+		select {
+		case <-downDone:
+		case <-records:
+			// the socket ended before the peer's direction: as in pipeStream, the peer has clientLeftGrace to end it
+			_ = s.SetReadDeadline(time.Now().Add(time.Duration(clientLeftGrace.Load())))
+		}
 	}()
 	go func() {
 		defer wg.Done()
+		defer close(downDone)
 		if err := p.forwardDown(); err != nil {
 			log.Debugw("shared-memory pipe: peer -> client failed", "error", err)
 			p.abort()
@@ -329,6 +337,13 @@ func (p *shmPipe) abort() {
 		_ = p.s.Reset()
 		_ = p.c.Close()
 	})
+}
+
+// clientLeft reports whether the client's socket ended (it no longer waits for anything on this stream).
+func (p *shmPipe) clientLeft() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.socketDone
 }
 
 func (p *shmPipe) sendRecord(kind byte, value uint64) error {
@@ -416,12 +431,12 @@ func (p *shmPipe) forwardUp() error {
 			return errPipeAborted
 		}
 		if n == 0 {
-			return nil // ended, nothing left
+			return p.s.SetWriteDeadline(time.Time{}) // ended, nothing left
 		}
 		for left := n; left > 0; {
 			start := pos % p.size
 			chunk := minUint64(left, p.size-start)
-			if _, err := p.s.Write(p.up[start : start+chunk]); err != nil {
+			if err := writeToPeer(p.s, p.up[start:start+chunk], p.clientLeft); err != nil {
 				return err
 			}
 			pos += chunk
@@ -477,11 +492,4 @@ func (p *shmPipe) forwardDown() error {
 			return err
 		}
 	}
-}
-
-func minUint64(a, b uint64) uint64 {
-	if a < b {
-		return a
-	}
-	return b
 }

@@ -2,9 +2,11 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -56,9 +58,76 @@ func copyStream(dst io.Writer, src io.Reader) error {
 	}
 }
 
+// peerStallCheck is how often a write to a peer that takes no bytes looks whether the client is done (writeToPeer).
+const peerStallCheck = time.Second
+
+var errPeerStalled = errors.New("the peer took no bytes for clientLeftGrace after the client was done")
+
+// writeToPeer writes b to s. While the peer takes nothing (its window stays closed), it asks clientDone every
+// peerStallCheck whether the client is done with the stream; once the peer took nothing for clientLeftGrace after
+// that, it gives up: a peer that never reads would otherwise hold the stream, and what the client sent, forever.
+// It leaves a write deadline on s (the caller clears it once done writing).
+func writeToPeer(s network.Stream, b []byte, clientDone func() bool) error {
+	var stalledSince time.Time
+	for len(b) > 0 {
+		_ = s.SetWriteDeadline(time.Now().Add(peerStallCheck))
+		n, err := s.Write(b)
+		b = b[n:]
+		if err == nil {
+			break
+		}
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			return err
+		}
+		switch {
+		case n > 0 || !clientDone():
+			stalledSince = time.Time{}
+		case stalledSince.IsZero():
+			stalledSince = time.Now()
+		case time.Since(stalledSince) >= time.Duration(clientLeftGrace.Load()):
+			return errPeerStalled
+		}
+	}
+	return nil
+}
+
+// copyToPeer moves bytes from the client to the peer like copyStream, through writeToPeer.
+func copyToPeer(s network.Stream, c io.Reader, clientDone func() bool) error {
+	bufp := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bufp)
+	buf := *bufp
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if werr := writeToPeer(s, buf[:n], clientDone); werr != nil {
+				return werr
+			}
+		}
+		if err == io.EOF {
+			return s.SetWriteDeadline(time.Time{})
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// clientLeftGrace is how long the peer's direction of a stream may still go on, unread, after the client closed its
+// whole socket: a peer that sends something in that time finds the stream reset (the bytes cannot be delivered),
+// as one that sends nothing does at its end; one that ends its direction closes it cleanly. Until then, what the
+// client sent last is not overtaken by a reset. It is also how long a peer may take no bytes at all of what the client
+// sent before it left (writeToPeer): long enough for an honest peer whose own client pauses while its window is full
+// (a busy machine), short enough that a peer cannot hold streams for good. (In nanoseconds; tests shorten it.)
+var clientLeftGrace atomic.Int64
+
+func init() { clientLeftGrace.Store(int64(15 * time.Second)) }
+
 // pipeStream connects a client socket with a libp2p stream in both directions. The end of one direction is
 // forwarded as a half-close (EOF on the other side); an error in either direction resets the stream and closes
-// the socket, which ends the other direction too.
+// the socket, which ends the other direction too. A client that closes its whole socket after its EOF (it crashed,
+// gave up on the call, or its handler returned) reads nothing more: the peer then has clientLeftGrace to end its
+// direction, instead of the daemon waiting for a peer that may never send another byte.
 func pipeStream(c *bufferedConn, s network.Stream) {
 	var wg sync.WaitGroup
 	var once sync.Once
@@ -68,19 +137,49 @@ func pipeStream(c *bufferedConn, s network.Stream) {
 			_ = c.Close()
 		})
 	}
+	var mu sync.Mutex
+	var upEnded, downEnded bool
+	downHasEnded := func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return downEnded
+	}
+	// the client is done once it closed its socket, or shut down its writing half after it got the peer's EOF
+	clientDone := func() bool {
+		readEnded, hungUp := pollShutdown(c.Conn)
+		if downHasEnded() {
+			return readEnded
+		}
+		return hungUp
+	}
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		if err := copyStream(s, c); err != nil {
+		if err := copyToPeer(s, c, clientDone); err != nil {
 			log.Debugw("stream pipe: client -> peer failed", "error", err)
 			abort()
 			return
 		}
 		_ = s.CloseWrite()
+		mu.Lock()
+		upEnded = true
+		mu.Unlock()
+		if awaitHangUp(c.Conn, downHasEnded) {
+			log.Debugw("stream pipe: the client closed its socket before the peer's end", "protocol", s.Protocol())
+			_ = s.SetReadDeadline(time.Now().Add(time.Duration(clientLeftGrace.Load())))
+		}
 	}()
 	go func() {
 		defer wg.Done()
-		if err := copyStream(c, s); err != nil {
+		err := copyStream(c, s)
+		mu.Lock()
+		downEnded = true
+		wake := upEnded
+		mu.Unlock()
+		if wake {
+			_ = c.Conn.SetReadDeadline(time.Now()) // ends awaitHangUp: nothing reads the socket any more
+		}
+		if err != nil {
 			log.Debugw("stream pipe: peer -> client failed", "error", err)
 			abort()
 			return
