@@ -101,6 +101,19 @@ def _terminate_sync(popen: subprocess.Popen, paths: Sequence[str], owner_pid: in
     shm_pipe.remove_daemon_pipe_files(popen.pid)
 
 
+class _OutputProtocol(asyncio.StreamReaderProtocol):
+    """Reads p2pd's output; ``closed`` is done once the transport let go of the pipe (connection_lost)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        super().connection_lost(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 class DaemonProcess:
     """Runs p2pd as a child process; forwards its output to ``logger`` and reports how and why it exited."""
 
@@ -111,6 +124,7 @@ class DaemonProcess:
         self._output_tail: Deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
         self._reader_task: Optional[asyncio.Task] = None
         self._transport: Optional[asyncio.BaseTransport] = None
+        self._output_protocol: Optional[_OutputProtocol] = None
         self._ready: Optional[asyncio.Future] = None
         self._exited: Optional[asyncio.Event] = None
         self._finalizer: Optional[weakref.finalize] = None
@@ -159,8 +173,8 @@ class DaemonProcess:
         self._finalizer = weakref.finalize(self, _terminate_sync, self._popen, self.cleanup_paths, os.getpid())
 
         reader = asyncio.StreamReader(limit=OUTPUT_LINE_LIMIT)
-        self._transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), self._popen.stdout
+        self._transport, self._output_protocol = await loop.connect_read_pipe(
+            lambda: _OutputProtocol(reader), self._popen.stdout
         )
         self._reader_task = asyncio.create_task(self._read_output(reader))
         exited_waiter = asyncio.create_task(self._exited.wait())
@@ -264,5 +278,11 @@ class DaemonProcess:
                 await asyncio.gather(self._reader_task, return_exceptions=True)
         if self._transport is not None:
             self._transport.close()
+            # uvloop closes the pipe a loop iteration later and aborts the process if its file descriptor was closed
+            # (and reused) by then: the finalizer below closes popen.stdout only once the transport let go of it
+            try:
+                await await_with_timeout(asyncio.shield(self._output_protocol.closed), 1)
+            except asyncio.TimeoutError:
+                logger.debug("p2pd's output pipe did not close within 1 s")
         if self._finalizer is not None:
             self._finalizer()  # reaps nothing new, closes the pipe and removes socket files
