@@ -149,5 +149,7 @@ class ProtobufCallsMixin:
                 yield response
         finally:
             writer.close()  # first: the handler learns at once that nobody waits for it any more
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # input the handler did not take: close() would wait for it forever
             self._stream_writers.discard(writer)
             await responses.aclose()

@@ -6,6 +6,7 @@ import os
 import socket
 from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from hivemind.p2p import framing
 from hivemind.p2p.p2p_daemon_bindings import shm_pipe, streams
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, PeerInfo, StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.persistent import PersistentConnection, UnaryHandler
@@ -83,6 +84,12 @@ def tune_stream_transport(writer: asyncio.StreamWriter) -> None:
         transport.set_write_buffer_limits(high=STREAM_WRITE_HIGH_WATER)
     except (AttributeError, NotImplementedError):  # pragma: no cover
         pass
+
+
+def _send_timeout(writer: asyncio.StreamWriter) -> float:
+    """How long the peer of a served stream may take to read what its handler wrote last (after the handler ended):
+    as long as for a frame a handler writes (``framing.send_protobuf_in_time``)."""
+    return framing.FRAME_STALL_TIMEOUT + writer.transport.get_write_buffer_size() / framing.MIN_FRAME_RATE
 
 
 class DaemonConnector:
@@ -284,6 +291,7 @@ class ControlClient:
         task = asyncio.current_task()
         self._handler_tasks.add(task)
         self._handler_writers.add(writer)
+        cancelled = False
         try:
             try:
                 info_message = await read_pbmsg_safe(reader, p2pd_pb2.StreamInfo(), self.connector.max_msg_size)
@@ -301,13 +309,18 @@ class ControlClient:
             tune_stream_transport(writer)
             await handler(stream_info, reader, writer)
         except asyncio.CancelledError:
-            pass
+            # this task was cancelled (by close(), or the event loop ending), or the handler raised it: Python 3.11+
+            # can tell them apart
+            cancelling = getattr(task, "cancelling", None)
+            cancelled = cancelling is None or cancelling() > 0
         except Exception as e:
             logger.warning(f"Stream handler failed: {e!r}", exc_info=logger.isEnabledFor(logging.DEBUG))
         finally:
-            writer.close()
-            self._handler_writers.discard(writer)
-            self._handler_tasks.discard(task)
+            try:  # what the handler wrote last may still wait for its peer: bounded, unless this task must end now
+                await streams.close_when_sent(writer, None if cancelled or self._closed else _send_timeout(writer))
+            finally:
+                self._handler_writers.discard(writer)
+                self._handler_tasks.discard(task)
 
     # ---------------------------------------------------------------- unary RPCs (persistent connection)
 

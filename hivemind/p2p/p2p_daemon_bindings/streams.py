@@ -275,6 +275,21 @@ def peer_closed_completely(writer: asyncio.StreamWriter) -> bool:
     return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
 
 
+async def close_when_sent(writer: asyncio.StreamWriter, timeout: Optional[float]) -> None:
+    """Close ``writer`` once what was written to it has been sent, waiting at most ``timeout`` seconds (None: do not
+    wait); then abort it, dropping the rest. A transport closed with bytes left keeps its connection open until they
+    are sent: a peer that never reads them would hold it (and them) for as long as it likes."""
+    writer.close()
+    if not writer.transport.get_write_buffer_size():
+        return
+    try:
+        close_waiter = getattr(writer.transport.get_protocol(), "_get_close_waiter", None)
+        if timeout is not None and close_waiter is not None:
+            await asyncio.wait({close_waiter(writer)}, timeout=timeout)  # (leaves the future to other waiters)
+    finally:
+        writer.transport.abort()  # (nothing to do if it closed meanwhile)
+
+
 async def open_unix_connection(path: str, *, limit: int) -> Tuple[DirectStreamReader, asyncio.StreamWriter]:
     """Like ``asyncio.open_unix_connection``, with a ``DirectStreamReader``."""
     loop = asyncio.get_running_loop()
