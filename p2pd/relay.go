@@ -3,11 +3,14 @@ package main
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
 	circuitproto "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/proto"
@@ -25,8 +28,6 @@ const (
 	desiredRelays = 2
 	// relayCheckInterval is how often reservations are checked without another reason to look.
 	relayCheckInterval = 15 * time.Second
-	// reserveTimeout bounds one reservation request.
-	reserveTimeout = 10 * time.Second
 	// relayRetryBackoff is how long a relay that refused or failed a reservation is left alone.
 	relayRetryBackoff = time.Minute
 	// relayDiscoveryInterval separates two DHT look-ups for more relay candidates.
@@ -38,6 +39,18 @@ const (
 	// relayProtectTag keeps the connections to our relays out of the connection manager's trimming.
 	relayProtectTag = "hivemind-relay-reservation"
 )
+
+// reserveTimeout bounds one reservation request; relayCandidateBudget is how long one update goes on starting
+// requests with new relay candidates. A peer that claims the hop protocol but never answers costs reserveTimeout,
+// and any number of them may be connected: an update that stops after the budget and runs again at once (renewals
+// first) keeps the reservations held renewed in time and replaces a lost one while they are tried. (In
+// nanoseconds; tests shorten them.)
+var reserveTimeout, relayCandidateBudget atomic.Int64
+
+func init() {
+	reserveTimeout.Store(int64(10 * time.Second))
+	relayCandidateBudget.Store(int64(30 * time.Second))
+}
 
 // relayReservation is one reservation held with a relay.
 type relayReservation struct {
@@ -168,7 +181,8 @@ func (k *relayKeeper) poke() {
 	}
 }
 
-// update drops lost reservations, renews old ones and reserves with new relays until desiredRelays are held.
+// update drops lost reservations, renews old ones and reserves with new relays until desiredRelays are held,
+// starting requests with new relays for relayCandidateBudget at most (then it runs again at once).
 func (k *relayKeeper) update(ctx context.Context) {
 	h := k.d.host
 	now := time.Now()
@@ -210,8 +224,14 @@ func (k *relayKeeper) update(ctx context.Context) {
 				changed = true
 			}
 		}
+		budgetEnd := time.Now().Add(time.Duration(relayCandidateBudget.Load()))
 		for _, candidate := range k.candidates(now, desiredRelays-held) {
 			if held >= desiredRelays || ctx.Err() != nil {
+				break
+			}
+			if !time.Now().Before(budgetEnd) {
+				// the candidates tried are in backoff: the next update, at once, renews and then tries others
+				k.poke()
 				break
 			}
 			if k.reserve(ctx, candidate) {
@@ -280,9 +300,9 @@ func (k *relayKeeper) candidates(now time.Time, wanted int) []peer.AddrInfo {
 // reserve asks relay for a reservation (a new one or a renewal) and records it; false on failure.
 func (k *relayKeeper) reserve(ctx context.Context, relay peer.AddrInfo) bool {
 	h := k.d.host
-	ctx, cancel := context.WithTimeout(ctx, reserveTimeout)
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(reserveTimeout.Load()))
 	defer cancel()
-	res, err := client.Reserve(ctx, h, relay)
+	res, err := client.Reserve(ctx, streamsEndWithContext{h}, relay)
 	if err != nil {
 		log.Debugw("relay reservation failed", "relay", relay.ID, "error", err)
 		k.mu.Lock()
@@ -307,6 +327,22 @@ func (k *relayKeeper) reserve(ctx context.Context, relay peer.AddrInfo) bool {
 	log.Debugw("relay reservation held", "relay", relay.ID, "expires", res.Expiration,
 		"limitDuration", res.LimitDuration, "limitData", res.LimitData)
 	return true
+}
+
+// streamsEndWithContext opens streams that are reset when the context they were opened with ends: client.Reserve
+// heeds its context only while opening the stream, and then waits up to client.ReserveTimeout (a minute) for the
+// relay's answer, so a peer that claims the hop protocol and never answers would cost a minute, not reserveTimeout.
+type streamsEndWithContext struct{ host.Host }
+
+func (h streamsEndWithContext) NewStream(ctx context.Context, p peer.ID, pids ...protocol.ID) (network.Stream, error) {
+	s, err := h.Host.NewStream(ctx, p, pids...)
+	if err == nil {
+		go func() {
+			<-ctx.Done() // reserve's context ends when it returns: a stream already closed is left as it is
+			_ = s.Reset()
+		}()
+	}
+	return s, err
 }
 
 // discover looks up the DHT peers closest to us, at most once per relayDiscoveryInterval (relayDiscoveryRetry
