@@ -41,6 +41,7 @@ from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
+    close_in_other_children,
     exit_once_cleaned_up,
     peek_exitcode,
     register_started_handle,
@@ -129,6 +130,8 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         self._state_request_reader, self._state_request_writer = self._context.Pipe(duplex=False)
         self._state_request_lock = threading.Lock()
         self._pending_controls = set()
+        # (else a copy of them in another process hides the end of this one's, see there)
+        close_in_other_children(self, ["_serving_connection", "_state_request_writer"])
 
     # ------------------------------------------------------------------ user process side
 
@@ -229,6 +232,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             except (EOFError, OSError):
                 if not self._shutdown_requested:  # nobody else would fail its running steps: they would hang
                     self._fail_pending_controls(self._exit_description())
+                    MPFuture.forget_process(self.pid)  # (shutdown() does it otherwise)
                 return
             except Exception as e:
                 logger.warning(f"Could not read a state request from the averager's process: {e!r}")
@@ -273,6 +277,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             self._caller.close()
             self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
             self._state_request_reader.close()  # (closed by two threads at once, its fd could be another's by then)
+            MPFuture.forget_process(self.pid)  # our ways to its state requests (see there): it is gone
             # e.g. the process had to be terminated before it answered
             self._fail_pending_controls(STEP_FAILED_SHUT_DOWN)
 

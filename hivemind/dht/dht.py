@@ -32,6 +32,7 @@ from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
+    close_in_other_children,
     exit_once_cleaned_up,
     peek_exitcode,
     register_started_handle,
@@ -117,6 +118,7 @@ class DHT(ShutdownOnExit, mp.Process):
         # the creating process talks to the DHT process over a pipe; other processes (forked or spawned workers that
         # hold a copy of this object) connect to a Unix socket of the DHT process on their first call
         self._caller_connection, self._serving_connection = self._context.Pipe(duplex=True)
+        close_in_other_children(self, ["_serving_connection"])  # (else a copy hides this process's end, see there)
         self._callers: Dict[int, CallerEnd] = {
             self._origin_pid: CallerEnd(self._caller_connection, exitcode=exitcode_of(self))
         }

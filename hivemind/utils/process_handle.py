@@ -4,6 +4,7 @@ clean-up is done."""
 
 import asyncio
 import atexit
+import functools
 import multiprocessing as mp
 import multiprocessing.util
 import os
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 # after every other multiprocessing finalizer of the child (those run in decreasing priority; mpfuture's is 10, the
 # removal of multiprocessing's own temporary directory, e.g. made for sending torch tensors to another process, -100)
@@ -94,6 +95,33 @@ def stop_lock(handle: "ShutdownOnExit") -> threading.Lock:
         if lock is None:
             lock = _stop_locks[handle] = threading.Lock()
         return lock
+
+
+def close_in_other_children(handle: mp.process.BaseProcess, attributes: Sequence[str]) -> None:
+    """
+    Call in the creating process right after making ``handle``'s pipes: every multiprocessing child forked from
+    this process while ``handle`` is alive closes its copies of the connections ``handle.<attribute>`` (the ends meant
+    for ``handle``'s own process), except ``handle``'s own process.
+
+    A copy of such an end in another process (e.g. another DHT or averager, or a user's worker, forked after
+    ``handle`` was created and before it was started) kept the pipe open after ``handle``'s process died: the
+    creating process never saw it end, and every call to it, and every running averaging step, waited forever.
+    """
+    multiprocessing.util.register_after_fork(
+        handle, functools.partial(_close_unless_own, attributes=tuple(attributes))
+    )
+
+
+def _close_unless_own(handle: mp.process.BaseProcess, attributes: Sequence[str]) -> None:
+    if mp.current_process() is handle:
+        return
+    for name in attributes:
+        connection = getattr(handle, name, None)
+        if connection is not None:
+            try:
+                connection.close()
+            except OSError:
+                pass
 
 
 _non_daemonic_handles: List[weakref.ref] = []  # started in this process, oldest first
