@@ -137,8 +137,11 @@ class CallerEnd:
     def fail_pending(self, reason: BaseException) -> None:
         self._closed_error = reason
         why = self._why(reason)
-        while self._pending:
-            _, future = self._pending.popitem()
+        while True:  # (the reader thread and shutdown() may both run this: each call goes to one of them)
+            try:
+                _, future = self._pending.popitem()
+            except KeyError:
+                return
             fail(future, ChannelClosedError(f"the {self._process_name} process ended before answering: {why}"))
 
     def close(self) -> None:
