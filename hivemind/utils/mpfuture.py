@@ -35,7 +35,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from hivemind.utils.logging import get_logger
-from hivemind.utils.shared_slots import SHARED_CELLS, Segment, SharedSlot, open_segment
+from hivemind.utils.shared_slots import SHARED_CELLS, Segment, SharedSlot, forget_segments_of, open_segment
 
 __all__ = ["MPFuture", "InvalidStateError", "ALL_STATES", "SHARED_CELLS"]
 
@@ -166,9 +166,10 @@ class _Origin:
 class _Peer:
     """A cached connection from this process to another process's origin endpoint."""
 
-    def __init__(self, address: str, authkey: bytes):
+    def __init__(self, address: str, authkey: bytes, origin_pid: int):
         self.connection = Client(address, family="AF_UNIX", authkey=authkey)
         self.lock = threading.Lock()
+        self.origin_pid = origin_pid
 
     def request(self, op: str, uid: int, payload: Optional[bytes] = None) -> Tuple[str, Any]:
         message = pickle.dumps((op, uid, payload, True))
@@ -199,13 +200,13 @@ def _get_origin() -> _Origin:
     return _origin
 
 
-def _get_peer(address: str, authkey: bytes) -> _Peer:
+def _get_peer(address: str, authkey: bytes, origin_pid: int) -> _Peer:
     peer = _peers.get(address)
     if peer is None:
         with _state_lock:
             peer = _peers.get(address)
             if peer is None:
-                peer = _peers[address] = _Peer(address, authkey)
+                peer = _peers[address] = _Peer(address, authkey, origin_pid)
     return peer
 
 
@@ -269,6 +270,19 @@ class MPFuture(concurrent.futures.Future):
             _drop_peer(address)
 
     @classmethod
+    def forget_process(cls, pid: Optional[int]) -> None:
+        """Release what this process holds to reach the futures of process ``pid`` once it has exited (its cached
+        connection and its shared-memory mappings, a descriptor each): call it when a child that sent futures here
+        is gone. Its futures still held here behave as for any exited origin."""
+        if pid is None:  # (a process that never started sent nothing)
+            return
+        with _state_lock:
+            addresses = [address for address, peer in _peers.items() if peer.origin_pid == pid]
+        for address in addresses:
+            _drop_peer(address)
+        forget_segments_of(pid)
+
+    @classmethod
     def _make_proxy(
         cls, origin_pid: int, address: str, authkey: bytes, uid: int, segment_path: Optional[str], slot_index: int
     ) -> MPFuture:
@@ -281,7 +295,7 @@ class MPFuture(concurrent.futures.Future):
         proxy._origin_pid, proxy._address, proxy._authkey, proxy._uid = origin_pid, address, authkey, uid
         proxy._is_proxy, proxy._completed_here = True, False
         proxy._segment_path, proxy._slot_index, proxy._shared = segment_path, slot_index, None
-        mapping = open_segment(segment_path) if segment_path is not None else None
+        mapping = open_segment(segment_path, origin_pid) if segment_path is not None else None
         if mapping is not None:
             proxy._shared = SharedSlot(mapping, slot_index, uid)
         return proxy
@@ -311,7 +325,7 @@ class MPFuture(concurrent.futures.Future):
     def _request(self, op: str, payload: Optional[bytes] = None, *, default: Any = None) -> Any:
         """Ask the origin process to perform ``op``; returns ``default`` if the origin is gone."""
         try:
-            status, value = _get_peer(self._address, self._authkey).request(op, self._uid, payload)
+            status, value = _get_peer(self._address, self._authkey, self._origin_pid).request(op, self._uid, payload)
         except (OSError, EOFError) as e:  # the origin process exited: nobody can observe this future any more
             _drop_peer(self._address)
             logger.debug(f"MPFuture: origin process {self._origin_pid} is unreachable ({e!r}), {op} ignored")
@@ -331,7 +345,7 @@ class MPFuture(concurrent.futures.Future):
             raise InvalidStateError(f"{state}: {self!r}")
         self._completed_here = True
         try:
-            _get_peer(self._address, self._authkey).notify(op, self._uid, payload)
+            _get_peer(self._address, self._authkey, self._origin_pid).notify(op, self._uid, payload)
         except (OSError, EOFError) as e:
             _drop_peer(self._address)
             logger.debug(f"MPFuture: origin process {self._origin_pid} is unreachable ({e!r}), {op} ignored")

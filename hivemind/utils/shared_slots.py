@@ -14,7 +14,7 @@ import tempfile
 import threading
 from typing import Deque, Dict, Optional
 
-__all__ = ["SLOT_SIZE", "SHARED_CELLS", "Segment", "SharedSlot", "open_segment"]
+__all__ = ["SLOT_SIZE", "SHARED_CELLS", "Segment", "SharedSlot", "open_segment", "forget_segments_of"]
 
 
 SLOT_SIZE = 64  # bytes per future: uid (int64) | state code (int64) | six 8-byte cells for subclasses
@@ -28,9 +28,10 @@ _FREE_UID = -1
 class Mapping:
     """One segment mapped into this process, seen as int64 words and as float64 words."""
 
-    def __init__(self, fd: int):
-        raw = memoryview(mmap.mmap(fd, _SEGMENT_SIZE))
+    def __init__(self, fd: int, owner_pid: Optional[int]):
+        raw = memoryview(mmap.mmap(fd, _SEGMENT_SIZE))  # (the mmap keeps a duplicate of fd while it lives)
         self.ints, self.floats = raw.cast("q"), raw.cast("d")
+        self.owner_pid = owner_pid  # the process whose futures live in it
 
 
 class Segment:
@@ -45,7 +46,7 @@ class Segment:
             self._fd, self._tempfile = tempfile.mkstemp(prefix="hivemind-mpf-slots-")
             self.path = self._tempfile
         os.ftruncate(self._fd, _SEGMENT_SIZE)
-        self.mapping = Mapping(self._fd)
+        self.mapping = Mapping(self._fd, os.getpid())
         self.mapping.ints[:] = array.array("q", [_FREE_UID]) * len(self.mapping.ints)
         self._free = list(range(_SLOTS_PER_SEGMENT - 1, -1, -1))
         self._released: Deque[int] = collections.deque()  # freed slots not yet moved back to _free
@@ -89,7 +90,8 @@ class Segment:
 mapped_segments: Dict[str, Mapping] = {}
 
 
-def open_segment(path: str) -> Optional[Mapping]:
+def open_segment(path: str, owner_pid: Optional[int] = None) -> Optional[Mapping]:
+    """The segment of process ``owner_pid`` at ``path``, mapped in this process (cached), or None if it is gone."""
     mapping = mapped_segments.get(path)
     if mapping is None:
         try:
@@ -97,13 +99,22 @@ def open_segment(path: str) -> Optional[Mapping]:
         except OSError:
             return None  # the origin exited: its futures can no longer be observed
         try:
-            mapping = Mapping(fd)
+            mapping = Mapping(fd, owner_pid)
         except (OSError, ValueError):
             return None
         finally:
             os.close(fd)
         mapped_segments[path] = mapping
     return mapping
+
+
+def forget_segments_of(pid: int) -> None:
+    """Drop the cached mappings of the segments of process ``pid``, which has exited: each held a descriptor and its
+    memory for as long as this process lived (and a later process given the same pid would have found them under
+    its own paths). Slots of its futures still held here keep their mapping until those futures go."""
+    for path, mapping in list(mapped_segments.items()):
+        if mapping.owner_pid == pid:
+            mapped_segments.pop(path, None)
 
 
 class SharedSlot:
