@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.shared_slots import SharedSlot
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
 __all__ = ["AveragingStage", "StepControl"]
@@ -64,23 +65,31 @@ class StepControl(MPFuture):
     def _restore_extra_state(self, state: Any) -> None:
         self._data_for_gather, self._deadline, self._allow_retries = state
 
+    @property
+    def _slot(self) -> SharedSlot:
+        if self._shared is None:  # a copy unpickled once the process that made the step had exited
+            raise RuntimeError(
+                f"the shared state of this step is gone: the process that made it (pid {self._origin_pid}) has exited"
+            )
+        return self._shared
+
     # ------------------------------------------------------------------ trigger
 
     def allow_allreduce(self) -> None:
         """Let the all-reduce begin (for steps made with ``require_trigger=True``); it is fine to call it early."""
         if self.done():
             logger.warning(f"allow_allreduce() was called on a step that is already over: {self!r}")
-        self._shared.set_int(_TRIGGER, 1)
+        self._slot.set_int(_TRIGGER, 1)
 
     @property
     def triggered(self) -> bool:
-        return self._shared.get_int(_TRIGGER) == 1
+        return self._slot.get_int(_TRIGGER) == 1
 
     # ------------------------------------------------------------------ shared fields
 
     @property
     def scheduled_time(self) -> DHTExpiration:
-        return self._shared.get_float(_SCHEDULED_TIME)
+        return self._slot.get_float(_SCHEDULED_TIME)
 
     @scheduled_time.setter
     def scheduled_time(self, scheduled_time: DHTExpiration) -> None:
@@ -94,11 +103,11 @@ class StepControl(MPFuture):
                 f"The scheduled time ({scheduled_time:.3f}) is after the step's deadline ({self._deadline:.3f}): "
                 "the step will time out before it"
             )
-        self._shared.set_float(_SCHEDULED_TIME, scheduled_time)
+        self._slot.set_float(_SCHEDULED_TIME, scheduled_time)
 
     @property
     def weight(self) -> float:
-        return self._shared.get_float(_WEIGHT)
+        return self._slot.get_float(_WEIGHT)
 
     @weight.setter
     def weight(self, weight: float) -> None:
@@ -107,31 +116,31 @@ class StepControl(MPFuture):
             raise ValueError(f"weight must be a finite non-negative number, got {weight}")
         if self.began_allreduce:
             logger.warning("Changing the weight has no effect: the all-reduce has already begun")
-        self._shared.set_float(_WEIGHT, weight)
+        self._slot.set_float(_WEIGHT, weight)
 
     @property
     def expected_group_size(self) -> int:
         """How many peers (this one included) are expected to average in this round; 0: unknown. A leader whose
         group has them all starts it once triggered instead of waiting out its matchmaking time."""
-        return self._shared.get_int(_EXPECTED_GROUP_SIZE)
+        return self._slot.get_int(_EXPECTED_GROUP_SIZE)
 
     @expected_group_size.setter
     def expected_group_size(self, size: int) -> None:
-        self._shared.set_int(_EXPECTED_GROUP_SIZE, max(0, int(size)))
+        self._slot.set_int(_EXPECTED_GROUP_SIZE, max(0, int(size)))
 
     @property
     def stage(self) -> AveragingStage:
-        return AveragingStage(self._shared.get_int(_STAGE))
+        return AveragingStage(self._slot.get_int(_STAGE))
 
     @stage.setter
     def stage(self, stage: AveragingStage) -> None:
         if stage == AveragingStage.RUNNING_ALLREDUCE:
-            self._shared.set_int(_BEGAN_ALLREDUCE, 1)
-        self._shared.set_int(_STAGE, stage.value)
+            self._slot.set_int(_BEGAN_ALLREDUCE, 1)
+        self._slot.set_int(_STAGE, stage.value)
 
     @property
     def began_allreduce(self) -> bool:
-        return self._shared.get_int(_BEGAN_ALLREDUCE) == 1
+        return self._slot.get_int(_BEGAN_ALLREDUCE) == 1
 
     # ------------------------------------------------------------------ read-only
 
@@ -155,13 +164,13 @@ class StepControl(MPFuture):
 
     def cancel(self) -> bool:
         """Cancel the step: matchmaking stops; a running all-reduce is abandoned (the group sees this peer fail)."""
-        if self.began_allreduce and not self.done():
+        if self._shared is not None and self.began_allreduce and not self.done():
             logger.warning("Cancelling a step whose all-reduce has begun: the rest of the group will see it fail")
         return super().cancel()
 
     def __repr__(self) -> str:
         try:
             details = f"stage={self.stage.name}, weight={self.weight}, triggered={self.triggered}"
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RuntimeError):
             details = "state unavailable"
         return f"<StepControl {details} {super().__repr__()}>"
