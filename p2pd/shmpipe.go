@@ -415,6 +415,9 @@ func (p *shmPipe) applyRecord(kind byte, n uint64) error {
 // forwardUp writes what the client announces to the stream and acknowledges it; nil once the client's direction
 // ended and everything announced was forwarded.
 func (p *shmPipe) forwardUp() error {
+	if err := sendHandshake(p.s); err != nil {
+		return err
+	}
 	var pos uint64
 	for {
 		p.mu.Lock()

@@ -70,7 +70,8 @@ var errPeerStalled = errors.New("the peer took no bytes for clientLeftGrace afte
 func writeToPeer(s network.Stream, b []byte, clientDone func() bool) error {
 	var stalledSince time.Time
 	for len(b) > 0 {
-		_ = s.SetWriteDeadline(time.Now().Add(peerStallCheck))
+		started := time.Now()
+		_ = s.SetWriteDeadline(started.Add(peerStallCheck))
 		n, err := s.Write(b)
 		b = b[n:]
 		if err == nil {
@@ -79,6 +80,9 @@ func writeToPeer(s network.Stream, b []byte, clientDone func() bool) error {
 		var ne net.Error
 		if !errors.As(err, &ne) || !ne.Timeout() {
 			return err
+		}
+		if n == 0 && time.Since(started) < peerStallCheck/2 {
+			return err // a timeout that did not wait for its deadline stays (see sendHandshake): no busy loop
 		}
 		switch {
 		case n > 0 || !clientDone():
@@ -92,8 +96,21 @@ func writeToPeer(s network.Stream, b []byte, clientDone func() bool) error {
 	return nil
 }
 
+// sendHandshake sends what a stream opened here still owes of its protocol negotiation, without a deadline, before
+// writeToPeer sets one: go-libp2p negotiates lazily, sending the handshake with the first bytes written, and a first
+// write that times out part way leaves the stream unable to write for good (every later Write fails at once, the
+// same timeout; writeToPeer would retry it in a busy loop). An empty write sends the handshake alone; on other
+// streams it does nothing.
+func sendHandshake(s network.Stream) error {
+	_, err := s.Write(nil)
+	return err
+}
+
 // copyToPeer moves bytes from the client to the peer like copyStream, through writeToPeer.
 func copyToPeer(s network.Stream, c io.Reader, clientDone func() bool) error {
+	if err := sendHandshake(s); err != nil {
+		return err
+	}
 	bufp := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bufp)
 	buf := *bufp
