@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
+import multiprocessing.util
 import random
 import signal
 import sys
@@ -91,6 +93,7 @@ class Server(threading.Thread):
             self.checkpoint_saver = CheckpointSaver(self.module_backends, Path(checkpoint_dir), self.update_period)
         self.runtime = Runtime(module_backends, **kwargs)
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
         self._start_error: Optional[BaseException] = None
         if start:
             self.run_in_background(await_ready=True)
@@ -214,33 +217,30 @@ class Server(threading.Thread):
             for uid, backend in self.module_backends.items():
                 trainable = [param.numel() for param in backend.module.parameters() if param.requires_grad]
                 logger.info(f"{uid}: {type(backend.module).__name__}, {sum(trainable)} parameters")
-            # (not is_alive(): that could reap the DHT's process under a shutdown() in another thread)
-            if not was_started(self.dht):
-                self.dht.run_in_background()
-            elif (exitcode := peek_exitcode(self.dht)) is not None:
-                raise RuntimeError(
-                    f"the server's DHT process has exited (exit code {exitcode}): "
-                    "pass a running DHT, or one not started yet"
-                )
-            self.dht_handler_thread.start()
+            parts = [self._start_dht, self.dht_handler_thread.start]  # (a shutdown() meanwhile skips the rest)
             if self.checkpoint_saver is not None:
-                self.checkpoint_saver.start()
+                parts.append(self.checkpoint_saver.start)
             for handler in self.conn_handlers:
-                if self.handler_processes:
-                    handler.run_in_background(await_ready=True)
-                else:
-                    handler.run_in_thread(await_ready=True)
+                start = handler.run_in_background if self.handler_processes else handler.run_in_thread
+                parts.append(partial(start, await_ready=True))
+            for start in parts:
+                if self._stopped.is_set():
+                    break
+                start()
             if self.handler_processes:
                 pids = [getattr(handler, "pid", None) for handler in self.conn_handlers]
                 logger.info(f"Serving from {len(pids)} connection handler processes, pids={pids}")
         except BaseException as e:
+            if self._stopped.is_set():  # (e.g. shutdown() stopped the DHT while a handler started)
+                self._stop_parts()
             self._start_error = e
             self._stopped.set()
             if threading.current_thread() is not self:
                 raise  # run() called directly: the caller gets the error
             logger.error(f"Server failed to start: {e!r}")  # run_in_background re-raises it for its caller
             return
-        if self._stopped.is_set():  # shutdown() was called while starting
+        if self._stopped.is_set():  # shutdown() was called while starting: it missed the parts started since
+            self._stop_parts()
             return
         try:
             self.runtime.run()
@@ -249,6 +249,16 @@ class Server(threading.Thread):
             if threading.current_thread() is not self:
                 raise
             logger.error(f"Server's runtime failed: {e!r}", exc_info=True)
+
+    def _start_dht(self) -> None:
+        # (not is_alive(): that could reap the DHT's process under a shutdown() in another thread)
+        if not was_started(self.dht):
+            self.dht.run_in_background()
+        elif (exitcode := peek_exitcode(self.dht)) is not None:
+            raise RuntimeError(
+                f"the server's DHT process has exited (exit code {exitcode}): "
+                "pass a running DHT, or one not started yet"
+            )
 
     def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         """Start the server thread; with ``await_ready``, wait until it serves (TimeoutError after ``timeout``)."""
@@ -269,18 +279,25 @@ class Server(threading.Thread):
         logger.info("Shutting down")
         self._stopped.set()
         self.ready.clear()
-        for handler in self.conn_handlers:
-            handler.shutdown()
-        self.dht_handler_thread.shutdown(timeout=_JOIN_TIMEOUT)
-        if self.checkpoint_saver is not None:
-            self.checkpoint_saver.stop.set()
-            if self.checkpoint_saver.is_alive():
-                self.checkpoint_saver.join(_JOIN_TIMEOUT)
-        self.runtime.shutdown()
-        self.dht.shutdown()
+        self._stop_parts()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(_JOIN_TIMEOUT)
         logger.info("Server shutdown successfully")
+
+    def _stop_parts(self) -> None:
+        """Stop every part started so far. Called by shutdown() and again by run() when shutdown() came while it was
+        starting them: a part started after shutdown() went past it (e.g. the DHT, when shutdown() came before run()
+        started it) ran on after shutdown() returned, with its p2pd, handlers serving the experts, announcements."""
+        with self._stop_lock:  # (one pass at a time: each part is stopped once, in order)
+            for handler in self.conn_handlers:
+                handler.shutdown()
+            self.dht_handler_thread.shutdown(timeout=_JOIN_TIMEOUT)
+            if self.checkpoint_saver is not None:
+                self.checkpoint_saver.stop.set()
+                if self.checkpoint_saver.is_alive():
+                    self.checkpoint_saver.join(_JOIN_TIMEOUT)
+            self.runtime.shutdown()
+            self.dht.shutdown()
 
 
 def _check_uids(uids: Sequence[str], what: str) -> None:
@@ -420,6 +437,9 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
     """
     # not a daemon: it starts its own DHT process; it stops when told or when this process goes away (EOF)
     parent_end, child_end = mp.Pipe(duplex=True)
+    # a copy of our end in any other child forked while the block runs (a user's worker, a DHT) kept the server running
+    # after this process was killed (it stops on EOF): every multiprocessing child forked from now on closes its copy
+    multiprocessing.util.register_after_fork(parent_end, _close_inherited_connection)
     process = mp.Process(target=_serve_in_background, args=(child_end, parent_end, args, kwargs), daemon=False)
     process.start()
     child_end.close()
@@ -446,6 +466,10 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
                 process.kill()
                 process.join()
         parent_end.close()
+
+
+def _close_inherited_connection(connection: multiprocessing.connection.Connection) -> None:
+    connection.close()
 
 
 def _serve_in_background(connection, parent_end, args, kwargs) -> None:
