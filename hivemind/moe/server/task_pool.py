@@ -33,6 +33,7 @@ import concurrent.futures
 import itertools
 import math
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import threading
 import time
@@ -143,6 +144,9 @@ class TaskPool(TaskPoolBase):
         self._batch_indices = itertools.count()
         self._closed = False
         self.batch_receiver, self._batch_sender = mp.Pipe(duplex=False)  # one message per ready batch
+        # a copy of the sender in a child forked from now on (e.g. a connection handler process) hid its closing from
+        # a load_batch_to_runtime() waiting for a batch: shut down, the pool left it waiting forever
+        multiprocessing.util.register_after_fork(self, _close_pipe_copies)
         self._endpoint: PoolEndpoint = register_pool(self)
         if start:
             self.start()
@@ -438,6 +442,12 @@ class TaskPool(TaskPoolBase):
                 setattr(handle, key, value)
         handle._owner_pid, handle._endpoint, handle._closed = endpoint[3], endpoint, False
         return handle
+
+
+def _close_pipe_copies(pool: TaskPool) -> None:
+    """In a child forked from the pool's owner: the pipe is the owner's (only the owner forms and loads batches)."""
+    for connection in (pool.batch_receiver, pool._batch_sender):
+        connection.close()
 
 
 def _restore_pool(endpoint: PoolEndpoint, state: Dict[str, Any]) -> TaskPool:
