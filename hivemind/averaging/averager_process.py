@@ -18,6 +18,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
 from hivemind.averaging.partition import AllreduceException
+from hivemind.averaging.process_teardown import cancel_remaining_tasks, close_p2p_client, let_threads_end
 from hivemind.averaging.state_download import load_state_from_peers
 from hivemind.averaging.state_rate import configured_min_rate
 from hivemind.averaging.state_sharing import StateSharing
@@ -29,7 +30,7 @@ from hivemind.dht.process_channel import (
     ServingEnd,
     exitcode_of,
 )
-from hivemind.p2p import P2P, P2PDaemonError, ServicerBase
+from hivemind.p2p import P2PDaemonError, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.p2p.servicer import get_handle_name
@@ -67,48 +68,7 @@ PART_SIZE_SLACK = 8  # an all-reduce message may hold this many times part_size_
 SHUTDOWN_BUDGET_FRACTION = 0.5
 RETRACT_BUDGET = 1.0  # seconds at most for withdrawing the state-sharing declaration at shutdown (a DHT store)
 TASK_CANCEL_BUDGET = 1.0  # seconds at most for the tasks still running at shutdown (e.g. downloads) to end
-THREADS_BUDGET_FRACTION = 0.3  # of shutdown_timeout, for work already handed to threads to end (see _let_threads_end)
-
-
-def _let_threads_end(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-    """Wait up to ``timeout`` seconds for the work that the loop handed to threads (e.g. adding a round's result to
-    the averaged tensors, which holds their lock) to end: the process exits without waiting for threads, and a lock
-    held by a thread that the exit killed would stay held, so that ``get_tensors()`` blocks forever in the user's
-    process."""
-    try:
-        loop.run_until_complete(await_with_timeout(loop.shutdown_default_executor(), timeout))
-    except asyncio.TimeoutError:
-        logger.warning(f"Work in the averager's threads did not end within {timeout:.2f} s of its shutdown")
-    except Exception as e:
-        logger.debug(f"Could not wait for the averager's threads at shutdown: {e!r}")
-
-
-def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-    """Cancel the tasks still running in ``loop`` (e.g. downloads of our state in progress) and wait up to
-    ``timeout`` seconds for them to end, as asyncio.run does before closing its loop: a task left running would still
-    be inside its async generators when the loop closes them ("asynchronous generator is already running")."""
-    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    if not tasks:
-        return
-    for task in tasks:
-        task.cancel()
-    _, still_running = loop.run_until_complete(asyncio.wait(tasks, timeout=timeout))
-    if still_running:
-        logger.debug(f"{len(still_running)} tasks did not end within {timeout} s of being cancelled at shutdown")
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            logger.debug(f"A task failed while being cancelled at shutdown: {task.exception()!r}")
-
-
-def _close_p2p_client(loop: asyncio.AbstractEventLoop, p2p: Optional[P2P], timeout: float) -> None:
-    """Close this process's client of the DHT's p2pd (the daemon runs on): the process ends with os._exit, and the
-    Unix socket the client listened on would otherwise stay in the temporary directory."""
-    if p2p is None:
-        return
-    try:
-        loop.run_until_complete(await_with_timeout(p2p.shutdown(), timeout))
-    except Exception as e:
-        logger.debug(f"Could not close the averager's P2P client at shutdown: {e!r}")
+THREADS_BUDGET_FRACTION = 0.3  # of shutdown_timeout, for work already handed to threads to end (see let_threads_end)
 
 
 class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase):
@@ -316,10 +276,10 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             loop.run_until_complete(self._serve(loop, serving, stopped))
         finally:
             serving.stop()
-            _cancel_remaining_tasks(loop, TASK_CANCEL_BUDGET)
-            _close_p2p_client(loop, getattr(self, "_p2p", None), TASK_CANCEL_BUDGET)
+            cancel_remaining_tasks(loop, TASK_CANCEL_BUDGET)
+            close_p2p_client(loop, getattr(self, "_p2p", None), TASK_CANCEL_BUDGET)
             loop.run_until_complete(loop.shutdown_asyncgens())
-            _let_threads_end(loop, THREADS_BUDGET_FRACTION * self.shutdown_timeout)
+            let_threads_end(loop, THREADS_BUDGET_FRACTION * self.shutdown_timeout)
             loop.close()
             self._serving_connection.close()
             self._state_request_writer.close()
