@@ -1,5 +1,5 @@
 """
-Freezing a process in tests with SIGSTOP, and returning only once it is really stopped.
+Freezing a process in tests with SIGSTOP, and returning only once it is really stopped; waiting for processes to end.
 
 ``kill(pid, SIGSTOP)`` returns before the process stops: the kernel wakes one of its threads, and only when that
 thread runs does it stop the others. On a busy machine the other threads (a Go daemon's, say) may go on serving
@@ -49,3 +49,24 @@ def thaw_tree(pid: int) -> None:
     """Send SIGCONT to ``pid`` and all of its descendants."""
     for process in _tree(pid):
         os.kill(process.pid, signal.SIGCONT)
+
+
+def still_running(pids, timeout: float) -> list:
+    """Wait up to ``timeout`` seconds for the processes ``pids`` (those that exist) to end; kill the others and
+    describe those that were really still running (not zombies waiting to be reaped) as "pid (name)"."""
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    survivors = []
+    for process in alive:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                survivors.append(f"{process.pid} ({process.name()})")
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return survivors

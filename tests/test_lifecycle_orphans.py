@@ -8,8 +8,9 @@ import sys
 import textwrap
 from typing import List
 
-import psutil
 import pytest
+
+from tests.freeze import still_running
 
 SCRIPT = textwrap.dedent(
     """
@@ -65,32 +66,12 @@ def _die_and_list_children(tmp_path, *args: str) -> List[int]:
     return json.loads(lines[-1])
 
 
-def _still_running(pids: List[int], timeout: float) -> List[str]:
-    """Wait up to ``timeout`` seconds for ``pids`` to end; kills and describes those that did not."""
-    processes = []
-    for pid in pids:
-        try:
-            processes.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    survivors = []
-    for process in alive:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                survivors.append(f"{process.pid} ({process.name()})")
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return survivors
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("start_method, how", [("fork", "sigkill"), ("spawn", "os_exit")])
 def test_dht_and_averager_processes_end_when_their_creator_dies(tmp_path, start_method, how):
     children = _die_and_list_children(tmp_path, "averager", start_method, how)
     assert len(children) >= 3, children  # the DHT and averager processes and the DHT's p2pd (at least)
-    assert _still_running(children, timeout=10) == []
+    assert still_running(children, timeout=10) == []
 
 
 @pytest.mark.timeout(90)
@@ -100,7 +81,7 @@ def test_server_handler_processes_end_when_their_creator_is_killed(tmp_path):
     # process and its p2pd kept running as well
     children = _die_and_list_children(tmp_path, "server", "fork", "sigkill")
     assert len(children) == 4, children  # the DHT process, its p2pd, two connection handler processes
-    assert _still_running(children, timeout=10) == []
+    assert still_running(children, timeout=10) == []
 
 
 @pytest.mark.timeout(90)
@@ -110,4 +91,4 @@ def test_processes_created_before_either_started_end_when_their_creator_is_kille
     # EOF when the creator was killed, and both (with their p2pd) ran on forever
     children = _die_and_list_children(tmp_path, what, "fork", "sigkill")
     assert len(children) >= 4, children
-    assert _still_running(children, timeout=10) == []
+    assert still_running(children, timeout=10) == []

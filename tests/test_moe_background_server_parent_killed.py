@@ -8,8 +8,9 @@ import sys
 import textwrap
 import time
 
-import psutil
 import pytest
+
+from tests.freeze import still_running
 
 SCRIPT = textwrap.dedent(
     """
@@ -36,26 +37,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _wait_gone(pids, timeout: float):
-    """The pids (of those that were running) still running after ``timeout`` seconds; kills them."""
-    processes = []
-    for pid in pids:
-        try:
-            processes.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    survivors = []
-    for process in alive:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                survivors.append(f"{process.pid} ({process.name()})")
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return survivors
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_background_server_stops_when_its_creator_is_killed_while_a_forked_worker_lives(tmp_path, start_method):
@@ -71,7 +52,7 @@ def test_background_server_stops_when_its_creator_is_killed_while_a_forked_worke
     try:
         assert len(server) >= 3, server  # the server's process, its DHT process and the DHT's p2pd (at least)
         started = time.monotonic()
-        survivors = _wait_gone(server, timeout=15)
+        survivors = still_running(server, timeout=15)
         assert survivors == [], f"still running {time.monotonic() - started:.0f} s after the creator was killed"
     finally:
-        _wait_gone([worker], timeout=0)
+        still_running([worker], timeout=0)
