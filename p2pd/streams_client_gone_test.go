@@ -107,28 +107,33 @@ func registerTestHandler(t *testing.T, sock, proto string) net.Listener {
 	return l
 }
 
-// TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket: a peer opens a stream to a registered handler, sends a
-// request and then neither sends nor closes anything. The handler reads the request and closes its socket (it
-// answered, timed out or crashed): the daemon must drop the stream, not wait for the peer forever.
-func TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket(t *testing.T) {
-	needsHangUpDetection(t)
-	shortenClientLeftGrace(t, time.Second)
+// requestToTestHandler starts two daemons, registers a handler for proto on the first (its listener is l) and has the
+// second open a stream to it and write "request" (the stream is reset when the test ends).
+func requestToTestHandler(t *testing.T, proto string) (server, remote *daemon, l net.Listener, s network.Stream) {
 	server, sock := startUnaryTestDaemon(t)
-	remote, _ := startUnaryTestDaemon(t)
+	remote, _ = startUnaryTestDaemon(t)
 	connectDaemons(t, remote, server)
-	const proto = "/test/handler-gone"
-	l := registerTestHandler(t, sock, proto)
-
+	l = registerTestHandler(t, sock, proto)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s, err := remote.host.NewStream(ctx, server.host.ID(), protocol.ID(proto))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Reset()
+	t.Cleanup(func() { _ = s.Reset() })
 	if _, err := s.Write([]byte("request")); err != nil {
 		t.Fatal(err)
 	}
+	return server, remote, l, s
+}
+
+// TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket: a peer opens a stream to a registered handler, sends a
+// request and then neither sends nor closes anything. The handler reads the request and closes its socket (it
+// answered, timed out or crashed): the daemon must drop the stream, not wait for the peer forever.
+func TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket(t *testing.T) {
+	needsHangUpDetection(t)
+	shortenClientLeftGrace(t, time.Second)
+	server, remote, l, _ := requestToTestHandler(t, "/test/handler-gone")
 
 	_ = l.(*net.UnixListener).SetDeadline(time.Now().Add(10 * time.Second))
 	conn, err := l.Accept()
@@ -229,22 +234,7 @@ func TestHalfClosedClientStillGetsTheAnswer(t *testing.T) {
 func TestInboundStreamIsReleasedWhenThePeerNeverReads(t *testing.T) {
 	needsHangUpDetection(t)
 	shortenClientLeftGrace(t, time.Second)
-	server, sock := startUnaryTestDaemon(t)
-	remote, _ := startUnaryTestDaemon(t)
-	connectDaemons(t, remote, server)
-	const proto = "/test/peer-never-reads"
-	l := registerTestHandler(t, sock, proto)
-
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := remote.host.NewStream(ctx, server.host.ID(), protocol.ID(proto))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Reset()
-	if _, err := s.Write([]byte("request")); err != nil {
-		t.Fatal(err)
-	}
+	server, remote, l, s := requestToTestHandler(t, "/test/peer-never-reads")
 	_ = s.CloseWrite()
 
 	_ = l.(*net.UnixListener).SetDeadline(time.Now().Add(10 * time.Second))
