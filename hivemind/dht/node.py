@@ -257,9 +257,15 @@ class DHTNode(SearchingGet, ReplicatedStore):
                 initial_nodes[node_id] = None
                 node_to_peer_id.setdefault(node_id, peer_id)
 
+        # each peer is asked under one node id per search: a peer whose answers name ever nearer made-up node ids at
+        # itself would otherwise be asked again under each of them, and the search would never end
+        asked_as: Dict[PeerID, DHTID] = {self.peer_id: self.node_id}
+
         async def get_neighbors(node_id: DHTID, node_queries: Collection[DHTID]):
             peer = node_to_peer_id.get(node_id)
-            response = await self._find_with_backoff(peer, node_queries) if peer is not None else None
+            if peer is None or asked_as.setdefault(peer, node_id) != node_id:
+                return {}  # a failure of that node id, without a request
+            response = await self._find_with_backoff(peer, node_queries)
             if response is None:
                 return {}
             output = {}
