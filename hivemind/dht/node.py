@@ -97,9 +97,14 @@ class DHTNode(SearchingGet, ReplicatedStore):
         Start a node and join the DHT through ``initial_peers``.
 
         :param kwargs: options for P2P.create when ``p2p`` is None (ValueError if ``p2p`` is given)
+        :raises ValueError: ``num_workers`` below 1 or ``wait_timeout`` not above 0
         :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set
         :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
         """
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if wait_timeout is not None and not wait_timeout > 0:  # 0 or less: every request would time out at once
+            raise ValueError(f"wait_timeout must be a positive number of seconds, got {wait_timeout!r}")
         self = cls(_created_by_create=True)
         initial_peers = [] if initial_peers is None else [str(maddr) for maddr in initial_peers]
         initial_peer_ids = [peer_id_from_maddr(maddr) for maddr in initial_peers]
