@@ -1,9 +1,14 @@
 """Peers that recently failed to answer, skipped by searches for an exponentially growing time; a success clears it."""
 
 import time
-from typing import Callable, Dict, Generic, Hashable, Tuple, TypeVar
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, Tuple, TypeVar
 
 PeerKey = TypeVar("PeerKey", bound=Hashable)
+
+# peers remembered at most: find answers can name any number of made-up peers, each of which fails once; beyond this,
+# the peers whose last failure is the oldest are forgotten (their backoff starts over if they fail again)
+MAX_BLACKLIST_ENTRIES = 16384
 
 
 class Blacklist(Generic[PeerKey]):
@@ -18,15 +23,18 @@ class Blacklist(Generic[PeerKey]):
         if base_time < 0 or backoff_rate < 1:
             raise ValueError(f"need base_time >= 0 and backoff_rate >= 1, got {base_time=}, {backoff_rate=}")
         self.base_time, self.backoff_rate, self.clock = base_time, backoff_rate, clock
-        self._banned: Dict[PeerKey, Tuple[int, float]] = {}  # peer -> (consecutive failures, banned until)
+        # peer -> (consecutive failures, banned until), ordered by last failure, oldest first
+        self._banned: OrderedDict[PeerKey, Tuple[int, float]] = OrderedDict()
 
     def register_failure(self, peer: PeerKey) -> float:
         """Record one more failure of ``peer``; returns for how many seconds it is now banned."""
         if self.base_time == 0:
             return 0.0
-        num_failures = self._banned.get(peer, (0, 0.0))[0] + 1
+        num_failures = self._banned.pop(peer, (0, 0.0))[0] + 1
         ban_time = self.base_time * self.backoff_rate ** (num_failures - 1)
         self._banned[peer] = (num_failures, self.clock() + ban_time)
+        while len(self._banned) > MAX_BLACKLIST_ENTRIES:
+            self._banned.popitem(last=False)
         return ban_time
 
     def register_success(self, peer: PeerKey) -> None:
