@@ -90,6 +90,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         self._state_request_reader, self._state_request_writer = self._context.Pipe(duplex=False)
         self._state_request_lock = threading.Lock()
         self._pending_controls = set()
+        self._futures_forgotten = False  # MPFuture.forget_process was called for our process (see _forget_futures)
         # (else a copy of them in another process hides the end of this one's, see there)
         close_in_other_children(self, ["_serving_connection", "_state_request_writer"])
 
@@ -192,7 +193,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             except (EOFError, OSError):
                 if not self._shutdown_requested:  # nobody else would fail its running steps: they would hang
                     self._fail_pending_controls(self._exit_description())
-                    MPFuture.forget_process(self.pid)  # (shutdown() does it otherwise)
+                    self._forget_futures()  # (shutdown() does it otherwise)
                 return
             except Exception as e:
                 logger.warning(f"Could not read a state request from the averager's process: {e!r}")
@@ -237,9 +238,16 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             self._caller.close()
             self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
             self._state_request_reader.close()  # (closed by two threads at once, its fd could be another's by then)
-            MPFuture.forget_process(self.pid)  # our ways to its state requests (see there): it is gone
+            self._forget_futures()  # our ways to its state requests (see there): it is gone
             # e.g. the process had to be terminated before it answered
             self._fail_pending_controls(STEP_FAILED_SHUT_DOWN)
+
+    def _forget_futures(self) -> None:
+        """Drop what this process cached to reach our (exited) process's futures, once: a shutdown() long after the
+        state thread saw the process die would otherwise drop the connection of whatever process got its pid since."""
+        if not self._futures_forgotten:
+            self._futures_forgotten = True
+            MPFuture.forget_process(self.pid)
 
     def _fail_pending_controls(self, message: str) -> None:
         for control in list(self._pending_controls):
