@@ -40,6 +40,18 @@ class PendingGet:
     def abandoned(self) -> bool:
         return all(future.done() for future in self.futures)
 
+    def can_join(self, sufficient_expiration_time: DHTExpiration, now: float) -> bool:
+        """Whether a get with ``sufficient_expiration_time``, made at ``now`` (time.monotonic), may wait for this
+        search instead of starting its own: one that began recently enough and asked for fresh enough entries, still
+        running, and with a waiter left (a search whose waiters all left stops at its next answer, before it
+        finished: a get joining it then would get that early end, e.g. None for a value that exists)."""
+        return (
+            self.search.sufficient_expiration_time >= sufficient_expiration_time - REUSE_GET_TOLERANCE
+            and self.started >= now - REUSE_GET_TOLERANCE
+            and not self.search.finished
+            and not self.abandoned
+        )
+
 
 class SearchingGet:
     """
@@ -108,17 +120,8 @@ class SearchingGet:
         new_searches: Dict[DHTID, PendingGet] = {}
         for key_id in key_ids:
             if self.reuse_get_requests and not _is_refresh:
-                joined = next(
-                    (
-                        pending
-                        for pending in self._pending_gets.get(key_id, ())
-                        if pending.search.sufficient_expiration_time
-                        >= sufficient_expiration_time - REUSE_GET_TOLERANCE
-                        and pending.started >= time.monotonic() - REUSE_GET_TOLERANCE
-                        and not pending.search.finished
-                    ),
-                    None,
-                )
+                now, running = time.monotonic(), self._pending_gets.get(key_id, ())
+                joined = next((p for p in running if p.can_join(sufficient_expiration_time, now)), None)
                 if joined is not None:
                     joined.futures.append(futures[key_id])
                     continue
