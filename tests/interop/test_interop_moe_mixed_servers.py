@@ -27,7 +27,7 @@ def mixed_servers(original_env, interop_log_dir, tmp_path_factory):
     servers = []
     try:
         original, maddrs = start_server(
-            SCRIPT, ORIGINAL, ["serve", "expert.0", 0, states[0], HIDDEN], interop_log_dir, original_attempts=4
+            SCRIPT, ORIGINAL, ["serve", "expert.0", 0, states[0], HIDDEN], interop_log_dir, original_attempts=6
         )  # within the first test's 240 s
         servers.append(original)
         ours, our_maddrs = start_server(
