@@ -127,14 +127,9 @@ func requestToTestHandler(t *testing.T, proto string) (server, remote *daemon, l
 	return server, remote, l, s
 }
 
-// TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket: a peer opens a stream to a registered handler, sends a
-// request and then neither sends nor closes anything. The handler reads the request and closes its socket (it
-// answered, timed out or crashed): the daemon must drop the stream, not wait for the peer forever.
-func TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket(t *testing.T) {
-	needsHangUpDetection(t)
-	shortenClientLeftGrace(t, time.Second)
-	server, remote, l, _ := requestToTestHandler(t, "/test/handler-gone")
-
+// acceptHandlerStream accepts the daemon's connection for an inbound stream on the handler's listener l and reads
+// its StreamInfo; what follows on r is the peer's data.
+func acceptHandlerStream(t *testing.T, l net.Listener) (net.Conn, *bufio.Reader) {
 	_ = l.(*net.UnixListener).SetDeadline(time.Now().Add(10 * time.Second))
 	conn, err := l.Accept()
 	if err != nil {
@@ -145,6 +140,18 @@ func TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket(t *testing.T) {
 	if _, err := readDelimited(r, 1<<16); err != nil { // StreamInfo
 		t.Fatal(err)
 	}
+	return conn, r
+}
+
+// TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket: a peer opens a stream to a registered handler, sends a
+// request and then neither sends nor closes anything. The handler reads the request and closes its socket (it
+// answered, timed out or crashed): the daemon must drop the stream, not wait for the peer forever.
+func TestInboundStreamIsReleasedWhenTheHandlerClosesItsSocket(t *testing.T) {
+	needsHangUpDetection(t)
+	shortenClientLeftGrace(t, time.Second)
+	server, remote, l, _ := requestToTestHandler(t, "/test/handler-gone")
+
+	conn, r := acceptHandlerStream(t, l)
 	got := make([]byte, len("request"))
 	if _, err := io.ReadFull(r, got); err != nil || string(got) != "request" {
 		t.Fatalf("the handler got %q, %v", got, err)
@@ -237,16 +244,7 @@ func TestInboundStreamIsReleasedWhenThePeerNeverReads(t *testing.T) {
 	server, remote, l, s := requestToTestHandler(t, "/test/peer-never-reads")
 	_ = s.CloseWrite()
 
-	_ = l.(*net.UnixListener).SetDeadline(time.Now().Add(10 * time.Second))
-	conn, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := bufio.NewReader(conn)
-	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := readDelimited(r, 1<<16); err != nil { // StreamInfo
-		t.Fatal(err)
-	}
+	conn, r := acceptHandlerStream(t, l)
 	if got, err := io.ReadAll(r); err != nil || string(got) != "request" {
 		t.Fatalf("the handler got %q, %v", got, err)
 	}

@@ -127,11 +127,7 @@ func TestLargeFirstWriteReachesAPeerThatReadsLate(t *testing.T) {
 	}
 	checkLateReaderAnswer(t, answer, request)
 	_ = clientConn.Close()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("pipeStream did not return after the stream ended")
-	}
+	waitReturned(t, done, "pipeStream")
 }
 
 func TestShmFirstForwardReachesAPeerThatReadsLate(t *testing.T) {
@@ -172,9 +168,15 @@ func TestShmFirstForwardReachesAPeerThatReadsLate(t *testing.T) {
 	}
 	checkLateReaderAnswer(t, answer, request)
 	_ = clientConn.Close()
+	waitReturned(t, done, "pipeShm")
+}
+
+// waitReturned fails the test unless done is closed within 10 s (the pipe function named what ended).
+func waitReturned(t *testing.T, done <-chan struct{}, what string) {
+	t.Helper()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
-		t.Fatal("pipeShm did not return after the stream ended")
+		t.Fatalf("%s did not return after the stream ended", what)
 	}
 }
