@@ -31,6 +31,14 @@ DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024**2
 # frames for as long as the caller likes. The same bound applies to a frame a handler writes (send_protobuf_in_time).
 FRAME_STALL_TIMEOUT = 60.0
 MIN_FRAME_RATE = 64 * 1024
+
+
+def stall_bound(num_bytes: int) -> float:
+    """Seconds that ``num_bytes`` of a frame may take to arrive, or to be taken by the peer: FRAME_STALL_TIMEOUT plus
+    one second per MIN_FRAME_RATE bytes (read at call time: tests and slow links may change them)."""
+    return FRAME_STALL_TIMEOUT + num_bytes / MIN_FRAME_RATE
+
+
 # below this size, header and payload are joined into one write (one syscall beats one small copy)
 JOIN_WRITE_THRESHOLD = 64 * 1024
 
@@ -171,7 +179,7 @@ async def send_protobuf_in_time(
     if not getattr(writer.transport.get_protocol(), "_writing_paused", True):  # a DirectReadProtocol that is not
         await writer.drain()  # paused: drain() returns at once (and raises if the stream broke), no timer is needed
         return
-    seconds = FRAME_STALL_TIMEOUT + (len(header) + sum(map(len, parts))) / MIN_FRAME_RATE
+    seconds = stall_bound(len(header) + sum(map(len, parts)))
     try:
         await await_with_timeout(writer.drain(), seconds)
     except asyncio.TimeoutError:
@@ -232,7 +240,7 @@ async def _read_payload(reader: asyncio.StreamReader, length: int) -> Payload:
         if length and _holds(reader, length):
             return await read_payload(length)  # already received: nothing to wait for
         elif length:
-            return await _in_time(read_payload(length), FRAME_STALL_TIMEOUT + length / MIN_FRAME_RATE, "payload")
+            return await _in_time(read_payload(length), stall_bound(length), "payload")
         return b""
     except asyncio.IncompleteReadError as e:
         raise FramingError(f"Stream closed inside a frame ({len(e.partial)} of {length} payload bytes)") from None

@@ -86,12 +86,6 @@ def tune_stream_transport(writer: asyncio.StreamWriter) -> None:
         pass
 
 
-def _send_timeout(writer: asyncio.StreamWriter) -> float:
-    """How long the peer of a served stream may take to read what its handler wrote last (after the handler ended):
-    as long as for a frame a handler writes (``framing.send_protobuf_in_time``)."""
-    return framing.FRAME_STALL_TIMEOUT + writer.transport.get_write_buffer_size() / framing.MIN_FRAME_RATE
-
-
 class DaemonConnector:
     """Opens connections to the daemon's control socket."""
 
@@ -316,8 +310,11 @@ class ControlClient:
         except Exception as e:
             logger.warning(f"Stream handler failed: {e!r}", exc_info=logger.isEnabledFor(logging.DEBUG))
         finally:
-            try:  # what the handler wrote last may still wait for its peer: bounded, unless this task must end now
-                await streams.close_when_sent(writer, None if cancelled or self._closed else _send_timeout(writer))
+            # what the handler wrote last may wait for its peer as long as a frame it writes (unless we must end now)
+            unsent = writer.transport.get_write_buffer_size()
+            linger = None if cancelled or self._closed else framing.stall_bound(unsent)
+            try:
+                await streams.close_when_sent(writer, linger)
             finally:
                 self._handler_writers.discard(writer)
                 self._handler_tasks.discard(task)
