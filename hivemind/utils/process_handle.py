@@ -97,11 +97,12 @@ def stop_lock(handle: "ShutdownOnExit") -> threading.Lock:
         return lock
 
 
-def close_in_other_children(handle: mp.process.BaseProcess, attributes: Sequence[str]) -> None:
+def close_in_other_children(handle: object, attributes: Sequence[str]) -> None:
     """
     Call in the creating process right after making ``handle``'s pipes: every multiprocessing child forked from
     this process while ``handle`` is alive closes its copies of the connections ``handle.<attribute>`` (the ends meant
-    for ``handle``'s own process), except ``handle``'s own process.
+    for ``handle``'s own process), except ``handle``'s own process when ``handle`` is one (for another object, such as
+    a task pool whose pipes only its owner uses, every child closes them).
 
     A copy of such an end in another process (e.g. another DHT or averager, or a user's worker, forked after
     ``handle`` was created and before it was started) kept the pipe open after ``handle``'s process died: the
@@ -112,7 +113,7 @@ def close_in_other_children(handle: mp.process.BaseProcess, attributes: Sequence
     )
 
 
-def _close_unless_own(handle: mp.process.BaseProcess, attributes: Sequence[str]) -> None:
+def _close_unless_own(handle: object, attributes: Sequence[str]) -> None:
     if mp.current_process() is handle:
         return
     for name in attributes:

@@ -439,7 +439,7 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
     parent_end, child_end = mp.Pipe(duplex=True)
     # a copy of our end in any other child forked while the block runs (a user's worker, a DHT) kept the server running
     # after this process was killed (it stops on EOF): every multiprocessing child forked from now on closes its copy
-    multiprocessing.util.register_after_fork(parent_end, _close_inherited_connection)
+    multiprocessing.util.register_after_fork(parent_end, multiprocessing.connection.Connection.close)
     process = mp.Process(target=_serve_in_background, args=(child_end, parent_end, args, kwargs), daemon=False)
     process.start()
     child_end.close()
@@ -466,10 +466,6 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
                 process.kill()
                 process.join()
         parent_end.close()
-
-
-def _close_inherited_connection(connection: multiprocessing.connection.Connection) -> None:
-    connection.close()
 
 
 def _serve_in_background(connection, parent_end, args, kwargs) -> None:

@@ -33,7 +33,6 @@ import concurrent.futures
 import itertools
 import math
 import multiprocessing as mp
-import multiprocessing.util
 import os
 import threading
 import time
@@ -53,6 +52,7 @@ from hivemind.moe.server.task_pool_ipc import (
 from hivemind.moe.server.task_pool_queue import Batch, PendingTasks, Task, claim, complete, fail, fail_tasks
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.process_handle import close_in_other_children
 
 __all__ = ["TaskPoolBase", "TaskPool", "TaskRejectedError", "AbandonedBatchError"]
 
@@ -146,7 +146,7 @@ class TaskPool(TaskPoolBase):
         self.batch_receiver, self._batch_sender = mp.Pipe(duplex=False)  # one message per ready batch
         # a copy of the sender in a child forked from now on (e.g. a connection handler process) hid its closing from
         # a load_batch_to_runtime() waiting for a batch: shut down, the pool left it waiting forever
-        multiprocessing.util.register_after_fork(self, _close_pipe_copies)
+        close_in_other_children(self, ["batch_receiver", "_batch_sender"])
         self._endpoint: PoolEndpoint = register_pool(self)
         if start:
             self.start()
@@ -442,12 +442,6 @@ class TaskPool(TaskPoolBase):
                 setattr(handle, key, value)
         handle._owner_pid, handle._endpoint, handle._closed = endpoint[3], endpoint, False
         return handle
-
-
-def _close_pipe_copies(pool: TaskPool) -> None:
-    """In a child forked from the pool's owner: the pipe is the owner's (only the owner forms and loads batches)."""
-    for connection in (pool.batch_receiver, pool._batch_sender):
-        connection.close()
 
 
 def _restore_pool(endpoint: PoolEndpoint, state: Dict[str, Any]) -> TaskPool:
