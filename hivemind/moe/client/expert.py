@@ -146,6 +146,11 @@ class _RemoteModuleCall(torch.autograd.Function):
                 raise malformed_answer(
                     uid, "forward", f"an output of shape {tuple(output.shape)} instead of {expected_shape}"
                 )
+            # (an integer output is not differentiable: the expert would silently get no gradient)
+            if descriptor.dtype is not None and output.dtype != descriptor.dtype:
+                raise malformed_answer(
+                    uid, "forward", f"an output of dtype {output.dtype} instead of {descriptor.dtype}"
+                )
         return tuple(map(_standalone, outputs))
 
     @staticmethod
