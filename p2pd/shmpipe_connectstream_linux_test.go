@@ -209,9 +209,10 @@ func TestShmPipesThroughConnectStreamAreReused(t *testing.T) {
 		return clientErr
 	}
 
+	// at least 3 s and 24 streams: under -race a few rounds fill 3 s, all of them maybe with new pipe files
 	start := time.Now()
 	streams := 0
-	for round := 0; time.Since(start) < 3*time.Second; round++ {
+	for round := 0; time.Since(start) < 3*time.Second || streams < 24; round++ {
 		parallel := 1 + rng.Intn(6)
 		errs := make(chan error, parallel)
 		for i := 0; i < parallel; i++ {
