@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optio
 from google.protobuf.message import Message
 
 from hivemind.p2p import daemon_args, framing, protobuf_streams, stale_sockets
+from hivemind.p2p.call_arguments import check_handle_name, check_peer_id
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
@@ -368,6 +369,7 @@ class P2P(ProtobufCallsMixin):
             leaves only the 2 GiB protobuf limit. Unary requests are bounded by ``persistent_conn_max_msg_size``.
         :raises P2PDaemonError: the name is already served by this daemon (and not both ``balanced``)
         """
+        check_handle_name(name)
         is_unary = not (stream_input or stream_output)
         if is_unary:
             await self._add_unary_handler(name, handler, input_protobuf_type, balanced=balanced)
@@ -417,6 +419,7 @@ class P2P(ProtobufCallsMixin):
         balanced: bool = False,
     ) -> None:
         """Serve raw libp2p streams of protocol ``name`` with ``handler(stream_info, reader, writer)``."""
+        check_handle_name(name)
         await self._client.stream_handler(name, handler, balanced=balanced)
 
     async def remove_binary_stream_handler(self, name: HandleName) -> None:
@@ -426,6 +429,8 @@ class P2P(ProtobufCallsMixin):
         self, peer_id: PeerID, handler_name: str
     ) -> Tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a raw stream to ``handler_name`` of ``peer_id``; the caller must close the writer."""
+        check_peer_id(peer_id)
+        check_handle_name(handler_name)
         self._raise_if_daemon_failed()
         return await self._client.stream_open(peer_id, [handler_name])
 
