@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -13,6 +14,7 @@ __all__ = [
     "dump_optimizer_state",
     "load_optimizer_state",
     "OptimizerStateError",
+    "introduces_non_finite",
 ]
 
 _SCALAR_TYPES = (type(None), bool, int, float, str)
@@ -75,8 +77,9 @@ def load_optimizer_state(
     """
     Load a state made by :func:`dump_optimizer_state` on another peer into ``opt`` (whose state must have been
     initialized, e.g. by :func:`initialize_optimizer_state_`). The state is checked against the local one first:
-    same number of leaves, tensors of the same shapes, plain values where the local state has values. The local
-    parameter ids are kept. Raises :class:`OptimizerStateError` and leaves ``opt`` unchanged if anything differs.
+    same number of leaves, tensors of the same shapes (with no inf/NaN unless the local ones have some), plain values
+    of the same kind where the local state has values (see ``_same_kind``). The local parameter ids are kept.
+    Raises :class:`OptimizerStateError` and leaves ``opt`` unchanged if anything differs.
     """
     local_state = opt.state_dict()
     local_leaves = list(nested_flatten(local_state))
@@ -110,10 +113,43 @@ def _decode_leaf(position: int, entry: Any, local_leaf: Any, flat_tensors: Seque
             raise OptimizerStateError(
                 f"optimizer state tensor {index} has shape {shape}, the local one {tuple(local_leaf.shape)}"
             )
+        if introduces_non_finite(tensor, local_leaf):
+            raise OptimizerStateError(f"optimizer state tensor {index} holds inf/NaN, the local one does not")
         return tensor.to(dtype=local_leaf.dtype, device=local_leaf.device)
     value = entry.get("value")
     if isinstance(local_leaf, torch.Tensor) or not isinstance(value, _SCALAR_TYPES):
         raise OptimizerStateError(
             f"optimizer state entry {position} holds {type(value).__name__}, locally {type(local_leaf).__name__}"
         )
+    if not _same_kind(value, local_leaf):  # e.g. a learning rate that is a string, None or NaN: the step would fail
+        raise OptimizerStateError(
+            f"optimizer state entry {position} holds {value!r:.50}, which cannot replace the local {local_leaf!r:.50}"
+        )
     return value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return type(value).__name__
+    return "number" if isinstance(value, (int, float)) else "other"
+
+
+def _same_kind(value: Any, local_value: Any) -> bool:
+    """Whether a donor's hyperparameter may replace the local one: a number by a number (finite where the local one
+    is), a flag by a flag, a string by a string; None, the unset value of optional flags and choices (``foreach``,
+    ``line_search_fn``), is interchangeable with a flag or a string."""
+    kind, local_kind = _kind(value), _kind(local_value)
+    if kind == "number" and local_kind == "number":
+        return math.isfinite(value) or not math.isfinite(local_value)
+    if kind == local_kind or local_kind == "other":  # (an exotic local value, e.g. a numpy scalar: as before)
+        return True
+    return {kind, local_kind} in ({"NoneType", "bool"}, {"NoneType", "str"})
+
+
+@torch.no_grad()
+def introduces_non_finite(tensor: torch.Tensor, local: torch.Tensor) -> bool:
+    """Whether a donor's ``tensor`` holds inf/NaN where the ``local`` one it would replace holds none (such a value
+    spreads to every parameter it touches; an honest peer's state is finite unless its training diverged)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return False
+    return not bool(torch.isfinite(tensor).all()) and bool(torch.isfinite(local).all())

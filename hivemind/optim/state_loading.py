@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 import torch
 
 from hivemind.optim.epoch_rule import MAX_EPOCH
-from hivemind.optim.optimizer_state import load_optimizer_state
+from hivemind.optim.optimizer_state import introduces_non_finite, load_optimizer_state
 from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
 from hivemind.utils.logging import get_logger
 
@@ -65,6 +65,8 @@ def apply_downloaded_state_(averager: Any, metadata: Any, tensors: List[torch.Te
                 f"tensor {index} of the donor has shape {getattr(theirs, 'shape', None)}, "
                 f"the local one {tuple(mine.shape)}"
             )
+        if introduces_non_finite(theirs, mine):
+            raise ValueError(f"tensor {index} of the donor holds inf/NaN, the local one does not")
     optimizer, scheduler = averager.optimizer, averager.scheduler
     with averager._state_lock, scheduler_learning_rates_kept(optimizer, scheduler, epoch):
         load_optimizer_state(optimizer, metadata["optimizer_metadata"], tensors[len(local) :])
