@@ -12,6 +12,7 @@ from hivemind.moe.expert_uid import UID_DELIMITER, ExpertPrefix, ExpertUID
 
 __all__ = [
     "uid_coordinates",
+    "unroutable_samples",
     "compute_expert_scores",
     "masked_expert_weights",
     "mix_expert_outputs",
@@ -29,6 +30,20 @@ def uid_coordinates(uid: ExpertUID, uid_prefix: ExpertPrefix, grid_size: Sequenc
     if len(coordinates) != len(grid_size) or not all(0 <= c < size for c, size in zip(coordinates, grid_size)):
         raise ValueError(f"expert {uid!r} is outside the grid {uid_prefix!r} of size {tuple(grid_size)}")
     return coordinates
+
+
+def unroutable_samples(grid_scores: Sequence[torch.Tensor]) -> List[int]:
+    """Samples that no expert can be chosen for: in some grid dimension, none of their scores is usable (every one
+    is NaN, as when the input has NaN values, or -inf, which marks an index left out).
+
+    :param grid_scores: one [batch, grid_size[d]] tensor per grid dimension
+    """
+    stuck = None
+    for dim_scores in grid_scores:
+        scores = dim_scores.detach()
+        dim_stuck = ~(~torch.isnan(scores) & (scores != -float("inf"))).any(dim=-1)
+        stuck = dim_stuck if stuck is None else stuck | dim_stuck
+    return [] if stuck is None else stuck.nonzero().flatten().tolist()
 
 
 def compute_expert_scores(

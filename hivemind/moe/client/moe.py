@@ -21,6 +21,7 @@ from hivemind.moe.client.gating import (
     masked_expert_weights,
     mix_expert_outputs,
     penalty_key,
+    unroutable_samples,
 )
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import UID_DELIMITER
@@ -156,6 +157,7 @@ class RemoteMixtureOfExperts(nn.Module):
         server's experts, still announced in the DHT until their announcements expire, do not take the samples'
         slots.
         """
+        self.check_routable(grid_scores)
         extra = min(max(self.failure_penalty.num_penalized(), self._skipped_hint), MAX_EXTRA_CANDIDATES)
         future = self.beam_search.batch_find_best_experts(
             [scores.detach().cpu().float().numpy() for scores in grid_scores], self.k_best + extra, return_future=True
@@ -175,6 +177,18 @@ class RemoteMixtureOfExperts(nn.Module):
         # a penalized server hides experts not counted among the penalized ones: ask for more at the next search
         self._skipped_hint = 2 * most_skipped
         return chosen
+
+    def check_routable(self, grid_scores: Sequence[torch.Tensor]) -> None:
+        """Refuse (ValueError) samples whose gating scores choose no expert (NaN), unless allow_zero_outputs gives
+        them zeros and other samples of the batch can be routed."""
+        unroutable = unroutable_samples(grid_scores)
+        batch_size = len(grid_scores[0])
+        if unroutable and (len(unroutable) == batch_size or not self.allow_zero_outputs):
+            raise ValueError(
+                f"The gating scores of {len(unroutable)} of {batch_size} samples (e.g. sample {unroutable[0]}) are "
+                "NaN (or -inf) across a whole grid dimension, so no expert can be chosen for them: does the input "
+                "have NaN or infinite values? (detect_anomalies=True refuses such inputs)"
+            )
 
     def call_experts(
         self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float], *args, **kwargs
