@@ -28,6 +28,8 @@ from hivemind.averaging.state_snapshot import is_describing_state, packed_copy
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
+from hivemind.p2p.call_arguments import MAX_HANDLE_NAME_BYTES
+from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import peek_exitcode
@@ -118,6 +120,18 @@ class DecentralizedAverager(AveragerProcess):
             f"prefix must be a non-empty string without "
             f"dots (it starts the DHT key '<prefix>.0b<bits>'), got {prefix!r}",
         )
+        longest_name = max(
+            (get_handle_name(prefix, type(self).__name__, handler.name) for handler in self._get_rpc_handlers()),
+            key=lambda name: len(name.encode()),
+        )
+        _check(  # else peers would see each other under the group key, but every call to join a group would fail
+            len(longest_name.encode()) <= MAX_HANDLE_NAME_BYTES,
+            f"prefix {prefix[:40]!r}... is {len(prefix.encode())} bytes long, too long for the averager's handler "
+            f"names (libp2p allows {MAX_HANDLE_NAME_BYTES} bytes, {longest_name.split('::')[-1]!r} with its prefix "
+            f"takes {len(longest_name.encode())}): use a shorter prefix",
+        )
+        if not isinstance(dht, DHT):
+            raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
         _check(
             isinstance(initial_group_bits, str) and re.fullmatch("[01]*", initial_group_bits),
             f"initial_group_bits must be a string of 0 and 1, got {initial_group_bits!r}",
@@ -144,8 +158,8 @@ class DecentralizedAverager(AveragerProcess):
             f"min_vector_size must be a non-negative int, got {min_vector_size!r}",
         )
         _check(
-            _is_number(min_matchmaking_time) and min_matchmaking_time >= 0,
-            f"min_matchmaking_time must be a non-negative number of seconds, got {min_matchmaking_time!r}",
+            _is_number(min_matchmaking_time) and math.isfinite(min_matchmaking_time) and min_matchmaking_time >= 0,
+            f"min_matchmaking_time must be a finite non-negative number of seconds, got {min_matchmaking_time!r}",
         )
         _check(
             _is_number(request_timeout) and math.isfinite(request_timeout) and request_timeout > 0,
@@ -207,6 +221,12 @@ class DecentralizedAverager(AveragerProcess):
         if tensor_infos is None:
             tensor_infos = tuple(CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(averaged_tensors))
         tensor_infos = tuple(tensor_infos)
+        for index, info in enumerate(tensor_infos):
+            if not isinstance(info, CompressionInfo):  # every round reads info.get_part() for each tensor
+                raise TypeError(
+                    f"tensor_infos[{index}] must be a CompressionInfo, got {type(info).__name__}: pass "
+                    f"CompressionInfo.from_tensor(tensor, key=...) for each tensor, or tensor_infos=None"
+                )
         _check(
             len(tensor_infos) == len(averaged_tensors),
             f"tensor_infos has {len(tensor_infos)} entries for {len(averaged_tensors)} tensors",
@@ -381,6 +401,11 @@ class DecentralizedAverager(AveragerProcess):
         timeout: Optional[float] = None,
     ) -> Union[Optional[Tuple[Any, Sequence[torch.Tensor]]], MPFuture]:
         """Download the state of the best peer that shares it: (metadata, tensors), or None if nobody does."""
+        if timeout is not None:
+            if not _is_number(timeout):
+                raise TypeError(f"timeout must be None or a non-negative number of seconds, got {timeout!r}")
+            if not timeout >= 0:  # (NaN too)
+                raise AveragerArgumentError(f"timeout must be None or a non-negative number of seconds, got {timeout}")
         future = self._call_future("load_state_from_peers", timeout)
         return future.result() if wait else future
 
