@@ -138,3 +138,16 @@ class SplitViewLeader(HostilePeer):
 
 
 SplitViewLeader.__name__ = "DecentralizedAverager"
+
+
+def item_bomb_gather(mode: int = 0) -> bytes:
+    """A well-formed gather payload of at most MAX_GATHER_BYTES whose user object is ~262,000 empty lists: one byte
+    of msgpack each, ~70 bytes of memory each once decoded (~18 MB for the payload)."""
+    from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    count = MAX_GATHER_BYTES - 64
+    user_bytes = b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count  # array32 of empty fixarrays
+    payload = MSGPackSerializer.dumps([None, mode, user_bytes])
+    assert len(payload) <= MAX_GATHER_BYTES
+    return payload

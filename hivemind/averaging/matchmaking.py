@@ -24,6 +24,7 @@ from hivemind.averaging.matchmaking_rules import (
     code_name,
     declared_expiration,
     expected_group_size,
+    gather_items,
     parse_group,
 )
 from hivemind.dht import DHT
@@ -115,6 +116,7 @@ class Matchmaking(GroupLeading):
         self._search_lock = asyncio.Lock()  # one search at a time
         self._lock = asyncio.Lock()  # guards the state below against join requests arriving meanwhile
         self._step = None  # the step being matched; None when not looking for a group
+        self._own_gather_items = 0  # items in the step's gathered object (see payload.count_items)
         self._assembled: Optional[asyncio.Future] = None  # resolved with the GroupInfo this peer leads
         self._declared_key: Optional[str] = None
         self._declared_expiration: Optional[float] = None
@@ -142,8 +144,10 @@ class Matchmaking(GroupLeading):
         """
         if not isinstance(step.data_for_gather, bytes) or len(step.data_for_gather) > MAX_GATHER_BYTES:
             raise ValueError(f"the gather payload must be bytes of at most {MAX_GATHER_BYTES} bytes")
+        own_gather_items = gather_items(step.data_for_gather) or 0
         async with self._search_lock:
             async with self._lock:
+                self._own_gather_items = own_gather_items
                 self._assembled = asyncio.get_running_loop().create_future()
                 self._leaders = PotentialLeaders(self.peer_id)
                 key = self.group_key_manager.current_key

@@ -21,6 +21,7 @@ from hivemind.averaging.matchmaking_rules import (
     expected_group_size,
     follower_gave_up,
     follower_wait_deadline,
+    gather_items,
     may_start_early,
 )
 from hivemind.p2p import P2PContext, PeerID
@@ -44,6 +45,7 @@ class Follower:
     request: averaging_pb2.JoinRequest
     outcome: "asyncio.Future[averaging_pb2.MessageFromLeader]"  # BEGIN_ALLREDUCE or GROUP_DISBANDED
     waits_until: float  # (DHT time) when it stops waiting for our group, as far as this peer can tell
+    gather_items: int = 0  # items in its gathered object (they count towards the group's MAX_GROUP_GATHER_ITEMS)
 
 
 class GroupLeading:
@@ -117,7 +119,8 @@ class GroupLeading:
             self._leave_out_late_followers()  # (before they count towards a group that starts now)
             now = get_dht_time()
             waits_until = follower_wait_deadline(request.expiration, now, self.request_timeout)
-            follower = Follower(request, asyncio.get_running_loop().create_future(), waits_until)
+            outcome = asyncio.get_running_loop().create_future()
+            follower = Follower(request, outcome, waits_until, gather_items(request.gather) or 0)
             self._followers[requester] = follower
             self._report.largest_group = max(self._report.largest_group, len(self._followers) + 1)
             # a follower waits for our group until its own expiration (not before ours) + request_timeout
@@ -142,6 +145,7 @@ class GroupLeading:
             current_leader=self._current_leader,
             followers=set(self._followers),
             target_group_size=self.target_group_size,
+            gathered_items=self._own_gather_items + sum(f.gather_items for f in self._followers.values()),
         )
 
     def _assemble_group(self) -> GroupInfo:

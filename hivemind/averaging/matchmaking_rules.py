@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Optional, Set, Tuple
 
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.key_manager import MAX_PEER_ID_BYTES
-from hivemind.averaging.payload import MalformedGatherError, decode_gather
+from hivemind.averaging.payload import MAX_GROUP_GATHER_ITEMS, MalformedGatherError, decode_gather
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.timed_storage import DHTExpiration
@@ -164,6 +164,7 @@ class LeaderState:
     current_leader: Optional[PeerID]
     followers: Set[PeerID]
     target_group_size: Optional[int]
+    gathered_items: int = 0  # items in the gathered objects of this peer and its followers (see payload.count_items)
 
 
 def check_join_request(
@@ -179,7 +180,7 @@ def check_join_request(
         or state.client_mode
         or not isinstance(request.group_key, str)
         or len(request.gather) > MAX_GATHER_BYTES
-        or not _is_valid_gather(request.gather)  # one bad payload would fail the whole group's round
+        or (items := gather_items(request.gather)) is None  # one bad payload would fail the whole group's round
     )
     if malformed:
         return averaging_pb2.MessageFromLeader(code=Code.PROTOCOL_VIOLATION)
@@ -200,15 +201,17 @@ def check_join_request(
     group_size_limit = MAX_GROUP_SIZE if state.target_group_size is None else state.target_group_size
     if len(state.followers) + 1 >= group_size_limit:
         return averaging_pb2.MessageFromLeader(code=Code.GROUP_IS_FULL)
+    if state.gathered_items + items > MAX_GROUP_GATHER_ITEMS:  # every member would refuse the group's gathered data
+        return averaging_pb2.MessageFromLeader(code=Code.GROUP_IS_FULL)
     return None
 
 
-def _is_valid_gather(payload: bytes) -> bool:
+def gather_items(payload: bytes) -> Optional[int]:
+    """The items in a gather payload's user object (see payload.count_items), or None if the payload is malformed."""
     try:
-        decode_gather(payload)
+        return decode_gather(payload).items
     except MalformedGatherError:
-        return False
-    return True
+        return None
 
 
 def parse_group(message: averaging_pb2.MessageFromLeader, own_peer_id: PeerID, leader: PeerID) -> GroupInfo:

@@ -19,9 +19,15 @@ __all__ = [
     "decode_group_gathered",
     "GatheredInfo",
     "MalformedGatherError",
+    "MAX_GROUP_GATHER_ITEMS",
+    "count_items",
 ]
 
 NUM_MODES = 3  # AveragingMode values: NODE = 0, CLIENT = 1, AUX = 2
+# items (lists, tuples and dicts, and their elements) in the user objects of a whole group: each payload is small, but
+# an empty list is one byte of msgpack and ~70 bytes of memory, so a leader listing a thousand members with payloads
+# of empty lists would make every member decode ~18 GB of them (and spend minutes of its event loop on it)
+MAX_GROUP_GATHER_ITEMS = MSGPackSerializer.MAX_ITEMS
 
 
 class MalformedGatherError(ValueError):
@@ -56,6 +62,22 @@ class GatheredInfo:
     bandwidth: Optional[float]
     mode: int
     user_object: Any
+    items: int = 0  # lists, tuples and dicts in the user object and their elements (see count_items)
+
+
+def count_items(obj: Any) -> int:
+    """Lists, tuples and dicts in ``obj`` and their elements (a dict's keys and values count one each), as
+    MSGPackSerializer counts them; scalars alone count 0. Walked without recursion."""
+    count, pending = 0, [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            count += 1 + 2 * len(item)
+            pending.extend(x for pair in item.items() for x in pair if isinstance(x, (list, tuple, dict)))
+        elif isinstance(item, (list, tuple)):
+            count += 1 + len(item)
+            pending.extend(x for x in item if isinstance(x, (list, tuple, dict)))
+    return count
 
 
 def decode_gather(payload: bytes) -> GatheredInfo:
@@ -81,19 +103,29 @@ def decode_gather(payload: bytes) -> GatheredInfo:
         user_object = MSGPackSerializer.loads(user_bytes)
     except Exception as e:
         raise MalformedGatherError(f"the gathered user object is not valid msgpack: {e}") from None
-    return GatheredInfo(bandwidth, mode, user_object)
+    return GatheredInfo(bandwidth, mode, user_object, count_items(user_object))
 
 
 def decode_group_gathered(
     peer_ids: Sequence[PeerID], gathered: Sequence[bytes]
 ) -> Tuple[Tuple[GatheredInfo, ...], Dict[PeerID, Any]]:
-    """Decode every member's payload; returns them in group order and the user-facing {peer id: user object}."""
+    """Decode every member's payload; returns them in group order and the user-facing {peer id: user object}.
+
+    Raises MalformedGatherError for a malformed payload, and as soon as the user objects decoded so far hold more
+    than MAX_GROUP_GATHER_ITEMS items (the rest are not decoded)."""
     if len(peer_ids) != len(gathered):
         raise MalformedGatherError(f"the group has {len(peer_ids)} members but {len(gathered)} gather payloads")
-    infos = []
+    infos, total_items = [], 0
     for peer_id, payload in zip(peer_ids, gathered):
         try:
             infos.append(decode_gather(payload))
         except MalformedGatherError as e:
             raise MalformedGatherError(f"peer {peer_id}: {e}") from None
+        total_items += infos[-1].items
+        if total_items > MAX_GROUP_GATHER_ITEMS:
+            raise MalformedGatherError(
+                f"the gathered objects of the group's first {len(infos)} of {len(peer_ids)} members hold more than "
+                f"{MAX_GROUP_GATHER_ITEMS} items (lists, tuples, dicts and their elements; peer {peer_id}'s alone "
+                f"{infos[-1].items}); refusing the group's gathered data"
+            )
     return tuple(infos), {peer_id: info.user_object for peer_id, info in zip(peer_ids, infos)}
