@@ -336,6 +336,13 @@ class DHT(ShutdownOnExit, mp.Process):
         Run ``await coro(dht, node)`` inside the DHT process and return its (picklable) result. Changes it makes
         are only visible inside the DHT process. Cancelling the returned future cancels the coroutine.
         """
+        if asyncio.iscoroutine(coro):
+            raise TypeError(
+                "run_coroutine got a coroutine object: pass the async function itself (not its call result); "
+                "the DHT process calls it as coro(dht, node)"
+            )
+        if not callable(coro):
+            raise TypeError(f"coro must be an async function called as coro(dht, node), got {coro!r}")
         return self._call("run_coroutine", coro, return_future=return_future)
 
     def add_validators(self, record_validators: Iterable[RecordValidatorBase]) -> None:

@@ -4,6 +4,8 @@ routing table when it likely knows the whole swarm and confirmed by a batched se
 """
 
 import asyncio
+import math
+import numbers
 from collections import defaultdict
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -81,6 +83,8 @@ class ReplicatedStore:
                 f"{len(keys)}, {len(values)}, {len(expiration_time)}, {len(subkeys)}"
             )
 
+        for expiration in expiration_time:
+            _check_expiration_time(expiration)
         entries_by_key: Dict[DHTID, List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]]] = defaultdict(list)
         for key, value, expiration, subkey in zip(keys, values, expiration_time, subkeys):
             key_id = DHTID.generate(source=key)
@@ -236,3 +240,16 @@ class ReplicatedStore:
             for (_, subkey, value, expiration), accepted in zip(entries, statuses):
                 if accepted:
                     self.protocol.cache.store(key_id, value, expiration, subkey=subkey)
+
+
+def _check_expiration_time(expiration: Any) -> None:
+    """A record whose expiration time is not a time was refused by every replica: store() returned a silent False."""
+    if not isinstance(expiration, numbers.Real) or isinstance(expiration, bool):
+        raise TypeError(
+            f"expiration_time must be an absolute DHT time in seconds, got {type(expiration).__name__}: "
+            f"{expiration!r}; pass e.g. hivemind.get_dht_time() + 60"
+        )
+    if math.isnan(expiration):
+        raise ValueError(
+            "expiration_time must be an absolute DHT time, got NaN; pass e.g. hivemind.get_dht_time() + 60"
+        )

@@ -1,0 +1,51 @@
+"""DHT.store and DHT.run_coroutine refuse arguments that cannot work, instead of a silent False or a pickling error."""
+
+import math
+
+import numpy as np
+import pytest
+
+from hivemind.dht import DHT
+from hivemind.utils.timed_storage import get_dht_time
+
+
+@pytest.fixture(scope="module")
+def lone_dht():
+    with DHT(start=True) as dht:
+        yield dht
+
+
+async def _answer(dht, node):
+    return 42
+
+
+@pytest.mark.parametrize(
+    "expiration_time, error",
+    [(None, TypeError), ("60", TypeError), (True, TypeError), (math.nan, ValueError)],
+    ids=["None", "str", "bool", "nan"],
+)
+def test_store_refuses_an_expiration_time_that_is_not_a_time(lone_dht, expiration_time, error):
+    # before: store() returned False, as for a record that was merely outdated, and said nothing
+    with pytest.raises(error, match=r"expiration_time must be an absolute DHT time.*get_dht_time\(\) \+"):
+        lone_dht.store("key", "value", expiration_time)
+    with pytest.raises(error, match="expiration_time must be an absolute DHT time"):
+        lone_dht.store("key", "value", expiration_time, subkey="subkey")
+
+
+def test_store_accepts_times_of_any_real_type(lone_dht):
+    times = [get_dht_time() + 30, np.float64(get_dht_time() + 30), int(get_dht_time() + 30), math.inf]
+    for index, expiration_time in enumerate(times):
+        assert lone_dht.store(f"real-{index}", index, expiration_time)
+        assert lone_dht.get(f"real-{index}").value == index
+
+
+def test_run_coroutine_refuses_a_coroutine_object_and_non_callables(lone_dht):
+    coroutine = _answer(lone_dht, None)
+    try:
+        with pytest.raises(TypeError, match=r"pass the async function itself.*coro\(dht, node\)"):
+            lone_dht.run_coroutine(coroutine)
+    finally:
+        coroutine.close()
+    with pytest.raises(TypeError, match="coro must be an async function"):
+        lone_dht.run_coroutine(None)
+    assert lone_dht.run_coroutine(_answer) == 42
