@@ -16,7 +16,7 @@ from hivemind.optim.epoch_rule import epoch_after_gradient_round, is_synchronize
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.optimizer_hooks import OptimizerHooks
-from hivemind.optim.optimizer_options import check_step_arguments, resolve_options
+from hivemind.optim.optimizer_options import check_dht, check_step_arguments, resolve_options
 from hivemind.optim.optimizer_torch_api import load_training_state_dict_, model_param_groups, training_state_dict
 from hivemind.optim.progress_bar import EpochProgressBar
 from hivemind.optim.progress_tracker import LocalTrainingProgress
@@ -88,6 +88,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         averager_opts: Optional[Dict[str, Any]] = None, tracker_opts: Optional[Dict[str, Any]] = None,
         performance_ema_alpha: float = 0.1, shutdown_timeout: float = 5, verbose: bool = False,
     ):
+        check_dht(dht)
         if client_mode is not None and client_mode != dht.client_mode:
             logger.warning(f"client_mode={client_mode} is ignored: this peer follows the DHT's client mode "
                            f"({dht.client_mode}); start the DHT with client_mode={client_mode} instead")
@@ -100,7 +101,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             offload_optimizer=offload_optimizer, delay_optimizer_step=delay_optimizer_step,
             delay_grad_averaging=delay_grad_averaging, average_state_every=average_state_every,
             use_local_updates=use_local_updates, client_mode=client_mode, auxiliary=auxiliary,
-            grad_averager_factory=grad_averager_factory,
+            grad_averager_factory=grad_averager_factory, load_state_timeout=load_state_timeout,
         )
         # fmt: on
         self.dht, self.run_id, self.target_batch_size = dht, run_id, target_batch_size

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.scheduler_sync import is_scheduler_instance
 from hivemind.utils.logging import get_logger
@@ -26,6 +27,11 @@ class OptimizerOptions:
     delay_grad_averaging: bool
     allreduce_timeout: float
     next_chunk_timeout: float
+
+
+def check_dht(dht: Any) -> None:
+    if not isinstance(dht, DHT):
+        raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
 
 
 def _is_optimizer_factory(optimizer: Any) -> bool:
@@ -53,6 +59,7 @@ def resolve_options(
     client_mode: bool,
     auxiliary: bool,
     grad_averager_factory: Any,
+    load_state_timeout: Any = 600.0,
 ) -> OptimizerOptions:
     """Fill in derived defaults and raise ValueError (saying what to change) for options that do not fit together."""
     if not isinstance(run_id, str) or not run_id or "." in run_id:
@@ -74,10 +81,15 @@ def resolve_options(
         raise ValueError("with an optimizer factory, pass the scheduler as a factory too: scheduler=lambda opt: ...")
     if isinstance(average_state_every, bool) or not isinstance(average_state_every, int) or average_state_every < 1:
         raise ValueError(f"average_state_every must be a positive int (epochs), got {average_state_every!r}")
-    if matchmaking_time <= 0 or averaging_timeout <= 0:
-        raise ValueError(
-            f"matchmaking_time and averaging_timeout must be positive, got {matchmaking_time}, {averaging_timeout}"
-        )
+    for name, value in [
+        ("matchmaking_time", matchmaking_time),
+        ("averaging_timeout", averaging_timeout),
+        ("load_state_timeout", load_state_timeout),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a positive number of seconds, got {type(value).__name__}: {value!r}")
+        if not value > 0:  # (NaN too)
+            raise ValueError(f"{name} must be a positive number of seconds, got {value}")
     if averaging_timeout <= matchmaking_time:
         raise ValueError(
             f"averaging_timeout ({averaging_timeout} s) must exceed matchmaking_time "
@@ -167,10 +179,24 @@ def check_step_arguments(optimizer: Any, *, closure: Any, batch_size: Any, grad_
 
 
 def check_state_averager_arguments(
-    optimizer: Any, params: Any, scheduler: Any, offload_optimizer: bool, custom_gradients: bool
+    optimizer: Any,
+    params: Any,
+    scheduler: Any,
+    offload_optimizer: bool,
+    custom_gradients: bool,
+    average_opt_statistics: Any = (),
+    extra_tensors: Any = (),
 ) -> bool:
-    """Refuse TrainingStateAverager arguments that do not fit together (ValueError); returns whether ``optimizer`` is
-    a factory."""
+    """Refuse TrainingStateAverager arguments that do not fit together (ValueError) or are of a wrong type
+    (TypeError); returns whether ``optimizer`` is a factory."""
+    if isinstance(average_opt_statistics, str):  # its letters would be taken for names: "no statistic 'e'"
+        raise TypeError(
+            f"average_opt_statistics must be a sequence of names of optimizer statistics, got the str "
+            f"{average_opt_statistics!r}: pass ({average_opt_statistics!r},)"
+        )
+    for index, tensor in enumerate(extra_tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"extra_tensors[{index}] must be a torch.Tensor, got {type(tensor).__name__}")
     optimizer_is_factory = not isinstance(optimizer, torch.optim.Optimizer)
     if optimizer_is_factory and not callable(optimizer):
         raise ValueError(f"optimizer must be a torch optimizer or a factory of one, got {type(optimizer).__name__}")

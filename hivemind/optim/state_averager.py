@@ -98,7 +98,7 @@ class TrainingStateAverager(DecentralizedAverager):
     ):
         # fmt: on
         optimizer_is_factory = check_state_averager_arguments(
-            optimizer, params, scheduler, offload_optimizer, custom_gradients
+            optimizer, params, scheduler, offload_optimizer, custom_gradients, average_opt_statistics, extra_tensors
         )
 
         param_groups = as_param_groups(params) if optimizer_is_factory else optimizer.param_groups

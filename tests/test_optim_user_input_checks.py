@@ -1,0 +1,69 @@
+"""hivemind.Optimizer and TrainingStateAverager refuse inputs that used to pass and then fail inside (an
+AttributeError, a comparison of str with int, "no tensor statistic 'e'") or at the first load_state_from_peers()."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+import hivemind
+from hivemind.dht import DHT
+from hivemind.optim.state_averager import TrainingStateAverager
+
+
+@pytest.fixture(scope="module")
+def lone_dht():
+    with DHT(start=True) as dht:
+        yield dht
+
+
+def make_optimizer(dht, **overrides):
+    model = torch.nn.Linear(2, 2)
+    kwargs = dict(
+        dht=dht, run_id="checks", target_batch_size=4, batch_size_per_step=1, params=model.parameters(),
+        optimizer=functools.partial(torch.optim.Adam, lr=0.1), matchmaking_time=1.0, averaging_timeout=3.0,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return hivemind.Optimizer(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(averaging_timeout="60"), TypeError, "averaging_timeout must be a positive number of seconds"),
+        (dict(matchmaking_time=math.nan), ValueError, "matchmaking_time must be a positive number of seconds"),
+        (dict(load_state_timeout="600"), TypeError, "load_state_timeout must be a positive number of seconds"),
+        (dict(load_state_timeout=-1), ValueError, "load_state_timeout must be a positive number of seconds"),
+        (dict(load_state_timeout=math.nan), ValueError, "load_state_timeout must be a positive number"),
+        (dict(average_opt_statistics="exp_avg_sq"), TypeError, r"names.*\('exp_avg_sq',\)"),
+        (dict(extra_tensors=[1.0]), TypeError, r"extra_tensors\[0\] must be a torch.Tensor"),
+    ],
+    ids=["str-averaging-timeout", "nan-matchmaking", "str-load-timeout", "negative-load", "nan-load", "str-stats",
+         "float-extra"],
+)  # fmt: skip
+def test_optimizer_refuses_inputs_that_cannot_work(lone_dht, overrides, error, message):
+    with pytest.raises(error, match=message):
+        make_optimizer(lone_dht, **overrides)
+
+
+@pytest.mark.parametrize("dht", [None, "dht"])
+def test_optimizer_refuses_something_that_is_not_a_dht(dht):
+    with pytest.raises(TypeError, match="dht must be a running hivemind.DHT"):
+        make_optimizer(dht)
+
+
+def test_state_averager_refuses_statistics_given_as_one_string_and_non_tensor_extras(lone_dht):
+    model = torch.nn.Linear(2, 2)
+    common = dict(dht=lone_dht, optimizer=torch.optim.Adam, params=model.parameters(), prefix="sa", start=False)
+    with pytest.raises(TypeError, match=r"average_opt_statistics must be a sequence of names.*\('exp_avg_sq',\)"):
+        TrainingStateAverager(average_opt_statistics="exp_avg_sq", **common)
+    with pytest.raises(TypeError, match=r"extra_tensors\[1\] must be a torch.Tensor, got ndarray"):
+        TrainingStateAverager(extra_tensors=[torch.zeros(2), model.weight.detach().numpy()], **common)
+
+
+def test_an_infinite_load_state_timeout_is_still_accepted(lone_dht):
+    optimizer = make_optimizer(
+        lone_dht, run_id="inf", load_state_timeout=math.inf, average_opt_statistics=["exp_avg_sq"]
+    )
+    optimizer.shutdown()
