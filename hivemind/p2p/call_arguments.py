@@ -25,3 +25,9 @@ def check_peer_id(peer_id: Any) -> None:
     if not isinstance(peer_id, PeerID):
         hint = " (convert it with PeerID.from_base58)" if isinstance(peer_id, str) else ""
         raise TypeError(f"peer_id must be a PeerID, got {type(peer_id).__name__}: {peer_id!r}{hint}")
+
+
+def check_call(peer_id: Any, name: Any) -> None:
+    """Raise TypeError/ValueError for a call that could not reach ``name`` at ``peer_id``."""
+    check_peer_id(peer_id)
+    check_handle_name(name)

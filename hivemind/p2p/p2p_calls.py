@@ -7,7 +7,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Optional, Set, Union
 from google.protobuf.message import Message
 
 from hivemind.p2p import framing, protobuf_streams
-from hivemind.p2p.call_arguments import check_handle_name, check_peer_id
+from hivemind.p2p.call_arguments import check_call
 from hivemind.p2p.inbound_budget import InboundBudget
 from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
@@ -71,8 +71,7 @@ class ProtobufCallsMixin:
         :raises P2PHandlerError: the remote handler failed (the message carries its text)
         :raises P2PDaemonError: the peer is unreachable, does not serve ``name``, or the request is too large
         """
-        check_peer_id(peer_id)
-        check_handle_name(name)
+        check_call(peer_id, name)
         is_unary = isinstance(input, Message)
         if timeout is None and is_unary:
             timeout = self.unary_call_timeout
@@ -129,8 +128,7 @@ class ProtobufCallsMixin:
         iterator early (``aclose()``, or cancelling its consumer) closes the stream, which cancels the handler.
         A response announcing more than ``max_message_size`` bytes fails the call (``P2PDaemonError``).
         """
-        check_peer_id(peer_id)
-        check_handle_name(name)
+        check_call(peer_id, name)
         self._raise_if_daemon_failed()
         return self._iterate_protobuf_stream(peer_id, name, input, output_protobuf_type, max_message_size)
 

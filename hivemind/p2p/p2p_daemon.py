@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optio
 from google.protobuf.message import Message
 
 from hivemind.p2p import daemon_args, framing, protobuf_streams, stale_sockets
-from hivemind.p2p.call_arguments import check_handle_name, check_peer_id
+from hivemind.p2p.call_arguments import check_call, check_handle_name
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file
 from hivemind.p2p.identity import generate_identity, load_identity_peer_id
@@ -429,8 +429,7 @@ class P2P(ProtobufCallsMixin):
         self, peer_id: PeerID, handler_name: str
     ) -> Tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a raw stream to ``handler_name`` of ``peer_id``; the caller must close the writer."""
-        check_peer_id(peer_id)
-        check_handle_name(handler_name)
+        check_call(peer_id, handler_name)
         self._raise_if_daemon_failed()
         return await self._client.stream_open(peer_id, [handler_name])
 
