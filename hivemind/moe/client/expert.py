@@ -24,6 +24,7 @@ from hivemind.moe.client.expert_rpc import (
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import ExpertInfo
 from hivemind.p2p import P2P, P2PDaemonError, PeerID, StubBase
+from hivemind.p2p.call_arguments import check_peer_id
 from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_compare, nested_flatten, nested_pack
 
@@ -48,6 +49,14 @@ class RemoteExpert(nn.Module):
     """
 
     def __init__(self, expert_info: ExpertInfo, p2p: P2P):
+        if not isinstance(expert_info, ExpertInfo):
+            raise TypeError(
+                f"expert_info must be an ExpertInfo(uid, peer_id), got {type(expert_info).__name__} {expert_info!r} "
+                f"(to find experts by uid, use hivemind.moe.get_experts(dht, uids))"
+            )
+        check_peer_id(expert_info.peer_id)
+        if not isinstance(p2p, P2P):
+            raise TypeError(f"p2p must be a hivemind.P2P (e.g. await dht.replicate_p2p()), got {type(p2p).__name__}")
         super().__init__()
         self._location, self.p2p = expert_info, p2p
         self._stub = get_server_stub(p2p, expert_info.peer_id)
