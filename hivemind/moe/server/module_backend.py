@@ -249,6 +249,14 @@ class ModuleBackend:
             grads = tuple(
                 tensor.grad if tensor.grad is not None else torch.zeros_like(tensor).detach() for tensor in inputs
             )
+            if self.optimizer is not None and not self._parameter_grads_finite():
+                # an error, not a silently skipped update: a batch of several requests is then retried one request
+                # at a time (see TaskPool), so that the requests batched with an overflowing one are still applied
+                self.module.zero_grad(set_to_none=True)
+                raise RuntimeError(
+                    f"{self.name}: the parameter gradients of this backward batch are not finite (finite values "
+                    "whose update overflows); the update is skipped: send smaller output gradients"
+                )
             self.on_backward(batch_size)
         return grads
 
@@ -262,7 +270,7 @@ class ModuleBackend:
             if self.optimizer is None:
                 self.module.zero_grad(set_to_none=True)  # not trained: do not let gradients accumulate
                 return
-            if not all(p.grad is None or _all_finite(p.grad) for p in self.module.parameters()):
+            if not self._parameter_grads_finite():
                 logger.warning(f"{self.name}: gradients of a backward batch are not finite; this update is skipped")
                 self.module.zero_grad(set_to_none=True)
                 return
@@ -272,6 +280,9 @@ class ModuleBackend:
                 self.optimizer.zero_grad()
             if self.scheduler is not None:
                 self.scheduler.step()
+
+    def _parameter_grads_finite(self) -> bool:
+        return all(p.grad is None or _all_finite(p.grad) for p in self.module.parameters())
 
     # ------------------------------------------------------------------ info and state
 
