@@ -35,6 +35,7 @@ class HostilePeer(ServicerBase):
         self.joined = asyncio.Event()
         self.parts_received: List[averaging_pb2.AveragingData] = []
         self.stall = False  # after the parts, keep the stream open without replying
+        self.reply_delay = 0.0  # seconds to wait before each reply (a reducer that drips its replies)
 
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
@@ -57,6 +58,7 @@ class HostilePeer(ServicerBase):
             self.parts_received.append(message)
             reply = self.make_delta(message)
             if reply is not None:
+                await asyncio.sleep(self.reply_delay)
                 yield reply
         if self.stall:
             await asyncio.Event().wait()

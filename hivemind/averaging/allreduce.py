@@ -53,6 +53,9 @@ _PART_FOR_AVERAGING, _NO_CODE = MessageCode.PART_FOR_AVERAGING, MessageCode.NO_C
 MAX_BYTES_PER_ELEMENT = 16  # of a delta under any codec (complex128 uncompressed)
 MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata besides its elements
 DEFAULT_REPLY_LINGER = 30.0
+# the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that have not delivered all
+# their parts, then a sender gives up on the reducers that have not replied to all of its parts
+SENDERS_LAST_CALL, REDUCERS_LAST_CALL = 0.85, 0.95
 
 
 class AveragingMode(Enum):
@@ -97,6 +100,12 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         before its remaining parts keep their local values; must exceed ``sender_timeout`` (None: indefinitely). A
         sender with no share of its own (its replies come after all its parts) allows one such period per window of
         parts for the first reply
+    :param allreduce_timeout: seconds the caller gives the whole round (None: unknown). A peer that sends each part
+        (or reply) just within those timeouts is never taken for a stalled one, but would make a round of many parts
+        outlast this limit, failing it for everyone it exchanges parts with. So at ``SENDERS_LAST_CALL`` of it the
+        reducer excludes the senders that have not delivered all their parts, and at ``REDUCERS_LAST_CALL`` of it
+        this peer gives up on the reducers that have not replied to all of its parts (their remaining parts keep
+        their local values, as for failed peers)
     :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch, output_buffers (see
         TensorPartContainer); with output_buffers, the memory of a yielded delta is written again by a later round
         once no tensor or array references it any more
@@ -116,6 +125,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         modes: Optional[Sequence[AveragingMode]] = None,
         sender_timeout: Optional[float] = None,
         reducer_timeout: Optional[float] = None,
+        allreduce_timeout: Optional[float] = None,
         **container_kwargs,
     ):
         self._p2p, self.peer_id = p2p, p2p.peer_id
@@ -137,8 +147,12 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 f"reducer_timeout ({reducer_timeout} s) must be greater than sender_timeout ({sender_timeout} s): a "
                 "reducer waits up to sender_timeout for a slow sender before it can answer the others"
             )
+        if allreduce_timeout is not None and not (math.isfinite(allreduce_timeout) and allreduce_timeout > 0):
+            raise ValueError(f"allreduce_timeout must be a positive number of seconds, got {allreduce_timeout}")
         self.sender_timeout = sender_timeout
         self.reducer_timeout = reducer_timeout
+        self.allreduce_timeout = allreduce_timeout
+        self._reducers_last_call: Optional[float] = None  # (loop time) set when the round starts
         self.peer_fractions = [float(fraction) for fraction in peer_fractions]
         self.my_index = self.ordered_peer_ids.index(self.peer_id)
         self.my_mode = self.modes[self.my_index]
@@ -206,6 +220,12 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         try:
             if self.reducer is not None and self.sender_timeout is not None:
                 tasks.append(asyncio.create_task(self._ban_senders_that_never_started()))
+            if self.allreduce_timeout is not None:
+                self._reducers_last_call = (
+                    asyncio.get_running_loop().time() + REDUCERS_LAST_CALL * self.allreduce_timeout
+                )
+                if self.reducer is not None:
+                    tasks.append(asyncio.create_task(self._exclude_senders_at_last_call()))
             if self.is_sender:
                 for peer_index in self.reducer_indices:
                     if peer_index == self.my_index:
@@ -295,18 +315,27 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         # may still hold: up to one reducer_timeout per window of parts
         windows_held = math.ceil(self.container.num_parts_by_peer[peer_index] / DEFAULT_REDUCE_WINDOW)
         first_reply_factor = max(1, windows_held) if self.peer_fractions[self.my_index] == 0 else 1
+        last_call = math.inf if self._reducers_last_call is None else self._reducers_last_call
         try:
             while not exchange.done():
+                if loop.time() >= last_call:
+                    exchange.cancel()
+                    await asyncio.gather(exchange, return_exceptions=True)
+                    raise AllreduceException(
+                        f"had not replied to all parts at the round's last call ({REDUCERS_LAST_CALL:.0%} of "
+                        f"allreduce_timeout={self.allreduce_timeout} s)"
+                    )
                 if self.reducer_timeout is None:
-                    await asyncio.wait({exchange})
-                    break
+                    remaining = last_call - loop.time()
+                    await asyncio.wait({exchange}, timeout=None if math.isinf(remaining) else remaining)
+                    continue
                 limit = self.reducer_timeout * (1 if progress.replied else first_reply_factor)
                 remaining = progress.last + limit - loop.time()
                 if remaining <= 0:
                     exchange.cancel()
                     await asyncio.gather(exchange, return_exceptions=True)
                     raise AllreduceException(f"no progress for {limit} s (reducer_timeout)")
-                await asyncio.wait({exchange}, timeout=remaining)
+                await asyncio.wait({exchange}, timeout=min(remaining, last_call - loop.time()))
             exchange.result()
         except Exception as e:
             if peer_index in self._encoding_errors:  # our own fault, not the reducer's: fail this peer's step
@@ -407,6 +436,18 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         for sender_index in range(len(self.sender_peer_ids)):
             if sender_index not in self._connected_senders:
                 self._ban(sender_index, f"sent nothing within sender_timeout={self.sender_timeout} s")
+
+    async def _exclude_senders_at_last_call(self) -> None:
+        await asyncio.sleep(SENDERS_LAST_CALL * self.allreduce_timeout)
+        reducer, own_index = self.reducer, self.sender_index_of.get(self.peer_id)
+        for sender_index in range(len(self.sender_peer_ids)):
+            delivered = reducer.sender_progress[sender_index]
+            if sender_index != own_index and reducer.is_active(sender_index) and delivered < reducer.num_parts:
+                self._ban(
+                    sender_index,
+                    f"had delivered {delivered} of {reducer.num_parts} parts at the round's last call "
+                    f"({SENDERS_LAST_CALL:.0%} of allreduce_timeout={self.allreduce_timeout} s)",
+                )
 
     def _ban(self, sender_index: int, reason: str) -> None:
         if self.reducer is not None and self.reducer.ban_sender(sender_index, reason):

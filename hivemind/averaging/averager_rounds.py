@@ -175,6 +175,7 @@ class AveragingRounds:
             modes=modes,
             sender_timeout=deadlines.sender_timeout,
             reducer_timeout=deadlines.reducer_timeout,
+            allreduce_timeout=deadlines.allreduce_timeout,
             compression=self.compression,
             part_size_bytes=self.part_size_bytes,
             tensor_infos=self.tensor_infos,
