@@ -23,6 +23,7 @@ from hivemind.moe.client.gating import (
     penalty_key,
     unroutable_samples,
 )
+from hivemind.moe.client.mixture_arguments import check_mixture_arguments
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import UID_DELIMITER
 from hivemind.proto import runtime_pb2
@@ -86,6 +87,12 @@ class RemoteMixtureOfExperts(nn.Module):
         **dht_kwargs,
     ):
         super().__init__()
+        check_mixture_arguments(
+            dht=dht, uid_prefix=uid_prefix, grid_size=grid_size, in_features=in_features,
+            ints=dict(k_best=k_best, k_min=k_min, backward_k_min=backward_k_min),
+            timeouts=dict(forward_timeout=forward_timeout, backward_timeout=backward_timeout,
+                          timeout_after_k_min=timeout_after_k_min),
+        )  # fmt: skip
         check_routing_arguments(k_best, k_min, backward_k_min)
         if not uid_prefix.endswith(UID_DELIMITER):
             uid_prefix += UID_DELIMITER

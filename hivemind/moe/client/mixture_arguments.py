@@ -1,0 +1,38 @@
+"""Type and range checks of RemoteMixtureOfExperts' constructor arguments (TypeError/ValueError naming each)."""
+
+import numbers
+from typing import Any, Dict, Optional
+
+from hivemind.dht import DHT
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_mixture_arguments(
+    *, dht: Any, uid_prefix: Any, grid_size: Any, in_features: Any, ints: Dict[str, Any], timeouts: Dict[str, Any]
+) -> None:
+    """:param ints: the routing counts (k_best, k_min, ...) by name; :param timeouts: seconds or None, by name"""
+    if not isinstance(dht, DHT):
+        raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
+    if not isinstance(uid_prefix, str):
+        raise TypeError(f"uid_prefix must be a str such as 'ffn.', got {type(uid_prefix).__name__}: {uid_prefix!r}")
+    if isinstance(grid_size, (str, bytes)) or not hasattr(grid_size, "__iter__"):
+        sizes: Optional[list] = None
+    else:
+        sizes = list(grid_size)
+    if sizes is None or not all(_is_int(size) for size in sizes):
+        raise TypeError(f"grid_size must be a sequence of positive ints, e.g. (4,) or (8, 8), got {grid_size!r}")
+    if not _is_int(in_features):
+        raise TypeError(f"in_features must be an int (the width of the input), got {in_features!r}")
+    for name, value in ints.items():
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    for name, value in timeouts.items():
+        if value is None:
+            continue
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name} must be None or a positive number of seconds, got {type(value).__name__}")
+        if not value > 0:  # (NaN too)
+            raise ValueError(f"{name} must be None or a positive number of seconds, got {value}")
