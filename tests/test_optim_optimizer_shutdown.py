@@ -1,5 +1,7 @@
 """hivemind.Optimizer after shutdown(): a step is refused with an error that says what happened, at once."""
 
+import os
+import signal
 import time
 
 import pytest
@@ -27,4 +29,37 @@ def test_step_after_shutdown_raises_a_clear_error_at_once():
         assert time.monotonic() - started < 1.0
         assert all(torch.equal(old, new) for old, new in zip(before, model.parameters()))
     finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_load_state_from_peers_after_shutdown_raises_a_clear_error_at_once():
+    dht = DHT(start=True)
+    try:
+        model = torch.nn.Linear(2, 1)
+        opt = make_optimizer(dht, model, "load_after_shutdown", load_state_timeout=30.0)
+        opt.shutdown()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="shut down"):
+            opt.load_state_from_peers()
+        assert time.monotonic() - started < 1.0
+    finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_averager_process_fails_load_state_from_peers_at_once_instead_of_retrying_until_its_timeout():
+    dht = DHT(start=True)
+    model = torch.nn.Linear(2, 1)
+    opt = make_optimizer(dht, model, "dead_averager", load_state_timeout=30.0)
+    try:
+        os.kill(opt.state_averager.pid, signal.SIGKILL)
+        opt.state_averager.join(10)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="averager process is not running"):
+            opt.load_state_from_peers()
+        assert time.monotonic() - started < 5.0
+        assert opt.local_epoch == 0
+    finally:
+        opt.shutdown()
         dht.shutdown()

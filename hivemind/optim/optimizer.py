@@ -16,7 +16,7 @@ from hivemind.optim.epoch_rule import epoch_after_gradient_round, is_synchronize
 from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.optimizer_hooks import OptimizerHooks
-from hivemind.optim.optimizer_options import check_dht, check_step_arguments, resolve_options
+from hivemind.optim.optimizer_options import check_dht, check_not_shut_down, check_step_arguments, resolve_options
 from hivemind.optim.optimizer_torch_api import load_training_state_dict_, model_param_groups, training_state_dict
 from hivemind.optim.progress_bar import EpochProgressBar
 from hivemind.optim.progress_tracker import LocalTrainingProgress
@@ -438,8 +438,10 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
     def load_state_from_peers(self, **kwargs) -> None:
         """
         Download parameters, optimizer state and epoch from the best peer that shares them, retrying after errors
-        for up to ``load_state_timeout`` seconds. Locally accumulated gradients are dropped.
+        for up to ``load_state_timeout`` seconds (not after the averager's process died: that raises at once).
+        Locally accumulated gradients are dropped.
         """
+        check_not_shut_down(self)
         self._cancel_scheduled_rounds()
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         deadline = time.monotonic() + self.load_state_timeout

@@ -13,7 +13,13 @@ from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.scheduler_sync import is_scheduler_instance
 from hivemind.utils.logging import get_logger
 
-__all__ = ["OptimizerOptions", "resolve_options", "positive_int_batch_size", "check_state_averager_arguments"]
+__all__ = [
+    "OptimizerOptions",
+    "resolve_options",
+    "positive_int_batch_size",
+    "check_not_shut_down",
+    "check_state_averager_arguments",
+]
 
 logger = get_logger(__name__)
 
@@ -153,14 +159,19 @@ def positive_int_batch_size(batch_size: Any) -> int:
     raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")
 
 
-def check_step_arguments(optimizer: Any, *, closure: Any, batch_size: Any, grad_scaler: Any):
-    """Refuse a misused ``Optimizer.step()`` with an error that says what to do; returns the step's batch size
-    (None for an auxiliary peer)."""
+def check_not_shut_down(optimizer: Any) -> None:
+    """RuntimeError saying so if ``optimizer`` was shut down (its averagers are gone: nothing would work)."""
     if optimizer._shut_down:
         raise RuntimeError(
             f"{type(optimizer).__name__} was shut down: it no longer trains with peers; create a new one (and a "
             f"new DHT if that was shut down too) to go on training"
         )
+
+
+def check_step_arguments(optimizer: Any, *, closure: Any, batch_size: Any, grad_scaler: Any):
+    """Refuse a misused ``Optimizer.step()`` with an error that says what to do; returns the step's batch size
+    (None for an auxiliary peer)."""
+    check_not_shut_down(optimizer)
     if not (grad_scaler is None or isinstance(grad_scaler, GradScaler)):
         raise ValueError(
             f"grad_scaler must be a hivemind.GradScaler (the torch one would step the optimizer at "

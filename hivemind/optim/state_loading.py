@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 import torch
 
+from hivemind.dht.process_channel import ChannelClosedError
 from hivemind.optim.epoch_rule import MAX_EPOCH
 from hivemind.optim.optimizer_state import introduces_non_finite, load_optimizer_state
 from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
@@ -24,7 +25,8 @@ def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, *
     """
     ``state_averager.load_state_from_peers(**kwargs)`` until it returns (None: nobody shared a usable state), retried
     after an error until ``deadline`` (``time.monotonic()`` seconds); each attempt gets the time left, at most
-    ``kwargs["timeout"]`` if given. An error on the last attempt is logged and gives None.
+    ``kwargs["timeout"]`` if given. An error on the last attempt is logged and gives None; ChannelClosedError (the
+    averager's process is gone) is raised at once.
     """
     user_timeout = kwargs.pop("timeout", None)
     while True:
@@ -32,6 +34,8 @@ def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, *
         timeout = remaining if user_timeout is None else min(user_timeout, remaining)
         try:
             return state_averager.load_state_from_peers(timeout=max(timeout, 0.0), **kwargs)
+        except ChannelClosedError:  # the averager's process is gone: no attempt can succeed, and it says why
+            raise
         except Exception as e:
             if time.monotonic() + LOAD_STATE_RETRY_DELAY >= deadline:
                 logger.warning(f"{run_id}: could not load the state from peers: {e!r}")
