@@ -21,6 +21,7 @@ from hivemind.dht import DHT
 from hivemind.moe.expert_uid import is_valid_uid
 from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_experts
 from hivemind.moe.server.connection_handler import ConnectionHandler
+from hivemind.moe.server.create_arguments import check_create_arguments
 from hivemind.moe.server.dht_handler import DHTHandlerThread
 from hivemind.moe.server.expert_pattern import generate_uids_from_pattern
 from hivemind.moe.server.fast_adam import FastAdam
@@ -142,6 +143,7 @@ class Server(threading.Thread):
             per expert as the original does
         :param kwargs: to ``DHT(...)``: host_maddrs, announce_maddrs, identity_path, use_relay, client_mode, ...
         """
+        check_create_arguments(compression=compression, initial_peers=initial_peers, expert_uids=expert_uids)
         if custom_module_path is not None:
             add_custom_models_from_file(str(custom_module_path))
         assert expert_cls in name_to_block, (

@@ -1,0 +1,37 @@
+"""Server.create refuses arguments that could not work before it starts anything: a compression that is not a
+CompressionType (the server started, and then every client call failed with the server's ValueError), and a single
+multiaddr or uid string where a list is expected (the error blamed the multiaddr "/" or the uids 'f', 'f', 'n')."""
+
+import pytest
+
+from hivemind.compression import Float16Compression
+from hivemind.moe import Server
+from hivemind.proto.runtime_pb2 import CompressionType
+
+PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJEu7jfKTRLFGk6p8D4UHyrUPqVt9z2YsSiA2mhWFM2GF"
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(compression="FLOAT16"), TypeError, r"compression must be a CompressionType.*CompressionType\.FLOAT16"),
+        (dict(compression=Float16Compression()), TypeError, r"CompressionType\.FLOAT16"),
+        (dict(compression=99), ValueError, r"compression must be one of CompressionType\.NONE, .*got 99"),
+        (dict(initial_peers=PEER), TypeError, r"initial_peers must be a list of multiaddrs.*\['" + PEER),
+        (dict(expert_uids="ffn.0", num_experts=None), TypeError, r"expert_uids must be a list of uids.*\['ffn.0'\]"),
+    ],
+    ids=["name", "codec", "unknown", "one-peer", "one-uid"],
+)
+def test_unworkable_arguments_are_refused_before_anything_starts(overrides, error, message):
+    kwargs = dict(num_experts=1, hidden_dim=8, start=False, device="cpu")
+    kwargs.update(overrides)
+    with pytest.raises(error, match=message):
+        Server.create(**kwargs)
+
+
+def test_a_compression_type_value_is_accepted():
+    server = Server.create(expert_uids=["ffn.0"], hidden_dim=8, start=False, compression=CompressionType.FLOAT16)
+    try:
+        assert server.module_backends["ffn.0"].args_schema[0].compression == CompressionType.FLOAT16
+    finally:
+        server.shutdown()
