@@ -26,8 +26,17 @@ def format_flag(name: str, value: Any) -> str:
     return f"-{name}={value}"
 
 
+def refuse_single_maddr(name: str, value: Any) -> None:
+    """A single multiaddr where a list is expected was split into characters: p2pd then failed on "/"."""
+    if isinstance(value, (str, bytes, Multiaddr)):
+        shown = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        what = type(value).__name__
+        raise TypeError(f"{name} must be a list of multiaddrs, got a single {what}: pass [{shown!r}]")
+
+
 def check_announce_maddrs(announce_maddrs: Optional[Sequence[MaddrLike]]) -> None:
     """Reject announce addresses with port 0: peers could never dial them."""
+    refuse_single_maddr("announce_maddrs", announce_maddrs)
     for maddr in announce_maddrs or ():
         parts = str(maddr).split("/")
         for protocol, value in zip(parts, parts[1:]):
@@ -39,6 +48,7 @@ def upgrade_quic_draft(host_maddrs: Optional[Sequence[MaddrLike]]) -> Tuple[Opti
     """``host_maddrs`` with each QUIC draft-29 listen address (``.../udp/PORT/quic``) replaced by its QUIC v1 form
     (``.../quic-v1``), and the addresses that were replaced. Our p2pd's libp2p no longer speaks draft-29: given
     next to a TCP address the daemon would silently not listen on it, and given alone it would fail to start."""
+    refuse_single_maddr("host_maddrs", host_maddrs)
     if host_maddrs is None:
         return None, []
     upgraded, replaced = [], []
@@ -86,6 +96,8 @@ def build_daemon_args(
     daemon_flags: Optional[Mapping[str, Any]] = None,
 ) -> List[str]:
     """Arguments for p2pd, in the order the original hivemind emits them (without the binary path)."""
+    refuse_single_maddr("initial_peers", initial_peers)
+    refuse_single_maddr("trusted_relays", trusted_relays)
     if dht_mode not in DHT_MODE_MAPPING:
         raise ValueError(f"dht_mode must be one of {sorted(DHT_MODE_MAPPING)}, got {dht_mode!r}")
     if force_reachability is not None and force_reachability not in FORCE_REACHABILITY_MAPPING:
