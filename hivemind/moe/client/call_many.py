@@ -26,7 +26,7 @@ from hivemind.p2p import P2PDaemonError
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_flatten
 
-__all__ = ["CallOptions", "ExpertJob", "RemoteCallMany", "group_by_expert"]
+__all__ = ["CallOptions", "ExpertJob", "RemoteCallMany", "group_by_expert", "check_inputs_fit_schema"]
 
 logger = get_logger(__name__)
 
@@ -68,6 +68,31 @@ def group_by_expert(experts_per_sample: Sequence[Sequence[RemoteExpert]]) -> Lis
         ExpertJob(expert, torch.tensor(samples, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64))
         for expert, samples, slots in positions.values()
     ]
+
+
+def check_inputs_fit_schema(inputs: Sequence[torch.Tensor], schema: Sequence, source: str) -> None:
+    """Refuse the caller's flat inputs where they do not fit the experts' flat input descriptors (which servers would
+    refuse each): TypeError for the wrong number of tensors, ValueError for a per-example shape or dtype or a batch
+    size that differs. ``source`` names where the schema came from, for the message."""
+    if len(inputs) != len(schema):
+        raise TypeError(
+            f"the experts take {len(schema)} input tensors (positional, then keyword by name), got {len(inputs)}"
+        )
+    for index, (tensor, descriptor) in enumerate(zip(inputs, schema)):
+        expected = tuple(descriptor.shape[1:])
+        if tensor.ndim != len(expected) + 1 or tuple(tensor.shape[1:]) != expected:
+            shape = ", ".join(["batch_size", *map(str, expected)])
+            raise ValueError(
+                f"input #{index} has shape {list(tensor.shape)}, expected [{shape}] (the experts' schema, from "
+                f"{source})"
+            )
+        if descriptor.dtype is not None and tensor.dtype != descriptor.dtype:
+            raise ValueError(
+                f"input #{index} has dtype {tensor.dtype}, expected {descriptor.dtype} (the experts' schema, from "
+                f"{source})"
+            )
+        if len(tensor) != len(inputs[0]):
+            raise ValueError(f"input #{index} has batch size {len(tensor)}, but input #0 has {len(inputs[0])}")
 
 
 def _check_outputs(job: ExpertJob, outputs: Sequence[torch.Tensor], schema: Sequence, detect_anomalies: bool):

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from hivemind.dht import DHT
 from hivemind.moe.client.beam_search import MoEBeamSearcher
-from hivemind.moe.client.call_many import CallOptions, RemoteCallMany
+from hivemind.moe.client.call_many import CallOptions, RemoteCallMany, check_inputs_fit_schema
 from hivemind.moe.client.expert import DUMMY, RemoteExpert
 from hivemind.moe.client.expert_rpc import parse_expert_info
 from hivemind.moe.client.gating import (
@@ -109,6 +109,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.proj = nn.Linear(in_features, sum(self.grid_size))  # gating logits of all dimensions, concatenated
         self.failure_penalty = ExpertFailurePenalty()
         self._expert_info: Optional[dict] = None
+        self._info_source = "an expert"  # which expert the info came from (uid and peer), for error messages
         self._skipped_hint = 0  # twice the most penalized experts one sample's search found last time
 
     def forward(self, input: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
@@ -214,6 +215,8 @@ class RemoteMixtureOfExperts(nn.Module):
         if set(kwargs) != set(info["keyword_names"]):
             raise TypeError(f"the experts expect keyword arguments {info['keyword_names']}, got {tuple(kwargs)}")
         flat_inputs = list(nested_flatten((args, kwargs)))
+        # (sent as they are, inputs that do not fit would be refused by every expert, and blamed on them)
+        check_inputs_fit_schema(flat_inputs, list(nested_flatten(info["forward_schema"])), self._info_source)
         expert_mask, *outputs = RemoteCallMany.apply(DUMMY, chosen_experts, info, options, *flat_inputs)
         empty_samples = (~expert_mask.any(dim=1)).nonzero().flatten().tolist()
         if empty_samples and not self.allow_zero_outputs:
@@ -250,12 +253,13 @@ class RemoteMixtureOfExperts(nn.Module):
         candidates = candidates[:MAX_INFO_REQUESTS]
         if deadline is not None and _remaining(deadline) <= 0:
             raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
-        info, errors, timed_out = RemoteExpertWorker.run_coroutine(_first_expert_info(candidates, deadline))
+        answer, errors, timed_out = RemoteExpertWorker.run_coroutine(_first_expert_info(candidates, deadline))
         for expert in (*errors, *timed_out):
             self.failure_penalty.report_failure(penalty_key(expert))
-        if info is not None:
-            self._expert_info = info
-            return info
+        if answer is not None:
+            self._expert_info, source = answer
+            self._info_source = f"{source.uid} at {source.peer_id}"
+            return self._expert_info
         if timed_out:
             raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
         problems = "; ".join(f"{expert.uid}: {error!r}" for expert, error in errors.items())
@@ -288,13 +292,13 @@ MAX_INFO_REQUESTS = 8
 
 async def _first_expert_info(
     experts: Sequence[RemoteExpert], deadline: Optional[float]
-) -> Tuple[Optional[dict], Dict[RemoteExpert, BaseException], List[RemoteExpert]]:
-    """(the info of the first expert to answer rpc_info or None, errors of those that failed, those cut off by the
-    deadline); the requests still running when one answers are cancelled."""
+) -> Tuple[Optional[Tuple[dict, RemoteExpert]], Dict[RemoteExpert, BaseException], List[RemoteExpert]]:
+    """((the info of the first expert to answer rpc_info, that expert) or None, errors of those that failed, those
+    cut off by the deadline); the requests still running when one answers are cancelled."""
 
-    async def fetch(expert: RemoteExpert) -> dict:
+    async def fetch(expert: RemoteExpert) -> Tuple[dict, RemoteExpert]:
         response = await expert.stub.rpc_info(runtime_pb2.ExpertUID(uid=expert.uid), timeout=_remaining(deadline))
-        return parse_expert_info(response.serialized_info)
+        return parse_expert_info(response.serialized_info), expert
 
     tasks = {asyncio.ensure_future(fetch(expert)): expert for expert in experts}
     pending, errors = set(tasks), {}
