@@ -31,8 +31,24 @@ def generate_identity(identity_path: str) -> None:
         raise FileExistsError(
             f"Identity file {identity_path} already exists; delete it to generate a new one"
         ) from None
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(identity_path))
+        raise FileNotFoundError(
+            f"identity_path {identity_path} cannot be created: its directory {directory} does not exist; create it "
+            f"(mkdir -p {directory}) or pass an identity_path in an existing directory"
+        ) from None
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+
+
+def identity_file_exists(identity_path: str) -> bool:
+    """Whether the identity file exists (``IsADirectoryError`` for a directory: p2pd would fail to read it)."""
+    if os.path.isdir(identity_path):
+        raise IsADirectoryError(
+            f"identity_path {identity_path} is a directory; pass the path of a key file (it is created if missing), "
+            f"e.g. {os.path.join(identity_path, 'identity.key')}"
+        )
+    return os.path.exists(identity_path)
 
 
 def load_identity_peer_id(identity_path: str) -> PeerID:

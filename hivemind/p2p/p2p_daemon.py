@@ -15,7 +15,7 @@ from hivemind.p2p import daemon_args, framing, protobuf_streams, stale_sockets
 from hivemind.p2p.call_arguments import check_call, check_handle_name
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file
-from hivemind.p2p.identity import generate_identity, load_identity_peer_id
+from hivemind.p2p.identity import generate_identity, identity_file_exists, load_identity_peer_id
 from hivemind.p2p.p2p_calls import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_UNARY_CALL_TIMEOUT, ProtobufCallsMixin
 from hivemind.p2p.p2p_daemon_bindings import streams
 from hivemind.p2p.p2p_daemon_bindings.control import (
@@ -183,7 +183,7 @@ class P2P(ProtobufCallsMixin):
             daemon_flags=daemon_flags,
         )  # checks the options before anything below starts a probe daemon or writes an identity file
         if identity_path is not None:
-            if os.path.exists(identity_path):
+            if identity_file_exists(identity_path):
                 if check_if_identity_free and initial_peers:
                     logger.info(CHECK_IDENTITY_LINE.format(path=identity_path))
                     same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)
