@@ -1,5 +1,8 @@
 """ProgressTracker: progress records on the DHT (their exact encoding) and the swarm's progress seen by each peer."""
 
+import threading
+import time
+
 import pytest
 from optim_swarm_helpers import dht_pair, started_trackers, wait_for
 
@@ -127,3 +130,31 @@ def test_refresh_global_progress_sees_a_peer_that_joined_since_the_last_fetch(dh
         first.shutdown(5)
         if second is not None:
             second.shutdown(5)
+
+
+@pytest.mark.timeout(60)
+def test_a_long_pause_of_updates_does_not_stall_the_tracker_thread(dht_pair):
+    """An epoch's averaging round runs inside pause_updates (up to averaging_timeout): meanwhile the tracker's thread
+    stays responsive, so that shutdown() from another thread stops it at once and its None record goes out."""
+    with started_trackers(dht_pair, target_batch_size=100) as (first, second):
+        second.report_local_progress(0, 40)
+        wait_for(lambda: first.global_progress.num_peers == 2)
+        paused, release = threading.Event(), threading.Event()
+
+        def long_round():
+            with second.pause_updates():
+                paused.set()
+                release.wait(30)
+
+        round_thread = threading.Thread(target=long_round)
+        round_thread.start()
+        try:
+            assert paused.wait(10)
+            time.sleep(1.0)  # several refresh periods: the tracker's fetches come due meanwhile
+            started = time.monotonic()
+            second.shutdown(5)
+            assert time.monotonic() - started < 2.0 and not second.is_alive()
+            wait_for(lambda: first.global_progress.num_peers == 1, timeout=5)
+        finally:
+            release.set()
+            round_thread.join(10)

@@ -202,14 +202,18 @@ class ProgressTracker(threading.Thread):
         """Within this context, no progress is published or applied from the DHT, and the speed is not measured.
 
         The record as it is on entry (usually the last samples of an epoch) is published first: the others learn
-        from it that the epoch is complete, and the pause may last as long as an averaging round."""
+        from it that the epoch is complete, and the pause may last as long as an averaging round. The lock is not
+        held meanwhile (the background thread's loops would block on it, and shutdown() with them): they see the
+        flag and leave the progress alone."""
         self._publish_now(FLUSH_TIMEOUT)
-        with self._lock, self.performance_ema.pause():
-            self._updates_paused = True
+        with self.performance_ema.pause():
+            with self._lock:
+                was_paused, self._updates_paused = self._updates_paused, True
             try:
                 yield
             finally:
-                self._updates_paused = False
+                with self._lock:
+                    self._updates_paused = was_paused
         self._wake(lambda: self._wake_reporter)
         self._wake(lambda: self._wake_fetcher)
 
