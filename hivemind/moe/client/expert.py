@@ -147,7 +147,7 @@ class _RemoteModuleCall(torch.autograd.Function):
         call = call_expert(
             stub, "forward", uid, serialized, raw_size_of(inputs), None, response_size_limit(expected), count, expected
         )
-        outputs = RemoteExpertWorker.run_coroutine(call)
+        outputs = _run_call(call, uid, stub, "forward")
         batch_size = len(inputs[0]) if inputs else 0
         for output, descriptor in zip(outputs, nested_flatten(info["outputs_schema"])):
             expected_shape = (batch_size, *descriptor.shape[1:])  # (as RemoteMixtureOfExperts checks them)
@@ -171,13 +171,21 @@ class _RemoteModuleCall(torch.autograd.Function):
         tensors = (*inputs, *grad_outputs)
         serialized = serialize_inputs(tensors, backward_schema)
         grads_limit = response_size_limit(raw_size_of(inputs))  # one gradient per input, of its shape
-        grad_inputs = RemoteExpertWorker.run_coroutine(
-            call_expert(stub, "backward", uid, serialized, raw_size_of(tensors), None, grads_limit, len(inputs))
-        )
+        call = call_expert(stub, "backward", uid, serialized, raw_size_of(tensors), None, grads_limit, len(inputs))
+        grad_inputs = _run_call(call, uid, stub, "backward")
         checked = check_grad_inputs(uid, inputs, grad_inputs)
         needs = ctx.needs_input_grad[4:]
         grads = (grad.to(device) if need else None for grad, need, device in zip(checked, needs, ctx.input_devices))
         return (None, None, None, None, *grads)
+
+
+def _run_call(call, uid: str, stub: StubBase, method: str) -> List[torch.Tensor]:
+    """Run an expert call; a network failure (P2PDaemonError) names the expert, its server and the call."""
+    try:
+        return RemoteExpertWorker.run_coroutine(call)
+    except P2PDaemonError as e:  # the same type, as for the expert's info
+        where = f"{method} of expert {uid!r} at {getattr(stub, '_peer', 'its server')}"
+        raise type(e)(f"{where}: {e}{_hint(e)}") from e
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
