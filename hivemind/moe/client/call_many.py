@@ -296,6 +296,7 @@ class RemoteCallMany(torch.autograd.Function):
             grad_bytes = sum(rows * math.prod(t.shape[1:]) * t.element_size() for t in flat_inputs)
             return grad_bytes, len(flat_inputs)
 
+        skipped = sum(options.penalty.is_penalized(penalty_key(job.expert)) for job in jobs)
         results = _fan_out(
             jobs,
             "backward",
@@ -308,7 +309,7 @@ class RemoteCallMany(torch.autograd.Function):
             deadline,
         )
         grad_inputs = [torch.zeros_like(t) if t.is_floating_point() else None for t in flat_inputs]
-        num_survivors = 0
+        num_survivors = num_answered = 0
         for index, job_grads in results.items():
             job = jobs[index]
             try:
@@ -325,10 +326,14 @@ class RemoteCallMany(torch.autograd.Function):
                 if grad_input is not None:
                     grad_input.index_add_(0, job.samples, grad)
             num_survivors += len(job.samples)
+            num_answered += 1
         if num_survivors < options.backward_k_min:
+            failed = len(jobs) - skipped - num_answered
             raise TimeoutError(
-                f"Only {num_survivors} expert answers arrived in backward, fewer than "
-                f"backward_k_min={options.backward_k_min} (raise backward_timeout or lower backward_k_min)"
+                f"Only {num_survivors} expert answers arrived in backward, fewer than backward_k_min="
+                f"{options.backward_k_min}: of the {len(jobs)} experts that answered forward, {failed} failed or did "
+                f"not answer in time (see the warnings above) and {skipped} were not called because they failed in "
+                "the last seconds (raise backward_timeout or lower backward_k_min)"
             )
         needs = ctx.needs_input_grad[4:]
         devices = ctx.input_devices
