@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from typing import Mapping, Optional, Sequence, Union
 
@@ -11,6 +12,13 @@ from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompre
 from hivemind.proto import runtime_pb2
 
 __all__ = ["AdaptiveCompressionBase", "SizeAdaptiveCompression", "RoleAdaptiveCompression", "PerTensorCompression"]
+
+
+def _check_codec(name: str, codec: object) -> None:
+    """A codec class (or None) would only fail at the first compress(), possibly in another process."""
+    if not isinstance(codec, CompressionBase):
+        hint = f" (an instance: {codec.__name__}())" if isinstance(codec, type) else ""
+        raise TypeError(f"{name} must be a compression instance such as Float16Compression(), got {codec!r}{hint}")
 
 
 class AdaptiveCompressionBase(CompressionBase, ABC):
@@ -41,6 +49,10 @@ class SizeAdaptiveCompression(AdaptiveCompressionBase):
     """Use ``greater_equal`` for tensors with at least ``threshold`` elements and ``less`` for smaller ones."""
 
     def __init__(self, threshold: int, less: CompressionBase, greater_equal: CompressionBase):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"threshold must be a number of elements, got {threshold!r}")
+        _check_codec("less", less)
+        _check_codec("greater_equal", greater_equal)
         self.threshold = threshold
         self.less, self.greater_equal = less, greater_equal
 
@@ -70,6 +82,10 @@ class RoleAdaptiveCompression(AdaptiveCompressionBase):
             (TensorRole.GRADIENT, gradient),
             (TensorRole.OPTIMIZER, optimizer),
         )
+        _check_codec("default", default)
+        for role, codec in explicit:
+            if codec is not None:
+                _check_codec(role.name.lower(), codec)
         self.role_compressions = {role: default for role in TensorRole}
         self.role_compressions.update((role, codec) for role, codec in explicit if codec is not None)
 
@@ -85,6 +101,9 @@ class PerTensorCompression(AdaptiveCompressionBase):
     """Choose a codec by ``info.key``: an index into a sequence, or a key of a mapping."""
 
     def __init__(self, tensor_compressions: Union[Sequence[CompressionBase], Mapping[object, CompressionBase]]):
+        is_mapping = isinstance(tensor_compressions, Mapping)
+        for key, codec in tensor_compressions.items() if is_mapping else enumerate(tensor_compressions):
+            _check_codec(f"tensor_compressions[{key!r}]", codec)
         self.tensor_compressions = tensor_compressions
 
     def choose_compression(self, info: CompressionInfo) -> CompressionBase:
