@@ -73,3 +73,25 @@ def test_a_checkpoint_taken_right_after_a_delayed_step_holds_the_parameters_of_i
     finally:
         opt.shutdown()
         dht.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_a_checkpoint_of_another_model_is_refused_and_the_optimizer_keeps_training():
+    other = torch.nn.Linear(3, 1)
+    other_opt = torch.optim.Adam(other.parameters(), lr=0.1)
+    other(torch.randn(2, 3)).sum().backward()
+    other_opt.step()
+    checkpoint = dict(other_opt.state_dict(), state=dict(other_opt.state_dict()["state"], local_epoch=3))
+    model, batch = torch.nn.Linear(4, 1), (torch.randn(4, 4), torch.randn(4, 1))
+    dht = DHT(start=True)
+    opt = make_optimizer(dht, model, "foreign_checkpoint", target_batch_size=4,
+                         optimizer=lambda params: torch.optim.Adam(params, lr=0.1))  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match=r"shape \(1, 3\).*\(1, 4\)"):
+            opt.load_state_dict(checkpoint)
+        assert opt.local_epoch == 0
+        while opt.local_epoch < 2:  # (the refused state would fail every optimizer step)
+            mse_step(model, opt, *batch)
+    finally:
+        opt.shutdown()
+        dht.shutdown()

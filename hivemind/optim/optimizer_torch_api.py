@@ -89,6 +89,7 @@ def load_training_state_dict_(state_averager: Any, state_dict: Dict[str, Any]) -
     epoch = state.pop("local_epoch", state_averager.local_epoch)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"state['local_epoch'] must be a non-negative int, got {epoch!r}")
+    _check_state_shapes(state_averager.optimizer.state_dict(), dict(state_dict, state=state))
     state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=False)
     state_averager._pending_step = state_averager._pending_averaging = None  # finished: their results are dropped
     optimizer, scheduler = state_averager.optimizer, state_averager.scheduler
@@ -99,6 +100,30 @@ def load_training_state_dict_(state_averager: Any, state_dict: Dict[str, Any]) -
                 param.copy_(main)
         state_averager.local_epoch = epoch
     state_averager._update_scheduler()
+
+
+def _check_state_shapes(local: Dict[str, Any], loaded: Dict[str, Any]) -> None:
+    """ValueError if a tensor of ``loaded`` (an optimizer's state_dict) has another shape than the same entry of the
+    local state (e.g. a checkpoint of another model: torch would load it, and every optimizer step would fail)."""
+    local_ids = [index for group in local["param_groups"] for index in group["params"]]
+    loaded_groups = loaded.get("param_groups")
+    if not isinstance(loaded_groups, (list, tuple)) or not all(isinstance(g, dict) for g in loaded_groups):
+        return  # (torch's load_state_dict says what is wrong)
+    loaded_ids = [index for group in loaded_groups for index in group.get("params", ())]
+    loaded_state = loaded.get("state")
+    if not isinstance(loaded_state, dict):
+        return
+    for position, (local_id, loaded_id) in enumerate(zip(local_ids, loaded_ids)):
+        local_entry, loaded_entry = local["state"].get(local_id), loaded_state.get(loaded_id)
+        if not isinstance(local_entry, dict) or not isinstance(loaded_entry, dict):
+            continue
+        for key, value in loaded_entry.items():
+            mine = local_entry.get(key)
+            if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor) and value.shape != mine.shape:
+                raise ValueError(
+                    f"the state dict's {key!r} of parameter {position} has shape {tuple(value.shape)}, the local one "
+                    f"{tuple(mine.shape)}: it belongs to another model (load this model's optimizer state)"
+                )
 
 
 @contextlib.contextmanager
