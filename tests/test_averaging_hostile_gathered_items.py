@@ -98,3 +98,22 @@ async def test_a_group_of_item_bombs_fails_the_step_at_once_with_the_reason():
         assert hostile.joined.is_set()
         assert isinstance(outcome, Exception) and "items" in str(outcome), outcome
         assert time.monotonic() - started < 20
+
+
+async def test_a_leader_that_changes_this_peers_gathered_data_is_refused_saying_so():
+    """A leader that lists this NODE peer with an auxiliary payload made its step fail with 'the all-reduce
+    returned 0 of 1 tensors', which named neither the leader nor the cause."""
+    async with hostile_setup([torch.zeros(64)], part_size_bytes=64) as (hostile, victim):
+
+        def tampered_group(request, context):
+            return averaging_pb2.MessageFromLeader(
+                code=Code.BEGIN_ALLREDUCE,
+                group_id=hostile.group_id,
+                ordered_peer_ids=[hostile.p2p.peer_id.to_bytes(), context.remote_id.to_bytes()],
+                gathered=[encode_gather(None, 0, None), encode_gather(None, 2, None)],
+            )
+
+        hostile.make_group = tampered_group
+        outcome = await run_step(hostile, victim, timeout=4, allow_retries=False)
+        assert hostile.joined.is_set()
+        assert isinstance(outcome, Exception) and "changed the gathered data of this peer" in str(outcome), outcome

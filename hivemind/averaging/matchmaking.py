@@ -416,7 +416,7 @@ class Matchmaking(GroupLeading):
             )
             if message.code == Code.BEGIN_ALLREDUCE:
                 try:
-                    group = parse_group(message, self.peer_id, leader)
+                    group = parse_group(message, self.peer_id, leader, own_gather=step.data_for_gather)
                 except ValueError as e:
                     logger.warning(f"{self.peer_id}: leader {leader} sent a malformed group ({e}), ignoring it")
                     self._report.add_error(f"malformed group from {leader}: {e}")

@@ -214,8 +214,13 @@ def gather_items(payload: bytes) -> Optional[int]:
         return None
 
 
-def parse_group(message: averaging_pb2.MessageFromLeader, own_peer_id: PeerID, leader: PeerID) -> GroupInfo:
-    """The group a BEGIN_ALLREDUCE message announces; ``ValueError`` saying what is wrong if it is malformed."""
+def parse_group(
+    message: averaging_pb2.MessageFromLeader, own_peer_id: PeerID, leader: PeerID, own_gather: Optional[bytes] = None
+) -> GroupInfo:
+    """The group a BEGIN_ALLREDUCE message announces; ``ValueError`` saying what is wrong if it is malformed.
+
+    :param own_gather: the gather payload this peer sent the leader, which must list it unchanged (if given)
+    """
     peer_ids, gathered = list(message.ordered_peer_ids), list(message.gathered)
     if not 0 < len(message.group_id) <= MAX_GROUP_ID_BYTES:
         raise ValueError(f"group id of {len(message.group_id)} bytes (expected 1 to {MAX_GROUP_ID_BYTES})")
@@ -230,6 +235,9 @@ def parse_group(message: averaging_pb2.MessageFromLeader, own_peer_id: PeerID, l
     members = tuple(PeerID(peer) for peer in peer_ids)
     if own_peer_id not in members or leader not in members:
         raise ValueError("the group does not contain this peer and its leader")
+    if own_gather is not None and gathered[members.index(own_peer_id)] != own_gather:
+        # (e.g. it lists this peer as auxiliary or client-mode, or with another bandwidth, than it declared)
+        raise ValueError("the leader changed the gathered data of this peer (its mode, bandwidth or user object)")
     return GroupInfo(group_id=message.group_id, peer_ids=members, gathered=tuple(gathered))
 
 
