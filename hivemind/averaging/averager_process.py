@@ -42,6 +42,7 @@ from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
+    check_shutdown_timeout,
     close_in_other_children,
     exit_once_cleaned_up,
     peek_exitcode,
@@ -75,6 +76,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
     """The process shell; DecentralizedAverager sets the averaging options before calling ``__init__``."""
 
     def __init__(self, *, daemon: bool, shutdown_timeout: float, start_method: Optional[str]):
+        check_shutdown_timeout(shutdown_timeout)
         self._start_method = start_method
         self._context = mp.get_context(start_method)
         mp.Process.__init__(self)

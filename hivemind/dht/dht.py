@@ -32,6 +32,7 @@ from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import (
     ShutdownOnExit,
+    check_shutdown_timeout,
     close_in_other_children,
     exit_once_cleaned_up,
     peek_exitcode,
@@ -104,6 +105,7 @@ class DHT(ShutdownOnExit, mp.Process):
         start_method: Optional[str] = None,
         **kwargs,
     ):
+        check_shutdown_timeout(shutdown_timeout)
         self._start_method = start_method
         self._context = mp.get_context(start_method)
         super().__init__()

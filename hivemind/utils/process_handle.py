@@ -5,8 +5,10 @@ clean-up is done."""
 import asyncio
 import atexit
 import functools
+import math
 import multiprocessing as mp
 import multiprocessing.util
+import numbers
 import os
 import sys
 import threading
@@ -41,6 +43,14 @@ class ShutdownOnExit:
                     self.shutdown()
             except Exception:
                 pass
+
+
+def check_shutdown_timeout(shutdown_timeout: object) -> None:
+    """Refuse a shutdown_timeout that is not seconds: shutdown() would fail halfway, after asking the process to end"""
+    if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, numbers.Real):
+        raise TypeError(f"shutdown_timeout must be a number of seconds, got {shutdown_timeout!r}")
+    if math.isnan(shutdown_timeout):
+        raise ValueError("shutdown_timeout must be a number of seconds, got NaN")
 
 
 def was_started(process) -> bool:
