@@ -105,7 +105,7 @@ class DHT(ShutdownOnExit, mp.Process):
         start_method: Optional[str] = None,
         **kwargs,
     ):
-        check_shutdown_timeout(shutdown_timeout)
+        check_shutdown_timeout(shutdown_timeout, allow_none=True)  # None: wait for the process as long as it takes
         self._start_method = start_method
         self._context = mp.get_context(start_method)
         super().__init__()

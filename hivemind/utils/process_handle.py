@@ -45,8 +45,11 @@ class ShutdownOnExit:
                 pass
 
 
-def check_shutdown_timeout(shutdown_timeout: object) -> None:
-    """Refuse a shutdown_timeout that is not seconds: shutdown() would fail halfway, after asking the process to end"""
+def check_shutdown_timeout(shutdown_timeout: object, allow_none: bool = False) -> None:
+    """Refuse a shutdown_timeout that is not seconds: shutdown() would fail halfway, after asking the process to end
+    (None, where allowed, waits for the process as long as it takes)"""
+    if shutdown_timeout is None and allow_none:
+        return
     if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, numbers.Real):
         raise TypeError(f"shutdown_timeout must be a number of seconds, got {shutdown_timeout!r}")
     if math.isnan(shutdown_timeout):
