@@ -61,20 +61,21 @@ def test_training_averager_averages_parameters_and_shares_its_state(dht_pair):
 
 
 @pytest.mark.timeout(60)
-def test_power_sgd_averages_low_rank_gradients_exactly_and_plain_tensors_as_usual(dht_pair):
+@pytest.mark.parametrize("rank", [1, 3], ids=["rank-1", "rank-above-the-gradients"])
+def test_power_sgd_averages_low_rank_gradients_exactly_and_plain_tensors_as_usual(dht_pair, rank):
     torch.manual_seed(0)
     shared_column = torch.randn(16, 1)
     rows = [torch.randn(1, 12) for _ in range(2)]
     models = [torch.nn.Linear(12, 16) for _ in range(2)]
     averagers = [
-        PowerSGDGradientAverager(model.parameters(), 1, dht=dht, prefix="psgd", start=True, **AVERAGER_OPTS)
+        PowerSGDGradientAverager(model.parameters(), rank, dht=dht, prefix=f"psgd{rank}", start=True, **AVERAGER_OPTS)
         for model, dht in zip(models, dht_pair)
     ]
     try:
         assert list(averagers[0]._matrix_shapes) == [0]  # the weight is compressed, the bias is not
         assert_rank_one_gradients_averaged(models, averagers, shared_column, rows, timeout=10)
         sent = sum(t.numel() for t in averagers[0]._ps + averagers[0]._qs)
-        assert sent < models[0].weight.numel() / 4
+        assert sent == rank * (16 + 12) and sent < models[0].weight.numel() / 2
 
         with averagers[0].lock_averaged_tensors, torch.no_grad():
             averagers[0]._qs[0].fill_(5.0)

@@ -14,15 +14,22 @@ def orthogonalize_(matrix: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """
     Make the columns of a 2-D ``matrix`` orthonormal in place (modified Gram-Schmidt) and return it.
 
-    A column that is (numerically) a combination of the previous ones becomes a vector of norm ~0 instead of NaN:
-    norms are floored at ``eps``.
+    A column that is (numerically) a combination of the previous ones becomes zero, neither NaN nor a unit vector
+    of rounding noise (which would make ``matrix @ matrix.T`` no projection): that is, a column whose norm after
+    removing the previous directions is at most ``eps`` or sqrt(machine epsilon) of its norm before.
     """
     if matrix.ndim != 2:
         raise ValueError(f"orthogonalize_ expects a 2-D matrix, got shape {tuple(matrix.shape)}")
     num_columns = matrix.shape[1]
+    relative_tolerance = torch.finfo(matrix.dtype).eps ** 0.5 if matrix.is_floating_point() else 0.0
+    floors = (matrix.norm(dim=0) * relative_tolerance).clamp_min(eps)
     for i in range(num_columns):
         column = matrix[:, i]
-        column.div_(column.norm().clamp_min(eps))
+        norm = column.norm()
+        if norm <= floors[i]:
+            column.zero_()
+        else:
+            column.div_(norm)
         if i + 1 < num_columns:
             rest = matrix[:, i + 1 :]
             rest.sub_(torch.outer(column, column @ rest))
