@@ -49,3 +49,11 @@ def test_run_coroutine_refuses_a_coroutine_object_and_non_callables(lone_dht):
     with pytest.raises(TypeError, match="coro must be an async function"):
         lone_dht.run_coroutine(None)
     assert lone_dht.run_coroutine(_answer) == 42
+
+
+def test_a_none_key_is_refused(lone_dht):
+    # None hashed to a random DHT id: store() said True, and no get() could ever find the value
+    with pytest.raises(TypeError, match="a DHT key cannot be None"):
+        lone_dht.store(None, "value", get_dht_time() + 30)
+    with pytest.raises(TypeError, match="a DHT key cannot be None"):
+        lone_dht.get(None)

@@ -91,6 +91,8 @@ class SearchingGet:
     ) -> Dict[DHTKey, Union[Optional[ValueWithExpiration[DHTValue]], Awaitable]]:
         """Get several keys at once; see get_many_by_id for the options."""
         keys = list(keys)
+        if any(key is None for key in keys):  # it would hash to a random id: nothing could ever be found
+            raise TypeError("a DHT key cannot be None: pass the str, bytes or number the value was stored under")
         key_ids = list(map(DHTID.generate, keys))
         results = await self.get_many_by_id(key_ids, sufficient_expiration_time, **kwargs)
         return {key: results[key_id] for key, key_id in zip(keys, key_ids)}

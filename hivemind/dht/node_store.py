@@ -85,6 +85,8 @@ class ReplicatedStore:
 
         for expiration in expiration_time:
             _check_expiration_time(expiration)
+        if any(key is None for key in keys):  # it would hash to a random id: no get() could find the value
+            raise TypeError("a DHT key cannot be None: store under a str, bytes or number that get() can use too")
         entries_by_key: Dict[DHTID, List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]]] = defaultdict(list)
         for key, value, expiration, subkey in zip(keys, values, expiration_time, subkeys):
             key_id = DHTID.generate(source=key)
