@@ -67,3 +67,12 @@ def test_an_infinite_load_state_timeout_is_still_accepted(lone_dht):
         lone_dht, run_id="inf", load_state_timeout=math.inf, average_opt_statistics=["exp_avg_sq"]
     )
     optimizer.shutdown()
+
+
+def test_gradient_averager_refuses_a_single_tensor_as_parameters(lone_dht):
+    # it was taken row by row: the rows are not leaves, never get a .grad, and zeros were averaged instead
+    from hivemind.optim.grad_averager import GradientAverager
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"parameters must be an iterable of parameters.*\[tensor\]"):
+        GradientAverager(model.weight, dht=lone_dht, prefix="one", start=False)

@@ -44,6 +44,8 @@ class GradientAverager(DecentralizedAverager):
                  averaged_grads: Sequence[torch.Tensor] = (), client_mode: Optional[bool] = None, warn: bool = True,
                  **averager_kwargs):
         # fmt: on
+        if isinstance(parameters, torch.Tensor):  # its rows are not leaves and never get a .grad: zeros averaged
+            raise TypeError("parameters must be an iterable of parameters, got a single tensor: pass [tensor]")
         self.parameters = tuple(parameters)
         if not self.parameters:
             raise ValueError("GradientAverager needs at least one parameter")
