@@ -19,6 +19,10 @@ async def _answer(dht, node):
     return 42
 
 
+async def store_without_time(dht, node):
+    await node.store_many(["a", "b"], [1, 2], expiration_time=None)
+
+
 @pytest.mark.parametrize(
     "expiration_time, error",
     [(None, TypeError), ("60", TypeError), (True, TypeError), (math.nan, ValueError)],
@@ -57,3 +61,9 @@ def test_a_none_key_is_refused(lone_dht):
         lone_dht.store(None, "value", get_dht_time() + 30)
     with pytest.raises(TypeError, match="a DHT key cannot be None"):
         lone_dht.get(None)
+
+
+def test_store_many_refuses_a_none_expiration_time_for_all_keys(lone_dht):
+    # declare_experts(dht, uids, None) and the like failed with "object of type 'NoneType' has no len()"
+    with pytest.raises(TypeError, match=r"expiration_time must be an absolute DHT time.*get_dht_time\(\) \+"):
+        lone_dht.run_coroutine(store_without_time)

@@ -73,7 +73,7 @@ class ReplicatedStore:
         :param kwargs: forwarded to find_nearest_nodes (beam_size, num_workers)
         :returns: {key: accepted} for regular values and {(key, subkey): accepted} for dictionary entries
         """
-        if isinstance(expiration_time, (int, float)):
+        if isinstance(expiration_time, (numbers.Real, str, bytes)) or expiration_time is None:  # (one for all)
             expiration_time = [expiration_time] * len(keys)
         if subkeys is None:
             subkeys = [None] * len(keys)
