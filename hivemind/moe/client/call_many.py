@@ -22,7 +22,7 @@ from hivemind.moe.client.expert_rpc import (
 )
 from hivemind.moe.client.gating import ExpertFailurePenalty, all_samples_settled, penalty_key
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from hivemind.p2p import P2PDaemonError
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_flatten
 
@@ -46,6 +46,27 @@ class CallOptions:
     timeout_after_k_min: Optional[float]
     detect_anomalies: bool
     penalty: ExpertFailurePenalty = field(default_factory=ExpertFailurePenalty)
+    refused: Dict[str, str] = field(default_factory=dict)  # uid -> why its server refused this call's request
+
+
+# what an expert server of this library answers when it refuses a request as invalid (its shapes, dtypes, values or
+# batch size): the caller's fault, not the expert's, so that expert is not penalized for it
+_REFUSALS = ("InvalidInputsError(", "TaskRejectedError(")
+
+
+def refusal_reason(error: BaseException) -> Optional[str]:
+    """The server's reason if ``error`` says that it refused the request itself as invalid, else None."""
+    if isinstance(error, P2PHandlerError) and str(error).startswith(_REFUSALS):
+        return str(error)
+    return None
+
+
+def refusals_hint(options: CallOptions) -> str:
+    """'; N experts refused the request as invalid, e.g. <uid>: <reason>' (or '' if none did)."""
+    if not options.refused:
+        return ""
+    uid, reason = next(iter(options.refused.items()))
+    return f"; {len(options.refused)} experts refused the request as invalid, e.g. {uid}: {reason}"
 
 
 @dataclass
@@ -165,6 +186,7 @@ def _fan_out(
     ``expected_for_job(job)``: (the raw bytes, the number of tensors) that an answer should carry; it may carry at
     most response_size_limit of those bytes, and is streamed when they do not fit one unary message.
     """
+    options.refused.clear()
     if deadline is not None and deadline <= time.monotonic():
         raise TimeoutError(f"The time limit of {method} ran out before any expert was called (raise the timeout)")
     calls = {}
@@ -190,6 +212,11 @@ def _fan_out(
         _gather_answers(calls, jobs, num_samples, k_min, deadline, options.timeout_after_k_min)
     )
     for index, error in errors.items():
+        reason = refusal_reason(error)
+        if reason is not None:  # the request was invalid: the expert is fine
+            logger.warning(f"Expert {jobs[index].expert.uid} refused the {method} request as invalid: {reason}")
+            options.refused[jobs[index].expert.uid] = reason
+            continue
         logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {error!r}")
         # unreachable (a P2PDaemonError, not an error the server answered with): its server's other experts too
         options.penalty.report_failure(penalty_key(jobs[index].expert), server_down=isinstance(error, P2PDaemonError))
@@ -198,6 +225,12 @@ def _fan_out(
         options.penalty.report_failure(penalty_key(jobs[index].expert), server_down=True)
     for index in results:
         options.penalty.report_success(penalty_key(jobs[index].expert))
+    if options.refused and len(options.refused) == len(calls):
+        uid, reason = next(iter(options.refused.items()))
+        raise ValueError(
+            f"Every expert called in {method} refused the request as invalid, e.g. {uid}: {reason}; fix the inputs "
+            "(the experts are not penalized for it)"
+        )
     return results
 
 
@@ -264,12 +297,12 @@ class RemoteCallMany(torch.autograd.Function):
 
         num_answers = int(alive.sum())
         if num_answers < options.k_min:
-            failed = len(jobs) - skipped - len(alive_jobs)
+            failed = len(jobs) - skipped - len(alive_jobs) - len(options.refused)
             raise TimeoutError(
                 f"Only {num_answers} expert answers arrived in forward, fewer than k_min={options.k_min}: of the "
                 f"{len(jobs)} chosen experts, {failed} failed or did not answer in time (see the warnings above) "
                 f"and {skipped} were not called because they failed in the last seconds (raise forward_timeout or "
-                "lower k_min; skipped experts are tried again once their penalty ends)"
+                f"lower k_min; skipped experts are tried again once their penalty ends){refusals_hint(options)}"
             )
         ctx.alive_jobs, ctx.info, ctx.options = alive_jobs, info, options
         ctx.num_samples = num_samples
@@ -328,12 +361,12 @@ class RemoteCallMany(torch.autograd.Function):
             num_survivors += len(job.samples)
             num_answered += 1
         if num_survivors < options.backward_k_min:
-            failed = len(jobs) - skipped - num_answered
+            failed = len(jobs) - skipped - num_answered - len(options.refused)
             raise TimeoutError(
                 f"Only {num_survivors} expert answers arrived in backward, fewer than backward_k_min="
                 f"{options.backward_k_min}: of the {len(jobs)} experts that answered forward, {failed} failed or did "
                 f"not answer in time (see the warnings above) and {skipped} were not called because they failed in "
-                "the last seconds (raise backward_timeout or lower backward_k_min)"
+                f"the last seconds (raise backward_timeout or lower backward_k_min){refusals_hint(options)}"
             )
         needs = ctx.needs_input_grad[4:]
         devices = ctx.input_devices

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from hivemind.dht import DHT
 from hivemind.moe.client.beam_search import MoEBeamSearcher
-from hivemind.moe.client.call_many import CallOptions, RemoteCallMany, check_inputs_fit_schema
+from hivemind.moe.client.call_many import CallOptions, RemoteCallMany, check_inputs_fit_schema, refusals_hint
 from hivemind.moe.client.expert import DUMMY, RemoteExpert
 from hivemind.moe.client.expert_rpc import parse_expert_info
 from hivemind.moe.client.gating import (
@@ -223,6 +223,7 @@ class RemoteMixtureOfExperts(nn.Module):
             raise RuntimeError(
                 f"No expert answered for {len(empty_samples)} of {len(chosen_experts)} samples (e.g. sample "
                 f"{empty_samples[0]}); pass allow_zero_outputs=True to give them zero outputs, or raise k_best"
+                f"{refusals_hint(options)}"
             )
         return expert_mask, outputs
 
