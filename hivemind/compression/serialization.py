@@ -48,6 +48,11 @@ def serialize_torch_tensor(
     **kwargs,
 ) -> runtime_pb2.Tensor:
     """Serialize a CPU tensor with the codec of ``compression_type``; extra kwargs go to CompressionInfo."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"serialize_torch_tensor expects a torch.Tensor, got {type(tensor).__name__}: "
+            f"convert it with torch.tensor(...)"
+        )
     assert tensor.device == torch.device("cpu"), f"serialize_torch_tensor expects a CPU tensor, got {tensor.device}"
     codec = _CODECS_BY_TYPE.get(compression_type)
     if codec is None:
@@ -61,6 +66,9 @@ def serialize_torch_tensor(
 
 def deserialize_torch_tensor(serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
     """Restore a tensor (with its requires_grad flag); raises TensorDecodeError (a ValueError) for bad input."""
+    if not isinstance(serialized_tensor, runtime_pb2.Tensor):
+        hint = ": parse bytes with runtime_pb2.Tensor.FromString(data)" if isinstance(serialized_tensor, bytes) else ""
+        raise TypeError(f"expected a runtime_pb2.Tensor message, got {type(serialized_tensor).__name__}{hint}")
     codec = _CODECS_BY_TYPE.get(serialized_tensor.compression)
     if codec is None:
         raise TensorDecodeError(f"serialized tensor has an unknown compression type {serialized_tensor.compression}")
