@@ -37,6 +37,7 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
     def __init__(self, modules: Dict[str, nn.Module], hidden_dim: int):
         self.modules, self.info = modules, expert_info(hidden_dim)
         self.delays: Dict[str, float] = {}  # uid -> seconds to sleep before answering forward
+        self.info_delays: Dict[str, float] = {}  # uid -> seconds to sleep before answering rpc_info
         self.failing: set = set()  # uids whose forward raises
         self.nan_outputs: set = set()  # uids whose forward returns NaN
         self.oversized: set = set()  # uids whose forward answers with far too many rows
@@ -45,6 +46,7 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
     def reset_faults(self) -> None:
         """Forget injected faults and recorded calls (between tests sharing one server)."""
         self.delays.clear(), self.failing.clear(), self.nan_outputs.clear(), self.oversized.clear(), self.calls.clear()
+        self.info_delays.clear()
 
     def _module(self, uid: str) -> nn.Module:
         if uid not in self.modules:
@@ -54,6 +56,8 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
     async def rpc_info(self, message: runtime_pb2.ExpertUID, _: P2PContext) -> runtime_pb2.ExpertInfo:
         self._module(message.uid)
         self.calls.setdefault(f"info:{message.uid}", []).append(0)
+        if message.uid in self.info_delays:
+            await asyncio.sleep(self.info_delays[message.uid])
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.info))
 
     async def _forward(self, uid: str, inputs: List[torch.Tensor]) -> List[torch.Tensor]:

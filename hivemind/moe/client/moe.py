@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -109,7 +110,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.proj = nn.Linear(in_features, sum(self.grid_size))  # gating logits of all dimensions, concatenated
         self.failure_penalty = ExpertFailurePenalty()
         self._expert_info: Optional[dict] = None
-        self._info_source = "an expert"  # which expert the info came from (uid and peer), for error messages
+        self._info_provider: Optional[RemoteExpert] = None  # the expert whose rpc_info gave _expert_info
         self._skipped_hint = 0  # twice the most penalized experts one sample's search found last time
 
     def forward(self, input: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
@@ -202,7 +203,8 @@ class RemoteMixtureOfExperts(nn.Module):
         self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float], *args, **kwargs
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(alive mask [batch, max_k], stacked outputs [batch, max_k, ...] per output tensor)."""
-        info = self._get_info(chosen_experts, deadline)
+        # (sent as they are, inputs that do not fit would be refused by every expert, and blamed on them)
+        info = self._get_info(chosen_experts, deadline, partial(_check_fit, args, kwargs))
         options = CallOptions(
             k_min=self.k_min,
             backward_k_min=self.backward_k_min,
@@ -212,11 +214,7 @@ class RemoteMixtureOfExperts(nn.Module):
             detect_anomalies=self.detect_anomalies,
             penalty=self.failure_penalty,
         )
-        if set(kwargs) != set(info["keyword_names"]):
-            raise TypeError(f"the experts expect keyword arguments {info['keyword_names']}, got {tuple(kwargs)}")
         flat_inputs = list(nested_flatten((args, kwargs)))
-        # (sent as they are, inputs that do not fit would be refused by every expert, and blamed on them)
-        check_inputs_fit_schema(flat_inputs, list(nested_flatten(info["forward_schema"])), self._info_source)
         expert_mask, *outputs = RemoteCallMany.apply(DUMMY, chosen_experts, info, options, *flat_inputs)
         empty_samples = (~expert_mask.any(dim=1)).nonzero().flatten().tolist()
         if empty_samples and not self.allow_zero_outputs:
@@ -246,21 +244,42 @@ class RemoteMixtureOfExperts(nn.Module):
 
     # ------------------------------------------------------------------ expert info
 
-    def _get_info(self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float]) -> dict:
+    def _get_info(
+        self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float], check: Optional[Callable] = None
+    ) -> dict:
+        """The experts' info (fetched once from the first of the chosen experts to answer, then cached).
+
+        :param check: ``check(info, source)`` raises TypeError / ValueError if the call's inputs do not fit ``info``.
+          An info they do not fit is replaced by that of another chosen expert that they fit, and the expert that
+          gave the other one is penalized (a server of another configuration under this prefix, whose calls would
+          fail); if they fit none, the first mismatch is raised and no expert is blamed (the inputs are wrong).
+        """
+        mismatches: Dict[RemoteExpert, Exception] = {}
         if self._expert_info is not None:
-            return self._expert_info
+            try:
+                if check is not None:
+                    check(self._expert_info, _describe(self._info_provider))
+                return self._expert_info
+            except (TypeError, ValueError) as e:
+                mismatches[self._info_provider] = e
         distinct = {expert.uid: expert for experts in chosen_experts for expert in experts}
         candidates = [e for e in distinct.values() if not self.failure_penalty.is_penalized(penalty_key(e))]
         candidates = candidates[:MAX_INFO_REQUESTS]
         if deadline is not None and _remaining(deadline) <= 0:
             raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
-        answer, errors, timed_out = RemoteExpertWorker.run_coroutine(_first_expert_info(candidates, deadline))
+        answer, errors, timed_out = RemoteExpertWorker.run_coroutine(
+            _first_expert_info(candidates, deadline, check, mismatches)
+        )
         for expert in (*errors, *timed_out):
             self.failure_penalty.report_failure(penalty_key(expert))
         if answer is not None:
-            self._expert_info, source = answer
-            self._info_source = f"{source.uid} at {source.peer_id}"
+            for expert in mismatches:
+                if expert is not None:
+                    self.failure_penalty.report_failure(penalty_key(expert))
+            self._expert_info, self._info_provider = answer
             return self._expert_info
+        if mismatches:
+            raise next(iter(mismatches.values()))
         if timed_out:
             raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
         problems = "; ".join(f"{expert.uid}: {error!r}" for expert, error in errors.items())
@@ -291,11 +310,26 @@ MAX_EXTRA_CANDIDATES = 64
 MAX_INFO_REQUESTS = 8
 
 
+def _describe(expert: Optional[RemoteExpert]) -> str:
+    return "an expert" if expert is None else f"{expert.uid} at {expert.peer_id}"
+
+
+def _check_fit(args: Sequence[torch.Tensor], kwargs: Dict[str, torch.Tensor], info: dict, source: str) -> None:
+    """Raise TypeError / ValueError if a call's inputs do not fit ``info``, the experts' info that ``source`` gave."""
+    if set(kwargs) != set(info["keyword_names"]):
+        raise TypeError(f"the experts expect keyword arguments {info['keyword_names']}, got {tuple(kwargs)}")
+    check_inputs_fit_schema(list(nested_flatten((args, kwargs))), list(nested_flatten(info["forward_schema"])), source)
+
+
 async def _first_expert_info(
-    experts: Sequence[RemoteExpert], deadline: Optional[float]
+    experts: Sequence[RemoteExpert],
+    deadline: Optional[float],
+    check: Optional[Callable] = None,
+    mismatches: Optional[Dict[RemoteExpert, Exception]] = None,
 ) -> Tuple[Optional[Tuple[dict, RemoteExpert]], Dict[RemoteExpert, BaseException], List[RemoteExpert]]:
-    """((the info of the first expert to answer rpc_info, that expert) or None, errors of those that failed, those
-    cut off by the deadline); the requests still running when one answers are cancelled."""
+    """((the info of the first expert to answer rpc_info that ``check`` accepts, that expert) or None, errors of those
+    that failed, those cut off by the deadline); the requests still running when one is accepted are cancelled.
+    Infos that ``check`` refuses (TypeError / ValueError) are added to ``mismatches`` by expert."""
 
     async def fetch(expert: RemoteExpert) -> Tuple[dict, RemoteExpert]:
         response = await expert.stub.rpc_info(runtime_pb2.ExpertUID(uid=expert.uid), timeout=_remaining(deadline))
@@ -310,9 +344,17 @@ async def _first_expert_info(
                 break
             done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task.exception() is None:
-                    return task.result(), errors, []
-                errors[tasks[task]] = task.exception()
+                if task.exception() is not None:
+                    errors[tasks[task]] = task.exception()
+                    continue
+                info, expert = task.result()
+                try:
+                    if check is not None:
+                        check(info, _describe(expert))
+                    return (info, expert), errors, []
+                except (TypeError, ValueError) as e:
+                    if mismatches is not None:
+                        mismatches[expert] = e
         return None, errors, [tasks[task] for task in pending]
     finally:
         for task in pending:
