@@ -54,6 +54,7 @@ class GradientAverager(DecentralizedAverager):
         self.local_samples_accumulated = 0
         self.local_times_accumulated = 0
         self._anchor_batch_size: Optional[int] = None
+        self._accumulated_weight = 0.0  # sum of the batch sizes accumulated, relative to the first one
         self._accumulators: Optional[tuple] = None
         if not reuse_grad_buffers:
             device = accumulate_grads_on
@@ -100,6 +101,7 @@ class GradientAverager(DecentralizedAverager):
         if self.reuse_grad_buffers:
             return  # backward already added the gradients into param.grad
         relative_size = batch_size / float(self._anchor_batch_size)
+        self._accumulated_weight += relative_size
         for accumulator, grad in zip(self._accumulators, self._grads_from_parameters()):
             accumulator.add_(grad.to(accumulator.device), alpha=relative_size)
 
@@ -120,13 +122,21 @@ class GradientAverager(DecentralizedAverager):
 
     @torch.no_grad()
     def load_accumulators_into_averager_(self) -> None:
-        """Put the mean accumulated gradient (accumulators / times accumulated) into the averaged buffers."""
-        times = max(1, self.local_times_accumulated)
+        """
+        Put the mean accumulated gradient into the averaged buffers: the mean over the samples accumulated (each
+        step's gradient, a mean over its batch, weighed by its batch size), so that steps of different batch sizes
+        give the gradient of the whole epoch's samples. With ``reuse_grad_buffers``, backward has summed the steps'
+        gradients in ``param.grad`` as they were: their sum is divided by the number of steps.
+        """
         if self.local_times_accumulated == 0 and self.warn:
             logger.warning("Averaging gradients with nothing accumulated: this peer contributes zeros")
+        if self.reuse_grad_buffers:
+            divisor = max(1, self.local_times_accumulated)
+        else:
+            divisor = self._accumulated_weight if self._accumulated_weight > 0 else 1.0
         with self.get_tensors() as averaged_grads:
             for averaged, accumulated in zip(averaged_grads, self.accumulated_grads()):
-                averaged.copy_(accumulated, non_blocking=True).div_(times)
+                averaged.copy_(accumulated, non_blocking=True).div_(divisor)
         self._new_averaged_grads = True
 
     @torch.no_grad()
@@ -135,6 +145,7 @@ class GradientAverager(DecentralizedAverager):
         for accumulated in self.accumulated_grads():
             accumulated.zero_()
         self._anchor_batch_size = None
+        self._accumulated_weight = 0.0
         self.local_times_accumulated = 0
         self.local_samples_accumulated = 0
 
