@@ -1,10 +1,14 @@
-"""Checks of Server.create's arguments that would otherwise pass and fail later (at every client call, or with an
-error about a multiaddr or uid made of single characters)."""
+"""Checks of the arguments of Server, Server.create and ModuleBackend that would otherwise pass and fail later (at
+every client call, at the first backward, at shutdown) or with an error from an internal line."""
 
 import numbers
-from typing import Any
+from typing import Any, Mapping
 
+import torch
+
+from hivemind.dht import DHT
 from hivemind.proto.runtime_pb2 import CompressionType
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 
 def check_create_arguments(*, compression: Any, initial_peers: Any, expert_uids: Any) -> None:
@@ -20,3 +24,31 @@ def check_create_arguments(*, compression: Any, initial_peers: Any, expert_uids:
     for name, value, what in (("initial_peers", initial_peers, "multiaddrs"), ("expert_uids", expert_uids, "uids")):
         if isinstance(value, (str, bytes)):
             raise TypeError(f"{name} must be a list of {what}, got a single {type(value).__name__}: pass [{value!r}]")
+
+
+def check_server_arguments(*, dht: Any, module_backends: Any, update_period: Any) -> None:
+    if not isinstance(dht, DHT):  # (run() and shutdown() would fail with an AttributeError)
+        raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
+    if not isinstance(module_backends, Mapping):
+        raise TypeError(f"module_backends must be a dict {{uid: ModuleBackend}}, got {type(module_backends).__name__}")
+    if isinstance(update_period, bool) or not isinstance(update_period, numbers.Real):
+        raise TypeError(f"update_period must be a positive number of seconds, got {update_period!r}")
+
+
+def check_backend_arguments(module: Any, optimizer: Any, args_schema: Any, kwargs_schema: Any) -> None:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(optimizer, type):  # its first step() would fail inside the runtime, at the first backward
+        raise TypeError(
+            f"optimizer must be an optimizer instance, e.g. {optimizer.__name__}(module.parameters()), got the class"
+        )
+    if args_schema is not None and (
+        not isinstance(args_schema, (tuple, list))
+        or not all(isinstance(descriptor, BatchTensorDescriptor) for descriptor in args_schema)
+    ):
+        raise TypeError(
+            f"args_schema must be a tuple of BatchTensorDescriptor, e.g. (BatchTensorDescriptor(hidden_dim),), "
+            f"got {args_schema!r}"
+        )
+    if kwargs_schema is not None and not isinstance(kwargs_schema, Mapping):
+        raise TypeError(f"kwargs_schema must be a dict {{name: BatchTensorDescriptor}}, got {kwargs_schema!r}")

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch.optim import Optimizer
 
+from hivemind.moe.server.create_arguments import check_backend_arguments
 from hivemind.moe.server.task_pool import TaskPool
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_flatten, nested_map, nested_pack
@@ -104,6 +105,7 @@ class ModuleBackend:
     ):
         if args_schema is None and kwargs_schema is None:
             raise ValueError(f"{name}: give args_schema and/or kwargs_schema (descriptors of the module's inputs)")
+        check_backend_arguments(module, optimizer, args_schema, kwargs_schema)
         if scheduler is not None and optimizer is None:
             raise ValueError(f"{name}: a scheduler was given without an optimizer; pass the optimizer it schedules")
         if "max_batch_size" not in kwargs:

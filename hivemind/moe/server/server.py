@@ -21,7 +21,7 @@ from hivemind.dht import DHT
 from hivemind.moe.expert_uid import is_valid_uid
 from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_experts
 from hivemind.moe.server.connection_handler import ConnectionHandler
-from hivemind.moe.server.create_arguments import check_create_arguments
+from hivemind.moe.server.create_arguments import check_create_arguments, check_server_arguments
 from hivemind.moe.server.dht_handler import DHTHandlerThread
 from hivemind.moe.server.expert_pattern import generate_uids_from_pattern
 from hivemind.moe.server.fast_adam import FastAdam
@@ -77,6 +77,7 @@ class Server(threading.Thread):
         checkpoint_dir: Optional[Path] = None, handler_processes: Optional[bool] = None, **kwargs,
     ):  # fmt: skip
         super().__init__(daemon=True, name="hivemind.moe.Server")
+        check_server_arguments(dht=dht, module_backends=module_backends, update_period=update_period)
         _check_uids(module_backends, "module_backends")
         self.dht = dht
         self.module_backends = module_backends
