@@ -76,3 +76,21 @@ def test_gradient_averager_refuses_a_single_tensor_as_parameters(lone_dht):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match=r"parameters must be an iterable of parameters.*\[tensor\]"):
         GradientAverager(model.weight, dht=lone_dht, prefix="one", start=False)
+
+
+@pytest.mark.parametrize(
+    "averager_opts, message",
+    [
+        (dict(prefix="mine"), r"averager_opts cannot set prefix: .*run_id"),
+        (dict(min_matchmaking_time=2.0), r"averager_opts cannot set min_matchmaking_time: .*matchmaking_time="),
+        (dict(compression=None), r"averager_opts cannot set compression: .*grad_compression="),
+        (dict(reuse_grad_buffers=True), r"averager_opts cannot set reuse_grad_buffers: .*reuse_grad_buffers="),
+        ([("bandwidth", 1.0), 5], r"averager_opts must be a dict of DecentralizedAverager options"),
+    ],
+    ids=["prefix", "matchmaking", "compression", "reuse", "not-a-dict"],
+)
+def test_averager_opts_that_the_optimizer_sets_itself_are_refused(lone_dht, averager_opts, message):
+    # before: "TrainingStateAverager() got multiple values for keyword argument 'prefix'" (or, for options only the
+    # gradient averager takes, that error after the state averager had started)
+    with pytest.raises(TypeError, match=message):
+        make_optimizer(lone_dht, averager_opts=averager_opts)

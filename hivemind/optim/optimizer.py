@@ -102,6 +102,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             delay_grad_averaging=delay_grad_averaging, average_state_every=average_state_every,
             use_local_updates=use_local_updates, client_mode=client_mode, auxiliary=auxiliary,
             grad_averager_factory=grad_averager_factory, load_state_timeout=load_state_timeout,
+            averager_opts=averager_opts,
         )
         # fmt: on
         self.dht, self.run_id, self.target_batch_size = dht, run_id, target_batch_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -66,6 +66,7 @@ def resolve_options(
     auxiliary: bool,
     grad_averager_factory: Any,
     load_state_timeout: Any = 600.0,
+    averager_opts: Any = None,
 ) -> OptimizerOptions:
     """Fill in derived defaults and raise ValueError (saying what to change) for options that do not fit together."""
     if not isinstance(run_id, str) or not run_id or "." in run_id:
@@ -85,6 +86,7 @@ def resolve_options(
         raise ValueError("params= goes with an optimizer factory; a built optimizer already holds its parameters")
     if is_factory and scheduler is not None and hasattr(scheduler, "step") and hasattr(scheduler, "optimizer"):
         raise ValueError("with an optimizer factory, pass the scheduler as a factory too: scheduler=lambda opt: ...")
+    check_averager_opts(averager_opts)
     if isinstance(average_state_every, bool) or not isinstance(average_state_every, int) or average_state_every < 1:
         raise ValueError(f"average_state_every must be a positive int (epochs), got {average_state_every!r}")
     for name, value in [
@@ -222,3 +224,31 @@ def check_state_averager_arguments(
     if custom_gradients and not offload_optimizer:
         logger.warning("custom_gradients has no effect without offload_optimizer")
     return optimizer_is_factory
+
+
+# averager options that hivemind.Optimizer passes itself, and the Optimizer option (or what) that sets each one
+_OPTIMIZER_SETS = {
+    "dht": "its dht", "prefix": "run_id (the averagers use <run_id>_state_averager / _grad_averager)",
+    "start": "the Optimizer itself", "min_matchmaking_time": "matchmaking_time=",
+    "allreduce_timeout": "allreduce_timeout=", "next_chunk_timeout": "next_chunk_timeout=",
+    "shutdown_timeout": "shutdown_timeout=", "client_mode": "the DHT's client_mode", "auxiliary": "auxiliary=",
+    "compression": "grad_compression= and state_averaging_compression=",
+    "state_compression": "load_state_compression=",
+    "offload_optimizer": "offload_optimizer=", "custom_gradients": "the Optimizer itself",
+    "status_loglevel": "verbose=", "optimizer": "optimizer=", "params": "params=", "scheduler": "scheduler=",
+    "delta_rule_averaging": "use_local_updates and delay_state_averaging", "extra_tensors": "extra_tensors=",
+    "average_opt_statistics": "average_opt_statistics=", "reuse_grad_buffers": "reuse_grad_buffers=",
+    "averaged_grads": "the Optimizer itself", "warn": "the Optimizer itself",
+}  # fmt: skip
+
+
+def check_averager_opts(averager_opts: Any) -> None:
+    """TypeError for a non-dict ``averager_opts``, or for an option the Optimizer sets itself (it would be passed
+    twice: "got multiple values for keyword argument", possibly after the first averager had started)."""
+    if averager_opts is None:
+        return
+    if not isinstance(averager_opts, Mapping):
+        raise TypeError(f"averager_opts must be a dict of DecentralizedAverager options, got {averager_opts!r}")
+    for name in averager_opts:
+        if name in _OPTIMIZER_SETS:
+            raise TypeError(f"averager_opts cannot set {name}: the Optimizer sets it from {_OPTIMIZER_SETS[name]}")
