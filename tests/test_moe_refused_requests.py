@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from moe_swarm_helpers import serving_experts
 
-from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts
+from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HID = 4
@@ -69,3 +69,15 @@ def test_a_backward_that_every_expert_refuses_raises_their_reason_and_penalizes_
     with pytest.raises(ValueError, match="refused the request as invalid.*contains NaN or infinite values"):
         (outputs * float("nan")).sum().backward()
     check_still_served(mixture)
+
+
+@pytest.mark.timeout(60)
+def test_with_k_min_zero_refused_requests_leave_zeros_and_penalize_no_expert(mixture):
+    switch = RemoteSwitchMixtureOfExperts(
+        in_features=HID, grid_size=(2,), dht=mixture.dht, uid_prefix="ffn.", k_best=2, jitter_eps=0
+    )
+    inputs = torch.randn(3, HID, requires_grad=True)
+    outputs, _ = switch(inputs, scale_with_inf())  # k_min=0, allow_zero_outputs: the caller accepts no answers
+    assert torch.equal(outputs, inputs)  # (the input is added to the mixed outputs, zeros here)
+    outputs.sum().backward()  # backward_k_min=0: no expert answered forward, so none is called
+    assert switch.failure_penalty.num_penalized() == 0

@@ -225,13 +225,17 @@ def _fan_out(
         options.penalty.report_failure(penalty_key(jobs[index].expert), server_down=True)
     for index in results:
         options.penalty.report_success(penalty_key(jobs[index].expert))
-    if options.refused and len(options.refused) == len(calls):
+    return results
+
+
+def _raise_if_all_refused(options: CallOptions, num_called: int, method: str) -> None:
+    """Too few answers because every expert called refused the request as invalid: a ValueError with the reason."""
+    if options.refused and len(options.refused) == num_called:
         uid, reason = next(iter(options.refused.items()))
         raise ValueError(
             f"Every expert called in {method} refused the request as invalid, e.g. {uid}: {reason}; fix the inputs "
             "(the experts are not penalized for it)"
         )
-    return results
 
 
 class RemoteCallMany(torch.autograd.Function):
@@ -297,6 +301,7 @@ class RemoteCallMany(torch.autograd.Function):
 
         num_answers = int(alive.sum())
         if num_answers < options.k_min:
+            _raise_if_all_refused(options, len(jobs) - skipped, "forward")
             failed = len(jobs) - skipped - len(alive_jobs) - len(options.refused)
             raise TimeoutError(
                 f"Only {num_answers} expert answers arrived in forward, fewer than k_min={options.k_min}: of the "
@@ -361,6 +366,7 @@ class RemoteCallMany(torch.autograd.Function):
             num_survivors += len(job.samples)
             num_answered += 1
         if num_survivors < options.backward_k_min:
+            _raise_if_all_refused(options, len(jobs) - skipped, "backward")
             failed = len(jobs) - skipped - num_answered - len(options.refused)
             raise TimeoutError(
                 f"Only {num_survivors} expert answers arrived in backward, fewer than backward_k_min="
