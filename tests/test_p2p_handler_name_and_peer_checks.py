@@ -70,3 +70,28 @@ async def test_a_peer_id_given_as_a_string_is_refused_with_the_conversion_to_use
         await client.call_binary_stream_handler(as_text, "echo")
     response = await client.call_protobuf_handler(PeerID.from_base58(as_text), "echo", request, test_pb2.TestResponse)
     assert response.number == 2
+
+
+@pytest.mark.timeout(30)
+async def test_a_handler_that_is_not_callable_or_a_message_instance_as_type_is_refused(p2p_pair):
+    # both were registered, and then every call failed at the server ("'TestRequest' object is not callable")
+    server, client = p2p_pair
+    with pytest.raises(TypeError, match="handler must be callable"):
+        await server.add_protobuf_handler("none", None, test_pb2.TestRequest)
+    with pytest.raises(TypeError, match="handler must be callable"):
+        await server.add_binary_stream_handler("none", None)
+    with pytest.raises(TypeError, match=r"input_protobuf_type must be a protobuf message class.*TestRequest, not"):
+        await server.add_protobuf_handler("instance", _handler, test_pb2.TestRequest())
+
+
+@pytest.mark.timeout(30)
+async def test_a_call_with_a_dict_input_or_an_output_instance_is_refused(p2p_pair):
+    server, client = p2p_pair
+    await server.add_protobuf_handler("echo", _handler, test_pb2.TestRequest)
+    with pytest.raises(TypeError, match="input must be a protobuf message or an async iterator of messages, got dict"):
+        await client.call_protobuf_handler(server.peer_id, "echo", {"number": 1}, test_pb2.TestResponse)
+    with pytest.raises(TypeError, match=r"output_protobuf_type must be a protobuf message class.*TestResponse, not"):
+        request = test_pb2.TestRequest(number=1)
+        await client.call_protobuf_handler(server.peer_id, "echo", request, test_pb2.TestResponse())
+    with pytest.raises(TypeError, match="output_protobuf_type must be a protobuf message class"):
+        await client.iterate_protobuf_handler(server.peer_id, "echo", test_pb2.TestRequest(number=1), None)

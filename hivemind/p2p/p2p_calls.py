@@ -71,7 +71,7 @@ class ProtobufCallsMixin:
         :raises P2PHandlerError: the remote handler failed (the message carries its text)
         :raises P2PDaemonError: the peer is unreachable, does not serve ``name``, or the request is too large
         """
-        check_call(peer_id, name)
+        check_call(peer_id, name, input, output_protobuf_type)
         is_unary = isinstance(input, Message)
         if timeout is None and is_unary:
             timeout = self.unary_call_timeout
@@ -128,7 +128,7 @@ class ProtobufCallsMixin:
         iterator early (``aclose()``, or cancelling its consumer) closes the stream, which cancels the handler.
         A response announcing more than ``max_message_size`` bytes fails the call (``P2PDaemonError``).
         """
-        check_call(peer_id, name)
+        check_call(peer_id, name, input, output_protobuf_type)
         self._raise_if_daemon_failed()
         return self._iterate_protobuf_stream(peer_id, name, input, output_protobuf_type, max_message_size)
 

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optio
 from google.protobuf.message import Message
 
 from hivemind.p2p import daemon_args, framing, protobuf_streams, stale_sockets
-from hivemind.p2p.call_arguments import check_call, check_handle_name
+from hivemind.p2p.call_arguments import check_call, check_new_handler
 from hivemind.p2p.daemon_binary import get_p2pd_path
 from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file
 from hivemind.p2p.identity import generate_identity, identity_file_exists, load_identity_peer_id
@@ -369,7 +369,7 @@ class P2P(ProtobufCallsMixin):
             leaves only the 2 GiB protobuf limit. Unary requests are bounded by ``persistent_conn_max_msg_size``.
         :raises P2PDaemonError: the name is already served by this daemon (and not both ``balanced``)
         """
-        check_handle_name(name)
+        check_new_handler(name, handler, input_protobuf_type)
         is_unary = not (stream_input or stream_output)
         if is_unary:
             await self._add_unary_handler(name, handler, input_protobuf_type, balanced=balanced)
@@ -419,7 +419,7 @@ class P2P(ProtobufCallsMixin):
         balanced: bool = False,
     ) -> None:
         """Serve raw libp2p streams of protocol ``name`` with ``handler(stream_info, reader, writer)``."""
-        check_handle_name(name)
+        check_new_handler(name, handler)
         await self._client.stream_handler(name, handler, balanced=balanced)
 
     async def remove_binary_stream_handler(self, name: HandleName) -> None:
