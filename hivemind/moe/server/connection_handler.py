@@ -388,14 +388,14 @@ class ConnectionHandler(mp.Process, ServicerBase):
         schema = self._get_schema(request.uid)
         with self._hold(caller, f"forward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
-            inputs = self._check_forward(schema, request.tensors)
+            inputs = held.cover(self._check_forward(schema, request.tensors))
             return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs))
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, caller: P2PContext) -> runtime_pb2.ExpertResponse:
         schema = self._get_schema(request.uid)
         with self._hold(caller, f"backward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
-            inputs = self._check_backward(schema, request.tensors)
+            inputs = held.cover(self._check_backward(schema, request.tensors))
             return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs))
 
     async def _gather_stream(
@@ -439,7 +439,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with self._hold(context, "forward stream") as held:
             schema, tensors = await self._gather_stream(request_stream, False, context, held)
-            inputs = self._check_forward(schema, tensors)
+            inputs = held.cover(self._check_forward(schema, tensors))
             outputs = await self._forward(schema, inputs)
         for response in split_into_responses(outputs):
             yield response
@@ -449,7 +449,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with self._hold(context, "backward stream") as held:
             schema, tensors = await self._gather_stream(request_stream, True, context, held)
-            inputs = self._check_backward(schema, tensors)
+            inputs = held.cover(self._check_backward(schema, tensors))
             grads = await self._backward(schema, inputs)
         for response in split_into_responses(grads):
             yield response
@@ -464,6 +464,14 @@ class _HeldBytes:
     def add(self, size: int) -> None:
         self.budget.reserve(self.peer, size, self.what)
         self.size += size
+
+    def cover(self, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Hold at least the bytes of the decoded ``tensors`` (compressed ones decode to up to 8x their wire bytes,
+        and the decoded tensors wait in the pools); returns them."""
+        decoded = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        if decoded > self.size:
+            self.add(decoded - self.size)
+        return tensors
 
     def __enter__(self) -> _HeldBytes:
         return self
