@@ -158,12 +158,43 @@ def parse_server_options(parser: configargparse.ArgParser, argv: Optional[List[s
             f"--expiration {args['expiration']} must be above --update_period {args['update_period']}: otherwise "
             f"the experts' announcements expire before they are renewed and clients cannot find them in between"
         )
+    check_expert_flags(parser, args)
     args["optim_cls"] = make_optimizer_factory(args.pop("optimizer"))
     args["compression"] = CompressionType.Value(args["compression"])
     if not args.pop("increase_file_limit"):
         return args
     increase_file_limit()
     return args
+
+
+def check_expert_flags(parser: configargparse.ArgParser, args: dict) -> None:
+    """Usage errors (exit 2) for expert flags that Server.create would refuse only after its DHT started."""
+    from hivemind.moe.expert_uid import is_valid_uid  # imported late: --help stays fast
+    from hivemind.moe.server.expert_pattern import parse_expert_pattern
+
+    if args["expert_pattern"] is not None:
+        try:
+            parse_expert_pattern(args["expert_pattern"])
+        except ValueError as e:
+            parser.error(str(e).replace("expert pattern ", "--expert_pattern ", 1))
+    for uid in args["expert_uids"] or ():
+        if not is_valid_uid(uid):
+            parser.error(f"--expert_uids: {uid!r} is not a valid expert uid (e.g. ffn.3 or ffn.3.14)")
+    path = args["custom_module_path"]
+    if path is not None and not Path(path).expanduser().is_file():
+        parser.error(f"--custom_module_path {path} does not exist or is not a file")
+    path = args["checkpoint_dir"]
+    if path is not None and not path.is_dir():
+        what = "is not a directory" if path.exists() else f"does not exist; create it (mkdir -p {path})"
+        parser.error(f"--checkpoint_dir {path} {what}")
+    if args["clip_grad_norm"] is not None and not args["clip_grad_norm"] > 0:  # (NaN too)
+        parser.error(f"--clip_grad_norm must be a positive number, got {args['clip_grad_norm']}")
+    if args["scheduler"] == "linear":
+        warmup, total = args["num_warmup_steps"], args["num_training_steps"]
+        if warmup is None or total is None:
+            parser.error("--scheduler linear needs --num_warmup_steps and --num_training_steps")
+        if not 0 <= warmup <= total:
+            parser.error(f"need 0 <= --num_warmup_steps <= --num_training_steps, got {warmup} and {total}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

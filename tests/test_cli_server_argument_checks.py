@@ -1,0 +1,39 @@
+"""hivemind-server refuses flags that cannot work with a usage error (exit 2) before anything starts, instead of a
+traceback once its DHT has started (expert pattern, uids, files) or once the experts are built (schedule, clipping)."""
+
+import pytest
+
+from hivemind.hivemind_cli.run_server import make_parser, parse_server_options
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_experts", "1", "--expert_pattern", "ffn.[0:x]"], "--expert_pattern 'ffn.[0:x]': block '[0:x]'"),
+        (["--num_experts", "1", "--expert_pattern", "ffn.[5:2]"], "--expert_pattern 'ffn.[5:2]': range [5:2] is"),
+        (["--expert_uids", "ffn.0", "ffn"], "--expert_uids: 'ffn' is not a valid expert uid"),
+        (["--num_experts", "1", "--custom_module_path", "/nonexistent/experts.py"], "--custom_module_path"),
+        (["--num_experts", "1", "--checkpoint_dir", "/nonexistent/checkpoints"], "mkdir -p /nonexistent/checkpoints"),
+        (["--num_experts", "1", "--clip_grad_norm", "-1"], "--clip_grad_norm must be a positive number"),
+        (["--num_experts", "1", "--clip_grad_norm", "nan"], "--clip_grad_norm must be a positive number"),
+        (["--num_experts", "1", "--scheduler", "linear"], "--scheduler linear needs --num_warmup_steps and"),
+        (
+            ["--num_experts", "1", "--scheduler", "linear", "--num_warmup_steps", "-5", "--num_training_steps", "10"],
+            "need 0 <= --num_warmup_steps <= --num_training_steps",
+        ),
+    ],
+    ids=["pattern-block", "pattern-range", "uid", "module", "checkpoints", "clip", "clip-nan", "linear", "warmup"],
+)
+def test_unworkable_flags_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        parse_server_options(make_parser(), flags)
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_workable_flags_pass(tmp_path):
+    flags = ["--num_experts", "2", "--expert_pattern", "ffn.[0:4].[0:4]", "--checkpoint_dir", str(tmp_path)]
+    flags += ["--scheduler", "linear", "--num_warmup_steps", "0", "--num_training_steps", "10"]
+    flags += ["--clip_grad_norm", "1"]
+    options = parse_server_options(make_parser(), flags)
+    assert options["expert_pattern"] == "ffn.[0:4].[0:4]" and options["clip_grad_norm"] == 1.0
