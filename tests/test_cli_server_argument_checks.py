@@ -14,6 +14,7 @@ from hivemind.hivemind_cli.run_server import make_parser, parse_server_options
         (["--expert_uids", "ffn.0", "ffn"], "--expert_uids: 'ffn' is not a valid expert uid"),
         (["--num_experts", "1", "--custom_module_path", "/nonexistent/experts.py"], "--custom_module_path"),
         (["--num_experts", "1", "--checkpoint_dir", "/nonexistent/checkpoints"], "mkdir -p /nonexistent/checkpoints"),
+        (["--num_experts", "1", "--device", "gpu"], "--device 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1)"),
         (["--num_experts", "1", "--clip_grad_norm", "-1"], "--clip_grad_norm must be a positive number"),
         (["--num_experts", "1", "--clip_grad_norm", "nan"], "--clip_grad_norm must be a positive number"),
         (["--num_experts", "1", "--scheduler", "linear"], "--scheduler linear needs --num_warmup_steps and"),
@@ -22,7 +23,18 @@ from hivemind.hivemind_cli.run_server import make_parser, parse_server_options
             "need 0 <= --num_warmup_steps <= --num_training_steps",
         ),
     ],
-    ids=["pattern-block", "pattern-range", "uid", "module", "checkpoints", "clip", "clip-nan", "linear", "warmup"],
+    ids=[
+        "pattern-block",
+        "pattern-range",
+        "uid",
+        "module",
+        "checkpoints",
+        "device",
+        "clip",
+        "clip-nan",
+        "linear",
+        "warmup",
+    ],  # fmt: skip
 )
 def test_unworkable_flags_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as error:

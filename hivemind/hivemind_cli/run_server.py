@@ -187,6 +187,11 @@ def check_expert_flags(parser: configargparse.ArgParser, args: dict) -> None:
     if path is not None and not path.is_dir():
         what = "is not a directory" if path.exists() else f"does not exist; create it (mkdir -p {path})"
         parser.error(f"--checkpoint_dir {path} {what}")
+    if args["device"] is not None:
+        try:
+            torch.device(args["device"])
+        except RuntimeError as e:
+            parser.error(f"--device {args['device']!r} is not a torch device (e.g. cpu, cuda, cuda:1): {e}")
     if args["clip_grad_norm"] is not None and not args["clip_grad_norm"] > 0:  # (NaN too)
         parser.error(f"--clip_grad_norm must be a positive number, got {args['clip_grad_norm']}")
     if args["scheduler"] == "linear":
