@@ -56,3 +56,31 @@ def test_a_checkpoint_loaded_in_a_new_process_resumes_the_learning_rate_of_its_e
         assert restarted.opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     finally:
         restarted.shutdown()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler:UserWarning")
+@pytest.mark.parametrize("factory", [True, False], ids=["scheduler-factory", "scheduler-instance"])
+def test_rolling_back_to_an_earlier_checkpoint_rewinds_the_scheduler_to_its_epoch(dht_pair, factory):
+    torch.manual_seed(0)
+    model, batch = torch.nn.Linear(4, 1), (torch.randn(4, 4), torch.randn(4, 1))
+    if factory:
+        options = dict(optimizer=lambda params: torch.optim.SGD(params, lr=0.1), scheduler=HALVED_EACH_EPOCH)
+    else:
+        inner = torch.optim.SGD(model.parameters(), lr=0.1)
+        options = dict(optimizer=inner, params=None, scheduler=HALVED_EACH_EPOCH(inner))
+    opt = make_optimizer(dht_pair[0], model, "scheduler_rollback", target_batch_size=4, **options)
+    try:
+        while opt.local_epoch < 2:
+            mse_step(model, opt, *batch)
+        checkpoint = copy.deepcopy(opt.state_dict())
+        while opt.local_epoch < 5:
+            mse_step(model, opt, *batch)
+        opt.load_state_dict(checkpoint)  # e.g. the loss diverged: back to epoch 2
+        assert opt.local_epoch == 2 and opt.state_averager.scheduler.last_epoch == 2
+        assert opt.opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+        while opt.local_epoch < 3:
+            mse_step(model, opt, *batch)
+        assert opt.opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    finally:
+        opt.shutdown()

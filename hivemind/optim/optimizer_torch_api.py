@@ -93,6 +93,10 @@ def load_training_state_dict_(state_averager: Any, state_dict: Dict[str, Any]) -
     state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=False)
     state_averager._pending_step = state_averager._pending_averaging = None  # finished: their results are dropped
     optimizer, scheduler = state_averager.optimizer, state_averager.scheduler
+    start = getattr(state_averager, "scheduler_start", None)  # (a subclass may drive schedulers of its own)
+    with state_averager._state_lock:
+        if start is not None:  # an earlier epoch than the scheduler counted (a rollback): it starts over
+            start.rewind_for(optimizer, scheduler, epoch)
     with state_averager._state_lock, scheduler_learning_rates_kept(optimizer, scheduler, epoch):
         optimizer.load_state_dict(dict(state_dict, state=state))
         for main, param in zip(state_averager.main_parameters, state_averager.optimizer_parameters):

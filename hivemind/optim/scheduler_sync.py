@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, List, Optional
 
 import torch
 
@@ -15,6 +16,7 @@ __all__ = [
     "catch_up_scheduler",
     "is_scheduler_instance",
     "scheduler_learning_rates_kept",
+    "SchedulerStart",
 ]
 
 logger = get_logger(__name__)
@@ -62,3 +64,37 @@ def scheduler_learning_rates_kept(optimizer: torch.optim.Optimizer, scheduler: A
         for group, lr in zip(optimizer.param_groups, kept):
             if lr is not None:
                 group["lr"] = lr
+
+
+class SchedulerStart:
+    """
+    An LR scheduler's state and its optimizer's learning rates as they were when training started, so that the
+    scheduler can be rewound to an earlier epoch (schedulers only step forward): restoring a checkpoint of an epoch
+    before the one the scheduler counted rewinds it here, then catches it up to the checkpoint's epoch.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any):
+        self._state: Optional[dict] = None
+        self._learning_rates: List[Any] = []
+        if scheduler is not None and hasattr(scheduler, "state_dict") and hasattr(scheduler, "load_state_dict"):
+            with contextlib.suppress(Exception):  # (a scheduler whose state cannot be copied is never rewound)
+                self._state = copy.deepcopy(scheduler.state_dict())
+                self._learning_rates = [copy.deepcopy(group.get("lr")) for group in optimizer.param_groups]
+
+    def rewind_for(self, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int) -> None:
+        """If ``scheduler`` counted more than ``epoch`` epochs, bring it and the learning rates back to the start (a
+        warning says so if the start is after ``epoch`` too, or the scheduler cannot be rewound)."""
+        last_epoch = getattr(scheduler, "last_epoch", None) if scheduler is not None else None
+        if not isinstance(last_epoch, int) or last_epoch <= epoch:
+            return
+        start_epoch = None if self._state is None else self._state.get("last_epoch")
+        if not isinstance(start_epoch, int) or start_epoch > epoch:
+            logger.warning(
+                f"The LR scheduler is at epoch {last_epoch}, past the loaded epoch {epoch}, and cannot be rewound "
+                f"there: its learning rates stay as they are until it counts epoch {last_epoch + 1}"
+            )
+            return
+        scheduler.load_state_dict(copy.deepcopy(self._state))
+        for group, lr in zip(optimizer.param_groups, self._learning_rates):
+            if lr is not None:
+                group["lr"] = copy.deepcopy(lr)

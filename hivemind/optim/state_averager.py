@@ -26,7 +26,7 @@ from hivemind.optim.optimizer_state import (
     load_optimizer_state,
 )
 from hivemind.optim.optimizer_torch_api import as_param_groups, frozen_gradients_hidden
-from hivemind.optim.scheduler_sync import catch_up_scheduler, is_scheduler_instance
+from hivemind.optim.scheduler_sync import SchedulerStart, catch_up_scheduler, is_scheduler_instance
 from hivemind.optim.state_loading import apply_downloaded_state_
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
@@ -127,6 +127,7 @@ class TrainingStateAverager(DecentralizedAverager):
         if scheduler is not None and not is_scheduler_instance(scheduler):
             scheduler = scheduler(self.optimizer)
         self.scheduler = scheduler
+        self.scheduler_start = SchedulerStart(self.optimizer, scheduler)  # to rewind it to an earlier checkpoint
         self.extra_tensors = tuple(tensor.detach() for tensor in extra_tensors)
         self.average_opt_statistics = tuple(average_opt_statistics)
         self.local_epoch = 0
@@ -153,6 +154,7 @@ class TrainingStateAverager(DecentralizedAverager):
     _USER_PROCESS_ONLY = (
         "main_parameters", "optimizer", "_optimizer_parameters", "scheduler", "extra_tensors", "_state_lock",
         "_executor", "_pending_step", "_pending_averaging", "delay_before_averaging", "_state_ready",
+        "scheduler_start",
     )  # fmt: skip
 
     def __getstate__(self) -> Dict[str, Any]:
