@@ -406,8 +406,10 @@ class TensorPartReducer:
         return future
 
     def _accumulate(self, part_index: int, part: torch.Tensor, weight: float) -> None:
-        """Add ``weight * part`` to the part's sum. The first contribution is only referenced (no copy): a part with
-        one contributor is its own average, and the second contribution creates the sum in a single pass."""
+        """Add ``weight * part`` to the part's sum (weight 0: nothing, not even the int64 offsets' base). The first
+        contribution is only referenced (no copy): alone, it is its own average; the second makes the sum at once."""
+        if weight == 0.0:
+            return
         entry = self._accumulators.get(part_index)
         if entry is None:
             self._accumulators[part_index] = (part, weight, False)
