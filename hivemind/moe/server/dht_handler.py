@@ -48,7 +48,8 @@ class DHTHandlerThread(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                declare_experts(self.dht, list(self.module_backends.keys()), get_dht_time() + self.expiration)
+                stored = declare_experts(self.dht, list(self.module_backends.keys()), get_dht_time() + self.expiration)
+                _warn_if_refused(stored, self.update_period)
             except Exception as e:  # a failed round is retried at the next period; the server keeps serving
                 if self.stop.is_set():
                     break
@@ -60,6 +61,18 @@ class DHTHandlerThread(threading.Thread):
         self.stop.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
+
+
+def _warn_if_refused(stored: Dict, update_period: float) -> None:
+    """Log the announcements that the DHT did not store: clients cannot find those experts (or not by beam search)."""
+    refused = [key for key, ok in stored.items() if not ok]
+    if refused:
+        example = refused[0][0] if isinstance(refused[0], tuple) else refused[0]
+        logger.warning(
+            f"The DHT refused {len(refused)} of {len(stored)} announcements of this server's experts (e.g. under "
+            f"{example!r}: no peer stored it, or that key holds as many entries as a DHT node keeps); clients may "
+            f"not find those experts. Retrying in {update_period} s"
+        )
 
 
 def declaration_entries(
