@@ -2,11 +2,12 @@
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 import torch
-from optim_swarm_helpers import make_optimizer
+from optim_swarm_helpers import make_optimizer, wait_for
 
 from hivemind.dht import DHT
 
@@ -63,3 +64,46 @@ def test_a_dead_averager_process_fails_load_state_from_peers_at_once_instead_of_
     finally:
         opt.shutdown()
         dht.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_shutdown_during_a_state_download_ends_the_download_at_once():
+    donor_dht = DHT(start=True)
+    newcomer_dht = DHT(initial_peers=donor_dht.get_visible_maddrs(), start=True)
+    donor_model, newcomer_model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    donor = make_optimizer(donor_dht, donor_model, "shutdown_mid_download")
+    newcomer = make_optimizer(newcomer_dht, newcomer_model, "shutdown_mid_download", load_state_timeout=60.0)
+    serving, outcome = threading.Event(), {}
+    original_get_current_state = donor.state_averager.get_current_state
+
+    def slow_get_current_state():
+        serving.set()
+        time.sleep(15)  # a donor slow to prepare its state (a large model)
+        return original_get_current_state()
+
+    donor.state_averager.get_current_state = slow_get_current_state
+
+    def download():
+        try:
+            newcomer.load_state_from_peers()
+            outcome["result"] = "returned"
+        except Exception as e:
+            outcome["result"] = e
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=download)
+    try:
+        wait_for(lambda: newcomer_dht.get("shutdown_mid_download_state_averager.all_averagers") is not None)
+        thread.start()
+        assert serving.wait(30), "the newcomer never asked the donor"
+        shutdown_at = time.monotonic()
+        newcomer.shutdown()
+        thread.join(30)
+        assert not thread.is_alive() and outcome["ended"] - shutdown_at < 10.0, outcome
+        assert isinstance(outcome["result"], RuntimeError), outcome  # says that the averager was shut down
+    finally:
+        thread.join(30)
+        newcomer.shutdown()
+        donor.shutdown()
+        newcomer_dht.shutdown()
+        donor_dht.shutdown()
