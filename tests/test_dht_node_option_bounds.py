@@ -30,3 +30,25 @@ async def test_positive_options_are_accepted():
         assert node.num_workers == 1 and node.protocol.wait_timeout == 0.5
     finally:
         await node.shutdown()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("num_replicas", [0, -1])
+async def test_num_replicas_below_one_is_refused_at_creation(num_replicas):
+    with pytest.raises(ValueError, match=r"num_replicas must be a positive integer.*got"):
+        node = await DHTNode.create(num_replicas=num_replicas)
+        await node.shutdown()  # before: created, and every store returned False (no replica to store to)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("parallel_rpc", [0, -2, 1.5])
+async def test_parallel_rpc_below_one_is_refused_at_creation(parallel_rpc):
+    with pytest.raises(ValueError, match=r"parallel_rpc must be None \(no limit\) or a positive integer"):
+        node = await DHTNode.create(parallel_rpc=parallel_rpc)
+        await node.shutdown()  # before (0): with initial peers, the node waited forever for its first ping
+
+
+@pytest.mark.timeout(30)
+async def test_a_limit_of_one_rpc_and_one_replica_is_accepted():
+    node = await DHTNode.create(parallel_rpc=1, num_replicas=1)
+    await node.shutdown()

@@ -97,7 +97,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
         Start a node and join the DHT through ``initial_peers``.
 
         :param kwargs: options for P2P.create when ``p2p`` is None (ValueError if ``p2p`` is given)
-        :raises ValueError: ``num_workers`` below 1 or ``wait_timeout`` not above 0
+        :raises ValueError: ``num_workers``, ``num_replicas`` or ``parallel_rpc`` below 1, ``wait_timeout`` not above 0
         :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set
         :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
         """
@@ -105,6 +105,12 @@ class DHTNode(SearchingGet, ReplicatedStore):
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if wait_timeout is not None and not wait_timeout > 0:  # 0 or less: every request would time out at once
             raise ValueError(f"wait_timeout must be a positive number of seconds, got {wait_timeout!r}")
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:  # (no store works)
+            raise ValueError(f"num_replicas must be a positive integer (nodes storing each key), got {num_replicas!r}")
+        if parallel_rpc is not None and (
+            isinstance(parallel_rpc, bool) or not isinstance(parallel_rpc, int) or parallel_rpc < 1
+        ):  # 0: the first RPC (the bootstrap ping) would wait forever
+            raise ValueError(f"parallel_rpc must be None (no limit) or a positive integer, got {parallel_rpc!r}")
         self = cls(_created_by_create=True)
         initial_peers = [] if initial_peers is None else [str(maddr) for maddr in initial_peers]
         initial_peer_ids = [peer_id_from_maddr(maddr) for maddr in initial_peers]
