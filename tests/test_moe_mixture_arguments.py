@@ -53,3 +53,20 @@ def test_plausible_arguments_are_still_accepted(lone_dht):
         forward_timeout=math.inf, timeout_after_k_min=np.float32(1.0), backward_timeout=5,
     )  # fmt: skip
     assert layer.grid_size == (4, 2) and layer.uid_prefix == "ffn."
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(jitter_eps=-0.01), r"jitter_eps must be a non-negative number"),
+        (dict(jitter_eps=math.nan), r"jitter_eps must be a non-negative number"),
+        (dict(utilization_alpha=2.0), r"utilization_alpha must be in \[0, 1\]"),
+        (dict(utilization_alpha=-0.1), r"utilization_alpha must be in \[0, 1\]"),
+    ],
+    ids=["negative-jitter", "nan-jitter", "alpha-above-one", "negative-alpha"],
+)
+def test_switch_refuses_a_jitter_or_utilization_alpha_that_cannot_work(lone_dht, overrides, message):
+    # before: accepted; a negative jitter failed every training forward in torch ("uniform_ expects to return a
+    # [from, to) range"), an alpha outside [0, 1] made the utilization average (and the balancing loss) diverge
+    with pytest.raises(ValueError, match=message):
+        RemoteSwitchMixtureOfExperts(in_features=4, grid_size=(4,), dht=lone_dht, uid_prefix="ffn.", **overrides)

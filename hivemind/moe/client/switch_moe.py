@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any, List, Sequence, Tuple
 
@@ -66,6 +67,10 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
         jitter_eps: float = 1e-2,
         **kwargs,
     ):
+        if not (isinstance(jitter_eps, numbers.Real) and jitter_eps >= 0):  # (NaN too) torch's uniform_ refuses it
+            raise ValueError(f"jitter_eps must be a non-negative number (0: no jitter), got {jitter_eps!r}")
+        if not (isinstance(utilization_alpha, numbers.Real) and 0 <= utilization_alpha <= 1):  # else it diverges
+            raise ValueError(f"utilization_alpha must be in [0, 1] (an average's decay), got {utilization_alpha!r}")
         routing = dict(k_best=k_best, k_min=k_min, backward_k_min=backward_k_min)
         super().__init__(grid_size=grid_size, allow_zero_outputs=allow_zero_outputs, **routing, **kwargs)
         self.utilization_alpha, self.grid_dropout, self.jitter_eps = utilization_alpha, grid_dropout, jitter_eps
