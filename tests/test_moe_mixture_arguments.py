@@ -67,6 +67,7 @@ def test_plausible_arguments_are_still_accepted(lone_dht):
 )
 def test_switch_refuses_a_jitter_or_utilization_alpha_that_cannot_work(lone_dht, overrides, message):
     # before: accepted; a negative jitter failed every training forward in torch ("uniform_ expects to return a
-    # [from, to) range"), an alpha outside [0, 1] made the utilization average (and the balancing loss) diverge
+    # [from, to) range"), an alpha above 1 made the utilization average (and the balancing loss) diverge, and a
+    # negative one is no moving average at all
     with pytest.raises(ValueError, match=message):
         RemoteSwitchMixtureOfExperts(in_features=4, grid_size=(4,), dht=lone_dht, uid_prefix="ffn.", **overrides)
