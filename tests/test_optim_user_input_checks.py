@@ -94,3 +94,12 @@ def test_averager_opts_that_the_optimizer_sets_itself_are_refused(lone_dht, aver
     # gradient averager takes, that error after the state averager had started)
     with pytest.raises(TypeError, match=message):
         make_optimizer(lone_dht, averager_opts=averager_opts)
+
+
+def test_step_refuses_a_closure_that_is_not_callable(lone_dht):
+    optimizer = make_optimizer(lone_dht, run_id="closure")
+    try:
+        with pytest.raises(TypeError, match=r"closure must be None or a callable that returns the loss.*got float"):
+            optimizer.step(closure=0.5)  # e.g. the loss itself
+    finally:
+        optimizer.shutdown()

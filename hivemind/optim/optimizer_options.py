@@ -174,6 +174,8 @@ def check_step_arguments(optimizer: Any, *, closure: Any, batch_size: Any, grad_
     """Refuse a misused ``Optimizer.step()`` with an error that says what to do; returns the step's batch size
     (None for an auxiliary peer)."""
     check_not_shut_down(optimizer)
+    if closure is not None and not callable(closure):
+        raise TypeError(f"closure must be None or a callable that returns the loss, got {type(closure).__name__}")
     if not (grad_scaler is None or isinstance(grad_scaler, GradScaler)):
         raise ValueError(
             f"grad_scaler must be a hivemind.GradScaler (the torch one would step the optimizer at "
