@@ -3,7 +3,7 @@ or optimizer statistics with inf/NaN): the newcomer refuses it whole and keeps t
 
 import pytest
 import torch
-from optim_swarm_helpers import dht_pair, make_optimizer, mse_step  # noqa: F401 (dht_pair is a fixture)
+from optim_swarm_helpers import dht_pair, make_optimizer, mse_step, parameter_averagers  # noqa: F401 (a fixture)
 
 from hivemind.optim.optimizer_state import OptimizerStateError, dump_optimizer_state, load_optimizer_state
 
@@ -98,3 +98,18 @@ def test_a_hyperparameter_of_the_same_kind_is_taken_from_the_donor(local, donor)
     metadata[position]["value"] = donor
     load_optimizer_state(opt, metadata, [])
     assert opt.param_groups[0]["custom"] == donor and type(opt.param_groups[0]["custom"]) is type(donor)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_the_legacy_training_averager_refuses_a_donor_with_non_finite_parameters(dht_pair, value):  # noqa: F811
+    params = [torch.nn.Parameter(torch.full((2,), 1.0)) for _ in range(2)]
+    averagers = parameter_averagers(params, dht_pair, prefix=f"legacy_bad_donor_{value}", start=True)
+    try:
+        with torch.no_grad():
+            params[0].fill_(value)
+        assert averagers[1].load_state_from_peers(timeout=10) is None
+        assert torch.equal(params[1], torch.full((2,), 1.0))
+    finally:
+        for averager in averagers:
+            averager.shutdown()

@@ -16,6 +16,7 @@ from hivemind.optim.optimizer_state import (
     OptimizerStateError,
     dump_optimizer_state,
     initialize_optimizer_state_,
+    introduces_non_finite,
     load_optimizer_state,
 )
 from hivemind.utils.logging import get_logger
@@ -129,10 +130,13 @@ class TrainingAverager(DecentralizedAverager):
         metadata, tensors = loaded
         local = [*self.parameters, *self.extra_tensors]
         try:
-            if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
+            step = metadata.get("step") if isinstance(metadata, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
                 raise ValueError(f"the donor's metadata is not a TrainingAverager state: {metadata!r:.100}")
             if len(tensors) < len(local) or any(a.shape != b.shape for a, b in zip(local, tensors)):
                 raise ValueError("the donor's tensors do not match the local parameters")
+            if any(introduces_non_finite(theirs, mine) for mine, theirs in zip(local, tensors)):
+                raise ValueError("the donor's parameters or extra tensors hold inf/NaN, the local ones do not")
             with torch.no_grad(), self.opt_lock:
                 load_optimizer_state(self.opt, metadata.get("optimizer_metadata"), list(tensors[len(local) :]))
                 for mine, theirs in zip(local, tensors):
