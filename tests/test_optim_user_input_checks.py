@@ -103,3 +103,17 @@ def test_step_refuses_a_closure_that_is_not_callable(lone_dht):
             optimizer.step(closure=0.5)  # e.g. the loss itself
     finally:
         optimizer.shutdown()
+
+
+@pytest.mark.parametrize(
+    "batch_size, error", [("2", TypeError), (math.nan, ValueError), (math.inf, ValueError)], ids=["str", "nan", "inf"]
+)
+def test_gradient_averager_refuses_a_batch_size_that_is_not_a_count(lone_dht, batch_size, error):
+    # before: "'<=' not supported between instances of 'str' and 'int'", or NaN/inf accepted into the sample count
+    # (and the averaging weight)
+    from hivemind.optim.grad_averager import GradientAverager
+
+    averager = GradientAverager(torch.nn.Linear(2, 2).parameters(), dht=lone_dht, prefix="bs", start=False)
+    with pytest.raises(error, match="batch_size must be a positive number of samples"):
+        averager.accumulate_grads_(batch_size)
+    assert averager.local_samples_accumulated == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -92,7 +94,9 @@ class GradientAverager(DecentralizedAverager):
     @torch.no_grad()
     def accumulate_grads_(self, batch_size: int) -> None:
         """Add the current gradients (computed on ``batch_size`` samples) to the accumulators."""
-        if batch_size <= 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real):
+            raise TypeError(f"batch_size must be a positive number of samples, got {batch_size!r}")
+        if not 0 < batch_size < math.inf:  # (NaN too: it would become the sample count and the averaging weight)
             raise ValueError(f"batch_size must be a positive number of samples, got {batch_size}")
         if self._anchor_batch_size is None:
             self._anchor_batch_size = batch_size  # later batches are weighed relative to the first one
