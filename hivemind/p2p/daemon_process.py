@@ -4,6 +4,8 @@ import asyncio
 import collections
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import subprocess
@@ -35,6 +37,10 @@ OPTION_OF_FLAG = {
     "announceAddrs": "announce_maddrs",
     "bootstrapPeers": "initial_peers",
     "trustedRelays": "trusted_relays",
+    "idleTimeout": "idle_timeout",
+    "persistentConnMaxMsgSize": "persistent_conn_max_msg_size",
+    "relayHopLimit": "relay_hop_limit",
+    "id": "identity_path",
 }
 _FLAG_PATTERN = re.compile(r"(?<![\w-])-(" + "|".join(OPTION_OF_FLAG) + r")\b")
 
@@ -156,6 +162,10 @@ class DaemonProcess:
 
     async def start(self, startup_timeout: float) -> None:
         """Start p2pd and wait until it prints its peer id; on failure the error quotes p2pd's own output."""
+        if isinstance(startup_timeout, bool) or not isinstance(startup_timeout, numbers.Real):
+            raise TypeError(f"startup_timeout must be a number of seconds, got {startup_timeout!r}")
+        if math.isnan(startup_timeout):
+            raise ValueError("startup_timeout must be a number of seconds, got NaN")
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._exited = asyncio.Event()
