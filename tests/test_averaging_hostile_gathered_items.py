@@ -12,7 +12,7 @@ import pytest
 import torch
 from averaging_hostile_peer import Code, hostile_setup, item_bomb_gather, run_step
 
-from hivemind.averaging.matchmaking_rules import LeaderState, check_join_request
+from hivemind.averaging.matchmaking_rules import MAX_GATHER_BYTES, LeaderState, check_join_request
 from hivemind.averaging.payload import (
     MAX_GROUP_GATHER_ITEMS,
     MalformedGatherError,
@@ -117,3 +117,18 @@ async def test_a_leader_that_changes_this_peers_gathered_data_is_refused_saying_
         outcome = await run_step(hostile, victim, timeout=4, allow_retries=False)
         assert hostile.joined.is_set()
         assert isinstance(outcome, Exception) and "changed the gathered data of this peer" in str(outcome), outcome
+
+
+def test_objects_of_registered_ext_types_count_for_what_they_cost():
+    """An empty DictionaryDHTValue is 23 bytes of msgpack and ~460 bytes once decoded: counted as one item of its
+    list, 64 payloads of them (~5 MB each) were all decoded within the budget."""
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    value = DictionaryDHTValue()
+    count = (MAX_GATHER_BYTES - 64) // len(MSGPackSerializer.dumps(value))
+    bomb = MSGPackSerializer.dumps([None, 0, MSGPackSerializer.dumps([value] * count)])
+    payloads = _CountingPayloads([bomb] * 64)
+    with pytest.raises(MalformedGatherError, match="items"):
+        decode_group_gathered([PeerID(os.urandom(32)) for _ in range(64)], payloads)
+    assert payloads.read <= 16
