@@ -107,3 +107,20 @@ def test_shutdown_during_a_state_download_ends_the_download_at_once():
         donor.shutdown()
         newcomer_dht.shutdown()
         donor_dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_an_optimizer_used_as_a_context_manager_is_shut_down_on_exit_also_after_an_error():
+    dht = DHT(start=True)
+    try:
+        model = torch.nn.Linear(2, 1)
+        with pytest.raises(KeyError):
+            with make_optimizer(dht, model, "context_manager", target_batch_size=100) as opt:
+                model(torch.ones(1, 2)).sum().backward()
+                opt.step(batch_size=2)
+                raise KeyError("the training loop failed")
+        with pytest.raises(RuntimeError, match="shut down"):
+            opt.step(batch_size=2)
+        assert not opt.tracker.is_alive() and not opt.state_averager.is_alive()
+    finally:
+        dht.shutdown()

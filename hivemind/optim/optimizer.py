@@ -437,11 +437,8 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             self._progress_bar.update(self.tracker.global_progress, self.local_epoch)
 
     def load_state_from_peers(self, **kwargs) -> None:
-        """
-        Download parameters, optimizer state and epoch from the best peer that shares them, retrying after errors
-        for up to ``load_state_timeout`` seconds (not after the averager's process died: that raises at once).
-        Locally accumulated gradients are dropped.
-        """
+        """Download parameters, optimizer state and epoch from the best peer that shares them, retrying after errors
+        for up to ``load_state_timeout`` s (not once the averager's process died); local gradients are dropped."""
         check_not_shut_down(self)
         self._cancel_scheduled_rounds()
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
@@ -490,6 +487,12 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self.state_averager.shutdown()
         if self.grad_averager is not None:
             self.grad_averager.shutdown()
+
+    def __enter__(self) -> Optimizer:  # ``with Optimizer(...) as opt:`` shuts it down on leaving, also after an error
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
 
     def __repr__(self) -> str:
         return (
