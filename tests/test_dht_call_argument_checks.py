@@ -67,3 +67,15 @@ def test_store_many_refuses_a_none_expiration_time_for_all_keys(lone_dht):
     # declare_experts(dht, uids, None) and the like failed with "object of type 'NoneType' has no len()"
     with pytest.raises(TypeError, match=r"expiration_time must be an absolute DHT time.*get_dht_time\(\) \+"):
         lone_dht.run_coroutine(store_without_time)
+
+
+def test_a_single_validator_or_a_validator_class_is_refused_with_what_to_pass(lone_dht):
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    # before: "'RSASignatureValidator' object is not iterable" and "expected a RecordValidatorBase, got ABCMeta"
+    with pytest.raises(TypeError, match=r"record_validators must be a list of validators.*\[validator\]"):
+        DHT(start=False, record_validators=RSASignatureValidator())
+    with pytest.raises(TypeError, match=r"record_validators must be a list of validators.*\[validator\]"):
+        lone_dht.add_validators(RSASignatureValidator())
+    with pytest.raises(TypeError, match=r"class RSASignatureValidator: pass an instance, RSASignatureValidator\(\)"):
+        DHT(start=False, record_validators=[RSASignatureValidator])

@@ -23,7 +23,7 @@ from hivemind.dht.process_channel import (
     exitcode_of,
 )
 from hivemind.dht.routing import DHTKey, DHTValue, Subkey
-from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
+from hivemind.dht.validation import CompositeValidator, RecordValidatorBase, validator_list
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.asyncio import switch_to_uvloop
 from hivemind.utils.graceful_sigterm import GracefulSigterm
@@ -352,7 +352,7 @@ class DHT(ShutdownOnExit, mp.Process):
         # (peek: is_alive() would reap an ended process under a shutdown() in another thread, see stop_lock)
         if not self._started or (os.getpid() == self._origin_pid and peek_exitcode(self) is not None):
             raise RuntimeError("Can't add validators before the DHT process has started")
-        self._call("add_validators", list(record_validators))
+        self._call("add_validators", validator_list(record_validators))
 
     @property
     def peer_id(self) -> PeerID:

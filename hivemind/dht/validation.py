@@ -65,12 +65,10 @@ class CompositeValidator(RecordValidatorBase):
 
     def extend(self, validators: Iterable[RecordValidatorBase]) -> None:
         """Add validators; each is merged into an existing one that accepts it (``merge_with``) or appended."""
-        for new_validator in validators:
+        for new_validator in validator_list(validators):
             if isinstance(new_validator, CompositeValidator):
                 self.extend(new_validator.validators)
                 continue
-            if not isinstance(new_validator, RecordValidatorBase):
-                raise TypeError(f"expected a RecordValidatorBase, got {type(new_validator).__name__}")
             if not any(existing.merge_with(new_validator) for existing in self._validators):
                 self._validators.append(new_validator)
         self._validators.sort(key=lambda validator: validator.priority)  # stable: equal priorities keep their order
@@ -147,3 +145,19 @@ class RecordSizeValidator(RecordValidatorBase):
         return (
             f"{type(self).__name__}(max_value_bytes={self.max_value_bytes}, max_subkey_bytes={self.max_subkey_bytes})"
         )
+
+
+def validator_list(validators: Iterable[RecordValidatorBase]) -> List[RecordValidatorBase]:
+    """``validators`` as a list; TypeError (saying what to pass) for a single validator, or a non-validator."""
+    if isinstance(validators, RecordValidatorBase):
+        raise TypeError(
+            f"record_validators must be a list of validators, got a single {type(validators).__name__}: "
+            f"pass [validator]"
+        )
+    result = list(validators)
+    for validator in result:
+        if isinstance(validator, type) and issubclass(validator, RecordValidatorBase):
+            raise TypeError(f"got the class {validator.__name__}: pass an instance, {validator.__name__}()")
+        if not isinstance(validator, RecordValidatorBase):
+            raise TypeError(f"expected a RecordValidatorBase, got {type(validator).__name__}")
+    return result
