@@ -54,10 +54,19 @@ class CallOptions:
 _REFUSALS = ("InvalidInputsError(", "TaskRejectedError(")
 
 
+# the most characters of an error text from a remote server kept in logs and exceptions (a hostile one can send MiBs)
+MAX_REMOTE_ERROR_CHARS = 1000
+
+
+def shorten(text: str, limit: int = MAX_REMOTE_ERROR_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def refusal_reason(error: BaseException) -> Optional[str]:
     """The server's reason if ``error`` says that it refused the request itself as invalid, else None."""
     if isinstance(error, P2PHandlerError) and str(error).startswith(_REFUSALS):
-        return str(error)
+        return shorten(str(error))
     return None
 
 
@@ -217,7 +226,7 @@ def _fan_out(
             logger.warning(f"Expert {jobs[index].expert.uid} refused the {method} request as invalid: {reason}")
             options.refused[jobs[index].expert.uid] = reason
             continue
-        logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {error!r}")
+        logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {shorten(repr(error))}")
         # unreachable (a P2PDaemonError, not an error the server answered with): its server's other experts too
         options.penalty.report_failure(penalty_key(jobs[index].expert), server_down=isinstance(error, P2PDaemonError))
     for index in timed_out:

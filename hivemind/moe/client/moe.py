@@ -13,7 +13,13 @@ import torch.nn as nn
 
 from hivemind.dht import DHT
 from hivemind.moe.client.beam_search import MoEBeamSearcher
-from hivemind.moe.client.call_many import CallOptions, RemoteCallMany, check_inputs_fit_schema, refusals_hint
+from hivemind.moe.client.call_many import (
+    CallOptions,
+    RemoteCallMany,
+    check_inputs_fit_schema,
+    refusals_hint,
+    shorten,
+)
 from hivemind.moe.client.expert import DUMMY, RemoteExpert
 from hivemind.moe.client.expert_rpc import parse_expert_info
 from hivemind.moe.client.gating import (
@@ -282,7 +288,7 @@ class RemoteMixtureOfExperts(nn.Module):
             raise next(iter(mismatches.values()))
         if timed_out:
             raise TimeoutError(f"Could not fetch expert info within forward_timeout={self.forward_timeout} s")
-        problems = "; ".join(f"{expert.uid}: {error!r}" for expert, error in errors.items())
+        problems = "; ".join(f"{expert.uid}: {shorten(repr(error))}" for expert, error in errors.items())
         raise RuntimeError(f"None of the chosen experts answered rpc_info: {problems or 'all skipped'}")
 
     @property
