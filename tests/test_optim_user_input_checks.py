@@ -117,3 +117,9 @@ def test_gradient_averager_refuses_a_batch_size_that_is_not_a_count(lone_dht, ba
     with pytest.raises(error, match="batch_size must be a positive number of samples"):
         averager.accumulate_grads_(batch_size)
     assert averager.local_samples_accumulated == 0
+
+
+def test_a_run_id_too_long_for_the_averagers_handler_names_is_refused_under_its_own_name(lone_dht):
+    # before: the state averager's prefix check fired, naming a "prefix" the user never passed
+    with pytest.raises(ValueError, match=r"run_id is 1000 bytes long.*use a run_id of at most \d+ bytes"):
+        make_optimizer(lone_dht, run_id="r" * 1000)

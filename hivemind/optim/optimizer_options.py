@@ -11,6 +11,8 @@ import torch
 from hivemind.dht import DHT
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.scheduler_sync import is_scheduler_instance
+from hivemind.p2p.call_arguments import MAX_HANDLE_NAME_BYTES
+from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.logging import get_logger
 
 __all__ = [
@@ -71,6 +73,7 @@ def resolve_options(
     """Fill in derived defaults and raise ValueError (saying what to change) for options that do not fit together."""
     if not isinstance(run_id, str) or not run_id or "." in run_id:
         raise ValueError(f"run_id must be a non-empty string without dots (it prefixes DHT keys), got {run_id!r}")
+    _check_run_id_length(run_id)
     if isinstance(target_batch_size, bool) or not isinstance(target_batch_size, int) or target_batch_size <= 0:
         raise ValueError(f"target_batch_size must be a positive int (samples per epoch), got {target_batch_size!r}")
     if batch_size_per_step is not None and not _is_positive_int(batch_size_per_step):  # (as step's batch_size)
@@ -254,3 +257,19 @@ def check_averager_opts(averager_opts: Any) -> None:
     for name in averager_opts:
         if name in _OPTIMIZER_SETS:
             raise TypeError(f"averager_opts cannot set {name}: the Optimizer sets it from {_OPTIMIZER_SETS[name]}")
+
+
+def _check_run_id_length(run_id: str) -> None:
+    """The averagers' handler names start with the run_id and must fit libp2p's protocol id limit."""
+    from hivemind.optim.grad_averager import GradientAverager  # (imported here: state_averager imports this module)
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    for averager_type, suffix in ((TrainingStateAverager, "_state_averager"), (GradientAverager, "_grad_averager")):
+        for handler in averager_type._get_rpc_handlers():
+            name_bytes = len(get_handle_name(run_id + suffix, averager_type.__name__, handler.name).encode())
+            if name_bytes > MAX_HANDLE_NAME_BYTES:
+                limit = MAX_HANDLE_NAME_BYTES - (name_bytes - len(run_id.encode()))
+                raise ValueError(
+                    f"run_id is {len(run_id.encode())} bytes long, too long for the handler names of its averagers "
+                    f"(libp2p allows {MAX_HANDLE_NAME_BYTES} bytes): use a run_id of at most {limit} bytes"
+                )
