@@ -6,6 +6,7 @@ import torch
 from optim_swarm_helpers import dht_pair, make_optimizer, mse_step, parameter_averagers  # noqa: F401 (a fixture)
 
 from hivemind.optim.optimizer_state import OptimizerStateError, dump_optimizer_state, load_optimizer_state
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
 
 def adam(params):
@@ -110,6 +111,24 @@ def test_the_legacy_training_averager_refuses_a_donor_with_non_finite_parameters
             params[0].fill_(value)
         assert averagers[1].load_state_from_peers(timeout=10) is None
         assert torch.equal(params[1], torch.full((2,), 1.0))
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_power_sgd_donor_with_non_finite_q_matrices_is_refused(dht_pair):  # noqa: F811
+    models = [torch.nn.Linear(12, 16) for _ in range(2)]
+    averagers = [
+        PowerSGDGradientAverager(model.parameters(), 2, dht=dht, prefix="psgd_bad_donor", start=True)
+        for model, dht in zip(models, dht_pair)
+    ]
+    try:
+        before = averagers[1]._qs[0].clone()
+        with averagers[0].lock_averaged_tensors, torch.no_grad():
+            averagers[0]._qs[0][0, 0] = float("nan")
+        assert averagers[1].load_state_from_peers(timeout=10) is None
+        assert torch.equal(averagers[1]._qs[0], before)
     finally:
         for averager in averagers:
             averager.shutdown()

@@ -13,6 +13,7 @@ from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.optimizer_state import introduces_non_finite
 from hivemind.utils.logging import get_logger
 from hivemind.utils.math import get_flatten_greedy_dims, orthogonalize_
 
@@ -160,6 +161,9 @@ class PowerSGDGradientAverager(GradientAverager):
         metadata, tensors = loaded
         if len(tensors) != len(self._qs) or any(t.shape != q.shape for t, q in zip(tensors, self._qs)):
             logger.warning("Refused the downloaded PowerSGD state: its Q matrices do not match this model")
+            return None
+        if any(introduces_non_finite(theirs, q) for theirs, q in zip(tensors, self._qs)):
+            logger.warning("Refused the downloaded PowerSGD state: its Q matrices hold inf/NaN")
             return None
         with self.lock_averaged_tensors, torch.no_grad():
             for q, theirs in zip(self._qs, tensors):
