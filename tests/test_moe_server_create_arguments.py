@@ -2,6 +2,8 @@
 CompressionType (the server started, and then every client call failed with the server's ValueError), and a single
 multiaddr or uid string where a list is expected (the error blamed the multiaddr "/" or the uids 'f', 'f', 'n')."""
 
+import re
+
 import pytest
 
 from hivemind.compression import Float16Compression
@@ -35,3 +37,16 @@ def test_a_compression_type_value_is_accepted():
         assert server.module_backends["ffn.0"].args_schema[0].compression == CompressionType.FLOAT16
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("pattern", ["ffn.[0:x]", "ffn.[5:2]", "ffn"])
+def test_an_unparsable_expert_pattern_is_refused_before_the_dht_starts(monkeypatch, pattern):
+    # before: the DHT started first (seconds), and the pattern's ValueError came after it
+    import hivemind.moe.server.server as server_module
+
+    def no_dht(*args, **kwargs):
+        raise AssertionError("the DHT was started before the expert pattern was checked")
+
+    monkeypatch.setattr(server_module, "DHT", no_dht)
+    with pytest.raises(ValueError, match=re.escape(f"expert pattern {pattern!r}")):
+        Server.create(num_experts=1, expert_pattern=pattern, hidden_dim=8, start=False)

@@ -7,11 +7,14 @@ from typing import Any, Mapping
 import torch
 
 from hivemind.dht import DHT
+from hivemind.moe.server.expert_pattern import parse_expert_pattern
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 
-def check_create_arguments(*, compression: Any, initial_peers: Any, expert_uids: Any) -> None:
+def check_create_arguments(compression: Any, initial_peers: Any, expert_uids: Any, expert_pattern: Any) -> None:
+    if expert_pattern is not None:  # (a ValueError naming the block; else only after the DHT started)
+        parse_expert_pattern(expert_pattern)
     if isinstance(compression, bool) or not isinstance(compression, numbers.Integral):
         raise TypeError(
             f"compression must be a CompressionType value such as CompressionType.FLOAT16 "

@@ -144,7 +144,7 @@ class Server(threading.Thread):
             per expert as the original does
         :param kwargs: to ``DHT(...)``: host_maddrs, announce_maddrs, identity_path, use_relay, client_mode, ...
         """
-        check_create_arguments(compression=compression, initial_peers=initial_peers, expert_uids=expert_uids)
+        check_create_arguments(compression, initial_peers, expert_uids, expert_pattern)
         if custom_module_path is not None:
             add_custom_models_from_file(str(custom_module_path))
         assert expert_cls in name_to_block, (
