@@ -71,4 +71,4 @@ def test_switch_moe_empty_batch_gives_an_empty_output_and_a_finite_loss(client_d
 @pytest.mark.parametrize("layer", [RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts])
 def test_constructor_refuses_impossible_k_best_and_k_min(layer, routing, argument):
     with pytest.raises(ValueError, match=argument):
-        layer(dht=None, uid_prefix="ffn.", grid_size=(2, 2), in_features=HIDDEN, **routing)
+        layer(dht=DHT(start=False), uid_prefix="ffn.", grid_size=(2, 2), in_features=HIDDEN, **routing)

@@ -65,4 +65,4 @@ def test_by_default_one_handler_thread_serves_in_the_server_process():
 
 def test_num_connection_handlers_below_one_is_refused():
     with pytest.raises(ValueError, match="num_connection_handlers must be at least 1"):
-        Server(None, {}, num_connection_handlers=0)
+        Server(DHT(start=False), {}, num_connection_handlers=0)
