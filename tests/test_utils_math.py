@@ -47,7 +47,7 @@ def test_flatten_greedy_dims(shape, max_ndim, expected):
     assert get_flatten_greedy_dims(torch.empty(shape), max_ndim) == expected
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+@pytest.mark.parametrize("scale", [1e-12, 1e-3, 1.0, 1e4])
 def test_orthogonalize_of_a_rank_deficient_matrix_gives_a_projection_onto_its_span(scale):
     """Columns that depend on the previous ones (up to rounding) become zero, not unit vectors of rounding noise:
     else P P^T is no projection, and PowerSGD's P (P^T M) overshoots a gradient of lower rank than its own."""

@@ -10,13 +10,14 @@ __all__ = ["orthogonalize_", "get_flatten_greedy_dims"]
 
 
 @torch.no_grad()
-def orthogonalize_(matrix: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def orthogonalize_(matrix: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """
     Make the columns of a 2-D ``matrix`` orthonormal in place (modified Gram-Schmidt) and return it.
 
     A column that is (numerically) a combination of the previous ones becomes zero, neither NaN nor a unit vector
     of rounding noise (which would make ``matrix @ matrix.T`` no projection): that is, a column whose norm after
-    removing the previous directions is at most ``eps`` or sqrt(machine epsilon) of its norm before.
+    removing the previous directions is at most sqrt(machine epsilon) of its norm before (or at most ``eps``; the
+    tolerance is relative, so that columns of any scale, e.g. tiny gradients, are normalized exactly).
     """
     if matrix.ndim != 2:
         raise ValueError(f"orthogonalize_ expects a 2-D matrix, got shape {tuple(matrix.shape)}")
