@@ -37,3 +37,26 @@ def test_megabytes_of_error_text_from_an_expert_are_cut_short(caplog, kind):
     finally:
         client_dht.shutdown()
         server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_remote_expert_raises_a_hostile_error_text_cut_short_and_named():
+    from hivemind.moe.server.dht_handler import get_experts
+    from hivemind.p2p import P2PHandlerError
+
+    server = FakeExpertServer({"ffn.0": nn.Linear(HID, HID)}, HID)
+
+    async def verbose_failure(uid, inputs):
+        raise RuntimeError("x" * LONG)
+
+    server.handler._forward = verbose_failure
+    client_dht = DHT(start=True, initial_peers=server.dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        (expert,) = get_experts(client_dht, ["ffn.0"])
+        with pytest.raises(P2PHandlerError) as error_info:
+            expert(torch.randn(3, HID))
+        message = str(error_info.value)
+        assert len(message) < 4096 and message.startswith("forward of expert 'ffn.0' at "), message[:200]
+    finally:
+        client_dht.shutdown()
+        server.stop()

@@ -19,6 +19,7 @@ from hivemind.moe.client.expert_rpc import (
     raw_size_of,
     response_size_limit,
     serialize_inputs,
+    shorten,
 )
 from hivemind.moe.client.gating import ExpertFailurePenalty, all_samples_settled, penalty_key
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
@@ -52,15 +53,6 @@ class CallOptions:
 # what an expert server of this library answers when it refuses a request as invalid (its shapes, dtypes, values or
 # batch size): the caller's fault, not the expert's, so that expert is not penalized for it
 _REFUSALS = ("InvalidInputsError(", "TaskRejectedError(")
-
-
-# the most characters of an error text from a remote server kept in logs and exceptions (a hostile one can send MiBs)
-MAX_REMOTE_ERROR_CHARS = 1000
-
-
-def shorten(text: str, limit: int = MAX_REMOTE_ERROR_CHARS) -> str:
-    """``text``, or its first ``limit`` characters and how long it was."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def refusal_reason(error: BaseException) -> Optional[str]:

@@ -20,10 +20,11 @@ from hivemind.moe.client.expert_rpc import (
     raw_size_of,
     response_size_limit,
     serialize_inputs,
+    shorten,
 )
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import ExpertInfo
-from hivemind.p2p import P2P, P2PDaemonError, PeerID, StubBase
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID, StubBase
 from hivemind.p2p.call_arguments import check_peer_id
 from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_compare, nested_flatten, nested_pack
@@ -181,11 +182,13 @@ class _RemoteModuleCall(torch.autograd.Function):
 
 def _run_call(call, uid: str, stub: StubBase, method: str) -> List[torch.Tensor]:
     """Run an expert call; a network failure (P2PDaemonError) names the expert, its server and the call."""
+    where = f"{method} of expert {uid!r} at {getattr(stub, '_peer', 'its server')}"
     try:
         return RemoteExpertWorker.run_coroutine(call)
     except P2PDaemonError as e:  # the same type, as for the expert's info
-        where = f"{method} of expert {uid!r} at {getattr(stub, '_peer', 'its server')}"
         raise type(e)(f"{where}: {e}{_hint(e)}") from e
+    except P2PHandlerError as e:  # the server's error text, which a hostile server can make megabytes long
+        raise P2PHandlerError(f"{where}: {shorten(str(e))}") from None
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,8 @@ __all__ = [
     "response_size_limit",
     "expected_output_bytes",
     "raw_size_of",
+    "MAX_REMOTE_ERROR_CHARS",
+    "shorten",
 ]
 
 MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # raw bytes sent in one call above which the streaming variant is used
@@ -77,6 +79,16 @@ class ConnectionHandler(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         raise NotImplementedError("this class only describes the expert RPCs; servers implement them")
         yield
+
+
+# the most characters of an error text from a remote server kept in logs and exceptions (a hostile one can send MiBs)
+MAX_REMOTE_ERROR_CHARS = 1000
+
+
+def shorten(text: str, limit: Optional[int] = None) -> str:
+    """``text``, or its first ``limit`` (MAX_REMOTE_ERROR_CHARS) characters and how long it was."""
+    limit = MAX_REMOTE_ERROR_CHARS if limit is None else limit
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ExpertInfoError(ValueError):

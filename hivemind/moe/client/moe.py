@@ -13,15 +13,9 @@ import torch.nn as nn
 
 from hivemind.dht import DHT
 from hivemind.moe.client.beam_search import MoEBeamSearcher
-from hivemind.moe.client.call_many import (
-    CallOptions,
-    RemoteCallMany,
-    check_inputs_fit_schema,
-    refusals_hint,
-    shorten,
-)
+from hivemind.moe.client.call_many import CallOptions, RemoteCallMany, check_inputs_fit_schema, refusals_hint
 from hivemind.moe.client.expert import DUMMY, RemoteExpert
-from hivemind.moe.client.expert_rpc import parse_expert_info
+from hivemind.moe.client.expert_rpc import parse_expert_info, shorten
 from hivemind.moe.client.gating import (
     ExpertFailurePenalty,
     compute_expert_scores,
