@@ -60,3 +60,26 @@ def test_a_remote_expert_raises_a_hostile_error_text_cut_short_and_named():
     finally:
         client_dht.shutdown()
         server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_hostile_error_text_in_answer_to_rpc_info_is_cut_short():
+    from hivemind.moe.server.dht_handler import get_experts
+    from hivemind.p2p import P2PHandlerError
+
+    server = FakeExpertServer({"ffn.0": nn.Linear(HID, HID)}, HID)
+
+    def verbose_lookup(uid):
+        raise KeyError("x" * LONG)
+
+    server.handler._module = verbose_lookup
+    client_dht = DHT(start=True, initial_peers=server.dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        (expert,) = get_experts(client_dht, ["ffn.0"])
+        with pytest.raises(P2PHandlerError) as error_info:
+            _ = expert.info
+        message = str(error_info.value)
+        assert len(message) < 4096 and message.startswith("cannot get the schema of expert 'ffn.0'"), message[:200]
+    finally:
+        client_dht.shutdown()
+        server.stop()

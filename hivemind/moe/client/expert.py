@@ -84,6 +84,9 @@ class RemoteExpert(nn.Module):
             except P2PDaemonError as e:  # the same type (callers tell network failures by it), saying which and why
                 what = f"cannot get the schema of expert {self.uid!r} from {self.peer_id}"
                 raise type(e)(f"{what}: {e}{_hint(e)}") from e
+            except P2PHandlerError as e:  # the server's error text (a hostile one can make it megabytes long)
+                what = f"cannot get the schema of expert {self.uid!r} from {self.peer_id}"
+                raise P2PHandlerError(f"{what}: {shorten(str(e))}") from None
             self._rpc_info = parse_expert_info(response.serialized_info)
         return self._rpc_info
 
