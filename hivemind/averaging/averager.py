@@ -27,6 +27,7 @@ from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import is_describing_state, packed_copy
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.dht import DHT
+from hivemind.dht.dht import check_dht_argument
 from hivemind.p2p import PeerID
 from hivemind.p2p.call_arguments import MAX_HANDLE_NAME_BYTES
 from hivemind.p2p.servicer import get_handle_name
@@ -130,8 +131,7 @@ class DecentralizedAverager(AveragerProcess):
             f"names (libp2p allows {MAX_HANDLE_NAME_BYTES} bytes, {longest_name.split('::')[-1]!r} with its prefix "
             f"takes {len(longest_name.encode())}): use a shorter prefix",
         )
-        if not isinstance(dht, DHT):
-            raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
+        check_dht_argument(dht)
         _check(
             isinstance(initial_group_bits, str) and re.fullmatch("[01]*", initial_group_bits),
             f"initial_group_bits must be a string of 0 and 1, got {initial_group_bits!r}",

@@ -413,3 +413,17 @@ def _socket_path(name: str) -> str:
     too) when that path would exceed what a Unix socket address holds (107 bytes on Linux, 103 on macOS)."""
     path = os.path.join(tempfile.gettempdir(), name)
     return path if len(os.fsencode(path)) <= 103 else os.path.join("/tmp", name)
+
+
+def check_dht_argument(dht: Any) -> None:
+    """
+    Refuse, with a TypeError saying what to pass, a ``dht`` argument that is plainly no DHT: None, a str or number, a
+    collection, a DHTNode (the DHT process's own node) or a P2P. Any other object is taken as a DHT, so that wrappers
+    and stand-ins (a test's offline DHT, a mock) keep working as they do with hivemind 1.1.12.
+    """
+    plainly_not = (str, bytes, int, float, list, tuple, dict, set, DHTNode, P2P)
+    if dht is None or isinstance(dht, plainly_not):
+        raise TypeError(
+            f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r:.100} (create one with "
+            "hivemind.DHT(initial_peers=..., start=True))"
+        )

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from hivemind.dht import DHT
+from hivemind.dht.dht import check_dht_argument
 from hivemind.optim.grad_scaler import GradScaler
 from hivemind.optim.scheduler_sync import is_scheduler_instance
 from hivemind.p2p.call_arguments import MAX_HANDLE_NAME_BYTES
@@ -38,8 +38,7 @@ class OptimizerOptions:
 
 
 def check_dht(dht: Any) -> None:
-    if not isinstance(dht, DHT):
-        raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
+    check_dht_argument(dht)
 
 
 def _is_optimizer_factory(optimizer: Any) -> bool:

@@ -3,7 +3,7 @@
 import numbers
 from typing import Any, Dict, Optional
 
-from hivemind.dht import DHT
+from hivemind.dht.dht import check_dht_argument
 
 
 def _is_int(value: Any) -> bool:
@@ -14,8 +14,7 @@ def check_mixture_arguments(
     *, dht: Any, uid_prefix: Any, grid_size: Any, in_features: Any, ints: Dict[str, Any], timeouts: Dict[str, Any]
 ) -> None:
     """:param ints: the routing counts (k_best, k_min, ...) by name; :param timeouts: seconds or None, by name"""
-    if not isinstance(dht, DHT):
-        raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
+    check_dht_argument(dht)
     if not isinstance(uid_prefix, str):
         raise TypeError(f"uid_prefix must be a str such as 'ffn.', got {type(uid_prefix).__name__}: {uid_prefix!r}")
     if isinstance(grid_size, (str, bytes)) or not hasattr(grid_size, "__iter__"):

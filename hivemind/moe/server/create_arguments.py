@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
-from hivemind.dht import DHT
+from hivemind.dht.dht import check_dht_argument
 from hivemind.moe.server.expert_pattern import parse_expert_pattern
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
@@ -30,8 +30,7 @@ def check_create_arguments(compression: Any, initial_peers: Any, expert_uids: An
 
 
 def check_server_arguments(*, dht: Any, module_backends: Any, update_period: Any) -> None:
-    if not isinstance(dht, DHT):  # (run() and shutdown() would fail with an AttributeError)
-        raise TypeError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}: {dht!r}")
+    check_dht_argument(dht)
     if not isinstance(module_backends, Mapping):
         raise TypeError(f"module_backends must be a dict {{uid: ModuleBackend}}, got {type(module_backends).__name__}")
     if isinstance(update_period, bool) or not isinstance(update_period, numbers.Real):
