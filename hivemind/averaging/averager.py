@@ -401,13 +401,18 @@ class DecentralizedAverager(AveragerProcess):
         timeout: Optional[float] = None,
     ) -> Union[Optional[Tuple[Any, Sequence[torch.Tensor]]], MPFuture]:
         """Download the state of the best peer that shares it: (metadata, tensors), or None if nobody does."""
-        if timeout is not None:
-            if not _is_number(timeout):
-                raise TypeError(f"timeout must be None or a non-negative number of seconds, got {timeout!r}")
-            if not timeout >= 0:  # (NaN too)
-                raise AveragerArgumentError(f"timeout must be None or a non-negative number of seconds, got {timeout}")
+        _check_load_timeout(timeout)
         future = self._call_future("load_state_from_peers", timeout)
         return future.result() if wait else future
+
+    def _load_state_from_peers_excluding(
+        self, exclude: Sequence[PeerID], timeout: Optional[float] = None
+    ) -> Optional[Tuple[Any, Sequence[torch.Tensor], PeerID]]:
+        """As load_state_from_peers, without asking the donors in ``exclude``, and saying whose state it is:
+        (metadata, tensors, donor), or None. For subclasses that check a state and try the next donor if it is
+        refused."""
+        _check_load_timeout(timeout)
+        return self._call_future("load_state_excluding", timeout, tuple(exclude)).result()
 
     def get_group_bits(self, wait: bool = True) -> Union[str, MPFuture]:
         future = self._call_future("get_group_bits")
@@ -421,6 +426,14 @@ class DecentralizedAverager(AveragerProcess):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.prefix!r}, mode={self.mode.name}, tensors={len(self._averaged_tensors)})"
+
+
+def _check_load_timeout(timeout: Any) -> None:
+    if timeout is not None:
+        if not _is_number(timeout):
+            raise TypeError(f"timeout must be None or a non-negative number of seconds, got {timeout!r}")
+        if not timeout >= 0:  # (NaN too)
+            raise AveragerArgumentError(f"timeout must be None or a non-negative number of seconds, got {timeout}")
 
 
 def _is_number(value: Any) -> bool:

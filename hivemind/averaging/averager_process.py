@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,7 +30,7 @@ from hivemind.dht.process_channel import (
     ServingEnd,
     exitcode_of,
 )
-from hivemind.p2p import P2PDaemonError, ServicerBase
+from hivemind.p2p import P2PDaemonError, PeerID, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.p2p.servicer import get_handle_name
@@ -426,6 +426,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             get_group_bits=get_group_bits,
             set_group_bits=set_group_bits,
             load_state_from_peers=self._load_state_from_peers,
+            load_state_excluding=self._load_state_excluding,
             update_state_sharing=update_state_sharing,
             shutdown=shutdown,
         )
@@ -444,6 +445,11 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         return (metadata, tensors, *infos)
 
     async def _load_state_from_peers(self, timeout: Optional[float] = None):
+        loaded = await self._load_state_excluding(timeout)
+        return None if loaded is None else loaded[:2]
+
+    async def _load_state_excluding(self, timeout: Optional[float] = None, exclude: Sequence[PeerID] = ()):
+        """(metadata, tensors, donor) of the best donor not in ``exclude``, or None"""
         # what a donor's state must look like: our own state (get_current_state may be overridden); within ``timeout``
         started = time.monotonic()
         template_timeout = STATE_TEMPLATE_TIMEOUT if timeout is None else min(STATE_TEMPLATE_TIMEOUT, timeout)
@@ -470,4 +476,6 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             request_timeout=self.request_timeout,
             next_chunk_timeout=self.next_chunk_timeout,
             min_rate=self._state_min_rate,
+            exclude=frozenset(exclude),
+            with_donor=True,
         )

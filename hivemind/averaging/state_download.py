@@ -21,7 +21,7 @@ import asyncio
 import math
 import random
 import time
-from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, AsyncIterator, Collection, List, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -253,7 +253,9 @@ async def load_state_from_peers(
     rng: Optional[random.Random] = None,
     min_rate: Optional[float] = DEFAULT_MIN_RATE,
     rate_grace: float = DEFAULT_RATE_GRACE,
-) -> Optional[Tuple[Any, List[torch.Tensor]]]:
+    exclude: Collection[PeerID] = (),
+    with_donor: bool = False,
+) -> Optional[Tuple[Any, ...]]:
     """Download the state of the best donor that delivers it whole: ``(metadata, tensors)``, or None.
 
     Donors are the averagers that declared a numeric priority under ``<prefix>.all_averagers``, highest first (ties
@@ -282,6 +284,8 @@ async def load_state_from_peers(
       one that sends a chunk just before every message limit would otherwise hold a newcomer without an overall
       ``timeout`` for hours. Checked as each message arrives; a single wait is bounded by the message limit
     :param rate_grace: seconds of waiting on a donor allowed on top of what its pace earns
+    :param exclude: donors not to ask (e.g. those whose state the caller refused after an earlier download)
+    :param with_donor: return ``(metadata, tensors, donor)``, saying whose state it is
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     if next_chunk_timeout is not None:
@@ -297,9 +301,10 @@ async def load_state_from_peers(
     except asyncio.TimeoutError:
         logger.warning(f"Could not look up state donors under {key} within {lookup_timeout:.1f} s")
         return None
-    donors = order_donors(entries, own_peer_id, rng)
+    donors = [entry for entry in order_donors(entries, own_peer_id, rng) if entry[0] not in exclude]
     if not donors:
-        logger.info(f"Nobody shares a state under {key}")
+        left_out = f" besides the {len(exclude)} whose state was refused" if exclude else ""
+        logger.info(f"Nobody shares a state under {key}{left_out}")
         return None
     rank = {donor: index + 1 for index, (donor, _) in enumerate(donors)}
 
@@ -354,7 +359,7 @@ async def load_state_from_peers(
             f"Downloaded the state from {donor}: {len(tensors)} tensors, {num_bytes} bytes "
             f"in {time.perf_counter() - download.asked_at:.2f} s"
         )
-        return metadata, tensors
+        return (metadata, tensors, donor) if with_donor else (metadata, tensors)
     if candidates:
         logger.warning(f"The time for loading the state ran out before {len(candidates)} donors were tried")
     logger.warning(f"Could not download a state from any of the {len(donors)} donors under {key}")

@@ -20,7 +20,7 @@ from hivemind.optim.optimizer_options import check_dht, check_not_shut_down, che
 from hivemind.optim.optimizer_torch_api import load_training_state_dict_, model_param_groups, training_state_dict
 from hivemind.optim.progress_bar import EpochProgressBar
 from hivemind.optim.progress_tracker import LocalTrainingProgress
-from hivemind.optim.state_loading import load_state_with_retries
+from hivemind.optim.state_loading import check_load_state_arguments, load_state_with_retries
 from hivemind.utils.logging import get_logger
 
 __all__ = ["Optimizer"]
@@ -437,9 +437,9 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             self._progress_bar.update(self.tracker.global_progress, self.local_epoch)
 
     def load_state_from_peers(self, **kwargs) -> None:
-        """Download parameters, optimizer state and epoch from the best peer that shares them, retrying after errors
-        for up to ``load_state_timeout`` s (not once the averager's process died); local gradients are dropped."""
+        """Download parameters, optimizer state and epoch from the best donor, retried for load_state_timeout s."""
         check_not_shut_down(self)
+        check_load_state_arguments(kwargs)
         self._cancel_scheduled_rounds()
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         deadline = time.monotonic() + self.load_state_timeout

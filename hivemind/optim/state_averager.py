@@ -20,14 +20,13 @@ from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH
 from hivemind.optim.optimizer_options import check_state_averager_arguments
 from hivemind.optim.optimizer_state import (
-    OptimizerStateError,
     dump_optimizer_state,
     initialize_optimizer_state_,
     load_optimizer_state,
 )
 from hivemind.optim.optimizer_torch_api import as_param_groups, frozen_gradients_hidden
 from hivemind.optim.scheduler_sync import SchedulerStart, catch_up_scheduler, is_scheduler_instance
-from hivemind.optim.state_loading import apply_downloaded_state_
+from hivemind.optim.state_loading import apply_downloaded_state_, load_first_accepted_state
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
@@ -472,16 +471,7 @@ class TrainingStateAverager(DecentralizedAverager):
         tensors, epoch). A state that does not fit (other shapes, optimizer or options), or whose epoch is behind the
         local one, is refused with a warning and nothing changes. Returns (metadata, tensors), or None.
         """
-        loaded = DecentralizedAverager.load_state_from_peers(self, **kwargs)
-        if loaded is None:
-            return None
-        metadata, tensors = loaded
-        try:
-            self._apply_downloaded_state(metadata, list(tensors))
-        except (OptimizerStateError, ValueError, TypeError, KeyError) as e:
-            logger.warning(f"Refused the downloaded training state: {e}")
-            return None
-        return metadata, tensors
+        return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
 
     def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:
         apply_downloaded_state_(self, metadata, tensors)

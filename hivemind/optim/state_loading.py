@@ -4,21 +4,69 @@ attempts retried after errors within a deadline."""
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from hivemind.dht.process_channel import ChannelClosedError
 from hivemind.optim.epoch_rule import MAX_EPOCH
-from hivemind.optim.optimizer_state import introduces_non_finite, load_optimizer_state
+from hivemind.optim.optimizer_state import OptimizerStateError, introduces_non_finite, load_optimizer_state
 from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
 from hivemind.utils.logging import get_logger
 
-__all__ = ["LOAD_STATE_RETRY_DELAY", "apply_downloaded_state_", "load_state_with_retries"]
+__all__ = [
+    "LOAD_STATE_RETRY_DELAY",
+    "apply_downloaded_state_",
+    "check_load_state_arguments",
+    "load_first_accepted_state",
+    "load_state_with_retries",
+]
 
 logger = get_logger(__name__)
 
 LOAD_STATE_RETRY_DELAY = 1.0  # seconds between attempts of Optimizer.load_state_from_peers after an error
+
+
+def check_load_state_arguments(kwargs: Dict[str, Any]) -> None:
+    """
+    Refuse (TypeError) keyword arguments of a training state download that cannot work: it applies the state it
+    downloads, so it takes only ``timeout`` and ``wait=True`` (no future to wait on later).
+    """
+    unknown = sorted(set(kwargs) - {"timeout", "wait"})
+    if unknown:
+        raise TypeError(f"load_state_from_peers() takes only timeout= (and wait=True), got {', '.join(unknown)}")
+    if kwargs.get("wait", True) is not True:
+        raise TypeError(
+            f"load_state_from_peers() applies the state it downloads and returns when done: wait must be True, got "
+            f"{kwargs['wait']!r} (call it from a thread to go on meanwhile)"
+        )
+
+
+def load_first_accepted_state(
+    averager: Any, apply: Callable[[Any, List[torch.Tensor]], None], **kwargs
+) -> Optional[Tuple[Any, List[torch.Tensor]]]:
+    """
+    Download the best donor's state and ``apply(metadata, tensors)`` it; a state that ``apply`` refuses (raising
+    OptimizerStateError, ValueError, TypeError or KeyError, having changed nothing) is logged and the next best donor
+    is asked, within ``timeout``. Returns (metadata, tensors) of the state applied, or None if no donor's was.
+    """
+    check_load_state_arguments(kwargs)
+    timeout = kwargs.get("timeout")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    refused: List[Any] = []  # donors whose state was refused: a hostile or broken donor of the highest priority
+    while True:  # must not keep newcomers from the others' state
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        loaded = averager._load_state_from_peers_excluding(refused, timeout=remaining)
+        if loaded is None:
+            return None
+        metadata, tensors, donor = loaded
+        try:
+            apply(metadata, list(tensors))
+        except (OptimizerStateError, ValueError, TypeError, KeyError) as e:
+            logger.warning(f"Refused the state downloaded from {donor}, asking the next donor: {e}")
+            refused.append(donor)
+            continue
+        return metadata, tensors
 
 
 def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, **kwargs) -> Optional[Any]:

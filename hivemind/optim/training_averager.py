@@ -13,12 +13,12 @@ from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.optim.optimizer_state import (
-    OptimizerStateError,
     dump_optimizer_state,
     initialize_optimizer_state_,
     introduces_non_finite,
     load_optimizer_state,
 )
+from hivemind.optim.state_loading import load_first_accepted_state
 from hivemind.utils.logging import get_logger
 
 __all__ = ["TrainingAverager"]
@@ -124,28 +124,23 @@ class TrainingAverager(DecentralizedAverager):
 
     def load_state_from_peers(self, **kwargs) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         """Download and apply the best peer's parameters, extra tensors, optimizer state and step counter."""
-        loaded = DecentralizedAverager.load_state_from_peers(self, **kwargs)
-        if loaded is None:
-            return None
-        metadata, tensors = loaded
+        return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
+
+    def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:
+        """Check a donor's state (ValueError or OptimizerStateError if unusable; then nothing changes) and apply it."""
         local = [*self.parameters, *self.extra_tensors]
-        try:
-            step = metadata.get("step") if isinstance(metadata, dict) else None
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                raise ValueError(f"the donor's metadata is not a TrainingAverager state: {metadata!r:.100}")
-            if len(tensors) < len(local) or any(a.shape != b.shape for a, b in zip(local, tensors)):
-                raise ValueError("the donor's tensors do not match the local parameters")
-            if any(introduces_non_finite(theirs, mine) for mine, theirs in zip(local, tensors)):
-                raise ValueError("the donor's parameters or extra tensors hold inf/NaN, the local ones do not")
-            with torch.no_grad(), self.opt_lock:
-                load_optimizer_state(self.opt, metadata.get("optimizer_metadata"), list(tensors[len(local) :]))
-                for mine, theirs in zip(local, tensors):
-                    mine.copy_(theirs)
-        except (OptimizerStateError, ValueError) as e:
-            logger.warning(f"Refused the downloaded state: {e}")
-            return None
-        self.local_step = metadata["step"]
-        return metadata, tensors
+        step = metadata.get("step") if isinstance(metadata, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"the donor's metadata is not a TrainingAverager state: {metadata!r:.100}")
+        if len(tensors) < len(local) or any(a.shape != b.shape for a, b in zip(local, tensors)):
+            raise ValueError("the donor's tensors do not match the local parameters")
+        if any(introduces_non_finite(theirs, mine) for mine, theirs in zip(local, tensors)):
+            raise ValueError("the donor's parameters or extra tensors hold inf/NaN, the local ones do not")
+        with torch.no_grad(), self.opt_lock:
+            load_optimizer_state(self.opt, metadata.get("optimizer_metadata"), list(tensors[len(local) :]))
+            for mine, theirs in zip(local, tensors):
+                mine.copy_(theirs)
+        self.local_step = step
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False)
