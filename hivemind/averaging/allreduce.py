@@ -103,9 +103,9 @@ class AllReduceRunner(ReducerSide, ServicerBase):
     :param allreduce_timeout: seconds the caller gives the whole round (None: unknown). A peer that sends each part
         (or reply) just within those timeouts is never taken for a stalled one, but would make a round of many parts
         outlast this limit, failing it for everyone it exchanges parts with. So at ``SENDERS_LAST_CALL`` of it the
-        reducer excludes the senders that have not delivered all their parts, and at ``REDUCERS_LAST_CALL`` of it
-        this peer gives up on the reducers that have not replied to all of its parts (their remaining parts keep
-        their local values, as for failed peers)
+        reducer excludes the senders that hold it up (they have not delivered the oldest part it reduces; the others
+        are only held back behind them), and at ``REDUCERS_LAST_CALL`` of it this peer gives up on the reducers that
+        have not replied to all of its parts (their remaining parts keep their local values, as for failed peers)
     :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch, output_buffers (see
         TensorPartContainer); with output_buffers, the memory of a yielded delta is written again by a later round
         once no tensor or array references it any more
@@ -440,9 +440,12 @@ class AllReduceRunner(ReducerSide, ServicerBase):
     async def _exclude_senders_at_last_call(self) -> None:
         await asyncio.sleep(SENDERS_LAST_CALL * self.allreduce_timeout)
         reducer, own_index = self.reducer, self.sender_index_of.get(self.peer_id)
+        # only the senders that hold the round up: those that have not delivered the oldest part still being reduced.
+        # The others may lack parts too, but only because the reducer takes few parts ahead of that one: they go on
+        holding_up = min(reducer.current_part_index, reducer.num_parts - 1)
         for sender_index in range(len(self.sender_peer_ids)):
             delivered = reducer.sender_progress[sender_index]
-            if sender_index != own_index and reducer.is_active(sender_index) and delivered < reducer.num_parts:
+            if sender_index != own_index and reducer.is_active(sender_index) and delivered <= holding_up:
                 self._ban(
                     sender_index,
                     f"had delivered {delivered} of {reducer.num_parts} parts at the round's last call "

@@ -1,0 +1,73 @@
+"""The round's last call (a reducer excludes the senders that have not delivered all parts shortly before
+allreduce_timeout) must exclude the sender that holds the round up, not the honest senders that wait behind it: a
+reducer takes parts only a few ahead of the oldest unfinished one, so while one member drips its parts, every other
+sender is held back too and has not delivered all its parts either (real p2pd peers on 127.0.0.1)."""
+
+import asyncio
+import os
+
+import pytest
+import torch
+from allreduce_helpers import (
+    call_reducer,
+    collect,
+    hivemind_logs,
+    make_connected_peers,
+    make_runner,
+    sender_messages,
+    start_routers,
+)
+
+from hivemind.averaging.partition import TensorPartContainer
+
+__all__ = ["hivemind_logs"]  # the fixture, used by the tests below
+
+pytestmark = pytest.mark.timeout(60)
+
+SIZE, PART_BYTES = 512, 64  # 32 parts of 16 float32 elements, 16 reduced by each of the two honest members
+FRACTIONS = [0.0, 1.0, 1.0]  # the dripping member only sends
+TIMEOUTS = dict(sender_timeout=1.0, reducer_timeout=2.0, allreduce_timeout=8.0)
+
+
+async def test_the_last_call_excludes_the_dripping_sender_and_not_the_honest_ones_held_behind_it(
+    p2p_factory, hivemind_logs
+):
+    peers = await make_connected_peers(p2p_factory, 3)
+    routers = await start_routers(peers)
+    dripper_value, honest_values = 30.0, (0.0, 6.0)
+    group_id = os.urandom(20)
+    runners = [
+        make_runner(
+            peers[i],
+            routers[i],
+            peers,
+            group_id,
+            [torch.full((SIZE,), honest_values[i - 1])],
+            peer_fractions=FRACTIONS,
+            part_size_bytes=PART_BYTES,
+            **TIMEOUTS,
+        )  # fmt: skip
+        for i in (1, 2)
+    ]
+    container = TensorPartContainer([torch.full((SIZE,), dripper_value)], FRACTIONS, part_size_bytes=PART_BYTES)
+
+    async def drip(reducer_index):
+        for message in sender_messages(container, reducer_index, group_id):  # 16 parts, 11 s in all
+            yield message
+            await asyncio.sleep(0.7)  # within sender_timeout each time
+
+    dripping = [asyncio.create_task(call_reducer(peers[0], peers[i], drip(i))) for i in (1, 2)]
+    try:
+        deltas = await asyncio.wait_for(asyncio.gather(*(collect(runner) for runner in runners)), 15)
+    finally:
+        for task in dripping:
+            task.cancel()
+        await asyncio.gather(*dripping, return_exceptions=True)
+
+    with_dripper, without = (dripper_value + sum(honest_values)) / 3, sum(honest_values) / 2
+    for own, (delta,) in zip(honest_values, deltas):
+        result = own + delta
+        assert bool(((result == with_dripper) | (result == without)).all()), result  # never left at its own value
+        assert 0 < int((result == without).sum()) < SIZE  # the dripper was excluded from the later parts only
+    banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
+    assert banned and all(peers[0].peer_id.to_base58()[-8:] in message for message in banned), banned
