@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from hivemind.dht.node import DHTNode
+from hivemind.utils.timed_storage import get_dht_time
 
 
 @pytest.mark.timeout(30)
@@ -52,3 +54,16 @@ async def test_parallel_rpc_below_one_is_refused_at_creation(parallel_rpc):
 async def test_a_limit_of_one_rpc_and_one_replica_is_accepted():
     node = await DHTNode.create(parallel_rpc=1, num_replicas=1)
     await node.shutdown()
+
+
+@pytest.mark.timeout(60)
+async def test_numpy_integers_are_accepted_as_counts():
+    """hivemind 1.1.12 accepts numpy integers (e.g. from a config parsed with numpy) for these counts."""
+    node = await DHTNode.create(num_workers=np.int32(2), num_replicas=np.int64(3), parallel_rpc=np.int64(4))
+    try:
+        assert (node.num_workers, node.num_replicas) == (2, 3)
+        assert type(node.num_workers) is int and type(node.num_replicas) is int
+        assert await node.store("key", "value", get_dht_time() + 30)
+        assert (await node.get("key")).value == "value"
+    finally:
+        await node.shutdown()

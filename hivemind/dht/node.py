@@ -1,6 +1,7 @@
 """DHTNode: a Kademlia peer on asyncio (creation, bootstrap, node lookups, shutdown; get, store, loops: node_*.py)."""
 
 import asyncio
+import numbers
 import os
 from collections import defaultdict
 from collections.abc import Awaitable
@@ -33,6 +34,11 @@ BOOTSTRAP_FAILED_MESSAGE = (
 )
 
 MaddrLike = Union[Multiaddr, str]
+
+
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is an integer of at least 1 (a bool is not; a numpy integer is)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
@@ -101,16 +107,17 @@ class DHTNode(SearchingGet, ReplicatedStore):
         :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set
         :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
         """
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        if not _is_count(num_workers):
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if wait_timeout is not None and not wait_timeout > 0:  # 0 or less: every request would time out at once
             raise ValueError(f"wait_timeout must be a positive number of seconds, got {wait_timeout!r}")
-        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:  # (no store works)
+        if not _is_count(num_replicas):  # (below 1, no store works)
             raise ValueError(f"num_replicas must be a positive integer (nodes storing each key), got {num_replicas!r}")
-        if parallel_rpc is not None and (
-            isinstance(parallel_rpc, bool) or not isinstance(parallel_rpc, int) or parallel_rpc < 1
-        ):  # 0: the first RPC (the bootstrap ping) would wait forever
+        if parallel_rpc is not None and not _is_count(parallel_rpc):  # 0: the bootstrap ping would wait forever
             raise ValueError(f"parallel_rpc must be None (no limit) or a positive integer, got {parallel_rpc!r}")
+        # (numpy integers, as hivemind 1.1.12 accepts, become plain ints)
+        num_workers, num_replicas = int(num_workers), int(num_replicas)
+        parallel_rpc = None if parallel_rpc is None else int(parallel_rpc)
         self = cls(_created_by_create=True)
         initial_peers = [] if initial_peers is None else [str(maddr) for maddr in initial_peers]
         initial_peer_ids = [peer_id_from_maddr(maddr) for maddr in initial_peers]
