@@ -62,6 +62,16 @@ def test_state_averager_refuses_statistics_given_as_one_string_and_non_tensor_ex
         TrainingStateAverager(extra_tensors=[torch.zeros(2), model.weight.detach().numpy()], **common)
 
 
+def test_extra_tensors_given_as_a_generator_are_all_kept(lone_dht):
+    # (e.g. model.buffers(): the type check must not use up the iterator before the averager takes the tensors)
+    model = torch.nn.BatchNorm1d(3)
+    averager = TrainingStateAverager(
+        dht=lone_dht, optimizer=torch.optim.Adam, params=model.parameters(), prefix="gen", start=False,
+        extra_tensors=model.buffers(), average_opt_statistics=iter(["exp_avg_sq"]),
+    )  # fmt: skip
+    assert len(averager.extra_tensors) == 3 and averager.average_opt_statistics == ("exp_avg_sq",)
+
+
 def test_an_infinite_load_state_timeout_is_still_accepted(lone_dht):
     optimizer = make_optimizer(
         lone_dht, run_id="inf", load_state_timeout=math.inf, average_opt_statistics=["exp_avg_sq"]

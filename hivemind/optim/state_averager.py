@@ -96,6 +96,9 @@ class TrainingStateAverager(DecentralizedAverager):
         status_loglevel: int = logging.DEBUG, **averager_kwargs,
     ):
         # fmt: on
+        if not isinstance(average_opt_statistics, str):  # (iterators, e.g. model.buffers(), are read only once)
+            average_opt_statistics = tuple(average_opt_statistics)
+        extra_tensors = tuple(extra_tensors)
         optimizer_is_factory = check_state_averager_arguments(
             optimizer, params, scheduler, offload_optimizer, custom_gradients, average_opt_statistics, extra_tensors
         )
