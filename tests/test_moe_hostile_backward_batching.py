@@ -1,7 +1,8 @@
 """A backward request whose finite gradients make the parameter gradients of its batch overflow must not cost the
 good requests batched with it their update: the batch's whole update was skipped, silently for the good callers
 (they got their input gradients, and the expert did not learn from them). Now such a batch is retried one request at
-a time, like a batch that raised: the good requests are applied, the overflowing one alone is refused."""
+a time, like a batch that raised: the good requests are applied; the overflowing one, alone, gets its input gradients
+and its update is skipped (as that of an fp16 expert's occasional overflow is)."""
 
 import asyncio
 import copy
@@ -14,7 +15,6 @@ from hivemind.compression import deserialize_torch_tensor
 from hivemind.dht import DHT
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.moe.server.server import Server
-from hivemind.p2p import P2PHandlerError
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 UID = "expert.0"
@@ -57,7 +57,7 @@ async def test_an_overflowing_backward_request_does_not_cancel_the_update_of_tho
             stub.rpc_backward(make_request(UID, bad_inputs, bad_grads), timeout=30),
             return_exceptions=True,
         )
-        assert isinstance(bad, P2PHandlerError) and "not finite" in str(bad), bad
+        assert not isinstance(bad, BaseException), bad  # (answered, its update skipped)
         assert not isinstance(good, BaseException), good
         expected_grad = sgd_step(reference, good_inputs, good_grads)
         (grad,) = [deserialize_torch_tensor(tensor) for tensor in good.tensors]

@@ -9,7 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from hivemind.moe.server.create_arguments import check_backend_arguments
-from hivemind.moe.server.task_pool import TaskPool
+from hivemind.moe.server.task_pool import SkippedUpdateError, TaskPool
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_flatten, nested_map, nested_pack
 from hivemind.utils.tensor_descr import DUMMY_BATCH_SIZE, BatchTensorDescriptor
@@ -252,12 +252,14 @@ class ModuleBackend:
                 tensor.grad if tensor.grad is not None else torch.zeros_like(tensor).detach() for tensor in inputs
             )
             if self.optimizer is not None and not self._parameter_grads_finite():
-                # an error, not a silently skipped update: a batch of several requests is then retried one request
-                # at a time (see TaskPool), so that the requests batched with an overflowing one are still applied
+                # a batch of several requests is then retried one request at a time (see TaskPool), so that the
+                # requests batched with an overflowing one are still applied; a request alone (e.g. an fp16 expert's
+                # occasional overflow) gets its input gradients, its update skipped as a GradScaler would skip it
                 self.module.zero_grad(set_to_none=True)
-                raise RuntimeError(
+                raise SkippedUpdateError(
                     f"{self.name}: the parameter gradients of this backward batch are not finite (finite values "
-                    "whose update overflows); the update is skipped: send smaller output gradients"
+                    "whose update overflows); the update is skipped",
+                    grads,
                 )
             self.on_backward(batch_size)
         return grads

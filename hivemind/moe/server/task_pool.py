@@ -54,7 +54,7 @@ from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import close_in_other_children
 
-__all__ = ["TaskPoolBase", "TaskPool", "TaskRejectedError", "AbandonedBatchError"]
+__all__ = ["TaskPoolBase", "TaskPool", "TaskRejectedError", "AbandonedBatchError", "SkippedUpdateError"]
 
 logger = get_logger(__name__)
 
@@ -65,6 +65,16 @@ class TaskRejectedError(ValueError):
 
 class AbandonedBatchError(RuntimeError):
     """Every task of a formed batch was cancelled before the Runtime took it: there is nothing to compute."""
+
+
+class SkippedUpdateError(RuntimeError):
+    """Raised by a process_func whose ``outputs`` are valid but that skipped a side effect of the batch (the update of
+    an expert whose parameter gradients overflow): a batch of several tasks is retried one task at a time (so that
+    one task cannot cost the others their side effect), a batch of one task gets the outputs."""
+
+    def __init__(self, message: str, outputs: Sequence[torch.Tensor]):
+        super().__init__(message)
+        self.outputs = outputs
 
 
 class TaskPoolBase(threading.Thread):
@@ -384,9 +394,13 @@ class TaskPool(TaskPoolBase):
                 for _ in retries:
                     self._batch_sender.send_bytes(b"")
                 return
+            if batch is not None and isinstance(exception, SkippedUpdateError):
+                self._in_flight[batch_index] = batch  # (a single task: it gets the outputs)
         if batch is None:
             logger.debug(f"{self.name}: an error for unknown batch {batch_index} (pool shut down?): {exception!r}")
             return
+        if isinstance(exception, SkippedUpdateError):
+            return self.send_outputs_from_runtime(batch_index, exception.outputs)
         fail_tasks(batch.tasks, exception)
 
     # ------------------------------------------------------------------ lifetime
