@@ -76,6 +76,9 @@ class SkippedUpdateError(RuntimeError):
         super().__init__(message)
         self.outputs = outputs
 
+    def __reduce__(self):
+        return type(self), (str(self), self.outputs)
+
 
 class TaskPoolBase(threading.Thread):
     """What the Runtime expects of a pool; see TaskPool for the batching one."""
