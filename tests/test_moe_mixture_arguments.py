@@ -26,7 +26,7 @@ REFUSED = [
     (dict(forward_timeout=-1), ValueError, "forward_timeout must be None or a positive number of seconds"),
     (dict(forward_timeout="1"), TypeError, "forward_timeout must be None or a positive number of seconds"),
     (dict(backward_timeout=math.nan), ValueError, "backward_timeout must be None or a positive number"),
-    (dict(timeout_after_k_min=-0.5), ValueError, "timeout_after_k_min must be None or a positive number"),
+    (dict(timeout_after_k_min=-0.5), ValueError, "timeout_after_k_min must be None or a non-negative number"),
 ]
 
 

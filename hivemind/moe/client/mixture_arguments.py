@@ -5,6 +5,9 @@ from typing import Any, Dict, Optional
 
 from hivemind.dht.dht import check_dht_argument
 
+# 0: once every sample has k_min answers, wait for no straggler (as hivemind 1.1.12 allows)
+_MAY_BE_ZERO = ("timeout_after_k_min",)
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -33,5 +36,8 @@ def check_mixture_arguments(
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise TypeError(f"{name} must be None or a positive number of seconds, got {type(value).__name__}")
-        if not value > 0:  # (NaN too)
+        if name in _MAY_BE_ZERO:
+            if not value >= 0:  # (NaN too)
+                raise ValueError(f"{name} must be None or a non-negative number of seconds, got {value}")
+        elif not value > 0:  # (NaN too)
             raise ValueError(f"{name} must be None or a positive number of seconds, got {value}")
