@@ -50,3 +50,14 @@ def test_an_unparsable_expert_pattern_is_refused_before_the_dht_starts(monkeypat
     monkeypatch.setattr(server_module, "DHT", no_dht)
     with pytest.raises(ValueError, match=re.escape(f"expert pattern {pattern!r}")):
         Server.create(num_experts=1, expert_pattern=pattern, hidden_dim=8, start=False)
+
+
+@pytest.mark.timeout(60)
+def test_a_numpy_integer_max_batch_size_is_accepted():
+    """hivemind 1.1.12 accepts a numpy integer as max_batch_size (e.g. read from a config with numpy)."""
+    import numpy as np
+
+    from hivemind.moe.server.task_pool import TaskPool
+
+    pool = TaskPool(lambda x: x, max_batch_size=np.int64(64), name="numpy_pool")
+    assert pool.max_batch_size == 64 and type(pool.max_batch_size) is int

@@ -33,6 +33,7 @@ import concurrent.futures
 import itertools
 import math
 import multiprocessing as mp
+import numbers
 import os
 import threading
 import time
@@ -136,8 +137,9 @@ class TaskPool(TaskPoolBase):
         start: bool = False,
     ):
         super().__init__(process_func, daemon=daemon, name=name)
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        if not isinstance(max_batch_size, numbers.Integral) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        max_batch_size = int(max_batch_size)  # (a numpy integer too, as hivemind 1.1.12 accepts)
         if not 1 <= min_batch_size <= max_batch_size:
             raise ValueError(f"min_batch_size must be in [1, max_batch_size={max_batch_size}], got {min_batch_size}")
         if timeout is not None and timeout < 0:
