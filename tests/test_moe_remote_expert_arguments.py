@@ -5,7 +5,7 @@ import pytest
 
 from hivemind.dht import DHT
 from hivemind.moe import RemoteExpert
-from hivemind.moe.client.expert import create_remote_experts
+from hivemind.moe.client.expert import batch_create_remote_experts, create_remote_experts
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import ExpertInfo
 
@@ -41,3 +41,11 @@ def test_a_dht_instead_of_a_p2p_is_refused(dht_and_p2p):
     with pytest.raises(TypeError, match=r"p2p must be a hivemind.P2P.*dht.replicate_p2p\(\)"):
         RemoteExpert(ExpertInfo("ffn.0", dht.peer_id), dht)
     assert RemoteExpert(ExpertInfo("ffn.0", dht.peer_id), p2p).uid == "ffn.0"
+
+
+def test_batch_create_remote_experts_keeps_none_for_experts_not_found(dht_and_p2p):
+    """get_experts gives None for a uid not found in the DHT; hivemind 1.1.12 keeps it as None in each row."""
+    dht, _ = dht_and_p2p
+    info = ExpertInfo("ffn.0", dht.peer_id)
+    (row, empty) = batch_create_remote_experts([[info, None], []], dht)
+    assert row[0].uid == "ffn.0" and row[1] is None and empty == []

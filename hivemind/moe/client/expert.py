@@ -245,9 +245,11 @@ def create_remote_experts(
 
 
 def batch_create_remote_experts(
-    infos: Union[Sequence[Sequence[ExpertInfo]], concurrent.futures.Future], dht: DHT, return_future: bool = False
-) -> Union[List[List[RemoteExpert]], concurrent.futures.Future]:
-    """Like :func:`create_remote_experts` for a list of lists (one list of experts per sample)."""
+    infos: Union[Sequence[Sequence[Optional[ExpertInfo]]], concurrent.futures.Future],
+    dht: DHT,
+    return_future: bool = False,
+) -> Union[List[List[Optional[RemoteExpert]]], concurrent.futures.Future]:
+    """Like :func:`create_remote_experts` for a list of lists (one list of experts per sample; None stays None)."""
 
     async def create():
         batch = await _await_infos(infos)
@@ -255,9 +257,14 @@ def batch_create_remote_experts(
         # samples share their experts: one RemoteExpert per distinct (uid, peer) rather than one torch module for
         # every (sample, expert) pair (a batch of 20000 samples spent seconds creating 80000 identical modules)
         experts: Dict[ExpertInfo, RemoteExpert] = {}
-        return [
-            [experts[info] if info in experts else experts.setdefault(info, RemoteExpert(info, p2p)) for info in row]
-            for row in batch
-        ]
+
+        def make(info: Optional[ExpertInfo]) -> Optional[RemoteExpert]:
+            if info is None:  # (an expert that get_experts did not find)
+                return None
+            if info not in experts:
+                experts[info] = RemoteExpert(info, p2p)
+            return experts[info]
+
+        return [[make(info) for info in row] for row in batch]
 
     return RemoteExpertWorker.run_coroutine(create(), return_future=return_future)
