@@ -226,3 +226,10 @@ def _create_serve_and_shut_down(client_dht: DHT, client_p2p, cycles: int) -> Non
         finally:
             server.shutdown()
         assert [path for path in socket_files if os.path.exists(path)] == [], f"cycle {cycle}"
+
+
+def test_an_expert_pattern_with_spaces_inside_a_range_is_accepted():
+    """hivemind 1.1.12 generates uids from 'ffn.[ 0 : 4 ]' as from 'ffn.[0:4]'."""
+    from hivemind.moe.server.expert_pattern import parse_expert_pattern
+
+    assert parse_expert_pattern("ffn.[ 0 : 4 ].[2:3]") == ["ffn", (0, 4), (2, 3)]

@@ -14,7 +14,7 @@ __all__ = ["parse_expert_pattern", "sample_uid", "generate_uids_from_pattern", "
 logger = get_logger(__name__)
 
 MAX_ATTEMPTS_PER_EXPERT = 10
-_RANGE_BLOCK = re.compile(r"\[(\d+):(\d+)\]")
+_RANGE_BLOCK = re.compile(r"\[\s*(\d+)\s*:\s*(\d+)\s*\]")  # (spaces inside, as hivemind 1.1.12 allows)
 
 Block = Union[str, Tuple[int, int]]  # a literal, or a half-open range [low, high) of integers
 
