@@ -316,7 +316,8 @@ def _describe(expert: Optional[RemoteExpert]) -> str:
 
 def _check_fit(args: Sequence[torch.Tensor], kwargs: Dict[str, torch.Tensor], info: dict, source: str) -> None:
     """Raise TypeError / ValueError if a call's inputs do not fit ``info``, the experts' info that ``source`` gave."""
-    if set(kwargs) != set(info["keyword_names"]):
+    # (keyword inputs may also be passed positionally, after the positional ones, as hivemind 1.1.12 allows)
+    if kwargs and set(kwargs) != set(info["keyword_names"]):
         raise TypeError(f"the experts expect keyword arguments {info['keyword_names']}, got {tuple(kwargs)}")
     check_inputs_fit_schema(list(nested_flatten((args, kwargs))), list(nested_flatten(info["forward_schema"])), source)
 
