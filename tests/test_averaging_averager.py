@@ -1,6 +1,7 @@
 """DecentralizedAverager: exact weighted averages, modes, gather results, options and their validation."""
 
 import gc
+import math
 
 import pytest
 import torch
@@ -250,3 +251,17 @@ def test_dropped_control_still_completes_the_round():
         averagers[1].step(timeout=30)
         kept.result(timeout=30)
         _assert_tensors(_local(averagers[0]), [torch.ones(4)])
+
+
+@pytest.mark.timeout(60)
+def test_an_infinite_allreduce_timeout_averages_without_a_limit():
+    tensors = [_peer_tensors(i) for i in range(2)]
+    originals = [[t.clone() for t in peer] for peer in tensors]
+    with (
+        dht_swarm(2) as dhts,
+        averagers_on(dhts, tensors, target_group_size=2, allreduce_timeout=math.inf) as averagers,
+    ):
+        _run_steps(averagers)
+        expected = [weighted_mean([peer[k] for peer in originals], [1.0, 1.0]) for k in range(2)]
+        for averager in averagers:
+            _assert_tensors(_local(averager), expected)

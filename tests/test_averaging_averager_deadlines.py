@@ -1,5 +1,7 @@
 """Adaptive all-reduce deadlines: derived from bandwidth, vector size and group size; explicit values win."""
 
+import math
+
 import pytest
 
 from hivemind.averaging.deadlines import AdaptiveDeadlines, RoundDeadlines
@@ -68,8 +70,15 @@ def test_reducer_timeout_must_exceed_sender_timeout(sender, reducer):
         AdaptiveDeadlines(sender_timeout=sender, reducer_timeout=reducer)
 
 
-@pytest.mark.parametrize("name", ["sender_timeout", "reducer_timeout", "allreduce_timeout"])
-@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        (name, value)
+        for name in ("sender_timeout", "reducer_timeout", "allreduce_timeout")
+        for value in (0.0, -1.0, float("inf"), float("nan"))
+        if (name, value) != ("allreduce_timeout", float("inf"))  # no limit on the round: see below
+    ],
+)
 def test_non_positive_timeouts_are_refused(name, value):
     with pytest.raises(ValueError, match=name):
         AdaptiveDeadlines(**{name: value})
@@ -82,3 +91,10 @@ def test_a_group_padded_by_its_leader_does_not_stretch_the_deadlines_beyond_sixt
     padded = deadlines.for_round(vector_bytes=64 * MiB, group_size=1024, part_bytes=MiB // 2)
     assert padded.sender_timeout == sixteen.sender_timeout < 10
     assert padded.reducer_timeout == sixteen.reducer_timeout
+
+
+def test_an_infinite_allreduce_timeout_means_no_limit_on_the_round():
+    # e.g. hivemind.Optimizer(averaging_timeout=math.inf), which hivemind 1.1.12 runs with
+    deadlines = AdaptiveDeadlines(allreduce_timeout=math.inf).for_round(4 * MiB, group_size=4, part_bytes=MiB // 2)
+    assert deadlines.allreduce_timeout is None
+    assert deadlines.sender_timeout == 5.0 and deadlines.reducer_timeout == 10.0  # still derived

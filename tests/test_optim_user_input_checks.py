@@ -79,6 +79,20 @@ def test_an_infinite_load_state_timeout_is_still_accepted(lone_dht):
     optimizer.shutdown()
 
 
+def test_an_infinite_averaging_timeout_is_accepted_and_a_lone_peer_steps(lone_dht):
+    # it becomes the averagers' allreduce_timeout: no limit on a round (hivemind 1.1.12 runs with it too)
+    model = torch.nn.Linear(2, 2)
+    optimizer = make_optimizer(lone_dht, run_id="inf_averaging", averaging_timeout=math.inf, params=model.parameters())
+    try:
+        for _ in range(4):  # target_batch_size samples: the lone peer ends the epoch by itself
+            model(torch.ones(1, 2)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert optimizer.local_epoch == 1
+    finally:
+        optimizer.shutdown()
+
+
 def test_gradient_averager_refuses_a_single_tensor_as_parameters(lone_dht):
     # it was taken row by row: the rows are not leaves, never get a .grad, and zeros were averaged instead
     from hivemind.optim.grad_averager import GradientAverager

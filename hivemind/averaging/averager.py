@@ -66,7 +66,7 @@ class DecentralizedAverager(AveragerProcess):
     :param request_timeout: seconds to wait for a leader's reply (should be below min_matchmaking_time)
     :param averaging_alpha: local tensors move this fraction of the way to the average
     :param part_size_bytes: size of one all-reduce part after compression, bytes
-    :param allreduce_timeout: limit of one all-reduce in seconds (None: derived from measured bandwidth)
+    :param allreduce_timeout: limit of one all-reduce in seconds (None: derived from measured bandwidth; inf: none)
     :param next_chunk_timeout: default for sender_timeout, and the per-message limit of state downloads, seconds
     :param sender_timeout: a sender silent this long is excluded (None: next_chunk_timeout, or derived)
     :param reducer_timeout: a reducer silent this long is treated as failed (None: twice sender_timeout, or derived);

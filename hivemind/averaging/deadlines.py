@@ -30,7 +30,7 @@ class AdaptiveDeadlines:
     """
     :param sender_timeout: explicit sender timeout, s (None: derived)
     :param reducer_timeout: explicit reducer timeout, s (None: derived, or twice an explicit sender timeout)
-    :param allreduce_timeout: explicit limit on one all-reduce, s (None: derived)
+    :param allreduce_timeout: explicit limit on one all-reduce, s (None: derived; math.inf: no limit)
     :param initial_bandwidth: bytes/s assumed before any round was measured
     :param ema_alpha: weight of the newest measurement in the bandwidth average
     :param safety_factor: deadlines are this many times the expected duration
@@ -53,7 +53,7 @@ class AdaptiveDeadlines:
         for name, value in (("sender_timeout", sender_timeout), ("reducer_timeout", reducer_timeout)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
-        if allreduce_timeout is not None and not (math.isfinite(allreduce_timeout) and allreduce_timeout > 0):
+        if allreduce_timeout is not None and not allreduce_timeout > 0:  # (NaN too; inf: no limit)
             raise ValueError(f"allreduce_timeout must be a positive number of seconds, got {allreduce_timeout}")
         if sender_timeout is not None and reducer_timeout is not None and reducer_timeout <= sender_timeout:
             raise ValueError(
@@ -111,4 +111,6 @@ class AdaptiveDeadlines:
         allreduce = self.explicit_allreduce
         if allreduce is None:
             allreduce = max(self.min_allreduce_timeout, self.safety_factor * expected + reducer)
+        elif math.isinf(allreduce):
+            allreduce = None  # no limit on the round (as with hivemind.Optimizer(averaging_timeout=math.inf))
         return RoundDeadlines(sender_timeout=sender, reducer_timeout=reducer, allreduce_timeout=allreduce)
