@@ -255,12 +255,16 @@ async def _search_many(
         for index, scores in samples:
             results[index] = await beam_search(uid_prefix, scores, beam_size, fetcher, num_workers)
 
+    # a few searchers rather than one task per sample: most samples find their prefixes already fetched, and 20000
+    # tasks cost the DHT process ~2 s of scheduling alone
+    searchers = [asyncio.create_task(search_samples()) for _ in range(min(len(batch_scores), PARALLEL_SEARCHES))]
     try:
-        # a few searchers rather than one task per sample: most samples find their prefixes already fetched, and
-        # 20000 tasks cost the DHT process ~2 s of scheduling alone
-        await asyncio.gather(*(search_samples() for _ in range(min(len(batch_scores), PARALLEL_SEARCHES))))
+        await asyncio.gather(*searchers)
         return results
     finally:
+        for searcher in searchers:  # when one failed (or the call was cancelled), the others' results are not needed
+            searcher.cancel()
+        await asyncio.gather(*searchers, return_exceptions=True)
         await fetcher.store_negative_cache(cache_expiration)
 
 
