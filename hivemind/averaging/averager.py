@@ -35,6 +35,7 @@ from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import peek_exitcode
 from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils.value_checks import is_number
 
 __all__ = ["DecentralizedAverager", "compute_schema_hash", "AveragerArgumentError"]
 
@@ -146,7 +147,7 @@ class DecentralizedAverager(AveragerProcess):
             f"got {target_group_size!r}",
         )
         _check(
-            _is_number(averaging_alpha) and math.isfinite(averaging_alpha),
+            is_number(averaging_alpha) and math.isfinite(averaging_alpha),
             f"averaging_alpha must be a finite number, got {averaging_alpha!r}",
         )
         _check(
@@ -158,19 +159,19 @@ class DecentralizedAverager(AveragerProcess):
             f"min_vector_size must be a non-negative int, got {min_vector_size!r}",
         )
         _check(
-            _is_number(min_matchmaking_time) and math.isfinite(min_matchmaking_time) and min_matchmaking_time >= 0,
+            is_number(min_matchmaking_time) and math.isfinite(min_matchmaking_time) and min_matchmaking_time >= 0,
             f"min_matchmaking_time must be a finite non-negative number of seconds, got {min_matchmaking_time!r}",
         )
         _check(
-            _is_number(request_timeout) and math.isfinite(request_timeout) and request_timeout > 0,
+            is_number(request_timeout) and math.isfinite(request_timeout) and request_timeout > 0,
             f"request_timeout must be a positive number of seconds, got {request_timeout!r}",
         )
         _check(
-            _is_number(declare_state_period) and math.isfinite(declare_state_period) and declare_state_period > 0,
+            is_number(declare_state_period) and math.isfinite(declare_state_period) and declare_state_period > 0,
             f"declare_state_period must be a positive finite number of seconds, got {declare_state_period!r}",
         )
         if bandwidth is not None and not (
-            _is_number(bandwidth)
+            is_number(bandwidth)
             and math.isfinite(bandwidth)
             and bandwidth >= 0
             and bandwidth <= float(np.finfo(np.float32).max)
@@ -307,7 +308,7 @@ class DecentralizedAverager(AveragerProcess):
 
     @state_sharing_priority.setter
     def state_sharing_priority(self, value: float) -> None:
-        if isinstance(value, bool) or not _is_number(value) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise ValueError(f"state_sharing_priority must be a finite number, got {value!r}")
         if value != 0 and self.client_mode:
             raise ValueError("a client-mode averager cannot share its state, so it cannot have a non-zero priority")
@@ -347,7 +348,7 @@ class DecentralizedAverager(AveragerProcess):
             logger.warning("An auxiliary averager contributes no tensors: its weight is ignored")
         if weight is None or self.mode == AveragingMode.AUX:
             weight = 0.0 if self.mode == AveragingMode.AUX else 1.0
-        if not (_is_number(weight) and math.isfinite(weight) and weight >= 0):
+        if not (is_number(weight) and math.isfinite(weight) and weight >= 0):
             raise AveragerArgumentError(f"weight must be a finite non-negative number, got {weight!r}")
         if require_trigger and wait:
             raise AveragerArgumentError(
@@ -358,7 +359,7 @@ class DecentralizedAverager(AveragerProcess):
         if scheduled_time is None:
             scheduled_time = now + self.min_matchmaking_time
         for name, value in (("scheduled_time", scheduled_time), ("timeout", timeout)):
-            if value is not None and not (_is_number(value) and math.isfinite(value)):
+            if value is not None and not (is_number(value) and math.isfinite(value)):
                 raise AveragerArgumentError(f"{name} must be a finite number of seconds or None, got {value!r}")
         deadline = None if timeout is None else now + timeout
         if deadline is not None and scheduled_time >= deadline:
@@ -430,14 +431,10 @@ class DecentralizedAverager(AveragerProcess):
 
 def _check_load_timeout(timeout: Any) -> None:
     if timeout is not None:
-        if not _is_number(timeout):
+        if not is_number(timeout):
             raise TypeError(f"timeout must be None or a non-negative number of seconds, got {timeout!r}")
         if not timeout >= 0:  # (NaN too)
             raise AveragerArgumentError(f"timeout must be None or a non-negative number of seconds, got {timeout}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 def _check(condition: Any, message: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from abc import ABC, abstractmethod
 from typing import Mapping, Optional, Sequence, Union
 
@@ -10,6 +9,7 @@ import torch
 
 from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompression, TensorRole
 from hivemind.proto import runtime_pb2
+from hivemind.utils.value_checks import is_number
 
 __all__ = ["AdaptiveCompressionBase", "SizeAdaptiveCompression", "RoleAdaptiveCompression", "PerTensorCompression"]
 
@@ -49,7 +49,7 @@ class SizeAdaptiveCompression(AdaptiveCompressionBase):
     """Use ``greater_equal`` for tensors with at least ``threshold`` elements and ``less`` for smaller ones."""
 
     def __init__(self, threshold: int, less: CompressionBase, greater_equal: CompressionBase):
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        if not is_number(threshold):
             raise TypeError(f"threshold must be a number of elements, got {threshold!r}")
         _check_codec("less", less)
         _check_codec("greater_equal", greater_equal)

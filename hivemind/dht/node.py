@@ -1,7 +1,6 @@
 """DHTNode: a Kademlia peer on asyncio (creation, bootstrap, node lookups, shutdown; get, store, loops: node_*.py)."""
 
 import asyncio
-import numbers
 import os
 from collections import defaultdict
 from collections.abc import Awaitable
@@ -21,6 +20,7 @@ from hivemind.dht.traverse import traverse_dht
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
+from hivemind.utils.value_checks import is_count
 
 if TYPE_CHECKING:
     from hivemind.utils.auth import AuthorizerBase
@@ -34,11 +34,6 @@ BOOTSTRAP_FAILED_MESSAGE = (
 )
 
 MaddrLike = Union[Multiaddr, str]
-
-
-def _is_count(value: Any) -> bool:
-    """Whether ``value`` is an integer of at least 1 (a bool is not; a numpy integer is)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
@@ -107,13 +102,13 @@ class DHTNode(SearchingGet, ReplicatedStore):
         :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set
         :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
         """
-        if not _is_count(num_workers):
+        if not is_count(num_workers):
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if wait_timeout is not None and not wait_timeout > 0:  # 0 or less: every request would time out at once
             raise ValueError(f"wait_timeout must be a positive number of seconds, got {wait_timeout!r}")
-        if not _is_count(num_replicas):  # (below 1, no store works)
+        if not is_count(num_replicas):  # (below 1, no store works)
             raise ValueError(f"num_replicas must be a positive integer (nodes storing each key), got {num_replicas!r}")
-        if parallel_rpc is not None and not _is_count(parallel_rpc):  # 0: the bootstrap ping would wait forever
+        if parallel_rpc is not None and not is_count(parallel_rpc):  # 0: the bootstrap ping would wait forever
             raise ValueError(f"parallel_rpc must be None (no limit) or a positive integer, got {parallel_rpc!r}")
         # (numpy integers, as hivemind 1.1.12 accepts, become plain ints)
         num_workers, num_replicas = int(num_workers), int(num_replicas)

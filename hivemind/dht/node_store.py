@@ -16,6 +16,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import DHTExpiration
+from hivemind.utils.value_checks import is_number
 
 logger = get_logger(__name__)
 
@@ -246,7 +247,7 @@ class ReplicatedStore:
 
 def _check_expiration_time(expiration: Any) -> None:
     """A record whose expiration time is not a time was refused by every replica: store() returned a silent False."""
-    if not isinstance(expiration, numbers.Real) or isinstance(expiration, bool):
+    if not is_number(expiration):
         raise TypeError(
             f"expiration_time must be an absolute DHT time in seconds, got {type(expiration).__name__}: "
             f"{expiration!r}; pass e.g. hivemind.get_dht_time() + 60"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -13,6 +12,7 @@ from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.dht import DHT
 from hivemind.utils.logging import get_logger
+from hivemind.utils.value_checks import is_number
 
 __all__ = ["GradientAverager", "GradientAveragerFactory"]
 
@@ -94,7 +94,7 @@ class GradientAverager(DecentralizedAverager):
     @torch.no_grad()
     def accumulate_grads_(self, batch_size: int) -> None:
         """Add the current gradients (computed on ``batch_size`` samples) to the accumulators."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real):
+        if not is_number(batch_size):
             raise TypeError(f"batch_size must be a positive number of samples, got {batch_size!r}")
         if not 0 < batch_size < math.inf:  # (NaN too: it would become the sample count and the averaging weight)
             raise ValueError(f"batch_size must be a positive number of samples, got {batch_size}")

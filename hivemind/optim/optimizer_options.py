@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -14,6 +13,7 @@ from hivemind.optim.scheduler_sync import is_scheduler_instance
 from hivemind.p2p.call_arguments import MAX_HANDLE_NAME_BYTES
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.logging import get_logger
+from hivemind.utils.value_checks import is_count, is_number
 
 __all__ = [
     "OptimizerOptions",
@@ -75,7 +75,7 @@ def resolve_options(
     _check_run_id_length(run_id)
     if isinstance(target_batch_size, bool) or not isinstance(target_batch_size, int) or target_batch_size <= 0:
         raise ValueError(f"target_batch_size must be a positive int (samples per epoch), got {target_batch_size!r}")
-    if batch_size_per_step is not None and not _is_positive_int(batch_size_per_step):  # (as step's batch_size)
+    if batch_size_per_step is not None and not is_count(batch_size_per_step):  # (as step's batch_size)
         raise ValueError(f"batch_size_per_step must be None or a positive int, got {batch_size_per_step!r}")
     is_factory = _is_optimizer_factory(optimizer)
     if not is_factory and not isinstance(optimizer, torch.optim.Optimizer):
@@ -96,7 +96,7 @@ def resolve_options(
         ("averaging_timeout", averaging_timeout),
         ("load_state_timeout", load_state_timeout),
     ]:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_number(value):
             raise TypeError(f"{name} must be a positive number of seconds, got {type(value).__name__}: {value!r}")
         if not value > 0:  # (NaN too)
             raise ValueError(f"{name} must be a positive number of seconds, got {value}")
@@ -152,13 +152,9 @@ def resolve_options(
     )
 
 
-def _is_positive_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value > 0
-
-
 def positive_int_batch_size(batch_size: Any) -> int:
     """The batch size of one step as an int (numpy/torch integers too); ValueError for anything else."""
-    if _is_positive_int(batch_size):
+    if is_count(batch_size):
         return int(batch_size)
     raise ValueError(f"batch_size must be a positive int (samples behind this step), got {batch_size!r}")
 

@@ -1,11 +1,11 @@
 """The p2pd command line built by ``P2P.create``; pure functions, no I/O."""
 
-import numbers
 import re
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.value_checks import is_integer, is_number
 
 DHT_MODE_MAPPING: Dict[str, Dict[str, int]] = {
     "auto": {"dht": 1},
@@ -97,11 +97,11 @@ def build_daemon_args(
     daemon_flags: Optional[Mapping[str, Any]] = None,
 ) -> List[str]:
     """Arguments for p2pd, in the order the original hivemind emits them (without the binary path)."""
-    if isinstance(max_msg_size, bool) or not isinstance(max_msg_size, numbers.Integral):  # p2pd parses an int
+    if not is_integer(max_msg_size):  # p2pd parses an int
         raise TypeError(f"persistent_conn_max_msg_size must be an int (bytes), got {max_msg_size!r}")
     if max_msg_size <= 0:
         raise ValueError(f"persistent_conn_max_msg_size must be a positive number of bytes, got {max_msg_size}")
-    if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, numbers.Real):
+    if not is_number(idle_timeout):
         raise TypeError(f"idle_timeout must be a number of seconds, got {idle_timeout!r}")
     refuse_single_maddr("initial_peers", initial_peers)
     refuse_single_maddr("trusted_relays", trusted_relays)

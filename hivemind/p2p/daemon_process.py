@@ -5,7 +5,6 @@ import collections
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import subprocess
@@ -18,6 +17,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.graceful_sigterm import stopping_on_sigterm
 from hivemind.utils.logging import get_logger, python_level_to_golog
+from hivemind.utils.value_checks import is_number
 
 logger = get_logger(__name__)
 
@@ -162,7 +162,7 @@ class DaemonProcess:
 
     async def start(self, startup_timeout: float) -> None:
         """Start p2pd and wait until it prints its peer id; on failure the error quotes p2pd's own output."""
-        if isinstance(startup_timeout, bool) or not isinstance(startup_timeout, numbers.Real):
+        if not is_number(startup_timeout):
             raise TypeError(f"startup_timeout must be a number of seconds, got {startup_timeout!r}")
         if math.isnan(startup_timeout):
             raise ValueError("startup_timeout must be a number of seconds, got NaN")

@@ -8,13 +8,14 @@ import functools
 import math
 import multiprocessing as mp
 import multiprocessing.util
-import numbers
 import os
 import sys
 import threading
 import time
 import weakref
 from typing import Callable, List, Optional, Sequence, TypeVar
+
+from hivemind.utils.value_checks import is_number
 
 # after every other multiprocessing finalizer of the child (those run in decreasing priority; mpfuture's is 10, the
 # removal of multiprocessing's own temporary directory, e.g. made for sending torch tensors to another process, -100)
@@ -50,7 +51,7 @@ def check_shutdown_timeout(shutdown_timeout: object, allow_none: bool = False) -
     (None, where allowed, waits for the process as long as it takes)"""
     if shutdown_timeout is None and allow_none:
         return
-    if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, numbers.Real):
+    if not is_number(shutdown_timeout):
         raise TypeError(f"shutdown_timeout must be a number of seconds, got {shutdown_timeout!r}")
     if math.isnan(shutdown_timeout):
         raise ValueError("shutdown_timeout must be a number of seconds, got NaN")

@@ -1,16 +1,12 @@
 """Type and range checks of RemoteMixtureOfExperts' constructor arguments (TypeError/ValueError naming each)."""
 
-import numbers
 from typing import Any, Dict, Optional
 
 from hivemind.dht.dht import check_dht_argument
+from hivemind.utils.value_checks import is_integer, is_number
 
 # 0: once every sample has k_min answers, wait for no straggler (as hivemind 1.1.12 allows)
 _MAY_BE_ZERO = ("timeout_after_k_min",)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_mixture_arguments(
@@ -24,17 +20,17 @@ def check_mixture_arguments(
         sizes: Optional[list] = None
     else:
         sizes = list(grid_size)
-    if sizes is None or not all(_is_int(size) for size in sizes):
+    if sizes is None or not all(is_integer(size) for size in sizes):
         raise TypeError(f"grid_size must be a sequence of positive ints, e.g. (4,) or (8, 8), got {grid_size!r}")
-    if not _is_int(in_features):
+    if not is_integer(in_features):
         raise TypeError(f"in_features must be an int (the width of the input), got {in_features!r}")
     for name, value in ints.items():
-        if not _is_int(value):
+        if not is_integer(value):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     for name, value in timeouts.items():
         if value is None:
             continue
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        if not is_number(value):
             raise TypeError(f"{name} must be None or a positive number of seconds, got {type(value).__name__}")
         if name in _MAY_BE_ZERO:
             if not value >= 0:  # (NaN too)

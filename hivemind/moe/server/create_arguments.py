@@ -1,7 +1,6 @@
 """Checks of the arguments of Server, Server.create and ModuleBackend that would otherwise pass and fail later (at
 every client call, at the first backward, at shutdown) or with an error from an internal line."""
 
-import numbers
 from typing import Any, Mapping
 
 import torch
@@ -10,12 +9,13 @@ from hivemind.dht.dht import check_dht_argument
 from hivemind.moe.server.expert_pattern import parse_expert_pattern
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
+from hivemind.utils.value_checks import is_integer, is_number
 
 
 def check_create_arguments(compression: Any, initial_peers: Any, expert_uids: Any, expert_pattern: Any) -> None:
     if expert_pattern is not None:  # (a ValueError naming the block; else only after the DHT started)
         parse_expert_pattern(expert_pattern)
-    if isinstance(compression, bool) or not isinstance(compression, numbers.Integral):
+    if not is_integer(compression):
         raise TypeError(
             f"compression must be a CompressionType value such as CompressionType.FLOAT16 "
             f"(from hivemind.proto.runtime_pb2 import CompressionType), "
@@ -33,7 +33,7 @@ def check_server_arguments(*, dht: Any, module_backends: Any, update_period: Any
     check_dht_argument(dht)
     if not isinstance(module_backends, Mapping):
         raise TypeError(f"module_backends must be a dict {{uid: ModuleBackend}}, got {type(module_backends).__name__}")
-    if isinstance(update_period, bool) or not isinstance(update_period, numbers.Real):
+    if not is_number(update_period):
         raise TypeError(f"update_period must be a positive number of seconds, got {update_period!r}")
 
 

@@ -33,7 +33,6 @@ import concurrent.futures
 import itertools
 import math
 import multiprocessing as mp
-import numbers
 import os
 import threading
 import time
@@ -54,6 +53,7 @@ from hivemind.moe.server.task_pool_queue import Batch, PendingTasks, Task, claim
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import close_in_other_children
+from hivemind.utils.value_checks import is_count
 
 __all__ = ["TaskPoolBase", "TaskPool", "TaskRejectedError", "AbandonedBatchError", "SkippedUpdateError"]
 
@@ -137,7 +137,7 @@ class TaskPool(TaskPoolBase):
         start: bool = False,
     ):
         super().__init__(process_func, daemon=daemon, name=name)
-        if not isinstance(max_batch_size, numbers.Integral) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+        if not is_count(max_batch_size):
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         max_batch_size = int(max_batch_size)  # (a numpy integer too, as hivemind 1.1.12 accepts)
         if not 1 <= min_batch_size <= max_batch_size:
