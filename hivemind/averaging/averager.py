@@ -82,7 +82,8 @@ class DecentralizedAverager(AveragerProcess):
     :param declare_state_period: re-announce state sharing this often, seconds
     :param client_mode: accept no incoming connections (default: the DHT's client mode)
     :param daemon: make the averager's process a daemon
-    :param shutdown_timeout: seconds to wait for a graceful shutdown before terminating the process
+    :param shutdown_timeout: seconds to wait for a graceful shutdown before terminating the process (None: as long as
+        it takes; the process itself still finishes its clean-up in a few seconds)
     :param start_method: multiprocessing start method of the averager's process (None: the default context's)
     """
 
@@ -114,7 +115,7 @@ class DecentralizedAverager(AveragerProcess):
         declare_state_period: float = 30,
         client_mode: Optional[bool] = None,
         daemon: bool = True,
-        shutdown_timeout: float = 5,
+        shutdown_timeout: Optional[float] = 5,
         start_method: Optional[str] = None,
     ):
         _check(

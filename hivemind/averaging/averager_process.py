@@ -70,13 +70,16 @@ SHUTDOWN_BUDGET_FRACTION = 0.5
 RETRACT_BUDGET = 1.0  # seconds at most for withdrawing the state-sharing declaration at shutdown (a DHT store)
 TASK_CANCEL_BUDGET = 1.0  # seconds at most for the tasks still running at shutdown (e.g. downloads) to end
 THREADS_BUDGET_FRACTION = 0.3  # of shutdown_timeout, for work already handed to threads to end (see let_threads_end)
+# shutdown_timeout=None: the user's process waits for the averager's process as long as it takes; the shares above are
+# then taken of this many seconds, so that the process still ends on its own in about this time
+UNLIMITED_SHUTDOWN_BASE = 5.0
 
 
 class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase):
     """The process shell; DecentralizedAverager sets the averaging options before calling ``__init__``."""
 
-    def __init__(self, *, daemon: bool, shutdown_timeout: float, start_method: Optional[str]):
-        check_shutdown_timeout(shutdown_timeout)
+    def __init__(self, *, daemon: bool, shutdown_timeout: Optional[float], start_method: Optional[str]):
+        check_shutdown_timeout(shutdown_timeout, allow_none=True)  # None: wait for the process as long as it takes
         self._start_method = start_method
         self._context = mp.get_context(start_method)
         mp.Process.__init__(self)
@@ -289,7 +292,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             cancel_remaining_tasks(loop, TASK_CANCEL_BUDGET)
             close_p2p_client(loop, getattr(self, "_p2p", None), TASK_CANCEL_BUDGET)
             loop.run_until_complete(loop.shutdown_asyncgens())
-            let_threads_end(loop, THREADS_BUDGET_FRACTION * self.shutdown_timeout)
+            let_threads_end(loop, THREADS_BUDGET_FRACTION * self._shutdown_base)
             loop.close()
             self._serving_connection.close()
             self._state_request_writer.close()
@@ -375,6 +378,11 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
                 f"it down first, or give this one another prefix (for hivemind.Optimizer: another run_id)"
             ) from None
 
+    @property
+    def _shutdown_base(self) -> float:
+        """seconds of which the averager's process takes its own clean-up budgets"""
+        return UNLIMITED_SHUTDOWN_BASE if self.shutdown_timeout is None else self.shutdown_timeout
+
     async def _shutdown_in_child(self) -> None:
         """Cancel the steps, withdraw the state-sharing declaration and remove the handlers, all at once and within
         a budget shorter than the user process waits (``shutdown_timeout``), so that the process ends on its own.
@@ -383,7 +391,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         a busy or stopped DHT process would otherwise hold the shutdown for the DHT's own timeouts.
         """
         self._shutting_down = True
-        budget = SHUTDOWN_BUDGET_FRACTION * self.shutdown_timeout
+        budget = SHUTDOWN_BUDGET_FRACTION * self._shutdown_base
         steps = [
             ("cancel steps", self._cancel_steps(), budget),
             ("stop state sharing", self._state_sharing.shutdown(), min(RETRACT_BUDGET, budget)),
