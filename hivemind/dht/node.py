@@ -1,6 +1,7 @@
 """DHTNode: a Kademlia peer on asyncio (creation, bootstrap, node lookups, shutdown; get, store, loops: node_*.py)."""
 
 import asyncio
+import math
 import os
 from collections import defaultdict
 from collections.abc import Awaitable
@@ -20,7 +21,7 @@ from hivemind.dht.traverse import traverse_dht
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
-from hivemind.utils.value_checks import is_count
+from hivemind.utils.value_checks import is_count, is_number
 
 if TYPE_CHECKING:
     from hivemind.utils.auth import AuthorizerBase
@@ -99,6 +100,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
 
         :param kwargs: options for P2P.create when ``p2p`` is None (ValueError if ``p2p`` is given)
         :raises ValueError: ``num_workers``, ``num_replicas`` or ``parallel_rpc`` below 1, ``wait_timeout`` not above 0
+            (a fraction of ``parallel_rpc`` is rounded up)
         :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set
         :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
         """
@@ -108,11 +110,12 @@ class DHTNode(SearchingGet, ReplicatedStore):
             raise ValueError(f"wait_timeout must be a positive number of seconds, got {wait_timeout!r}")
         if not is_count(num_replicas):  # (below 1, no store works)
             raise ValueError(f"num_replicas must be a positive integer (nodes storing each key), got {num_replicas!r}")
-        if parallel_rpc is not None and not is_count(parallel_rpc):  # 0: the bootstrap ping would wait forever
+        # 0: the bootstrap ping would wait forever; a fraction (which hivemind 1.1.12 takes) is rounded up
+        if parallel_rpc is not None and not (is_number(parallel_rpc) and 1 <= parallel_rpc < math.inf):
             raise ValueError(f"parallel_rpc must be None (no limit) or a positive integer, got {parallel_rpc!r}")
         # (numpy integers, as hivemind 1.1.12 accepts, become plain ints)
         num_workers, num_replicas = int(num_workers), int(num_replicas)
-        parallel_rpc = None if parallel_rpc is None else int(parallel_rpc)
+        parallel_rpc = None if parallel_rpc is None else math.ceil(parallel_rpc)
         self = cls(_created_by_create=True)
         initial_peers = [] if initial_peers is None else [str(maddr) for maddr in initial_peers]
         initial_peer_ids = [peer_id_from_maddr(maddr) for maddr in initial_peers]
