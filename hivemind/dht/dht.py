@@ -214,6 +214,8 @@ class DHT(ShutdownOnExit, mp.Process):
                 **self.kwargs,
             )
             acceptor.start(loop)
+            # coroutines of run_coroutine read dht.peer_id / dht.client_mode here, where a call would deadlock
+            self._peer_id, self._client_mode = self._node.peer_id, self._node.protocol.client_mode
         except BaseException as e:
             logger.debug(f"DHT failed to start: {e!r}")
             serving.send(READY_CALL_ID, False, e)
