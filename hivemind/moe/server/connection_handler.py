@@ -241,7 +241,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
             try:
                 maddr = await loop.run_in_executor(None, self.dht.run_coroutine, _daemon_listen_maddr)
                 self._p2p = await P2P.replicate(maddr)
-                await self._add_handlers(self._p2p)
+                await self.add_p2p_handlers(self._p2p, balanced=self.balanced)  # (subclasses extend it: petals)
             except BaseException as e:
                 logger.debug(f"{self.__class__.__name__} failed to start: {e!r}")
                 if not self.ready.done():
@@ -258,27 +258,31 @@ class ConnectionHandler(mp.Process, ServicerBase):
             if self._p2p is not None:
                 await self._close_p2p(self._p2p)
 
-    async def _add_handlers(self, p2p: P2P) -> None:
-        """Serve every rpc_*. A message of a streamed request holds one chunk, so a larger one is refused before it is
-        read; and an expert request is scanned for its number of tensors before it is parsed (see request_scan.py),
-        since parsing a message of many empty tensors takes ~40x its size in memory."""
+    async def add_p2p_handlers(
+        self, p2p: P2P, wrapper: Optional[object] = None, *, namespace: Optional[str] = None, balanced: bool = False
+    ) -> None:
+        """Serve every rpc_* (the handler calls this when it starts, with its ``balanced``; a subclass may extend it).
+        A message of a streamed request holds one chunk, so a larger one is refused before it is read; and an expert
+        request is scanned for its number of tensors before it is parsed (see request_scan.py), since parsing a
+        message of many empty tensors takes ~40x its size in memory."""
+        implementation = wrapper if wrapper is not None else self
         await asyncio.gather(
             *(
                 p2p.add_protobuf_handler(
-                    get_handle_name(None, type(self).__name__, handler.name),
-                    *self._checked_handler(handler),
+                    get_handle_name(namespace, type(self).__name__, handler.name),
+                    *self._checked_handler(handler, implementation),
                     stream_input=handler.stream_input,
                     stream_output=handler.stream_output,
-                    balanced=self.balanced,
+                    balanced=balanced,
                     max_message_size=MAX_STREAM_MESSAGE_BYTES,
                 )
                 for handler in self._get_rpc_handlers()
             )
         )
 
-    def _checked_handler(self, handler) -> Tuple[Callable, Callable]:
+    def _checked_handler(self, handler, implementation: object) -> Tuple[Callable, Callable]:
         """(method, request type) to register: ExpertRequests are counted on the wire, then unwrapped for it."""
-        method = getattr(self, handler.name)
+        method = getattr(implementation, handler.name)
         overridden = getattr(type(self), handler.name) is not getattr(ConnectionHandler, handler.name, None)
         if handler.request_type is not runtime_pb2.ExpertRequest or overridden:  # a subclass's RPC has its own rules
             return method, handler.request_type
