@@ -95,3 +95,17 @@ def test_unreachable_initial_peer_fails_start_up():
         assert peer.process.wait(timeout=50) != 0
     finally:
         peer.kill()
+
+
+@pytest.mark.timeout(60)
+def test_first_status_report_comes_right_after_the_start_up_lines():
+    # as hivemind 1.1.12: the routing table and storage are reported at once (did this peer join?), not only after
+    # the first --refresh_period (30 s by default)
+    peer = CLIPeer("--refresh_period", "600")
+    try:
+        peer.wait_for(r"Full list of visible multiaddresses: /ip4/", timeout=40)
+        peer.wait_for(r"^\S+ \S+ \S+ \[INFO\] 1 DHT nodes \(including this one\) are in the local routing table $")
+        peer.wait_for(r"\[INFO\] Local storage contains 0 keys$")
+        assert peer.interrupt(signal.SIGINT) == 0
+    finally:
+        peer.kill()

@@ -85,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if signals.requested.is_set():
             return 0
         log_visible_maddrs(visible_maddrs, only_p2p=dht_options["use_ipfs"])
-        while not signals.requested.wait(refresh_period):
+        while not signals.requested.is_set():  # a first report at once (did this peer join?), then periodically
             with_dumps = logger.isEnabledFor(logging.DEBUG)
             report = functools.partial(report_status, with_dumps=with_dumps)
             try:
@@ -98,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             logger.debug(f"Routing table contents: {routing_dump}")
             logger.info(f"Local storage contains {num_keys} keys")
             logger.debug(f"Local storage contents: {storage_dump}")
+            signals.requested.wait(refresh_period)
     finally:
         dht.shutdown()
     return 0
