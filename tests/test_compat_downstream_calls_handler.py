@@ -21,11 +21,12 @@ from hivemind import (
     deserialize_torch_tensor,
     serialize_torch_tensor,
 )
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
-from hivemind.utils.asyncio import amap_in_executor, iter_as_aiter
+from hivemind.utils.asyncio import amap_in_executor, anext, iter_as_aiter
 from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -78,6 +79,24 @@ class PetalsLikeHandler(ConnectionHandler):
             response = await stub.rpc_push(next_request, timeout=10)
             total = deserialize_torch_tensor(response.tensors[0]) * 10
         return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(total)])
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """petals' interactive session: one answer per step, each depending on the earlier steps, until a step
+        without tensors ends the session"""
+        request = await asyncio.wait_for(anext(requests), 10)
+        max_length = MSGPackSerializer.loads(request.metadata)["max_length"]
+        cache, length = torch.zeros(8), 0
+        while request.tensors:
+            x = deserialize_torch_tensor(request.tensors[0])
+            length += x.shape[0]
+            if length > max_length:
+                raise ValueError(f"the session is over {max_length} tokens")
+            with torch.no_grad():
+                cache += self.module_backends[request.uid].module(x).sum(0)
+            yield runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(cache.clone())])
+            request = await asyncio.wait_for(anext(requests), 10)
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -164,3 +183,58 @@ def test_a_petals_like_connection_handler_serves_its_own_rpcs():
         second_dht.shutdown()
         first_dht.shutdown()
     assert not any(handler.is_alive() for handler in handlers)
+
+
+@pytest.mark.timeout(90)
+def test_a_petals_like_inference_session_steps_through_one_stream():
+    """The client side as petals' _ServerInferenceSession runs it: the p2p replica and every call made through
+    RemoteExpertWorker.run_coroutine from synchronous code, the request stream fed from a queue one step at a time
+    while the response stream of the same call is read, and an empty request to end the session."""
+    dht = DHT(start=True)
+    backends = _backends()
+    handler = PetalsLikeHandler(dht, backends, handler_index=0, events=mp.Queue())
+    handler.run_in_background()
+    client_dht = DHT(initial_peers=dht.get_visible_maddrs(), client_mode=True, start=True)
+    try:
+        p2p = RemoteExpertWorker.run_coroutine(client_dht.replicate_p2p())
+        stub = PetalsLikeHandler.get_stub(p2p, dht.peer_id)
+        inputs_queue = asyncio.Queue()
+
+        async def read_inputs_from_queue():
+            while True:
+                message = await inputs_queue.get()
+                yield message
+                if not message.uid and not message.tensors:
+                    break
+
+        async def open_session():
+            return await asyncio.wait_for(stub.rpc_inference(read_inputs_from_queue()), 10)
+
+        async def step(request):
+            await inputs_queue.put(request)
+            return await asyncio.wait_for(anext(outputs_stream), 10)
+
+        async def close_session():
+            await inputs_queue.put(runtime_pb2.ExpertRequest())
+            try:
+                await anext(outputs_stream)
+            except StopAsyncIteration:
+                return True
+            return False
+
+        outputs_stream = RemoteExpertWorker.run_coroutine(open_session())
+        metadata = MSGPackSerializer.dumps({"max_length": 10, "session_id": "s"})
+        expected = torch.zeros(8)
+        for step_index in range(4):
+            x = torch.randn(2, 8)
+            request = runtime_pb2.ExpertRequest(uid="block.0", tensors=[serialize_torch_tensor(x)], metadata=metadata)
+            response = RemoteExpertWorker.run_coroutine(step(request))
+            with torch.no_grad():
+                expected += backends["block.0"].module(x).sum(0)
+            assert torch.allclose(deserialize_torch_tensor(response.tensors[0]), expected, atol=1e-5), step_index
+        assert RemoteExpertWorker.run_coroutine(close_session()) is True
+        RemoteExpertWorker.run_coroutine(p2p.shutdown())
+    finally:
+        handler.shutdown()
+        client_dht.shutdown()
+        dht.shutdown()
