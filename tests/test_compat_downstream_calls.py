@@ -2,14 +2,24 @@
 runs them, against real daemons: DHT.run_coroutine with coroutines that read the DHT and drive its DHTNode, and the
 peer-to-peer helpers petals' reachability check and ping use."""
 
+import asyncio
 import math
+import threading
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from functools import partial
+from typing import Optional
 
 import pytest
 
 from hivemind.dht import DHT, DHTNode
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import dht_pb2
 from hivemind.utils import MPFuture, get_dht_time
+
+# petals' options for the probe daemon of its reachability check
+PROBE_ARGS = dict(dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True)
 
 
 async def _declare_active_modules(dht: DHT, node: DHTNode, uids, value, expiration_time):
@@ -92,3 +102,114 @@ def test_petals_pings_a_peer_through_its_dht_protocol(swarm):
     first, second, _client = swarm
     node_id, dht_time = first.run_coroutine(partial(_ping, second.peer_id))
     assert len(node_id) == 20 and abs(dht_time - get_dht_time()) < 10
+
+
+class ReachabilityProtocol(ServicerBase):
+    """petals.server.reachability.ReachabilityProtocol: a servicer without ServicerBase.__init__, served on a replica
+    of the DHT's daemon from a thread of its own, that answers through a second, non-listening probe daemon."""
+
+    def __init__(self, *, probe: Optional[P2P] = None, wait_timeout: float = 5.0):
+        self.probe, self.wait_timeout = probe, wait_timeout
+        self._event_loop = self._stop = None
+
+    async def call_check(self, remote_peer: PeerID, *, check_peer: PeerID) -> Optional[bool]:
+        request = dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=check_peer.to_bytes()))
+        response = await self.get_stub(self.probe, remote_peer).rpc_check(request, timeout=self.wait_timeout)
+        return response.available
+
+    async def rpc_check(self, request: dht_pb2.PingRequest, context: P2PContext) -> dht_pb2.PingResponse:
+        response = dht_pb2.PingResponse(available=True)
+        check_peer = PeerID(request.peer.node_id)
+        if check_peer != context.local_id:  # check someone else: dial it from the probe
+            response.available = await self.call_check(check_peer, check_peer=check_peer) is True
+        return response
+
+    @asynccontextmanager
+    async def serve(self, p2p: P2P):
+        try:
+            await self.add_p2p_handlers(p2p)
+            yield self
+        finally:
+            await self.remove_p2p_handlers(p2p)
+
+    @classmethod
+    def attach_to_dht(cls, dht: DHT) -> "ReachabilityProtocol":
+        protocol, ready = cls(), Future()
+
+        async def _serve_with_probe():
+            try:
+                common_p2p = await dht.replicate_p2p()
+                protocol._event_loop, protocol._stop = asyncio.get_event_loop(), asyncio.Event()
+                initial_peers = [str(addr) for addr in await common_p2p.get_visible_maddrs(latest=True)]
+                for info in await common_p2p.list_peers():
+                    initial_peers.extend(f"{addr}/p2p/{info.peer_id}" for addr in info.addrs)
+                protocol.probe = await P2P.create(initial_peers, **PROBE_ARGS)
+                ready.set_result(True)
+                async with protocol.serve(common_p2p):
+                    await protocol._stop.wait()
+            except Exception as e:
+                if not ready.done():
+                    ready.set_exception(e)
+            finally:
+                if protocol.probe is not None:
+                    await protocol.probe.shutdown()
+
+        threading.Thread(target=partial(asyncio.run, _serve_with_probe()), daemon=True).start()
+        ready.result(timeout=30)
+        return protocol
+
+    def shutdown(self):
+        self._event_loop.call_soon_threadsafe(self._stop.set)
+
+
+def check_direct_reachability(**kwargs) -> Optional[bool]:
+    """petals.server.reachability.check_direct_reachability: asks the peers in a fresh client node's routing table
+    whether they can reach it"""
+
+    async def _check_direct_reachability():
+        target_dht = await DHTNode.create(client_mode=True, **kwargs)
+        try:
+            protocol = ReachabilityProtocol(probe=target_dht.protocol.p2p)
+            async with protocol.serve(target_dht.protocol.p2p):
+                remote_peers = list(target_dht.protocol.routing_table.peer_id_to_uid.keys())
+                answers = [
+                    await protocol.call_check(remote_peer=peer, check_peer=target_dht.peer_id) for peer in remote_peers
+                ]
+            return len(remote_peers), answers
+        finally:
+            await target_dht.shutdown()
+
+    return RemoteExpertWorker.run_coroutine(_check_direct_reachability())
+
+
+@pytest.mark.timeout(90)
+def test_petals_reachability_check_through_a_client_node_and_probe_daemons():
+    first = DHT(start=True)
+    second = DHT(initial_peers=first.get_visible_maddrs(), start=True)
+    protocols = []
+    try:
+        protocols = [ReachabilityProtocol.attach_to_dht(dht) for dht in (first, second)]
+        num_peers, answers = check_direct_reachability(initial_peers=first.get_visible_maddrs())
+        assert num_peers == 2 and answers == [True, True]
+    finally:
+        for protocol in protocols:
+            protocol.shutdown()
+        second.shutdown()
+        first.shutdown()
+
+
+def test_the_routing_table_maps_peer_ids_and_node_ids_both_ways():
+    async def run():
+        first = await DHTNode.create()
+        second = await DHTNode.create(initial_peers=[str(a) for a in await first.protocol.p2p.get_visible_maddrs()])
+        try:
+            table = second.protocol.routing_table
+            assert table.peer_id_to_uid == {first.peer_id: first.node_id}
+            assert table.uid_to_peer_id == {first.node_id: first.peer_id}
+            index = table.get_bucket_index(first.node_id)
+            assert first.node_id in table.buckets[index]
+        finally:
+            await second.shutdown()
+            await first.shutdown()
+
+    asyncio.run(run())

@@ -209,6 +209,20 @@ class RoutingTable:
             raise ValueError(f"node id {node_id} is outside [0, 2**160)")
         return bisect_right(self._bucket_lowers, node_id) - 1
 
+    def get_bucket_index(self, node_id: int) -> int:
+        """The index in ``buckets`` of the bucket whose range holds ``node_id`` (same as bucket_index_for)."""
+        return self.bucket_index_for(node_id)
+
+    @property
+    def peer_id_to_uid(self) -> Dict[PeerID, DHTID]:
+        """{peer id: node id} of the nodes in the table (petals lists the known peers from it); read-only use."""
+        return self._node_by_peer
+
+    @property
+    def uid_to_peer_id(self) -> Dict[DHTID, PeerID]:
+        """{node id: peer id} of the nodes in the table; read-only use."""
+        return self._peer_by_node
+
     def add_or_update_node(self, node_id: DHTID, peer_id: PeerID) -> Optional[Tuple[DHTID, PeerID]]:
         """
         Record that ``node_id`` at ``peer_id`` was seen just now (own id is ignored).
