@@ -40,6 +40,10 @@ class Blacklist(Generic[PeerKey]):
     def register_success(self, peer: PeerKey) -> None:
         self._banned.pop(peer, None)
 
+    def clear(self) -> None:
+        """Forget every failure: no peer is banned, the next failure of any peer counts as its first."""
+        self._banned.clear()
+
     def num_failures(self, peer: PeerKey) -> int:
         return self._banned.get(peer, (0, 0.0))[0]
 

@@ -45,6 +45,10 @@ class OptimizerHooks:
     scheduled_state: Optional[StepControl]  # the state round booked for the end of this epoch, if any
     scheduled_state_epoch: int  # the epoch that round gathers (a round of another epoch is booked anew)
 
+    def is_alive(self) -> bool:
+        """Whether the optimizer still runs its averagers (False once shut down)."""
+        return self.state_averager.is_alive()
+
     def _check_kwargs(self, kwargs: Dict[str, Any]) -> None:
         """Check keyword arguments that a subclass forwards to ``Optimizer.__init__``: a name that the Optimizer
         does not know raises TypeError. Subclasses override it to refuse options they do not support."""

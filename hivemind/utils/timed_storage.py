@@ -90,6 +90,11 @@ class TimedStorage(Generic[KeyType, ValueType]):
     def is_frozen(self) -> bool:
         return self._frozen_depth > 0
 
+    @property
+    def frozen(self) -> bool:
+        """Whether expired entries are kept for now (inside ``with storage.freeze():``)."""
+        return self.is_frozen
+
     def _remove_outdated(self) -> None:
         if self.is_frozen:
             return

@@ -151,6 +151,10 @@ class ConnectionHandler(mp.Process, ServicerBase):
         if await_ready:
             self._await_ready(timeout)
 
+    def wait_until_ready(self, timeout: Optional[float] = None) -> None:
+        """Wait until a handler started with ``run_in_background(await_ready=False)`` serves (or raise its error)."""
+        self._await_ready(timeout)
+
     def _await_ready(self, timeout: Optional[float]) -> None:
         """Wait until the handler serves; a handler that died first (killed, crashed) is an error, not a hang."""
         deadline = None if timeout is None else time.monotonic() + timeout
