@@ -109,3 +109,21 @@ def test_first_status_report_comes_right_after_the_start_up_lines():
         assert peer.interrupt(signal.SIGINT) == 0
     finally:
         peer.kill()
+
+
+@pytest.mark.timeout(60)
+def test_the_tool_exits_with_an_error_when_its_daemon_dies():
+    # a bootstrap peer without its p2pd can no longer be reached: it must not go on reporting as if it served
+    import psutil
+
+    peer = CLIPeer("--refresh_period", "1")
+    try:
+        peer.wait_for(r"Local storage contains 0 keys$", timeout=40)
+        daemons = [child for child in psutil.Process(peer.process.pid).children(recursive=True)]
+        daemons = [child for child in daemons if child.name() == "p2pd"]
+        assert len(daemons) == 1
+        daemons[0].kill()
+        assert peer.process.wait(timeout=30) == 1
+        peer.wait_for(r"\[ERROR\] .*p2pd daemon stopped.*; exiting")
+    finally:
+        peer.kill()

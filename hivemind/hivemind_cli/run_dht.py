@@ -15,12 +15,15 @@ from hivemind.utils.networking import log_visible_maddrs
 logger = get_logger(__name__)
 
 
-async def report_status(dht: DHT, node: DHTNode, with_dumps: bool = True) -> Tuple[int, int, str, str]:
+async def report_status(dht: DHT, node: DHTNode, with_dumps: bool = True) -> Optional[Tuple[int, int, str, str]]:
     """
     Runs inside the DHT process: look up a random heartbeat key (exercising and refreshing the routing table), then
     return (nodes known including this one, live stored keys, routing table dump, storage dump) for the log.
     The dumps are empty strings unless ``with_dumps`` (they are only logged at debug level).
+    Returns None when this peer's p2pd daemon is gone: other peers can no longer reach it.
     """
+    if not node.p2p.is_alive:
+        return None
     await node.get(f"heartbeat_{secrets.token_hex(16)}", latest=True)
     routing_table = node.protocol.routing_table
     num_nodes = 1 + sum(len(bucket.nodes) + len(bucket.replacements) for bucket in routing_table.buckets)
@@ -89,11 +92,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             with_dumps = logger.isEnabledFor(logging.DEBUG)
             report = functools.partial(report_status, with_dumps=with_dumps)
             try:
-                num_nodes, num_keys, routing_dump, storage_dump = dht.run_coroutine(report)
+                status = dht.run_coroutine(report)
             except Exception:
                 if signals.requested.is_set():
                     break  # e.g. a SIGTERM to the whole process group stopped the DHT process meanwhile
                 raise
+            if status is None:
+                if signals.requested.wait(1.0):  # Ctrl-C reaches p2pd too: it may have stopped just before we knew
+                    break
+                logger.error(
+                    "This peer's p2pd daemon stopped (see above), so other peers can no longer reach it; exiting. "
+                    "Start hivemind-dht again (with the same --identity_path to keep its peer id)"
+                )
+                return 1
+            num_nodes, num_keys, routing_dump, storage_dump = status
             logger.info(f"{num_nodes} DHT nodes (including this one) are in the local routing table ")
             logger.debug(f"Routing table contents: {routing_dump}")
             logger.info(f"Local storage contains {num_keys} keys")
