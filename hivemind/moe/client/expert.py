@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -62,6 +63,7 @@ class RemoteExpert(nn.Module):
         self._location, self.p2p = expert_info, p2p
         self._stub = get_server_stub(p2p, expert_info.peer_id)
         self._rpc_info: Optional[dict] = None
+        self._pid = os.getpid()  # the process whose connection to p2pd self.p2p is
 
     @property
     def uid(self) -> str:
@@ -73,6 +75,11 @@ class RemoteExpert(nn.Module):
 
     @property
     def stub(self) -> StubBase:
+        if self._pid != os.getpid():
+            # a forked child (e.g. a DataLoader worker) inherited this expert: the parent's connection to p2pd is not
+            # usable here (its event loop does not run in this process), so calls go through a replica of this one
+            self.p2p = _replica_for_this_process(str(self.p2p.daemon_listen_maddr))
+            self._stub, self._pid = get_server_stub(self.p2p, self.peer_id), os.getpid()
         return self._stub
 
     @property
@@ -127,11 +134,27 @@ def _hint(error: P2PDaemonError) -> str:
     return ""
 
 
-def _unpickle_remote_expert(location: ExpertInfo, daemon_listen_maddr: str, rpc_info: Optional[dict]) -> RemoteExpert:
+def _replica_for_this_process(daemon_listen_maddr: str) -> P2P:
+    """The P2P of this process bound to the given daemon, shared by all experts that use it here."""
     key = (os.getpid(), daemon_listen_maddr)
     if key not in _replicas:
-        _replicas[key] = RemoteExpertWorker.run_coroutine(P2P.replicate(daemon_listen_maddr))
-    expert = RemoteExpert(location, _replicas[key])
+        with _replicas_lock:
+            if key not in _replicas:
+                _replicas[key] = RemoteExpertWorker.run_coroutine(P2P.replicate(daemon_listen_maddr))
+    return _replicas[key]
+
+
+def _reset_replicas_lock() -> None:
+    global _replicas_lock
+    _replicas_lock = threading.Lock()  # (a lock held by another thread while forking would never be released)
+
+
+_replicas_lock = threading.Lock()
+os.register_at_fork(after_in_child=_reset_replicas_lock)
+
+
+def _unpickle_remote_expert(location: ExpertInfo, daemon_listen_maddr: str, rpc_info: Optional[dict]) -> RemoteExpert:
+    expert = RemoteExpert(location, _replica_for_this_process(daemon_listen_maddr))
     expert._rpc_info = rpc_info
     return expert
 
