@@ -159,7 +159,8 @@ async def test_tensors_of_other_dtypes_average_to_the_same_values(p2p_factory, d
     routers = await start_routers(peers)
     tensors = [[(torch.arange(40) * (i + 1)).to(dtype), torch.zeros(0, dtype=dtype)] for i in range(3)]
     deltas = await run_group(peers, routers, tensors, part_size_bytes=16)
-    results = [own[0] + own_deltas[0] for own, own_deltas in zip(tensors, deltas)]
+    # (applied in place as the averager does: a float16/bfloat16 part's delta is float32)
+    results = [own[0].clone().add_(own_deltas[0]) for own, own_deltas in zip(tensors, deltas)]
     expected = (torch.arange(40, dtype=torch.float64) * 2).to(dtype)  # the mean of 1x, 2x and 3x
     for result, own_deltas in zip(results, deltas):
         assert result.dtype == dtype and own_deltas[1].shape == (0,)

@@ -233,10 +233,12 @@ class AveragingRounds:
         """Move the local tensors towards the average (only after the whole all-reduce succeeded)."""
         with self.lock_averaged_tensors, torch.no_grad():
             for tensor, delta in zip(self._averaged_tensors, deltas):
-                delta = delta.to(device=tensor.device, dtype=tensor.dtype)
                 if tensor.is_floating_point() or tensor.is_complex():
-                    tensor.add_(delta, alpha=self.averaging_alpha)
-                elif self.averaging_alpha == 1.0:
+                    # a float16/bfloat16 tensor's delta is float32: the sum is rounded once, to the average
+                    tensor.add_(delta.to(device=tensor.device), alpha=self.averaging_alpha)
+                    continue
+                delta = delta.to(device=tensor.device, dtype=tensor.dtype)
+                if self.averaging_alpha == 1.0:
                     tensor.add_(delta)  # (torch refuses a float alpha for integers) wraps to the rounded average
                 else:  # move a rounded fraction of the way to that average, computed in int64
                     own = tensor.to(torch.int64)

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from hivemind.averaging.part_math import largest_magnitude, sub_into, total_sum, zero_
+from hivemind.averaging.part_math import delta_dtype, largest_magnitude, sub_into, total_sum, zero_
 from hivemind.averaging.partition import RAW_DTYPES, AllreduceException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.compression.buffers import dtype_to_name, read_array
@@ -128,13 +128,13 @@ def encode_delta(
     :param in_place: ``part_values`` is a private buffer (see :func:`is_private_view`) that nothing reads any more:
         an uncompressed difference is written over it instead of into new memory
     """
-    dtype, code = part_values.dtype, _AVERAGED_PART
+    dtype, code = delta_dtype(part_values.dtype), _AVERAGED_PART  # float32 for float16/bfloat16 parts
     numel = part_values.numel()
     if compression_type == _NONE and dtype in RAW_DTYPES:
         if average is None or average.dtype == dtype:  # one pass: the difference is what gets written
             delta = (
                 part_values.reshape(-1)
-                if in_place and part_values.is_contiguous()
+                if in_place and part_values.is_contiguous() and part_values.dtype == dtype
                 else torch.empty(numel, dtype=dtype)
             )
             if average is None:
@@ -174,6 +174,8 @@ def is_private_view(message: AnyAveragingData) -> bool:
 
 async def decode_part(message: AnyAveragingData, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
     """The flat tensor of a part or delta from a peer; its size and dtype are checked before anything is decoded.
+    A delta (AVERAGED_PART) of a float16/bfloat16 part may come in float32 (as hivemind 1.1.12 sends it) or in the
+    part's dtype.
 
     An uncompressed tensor of a ReceivedAveragingData is a view of the received frame (no copy; its start may not be
     aligned to its element size, which NumPy and torch CPU kernels handle).
@@ -184,6 +186,9 @@ async def decode_part(message: AnyAveragingData, numel: int, dtype: torch.dtype,
     if serialized is None:
         raise AllreduceException(f"{what} has no tensor")
     announced = math.prod(serialized.size) if len(serialized.size) <= 64 else -1
+    if delta_dtype(dtype) != dtype and serialized.dtype == dtype_to_name(delta_dtype(dtype)):
+        if (message.message if isinstance(message, BulkMessage) else message).code == _AVERAGED_PART:
+            dtype = delta_dtype(dtype)
     if announced != numel or serialized.dtype != dtype_to_name(dtype):
         raise AllreduceException(
             f"{what} has shape {list(serialized.size)[:8]} of {serialized.dtype[:32]!r}, expected "
@@ -237,14 +242,17 @@ def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> N
         if math.isfinite(abs(total_sum(values))):
             return  # a sum is finite only if every value is (an overflowing sum gets the exact check)
     else:
+        # the sums end in the local dtype (a float16 part's delta is float32): overflow is judged in the narrower one
+        narrow = local.dtype if local.is_floating_point() and local.element_size() < values.element_size() else None
         peak = largest_magnitude(values)  # the fast pass: minimum and maximum, vectorized, no temporary
-        if math.isfinite(peak) and peak < _never_overflows_below(values.dtype):
+        if math.isfinite(peak) and peak < _never_overflows_below(narrow or values.dtype):
             return  # no inf or NaN, and too small to carry any finite value past the largest one: local is not read
-        if math.isfinite(peak) and peak + largest_magnitude(local) <= torch.finfo(values.dtype).max:
+        if math.isfinite(peak) and peak + largest_magnitude(local) <= torch.finfo(narrow or values.dtype).max:
             return  # no inf or NaN, and no sum with a local value can overflow
         if math.isfinite(peak):
             local = local.reshape(-1)
-            overflow = ~torch.isfinite(local + values) & torch.isfinite(local)
+            sums = local + values if narrow is None else (local + values).to(narrow)
+            overflow = ~torch.isfinite(sums) & torch.isfinite(local)
             if bool(overflow.any()):
                 raise AllreduceException(
                     f"{what} would make {int(overflow.sum())} finite local values inf once added to them"

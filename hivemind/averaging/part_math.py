@@ -26,11 +26,28 @@ __all__ = [
     "is_integer_dtype",
     "add_offsets_",
     "rounded_average",
+    "accumulator_dtype",
+    "delta_dtype",
 ]
 
 _NUMPY_DTYPES = {
     torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
 }  # fmt: skip
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of float16/bfloat16 parts are kept in float32, of integer parts in float64."""
+    if dtype in (torch.float32, torch.float64) or dtype.is_complex:
+        return dtype
+    return torch.float32 if dtype.is_floating_point else torch.float64
+
+
+def delta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a part's delta (average - local values): float32 for float16/bfloat16 parts, whose average is
+    kept in float32, so that local + delta rounds once, to the average itself (a delta rounded to 16 bits first is
+    off by up to its own rounding step, which can be larger than the average: local 100, average 0.01); the part's
+    own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _arrays(*tensors: torch.Tensor):

@@ -16,10 +16,12 @@ import torch
 from hivemind.averaging.load_balancing import hagenbach_bishoff
 from hivemind.averaging.output_buffers import ReusableOutputs
 from hivemind.averaging.part_math import (
+    accumulator_dtype,
     add_into,
     add_offsets_,
     add_scaled_,
     copy_into,
+    delta_dtype,
     div_,
     is_integer_dtype,
     rounded_average,
@@ -220,9 +222,9 @@ class TensorPartContainer:
         if output is None:
             flat = self._flat[tensor_index]
             if self.output_buffers is None:
-                output = empty_output(flat.numel(), flat.dtype)
+                output = empty_output(flat.numel(), delta_dtype(flat.dtype))
             else:
-                output = self.output_buffers.take(tensor_index, flat.numel(), flat.dtype)
+                output = self.output_buffers.take(tensor_index, flat.numel(), delta_dtype(flat.dtype))
             self._outputs[tensor_index] = output
         return output
 
@@ -421,7 +423,7 @@ class TensorPartReducer:
             accumulator = torch.zeros(part.numel(), dtype=torch.float64)
         elif not owned:
             first, first_weight = accumulator, denominator
-            accumulator = torch.empty(part.numel(), dtype=_accumulator_dtype(part.dtype))
+            accumulator = torch.empty(part.numel(), dtype=accumulator_dtype(part.dtype))
             if first_weight == 1.0 and weight == 1.0:
                 add_into(accumulator, first, part)
                 self._accumulators[part_index] = (accumulator, 2.0, True)
@@ -491,10 +493,3 @@ class TensorPartReducer:
         self._integer_bases.clear()
         self._notify()
         self.finished.set()
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums of float16/bfloat16 parts are kept in float32, of integer parts in float64."""
-    if dtype in (torch.float32, torch.float64) or dtype.is_complex:
-        return dtype
-    return torch.float32 if dtype.is_floating_point else torch.float64

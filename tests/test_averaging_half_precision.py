@@ -1,0 +1,77 @@
+"""float16 and bfloat16 averaged tensors end at their exactly rounded average (as with hivemind 1.1.12): the deltas of
+their parts are float32, so that ``local + delta`` is rounded once, and a float32 delta (what 1.1.12 peers send for
+such parts) is accepted; a 16-bit delta rounded from the float32 average was off by up to its own rounding step
+(local 100, average 0.01: the delta -99.99 rounds to -100), up to 33% of the average in bfloat16."""
+
+import pytest
+import torch
+from averaging_hostile_peer import delta_message, hostile_setup, run_step
+
+import hivemind
+from hivemind.averaging import DecentralizedAverager
+
+
+def _values_of_many_scales(seed: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    scales = 10.0 ** torch.randint(-3, 3, (1000,), generator=generator)
+    return (torch.randn(1000, generator=generator) * scales).to(dtype)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tensors_average_to_the_rounded_average(dtype):
+    tensors = [[_values_of_many_scales(seed, dtype)] for seed in range(2)]
+    expected = ((tensors[0][0].double() + tensors[1][0].double()) / 2).to(dtype)
+    bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=bootstrap.get_visible_maddrs())
+        for _ in range(2)
+    ]
+    averagers = []
+    try:
+        averagers = [
+            DecentralizedAverager(
+                own, dht, prefix="half", target_group_size=2, min_group_size=2, start=True,
+                min_matchmaking_time=2.0, request_timeout=1.0, part_size_bytes=512,
+            )
+            for own, dht in zip(tensors, dhts)
+        ]  # fmt: skip
+        controls = [averager.step(wait=False, timeout=30) for averager in averagers]
+        for control in controls:
+            assert len(control.result(timeout=60)) == 2
+        for averager in averagers:
+            with averager.get_tensors() as (averaged,):
+                assert averaged.dtype == dtype
+                mismatched = int((averaged != expected).sum())
+                assert mismatched == 0, f"{mismatched} of 1000 values are not the rounded average"
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts + [bootstrap]:
+            dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+async def test_a_float32_delta_for_a_half_precision_part_is_applied(dtype):
+    # what a hivemind 1.1.12 reducer sends for a float16/bfloat16 part: average - local, in float32
+    local = torch.full((64,), 100.0, dtype=dtype)
+    average = torch.full((64,), 0.0123, dtype=torch.float32)
+    async with hostile_setup([local.clone()]) as (hostile, victim):
+        hostile.make_delta = lambda message: delta_message(average - local.float())
+        outcome = await run_step(hostile, victim, timeout=20)
+        assert not isinstance(outcome, BaseException), outcome
+        with victim.get_tensors() as (averaged,):
+            assert averaged.dtype == dtype
+            assert torch.equal(averaged, average.to(dtype)), "the float32 delta was not applied"
+
+
+@pytest.mark.timeout(60)
+async def test_a_float32_delta_that_overflows_a_float16_part_is_refused():
+    local = torch.full((64,), 60000.0, dtype=torch.float16)
+    async with hostile_setup([local.clone()]) as (hostile, victim):
+        hostile.make_delta = lambda message: delta_message(torch.full((64,), 1e6, dtype=torch.float32))
+        await run_step(hostile, victim, timeout=20)
+        assert hostile.parts_received, "the victim never reached the hostile reducer"
+        with victim.get_tensors() as (averaged,):
+            assert torch.equal(averaged, local), "a delta beyond float16's range made the local values inf"
