@@ -254,3 +254,20 @@ def test_expert_selection_misuse_is_a_usage_error(argv, capsys):
         parse_server_options(make_parser(), argv)
     assert error.value.code == 2
     assert "--num_experts" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(180)
+def test_the_server_exits_with_an_error_when_its_daemon_dies():
+    # clients can no longer reach the experts of a server without its p2pd: it must not go on as if it served
+    server = CLIServer("--num_experts", "1", "--expert_cls", "nop", "--hidden_dim", "4", "--device", "cpu")
+    try:
+        server.wait_for(r"\[INFO\] Started$")
+        daemons = [child for child in psutil.Process(server.process.pid).children(recursive=True)]
+        daemons = [child for child in daemons if child.name() == "p2pd"]
+        assert len(daemons) == 1
+        daemons[0].kill()
+        assert server.process.wait(timeout=60) == 1, server.rest_of_output()
+        server.wait_for(r"\[ERROR\] .*p2pd daemon stopped.*; exiting")
+        server.wait_for(r"Server shutdown successfully")
+    finally:
+        server.kill()

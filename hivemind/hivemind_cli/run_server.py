@@ -4,6 +4,7 @@ Options come from the command line, from ``config.yml`` in the working directory
 (YAML-like ``key: value`` lines with the long option names); the command line wins.
 """
 
+import concurrent.futures
 import functools
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ logger = get_logger(__name__)
 
 OPTIMIZERS = ("adam", "sgd", "none")
 SGD_LEARNING_RATE = 0.01
+DAEMON_CHECK_TIMEOUT = 10.0  # seconds to wait for the DHT process to say whether p2pd runs
 
 
 def make_parser() -> configargparse.ArgParser:
@@ -202,6 +204,28 @@ def check_expert_flags(parser: configargparse.ArgParser, args: dict) -> None:
             parser.error(f"need 0 <= --num_warmup_steps <= --num_training_steps, got {warmup} and {total}")
 
 
+async def _p2p_daemon_alive(dht, node) -> bool:
+    """Runs inside the DHT process: whether this peer's p2pd (which the server's handlers share) still runs."""
+    return node.p2p.is_alive
+
+
+def daemon_stopped(server) -> bool:
+    """True when the server's p2pd daemon is gone (clients can no longer reach its experts)."""
+    try:
+        answer = server.dht.run_coroutine(_p2p_daemon_alive, return_future=True)
+    except Exception as e:  # the DHT process itself is gone
+        logger.debug(f"Could not ask the DHT process about p2pd: {e!r}")
+        return True
+    try:
+        return not answer.result(timeout=DAEMON_CHECK_TIMEOUT)
+    except concurrent.futures.TimeoutError:  # a busy DHT process: ask again at the next check
+        answer.cancel()
+        return False
+    except Exception as e:  # the DHT process itself is gone
+        logger.debug(f"Could not ask the DHT process about p2pd: {e!r}")
+        return True
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     use_hivemind_log_handler("in_root_logger")  # everything goes to stderr through the root logger
     server_options = parse_server_options(make_parser(), argv)
@@ -221,6 +245,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         while not signals.requested.wait(1.0):
             if not server.is_alive():
                 logger.error("The server stopped on its own; exiting")
+                return 1
+            if daemon_stopped(server):
+                if signals.requested.wait(1.0):  # Ctrl-C reaches p2pd too: it may have stopped just before we knew
+                    break
+                logger.error(
+                    "This server's p2pd daemon stopped (see above), so clients can no longer reach its experts; "
+                    "exiting. Start hivemind-server again (with the same --identity_path to keep its peer id)"
+                )
                 return 1
     finally:
         server.shutdown()
