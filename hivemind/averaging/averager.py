@@ -359,6 +359,8 @@ class DecentralizedAverager(AveragerProcess):
         now = get_dht_time()
         if scheduled_time is None:
             scheduled_time = now + self.min_matchmaking_time
+        if is_number(timeout) and timeout == math.inf:  # no limit, as None (hivemind.Optimizer passes its own)
+            timeout = None
         for name, value in (("scheduled_time", scheduled_time), ("timeout", timeout)):
             if value is not None and not (is_number(value) and math.isfinite(value)):
                 raise AveragerArgumentError(f"{name} must be a finite number of seconds or None, got {value!r}")

@@ -44,7 +44,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
     :param params: the model's parameters or param groups, with an optimizer factory
     :param scheduler: LR scheduler or factory ``lambda opt: ...``; stepped once per epoch
     :param matchmaking_time: seconds spent gathering peers for each averaging round
-    :param averaging_timeout: an averaging round is abandoned after this many seconds
+    :param averaging_timeout: an averaging round is abandoned after this many seconds (None or inf: no limit)
     :param allreduce_timeout: limit of one all-reduce (default: averaging_timeout)
     :param next_chunk_timeout: per-message timeout in all-reduce (default: matchmaking_time)
     :param load_state_timeout: limit of downloading the state from peers, seconds
@@ -73,8 +73,8 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
     # fmt: off
     def __init__(
         self, *, dht: DHT, run_id: str, target_batch_size: int, batch_size_per_step: Optional[int] = None,
-        optimizer: Any, params: Optional[Any] = None, scheduler: Optional[Any] = None,
-        matchmaking_time: float = 15.0, averaging_timeout: float = 60.0, allreduce_timeout: Optional[float] = None,
+        optimizer: Any, params: Optional[Any] = None, scheduler: Optional[Any] = None, matchmaking_time: float = 15.0,
+        averaging_timeout: Optional[float] = 60.0, allreduce_timeout: Optional[float] = None,
         next_chunk_timeout: Optional[float] = None, load_state_timeout: float = 600.0,
         reuse_grad_buffers: bool = False, offload_optimizer: Optional[bool] = None,
         delay_optimizer_step: Optional[bool] = None, delay_grad_averaging: bool = False,
@@ -264,7 +264,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             self._maybe_schedule_rounds()
         if self.tracker.ready_to_update_epoch and self._expected_peers() <= 1:
             # about to step alone: first make sure that nobody joined since the last fetch
-            self.tracker.refresh_global_progress(timeout=min(self.averaging_timeout, 10.0))
+            self.tracker.refresh_global_progress(timeout=min(self._averaging_limit, 10.0))
         if self.tracker.ready_to_update_epoch:
             self._update_global_epoch(grad_scaler)
         self._update_progress_bar()
@@ -408,7 +408,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
                         f"({control.expected_group_size} peers expected); waiting for one up to "
                         f"averaging_timeout={self.averaging_timeout} s, then using local gradients"
                     )
-                gathered = control.result(self.averaging_timeout - self.matchmaking_time)
+                gathered = control.result(self._wait_limit(self._averaging_limit - self.matchmaking_time))
             logger.log(self.status_loglevel, f"{self.run_id}: averaged gradients with {len(gathered)} peers")
             self._last_round_peers = {peer.to_bytes() for peer in gathered}
             self._last_round_epochs = list(gathered.values())

@@ -8,6 +8,7 @@ plug in their own TrainingStateAverager, gradient averager or ProgressTracker su
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Dict, Optional
 
 from hivemind.averaging.control import StepControl
@@ -44,6 +45,16 @@ class OptimizerHooks:
     scheduled_grads: Optional[StepControl]  # the gradient round booked for the end of this epoch, if any
     scheduled_state: Optional[StepControl]  # the state round booked for the end of this epoch, if any
     scheduled_state_epoch: int  # the epoch that round gathers (a round of another epoch is booked anew)
+
+    @property
+    def _averaging_limit(self) -> float:
+        """averaging_timeout as a number of seconds (None, no limit, is infinite)."""
+        return math.inf if self.averaging_timeout is None else self.averaging_timeout
+
+    @staticmethod
+    def _wait_limit(seconds: float) -> Optional[float]:
+        """A limit for ``future.result(timeout)``: None (no limit) for an infinite number of seconds."""
+        return None if math.isinf(seconds) else seconds
 
     def is_alive(self) -> bool:
         """Whether the optimizer still runs its averagers (False once shut down)."""
@@ -127,7 +138,7 @@ class OptimizerHooks:
             eta, now, self.matchmaking_time, already_scheduled=is_pending(control)
         ):
             return control
-        timeout = max(self.averaging_timeout, eta - now + self.matchmaking_time + 1)
+        timeout = max(self._averaging_limit, eta - now + self.matchmaking_time + 1)
         return self._try_schedule(averager, eta if eta > now else None, timeout, expected_peers, **kwargs)
 
     def _try_schedule(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -93,14 +94,14 @@ def resolve_options(
         raise ValueError(f"average_state_every must be a positive int (epochs), got {average_state_every!r}")
     for name, value in [
         ("matchmaking_time", matchmaking_time),
-        ("averaging_timeout", averaging_timeout),
+        ("averaging_timeout", math.inf if averaging_timeout is None else averaging_timeout),  # None: no limit
         ("load_state_timeout", load_state_timeout),
     ]:
         if not is_number(value):
             raise TypeError(f"{name} must be a positive number of seconds, got {type(value).__name__}: {value!r}")
         if not value > 0:  # (NaN too)
             raise ValueError(f"{name} must be a positive number of seconds, got {value}")
-    if averaging_timeout <= matchmaking_time:
+    if averaging_timeout is not None and averaging_timeout <= matchmaking_time:
         raise ValueError(
             f"averaging_timeout ({averaging_timeout} s) must exceed matchmaking_time "
             f"({matchmaking_time} s): a round first spends matchmaking_time gathering peers"
