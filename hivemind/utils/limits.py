@@ -36,5 +36,11 @@ def increase_file_limit(new_soft: int = 2**15, new_hard: int = 2**15) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (as_limit(wanted_soft), hard))
         new_soft_limit, new_hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
         logger.info(f"Increasing file limit: soft {soft}=>{new_soft_limit}, hard {hard}=>{new_hard_limit}")
+        if as_number(new_soft_limit) < new_soft:
+            logger.warning(
+                f"The open file limit stays at {new_soft_limit}, below {new_soft}: the hard limit {new_hard_limit} "
+                f"cannot be raised by this process; raise it (ulimit -Hn, or LimitNOFILE= for a systemd service) if "
+                f"this peer serves many connections"
+            )
     except (ValueError, OSError) as e:
         logger.warning(f"Could not increase the open file limit: {e!r}")
