@@ -1,5 +1,10 @@
 """Public methods and attributes of hivemind 1.1.12 objects that code written for it may call: Blacklist.clear,
-TimedStorage.frozen, ConnectionHandler.wait_until_ready and Optimizer.is_alive, with the original's behaviour."""
+TimedStorage.frozen, ConnectionHandler.wait_until_ready, Optimizer.is_alive and hivemind.utils.logging.loglevel, with
+the original's behaviour."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,3 +78,24 @@ def test_optimizer_is_alive_until_shutdown():
         optimizer.shutdown()
     assert optimizer.is_alive() is False
     dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "env_value, expected", [(None, "INFO"), ("DEBUG", "DEBUG"), ("debug", "DEBUG"), ("10", "DEBUG")]
+)
+def test_logging_loglevel_is_the_level_name_asked_by_hivemind_loglevel(env_value, expected):
+    # petals' initialize_logs (run by `import petals`) reads it: hm_logging.loglevel != "DEBUG"
+    env = {key: value for key, value in os.environ.items() if key != "HIVEMIND_LOGLEVEL"}
+    if env_value is not None:
+        env["HIVEMIND_LOGLEVEL"] = env_value
+    script = (
+        "from hivemind.utils import logging as hm_logging\n"
+        "hm_logging.use_hivemind_log_handler('in_root_logger')\n"
+        "level = 'FATAL' if hm_logging.loglevel != 'DEBUG' else 'DEBUG'\n"
+        "hm_logging.get_logger('asyncio').setLevel(level)\n"
+        "print(hm_logging.loglevel)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

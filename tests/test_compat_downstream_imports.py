@@ -15,7 +15,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -65,13 +65,14 @@ def _fetch_wheels() -> List[Path]:
     return [_find_wheel(directory, prefix) for prefix in DOWNSTREAM.values()]
 
 
-def _attribute_chain(node: ast.Attribute) -> Optional[str]:
+def _attribute_chain(node: ast.Attribute, roots: Dict[str, str]) -> Optional[str]:
+    """The dotted name of ``a.b.c`` whose ``a`` is a local name bound to a hivemind name (``roots``), else None."""
     parts = []
     while isinstance(node, ast.Attribute):
         parts.append(node.attr)
         node = node.value
-    if isinstance(node, ast.Name) and node.id == "hivemind":
-        return ".".join(["hivemind", *reversed(parts)])
+    if isinstance(node, ast.Name) and node.id in roots:
+        return ".".join([roots[node.id], *reversed(parts)])
     return None
 
 
@@ -79,23 +80,27 @@ def _references_in_source(source: str, where: str) -> Iterator[Reference]:
     with warnings.catch_warnings():  # invalid escape sequences in the scanned sources are not our concern
         warnings.simplefilter("ignore")
         tree = ast.parse(source)
-    imports_hivemind_module = False
+    roots = {}  # local name -> the hivemind name it is bound to (attributes read through aliases are checked too)
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module == "hivemind" or node.module.startswith("hivemind."):
                 for alias in node.names:
+                    roots[alias.asname or alias.name] = f"{node.module}.{alias.name}"
                     yield f"{node.module}.{alias.name}", f"{where}:{node.lineno}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "hivemind" or alias.name.startswith("hivemind."):
-                    imports_hivemind_module |= alias.asname is None or alias.name == "hivemind"
+                    if alias.asname is not None:
+                        roots[alias.asname] = alias.name
+                    else:  # import hivemind.x.y binds hivemind
+                        roots["hivemind"] = "hivemind"
                     yield alias.name, f"{where}:{node.lineno}"
-    if not imports_hivemind_module:
+    if not roots:
         return
     chains = {}  # only the longest chain of each attribute expression: hivemind.a.b, not also hivemind.a
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and id(node) not in chains:
-            chain = _attribute_chain(node)
+            chain = _attribute_chain(node, roots)
             if chain is not None:
                 inner = node.value
                 while isinstance(inner, ast.Attribute):
@@ -145,6 +150,8 @@ def test_scanner_finds_from_imports_module_imports_and_attribute_chains():
     source = (
         "import hivemind\nimport hivemind.dht.node\nfrom hivemind.utils import (\n    get_logger,\n    anext,\n)\n"
         "x = hivemind.utils.mpfuture.ALL_STATES\n"
+        "from hivemind.utils import logging as hm_logging\nimport hivemind.p2p as p2p\n"
+        "y = hm_logging.loglevel, p2p.PeerID.from_base58\n"
     )
     found = {name for name, _ in _references_in_source(source, "example.py")}
     assert found == {
@@ -153,6 +160,10 @@ def test_scanner_finds_from_imports_module_imports_and_attribute_chains():
         "hivemind.utils.get_logger",
         "hivemind.utils.anext",
         "hivemind.utils.mpfuture.ALL_STATES",
+        "hivemind.utils.logging",
+        "hivemind.p2p",
+        "hivemind.utils.logging.loglevel",
+        "hivemind.p2p.PeerID.from_base58",
     }
 
 

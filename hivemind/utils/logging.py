@@ -117,6 +117,15 @@ class HandlerMode(Enum):
     IN_ROOT_LOGGER = "in_root_logger"
 
 
+def _env_level_name() -> str:
+    """HIVEMIND_LOGLEVEL as a level name (upper case; a number becomes its name), "INFO" when unset."""
+    raw = os.environ.get("HIVEMIND_LOGLEVEL", "").strip().upper() or "INFO"
+    return logging.getLevelName(int(raw)) if raw.isdigit() else raw
+
+
+# the level name requested by HIVEMIND_LOGLEVEL at import, e.g. "DEBUG" (petals reads it to tune its own loggers)
+loglevel: str = _env_level_name()
+
 _lock = threading.RLock()
 _handler: Optional[logging.Handler] = None
 _current_mode: Optional[HandlerMode] = None
