@@ -28,7 +28,22 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-DEFAULT_NUM_WORKERS = int(os.getenv("HIVEMIND_DHT_NUM_WORKERS", 4))
+
+def _num_workers_from_environment(default: int = 4) -> int:
+    value = os.getenv("HIVEMIND_DHT_NUM_WORKERS", str(default))
+    try:
+        num_workers = int(value)
+    except ValueError:
+        num_workers = 0
+    if num_workers < 1:
+        raise ValueError(
+            f"HIVEMIND_DHT_NUM_WORKERS={value!r} is not a positive integer (the default number of concurrent requests "
+            f"of a DHT search, {default} when unset); set it to e.g. {default} or unset it"
+        )
+    return num_workers
+
+
+DEFAULT_NUM_WORKERS = _num_workers_from_environment()
 BOOTSTRAP_FAILED_MESSAGE = (
     "DHTNode bootstrap failed: none of the initial_peers responded to a ping. "
     "(set ensure_bootstrap_success=False to ignore)"
