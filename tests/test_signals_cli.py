@@ -123,3 +123,29 @@ def listens_on_a_hivemind_socket(pid: int) -> bool:
         return any("/hivemind-" in connection.laddr for connection in psutil.Process(pid).net_connections(kind="unix"))
     except psutil.Error:
         return False
+
+
+# Ctrl-C while Python imports torch (seconds on a busy machine), the first thing hivemind-server did
+CTRL_C_WHILE_TORCH_IMPORTS = """
+import os, signal, sys
+
+class _CtrlCWhenTorchIsImported:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, _CtrlCWhenTorchIsImported())
+"""
+
+
+@pytest.mark.timeout(90)
+def test_server_ctrl_c_while_torch_imports_exits_cleanly():
+    tool = SessionProcess(tool_script("run_server", SERVER_ARGS, CTRL_C_WHILE_TORCH_IMPORTS))
+    try:
+        assert_clean_exit(tool, tool.finish(timeout=80))
+        assert tool.lines[-1].endswith(CAUGHT_SIGINT), tool.output()
+        assert not any("Running DHT node" in line for line in tool.lines), tool.output()  # nothing started
+    finally:
+        tool.close()

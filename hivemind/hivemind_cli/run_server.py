@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import configargparse
-import torch
 
 from hivemind.hivemind_cli.shutdown_signals import ShutdownSignals
 from hivemind.proto.runtime_pb2 import CompressionType
@@ -128,6 +127,8 @@ def make_parser() -> configargparse.ArgParser:
 
 def make_optimizer_factory(name: str):
     """The optimizer class (or factory) for ``--optimizer``; ``None`` means the experts are not trained."""
+    import torch  # imported late: Ctrl-C while torch loads (seconds) is already a clean shutdown
+
     if name == "adam":
         return torch.optim.Adam
     if name == "sgd":
@@ -190,6 +191,8 @@ def check_expert_flags(parser: configargparse.ArgParser, args: dict) -> None:
         what = "is not a directory" if path.exists() else f"does not exist; create it (mkdir -p {path})"
         parser.error(f"--checkpoint_dir {path} {what}")
     if args["device"] is not None:
+        import torch  # imported late (see make_optimizer_factory)
+
         try:
             torch.device(args["device"])
         except RuntimeError as e:
@@ -228,11 +231,15 @@ def daemon_stopped(server) -> bool:
 
 def main(argv: Optional[List[str]] = None) -> int:
     use_hivemind_log_handler("in_root_logger")  # everything goes to stderr through the root logger
-    server_options = parse_server_options(make_parser(), argv)
     signals = ShutdownSignals().install()  # from here on, SIGINT/SIGTERM at any moment end in a clean shutdown
+    server_options = parse_server_options(make_parser(), argv)  # (loads torch: seconds)
+    if signals.requested.is_set():
+        return 0
 
     from hivemind.moe.server import Server  # imported late: --help stays fast
 
+    if signals.requested.is_set():
+        return 0
     try:
         server = Server.create(**server_options, start=True)  # on failure, it stops whatever it started
     except Exception:
