@@ -54,6 +54,11 @@ def serialize_torch_tensor(
             f"convert it with torch.tensor(...)"
         )
     assert tensor.device == torch.device("cpu"), f"serialize_torch_tensor expects a CPU tensor, got {tensor.device}"
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"serialize_torch_tensor expects a dense tensor, got a {tensor.layout} one: "
+            f"convert it with tensor.to_dense()"
+        )
     codec = _CODECS_BY_TYPE.get(compression_type)
     if codec is None:
         raise ValueError(
