@@ -352,8 +352,15 @@ class DHT(ShutdownOnExit, mp.Process):
     def add_validators(self, record_validators: Iterable[RecordValidatorBase]) -> None:
         """Add record validators to the running node (RuntimeError if the process has not started)."""
         # (peek: is_alive() would reap an ended process under a shutdown() in another thread, see stop_lock)
-        if not self._started or (os.getpid() == self._origin_pid and peek_exitcode(self) is not None):
+        if not self._started:
             raise RuntimeError("Can't add validators before the DHT process has started")
+        exitcode = peek_exitcode(self) if os.getpid() == self._origin_pid else None
+        if exitcode is not None:
+            how = f"killed by signal {-exitcode}" if exitcode < 0 else f"exit code {exitcode}, e.g. after shutdown()"
+            raise RuntimeError(
+                f"Can't add validators: the DHT process has ended ({how}); this DHT cannot be used any more: "
+                "create a new DHT"
+            )
         self._call("add_validators", validator_list(record_validators))
 
     @property
