@@ -1,11 +1,15 @@
 """A RemoteExpert created in the training process and used by forked DataLoader workers (which inherit it)."""
 
+import glob
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 from moe_swarm_helpers import serving_experts
 
 from hivemind.moe import ModuleBackend, get_experts
+from hivemind.p2p.stale_sockets import P2P_SOCKET_DIR
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HID = 4
@@ -46,3 +50,36 @@ def test_forked_dataloader_workers_call_an_inherited_remote_expert(used_before_f
         assert torch.allclose(outputs, expected, atol=1e-6)
         assert torch.allclose(grads, module.weight.detach().sum(dim=0).expand(4, HID), atol=1e-6)
         assert torch.allclose(expert(inputs), expected, atol=1e-6), "the parent's expert stopped working"
+
+
+class _WorkerPids(torch.utils.data.Dataset):
+    """Calls the expert in a worker and returns the worker's pid."""
+
+    def __init__(self, expert: nn.Module):
+        self.expert = expert
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        self.expert(torch.zeros(1, HID))
+        return os.getpid()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_dataloader_workers_that_called_an_expert_leave_no_p2p_client_socket(start_method: str):
+    module = nn.Linear(HID, HID)
+    backends = {"ffn.5": ModuleBackend("ffn.5", module, args_schema=(BatchTensorDescriptor(HID),), max_batch_size=8)}
+    with serving_experts(backends) as (_, client_dht):
+        (expert,) = get_experts(client_dht, ["ffn.5"])
+        expert(torch.zeros(1, HID))
+        loader = torch.utils.data.DataLoader(
+            _WorkerPids(expert), batch_size=1, num_workers=2, multiprocessing_context=start_method, timeout=60
+        )
+        worker_pids = {int(pid) for pid in torch.cat(list(loader))}  # the workers have exited when the loop ends
+        assert len(worker_pids) == 2
+        # (each opened a connection to the daemon, listening on a socket file of its own; nothing swept these
+        # until some process started a new p2pd, so every epoch of a long run added one file per worker)
+        left = [path for pid in worker_pids for path in glob.glob(f"{P2P_SOCKET_DIR}/hivemind-p2pclient-{pid}_*")]
+        assert not left, f"worker processes left their P2P client sockets behind: {left}"

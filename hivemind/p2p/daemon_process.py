@@ -5,6 +5,7 @@ import collections
 import json
 import logging
 import math
+import multiprocessing.util
 import os
 import re
 import subprocess
@@ -80,6 +81,14 @@ def remove_socket_file(path: str, owner_pid: int) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def remove_socket_file_with(owner: object, path: str) -> None:
+    """Remove the socket file at ``path`` of this process when ``owner`` is garbage-collected or the process exits,
+    also a forked process (e.g. a DataLoader worker): it ends with os._exit, which runs only multiprocessing's own
+    finalizers, not the interpreter's exit hooks."""
+    weakref.finalize(owner, remove_socket_file, path, os.getpid())
+    multiprocessing.util.Finalize(owner, remove_socket_file, args=(path, os.getpid()), exitpriority=0)
 
 
 def _terminate_sync(popen: subprocess.Popen, paths: Sequence[str], owner_pid: int) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 import os
 import secrets
 import typing
-import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
@@ -14,7 +13,7 @@ from google.protobuf.message import Message
 from hivemind.p2p import daemon_args, framing, protobuf_streams, stale_sockets
 from hivemind.p2p.call_arguments import check_call, check_new_handler
 from hivemind.p2p.daemon_binary import get_p2pd_path
-from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file
+from hivemind.p2p.daemon_process import DaemonProcess, golog_level_for, remove_socket_file_with
 from hivemind.p2p.identity import generate_identity, identity_file_exists, load_identity_peer_id
 from hivemind.p2p.p2p_calls import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_UNARY_CALL_TIMEOUT, ProtobufCallsMixin
 from hivemind.p2p.p2p_daemon_bindings import streams
@@ -233,7 +232,7 @@ class P2P(ProtobufCallsMixin):
         self._client_listen_maddr = cls._socket_maddr("p2pclient", _socket_token())
         # no daemon of ours removes this socket: if shutdown() is never called (e.g. a replica cached by a DHT in the
         # user's process), it goes when this object is garbage-collected or the interpreter exits
-        weakref.finalize(self, remove_socket_file, unix_socket_path(self._client_listen_maddr), os.getpid())
+        remove_socket_file_with(self, unix_socket_path(self._client_listen_maddr))
         try:
             await self._connect(DEFAULT_MAX_MSG_SIZE)
         except BaseException:
