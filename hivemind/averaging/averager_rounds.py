@@ -230,20 +230,31 @@ class AveragingRounds:
             raise
 
     def _apply_deltas(self, deltas: Sequence[torch.Tensor]) -> None:
-        """Move the local tensors towards the average (only after the whole all-reduce succeeded)."""
+        """Move the local tensors towards the average (only after the whole all-reduce succeeded). Tensors whose
+        memory overlaps another's (the same tensor passed twice, e.g. tied weights of a state_dict; overlapping
+        views) get their new values computed first and written after: in place, the overlap would move twice."""
         with self.lock_averaged_tensors, torch.no_grad():
-            for tensor, delta in zip(self._averaged_tensors, deltas):
-                if tensor.is_floating_point() or tensor.is_complex():
-                    # a float16/bfloat16 tensor's delta is float32: the sum is rounded once, to the average
-                    tensor.add_(delta.to(device=tensor.device), alpha=self.averaging_alpha)
-                    continue
-                delta = delta.to(device=tensor.device, dtype=tensor.dtype)
-                if self.averaging_alpha == 1.0:
-                    tensor.add_(delta)  # (torch refuses a float alpha for integers) wraps to the rounded average
-                else:  # move a rounded fraction of the way to that average, computed in int64
-                    own = tensor.to(torch.int64)
-                    moved = ((tensor + delta).to(torch.int64) - own).to(torch.float64).mul_(self.averaging_alpha)
-                    tensor.copy_(own.add_(moved.round_().to(torch.int64)))
+            overlapping = _overlapping_indices(self._averaged_tensors)
+            staged = []
+            for index, (tensor, delta) in enumerate(zip(self._averaged_tensors, deltas)):
+                if index in overlapping:
+                    staged.append((tensor, self._apply_delta(tensor.clone(), delta)))
+                else:
+                    self._apply_delta(tensor, delta)
+            for tensor, value in staged:
+                tensor.copy_(value)
+
+    def _apply_delta(self, tensor: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point() or tensor.is_complex():
+            # a float16/bfloat16 tensor's delta is float32: the sum is rounded once, to the average
+            return tensor.add_(delta.to(device=tensor.device), alpha=self.averaging_alpha)
+        delta = delta.to(device=tensor.device, dtype=tensor.dtype)
+        if self.averaging_alpha == 1.0:
+            return tensor.add_(delta)  # (torch refuses a float alpha for integers) wraps to the rounded average
+        # move a rounded fraction of the way to that average, computed in int64
+        own = tensor.to(torch.int64)
+        moved = ((tensor + delta).to(torch.int64) - own).to(torch.float64).mul_(self.averaging_alpha)
+        return tensor.copy_(own.add_(moved.round_().to(torch.int64)))
 
     def _register_group(self, group_id: bytes, runner: AllReduceRunner) -> None:
         """Make ``runner`` answer the parts other members send for ``group_id``."""
@@ -401,3 +412,22 @@ def _remember(group_ids: Dict[bytes, None], group_id: bytes, limit: int) -> None
     group_ids[group_id] = None
     while len(group_ids) > limit:
         del group_ids[next(iter(group_ids))]
+
+
+def _overlapping_indices(tensors: Sequence[torch.Tensor]) -> set:
+    """Indices of the tensors whose span of memory intersects another tensor's (a superset of those that share
+    elements: interleaved views such as ``x[::2]`` and ``x[1::2]`` are included too)."""
+    spans = []
+    for index, tensor in enumerate(tensors):
+        if tensor.numel() > 0:
+            extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+            start = tensor.data_ptr()
+            spans.append((start, start + extent * tensor.element_size(), index))
+    spans.sort()
+    overlapping, reach, reach_index = set(), None, None
+    for start, stop, index in spans:
+        if reach is not None and start < reach:
+            overlapping.update((index, reach_index))
+        if reach is None or stop > reach:
+            reach, reach_index = stop, index
+    return overlapping
