@@ -179,3 +179,33 @@ def test_a_petals_like_runtime_serves_its_own_pools_to_handler_processes():
         for backend in backends.values():
             backend.shutdown()
     assert not thread.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_a_declared_outputs_schema_with_placeholder_shapes_is_served_as_petals_declares_it():
+    # petals: args_schema and outputs_schema BatchTensorDescriptor(1, 2048, hidden_size) for any sequence length
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 8)
+    placeholder = BatchTensorDescriptor(1, 2048, 8, dtype=torch.float32)
+    backend = ModuleBackend(
+        "block.0",
+        module,
+        args_schema=(placeholder,),
+        kwargs_schema={},
+        outputs_schema=(placeholder,),
+        max_batch_size=64,
+    )
+    hidden_states = torch.randn(1, 5, 8)
+    (output,) = backend.forward(hidden_states)
+    assert torch.allclose(output, module(hidden_states).detach())
+    (grad_inputs,) = backend.backward(hidden_states, torch.ones(1, 5, 8))
+    assert grad_inputs.shape == (1, 5, 8)
+
+    runtime = Runtime({"block.0": backend}, device=None)
+    runtime.start()
+    try:
+        assert runtime.ready.wait(10)
+        (output,) = backend.forward_pool.submit_task(torch.randn(2, 3, 8)).result(timeout=10)
+        assert output.shape == (2, 3, 8)
+    finally:
+        runtime.shutdown(timeout=10)

@@ -87,7 +87,10 @@ class ModuleBackend:
     :param args_schema: BatchTensorDescriptors of positional inputs
     :param kwargs_schema: {name: BatchTensorDescriptor} of keyword inputs (at least one of the two schemas is needed)
     :param outputs_schema: descriptor(s) of the outputs; by default found by running the module on a dummy batch of
-      DUMMY_BATCH_SIZE examples (recorded as CPU tensors, with the inputs' compression if they all share one)
+      DUMMY_BATCH_SIZE examples (recorded as CPU tensors, with the inputs' compression if they all share one), and
+      then each forward batch's outputs must match it. A schema given here is passed to clients as it is, without
+      checking the outputs against it, as in hivemind 1.1.12 (petals declares placeholder shapes such as
+      ``BatchTensorDescriptor(1, 2048, hidden_size)`` for any sequence length)
     :param kwargs: for both TaskPools: max_batch_size (required), min_batch_size, timeout, pool_size, prefetch_batches
     """
 
@@ -117,6 +120,7 @@ class ModuleBackend:
         self.kwargs_schema = dict(kwargs_schema or {})
         self.forward_schema = (self.args_schema, self.kwargs_schema)
         self._flat_inputs_schema = tuple(nested_flatten(self.forward_schema))
+        self._check_outputs_against_schema = outputs_schema is None  # (a schema we inferred, see above)
         if outputs_schema is None:
             outputs_schema = self._infer_outputs_schema()
         self.outputs_schema = outputs_schema
@@ -193,7 +197,8 @@ class ModuleBackend:
                 f"{self.name}: the module returned {len(flat_outputs)} outputs, outputs_schema describes "
                 f"{len(self._flat_outputs_schema)}"
             )
-        self._check_outputs(flat_outputs, batch_size=inputs[0].shape[0])
+        if self._check_outputs_against_schema:
+            self._check_outputs(flat_outputs, batch_size=inputs[0].shape[0])
         return flat_outputs
 
     def _check_outputs(self, outputs: Sequence[Any], batch_size: int) -> None:
