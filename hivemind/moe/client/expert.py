@@ -110,7 +110,14 @@ class RemoteExpert(nn.Module):
                 f"{self.uid} expects inputs structured as {info['forward_schema']}, got "
                 f"{len(args)} positional and {len(kwargs)} keyword tensors that do not match"
             )
-        flat_outputs = _RemoteModuleCall.apply(DUMMY, self.uid, self.stub, info, *nested_flatten(forward_inputs))
+        flat_inputs = tuple(nested_flatten(forward_inputs))
+        for index, tensor in enumerate(flat_inputs):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 0:
+                raise TypeError(
+                    f"{self.uid}: input #{index} is a 0-d tensor, but experts take batches: add a batch dimension "
+                    f"(tensor[None])"
+                )
+        flat_outputs = _RemoteModuleCall.apply(DUMMY, self.uid, self.stub, info, *flat_inputs)
         return nested_pack(flat_outputs, structure=info["outputs_schema"])
 
     def extra_repr(self) -> str:
