@@ -6,6 +6,9 @@ Options come from the command line, from ``config.yml`` in the working directory
 
 import concurrent.futures
 import functools
+import io
+import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -24,8 +27,44 @@ SGD_LEARNING_RATE = 0.01
 DAEMON_CHECK_TIMEOUT = 10.0  # seconds to wait for the DHT process to say whether p2pd runs
 
 
+class ConfigFileParser(configargparse.DefaultConfigFileParser):
+    """configargparse's ``key: value`` lines, where a list may also be a YAML block list: ``key:`` then ``- item``
+    lines (an ``[a, b]`` value works as before)."""
+
+    def parse(self, stream):
+        lines, list_key, items = [], None, []
+
+        def close_list():
+            if list_key is not None:  # ("key:" and no items: the empty value, as before)
+                lines.append(f"{list_key}: {json.dumps(items)}" if items else f"{list_key}:")
+
+        for number, line in enumerate(stream, start=1):
+            stripped = line.strip()
+            item = re.fullmatch(r"-\s+(.*)|-", stripped)
+            if item is not None:
+                if list_key is None:
+                    raise configargparse.ConfigFileParserException(
+                        f"line {number} of {getattr(stream, 'name', 'the config file')}: the list item "
+                        f"{stripped!r} follows no 'key:' line; write 'key:' on the line before the '- item' lines"
+                    )
+                items.append((item.group(1) or "").strip().strip("'\""))
+                continue
+            if not stripped or stripped.startswith("#"):
+                continue
+            close_list()
+            list_key, items = None, []
+            key = re.fullmatch(r"([^:=;#\s]+)\s*:", stripped)
+            if key is not None:  # "key:" with nothing after it: a block list may follow
+                list_key = key.group(1)
+                continue
+            lines.append(stripped)
+        close_list()
+        return super().parse(io.StringIO("\n".join(lines)))
+
+
 def make_parser() -> configargparse.ArgParser:
     parser = configargparse.ArgParser(
+        config_file_parser_class=ConfigFileParser,
         default_config_files=["config.yml"],
         description="Host mixture-of-experts layers (experts) and serve them to the hivemind swarm.",
     )
