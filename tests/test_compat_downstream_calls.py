@@ -213,3 +213,15 @@ def test_the_routing_table_maps_peer_ids_and_node_ids_both_ways():
             await first.shutdown()
 
     asyncio.run(run())
+
+
+def test_a_comma_separated_initial_peers_string_is_refused_with_the_list_to_pass():
+    # lightning-hivemind passes HivemindStrategy(initial_peers="maddr1,maddr2") to the DHT as it is (the original's
+    # daemon then fails to start): the error shows the list to pass instead
+    first, second = "/ip4/127.0.0.1/tcp/1/p2p/A", "/ip4/127.0.0.1/tcp/2/p2p/B"
+    with pytest.raises(
+        TypeError, match=r"e\.g\. \['/ip4/127\.0\.0\.1/tcp/1/p2p/A', '/ip4/127\.0\.0\.1/tcp/2/p2p/B'\]"
+    ):
+        DHT(initial_peers=f"{first},{second}", start=False)
+    with pytest.raises(TypeError, match=r"e\.g\. \['/ip4/127\.0\.0\.1/tcp/1/p2p/A'\], not a single string"):
+        DHT(initial_peers=first, start=False)

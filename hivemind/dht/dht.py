@@ -66,7 +66,10 @@ def _as_maddr_strings(initial_peers: Optional[Sequence[MaddrLike]]) -> Optional[
     if initial_peers is None:
         return None
     if isinstance(initial_peers, (str, bytes)):
-        raise TypeError(f"initial_peers should be a list of multiaddrs, e.g. [{initial_peers!r}], not a single string")
+        example = (
+            initial_peers.split(",") if isinstance(initial_peers, str) and "," in initial_peers else [initial_peers]
+        )
+        raise TypeError(f"initial_peers should be a list of multiaddrs, e.g. {example!r}, not a single string")
     is_sequence = isinstance(initial_peers, Sequence)
     if not is_sequence or any(not isinstance(item, (Multiaddr, str)) for item in initial_peers):
         raise TypeError(f"initial_peers should be a sequence of str or Multiaddr, got {initial_peers!r}")
