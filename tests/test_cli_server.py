@@ -271,3 +271,18 @@ def test_the_server_exits_with_an_error_when_its_daemon_dies():
         server.wait_for(r"Server shutdown successfully")
     finally:
         server.kill()
+
+
+@pytest.mark.timeout(180)
+def test_the_server_prints_the_initial_peers_to_give_other_peers():
+    server = CLIServer("--expert_uids", "nop.0", "--expert_cls", "nop", "--hidden_dim", "4", "--device", "cpu",
+                       "--host_maddrs", "/ip4/127.0.0.1/tcp/0")  # fmt: skip
+    try:
+        maddrs = re.findall(r"'([^']+)'", server.wait_for(r"Running DHT node on (\[.*\]), initial peers").group(1))
+        hint = server.wait_for(r"\[INFO\] To connect other peers to this server, use --initial_peers (.+)$").group(1)
+        assert hint.split() == maddrs  # as printed: ready to paste into another command line
+        with DHT(initial_peers=hint.split(), start=True) as dht:
+            assert [expert.uid for expert in get_experts(dht, ["nop.0"])] == ["nop.0"]
+        assert server.interrupt(signal.SIGINT) == 0, server.rest_of_output()
+    finally:
+        server.kill()

@@ -19,6 +19,7 @@ from hivemind.hivemind_cli.shutdown_signals import ShutdownSignals
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.limits import increase_file_limit
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
+from hivemind.utils.networking import initial_peers_hint
 
 logger = get_logger(__name__)
 
@@ -288,6 +289,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.debug("Start-up interrupted", exc_info=True)
         return 0
     try:
+        if not signals.requested.is_set():
+            hint = initial_peers_hint(server.dht.get_visible_maddrs())
+            logger.info(f"To connect other peers to this server, use {hint}")
         while not signals.requested.wait(1.0):
             if not server.is_alive():
                 logger.error("The server stopped on its own; exiting")

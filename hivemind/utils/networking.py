@@ -8,7 +8,7 @@ from typing import Iterable, Sequence, Union
 from hivemind.utils.logging import TextStyle, get_logger
 from hivemind.utils.multiaddr import Multiaddr
 
-__all__ = ["LOCALHOST", "choose_ip_address", "log_visible_maddrs"]
+__all__ = ["LOCALHOST", "choose_ip_address", "initial_peers_hint", "log_visible_maddrs"]
 
 logger = get_logger(__name__)
 
@@ -62,9 +62,15 @@ def log_visible_maddrs(visible_maddrs: Sequence[Multiaddr], only_p2p: bool) -> N
 
     :param only_p2p: print only the unique ``/p2p/<peer id>`` parts (for peers bootstrapping through IPFS)
     """
-    hint = _highlight("--initial_peers " + " ".join(_select_initial_peers(visible_maddrs, only_p2p)))
+    hint = initial_peers_hint(visible_maddrs, only_p2p)
     logger.info(f"Running a DHT instance. To connect other peers to this one, use {hint}")
     logger.info(f"Full list of visible multiaddresses: {' '.join(str(maddr) for maddr in visible_maddrs)}")
+
+
+def initial_peers_hint(visible_maddrs: Sequence[Multiaddr], only_p2p: bool = False) -> str:
+    """``--initial_peers A1 A2 ...`` for a tool's start-up line: the addresses of one IP (a public one if there is
+    one), or only the ``/p2p/<peer id>`` parts; highlighted on terminals."""
+    return _highlight("--initial_peers " + " ".join(_select_initial_peers(visible_maddrs, only_p2p)))
 
 
 def _highlight(text: str) -> str:
