@@ -9,6 +9,7 @@ from averaging_hostile_peer import delta_message, hostile_setup, run_step
 
 import hivemind
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import Float16Compression, ScaledFloat16Compression
 
 
 def _values_of_many_scales(seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -75,3 +76,39 @@ async def test_a_float32_delta_that_overflows_a_float16_part_is_refused():
         assert hostile.parts_received, "the victim never reached the hostile reducer"
         with victim.get_tensors() as (averaged,):
             assert torch.equal(averaged, local), "a delta beyond float16's range made the local values inf"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("codec", [Float16Compression, ScaledFloat16Compression])
+def test_bfloat16_tensors_travel_uncompressed_under_a_16_bit_codec(codec):
+    # Float16Compression and ScaledFloat16Compression refuse bfloat16 (already 16 bits): such tensors used to fail
+    # the step of the peer that sent them (and stay unaveraged at the other), now they are averaged exactly
+    tensors = [
+        [_values_of_many_scales(seed, torch.float32), _values_of_many_scales(seed, torch.bfloat16)] for seed in (0, 1)
+    ]
+    expected = ((tensors[0][1].double() + tensors[1][1].double()) / 2).to(torch.bfloat16)
+    bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=bootstrap.get_visible_maddrs())
+        for _ in range(2)
+    ]
+    averagers = []
+    try:
+        averagers = [
+            DecentralizedAverager(
+                own, dht, prefix="bf16codec", target_group_size=2, min_group_size=2, start=True,
+                min_matchmaking_time=2.0, request_timeout=1.0, compression=codec(),
+            )
+            for own, dht in zip(tensors, dhts)
+        ]  # fmt: skip
+        controls = [averager.step(wait=False, timeout=30) for averager in averagers]
+        for control in controls:
+            assert len(control.result(timeout=60)) == 2
+        for averager in averagers:
+            with averager.get_tensors() as (_, averaged):
+                assert torch.equal(averaged, expected)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts + [bootstrap]:
+            dht.shutdown()

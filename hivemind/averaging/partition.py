@@ -71,8 +71,11 @@ class BannedException(AllreduceException):
 def _resolve_codec(compression: CompressionBase, info: CompressionInfo) -> CompressionBase:
     while isinstance(compression, AdaptiveCompressionBase):
         compression = compression.choose_compression(info)
-    if isinstance(compression, FloatingOnlyCodec) and not (info.descriptor.dtype or torch.float32).is_floating_point:
+    dtype = info.descriptor.dtype or torch.float32
+    if isinstance(compression, FloatingOnlyCodec) and not dtype.is_floating_point:
         return NoCompression()  # (lossy codecs refuse other dtypes): such parts travel uncompressed, exactly
+    if isinstance(compression, Float16Compression) and dtype == torch.bfloat16:
+        return NoCompression()  # (the 16-bit codecs refuse bfloat16, already 16 bits): uncompressed, exactly
     return compression
 
 
