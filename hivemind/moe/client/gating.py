@@ -126,6 +126,15 @@ class ExpertFailurePenalty:
         self._failures: Dict[PenaltyKey, int] = {}
         self._lock = threading.Lock()  # a mixture may be called from several threads at once
 
+    def __getstate__(self):  # (a mixture sent to a spawned DataLoader worker takes its penalties along)
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def is_penalized(self, uid: PenaltyKey, now: Optional[float] = None) -> bool:
         """Whether the expert is skipped now: ``(uid, peer_id)`` also while its whole server is (see
         ``report_failure(..., server_down=True)``)."""
