@@ -47,7 +47,7 @@ from hivemind.moe.server.expert_requests import (
 )
 from hivemind.moe.server.request_scan import CheckedExpertRequest
 from hivemind.p2p import P2P, P2PContext, ServicerBase
-from hivemind.p2p.framing import FRAME_STALL_TIMEOUT, MIN_FRAME_RATE
+from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE, FRAME_STALL_TIMEOUT, MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, await_with_timeout, switch_to_uvloop
@@ -266,9 +266,10 @@ class ConnectionHandler(mp.Process, ServicerBase):
         self, p2p: P2P, wrapper: Optional[object] = None, *, namespace: Optional[str] = None, balanced: bool = False
     ) -> None:
         """Serve every rpc_* (the handler calls this when it starts, with its ``balanced``; a subclass may extend it).
-        A message of a streamed request holds one chunk, so a larger one is refused before it is read; and an expert
-        request is scanned for its number of tensors before it is parsed (see request_scan.py), since parsing a
-        message of many empty tensors takes ~40x its size in memory."""
+        A message of a streamed expert request holds one chunk, so a larger one is refused before it is read; and an
+        expert request is scanned for its number of tensors before it is parsed (see request_scan.py), since parsing a
+        message of many empty tensors takes ~40x its size in memory. RPCs that a subclass adds or overrides have their
+        own rules: they take what any p2p handler takes (petals' rpc_inference sends each step in one message)."""
         implementation = wrapper if wrapper is not None else self
         await asyncio.gather(
             *(
@@ -278,7 +279,9 @@ class ConnectionHandler(mp.Process, ServicerBase):
                     stream_input=handler.stream_input,
                     stream_output=handler.stream_output,
                     balanced=balanced,
-                    max_message_size=MAX_STREAM_MESSAGE_BYTES,
+                    max_message_size=MAX_STREAM_MESSAGE_BYTES
+                    if self._serves_own(handler)
+                    else DEFAULT_MAX_MESSAGE_SIZE,
                 )
                 for handler in self._get_rpc_handlers()
             )
@@ -287,9 +290,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
     def _checked_handler(self, handler, implementation: object) -> Tuple[Callable, Callable]:
         """(method, request type) to register: ExpertRequests are counted on the wire, then unwrapped for it."""
         method = getattr(implementation, handler.name)
-        overridden = getattr(type(self), handler.name) is not getattr(ConnectionHandler, handler.name, None)
-        if handler.request_type is not runtime_pb2.ExpertRequest or overridden:  # a subclass's RPC has its own rules
-            return method, handler.request_type
+        if handler.request_type is not runtime_pb2.ExpertRequest or not self._serves_own(handler):
+            return method, handler.request_type  # (a subclass's RPC has its own rules)
         backward = "backward" in handler.name
         schemas = self._get_schemas().values()
         counts = {schema.uid: len(schema.backward_inputs if backward else schema.inputs) for schema in schemas}
@@ -301,6 +303,10 @@ class ConnectionHandler(mp.Process, ServicerBase):
             return await method(request.message, context)
 
         return unwrap_one, request_type
+
+    def _serves_own(self, handler) -> bool:
+        """Whether ``handler`` is ConnectionHandler's own RPC (not one that a subclass adds or overrides)."""
+        return getattr(type(self), handler.name) is getattr(ConnectionHandler, handler.name, None)
 
     async def _close_p2p(self, p2p: P2P) -> None:
         try:
