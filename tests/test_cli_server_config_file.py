@@ -39,3 +39,21 @@ def test_a_list_item_without_a_key_is_a_usage_error_naming_the_line(tmp_path, ca
         parse_server_options(make_parser(), ["--config", str(config)])
     assert error.value.code == 2
     assert "- ffn.0" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_comments_after_a_block_list_key_and_its_items_are_comments(tmp_path):
+    config = tmp_path / "server.yml"
+    config.write_text(
+        textwrap.dedent(
+            """
+            expert_uids:  # the experts of this server
+              - ffn.0   # the first one
+              - 'ffn.1' # the second one
+            hidden_dim: 8  # small
+            """
+        )
+    )
+    options = parse_server_options(make_parser(), ["--config", str(config)])
+    assert options["expert_uids"] == ["ffn.0", "ffn.1"]
+    assert options["hidden_dim"] == 8

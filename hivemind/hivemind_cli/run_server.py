@@ -48,19 +48,27 @@ class ConfigFileParser(configargparse.DefaultConfigFileParser):
                         f"line {number} of {getattr(stream, 'name', 'the config file')}: the list item "
                         f"{stripped!r} follows no 'key:' line; write 'key:' on the line before the '- item' lines"
                     )
-                items.append((item.group(1) or "").strip().strip("'\""))
+                items.append(_list_item(item.group(1) or ""))
                 continue
             if not stripped or stripped.startswith("#"):
                 continue
             close_list()
             list_key, items = None, []
-            key = re.fullmatch(r"([^:=;#\s]+)\s*:", stripped)
-            if key is not None:  # "key:" with nothing after it: a block list may follow
+            key = re.fullmatch(r"([^:=;#\s]+)\s*:(?:\s+[#;].*)?", stripped)
+            if key is not None:  # "key:" with nothing (or a comment) after it: a block list may follow
                 list_key = key.group(1)
                 continue
             lines.append(stripped)
         close_list()
         return super().parse(io.StringIO("\n".join(lines)))
+
+
+def _list_item(text: str) -> str:
+    """The value of a ``- item`` line: unquoted, without a trailing ``# comment`` (as on ``key: value`` lines)."""
+    quoted = re.fullmatch(r"""(['"])(.*)\1(?:\s+[#;].*)?""", text)
+    if quoted is not None:
+        return quoted.group(2)
+    return re.sub(r"\s+[#;].*$", "", text).strip().strip("'\"")
 
 
 def make_parser() -> configargparse.ArgParser:
