@@ -244,8 +244,10 @@ def refuse_non_finite(values: torch.Tensor, local: torch.Tensor, what: str) -> N
     else:
         # the sums end in the local dtype (a float16 part's delta is float32): overflow is judged in the narrower one
         narrow = local.dtype if local.is_floating_point() and local.element_size() < values.element_size() else None
+        # (rounded twice, in float32 and then in the narrower dtype, a delta just below that bound reaches it: half)
+        safe = _never_overflows_below(values.dtype) if narrow is None else _never_overflows_below(narrow) / 2
         peak = largest_magnitude(values)  # the fast pass: minimum and maximum, vectorized, no temporary
-        if math.isfinite(peak) and peak < _never_overflows_below(narrow or values.dtype):
+        if math.isfinite(peak) and peak < safe:
             return  # no inf or NaN, and too small to carry any finite value past the largest one: local is not read
         if math.isfinite(peak) and peak + largest_magnitude(local) <= torch.finfo(narrow or values.dtype).max:
             return  # no inf or NaN, and no sum with a local value can overflow
