@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,6 +21,7 @@ from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.limits import increase_file_limit
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.networking import initial_peers_hint
+from hivemind.utils.process_handle import peek_exitcode
 
 logger = get_logger(__name__)
 
@@ -260,21 +262,30 @@ async def _p2p_daemon_alive(dht, node) -> bool:
     return node.p2p.is_alive
 
 
-def daemon_stopped(server) -> bool:
-    """True when the server's p2pd daemon is gone (clients can no longer reach its experts)."""
+def daemon_stopped(server) -> Optional[str]:
+    """None while the server's p2pd daemon runs; otherwise what stopped (clients can no longer reach its experts)."""
     try:
         answer = server.dht.run_coroutine(_p2p_daemon_alive, return_future=True)
-    except Exception as e:  # the DHT process itself is gone
-        logger.debug(f"Could not ask the DHT process about p2pd: {e!r}")
-        return True
+    except Exception as e:  # the DHT process itself is gone (its p2pd exits with it)
+        return _dht_process_ended(server, e)
     try:
-        return not answer.result(timeout=DAEMON_CHECK_TIMEOUT)
+        return None if answer.result(timeout=DAEMON_CHECK_TIMEOUT) else "This server's p2pd daemon stopped (see above)"
     except concurrent.futures.TimeoutError:  # a busy DHT process: ask again at the next check
         answer.cancel()
-        return False
-    except Exception as e:  # the DHT process itself is gone
-        logger.debug(f"Could not ask the DHT process about p2pd: {e!r}")
-        return True
+        return None
+    except Exception as e:
+        return _dht_process_ended(server, e)
+
+
+def _dht_process_ended(server, error: Exception) -> str:
+    code = peek_exitcode(server.dht, wait=1.0)
+    if code is None:
+        how = f"ended ({error})"
+    elif code < 0 and -code in signal.valid_signals():
+        how = f"was killed by signal {signal.Signals(-code).name}"
+    else:
+        how = f"exited with code {code}"
+    return f"This server's DHT process {how}, and its p2pd daemon with it"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -304,12 +315,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not server.is_alive():
                 logger.error("The server stopped on its own; exiting")
                 return 1
-            if daemon_stopped(server):
+            stopped = daemon_stopped(server)
+            if stopped is not None:
                 if signals.requested.wait(1.0):  # Ctrl-C reaches p2pd too: it may have stopped just before we knew
                     break
                 logger.error(
-                    "This server's p2pd daemon stopped (see above), so clients can no longer reach its experts; "
-                    "exiting. Start hivemind-server again (with the same --identity_path to keep its peer id)"
+                    f"{stopped}, so clients can no longer reach its experts; exiting. Start hivemind-server again "
+                    f"(with the same --identity_path to keep its peer id)"
                 )
                 return 1
     finally:
