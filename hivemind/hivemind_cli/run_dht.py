@@ -4,6 +4,7 @@ import argparse
 import functools
 import logging
 import secrets
+import signal
 import sys
 from typing import List, Optional, Tuple
 
@@ -11,6 +12,7 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.hivemind_cli.shutdown_signals import ShutdownSignals
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.networking import log_visible_maddrs
+from hivemind.utils.process_handle import peek_exitcode
 
 logger = get_logger(__name__)
 
@@ -32,6 +34,12 @@ async def report_status(dht: DHT, node: DHTNode, with_dumps: bool = True) -> Opt
         return num_nodes, len(stored), "", ""
     storage_dump = "\n".join(f"{key!r}: {item!r}" for key, item in stored)
     return num_nodes, len(stored), repr(routing_table), storage_dump
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode < 0 and -exitcode in signal.valid_signals():
+        return f"was killed by signal {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -96,7 +104,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             except Exception:
                 if signals.requested.is_set():
                     break  # e.g. a SIGTERM to the whole process group stopped the DHT process meanwhile
-                raise
+                code = peek_exitcode(dht, wait=1.0)
+                if code is None:  # (the DHT process runs: some other failure)
+                    raise
+                logger.error(
+                    f"This peer's DHT process {_how_it_ended(code)}, and its p2pd daemon with it, so other peers "
+                    f"can no longer reach it; exiting. Start hivemind-dht again (with the same --identity_path to "
+                    f"keep its peer id)"
+                )
+                return 1
             if status is None:
                 if signals.requested.wait(1.0):  # Ctrl-C reaches p2pd too: it may have stopped just before we knew
                     break
