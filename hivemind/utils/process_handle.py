@@ -92,22 +92,25 @@ def _peek_exitcode_once(process) -> Optional[int]:
     return status.si_status if status.si_code == os.CLD_EXITED else -status.si_status
 
 
-_stop_locks: "weakref.WeakKeyDictionary[ShutdownOnExit, threading.Lock]" = weakref.WeakKeyDictionary()
+_stop_locks: "weakref.WeakKeyDictionary[ShutdownOnExit, threading.RLock]" = weakref.WeakKeyDictionary()
 _stop_locks_guard = threading.RLock()  # reentrant: a garbage-collected handle may shut down while it is held
 
 
-def stop_lock(handle: "ShutdownOnExit") -> threading.Lock:
+def stop_lock(handle: "ShutdownOnExit") -> threading.RLock:
     """
     The lock under which ``shutdown()`` stops and joins ``handle``'s process: one thread at a time.
 
     Of two threads that join the same child at once, one reaps it and the other's ``waitpid`` gets "no such child":
     multiprocessing then takes the process for alive, so shutdown() warned that it "did not shut down" and sent a
     signal to a pid that may already belong to another process. A thread that comes second finds it stopped.
+
+    Reentrant: a signal handler that calls ``shutdown()`` runs in the main thread, possibly while that thread is in
+    ``shutdown()`` already (e.g. a SIGTERM during the one in a ``finally:``); it must not wait for itself forever.
     """
     with _stop_locks_guard:
         lock = _stop_locks.get(handle)
         if lock is None:
-            lock = _stop_locks[handle] = threading.Lock()
+            lock = _stop_locks[handle] = threading.RLock()
         return lock
 
 

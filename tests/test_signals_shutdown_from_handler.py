@@ -1,0 +1,66 @@
+"""A signal handler that calls shutdown() while the main thread is already in shutdown() of the same object (e.g. a
+SIGTERM handler of a training script, and a shutdown() in its finally: block)."""
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from hivemind.averaging import DecentralizedAverager
+from hivemind.dht import DHT
+from hivemind.utils.process_handle import stop_lock
+
+LOCALHOST = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+
+
+def _signal_once_shutdown_holds_its_lock(handle) -> None:
+    lock = stop_lock(handle)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not lock.acquire(blocking=False):  # the main thread is inside shutdown()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        lock.release()
+        time.sleep(0.001)
+
+
+def _shut_down_from_a_handler_during_shutdown(make_handle) -> None:
+    dht = DHT(start=True, **LOCALHOST)
+    handle = make_handle(dht)
+    handled = []
+
+    def handler(signum, frame):
+        os.kill(handle.pid, signal.SIGCONT)
+        handle.shutdown()  # waited forever for the shutdown() that it interrupted
+        handled.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        os.kill(handle.pid, signal.SIGSTOP)  # its shutdown() waits for it (up to shutdown_timeout) meanwhile
+        threading.Thread(target=_signal_once_shutdown_holds_its_lock, args=(handle,), daemon=True).start()
+        started = time.monotonic()
+        handle.shutdown()
+        assert time.monotonic() - started < 8
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        with contextlib.suppress(ProcessLookupError):  # (it was reaped: nothing to resume)
+            os.kill(handle.pid, signal.SIGCONT)
+        dht.shutdown()
+    assert handled == [signal.SIGUSR1]
+    assert not handle.is_alive() and handle.exitcode == 0, handle.exitcode
+
+
+@pytest.mark.timeout(30)
+def test_dht_shutdown_from_a_signal_handler_during_its_shutdown_returns():
+    _shut_down_from_a_handler_during_shutdown(lambda dht: DHT(start=True, shutdown_timeout=10, **LOCALHOST))
+
+
+@pytest.mark.timeout(30)
+def test_averager_shutdown_from_a_signal_handler_during_its_shutdown_returns():
+    _shut_down_from_a_handler_during_shutdown(
+        lambda dht: DecentralizedAverager([torch.zeros(3)], dht, prefix="handler", start=True, shutdown_timeout=10)
+    )
