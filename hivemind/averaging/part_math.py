@@ -80,8 +80,9 @@ def zero_(output: torch.Tensor) -> None:
 def add_into(output: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
     """``output = first + second``, computed in the output's dtype."""
     arrays = _arrays(output, first, second)
-    if arrays is None:
-        torch.add(first, second, out=output)
+    if arrays is None:  # (torch.add(first, second, out=output) would round to the inputs' dtype first: bfloat16)
+        output.copy_(first)
+        output.add_(second)
     else:
         np.add(arrays[1], arrays[2], out=arrays[0], dtype=arrays[0].dtype, casting="unsafe")
 
@@ -89,8 +90,9 @@ def add_into(output: torch.Tensor, first: torch.Tensor, second: torch.Tensor) ->
 def scale_into(output: torch.Tensor, source: torch.Tensor, factor: float) -> None:
     """``output = source * factor``, computed in the output's dtype."""
     arrays = _arrays(output, source)
-    if arrays is None:
-        torch.mul(source, factor, out=output)
+    if arrays is None:  # (not torch.mul(source, factor, out=output), which rounds to the source's dtype first)
+        output.copy_(source)
+        output.mul_(factor)
     else:
         np.multiply(arrays[1], factor, out=arrays[0], dtype=arrays[0].dtype, casting="unsafe")
 
