@@ -12,13 +12,18 @@ import torch
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
+from hivemind.moe import ModuleBackend, Server
 from hivemind.utils.process_handle import stop_lock
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 LOCALHOST = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 
 
 def _signal_once_shutdown_holds_its_lock(handle) -> None:
-    lock = stop_lock(handle)
+    _signal_once_held(stop_lock(handle))
+
+
+def _signal_once_held(lock) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if not lock.acquire(blocking=False):  # the main thread is inside shutdown()
@@ -64,3 +69,30 @@ def test_averager_shutdown_from_a_signal_handler_during_its_shutdown_returns():
     _shut_down_from_a_handler_during_shutdown(
         lambda dht: DecentralizedAverager([torch.zeros(3)], dht, prefix="handler", start=True, shutdown_timeout=10)
     )
+
+
+@pytest.mark.timeout(60)
+def test_server_shutdown_from_a_signal_handler_during_its_shutdown_returns():
+    schema = (BatchTensorDescriptor(4),)
+    backends = {"ffn.0": ModuleBackend("ffn.0", torch.nn.Linear(4, 4), args_schema=schema, max_batch_size=8)}
+    server = Server(DHT(start=True, **LOCALHOST), backends, start=True)
+    handled = []
+
+    def handler(signum, frame):
+        os.kill(server.dht.pid, signal.SIGCONT)
+        server.shutdown()  # waited forever for the shutdown() that it interrupted
+        handled.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        os.kill(server.dht.pid, signal.SIGSTOP)  # the server's shutdown() waits for its DHT (the last part) meanwhile
+        lock = server._stop_lock
+        threading.Thread(target=_signal_once_held, args=(lock,), daemon=True).start()
+        server.shutdown()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.dht.pid, signal.SIGCONT)
+        server.shutdown()
+    assert handled == [signal.SIGUSR1]
+    assert not server.dht.is_alive() and not server.is_alive()

@@ -95,7 +95,7 @@ class Server(threading.Thread):
             self.checkpoint_saver = CheckpointSaver(self.module_backends, Path(checkpoint_dir), self.update_period)
         self.runtime = Runtime(module_backends, **kwargs)
         self._stopped = threading.Event()
-        self._stop_lock = threading.Lock()
+        self._stop_lock = threading.RLock()  # (reentrant: a signal handler may call shutdown() during shutdown())
         self._start_error: Optional[BaseException] = None
         if start:
             self.run_in_background(await_ready=True)
