@@ -377,7 +377,8 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         if num_peers > 1 or self.auxiliary:
             try:
                 if control is None:
-                    control = self.grad_averager.schedule_step(timeout=self.averaging_timeout, gather=self.local_epoch)
+                    control = self._watch_if_unlimited(
+                        self.grad_averager.schedule_step(timeout=self.averaging_timeout, gather=self.local_epoch))
                 control.expected_group_size = num_peers
                 return self.grad_averager.step(control=control, wait=False, reset_accumulators=True)
             except Exception as e:
@@ -405,8 +406,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
                 if control.stage == AveragingStage.LOOKING_FOR_GROUP:
                     logger.info(
                         f"{self.run_id}: no group to average gradients with after {self.matchmaking_time} s "
-                        f"({control.expected_group_size} peers expected); waiting for one up to "
-                        f"averaging_timeout={self.averaging_timeout} s, then using local gradients"
+                        f"({control.expected_group_size} peers expected); {self._wait_text}"
                     )
                 gathered = control.result(self._wait_limit(self._averaging_limit - self.matchmaking_time))
             logger.log(self.status_loglevel, f"{self.run_id}: averaged gradients with {len(gathered)} peers")
@@ -416,7 +416,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             self._last_round_peers = set()
             waited_out = not control.done()  # (else the round failed and says why)
             control.cancel()
-            reason = f"no result within averaging_timeout={self.averaging_timeout} s" if waited_out else repr(e)
+            reason = self._round_failure(control, waited_out, e)
             logger.warning(f"{self.run_id}: averaging gradients failed ({reason}); using local gradients")
 
     def _expected_peers(self) -> int:

@@ -15,6 +15,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.optim.epoch_rule import next_epoch, should_schedule_averaging
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.round_watch import WATCH_PERIOD, left_alone, watch_unlimited_round
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
@@ -55,6 +56,27 @@ class OptimizerHooks:
     def _wait_limit(seconds: float) -> Optional[float]:
         """A limit for ``future.result(timeout)``: None (no limit) for an infinite number of seconds."""
         return None if math.isinf(seconds) else seconds
+
+    @property
+    def _wait_text(self) -> str:
+        """How long a gradient round waits for its group, in words (for the logs)."""
+        if math.isinf(self._averaging_limit):
+            return "waiting for one as long as another peer of the run is alive (averaging_timeout: no limit)"
+        return f"waiting for one up to averaging_timeout={self.averaging_timeout} s, then using local gradients"
+
+    def _round_failure(self, control: StepControl, waited_out: bool, error: BaseException) -> str:
+        """Why a gradient round gave no result (for the logs)."""
+        if left_alone(control):
+            return "no other peer of the run is left"
+        return f"no result within averaging_timeout={self.averaging_timeout} s" if waited_out else repr(error)
+
+    def _watch_if_unlimited(self, control: StepControl) -> StepControl:
+        """With no averaging_timeout, cancel ``control`` once no other peer of the run is left (see round_watch)."""
+        if math.isinf(self._averaging_limit):
+            watch_unlimited_round(
+                control, lambda: self.tracker.others_alive(WATCH_PERIOD), self.state_averager.is_alive, self.run_id
+            )
+        return control
 
     def is_alive(self) -> bool:
         """Whether the optimizer still runs its averagers (False once shut down)."""
@@ -147,7 +169,7 @@ class OptimizerHooks:
         try:
             control = averager.schedule_step(scheduled_time=scheduled_time, timeout=timeout, **kwargs)
             control.expected_group_size = expected_peers
-            return control
+            return self._watch_if_unlimited(control)
         except Exception as e:
             logger.warning(f"Could not pre-schedule an averaging round of {averager.prefix}: {e!r}")
             return None

@@ -243,6 +243,16 @@ class ProgressTracker(threading.Thread):
         with self._fetch_finished:
             return self._fetch_finished.wait_for(lambda: self._last_fetch_started >= requested, timeout)
 
+    def others_alive(self, timeout: float) -> Optional[bool]:
+        """Whether another peer of the run has a live progress record, read from the DHT now (also while updates are
+        paused); None if the DHT could not be read within ``timeout`` s."""
+        try:
+            response = self.dht.get(self.training_progress_key, latest=True, return_future=True).result(timeout)
+        except Exception as e:
+            logger.debug(f"{self.name} could not read the swarm's progress: {e!r}")
+            return None
+        return bool(self._parse_records(response.value if response is not None else {}))
+
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop the thread; it publishes a ``None`` record first so that peers stop counting this one."""
         self._stop_requested.set()
@@ -357,10 +367,14 @@ class ProgressTracker(threading.Thread):
             with self._lock:
                 record, paused = self.local_progress, self._updates_paused
                 synchronized = is_synchronized(record.epoch, self.global_progress.epoch)
-            overdue = get_dht_time() - self._last_report_time >= FORCED_REFRESH_PERIOD and synchronized
-            if not paused and (record != self._last_reported or overdue):
+            refresh_period = min(FORCED_REFRESH_PERIOD, self.metadata_expiration / 2)
+            overdue = get_dht_time() - self._last_report_time >= refresh_period and synchronized
+            # while paused (e.g. a long averaging round) the record published on entry is still refreshed: a peer
+            # waiting for its group must not look gone to the others (a round with no time limit ends when they are)
+            changed = record != self._last_reported
+            if (changed and not paused) or (overdue and not (changed and paused)):
                 await self._report(record)
-            await self._wait_event(self._wake_reporter, timeout=FORCED_REFRESH_PERIOD)
+            await self._wait_event(self._wake_reporter, timeout=refresh_period)
 
     async def _publish(self, record: Optional[LocalTrainingProgress]) -> bool:
         try:
