@@ -29,3 +29,14 @@ async def test_a_float32_delta_that_rounds_a_16_bit_maximum_to_inf_is_refused(dt
         with victim.get_tensors() as (averaged,):
             assert torch.isfinite(averaged).all(), "a float32 delta made the local 16-bit values inf"
             assert torch.equal(averaged, local)
+
+
+@pytest.mark.timeout(30)
+async def test_a_delta_of_another_dtype_is_refused_naming_both_accepted_dtypes():
+    from hivemind.averaging.part_encoding import decode_part
+    from hivemind.averaging.partition import AllreduceException
+
+    message = delta_message(torch.zeros(64, dtype=torch.float64))
+    with pytest.raises(AllreduceException, match=r"expected 64 elements of float16 or float32"):
+        await decode_part(message, 64, torch.float16, what="delta 0")
+    assert (await decode_part(delta_message(torch.ones(64)), 64, torch.float16, what="delta 0")).dtype == torch.float32

@@ -186,13 +186,16 @@ async def decode_part(message: AnyAveragingData, numel: int, dtype: torch.dtype,
     if serialized is None:
         raise AllreduceException(f"{what} has no tensor")
     announced = math.prod(serialized.size) if len(serialized.size) <= 64 else -1
-    if delta_dtype(dtype) != dtype and serialized.dtype == dtype_to_name(delta_dtype(dtype)):
-        if (message.message if isinstance(message, BulkMessage) else message).code == _AVERAGED_PART:
+    expected = dtype_to_name(dtype)
+    code = (message.message if isinstance(message, BulkMessage) else message).code
+    if delta_dtype(dtype) != dtype and code == _AVERAGED_PART:  # a float16/bfloat16 part's delta: either dtype
+        expected = f"{expected} or {dtype_to_name(delta_dtype(dtype))}"
+        if serialized.dtype == dtype_to_name(delta_dtype(dtype)):
             dtype = delta_dtype(dtype)
     if announced != numel or serialized.dtype != dtype_to_name(dtype):
         raise AllreduceException(
             f"{what} has shape {list(serialized.size)[:8]} of {serialized.dtype[:32]!r}, expected "
-            f"{numel} elements of {dtype_to_name(dtype)}"
+            f"{numel} elements of {expected}"
         )
     if bulk is not None and serialized.compression == _NONE and dtype in RAW_DTYPES:
         return _view_of_bulk(bulk, numel, dtype, what)
