@@ -90,7 +90,8 @@ class ModuleBackend:
       DUMMY_BATCH_SIZE examples (recorded as CPU tensors, with the inputs' compression if they all share one), and
       then each forward batch's outputs must match it. A schema given here is passed to clients as it is, without
       checking the outputs against it, as in hivemind 1.1.12 (petals declares placeholder shapes such as
-      ``BatchTensorDescriptor(1, 2048, hidden_size)`` for any sequence length)
+      ``BatchTensorDescriptor(1, 2048, hidden_size)`` for any sequence length); outputs of the module past the
+      ones it describes are not served (backward still needs the module to return exactly those)
     :param kwargs: for both TaskPools: max_batch_size (required), min_batch_size, timeout, pool_size, prefetch_batches
     """
 
@@ -192,6 +193,8 @@ class ModuleBackend:
         with torch.no_grad():
             outputs = self.module(*args, **kwargs)
         flat_outputs = tuple(nested_flatten(outputs))
+        if not self._check_outputs_against_schema:  # as 1.1.12: outputs past a declared schema are not served
+            flat_outputs = flat_outputs[: len(self._flat_outputs_schema)]
         if len(flat_outputs) != len(self._flat_outputs_schema):
             raise RuntimeError(
                 f"{self.name}: the module returned {len(flat_outputs)} outputs, outputs_schema describes "
