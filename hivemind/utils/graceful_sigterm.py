@@ -4,8 +4,12 @@ import asyncio
 import os
 import signal
 import threading
+from typing import Optional
 
 _stopping_on_sigterm = False  # this process got a SIGTERM while serving and is shutting down because of it
+# grace=None (a shutdown_timeout of None: the owner waits as long as it takes): the SIGTERM still ends the process
+# after this many seconds if its clean-up hangs (which then ignored it for good)
+DEFAULT_GRACE = 5.0
 
 
 def stopping_on_sigterm() -> bool:
@@ -23,12 +27,13 @@ class GracefulSigterm:
 
     A SIGTERM while the child is still starting, a second SIGTERM, and the first one once ``grace`` seconds passed
     have the default effect (the process ends), so ``terminate()`` still ends a child that does not stop when asked.
+    ``grace=None`` (no shutdown_timeout) means ``DEFAULT_GRACE`` seconds.
 
     Install it in the child's main thread, after creating its loop; call ``serving()`` once it serves.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, grace: float):
-        self.loop, self.stop, self.grace = loop, stop, grace
+    def __init__(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, grace: Optional[float]):
+        self.loop, self.stop, self.grace = loop, stop, DEFAULT_GRACE if grace is None else grace
         self._serving = False
 
     def install(self) -> "GracefulSigterm":
@@ -54,5 +59,6 @@ class GracefulSigterm:
 
 
 def _end_by_sigterm() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is threading.main_thread():  # (elsewhere signal.signal raises ValueError; the
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # grace timer runs after _on_sigterm has restored the default)
     os.kill(os.getpid(), signal.SIGTERM)
