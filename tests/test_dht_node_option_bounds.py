@@ -43,17 +43,18 @@ async def test_num_replicas_below_one_is_refused_at_creation(num_replicas):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("parallel_rpc", [0, -2, 0.5, math.inf, math.nan, "2"])
-async def test_parallel_rpc_below_one_is_refused_at_creation(parallel_rpc):
-    with pytest.raises(ValueError, match=r"parallel_rpc must be None \(no limit\) or a positive integer"):
+@pytest.mark.parametrize("parallel_rpc", [0, -2, math.inf, math.nan, "2"])
+async def test_parallel_rpc_not_above_zero_is_refused_at_creation(parallel_rpc):
+    with pytest.raises(ValueError, match=r"parallel_rpc must be None \(no limit\) or a positive number"):
         node = await DHTNode.create(parallel_rpc=parallel_rpc)
         await node.shutdown()  # before (0): with initial peers, the node waited forever for its first ping
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("parallel_rpc, limit", [(2.0, 2), (1.5, 2)])
+@pytest.mark.parametrize("parallel_rpc, limit", [(2.0, 2), (1.5, 2), (0.5, 1)])
 async def test_a_parallel_rpc_given_as_a_float_is_accepted_and_rounded_up(parallel_rpc, limit):
-    """hivemind 1.1.12 runs with parallel_rpc=2.0 (e.g. from a config file) and with fractions"""
+    """hivemind 1.1.12 runs with parallel_rpc=2.0 (e.g. from a config file) and with fractions (0.5 too: one request
+    at a time)"""
     first = await DHTNode.create(parallel_rpc=parallel_rpc)
     second = await DHTNode.create(parallel_rpc=parallel_rpc, initial_peers=await first.get_visible_maddrs())
     try:

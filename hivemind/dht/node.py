@@ -114,8 +114,8 @@ class DHTNode(SearchingGet, ReplicatedStore):
         Start a node and join the DHT through ``initial_peers``.
 
         :param kwargs: options for P2P.create when ``p2p`` is None (ValueError if ``p2p`` is given)
-        :raises ValueError: ``num_workers``, ``num_replicas`` or ``parallel_rpc`` below 1, ``wait_timeout`` not above 0
-            (a fraction of ``parallel_rpc`` is rounded up)
+        :raises ValueError: ``num_workers`` or ``num_replicas`` below 1, ``parallel_rpc`` not above 0, ``wait_timeout``
+            not above 0 (a fraction of ``parallel_rpc`` is rounded up)
         :raises RuntimeError: no initial peer answered and ``ensure_bootstrap_success`` is set
         :raises ValidationError: with ``strict``, an initial peer cannot reach us or its clock differs by > 3 s
         """
@@ -125,9 +125,10 @@ class DHTNode(SearchingGet, ReplicatedStore):
             raise ValueError(f"wait_timeout must be a positive number of seconds, got {wait_timeout!r}")
         if not is_count(num_replicas):  # (below 1, no store works)
             raise ValueError(f"num_replicas must be a positive integer (nodes storing each key), got {num_replicas!r}")
-        # 0: the bootstrap ping would wait forever; a fraction (which hivemind 1.1.12 takes) is rounded up
-        if parallel_rpc is not None and not (is_number(parallel_rpc) and 1 <= parallel_rpc < math.inf):
-            raise ValueError(f"parallel_rpc must be None (no limit) or a positive integer, got {parallel_rpc!r}")
+        # 0: the bootstrap ping would wait forever; a fraction (which hivemind 1.1.12 takes: 0.5 runs one request at a
+        # time) is rounded up
+        if parallel_rpc is not None and not (is_number(parallel_rpc) and 0 < parallel_rpc < math.inf):
+            raise ValueError(f"parallel_rpc must be None (no limit) or a positive number, got {parallel_rpc!r}")
         # (numpy integers, as hivemind 1.1.12 accepts, become plain ints)
         num_workers, num_replicas = int(num_workers), int(num_replicas)
         parallel_rpc = None if parallel_rpc is None else math.ceil(parallel_rpc)
