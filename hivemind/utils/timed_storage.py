@@ -85,15 +85,20 @@ class TimedStorage(Generic[KeyType, ValueType]):
         self.key_to_heap: Dict[KeyType, _HeapEntry] = {}
         self._counter = itertools.count()
         self._frozen_depth = 0
+        self._frozen_by_flag = False  # storage.frozen = True (as hivemind 1.1.12 allows), until set to False
 
     @property
     def is_frozen(self) -> bool:
-        return self._frozen_depth > 0
+        return self._frozen_depth > 0 or self._frozen_by_flag
 
     @property
     def frozen(self) -> bool:
-        """Whether expired entries are kept for now (inside ``with storage.freeze():``)."""
+        """Whether expired entries are kept for now (inside ``with storage.freeze():``, or after ``frozen = True``)."""
         return self.is_frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self._frozen_by_flag = bool(value)
 
     def _remove_outdated(self) -> None:
         if self.is_frozen:
