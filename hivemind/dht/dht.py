@@ -66,8 +66,11 @@ def _as_maddr_strings(initial_peers: Optional[Sequence[MaddrLike]]) -> Optional[
     if initial_peers is None:
         return None
     if isinstance(initial_peers, (str, bytes)):
+        # a multiaddr holds no comma or space: "a,b", "a, b" and "a b" (as --initial_peers prints them) are lists
         example = (
-            initial_peers.split(",") if isinstance(initial_peers, str) and "," in initial_peers else [initial_peers]
+            (initial_peers.replace(",", " ").split() or [initial_peers])
+            if isinstance(initial_peers, str)
+            else [initial_peers]
         )
         raise TypeError(f"initial_peers should be a list of multiaddrs, e.g. {example!r}, not a single string")
     is_sequence = isinstance(initial_peers, Sequence)
