@@ -4,9 +4,7 @@ swapped values instead of meeting at 1)."""
 
 import pytest
 import torch
-
-import hivemind
-from hivemind.averaging import DecentralizedAverager
+from averager_helpers import averagers_on, dht_swarm
 
 
 def _same_tensor_twice(buffer):
@@ -30,20 +28,8 @@ def test_tensors_that_share_memory_end_at_the_average(make_tensors):
     buffers = [torch.zeros(10), torch.full((10,), 2.0)]
     with torch.no_grad():
         tensors = [make_tensors(buffer) for buffer in buffers]
-    bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [
-        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=bootstrap.get_visible_maddrs())
-        for _ in range(2)
-    ]
-    averagers = []
-    try:
-        averagers = [
-            DecentralizedAverager(
-                own, dht, prefix="aliased", target_group_size=2, min_group_size=2, start=True,
-                min_matchmaking_time=2.0, request_timeout=1.0,
-            )
-            for own, dht in zip(tensors, dhts)
-        ]  # fmt: skip
+    options = dict(target_group_size=2, min_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0)
+    with dht_swarm(3) as dhts, averagers_on(dhts[1:], tensors, prefix="aliased", **options) as averagers:
         controls = [averager.step(wait=False, timeout=30) for averager in averagers]
         for control in controls:
             assert len(control.result(timeout=60)) == 2
@@ -52,8 +38,3 @@ def test_tensors_that_share_memory_end_at_the_average(make_tensors):
                 for tensor in averaged:
                     assert torch.equal(tensor, torch.ones_like(tensor))
             assert torch.equal(buffer, torch.ones(10))
-    finally:
-        for averager in averagers:
-            averager.shutdown()
-        for dht in dhts + [bootstrap]:
-            dht.shutdown()

@@ -5,11 +5,12 @@ such parts) is accepted; a 16-bit delta rounded from the float32 average was off
 
 import pytest
 import torch
+from averager_helpers import averagers_on, dht_swarm
 from averaging_hostile_peer import delta_message, hostile_setup, run_step
 
-import hivemind
-from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import Float16Compression, ScaledFloat16Compression
+
+PAIR = dict(target_group_size=2, min_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0)
 
 
 def _values_of_many_scales(seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -18,38 +19,29 @@ def _values_of_many_scales(seed: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(1000, generator=generator) * scales).to(dtype)
 
 
+def _average_in_pairs(tensors, prefix: str, **options) -> list:
+    """One step of two averagers (on two DHTs joined through a third) holding ``tensors[0]`` and ``tensors[1]``;
+    returns each one's tensors after it"""
+    with dht_swarm(3) as dhts, averagers_on(dhts[1:], tensors, prefix=prefix, **PAIR, **options) as averagers:
+        controls = [averager.step(wait=False, timeout=30) for averager in averagers]
+        for control in controls:
+            assert len(control.result(timeout=60)) == 2
+        results = []
+        for averager in averagers:
+            with averager.get_tensors() as averaged:
+                results.append([tensor.clone() for tensor in averaged])
+        return results
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_tensors_average_to_the_rounded_average(dtype):
     tensors = [[_values_of_many_scales(seed, dtype)] for seed in range(2)]
     expected = ((tensors[0][0].double() + tensors[1][0].double()) / 2).to(dtype)
-    bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [
-        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=bootstrap.get_visible_maddrs())
-        for _ in range(2)
-    ]
-    averagers = []
-    try:
-        averagers = [
-            DecentralizedAverager(
-                own, dht, prefix="half", target_group_size=2, min_group_size=2, start=True,
-                min_matchmaking_time=2.0, request_timeout=1.0, part_size_bytes=512,
-            )
-            for own, dht in zip(tensors, dhts)
-        ]  # fmt: skip
-        controls = [averager.step(wait=False, timeout=30) for averager in averagers]
-        for control in controls:
-            assert len(control.result(timeout=60)) == 2
-        for averager in averagers:
-            with averager.get_tensors() as (averaged,):
-                assert averaged.dtype == dtype
-                mismatched = int((averaged != expected).sum())
-                assert mismatched == 0, f"{mismatched} of 1000 values are not the rounded average"
-    finally:
-        for averager in averagers:
-            averager.shutdown()
-        for dht in dhts + [bootstrap]:
-            dht.shutdown()
+    for (averaged,) in _average_in_pairs(tensors, prefix="half", part_size_bytes=512):
+        assert averaged.dtype == dtype
+        mismatched = int((averaged != expected).sum())
+        assert mismatched == 0, f"{mismatched} of 1000 values are not the rounded average"
 
 
 @pytest.mark.timeout(60)
@@ -87,28 +79,5 @@ def test_bfloat16_tensors_travel_uncompressed_under_a_16_bit_codec(codec):
         [_values_of_many_scales(seed, torch.float32), _values_of_many_scales(seed, torch.bfloat16)] for seed in (0, 1)
     ]
     expected = ((tensors[0][1].double() + tensors[1][1].double()) / 2).to(torch.bfloat16)
-    bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [
-        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=bootstrap.get_visible_maddrs())
-        for _ in range(2)
-    ]
-    averagers = []
-    try:
-        averagers = [
-            DecentralizedAverager(
-                own, dht, prefix="bf16codec", target_group_size=2, min_group_size=2, start=True,
-                min_matchmaking_time=2.0, request_timeout=1.0, compression=codec(),
-            )
-            for own, dht in zip(tensors, dhts)
-        ]  # fmt: skip
-        controls = [averager.step(wait=False, timeout=30) for averager in averagers]
-        for control in controls:
-            assert len(control.result(timeout=60)) == 2
-        for averager in averagers:
-            with averager.get_tensors() as (_, averaged):
-                assert torch.equal(averaged, expected)
-    finally:
-        for averager in averagers:
-            averager.shutdown()
-        for dht in dhts + [bootstrap]:
-            dht.shutdown()
+    for _, averaged in _average_in_pairs(tensors, prefix="bf16codec", compression=codec()):
+        assert torch.equal(averaged, expected)
