@@ -85,3 +85,9 @@ def test_a_survivor_goes_on_when_the_only_other_peer_is_killed_mid_run():
         thread.join(30)
         dht.shutdown()
     assert not thread.is_alive()
+    # the watches of the rounds end with them (or with the optimizer)
+    watches = lambda: [t for t in threading.enumerate() if "watch of a round" in t.name]  # noqa: E731
+    deadline = time.monotonic() + 15
+    while watches() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not watches()
