@@ -19,15 +19,23 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 LOCALHOST = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 
 
-def _signal_once_shutdown_holds_its_lock(handle) -> None:
-    _signal_once_held(stop_lock(handle))
+def _signal_once_shutdown_holds_its_lock(handle, entered: list) -> None:
+    _signal_once_held(stop_lock(handle), entered)
 
 
-def _signal_once_held(lock) -> None:
+def _signal_once_held(lock, entered: list) -> None:
+    """Once the main thread holds ``lock`` (it is inside shutdown()), send it SIGUSR1 until its handler has started.
+
+    One signal is not enough: one that arrives while the main thread is on its way into a wait (after Python last
+    checked for signals, before the wait began) runs its handler only when that wait ends, after shutdown_timeout.
+    """
+    main = threading.main_thread().ident
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if not lock.acquire(blocking=False):  # the main thread is inside shutdown()
-            os.kill(os.getpid(), signal.SIGUSR1)
+            while not entered and time.monotonic() < deadline:
+                signal.pthread_kill(main, signal.SIGUSR1)
+                time.sleep(0.05)
             return
         lock.release()
         time.sleep(0.001)
@@ -36,9 +44,12 @@ def _signal_once_held(lock) -> None:
 def _shut_down_from_a_handler_during_shutdown(make_handle) -> None:
     dht = DHT(start=True, **LOCALHOST)
     handle = make_handle(dht)
-    handled = []
+    entered, handled = [], []
 
     def handler(signum, frame):
+        if entered:
+            return  # (a signal sent again before the first one was handled)
+        entered.append(signum)
         os.kill(handle.pid, signal.SIGCONT)
         handle.shutdown()  # waited forever for the shutdown() that it interrupted
         handled.append(signum)
@@ -46,7 +57,7 @@ def _shut_down_from_a_handler_during_shutdown(make_handle) -> None:
     previous = signal.signal(signal.SIGUSR1, handler)
     try:
         os.kill(handle.pid, signal.SIGSTOP)  # its shutdown() waits for it (up to shutdown_timeout) meanwhile
-        threading.Thread(target=_signal_once_shutdown_holds_its_lock, args=(handle,), daemon=True).start()
+        threading.Thread(target=_signal_once_shutdown_holds_its_lock, args=(handle, entered), daemon=True).start()
         started = time.monotonic()
         handle.shutdown()
         assert time.monotonic() - started < 8
@@ -76,9 +87,12 @@ def test_server_shutdown_from_a_signal_handler_during_its_shutdown_returns():
     schema = (BatchTensorDescriptor(4),)
     backends = {"ffn.0": ModuleBackend("ffn.0", torch.nn.Linear(4, 4), args_schema=schema, max_batch_size=8)}
     server = Server(DHT(start=True, **LOCALHOST), backends, start=True)
-    handled = []
+    entered, handled = [], []
 
     def handler(signum, frame):
+        if entered:
+            return  # (a signal sent again before the first one was handled)
+        entered.append(signum)
         os.kill(server.dht.pid, signal.SIGCONT)
         server.shutdown()  # waited forever for the shutdown() that it interrupted
         handled.append(signum)
@@ -86,9 +100,11 @@ def test_server_shutdown_from_a_signal_handler_during_its_shutdown_returns():
     previous = signal.signal(signal.SIGUSR1, handler)
     try:
         os.kill(server.dht.pid, signal.SIGSTOP)  # the server's shutdown() waits for its DHT (the last part) meanwhile
-        lock = server._stop_lock
-        threading.Thread(target=_signal_once_held, args=(lock,), daemon=True).start()
+        # (signalled there: the handler then finds every other part stopped, and must get past the server's own lock)
+        threading.Thread(target=_signal_once_shutdown_holds_its_lock, args=(server.dht, entered), daemon=True).start()
+        started = time.monotonic()
         server.shutdown()
+        assert time.monotonic() - started < 8
     finally:
         signal.signal(signal.SIGUSR1, previous)
         with contextlib.suppress(ProcessLookupError):
