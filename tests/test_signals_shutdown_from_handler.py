@@ -19,26 +19,33 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 LOCALHOST = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 
 
-def _signal_once_shutdown_holds_its_lock(handle, entered: list) -> None:
-    _signal_once_held(stop_lock(handle), entered)
-
-
-def _signal_once_held(lock, entered: list) -> None:
-    """Once the main thread holds ``lock`` (it is inside shutdown()), send it SIGUSR1 until its handler has started.
+@contextlib.contextmanager
+def _signalled_once_shutdown_holds_its_lock(handle, entered: list):
+    """Inside: once the main thread holds the stop lock of ``handle`` (it is inside shutdown()), send it SIGUSR1 until
+    its handler has started. On exit, no signal is sent any more (the test's handler may be uninstalled after it).
 
     One signal is not enough: one that arrives while the main thread is on its way into a wait (after Python last
     checked for signals, before the wait began) runs its handler only when that wait ends, after shutdown_timeout.
     """
-    main = threading.main_thread().ident
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if not lock.acquire(blocking=False):  # the main thread is inside shutdown()
-            while not entered and time.monotonic() < deadline:
-                signal.pthread_kill(main, signal.SIGUSR1)
-                time.sleep(0.05)
-            return
-        lock.release()
-        time.sleep(0.001)
+    lock, main, done = stop_lock(handle), threading.main_thread().ident, threading.Event()
+
+    def signal_main() -> None:
+        while not done.is_set():
+            if not lock.acquire(blocking=False):  # the main thread is inside shutdown()
+                while not entered and not done.is_set():
+                    signal.pthread_kill(main, signal.SIGUSR1)
+                    time.sleep(0.05)
+                return
+            lock.release()
+            time.sleep(0.001)
+
+    signaller = threading.Thread(target=signal_main, daemon=True)
+    signaller.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signaller.join()
 
 
 def _shut_down_from_a_handler_during_shutdown(make_handle) -> None:
@@ -57,10 +64,10 @@ def _shut_down_from_a_handler_during_shutdown(make_handle) -> None:
     previous = signal.signal(signal.SIGUSR1, handler)
     try:
         os.kill(handle.pid, signal.SIGSTOP)  # its shutdown() waits for it (up to shutdown_timeout) meanwhile
-        threading.Thread(target=_signal_once_shutdown_holds_its_lock, args=(handle, entered), daemon=True).start()
-        started = time.monotonic()
-        handle.shutdown()
-        assert time.monotonic() - started < 8
+        with _signalled_once_shutdown_holds_its_lock(handle, entered):
+            started = time.monotonic()
+            handle.shutdown()
+            assert time.monotonic() - started < 8
     finally:
         signal.signal(signal.SIGUSR1, previous)
         with contextlib.suppress(ProcessLookupError):  # (it was reaped: nothing to resume)
@@ -101,10 +108,10 @@ def test_server_shutdown_from_a_signal_handler_during_its_shutdown_returns():
     try:
         os.kill(server.dht.pid, signal.SIGSTOP)  # the server's shutdown() waits for its DHT (the last part) meanwhile
         # (signalled there: the handler then finds every other part stopped, and must get past the server's own lock)
-        threading.Thread(target=_signal_once_shutdown_holds_its_lock, args=(server.dht, entered), daemon=True).start()
-        started = time.monotonic()
-        server.shutdown()
-        assert time.monotonic() - started < 8
+        with _signalled_once_shutdown_holds_its_lock(server.dht, entered):
+            started = time.monotonic()
+            server.shutdown()
+            assert time.monotonic() - started < 8
     finally:
         signal.signal(signal.SIGUSR1, previous)
         with contextlib.suppress(ProcessLookupError):
