@@ -24,19 +24,19 @@ PROBE_ARGS = dict(dht_mode="client", use_relay=False, auto_nat=False, nat_port_m
 
 async def _declare_active_modules(dht: DHT, node: DHTNode, uids, value, expiration_time):
     """petals.utils.dht._declare_active_modules: runs in the DHT process and reads dht.peer_id / dht.num_workers."""
-    num_workers = len(uids) if dht.num_workers is None else min(len(uids), dht.num_workers)
+    workers = min(len(uids), dht.num_workers or len(uids))
     return await node.store_many(
         keys=uids,
         subkeys=[dht.peer_id.to_base58()] * len(uids),
         values=[value] * len(uids),
         expiration_time=expiration_time,
-        num_workers=num_workers,
+        num_workers=workers,
     )
 
 
 async def _get_remote_module_infos(dht: DHT, node: DHTNode, uids, expiration_time):
-    num_workers = len(uids) if dht.num_workers is None else min(len(uids), dht.num_workers)
-    found = await node.get_many(uids, expiration_time, num_workers=num_workers)
+    workers = min(len(uids), dht.num_workers or len(uids))
+    found = await node.get_many(uids, expiration_time, num_workers=workers)
     return {
         uid: None if entry is None else {s: v.value for s, v in entry.value.items()} for uid, entry in found.items()
     }

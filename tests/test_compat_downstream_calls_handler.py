@@ -51,23 +51,25 @@ class PetalsLikeHandler(ConnectionHandler):
         await asyncio.Event().wait()
 
     def shutdown(self):
+        """petals' handler stops its process the same way: ask it through the pipe, then terminate it if it lingers"""
+        if not self.is_alive():
+            return
+        self._outer_pipe.send("_shutdown")
+        self.join(self.shutdown_timeout)
         if self.is_alive():
-            self._outer_pipe.send("_shutdown")
-            self.join(self.shutdown_timeout)
-            if self.is_alive():
-                self.terminate()
+            self.terminate()
 
-    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, ctx: P2PContext) -> runtime_pb2.ExpertInfo:
         backend = self.module_backends[request.uid] if request.uid else next(iter(self.module_backends.values()))
         info = dict(
             backend.get_info(),
             listening=self._listener_task is not None,
             dht_client_mode=self.dht.client_mode,
-            local_id=context.local_id.to_base58(),
+            local_id=ctx.local_id.to_base58(),
         )
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
 
-    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, _ctx: P2PContext) -> runtime_pb2.ExpertResponse:
         metadata = MSGPackSerializer.loads(request.metadata)
         tensors = [deserialize_torch_tensor(tensor) for tensor in request.tensors]
         total = sum(tensors)
@@ -81,7 +83,7 @@ class PetalsLikeHandler(ConnectionHandler):
         return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(total)])
 
     async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], _ctx: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """petals' interactive session: one answer per step, each depending on the earlier steps, until a step
         without tensors ends the session"""
@@ -99,7 +101,7 @@ class PetalsLikeHandler(ConnectionHandler):
             request = await asyncio.wait_for(anext(requests), 10)
 
     async def rpc_forward_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], _ctx: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         uid = None
 

@@ -23,7 +23,7 @@ PREFILL_TOKENS = 1536
 
 class SessionHandler(ConnectionHandler):
     async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], _ctx: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for request in requests:
             if not request.tensors:
