@@ -13,7 +13,6 @@ import concurrent.futures
 import itertools
 import os
 import queue
-import signal
 import threading
 import weakref
 from multiprocessing import AuthenticationError
@@ -23,7 +22,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from hivemind.utils.futures import complete, fail
 from hivemind.utils.logging import get_logger
-from hivemind.utils.process_handle import peek_exitcode
+from hivemind.utils.process_handle import how_it_ended, peek_exitcode
 
 logger = get_logger(__name__)
 
@@ -114,12 +113,7 @@ class CallerEnd:
             code = self._exitcode() if self._exitcode is not None else None
         except Exception:  # e.g. asked from a process that is not the parent
             code = None
-        if code is None:
-            how = "it exited or closed its end of the pipe"
-        elif code < 0 and -code in signal.valid_signals():
-            how = f"it was killed by signal {signal.Signals(-code).name}"
-        else:
-            how = f"it exited with code {code}"
+        how = "it exited or closed its end of the pipe" if code is None else f"it {how_it_ended(code)}"
         detail = f" ({reason})" if str(reason) else ""
         return f"{how}{detail}; this {self._process_name} cannot be used any more: create a new {self._process_name}"
 

@@ -4,7 +4,6 @@ import argparse
 import functools
 import logging
 import secrets
-import signal
 import sys
 from typing import List, Optional, Tuple
 
@@ -12,7 +11,7 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.hivemind_cli.shutdown_signals import ShutdownSignals
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.networking import log_visible_maddrs
-from hivemind.utils.process_handle import peek_exitcode
+from hivemind.utils.process_handle import how_it_ended, peek_exitcode
 
 logger = get_logger(__name__)
 
@@ -34,12 +33,6 @@ async def report_status(dht: DHT, node: DHTNode, with_dumps: bool = True) -> Opt
         return num_nodes, len(stored), "", ""
     storage_dump = "\n".join(f"{key!r}: {item!r}" for key, item in stored)
     return num_nodes, len(stored), repr(routing_table), storage_dump
-
-
-def _how_it_ended(exitcode: int) -> str:
-    if exitcode < 0 and -exitcode in signal.valid_signals():
-        return f"was killed by signal {signal.Signals(-exitcode).name}"
-    return f"exited with code {exitcode}"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -108,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if code is None:  # (the DHT process runs: some other failure)
                     raise
                 logger.error(
-                    f"This peer's DHT process {_how_it_ended(code)}, and its p2pd daemon with it, so other peers "
+                    f"This peer's DHT process {how_it_ended(code)}, and its p2pd daemon with it, so other peers "
                     f"can no longer reach it; exiting. Start hivemind-dht again (with the same --identity_path to "
                     f"keep its peer id)"
                 )

@@ -9,7 +9,6 @@ import functools
 import io
 import json
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -21,7 +20,7 @@ from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.limits import increase_file_limit
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.networking import initial_peers_hint
-from hivemind.utils.process_handle import peek_exitcode
+from hivemind.utils.process_handle import how_it_ended, peek_exitcode
 
 logger = get_logger(__name__)
 
@@ -279,12 +278,7 @@ def daemon_stopped(server) -> Optional[str]:
 
 def _dht_process_ended(server, error: Exception) -> str:
     code = peek_exitcode(server.dht, wait=1.0)
-    if code is None:
-        how = f"ended ({error})"
-    elif code < 0 and -code in signal.valid_signals():
-        how = f"was killed by signal {signal.Signals(-code).name}"
-    else:
-        how = f"exited with code {code}"
+    how = f"ended ({error})" if code is None else how_it_ended(code)
     return f"This server's DHT process {how}, and its p2pd daemon with it"
 
 

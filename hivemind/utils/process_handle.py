@@ -9,6 +9,7 @@ import math
 import multiprocessing as mp
 import multiprocessing.util
 import os
+import signal
 import sys
 import threading
 import time
@@ -55,6 +56,13 @@ def check_shutdown_timeout(shutdown_timeout: object, allow_none: bool = False) -
         raise TypeError(f"shutdown_timeout must be a number of seconds, got {shutdown_timeout!r}")
     if math.isnan(shutdown_timeout):
         raise ValueError("shutdown_timeout must be a number of seconds, got NaN")
+
+
+def how_it_ended(exitcode: int) -> str:
+    """An ended process's exit code in words: "was killed by signal SIGKILL" or "exited with code 1"."""
+    if exitcode < 0 and -exitcode in signal.valid_signals():
+        return f"was killed by signal {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
 
 
 def was_started(process) -> bool:
