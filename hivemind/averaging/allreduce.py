@@ -287,9 +287,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 if average is None:
                     zero_(output)
                 elif average.dtype == output.dtype or output.dtype.is_floating_point:
-                    sub_into(output, average, local)
-                    if output.dtype == torch.float16:  # its range may not hold the step to the average (local -65504,
-                        self._keep_local_if_non_finite(output, local, part)  # mean 32752): never add inf to it
+                    sub_into(output, average, local)  # (16-bit parts: float32 output, so the step always fits)
                 else:
                     output.copy_(difference_as(average, local, output.dtype))
                 self.container.mark_part_done(part)
@@ -297,13 +295,6 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         finally:
             submitting.cancel()
             await asyncio.gather(submitting, return_exceptions=True)
-
-    def _keep_local_if_non_finite(self, output: torch.Tensor, local: torch.Tensor, part: PartSpec) -> None:
-        try:
-            refuse_non_finite(output, local, what=f"the delta of our own part {part.index}")
-        except AllreduceException as e:
-            logger.warning(f"All-reduce {self.group_id.hex()[:8]}: {e}; that part keeps its local values")
-            zero_(output)
 
     async def _communicate_with_reducer(self, peer_index: int) -> None:
         """Stream our parts to one reducer and store its deltas; on failure its remaining parts keep local values."""
