@@ -286,3 +286,26 @@ def test_the_server_prints_the_initial_peers_to_give_other_peers():
         assert server.interrupt(signal.SIGINT) == 0, server.rest_of_output()
     finally:
         server.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_limit_that_cannot_reach_32768_is_reported_as_a_warning():
+    resource = pytest.importorskip("resource")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low_hard = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+
+    def lower_limits():  # a hard limit below 32768 that this process may not be allowed to raise again
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, low_hard))
+
+    result = subprocess.run(
+        [sys.executable, "-c", RAISE_FILE_LIMIT], preexec_fn=lower_limits, capture_output=True, text=True,
+        env=dict(os.environ, HIVEMIND_COLORS="0"), timeout=50,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    soft_after, hard_after = map(int, result.stdout.split())
+    assert f"Increasing file limit: soft 256=>{soft_after}, hard {low_hard}=>" in result.stderr
+    if soft_after == resource.RLIM_INFINITY or soft_after >= 32768:
+        return  # allowed to raise the hard limit here (e.g. privileged): nothing to warn about
+    assert "[WARN]" in result.stderr and f"open file limit stays at {soft_after}, below 32768" in result.stderr, (
+        result.stderr
+    )
