@@ -8,6 +8,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompression, TensorRole
+from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.value_checks import is_number
 
@@ -40,9 +41,8 @@ class AdaptiveCompressionBase(CompressionBase, ABC):
         return codec.compress(tensor, info, allow_inplace)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        raise NotImplementedError(
-            f"{self.__class__.__name__} does not decode; use hivemind.compression.deserialize_torch_tensor"
-        )
+        """Decode a message made by any codec: the message names the codec that made it (see compress)."""
+        return deserialize_torch_tensor(serialized_tensor)
 
 
 class SizeAdaptiveCompression(AdaptiveCompressionBase):
