@@ -230,6 +230,9 @@ func (d *daemon) doStreamHandler(req *request) []byte {
 		return errResp
 	}
 	key := string(addr.Bytes())
+	if !r.balanced {
+		d.pruneGoneStreamClients(r.protos) // a protocol held by a client that is gone is free again
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	// validate every protocol first, so that a failing request registers nothing

@@ -213,32 +213,43 @@ func pipeStream(c *bufferedConn, s network.Stream) {
 func (d *daemon) handleIncomingStream(s network.Stream) {
 	defer recoverStream(s)
 	pid := s.Protocol()
-	d.mu.Lock()
-	handlers, ok := d.streamHandlers[pid]
-	var key string
-	if ok && handlers.len() > 0 {
-		key = handlers.pick()
-	}
-	wantsShm := d.shmClients[key]
-	d.mu.Unlock()
-	if key == "" {
-		log.Debugw("incoming stream for a protocol without handler", "protocol", pid)
-		_ = s.Reset()
+	for {
+		d.mu.Lock()
+		handlers, ok := d.streamHandlers[pid]
+		var key string
+		if ok && handlers.len() > 0 {
+			key = handlers.pick()
+		}
+		wantsShm := d.shmClients[key]
+		d.mu.Unlock()
+		if key == "" {
+			log.Debugw("incoming stream for a protocol without handler", "protocol", pid)
+			_ = s.Reset()
+			return
+		}
+		addr, err := ma.NewMultiaddrBytes([]byte(key))
+		if err != nil {
+			_ = s.Reset()
+			return
+		}
+		conn, err := dialClient(addr, 10*time.Second)
+		if err != nil && clientGone(err) {
+			// the client went away without removing its handlers: forget them, and try the next client (if any)
+			log.Infow("forgetting the stream handlers of a client that is gone", "handler", addr, "error", err)
+			d.mu.Lock()
+			d.forgetStreamClient(key)
+			d.mu.Unlock()
+			continue
+		}
+		if err != nil {
+			log.Warnw("cannot reach the stream handler of a client", "protocol", pid, "handler", addr, "error", err)
+			_ = s.Reset()
+			return
+		}
+		pipe := d.offerShmPipe(conn, wantsShm)
+		d.connectStream(conn, bufio.NewReaderSize(conn, 4096), s, pipe, streamInfoOf(s, pipe))
 		return
 	}
-	addr, err := ma.NewMultiaddrBytes([]byte(key))
-	if err != nil {
-		_ = s.Reset()
-		return
-	}
-	conn, err := dialClient(addr, 10*time.Second)
-	if err != nil {
-		log.Warnw("cannot reach the stream handler of a client", "protocol", pid, "handler", addr, "error", err)
-		_ = s.Reset()
-		return
-	}
-	pipe := d.offerShmPipe(conn, wantsShm)
-	d.connectStream(conn, bufio.NewReaderSize(conn, 4096), s, pipe, streamInfoOf(s, pipe))
 }
 
 // recoverStream keeps an unexpected panic in a stream handler from taking the daemon down.
