@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
+from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.utils.nested import nested_flatten, nested_pack
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "load_optimizer_state",
     "OptimizerStateError",
     "introduces_non_finite",
+    "shared_state_infos",
 ]
 
 _SCALAR_TYPES = (type(None), bool, int, float, str)
@@ -153,3 +155,19 @@ def introduces_non_finite(tensor: torch.Tensor, local: torch.Tensor) -> bool:
     if not (tensor.is_floating_point() or tensor.is_complex()):
         return False
     return not bool(torch.isfinite(tensor).all()) and bool(torch.isfinite(local).all())
+
+
+def shared_state_infos(tensors: Sequence[torch.Tensor], num_params: int, num_extras: int) -> List[CompressionInfo]:
+    """CompressionInfo of a shared training state (parameters, extra tensors, optimizer tensors, in that order), as
+    the original library makes them: each kind is numbered from 0 (the key a PerTensorCompression looks up) and has
+    its role (PARAMETER, UNSPECIFIED, OPTIMIZER), which a RoleAdaptiveCompression picks a codec by."""
+    kinds = [
+        (0, TensorRole.PARAMETER),
+        (num_params, TensorRole.UNSPECIFIED),
+        (num_params + num_extras, TensorRole.OPTIMIZER),
+    ]
+    infos = []
+    for index, tensor in enumerate(tensors):
+        start, role = [kind for kind in kinds if index >= kind[0]][-1]
+        infos.append(CompressionInfo.from_tensor(tensor, key=index - start, role=role))
+    return infos

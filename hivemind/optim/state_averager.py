@@ -23,6 +23,7 @@ from hivemind.optim.optimizer_state import (
     dump_optimizer_state,
     initialize_optimizer_state_,
     load_optimizer_state,
+    shared_state_infos,
 )
 from hivemind.optim.optimizer_torch_api import as_param_groups, frozen_gradients_hidden
 from hivemind.optim.scheduler_sync import SchedulerStart, catch_up_scheduler, is_scheduler_instance
@@ -184,18 +185,19 @@ class TrainingStateAverager(DecentralizedAverager):
         return statistics
 
     def _averaging_sources(self) -> List[torch.Tensor]:
-        """The live tensors averaged with peers: optimizer parameters, extra tensors, chosen statistics."""
-        return [*self._optimizer_parameters, *self.extra_tensors, *self._optimizer_statistics()]
+        """The live tensors averaged with peers, in the original library's order (peers of both average together):
+        optimizer parameters, chosen statistics (statistic by statistic, each for every parameter), extra tensors."""
+        return [*self._optimizer_parameters, *self._optimizer_statistics(), *self.extra_tensors]
 
     def _tensor_infos(self, sources: Sequence[torch.Tensor]) -> List[CompressionInfo]:
-        num_params, num_extras = len(self._optimizer_parameters), len(self.extra_tensors)
-        infos = []
-        for index, tensor in enumerate(sources):
-            role = TensorRole.PARAMETER if index < num_params else TensorRole.OPTIMIZER
-            if num_params <= index < num_params + num_extras:
-                role = TensorRole.UNSPECIFIED
-            infos.append(CompressionInfo.from_tensor(tensor, key=index, role=role))
-        return infos
+        """As the original library's: parameter ``i`` has key ``i``, a statistic ``(i, name)``, extra tensor ``j``
+        key ``j`` (the keys of a PerTensorCompression), with roles PARAMETER, OPTIMIZER, UNSPECIFIED."""
+        num_params = len(self._optimizer_parameters)
+        keys = [(index, TensorRole.PARAMETER) for index in range(num_params)]
+        statistics = [(index, name) for name in self.average_opt_statistics for index in range(num_params)]
+        keys += [(key, TensorRole.OPTIMIZER) for key in statistics]
+        keys += [(index, TensorRole.UNSPECIFIED) for index in range(len(self.extra_tensors))]
+        return [CompressionInfo.from_tensor(tensor, key=key, role=role) for tensor, (key, role) in zip(sources, keys)]
 
     @torch.no_grad()
     def _copy_optimizer_parameters_to_model(self) -> None:
@@ -459,14 +461,7 @@ class TrainingStateAverager(DecentralizedAverager):
             tensors = packed_copy([*self._optimizer_parameters, *self.extra_tensors, *optimizer_tensors])
             epoch = self.local_epoch
         metadata = {"epoch": epoch, "group_bits": self.get_group_bits(), "optimizer_metadata": flat_optimizer_state}
-        parameters, extras = tensors[:num_params], tensors[num_params : num_params + num_extras]
-        infos = [CompressionInfo.from_tensor(t, key=i, role=TensorRole.PARAMETER) for i, t in enumerate(parameters)]
-        infos += [CompressionInfo.from_tensor(t, key=len(infos) + i) for i, t in enumerate(extras)]
-        infos += [
-            CompressionInfo.from_tensor(t, key=len(infos) + i, role=TensorRole.OPTIMIZER)
-            for i, t in enumerate(tensors[num_params + num_extras :])
-        ]
-        return metadata, tensors, infos
+        return metadata, tensors, shared_state_infos(tensors, num_params, num_extras)
 
     def load_state_from_peers(self, **kwargs) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         """

@@ -17,6 +17,7 @@ from hivemind.optim.optimizer_state import (
     initialize_optimizer_state_,
     introduces_non_finite,
     load_optimizer_state,
+    shared_state_infos,
 )
 from hivemind.optim.state_loading import load_first_accepted_state
 from hivemind.utils.logging import get_logger
@@ -60,9 +61,9 @@ class TrainingAverager(DecentralizedAverager):
         self.opt_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
         with torch.no_grad():
-            averaged = [tensor.detach().to("cpu", copy=True) for tensor, _ in self._local_tensors()]
-        infos = [CompressionInfo.from_tensor(t, key=i, role=role) for i, (t, (_, role)) in
-                 enumerate(zip(averaged, self._local_tensors()))]  # fmt: skip
+            averaged = [tensor.detach().to("cpu", copy=True) for tensor, _, _ in self._local_tensors()]
+        infos = [CompressionInfo.from_tensor(t, key=key, role=role) for t, (_, key, role) in
+                 zip(averaged, self._local_tensors())]  # fmt: skip
         super().__init__(averaged_tensors=averaged, tensor_infos=infos, **averager_kwargs)
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -73,18 +74,23 @@ class TrainingAverager(DecentralizedAverager):
             state.pop(name, None)
         return state
 
-    def _local_tensors(self) -> List[Tuple[torch.Tensor, TensorRole]]:
+    def _local_tensors(self) -> List[Tuple[torch.Tensor, Any, TensorRole]]:
+        """(tensor, key, role) of each averaged tensor, with the original library's keys (what a PerTensorCompression
+        looks up): parameter and gradient ``i`` key ``i``, a statistic ``(i, name)``, extra tensor ``j`` key ``j``"""
         tensors = []
         if self.average_parameters:
-            tensors += [(param, TensorRole.PARAMETER) for param in self.parameters]
+            tensors += [(param, index, TensorRole.PARAMETER) for index, param in enumerate(self.parameters)]
         if self.average_gradients:
-            for param in self.parameters:
+            for index, param in enumerate(self.parameters):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-                tensors.append((param.grad, TensorRole.GRADIENT))
+                tensors.append((param.grad, index, TensorRole.GRADIENT))
         for name in self.average_opt_statistics:
-            tensors += [(self.opt.state[param][name], TensorRole.OPTIMIZER) for param in self.parameters]
-        tensors += [(tensor, TensorRole.UNSPECIFIED) for tensor in self.extra_tensors]
+            tensors += [
+                (self.opt.state[param][name], (index, name), TensorRole.OPTIMIZER)
+                for index, param in enumerate(self.parameters)
+            ]
+        tensors += [(tensor, index, TensorRole.UNSPECIFIED) for index, tensor in enumerate(self.extra_tensors)]
         return tensors
 
     def step(self, data_lock: Optional[threading.Lock] = None, wait: bool = True, **step_kwargs):
@@ -100,7 +106,7 @@ class TrainingAverager(DecentralizedAverager):
     def _step(self, data_lock: Optional[threading.Lock], step_kwargs: Dict[str, Any]) -> Any:
         lock = data_lock if data_lock is not None else contextlib.nullcontext()
         with lock, self.get_tensors() as averaged:
-            local = [tensor for tensor, _ in self._local_tensors()]
+            local = [tensor for tensor, _, _ in self._local_tensors()]
             for buffer, tensor in zip(averaged, local):
                 buffer.copy_(tensor)
             sent = [buffer.clone() for buffer in averaged] if data_lock is not None else None
@@ -120,7 +126,7 @@ class TrainingAverager(DecentralizedAverager):
             tensors = packed_copy([*self.parameters, *self.extra_tensors, *optimizer_tensors])
         metadata = {"step": self.local_step, "group_bits": self.get_group_bits()}
         metadata["optimizer_metadata"] = flat_optimizer_state
-        return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
+        return metadata, tensors, shared_state_infos(tensors, len(self.parameters), len(self.extra_tensors))
 
     def load_state_from_peers(self, **kwargs) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         """Download and apply the best peer's parameters, extra tensors, optimizer state and step counter."""
