@@ -21,6 +21,7 @@ from hivemind.dht.traverse import traverse_dht
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
+from hivemind.utils.multiaddr import peer_id_of
 from hivemind.utils.value_checks import is_count, is_number
 
 if TYPE_CHECKING:
@@ -61,8 +62,8 @@ def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
             f"initial peer {maddr} is not a valid multiaddr ({e}); it should look like "
             f"/ip4/203.0.113.5/tcp/31337/p2p/<peer id>, as printed by the peer to join"
         ) from e
-    try:
-        return PeerID.from_base58(parsed.value_for_protocol("p2p"))
+    try:  # the last /p2p/ part: in a relay address (/p2p/<relay>/p2p-circuit/p2p/<peer>) the first is the relay
+        return PeerID.from_base58(peer_id_of(parsed))
     except Exception as e:
         raise ValueError(f"initial peer {maddr} must end with /p2p/<peer id> (got error: {e!r})") from e
 

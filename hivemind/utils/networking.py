@@ -6,7 +6,7 @@ import ipaddress
 from typing import Iterable, Sequence, Union
 
 from hivemind.utils.logging import TextStyle, get_logger
-from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.multiaddr import Multiaddr, peer_id_of
 
 __all__ = ["LOCALHOST", "choose_ip_address", "initial_peers_hint", "log_visible_maddrs"]
 
@@ -48,8 +48,8 @@ def choose_ip_address(
 
 def _select_initial_peers(visible_maddrs: Sequence[Multiaddr], only_p2p: bool) -> Iterable[str]:
     if only_p2p:
-        parsed = [Multiaddr(str(maddr)) for maddr in visible_maddrs]
-        return dict.fromkeys(f"/p2p/{maddr['p2p']}" for maddr in parsed if "p2p" in maddr)
+        peer_ids = (peer_id_of(maddr) for maddr in visible_maddrs)  # in a relay address, not the relay's id
+        return dict.fromkeys(f"/p2p/{peer_id}" for peer_id in peer_ids if peer_id is not None)
     with_ip = [maddr for maddr in visible_maddrs if "ip4" in Multiaddr(str(maddr)) or "ip6" in Multiaddr(str(maddr))]
     if not with_ip:
         return [str(maddr) for maddr in visible_maddrs]
