@@ -26,7 +26,13 @@ import torch
 
 from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
 from hivemind.averaging.state_snapshot import SNAPSHOT_AGE_CAP, SNAPSHOT_BURST, DonorBusyError, SnapshotCache
-from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    ScaledFloat16Compression,
+)
 from hivemind.compression.adaptive import AdaptiveCompressionBase
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
@@ -365,17 +371,20 @@ class StateSharing:
         codec = self.state_compression
         while isinstance(codec, AdaptiveCompressionBase):
             codec = codec.choose_compression(info)
+        if tensor.ndim == 0 and isinstance(codec, ScaledFloat16Compression):
+            codec = _UNCOMPRESSED  # (hivemind 1.1.12 cannot decode a 0-d MEANSTD_16BIT tensor: 10 bytes for 4 anyway)
         if type(codec) in ELEMENTWISE_CODECS and tensor.numel() > 0:
             try:
                 return _chunks_slice_by_slice(tensor, codec, info)
             except (ValueError, TypeError, AssertionError) as e:  # e.g. a float16 codec given an integer tensor
                 logger.debug(f"Sending state tensor {info.key} ({tensor.dtype}) uncompressed: {e}")
                 return _chunks_slice_by_slice(tensor, _UNCOMPRESSED, info)
-        return split_for_streaming(self._compress(tensor, info), STREAMING_CHUNK_SIZE_BYTES)
+        return split_for_streaming(self._compress(tensor, info, codec), STREAMING_CHUNK_SIZE_BYTES)
 
-    def _compress(self, tensor: torch.Tensor, info: CompressionInfo):
+    def _compress(self, tensor: torch.Tensor, info: CompressionInfo, codec: Optional[CompressionBase] = None):
+        codec = self.state_compression if codec is None else codec
         try:
-            return self.state_compression.compress(tensor, info, allow_inplace=False)
+            return codec.compress(tensor, info, allow_inplace=False)
         except (ValueError, TypeError, AssertionError) as e:  # e.g. a float16 codec given an integer tensor
             logger.debug(f"Sending state tensor {info.key} ({tensor.dtype}) uncompressed: {e}")
             return _UNCOMPRESSED.compress(tensor, info, allow_inplace=False)
