@@ -2,13 +2,14 @@
 
 import asyncio
 import uuid
-from typing import Awaitable, Callable, Dict, Optional
+from typing import Awaitable, Callable, Dict, Optional, Tuple
 
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import (
     P2PDaemonError,
     P2PHandlerError,
-    read_delimited_bytes,
+    decode_varint,
+    read_unsigned_varint,
     serialize_delimited,
 )
 from hivemind.proto import p2pd_pb2
@@ -20,6 +21,53 @@ UnaryHandler = Callable[[bytes, PeerID], Awaitable[bytes]]
 
 # slack for the envelope (call id, peer id, protocol name) around a payload of the maximal size
 ENVELOPE_SLACK = 64 * 1024
+
+
+# a message above the limit is skipped in chunks; its head holds the call id, its kind and the protocol name
+OVERSIZED_HEAD_BYTES = 4096
+OVERSIZED_SKIP_CHUNK = 2**20
+_ENVELOPE_KINDS = {2: "callUnaryResponse", 3: "requestHandling"}
+
+
+def peek_envelope(head: bytes) -> Tuple[Optional[bytes], Optional[str], str]:
+    """(call id, kind, protocol) from the head of an encoded ``PersistentConnectionResponse`` (None where the head
+    does not hold them); p2pd writes the call id first, then the message, whose request starts with peer and proto."""
+    call_id, kind, protocol = None, None, "a unary handler"
+    try:
+        offset = 0
+        while offset < len(head):
+            tag, offset = decode_varint(head, offset)
+            if tag & 7 != 2:  # every field here is length-delimited
+                break
+            length, offset = decode_varint(head, offset)
+            if tag >> 3 == 1 and offset + length <= len(head):
+                call_id = bytes(head[offset : offset + length])
+                offset += length
+                continue
+            kind = _ENVELOPE_KINDS.get(tag >> 3)
+            if kind == "requestHandling":
+                request = p2pd_pb2.CallUnaryRequest()
+                fields = head[offset : offset + length]
+                request.MergeFromString(_leading_complete_fields(fields, stop_at=3))
+                protocol = request.proto or protocol
+            break
+    except Exception:  # a head we cannot read: the call is only logged
+        pass
+    return call_id, kind, protocol
+
+
+def _leading_complete_fields(data: bytes, stop_at: int) -> bytes:
+    """The leading length-delimited fields of ``data`` that it holds completely, up to field ``stop_at``."""
+    offset = 0
+    while offset < len(data):
+        tag, after_tag = decode_varint(data, offset)
+        if tag >> 3 >= stop_at or tag & 7 != 2:
+            break
+        length, after_length = decode_varint(data, after_tag)
+        if after_length + length > len(data):
+            break
+        offset = after_length + length
+    return bytes(data[:offset])
 
 
 class P2PTimeoutError(P2PDaemonError, asyncio.TimeoutError):
@@ -165,9 +213,16 @@ class PersistentConnection:
 
     async def _read_loop(self) -> None:
         max_size = self.max_msg_size + ENVELOPE_SLACK
+        read_payload = getattr(self._reader, "read_payload", self._reader.readexactly)  # fewer copies
         try:
             while True:
-                data = await read_delimited_bytes(self._reader, max_size)
+                size = await read_unsigned_varint(self._reader)
+                if size > max_size:
+                    # the daemon's own limit may be larger (a replica of a daemon started with a larger
+                    # persistent_conn_max_msg_size): fail that one call, not the connection and every handler on it
+                    await self._refuse_oversized(size)
+                    continue
+                data = await read_payload(size)
                 message = p2pd_pb2.PersistentConnectionResponse()
                 message.ParseFromString(data)
                 self._dispatch(message)
@@ -179,6 +234,35 @@ class PersistentConnection:
             logger.error(f"Malformed message on the persistent connection to p2pd: {e!r}")
             self._fail(P2PDaemonError(f"Malformed message from p2pd on the persistent connection: {e!r}"))
             self._writer.close()
+
+    async def _refuse_oversized(self, size: int) -> None:
+        """Skip a message above ``max_msg_size`` (keeping its head) and fail the call it belongs to."""
+        head = await self._reader.readexactly(min(size, OVERSIZED_HEAD_BYTES))
+        left = size - len(head)
+        while left > 0:
+            left -= len(await self._reader.readexactly(min(left, OVERSIZED_SKIP_CHUNK)))
+        call_id, kind, protocol = peek_envelope(head)
+        limit = f"persistent_conn_max_msg_size = {self.max_msg_size} bytes"
+        if kind == "requestHandling" and call_id is not None:
+            error = P2PDaemonError(
+                f"The request to {protocol} takes {size} bytes, above {limit} of the process serving it (a P2P whose "
+                f"daemon accepts more, e.g. from P2P.replicate); send large data through a stream handler"
+            )
+            logger.warning(str(error))
+            response = p2pd_pb2.CallUnaryResponse(error=repr(error).encode())
+            if self.failure is None:
+                self._send_nowait(p2pd_pb2.PersistentConnectionRequest(callId=call_id, unaryResponse=response))
+        elif kind == "callUnaryResponse" and call_id in self._pending:
+            future = self._pending[call_id]
+            if not future.done():
+                future.set_exception(
+                    P2PDaemonError(
+                        f"The response takes {size} bytes, above {limit} of this P2P (its daemon accepts more, e.g. "
+                        f"it is a P2P.replicate); send large data through a stream handler"
+                    )
+                )
+        else:
+            logger.warning(f"Skipped a message of {size} bytes from p2pd above {limit}")
 
     def _dispatch(self, message: p2pd_pb2.PersistentConnectionResponse) -> None:
         call_id = message.callId
