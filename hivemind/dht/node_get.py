@@ -256,6 +256,8 @@ class SearchingGet:
                 pending_list = self._pending_gets.get(pending.search.key_id, [])
                 if pending in pending_list:
                     pending_list.remove(pending)
+                    if not pending_list:  # (as _finish does: a failed search must not leave its key behind)
+                        del self._pending_gets[pending.search.key_id]
             raise
 
     def _cache_nearest(
