@@ -1,4 +1,4 @@
-"""libp2p identity files: a serialized ``crypto.pb.PrivateKey`` holding a PKCS#1 DER RSA key."""
+"""libp2p identity files: a serialized ``crypto.pb.PrivateKey`` (new ones hold a PKCS#1 DER RSA key)."""
 
 import os
 
@@ -6,6 +6,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import crypto_pb2
 
 RSA_KEY_SIZE = 2048
@@ -51,11 +52,20 @@ def identity_file_exists(identity_path: str) -> bool:
     return os.path.exists(identity_path)
 
 
+class InvalidIdentityError(P2PDaemonError, ValueError):
+    """``identity_path`` holds no libp2p private key; raised before p2pd starts."""
+
+
 def load_identity_peer_id(identity_path: str) -> PeerID:
-    """Peer id of an existing identity file; ``ValueError`` names the file if it is not a valid RSA identity."""
+    """Peer id of an existing identity file (RSA, Ed25519, Secp256k1 or ECDSA, as p2pd takes them);
+    ``InvalidIdentityError`` names the file and what to do if it holds none."""
     with open(identity_path, "rb") as file:
         data = file.read()
     try:
         return PeerID.from_identity(data)
     except Exception as e:
-        raise ValueError(f"{identity_path} is not a valid libp2p RSA identity file: {e}") from e
+        raise InvalidIdentityError(
+            f"invalid identity file {identity_path}: it is not a libp2p private key ({e}); pass a file written by "
+            f"P2P.generate_identity (or by an earlier run with identity_path), or a path that does not exist to "
+            f"have a new identity created there"
+        ) from e

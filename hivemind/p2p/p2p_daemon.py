@@ -183,6 +183,7 @@ class P2P(ProtobufCallsMixin):
         )  # checks the options before anything below starts a probe daemon or writes an identity file
         if identity_path is not None:
             if identity_file_exists(identity_path):
+                load_identity_peer_id(identity_path)  # a file that holds no key fails here, with or without peers
                 if check_if_identity_free and initial_peers:
                     logger.info(CHECK_IDENTITY_LINE.format(path=identity_path))
                     same_swarm = dict(tls=tls, use_auto_relay=use_auto_relay, use_ipfs=use_ipfs, use_relay=use_relay)

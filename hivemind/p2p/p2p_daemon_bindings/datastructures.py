@@ -6,6 +6,7 @@ from typing import Any, Iterable, List, Optional, Union
 
 import base58
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hivemind.proto import crypto_pb2, p2pd_pb2
 from hivemind.utils.multiaddr import Multiaddr
@@ -84,26 +85,37 @@ class PeerID:
 
     @classmethod
     def from_identity(cls, data: bytes) -> "PeerID":
-        """Peer id of an identity file's contents (a serialized RSA ``crypto.pb.PrivateKey``)."""
+        """Peer id of an identity file's contents (a serialized ``crypto.pb.PrivateKey`` of any key type p2pd takes:
+        RSA, Ed25519, Secp256k1 or ECDSA)."""
         private_key_msg = crypto_pb2.PrivateKey()
         try:
             private_key_msg.ParseFromString(data)
         except Exception as e:
             raise ValueError(f"Identity data is not a serialized crypto.pb.PrivateKey: {e}") from e
-        if private_key_msg.key_type == crypto_pb2.Ed25519:
-            # libp2p stores Ed25519 private keys as seed || public key (64 bytes)
-            if len(private_key_msg.data) != 64:
-                raise ValueError(f"An Ed25519 identity holds 64 bytes, got {len(private_key_msg.data)}")
-            public_key = crypto_pb2.PublicKey(key_type=crypto_pb2.Ed25519, data=private_key_msg.data[32:])
-            return cls.from_public_key(public_key)
-        if private_key_msg.key_type != crypto_pb2.RSA:
-            key_type = crypto_pb2.KeyType.Name(private_key_msg.key_type)
-            raise ValueError(f"Only RSA and Ed25519 identities are supported, got key type {key_type}")
-        private_key = serialization.load_der_private_key(private_key_msg.data, password=None)
-        public_der = private_key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return cls.from_public_key(crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der))
+        key_type, key_data = private_key_msg.key_type, private_key_msg.data
+        if key_type == crypto_pb2.Ed25519:
+            # libp2p stores Ed25519 private keys as seed || public key (64 bytes); old ones repeat the public key
+            if len(key_data) not in (64, 96) or len(key_data) == 96 and key_data[32:64] != key_data[64:]:
+                raise ValueError(f"An Ed25519 identity holds seed || public key (64 bytes), got {len(key_data)} bytes")
+            public_data = key_data[32:64]
+        elif key_type == crypto_pb2.Secp256k1:  # the raw 32-byte scalar; the public key is a compressed point
+            if len(key_data) != 32:
+                raise ValueError(f"A Secp256k1 identity holds 32 bytes, got {len(key_data)}")
+            private_key = ec.derive_private_key(int.from_bytes(key_data, "big"), ec.SECP256K1())
+            public_data = private_key.public_key().public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+            )
+        elif key_type in (crypto_pb2.RSA, crypto_pb2.ECDSA):  # PKCS#1 / SEC 1 DER; the public key as PKIX DER
+            private_key = serialization.load_der_private_key(key_data, password=None)
+            expected = rsa.RSAPrivateKey if key_type == crypto_pb2.RSA else ec.EllipticCurvePrivateKey
+            if not isinstance(private_key, expected):
+                raise ValueError(f"The {crypto_pb2.KeyType.Name(key_type)} identity holds another kind of key")
+            public_data = private_key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        else:
+            raise ValueError(f"Unknown identity key type {key_type}")
+        return cls.from_public_key(crypto_pb2.PublicKey(key_type=key_type, data=public_data))
 
 
 class PeerInfo:
