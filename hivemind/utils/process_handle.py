@@ -7,6 +7,7 @@ import atexit
 import functools
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import multiprocessing.util
 import os
 import signal
@@ -235,28 +236,96 @@ def _exit_now(run_exit_handlers: bool) -> None:
     os._exit(0)
 
 
+# how often a child without a pidfd for its parent (not Linux >= 5.3) checks whether its parent is still there
+PARENT_POLL_INTERVAL = 0.5
+
+
 def stop_when_parent_exits(
     process: mp.process.BaseProcess, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]
-) -> Optional[int]:
+) -> Optional[Callable[[], None]]:
     """
     Inside a child ``process``: call ``stop()`` from ``loop`` once the process that started it has ended, however it
-    ended (a SIGKILL or ``os._exit`` runs none of its clean-up). Returns the watched descriptor, or None when
+    ended (a SIGKILL or ``os._exit`` runs none of its clean-up). Returns a function that stops watching, or None when
     ``process`` is not the current process (``run()`` called in the user's own process) or has no parent.
 
     The end of the pipe to the parent is not enough: a child forked while the parent held the pipes of other children
     (e.g. several created before any was started) keeps copies of their parent-side ends, and they of its, so that
-    no pipe of theirs ever closes and all of them (and their p2pd daemons) run on as orphans.
-    multiprocessing's parent sentinel is created at the moment the child starts, so such copies only ever form a
-    chain that ends with the youngest child, never a cycle.
+    no pipe of theirs ever closes and all of them (and their p2pd daemons) run on as orphans. multiprocessing's parent
+    sentinel is no better: any process forked from the parent later (a DataLoader worker, a plain ``os.fork()``) holds
+    a copy of its other end for as long as it lives. So the parent process itself is watched: through a pidfd, which
+    becomes readable the moment it ends, or where there is none, by checking every PARENT_POLL_INTERVAL seconds
+    whether this process was handed to another parent.
     """
     parent = mp.parent_process()
     if mp.current_process() is not process or parent is None:
         return None
     sentinel = parent.sentinel
+    original_ppid = os.getppid()
+    pidfd = _open_pidfd(parent.pid) if original_ppid == parent.pid else None  # (forkserver: not our parent)
+    poll_handle: Optional[asyncio.TimerHandle] = None
+    watching = True
+
+    def _stop_watching() -> None:
+        nonlocal watching, pidfd
+        if not watching:
+            return
+        watching = False
+        loop.remove_reader(sentinel)  # it stays readable: without this, the callback would spin until the loop ends
+        if pidfd is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            pidfd = None
+        if poll_handle is not None:
+            poll_handle.cancel()
 
     def _on_parent_exit() -> None:
-        loop.remove_reader(sentinel)  # it stays readable: without this, the callback would spin until the loop ends
+        _stop_watching()
         stop()
 
+    def _poll() -> None:
+        nonlocal poll_handle
+        if os.getppid() != original_ppid:
+            _on_parent_exit()
+        else:
+            poll_handle = loop.call_later(PARENT_POLL_INTERVAL, _poll)
+
     loop.add_reader(sentinel, _on_parent_exit)
-    return sentinel
+    if pidfd is not None:
+        loop.add_reader(pidfd, _on_parent_exit)
+        if os.getppid() != original_ppid:  # it ended before the pidfd was opened (its pid may be another's now)
+            loop.call_soon(_on_parent_exit)
+    else:
+        poll_handle = loop.call_later(PARENT_POLL_INTERVAL, _poll)
+    return _stop_watching
+
+
+def _open_pidfd(pid: int) -> Optional[int]:
+    """A descriptor that becomes readable when process ``pid`` ends (None where the system has none)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except OSError:  # an older kernel, a sandbox that forbids it, or the process is already gone
+        return None
+
+
+def recv_unless_parent_exits(connection: "mp.connection.Connection") -> object:
+    """
+    ``connection.recv()`` inside a multiprocessing child, which also ends (with EOFError, as at the pipe's end) once
+    the process that started it has ended: the other end of the pipe stays open while any process forked from the
+    parent later (e.g. with a plain ``os.fork()``) holds a copy of it (see stop_when_parent_exits).
+    """
+    parent = mp.parent_process()
+    original_ppid = os.getppid()
+    pidfd = _open_pidfd(parent.pid) if parent is not None and original_ppid == parent.pid else None
+    watched = [connection] if pidfd is None else [connection, pidfd]
+    try:
+        while True:
+            if connection in mp.connection.wait(watched, timeout=PARENT_POLL_INTERVAL):
+                return connection.recv()
+            if parent is not None and os.getppid() != original_ppid:  # (a readable pidfd: also ended)
+                raise EOFError(f"the parent process {parent.pid} has ended")
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)

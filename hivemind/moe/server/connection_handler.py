@@ -240,7 +240,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
         loop.add_reader(self._inner_pipe.fileno(), stop.set)  # a command or EOF (the parent went away) stops us
         # the pipe alone misses a parent killed without clean-up: sibling handlers forked from it hold copies of each
         # other's sending ends (once we end, the copies of the DHT's pipe held here go too, so the DHT process ends)
-        parent_sentinel = stop_when_parent_exits(self, loop, stop.set)  # (None when serving from a thread)
+        stop_watching_parent = stop_when_parent_exits(self, loop, stop.set)  # (None when serving from a thread)
         try:
             try:
                 maddr = await loop.run_in_executor(None, self.dht.run_coroutine, _daemon_listen_maddr)
@@ -257,8 +257,8 @@ class ConnectionHandler(mp.Process, ServicerBase):
             await stop.wait()
         finally:
             loop.remove_reader(self._inner_pipe.fileno())
-            if parent_sentinel is not None:
-                loop.remove_reader(parent_sentinel)
+            if stop_watching_parent is not None:
+                stop_watching_parent()
             if self._p2p is not None:
                 await self._close_p2p(self._p2p)
 

@@ -38,7 +38,7 @@ from hivemind.p2p import PeerInfo
 from hivemind.proto.runtime_pb2 import CompressionType
 from hivemind.utils.logging import get_logger
 from hivemind.utils.nested import nested_map
-from hivemind.utils.process_handle import peek_exitcode, was_started
+from hivemind.utils.process_handle import peek_exitcode, recv_unless_parent_exits, was_started
 from hivemind.utils.tensor_descr import DUMMY_BATCH_SIZE, BatchTensorDescriptor
 
 __all__ = ["Server", "background_server"]
@@ -485,7 +485,7 @@ def _serve_in_background(connection, parent_end, args, kwargs) -> None:
     try:
         connection.send(("ok", PeerInfo(server.dht.peer_id, server.dht.get_visible_maddrs())))
         try:
-            connection.recv()  # a shutdown request, or EOF when the parent went away
+            recv_unless_parent_exits(connection)  # a shutdown request, or EOF when the parent went away
         except EOFError:
             pass
     finally:
