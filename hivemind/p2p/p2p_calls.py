@@ -38,6 +38,12 @@ class ProtobufCallsMixin:
     _inbound_budget: Optional[InboundBudget] = None
 
     @property
+    def _live_client(self) -> ControlClient:
+        """The client, after ``_raise_if_daemon_failed()``: a call after shutdown or p2pd's death says which."""
+        self._raise_if_daemon_failed()
+        return self._client
+
+    @property
     def inbound_budget(self) -> InboundBudget:
         """Bounds the bytes of request frames that this instance's stream handlers receive at once, per calling
         peer, and in all if a total is set (see ``hivemind.p2p.inbound_budget``); assign a new ``InboundBudget`` to

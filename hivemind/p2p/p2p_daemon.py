@@ -314,7 +314,7 @@ class P2P(ProtobufCallsMixin):
         :raises ValueError: the daemon reports no addresses
         """
         if latest:
-            self._announced_addrs = (await self._client.identify())[1]
+            self._announced_addrs = (await self._live_client.identify())[1]
         if len(self._announced_addrs) == 0:
             raise ValueError(
                 f"p2pd of peer {self.peer_id} reports no addresses: it listens on none (no_listen?); with "
@@ -325,12 +325,12 @@ class P2P(ProtobufCallsMixin):
 
     async def list_peers(self) -> List[PeerInfo]:
         """Peers the daemon is currently connected to."""
-        return list(await self._client.list_peers())
+        return list(await self._live_client.list_peers())
 
     async def wait_for_at_least_n_peers(self, n_peers: int, attempts: int = 3, delay: float = 1) -> None:
         """Poll ``list_peers`` up to ``attempts`` times, ``delay`` seconds apart; ``RuntimeError`` if too few."""
         for attempt in range(attempts):
-            peers = await self._client.list_peers()
+            peers = await self._live_client.list_peers()
             if len(peers) >= n_peers:
                 return
             if attempt + 1 < attempts:
@@ -389,7 +389,7 @@ class P2P(ProtobufCallsMixin):
                 admit=self.inbound_budget.for_peer(stream_info.peer_id, max_message_size),
             )
 
-        await self._client.stream_handler(name, _serve_stream, balanced=balanced)
+        await self._live_client.stream_handler(name, _serve_stream, balanced=balanced)
 
     async def _add_unary_handler(
         self, name: str, handler: Callable, input_protobuf_type: ProtobufType, *, balanced: bool
@@ -401,16 +401,16 @@ class P2P(ProtobufCallsMixin):
             response = await handler(request, context)
             return response.SerializeToString()
 
-        await self._client.add_unary_handler(name, _serve_unary, balanced=balanced)
+        await self._live_client.add_unary_handler(name, _serve_unary, balanced=balanced)
 
     async def remove_protobuf_handler(
         self, name: str, *, stream_input: bool = False, stream_output: bool = False
     ) -> None:
         """Stop serving ``name`` (pass the same ``stream_*`` flags as when it was added)."""
         if stream_input or stream_output:
-            await self._client.remove_stream_handler(name)
+            await self._live_client.remove_stream_handler(name)
         else:
-            await self._client.remove_unary_handler(name)
+            await self._live_client.remove_unary_handler(name)
 
     async def add_binary_stream_handler(
         self,
@@ -420,18 +420,17 @@ class P2P(ProtobufCallsMixin):
     ) -> None:
         """Serve raw libp2p streams of protocol ``name`` with ``handler(stream_info, reader, writer)``."""
         check_new_handler(name, handler)
-        await self._client.stream_handler(name, handler, balanced=balanced)
+        await self._live_client.stream_handler(name, handler, balanced=balanced)
 
     async def remove_binary_stream_handler(self, name: HandleName) -> None:
-        await self._client.remove_stream_handler(name)
+        await self._live_client.remove_stream_handler(name)
 
     async def call_binary_stream_handler(
         self, peer_id: PeerID, handler_name: str
     ) -> Tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a raw stream to ``handler_name`` of ``peer_id``; the caller must close the writer."""
         check_call(peer_id, handler_name)
-        self._raise_if_daemon_failed()
-        return await self._client.stream_open(peer_id, [handler_name])
+        return await self._live_client.stream_open(peer_id, [handler_name])
 
     # ------------------------------------------------------------------------------------------ failures
 
