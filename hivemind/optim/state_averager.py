@@ -469,6 +469,9 @@ class TrainingStateAverager(DecentralizedAverager):
         tensors, epoch). A state that does not fit (other shapes, optimizer or options), or whose epoch is behind the
         local one, is refused with a warning and nothing changes. Returns (metadata, tensors), or None.
         """
+        if not self.optimizer.state:  # (initialize_optimizer=False): create the statistics a donor's state is checked
+            with self._state_lock:  # against (they are what a fresh optimizer starts from)
+                initialize_optimizer_state_(self.optimizer)
         return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
 
     def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:

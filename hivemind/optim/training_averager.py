@@ -130,6 +130,9 @@ class TrainingAverager(DecentralizedAverager):
 
     def load_state_from_peers(self, **kwargs) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         """Download and apply the best peer's parameters, extra tensors, optimizer state and step counter."""
+        if not self.opt.state:  # (initialize_optimizer=False): create the statistics a donor's are checked against
+            with self.opt_lock:
+                initialize_optimizer_state_(self.opt)
         return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
 
     def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:

@@ -1,0 +1,85 @@
+"""A training averager made with initialize_optimizer=False (its optimizer has no statistics yet) still loads a
+donor's state: its own statistics are created first (as a fresh optimizer's), so that the donor's fit them."""
+
+import time
+
+import pytest
+import torch
+
+from hivemind.dht import DHT
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.optim.training_averager import TrainingAverager
+
+
+@pytest.fixture
+def dht_pair():
+    first = DHT(start=True)
+    second = DHT(start=True, initial_peers=first.get_visible_maddrs())
+    yield first, second
+    second.shutdown()
+    first.shutdown()
+
+
+def _trained_adam(model: torch.nn.Module) -> torch.optim.Adam:
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, model.in_features, generator=torch.Generator().manual_seed(0))).sum().backward()
+    opt.step()
+    return opt
+
+
+def _load_when_declared(newcomer, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # until the donor's declaration is visible
+        loaded = newcomer.load_state_from_peers(timeout=10)
+        if loaded is not None:
+            return loaded
+        time.sleep(0.2)
+    raise AssertionError("the newcomer loaded no state")
+
+
+def _assert_same_optimizer_state(mine: torch.optim.Optimizer, theirs: torch.optim.Optimizer):
+    for param, donor_param in zip(mine.param_groups[0]["params"], theirs.param_groups[0]["params"]):
+        for name, value in theirs.state[donor_param].items():
+            assert torch.equal(mine.state[param][name], value), name
+
+
+@pytest.mark.timeout(60)
+def test_legacy_training_averager_without_optimizer_statistics_loads_the_donors_state(dht_pair):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(3, 2) for _ in dht_pair]
+    donor_opt, newcomer_opt = _trained_adam(models[0]), torch.optim.Adam(models[1].parameters(), lr=0.1)
+    options = dict(average_parameters=True, average_gradients=False, prefix="uninit_ta", start=True)
+    donor = TrainingAverager(donor_opt, dht=dht_pair[0], declare_state_period=1.0, **options)
+    newcomer = TrainingAverager(newcomer_opt, dht=dht_pair[1], initialize_optimizer=False, **options)
+    try:
+        assert not newcomer_opt.state
+        _load_when_declared(newcomer)
+        assert torch.equal(models[1].weight, models[0].weight) and torch.equal(models[1].bias, models[0].bias)
+        _assert_same_optimizer_state(newcomer_opt, donor_opt)
+    finally:
+        newcomer.shutdown()
+        donor.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_state_averager_without_optimizer_statistics_loads_the_donors_state(dht_pair):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(3, 2) for _ in dht_pair]
+    donor_opt = _trained_adam(models[0])
+    donor = TrainingStateAverager(
+        dht=dht_pair[0], optimizer=donor_opt, prefix="uninit_tsa", start=True, declare_state_period=1.0
+    )
+    newcomer = TrainingStateAverager(
+        dht=dht_pair[1], optimizer=lambda params: torch.optim.Adam(params, lr=0.1), params=models[1].parameters(),
+        initialize_optimizer=False, prefix="uninit_tsa", start=True,
+    )  # fmt: skip
+    try:
+        assert not newcomer.optimizer.state
+        donor.local_epoch = 2
+        _load_when_declared(newcomer)
+        assert newcomer.local_epoch == 2
+        assert torch.equal(models[1].weight, models[0].weight) and torch.equal(models[1].bias, models[0].bias)
+        _assert_same_optimizer_state(newcomer.optimizer, donor_opt)
+    finally:
+        newcomer.shutdown()
+        donor.shutdown()
