@@ -122,3 +122,14 @@ async def test_balanced_streams_skip_killed_processes(p2p_pair):
         assert pids.count(survivor.pid) == 4  # round-robin between the two live ones only
     finally:
         await kill(survivor)
+
+
+async def test_replica_shutdown_unregisters_its_stream_handlers(p2p_pair):
+    owner, caller = p2p_pair
+    for number in range(3):  # names of their own, which no later process registers or calls until now
+        replica = await P2P.replicate(owner.daemon_listen_maddr)
+        await replica.add_binary_stream_handler(f"replica_own_name_{number}", serve_pid(number))
+        await replica.shutdown()
+    for number in range(3):  # the daemon forgot them at once: a caller is told the name is not served
+        with pytest.raises(P2PDaemonError, match="protocols not supported"):
+            await caller.call_binary_stream_handler(owner.peer_id, f"replica_own_name_{number}")

@@ -491,7 +491,7 @@ class P2P(ProtobufCallsMixin):
         for writer in list(self._stream_writers):
             writer.transport.abort()
         if self._client is not None:
-            await self._client.close()
+            await self._client.close(unregister_stream_handlers=self._daemon is None)  # the daemon stays: tidy it
         if self._daemon is not None:
             await self._daemon.stop()
 

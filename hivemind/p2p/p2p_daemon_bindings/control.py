@@ -189,11 +189,21 @@ class ControlClient:
         """The error that ended the persistent connection, if it was lost."""
         return None if self._persistent is None else self._persistent.failure
 
-    async def close(self) -> None:
-        """Close the persistent connection, stop serving streams and cancel running handlers."""
+    async def close(self, unregister_stream_handlers: bool = False) -> None:
+        """Close the persistent connection, stop serving streams and cancel running handlers. With
+        ``unregister_stream_handlers`` (a client of a daemon that outlives it), first remove its stream handlers from
+        the daemon, as closing the persistent connection does for its unary handlers."""
         if self._closed:
             return
         self._closed = True
+        if unregister_stream_handlers and self._stream_handlers:
+            removals = asyncio.gather(
+                *map(self.remove_stream_handler, list(self._stream_handlers)), return_exceptions=True
+            )
+            try:  # (a daemon that is gone answers at once; otherwise it forgets them once our socket is gone)
+                await await_with_timeout(removals, 1)
+            except asyncio.TimeoutError:
+                logger.debug("p2pd did not confirm the removal of our stream handlers within 1 s")
         if self._server is not None:
             self._server.close()
         tasks = list(self._handler_tasks)
