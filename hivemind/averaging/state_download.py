@@ -33,9 +33,9 @@ from hivemind.averaging.state_assembly import (
 )
 from hivemind.averaging.state_hedge import first_to_start
 from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
-from hivemind.averaging.state_snapshot import empty_packed, packed_copy
+from hivemind.averaging.state_snapshot import DONOR_BUSY_HINT, empty_packed, packed_copy
 from hivemind.dht import DHT
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PHandlerError, PeerID
 from hivemind.p2p.servicer import ServicerBase, get_handle_name
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import await_with_timeout
@@ -63,6 +63,10 @@ MAX_PEER_ID_BYTES = 128
 # a donor's message is a 64 KiB chunk, and the first one the state's metadata besides: a larger message is refused
 # before it is read (an optimizer's metadata takes about a hundred bytes per tensor of its state)
 MAX_MESSAGE_BYTES = 32 * 2**20
+# donors that refuse a download only because they already serve as many as they allow are asked again after a pause
+# (0.5 s, doubling up to 4 s, with jitter) until the caller's timeout, or for this long without one
+BUSY_RETRY_WINDOW = 600.0
+BUSY_RETRY_FIRST_PAUSE, BUSY_RETRY_MAX_PAUSE = 0.5, 4.0
 
 
 def order_donors(
@@ -325,13 +329,27 @@ async def load_state_from_peers(
             rate_grace=rate_grace,
         )
 
+    busy: List[PeerID] = []  # donors that refused only because they serve as many downloads as they allow
+
     def failed(entry: Tuple[PeerID, float], e: BaseException) -> None:
-        logger.warning(f"State download from {entry[0]} failed, trying the next donor: {type(e).__name__}: {e}")
+        if isinstance(e, P2PHandlerError) and DONOR_BUSY_HINT in str(e):
+            busy.append(entry[0])
+            logger.info(f"Donor {entry[0]} is busy serving others, trying the next one (and it again later): {e}")
+        else:
+            logger.warning(f"State download from {entry[0]} failed, trying the next donor: {type(e).__name__}: {e}")
 
     # a donor that has not started within request_timeout (the wait for any peer's answer) gets a competitor
     hedge_delay = min(request_timeout, first_message_timeout)
-    candidates = list(donors)
-    while candidates:
+    # a busy donor is a donor still: it is asked again after a pause, within the timeout (or BUSY_RETRY_WINDOW)
+    retry_until = deadline if deadline is not None else time.monotonic() + BUSY_RETRY_WINDOW
+    candidates, pauses = list(donors), 0
+    while candidates or _pause_for_busy_donors(busy, retry_until, pauses):
+        if not candidates:  # every donor failed or was busy, and there is time to ask the busy ones again
+            candidates = [entry for entry in donors if entry[0] in busy]
+            busy.clear()
+            pauses += 1
+            await asyncio.sleep(_busy_pause(pauses))
+            continue
         started = await first_to_start(
             candidates,
             ask,
@@ -343,7 +361,9 @@ async def load_state_from_peers(
             hold_limit=min(first_message_timeout, DONOR_PREPARATION_TIMEOUT),
         )
         if started is None:
-            break
+            if candidates:  # the time ran out
+                break
+            continue
         (donor, _), download = started
         try:
             metadata, tensors = await download.finish()
@@ -362,5 +382,17 @@ async def load_state_from_peers(
         return (metadata, tensors, donor) if with_donor else (metadata, tensors)
     if candidates:
         logger.warning(f"The time for loading the state ran out before {len(candidates)} donors were tried")
-    logger.warning(f"Could not download a state from any of the {len(donors)} donors under {key}")
+    still_busy = f" ({len(busy)} of them busy serving others until the time ran out)" if busy else ""
+    logger.warning(f"Could not download a state from any of the {len(donors)} donors under {key}{still_busy}")
     return None
+
+
+def _busy_pause(pauses: int) -> float:
+    """Seconds to wait before asking busy donors again for the ``pauses``-th time (growing, with jitter)."""
+    return min(BUSY_RETRY_FIRST_PAUSE * 2 ** (pauses - 1), BUSY_RETRY_MAX_PAUSE) * random.uniform(0.5, 1.0)
+
+
+def _pause_for_busy_donors(busy: List[PeerID], retry_until: float, pauses: int) -> bool:
+    """Whether busy donors are to be asked again: there are some, and the longest pause before it leaves time."""
+    next_pause = min(BUSY_RETRY_FIRST_PAUSE * 2**pauses, BUSY_RETRY_MAX_PAUSE)
+    return bool(busy) and time.monotonic() + next_pause < retry_until

@@ -25,7 +25,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Opti
 import torch
 
 from hivemind.averaging.state_rate import DEFAULT_MIN_RATE, DEFAULT_RATE_GRACE, RateFloor
-from hivemind.averaging.state_snapshot import SNAPSHOT_AGE_CAP, SNAPSHOT_BURST, DonorBusyError, SnapshotCache
+from hivemind.averaging.state_snapshot import (
+    DONOR_BUSY_HINT,
+    SNAPSHOT_AGE_CAP,
+    SNAPSHOT_BURST,
+    DonorBusyError,
+    SnapshotCache,
+)
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
@@ -99,7 +105,7 @@ class DownloadSlots:
     @contextlib.asynccontextmanager
     async def acquire(self, who: object = None) -> AsyncIterator[None]:
         if who is not None and who in self._peers:  # else one peer opening many downloads locks the others out
-            raise DonorBusyError(f"{who} already downloads this peer's state (or waits for it): one at a time")
+            raise DonorBusyError(f"{who} already downloads this peer's state (or waits for it): {DONOR_BUSY_HINT}")
         if who is not None:
             self._peers.add(who)
         try:
@@ -114,7 +120,7 @@ class DownloadSlots:
             if self.waiting >= self.max_waiting:
                 raise DonorBusyError(
                     f"this peer already streams its state to {self.active} peers and {self.waiting} more are queued "
-                    f"(limits: {self.max_active} at once, {self.max_waiting} queued); try another peer or retry later"
+                    f"(limits: {self.max_active} at once, {self.max_waiting} queued); {DONOR_BUSY_HINT}"
                 )
             self.waiting += 1
             try:
@@ -122,7 +128,7 @@ class DownloadSlots:
             except asyncio.TimeoutError:
                 raise DonorBusyError(
                     f"no free download slot within {self.max_wait} s ({self.active} downloads in progress); "
-                    "try another peer or retry later"
+                    f"{DONOR_BUSY_HINT}"
                 ) from None
             finally:
                 self.waiting -= 1

@@ -85,6 +85,9 @@ SNAPSHOT_BURST = 2.0  # seconds of snapshot time a donor that was idle may spend
 MAX_SNAPSHOT_PAUSE = 5.0  # seconds; within the time a newcomer allows a donor before its first message
 
 
+DONOR_BUSY_HINT = "try another peer or retry later"  # ends every DonorBusyError message: newcomers retry such donors
+
+
 class DonorBusyError(RuntimeError):
     """This donor already serves (and queues) as many state downloads as it allows; the caller should try another."""
 
@@ -335,7 +338,7 @@ class SnapshotCache:
                 if age > self.age_cap:  # (only when max_snapshots are in use: max_age <= age_cap)
                     raise DonorBusyError(
                         f"this peer already streams {len(self.in_use)} snapshots of its state and the newest was "
-                        f"taken {age:.0f} s ago (more than {self.age_cap:g} s): try another peer or retry later"
+                        f"taken {age:.0f} s ago (more than {self.age_cap:g} s): {DONOR_BUSY_HINT}"
                     )
                 return self._hold(newest)
             self._taking = _Taking()
