@@ -73,12 +73,12 @@ type daemon struct {
 	addrSignaler interface{}  // the basic host (its SignalAddressChange), also when d.host is the routed one
 }
 
-// streamCtx is the context for streams the daemon opens: they may use limited (relayed) connections.
+// streamCtx is the context for streams the daemon opens: they may use limited (relayed) connections, also with
+// -relay=0 (which keeps the relay transport, as the original daemon does; its streams reach peers behind relays
+// too). Without this, a stream to a peer reachable only through a relay waited for a direct connection that
+// could never come, until the caller gave up.
 func (d *daemon) streamCtx(ctx context.Context) context.Context {
-	if d.cfg.relay {
-		return network.WithUseTransient(ctx, "hivemind streams may use relayed connections")
-	}
-	return ctx
+	return network.WithUseTransient(ctx, "hivemind streams may use relayed connections")
 }
 
 func newYamuxTransport() *yamuxtransport.Transport {
