@@ -1,0 +1,98 @@
+package main
+
+// Stream handlers of a client that went away without removing them are forgotten (gonehandlers.go).
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+// streamHandlerCount is how many clients the daemon has registered for proto.
+func streamHandlerCount(d *daemon, proto string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if handlers, ok := d.streamHandlers[protocol.ID(proto)]; ok {
+		return handlers.len()
+	}
+	return 0
+}
+
+func TestGoneClientFreesItsProtocol(t *testing.T) {
+	server, sock := startUnaryTestDaemon(t)
+	for _, removeFile := range []bool{false, true} { // killed (file left, nobody listens), or its file removed too
+		l := registerTestHandler(t, sock, "/gone")
+		path := l.Addr().String()
+		_ = l.Close() // a unix listener removes its file on close
+		if !removeFile {
+			if f, err := os.Create(path); err == nil { // a plain file in its place: connecting is refused
+				_ = f.Close()
+			}
+		}
+		if got := streamHandlerCount(server, "/gone"); got != 1 {
+			t.Fatalf("%d handlers of /gone before the next registration, want 1", got)
+		}
+		// the next registration from another client succeeds (registerTestHandler fails the test otherwise)
+		next := registerTestHandler(t, sock, "/gone")
+		if got := streamHandlerCount(server, "/gone"); got != 1 {
+			t.Fatalf("%d handlers of /gone after it was registered again, want 1", got)
+		}
+		_ = next.Close()
+		_ = os.Remove(filepath.Clean(path))
+	}
+	// a live holder keeps its protocol (and is merely probed)
+	live := registerTestHandler(t, sock, "/held")
+	defer live.Close()
+	go func() { // the probe's connection is accepted and dropped, as a client does with a stream without StreamInfo
+		for {
+			conn, err := live.Accept()
+			if err != nil {
+				return
+			}
+			_ = conn.Close()
+		}
+	}()
+	dir := t.TempDir()
+	other, err := ma.NewMultiaddr("/unix" + filepath.Join(dir, "other.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner := appendStringField(appendBytesField(nil, 1, other.Bytes()), 2, "/held")
+	_, _, resp := controlRequest(t, sock, appendBytesField(appendVarintField(nil, 1, reqStreamHandler), 4, inner))
+	if bytes.Equal(resp, encodeOKResponse()) || !bytes.Contains(resp, []byte("already set")) {
+		t.Fatalf("a second holder of /held was answered %q, want 'already set'", resp)
+	}
+}
+
+func TestIncomingStreamSkipsGoneClient(t *testing.T) {
+	server, sock := startUnaryTestDaemon(t)
+	remote, _ := startUnaryTestDaemon(t)
+	connectDaemons(t, remote, server)
+	gone := registerTestHandler(t, sock, "/skip")
+	_ = gone.Close()
+	if got := streamHandlerCount(server, "/skip"); got != 1 {
+		t.Fatalf("%d handlers of /skip, want 1", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := remote.host.NewStream(ctx, server.host.ID(), "/skip")
+	if err == nil {
+		_, _ = s.Write([]byte("x"))
+		_ = s.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, _ = s.Read(make([]byte, 1)) // reset: nobody serves /skip any more
+		_ = s.Reset()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for streamHandlerCount(server, "/skip") != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := streamHandlerCount(server, "/skip"); got != 0 {
+		t.Fatalf("%d handlers of /skip after a stream found its client gone, want 0", got)
+	}
+}
