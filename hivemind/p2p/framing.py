@@ -134,8 +134,13 @@ def _write_prefixed(writer: asyncio.StreamWriter, prefix: bytes, parts: Sequence
         writer.write(pending)
 
 
-async def send_raw_data(data: bytes, writer: asyncio.StreamWriter, *, drain: bool = True) -> None:
-    """Write ``data`` prefixed with its 8-byte big-endian length."""
+async def send_raw_data(
+    data: bytes, writer: asyncio.StreamWriter, *, drain: bool = True, chunk_size: Optional[int] = None
+) -> None:
+    """Write ``data`` prefixed with its 8-byte big-endian length.
+
+    :param chunk_size: accepted for hivemind 1.1.12's callers; it changes nothing (the transport splits the data)
+    """
     _write_prefixed(writer, len(data).to_bytes(HEADER_LEN, BYTEORDER), [data])
     if drain:
         await writer.drain()
@@ -159,9 +164,9 @@ def _check_size(length: int, max_size: Optional[int]) -> None:
         )
 
 
-async def send_protobuf(message: Union[Message, RPCError], writer: asyncio.StreamWriter) -> None:
+async def send_protobuf(protobuf: Union[Message, RPCError], writer: asyncio.StreamWriter) -> None:
     """Write one frame: ``0x00`` + message, or ``0x01`` + ``RPCError``."""
-    _write_prefixed(writer, *_frame_parts(message))
+    _write_prefixed(writer, *_frame_parts(protobuf))
     await writer.drain()
 
 
