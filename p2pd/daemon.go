@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -219,6 +220,11 @@ func newDaemon(cfg *config) (*daemon, error) {
 	h, err := libp2p.New(opts...)
 	if err != nil {
 		cancel()
+		if strings.Contains(err.Error(), "failed to listen on any addresses") {
+			return nil, fmt.Errorf("cannot listen on any address of -hostAddrs %v: %v; pass addresses of this "+
+				"machine that are free, with a transport p2pd has (tcp, ws, quic-v1, webtransport), e.g. "+
+				"/ip4/0.0.0.0/tcp/0", cfg.hostAddrs, err)
+		}
 		return nil, fmt.Errorf("cannot start the libp2p host: %v", err)
 	}
 	d.host = newRedialHost(h, cfg.dialBackoffBase)
@@ -253,6 +259,7 @@ func newDaemon(cfg *config) (*daemon, error) {
 	if d.relays != nil {
 		go d.relays.run()
 	}
+	go d.sweepGoneStreamClientsForever() // gonehandlers.go
 	return d, nil
 }
 

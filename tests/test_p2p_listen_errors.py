@@ -1,0 +1,24 @@
+"""When p2pd can listen on none of host_maddrs, the error names host_maddrs and what to pass instead (before: only
+libp2p's 'cannot start the libp2p host: failed to listen on any addresses: [...]')."""
+
+import socket
+
+import pytest
+
+from hivemind.p2p import P2P, P2PDaemonError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_an_address_of_another_machine_is_named_with_the_option():
+    with pytest.raises(P2PDaemonError, match="host_maddrs.*/ip4/0.0.0.0/tcp/0") as info:
+        await P2P.create(host_maddrs=["/ip4/192.0.2.123/tcp/0"])
+    assert "cannot assign requested address" in str(info.value), "libp2p's own reason is still quoted"
+
+
+async def test_a_taken_udp_port_is_named_with_the_option():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        with pytest.raises(P2PDaemonError, match=f"host_maddrs.*/ip4/127.0.0.1/udp/{port}/quic-v1"):
+            await P2P.create(host_maddrs=[f"/ip4/127.0.0.1/udp/{port}/quic-v1"])
