@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -13,6 +15,14 @@ import (
 // it shut down while sharing a daemon it did not start) would otherwise keep them forever: every incoming stream
 // sent its way is reset, and no other client can register the same protocol again ("already set"). The daemon
 // forgets such a client once its callback address provably has nobody behind it.
+
+// goneClientsSweepInterval (a time.Duration) is how often the daemon forgets the stream handlers of clients whose
+// unix socket file is gone: a client that was killed and whose protocols nobody calls or registers again would
+// otherwise stay registered for the daemon's life (a killed process leaves its file, which the next hivemind peer
+// started on the machine sweeps away). Only the files are looked at: live clients are not disturbed.
+var goneClientsSweepInterval atomic.Int64
+
+func init() { goneClientsSweepInterval.Store(int64(time.Minute)) }
 
 // probeTimeout bounds a probe of a registered client's callback address before a conflicting registration.
 const probeTimeout = time.Second
@@ -65,6 +75,40 @@ func (d *daemon) pruneGoneStreamClients(protos []string) {
 			d.mu.Lock()
 			d.forgetStreamClient(key)
 			d.mu.Unlock()
+		}
+	}
+}
+
+// sweepGoneStreamClientsForever forgets, every goneClientsSweepInterval until the daemon stops, the stream handlers
+// registered at unix socket paths that no longer exist.
+func (d *daemon) sweepGoneStreamClientsForever() {
+	ticker := time.NewTicker(time.Duration(goneClientsSweepInterval.Load()))
+	defer ticker.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		d.mu.Lock()
+		paths := map[string]string{} // key -> its unix path
+		for _, handlers := range d.streamHandlers {
+			for _, key := range handlers.items {
+				if addr, err := ma.NewMultiaddrBytes([]byte(key)); err == nil {
+					if path, err := addr.ValueForProtocol(ma.P_UNIX); err == nil {
+						paths[key] = path
+					}
+				}
+			}
+		}
+		d.mu.Unlock()
+		for key, path := range paths {
+			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+				log.Infow("forgetting the stream handlers of a client whose socket is gone", "path", path)
+				d.mu.Lock()
+				d.forgetStreamClient(key)
+				d.mu.Unlock()
+			}
 		}
 	}
 }

@@ -96,3 +96,25 @@ func TestIncomingStreamSkipsGoneClient(t *testing.T) {
 		t.Fatalf("%d handlers of /skip after a stream found its client gone, want 0", got)
 	}
 }
+
+func TestSweepForgetsClientsWhoseSocketIsGone(t *testing.T) {
+	old := goneClientsSweepInterval.Load()
+	goneClientsSweepInterval.Store(int64(20 * time.Millisecond))
+	t.Cleanup(func() { goneClientsSweepInterval.Store(old) })
+	server, sock := startUnaryTestDaemon(t)
+	live := registerTestHandler(t, sock, "/live")
+	defer live.Close()
+	gone := registerTestHandler(t, sock, "/unique")
+	_ = gone.Close() // its file goes with it; nobody calls or registers /unique again
+	deadline := time.Now().Add(5 * time.Second)
+	for streamHandlerCount(server, "/unique") != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := streamHandlerCount(server, "/unique"); got != 0 {
+		t.Fatalf("%d handlers of /unique after its client's socket was removed, want 0", got)
+	}
+	time.Sleep(100 * time.Millisecond) // several more sweeps
+	if got := streamHandlerCount(server, "/live"); got != 1 {
+		t.Fatalf("%d handlers of /live, want 1: a live client is kept", got)
+	}
+}
