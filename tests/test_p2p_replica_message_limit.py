@@ -4,6 +4,7 @@ replica's limit fails that one call with an error naming the limit; the replica 
 
 import pytest
 
+from hivemind.dht import DHT
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
@@ -67,3 +68,39 @@ async def test_a_response_above_the_replicas_limit_fails_that_call_only(owner_ca
     request = runtime_pb2.ExpertRequest(uid="10")
     answer = await replica.call_protobuf_handler(caller.peer_id, "make_bytes", request, runtime_pb2.ExpertResponse)
     assert answer.tensors[0].buffer == b"x" * 10
+
+
+async def test_a_replica_given_the_owners_limit_takes_large_messages(owner_caller_replica):
+    owner, caller, _ = owner_caller_replica
+    replica = await P2P.replicate(owner.daemon_listen_maddr, persistent_conn_max_msg_size=LARGE_LIMIT)
+    try:
+        assert replica.persistent_conn_max_msg_size == LARGE_LIMIT
+        await replica.add_protobuf_handler("size_of", size_of, runtime_pb2.ExpertRequest)
+        answer = await caller.call_protobuf_handler(
+            owner.peer_id, "size_of", with_bytes(LARGE), runtime_pb2.ExpertResponse
+        )
+        assert answer.metadata == str(LARGE).encode()
+    finally:
+        await replica.shutdown()
+    with pytest.raises(TypeError, match="persistent_conn_max_msg_size"):
+        await P2P.replicate(owner.daemon_listen_maddr, persistent_conn_max_msg_size="16MiB")
+
+
+async def test_the_replicas_of_a_dht_take_the_limit_it_was_started_with(p2p_factory):
+    caller = await p2p_factory(persistent_conn_max_msg_size=LARGE_LIMIT)
+    await caller.add_protobuf_handler("size_of", size_of, runtime_pb2.ExpertRequest)
+    dht = DHT(
+        start=True,
+        initial_peers=await caller.get_visible_maddrs(),  # not a DHT peer: the daemon only connects to it
+        ensure_bootstrap_success=False,
+        persistent_conn_max_msg_size=LARGE_LIMIT,
+    )
+    try:
+        replica = await dht.replicate_p2p()
+        assert replica.persistent_conn_max_msg_size == LARGE_LIMIT  # before: 4 MiB, refusing the request below
+        answer = await replica.call_protobuf_handler(
+            caller.peer_id, "size_of", with_bytes(LARGE), runtime_pb2.ExpertResponse
+        )
+        assert answer.metadata == str(LARGE).encode()
+    finally:
+        dht.shutdown()

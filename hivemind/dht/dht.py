@@ -120,6 +120,9 @@ class DHT(ShutdownOnExit, mp.Process):
         self.num_workers, self.shutdown_timeout, self.kwargs = num_workers, shutdown_timeout, kwargs
         self._record_validator = CompositeValidator(record_validators)
         self._existing_daemon = None if p2p is None else str(p2p.daemon_listen_maddr)
+        # replicas of the daemon (in the DHT process with p2p=..., in users' processes) take the messages it takes
+        max_msg_size = kwargs.get("persistent_conn_max_msg_size") if p2p is None else p2p.persistent_conn_max_msg_size
+        self._replica_options = {} if max_msg_size is None else {"persistent_conn_max_msg_size": max_msg_size}
         self.daemon = daemon
         self._origin_pid = os.getpid()
 
@@ -212,7 +215,7 @@ class DHT(ShutdownOnExit, mp.Process):
     ) -> None:
         try:
             if self._existing_daemon:  # attach to the daemon of the P2P given by the user
-                self.kwargs["p2p"] = await P2P.replicate(Multiaddr(self._existing_daemon))
+                self.kwargs["p2p"] = await P2P.replicate(Multiaddr(self._existing_daemon), **self._replica_options)
             self._node = await DHTNode.create(
                 initial_peers=self.initial_peers,
                 num_workers=self.num_workers,
@@ -391,7 +394,7 @@ class DHT(ShutdownOnExit, mp.Process):
         if pid not in self._p2p_replicas:
             loop = asyncio.get_running_loop()
             daemon_maddr = await loop.run_in_executor(None, partial(self._call, "daemon_listen_maddr"))
-            self._p2p_replicas[pid] = await P2P.replicate(Multiaddr(daemon_maddr))
+            self._p2p_replicas[pid] = await P2P.replicate(Multiaddr(daemon_maddr), **self._replica_options)
         return self._p2p_replicas[pid]
 
     # ------------------------------------------------------------------ handlers (DHT process)

@@ -73,6 +73,14 @@ def warn_deprecated(**deprecated: Any) -> None:
             )
 
 
+def check_max_msg_size(max_msg_size: Any) -> None:
+    """``persistent_conn_max_msg_size`` must be a positive int (bytes): p2pd parses an int."""
+    if not is_integer(max_msg_size):
+        raise TypeError(f"persistent_conn_max_msg_size must be an int (bytes), got {max_msg_size!r}")
+    if max_msg_size <= 0:
+        raise ValueError(f"persistent_conn_max_msg_size must be a positive number of bytes, got {max_msg_size}")
+
+
 def build_daemon_args(
     *,
     control_maddr: MaddrLike,
@@ -97,10 +105,7 @@ def build_daemon_args(
     daemon_flags: Optional[Mapping[str, Any]] = None,
 ) -> List[str]:
     """Arguments for p2pd, in the order the original hivemind emits them (without the binary path)."""
-    if not is_integer(max_msg_size):  # p2pd parses an int
-        raise TypeError(f"persistent_conn_max_msg_size must be an int (bytes), got {max_msg_size!r}")
-    if max_msg_size <= 0:
-        raise ValueError(f"persistent_conn_max_msg_size must be a positive number of bytes, got {max_msg_size}")
+    check_max_msg_size(max_msg_size)
     if not is_number(idle_timeout):
         raise TypeError(f"idle_timeout must be a number of seconds, got {idle_timeout!r}")
     refuse_single_maddr("initial_peers", initial_peers)

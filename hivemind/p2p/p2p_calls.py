@@ -9,7 +9,7 @@ from google.protobuf.message import Message
 from hivemind.p2p import framing, protobuf_streams
 from hivemind.p2p.call_arguments import check_call
 from hivemind.p2p.inbound_budget import InboundBudget
-from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, ControlClient
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.p2p.p2p_daemon_bindings.persistent import P2PTimeoutError
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
@@ -36,6 +36,11 @@ class ProtobufCallsMixin:
     _stream_writers: Set[asyncio.StreamWriter]
     unary_call_timeout: Optional[Seconds]
     _inbound_budget: Optional[InboundBudget] = None
+
+    @property
+    def persistent_conn_max_msg_size(self) -> Bytes:
+        """The largest unary request or response this instance sends or takes, bytes (``P2P.create``/``replicate``)."""
+        return DEFAULT_MAX_MSG_SIZE if self._client is None else self._client.unary_max_msg_size
 
     @property
     def _live_client(self) -> ControlClient:

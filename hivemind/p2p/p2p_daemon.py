@@ -221,21 +221,22 @@ class P2P(ProtobufCallsMixin):
         *,
         unary_call_timeout: Optional[Seconds] = DEFAULT_UNARY_CALL_TIMEOUT,
         tune_malloc: Optional[bool] = None,
+        persistent_conn_max_msg_size: Bytes = DEFAULT_MAX_MSG_SIZE,
     ) -> "P2P":
         """Attach to a running daemon (e.g. started by ``P2P.create`` in a parent process); owns no process.
 
-        ``unary_call_timeout`` and ``tune_malloc`` mean the same as in ``P2P.create``.
+        The options mean the same as in ``P2P.create`` (pass the owner's ``persistent_conn_max_msg_size``).
         """
+        daemon_args.check_max_msg_size(persistent_conn_max_msg_size)
         tune_malloc_if_requested(tune_malloc)
         self = cls()
         self.unary_call_timeout = unary_call_timeout
         self._daemon_listen_maddr = Multiaddr(str(daemon_listen_maddr))
         self._client_listen_maddr = cls._socket_maddr("p2pclient", _socket_token())
-        # no daemon of ours removes this socket: if shutdown() is never called (e.g. a replica cached by a DHT in the
-        # user's process), it goes when this object is garbage-collected or the interpreter exits
+        # no daemon of ours removes this socket: it goes at garbage collection or exit if shutdown() is never called
         remove_socket_file_with(self, unix_socket_path(self._client_listen_maddr))
         try:
-            await self._connect(DEFAULT_MAX_MSG_SIZE)
+            await self._connect(persistent_conn_max_msg_size)
         except BaseException:
             await self.shutdown()
             raise
