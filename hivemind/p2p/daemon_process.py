@@ -42,6 +42,8 @@ OPTION_OF_FLAG = {
     "persistentConnMaxMsgSize": "persistent_conn_max_msg_size",
     "relayHopLimit": "relay_hop_limit",
     "id": "identity_path",
+    "relay": "use_relay",
+    "autoRelay": "use_auto_relay",
 }
 _FLAG_PATTERN = re.compile(r"(?<![\w-])-(" + "|".join(OPTION_OF_FLAG) + r")\b")
 
