@@ -191,21 +191,13 @@ class ControlClient:
 
     async def close(self, unregister_stream_handlers: bool = False) -> None:
         """Close the persistent connection, stop serving streams and cancel running handlers. With
-        ``unregister_stream_handlers`` (a client of a daemon that outlives it), first remove its stream handlers from
-        the daemon, as closing the persistent connection does for its unary handlers."""
+        ``unregister_stream_handlers`` (a client of a daemon that outlives it), then remove its stream handlers from
+        the daemon (at most 1 s), as closing the persistent connection does for its unary handlers."""
         if self._closed:
             return
         self._closed = True
-        if unregister_stream_handlers and self._stream_handlers:
-            removals = asyncio.gather(
-                *map(self.remove_stream_handler, list(self._stream_handlers)), return_exceptions=True
-            )
-            try:  # (a daemon that is gone answers at once; otherwise it forgets them once our socket is gone)
-                await await_with_timeout(removals, 1)
-            except asyncio.TimeoutError:
-                logger.debug("p2pd did not confirm the removal of our stream handlers within 1 s")
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # p2pd now finds nobody here: it sends our streams to the next client, if any
         tasks = list(self._handler_tasks)
         for task in tasks:
             task.cancel()  # handlers get a chance to tell their callers (an error frame) before the streams close
@@ -225,6 +217,15 @@ class ControlClient:
             os.unlink(self.listen_path)
         except FileNotFoundError:
             pass
+        if unregister_stream_handlers and self._stream_handlers:
+            # last, so that a slow daemon (or a caller's bound on close) cannot keep the socket above open
+            removals = asyncio.gather(
+                *map(self.remove_stream_handler, list(self._stream_handlers)), return_exceptions=True
+            )
+            try:  # (a daemon that is gone answers at once; otherwise it forgets them as our socket is gone)
+                await await_with_timeout(removals, 1)
+            except asyncio.TimeoutError:
+                logger.debug("p2pd did not confirm the removal of our stream handlers within 1 s")
 
     # ---------------------------------------------------------------- plain control requests
 
