@@ -62,7 +62,8 @@ class Runtime(threading.Thread):
         self.ready = mp.Event()
         self._shutdown_requested = threading.Event()
         self._wake_receiver, self._wake_sender = mp.Pipe(duplex=False)
-        self._pipe_lock = threading.Lock()  # orders run() taking the wake pipe against shutdown() closing it
+        self._pipe_lock = threading.RLock()  # orders run() taking the wake pipe against shutdown() closing it
+        self._closing_pipes = False  # set by the first shutdown() (reentrant: a signal handler may call it again)
         self._serving = False  # run() owns the wake receiver and closes it when it returns
         self.stats = _Stats()
 
@@ -150,14 +151,15 @@ class Runtime(threading.Thread):
         """
         with self._pipe_lock:
             self._shutdown_requested.set()
-            if not self._wake_sender.closed:
+            if not self._closing_pipes:  # (a call from a signal handler that interrupted this leaves them to it)
+                self._closing_pipes = True
                 try:
                     self._wake_sender.send_bytes(b"")
                 except OSError:
                     pass
                 self._wake_sender.close()
-            if not self._serving:
-                self._wake_receiver.close()  # run() never took it (or already closed it: closing twice is a no-op)
+                if not self._serving:
+                    self._wake_receiver.close()  # run() never took it (or already closed it)
         for pool in self.pools:
             pool.shutdown()
         if self.is_alive() and threading.current_thread() is not self:

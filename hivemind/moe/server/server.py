@@ -96,6 +96,7 @@ class Server(threading.Thread):
         self.runtime = Runtime(module_backends, **kwargs)
         self._stopped = threading.Event()
         self._stop_lock = threading.RLock()  # (reentrant: a signal handler may call shutdown() during shutdown())
+        self._shutting_down_in: Optional[int] = None  # the thread whose shutdown() is running
         self._start_error: Optional[BaseException] = None
         if start:
             self.run_in_background(await_ready=True)
@@ -282,9 +283,16 @@ class Server(threading.Thread):
         logger.info("Shutting down")
         self._stopped.set()
         self.ready.clear()
-        self._stop_parts()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(_JOIN_TIMEOUT)
+        me = threading.get_ident()
+        if self._shutting_down_in == me:  # a signal handler interrupted shutdown(): that pass joins the thread (which
+            return self._stop_parts()  # may wait for the lock it holds: joining here waited _JOIN_TIMEOUT in vain)
+        self._shutting_down_in = me
+        try:
+            self._stop_parts()
+            if self.is_alive() and threading.current_thread() is not self:
+                self.join(_JOIN_TIMEOUT)
+        finally:
+            self._shutting_down_in = None
         logger.info("Server shutdown successfully")
 
     def _stop_parts(self) -> None:

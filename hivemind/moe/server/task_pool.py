@@ -151,7 +151,8 @@ class TaskPool(TaskPoolBase):
         self.max_batch_size, self.min_batch_size, self.timeout = max_batch_size, min_batch_size, timeout
         self.pool_size, self.prefetch_batches = pool_size, prefetch_batches
         self._owner_pid = os.getpid()
-        self._lock = threading.Lock()
+        # reentrant: a signal handler that calls Server.shutdown() may interrupt shutdown() inside this lock
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._pending = PendingTasks()  # a cancelled task leaves it at once (see _drop_if_cancelled)
         self._ready: Deque[Batch] = deque()
