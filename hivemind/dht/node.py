@@ -62,8 +62,15 @@ def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
             f"initial peer {maddr} is not a valid multiaddr ({e}); it should look like "
             f"/ip4/203.0.113.5/tcp/31337/p2p/<peer id>, as printed by the peer to join"
         ) from e
-    try:  # the last /p2p/ part: in a relay address (/p2p/<relay>/p2p-circuit/p2p/<peer>) the first is the relay
-        return PeerID.from_base58(peer_id_of(parsed))
+    peer_id = peer_id_of(parsed)  # the last /p2p/ part: in /p2p/<relay>/p2p-circuit/p2p/<peer> the first is the relay
+    if peer_id is None:
+        after_relay = " after /p2p-circuit (the /p2p/ before it names the relay)" if "p2p-circuit" in parsed else ""
+        raise ValueError(
+            f"initial peer {maddr} must end with /p2p/<peer id>{after_relay}: peers are joined by id; pass an "
+            f"address of the peer to join as its get_visible_maddrs() (or hivemind-dht's start-up lines) shows it"
+        )
+    try:
+        return PeerID.from_base58(peer_id)
     except Exception as e:
         raise ValueError(f"initial peer {maddr} must end with /p2p/<peer id> (got error: {e!r})") from e
 
