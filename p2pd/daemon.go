@@ -316,9 +316,13 @@ func (d *daemon) run() int {
 		d.mu.Unlock()
 	}
 
+	parentGone := watchParent()
 	go d.serve()
 	for {
 		select {
+		case <-parentGone:
+			log.Infow("the process that started the daemon has ended, exiting")
+			d.shutdown(0)
 		case sig := <-signals:
 			if sig == syscall.SIGINT && d.hasPersistentConns() {
 				// Ctrl-C in a terminal reaches the whole process group: the client that owns this daemon is

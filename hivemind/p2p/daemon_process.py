@@ -186,7 +186,8 @@ class DaemonProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                # it exits once this process has ended, also while a process forked from it holds the socket
+                env=dict(self.env, HIVEMIND_P2PD_PARENT_PID=str(os.getpid())),
             )
         except OSError as e:
             raise P2PDaemonError(f"Cannot start p2pd from {self.binary_path}: {e}") from e
