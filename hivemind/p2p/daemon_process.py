@@ -45,7 +45,19 @@ OPTION_OF_FLAG = {
     "relay": "use_relay",
     "autoRelay": "use_auto_relay",
 }
-_FLAG_PATTERN = re.compile(r"(?<![\w-])-(" + "|".join(OPTION_OF_FLAG) + r")\b")
+_FLAG_PATTERN = re.compile(r"(?<![\w-])-(" + "|".join(OPTION_OF_FLAG) + r")\b(=[01]\b)?")
+
+
+_BOOLEAN_FLAGS = ("relay", "autoRelay")
+
+
+def _option_for_flag(match: "re.Match[str]") -> str:
+    """``-autoRelay=1`` -> ``use_auto_relay=True``: the option, and a boolean's value, as the user passes them."""
+    flag, value = match.group(1), match.group(2) or ""
+    if value and flag in _BOOLEAN_FLAGS:
+        value = f"={value == '=1'}"
+    return OPTION_OF_FLAG[flag] + value
+
 
 _STANDARD_LEVELS = (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG)
 
@@ -60,7 +72,7 @@ def describe_output_line(line: str) -> str:
     """A short human-readable form of one output line (golog JSON lines become ``msg: error``)."""
     record = _parse_json_line(line)
     if record is None:
-        return _FLAG_PATTERN.sub(lambda match: OPTION_OF_FLAG[match.group(1)], line)
+        return _FLAG_PATTERN.sub(_option_for_flag, line)
     text = str(record.get("msg", line))
     details = [f"{key}={record[key]}" for key in ("error", "err", "addr") if key in record]
     return f"{text} ({', '.join(details)})" if details else text
