@@ -25,6 +25,11 @@ from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
+
+class _DaemonStopped(AllreduceException):
+    """The daemon this averager talks through has stopped: no retry can succeed."""
+
+
 STEP_FAILED_SHUT_DOWN = "Averaging step failed: the averager was shut down"  # how steps fail when it stops
 
 CANCEL_POLL_PERIOD = 0.05  # how often a running step checks (in shared memory) whether the user cancelled it
@@ -121,6 +126,10 @@ class AveragingRounds:
                 if control.done():
                     return
                 timeout = control.get_timeout()
+                if isinstance(e, _DaemonStopped):  # no retry can succeed
+                    control.stage = AveragingStage.FINISHED
+                    control.set_exception(AllreduceException(str(e)))
+                    return
                 if not control.allow_retries or (timeout is not None and timeout <= 0):
                     control.stage = AveragingStage.FINISHED
                     if group_info is None and last_group_failure is not None:
@@ -139,6 +148,17 @@ class AveragingRounds:
                 await asyncio.sleep(min(MAX_RETRY_DELAY, MIN_RETRY_DELAY * 2 ** min(attempt, 5)))
 
     async def _find_group(self, control: StepControl) -> GroupInfo:
+        p2p = getattr(self, "_p2p", None)
+        if p2p is not None and not p2p.is_alive:  # (matchmaking would only report that nobody was found)
+            try:
+                p2p._raise_if_daemon_failed()
+                reason = "its connection to the daemon is lost"
+            except Exception as e:
+                reason = str(e)
+            raise _DaemonStopped(
+                f"Averaging step failed: the p2pd daemon of this peer's DHT stopped ({reason}), so no other peer can "
+                f"reach it; shut down this averager and its DHT and create new ones"
+            )
         try:
             group_info = await self._matchmaking.look_for_group(control)
         except MatchmakingException as e:
