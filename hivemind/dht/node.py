@@ -75,6 +75,17 @@ def peer_id_from_maddr(maddr: Union[str, Multiaddr]) -> PeerID:
         raise ValueError(f"initial peer {maddr} must end with /p2p/<peer id> (got error: {e!r})") from e
 
 
+def peer_ids_to_ping(maddr: str) -> List[PeerID]:
+    """The peers to ping for one initial peer: its own, and for a relay address (/p2p/<relay>/p2p-circuit/p2p/<peer>)
+    also the relay's, which hivemind 1.1.12 pinged (either may serve no DHT: a plain relay, a client-mode peer)."""
+    peer_ids = [peer_id_from_maddr(maddr)]
+    parts = list(Multiaddr(maddr).items())
+    circuits = [index for index, (protocol, _) in enumerate(parts) if protocol.name == "p2p-circuit"]
+    if circuits and circuits[-1] > 0 and parts[circuits[-1] - 1][0].name == "p2p":
+        peer_ids.append(PeerID.from_base58(parts[circuits[-1] - 1][1]))
+    return peer_ids
+
+
 class DHTNode(SearchingGet, ReplicatedStore):
     """
     A DHT peer on an asyncio event loop: routing table, storage and cache live in its :class:`DHTProtocol`; this
@@ -142,7 +153,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
         parallel_rpc = None if parallel_rpc is None else math.ceil(parallel_rpc)
         self = cls(_created_by_create=True)
         initial_peers = [] if initial_peers is None else [str(maddr) for maddr in initial_peers]
-        initial_peer_ids = [peer_id_from_maddr(maddr) for maddr in initial_peers]
+        initial_peer_ids = list(dict.fromkeys(peer for maddr in initial_peers for peer in peer_ids_to_ping(maddr)))
 
         self._owns_p2p = p2p is None
         if p2p is None:
