@@ -48,8 +48,9 @@ SCRIPT = textwrap.dedent(
             background.__enter__()
         ours = []
         for child in psutil.Process().children(recursive=True):
-            if "resource_tracker" not in " ".join(child.cmdline()):  # multiprocessing's, shared with the worker
-                ours.append(child.pid)
+            command = " ".join(child.cmdline())  # (processes forked by the fork server share its command line)
+            if child.ppid() != os.getpid() or not ("resource_tracker" in command or "forkserver" in command):
+                ours.append(child.pid)  # not multiprocessing's own processes, shared with the worker
         if worker == "mp_worker":
             process = mp.get_context("fork").Process(target=idle_worker, daemon=True)
             process.start()
@@ -71,6 +72,7 @@ SCRIPT = textwrap.dedent(
     [
         ("averager", "fork", "mp_worker"),
         ("averager", "spawn", "os_fork"),
+        ("averager", "forkserver", "os_fork"),
         ("averager", "fork", "os_fork_without_pidfd"),
         ("server", "fork", "os_fork"),
         ("background_server", "fork", "os_fork"),

@@ -261,7 +261,7 @@ def stop_when_parent_exits(
         return None
     sentinel = parent.sentinel
     original_ppid = os.getppid()
-    pidfd = _open_pidfd(parent.pid) if original_ppid == parent.pid else None  # (forkserver: not our parent)
+    pidfd = _open_pidfd(parent.pid)  # (with forkserver, parent.pid is the process that asked for us, not our ppid)
     poll_handle: Optional[asyncio.TimerHandle] = None
     watching = True
 
@@ -318,7 +318,7 @@ def recv_unless_parent_exits(connection: "mp.connection.Connection") -> object:
     """
     parent = mp.parent_process()
     original_ppid = os.getppid()
-    pidfd = _open_pidfd(parent.pid) if parent is not None and original_ppid == parent.pid else None
+    pidfd = None if parent is None else _open_pidfd(parent.pid)
     watched = [connection] if pidfd is None else [connection, pidfd]
     try:
         while True:
