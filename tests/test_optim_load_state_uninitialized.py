@@ -83,3 +83,47 @@ def test_state_averager_without_optimizer_statistics_loads_the_donors_state(dht_
     finally:
         newcomer.shutdown()
         donor.shutdown()
+
+
+def _uninitialized_state_averager(dht, model, prefix, **kwargs):
+    return TrainingStateAverager(
+        dht=dht, optimizer=lambda params: torch.optim.Adam(params, lr=0.1), params=model.parameters(),
+        initialize_optimizer=False, prefix=prefix, start=True, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_state_averager_without_optimizer_statistics_loads_a_donor_that_has_none_either(dht_pair):
+    """Peers made alike (initialize_optimizer=False) that have not stepped yet share no statistics: 1.1.12 loads such
+    a donor's parameters and epoch, so a newcomer's statistics must not keep it from doing so."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(3, 2) for _ in dht_pair]
+    donor = _uninitialized_state_averager(dht_pair[0], models[0], "uninit_both", declare_state_period=1.0)
+    newcomer = _uninitialized_state_averager(dht_pair[1], models[1], "uninit_both")
+    try:
+        donor.local_epoch = 3
+        _load_when_declared(newcomer)
+        assert newcomer.local_epoch == 3
+        assert torch.equal(models[1].weight, models[0].weight) and torch.equal(models[1].bias, models[0].bias)
+        assert not newcomer.optimizer.state  # as the donor's: a fresh optimizer's
+    finally:
+        newcomer.shutdown()
+        donor.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["state_averager", "legacy"])
+def test_optimizer_without_statistics_is_left_unchanged_when_no_donor_answers(dht_pair, kind):
+    model = torch.nn.Linear(3, 2)
+    if kind == "legacy":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        options = dict(average_parameters=True, average_gradients=False, initialize_optimizer=False, start=True)
+        averager = TrainingAverager(opt, dht=dht_pair[1], prefix="uninit_alone", **options)
+    else:
+        averager = _uninitialized_state_averager(dht_pair[1], model, "uninit_alone")
+        opt = averager.optimizer
+    try:
+        assert averager.load_state_from_peers(timeout=2) is None
+        assert not opt.state, "the optimizer was given statistics although no state was loaded"
+    finally:
+        averager.shutdown()

@@ -27,7 +27,11 @@ from hivemind.optim.optimizer_state import (
 )
 from hivemind.optim.optimizer_torch_api import as_param_groups, frozen_gradients_hidden
 from hivemind.optim.scheduler_sync import SchedulerStart, catch_up_scheduler, is_scheduler_instance
-from hivemind.optim.state_loading import apply_downloaded_state_, load_first_accepted_state
+from hivemind.optim.state_loading import (
+    apply_downloaded_state_,
+    load_first_accepted_state,
+    load_state_without_statistics,
+)
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
@@ -469,9 +473,10 @@ class TrainingStateAverager(DecentralizedAverager):
         tensors, epoch). A state that does not fit (other shapes, optimizer or options), or whose epoch is behind the
         local one, is refused with a warning and nothing changes. Returns (metadata, tensors), or None.
         """
-        if not self.optimizer.state:  # (initialize_optimizer=False): create the statistics a donor's state is checked
-            with self._state_lock:  # against (they are what a fresh optimizer starts from)
-                initialize_optimizer_state_(self.optimizer)
+        if not self.optimizer.state:  # (initialize_optimizer=False): donors may share statistics or none
+            return load_state_without_statistics(
+                self, self.optimizer, self._state_lock, self._apply_downloaded_state, **kwargs
+            )
         return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
 
     def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:

@@ -10,7 +10,12 @@ import torch
 
 from hivemind.dht.process_channel import ChannelClosedError
 from hivemind.optim.epoch_rule import MAX_EPOCH
-from hivemind.optim.optimizer_state import OptimizerStateError, introduces_non_finite, load_optimizer_state
+from hivemind.optim.optimizer_state import (
+    OptimizerStateError,
+    initialize_optimizer_state_,
+    introduces_non_finite,
+    load_optimizer_state,
+)
 from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
 from hivemind.utils.logging import get_logger
 
@@ -19,6 +24,7 @@ __all__ = [
     "apply_downloaded_state_",
     "check_load_state_arguments",
     "load_first_accepted_state",
+    "load_state_without_statistics",
     "load_state_with_retries",
 ]
 
@@ -67,6 +73,39 @@ def load_first_accepted_state(
             refused.append(donor)
             continue
         return metadata, tensors
+
+
+def load_state_without_statistics(
+    averager: Any,
+    optimizer: torch.optim.Optimizer,
+    lock: Any,
+    apply: Callable[[Any, List[torch.Tensor]], None],
+    **kwargs,
+) -> Optional[Tuple[Any, List[torch.Tensor]]]:
+    """
+    :func:`load_first_accepted_state` for an averager whose optimizer has no statistics yet (made with
+    initialize_optimizer=False). A donor that has trained shares statistics, one made likewise that has not stepped
+    yet shares none, and a download is checked against the local state: so the statistics are created first (as a
+    fresh optimizer's) and the donors are asked; if no state was loaded, the optimizer is given back its empty state
+    and the donors are asked for a state without statistics, within the time left.
+    """
+    check_load_state_arguments(kwargs)
+    timeout = kwargs.pop("timeout", None)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with lock:
+        empty_state = optimizer.state_dict()
+        initialize_optimizer_state_(optimizer)
+    loaded = None
+    try:
+        loaded = load_first_accepted_state(averager, apply, timeout=timeout, **kwargs)
+    finally:
+        if loaded is None:  # (also on an error): leave the optimizer as it was
+            with lock:
+                optimizer.load_state_dict(empty_state)
+    if loaded is not None:
+        return loaded
+    remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    return load_first_accepted_state(averager, apply, timeout=remaining, **kwargs)
 
 
 def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, **kwargs) -> Optional[Any]:

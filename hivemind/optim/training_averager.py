@@ -19,7 +19,7 @@ from hivemind.optim.optimizer_state import (
     load_optimizer_state,
     shared_state_infos,
 )
-from hivemind.optim.state_loading import load_first_accepted_state
+from hivemind.optim.state_loading import load_first_accepted_state, load_state_without_statistics
 from hivemind.utils.logging import get_logger
 
 __all__ = ["TrainingAverager"]
@@ -130,9 +130,8 @@ class TrainingAverager(DecentralizedAverager):
 
     def load_state_from_peers(self, **kwargs) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         """Download and apply the best peer's parameters, extra tensors, optimizer state and step counter."""
-        if not self.opt.state:  # (initialize_optimizer=False): create the statistics a donor's are checked against
-            with self.opt_lock:
-                initialize_optimizer_state_(self.opt)
+        if not self.opt.state:  # (initialize_optimizer=False): donors may share statistics or none
+            return load_state_without_statistics(self, self.opt, self.opt_lock, self._apply_downloaded_state, **kwargs)
         return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
 
     def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:
