@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import multiprocessing.connection
 import multiprocessing.util
@@ -10,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -440,20 +441,20 @@ def _describe_outputs(outputs, compression: int):
 @contextmanager
 def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[PeerInfo]:
     """
-    Run ``Server.create(*args, start=True, **kwargs)`` in a forked process while the block runs (its torch uses one
-    thread: a forked child of a process that ran multi-threaded torch ops would hang in them otherwise).
+    Run ``Server.create(*args, start=True, **kwargs)`` in a forked process while the block runs (torch: 1 thread).
 
     :yields: PeerInfo(peer id, visible multiaddrs) of the server's DHT node
     :raises RuntimeError: the server failed to start (the message carries the reason)
     """
-    # not a daemon: it starts its own DHT process; it stops when told or when this process goes away (EOF)
+    # not a daemon: it starts its own DHT process; it stops when told or when this process goes away. Other
+    # multiprocessing children need no copy of our end (one kept the server running after we were killed)
     parent_end, child_end = mp.Pipe(duplex=True)
-    # a copy of our end in any other child forked while the block runs (a user's worker, a DHT) kept the server running
-    # after this process was killed (it stops on EOF): every multiprocessing child forked from now on closes its copy
     multiprocessing.util.register_after_fork(parent_end, multiprocessing.connection.Connection.close)
     process = mp.Process(target=_serve_in_background, args=(child_end, parent_end, args, kwargs), daemon=False)
     process.start()
     child_end.close()
+    # a script that never leaves the block: at exit, multiprocessing joins this process, which waited for it forever
+    atexit.register(stop_at_exit := partial(_tell_to_stop, parent_end))
     try:
         try:
             status, payload = parent_end.recv()
@@ -464,10 +465,8 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
             raise RuntimeError(f"Server failed to start: {payload}")
         yield payload
     finally:
-        try:
-            parent_end.send("shutdown")
-        except (OSError, ValueError):
-            pass
+        atexit.unregister(stop_at_exit)
+        _tell_to_stop(parent_end)
         process.join(shutdown_timeout)
         if process.is_alive():
             logger.warning(f"Background server did not stop within {shutdown_timeout} s, terminating it")
@@ -479,12 +478,15 @@ def background_server(*args, shutdown_timeout: float = 5, **kwargs) -> Iterator[
         parent_end.close()
 
 
+def _tell_to_stop(parent_end) -> None:
+    with suppress(OSError, ValueError):  # (closed: it stopped already)
+        parent_end.send("shutdown")
+
+
 def _serve_in_background(connection, parent_end, args, kwargs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     parent_end.close()  # the parent's end, inherited by fork: without closing it, EOF would never arrive
-    # torch's OpenMP pool does not survive fork: a multi-threaded op in a child of a process that already ran one
-    # hangs forever; with one thread the child never enters a parallel region
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a multi-threaded torch op in a forked child of a process that ran one hangs forever
     try:
         server = Server.create(*args, start=True, **kwargs)
     except BaseException as e:
@@ -492,9 +494,7 @@ def _serve_in_background(connection, parent_end, args, kwargs) -> None:
         return
     try:
         connection.send(("ok", PeerInfo(server.dht.peer_id, server.dht.get_visible_maddrs())))
-        try:
-            recv_unless_parent_exits(connection)  # a shutdown request, or EOF when the parent went away
-        except EOFError:
-            pass
+        with suppress(EOFError):  # (EOF: the parent went away)
+            recv_unless_parent_exits(connection)  # a shutdown request
     finally:
         server.shutdown()
