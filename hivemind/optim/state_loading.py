@@ -93,15 +93,14 @@ def load_state_without_statistics(
     timeout = kwargs.pop("timeout", None)
     deadline = None if timeout is None else time.monotonic() + timeout
     with lock:
-        empty_state = optimizer.state_dict()
         initialize_optimizer_state_(optimizer)
     loaded = None
     try:
         loaded = load_first_accepted_state(averager, apply, timeout=timeout, **kwargs)
     finally:
-        if loaded is None:  # (also on an error): leave the optimizer as it was
+        if loaded is None:  # (also on an error): no statistics, as before (its hyperparameters are left as they are)
             with lock:
-                optimizer.load_state_dict(empty_state)
+                optimizer.state.clear()
     if loaded is not None:
         return loaded
     remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
