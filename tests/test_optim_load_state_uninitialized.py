@@ -127,3 +127,34 @@ def test_optimizer_without_statistics_is_left_unchanged_when_no_donor_answers(dh
         assert not opt.state, "the optimizer was given statistics although no state was loaded"
     finally:
         averager.shutdown()
+
+
+class _SchedulerDuringDownload(TrainingStateAverager):
+    """Its learning rate changes while a downloaded state is checked (as a scheduler in another thread may change
+    it), and the state is refused."""
+
+    def _apply_downloaded_state(self, metadata, tensors):
+        self.optimizer.param_groups[0]["lr"] = 0.5
+        raise ValueError("refused by the test")
+
+
+@pytest.mark.timeout(60)
+def test_hyperparameters_changed_during_a_refused_download_are_kept(dht_pair):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(3, 2) for _ in dht_pair]
+    donor = _SchedulerDuringDownload(  # (the same class: the name of the handler a newcomer calls)
+        dht=dht_pair[0], optimizer=_trained_adam(models[0]), prefix="uninit_lr", start=True, declare_state_period=1.0
+    )
+    newcomer = _SchedulerDuringDownload(
+        dht=dht_pair[1], optimizer=lambda params: torch.optim.Adam(params, lr=0.1), params=models[1].parameters(),
+        initialize_optimizer=False, prefix="uninit_lr", start=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while newcomer.optimizer.param_groups[0]["lr"] != 0.5 and time.monotonic() < deadline:
+            assert newcomer.load_state_from_peers(timeout=10) is None  # (until the donor's declaration is visible)
+        assert newcomer.optimizer.param_groups[0]["lr"] == 0.5
+        assert not newcomer.optimizer.state
+    finally:
+        newcomer.shutdown()
+        donor.shutdown()
