@@ -158,3 +158,37 @@ def test_hyperparameters_changed_during_a_refused_download_are_kept(dht_pair):
     finally:
         newcomer.shutdown()
         donor.shutdown()
+
+
+class _CountingAttempts(TrainingStateAverager):
+    """Counts its attempts to download a state (the donor is of this class too: the handler a newcomer calls)."""
+
+    attempts = 0
+
+    def _load_state_from_peers_excluding(self, exclude, timeout=None):
+        self.attempts += 1
+        return super()._load_state_from_peers_excluding(exclude, timeout=timeout)
+
+
+@pytest.mark.timeout(60)
+def test_an_optimizer_that_keeps_no_statistics_asks_each_donor_once(dht_pair):
+    """SGD without momentum has no statistics to create: one download attempt, not a second one alike."""
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    donor = _CountingAttempts(
+        dht=dht_pair[0], optimizer=sgd, params=torch.nn.Linear(3, 2).parameters(), prefix="uninit_sgd", start=True,
+        declare_state_period=1.0,
+    )  # fmt: skip
+    newcomer = _CountingAttempts(  # other shapes: the donor's state is refused
+        dht=dht_pair[1], optimizer=sgd, params=torch.nn.Linear(4, 2).parameters(), initialize_optimizer=False,
+        prefix="uninit_sgd", start=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while dht_pair[1].get("uninit_sgd.all_averagers", latest=True) is None:
+            assert time.monotonic() < deadline, "the donor's declaration never showed"
+            time.sleep(0.2)
+        assert newcomer.load_state_from_peers(timeout=10) is None
+        assert newcomer.attempts == 1
+    finally:
+        newcomer.shutdown()
+        donor.shutdown()

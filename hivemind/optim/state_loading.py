@@ -94,6 +94,8 @@ def load_state_without_statistics(
     deadline = None if timeout is None else time.monotonic() + timeout
     with lock:
         initialize_optimizer_state_(optimizer)
+    if not optimizer.state:  # an optimizer without statistics (e.g. SGD without momentum): one template, one try
+        return load_first_accepted_state(averager, apply, timeout=timeout, **kwargs)
     loaded = None
     try:
         loaded = load_first_accepted_state(averager, apply, timeout=timeout, **kwargs)
