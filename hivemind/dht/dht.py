@@ -289,18 +289,24 @@ class DHT(ShutdownOnExit, mp.Process):
             return
         caller = self._callers[self._origin_pid]
         with stop_lock(self):  # (several threads may call it at once)
-            if self.is_alive():
-                try:
-                    caller.call(concurrent.futures.Future(), "shutdown")
-                except Exception:
-                    pass
-                self.join(self.shutdown_timeout)
+            if getattr(self, "_stopping_in", None) == threading.get_ident():
+                return  # a signal handler interrupted shutdown() in this thread (maybe mid-send): that pass finishes
+            self._stopping_in = threading.get_ident()
+            try:
                 if self.is_alive():
-                    logger.warning(f"DHT did not shut down within {self.shutdown_timeout} s, terminating it")
-                    self.terminate()
-                    self.join()
-            caller.close()
-            caller.fail_pending(RuntimeError("DHT was shut down"))
+                    try:
+                        caller.call(concurrent.futures.Future(), "shutdown")
+                    except Exception:
+                        pass
+                    self.join(self.shutdown_timeout)
+                    if self.is_alive():
+                        logger.warning(f"DHT did not shut down within {self.shutdown_timeout} s, terminating it")
+                        self.terminate()
+                        self.join()
+                caller.close()
+                caller.fail_pending(RuntimeError("DHT was shut down"))
+            finally:
+                self._stopping_in = None
 
     # ------------------------------------------------------------------ public API (user process)
 

@@ -1,0 +1,41 @@
+"""A signal handler that calls DHT.shutdown() while the main thread's shutdown() is sending the shutdown request to
+the DHT process: the nested call returns at once (it waited forever for the lock held by the interrupted send)."""
+
+import os
+import signal
+
+import pytest
+
+from hivemind.dht import DHT
+
+
+class _SignalOnSend:  # the DHT's pipe, whose send is interrupted by a signal (after taking the channel's send lock)
+    def __init__(self, connection):
+        self._connection = connection
+
+    def __getattr__(self, name):
+        return getattr(self._connection, name)
+
+    def send(self, message):
+        os.kill(os.getpid(), signal.SIGUSR1)  # (its handler runs at the next line of Python code, right here)
+        self._connection.send(message)
+
+
+@pytest.mark.timeout(30)
+def test_dht_shutdown_from_a_signal_handler_during_its_request_send_returns():
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    handled = []
+
+    def handler(signum, frame):
+        dht.shutdown()
+        handled.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        caller = dht._callers[os.getpid()]
+        caller._connection = _SignalOnSend(caller._connection)
+        dht.shutdown()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert handled == [signal.SIGUSR1]
+    assert not dht.is_alive() and dht.exitcode == 0, dht.exitcode
