@@ -39,3 +39,28 @@ def test_dht_shutdown_from_a_signal_handler_during_its_request_send_returns():
         signal.signal(signal.SIGUSR1, previous)
     assert handled == [signal.SIGUSR1]
     assert not dht.is_alive() and dht.exitcode == 0, dht.exitcode
+
+
+@pytest.mark.timeout(30)
+def test_averager_shutdown_from_a_signal_handler_during_its_request_send_returns():
+    import torch
+
+    from hivemind.averaging import DecentralizedAverager
+
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    averager = DecentralizedAverager([torch.zeros(3)], dht, prefix="nested", start=True)
+    handled = []
+
+    def handler(signum, frame):
+        averager.shutdown()
+        handled.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        averager._caller._connection = _SignalOnSend(averager._caller._connection)
+        averager.shutdown()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        dht.shutdown()
+    assert handled == [signal.SIGUSR1]
+    assert not averager.is_alive() and averager.exitcode == 0, averager.exitcode

@@ -229,23 +229,29 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             return
         self._shutdown_requested = True
         with stop_lock(self):  # (several threads may call it at once)
-            if self.is_alive():
-                try:
-                    self._caller.call(concurrent.futures.Future(), "shutdown")
-                except Exception:
-                    pass
-                self.join(self.shutdown_timeout)
+            if getattr(self, "_stopping_in", None) == threading.get_ident():
+                return  # a signal handler interrupted shutdown() in this thread (maybe mid-send): that pass finishes
+            self._stopping_in = threading.get_ident()
+            try:
                 if self.is_alive():
-                    name = type(self).__name__
-                    logger.warning(f"{name} did not shut down in {self.shutdown_timeout} s, terminating it")
-                    self.terminate()
-                    self.join()
-            self._caller.close()
-            self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
-            self._state_request_reader.close()  # (closed by two threads at once, its fd could be another's by then)
-            self._forget_futures()  # our ways to its state requests (see there): it is gone
-            # e.g. the process had to be terminated before it answered
-            self._fail_pending_controls(STEP_FAILED_SHUT_DOWN)
+                    try:
+                        self._caller.call(concurrent.futures.Future(), "shutdown")
+                    except Exception:
+                        pass
+                    self.join(self.shutdown_timeout)
+                    if self.is_alive():
+                        name = type(self).__name__
+                        logger.warning(f"{name} did not shut down in {self.shutdown_timeout} s, terminating it")
+                        self.terminate()
+                        self.join()
+                self._caller.close()
+                self._caller.fail_pending(ChannelClosedError("the averager was shut down"))
+                self._state_request_reader.close()  # (closed by two threads at once, its fd could be reused)
+                self._forget_futures()  # our ways to its state requests (see there): it is gone
+                # e.g. the process had to be terminated before it answered
+                self._fail_pending_controls(STEP_FAILED_SHUT_DOWN)
+            finally:
+                self._stopping_in = None
 
     def _forget_futures(self) -> None:
         """Drop what this process cached to reach our (exited) process's futures, once: a shutdown() long after the
