@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
         schema = (BatchTensorDescriptor(4),)
         backends = {"ffn.0": ModuleBackend("ffn.0", torch.nn.Linear(4, 4), args_schema=schema, max_batch_size=8)}
         dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        server = Server(dht, backends, start=case == "pool_lock")
+        server = Server(dht, backends, num_connection_handlers=1, start=case != "while_starting")
         nested = []
 
         def handler(signum, frame):
@@ -49,6 +49,9 @@ SCRIPT = textwrap.dedent(
         if case == "pool_lock":
             pool = backends["ffn.0"].forward_pool
             pool._batch_sender = SignalOnClose(pool._batch_sender)
+        elif case == "handler_pipe":  # the signal comes while a connection handler's pipe is being closed
+            (handler_process,) = server.conn_handlers
+            handler_process._outer_pipe = SignalOnClose(handler_process._outer_pipe)
         else:  # shut down while the server thread starts: it then stops what it started, under the stop lock
             stop_runtime = server.runtime.shutdown
 
@@ -75,7 +78,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("case", ["pool_lock", "while_starting"])
+@pytest.mark.parametrize("case", ["pool_lock", "handler_pipe", "while_starting"])
 def test_server_shutdown_from_a_signal_handler_inside_shutdown_returns_at_once(tmp_path, case):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)

@@ -285,8 +285,8 @@ class Server(threading.Thread):
         self._stopped.set()
         self.ready.clear()
         me = threading.get_ident()
-        if self._shutting_down_in == me:  # a signal handler interrupted shutdown(): that pass joins the thread (which
-            return self._stop_parts()  # may wait for the lock it holds: joining here waited _JOIN_TIMEOUT in vain)
+        if self._shutting_down_in == me:  # a signal handler interrupted shutdown() midway (in a join, a pipe's close):
+            return  # that pass finishes (stopping the parts again here waited 10 s in vain or closed a closed fd)
         self._shutting_down_in = me
         try:
             self._stop_parts()
