@@ -322,9 +322,11 @@ def recv_unless_parent_exits(connection: "mp.connection.Connection") -> object:
     watched = [connection] if pidfd is None else [connection, pidfd]
     try:
         while True:
-            if connection in mp.connection.wait(watched, timeout=PARENT_POLL_INTERVAL):
+            ready = mp.connection.wait(watched, timeout=PARENT_POLL_INTERVAL)
+            if connection in ready:
                 return connection.recv()
-            if parent is not None and os.getppid() != original_ppid:  # (a readable pidfd: also ended)
+            # a readable pidfd: it ended (with forkserver our ppid, the fork server's, never changes: this spun)
+            if pidfd in ready or (parent is not None and os.getppid() != original_ppid):
                 raise EOFError(f"the parent process {parent.pid} has ended")
     finally:
         if pidfd is not None:
