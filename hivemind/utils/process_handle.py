@@ -261,7 +261,11 @@ def stop_when_parent_exits(
         return None
     sentinel = parent.sentinel
     original_ppid = os.getppid()
-    pidfd = _open_pidfd(parent.pid)  # (with forkserver, parent.pid is the process that asked for us, not our ppid)
+    try:
+        pidfd = _open_pidfd(parent.pid)  # (with forkserver, parent.pid is the process that asked for us, not our ppid)
+    except ProcessLookupError:  # it ended before we got here (e.g. while a spawned child imported): our ppid changed
+        loop.call_soon(stop)  # already, so watching for that change would wait forever
+        return lambda: None
     poll_handle: Optional[asyncio.TimerHandle] = None
     watching = True
 
@@ -300,13 +304,16 @@ def stop_when_parent_exits(
 
 
 def _open_pidfd(pid: int) -> Optional[int]:
-    """A descriptor that becomes readable when process ``pid`` ends (None where the system has none)."""
+    """A descriptor that becomes readable when process ``pid`` ends (None where the system has none); raises
+    ProcessLookupError when that process has ended already."""
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is None:
         return None
     try:
         return pidfd_open(pid)
-    except OSError:  # an older kernel, a sandbox that forbids it, or the process is already gone
+    except ProcessLookupError:
+        raise
+    except OSError:  # an older kernel, a sandbox that forbids it
         return None
 
 
@@ -318,7 +325,12 @@ def recv_unless_parent_exits(connection: "mp.connection.Connection") -> object:
     """
     parent = mp.parent_process()
     original_ppid = os.getppid()
-    pidfd = None if parent is None else _open_pidfd(parent.pid)
+    try:
+        pidfd = None if parent is None else _open_pidfd(parent.pid)
+    except ProcessLookupError:  # it ended before we got here
+        if connection.poll():
+            return connection.recv()
+        raise EOFError(f"the parent process {parent.pid} has ended") from None
     watched = [connection] if pidfd is None else [connection, pidfd]
     try:
         while True:
