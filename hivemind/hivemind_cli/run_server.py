@@ -303,8 +303,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         if not signals.requested.is_set():
-            hint = initial_peers_hint(server.dht.get_visible_maddrs())
-            logger.info(f"To connect other peers to this server, use {hint}")
+            try:
+                hint = initial_peers_hint(server.dht.get_visible_maddrs())
+                logger.info(f"To connect other peers to this server, use {hint}")
+            except Exception:  # the DHT process or its p2pd ended since: the first check below says how
+                logger.debug("Could not read this server's addresses", exc_info=True)
         while not signals.requested.wait(1.0):
             if not server.is_alive():
                 logger.error("The server stopped on its own; exiting")
