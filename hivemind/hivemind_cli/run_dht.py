@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional, Tuple
 
 from hivemind.dht import DHT, DHTNode
+from hivemind.dht.process_channel import ChannelClosedError
 from hivemind.hivemind_cli.shutdown_signals import ShutdownSignals
 from hivemind.utils.logging import get_logger, use_hivemind_log_handler
 from hivemind.utils.networking import log_visible_maddrs
@@ -80,6 +81,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             dht.run_in_background(await_ready=True)
             visible_maddrs = dht.get_visible_maddrs()
+        except ChannelClosedError as e:  # the DHT process ended right after it started (killed, out of memory)
+            if signals.requested.is_set():
+                return 0
+            logger.error(f"{e}; exiting. Start hivemind-dht again")
+            return 1
         except Exception:
             if not signals.requested.is_set():
                 raise
