@@ -87,7 +87,8 @@ async def abandoned_streams(iterations: int, every: int) -> None:
     server = await P2P.create()
     await server.add_protobuf_handler("unary", slow_unary, Request)
     await server.add_protobuf_handler("stream", slow_stream, Request, stream_output=True)
-    client = await P2P.create(initial_peers=await server.get_visible_maddrs())
+    server_addresses = await server.get_visible_maddrs()
+    client = await P2P.create(initial_peers=server_addresses)
 
     def structures():
         control = server._client
@@ -128,7 +129,8 @@ async def handler_cycles(iterations: int, every: int) -> None:
         writer.close()
 
     server = await P2P.create()
-    client = await P2P.create(initial_peers=await server.get_visible_maddrs())
+    server_addresses = await server.get_visible_maddrs()
+    client = await P2P.create(initial_peers=server_addresses)
     report("start", server)
     for index in range(iterations):
         await server.add_protobuf_handler(f"unary_{index}", unary, Request)

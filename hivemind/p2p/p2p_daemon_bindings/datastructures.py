@@ -106,7 +106,7 @@ class PeerID:
                 serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
             )
         elif key_type in (crypto_pb2.RSA, crypto_pb2.ECDSA):  # PKCS#1 / SEC 1 DER; the public key as PKIX DER
-            private_key = serialization.load_der_private_key(key_data, password=None)
+            private_key = serialization.load_der_private_key(key_data, None)  # (unencrypted)
             expected = rsa.RSAPrivateKey if key_type == crypto_pb2.RSA else ec.EllipticCurvePrivateKey
             if not isinstance(private_key, expected):
                 raise ValueError(f"The {crypto_pb2.KeyType.Name(key_type)} identity holds another kind of key")
