@@ -58,3 +58,5 @@ def test_a_dht_process_killed_before_the_address_hint_is_reported_without_a_trac
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if "[ERROR]" in line and "; exiting" in line]
     assert len(errors) == 1 and "DHT process" in errors[0] and "SIGKILL" in errors[0], result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "[WARN]" in line]
+    assert any("Could not read this server's addresses for the --initial_peers hint" in w for w in warnings), warnings

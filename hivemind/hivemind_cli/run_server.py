@@ -306,8 +306,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 hint = initial_peers_hint(server.dht.get_visible_maddrs())
                 logger.info(f"To connect other peers to this server, use {hint}")
-            except Exception:  # the DHT process or its p2pd ended since: the first check below says how
-                logger.debug("Could not read this server's addresses", exc_info=True)
+            except Exception as e:  # e.g. the DHT process or its p2pd ended since: the first check below says how
+                logger.warning(f"Could not read this server's addresses for the --initial_peers hint: {e}")
+                logger.debug("Reading the addresses failed", exc_info=True)
         while not signals.requested.wait(1.0):
             if not server.is_alive():
                 logger.error("The server stopped on its own; exiting")
