@@ -1,11 +1,8 @@
 """hivemind-server whose DHT process dies (killed, out of memory) says so, not only that p2pd stopped."""
 
-import os
-import subprocess
-import sys
-
 import psutil
 import pytest
+from cli_helpers import run_with_dht_killed_on_address_read
 from test_cli_server import CLIServer
 
 
@@ -27,33 +24,12 @@ def test_the_server_says_its_dht_process_ended_when_it_is_killed():
         server.kill()
 
 
-KILL_BEFORE_THE_HINT = """
-import os, signal, sys
-from hivemind.dht import DHT
-from hivemind.hivemind_cli import run_server
-
-read_addresses = DHT.get_visible_maddrs
-
-def killed_first(self, *args, **kwargs):  # the DHT process dies just as the command reads its addresses
-    if sys._getframe(1).f_globals["__name__"] == run_server.__name__:  # (not Server.create's own read)
-        os.kill(self.pid, signal.SIGKILL)
-        self.join()
-    return read_addresses(self, *args, **kwargs)
-
-DHT.get_visible_maddrs = killed_first
-sys.exit(run_server.main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.timeout(180)
 def test_a_dht_process_killed_before_the_address_hint_is_reported_without_a_traceback():
     """Seen once in a full run: the DHT process ended between 'Started' and the --initial_peers hint."""
     args = ["--expert_uids", "nop.0", "--expert_cls", "nop", "--hidden_dim", "4", "--device", "cpu",
             "--host_maddrs", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
-    env = dict(os.environ, HIVEMIND_COLORS="0")
-    result = subprocess.run(
-        [sys.executable, "-c", KILL_BEFORE_THE_HINT, *args], capture_output=True, text=True, env=env, timeout=150
-    )
+    result = run_with_dht_killed_on_address_read("hivemind.hivemind_cli.run_server", args, timeout=150)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if "[ERROR]" in line and "; exiting" in line]
