@@ -11,6 +11,7 @@ Ctrl-C stops it at any point: every peer started so far is shut down, then it pr
 """
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -95,9 +96,13 @@ def main() -> None:
 
 def interrupt_once(signal_number, frame) -> None:
     """Ctrl-C: stop what runs; further Ctrl-Cs are ignored, so that they cannot cut the peers' shutdown short."""
+    if os.getpid() != SCRIPT_PID:  # a peer's process forked a moment ago, before it set its own handling
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
+
+SCRIPT_PID = os.getpid()
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupt_once)
