@@ -5,6 +5,7 @@ python examples/dht_store_get.py
 Ctrl-C stops it at any point: both peers are shut down, then it prints "interrupted" (exit code 130).
 """
 
+import os
 import signal
 import sys
 
@@ -29,9 +30,13 @@ def main() -> None:
 
 def interrupt_once(signal_number, frame) -> None:
     """Ctrl-C: stop what runs; further Ctrl-Cs are ignored, so that they cannot cut the peers' shutdown short."""
+    if os.getpid() != SCRIPT_PID:  # a library process forked a moment ago, before it set its own handling
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
+
+SCRIPT_PID = os.getpid()
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupt_once)

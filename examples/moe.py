@@ -16,6 +16,7 @@ code 130).
 """
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -107,9 +108,13 @@ def train(dht: DHT, steps: int) -> None:
 
 def interrupt_once(signal_number, frame) -> None:
     """Ctrl-C: stop what runs; further Ctrl-Cs are ignored, so that they cannot cut the shutdown short."""
+    if os.getpid() != SCRIPT_PID:  # a library process forked a moment ago, before it set its own handling
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
+
+SCRIPT_PID = os.getpid()
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupt_once)  # (the server's process ignores Ctrl-C: this one stops it)
