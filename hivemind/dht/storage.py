@@ -42,6 +42,13 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         self._entry_nbytes: Dict[Subkey, int] = {}  # a superset of the live subkeys -> their size in bytes
         self._total_nbytes = 0  # the sum of _entry_nbytes
 
+    _PRIVATE_STATE = TimedStorage._PRIVATE_STATE + ("_entry_nbytes", "_total_nbytes")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._entry_nbytes = {subkey: self.entry_nbytes(subkey, item.value) for subkey, item in self.data.items()}
+        self._total_nbytes = sum(self._entry_nbytes.values())
+
     @staticmethod
     def entry_nbytes(subkey: Subkey, value: BinaryDHTValue) -> int:
         """How many bytes an entry counts toward MAX_DICTIONARY_BYTES: encoded subkey, value and overhead."""

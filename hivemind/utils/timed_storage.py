@@ -182,6 +182,35 @@ class TimedStorage(Generic[KeyType, ValueType]):
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.data})"
 
+    _PRIVATE_STATE = ("_counter", "_frozen_depth", "_frozen_by_flag", "data", "expiration_heap", "key_to_heap")
+
+    def __getstate__(self) -> dict:
+        # hivemind 1.1.12's layout, so that either version unpickles what the other wrote: its heap holds HeapEntry
+        state = {key: value for key, value in self.__dict__.items() if key not in self._PRIVATE_STATE}
+        state["data"] = dict(self.data)
+        state["key_to_heap"] = {key: HeapEntry(entry[0], key) for key, entry in self.key_to_heap.items()}
+        try:  # a heap in 1.1.12's order (expiration time, then key)
+            state["expiration_heap"] = sorted(state["key_to_heap"].values())
+        except TypeError:  # keys that do not compare: our order (1.1.12 could not have stored them either)
+            state["expiration_heap"] = sorted(state["key_to_heap"].values(), key=lambda e: self.key_to_heap[e.key])
+        if self._frozen_by_flag:
+            state["frozen"] = True
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        data, frozen = state.pop("data", {}), bool(state.pop("frozen", False))
+        for key in self._PRIVATE_STATE:
+            state.pop(key, None)
+        self.__dict__.update(state)
+        TimedStorage.__init__(self, maxsize=state.get("maxsize"))
+        self._frozen_by_flag = frozen
+        for key, item in sorted(data.items(), key=lambda kv: kv[1].expiration_time):
+            item = ValueWithExpiration(*item)  # as stored, even if already expired: access drops it as usual
+            heap_entry = (item.expiration_time, next(self._counter), key)
+            self.data[key], self.key_to_heap[key] = item, heap_entry
+            self.expiration_heap.append(heap_entry)  # appended in sorted order: a valid heap
+
     @contextmanager
     def freeze(self):
         """Within this context, expired entries are neither removed nor hidden and capacity is not enforced;

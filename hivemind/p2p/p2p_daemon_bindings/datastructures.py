@@ -68,6 +68,14 @@ class PeerID:
     def __reduce__(self):
         return PeerID, (self._bytes,)
 
+    def __setstate__(self, state: Any) -> None:
+        # only pickles written by hivemind 1.1.12 get here (ours reduce to PeerID(bytes)): its state is a dict
+        # {"_bytes": ..., "_b58_str": ...}
+        peer_id_bytes = state.get("_bytes") if isinstance(state, dict) else None
+        if not isinstance(peer_id_bytes, (bytes, bytearray)):
+            raise TypeError(f"Cannot unpickle a PeerID from state {state!r}: expected a dict with '_bytes'")
+        PeerID.__init__(self, peer_id_bytes)
+
     @classmethod
     def from_base58(cls, base58_id: str) -> "PeerID":
         try:
@@ -136,6 +144,14 @@ class PeerInfo:
 
     def __repr__(self) -> str:
         return f"PeerInfo(peer_id={self.peer_id!r}, addrs={self.addrs!r})"
+
+    def __setstate__(self, state: Any) -> None:
+        # ours pickle as (None, {slot: value}); hivemind 1.1.12's as a plain {"peer_id": ..., "addrs": ...}
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict) or not {"peer_id", "addrs"} <= state.keys():
+            raise TypeError(f"Cannot unpickle a PeerInfo from state {state!r}: expected 'peer_id' and 'addrs'")
+        self.peer_id, self.addrs = state["peer_id"], list(state["addrs"])
 
 
 @dataclasses.dataclass
