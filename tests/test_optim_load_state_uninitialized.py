@@ -165,9 +165,9 @@ class _CountingAttempts(TrainingStateAverager):
 
     attempts = 0
 
-    def _load_state_from_peers_excluding(self, exclude, timeout=None):
+    def _load_state_from_peers_excluding(self, exclude, timeout=None, **kwargs):
         self.attempts += 1
-        return super()._load_state_from_peers_excluding(exclude, timeout=timeout)
+        return super()._load_state_from_peers_excluding(exclude, timeout=timeout, **kwargs)
 
 
 @pytest.mark.timeout(60)

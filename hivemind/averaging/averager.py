@@ -410,13 +410,14 @@ class DecentralizedAverager(AveragerProcess):
         return future.result() if wait else future
 
     def _load_state_from_peers_excluding(
-        self, exclude: Sequence[PeerID], timeout: Optional[float] = None
+        self, exclude: Sequence[PeerID], timeout: Optional[float] = None, optional_tail: int = 0
     ) -> Optional[Tuple[Any, Sequence[torch.Tensor], PeerID]]:
         """As load_state_from_peers, without asking the donors in ``exclude``, and saying whose state it is:
         (metadata, tensors, donor), or None. For subclasses that check a state and try the next donor if it is
-        refused."""
+        refused. A state may lack the last ``optional_tail`` tensors of get_current_state()'s (all or none of them:
+        e.g. optimizer statistics that the donor has not made yet)."""
         _check_load_timeout(timeout)
-        return self._call_future("load_state_excluding", timeout, tuple(exclude)).result()
+        return self._call_future("load_state_excluding", timeout, tuple(exclude), int(optional_tail)).result()
 
     def get_group_bits(self, wait: bool = True) -> Union[str, MPFuture]:
         future = self._call_future("get_group_bits")

@@ -462,8 +462,11 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
         loaded = await self._load_state_excluding(timeout)
         return None if loaded is None else loaded[:2]
 
-    async def _load_state_excluding(self, timeout: Optional[float] = None, exclude: Sequence[PeerID] = ()):
-        """(metadata, tensors, donor) of the best donor not in ``exclude``, or None"""
+    async def _load_state_excluding(
+        self, timeout: Optional[float] = None, exclude: Sequence[PeerID] = (), optional_tail: int = 0
+    ):
+        """(metadata, tensors, donor) of the best donor not in ``exclude``, or None; a state may lack the template's
+        last ``optional_tail`` tensors"""
         # what a donor's state must look like: our own state (get_current_state may be overridden); within ``timeout``
         started = time.monotonic()
         template_timeout = STATE_TEMPLATE_TIMEOUT if timeout is None else min(STATE_TEMPLATE_TIMEOUT, timeout)
@@ -486,6 +489,7 @@ class AveragerProcess(ShutdownOnExit, AveragingRounds, mp.Process, ServicerBase)
             servicer_type=type(self),
             own_peer_id=self._p2p.peer_id,
             expected_tensors=list(expected_tensors),
+            optional_tail=min(optional_tail, len(expected_tensors)),
             timeout=timeout,
             request_timeout=self.request_timeout,
             next_chunk_timeout=self.next_chunk_timeout,

@@ -56,15 +56,25 @@ class StateAssembler:
 
     :param expected_tensors: objects with ``.shape`` and ``.dtype`` (tensors, TensorDescriptors) that the state must
       match exactly, or None to accept any number and shape of tensors
+    :param optional_tail: the last this many of ``expected_tensors`` may be missing altogether: a state of exactly
+      the ones before them is whole too (e.g. a training state without optimizer statistics); fewer than that, or
+      some of the tail only, is still refused
     :param max_bytes: refuse a state with more tensor bytes than this (default: what ``expected_tensors`` allows,
       or DEFAULT_MAX_UNCHECKED_STATE_BYTES); without ``expected_tensors``, more than MAX_UNCHECKED_TENSORS tensors
       are refused too
     """
 
-    def __init__(self, expected_tensors: Optional[Sequence[Any]] = None, max_bytes: Optional[int] = None):
+    def __init__(
+        self, expected_tensors: Optional[Sequence[Any]] = None, max_bytes: Optional[int] = None, optional_tail: int = 0
+    ):
         self.expected = None
         if expected_tensors is not None:
             self.expected = [(tuple(t.shape), t.dtype) for t in expected_tensors]
+        if not isinstance(optional_tail, int) or not 0 <= optional_tail <= len(self.expected or ()):
+            raise ValueError(
+                f"optional_tail must be an int from 0 to the number of expected tensors, got {optional_tail}"
+            )
+        self.optional_tail = optional_tail
         if max_bytes is None:
             if self.expected is None:
                 max_bytes = DEFAULT_MAX_UNCHECKED_STATE_BYTES
@@ -162,9 +172,12 @@ class StateAssembler:
             raise StateDownloadError("the donor sent nothing (it does not share its state)")
         last = self._finish_tensor() if self._parts else None
         if self.expected is not None and self.num_tensors != len(self.expected):
-            raise StateDownloadError(
-                f"the stream ended after {self.num_tensors} of {len(self.expected)} expected tensors"
-            )
+            shorter = len(self.expected) - self.optional_tail
+            if not (self.optional_tail and self.num_tensors == shorter):
+                also = f" (or {shorter}, without the optional last {self.optional_tail})" if self.optional_tail else ""
+                raise StateDownloadError(
+                    f"the stream ended after {self.num_tensors} of {len(self.expected)} expected tensors{also}"
+                )
         return last
 
     def check_decoded(self, index: int, tensor: torch.Tensor) -> None:

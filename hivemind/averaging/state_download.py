@@ -131,6 +131,7 @@ class _DonorDownload:
         servicer_type: Type[ServicerBase],
         expected_tensors: Optional[Sequence[Any]],
         max_bytes: Optional[int],
+        optional_tail: int = 0,
         message_timeout: Optional[float],
         deadline: Optional[float],
         first_message_timeout: Optional[float],
@@ -143,7 +144,7 @@ class _DonorDownload:
         self.message_timeout = message_timeout
         self.first_message_timeout = message_timeout if first_message_timeout is None else first_message_timeout
         self.min_rate, self.rate_grace = min_rate, rate_grace
-        self.assembler = StateAssembler(expected_tensors, max_bytes)
+        self.assembler = StateAssembler(expected_tensors, max_bytes, optional_tail)
         self.asked_at = time.perf_counter()
         self._stream: Optional[AsyncIterator[averaging_pb2.DownloadData]] = None
         self._floor: Optional[RateFloor] = None  # how fast the donor sends (from its first message on)
@@ -231,8 +232,8 @@ class _DonorDownload:
             await self.aclose()
             if decoding is not None:  # failed part-way: let the thread finish, drop its result
                 await asyncio.gather(decoding, return_exceptions=True)
-        if outputs is None:  # one shared buffer for the whole state all the same (one copy)
-            tensors = await loop.run_in_executor(None, packed_copy, tensors)
+        if outputs is None or len(tensors) < len(outputs):  # one shared buffer for the whole state all the same (one
+            tensors = await loop.run_in_executor(None, packed_copy, tensors)  # copy; none of the optional tail's room)
         return assembler.metadata, tensors
 
     async def aclose(self) -> None:
@@ -250,6 +251,7 @@ async def load_state_from_peers(
     servicer_type: Type[ServicerBase],
     own_peer_id: Optional[PeerID] = None,
     expected_tensors: Optional[Sequence[Any]] = None,
+    optional_tail: int = 0,
     timeout: Optional[float] = None,
     request_timeout: float = 3.0,
     next_chunk_timeout: Optional[float] = None,
@@ -275,6 +277,8 @@ async def load_state_from_peers(
     :param own_peer_id: our peer id, never used as a donor
     :param expected_tensors: what the state must look like (objects with ``.shape`` and ``.dtype``, e.g. our own
       state's tensors); donors whose tensors differ in number, shape or dtype are skipped. None: any shapes.
+    :param optional_tail: the last this many expected tensors may be missing altogether (a training state without
+      optimizer statistics): a state of exactly the ones before them is accepted too, in the same download
     :param timeout: seconds for the whole call (finding donors and all download attempts); None: no overall limit
     :param request_timeout: seconds that the donors asked so far may take to start sending before the next one is
       asked too (the first to start is kept, unless a better one asked before is still preparing; see
@@ -322,6 +326,7 @@ async def load_state_from_peers(
             servicer_type=servicer_type,
             expected_tensors=expected_tensors,
             max_bytes=max_bytes,
+            optional_tail=optional_tail,
             message_timeout=message_timeout,
             deadline=deadline,
             first_message_timeout=first_message_timeout,

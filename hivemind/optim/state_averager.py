@@ -474,8 +474,9 @@ class TrainingStateAverager(DecentralizedAverager):
         local one, is refused with a warning and nothing changes. Returns (metadata, tensors), or None.
         """
         if not self.optimizer.state:  # (initialize_optimizer=False): donors may share statistics or none
+            num_local = len(self._optimizer_parameters) + len(self.extra_tensors)
             return load_state_without_statistics(
-                self, self.optimizer, self._state_lock, self._apply_downloaded_state, **kwargs
+                self, self.optimizer, self._state_lock, self._apply_downloaded_state, num_local, **kwargs
             )
         return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
 

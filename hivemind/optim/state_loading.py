@@ -12,6 +12,7 @@ from hivemind.dht.process_channel import ChannelClosedError
 from hivemind.optim.epoch_rule import MAX_EPOCH
 from hivemind.optim.optimizer_state import (
     OptimizerStateError,
+    dump_optimizer_state,
     initialize_optimizer_state_,
     introduces_non_finite,
     load_optimizer_state,
@@ -49,12 +50,13 @@ def check_load_state_arguments(kwargs: Dict[str, Any]) -> None:
 
 
 def load_first_accepted_state(
-    averager: Any, apply: Callable[[Any, List[torch.Tensor]], None], **kwargs
+    averager: Any, apply: Callable[[Any, List[torch.Tensor]], None], optional_tail: int = 0, **kwargs
 ) -> Optional[Tuple[Any, List[torch.Tensor]]]:
     """
     Download the best donor's state and ``apply(metadata, tensors)`` it; a state that ``apply`` refuses (raising
     OptimizerStateError, ValueError, TypeError or KeyError, having changed nothing) is logged and the next best donor
     is asked, within ``timeout``. Returns (metadata, tensors) of the state applied, or None if no donor's was.
+    A state may lack the last ``optional_tail`` tensors of the averager's own (all of them or none).
     """
     check_load_state_arguments(kwargs)
     timeout = kwargs.get("timeout")
@@ -62,7 +64,8 @@ def load_first_accepted_state(
     refused: List[Any] = []  # donors whose state was refused: a hostile or broken donor of the highest priority
     while True:  # must not keep newcomers from the others' state
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        loaded = averager._load_state_from_peers_excluding(refused, timeout=remaining)
+        extra = {"optional_tail": optional_tail} if optional_tail else {}
+        loaded = averager._load_state_from_peers_excluding(refused, timeout=remaining, **extra)
         if loaded is None:
             return None
         metadata, tensors, donor = loaded
@@ -80,33 +83,50 @@ def load_state_without_statistics(
     optimizer: torch.optim.Optimizer,
     lock: Any,
     apply: Callable[[Any, List[torch.Tensor]], None],
+    num_local: int,
     **kwargs,
 ) -> Optional[Tuple[Any, List[torch.Tensor]]]:
     """
     :func:`load_first_accepted_state` for an averager whose optimizer has no statistics yet (made with
     initialize_optimizer=False). A donor that has trained shares statistics, one made likewise that has not stepped
     yet shares none, and a download is checked against the local state: so the statistics are created first (as a
-    fresh optimizer's) and the donors are asked; if no state was loaded, the optimizer is given back its empty state
-    and the donors are asked for a state without statistics, within the time left.
+    fresh optimizer's, the template of a donor's) and each donor's state is accepted with or without them, in one
+    download. A state without statistics is applied to the optimizer without its new ones; if no state was loaded,
+    the optimizer is given back its empty state.
+
+    :param num_local: how many tensors (parameters and extra tensors) come before the optimizer's in the state
     """
     check_load_state_arguments(kwargs)
-    timeout = kwargs.pop("timeout", None)
-    deadline = None if timeout is None else time.monotonic() + timeout
     with lock:
+        num_before = len(dump_optimizer_state(optimizer)[1])  # (e.g. a learning rate that is a tensor)
         initialize_optimizer_state_(optimizer)
-    if not optimizer.state:  # an optimizer without statistics (e.g. SGD without momentum): one template, one try
-        return load_first_accepted_state(averager, apply, timeout=timeout, **kwargs)
+        num_statistics = len(dump_optimizer_state(optimizer)[1]) - num_before  # the last tensors of the state
+    if not optimizer.state:  # an optimizer without statistics (e.g. SGD without momentum): nothing is optional
+        return load_first_accepted_state(averager, apply, **kwargs)
+
+    def apply_with_or_without_statistics(metadata: Any, tensors: List[torch.Tensor]) -> None:
+        statistics = dict(optimizer.state)
+        if len(tensors) == num_local + num_before:  # the donor has no statistics: neither has the optimizer then
+            with lock:
+                optimizer.state.clear()
+        try:
+            apply(metadata, tensors)
+        except BaseException:
+            with lock:  # back to the template, for the next donor's state
+                optimizer.state.clear()
+                optimizer.state.update(statistics)
+            raise
+
     loaded = None
     try:
-        loaded = load_first_accepted_state(averager, apply, timeout=timeout, **kwargs)
+        loaded = load_first_accepted_state(
+            averager, apply_with_or_without_statistics, optional_tail=num_statistics, **kwargs
+        )
     finally:
         if loaded is None:  # (also on an error): no statistics, as before (its hyperparameters are left as they are)
             with lock:
                 optimizer.state.clear()
-    if loaded is not None:
-        return loaded
-    remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-    return load_first_accepted_state(averager, apply, timeout=remaining, **kwargs)
+    return loaded
 
 
 def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, **kwargs) -> Optional[Any]:

@@ -131,7 +131,10 @@ class TrainingAverager(DecentralizedAverager):
     def load_state_from_peers(self, **kwargs) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         """Download and apply the best peer's parameters, extra tensors, optimizer state and step counter."""
         if not self.opt.state:  # (initialize_optimizer=False): donors may share statistics or none
-            return load_state_without_statistics(self, self.opt, self.opt_lock, self._apply_downloaded_state, **kwargs)
+            num_local = len(self.parameters) + len(self.extra_tensors)
+            return load_state_without_statistics(
+                self, self.opt, self.opt_lock, self._apply_downloaded_state, num_local, **kwargs
+            )
         return load_first_accepted_state(self, self._apply_downloaded_state, **kwargs)
 
     def _apply_downloaded_state(self, metadata: Any, tensors: List[torch.Tensor]) -> None:
