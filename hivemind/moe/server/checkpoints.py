@@ -12,11 +12,11 @@ of other names in the directory are never touched.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -71,8 +71,21 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(directory: Path) -> Tuple[int, str]:
+    """A new file in ``directory`` with the permissions the umask gives, as ``open(path, "wb")`` (and hivemind 1.1.12)
+    would: not mkstemp's 0600, which other users' tools that read the checkpoints could not open."""
+    while True:
+        temporary = str(directory / f".tmp-{os.getpid()}-{secrets.token_hex(8)}.pt")
+        try:
+            return os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666
+            ), temporary
+        except FileExistsError:
+            continue
+
+
 def _atomic_save(state: dict, path: Path) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    fd, temporary = _create_temporary(path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             torch.save(state, file)
@@ -138,6 +151,21 @@ def store_experts(
             _prune(directory, keep)
 
 
+def _what_to_do(last: Path) -> str:
+    """Advice for a checkpoint_last.pt that cannot be read: restore it from the newest earlier save, if any."""
+    newest = last.resolve()
+    earlier = []
+    for path in last.parent.glob("checkpoint_*.pt"):
+        if path.name != LAST_CHECKPOINT_NAME and path.resolve() != newest and path.is_file():
+            earlier.append((path.stat().st_mtime, path.name))
+    start_afresh = f"remove {str(last.parent)!r} to start expert {last.parent.name} from scratch"
+    if not earlier:
+        return f"No earlier save of it is there: restore the file from a backup, or {start_afresh}"
+    name = max(earlier)[1]  # the most recently written one
+    restore = f"ln -sfn {name} {last}" if last.is_symlink() else f"cp {last.parent / name} {last}"
+    return f"If the file is damaged, go back to the newest earlier save ({restore}), or {start_afresh}"
+
+
 def load_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
     """Load the latest checkpoint of every expert that has one; experts without one keep their state (logged)."""
     _require_directory(checkpoint_dir)
@@ -154,7 +182,9 @@ def load_experts(experts: Dict[str, object], checkpoint_dir: PathLike) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RuntimeError(f"could not read the checkpoint {str(path)!r} of expert {uid}: {e}") from e
+            raise RuntimeError(
+                f"could not read the checkpoint {str(path)!r} of expert {uid}: {e}. {_what_to_do(path)}"
+            ) from e
         try:
             backend.load_state_dict(state)
         except Exception as e:  # e.g. saved by an expert of another class or size: the expert keeps its state
