@@ -295,6 +295,8 @@ async def load_state_from_peers(
     :param exclude: donors not to ask (e.g. those whose state the caller refused after an earlier download)
     :param with_donor: return ``(metadata, tensors, donor)``, saying whose state it is
     """
+    if _daemon_stopped(p2p):  # no donor can be reached: say why once, not once per donor blaming each
+        return None
     deadline = None if timeout is None else time.monotonic() + timeout
     if next_chunk_timeout is not None:
         message_timeout = next_chunk_timeout
@@ -337,7 +339,9 @@ async def load_state_from_peers(
     busy: List[PeerID] = []  # donors that refused only because they serve as many downloads as they allow
 
     def failed(entry: Tuple[PeerID, float], e: BaseException) -> None:
-        if isinstance(e, P2PHandlerError) and DONOR_BUSY_HINT in str(e):
+        if not p2p.is_alive:  # our own daemon, not the donor: said once below
+            logger.debug(f"State download from {entry[0]} failed, this peer's p2pd is gone: {type(e).__name__}: {e}")
+        elif isinstance(e, P2PHandlerError) and DONOR_BUSY_HINT in str(e):
             busy.append(entry[0])
             logger.info(f"Donor {entry[0]} is busy serving others, trying the next one (and it again later): {e}")
         else:
@@ -349,6 +353,8 @@ async def load_state_from_peers(
     retry_until = deadline if deadline is not None else time.monotonic() + BUSY_RETRY_WINDOW
     candidates, pauses = list(donors), 0
     while candidates or _pause_for_busy_donors(busy, retry_until, pauses):
+        if _daemon_stopped(p2p):
+            return None
         if not candidates:  # every donor failed or was busy, and there is time to ask the busy ones again
             candidates = [entry for entry in donors if entry[0] in busy]
             busy.clear()
@@ -376,6 +382,8 @@ async def load_state_from_peers(
             raise
         except Exception as e:
             failed((donor, 0.0), e)
+            if _daemon_stopped(p2p):
+                return None
             continue
         finally:
             await download.aclose()
@@ -390,6 +398,22 @@ async def load_state_from_peers(
     still_busy = f" ({len(busy)} of them busy serving others until the time ran out)" if busy else ""
     logger.warning(f"Could not download a state from any of the {len(donors)} donors under {key}{still_busy}")
     return None
+
+
+def _daemon_stopped(p2p: P2P) -> bool:
+    """Whether this peer's p2pd is gone (then no donor can be reached); if so, logs a warning saying what to do."""
+    if p2p.is_alive:
+        return False
+    try:
+        p2p._raise_if_daemon_failed()
+        reason = "the connection to it is lost"
+    except Exception as e:
+        reason = str(e)
+    logger.warning(
+        f"Cannot load the state from peers: the p2pd daemon of this peer's DHT stopped ({reason}), so no donor can be "
+        "reached; shut down this averager and its DHT and create new ones"
+    )
+    return True
 
 
 def _busy_pause(pauses: int) -> float:
