@@ -68,7 +68,11 @@ def test_unknown_dtype_is_rejected(compression, dtype):
         deserialize_torch_tensor(with_changes(valid_message(compression), dtype=dtype))
 
 
-@pytest.mark.parametrize("compression", [t for t in ALL_TYPES if t != CompressionType.NONE], ids=CompressionType.Name)
+# BLOCKWISE_8BIT integer and bool messages are valid: hivemind 1.1.12 writes them (decoded as it does: tests/interop/)
+LOSSY_FLOATING_ONLY = [t for t in ALL_TYPES if t not in (CompressionType.NONE, CompressionType.BLOCKWISE_8BIT)]
+
+
+@pytest.mark.parametrize("compression", LOSSY_FLOATING_ONLY, ids=CompressionType.Name)
 @pytest.mark.parametrize("dtype", ["int64", "bool", "uint8"])
 def test_lossy_message_claiming_an_integer_dtype_is_rejected(compression, dtype):
     with pytest.raises(TensorDecodeError, match="floating"):

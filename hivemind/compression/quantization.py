@@ -22,6 +22,7 @@ from hivemind.compression.buffers import (
     empty_output,
     expect_length,
     floating_output_dtype,
+    name_to_dtype,
     read_array,
     validated_shape,
 )
@@ -274,7 +275,11 @@ class BlockwiseQuantization(FloatingOnlyCodec):
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         shape, numel = validated_shape(serialized_tensor)
-        dtype = floating_output_dtype(serialized_tensor)
+        dtype = name_to_dtype(serialized_tensor.dtype)
+        if dtype.is_complex:
+            dtype = floating_output_dtype(serialized_tensor)  # raises TensorDecodeError
+        # integer and bool tensors too: we refuse to encode them (the values come back rounded or all True), but
+        # hivemind 1.1.12 encodes them (e.g. a BatchNorm's num_batches_tracked in a shared state): decoded as it does
         buffer = serialized_tensor.buffer
         if len(buffer) < 16:
             raise TensorDecodeError(f"BLOCKWISE_8BIT tensor: buffer of {len(buffer)} bytes has no header")
