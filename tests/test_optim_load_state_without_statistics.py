@@ -190,7 +190,7 @@ def test_a_state_with_or_without_the_optional_tail_is_whole(count):
 @pytest.mark.parametrize(
     "tensors, reason",
     [
-        (TEMPLATE[:1], "ended after 1 of 6 expected tensors (or 2, without the optional last 4)"),
+        (TEMPLATE[:1], "ended after 1 of 6 expected tensors (or 2, without the optional last 4): the donor's state"),
         (TEMPLATE[:3], "ended after 3 of 6"),  # a part of the tail only
         (TEMPLATE[:5], "ended after 5 of 6"),
         ([*TEMPLATE, torch.zeros(())], "more tensors than the 6 expected"),
@@ -201,6 +201,13 @@ def test_a_state_with_or_without_the_optional_tail_is_whole(count):
 def test_anything_else_is_still_refused(tensors, reason):
     with pytest.raises(StateDownloadError, match=reason.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         _assemble(tensors, TEMPLATE, optional_tail=4)
+
+
+def test_a_state_shorter_than_ours_is_refused_saying_what_it_may_be():
+    """A donor that has no optimizer statistics (a fresh peer) for a newcomer that has some: refused, as 1.1.12 does,
+    saying that the states differ, not only that the stream ended early (which reads as a cut)."""
+    with pytest.raises(StateDownloadError, match="ended after 2 of 6 expected tensors: the donor's state has fewer"):
+        _assemble(TEMPLATE[:2], TEMPLATE, optional_tail=0)
 
 
 def test_the_optional_tail_cannot_exceed_the_template():

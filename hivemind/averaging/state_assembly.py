@@ -176,7 +176,9 @@ class StateAssembler:
             if not (self.optional_tail and self.num_tensors == shorter):
                 also = f" (or {shorter}, without the optional last {self.optional_tail})" if self.optional_tail else ""
                 raise StateDownloadError(
-                    f"the stream ended after {self.num_tensors} of {len(self.expected)} expected tensors{also}"
+                    f"the stream ended after {self.num_tensors} of {len(self.expected)} expected tensors{also}: the "
+                    "donor's state has fewer tensors than ours (another model or optimizer, or optimizer statistics "
+                    "that one of us has and the other has not), or its stream was cut"
                 )
         return last
 
