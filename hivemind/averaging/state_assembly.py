@@ -183,14 +183,22 @@ class StateAssembler:
         return last
 
     def check_decoded(self, index: int, tensor: torch.Tensor) -> None:
-        """Raise StateDownloadError unless decoded tensor ``index`` matches what is expected of it."""
+        """Raise StateDownloadError unless decoded tensor ``index`` matches what is expected of it: its shape, and its
+        dtype, or another floating-point one (a donor that keeps its model in another precision: the value is cast
+        into ours, as a copy into the local tensor does)."""
         if self.expected is None:
             return
         shape, dtype = self.expected[index]
-        if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
+        if tuple(tensor.shape) != shape or (dtype is not None and not _fits_dtype(tensor.dtype, dtype)):
             raise StateDownloadError(
                 f"tensor {index} decoded to {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
             )
+
+
+def _fits_dtype(theirs: torch.dtype, ours: Any) -> bool:
+    if theirs == ours:
+        return True
+    return isinstance(ours, torch.dtype) and theirs.is_floating_point and ours.is_floating_point
 
 
 def decode_chunks(chunks: List[runtime_pb2.Tensor]) -> torch.Tensor:
