@@ -194,6 +194,19 @@ class StateAssembler:
                 f"tensor {index} decoded to {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
             )
 
+    def check_cast(self, index: int, theirs: torch.Tensor, ours: torch.Tensor) -> None:
+        """Raise StateDownloadError if decoded tensor ``index`` (``theirs``), cast into our dtype (``ours``), got inf
+        where it held a finite value: beyond the range of our precision (e.g. 1e300 for float32, 1e6 for float16)."""
+        if theirs.dtype == ours.dtype or not ours.is_floating_point() or bool(torch.isfinite(ours).all()):
+            return
+        overflow = torch.isfinite(theirs) & ~torch.isfinite(ours)
+        if bool(overflow.any()):
+            largest = float(theirs[overflow].abs().max())
+            raise StateDownloadError(
+                f"tensor {index} holds values beyond the range of {ours.dtype} (up to {largest:.3g} in the donor's "
+                f"{theirs.dtype}), which would become inf in ours"
+            )
+
 
 def _fits_dtype(theirs: torch.dtype, ours: Any) -> bool:
     if theirs == ours:

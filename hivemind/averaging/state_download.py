@@ -113,6 +113,7 @@ def _decode_checked(
     if out is None:
         return tensor
     out.copy_(tensor)
+    assembler.check_cast(index, tensor, out)  # (a donor in another precision)
     return out
 
 
