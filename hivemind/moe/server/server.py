@@ -20,7 +20,7 @@ import torch
 
 from hivemind.dht import DHT
 from hivemind.moe.expert_uid import is_valid_uid
-from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_experts
+from hivemind.moe.server.checkpoints import CheckpointSaver, is_directory, load_experts, store_experts
 from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.moe.server.create_arguments import check_create_arguments, check_server_arguments
 from hivemind.moe.server.dht_handler import DHTHandlerThread
@@ -190,8 +190,8 @@ class Server(threading.Thread):
                 module_backends = make_backends(uids, modules)
             if checkpoint_dir is not None:
                 load_experts(module_backends, checkpoint_dir)
-            if device is None:
-                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                store_experts(module_backends, checkpoint_dir)  # now, as 1.1.12 does: a restart finds these experts
+            device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
             return cls(
                 dht,
                 module_backends,
