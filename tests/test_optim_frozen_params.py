@@ -7,6 +7,7 @@ import torch
 from optim_swarm_helpers import make_optimizer
 
 from hivemind.dht import DHT
+from hivemind.optim.optimizer_state import initialize_optimizer_state_
 
 
 def _model_with_frozen_first_layer() -> torch.nn.Sequential:
@@ -22,6 +23,7 @@ def test_a_global_step_with_adamw_matches_torch_and_keeps_frozen_parameters(offl
     model, batch = _model_with_frozen_first_layer(), (torch.randn(4, 4), torch.randn(4, 1))
     reference = copy.deepcopy(model)
     reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=0.5)
+    initialize_optimizer_state_(reference_opt)  # as hivemind.Optimizer (and 1.1.12) does: Adam's step counter is 1
     torch.nn.functional.mse_loss(reference(batch[0]), batch[1]).backward()
     reference_opt.step()
 

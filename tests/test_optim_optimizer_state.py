@@ -32,18 +32,36 @@ def test_initialization_creates_state_but_changes_nothing_else():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(param.grad is None for param in model.parameters())
     assert opt.param_groups[0]["lr"] == 0.01
-    assert len(opt.state) == 4 and all(float(state["step"]) == 0 for state in opt.state.values())
+    # the zero-gradient step counts, as in 1.1.12 (whose peers share the swarm with ours): Adam's step is 1
+    assert len(opt.state) == 4 and all(float(state["step"]) == 1 for state in opt.state.values())
 
 
-def test_initialized_adam_trains_exactly_like_a_fresh_one():
+def test_initialized_adam_trains_like_one_that_took_a_zero_gradient_step_as_the_original_does():
+    """Peers of 1.1.12 and ours apply the same averaged gradients: their Adam steps must be the same size (a step
+    counter reset to 0 made ours 1/0.744 times larger than the original's in the first epoch, then drift apart)."""
     model, opt = make_adam()
     reference, reference_opt = make_adam()
     initialize_optimizer_state_(opt)
+    for param in reference.parameters():  # what 1.1.12 does to initialize: a step with zero gradients
+        param.grad = torch.zeros_like(param)
+    reference_opt.step()
     torch.manual_seed(1)
     train_steps(model, opt)
     torch.manual_seed(1)
     train_steps(reference, reference_opt)
     assert all(torch.allclose(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_first_adam_step_after_initialization_has_the_original_size():
+    """One Adam step of lr=0.01 after initialization moves every parameter by lr * 0.7443 (bias correction of step
+    2 with one step's moments), as a 1.1.12 peer's does; a fresh Adam's first step moves it by exactly lr."""
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = torch.optim.Adam([param], lr=0.01)
+    initialize_optimizer_state_(opt)
+    param.grad = torch.tensor([0.5, -4.0, 1e-3])
+    opt.step()
+    expected = 0.01 * (0.1 / (1 - 0.9**2)) / ((0.001 / (1 - 0.999**2)) ** 0.5)
+    torch.testing.assert_close(param.detach(), torch.tensor([1.0 - expected, -2.0 + expected, 3.0 - expected]))
 
 
 def test_dump_and_load_round_trip_through_msgpack():

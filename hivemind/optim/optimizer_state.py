@@ -29,9 +29,10 @@ class OptimizerStateError(ValueError):
 @torch.no_grad()
 def initialize_optimizer_state_(opt: torch.optim.Optimizer) -> None:
     """
-    Create the optimizer's per-parameter statistics (e.g. Adam's moments) without changing parameters or training:
-    one step with zero gradients and zero learning rate, after which parameters, gradients and learning rates are
-    restored and step counters are reset to zero. Peers need the state to exist to exchange it.
+    Create the optimizer's per-parameter statistics (e.g. Adam's moments) without changing parameters: one step with
+    zero gradients and zero learning rate, after which parameters, gradients and learning rates are restored. Peers
+    need the state to exist to exchange it. Step counters keep the step taken (Adam's ``step`` is 1), as in 1.1.12:
+    peers of both libraries then scale the same averaged gradients alike (bias correction) and their parameters agree.
     """
     saved = []
     for group in opt.param_groups:
@@ -51,10 +52,6 @@ def initialize_optimizer_state_(opt: torch.optim.Optimizer) -> None:
         for param, value, grad in saved:
             param.copy_(value)
             param.grad = grad
-    for state in opt.state.values():
-        if "step" in state:
-            step = state["step"]
-            state["step"] = step.zero_() if isinstance(step, torch.Tensor) else type(step)(0)
 
 
 def dump_optimizer_state(opt: torch.optim.Optimizer) -> Tuple[List[Dict[str, Any]], List[torch.Tensor]]:

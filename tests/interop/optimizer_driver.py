@@ -28,15 +28,17 @@ class OptimizerDriver(peer_driver.Driver):
         super().__init__()
         self.optimizers = []
 
-    async def cmd_optimizer_create(self, dht_handle, run_id, weight, bias, lr, **options):
-        """A Linear(8, 1) with the given weights (hex) and hivemind.Optimizer(SGD(lr)); returns its handle."""
+    async def cmd_optimizer_create(self, dht_handle, run_id, weight, bias, lr, inner="sgd", **options):
+        """A Linear(8, 1) with the given weights (hex) and hivemind.Optimizer(SGD(lr)) (Adam(lr) if `inner` is
+        "adam"); returns its handle."""
         model = torch.nn.Linear(8, 1)
         with torch.no_grad():
             model.weight.copy_(_from_hex(weight, [1, 8]))
             model.bias.copy_(_from_hex(bias, [1]))
         opt = hivemind.Optimizer(
             dht=self.dhts[dht_handle], run_id=run_id, params=model.parameters(),
-            optimizer=lambda params: torch.optim.SGD(params, lr=lr), **options,
+            optimizer=lambda params: (torch.optim.Adam if inner == "adam" else torch.optim.SGD)(params, lr=lr),
+            **options,
         )  # fmt: skip
         # the original publishes its progress record only once progress is reported: do it now, so that peers see
         # each other before training starts
