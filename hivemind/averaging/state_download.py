@@ -394,6 +394,8 @@ async def load_state_from_peers(
             f"in {time.perf_counter() - download.asked_at:.2f} s"
         )
         return (metadata, tensors, donor) if with_donor else (metadata, tensors)
+    if _daemon_stopped(p2p):  # it died while the last donors were asked (their failures were not theirs)
+        return None
     if candidates:
         logger.warning(f"The time for loading the state ran out before {len(candidates)} donors were tried")
     still_busy = f" ({len(busy)} of them busy serving others until the time ran out)" if busy else ""
