@@ -103,10 +103,18 @@ class RSASignatureValidator(RecordValidatorBase):
         return True
 
     def __getstate__(self):
-        return {"private_keys": self._private_keys}
+        # hivemind 1.1.12 pickles one key as _private_key and its tag as _local_public_key: written too, so that it
+        # reads ours (signing with the first key); all keys of a merged validator are in private_keys
+        first_key, first_tag = self._private_keys[0], self._owner_tags[0]
+        return {"_private_key": first_key, "_local_public_key": first_tag, "private_keys": self._private_keys}
 
     def __setstate__(self, state):
-        self._private_keys = list(state["private_keys"])
+        if "private_keys" in state:
+            self._private_keys = list(state["private_keys"])
+        elif "_private_key" in state:  # written by hivemind 1.1.12
+            self._private_keys = [state["_private_key"]]
+        else:
+            raise TypeError(f"Cannot unpickle an RSASignatureValidator from state with keys {sorted(state)}")
         self._owner_tags = [self._owner_tag_of(private_key) for private_key in self._private_keys]
 
     def __repr__(self) -> str:

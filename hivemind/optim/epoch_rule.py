@@ -53,6 +53,10 @@ class GlobalTrainingProgress:
     next_fetch_time: float  # DHT time at which the swarm's progress should be fetched again
 
 
+# pickled under hivemind 1.1.12's name (it is re-exported there), so that the original unpickles ours
+GlobalTrainingProgress.__module__ = "hivemind.optim.progress_tracker"
+
+
 @dataclass(frozen=True)
 class RefreshPolicy:
     """How often a peer re-reads the swarm's progress (all in seconds).

@@ -73,10 +73,13 @@ class RSAPrivateKey:
         return cls(key)
 
     def __getstate__(self):
-        return {"private_key": self.to_bytes()}
+        return {"_private_key": self.to_bytes()}  # the layout of hivemind 1.1.12's pickles: each reads the other's
 
     def __setstate__(self, state):
-        self._private_key = serialization.load_der_private_key(state["private_key"], password=None)
+        data = state.get("_private_key", state.get("private_key")) if isinstance(state, dict) else None
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"Cannot unpickle an RSAPrivateKey from {type(state).__name__}: expected DER key bytes")
+        self._private_key = serialization.load_der_private_key(bytes(data), password=None)
         self._public_key = None
 
     def __repr__(self):

@@ -4,6 +4,7 @@ Downstream users keep such files across an upgrade (and a downgrade): peer ids i
 dictionary values, descriptors and compression settings. The original runs in its own interpreter.
 """
 
+import dataclasses
 import pickle
 import subprocess
 import textwrap
@@ -12,8 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.dht.validation import DHTRecord
+from hivemind.optim.progress_tracker import GlobalTrainingProgress
 from hivemind.p2p import PeerID, PeerInfo
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import TimedStorage, ValueWithExpiration
@@ -140,3 +145,91 @@ def test_dictionary_values_pickled_by_ours_unpickle_and_keep_working_in_the_orig
         tmp_path,
     )
     assert out.strip() == "['a', 'b', 'c'] ['y', 'z']"
+
+
+MADDRS = [
+    f"/ip4/127.0.0.1/tcp/1234/p2p/{PEER}",
+    "/ip4/10.0.0.7/udp/4001/quic/p2p/12D3KooWEQc8JnEqjER34gzCXuzn18K7nrRFEpBJNPEMBZzvZhUE",
+    f"/ip4/1.2.3.4/tcp/1/p2p/{PEER}/p2p-circuit/p2p/12D3KooWEQc8JnEqjER34gzCXuzn18K7nrRFEpBJNPEMBZzvZhUE",
+    "/ip6/::1/tcp/31337",
+]
+
+
+def test_multiaddrs_of_the_original_unpickle_as_equal_multiaddrs(original_env, tmp_path):
+    # the original's own Multiaddr class, as its get_visible_maddrs() and PeerInfo.addrs return them
+    run_original(
+        f"""
+        import pickle, sys, torch
+        from hivemind.p2p import PeerID, PeerInfo
+        from hivemind.utils.multiaddr import Multiaddr
+        maddrs = [Multiaddr(address) for address in {MADDRS!r}]
+        info = PeerInfo(PeerID.from_base58({PEER!r}), maddrs)
+        pickle.dump((maddrs, info), open(sys.argv[1] + "/maddrs.pkl", "wb"))
+        torch.save(maddrs, sys.argv[1] + "/maddrs.pt")
+        """,
+        tmp_path,
+    )
+    maddrs, info = pickle.loads((tmp_path / "maddrs.pkl").read_bytes())
+    expected = [Multiaddr(address) for address in MADDRS]
+    for loaded in maddrs, info.addrs, torch.load(tmp_path / "maddrs.pt", weights_only=False):
+        assert [str(maddr) for maddr in loaded] == MADDRS
+        assert all(isinstance(maddr, Multiaddr) for maddr in loaded)
+        assert loaded == expected and [hash(maddr) for maddr in loaded] == [hash(maddr) for maddr in expected]
+        assert [maddr.to_bytes() for maddr in loaded] == [maddr.to_bytes() for maddr in expected]
+    repickled = pickle.loads(pickle.dumps(maddrs))
+    assert repickled == expected and all(type(maddr) is Multiaddr for maddr in repickled)
+
+
+def test_signing_keys_and_validators_unpickle_both_ways_and_sign_alike(original_env, tmp_path):
+    # a key pickled to keep the same signing identity across runs (records stay updatable by their owner)
+    run_original(
+        """
+        import pickle, sys
+        from hivemind.dht.crypto import RSASignatureValidator
+        from hivemind.utils.crypto import RSAPrivateKey
+        key = RSAPrivateKey()
+        pickle.dump((key, RSASignatureValidator(key)), open(sys.argv[1] + "/original.pkl", "wb"))
+        open(sys.argv[1] + "/original_tag", "wb").write(RSASignatureValidator(key).local_public_key)
+        """,
+        tmp_path,
+    )
+    key, validator = pickle.loads((tmp_path / "original.pkl").read_bytes())
+    assert isinstance(key, RSAPrivateKey) and isinstance(validator, RSASignatureValidator)
+    original_tag = (tmp_path / "original_tag").read_bytes()
+    assert validator.local_public_key == RSASignatureValidator(key).local_public_key == original_tag
+    record = DHTRecord(key=b"key", subkey=original_tag, value=b"value", expiration_time=FAR)
+    signed = dataclasses.replace(record, value=validator.sign_value(record))
+    assert signed.value != record.value and RSASignatureValidator(RSAPrivateKey()).validate(signed)
+
+    ours_key = RSAPrivateKey()
+    (tmp_path / "ours.pkl").write_bytes(pickle.dumps((ours_key, RSASignatureValidator(ours_key))))
+    out = run_original(
+        """
+        import pickle, sys
+        from hivemind.dht.crypto import RSASignatureValidator
+        from hivemind.dht.validation import DHTRecord
+        key, validator = pickle.load(open(sys.argv[1] + "/ours.pkl", "rb"))
+        tag = validator.local_public_key
+        assert tag == RSASignatureValidator(key).local_public_key
+        record = DHTRecord(key=b"key", subkey=tag, value=b"value", expiration_time=1e10)
+        signed = DHTRecord(key=b"key", subkey=tag, value=validator.sign_value(record), expiration_time=1e10)
+        print(tag.decode(), validator.validate(signed))
+        """,
+        tmp_path,
+    )
+    assert out.split() == [*RSASignatureValidator(ours_key).local_public_key.decode().split(), "True"]
+
+
+def test_swarm_progress_pickled_by_ours_unpickles_in_the_original(original_env, tmp_path):
+    progress = GlobalTrainingProgress(3, 5, 10, 2, 0, eta_next_epoch=1.0, next_fetch_time=2.0)
+    (tmp_path / "progress.pkl").write_bytes(pickle.dumps(progress))
+    out = run_original(
+        """
+        import pickle, sys
+        progress = pickle.load(open(sys.argv[1] + "/progress.pkl", "rb"))
+        print(type(progress).__name__, progress.epoch, progress.samples_accumulated, progress.target_batch_size)
+        """,
+        tmp_path,
+    )
+    assert out.split() == ["GlobalTrainingProgress", "3", "5", "10"]
+    assert pickle.loads(pickle.dumps(progress)) == progress
