@@ -10,7 +10,7 @@ from torch import nn
 
 from hivemind.moe.server.layers.custom_experts import register_expert_class
 
-__all__ = ["FeedforwardBlock", "TransformerEncoderLayer", "NopExpert", "DelayedNopExpert"]
+__all__ = ["FeedforwardBlock", "TransformerEncoderLayer", "TunedTransformer", "NopExpert", "DelayedNopExpert"]
 
 SEQUENCE_LENGTH = 128  # sample sequence length of the transformer expert
 
@@ -36,22 +36,42 @@ def _transformer_sample_input(batch_size: int, hidden_dim: int):
     )
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _renaming_on_load(renames: dict):
+    """A load_state_dict pre-hook that renames keys of checkpoints saved by earlier versions of these experts."""
+
+    def hook(state_dict, prefix, *args, **kwargs):
+        for key in [key for key in state_dict if key.startswith(prefix)]:
+            for old, new in renames.items():
+                if key[len(prefix) :].startswith(old):
+                    state_dict[prefix + new + key[len(prefix) + len(old) :]] = state_dict.pop(key)
+                    break
+
+    return hook
+
+
 @register_expert_class("transformer", _transformer_sample_input)
-class TransformerEncoderLayer(nn.Module):
-    """A post-norm transformer encoder layer: 16 heads, feed-forward 4x wide, GELU.
+class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """A post-norm transformer encoder layer: 16 heads, feed-forward 4x wide, GELU (tanh approximation); the same
+    parameters (and state_dict keys) and outputs as hivemind 1.1.12's ``transformer`` expert (TunedTransformer).
 
     Inputs: ``x`` of shape [batch, length, hidden_dim] and ``src_key_padding_mask`` of shape [batch, length], True
     where a position is padding.
     """
 
     def __init__(self, hidden_dim: int, num_heads: int = 16, dropout: float = 0.1):
-        super().__init__()
-        self.layer = nn.TransformerEncoderLayer(
-            hidden_dim, num_heads, dim_feedforward=4 * hidden_dim, dropout=dropout, activation="gelu", batch_first=True
-        )
+        feedforward_dim = 4 * hidden_dim
+        super().__init__(hidden_dim, num_heads, feedforward_dim, dropout, activation=_gelu_tanh, batch_first=True)
+        self._register_load_state_dict_pre_hook(_renaming_on_load({"layer.": ""}))  # wrapped in .layer before
 
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
-        return self.layer(x, src_key_padding_mask=src_key_padding_mask)
+        return super().forward(x, src_key_padding_mask=src_key_padding_mask)
+
+
+TunedTransformer = TransformerEncoderLayer  # its name in hivemind 1.1.12 (and in pickles of whole experts)
 
 
 @register_expert_class("nop", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
@@ -60,7 +80,8 @@ class NopExpert(nn.Module):
 
     def __init__(self, hidden_dim: int):
         super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(0))  # so that optimizers accept it
+        self.w = nn.Parameter(torch.zeros(0))  # so that optimizers accept it (named as in hivemind 1.1.12)
+        self._register_load_state_dict_pre_hook(_renaming_on_load({"dummy": "w"}))  # its name before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
@@ -72,7 +93,8 @@ class DelayedNopExpert(nn.Module):
 
     def __init__(self, hidden_dim: int, delay: float = 0.5):
         super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(0))
+        self.w = nn.Parameter(torch.zeros(0))
+        self._register_load_state_dict_pre_hook(_renaming_on_load({"dummy": "w"}))
         self.delay = delay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

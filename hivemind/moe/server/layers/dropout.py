@@ -34,15 +34,15 @@ def _sample_input(batch_size: int, hidden_dim: int):
 
 @register_expert_class("det_dropout", _sample_input)
 class DeterministicDropoutNetwork(nn.Module):
-    """Linear -> ReLU -> DeterministicDropout(mask) -> Linear; inputs ``x`` and an integer 0/1 ``mask``."""
+    """DeterministicDropout(mask) -> Linear (2x wide) -> ReLU -> Linear; inputs ``x`` and an integer 0/1 ``mask`` of
+    the same shape. The same parameters and outputs as hivemind 1.1.12's ``det_dropout`` expert."""
 
     def __init__(self, hidden_dim: int, dropout_prob: float = 0.2):
         super().__init__()
-        self.linear_in = nn.Linear(hidden_dim, hidden_dim)
+        self.linear_in = nn.Linear(hidden_dim, 2 * hidden_dim)
         self.activation = nn.ReLU()
         self.dropout = DeterministicDropout(dropout_prob)
-        self.linear_out = nn.Linear(hidden_dim, hidden_dim)
+        self.linear_out = nn.Linear(2 * hidden_dim, hidden_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.activation(self.linear_in(x))
-        return self.linear_out(self.dropout(hidden, mask))
+        return self.linear_out(self.activation(self.linear_in(self.dropout(x, mask))))
