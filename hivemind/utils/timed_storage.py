@@ -199,16 +199,17 @@ class TimedStorage(Generic[KeyType, ValueType]):
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
-        data, frozen = state.pop("data", {}), bool(state.pop("frozen", False))
+        data, frozen = state.pop("data", {}), bool(state.pop("frozen", False) or state.get("_frozen_by_flag"))
         for key in self._PRIVATE_STATE:
             state.pop(key, None)
         self.__dict__.update(state)
         TimedStorage.__init__(self, maxsize=state.get("maxsize"))
         self._frozen_by_flag = frozen
-        for key, item in sorted(data.items(), key=lambda kv: kv[1].expiration_time):
-            item = ValueWithExpiration(*item)  # as stored, even if already expired: access drops it as usual
-            heap_entry = (item.expiration_time, next(self._counter), key)
-            self.data[key], self.key_to_heap[key] = item, heap_entry
+        for key, item in data.items():  # in their order, as stored, even if expired: access drops them as usual
+            self.data[key] = ValueWithExpiration(*item)
+        for key in sorted(self.data, key=lambda key: self.data[key].expiration_time):
+            heap_entry = (self.data[key].expiration_time, next(self._counter), key)
+            self.key_to_heap[key] = heap_entry
             self.expiration_heap.append(heap_entry)  # appended in sorted order: a valid heap
 
     @contextmanager
