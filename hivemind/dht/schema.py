@@ -133,6 +133,25 @@ class SchemaValidator(RecordValidatorBase):
         self.allow_extra_keys = self.allow_extra_keys or other.allow_extra_keys
         return True
 
+    def __getstate__(self) -> dict:
+        # hivemind 1.1.12's layout (its pickles load here, and ours there): the schemas and which key is which field
+        schemas = list(
+            {
+                id(checker.schema): checker.schema for guards in self._fields_by_key.values() for checker, _ in guards
+            }.values()
+        )
+        names = {key_id: guards[0][1] for key_id, guards in self._fields_by_key.items()}
+        return {"_schemas": schemas, "_key_id_to_field_name": names, "_allow_extra_keys": self.allow_extra_keys}
+
+    def __setstate__(self, state: dict) -> None:
+        self.allow_extra_keys = state["_allow_extra_keys"]
+        self._fields_by_key = {}
+        for schema in state["_schemas"]:
+            checker = _FieldChecker.for_schema(schema)
+            for key_id, name in state["_key_id_to_field_name"].items():
+                if name in checker.input_names:
+                    self._fields_by_key.setdefault(key_id, []).append((checker, name))
+
     def __repr__(self) -> str:
         fields = sorted({name for guards in self._fields_by_key.values() for _, name in guards})
         return f"{type(self).__name__}(fields={fields}, allow_extra_keys={self.allow_extra_keys})"

@@ -233,3 +233,55 @@ def test_swarm_progress_pickled_by_ours_unpickles_in_the_original(original_env, 
     )
     assert out.split() == ["GlobalTrainingProgress", "3", "5", "10"]
     assert pickle.loads(pickle.dumps(progress)) == progress
+
+
+SCHEMA_MODULE = """
+from typing import Dict
+from pydantic import v1 as pydantic_v1
+
+class ArtifactSchema(pydantic_v1.BaseModel):
+    experts: Dict[pydantic_v1.StrictStr, pydantic_v1.StrictInt]
+    name: pydantic_v1.StrictStr
+"""
+
+CHECK_VALIDATOR = """
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.serializer import MSGPackSerializer
+
+def verdicts(validator):
+    name, experts = (DHTID.generate(source=field).to_bytes() for field in ("name", "experts"))
+    regular, entry = MSGPackSerializer.dumps(None), MSGPackSerializer.dumps("ffn.0")
+    records = [
+        (name, regular, "abc"), (name, regular, 123), (experts, entry, 5), (experts, entry, "5"),
+        (DHTID.generate(source="other").to_bytes(), regular, 1),
+    ]
+    return [validator.validate(DHTRecord(k, s, MSGPackSerializer.dumps(v), 1e10)) for k, s, v in records]
+"""
+
+
+def test_schema_validators_unpickle_both_ways_and_judge_alike(original_env, tmp_path, monkeypatch):
+    (tmp_path / "artifact_schema.py").write_text(SCHEMA_MODULE)
+    (tmp_path / "check_validator.py").write_text(CHECK_VALIDATOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from artifact_schema import ArtifactSchema
+    from check_validator import verdicts
+
+    from hivemind.dht.schema import SchemaValidator
+
+    expected = [True, False, True, False, False]
+    (tmp_path / "ours.pkl").write_bytes(pickle.dumps(SchemaValidator(ArtifactSchema, allow_extra_keys=False)))
+    out = run_original(
+        """
+        import pickle, sys
+        from artifact_schema import ArtifactSchema
+        from check_validator import verdicts
+        from hivemind.dht.schema import SchemaValidator
+        pickle.dump(SchemaValidator(ArtifactSchema, allow_extra_keys=False), open("original.pkl", "wb"))
+        print(verdicts(pickle.load(open("ours.pkl", "rb"))))
+        """,
+        tmp_path,
+    )
+    assert out.strip() == str(expected)
+    loaded = pickle.loads((tmp_path / "original.pkl").read_bytes())
+    assert isinstance(loaded, SchemaValidator) and verdicts(loaded) == expected
