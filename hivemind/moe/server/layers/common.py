@@ -40,17 +40,19 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def _renaming_on_load(renames: dict):
-    """A load_state_dict pre-hook that renames keys of checkpoints saved by earlier versions of these experts."""
+class _RenamingOnLoad:
+    """A load_state_dict pre-hook that renames keys of checkpoints saved by earlier versions of these experts (a class,
+    not a closure, so that the experts still pickle: torch.save(module), processes started with spawn)."""
 
-    def hook(state_dict, prefix, *args, **kwargs):
+    def __init__(self, renames: dict):
+        self.renames = dict(renames)
+
+    def __call__(self, state_dict, prefix, *args, **kwargs):
         for key in [key for key in state_dict if key.startswith(prefix)]:
-            for old, new in renames.items():
+            for old, new in self.renames.items():
                 if key[len(prefix) :].startswith(old):
                     state_dict[prefix + new + key[len(prefix) + len(old) :]] = state_dict.pop(key)
                     break
-
-    return hook
 
 
 @register_expert_class("transformer", _transformer_sample_input)
@@ -65,7 +67,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     def __init__(self, hidden_dim: int, num_heads: int = 16, dropout: float = 0.1):
         feedforward_dim = 4 * hidden_dim
         super().__init__(hidden_dim, num_heads, feedforward_dim, dropout, activation=_gelu_tanh, batch_first=True)
-        self._register_load_state_dict_pre_hook(_renaming_on_load({"layer.": ""}))  # wrapped in .layer before
+        self._register_load_state_dict_pre_hook(_RenamingOnLoad({"layer.": ""}))  # wrapped in .layer before
 
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
         return super().forward(x, src_key_padding_mask=src_key_padding_mask)
@@ -81,7 +83,7 @@ class NopExpert(nn.Module):
     def __init__(self, hidden_dim: int):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(0))  # so that optimizers accept it (named as in hivemind 1.1.12)
-        self._register_load_state_dict_pre_hook(_renaming_on_load({"dummy": "w"}))  # its name before
+        self._register_load_state_dict_pre_hook(_RenamingOnLoad({"dummy": "w"}))  # its name before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
@@ -94,7 +96,7 @@ class DelayedNopExpert(nn.Module):
     def __init__(self, hidden_dim: int, delay: float = 0.5):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(0))
-        self._register_load_state_dict_pre_hook(_renaming_on_load({"dummy": "w"}))
+        self._register_load_state_dict_pre_hook(_RenamingOnLoad({"dummy": "w"}))
         self.delay = delay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
