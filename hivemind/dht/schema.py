@@ -134,20 +134,33 @@ class SchemaValidator(RecordValidatorBase):
         return True
 
     def __getstate__(self) -> dict:
-        # hivemind 1.1.12's layout (its pickles load here, and ours there): the schemas and which key is which field
+        # hivemind 1.1.12's layout (its pickles load here, and ours there): the schemas and which key is which field;
+        # plus which schema guards which key (_guards, ignored by 1.1.12), so that a merged validator judges alike
+        # after a pickle (e.g. to a DHT process started with spawn) even if two of its schemas share a field name
+        guards_by_key = self._fields_by_key.items()
         schemas = list(
-            {
-                id(checker.schema): checker.schema for guards in self._fields_by_key.values() for checker, _ in guards
-            }.values()
+            {id(checker.schema): checker.schema for _, guards in guards_by_key for checker, _ in guards}.values()
         )
-        names = {key_id: guards[0][1] for key_id, guards in self._fields_by_key.items()}
-        return {"_schemas": schemas, "_key_id_to_field_name": names, "_allow_extra_keys": self.allow_extra_keys}
+        index_of = {id(schema): index for index, schema in enumerate(schemas)}
+        return {
+            "_schemas": schemas,
+            "_key_id_to_field_name": {key_id: guards[0][1] for key_id, guards in self._fields_by_key.items()},
+            "_allow_extra_keys": self.allow_extra_keys,
+            "_guards": {
+                key_id: [(index_of[id(checker.schema)], name) for checker, name in guards]
+                for key_id, guards in self._fields_by_key.items()
+            },
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.allow_extra_keys = state["_allow_extra_keys"]
         self._fields_by_key = {}
-        for schema in state["_schemas"]:
-            checker = _FieldChecker.for_schema(schema)
+        checkers = [_FieldChecker.for_schema(schema) for schema in state["_schemas"]]
+        if "_guards" in state:  # ours
+            for key_id, guards in state["_guards"].items():
+                self._fields_by_key[key_id] = [(checkers[index], name) for index, name in guards]
+            return
+        for checker in checkers:  # hivemind 1.1.12's: each key is guarded by every schema that has its field
             for key_id, name in state["_key_id_to_field_name"].items():
                 if name in checker.input_names:
                     self._fields_by_key.setdefault(key_id, []).append((checker, name))
