@@ -35,3 +35,30 @@ def test_experts_are_saved_at_creation_and_a_restart_before_the_first_period_fin
         assert all(torch.equal(a, b) for uid in uids for a, b in zip(restored[uid], parameters[uid]))
     finally:
         second.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_a_restart_finds_its_experts_when_the_directory_holds_saves_named_later_than_now(tmp_path):
+    """Saves named after a later time (written on a machine whose clock ran ahead, or before this clock was set back)
+    outnumber the keep limit: the save made at creation is still kept, and checkpoint_last.pt still leads to it."""
+    options = dict(expert_uids=["ffn.0"], hidden_dim=8, checkpoint_dir=tmp_path, update_period=3600)
+    first = Server.create(start=False, **options, **LOOPBACK)
+    first.shutdown()
+    directory = tmp_path / "ffn.0"
+    (saved,) = [path for path in directory.glob("checkpoint_2*.pt")]
+    for year in (2998, 2999, 3000):  # copies named after a later time; checkpoint_last.pt points to the newest
+        (directory / f"checkpoint_{year}-01-01T00:00:00.000000.pt").write_bytes(saved.read_bytes())
+    (directory / "checkpoint_last.pt").unlink()
+    (directory / "checkpoint_last.pt").symlink_to("checkpoint_3000-01-01T00:00:00.000000.pt")
+
+    second = Server.create(start=False, **options, **LOOPBACK)  # loads the newest, saves it at once
+    try:
+        parameters = parameters_of(second)
+    finally:
+        second.shutdown()
+    assert (directory / "checkpoint_last.pt").exists(), "checkpoint_last.pt points to a save that was pruned"
+    third = Server.create(start=False, **options, **LOOPBACK)  # a restart before the first period
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(parameters_of(third)["ffn.0"], parameters["ffn.0"]))
+    finally:
+        third.shutdown()

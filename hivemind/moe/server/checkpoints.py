@@ -122,8 +122,11 @@ def _saved_checkpoints(directory: Path) -> List[Path]:
     return sorted(found, key=lambda path: path.name)  # (the timestamps sort as text)
 
 
-def _prune(directory: Path, keep: int) -> None:
-    for path in _saved_checkpoints(directory)[:-keep]:
+def _prune(directory: Path, keep: int, newest: Path) -> None:
+    """Delete all but the ``keep`` last saves by name, but never ``newest`` (the one just saved, which
+    checkpoint_last.pt points to): saves named after a later time (a clock set back) would otherwise outrank it."""
+    older = [path for path in _saved_checkpoints(directory) if path.name != newest.name]
+    for path in older[: max(len(older) - (keep - 1), 0)]:
         try:
             path.unlink()
         except OSError as e:
@@ -148,7 +151,7 @@ def store_experts(
         _atomic_symlink(path.name, directory / LAST_CHECKPOINT_NAME)
         _fsync_directory(directory)
         if keep is not None:
-            _prune(directory, keep)
+            _prune(directory, keep, newest=path)
 
 
 def _what_to_do(last: Path) -> str:
