@@ -30,25 +30,20 @@ class OptimizerStateError(ValueError):
 def initialize_optimizer_state_(opt: torch.optim.Optimizer) -> None:
     """
     Create the optimizer's per-parameter statistics (e.g. Adam's moments) without changing parameters: one step with
-    zero gradients and zero learning rate, after which parameters, gradients and learning rates are restored. Peers
-    need the state to exist to exchange it. Step counters keep the step taken (Adam's ``step`` is 1), as in 1.1.12:
-    peers of both libraries then scale the same averaged gradients alike (bias correction) and their parameters agree.
+    zero gradients, after which parameters and gradients are restored (a weight decay that step applied is undone).
+    Peers need the state to exist to exchange it. The state is that of 1.1.12's zero-gradient step, so that peers of
+    both libraries turn the same averaged gradients into the same updates: step counters keep the step taken (Adam's
+    ``step`` is 1: bias correction) and statistics derived from the learning rate have it (Rprop's step sizes,
+    ASGD's eta; a zero learning rate would leave Rprop's at their minimum and ASGD's first step at zero).
     """
     saved = []
     for group in opt.param_groups:
         for param in group["params"]:
             saved.append((param, param.detach().clone(), param.grad))
             param.grad = torch.zeros_like(param)
-    learning_rates = [group.get("lr") for group in opt.param_groups]
-    for group in opt.param_groups:
-        if "lr" in group:
-            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
     try:
         opt.step()
     finally:
-        for group, lr in zip(opt.param_groups, learning_rates):
-            if lr is not None:
-                group["lr"] = lr
         for param, value, grad in saved:
             param.copy_(value)
             param.grad = grad
