@@ -40,23 +40,28 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-class _RenamingOnLoad:
-    """A load_state_dict pre-hook that renames keys of checkpoints saved by earlier versions of these experts (a class,
-    not a closure, so that the experts still pickle: torch.save(module), processes started with spawn)."""
+def _rename_keys(state_dict, prefix: str, renames: dict) -> None:
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        for old, new in renames.items():
+            if key[len(prefix) :].startswith(old):
+                state_dict[prefix + new + key[len(prefix) + len(old) :]] = state_dict.pop(key)
+                break
 
-    def __init__(self, renames: dict):
-        self.renames = dict(renames)
 
-    def __call__(self, state_dict, prefix, *args, **kwargs):
-        for key in [key for key in state_dict if key.startswith(prefix)]:
-            for old, new in self.renames.items():
-                if key[len(prefix) :].startswith(old):
-                    state_dict[prefix + new + key[len(prefix) + len(old) :]] = state_dict.pop(key)
-                    break
+class _RenamesOnLoad(nn.Module):
+    """Renames keys of checkpoints saved by earlier versions of these experts (``_renames_on_load``) as a state_dict
+    is loaded. A method of the class, not a hook kept by each expert, so that whole experts pickle (torch.save(module),
+    spawn) and their pickles unpickle in hivemind 1.1.12, and experts unpickled from 1.1.12's pickles rename too."""
+
+    _renames_on_load: dict = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_keys(state_dict, prefix, self._renames_on_load)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @register_expert_class("transformer", _transformer_sample_input)
-class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+class TransformerEncoderLayer(_RenamesOnLoad, nn.TransformerEncoderLayer):
     """A post-norm transformer encoder layer: 16 heads, feed-forward 4x wide, GELU (tanh approximation); the same
     parameters (and state_dict keys) and outputs as hivemind 1.1.12's ``transformer`` expert (TunedTransformer).
 
@@ -64,10 +69,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     where a position is padding.
     """
 
+    _renames_on_load = {"layer.": ""}  # wrapped in .layer before
+
     def __init__(self, hidden_dim: int, num_heads: int = 16, dropout: float = 0.1):
         feedforward_dim = 4 * hidden_dim
         super().__init__(hidden_dim, num_heads, feedforward_dim, dropout, activation=_gelu_tanh, batch_first=True)
-        self._register_load_state_dict_pre_hook(_RenamingOnLoad({"layer.": ""}))  # wrapped in .layer before
 
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
         return super().forward(x, src_key_padding_mask=src_key_padding_mask)
@@ -77,26 +83,28 @@ TunedTransformer = TransformerEncoderLayer  # its name in hivemind 1.1.12 (and i
 
 
 @register_expert_class("nop", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
-class NopExpert(nn.Module):
+class NopExpert(_RenamesOnLoad):
     """Returns a copy of its input (for tests and benchmarks of everything around the computation)."""
+
+    _renames_on_load = {"dummy": "w"}  # its parameter's name before
 
     def __init__(self, hidden_dim: int):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(0))  # so that optimizers accept it (named as in hivemind 1.1.12)
-        self._register_load_state_dict_pre_hook(_RenamingOnLoad({"dummy": "w"}))  # its name before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
 
 @register_expert_class("nop_delay", lambda batch_size, hidden_dim: torch.empty((batch_size, hidden_dim)))
-class DelayedNopExpert(nn.Module):
+class DelayedNopExpert(_RenamesOnLoad):
     """Returns a copy of its input after ``delay`` seconds (for tests of timeouts and slow experts)."""
+
+    _renames_on_load = {"dummy": "w"}
 
     def __init__(self, hidden_dim: int, delay: float = 0.5):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(0))
-        self._register_load_state_dict_pre_hook(_RenamingOnLoad({"dummy": "w"}))
         self.delay = delay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
