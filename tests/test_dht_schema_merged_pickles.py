@@ -62,3 +62,26 @@ def test_a_spawned_dht_with_merged_schemas_stores_the_values_each_schema_allows(
         assert dht.get("names_value", latest=True).value == "x"
     finally:
         dht.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_a_merged_validator_in_the_layout_of_the_original_judges_as_the_original():
+    """1.1.12's pickle of a validator merged from schemas with prefixes that share a field name (counts_value,
+    names_value) guards each key by both schemas: 1.1.12 accepts a value one of them accepts, and so must ours
+    (all of them refused every honest value), also after a pickle of ours and a merge."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    state = merged_validator().__getstate__()
+    original_layout = {key: state[key] for key in ("_schemas", "_key_id_to_field_name", "_allow_extra_keys")}
+    loaded = SchemaValidator.__new__(SchemaValidator)
+    loaded.__setstate__(original_layout)
+    again = pickle.loads(pickle.dumps(loaded))
+    merged = SchemaValidator(CountsSchema, prefix="other", allow_extra_keys=False)
+    assert merged.merge_with(loaded)
+    for key, value, expected in [("counts_value", 5, True), ("names_value", "x", True), ("names_value", 1.5, False)]:
+        record = DHTRecord(
+            DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(None), MSGPackSerializer.dumps(value), 1e10
+        )
+        assert [v.validate(record) for v in (loaded, again, merged)] == [expected] * 3, (key, value)

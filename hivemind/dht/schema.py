@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Pattern, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Pattern, Set, Tuple, Type, Union
 
 import pydantic
 from pydantic_core import core_schema
@@ -100,6 +100,7 @@ class SchemaValidator(RecordValidatorBase):
     def __init__(self, schema: Type[Any], allow_extra_keys: bool = True, prefix: Optional[str] = None):
         self.allow_extra_keys = allow_extra_keys
         self._fields_by_key: Dict[bytes, List[Tuple[_FieldChecker, str]]] = {}
+        self._any_of: Set[bytes] = set()  # keys whose value needs only one of their guards to accept it (see below)
         checker = _FieldChecker.for_schema(schema)
         for name in checker.input_names:
             dht_key = name if prefix is None else f"{prefix}_{name}"
@@ -122,7 +123,8 @@ class SchemaValidator(RecordValidatorBase):
         except (ValueError, TypeError) as e:  # undecodable bytes, unhashable subkeys
             logger.debug(f"Cannot decode the record {record} for schema validation: {e!r}")
             return False
-        return all(checker.accepts(name, field_value) for checker, name in guards)
+        judge = any if record.key in self._any_of else all
+        return judge(checker.accepts(name, field_value) for checker, name in guards)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         """Schema validators merge into one: a key declared by several schemas must satisfy all of them."""
@@ -130,6 +132,7 @@ class SchemaValidator(RecordValidatorBase):
             return False
         for key_id, guards in other._fields_by_key.items():
             self._fields_by_key.setdefault(key_id, []).extend(guards)
+        self._any_of |= other._any_of
         self.allow_extra_keys = self.allow_extra_keys or other.allow_extra_keys
         return True
 
@@ -150,11 +153,13 @@ class SchemaValidator(RecordValidatorBase):
                 key_id: [(index_of[id(checker.schema)], name) for checker, name in guards]
                 for key_id, guards in self._fields_by_key.items()
             },
+            "_any_of": sorted(self._any_of),
         }
 
     def __setstate__(self, state: dict) -> None:
         self.allow_extra_keys = state["_allow_extra_keys"]
         self._fields_by_key = {}
+        self._any_of = set(state.get("_any_of", ()))
         checkers = [_FieldChecker.for_schema(schema) for schema in state["_schemas"]]
         if "_guards" in state:  # ours
             for key_id, guards in state["_guards"].items():
@@ -164,6 +169,9 @@ class SchemaValidator(RecordValidatorBase):
             for key_id, name in state["_key_id_to_field_name"].items():
                 if name in checker.input_names:
                     self._fields_by_key.setdefault(key_id, []).append((checker, name))
+        # which of them declared the key is not recorded (schemas merged with different prefixes may share a field
+        # name): as 1.1.12 does, a value is accepted if one of them accepts it
+        self._any_of = {key_id for key_id, guards in self._fields_by_key.items() if len(guards) > 1}
 
     def __repr__(self) -> str:
         fields = sorted({name for guards in self._fields_by_key.values() for _, name in guards})
