@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Pattern, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Pattern, Tuple, Type, Union
 
 import pydantic
 from pydantic_core import core_schema
@@ -19,6 +19,10 @@ __all__ = ["SchemaValidator", "conbytes", "BytesWithPublicKey", "RSASignatureVal
 logger = get_logger(__name__)
 
 _REGULAR_VALUE_SUBKEY = MSGPackSerializer.dumps(None)  # b"\xc0": the record is a regular value, not a dict entry
+
+# a guard of a key: fields (checker, field name) of which one must accept the value; one field, except in validators
+# unpickled from 1.1.12's layout, which does not record which of the schemas that share a field name declared the key
+_Guard = Tuple[Tuple["_FieldChecker", str], ...]
 
 
 class _ConstrainedBytes:
@@ -99,13 +103,12 @@ class SchemaValidator(RecordValidatorBase):
 
     def __init__(self, schema: Type[Any], allow_extra_keys: bool = True, prefix: Optional[str] = None):
         self.allow_extra_keys = allow_extra_keys
-        self._fields_by_key: Dict[bytes, List[Tuple[_FieldChecker, str]]] = {}
-        self._any_of: Set[bytes] = set()  # keys whose value needs only one of their guards to accept it (see below)
+        self._fields_by_key: Dict[bytes, List[_Guard]] = {}  # a value must pass every guard of its key
         checker = _FieldChecker.for_schema(schema)
         for name in checker.input_names:
             dht_key = name if prefix is None else f"{prefix}_{name}"
             key_id = DHTID.generate(source=dht_key).to_bytes()
-            self._fields_by_key.setdefault(key_id, []).append((checker, name))
+            self._fields_by_key.setdefault(key_id, []).append(((checker, name),))
 
     def validate(self, record: DHTRecord) -> bool:
         guards = self._fields_by_key.get(record.key)
@@ -123,8 +126,7 @@ class SchemaValidator(RecordValidatorBase):
         except (ValueError, TypeError) as e:  # undecodable bytes, unhashable subkeys
             logger.debug(f"Cannot decode the record {record} for schema validation: {e!r}")
             return False
-        judge = any if record.key in self._any_of else all
-        return judge(checker.accepts(name, field_value) for checker, name in guards)
+        return all(any(checker.accepts(name, field_value) for checker, name in guard) for guard in guards)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         """Schema validators merge into one: a key declared by several schemas must satisfy all of them."""
@@ -132,7 +134,6 @@ class SchemaValidator(RecordValidatorBase):
             return False
         for key_id, guards in other._fields_by_key.items():
             self._fields_by_key.setdefault(key_id, []).extend(guards)
-        self._any_of |= other._any_of
         self.allow_extra_keys = self.allow_extra_keys or other.allow_extra_keys
         return True
 
@@ -140,41 +141,44 @@ class SchemaValidator(RecordValidatorBase):
         # hivemind 1.1.12's layout (its pickles load here, and ours there): the schemas and which key is which field;
         # plus which schema guards which key (_guards, ignored by 1.1.12), so that a merged validator judges alike
         # after a pickle (e.g. to a DHT process started with spawn) even if two of its schemas share a field name
-        guards_by_key = self._fields_by_key.items()
+        fields_by_key = {
+            key_id: [field for guard in guards for field in guard] for key_id, guards in self._fields_by_key.items()
+        }
         schemas = list(
-            {id(checker.schema): checker.schema for _, guards in guards_by_key for checker, _ in guards}.values()
+            {id(checker.schema): checker.schema for fields in fields_by_key.values() for checker, _ in fields}.values()
         )
         index_of = {id(schema): index for index, schema in enumerate(schemas)}
         return {
             "_schemas": schemas,
-            "_key_id_to_field_name": {key_id: guards[0][1] for key_id, guards in self._fields_by_key.items()},
+            "_key_id_to_field_name": {key_id: fields[0][1] for key_id, fields in fields_by_key.items()},
             "_allow_extra_keys": self.allow_extra_keys,
             "_guards": {
-                key_id: [(index_of[id(checker.schema)], name) for checker, name in guards]
+                key_id: [[(index_of[id(checker.schema)], name) for checker, name in guard] for guard in guards]
                 for key_id, guards in self._fields_by_key.items()
             },
-            "_any_of": sorted(self._any_of),
         }
 
     def __setstate__(self, state: dict) -> None:
         self.allow_extra_keys = state["_allow_extra_keys"]
         self._fields_by_key = {}
-        self._any_of = set(state.get("_any_of", ()))
         checkers = [_FieldChecker.for_schema(schema) for schema in state["_schemas"]]
-        if "_guards" in state:  # ours
+        if "_guards" in state:  # ours: a guard is a list of (schema index, field name), or one such pair (before)
+            any_of = set(state.get("_any_of", ()))  # keys whose pairs formed one guard (before)
             for key_id, guards in state["_guards"].items():
-                self._fields_by_key[key_id] = [(checkers[index], name) for index, name in guards]
+                guards = [[guard] if isinstance(guard[0], int) else guard for guard in guards]
+                if key_id in any_of:
+                    guards = [[field for guard in guards for field in guard]]
+                self._fields_by_key[key_id] = [tuple((checkers[i], name) for i, name in guard) for guard in guards]
             return
-        for checker in checkers:  # hivemind 1.1.12's: each key is guarded by every schema that has its field
-            for key_id, name in state["_key_id_to_field_name"].items():
-                if name in checker.input_names:
-                    self._fields_by_key.setdefault(key_id, []).append((checker, name))
-        # which of them declared the key is not recorded (schemas merged with different prefixes may share a field
-        # name): as 1.1.12 does, a value is accepted if one of them accepts it
-        self._any_of = {key_id for key_id, guards in self._fields_by_key.items() if len(guards) > 1}
+        # hivemind 1.1.12's: which of the schemas that have the key's field declared it is not recorded (schemas
+        # merged with different prefixes may share a field name): as in 1.1.12, one of them accepting is enough
+        for key_id, name in state["_key_id_to_field_name"].items():
+            fields = tuple((checker, name) for checker in checkers if name in checker.input_names)
+            if fields:
+                self._fields_by_key[key_id] = [fields]
 
     def __repr__(self) -> str:
-        fields = sorted({name for guards in self._fields_by_key.values() for _, name in guards})
+        fields = sorted({name for guards in self._fields_by_key.values() for guard in guards for _, name in guard})
         return f"{type(self).__name__}(fields={fields}, allow_extra_keys={self.allow_extra_keys})"
 
 
