@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID, DHTKey, DHTValue, Subkey
+from hivemind.dht.storage import MAX_DICTIONARY_BYTES, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
@@ -93,6 +94,8 @@ class ReplicatedStore:
             key_id = DHTID.generate(source=key)
             value_bytes = self._sign(key_id, subkey, MSGPackSerializer.dumps(value), expiration)
             result_key = (key, subkey) if subkey is not None else key
+            if subkey is not None:
+                _warn_if_beyond_dictionary_limit(key, subkey, value_bytes)
             entries_by_key[key_id].append((result_key, subkey, value_bytes, expiration))
 
         loop = asyncio.get_running_loop()
@@ -243,6 +246,23 @@ class ReplicatedStore:
             for (_, subkey, value, expiration), accepted in zip(entries, statuses):
                 if accepted:
                     self.protocol.cache.store(key_id, value, expiration, subkey=subkey)
+
+
+def _warn_if_beyond_dictionary_limit(key: DHTKey, subkey: Subkey, value: bytes) -> None:
+    """An entry larger than a whole dictionary may be is refused by every replica of ours: store() returns False."""
+    nbytes = DictionaryDHTValue.entry_nbytes(subkey, value)
+    if nbytes > MAX_DICTIONARY_BYTES:
+        logger.warning(
+            f"Storing key {_abridged(key)} subkey {_abridged(subkey)}: the entry takes {nbytes} bytes (subkey, value "
+            f"and overhead), over the {MAX_DICTIONARY_BYTES} bytes a key's dictionary may hold in all "
+            f"(MAX_DICTIONARY_BYTES in hivemind.dht.storage), so the replicas refuse it; store large data "
+            f"elsewhere and its location in the DHT"
+        )
+
+
+def _abridged(obj: Any, limit: int = 60) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _check_expiration_time(expiration: Any) -> None:

@@ -10,13 +10,15 @@ from typing import Optional, Sequence
 
 import msgpack
 
-from hivemind.dht.storage import MAX_ENCODED_DICTIONARY_BYTES, DictionaryDHTValue
+from hivemind.dht.storage import MAX_DICTIONARY_BYTES, MAX_ENCODED_DICTIONARY_BYTES, DictionaryDHTValue
 from hivemind.utils.serializer import MSGPackSerializer
 
 DHTID_NBYTES = 20
 MAX_KEYS_PER_FIND = 4096  # a node batches at most chunk_size (16) keys per find; leave ample room for custom settings
 MAX_ITEMS_PER_STORE = 65536  # replication to a new peer sends all its keys at once; 4 MiB / ~30 bytes per item
-MAX_SUBKEY_BYTES = 64 * 1024
+# a longer subkey could never fit in a key's dictionary (see hivemind.dht.storage); shorter ones are stored as by
+# 1.1.12, which has no subkey limit (a lower one here made a remote replica refuse what the storing peer kept)
+MAX_SUBKEY_BYTES = MAX_DICTIONARY_BYTES
 MAX_NEAREST_NODES = 1024  # neighbours per key in a find response (bucket_size is 20)
 # libp2p peer ids are multihashes of at most ~44 bytes (34 for sha2-256, up to 44 for an inlined key); a longer one is
 # garbage that would cost seconds to hours of the event loop the first time it is printed (base58 is quadratic)
