@@ -12,7 +12,8 @@ from hivemind.dht.traverse import traverse_dht
 @pytest.mark.timeout(120)
 def test_traverse_dht_of_30000_queries_is_not_quadratic():
     # a swarm of 3 nodes that every query knows: the scheduler's indices start with 30000 searches per node. Reading
-    # them from the front while they left from the front scanned every deleted entry (quadratic: ~35 s here, ~1 s now)
+    # them from the front while they left from the front scanned every deleted entry (quadratic: ~45 s here, ~1.5 s
+    # now). Measured in CPU time of this thread, which other processes competing for the cores do not inflate
     nodes = [DHTID.generate() for _ in range(3)]
     calls = []
 
@@ -22,13 +23,13 @@ def test_traverse_dht_of_30000_queries_is_not_quadratic():
         return {query: (nodes, False) for query in queries}
 
     queries = [DHTID.generate() for _ in range(30000)]
-    started = time.perf_counter()
+    started = time.thread_time()
     nearest, visited = asyncio.run(
         traverse_dht(queries, nodes[:1], beam_size=20, num_workers=4, queries_per_call=16, get_neighbors=get_neighbors)
     )
-    elapsed = time.perf_counter() - started
+    elapsed = time.thread_time() - started
 
     assert set(nearest) == set(queries) and all(sorted(found) == sorted(nodes) for found in nearest.values())
     assert all(visited[query] == set(nodes) for query in queries)
     assert sum(calls) == 3 * len(queries) and max(calls) == 16  # requests still carry 16 queries each
-    assert elapsed < 8, f"traverse_dht of 30000 queries took {elapsed:.1f} s"
+    assert elapsed < 8, f"traverse_dht of 30000 queries took {elapsed:.1f} s of CPU time"
