@@ -7,7 +7,9 @@ butterfly all-reduce, after which every model holds the mean of the four. A fift
 
 python examples/averaging.py
 
-Ctrl-C stops it at any point: every peer started so far is shut down, then it prints "interrupted" (exit code 130).
+Ctrl-C stops it at any point once hivemind is imported: every peer started so far is shut down, then it prints
+"interrupted" (exit code 130). During the first seconds, while Python imports hivemind and torch, it ends with a
+KeyboardInterrupt traceback instead (nothing has started yet).
 """
 
 import contextlib

@@ -2,7 +2,9 @@
 
 python examples/dht_store_get.py
 
-Ctrl-C stops it at any point: both peers are shut down, then it prints "interrupted" (exit code 130).
+Ctrl-C stops it at any point once hivemind is imported: both peers are shut down, then it prints "interrupted" (exit
+code 130). During the first seconds, while Python imports hivemind and torch, it ends with a KeyboardInterrupt
+traceback instead (nothing has started yet).
 """
 
 import os

@@ -11,8 +11,9 @@ The task is synthetic regression (a fixed random teacher network); the loss prin
 
 python examples/moe.py [--steps 60]
 
-Ctrl-C stops it at any point: the trainer's DHT peer and the server are shut down, then it prints "interrupted" (exit
-code 130).
+Ctrl-C stops it at any point once hivemind is imported: the trainer's DHT peer and the server are shut down, then it
+prints "interrupted" (exit code 130). During the first seconds, while Python imports hivemind and torch, it ends with a
+KeyboardInterrupt traceback instead (nothing has started yet).
 """
 
 import argparse
