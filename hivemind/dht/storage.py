@@ -54,10 +54,21 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         """How many bytes an entry counts toward MAX_DICTIONARY_BYTES: encoded subkey, value and overhead."""
         return len(MSGPackSerializer.dumps(subkey)) + len(value) + ENTRY_OVERHEAD_BYTES
 
+    def _nbytes_if_stored(self, subkey: Subkey, value: BinaryDHTValue) -> int:
+        """
+        What the entry would count once stored. A replaced entry keeps the subkey object already held (a dict keeps
+        its key), which may encode longer than the equal subkey given ((1.0,) * n == (1,) * n): counted as the longer.
+        """
+        nbytes = self.entry_nbytes(subkey, value)
+        replaced, replaced_nbytes = self.data.get(subkey), self._entry_nbytes.get(subkey)
+        if replaced is not None and replaced_nbytes is not None:
+            nbytes = max(nbytes, replaced_nbytes - len(replaced.value) + len(value))
+        return nbytes
+
     def store(self, key: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
+        nbytes = self._nbytes_if_stored(key, value)
         if not super().store(key, value, expiration_time):
             return False
-        nbytes = self.entry_nbytes(key, value)
         self._total_nbytes += nbytes - self._entry_nbytes.get(key, 0)
         self._entry_nbytes[key] = nbytes
         if expiration_time > self.latest_expiration_time:
@@ -78,7 +89,7 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         if replaced is None and len(self.data) >= MAX_DICTIONARY_ENTRIES:
             return True
         replaced_nbytes = self._entry_nbytes.get(subkey, 0) if replaced is not None else 0
-        return total_nbytes - replaced_nbytes + self.entry_nbytes(subkey, value) > MAX_DICTIONARY_BYTES
+        return total_nbytes - replaced_nbytes + self._nbytes_if_stored(subkey, value) > MAX_DICTIONARY_BYTES
 
     def packb(self) -> bytes:
         """The ext 0x50 payload: [maxsize, latest_expiration_time, [[subkey, value, expiration], ...]]."""
