@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -100,6 +101,23 @@ def process_env(implementation: str, extra: Optional[Dict[str, str]] = None) -> 
         env["PYTHONPATH"] = str(REPO)
     env.update(extra or {})
     return env
+
+
+def run_original_script(script: str, directory: Path, timeout: float = 60, prelude: str = "") -> str:
+    """Run `prelude` + dedented `script` under the original hivemind in `directory` (also its argv[1]); return stdout.
+
+    The directory is the working directory too, so that only the original's hivemind can be imported there.
+    """
+    proc = subprocess.run(
+        [*python_command("original"), "-c", prelude + textwrap.dedent(script), str(directory)],
+        cwd=directory,
+        env=process_env("original"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def check_implementation(implementation: str, version: str, file: str) -> None:

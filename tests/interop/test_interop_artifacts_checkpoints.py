@@ -7,8 +7,6 @@ ours writes the same file format, with ``checkpoint_last.pt`` a link to the newe
 import os
 import shutil
 import stat
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from hivemind.moe.server.checkpoints import load_experts, store_experts
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from .harness import ORIGINAL_PYTHON, process_env
+from .harness import run_original_script
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
@@ -48,16 +46,7 @@ def make_backend(uid: str, seed: int) -> ModuleBackend:
 
 
 def run_original(script: str, directory: Path) -> str:
-    proc = subprocess.run(
-        [str(ORIGINAL_PYTHON), "-s", "-c", EXPERTS_SCRIPT + textwrap.dedent(script), str(directory)],
-        cwd=directory,  # not the repository: only the original's hivemind can be imported there
-        env=process_env("original"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_original_script(script, directory, prelude=EXPERTS_SCRIPT)
 
 
 def write_with_the_original(checkpoint_dir: Path, saves: int = 2) -> None:

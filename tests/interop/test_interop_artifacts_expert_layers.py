@@ -3,8 +3,6 @@
 So a checkpoint_dir of either implementation loads in the other, and a restarted server answers as before.
 """
 
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 
 from hivemind.moe.server.layers import name_to_block
 
-from .harness import ORIGINAL_PYTHON, process_env
+from .harness import run_original_script
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
@@ -21,16 +19,7 @@ EXPERTS = ["ffn", "transformer", "det_dropout", "nop", "nop_delay"]
 
 
 def run_original(script: str, directory: Path) -> str:
-    proc = subprocess.run(
-        [str(ORIGINAL_PYTHON), "-s", "-c", textwrap.dedent(script), str(directory)],
-        cwd=directory,  # not the repository: only the original's hivemind can be imported there
-        env=process_env("original"),
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_original_script(script, directory, timeout=90)
 
 
 def sample_inputs(expert_cls: str):

@@ -6,8 +6,6 @@ dictionary values, descriptors and compression settings. The original runs in it
 
 import dataclasses
 import pickle
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import TimedStorage, ValueWithExpiration
 
-from .harness import ORIGINAL_PYTHON, process_env
+from .harness import run_original_script
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
@@ -32,16 +30,7 @@ FAR = 1e10  # an expiration time far in the future
 
 
 def run_original(script: str, directory: Path) -> str:
-    proc = subprocess.run(
-        [str(ORIGINAL_PYTHON), "-s", "-c", textwrap.dedent(script), str(directory)],
-        cwd=directory,  # not the repository: only the original's hivemind can be imported there
-        env=process_env("original"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_original_script(script, directory)
 
 
 def test_peer_ids_pickled_by_the_original_unpickle_as_equal_peer_ids(original_env, tmp_path):

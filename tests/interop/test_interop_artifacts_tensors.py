@@ -4,8 +4,6 @@ The original encodes integer and bool tensors with BLOCKWISE_8BIT (e.g. a BatchN
 state shared with ``state_compression=BlockwiseQuantization()``); ours refuses to encode them, but must read them.
 """
 
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-from .harness import ORIGINAL_PYTHON, process_env
+from .harness import run_original_script
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
@@ -23,15 +21,7 @@ SHAPES = [(), (0,), (7,), (3, 2000)]
 
 
 def run_original(script: str, directory: Path) -> None:
-    proc = subprocess.run(
-        [str(ORIGINAL_PYTHON), "-s", "-c", textwrap.dedent(script), str(directory)],
-        cwd=directory,  # not the repository: only the original's hivemind can be imported there
-        env=process_env("original"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_original_script(script, directory)
 
 
 def test_integer_and_bool_blockwise_tensors_of_the_original_decode_as_in_the_original(original_env, tmp_path):
