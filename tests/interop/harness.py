@@ -120,6 +120,18 @@ def run_original_script(script: str, directory: Path, timeout: float = 60, prelu
     return proc.stdout
 
 
+def to_hex(tensor) -> str:
+    """A tensor as the hex of its float32 bytes: how the drivers exchange tensors over their JSON pipes."""
+    return tensor.detach().float().contiguous().numpy().tobytes().hex()
+
+
+def linear_parameters(result: dict, names=("weight", "bias")):
+    """The float32 parameters a driver reported for a Linear model, as one flat numpy array."""
+    import numpy as np
+
+    return np.concatenate([np.frombuffer(bytes.fromhex(result[name]), dtype=np.float32) for name in names])
+
+
 def check_implementation(implementation: str, version: str, file: str) -> None:
     """Asserts that a process reporting `hivemind.__version__`/`__file__` loaded the expected implementation."""
     file = os.path.realpath(file)

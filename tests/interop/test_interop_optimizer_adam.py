@@ -14,21 +14,13 @@ import pytest
 import torch
 
 from .conftest import ORIGINAL, OURS, driver_per_side
+from .harness import linear_parameters as parameters
+from .harness import to_hex
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
 OPTIMIZER_DRIVER = Path(__file__).resolve().with_name("optimizer_driver.py")
 EPOCHS, BATCH, LR = 3, 4, 0.01
-
-
-def to_hex(tensor: torch.Tensor) -> str:
-    return tensor.detach().to(torch.float32).contiguous().numpy().tobytes().hex()
-
-
-def parameters(result: dict) -> np.ndarray:
-    return np.concatenate(
-        [np.frombuffer(bytes.fromhex(result[name]), dtype=np.float32) for name in ("weight", "bias")]
-    )
 
 
 @pytest.fixture
