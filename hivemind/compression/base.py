@@ -79,6 +79,15 @@ class CompressionInfo:
         return dataclasses.replace(self, part_index=part_index, part_size=part_size)
 
 
+def with_requires_grad(serialized_tensor: runtime_pb2.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the requires_grad flag that ``serialized_tensor`` carries (codecs' extract() ends with this)."""
+    if serialized_tensor.requires_grad and not tensor.requires_grad:
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            raise TensorDecodeError(f"a {tensor.dtype} tensor cannot have requires_grad=True")
+        tensor.requires_grad_(True)
+    return tensor
+
+
 class CompressionBase(ABC):
     """A codec: turns a tensor into a ``runtime_pb2.Tensor`` message and back."""
 
@@ -91,7 +100,7 @@ class CompressionBase(ABC):
 
     @abstractmethod
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        """Restore a tensor (without requires_grad); raises TensorDecodeError (a ValueError) for malformed input."""
+        """Restore a tensor with its requires_grad flag; raises TensorDecodeError (a ValueError) for bad input."""
 
     @abstractmethod
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
@@ -137,11 +146,8 @@ class NoCompression(CompressionBase):
         buffer = serialized_tensor.buffer
         if dtype == torch.bfloat16:
             if len(buffer) == 4 * numel:  # legacy format: float32 values
-                return (
-                    empty_output(numel, torch.bfloat16)
-                    .copy_(read_array(buffer, 0, numel, torch.float32))
-                    .reshape(shape)
-                )
+                legacy = empty_output(numel, torch.bfloat16).copy_(read_array(buffer, 0, numel, torch.float32))
+                return with_requires_grad(serialized_tensor, legacy.reshape(shape))
             expect_length(buffer, 2 * numel, f"bfloat16 tensor of shape {list(shape)} (2 or 4 bytes per element)")
             raw = read_array(buffer, 0, numel, torch.int16)
         else:
@@ -152,7 +158,7 @@ class NoCompression(CompressionBase):
             raw = empty_output(raw.numel(), raw.dtype).copy_(raw)
         if dtype == torch.bfloat16:
             raw = raw.view(torch.bfloat16)
-        return raw.reshape(shape)
+        return with_requires_grad(serialized_tensor, raw.reshape(shape))
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return 1.0

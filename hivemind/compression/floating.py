@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hivemind.compression.base import CompressionBase, CompressionInfo, FloatingOnlyCodec
+from hivemind.compression.base import CompressionBase, CompressionInfo, FloatingOnlyCodec, with_requires_grad
 from hivemind.compression.buffers import (
     MessageBuffer,
     buffer_may_be_aliased,
@@ -60,7 +60,7 @@ class Float16Compression(FloatingOnlyCodec):
             result = empty_output(numel, dtype).copy_(half)
         else:
             result = half if buffer_may_be_aliased(buffer) else empty_output(numel, dtype).copy_(half)
-        return result.reshape(shape)
+        return with_requires_grad(serialized_tensor, result.reshape(shape))
 
 
 class ScaledFloat16Compression(Float16Compression):
@@ -110,4 +110,4 @@ class ScaledFloat16Compression(Float16Compression):
         stds = read_array(buffer, 2 * numel + 4 * num_rows, num_rows, torch.float32).reshape(stats_shape)
         # cast to the output dtype, multiply, then add (no fused multiply-add): the same values as the original
         result = empty_output(numel, dtype).view(shape).copy_(half)
-        return result.mul_(stds).add_(means)
+        return with_requires_grad(serialized_tensor, result.mul_(stds).add_(means))

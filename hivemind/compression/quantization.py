@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hivemind.compression import blockwise_kernel
-from hivemind.compression.base import CompressionInfo, FloatingOnlyCodec
+from hivemind.compression.base import CompressionInfo, FloatingOnlyCodec, with_requires_grad
 from hivemind.compression.buffers import (
     CHUNK_ELEMENTS,
     MessageBuffer,
@@ -111,7 +111,7 @@ class Quantization(FloatingOnlyCodec):
             raise TensorDecodeError(
                 f"8-bit quantized tensor: index {int(indices.max())} >= code book size {num_codes}"
             )
-        return _lookup(codebook, indices).reshape(shape)
+        return with_requires_grad(serialized_tensor, _lookup(codebook, indices).reshape(shape))
 
 
 def _lookup(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -303,7 +303,8 @@ class BlockwiseQuantization(FloatingOnlyCodec):
             result = blockwise_kernel.dequantize_blockwise(
                 indices, absmax, code, out=empty_output(numel, torch.float32)
             )
-        return (result if dtype == torch.float32 else result.to(dtype)).reshape(shape)
+        result = result if dtype == torch.float32 else result.to(dtype)
+        return with_requires_grad(serialized_tensor, result.reshape(shape))
 
 
 def _bitsandbytes_quantize(flat: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

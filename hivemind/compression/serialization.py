@@ -7,7 +7,13 @@ from typing import AsyncIterator, Dict, Iterable, List, Optional
 
 import torch
 
-from hivemind.compression.base import CompressionBase, CompressionInfo, NoCompression, TensorDecodeError
+from hivemind.compression.base import (
+    CompressionBase,
+    CompressionInfo,
+    NoCompression,
+    TensorDecodeError,
+    with_requires_grad,
+)
 from hivemind.compression.buffers import validated_shape
 from hivemind.compression.floating import Float16Compression, ScaledFloat16Compression
 from hivemind.compression.quantization import (
@@ -77,12 +83,7 @@ def deserialize_torch_tensor(serialized_tensor: runtime_pb2.Tensor) -> torch.Ten
     codec = _CODECS_BY_TYPE.get(serialized_tensor.compression)
     if codec is None:
         raise TensorDecodeError(f"serialized tensor has an unknown compression type {serialized_tensor.compression}")
-    tensor = codec.extract(serialized_tensor)
-    if serialized_tensor.requires_grad:
-        if not (tensor.is_floating_point() or tensor.is_complex()):
-            raise TensorDecodeError(f"a {tensor.dtype} tensor cannot have requires_grad=True")
-        tensor.requires_grad_(True)
-    return tensor
+    return with_requires_grad(serialized_tensor, codec.extract(serialized_tensor))  # also for codecs of users
 
 
 def max_buffer_bytes(head: runtime_pb2.Tensor) -> int:
