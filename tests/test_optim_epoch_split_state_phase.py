@@ -1,7 +1,8 @@
 """
 A state round that waited past its epoch for the expected peers finds them only in their round of the next epoch:
-the mixed result is refused by everyone, and the late peers (those whose round gathered an earlier epoch than
-others) are told so, so that the optimizer skips their next round and the rounds of all peers start together again.
+the late peers (those whose round gathered an earlier epoch than others) average with weight 0 and refuse the
+result (the others apply their own average, here unchanged values), and they are told so, so that the optimizer
+skips their next round and the rounds of all peers start together again.
 """
 
 import threading
@@ -48,7 +49,7 @@ def test_a_refused_state_round_tells_only_the_peers_whose_epoch_was_behind():
                 thread.join(40)
             assert not errors, errors
             assert (late.round_met_later_epochs, early.round_met_later_epochs) == (True, False)
-            for model, params in zip(models, before):  # refused by both
+            for model, params in zip(models, before):  # refused by the late one; the early one's own average
                 assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
         finally:
             for averager in averagers:

@@ -21,6 +21,8 @@ __all__ = [
     "is_synchronized",
     "should_schedule_averaging",
     "count_expected_peers",
+    "state_round_epochs",
+    "state_round_weight",
     "MAX_EPOCH",
 ]
 
@@ -179,6 +181,25 @@ def epoch_after_gradient_round(local_epoch: int, global_epoch: int, round_epochs
         if isinstance(value, int) and not isinstance(value, bool) and local_epoch < value <= limit:
             epoch = max(epoch, value + 1)
     return epoch
+
+
+def state_round_epochs(gathered: Iterable[Any]) -> list:
+    """The epochs that the members of a state round gathered (anything but an int within MAX_EPOCH is left out)."""
+    return [v for v in gathered if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_EPOCH]
+
+
+def state_round_weight(own: Any, gathered: Iterable[Any], weight: float, spread: int = 0) -> float:
+    """
+    This member's weight in a state round whose members gathered ``gathered`` (their epochs; ``own`` is this
+    member's): 0 if it is more than ``spread`` epochs behind the latest epoch among them, else ``weight``. A
+    straggler's parameters are an epoch's change or more behind: averaged in, they would pull the peers in step
+    back. With weight 0 it only lends its bandwidth, and the members in step still get the average of each other
+    (a straggler catches up by the gradient rounds or by downloading the state).
+    """
+    epochs = state_round_epochs(gathered)
+    if not state_round_epochs([own]) or weight <= 0:  # (anything but an epoch: not a round of this rule)
+        return weight
+    return 0.0 if own < max(epochs) - spread else weight
 
 
 def should_load_state(local_epoch: int, global_epoch: int, *, strict: bool) -> bool:

@@ -127,10 +127,9 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             optimizer=optimizer, params=params, scheduler=scheduler,
             delta_rule_averaging=use_local_updates and delay_state_averaging,
             average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
-            compression=state_averaging_compression, state_compression=load_state_compression, **averager_opts,
+            compression=state_averaging_compression, state_compression=load_state_compression,
+            max_epoch_spread=int(use_local_updates), **averager_opts,  # (local updates: epoch ends are not in step)
         )  # fmt: skip
-        if use_local_updates:  # nothing synchronizes the peers' epoch ends: average with neighbouring epochs too
-            self.state_averager.max_epoch_spread = 1
         self.grad_averager: Optional[GradientAverager] = None
         try:  # (if a later part cannot start, the averagers started so far are stopped)
             if not use_local_updates:  # (with offloading, average into the grads of the optimizer's CPU params)

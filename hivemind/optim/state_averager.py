@@ -13,11 +13,12 @@ import torch
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
+from hivemind.averaging.payload import decode_group_gathered
 from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
-from hivemind.optim.epoch_rule import MAX_EPOCH
+from hivemind.optim.epoch_rule import state_round_epochs, state_round_weight
 from hivemind.optim.optimizer_options import check_state_averager_arguments
 from hivemind.optim.optimizer_state import (
     dump_optimizer_state,
@@ -86,6 +87,8 @@ class TrainingStateAverager(DecentralizedAverager):
     :param average_opt_statistics: names of optimizer-state entries to average (e.g. ``"exp_avg_sq"``)
     :param extra_tensors: more tensors to average and share (e.g. batchnorm statistics)
     :param status_loglevel: level of the per-round log lines
+    :param max_epoch_spread: a round's members this many epochs apart still average as equals (else those behind
+      the latest epoch average with weight 0 and keep their own state)
     :param averager_kwargs: options of :class:`DecentralizedAverager` (``prefix`` among them)
     """
 
@@ -98,7 +101,7 @@ class TrainingStateAverager(DecentralizedAverager):
         reuse_tensors: Optional[bool] = None, delta_rule_averaging: bool = False, performance_ema_alpha: float = 0.1,
         sync_epoch_when_averaging: bool = False, parameter_names: Optional[Sequence[str]] = None,
         average_opt_statistics: Sequence[str] = (), extra_tensors: Sequence[torch.Tensor] = (),
-        status_loglevel: int = logging.DEBUG, **averager_kwargs,
+        status_loglevel: int = logging.DEBUG, max_epoch_spread: int = 0, **averager_kwargs,
     ):
         # fmt: on
         if not isinstance(average_opt_statistics, str):  # (iterators, e.g. model.buffers(), are read only once)
@@ -138,7 +141,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self.extra_tensors = tuple(tensor.detach() for tensor in extra_tensors)
         self.average_opt_statistics = tuple(average_opt_statistics)
         self.local_epoch = 0
-        self.max_epoch_spread = 0  # apply state averages only of peers whose epochs differ by at most this
+        self.max_epoch_spread = max_epoch_spread  # (read by the averager's process too: set it here)
         self.round_met_later_epochs = False  # a refused round had peers of later epochs (the caller clears it)
 
         sources = self._averaging_sources()
@@ -414,17 +417,14 @@ class TrainingStateAverager(DecentralizedAverager):
                 logger.warning(f"Averaging the training state failed, keeping local values: {pending.exception()!r}")
                 return
             gathered, sent, round_epoch = pending.result()
-            epochs = [
-                value
-                for value in gathered.values()
-                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_EPOCH
-            ]
+            epochs = state_round_epochs(gathered.values())
             if self.sync_epoch_when_averaging:
                 self._apply_averaged_state(sent)
                 self.local_epoch = max([self.local_epoch, *epochs])
                 self._update_scheduler()
             elif not self._epochs_agree(epochs, len(gathered), round_epoch):
-                # mixing parameters of different epochs would pull the leaders back; laggards load the state instead
+                # a member behind the others averaged with weight 0 (see _aggregate_with_group) and keeps its own
+                # state, catching up by gradient rounds or downloads; the members in step apply their average
                 self.round_met_later_epochs = max(epochs, default=round_epoch) > round_epoch
                 logger.log(
                     self.status_loglevel,
@@ -437,10 +437,18 @@ class TrainingStateAverager(DecentralizedAverager):
             logger.log(self.status_loglevel, f"Averaged the training state with {len(gathered)} peers")
 
     def _epochs_agree(self, epochs: List[int], group_size: int, round_epoch: int) -> bool:
-        """Whether a round's members were close enough in epochs (``max_epoch_spread``) for its result to be used."""
+        """Whether this peer uses a round's result: it is still in the epoch it sent, every member sent an epoch, and
+        none is more than ``max_epoch_spread`` ahead of this peer (members behind it averaged with weight 0)."""
         if len(epochs) != group_size or round_epoch != self.local_epoch:
             return False
-        return max(epochs + [round_epoch]) - min(epochs + [round_epoch]) <= self.max_epoch_spread
+        return max(epochs + [round_epoch]) - round_epoch <= self.max_epoch_spread
+
+    async def _aggregate_with_group(self, group_info: Any, weight: float) -> Dict[Any, Any]:
+        """(In the averager's process) a member behind the group's latest epoch averages with weight 0."""
+        _, gathered = decode_group_gathered(group_info.peer_ids, group_info.gathered)
+        own = gathered.get(self._p2p.peer_id)
+        weight = state_round_weight(own, gathered.values(), weight, self.max_epoch_spread)
+        return await super()._aggregate_with_group(group_info, weight)
 
     def _apply_averaged_state(self, sent: Sequence[Optional[torch.Tensor]]) -> None:
         with self._state_lock, self.get_tensors() as averaged:

@@ -1,0 +1,78 @@
+"""
+A state round whose group holds a straggler (a member behind the group's latest epoch): the members in step average
+among themselves and apply it, the straggler averages with weight 0 and keeps its own state. Before, the result was
+refused by everyone (the peers in step lost their round because one was out of step); hivemind 1.1.12 applies the
+average of all of them everywhere, so the straggler's stale parameters pull the peers in step back.
+"""
+
+import threading
+
+import pytest
+import torch
+from averager_helpers import FAST, dht_swarm
+
+from hivemind.optim.epoch_rule import state_round_weight
+from hivemind.optim.state_averager import TrainingStateAverager
+
+
+def _round(epochs, values, **options):
+    """One state round of len(epochs) averagers of a Linear(2, 1) filled with values; returns the values after it
+    and the averagers' round_met_later_epochs."""
+    with dht_swarm(len(epochs)) as dhts:
+        models = [torch.nn.Linear(2, 1) for _ in dhts]
+        averagers = []
+        try:
+            for dht, model, epoch, value in zip(dhts, models, epochs, values):
+                with torch.no_grad():
+                    for param in model.parameters():
+                        param.fill_(value)
+                averager = TrainingStateAverager(
+                    dht=dht, prefix="state_round_straggler", optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                    params=model.parameters(), target_group_size=len(epochs), start=True, **FAST, **options,
+                )  # fmt: skip
+                averager.local_epoch = epoch
+                averagers.append(averager)
+            errors = []
+
+            def round_of(averager):
+                try:
+                    averager.step(averaging_round=True, delay_averaging=False, averaging_opts=dict(timeout=20))
+                except BaseException as e:  # reported by the test thread
+                    errors.append(e)
+
+            threads = [threading.Thread(target=round_of, args=(averager,)) for averager in averagers]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(40)
+            assert not errors, errors
+            results = [sorted({x for p in model.parameters() for x in p.flatten().tolist()}) for model in models]
+            return results, [averager.round_met_later_epochs for averager in averagers]
+        finally:
+            for averager in averagers:
+                averager.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_peers_in_step_apply_their_own_average_when_a_straggler_is_in_the_group():
+    results, told = _round([4, 4, 3], [1.0, 3.0, 10.0])
+    # the two at epoch 4 get their mean (not (1 + 3 + 10) / 3: the straggler does not pull them back)
+    assert results == [[2.0], [2.0], [10.0]]
+    assert told == [False, False, True]  # the straggler was told that its round met a later epoch
+
+
+@pytest.mark.timeout(90)
+def test_members_within_the_epoch_spread_average_as_equals():
+    # (hivemind.Optimizer with use_local_updates: neighbouring epochs are averaged and applied as before)
+    results, told = _round([4, 3], [1.0, 3.0], max_epoch_spread=1)
+    assert results == [[2.0], [2.0]]
+    assert told == [False, False]
+
+
+def test_state_round_weight():
+    assert state_round_weight(4, [4, 4, 3], 1.0) == 1.0
+    assert state_round_weight(3, [4, 4, 3], 1.0) == 0.0
+    assert state_round_weight(3, [4, 3], 1.0, spread=1) == 1.0
+    assert state_round_weight(2, [4, 2], 1.0, spread=1) == 0.0
+    assert state_round_weight("x", [4, "x"], 1.0) == 1.0  # not an epoch: not a round of this rule
+    assert state_round_weight(3, [4, 3], 0.0) == 0.0
