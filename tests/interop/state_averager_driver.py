@@ -41,6 +41,10 @@ class StateAveragerDriver(peer_driver.Driver):
         statistics = [averager.optimizer.state[param][name] for name in names for param in params]
         return [*params, *statistics, *extras]
 
+    async def cmd_state_averager_set_epoch(self, handle, epoch):
+        """Put the averager in ``epoch`` (the epoch its next round gathers)."""
+        self.averagers[handle][0].local_epoch = epoch
+
     async def cmd_state_averager_average(self, handle, timeout):
         """One averaging round; returns the set of values of each averaged tensor after it."""
         averager = self.averagers[handle][0]
