@@ -67,6 +67,9 @@ MAX_MESSAGE_BYTES = 32 * 2**20
 # (0.5 s, doubling up to 4 s, with jitter) until the caller's timeout, or for this long without one
 BUSY_RETRY_WINDOW = 600.0
 BUSY_RETRY_FIRST_PAUSE, BUSY_RETRY_MAX_PAUSE = 0.5, 4.0
+# for this long after a donor answered busy, donors whose priority is more than BUSY_PRIORITY_SLACK below its own
+# (an optimizer's: more than an epoch behind) are not asked: its state is waited for, not an older one taken at once
+BUSY_PREFER_WINDOW, BUSY_PRIORITY_SLACK = 10.0, 1.0
 
 
 def order_donors(
@@ -338,12 +341,14 @@ async def load_state_from_peers(
         )
 
     busy: List[PeerID] = []  # donors that refused only because they serve as many downloads as they allow
+    busy_priority = [-math.inf]  # the best priority of a donor that answered busy
 
     def failed(entry: Tuple[PeerID, float], e: BaseException) -> None:
         if not p2p.is_alive:  # our own daemon, not the donor: said once below
             logger.debug(f"State download from {entry[0]} failed, this peer's p2pd is gone: {type(e).__name__}: {e}")
         elif isinstance(e, P2PHandlerError) and DONOR_BUSY_HINT in str(e):
             busy.append(entry[0])
+            busy_priority[0] = max(busy_priority[0], entry[1])
             logger.info(f"Donor {entry[0]} is busy serving others, trying the next one (and it again later): {e}")
         else:
             logger.warning(f"State download from {entry[0]} failed, trying the next donor: {type(e).__name__}: {e}")
@@ -352,16 +357,28 @@ async def load_state_from_peers(
     hedge_delay = min(request_timeout, first_message_timeout)
     # a busy donor is a donor still: it is asked again after a pause, within the timeout (or BUSY_RETRY_WINDOW)
     retry_until = deadline if deadline is not None else time.monotonic() + BUSY_RETRY_WINDOW
-    candidates, pauses = list(donors), 0
-    while candidates or _pause_for_busy_donors(busy, retry_until, pauses):
+    candidates, deferred, pauses = list(donors), [], 0
+    prefer_until = min(time.monotonic() + BUSY_PREFER_WINDOW, retry_until)
+
+    def may_ask_now(entry: Tuple[PeerID, float]) -> bool:  # (not a donor far below one that answered busy, for now)
+        return time.monotonic() >= prefer_until or entry[1] >= busy_priority[0] - BUSY_PRIORITY_SLACK
+
+    while candidates or deferred or _pause_for_busy_donors(busy, retry_until, pauses):
         if _daemon_stopped(p2p):
             return None
-        if not candidates:  # every donor failed or was busy, and there is time to ask the busy ones again
+        if time.monotonic() < prefer_until:  # a better donor that is busy is asked again before worse ones are
+            floor = busy_priority[0] - BUSY_PRIORITY_SLACK
+            deferred += [entry for entry in candidates if entry[1] < floor]
+            candidates = [entry for entry in candidates if entry[1] >= floor]
+        if not candidates and _pause_for_busy_donors(busy, retry_until, pauses):
+            # every donor asked failed or was busy, and there is time to ask the busy ones again
             candidates = [entry for entry in donors if entry[0] in busy]
             busy.clear()
             pauses += 1
             await asyncio.sleep(_busy_pause(pauses))
             continue
+        if deferred and (not candidates or time.monotonic() >= prefer_until):
+            prefer_until, candidates, deferred = 0.0, candidates + deferred, []  # (best first still)
         started = await first_to_start(
             candidates,
             ask,
@@ -371,9 +388,10 @@ async def load_state_from_peers(
             describe=lambda e: str(e[0]),
             priority=lambda e: e[1],  # a better donor that is only slow to start is waited for, within its own limit
             hold_limit=min(first_message_timeout, DONOR_PREPARATION_TIMEOUT),
+            allowed=may_ask_now,
         )
         if started is None:
-            if candidates:  # the time ran out
+            if candidates and deadline is not None and time.monotonic() >= deadline:  # the time ran out
                 break
             continue
         (donor, _), download = started

@@ -96,6 +96,7 @@ async def first_to_start(
     describe: Callable[[T], str] = str,
     priority: Optional[Callable[[T], float]] = None,
     hold_limit: float = 0.0,
+    allowed: Optional[Callable[[T], bool]] = None,
 ) -> Optional[Tuple[T, S]]:
     """Start downloads from ``candidates`` (best first) with hedging; return the first that started, or None.
 
@@ -109,6 +110,8 @@ async def first_to_start(
     :param describe: a candidate's name for the log
     :param priority: a candidate's priority; a download that starts while one of higher priority is still pending is
       held for up to ``hold_limit`` seconds (and at most half the time left before ``deadline``) for that one
+    :param allowed: whether the next candidate may be asked now (else none after it is, and None may be returned with
+      candidates left; default: always)
     """
     if not hedge_delay > 0:
         raise ValueError(f"hedge_delay must be a positive number of seconds, got {hedge_delay!r}")
@@ -130,14 +133,15 @@ async def first_to_start(
                 break
             if deadline is not None and now >= deadline:
                 break
-            if held is None and candidates and (not race.pending or now >= next_launch):
+            launchable = bool(candidates) and (allowed is None or allowed(candidates[0]))
+            if held is None and launchable and (not race.pending or now >= next_launch):
                 candidate = candidates.pop(0)
                 race.launch(candidate, open_download(candidate))
                 next_launch = now + hedge_delay
                 continue
             if not race.pending:
                 break
-            wait = max(next_launch - now, 0.0) if candidates and held is None else None
+            wait = max(next_launch - now, 0.0) if launchable and held is None else None
             if held is not None:
                 wait = held_until - now if wait is None else min(wait, held_until - now)
             if deadline is not None:
