@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID, DHTKey, DHTValue, Subkey
 from hivemind.dht.storage import MAX_DICTIONARY_BYTES, DictionaryDHTValue
+from hivemind.dht.store_fanout import KeyProgress, StoreFanout
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
@@ -111,16 +112,14 @@ class ReplicatedStore:
             candidates = await self.find_nearest_nodes(
                 list(entries_by_key), k_nearest=self.num_replicas, exclude_self=exclude_self, **kwargs
             )
-        for key_id, entries in entries_by_key.items():
-            task = self._spawn(
-                self._store_to_replicas(key_id, entries, candidates[key_id], results[key_id], await_all_replicas)
-            )
-            # a task cancelled before it started (node shutdown) never reaches its own `finally`: report failure here
-            task.add_done_callback(
-                lambda _, result=results[key_id], count=len(entries): (
-                    result.done() or result.set_result([False] * count)
-                )
-            )
+        progress = [
+            KeyProgress(key_id, entries, list(candidates[key_id].items()), self.num_replicas, results[key_id])
+            for key_id, entries in entries_by_key.items()
+        ]
+        fanout = self._fanout(early_result=not await_all_replicas, cache_when_done=self.cache_on_store)
+        task = self._spawn(fanout.run(progress))
+        # a task cancelled before it started (node shutdown) never reaches its own `finally`: report failure here
+        task.add_done_callback(lambda _: [key.resolve() for key in progress])
         store_ok: Dict[StoreKey, bool] = {}
         for key_id, entries in entries_by_key.items():
             for (result_key, *_), accepted in zip(entries, await results[key_id]):
@@ -149,12 +148,14 @@ class ReplicatedStore:
     ) -> None:
         key_ids = list({key_id: None for entries, _ in stores for key_id in entries})
         nearest = await self.find_nearest_nodes(key_ids, k_nearest=self.num_replicas, exclude_self=exclude_self)
+        progress = []
         for entries_by_key, offered in stores:
             for key_id, entries in entries_by_key.items():
                 already_offered = list(offered[key_id])[: self.num_replicas]
-                for node_id, peer_id in nearest[key_id].items():
-                    if node_id not in already_offered:
-                        self._spawn(self._send_entries(key_id, entries, node_id, peer_id))
+                missed = [(node, peer) for node, peer in nearest[key_id].items() if node not in already_offered]
+                if missed:
+                    progress.append(KeyProgress(key_id, entries, missed, wanted=len(missed)))
+        await self._fanout(early_result=False, cache_when_done=False).run(progress)
 
     def _nearest_known(self, key_id: DHTID, exclude_self: bool) -> Dict[DHTID, PeerID]:
         """Nodes of the local routing table (and this node, unless excluded) ordered by distance to key_id."""
@@ -164,18 +165,32 @@ class ReplicatedStore:
         candidates.sort(key=lambda item: key_id.xor_distance(item[0]))
         return dict(candidates)
 
-    async def _send_entries(
-        self,
-        key_id: DHTID,
-        entries: List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]],
-        node_id: DHTID,
-        peer_id: PeerID,
-    ) -> Optional[List[bool]]:
-        """Store one key's entries on one node (locally if it is this node); None if the node did not answer."""
-        if node_id == self.node_id:
-            return self._store_locally(key_id, entries)
-        _, subkeys, values, expirations = zip(*entries)
-        return await self.protocol.call_store(peer_id, [key_id] * len(entries), values, expirations, subkeys)
+    def _fanout(self, early_result: bool, cache_when_done: bool) -> StoreFanout:
+        """Sends keys' entries to their candidates, many keys per request (see :mod:`hivemind.dht.store_fanout`)."""
+
+        def send(peer_id: PeerID, key_ids: List[DHTID], entries: List[Any]) -> Awaitable[Optional[List[bool]]]:
+            _, subkeys, values, expirations = zip(*entries)
+            return self.protocol.call_store(peer_id, key_ids, values, expirations, subkeys)
+
+        def on_answer(key: KeyProgress, statuses: List[bool]) -> None:
+            for (_, subkey, value, expiration), accepted in zip(key.entries, statuses):
+                if accepted:  # before the caller learns of it: its next get may join a search started earlier
+                    self._offer_to_running_gets(key.key_id, subkey, value, expiration)
+
+        def on_done(key: KeyProgress) -> None:
+            if cache_when_done:
+                for (_, subkey, value, expiration), accepted in zip(key.entries, key.statuses):
+                    if accepted:
+                        self.protocol.cache.store(key.key_id, value, expiration, subkey=subkey)
+
+        return StoreFanout(
+            self.node_id,
+            send,
+            lambda key: self._store_locally(key.key_id, key.entries),
+            on_answer,
+            on_done,
+            early_result=early_result,
+        )
 
     def _sign(self, key_id: DHTID, subkey: Optional[Subkey], value: bytes, expiration: DHTExpiration) -> bytes:
         validator = self.protocol.record_validator
@@ -195,57 +210,6 @@ class ReplicatedStore:
                 continue
             outcomes.append(self.protocol.storage.store(key_id, value, expiration, subkey=subkey))
         return outcomes
-
-    async def _store_to_replicas(
-        self,
-        key_id: DHTID,
-        entries: List[Tuple[StoreKey, Optional[Subkey], bytes, DHTExpiration]],
-        candidates: Dict[DHTID, PeerID],
-        result: asyncio.Future,
-        await_all_replicas: bool,
-    ) -> None:
-        """
-        Send the entries of one key to the nearest candidates until ``num_replicas`` of them answered (accepted or
-        rejected) or candidates run out; a silent candidate is replaced by the next one. Each entry's status is the
-        one from the last answer processed.
-        """
-        statuses = [False] * len(entries)
-        untried = list(candidates.items())
-        in_flight: Dict[asyncio.Task, DHTID] = {}
-        num_responded = 0
-
-        def take_answer(response: List[bool]) -> None:
-            nonlocal statuses, num_responded
-            statuses = response
-            for (_, subkey, value, expiration), accepted in zip(entries, response):
-                if accepted:  # before the caller learns of it: its next get may join a search started earlier
-                    self._offer_to_running_gets(key_id, subkey, value, expiration)
-            num_responded += 1
-            if not await_all_replicas and any(statuses) and not result.done():
-                result.set_result(statuses)
-
-        try:
-            while True:
-                while untried and num_responded + len(in_flight) < self.num_replicas:
-                    node_id, peer_id = untried.pop(0)
-                    if node_id == self.node_id:  # this node answers at once: no task, no waiting
-                        take_answer(self._store_locally(key_id, entries))
-                    else:
-                        in_flight[self._spawn(self._send_entries(key_id, entries, node_id, peer_id))] = node_id
-                if not in_flight:
-                    break
-                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    del in_flight[task]
-                    if task.result() is not None:
-                        take_answer(task.result())
-        finally:
-            if not result.done():
-                result.set_result(statuses)
-        if self.cache_on_store:
-            for (_, subkey, value, expiration), accepted in zip(entries, statuses):
-                if accepted:
-                    self.protocol.cache.store(key_id, value, expiration, subkey=subkey)
 
 
 def _warn_if_beyond_dictionary_limit(key: DHTKey, subkey: Subkey, value: bytes) -> None:

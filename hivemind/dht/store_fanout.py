@@ -1,0 +1,159 @@
+"""
+Sending the entries of many keys to their replicas in few requests: every key's entries that go to one peer travel
+together with other keys' in one StoreRequest (up to MAX_ITEMS_PER_REQUEST items / MAX_BYTES_PER_REQUEST bytes of
+values), instead of one request per key and replica, which with thousands of keys ran out of time (each request may
+take wait_timeout) and left most remote replicas without the keys.
+"""
+
+import asyncio
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+
+from hivemind.dht.routing import DHTID
+from hivemind.p2p import PeerID
+
+MAX_ITEMS_PER_REQUEST = 2048  # store items (entries) in one request
+MAX_BYTES_PER_REQUEST = 1 << 20  # value bytes in one request (a request may carry at most 4 MiB)
+REQUESTS_PER_PEER = 2  # requests of one fan-out in flight to one peer at once
+
+# send(peer, key_ids, entries) -> one bool per entry, or None if the peer did not answer
+SendFn = Callable[[PeerID, List[DHTID], List[Any]], Any]
+
+
+class KeyProgress:
+    """
+    One key's store: its entries, the candidates not yet asked (nearest first), and the answers so far. Each entry's
+    status is the one from the last answer processed; the key is done once ``wanted`` candidates answered (accepted
+    or refused) or none is left to ask.
+    """
+
+    __slots__ = ("key_id", "entries", "untried", "wanted", "in_flight", "num_responded", "statuses", "result")
+
+    def __init__(
+        self,
+        key_id: DHTID,
+        entries: Sequence[Any],
+        candidates: Sequence[Tuple[DHTID, PeerID]],
+        wanted: int,
+        result: Optional[asyncio.Future] = None,
+    ):
+        self.key_id, self.entries, self.untried, self.wanted = key_id, list(entries), list(candidates), wanted
+        self.in_flight = self.num_responded = 0
+        self.statuses = [False] * len(self.entries)
+        self.result = result
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(value) if isinstance(value, bytes) else 64 for _, _, value, _ in self.entries)
+
+    def resolve(self) -> None:
+        if self.result is not None and not self.result.done():
+            self.result.set_result(list(self.statuses))
+
+
+class StoreFanout:
+    """
+    Stores many keys on their candidates: a key is sent to its nearest candidates until ``wanted`` of them answered,
+    a silent candidate is replaced by the next one. Requests to one peer carry many keys; a peer that did not answer
+    is not asked again by this fan-out (the keys waiting for it go to their next candidates at once).
+
+    :param local_node_id: candidates with this id are this node: ``store_locally(key)`` answers at once
+    :param on_answer: ``(key, statuses)`` after each answer, before the key's result may be set
+    :param on_done: ``(key)`` once a key is done (all its answers in), after its result was set
+    :param early_result: set a key's result at its first answer that accepted an entry (the others still follow)
+    """
+
+    def __init__(
+        self,
+        local_node_id: DHTID,
+        send: SendFn,
+        store_locally: Callable[[KeyProgress], List[bool]],
+        on_answer: Callable[[KeyProgress, List[bool]], None],
+        on_done: Callable[[KeyProgress], None],
+        early_result: bool = False,
+    ):
+        self.local_node_id, self.send, self.store_locally = local_node_id, send, store_locally
+        self.on_answer, self.on_done, self.early_result = on_answer, on_done, early_result
+        self._queues: Dict[PeerID, Deque[KeyProgress]] = {}
+        self._senders: Dict[PeerID, Set[asyncio.Task]] = {}
+        self._silent_peers: Set[PeerID] = set()
+        self._all_senders: Set[asyncio.Task] = set()
+
+    async def run(self, keys: Sequence[KeyProgress]) -> None:
+        """Store every key; on return (or cancellation) each key's result is set."""
+        try:
+            for key in keys:
+                self._advance(key)
+            while self._all_senders:
+                done, _ = await asyncio.wait(self._all_senders, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._all_senders.discard(task)
+                    task.result()  # a sender's error is a bug: raise it
+        finally:
+            for task in self._all_senders:
+                task.cancel()
+            await asyncio.gather(*self._all_senders, return_exceptions=True)
+            for key in keys:
+                key.resolve()
+
+    def _take_answer(self, key: KeyProgress, statuses: List[bool]) -> None:
+        key.statuses = list(statuses)
+        key.num_responded += 1
+        self.on_answer(key, key.statuses)
+        if self.early_result and any(key.statuses):
+            key.resolve()
+
+    def _advance(self, key: KeyProgress) -> None:
+        """Ask the next candidates of ``key`` while fewer than ``wanted`` answered or are being asked."""
+        while key.untried and key.num_responded + key.in_flight < key.wanted:
+            node_id, peer_id = key.untried.pop(0)
+            if node_id == self.local_node_id:
+                self._take_answer(key, self.store_locally(key))
+            elif peer_id not in self._silent_peers:
+                key.in_flight += 1
+                self._queues.setdefault(peer_id, deque()).append(key)
+                senders = self._senders.setdefault(peer_id, set())
+                if len(senders) < REQUESTS_PER_PEER:
+                    task = asyncio.create_task(self._send_to(peer_id))
+                    senders.add(task)
+                    self._all_senders.add(task)
+        if key.in_flight == 0:
+            key.resolve()
+            self.on_done(key)
+
+    def _next_request(self, queue: Deque[KeyProgress]) -> List[KeyProgress]:
+        """Keys from the front of ``queue`` for one request (at least one, however large)."""
+        batch = [queue.popleft()]
+        num_items, num_bytes = len(batch[0].entries), batch[0].nbytes
+        while queue:
+            key = queue[0]
+            if num_items + len(key.entries) > MAX_ITEMS_PER_REQUEST or num_bytes + key.nbytes > MAX_BYTES_PER_REQUEST:
+                break
+            batch.append(queue.popleft())
+            num_items, num_bytes = num_items + len(key.entries), num_bytes + key.nbytes
+        return batch
+
+    async def _send_to(self, peer_id: PeerID) -> None:
+        queue = self._queues[peer_id]
+        try:
+            while queue:
+                batch = self._next_request(queue)
+                key_ids = [key.key_id for key in batch for _ in key.entries]
+                response = await self.send(peer_id, key_ids, [entry for key in batch for entry in key.entries])
+                if response is None:  # silent: the keys waiting for it go to their next candidates
+                    self._silent_peers.add(peer_id)
+                    batch.extend(queue)
+                    queue.clear()
+                    for key in batch:
+                        key.in_flight -= 1
+                        self._advance(key)
+                    continue
+                offset = 0
+                for key in batch:
+                    statuses = response[offset : offset + len(key.entries)]
+                    offset += len(key.entries)
+                    key.in_flight -= 1
+                    self._take_answer(key, statuses)
+                    self._advance(key)
+        finally:
+            self._senders[peer_id].discard(asyncio.current_task())

@@ -1,0 +1,87 @@
+"""store_many / get_many of thousands of keys on a small swarm of DHT processes: every replica gets every key."""
+
+import functools
+import os
+import signal
+
+import pytest
+
+import hivemind
+from hivemind.dht.routing import DHTID
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+NUM_KEYS = 3000
+
+
+async def _store_many(_dht, node, keys, values, expiration, **kwargs):
+    return await node.store_many(keys, values, expiration, **kwargs)
+
+
+async def _stored_values(_dht, node, keys):
+    """What this node's own storage holds for each key (None if nothing)."""
+    found = []
+    for key in keys:
+        item = node.protocol.storage.get(DHTID.generate(source=key))
+        found.append(None if item is None else MSGPackSerializer.loads(item.value))
+    return found
+
+
+async def _get_many(_dht, node, keys):
+    results = await node.get_many(keys)
+    return [None if results[key] is None else results[key].value for key in keys]
+
+
+def _shutdown(*dhts):
+    for dht in dhts:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_store_many_of_thousands_of_keys_reaches_every_replica_and_get_many_finds_them():
+    first = hivemind.DHT(start=True)
+    dhts = [first]
+    try:
+        for _ in range(2):  # initial peers chained: each newcomer joins through the last one
+            dhts.append(hivemind.DHT(initial_peers=dhts[-1].get_visible_maddrs(), start=True))
+        keys = [f"many_keys_{index}" for index in range(NUM_KEYS)]
+        values = [index * 7 for index in range(NUM_KEYS)]
+        stored = first.run_coroutine(
+            functools.partial(_store_many, keys=keys, values=values, expiration=get_dht_time() + 300)
+        )
+        assert stored == dict.fromkeys(keys, True)
+        # three peers, five replicas per key: each peer holds every key once store_many has returned
+        for dht in dhts:
+            held = dht.run_coroutine(functools.partial(_stored_values, keys=keys))
+            assert sum(value is not None for value in held) == NUM_KEYS
+            assert held == values
+
+        reader = hivemind.DHT(initial_peers=dhts[-1].get_visible_maddrs(), client_mode=True, start=True)
+        dhts.append(reader)  # a client holds nothing of its own: every value comes from the replicas
+        assert reader.run_coroutine(functools.partial(_get_many, keys=keys)) == values
+    finally:
+        _shutdown(*dhts)
+
+
+@pytest.mark.timeout(120)
+def test_store_many_to_a_frozen_replica_reports_false_for_keys_that_reached_no_replica():
+    first = hivemind.DHT(start=True)
+    dhts = [first]
+    frozen = None
+    try:
+        dhts.append(hivemind.DHT(initial_peers=first.get_visible_maddrs(), start=True))
+        frozen = dhts[-1]
+        keys = [f"frozen_replica_{index}" for index in range(NUM_KEYS)]
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stored = first.run_coroutine(
+            functools.partial(_store_many, keys=keys, values=keys, expiration=get_dht_time() + 300, exclude_self=True)
+        )
+        assert stored == dict.fromkeys(keys, False)  # the only other replica never answered
+        stored = first.run_coroutine(
+            functools.partial(_store_many, keys=keys, values=keys, expiration=get_dht_time() + 300)
+        )
+        assert stored == dict.fromkeys(keys, True)  # this peer is a replica and accepted them
+    finally:
+        if frozen is not None:
+            os.kill(frozen.pid, signal.SIGCONT)
+        _shutdown(*dhts)
