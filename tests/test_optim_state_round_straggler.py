@@ -76,3 +76,18 @@ def test_state_round_weight():
     assert state_round_weight(2, [4, 2], 1.0, spread=1) == 0.0
     assert state_round_weight("x", [4, "x"], 1.0) == 1.0  # not an epoch: not a round of this rule
     assert state_round_weight(3, [4, 3], 0.0) == 0.0
+
+
+@pytest.mark.timeout(90)
+def test_with_sync_epoch_when_averaging_members_of_any_epoch_average_as_equals():
+    # (as hivemind 1.1.12: the epochs are synchronized by the round itself, so a member behind is no straggler; its
+    # progress since the last round is averaged in, not dropped, and every member moves to the latest epoch)
+    results, told = _round([4, 3], [1.0, 3.0], sync_epoch_when_averaging=True)
+    assert results == [[2.0], [2.0]]
+    assert told == [False, False]
+
+
+@pytest.mark.timeout(120)
+def test_a_spawned_averager_process_knows_the_epoch_spread():
+    results, _ = _round([4, 3], [1.0, 3.0], max_epoch_spread=1, start_method="spawn")
+    assert results == [[2.0], [2.0]]

@@ -444,7 +444,10 @@ class TrainingStateAverager(DecentralizedAverager):
         return max(epochs + [round_epoch]) - round_epoch <= self.max_epoch_spread
 
     async def _aggregate_with_group(self, group_info: Any, weight: float) -> Dict[Any, Any]:
-        """(In the averager's process) a member behind the group's latest epoch averages with weight 0."""
+        """(In the averager's process) a member behind the group's latest epoch averages with weight 0, unless the
+        round synchronizes the epochs (``sync_epoch_when_averaging``: every member averages as an equal)."""
+        if self.sync_epoch_when_averaging:
+            return await super()._aggregate_with_group(group_info, weight)
         _, gathered = decode_group_gathered(group_info.peer_ids, group_info.gathered)
         own = gathered.get(self._p2p.peer_id)
         weight = state_round_weight(own, gathered.values(), weight, self.max_epoch_spread)
