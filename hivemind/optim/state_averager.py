@@ -18,7 +18,7 @@ from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
-from hivemind.optim.epoch_rule import state_round_epochs, state_round_weight
+from hivemind.optim.epoch_rule import MAX_EPOCH, state_round_epochs, state_round_weight
 from hivemind.optim.optimizer_options import check_state_averager_arguments
 from hivemind.optim.optimizer_state import (
     dump_optimizer_state,
@@ -444,13 +444,10 @@ class TrainingStateAverager(DecentralizedAverager):
         return max(epochs + [round_epoch]) - round_epoch <= self.max_epoch_spread
 
     async def _aggregate_with_group(self, group_info: Any, weight: float) -> Dict[Any, Any]:
-        """(In the averager's process) a member behind the group's latest epoch averages with weight 0, unless the
-        round synchronizes the epochs (``sync_epoch_when_averaging``: every member averages as an equal)."""
-        if self.sync_epoch_when_averaging:
-            return await super()._aggregate_with_group(group_info, weight)
+        """(In the averager's process) a member behind the latest epoch averages with weight 0 (sync_epoch: none)."""
         _, gathered = decode_group_gathered(group_info.peer_ids, group_info.gathered)
-        own = gathered.get(self._p2p.peer_id)
-        weight = state_round_weight(own, gathered.values(), weight, self.max_epoch_spread)
+        spread = MAX_EPOCH if self.sync_epoch_when_averaging else self.max_epoch_spread
+        weight = state_round_weight(gathered.get(self._p2p.peer_id), gathered.values(), weight, spread)
         return await super()._aggregate_with_group(group_info, weight)
 
     def _apply_averaged_state(self, sent: Sequence[Optional[torch.Tensor]]) -> None:
