@@ -3,6 +3,7 @@
 import functools
 import os
 import signal
+import time
 
 import pytest
 
@@ -81,6 +82,38 @@ def test_store_many_to_a_frozen_replica_reports_false_for_keys_that_reached_no_r
             functools.partial(_store_many, keys=keys, values=keys, expiration=get_dht_time() + 300)
         )
         assert stored == dict.fromkeys(keys, True)  # this peer is a replica and accepted them
+    finally:
+        if frozen is not None:
+            os.kill(frozen.pid, signal.SIGCONT)
+        _shutdown(*dhts)
+
+
+async def _count_stored(_dht, node, keys):
+    return sum(node.protocol.storage.get(DHTID.generate(source=key)) is not None for key in keys)
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_silent_during_store_many_gets_the_keys_once_it_answers_again():
+    first = hivemind.DHT(start=True)
+    dhts = [first]
+    frozen = None
+    try:
+        for _ in range(2):
+            dhts.append(hivemind.DHT(initial_peers=first.get_visible_maddrs(), start=True))
+        frozen = dhts[1]
+        keys = [f"silent_replica_{index}" for index in range(NUM_KEYS)]
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stored = first.run_coroutine(
+            functools.partial(_store_many, keys=keys, values=keys, expiration=get_dht_time() + 300)
+        )
+        assert stored == dict.fromkeys(keys, True)  # this peer is a replica and accepted them
+        os.kill(frozen.pid, signal.SIGCONT)
+        frozen = None
+        # the store's confirmation (a search after it) finds the replica answering again and sends it the keys
+        deadline = time.monotonic() + 60
+        while dhts[1].run_coroutine(functools.partial(_count_stored, keys=keys)) < NUM_KEYS:
+            assert time.monotonic() < deadline, "the replica that was silent never received the keys"
+            time.sleep(0.2)
     finally:
         if frozen is not None:
             os.kill(frozen.pid, signal.SIGCONT)

@@ -176,7 +176,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
         self._cache_refresh_wakeup = asyncio.Event()
         self._pending_gets: Dict[DHTID, List[PendingGet]] = defaultdict(list)
         self._tasks: Set[asyncio.Task] = set()
-        self._unconfirmed_stores: List[Tuple[Dict[DHTID, List[Any]], Dict[DHTID, Dict[DHTID, PeerID]], bool]] = []
+        self._unconfirmed_stores: List[Tuple[List[Any], bool]] = []  # (KeyProgress of one store_many, exclude_self)
         self._store_confirmer: Optional[asyncio.Task] = None
 
         try:

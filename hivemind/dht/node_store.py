@@ -23,6 +23,7 @@ from hivemind.utils.value_checks import is_number
 logger = get_logger(__name__)
 
 CONFIRM_REPLICAS_DELAY = 1.0  # s: stores sent to nodes from the routing table are confirmed by batched searches
+CONFIRM_KEYS_PER_SEARCH = 1024  # keys of one confirming search: a search of many more holds up the event loop
 StoreKey = Union[DHTKey, Tuple[DHTKey, Subkey]]  # a store_many result is keyed by key, or (key, subkey) for subkeys
 
 
@@ -38,7 +39,7 @@ class ReplicatedStore:
     protocol: DHTProtocol
     num_replicas: int
     cache_on_store: bool
-    _unconfirmed_stores: List[Tuple[Dict[DHTID, List[Any]], Dict[DHTID, Dict[DHTID, PeerID]], bool]]
+    _unconfirmed_stores: List[Tuple[List[KeyProgress], bool]]  # (keys of one store_many, exclude_self)
     _store_confirmer: Optional[asyncio.Task]
     _spawn: Callable[[Awaitable], asyncio.Task]
     find_nearest_nodes: Callable[..., Awaitable[Dict[DHTID, Dict[DHTID, PeerID]]]]
@@ -101,13 +102,11 @@ class ReplicatedStore:
 
         loop = asyncio.get_running_loop()
         results = {key_id: loop.create_future() for key_id in entries_by_key}
-        if len(self.protocol.routing_table) < self.protocol.bucket_size:
+        to_confirm = len(self.protocol.routing_table) < self.protocol.bucket_size
+        if to_confirm:
             # the routing table most likely knows the whole swarm: store to the nearest known nodes right away and
-            # confirm them with a search in the background, storing to any nearer node it finds
+            # confirm them with a search once the store is over, storing to any nearest node that has not answered
             candidates = {key_id: self._nearest_known(key_id, exclude_self) for key_id in entries_by_key}
-            self._unconfirmed_stores.append((entries_by_key, candidates, exclude_self))
-            if self._store_confirmer is None or self._store_confirmer.done():
-                self._store_confirmer = self._spawn(self._confirm_replicas())
         else:
             candidates = await self.find_nearest_nodes(
                 list(entries_by_key), k_nearest=self.num_replicas, exclude_self=exclude_self, **kwargs
@@ -118,8 +117,17 @@ class ReplicatedStore:
         ]
         fanout = self._fanout(early_result=not await_all_replicas, cache_when_done=self.cache_on_store)
         task = self._spawn(fanout.run(progress))
-        # a task cancelled before it started (node shutdown) never reaches its own `finally`: report failure here
-        task.add_done_callback(lambda _: [key.resolve() for key in progress])
+
+        def on_fanout_done(task: asyncio.Task) -> None:
+            for key in progress:  # a task cancelled before it started never reaches its own `finally`
+                key.resolve()
+            if to_confirm and not task.cancelled() and self.is_alive:
+                # (after the store: a search of thousands of keys would hold up the event loop while it sends them)
+                self._unconfirmed_stores.append((progress, exclude_self))
+                if self._store_confirmer is None or self._store_confirmer.done():
+                    self._store_confirmer = self._spawn(self._confirm_replicas())
+
+        task.add_done_callback(on_fanout_done)
         store_ok: Dict[StoreKey, bool] = {}
         for key_id, entries in entries_by_key.items():
             for (result_key, *_), accepted in zip(entries, await results[key_id]):
@@ -129,32 +137,30 @@ class ReplicatedStore:
     async def _confirm_replicas(self) -> None:
         """
         Batch by batch, search for the nearest nodes of recently stored keys and store each key to those of them that
-        the local routing table did not offer. Waiting CONFIRM_REPLICAS_DELAY first lets one search serve many stores.
-        A batch whose search fails is logged and skipped: its keys keep the replicas they were first stored on.
+        did not answer its store (nodes the local routing table did not offer, or that were silent then). Waiting
+        CONFIRM_REPLICAS_DELAY first lets one search serve many stores. A batch whose search fails is logged and
+        skipped: its keys keep the replicas they were first stored on.
         """
         while self._unconfirmed_stores:
             await asyncio.sleep(CONFIRM_REPLICAS_DELAY)
             batch, self._unconfirmed_stores = self._unconfirmed_stores, []
             for exclude_self in (False, True):
-                stores = [(entries, offered) for entries, offered, exclude in batch if exclude == exclude_self]
-                if stores:
+                keys = [key for progress, exclude in batch if exclude == exclude_self for key in progress]
+                for start in range(0, len(keys), CONFIRM_KEYS_PER_SEARCH):
                     try:
-                        await self._confirm_batch(stores, exclude_self)
+                        await self._confirm_batch(keys[start : start + CONFIRM_KEYS_PER_SEARCH], exclude_self)
                     except Exception as e:
-                        logger.warning(f"Could not confirm the replicas of {len(stores)} stores: {e!r}", exc_info=True)
+                        logger.warning(f"Could not confirm the replicas of {len(keys)} keys: {e!r}", exc_info=True)
+                        break
 
-    async def _confirm_batch(
-        self, stores: List[Tuple[Dict[DHTID, List[Any]], Dict[DHTID, Dict[DHTID, PeerID]]]], exclude_self: bool
-    ) -> None:
-        key_ids = list({key_id: None for entries, _ in stores for key_id in entries})
+    async def _confirm_batch(self, keys: List[KeyProgress], exclude_self: bool) -> None:
+        key_ids = list({key.key_id: None for key in keys})
         nearest = await self.find_nearest_nodes(key_ids, k_nearest=self.num_replicas, exclude_self=exclude_self)
         progress = []
-        for entries_by_key, offered in stores:
-            for key_id, entries in entries_by_key.items():
-                already_offered = list(offered[key_id])[: self.num_replicas]
-                missed = [(node, peer) for node, peer in nearest[key_id].items() if node not in already_offered]
-                if missed:
-                    progress.append(KeyProgress(key_id, entries, missed, wanted=len(missed)))
+        for key in keys:
+            missed = [(node, peer) for node, peer in nearest[key.key_id].items() if node not in key.answered]
+            if missed:
+                progress.append(KeyProgress(key.key_id, key.entries, missed, wanted=len(missed)))
         await self._fanout(early_result=False, cache_when_done=False).run(progress)
 
     def _nearest_known(self, key_id: DHTID, exclude_self: bool) -> Dict[DHTID, PeerID]:

@@ -27,7 +27,7 @@ class KeyProgress:
     or refused) or none is left to ask.
     """
 
-    __slots__ = ("key_id", "entries", "untried", "wanted", "in_flight", "num_responded", "statuses", "result")
+    __slots__ = ("key_id", "entries", "untried", "wanted", "in_flight", "answered", "statuses", "result")
 
     def __init__(
         self,
@@ -38,7 +38,8 @@ class KeyProgress:
         result: Optional[asyncio.Future] = None,
     ):
         self.key_id, self.entries, self.untried, self.wanted = key_id, list(entries), list(candidates), wanted
-        self.in_flight = self.num_responded = 0
+        self.in_flight = 0
+        self.answered: Set[DHTID] = set()  # candidates that answered (accepted or refused)
         self.statuses = [False] * len(self.entries)
         self.result = result
 
@@ -74,7 +75,7 @@ class StoreFanout:
     ):
         self.local_node_id, self.send, self.store_locally = local_node_id, send, store_locally
         self.on_answer, self.on_done, self.early_result = on_answer, on_done, early_result
-        self._queues: Dict[PeerID, Deque[KeyProgress]] = {}
+        self._queues: Dict[PeerID, Deque[Tuple[KeyProgress, DHTID]]] = {}  # (key, the node id it is sent to)
         self._senders: Dict[PeerID, Set[asyncio.Task]] = {}
         self._silent_peers: Set[PeerID] = set()
         self._all_senders: Set[asyncio.Task] = set()
@@ -96,22 +97,22 @@ class StoreFanout:
             for key in keys:
                 key.resolve()
 
-    def _take_answer(self, key: KeyProgress, statuses: List[bool]) -> None:
+    def _take_answer(self, key: KeyProgress, node_id: DHTID, statuses: List[bool]) -> None:
         key.statuses = list(statuses)
-        key.num_responded += 1
+        key.answered.add(node_id)
         self.on_answer(key, key.statuses)
         if self.early_result and any(key.statuses):
             key.resolve()
 
     def _advance(self, key: KeyProgress) -> None:
         """Ask the next candidates of ``key`` while fewer than ``wanted`` answered or are being asked."""
-        while key.untried and key.num_responded + key.in_flight < key.wanted:
+        while key.untried and len(key.answered) + key.in_flight < key.wanted:
             node_id, peer_id = key.untried.pop(0)
             if node_id == self.local_node_id:
-                self._take_answer(key, self.store_locally(key))
+                self._take_answer(key, node_id, self.store_locally(key))
             elif peer_id not in self._silent_peers:
                 key.in_flight += 1
-                self._queues.setdefault(peer_id, deque()).append(key)
+                self._queues.setdefault(peer_id, deque()).append((key, node_id))
                 senders = self._senders.setdefault(peer_id, set())
                 if len(senders) < REQUESTS_PER_PEER:
                     task = asyncio.create_task(self._send_to(peer_id))
@@ -121,12 +122,12 @@ class StoreFanout:
             key.resolve()
             self.on_done(key)
 
-    def _next_request(self, queue: Deque[KeyProgress]) -> List[KeyProgress]:
+    def _next_request(self, queue: Deque[Tuple[KeyProgress, DHTID]]) -> List[Tuple[KeyProgress, DHTID]]:
         """Keys from the front of ``queue`` for one request (at least one, however large)."""
         batch = [queue.popleft()]
-        num_items, num_bytes = len(batch[0].entries), batch[0].nbytes
+        num_items, num_bytes = len(batch[0][0].entries), batch[0][0].nbytes
         while queue:
-            key = queue[0]
+            key = queue[0][0]
             if num_items + len(key.entries) > MAX_ITEMS_PER_REQUEST or num_bytes + key.nbytes > MAX_BYTES_PER_REQUEST:
                 break
             batch.append(queue.popleft())
@@ -138,22 +139,22 @@ class StoreFanout:
         try:
             while queue:
                 batch = self._next_request(queue)
-                key_ids = [key.key_id for key in batch for _ in key.entries]
-                response = await self.send(peer_id, key_ids, [entry for key in batch for entry in key.entries])
+                key_ids = [key.key_id for key, _ in batch for _ in key.entries]
+                response = await self.send(peer_id, key_ids, [entry for key, _ in batch for entry in key.entries])
                 if response is None:  # silent: the keys waiting for it go to their next candidates
                     self._silent_peers.add(peer_id)
                     batch.extend(queue)
                     queue.clear()
-                    for key in batch:
+                    for key, _ in batch:
                         key.in_flight -= 1
                         self._advance(key)
                     continue
                 offset = 0
-                for key in batch:
+                for key, node_id in batch:
                     statuses = response[offset : offset + len(key.entries)]
                     offset += len(key.entries)
                     key.in_flight -= 1
-                    self._take_answer(key, statuses)
+                    self._take_answer(key, node_id, statuses)
                     self._advance(key)
         finally:
             self._senders[peer_id].discard(asyncio.current_task())
