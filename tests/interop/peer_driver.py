@@ -11,6 +11,7 @@ CPython, and the harness is the only writer, so this is trusted local data.
 """
 
 import asyncio
+import functools
 import hashlib
 import inspect
 import io
@@ -153,6 +154,24 @@ def _schema_validator(prefix: str):
         counts: Dict[pydantic_v1.StrictStr, pydantic_v1.StrictInt]
 
     return SchemaValidator(InteropSchema, allow_extra_keys=True, prefix=prefix)
+
+
+async def _store_numbered_keys(_dht, node, prefix, count, expiration):
+    # the keys are made in the DHT process: the original's DHT process fails on a call too large for one pipe read
+    keys = [f"{prefix}_{index}" for index in range(count)]
+    results = await node.store_many(keys, list(range(count)), expiration)
+    return sum(bool(results[key]) for key in keys)
+
+
+async def _count_numbered_keys(_dht, node, prefix, count):
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    held = 0
+    for index in range(count):
+        item = node.protocol.storage.get(DHTID.generate(source=f"{prefix}_{index}"))
+        held += item is not None and MSGPackSerializer.loads(item.value) == index
+    return held
 
 
 class Driver:
@@ -355,6 +374,16 @@ class Driver:
     async def cmd_dht_get(self, handle, key_pkl, latest=False):
         dht, key = self.dhts[handle], _load(key_pkl)
         return _plain_get_result(await dht.get(key, latest=latest, return_future=True))
+
+    async def cmd_dht_store_many(self, handle, prefix, count, expiration):
+        """store_many of keys f"{prefix}_{i}" (value i) for i < count in the DHT process; how many were True."""
+        call = functools.partial(_store_numbered_keys, prefix=prefix, count=count, expiration=expiration)
+        return await self.dhts[handle].run_coroutine(call, return_future=True)
+
+    async def cmd_dht_count_stored(self, handle, prefix, count):
+        """How many of the keys f"{prefix}_{i}", i < count, this DHT's own storage holds with value i."""
+        call = functools.partial(_count_numbered_keys, prefix=prefix, count=count)
+        return await self.dhts[handle].run_coroutine(call, return_future=True)
 
     async def cmd_dht_shutdown(self, handle):
         await asyncio.get_running_loop().run_in_executor(None, self.dhts[handle].shutdown)
