@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, decode_cost
 from hivemind.dht.replication import replication_batches
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
@@ -23,7 +23,10 @@ def test_replication_batches_stay_small_and_keep_every_item():
     batches = list(replication_batches(items, max_cost=4096, max_bytes=1 << 30))
     assert [item for batch, _ in batches for item in batch] == items
     assert all(cost <= 4096 for _, cost in batches)
-    assert sum(cost for _, cost in batches) == 10000 + 1 + 300
+    # one item each, plus their bytes (see rate_limit.decode_cost); the dictionary one per entry
+    assert sum(cost for _, cost in batches) == pytest.approx(
+        10000 * (1 + decode_cost(b"\xc0") + decode_cost(b"v")) + 1 + 300
+    )
 
 
 def test_replication_batches_stay_under_a_byte_budget():

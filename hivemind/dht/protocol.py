@@ -2,11 +2,12 @@
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from hivemind.dht.id_codec import IdCodec
+from hivemind.dht.protocol_store import StoreHandling
 from hivemind.dht.protocol_stub import NodeStubGetter
-from hivemind.dht.rate_limit import PeerRateLimiter
+from hivemind.dht.rate_limit import PeerRateLimiter, store_item_cost
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
     IS_REGULAR_VALUE,
@@ -16,13 +17,12 @@ from hivemind.dht.request_checks import (
     check_find_request_shape,
     check_find_result_shape,
     check_node_id_bytes,
-    check_store_item,
     check_store_request_shape,
     check_value_bytes,
 )
 from hivemind.dht.routing import DHTID, BinaryDHTValue, RoutingTable, Subkey
 from hivemind.dht.routing_upkeep import RoutingUpkeep
-from hivemind.dht.storage import MAX_DICTIONARY_ENTRIES, DHTLocalStorage, DictionaryDHTValue
+from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import dht_pb2
@@ -48,7 +48,7 @@ class ValidationError(Exception):
     """A peer we bootstrap from says it cannot reach us back, or its clock differs from ours by too much."""
 
 
-class DHTProtocol(RoutingUpkeep, ServicerBase):
+class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
     """
     Serves ``DHTProtocol.rpc_ping/rpc_store/rpc_find`` from this node's storage, cache and routing table, and calls
     them on other peers. Every remote request is checked (:mod:`hivemind.dht.request_checks`) before it touches
@@ -167,7 +167,11 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         except RequestRejected as e:
             self._reject(e.reason)
             raise
-        if not self.store_rate_limiter.allow(context.remote_id, len(request.keys)):
+        cost = sum(  # bytes weighed by what decoding them costs: 4 MiB of nested tuples took seconds
+            store_item_cost(subkey, value, subkey == IS_DICTIONARY)
+            for subkey, value in zip(request.subkeys, request.values)
+        )
+        if not self.store_rate_limiter.allow(context.remote_id, cost):
             self.rejected["rate_limited"] += len(request.keys)
             return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
         if sender_id is not None:
@@ -198,76 +202,6 @@ class DHTProtocol(RoutingUpkeep, ServicerBase):
         if reason is not None:
             self._reject(reason)
         return reason is None
-
-    def _store_item(
-        self, key: bytes, subkey: bytes, value: bytes, expiration_time: float, in_cache: bool, now: float, sender=None
-    ) -> bool:
-        reason = check_store_item(key, subkey, value, expiration_time, now)
-        if reason is not None:
-            return self._reject(reason)
-        key_id, storage = DHTID.from_bytes(key), self.cache if in_cache else self.storage
-        if subkey == IS_DICTIONARY:
-            return self._store_dictionary(key, key_id, value, storage, now, sender)
-        if not self._is_valid(DHTRecord(key, subkey, value, expiration_time)):
-            return False
-        if subkey == IS_REGULAR_VALUE:
-            return storage.store(key_id, value, expiration_time)
-        return self._store_subkey(storage, key_id, self.serializer.loads(subkey), value, expiration_time)
-
-    def _store_subkey(
-        self, storage: DHTLocalStorage, key_id: DHTID, subkey: Subkey, value: bytes, expiration_time: float
-    ) -> bool:
-        if storage.store(key_id, value, expiration_time, subkey=subkey):
-            return True
-        if storage.dictionary_full(key_id, subkey, value):
-            self._reject("dictionary_full")  # MAX_DICTIONARY_ENTRIES / MAX_DICTIONARY_BYTES in hivemind.dht.storage
-        return False
-
-    def _decode_dictionary_entries(
-        self, value: bytes, source: str
-    ) -> Optional[Tuple[List[Tuple[Any, bytes, float]], int]]:
-        """
-        (subkey, value, expiration) of each live entry in a remote peer's ext-0x50 bytes, and how many entries the
-        payload held beyond those (expired, NaN expiration, older duplicates); None (counted) if malformed.
-        """
-        try:
-            dictionary = self.serializer.loads(value)
-            if not isinstance(dictionary, DictionaryDHTValue):
-                raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
-            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
-            return entries, dictionary.dropped_on_decode
-        except Exception as e:
-            logger.debug(f"Malformed dictionary in {source}: {e!r}")
-            self._reject("malformed_dictionary")
-            return None
-
-    def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage, now: float, sender=None) -> bool:
-        """Store a whole dictionary entry by entry (each entry is charged to the sender's store rate limit); True only
-        if it held entries and every one was stored."""
-        if not self.store_rate_limiter.allow_dictionary(sender, len(value)):  # its decoding is paid for first
-            return self._reject("rate_limited")
-        decoded = self._decode_dictionary_entries(value, "a store request")
-        if decoded is None:
-            return False
-        entries, dropped = decoded
-        if len(entries) > MAX_DICTIONARY_ENTRIES:  # never stored whole: refused without checking each entry
-            return self._reject("dictionary_full")
-        if not self.store_rate_limiter.allow_dictionary(sender, len(value), len(entries)):
-            return self._reject("rate_limited")
-        if dropped:
-            self.rejected["dropped_dictionary_entry"] += dropped
-        all_accepted = len(entries) > 0 and dropped == 0
-        for subkey, entry_value, entry_expiration in entries:
-            reason = check_dictionary_entry(entry_value, entry_expiration, now)
-            if reason is not None:
-                all_accepted = self._reject(reason)
-                continue
-            record = DHTRecord(key, self.serializer.dumps(subkey), entry_value, entry_expiration)
-            if not self._is_valid(record):
-                all_accepted = False
-                continue
-            all_accepted &= self._store_subkey(storage, key_id, subkey, entry_value, entry_expiration)
-        return all_accepted
 
     async def rpc_find(
         self,

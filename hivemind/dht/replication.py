@@ -2,10 +2,13 @@
 
 from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
 
-from hivemind.dht.rate_limit import DICTIONARY_BYTES_PER_ITEM
+from hivemind.dht.rate_limit import decode_cost, store_item_cost
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import ValueWithExpiration
+
+IS_REGULAR_VALUE = b"\xc0"  # msgpack(None): the subkey of a regular value, as sent
 
 NearestNeighbors = Callable[
     [int], Sequence[int]
@@ -36,14 +39,14 @@ def keys_to_replicate(
     ]
 
 
-def replication_cost(item: ValueWithExpiration) -> int:
+def replication_cost(item: ValueWithExpiration) -> float:
     """
-    What storing one replicated item costs the receiver's store rate limit (see rate_limit.py): one item, plus one per
-    entry of a whole dictionary, or per DICTIONARY_BYTES_PER_ITEM of its size when that is more (rounded up).
+    What storing one replicated item costs the receiver's store rate limit (see rate_limit.py): one item, plus what
+    decoding its value costs, or for a whole dictionary one per entry when that is more.
     """
     if not isinstance(item.value, DictionaryDHTValue):
-        return 1
-    return 1 + max(len(item.value), item.value.nbytes // DICTIONARY_BYTES_PER_ITEM + 1)
+        return store_item_cost(IS_REGULAR_VALUE, item.value)
+    return 1 + max(len(item.value), decode_cost(MSGPackSerializer.dumps(item.value)))
 
 
 def replication_nbytes(item: ValueWithExpiration) -> int:

@@ -6,11 +6,12 @@ counter that :class:`~hivemind.dht.protocol.DHTProtocol` keeps of rejected input
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import msgpack
 
-from hivemind.dht.storage import MAX_DICTIONARY_BYTES, MAX_ENCODED_DICTIONARY_BYTES, DictionaryDHTValue
+from hivemind.dht.storage import MAX_DICTIONARY_BYTES, MAX_ENCODED_DICTIONARY_BYTES
+from hivemind.utils import serializer as _serializer_module
 from hivemind.utils.serializer import MSGPackSerializer
 
 DHTID_NBYTES = 20
@@ -28,9 +29,11 @@ MAX_EXPIRATION_HORIZON = 365 * 24 * 3600.0  # a record may not claim to live lon
 # the 4 MiB message limit is left for neighbour lists and framing
 MAX_FIND_RESPONSE_VALUE_BYTES = 3 * 1024 * 1024
 
-DICTIONARY_EXT_CODE = 0x50  # msgpack ext type of DictionaryDHTValue
 IS_REGULAR_VALUE = b"\xc0"  # msgpack(None): the subkey of a regular (non-dictionary) value
 IS_DICTIONARY = b""  # the subkey of a whole DictionaryDHTValue (replication and caching only)
+_MALFORMED = object()
+# every byte but float32's marker: a subkey without it and without registered ext codes never encodes back longer
+_CANONICAL_BYTES = bytes(byte for byte in range(256) if byte != 0xCA)
 
 
 class RequestRejected(ValueError):
@@ -113,55 +116,117 @@ def check_value_bytes(value: bytes) -> Optional[str]:
     return None
 
 
-def _dictionary_holding(subkey: bytes) -> bytes:
-    """A DictionaryDHTValue (ext 0x50) whose one entry has this encoded subkey, as a find response would carry it."""
-    payload = b"\x93\x00\x00\x91\x93" + subkey + b"\xc4\x00\x00"  # [maxsize, latest, [[subkey, b"", expiration]]]
-    return msgpack.packb(msgpack.ExtType(DICTIONARY_EXT_CODE, payload))
+class _InsideDictionary(MSGPackSerializer):
+    """Decodes a subkey with the bounds it meets inside its key's dictionary value, see :func:`decode_subkey`."""
+
+    MAX_NESTING_DEPTH = MSGPackSerializer.MAX_NESTING_DEPTH - 3  # [maxsize, latest, [[subkey, value, expiration]]]
+    MAX_ITEMS = MSGPackSerializer.MAX_ITEMS - 10  # what those three arrays count (the subkey itself included)
 
 
-def check_subkey_bytes(subkey: bytes) -> Optional[str]:
+def decode_subkey(subkey: bytes) -> Tuple[Any, Optional[str]]:
     """
-    Returns the reason to reject an encoded subkey: not one msgpack object within bounds, not hashable, or too deep
-    to decode once inside a dictionary value, where it sits three arrays and one ext type deeper (a subkey nested
-    61 arrays, maps or tuples deep fits; one nested 62 deep would make the key's whole dictionary undecodable for
-    every reader).
+    (the decoded subkey, None), or (None, the reason to reject it): not one msgpack object within bounds, not
+    hashable, or too deep to decode once inside a dictionary value, where it sits three arrays and one ext type
+    deeper (a subkey nested 61 arrays, maps or tuples deep fits; one nested 62 deep would make the key's whole
+    dictionary undecodable for every reader). Decoded once, with those tighter bounds.
     """
+    state = _serializer_module._state  # registered ext types inside the subkey count one level more, as in 0x50
+    state.ext_nesting += 1
     try:
-        decoded = MSGPackSerializer.loads(subkey)
+        decoded = _InsideDictionary.loads(subkey)
     except ValueError:
-        return "malformed_subkey"
+        decoded = _MALFORMED
+    finally:
+        state.ext_nesting -= 1
+    if decoded is _MALFORMED:
+        return None, "malformed_subkey"
     try:
         hash(decoded)
     except TypeError:
-        return "unhashable_subkey"
-    try:
-        holder = MSGPackSerializer.loads(_dictionary_holding(subkey))
-    except ValueError:
-        return "malformed_subkey"
-    return None if isinstance(holder, DictionaryDHTValue) else "malformed_subkey"
+        return None, "unhashable_subkey"
+    return decoded, None
+
+
+def check_subkey_bytes(subkey: bytes) -> Optional[str]:
+    """The reason to reject an encoded subkey (see :func:`decode_subkey`), or None."""
+    return decode_subkey(subkey)[1]
+
+
+def subkey_nbytes(subkey: bytes, decoded: Any) -> int:
+    """
+    At least the length of ``MSGPackSerializer.dumps(decoded)`` for a subkey decoded from ``subkey``: the received
+    length, unless the subkey may hold what encodes longer than it arrived (float32, which encodes back as float64,
+    or registered ext types other than tuples, which encode their own way); those are encoded again.
+    """
+    codes = bytes(code for code in MSGPackSerializer._ext_type_codes)  # noqa: SLF001 (registered at any time)
+    if subkey.translate(None, _CANONICAL_BYTES) == b"" and not any(code in subkey for code in codes):
+        return len(subkey)
+    return len(MSGPackSerializer.dumps(decoded))
 
 
 def check_store_item(key: bytes, subkey: bytes, value: bytes, expiration_time: float, now: float) -> Optional[str]:
     """
     Returns the reason to reject one StoreRequest item, or None if it is well-formed: the subkey and the value must
-    decode (see :func:`check_subkey_bytes`, :func:`check_value_bytes`). A whole dictionary (empty subkey) is decoded
+    decode (see :func:`decode_subkey`, :func:`check_value_bytes`). A whole dictionary (empty subkey) is decoded
     and checked by the caller with :func:`check_dictionary_entry`; one longer than any dictionary within the per-key
     limits is refused at once (4 MiB of tiny entries took seconds of the event loop to refuse one by one).
     """
+    return decode_store_item(key, subkey, value, expiration_time, now)[1]
+
+
+def decode_store_item(
+    key: bytes, subkey: bytes, value: bytes, expiration_time: float, now: float
+) -> Tuple[Any, Optional[str]]:
+    """:func:`check_store_item`, also returning the decoded subkey of a dictionary entry (else None), decoded once."""
     if len(key) != DHTID_NBYTES:
-        return "bad_key_length"
+        return None, "bad_key_length"
     reason = check_expiration_time(expiration_time, now)
     if reason is not None:
-        return reason
+        return None, reason
     if len(subkey) > MAX_SUBKEY_BYTES:
-        return "oversize_subkey"
+        return None, "oversize_subkey"
     if subkey == IS_DICTIONARY:  # checked entry by entry once decoded, unless it could never be stored whole
-        return "dictionary_full" if len(value) > MAX_ENCODED_DICTIONARY_BYTES else None
+        return None, "dictionary_full" if len(value) > MAX_ENCODED_DICTIONARY_BYTES else None
+    decoded = None
     if subkey != IS_REGULAR_VALUE:
-        reason = check_subkey_bytes(subkey)
+        decoded, reason = decode_subkey(subkey)
         if reason is not None:
-            return reason
-    return check_value_bytes(value)
+            return None, reason
+    reason = check_value_bytes(value)
+    return (None, reason) if reason is not None else (decoded, None)
+
+
+_EXT_HEADERS = {0xC7: 1, 0xC8: 2, 0xC9: 4, 0xD4: 0, 0xD5: 0, 0xD6: 0, 0xD7: 0, 0xD8: 0}  # -> bytes of the length
+
+
+def dictionary_subkey_spans(value: bytes) -> Optional[List[bytes]]:
+    """
+    The encoded subkey of each entry of a whole dictionary (ext 0x50 bytes), in the order of the payload, found at C
+    speed without decoding them; None if the bytes are not laid out as a dictionary.
+    """
+    length_bytes = _EXT_HEADERS.get(value[0]) if value else None
+    if length_bytes is None:
+        return None
+    payload = memoryview(value)[2 + length_bytes :]
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(payload), 1))
+    try:
+        unpacker.feed(payload)
+        if unpacker.read_array_header() != 3:
+            return None
+        unpacker.skip()  # maxsize
+        unpacker.skip()  # latest expiration time
+        spans = []
+        for _ in range(unpacker.read_array_header()):
+            if unpacker.read_array_header() != 3:
+                return None
+            start = unpacker.tell()
+            unpacker.skip()
+            spans.append(bytes(payload[start : unpacker.tell()]))
+            unpacker.skip()  # value
+            unpacker.skip()  # expiration time
+    except Exception:
+        return None
+    return spans
 
 
 def check_dictionary_entry(value: object, expiration_time: object, now: float) -> Optional[str]:

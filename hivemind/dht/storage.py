@@ -28,6 +28,7 @@ ENTRY_OVERHEAD_BYTES = 16  # what an entry adds to the ext 0x50 encoding beside 
 # the ext 0x50 encoding of a dictionary within both limits is at most this long (headers, maxsize and latest expiration
 # take at most 30 bytes): a whole dictionary sent to be stored that is longer could never be stored whole
 MAX_ENCODED_DICTIONARY_BYTES = MAX_DICTIONARY_BYTES + 64
+_MISSING = object()
 
 
 @MSGPackSerializer.ext_serializable(0x50)
@@ -39,34 +40,65 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
 
     def __init__(self, maxsize: Optional[Union[int, float]] = None):
         super().__init__(maxsize=maxsize)
-        self._entry_nbytes: Dict[Subkey, int] = {}  # a superset of the live subkeys -> their size in bytes
+        self._entry_nbytes: Dict[Subkey, int] = {}  # subkeys (a superset of the live ones) -> their size in bytes
         self._total_nbytes = 0  # the sum of _entry_nbytes
+        # subkeys of entries whose size is computed only when needed (decoded ones), each to the subkey object held:
+        # decoding a dictionary from a peer then costs no encoding of its subkeys (most decoded dictionaries are only
+        # read, or merged entry by entry into another one)
+        self._unsized: Dict[Subkey, Subkey] = {}
 
-    _PRIVATE_STATE = TimedStorage._PRIVATE_STATE + ("_entry_nbytes", "_total_nbytes")
+    _PRIVATE_STATE = TimedStorage._PRIVATE_STATE + ("_entry_nbytes", "_total_nbytes", "_unsized")
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._entry_nbytes = {subkey: self.entry_nbytes(subkey, item.value) for subkey, item in self.data.items()}
-        self._total_nbytes = sum(self._entry_nbytes.values())
+        self._entry_nbytes, self._total_nbytes = {}, 0
+        self._unsized = {subkey: subkey for subkey in self.data}
 
     @staticmethod
-    def entry_nbytes(subkey: Subkey, value: BinaryDHTValue) -> int:
-        """How many bytes an entry counts toward MAX_DICTIONARY_BYTES: encoded subkey, value and overhead."""
-        return len(MSGPackSerializer.dumps(subkey)) + len(value) + ENTRY_OVERHEAD_BYTES
+    def entry_nbytes(subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None) -> int:
+        """
+        How many bytes an entry counts toward MAX_DICTIONARY_BYTES: encoded subkey, value and overhead. A caller that
+        holds the subkey's encoding passes its length as ``subkey_nbytes`` (it must be at least the length of
+        ``MSGPackSerializer.dumps(subkey)``), which saves encoding the subkey again.
+        """
+        if subkey_nbytes is None:
+            subkey_nbytes = len(MSGPackSerializer.dumps(subkey))
+        return subkey_nbytes + len(value) + ENTRY_OVERHEAD_BYTES
 
-    def _nbytes_if_stored(self, subkey: Subkey, value: BinaryDHTValue) -> int:
+    def _size_of(self, subkey: Subkey) -> Optional[int]:
+        """The counted size of a stored entry (computed now if it was stored unsized), None if there is none."""
+        held = self._unsized.pop(subkey, _MISSING)
+        if held is not _MISSING:
+            item = self.data.get(subkey)
+            if item is None:
+                return None  # expired or evicted meanwhile
+            nbytes = self._entry_nbytes[held] = self.entry_nbytes(held, item.value)
+            self._total_nbytes += nbytes
+            return nbytes
+        return self._entry_nbytes.get(subkey)
+
+    def _nbytes_if_stored(self, subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None) -> int:
         """
         What the entry would count once stored. A replaced entry keeps the subkey object already held (a dict keeps
         its key), which may encode longer than the equal subkey given ((1.0,) * n == (1,) * n): counted as the longer.
         """
-        nbytes = self.entry_nbytes(subkey, value)
-        replaced, replaced_nbytes = self.data.get(subkey), self._entry_nbytes.get(subkey)
-        if replaced is not None and replaced_nbytes is not None:
-            nbytes = max(nbytes, replaced_nbytes - len(replaced.value) + len(value))
+        nbytes = self.entry_nbytes(subkey, value, subkey_nbytes)
+        replaced = self.data.get(subkey)
+        if replaced is not None:
+            replaced_nbytes = self._size_of(subkey)
+            if replaced_nbytes is not None:
+                nbytes = max(nbytes, replaced_nbytes - len(replaced.value) + len(value))
         return nbytes
 
-    def store(self, key: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
-        nbytes = self._nbytes_if_stored(key, value)
+    def store(
+        self,
+        key: Subkey,
+        value: BinaryDHTValue,
+        expiration_time: DHTExpiration,
+        subkey_nbytes: Optional[int] = None,
+    ) -> bool:
+        """Store an entry (see TimedStorage.store); ``subkey_nbytes``: the length of the encoded subkey, if known."""
+        nbytes = self._nbytes_if_stored(key, value, subkey_nbytes)
         if not super().store(key, value, expiration_time):
             return False
         self._total_nbytes += nbytes - self._entry_nbytes.get(key, 0)
@@ -75,21 +107,34 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
             self.latest_expiration_time = expiration_time
         return True
 
+    def _store_unsized(self, key: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
+        """``store`` whose size accounting is left until needed (see _size_of): for entries being decoded."""
+        if not super().store(key, value, expiration_time):
+            return False
+        self._total_nbytes -= self._entry_nbytes.pop(key, 0)
+        self._unsized.setdefault(key, key)  # an equal subkey already held stays held (and counted when needed)
+        if expiration_time > self.latest_expiration_time:
+            self.latest_expiration_time = expiration_time
+        return True
+
     @property
     def nbytes(self) -> int:
         """The size of the live entries as counted toward MAX_DICTIONARY_BYTES."""
+        for subkey in list(self._unsized):
+            self._size_of(subkey)
         if len(self._entry_nbytes) != len(self):  # some entries expired or were evicted since
             for subkey in [subkey for subkey in self._entry_nbytes if subkey not in self.data]:
                 self._total_nbytes -= self._entry_nbytes.pop(subkey)
         return self._total_nbytes
 
-    def limit_exceeded_by(self, subkey: Subkey, value: BinaryDHTValue) -> bool:
+    def limit_exceeded_by(self, subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None) -> bool:
         """Whether storing this entry would take the dictionary past MAX_DICTIONARY_ENTRIES or MAX_DICTIONARY_BYTES."""
         total_nbytes, replaced = self.nbytes, self.data.get(subkey)
         if replaced is None and len(self.data) >= MAX_DICTIONARY_ENTRIES:
             return True
         replaced_nbytes = self._entry_nbytes.get(subkey, 0) if replaced is not None else 0
-        return total_nbytes - replaced_nbytes + self._nbytes_if_stored(subkey, value) > MAX_DICTIONARY_BYTES
+        nbytes = self._nbytes_if_stored(subkey, value, subkey_nbytes)
+        return total_nbytes - replaced_nbytes + nbytes > MAX_DICTIONARY_BYTES
 
     def packb(self) -> bytes:
         """The ext 0x50 payload: [maxsize, latest_expiration_time, [[subkey, value, expiration], ...]]."""
@@ -121,7 +166,7 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
                 hash(subkey)
             except TypeError:
                 raise ValueError(f"DictionaryDHTValue subkey must be hashable, got {subkey!r:.100}") from None
-            if not result.store(subkey, value, expiration_time):
+            if not result._store_unsized(subkey, value, expiration_time):
                 result.dropped_on_decode += 1
         result.latest_expiration_time = max(result.latest_expiration_time, float(latest_expiration_time))
         return result
@@ -158,21 +203,28 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
             return len(outcomes) > 0 and all(outcomes)  # storing nothing is not a success
         return super().store(key, value, expiration_time)  # replaces a regular value or a dictionary iff newer
 
-    def store_subkey(self, key: DHTID, subkey: Subkey, value: BinaryDHTValue, expiration_time: DHTExpiration) -> bool:
+    def store_subkey(
+        self,
+        key: DHTID,
+        subkey: Subkey,
+        value: BinaryDHTValue,
+        expiration_time: DHTExpiration,
+        subkey_nbytes: Optional[int] = None,
+    ) -> bool:
         """
         Store one dictionary entry: into the existing dictionary (if the subkey is absent or older there), or into a
         new dictionary replacing a regular value that expires strictly earlier (or no value at all). An entry that
         would take its dictionary past MAX_DICTIONARY_ENTRIES or MAX_DICTIONARY_BYTES is refused (see
-        :meth:`dictionary_full`).
+        :meth:`dictionary_full`). ``subkey_nbytes``: the length of the encoded subkey, if the caller has it.
         """
         if not expiration_time >= get_dht_time():  # also refuses NaN
             return False
-        if self.dictionary_full(key, subkey, value):
+        if self.dictionary_full(key, subkey, value, subkey_nbytes):
             return False
         current = self.get(key)
         if current is not None and isinstance(current.value, DictionaryDHTValue):
             dictionary = current.value
-            if not dictionary.store(subkey, value, expiration_time):
+            if not dictionary.store(subkey, value, expiration_time, subkey_nbytes):
                 return False
             if expiration_time > current.expiration_time:
                 super().store(key, dictionary, expiration_time)  # the dictionary now lives until its latest entry
@@ -180,15 +232,17 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
         if current is not None and expiration_time <= current.expiration_time:
             return False  # a regular value that lives at least as long wins
         dictionary = DictionaryDHTValue()
-        dictionary.store(subkey, value, expiration_time)
+        dictionary.store(subkey, value, expiration_time, subkey_nbytes)
         return super().store(key, dictionary, expiration_time)
 
-    def dictionary_full(self, key: DHTID, subkey: Subkey, value: BinaryDHTValue) -> bool:
+    def dictionary_full(
+        self, key: DHTID, subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None
+    ) -> bool:
         """Whether the entry is refused by the per-key limits: its dictionary (or the entry alone) would be too big."""
         current = self.get(key)
         if current is not None and isinstance(current.value, DictionaryDHTValue):
-            return current.value.limit_exceeded_by(subkey, value)
-        return DictionaryDHTValue.entry_nbytes(subkey, value) > MAX_DICTIONARY_BYTES
+            return current.value.limit_exceeded_by(subkey, value, subkey_nbytes)
+        return DictionaryDHTValue.entry_nbytes(subkey, value, subkey_nbytes) > MAX_DICTIONARY_BYTES
 
 
 class CacheRefreshQueue:

@@ -1,0 +1,112 @@
+"""How DHTProtocol checks and stores the items of a remote peer's store request (a mixin of DHTProtocol)."""
+
+from typing import Any, List, Optional, Tuple
+
+from hivemind.dht.request_checks import (
+    IS_DICTIONARY,
+    IS_REGULAR_VALUE,
+    check_dictionary_entry,
+    decode_store_item,
+    dictionary_subkey_spans,
+    subkey_nbytes,
+)
+from hivemind.dht.routing import DHTID, Subkey
+from hivemind.dht.storage import MAX_DICTIONARY_ENTRIES, DHTLocalStorage, DictionaryDHTValue
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+class StoreHandling:
+    """
+    Each item is checked once and cheaply: its subkey is decoded once (with the bounds it meets inside a dictionary)
+    and counted toward its dictionary's size by the length it arrived with, so storing costs no encoding unless the
+    subkey could encode longer (see request_checks.subkey_nbytes). Uses the protocol's serializer, storage, cache,
+    store_rate_limiter, _reject and _is_valid.
+    """
+
+    def _store_item(
+        self, key: bytes, subkey: bytes, value: bytes, expiration_time: float, in_cache: bool, now: float, sender=None
+    ) -> bool:
+        decoded_subkey, reason = decode_store_item(key, subkey, value, expiration_time, now)  # the subkey decoded once
+        if reason is not None:
+            return self._reject(reason)
+        key_id, storage = DHTID.from_bytes(key), self.cache if in_cache else self.storage
+        if subkey == IS_DICTIONARY:
+            return self._store_dictionary(key, key_id, value, storage, now, sender)
+        if not self._is_valid(DHTRecord(key, subkey, value, expiration_time)):
+            return False
+        if subkey == IS_REGULAR_VALUE:
+            return storage.store(key_id, value, expiration_time)
+        nbytes = subkey_nbytes(subkey, decoded_subkey)  # its length as received, unless it could encode longer
+        return self._store_subkey(storage, key_id, decoded_subkey, value, expiration_time, nbytes)
+
+    def _store_subkey(
+        self,
+        storage: DHTLocalStorage,
+        key_id: DHTID,
+        subkey: Subkey,
+        value: bytes,
+        expiration_time: float,
+        nbytes: Optional[int] = None,
+    ) -> bool:
+        if storage.store_subkey(key_id, subkey, value, expiration_time, nbytes):
+            return True
+        if storage.dictionary_full(key_id, subkey, value, nbytes):
+            self._reject("dictionary_full")  # MAX_DICTIONARY_ENTRIES / MAX_DICTIONARY_BYTES in hivemind.dht.storage
+        return False
+
+    def _decode_dictionary_entries(
+        self, value: bytes, source: str
+    ) -> Optional[Tuple[List[Tuple[Any, bytes, float]], int]]:
+        """
+        (subkey, value, expiration) of each live entry in a remote peer's ext-0x50 bytes, and how many entries the
+        payload held beyond those (expired, NaN expiration, older duplicates); None (counted) if malformed.
+        """
+        try:
+            dictionary = self.serializer.loads(value)
+            if not isinstance(dictionary, DictionaryDHTValue):
+                raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
+            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
+            return entries, dictionary.dropped_on_decode
+        except Exception as e:
+            logger.debug(f"Malformed dictionary in {source}: {e!r}")
+            self._reject("malformed_dictionary")
+            return None
+
+    def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage, now: float, sender=None) -> bool:
+        """Store a whole dictionary entry by entry (each entry is charged to the sender's store rate limit); True only
+        if it held entries and every one was stored."""
+        if not self.store_rate_limiter.allow_dictionary(sender, value):  # its decoding is paid for first
+            return self._reject("rate_limited")
+        decoded = self._decode_dictionary_entries(value, "a store request")
+        if decoded is None:
+            return False
+        entries, dropped = decoded
+        if len(entries) > MAX_DICTIONARY_ENTRIES:  # never stored whole: refused without checking each entry
+            return self._reject("dictionary_full")
+        if not self.store_rate_limiter.allow_dictionary(sender, value, len(entries)):
+            return self._reject("rate_limited")
+        if dropped:
+            self.rejected["dropped_dictionary_entry"] += dropped
+        # the subkeys as received (for validators and sizes) if every entry was kept, in order; else encoded again,
+        # which costs about twice their decoding, charged first
+        encoded = dictionary_subkey_spans(value) if dropped == 0 else None
+        if encoded is None or len(encoded) != len(entries):
+            if not self.store_rate_limiter.allow_dictionary(sender, value, reencoded=True):
+                return self._reject("rate_limited")
+            encoded = None
+        all_accepted = len(entries) > 0 and dropped == 0
+        for index, (subkey, entry_value, entry_expiration) in enumerate(entries):
+            reason = check_dictionary_entry(entry_value, entry_expiration, now)
+            if reason is not None:
+                all_accepted = self._reject(reason)
+                continue
+            encoded_subkey = self.serializer.dumps(subkey) if encoded is None else encoded[index]
+            if not self._is_valid(DHTRecord(key, encoded_subkey, entry_value, entry_expiration)):
+                all_accepted = False
+                continue
+            nbytes = len(encoded_subkey) if encoded is None else subkey_nbytes(encoded_subkey, subkey)
+            all_accepted &= self._store_subkey(storage, key_id, subkey, entry_value, entry_expiration, nbytes)
+        return all_accepted
