@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+from dht_swarm import launch_swarm, shutdown_all
 
 import hivemind
 from hivemind.dht.routing import DHTID
@@ -118,3 +119,19 @@ def test_a_replica_silent_during_store_many_gets_the_keys_once_it_answers_again(
         if frozen is not None:
             os.kill(frozen.pid, signal.SIGCONT)
         _shutdown(*dhts)
+
+
+@pytest.mark.timeout(60)
+async def test_keys_with_large_subkeys_are_sent_in_requests_that_fit_a_message():
+    nodes = await launch_swarm(2)
+    try:
+        # 40 entries of 200 KB subkeys: 8 MB in all, twice what one request may carry
+        keys = [f"large_subkey_{index}" for index in range(40)]
+        subkeys = [os.urandom(200_000) for _ in keys]
+        stored = await nodes[0].store_many(keys, list(range(40)), get_dht_time() + 60, subkeys=subkeys)
+        assert stored == {(key, subkey): True for key, subkey in zip(keys, subkeys)}
+        for key, subkey in zip(keys, subkeys):
+            held = nodes[1].protocol.storage.get(DHTID.generate(source=key))
+            assert held is not None and subkey in held.value, key
+    finally:
+        await shutdown_all(nodes)

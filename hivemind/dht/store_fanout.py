@@ -1,8 +1,8 @@
 """
 Sending the entries of many keys to their replicas in few requests: every key's entries that go to one peer travel
 together with other keys' in one StoreRequest (up to MAX_ITEMS_PER_REQUEST items / MAX_BYTES_PER_REQUEST bytes of
-values), instead of one request per key and replica, which with thousands of keys ran out of time (each request may
-take wait_timeout) and left most remote replicas without the keys.
+values and subkeys), instead of one request per key and replica, which with thousands of keys ran out of time
+(each request may take wait_timeout) and left most remote replicas without the keys.
 """
 
 import asyncio
@@ -11,9 +11,10 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import PeerID
+from hivemind.utils.serializer import MSGPackSerializer
 
 MAX_ITEMS_PER_REQUEST = 2048  # store items (entries) in one request
-MAX_BYTES_PER_REQUEST = 1 << 20  # value bytes in one request (a request may carry at most 4 MiB)
+MAX_BYTES_PER_REQUEST = 1 << 20  # value and subkey bytes in one request (a request may carry at most 4 MiB)
 REQUESTS_PER_PEER = 2  # requests of one fan-out in flight to one peer at once
 
 # send(peer, key_ids, entries) -> one bool per entry, or None if the peer did not answer
@@ -27,7 +28,7 @@ class KeyProgress:
     or refused) or none is left to ask.
     """
 
-    __slots__ = ("key_id", "entries", "untried", "wanted", "in_flight", "answered", "statuses", "result")
+    __slots__ = ("key_id", "entries", "untried", "wanted", "in_flight", "answered", "statuses", "result", "nbytes")
 
     def __init__(
         self,
@@ -42,14 +43,17 @@ class KeyProgress:
         self.answered: Set[DHTID] = set()  # candidates that answered (accepted or refused)
         self.statuses = [False] * len(self.entries)
         self.result = result
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(value) if isinstance(value, bytes) else 64 for _, _, value, _ in self.entries)
+        # what its entries add to a request: values and subkeys (a subkey may be as large as a value)
+        self.nbytes = sum(_entry_nbytes(subkey, value) for _, subkey, value, _ in self.entries)
 
     def resolve(self) -> None:
         if self.result is not None and not self.result.done():
             self.result.set_result(list(self.statuses))
+
+
+def _entry_nbytes(subkey: Any, value: Any) -> int:
+    value_bytes = len(value) if isinstance(value, bytes) else 64
+    return value_bytes + (0 if subkey is None else len(MSGPackSerializer.dumps(subkey)))
 
 
 class StoreFanout:
