@@ -358,7 +358,8 @@ async def load_state_from_peers(
     # a busy donor is a donor still: it is asked again after a pause, within the timeout (or BUSY_RETRY_WINDOW)
     retry_until = deadline if deadline is not None else time.monotonic() + BUSY_RETRY_WINDOW
     candidates, deferred, pauses = list(donors), [], 0
-    prefer_until = min(time.monotonic() + BUSY_PREFER_WINDOW, retry_until)
+    # (at most half the call's time: the donors deferred meanwhile must have time to send their state)
+    prefer_until = time.monotonic() + min(BUSY_PREFER_WINDOW, (retry_until - time.monotonic()) / 2)
 
     def may_ask_now(entry: Tuple[PeerID, float]) -> bool:  # (not a donor far below one that answered busy, for now)
         return time.monotonic() >= prefer_until or entry[1] >= busy_priority[0] - BUSY_PRIORITY_SLACK
@@ -374,8 +375,9 @@ async def load_state_from_peers(
             # every donor asked failed or was busy, and there is time to ask the busy ones again
             candidates = [entry for entry in donors if entry[0] in busy]
             busy.clear()
-            pauses += 1
-            await asyncio.sleep(_busy_pause(pauses))
+            pauses += 1  # (not past the window while donors are deferred: they are asked when it ends)
+            pause = _busy_pause(pauses) if not deferred else min(_busy_pause(pauses), prefer_until - time.monotonic())
+            await asyncio.sleep(max(pause, 0.0))
             continue
         if deferred and (not candidates or time.monotonic() >= prefer_until):
             prefer_until, candidates, deferred = 0.0, candidates + deferred, []  # (best first still)
