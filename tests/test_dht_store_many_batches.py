@@ -135,3 +135,18 @@ async def test_keys_with_large_subkeys_are_sent_in_requests_that_fit_a_message()
             assert held is not None and subkey in held.value, key
     finally:
         await shutdown_all(nodes)
+
+
+@pytest.mark.timeout(60)
+async def test_a_value_too_large_for_a_message_does_not_keep_the_other_keys_from_a_replica():
+    nodes = await launch_swarm(2)
+    try:
+        keys = ["too_large"] + [f"small_beside_a_large_one_{index}" for index in range(100)]
+        values = [b"x" * (5 << 20)] + list(range(100))
+        stored = await nodes[0].store_many(keys, values, get_dht_time() + 60, exclude_self=True)
+        assert stored == {key: key != "too_large" for key in keys}  # the remote replica refused no small key
+        for key, value in zip(keys[1:], values[1:]):
+            held = nodes[1].protocol.storage.get(DHTID.generate(source=key))
+            assert held is not None and MSGPackSerializer.loads(held.value) == value, key
+    finally:
+        await shutdown_all(nodes)

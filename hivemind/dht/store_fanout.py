@@ -146,9 +146,10 @@ class StoreFanout:
                 key_ids = [key.key_id for key, _ in batch for _ in key.entries]
                 response = await self.send(peer_id, key_ids, [entry for key, _ in batch for entry in key.entries])
                 if response is None:  # silent: the keys waiting for it go to their next candidates
-                    self._silent_peers.add(peer_id)
-                    batch.extend(queue)
-                    queue.clear()
+                    if batch[0][0].nbytes <= MAX_BYTES_PER_REQUEST:  # (else a key too large for a message failed)
+                        self._silent_peers.add(peer_id)
+                        batch.extend(queue)
+                        queue.clear()
                     for key, _ in batch:
                         key.in_flight -= 1
                         self._advance(key)
