@@ -23,7 +23,7 @@ def test_replication_batches_stay_small_and_keep_every_item():
     batches = list(replication_batches(items, max_cost=4096, max_bytes=1 << 30))
     assert [item for batch, _ in batches for item in batch] == items
     assert all(cost <= 4096 for _, cost in batches)
-    # one item each, plus their bytes (see rate_limit.decode_cost); the dictionary one per entry
+    # one item each, plus their bytes (see rate_limit.decode_cost); the dictionary one per entry and its few bytes
     assert sum(cost for _, cost in batches) == pytest.approx(
         10000 * (1 + decode_cost(b"\xc0") + decode_cost(b"v")) + 1 + 300
     )

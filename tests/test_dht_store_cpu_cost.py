@@ -8,6 +8,7 @@ CPU time is measured (time.process_time), not wall time.
 """
 
 import asyncio
+import os
 import time
 
 import msgpack
@@ -18,6 +19,7 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, decode_cost, store_item_cost
 from hivemind.dht.request_checks import decode_subkey, subkey_nbytes
 from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.proto import dht_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
@@ -108,6 +110,23 @@ async def test_honest_reads_are_served_during_a_flood_of_costly_stores():
         assert spent < 3.0, f"six hostile 4 MiB stores and one get took {spent:.2f} s of CPU"
     finally:
         await asyncio.gather(*(node.shutdown() for node in [victim, honest, *attackers]))
+
+
+@pytest.mark.timeout(60)
+async def test_a_whole_dictionary_of_big_binary_values_is_stored_whole(victim_and_attacker):
+    """Its values' random bytes look like msgpack structure; they were charged as such (22 000 items for 1 MiB)."""
+    victim, sender = victim_and_attacker
+    expiration = get_dht_time() + 600
+    dictionary = DictionaryDHTValue()
+    for index in range(10):
+        dictionary.store(index, MSGPackSerializer.dumps(os.urandom(100_000)), expiration)
+    encoded = MSGPackSerializer.dumps(dictionary)
+    request = dht_pb2.StoreRequest(
+        keys=[DHTID.generate("blobs").to_bytes()], subkeys=[b""], values=[encoded], expiration_time=[expiration]
+    )
+    response = await DHTProtocol.get_stub(sender, victim.p2p.peer_id).rpc_store(request, timeout=30)
+    assert list(response.store_ok) == [True] and victim.rejected["rate_limited"] == 0
+    assert len(victim.storage.get(DHTID.generate("blobs")).value) == 10
 
 
 def test_decoding_cost_counts_structure_not_payload():

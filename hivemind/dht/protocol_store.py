@@ -2,12 +2,14 @@
 
 from typing import Any, List, Optional, Tuple
 
+from hivemind.dht.rate_limit import REENCODING_COST_FACTOR
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
     IS_REGULAR_VALUE,
     check_dictionary_entry,
     decode_store_item,
-    dictionary_subkey_spans,
+    dictionary_declared_entries,
+    dictionary_layout,
     subkey_nbytes,
 )
 from hivemind.dht.routing import DHTID, Subkey
@@ -76,9 +78,20 @@ class StoreHandling:
             return None
 
     def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage, now: float, sender=None) -> bool:
-        """Store a whole dictionary entry by entry (each entry is charged to the sender's store rate limit); True only
-        if it held entries and every one was stored."""
-        if not self.store_rate_limiter.allow_dictionary(sender, value):  # its decoding is paid for first
+        """
+        Store a whole dictionary entry by entry; True only if it held entries and every one was stored. Charged to the
+        sender's store rate limit before each step: one item per entry it declares (then its layout is read), what
+        decoding its subkeys and values costs beyond that (then it is decoded), and encoding its subkeys again if
+        needed.
+        """
+        limiter, declared = self.store_rate_limiter, dictionary_declared_entries(value)
+        if not limiter.allow_dictionary(sender, declared):
+            return self._reject("rate_limited")
+        layout = dictionary_layout(value)  # None: not laid out as a dictionary, so it would not decode either
+        if layout is None:
+            return self._reject("malformed_dictionary")
+        spans, decoding_cost = layout
+        if not limiter.allow_dictionary(sender, max(0.0, decoding_cost - declared)):
             return self._reject("rate_limited")
         decoded = self._decode_dictionary_entries(value, "a store request")
         if decoded is None:
@@ -86,17 +99,12 @@ class StoreHandling:
         entries, dropped = decoded
         if len(entries) > MAX_DICTIONARY_ENTRIES:  # never stored whole: refused without checking each entry
             return self._reject("dictionary_full")
-        if not self.store_rate_limiter.allow_dictionary(sender, value, len(entries)):
-            return self._reject("rate_limited")
         if dropped:
             self.rejected["dropped_dictionary_entry"] += dropped
-        # the subkeys as received (for validators and sizes) if every entry was kept, in order; else encoded again,
-        # which costs about twice their decoding, charged first
-        encoded = dictionary_subkey_spans(value) if dropped == 0 else None
-        if encoded is None or len(encoded) != len(entries):
-            if not self.store_rate_limiter.allow_dictionary(sender, value, reencoded=True):
-                return self._reject("rate_limited")
-            encoded = None
+        # the subkeys as received (for validators and sizes) if every entry was kept, in order; else encoded again
+        encoded: Optional[List[bytes]] = spans if dropped == 0 and len(spans) == len(entries) else None
+        if encoded is None and not limiter.allow_dictionary(sender, REENCODING_COST_FACTOR * decoding_cost):
+            return self._reject("rate_limited")
         all_accepted = len(entries) > 0 and dropped == 0
         for index, (subkey, entry_value, entry_expiration) in enumerate(entries):
             reason = check_dictionary_entry(entry_value, entry_expiration, now)

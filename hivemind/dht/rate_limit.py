@@ -2,9 +2,10 @@
 Per-peer token buckets that cap how much store work a remote peer may ask for (flood protection, sans-IO).
 
 The unit is one *item*: what storing one small item costs (some 10 us of the event loop). Bytes cost too, weighed by
-what decoding them costs: one item per STORE_BYTES_PER_ITEM bytes, and STRUCTURE_BYTE_WEIGHT times more for each byte
-that may start an array, a map or an ext type (a tuple): those are decoded by Python code, one call or one walk step
-each (about 1 us, a thousand times a plain byte), and 4 MiB of nested tuples used to take seconds to decode.
+what decoding them costs: one item per STORE_BYTES_PER_ITEM bytes, and STRUCTURE_BYTE_WEIGHT (EXT_BYTE_WEIGHT) times
+more for each byte that may start an array or a map (an ext type, such as a tuple), in documents that do not start
+with a scalar: those are decoded by Python code, a walk step or a call each (1 to 15 us, a thousand times a plain
+byte), and 4 MiB of nested tuples used to take seconds to decode.
 """
 
 import time
@@ -12,29 +13,32 @@ from typing import Callable, Dict, Hashable, Optional, Tuple
 
 DEFAULT_BURST_ITEMS = 20000  # a new peer receiving replicas may get thousands of items in one request
 DEFAULT_ITEMS_PER_SECOND = 2000.0
-# a whole dictionary sent to be stored costs one item per entry: what its bytes cost (decode_cost) is charged before
-# it is decoded (a peer out of tokens gets nothing decoded), the rest once its entries are counted
-DICTIONARY_BYTES_PER_ITEM = 128  # kept for compatibility: decode_cost charges whole dictionaries now
+# a whole dictionary sent to be stored costs one item per entry it declares, plus decoding its subkeys and entry
+# values (charged before they are decoded: a peer out of tokens gets nothing decoded)
+DICTIONARY_BYTES_PER_ITEM = 128  # unused: kept for code that imports it
 # a whole dictionary's subkeys are taken as received (for validators and the dictionary's size) unless some entry was
 # dropped on decoding; then they are encoded again, which costs about twice their decoding
 REENCODING_COST_FACTOR = 2
 STORE_BYTES_PER_ITEM = 2048
-STRUCTURE_BYTE_WEIGHT = 256
-# fixmap, fixarray, ext 8/16/32, fixext 1..16, array 16/32, map 16/32: a byte that may begin a costly msgpack object
-_STRUCTURE_BYTES = bytes(range(0x80, 0xA0)) + bytes(
-    (0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8, 0xDC, 0xDD, 0xDE, 0xDF)
-)
-_OTHER_BYTES = bytes(byte for byte in range(256) if byte not in _STRUCTURE_BYTES)
+STRUCTURE_BYTE_WEIGHT = 256  # a byte that may start an array or a map: about 1 us to walk, once nested
+EXT_BYTE_WEIGHT = 1024  # a byte that may start an ext type: a Python call, and another decoder for registered types
+_CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))  # fixmap, fixarray, array/map 16/32
+_EXT_BYTES = bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext 8/16/32, fixext 1..16
+_NOT_CONTAINER_BYTES = bytes(byte for byte in range(256) if byte not in _CONTAINER_BYTES)
+_NOT_EXT_BYTES = bytes(byte for byte in range(256) if byte not in _EXT_BYTES)
 # a document that starts with a scalar (nil, bool, int, float, str, bin) holds nothing else: its bytes are payload
-_SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _STRUCTURE_BYTES)
+_SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER_BYTES + _EXT_BYTES)
 
 
 def decode_cost(data: bytes) -> float:
     """What decoding ``data`` (msgpack, maybe with a suffix) costs, in items; an upper bound, computed at C speed."""
     if not data:
         return 0.0
-    structure = 0 if data[0] in _SCALAR_STARTS else len(data.translate(None, _OTHER_BYTES))
-    return (len(data) + STRUCTURE_BYTE_WEIGHT * structure) / STORE_BYTES_PER_ITEM
+    weighted = len(data)
+    if data[0] not in _SCALAR_STARTS:
+        weighted += STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
+        weighted += EXT_BYTE_WEIGHT * len(data.translate(None, _NOT_EXT_BYTES))
+    return weighted / STORE_BYTES_PER_ITEM
 
 
 def store_item_cost(subkey: bytes, value: bytes, whole_dictionary: bool = False) -> float:
@@ -77,20 +81,10 @@ class PeerRateLimiter:
             self._forget_idle(now)
         return True
 
-    def allow_dictionary(
-        self, peer: Optional[Hashable], value: bytes, num_entries: Optional[int] = None, reencoded: bool = False
-    ) -> bool:
-        """
-        Charge a whole dictionary (its encoded ``value``): without ``num_entries``, what it costs to decode; with it,
-        the entries that this did not already pay for; with ``reencoded``, encoding its subkeys again (about twice
-        their decoding). A dictionary from no remote peer (``peer`` None) is free.
-        """
-        if peer is None:
-            return True
-        prepaid = decode_cost(value)
-        if reencoded:
-            return self.allow(peer, REENCODING_COST_FACTOR * prepaid)
-        return self.allow(peer, prepaid if num_entries is None else max(0.0, num_entries - prepaid))
+    def allow_dictionary(self, peer: Optional[Hashable], num_items: float) -> bool:
+        """Charge a part of a whole dictionary's cost (see DHTProtocol's store handling); one sent by no remote peer
+        (``peer`` None: replication and caching within this node) is free."""
+        return peer is None or self.allow(peer, num_items)
 
     def _forget_idle(self, now: float) -> None:
         for peer in [peer for peer in self._buckets if self._tokens(peer, now) >= self.burst]:

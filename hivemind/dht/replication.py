@@ -2,13 +2,12 @@
 
 from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
 
-from hivemind.dht.rate_limit import decode_cost, store_item_cost
+from hivemind.dht.rate_limit import store_item_cost
+from hivemind.dht.request_checks import IS_REGULAR_VALUE, dictionary_layout
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import ValueWithExpiration
-
-IS_REGULAR_VALUE = b"\xc0"  # msgpack(None): the subkey of a regular value, as sent
 
 NearestNeighbors = Callable[
     [int], Sequence[int]
@@ -41,12 +40,14 @@ def keys_to_replicate(
 
 def replication_cost(item: ValueWithExpiration) -> float:
     """
-    What storing one replicated item costs the receiver's store rate limit (see rate_limit.py): one item, plus what
-    decoding its value costs, or for a whole dictionary one per entry when that is more.
+    What storing one replicated item costs the receiver's store rate limit (see rate_limit.py and the receiver's
+    store handling): one item, plus what decoding its value costs; for a whole dictionary, one per entry, or what
+    decoding its subkeys and entry values costs when that is more.
     """
     if not isinstance(item.value, DictionaryDHTValue):
         return store_item_cost(IS_REGULAR_VALUE, item.value)
-    return 1 + max(len(item.value), decode_cost(MSGPackSerializer.dumps(item.value)))
+    layout = dictionary_layout(MSGPackSerializer.dumps(item.value))
+    return 1 + max(len(item.value), 0.0 if layout is None else layout[1])
 
 
 def replication_nbytes(item: ValueWithExpiration) -> int:

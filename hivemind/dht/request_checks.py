@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import msgpack
 
+from hivemind.dht.rate_limit import decode_cost
 from hivemind.dht.storage import MAX_DICTIONARY_BYTES, MAX_ENCODED_DICTIONARY_BYTES
 from hivemind.utils import serializer as _serializer_module
 from hivemind.utils.serializer import MSGPackSerializer
@@ -199,11 +200,9 @@ def decode_store_item(
 _EXT_HEADERS = {0xC7: 1, 0xC8: 2, 0xC9: 4, 0xD4: 0, 0xD5: 0, 0xD6: 0, 0xD7: 0, 0xD8: 0}  # -> bytes of the length
 
 
-def dictionary_subkey_spans(value: bytes) -> Optional[List[bytes]]:
-    """
-    The encoded subkey of each entry of a whole dictionary (ext 0x50 bytes), in the order of the payload, found at C
-    speed without decoding them; None if the bytes are not laid out as a dictionary.
-    """
+def _dictionary_entries_unpacker(value: bytes) -> Optional[Tuple[msgpack.Unpacker, memoryview, int]]:
+    """An unpacker positioned at the first entry of a whole dictionary (ext 0x50 bytes), its payload, the number of
+    entries that the payload declares; None if the bytes do not start like a dictionary."""
     length_bytes = _EXT_HEADERS.get(value[0]) if value else None
     if length_bytes is None:
         return None
@@ -215,18 +214,42 @@ def dictionary_subkey_spans(value: bytes) -> Optional[List[bytes]]:
             return None
         unpacker.skip()  # maxsize
         unpacker.skip()  # latest expiration time
-        spans = []
-        for _ in range(unpacker.read_array_header()):
-            if unpacker.read_array_header() != 3:
-                return None
-            start = unpacker.tell()
-            unpacker.skip()
-            spans.append(bytes(payload[start : unpacker.tell()]))
-            unpacker.skip()  # value
-            unpacker.skip()  # expiration time
+        return unpacker, payload, unpacker.read_array_header()
     except Exception:
         return None
-    return spans
+
+
+def dictionary_declared_entries(value: bytes) -> int:
+    """How many entries a whole dictionary's payload declares (read from its header only; 0 if malformed)."""
+    start = _dictionary_entries_unpacker(value)
+    return 0 if start is None else start[2]
+
+
+def dictionary_layout(value: bytes) -> Optional[Tuple[List[bytes], float]]:
+    """
+    The encoded subkey of each entry of a whole dictionary (ext 0x50 bytes), in the order of the payload, and what
+    decoding its subkeys and entry values costs (rate_limit.decode_cost), found at C speed without decoding them;
+    None if the bytes are not laid out as a dictionary.
+    """
+    start = _dictionary_entries_unpacker(value)
+    if start is None:
+        return None
+    unpacker, payload, num_entries = start
+    spans, cost = [], 0.0
+    try:
+        for _ in range(num_entries):
+            if unpacker.read_array_header() != 3:
+                return None
+            position = unpacker.tell()
+            unpacker.skip()
+            subkey = bytes(payload[position : unpacker.tell()])
+            entry_value = unpacker.unpack()
+            unpacker.skip()  # expiration time
+            spans.append(subkey)
+            cost += decode_cost(subkey) + (decode_cost(entry_value) if isinstance(entry_value, bytes) else 0.0)
+    except Exception:
+        return None
+    return spans, cost
 
 
 def check_dictionary_entry(value: object, expiration_time: object, now: float) -> Optional[str]:
