@@ -25,6 +25,7 @@ from hivemind.dht.routing_upkeep import RoutingUpkeep
 from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.utils import RequestTooLargeError
 from hivemind.proto import dht_pb2
 from hivemind.utils.logging import get_logger
 from hivemind.utils.serializer import MSGPackSerializer
@@ -360,6 +361,12 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
             peer_node_id = self._node_id_of_response(response.peer)
             if len(response.store_ok) != num_items:
                 raise RequestRejected("misaligned_fields", f"{len(response.store_ok)} results for {num_items} items")
+        except RequestTooLargeError as e:  # never sent: the peer did nothing wrong and stays in the routing table
+            logger.warning(
+                f"Could not store {num_items} items on {peer}, they do not fit in one message ({e}); store large "
+                f"data elsewhere and its location in the DHT"
+            )
+            return None
         except Exception as e:
             if isinstance(e, RequestRejected):
                 self._reject(e.reason)

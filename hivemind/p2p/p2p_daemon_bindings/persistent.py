@@ -8,6 +8,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import (
     P2PDaemonError,
     P2PHandlerError,
+    RequestTooLargeError,
     decode_varint,
     read_unsigned_varint,
     serialize_delimited,
@@ -160,7 +161,7 @@ class PersistentConnection:
         )
         size = request.ByteSize()
         if size > self.max_msg_size:
-            raise P2PDaemonError(
+            raise RequestTooLargeError(
                 f"Message size exceeds set limit: the request to {protocol} takes {size} bytes, "
                 f"persistent_conn_max_msg_size is {self.max_msg_size} bytes; send large data through a stream handler"
             )

@@ -17,6 +17,10 @@ class P2PDaemonError(RuntimeError):
     """The p2pd daemon or the control channel to it failed (start-up, size limit, error reply, daemon exit)."""
 
 
+class RequestTooLargeError(P2PDaemonError):
+    """A request is larger than the control channel accepts (``persistent_conn_max_msg_size``); it was not sent."""
+
+
 class ControlFailure(P2PDaemonError):
     """The daemon answered a control request with ``Response{type=ERROR}``."""
 
