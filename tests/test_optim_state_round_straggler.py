@@ -12,6 +12,7 @@ import torch
 from averager_helpers import FAST, dht_swarm
 
 from hivemind.optim.epoch_rule import state_round_weight
+from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
 
 
@@ -91,3 +92,13 @@ def test_with_sync_epoch_when_averaging_members_of_any_epoch_average_as_equals()
 def test_a_spawned_averager_process_knows_the_epoch_spread():
     results, _ = _round([4, 3], [1.0, 3.0], max_epoch_spread=1, start_method="spawn")
     assert results == [[2.0], [2.0]]
+
+
+def test_the_optimizer_refuses_an_epoch_spread_in_averager_opts_naming_what_sets_it():
+    model = torch.nn.Linear(2, 1)
+    with dht_swarm(1) as (dht,), pytest.raises(TypeError, match="cannot set max_epoch_spread: .*use_local_updates"):
+        Optimizer(
+            dht=dht, run_id="spread_in_averager_opts", target_batch_size=4, batch_size_per_step=1,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1), params=model.parameters(),
+            averager_opts=dict(max_epoch_spread=1),
+        )  # fmt: skip

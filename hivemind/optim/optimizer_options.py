@@ -240,6 +240,7 @@ _OPTIMIZER_SETS = {
     "delta_rule_averaging": "use_local_updates and delay_state_averaging", "extra_tensors": "extra_tensors=",
     "average_opt_statistics": "average_opt_statistics=", "reuse_grad_buffers": "reuse_grad_buffers=",
     "averaged_grads": "the Optimizer itself", "warn": "the Optimizer itself",
+    "max_epoch_spread": "use_local_updates= (1 with local updates, else 0)",
 }  # fmt: skip
 
 
