@@ -17,6 +17,7 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.routing_upkeep import log_if_failed
 from hivemind.dht.storage import CacheRefreshQueue
+from hivemind.dht.store_fanout import SendPacer
 from hivemind.dht.traverse import traverse_dht
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
@@ -178,6 +179,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
         self._tasks: Set[asyncio.Task] = set()
         self._unconfirmed_stores: List[Tuple[List[Any], bool]] = []  # (KeyProgress of one store_many, exclude_self)
         self._store_confirmer: Optional[asyncio.Task] = None
+        self._store_pacer = SendPacer()  # what this node's stores spent of each replica's store rate limit
 
         try:
             self.protocol = await DHTProtocol.create(
