@@ -102,3 +102,14 @@ def test_the_optimizer_refuses_an_epoch_spread_in_averager_opts_naming_what_sets
             optimizer=lambda p: torch.optim.SGD(p, lr=0.1), params=model.parameters(),
             averager_opts=dict(max_epoch_spread=1),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("spread", [-1, 1.5, "1", True, None])
+def test_a_wrong_epoch_spread_is_refused_when_the_averager_is_made(spread):
+    # (else it came to light only in the averager's process: each round failed, or with -1 nobody ever applied one)
+    model = torch.nn.Linear(2, 1)
+    with dht_swarm(1) as (dht,), pytest.raises(ValueError, match="max_epoch_spread must be a whole number"):
+        TrainingStateAverager(
+            dht=dht, prefix="wrong_spread", optimizer=lambda p: torch.optim.SGD(p, lr=0.1), params=model.parameters(),
+            max_epoch_spread=spread, start=True,
+        )  # fmt: skip

@@ -14,7 +14,7 @@ from hivemind.optim.scheduler_sync import is_scheduler_instance
 from hivemind.p2p.call_arguments import MAX_HANDLE_NAME_BYTES
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.logging import get_logger
-from hivemind.utils.value_checks import is_count, is_number
+from hivemind.utils.value_checks import is_count, is_integer, is_number
 
 __all__ = [
     "OptimizerOptions",
@@ -242,6 +242,16 @@ _OPTIMIZER_SETS = {
     "averaged_grads": "the Optimizer itself", "warn": "the Optimizer itself",
     "max_epoch_spread": "use_local_updates= (1 with local updates, else 0)",
 }  # fmt: skip
+
+
+def checked_epoch_spread(max_epoch_spread: Any) -> int:
+    """``TrainingStateAverager(max_epoch_spread=...)``: a whole number of epochs, 0 or more (ValueError otherwise)."""
+    if not (is_integer(max_epoch_spread) and max_epoch_spread >= 0):
+        raise ValueError(
+            f"max_epoch_spread must be a whole number of epochs, 0 or more (0: only members of the latest epoch "
+            f"average as equals), got {max_epoch_spread!r}"
+        )
+    return int(max_epoch_spread)
 
 
 def check_averager_opts(averager_opts: Any) -> None:

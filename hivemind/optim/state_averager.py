@@ -19,7 +19,7 @@ from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH, state_round_epochs, state_round_weight
-from hivemind.optim.optimizer_options import check_state_averager_arguments
+from hivemind.optim.optimizer_options import check_state_averager_arguments, checked_epoch_spread
 from hivemind.optim.optimizer_state import (
     dump_optimizer_state,
     initialize_optimizer_state_,
@@ -141,7 +141,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self.extra_tensors = tuple(tensor.detach() for tensor in extra_tensors)
         self.average_opt_statistics = tuple(average_opt_statistics)
         self.local_epoch = 0
-        self.max_epoch_spread = max_epoch_spread  # (read by the averager's process too: set it here)
+        self.max_epoch_spread = checked_epoch_spread(max_epoch_spread)  # (read by the averager's process too)
         self.round_met_later_epochs = False  # a refused round had peers of later epochs (the caller clears it)
 
         sources = self._averaging_sources()
