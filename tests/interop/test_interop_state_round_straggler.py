@@ -20,13 +20,14 @@ def drivers(original_env, interop_log_dir):
         yield started
 
 
-def _round(drivers, epochs):
-    """One round of an original peer (value 1) and ours (value 3) at ``epochs``; returns each side's values after."""
+def _round(drivers, epochs, **extra):
+    """One round of an original peer (value 1) and ours (value 3) at ``epochs`` (``extra``: options of both
+    averagers); returns each side's values after."""
     first = drivers[ORIGINAL].call("dht_create", timeout=60)
     second = drivers[OURS].call("dht_create", initial_peers=first["maddrs"], timeout=60)
     options = dict(
         prefix=f"straggler_{uuid.uuid4().hex[:8]}", statistics=[], num_extras=0, target_group_size=2,
-        min_matchmaking_time=3.0, request_timeout=1.0,
+        min_matchmaking_time=3.0, request_timeout=1.0, **extra,
     )  # fmt: skip
     dht_handles = {ORIGINAL: first["handle"], OURS: second["handle"]}
     handles = {}
@@ -49,4 +50,10 @@ def test_our_straggler_does_not_pull_back_the_originals_peer_in_step(drivers):
 
 def test_the_originals_straggler_averages_with_its_full_weight(drivers):
     results = _round(drivers, {ORIGINAL: 3, OURS: 5})
+    assert results == {ORIGINAL: [[2.0], [2.0]], OURS: [[2.0], [2.0]]}
+
+
+def test_with_sync_epoch_when_averaging_our_member_behind_averages_with_full_weight_as_the_originals(drivers):
+    # (that round aligns the epochs itself: 1.1.12 and ours both average as equals, then move to the latest epoch)
+    results = _round(drivers, {ORIGINAL: 5, OURS: 3}, sync_epoch_when_averaging=True)
     assert results == {ORIGINAL: [[2.0], [2.0]], OURS: [[2.0], [2.0]]}
