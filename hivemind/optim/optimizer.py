@@ -26,6 +26,7 @@ from hivemind.utils.logging import get_logger
 __all__ = ["Optimizer"]
 
 logger = get_logger(__name__)
+_LOCAL_UPDATES_SPREAD = {"max_epoch_spread": 1}  # given only then: overrides written for 1.1.12 lack the keyword
 
 
 class Optimizer(OptimizerHooks, torch.optim.Optimizer):
@@ -128,7 +129,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             delta_rule_averaging=use_local_updates and delay_state_averaging,
             average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
             compression=state_averaging_compression, state_compression=load_state_compression,
-            max_epoch_spread=int(use_local_updates), **averager_opts,  # (local updates: epoch ends are not in step)
+            **averager_opts, **_LOCAL_UPDATES_SPREAD if use_local_updates else {},  # (epoch ends are not in step)
         )  # fmt: skip
         self.grad_averager: Optional[GradientAverager] = None
         try:  # (if a later part cannot start, the averagers started so far are stopped)
