@@ -363,8 +363,8 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
                 raise RequestRejected("misaligned_fields", f"{len(response.store_ok)} results for {num_items} items")
         except RequestTooLargeError as e:  # never sent: the peer did nothing wrong and stays in the routing table
             logger.warning(
-                f"Could not store {num_items} items on {peer}, they do not fit in one message ({e}); store large "
-                f"data elsewhere and its location in the DHT"
+                f"Store request of {num_items} item(s) to {peer} not sent: {e} (for the DHT: store large data "
+                f"elsewhere and its location in the DHT)"
             )
             return None
         except Exception as e:
