@@ -5,11 +5,14 @@ The unit is one *item*: what storing one small item costs (some 10 us of the eve
 what decoding them costs: one item per STORE_BYTES_PER_ITEM bytes, and STRUCTURE_BYTE_WEIGHT (EXT_BYTE_WEIGHT) times
 more for each byte that may start an array or a map (an ext type, such as a tuple), in documents that do not start
 with a scalar: those are decoded by Python code, a walk step or a call each (1 to 15 us, a thousand times a plain
-byte), and 4 MiB of nested tuples used to take seconds to decode.
+byte), and 4 MiB of nested tuples used to take seconds to decode. A long document is walked object by object (in a
+bounded number of steps) so that the bytes of its binary and text strings count as payload, whatever they look like.
 """
 
 import time
 from typing import Callable, Dict, Hashable, Optional, Tuple
+
+import msgpack
 
 DEFAULT_BURST_ITEMS = 20000  # a new peer receiving replicas may get thousands of items in one request
 DEFAULT_ITEMS_PER_SECOND = 2000.0
@@ -24,20 +27,82 @@ STRUCTURE_BYTE_WEIGHT = 256  # a byte that may start an array or a map: about 1 
 EXT_BYTE_WEIGHT = 1024  # a byte that may start an ext type: a Python call, and another decoder for registered types
 _CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))  # fixmap, fixarray, array/map 16/32
 _EXT_BYTES = bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext 8/16/32, fixext 1..16
+_ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
+_MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+_EXT_HEADER_LENGTHS = {0xC7: 3, 0xC8: 4, 0xC9: 6, 0xD4: 2, 0xD5: 2, 0xD6: 2, 0xD7: 2, 0xD8: 2}  # type code included
+# a document of WALK_MIN_BYTES or more whose bytes may hold structure is walked object by object (~0.3 us each), at
+# most one object per WALK_BYTES_PER_STEP bytes (plus 4), so that a binary string inside a list, a tuple or a map is
+# charged as the payload it is: the walks of a 4 MiB request take at most ~30 ms
+WALK_MIN_BYTES = 4096
+WALK_BYTES_PER_STEP = 512
 _NOT_CONTAINER_BYTES = bytes(byte for byte in range(256) if byte not in _CONTAINER_BYTES)
 _NOT_EXT_BYTES = bytes(byte for byte in range(256) if byte not in _EXT_BYTES)
 # a document that starts with a scalar (nil, bool, int, float, str, bin) holds nothing else: its bytes are payload
 _SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER_BYTES + _EXT_BYTES)
 
 
+def _structure_weight(data) -> int:
+    """The weight of the bytes of ``data`` that may start an array, a map or an ext type (an upper bound)."""
+    return STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES)) + EXT_BYTE_WEIGHT * len(
+        data.translate(None, _NOT_EXT_BYTES)
+    )
+
+
+def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
+    """
+    The structure weight of ``data`` counting only the arrays, maps and ext types that it really holds (binary and
+    text strings are skipped at C speed: their bytes decode as payload whatever they look like); an ext type's
+    payload is walked in turn as a document of its own (a tuple's items, a registered type's fields); bytes after a
+    document's first object are weighed by :func:`_structure_weight`. None if the walk would take more than
+    ``max_steps`` objects, copy more than a few times ``data``, or the document is malformed (then the caller keeps
+    the upper bound).
+    """
+    weight, steps, documents, bytes_left = 0, 0, [data], 4 * len(data)
+    try:
+        while documents:
+            document = documents.pop()
+            bytes_left -= len(document)
+            if bytes_left < 0:
+                return None
+            unpacker = msgpack.Unpacker(max_buffer_size=max(len(document), 1))
+            unpacker.feed(document)
+            pending = 1
+            while pending:
+                if steps >= max_steps:
+                    return None
+                steps, pending, position = steps + 1, pending - 1, unpacker.tell()
+                head = document[position]
+                if head in _ARRAY_HEADS:
+                    pending += unpacker.read_array_header()
+                    weight += STRUCTURE_BYTE_WEIGHT
+                elif head in _MAP_HEADS:
+                    pending += 2 * unpacker.read_map_header()
+                    weight += STRUCTURE_BYTE_WEIGHT
+                else:
+                    unpacker.skip()
+                    if head in _EXT_HEADER_LENGTHS:  # decoded by Python code, its payload by another decoder
+                        weight += EXT_BYTE_WEIGHT
+                        documents.append(document[position + _EXT_HEADER_LENGTHS[head] : unpacker.tell()])
+            weight += _structure_weight(document[unpacker.tell() :])
+    except Exception:
+        return None
+    return weight
+
+
 def decode_cost(data: bytes) -> float:
-    """What decoding ``data`` (msgpack, maybe with a suffix) costs, in items; an upper bound, computed at C speed."""
+    """
+    What decoding ``data`` (msgpack, maybe with a suffix) costs, in items; an upper bound, computed at C speed (and by
+    a short walk of its objects when the bytes alone would overcharge it, e.g. large binary strings inside a list).
+    """
     if not data:
         return 0.0
     weighted = len(data)
     if data[0] not in _SCALAR_STARTS:
-        weighted += STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
-        weighted += EXT_BYTE_WEIGHT * len(data.translate(None, _NOT_EXT_BYTES))
+        structure = _structure_weight(data)
+        if structure > STORE_BYTES_PER_ITEM and len(data) >= WALK_MIN_BYTES:
+            walked = _walked_structure_weight(data, max_steps=len(data) // WALK_BYTES_PER_STEP + 4)
+            structure = structure if walked is None else min(structure, walked)
+        weighted += structure
     return weighted / STORE_BYTES_PER_ITEM
 
 
