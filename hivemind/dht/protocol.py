@@ -19,6 +19,7 @@ from hivemind.dht.request_checks import (
     check_node_id_bytes,
     check_store_request_shape,
     check_value_bytes,
+    dictionary_layout,
 )
 from hivemind.dht.routing import DHTID, BinaryDHTValue, RoutingTable, Subkey
 from hivemind.dht.routing_upkeep import RoutingUpkeep
@@ -426,16 +427,18 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
 
     def _parse_dictionary(self, key_bytes: bytes, value: bytes, now: float) -> Optional[DictionaryDHTValue]:
         """Decode a dictionary from a find response, keeping only its well-formed and valid entries."""
-        decoded = self._decode_dictionary_entries(value, "a find response")
+        layout = dictionary_layout(value)  # each entry's subkey as received: none is encoded again
+        decoded = self._decode_dictionary_entries(value, "a find response", None if layout is None else layout[0])
         if decoded is None:
             return None
         entries, _ = decoded
         clean = DictionaryDHTValue()
-        for subkey, entry_value, entry_expiration in entries:
+        for subkey, entry_value, entry_expiration, span in entries:
             reason = check_dictionary_entry(entry_value, entry_expiration, now)
             if reason is not None:
                 self._reject(reason)
                 continue
-            if self._is_valid(DHTRecord(key_bytes, self.serializer.dumps(subkey), entry_value, entry_expiration)):
-                clean.store(subkey, entry_value, entry_expiration)
+            encoded_subkey, nbytes = self._dictionary_subkey_bytes(subkey, span)
+            if self._is_valid(DHTRecord(key_bytes, encoded_subkey, entry_value, entry_expiration)):
+                clean.store(subkey, entry_value, entry_expiration, nbytes)
         return clean

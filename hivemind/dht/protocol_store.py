@@ -60,22 +60,36 @@ class StoreHandling:
         return False
 
     def _decode_dictionary_entries(
-        self, value: bytes, source: str
-    ) -> Optional[Tuple[List[Tuple[Any, bytes, float]], int]]:
+        self, value: bytes, source: str, spans: Optional[List[bytes]] = None
+    ) -> Optional[Tuple[List[Tuple[Any, bytes, float, Optional[bytes]]], int]]:
         """
-        (subkey, value, expiration) of each live entry in a remote peer's ext-0x50 bytes, and how many entries the
-        payload held beyond those (expired, NaN expiration, older duplicates); None (counted) if malformed.
+        (subkey, value, expiration, the subkey's bytes in ``spans`` or None) of each live entry in a remote peer's
+        ext-0x50 bytes, and how many entries the payload held beyond those (expired, NaN expiration, older
+        duplicates); None (counted) if malformed. ``spans``: the encoded subkey of each entry of the payload, in order
+        (see request_checks.dictionary_layout).
         """
         try:
             dictionary = self.serializer.loads(value)
             if not isinstance(dictionary, DictionaryDHTValue):
                 raise TypeError(f"expected a DictionaryDHTValue, got {type(dictionary).__name__}")
-            entries = [(subkey, item.value, item.expiration_time) for subkey, item in dictionary.items()]
+            positions, dictionary.decoded_positions = dictionary.decoded_positions, None
+            entries = []
+            for subkey, item in dictionary.items():
+                index = None if spans is None or positions is None else positions.get(subkey)
+                span = spans[index] if index is not None and index < len(spans) else None
+                entries.append((subkey, item.value, item.expiration_time, span))
             return entries, dictionary.dropped_on_decode
         except Exception as e:
             logger.debug(f"Malformed dictionary in {source}: {e!r}")
             self._reject("malformed_dictionary")
             return None
+
+    def _dictionary_subkey_bytes(self, subkey: Subkey, span: Optional[bytes]) -> Tuple[bytes, int]:
+        """A decoded dictionary entry's subkey as received (else encoded again) and the size it counts as."""
+        if span is None:
+            encoded = self.serializer.dumps(subkey)
+            return encoded, len(encoded)
+        return span, subkey_nbytes(span, subkey)
 
     def _store_dictionary(self, key: bytes, key_id: DHTID, value: bytes, storage, now: float, sender=None) -> bool:
         """
@@ -93,7 +107,7 @@ class StoreHandling:
         spans, decoding_cost = layout
         if not limiter.allow_dictionary(sender, max(0.0, decoding_cost - declared)):
             return self._reject("rate_limited")
-        decoded = self._decode_dictionary_entries(value, "a store request")
+        decoded = self._decode_dictionary_entries(value, "a store request", spans)
         if decoded is None:
             return False
         entries, dropped = decoded
@@ -101,20 +115,20 @@ class StoreHandling:
             return self._reject("dictionary_full")
         if dropped:
             self.rejected["dropped_dictionary_entry"] += dropped
-        # the subkeys as received (for validators and sizes) if every entry was kept, in order; else encoded again
-        encoded: Optional[List[bytes]] = spans if dropped == 0 and len(spans) == len(entries) else None
-        if encoded is None and not limiter.allow_dictionary(sender, REENCODING_COST_FACTOR * decoding_cost):
+        # the subkeys as received (for validators and sizes); those not found among them are encoded again
+        if any(span is None for *_, span in entries) and not limiter.allow_dictionary(
+            sender, REENCODING_COST_FACTOR * decoding_cost
+        ):
             return self._reject("rate_limited")
         all_accepted = len(entries) > 0 and dropped == 0
-        for index, (subkey, entry_value, entry_expiration) in enumerate(entries):
+        for subkey, entry_value, entry_expiration, span in entries:
             reason = check_dictionary_entry(entry_value, entry_expiration, now)
             if reason is not None:
                 all_accepted = self._reject(reason)
                 continue
-            encoded_subkey = self.serializer.dumps(subkey) if encoded is None else encoded[index]
+            encoded_subkey, nbytes = self._dictionary_subkey_bytes(subkey, span)
             if not self._is_valid(DHTRecord(key, encoded_subkey, entry_value, entry_expiration)):
                 all_accepted = False
                 continue
-            nbytes = len(encoded_subkey) if encoded is None else subkey_nbytes(encoded_subkey, subkey)
             all_accepted &= self._store_subkey(storage, key_id, subkey, entry_value, entry_expiration, nbytes)
         return all_accepted

@@ -47,7 +47,10 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         # read, or merged entry by entry into another one)
         self._unsized: Dict[Subkey, Subkey] = {}
 
-    _PRIVATE_STATE = TimedStorage._PRIVATE_STATE + ("_entry_nbytes", "_total_nbytes", "_unsized")
+    # decoded_positions (set by unpackb only): each held subkey -> the index in the payload of the entry that brought
+    # it, so that a reader can take the subkey's bytes from the payload instead of encoding it again
+    decoded_positions: Optional[Dict[Subkey, int]] = None
+    _PRIVATE_STATE = TimedStorage._PRIVATE_STATE + ("_entry_nbytes", "_total_nbytes", "_unsized", "decoded_positions")
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -156,7 +159,8 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         if not isinstance(entries, list):
             raise ValueError(f"DictionaryDHTValue entries must be an array, got {type(entries).__name__}")
         result = cls(maxsize=maxsize)  # kept as it is (an int, a float or inf) to be encoded back the same way
-        for entry in entries:
+        positions: Dict[Subkey, int] = {}
+        for index, entry in enumerate(entries):
             if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], bytes)):
                 raise ValueError(f"a DictionaryDHTValue entry is [subkey, bytes, expiration], got {entry!r:.100}")
             subkey, value, expiration_time = entry
@@ -166,8 +170,11 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
                 hash(subkey)
             except TypeError:
                 raise ValueError(f"DictionaryDHTValue subkey must be hashable, got {subkey!r:.100}") from None
-            if not result._store_unsized(subkey, value, expiration_time):
+            if result._store_unsized(subkey, value, expiration_time):
+                positions.setdefault(subkey, index)  # an equal subkey stored before stays held
+            else:
                 result.dropped_on_decode += 1
+        result.decoded_positions = positions
         result.latest_expiration_time = max(result.latest_expiration_time, float(latest_expiration_time))
         return result
 
