@@ -12,13 +12,13 @@ from hivemind.optim.optimizer import Optimizer
 class FixedSignatureOptimizer(Optimizer):
     def _make_state_averager(
         self, *, optimizer, params, scheduler, delta_rule_averaging, average_opt_statistics, extra_tensors,
-        compression, state_compression,
+        compression, state_compression, performance_ema_alpha,
     ):  # fmt: skip
         self.state_averager_made = True
         return super()._make_state_averager(
             optimizer=optimizer, params=params, scheduler=scheduler, delta_rule_averaging=delta_rule_averaging,
             average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors, compression=compression,
-            state_compression=state_compression,
+            state_compression=state_compression, performance_ema_alpha=performance_ema_alpha,
         )  # fmt: skip
 
 

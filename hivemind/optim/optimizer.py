@@ -26,7 +26,6 @@ from hivemind.utils.logging import get_logger
 __all__ = ["Optimizer"]
 
 logger = get_logger(__name__)
-_LOCAL_UPDATES_SPREAD = {"max_epoch_spread": 1}  # given only then: overrides written for 1.1.12 lack the keyword
 
 
 class Optimizer(OptimizerHooks, torch.optim.Optimizer):
@@ -64,7 +63,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
     :param load_state_compression: compression of state downloads served by this peer
     :param average_opt_statistics: optimizer-state entries averaged with the parameters (e.g. ``"exp_avg_sq"``)
     :param extra_tensors: more tensors averaged and shared with the parameters
-    :param averager_opts: more options of both averagers (e.g. ``bandwidth``, ``target_group_size``)
+    :param averager_opts: more options of both averagers (e.g. ``bandwidth``); state-averager-only ones go to it alone
     :param tracker_opts: more options of the ProgressTracker
     :param performance_ema_alpha: smoothing of the speed estimate
     :param shutdown_timeout: seconds to wait for background parts to stop
@@ -120,32 +119,31 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self.status_loglevel = logging.DEBUG if not verbose else logging.INFO
         self._progress_bar = EpochProgressBar(run_id, enabled=verbose)
 
-        averager_opts = dict(averager_opts or {})
+        self._averager_opts = dict(averager_opts or {})  # (the gradient averager takes those it knows)
         self.scheduled_grads: Optional[StepControl] = None
         self.scheduled_state: Optional[StepControl] = None
         self.scheduled_state_epoch = 0
-        self.state_averager = self._make_state_averager(
-            optimizer=optimizer, params=params, scheduler=scheduler,
-            delta_rule_averaging=use_local_updates and delay_state_averaging,
-            average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
-            compression=state_averaging_compression, state_compression=load_state_compression,
-            **averager_opts, **_LOCAL_UPDATES_SPREAD if use_local_updates else {},  # (epoch ends are not in step)
-        )  # fmt: skip
-        self.grad_averager: Optional[GradientAverager] = None
-        try:  # (if a later part cannot start, the averagers started so far are stopped)
-            if not use_local_updates:  # (with offloading, average into the grads of the optimizer's CPU params)
-                averaged_grads = tuple(self._offloaded_grad_buffers()) if options.offload_optimizer else ()
+        self.tracker = self._make_progress_tracker(  # (first, as in hivemind 1.1.12: the averagers' hooks may use it)
+            target_batch_size, performance_ema_alpha=performance_ema_alpha, **(tracker_opts or {})
+        )
+        try:  # (if a later part cannot start, the parts started so far are stopped)
+            self.state_averager = self._make_state_averager(
+                optimizer=optimizer, params=params, scheduler=scheduler,
+                delta_rule_averaging=use_local_updates and delay_state_averaging,
+                average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
+                compression=state_averaging_compression, state_compression=load_state_compression,
+                performance_ema_alpha=performance_ema_alpha, **self._averager_opts,
+            )  # fmt: skip
+            self.grad_averager: Optional[GradientAverager] = None
+            if not use_local_updates:
                 self.grad_averager = self._make_gradient_averager(
-                    reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression,
-                    averaged_grads=averaged_grads, warn=not auxiliary, **averager_opts,
-                )  # fmt: skip
-            self.tracker = self._make_progress_tracker(
-                target_batch_size, performance_ema_alpha=performance_ema_alpha, **(tracker_opts or {})
-            )
+                    grad_averager_factory, reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression
+                )
         except BaseException:
-            for averager in (self.grad_averager, self.state_averager):
+            for averager in (getattr(self, "grad_averager", None), getattr(self, "state_averager", None)):
                 if averager is not None:
                     averager.shutdown()
+            self.tracker.shutdown(self.shutdown_timeout)
             raise
         self._local_samples = 0  # samples of this epoch (local-updates mode; gradient mode asks the averager)
         self._schema_hash = self._compute_schema_hash()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from hivemind.averaging.control import StepControl
 from hivemind.optim.epoch_rule import next_epoch, should_schedule_averaging
@@ -25,6 +25,11 @@ __all__ = ["OptimizerHooks", "is_pending"]
 
 logger = get_logger(__name__)
 
+# options of TrainingStateAverager that a gradient averager does not take: averager_opts gives them to the former only
+_STATE_AVERAGER_ONLY = frozenset(inspect.signature(TrainingStateAverager.__init__).parameters) - frozenset(
+    inspect.signature(GradientAverager.__init__).parameters
+)
+
 
 def is_pending(control: Optional[StepControl]) -> bool:
     return control is not None and not control.done()
@@ -34,14 +39,18 @@ class OptimizerHooks:
     """
     Mixin of :class:`hivemind.Optimizer` with its overridable construction and scheduling steps.
 
-    The factories receive as keyword arguments what the Optimizer's options say about that part (e.g.
-    ``optimizer``, ``params``, ``scheduler``, ``compression`` and ``averager_opts`` for the state averager) and add
-    what every part shares (DHT, prefix derived from ``run_id``, matchmaking time, timeouts, client and auxiliary
-    mode, ``start=True``). An override may call the class it wants with those, adding or dropping some.
+    The Optimizer calls the factories as hivemind 1.1.12 does: ``_make_progress_tracker(target_batch_size, **kw)``
+    first, then ``_make_state_averager(**kw)``, then (without local updates) ``_make_gradient_averager(factory, **kw)``
+    with ``grad_averager_factory`` as its one positional argument. The keywords are what the Optimizer's options say
+    about that part (e.g. ``optimizer``, ``params``, ``scheduler``, ``compression`` and ``averager_opts`` for the
+    state averager); the base methods add what every part shares (DHT, prefix derived from ``run_id``, matchmaking
+    time, timeouts, client and auxiliary mode, ``start=True``) and what this implementation needs besides. An
+    override may call the class it wants with those, adding or dropping some.
     """
 
     # set by Optimizer.__init__ before the factories are called
     dht: Any
+    _averager_opts: Dict[str, Any]  # the user's averager_opts
     run_id: str
     scheduled_grads: Optional[StepControl]  # the gradient round booked for the end of this epoch, if any
     scheduled_state: Optional[StepControl]  # the state round booked for the end of this epoch, if any
@@ -100,21 +109,35 @@ class OptimizerHooks:
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         """Build the averager of parameters and optimizer state (kwargs: ``optimizer``, ``params``, ``scheduler``,
         ``delta_rule_averaging``, ``average_opt_statistics``, ``extra_tensors``, ``compression``,
-        ``state_compression`` and the user's ``averager_opts``)."""
-        return TrainingStateAverager(
+        ``state_compression``, ``performance_ema_alpha`` and the user's ``averager_opts``; a keyword given here
+        replaces the Optimizer's own choice of it)."""
+        options = dict(
             prefix=f"{self.run_id}_state_averager", offload_optimizer=self.offload_optimizer,
             custom_gradients=self.offload_optimizer and not self.use_local_updates,  # else: no averager fills them
-            status_loglevel=self.status_loglevel, **self._shared_averager_kwargs(), **kwargs,
+            status_loglevel=self.status_loglevel, **self._shared_averager_kwargs(),
         )  # fmt: skip
+        if self.use_local_updates:  # epoch ends are not in step: a member one epoch behind averages as an equal
+            options["max_epoch_spread"] = 1
+        return TrainingStateAverager(**{**options, **kwargs})
 
-    def _make_gradient_averager(self, **kwargs) -> GradientAverager:
-        """Build the gradient averager over the state averager's ``main_parameters`` with ``grad_averager_factory``
-        (kwargs: ``reuse_grad_buffers``, ``compression``, ``averaged_grads``, ``warn`` and ``averager_opts``)."""
-        factory = self.grad_averager_factory or GradientAverager
-        return factory(
-            self.state_averager.main_parameters, prefix=f"{self.run_id}_grad_averager",
-            **self._shared_averager_kwargs(), **kwargs,
+    def _make_gradient_averager(self, factory: Optional[Callable[..., GradientAverager]] = None, **kwargs):
+        """Build the gradient averager over the state averager's ``main_parameters`` with ``factory`` (the
+        Optimizer's ``grad_averager_factory``; None: GradientAverager). kwargs: ``reuse_grad_buffers`` and
+        ``compression``; the base adds ``parameters`` (by keyword, as 1.1.12 does), the user's ``averager_opts`` that a
+        gradient averager accepts (those only TrainingStateAverager knows, e.g. ``sync_epoch_when_averaging``, are
+        left to the state averager) and, with offload_optimizer, the buffers it averages into (the offloaded
+        parameters' grads)."""
+        factory = GradientAverager if factory is None else factory
+        options = dict(
+            parameters=self.state_averager.main_parameters, prefix=f"{self.run_id}_grad_averager",
+            **self._shared_averager_kwargs(),
+            **{name: value for name, value in self._averager_opts.items() if name not in _STATE_AVERAGER_ONLY},
         )  # fmt: skip
+        if self.auxiliary:  # (it has no gradients of its own: not worth a warning)
+            options["warn"] = False
+        if self.offload_optimizer:
+            options["averaged_grads"] = tuple(self._offloaded_grad_buffers())
+        return factory(**{**options, **kwargs})
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         """Build the progress tracker (kwargs: ``performance_ema_alpha`` and the user's ``tracker_opts``)."""

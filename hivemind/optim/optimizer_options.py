@@ -241,6 +241,7 @@ _OPTIMIZER_SETS = {
     "average_opt_statistics": "average_opt_statistics=", "reuse_grad_buffers": "reuse_grad_buffers=",
     "averaged_grads": "the Optimizer itself", "warn": "the Optimizer itself",
     "max_epoch_spread": "use_local_updates= (1 with local updates, else 0)",
+    "performance_ema_alpha": "performance_ema_alpha=",
 }  # fmt: skip
 
 
