@@ -1,0 +1,83 @@
+"""
+Honest values that are long lists of floats (a tensor's .tolist(), a loss history) must reach remote replicas: their
+float bytes decode at C speed, yet the store rate limit charged each byte that looks like msgpack structure as
+structure, so a list of 90000 floats (810 KB) cost more than a fresh peer's whole allowance and every replica of ours
+refused it every time (hivemind 1.1.12 stores it). Runs of floats are recognised at C speed and weighed as payload;
+structure in disguise is weighed as before.
+"""
+
+import random
+import time
+
+import pytest
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, DEFAULT_ITEMS_PER_SECOND, decode_cost
+from hivemind.dht.routing import DHTID
+from hivemind.proto import dht_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+RNG = random.Random(0)
+FLAT = [RNG.random() for _ in range(90000)]
+ROWS = [[RNG.gauss(0, 1) for _ in range(300)] for _ in range(300)]
+
+
+@pytest.mark.parametrize("value", [FLAT, ROWS, {"loss": FLAT[:20000], "step": 7}], ids=["flat", "rows", "map"])
+def test_lists_of_floats_cost_like_their_bytes(value):
+    encoded = MSGPackSerializer.dumps(value)
+    assert decode_cost(encoded) < 1.2 * len(encoded) / 2048 + 10
+
+
+def test_structure_among_floats_is_still_weighed():
+    nested = [1.5] + [[[[[index]]]] for index in range(4000)]  # starts like a list of floats, holds nested arrays
+    assert decode_cost(MSGPackSerializer.dumps(nested)) > 4000 * 4 * 256 / 2048 * 0.9
+    disguised = [1.5] * 2 + [[[0.5]]] * 2000 + [1.5] * 8  # floats where a float list's stride expects them
+    assert decode_cost(MSGPackSerializer.dumps(disguised)) > 2000 * 2 * 256 / 2048 * 0.9
+
+
+@pytest.mark.timeout(60)
+async def test_a_long_list_of_floats_reaches_the_remote_replica():
+    first = await DHTNode.create()
+    second = await DHTNode.create(initial_peers=await first.get_visible_maddrs())
+    try:
+        expiration = get_dht_time() + 600
+        for name, value in {"flat": FLAT, "rows": ROWS}.items():
+            assert await second.store(name, value, expiration, exclude_self=True), name
+            stored = first.protocol.storage.get(DHTID.generate(name))
+            assert stored is not None and MSGPackSerializer.loads(stored.value) == value, name
+        assert first.protocol.rejected["rate_limited"] == 0
+    finally:
+        await second.shutdown()
+        await first.shutdown()
+
+
+@pytest.mark.timeout(120)
+async def test_a_burst_of_float_lists_costs_a_fraction_of_a_second_of_cpu(p2p_factory):
+    victim_p2p = await p2p_factory()
+    attacker = await p2p_factory(initial_peers=await victim_p2p.get_visible_maddrs())
+    victim = await DHTProtocol.create(victim_p2p, DHTID.generate(), 20, 5, 5, wait_timeout=60)
+    try:
+        value = MSGPackSerializer.dumps([RNG.random() for _ in range(110_000)])  # ~1 MB
+        stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
+        spent, stored, requests, began = 0.0, 0, 0, time.monotonic()
+        while requests < 100 and victim.rejected["rate_limited"] == 0:  # until the allowance is spent
+            keys = [DHTID.generate().to_bytes() for _ in range(3)]
+            request = dht_pb2.StoreRequest(
+                keys=keys,
+                subkeys=[DHTProtocol.IS_REGULAR_VALUE] * 3,
+                values=[value] * 3,
+                expiration_time=[get_dht_time() + 600] * 3,
+                peer=dht_pb2.NodeInfo(),
+            )
+            started = time.process_time()  # this process runs the victim's handler (p2pd is another process)
+            response = await stub.rpc_store(request, timeout=60)
+            spent += time.process_time() - started
+            stored, requests = stored + sum(response.store_ok), requests + 1
+        assert stored >= 3 and victim.rejected["rate_limited"] > 0
+        refilled = DEFAULT_ITEMS_PER_SECOND * (time.monotonic() - began)
+        assert stored * len(value) / 2048 < DEFAULT_BURST_ITEMS + refilled  # float bytes are charged, not free
+        assert spent < 1.0, f"{requests} requests ({stored} MB of floats stored) took {spent:.2f} s of CPU"
+    finally:
+        await victim.shutdown()
