@@ -17,7 +17,6 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.routing_upkeep import log_if_failed
 from hivemind.dht.storage import CacheRefreshQueue
-from hivemind.dht.store_fanout import SendPacer
 from hivemind.dht.traverse import traverse_dht
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
@@ -179,7 +178,6 @@ class DHTNode(SearchingGet, ReplicatedStore):
         self._tasks: Set[asyncio.Task] = set()
         self._unconfirmed_stores: List[Tuple[List[Any], bool]] = []  # (KeyProgress of one store_many, exclude_self)
         self._store_confirmer: Optional[asyncio.Task] = None
-        self._store_pacer = SendPacer()  # what this node's stores spent of each replica's store rate limit
 
         try:
             self.protocol = await DHTProtocol.create(
@@ -195,6 +193,7 @@ class DHTNode(SearchingGet, ReplicatedStore):
                 record_validator=record_validator,
                 authorizer=authorizer,
             )
+            self._store_pacer = self.protocol.store_pacer  # shared with the hand-over of keys to newcomers
             self.is_alive = True
             if initial_peer_ids:
                 extra_wait = wait_timeout if bootstrap_timeout is None else bootstrap_timeout

@@ -6,9 +6,9 @@ newcomers, and the background tasks all of this starts (owned here, cancelled an
 import asyncio
 from typing import Coroutine, Dict, List, Optional, Set, Tuple
 
-from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, DEFAULT_ITEMS_PER_SECOND, PeerRateLimiter
 from hivemind.dht.replication import keys_to_replicate, replication_batches
 from hivemind.dht.routing import DHTID, RoutingTable
+from hivemind.dht.store_fanout import SendPacer
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import ValueWithExpiration
@@ -21,10 +21,9 @@ MAX_PENDING_REPLICATIONS = 256
 # stored keys examined between two returns to the event loop while choosing what a newcomer should hold: the choice
 # costs a routing-table lookup per stored key, so it must not hold the loop (and time out other calls) in one piece
 REPLICATION_KEYS_PER_SLICE = 256
-# keys for a newcomer are sent in store requests costing at most this much of its store rate limit each, and at most
-# this share of the limit's default burst and rate in all (its other senders may be storing to it at the same time)
+# keys for a newcomer are sent in store requests costing at most this much of its store rate limit each, paced with
+# this node's other stores to it (SendPacer: within three quarters of the limit's default burst and rate)
 REPLICATION_BATCH_COST = 4096
-REPLICATION_RATE_SHARE = 0.75
 # ... and at most about this many bytes each: a unary request above the message limit of the daemon (4 MiB by default)
 # fails, and the newcomer that did not accept it would be dropped from the routing table
 REPLICATION_BATCH_BYTES = 1024 * 1024
@@ -62,6 +61,9 @@ class RoutingUpkeep:
         self._upkeep_closed = False
         self._pending_replications: Dict[PeerID, DHTID] = {}  # newcomer peer -> its node id, first come first served
         self._replicator: Optional[asyncio.Task] = None
+        # what this node's store requests spent of each peer's store rate limit: the hand-over to newcomers and the
+        # node's stores (DHTNode.store_many) share it, since a replica of ours counts them together
+        self.store_pacer = SendPacer()
 
     def _spawn(self, coro: Coroutine) -> Optional[asyncio.Task]:
         """Run coro in the background, owned by this protocol; after shutdown started, coro is dropped unrun."""
@@ -153,15 +155,11 @@ class RoutingUpkeep:
     async def _send_replicas(self, peer_id: PeerID, selected: List[Tuple[DHTID, ValueWithExpiration]]) -> None:
         """
         Hand the selected keys to a newcomer in batches, one at a time, no faster than its store rate limit refills
-        (at REPLICATION_RATE_SHARE of the defaults, leaving room for other stores): sent as one request, more keys
-        than the limit's burst were refused whole.
+        (paced by ``store_pacer`` together with this node's other stores to it): sent as one request, more keys than
+        the limit's burst were refused whole.
         """
-        budget = PeerRateLimiter(
-            DEFAULT_BURST_ITEMS * REPLICATION_RATE_SHARE, DEFAULT_ITEMS_PER_SECOND * REPLICATION_RATE_SHARE
-        )
         for batch, cost in replication_batches(selected, REPLICATION_BATCH_COST, REPLICATION_BATCH_BYTES):
-            while not budget.allow(peer_id, min(cost, budget.burst)):  # a batch never costs more than a burst
-                await asyncio.sleep(min(cost, REPLICATION_BATCH_COST) / budget.rate)
+            await self.store_pacer.wait(peer_id, cost)
             keys = [key_id for key_id, _ in batch]
             values = [item.value for _, item in batch]
             expirations = [item.expiration_time for _, item in batch]
