@@ -136,8 +136,8 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             )  # fmt: skip
             self.grad_averager: Optional[GradientAverager] = None
             if not use_local_updates:
-                self.grad_averager = self._make_gradient_averager(
-                    grad_averager_factory, reuse_grad_buffers=reuse_grad_buffers, compression=grad_compression
+                self.grad_averager = self._make_gradient_averager(  # (the factory goes first, by position)
+                    grad_averager_factory, compression=grad_compression, reuse_grad_buffers=reuse_grad_buffers
                 )
         except BaseException:
             for averager in (getattr(self, "grad_averager", None), getattr(self, "state_averager", None)):
