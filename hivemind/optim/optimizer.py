@@ -139,6 +139,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
                 self.grad_averager = self._make_gradient_averager(  # (the factory goes first, by position)
                     grad_averager_factory, compression=grad_compression, reuse_grad_buffers=reuse_grad_buffers
                 )
+            self._schema_hash = self._compute_schema_hash()  # (a seam too: a subclass's may fail)
         except BaseException:
             for averager in (getattr(self, "grad_averager", None), getattr(self, "state_averager", None)):
                 if averager is not None:
@@ -146,7 +147,6 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
             self.tracker.shutdown(self.shutdown_timeout)
             raise
         self._local_samples = 0  # samples of this epoch (local-updates mode; gradient mode asks the averager)
-        self._schema_hash = self._compute_schema_hash()
         self._background_grad_round: Optional[StepControl] = None  # with delay_grad_averaging (cancelled on shutdown)
         self._should_check_synchronization_on_update = True  # (once per epoch: see _should_load_state_from_peers)
         self._shut_down, self._last_progress_bar_update = False, 0.0
