@@ -8,7 +8,15 @@ import time
 
 import pytest
 from test_averaging_state_busy_donor import _one_slot_donor
-from test_averaging_state_sharing import assert_state_equal, load, make_state, prefix, serve, start_peers
+from test_averaging_state_sharing import (
+    assert_state_equal,
+    honest_donor,
+    load,
+    make_state,
+    prefix,
+    serve,
+    start_peers,
+)
 
 import hivemind
 from hivemind.averaging.state_sharing import StateSharing
@@ -48,4 +56,36 @@ async def test_a_donor_deferred_for_a_busy_one_is_asked_with_time_left_to_send(d
         assert time.monotonic() - started < 14.0
     finally:
         release.set()
+        await first
+
+
+@pytest.mark.timeout(60)
+async def test_a_deferred_donor_is_asked_when_the_window_ends_while_an_equal_one_is_slow_to_start(
+    dht, p2p_factory, prefix
+):
+    # the best donor is busy, a donor of the same priority accepts but does not start sending (its state is not ready,
+    # or it is hostile): the deferred one is asked when the window ends, not only once that download failed (here at
+    # the timeout: None)
+    (best, stalled, older), client = await start_peers(p2p_factory, 3)
+    other_client = await p2p_factory(initial_peers=await best.get_visible_maddrs())
+    await other_client.wait_for_at_least_n_peers(3, attempts=100, delay=0.05)
+    _, _, asked, release = await _one_slot_donor(dht, best, prefix, max_queued_downloads=0, state_sharing_priority=5.0)
+    never_ready = asyncio.Event()
+
+    async def not_ready():
+        await never_ready.wait()
+
+    sharing = StateSharing(
+        dht=dht, peer_id=stalled.peer_id, prefix=prefix, get_current_state=not_ready, state_sharing_priority=5.0
+    )
+    await serve(stalled, prefix, sharing.rpc_download_state)
+    assert await sharing.declare()
+    _, older_state = await honest_donor(dht, older, prefix, seed=7, priority=0.0)
+    first = asyncio.create_task(load(client, dht, prefix, timeout=40.0))
+    try:
+        await asked.wait()  # the first download holds the best donor's only slot until the end of the test
+        assert_state_equal(await load(other_client, dht, prefix, timeout=14.0), older_state)
+    finally:
+        release.set()
+        never_ready.set()
         await first

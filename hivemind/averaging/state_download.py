@@ -364,6 +364,9 @@ async def load_state_from_peers(
     def may_ask_now(entry: Tuple[PeerID, float]) -> bool:  # (not a donor far below one that answered busy, for now)
         return time.monotonic() >= prefer_until or entry[1] >= busy_priority[0] - BUSY_PRIORITY_SLACK
 
+    def window_end() -> float:  # (from then on every donor may be asked)
+        return prefer_until
+
     while candidates or deferred or _pause_for_busy_donors(busy, retry_until, pauses):
         if _daemon_stopped(p2p):
             return None
@@ -380,7 +383,9 @@ async def load_state_from_peers(
             await asyncio.sleep(max(pause, 0.0))
             continue
         if deferred and (not candidates or time.monotonic() >= prefer_until):
-            prefer_until, candidates, deferred = 0.0, candidates + deferred, []  # (best first still)
+            prefer_until = 0.0
+        # (the deferred ones too, asked once the window ends: also while a donor asked before is slow to start)
+        candidates, deferred = candidates + deferred, []  # (best first still)
         started = await first_to_start(
             candidates,
             ask,
@@ -391,6 +396,7 @@ async def load_state_from_peers(
             priority=lambda e: e[1],  # a better donor that is only slow to start is waited for, within its own limit
             hold_limit=min(first_message_timeout, DONOR_PREPARATION_TIMEOUT),
             allowed=may_ask_now,
+            allowed_from=window_end,
         )
         if started is None:
             if candidates and deadline is not None and time.monotonic() >= deadline:  # the time ran out

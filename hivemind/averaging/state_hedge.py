@@ -97,6 +97,7 @@ async def first_to_start(
     priority: Optional[Callable[[T], float]] = None,
     hold_limit: float = 0.0,
     allowed: Optional[Callable[[T], bool]] = None,
+    allowed_from: Optional[Callable[[], float]] = None,
 ) -> Optional[Tuple[T, S]]:
     """Start downloads from ``candidates`` (best first) with hedging; return the first that started, or None.
 
@@ -112,6 +113,8 @@ async def first_to_start(
       held for up to ``hold_limit`` seconds (and at most half the time left before ``deadline``) for that one
     :param allowed: whether the next candidate may be asked now (else none after it is, and None may be returned with
       candidates left; default: always)
+    :param allowed_from: the ``time.monotonic()`` from which the candidates ``allowed`` holds back may be asked: the
+      wait for the pending downloads ends then, so that they are asked (hedged) rather than after those end
     """
     if not hedge_delay > 0:
         raise ValueError(f"hedge_delay must be a positive number of seconds, got {hedge_delay!r}")
@@ -142,6 +145,9 @@ async def first_to_start(
             if not race.pending:
                 break
             wait = max(next_launch - now, 0.0) if launchable and held is None else None
+            if held is None and candidates and not launchable and allowed_from is not None:
+                until = max(allowed_from() - now, 0.05)  # (then ``allowed`` is asked again)
+                wait = until if wait is None else min(wait, until)
             if held is not None:
                 wait = held_until - now if wait is None else min(wait, held_until - now)
             if deadline is not None:
