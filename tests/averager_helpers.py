@@ -1,6 +1,7 @@
 """Shared set-up for DecentralizedAverager tests: DHT swarms on 127.0.0.1 and averagers on top of them."""
 
 import contextlib
+import threading
 import time
 from typing import Iterator, List, Sequence
 
@@ -65,3 +66,24 @@ def run_allreduce(controls, timeout: float) -> float:
 def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     total = sum(weights)
     return sum(w * v for w, v in zip(weights, vectors)) / total
+
+
+def state_rounds_together(averagers, timeout: float = 20.0) -> None:
+    """One state round (``TrainingStateAverager.step(averaging_round=True)``) of every averager, in threads at once;
+    re-raises the first error a round raised."""
+    errors = []
+
+    def round_of(averager):
+        try:
+            averager.step(averaging_round=True, delay_averaging=False, averaging_opts=dict(timeout=timeout))
+        except BaseException as e:  # reported by the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=round_of, args=(averager,)) for averager in averagers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(2 * timeout)
+    assert not any(thread.is_alive() for thread in threads), f"a state round did not return within {2 * timeout} s"
+    if errors:
+        raise errors[0]

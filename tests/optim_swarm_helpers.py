@@ -26,8 +26,11 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0, interval: flo
         time.sleep(interval)
 
 
-def make_optimizer(dht: DHT, model: torch.nn.Module, run_id: str = "test_run", **kwargs) -> Optimizer:
-    """An Optimizer with SGD(lr=0.1), 8 samples per epoch in steps of 4, and quick matchmaking; kwargs override."""
+def make_optimizer(
+    dht: DHT, model: torch.nn.Module, run_id: str = "test_run", optimizer_class: type = Optimizer, **kwargs
+) -> Optimizer:
+    """An Optimizer (or a subclass) with SGD(lr=0.1), 8 samples per epoch in steps of 4, and quick matchmaking;
+    kwargs override."""
     options = dict(
         dht=dht, run_id=run_id, target_batch_size=8, batch_size_per_step=4,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
@@ -35,7 +38,7 @@ def make_optimizer(dht: DHT, model: torch.nn.Module, run_id: str = "test_run", *
         averager_opts=dict(request_timeout=0.5),
     )  # fmt: skip
     options.update(kwargs)
-    return Optimizer(**options)
+    return optimizer_class(**options)
 
 
 @contextlib.contextmanager

@@ -5,11 +5,9 @@ result (the others apply their own average, here unchanged values), and they are
 skips their next round and the rounds of all peers start together again.
 """
 
-import threading
-
 import pytest
 import torch
-from averager_helpers import FAST, dht_swarm
+from averager_helpers import FAST, dht_swarm, state_rounds_together
 
 from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -33,21 +31,8 @@ def test_a_refused_state_round_tells_only_the_peers_whose_epoch_was_behind():
         late, early = averagers
         late.local_epoch, early.local_epoch = 3, 4
         before = [[p.detach().clone() for p in m.parameters()] for m in models]
-        errors = []
-
-        def round_of(averager):
-            try:
-                averager.step(averaging_round=True, delay_averaging=False, averaging_opts=dict(timeout=20))
-            except BaseException as e:  # reported by the test thread
-                errors.append(e)
-
         try:
-            threads = [threading.Thread(target=round_of, args=(averager,)) for averager in averagers]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(40)
-            assert not errors, errors
+            state_rounds_together(averagers)
             assert (late.round_met_later_epochs, early.round_met_later_epochs) == (True, False)
             for model, params in zip(models, before):  # refused by the late one; the early one's own average
                 assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))

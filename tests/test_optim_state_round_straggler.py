@@ -5,11 +5,9 @@ refused by everyone (the peers in step lost their round because one was out of s
 average of all of them everywhere, so the straggler's stale parameters pull the peers in step back.
 """
 
-import threading
-
 import pytest
 import torch
-from averager_helpers import FAST, dht_swarm
+from averager_helpers import FAST, dht_swarm, state_rounds_together
 
 from hivemind.optim.epoch_rule import state_round_weight
 from hivemind.optim.optimizer import Optimizer
@@ -33,20 +31,7 @@ def _round(epochs, values, **options):
                 )  # fmt: skip
                 averager.local_epoch = epoch
                 averagers.append(averager)
-            errors = []
-
-            def round_of(averager):
-                try:
-                    averager.step(averaging_round=True, delay_averaging=False, averaging_opts=dict(timeout=20))
-                except BaseException as e:  # reported by the test thread
-                    errors.append(e)
-
-            threads = [threading.Thread(target=round_of, args=(averager,)) for averager in averagers]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(40)
-            assert not errors, errors
+            state_rounds_together(averagers)
             results = [sorted({x for p in model.parameters() for x in p.flatten().tolist()}) for model in models]
             return results, [averager.round_met_later_epochs for averager in averagers]
         finally:

@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from optim_swarm_helpers import FAST_TRACKER, mse_step
+from optim_swarm_helpers import make_optimizer, mse_step
 
 from hivemind.dht import DHT
 from hivemind.optim.grad_averager import GradientAverager
@@ -20,16 +20,6 @@ STATE_KEYWORDS = [
     "performance_ema_alpha", "scheduler", "state_compression",
 ]  # fmt: skip
 GRADIENT_KEYWORDS = ["compression", "reuse_grad_buffers"]
-
-
-def make_optimizer(dht: DHT, model: torch.nn.Module, run_id: str, _class=Optimizer, **kwargs) -> Optimizer:
-    options = dict(
-        dht=dht, run_id=run_id, target_batch_size=8, batch_size_per_step=4,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
-        matchmaking_time=1.0, averaging_timeout=5.0, tracker_opts=FAST_TRACKER,
-        averager_opts=dict(request_timeout=0.5),
-    )  # fmt: skip
-    return _class(**{**options, **kwargs})
 
 
 @pytest.fixture
@@ -111,7 +101,7 @@ def _check_parts(opt: Optimizer, options: dict) -> None:
 def test_overrides_with_the_fixed_keywords_of_1_1_12_build_every_part(dht, case):
     options = CASES[case]
     model = torch.nn.Linear(2, 1)
-    opt = make_optimizer(dht, model, "fixed_shapes", averager_opts=None, **options, _class=FixedShapes)
+    opt = make_optimizer(dht, model, "fixed_shapes", averager_opts=None, **options, optimizer_class=FixedShapes)
     try:
         expected = [("tracker", 8), ("state", True)]
         if not options.get("use_local_updates"):
@@ -128,7 +118,7 @@ def test_overrides_with_the_fixed_keywords_of_1_1_12_build_every_part(dht, case)
 @pytest.mark.parametrize("case", list(CASES))
 def test_overrides_with_kwargs_receive_what_1_1_12_passes(dht, case):
     options = CASES[case]
-    opt = make_optimizer(dht, torch.nn.Linear(2, 1), "kwargs_shapes", **options, _class=KeywordShapes)
+    opt = make_optimizer(dht, torch.nn.Linear(2, 1), "kwargs_shapes", **options, optimizer_class=KeywordShapes)
     try:
         expected = [("tracker", 8), ("state", sorted(STATE_KEYWORDS + ["request_timeout"]))]
         if not options.get("use_local_updates"):
@@ -169,7 +159,7 @@ def test_a_failing_state_averager_override_stops_the_tracker_made_before_it(dht)
             raise ValueError("a broken override")
 
     with pytest.raises(ValueError, match="broken override"):
-        make_optimizer(dht, torch.nn.Linear(2, 1), "failing_state", _class=Failing)
+        make_optimizer(dht, torch.nn.Linear(2, 1), "failing_state", optimizer_class=Failing)
     assert len(trackers) == 1 and not trackers[0].is_alive()
 
 
