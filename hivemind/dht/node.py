@@ -193,7 +193,6 @@ class DHTNode(SearchingGet, ReplicatedStore):
                 record_validator=record_validator,
                 authorizer=authorizer,
             )
-            self._store_pacer = self.protocol.store_pacer  # shared with the hand-over of keys to newcomers
             self.is_alive = True
             if initial_peer_ids:
                 extra_wait = wait_timeout if bootstrap_timeout is None else bootstrap_timeout

@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID, DHTKey, DHTValue, Subkey
 from hivemind.dht.storage import MAX_DICTIONARY_BYTES, DictionaryDHTValue
-from hivemind.dht.store_fanout import KeyProgress, SendPacer, StoreFanout
+from hivemind.dht.store_fanout import KeyProgress, StoreFanout
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
@@ -41,7 +41,6 @@ class ReplicatedStore:
     cache_on_store: bool
     _unconfirmed_stores: List[Tuple[List[KeyProgress], bool]]  # (keys of one store_many, exclude_self)
     _store_confirmer: Optional[asyncio.Task]
-    _store_pacer: SendPacer
     _spawn: Callable[[Awaitable], asyncio.Task]
     find_nearest_nodes: Callable[..., Awaitable[Dict[DHTID, Dict[DHTID, PeerID]]]]
     _offer_to_running_gets: Callable[[DHTID, Optional[Subkey], bytes, DHTExpiration], None]
@@ -196,8 +195,8 @@ class ReplicatedStore:
             lambda key: self._store_locally(key.key_id, key.entries),
             on_answer,
             on_done,
+            self.protocol.store_pacer,  # (shared with the hand-over of keys to newcomers)
             early_result=early_result,
-            pacer=self._store_pacer,
         )
 
     def _sign(self, key_id: DHTID, subkey: Optional[Subkey], value: bytes, expiration: DHTExpiration) -> bytes:

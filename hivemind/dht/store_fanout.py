@@ -122,8 +122,9 @@ class StoreFanout:
     :param local_node_id: candidates with this id are this node: ``store_locally(key)`` answers at once
     :param on_answer: ``(key, statuses)`` after each answer, before the key's result may be set
     :param on_done: ``(key)`` once a key is done (all its answers in), after its result was set
+    :param pacer: what this node has spent of each peer's store rate limit (shared by all the node's stores: a
+      replica of ours counts them together)
     :param early_result: set a key's result at its first answer that accepted an entry (the others still follow)
-    :param pacer: what this node has spent of each peer's store rate limit (shared by the node's fan-outs)
     """
 
     def __init__(
@@ -133,11 +134,10 @@ class StoreFanout:
         store_locally: Callable[[KeyProgress], List[bool]],
         on_answer: Callable[[KeyProgress, List[bool]], None],
         on_done: Callable[[KeyProgress], None],
+        pacer: SendPacer,
         early_result: bool = False,
-        pacer: Optional[SendPacer] = None,
     ):
-        self.local_node_id, self.send, self.store_locally = local_node_id, send, store_locally
-        self.pacer = SendPacer() if pacer is None else pacer
+        self.local_node_id, self.send, self.store_locally, self.pacer = local_node_id, send, store_locally, pacer
         self.on_answer, self.on_done, self.early_result = on_answer, on_done, early_result
         self._queues: Dict[PeerID, Deque[Tuple[KeyProgress, DHTID]]] = {}  # (key, the node id it is sent to)
         self._senders: Dict[PeerID, Set[asyncio.Task]] = {}
