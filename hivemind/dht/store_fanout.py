@@ -62,11 +62,10 @@ class KeyProgress:
         # what its entries add to a request: values and subkeys (a subkey may be as large as a value), and what they
         # cost in a replica's store rate limit
         self.nbytes, self.cost = 0, 0.0
-        for _, subkey, value, _ in self.entries:
+        for _, subkey, value, _ in self.entries:  # (value: the serialized and signed bytes)
             subkey_bytes = IS_REGULAR_VALUE if subkey is None else MSGPackSerializer.dumps(subkey)
-            value_bytes = value if isinstance(value, bytes) else b""
-            self.nbytes += (len(value) if isinstance(value, bytes) else 64) + len(subkey_bytes)
-            self.cost += store_item_cost(subkey_bytes, value_bytes)
+            self.nbytes += len(value) + len(subkey_bytes)
+            self.cost += store_item_cost(subkey_bytes, value)
 
     def resolve(self) -> None:
         if self.result is not None and not self.result.done():
