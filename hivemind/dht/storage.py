@@ -104,6 +104,7 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         nbytes = self._nbytes_if_stored(key, value, subkey_nbytes)
         if not super().store(key, value, expiration_time):
             return False
+        self._unsized.pop(key, None)  # (left by a decoded entry evicted or expired since: this one is sized)
         self._total_nbytes += nbytes - self._entry_nbytes.get(key, 0)
         self._entry_nbytes[key] = nbytes
         if expiration_time > self.latest_expiration_time:
