@@ -26,6 +26,9 @@ REENCODING_COST_FACTOR = 2
 STORE_BYTES_PER_ITEM = 2048
 STRUCTURE_BYTE_WEIGHT = 256  # a byte that may start an array or a map: about 1 us to walk, once nested
 EXT_BYTE_WEIGHT = 1024  # a byte that may start an ext type: a Python call, and another decoder for registered types
+# a byte that may start a text string: as a map's key, each string is hashed and interned (~0.4 us per entry, so a
+# 4 MiB map of short string keys took 0.22 s while charged 2 000 items, ~100 us each)
+STR_BYTE_WEIGHT = 64
 _CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))  # fixmap, fixarray, array/map 16/32
 _EXT_BYTES = bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext 8/16/32, fixext 1..16
 _ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
@@ -38,15 +41,20 @@ WALK_MIN_BYTES = 4096
 WALK_BYTES_PER_STEP = 512
 _NOT_CONTAINER_BYTES = bytes(byte for byte in range(256) if byte not in _CONTAINER_BYTES)
 _NOT_EXT_BYTES = bytes(byte for byte in range(256) if byte not in _EXT_BYTES)
+_STR_BYTES = bytes(range(0xA0, 0xC0)) + bytes((0xD9, 0xDA, 0xDB))  # fixstr, str 8/16/32
+_NOT_STR_BYTES = bytes(byte for byte in range(256) if byte not in _STR_BYTES)
 _FLOAT_STRIDES = {0xCA: 5, 0xCB: 9}  # float 32, float 64: head and payload
 # a document that starts with a scalar (nil, bool, int, float, str, bin) holds nothing else: its bytes are payload
 _SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER_BYTES + _EXT_BYTES)
 
 
 def _structure_weight(data) -> int:
-    """The weight of the bytes of ``data`` that may start an array, a map or an ext type (an upper bound)."""
-    return STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES)) + EXT_BYTE_WEIGHT * len(
-        data.translate(None, _NOT_EXT_BYTES)
+    """The weight of the bytes of ``data`` that may start an array, a map, an ext type or a text string (an upper
+    bound)."""
+    return (
+        STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
+        + EXT_BYTE_WEIGHT * len(data.translate(None, _NOT_EXT_BYTES))
+        + STR_BYTE_WEIGHT * len(data.translate(None, _NOT_STR_BYTES))
     )
 
 

@@ -1,0 +1,58 @@
+"""
+A map's text keys are hashed and interned as they are decoded (~0.4 us per entry), far more than the plain bytes
+they are made of; the store rate limit weighs bytes that may start a text string accordingly, so a flood of values
+made of maps with thousands of short string keys costs the receiving node a fraction of a second (1.2 s before).
+CPU time is measured (time.process_time), not wall time.
+"""
+
+import time
+
+import pytest
+
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.rate_limit import decode_cost
+from hivemind.dht.routing import DHTID
+from hivemind.proto import dht_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+
+def string_keyed_map(index: int) -> bytes:
+    """A value just under 4 KiB: a map of 380 distinct short string keys (not walked: its bytes are weighed)."""
+    return MSGPackSerializer.dumps({f"{index:05x}{entry:03x}": 0 for entry in range(380)})
+
+
+@pytest.mark.timeout(120)
+async def test_a_flood_of_maps_with_many_string_keys_costs_a_fraction_of_a_second(p2p_factory):
+    victim_p2p = await p2p_factory()
+    attacker = await p2p_factory(initial_peers=await victim_p2p.get_visible_maddrs())
+    victim = await DHTProtocol.create(victim_p2p, DHTID.generate(), 20, 5, 5, wait_timeout=60)
+    try:
+        stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
+        spent, accepted = 0.0, 0
+        for request_index in range(12):  # each ~4 MiB: 1000 values
+            values = [string_keyed_map(request_index * 1000 + index) for index in range(1000)]
+            request = dht_pb2.StoreRequest(
+                keys=[DHTID.generate().to_bytes() for _ in values],
+                subkeys=[b"\xc0"] * len(values),
+                values=values,
+                expiration_time=[get_dht_time() + 600] * len(values),
+                peer=dht_pb2.NodeInfo(),
+            )
+            started = time.process_time()  # this process runs the victim's handler (p2pd is another process)
+            response = await stub.rpc_store(request, timeout=60)
+            spent += time.process_time() - started
+            accepted += sum(response.store_ok)
+            if not any(response.store_ok):
+                break
+        assert victim.rejected["rate_limited"] > 0 and accepted > 0
+        assert spent < 0.6, f"{accepted} maps of 380 string keys stored, {spent:.2f} s of CPU"
+    finally:
+        await victim.shutdown()
+
+
+def test_short_string_keys_weigh_more_than_their_bytes_and_honest_records_stay_cheap():
+    assert decode_cost(string_keyed_map(0)) > 10  # ~0.17 ms to decode
+    record = {"peer_id": "12D3KooW" + "x" * 44, "state": 2, "throughput": 1234.5, "spans": [[0, 12], [12, 24]]}
+    assert decode_cost(MSGPackSerializer.dumps(record)) < 1
+    assert decode_cost(MSGPackSerializer.dumps([f"peer{index}" for index in range(1000)])) < 40
