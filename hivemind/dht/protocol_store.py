@@ -51,8 +51,9 @@ class StoreHandling:
         subkey: Subkey,
         value: bytes,
         expiration_time: float,
-        nbytes: Optional[int] = None,
+        nbytes: int,
     ) -> bool:
+        """Store one entry whose encoded subkey counts ``nbytes`` toward its dictionary's size (see subkey_nbytes)."""
         if storage.store_subkey(key_id, subkey, value, expiration_time, nbytes):
             return True
         if storage.dictionary_full(key_id, subkey, value, nbytes):
