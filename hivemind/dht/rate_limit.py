@@ -28,7 +28,7 @@ STRUCTURE_BYTE_WEIGHT = 256  # a byte that may start an array or a map: about 1 
 EXT_BYTE_WEIGHT = 1024  # a byte that may start an ext type: a Python call, and another decoder for registered types
 # a byte that may start a text string: as a map's key, each string is hashed and interned (~0.4 us per entry, so a
 # 4 MiB map of short string keys took 0.22 s while charged 2 000 items, ~100 us each)
-STR_BYTE_WEIGHT = 64
+STR_BYTE_WEIGHT = 32
 _CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))  # fixmap, fixarray, array/map 16/32
 _EXT_BYTES = bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext 8/16/32, fixext 1..16
 _ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
