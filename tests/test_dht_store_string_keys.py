@@ -56,3 +56,35 @@ def test_short_string_keys_weigh_more_than_their_bytes_and_honest_records_stay_c
     record = {"peer_id": "12D3KooW" + "x" * 44, "state": 2, "throughput": 1234.5, "spans": [[0, 12], [12, 24]]}
     assert decode_cost(MSGPackSerializer.dumps(record)) < 1
     assert decode_cost(MSGPackSerializer.dumps([f"peer{index}" for index in range(1000)])) < 40
+
+
+@pytest.mark.timeout(120)
+async def test_a_flood_of_long_arrays_of_single_byte_ints_costs_a_fraction_of_a_second(p2p_factory):
+    """1 MB of zeros in one array decodes into a million list elements (~25 ms), charged 512 items before: 1.05 s
+    for a fresh peer's burst of them."""
+    victim_p2p = await p2p_factory()
+    attacker = await p2p_factory(initial_peers=await victim_p2p.get_visible_maddrs())
+    victim = await DHTProtocol.create(victim_p2p, DHTID.generate(), 20, 5, 5, wait_timeout=60)
+    try:
+        stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
+        count = (1 << 20) - 8
+        value = b"\xdd" + count.to_bytes(4, "big") + b"\x00" * count
+        spent, accepted = 0.0, 0
+        for _ in range(40):  # 3 values (~3 MiB) per request
+            request = dht_pb2.StoreRequest(
+                keys=[DHTID.generate().to_bytes() for _ in range(3)],
+                subkeys=[b"\xc0"] * 3,
+                values=[value] * 3,
+                expiration_time=[get_dht_time() + 600] * 3,
+                peer=dht_pb2.NodeInfo(),
+            )
+            started = time.process_time()  # this process runs the victim's handler (p2pd is another process)
+            response = await stub.rpc_store(request, timeout=60)
+            spent += time.process_time() - started
+            accepted += sum(response.store_ok)
+            if not any(response.store_ok):
+                break
+        assert victim.rejected["rate_limited"] > 0 and accepted > 0
+        assert spent < 0.6, f"{accepted} arrays of a million zeros stored, {spent:.2f} s of CPU"
+    finally:
+        await victim.shutdown()

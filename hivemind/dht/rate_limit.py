@@ -3,7 +3,8 @@ Per-peer token buckets that cap how much store work a remote peer may ask for (f
 
 The unit is one *item*: what storing one small item costs (some 10 us of the event loop). Bytes cost too, weighed by
 what decoding them costs: one item per STORE_BYTES_PER_ITEM bytes, and STRUCTURE_BYTE_WEIGHT (EXT_BYTE_WEIGHT) times
-more for each byte that may start an array or a map (an ext type, such as a tuple), in documents that do not start
+more for each byte that may start an array or a map (an ext type, such as a tuple), plus a little for a text string's
+start (a map key is interned) and for every other byte (a list element, however short), in documents that do not start
 with a scalar: those are decoded by Python code, a walk step or a call each (1 to 15 us, a thousand times a plain
 byte), and 4 MiB of nested tuples used to take seconds to decode. A long document is walked object by object (in a
 bounded number of steps) so that the bytes of its binary and text strings, and of its arrays of floats (checked at C
@@ -29,6 +30,11 @@ EXT_BYTE_WEIGHT = 1024  # a byte that may start an ext type: a Python call, and 
 # a byte that may start a text string: as a map's key, each string is hashed and interned (~0.4 us per entry, so a
 # 4 MiB map of short string keys took 0.22 s while charged 2 000 items, ~100 us each)
 STR_BYTE_WEIGHT = 32
+# every byte of a document that does not start with a scalar, beyond its own weight, unless a walk finds it inside a
+# binary or text string or a run of floats: an element of an array costs ~20 ns to decode however short (1 MB of
+# single-byte ints took 25 ms while charged 512 items, so a fresh peer's burst of them took 1.05 s)
+SCALAR_BYTE_WEIGHT = 3
+_PAYLOAD_HEADS = frozenset(range(0xA0, 0xC0)) | {0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB}  # str and bin: skipped at C speed
 _CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))  # fixmap, fixarray, array/map 16/32
 _EXT_BYTES = bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext 8/16/32, fixext 1..16
 _ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
@@ -49,12 +55,13 @@ _SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER
 
 
 def _structure_weight(data) -> int:
-    """The weight of the bytes of ``data`` that may start an array, a map, an ext type or a text string (an upper
-    bound)."""
+    """The weight of the bytes of ``data`` that may start an array, a map, an ext type or a text string, and of every
+    byte as a scalar's (an upper bound)."""
     return (
         STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
         + EXT_BYTE_WEIGHT * len(data.translate(None, _NOT_EXT_BYTES))
         + STR_BYTE_WEIGHT * len(data.translate(None, _NOT_STR_BYTES))
+        + SCALAR_BYTE_WEIGHT * len(data)
     )
 
 
@@ -103,6 +110,8 @@ def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
                     if head in _EXT_HEADER_LENGTHS:  # decoded by Python code, its payload by another decoder
                         weight += EXT_BYTE_WEIGHT
                         documents.append(document[position + _EXT_HEADER_LENGTHS[head] : unpacker.tell()])
+                    elif head not in _PAYLOAD_HEADS:
+                        weight += SCALAR_BYTE_WEIGHT * (unpacker.tell() - position)
             weight += _structure_weight(document[unpacker.tell() :])
     except Exception:
         return None
