@@ -88,3 +88,16 @@ async def test_a_flood_of_long_arrays_of_single_byte_ints_costs_a_fraction_of_a_
         assert spent < 0.6, f"{accepted} arrays of a million zeros stored, {spent:.2f} s of CPU"
     finally:
         await victim.shutdown()
+
+
+def test_long_and_short_documents_weigh_their_bytes_alike():
+    """Documents of 4 KiB or more are weighed by counting byte values in one pass, shorter ones by translate."""
+    import random
+
+    from hivemind.dht.rate_limit import _structure_weight
+
+    rng = random.Random(5)
+    for length in (0, 1, 100, 4095, 4096, 4097, 70_000):
+        data = rng.randbytes(length)
+        short = sum(_structure_weight(data[index : index + 1000]) for index in range(0, length, 1000))
+        assert _structure_weight(data) == short, length

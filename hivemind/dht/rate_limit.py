@@ -15,6 +15,7 @@ import time
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import msgpack
+import numpy as np
 
 DEFAULT_BURST_ITEMS = 20000  # a new peer receiving replicas may get thousands of items in one request
 DEFAULT_ITEMS_PER_SECOND = 2000.0
@@ -49,6 +50,16 @@ _NOT_CONTAINER_BYTES = bytes(byte for byte in range(256) if byte not in _CONTAIN
 _NOT_EXT_BYTES = bytes(byte for byte in range(256) if byte not in _EXT_BYTES)
 _STR_BYTES = bytes(range(0xA0, 0xC0)) + bytes((0xD9, 0xDA, 0xDB))  # fixstr, str 8/16/32
 _NOT_STR_BYTES = bytes(byte for byte in range(256) if byte not in _STR_BYTES)
+_BYTE_WEIGHTS = np.array(
+    [
+        SCALAR_BYTE_WEIGHT
+        + STRUCTURE_BYTE_WEIGHT * (byte in _CONTAINER_BYTES)
+        + EXT_BYTE_WEIGHT * (byte in _EXT_BYTES)
+        + STR_BYTE_WEIGHT * (byte in _STR_BYTES)
+        for byte in range(256)
+    ],
+    dtype=np.int64,
+)
 _FLOAT_STRIDES = {0xCA: 5, 0xCB: 9}  # float 32, float 64: head and payload
 # a document that starts with a scalar (nil, bool, int, float, str, bin) holds nothing else: its bytes are payload
 _SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER_BYTES + _EXT_BYTES)
@@ -57,6 +68,8 @@ _SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER
 def _structure_weight(data) -> int:
     """The weight of the bytes of ``data`` that may start an array, a map, an ext type or a text string, and of every
     byte as a scalar's (an upper bound)."""
+    if len(data) >= WALK_MIN_BYTES:  # one pass counting each byte value: ~8 ms per 4 MiB, a third of three translates
+        return int(np.bincount(np.frombuffer(data, np.uint8), minlength=256).dot(_BYTE_WEIGHTS))
     return (
         STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
         + EXT_BYTE_WEIGHT * len(data.translate(None, _NOT_EXT_BYTES))
