@@ -49,7 +49,8 @@ def test_averager_or_optimizer_on_a_shut_down_dht_says_so(make):
     dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     assert dht.client_mode is False
     dht.shutdown()
-    with pytest.raises(RuntimeError, match="DHT process is not running.*create a new DHT"):
+    # (the Optimizer's first part, its progress tracker since it is made first as in 1.1.12, names it its own way)
+    with pytest.raises(RuntimeError, match="DHT process (is not running|has ended).*create a new DHT"):
         if make == "averager":
             DecentralizedAverager([torch.zeros(3)], dht, prefix="ux_dead_dht", start=True)
         else:
