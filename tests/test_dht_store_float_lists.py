@@ -10,12 +10,12 @@ import random
 import time
 
 import pytest
+from dht_flood_helpers import store_request, timed_store, victim_and_attacker
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, DEFAULT_ITEMS_PER_SECOND, decode_cost
 from hivemind.dht.routing import DHTID
-from hivemind.proto import dht_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -55,25 +55,14 @@ async def test_a_long_list_of_floats_reaches_the_remote_replica():
 
 @pytest.mark.timeout(120)
 async def test_a_burst_of_float_lists_costs_a_fraction_of_a_second_of_cpu(p2p_factory):
-    victim_p2p = await p2p_factory()
-    attacker = await p2p_factory(initial_peers=await victim_p2p.get_visible_maddrs())
-    victim = await DHTProtocol.create(victim_p2p, DHTID.generate(), 20, 5, 5, wait_timeout=60)
+    victim, attacker = await victim_and_attacker(p2p_factory)
     try:
         value = MSGPackSerializer.dumps([RNG.random() for _ in range(110_000)])  # ~1 MB
         stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
         spent, stored, requests, began = 0.0, 0, 0, time.monotonic()
         while requests < 100 and victim.rejected["rate_limited"] == 0:  # until the allowance is spent
-            keys = [DHTID.generate().to_bytes() for _ in range(3)]
-            request = dht_pb2.StoreRequest(
-                keys=keys,
-                subkeys=[DHTProtocol.IS_REGULAR_VALUE] * 3,
-                values=[value] * 3,
-                expiration_time=[get_dht_time() + 600] * 3,
-                peer=dht_pb2.NodeInfo(),
-            )
-            started = time.process_time()  # this process runs the victim's handler (p2pd is another process)
-            response = await stub.rpc_store(request, timeout=60)
-            spent += time.process_time() - started
+            cpu, response = await timed_store(stub, store_request([value] * 3))
+            spent += cpu
             stored, requests = stored + sum(response.store_ok), requests + 1
         assert stored >= 3 and victim.rejected["rate_limited"] > 0
         refilled = DEFAULT_ITEMS_PER_SECOND * (time.monotonic() - began)

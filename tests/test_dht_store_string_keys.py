@@ -5,16 +5,12 @@ made of maps with thousands of short string keys costs the receiving node a frac
 CPU time is measured (time.process_time), not wall time.
 """
 
-import time
-
 import pytest
+from dht_flood_helpers import store_request, timed_store, victim_and_attacker
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.rate_limit import decode_cost
-from hivemind.dht.routing import DHTID
-from hivemind.proto import dht_pb2
 from hivemind.utils.serializer import MSGPackSerializer
-from hivemind.utils.timed_storage import get_dht_time
 
 
 def string_keyed_map(index: int) -> bytes:
@@ -24,24 +20,14 @@ def string_keyed_map(index: int) -> bytes:
 
 @pytest.mark.timeout(120)
 async def test_a_flood_of_maps_with_many_string_keys_costs_a_fraction_of_a_second(p2p_factory):
-    victim_p2p = await p2p_factory()
-    attacker = await p2p_factory(initial_peers=await victim_p2p.get_visible_maddrs())
-    victim = await DHTProtocol.create(victim_p2p, DHTID.generate(), 20, 5, 5, wait_timeout=60)
+    victim, attacker = await victim_and_attacker(p2p_factory)
     try:
         stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
         spent, accepted = 0.0, 0
         for request_index in range(12):  # each ~4 MiB: 1000 values
-            values = [string_keyed_map(request_index * 1000 + index) for index in range(1000)]
-            request = dht_pb2.StoreRequest(
-                keys=[DHTID.generate().to_bytes() for _ in values],
-                subkeys=[b"\xc0"] * len(values),
-                values=values,
-                expiration_time=[get_dht_time() + 600] * len(values),
-                peer=dht_pb2.NodeInfo(),
-            )
-            started = time.process_time()  # this process runs the victim's handler (p2pd is another process)
-            response = await stub.rpc_store(request, timeout=60)
-            spent += time.process_time() - started
+            request = store_request([string_keyed_map(request_index * 1000 + index) for index in range(1000)])
+            cpu, response = await timed_store(stub, request)
+            spent += cpu
             accepted += sum(response.store_ok)
             if not any(response.store_ok):
                 break
@@ -62,25 +48,15 @@ def test_short_string_keys_weigh_more_than_their_bytes_and_honest_records_stay_c
 async def test_a_flood_of_long_arrays_of_single_byte_ints_costs_a_fraction_of_a_second(p2p_factory):
     """1 MB of zeros in one array decodes into a million list elements (~25 ms), charged 512 items before: 1.05 s
     for a fresh peer's burst of them."""
-    victim_p2p = await p2p_factory()
-    attacker = await p2p_factory(initial_peers=await victim_p2p.get_visible_maddrs())
-    victim = await DHTProtocol.create(victim_p2p, DHTID.generate(), 20, 5, 5, wait_timeout=60)
+    victim, attacker = await victim_and_attacker(p2p_factory)
     try:
         stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
         count = (1 << 20) - 8
         value = b"\xdd" + count.to_bytes(4, "big") + b"\x00" * count
         spent, accepted = 0.0, 0
         for _ in range(40):  # 3 values (~3 MiB) per request
-            request = dht_pb2.StoreRequest(
-                keys=[DHTID.generate().to_bytes() for _ in range(3)],
-                subkeys=[b"\xc0"] * 3,
-                values=[value] * 3,
-                expiration_time=[get_dht_time() + 600] * 3,
-                peer=dht_pb2.NodeInfo(),
-            )
-            started = time.process_time()  # this process runs the victim's handler (p2pd is another process)
-            response = await stub.rpc_store(request, timeout=60)
-            spent += time.process_time() - started
+            cpu, response = await timed_store(stub, store_request([value] * 3))
+            spent += cpu
             accepted += sum(response.store_ok)
             if not any(response.store_ok):
                 break
