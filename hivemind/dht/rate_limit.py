@@ -21,7 +21,6 @@ DEFAULT_BURST_ITEMS = 20000  # a new peer receiving replicas may get thousands o
 DEFAULT_ITEMS_PER_SECOND = 2000.0
 # a whole dictionary sent to be stored costs one item per entry it declares, plus decoding its subkeys and entry
 # values (charged before they are decoded: a peer out of tokens gets nothing decoded)
-DICTIONARY_BYTES_PER_ITEM = 128  # unused: kept for code that imports it
 # a whole dictionary's subkeys are taken as received (for validators and the dictionary's size) unless some entry was
 # dropped on decoding; then they are encoded again, which costs about twice their decoding
 REENCODING_COST_FACTOR = 2
