@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Sequence, Tu
 from hivemind.dht.id_codec import IdCodec
 from hivemind.dht.protocol_store import StoreHandling
 from hivemind.dht.protocol_stub import NodeStubGetter
-from hivemind.dht.rate_limit import PeerRateLimiter, store_item_cost
+from hivemind.dht.rate_limit import MAX_BORROWING_REQUEST_ITEMS, PeerRateLimiter, store_item_cost
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
     IS_REGULAR_VALUE,
@@ -173,7 +173,8 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
             store_item_cost(subkey, value, subkey == IS_DICTIONARY)
             for subkey, value in zip(request.subkeys, request.values)
         )
-        if not self.store_rate_limiter.allow(context.remote_id, cost):
+        may_borrow = len(request.keys) <= MAX_BORROWING_REQUEST_ITEMS  # a large value or two, not a flood of items
+        if not self.store_rate_limiter.allow(context.remote_id, cost, may_borrow):
             self.rejected["rate_limited"] += len(request.keys)
             return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
         if sender_id is not None:

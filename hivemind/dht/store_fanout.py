@@ -9,7 +9,12 @@ import asyncio
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
-from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, DEFAULT_ITEMS_PER_SECOND, store_item_cost
+from hivemind.dht.rate_limit import (
+    DEFAULT_BURST_ITEMS,
+    DEFAULT_ITEMS_PER_SECOND,
+    DEFAULT_MAX_REQUEST_ITEMS,
+    store_item_cost,
+)
 from hivemind.dht.request_checks import IS_REGULAR_VALUE
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import PeerID
@@ -84,13 +89,21 @@ class SendPacer:
 
     PACED_SHARE = 0.75
 
-    def __init__(self, burst: float = DEFAULT_BURST_ITEMS, rate: float = DEFAULT_ITEMS_PER_SECOND):
-        self.burst, self.rate = burst, rate  # the peer's
+    def __init__(
+        self,
+        burst: float = DEFAULT_BURST_ITEMS,
+        rate: float = DEFAULT_ITEMS_PER_SECOND,
+        max_request: float = DEFAULT_MAX_REQUEST_ITEMS,
+    ):
+        self.burst, self.rate, self.max_request = burst, rate, max_request  # the peer's
         self._buckets: Dict[PeerID, Tuple[float, float]] = {}  # peer -> (allowance left, time of last update)
 
     async def wait(self, peer_id: PeerID, cost: float) -> None:
-        """Wait until ``peer_id`` would take a request of ``cost``, and count it as spent."""
-        if cost > self.burst:  # refused however long it waits (and nothing is spent): send it at once
+        """
+        Wait until ``peer_id`` would take a request of ``cost``, and count it as spent: one that costs more than the
+        allowance waits for it to be whole, then leaves it in debt (as the peer borrows for it, see PeerRateLimiter).
+        """
+        if cost > self.max_request:  # refused however long it waits (and nothing is spent): send it at once
             return
         loop = asyncio.get_running_loop()
         burst, rate = self.burst * self.PACED_SHARE, self.rate * self.PACED_SHARE

@@ -1,0 +1,136 @@
+"""
+Values that decode into tens of thousands of objects (lists of pairs or tuples, token ids) cost more than a fresh
+peer's store allowance, so every replica of ours refused them while 1.1.12 replicas store them. A peer whose allowance
+is whole may now borrow for one request of a few items, up to a hard cap, and then waits until it has paid back; the
+costliest values per item still take a fraction of a second of the receiving node's CPU (time.process_time).
+"""
+
+import asyncio
+import random
+
+import pytest
+from dht_flood_helpers import store_request, timed_store, victim_and_attacker
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.rate_limit import (
+    DEFAULT_BURST_ITEMS,
+    DEFAULT_MAX_REQUEST_ITEMS,
+    PeerRateLimiter,
+    store_item_cost,
+)
+from hivemind.dht.routing import DHTID
+from hivemind.dht.store_fanout import SendPacer
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+RNG = random.Random(7)
+MESSAGE_LIMIT = 4 * 1024 * 1024 - 4096  # what one request may carry, less room for framing
+HONEST_VALUES = {  # each costs more than a fresh peer's allowance (20 000 items)
+    "45k float pairs": [[RNG.random(), RNG.random()] for _ in range(45_000)],
+    "45k float tuples": [(RNG.random(), RNG.random()) for _ in range(45_000)],
+    "500k token ids": [RNG.randrange(50_257) for _ in range(500_000)],
+}
+
+
+def test_limiter_lends_once_to_a_peer_whose_allowance_is_whole():
+    now = [0.0]
+    limiter = PeerRateLimiter(burst=100, rate=10, clock=lambda: now[0], max_request=300)
+    assert not limiter.allow("peer", 250)  # may not borrow: refused, nothing spent
+    assert not limiter.allow("peer", 301, may_borrow=True)  # beyond the hard cap
+    assert limiter.allow("peer", 250, may_borrow=True)  # borrows 150
+    assert not limiter.allow("peer", 1, may_borrow=True)
+    now[0] = 16.0  # paid back, 10 left: not whole again
+    assert not limiter.allow("peer", 250, may_borrow=True)
+    assert limiter.allow("peer", 1)
+    now[0] = 40.0
+    assert limiter.allow("peer", 300, may_borrow=True)
+    with pytest.raises(ValueError):
+        PeerRateLimiter(burst=100, rate=10, max_request=50)
+
+
+@pytest.mark.timeout(30)
+async def test_the_sender_waits_until_a_replica_would_lend_again():
+    pacer = SendPacer(burst=100, rate=1000, max_request=300)  # paces to 75 items and 750 items per second
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await pacer.wait("peer", 250)  # the replica's allowance is whole: it lends
+    await pacer.wait("peer", 301)  # it would refuse this whatever the wait: sent at once, nothing counted
+    assert loop.time() - started < 0.2
+    await pacer.wait("peer", 250)  # 175 items owed, then the allowance whole again: 250 / 750 s
+    assert loop.time() - started >= 0.3
+
+
+def test_honest_values_cost_more_than_the_allowance_but_fit_the_cap():
+    for name, value in HONEST_VALUES.items():
+        cost = store_item_cost(DHTProtocol.IS_REGULAR_VALUE, MSGPackSerializer.dumps(value))
+        assert DEFAULT_BURST_ITEMS < cost <= DEFAULT_MAX_REQUEST_ITEMS, (name, cost)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", list(HONEST_VALUES))
+async def test_a_large_honest_value_reaches_every_remote_replica(name):
+    first = await DHTNode.create()
+    others = [await DHTNode.create(initial_peers=await first.get_visible_maddrs()) for _ in range(2)]
+    storer, replicas = others[1], [first, others[0]]
+    try:
+        value = HONEST_VALUES[name]
+        assert await storer.store(name, value, get_dht_time() + 600, exclude_self=True)
+        for replica in replicas:
+            stored = replica.protocol.storage.get(DHTID.generate(name))
+            assert stored is not None and MSGPackSerializer.loads(stored.value) == value
+            assert replica.protocol.rejected["rate_limited"] == 0
+    finally:
+        await asyncio.gather(*(node.shutdown() for node in [first, *others]))
+
+
+def tuples_of_empty_maps(count: int) -> bytes:
+    """The costliest value per item we found: each tuple is a Python call, each map a new dict (~10 us per item)."""
+    return MSGPackSerializer.dumps([({}, {}, {}) for _ in range(count)])
+
+
+def string_keyed_map(count: int) -> bytes:
+    """A map of short distinct string keys, each hashed and interned as it is decoded (~10 us per item)."""
+    return MSGPackSerializer.dumps({f"{index:08x}": 0 for index in range(count)})
+
+
+def empty_arrays(count: int) -> bytes:
+    """An array of empty arrays: each a new list for the garbage collector to track (~6 us per item)."""
+    return MSGPackSerializer.dumps([[] for _ in range(count)])
+
+
+def nested_tuples(count: int) -> bytes:
+    """Tuples four deep: four Python calls each (~5 us per item)."""
+    return MSGPackSerializer.dumps([((((index,),),),) for index in range(count)])
+
+
+COSTLIEST_VALUES = [tuples_of_empty_maps, string_keyed_map, empty_arrays, nested_tuples]
+
+
+def largest_under(make_value, cap: float) -> bytes:
+    """The value ``make_value(count)`` nearly as large as fits in a message and costs at most ``cap`` items."""
+    count = 1000
+    for _ in range(3):  # cost and length grow in proportion to count
+        value = make_value(count)
+        scale = min(cap / store_item_cost(DHTProtocol.IS_REGULAR_VALUE, value), MESSAGE_LIMIT / len(value))
+        count = int(count * scale * 0.99)
+    value = make_value(count)
+    assert store_item_cost(DHTProtocol.IS_REGULAR_VALUE, value) <= cap and len(value) <= MESSAGE_LIMIT
+    return value
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("make_value", COSTLIEST_VALUES, ids=lambda make_value: make_value.__name__)
+async def test_the_costliest_borrowed_request_takes_well_under_a_second(p2p_factory, make_value):
+    victim, attacker = await victim_and_attacker(p2p_factory)
+    try:
+        stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
+        value = largest_under(make_value, DEFAULT_MAX_REQUEST_ITEMS - 1)
+        spent, response = await timed_store(stub, store_request([value]))
+        assert list(response.store_ok) == [True]
+        assert spent < 1.0, f"one value of {len(value)} bytes took {spent:.2f} s of CPU"  # 0.23-0.32 s measured
+        refused, response = await timed_store(stub, store_request([value]))  # in debt now: refused at once
+        assert list(response.store_ok) == [False] and victim.rejected["rate_limited"] == 1
+        assert refused < 0.2, f"refusing it took {refused:.2f} s of CPU"
+    finally:
+        await victim.shutdown()
