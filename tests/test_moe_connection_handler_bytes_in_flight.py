@@ -68,7 +68,10 @@ async def stop(call: asyncio.Task) -> None:
 @pytest.mark.timeout(60)
 async def test_caller_over_its_limit_is_refused_and_others_are_served(hostile_server, two_callers, monkeypatch):
     greedy, other = two_callers
-    budget = limit_bytes_in_flight(hostile_server, monkeypatch, total=100 * STREAM_BYTES, per_peer=STREAM_BYTES + 1024)
+    (handler,) = hostile_server.conn_handlers
+    answer = handler._get_schemas()[UID].answer_bytes(ROWS, backward=False)  # held too, until the answer is sent
+    per_peer = STREAM_BYTES + answer + 1024  # one call, not two
+    budget = limit_bytes_in_flight(hostile_server, monkeypatch, total=100 * STREAM_BYTES, per_peer=per_peer)
     held = await half_open_stream(greedy)
     try:
         await wait_until(lambda: budget.used == STREAM_BYTES, "the half-open stream to hold its bytes")

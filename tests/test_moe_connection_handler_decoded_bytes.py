@@ -36,7 +36,9 @@ async def test_compressed_requests_count_their_decoded_bytes(monkeypatch):
     )
     server = Server(DHT(start=True), {"expert.0": backend}, update_period=30, start=True)
     (handler,) = server.conn_handlers
-    budget = RequestBytesInFlight(total=2**30, per_peer=int(2.5 * DECODED_BYTES))
+    answer = handler._get_schemas()["expert.0"].answer_bytes(ROWS, backward=False)  # held until the answer is sent
+    # two calls fit when their decoded tensors count; all four would if only their wire bytes did
+    budget = RequestBytesInFlight(total=2**30, per_peer=int(2.75 * (DECODED_BYTES + answer)))
     monkeypatch.setattr(handler, "_bytes_in_flight", budget)
     client, stub = await connect_attacker(server)
     try:

@@ -12,9 +12,9 @@ unknown uid, a wrong number, shape or dtype of tensors, an empty batch, a batch 
 that does not decode is answered with an error naming the problem, and never joins a batch. A request (or stream
 message) that carries more tensors than its expert takes is refused before protobuf parses it. A streamed request that
 ends before all of its tensors, or all the chunks they announced, arrived (its caller died mid-stream) is dropped with
-a logged reason. The bytes of the requests a handler holds at once are limited in all and per caller (see
-``max_request_bytes_in_flight``). A caller that goes away while its task waits has the task cancelled, so that pools
-do not compute for nobody.
+a logged reason. The bytes of the requests a handler holds at once, and of their answers until sent, are limited
+in all and per caller (see ``max_request_bytes_in_flight``). A caller that goes away while its task waits has the
+task cancelled, so that pools do not compute for nobody.
 """
 
 from __future__ import annotations
@@ -94,10 +94,10 @@ class ConnectionHandler(mp.Process, ServicerBase):
     """
 
     stream_stall_timeout: float = STREAM_STALL_TIMEOUT  # seconds a streamed request may wait for its next message
-    # bytes of expert requests (unary or streamed, from receipt until answered) this handler holds at once, in all and
-    # per caller; a request that would go over is refused at once. None: DEFAULT_BYTES_IN_FLIGHT, or four times the
-    # largest valid request of the hosted experts if that is more; per caller DEFAULT_BYTES_IN_FLIGHT_PER_PEER, or
-    # twice the largest, or one full request to every hosted expert (a trainer's step, up to half the total) if more
+    # bytes of expert requests and answers (from receipt until the answer is sent) this handler holds at once, in all
+    # and per caller; a request that would go over is refused at once. None: DEFAULT_BYTES_IN_FLIGHT, or four times the
+    # largest valid call (request and answer) of hosted experts if more; per caller DEFAULT_BYTES_IN_FLIGHT_PER_PEER
+    # or twice the largest, or one full call to every hosted expert (a trainer's step, up to half the total) if more
     max_request_bytes_in_flight: Optional[int] = None
     max_request_bytes_in_flight_per_peer: Optional[int] = None
 
@@ -356,7 +356,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
     def _hold(self, context: P2PContext, what: str) -> _HeldBytes:
         """A reservation of request bytes for one call of ``context``'s caller (empty until bytes are added)."""
         if self._bytes_in_flight is None:
-            sizes = [schema.max_request_bytes(backward=True) for schema in self._get_schemas().values()]
+            sizes = [schema.max_call_bytes() for schema in self._get_schemas().values()]
             largest = max(sizes, default=0)
             total = self.max_request_bytes_in_flight or max(DEFAULT_BYTES_IN_FLIGHT, 4 * largest)
             # one honest trainer step may call every hosted expert at once, each with up to max_batch_size rows; up
@@ -402,14 +402,14 @@ class ConnectionHandler(mp.Process, ServicerBase):
         schema = self._get_schema(request.uid)
         with self._hold(caller, f"forward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
-            inputs = held.cover(self._check_forward(schema, request.tensors))
+            inputs = held.cover(self._check_forward(schema, request.tensors), schema, backward=False)
             return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs))
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, caller: P2PContext) -> runtime_pb2.ExpertResponse:
         schema = self._get_schema(request.uid)
         with self._hold(caller, f"backward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
-            inputs = held.cover(self._check_backward(schema, request.tensors))
+            inputs = held.cover(self._check_backward(schema, request.tensors), schema, backward=True)
             return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs))
 
     async def _gather_stream(
@@ -453,20 +453,20 @@ class ConnectionHandler(mp.Process, ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with self._hold(context, "forward stream") as held:
             schema, tensors = await self._gather_stream(request_stream, False, context, held)
-            inputs = held.cover(self._check_forward(schema, tensors))
+            inputs = held.cover(self._check_forward(schema, tensors), schema, backward=False)
             outputs = await self._forward(schema, inputs)
-        for response in split_into_responses(outputs):
-            yield response
+            for response in split_into_responses(outputs):  # (held until sent: its caller may read it slowly)
+                yield response
 
     async def rpc_backward_stream(
         self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with self._hold(context, "backward stream") as held:
             schema, tensors = await self._gather_stream(request_stream, True, context, held)
-            inputs = held.cover(self._check_backward(schema, tensors))
+            inputs = held.cover(self._check_backward(schema, tensors), schema, backward=True)
             grads = await self._backward(schema, inputs)
-        for response in split_into_responses(grads):
-            yield response
+            for response in split_into_responses(grads):
+                yield response
 
 
 class _HeldBytes:
@@ -479,12 +479,12 @@ class _HeldBytes:
         self.budget.reserve(self.peer, size, self.what)
         self.size += size
 
-    def cover(self, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        """Hold at least the bytes of the decoded ``tensors`` (compressed ones decode to up to 8x their wire bytes,
-        and the decoded tensors wait in the pools); returns them."""
+    def cover(self, tensors: Sequence[torch.Tensor], schema: ExpertSchema, backward: bool) -> Sequence[torch.Tensor]:
+        """Hold at least the bytes of the decoded ``tensors`` (compressed ones decode to up to 8x their wire bytes),
+        and those of their answer, kept until its caller reads it (or the write times out); returns the tensors."""
         decoded = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-        if decoded > self.size:
-            self.add(decoded - self.size)
+        rows = tensors[0].shape[0] if tensors and tensors[0].ndim else 0
+        self.add(max(decoded - self.size, 0) + schema.answer_bytes(rows, backward))
         return tensors
 
     def __enter__(self) -> _HeldBytes:

@@ -6,6 +6,7 @@ message that names the problem, and a task that joins a batch is known to fit it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -34,6 +35,7 @@ __all__ = [
 
 STREAM_CHUNK_SIZE_BYTES = 4 * 1024**2  # buffer bytes per streamed message (what clients of the original send)
 _SLACK_BYTES_PER_TENSOR = 64 * 1024  # codebooks / scales of compressed tensors on top of the raw element bytes
+_ANSWER_SLACK_BYTES_PER_TENSOR = 4096  # what an answer's tensor may take beyond its elements (metadata, codebooks)
 # what each stream message and each chunk costs on top of its buffer bytes (objects kept until the stream ends), so
 # that an endless stream of empty messages or chunks also runs out of budget
 _OVERHEAD_BYTES_PER_MESSAGE = 256
@@ -79,6 +81,19 @@ class ExpertSchema:
             element_size = torch.empty((), dtype=descriptor.dtype or torch.float64).element_size()
             total += self.max_batch_size * instance_numel * max(element_size, 4) + _SLACK_BYTES_PER_TENSOR
         return total
+
+    def answer_bytes(self, batch_size: int, backward: bool) -> int:
+        """The most bytes the answer to a request of ``batch_size`` examples can hold while it is sent: its outputs
+        (for backward, the gradients of its inputs) at 8 bytes per element where the dtype is not known."""
+        total = 0
+        for descriptor in self.inputs if backward else self.outputs:
+            element_size = torch.empty((), dtype=descriptor.dtype or torch.float64).element_size()
+            total += batch_size * math.prod(descriptor.shape[1:]) * element_size + _ANSWER_SLACK_BYTES_PER_TENSOR
+        return total
+
+    def max_call_bytes(self) -> int:
+        """The most bytes one call can hold: the largest request (a backward one) and its answer."""
+        return self.max_request_bytes(backward=True) + self.answer_bytes(self.max_batch_size, backward=True)
 
 
 def unknown_uid_error(uid: str, hosted: Iterable[str]) -> ExpertRequestError:
