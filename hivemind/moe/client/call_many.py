@@ -6,13 +6,14 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from hivemind.moe.client.expert import RemoteExpert, check_grad_inputs
 from hivemind.moe.client.expert_rpc import (
     ExpertInfoError,
+    MalformedExpertResponse,
     call_expert,
     expected_output_bytes,
     malformed_answer,
@@ -48,6 +49,9 @@ class CallOptions:
     detect_anomalies: bool
     penalty: ExpertFailurePenalty = field(default_factory=ExpertFailurePenalty)
     refused: Dict[str, str] = field(default_factory=dict)  # uid -> why its server refused this call's request
+    # penalty keys of the experts whose forward answers fit the info's outputs schema, and of those whose did not
+    agreed: Set[Tuple[str, object]] = field(default_factory=set)
+    disagreed: Set[Tuple[str, object]] = field(default_factory=set)
 
 
 # what an expert server of this library answers when it refuses a request as invalid (its shapes, dtypes, values or
@@ -294,7 +298,10 @@ class RemoteCallMany(torch.autograd.Function):
             except RuntimeError as e:
                 logger.warning(f"{e}; masking it")
                 options.penalty.report_failure(penalty_key(job.expert))
+                if isinstance(e, MalformedExpertResponse):  # (not NaN outputs: outputs the schema does not describe)
+                    options.disagreed.add(penalty_key(job.expert))
                 continue
+            options.agreed.add(penalty_key(job.expert))
             for output, value in zip(outputs, job_outputs):
                 output[job.samples, job.slots] = value.to(output.dtype)
             alive[job.samples, job.slots] = True

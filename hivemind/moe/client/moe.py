@@ -202,20 +202,23 @@ class RemoteMixtureOfExperts(nn.Module):
     def call_experts(
         self, chosen_experts: List[List[RemoteExpert]], deadline: Optional[float], *args, **kwargs
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """(alive mask [batch, max_k], stacked outputs [batch, max_k, ...] per output tensor)."""
-        # (sent as they are, inputs that do not fit would be refused by every expert, and blamed on them)
-        info = self._get_info(chosen_experts, deadline, partial(_check_fit, args, kwargs))
-        options = CallOptions(
-            k_min=self.k_min,
-            backward_k_min=self.backward_k_min,
-            deadline=deadline,
-            backward_timeout=self.backward_timeout,
-            timeout_after_k_min=self.timeout_after_k_min,
-            detect_anomalies=self.detect_anomalies,
-            penalty=self.failure_penalty,
-        )
-        flat_inputs = list(nested_flatten((args, kwargs)))
-        expert_mask, *outputs = RemoteCallMany.apply(DUMMY, chosen_experts, info, options, *flat_inputs)
+        """(alive mask [batch, max_k], stacked outputs [batch, max_k, ...] per output tensor).
+
+        The experts' info comes from one of them: if at least two other experts that answered give outputs that its
+        outputs schema does not describe, and more of them than give outputs it does, that info is dropped, its
+        provider penalized instead of them, and the call is made once more with the info of another expert.
+        """
+        options = self._call_options(deadline)
+        try:
+            expert_mask, outputs = self._call_with_info(chosen_experts, options, *args, **kwargs)
+        except TimeoutError:  # too few answers: maybe because the info made the others' answers look malformed
+            if not self._info_disputed(options):
+                raise
+            expert_mask = None
+        if expert_mask is None or self._info_disputed(options):
+            self._drop_disputed_info(options)
+            options = self._call_options(deadline)
+            expert_mask, outputs = self._call_with_info(chosen_experts, options, *args, **kwargs)
         empty_samples = (~expert_mask.any(dim=1)).nonzero().flatten().tolist()
         if empty_samples and not self.allow_zero_outputs:
             raise RuntimeError(
@@ -224,6 +227,47 @@ class RemoteMixtureOfExperts(nn.Module):
                 f"{refusals_hint(options)}"
             )
         return expert_mask, outputs
+
+    def _info_disputed(self, options: CallOptions) -> bool:
+        """Whether at least two experts other than the info's provider gave answers its outputs schema does not
+        describe, more than gave answers it does."""
+        if self._info_provider is None:
+            return False
+        provider = penalty_key(self._info_provider)
+        disagreed, agreed = options.disagreed - {provider}, options.agreed - {provider}
+        return len(disagreed) >= 2 and len(disagreed) > len(agreed)
+
+    def _drop_disputed_info(self, options: CallOptions) -> None:
+        """Forget the info that the answers of ``options``'s call disputed; penalize its provider, not them."""
+        provider = penalty_key(self._info_provider)
+        disagreed, agreed = options.disagreed - {provider}, options.agreed - {provider}
+        logger.warning(
+            f"The outputs of {len(disagreed)} experts (e.g. {next(iter(disagreed))[0]}) do not fit the outputs schema "
+            f"that {_describe(self._info_provider)} described, while {len(agreed)} fit it: using the info of another "
+            f"expert, and skipping {provider[0]} for a while"
+        )
+        for key in disagreed:
+            self.failure_penalty.report_success(key)  # (they were masked for that info's fault)
+        self.failure_penalty.report_failure(provider)
+        self._expert_info = self._info_provider = None
+
+    def _call_with_info(self, chosen_experts, options: CallOptions, *args, **kwargs):
+        # (sent as they are, inputs that do not fit would be refused by every expert, and blamed on them)
+        info = self._get_info(chosen_experts, options.deadline, partial(_check_fit, args, kwargs))
+        flat_inputs = list(nested_flatten((args, kwargs)))
+        expert_mask, *outputs = RemoteCallMany.apply(DUMMY, chosen_experts, info, options, *flat_inputs)
+        return expert_mask, outputs
+
+    def _call_options(self, deadline: Optional[float]) -> CallOptions:
+        return CallOptions(
+            k_min=self.k_min,
+            backward_k_min=self.backward_k_min,
+            deadline=deadline,
+            backward_timeout=self.backward_timeout,
+            timeout_after_k_min=self.timeout_after_k_min,
+            detect_anomalies=self.detect_anomalies,
+            penalty=self.failure_penalty,
+        )
 
     def compute_expert_scores(
         self, grid_scores: Sequence[torch.Tensor], batch_experts: List[List[RemoteExpert]]
