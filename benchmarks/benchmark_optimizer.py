@@ -20,6 +20,7 @@ StepControl stages), so the same script runs on the original library.
 """
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -144,6 +145,7 @@ def _failed(control) -> bool:
 
 def run_peer(index, args, data, maddr_queue, start_barrier, stop_barrier, results):
     import hivemind
+    from hivemind.optim.grad_averager import GradientAverager
 
     torch.set_num_threads(1)
     train_x, train_y, test_x, test_y = data
@@ -157,12 +159,14 @@ def run_peer(index, args, data, maddr_queue, start_barrier, stop_barrier, result
         for _ in range(args.peers - 1):
             maddr_queue.put(maddrs)
     model = make_model(args.hidden, args.seed)
+    # (averager_opts configure the state averager, the factory the gradient averager: both start full groups)
     averager_opts = {} if args.target_group_size is None else dict(target_group_size=args.target_group_size)
     opt = hivemind.Optimizer(
         dht=dht, run_id="benchmark_optimizer", target_batch_size=args.target_batch_size,
         batch_size_per_step=args.batch_size, optimizer=lambda params: torch.optim.Adam(params, lr=args.lr),
         params=model.parameters(), matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout,
-        averager_opts=averager_opts, verbose=False,
+        averager_opts=averager_opts, grad_averager_factory=functools.partial(GradientAverager, **averager_opts),
+        verbose=False,
     )  # fmt: skip
     watchers = {}
     if index == 0 and not args.no_breakdown:

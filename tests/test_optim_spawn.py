@@ -4,6 +4,7 @@ side (the model, the optimizer, its scheduler and lambdas stay in the user's pro
 Each spawned process imports torch, so every test here takes a few seconds per averager.
 """
 
+import functools
 import threading
 import time
 
@@ -173,7 +174,8 @@ def test_two_spawned_optimizers_train_like_local_training_and_end_at_the_same_ep
             dht=dht, run_id="spawned_run", target_batch_size=16, batch_size_per_step=4, params=model.parameters(),
             optimizer=lambda params: torch.optim.SGD(params, lr=0.1), matchmaking_time=1.0, averaging_timeout=10.0,
             tracker_opts=dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1),
-            averager_opts=dict(request_timeout=0.5, start_method="spawn"),
+            averager_opts=dict(request_timeout=0.5, start_method="spawn"),  # (start_method: both averagers)
+            grad_averager_factory=functools.partial(GradientAverager, request_timeout=0.5),
         )  # fmt: skip
 
     def train(model, opt):  # every sample of epoch e is data[e], so any split between peers gives the same mean
@@ -191,6 +193,9 @@ def test_two_spawned_optimizers_train_like_local_training_and_end_at_the_same_ep
 
         try:
             run_in_threads(start_peer, [0], [1], timeout=2 * READY_TIMEOUT)
+            for opt in opts:  # averager_opts' start_method reaches both averagers
+                for averager in (opt.state_averager, opt.grad_averager):
+                    assert averager._context.get_start_method() == "spawn"
             run_in_threads(train, *zip(models, opts), timeout=120)
             assert [opt.local_epoch for opt in opts] == [epochs, epochs]
         finally:

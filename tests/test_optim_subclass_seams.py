@@ -2,6 +2,7 @@
 Optimizer's _make_state_averager / _make_gradient_averager / _make_progress_tracker factories."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -143,7 +144,10 @@ class SubclassedOptimizer(Optimizer):
     def _make_gradient_averager(self, factory, **kwargs) -> GradientAverager:
         self.hook_calls.append(("gradient_averager", sorted(kwargs)))
         assert factory is None  # (no grad_averager_factory given)
-        return super()._make_gradient_averager(RecordingGradientAverager, **kwargs)
+        # (averager_opts configure the state averager only, as in hivemind 1.1.12: the gradient averager's own go here)
+        return super()._make_gradient_averager(
+            functools.partial(RecordingGradientAverager, request_timeout=0.5), **kwargs
+        )
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         self.hook_calls.append(("progress_tracker", sorted(kwargs)))
@@ -184,7 +188,7 @@ def test_an_optimizer_subclass_builds_its_own_parts_and_two_peers_train_together
         calls = dict(call for call in custom.hook_calls if call[0].endswith(("averager", "tracker")))
         assert {"optimizer", "params", "scheduler", "compression", "request_timeout"} <= set(calls["state_averager"])
         assert calls["gradient_averager"] == ["compression", "reuse_grad_buffers"]  # as 1.1.12 passes them
-        assert custom.grad_averager.request_timeout == 0.5  # averager_opts: added by the base method
+        assert custom.grad_averager.request_timeout == 0.5  # (the factory's, not averager_opts')
         assert set(calls["progress_tracker"]) >= {"performance_ema_alpha", "min_refresh_period"}
         assert custom._schema_hash == custom._compute_schema_hash() == plain._compute_schema_hash()
 

@@ -1,15 +1,18 @@
 """hivemind.Optimizer calls its factory hooks as 1.1.12 does, so that subclasses written for 1.1.12 keep working:
 _make_progress_tracker(target_batch_size, **kwargs) first, then _make_state_averager(**kwargs) and
 _make_gradient_averager(factory, **kwargs) with the grad_averager_factory passed positionally and only
-``compression`` and ``reuse_grad_buffers`` as keywords. What this implementation needs besides (offloaded gradient
-buffers, auxiliary mode, the epoch spread of local updates, the user's averager_opts) the base methods add."""
+``compression`` and ``reuse_grad_buffers`` as keywords; the factory itself gets 1.1.12's keywords and no others, in
+every mode (observed by running 1.1.12 with a recording factory), and averager_opts reach the state averager only.
+What this implementation needs besides (offloaded gradient buffers, auxiliary mode, the epoch spread of local
+updates) the Optimizer adds around the hooks."""
 
 import functools
 
 import pytest
 import torch
-from optim_swarm_helpers import make_optimizer, mse_step
+from optim_swarm_helpers import FAST_GRADIENT_AVERAGER, make_optimizer, mse_step
 
+from hivemind.compression import Float16Compression, NoCompression
 from hivemind.dht import DHT
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
@@ -105,7 +108,7 @@ def test_overrides_with_the_fixed_keywords_of_1_1_12_build_every_part(dht, case)
     try:
         expected = [("tracker", 8), ("state", True)]
         if not options.get("use_local_updates"):
-            expected.append(("gradient", options.get("grad_averager_factory")))
+            expected.append(("gradient", options.get("grad_averager_factory", FAST_GRADIENT_AVERAGER)))
         assert opt.calls == expected
         _check_parts(opt, options)
         if not options.get("auxiliary"):  # (offloaded: the averaged gradients reach the offloaded optimizer)
@@ -122,8 +125,11 @@ def test_overrides_with_kwargs_receive_what_1_1_12_passes(dht, case):
     try:
         expected = [("tracker", 8), ("state", sorted(STATE_KEYWORDS + ["request_timeout"]))]
         if not options.get("use_local_updates"):
-            expected.append(("gradient", options.get("grad_averager_factory"), GRADIENT_KEYWORDS))
-            assert opt.grad_averager.request_timeout == 0.5  # the user's averager_opts, added by the base method
+            factory = options.get("grad_averager_factory", FAST_GRADIENT_AVERAGER)
+            expected.append(("gradient", factory, GRADIENT_KEYWORDS))
+            # (averager_opts=dict(request_timeout=0.5) reach the state averager only; the factory may set its own)
+            assert opt.grad_averager.request_timeout == (0.5 if factory is FAST_GRADIENT_AVERAGER else 3.0)
+        assert opt.state_averager.request_timeout == 0.5
         assert opt.calls == expected
         _check_parts(opt, options)
     finally:
@@ -131,15 +137,20 @@ def test_overrides_with_kwargs_receive_what_1_1_12_passes(dht, case):
 
 
 @pytest.mark.timeout(60)
-def test_averager_opts_that_only_the_state_averager_takes_are_accepted(dht):
+def test_averager_opts_configure_the_state_averager_only(dht):
+    # (as 1.1.12: target_group_size=2 there leaves the gradient rounds to the whole swarm; state-averager-only
+    # options such as sync_epoch_when_averaging are accepted)
     opt = make_optimizer(
-        dht, torch.nn.Linear(2, 1), "state_only_opts", performance_ema_alpha=0.3,
-        averager_opts=dict(request_timeout=0.5, sync_epoch_when_averaging=True, parameter_names=["w", "b"]),
+        dht, torch.nn.Linear(2, 1), "state_only_opts", performance_ema_alpha=0.3, grad_averager_factory=None,
+        averager_opts=dict(request_timeout=0.7, bandwidth=100.0, target_group_size=2, sync_epoch_when_averaging=True,
+                           parameter_names=["w", "b"]),
     )  # fmt: skip
     try:
-        assert opt.state_averager.sync_epoch_when_averaging and opt.state_averager.parameter_names == ("w", "b")
-        assert opt.state_averager.delay_before_averaging.alpha == 0.3  # the user's performance_ema_alpha
-        assert opt.grad_averager.request_timeout == 0.5
+        state, gradient = opt.state_averager, opt.grad_averager
+        assert state.sync_epoch_when_averaging and state.parameter_names == ("w", "b")
+        assert state.delay_before_averaging.alpha == 0.3  # the user's performance_ema_alpha
+        assert (state.request_timeout, state.bandwidth, state.target_group_size) == (0.7, 100.0, 2)
+        assert (gradient.request_timeout, gradient.bandwidth, gradient.target_group_size) == (3.0, None, None)
     finally:
         opt.shutdown()
 
@@ -163,27 +174,65 @@ def test_a_failing_state_averager_override_stops_the_tracker_made_before_it(dht)
     assert len(trackers) == 1 and not trackers[0].is_alive()
 
 
+# what hivemind 1.1.12 passes to a grad_averager_factory, whatever the options (observed for offload_optimizer on and
+# off, delay_optimizer_step, delay_grad_averaging, reuse_grad_buffers, grad_compression, auxiliary and averager_opts)
+FACTORY_KEYWORDS_OF_1_1_12 = [
+    "allreduce_timeout", "auxiliary", "client_mode", "compression", "dht", "min_matchmaking_time",
+    "next_chunk_timeout", "parameters", "prefix", "reuse_grad_buffers", "shutdown_timeout", "start",
+]  # fmt: skip
+FACTORY_MODES = dict(
+    offloaded={}, not_offloaded=dict(offload_optimizer=False), delayed_step=dict(delay_optimizer_step=True),
+    delayed_grads=dict(delay_grad_averaging=True), reused_buffers=dict(reuse_grad_buffers=True),
+    compressed=dict(grad_compression=Float16Compression()), auxiliary=dict(auxiliary=True, batch_size_per_step=None),
+    averager_opts=dict(averager_opts=dict(request_timeout=0.5, bandwidth=100.0, sync_epoch_when_averaging=True)),
+)  # fmt: skip
+
+
+def _train_until_the_parameters_move(opt: Optimizer, model: torch.nn.Module) -> bool:
+    """Steps of 4 samples with gradients that are not zero until epoch 1 and two steps more (a delayed optimizer
+    step lands at a later step): whether the parameters moved."""
+    before = [param.detach().clone() for param in model.parameters()]
+    x, y = torch.ones(4, 2), torch.full((4, 1), 10.0)
+    steps_after = 0
+    while steps_after < 2:
+        steps_after += opt.local_epoch > 0
+        if not opt.reuse_grad_buffers:
+            opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return any(not torch.equal(old, new.detach()) for old, new in zip(before, model.parameters()))
+
+
 @pytest.mark.timeout(60)
-def test_a_grad_averager_factory_gets_the_parameters_by_keyword_and_only_the_options_it_needs(dht):
-    calls = []
+@pytest.mark.parametrize("mode", list(FACTORY_MODES))
+def test_a_grad_averager_factory_written_for_1_1_12_gets_its_keywords_in_every_mode(dht, mode):
+    options, calls = FACTORY_MODES[mode], []
 
-    def factory(*args, parameters, dht, prefix, reuse_grad_buffers, compression, **kwargs):  # a 1.1.12-style factory
-        calls.append((args, sorted(kwargs)))
+    def factory(*, parameters, dht, prefix, reuse_grad_buffers, compression, min_matchmaking_time,
+                allreduce_timeout, next_chunk_timeout, shutdown_timeout, client_mode, auxiliary, start):  # fmt: skip
+        calls.append({name: value for name, value in locals().items() if name != "calls"})
         return GradientAverager(
-            parameters,
-            dht=dht,
-            prefix=prefix,
-            reuse_grad_buffers=reuse_grad_buffers,
-            compression=compression,
-            **kwargs,
-        )
+            parameters, dht=dht, prefix=prefix, reuse_grad_buffers=reuse_grad_buffers, compression=compression,
+            min_matchmaking_time=min_matchmaking_time, allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=next_chunk_timeout, shutdown_timeout=shutdown_timeout, client_mode=client_mode,
+            auxiliary=auxiliary, start=start, request_timeout=0.5,
+        )  # fmt: skip
 
-    opt = make_optimizer(dht, torch.nn.Linear(2, 1), "keyword_factory", grad_averager_factory=factory)
+    model = torch.nn.Linear(2, 1)
+    opt = make_optimizer(dht, model, f"factory_{mode}", grad_averager_factory=factory, **options)
     try:
-        shared = ["allreduce_timeout", "auxiliary", "client_mode", "min_matchmaking_time", "next_chunk_timeout"]
-        # (averaged_grads: with offload_optimizer, on by default here, the gradients are averaged into the
-        # offloaded parameters' grads)
-        assert calls == [((), sorted(shared + ["averaged_grads", "request_timeout", "shutdown_timeout", "start"]))]
-        assert type(opt.grad_averager) is GradientAverager and opt.grad_averager.warn
+        assert len(calls) == 1 and sorted(calls[0]) == FACTORY_KEYWORDS_OF_1_1_12
+        assert calls[0]["reuse_grad_buffers"] is options.get("reuse_grad_buffers", False)
+        assert type(calls[0]["compression"]) is type(options.get("grad_compression", NoCompression()))
+        assert calls[0]["auxiliary"] is options.get("auxiliary", False)
+        assert list(calls[0]["parameters"]) == list(model.parameters())
+        assert opt.grad_averager.warn is not options.get("auxiliary", False)  # an auxiliary peer is not told off
+        if opt.offload_optimizer:  # the offloaded optimizer steps on the averaged gradients
+            with opt.grad_averager.get_tensors() as averaged:
+                assert all(
+                    grad is param.grad for grad, param in zip(averaged, opt.state_averager.optimizer_parameters)
+                )
+        if not options.get("auxiliary"):
+            assert _train_until_the_parameters_move(opt, model)
     finally:
         opt.shutdown()

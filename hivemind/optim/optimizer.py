@@ -58,12 +58,14 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
     :param client_mode: ignored: the averagers and tracker follow the DHT's client mode
     :param auxiliary: help others average without training
     :param grad_compression: compression of gradient all-reduce
-    :param grad_averager_factory: e.g. ``partial(PowerSGDGradientAverager, averager_rank=32)``
+    :param grad_averager_factory: e.g. ``partial(PowerSGDGradientAverager, averager_rank=32)``, or
+      ``partial(GradientAverager, target_group_size=...)`` for options of the gradient averager
     :param state_averaging_compression: compression of parameter averaging
     :param load_state_compression: compression of state downloads served by this peer
     :param average_opt_statistics: optimizer-state entries averaged with the parameters (e.g. ``"exp_avg_sq"``)
     :param extra_tensors: more tensors averaged and shared with the parameters
-    :param averager_opts: more options of both averagers (e.g. ``bandwidth``); state-averager-only ones go to it alone
+    :param averager_opts: more options of the state averager (e.g. ``bandwidth``), as in hivemind 1.1.12; of these,
+      only ``start_method`` reaches the gradient averager too (see grad_averager_factory for its options)
     :param tracker_opts: more options of the ProgressTracker
     :param performance_ema_alpha: smoothing of the speed estimate
     :param shutdown_timeout: seconds to wait for background parts to stop
@@ -119,7 +121,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self.status_loglevel = logging.DEBUG if not verbose else logging.INFO
         self._progress_bar = EpochProgressBar(run_id, enabled=verbose)
 
-        self._averager_opts = dict(averager_opts or {})  # (the gradient averager takes those it knows)
+        self._averager_opts = dict(averager_opts or {})  # (the state averager's; see _make_gradient_averager)
         self.scheduled_grads: Optional[StepControl] = None
         self.scheduled_state: Optional[StepControl] = None
         self.scheduled_state_epoch = 0
@@ -139,6 +141,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
                 self.grad_averager = self._make_gradient_averager(  # (the factory goes first, by position)
                     grad_averager_factory, compression=grad_compression, reuse_grad_buffers=reuse_grad_buffers
                 )
+                self._connect_gradient_averager()
             self._schema_hash = self._compute_schema_hash()  # (a seam too: a subclass's may fail)
         except BaseException:
             for averager in (getattr(self, "grad_averager", None), getattr(self, "state_averager", None)):
@@ -152,12 +155,6 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self._shut_down, self._last_progress_bar_update = False, 0.0
         self._last_round_peers: Optional[set] = None  # raw peer ids of the last gradient round (None: none yet)
         self._last_round_epochs: list = []  # the epochs its members gathered
-
-    def _offloaded_grad_buffers(self):
-        for param in self.state_averager.optimizer_parameters:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            yield param.grad  # the gradient averager moves them into one shared buffer (one fd, not one per tensor)
 
     # ------------------------------------------------------------------ properties
 

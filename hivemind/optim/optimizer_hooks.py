@@ -25,11 +25,6 @@ __all__ = ["OptimizerHooks", "is_pending"]
 
 logger = get_logger(__name__)
 
-# options of TrainingStateAverager that a gradient averager does not take: averager_opts gives them to the former only
-_STATE_AVERAGER_ONLY = frozenset(inspect.signature(TrainingStateAverager.__init__).parameters) - frozenset(
-    inspect.signature(GradientAverager.__init__).parameters
-)
-
 
 def is_pending(control: Optional[StepControl]) -> bool:
     return control is not None and not control.done()
@@ -123,21 +118,37 @@ class OptimizerHooks:
     def _make_gradient_averager(self, factory: Optional[Callable[..., GradientAverager]] = None, **kwargs):
         """Build the gradient averager over the state averager's ``main_parameters`` with ``factory`` (the
         Optimizer's ``grad_averager_factory``; None: GradientAverager). kwargs: ``reuse_grad_buffers`` and
-        ``compression``; the base adds ``parameters`` (by keyword, as 1.1.12 does), the user's ``averager_opts`` that a
-        gradient averager accepts (those only TrainingStateAverager knows, e.g. ``sync_epoch_when_averaging``, are
-        left to the state averager) and, with offload_optimizer, the buffers it averages into (the offloaded
-        parameters' grads)."""
+        ``compression``. The factory is called as hivemind 1.1.12 calls it: with ``parameters`` by keyword, the options
+        shared by both averagers (``dht``, ``prefix``, matchmaking time, timeouts, ``client_mode``, ``auxiliary``,
+        ``start=True``) and kwargs, nothing else, so a factory written for 1.1.12 without ``**kwargs`` works. The
+        user's ``averager_opts`` configure the state averager only (as in 1.1.12), except ``start_method``, an option
+        of this library that both averagers' processes follow; give the gradient averager options of its own with
+        ``grad_averager_factory=partial(GradientAverager, target_group_size=...)``."""
         factory = GradientAverager if factory is None else factory
         options = dict(
             parameters=self.state_averager.main_parameters, prefix=f"{self.run_id}_grad_averager",
             **self._shared_averager_kwargs(),
-            **{name: value for name, value in self._averager_opts.items() if name not in _STATE_AVERAGER_ONLY},
         )  # fmt: skip
-        if self.auxiliary:  # (it has no gradients of its own: not worth a warning)
-            options["warn"] = False
-        if self.offload_optimizer:
-            options["averaged_grads"] = tuple(self._offloaded_grad_buffers())
+        if "start_method" in self._averager_opts:
+            options["start_method"] = self._averager_opts["start_method"]
         return factory(**{**options, **kwargs})
+
+    def _connect_gradient_averager(self) -> None:
+        """What the Optimizer needs of its gradient averager, however a factory or an override built it: with
+        offload_optimizer, the offloaded parameters' ``.grad`` are the averager's averaged buffers (the optimizer
+        steps on the average, as in 1.1.12); an auxiliary peer, which accumulates nothing, is not warned about that."""
+        if self.auxiliary:
+            self.grad_averager.warn = False
+        if self.offload_optimizer:
+            optimized = self.state_averager.optimizer_parameters
+            with self.grad_averager.get_tensors() as averaged:
+                if len(averaged) != len(optimized):
+                    raise ValueError(
+                        f"the gradient averager averages {len(averaged)} tensors for {len(optimized)} parameters: "
+                        f"with offload_optimizer, build it over the state averager's main_parameters"
+                    )
+                for param, averaged_grad in zip(optimized, averaged):
+                    param.grad = averaged_grad
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         """Build the progress tracker (kwargs: ``performance_ema_alpha`` and the user's ``tracker_opts``)."""
