@@ -136,6 +136,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
                 compression=state_averaging_compression, state_compression=load_state_compression,
                 performance_ema_alpha=performance_ema_alpha, **self._averager_opts,
             )  # fmt: skip
+            self._connect_state_averager()
             self.grad_averager: Optional[GradientAverager] = None
             if not use_local_updates:
                 self.grad_averager = self._make_gradient_averager(  # (the factory goes first, by position)

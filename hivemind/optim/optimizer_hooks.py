@@ -111,9 +111,13 @@ class OptimizerHooks:
             custom_gradients=self.offload_optimizer and not self.use_local_updates,  # else: no averager fills them
             status_loglevel=self.status_loglevel, **self._shared_averager_kwargs(),
         )  # fmt: skip
-        if self.use_local_updates:  # epoch ends are not in step: a member one epoch behind averages as an equal
-            options["max_epoch_spread"] = 1
         return TrainingStateAverager(**{**options, **kwargs})
+
+    def _connect_state_averager(self) -> None:
+        """With use_local_updates, epoch ends are not in step: a member one epoch behind averages as an equal
+        (``max_epoch_spread`` at least 1), also in a state averager that an override built as 1.1.12's does."""
+        if self.use_local_updates and isinstance(self.state_averager, TrainingStateAverager):
+            self.state_averager.max_epoch_spread = max(1, self.state_averager.max_epoch_spread)
 
     def _make_gradient_averager(self, factory: Optional[Callable[..., GradientAverager]] = None, **kwargs):
         """Build the gradient averager over the state averager's ``main_parameters`` with ``factory`` (the

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import multiprocessing as mp
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -253,6 +255,22 @@ def checked_epoch_spread(max_epoch_spread: Any) -> int:
             f"average as equals), got {max_epoch_spread!r}"
         )
     return int(max_epoch_spread)
+
+
+class SharedEpochSpread:
+    """``TrainingStateAverager.max_epoch_spread``, kept in shared memory (the averager's ``_max_epoch_spread``, made
+    by :meth:`make` before its process starts) so that the process follows a value set after it started: e.g.
+    hivemind.Optimizer raises it to 1 with use_local_updates, also in a state averager that a subclass built."""
+
+    @staticmethod
+    def make(max_epoch_spread: Any, start_method: Optional[str]) -> Any:
+        return mp.get_context(start_method).Value(ctypes.c_int64, checked_epoch_spread(max_epoch_spread), lock=False)
+
+    def __get__(self, averager: Any, owner: Optional[type] = None) -> Any:
+        return self if averager is None else int(averager._max_epoch_spread.value)
+
+    def __set__(self, averager: Any, max_epoch_spread: Any) -> None:
+        averager._max_epoch_spread.value = checked_epoch_spread(max_epoch_spread)
 
 
 def check_averager_opts(averager_opts: Any) -> None:

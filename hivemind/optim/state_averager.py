@@ -19,7 +19,7 @@ from hivemind.averaging.state_snapshot import packed_copy
 from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH, state_round_epochs, state_round_weight
-from hivemind.optim.optimizer_options import check_state_averager_arguments, checked_epoch_spread
+from hivemind.optim.optimizer_options import SharedEpochSpread, check_state_averager_arguments
 from hivemind.optim.optimizer_state import (
     dump_optimizer_state,
     initialize_optimizer_state_,
@@ -87,8 +87,7 @@ class TrainingStateAverager(DecentralizedAverager):
     :param average_opt_statistics: names of optimizer-state entries to average (e.g. ``"exp_avg_sq"``)
     :param extra_tensors: more tensors to average and share (e.g. batchnorm statistics)
     :param status_loglevel: level of the per-round log lines
-    :param max_epoch_spread: a round's members this many epochs apart still average as equals (else those behind
-      the latest epoch average with weight 0 and keep their own state)
+    :param max_epoch_spread: members this many epochs behind the latest one average as equals (else with weight 0)
     :param averager_kwargs: options of :class:`DecentralizedAverager` (``prefix`` among them)
     """
 
@@ -141,7 +140,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self.extra_tensors = tuple(tensor.detach() for tensor in extra_tensors)
         self.average_opt_statistics = tuple(average_opt_statistics)
         self.local_epoch = 0
-        self.max_epoch_spread = checked_epoch_spread(max_epoch_spread)  # (read by the averager's process too)
+        self._max_epoch_spread = SharedEpochSpread.make(max_epoch_spread, averager_kwargs.get("start_method"))
         self.round_met_later_epochs = False  # a refused round had peers of later epochs (the caller clears it)
 
         sources = self._averaging_sources()
@@ -159,6 +158,7 @@ class TrainingStateAverager(DecentralizedAverager):
         self.delay_before_averaging = PerformanceEMA(alpha=performance_ema_alpha)  # seconds: step() -> all-reduce
         super().__init__(averaged_tensors=averaged, dht=dht, tensor_infos=infos, **averager_kwargs)
 
+    max_epoch_spread = SharedEpochSpread()  # (read by the averager's process too: a new value applies to next rounds)
     # what only the user's process uses: the model, the optimizer and its scheduler (maybe on a GPU, maybe built by
     # lambdas), the lock and thread that apply steps. A spawned averager process is sent the rest (see __getstate__)
     _USER_PROCESS_ONLY = (
