@@ -17,6 +17,7 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type, Uni
 import torch
 
 from hivemind.averaging.allreduce_reducer import ReducerSide, message_nbytes
+from hivemind.averaging.deadlines import SenderPace
 from hivemind.averaging.group_view import group_view_digest
 from hivemind.averaging.part_encoding import (
     AnyAveragingData,
@@ -54,8 +55,9 @@ MAX_BYTES_PER_ELEMENT = 16  # of a delta under any codec (complex128 uncompresse
 MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata besides its elements
 DEFAULT_REPLY_LINGER = 30.0
 # the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that have not delivered all
-# their parts, then a sender gives up on the reducers that have not replied to all of its parts
-SENDERS_LAST_CALL, REDUCERS_LAST_CALL = 0.85, 0.95
+# their parts (but those whose steady pace delivers the rest by the final call, then excluded if still behind), then a
+# sender gives up on the reducers that have not replied to all of its parts
+SENDERS_LAST_CALL, SENDERS_FINAL_CALL, REDUCERS_LAST_CALL = 0.85, 0.90, 0.95
 
 
 class AveragingMode(Enum):
@@ -104,7 +106,8 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         (or reply) just within those timeouts is never taken for a stalled one, but would make a round of many parts
         outlast this limit, failing it for everyone it exchanges parts with. So at ``SENDERS_LAST_CALL`` of it the
         reducer excludes the senders that hold it up (they have not delivered the oldest part it reduces; the others
-        are only held back behind them), and at ``REDUCERS_LAST_CALL`` of it this peer gives up on the reducers that
+        are only held back behind them) unless their pace so far delivers their other parts by ``SENDERS_FINAL_CALL``
+        (excluded then if still behind), and at ``REDUCERS_LAST_CALL`` of it this peer gives up on the reducers that
         have not replied to all of its parts (their remaining parts keep their local values, as for failed peers)
     :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch, output_buffers (see
         TensorPartContainer); with output_buffers, the memory of a yielded delta is written again by a later round
@@ -178,6 +181,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 part_dtypes=[self.container.local_tensors[part.tensor_index].dtype for part in self.my_parts],
             )
         self._connected_senders: Set[int] = set()
+        self._pace = SenderPace()  # when each sender's parts arrived (read at the round's last call)
         if self.is_sender and self.reducer is not None:
             self._connected_senders.add(self.sender_index_of[self.peer_id])  # our own parts arrive locally
         self._handler_tasks: Set[asyncio.Task] = set()
@@ -429,19 +433,37 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 self._ban(sender_index, f"sent nothing within sender_timeout={self.sender_timeout} s")
 
     async def _exclude_senders_at_last_call(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        final_call = started + SENDERS_FINAL_CALL * self.allreduce_timeout
         await asyncio.sleep(SENDERS_LAST_CALL * self.allreduce_timeout)
+        if self._exclude_senders_holding_up(SENDERS_LAST_CALL, spare_until=final_call):  # some keep a steady pace
+            await asyncio.sleep(max(0.0, final_call - loop.time()))
+            self._exclude_senders_holding_up(SENDERS_FINAL_CALL)
+
+    def _exclude_senders_holding_up(self, fraction: float, spare_until: Optional[float] = None) -> bool:
+        """Exclude the senders that hold the round up: those that have not delivered the oldest part still being
+        reduced (the others may lack parts too, but only because the reducer takes few parts ahead of that one: they
+        go on). With ``spare_until``, spare those whose pace so far delivers all their parts by then; returns
+        whether any was spared."""
         reducer, own_index = self.reducer, self.sender_index_of.get(self.peer_id)
-        # only the senders that hold the round up: those that have not delivered the oldest part still being reduced.
-        # The others may lack parts too, but only because the reducer takes few parts ahead of that one: they go on
         holding_up = min(reducer.current_part_index, reducer.num_parts - 1)
+        now, spared = asyncio.get_running_loop().time(), False
         for sender_index in range(len(self.sender_peer_ids)):
             delivered = reducer.sender_progress[sender_index]
-            if sender_index != own_index and reducer.is_active(sender_index) and delivered <= holding_up:
-                self._ban(
-                    sender_index,
-                    f"had delivered {delivered} of {reducer.num_parts} parts at the round's last call "
-                    f"({SENDERS_LAST_CALL:.0%} of allreduce_timeout={self.allreduce_timeout} s)",
-                )
+            if sender_index == own_index or not reducer.is_active(sender_index) or delivered > holding_up:
+                continue
+            if spare_until is not None and self._pace.finishes_by(
+                sender_index, delivered, reducer.num_parts, spare_until, now
+            ):
+                spared = True
+                continue
+            self._ban(
+                sender_index,
+                f"had delivered {delivered} of {reducer.num_parts} parts at the round's last call "
+                f"({fraction:.0%} of allreduce_timeout={self.allreduce_timeout} s)",
+            )
+        return spared
 
     def _ban(self, sender_index: int, reason: str) -> None:
         if self.reducer is not None and self.reducer.ban_sender(sender_index, reason):

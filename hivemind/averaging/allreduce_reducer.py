@@ -177,6 +177,7 @@ class ReducerSide:
                 local = self.container.input_part(part)
                 refuse_unsafe_part(tensor, weight, local, len(self.sender_peer_ids), what=f"part {k}")
                 future = await self.reducer.submit_part(sender_index, k, tensor, weight)
+                self._pace.delivered(sender_index, asyncio.get_running_loop().time())
                 compression_type = wire_tensor(message)[0].compression
                 queue.put_nowait((part, tensor, compression_type, is_private_view(message), future))
             queue.put_nowait(_END)  # every part is in: the replies do not wait for the end of the stream

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
-__all__ = ["RoundDeadlines", "AdaptiveDeadlines", "MAX_DEADLINE_SENDERS"]
+__all__ = ["RoundDeadlines", "AdaptiveDeadlines", "SenderPace", "MAX_DEADLINE_SENDERS"]
 
 # derived deadlines grow with the group size up to this many concurrent senders (groups of 16), no further
 MAX_DEADLINE_SENDERS = 15
@@ -114,3 +114,30 @@ class AdaptiveDeadlines:
         elif math.isinf(allreduce):
             allreduce = None  # no limit on the round (as with hivemind.Optimizer(averaging_timeout=math.inf))
         return RoundDeadlines(sender_timeout=sender, reducer_timeout=reducer, allreduce_timeout=allreduce)
+
+
+class SenderPace:
+    """When each sender's parts reached this reducer, to tell a slow but steady sender that will deliver the rest of
+    its parts in time (a throttled link) from one that cannot (a stall, or a pace too slow for the round)."""
+
+    def __init__(self):
+        self._first: Dict[int, float] = {}  # sender -> time of its first delivered part
+        self._last: Dict[int, float] = {}  # sender -> time of its latest delivered part
+
+    def delivered(self, sender: int, now: float) -> None:
+        """Record that ``sender`` delivered one more part at time ``now``."""
+        self._first.setdefault(sender, now)
+        self._last[sender] = now
+
+    def finishes_by(self, sender: int, delivered: int, total: int, deadline: float, now: float) -> bool:
+        """Whether ``sender``, having delivered ``delivered`` of its ``total`` parts, delivers the rest by
+        ``deadline`` if it keeps the mean pace of its deliveries so far (its next part is due one such period after
+        its latest, or now if that is past). Senders with fewer than two parts delivered have no pace yet: False."""
+        if delivered >= total:
+            return True
+        if delivered < 2 or sender not in self._first:
+            return False
+        first, last = self._first[sender], self._last[sender]
+        seconds_per_part = (last - first) / (delivered - 1)
+        next_due = max(last + seconds_per_part, now)
+        return next_due + (total - delivered - 1) * seconds_per_part <= deadline
