@@ -10,7 +10,7 @@ import torch
 from moe_hostile_helpers import drain, forward_to_fake_expert, serve_fake_expert
 
 from hivemind.moe.client import expert_rpc
-from hivemind.p2p import P2PTimeoutError
+from hivemind.p2p import P2PTimeoutError, framing
 from hivemind.proto import runtime_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -56,4 +56,20 @@ async def test_a_streamed_answer_dripping_within_the_timeout_must_still_complete
     started = time.monotonic()
     with pytest.raises(P2PTimeoutError, match="did not complete in time"):
         await asyncio.wait_for(forward_to_fake_expert(stub, torch.randn(ROWS, HIDDEN)), 20)
+    assert time.monotonic() - started < 10
+
+
+async def never_reads(_requests, _context):
+    await asyncio.Event().wait()
+    yield runtime_pb2.ExpertResponse()
+
+
+async def test_a_server_that_never_takes_a_streamed_input_fails_the_call_once_the_input_stalls(p2p_pair, monkeypatch):
+    monkeypatch.setattr(framing, "FRAME_STALL_TIMEOUT", 1.0)  # a message's bytes must be taken within ~1 s
+    monkeypatch.setattr(framing, "MIN_FRAME_RATE", 2**30)
+    stub = await serve_fake_expert(p2p_pair, rpc_forward_stream=never_reads)
+    started = time.monotonic()
+    # (before, the call waited for the input to be sent whole, forever: the timeout counts only from then)
+    with pytest.raises(P2PTimeoutError, match="took no more of the input"):
+        await asyncio.wait_for(forward_to_fake_expert(stub, torch.randn(16 * ROWS, HIDDEN)), 20)  # 64 MiB
     assert time.monotonic() - started < 10

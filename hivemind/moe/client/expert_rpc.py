@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.wire_scan import Buffer, MessageScanError, scan_tensor_message
-from hivemind.p2p import P2PContext, P2PTimeoutError, ServicerBase, StubBase
+from hivemind.p2p import P2PContext, P2PTimeoutError, ServicerBase, StubBase, framing
 from hivemind.p2p.framing import MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import runtime_pb2
@@ -49,6 +49,7 @@ MAX_UNARY_PAYLOAD_SIZE = 2 * 1024**2  # raw bytes sent in one call above which t
 STREAMING_CHUNK_SIZE = 4 * 1024**2  # buffer bytes per streamed message
 # one message of a streamed answer: a chunk (servers, ours and the original, send at most 4 MiB) and its metadata
 MAX_RESPONSE_MESSAGE_BYTES = STREAMING_CHUNK_SIZE + 64 * 1024
+MAX_REQUEST_MESSAGE_BYTES = STREAMING_CHUNK_SIZE + 64 * 1024  # one message of a streamed input, as sent here
 # bytes per second at which the rest of a streamed answer must arrive once its first message came (on top of the
 # call's timeout): what the p2p framing asks of one message
 MIN_ANSWER_RATE = MIN_FRAME_RATE
@@ -140,10 +141,24 @@ def serialize_inputs(tensors: Sequence[torch.Tensor], schema: Iterable) -> List[
     ]
 
 
-async def _iterate_requests(uid: str, serialized: Sequence[runtime_pb2.Tensor]):
+class _InputProgress:
+    """When the p2p layer last asked a streamed input for its next message (it asks once the previous one was taken
+    by the stream), and how many buffer bytes it took so far."""
+
+    def __init__(self):
+        self.asked_at, self.sent_bytes = time.monotonic(), 0
+
+    def stalled_for(self) -> float:
+        return time.monotonic() - self.asked_at
+
+
+async def _iterate_requests(uid: str, serialized: Sequence[runtime_pb2.Tensor], progress: _InputProgress):
     for tensor in serialized:
         for chunk in split_for_streaming(tensor, STREAMING_CHUNK_SIZE):
+            progress.asked_at = time.monotonic()
             yield runtime_pb2.ExpertRequest(uid=uid, tensors=[chunk])
+            progress.sent_bytes += len(chunk.buffer)
+    progress.asked_at = time.monotonic()
 
 
 class ExpertResponseTooLarge(RuntimeError):
@@ -310,13 +325,14 @@ async def call_expert(
     if max(raw_size, expected_response_size) > MAX_UNARY_PAYLOAD_SIZE:
         name = f"rpc_{method}_stream"
         sent = asyncio.Event()  # the whole input went out: the server may answer from then on
-        requests = attach_event_on_finished(_iterate_requests(uid, serialized), sent)
+        progress = _InputProgress()
+        requests = attach_event_on_finished(_iterate_requests(uid, serialized, progress), sent)
         responses = await _call(stub, name, uid, requests, max_response_tensors)
         answer = _StreamedAnswer(uid, method, max_response_bytes, max_response_tensors)
         if timeout is None and isinstance(stub, StubBase):
             timeout = stub._p2p.unary_call_timeout
         try:
-            await _receive_answer(responses, answer, timeout, sent, f"{name} of {uid}")
+            await _receive_answer(responses, answer, timeout, (sent, progress), f"{name} of {uid}")
         finally:
             if hasattr(responses, "aclose"):
                 await responses.aclose()  # a refused answer: stop reading it now (the stream closes)
@@ -333,11 +349,14 @@ async def call_expert(
 
 
 async def _receive_answer(
-    responses, answer: _StreamedAnswer, timeout: Optional[float], sent: asyncio.Event, what: str
+    responses, answer: _StreamedAnswer, timeout: Optional[float], input_state: tuple, what: str
 ) -> None:
     """Feed ``answer`` every message of a streamed answer. With a ``timeout``, each message must come within it, and
     once the first one came, the rest within ``timeout`` plus the answer's byte budget at MIN_ANSWER_RATE (a server
-    dripping tiny messages would otherwise hold the call for as many timeouts as its budget has messages)."""
+    dripping tiny messages would otherwise hold the call for as many timeouts as its budget has messages). Until the
+    input is sent whole (``input_state``: its event and _InputProgress), each of its messages must be taken as fast
+    as the p2p framing asks of one (a server that stops reading it would otherwise hold the call forever)."""
+    sent, progress = input_state
     iterator, finish_by = responses.__aiter__(), None
     while True:
         wait = timeout
@@ -346,9 +365,14 @@ async def _receive_answer(
         try:
             if wait is not None and wait <= 0:
                 raise asyncio.TimeoutError()
-            response = await _next_message(iterator, wait, sent)
+            response = await _next_message(iterator, wait, sent, progress)
         except StopAsyncIteration:
             return
+        except _InputStalled as e:
+            raise P2PTimeoutError(
+                f"{what}: the server took no more of the input for {e.seconds:.0f} s (after {progress.sent_bytes} "
+                "bytes of it); the call was cancelled"
+            ) from None
         except asyncio.TimeoutError:
             if wait is not None and wait < timeout:
                 raise P2PTimeoutError(
@@ -364,22 +388,38 @@ async def _receive_answer(
         answer.add(getattr(response, "message", response))
 
 
-async def _next_message(iterator: AsyncIterator, timeout: Optional[float], sent: asyncio.Event):
+class _InputStalled(Exception):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+
+async def _next_message(iterator: AsyncIterator, timeout: Optional[float], sent: asyncio.Event, progress):
     """The next message of a streamed answer; asyncio.TimeoutError once none came for ``timeout`` seconds while the
-    input was sent whole (a server answers only after reading all of it, which a slow link may take long for)."""
-    if timeout is None:
-        return await iterator.__anext__()
-    waiting = asyncio.ensure_future(iterator.__anext__())
+    input was sent whole (a server answers only after reading all of it, which a slow link may take long for), and
+    _InputStalled while it was not, once the server took none of it for as long as one message may take."""
+    waiting, started = asyncio.ensure_future(iterator.__anext__()), time.monotonic()
+    input_ended = asyncio.ensure_future(sent.wait())
     try:
         while True:
-            done, _ = await asyncio.wait({waiting}, timeout=timeout)
-            if done:
+            input_bound = framing.stall_bound(MAX_REQUEST_MESSAGE_BYTES)
+            if not sent.is_set():
+                deadline = progress.asked_at + input_bound
+            else:  # (progress.asked_at: when the input ended)
+                deadline = None if timeout is None else max(started, progress.asked_at) + timeout
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            watched = {waiting} if input_ended.done() else {waiting, input_ended}
+            await asyncio.wait(watched, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done():
                 return waiting.result()
+            if deadline is None or time.monotonic() < deadline:
+                continue  # the input ended, or moved on, meanwhile
             if sent.is_set():
                 raise asyncio.TimeoutError()
+            raise _InputStalled(progress.stalled_for())
     finally:
-        if not waiting.done():
-            await cancel_and_wait(waiting)
+        for task in (waiting, input_ended):
+            if not task.done():
+                await cancel_and_wait(task)
 
 
 async def _call(stub: StubBase, name: str, uid: str, request, max_tensors: Optional[int], **kwargs):
