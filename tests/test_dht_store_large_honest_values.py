@@ -2,7 +2,8 @@
 Values that decode into tens of thousands of objects (lists of pairs or tuples, token ids) cost more than a fresh
 peer's store allowance, so every replica of ours refused them while 1.1.12 replicas store them. A peer whose allowance
 is whole may now borrow for one request of a few items, up to a hard cap, and then waits until it has paid back; the
-costliest values per item still take a fraction of a second of the receiving node's CPU (time.process_time).
+costliest values per item still take a fraction of a second of the receiving node's CPU (time.process_time). Lists
+of short binary strings and of token ids were charged far above what decoding them costs; they are weighed closer.
 """
 
 import asyncio
@@ -17,6 +18,7 @@ from hivemind.dht.rate_limit import (
     DEFAULT_BURST_ITEMS,
     DEFAULT_MAX_REQUEST_ITEMS,
     PeerRateLimiter,
+    decode_cost,
     store_item_cost,
 )
 from hivemind.dht.routing import DHTID
@@ -29,11 +31,17 @@ MESSAGE_LIMIT = 4 * 1024 * 1024 - 4096  # what one request may carry, less room 
 MANY_OBJECTS = {  # each costs more than a fresh peer's allowance (20 000 items)
     "45k float pairs": [[RNG.random(), RNG.random()] for _ in range(45_000)],
     "45k float tuples": [(RNG.random(), RNG.random()) for _ in range(45_000)],
-    "500k token ids": [RNG.randrange(50_257) for _ in range(500_000)],
+    "45k (int, str) tuples": [(index, f"w{index}") for index in range(45_000)],
 }
 # the walk took one object per 512 bytes at most, gave up on this list and charged its random bytes as structure
 BINARY_STRINGS = [RNG.randbytes(500) for _ in range(8000)]  # 4 MB: 149 000 items, 1 ms to decode
-HONEST_VALUES = {**MANY_OBJECTS, "8000 binary strings of 500 bytes": BINARY_STRINGS}
+# an int's payload bytes may look like structure: these cost 64 000 items (38 ms to decode) before runs of ints
+TOKEN_IDS = [RNG.randrange(50_257) for _ in range(1_000_000)]  # 3 MB
+HONEST_VALUES = {
+    **MANY_OBJECTS,
+    "8000 binary strings of 500 bytes": BINARY_STRINGS,
+    "1M token ids": TOKEN_IDS,
+}
 
 
 def test_limiter_lends_once_to_a_peer_whose_allowance_is_whole():
@@ -75,6 +83,39 @@ def test_a_list_of_short_binary_strings_costs_like_its_bytes():
     assert store_item_cost(DHTProtocol.IS_REGULAR_VALUE, encoded) < 2 * len(encoded) / 2048
     shorter = MSGPackSerializer.dumps([RNG.randbytes(130) for _ in range(30_000)])
     assert store_item_cost(DHTProtocol.IS_REGULAR_VALUE, shorter) < 2 * len(shorter) / 2048
+
+
+def uint16_array(count: int) -> bytes:
+    """An array of ``count`` random 16-bit ints, as msgpack encodes token ids (its payload looks like structure)."""
+    return b"\xdd" + count.to_bytes(4, "big") + b"".join(b"\xcd" + RNG.randbytes(2) for _ in range(count))
+
+
+def test_runs_of_ints_in_an_array_cost_like_their_bytes_but_not_in_a_map():
+    encoded = MSGPackSerializer.dumps(TOKEN_IDS)
+    assert store_item_cost(DHTProtocol.IS_REGULAR_VALUE, encoded) < 5 * len(encoded) / 2048  # 64 000 before
+    # each key of a map is hashed and stored (~100 ns per entry): its ints are weighed by their bytes, as before
+    entries = uint16_array(20_000)[5:]
+    as_map = b"\xde" + (10_000).to_bytes(2, "big") + entries
+    as_array = b"\xdc" + (20_000).to_bytes(2, "big") + entries
+    assert decode_cost(as_map) > 10 * decode_cost(as_array)
+
+
+@pytest.mark.timeout(120)
+async def test_a_flood_of_int_arrays_costs_a_fraction_of_a_second(p2p_factory):
+    victim, attacker = await victim_and_attacker(p2p_factory)
+    try:
+        stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
+        value = uint16_array(1_000_000)  # 3 MB, a million list elements (the most a value may hold): ~40 ms to decode
+        spent, accepted = 0.0, 0
+        for _ in range(20):
+            cpu, response = await timed_store(stub, store_request([value]))
+            spent, accepted = spent + cpu, accepted + sum(response.store_ok)
+            if not any(response.store_ok):
+                break
+        assert victim.rejected["rate_limited"] > 0 and accepted >= 2
+        assert spent < 0.6, f"{accepted} arrays of a million ints stored, {spent:.2f} s of CPU"
+    finally:
+        await victim.shutdown()
 
 
 @pytest.mark.timeout(120)

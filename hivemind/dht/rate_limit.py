@@ -8,7 +8,7 @@ start (a map key is interned) and for every other byte (a list element, however 
 with a scalar: those are decoded by Python code, a walk step or a call each (1 to 15 us, a thousand times a plain
 byte), and 4 MiB of nested tuples used to take seconds to decode. A long document is walked object by object (in a
 bounded number of steps) so that the bytes of its binary and text strings, and of its arrays of floats (checked at C
-speed), count as payload, whatever they look like.
+speed), count as payload, whatever they look like, and those of runs of ints in an array as plain scalars.
 """
 
 import time
@@ -69,6 +69,15 @@ _BYTE_WEIGHTS = np.array(
     dtype=np.int64,
 )
 _FLOAT_STRIDES = {0xCA: 5, 0xCB: 9}  # float 32, float 64: head and payload
+# ints (head and payload), and the scalars of one byte (fixints, nil, bools): a run of eight or more with the same
+# head among an array's elements (token ids) decodes at C speed, and is checked and skipped in one walk step at C
+# speed, its bytes weighed as scalars' (an int's payload may look like structure: 1 000 000 token ids cost 64 000
+# items, 38 ms to decode; now 5 800, ~6 us per item as other values)
+_INT_STRIDES = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
+_ONE_BYTE_SCALARS = bytes(range(0x00, 0x80)) + bytes(range(0xE0, 0x100)) + b"\xc0\xc2\xc3"
+_ONE_BYTE_HEADS = frozenset(_ONE_BYTE_SCALARS)
+_RUN_HEADS = _ONE_BYTE_HEADS | frozenset(_INT_STRIDES)
+_MIN_RUN = 8
 # a document that starts with a scalar (nil, bool, int, float, str, bin) holds nothing else: its bytes are payload
 _SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER_BYTES + _EXT_BYTES)
 
@@ -84,6 +93,24 @@ def _structure_weight(data) -> int:
         + STR_BYTE_WEIGHT * len(data.translate(None, _NOT_STR_BYTES))
         + SCALAR_BYTE_WEIGHT * len(data)
     )
+
+
+def _may_start_run(document: bytes, position: int, head: int) -> bool:
+    """Whether the scalar at ``position`` and the one _MIN_RUN - 1 further (if all are alike) look alike."""
+    if head in _ONE_BYTE_HEADS:
+        return position + _MIN_RUN <= len(document) and document[position + _MIN_RUN - 1] in _ONE_BYTE_HEADS
+    stride = _INT_STRIDES.get(head)
+    last = position + (_MIN_RUN - 1) * stride if stride is not None else len(document)
+    return last < len(document) and document[last] == head
+
+
+def _run_length(document: bytes, start: int, stride: int, count: int) -> int:
+    """How many of the ``count`` scalars of ``stride`` bytes from ``start`` have the same head as the first (any
+    one-byte scalar, if ``stride`` is 1), checked at C speed."""
+    if stride == 1:
+        return count - len(document[start : start + count].lstrip(_ONE_BYTE_SCALARS))
+    heads = document[start : start + stride * count : stride]
+    return count - len(heads.lstrip(heads[:1]))
 
 
 def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
@@ -104,7 +131,9 @@ def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
                 return None
             unpacker = msgpack.Unpacker(max_buffer_size=max(len(document), 1))
             unpacker.feed(document)
-            pending = 1
+            # array_left: elements left in the array being read while all read so far were scalars (a run of ints
+            # is looked for only there, among at most ``window`` of them: in a map, each int is hashed and stored)
+            pending, array_left, window = 1, 0, _MIN_RUN
             while pending:
                 if steps >= max_steps:
                     return None
@@ -121,15 +150,32 @@ def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
                         bytes_left -= (stride + 1) * length  # what checking and skipping it copies
                         if document[start:end:stride].count(document[start]) == length:
                             unpacker.read_bytes(stride * length)
+                            array_left = 0
                             continue
-                    pending += length
+                    pending, array_left = pending + length, length
                 elif head in _MAP_HEADS:
                     pending += 2 * unpacker.read_map_header()
-                    weight += STRUCTURE_BYTE_WEIGHT
+                    weight, array_left = weight + STRUCTURE_BYTE_WEIGHT, 0
+                elif head in _RUN_HEADS and array_left >= _MIN_RUN and _may_start_run(document, position, head):
+                    stride = _INT_STRIDES.get(head, 1)
+                    count = min(array_left, window, (len(document) - position) // stride)
+                    bytes_left -= 2 * count  # what checking the run copies
+                    if bytes_left < 0:
+                        return None
+                    run = _run_length(document, position, stride, count)
+                    if run < _MIN_RUN:
+                        unpacker.skip()
+                        weight, window = weight + SCALAR_BYTE_WEIGHT * stride, max(_MIN_RUN, window // 2)
+                        array_left -= 1
+                        continue
+                    unpacker.read_bytes(stride * run)
+                    pending, array_left, window = pending + 1 - run, array_left - run, 2 * run
+                    weight += SCALAR_BYTE_WEIGHT * stride * run
                 else:
                     unpacker.skip()
+                    array_left -= 1
                     if head in _EXT_HEADER_LENGTHS:  # decoded by Python code, its payload by another decoder
-                        weight += EXT_BYTE_WEIGHT
+                        weight, array_left = weight + EXT_BYTE_WEIGHT, 0
                         documents.append(document[position + _EXT_HEADER_LENGTHS[head] : unpacker.tell()])
                     elif head not in _PAYLOAD_HEADS:
                         weight += SCALAR_BYTE_WEIGHT * (unpacker.tell() - position)
