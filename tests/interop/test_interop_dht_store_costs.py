@@ -64,3 +64,21 @@ def test_what_an_original_peer_stores_on_our_node_is_kept_there(module_peers):
     assert found["found"]
     entries = pickle.loads(bytes.fromhex(found["value_pkl"]))
     assert set(entries) == set(subkeys)
+
+
+def test_a_value_costlier_than_our_allowance_reaches_an_original_replica(module_peers):
+    """45 000 tuples cost a replica of ours more than a fresh peer's allowance (one borrowed request); our node sends
+    them to an original replica as to one of ours, which holds them after our node is gone."""
+    original, ours = module_peers(ORIGINAL, "store-cost-replica"), module_peers(OURS, "store-cost-storer")
+    storer = ours.call("dht_create", timeout=60)
+    replica = original.call("dht_create", initial_peers=storer["maddrs"], timeout=60)
+    key, rng = f"tuples-{uuid.uuid4().hex[:8]}", random.Random(11)
+    value = [(rng.random(), rng.random()) for _ in range(45_000)]  # ~1 MB, 55 000 items in our store rate limit
+    stored = ours.call(
+        "dht_store", handle=storer["handle"], key_pkl=_dump(key), value_pkl=_dump(value), expiration=time.time() + 120
+    )
+    assert stored
+    assert ours.call("dht_shutdown", handle=storer["handle"], timeout=60)
+    reader = ours.call("dht_create", initial_peers=replica["maddrs"], timeout=60)
+    found = ours.call("dht_get", handle=reader["handle"], key_pkl=_dump(key), latest=True, timeout=60)
+    assert found["found"] and pickle.loads(bytes.fromhex(found["value_pkl"])) == value
