@@ -50,10 +50,9 @@ MessageCode = averaging_pb2.MessageCode
 # read once: protobuf's enum attribute lookup costs microseconds, and these are compared for every part
 _AVERAGED_PART, _CANCELLED = MessageCode.AVERAGED_PART, MessageCode.CANCELLED
 _PART_FOR_AVERAGING, _NO_CODE = MessageCode.PART_FOR_AVERAGING, MessageCode.NO_CODE
-# after its own results are in, a runner waits this long (at most) for its replies to other senders to go out
 MAX_BYTES_PER_ELEMENT = 16  # of a delta under any codec (complex128 uncompressed)
 MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata besides its elements
-DEFAULT_REPLY_LINGER = 30.0
+DEFAULT_REPLY_LINGER = 30.0  # with no reducer_timeout: how long (at most) our replies may take to go out at the end
 # the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that have not delivered all
 # their parts (but those whose steady pace delivers the rest by the final call, then excluded if still behind), then a
 # sender gives up on the reducers that have not replied to all of its parts
@@ -448,19 +447,17 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         whether any was spared."""
         reducer, own_index = self.reducer, self.sender_index_of.get(self.peer_id)
         holding_up = min(reducer.current_part_index, reducer.num_parts - 1)
-        now, spared = asyncio.get_running_loop().time(), False
+        now, spared, total = asyncio.get_running_loop().time(), False, reducer.num_parts
         for sender_index in range(len(self.sender_peer_ids)):
             delivered = reducer.sender_progress[sender_index]
             if sender_index == own_index or not reducer.is_active(sender_index) or delivered > holding_up:
                 continue
-            if spare_until is not None and self._pace.finishes_by(
-                sender_index, delivered, reducer.num_parts, spare_until, now
-            ):
+            if spare_until is not None and self._pace.finishes_by(sender_index, delivered, total, spare_until, now):
                 spared = True
                 continue
             self._ban(
                 sender_index,
-                f"had delivered {delivered} of {reducer.num_parts} parts at the round's last call "
+                f"had delivered {delivered} of {total} parts at the round's last call "
                 f"({fraction:.0%} of allreduce_timeout={self.allreduce_timeout} s)",
             )
         return spared
@@ -473,9 +470,12 @@ class AllReduceRunner(ReducerSide, ServicerBase):
             )
 
     async def _let_replies_finish(self) -> None:
+        """Wait a while for our replies to the others to go out, never past the last call (nor time out the round)."""
         handlers = [task for task in self._handler_tasks if task is not asyncio.current_task()]
         if handlers:
             linger = self.reducer_timeout if self.reducer_timeout is not None else DEFAULT_REPLY_LINGER
+            if self._reducers_last_call is not None:
+                linger = min(linger, max(0.0, self._reducers_last_call - asyncio.get_running_loop().time()))
             await asyncio.wait(handlers, timeout=linger)
 
     def _log_outcome(self) -> None:
