@@ -158,6 +158,8 @@ class ReplicatedStore:
         nearest = await self.find_nearest_nodes(key_ids, k_nearest=self.num_replicas, exclude_self=exclude_self)
         progress = []
         for key in keys:
+            if key.too_large:  # no peer could be sent it (and the store warned about it)
+                continue
             missed = [(node, peer) for node, peer in nearest[key.key_id].items() if node not in key.answered]
             if missed:
                 progress.append(KeyProgress(key.key_id, key.entries, missed, wanted=len(missed)))
@@ -176,7 +178,7 @@ class ReplicatedStore:
 
         def send(peer_id: PeerID, key_ids: List[DHTID], entries: List[Any]) -> Awaitable[Optional[List[bool]]]:
             _, subkeys, values, expirations = zip(*entries)
-            return self.protocol.call_store(peer_id, key_ids, values, expirations, subkeys)
+            return self.protocol.call_store_if_it_fits(peer_id, key_ids, values, expirations, subkeys)
 
         def on_answer(key: KeyProgress, statuses: List[bool]) -> None:
             for (_, subkey, value, expiration), accepted in zip(key.entries, statuses):

@@ -327,12 +327,33 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
         in_cache: Optional[Union[bool, Sequence[bool]]] = None,  # one flag for all items, or one per item
     ) -> Optional[List[bool]]:
         """
-        Ask ``peer`` to store (key, value, expiration) items; returns whether each was accepted, None if no answer.
+        Ask ``peer`` to store (key, value, expiration) items; returns whether each was accepted, None if no answer
+        (or if the request does not fit in one message: then it is never sent, and a warning says so).
 
         :param values: serialized (and signed) values, or whole DictionaryDHTValue objects (replication, caching)
         :param subkeys: None for regular values, else one subkey (or None for a regular value) per item
         :param in_cache: store into the peer's cache instead of its storage (one bool or one per item)
         """
+        try:
+            return await self.call_store_if_it_fits(peer, keys, values, expiration_time, subkeys, in_cache)
+        except RequestTooLargeError as e:  # never sent: the peer did nothing wrong and stays in the routing table
+            logger.warning(
+                f"Store request of {len(keys)} item(s) to {peer} not sent: {e} (for the DHT: store large data "
+                f"elsewhere and its location in the DHT)"
+            )
+            return None
+
+    async def call_store_if_it_fits(
+        self,
+        peer: PeerID,
+        keys: Sequence[DHTID],
+        values: Sequence[StoredValue],
+        expiration_time: Union[DHTExpiration, Sequence[DHTExpiration]],
+        subkeys: Optional[Sequence[Optional[Subkey]]] = None,
+        in_cache: Optional[Union[bool, Sequence[bool]]] = None,
+    ) -> Optional[List[bool]]:
+        """:meth:`call_store`, but a request that does not fit in one message raises RequestTooLargeError (not
+        logged: the caller, which may send it to several peers, says so once)."""
         num_items = len(keys)
         expirations = [expiration_time] * num_items if isinstance(expiration_time, (int, float)) else expiration_time
         subkeys = [None] * num_items if subkeys is None else subkeys
@@ -363,12 +384,8 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
             peer_node_id = self._node_id_of_response(response.peer)
             if len(response.store_ok) != num_items:
                 raise RequestRejected("misaligned_fields", f"{len(response.store_ok)} results for {num_items} items")
-        except RequestTooLargeError as e:  # never sent: the peer did nothing wrong and stays in the routing table
-            logger.warning(
-                f"Store request of {num_items} item(s) to {peer} not sent: {e} (for the DHT: store large data "
-                f"elsewhere and its location in the DHT)"
-            )
-            return None
+        except RequestTooLargeError:  # never sent: the peer did nothing wrong and stays in the routing table
+            raise
         except Exception as e:
             if isinstance(e, RequestRejected):
                 self._reject(e.reason)

@@ -18,7 +18,11 @@ from hivemind.dht.rate_limit import (
 from hivemind.dht.request_checks import IS_REGULAR_VALUE
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import RequestTooLargeError
+from hivemind.utils.logging import get_logger
 from hivemind.utils.serializer import MSGPackSerializer
+
+logger = get_logger(__name__)
 
 MAX_ITEMS_PER_REQUEST = 2048  # store items (entries) in one request
 MAX_BYTES_PER_REQUEST = 1 << 20  # value and subkey bytes in one request (a request may carry at most 4 MiB)
@@ -27,7 +31,8 @@ REQUESTS_PER_PEER = 2  # requests of one fan-out in flight to one peer at once
 # requests cost at most a quarter of a fresh peer's allowance, and are paced to its refill (see SendPacer)
 MAX_COST_PER_REQUEST = DEFAULT_BURST_ITEMS / 4
 
-# send(peer, key_ids, entries) -> one bool per entry, or None if the peer did not answer
+# send(peer, key_ids, entries) -> one bool per entry, or None if the peer did not answer; raises RequestTooLargeError
+# (never sent) if the request does not fit in one message
 SendFn = Callable[[PeerID, List[DHTID], List[Any]], Any]
 
 
@@ -49,6 +54,7 @@ class KeyProgress:
         "result",
         "nbytes",
         "cost",
+        "too_large",
     )
 
     def __init__(
@@ -67,6 +73,7 @@ class KeyProgress:
         # what its entries add to a request: values and subkeys (a subkey may be as large as a value), and what they
         # cost in a replica's store rate limit
         self.nbytes, self.cost = 0, 0.0
+        self.too_large = False  # its entries do not fit in one message: no remote peer can be asked
         for _, subkey, value, _ in self.entries:  # (value: the serialized and signed bytes)
             subkey_bytes = IS_REGULAR_VALUE if subkey is None else MSGPackSerializer.dumps(subkey)
             self.nbytes += len(value) + len(subkey_bytes)
@@ -155,6 +162,7 @@ class StoreFanout:
         self._senders: Dict[PeerID, Set[asyncio.Task]] = {}
         self._silent_peers: Set[PeerID] = set()
         self._all_senders: Set[asyncio.Task] = set()
+        self._warned_too_large = False  # a key too large for a message is warned about once per fan-out
 
     async def run(self, keys: Sequence[KeyProgress]) -> None:
         """Store every key; on return (or cancellation) each key's result is set."""
@@ -214,6 +222,22 @@ class StoreFanout:
             num_items, num_bytes, cost = num_items + len(key.entries), num_bytes + key.nbytes, cost + key.cost
         return batch
 
+    def _give_up_too_large(self, batch: List[Tuple[KeyProgress, DHTID]], peer_id: PeerID, error: Exception) -> None:
+        """A request that does not fit in a message was not sent: a key alone in it is not sent to any other peer
+        either (a warning says so, once per fan-out); keys that were together go to their next candidates."""
+        if not self._warned_too_large:
+            logger.warning(
+                f"A store request of {sum(len(key.entries) for key, _ in batch)} item(s) was not sent to any remote "
+                f"peer: {error} (for the DHT: store large data elsewhere and its location in the DHT)"
+            )
+            self._warned_too_large = True
+        for key, _ in batch:
+            key.in_flight -= 1
+            if len(batch) == 1:
+                key.too_large = True
+                key.untried = [(node_id, peer) for node_id, peer in key.untried if node_id == self.local_node_id]
+            self._advance(key)
+
     async def _send_to(self, peer_id: PeerID) -> None:
         queue = self._queues[peer_id]
         try:
@@ -221,7 +245,11 @@ class StoreFanout:
                 batch = self._next_request(queue)
                 await self.pacer.wait(peer_id, sum(key.cost for key, _ in batch))
                 key_ids = [key.key_id for key, _ in batch for _ in key.entries]
-                response = await self.send(peer_id, key_ids, [entry for key, _ in batch for entry in key.entries])
+                try:
+                    response = await self.send(peer_id, key_ids, [entry for key, _ in batch for entry in key.entries])
+                except RequestTooLargeError as e:
+                    self._give_up_too_large(batch, peer_id, e)
+                    continue
                 if response is None:  # silent: the keys waiting for it go to their next candidates
                     if batch[0][0].nbytes <= MAX_BYTES_PER_REQUEST:  # (else a key too large for a message failed)
                         self._silent_peers.add(peer_id)
