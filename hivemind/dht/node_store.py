@@ -178,7 +178,7 @@ class ReplicatedStore:
 
         def send(peer_id: PeerID, key_ids: List[DHTID], entries: List[Any]) -> Awaitable[Optional[List[bool]]]:
             _, subkeys, values, expirations = zip(*entries)
-            return self.protocol.call_store_if_it_fits(peer_id, key_ids, values, expirations, subkeys)
+            return self.protocol.call_store_if_it_fits(peer_id, key_ids, values, expirations, subkeys, None)
 
         def on_answer(key: KeyProgress, statuses: List[bool]) -> None:
             for (_, subkey, value, expiration), accepted in zip(key.entries, statuses):

@@ -349,8 +349,8 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
         keys: Sequence[DHTID],
         values: Sequence[StoredValue],
         expiration_time: Union[DHTExpiration, Sequence[DHTExpiration]],
-        subkeys: Optional[Sequence[Optional[Subkey]]] = None,
-        in_cache: Optional[Union[bool, Sequence[bool]]] = None,
+        subkeys: Optional[Sequence[Optional[Subkey]]],  # (these two as in call_store, but required)
+        in_cache: Optional[Union[bool, Sequence[bool]]],
     ) -> Optional[List[bool]]:
         """:meth:`call_store`, but a request that does not fit in one message raises RequestTooLargeError (not
         logged: the caller, which may send it to several peers, says so once)."""
