@@ -31,7 +31,9 @@ class TaggingTracker(ProgressTracker):
 @pytest.mark.timeout(30)
 def test_progress_tracker_aggregates_the_swarm_through_an_overridable_parse(dht_pair):
     options = dict(start=True, **FAST_TRACKER)
-    trackers = [TaggingTracker(dht_pair[0], "seam_run", 100, **options)]
+    trackers = [
+        TaggingTracker(dht_pair[0], "seam_run", 100, expected_drift_peers=5, expected_drift_rate=0.4, **options)
+    ]
     trackers.append(ProgressTracker(dht_pair[1], "seam_run", 100, **options))
     try:
         tagging, plain = trackers
@@ -47,6 +49,8 @@ def test_progress_tracker_aggregates_the_swarm_through_an_overridable_parse(dht_
         assert tagging.max_refresh_period == FAST_TRACKER["max_refresh_period"]
         assert tagging.min_refresh_period == FAST_TRACKER["min_refresh_period"]
         assert tagging.default_refresh_period == FAST_TRACKER["default_refresh_period"]
+        # (an override written after 1.1.12's parse computes the next fetch time from these too)
+        assert (tagging.expected_drift_peers, tagging.expected_drift_rate) == (5, 0.4)
     finally:
         for tracker in trackers:
             tracker.shutdown(5)

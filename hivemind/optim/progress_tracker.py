@@ -151,6 +151,14 @@ class ProgressTracker(threading.Thread):
         return self.refresh_policy.default_refresh_period
 
     @property
+    def expected_drift_peers(self) -> float:
+        return self.refresh_policy.expected_drift_peers
+
+    @property
+    def expected_drift_rate(self) -> float:
+        return self.refresh_policy.expected_drift_rate
+
+    @property
     def global_epoch(self) -> int:
         return self.global_progress.epoch
 
