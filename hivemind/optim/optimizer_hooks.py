@@ -39,8 +39,9 @@ class OptimizerHooks:
     with ``grad_averager_factory`` as its one positional argument. The keywords are what the Optimizer's options say
     about that part (e.g. ``optimizer``, ``params``, ``scheduler``, ``compression`` and ``averager_opts`` for the
     state averager); the base methods add what every part shares (DHT, prefix derived from ``run_id``, matchmaking
-    time, timeouts, client and auxiliary mode, ``start=True``) and what this implementation needs besides. An
-    override may call the class it wants with those, adding or dropping some.
+    time, timeouts, client and auxiliary mode, ``start=True``). An override may call the class it wants with those,
+    adding or dropping some. What this implementation needs besides, the Optimizer sets on the parts once they are
+    built, whoever built them (``_connect_state_averager``, ``_connect_gradient_averager``).
     """
 
     # set by Optimizer.__init__ before the factories are called
