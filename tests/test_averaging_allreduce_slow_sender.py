@@ -40,6 +40,21 @@ def test_a_steady_pace_is_projected_from_the_first_and_latest_deliveries():
     assert not pace.finishes_by(0, delivered=5, total=8, deadline=8.0, now=6.5)
 
 
+def test_a_burst_then_a_drip_is_judged_by_the_drip():
+    pace = SenderPace()
+    for now in (1.0, 1.0, 1.0, 1.0, 5.0):  # 4 parts at once, then one after 4 s: the mean says 1 s per part
+        pace.delivered(0, now=now)
+    assert not pace.finishes_by(0, delivered=5, total=8, deadline=10.0, now=5.5)  # at 4 s per part: t=17
+    assert pace.finishes_by(0, delivered=5, total=8, deadline=17.0, now=5.5)
+
+
+def test_one_part_a_little_late_keeps_the_mean_pace():
+    pace = SenderPace()
+    for now in (1.0, 2.0, 3.0, 4.0, 5.6):  # the 5th part 0.6 s late
+        pace.delivered(0, now=now)
+    assert pace.finishes_by(0, delivered=5, total=8, deadline=9.1, now=5.7)  # at the mean 1.15 s: t=9.05
+
+
 def test_a_sender_without_a_pace_yet_is_not_projected_to_finish():
     pace = SenderPace()
     assert not pace.finishes_by(0, delivered=0, total=8, deadline=100.0, now=1.0)

@@ -123,21 +123,28 @@ class SenderPace:
     def __init__(self):
         self._first: Dict[int, float] = {}  # sender -> time of its first delivered part
         self._last: Dict[int, float] = {}  # sender -> time of its latest delivered part
+        self._gap: Dict[int, float] = {}  # sender -> seconds between its two latest delivered parts
 
     def delivered(self, sender: int, now: float) -> None:
         """Record that ``sender`` delivered one more part at time ``now``."""
         self._first.setdefault(sender, now)
+        if sender in self._last:
+            self._gap[sender] = now - self._last[sender]
         self._last[sender] = now
 
     def finishes_by(self, sender: int, delivered: int, total: int, deadline: float, now: float) -> bool:
         """Whether ``sender``, having delivered ``delivered`` of its ``total`` parts, delivers the rest by
-        ``deadline`` if it keeps the mean pace of its deliveries so far (its next part is due one such period after
-        its latest, or now if that is past). Senders with fewer than two parts delivered have no pace yet: False."""
+        ``deadline`` at its pace so far: the mean period between its deliveries, or the latest one if it is more
+        than twice as long (the pace changed: a burst of parts followed by a drip is judged by the drip; a part a
+        little late on a busy link is not); its next part is due one such period after its latest, or now if that
+        is past. Senders with fewer than two parts delivered have no pace yet: False."""
         if delivered >= total:
             return True
-        if delivered < 2 or sender not in self._first:
+        if delivered < 2 or sender not in self._gap:
             return False
         first, last = self._first[sender], self._last[sender]
-        seconds_per_part = (last - first) / (delivered - 1)
+        seconds_per_part, latest = (last - first) / (delivered - 1), self._gap[sender]
+        if latest > 2 * seconds_per_part:
+            seconds_per_part = latest
         next_due = max(last + seconds_per_part, now)
         return next_due + (total - delivered - 1) * seconds_per_part <= deadline
