@@ -9,6 +9,7 @@ was loaded is skipped without computing it.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import selectors
@@ -28,6 +29,9 @@ __all__ = ["Runtime"]
 logger = get_logger(__name__)
 
 _SELECT_INTERVAL = 1.0  # seconds between checks of the shutdown flag while idle (a wake-up pipe also ends waits)
+# seconds between WARNING lines about failed batches of one pool (the others go to DEBUG): a client can make its own
+# requests fail in the module as often as it sends them, and each caller gets its error anyway
+FAILED_BATCH_LOG_INTERVAL = 10.0
 
 
 class Runtime(threading.Thread):
@@ -66,6 +70,7 @@ class Runtime(threading.Thread):
         self._closing_pipes = False  # set by the first shutdown() (reentrant: a signal handler may call it again)
         self._serving = False  # run() owns the wake receiver and closes it when it returns
         self.stats = _Stats()
+        self._failures_logged: Dict[str, List] = {}  # pool name -> [when last at WARNING, failures since then]
 
     def run(self):
         """Serve batches until shutdown() (blocking)."""
@@ -134,7 +139,9 @@ class Runtime(threading.Thread):
         try:
             outputs = pool.process_func(*batch)
         except Exception as e:
-            logger.warning(f"Runtime: a batch of {batch_size} examples failed in {pool.name}: {e!r}")
+            self._log_failed_batch(
+                pool.name, f"Runtime: a batch of {batch_size} examples failed in {pool.name}: {e!r}"
+            )
             logger.debug("Details:", exc_info=True)
             pool.send_exception_from_runtime(batch_index, e)
             return
@@ -143,6 +150,18 @@ class Runtime(threading.Thread):
             raise
         self.stats.record(pool.name, batch_size, time.perf_counter() - started)
         senders.submit(_send_outputs, pool, batch_index, outputs)
+
+    def _log_failed_batch(self, pool_name: str, message: str) -> None:
+        """At WARNING at most once per FAILED_BATCH_LOG_INTERVAL per pool (with how many failed since), else DEBUG."""
+        last = self._failures_logged.setdefault(pool_name, [-math.inf, 0])
+        now = time.monotonic()
+        if now - last[0] < FAILED_BATCH_LOG_INTERVAL:
+            last[1] += 1
+            logger.debug(message)
+            return
+        more = f" ({last[1]} more batches of it failed since the last such message)" if last[1] else ""
+        logger.warning(message + more)
+        last[0], last[1] = now, 0
 
     def shutdown(self, timeout: Optional[float] = None):
         """Stop serving (after the batch being processed), stop the pools and wait for the thread.
