@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Sequence, Tu
 from hivemind.dht.id_codec import IdCodec
 from hivemind.dht.protocol_store import StoreHandling
 from hivemind.dht.protocol_stub import NodeStubGetter
-from hivemind.dht.rate_limit import MAX_BORROWING_REQUEST_ITEMS, PeerRateLimiter, store_item_cost
+from hivemind.dht.rate_limit import (
+    MAX_BORROWING_REQUEST_ITEMS,
+    STORE_BYTES_PER_ITEM,
+    PeerRateLimiter,
+    store_item_cost,
+)
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
     IS_REGULAR_VALUE,
@@ -169,12 +174,25 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
         except RequestRejected as e:
             self._reject(e.reason)
             raise
-        cost = sum(  # bytes weighed by what decoding them costs: 4 MiB of nested tuples took seconds
-            store_item_cost(subkey, value, subkey == IS_DICTIONARY)
-            for subkey, value in zip(request.subkeys, request.values)
-        )
+        limiter, peer = self.store_rate_limiter, context.remote_id
         may_borrow = len(request.keys) <= MAX_BORROWING_REQUEST_ITEMS  # a large value or two, not a flood of items
-        if not self.store_rate_limiter.allow(context.remote_id, cost, may_borrow):
+        # what the request costs at least (weighing it takes up to ~30 ms per 4 MiB): refused unweighed if beyond
+        least = (
+            len(request.keys)
+            + sum(
+                len(subkey) + (len(value) if subkey != IS_DICTIONARY else 0)
+                for subkey, value in zip(request.subkeys, request.values)
+            )
+            / STORE_BYTES_PER_ITEM
+        )
+        cost = None
+        if limiter.fits(peer, least, may_borrow):
+            cost = sum(  # bytes weighed by what decoding them costs: 4 MiB of nested tuples took seconds
+                store_item_cost(subkey, value, subkey == IS_DICTIONARY)
+                for subkey, value in zip(request.subkeys, request.values)
+            )
+        if cost is None or not limiter.allow(peer, cost, may_borrow):
+            limiter.spend_at_most(peer, least if cost is not None else 0)  # weighing a refused request is not free
             self.rejected["rate_limited"] += len(request.keys)
             return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
         if sender_id is not None:

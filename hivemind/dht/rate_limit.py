@@ -252,6 +252,18 @@ class PeerRateLimiter:
             self._forget_idle(now)
         return True
 
+    def fits(self, peer: Hashable, num_items: float, may_borrow: bool = False) -> bool:
+        """Whether :meth:`allow` would let ``peer`` spend ``num_items`` now (nothing is spent)."""
+        tokens = self._tokens(peer, self.clock())
+        return num_items <= tokens or (may_borrow and tokens >= self.burst and num_items <= self.max_request)
+
+    def spend_at_most(self, peer: Hashable, num_items: float) -> None:
+        """Spend up to ``num_items`` tokens of ``peer``, as many as it has (for work done on a refused request)."""
+        now = self.clock()
+        tokens = self._tokens(peer, now)
+        if tokens > 0:
+            self._buckets[peer] = (max(0.0, tokens - num_items), now)
+
     def allow_dictionary(self, peer: Optional[Hashable], num_items: float) -> bool:
         """Charge a part of a whole dictionary's cost (see DHTProtocol's store handling); one sent by no remote peer
         (``peer`` None: replication and caching within this node) is free."""
