@@ -110,8 +110,9 @@ def test_gradient_averager_refuses_a_single_tensor_as_parameters(lone_dht):
         (dict(compression=None), r"averager_opts cannot set compression: .*grad_compression="),
         (dict(reuse_grad_buffers=True), r"averager_opts cannot set reuse_grad_buffers: .*reuse_grad_buffers="),
         ([("bandwidth", 1.0), 5], r"averager_opts must be a dict of DecentralizedAverager options"),
+        (dict(accumulate_grads_on="cpu"), r"state averager .*partial\(GradientAverager, accumulate_grads_on=...\)"),
     ],
-    ids=["prefix", "matchmaking", "compression", "reuse", "not-a-dict"],
+    ids=["prefix", "matchmaking", "compression", "reuse", "not-a-dict", "gradient-averager-only"],
 )
 def test_averager_opts_that_the_optimizer_sets_itself_are_refused(lone_dht, averager_opts, message):
     # before: "TrainingStateAverager() got multiple values for keyword argument 'prefix'" (or, for options only the

@@ -247,6 +247,10 @@ _OPTIMIZER_SETS = {
 }  # fmt: skip
 
 
+# options of a gradient averager (plain or PowerSGD) that the state averager, which gets averager_opts, does not take
+_GRADIENT_AVERAGER_ONLY = ("accumulate_grads_on", "averager_rank", "min_compression_ratio")
+
+
 def checked_epoch_spread(max_epoch_spread: Any) -> int:
     """``TrainingStateAverager(max_epoch_spread=...)``: a whole number of epochs, 0 or more (ValueError otherwise)."""
     if not (is_integer(max_epoch_spread) and max_epoch_spread >= 0):
@@ -283,6 +287,11 @@ def check_averager_opts(averager_opts: Any) -> None:
     for name in averager_opts:
         if name in _OPTIMIZER_SETS:
             raise TypeError(f"averager_opts cannot set {name}: the Optimizer sets it from {_OPTIMIZER_SETS[name]}")
+        if name in _GRADIENT_AVERAGER_ONLY:
+            raise TypeError(
+                f"averager_opts configure the state averager (as in hivemind 1.1.12), which has no {name}: give it to "
+                f"the gradient averager with grad_averager_factory=functools.partial(GradientAverager, {name}=...)"
+            )
 
 
 def _check_run_id_length(run_id: str) -> None:
