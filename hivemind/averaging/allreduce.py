@@ -35,6 +35,7 @@ from hivemind.averaging.partition import (
     TensorPartContainer,
     TensorPartReducer,
 )
+from hivemind.averaging.send_progress import SendProgress
 from hivemind.p2p import P2P, PeerID, ServicerBase
 from hivemind.p2p.servicer import get_handle_name
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -67,20 +68,6 @@ class AveragingMode(Enum):
     AUX = 2
 
 
-class _Progress:
-    """When a stream to a reducer last moved (a part handed to the stream or a reply received)."""
-
-    __slots__ = ("last", "replied")
-
-    def __init__(self):
-        self.last = asyncio.get_running_loop().time()
-        self.replied = False
-
-    def touch(self, reply: bool = False) -> None:
-        self.last = asyncio.get_running_loop().time()
-        self.replied = self.replied or reply
-
-
 class AllReduceRunner(ReducerSide, ServicerBase):
     """One all-reduce round of this peer in an assembled group: ``async for delta in runner`` yields, for each local
     tensor in order, ``averaged - local`` (the caller adds it to its tensors); ``rpc_aggregate_part`` serves the
@@ -99,8 +86,8 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         each next part; a sender that misses it is banned (None: wait indefinitely)
     :param reducer_timeout: seconds a sender waits for progress of a reducer (a reply, or accepting another part)
         before its remaining parts keep their local values; must exceed ``sender_timeout`` (None: indefinitely). A
-        sender with no share of its own (its replies come after all its parts) allows one such period per window of
-        parts for the first reply
+        sender with no share of its own (its replies come after all its parts) allows, once all are sent, one such
+        period per window of parts for the first reply
     :param allreduce_timeout: seconds the caller gives the whole round (None: unknown). A peer that sends each part
         (or reply) just within those timeouts is never taken for a stalled one, but would make a round of many parts
         outlast this limit, failing it for everyone it exchanges parts with. So at ``SENDERS_LAST_CALL`` of it the
@@ -302,13 +289,12 @@ class AllReduceRunner(ReducerSide, ServicerBase):
     async def _communicate_with_reducer(self, peer_index: int) -> None:
         """Stream our parts to one reducer and store its deltas; on failure its remaining parts keep local values."""
         peer_id = self.ordered_peer_ids[peer_index]
-        progress = _Progress()
+        # a sender with no share of its own gets its first reply only after the reducer has averaged every part it may
+        # still hold: one reducer_timeout per window of parts, once all are sent (see SendProgress)
+        windows = max(1, math.ceil(self.container.num_parts_by_peer[peer_index] / DEFAULT_REDUCE_WINDOW))
+        progress = SendProgress(first_reply_factor=windows if self.peer_fractions[self.my_index] == 0 else 1)
         exchange = asyncio.create_task(self._exchange_with_reducer(peer_index, progress))
         loop = asyncio.get_running_loop()
-        # a sender with no share of its own gets its first reply only after the reducer has averaged every part it
-        # may still hold: up to one reducer_timeout per window of parts
-        windows_held = math.ceil(self.container.num_parts_by_peer[peer_index] / DEFAULT_REDUCE_WINDOW)
-        first_reply_factor = max(1, windows_held) if self.peer_fractions[self.my_index] == 0 else 1
         last_call = math.inf if self._reducers_last_call is None else self._reducers_last_call
         try:
             while not exchange.done():
@@ -323,7 +309,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                     remaining = last_call - loop.time()
                     await asyncio.wait({exchange}, timeout=None if math.isinf(remaining) else remaining)
                     continue
-                limit = self.reducer_timeout * (1 if progress.replied else first_reply_factor)
+                limit = progress.limit(self.reducer_timeout)
                 remaining = progress.last + limit - loop.time()
                 if remaining <= 0:
                     exchange.cancel()
@@ -352,7 +338,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 exchange.cancel()
                 await asyncio.gather(exchange, return_exceptions=True)
 
-    async def _exchange_with_reducer(self, peer_index: int, progress: _Progress) -> None:
+    async def _exchange_with_reducer(self, peer_index: int, progress: SendProgress) -> None:
         peer_id = self.ordered_peer_ids[peer_index]
         parts = self.container.parts_by_peer[peer_index]
         # what the servicer's stub does, with replies parsed as ReceivedAveragingData (the deltas are not copied)
@@ -389,7 +375,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         finally:
             await replies.aclose()
 
-    async def _generate_input_for(self, peer_index: int, progress: _Progress) -> AsyncIterator[AveragingData]:
+    async def _generate_input_for(self, peer_index: int, progress: SendProgress) -> AsyncIterator[AveragingData]:
         index = -1
         parts = self.container.iterate_parts_for_sending(peer_index)
         try:
@@ -397,6 +383,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 try:  # an error here is ours (encoding), not the reducer's: remembered so that it is not taken for one
                     part = await anext(parts, None)
                     if part is None:
+                        progress.sent_all = True
                         return
                     index += 1
                     message = self._part_message(part, first=index == 0)
