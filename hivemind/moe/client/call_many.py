@@ -13,6 +13,7 @@ import torch
 from hivemind.moe.client.expert import RemoteExpert, check_grad_inputs
 from hivemind.moe.client.expert_rpc import (
     ExpertInfoError,
+    ExpertResponseTooLarge,
     MalformedExpertResponse,
     call_expert,
     expected_output_bytes,
@@ -50,6 +51,7 @@ class CallOptions:
     penalty: ExpertFailurePenalty = field(default_factory=ExpertFailurePenalty)
     refused: Dict[str, str] = field(default_factory=dict)  # uid -> why its server refused this call's request
     # penalty keys of the experts whose forward answers fit the info's outputs schema, and of those whose did not
+    # (of the wrong shape, or refused as they arrived: too many, too few or too large tensors)
     agreed: Set[Tuple[str, object]] = field(default_factory=set)
     disagreed: Set[Tuple[str, object]] = field(default_factory=set)
 
@@ -223,6 +225,9 @@ def _fan_out(
             options.refused[jobs[index].expert.uid] = reason
             continue
         logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {shorten(repr(error))}")
+        if method == "forward" and isinstance(error, ExpertResponseTooLarge):
+            # more, fewer or larger tensors than the info's outputs schema describes: the info may be what is wrong
+            options.disagreed.add(penalty_key(jobs[index].expert))
         # unreachable (a P2PDaemonError, not an error the server answered with): its server's other experts too
         options.penalty.report_failure(penalty_key(jobs[index].expert), server_down=isinstance(error, P2PDaemonError))
     for index in timed_out:
