@@ -13,7 +13,7 @@ from hivemind.averaging.partition import TensorPartContainer
 
 pytestmark = pytest.mark.timeout(60)
 
-SIZE, PART_BYTES = 48, 64  # 3 parts of 16 float32 elements, all reduced by the honest member
+SIZE, PART_BYTES = 64, 64  # 4 parts of 16 float32 elements, all reduced by the honest member
 FRACTIONS = [1.0, 0.0]  # the other member only sends
 ALLREDUCE_TIMEOUT = 8.0
 TIMEOUTS = dict(sender_timeout=3.0, reducer_timeout=6.0, allreduce_timeout=ALLREDUCE_TIMEOUT)
@@ -32,8 +32,9 @@ async def test_a_sender_that_keeps_its_stream_open_after_its_last_part_does_not_
     started, never = loop.time(), asyncio.Event()
 
     async def parts_then_silence():
-        for k, message in enumerate(sender_messages(container, 0, group_id)):  # the last one at 75% of the round
-            await asyncio.sleep(max(0.0, started + k * 0.375 * ALLREDUCE_TIMEOUT - loop.time()))
+        # one part every 2 s (well within sender_timeout), the last one at 75% of the round
+        for k, message in enumerate(sender_messages(container, 0, group_id)):
+            await asyncio.sleep(max(0.0, started + k * 0.25 * ALLREDUCE_TIMEOUT - loop.time()))
             yield message
         await never.wait()  # the stream stays open
 
