@@ -18,6 +18,7 @@ from hivemind.dht import DHT
 from hivemind.moe.client import expert_rpc
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.server.dht_handler import declare_experts
+from hivemind.moe.server.module_backend import InvalidInputsError
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
@@ -39,6 +40,7 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
         self.delays: Dict[str, float] = {}  # uid -> seconds to sleep before answering forward
         self.info_delays: Dict[str, float] = {}  # uid -> seconds to sleep before answering rpc_info
         self.failing: set = set()  # uids whose forward raises
+        self.refusing: set = set()  # uids whose forward claims that every request is invalid (InvalidInputsError)
         self.nan_outputs: set = set()  # uids whose forward returns NaN
         self.oversized: set = set()  # uids whose forward answers with far too many rows
         self.calls: Dict[str, List[int]] = {}  # "method:uid" -> batch sizes seen
@@ -46,6 +48,7 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
     def reset_faults(self) -> None:
         """Forget injected faults and recorded calls (between tests sharing one server)."""
         self.delays.clear(), self.failing.clear(), self.nan_outputs.clear(), self.oversized.clear(), self.calls.clear()
+        self.refusing.clear()
         self.info_delays.clear()
 
     def _module(self, uid: str) -> nn.Module:
@@ -66,6 +69,8 @@ class ConnectionHandler(expert_rpc.ConnectionHandler):
             await asyncio.sleep(self.delays[uid])
         if uid in self.failing:
             raise RuntimeError(f"expert {uid} is broken")
+        if uid in self.refusing:
+            raise InvalidInputsError(f"{uid}: input #0 has shape {list(inputs[0].shape)}, which it does not take")
         with torch.no_grad():
             output = self._module(uid)(*inputs)
         if uid in self.nan_outputs:

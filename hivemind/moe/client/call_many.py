@@ -68,6 +68,16 @@ def refusal_reason(error: BaseException) -> Optional[str]:
     return None
 
 
+def refusal_is_credible(tensors: Sequence[torch.Tensor], others_accepted: bool) -> bool:
+    """Whether a server's refusal of a request of ``tensors`` as invalid can be the caller's fault: the rows hold a NaN
+    or infinite value (servers refuse those), or no other expert of the call took its own rows (the whole request may
+    be wrong, e.g. more rows than every server takes). Any server can answer with a refusal's text, so one refusing
+    finite rows while others took theirs is counted as failing, and skipped for a while like one."""
+    if not others_accepted:
+        return True
+    return any(tensor.is_floating_point() and not torch.isfinite(tensor).all() for tensor in tensors)
+
+
 def refusals_hint(options: CallOptions) -> str:
     """'; N experts refused the request as invalid, e.g. <uid>: <reason>' (or '' if none did)."""
     if not options.refused:
@@ -220,11 +230,14 @@ def _fan_out(
     )
     for index, error in errors.items():
         reason = refusal_reason(error)
-        if reason is not None:  # the request was invalid: the expert is fine
+        if reason is not None and refusal_is_credible(tensors_for_job(jobs[index]), others_accepted=bool(results)):
             logger.warning(f"Expert {jobs[index].expert.uid} refused the {method} request as invalid: {reason}")
-            options.refused[jobs[index].expert.uid] = reason
+            options.refused[jobs[index].expert.uid] = reason  # the request was invalid: the expert is fine
             continue
-        logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {shorten(repr(error))}")
+        problem = (
+            shorten(repr(error)) if reason is None else f"it refused finite rows while others took theirs: {reason}"
+        )
+        logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {problem}")
         if method == "forward" and isinstance(error, ExpertResponseTooLarge):
             # more, fewer or larger tensors than the info's outputs schema describes: the info may be what is wrong
             options.disagreed.add(penalty_key(jobs[index].expert))
