@@ -141,12 +141,12 @@ def test_dropped_streams_are_logged_at_info_at_most_once_per_interval(
     hostile_server, dropped_streams_log, monkeypatch
 ):
     (handler,) = hostile_server.conn_handlers
-    monkeypatch.setattr(handler, "_last_drop_logged", -math.inf)
-    monkeypatch.setattr(handler, "_drops_not_logged", 0)
+    monkeypatch.setattr(handler._dropped_stream_log, "last_logged", -math.inf)
+    monkeypatch.setattr(handler._dropped_stream_log, "not_logged", 0)
     for _ in range(3):  # a flood of incomplete streams must not flood the log
         handler._log_dropped_stream("peer", IncompleteStreamError("forward of expert.0: cut short"))
     assert dropped_streams_log.levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
-    monkeypatch.setattr(handler, "_last_drop_logged", -math.inf)  # the interval has passed
+    monkeypatch.setattr(handler._dropped_stream_log, "last_logged", -math.inf)  # the interval has passed
     handler._log_dropped_stream("peer", IncompleteStreamError("forward of expert.0: cut short"))
     assert dropped_streams_log.levels[-1] == logging.INFO
     assert "(2 more since the last such message)" in dropped_streams_log.messages[-1]

@@ -20,7 +20,7 @@ task cancelled, so that pools do not compute for nobody.
 from __future__ import annotations
 
 import asyncio
-import math
+import logging
 import multiprocessing as mp
 import signal
 import threading
@@ -57,6 +57,7 @@ from hivemind.utils.malloc_tuning import tune_malloc_for_large_messages
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import exit_once_cleaned_up, peek_exitcode, stop_when_parent_exits
 from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.throttled_log import ThrottledLog
 
 __all__ = ["ConnectionHandler", "ExpertRequestError"]
 
@@ -123,7 +124,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
         self._schemas: Optional[Dict[str, ExpertSchema]] = None
         self._infos: Dict[str, bytes] = {}
         self._bytes_in_flight: Optional[RequestBytesInFlight] = None  # created where the handler serves
-        self._last_drop_logged, self._drops_not_logged = -math.inf, 0
+        self._dropped_stream_log = ThrottledLog(logger, logging.INFO, DROPPED_STREAM_LOG_INTERVAL)
         if start:
             self.run_in_background(await_ready=True)
 
@@ -439,14 +440,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
     def _log_dropped_stream(self, peer, error: IncompleteStreamError) -> None:
         """Log why an incomplete stream was dropped: at INFO at most once per DROPPED_STREAM_LOG_INTERVAL (a hostile
         peer could otherwise flood the log), at DEBUG otherwise."""
-        now = time.monotonic()
-        if now - self._last_drop_logged < DROPPED_STREAM_LOG_INTERVAL:
-            self._drops_not_logged += 1
-            logger.debug(f"Dropped a streamed request of {peer}: {error}")
-            return
-        more = f" ({self._drops_not_logged} more since the last such message)" if self._drops_not_logged else ""
-        logger.info(f"Dropped a streamed request of {peer}: {error}{more}")
-        self._last_drop_logged, self._drops_not_logged = now, 0
+        self._dropped_stream_log.log(f"Dropped a streamed request of {peer}: {error}")
 
     async def rpc_forward_stream(
         self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext

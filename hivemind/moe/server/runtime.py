@@ -9,7 +9,7 @@ was loaded is skipped without computing it.
 
 from __future__ import annotations
 
-import math
+import logging
 import multiprocessing as mp
 import os
 import selectors
@@ -23,6 +23,7 @@ import torch
 
 from hivemind.moe.server.task_pool import AbandonedBatchError
 from hivemind.utils.logging import get_logger
+from hivemind.utils.throttled_log import ThrottledLog
 
 __all__ = ["Runtime"]
 
@@ -70,7 +71,7 @@ class Runtime(threading.Thread):
         self._closing_pipes = False  # set by the first shutdown() (reentrant: a signal handler may call it again)
         self._serving = False  # run() owns the wake receiver and closes it when it returns
         self.stats = _Stats()
-        self._failures_logged: Dict[str, List] = {}  # pool name -> [when last at WARNING, failures since then]
+        self._failed_batch_logs: Dict[str, ThrottledLog] = {}  # by pool name
 
     def run(self):
         """Serve batches until shutdown() (blocking)."""
@@ -139,8 +140,8 @@ class Runtime(threading.Thread):
         try:
             outputs = pool.process_func(*batch)
         except Exception as e:
-            self._log_failed_batch(
-                pool.name, f"Runtime: a batch of {batch_size} examples failed in {pool.name}: {e!r}"
+            self._failed_batch_log(pool.name).log(
+                f"Runtime: a batch of {batch_size} examples failed in {pool.name}: {e!r}"
             )
             logger.debug("Details:", exc_info=True)
             pool.send_exception_from_runtime(batch_index, e)
@@ -151,17 +152,11 @@ class Runtime(threading.Thread):
         self.stats.record(pool.name, batch_size, time.perf_counter() - started)
         senders.submit(_send_outputs, pool, batch_index, outputs)
 
-    def _log_failed_batch(self, pool_name: str, message: str) -> None:
-        """At WARNING at most once per FAILED_BATCH_LOG_INTERVAL per pool (with how many failed since), else DEBUG."""
-        last = self._failures_logged.setdefault(pool_name, [-math.inf, 0])
-        now = time.monotonic()
-        if now - last[0] < FAILED_BATCH_LOG_INTERVAL:
-            last[1] += 1
-            logger.debug(message)
-            return
-        more = f" ({last[1]} more batches of it failed since the last such message)" if last[1] else ""
-        logger.warning(message + more)
-        last[0], last[1] = now, 0
+    def _failed_batch_log(self, pool_name: str) -> ThrottledLog:
+        """Where the failed batches of a pool are logged: at WARNING at most once per FAILED_BATCH_LOG_INTERVAL."""
+        if pool_name not in self._failed_batch_logs:
+            self._failed_batch_logs[pool_name] = ThrottledLog(logger, logging.WARNING, FAILED_BATCH_LOG_INTERVAL)
+        return self._failed_batch_logs[pool_name]
 
     def shutdown(self, timeout: Optional[float] = None):
         """Stop serving (after the batch being processed), stop the pools and wait for the thread.
