@@ -11,11 +11,14 @@ bounded number of steps) so that the bytes of its binary and text strings, and o
 speed), count as payload, whatever they look like, and those of runs of ints in an array as plain scalars.
 """
 
+import re
 import time
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import msgpack
 import numpy as np
+
+from hivemind.utils.serializer import MSGPackSerializer
 
 DEFAULT_BURST_ITEMS = 20000  # a new peer receiving replicas may get thousands of items in one request
 DEFAULT_ITEMS_PER_SECOND = 2000.0
@@ -47,6 +50,15 @@ _EXT_BYTES = bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext 8/16
 _ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 _MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _EXT_HEADER_LENGTHS = {0xC7: 3, 0xC8: 4, 0xC9: 6, 0xD4: 2, 0xD5: 2, 0xD6: 2, 0xD7: 2, 0xD8: 2}  # type code included
+# an ext type registered with MSGPackSerializer (not the tuple) is decoded by its class's unpackb, Python code that
+# checks each field: an empty DictionaryDHTValue (6 bytes) takes ~16 us, so a value of 74 000 of them, weighed 58 700
+# items as any ext, took 0.8-1.2 s to check (more than three times the costliest borrowed request otherwise); each
+# costs this much more (an upper bound counts each byte that may be the type code of a registered ext)
+REGISTERED_EXT_WEIGHT = 3 * STORE_BYTES_PER_ITEM
+_FIXEXT_FIRST, _FIXEXT_LAST = 0xD4, 0xD8  # fixext 1..16: the type code follows the head
+_EXT_TYPE_OFFSETS = ((2, 0xC7), (3, 0xC8), (5, 0xC9))  # ext 8/16/32: the type code follows the head and length
+_EXT_HEAD = re.compile(rb"[\xc7-\xc9\xd4-\xd8]")
+_FEW_EXT_BYTES = 16  # a document with up to this many is checked byte by byte, one with more by numpy passes
 # a document of WALK_MIN_BYTES or more whose bytes may hold structure is walked object by object (~0.3 us each), at
 # most one object per WALK_BYTES_PER_STEP bytes (plus 4), so that a binary string inside a list, a tuple or a map is
 # charged as the payload it is (one per 512 bytes gave up on a list of 8 000 binary strings of 500 bytes, 1 ms to
@@ -86,13 +98,39 @@ def _structure_weight(data) -> int:
     """The weight of the bytes of ``data`` that may start an array, a map, an ext type or a text string, and of every
     byte as a scalar's (an upper bound)."""
     if len(data) >= WALK_MIN_BYTES:  # one pass counting each byte value: ~8 ms per 4 MiB, a third of three translates
-        return int(np.bincount(np.frombuffer(data, np.uint8), minlength=256).dot(_BYTE_WEIGHTS))
-    return (
-        STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
-        + EXT_BYTE_WEIGHT * len(data.translate(None, _NOT_EXT_BYTES))
-        + STR_BYTE_WEIGHT * len(data.translate(None, _NOT_STR_BYTES))
-        + SCALAR_BYTE_WEIGHT * len(data)
-    )
+        counts = np.bincount(np.frombuffer(data, np.uint8), minlength=256)
+        weight, num_ext_bytes = int(counts.dot(_BYTE_WEIGHTS)), int(counts[_FIXEXT_FIRST : _FIXEXT_LAST + 1].sum())
+        num_ext_bytes += int(counts[[head for _, head in _EXT_TYPE_OFFSETS]].sum())
+    else:
+        num_ext_bytes = len(data.translate(None, _NOT_EXT_BYTES))
+        weight = (
+            STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
+            + EXT_BYTE_WEIGHT * num_ext_bytes
+            + STR_BYTE_WEIGHT * len(data.translate(None, _NOT_STR_BYTES))
+            + SCALAR_BYTE_WEIGHT * len(data)
+        )
+    return weight + (REGISTERED_EXT_WEIGHT * _registered_ext_heads(data, num_ext_bytes) if num_ext_bytes else 0)
+
+
+def _registered_ext_heads(data, num_ext_bytes: int) -> int:
+    """How many of the ``num_ext_bytes`` bytes of ``data`` that may start an ext type have a type code registered
+    with MSGPackSerializer where an ext's type code would be: a few (a tuple's header) are looked at one by one, more
+    by a few passes at C speed (~3 ms per 4 MiB, ~10 us for a short document, which then costs 8 items or more)."""
+    codes = [code for code in MSGPackSerializer.registered_type_codes() if code in data]
+    if not codes:
+        return 0
+    if num_ext_bytes <= _FEW_EXT_BYTES:
+        offsets = (match.start() + _EXT_HEADER_LENGTHS[match[0][0]] - 1 for match in _EXT_HEAD.finditer(data))
+        return sum(1 for offset in offsets if offset < len(data) and data[offset] in codes)
+    array = np.frombuffer(data, np.uint8)
+    at_code = array == codes[0]
+    for code in codes[1:]:
+        at_code |= array == code
+    fixext_heads = (array[:-1] - np.uint8(_FIXEXT_FIRST)) <= _FIXEXT_LAST - _FIXEXT_FIRST  # uint8: wraps below
+    count = int(np.count_nonzero(at_code[1:] & fixext_heads))
+    for offset, head in _EXT_TYPE_OFFSETS:
+        count += int(np.count_nonzero(at_code[offset:] & (array[:-offset] == head)))
+    return count
 
 
 def _may_start_run(document: bytes, position: int, head: int) -> bool:
@@ -123,6 +161,7 @@ def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
     the upper bound).
     """
     weight, steps, documents, bytes_left = 0, 0, [data], 4 * len(data)
+    registered = MSGPackSerializer.registered_type_codes()
     try:
         while documents:
             document = documents.pop()
@@ -175,8 +214,11 @@ def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
                     unpacker.skip()
                     array_left -= 1
                     if head in _EXT_HEADER_LENGTHS:  # decoded by Python code, its payload by another decoder
+                        payload_start = position + _EXT_HEADER_LENGTHS[head]
                         weight, array_left = weight + EXT_BYTE_WEIGHT, 0
-                        documents.append(document[position + _EXT_HEADER_LENGTHS[head] : unpacker.tell()])
+                        if document[payload_start - 1] in registered:
+                            weight += REGISTERED_EXT_WEIGHT
+                        documents.append(document[payload_start : unpacker.tell()])
                     elif head not in _PAYLOAD_HEADS:
                         weight += SCALAR_BYTE_WEIGHT * (unpacker.tell() - position)
             weight += _structure_weight(document[unpacker.tell() :])

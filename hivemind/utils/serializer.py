@@ -167,6 +167,11 @@ class MSGPackSerializer(SerializerBase):
         return wrap
 
     @classmethod
+    def registered_type_codes(cls) -> bytes:
+        """The type codes registered with :meth:`ext_serializable` (the tuple's is not one), one byte each."""
+        return bytes(cls._ext_type_codes)
+
+    @classmethod
     def _encode_ext_types(cls, obj: Any) -> msgpack.ExtType:
         type_code = cls._ext_types.get(type(obj))
         if type_code is None:
