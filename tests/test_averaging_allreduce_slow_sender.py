@@ -4,6 +4,7 @@ its pace so far delivers its remaining parts before the round's deadline, and st
 
 import asyncio
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -55,6 +56,15 @@ def test_one_part_a_little_late_keeps_the_mean_pace():
     assert pace.finishes_by(0, delivered=5, total=8, deadline=9.1, now=5.7)  # at the mean 1.15 s: t=9.05
 
 
+def test_a_sender_silent_for_longer_than_its_pace_has_stalled():
+    pace = SenderPace()
+    for now in (1.0, 1.25, 1.5, 1.75):  # a quick pace, then nothing: as if frozen after its 4th part
+        pace.delivered(0, now=now)
+    assert not pace.finishes_by(0, delivered=4, total=5, deadline=12.0, now=10.0)  # its one part left is not due now
+    assert not pace.finishes_by(0, delivered=4, total=8, deadline=12.0, now=10.0)
+    assert pace.finishes_by(0, delivered=4, total=5, deadline=12.0, now=2.1)  # within its pace: due at once
+
+
 def test_a_sender_without_a_pace_yet_is_not_projected_to_finish():
     pace = SenderPace()
     assert not pace.finishes_by(0, delivered=0, total=8, deadline=100.0, now=1.0)
@@ -63,10 +73,13 @@ def test_a_sender_without_a_pace_yet_is_not_projected_to_finish():
     assert pace.finishes_by(1, delivered=8, total=8, deadline=0.0, now=1.0)  # (nothing left to deliver)
 
 
-async def _round_with_a_paced_sender(p2p_factory, seconds_per_part: float):
+async def _round_with_a_paced_sender(
+    p2p_factory, seconds_per_part: float, silent_after: Optional[int] = None, timeouts: Optional[dict] = None
+):
     """Two honest members reduce; the third streams each of them its 16 parts, part k at ``k * seconds_per_part``
-    seconds after the round started (on a fixed schedule, so that a busy machine does not slow it further). Returns
-    the honest members' results and the slow member's value."""
+    seconds after the round started (on a fixed schedule, so that a busy machine does not slow it further); with
+    ``silent_after``, it sends only that many and then keeps its streams open in silence. Returns the honest members'
+    results, the averages with and without the slow member's parts, and how long the round took."""
     peers = await make_connected_peers(p2p_factory, 3)
     routers = await start_routers(peers)
     slow_value, honest_values = 30.0, (0.0, 6.0)
@@ -80,7 +93,7 @@ async def _round_with_a_paced_sender(p2p_factory, seconds_per_part: float):
             [torch.full((SIZE,), honest_values[i - 1])],
             peer_fractions=FRACTIONS,
             part_size_bytes=PART_BYTES,
-            **TIMEOUTS,
+            **(timeouts or TIMEOUTS),
         )  # fmt: skip
         for i in (1, 2)
     ]
@@ -90,6 +103,8 @@ async def _round_with_a_paced_sender(p2p_factory, seconds_per_part: float):
 
     async def paced(reducer_index):
         for k, message in enumerate(sender_messages(container, reducer_index, group_id), start=1):
+            if silent_after is not None and k > silent_after:
+                await asyncio.Event().wait()  # (cancelled at the end of the round)
             await asyncio.sleep(max(0.0, started + k * seconds_per_part - loop.time()))
             yield message
 
@@ -125,3 +140,17 @@ async def test_a_steady_sender_too_slow_for_the_deadline_is_still_cut_at_the_las
     assert elapsed < 0.95 * ALLREDUCE_TIMEOUT
     banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
     assert banned, [r.getMessage() for r in hivemind_logs.records]
+
+
+async def test_a_sender_gone_silent_after_a_quick_pace_is_cut_at_the_first_last_call(p2p_factory, hivemind_logs):
+    # 15 of its 16 parts by 23% of the round, then silence with its streams open (frozen, or hostile), within a
+    # sender_timeout long enough not to catch it first: its pace says nothing about when the last part comes
+    timeouts = dict(sender_timeout=12.0, reducer_timeout=13.0, allreduce_timeout=ALLREDUCE_TIMEOUT)
+    results, with_slow, without, _ = await _round_with_a_paced_sender(
+        p2p_factory, 0.25, silent_after=15, timeouts=timeouts
+    )
+    for result in results:
+        assert bool(((result == with_slow) | (result == without)).all()), result
+        assert int((result == without).sum()) == 2 * SIZE // 32  # its last part at each of the two reducers
+    banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
+    assert banned and all("(85% of allreduce_timeout" in message for message in banned), banned

@@ -137,14 +137,19 @@ class SenderPace:
         ``deadline`` at its pace so far: the mean period between its deliveries, or the latest one if it is more
         than twice as long (the pace changed: a burst of parts followed by a drip is judged by the drip; a part a
         little late on a busy link is not); its next part is due one such period after its latest, or now if that
-        is past. Senders with fewer than two parts delivered have no pace yet: False."""
+        is past. A sender silent since its latest part for more than twice that period has stalled (frozen, or
+        hostile): its silence is its pace, and the part it owes is due no sooner than one more such silence from
+        now. Senders with fewer than two parts delivered have no pace yet: False."""
         if delivered >= total:
             return True
         if delivered < 2 or sender not in self._gap:
             return False
         first, last = self._first[sender], self._last[sender]
-        seconds_per_part, latest = (last - first) / (delivered - 1), self._gap[sender]
+        seconds_per_part, latest, silent = (last - first) / (delivered - 1), self._gap[sender], now - last
         if latest > 2 * seconds_per_part:
             seconds_per_part = latest
-        next_due = max(last + seconds_per_part, now)
+        if silent > 2 * seconds_per_part:
+            seconds_per_part, next_due = silent, now + silent
+        else:
+            next_due = max(last + seconds_per_part, now)
         return next_due + (total - delivered - 1) * seconds_per_part <= deadline
