@@ -71,3 +71,58 @@ async def test_the_last_call_excludes_the_dripping_sender_and_not_the_honest_one
         assert 0 < int((result == without).sum()) < SIZE  # the dripper was excluded from the later parts only
     banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
     assert banned and all(peers[0].peer_id.to_base58()[-8:] in message for message in banned), banned
+
+
+async def test_a_dripper_held_behind_another_dripper_is_cut_at_the_final_call(p2p_factory, hivemind_logs):
+    # two drippers: the slower holds the round up and is cut at the last call (85%); the other, held a few parts
+    # ahead of it by the reducer's window until then, holds it up next and must not drip the round past its deadline
+    peers = await make_connected_peers(p2p_factory, 4)
+    routers = await start_routers(peers)
+    fractions = [0.0, 0.0, 1.0, 1.0]  # the two drippers only send
+    dripper_values, honest_values = (30.0, 60.0), (0.0, 6.0)
+    group_id = os.urandom(20)
+    runners = [
+        make_runner(
+            peers[i],
+            routers[i],
+            peers,
+            group_id,
+            [torch.full((SIZE,), honest_values[i - 2])],
+            peer_fractions=fractions,
+            part_size_bytes=PART_BYTES,
+            **TIMEOUTS,
+        )  # fmt: skip
+        for i in (2, 3)
+    ]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def drip(value, seconds_per_part, reducer_index):
+        container = TensorPartContainer([torch.full((SIZE,), value)], fractions, part_size_bytes=PART_BYTES)
+        for k, message in enumerate(sender_messages(container, reducer_index, group_id)):  # 16 parts each
+            await asyncio.sleep(max(0.0, started + k * seconds_per_part - loop.time()))  # within sender_timeout
+            yield message
+
+    dripping = [
+        asyncio.create_task(call_reducer(peers[d], peers[i], drip(dripper_values[d], pace, i)))
+        for d, pace in ((0, 0.9), (1, 0.6))  # the second would end at 9 s, past allreduce_timeout
+        for i in (2, 3)
+    ]
+    try:
+        # as the averager does: the round's deltas must be in within allreduce_timeout, or the step fails
+        deltas = await asyncio.wait_for(
+            asyncio.gather(*(collect(runner) for runner in runners)), TIMEOUTS["allreduce_timeout"]
+        )
+    finally:
+        for task in dripping:
+            task.cancel()
+        await asyncio.gather(*dripping, return_exceptions=True)
+
+    everyone = (sum(dripper_values) + sum(honest_values)) / 4
+    without_first, without_both = (dripper_values[1] + sum(honest_values)) / 3, sum(honest_values) / 2
+    for own, (delta,) in zip(honest_values, deltas):
+        result = own + delta
+        assert bool(((result == everyone) | (result == without_first) | (result == without_both)).all()), result
+        assert int((result == without_both).sum()) > 0  # the second dripper was cut too, from its later parts
+    banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
+    assert any("(90% of allreduce_timeout" in message for message in banned), banned

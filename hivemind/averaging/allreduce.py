@@ -54,9 +54,9 @@ _PART_FOR_AVERAGING, _NO_CODE = MessageCode.PART_FOR_AVERAGING, MessageCode.NO_C
 MAX_BYTES_PER_ELEMENT = 16  # of a delta under any codec (complex128 uncompressed)
 MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata besides its elements
 DEFAULT_REPLY_LINGER = 30.0  # with no reducer_timeout: how long (at most) our replies may take to go out at the end
-# the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that have not delivered all
-# their parts (but those whose steady pace delivers the rest by the final call, then excluded if still behind), then a
-# sender gives up on the reducers that have not replied to all of its parts
+# the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that hold it up (but those
+# whose steady pace delivers the rest by the final call), then those still holding it up, then a sender gives up on the
+# reducers that have not replied to all of its parts
 SENDERS_LAST_CALL, SENDERS_FINAL_CALL, REDUCERS_LAST_CALL = 0.85, 0.90, 0.95
 
 
@@ -92,9 +92,10 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         (or reply) just within those timeouts is never taken for a stalled one, but would make a round of many parts
         outlast this limit, failing it for everyone it exchanges parts with. So at ``SENDERS_LAST_CALL`` of it the
         reducer excludes the senders that hold it up (they have not delivered the oldest part it reduces; the others
-        are only held back behind them) unless their pace so far delivers their other parts by ``SENDERS_FINAL_CALL``
-        (excluded then if still behind), and at ``REDUCERS_LAST_CALL`` of it this peer gives up on the reducers that
-        have not replied to all of its parts (their remaining parts keep their local values, as for failed peers)
+        are only held back behind them) unless their pace so far delivers their other parts by ``SENDERS_FINAL_CALL``;
+        at that final call, every sender still holding it up; and at ``REDUCERS_LAST_CALL`` of it this peer gives up
+        on the reducers that have not replied to all of its parts (their remaining parts keep their local values, as
+        for failed peers)
     :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch, output_buffers (see
         TensorPartContainer); with output_buffers, the memory of a yielded delta is written again by a later round
         once no tensor or array references it any more
@@ -420,34 +421,32 @@ class AllReduceRunner(ReducerSide, ServicerBase):
 
     async def _exclude_senders_at_last_call(self) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        final_call = started + SENDERS_FINAL_CALL * self.allreduce_timeout
+        final_call = loop.time() + SENDERS_FINAL_CALL * self.allreduce_timeout
         await asyncio.sleep(SENDERS_LAST_CALL * self.allreduce_timeout)
-        if self._exclude_senders_holding_up(SENDERS_LAST_CALL, spare_until=final_call):  # some keep a steady pace
-            await asyncio.sleep(max(0.0, final_call - loop.time()))
-            self._exclude_senders_holding_up(SENDERS_FINAL_CALL)
+        self._exclude_senders_holding_up(SENDERS_LAST_CALL, spare_until=final_call)
+        await asyncio.sleep(max(0.0, final_call - loop.time()))
+        # those spared that are still behind, and any sender that was only held behind one cut at the last call and
+        # holds the round up now (a second dripper would otherwise hold it past the deadline)
+        self._exclude_senders_holding_up(SENDERS_FINAL_CALL)
 
-    def _exclude_senders_holding_up(self, fraction: float, spare_until: Optional[float] = None) -> bool:
+    def _exclude_senders_holding_up(self, fraction: float, spare_until: Optional[float] = None) -> None:
         """Exclude the senders that hold the round up: those that have not delivered the oldest part still being
         reduced (the others may lack parts too, but only because the reducer takes few parts ahead of that one: they
-        go on). With ``spare_until``, spare those whose pace so far delivers all their parts by then; returns
-        whether any was spared."""
+        go on). With ``spare_until``, spare those whose pace so far delivers all their parts by then."""
         reducer, own_index = self.reducer, self.sender_index_of.get(self.peer_id)
         holding_up = min(reducer.current_part_index, reducer.num_parts - 1)
-        now, spared, total = asyncio.get_running_loop().time(), False, reducer.num_parts
+        now, total = asyncio.get_running_loop().time(), reducer.num_parts
         for sender_index in range(len(self.sender_peer_ids)):
             delivered = reducer.sender_progress[sender_index]
             if sender_index == own_index or not reducer.is_active(sender_index) or delivered > holding_up:
                 continue
             if spare_until is not None and self._pace.finishes_by(sender_index, delivered, total, spare_until, now):
-                spared = True
                 continue
             self._ban(
                 sender_index,
                 f"had delivered {delivered} of {total} parts at the round's last call "
                 f"({fraction:.0%} of allreduce_timeout={self.allreduce_timeout} s)",
             )
-        return spared
 
     def _ban(self, sender_index: int, reason: str) -> None:
         if self.reducer is not None and self.reducer.ban_sender(sender_index, reason):
