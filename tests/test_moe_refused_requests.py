@@ -81,3 +81,37 @@ def test_with_k_min_zero_refused_requests_leave_zeros_and_penalize_no_expert(mix
     assert torch.equal(outputs, inputs)  # (the input is added to the mixed outputs, zeros here)
     outputs.sum().backward()  # backward_k_min=0: no expert answered forward, so none is called
     assert switch.failure_penalty.num_penalized() == 0
+
+
+WIDE = 40_000  # 16 rows of this many float32 values: 2.56 MiB, so that the calls are streamed (above 2 MiB)
+
+
+class WideScaledLinear(ScaledLinear):
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * scale[:, :1]
+
+
+@pytest.fixture(scope="module")
+def wide_mixture():
+    schema = (BatchTensorDescriptor(HID, dtype=torch.float32), BatchTensorDescriptor(WIDE, dtype=torch.float32))
+    backends = {
+        uid: ModuleBackend(uid, WideScaledLinear(), args_schema=schema, max_batch_size=MAX_BATCH)
+        for uid in ("ffn.0", "ffn.1")
+    }
+    with serving_experts(backends) as (_, client_dht):
+        yield RemoteMixtureOfExperts(in_features=HID, grid_size=(2,), dht=client_dht, uid_prefix="ffn.", k_best=2)
+
+
+@pytest.mark.timeout(60)
+def test_a_streamed_request_that_every_expert_refuses_raises_their_reason_and_penalizes_none(wide_mixture):
+    # (before, a streamed call's error carried the refusal's text without its class name: each refusal counted as a
+    # failure, 'Only 0 expert answers arrived', and both experts were penalized)
+    scale = torch.ones(MAX_BATCH, WIDE)
+    scale[1, 5] = float("nan")
+    with pytest.raises(ValueError, match="refused the request as invalid.*input #1 contains NaN or infinite values"):
+        wide_mixture(torch.randn(MAX_BATCH, HID), scale)
+    assert wide_mixture.failure_penalty.num_penalized() == 0
+    outputs = wide_mixture(torch.randn(MAX_BATCH, HID), torch.ones(MAX_BATCH, WIDE))
+    with pytest.raises(ValueError, match="refused the request as invalid.*contains NaN or infinite values"):
+        (outputs * float("nan")).sum().backward()
+    assert wide_mixture.failure_penalty.num_penalized() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -57,15 +58,17 @@ class CallOptions:
 
 
 # what an expert server of this library answers when it refuses a request as invalid (its shapes, dtypes, values or
-# batch size): the caller's fault, not the expert's, so that expert is not penalized for it
-_REFUSALS = ("InvalidInputsError(", "TaskRejectedError(")
+# batch size): the caller's fault, not the expert's, so that expert is not penalized for it (if the refusal is
+# credible, see refusal_is_credible); a streamed call's error comes after "Failed to call handler `<name>` at <peer>: "
+_REFUSAL = re.compile(
+    r"(?:Failed to call handler `[^`]*` at \w+: )?((?:InvalidInputsError|TaskRejectedError)\(.*)", re.DOTALL
+)
 
 
 def refusal_reason(error: BaseException) -> Optional[str]:
     """The server's reason if ``error`` says that it refused the request itself as invalid, else None."""
-    if isinstance(error, P2PHandlerError) and str(error).startswith(_REFUSALS):
-        return shorten(str(error))
-    return None
+    match = _REFUSAL.match(str(error)) if isinstance(error, P2PHandlerError) else None
+    return None if match is None else shorten(match.group(1))
 
 
 def refusal_is_credible(tensors: Sequence[torch.Tensor], others_accepted: bool) -> bool:

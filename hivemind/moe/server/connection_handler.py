@@ -40,6 +40,7 @@ from hivemind.moe.server.expert_requests import (
     StreamedRequest,
     check_batch,
     decode_tensors,
+    refusals_named,
     request_bytes,
     serialize_outputs,
     split_into_responses,
@@ -445,7 +446,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
     async def rpc_forward_stream(
         self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        with self._hold(context, "forward stream") as held:
+        with self._hold(context, "forward stream") as held, refusals_named():
             schema, tensors = await self._gather_stream(request_stream, False, context, held)
             inputs = held.cover(self._check_forward(schema, tensors), schema, backward=False)
             outputs = await self._forward(schema, inputs)
@@ -455,7 +456,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
     async def rpc_backward_stream(
         self, request_stream: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        with self._hold(context, "backward stream") as held:
+        with self._hold(context, "backward stream") as held, refusals_named():
             schema, tensors = await self._gather_stream(request_stream, True, context, held)
             inputs = held.cover(self._check_backward(schema, tensors), schema, backward=True)
             grads = await self._backward(schema, inputs)

@@ -6,6 +6,7 @@ message that names the problem, and a task that joins a batch is known to fit it
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
@@ -14,6 +15,7 @@ import torch
 
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.server.module_backend import InvalidInputsError, check_inputs
+from hivemind.moe.server.task_pool import TaskRejectedError
 from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_flatten
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
@@ -24,6 +26,7 @@ __all__ = [
     "IncompleteStreamError",
     "RequestBytesInFlight",
     "request_bytes",
+    "refusals_named",
     "ExpertSchema",
     "StreamedRequest",
     "decode_tensors",
@@ -123,6 +126,17 @@ def check_batch(
         return check_inputs(tensors, expected, max_batch_size, what)
     except InvalidInputsError as e:
         raise ExpertRequestError(str(e)) from None
+
+
+@contextlib.contextmanager
+def refusals_named() -> Iterator[None]:
+    """The error of a unary RPC reaches its caller as the exception's repr, that of a streamed RPC as its text alone:
+    within this, a request refused as invalid (InvalidInputsError, TaskRejectedError) is raised again with its repr as
+    its text, so that a client can tell a refused streamed request from a failure as it does a unary one."""
+    try:
+        yield
+    except (InvalidInputsError, TaskRejectedError) as e:
+        raise ExpertRequestError(repr(e)) from None
 
 
 class IncompleteStreamError(ExpertRequestError):
