@@ -73,56 +73,75 @@ async def test_the_last_call_excludes_the_dripping_sender_and_not_the_honest_one
     assert banned and all(peers[0].peer_id.to_base58()[-8:] in message for message in banned), banned
 
 
-async def test_a_dripper_held_behind_another_dripper_is_cut_at_the_final_call(p2p_factory, hivemind_logs):
-    # two drippers: the slower holds the round up and is cut at the last call (85%); the other, held a few parts
-    # ahead of it by the reducer's window until then, holds it up next and must not drip the round past its deadline
-    peers = await make_connected_peers(p2p_factory, 4)
+async def _round_with_drippers(p2p_factory, schedules, timeouts):
+    """Two honest members reduce; each other member streams both its 16 parts, part k at ``schedule(k)`` seconds
+    after the round started. Waits for the honest members' results as the averager does: the round must be done
+    within allreduce_timeout, or its step fails. Returns their results and the values of the drippers."""
+    peers = await make_connected_peers(p2p_factory, len(schedules) + 2)
     routers = await start_routers(peers)
-    fractions = [0.0, 0.0, 1.0, 1.0]  # the two drippers only send
-    dripper_values, honest_values = (30.0, 60.0), (0.0, 6.0)
+    fractions = [0.0] * len(schedules) + [1.0, 1.0]  # the drippers only send
+    dripper_values, honest_values = [30.0 * (d + 1) for d in range(len(schedules))], (0.0, 6.0)
     group_id = os.urandom(20)
+    honest = range(len(schedules), len(peers))
     runners = [
         make_runner(
             peers[i],
             routers[i],
             peers,
             group_id,
-            [torch.full((SIZE,), honest_values[i - 2])],
+            [torch.full((SIZE,), value)],
             peer_fractions=fractions,
             part_size_bytes=PART_BYTES,
-            **TIMEOUTS,
+            **timeouts,
         )  # fmt: skip
-        for i in (2, 3)
+        for i, value in zip(honest, honest_values)
     ]
     loop = asyncio.get_running_loop()
     started = loop.time()
 
-    async def drip(value, seconds_per_part, reducer_index):
+    async def drip(value, schedule, reducer_index):
         container = TensorPartContainer([torch.full((SIZE,), value)], fractions, part_size_bytes=PART_BYTES)
-        for k, message in enumerate(sender_messages(container, reducer_index, group_id)):  # 16 parts each
-            await asyncio.sleep(max(0.0, started + k * seconds_per_part - loop.time()))  # within sender_timeout
+        for k, message in enumerate(sender_messages(container, reducer_index, group_id)):
+            await asyncio.sleep(max(0.0, started + schedule(k) - loop.time()))
             yield message
 
     dripping = [
-        asyncio.create_task(call_reducer(peers[d], peers[i], drip(dripper_values[d], pace, i)))
-        for d, pace in ((0, 0.9), (1, 0.6))  # the second would end at 9 s, past allreduce_timeout
-        for i in (2, 3)
+        asyncio.create_task(call_reducer(peers[d], peers[i], drip(dripper_values[d], schedule, i)))
+        for d, schedule in enumerate(schedules)
+        for i in honest
     ]
     try:
-        # as the averager does: the round's deltas must be in within allreduce_timeout, or the step fails
-        deltas = await asyncio.wait_for(
-            asyncio.gather(*(collect(runner) for runner in runners)), TIMEOUTS["allreduce_timeout"]
-        )
+        runs = asyncio.gather(*(collect(runner) for runner in runners))
+        deltas = await asyncio.wait_for(runs, timeouts["allreduce_timeout"])
     finally:
         for task in dripping:
             task.cancel()
         await asyncio.gather(*dripping, return_exceptions=True)
+    return [own + delta for own, (delta,) in zip(honest_values, deltas)], dripper_values, honest_values
 
-    everyone = (sum(dripper_values) + sum(honest_values)) / 4
-    without_first, without_both = (dripper_values[1] + sum(honest_values)) / 3, sum(honest_values) / 2
-    for own, (delta,) in zip(honest_values, deltas):
-        result = own + delta
+
+async def test_a_dripper_held_behind_another_dripper_is_cut_at_the_final_call(p2p_factory, hivemind_logs):
+    # two drippers: the slower holds the round up and is cut at the last call (85%); the other, held a few parts
+    # ahead of it by the reducer's window until then, holds it up next and must not drip the round past its deadline
+    schedules = [lambda k: 0.9 * k, lambda k: 0.6 * k]  # each part within sender_timeout; the second ends at 9 s
+    results, (first, second), honest_values = await _round_with_drippers(p2p_factory, schedules, TIMEOUTS)
+    everyone, without_first = (first + second + sum(honest_values)) / 4, (second + sum(honest_values)) / 3
+    without_both = sum(honest_values) / 2
+    for result in results:
         assert bool(((result == everyone) | (result == without_first) | (result == without_both)).all()), result
         assert int((result == without_both).sum()) > 0  # the second dripper was cut too, from its later parts
     banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
     assert any("(90% of allreduce_timeout" in message for message in banned), banned
+
+
+async def test_a_chain_of_drippers_does_not_hold_the_round_past_its_deadline(p2p_factory, hivemind_logs):
+    # three drippers, each held a few parts ahead of the one before it: the first is cut at 85%, the second at 90%,
+    # and the third, still ahead then, would deliver its last part at 16.7 s of a 16 s round: at 95% a reducer takes
+    # no more parts from anyone (the senders give up on unanswered reducers then)
+    timeouts = dict(sender_timeout=2.0, reducer_timeout=4.0, allreduce_timeout=16.0)
+    schedules = [lambda k: 1.8 * k, lambda k: 1.2 * k, lambda k: 1.0 * k if k < 14 else 13.0 + 1.85 * (k - 13)]
+    results, _, honest_values = await _round_with_drippers(p2p_factory, schedules, timeouts)
+    for result in results:
+        assert int((result == sum(honest_values) / 2).sum()) > 0  # every dripper cut from its later parts
+    banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
+    assert any("(95% of allreduce_timeout" in message for message in banned), banned

@@ -56,7 +56,7 @@ MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata beside
 DEFAULT_REPLY_LINGER = 30.0  # with no reducer_timeout: how long (at most) our replies may take to go out at the end
 # the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that hold it up (but those
 # whose steady pace delivers the rest by the final call), then those still holding it up, then a sender gives up on the
-# reducers that have not replied to all of its parts
+# reducers that have not replied to all of its parts and a reducer on the parts not delivered yet
 SENDERS_LAST_CALL, SENDERS_FINAL_CALL, REDUCERS_LAST_CALL = 0.85, 0.90, 0.95
 
 
@@ -95,7 +95,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         are only held back behind them) unless their pace so far delivers their other parts by ``SENDERS_FINAL_CALL``;
         at that final call, every sender still holding it up; and at ``REDUCERS_LAST_CALL`` of it this peer gives up
         on the reducers that have not replied to all of its parts (their remaining parts keep their local values, as
-        for failed peers)
+        for failed peers) and, as a reducer, on the parts not delivered yet
     :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch, output_buffers (see
         TensorPartContainer); with output_buffers, the memory of a yielded delta is written again by a later round
         once no tensor or array references it any more
@@ -428,13 +428,20 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         # those spared that are still behind, and any sender that was only held behind one cut at the last call and
         # holds the round up now (a second dripper would otherwise hold it past the deadline)
         self._exclude_senders_holding_up(SENDERS_FINAL_CALL)
+        # the senders give up on unanswered reducers now: no part is waited for any longer (a chain of drippers, each
+        # held a few parts ahead of the one before it, would otherwise hold the reduce past the deadline)
+        await asyncio.sleep(max(0.0, self._reducers_last_call - loop.time()))
+        self._exclude_senders_holding_up(REDUCERS_LAST_CALL, all_behind=True)
 
-    def _exclude_senders_holding_up(self, fraction: float, spare_until: Optional[float] = None) -> None:
+    def _exclude_senders_holding_up(
+        self, fraction: float, spare_until: Optional[float] = None, all_behind: bool = False
+    ) -> None:
         """Exclude the senders that hold the round up: those that have not delivered the oldest part still being
         reduced (the others may lack parts too, but only because the reducer takes few parts ahead of that one: they
-        go on). With ``spare_until``, spare those whose pace so far delivers all their parts by then."""
+        go on). With ``spare_until``, spare those whose pace so far delivers all their parts by then; with
+        ``all_behind``, exclude every sender that has not delivered all its parts."""
         reducer, own_index = self.reducer, self.sender_index_of.get(self.peer_id)
-        holding_up = min(reducer.current_part_index, reducer.num_parts - 1)
+        holding_up = reducer.num_parts - 1 if all_behind else min(reducer.current_part_index, reducer.num_parts - 1)
         now, total = asyncio.get_running_loop().time(), reducer.num_parts
         for sender_index in range(len(self.sender_peer_ids)):
             delivered = reducer.sender_progress[sender_index]
