@@ -138,6 +138,23 @@ async def test_a_large_honest_value_reaches_every_remote_replica(name):
         await asyncio.gather(*(node.shutdown() for node in [first, *others]))
 
 
+@pytest.mark.timeout(60)
+async def test_a_cache_push_never_borrows_so_the_pushing_peer_keeps_its_allowance(p2p_factory):
+    victim, getter = await victim_and_attacker(p2p_factory)
+    try:
+        stub = DHTProtocol.get_stub(getter, victim.p2p.peer_id)
+        large = MSGPackSerializer.dumps(MANY_OBJECTS["45k float pairs"])  # 32 000 items, stored by borrowing
+        push = store_request([large])
+        push.in_cache[:] = [True]  # a getter caching what it found (best effort) at the nearest peer that lacks it
+        assert list((await stub.rpc_store(push, timeout=60)).store_ok) == [False]
+        # its own store right after is not refused for the ~30 s that paying back a borrowed 32 000 items would take
+        assert list((await stub.rpc_store(store_request([b"\x01"] * 3), timeout=60)).store_ok) == [True] * 3
+        await asyncio.sleep(1.0)  # the refused push spent what its bytes cost (420 items, refilled in 0.21 s)
+        assert list((await stub.rpc_store(store_request([large]), timeout=60)).store_ok) == [True]  # it may borrow
+    finally:
+        await victim.shutdown()
+
+
 def tuples_of_empty_maps(count: int) -> bytes:
     """The costliest value per item we found: each tuple is a Python call, each map a new dict (~10 us per item)."""
     return MSGPackSerializer.dumps([({}, {}, {}) for _ in range(count)])
