@@ -159,7 +159,7 @@ def run_peer(index, args, data, maddr_queue, start_barrier, stop_barrier, result
         for _ in range(args.peers - 1):
             maddr_queue.put(maddrs)
     model = make_model(args.hidden, args.seed)
-    # (averager_opts configure the state averager, the factory the gradient averager: both start full groups)
+    # (hivemind 1.1.12 gives averager_opts to the state averager only: the factory sets them for its gradient averager)
     averager_opts = {} if args.target_group_size is None else dict(target_group_size=args.target_group_size)
     opt = hivemind.Optimizer(
         dht=dht, run_id="benchmark_optimizer", target_batch_size=args.target_batch_size,

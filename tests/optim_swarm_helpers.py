@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-import functools
 import threading
 import time
 from typing import Callable, Iterator, List, Sequence, Tuple
@@ -12,14 +11,11 @@ import torch
 from averager_helpers import dht_swarm
 
 from hivemind.dht import DHT
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.training_averager import TrainingAverager
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
-# averager_opts reach the state averager only (as in hivemind 1.1.12): the gradient averager's go in its factory
-FAST_GRADIENT_AVERAGER = functools.partial(GradientAverager, request_timeout=0.5)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.02) -> None:
@@ -41,8 +37,6 @@ def make_optimizer(
         matchmaking_time=1.0, averaging_timeout=5.0, tracker_opts=FAST_TRACKER,
         averager_opts=dict(request_timeout=0.5),
     )  # fmt: skip
-    if not kwargs.get("use_local_updates"):  # (a factory with local updates is refused: no gradients are averaged)
-        options["grad_averager_factory"] = FAST_GRADIENT_AVERAGER
     options.update(kwargs)
     return optimizer_class(**options)
 

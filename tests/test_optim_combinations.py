@@ -6,7 +6,6 @@ The six boolean options have 22 valid combinations of 64; the network test cover
 valid combination (7 combinations, found greedily), with two DHTs shared by the whole module.
 """
 
-import functools
 import itertools
 
 import pytest
@@ -14,7 +13,6 @@ import torch
 from optim_swarm_helpers import FAST_TRACKER, RegressionTask, wait_for
 
 from hivemind.dht import DHT
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.optimizer_options import resolve_options
 
@@ -37,7 +35,6 @@ def refusal_reason(options: dict):
 
 ALL_COMBINATIONS = [dict(zip(NAMES, values)) for values in itertools.product([False, True], repeat=len(NAMES))]
 VALID = [options for options in ALL_COMBINATIONS if refusal_reason(options) is None]
-FAST_GRADIENT_AVERAGER = functools.partial(GradientAverager, request_timeout=0.3)
 PAIRWISE = [
     dict(zip(NAMES, values))
     for values in [
@@ -111,8 +108,7 @@ def test_two_peers_converge_with_this_combination_of_options(dht_pair, options):
             dht=dht, run_id=run_id, target_batch_size=16, batch_size_per_step=4,
             optimizer=lambda params: torch.optim.SGD(params, lr=0.2), params=model.parameters(),
             matchmaking_time=0.5, averaging_timeout=3.0, tracker_opts=FAST_TRACKER,
-            averager_opts=dict(request_timeout=0.3), **flags,  # (averager_opts: the state averager's only)
-            grad_averager_factory=None if flags["use_local_updates"] else FAST_GRADIENT_AVERAGER,
+            averager_opts=dict(request_timeout=0.3), **flags,
         )  # fmt: skip
 
     opts = [make_optimizer(dht, model) for model, dht in zip(task.models, dht_pair)]

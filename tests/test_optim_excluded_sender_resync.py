@@ -4,7 +4,6 @@ differs from the others' in some parts and its SGD momentum differs from theirs.
 later state rounds: with ``average_opt_statistics=("momentum_buffer",)`` every peer ends with the same parameters
 and momentum."""
 
-import functools
 import threading
 import time
 
@@ -12,13 +11,10 @@ import pytest
 import torch
 from averager_helpers import dht_swarm
 
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
 EPOCHS_AFTER_JOINING = 10
-# averager_opts configure the state averager only (as in hivemind 1.1.12): its factory gives the gradient averager them
-FAST_AVERAGER = dict(request_timeout=0.5, sender_timeout=1.0, reducer_timeout=2.0)
 
 
 def make_optimizer(dht, model) -> Optimizer:
@@ -27,7 +23,7 @@ def make_optimizer(dht, model) -> Optimizer:
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), params=model.parameters(),
         matchmaking_time=1.0, averaging_timeout=6.0, tracker_opts=FAST_TRACKER,
         average_opt_statistics=("momentum_buffer",),
-        averager_opts=FAST_AVERAGER, grad_averager_factory=functools.partial(GradientAverager, **FAST_AVERAGER),
+        averager_opts=dict(request_timeout=0.5, sender_timeout=1.0, reducer_timeout=2.0),
     )  # fmt: skip
 
 

@@ -2,7 +2,6 @@
 whole, and nothing of the partial download is applied."""
 
 import contextlib
-import functools
 import multiprocessing as mp
 import os
 import signal
@@ -13,7 +12,6 @@ import torch
 
 from hivemind.averaging.state_sharing import StateSharing, all_averagers_key
 from hivemind.dht import DHT
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
@@ -27,7 +25,6 @@ def make_optimizer(dht: DHT, model: torch.nn.Module, **averager_opts) -> Optimiz
         optimizer=lambda params: torch.optim.Adam(params, lr=0.05), params=model.parameters(),
         matchmaking_time=0.5, averaging_timeout=2.0, load_state_timeout=30.0, tracker_opts=FAST_TRACKER,
         averager_opts=dict(request_timeout=0.3, **averager_opts),
-        grad_averager_factory=functools.partial(GradientAverager, request_timeout=0.3),
     )  # fmt: skip
 
 

@@ -1,6 +1,5 @@
 """Progress records and donor states with hostile values: a peer keeps training and keeps its epoch usable."""
 
-import functools
 import math
 import time
 
@@ -9,7 +8,6 @@ import torch
 
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH, RefreshPolicy, summarize_swarm
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -90,7 +88,6 @@ def test_an_optimizer_keeps_training_and_publishing_next_to_a_hostile_progress_r
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
         matchmaking_time=0.5, averaging_timeout=1.0, tracker_opts=FAST_TRACKER,
         averager_opts=dict(request_timeout=0.3), load_state_timeout=2.0,
-        grad_averager_factory=functools.partial(GradientAverager, request_timeout=0.3),
     )  # fmt: skip
 
     def published_epoch_of_honest_peer():

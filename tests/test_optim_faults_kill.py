@@ -1,7 +1,6 @@
 """A peer killed (SIGKILL) mid-epoch: the survivor falls back to its own gradients within one averaging timeout."""
 
 import contextlib
-import functools
 import multiprocessing as mp
 import os
 import signal
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from hivemind.dht import DHT
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
@@ -24,7 +22,6 @@ def make_optimizer(dht: DHT, model: torch.nn.Module) -> Optimizer:
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05), params=model.parameters(),
         matchmaking_time=1.0, averaging_timeout=AVERAGING_TIMEOUT, tracker_opts=FAST_TRACKER,
         averager_opts=dict(request_timeout=0.5),
-        grad_averager_factory=functools.partial(GradientAverager, request_timeout=0.5),
     )  # fmt: skip
 
 

@@ -1,13 +1,11 @@
 """Peers that fall behind (paused) or join late catch up with the swarm's epoch and parameters inside .step()."""
 
-import functools
 import time
 
 import pytest
 import torch
 
 from hivemind.dht import DHT
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
@@ -28,7 +26,6 @@ def make_optimizer(dht: DHT, model: torch.nn.Module, run_id: str) -> Optimizer:
         optimizer=lambda params: torch.optim.Adam(params, lr=0.05), params=model.parameters(),
         matchmaking_time=0.5, averaging_timeout=2.0, load_state_timeout=20.0, tracker_opts=FAST_TRACKER,
         averager_opts=dict(request_timeout=0.3),
-        grad_averager_factory=functools.partial(GradientAverager, request_timeout=0.3),
     )  # fmt: skip
 
 

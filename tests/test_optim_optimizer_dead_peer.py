@@ -2,7 +2,6 @@
 timeout to it in all, not one per epoch (the record is stuck in an epoch the survivor has left, and the dead peer was
 not in the survivor's last averaging round)."""
 
-import functools
 import time
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 
 import hivemind.optim.optimizer as optimizer_module
 from hivemind.dht import DHT
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.progress_tracker import ProgressTracker
 from tests.log_file import logged_to_file
@@ -50,7 +48,6 @@ def _optimizer(dht: DHT, model: torch.nn.Module) -> Optimizer:
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05), params=model.parameters(),
         matchmaking_time=1.0, averaging_timeout=AVERAGING_TIMEOUT, tracker_opts=FAST_TRACKER,
         averager_opts=dict(request_timeout=0.5),
-        grad_averager_factory=functools.partial(GradientAverager, request_timeout=0.5),
     )  # fmt: skip
 
 

@@ -148,7 +148,7 @@ class SubclassedOptimizer(Optimizer):
     def _make_gradient_averager(self, factory, **kwargs) -> GradientAverager:
         self.hook_calls.append(("gradient_averager", sorted(kwargs)))
         assert factory is None  # (no grad_averager_factory given)
-        # (averager_opts configure the state averager only, as in hivemind 1.1.12: the gradient averager's own go here)
+        # (a value this partial sets wins over the same option in averager_opts)
         return super()._make_gradient_averager(
             functools.partial(RecordingGradientAverager, request_timeout=0.5), **kwargs
         )

@@ -2,6 +2,7 @@
 AttributeError, a comparison of str with int, "no tensor statistic 'e'") or at the first load_state_from_peers()."""
 
 import functools
+import inspect
 import math
 
 import pytest
@@ -38,9 +39,11 @@ def make_optimizer(dht, **overrides):
         (dict(load_state_timeout=math.nan), ValueError, "load_state_timeout must be a positive number"),
         (dict(average_opt_statistics="exp_avg_sq"), TypeError, r"names.*\('exp_avg_sq',\)"),
         (dict(extra_tensors=[1.0]), TypeError, r"extra_tensors\[0\] must be a torch.Tensor"),
+        (dict(use_local_updates=True, averager_opts=dict(accumulate_grads_on="cpu", bandwidth=1e6)), ValueError,
+         r"use_local_updates averages no gradients.*\[\"averager_opts' accumulate_grads_on\"\]"),
     ],
     ids=["str-averaging-timeout", "nan-matchmaking", "str-load-timeout", "negative-load", "nan-load", "str-stats",
-         "float-extra"],
+         "float-extra", "local-updates-gradient-averager-opts"],
 )  # fmt: skip
 def test_optimizer_refuses_inputs_that_cannot_work(lone_dht, overrides, error, message):
     with pytest.raises(error, match=message):
@@ -110,9 +113,9 @@ def test_gradient_averager_refuses_a_single_tensor_as_parameters(lone_dht):
         (dict(compression=None), r"averager_opts cannot set compression: .*grad_compression="),
         (dict(reuse_grad_buffers=True), r"averager_opts cannot set reuse_grad_buffers: .*reuse_grad_buffers="),
         ([("bandwidth", 1.0), 5], r"averager_opts must be a dict of DecentralizedAverager options"),
-        (dict(accumulate_grads_on="cpu"), r"state averager .*partial\(GradientAverager, accumulate_grads_on=...\)"),
+        (dict(parameters=[]), r"averager_opts cannot set parameters: .*main_parameters"),
     ],
-    ids=["prefix", "matchmaking", "compression", "reuse", "not-a-dict", "gradient-averager-only"],
+    ids=["prefix", "matchmaking", "compression", "reuse", "not-a-dict", "parameters"],
 )
 def test_averager_opts_that_the_optimizer_sets_itself_are_refused(lone_dht, averager_opts, message):
     # before: "TrainingStateAverager() got multiple values for keyword argument 'prefix'" (or, for options only the
@@ -148,3 +151,18 @@ def test_a_run_id_too_long_for_the_averagers_handler_names_is_refused_under_its_
     # before: the state averager's prefix check fired, naming a "prefix" the user never passed
     with pytest.raises(ValueError, match=r"run_id is 1000 bytes long.*use a run_id of at most \d+ bytes"):
         make_optimizer(lone_dht, run_id="r" * 1000)
+
+
+def test_the_averager_opts_of_one_averager_alone_are_those_the_other_does_not_take():
+    # (averager_opts go to both averagers but these, which each goes to the one averager that takes it)
+    from hivemind.averaging.averager import DecentralizedAverager
+    from hivemind.optim.grad_averager import GradientAverager
+    from hivemind.optim.optimizer_options import _OPTIMIZER_SETS, GRADIENT_AVERAGER_ONLY, STATE_AVERAGER_ONLY
+    from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+
+    def names(averager_type):
+        return set(inspect.signature(averager_type.__init__).parameters) - {"self", "kwargs"} - set(_OPTIMIZER_SETS)
+
+    state, gradient = names(TrainingStateAverager), names(GradientAverager) | names(PowerSGDGradientAverager)
+    assert STATE_AVERAGER_ONLY == state - gradient
+    assert GRADIENT_AVERAGER_ONLY == gradient - state - names(DecentralizedAverager)

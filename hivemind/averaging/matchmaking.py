@@ -98,8 +98,7 @@ class Matchmaking(GroupLeading):
                 f"request_timeout ({request_timeout} s) should be smaller than min_matchmaking_time "
                 f"({min_matchmaking_time} s), or followers may give up on their leader before it starts the group: "
                 f"raise min_matchmaking_time (hivemind.Optimizer: matchmaking_time) or lower request_timeout "
-                f"(hivemind.Optimizer: averager_opts=dict(request_timeout=...) for its state averager, "
-                f"grad_averager_factory=partial(GradientAverager, request_timeout=...) for its gradient averager)"
+                f"(hivemind.Optimizer: averager_opts=dict(request_timeout=...))"
             )
         self.p2p, self.schema_hash, self.dht = p2p, schema_hash, dht
         self.peer_id: PeerID = p2p.peer_id

@@ -58,14 +58,14 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
     :param client_mode: ignored: the averagers and tracker follow the DHT's client mode
     :param auxiliary: help others average without training
     :param grad_compression: compression of gradient all-reduce
-    :param grad_averager_factory: e.g. ``partial(PowerSGDGradientAverager, averager_rank=32)``, or
-      ``partial(GradientAverager, target_group_size=...)`` for options of the gradient averager
+    :param grad_averager_factory: e.g. ``partial(PowerSGDGradientAverager, averager_rank=32)``; a keyword that such
+      a partial sets wins over the same one in averager_opts
     :param state_averaging_compression: compression of parameter averaging
     :param load_state_compression: compression of state downloads served by this peer
     :param average_opt_statistics: optimizer-state entries averaged with the parameters (e.g. ``"exp_avg_sq"``)
     :param extra_tensors: more tensors averaged and shared with the parameters
-    :param averager_opts: more options of the state averager (e.g. ``bandwidth``), as in hivemind 1.1.12; of these,
-      only ``start_method`` reaches the gradient averager too (see grad_averager_factory for its options)
+    :param averager_opts: more options of both averagers (e.g. ``bandwidth``, ``target_group_size``); one that only
+      one averager takes (e.g. ``sync_epoch_when_averaging``, ``accumulate_grads_on``) goes to it alone
     :param tracker_opts: more options of the ProgressTracker
     :param performance_ema_alpha: smoothing of the speed estimate
     :param shutdown_timeout: seconds to wait for background parts to stop
@@ -121,7 +121,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
         self.status_loglevel = logging.DEBUG if not verbose else logging.INFO
         self._progress_bar = EpochProgressBar(run_id, enabled=verbose)
 
-        self._averager_opts = dict(averager_opts or {})  # (the state averager's; see _make_gradient_averager)
+        self._averager_opts = dict(averager_opts or {})  # (both averagers'; see _averager_opts_for)
         self.scheduled_grads: Optional[StepControl] = None
         self.scheduled_state: Optional[StepControl] = None
         self.scheduled_state_epoch = 0
@@ -134,7 +134,7 @@ class Optimizer(OptimizerHooks, torch.optim.Optimizer):
                 delta_rule_averaging=use_local_updates and delay_state_averaging,
                 average_opt_statistics=average_opt_statistics, extra_tensors=extra_tensors,
                 compression=state_averaging_compression, state_compression=load_state_compression,
-                performance_ema_alpha=performance_ema_alpha, **self._averager_opts,
+                performance_ema_alpha=performance_ema_alpha, **self._averager_opts_for("state"),
             )  # fmt: skip
             self._connect_state_averager()
             self.grad_averager: Optional[GradientAverager] = None

@@ -7,6 +7,7 @@ plug in their own TrainingStateAverager, gradient averager or ProgressTracker su
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable, Dict, Optional
@@ -14,6 +15,7 @@ from typing import Any, Callable, Dict, Optional
 from hivemind.averaging.control import StepControl
 from hivemind.optim.epoch_rule import next_epoch, should_schedule_averaging
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.optimizer_options import averager_opts_for
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.round_watch import WATCH_PERIOD, left_alone, watch_unlimited_round
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -24,6 +26,24 @@ from hivemind.utils.timed_storage import get_dht_time
 __all__ = ["OptimizerHooks", "is_pending"]
 
 logger = get_logger(__name__)
+
+
+def _check_factory_takes(factory: Callable, averager_opts: Dict[str, Any]) -> None:
+    """TypeError, saying why and what to do, if ``factory`` cannot take these ``averager_opts`` as keywords (as a
+    grad_averager_factory written for hivemind 1.1.12, which gives them to the state averager only, may not)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # (no signature to read: the call itself tells)
+        return
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return
+    missing = sorted(set(averager_opts) - set(parameters))
+    if missing:
+        raise TypeError(
+            f"grad_averager_factory takes no {missing}, which averager_opts give it: averager_opts configure both "
+            f"averagers here (hivemind 1.1.12 gives them to the state averager only); let the factory take **kwargs "
+            f"and pass them on to its averager (or drop them to leave them to the state averager)"
+        )
 
 
 def is_pending(control: Optional[StepControl]) -> bool:
@@ -46,7 +66,7 @@ class OptimizerHooks:
 
     # set by Optimizer.__init__ before the factories are called
     dht: Any
-    _averager_opts: Dict[str, Any]  # the user's averager_opts
+    _averager_opts: Dict[str, Any]  # the user's averager_opts (both averagers'; see _averager_opts_for)
     run_id: str
     scheduled_grads: Optional[StepControl]  # the gradient round booked for the end of this epoch, if any
     scheduled_state: Optional[StepControl]  # the state round booked for the end of this epoch, if any
@@ -102,6 +122,11 @@ class OptimizerHooks:
             client_mode=self.client_mode, auxiliary=self.auxiliary, start=True,
         )  # fmt: skip
 
+    def _averager_opts_for(self, averager: str) -> Dict[str, Any]:
+        """The user's ``averager_opts`` that the ``"state"`` or ``"gradient"`` averager gets: all of them but those
+        that only the other averager takes."""
+        return averager_opts_for(self._averager_opts, averager)
+
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         """Build the averager of parameters and optimizer state (kwargs: ``optimizer``, ``params``, ``scheduler``,
         ``delta_rule_averaging``, ``average_opt_statistics``, ``extra_tensors``, ``compression``,
@@ -123,20 +148,19 @@ class OptimizerHooks:
     def _make_gradient_averager(self, factory: Optional[Callable[..., GradientAverager]] = None, **kwargs):
         """Build the gradient averager over the state averager's ``main_parameters`` with ``factory`` (the
         Optimizer's ``grad_averager_factory``; None: GradientAverager). kwargs: ``reuse_grad_buffers`` and
-        ``compression``. The factory is called as hivemind 1.1.12 calls it: with ``parameters`` by keyword, the options
-        shared by both averagers (``dht``, ``prefix``, matchmaking time, timeouts, ``client_mode``, ``auxiliary``,
-        ``start=True``) and kwargs, nothing else, so a factory written for 1.1.12 without ``**kwargs`` works. The
-        user's ``averager_opts`` configure the state averager only (as in 1.1.12), except ``start_method``, an option
-        of this library that both averagers' processes follow; give the gradient averager options of its own with
-        ``grad_averager_factory=partial(GradientAverager, target_group_size=...)``."""
+        ``compression``. The factory gets what hivemind 1.1.12 gives it: ``parameters`` by keyword, the options shared
+        by both averagers (``dht``, ``prefix``, matchmaking time, timeouts, ``client_mode``, ``auxiliary``,
+        ``start=True``) and kwargs; and besides, unlike 1.1.12, the user's ``averager_opts`` but those only the state
+        averager takes and those that a ``functools.partial`` factory sets itself (its own value wins)."""
         factory = GradientAverager if factory is None else factory
         options = dict(
             parameters=self.state_averager.main_parameters, prefix=f"{self.run_id}_grad_averager",
             **self._shared_averager_kwargs(),
         )  # fmt: skip
-        if "start_method" in self._averager_opts:
-            options["start_method"] = self._averager_opts["start_method"]
-        return factory(**{**options, **kwargs})
+        fixed = factory.keywords if isinstance(factory, functools.partial) else {}
+        opts = {name: value for name, value in self._averager_opts_for("gradient").items() if name not in fixed}
+        _check_factory_takes(factory, opts)
+        return factory(**{**options, **opts, **kwargs})
 
     def _connect_gradient_averager(self) -> None:
         """What the Optimizer needs of its gradient averager, however a factory or an override built it: with

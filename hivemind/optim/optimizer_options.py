@@ -6,7 +6,7 @@ import ctypes
 import math
 import multiprocessing as mp
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
@@ -122,6 +122,7 @@ def resolve_options(
                 ("reuse_grad_buffers", reuse_grad_buffers),
                 ("delay_grad_averaging", delay_grad_averaging),
                 ("grad_averager_factory", grad_averager_factory is not None),
+                *((f"averager_opts' {name}", name in GRADIENT_AVERAGER_ONLY) for name in averager_opts or ()),
             ]
             if value
         ]
@@ -243,12 +244,22 @@ _OPTIMIZER_SETS = {
     "average_opt_statistics": "average_opt_statistics=", "reuse_grad_buffers": "reuse_grad_buffers=",
     "averaged_grads": "the Optimizer itself", "warn": "the Optimizer itself",
     "max_epoch_spread": "use_local_updates= (1 with local updates, else 0)",
-    "performance_ema_alpha": "performance_ema_alpha=",
+    "performance_ema_alpha": "performance_ema_alpha=", "parameters": "the state averager's main_parameters",
 }  # fmt: skip
 
 
-# options of a gradient averager (plain or PowerSGD) that the state averager, which gets averager_opts, does not take
-_GRADIENT_AVERAGER_ONLY = ("accumulate_grads_on", "averager_rank", "min_compression_ratio")
+# averager_opts configure both averagers, except the options that only one of them takes, which go to it alone
+STATE_AVERAGER_ONLY = frozenset(
+    {"sync_epoch_when_averaging", "reuse_tensors", "parameter_names", "initialize_optimizer"}
+)
+GRADIENT_AVERAGER_ONLY = frozenset({"accumulate_grads_on", "averager_rank", "min_compression_ratio"})  # (PowerSGD's)
+
+
+def averager_opts_for(averager_opts: Mapping[str, Any], averager: str) -> Dict[str, Any]:
+    """The user's ``averager_opts`` that the ``"state"`` or ``"gradient"`` averager gets: all of them but those that
+    only the other averager takes."""
+    other_only = GRADIENT_AVERAGER_ONLY if averager == "state" else STATE_AVERAGER_ONLY
+    return {name: value for name, value in averager_opts.items() if name not in other_only}
 
 
 def checked_epoch_spread(max_epoch_spread: Any) -> int:
@@ -287,11 +298,6 @@ def check_averager_opts(averager_opts: Any) -> None:
     for name in averager_opts:
         if name in _OPTIMIZER_SETS:
             raise TypeError(f"averager_opts cannot set {name}: the Optimizer sets it from {_OPTIMIZER_SETS[name]}")
-        if name in _GRADIENT_AVERAGER_ONLY:
-            raise TypeError(
-                f"averager_opts configure the state averager (as in hivemind 1.1.12), which has no {name}: give it to "
-                f"the gradient averager with grad_averager_factory=functools.partial(GradientAverager, {name}=...)"
-            )
 
 
 def _check_run_id_length(run_id: str) -> None:
