@@ -13,6 +13,7 @@ from averager_helpers import dht_swarm
 from hivemind.dht import DHT
 from hivemind.optim.optimizer import Optimizer
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.optim.training_averager import TrainingAverager
 
 FAST_TRACKER = dict(min_refresh_period=0.05, max_refresh_period=0.3, default_refresh_period=0.1)
@@ -39,6 +40,21 @@ def make_optimizer(
     )  # fmt: skip
     options.update(kwargs)
     return optimizer_class(**options)
+
+
+class StateAveragerOf1_1_12(Optimizer):
+    """An Optimizer whose ``_make_state_averager`` builds its TrainingStateAverager with the arguments hivemind
+    1.1.12's Optimizer gives it (as OpenDiLoCo's DiLoCoOptimizer does): none of this library's own, such as
+    ``max_epoch_spread``."""
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        return TrainingStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -1,22 +1,25 @@
 """An OpenDiLoCo-style optimizer (written here from its public usage of hivemind) trains on this library: a
-hivemind.Optimizer subclass with use_local_updates=True and offload_optimizer=True whose hooks build its own
-TrainingStateAverager (as 1.1.12's _make_state_averager does) and ProgressTracker, plus a DecentralizedAverager over
+hivemind.Optimizer subclass with use_local_updates=True and offload_optimizer=True whose hook builds its own
+TrainingStateAverager (as 1.1.12's _make_state_averager does), plus a DecentralizedAverager over
 the offloaded optimizer's ``.grad`` that averages the pseudo-gradients (offloaded minus local parameters) once per
 outer step, which the outer optimizer then applies with ``state_averager.step(increment_epoch=True,
 optimizer_step=True)``. Two peers end each outer step with the same parameters; a late peer downloads them."""
 
 import contextlib
-import threading
-import time
 
 import pytest
 import torch
-from optim_swarm_helpers import FAST_TRACKER, RegressionTask, dht_pair, wait_for
+from optim_swarm_helpers import (
+    FAST_TRACKER,
+    RegressionTask,
+    StateAveragerOf1_1_12,
+    dht_pair,
+    train_until_epoch,
+    wait_for,
+)
 
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.dht import DHT
-from hivemind.optim.optimizer import Optimizer
-from hivemind.optim.state_averager import TrainingStateAverager
 
 __all__ = ["dht_pair"]  # the fixture, used below
 
@@ -47,7 +50,7 @@ class PseudoGradientAverager(DecentralizedAverager):
         return len(control.result(timeout))
 
 
-class OuterStepOptimizer(Optimizer):
+class OuterStepOptimizer(StateAveragerOf1_1_12):
     def __init__(self, *, inner_optimizer, params, **kwargs):
         params = list(params)
         self.inner_optimizer = inner_optimizer(params)
@@ -58,15 +61,6 @@ class OuterStepOptimizer(Optimizer):
             allreduce_timeout=self.allreduce_timeout, request_timeout=0.5, start=True,
         )  # fmt: skip
         self.group_sizes = []
-
-    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        return TrainingStateAverager(
-            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
-        )  # fmt: skip
 
     def step(self, closure=None, batch_size=None, grad_scaler=None):
         if self._should_load_state_from_peers():
@@ -100,32 +94,6 @@ def make_outer_step_optimizer(dht: DHT, model: torch.nn.Module) -> OuterStepOpti
     )  # fmt: skip
 
 
-def _train(task: RegressionTask, opts, epochs: int) -> None:
-    """Both peers take inner steps, in lockstep, until both have made ``epochs`` outer steps (each peer's average
-    waits for the other's, so the two run in threads)."""
-    errors = []
-
-    def run(index):
-        try:
-            generator = torch.Generator().manual_seed(index)
-            while opts[index].local_epoch < epochs:
-                x, y = task.sample(generator)
-                opts[index].inner_optimizer.zero_grad()
-                torch.nn.functional.mse_loss(task.models[index](x), y).backward()
-                opts[index].step()
-                time.sleep(0.01)
-        except BaseException as e:  # reported by the test's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(opts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(90)
-    assert not errors, errors
-    assert [opt.local_epoch for opt in opts] == [epochs] * len(opts)
-
-
 @pytest.mark.timeout(180)
 def test_an_outer_step_optimizer_averages_pseudo_gradients_and_a_late_peer_downloads_the_state(dht_pair):
     task = RegressionTask()
@@ -135,7 +103,9 @@ def test_an_outer_step_optimizer_averages_pseudo_gradients_and_a_late_peer_downl
             opts.append(make_outer_step_optimizer(dht, model))
             stack.callback(opts[-1].shutdown)
         wait_for(lambda: all(opt.tracker.global_progress.num_peers == 2 for opt in opts))
-        _train(task, opts, epochs=3)
+        generators = [torch.Generator().manual_seed(index) for index in range(len(opts))]
+        # (each peer's outer step waits for the other's average: they train in threads, an MSE step at a time)
+        train_until_epoch(task.models, opts, 3, lambda index, _: task.sample(generators[index]), timeout=90)
         assert all(sizes and set(sizes) == {2} for sizes in (opt.group_sizes for opt in opts))
         for mine, theirs in zip(*(model.parameters() for model in task.models)):
             assert torch.allclose(mine, theirs, atol=1e-5)  # one outer step of the same average on each

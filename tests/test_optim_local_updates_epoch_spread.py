@@ -7,32 +7,18 @@ other applied its own: two such peers never averaged at all (1.1.12 averages all
 import pytest
 import torch
 from averager_helpers import state_rounds_together
-from optim_swarm_helpers import dht_pair, make_optimizer
+from optim_swarm_helpers import StateAveragerOf1_1_12, dht_pair, make_optimizer
 
 from hivemind.optim.optimizer import Optimizer
-from hivemind.optim.state_averager import TrainingStateAverager
 
 __all__ = ["dht_pair"]  # the fixture, used below
 
 
-class OwnStateAverager(Optimizer):
-    """Builds its TrainingStateAverager as 1.1.12's _make_state_averager does (no epoch spread among its options)."""
-
-    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        return TrainingStateAverager(
-            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
-        )  # fmt: skip
-
-
 CASES = dict(
     base=dict(optimizer_class=Optimizer),
-    own_state_averager=dict(optimizer_class=OwnStateAverager),
+    own_state_averager=dict(optimizer_class=StateAveragerOf1_1_12),
     own_spawned_state_averager=dict(
-        optimizer_class=OwnStateAverager, averager_opts=dict(request_timeout=0.5, start_method="spawn")
+        optimizer_class=StateAveragerOf1_1_12, averager_opts=dict(request_timeout=0.5, start_method="spawn")
     ),  # (the averager's process, started before the Optimizer sets the spread, follows it)
 )
 
