@@ -2,27 +2,31 @@
 test_moe_refused_requests.py), but any server can answer with a refusal's text: a hostile one that refused every
 request so was never penalized, and kept its place among each sample's chosen experts, masked at every step. A
 refusal is now believed only where it can be the caller's fault: the rows sent hold a NaN or infinite value, or no
-other expert of the call took its own rows."""
+other expert of the call took as many rows (an honest server refuses more rows than its max_batch_size)."""
 
 import pytest
 import torch
 import torch.nn as nn
 from moe_client_fakes import FakeExpertServer
+from moe_swarm_helpers import serving_experts
 
 from hivemind.dht import DHT
-from hivemind.moe import RemoteMixtureOfExperts
+from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts
 from hivemind.moe.client.call_many import refusal_is_credible
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HID = 4
 
 
-def test_a_refusal_is_credible_for_non_finite_rows_or_when_no_other_expert_took_its_rows():
+def test_a_refusal_is_credible_for_non_finite_rows_or_more_rows_than_any_other_expert_took():
     finite, with_nan = [torch.randn(3, HID)], [torch.tensor([[0.0, float("nan"), 0.0, 0.0]])]
-    assert not refusal_is_credible(finite, others_accepted=True)
-    assert refusal_is_credible(finite, others_accepted=False)
-    assert refusal_is_credible(with_nan, others_accepted=True)
-    assert refusal_is_credible([torch.randn(3, HID), torch.full((3, 1), float("inf"))], others_accepted=True)
-    assert not refusal_is_credible([torch.randn(3, HID), torch.ones(3, dtype=torch.int64)], others_accepted=True)
+    assert not refusal_is_credible(finite, most_rows_taken=3)
+    assert not refusal_is_credible(finite, most_rows_taken=5)
+    assert refusal_is_credible(finite, most_rows_taken=2)  # (over a max_batch_size that the others may share)
+    assert refusal_is_credible(finite, most_rows_taken=0)  # (no other expert took its rows)
+    assert refusal_is_credible(with_nan, most_rows_taken=3)
+    assert refusal_is_credible([torch.randn(3, HID), torch.full((3, 1), float("inf"))], most_rows_taken=3)
+    assert not refusal_is_credible([torch.randn(3, HID), torch.ones(3, dtype=torch.int64)], most_rows_taken=3)
 
 
 @pytest.mark.timeout(90)
@@ -46,3 +50,27 @@ def test_an_expert_refusing_finite_rows_that_the_others_take_is_penalized():
         client_dht.shutdown()
         liar.stop()
         honest.stop()
+
+
+@pytest.mark.timeout(60)
+def test_an_expert_sent_more_rows_than_its_max_batch_size_and_the_others_is_believed():
+    # the same max_batch_size on every server, but the gating routes 20 rows to ffn.0 and 10 to ffn.1 (k_best=1):
+    # before, ffn.0's refusal was taken for a lie (ffn.1 took its rows), so ffn.0 was penalized and the error did not
+    # say that it refused the request, nor why
+    backends = {
+        uid: ModuleBackend(uid, nn.Linear(HID, HID), args_schema=(BatchTensorDescriptor(HID),), max_batch_size=16)
+        for uid in ("ffn.0", "ffn.1")
+    }
+    with serving_experts(backends) as (_, client_dht):
+        moe = RemoteMixtureOfExperts(in_features=HID, grid_size=(2,), dht=client_dht, uid_prefix="ffn.", k_best=1)
+        with torch.no_grad():  # a sample with a positive first feature goes to ffn.0, the others to ffn.1
+            moe.proj.weight.zero_(), moe.proj.bias.zero_()
+            moe.proj.weight[:, 0] = torch.tensor([10.0, -10.0])
+        inputs = torch.randn(30, HID)
+        inputs[:20, 0], inputs[20:, 0] = 1.0, -1.0
+        with pytest.raises(
+            RuntimeError, match="refused the request as invalid, e.g. ffn.0: .*exceeds max_batch_size=16"
+        ):
+            moe(inputs)
+        assert moe.failure_penalty.num_penalized() == 0
+        assert moe(inputs[10:]).shape == (20, HID)  # 10 rows for each

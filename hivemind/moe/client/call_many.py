@@ -71,12 +71,14 @@ def refusal_reason(error: BaseException) -> Optional[str]:
     return None if match is None else shorten(match.group(1))
 
 
-def refusal_is_credible(tensors: Sequence[torch.Tensor], others_accepted: bool) -> bool:
+def refusal_is_credible(tensors: Sequence[torch.Tensor], most_rows_taken: int) -> bool:
     """Whether a server's refusal of a request of ``tensors`` as invalid can be the caller's fault: the rows hold a NaN
-    or infinite value (servers refuse those), or no other expert of the call took its own rows (the whole request may
-    be wrong, e.g. more rows than every server takes). Any server can answer with a refusal's text, so one refusing
-    finite rows while others took theirs is counted as failing, and skipped for a while like one."""
-    if not others_accepted:
+    or infinite value (servers refuse those), or there are more of them than any other expert of the call took
+    (``most_rows_taken``, 0 if none did: a server refuses more rows than its max_batch_size, which the experts that
+    took fewer may share, and with none taken the whole request may be wrong). Any server can answer with a refusal's
+    text, so one refusing finite rows, no more than another expert took, is counted as failing, and skipped for a
+    while like one."""
+    if not tensors or len(tensors[0]) > most_rows_taken:
         return True
     return any(tensor.is_floating_point() and not torch.isfinite(tensor).all() for tensor in tensors)
 
@@ -231,14 +233,17 @@ def _fan_out(
     results, errors, timed_out = RemoteExpertWorker.run_coroutine(
         _gather_answers(calls, jobs, num_samples, k_min, deadline, options.timeout_after_k_min)
     )
+    most_rows_taken = max((len(jobs[index].samples) for index in results), default=0)
     for index, error in errors.items():
         reason = refusal_reason(error)
-        if reason is not None and refusal_is_credible(tensors_for_job(jobs[index]), others_accepted=bool(results)):
+        if reason is not None and refusal_is_credible(tensors_for_job(jobs[index]), most_rows_taken):
             logger.warning(f"Expert {jobs[index].expert.uid} refused the {method} request as invalid: {reason}")
             options.refused[jobs[index].expert.uid] = reason  # the request was invalid: the expert is fine
             continue
         problem = (
-            shorten(repr(error)) if reason is None else f"it refused finite rows while others took theirs: {reason}"
+            shorten(repr(error))
+            if reason is None
+            else f"it refused finite rows, no more than another expert took: {reason}"
         )
         logger.warning(f"Expert {jobs[index].expert.uid} failed in {method}, masking it: {problem}")
         if method == "forward" and isinstance(error, ExpertResponseTooLarge):
