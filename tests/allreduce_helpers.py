@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import TensorPartContainer
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter, await_with_timeout
@@ -139,3 +140,56 @@ def assert_two_averaged_without_the_third(values, deltas, container) -> None:
             window = slice(part.start, part.stop)
             expected = values[i][window] if part.reducer == 2 else (values[0][window] + values[1][window]) / 2
             torch.testing.assert_close(result[window], expected, rtol=0, atol=1e-6)
+
+
+PACED_SENDER_VALUES, HONEST_REDUCER_VALUES = (30.0, 60.0, 90.0), (0.0, 6.0)
+
+
+async def round_with_paced_senders(p2p_factory, schedules, *, size: int, part_bytes: int, wait: float, **timeouts):
+    """Two honest members (values 0 and 6) reduce; before them, one member per schedule (values 30, 60, 90) only
+    sends, part k to each reducer at ``schedule(k)`` seconds after the round started (k from 0; a fixed schedule, so
+    that a busy machine does not slow it further), or from the first k it gives None on, nothing more with its streams
+    left open. Waits up to ``wait`` s for the honest members' results (own + delta), returns them and the round's
+    duration."""
+    peers = await make_connected_peers(p2p_factory, len(schedules) + 2)
+    routers = await start_routers(peers)
+    fractions = [0.0] * len(schedules) + [1.0, 1.0]
+    group_id = os.urandom(20)
+    honest = range(len(schedules), len(peers))
+    runners = [
+        make_runner(
+            peers[i],
+            routers[i],
+            peers,
+            group_id,
+            [torch.full((size,), value)],
+            peer_fractions=fractions,
+            part_size_bytes=part_bytes,
+            **timeouts,
+        )  # fmt: skip
+        for i, value in zip(honest, HONEST_REDUCER_VALUES)
+    ]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def paced(value, schedule, reducer_index):
+        container = TensorPartContainer([torch.full((size,), value)], fractions, part_size_bytes=part_bytes)
+        for k, message in enumerate(sender_messages(container, reducer_index, group_id)):
+            if schedule(k) is None:
+                await asyncio.Event().wait()  # (cancelled at the end of the round)
+            await asyncio.sleep(max(0.0, started + schedule(k) - loop.time()))
+            yield message
+
+    sending = [
+        asyncio.create_task(call_reducer(peers[d], peers[i], paced(PACED_SENDER_VALUES[d], schedule, i)))
+        for d, schedule in enumerate(schedules)
+        for i in honest
+    ]
+    try:
+        deltas = await asyncio.wait_for(asyncio.gather(*(collect(runner) for runner in runners)), wait)
+        elapsed = loop.time() - started
+    finally:
+        for task in sending:
+            task.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
+    return [own + delta for own, (delta,) in zip(HONEST_REDUCER_VALUES, deltas)], elapsed

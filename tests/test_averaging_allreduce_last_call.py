@@ -9,11 +9,14 @@ import os
 import pytest
 import torch
 from allreduce_helpers import (
+    HONEST_REDUCER_VALUES,
+    PACED_SENDER_VALUES,
     call_reducer,
     collect,
     hivemind_logs,
     make_connected_peers,
     make_runner,
+    round_with_paced_senders,
     sender_messages,
     start_routers,
 )
@@ -73,58 +76,14 @@ async def test_the_last_call_excludes_the_dripping_sender_and_not_the_honest_one
     assert banned and all(peers[0].peer_id.to_base58()[-8:] in message for message in banned), banned
 
 
-async def _round_with_drippers(p2p_factory, schedules, timeouts):
-    """Two honest members reduce; each other member streams both its 16 parts, part k at ``schedule(k)`` seconds
-    after the round started. Waits for the honest members' results as the averager does: the round must be done
-    within allreduce_timeout, or its step fails. Returns their results and the values of the drippers."""
-    peers = await make_connected_peers(p2p_factory, len(schedules) + 2)
-    routers = await start_routers(peers)
-    fractions = [0.0] * len(schedules) + [1.0, 1.0]  # the drippers only send
-    dripper_values, honest_values = [30.0 * (d + 1) for d in range(len(schedules))], (0.0, 6.0)
-    group_id = os.urandom(20)
-    honest = range(len(schedules), len(peers))
-    runners = [
-        make_runner(
-            peers[i],
-            routers[i],
-            peers,
-            group_id,
-            [torch.full((SIZE,), value)],
-            peer_fractions=fractions,
-            part_size_bytes=PART_BYTES,
-            **timeouts,
-        )  # fmt: skip
-        for i, value in zip(honest, honest_values)
-    ]
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-
-    async def drip(value, schedule, reducer_index):
-        container = TensorPartContainer([torch.full((SIZE,), value)], fractions, part_size_bytes=PART_BYTES)
-        for k, message in enumerate(sender_messages(container, reducer_index, group_id)):
-            await asyncio.sleep(max(0.0, started + schedule(k) - loop.time()))
-            yield message
-
-    dripping = [
-        asyncio.create_task(call_reducer(peers[d], peers[i], drip(dripper_values[d], schedule, i)))
-        for d, schedule in enumerate(schedules)
-        for i in honest
-    ]
-    try:
-        runs = asyncio.gather(*(collect(runner) for runner in runners))
-        deltas = await asyncio.wait_for(runs, timeouts["allreduce_timeout"])
-    finally:
-        for task in dripping:
-            task.cancel()
-        await asyncio.gather(*dripping, return_exceptions=True)
-    return [own + delta for own, (delta,) in zip(honest_values, deltas)], dripper_values, honest_values
-
-
 async def test_a_dripper_held_behind_another_dripper_is_cut_at_the_final_call(p2p_factory, hivemind_logs):
     # two drippers: the slower holds the round up and is cut at the last call (85%); the other, held a few parts
     # ahead of it by the reducer's window until then, holds it up next and must not drip the round past its deadline
     schedules = [lambda k: 0.9 * k, lambda k: 0.6 * k]  # each part within sender_timeout; the second ends at 9 s
-    results, (first, second), honest_values = await _round_with_drippers(p2p_factory, schedules, TIMEOUTS)
+    results, _ = await round_with_paced_senders(
+        p2p_factory, schedules, size=SIZE, part_bytes=PART_BYTES, wait=TIMEOUTS["allreduce_timeout"], **TIMEOUTS
+    )  # as the averager does: the round's deltas must be in within allreduce_timeout, or the step fails
+    (first, second, _), honest_values = PACED_SENDER_VALUES, HONEST_REDUCER_VALUES
     everyone, without_first = (first + second + sum(honest_values)) / 4, (second + sum(honest_values)) / 3
     without_both = sum(honest_values) / 2
     for result in results:
@@ -140,8 +99,10 @@ async def test_a_chain_of_drippers_does_not_hold_the_round_past_its_deadline(p2p
     # no more parts from anyone (the senders give up on unanswered reducers then)
     timeouts = dict(sender_timeout=2.0, reducer_timeout=4.0, allreduce_timeout=16.0)
     schedules = [lambda k: 1.8 * k, lambda k: 1.2 * k, lambda k: 1.0 * k if k < 14 else 13.0 + 1.85 * (k - 13)]
-    results, _, honest_values = await _round_with_drippers(p2p_factory, schedules, timeouts)
+    results, _ = await round_with_paced_senders(
+        p2p_factory, schedules, size=SIZE, part_bytes=PART_BYTES, wait=timeouts["allreduce_timeout"], **timeouts
+    )
     for result in results:
-        assert int((result == sum(honest_values) / 2).sum()) > 0  # every dripper cut from its later parts
+        assert int((result == sum(HONEST_REDUCER_VALUES) / 2).sum()) > 0  # every dripper cut from its later parts
     banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
     assert any("(95% of allreduce_timeout" in message for message in banned), banned

@@ -2,31 +2,18 @@
 its pace so far delivers its remaining parts before the round's deadline, and still excludes one whose pace cannot
 (real p2pd peers on 127.0.0.1)."""
 
-import asyncio
-import os
 from typing import Optional
 
 import pytest
-import torch
-from allreduce_helpers import (
-    call_reducer,
-    collect,
-    hivemind_logs,
-    make_connected_peers,
-    make_runner,
-    sender_messages,
-    start_routers,
-)
+from allreduce_helpers import HONEST_REDUCER_VALUES, PACED_SENDER_VALUES, hivemind_logs, round_with_paced_senders
 
 from hivemind.averaging.deadlines import SenderPace
-from hivemind.averaging.partition import TensorPartContainer
 
 __all__ = ["hivemind_logs"]  # the fixture, used by the tests below
 
 pytestmark = pytest.mark.timeout(60)
 
 SIZE, PART_BYTES = 512, 64  # 32 parts of 16 float32 elements, 16 reduced by each of the two honest members
-FRACTIONS = [0.0, 1.0, 1.0]  # the slow member only sends
 ALLREDUCE_TIMEOUT = 16.0
 TIMEOUTS = dict(sender_timeout=3.0, reducer_timeout=6.0, allreduce_timeout=ALLREDUCE_TIMEOUT)  # parts come well within
 
@@ -76,48 +63,17 @@ def test_a_sender_without_a_pace_yet_is_not_projected_to_finish():
 async def _round_with_a_paced_sender(
     p2p_factory, seconds_per_part: float, silent_after: Optional[int] = None, timeouts: Optional[dict] = None
 ):
-    """Two honest members reduce; the third streams each of them its 16 parts, part k at ``k * seconds_per_part``
-    seconds after the round started (on a fixed schedule, so that a busy machine does not slow it further); with
-    ``silent_after``, it sends only that many and then keeps its streams open in silence. Returns the honest members'
-    results, the averages with and without the slow member's parts, and how long the round took."""
-    peers = await make_connected_peers(p2p_factory, 3)
-    routers = await start_routers(peers)
-    slow_value, honest_values = 30.0, (0.0, 6.0)
-    group_id = os.urandom(20)
-    runners = [
-        make_runner(
-            peers[i],
-            routers[i],
-            peers,
-            group_id,
-            [torch.full((SIZE,), honest_values[i - 1])],
-            peer_fractions=FRACTIONS,
-            part_size_bytes=PART_BYTES,
-            **(timeouts or TIMEOUTS),
-        )  # fmt: skip
-        for i in (1, 2)
-    ]
-    container = TensorPartContainer([torch.full((SIZE,), slow_value)], FRACTIONS, part_size_bytes=PART_BYTES)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-
-    async def paced(reducer_index):
-        for k, message in enumerate(sender_messages(container, reducer_index, group_id), start=1):
-            if silent_after is not None and k > silent_after:
-                await asyncio.Event().wait()  # (cancelled at the end of the round)
-            await asyncio.sleep(max(0.0, started + k * seconds_per_part - loop.time()))
-            yield message
-
-    sending = [asyncio.create_task(call_reducer(peers[0], peers[i], paced(i))) for i in (1, 2)]
-    try:
-        deltas = await asyncio.wait_for(asyncio.gather(*(collect(runner) for runner in runners)), 40)
-        elapsed = loop.time() - started
-    finally:
-        for task in sending:
-            task.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)
-    results = [own + delta for own, (delta,) in zip(honest_values, deltas)]
-    return results, (slow_value + sum(honest_values)) / 3, sum(honest_values) / 2, elapsed
+    """Two honest members reduce; the third streams each of them its 16 parts, part k (from 1) at
+    ``k * seconds_per_part`` seconds after the round started; with ``silent_after``, it sends only that many and then
+    keeps its streams open in silence. Returns the honest members' results, the averages with and without the slow
+    member's parts, and how long the round took."""
+    results, elapsed = await round_with_paced_senders(
+        p2p_factory,
+        [lambda k: (k + 1) * seconds_per_part if silent_after is None or k < silent_after else None],
+        size=SIZE, part_bytes=PART_BYTES, wait=40, **(timeouts or TIMEOUTS),
+    )  # fmt: skip
+    slow_value, honest = PACED_SENDER_VALUES[0], HONEST_REDUCER_VALUES
+    return results, (slow_value + sum(honest)) / 3, sum(honest) / 2, elapsed
 
 
 async def test_a_steady_sender_that_finishes_before_the_deadline_is_not_cut_at_the_last_call(
