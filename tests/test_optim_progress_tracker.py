@@ -158,3 +158,20 @@ def test_a_long_pause_of_updates_does_not_stall_the_tracker_thread(dht_pair):
         finally:
             release.set()
             round_thread.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_refresh_options_can_be_changed_on_a_running_tracker(dht_pair):
+    """As in hivemind 1.1.12, code may set a tracker's refresh options after creating it (e.g. in a subclass); the
+    next fetch follows them, and a value the policy cannot take is refused at once."""
+    with started_trackers(dht_pair, target_batch_size=100) as (first, second):
+        first.max_refresh_period, first.default_refresh_period = 30.0, 30.0
+        first.min_refresh_period, first.expected_drift_rate, first.expected_drift_peers = 20.0, 0.5, 7
+        assert (first.min_refresh_period, first.max_refresh_period, first.expected_drift_peers) == (20.0, 30.0, 7)
+        assert first.refresh_policy.expected_drift_rate == 0.5
+        second.report_local_progress(0, 10)
+        assert first.refresh_global_progress(timeout=10)
+        assert first.global_progress.next_fetch_time - get_dht_time() >= 15  # within [min, max] = [20, 30] s
+        with pytest.raises(ValueError):
+            first.min_refresh_period = 40.0  # above max_refresh_period
+        assert first.min_refresh_period == 20.0

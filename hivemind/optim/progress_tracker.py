@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -55,6 +56,20 @@ class TrainingProgressSchema(pydantic_v1.BaseModel):
     """DHT schema: each peer writes its own record under a subkey carrying its public key (so it must sign it)."""
 
     progress: Dict[BytesWithPublicKey, Optional[LocalTrainingProgress]]
+
+
+class _RefreshSetting:
+    """One of the tracker's refresh options (see RefreshPolicy): read from its policy, and settable on a running
+    tracker as in hivemind 1.1.12 (the policy is replaced by a checked copy; the next refresh uses it)."""
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, tracker: Optional[ProgressTracker], owner=None):
+        return self if tracker is None else getattr(tracker.refresh_policy, self.name)
+
+    def __set__(self, tracker: ProgressTracker, value: float) -> None:
+        tracker.refresh_policy = dataclasses.replace(tracker.refresh_policy, **{self.name: value})
 
 
 class ProgressTracker(threading.Thread):
@@ -138,25 +153,11 @@ class ProgressTracker(threading.Thread):
 
     # ------------------------------------------------------------------ user-facing state
 
-    @property
-    def min_refresh_period(self) -> float:
-        return self.refresh_policy.min_refresh_period
-
-    @property
-    def max_refresh_period(self) -> float:
-        return self.refresh_policy.max_refresh_period
-
-    @property
-    def default_refresh_period(self) -> float:
-        return self.refresh_policy.default_refresh_period
-
-    @property
-    def expected_drift_peers(self) -> float:
-        return self.refresh_policy.expected_drift_peers
-
-    @property
-    def expected_drift_rate(self) -> float:
-        return self.refresh_policy.expected_drift_rate
+    min_refresh_period = _RefreshSetting()
+    max_refresh_period = _RefreshSetting()
+    default_refresh_period = _RefreshSetting()
+    expected_drift_peers = _RefreshSetting()
+    expected_drift_rate = _RefreshSetting()
 
     @property
     def global_epoch(self) -> int:
