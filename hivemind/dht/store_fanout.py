@@ -251,10 +251,9 @@ class StoreFanout:
                     self._give_up_too_large(batch, peer_id, e)
                     continue
                 if response is None:  # silent: the keys waiting for it go to their next candidates
-                    if batch[0][0].nbytes <= MAX_BYTES_PER_REQUEST:  # (else a key too large for a message failed)
-                        self._silent_peers.add(peer_id)
-                        batch.extend(queue)
-                        queue.clear()
+                    self._silent_peers.add(peer_id)
+                    batch.extend(queue)
+                    queue.clear()
                     for key, _ in batch:
                         key.in_flight -= 1
                         self._advance(key)
