@@ -211,12 +211,13 @@ class RemoteMixtureOfExperts(nn.Module):
         options = self._call_options(deadline)
         try:
             expert_mask, outputs = self._call_with_info(chosen_experts, options, *args, **kwargs)
+            dispute = self._dispute(options)
         except TimeoutError:  # too few answers: maybe because the info made the others' answers look malformed
-            if not self._info_disputed(options):
+            dispute = self._dispute(options)
+            if dispute is None:
                 raise
-            expert_mask = None
-        if expert_mask is None or self._info_disputed(options):
-            self._drop_disputed_info(options)
+        if dispute is not None:
+            self._drop_disputed_info(*dispute)
             options = self._call_options(deadline)
             expert_mask, outputs = self._call_with_info(chosen_experts, options, *args, **kwargs)
         empty_samples = (~expert_mask.any(dim=1)).nonzero().flatten().tolist()
@@ -228,19 +229,18 @@ class RemoteMixtureOfExperts(nn.Module):
             )
         return expert_mask, outputs
 
-    def _info_disputed(self, options: CallOptions) -> bool:
-        """Whether at least two experts other than the info's provider gave answers its outputs schema does not
-        describe, more than gave answers it does."""
+    def _dispute(self, options: CallOptions) -> Optional[Tuple[set, set]]:
+        """If at least two experts other than the info's provider gave answers its outputs schema does not describe,
+        more than gave answers it does: the penalty keys of those (disagreed) and of these (agreed); else None."""
         if self._info_provider is None:
-            return False
+            return None
         provider = penalty_key(self._info_provider)
         disagreed, agreed = options.disagreed - {provider}, options.agreed - {provider}
-        return len(disagreed) >= 2 and len(disagreed) > len(agreed)
+        return (disagreed, agreed) if len(disagreed) >= 2 and len(disagreed) > len(agreed) else None
 
-    def _drop_disputed_info(self, options: CallOptions) -> None:
-        """Forget the info that the answers of ``options``'s call disputed; penalize its provider, not them."""
+    def _drop_disputed_info(self, disagreed: set, agreed: set) -> None:
+        """Forget the info that the ``disagreed`` experts' answers disputed; penalize its provider, not them."""
         provider = penalty_key(self._info_provider)
-        disagreed, agreed = options.disagreed - {provider}, options.agreed - {provider}
         logger.warning(
             f"The outputs of {len(disagreed)} experts (e.g. {next(iter(disagreed))[0]}) do not fit the outputs schema "
             f"that {_describe(self._info_provider)} described, while {len(agreed)} fit it: using the info of another "
