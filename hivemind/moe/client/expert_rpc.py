@@ -143,10 +143,11 @@ def serialize_inputs(tensors: Sequence[torch.Tensor], schema: Iterable) -> List[
 
 class _InputProgress:
     """When the p2p layer last asked a streamed input for its next message (it asks once the previous one was taken
-    by the stream), and how many buffer bytes it took so far."""
+    by the stream), how many buffer bytes it took so far, and whether the input went out whole (``sent``, set by
+    attach_event_on_finished: the server may answer from then on)."""
 
     def __init__(self):
-        self.asked_at, self.sent_bytes = time.monotonic(), 0
+        self.asked_at, self.sent_bytes, self.sent = time.monotonic(), 0, asyncio.Event()
 
     def stalled_for(self) -> float:
         return time.monotonic() - self.asked_at
@@ -324,15 +325,14 @@ async def call_expert(
     """
     if max(raw_size, expected_response_size) > MAX_UNARY_PAYLOAD_SIZE:
         name = f"rpc_{method}_stream"
-        sent = asyncio.Event()  # the whole input went out: the server may answer from then on
         progress = _InputProgress()
-        requests = attach_event_on_finished(_iterate_requests(uid, serialized, progress), sent)
+        requests = attach_event_on_finished(_iterate_requests(uid, serialized, progress), progress.sent)
         responses = await _call(stub, name, uid, requests, max_response_tensors)
         answer = _StreamedAnswer(uid, method, max_response_bytes, max_response_tensors)
         if timeout is None and isinstance(stub, StubBase):
             timeout = stub._p2p.unary_call_timeout
         try:
-            await _receive_answer(responses, answer, timeout, (sent, progress), f"{name} of {uid}")
+            await _receive_answer(responses, answer, timeout, progress, f"{name} of {uid}")
         finally:
             if hasattr(responses, "aclose"):
                 await responses.aclose()  # a refused answer: stop reading it now (the stream closes)
@@ -349,14 +349,13 @@ async def call_expert(
 
 
 async def _receive_answer(
-    responses, answer: _StreamedAnswer, timeout: Optional[float], input_state: tuple, what: str
+    responses, answer: _StreamedAnswer, timeout: Optional[float], progress: _InputProgress, what: str
 ) -> None:
     """Feed ``answer`` every message of a streamed answer. With a ``timeout``, each message must come within it, and
     once the first one came, the rest within ``timeout`` plus the answer's byte budget at MIN_ANSWER_RATE (a server
     dripping tiny messages would otherwise hold the call for as many timeouts as its budget has messages). Until the
-    input is sent whole (``input_state``: its event and _InputProgress), each of its messages must be taken as fast
-    as the p2p framing asks of one (a server that stops reading it would otherwise hold the call forever)."""
-    sent, progress = input_state
+    input is sent whole (``progress``), each of its messages must be taken as fast as the p2p framing asks of one (a
+    server that stops reading it would otherwise hold the call forever)."""
     iterator, finish_by = responses.__aiter__(), None
     while True:
         wait = timeout
@@ -365,7 +364,7 @@ async def _receive_answer(
         try:
             if wait is not None and wait <= 0:
                 raise asyncio.TimeoutError()
-            response = await _next_message(iterator, wait, sent, progress)
+            response = await _next_message(iterator, wait, progress)
         except StopAsyncIteration:
             return
         except _InputStalled as e:
@@ -393,11 +392,12 @@ class _InputStalled(Exception):
         self.seconds = seconds
 
 
-async def _next_message(iterator: AsyncIterator, timeout: Optional[float], sent: asyncio.Event, progress):
+async def _next_message(iterator: AsyncIterator, timeout: Optional[float], progress: _InputProgress):
     """The next message of a streamed answer; asyncio.TimeoutError once none came for ``timeout`` seconds while the
     input was sent whole (a server answers only after reading all of it, which a slow link may take long for), and
     _InputStalled while it was not, once the server took none of it for as long as one message may take."""
     waiting, started = asyncio.ensure_future(iterator.__anext__()), time.monotonic()
+    sent = progress.sent
     input_ended = asyncio.ensure_future(sent.wait())
     try:
         while True:
