@@ -230,7 +230,8 @@ def check_state_averager_arguments(
     return optimizer_is_factory
 
 
-# averager options that hivemind.Optimizer passes itself, and the Optimizer option (or what) that sets each one
+# averager options that hivemind.Optimizer passes itself, or sets on an averager once it is built, whoever built it
+# (averaged_grads, warn, max_epoch_spread), and the Optimizer option (or what) that sets each one
 _OPTIMIZER_SETS = {
     "dht": "its dht", "prefix": "run_id (the averagers use <run_id>_state_averager / _grad_averager)",
     "start": "the Optimizer itself", "min_matchmaking_time": "matchmaking_time=",
@@ -290,7 +291,8 @@ class SharedEpochSpread:
 
 def check_averager_opts(averager_opts: Any) -> None:
     """TypeError for a non-dict ``averager_opts``, or for an option the Optimizer sets itself (it would be passed
-    twice: "got multiple values for keyword argument", possibly after the first averager had started)."""
+    twice: "got multiple values for keyword argument", possibly after the first averager had started, or be
+    overwritten once the averager is built)."""
     if averager_opts is None:
         return
     if not isinstance(averager_opts, Mapping):
