@@ -2,8 +2,9 @@
 Honest values that are long lists of floats (a tensor's .tolist(), a loss history) must reach remote replicas: their
 float bytes decode at C speed, yet the store rate limit charged each byte that looks like msgpack structure as
 structure, so a list of 90000 floats (810 KB) cost more than a fresh peer's whole allowance and every replica of ours
-refused it every time (hivemind 1.1.12 stores it). Runs of floats are recognised at C speed and weighed as payload;
-structure in disguise is weighed as before.
+refused it every time (hivemind 1.1.12 stores it). Runs of floats are recognised at C speed and weighed as payload
+bytes that each become a Python float (three times a binary string's bytes: at one item per 2 KiB, a fresh peer's
+burst of 1 MB float lists took 0.57-0.71 s of CPU); structure in disguise is weighed as before.
 """
 
 import random
@@ -25,9 +26,9 @@ ROWS = [[RNG.gauss(0, 1) for _ in range(300)] for _ in range(300)]
 
 
 @pytest.mark.parametrize("value", [FLAT, ROWS, {"loss": FLAT[:20000], "step": 7}], ids=["flat", "rows", "map"])
-def test_lists_of_floats_cost_like_their_bytes(value):
-    encoded = MSGPackSerializer.dumps(value)
-    assert decode_cost(encoded) < 1.2 * len(encoded) / 2048 + 10
+def test_lists_of_floats_cost_three_times_their_bytes(value):
+    encoded = MSGPackSerializer.dumps(value)  # 90 000 floats: 1 190 items (396 before), far below the burst
+    assert 2.9 * len(encoded) / 2048 < decode_cost(encoded) < 3.6 * len(encoded) / 2048 + 10
 
 
 def test_structure_among_floats_is_still_weighed():
@@ -66,7 +67,9 @@ async def test_a_burst_of_float_lists_costs_a_fraction_of_a_second_of_cpu(p2p_fa
             stored, requests = stored + sum(response.store_ok), requests + 1
         assert stored >= 3 and victim.rejected["rate_limited"] > 0
         refilled = DEFAULT_ITEMS_PER_SECOND * (time.monotonic() - began)
-        assert stored * len(value) / 2048 < DEFAULT_BURST_ITEMS + refilled  # float bytes are charged, not free
+        # each float byte is charged three times a binary string's (12 values stored, 0.14-0.16 s of CPU, ~8 us per
+        # item; at once a string's: 45 values, 0.57 s, and 0.71 s with float32, ~26 us per item)
+        assert stored * 3 * len(value) / 2048 < DEFAULT_BURST_ITEMS + refilled
         assert spent < 1.0, f"{requests} requests ({stored} MB of floats stored) took {spent:.2f} s of CPU"
     finally:
         await victim.shutdown()
