@@ -55,9 +55,10 @@ MAX_BYTES_PER_ELEMENT = 16  # of a delta under any codec (complex128 uncompresse
 MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata besides its elements
 DEFAULT_REPLY_LINGER = 30.0  # with no reducer_timeout: how long (at most) our replies may take to go out at the end
 # the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that hold it up (but those
-# whose steady pace delivers the rest by the final call), then those still holding it up, then a sender gives up on the
-# reducers that have not replied to all of its parts and a reducer on the parts not delivered yet
-SENDERS_LAST_CALL, SENDERS_FINAL_CALL, REDUCERS_LAST_CALL = 0.85, 0.90, 0.95
+# whose steady pace delivers the rest by the final call), then those still holding it up, then stops waiting for the
+# parts not delivered yet (a little before the senders' last call, so that its replies to the parts it has are out by
+# then), and a sender gives up on the reducers that have not replied to all of its parts
+SENDERS_LAST_CALL, SENDERS_FINAL_CALL, PARTS_LAST_CALL, REDUCERS_LAST_CALL = 0.85, 0.90, 0.925, 0.95
 
 
 class AveragingMode(Enum):
@@ -93,9 +94,10 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         outlast this limit, failing it for everyone it exchanges parts with. So at ``SENDERS_LAST_CALL`` of it the
         reducer excludes the senders that hold it up (they have not delivered the oldest part it reduces; the others
         are only held back behind them) unless their pace so far delivers their other parts by ``SENDERS_FINAL_CALL``;
-        at that final call, every sender still holding it up; and at ``REDUCERS_LAST_CALL`` of it this peer gives up
-        on the reducers that have not replied to all of its parts (their remaining parts keep their local values, as
-        for failed peers) and, as a reducer, on the parts not delivered yet
+        at that final call, every sender still holding it up; at ``PARTS_LAST_CALL``, every sender that has not
+        delivered all its parts (the replies to the parts it has then go out before the senders' last call); and at
+        ``REDUCERS_LAST_CALL`` of it this peer gives up on the reducers that have not replied to all of its parts
+        (their remaining parts keep their local values, as for failed peers)
     :param container_kwargs: compression, part_size_bytes, tensor_infos, prefetch, output_buffers (see
         TensorPartContainer); with output_buffers, the memory of a yielded delta is written again by a later round
         once no tensor or array references it any more
@@ -421,17 +423,19 @@ class AllReduceRunner(ReducerSide, ServicerBase):
 
     async def _exclude_senders_at_last_call(self) -> None:
         loop = asyncio.get_running_loop()
-        final_call = loop.time() + SENDERS_FINAL_CALL * self.allreduce_timeout
+        started = loop.time()
+        final_call = started + SENDERS_FINAL_CALL * self.allreduce_timeout
         await asyncio.sleep(SENDERS_LAST_CALL * self.allreduce_timeout)
         self._exclude_senders_holding_up(SENDERS_LAST_CALL, spare_until=final_call)
         await asyncio.sleep(max(0.0, final_call - loop.time()))
         # those spared that are still behind, and any sender that was only held behind one cut at the last call and
         # holds the round up now (a second dripper would otherwise hold it past the deadline)
         self._exclude_senders_holding_up(SENDERS_FINAL_CALL)
-        # the senders give up on unanswered reducers now: no part is waited for any longer (a chain of drippers, each
-        # held a few parts ahead of the one before it, would otherwise hold the reduce past the deadline)
-        await asyncio.sleep(max(0.0, self._reducers_last_call - loop.time()))
-        self._exclude_senders_holding_up(REDUCERS_LAST_CALL, all_behind=True)
+        # no part is waited for any longer (a chain of drippers, each held a few parts ahead of the one before it,
+        # would otherwise hold the reduce past the deadline); a little before the senders give up on unanswered
+        # reducers, so that the replies to the parts delivered go out (at the same mark they lost that race)
+        await asyncio.sleep(max(0.0, started + PARTS_LAST_CALL * self.allreduce_timeout - loop.time()))
+        self._exclude_senders_holding_up(PARTS_LAST_CALL, all_behind=True)
 
     def _exclude_senders_holding_up(
         self, fraction: float, spare_until: Optional[float] = None, all_behind: bool = False
@@ -452,7 +456,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
             self._ban(
                 sender_index,
                 f"had delivered {delivered} of {total} parts at the round's last call "
-                f"({fraction:.0%} of allreduce_timeout={self.allreduce_timeout} s)",
+                f"({fraction * 100:g}% of allreduce_timeout={self.allreduce_timeout} s)",
             )
 
     def _ban(self, sender_index: int, reason: str) -> None:
