@@ -194,7 +194,8 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
                 for subkey, value in zip(request.subkeys, request.values)
             )
         if cost is None or not limiter.allow(peer, cost, may_borrow):
-            limiter.spend_at_most(peer, least if cost is not None else 0)  # weighing a refused request is not free
+            if cost is not None:  # it was weighed, and weighing a refused request is not free
+                limiter.spend_at_most(peer, least)
             self.rejected["rate_limited"] += len(request.keys)
             return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
         if sender_id is not None:

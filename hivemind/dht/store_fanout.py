@@ -110,7 +110,7 @@ class SendPacer:
         Wait until ``peer_id`` would take a request of ``cost``, and count it as spent: one that costs more than the
         allowance waits for it to be whole, then leaves it in debt (as the peer borrows for it, see PeerRateLimiter).
         """
-        if cost > self.max_request:  # refused however long it waits (and nothing is spent): send it at once
+        if cost > self.max_request:  # refused however long it waits: send it at once
             return
         loop = asyncio.get_running_loop()
         burst, rate = self.burst * self.PACED_SHARE, self.rate * self.PACED_SHARE
@@ -222,7 +222,7 @@ class StoreFanout:
             num_items, num_bytes, cost = num_items + len(key.entries), num_bytes + key.nbytes, cost + key.cost
         return batch
 
-    def _give_up_too_large(self, batch: List[Tuple[KeyProgress, DHTID]], peer_id: PeerID, error: Exception) -> None:
+    def _give_up_too_large(self, batch: List[Tuple[KeyProgress, DHTID]], error: Exception) -> None:
         """A request that does not fit in a message was not sent: a key alone in it is not sent to any other peer
         either (a warning says so, once per fan-out); keys that were together go to their next candidates."""
         if not self._warned_too_large:
@@ -248,7 +248,7 @@ class StoreFanout:
                 try:
                     response = await self.send(peer_id, key_ids, [entry for key, _ in batch for entry in key.entries])
                 except RequestTooLargeError as e:
-                    self._give_up_too_large(batch, peer_id, e)
+                    self._give_up_too_large(batch, e)
                     continue
                 if response is None:  # silent: the keys waiting for it go to their next candidates
                     self._silent_peers.add(peer_id)
