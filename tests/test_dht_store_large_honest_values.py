@@ -47,7 +47,7 @@ HONEST_VALUES = {
 }
 
 
-def test_limiter_lends_once_to_a_peer_whose_allowance_is_whole():
+def test_limiter_lends_once_to_a_peer_holding_half_its_allowance_or_more():
     now = [0.0]
     limiter = PeerRateLimiter(burst=100, rate=10, clock=lambda: now[0], max_request=300)
     assert not limiter.allow("peer", 250)  # may not borrow: refused, nothing spent
@@ -59,6 +59,8 @@ def test_limiter_lends_once_to_a_peer_whose_allowance_is_whole():
     assert limiter.allow("peer", 1)
     now[0] = 40.0
     assert limiter.allow("peer", 300, may_borrow=True)
+    now[0] = 80.0  # whole again
+    assert limiter.allow("peer", 50) and limiter.allow("peer", 300, may_borrow=True)  # half of it is enough
     with pytest.raises(ValueError):
         PeerRateLimiter(burst=100, rate=10, max_request=50)
 
@@ -151,6 +153,20 @@ async def test_a_cache_push_never_borrows_so_the_pushing_peer_keeps_its_allowanc
         assert list((await stub.rpc_store(store_request([b"\x01"] * 3), timeout=60)).store_ok) == [True] * 3
         await asyncio.sleep(1.0)  # the refused push spent what its bytes cost (420 items, refilled in 0.21 s)
         assert list((await stub.rpc_store(store_request([large]), timeout=60)).store_ok) == [True]  # it may borrow
+    finally:
+        await victim.shutdown()
+
+
+@pytest.mark.timeout(60)
+async def test_a_large_value_right_after_many_small_items_is_stored(p2p_factory):
+    victim, sender = await victim_and_attacker(p2p_factory)  # a sender without our pacing, as a 1.1.12 peer
+    try:
+        stub = DHTProtocol.get_stub(sender, victim.p2p.peer_id)
+        # 8 000 items: its allowance is whole again only 4 s later (1 000 items: refused 40 ms later before)
+        assert all((await stub.rpc_store(store_request([b"\x01"] * 8000), timeout=60)).store_ok)
+        large = MSGPackSerializer.dumps(MANY_OBJECTS["45k float pairs"])  # 32 000 items, stored by borrowing
+        assert list((await stub.rpc_store(store_request([large]), timeout=60)).store_ok) == [True]  # [False] before
+        assert list((await stub.rpc_store(store_request([large]), timeout=60)).store_ok) == [False]  # in debt now
     finally:
         await victim.shutdown()
 

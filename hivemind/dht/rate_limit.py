@@ -23,12 +23,18 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 DEFAULT_BURST_ITEMS = 20000  # a new peer receiving replicas may get thousands of items in one request
 DEFAULT_ITEMS_PER_SECOND = 2000.0
-# a peer whose allowance is whole may send one request of few items that costs more than it, up to this many items,
-# and is then in debt (it waits for its allowance to refill past what it borrowed): an honest value decoding to tens
-# of thousands of objects (45 000 tuples of two floats: 55 000 items, 0.12 s to decode) is stored, as by 1.1.12,
-# while the costliest value found per item (a list of ({}, {}, {}): 59 400 items took 0.32 s of CPU to store) takes
-# at most ~0.35 s of the event loop, and the average rate stays the same (docs/security.md)
+# a peer whose allowance is whole (or half of it, see LENDING_SHARE) may send one request of few items that costs
+# more than it, up to this many items, and is then in debt (it waits for its allowance to refill past what it
+# borrowed): an honest value decoding to tens of thousands of objects (45 000 tuples of two floats: 55 000 items,
+# 0.12 s to decode) is stored, as by 1.1.12, while the costliest value found per item (a list of ({}, {}, {}):
+# 59 400 items took 0.32 s of CPU to store) takes at most ~0.35 s of the event loop, and the average rate stays the
+# same (docs/security.md)
 DEFAULT_MAX_REQUEST_ITEMS = 3 * DEFAULT_BURST_ITEMS
+# a peer may borrow once at least this share of its allowance is back, not only when it is whole: a sender without
+# our pacing (1.1.12) that stored 1 000 small items had its large value refused 40 ms later (19 000 of 20 000 left)
+# where 1.1.12 replicas store it; a borrowing peer still pays back all it borrowed at the same average rate, and may
+# spend at most half a burst more in a short while (~0.1 s of CPU)
+LENDING_SHARE = 0.5
 MAX_BORROWING_REQUEST_ITEMS = 16  # store items in a request that may borrow (a store of one key's values)
 # a whole dictionary sent to be stored costs one item per entry it declares, plus decoding its subkeys and entry
 # values (charged before they are decoded: a peer out of tokens gets nothing decoded)
@@ -258,10 +264,10 @@ def store_item_cost(subkey: bytes, value: bytes, whole_dictionary: bool = False)
 class PeerRateLimiter:
     """
     Each peer may spend up to ``burst`` items at once; its allowance refills at ``rate`` items per second. A request
-    that does not fit is refused whole (nothing is spent), except that a peer whose allowance is whole may borrow for
-    one request of up to ``max_request`` items (if the caller allows it): its allowance goes below zero, and it waits
-    that much longer before its next request fits. Peers whose buckets are full again are forgotten, so the table
-    stays as small as the set of recently active peers.
+    that does not fit is refused whole (nothing is spent), except that a peer holding at least LENDING_SHARE of its
+    allowance may borrow for one request of up to ``max_request`` items (if the caller allows it): its allowance goes
+    below zero, and it waits that much longer before its next request fits. Peers whose buckets are full again are
+    forgotten, so the table stays as small as the set of recently active peers.
     """
 
     def __init__(
@@ -285,12 +291,13 @@ class PeerRateLimiter:
 
     def allow(self, peer: Hashable, num_items: float, may_borrow: bool = False) -> bool:
         """
-        Spend ``num_items`` tokens of ``peer`` if it has them, or (``may_borrow``) if its allowance is whole and
-        ``num_items`` is at most ``max_request``; returns whether the request may proceed.
+        Spend ``num_items`` tokens of ``peer`` if it has them, or (``may_borrow``) if it holds at least
+        LENDING_SHARE of its allowance and ``num_items`` is at most ``max_request``; returns whether the request may
+        proceed.
         """
         now = self.clock()
         tokens = self._tokens(peer, now)
-        borrows = may_borrow and tokens >= self.burst and num_items <= self.max_request
+        borrows = may_borrow and self._may_borrow(tokens, num_items)
         if num_items > tokens and not borrows:
             self._buckets[peer] = (tokens, now)
             return False
@@ -302,7 +309,10 @@ class PeerRateLimiter:
     def fits(self, peer: Hashable, num_items: float, may_borrow: bool = False) -> bool:
         """Whether :meth:`allow` would let ``peer`` spend ``num_items`` now (nothing is spent)."""
         tokens = self._tokens(peer, self.clock())
-        return num_items <= tokens or (may_borrow and tokens >= self.burst and num_items <= self.max_request)
+        return num_items <= tokens or (may_borrow and self._may_borrow(tokens, num_items))
+
+    def _may_borrow(self, tokens: float, num_items: float) -> bool:
+        return tokens >= LENDING_SHARE * self.burst and num_items <= self.max_request
 
     def spend_at_most(self, peer: Hashable, num_items: float) -> None:
         """Spend up to ``num_items`` tokens of ``peer``, as many as it has (for work done on a refused request)."""
