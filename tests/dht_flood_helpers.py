@@ -1,7 +1,7 @@
 """Shared pieces of the tests that send a DHTProtocol hostile store requests and measure the CPU they cost it."""
 
 import time
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
@@ -33,3 +33,17 @@ async def timed_store(stub, request: dht_pb2.StoreRequest) -> Tuple[float, dht_p
     started = time.process_time()
     response = await stub.rpc_store(request, timeout=60)
     return time.process_time() - started, response
+
+
+async def flood_until_refused(
+    stub, make_request: Callable[[int], dht_pb2.StoreRequest], max_requests: int
+) -> Tuple[float, int]:
+    """Send ``make_request(0)``, ``make_request(1)``, ... until one is refused whole (or ``max_requests`` were sent):
+    the CPU seconds they cost this process (see timed_store) and how many of their items were stored."""
+    spent, accepted = 0.0, 0
+    for index in range(max_requests):
+        cpu, response = await timed_store(stub, make_request(index))
+        spent, accepted = spent + cpu, accepted + sum(response.store_ok)
+        if not any(response.store_ok):
+            break
+    return spent, accepted

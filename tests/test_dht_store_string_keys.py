@@ -6,7 +6,7 @@ CPU time is measured (time.process_time), not wall time.
 """
 
 import pytest
-from dht_flood_helpers import store_request, timed_store, victim_and_attacker
+from dht_flood_helpers import flood_until_refused, store_request, victim_and_attacker
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.rate_limit import decode_cost
@@ -23,14 +23,8 @@ async def test_a_flood_of_maps_with_many_string_keys_costs_a_fraction_of_a_secon
     victim, attacker = await victim_and_attacker(p2p_factory)
     try:
         stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
-        spent, accepted = 0.0, 0
-        for request_index in range(12):  # each ~4 MiB: 1000 values
-            request = store_request([string_keyed_map(request_index * 1000 + index) for index in range(1000)])
-            cpu, response = await timed_store(stub, request)
-            spent += cpu
-            accepted += sum(response.store_ok)
-            if not any(response.store_ok):
-                break
+        maps = lambda request_index: [string_keyed_map(request_index * 1000 + i) for i in range(1000)]  # noqa: E731
+        spent, accepted = await flood_until_refused(stub, lambda index: store_request(maps(index)), 12)  # ~4 MiB each
         assert victim.rejected["rate_limited"] > 0 and accepted > 0
         assert spent < 0.6, f"{accepted} maps of 380 string keys stored, {spent:.2f} s of CPU"
     finally:
@@ -53,13 +47,7 @@ async def test_a_flood_of_long_arrays_of_single_byte_ints_costs_a_fraction_of_a_
         stub = DHTProtocol.get_stub(attacker, victim.p2p.peer_id)
         count = (1 << 20) - 8
         value = b"\xdd" + count.to_bytes(4, "big") + b"\x00" * count
-        spent, accepted = 0.0, 0
-        for _ in range(40):  # 3 values (~3 MiB) per request
-            cpu, response = await timed_store(stub, store_request([value] * 3))
-            spent += cpu
-            accepted += sum(response.store_ok)
-            if not any(response.store_ok):
-                break
+        spent, accepted = await flood_until_refused(stub, lambda _: store_request([value] * 3), 40)  # ~3 MiB each
         assert victim.rejected["rate_limited"] > 0 and accepted > 0
         assert spent < 0.6, f"{accepted} arrays of a million zeros stored, {spent:.2f} s of CPU"
     finally:
