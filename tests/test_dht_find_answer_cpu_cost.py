@@ -18,6 +18,8 @@ from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # CPU-time bounds: see conftest.frozen_heap
+
 
 @functools.cache
 def nested_tuple(depth: int, leaf: int) -> bytes:

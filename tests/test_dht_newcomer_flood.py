@@ -13,6 +13,8 @@ from hivemind.p2p import P2P
 from hivemind.proto import dht_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # CPU-time bounds: see conftest.frozen_heap
+
 NUM_STORED_KEYS = 100_000  # choosing a newcomer's keys among them costs about a second of CPU
 
 

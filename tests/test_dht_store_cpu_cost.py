@@ -26,6 +26,8 @@ from hivemind.proto import dht_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # CPU-time bounds: see conftest.frozen_heap
+
 MESSAGE_LIMIT = 4 * 1024 * 1024 - 4096  # what one unary request may carry, less room for framing
 
 

@@ -20,6 +20,8 @@ from hivemind.dht.routing import DHTID
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # CPU-time bounds: see conftest.frozen_heap
+
 RNG = random.Random(0)
 FLAT = [RNG.random() for _ in range(90000)]
 ROWS = [[RNG.gauss(0, 1) for _ in range(300)] for _ in range(300)]

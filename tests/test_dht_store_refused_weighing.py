@@ -13,6 +13,8 @@ from hivemind.dht import protocol as protocol_module
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.rate_limit import DEFAULT_MAX_REQUEST_ITEMS, PeerRateLimiter, store_item_cost
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # CPU-time bounds: see conftest.frozen_heap
+
 COUNT = (4 * 1024 * 1024 - 16384) // 3
 COSTLY = b"\xdd" + COUNT.to_bytes(4, "big") + b"\x81\x00\x00" * COUNT  # an array of {0: 0}: walked to the end
 

@@ -12,6 +12,8 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.rate_limit import decode_cost
 from hivemind.utils.serializer import MSGPackSerializer
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # CPU-time bounds: see conftest.frozen_heap
+
 
 def string_keyed_map(index: int) -> bytes:
     """A value just under 4 KiB: a map of 380 distinct short string keys (not walked: its bytes are weighed)."""

@@ -8,6 +8,8 @@ import pytest
 from hivemind.dht.routing import DHTID
 from hivemind.dht.traverse import traverse_dht
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # CPU-time bounds: see conftest.frozen_heap
+
 
 @pytest.mark.timeout(120)
 def test_traverse_dht_of_30000_queries_is_not_quadratic():
