@@ -9,6 +9,7 @@ import (
 	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -430,7 +431,13 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 
 	select {
 	case answer := <-waiter:
+		// a caller that stops reading (its window stays shut) must not hold the answer, this goroutine and the
+		// stream for as long as it keeps the stream open
+		timeout := answerWriteTimeout(len(answer))
+		_ = s.SetWriteDeadline(time.Now().Add(timeout))
 		if err := writeDelimited(s, answer); err != nil {
+			log.Debugw("cannot write a unary answer to a peer (it did not read it in time, or left)", "protocol", pid,
+				"peer", s.Conn().RemotePeer(), "size", len(answer), "timeout", timeout, "error", err)
 			_ = s.Reset()
 			return
 		}
@@ -485,4 +492,20 @@ func (sr *stallReader) stop() {
 		sr.stopped = true
 		_ = sr.s.SetReadDeadline(time.Time{})
 	}
+}
+
+// unaryAnswerGrace and unaryAnswerMinRate (bytes per second) bound how long a peer that called us may take to read
+// our answer (answerWriteTimeout): one that stopped reading kept the answer (up to -persistentConnMaxMsgSize, counted
+// in no scope), two goroutines and its stream for as long as it liked. The defaults, the floor of averaging's state
+// downloads, are far below any usable link: 124 s for 4 MiB. (Tests shorten them.)
+var unaryAnswerGrace, unaryAnswerMinRate atomic.Int64
+
+func init() {
+	unaryAnswerGrace.Store(int64(60 * time.Second))
+	unaryAnswerMinRate.Store(64 << 10)
+}
+
+// answerWriteTimeout is how long an answer of n bytes may take to leave: unaryAnswerGrace + n / unaryAnswerMinRate.
+func answerWriteTimeout(n int) time.Duration {
+	return time.Duration(unaryAnswerGrace.Load()) + time.Duration(n)*time.Second/time.Duration(unaryAnswerMinRate.Load())
 }
