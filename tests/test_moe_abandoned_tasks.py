@@ -107,8 +107,8 @@ async def test_runtime_does_not_compute_the_requests_of_a_client_that_cancelled_
     submitted = []
     submit_task = pool.submit_task
 
-    def recording_submit(*tensors):
-        submitted.append(submit_task(*tensors))
+    def recording_submit(*tensors, **options):
+        submitted.append(submit_task(*tensors, **options))
         return submitted[-1]
 
     pool.submit_task = recording_submit

@@ -81,9 +81,9 @@ async def test_mass_cancellation_never_mixes_up_or_loses_answers(handler_process
     pool, taken = backend.forward_pool, []
     enqueue = pool._enqueue
 
-    def recording_enqueue(future, tensors, size):  # every task the pool takes, from this process or a handler's
+    def recording_enqueue(future, *task):  # every task the pool takes, from this process or a handler's
         taken.append(future)
-        return enqueue(future, tensors, size)
+        return enqueue(future, *task)
 
     pool._enqueue = recording_enqueue
     server = Server(

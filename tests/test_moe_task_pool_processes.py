@@ -126,3 +126,37 @@ def test_client_gets_an_error_when_the_owner_shuts_the_pool_down(served_pool):
     assert receiver.poll(25)
     assert "shut down" in receiver.recv()
     child.join(10)
+
+
+def _submit_for_two_owners(pool: TaskPool, connection):
+    futures = [pool.submit_task(torch.full((32, 3), 1.0), torch.zeros(32), owner="flood") for _ in range(4)]
+    futures.append(pool.submit_task(torch.full((1, 3), 7.0), torch.zeros(1), owner="honest"))
+    connection.send("submitted")
+    for future in futures:
+        future.result(timeout=20)
+    connection.send("done")
+
+
+@pytest.mark.timeout(30)
+def test_the_owner_of_a_task_travels_with_it_from_another_process():
+    seen = []
+    pool = TaskPool(lambda *inputs: (seen.append(inputs[0][0, 0].item()), _double(*inputs))[1], 32, "owners_pool")
+    try:
+        context = mp.get_context("fork")
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_submit_for_two_owners, args=(pool, sender), daemon=True)
+        child.start()
+        assert receiver.poll(10) and receiver.recv() == "submitted"
+        deadline = time.monotonic() + 10
+        while len(pool._pending) < 5 and time.monotonic() < deadline:  # the tasks are on their way to this process
+            time.sleep(0.01)
+        assert [task.owner for task in pool._pending] == ["flood"] * 4 + ["honest"]
+        pool.start()
+        for _ in range(5):
+            index, inputs = pool.load_batch_to_runtime(timeout=5)
+            pool.send_outputs_from_runtime(index, pool.process_func(*inputs))
+        assert receiver.poll(10) and receiver.recv() == "done"
+        child.join(10)
+        assert seen == [1.0, 7.0, 1.0, 1.0, 1.0]  # the honest task waits one batch, not the whole flood
+    finally:
+        pool.shutdown()

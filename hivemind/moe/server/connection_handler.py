@@ -47,6 +47,7 @@ from hivemind.moe.server.expert_requests import (
     unknown_uid_error,
 )
 from hivemind.moe.server.request_scan import CheckedExpertRequest
+from hivemind.moe.server.task_pool import TaskPool
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE, FRAME_STALL_TIMEOUT, MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
@@ -370,9 +371,13 @@ class ConnectionHandler(mp.Process, ServicerBase):
         return _HeldBytes(self._bytes_in_flight, getattr(context, "remote_id", None), what)
 
     @staticmethod
-    async def _run_task(pool, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        """Submit one checked task and wait for its result; a cancelled call cancels the task."""
-        future = pool.submit_task(*tensors)
+    async def _run_task(pool, tensors: Sequence[torch.Tensor], caller=None) -> Sequence[torch.Tensor]:
+        """Submit one checked task of ``caller`` (a P2PContext) and wait for its result; a cancelled call cancels the
+        task. A TaskPool takes the tasks of different callers in turn (a peer's flood does not delay the others')."""
+        if isinstance(pool, TaskPool):
+            future = pool.submit_task(*tensors, owner=getattr(caller, "remote_id", None))
+        else:  # a pool of another kind (as petals' are) takes only the tensors
+            future = pool.submit_task(*tensors)
         try:
             outputs = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -380,12 +385,12 @@ class ConnectionHandler(mp.Process, ServicerBase):
             raise
         return outputs if isinstance(outputs, (list, tuple)) else (outputs,)
 
-    async def _forward(self, schema: ExpertSchema, inputs: Sequence[torch.Tensor]):
-        outputs = await self._run_task(self.module_backends[schema.uid].forward_pool, inputs)
+    async def _forward(self, schema: ExpertSchema, inputs: Sequence[torch.Tensor], caller=None):
+        outputs = await self._run_task(self.module_backends[schema.uid].forward_pool, inputs, caller)
         return serialize_outputs(outputs, schema.outputs)
 
-    async def _backward(self, schema: ExpertSchema, inputs: Sequence[torch.Tensor]):
-        grads = await self._run_task(self.module_backends[schema.uid].backward_pool, inputs)
+    async def _backward(self, schema: ExpertSchema, inputs: Sequence[torch.Tensor], caller=None):
+        grads = await self._run_task(self.module_backends[schema.uid].backward_pool, inputs, caller)
         return serialize_outputs(grads, schema.inputs)
 
     # ------------------------------------------------------------------ RPCs
@@ -405,14 +410,14 @@ class ConnectionHandler(mp.Process, ServicerBase):
         with self._hold(caller, f"forward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
             inputs = held.cover(self._check_forward(schema, request.tensors), schema, backward=False)
-            return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs))
+            return runtime_pb2.ExpertResponse(tensors=await self._forward(schema, inputs, caller))
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, caller: P2PContext) -> runtime_pb2.ExpertResponse:
         schema = self._get_schema(request.uid)
         with self._hold(caller, f"backward of {schema.uid}") as held:
             held.add(request_bytes(request.tensors))
             inputs = held.cover(self._check_backward(schema, request.tensors), schema, backward=True)
-            return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs))
+            return runtime_pb2.ExpertResponse(tensors=await self._backward(schema, inputs, caller))
 
     async def _gather_stream(
         self,
@@ -449,7 +454,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
         with self._hold(context, "forward stream") as held, refusals_named():
             schema, tensors = await self._gather_stream(request_stream, False, context, held)
             inputs = held.cover(self._check_forward(schema, tensors), schema, backward=False)
-            outputs = await self._forward(schema, inputs)
+            outputs = await self._forward(schema, inputs, context)
             for response in split_into_responses(outputs):  # (held until sent: its caller may read it slowly)
                 yield response
 
@@ -459,7 +464,7 @@ class ConnectionHandler(mp.Process, ServicerBase):
         with self._hold(context, "backward stream") as held, refusals_named():
             schema, tensors = await self._gather_stream(request_stream, True, context, held)
             inputs = held.cover(self._check_backward(schema, tensors), schema, backward=True)
-            grads = await self._backward(schema, inputs)
+            grads = await self._backward(schema, inputs, context)
             for response in split_into_responses(grads):
                 yield response
 

@@ -8,11 +8,13 @@ process, so the caller can ``await`` it (or ``asyncio.wrap_future`` it) in its o
 - in another process (a handler forked from the owner, or one that received the pool by pickling under spawn) the
   tensors travel over a local socket to the owner, one copy each way (see task_pool_ipc.py).
 
-Batching. The pool thread forms batches ahead of the Runtime (at most ``prefetch_batches`` waiting) from the oldest
-tasks first: a batch holds whole tasks, at most ``max_batch_size`` examples, and only tasks whose tensors have the
-same count, dtypes and per-example shapes as the first one (a task that does not fit starts the next batch instead,
-so it can never break the concatenation of others). It waits for ``min_batch_size`` examples, or ``timeout`` seconds
-after the oldest task arrived if ``timeout`` is set. Outputs of a batch are split back along the first dimension.
+Batching. The pool thread forms batches ahead of the Runtime (at most ``prefetch_batches`` waiting), taking the
+oldest task of each caller in turn (``owner``, see task_pool_queue.py: one caller's flood delays another by about one
+batch, not by its whole queue): a batch holds whole tasks, at most ``max_batch_size`` examples, and only tasks whose
+tensors have the same count, dtypes and per-example shapes as the first one (a task that does not fit starts the next
+batch instead, so it can never break the concatenation of others). It waits for ``min_batch_size`` examples, or
+``timeout`` seconds after the oldest task arrived if ``timeout`` is set. Outputs of a batch are split back along the
+first dimension.
 A batch of several tasks whose computation fails is retried one task at a time, so that only the failing task fails.
 
 Refused at once (the future holds the error, nothing is queued): a task without tensors, an empty task (batch size
@@ -38,7 +40,7 @@ import threading
 import time
 from collections import deque
 from functools import partial
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,7 +90,7 @@ class TaskPoolBase(threading.Thread):
         super().__init__(daemon=daemon, **kwargs)
         self.process_func = process_func
 
-    def submit_task(self, *tensors: torch.Tensor) -> MPFuture:
+    def submit_task(self, *tensors: torch.Tensor, owner: Hashable = None) -> MPFuture:
         raise NotImplementedError()
 
     def load_batch_to_runtime(self, timeout: Optional[float] = None, device: Optional[torch.device] = None):
@@ -169,8 +171,12 @@ class TaskPool(TaskPoolBase):
 
     # ------------------------------------------------------------------ submitting (any process)
 
-    def submit_task(self, *tensors: torch.Tensor) -> MPFuture:
-        """Queue one task; the future gets a tuple with this task's rows of every output (or the error)."""
+    def submit_task(self, *tensors: torch.Tensor, owner: Hashable = None) -> MPFuture:
+        """Queue one task; the future gets a tuple with this task's rows of every output (or the error).
+
+        :param owner: who the task is for (the connection handler passes the caller's peer id; it must pickle):
+          batches take the oldest task of each owner in turn. None (local callers) is one owner too.
+        """
         future = MPFuture()
         try:
             size = self._check_task(tensors)
@@ -178,9 +184,9 @@ class TaskPool(TaskPoolBase):
             future.set_exception(e)
             return future
         if os.getpid() == self._owner_pid:
-            self._enqueue(future, tensors, size)
+            self._enqueue(future, tensors, size, owner)
         else:
-            submit_remote_task(self._endpoint, future, tensors)
+            submit_remote_task(self._endpoint, future, tensors, owner)
         return future
 
     def get_task_size(self, tensors: Sequence[torch.Tensor]) -> int:
@@ -209,18 +215,22 @@ class TaskPool(TaskPoolBase):
             )
         return size
 
-    def _accept_task(self, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor]) -> None:
+    def _accept_task(
+        self, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor], owner: Hashable
+    ) -> None:
         """A task that arrived from another process (called by the hub in the owner process)."""
         try:
             size = self._check_task(tensors)
         except TaskRejectedError as e:
             future.set_exception(e)
             return
-        self._enqueue(future, tensors, size)
+        self._enqueue(future, tensors, size, owner)
 
-    def _enqueue(self, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor], size: int) -> None:
+    def _enqueue(
+        self, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor], size: int, owner: Hashable
+    ) -> None:
         signature = tuple((tensor.dtype, tuple(tensor.shape[1:]), tensor.device) for tensor in tensors)
-        task = Task(future, tuple(tensors), size, signature, time.monotonic())
+        task = Task(future, tuple(tensors), size, signature, time.monotonic(), owner=owner)
         error = None
         with self._lock:
             if self._closed:

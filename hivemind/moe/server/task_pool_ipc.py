@@ -7,10 +7,11 @@ tensor, which the receiver reads straight into a freshly allocated tensor: one c
 tensor data. Results come back the same way on the same socket.
 
 Messages (both directions): 4-byte little-endian header length, ``pickle(header)``, then the bytes of every tensor
-listed in the header, in order. Headers: ``("task", pool_id, task_id, metas)`` and ``("cancel", task_id)`` from a
-client; ``("result", task_id, metas)`` and ``("error", task_id, pickled_exception)`` from the hub, where ``metas``
-is a list of ``(dtype name, shape)``. Only processes that were given a pool (by fork or by pickling) know the
-random key that the hub asks for before it reads anything else.
+listed in the header, in order. Headers: ``("task", pool_id, task_id, metas, owner)`` and ``("cancel", task_id)``
+from a client; ``("result", task_id, metas)`` and ``("error", task_id, pickled_exception)`` from the hub, where
+``metas`` is a list of ``(dtype name, shape)`` and ``owner`` who the task is for (see task_pool_queue.py). Only
+processes that were given a pool (by fork or by pickling) know the random key that the hub asks for before it reads
+anything else.
 
 Each connection has its own reader and sender thread on both sides, so neither the runtime nor an event loop ever
 blocks on a socket. A client that disconnects has its waiting tasks cancelled (the pool drops them); a hub that goes
@@ -198,14 +199,14 @@ class _HubChannel:
             while True:
                 header = _recv_header(self.sock)
                 if header[0] == "task":
-                    _, pool_id, task_id, metas = header
+                    _, pool_id, task_id, metas, owner = header
                     tensors = _recv_tensors(self.sock, metas)
                     future = self.futures[task_id] = _RemoteTaskFuture(self, task_id)
                     pool = self.hub.pools.get(pool_id)
                     if pool is None:
                         future.set_exception(RuntimeError("the task pool no longer exists (it was shut down)"))
                     else:
-                        pool._accept_task(future, tensors)
+                        pool._accept_task(future, tensors, owner)
                 elif header[0] == "cancel":
                     future = self.futures.get(header[1])
                     if future is not None:
@@ -329,7 +330,7 @@ class _Client:
         self.sender = _Sender(self.sock, "TaskPool.client.sender", self._on_send_error)
         threading.Thread(target=self._read_loop, name="TaskPool.client.reader", daemon=True).start()
 
-    def submit(self, pool_id: int, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor]) -> None:
+    def submit(self, pool_id: int, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor], owner) -> None:
         task_id = next(self.task_ids)
         with self.lock:
             broken = self.broken
@@ -346,7 +347,7 @@ class _Client:
             future.set_exception(ValueError(f"the task's tensors cannot be sent to the task pool: {e!r}"))
             return
         future.add_done_callback(lambda done: self._on_done(task_id, done))
-        self.sender.put(("task", pool_id, task_id, metas), prepared)
+        self.sender.put(("task", pool_id, task_id, metas, owner), prepared)
 
     def _on_done(self, task_id: int, future: concurrent.futures.Future) -> None:
         with self.lock:
@@ -454,8 +455,11 @@ def get_local_pool(endpoint: PoolEndpoint) -> Optional[Any]:
     return None
 
 
-def submit_remote_task(endpoint: PoolEndpoint, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor]):
-    """Send a task to the pool at ``endpoint`` (in another process); ``future`` receives its result or error."""
+def submit_remote_task(
+    endpoint: PoolEndpoint, future: concurrent.futures.Future, tensors: Sequence[torch.Tensor], owner: Any = None
+):
+    """Send a task of ``owner`` to the pool at ``endpoint`` (in another process); ``future`` receives its result or
+    error."""
     address, key, pool_id, owner_pid = endpoint
     with _clients_lock:
         client = _clients.get(address)
@@ -469,7 +473,7 @@ def submit_remote_task(endpoint: PoolEndpoint, future: concurrent.futures.Future
             client = _clients.setdefault(address, new_client)
         if client is not new_client:
             new_client._fail_all("superseded by a concurrent connection")
-    client.submit(pool_id, future, tensors)
+    client.submit(pool_id, future, tensors, owner)
 
 
 def _after_fork_in_child() -> None:

@@ -4,16 +4,21 @@ A task leaves the queue as soon as its future is cancelled (its caller went away
 or the hub of task_pool_ipc.py does when a handler process disconnects): the pool registers a done callback that
 removes it, so that cancelled tasks never count toward ``pool_size`` or ``min_batch_size`` and their tensors are
 freed at once instead of when the pool reaches them. Removal is O(1): the queue is an ordered dict keyed by a
-per-pool task number. Everything here runs in the process that owns the pool.
+per-pool task number (and each owner's own tasks another one). Everything here runs in the process that owns the pool.
+
+Fairness. Every task has an owner (the peer id of the caller that sent it; None for local or anonymous callers, who
+share one turn). A batch takes the owners' oldest tasks in turn, and the owner whose task began a batch goes to the
+back of the turns, so one caller with a long queue of large tasks costs another caller about one batch, not its whole
+queue. Within one owner, tasks keep their arrival order.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Hashable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -30,6 +35,7 @@ class Task:
     signature: tuple  # (dtype, per-example shape, device) of every tensor: only equal signatures share a batch
     arrival_time: float
     key: int = -1  # its place in PendingTasks
+    owner: Hashable = None  # who sent it (a caller's peer id); None: a local or anonymous caller
 
 
 @dataclass
@@ -42,11 +48,12 @@ class Batch:
 
 
 class PendingTasks:
-    """Tasks waiting for a batch, oldest first, with the number of examples they hold. Not thread-safe: the pool
-    calls it under its lock."""
+    """Tasks waiting for a batch, oldest first and per owner, with the number of examples they hold. Not thread-safe:
+    the pool calls it under its lock."""
 
     def __init__(self):
         self._tasks: OrderedDict[int, Task] = OrderedDict()
+        self._owners: OrderedDict[Hashable, OrderedDict[int, Task]] = OrderedDict()  # in the order of their turns
         self._keys = itertools.count()
         self.examples = 0
 
@@ -59,6 +66,7 @@ class PendingTasks:
     def append(self, task: Task) -> int:
         task.key = next(self._keys)
         self._tasks[task.key] = task
+        self._owners.setdefault(task.owner, OrderedDict())[task.key] = task  # a new owner's turn comes last
         self.examples += task.size
         return task.key
 
@@ -67,36 +75,55 @@ class PendingTasks:
         task = self._tasks.pop(key, None)
         if task is not None:
             self.examples -= task.size
+            own = self._owners[task.owner]
+            del own[key]
+            if not own:
+                del self._owners[task.owner]
         return task
 
     def first(self) -> Task:
+        """The oldest task of all owners."""
         return next(iter(self._tasks.values()))
 
     def clear(self) -> None:
         self._tasks.clear()
+        self._owners.clear()
         self.examples = 0
 
     def take(self, max_examples: int, signature: Optional[tuple] = None, running: bool = False) -> List[Task]:
-        """Remove and return the oldest tasks that fit together: same signature (the first task's, if None), at most
+        """Remove and return tasks that fit together: same signature (the first task's, if None), at most
         ``max_examples`` examples in all (the first task of a new batch always fits: it was checked on arrival).
-        Stops at the first task that does not fit, so that tasks are batched in arrival order. Tasks done meanwhile
-        (cancelled, failed elsewhere) are dropped; with ``running``, taken tasks are marked running as they are
-        taken (those that cannot be are dropped too)."""
-        tasks, examples = [], 0
-        while self._tasks:
-            task = self.first()
-            if task.future.done():
-                self.remove(task.key)
+        Owners take turns, each giving its oldest task; an owner whose oldest task does not fit gives none more to this
+        batch, so that each owner's tasks are batched in arrival order. The owner whose task came first goes to the
+        back of the turns. Tasks done meanwhile (cancelled, failed elsewhere) are dropped; with ``running``, taken
+        tasks are marked running as they are taken (those that cannot be are dropped too)."""
+        tasks, examples, leader = [], 0, _NO_OWNER
+        turns = deque(self._owners)
+        while turns and examples < max_examples:
+            owner = turns.popleft()
+            own = self._owners.get(owner)
+            if own is None:  # its last tasks were done meanwhile
                 continue
-            if signature is not None and (task.signature != signature or examples + task.size > max_examples):
-                break
+            task = next(iter(own.values()))
+            if signature is not None and not task.future.done():
+                if task.signature != signature or examples + task.size > max_examples:
+                    continue  # this owner gives nothing more to this batch
             self.remove(task.key)
-            if running and not claim(task.future):
+            if task.future.done() or (running and not claim(task.future)):
+                turns.appendleft(owner)  # dropped: still its turn
                 continue
+            if leader is _NO_OWNER:
+                leader = owner
             signature = task.signature
             tasks.append(task)
             examples += task.size
+            turns.append(owner)
+        if leader in self._owners:
+            self._owners.move_to_end(leader)
         return tasks
+
+
+_NO_OWNER = object()
 
 
 def claim(future: concurrent.futures.Future) -> bool:
