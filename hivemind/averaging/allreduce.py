@@ -16,7 +16,7 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Type, Uni
 
 import torch
 
-from hivemind.averaging.allreduce_reducer import ReducerSide, message_nbytes
+from hivemind.averaging.allreduce_reducer import REDUCERS_LAST_CALL, ReducerSide, message_nbytes
 from hivemind.averaging.deadlines import SenderPace
 from hivemind.averaging.group_view import group_view_digest
 from hivemind.averaging.part_encoding import (
@@ -54,11 +54,6 @@ _PART_FOR_AVERAGING, _NO_CODE = MessageCode.PART_FOR_AVERAGING, MessageCode.NO_C
 MAX_BYTES_PER_ELEMENT = 16  # of a delta under any codec (complex128 uncompressed)
 MAX_REPLY_OVERHEAD = 2**20  # a delta message's fields and codec metadata besides its elements
 DEFAULT_REPLY_LINGER = 30.0  # with no reducer_timeout: how long (at most) our replies may take to go out at the end
-# the round's last calls, as fractions of allreduce_timeout: a reducer excludes the senders that hold it up (but those
-# whose steady pace delivers the rest by the final call), then those still holding it up, then stops waiting for the
-# parts not delivered yet (a little before the senders' last call, so that its replies to the parts it has are out by
-# then), and a sender gives up on the reducers that have not replied to all of its parts
-SENDERS_LAST_CALL, SENDERS_FINAL_CALL, PARTS_LAST_CALL, REDUCERS_LAST_CALL = 0.85, 0.90, 0.925, 0.95
 
 
 class AveragingMode(Enum):
@@ -414,50 +409,6 @@ class AllReduceRunner(ReducerSide, ServicerBase):
     async def _decode(self, message: AnyAveragingData, part: PartSpec, what: str) -> torch.Tensor:
         """A part or delta from a peer, checked against the part it must be (size and dtype) before decoding."""
         return await decode_part(message, part.numel, self.container.local_tensors[part.tensor_index].dtype, what)
-
-    async def _ban_senders_that_never_started(self) -> None:
-        await asyncio.sleep(self.sender_timeout)
-        for sender_index in range(len(self.sender_peer_ids)):
-            if sender_index not in self._connected_senders:
-                self._ban(sender_index, f"sent nothing within sender_timeout={self.sender_timeout} s")
-
-    async def _exclude_senders_at_last_call(self) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        final_call = started + SENDERS_FINAL_CALL * self.allreduce_timeout
-        await asyncio.sleep(SENDERS_LAST_CALL * self.allreduce_timeout)
-        self._exclude_senders_holding_up(SENDERS_LAST_CALL, spare_until=final_call)
-        await asyncio.sleep(max(0.0, final_call - loop.time()))
-        # those spared that are still behind, and any sender that was only held behind one cut at the last call and
-        # holds the round up now (a second dripper would otherwise hold it past the deadline)
-        self._exclude_senders_holding_up(SENDERS_FINAL_CALL)
-        # no part is waited for any longer (a chain of drippers, each held a few parts ahead of the one before it,
-        # would otherwise hold the reduce past the deadline); a little before the senders give up on unanswered
-        # reducers, so that the replies to the parts delivered go out (at the same mark they lost that race)
-        await asyncio.sleep(max(0.0, started + PARTS_LAST_CALL * self.allreduce_timeout - loop.time()))
-        self._exclude_senders_holding_up(PARTS_LAST_CALL, all_behind=True)
-
-    def _exclude_senders_holding_up(
-        self, fraction: float, spare_until: Optional[float] = None, all_behind: bool = False
-    ) -> None:
-        """Exclude the senders that hold the round up: those that have not delivered the oldest part still being
-        reduced (the others may lack parts too, but only because the reducer takes few parts ahead of that one: they
-        go on). With ``spare_until``, spare those whose pace so far delivers all their parts by then; with
-        ``all_behind``, exclude every sender that has not delivered all its parts."""
-        reducer, own_index = self.reducer, self.sender_index_of.get(self.peer_id)
-        holding_up = reducer.num_parts - 1 if all_behind else min(reducer.current_part_index, reducer.num_parts - 1)
-        now, total = asyncio.get_running_loop().time(), reducer.num_parts
-        for sender_index in range(len(self.sender_peer_ids)):
-            delivered = reducer.sender_progress[sender_index]
-            if sender_index == own_index or not reducer.is_active(sender_index) or delivered > holding_up:
-                continue
-            if spare_until is not None and self._pace.finishes_by(sender_index, delivered, total, spare_until, now):
-                continue
-            self._ban(
-                sender_index,
-                f"had delivered {delivered} of {total} parts at the round's last call "
-                f"({fraction * 100:g}% of allreduce_timeout={self.allreduce_timeout} s)",
-            )
 
     def _ban(self, sender_index: int, reason: str) -> None:
         if self.reducer is not None and self.reducer.ban_sender(sender_index, reason):
