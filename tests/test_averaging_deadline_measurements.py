@@ -62,6 +62,7 @@ async def test_a_round_that_excluded_a_stalled_sender_is_not_a_link_measurement(
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         assert time.monotonic() - started < 5
         assert not any(runner.everyone_delivered for runner in runners)
+        assert all(runner.needed_seconds is None for runner in runners)  # it stalled: no pace to learn from
     finally:
         for call in calls:
             call.cancel()
@@ -78,3 +79,52 @@ async def test_a_round_where_everyone_delivered_is_a_link_measurement(p2p_factor
     deltas = await asyncio.wait_for(asyncio.gather(*(collect(runner) for runner in runners)), 10)
     torch.testing.assert_close(values[0] + deltas[0][0], (values[0] + values[1]) / 2)
     assert all(runner.everyone_delivered for runner in runners)
+
+
+# a round that cut a slow sender: the next derived allreduce_timeout is stretched to its pace, within bounds
+VECTOR, GROUP = 4000, 3  # loopback-sized: the derived allreduce_timeout is the 30 s floor
+
+
+def test_a_round_that_cut_a_slow_sender_stretches_the_next_derived_round_to_its_pace():
+    deadlines = AdaptiveDeadlines()
+    first = deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES)
+    deadlines.record_cut_round(first, needed_seconds=27.0)  # it would have ended at 27 s: 60% of 45 s
+    stretched = deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES)
+    assert stretched.allreduce_timeout == pytest.approx(45.0)
+    assert (stretched.sender_timeout, stretched.reducer_timeout) == (first.sender_timeout, first.reducer_timeout)
+
+
+def test_a_stalling_peer_stretches_it_at_most_twice_per_round_and_four_times_in_all():
+    deadlines = AdaptiveDeadlines()
+    timeouts = []
+    for _ in range(4):
+        round_deadlines = deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES)
+        deadlines.record_cut_round(round_deadlines, needed_seconds=1e9)  # one part in a day
+        timeouts.append(deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES).allreduce_timeout)
+    assert timeouts == pytest.approx([60.0, 120.0, 120.0, 120.0])
+
+
+def test_rounds_that_complete_fast_shrink_the_stretch_back():
+    deadlines = AdaptiveDeadlines()
+    for _ in range(2):
+        deadlines.record_cut_round(deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES), needed_seconds=1e9)
+    timeouts = []
+    for _ in range(3):
+        deadlines.record_round(VECTOR, GROUP, 0.05, deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES))
+        timeouts.append(deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES).allreduce_timeout)
+    assert timeouts == pytest.approx([60.0, 30.0, 30.0])
+
+
+def test_a_round_that_completes_at_the_slow_pace_keeps_the_stretch():
+    deadlines = AdaptiveDeadlines()
+    deadlines.record_cut_round(deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES), needed_seconds=36.0)
+    assert deadlines.stretch == 2.0
+    # the slow sender is in: the round took as long as its pace said (a cut in the next round would undo it all)
+    deadlines.record_round(VECTOR, GROUP, 36.0, deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES))
+    assert deadlines.stretch == 2.0
+
+
+def test_an_explicit_allreduce_timeout_is_never_stretched():
+    deadlines = AdaptiveDeadlines(allreduce_timeout=20.0)
+    deadlines.record_cut_round(deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES), needed_seconds=1e9)
+    assert deadlines.for_round(VECTOR, GROUP, DEFAULT_PART_SIZE_BYTES).allreduce_timeout == 20.0

@@ -139,7 +139,10 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         self.sender_timeout = sender_timeout
         self.reducer_timeout = reducer_timeout
         self.allreduce_timeout = allreduce_timeout
+        self._started_at: Optional[float] = None  # (loop time) when the round started
         self._reducers_last_call: Optional[float] = None  # (loop time) set when the round starts
+        # how long the round would have needed at the pace of the slowest transfer it cut (None: it cut none)
+        self.needed_seconds: Optional[float] = None
         self.peer_fractions = [float(fraction) for fraction in peer_fractions]
         self.my_index = self.ordered_peer_ids.index(self.peer_id)
         self.my_mode = self.modes[self.my_index]
@@ -204,6 +207,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         if self._started:
             raise RuntimeError(f"{self} can be iterated only once")
         self._started = True
+        self._started_at = asyncio.get_running_loop().time()
         tasks: List[asyncio.Task] = []
         try:
             if self.reducer is not None and self.sender_timeout is not None:
@@ -294,6 +298,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         exchange = asyncio.create_task(self._exchange_with_reducer(peer_index, progress))
         loop = asyncio.get_running_loop()
         last_call = math.inf if self._reducers_last_call is None else self._reducers_last_call
+        stalled = False
         try:
             while not exchange.done():
                 if loop.time() >= last_call:
@@ -312,6 +317,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 if remaining <= 0:
                     exchange.cancel()
                     await asyncio.gather(exchange, return_exceptions=True)
+                    stalled = True
                     raise AllreduceException(f"no progress for {limit} s (reducer_timeout)")
                 await asyncio.wait({exchange}, timeout=min(remaining, last_call - loop.time()))
             exchange.result()
@@ -325,6 +331,8 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 ) from cause
             failed = self.container.register_failed_reducer(peer_index)
             total = self.container.num_parts_by_peer[peer_index]
+            if not stalled:  # (a stalled reducer held our parts back: that is not our pace)
+                self._note_pace(progress.sent, total)
             self._lost_parts += failed
             self._failed_reducers[peer_id] = str(e)
             logger.warning(
@@ -391,6 +399,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
                 self._sent_bytes += self.container.part_nbytes(peer_index, index)
                 self.bytes_sent += message_nbytes(message)
                 progress.touch()
+                progress.sent += 1
                 yield message
         finally:
             await parts.aclose()  # cancels the compression of parts it prepared ahead
@@ -409,6 +418,13 @@ class AllReduceRunner(ReducerSide, ServicerBase):
     async def _decode(self, message: AnyAveragingData, part: PartSpec, what: str) -> torch.Tensor:
         """A part or delta from a peer, checked against the part it must be (size and dtype) before decoding."""
         return await decode_part(message, part.numel, self.container.local_tensors[part.tensor_index].dtype, what)
+
+    def _note_pace(self, done: int, total: int) -> None:
+        """A transfer of ``total`` parts was cut with ``done`` of them through: at that pace the round needed
+        ``total / done`` times its duration so far (kept in needed_seconds if the longest; nothing done: no pace)."""
+        if 0 < done < total:
+            needed = (asyncio.get_running_loop().time() - self._started_at) * total / done
+            self.needed_seconds = max(needed, self.needed_seconds or 0.0)
 
     def _ban(self, sender_index: int, reason: str) -> None:
         if self.reducer is not None and self.reducer.ban_sender(sender_index, reason):

@@ -242,6 +242,7 @@ class ReducerSide:
                 continue
             if spare_until is not None and self._pace.finishes_by(sender_index, delivered, total, spare_until, now):
                 continue
+            self._note_pace(delivered, total)
             self._ban(
                 sender_index,
                 f"had delivered {delivered} of {total} parts at the round's last call "

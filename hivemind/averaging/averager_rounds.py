@@ -9,7 +9,7 @@ import torch
 
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.averaging.deadlines import MAX_DEADLINE_SENDERS
+from hivemind.averaging.deadlines import MAX_DEADLINE_SENDERS, MAX_STRETCH, RoundDeadlines
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
@@ -228,12 +228,25 @@ class AveragingRounds:
             await self._apply_in_thread(deltas)
         elapsed = time.perf_counter() - started
         if runner.everyone_delivered:  # a round that waited out a stalled peer says nothing about the links
-            self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed)
+            self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed, deadlines)
+        elif runner.needed_seconds is not None:  # but one that cut a slow sender says how long it needed
+            self._learn_from_cut_round(deadlines, runner.needed_seconds)
         logger.info(
             f"Averaged {vector_bytes} bytes with {group_info.group_size} peers in {elapsed:.3f} s (sent "
             f"{runner.bytes_sent} bytes, received {runner.bytes_received} bytes)"
         )
         return user_gathered
+
+    def _learn_from_cut_round(self, deadlines: RoundDeadlines, needed_seconds: float) -> None:
+        before = self._deadlines.stretch
+        self._deadlines.record_cut_round(deadlines, needed_seconds)
+        if self._deadlines.stretch > before:
+            logger.info(
+                f"This round cut a slow transfer at its last call: at its pace the round needed "
+                f"~{needed_seconds:.1f} s of allreduce_timeout={deadlines.allreduce_timeout:.1f} s; the next rounds' "
+                f"derived allreduce_timeout is {self._deadlines.stretch:.3g} times what the measured bandwidth gives "
+                f"(was {before:.3g}; at most {MAX_STRETCH:g}; pass allreduce_timeout to set it yourself)"
+            )
 
     @staticmethod
     async def _collect_deltas(runner: AllReduceRunner) -> List[torch.Tensor]:

@@ -5,6 +5,12 @@ and receives about ``2 * (n - 1) / n`` of the vector, at the bandwidth measured 
 moving average; a conservative guess before the first round). Generous safety factors and floors keep loopback
 rounds from timing out on a busy machine, and slow links get proportionally longer deadlines. Explicit values
 always win.
+
+A round that cut a sender for being slow (behind at the round's last calls) measures nothing about the links, but the
+pace at which that sender did deliver says how long the round would have needed: the next rounds' derived
+``allreduce_timeout`` is stretched so that such a round ends at ``FINISH_SHARE`` of it, at most ``STRETCH_GROWTH``
+times more per round and ``MAX_STRETCH`` times in all (a stalling hostile peer costs at most that), and the stretch
+shrinks back (at most halved per round) once rounds complete in less time.
 """
 
 from __future__ import annotations
@@ -13,10 +19,14 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-__all__ = ["RoundDeadlines", "AdaptiveDeadlines", "SenderPace", "MAX_DEADLINE_SENDERS"]
+__all__ = ["RoundDeadlines", "AdaptiveDeadlines", "SenderPace", "MAX_DEADLINE_SENDERS", "MAX_STRETCH"]
 
 # derived deadlines grow with the group size up to this many concurrent senders (groups of 16), no further
 MAX_DEADLINE_SENDERS = 15
+# after rounds that cut slow senders: the derived allreduce_timeout is stretched so that a round at their pace ends at
+# this share of it (before the last calls, from 85%), by at most this factor per round and this factor in all; rounds
+# that complete let it shrink back by at most this factor per round, to what their own duration needs
+FINISH_SHARE, STRETCH_GROWTH, MAX_STRETCH, STRETCH_DECAY = 0.6, 2.0, 4.0, 0.5
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,7 @@ class RoundDeadlines:
     sender_timeout: Optional[float]  # max wait for a sender's next part (seconds)
     reducer_timeout: Optional[float]  # max wait for a reducer's next averaged part (seconds)
     allreduce_timeout: Optional[float]  # max duration of the whole all-reduce (seconds)
+    stretch: float = 1.0  # the derived allreduce_timeout is this many times the one the links alone give
 
 
 class AdaptiveDeadlines:
@@ -67,6 +78,7 @@ class AdaptiveDeadlines:
         self.bandwidth, self.measured_rounds = float(initial_bandwidth), 0
         self.ema_alpha, self.safety_factor = ema_alpha, safety_factor
         self.min_sender_timeout, self.min_allreduce_timeout = min_sender_timeout, min_allreduce_timeout
+        self.stretch = 1.0  # learned from rounds that cut slow senders (see record_cut_round)
 
     @staticmethod
     def bytes_per_member(vector_bytes: int, group_size: int) -> float:
@@ -75,18 +87,44 @@ class AdaptiveDeadlines:
             return 0.0
         return 2.0 * vector_bytes * (group_size - 1) / group_size
 
-    def record_round(self, vector_bytes: int, group_size: int, seconds: float) -> None:
+    def record_round(
+        self, vector_bytes: int, group_size: int, seconds: float, deadlines: Optional[RoundDeadlines] = None
+    ) -> None:
         """Update the bandwidth estimate with a finished round (its all-reduce took ``seconds``). Pass only rounds in
-        which every member delivered: one that waited out a stalled peer measures a timeout, not the links."""
+        which every member delivered: one that waited out a stalled peer measures a timeout, not the links. With the
+        round's ``deadlines``, a stretch learned from rounds that cut slow senders shrinks towards what this round
+        needed (at most halved)."""
         moved = self.bytes_per_member(vector_bytes, group_size)
         if moved <= 0 or not (math.isfinite(seconds) and seconds > 0):
             return
+        if deadlines is not None:
+            target = self._stretch_for(seconds, deadlines)
+            if target is not None:
+                self.stretch = max(1.0, min(self.stretch, max(target, STRETCH_DECAY * self.stretch)))
         measured = moved / seconds
         if self.measured_rounds == 0:
             self.bandwidth = measured
         else:
             self.bandwidth = self.ema_alpha * measured + (1 - self.ema_alpha) * self.bandwidth
         self.measured_rounds += 1
+
+    def record_cut_round(self, deadlines: RoundDeadlines, needed_seconds: float) -> None:
+        """A round with ``deadlines`` cut senders at its last calls for being slow; at the pace they delivered their
+        parts, it would have needed ``needed_seconds``. Stretches the next rounds' derived allreduce_timeout so that
+        such a round ends at FINISH_SHARE of it: at most STRETCH_GROWTH times more than now, MAX_STRETCH in all."""
+        target = self._stretch_for(needed_seconds, deadlines)
+        if target is not None:
+            self.stretch = min(MAX_STRETCH, STRETCH_GROWTH * self.stretch, max(self.stretch, target))
+
+    def _stretch_for(self, seconds: float, deadlines: RoundDeadlines) -> Optional[float]:
+        """The stretch with which a round of ``seconds`` would end at FINISH_SHARE of the round's derived timeout
+        (None: that timeout was given, not derived)."""
+        if self.explicit_allreduce is not None or not deadlines.allreduce_timeout:
+            return None
+        if not (math.isfinite(seconds) and seconds > 0):
+            return None
+        unstretched = deadlines.allreduce_timeout / deadlines.stretch
+        return seconds / (FINISH_SHARE * unstretched)
 
     def for_round(self, vector_bytes: int, group_size: int, part_bytes: int) -> RoundDeadlines:
         """Deadlines for an all-reduce of ``vector_bytes`` over ``group_size`` members, in parts of ``part_bytes``."""
@@ -108,12 +146,13 @@ class AdaptiveDeadlines:
             if self.explicit_reducer is not None:
                 sender = min(sender, self.explicit_reducer / 2)
         reducer = self.explicit_reducer if self.explicit_reducer is not None else 2 * sender
-        allreduce = self.explicit_allreduce
+        allreduce, stretch = self.explicit_allreduce, 1.0
         if allreduce is None:
-            allreduce = max(self.min_allreduce_timeout, self.safety_factor * expected + reducer)
+            stretch = self.stretch
+            allreduce = stretch * max(self.min_allreduce_timeout, self.safety_factor * expected + reducer)
         elif math.isinf(allreduce):
             allreduce = None  # no limit on the round (as with hivemind.Optimizer(averaging_timeout=math.inf))
-        return RoundDeadlines(sender_timeout=sender, reducer_timeout=reducer, allreduce_timeout=allreduce)
+        return RoundDeadlines(sender, reducer, allreduce, stretch)
 
 
 class SenderPace:

@@ -15,11 +15,12 @@ class SendProgress:
       timeout has stalled (it waited one per window for a frozen reducer, 39 s where the others took 10 s)
     """
 
-    __slots__ = ("last", "replied", "sent_all", "first_reply_factor")
+    __slots__ = ("last", "replied", "sent", "sent_all", "first_reply_factor")
 
     def __init__(self, first_reply_factor: int = 1):
         self.last = asyncio.get_running_loop().time()
         self.replied = self.sent_all = False
+        self.sent = 0  # parts handed to the stream
         self.first_reply_factor = first_reply_factor
 
     def touch(self, reply: bool = False) -> None:
