@@ -1,5 +1,6 @@
 """One caller flooding an expert with many concurrent full batches must not make another caller wait for the whole
-flood: the pool forms batches taking the callers' tasks in turn, so an honest call waits about one or two batches.
+flood, whether it calls the same expert (the pool forms batches taking the callers' tasks in turn) or another expert
+of the server (the Runtime lets busy pools take turns): an honest call waits about one or two batches.
 
 The expert sleeps in proportion to its batch (it stands for compute without competing for the CPU with the rest of
 the test), and the honest latency is compared with the flood's own latency, measured in the same window: both grow
@@ -20,7 +21,7 @@ from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.moe.server.server import Server
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-UID = "slow.0"
+UID, OTHER_UID = "slow.0", "slow.1"
 MAX_BATCH = 64
 SECONDS_PER_ROW = 0.0003  # a full batch "computes" for ~19 ms
 FLOOD_CALLS = 48  # concurrent full-batch calls the flooding peer keeps in flight
@@ -38,15 +39,19 @@ class SlowExpert(torch.nn.Module):
 
 
 @pytest.mark.timeout(90)
-async def test_an_honest_caller_does_not_wait_for_another_callers_flood():
-    backend = ModuleBackend(
-        UID,
-        SlowExpert(),
-        args_schema=(BatchTensorDescriptor(HIDDEN),),
-        outputs_schema=BatchTensorDescriptor(HIDDEN),
-        max_batch_size=MAX_BATCH,
-    )
-    server = Server(DHT(start=True), {UID: backend}, update_period=30, start=True)
+@pytest.mark.parametrize("honest_uid", [UID, OTHER_UID], ids=["same-expert", "other-expert"])
+async def test_an_honest_caller_does_not_wait_for_another_callers_flood(honest_uid):
+    backends = {
+        uid: ModuleBackend(
+            uid,
+            SlowExpert(),
+            args_schema=(BatchTensorDescriptor(HIDDEN),),
+            outputs_schema=BatchTensorDescriptor(HIDDEN),
+            max_batch_size=MAX_BATCH,
+        )
+        for uid in (UID, OTHER_UID)
+    }
+    server = Server(DHT(start=True), backends, update_period=30, start=True)
     flooder, flood_stub = await connect_attacker(server)
     honest, honest_stub = await connect_attacker(server)
     stop, answered = asyncio.Event(), [asyncio.Event() for _ in range(FLOOD_CALLS)]
@@ -69,7 +74,7 @@ async def test_an_honest_caller_does_not_wait_for_another_callers_flood():
         honest_latencies = []
         for _ in range(HONEST_CALLS):
             started = time.monotonic()
-            await good_forward(honest_stub, uid=UID, batch=1)
+            await good_forward(honest_stub, uid=honest_uid, batch=1)
             honest_latencies.append(time.monotonic() - started)
         while len(flood_latencies) < FLOOD_CALLS:  # flood calls made entirely while the honest caller was calling
             await asyncio.sleep(0.05)

@@ -213,3 +213,18 @@ def test_priority_is_the_arrival_of_the_oldest_ready_batch(make_pool):
     assert pool.batch_receiver.poll(5)  # readable once the batch is formed
     assert not pool.empty
     assert before <= pool.priority <= time.monotonic()
+
+
+def test_a_busy_pools_next_batch_counts_from_when_its_previous_one_was_taken(make_pool):
+    flooded, other = make_pool(max_batch_size=4), make_pool(max_batch_size=4)
+    for _ in range(3):  # one caller's queue: a full batch each
+        flooded.submit_task(torch.ones(4, 2))
+    flooded.start()
+    flooded.load_batch_to_runtime(timeout=5)  # the Runtime takes the first; the second is formed meanwhile
+    other.start()
+    other.submit_task(torch.ones(1, 2))  # arrives after that, long after the flooded pool's waiting tasks
+    assert flooded.batch_receiver.poll(5) and other.batch_receiver.poll(5)
+    assert flooded.priority < other.priority  # the flooded pool's next batch goes first (it was formed first) ...
+    flooded.load_batch_to_runtime(timeout=5)
+    assert flooded.batch_receiver.poll(5)
+    assert other.priority < flooded.priority  # ... then the other pool's, before the rest of the queue (before: last)

@@ -1,10 +1,11 @@
 """Runtime: the thread that runs the experts' batches on the device, oldest waiting work first.
 
-It serves the task pools of every ModuleBackend it was given. Among the pools with a batch ready it takes the one
-with the smallest ``priority`` (the arrival time of its oldest ready work), runs ``pool.process_func`` on the batch
-and hands the outputs back to the pool, which splits them per task. A batch whose computation raises fails only its
-own tasks, with that error; the runtime goes on with the next batch. A batch whose callers all went away before it
-was loaded is skipped without computing it.
+It serves the task pools of every ModuleBackend it was given. Among the pools with a batch ready it takes the one with
+the smallest ``priority`` (for a TaskPool, the arrival time of its oldest ready work, or the time its previous batch
+was taken if that is later: busy pools take turns, and a flooded one does not keep the others waiting), runs
+``pool.process_func`` on the batch and hands the outputs back to the pool, which splits them per task. A batch whose
+computation raises fails only its own tasks, with that error; the runtime goes on with the next batch. A batch whose
+callers all went away before it was loaded is skipped without computing it.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ waiting tasks that fit, and a batch with no task left is not computed at all. Sh
 it still holds.
 
 Runtime protocol (as petals' pools): ``batch_receiver`` readable while a batch is ready, ``priority`` (arrival of the
-oldest ready batch; smaller first), ``load_batch_to_runtime``, ``send_outputs/exception_from_runtime``.
+oldest ready batch, or when the Runtime took the previous one if later; smaller first), ``load_batch_to_runtime``,
+``send_outputs/exception_from_runtime``.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class TaskPool(TaskPoolBase):
         self._pending = PendingTasks()  # a cancelled task leaves it at once (see _drop_if_cancelled)
         self._ready: Deque[Batch] = deque()
         self._in_flight: Dict[int, Batch] = {}
+        self._last_loaded = -math.inf  # when the Runtime last took a batch (see priority)
         self._batch_indices = itertools.count()
         self._closed = False
         self.batch_receiver, self._batch_sender = mp.Pipe(duplex=False)  # one message per ready batch
@@ -296,14 +298,12 @@ class TaskPool(TaskPoolBase):
         except Exception as e:  # should not happen: all tasks have the same signature
             logger.warning(f"{self.name}: could not concatenate {len(tasks)} tasks: {e!r}")
             return fail_tasks(tasks, e)
-        batch = Batch(
-            next(self._batch_indices), tasks, inputs, sum(task.size for task in tasks), tasks[0].arrival_time
-        )
+        size, oldest = sum(task.size for task in tasks), min(task.arrival_time for task in tasks)
         with self._lock:
             if self._closed:
                 fail_tasks(tasks, RuntimeError(f"{self.name}: the task pool is shut down"))
                 return
-            self._ready.append(batch)
+            self._ready.append(Batch(next(self._batch_indices), tasks, inputs, size, max(oldest, self._last_loaded)))
             self._batch_sender.send_bytes(b"")
 
     # ------------------------------------------------------------------ Runtime side (owner process)
@@ -318,9 +318,11 @@ class TaskPool(TaskPoolBase):
 
     @property
     def priority(self) -> float:
-        """Arrival time of the oldest task of the oldest ready batch (the Runtime serves the smallest first)."""
+        """The arrival time of the oldest task of the oldest ready batch, or the time the Runtime took this pool's
+        previous batch if that is later (the Runtime serves the smallest first). So busy pools take turns: a pool with
+        a long queue (one caller's flood) does not keep the others waiting until all of its older tasks are done."""
         try:
-            return self._ready[0].arrival_time
+            return self._ready[0].priority
         except IndexError:
             return math.inf
 
@@ -347,6 +349,7 @@ class TaskPool(TaskPoolBase):
             if not self._ready:  # shut down since the batch was announced
                 raise RuntimeError(f"{self.name}: the task pool is shut down")
             batch = self._ready.popleft()
+            self._last_loaded = time.monotonic()
             self._changed.notify()  # room for the next batch
             batch.tasks, formed_with = [task for task in batch.tasks if claim(task.future)], len(batch.tasks)
             changed = len(batch.tasks) < formed_with
@@ -403,7 +406,7 @@ class TaskPool(TaskPoolBase):
             batch = self._in_flight.pop(batch_index, None)
             if batch is not None and len(batch.tasks) > 1 and not self._closed:
                 retries = [
-                    Batch(next(self._batch_indices), [task], task.tensors, task.size, task.arrival_time)
+                    Batch(next(self._batch_indices), [task], task.tensors, task.size, batch.priority)
                     for task in batch.tasks
                 ]
                 self._ready.extendleft(reversed(retries))  # oldest first, ahead of newer batches

@@ -44,7 +44,7 @@ class Batch:
     tasks: List[Task]
     inputs: Sequence[torch.Tensor]
     size: int
-    arrival_time: float
+    priority: float  # the Runtime takes the pools' batches smallest first (see TaskPool.priority)
 
 
 class PendingTasks:
