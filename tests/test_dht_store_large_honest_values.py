@@ -42,10 +42,13 @@ MANY_OBJECTS = {  # each costs more than a fresh peer's allowance (20 000 items)
 BINARY_STRINGS = [RNG.randbytes(500) for _ in range(8000)]  # 4 MB: 149 000 items, 1 ms to decode
 # an int's payload bytes may look like structure: these cost 64 000 items (38 ms to decode) before runs of ints
 TOKEN_IDS = [RNG.randrange(50_257) for _ in range(1_000_000)]  # 3 MB
+# a vocabulary above 65 536 mixes 16 and 32 bit ints, whose runs were weighed element by element: 64 000 items
+MIXED_WIDTH_TOKEN_IDS = [RNG.randrange(128_000) for _ in range(800_000)]  # 3.2 MB
 HONEST_VALUES = {
     **MANY_OBJECTS,
     "8000 binary strings of 500 bytes": BINARY_STRINGS,
     "1M token ids": TOKEN_IDS,
+    "800k token ids of a 128k vocabulary": MIXED_WIDTH_TOKEN_IDS,
 }
 
 

@@ -9,9 +9,11 @@ with a scalar: those are decoded by Python code, a walk step or a call each (1 t
 byte), and 4 MiB of nested tuples used to take seconds to decode. A long document is walked object by object (in a
 bounded number of steps) so that the bytes of its binary and text strings, and of its arrays of floats (checked at C
 speed, each byte weighed FLOAT_RUN_BYTE_WEIGHT more), count as payload, whatever they look like, and those of runs of
-ints in an array as plain scalars.
+ints in an array as plain scalars (MIXED_RUN_BYTE_WEIGHT more if of mixed widths). A byte that may be an int decoding
+to a new Python object weighs NEW_INT_BYTE_WEIGHT more, unless it is known to be in a run of ints of one width.
 """
 
+import functools
 import re
 import time
 from typing import Callable, Dict, Hashable, Optional, Tuple
@@ -55,6 +57,15 @@ SCALAR_BYTE_WEIGHT = 3
 # converted), ~12 ns per byte in a whole store request, so at one item per 2048 bytes a fresh peer's burst of 1 MB
 # float lists took 0.57 s (float64) and 0.71 s (float32) of CPU, ~26 us per item; now 0.14-0.16 s, ~8 us per item
 FLOAT_RUN_BYTE_WEIGHT = 2
+# a byte that may be a negative fixint below -5 (each decodes to a new Python int: CPython keeps -5..256 ready) or
+# start an int of 1 to 8 more bytes, beyond its own weight: 35-55 ns each, and up to ~40 ns per byte when mixed with
+# other one-byte scalars or ints (a mispredicted branch each), so 1 MB of fixints -32..-6 in one array took 33-35 ms
+# while charged 1 953 items (~17 us per item, a fresh peer's burst of them 0.58 s of CPU); now ~4 us per item
+NEW_INT_BYTE_WEIGHT = 12
+# a byte of a run of ints of mixed widths among an array's elements (token ids of a vocabulary above 65 536 mix 16
+# and 32 bit ints), beyond its own weight: up to ~37 ns per byte (1 and 2 byte ints mixed, a mispredicted branch
+# each) where a run of one width takes 6-19
+MIXED_RUN_BYTE_WEIGHT = 4
 _PAYLOAD_HEADS = frozenset(range(0xA0, 0xC0)) | {0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB}  # str and bin: skipped at C speed
 _CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))  # fixmap, fixarray, array/map 16/32
 _EXT_BYTES = bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext 8/16/32, fixext 1..16
@@ -81,12 +92,17 @@ _NOT_CONTAINER_BYTES = bytes(byte for byte in range(256) if byte not in _CONTAIN
 _NOT_EXT_BYTES = bytes(byte for byte in range(256) if byte not in _EXT_BYTES)
 _STR_BYTES = bytes(range(0xA0, 0xC0)) + bytes((0xD9, 0xDA, 0xDB))  # fixstr, str 8/16/32
 _NOT_STR_BYTES = bytes(byte for byte in range(256) if byte not in _STR_BYTES)
+_NEW_FIXINT_BYTES = bytes(range(0xE0, 0xFB))  # -32..-6
+_NOT_NEW_FIXINT_BYTES = bytes(byte for byte in range(256) if byte not in _NEW_FIXINT_BYTES)
+_NEW_INT_BYTES = _NEW_FIXINT_BYTES + bytes(range(0xCC, 0xD4))  # and uint/int 8, 16, 32, 64
+_NOT_NEW_INT_BYTES = bytes(byte for byte in range(256) if byte not in _NEW_INT_BYTES)
 _BYTE_WEIGHTS = np.array(
     [
         SCALAR_BYTE_WEIGHT
         + STRUCTURE_BYTE_WEIGHT * (byte in _CONTAINER_BYTES)
         + EXT_BYTE_WEIGHT * (byte in _EXT_BYTES)
         + STR_BYTE_WEIGHT * (byte in _STR_BYTES)
+        + NEW_INT_BYTE_WEIGHT * (byte in _NEW_INT_BYTES)
         for byte in range(256)
     ],
     dtype=np.int64,
@@ -101,6 +117,16 @@ _ONE_BYTE_SCALARS = bytes(range(0x00, 0x80)) + bytes(range(0xE0, 0x100)) + b"\xc
 _ONE_BYTE_HEADS = frozenset(_ONE_BYTE_SCALARS)
 _RUN_HEADS = _ONE_BYTE_HEADS | frozenset(_INT_STRIDES)
 _MIN_RUN = 8
+# a run of ints of mixed widths is checked in the document with every byte that cannot start an int or a one-byte
+# scalar made invalid (0xc1), so that msgpack's skip (C speed, ~5 ns per element, no object made) fails at the first
+# element that is neither, whatever an int's payload holds; a short one by a regular expression (an Unpacker alone
+# takes ~2 us); a check counts as this many more walk steps (1-3 us)
+_INT_HEADS_ONLY = bytes(byte if byte in _RUN_HEADS else 0xC1 for byte in range(256))
+_FEW_MIXED = 32
+_MIXED_CHECK_STEPS = 4
+_INT_OR_ONE_BYTE_SCALAR = (
+    rb"(?:[\x00-\x7f\xc0\xc2\xc3\xe0-\xff]|[\xcc\xd0].|[\xcd\xd1].{2}|[\xce\xd2].{4}|[\xcf\xd3].{8})"
+)
 # a document that starts with a scalar (nil, bool, int, float, str, bin) holds nothing else: its bytes are payload
 _SCALAR_STARTS = frozenset(byte for byte in range(256) if byte not in _CONTAINER_BYTES + _EXT_BYTES)
 
@@ -118,6 +144,7 @@ def _structure_weight(data) -> int:
             STRUCTURE_BYTE_WEIGHT * len(data.translate(None, _NOT_CONTAINER_BYTES))
             + EXT_BYTE_WEIGHT * num_ext_bytes
             + STR_BYTE_WEIGHT * len(data.translate(None, _NOT_STR_BYTES))
+            + NEW_INT_BYTE_WEIGHT * len(data.translate(None, _NOT_NEW_INT_BYTES))
             + SCALAR_BYTE_WEIGHT * len(data)
         )
     return weight + (REGISTERED_EXT_WEIGHT * _registered_ext_heads(data, num_ext_bytes) if num_ext_bytes else 0)
@@ -144,8 +171,9 @@ def _registered_ext_heads(data, num_ext_bytes: int) -> int:
     return count
 
 
-def _may_start_run(document: bytes, position: int, head: int) -> bool:
+def _may_start_run(document: bytes, position: int) -> bool:
     """Whether the scalar at ``position`` and the one _MIN_RUN - 1 further (if all are alike) look alike."""
+    head = document[position] if position < len(document) else None
     if head in _ONE_BYTE_HEADS:
         return position + _MIN_RUN <= len(document) and document[position + _MIN_RUN - 1] in _ONE_BYTE_HEADS
     stride = _INT_STRIDES.get(head)
@@ -160,6 +188,27 @@ def _run_length(document: bytes, start: int, stride: int, count: int) -> int:
         return count - len(document[start : start + count].lstrip(_ONE_BYTE_SCALARS))
     heads = document[start : start + stride * count : stride]
     return count - len(heads.lstrip(heads[:1]))
+
+
+@functools.cache
+def _few_mixed(count: int) -> "re.Pattern[bytes]":
+    return re.compile(b"(?>%s){%d}" % (_INT_OR_ONE_BYTE_SCALAR, count), re.DOTALL)  # atomic: fails sooner
+
+
+def _mixed_run_bytes(document: bytes, heads_only: Optional[memoryview], start: int, count: int) -> int:
+    """The length of the ``count`` scalars from ``start`` if all are ints or one-byte scalars, of any widths, else 0:
+    more than _FEW_MIXED are checked at C speed in ``heads_only``, the document translated by _INT_HEADS_ONLY."""
+    if count <= _FEW_MIXED:
+        match = _few_mixed(count).match(document, start)
+        return 0 if match is None else match.end() - start
+    unpacker = msgpack.Unpacker(max_buffer_size=9 * count + 5)
+    unpacker.feed(b"\xdd" + count.to_bytes(4, "big"))
+    unpacker.feed(heads_only[start : start + 9 * count])
+    try:
+        unpacker.skip()
+    except (ValueError, msgpack.UnpackException):
+        return 0
+    return unpacker.tell() - 5
 
 
 def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
@@ -183,7 +232,9 @@ def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
             unpacker.feed(document)
             # array_left: elements left in the array being read while all read so far were scalars (a run of ints
             # is looked for only there, among at most ``window`` of them: in a map, each int is hashed and stored)
-            pending, array_left, window = 1, 0, _MIN_RUN
+            # a run of mixed widths is looked for at most once per _MIN_RUN elements that are not in one (mixed_at),
+            # among ``mixed`` of them (so that a run of one width, weighed less, is not taken into one)
+            pending, array_left, window, mixed, mixed_at, heads_only = 1, 0, _MIN_RUN, _MIN_RUN, 0, None
             while pending:
                 if steps >= max_steps:
                     return None
@@ -206,21 +257,43 @@ def _walked_structure_weight(data: bytes, max_steps: int) -> Optional[int]:
                 elif head in _MAP_HEADS:
                     pending += 2 * unpacker.read_map_header()
                     weight, array_left = weight + STRUCTURE_BYTE_WEIGHT, 0
-                elif head in _RUN_HEADS and array_left >= _MIN_RUN and _may_start_run(document, position, head):
-                    stride = _INT_STRIDES.get(head, 1)
-                    count = min(array_left, window, (len(document) - position) // stride)
-                    bytes_left -= 2 * count  # what checking the run copies
+                elif head in _RUN_HEADS and array_left >= _MIN_RUN:
+                    stride, run, run_bytes = _INT_STRIDES.get(head, 1), 0, 0
+                    if _may_start_run(document, position):
+                        count = min(array_left, window, (len(document) - position) // stride)
+                        bytes_left -= 2 * count  # what checking a run of one width copies
+                        run = _run_length(document, position, stride, count)
+                        window = 2 * run if run >= _MIN_RUN else max(_MIN_RUN, window // 2)
+                    if run >= _MIN_RUN:  # of one width: its payload weighed as scalars'
+                        run_bytes, new_fixints, mixed = stride * run, stride == 1, _MIN_RUN
+                        weight += SCALAR_BYTE_WEIGHT * run_bytes
+                    elif steps >= mixed_at and not _may_start_run(document, position + stride):
+                        # of mixed widths (not a lone element before a run of one width), a mispredicted branch each
+                        run, new_fixints, steps = min(array_left, mixed), True, steps + _MIXED_CHECK_STEPS
+                        if heads_only is None and run > _FEW_MIXED:
+                            bytes_left -= len(document)
+                            heads_only = memoryview(document.translate(_INT_HEADS_ONLY))
+                        run_bytes = _mixed_run_bytes(document, heads_only, position, run) if bytes_left >= 0 else 0
+                        # what parsing it takes (copying at most 9 bytes per element skipped), or what was copied
+                        bytes_left -= run_bytes or min(9 * run, len(document) - position)
+                        weight += (SCALAR_BYTE_WEIGHT + MIXED_RUN_BYTE_WEIGHT) * run_bytes
+                        if run_bytes:
+                            mixed *= 2
+                        elif mixed > _MIN_RUN:  # shorter, maybe: looked for among half as many at the next step
+                            mixed //= 2
+                        else:  # none here: looked for again _MIN_RUN elements on
+                            mixed_at = steps + _MIN_RUN
                     if bytes_left < 0:
                         return None
-                    run = _run_length(document, position, stride, count)
-                    if run < _MIN_RUN:
+                    if run_bytes == 0:
                         unpacker.skip()
-                        weight, window = weight + SCALAR_BYTE_WEIGHT * stride, max(_MIN_RUN, window // 2)
-                        array_left -= 1
+                        weight, array_left = weight + SCALAR_BYTE_WEIGHT * stride, array_left - 1
                         continue
-                    unpacker.read_bytes(stride * run)
-                    pending, array_left, window = pending + 1 - run, array_left - run, 2 * run
-                    weight += SCALAR_BYTE_WEIGHT * stride * run
+                    if new_fixints:  # its bytes that may be fixints below -5 (or payload of a wider int)
+                        fixints = document[position : position + run_bytes].translate(None, _NOT_NEW_FIXINT_BYTES)
+                        weight += NEW_INT_BYTE_WEIGHT * len(fixints)
+                    unpacker.read_bytes(run_bytes)
+                    pending, array_left = pending + 1 - run, array_left - run
                 else:
                     unpacker.skip()
                     array_left -= 1
