@@ -10,6 +10,7 @@ Registered ext types other than tuples (decoded by their class's Python code) we
 import asyncio
 import random
 
+import msgpack
 import pytest
 from dht_flood_helpers import flood_until_refused, store_request, timed_store, victim_and_attacker
 
@@ -245,5 +246,33 @@ async def test_the_costliest_borrowed_request_takes_well_under_a_second(p2p_fact
         refused, response = await timed_store(stub, store_request([value]))  # in debt now: refused at once
         assert list(response.store_ok) == [False] and victim.rejected["rate_limited"] == 1
         assert refused < 0.2, f"refusing it took {refused:.2f} s of CPU"
+    finally:
+        await victim.shutdown()
+
+
+def test_a_whole_dictionary_in_a_borrowing_request_borrows_within_the_cap():
+    now = [0.0]
+    limiter = PeerRateLimiter(burst=100, rate=10, clock=lambda: now[0], max_request=300)
+    assert limiter.allow("peer", 250, may_borrow=True)  # 150 in debt
+    assert not limiter.allow_dictionary("peer", 1)  # a dictionary of another request: refused while in debt
+    assert limiter.allow_dictionary("peer", 40, in_loan=True)  # 190 in debt, within the 200 one request may borrow
+    assert not limiter.allow_dictionary("peer", 20, in_loan=True)
+    assert limiter.allow_dictionary(None, 1000)  # from this node itself: free
+
+
+@pytest.mark.timeout(60)
+async def test_a_whole_dictionary_beside_a_borrowed_value_is_stored(p2p_factory):
+    victim, sender = await victim_and_attacker(p2p_factory)  # a handover of a few keys to a new peer, as 1.1.12 sends
+    try:
+        stub = DHTProtocol.get_stub(sender, victim.p2p.peer_id)
+        large = MSGPackSerializer.dumps(MANY_OBJECTS["45k float pairs"])  # 32 000 items, stored by borrowing
+        expiration = get_dht_time() + 600
+        entries = [[index, b"\xc0", expiration] for index in range(10)]
+        dictionary = MSGPackSerializer.dumps(msgpack.ExtType(0x50, msgpack.packb([float("inf"), expiration, entries])))
+        request = store_request([large, dictionary])
+        request.subkeys[1] = DHTProtocol.IS_DICTIONARY
+        # the dictionary was charged after the value had put the sender in debt: [True, False] before
+        assert list((await stub.rpc_store(request, timeout=60)).store_ok) == [True, True]
+        assert victim.rejected["rate_limited"] == 0
     finally:
         await victim.shutdown()

@@ -193,6 +193,7 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
                 store_item_cost(subkey, value, subkey == IS_DICTIONARY)
                 for subkey, value in zip(request.subkeys, request.values)
             )
+        in_loan = cost is not None and not limiter.fits(peer, cost)  # admitted only by borrowing, if at all
         if cost is None or not limiter.allow(peer, cost, may_borrow):
             if cost is not None:  # it was weighed, and weighing a refused request is not free
                 limiter.spend_at_most(peer, least)
@@ -203,7 +204,7 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
         now = get_dht_time()
         in_cache = request.in_cache or [False] * len(request.keys)
         store_ok = [
-            self._store_item(key, subkey, value, expiration_time, cache, now, context.remote_id)
+            self._store_item(key, subkey, value, expiration_time, cache, now, context.remote_id, in_loan)
             for key, subkey, value, expiration_time, cache in zip(
                 request.keys, request.subkeys, request.values, request.expiration_time, in_cache
             )

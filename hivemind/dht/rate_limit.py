@@ -394,10 +394,19 @@ class PeerRateLimiter:
         if tokens > 0:
             self._buckets[peer] = (max(0.0, tokens - num_items), now)
 
-    def allow_dictionary(self, peer: Optional[Hashable], num_items: float) -> bool:
+    def allow_dictionary(self, peer: Optional[Hashable], num_items: float, in_loan: bool = False) -> bool:
         """Charge a part of a whole dictionary's cost (see DHTProtocol's store handling); one sent by no remote peer
-        (``peer`` None: replication and caching within this node) is free."""
-        return peer is None or self.allow(peer, num_items)
+        (``peer`` None: replication and caching within this node) is free. One in a request that borrowed
+        (``in_loan``) is charged after that request put the peer in debt: it may go on borrowing while the debt
+        stays within what one request may borrow from a whole allowance (``max_request - burst``)."""
+        if peer is None:
+            return True
+        now = self.clock()
+        tokens = self._tokens(peer, now)
+        if in_loan and tokens - num_items >= self.burst - self.max_request:
+            self._buckets[peer] = (tokens - num_items, now)
+            return True
+        return self.allow(peer, num_items)
 
     def _forget_idle(self, now: float) -> None:
         for peer in [peer for peer in self._buckets if self._tokens(peer, now) >= self.burst]:
