@@ -40,8 +40,8 @@ const (
 // What the memory limits count: yamux reserves 256 KiB per open stream and every growth of a stream's receive
 // window in its connection's scope (a refused growth only keeps the window smaller), the relay service reserves
 // its circuit buffers, and the daemon reserves the buffer of every unary request or answer it reads, in the
-// stream's scope, as the buffer grows. A reservation above a limit fails: a new stream is refused, a unary
-// message is dropped.
+// stream's scope, as the buffer grows, and every answer it writes to a peer's call until it has left. A
+// reservation above a limit fails: a new stream is refused, a unary message is dropped.
 func resourceLimits(o *options) rcmgr.ConcreteLimitConfig {
 	perPeerStreams := rcmgr.LimitVal(o.limitStreamsPerPeer)
 	partial := rcmgr.PartialLimitConfig{

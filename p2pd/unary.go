@@ -432,7 +432,14 @@ func (d *daemon) handleUnaryStream(s network.Stream) {
 	select {
 	case answer := <-waiter:
 		// a caller that stops reading (its window stays shut) must not hold the answer, this goroutine and the
-		// stream for as long as it keeps the stream open
+		// stream for as long as it keeps the stream open, nor more answers than its peer's memory limit allows
+		// (released with the stream)
+		if err := s.Scope().ReserveMemory(len(answer), network.ReservationPriorityAlways); err != nil {
+			log.Debugw("dropping a unary answer: the calling peer holds too much memory already", "protocol", pid,
+				"peer", s.Conn().RemotePeer(), "size", len(answer), "error", err)
+			_ = s.Reset()
+			return
+		}
 		timeout := answerWriteTimeout(len(answer))
 		_ = s.SetWriteDeadline(time.Now().Add(timeout))
 		if err := writeDelimited(s, answer); err != nil {

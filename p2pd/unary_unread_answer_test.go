@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"runtime"
@@ -36,8 +37,8 @@ func shortenAnswerDeadline(t testing.TB, grace time.Duration, rate int64) {
 	})
 }
 
-// unreadAnswerSetup starts a callee daemon whose client answers every request with answerSize bytes, and a plain
-// go-libp2p host (default windows, no resource limits) connected to it, to call it; answered counts the answers.
+// unreadAnswerSetup starts a callee daemon whose client answers every request with answerSize bytes, and a
+// callerHost connected to it, to call it; answered counts the answers.
 func unreadAnswerSetup(t testing.TB, proto string, answerSize int) (b *daemon, caller host.Host,
 	answered *atomic.Int32) {
 	t.Helper()
@@ -54,8 +55,13 @@ func unreadAnswerSetup(t testing.TB, proto string, answerSize int) (b *daemon, c
 			}
 		}
 	}()
-	var err error
-	caller, err = libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.DisableRelay(),
+	return b, callerHost(t, b), answered
+}
+
+// callerHost starts a plain go-libp2p host (default windows, no resource limits) connected to d.
+func callerHost(t testing.TB, d *daemon) host.Host {
+	t.Helper()
+	caller, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.DisableRelay(),
 		libp2p.ResourceManager(&network.NullResourceManager{}))
 	if err != nil {
 		t.Fatal(err)
@@ -63,10 +69,10 @@ func unreadAnswerSetup(t testing.TB, proto string, answerSize int) (b *daemon, c
 	t.Cleanup(func() { _ = caller.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := caller.Connect(ctx, peer.AddrInfo{ID: b.host.ID(), Addrs: b.host.Addrs()}); err != nil {
+	if err := caller.Connect(ctx, peer.AddrInfo{ID: d.host.ID(), Addrs: d.host.Addrs()}); err != nil {
 		t.Fatal(err)
 	}
-	return b, caller, answered
+	return caller
 }
 
 // callAndNeverRead opens n unary streams that each send a request and read nothing.
@@ -175,6 +181,54 @@ func TestUnaryAnswerToASlowReaderArrivesWhole(t *testing.T) {
 	}
 	if got < 1<<20 {
 		t.Fatalf("got %d bytes", got)
+	}
+}
+
+// Answers waiting for their callers to take them count in the calling peer's memory: one peer that made many calls
+// for large answers (3 MiB here, 1 024 streams allowed per peer) and read none held 900 MiB with 300 of them, counted
+// nowhere, until their deadlines; past its -limitMemoryPerPeer its further answers are dropped.
+func TestUnreadAnswersCountInTheCallersMemory(t *testing.T) {
+	const proto = "/test/unread-accounted"
+	const calls, size, limit = 40, 3 << 20, 64 << 20
+	b, sockB := startUnaryTestDaemon(t, fmt.Sprintf("-limitMemoryPerPeer=%d", limit))
+	callee := openPersistent(t, sockB)
+	callee.addHandler(t, proto)
+	payload := bytes.Repeat([]byte("a"), size)
+	var answered atomic.Int32
+	go func() { // the answers come once every request arrived: the streams are all open by then
+		var ids []string
+		for m := range callee.in {
+			if m.kind == pcRespRequestHandling {
+				ids = append(ids, m.callID)
+			}
+			if len(ids) == calls {
+				for _, id := range ids {
+					_ = callee.send(unaryResponseMsg([]byte(id), payload, false))
+					answered.Add(1)
+				}
+				ids = nil
+			}
+		}
+	}()
+	caller := callerHost(t, b)
+	callAndNeverRead(t, caller, b.host.ID(), proto, calls)
+	callsAnswered(t, b, proto, &answered, calls, 20*time.Second)
+	held := openStreams(b, proto, 0)
+	for deadline := time.Now().Add(5 * time.Second); held*size > limit && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond) // the handlers that got their answers last may not have dropped them yet
+		held = openStreams(b, proto, 0)
+	}
+	var accounted int64
+	_ = b.host.Network().ResourceManager().ViewPeer(caller.ID(), func(s network.PeerScope) error {
+		accounted = s.Stat().Memory
+		return nil
+	})
+	if held*size > limit || accounted > limit {
+		t.Fatalf("%d answers of %d MiB held for a peer that reads none (%d MiB accounted), limit %d MiB", held,
+			size>>20, accounted>>20, limit>>20)
+	}
+	if held == 0 {
+		t.Fatalf("no answer held: want those that fit in the limit")
 	}
 }
 
