@@ -1,7 +1,10 @@
 """Derived deadlines learn from rounds that cut a slow honest sender (real averagers, each in its own process, on
 real p2pd peers on 127.0.0.1). A peer whose link carries its parts too slowly for the deadline derived from faster
 rounds is cut at the round's last call; the next rounds' derived deadline is stretched to its observed pace (at most
-twice per round), so that it is averaged again instead of being cut in every later round."""
+twice per round), so that it is averaged again instead of being cut in every later round. The link is slowed either in
+the slow peer's sending (its parts leave one by one) or at the far end (its parts wait in the streams' buffers, as the
+few kilobytes of a small transfer do on a real slow link: the slow peer has handed all of them over within
+milliseconds, and only the replies it did not get tell it that they were late)."""
 
 import asyncio
 import contextlib
@@ -12,6 +15,7 @@ import torch
 from averager_helpers import FAST, dht_swarm, run_allreduce, wait_for_stage
 
 from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.allreduce_reducer import ReducerSide
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.deadlines import AdaptiveDeadlines
@@ -45,6 +49,30 @@ def _slow_link_in_processes_started_here() -> Iterator[None]:
         AllReduceRunner._generate_input_for = send_parts
 
 
+@contextlib.contextmanager
+def _slow_reading_in_processes_started_here(slow_peer_id) -> Iterator[None]:
+    """Averager processes forked inside take the parts of ``slow_peer_id`` from each of its two streams one per
+    2 * SECONDS_PER_PART (its link, shared by both streams), after they waited in the streams' buffers."""
+    read_parts = ReducerSide._read_parts
+
+    async def over_the_slow_link(runner, sender_index, first, stream, queue):
+        if runner.sender_peer_ids[sender_index] == slow_peer_id:
+            stream = _one_by_one(stream, 2 * SECONDS_PER_PART)
+        return await read_parts(runner, sender_index, first, stream, queue)
+
+    ReducerSide._read_parts = over_the_slow_link
+    try:
+        yield
+    finally:
+        ReducerSide._read_parts = read_parts
+
+
+async def _one_by_one(stream, seconds: float):
+    async for message in stream:
+        await asyncio.sleep(seconds)
+        yield message
+
+
 def _averager(tensor: torch.Tensor, dht, **options) -> DecentralizedAverager:
     averager = DecentralizedAverager(
         [tensor], dht, prefix="slowlink", start=False, target_group_size=3, min_group_size=3,
@@ -61,13 +89,17 @@ def _values(averager) -> torch.Tensor:
 
 
 @pytest.mark.timeout(120)
-def test_a_slow_honest_sender_cut_in_its_first_round_is_averaged_by_the_next():
+@pytest.mark.parametrize("slow_end", ["sending", "buffered"])
+def test_a_slow_honest_sender_cut_in_its_first_round_is_averaged_by_the_next(slow_end):
     with dht_swarm(3) as dhts:
         averagers = []
         try:
-            averagers.append(_averager(torch.zeros(SIZE), dhts[0]))
-            averagers.append(_averager(torch.zeros(SIZE), dhts[1]))
-            with _slow_link_in_processes_started_here():  # it reduces nothing (bandwidth 0): it only sends
+            buffered = slow_end == "buffered"
+            with _slow_reading_in_processes_started_here(dhts[2].peer_id) if buffered else contextlib.nullcontext():
+                averagers.append(_averager(torch.zeros(SIZE), dhts[0]))
+                averagers.append(_averager(torch.zeros(SIZE), dhts[1]))
+            # it reduces nothing (bandwidth 0): it only sends, and gets its replies at the end
+            with contextlib.nullcontext() if buffered else _slow_link_in_processes_started_here():
                 averagers.append(_averager(torch.full((SIZE,), 3.0), dhts[2], bandwidth=0.0))
             fast, slow = averagers[0], averagers[2]
 

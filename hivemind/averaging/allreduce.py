@@ -332,7 +332,10 @@ class AllReduceRunner(ReducerSide, ServicerBase):
             failed = self.container.register_failed_reducer(peer_index)
             total = self.container.num_parts_by_peer[peer_index]
             if not stalled:  # (a stalled reducer held our parts back: that is not our pace)
-                self._note_pace(progress.sent, total)
+                # the parts it replied to got through; with no reply yet (a sender with no share of its own gets its
+                # replies at the end) the parts handed to the stream took this long at least: most of a small
+                # transfer goes into the stream's buffers at once, so that is all of them but on a slow link
+                self._note_pace(total - failed or progress.sent, total)
             self._lost_parts += failed
             self._failed_reducers[peer_id] = str(e)
             logger.warning(
@@ -422,7 +425,7 @@ class AllReduceRunner(ReducerSide, ServicerBase):
     def _note_pace(self, done: int, total: int) -> None:
         """A transfer of ``total`` parts was cut with ``done`` of them through: at that pace the round needed
         ``total / done`` times its duration so far (kept in needed_seconds if the longest; nothing done: no pace)."""
-        if 0 < done < total:
+        if 0 < done <= total:
             needed = (asyncio.get_running_loop().time() - self._started_at) * total / done
             self.needed_seconds = max(needed, self.needed_seconds or 0.0)
 
