@@ -34,6 +34,7 @@ from hivemind.p2p.servicer import get_handle_name
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.process_handle import peek_exitcode
+from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 from hivemind.utils.value_checks import is_number
 
@@ -86,6 +87,8 @@ class DecentralizedAverager(AveragerProcess):
         it takes; the process itself still finishes its clean-up in a few seconds)
     :param start_method: multiprocessing start method of the averager's process (None: the default context's)
     """
+
+    serializer = MSGPackSerializer  # encodes gathered values and the state's metadata for peers (fixed by the wire)
 
     def __init__(
         self,

@@ -30,6 +30,9 @@ class RSASignatureValidator(RecordValidatorBase):
     OWNER_TAG_PREFIX, SIGNATURE_PREFIX, TAG_SUFFIX = b"[owner:", b"[signature:", b"]"
     _OWNER_PATTERN = re.compile(rb"\[owner:(.+?)\]", re.DOTALL)
     _SIGNATURE_PATTERN = re.compile(rb"\[signature:(.+?)\]", re.DOTALL)
+    # the tags as templates (replace the placeholder) and the owner tag's pattern, for code that builds or reads them
+    PUBLIC_KEY_FORMAT, SIGNATURE_FORMAT = b"[owner:_key_]", b"[signature:_value_]"
+    PUBLIC_KEY_REGEX = _OWNER_PATTERN.pattern
 
     def __init__(self, private_key: Optional[RSAPrivateKey] = None):
         if private_key is None:

@@ -66,6 +66,7 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
     serializer = MSGPackSerializer
     IS_REGULAR_VALUE = IS_REGULAR_VALUE
     IS_DICTIONARY = IS_DICTIONARY
+    RESERVED_SUBKEYS = (IS_REGULAR_VALUE, IS_DICTIONARY)  # no user subkey encodes to these (see request_checks)
     get_stub = NodeStubGetter()  # DHTProtocol.get_stub(p2p, peer) and protocol.get_stub(peer)
 
     p2p: P2P

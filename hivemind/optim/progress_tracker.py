@@ -25,6 +25,7 @@ from hivemind.optim.epoch_rule import (
     next_epoch,
     summarize_swarm,
 )
+from hivemind.optim.progress_tracker_compat import ProgressTrackerPublicNames, StopRequest
 from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.logging import get_logger
@@ -72,7 +73,7 @@ class _RefreshSetting:
         tracker.refresh_policy = dataclasses.replace(tracker.refresh_policy, **{self.name: value})
 
 
-class ProgressTracker(threading.Thread):
+class ProgressTracker(ProgressTrackerPublicNames, threading.Thread):
     """
     A background thread that publishes this peer's progress (epoch, samples accumulated in it, speed) to the DHT and
     periodically reads everyone's progress to tell when the swarm's epoch ends (see :mod:`hivemind.optim.epoch_rule`).
@@ -141,7 +142,7 @@ class ProgressTracker(threading.Thread):
         self.fetched_global_progress_this_epoch = threading.Event()
         self._fetch_finished = threading.Condition()
         self._last_fetch_started = -math.inf  # time.monotonic() at which the latest completed fetch began
-        self._stop_requested = threading.Event()
+        self._stop_requested = StopRequest(lambda: self._wake(lambda: self._stop_event))
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._last_reported: Optional[LocalTrainingProgress] = None
         self._last_report_time = -math.inf
@@ -264,8 +265,7 @@ class ProgressTracker(threading.Thread):
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop the thread; it publishes a ``None`` record first so that peers stop counting this one."""
-        self._stop_requested.set()
-        self._wake(lambda: self._stop_event)
+        self._stop_requested.set()  # (wakes the loop)
         if self.is_alive():
             self.join(timeout)
             if self.is_alive():

@@ -28,6 +28,7 @@ from hivemind.optim.optimizer_state import (
 )
 from hivemind.optim.optimizer_torch_api import as_param_groups, frozen_gradients_hidden
 from hivemind.optim.scheduler_sync import SchedulerStart, catch_up_scheduler, is_scheduler_instance
+from hivemind.optim.state_averager_compat import StateAveragerPublicNames
 from hivemind.optim.state_loading import (
     apply_downloaded_state_,
     load_first_accepted_state,
@@ -37,17 +38,9 @@ from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
 __all__ = [
-    "TrainingStateAverager",
-    "initialize_optimizer_state_",
-    "dump_optimizer_state",
-    "load_optimizer_state",
-    "TorchOptimizer",
-    "OptimizerFactory",
-    "SchedulerFactory",
-    "LRSchedulerBase",
-    "Parameters",
-    "ParamGroups",
-]
+    "TrainingStateAverager", "initialize_optimizer_state_", "dump_optimizer_state", "load_optimizer_state",
+    "TorchOptimizer", "OptimizerFactory", "SchedulerFactory", "LRSchedulerBase", "Parameters", "ParamGroups",
+]  # fmt: skip
 
 logger = get_logger(__name__)
 
@@ -62,7 +55,7 @@ Parameters = Iterable[torch.Tensor]
 ParamGroups = Iterable[Dict[str, Any]]
 
 
-class TrainingStateAverager(DecentralizedAverager):
+class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
     """
     Holds the training state of one peer (parameters, optimizer statistics, extra tensors, epoch), runs the inner
     optimizer, averages that state with peers and serves it to newcomers. The state sent on download is
@@ -78,7 +71,8 @@ class TrainingStateAverager(DecentralizedAverager):
     :param offload_optimizer: keep the optimizer and a copy of the parameters in CPU shared memory; the model's
       parameters get the new values when the step is applied
     :param custom_gradients: with offloading, the caller puts gradients into the offloaded parameters itself
-    :param reuse_tensors: accepted for compatibility; averaged tensors are always separate buffers here
+    :param reuse_tensors: accepted for compatibility; averaged tensors are always separate buffers here (see
+      ``reuse_tensors`` and the other names of :class:`StateAveragerPublicNames`)
     :param delta_rule_averaging: apply the averaging result as a delta (average - values sent), keeping local updates
       made while averaging ran in the background
     :param performance_ema_alpha: smoothing of ``delay_before_averaging`` (seconds from step() to its all-reduce)

@@ -2,7 +2,7 @@
 
 import asyncio
 import typing
-from typing import Any, AsyncIterable, AsyncIterator, Optional, Set, Union
+from typing import Any, AsyncIterable, AsyncIterator, Optional, Set, TypeVar, Union
 
 from google.protobuf.message import Message
 
@@ -36,6 +36,10 @@ class ProtobufCallsMixin:
     _stream_writers: Set[asyncio.StreamWriter]
     unary_call_timeout: Optional[Seconds]
     _inbound_budget: Optional[InboundBudget] = None
+
+    # for annotating handlers and calls: P2P.TInputStream is an async iterator of P2P.TInputProtobuf messages
+    TInputProtobuf, TOutputProtobuf = TypeVar("TInputProtobuf"), TypeVar("TOutputProtobuf")
+    TInputStream, TOutputStream = AsyncIterator[TInputProtobuf], AsyncIterator[TOutputProtobuf]
 
     @property
     def persistent_conn_max_msg_size(self) -> Bytes:

@@ -321,14 +321,14 @@ class ModuleBackend:
                 state["scheduler"] = self.scheduler.state_dict()
             return _clone_tensors(state)
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what state_dict saved (the optimizer / scheduler parts only where this backend has them).
 
         All or nothing: if any part does not fit (e.g. the state of another expert class), the module, optimizer and
         scheduler are put back as they were and the error is raised.
         """
-        if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
-            found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("module"), dict):
+            found = sorted(map(str, state_dict))[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(
                 f"{self.name}: expected a ModuleBackend state dict with a 'module' entry (and optionally 'optimizer', "
                 f"'scheduler'), got {found}"
@@ -336,7 +336,7 @@ class ModuleBackend:
         with self._update_lock:
             previous = self.state_dict()
             try:
-                self._load_parts(state)
+                self._load_parts(state_dict)
             except BaseException:
                 self._load_parts(previous)
                 raise

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -136,10 +136,10 @@ class Runtime(threading.Thread):
         except Exception as e:
             logger.warning(f"Runtime: could not load a batch from {pool.name}: {e!r}")
             return
-        batch_size = len(batch[0]) if batch and batch[0].ndim > 0 else 0
+        batch_size = _batch_size(batch)
         started = time.perf_counter()
         try:
-            outputs = pool.process_func(*batch)
+            outputs, examples = self.process_batch(pool, batch_index, *batch)
         except Exception as e:
             self._failed_batch_log(pool.name).log(
                 f"Runtime: a batch of {batch_size} examples failed in {pool.name}: {e!r}"
@@ -150,8 +150,13 @@ class Runtime(threading.Thread):
         except BaseException as e:
             pool.send_exception_from_runtime(batch_index, RuntimeError(f"the server stopped: {e!r}"))
             raise
-        self.stats.record(pool.name, batch_size, time.perf_counter() - started)
+        self.stats.record(pool.name, examples, time.perf_counter() - started)
         senders.submit(_send_outputs, pool, batch_index, outputs)
+
+    def process_batch(self, pool, batch_index: int, *batch: torch.Tensor) -> Tuple[Any, int]:
+        """Compute one batch of ``pool`` with its ``process_func``; returns ``(outputs, batch size)``. The serving loop
+        calls it for every batch, then hands the outputs back to the pool: a subclass may override it."""
+        return pool.process_func(*batch), _batch_size(batch)
 
     def _failed_batch_log(self, pool_name: str) -> ThrottledLog:
         """Where the failed batches of a pool are logged: at WARNING at most once per FAILED_BATCH_LOG_INTERVAL."""
@@ -197,6 +202,10 @@ def _ensure_started(pool) -> None:
         return
     # our pools are threads of this process (a pool that is a process of its own has a pid)
     logger.info(f"{pool.name} starting, pid={getattr(pool, 'pid', None) or os.getpid()}")
+
+
+def _batch_size(batch: Sequence[torch.Tensor]) -> int:
+    return len(batch[0]) if batch and batch[0].ndim > 0 else 0
 
 
 def _send_outputs(pool, batch_index: int, outputs) -> None:
