@@ -13,6 +13,7 @@ import torch
 from optim_swarm_helpers import FAST_TRACKER, dht_pair, wait_for
 
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import Float16Compression
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.moe.server.module_backend import ModuleBackend
@@ -59,6 +60,21 @@ def test_averagers_name_the_serializer_of_their_metadata(averager_cls):
     assert averager_cls.serializer is MSGPackSerializer
     metadata = {"epoch": 3, "names": ["a", "b"]}
     assert averager_cls.serializer.loads(averager_cls.serializer.dumps(metadata)) == metadata
+
+
+@pytest.mark.timeout(30)
+def test_averager_allreduce_kwargs_are_the_options_it_was_given(dht_pair):
+    compression = Float16Compression()
+    averager = DecentralizedAverager(
+        [torch.zeros(3)], dht=dht_pair[0], prefix="compat_kwargs", start=False, compression=compression,
+        part_size_bytes=2**16, sender_timeout=3.0, reducer_timeout=7.0,
+    )  # fmt: skip
+    assert averager.allreduce_kwargs == dict(
+        compression=compression, part_size_bytes=2**16, min_vector_size=0, sender_timeout=3.0, reducer_timeout=7.0
+    )
+    derived = DecentralizedAverager([torch.zeros(3)], dht=dht_pair[0], prefix="compat_kwargs2", start=False)
+    assert derived.allreduce_kwargs["sender_timeout"] is None  # derived from measured rounds here
+    assert derived.allreduce_kwargs["reducer_timeout"] is None
 
 
 @pytest.mark.timeout(60)

@@ -291,6 +291,18 @@ class DecentralizedAverager(AveragerProcess):
         )
 
     @property
+    def allreduce_kwargs(self) -> Dict[str, Any]:
+        """The all-reduce settings this averager was created with; a timeout of None is derived for each round from
+        the rounds measured (see docs/averaging.md). A new dict: changing it changes nothing."""
+        return dict(
+            compression=self.compression,
+            part_size_bytes=self.part_size_bytes,
+            min_vector_size=self.min_vector_size,
+            sender_timeout=self._deadlines.explicit_sender,
+            reducer_timeout=self._deadlines.explicit_reducer,
+        )
+
+    @property
     def allow_state_sharing(self) -> bool:
         """Whether this averager serves its state to peers that call ``load_state_from_peers``."""
         return bool(self._allow_state_sharing.value)
