@@ -9,7 +9,7 @@ import torch
 
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.averaging.deadlines import MAX_DEADLINE_SENDERS, MAX_STRETCH, RoundDeadlines
+from hivemind.averaging.deadlines import MAX_DEADLINE_SENDERS, MAX_SLOWDOWN, MAX_STRETCH, RoundDeadlines
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
@@ -45,6 +45,12 @@ MAX_FINISHED_GROUPS = 64
 # group at a time that we may not have registered yet, and parts of a few hundred KiB
 MAX_PARKED_PARTS_PER_PEER = 2
 MAX_PARKED_PART_BYTES = 128 * 2**20
+# what logs say when the bound on the derived deadlines holds them back (see deadlines.py)
+_AT_THE_LIMIT = (
+    f": the derived deadlines stay within {MAX_SLOWDOWN:g} times what the best measured bandwidth gives (a member "
+    "making every round late could otherwise stretch them without end, see docs/averaging.md); if the links are "
+    "really this slow now, pass allreduce_timeout"
+)
 
 
 class AveragingRounds:
@@ -210,6 +216,7 @@ class AveragingRounds:
             runner.finalize(exception=AllreduceException("the all-reduce ran out of time"))
             raise AllreduceException(
                 f"Averaging step failed: the all-reduce did not finish within {deadlines.allreduce_timeout:.1f} s"
+                f"{_AT_THE_LIMIT if deadlines.limited else ''}"
             ) from None
         except BaseException as e:
             cancelled = isinstance(e, asyncio.CancelledError)
@@ -228,7 +235,11 @@ class AveragingRounds:
             await self._apply_in_thread(deltas)
         elapsed = time.perf_counter() - started
         if runner.everyone_delivered:  # a round that waited out a stalled peer says nothing about the links
-            self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed, deadlines)
+            if self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed, deadlines):
+                logger.info(
+                    f"This round took {elapsed:.1f} s of allreduce_timeout={deadlines.allreduce_timeout:.1f} s: the "
+                    f"bandwidth estimate is held at 1/{MAX_SLOWDOWN:g} of the best measured{_AT_THE_LIMIT}"
+                )
         elif runner.needed_seconds is not None:  # but one that cut a slow sender says how long it needed
             self._learn_from_cut_round(deadlines, runner.needed_seconds)
         logger.info(
@@ -240,6 +251,12 @@ class AveragingRounds:
     def _learn_from_cut_round(self, deadlines: RoundDeadlines, needed_seconds: float) -> None:
         before = self._deadlines.stretch
         self._deadlines.record_cut_round(deadlines, needed_seconds)
+        if deadlines.limited:
+            logger.warning(
+                f"This round cut a slow transfer at its last call: at its pace the round needed ~{needed_seconds:.1f} "
+                f"s of allreduce_timeout={deadlines.allreduce_timeout:.1f} s{_AT_THE_LIMIT}"
+            )
+            return
         if self._deadlines.stretch > before:
             logger.info(
                 f"This round cut a slow transfer at its last call: at its pace the round needed "

@@ -11,15 +11,21 @@ pace at which that sender did deliver says how long the round would have needed:
 ``allreduce_timeout`` is stretched so that such a round ends at ``FINISH_SHARE`` of it, at most ``STRETCH_GROWTH``
 times more per round and ``MAX_STRETCH`` times in all (a stalling hostile peer costs at most that), and the stretch
 shrinks back (at most halved per round) once rounds complete in less time.
+
+Rounds that complete late lower the measured bandwidth, and with it raise the next deadlines: a member that made every
+round end just before the last calls would make them grow ~1.27x per round without end. So the bandwidth estimate
+never drops below ``1 / MAX_SLOWDOWN`` of the best it has had, and the derived ``allreduce_timeout``, stretch included,
+never exceeds ``MAX_SLOWDOWN`` times the one that best bandwidth gives: an honest network that slows down is followed
+that far, beyond it only an explicit ``allreduce_timeout`` helps.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
-__all__ = ["RoundDeadlines", "AdaptiveDeadlines", "SenderPace", "MAX_DEADLINE_SENDERS", "MAX_STRETCH"]
+__all__ = ["RoundDeadlines", "AdaptiveDeadlines", "SenderPace", "MAX_DEADLINE_SENDERS", "MAX_STRETCH", "MAX_SLOWDOWN"]
 
 # derived deadlines grow with the group size up to this many concurrent senders (groups of 16), no further
 MAX_DEADLINE_SENDERS = 15
@@ -27,6 +33,9 @@ MAX_DEADLINE_SENDERS = 15
 # this share of it (before the last calls, from 85%), by at most this factor per round and this factor in all; rounds
 # that complete let it shrink back by at most this factor per round, to what their own duration needs
 FINISH_SHARE, STRETCH_GROWTH, MAX_STRETCH, STRETCH_DECAY = 0.6, 2.0, 4.0, 0.5
+# the bandwidth estimate stays above 1/MAX_SLOWDOWN of the best it has had, and the derived allreduce_timeout (stretch
+# included) within MAX_SLOWDOWN times the one the best bandwidth gives: how far rounds can push the derived deadlines
+MAX_SLOWDOWN = 4.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,9 @@ class RoundDeadlines:
     reducer_timeout: Optional[float]  # max wait for a reducer's next averaged part (seconds)
     allreduce_timeout: Optional[float]  # max duration of the whole all-reduce (seconds)
     stretch: float = 1.0  # the derived allreduce_timeout is this many times the one the links alone give
+    # the derived deadlines were held back: the bandwidth estimate is at its floor, or the stretched allreduce_timeout
+    # was cut to MAX_SLOWDOWN times the one the best bandwidth gives
+    limited: bool = False
 
 
 class AdaptiveDeadlines:
@@ -76,6 +88,7 @@ class AdaptiveDeadlines:
         self.explicit_sender, self.explicit_reducer = sender_timeout, reducer_timeout
         self.explicit_allreduce = allreduce_timeout
         self.bandwidth, self.measured_rounds = float(initial_bandwidth), 0
+        self.best_bandwidth: Optional[float] = None  # the highest estimate after a measured round
         self.ema_alpha, self.safety_factor = ema_alpha, safety_factor
         self.min_sender_timeout, self.min_allreduce_timeout = min_sender_timeout, min_allreduce_timeout
         self.stretch = 1.0  # learned from rounds that cut slow senders (see record_cut_round)
@@ -89,14 +102,14 @@ class AdaptiveDeadlines:
 
     def record_round(
         self, vector_bytes: int, group_size: int, seconds: float, deadlines: Optional[RoundDeadlines] = None
-    ) -> None:
+    ) -> bool:
         """Update the bandwidth estimate with a finished round (its all-reduce took ``seconds``). Pass only rounds in
         which every member delivered: one that waited out a stalled peer measures a timeout, not the links. With the
         round's ``deadlines``, a stretch learned from rounds that cut slow senders shrinks towards what this round
-        needed (at most halved)."""
+        needed (at most halved). Returns whether the estimate was held at its floor, 1/MAX_SLOWDOWN of the best."""
         moved = self.bytes_per_member(vector_bytes, group_size)
         if moved <= 0 or not (math.isfinite(seconds) and seconds > 0):
-            return
+            return False
         if deadlines is not None:
             target = self._stretch_for(seconds, deadlines)
             if target is not None:
@@ -107,6 +120,15 @@ class AdaptiveDeadlines:
         else:
             self.bandwidth = self.ema_alpha * measured + (1 - self.ema_alpha) * self.bandwidth
         self.measured_rounds += 1
+        floor = 0.0 if self.best_bandwidth is None else self.best_bandwidth / MAX_SLOWDOWN
+        floored, self.bandwidth = self.bandwidth < floor, max(self.bandwidth, floor)
+        self.best_bandwidth = max(self.best_bandwidth or 0.0, self.bandwidth)
+        return floored
+
+    @property
+    def at_floor(self) -> bool:
+        """Whether the bandwidth estimate is held at 1/MAX_SLOWDOWN of the best it has had."""
+        return self.best_bandwidth is not None and self.bandwidth * MAX_SLOWDOWN <= self.best_bandwidth * (1 + 1e-9)
 
     def record_cut_round(self, deadlines: RoundDeadlines, needed_seconds: float) -> None:
         """A round with ``deadlines`` cut senders at its last calls for being slow; at the pace they delivered their
@@ -128,6 +150,23 @@ class AdaptiveDeadlines:
 
     def for_round(self, vector_bytes: int, group_size: int, part_bytes: int) -> RoundDeadlines:
         """Deadlines for an all-reduce of ``vector_bytes`` over ``group_size`` members, in parts of ``part_bytes``."""
+        sender, reducer, allreduce = self._at_bandwidth(self.bandwidth, vector_bytes, group_size, part_bytes)
+        stretch, limited = 1.0, False
+        if self.explicit_allreduce is not None:
+            allreduce = None if math.isinf(self.explicit_allreduce) else self.explicit_allreduce  # inf: no limit
+        else:
+            links_alone, allreduce = allreduce, self.stretch * allreduce
+            if self.best_bandwidth is not None:
+                best = self._at_bandwidth(self.best_bandwidth, vector_bytes, group_size, part_bytes)[2]
+                limited = self.at_floor or allreduce > MAX_SLOWDOWN * best
+                allreduce = min(allreduce, MAX_SLOWDOWN * best)
+            stretch = max(1.0, allreduce / links_alone)
+        return RoundDeadlines(sender, reducer, allreduce, stretch, limited)
+
+    def _at_bandwidth(
+        self, bandwidth: float, vector_bytes: int, group_size: int, part_bytes: int
+    ) -> Tuple[float, float, float]:
+        """Sender and reducer timeouts, and the unstretched derived allreduce_timeout, at ``bandwidth``."""
         # a reducer hears from every other member at once: one part from each shares the link. The group size comes
         # from the leader, so its effect is capped: a hostile leader padding the group with thousands of peers that
         # never connect would otherwise stretch every member's wait for them to minutes
@@ -135,8 +174,8 @@ class AdaptiveDeadlines:
         # a part never holds more than the whole vector: a small vector's rounds (measured as a low bandwidth, since
         # latency dominates them) must not be charged for a full-sized part
         part_bytes = min(part_bytes, vector_bytes) if vector_bytes > 0 else part_bytes
-        expected = self.bytes_per_member(vector_bytes, group_size) / self.bandwidth
-        per_part = self.safety_factor * part_bytes * concurrent_senders / self.bandwidth
+        expected = self.bytes_per_member(vector_bytes, group_size) / bandwidth
+        per_part = self.safety_factor * part_bytes * concurrent_senders / bandwidth
         # nor does one part take longer than the whole exchange (the bandwidth is a per-member figure: charging each
         # part for all senders at once made a 1 s round of a small vector in 16 peers wait 32 s for one part)
         per_part = min(per_part, self.safety_factor * expected)
@@ -146,13 +185,7 @@ class AdaptiveDeadlines:
             if self.explicit_reducer is not None:
                 sender = min(sender, self.explicit_reducer / 2)
         reducer = self.explicit_reducer if self.explicit_reducer is not None else 2 * sender
-        allreduce, stretch = self.explicit_allreduce, 1.0
-        if allreduce is None:
-            stretch = self.stretch
-            allreduce = stretch * max(self.min_allreduce_timeout, self.safety_factor * expected + reducer)
-        elif math.isinf(allreduce):
-            allreduce = None  # no limit on the round (as with hivemind.Optimizer(averaging_timeout=math.inf))
-        return RoundDeadlines(sender, reducer, allreduce, stretch)
+        return sender, reducer, max(self.min_allreduce_timeout, self.safety_factor * expected + reducer)
 
 
 class SenderPace:
