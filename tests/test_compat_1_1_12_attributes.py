@@ -116,7 +116,7 @@ def test_state_averager_background_step_through_its_executor_lock_and_pending_up
         averager.shutdown()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_progress_tracker_lock_pauses_updates_and_shutdown_triggered_stops_it(dht_pair):
     tracker = ProgressTracker(dht_pair[0], "compat_attrs", 100, start=True, **FAST_TRACKER)
     observer = ProgressTracker(dht_pair[1], "compat_attrs", 100, start=True, **FAST_TRACKER)
