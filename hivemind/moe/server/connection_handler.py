@@ -20,6 +20,7 @@ task cancelled, so that pools do not compute for nobody.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import multiprocessing as mp
 import signal
@@ -47,7 +48,6 @@ from hivemind.moe.server.expert_requests import (
     unknown_uid_error,
 )
 from hivemind.moe.server.request_scan import CheckedExpertRequest
-from hivemind.moe.server.task_pool import TaskPool
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.p2p.framing import DEFAULT_MAX_MESSAGE_SIZE, FRAME_STALL_TIMEOUT, MIN_FRAME_RATE
 from hivemind.p2p.servicer import get_handle_name
@@ -374,9 +374,9 @@ class ConnectionHandler(mp.Process, ServicerBase):
     async def _run_task(pool, tensors: Sequence[torch.Tensor], caller=None) -> Sequence[torch.Tensor]:
         """Submit one checked task of ``caller`` (a P2PContext) and wait for its result; a cancelled call cancels the
         task. A TaskPool takes the tasks of different callers in turn (a peer's flood does not delay the others')."""
-        if isinstance(pool, TaskPool):
+        if "owner" in inspect.signature(pool.submit_task).parameters:
             future = pool.submit_task(*tensors, owner=getattr(caller, "remote_id", None))
-        else:  # a pool of another kind (as petals' are) takes only the tensors
+        else:  # a pool of another kind (as petals' are), or a TaskPool subclass written for 1.1.12: the tensors only
             future = pool.submit_task(*tensors)
         try:
             outputs = await asyncio.wrap_future(future)

@@ -26,6 +26,11 @@ from hivemind.utils.futures import complete, fail
 
 __all__ = ["PendingTasks", "Task", "Batch", "claim", "complete", "fail", "fail_tasks"]
 
+# owners whose oldest task does not fit a batch before it is closed: a few fill it almost as well as any number (93%
+# of 1024 examples on average with 16 callers of 100-700 rows, as with no limit), and looking at every waiting caller
+# for every batch cost 2.6 ms per batch with 4000 callers, 10.6 s of the pool's lock to serve them once
+MAX_OWNERS_LEFT_OUT = 16
+
 
 @dataclass
 class Task:
@@ -94,12 +99,15 @@ class PendingTasks:
         """Remove and return tasks that fit together: same signature (the first task's, if None), at most
         ``max_examples`` examples in all (the first task of a new batch always fits: it was checked on arrival).
         Owners take turns, each giving its oldest task; an owner whose oldest task does not fit gives none more to this
-        batch, so that each owner's tasks are batched in arrival order. The owner whose task came first goes to the
-        back of the turns. Tasks done meanwhile (cancelled, failed elsewhere) are dropped; with ``running``, taken
-        tasks are marked running as they are taken (those that cannot be are dropped too)."""
-        tasks, examples, leader = [], 0, _NO_OWNER
-        turns = deque(self._owners)
-        while turns and examples < max_examples:
+        batch, so that each owner's tasks are batched in arrival order, and after ``MAX_OWNERS_LEFT_OUT`` such owners
+        the batch is closed (so that forming it costs about its own tasks, not a scan of every waiting caller). The
+        owner whose task came first goes to the back of the turns. Tasks done meanwhile (cancelled, failed elsewhere)
+        are dropped; with ``running``, taken tasks are marked running as they are taken (those that cannot be are
+        dropped too)."""
+        tasks, examples, leader, left_out = [], 0, _NO_OWNER, 0
+        # each owner's first turn adds an example or leaves it out: the others cannot be reached in this batch
+        turns = deque(itertools.islice(self._owners, max_examples + MAX_OWNERS_LEFT_OUT))
+        while turns and examples < max_examples and left_out < MAX_OWNERS_LEFT_OUT:
             owner = turns.popleft()
             own = self._owners.get(owner)
             if own is None:  # its last tasks were done meanwhile
@@ -107,6 +115,7 @@ class PendingTasks:
             task = next(iter(own.values()))
             if signature is not None and not task.future.done():
                 if task.signature != signature or examples + task.size > max_examples:
+                    left_out += 1
                     continue  # this owner gives nothing more to this batch
             self.remove(task.key)
             if task.future.done() or (running and not claim(task.future)):
