@@ -73,6 +73,19 @@ def test_pool_unpickled_in_its_own_process_is_the_same_object(served_pool):
     assert pickle.loads(pickle.dumps(served_pool)) is served_pool
 
 
+def _fork_submitter(pool: TaskPool, target, tasks: int):
+    """Run ``target(pool, connection)`` in a forked child; (child, receiver) once ``tasks`` of its tasks wait."""
+    context = mp.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=target, args=(pool, sender), daemon=True)
+    child.start()
+    assert receiver.poll(10) and receiver.recv() == "submitted"
+    deadline = time.monotonic() + 10
+    while len(pool._pending) < tasks and time.monotonic() < deadline:  # the tasks are on their way to this process
+        time.sleep(0.01)
+    return child, receiver
+
+
 def _submit_and_hang(pool: TaskPool, connection):
     pool.submit_task(torch.full((2, 3), 5.0), torch.zeros(2))
     connection.send("submitted")
@@ -84,14 +97,7 @@ def test_task_of_a_process_that_died_is_dropped():
     seen = []
     pool = TaskPool(lambda *inputs: (seen.append(inputs[0].clone()), _double(*inputs))[1], 32, "dropping_pool")
     try:
-        context = mp.get_context("fork")
-        receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=_submit_and_hang, args=(pool, sender), daemon=True)
-        child.start()
-        assert receiver.poll(10) and receiver.recv() == "submitted"
-        deadline = time.monotonic() + 10
-        while not pool._pending and time.monotonic() < deadline:  # the task is on its way to this process
-            time.sleep(0.01)
+        child, _ = _fork_submitter(pool, _submit_and_hang, tasks=1)
         assert len(pool._pending) == 1
         remote_future = pool._pending.first().future
         os.kill(child.pid, signal.SIGKILL)
@@ -142,14 +148,7 @@ def test_the_owner_of_a_task_travels_with_it_from_another_process():
     seen = []
     pool = TaskPool(lambda *inputs: (seen.append(inputs[0][0, 0].item()), _double(*inputs))[1], 32, "owners_pool")
     try:
-        context = mp.get_context("fork")
-        receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=_submit_for_two_owners, args=(pool, sender), daemon=True)
-        child.start()
-        assert receiver.poll(10) and receiver.recv() == "submitted"
-        deadline = time.monotonic() + 10
-        while len(pool._pending) < 5 and time.monotonic() < deadline:  # the tasks are on their way to this process
-            time.sleep(0.01)
+        child, receiver = _fork_submitter(pool, _submit_for_two_owners, tasks=5)
         assert [task.owner for task in pool._pending] == ["flood"] * 4 + ["honest"]
         pool.start()
         for _ in range(5):
