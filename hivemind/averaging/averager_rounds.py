@@ -235,10 +235,11 @@ class AveragingRounds:
             await self._apply_in_thread(deltas)
         elapsed = time.perf_counter() - started
         if runner.everyone_delivered:  # a round that waited out a stalled peer says nothing about the links
-            if self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed, deadlines):
+            self._deadlines.record_round(vector_bytes, group_info.group_size, elapsed, deadlines)
+            if self._deadlines.for_round(vector_bytes, group_info.group_size, self.part_size_bytes).limited:
                 logger.info(
-                    f"This round took {elapsed:.1f} s of allreduce_timeout={deadlines.allreduce_timeout:.1f} s: the "
-                    f"bandwidth estimate is held at 1/{MAX_SLOWDOWN:g} of the best measured{_AT_THE_LIMIT}"
+                    f"This round took {elapsed:.1f} s of allreduce_timeout={deadlines.allreduce_timeout:.1f} s"
+                    f"{_AT_THE_LIMIT}"
                 )
         elif runner.needed_seconds is not None:  # but one that cut a slow sender says how long it needed
             self._learn_from_cut_round(deadlines, runner.needed_seconds)

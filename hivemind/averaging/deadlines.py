@@ -44,8 +44,8 @@ class RoundDeadlines:
     reducer_timeout: Optional[float]  # max wait for a reducer's next averaged part (seconds)
     allreduce_timeout: Optional[float]  # max duration of the whole all-reduce (seconds)
     stretch: float = 1.0  # the derived allreduce_timeout is this many times the one the links alone give
-    # the derived deadlines were held back: the bandwidth estimate is at its floor, or the stretched allreduce_timeout
-    # was cut to MAX_SLOWDOWN times the one the best bandwidth gives
+    # the derived allreduce_timeout was held back: the bandwidth estimate is at its floor (and the timeout above its
+    # minimum), or the stretched timeout was cut to MAX_SLOWDOWN times the one the best bandwidth gives
     limited: bool = False
 
 
@@ -102,14 +102,14 @@ class AdaptiveDeadlines:
 
     def record_round(
         self, vector_bytes: int, group_size: int, seconds: float, deadlines: Optional[RoundDeadlines] = None
-    ) -> bool:
+    ) -> None:
         """Update the bandwidth estimate with a finished round (its all-reduce took ``seconds``). Pass only rounds in
         which every member delivered: one that waited out a stalled peer measures a timeout, not the links. With the
         round's ``deadlines``, a stretch learned from rounds that cut slow senders shrinks towards what this round
-        needed (at most halved). Returns whether the estimate was held at its floor, 1/MAX_SLOWDOWN of the best."""
+        needed (at most halved). The estimate never drops below 1/MAX_SLOWDOWN of the best it has had."""
         moved = self.bytes_per_member(vector_bytes, group_size)
         if moved <= 0 or not (math.isfinite(seconds) and seconds > 0):
-            return False
+            return
         if deadlines is not None:
             target = self._stretch_for(seconds, deadlines)
             if target is not None:
@@ -120,10 +120,9 @@ class AdaptiveDeadlines:
         else:
             self.bandwidth = self.ema_alpha * measured + (1 - self.ema_alpha) * self.bandwidth
         self.measured_rounds += 1
-        floor = 0.0 if self.best_bandwidth is None else self.best_bandwidth / MAX_SLOWDOWN
-        floored, self.bandwidth = self.bandwidth < floor, max(self.bandwidth, floor)
+        if self.best_bandwidth is not None:
+            self.bandwidth = max(self.bandwidth, self.best_bandwidth / MAX_SLOWDOWN)
         self.best_bandwidth = max(self.best_bandwidth or 0.0, self.bandwidth)
-        return floored
 
     @property
     def at_floor(self) -> bool:
@@ -158,7 +157,11 @@ class AdaptiveDeadlines:
             links_alone, allreduce = allreduce, self.stretch * allreduce
             if self.best_bandwidth is not None:
                 best = self._at_bandwidth(self.best_bandwidth, vector_bytes, group_size, part_bytes)[2]
-                limited = self.at_floor or allreduce > MAX_SLOWDOWN * best
+                # held back: a lower estimate would give a longer deadline (not one at min_allreduce_timeout, which
+                # a small vector's rounds keep whatever their latency), or the stretch was cut
+                limited = (
+                    self.at_floor and links_alone > self.min_allreduce_timeout
+                ) or allreduce > MAX_SLOWDOWN * best
                 allreduce = min(allreduce, MAX_SLOWDOWN * best)
             stretch = max(1.0, allreduce / links_alone)
         return RoundDeadlines(sender, reducer, allreduce, stretch, limited)
