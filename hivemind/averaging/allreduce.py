@@ -141,7 +141,8 @@ class AllReduceRunner(ReducerSide, ServicerBase):
         self.allreduce_timeout = allreduce_timeout
         self._started_at: Optional[float] = None  # (loop time) when the round started
         self._reducers_last_call: Optional[float] = None  # (loop time) set when the round starts
-        # how long the round would have needed at the pace of the slowest transfer it cut (None: it cut none)
+        # how long the round would have needed at the pace of the slowest transfer cut short: a sender cut at a last
+        # call, or our parts to a reducer that failed, not stalled (None: none was)
         self.needed_seconds: Optional[float] = None
         self.peer_fractions = [float(fraction) for fraction in peer_fractions]
         self.my_index = self.ordered_peer_ids.index(self.peer_id)

@@ -241,7 +241,7 @@ class AveragingRounds:
                     f"This round took {elapsed:.1f} s of allreduce_timeout={deadlines.allreduce_timeout:.1f} s"
                     f"{_AT_THE_LIMIT}"
                 )
-        elif runner.needed_seconds is not None:  # but one that cut a slow sender says how long it needed
+        elif runner.needed_seconds is not None:  # but one that cut a slow transfer short says how long it needed
             self._learn_from_cut_round(deadlines, runner.needed_seconds)
         logger.info(
             f"Averaged {vector_bytes} bytes with {group_info.group_size} peers in {elapsed:.3f} s (sent "
