@@ -8,6 +8,7 @@ from hivemind.dht.id_codec import IdCodec
 from hivemind.dht.protocol_store import StoreHandling
 from hivemind.dht.protocol_stub import NodeStubGetter
 from hivemind.dht.rate_limit import (
+    DICTIONARY_LOAN_ITEMS,
     MAX_BORROWING_REQUEST_ITEMS,
     STORE_BYTES_PER_ITEM,
     PeerRateLimiter,
@@ -200,12 +201,13 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
                 limiter.spend_at_most(peer, least)
             self.rejected["rate_limited"] += len(request.keys)
             return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
+        loan_floor = limiter.tokens(peer) - DICTIONARY_LOAN_ITEMS if in_loan else None  # for its whole dictionaries
         if sender_id is not None:
             await self.update_routing_table(sender_id, context.remote_id, responded=True)
         now = get_dht_time()
         in_cache = request.in_cache or [False] * len(request.keys)
         store_ok = [
-            self._store_item(key, subkey, value, expiration_time, cache, now, context.remote_id, in_loan)
+            self._store_item(key, subkey, value, expiration_time, cache, now, context.remote_id, loan_floor)
             for key, subkey, value, expiration_time, cache in zip(
                 request.keys, request.subkeys, request.values, request.expiration_time, in_cache
             )

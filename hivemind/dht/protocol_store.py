@@ -37,14 +37,14 @@ class StoreHandling:
         in_cache: bool,
         now: float,
         sender=None,
-        in_loan: bool = False,
+        loan_floor: Optional[float] = None,
     ) -> bool:
         decoded_subkey, reason = decode_store_item(key, subkey, value, expiration_time, now)  # the subkey decoded once
         if reason is not None:
             return self._reject(reason)
         key_id, storage = DHTID.from_bytes(key), self.cache if in_cache else self.storage
         if subkey == IS_DICTIONARY:
-            return self._store_dictionary(key, key_id, value, storage, now, sender, in_loan)
+            return self._store_dictionary(key, key_id, value, storage, now, sender, loan_floor)
         if not self._is_valid(DHTRecord(key, subkey, value, expiration_time)):
             return False
         if subkey == IS_REGULAR_VALUE:
@@ -101,22 +101,30 @@ class StoreHandling:
         return span, subkey_nbytes(span, subkey)
 
     def _store_dictionary(
-        self, key: bytes, key_id: DHTID, value: bytes, storage, now: float, sender=None, in_loan: bool = False
+        self,
+        key: bytes,
+        key_id: DHTID,
+        value: bytes,
+        storage,
+        now: float,
+        sender=None,
+        loan_floor: Optional[float] = None,
     ) -> bool:
         """
         Store a whole dictionary entry by entry; True only if it held entries and every one was stored. Charged to the
         sender's store rate limit before each step: one item per entry it declares (then its layout is read), what
         decoding its subkeys and values costs beyond that (then it is decoded), and encoding its subkeys again if
-        needed; in a request that borrowed (``in_loan``), each may borrow too (see PeerRateLimiter.allow_dictionary).
+        needed; in a request that borrowed, each may borrow down to ``loan_floor`` (see
+        PeerRateLimiter.allow_dictionary).
         """
         limiter, declared = self.store_rate_limiter, dictionary_declared_entries(value)
-        if not limiter.allow_dictionary(sender, declared, in_loan):
+        if not limiter.allow_dictionary(sender, declared, loan_floor):
             return self._reject("rate_limited")
         layout = dictionary_layout(value)  # None: not laid out as a dictionary, so it would not decode either
         if layout is None:
             return self._reject("malformed_dictionary")
         spans, decoding_cost = layout
-        if not limiter.allow_dictionary(sender, max(0.0, decoding_cost - declared), in_loan):
+        if not limiter.allow_dictionary(sender, max(0.0, decoding_cost - declared), loan_floor):
             return self._reject("rate_limited")
         decoded = self._decode_dictionary_entries(value, "a store request", spans)
         if decoded is None:
@@ -128,7 +136,7 @@ class StoreHandling:
             self.rejected["dropped_dictionary_entry"] += dropped
         # the subkeys as received (for validators and sizes); those not found among them are encoded again
         if any(span is None for *_, span in entries) and not limiter.allow_dictionary(
-            sender, REENCODING_COST_FACTOR * decoding_cost, in_loan
+            sender, REENCODING_COST_FACTOR * decoding_cost, loan_floor
         ):
             return self._reject("rate_limited")
         all_accepted = len(entries) > 0 and dropped == 0
