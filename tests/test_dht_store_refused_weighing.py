@@ -1,5 +1,5 @@
 """
-Weighing a store request (rate_limit.decode_cost) takes up to ~30 ms of CPU per 4 MiB, and a request refused by the
+Weighing a store request (rate_limit.decode_cost) takes up to ~40 ms of CPU per 4 MiB, and a request refused by the
 store rate limit spent nothing: a peer could send costly requests that are refused back to back, each weighed anew.
 A refused request now spends what its bytes cost at least (one item per 2 KiB, as far as the peer has tokens), and a
 request whose bytes alone cost more than the peer may spend is refused before it is weighed.

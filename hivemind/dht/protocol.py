@@ -180,7 +180,7 @@ class DHTProtocol(RoutingUpkeep, StoreHandling, ServicerBase):
         # a large value or two, not a flood of items; nor a cache push (a getter's best effort, which would leave the
         # getter in debt here, its own stores to this node refused for up to 30 s)
         may_borrow = len(request.keys) <= MAX_BORROWING_REQUEST_ITEMS and not any(request.in_cache)
-        # what the request costs at least (weighing it takes up to ~30 ms per 4 MiB): refused unweighed if beyond
+        # what the request costs at least (weighing it takes up to ~40 ms per 4 MiB): refused unweighed if beyond
         least = (
             len(request.keys)
             + sum(

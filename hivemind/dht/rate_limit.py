@@ -90,7 +90,7 @@ _FEW_EXT_BYTES = 16  # a document with up to this many is checked byte by byte, 
 # most one object per WALK_BYTES_PER_STEP bytes (plus 4), so that a binary string inside a list, a tuple or a map is
 # charged as the payload it is (one per 512 bytes gave up on a list of 8 000 binary strings of 500 bytes, 1 ms to
 # decode, and charged its random bytes as structure: 149 000 items, refused by every replica): weighing a 4 MiB
-# request takes at most ~30 ms of CPU (docs/security.md)
+# request takes at most ~40 ms of CPU (docs/security.md)
 WALK_MIN_BYTES = 4096
 WALK_BYTES_PER_STEP = 128
 _NOT_CONTAINER_BYTES = bytes(byte for byte in range(256) if byte not in _CONTAINER_BYTES)
