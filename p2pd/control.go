@@ -241,8 +241,9 @@ func (d *daemon) doStreamHandler(req *request) []byte {
 		if _, unary := d.unaryHandlers[pid]; unary {
 			return encodeErrorResponse(fmt.Sprintf("handler for protocol %s already set", p))
 		}
-		if _, ok := d.streamHandlers[pid]; ok && !r.balanced {
-			return encodeErrorResponse(fmt.Sprintf("handler for protocol %s already set", p))
+		if handlers, ok := d.streamHandlers[pid]; ok && !r.balanced {
+			return encodeErrorResponse(streamHolderError(p, handlers,
+				"remove it there or stop that process first, or register it with balanced=True in both"))
 		}
 	}
 	for _, p := range r.protos {

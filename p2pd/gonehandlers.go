@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"sync/atomic"
 	"syscall"
@@ -41,6 +42,19 @@ func (d *daemon) forgetStreamClient(key string) {
 		dropIfUnused(d, d.streamHandlers, pid)
 	}
 	delete(d.shmClients, key)
+}
+
+// streamHolderError refuses a registration of proto, which live stream handlers (handlers) serve, naming the first
+// of them and what to do; callers hold daemon.mu.
+func streamHolderError(proto string, handlers *roundRobin[string], hint string) string {
+	holder := "?"
+	if len(handlers.items) > 0 {
+		if addr, err := ma.NewMultiaddrBytes([]byte(handlers.items[0])); err == nil {
+			holder = addr.String()
+		}
+	}
+	return fmt.Sprintf("handler for protocol %s already set: it is the stream handler of another client, at %s, "+
+		"which is alive; %s", proto, holder, hint)
 }
 
 // pruneGoneStreamClients probes the clients that serve any of protos as stream handlers and forgets those that are

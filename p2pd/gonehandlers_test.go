@@ -118,3 +118,54 @@ func TestSweepForgetsClientsWhoseSocketIsGone(t *testing.T) {
 		t.Fatalf("%d handlers of /live, want 1: a live client is kept", got)
 	}
 }
+
+// A unary registration probes the stream client holding its name as a stream registration does: before, it was
+// refused ("already set") until the sweep found the client's socket file removed, which a killed process never does.
+func TestGoneStreamClientFreesItsProtocolForUnary(t *testing.T) {
+	server, sock := startUnaryTestDaemon(t)
+	l := registerTestHandler(t, sock, "/gone-unary")
+	path := l.Addr().String()
+	_ = l.Close()
+	if f, err := os.Create(path); err == nil { // the file a killed process leaves: connecting is refused
+		_ = f.Close()
+	}
+	defer os.Remove(path)
+	pc := openPersistent(t, sock)
+	for _, balanced := range []bool{false, true} {
+		id := newCallID()
+		if err := pc.send(addHandlerMsg(id, "/gone-unary", balanced)); err != nil {
+			t.Fatal(err)
+		}
+		if m := pc.waitFor(t, id, 5*time.Second); m.kind != 0 {
+			t.Fatalf("unary registration (balanced=%v) of a name held by a gone stream client: %d %q",
+				balanced, m.kind, m.payload)
+		}
+		if got := streamHandlerCount(server, "/gone-unary"); got != 0 {
+			t.Fatalf("%d stream handlers of /gone-unary, want 0", got)
+		}
+	}
+	// a live stream holder keeps its name, and the refusal names it
+	live := registerTestHandler(t, sock, "/held-unary")
+	defer live.Close()
+	go func() {
+		for {
+			conn, err := live.Accept()
+			if err != nil {
+				return
+			}
+			_ = conn.Close()
+		}
+	}()
+	id := newCallID()
+	if err := pc.send(addHandlerMsg(id, "/held-unary", false)); err != nil {
+		t.Fatal(err)
+	}
+	m := pc.waitFor(t, id, 5*time.Second)
+	holder := []byte(live.Addr().String())
+	if m.kind == 0 || !bytes.Contains(m.payload, []byte("already set")) || !bytes.Contains(m.payload, holder) {
+		t.Fatalf("a unary registration of /held-unary, held by a live stream client, was answered %d %q", m.kind, m.payload)
+	}
+	if got := streamHandlerCount(server, "/held-unary"); got != 1 {
+		t.Fatalf("%d stream handlers of /held-unary, want 1", got)
+	}
+}

@@ -189,10 +189,12 @@ func (pc *persistentConn) addUnaryHandler(req *persistentRequest) []byte {
 	}
 	d := pc.d
 	pid := protocol.ID(r.proto)
+	d.pruneGoneStreamClients([]string{r.proto}) // a name held by a stream client that is gone is free again
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if _, isStream := d.streamHandlers[pid]; isStream {
-		return encodeDaemonError(req.callID, fmt.Sprintf("handler for protocol %s already set", r.proto))
+	if handlers, isStream := d.streamHandlers[pid]; isStream {
+		return encodeDaemonError(req.callID, streamHolderError(r.proto, handlers,
+			"remove it there or stop that process first"))
 	}
 	if _, ok := d.unaryHandlers[pid]; ok && !r.balanced {
 		return encodeDaemonError(req.callID, fmt.Sprintf("handler for protocol %s already set", r.proto))

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from hivemind.p2p import P2P, P2PDaemonError
+from hivemind.proto import test_pb2
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -133,3 +134,35 @@ async def test_replica_shutdown_unregisters_its_stream_handlers(p2p_pair):
     for number in range(3):  # the daemon forgot them at once: a caller is told the name is not served
         with pytest.raises(P2PDaemonError, match="protocols not supported"):
             await caller.call_binary_stream_handler(owner.peer_id, f"replica_own_name_{number}")
+
+
+async def test_name_of_a_killed_stream_handler_can_be_registered_as_unary(p2p_pair):
+    """Before, only a stream registration probed the holder: a unary one was refused ("already set") until the
+    daemon's sweep found the killed process's socket file removed (a killed process leaves its file)."""
+    owner, caller = p2p_pair
+    child = await start_child(owner, "stream_then_unary", balanced=False)
+    await kill(child)
+
+    async def echo(request: test_pb2.TestRequest, context) -> test_pb2.TestResponse:
+        return test_pb2.TestResponse(number=request.number + 1)
+
+    await owner.add_protobuf_handler("stream_then_unary", echo, test_pb2.TestRequest)
+    response = await caller.call_protobuf_handler(
+        owner.peer_id, "stream_then_unary", test_pb2.TestRequest(number=41), test_pb2.TestResponse
+    )
+    assert response.number == 42
+
+
+async def test_name_of_a_live_stream_handler_is_refused_as_unary(p2p_pair):
+    owner, caller = p2p_pair
+    child = await start_child(owner, "live_stream_name", balanced=False)
+    try:
+
+        async def echo(request: test_pb2.TestRequest, context) -> test_pb2.TestResponse:
+            return test_pb2.TestResponse(number=request.number)
+
+        with pytest.raises(P2PDaemonError, match="already set.*stream handler of another client"):
+            await owner.add_protobuf_handler("live_stream_name", echo, test_pb2.TestRequest)
+        assert await whoami(caller, owner, "live_stream_name") == child.pid
+    finally:
+        await kill(child)
