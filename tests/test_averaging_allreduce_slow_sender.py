@@ -110,3 +110,21 @@ async def test_a_sender_gone_silent_after_a_quick_pace_is_cut_at_the_first_last_
         assert int((result == without).sum()) == 2 * SIZE // 32  # its last part at each of the two reducers
     banned = [r.getMessage() for r in hivemind_logs.records if "last call" in r.getMessage()]
     assert banned and all("(85% of allreduce_timeout" in message for message in banned), banned
+
+
+async def test_a_sender_that_starts_late_is_judged_by_its_pace_from_its_own_first_part(p2p_factory, hivemind_logs):
+    # a member whose all-reduce starts at 30% of the reducers' deadline (it learned of the group late, or its machine
+    # is slow): its first part arrives then and its 16th at 87%, after the last call (85%). Its pace counts from its
+    # own first part: it is spared and averaged in full. The reducers cannot wait for parts past their own deadline,
+    # whenever their sender started: a late one whose parts arrive after 90% of it is cut as any sender is
+    timeouts = dict(sender_timeout=5.0, reducer_timeout=10.0, allreduce_timeout=12.0)  # its first part within 5 s
+    late, last = 0.3 * timeouts["allreduce_timeout"], 0.87 * timeouts["allreduce_timeout"]
+    results, elapsed = await round_with_paced_senders(
+        p2p_factory, [lambda k: late + k * (last - late) / 15],
+        size=SIZE, part_bytes=PART_BYTES, wait=40, **timeouts,
+    )  # fmt: skip
+    with_late = (PACED_SENDER_VALUES[0] + sum(HONEST_REDUCER_VALUES)) / 3
+    for result in results:
+        assert bool((result == with_late).all()), result  # every part averaged with the late member
+    assert elapsed < timeouts["allreduce_timeout"]
+    assert not [r.getMessage() for r in hivemind_logs.records if "excluded sender" in r.getMessage()]
