@@ -12,7 +12,8 @@ from moe_swarm_helpers import serving_experts
 
 from hivemind.dht import DHT
 from hivemind.moe import ModuleBackend, RemoteMixtureOfExperts
-from hivemind.moe.client.call_many import refusal_is_credible
+from hivemind.moe.client.call_many import refusal_is_credible, refusal_reason
+from hivemind.p2p import P2PHandlerError
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 HID = 4
@@ -27,6 +28,22 @@ def test_a_refusal_is_credible_for_non_finite_rows_or_more_rows_than_any_other_e
     assert refusal_is_credible(with_nan, most_rows_taken=3)
     assert refusal_is_credible([torch.randn(3, HID), torch.full((3, 1), float("inf"))], most_rows_taken=3)
     assert not refusal_is_credible([torch.randn(3, HID), torch.ones(3, dtype=torch.int64)], most_rows_taken=3)
+
+
+def test_an_original_servers_refusal_is_read_only_for_more_rows_than_the_limit_it_names():
+    """1.1.12 refuses more rows than max_batch_size with this text (a ValueError's repr in a unary call, the bare text
+    after the stream prefix in a streamed one, as observed); claiming it for fewer rows is not believed."""
+    text = "Task size greater than max_batch_size (16), it can't be processed"
+    unary, streamed = (
+        P2PHandlerError(f'ValueError("{text}")'),
+        P2PHandlerError(f"Failed to call handler `ConnectionHandler.rpc_forward_stream` at 12D3KooWabc: {text}"),
+    )
+    for error in (unary, streamed):
+        assert refusal_reason(error, num_rows=17) == text
+        assert refusal_reason(error, num_rows=16) is None
+    assert refusal_reason(P2PHandlerError(f"RuntimeError('{text}')"), num_rows=17) is None
+    assert refusal_reason(P2PHandlerError(f'ValueError("{text}") and more'), num_rows=17) is None
+    assert refusal_reason(RuntimeError(f'ValueError("{text}")'), num_rows=17) is None
 
 
 @pytest.mark.timeout(90)

@@ -1,8 +1,9 @@
 """One side of the mixed-server MoE interop test; runs under EITHER implementation (ours or the original).
 
-`moe_mixture_peer.py serve <uid> <seed> <state_path> <hidden> [<maddr>...]`: hosts expert <uid> (a small MLP seeded
-  with <seed>) with hivemind.moe.Server, saves its state_dict to <state_path>, prints one JSON line
-  {"event": "ready", "maddrs": [...], ...} and serves until stdin closes.
+`moe_mixture_peer.py serve <uid> <seed> <state_path> <hidden> [--max-batch-size N] [<maddr>...]`: hosts expert <uid>
+  (a small MLP seeded with <seed>, max_batch_size N, 65536 if not given) with hivemind.moe.Server, saves its
+  state_dict to <state_path>, prints one JSON line {"event": "ready", "maddrs": [...], ...} and serves until stdin
+  closes.
 `moe_mixture_peer.py mix <result_path> <input_path> <proj_path> <n_experts> <maddr>...`: joins the DHT, waits until
   beam search over prefix "expert." finds <n_experts> experts, then runs a RemoteMixtureOfExperts (grid
   (<n_experts>,), k_best=<n_experts>, gating weights loaded from <proj_path>) forward and backward on the loaded
@@ -34,12 +35,12 @@ def expert_module(hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.Tanh(), nn.Linear(2 * hidden, hidden))
 
 
-def serve(uid: str, seed: int, state_path: str, hidden: int, maddrs) -> None:
+def serve(uid: str, seed: int, state_path: str, hidden: int, maddrs, max_batch_size: int = 65536) -> None:
     torch.manual_seed(seed)
     module = expert_module(hidden)
     torch.save(module.state_dict(), state_path)
     schema = BatchTensorDescriptor(hidden)
-    backend = ModuleBackend(uid, module, args_schema=(schema,), outputs_schema=schema, max_batch_size=65536)
+    backend = ModuleBackend(uid, module, args_schema=(schema,), outputs_schema=schema, max_batch_size=max_batch_size)
     dht = hivemind.DHT(start=True, initial_peers=list(maddrs) or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     server = Server(dht, {uid: backend}, update_period=5, start=True)
     try:
@@ -77,7 +78,10 @@ def mix(result_path: str, input_path: str, proj_path: str, n_experts: int, maddr
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "serve":
-        serve(args[0], int(args[1]), args[2], int(args[3]), args[4:])
+        if args[4:5] == ["--max-batch-size"]:
+            serve(args[0], int(args[1]), args[2], int(args[3]), args[6:], max_batch_size=int(args[5]))
+        else:
+            serve(args[0], int(args[1]), args[2], int(args[3]), args[4:])
     elif mode == "mix":
         mix(args[0], args[1], args[2], int(args[3]), args[4:])
     else:

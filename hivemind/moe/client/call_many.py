@@ -65,10 +65,29 @@ _REFUSAL = re.compile(
 )
 
 
-def refusal_reason(error: BaseException) -> Optional[str]:
-    """The server's reason if ``error`` says that it refused the request itself as invalid, else None."""
-    match = _REFUSAL.match(str(error)) if isinstance(error, P2PHandlerError) else None
-    return None if match is None else shorten(match.group(1))
+# 1.1.12's servers refuse one thing as the caller's: more rows than the expert's max_batch_size, as a ValueError (a
+# unary call) or its bare text (a streamed one); its other errors (a wrong shape or dtype fails inside the module with
+# torch's RuntimeError) cannot be told from the expert's own failures. That refusal is believed only for more rows
+# than the limit it names.
+_TOO_MANY_ROWS = r"Task size greater than max_batch_size \((\d+)\), it can't be processed"
+_ORIGINAL_REFUSAL = re.compile(
+    rf'ValueError\("({_TOO_MANY_ROWS})"\)|Failed to call handler `[^`]*` at \w+: ({_TOO_MANY_ROWS})'
+)
+
+
+def refusal_reason(error: BaseException, num_rows: int) -> Optional[str]:
+    """The server's reason if ``error`` says that it refused the request of ``num_rows`` rows itself as invalid,
+    else None."""
+    if not isinstance(error, P2PHandlerError):
+        return None
+    match = _REFUSAL.match(str(error))
+    if match is not None:
+        return shorten(match.group(1))
+    match = _ORIGINAL_REFUSAL.fullmatch(str(error))
+    if match is None:
+        return None
+    reason, limit = match.group(1, 2) if match.group(1) is not None else match.group(3, 4)
+    return reason if num_rows > int(limit) else None
 
 
 def refusal_is_credible(tensors: Sequence[torch.Tensor], most_rows_taken: int) -> bool:
@@ -235,7 +254,7 @@ def _fan_out(
     )
     most_rows_taken = max((len(jobs[index].samples) for index in results), default=0)
     for index, error in errors.items():
-        reason = refusal_reason(error)
+        reason = refusal_reason(error, len(jobs[index].samples))
         if reason is not None and refusal_is_credible(tensors_for_job(jobs[index]), most_rows_taken):
             logger.warning(f"Expert {jobs[index].expert.uid} refused the {method} request as invalid: {reason}")
             options.refused[jobs[index].expert.uid] = reason  # the request was invalid: the expert is fine
