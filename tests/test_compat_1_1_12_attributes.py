@@ -77,13 +77,21 @@ def test_averager_allreduce_kwargs_are_the_options_it_was_given(dht_pair):
     assert derived.allreduce_kwargs["reducer_timeout"] is None
 
 
-@pytest.mark.timeout(60)
-def test_state_averager_background_step_through_its_executor_lock_and_pending_updates(dht_pair):
+def offloaded_sgd_averager(dht, prefix: str):
+    """A linear model and its started TrainingStateAverager (SGD, lr 0.1, offloaded); gradients of ones are set."""
     model = torch.nn.Linear(4, 2)
     averager = TrainingStateAverager(
-        dht=dht_pair[0], optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
-        offload_optimizer=True, prefix="compat_attrs", start=True,
+        dht=dht, optimizer=lambda params: torch.optim.SGD(params, lr=0.1), params=model.parameters(),
+        offload_optimizer=True, prefix=prefix, start=True,
     )  # fmt: skip
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    return model, averager
+
+
+@pytest.mark.timeout(60)
+def test_state_averager_background_step_through_its_executor_lock_and_pending_updates(dht_pair):
+    model, averager = offloaded_sgd_averager(dht_pair[0], "compat_attrs")
     try:
         assert averager.reuse_tensors is False  # the averaged tensors are separate buffers here
         assert averager.pending_updates == set()
@@ -96,8 +104,6 @@ def test_state_averager_background_step_through_its_executor_lock_and_pending_up
             release.wait(30),
             inner_step(*args, **kwargs),
         )[-1]
-        for param in model.parameters():
-            param.grad = torch.ones_like(param)
         before = model.weight.detach().clone()
         averager.step(optimizer_step=True, delay_optimizer_step=True)
         (pending,) = averager.pending_updates
@@ -181,3 +187,32 @@ def test_module_backend_loads_a_state_dict_passed_by_keyword():
         backend.module.weight.zero_()
     backend.load_state_dict(state_dict=saved)  # the keyword of 1.1.12 (and of torch's load_state_dict)
     assert torch.equal(backend.module.weight, saved["module"]["weight"])
+
+
+@pytest.mark.timeout(60)
+def test_a_step_under_lock_optimizer_that_would_wait_for_the_background_step_raises_instead_of_hanging(dht_pair):
+    # the background step needs lock_optimizer: waiting for it while holding the lock would hang forever
+    model, averager = offloaded_sgd_averager(dht_pair[0], "compat_lock_step")
+    try:
+        before, outcome = model.weight.detach().clone(), []
+
+        def steps_under_the_lock():
+            with averager.lock_optimizer:
+                averager.step(optimizer_step=True, delay_optimizer_step=True)
+                try:
+                    averager.step(optimizer_step=True, delay_optimizer_step=True)
+                    outcome.append("returned")
+                except RuntimeError as e:
+                    outcome.append(e)
+
+        user = threading.Thread(target=steps_under_the_lock, daemon=True)
+        user.start()
+        user.join(10)
+        assert not user.is_alive(), "step() under lock_optimizer waited forever for the background step"
+        assert isinstance(outcome[0], RuntimeError) and "lock_optimizer" in str(outcome[0])
+        (pending,) = averager.pending_updates  # the first step runs once the lock is released
+        pending.result(10)
+        averager.step()
+        assert torch.allclose(model.weight, before - 0.1)  # the one step that was queued, applied
+    finally:
+        averager.shutdown()

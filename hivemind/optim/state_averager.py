@@ -288,6 +288,11 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         if wait_for_delayed_updates is None:
             wait_for_delayed_updates = optimizer_step or zero_grad or averaging_round
         if wait_for_delayed_updates:
+            if self._pending_step is not None and not self._pending_step.done() and self._state_lock._is_owned():
+                raise RuntimeError(  # (the background step takes lock_optimizer: waiting for it would never end)
+                    "step() would wait for the background optimizer step while this thread holds lock_optimizer, "
+                    "which that step needs: release the lock before step(), or pass wait_for_delayed_updates=False"
+                )
             for pending in (self._pending_step, self._pending_averaging):
                 if pending is not None:
                     pending.exception()  # wait; failures are reported when applied
