@@ -1,5 +1,6 @@
 """A signal handler that calls DHT.shutdown() while the main thread's shutdown() is sending the shutdown request to
-the DHT process: the nested call returns at once (it waited forever for the lock held by the interrupted send)."""
+the DHT process: the nested call returns at once (it waited forever for the lock held by the interrupted send).
+Any other call made there fails at once with a NestedCallError saying what to do (it waited forever too)."""
 
 import os
 import signal
@@ -7,6 +8,8 @@ import signal
 import pytest
 
 from hivemind.dht import DHT
+from hivemind.dht.process_channel import NestedCallError
+from hivemind.utils import get_dht_time
 
 
 class _SignalOnSend:  # the DHT's pipe, whose send is interrupted by a signal (after taking the channel's send lock)
@@ -64,3 +67,39 @@ def test_averager_shutdown_from_a_signal_handler_during_its_request_send_returns
         dht.shutdown()
     assert handled == [signal.SIGUSR1]
     assert not averager.is_alive() and averager.exitcode == 0, averager.exitcode
+
+
+@pytest.mark.timeout(60)
+def test_a_dht_call_from_a_signal_handler_during_another_calls_send_fails_at_once_and_both_stay_usable():
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        outcomes = []
+
+        def handler(signum, frame):
+            try:
+                outcomes.append(dht.get("nested-key", latest=True))
+            except NestedCallError as e:
+                outcomes.append(e)
+
+        previous = signal.signal(signal.SIGUSR1, handler)
+        caller = dht._callers[os.getpid()]
+        plain_connection = caller._connection
+        try:
+            caller._connection = _SignalOnSend(plain_connection)
+            stored = dht.store("outer-key", 123, expiration_time=get_dht_time() + 60)
+        finally:
+            caller._connection = plain_connection
+            signal.signal(signal.SIGUSR1, previous)
+        assert stored is True  # the interrupted call was sent whole and answered
+        assert len(outcomes) == 1 and isinstance(outcomes[0], NestedCallError), outcomes
+        assert "signal handler" in str(outcomes[0]) and "flag" in str(outcomes[0])
+        # the channel is intact: later calls, one from a handler that interrupted no send included, work as usual
+        assert dht.get("outer-key", latest=True).value == 123
+        signal.signal(signal.SIGUSR1, handler)
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert outcomes[1] is None  # nothing stored under that key: an answer, not an error
+    finally:
+        dht.shutdown()

@@ -34,6 +34,10 @@ class ChannelClosedError(RuntimeError):
     """The DHT process exited (or closed its end of the pipe) before answering."""
 
 
+class NestedCallError(RuntimeError):
+    """A call made by a signal handler that interrupted its own thread's send of another call (it cannot be sent)."""
+
+
 def exitcode_of(process) -> Callable[[], Optional[int]]:
     """
     Returns a function that tells the exit code of ``process`` (negative: the signal that killed it), or None while it
@@ -53,7 +57,10 @@ class CallerEnd:
         self, connection: Connection, process_name: str = "DHT", exitcode: Optional[Callable[[], Optional[int]]] = None
     ):
         self._connection, self._process_name, self._exitcode = connection, process_name, exitcode
-        self._send_lock = threading.Lock()
+        # reentrant, with a count of sends in progress: a signal handler that makes a call while its own thread is
+        # sending one would otherwise wait forever for the lock its interrupted thread holds (see _send)
+        self._send_lock = threading.RLock()
+        self._sends_in_progress = 0
         self._pending: Dict[int, concurrent.futures.Future] = {}
         self._call_ids = itertools.count(READY_CALL_ID + 1)
         self._closed_error: Optional[BaseException] = None
@@ -78,8 +85,7 @@ class CallerEnd:
             return future
         try:
             body = bytes(ForkingPickler.dumps((method, args, kwargs)))
-            with self._send_lock:
-                self._connection.send((call_id, body))
+            self._send((call_id, body), method)
         except Exception as e:
             # the reader thread may have failed it meanwhile: the pipe broke because the other process ended
             if self._pending.pop(call_id, None) is not None:
@@ -92,10 +98,26 @@ class CallerEnd:
     def _on_done(self, call_id: int, future: concurrent.futures.Future) -> None:
         if future.cancelled() and self._pending.pop(call_id, None) is not None:
             try:
-                with self._send_lock:
-                    self._connection.send((0, bytes(ForkingPickler.dumps((CANCEL, (call_id,), {})))))
+                self._send((0, bytes(ForkingPickler.dumps((CANCEL, (call_id,), {})))), CANCEL)
             except Exception:
                 pass  # the DHT process is gone: nothing left to cancel
+
+    def _send(self, message: Tuple[int, bytes], method: str) -> None:
+        with self._send_lock:
+            if self._sends_in_progress:
+                # only this thread can hold the lock here, so it is in the middle of sending another request, i.e.
+                # a signal handler runs on top of that send: a second message would be written into the first one
+                raise NestedCallError(
+                    f"{method}() was called while this thread was sending another request to the "
+                    f"{self._process_name} process (from a signal handler that interrupted it): the call could never "
+                    f"be sent. Make the call after the handler returns (e.g. let the handler set a flag that your "
+                    f"code checks) or from another thread"
+                )
+            self._sends_in_progress += 1
+            try:
+                self._connection.send(message)
+            finally:
+                self._sends_in_progress -= 1
 
     def _read_forever(self) -> None:
         try:
