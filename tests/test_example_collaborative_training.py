@@ -190,3 +190,15 @@ def test_trainer_with_default_options_starts_without_warnings(tmp_path):
         trainer.stop(last_line="trainer finished")
     warnings = [line for line in trainer.lines if "[WARN]" in line or "[ERROR]" in line]
     assert not warnings, warnings
+
+
+@pytest.mark.timeout(60)
+def test_a_client_mode_trainer_without_initial_peers_is_a_usage_error(tmp_path):
+    # it used to start a run of its own that nobody could join (it accepts no connections) and train alone, silently
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLE, "run_trainer.py"), *TINY, "--client_mode", "--max_epochs", "1"],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
+    assert "--client_mode needs --initial_peers" in result.stderr
+    assert "trainer joined run" not in result.stdout

@@ -31,6 +31,11 @@ def main() -> None:
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads of this peer")
     parser.add_argument("--verbose", action="store_true", help="progress bar and optimizer log lines")
     args = parser.parse_args()
+    if args.client_mode and not args.initial_peers:  # nobody could join it: it would train alone, unnoticed
+        parser.error(
+            "--client_mode needs --initial_peers: a peer that accepts no connections cannot start a run; "
+            "start the first trainer without --client_mode and pass the address it prints"
+        )
     stop_on_first_ctrl_c()
     try:
         with join_swarm(args, client_mode=args.client_mode) as dht:  # before torch loads (see swarm.py)
