@@ -71,6 +71,32 @@ def test_relative_links_resolve(path: Path):
     assert not broken, f"{doc_id(path)} links to files that do not exist: {broken}"
 
 
+def heading_anchors(text: str) -> Set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors, in_fence = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and re.match(r"#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("path", DOCS, ids=doc_id)
+def test_link_anchors_resolve(path: Path):
+    """A link to a section (`page.md#heading`, `#heading`) names a heading that the page has."""
+    broken = []
+    for link in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if link.startswith(("http://", "https://", "mailto:")) or "#" not in link:
+            continue
+        page, fragment = link.split("#", 1)
+        target = (path.parent / page).resolve() if page else path
+        if target.suffix == ".md" and target.is_file() and fragment not in heading_anchors(target.read_text()):
+            broken.append(link)
+    assert not broken, f"{doc_id(path)} links to sections that do not exist: {broken}"
+
+
 # a file (with an extension) under one of the repository's top-level directories, or .ci/run
 REPO_PATH = re.compile(r"(?<![\w./-])((?:examples|benchmarks|tests|hivemind|p2pd|docs)/[\w./*-]*\.\w+|\.ci/run)")
 
