@@ -22,3 +22,12 @@ async def test_a_taken_udp_port_is_named_with_the_option():
         port = busy.getsockname()[1]
         with pytest.raises(P2PDaemonError, match=f"host_maddrs.*/ip4/127.0.0.1/udp/{port}/quic-v1"):
             await P2P.create(host_maddrs=[f"/ip4/127.0.0.1/udp/{port}/quic-v1"])
+
+
+async def test_a_host_and_port_instead_of_a_multiaddr_is_answered_with_the_multiaddr_to_write():
+    # it said only 'invalid multiaddr "127.0.0.1:5000" in host_maddrs: ... must begin with /'
+    with pytest.raises(P2PDaemonError, match="host_maddrs takes multiaddrs such as /ip4/127.0.0.1/tcp/5000") as info:
+        await P2P.create(host_maddrs=["127.0.0.1:5000"])
+    assert "must begin with /" in str(info.value), "the daemon's own reason is still quoted"
+    with pytest.raises(P2PDaemonError, match="announce_maddrs takes multiaddrs such as /ip4/0.0.0.0/tcp/31337"):
+        await P2P.create(announce_maddrs=["example.org:31337"])

@@ -68,11 +68,26 @@ def golog_level_for(python_level: int) -> str:
     return python_level_to_golog(standard_level)
 
 
+_INVALID_LISTEN_MADDR = re.compile(r'invalid multiaddr "([^"]*)" in (host_maddrs|announce_maddrs)\b')
+_HOST_AND_PORT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
+
+
+def _with_multiaddr_example(text: str) -> str:
+    """p2pd's 'invalid multiaddr "127.0.0.1:5000" in host_maddrs' plus the form to write (here /ip4/.../tcp/5000)."""
+    match = _INVALID_LISTEN_MADDR.search(text)
+    if match is None:
+        return text
+    given, option = match.groups()
+    host_and_port = _HOST_AND_PORT.fullmatch(given.strip())
+    example = "/ip4/{}/tcp/{}".format(*host_and_port.groups()) if host_and_port else "/ip4/0.0.0.0/tcp/31337"
+    return f"{text}; {option} takes multiaddrs such as {example}"
+
+
 def describe_output_line(line: str) -> str:
     """A short human-readable form of one output line (golog JSON lines become ``msg: error``)."""
     record = _parse_json_line(line)
     if record is None:
-        return _FLAG_PATTERN.sub(_option_for_flag, line)
+        return _with_multiaddr_example(_FLAG_PATTERN.sub(_option_for_flag, line))
     text = str(record.get("msg", line))
     details = [f"{key}={record[key]}" for key in ("error", "err", "addr") if key in record]
     return f"{text} ({', '.join(details)})" if details else text
