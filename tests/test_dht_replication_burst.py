@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, decode_cost
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, decode_cost, store_item_cost
 from hivemind.dht.replication import replication_batches
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
@@ -23,9 +23,11 @@ def test_replication_batches_stay_small_and_keep_every_item():
     batches = list(replication_batches(items, max_cost=4096, max_bytes=1 << 30))
     assert [item for batch, _ in batches for item in batch] == items
     assert all(cost <= 4096 for _, cost in batches)
-    # one item each, plus their bytes (see rate_limit.decode_cost); the dictionary one per entry and its few bytes
+    # one item each, plus their bytes (see rate_limit.decode_cost); the dictionary one, and each entry what the
+    # receiver charges it, as a store item of its subkey and value
+    entries = sum(store_item_cost(MSGPackSerializer.dumps(index), b"x") for index in range(300))
     assert sum(cost for _, cost in batches) == pytest.approx(
-        10000 * (1 + decode_cost(b"\xc0") + decode_cost(b"v")) + 1 + 300
+        10000 * (1 + decode_cost(b"\xc0") + decode_cost(b"v")) + 1 + entries
     )
 
 

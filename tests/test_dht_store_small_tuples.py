@@ -87,3 +87,34 @@ async def test_a_fresh_peers_burst_of_whole_dictionaries_of_small_tuples_is_char
     spent, response = await timed_store(DHTProtocol.get_stub(attacker, victim.p2p.peer_id), request)
     assert list(response.store_ok) == [True, False, False], f"{spent:.2f} s of CPU"
     assert spent < 0.35, f"{sum(response.store_ok)} dictionaries of 8 000 entries took {spent:.2f} s of CPU"
+
+
+ENTRY_SHAPES = {
+    "tuple subkey, int value": (lambda index: (index, index + 1), lambda index: index + 1),
+    "int subkey, tuple value": (lambda index: index, lambda index: (index, index + 1)),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", list(ENTRY_SHAPES))
+async def test_a_fresh_peers_burst_of_dictionaries_with_one_tuple_per_entry_stays_within_the_documented_worst(
+    victim_and_attacker, shape
+):
+    """A whole dictionary's entry costs what the same subkey and value cost as a store item: it cost one item unless
+    decoding it cost more, so entries with a tuple subkey or a tuple value (not both) cost one item, as int ones,
+    where storing them takes ~1.3 times the CPU: a fresh peer stored all 4 of these dictionaries (20 000 entries) in
+    0.31-0.62 s of CPU (int entries 0.26-0.34 s), above the ~0.35 s docs/security.md states; now ~1.3 items each."""
+    victim, attacker = victim_and_attacker
+    make_subkey, make_value = ENTRY_SHAPES[shape]
+    expiration, dictionaries = get_dht_time() + 600, []
+    for first in range(0, 20000, 5000):
+        dictionary = DictionaryDHTValue()
+        for index in range(first, first + 5000):
+            dictionary.store(make_subkey(index), MSGPackSerializer.dumps(make_value(index)), expiration)
+        dictionaries.append(MSGPackSerializer.dumps(dictionary))
+    request = store_request(dictionaries, subkey=DHTProtocol.IS_DICTIONARY)
+    spent, response = await timed_store(DHTProtocol.get_stub(attacker, victim.p2p.peer_id), request)
+    assert list(response.store_ok) == [True, True, True, False], f"{spent:.2f} s of CPU"
+    # 0.25-0.34 s measured on an idle machine, as int entries' burst (20 000 of them: 0.26-0.34 s, side by side),
+    # both up to ~0.5 s while other tests ran: the charge above is what bounds it
+    assert spent < 0.7, f"{sum(response.store_ok)} dictionaries of 5 000 entries took {spent:.2f} s of CPU"

@@ -113,7 +113,7 @@ class StoreHandling:
         """
         Store a whole dictionary entry by entry; True only if it held entries and every one was stored. Charged to the
         sender's store rate limit before each step: one item per entry it declares (then its layout is read), what
-        decoding its subkeys and values costs beyond that (then it is decoded), and encoding its subkeys again if
+        decoding its subkeys and values costs on top (then it is decoded), and encoding its subkeys again if
         needed; in a request that borrowed, each may borrow down to ``loan_floor`` (see
         PeerRateLimiter.allow_dictionary).
         """
@@ -124,7 +124,7 @@ class StoreHandling:
         if layout is None:
             return self._reject("malformed_dictionary")
         spans, decoding_cost = layout
-        if not limiter.allow_dictionary(sender, max(0.0, decoding_cost - declared), loan_floor):
+        if not limiter.allow_dictionary(sender, decoding_cost, loan_floor):
             return self._reject("rate_limited")
         decoded = self._decode_dictionary_entries(value, "a store request", spans)
         if decoded is None:

@@ -86,8 +86,8 @@ REGISTERED_EXT_WEIGHT = 3 * STORE_BYTES_PER_ITEM
 # this much together instead of an ext byte's and an array's (1 280): it is one Python call, ~2 us more than storing
 # an int (~9-11 us per item in all), and was charged 0.64 items more, so storing 20 000 keys of small tuples was paced
 # over ~12 s instead of ~3 s; only one per document, so a fresh peer's burst of the smallest costs no more CPU than
-# one of ints (~0.2 s); the tuples inside it and what it holds are weighed as before, and so are whole dictionaries'
-# subkeys and entry values (see store_item_cost)
+# one of ints (~0.2 s); the tuples inside it and what it holds are weighed as before (see store_item_cost for a
+# whole dictionary's entries)
 TOP_LEVEL_TUPLE_WEIGHT = 410
 _FIXEXT_FIRST, _FIXEXT_LAST = 0xD4, 0xD8  # fixext 1..16: the type code follows the head
 _EXT_TYPE_OFFSETS = ((2, 0xC7), (3, 0xC8), (5, 0xC9))  # ext 8/16/32: the type code follows the head and length
@@ -358,9 +358,10 @@ def decode_cost(data: bytes) -> float:
 def store_item_cost(subkey: bytes, value: bytes, whole_dictionary: bool = False) -> float:
     """What one store item costs in items: one, plus decoding its subkey and value (a whole dictionary's value is
     charged on its own, see PeerRateLimiter.allow_dictionary). A tuple that starts the subkey or the value weighs
-    TOP_LEVEL_TUPLE_WEIGHT with its array head; not so in a whole dictionary's entries (decode_cost), each charged one
-    item unless decoding it costs more: there it made (int, int) -> (int, int) entries cost one item, where storing
-    them takes ~1.6 times an int entry's CPU (a fresh peer's burst of them 0.43-0.66 s)."""
+    TOP_LEVEL_TUPLE_WEIGHT with its array head. A whole dictionary's entry costs the same (request_checks.
+    dictionary_layout): it was charged one item unless decoding its subkey and value cost more, so an entry with a
+    tuple subkey or a tuple value cost one item, as an int one, where storing it takes ~1.3 times the CPU (a fresh
+    peer's burst of them 0.31-0.62 s, int entries 0.26-0.34 s); (i, i + 1) -> int entries now cost ~1.3 items."""
     cost = 1.0 + decode_cost(subkey) - _top_level_tuple_discount(subkey) / STORE_BYTES_PER_ITEM
     if not whole_dictionary:
         cost += decode_cost(value) - _top_level_tuple_discount(value) / STORE_BYTES_PER_ITEM

@@ -41,13 +41,13 @@ def keys_to_replicate(
 def replication_cost(item: ValueWithExpiration) -> float:
     """
     What storing one replicated item costs the receiver's store rate limit (see rate_limit.py and the receiver's
-    store handling): one item, plus what decoding its value costs; for a whole dictionary, one per entry, or what
-    decoding its subkeys and entry values costs when that is more.
+    store handling): one item, plus what decoding its value costs; for a whole dictionary, one per entry plus what
+    decoding its subkeys and entry values costs.
     """
     if not isinstance(item.value, DictionaryDHTValue):
         return store_item_cost(IS_REGULAR_VALUE, item.value)
     layout = dictionary_layout(MSGPackSerializer.dumps(item.value))
-    return 1 + max(len(item.value), 0.0 if layout is None else layout[1])
+    return 1 + len(item.value) + (0.0 if layout is None else layout[1])
 
 
 def replication_nbytes(item: ValueWithExpiration) -> int:

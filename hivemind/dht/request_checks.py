@@ -10,7 +10,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import msgpack
 
-from hivemind.dht.rate_limit import decode_cost
+from hivemind.dht.rate_limit import store_item_cost
 from hivemind.dht.storage import MAX_DICTIONARY_BYTES, MAX_ENCODED_DICTIONARY_BYTES
 from hivemind.utils import serializer as _serializer_module
 from hivemind.utils.serializer import MSGPackSerializer
@@ -228,8 +228,9 @@ def dictionary_declared_entries(value: bytes) -> int:
 def dictionary_layout(value: bytes) -> Optional[Tuple[List[bytes], float]]:
     """
     The encoded subkey of each entry of a whole dictionary (ext 0x50 bytes), in the order of the payload, and what
-    decoding its subkeys and entry values costs (rate_limit.decode_cost), found at C speed without decoding them;
-    None if the bytes are not laid out as a dictionary.
+    its entries cost beyond one item each: decoding their subkeys and values, weighed as a store item's
+    (rate_limit.store_item_cost), found at C speed without decoding them; None if the bytes are not laid out as a
+    dictionary.
     """
     start = _dictionary_entries_unpacker(value)
     if start is None:
@@ -246,7 +247,7 @@ def dictionary_layout(value: bytes) -> Optional[Tuple[List[bytes], float]]:
             entry_value = unpacker.unpack()
             unpacker.skip()  # expiration time
             spans.append(subkey)
-            cost += decode_cost(subkey) + (decode_cost(entry_value) if isinstance(entry_value, bytes) else 0.0)
+            cost += store_item_cost(subkey, entry_value if isinstance(entry_value, bytes) else b"") - 1.0
     except Exception:
         return None
     return spans, cost
