@@ -1,6 +1,7 @@
 """DHTNode: store/get/bootstrap on real daemons, plus the node's pure rules (back-off, replication, merging)."""
 
 import asyncio
+import logging
 import random
 import time
 from datetime import datetime, timedelta, timezone
@@ -515,3 +516,29 @@ async def test_stale_buckets_are_refreshed_with_lookups():
         assert len(routing_table) == 2
     finally:
         await shutdown_all(nodes + [refreshing])
+
+
+@pytest.mark.timeout(60)
+async def test_a_client_mode_node_without_initial_peers_warns_that_it_stays_alone(caplog):
+    # 1.1.12 keeps a client's records in its own storage too (a lone client-mode node stores and gets them); here a
+    # client-mode node keeps none, so alone its store returned False and its get None without a word
+    with caplog.at_level(logging.WARNING):
+        lone = await DHTNode.create(client_mode=True)
+    try:
+        assert await lone.store("key", "value", get_dht_time() + 30) is False
+        warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        assert any("client_mode=True without initial_peers" in message for message in warnings), warnings
+        assert any("Pass initial_peers=[...]" in message for message in warnings), warnings
+    finally:
+        await lone.shutdown()
+
+    server = await DHTNode.create()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        client = await DHTNode.create(client_mode=True, initial_peers=await server.get_visible_maddrs())
+    try:
+        assert await client.store("key", "value", get_dht_time() + 30) is True
+        assert not [record for record in caplog.records if "without initial_peers" in record.getMessage()]
+    finally:
+        await client.shutdown()
+        await server.shutdown()

@@ -49,6 +49,12 @@ BOOTSTRAP_FAILED_MESSAGE = (
     "DHTNode bootstrap failed: none of the initial_peers responded to a ping. "
     "(set ensure_bootstrap_success=False to ignore)"
 )
+# a client-mode peer serves no DHT requests, so without initial peers it never learns of another peer
+LONE_CLIENT_MESSAGE = (
+    "client_mode=True without initial_peers: this peer answers no other peer and knows none, so it stays alone: "
+    "store returns False (a client-mode peer keeps no records of its own) and get finds nothing. Pass "
+    "initial_peers=[...] with the address of a running peer; a client-mode peer cannot be the first of a swarm"
+)
 
 MaddrLike = Union[Multiaddr, str]
 
@@ -194,6 +200,8 @@ class DHTNode(SearchingGet, ReplicatedStore):
                 authorizer=authorizer,
             )
             self.is_alive = True
+            if client_mode and not initial_peer_ids and not kwargs.get("use_ipfs"):
+                logger.warning(LONE_CLIENT_MESSAGE)
             if initial_peer_ids:
                 extra_wait = wait_timeout if bootstrap_timeout is None else bootstrap_timeout
                 await self._bootstrap(initial_peer_ids, extra_wait, ensure_bootstrap_success, strict)
