@@ -340,6 +340,32 @@ def test_readme_quickstart_runs():
     assert "ValueWithExpiration(value=[1, 2, 3], expiration_time=" in result.stdout
 
 
+@pytest.mark.timeout(90)
+def test_optimizer_quickstart_runs():
+    """docs/optimizer.md's first snippet, as printed, given its two placeholders: a first peer and a few batches."""
+    (snippet, *_) = code_blocks_list((ROOT / "docs/optimizer.md").read_text(), "python")
+    placeholders = (
+        "import torch\nINITIAL_PEERS = None\ndata_loader = [(torch.randn(32, 64), torch.randint(0, 10, (32,)))] * 3\n"
+    )
+    script = placeholders + snippet + "\nopt.shutdown()\ndht.shutdown()\nprint('local epoch', opt.local_epoch)\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=80)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "local epoch 0" in result.stdout and "my_run" in result.stderr  # verbose=True: its log lines
+
+
+@pytest.mark.timeout(60)
+def test_relays_snippet_runs():
+    """docs/relays.md's snippet (on 127.0.0.1, any port) prints the unreachable peer's address through the relay."""
+    (snippet,) = code_blocks_list((ROOT / "docs/relays.md").read_text(), "python")
+    assert '"/ip4/0.0.0.0/tcp/31337"' in snippet
+    script = snippet.replace('"/ip4/0.0.0.0/tcp/31337"', '"/ip4/127.0.0.1/tcp/0"') + "\nbehind_nat.shutdown()\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script + "relay.shutdown()\n"], capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"/p2p/\w+/p2p-circuit/p2p/\w+", result.stdout), result.stdout
+
+
 def resolves(dotted_name: str) -> bool:
     """Whether hivemind.a.b.C names a module, or an attribute reached from the longest importable module prefix."""
     parts = dotted_name.split(".")
