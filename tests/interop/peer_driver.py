@@ -371,6 +371,13 @@ class Driver:
         subkey = None if subkey_pkl is None else _load(subkey_pkl)
         return bool(await dht.store(key, value, expiration, subkey=subkey, return_future=True))
 
+    async def cmd_dht_declare_experts(self, handle, uids, expiration):
+        """hivemind.moe.declare_experts of ``uids`` (a list of str) from this DHT; whether every key was stored."""
+        from hivemind.moe import declare_experts
+
+        declare = functools.partial(declare_experts, self.dhts[handle], list(uids), expiration, wait=True)
+        return all((await asyncio.get_running_loop().run_in_executor(None, declare)).values())
+
     async def cmd_dht_get(self, handle, key_pkl, latest=False):
         dht, key = self.dhts[handle], _load(key_pkl)
         return _plain_get_result(await dht.get(key, latest=latest, return_future=True))

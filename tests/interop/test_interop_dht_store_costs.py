@@ -82,3 +82,48 @@ def test_a_value_costlier_than_our_allowance_reaches_an_original_replica(module_
     reader = ours.call("dht_create", initial_peers=replica["maddrs"], timeout=60)
     found = ours.call("dht_get", handle=reader["handle"], key_pkl=_dump(key), latest=True, timeout=60)
     assert found["found"] and pickle.loads(bytes.fromhex(found["value_pkl"])) == value
+
+
+def test_an_original_nodes_handover_of_expert_declarations_is_kept_by_our_newcomer(module_peers):
+    """A whole dictionary's entry costs one item plus decoding its subkey and value (docs/security.md): the prefix
+    dictionaries of declare_experts (int -> (uid, peer)) cost ~1.36 items per entry where they cost one. A lone
+    original node holding the declarations of 4 096 experts (a 64 x 64 grid: 4 096 keys and 64 dictionaries of 64
+    entries, ~10 000 items here, ~8 500 before) and group keys hands them over to our newcomer in one request: all
+    kept."""
+    original, ours = module_peers(ORIGINAL, "handover-holder"), module_peers(OURS, "handover-newcomer")
+    lone = original.call("dht_create", timeout=60)
+    prefix, now = f"ffn{uuid.uuid4().hex[:6]}", time.time()
+    uids = [f"{prefix}.{i}.{j}" for i in range(64) for j in range(64)]
+    for first in range(0, len(uids), 256):  # as 16 servers (the original's DHT process dies on a long call)
+        declared = uids[first : first + 256]
+        assert original.call("dht_declare_experts", handle=lone["handle"], uids=declared, expiration=now + 300)
+    group_key, members = f"{prefix}_grad_averager.0b01", [os.urandom(38) for _ in range(32)]
+    for index, member in enumerate(members):
+        stored = original.call(
+            "dht_store",
+            handle=lone["handle"],
+            key_pkl=_dump(group_key),
+            value_pkl=_dump(True),
+            subkey_pkl=_dump(member),
+            expiration=now + 300 + index / 64,
+            timeout=60,
+        )
+        assert stored
+    newcomer = ours.call("dht_create", initial_peers=lone["maddrs"], timeout=60)
+    time.sleep(3.0)  # the hand-over starts when the holder first sees the newcomer (its bootstrap ping)
+    # only our node can answer now: what it did not keep is gone
+    assert original.call("dht_shutdown", handle=lone["handle"], timeout=60)
+
+    def entries(key):
+        found = ours.call("dht_get", handle=newcomer["handle"], key_pkl=_dump(key), latest=True, timeout=60)
+        assert found["found"] and found["kind"] == "dictionary", key
+        return pickle.loads(bytes.fromhex(found["value_pkl"]))
+
+    assert set(entries(group_key)) == set(members)
+    for i in range(0, 64, 9):
+        held = entries(f"{prefix}.{i}.")
+        assert sorted(held) == list(range(64)), i
+        assert held[5][0] == (f"{prefix}.{i}.5", lone["peer_id"])
+    for uid in uids[::500]:
+        found = ours.call("dht_get", handle=newcomer["handle"], key_pkl=_dump(uid), latest=True, timeout=60)
+        assert found["found"] and pickle.loads(bytes.fromhex(found["value_pkl"])) == lone["peer_id"], uid
