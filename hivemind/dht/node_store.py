@@ -217,7 +217,8 @@ class ReplicatedStore:
             if self.protocol.check_record(DHTRecord(key_id.to_bytes(), subkey_bytes, value, expiration)) is not None:
                 outcomes.append(False)
                 continue
-            outcomes.append(self.protocol.storage.store(key_id, value, expiration, subkey=subkey))
+            # owned by this node: its own entries hold a fair share of a full dictionary (see dictionary_shares.py)
+            outcomes.append(self.protocol.storage.store(key_id, value, expiration, subkey=subkey, owner=self.peer_id))
         return outcomes
 
 

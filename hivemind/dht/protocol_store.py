@@ -50,7 +50,7 @@ class StoreHandling:
         if subkey == IS_REGULAR_VALUE:
             return storage.store(key_id, value, expiration_time)
         nbytes = subkey_nbytes(subkey, decoded_subkey)  # its length as received, unless it could encode longer
-        return self._store_subkey(storage, key_id, decoded_subkey, value, expiration_time, nbytes)
+        return self._store_subkey(storage, key_id, decoded_subkey, value, expiration_time, nbytes, sender)
 
     def _store_subkey(
         self,
@@ -60,9 +60,14 @@ class StoreHandling:
         value: bytes,
         expiration_time: float,
         nbytes: int,
+        sender=None,
     ) -> bool:
-        """Store one entry whose encoded subkey counts ``nbytes`` toward its dictionary's size (see subkey_nbytes)."""
-        if storage.store_subkey(key_id, subkey, value, expiration_time, nbytes):
+        """
+        Store one entry whose encoded subkey counts ``nbytes`` toward its dictionary's size (see subkey_nbytes), owned
+        by ``sender`` (the peer that sent it, or handed over its whole dictionary) for the fair shares of a full
+        dictionary (see hivemind.dht.dictionary_shares).
+        """
+        if storage.store_subkey(key_id, subkey, value, expiration_time, nbytes, owner=sender):
             return True
         if storage.dictionary_full(key_id, subkey, value, nbytes):
             self._reject("dictionary_full")  # MAX_DICTIONARY_ENTRIES / MAX_DICTIONARY_BYTES in hivemind.dht.storage
@@ -149,5 +154,5 @@ class StoreHandling:
             if not self._is_valid(DHTRecord(key, encoded_subkey, entry_value, entry_expiration)):
                 all_accepted = False
                 continue
-            all_accepted &= self._store_subkey(storage, key_id, subkey, entry_value, entry_expiration, nbytes)
+            all_accepted &= self._store_subkey(storage, key_id, subkey, entry_value, entry_expiration, nbytes, sender)
         return all_accepted

@@ -6,6 +6,7 @@ import heapq
 import math
 from typing import Dict, List, Optional, Tuple, Union
 
+from hivemind.dht.dictionary_shares import DictionaryShares, Owner
 from hivemind.dht.routing import DHTID, BinaryDHTValue, Subkey
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import DHTExpiration, TimedStorage, get_dht_time
@@ -21,7 +22,8 @@ __all__ = [
 
 # Per-key limits of a dictionary value in DHTLocalStorage (storage and cache): a find response (at most 4 MiB) must
 # always be able to carry the whole dictionary, so that many small subkey stores cannot make a key unreadable.
-# Entries beyond the limits are refused (reason "dictionary_full"); entries already stored stay and stay readable.
+# An entry beyond the limits is refused (reason "dictionary_full") unless it may push out an entry of a peer that holds
+# more of the dictionary than its sender (see dictionary_shares.py); entries already stored stay readable.
 MAX_DICTIONARY_ENTRIES = 8192
 MAX_DICTIONARY_BYTES = 1024 * 1024  # the sum of encoded subkeys, values and ENTRY_OVERHEAD_BYTES per entry
 ENTRY_OVERHEAD_BYTES = 16  # what an entry adds to the ext 0x50 encoding beside its subkey and value (at most 15)
@@ -50,12 +52,28 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
     # decoded_positions (set by unpackb only): each held subkey -> the index in the payload of the entry that brought
     # it, so that a reader can take the subkey's bytes from the payload instead of encoding it again
     decoded_positions: Optional[Dict[Subkey, int]] = None
-    _PRIVATE_STATE = TimedStorage._PRIVATE_STATE + ("_entry_nbytes", "_total_nbytes", "_unsized", "decoded_positions")
+    _shares: Optional[DictionaryShares] = None  # who stored each entry: made by the first store that names an owner
+    _PRIVATE_STATE = TimedStorage._PRIVATE_STATE + (
+        "_entry_nbytes",
+        "_total_nbytes",
+        "_unsized",
+        "decoded_positions",
+        "_shares",
+    )
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._entry_nbytes, self._total_nbytes = {}, 0
         self._unsized = {subkey: subkey for subkey in self.data}
+        self._shares = None
+
+    def _get_shares(self) -> DictionaryShares:
+        """The dictionary's shares, with the live entries it held before it had any recorded as unowned."""
+        if self._shares is None:
+            self._shares = DictionaryShares()
+            for subkey in self.data:
+                self._shares.record(subkey, None, 0)
+        return self._shares
 
     @staticmethod
     def entry_nbytes(subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None) -> int:
@@ -99,14 +117,23 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         value: BinaryDHTValue,
         expiration_time: DHTExpiration,
         subkey_nbytes: Optional[int] = None,
+        owner: Owner = None,
     ) -> bool:
-        """Store an entry (see TimedStorage.store); ``subkey_nbytes``: the length of the encoded subkey, if known."""
+        """
+        Store an entry (see TimedStorage.store); ``subkey_nbytes``: the length of the encoded subkey, if known;
+        ``owner``: the peer that stored it, for the fair shares of a full dictionary (see :meth:`make_room`).
+        """
         nbytes = self._nbytes_if_stored(key, value, subkey_nbytes)
         if not super().store(key, value, expiration_time):
             return False
         self._unsized.pop(key, None)  # (left by a decoded entry evicted or expired since: this one is sized)
         self._total_nbytes += nbytes - self._entry_nbytes.get(key, 0)
         self._entry_nbytes[key] = nbytes
+        if owner is not None or self._shares is not None:
+            shares = self._get_shares()
+            shares.record(key, owner, nbytes)
+            if len(shares) > 2 * len(self.data) + 64:  # many recorded entries expired since: forget them
+                shares.prune(self.data)
         if expiration_time > self.latest_expiration_time:
             self.latest_expiration_time = expiration_time
         return True
@@ -117,6 +144,8 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
             return False
         self._total_nbytes -= self._entry_nbytes.pop(key, 0)
         self._unsized.setdefault(key, key)  # an equal subkey already held stays held (and counted when needed)
+        if self._shares is not None:
+            self._shares.record(key, None, 0)
         if expiration_time > self.latest_expiration_time:
             self.latest_expiration_time = expiration_time
         return True
@@ -139,6 +168,33 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         replaced_nbytes = self._entry_nbytes.get(subkey, 0) if replaced is not None else 0
         nbytes = self._nbytes_if_stored(subkey, value, subkey_nbytes)
         return total_nbytes - replaced_nbytes + nbytes > MAX_DICTIONARY_BYTES
+
+    def make_room(
+        self, subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None, owner: Owner = None
+    ) -> bool:
+        """
+        Whether the entry fits the limits, after pushing out entries of peers that hold more of this dictionary than
+        ``owner`` will with it (see dictionary_shares.py): True if it fits now; False (nothing pushed out) if not.
+        """
+        total_nbytes, replaced = self.nbytes, self.data.get(subkey)  # (as limit_exceeded_by, checked once)
+        nbytes = self._nbytes_if_stored(subkey, value, subkey_nbytes)
+        excess_entries = len(self.data) + 1 - MAX_DICTIONARY_ENTRIES if replaced is None else 0
+        excess_nbytes = total_nbytes - (self._entry_nbytes[subkey] if replaced is not None else 0) + nbytes
+        excess_nbytes -= MAX_DICTIONARY_BYTES
+        if excess_entries <= 0 and excess_nbytes <= 0:
+            return True
+        if owner is None:
+            return False
+        shares = self._get_shares()
+        shares.prune(self.data)
+        victims = shares.victims(owner, subkey, nbytes, excess_entries, excess_nbytes)
+        if victims is None:
+            return False
+        for victim in victims:
+            del self[victim]
+            self._total_nbytes -= self._entry_nbytes.pop(victim)
+            shares.forget(victim)
+        return True
 
     def packb(self) -> bytes:
         """The ext 0x50 payload: [maxsize, latest_expiration_time, [[subkey, value, expiration], ...]]."""
@@ -196,18 +252,22 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
         value: Union[BinaryDHTValue, DictionaryDHTValue],
         expiration_time: DHTExpiration,
         subkey: Optional[Subkey] = None,
+        owner: Owner = None,
     ) -> bool:
         """
         Store a regular value (``subkey=None``), one dictionary entry (``subkey`` given), or merge a whole
         DictionaryDHTValue entry by entry (then ``expiration_time`` is ignored; True only if every entry was accepted).
+        ``owner``: the peer storing dictionary entries, for the fair shares of a full dictionary (see store_subkey).
 
         :returns: whether the entry was accepted; rejected entries leave the storage unchanged
         """
         if subkey is not None:  # one dictionary entry
-            return self.store_subkey(key, subkey=subkey, value=value, expiration_time=expiration_time)
+            return self.store_subkey(key, subkey=subkey, value=value, expiration_time=expiration_time, owner=owner)
         if isinstance(value, DictionaryDHTValue):
             entries = list(value.items())  # live entries only: expired ones are not offered
-            outcomes = [self.store_subkey(key, sub, item.value, item.expiration_time) for sub, item in entries]
+            outcomes = [
+                self.store_subkey(key, sub, item.value, item.expiration_time, owner=owner) for sub, item in entries
+            ]
             return len(outcomes) > 0 and all(outcomes)  # storing nothing is not a success
         return super().store(key, value, expiration_time)  # replaces a regular value or a dictionary iff newer
 
@@ -218,29 +278,37 @@ class DHTLocalStorage(TimedStorage[DHTID, Union[BinaryDHTValue, DictionaryDHTVal
         value: BinaryDHTValue,
         expiration_time: DHTExpiration,
         subkey_nbytes: Optional[int] = None,
+        owner: Owner = None,
     ) -> bool:
         """
         Store one dictionary entry: into the existing dictionary (if the subkey is absent or older there), or into a
         new dictionary replacing a regular value that expires strictly earlier (or no value at all). An entry that
         would take its dictionary past MAX_DICTIONARY_ENTRIES or MAX_DICTIONARY_BYTES is refused (see
-        :meth:`dictionary_full`). ``subkey_nbytes``: the length of the encoded subkey, if the caller has it.
+        :meth:`dictionary_full`) unless ``owner`` (the peer storing it) holds less of the dictionary than another
+        peer: then that peer's earliest stored entries make room (see DictionaryDHTValue.make_room).
+        ``subkey_nbytes``: the length of the encoded subkey, if the caller has it.
         """
         if not expiration_time >= get_dht_time():  # also refuses NaN
-            return False
-        if self.dictionary_full(key, subkey, value, subkey_nbytes):
             return False
         current = self.get(key)
         if current is not None and isinstance(current.value, DictionaryDHTValue):
             dictionary = current.value
-            if not dictionary.store(subkey, value, expiration_time, subkey_nbytes):
+            replaced = dictionary.data.get(subkey)  # (an expired one left there expires before expiration_time)
+            if replaced is not None and replaced.expiration_time >= expiration_time:
+                return False  # (before making room: the entry would not be stored)
+            if not dictionary.make_room(subkey, value, subkey_nbytes, owner):
+                return False
+            if not dictionary.store(subkey, value, expiration_time, subkey_nbytes, owner):
                 return False
             if expiration_time > current.expiration_time:
                 super().store(key, dictionary, expiration_time)  # the dictionary now lives until its latest entry
             return True
+        if self.dictionary_full(key, subkey, value, subkey_nbytes):
+            return False
         if current is not None and expiration_time <= current.expiration_time:
             return False  # a regular value that lives at least as long wins
         dictionary = DictionaryDHTValue()
-        dictionary.store(subkey, value, expiration_time, subkey_nbytes)
+        dictionary.store(subkey, value, expiration_time, subkey_nbytes, owner)
         return super().store(key, dictionary, expiration_time)
 
     def dictionary_full(
