@@ -43,7 +43,7 @@ class MetricsPublisher:
             self._pending.result()
         self._pending = self.dht.store(
             self.key, subkey=self.subkey, value=metrics.model_dump(),
-            expiration_time=hivemind.get_dht_time() + METRICS_EXPIRATION, return_future=True,
+            expiration_time=hivemind.utils.get_dht_time() + METRICS_EXPIRATION, return_future=True,
         )  # fmt: skip
 
 

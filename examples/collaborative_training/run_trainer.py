@@ -80,7 +80,7 @@ def train(dht: hivemind.DHT, args: argparse.Namespace) -> int:
                 if steps:
                     mean_loss = loss_sum / steps
                     publisher.publish(LocalMetrics(epoch=epoch, loss=mean_loss, samples=steps * args.batch_size,
-                                                   steps=steps, time=hivemind.get_dht_time()))  # fmt: skip
+                                                   steps=steps, time=hivemind.utils.get_dht_time()))  # fmt: skip
                     print(f"epoch {epoch} done: mean loss {mean_loss:.3f} over {steps} local steps "
                           f"(at {time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
                 epoch, loss_sum, steps = optimizer.local_epoch, 0.0, 0
