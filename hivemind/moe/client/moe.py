@@ -173,10 +173,7 @@ class RemoteMixtureOfExperts(nn.Module):
         )
         found = self._search_result(future, deadline)
         if not any(found):
-            raise RuntimeError(
-                f"No responding experts found in the DHT for {self.uid_prefix} (grid {self.grid_size}); check that "
-                f"expert servers run and that this DHT is connected to them"
-            )
+            raise self._no_experts_error()
         chosen, most_skipped = [], 0
         for experts in found:
             alive = [expert for expert in experts if not self.failure_penalty.is_penalized(penalty_key(expert))]
@@ -329,6 +326,21 @@ class RemoteMixtureOfExperts(nn.Module):
         problems = "; ".join(f"{expert.uid}: {shorten(repr(error))}" for expert, error in errors.items())
         raise RuntimeError(f"None of the chosen experts answered rpc_info: {problems or 'all skipped'}")
 
+    def _no_experts_error(self) -> RuntimeError:
+        """Beam search found no alive expert: say whether this DHT is connected to any other peer at all."""
+        message = f"No responding experts found in the DHT for {self.uid_prefix} (grid {self.grid_size})"
+        try:
+            other_peers = self.dht.run_coroutine(_count_other_peers, return_future=True).result(timeout=10)
+        except Exception:  # the DHT process is gone or busy: the generic hint below still holds
+            other_peers = None
+        if other_peers == 0:
+            return RuntimeError(
+                f"{message}: this DHT knows no other peer. Pass initial_peers=[...] with the addresses that an expert "
+                f"server prints (hivemind-server: 'To connect other peers to this server, use --initial_peers ...') "
+                f"or that any peer of its swarm prints"
+            )
+        return RuntimeError(f"{message}; check that expert servers run and that this DHT is connected to them")
+
     @property
     def info(self) -> dict:
         """The schemas of this grid's experts, fetched from some alive expert (found by a neutral beam search)."""
@@ -340,9 +352,14 @@ class RemoteMixtureOfExperts(nn.Module):
             future = self.beam_search.find_best_experts(neutral_scores, beam_size=self.k_best, return_future=True)
             chosen = self._search_result(future, deadline)
             if not chosen:
-                raise RuntimeError(f"No responding experts found in the DHT for {self.uid_prefix}")
+                raise self._no_experts_error()
             self._get_info([chosen], deadline)
         return self._expert_info
+
+
+async def _count_other_peers(_dht: DHT, node) -> int:
+    """Runs in the DHT process: how many other DHT peers its routing table holds."""
+    return len(node.protocol.routing_table)
 
 
 # while experts are penalized, beam search looks for up to this many more experts per sample than k_best (one per
