@@ -41,3 +41,14 @@ def test_moe_example():
     assert result.returncode == 0, result.stderr
     assert "hosts 4 experts: expert.0.0, expert.0.1, expert.1.0, expert.1.1" in result.stdout
     assert "the loss went down" in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_moe_example_refuses_a_number_of_steps_below_one():
+    # --steps 0 started the server and the trainer, then failed with ZeroDivisionError (no loss to average)
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "moe.py"), "--steps", "0"], capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--steps must be at least 1, got 0" in result.stderr
+    assert "hosts 4 experts" not in result.stdout
