@@ -113,3 +113,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         sys.exit(130)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # finished: a late Ctrl-C must not break the interpreter's exit

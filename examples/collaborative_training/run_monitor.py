@@ -11,7 +11,7 @@ import argparse
 import time
 
 from metrics import add_metrics_validators, fetch_metrics
-from swarm import add_swarm_arguments, join_swarm, stop_on_first_ctrl_c
+from swarm import add_swarm_arguments, ignore_ctrl_c, join_swarm, stop_on_first_ctrl_c
 
 import hivemind
 
@@ -72,3 +72,4 @@ def monitor(dht: hivemind.DHT, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     main()
+    ignore_ctrl_c()

@@ -13,7 +13,7 @@ import os
 import time
 from functools import partial
 
-from swarm import add_swarm_arguments, join_swarm, stop_on_first_ctrl_c
+from swarm import add_swarm_arguments, ignore_ctrl_c, join_swarm, stop_on_first_ctrl_c
 
 import hivemind
 
@@ -93,3 +93,4 @@ def train(dht: hivemind.DHT, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     main()
+    ignore_ctrl_c()

@@ -44,6 +44,12 @@ def stop_on_first_ctrl_c() -> None:
     signal.signal(signal.SIGINT, interrupt_once)
 
 
+def ignore_ctrl_c() -> None:
+    """Once the peer has left and said so: a late Ctrl-C would only interrupt the interpreter's exit (a traceback
+    from a finalizer of torch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def join_swarm(args: argparse.Namespace, client_mode: bool = False) -> hivemind.DHT:
     """Start this peer's DHT (``import hivemind`` does not load torch) and print the address others can join."""
     dht = hivemind.DHT(
