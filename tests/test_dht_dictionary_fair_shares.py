@@ -7,11 +7,13 @@ hivemind/dht/dictionary_shares.py and docs/dht.md).
 """
 
 import asyncio
+import random
 import time
 from typing import List, Sequence
 
 import pytest
 
+from hivemind.dht import storage as storage_module
 from hivemind.dht.node import DHTNode
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
@@ -214,3 +216,74 @@ def test_entries_stored_without_an_owner_are_never_pushed_out_and_expired_ones_a
         assert storage.store_subkey(key_id, ("other", subkey), b"\xc0", get_dht_time() + 600, owner="other")
     assert storage.store_subkey(key_id, "third", b"\xc0", get_dht_time() + 600, owner="third")
     assert dict(shares.counts.amounts) == {"soon": live, "other": MAX_DICTIONARY_ENTRIES - live - 1, "third": 1}
+
+
+def test_random_stores_keep_the_limits_the_bookkeeping_and_push_out_only_from_peers_holding_more(monkeypatch):
+    """Random stores (4 owners and unowned ones; new, replacing and refused entries of sizes 1 B to 900 B) under small
+    limits: after each, the limits hold, each owner's recorded entries and bytes are what it holds, a refused store
+    changes nothing, and every entry pushed out was of another owner that held more entries or bytes than the
+    sender then holds (unowned entries are never pushed out)."""
+    monkeypatch.setattr(storage_module, "MAX_DICTIONARY_ENTRIES", 24)
+    monkeypatch.setattr(storage_module, "MAX_DICTIONARY_BYTES", 2400)
+    rng, pushed_out = random.Random(0), 0
+    for _ in range(60):
+        storage, key_id, base = DHTLocalStorage(), DHTID.generate("random"), get_dht_time() + 1000
+        for _ in range(200):
+            owner, subkey = rng.choice(["A", "B", "C", "D", None]), rng.randrange(60)
+            value, expiration = b"x" * rng.choice([1, 5, 30, 100, 300, 900]), base + rng.randrange(50)
+            held = storage.get(key_id)
+            dictionary = held.value if held is not None else DictionaryDHTValue()
+            shares = dictionary._shares
+            before = dict(dictionary.data)
+            counts_before = dict(shares.counts.amounts) if shares is not None else {}
+            nbytes_before = dict(shares.nbytes.amounts) if shares is not None else {}
+            owners_before = dict(shares.owner_of) if shares is not None else {}
+            stored = storage.store_subkey(key_id, subkey, value, expiration, owner=owner)
+            dictionary = storage.get(key_id).value
+            assert len(dictionary) <= 24 and dictionary.nbytes <= 2400
+            if not stored:
+                assert dict(dictionary.data) == before
+                continue
+            shares = dictionary._shares
+            if shares is not None:
+                owned = {}
+                for live in dictionary.data:
+                    if shares.owner_of[live] is not None:
+                        owned.setdefault(shares.owner_of[live], {})[live] = dictionary._entry_nbytes[live]
+                assert owned == shares.held
+                assert dict(shares.counts.amounts) == {peer: len(entries) for peer, entries in owned.items()}
+                assert dict(shares.nbytes.amounts) == {peer: sum(entries.values()) for peer, entries in owned.items()}
+            for victim in set(before) - set(dictionary.data):
+                victim_owner, pushed_out = owners_before.get(victim), pushed_out + 1
+                assert victim_owner is not None and victim_owner != owner
+                assert counts_before[victim_owner] > shares.counts.amounts[owner] or (
+                    nbytes_before[victim_owner] > shares.nbytes.amounts[owner]
+                )
+    assert pushed_out > 100  # (the stores did push entries out)
+
+
+def test_a_peer_never_pushes_out_one_that_holds_only_as_much_as_it_will(monkeypatch):
+    """Ties: an entry is pushed out only from a peer that holds more entries (bytes) than the sender will hold with its
+    new entry; a store that needs more than that is refused, and nothing is pushed out for it."""
+    monkeypatch.setattr(storage_module, "MAX_DICTIONARY_ENTRIES", 8)
+    monkeypatch.setattr(storage_module, "MAX_DICTIONARY_BYTES", 2400)
+    storage, expiration = DHTLocalStorage(), get_dht_time() + 600
+    counted, sized = DHTID.generate("entries"), DHTID.generate("bytes")
+    for subkey, owner in [(0, "A"), (1, "A"), (2, "A"), (3, "A"), (4, "B"), (5, "B"), (6, "B"), (7, None)]:
+        assert storage.store_subkey(counted, subkey, b"", expiration, owner=owner)
+    assert not storage.store_subkey(counted, 8, b"", expiration, owner="B")  # B would hold 4, as A does
+    assert storage.store_subkey(counted, 8, b"", expiration, owner="C")  # C would hold 1, fewer than A's 4
+    assert [subkey in storage.get(counted).value for subkey in range(4)] == [False, True, True, True]
+    # each entry counts a 1-byte subkey, its value and 16 bytes of overhead
+    for subkey, owner, size in [(0, "A", 400), (1, "A", 400), (2, "A", 400), (3, None, 1000)]:
+        assert storage.store_subkey(sized, subkey, b"x" * (size - 17), expiration, owner=owner)
+    # 800 bytes need two of A's entries, but after one A holds 800, as B would: refused, nothing pushed out
+    assert not storage.store_subkey(sized, 4, b"x" * (800 - 17), expiration, owner="B")
+    assert all(subkey in storage.get(sized).value for subkey in range(4))
+    assert storage.store_subkey(sized, 4, b"x" * (799 - 17), expiration, owner="B")  # A holds 800 > 799 after one
+    assert [subkey in storage.get(sized).value for subkey in range(5)] == [False, False, True, True, True]
+    tied = DHTID.generate("tied")
+    assert storage.store_subkey(tied, 0, b"x" * (1200 - 17), expiration, owner="A")
+    assert storage.store_subkey(tied, 1, b"x" * (1000 - 17), expiration)
+    assert not storage.store_subkey(tied, 2, b"x" * (1200 - 17), expiration, owner="C")  # C would hold A's 1200
+    assert storage.store_subkey(tied, 2, b"x" * (1199 - 17), expiration, owner="C")

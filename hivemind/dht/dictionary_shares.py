@@ -1,6 +1,6 @@
 """
 Who stored each entry of a dictionary value, so that a full dictionary is shared fairly among the peers storing in it
-(see docs/dht.md, "Dictionary limits and fair shares").
+(see docs/security.md, "Dictionaries filled by one peer").
 
 A replica caps a key's dictionary at MAX_DICTIONARY_ENTRIES / MAX_DICTIONARY_BYTES for all peers together. An entry
 that arrives at a full dictionary may push out an entry of the peer holding the most entries (bytes) of it, if that

@@ -29,18 +29,22 @@ def _dump(obj) -> str:
     return pickle.dumps(obj).hex()
 
 
+def _junk_request(key_id: DHTID, subkeys, value: bytes, expiration: float) -> dht_pb2.StoreRequest:
+    return dht_pb2.StoreRequest(
+        keys=[key_id.to_bytes()] * len(subkeys),
+        subkeys=[MSGPackSerializer.dumps(subkey) for subkey in subkeys],
+        values=[value] * len(subkeys),
+        expiration_time=[expiration] * len(subkeys),
+        peer=dht_pb2.NodeInfo(),
+    )
+
+
 async def _fill(maddrs, peer_id: str, key: str, expiration: float) -> int:
     """A hostile peer (no DHT of its own) stores MAX_DICTIONARY_ENTRIES junk subkeys under ``key``: how many held."""
     attacker = await P2P.create(initial_peers=maddrs)
     try:
-        num = MAX_DICTIONARY_ENTRIES
-        request = dht_pb2.StoreRequest(
-            keys=[DHTID.generate(key).to_bytes()] * num,
-            subkeys=[MSGPackSerializer.dumps(("junk", index)) for index in range(num)],
-            values=[MSGPackSerializer.dumps("junk")] * num,
-            expiration_time=[expiration] * num,
-            peer=dht_pb2.NodeInfo(),
-        )
+        junk = [("junk", index) for index in range(MAX_DICTIONARY_ENTRIES)]
+        request = _junk_request(DHTID.generate(key), junk, MSGPackSerializer.dumps("junk"), expiration)
         stub = DHTProtocol.get_stub(attacker, PeerID.from_base58(peer_id))
         return sum((await stub.rpc_store(request, timeout=60)).store_ok)
     finally:
@@ -73,16 +77,6 @@ def test_an_original_peers_entries_get_into_a_dictionary_one_peer_filled_on_our_
     assert {coordinate: entries[coordinate][0] for coordinate in range(20) if coordinate in entries} == {
         coordinate: (f"{key}{coordinate}", writer["peer_id"]) for coordinate in range(20)
     }
-
-
-def _junk_request(key_id: DHTID, subkeys, value: bytes, expiration: float) -> dht_pb2.StoreRequest:
-    return dht_pb2.StoreRequest(
-        keys=[key_id.to_bytes()] * len(subkeys),
-        subkeys=[MSGPackSerializer.dumps(subkey) for subkey in subkeys],
-        values=[value] * len(subkeys),
-        expiration_time=[expiration] * len(subkeys),
-        peer=dht_pb2.NodeInfo(),
-    )
 
 
 async def _declarations_held(hostile: DHTProtocol, holder_id: PeerID, key_id: DHTID) -> dict:
