@@ -16,6 +16,7 @@ USAGE_ERRORS = {
     "--checkpoint_dir": ["--num_experts", "1", "--checkpoint_dir", "/nonexistent/checkpoints"],
     "--expert_pattern": ["--num_experts", "1", "--expert_pattern", "ffn.[0:x]"],
     "--expert_uids": ["--expert_uids", "ffn"],
+    "--expert_cls": ["--num_experts", "1", "--expert_cls", "foo"],
     "--scheduler": ["--num_experts", "1", "--scheduler", "linear"],
     "--device": ["--num_experts", "1", "--device", "gpu"],
     "--clip_grad_norm": ["--num_experts", "1", "--clip_grad_norm", "0"],
