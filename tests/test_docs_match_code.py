@@ -366,6 +366,27 @@ def test_relays_snippet_runs():
     assert re.search(r"/p2p/\w+/p2p-circuit/p2p/\w+", result.stdout), result.stdout
 
 
+@pytest.mark.timeout(120)
+def test_moe_snippets_run():
+    """docs/moe.md's "Hosting experts" snippet serves, with its "Using experts" snippet as the `...` that uses it."""
+    hosting, using = code_blocks_list((ROOT / "docs/moe.md").read_text(), "python")[:2]
+    using = using.replace("initial_peers=[...]", "initial_peers=server.dht.get_visible_maddrs()")
+    use = (
+        "import torch\nx = torch.randn(4, 1024, requires_grad=True)\n"
+        + using
+        + "\nprint(tuple(output.shape), x.grad.shape)\n"
+    )
+    script = hosting.replace("\n...\n", "\n" + use + "dht.shutdown()\n").replace(
+        "initial_peers=[...]", "initial_peers=[]"
+    )
+    script = script.replace('"/ip4/0.0.0.0/tcp/31337"', '"/ip4/127.0.0.1/tcp/0"')
+    script = script.replace("    ...  # a server", "    print(peer_info.peer_id)  # a server")
+    assert script.count("dht.shutdown()") == 1 and "[...]" not in script and "\n...\n" not in script
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(4, 1024) torch.Size([4, 1024])" in result.stdout, result.stdout
+
+
 def resolves(dotted_name: str) -> bool:
     """Whether hivemind.a.b.C names a module, or an attribute reached from the longest importable module prefix."""
     parts = dotted_name.split(".")
