@@ -103,3 +103,47 @@ def test_a_dht_call_from_a_signal_handler_during_another_calls_send_fails_at_onc
         assert outcomes[1] is None  # nothing stored under that key: an answer, not an error
     finally:
         dht.shutdown()
+
+
+def _first_call_interrupted_by_a_handler_that_calls(dht, results):  # in a forked process: its first DHT call
+    import hivemind.dht.dht as dht_module
+
+    plain_connect, interrupted = dht_module.connect_to_dht_process, []
+
+    def connect_interrupted_once(*args):  # the signal lands while this thread connects (holding the connect lock)
+        if not interrupted:
+            interrupted.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return plain_connect(*args)
+
+    def handler(signum, frame):
+        results.put(("handler", dht.get("outer-key", latest=True).value))
+
+    dht_module.connect_to_dht_process = connect_interrupted_once
+    signal.signal(signal.SIGUSR1, handler)
+    results.put(("main", dht.get("outer-key", latest=True).value))
+    results.put(("connections", len({id(caller) for caller in dht._callers.values()})))
+
+
+@pytest.mark.timeout(60)
+def test_a_dht_call_from_a_signal_handler_during_the_first_call_of_a_forked_process_connecting_is_answered():
+    import multiprocessing as mp
+
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        assert dht.store("outer-key", 7, expiration_time=get_dht_time() + 60)
+        context = mp.get_context("fork")
+        results = context.Queue()
+        child = context.Process(target=_first_call_interrupted_by_a_handler_that_calls, args=(dht, results))
+        child.start()
+        child.join(20)
+        hung = child.is_alive()
+        if hung:  # it waited for the connect lock that its interrupted thread held
+            child.kill()
+            child.join()
+        assert not hung and child.exitcode == 0, child.exitcode
+        outcomes = dict(results.get(timeout=5) for _ in range(3))
+        # both answered; one connection kept for this process (next to the origin's pipe)
+        assert outcomes == {"handler": 7, "main": 7, "connections": 2}, outcomes
+    finally:
+        dht.shutdown()

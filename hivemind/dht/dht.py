@@ -47,12 +47,14 @@ logger = get_logger(__name__)
 DURATION_LIKE_AGE = 365 * 24 * 3600  # store() warns about an expiration_time older than this: a duration, surely
 
 ReturnType = TypeVar("ReturnType")
-_connect_lock = threading.Lock()  # one socket connection per process, even if several threads call at once
+# one socket connection per process, even if several threads call at once; reentrant: a signal handler's call while
+# its thread connects (the first call of a forked process) connects too instead of waiting for it forever
+_connect_lock = threading.RLock()
 
 
 def _reset_connect_lock() -> None:
     global _connect_lock
-    _connect_lock = threading.Lock()  # a lock held by another thread while forking would never be released
+    _connect_lock = threading.RLock()  # a lock held by another thread while forking would never be released
 
 
 os.register_at_fork(after_in_child=_reset_connect_lock)
@@ -280,7 +282,10 @@ class DHT(ShutdownOnExit, mp.Process):
             with _connect_lock:
                 caller = self._callers.get(pid)
                 if caller is None:
-                    caller = self._callers[pid] = connect_to_dht_process(self._socket_address, self._socket_authkey)
+                    connected = connect_to_dht_process(self._socket_address, self._socket_authkey)
+                    # (a signal handler of this thread may have connected meanwhile: its connection is kept and this
+                    # one left idle, as closing it under its reader thread's recv could hand that thread another fd)
+                    caller = self._callers.setdefault(pid, connected)
         return caller
 
     def shutdown(self) -> None:
