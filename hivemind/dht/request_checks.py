@@ -197,6 +197,7 @@ def decode_store_item(
     return (None, reason) if reason is not None else (decoded, None)
 
 
+_BIN_HEADS = (0xC4, 0xC5, 0xC6)  # bin 8/16/32: a bytes entry value
 _EXT_HEADERS = {0xC7: 1, 0xC8: 2, 0xC9: 4, 0xD4: 0, 0xD5: 0, 0xD6: 0, 0xD7: 0, 0xD8: 0}  # -> bytes of the length
 
 
@@ -230,7 +231,8 @@ def dictionary_layout(value: bytes) -> Optional[Tuple[List[bytes], float]]:
     The encoded subkey of each entry of a whole dictionary (ext 0x50 bytes), in the order of the payload, and what
     its entries cost beyond one item each: decoding their subkeys and values, weighed as a store item's
     (rate_limit.store_item_cost), found at C speed without decoding them; None if the bytes are not laid out as a
-    dictionary.
+    dictionary. An entry value that is not bytes is weighed as its encoded bytes are: it was unpacked here and charged
+    nothing (an array of 300 000 ``[[]]``, 600 KB: ~0.34 s here, 0.43 s with decoding it, for ~2 items).
     """
     start = _dictionary_entries_unpacker(value)
     if start is None:
@@ -243,11 +245,15 @@ def dictionary_layout(value: bytes) -> Optional[Tuple[List[bytes], float]]:
                 return None
             position = unpacker.tell()
             unpacker.skip()
-            subkey = bytes(payload[position : unpacker.tell()])
-            entry_value = unpacker.unpack()
+            subkey, position = bytes(payload[position : unpacker.tell()]), unpacker.tell()
+            if payload[position] in _BIN_HEADS:
+                entry_value = unpacker.unpack()
+            else:  # not bytes: refused once decoded (check_dictionary_entry), charged as what decoding it takes
+                unpacker.skip()
+                entry_value = bytes(payload[position : unpacker.tell()])
             unpacker.skip()  # expiration time
             spans.append(subkey)
-            cost += store_item_cost(subkey, entry_value if isinstance(entry_value, bytes) else b"") - 1.0
+            cost += store_item_cost(subkey, entry_value) - 1.0
     except Exception:
         return None
     return spans, cost
