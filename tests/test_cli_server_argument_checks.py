@@ -49,3 +49,32 @@ def test_workable_flags_pass(tmp_path):
     flags += ["--clip_grad_norm", "1"]
     options = parse_server_options(make_parser(), flags)
     assert options["expert_pattern"] == "ffn.[0:4].[0:4]" and options["clip_grad_norm"] == 1.0
+
+
+CUSTOM_EXPERTS = """
+import torch
+from hivemind.moe.server.layers.custom_experts import register_expert_class
+
+
+@register_expert_class("{name}", lambda batch_size, hid_dim: torch.empty((batch_size, hid_dim)))
+class Custom(torch.nn.Linear):
+    def __init__(self, hid_dim):
+        super().__init__(hid_dim, hid_dim)
+"""
+
+
+def test_an_expert_class_that_the_custom_module_does_not_register_is_a_usage_error(tmp_path, capsys):
+    # it stopped Server.create with an AssertionError traceback (the file was loaded only there)
+    path = tmp_path / "custom_experts.py"
+    path.write_text(CUSTOM_EXPERTS.format(name="argcheck_custom"))
+    with pytest.raises(SystemExit) as error:
+        parse_server_options(
+            make_parser(), ["--num_experts", "1", "--expert_cls", "foo", "--custom_module_path", str(path)]
+        )
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--expert_cls 'foo' is neither a built-in expert class nor one that {path} registers" in err, err
+    assert "argcheck_custom, det_dropout, ffn" in err, err
+    # the class it registers passes (and the file is not run twice when the server loads it)
+    flags = ["--num_experts", "1", "--expert_cls", "argcheck_custom", "--custom_module_path", str(path)]
+    assert parse_server_options(make_parser(), flags)["expert_cls"] == "argcheck_custom"

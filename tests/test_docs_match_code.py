@@ -269,7 +269,7 @@ QUOTED = [
     ("docs/dht.md", "DHT was shut down"),
     ("docs/moe.md", "Server started with"),
     ("docs/moe.md", "starting, pid="),
-    ("docs/moe.md", "given as expert_cls (--expert_cls); use one"),
+    ("docs/moe.md", "is not a built-in expert class"),
     ("docs/moe.md", "No responding experts found"),
     ("docs/moe.md", "Processed {"),
     ("docs/moe.md", "again, still shutting down"),

@@ -235,15 +235,18 @@ def check_expert_flags(parser: configargparse.ArgParser, args: dict) -> None:
     path = args["custom_module_path"]
     if path is not None and not Path(path).expanduser().is_file():
         parser.error(f"--custom_module_path {path} does not exist or is not a file")
-    if path is None:  # (a class of a --custom_module_path file is registered only when the server loads the file)
-        from hivemind.moe.server.layers import name_to_block
+    from hivemind.moe.server.layers import add_custom_models_from_file, name_to_block
 
-        if args["expert_cls"] not in name_to_block:
-            built_in = ", ".join(sorted(name_to_block))
-            parser.error(
-                f"--expert_cls {args['expert_cls']!r} is not a built-in expert class ({built_in}); register your own "
-                f"with @register_expert_class in a file given as --custom_module_path"
-            )
+    if path is not None:
+        add_custom_models_from_file(path)  # (run once per process: Server.create does not run it again)
+    if args["expert_cls"] not in name_to_block:
+        if path is None:
+            problem = "is not a built-in expert class"
+            advice = "register your own with @register_expert_class in a file given as --custom_module_path"
+        else:
+            problem = f"is neither a built-in expert class nor one that {path} registers"
+            advice = "check the names it gives to @register_expert_class"
+        parser.error(f"--expert_cls {args['expert_cls']!r} {problem} ({', '.join(sorted(name_to_block))}); {advice}")
     path = args["checkpoint_dir"]
     if path is not None and not path.is_dir():
         what = "is not a directory" if path.exists() else f"does not exist; create it (mkdir -p {path})"
