@@ -1,6 +1,7 @@
 """When p2pd can listen on none of host_maddrs, the error names host_maddrs and what to pass instead (before: only
 libp2p's 'cannot start the libp2p host: failed to listen on any addresses: [...]')."""
 
+import re
 import socket
 
 import pytest
@@ -31,3 +32,18 @@ async def test_a_host_and_port_instead_of_a_multiaddr_is_answered_with_the_multi
     assert "must begin with /" in str(info.value), "the daemon's own reason is still quoted"
     with pytest.raises(P2PDaemonError, match="announce_maddrs takes multiaddrs such as /ip4/0.0.0.0/tcp/31337"):
         await P2P.create(announce_maddrs=["example.org:31337"])
+
+
+@pytest.mark.parametrize(
+    "given, written",
+    [
+        ("[::1]:5000", "/ip6/::1/tcp/5000"),
+        ("/ip4/127.0.0.1:5000", "/ip4/127.0.0.1/tcp/5000"),
+        ("localhost:5000", "/ip4/127.0.0.1/tcp/5000"),
+        ("0.0.0.0", "/ip4/0.0.0.0/tcp/0"),
+    ],
+)
+async def test_an_ipv6_host_a_port_in_the_ip4_part_or_a_bare_ip_are_answered_with_their_multiaddr(given, written):
+    # they got the generic /ip4/0.0.0.0/tcp/31337
+    with pytest.raises(P2PDaemonError, match=f"host_maddrs takes multiaddrs such as {re.escape(written)}$"):
+        await P2P.create(host_maddrs=[given])

@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import ipaddress
 import json
 import logging
 import math
@@ -69,7 +70,23 @@ def golog_level_for(python_level: int) -> str:
 
 
 _INVALID_LISTEN_MADDR = re.compile(r'invalid multiaddr "([^"]*)" in (host_maddrs|announce_maddrs)\b')
-_HOST_AND_PORT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
+_HOST_AND_PORT = re.compile(r"\[?([^\[\]]+?)\]?:(\d{1,5})")
+
+
+def _multiaddr_for(given: str) -> str:
+    """The multiaddr of a host:port, [ipv6]:port or bare IP written as such (port 0: any), else an example one."""
+    text = re.sub(r"^/ip[46]/", "", given.strip())  # (e.g. /ip4/127.0.0.1:5000)
+    host, port = text, "0"  # a bare IP (an IPv6 one without brackets has colons of its own)
+    match = _HOST_AND_PORT.fullmatch(text)
+    if match is not None and (text.startswith("[") or ":" not in match.group(1)):
+        host, port = match.groups()
+    try:
+        ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        ip = None
+    if ip is None or int(port) > 65535:
+        return "/ip4/0.0.0.0/tcp/31337"
+    return f"/ip{ip.version}/{ip}/tcp/{port}"
 
 
 def _with_multiaddr_example(text: str) -> str:
@@ -78,9 +95,7 @@ def _with_multiaddr_example(text: str) -> str:
     if match is None:
         return text
     given, option = match.groups()
-    host_and_port = _HOST_AND_PORT.fullmatch(given.strip())
-    example = "/ip4/{}/tcp/{}".format(*host_and_port.groups()) if host_and_port else "/ip4/0.0.0.0/tcp/31337"
-    return f"{text}; {option} takes multiaddrs such as {example}"
+    return f"{text}; {option} takes multiaddrs such as {_multiaddr_for(given)}"
 
 
 def describe_output_line(line: str) -> str:
