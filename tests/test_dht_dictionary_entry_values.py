@@ -3,6 +3,7 @@ A whole dictionary's entry value that is not bytes (msgpack of a list, say) is r
 what decoding it takes before it is decoded: reading the dictionary's layout unpacked it, charged nothing, so a
 fresh peer's request of 4 dictionaries of one entry holding 300 000 ``[[]]`` (600 KB) took the receiver 1.73 s of CPU
 (reading the layout ~0.34 s each, then decoding), charged ~8 items; now ~76 000 items each, refused in 0.04-0.05 s.
+A whole dictionary's bytes are charged before its layout is read, as the rest of a store request's bytes are.
 """
 
 import msgpack
@@ -10,6 +11,7 @@ import pytest
 from dht_flood_helpers import store_request, timed_store, victim_and_attacker
 
 from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, STORE_BYTES_PER_ITEM, PeerRateLimiter
 from hivemind.dht.request_checks import dictionary_layout
 from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils.serializer import MSGPackSerializer
@@ -61,3 +63,24 @@ async def test_a_fresh_peers_dictionaries_of_list_values_are_refused_before_they
     # refused for what decoding them would take, not found malformed once decoded (1.73 s of CPU)
     assert victim.rejected["rate_limited"] == 4 and victim.rejected["malformed_dictionary"] == 0, victim.rejected
     assert spent < 0.5, f"{spent:.2f} s of CPU"
+
+
+EMPTY_LISTS = b"\xdd" + (1_000_000).to_bytes(4, "big") + b"\x90" * 1_000_000  # 1 000 000 [] (1 MB)
+
+
+@pytest.mark.timeout(60)
+async def test_a_dictionarys_bytes_are_charged_before_its_layout_is_read(victim_and_attacker):
+    """Reading a whole dictionary's layout weighs its entries' bytes (one entry value of 1 000 000 ``[]`` took ~3.5 ms
+    of CPU), and it was charged one item per entry before that: a dictionary then refused for what decoding it costs
+    left its sender ~2 items poorer per 1 MB the receiver read, so a fresh peer could make it read ~10 000 of them
+    (~35 s of CPU) on one burst. Its bytes are now charged with its entries, at one item per 2 048 as a store
+    request's other bytes."""
+    victim, attacker = victim_and_attacker
+    victim.store_rate_limiter = PeerRateLimiter(clock=lambda: 0.0)  # no refill while the request is handled
+    dictionary = dictionary_with_raw_values([msgpack.packb(EMPTY_LISTS)], get_dht_time() + 600)
+    response = await DHTProtocol.get_stub(attacker, victim.p2p.peer_id).rpc_store(
+        store_request([dictionary] * 2, subkey=DHTProtocol.IS_DICTIONARY), timeout=60
+    )
+    assert list(response.store_ok) == [False, False] and victim.rejected["rate_limited"] == 2, victim.rejected
+    spent = DEFAULT_BURST_ITEMS - victim.store_rate_limiter.tokens(attacker.peer_id)
+    assert spent >= 2 * len(dictionary) / STORE_BYTES_PER_ITEM, f"{spent:.0f} items for reading 2 MB"

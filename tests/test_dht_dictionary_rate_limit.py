@@ -47,7 +47,7 @@ async def test_whole_dictionaries_are_charged_per_entry(protocol):
 
 @pytest.mark.timeout(60)
 async def test_a_peer_without_tokens_left_gets_no_dictionary_decoded(protocol, monkeypatch):
-    protocol.store_rate_limiter = PeerRateLimiter(burst=ENTRIES + 10, rate=1e-9)  # one dictionary and a few items
+    protocol.store_rate_limiter = PeerRateLimiter(burst=ENTRIES + 30, rate=1e-9)  # one dictionary (and its bytes)
     expiration = get_dht_time() + 600
     context = P2PContext("DHTProtocol.rpc_store", local_id=protocol.p2p.peer_id, remote_id=protocol.p2p.peer_id)
     first = await protocol.rpc_store(store_request([dictionary_bytes(ENTRIES, expiration)], expiration), context)

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, decode_cost, store_item_cost
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, STORE_BYTES_PER_ITEM, decode_cost, store_item_cost
 from hivemind.dht.replication import replication_batches
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
@@ -24,10 +24,12 @@ def test_replication_batches_stay_small_and_keep_every_item():
     assert [item for batch, _ in batches for item in batch] == items
     assert all(cost <= 4096 for _, cost in batches)
     # one item each, plus their bytes (see rate_limit.decode_cost); the dictionary one, and each entry what the
-    # receiver charges it, as a store item of its subkey and value
-    entries = sum(store_item_cost(MSGPackSerializer.dumps(index), b"x") for index in range(300))
+    # receiver charges it, as a store item of its subkey and value, or its bytes where they cost more (as here)
+    entries = sum(store_item_cost(MSGPackSerializer.dumps(index), b"x") - 1 for index in range(300))
+    read = len(MSGPackSerializer.dumps(dictionary)) / STORE_BYTES_PER_ITEM
+    assert read > entries
     assert sum(cost for _, cost in batches) == pytest.approx(
-        10000 * (1 + decode_cost(b"\xc0") + decode_cost(b"v")) + 1 + entries
+        10000 * (1 + decode_cost(b"\xc0") + decode_cost(b"v")) + 1 + 300 + read
     )
 
 

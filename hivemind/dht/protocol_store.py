@@ -2,7 +2,7 @@
 
 from typing import Any, List, Optional, Tuple
 
-from hivemind.dht.rate_limit import REENCODING_COST_FACTOR
+from hivemind.dht.rate_limit import REENCODING_COST_FACTOR, STORE_BYTES_PER_ITEM
 from hivemind.dht.request_checks import (
     IS_DICTIONARY,
     IS_REGULAR_VALUE,
@@ -117,19 +117,21 @@ class StoreHandling:
     ) -> bool:
         """
         Store a whole dictionary entry by entry; True only if it held entries and every one was stored. Charged to the
-        sender's store rate limit before each step: one item per entry it declares (then its layout is read), what
-        decoding its subkeys and values costs on top (then it is decoded), and encoding its subkeys again if
-        needed; in a request that borrowed, each may borrow down to ``loan_floor`` (see
-        PeerRateLimiter.allow_dictionary).
+        sender's store rate limit before each step: one item per entry it declares and one per STORE_BYTES_PER_ITEM
+        of its bytes (then its layout is read), what decoding its subkeys and values costs beyond those bytes (then
+        it is decoded), and encoding its subkeys again if needed; in a request that borrowed, each may borrow down to
+        ``loan_floor`` (see PeerRateLimiter.allow_dictionary).
         """
         limiter, declared = self.store_rate_limiter, dictionary_declared_entries(value)
-        if not limiter.allow_dictionary(sender, declared, loan_floor):
+        # its bytes too, as a request's other bytes: reading the layout weighs them (~3.5 ms per MB of [] in an entry)
+        read = len(value) / STORE_BYTES_PER_ITEM
+        if not limiter.allow_dictionary(sender, declared + read, loan_floor):
             return self._reject("rate_limited")
         layout = dictionary_layout(value)  # None: not laid out as a dictionary, so it would not decode either
         if layout is None:
             return self._reject("malformed_dictionary")
         spans, decoding_cost = layout
-        if not limiter.allow_dictionary(sender, decoding_cost, loan_floor):
+        if not limiter.allow_dictionary(sender, max(0.0, decoding_cost - read), loan_floor):
             return self._reject("rate_limited")
         decoded = self._decode_dictionary_entries(value, "a store request", spans)
         if decoded is None:

@@ -2,7 +2,7 @@
 
 from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
 
-from hivemind.dht.rate_limit import store_item_cost
+from hivemind.dht.rate_limit import STORE_BYTES_PER_ITEM, store_item_cost
 from hivemind.dht.request_checks import IS_REGULAR_VALUE, dictionary_layout
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
@@ -42,12 +42,13 @@ def replication_cost(item: ValueWithExpiration) -> float:
     """
     What storing one replicated item costs the receiver's store rate limit (see rate_limit.py and the receiver's
     store handling): one item, plus what decoding its value costs; for a whole dictionary, one per entry plus what
-    decoding its subkeys and entry values costs.
+    decoding its subkeys and entry values costs, or one per STORE_BYTES_PER_ITEM of its bytes if that is more.
     """
     if not isinstance(item.value, DictionaryDHTValue):
         return store_item_cost(IS_REGULAR_VALUE, item.value)
-    layout = dictionary_layout(MSGPackSerializer.dumps(item.value))
-    return 1 + len(item.value) + (0.0 if layout is None else layout[1])
+    encoded = MSGPackSerializer.dumps(item.value)
+    layout = dictionary_layout(encoded)
+    return 1 + len(item.value) + max(len(encoded) / STORE_BYTES_PER_ITEM, 0.0 if layout is None else layout[1])
 
 
 def replication_nbytes(item: ValueWithExpiration) -> int:
