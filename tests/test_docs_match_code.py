@@ -461,3 +461,22 @@ def test_readme_environment_variables_are_read():
     assert not not_read, f"the README documents variables that nothing reads: {not_read}"
     for ignored in ("HIVEMIND_MEMORY_SHARING_STRATEGY", "HIVEMIND_SHM_BUFFER_SIZE", "QUANTIZATION_THREADS"):
         assert ignored in table and f'"{ignored}"' not in source_text()
+
+
+def test_no_doc_example_or_message_suggests_a_top_level_alias_that_1_1_12_removed():
+    """hivemind.get_dht_time, hivemind.P2P, ... (aliases kept for 1.1.11 scripts) fail on 1.1.12: code meant for both
+    reaches them through their modules (hivemind.utils.get_dht_time), and so must what the docs and errors suggest."""
+    import hivemind
+
+    aliases = {name for module in hivemind._ALIAS_SOURCES for name in importlib.import_module(module).__all__}
+    aliases -= {"DHT", *hivemind._LAZY_EXPORTS, *hivemind._LAZY_SUBPACKAGES}
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "examples").rglob("*.py")]
+    texts += [path for path in (ROOT / "hivemind").rglob("*.py") if path != ROOT / "hivemind" / "__init__.py"]
+    found = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in texts
+        if path.name != "compatibility.md"  # (which says that they were removed)
+        for match in re.finditer(r"(?<![\w.])hivemind\.(\w+)", path.read_text())
+        if match.group(1) in aliases
+    ]
+    assert not found, found

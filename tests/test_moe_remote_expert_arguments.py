@@ -38,7 +38,7 @@ def test_create_remote_experts_with_uids_says_how_to_find_experts_by_uid(dht_and
 
 def test_a_dht_instead_of_a_p2p_is_refused(dht_and_p2p):
     dht, p2p = dht_and_p2p
-    with pytest.raises(TypeError, match=r"p2p must be a hivemind.P2P.*dht.replicate_p2p\(\)"):
+    with pytest.raises(TypeError, match=r"p2p must be a hivemind.p2p.P2P.*dht.replicate_p2p\(\)"):
         RemoteExpert(ExpertInfo("ffn.0", dht.peer_id), dht)
     assert RemoteExpert(ExpertInfo("ffn.0", dht.peer_id), p2p).uid == "ffn.0"
 

@@ -16,4 +16,4 @@ def test_store_with_a_duration_as_expiration_time_warns(hivemind_warnings):
     warnings = [message for message in hivemind_warnings if "expiration_time" in message]
     assert len(warnings) == 1, warnings
     assert "store('ux_key_2'): expiration_time=60 is long past" in warnings[0]
-    assert "hivemind.get_dht_time() + <seconds>" in warnings[0]
+    assert "hivemind.utils.get_dht_time() + <seconds>" in warnings[0]

@@ -349,7 +349,7 @@ class DHT(ShutdownOnExit, mp.Process):
         if isinstance(expiration_time, (int, float)) and expiration_time < get_dht_time() - DURATION_LIKE_AGE:
             logger.warning(  # e.g. expiration_time=60: nothing is stored (the record expired in 1970)
                 f"store({key!r}): expiration_time={expiration_time} is long past, so nothing will be stored; it is "
-                f"an absolute DHT time: pass hivemind.get_dht_time() + <seconds>"
+                f"an absolute DHT time: pass hivemind.utils.get_dht_time() + <seconds>"
             )
         return self._call("store", key, value, expiration_time, subkey, return_future=return_future, **kwargs)
 

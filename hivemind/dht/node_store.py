@@ -244,9 +244,9 @@ def _check_expiration_time(expiration: Any) -> None:
     if not is_number(expiration):
         raise TypeError(
             f"expiration_time must be an absolute DHT time in seconds, got {type(expiration).__name__}: "
-            f"{expiration!r}; pass e.g. hivemind.get_dht_time() + 60"
+            f"{expiration!r}; pass e.g. hivemind.utils.get_dht_time() + 60"
         )
     if math.isnan(expiration):
         raise ValueError(
-            "expiration_time must be an absolute DHT time, got NaN; pass e.g. hivemind.get_dht_time() + 60"
+            "expiration_time must be an absolute DHT time, got NaN; pass e.g. hivemind.utils.get_dht_time() + 60"
         )

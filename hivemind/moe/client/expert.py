@@ -58,7 +58,8 @@ class RemoteExpert(nn.Module):
             )
         check_peer_id(expert_info.peer_id)
         if not isinstance(p2p, P2P):
-            raise TypeError(f"p2p must be a hivemind.P2P (e.g. await dht.replicate_p2p()), got {type(p2p).__name__}")
+            what = type(p2p).__name__
+            raise TypeError(f"p2p must be a hivemind.p2p.P2P (e.g. await dht.replicate_p2p()), got {what}")
         super().__init__()
         self._location, self.p2p = expert_info, p2p
         self._stub = get_server_stub(p2p, expert_info.peer_id)
