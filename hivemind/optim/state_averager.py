@@ -16,7 +16,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.averaging.payload import decode_group_gathered
 from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import packed_copy
-from hivemind.compression import CompressionInfo, TensorRole
+from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH, state_round_epochs, state_round_weight
 from hivemind.optim.optimizer_options import SharedEpochSpread, check_state_averager_arguments
@@ -34,6 +34,8 @@ from hivemind.optim.state_loading import (
     load_first_accepted_state,
     load_state_without_statistics,
 )
+from hivemind.optim.state_lock import GradientHandover, refuse_to_wait_under_the_lock, work_waiting_for_the_lock
+from hivemind.optim.state_tensors import TrainingStateTensors
 from hivemind.utils.logging import get_logger
 from hivemind.utils.performance_ema import PerformanceEMA
 
@@ -55,7 +57,7 @@ Parameters = Iterable[torch.Tensor]
 ParamGroups = Iterable[Dict[str, Any]]
 
 
-class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
+class TrainingStateAverager(StateAveragerPublicNames, TrainingStateTensors, DecentralizedAverager):
     """
     Holds the training state of one peer (parameters, optimizer statistics, extra tensors, epoch), runs the inner
     optimizer, averages that state with peers and serves it to newcomers. The state sent on download is
@@ -145,6 +147,7 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}.background")
         self._pending_step: Optional[Future] = None
         self._pending_averaging: Optional[Future] = None
+        self._round_state_read: Optional[threading.Event] = None  # of the background round: set once it read it
         self._state_ready = threading.Event()  # clear while local_epoch is ahead of the parameters: see move_to_epoch
         self._state_ready.set()
         self._round_control: Optional[StepControl] = None  # of the latest averaging round (to cancel on shutdown)
@@ -157,8 +160,8 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
     # lambdas), the lock and thread that apply steps. A spawned averager process is sent the rest (see __getstate__)
     _USER_PROCESS_ONLY = (
         "main_parameters", "optimizer", "_optimizer_parameters", "scheduler", "extra_tensors", "_state_lock",
-        "_executor", "_pending_step", "_pending_averaging", "delay_before_averaging", "_state_ready",
-        "scheduler_start",
+        "_executor", "_pending_step", "_pending_averaging", "_round_state_read", "delay_before_averaging",
+        "_state_ready", "scheduler_start",
     )  # fmt: skip
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -168,55 +171,6 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         for name in self._USER_PROCESS_ONLY:
             state.pop(name, None)
         return state
-
-    # ------------------------------------------------------------------ tensors
-
-    @staticmethod
-    def _make_offloaded_copy(param: torch.Tensor) -> torch.Tensor:
-        return torch.nn.Parameter(param.detach().to("cpu", copy=True), requires_grad=param.requires_grad)
-
-    def _optimizer_statistics(self) -> List[torch.Tensor]:
-        statistics = []
-        for name in self.average_opt_statistics:
-            for param in self._optimizer_parameters:
-                value = self.optimizer.state.get(param, {}).get(name)
-                if not isinstance(value, torch.Tensor):
-                    raise ValueError(f"the optimizer has no tensor statistic {name!r} for every parameter")
-                statistics.append(value)
-        return statistics
-
-    def _averaging_sources(self) -> List[torch.Tensor]:
-        """The live tensors averaged with peers, in the original library's order (peers of both average together):
-        optimizer parameters, chosen statistics (statistic by statistic, each for every parameter), extra tensors."""
-        return [*self._optimizer_parameters, *self._optimizer_statistics(), *self.extra_tensors]
-
-    def _tensor_infos(self, sources: Sequence[torch.Tensor]) -> List[CompressionInfo]:
-        """As the original library's: parameter ``i`` has key ``i``, a statistic ``(i, name)``, extra tensor ``j``
-        key ``j`` (the keys of a PerTensorCompression), with roles PARAMETER, OPTIMIZER, UNSPECIFIED."""
-        num_params = len(self._optimizer_parameters)
-        keys = [(index, TensorRole.PARAMETER) for index in range(num_params)]
-        statistics = [(index, name) for name in self.average_opt_statistics for index in range(num_params)]
-        keys += [(key, TensorRole.OPTIMIZER) for key in statistics]
-        keys += [(index, TensorRole.UNSPECIFIED) for index in range(len(self.extra_tensors))]
-        return [CompressionInfo.from_tensor(tensor, key=key, role=role) for tensor, (key, role) in zip(sources, keys)]
-
-    @torch.no_grad()
-    def _copy_optimizer_parameters_to_model(self) -> None:
-        if self.offload_optimizer:
-            for main, offloaded in zip(self.main_parameters, self._optimizer_parameters):
-                main.copy_(offloaded, non_blocking=True)
-
-    @torch.no_grad()
-    def _load_gradients_into_optimizer(self) -> None:
-        if not self.offload_optimizer or self.custom_gradients:
-            return
-        for main, offloaded in zip(self.main_parameters, self._optimizer_parameters):
-            if main.grad is None:
-                offloaded.grad = None
-            elif offloaded.grad is None:
-                offloaded.grad = main.grad.detach().to("cpu", copy=True)
-            else:
-                offloaded.grad.copy_(main.grad, non_blocking=True)
 
     # ------------------------------------------------------------------ the step
 
@@ -235,6 +189,7 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
     def wait_for_background_step(self) -> None:
         """Wait until a delayed optimizer step (if any) has finished; its result is applied at the next step()."""
         pending = self._pending_step
+        refuse_to_wait_under_the_lock(work_waiting_for_the_lock(self._state_lock, pending, None, None), "this call")
         if pending is not None:
             pending.exception()
 
@@ -276,7 +231,10 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         """
         Perform, in this order: wait for background work (default: if anything new is requested), apply finished
         background results to the model, bump the epoch, run the optimizer (maybe in the background), zero the
-        gradients, bring the scheduler to the epoch, run an averaging round (maybe in the background).
+        gradients, bring the scheduler to the epoch, run an averaging round (maybe in the background). An optimizer
+        step run here or a zero_grad waits for an unfinished delayed step even without wait_for_delayed_updates; a
+        delayed step queued behind another gets a copy of its gradients. Waiting under lock_optimizer for work that
+        needs it raises RuntimeError (see docs/optimizer.md).
         """
         started = time.perf_counter()  # an averaging round's delay_before_averaging is measured from here
         if delay_averaging is None:
@@ -288,11 +246,10 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         if wait_for_delayed_updates is None:
             wait_for_delayed_updates = optimizer_step or zero_grad or averaging_round
         if wait_for_delayed_updates:
-            if self._pending_step is not None and not self._pending_step.done() and self._state_lock._is_owned():
-                raise RuntimeError(  # (the background step takes lock_optimizer: waiting for it would never end)
-                    "step() would wait for the background optimizer step while this thread holds lock_optimizer, "
-                    "which that step needs: release the lock before step(), or pass wait_for_delayed_updates=False"
-                )
+            waiting_for = work_waiting_for_the_lock(
+                self._state_lock, self._pending_step, self._pending_averaging, self._round_state_read
+            )
+            refuse_to_wait_under_the_lock(waiting_for, "step()")
             for pending in (self._pending_step, self._pending_averaging):
                 if pending is not None:
                     pending.exception()  # wait; failures are reported when applied
@@ -301,14 +258,22 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         if increment_epoch:
             self.local_epoch += 1
 
+        if (optimizer_step and not delay_optimizer_step) or (zero_grad and not optimizer_step):
+            self.wait_for_background_step()  # (even if told not to wait: the steps run in order, on their gradients)
         if optimizer_step:
-            self._load_gradients_into_optimizer()
+            earlier, handover = self._pending_step, None
+            if earlier is not None and not earlier.done() and self.offload_optimizer and not self.custom_gradients:
+                handover = GradientHandover(self.main_parameters)  # (the earlier step reads the gradient buffers)
+            else:
+                self._load_gradients_into_optimizer()
             if zero_grad and self.offload_optimizer:
                 self.zero_model_grads(set_to_none)
             if delay_optimizer_step:
                 self._pending_step = self._executor.submit(
-                    self._run_optimizer_step, grad_scaler, zero_grad, set_to_none
+                    self._run_optimizer_step, grad_scaler, zero_grad, set_to_none, handover
                 )
+                if earlier is not None:  # (replaced before it was applied: its failure is still reported)
+                    earlier.add_done_callback(_log_failed_step)
             else:
                 self._run_optimizer_step(grad_scaler, zero_grad, set_to_none)
                 self._copy_optimizer_parameters_to_model()
@@ -322,8 +287,9 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         if averaging_round:
             opts = dict(averaging_opts or {})
             if delay_averaging:
+                self._round_state_read = state_read = threading.Event()
                 self._pending_averaging = self._executor.submit(
-                    self._run_averaging_round, averaging_control, wait_for_trigger, opts, started
+                    self._run_averaging_round, averaging_control, wait_for_trigger, opts, started, False, state_read
                 )
             else:
                 # a delayed step may land while this round runs: apply the round as a delta, keeping that step
@@ -339,17 +305,14 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         elif averaging_control is not None:
             averaging_control.cancel()
 
-    def zero_model_grads(self, set_to_none: bool) -> None:
-        """Clear the gradients of the model's parameters (``main_parameters``)."""
-        for param in self.main_parameters:
-            if param.grad is not None:
-                if set_to_none:
-                    param.grad = None
-                else:
-                    param.grad.detach_().zero_()
-
-    def _run_optimizer_step(self, grad_scaler: Optional[Any], zero_grad: bool, set_to_none: bool) -> None:
+    def _run_optimizer_step(
+        self, grad_scaler: Optional[Any], zero_grad: bool, set_to_none: bool,
+        handover: Optional[GradientHandover] = None,
+    ) -> None:
         try:
+            with self._state_lock:
+                if handover is not None:
+                    handover.load_into(self._optimizer_parameters)
             with self._state_lock, frozen_gradients_hidden(self.main_parameters, self._optimizer_parameters):
                 if grad_scaler is not None:
                     with grad_scaler.running_global_step():
@@ -369,7 +332,7 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
 
     def _run_averaging_round(
         self, control: Optional[StepControl], wait_for_trigger: Optional[Callable[[], Any]], opts: Dict[str, Any],
-        started: float, keep_values_sent: bool = False,
+        started: float, keep_values_sent: bool = False, state_read: Optional[threading.Event] = None,
     ) -> Tuple[Dict[Any, Any], List[torch.Tensor], int]:
         """
         Send the current state to the averager and run one round; returns (gathered, values sent, epoch sent). The
@@ -382,6 +345,8 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
             for buffer, source in zip(averaged, self._averaging_sources()):
                 buffer.copy_(source, non_blocking=True)
                 sent.append(buffer.clone() if keep_values_sent else None)
+            if state_read is not None:
+                state_read.set()  # (under the lock: a step under lock_optimizer may now wait for this round)
         if wait_for_trigger is not None:
             wait_for_trigger()
         if control is None:
@@ -461,6 +426,8 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
     # ------------------------------------------------------------------ state sharing
 
     def get_current_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor], List[CompressionInfo]]:
+        if not self._state_ready.is_set() and self._state_lock._is_owned():  # (no step can end while it is held)
+            refuse_to_wait_under_the_lock("the optimizer step that ends the epoch", "get_current_state()")
         if not self._state_ready.wait(STATE_READY_TIMEOUT):
             raise TimeoutError(
                 f"the optimizer step that ends epoch {self.local_epoch - 1} is still running after "
@@ -480,6 +447,10 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
         tensors, epoch). A state that does not fit (other shapes, optimizer or options), or whose epoch is behind the
         local one, is refused with a warning and nothing changes. Returns (metadata, tensors), or None.
         """
+        if self._state_lock._is_owned() and type(self).get_current_state is TrainingStateAverager.get_current_state:
+            # (the download checks donors against this peer's own state, read by another thread under the lock)
+            refuse_to_wait_under_the_lock("reading this peer's own state, which downloads are checked against,",
+                                          "load_state_from_peers()")  # fmt: skip
         if not self.optimizer.state:  # (initialize_optimizer=False): donors may share statistics or none
             num_local = len(self._optimizer_parameters) + len(self.extra_tensors)
             return load_state_without_statistics(
@@ -497,3 +468,8 @@ class TrainingStateAverager(StateAveragerPublicNames, DecentralizedAverager):
             if pending is not None:
                 pending.cancel()
         super().shutdown()
+
+
+def _log_failed_step(step: Future) -> None:
+    if not step.cancelled() and step.exception() is not None:
+        logger.error(f"The background optimizer step failed: {step.exception()!r}")

@@ -19,8 +19,9 @@ class StateAveragerPublicNames:
     @property
     def lock_optimizer(self) -> threading.RLock:
         """Held while the optimizer steps and while the state is read for a round or a download: hold it to change
-        the optimizer or the parameters without racing a background step (re-entrant here). A ``step()`` that would
-        wait for an unfinished background step while this thread holds it raises RuntimeError instead of hanging."""
+        the optimizer or the parameters without racing a background step (re-entrant here). A call that would wait
+        for background work needing it (an unfinished delayed step, a queued round that has not read the state yet)
+        while this thread holds it raises RuntimeError instead of hanging: see docs/optimizer.md."""
         return self._state_lock
 
     @property

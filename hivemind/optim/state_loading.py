@@ -18,6 +18,7 @@ from hivemind.optim.optimizer_state import (
     load_optimizer_state,
 )
 from hivemind.optim.scheduler_sync import scheduler_learning_rates_kept
+from hivemind.optim.state_lock import LockOptimizerHeldError
 from hivemind.utils.logging import get_logger
 
 __all__ = [
@@ -134,7 +135,7 @@ def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, *
     ``state_averager.load_state_from_peers(**kwargs)`` until it returns (None: nobody shared a usable state), retried
     after an error until ``deadline`` (``time.monotonic()`` seconds); each attempt gets the time left, at most
     ``kwargs["timeout"]`` if given. An error on the last attempt is logged and gives None; ChannelClosedError (the
-    averager's process is gone) is raised at once.
+    averager's process is gone) and LockOptimizerHeldError (the caller holds lock_optimizer) are raised at once.
     """
     user_timeout = kwargs.pop("timeout", None)
     while True:
@@ -142,7 +143,7 @@ def load_state_with_retries(state_averager: Any, deadline: float, run_id: str, *
         timeout = remaining if user_timeout is None else min(user_timeout, remaining)
         try:
             return state_averager.load_state_from_peers(timeout=max(timeout, 0.0), **kwargs)
-        except ChannelClosedError:  # the averager's process is gone: no attempt can succeed, and it says why
+        except (ChannelClosedError, LockOptimizerHeldError):  # (no attempt can succeed, and it says why)
             raise
         except Exception as e:
             if time.monotonic() + LOAD_STATE_RETRY_DELAY >= deadline:
