@@ -1,19 +1,21 @@
-"""hivemind.moe: decentralized mixture-of-experts (remote experts found through the DHT, and their servers)."""
+"""hivemind.moe: decentralized mixture-of-experts (remote experts found through the DHT, and their servers).
 
-from hivemind.moe.client import RemoteExpert, RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
-from hivemind.moe.server.dht_handler import declare_experts, get_experts
-from hivemind.moe.server.layers.custom_experts import register_expert_class
-from hivemind.moe.server.module_backend import ModuleBackend
-from hivemind.moe.server.server import Server, background_server
+The names below are imported on first use: the DHT process imports this package (to run the beam search and the
+declarations of experts) and stays free of torch.
+"""
 
-__all__ = [
-    "RemoteExpert",
-    "RemoteMixtureOfExperts",
-    "RemoteSwitchMixtureOfExperts",
-    "Server",
-    "ModuleBackend",
-    "background_server",
-    "declare_experts",
-    "get_experts",
-    "register_expert_class",
-]
+from hivemind.utils.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "RemoteExpert": "hivemind.moe.client.expert",
+    "RemoteMixtureOfExperts": "hivemind.moe.client.moe",
+    "RemoteSwitchMixtureOfExperts": "hivemind.moe.client.switch_moe",
+    "Server": "hivemind.moe.server.server",
+    "ModuleBackend": "hivemind.moe.server.module_backend",
+    "background_server": "hivemind.moe.server.server",
+    "declare_experts": "hivemind.moe.server.dht_handler",
+    "get_experts": "hivemind.moe.server.dht_handler",
+    "register_expert_class": "hivemind.moe.server.layers.custom_experts",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

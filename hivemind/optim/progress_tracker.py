@@ -14,7 +14,7 @@ from typing import AbstractSet, Any, Dict, List, Optional
 from pydantic import v1 as pydantic_v1
 
 from hivemind.dht import DHT
-from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.dht.schema import RSASignatureValidator, SchemaValidator
 from hivemind.optim.epoch_rule import (
     MAX_EPOCH,
     GlobalTrainingProgress,
@@ -25,6 +25,7 @@ from hivemind.optim.epoch_rule import (
     next_epoch,
     summarize_swarm,
 )
+from hivemind.optim.progress_schema import LocalTrainingProgress, TrainingProgressSchema
 from hivemind.optim.progress_tracker_compat import ProgressTrackerPublicNames, StopRequest
 from hivemind.utils.asyncio import await_with_timeout
 from hivemind.utils.crypto import RSAPrivateKey
@@ -40,23 +41,6 @@ logger = get_logger(__name__)
 FLUSH_TIMEOUT = 5.0
 DHT_CALL_TIMEOUT = 30.0  # seconds: one store or get of progress records; the DHT itself bounds each RPC much tighter
 FORCED_REFRESH_PERIOD = 30.0  # seconds: republish an unchanged record this often so that it never expires
-
-
-class LocalTrainingProgress(pydantic_v1.BaseModel):
-    """One peer's progress, as published under ``<prefix>_progress`` (fields in their order on the wire)."""
-
-    peer_id: pydantic_v1.StrictBytes
-    epoch: pydantic_v1.conint(ge=0, strict=True)
-    samples_accumulated: pydantic_v1.conint(ge=0, strict=True)
-    samples_per_second: pydantic_v1.confloat(ge=0.0, strict=True)
-    time: pydantic_v1.StrictFloat
-    client_mode: pydantic_v1.StrictBool
-
-
-class TrainingProgressSchema(pydantic_v1.BaseModel):
-    """DHT schema: each peer writes its own record under a subkey carrying its public key (so it must sign it)."""
-
-    progress: Dict[BytesWithPublicKey, Optional[LocalTrainingProgress]]
 
 
 class _RefreshSetting:

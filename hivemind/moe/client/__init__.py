@@ -1,17 +1,19 @@
-"""The client side of mixture-of-experts: remote experts, mixture layers and the beam search that finds experts."""
+"""The client side of mixture-of-experts: remote experts, mixture layers and the beam search that finds experts.
 
-from hivemind.moe.client.beam_search import MoEBeamSearcher
-from hivemind.moe.client.expert import RemoteExpert, batch_create_remote_experts, create_remote_experts
-from hivemind.moe.client.moe import RemoteMixtureOfExperts
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from hivemind.moe.client.switch_moe import RemoteSwitchMixtureOfExperts
+The names below are imported on first use (the DHT process imports this package to run the beam search, without
+torch); the beam search that runs there is hivemind.moe.client.beam_search_dht.
+"""
 
-__all__ = [
-    "MoEBeamSearcher",
-    "RemoteExpert",
-    "RemoteExpertWorker",
-    "RemoteMixtureOfExperts",
-    "RemoteSwitchMixtureOfExperts",
-    "create_remote_experts",
-    "batch_create_remote_experts",
-]
+from hivemind.utils.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "MoEBeamSearcher": "hivemind.moe.client.beam_search",
+    "RemoteExpert": "hivemind.moe.client.expert",
+    "RemoteExpertWorker": "hivemind.moe.client.remote_expert_worker",
+    "RemoteMixtureOfExperts": "hivemind.moe.client.moe",
+    "RemoteSwitchMixtureOfExperts": "hivemind.moe.client.switch_moe",
+    "create_remote_experts": "hivemind.moe.client.expert",
+    "batch_create_remote_experts": "hivemind.moe.client.expert",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

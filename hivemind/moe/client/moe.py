@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from hivemind.dht import DHT
 from hivemind.moe.client.beam_search import MoEBeamSearcher
+from hivemind.moe.client.beam_search_dht import count_other_peers  # (runs in the DHT process, without torch)
 from hivemind.moe.client.call_many import CallOptions, RemoteCallMany, check_inputs_fit_schema, refusals_hint
 from hivemind.moe.client.expert import DUMMY, RemoteExpert
 from hivemind.moe.client.expert_rpc import parse_expert_info, shorten
@@ -330,7 +331,7 @@ class RemoteMixtureOfExperts(nn.Module):
         """Beam search found no alive expert: say whether this DHT is connected to any other peer at all."""
         message = f"No responding experts found in the DHT for {self.uid_prefix} (grid {self.grid_size})"
         try:
-            other_peers = self.dht.run_coroutine(_count_other_peers, return_future=True).result(timeout=10)
+            other_peers = self.dht.run_coroutine(count_other_peers, return_future=True).result(timeout=10)
         except Exception:  # the DHT process is gone or busy: the generic hint below still holds
             other_peers = None
         if other_peers == 0:
@@ -355,11 +356,6 @@ class RemoteMixtureOfExperts(nn.Module):
                 raise self._no_experts_error()
             self._get_info([chosen], deadline)
         return self._expert_info
-
-
-async def _count_other_peers(_dht: DHT, node) -> int:
-    """Runs in the DHT process: how many other DHT peers its routing table holds."""
-    return len(node.protocol.routing_table)
 
 
 # while experts are penalized, beam search looks for up to this many more experts per sample than k_best (one per

@@ -32,6 +32,7 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tupl
 import torch
 
 from hivemind.dht import DHT
+from hivemind.moe.server.dht_declarations import daemon_listen_maddr as _daemon_listen_maddr
 from hivemind.moe.server.expert_requests import (
     STREAM_CHUNK_SIZE_BYTES,
     ExpertRequestError,
@@ -78,11 +79,6 @@ STREAM_STALL_TIMEOUT = FRAME_STALL_TIMEOUT + MAX_STREAM_MESSAGE_BYTES / MIN_FRAM
 DEFAULT_BYTES_IN_FLIGHT = 2 * 1024**3
 DEFAULT_BYTES_IN_FLIGHT_PER_PEER = 256 * 1024**2
 DROPPED_STREAM_LOG_INTERVAL = 10.0  # seconds between INFO lines about incomplete streams (the others go to DEBUG)
-
-
-async def _daemon_listen_maddr(_dht: DHT, node) -> str:
-    """Runs inside the DHT process: the control address of its p2pd."""
-    return str(node.p2p.daemon_listen_maddr)
 
 
 class ConnectionHandler(mp.Process, ServicerBase):

@@ -1,27 +1,28 @@
-"""Announcing hosted experts in the DHT (declare_experts, DHTHandlerThread) and looking them up (get_experts)."""
+"""Announcing hosted experts in the DHT (declare_experts, DHTHandlerThread) and looking them up (get_experts).
+
+What runs in the DHT process for them is in hivemind.moe.server.dht_declarations, which does not import torch.
+"""
 
 from __future__ import annotations
 
 import threading
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
-from hivemind.dht import DHT, DHTNode
+from hivemind.dht import DHT
 from hivemind.moe.client.expert import RemoteExpert, create_remote_experts
-from hivemind.moe.expert_uid import (
-    FLAT_EXPERT,
-    UID_DELIMITER,
-    ExpertInfo,
-    ExpertUID,
-    is_valid_uid,
-    parse_peer_id,
-    split_uid,
+from hivemind.moe.expert_uid import ExpertUID, is_valid_uid
+from hivemind.moe.server.dht_declarations import (  # (they run in the DHT process: that module is free of torch)
+    _find_declared_peers,
+    _store_declarations,
+    declaration_entries,
+    parse_declared_peer,
 )
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
-__all__ = ["declare_experts", "get_experts", "DHTHandlerThread", "declaration_entries"]
+__all__ = ["declare_experts", "get_experts", "DHTHandlerThread", "declaration_entries", "parse_declared_peer"]
 
 logger = get_logger(__name__)
 
@@ -75,26 +76,6 @@ def _warn_if_refused(stored: Dict, update_period: float) -> None:
         )
 
 
-def declaration_entries(
-    uids: Sequence[ExpertUID], peer_id: str
-) -> Tuple[List[str], List[object], List[Optional[int]]]:
-    """The (keys, values, subkeys) that announce ``uids`` hosted at ``peer_id`` (base58).
-
-    For ``ffn.1.2.3``: ``ffn.1.2.3`` -> peer id; ``ffn.1.2.`` [3], ``ffn.1.`` [2] -> (uid, peer id). A 1-D uid
-    ``ffn.5`` is also stored at ``ffn.5.`` under the FLAT_EXPERT subkey. The bare type prefix ``ffn.`` never is.
-    """
-    keys, values, subkeys = [], [], []
-    for uid in uids:
-        keys.append(uid), values.append(peer_id), subkeys.append(None)
-        prefix, coordinate = split_uid(uid)
-        if UID_DELIMITER not in prefix[:-1]:  # a 1-D uid: `ffn.5` also at `ffn.5.` under FLAT_EXPERT
-            keys.append(uid + UID_DELIMITER), values.append((uid, peer_id)), subkeys.append(FLAT_EXPERT)
-        while UID_DELIMITER in prefix[:-1]:  # every proper prefix with at least one coordinate
-            keys.append(prefix), values.append((uid, peer_id)), subkeys.append(coordinate)
-            prefix, coordinate = split_uid(prefix)
-    return keys, values, subkeys
-
-
 def declare_experts(
     dht: DHT, uids: Sequence[ExpertUID], expiration_time: float, wait: bool = True
 ) -> Union[Dict, MPFuture]:
@@ -111,11 +92,6 @@ def declare_experts(
     )
 
 
-async def _store_declarations(_dht: DHT, node: DHTNode, uids: List[ExpertUID], expires_at: float) -> Dict:
-    keys, values, subkeys = declaration_entries(uids, node.peer_id.to_base58())
-    return await node.store_many(keys, values, expires_at, subkeys=subkeys, num_workers=node.num_workers)
-
-
 def get_experts(
     dht: DHT, uids: Sequence[ExpertUID], expiration_time: Optional[DHTExpiration] = None, return_future: bool = False
 ) -> Union[List[Optional[RemoteExpert]], MPFuture]:
@@ -128,21 +104,3 @@ def get_experts(
         partial(_find_declared_peers, uids=list(uids), valid_until=expiration_time), return_future=return_future
     )
     return create_remote_experts(infos, dht, return_future=return_future)
-
-
-async def _find_declared_peers(
-    _dht: DHT, node: DHTNode, uids: List[ExpertUID], valid_until: Optional[float]
-) -> List[Optional[ExpertInfo]]:
-    found = await node.get_many(uids, valid_until, num_workers=node.num_workers)
-    return [parse_declared_peer(uid, found[uid]) for uid in uids]
-
-
-def parse_declared_peer(uid: ExpertUID, entry) -> Optional[ExpertInfo]:
-    """ExpertInfo from the regular value stored under ``uid``, or None if absent or not a peer id string."""
-    if entry is None:
-        return None
-    peer_id = parse_peer_id(entry.value)
-    if peer_id is None:
-        logger.debug(f"Ignored an announcement of {uid!r} whose value is not a libp2p peer id")
-        return None
-    return ExpertInfo(uid, peer_id)
