@@ -6,17 +6,19 @@ ints take ~3 s. A value's top-level tuple is now charged what it costs, and a fr
 cheapest such items still costs the receiver a fraction of a second of CPU (time.process_time).
 """
 
-import gc
-from typing import Dict, List, Tuple
-
 import pytest
-from dht_flood_helpers import store_request, timed_store, victim_and_attacker
+from dht_flood_helpers import (
+    INT_ENTRIES,
+    burst_of_values,
+    encoded_dictionaries,
+    fresh_peers_bursts,
+    victim_and_attacker,
+)
 from dht_swarm import launch_swarm, shutdown_all
 
 from hivemind.dht.protocol import DHTProtocol
-from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, DEFAULT_ITEMS_PER_SECOND, PeerRateLimiter, store_item_cost
+from hivemind.dht.rate_limit import DEFAULT_BURST_ITEMS, DEFAULT_ITEMS_PER_SECOND, store_item_cost
 from hivemind.dht.routing import DHTID
-from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.dht.store_fanout import SendPacer
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
@@ -47,78 +49,14 @@ async def test_store_many_of_small_tuple_values_is_not_paced_much_slower_than_in
         await shutdown_all(nodes)
 
 
-class StoppedClock:
-    """The victim's rate-limit clock: it moves only when told. Tokens refill at 2 000 items per second, so with the
-    real clock a burst that a loaded machine handled slowly was refilled while it was handled and stored a dictionary
-    more than a fresh peer's allowance holds (4 of 4 dictionaries of 5 000 tuple-subkey entries, charged for 3: 5.9 s
-    of wall time for 0.56 s of CPU, 2 CPU-heavy processes beside; int entries' reference burst of 4 x 5 000 was
-    stored whole only when refilled so)."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(name="victim_and_attacker")
 async def victim_and_attacker_fixture(p2p_factory):
-    victim, attacker = await victim_and_attacker(p2p_factory)
-    victim.store_rate_limiter = PeerRateLimiter(clock=StoppedClock())
+    victim, attacker = await victim_and_attacker(p2p_factory, stopped_clock=True)
     yield victim, attacker
     await victim.shutdown()
 
 
-async def fresh_peers_bursts(
-    victim, attacker, bursts: Dict[str, List[bytes]], subkey: bytes = DHTProtocol.IS_DICTIONARY, rounds: int = 3
-):
-    """Each burst of values (whole dictionaries by default) sent ``rounds`` times in turn, each time with a whole
-    allowance (a fresh peer's) to an emptied storage: the least CPU time each took (timed_store) and what it stored.
-    One run of the same burst took up to 2x the least when other processes shared the 2 cores (CPU time grows with
-    contention, e.g. 0.18-0.35 s for 0.18 s of work), so bursts are compared with a burst of ints measured alike, in
-    turn, and not with a bound in seconds."""
-    stub, least, stored = DHTProtocol.get_stub(attacker, victim.p2p.peer_id), {}, {}
-    for _ in range(rounds):
-        for name, values in bursts.items():
-            victim.storage.clear()
-            gc.collect()  # each run starts with the collector's counts at zero (see conftest.frozen_heap)
-            victim.store_rate_limiter.clock.now += 3600.0  # the allowance is whole again
-            spent, response = await timed_store(stub, store_request(values, subkey=subkey))
-            least[name] = min(spent, least.get(name, spent))
-            stored.setdefault(name, set()).add(tuple(response.store_ok))
-    assert all(len(outcomes) == 1 for outcomes in stored.values()), stored
-    return least, {name: list(outcomes.pop()) for name, outcomes in stored.items()}
-
-
-def encoded_dictionaries(entry, num_entries: int, num_dictionaries: int) -> List[bytes]:
-    """``num_dictionaries`` whole dictionaries of ``num_entries`` entries each, ``entry(index)`` -> (subkey, value)."""
-    expiration, dictionaries = get_dht_time() + 600, []
-    for first in range(0, num_entries * num_dictionaries, num_entries):
-        dictionary = DictionaryDHTValue()
-        for index in range(first, first + num_entries):
-            subkey, value = entry(index)
-            dictionary.store(subkey, MSGPackSerializer.dumps(value), expiration)
-        dictionaries.append(MSGPackSerializer.dumps(dictionary))
-    return dictionaries
-
-
-# the reference: a fresh peer's burst of int entries, ~1.003 items each (and one per dictionary): 4 x 4 900 fit its
-# allowance of 20 000, all stored (0.26-0.34 s of CPU when measured alone)
-INT_ENTRIES: Tuple = (lambda index: (index, index + 1), 4900, 4)
-
-
 SMALL_TUPLES = {"empty": lambda index: (), "one int": lambda index: (index,), "two ints": lambda index: (index, 1)}
-
-
-def burst_of_values(make_value) -> List[bytes]:
-    """As many values ``make_value(0)``, ``make_value(1)``... as fit in a fresh peer's allowance."""
-    values, cost = [], 0.0
-    while True:
-        value = MSGPackSerializer.dumps(make_value(len(values)))
-        cost += store_item_cost(DHTProtocol.IS_REGULAR_VALUE, value)
-        if cost > DEFAULT_BURST_ITEMS - 1:
-            return values
-        values.append(value)
 
 
 @pytest.mark.timeout(120)
