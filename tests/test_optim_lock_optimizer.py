@@ -2,6 +2,7 @@
 lock while the caller holds it raises RuntimeError instead of hanging; steps requested while an earlier delayed step
 is queued run in order, each on its own gradients (see docs/optimizer.md)."""
 
+import gc
 import threading
 import time
 
@@ -10,6 +11,7 @@ import torch
 from optim_swarm_helpers import dht_pair
 
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.optim.state_lock import GradientHandover
 
 __all__ = ["dht_pair"]  # the fixture, used below
 
@@ -198,3 +200,29 @@ def test_load_state_from_peers_under_the_lock_raises_at_once_and_downloads_once_
     finally:
         newcomer.shutdown()
         donor.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_several_steps_queued_without_waiting_each_use_their_own_gradients_and_free_their_copies(dht_pair):
+    # each step queued behind an unfinished one holds a CPU copy of the model's gradients until it runs (one copy per
+    # queued step, not one in all: see docs/optimizer.md); once they have run, no copy is left
+    model, averager = sgd_averager(dht_pair[0], "lock_several_queued")
+    release = threading.Event()
+    try:
+        averager.submit_background(release.wait, 30)  # the steps stay queued until this is released
+        for value in (1.0, 10.0, 100.0):
+            set_gradients(model, value)
+            averager.step(optimizer_step=True, delay_optimizer_step=True, wait_for_delayed_updates=False)
+        assert len(live_handovers()) == 2  # (the first step loaded the buffers: no step before it reads them)
+        release.set()
+        averager.step(wait_for_delayed_updates=True)
+        assert torch.allclose(model.weight, torch.full_like(model.weight, -0.1 * 111.0))
+        assert live_handovers() == []
+    finally:
+        release.set()
+        averager.shutdown()
+
+
+def live_handovers():
+    gc.collect()
+    return [item for item in gc.get_objects() if isinstance(item, GradientHandover)]

@@ -311,18 +311,18 @@ class TrainingStateAverager(StateAveragerPublicNames, TrainingStateTensors, Dece
     ) -> None:
         try:
             with self._state_lock:
-                if handover is not None:
+                if handover is not None:  # (loaded under the same hold as the step: nothing comes in between)
                     handover.load_into(self._optimizer_parameters)
-            with self._state_lock, frozen_gradients_hidden(self.main_parameters, self._optimizer_parameters):
-                if grad_scaler is not None:
-                    with grad_scaler.running_global_step():
-                        grad_scaler.unscale_(self.optimizer)
-                        grad_scaler.step(self.optimizer)
-                else:
-                    self.optimizer.step()
-                if zero_grad:
-                    self.optimizer.zero_grad(set_to_none=set_to_none)
-                self._update_scheduler()  # (only now: the step used the learning rate of the epoch it ends)
+                with frozen_gradients_hidden(self.main_parameters, self._optimizer_parameters):
+                    if grad_scaler is not None:
+                        with grad_scaler.running_global_step():
+                            grad_scaler.unscale_(self.optimizer)
+                            grad_scaler.step(self.optimizer)
+                    else:
+                        self.optimizer.step()
+                    if zero_grad:
+                        self.optimizer.zero_grad(set_to_none=set_to_none)
+                    self._update_scheduler()  # (only now: the step used the learning rate of the epoch it ends)
         finally:
             self._state_ready.set()  # (a failed step leaves the parameters as they are: serve them)
 
