@@ -5,9 +5,8 @@ reached utilities, compression codecs and p2p classes through the top level (``h
 ``hivemind.P2P``, ``hivemind.Float16Compression``, ...), those names still resolve, lazily, on first access.
 """
 
-import importlib
-
 from hivemind.dht import DHT
+from hivemind.utils.lazy_exports import import_lazily as _import_lazily
 
 __version__ = "1.2.0.dev0"
 
@@ -35,14 +34,14 @@ _ALIAS_SOURCES = ("hivemind.utils", "hivemind.p2p", "hivemind.compression")
 
 def __getattr__(name: str):
     if name in _LAZY_EXPORTS:
-        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        value = getattr(_import_lazily(_LAZY_EXPORTS[name]), name)
         globals()[name] = value
         return value
     if name in _LAZY_SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _import_lazily(f"{__name__}.{name}")
     if not name.startswith("_"):
         for module_name in _ALIAS_SOURCES:
-            module = importlib.import_module(module_name)
+            module = _import_lazily(module_name)
             if name in getattr(module, "__all__", ()):
                 value = getattr(module, name)
                 globals()[name] = value

@@ -3,15 +3,31 @@
 The DHT process imports the modules of the coroutines and record schemas that mixtures, expert servers and optimizers
 send it, and so the ``__init__`` of every package above them: those packages export their torch-based classes lazily,
 and the DHT process never imports torch (see docs/moe.md). ``from package import Name``, ``package.Name``,
-``package.submodule`` and ``from package import *`` behave as with eager imports.
+``package.submodule``, ``from package import *``, ``hasattr`` and ``dir`` behave as with eager imports.
+
+Lazy loads run one at a time (one lock for every package): two threads loading names whose modules import each
+other's packages (e.g. hivemind.optim.Optimizer and hivemind.optim.TrainingAverager, which both reach the eager
+hivemind.averaging) could otherwise each hold an import lock the other waits for, and one got a partially
+initialized module (ImportError). An eager ``__init__`` serialized them the same way.
 """
 
 import importlib
 import importlib.util
+import pkgutil
 import sys
+import threading
+from types import ModuleType
 from typing import Callable, Dict, List, Tuple
 
-__all__ = ["lazy_exports"]
+__all__ = ["lazy_exports", "import_lazily"]
+
+_LAZY_IMPORT_LOCK = threading.RLock()
+
+
+def import_lazily(module_name: str) -> ModuleType:
+    """``importlib.import_module`` for a lazy name, one at a time in this process (see the module docstring)."""
+    with _LAZY_IMPORT_LOCK:
+        return importlib.import_module(module_name)
 
 
 def lazy_exports(package: str, exports: Dict[str, str]) -> Tuple[Callable[[str], object], Callable[[], List[str]]]:
@@ -20,14 +36,17 @@ def lazy_exports(package: str, exports: Dict[str, str]) -> Tuple[Callable[[str],
     def __getattr__(name: str):
         namespace = vars(sys.modules[package])
         if name in exports:
-            value = getattr(importlib.import_module(exports[name]), name)
+            value = getattr(import_lazily(exports[name]), name)
             namespace[name] = value
             return value
-        if not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}") is not None:
-            return importlib.import_module(f"{package}.{name}")  # (the import binds it in the namespace too)
+        if not name.startswith("__") and "." not in name:
+            if importlib.util.find_spec(f"{package}.{name}") is not None:
+                return import_lazily(f"{package}.{name}")  # (the import binds it in the namespace too)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> List[str]:
-        return sorted(set(vars(sys.modules[package])) | set(exports))
+        module = sys.modules[package]
+        submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
+        return sorted(set(vars(module)) | set(exports) | submodules)
 
     return __getattr__, __dir__
