@@ -56,3 +56,11 @@ def test_assigning_use_legacy_bfloat16_switches_bfloat16_encoding(monkeypatch):
     serialized = serialize_torch_tensor(tensor)
     assert serialized.dtype == "bfloat16" and len(serialized.buffer) == 2 * tensor.numel()
     assert torch.equal(deserialize_torch_tensor(serialized), tensor)
+
+
+def test_tensor_role_is_importable_from_the_state_averager_module():
+    # 1.1.12's state averager module imports TensorRole and code written for it imports the name from there
+    from hivemind.compression import TensorRole
+    from hivemind.optim.state_averager import TensorRole as from_state_averager
+
+    assert from_state_averager is TensorRole

@@ -16,7 +16,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.averaging.payload import decode_group_gathered
 from hivemind.averaging.shared_buffer import share_in_one_buffer
 from hivemind.averaging.state_snapshot import packed_copy
-from hivemind.compression import CompressionInfo
+from hivemind.compression import CompressionInfo, TensorRole  # noqa: F401 (TensorRole: imported from here in 1.1.12)
 from hivemind.dht import DHT
 from hivemind.optim.epoch_rule import MAX_EPOCH, state_round_epochs, state_round_weight
 from hivemind.optim.optimizer_options import SharedEpochSpread, check_state_averager_arguments
