@@ -1,9 +1,12 @@
 """hivemind.utils.lazy_exports (the lazy ``__init__`` of hivemind.moe, hivemind.optim, ...): names load on first use
 from any thread, and the package behaves as an eager one for hasattr and dir."""
 
+import os
+import signal
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -88,3 +91,31 @@ def test_hasattr_and_dir_behave_as_eager_packages():
     assert {"client", "server", "expert_uid"} <= set(dir(hivemind.moe))
     assert {"layers", "runtime", "dht_handler"} <= set(dir(hivemind.moe.server))
     assert {"optimizer", "progress_tracker", "grad_scaler"} <= set(dir(hivemind.optim))
+
+
+@pytest.mark.timeout(60)
+def test_a_process_forked_during_a_lazy_load_loads_lazy_names(probe_package):
+    """The lock over lazy loads, held by a thread of the parent at fork time, must not stay held in the child (where
+    that thread does not exist): the child's first lazy name would wait forever."""
+    package = __import__(PACKAGE)
+    loader = threading.Thread(target=getattr, args=(package, "A"))  # a.py sleeps 0.5 s under the lock
+    loader.start()
+    time.sleep(0.2)
+    pid = os.fork()
+    if pid == 0:  # the child: load another lazy name, exit 0 if it did
+        try:
+            os._exit(0 if package.B == "b" else 1)
+        finally:
+            os._exit(2)
+    loader.join(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child waited 20 s for a lazy name (the lock stayed held)")
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -8,11 +8,13 @@ and the DHT process never imports torch (see docs/moe.md). ``from package import
 Lazy loads run one at a time (one lock for every package): two threads loading names whose modules import each
 other's packages (e.g. hivemind.optim.Optimizer and hivemind.optim.TrainingAverager, which both reach the eager
 hivemind.averaging) could otherwise each hold an import lock the other waits for, and one got a partially
-initialized module (ImportError). An eager ``__init__`` serialized them the same way.
+initialized module (ImportError). An eager ``__init__`` serialized them the same way. A forked child gets a fresh
+lock, so that a load running in another thread of the parent at fork time does not block it.
 """
 
 import importlib
 import importlib.util
+import os
 import pkgutil
 import sys
 import threading
@@ -22,6 +24,14 @@ from typing import Callable, Dict, List, Tuple
 __all__ = ["lazy_exports", "import_lazily"]
 
 _LAZY_IMPORT_LOCK = threading.RLock()
+
+
+def _release_in_forked_child() -> None:  # a thread that held the lock at fork time does not exist in the child
+    global _LAZY_IMPORT_LOCK
+    _LAZY_IMPORT_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_release_in_forked_child)
 
 
 def import_lazily(module_name: str) -> ModuleType:
