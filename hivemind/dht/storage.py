@@ -160,14 +160,23 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
                 self._total_nbytes -= self._entry_nbytes.pop(subkey)
         return self._total_nbytes
 
+    def _excess(
+        self, subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None
+    ) -> Tuple[int, int, int]:
+        """
+        (entries, bytes) by which storing this entry would take the dictionary past MAX_DICTIONARY_ENTRIES and
+        MAX_DICTIONARY_BYTES (at most 0: within them), and the bytes the entry would count.
+        """
+        total_nbytes, replaced = self.nbytes, self.data.get(subkey)  # (nbytes first: it sizes every live entry)
+        nbytes = self._nbytes_if_stored(subkey, value, subkey_nbytes)
+        if replaced is None:
+            return len(self.data) + 1 - MAX_DICTIONARY_ENTRIES, total_nbytes + nbytes - MAX_DICTIONARY_BYTES, nbytes
+        return 0, total_nbytes - self._entry_nbytes[subkey] + nbytes - MAX_DICTIONARY_BYTES, nbytes
+
     def limit_exceeded_by(self, subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None) -> bool:
         """Whether storing this entry would take the dictionary past MAX_DICTIONARY_ENTRIES or MAX_DICTIONARY_BYTES."""
-        total_nbytes, replaced = self.nbytes, self.data.get(subkey)
-        if replaced is None and len(self.data) >= MAX_DICTIONARY_ENTRIES:
-            return True
-        replaced_nbytes = self._entry_nbytes.get(subkey, 0) if replaced is not None else 0
-        nbytes = self._nbytes_if_stored(subkey, value, subkey_nbytes)
-        return total_nbytes - replaced_nbytes + nbytes > MAX_DICTIONARY_BYTES
+        excess_entries, excess_nbytes, _ = self._excess(subkey, value, subkey_nbytes)
+        return excess_entries > 0 or excess_nbytes > 0
 
     def make_room(
         self, subkey: Subkey, value: BinaryDHTValue, subkey_nbytes: Optional[int] = None, owner: Owner = None
@@ -176,11 +185,7 @@ class DictionaryDHTValue(TimedStorage[Subkey, BinaryDHTValue]):
         Whether the entry fits the limits, after pushing out entries of peers that hold more of this dictionary than
         ``owner`` will with it (see dictionary_shares.py): True if it fits now; False (nothing pushed out) if not.
         """
-        total_nbytes, replaced = self.nbytes, self.data.get(subkey)  # (as limit_exceeded_by, checked once)
-        nbytes = self._nbytes_if_stored(subkey, value, subkey_nbytes)
-        excess_entries = len(self.data) + 1 - MAX_DICTIONARY_ENTRIES if replaced is None else 0
-        excess_nbytes = total_nbytes - (self._entry_nbytes[subkey] if replaced is not None else 0) + nbytes
-        excess_nbytes -= MAX_DICTIONARY_BYTES
+        excess_entries, excess_nbytes, nbytes = self._excess(subkey, value, subkey_nbytes)
         if excess_entries <= 0 and excess_nbytes <= 0:
             return True
         if owner is None:
