@@ -139,12 +139,11 @@ class DictionaryShares:
                 return None
             excess_nbytes -= take_one(owner)
         if excess_nbytes > 0:
-            candidates = [
-                (-(self.nbytes.amounts[owner] - lost.get(owner, (0, 0))[1]), order, owner)
-                for order, owner in enumerate(self.nbytes.above(sender_nbytes))
-                if owner != sender
-            ]
-            candidates = [candidate for candidate in candidates if -candidate[0] > sender_nbytes]
+            candidates = []  # a heap of (-bytes held beyond those already chosen, order, owner)
+            for order, owner in enumerate(self.nbytes.above(sender_nbytes)):
+                left = self.nbytes.amounts[owner] - lost.get(owner, (0, 0))[1]
+                if owner != sender and left > sender_nbytes:
+                    candidates.append((-left, order, owner))
             heapq.heapify(candidates)
             while excess_nbytes > 0:
                 if not candidates:
